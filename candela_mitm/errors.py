@@ -1,0 +1,192 @@
+"""Errors and denials: every refusal Candela answers is built here, as JSON with a snake_case code."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class CandelaError(Exception):
+    """Base of Candela's own exceptions."""
+
+
+class ConfigError(CandelaError):
+    """A config file that cannot be used; the message names file, key path and reason."""
+
+
+class StoreUnavailable(CandelaError):
+    """The state store cannot be read or written: governance fails closed on it."""
+
+
+@dataclass(frozen=True)
+class Denial:
+    status: int
+    error: str
+    message: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def payload(self) -> dict[str, Any]:
+        return {"error": self.error, "message": self.message, **self.fields}
+
+    def body(self) -> bytes:
+        return json.dumps(self.payload()).encode()
+
+
+def bad_request(message: str, **fields: Any) -> Denial:
+    return Denial(400, "bad_request", message, fields)
+
+
+def invalid_json(detail: str) -> Denial:
+    return Denial(400, "invalid_json", f"The request body is not valid JSON: {detail}")
+
+
+def model_mismatch(path_model: str, body_model: str) -> Denial:
+    return Denial(
+        400,
+        "model_mismatch",
+        f"The URL names model '{path_model}' but the body names '{body_model}'",
+        {"path_model": path_model, "body_model": body_model},
+    )
+
+
+def unknown_model(model: str) -> Denial:
+    return Denial(
+        404,
+        "model_not_found",
+        f"Model '{model}' is not served here: no provider route knows it",
+        {"model": model},
+    )
+
+
+def not_found(path: str) -> Denial:
+    return Denial(404, "not_found", f"No route for '{path}'", {"path": path})
+
+
+def method_not_allowed(method: str, path: str) -> Denial:
+    return Denial(405, "method_not_allowed", f"{method} is not allowed on '{path}'")
+
+
+def payload_too_large(limit: int) -> Denial:
+    return Denial(
+        413,
+        "payload_too_large",
+        f"The request body exceeds the limit of {limit} bytes",
+        {"limit_bytes": limit},
+    )
+
+
+def unsupported_encoding(encoding: str) -> Denial:
+    return Denial(
+        415,
+        "unsupported_encoding",
+        f"Content-Encoding '{encoding}' is not accepted; send identity, gzip, deflate, br or zstd",
+    )
+
+
+def unauthenticated(message: str = "A valid credential is required") -> Denial:
+    return Denial(401, "unauthenticated", message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def forbidden(message: str) -> Denial:
+    return Denial(403, "forbidden", message)
+
+
+def tenant_not_allowed(user: str, tenant: str) -> Denial:
+    return Denial(
+        403,
+        "tenant_not_allowed",
+        f"User '{user}' may not act for tenant '{tenant}'",
+        {"user_id": user, "tenant_id": tenant},
+    )
+
+
+def model_not_allowed(model: str, tenant: str | None, policy: str) -> Denial:
+    where = f"tenant '{tenant}'" if tenant else "this deployment"
+    return Denial(
+        403,
+        "model_not_allowed",
+        f"Model '{model}' is not in the approved model list for {where}"
+        if policy == "allowlist"
+        else f"Model '{model}' is blocked by the model policy for {where}",
+        {"model": model, "tenant_id": tenant, "policy": policy},
+    )
+
+
+def budget_exceeded(
+    user: str,
+    budget_usd: float,
+    spent_usd: float,
+    remaining_usd: float,
+    estimated_cost_usd: float,
+    resets_at: str,
+) -> Denial:
+    return Denial(
+        402,
+        "budget_exceeded",
+        f"Estimated cost ${estimated_cost_usd:.6f} exceeds the ${remaining_usd:.6f} "
+        f"left of today's budget",
+        {
+            "user_id": user,
+            "budget_usd": round(budget_usd, 6),
+            "spent_usd": round(spent_usd, 6),
+            "remaining_usd": round(remaining_usd, 6),
+            "estimated_cost_usd": round(estimated_cost_usd, 6),
+            "resets_at": resets_at,
+        },
+    )
+
+
+def model_price_unknown(model: str) -> Denial:
+    return Denial(
+        402,
+        "model_price_unknown",
+        f"Model '{model}' has no price, and unknown_model_price is deny",
+        {"model": model},
+    )
+
+
+def rate_limited(limit: int, window_resets_at: str, retry_after_s: int) -> Denial:
+    return Denial(
+        429,
+        "rate_limited",
+        f"More than {limit} requests in the last minute",
+        {"limit": limit, "window_resets_at": window_resets_at, "retry_after_s": retry_after_s},
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def governance_unavailable(reason: str) -> Denial:
+    return Denial(
+        503,
+        "governance_unavailable",
+        f"Candela cannot decide on this request ({reason}); it was not forwarded",
+    )
+
+
+def upstream_unreachable(provider: str, detail: str) -> Denial:
+    return Denial(
+        502,
+        "upstream_unreachable",
+        f"Provider '{provider}' could not be reached: {detail}",
+        {"provider": provider},
+    )
+
+
+def upstream_timeout(provider: str, seconds: float) -> Denial:
+    return Denial(
+        504,
+        "upstream_timeout",
+        f"Provider '{provider}' did not answer within {seconds:g} s",
+        {"provider": provider},
+    )
+
+
+def upstream_credentials(provider: str, detail: str) -> Denial:
+    return Denial(
+        502,
+        "upstream_credentials_unavailable",
+        f"Candela has no usable credential for provider '{provider}': {detail}",
+        {"provider": provider},
+    )

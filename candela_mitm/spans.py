@@ -1,0 +1,109 @@
+"""Spans: one per proxied request, W3C trace context in and out, and a bounded store of recent ones."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+@dataclass(frozen=True)
+class TraceContext:
+    trace_id: str
+    parent_id: str | None  # the caller's span, when a traceparent came in
+    flags: str = "01"
+
+    @classmethod
+    def from_headers(cls, traceparent: str | None) -> TraceContext:
+        """Honour a valid incoming traceparent; otherwise start a new trace (W3C rules)."""
+        if traceparent:
+            m = _TRACEPARENT.match(traceparent.strip().lower())
+            if m:
+                version, trace_id, parent_id, flags = m.groups()
+                if version != "ff" and trace_id != "0" * 32 and parent_id != "0" * 16:
+                    return cls(trace_id, parent_id, flags)
+        return cls(new_trace_id(), None)
+
+    def traceparent_for(self, span_id: str) -> str:
+        return f"00-{self.trace_id}-{span_id}-{self.flags}"
+
+
+def new_trace_id() -> str:
+    return secrets.token_hex(16)
+
+
+def new_span_id() -> str:
+    return secrets.token_hex(8)
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Span:
+    span_id: str
+    trace_id: str
+    parent_span_id: str | None
+    timestamp: str
+    user: str | None = None
+    tenant: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    total_tokens: int = 0
+    cost_usd: float = 0.0
+    duration_ms: float = 0.0
+    ttft_ms: float | None = None
+    status: str = "ok"  # ok | error | denied
+    http_status: int | None = None
+    error: str | None = None
+    stream: bool = False
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["duration_ms"] = round(self.duration_ms, 3)
+        if self.ttft_ms is not None:
+            d["ttft_ms"] = round(self.ttft_ms, 3)
+        d["cost_usd"] = round(self.cost_usd, 10)
+        return d
+
+
+class SpanStore:
+    """The most recent spans in memory, newest first; thread-safe, bounded."""
+
+    def __init__(self, capacity: int = 1000) -> None:
+        self._spans: deque[Span] = deque(maxlen=capacity)
+        self._lock = threading.Lock()
+
+    def add(self, span: Span) -> None:
+        with self._lock:
+            self._spans.append(span)
+
+    def recent(self, limit: int = 50) -> list[Span]:
+        with self._lock:
+            items = list(self._spans)
+        items.reverse()
+        return items[:limit]
+
+
+def traces_payload(store: SpanStore, limit_param: str | None) -> dict[str, Any]:
+    """GET /_local/api/traces: default 50, at most 200."""
+    limit = 50
+    if limit_param:
+        try:
+            limit = int(limit_param)
+        except ValueError:
+            limit = 50
+    limit = max(1, min(limit, 200))
+    spans = [s.to_json() for s in store.recent(limit)]
+    return {"spans": spans, "count": len(spans)}

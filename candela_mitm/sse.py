@@ -1,0 +1,81 @@
+"""Server-sent events: an incremental parser that keeps each event's raw bytes for pass-through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SseEvent:
+    event: str  # "" when the event has no `event:` field ("message" by the spec)
+    data: str  # data lines joined with "\n"
+    raw: bytes  # the exact bytes of the event, separator included
+
+
+def encode(data: str, event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    body = "".join(f"data: {line}\n" for line in data.split("\n"))
+    return (head + body + "\n").encode()
+
+
+class SseParser:
+    """Feed bytes as they arrive; get whole events back. Handles \\n, \\r\\n and \\r line ends."""
+
+    def __init__(self, max_buffer: int = 16 * 1024 * 1024) -> None:
+        self._buf = bytearray()
+        self._max = max_buffer
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        self._buf += chunk
+        events: list[SseEvent] = []
+        while True:
+            end, sep_len = self._find_boundary()
+            if end < 0:
+                break
+            raw = bytes(self._buf[: end + sep_len])
+            del self._buf[: end + sep_len]
+            ev = _parse_block(raw)
+            if ev is not None:
+                events.append(ev)
+        if len(self._buf) > self._max:
+            # a peer that never ends an event: keep memory bounded, drop what cannot be parsed
+            self._buf.clear()
+        return events
+
+    def flush(self) -> list[SseEvent]:
+        """At the end of the stream: a last event without its blank line still counts."""
+        if not self._buf.strip():
+            rest = bytes(self._buf)
+            self._buf.clear()
+            return [SseEvent("", "", rest)] if rest else []
+        raw = bytes(self._buf)
+        self._buf.clear()
+        ev = _parse_block(raw)
+        return [ev] if ev is not None else [SseEvent("", "", raw)]
+
+    def _find_boundary(self) -> tuple[int, int]:
+        buf = self._buf
+        best = -1
+        best_len = 0
+        for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+            i = buf.find(sep)
+            if i >= 0 and (best < 0 or i < best):
+                best, best_len = i, len(sep)
+        return best, best_len
+
+
+def _parse_block(raw: bytes) -> SseEvent | None:
+    text = raw.decode("utf-8", errors="replace")
+    event = ""
+    data: list[str] = []
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        if not line or line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+    return SseEvent(event, "\n".join(data), raw)
