@@ -9,7 +9,9 @@ from urllib.parse import quote
 from candela_mitm import errors
 from candela_mitm.errors import Denial
 from candela_mitm.models import canonical_model, is_streaming_method, model_from_path
+from candela_mitm.pricing import PricingTable
 from candela_mitm.providers import Upstream
+from candela_mitm.translate import openai_to_anthropic_request
 
 Translation = Literal["openai-anthropic"]
 
@@ -24,7 +26,9 @@ class ForwardPlan:
     path: str  # upstream path, query included, base path not yet joined
     model: str | None  # as the client named it
     stream: bool
-    response_wire: str  # the format the upstream answers in (openai, gemini, anthropic, bedrock, ollama)
+    response_wire: (
+        str  # the format the upstream answers in (openai, gemini, anthropic, bedrock, ollama)
+    )
     translate: Translation | None = None
     body: dict[str, Any] | None = None  # the JSON to send, when it differs from the client's
     client_wants_usage: bool = True
@@ -118,7 +122,9 @@ def plan_provider_request(
             return errors.not_found(f"/proxy/{spec.name}{path}")
         return plan_openai_to_anthropic(up, body or {})
 
-    if spec.wire in ("gemini", "bedrock") or (spec.wire == "anthropic" and spec.auth == "google_adc"):
+    if spec.wire in ("gemini", "bedrock") or (
+        spec.wire == "anthropic" and spec.auth == "google_adc"
+    ):
         found = model_from_path(path)
         if found is None:
             if writes:
@@ -153,13 +159,23 @@ def plan_provider_request(
     if spec.wire == "ollama" and path.startswith("/api/"):
         stream = body.get("stream", True) is not False  # Ollama streams unless told not to
         return ForwardPlan(
-            spec.name, up, path + query, body_model, stream, "ollama",
+            spec.name,
+            up,
+            path + query,
+            body_model,
+            stream,
+            "ollama",
             max_output_tokens=_max_tokens(body, "ollama"),
         )
     stream = bool(body.get("stream"))
     wire = "anthropic" if spec.wire == "anthropic" else "openai"
     plan = ForwardPlan(
-        spec.name, up, path + query, body_model, stream, wire,
+        spec.name,
+        up,
+        path + query,
+        body_model,
+        stream,
+        wire,
         max_output_tokens=_max_tokens(body, wire),
     )
     if stream and wire == "openai":
@@ -172,8 +188,6 @@ def plan_provider_request(
 
 def plan_openai_to_anthropic(up: Upstream, body: dict[str, Any]) -> ForwardPlan | Denial:
     """An OpenAI chat completion answered by Anthropic's Messages API (Vertex or direct)."""
-    from candela_mitm.translate import openai_to_anthropic_request
-
     model = body.get("model")
     if not isinstance(model, str) or not model:
         return errors.bad_request("'model' is required")
@@ -223,3 +237,33 @@ def plan_chat_completion(
     else:
         rest = "/v1/chat/completions"
     return plan_provider_request(up, "POST", rest, body)
+
+
+_PREFIX_ROUTES = (
+    (("gpt-", "o1", "o3", "o4", "chatgpt-", "text-embedding-", "davinci", "babbage"), "openai"),
+    (("gemini-",), "gemini-oai"),
+    (("claude-",), "anthropic"),
+)
+
+
+def route_for_model(
+    model: str,
+    pricing: PricingTable,
+    local_models: dict[str, str],
+    vertex_configured: bool,
+) -> str | None:
+    """The provider route /v1/chat/completions sends a model to; None when nothing serves it."""
+    if model in local_models:
+        return local_models[model]
+    name = canonical_model(model)
+    price = pricing.get(name)
+    route = price.provider if price and price.provider else None
+    if route is None:
+        for prefixes, r in _PREFIX_ROUTES:
+            if name.startswith(prefixes):
+                route = r
+                break
+    if route == "anthropic" and not vertex_configured:
+        # Claude through Vertex needs a GCP project; without one, Anthropic's own API serves it
+        route = "anthropic-direct"
+    return route

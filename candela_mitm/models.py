@@ -55,4 +55,9 @@ def model_from_path(path: str) -> tuple[str, str] | None:
 
 
 def is_streaming_method(method: str) -> bool:
-    return method in ("streamGenerateContent", "streamRawPredict", "invoke-with-response-stream", "converse-stream")
+    return method in (
+        "streamGenerateContent",
+        "streamRawPredict",
+        "invoke-with-response-stream",
+        "converse-stream",
+    )

@@ -27,9 +27,7 @@ SPECS: dict[str, ProviderSpec] = {
     s.name: s
     for s in (
         ProviderSpec("openai", "openai", "bearer_key", "https://api.openai.com", "OPENAI_API_KEY"),
-        ProviderSpec(
-            "google", "gemini", "google_adc", "https://generativelanguage.googleapis.com"
-        ),
+        ProviderSpec("google", "gemini", "google_adc", "https://generativelanguage.googleapis.com"),
         ProviderSpec(
             "gemini-oai",
             "openai",
@@ -129,4 +127,6 @@ def resolve_upstream(spec: ProviderSpec, cfg: Provider | None) -> Upstream:
 
 
 def resolve_all(config: Config) -> dict[str, Upstream]:
-    return {name: resolve_upstream(spec, config.providers.get(name)) for name, spec in SPECS.items()}
+    return {
+        name: resolve_upstream(spec, config.providers.get(name)) for name, spec in SPECS.items()
+    }

@@ -1,0 +1,41 @@
+# The README's two commands: `make run` and `make test`. Everything they need is installed here, once.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+SDK_VENV := .venv-sdk
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+.PHONY: run test install system sdk lint typecheck bench demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+# Debian packages for the privileged tests (bcc, kernel headers, iptables, nftables), Redis and
+# Chromium; then bcc (a Debian package, not on PyPI) made importable from the project's venv.
+system: $(STAMP)
+	bash scripts/install-system.sh
+	@if [ -d /usr/lib/python3/dist-packages/bcc ]; then ln -sfn /usr/lib/python3/dist-packages/bcc $(SITE)/bcc; fi
+
+# The real provider SDKs live in their own venv: they need an h11 that mitmproxy 11 refuses.
+sdk:
+	bash scripts/sdk-venv.sh $(SDK_VENV)
+
+run: $(STAMP)
+	$(VENV)/bin/candela-server $(if $(CONFIG),--config $(CONFIG))
+
+test: system sdk
+	CANDELA_REQUIRE_PRIVILEGED=1 $(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) $(SDK_VENV) *.egg-info

@@ -1,0 +1,91 @@
+"""Flow state: the RequestContext on a flow, and the one way an addon answers a request itself."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from mitmproxy import http
+
+from candela_mitm import errors
+from candela_mitm.context import RequestContext
+from candela_mitm.errors import Denial, StoreUnavailable
+
+log = logging.getLogger("candela")
+F = TypeVar("F", bound=Callable[..., Any])
+
+KEY = "candela"
+
+
+def ctx_of(flow: http.HTTPFlow) -> RequestContext | None:
+    return flow.metadata.get(KEY)
+
+
+def answered(flow: http.HTTPFlow) -> bool:
+    """True once Candela (or anything before it) has set the response: later hooks stand aside."""
+    return flow.response is not None
+
+
+def trace_headers(ctx: RequestContext | None) -> dict[str, str]:
+    if ctx is None:
+        return {}
+    return {"X-Candela-Span-Id": ctx.span_id, "X-Candela-Trace-Id": ctx.trace.trace_id}
+
+
+def answer_json(
+    flow: http.HTTPFlow, status: int, payload: Any, headers: dict[str, str] | None = None
+) -> None:
+    ctx = ctx_of(flow)
+    h = {"Content-Type": "application/json", **trace_headers(ctx), **(headers or {})}
+    flow.response = http.Response.make(status, json.dumps(payload).encode(), h)
+    if ctx is not None:
+        ctx.status_code = status
+
+
+def deny(flow: http.HTTPFlow, denial: Denial) -> None:
+    """Answer with a denial: JSON with its code, never forwarded upstream."""
+    ctx = ctx_of(flow)
+    answer_json(flow, denial.status, denial.payload(), denial.headers)
+    if ctx is not None:
+        ctx.denial_code = denial.error
+
+
+def _deny_on(flow: http.HTTPFlow, exc: BaseException, hook: str) -> None:
+    if isinstance(exc, StoreUnavailable):
+        reason = "the state store is unavailable"
+    else:
+        reason = "an internal error"
+        log.exception("governance hook %s failed; denying", hook)
+    if flow.response is None:
+        deny(flow, errors.governance_unavailable(reason))
+    else:
+        c = ctx_of(flow)
+        if c is not None and c.error is None:
+            c.error = f"{hook}: {type(exc).__name__}"
+
+
+def fail_closed(hook: F) -> F:
+    """mitmproxy forwards a flow whose hook raised: catch every exception and deny with 503."""
+    if inspect.iscoroutinefunction(hook):
+
+        @functools.wraps(hook)
+        async def awrapper(self: Any, flow: http.HTTPFlow) -> None:
+            try:
+                await hook(self, flow)
+            except Exception as e:
+                _deny_on(flow, e, f"{type(self).__name__}.{hook.__name__}")
+
+        return awrapper  # type: ignore[return-value]
+
+    @functools.wraps(hook)
+    def wrapper(self: Any, flow: http.HTTPFlow) -> None:
+        try:
+            hook(self, flow)
+        except Exception as e:
+            _deny_on(flow, e, f"{type(self).__name__}.{hook.__name__}")
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,69 @@
+"""Local API: the endpoints Candela answers itself (health, model list, traces, unknown routes)."""
+
+from __future__ import annotations
+
+import time
+
+from mitmproxy import http
+
+from candela_mitm import errors
+from candela_mitm.runtime import Runtime
+from candela_mitm.spans import traces_payload
+
+from .flowstate import answer_json, answered, ctx_of, deny, fail_closed
+
+
+class Health:
+    """GET /healthz: answered before authentication, as load balancers expect."""
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        c = ctx_of(flow)
+        if c is not None and c.kind == "health" and not answered(flow):
+            answer_json(flow, 200, {"status": "ok"})
+
+
+class LocalApi:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.started = int(time.time())
+
+    def models_payload(self) -> dict:
+        data = []
+        for p in self.rt.pricing.models():
+            data.append(
+                {
+                    "id": p.model,
+                    "object": "model",
+                    "created": self.started,
+                    "owned_by": p.provider or "candela",
+                    "provider": p.provider,
+                }
+            )
+        for model, runtime in sorted(self.rt.local_models.items()):
+            data.append(
+                {
+                    "id": model,
+                    "object": "model",
+                    "created": self.started,
+                    "owned_by": runtime,
+                    "provider": runtime,
+                }
+            )
+        return {"object": "list", "data": data}
+
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        c = ctx_of(flow)
+        if c is None or answered(flow):
+            return
+        method = flow.request.method.upper()
+        if c.kind == "models":
+            if method != "GET":
+                deny(flow, errors.method_not_allowed(method, "/v1/models"))
+            else:
+                answer_json(flow, 200, self.models_payload())
+        elif c.kind == "traces":
+            answer_json(flow, 200, traces_payload(self.rt.spans, flow.request.query.get("limit")))
+        elif c.kind not in ("proxy", "chat"):
+            # nothing before this claimed the route (admin, UI and metrics addons come earlier)
+            deny(flow, errors.not_found(flow.request.path.split("?", 1)[0]))

@@ -1,0 +1,104 @@
+"""Router: names each request's route, reads its body, and plans where it goes."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from mitmproxy import http
+
+from candela_mitm import errors
+from candela_mitm.context import RequestContext, classify
+from candela_mitm.encoding import TooLarge, decode_body
+from candela_mitm.forwarding import plan_chat_completion, plan_provider_request
+from candela_mitm.runtime import Runtime
+from candela_mitm.spans import TraceContext
+
+from .flowstate import KEY, answered, ctx_of, deny, fail_closed
+
+log = logging.getLogger("candela.router")
+
+_DECODABLE = ("identity", "gzip", "deflate", "br", "zstd", "")
+
+
+class Router:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.limit = rt.config.limits.max_body_bytes
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        kind, provider, rest = classify(flow.request.path)
+        ctx = RequestContext(
+            kind=kind,
+            provider=provider,
+            rest=rest,
+            trace=TraceContext.from_headers(flow.request.headers.get("traceparent")),
+            client_address=flow.client_conn.peername[0] if flow.client_conn.peername else None,
+        )
+        flow.metadata[KEY] = ctx
+        if kind == "proxy" and provider not in self.rt.upstreams:
+            deny(flow, errors.not_found(flow.request.path.split("?", 1)[0]))
+            return
+        cl = flow.request.headers.get("content-length")
+        if cl is not None:
+            try:
+                if int(cl) > self.limit:
+                    deny(flow, errors.payload_too_large(self.limit))
+                    return
+            except ValueError:
+                deny(flow, errors.bad_request("Content-Length is not a number"))
+                return
+        enc = flow.request.headers.get("content-encoding", "").strip().lower()
+        if enc not in _DECODABLE:
+            deny(flow, errors.unsupported_encoding(enc))
+
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        ctx = ctx_of(flow)
+        if ctx is None or answered(flow) or ctx.kind not in ("proxy", "chat"):
+            return
+        try:
+            raw = decode_body(
+                flow.request.raw_content or b"",
+                flow.request.headers.get("content-encoding", ""),
+                self.limit,
+            )
+        except TooLarge:
+            deny(flow, errors.payload_too_large(self.limit))
+            return
+        except ValueError as e:
+            deny(flow, errors.bad_request(f"the body cannot be decoded: {e}"))
+            return
+        body = None
+        if raw.strip():
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as e:
+                deny(flow, errors.invalid_json(str(e)[:200]))
+                return
+            if not isinstance(body, dict):
+                deny(flow, errors.bad_request("the JSON body must be an object"))
+                return
+        ctx.body = body
+        method = flow.request.method.upper()
+        if ctx.kind == "chat":
+            if method != "POST":
+                deny(flow, errors.method_not_allowed(method, "/v1/chat/completions"))
+                return
+            model = (body or {}).get("model")
+            if not isinstance(model, str) or not model.strip():
+                deny(flow, errors.bad_request("'model' is required"))
+                return
+            route = self.rt.provider_for_model(model)
+            if route is None:
+                deny(flow, errors.unknown_model(model))
+                return
+            plan = plan_chat_completion(self.rt.upstreams, route, body or {})
+        else:
+            assert ctx.provider is not None
+            plan = plan_provider_request(self.rt.upstreams[ctx.provider], method, ctx.rest, body)
+        if isinstance(plan, errors.Denial):
+            deny(flow, plan)
+            return
+        ctx.plan = plan

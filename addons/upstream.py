@@ -1,0 +1,131 @@
+"""Upstream: points a planned request at its provider with the provider's credentials, never the client's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from mitmproxy import ctx as mctx
+from mitmproxy import http
+
+from candela_mitm import errors
+from candela_mitm.credentials import CredentialsUnavailable, header_names_to_strip
+from candela_mitm.runtime import Runtime
+
+from .flowstate import answered, ctx_of, deny, fail_closed
+
+log = logging.getLogger("candela.upstream")
+
+
+class Upstream:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.strip = tuple(header_names_to_strip())
+        self.timeout_s = rt.config.limits.upstream_timeout_s
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        c = ctx_of(flow)
+        if answered(flow):
+            return
+        if c is None or c.plan is None:
+            # the last gate: a request nobody answered and nobody planned never leaves
+            deny(flow, errors.governance_unavailable("no forwarding decision was made"))
+            return
+        plan = c.plan
+        up = plan.upstream
+        req = flow.request
+        for name in self.strip:
+            if name in req.headers:
+                del req.headers[name]
+        for name in [k for k in req.headers if k.lower().startswith("x-candela-")]:
+            del req.headers[name]
+        body_obj = plan.body if plan.body is not None else c.body
+        if body_obj is not None:
+            # the upstream gets exactly the JSON Candela checked: no second reading of the bytes
+            req.headers.pop("content-encoding", None)
+            req.content = json.dumps(body_obj, ensure_ascii=False).encode()
+            req.headers["content-type"] = "application/json"
+        req.path = plan.path
+        if up.spec.auth == "google_adc" and "key" in req.query:
+            # ?key= was the caller's Candela credential (Gemini SDK); Google gets ADC instead
+            del req.query["key"]
+        path = req.path
+        req.scheme = up.scheme
+        req.host = up.host
+        req.port = up.port
+        req.path = up.base_path + path
+        req.headers["host"] = up.host_header
+        req.headers["traceparent"] = c.trace.traceparent_for(c.span_id)
+        try:
+            creds = await self.rt.credentials.headers_for(
+                up, req.method, req.url, dict(req.headers), req.raw_content or b""
+            )
+        except CredentialsUnavailable as e:
+            deny(flow, errors.upstream_credentials(up.name, str(e)))
+            return
+        except Exception as e:  # fail closed: never forward without the provider's credential
+            log.exception("credential error for %s", up.name)
+            deny(flow, errors.upstream_credentials(up.name, type(e).__name__))
+            return
+        for k, v in creds.items():
+            req.headers[k] = v
+        c.forwarded = True
+        timeout = up.timeout_s or self.timeout_s
+        loop = asyncio.get_running_loop()
+        self._timers[flow.id] = loop.call_later(timeout, self._on_timeout, flow, timeout)
+
+    def _cancel(self, flow: http.HTTPFlow) -> None:
+        t = self._timers.pop(flow.id, None)
+        if t is not None:
+            t.cancel()
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._cancel(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._cancel(flow)
+
+    def done(self) -> None:
+        for t in self._timers.values():
+            t.cancel()
+        self._timers.clear()
+
+    def _on_timeout(self, flow: http.HTTPFlow, seconds: float) -> None:
+        """No response headers in time: answer 504 JSON to the client and drop the upstream."""
+        self._timers.pop(flow.id, None)
+        c = ctx_of(flow)
+        if flow.response is not None or not flow.live or c is None:
+            return
+        denial = errors.upstream_timeout(c.plan.upstream.name if c.plan else "?", seconds)
+        c.error = "upstream_timeout"
+        c.status_code = 504
+        c.denial_code = None
+        try:
+            handler = mctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)
+        except Exception:
+            handler = None
+        if handler is None:
+            return
+        client_io = handler.transports.get(flow.client_conn)
+        server_io = handler.transports.get(flow.server_conn)
+        body = denial.body()
+        if (
+            client_io is not None
+            and client_io.writer is not None
+            and flow.request.http_version.startswith("HTTP/1")
+        ):
+            head = (
+                f"HTTP/1.1 504 Gateway Timeout\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n"
+                f"x-candela-span-id: {c.span_id}\r\nx-candela-trace-id: {c.trace.trace_id}\r\n\r\n"
+            ).encode()
+            try:
+                client_io.writer.write(head + body)  # type: ignore[union-attr]
+                client_io.writer.close()  # type: ignore[union-attr]
+            except Exception:
+                log.debug("client gone before the 504 could be written")
+        if server_io is not None and server_io.handler is not None:
+            server_io.handler.cancel("upstream timeout")

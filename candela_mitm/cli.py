@@ -1,0 +1,68 @@
+"""Command line: `candela-server` and `candela` (local mode, plus audit, ca, run, enforce, doctor)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from candela_mitm.config import load_config
+from candela_mitm.errors import ConfigError
+from candela_mitm.runtime import Command, build_runtime
+
+DEFAULT_PORTS = {"server": 8181, "local": 1234}
+
+
+def _serve_parser(prog: str, command: Command) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Candela: governance proxy for LLM traffic")
+    p.add_argument("--config", metavar="PATH", help="YAML config (see config.example.yaml)")
+    p.add_argument("--host", help="listen address (default: listen.host, 127.0.0.1)")
+    p.add_argument(
+        "--port", type=int, help=f"listen port (default: listen.port, {DEFAULT_PORTS[command]})"
+    )
+    p.add_argument("--mode", choices=["reverse", "transparent"], help="override `mode:`")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def _serve(argv: Sequence[str], command: Command, prog: str) -> int:
+    args = _serve_parser(prog, command).parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"candela: config error:\n{e}", file=sys.stderr)
+        return 2
+    if args.mode:
+        config = config.model_copy(update={"mode": args.mode})
+    host = args.host or config.listen.host
+    port = args.port if args.port is not None else (config.listen.port or DEFAULT_PORTS[command])
+    try:
+        rt = build_runtime(config, command)
+    except (ConfigError, ValueError) as e:
+        print(f"candela: cannot start: {e}", file=sys.stderr)
+        return 2
+    from candela_mitm.addons.server import serve  # mitmproxy is imported only to serve
+
+    asyncio.run(serve(rt, host, port))
+    return 0
+
+
+def server_main(argv: Sequence[str] | None = None) -> int:
+    return _serve(sys.argv[1:] if argv is None else argv, "server", "candela-server")
+
+
+def local_main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "serve":
+        args = args[1:]
+    return _serve(args, "local", "candela")
+
+
+if __name__ == "__main__":
+    raise SystemExit(server_main())

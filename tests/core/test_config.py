@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from candela_mitm.config import load_config, parse_config
+from candela_mitm.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "shared" / "spec" / "config.example.yaml"
+
+
+def test_example_loads_as_written():
+    cfg = load_config(EXAMPLE)
+    assert cfg.listen.port == 8181
+    assert cfg.providers["anthropic"].project == "my-gcp-project"
+    assert cfg.auth.api_keys[0].user == "alice@example.com"
+    assert cfg.governance.models.tenants["research-team"].models.allowed[0] == "gpt-4o"
+    assert cfg.pricing["gpt-4o-mini"].input == 0.15
+    assert cfg.interception.hosts["api.openai.com"] == "openai"
+
+
+def test_empty_file_is_valid(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("")
+    cfg = load_config(p)
+    assert cfg.mode == "reverse" and cfg.governance.budgets.default_daily_usd == 10.0
+
+
+@pytest.mark.parametrize(
+    "yaml_text, key_path, reason",
+    [
+        ("listen: {hots: 1.2.3.4}\n", "listen.hots", "unknown key"),
+        (
+            "governance: {budgets: {default_daily_usd: lots}}\n",
+            "governance.budgets.default_daily_usd",
+            "number",
+        ),
+        ("mode: sideways\n", "mode", "reverse"),
+        ("providers: {openia: {base_url: x}}\n", "providers", "openia"),
+        (
+            "users: {bob: {tenants: [a], daily_budget: 3}}\n",
+            "users.bob.daily_budget",
+            "unknown key",
+        ),
+        ("auth: {api_keys: [{sha256: nothex, user: a}]}\n", "auth.api_keys.0.sha256", "pattern"),
+        ("state: {backend: redis}\n", "state", "redis_url"),
+        ("interception: {hosts: {api.x.com: nowhere}}\n", "interception.hosts", "nowhere"),
+    ],
+)
+def test_bad_key_names_file_path_and_reason(tmp_path, yaml_text, key_path, reason):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml_text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg
+    assert key_path in msg
+    assert reason in msg
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    p = tmp_path / "broken.yaml"
+    p.write_text("listen: [\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_top_level_must_be_mapping():
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        parse_config([1, 2], "x.yaml")
+
+
+def test_config_is_frozen():
+    cfg = parse_config({})
+    with pytest.raises(ValidationError):
+        cfg.mode = "transparent"  # type: ignore[misc]
