@@ -59,6 +59,8 @@ class Upstream:
         req.path = up.base_path + path
         req.headers["host"] = up.host_header
         req.headers["traceparent"] = c.trace.traceparent_for(c.span_id)
+        # usage is read from the bytes as they pass: ask for them uncompressed
+        req.headers["accept-encoding"] = "identity"
         try:
             creds = await self.rt.credentials.headers_for(
                 up, req.method, req.url, dict(req.headers), req.raw_content or b""

@@ -1,0 +1,103 @@
+"""Metrics: Candela's Prometheus series, in one registry per process, served at /metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "candela_requests_total",
+            "Proxied requests by provider, model, tenant and outcome status",
+            ["provider", "model", "tenant", "status"],
+            registry=r,
+        )
+        self.policy_denied = Counter(
+            "candela_policy_model_denied_total",
+            "Requests denied by the model access policy",
+            ["model", "tenant", "policy"],
+            registry=r,
+        )
+        self.budget_denied = Counter(
+            "candela_budget_denied_total", "Requests denied by the budget gate", ["tenant", "reason"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "candela_rate_limited_total", "Requests denied by the rate limiter", ["tenant"], registry=r
+        )
+        self.denials = Counter(
+            "candela_denials_total", "Every denial by error code", ["error"], registry=r
+        )
+        self.cost = Counter(
+            "candela_cost_usd_total", "Spend in USD", ["provider", "model", "tenant"], registry=r
+        )
+        self.tokens = Counter(
+            "candela_tokens_total",
+            "Tokens by direction (input, output, cached)",
+            ["provider", "model", "tenant", "direction"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "candela_request_duration_seconds",
+            "Time from request to the end of the response",
+            ["provider"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "candela_time_to_first_token_seconds",
+            "Time from request to the first upstream response byte",
+            ["provider"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "candela_upstream_errors_total",
+            "Upstream failures (unreachable, timeout, 5xx)",
+            ["provider", "kind"],
+            registry=r,
+        )
+        self.bypass_attempts = Counter(
+            "candela_bypass_attempts_total",
+            "Connections the kernel refused because they tried to go around the proxy",
+            ["kind"],
+            registry=r,
+        )
+        self.observability_errors = Counter(
+            "candela_observability_errors_total",
+            "Tracing, metrics or mirror failures that were ignored (fail open)",
+            ["component"],
+            registry=r,
+        )
+        self.audit_backlog = Gauge(
+            "candela_audit_backlog", "Audit entries queued, not yet committed", registry=r
+        )
+        self.audit_sink_errors = Gauge(
+            "candela_audit_sink_errors", "Mirror sink write failures since start", ["sink"], registry=r
+        )
+        self.audit_mirror_lag = Gauge(
+            "candela_audit_mirror_lag_entries",
+            "Entries committed to SQLite not yet in the mirror",
+            ["sink"],
+            registry=r,
+        )
+        self._refreshers: list[Callable[[], None]] = []
+
+    def on_scrape(self, fn: Callable[[], None]) -> None:
+        """Gauges read from elsewhere (audit backlog, mirror lag) are refreshed at each scrape."""
+        self._refreshers.append(fn)
+
+    def render(self) -> tuple[bytes, str]:
+        for fn in self._refreshers:
+            try:
+                fn()
+            except Exception:
+                self.observability_errors.labels("metrics").inc()
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
