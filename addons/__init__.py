@@ -10,18 +10,28 @@ from candela_mitm.runtime import Runtime
 def pipeline(rt: Runtime) -> list[Any]:
     """The request path, in order: read this list to learn what happens to a request."""
     from .accounting import Accounting
+    from .audit import Audit
     from .auth import Auth
+    from .budget import Budget
     from .localapi import Health, LocalApi
+    from .metrics import Metrics
+    from .modelpolicy import ModelPolicy
+    from .ratelimit import RateLimit
     from .router import Router
     from .spans import Spans
     from .upstream import Upstream
 
     return [
-        Router(rt),  # route name, body, forwarding plan (or 400/404/413)
+        Router(rt),  # route name, body, forwarding plan (or 400/404/413/415)
         Health(),  # /healthz, before authentication
-        Auth(rt),  # principal (401) and tenant (403)
+        Metrics(rt),  # /metrics; request counters at the end
+        Auth(rt),  # principal (401) and tenant (403 tenant_not_allowed)
+        ModelPolicy(rt),  # 403 model_not_allowed, audited allowed or denied (spec 002)
+        RateLimit(rt),  # 429 rate_limited
+        Budget(rt),  # 402 budget_exceeded / model_price_unknown; reserve, then settle
         LocalApi(rt),  # /v1/models, traces; 404 for anything unclaimed
         Upstream(rt),  # provider URL and credentials; the last gate before the network
         Accounting(rt),  # streamed usage, cost
         Spans(rt),  # one span per proxied request
+        Audit(rt),  # one ledger entry per proxied request, durable before the response ends
     ]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from mitmproxy import http
 
+from candela_mitm import errors
 from candela_mitm.errors import Denial
 from candela_mitm.runtime import Runtime
 from candela_mitm.tenancy import requested_tenant, resolve_tenant
@@ -31,10 +34,15 @@ class Auth:
                 deny(flow, result)
                 return
             c.principal = result
+        settings = await self.rt.blocking(self.rt.users.settings, c.principal.user)
+        if settings.deleted:
+            deny(flow, errors.unauthenticated("This user has been removed"))
+            return
+        if settings.role != c.principal.role:
+            c.principal = dataclasses.replace(c.principal, role=settings.role)
+        c.settings = settings
         tenant = resolve_tenant(
-            c.principal.user,
-            requested_tenant(flow.request.headers),
-            self.rt.tenants_of(c.principal.user),
+            c.principal.user, requested_tenant(flow.request.headers), list(settings.tenants)
         )
         if isinstance(tenant, Denial):
             deny(flow, tenant)

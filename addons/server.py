@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 
 from mitmproxy import http, options
@@ -72,4 +73,11 @@ async def serve(rt: Runtime, host: str, port: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, master.shutdown)
     log.info("candela listening on %s:%d", host, port)
-    await master.run()
+    rt.audit.record(
+        "proxy_start", command=rt.command, mode=rt.config.mode, listen=f"{host}:{port}", pid=os.getpid()
+    )
+    try:
+        await master.run()
+    finally:
+        rt.audit.record("proxy_stop", command=rt.command, pid=os.getpid())
+        rt.close()

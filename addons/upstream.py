@@ -49,8 +49,8 @@ class Upstream:
             req.content = json.dumps(body_obj, ensure_ascii=False).encode()
             req.headers["content-type"] = "application/json"
         req.path = plan.path
-        if up.spec.auth == "google_adc" and "key" in req.query:
-            # ?key= was the caller's Candela credential (Gemini SDK); Google gets ADC instead
+        if "key" in req.query:
+            # ?key= is a credential (the Gemini SDK sends Candela's key there): it never goes upstream
             del req.query["key"]
         path = req.path
         req.scheme = up.scheme

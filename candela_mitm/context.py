@@ -25,6 +25,7 @@ class RequestContext:
     started: float = field(default_factory=time.monotonic)
     client_address: str | None = None
     principal: Any = None  # identity.Principal once authenticated
+    settings: Any = None  # users.UserSettings of the principal
     tenant: str | None = None
     body: dict[str, Any] | None = None  # the parsed JSON request body
     plan: ForwardPlan | None = None

@@ -64,8 +64,16 @@ def not_found(path: str) -> Denial:
     return Denial(404, "not_found", f"No route for '{path}'", {"path": path})
 
 
-def method_not_allowed(method: str, path: str) -> Denial:
-    return Denial(405, "method_not_allowed", f"{method} is not allowed on '{path}'")
+def method_not_allowed(method: str, path: str, allowed: tuple[str, ...] = ()) -> Denial:
+    headers = {"Allow": ", ".join(allowed)} if allowed else {}
+    fields = {"allowed": list(allowed)} if allowed else {}
+    return Denial(
+        405, "method_not_allowed", f"{method} is not allowed on '{path}'", fields, headers
+    )
+
+
+def user_not_found(user: str) -> Denial:
+    return Denial(404, "user_not_found", f"There is no user '{user}'", {"user_id": user})
 
 
 def payload_too_large(limit: int) -> Denial:

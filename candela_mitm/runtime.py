@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
 import getpass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from candela_mitm.config import Config
 from candela_mitm.credentials import UpstreamCredentials
 from candela_mitm.forwarding import route_for_model
+from candela_mitm.audit import AuditWriter
 from candela_mitm.identity import Authenticator
+from candela_mitm.ledger import Ledger, process_alive
+from candela_mitm.metrics import Metrics
 from candela_mitm.policy import ModelPolicy
 from candela_mitm.pricing import PricingTable
 from candela_mitm.providers import Upstream, resolve_all
+from candela_mitm.ratelimit import RateLimiter
 from candela_mitm.spans import SpanStore
+from candela_mitm.state import StateStore, open_state_store
+from candela_mitm.users import UserDirectory
 
 Command = Literal["server", "local"]
+T = TypeVar("T")
+
+# A reservation older than this with a live owner is still taken back at start (a day: longer than
+# any request can run, so a live stream's money is never freed early).
+STALE_RESERVATION_S = 24 * 3600
 
 
 @dataclass
@@ -30,12 +44,23 @@ class Runtime:
     auth_required: bool
     authenticator: Authenticator
     local_user: str
+    store: StateStore
+    ledger: Ledger
+    limiter: RateLimiter
+    users: UserDirectory
+    audit: AuditWriter
+    metrics: Metrics
+    executor: ThreadPoolExecutor
     local_models: dict[str, str] = field(default_factory=dict)  # model -> ollama | lmstudio
     extras: dict[str, Any] = field(default_factory=dict)
 
-    def tenants_of(self, user: str) -> list[str]:
-        u = self.config.users.get(user)
-        return list(u.tenants) if u else []
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a store call off the event loop, on the governance thread pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=False)
+        self.audit.close()
 
     def provider_for_model(self, model: str) -> str | None:
         return route_for_model(
@@ -53,6 +78,11 @@ def build_runtime(config: Config, command: Command) -> Runtime:
     upstreams = resolve_all(config)
     required = config.auth.required if config.auth.required is not None else command == "server"
     local_user = getpass.getuser()
+    store = open_state_store(config.state)
+    ledger = Ledger(store)
+    ledger.reconcile_stale(process_alive, max_age_s=STALE_RESERVATION_S)
+    audit = AuditWriter(config.audit)
+    audit.start()
     return Runtime(
         config=config,
         command=command,
@@ -66,7 +96,13 @@ def build_runtime(config: Config, command: Command) -> Runtime:
             config.auth,
             required,
             local_user=local_user,
-            role_override=lambda user: config.users[user].role if user in config.users else None,
         ),
         local_user=local_user,
+        store=store,
+        ledger=ledger,
+        limiter=RateLimiter(store),
+        users=UserDirectory(config, store),
+        audit=audit,
+        metrics=Metrics(),
+        executor=ThreadPoolExecutor(max_workers=8, thread_name_prefix="candela-gov"),
     )

@@ -1,0 +1,72 @@
+"""Audit: one entry per proxied request, committed before the client sees the response end."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from mitmproxy import http
+
+from candela_mitm.accounting import account
+from candela_mitm.context import RequestContext
+from candela_mitm.runtime import Runtime
+
+from .flowstate import ctx_of
+
+log = logging.getLogger("candela.audit")
+
+
+def request_entry(c: RequestContext, flow: http.HTTPFlow) -> dict[str, Any]:
+    plan = c.plan
+    p = c.principal
+    decision = "denied" if c.denial_code else ("error" if c.error else "allowed")
+    return {
+        "user_id": getattr(p, "user", None),
+        "tenant_id": c.tenant,
+        "via": getattr(p, "via", None),
+        "key_id": getattr(p, "key_id", None),  # a short hash prefix, never the credential
+        "provider": plan.upstream.name if plan else c.provider,
+        "model": plan.model if plan else None,
+        "method": flow.request.method,
+        "route": c.kind,
+        "path": (flow.request.path.split("?", 1)[0] if not c.forwarded else None),
+        "decision": decision,
+        "reason": c.denial_code or c.error,
+        "status": c.status_code,
+        "stream": bool(plan and plan.stream),
+        "input_tokens": c.usage.input_tokens,
+        "output_tokens": c.usage.output_tokens,
+        "cached_tokens": c.usage.cached_tokens,
+        "cost_usd": round(c.cost_usd, 10),
+        "estimate_usd": round(c.estimate_usd, 10),
+        "duration_ms": round(c.elapsed_ms(), 3),
+        "span_id": c.span_id,
+        "trace_id": c.trace.trace_id,
+        "client_address": c.client_address,
+    }
+
+
+class Audit:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def _record(self, flow: http.HTTPFlow) -> None:
+        c = ctx_of(flow)
+        if c is None or c.kind not in ("proxy", "chat") or getattr(c, "audited", False):
+            return
+        c.audited = True  # type: ignore[attr-defined]
+        account(c, self.rt.pricing, self.rt.config.governance.unknown_model_price)
+        if flow.response is not None and c.status_code is None:
+            c.status_code = flow.response.status_code
+        try:
+            fut = self.rt.audit.record_durable("llm_request", **request_entry(c, flow))
+            await asyncio.wrap_future(fut)
+        except Exception:
+            log.exception("audit entry for span %s not committed", c.span_id)
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        await self._record(flow)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        await self._record(flow)

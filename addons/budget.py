@@ -1,0 +1,90 @@
+"""Budget: reserve the most a request can cost before it leaves (402 if it does not fit), settle after."""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import http
+
+from candela_mitm import errors
+from candela_mitm.accounting import account
+from candela_mitm.context import RequestContext
+from candela_mitm.estimate import estimate_cost
+from candela_mitm.ledger import BudgetRefusal
+from candela_mitm.runtime import Runtime
+
+from .flowstate import answered, ctx_of, deny, fail_closed
+
+log = logging.getLogger("candela.budget")
+
+
+class Budget:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.default_max = rt.config.governance.budgets.default_max_output_tokens
+        self.unknown = rt.config.governance.unknown_model_price
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        c = ctx_of(flow)
+        if c is None or answered(flow) or c.plan is None or c.settings is None:
+            return
+        plan = c.plan
+        if plan.upstream.spec.local or not plan.model:
+            return  # local models cost nothing and are never blocked by budget
+        price = self.rt.pricing.get(plan.model)
+        if price is None:
+            if self.unknown == "deny":
+                self.rt.metrics.budget_denied.labels(c.tenant or "", "model_price_unknown").inc()
+                deny(flow, errors.model_price_unknown(plan.model))
+                return
+            return  # unknown_model_price: zero
+        c.estimate_usd = estimate_cost(c.body, plan.max_output_tokens, self.default_max, price)
+        result = await self.rt.blocking(
+            self.rt.ledger.reserve,
+            c.settings.user_id,
+            c.tenant,
+            c.estimate_usd,
+            c.settings.daily_budget_usd,
+            c.span_id,
+        )
+        if isinstance(result, BudgetRefusal):
+            self.rt.metrics.budget_denied.labels(c.tenant or "", "budget_exceeded").inc()
+            deny(flow, result.denial())
+            return
+        c.reservation = result
+
+    async def _close(self, c: RequestContext) -> None:
+        """Settle on the real usage (what passed, if the request failed midway) or release."""
+        res, c.reservation = c.reservation, None
+        if res is None:
+            return
+        account(c, self.rt.pricing, self.unknown)
+        try:
+            if c.forwarded and (c.usage.input_tokens or c.usage.output_tokens):
+                plan = c.plan
+                assert plan is not None
+                await self.rt.blocking(
+                    self.rt.ledger.settle,
+                    res,
+                    c.cost_usd,
+                    c.usage.input_tokens,
+                    c.usage.output_tokens,
+                    plan.model or "",
+                    plan.upstream.name,
+                )
+            else:
+                await self.rt.blocking(self.rt.ledger.release, res)
+        except Exception:
+            # the reservation stays in the store; reconcile at the next start takes it back
+            log.exception("could not settle reservation %s", res.id)
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        c = ctx_of(flow)
+        if c is not None:
+            await self._close(c)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        c = ctx_of(flow)
+        if c is not None:
+            await self._close(c)

@@ -1,0 +1,69 @@
+"""Metrics: Prometheus counters for every proxied request, and GET /metrics."""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from candela_mitm.accounting import account
+from candela_mitm.runtime import Runtime
+
+from .flowstate import answered, ctx_of
+
+
+class Metrics:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        m = rt.metrics
+
+        def refresh() -> None:
+            st = rt.audit.stats()
+            m.audit_backlog.set(st.backlog)
+            for name, ms in st.mirrors.items():
+                m.audit_sink_errors.labels(name).set(getattr(ms, "errors", 0))
+                m.audit_mirror_lag.labels(name).set(getattr(ms, "lag", 0))
+
+        m.on_scrape(refresh)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        c = ctx_of(flow)
+        if c is not None and c.kind == "metrics" and not answered(flow):
+            body, ctype = self.rt.metrics.render()
+            flow.response = http.Response.make(200, body, {"Content-Type": ctype})
+
+    def _count(self, flow: http.HTTPFlow) -> None:
+        c = ctx_of(flow)
+        if c is None or c.kind not in ("proxy", "chat") or getattr(c, "counted", False):
+            return
+        c.counted = True  # type: ignore[attr-defined]
+        m = self.rt.metrics
+        try:
+            account(c, self.rt.pricing, self.rt.config.governance.unknown_model_price)
+            provider = c.plan.upstream.name if c.plan else (c.provider or "")
+            model = (c.plan.model if c.plan else None) or ""
+            tenant = c.tenant or ""
+            status = str(c.status_code or (flow.response.status_code if flow.response else 0))
+            m.requests.labels(provider, model, tenant, status).inc()
+            if c.denial_code:
+                m.denials.labels(c.denial_code).inc()
+            if c.forwarded:
+                m.cost.labels(provider, model, tenant).inc(c.cost_usd)
+                u = c.usage
+                m.tokens.labels(provider, model, tenant, "input").inc(u.input_tokens)
+                m.tokens.labels(provider, model, tenant, "output").inc(u.output_tokens)
+                m.tokens.labels(provider, model, tenant, "cached").inc(u.cached_tokens)
+                m.duration.labels(provider).observe(c.elapsed_ms() / 1000)
+                ttft = c.ttft_ms()
+                if ttft is not None:
+                    m.ttft.labels(provider).observe(ttft / 1000)
+                if c.error or (c.status_code or 0) >= 500:
+                    kind = "timeout" if c.error == "upstream_timeout" else (
+                        "connection" if c.error else "http_5xx")
+                    m.upstream_errors.labels(provider, kind).inc()
+        except Exception:  # observability fails open
+            m.observability_errors.labels("metrics").inc()
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._count(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._count(flow)

@@ -1,0 +1,39 @@
+"""ModelPolicy: the model access check of spec 002, after the body is read and before the budget gate."""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from candela_mitm import errors
+from candela_mitm.runtime import Runtime
+from candela_mitm.spans import utc_now_iso
+
+from .flowstate import answered, ctx_of, deny, fail_closed
+
+
+class ModelPolicy:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        c = ctx_of(flow)
+        if c is None or answered(flow) or c.plan is None or not c.plan.model:
+            return
+        d = self.rt.policy.check(c.plan.model, c.tenant)
+        record = {
+            "result": "allowed" if d.allowed else "denied",
+            "model": d.model,
+            "tenant_id": c.tenant,
+            "user_id": c.user,
+            "policy_mode": d.policy_mode,
+            "policy_scope": d.scope,
+            "timestamp": utc_now_iso(),
+            "span_id": c.span_id,
+            "provider": c.plan.upstream.name,
+        }
+        c.policy = record
+        self.rt.audit.record("model_policy_check", **record)
+        if not d.allowed:
+            self.rt.metrics.policy_denied.labels(d.model, c.tenant or "", d.policy_mode).inc()
+            deny(flow, errors.model_not_allowed(d.model, c.tenant, d.policy_mode))

@@ -1,0 +1,201 @@
+"""The audit hash chain: canonical entry encoding, entry hashes and chain verification."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Domain separation: an entry hash can never collide with a checkpoint signature payload or any
+# other SHA-256 use in Candela, and a future encoding gets a new prefix instead of a silent change.
+ENTRY_DOMAIN = b"candela.audit.entry.v1\x00"
+GENESIS_HASH = "0" * 64
+
+# One row as stored: (seq, ts, action, user_id, tenant_id, fields_json, prev_hash, hash).
+Row = tuple[int, str, str, str | None, str | None, str, str, str]
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """What an entry says; its hash covers every field here."""
+
+    seq: int
+    ts: str  # UTC, fixed width: 2026-05-17T00:00:00.000000Z
+    action: str
+    user_id: str | None
+    tenant_id: str | None
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    first_bad_seq: int | None
+    reason: str
+    count: int  # entries checked
+    head_hash: str  # hash of the last entry checked (GENESIS_HASH for an empty log)
+    head_seq: int = 0
+
+
+def fields_json(fields: dict[str, Any]) -> str:
+    """The canonical JSON text of an entry's fields: sorted keys, compact, ASCII only."""
+    return json.dumps(
+        fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+
+
+def _encode(
+    seq: int, ts: str, action: str, user_id: str | None, tenant_id: str | None, fields_text: str
+) -> bytes:
+    # A JSON array frames every part unambiguously; fields_text is already canonical, so this is
+    # exactly fields_json([seq, ts, action, user_id, tenant_id, fields]) without a second encode.
+    head = json.dumps(
+        [seq, ts, action, user_id, tenant_id], separators=(",", ":"), ensure_ascii=True
+    )
+    return (head[:-1] + "," + fields_text + "]").encode("ascii")
+
+
+def canonical_encoding(entry: AuditEntry) -> bytes:
+    """The bytes an entry hash covers (without the domain prefix and previous hash)."""
+    return _encode(
+        entry.seq, entry.ts, entry.action, entry.user_id, entry.tenant_id, fields_json(entry.fields)
+    )
+
+
+def _hash(prev_hash: str, encoded: bytes) -> str:
+    return hashlib.sha256(ENTRY_DOMAIN + bytes.fromhex(prev_hash) + encoded).hexdigest()
+
+
+def entry_hash(prev_hash: str, entry: AuditEntry) -> str:
+    """SHA-256 over the domain prefix, the previous entry's hash (32 bytes) and the entry."""
+    return _hash(prev_hash, canonical_encoding(entry))
+
+
+def row_hash(
+    prev_hash: str,
+    seq: int,
+    ts: str,
+    action: str,
+    user_id: str | None,
+    tenant_id: str | None,
+    fields_text: str,
+) -> str:
+    """entry_hash for a row whose fields are already canonical JSON text (the writer's path)."""
+    return _hash(prev_hash, _encode(seq, ts, action, user_id, tenant_id, fields_text))
+
+
+def _recomputed(prev_hash: str, row: Row) -> str | None:
+    seq, ts, action, user_id, tenant_id, text = row[0], row[1], row[2], row[3], row[4], row[5]
+    if not isinstance(text, str):
+        return None
+    fast = row_hash(prev_hash, seq, ts, action, user_id, tenant_id, text)
+    if fast == row[7]:
+        return fast
+    # Stored text that is equal as JSON but not byte-canonical still names the same entry.
+    try:
+        fields = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(fields, dict):
+        return None
+    return entry_hash(prev_hash, AuditEntry(seq, ts, action, user_id, tenant_id, fields))
+
+
+def verify_rows(
+    rows: Iterable[Row], first_seq: int = 1, anchor: str = GENESIS_HASH
+) -> VerifyResult:
+    """Walk rows in seq order from first_seq, whose predecessor's hash is anchor."""
+    expected = first_seq
+    prev = anchor
+    count = 0
+    for row in rows:
+        seq = row[0]
+        if seq != expected:
+            if isinstance(seq, int) and seq > expected:
+                return VerifyResult(
+                    False,
+                    expected,
+                    f"entry {expected} is missing (next entry is {seq})",
+                    count,
+                    prev,
+                    expected - 1,
+                )
+            return VerifyResult(
+                False,
+                seq,
+                f"unexpected entry {seq!r} (expected {expected})",
+                count,
+                prev,
+                expected - 1,
+            )
+        if row[6] != prev:
+            return VerifyResult(
+                False,
+                seq,
+                f"entry {seq}: prev_hash does not match the hash of entry {seq - 1} "
+                "(an entry was inserted, removed, reordered or rewritten before it)",
+                count,
+                prev,
+                seq - 1,
+            )
+        computed = _recomputed(prev, row)
+        if computed != row[7]:
+            return VerifyResult(
+                False,
+                seq,
+                f"entry {seq}: hash does not match its contents (entry edited)",
+                count,
+                prev,
+                seq - 1,
+            )
+        prev = row[7]
+        count += 1
+        expected += 1
+    return VerifyResult(True, None, "ok", count, prev, expected - 1)
+
+
+def connect_readonly(db_path: str | Path) -> sqlite3.Connection:
+    """A read-only connection: readers never create, migrate or lock the ledger for writing."""
+    path = Path(db_path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no audit log at {path}")
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+ROW_COLUMNS = "seq, ts, action, user_id, tenant_id, fields, prev_hash, hash"
+
+
+def verify_chain(db_path: str | Path, from_seq: int | None = None) -> VerifyResult:
+    """Recompute the chain of the log at db_path (from entry from_seq, trusting its predecessor)."""
+    conn = connect_readonly(db_path)
+    try:
+        first = 1 if from_seq is None or from_seq <= 1 else from_seq
+        anchor = GENESIS_HASH
+        if first > 1:
+            got = conn.execute("SELECT hash FROM audit_log WHERE seq = ?", (first - 1,)).fetchone()
+            if got is None:
+                return VerifyResult(
+                    False,
+                    first - 1,
+                    f"entry {first - 1} (the anchor for --from {first}) is missing",
+                    0,
+                    anchor,
+                    0,
+                )
+            anchor = got[0]
+        # One statement is one read snapshot, so concurrent appends cannot tear the walk.
+        if first == 1:
+            cur = conn.execute(f"SELECT {ROW_COLUMNS} FROM audit_log ORDER BY seq")
+        else:
+            cur = conn.execute(
+                f"SELECT {ROW_COLUMNS} FROM audit_log WHERE seq >= ? ORDER BY seq", (first,)
+            )
+        return verify_rows(cur, first, anchor)
+    finally:
+        conn.close()

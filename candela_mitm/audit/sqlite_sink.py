@@ -1,0 +1,220 @@
+"""The SQLite audit ledger: the system of record, append-only by trigger, authorizer and defensive mode."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import sqlite3
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from candela_mitm.audit.chain import GENESIS_HASH, ROW_COLUMNS, Row, row_hash
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq INTEGER PRIMARY KEY,
+    ts TEXT NOT NULL,
+    action TEXT NOT NULL,
+    user_id TEXT,
+    tenant_id TEXT,
+    fields TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_log_action ON audit_log (action, seq);
+CREATE INDEX IF NOT EXISTS audit_log_user ON audit_log (user_id, seq);
+CREATE INDEX IF NOT EXISTS audit_log_ts ON audit_log (ts);
+CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: UPDATE is not allowed'); END;
+CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: DELETE is not allowed'); END;
+CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TRIGGER IF NOT EXISTS audit_meta_no_update BEFORE UPDATE ON audit_meta
+BEGIN SELECT RAISE(ABORT, 'audit_meta is append-only: UPDATE is not allowed'); END;
+CREATE TRIGGER IF NOT EXISTS audit_meta_no_delete BEFORE DELETE ON audit_meta
+BEGIN SELECT RAISE(ABORT, 'audit_meta is append-only: DELETE is not allowed'); END;
+"""
+
+_PROTECTED = {"audit_log", "audit_meta"}
+_SQLITE_DBCONFIG_DEFENSIVE = 1010
+
+
+def now_ts() -> str:
+    """The current UTC time in the ledger's fixed-width format (sorts as text)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _authorizer(
+    action: int, arg1: str | None, arg2: str | None, dbname: str | None, source: str | None
+) -> int:
+    # A second line of defence inside our own process: even a bug that builds SQL cannot
+    # rewrite, delete or drop ledger rows or their triggers through this connection.
+    if action in (sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE) and arg1 in _PROTECTED:
+        return sqlite3.SQLITE_DENY
+    if action in (
+        sqlite3.SQLITE_DROP_TABLE,
+        sqlite3.SQLITE_DROP_TRIGGER,
+        sqlite3.SQLITE_ALTER_TABLE,
+    ):
+        return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK
+
+
+def enable_defensive(conn: sqlite3.Connection, expected_path: str) -> bool:
+    """Turn on SQLITE_DBCONFIG_DEFENSIVE (no writable_schema, no shadow-table writes); True if on.
+
+    Python 3.12 has Connection.setconfig. On 3.11 the sqlite3* handle is the first field after the
+    object header of CPython's connection struct; we call sqlite3_db_config through the very
+    library _sqlite3 links, and only after sqlite3_db_filename on that handle names the file we
+    opened, so a wrong guess about the layout is caught before anything is written through it.
+    """
+    setconfig = getattr(conn, "setconfig", None)
+    if setconfig is not None:  # Python >= 3.12
+        setconfig(_SQLITE_DBCONFIG_DEFENSIVE, True)
+        return bool(conn.getconfig(_SQLITE_DBCONFIG_DEFENSIVE))  # type: ignore[attr-defined]
+    if sys.implementation.name != "cpython":
+        return False
+    try:
+        import _sqlite3
+
+        lib = ctypes.CDLL(_sqlite3.__file__)
+        handle = ctypes.c_void_p.from_address(id(conn) + object.__basicsize__).value
+        if not handle:
+            return False
+        filename = lib.sqlite3_db_filename
+        filename.restype = ctypes.c_char_p
+        filename.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        name = filename(handle, b"main")
+        if name is None or Path(name.decode()).resolve() != Path(expected_path).resolve():
+            return False
+        db_config = lib.sqlite3_db_config
+        db_config.restype = ctypes.c_int
+        out = ctypes.c_int(0)
+        rc = db_config(
+            ctypes.c_void_p(handle),
+            ctypes.c_int(_SQLITE_DBCONFIG_DEFENSIVE),
+            ctypes.c_int(1),
+            ctypes.byref(out),
+        )
+        return rc == 0 and out.value == 1
+    except (OSError, AttributeError, ValueError):
+        return False
+
+
+def connect_writer(
+    db_path: str | Path, busy_timeout_ms: int = 5000
+) -> tuple[sqlite3.Connection, bool]:
+    """Open (creating if needed) the ledger for appending; returns (connection, defensive_on)."""
+    path = Path(db_path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL syncs the WAL at every commit: an acknowledged entry survives power loss, not only
+        # a killed process. Batching keeps that to one fsync per batch.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("BEGIN IMMEDIATE")
+        for stmt in _SCHEMA.split(";\n"):
+            if stmt.strip():
+                conn.execute(stmt)
+        conn.execute(
+            "INSERT OR IGNORE INTO audit_meta (key, value) VALUES ('schema', ?), ('log_id', ?)",
+            (SCHEMA_VERSION, uuid.uuid4().hex),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.close()
+        raise
+    defensive = enable_defensive(conn, str(path))
+    if not defensive:
+        log.warning(
+            "audit: SQLite defensive mode is not available; triggers still guard the ledger"
+        )
+    conn.set_authorizer(_authorizer)
+    return conn, defensive
+
+
+def log_id(conn: sqlite3.Connection) -> str | None:
+    got = conn.execute("SELECT value FROM audit_meta WHERE key = 'log_id'").fetchone()
+    return None if got is None else str(got[0])
+
+
+def head(conn: sqlite3.Connection) -> tuple[int, str, str | None]:
+    """(seq, hash, ts) of the newest entry; (0, GENESIS_HASH, None) for an empty log."""
+    got = conn.execute("SELECT seq, hash, ts FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+    if got is None:
+        return 0, GENESIS_HASH, None
+    return int(got[0]), str(got[1]), str(got[2])
+
+
+# (action, user_id, tenant_id, fields_json) as prepared by the writer from a record() call.
+Pending = tuple[str, str | None, str | None, str]
+
+
+def append_batch(conn: sqlite3.Connection, items: Sequence[Pending]) -> list[Row]:
+    """Append items as one transaction, chained after whatever head the file has now.
+
+    The head is read inside BEGIN IMMEDIATE, which holds SQLite's write lock, so several processes
+    appending to one file still build one chain. Timestamps never go backwards along the chain.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        seq, prev, last_ts = head(conn)
+        ts = now_ts()
+        if last_ts is not None and ts < last_ts:
+            ts = last_ts
+        rows: list[Row] = []
+        for action, user_id, tenant_id, text in items:
+            seq += 1
+            digest = row_hash(prev, seq, ts, action, user_id, tenant_id, text)
+            rows.append((seq, ts, action, user_id, tenant_id, text, prev, digest))
+            prev = digest
+        conn.executemany(
+            f"INSERT INTO audit_log ({ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return rows
+
+
+def read_rows(conn: sqlite3.Connection, after_seq: int, limit: int) -> list[Row]:
+    """Entries with seq > after_seq, oldest first (the mirrors' feed)."""
+    cur = conn.execute(
+        f"SELECT {ROW_COLUMNS} FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?",
+        (after_seq, limit),
+    )
+    return [tuple(r) for r in cur]
+
+
+def row_at(conn: sqlite3.Connection, seq: int) -> Row | None:
+    got = conn.execute(f"SELECT {ROW_COLUMNS} FROM audit_log WHERE seq = ?", (seq,)).fetchone()
+    return None if got is None else tuple(got)
+
+
+def as_dict(row: Row | Sequence[Any]) -> dict[str, Any]:
+    """A row as the admin API and exports show it, fields parsed."""
+    return {
+        "seq": row[0],
+        "ts": row[1],
+        "action": row[2],
+        "user_id": row[3],
+        "tenant_id": row[4],
+        "fields": json.loads(row[5]),
+        "prev_hash": row[6],
+        "hash": row[7],
+    }

@@ -1,0 +1,393 @@
+"""The audit writer: a bounded queue drained by one thread into batched, chained SQLite commits."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from candela_mitm.audit.chain import fields_json
+from candela_mitm.audit.mirrors import Mirror, MirrorFeeder, MirrorStats, build_mirrors
+from candela_mitm.audit.sqlite_sink import Pending, append_batch, connect_writer
+from candela_mitm.config import Audit
+from candela_mitm.errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+# Actions Candela records; callers may add their own (admin actions use "admin.<verb>").
+REQUEST = "request"
+MODEL_POLICY_CHECK = "model_policy_check"
+PROXY_START = "proxy_start"
+PROXY_STOP = "proxy_stop"
+CONFIG_RELOAD = "config_reload"
+BYPASS_ATTEMPT = "bypass_attempt"
+
+REDACTED = "[redacted]"
+# Keys whose values are credentials wherever they appear (headers, nested dicts): never recorded.
+_CREDENTIAL_KEYS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "proxy_authorization",
+        "api_key",
+        "api-key",
+        "apikey",
+        "x-api-key",
+        "x-goog-api-key",
+        "key",
+        "token",
+        "access_token",
+        "id_token",
+        "refresh_token",
+        "password",
+        "secret",
+        "client_secret",
+        "private_key",
+        "credentials",
+        "cookie",
+        "set-cookie",
+        "x-amz-security-token",
+    }
+)
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
+# Top-level keys holding prompt or completion text; dropped unless audit.log_prompts is true.
+PROMPT_KEYS = frozenset(
+    {"prompt", "prompts", "messages", "contents", "completion", "request_body", "response_body"}
+)
+
+
+def redact(value: Any) -> Any:
+    """A copy of value with credential-named keys masked and bearer tokens in text cut out."""
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if str(k).lower() in _CREDENTIAL_KEYS else redact(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    if isinstance(value, str) and _BEARER.search(value):
+        return _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", value)
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    # Only used when plain encoding fails: the entry is still recorded, odd values as text.
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _principal(fields: dict[str, Any], key: str) -> str | None:
+    v = fields.get(key)
+    return None if v is None else str(v)
+
+
+class _Item:
+    __slots__ = ("pending", "future")
+
+    def __init__(self, pending: Pending | None, future: Future[int] | None) -> None:
+        self.pending = pending  # None: a flush marker
+        self.future = future
+
+
+@dataclass(frozen=True)
+class AuditStats:
+    backlog: int  # entries accepted and not yet committed
+    queue_max: int
+    accepted: int
+    rejected: int  # record() calls refused because the queue was full or the writer closed
+    entries_written: int  # entries this process committed
+    batches_written: int
+    sqlite_errors: int  # failed commit attempts (each is retried)
+    head_seq: int  # newest seq this process committed
+    healthy: bool  # False while commits fail
+    defensive: bool  # SQLite defensive mode is on for the writer connection
+    mirrors: dict[str, MirrorStats] = field(default_factory=dict)
+
+
+class AuditWriter:
+    """Appends audit entries to the SQLite ledger from one writer thread and feeds the mirrors.
+
+    ``record`` never blocks: it encodes the fields on the caller's thread (so later mutation of
+    the caller's objects cannot change the entry), appends to an in-memory queue of at most
+    ``queue_max_entries`` and returns True. When the queue is full (SQLite has been failing or
+    stalled for a long time) it returns False at once and counts a rejection: the entry is *not*
+    recorded, so a governance caller must treat False as "cannot audit" and fail closed. The
+    writer never drops an accepted entry: a failing commit is retried with backoff until it
+    succeeds or ``close`` gives up.
+
+    The thread commits up to ``batch_max_entries`` per transaction. A batch without a durable
+    waiter waits up to ``batch_max_delay_ms`` to fill; a batch holding a ``record_durable`` entry
+    or a flush commits at once (entries queued meanwhile form the next batch: group commit).
+    """
+
+    def __init__(
+        self,
+        cfg: Audit,
+        *,
+        db_path: str | Path | None = None,
+        mirrors: Sequence[Mirror] | None = None,
+        mirror_poll_s: float = 0.5,
+        mirror_retry_initial_s: float = 0.5,
+        mirror_retry_max_s: float = 30.0,
+        busy_timeout_ms: int = 5000,
+    ) -> None:
+        self.cfg = cfg
+        self.db_path = Path(db_path if db_path is not None else cfg.sqlite_path).expanduser()
+        self._mirrors = list(mirrors) if mirrors is not None else build_mirrors(cfg, self.db_path)
+        self._mirror_opts = (mirror_poll_s, mirror_retry_initial_s, mirror_retry_max_s)
+        self._busy_timeout_ms = busy_timeout_ms
+        self._queue: deque[_Item] = deque()
+        self._wake = threading.Event()
+        self._abandon = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._feeders: list[MirrorFeeder] = []
+        self._closed = False
+        self._stopping = False
+        self.queue_max = cfg.queue_max_entries
+        self.accepted = 0
+        self.rejected = 0
+        self.abandoned = 0
+        self.entries_written = 0
+        self.batches_written = 0
+        self.sqlite_errors = 0
+        self.head_seq = 0
+        self.healthy = True
+        self.defensive = False
+        self.last_error: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open (creating) the ledger, then start the writer and mirror threads.
+
+        Call it in the process that records (after a fork, never before). Raises sqlite3.Error or
+        OSError when the ledger cannot be opened, so a proxy fails at start, not on a request.
+        """
+        if self._thread is not None:
+            return
+        self._conn, self.defensive = connect_writer(self.db_path, self._busy_timeout_ms)
+        self._thread = threading.Thread(target=self._run, name="candela-audit-writer", daemon=True)
+        self._thread.start()
+        poll, initial, most = self._mirror_opts
+        for mirror in self._mirrors:
+            feeder = MirrorFeeder(
+                mirror,
+                self.db_path,
+                poll_s=poll,
+                retry_initial_s=initial,
+                retry_max_s=most,
+                backlog_max=self.cfg.mirror_backlog_max,
+            )
+            feeder.start()
+            self._feeders.append(feeder)
+
+    def close(self, timeout: float | None = 30.0) -> bool:
+        """Stop accepting, commit everything queued, stop the mirrors; True if nothing was lost.
+
+        If SQLite still fails when timeout runs out, the queued entries are abandoned (counted in
+        ``abandoned``) and their durable futures fail with StoreUnavailable.
+        """
+        self._closed = True
+        self._stopping = True
+        self._wake.set()
+        drained = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._abandon.set()
+                self._wake.set()
+                self._thread.join(5.0)
+                drained = False
+        elif self._queue:
+            drained = False
+            self._fail_all(list(self._queue), "the audit writer was never started")
+            self._queue.clear()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for feeder in self._feeders:
+            feeder.stop(deadline)
+        return drained and self.abandoned == 0
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def _prepare(self, action: str, fields: dict[str, Any]) -> Pending:
+        clean = redact(fields)
+        if not self.cfg.log_prompts:
+            for key in PROMPT_KEYS.intersection(clean):
+                del clean[key]
+        try:
+            text = fields_json(clean)
+        except (TypeError, ValueError):
+            text = fields_json(_jsonable(clean))
+        # user_id is whom the entry is about: the requesting user, or the admin acting.
+        user = _principal(clean, "user_id") or _principal(clean, "actor")
+        return (str(action), user, _principal(clean, "tenant_id"), text)
+
+    def _enqueue(self, item: _Item) -> bool:
+        if self._closed or len(self._queue) >= self.queue_max:
+            self.rejected += 1
+            return False
+        self._queue.append(item)
+        self.accepted += 1
+        if not self._wake.is_set():
+            self._wake.set()
+        return True
+
+    def record(self, action: str, /, **fields: Any) -> bool:
+        """Queue an entry; False (at once, never blocking) if it was not accepted: fail closed."""
+        return self._enqueue(_Item(self._prepare(action, fields), None))
+
+    def record_durable(self, action: str, /, **fields: Any) -> Future[int]:
+        """Queue an entry; the future resolves to its seq once committed (fsynced).
+
+        From asyncio: ``seq = await asyncio.wrap_future(writer.record_durable(...))``. If the
+        entry is not accepted the future has already failed with StoreUnavailable.
+        """
+        fut: Future[int] = Future()
+        if not self._enqueue(_Item(self._prepare(action, fields), fut)):
+            fut.set_exception(StoreUnavailable("the audit queue is full or closed"))
+        return fut
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every entry accepted before this call is committed; False on timeout."""
+        if self._thread is None or not self._thread.is_alive():
+            return not self._queue
+        fut: Future[int] = Future()
+        self._queue.append(_Item(None, fut))  # markers bypass the bound: they hold no entry
+        self._wake.set()
+        try:
+            fut.result(timeout)
+        except Exception:
+            return False
+        return True
+
+    # -- stats -------------------------------------------------------------------------------
+
+    @property
+    def backlog(self) -> int:
+        return len(self._queue)
+
+    def stats(self) -> AuditStats:
+        return AuditStats(
+            backlog=len(self._queue),
+            queue_max=self.queue_max,
+            accepted=self.accepted,
+            rejected=self.rejected,
+            entries_written=self.entries_written,
+            batches_written=self.batches_written,
+            sqlite_errors=self.sqlite_errors,
+            head_seq=self.head_seq,
+            healthy=self.healthy,
+            defensive=self.defensive,
+            mirrors={f.mirror.name: f.stats() for f in self._feeders},
+        )
+
+    # -- the writer thread -------------------------------------------------------------------
+
+    def _take_batch(self) -> list[_Item] | None:
+        q = self._queue
+        while True:
+            self._wake.clear()
+            if q:
+                break
+            if self._stopping:
+                return None
+            self._wake.wait(1.0)
+        limit = self.cfg.batch_max_entries
+        deadline = time.monotonic() + self.cfg.batch_max_delay_ms / 1000
+        items: list[_Item] = []
+        entries = 0
+        urgent = False
+        while True:
+            while q and entries < limit:
+                item = q.popleft()
+                items.append(item)
+                if item.pending is not None:
+                    entries += 1
+                if item.future is not None:
+                    urgent = True
+            if entries >= limit or urgent or self._stopping:
+                return items
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return items
+            self._wake.clear()
+            if not q:
+                self._wake.wait(remaining)
+
+    def _run(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            while True:
+                items = self._take_batch()
+                if items is None:
+                    return
+                if not self._commit(conn, items):
+                    rest = items + list(self._queue)
+                    self._queue.clear()
+                    self._fail_all(rest, "the audit ledger could not be written before close")
+                    return
+        finally:
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, items: list[_Item]) -> bool:
+        pending = [it.pending for it in items if it.pending is not None]
+        attempt = 0
+        while True:
+            try:
+                rows = append_batch(conn, pending) if pending else []
+                break
+            except sqlite3.Error as e:
+                self.sqlite_errors += 1
+                self.healthy = False
+                self.last_error = str(e)
+                log.warning("audit: commit of %d entries failed (%s); retrying", len(pending), e)
+                if self._abandon.is_set():
+                    return False
+                self._abandon.wait(min(0.01 * 2**attempt, 1.0))
+                attempt += 1
+        self.healthy = True
+        if rows:
+            self.entries_written += len(rows)
+            self.batches_written += 1
+            self.head_seq = rows[-1][0]
+        seqs = iter(rows)
+        for it in items:
+            seq = next(seqs)[0] if it.pending is not None else self.head_seq
+            if it.future is not None:
+                try:
+                    it.future.set_result(seq)
+                except InvalidStateError:  # the waiter cancelled; the entry is committed anyway
+                    pass
+        for feeder in self._feeders:
+            feeder.wake()
+        return True
+
+    def _fail_all(self, items: list[_Item], why: str) -> None:
+        for it in items:
+            if it.pending is not None:
+                self.abandoned += 1
+            if it.future is not None and not it.future.done():
+                try:
+                    it.future.set_exception(StoreUnavailable(why))
+                except InvalidStateError:
+                    pass
+        if self.abandoned:
+            log.error("audit: %d entries abandoned: %s", self.abandoned, why)

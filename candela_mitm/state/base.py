@@ -1,0 +1,323 @@
+"""State store contract: the atomic operations budgets, grants, users and rate windows need."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+# Money is kept as integer nano-dollars and time as integer microseconds since the epoch in
+# every backend: sums of floats drift (0.1 * 7 > 0.7), and a budget must admit exactly what fits.
+NANO_PER_USD = 1_000_000_000
+US_PER_S = 1_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# Finished reservations are kept this long so that a late or repeated settle/release stays a no-op.
+FINISHED_RESERVATION_TTL_S = 7 * 24 * 3600
+
+
+def usd_to_nano(usd: float) -> int:
+    return round(usd * NANO_PER_USD)
+
+
+def nano_to_usd(nano: int) -> float:
+    return nano / NANO_PER_USD
+
+
+def to_us(moment: datetime) -> int:
+    """Microseconds since the epoch, exactly (no float round trip); naive datetimes are UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def rfc3339(moment: datetime) -> str:
+    """Whole seconds, UTC, with a Z: the form of every timestamp Candela answers with."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def next_utc_midnight(moment: datetime) -> datetime:
+    """When the budget day of `moment` ends."""
+    day = date.fromisoformat(day_of(moment))
+    return datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+
+
+def day_of(moment: datetime) -> str:
+    """The UTC day a moment falls on, as YYYY-MM-DD (the budget day)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).date().isoformat()
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """A user as the admin API manages it; None fields fall back to config and defaults."""
+
+    user_id: str
+    role: str | None = None
+    tenants: tuple[str, ...] = ()
+    daily_budget_usd: float | None = None
+    requests_per_minute: int | None = None
+    deleted: bool = False
+    deleted_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        # callers hand in lists (JSON, config); the record keeps an immutable, comparable tuple
+        object.__setattr__(self, "tenants", tuple(self.tenants))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id,
+            "role": self.role,
+            "tenants": list(self.tenants),
+            "daily_budget_usd": self.daily_budget_usd,
+            "requests_per_minute": self.requests_per_minute,
+            "deleted": self.deleted,
+            "deleted_at": to_us(self.deleted_at) if self.deleted_at else None,
+            "updated_at": to_us(self.updated_at) if self.updated_at else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> UserRecord:
+        budget = data.get("daily_budget_usd")
+        rpm = data.get("requests_per_minute")
+        deleted_at = data.get("deleted_at")
+        updated_at = data.get("updated_at")
+        return cls(
+            user_id=str(data["user_id"]),
+            role=None if data.get("role") is None else str(data["role"]),
+            tenants=tuple(str(t) for t in data.get("tenants") or ()),
+            daily_budget_usd=None if budget is None else float(budget),
+            requests_per_minute=None if rpm is None else int(rpm),
+            deleted=bool(data.get("deleted")),
+            deleted_at=None if deleted_at is None else from_us(int(deleted_at)),
+            updated_at=None if updated_at is None else from_us(int(updated_at)),
+        )
+
+
+@dataclass(frozen=True)
+class NewReservation:
+    """What the ledger asks the store to hold; amounts in nano-dollars, times in microseconds."""
+
+    reservation_id: str
+    user_id: str
+    tenant: str
+    day: str
+    amount: int
+    budget: int
+    request_id: str
+    owner: str
+    now_us: int
+
+
+@dataclass(frozen=True)
+class ReserveResult:
+    """The outcome of one atomic check-and-reserve, with the totals the decision was made on."""
+
+    ok: bool
+    daily_hold: int
+    grant_holds: Mapping[str, int]
+    spent: int  # spent today, every source
+    from_grants: int  # the part of `spent` drawn from grants
+    reserved: int  # daily allowance held by other active reservations today
+    grants_free: int  # unexpired grant money neither used nor held
+
+
+@dataclass(frozen=True)
+class SettleResult:
+    applied: bool
+    cost: int = 0
+    from_allowance: int = 0
+    from_grants: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DayTotals:
+    spent: int = 0
+    from_grants: int = 0
+    reserved: int = 0
+
+
+@dataclass(frozen=True)
+class GrantRow:
+    grant_id: str
+    user_id: str
+    amount: int
+    used: int
+    held: int
+    expires_us: int
+    reason: str
+    actor: str
+    created_us: int
+
+
+@dataclass(frozen=True)
+class ActiveReservation:
+    reservation_id: str
+    owner: str
+    created_us: int
+
+
+@dataclass(frozen=True)
+class SpendRow:
+    day: str
+    user_id: str
+    tenant: str
+    model: str
+    provider: str
+    cost: int
+    tokens_in: int
+    tokens_out: int
+    requests: int
+
+
+@dataclass(frozen=True)
+class RateHit:
+    allowed: bool
+    count: int  # requests in the window after this one was (or was not) counted
+    oldest_us: int | None  # the oldest request still in the window
+
+
+def plan_holds(
+    amount: int, daily_free: int, grants_free: Sequence[tuple[str, int]]
+) -> tuple[int, dict[str, int]] | None:
+    """Split `amount` over the daily allowance, then grants in the order given; None if short.
+
+    A negative `daily_free` (today's overspend) counts against the grants too, which keeps
+    `spendable = daily_free + sum(grants_free)` the single rule.
+    """
+    total_grants = sum(max(0, free) for _, free in grants_free)
+    if amount > 0 and daily_free + total_grants < amount:
+        return None
+    daily = min(amount, max(0, daily_free))
+    rest = amount - daily
+    holds: dict[str, int] = {}
+    for grant_id, free in grants_free:
+        if rest <= 0:
+            break
+        take = min(rest, max(0, free))
+        if take:
+            holds[grant_id] = take
+            rest -= take
+    return daily, holds
+
+
+def plan_settle(
+    cost: int, daily_free: int, grants_free: Sequence[tuple[str, int]]
+) -> tuple[int, dict[str, int]]:
+    """Draw a real cost: daily allowance first, then grants by earliest expiry, the rest overdraws
+    the daily allowance (recorded, never dropped)."""
+    daily = min(cost, max(0, daily_free))
+    rest = cost - daily
+    draws: dict[str, int] = {}
+    for grant_id, free in grants_free:
+        if rest <= 0:
+            break
+        take = min(rest, max(0, free))
+        if take:
+            draws[grant_id] = take
+            rest -= take
+    return daily + rest, draws
+
+
+class StateStore(ABC):
+    """Governance state shared by every worker; each method is one atomic step.
+
+    Every failure to read or write raises candela_mitm.errors.StoreUnavailable: callers deny.
+    """
+
+    # -- users ---------------------------------------------------------------------------------
+    @abstractmethod
+    def get_user(self, user_id: str, include_deleted: bool = False) -> UserRecord | None: ...
+
+    @abstractmethod
+    def put_user(self, record: UserRecord) -> None:
+        """Create or replace a user (the caller merges partial updates); clears `deleted`."""
+
+    @abstractmethod
+    def delete_user(self, user_id: str, now_us: int) -> bool:
+        """Mark a user deleted; grants and spend history stay. False if there was none."""
+
+    @abstractmethod
+    def list_users(self, include_deleted: bool = False) -> list[UserRecord]: ...
+
+    # -- ledger --------------------------------------------------------------------------------
+    @abstractmethod
+    def reserve(self, new: NewReservation) -> ReserveResult: ...
+
+    @abstractmethod
+    def settle(
+        self,
+        reservation_id: str,
+        cost: int,
+        tokens_in: int,
+        tokens_out: int,
+        model: str,
+        provider: str,
+        now_us: int,
+    ) -> SettleResult:
+        """Turn an active (or reclaimed) reservation into spend; anything else is a no-op."""
+
+    @abstractmethod
+    def release(self, reservation_id: str, now_us: int, reclaim: bool = False) -> bool:
+        """Free an active reservation's holds. `reclaim` marks it as taken back by reconcile:
+        a later settle still records its spend."""
+
+    @abstractmethod
+    def active_reservations(self) -> list[ActiveReservation]: ...
+
+    @abstractmethod
+    def purge_finished(self, before_us: int) -> int:
+        """Forget finished reservations older than `before_us` (housekeeping)."""
+
+    @abstractmethod
+    def add_grant(self, grant: GrantRow) -> None: ...
+
+    @abstractmethod
+    def grants(self, user_id: str) -> list[GrantRow]:
+        """Every grant of a user, earliest expiry first."""
+
+    @abstractmethod
+    def day_totals(self, user_id: str, day: str) -> DayTotals: ...
+
+    @abstractmethod
+    def spend_rows(
+        self,
+        since_day: str | None = None,
+        until_day: str | None = None,
+        user_id: str | None = None,
+        tenant: str | None = None,
+    ) -> list[SpendRow]:
+        """Spend per (day, user, tenant, model, provider), days inclusive."""
+
+    # -- rate windows --------------------------------------------------------------------------
+    @abstractmethod
+    def rate_hit(self, key: str, limit: int, window_us: int, now_us: int) -> RateHit:
+        """Sliding log: forget entries at or before now - window, count, add one if under limit."""
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,518 @@
+"""Redis state store: the shared backend, exact across hosts through one Lua script per change."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from candela_mitm.errors import StoreUnavailable
+from candela_mitm.state.base import (
+    ActiveReservation,
+    DayTotals,
+    GrantRow,
+    NewReservation,
+    RateHit,
+    ReserveResult,
+    SettleResult,
+    SpendRow,
+    StateStore,
+    UserRecord,
+)
+
+# Day rows only serve today's arithmetic (history lives in the spend hashes); keep them a little
+# longer than any reservation can stay open.
+DAY_TTL_S = 8 * 24 * 3600
+
+_SEP = "\x1f"  # between the parts of a spend field: user, tenant, model, provider
+
+# Layout under the prefix P (every key of one deployment shares it):
+#   P user:<id>            hash: record (JSON), deleted (0/1), deleted_at
+#   P users                set of user ids
+#   P day:<user>:<day>     hash: spent, from_grants, reserved (nano-dollars)
+#   P grants:<user>        zset: grant id scored by expiry (us)
+#   P grant:<id>           hash: user_id, amount, used, held, expires_us, reason, actor, created_us
+#   P res:<id>             hash: the reservation, its holds as gh:<grant id> fields
+#   P active / P finished  zsets of reservation ids by creation / finish time (us)
+#   P spend:<day>          hash: c|i|o|n <SEP> user <SEP> tenant <SEP> model <SEP> provider
+#   P spenddays            zset of days (score 0, read by lex range)
+#   P rate:<key>           zset: one member per counted request, scored by its time (us)
+# Scripts touch keys they derive from the prefix: fine on one Redis server or a replica set,
+# not on Redis Cluster (keys of one user would have to share a hash slot).
+
+_RESERVE = """
+local amount = tonumber(ARGV[1])
+local budget = tonumber(ARGV[2])
+local P = ARGV[4]
+local d = redis.call('HMGET', KEYS[1], 'spent', 'from_grants', 'reserved')
+local spent = tonumber(d[1]) or 0
+local from_grants = tonumber(d[2]) or 0
+local reserved = tonumber(d[3]) or 0
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[3], '+inf')
+local free = {}
+local grants_free = 0
+for i, gid in ipairs(ids) do
+  local g = redis.call('HMGET', P .. 'grant:' .. gid, 'amount', 'used', 'held')
+  free[i] = (tonumber(g[1]) or 0) - (tonumber(g[2]) or 0) - (tonumber(g[3]) or 0)
+  if free[i] > 0 then grants_free = grants_free + free[i] end
+end
+local daily_free = budget - (spent - from_grants) - reserved
+if amount > 0 and daily_free + grants_free < amount then
+  return {0, 0, spent, from_grants, reserved, grants_free}
+end
+local daily = math.min(amount, math.max(0, daily_free))
+local rest = amount - daily
+local out = {1, daily, spent, from_grants, reserved, grants_free}
+local fields = {'user_id', ARGV[6], 'tenant', ARGV[7], 'day', ARGV[8], 'amount', ARGV[1],
+  'budget', ARGV[2], 'daily_hold', daily, 'request_id', ARGV[9], 'owner', ARGV[10],
+  'created_us', ARGV[3], 'status', 'active'}
+for i, gid in ipairs(ids) do
+  if rest <= 0 then break end
+  local take = math.min(rest, math.max(0, free[i]))
+  if take > 0 then
+    redis.call('HINCRBY', P .. 'grant:' .. gid, 'held', take)
+    table.insert(fields, 'gh:' .. gid)
+    table.insert(fields, take)
+    table.insert(out, gid)
+    table.insert(out, take)
+    rest = rest - take
+  end
+end
+if daily > 0 then
+  redis.call('HINCRBY', KEYS[1], 'reserved', daily)
+  redis.call('EXPIRE', KEYS[1], ARGV[11])
+end
+redis.call('HSET', KEYS[3], unpack(fields))
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[5])
+return out
+"""
+
+# Shared by settle and release: read a reservation hash into fields and its grant holds.
+_READ_RESERVATION = """
+local function read_reservation(key)
+  local h = redis.call('HGETALL', key)
+  local r = {}
+  local own = {}
+  local own_ids = {}
+  for i = 1, #h, 2 do
+    local k = h[i]
+    if string.sub(k, 1, 3) == 'gh:' then
+      local gid = string.sub(k, 4)
+      own[gid] = tonumber(h[i + 1])
+      table.insert(own_ids, gid)
+    else
+      r[k] = h[i + 1]
+    end
+  end
+  return r, own, own_ids
+end
+"""
+
+_SETTLE = (
+    _READ_RESERVATION
+    + """
+local r, own, own_ids = read_reservation(KEYS[1])
+if r.status ~= 'active' and r.status ~= 'reclaimed' then return {0} end
+-- a reclaimed reservation gave its holds back already; its spend still counts
+if r.status ~= 'active' then own = {}; own_ids = {} end
+local own_daily = 0
+if r.status == 'active' then own_daily = tonumber(r.daily_hold) end
+local P = ARGV[7]
+local cost = tonumber(ARGV[1])
+local now = tonumber(ARGV[6])
+local daykey = P .. 'day:' .. r.user_id .. ':' .. r.day
+local gkey = P .. 'grants:' .. r.user_id
+local d = redis.call('HMGET', daykey, 'spent', 'from_grants', 'reserved')
+local spent = tonumber(d[1]) or 0
+local from_grants = tonumber(d[2]) or 0
+local reserved = tonumber(d[3]) or 0
+local daily_free = tonumber(r.budget) - (spent - from_grants) - (reserved - own_daily)
+-- eligible grants, earliest expiry first: those this reservation holds that have expired since
+-- (their expiry sorts before any unexpired one), then every unexpired grant
+local expired_own = {}
+for _, gid in ipairs(own_ids) do
+  local s = tonumber(redis.call('ZSCORE', gkey, gid)) or 0
+  if s <= now then table.insert(expired_own, {s, gid}) end
+end
+table.sort(expired_own, function(a, b)
+  if a[1] ~= b[1] then return a[1] < b[1] end
+  return a[2] < b[2]
+end)
+local order = {}
+for _, e in ipairs(expired_own) do table.insert(order, e[2]) end
+for _, gid in ipairs(redis.call('ZRANGEBYSCORE', gkey, '(' .. ARGV[6], '+inf')) do
+  table.insert(order, gid)
+end
+local daily = math.min(cost, math.max(0, daily_free))
+local rest = cost - daily
+local drawn = 0
+local out = {1, 0}
+for _, gid in ipairs(order) do
+  if rest <= 0 then break end
+  local g = redis.call('HMGET', P .. 'grant:' .. gid, 'amount', 'used', 'held')
+  local f = (tonumber(g[1]) or 0) - (tonumber(g[2]) or 0) - (tonumber(g[3]) or 0) + (own[gid] or 0)
+  local take = math.min(rest, math.max(0, f))
+  if take > 0 then
+    redis.call('HINCRBY', P .. 'grant:' .. gid, 'used', take)
+    table.insert(out, gid)
+    table.insert(out, take)
+    drawn = drawn + take
+    rest = rest - take
+  end
+end
+out[2] = daily + rest
+for gid, hold in pairs(own) do
+  redis.call('HINCRBY', P .. 'grant:' .. gid, 'held', -hold)
+end
+redis.call('HINCRBY', daykey, 'spent', cost)
+if drawn ~= 0 then redis.call('HINCRBY', daykey, 'from_grants', drawn) end
+if own_daily ~= 0 then redis.call('HINCRBY', daykey, 'reserved', -own_daily) end
+redis.call('EXPIRE', daykey, ARGV[9])
+redis.call('HSET', KEYS[1], 'status', 'settled', 'cost', ARGV[1], 'finished_us', ARGV[6])
+redis.call('ZREM', KEYS[2], ARGV[8])
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[8])
+local skey = P .. 'spend:' .. r.day
+local row = r.user_id .. '\\31' .. r.tenant .. '\\31' .. ARGV[4] .. '\\31' .. ARGV[5]
+redis.call('HINCRBY', skey, 'c\\31' .. row, cost)
+redis.call('HINCRBY', skey, 'i\\31' .. row, ARGV[2])
+redis.call('HINCRBY', skey, 'o\\31' .. row, ARGV[3])
+redis.call('HINCRBY', skey, 'n\\31' .. row, 1)
+redis.call('ZADD', P .. 'spenddays', 0, r.day)
+return out
+"""
+)
+
+_RELEASE = (
+    _READ_RESERVATION
+    + """
+local r, own = read_reservation(KEYS[1])
+if r.status ~= 'active' then return 0 end
+local P = ARGV[3]
+local hold = tonumber(r.daily_hold)
+if hold ~= 0 then
+  redis.call('HINCRBY', P .. 'day:' .. r.user_id .. ':' .. r.day, 'reserved', -hold)
+end
+for gid, h in pairs(own) do
+  redis.call('HINCRBY', P .. 'grant:' .. gid, 'held', -h)
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_us', ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[4])
+redis.call('ZADD', KEYS[3], ARGV[1], ARGV[4])
+return 1
+"""
+)
+
+_DELETE_USER = """
+if redis.call('HGET', KEYS[1], 'deleted') ~= '0' then return 0 end
+redis.call('HSET', KEYS[1], 'deleted', '1', 'deleted_at', ARGV[1])
+return 1
+"""
+
+_RATE_HIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
+local count = redis.call('ZCARD', KEYS[1])
+local allowed = 0
+if count < tonumber(ARGV[3]) then
+  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
+  count = count + 1
+  allowed = 1
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[2]) / 1000) + 1000)
+return {allowed, count, oldest[2] or ''}
+"""
+
+_PURGE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+for _, rid in ipairs(ids) do
+  redis.call('DEL', ARGV[2] .. 'res:' .. rid)
+  redis.call('ZREM', KEYS[1], rid)
+end
+return #ids
+"""
+
+
+def _int(value: Any) -> int:
+    """Redis answers numbers as integers or as strings (scores may read like '1.7e+15')."""
+    if isinstance(value, int):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        return int(float(value))
+
+
+class RedisStateStore(StateStore):
+    """State in one Redis (several hosts share it); every change is one Lua script (EVALSHA)."""
+
+    def __init__(self, url: str, prefix: str = "candela:", timeout_ms: int = 2000):
+        self.prefix = prefix
+        self._url_for_errors = url.split("@")[-1]  # never echo a password from the URL
+        try:
+            # Any: redis-py's return types are unions over decode_responses; ours is True.
+            self._r: Any = redis.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=timeout_ms / 1000,
+                socket_connect_timeout=timeout_ms / 1000,
+                # No retries: a script whose reply was lost may have run, and running a reserve
+                # twice would hold money twice. The request fails closed instead.
+                retry=Retry(NoBackoff(), 0),
+            )
+            self._reserve = self._r.register_script(_RESERVE)
+            self._settle = self._r.register_script(_SETTLE)
+            self._release = self._r.register_script(_RELEASE)
+            self._delete_user = self._r.register_script(_DELETE_USER)
+            self._rate_hit = self._r.register_script(_RATE_HIT)
+            self._purge = self._r.register_script(_PURGE)
+        except (redis.RedisError, ValueError) as e:
+            raise StoreUnavailable(f"Redis state store {self._url_for_errors}: {e}") from e
+        self.ping()
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except redis.RedisError as e:
+            raise StoreUnavailable(f"Redis state store {self._url_for_errors}: {e}") from e
+
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def ping(self) -> None:
+        with self._guard():
+            self._r.ping()
+
+    def close(self) -> None:
+        with self._guard():
+            self._r.close()
+
+    # -- users ---------------------------------------------------------------------------------
+    def _user_from_hash(self, h: list[Any]) -> UserRecord | None:
+        record, deleted, deleted_at = h
+        if record is None:
+            return None
+        data = json.loads(record)
+        data["deleted"] = deleted == "1"
+        data["deleted_at"] = int(deleted_at) if deleted_at else None
+        return UserRecord.from_json(data)
+
+    def get_user(self, user_id: str, include_deleted: bool = False) -> UserRecord | None:
+        with self._guard():
+            h = self._r.hmget(self._k("user", user_id), ["record", "deleted", "deleted_at"])
+        record = self._user_from_hash(h)
+        if record is None or (record.deleted and not include_deleted):
+            return None
+        return record
+
+    def put_user(self, record: UserRecord) -> None:
+        data = json.dumps({**record.to_json(), "deleted": False, "deleted_at": None})
+        with self._guard():
+            pipe = self._r.pipeline(transaction=True)
+            pipe.hset(
+                self._k("user", record.user_id),
+                mapping={"record": data, "deleted": "0", "deleted_at": ""},
+            )
+            pipe.sadd(self._k("users"), record.user_id)
+            pipe.execute()
+
+    def delete_user(self, user_id: str, now_us: int) -> bool:
+        with self._guard():
+            return bool(self._delete_user(keys=[self._k("user", user_id)], args=[now_us]))
+
+    def list_users(self, include_deleted: bool = False) -> list[UserRecord]:
+        with self._guard():
+            ids = sorted(self._r.smembers(self._k("users")))
+            pipe = self._r.pipeline(transaction=False)
+            for user_id in ids:
+                pipe.hmget(self._k("user", user_id), ["record", "deleted", "deleted_at"])
+            hashes = pipe.execute()
+        users = [self._user_from_hash(h) for h in hashes]
+        return [u for u in users if u is not None and (include_deleted or not u.deleted)]
+
+    # -- ledger --------------------------------------------------------------------------------
+    def reserve(self, new: NewReservation) -> ReserveResult:
+        with self._guard():
+            out = self._reserve(
+                keys=[
+                    self._k("day", new.user_id, new.day),
+                    self._k("grants", new.user_id),
+                    self._k("res", new.reservation_id),
+                    self._k("active"),
+                ],
+                args=[
+                    new.amount,
+                    new.budget,
+                    new.now_us,
+                    self.prefix,
+                    new.reservation_id,
+                    new.user_id,
+                    new.tenant,
+                    new.day,
+                    new.request_id,
+                    new.owner,
+                    DAY_TTL_S,
+                ],
+            )
+        holds = {out[i]: _int(out[i + 1]) for i in range(6, len(out), 2)}
+        ok, daily, spent, from_grants, reserved, grants_free = (_int(v) for v in out[:6])
+        return ReserveResult(bool(ok), daily, holds, spent, from_grants, reserved, grants_free)
+
+    def settle(
+        self,
+        reservation_id: str,
+        cost: int,
+        tokens_in: int,
+        tokens_out: int,
+        model: str,
+        provider: str,
+        now_us: int,
+    ) -> SettleResult:
+        with self._guard():
+            out = self._settle(
+                keys=[self._k("res", reservation_id), self._k("active"), self._k("finished")],
+                args=[
+                    cost,
+                    tokens_in,
+                    tokens_out,
+                    model,
+                    provider,
+                    now_us,
+                    self.prefix,
+                    reservation_id,
+                    DAY_TTL_S,
+                ],
+            )
+        if not _int(out[0]):
+            return SettleResult(False)
+        draws = {out[i]: _int(out[i + 1]) for i in range(2, len(out), 2)}
+        return SettleResult(True, cost, _int(out[1]), draws)
+
+    def release(self, reservation_id: str, now_us: int, reclaim: bool = False) -> bool:
+        with self._guard():
+            return bool(
+                self._release(
+                    keys=[self._k("res", reservation_id), self._k("active"), self._k("finished")],
+                    args=[
+                        now_us,
+                        "reclaimed" if reclaim else "released",
+                        self.prefix,
+                        reservation_id,
+                    ],
+                )
+            )
+
+    def active_reservations(self) -> list[ActiveReservation]:
+        with self._guard():
+            entries = self._r.zrange(self._k("active"), 0, -1, withscores=True)
+            pipe = self._r.pipeline(transaction=False)
+            for rid, _ in entries:
+                pipe.hget(self._k("res", rid), "owner")
+            owners = pipe.execute()
+        return [
+            ActiveReservation(rid, owner or "", _int(score))
+            for (rid, score), owner in zip(entries, owners, strict=True)
+        ]
+
+    def purge_finished(self, before_us: int) -> int:
+        with self._guard():
+            return _int(self._purge(keys=[self._k("finished")], args=[before_us, self.prefix]))
+
+    def add_grant(self, grant: GrantRow) -> None:
+        with self._guard():
+            pipe = self._r.pipeline(transaction=True)
+            pipe.hset(
+                self._k("grant", grant.grant_id),
+                mapping={
+                    "user_id": grant.user_id,
+                    "amount": grant.amount,
+                    "used": grant.used,
+                    "held": grant.held,
+                    "expires_us": grant.expires_us,
+                    "reason": grant.reason,
+                    "actor": grant.actor,
+                    "created_us": grant.created_us,
+                },
+            )
+            pipe.zadd(self._k("grants", grant.user_id), {grant.grant_id: grant.expires_us})
+            pipe.execute()
+
+    def grants(self, user_id: str) -> list[GrantRow]:
+        fields = ["amount", "used", "held", "expires_us", "reason", "actor", "created_us"]
+        with self._guard():
+            ids = self._r.zrange(self._k("grants", user_id), 0, -1)
+            pipe = self._r.pipeline(transaction=False)
+            for gid in ids:
+                pipe.hmget(self._k("grant", gid), fields)
+            rows = pipe.execute()
+        return [
+            GrantRow(gid, user_id, _int(a), _int(u), _int(h), _int(e), reason, actor, _int(c))
+            for gid, (a, u, h, e, reason, actor, c) in zip(ids, rows, strict=True)
+            if a is not None
+        ]
+
+    def day_totals(self, user_id: str, day: str) -> DayTotals:
+        with self._guard():
+            spent, from_grants, reserved = self._r.hmget(
+                self._k("day", user_id, day), ["spent", "from_grants", "reserved"]
+            )
+        return DayTotals(_int(spent or 0), _int(from_grants or 0), _int(reserved or 0))
+
+    def spend_rows(
+        self,
+        since_day: str | None = None,
+        until_day: str | None = None,
+        user_id: str | None = None,
+        tenant: str | None = None,
+    ) -> list[SpendRow]:
+        with self._guard():
+            days = self._r.zrangebylex(
+                self._k("spenddays"),
+                f"[{since_day}" if since_day else "-",
+                f"[{until_day}" if until_day else "+",
+            )
+            pipe = self._r.pipeline(transaction=False)
+            for day in days:
+                pipe.hgetall(self._k("spend", day))
+            hashes = pipe.execute()
+        rows: list[SpendRow] = []
+        for day, h in zip(days, hashes, strict=True):
+            metrics: dict[tuple[str, ...], dict[str, int]] = {}
+            for fieldname, value in h.items():
+                metric, row_user, row_tenant, model, provider = fieldname.split(_SEP)
+                key = (row_user, row_tenant, model, provider)
+                metrics.setdefault(key, {})[metric] = _int(value)
+            for (row_user, row_tenant, model, provider), m in sorted(metrics.items()):
+                if user_id is not None and row_user != user_id:
+                    continue
+                if tenant is not None and row_tenant != tenant:
+                    continue
+                rows.append(
+                    SpendRow(
+                        day,
+                        row_user,
+                        row_tenant,
+                        model,
+                        provider,
+                        m.get("c", 0),
+                        m.get("i", 0),
+                        m.get("o", 0),
+                        m.get("n", 0),
+                    )
+                )
+        return rows
+
+    # -- rate windows --------------------------------------------------------------------------
+    def rate_hit(self, key: str, limit: int, window_us: int, now_us: int) -> RateHit:
+        member = f"{now_us}:{uuid.uuid4().hex[:12]}"  # requests in the same microsecond stay apart
+        with self._guard():
+            allowed, count, oldest = self._rate_hit(
+                keys=[self._k("rate", key)], args=[now_us, window_us, limit, member]
+            )
+        return RateHit(bool(allowed), _int(count), _int(oldest) if oldest else None)

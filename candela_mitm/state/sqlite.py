@@ -1,0 +1,454 @@
+"""SQLite state store: the embedded backend, exact across the threads and processes of one host."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from candela_mitm.errors import StoreUnavailable
+from candela_mitm.state.base import (
+    ActiveReservation,
+    DayTotals,
+    GrantRow,
+    NewReservation,
+    RateHit,
+    ReserveResult,
+    SettleResult,
+    SpendRow,
+    StateStore,
+    UserRecord,
+    plan_holds,
+    plan_settle,
+)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS users (
+        user_id TEXT PRIMARY KEY,
+        record TEXT NOT NULL,
+        deleted INTEGER NOT NULL DEFAULT 0
+    )""",
+    # One row per user and UTC day: every spend, the part drawn from grants, and the daily
+    # allowance held by active reservations. Kept as running totals so a reserve reads one row.
+    """CREATE TABLE IF NOT EXISTS days (
+        user_id TEXT NOT NULL,
+        day TEXT NOT NULL,
+        spent INTEGER NOT NULL DEFAULT 0,
+        from_grants INTEGER NOT NULL DEFAULT 0,
+        reserved INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (user_id, day)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS grants (
+        grant_id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        amount INTEGER NOT NULL,
+        used INTEGER NOT NULL DEFAULT 0,
+        held INTEGER NOT NULL DEFAULT 0,
+        expires_us INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        created_us INTEGER NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS grants_by_user ON grants (user_id, expires_us, grant_id)",
+    """CREATE TABLE IF NOT EXISTS reservations (
+        reservation_id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        day TEXT NOT NULL,
+        amount INTEGER NOT NULL,
+        budget INTEGER NOT NULL,
+        daily_hold INTEGER NOT NULL,
+        grant_holds TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        created_us INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        cost INTEGER,
+        finished_us INTEGER
+    )""",
+    """CREATE INDEX IF NOT EXISTS reservations_active ON reservations (created_us)
+        WHERE status = 'active'""",
+    """CREATE INDEX IF NOT EXISTS reservations_finished ON reservations (finished_us)
+        WHERE status != 'active'""",
+    """CREATE TABLE IF NOT EXISTS spend (
+        day TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        model TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        cost INTEGER NOT NULL,
+        tokens_in INTEGER NOT NULL,
+        tokens_out INTEGER NOT NULL,
+        requests INTEGER NOT NULL,
+        PRIMARY KEY (day, user_id, tenant, model, provider)
+    ) WITHOUT ROWID""",
+    "CREATE TABLE IF NOT EXISTS rate_log (key TEXT NOT NULL, ts INTEGER NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS rate_log_by_key ON rate_log (key, ts)",
+)
+
+
+class SqliteStateStore(StateStore):
+    """One database file shared by every thread (a connection each) and process (WAL).
+
+    Writes run in `BEGIN IMMEDIATE` transactions, so the check and the change of a reserve or a
+    rate hit happen under one write lock; a lock held past `busy_timeout_ms` fails closed.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], busy_timeout_ms: int = 2000):
+        self.path = Path(path).expanduser()
+        if str(path) == ":memory:":
+            raise ValueError(
+                "the SQLite state store needs a file: each thread has its own connection"
+            )
+        self._busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: list[sqlite3.Connection] = []
+        self._closed = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreUnavailable(f"SQLite state store {self.path}: {e.strerror or e}") from e
+        with self._tx() as c:
+            (version,) = c.execute("PRAGMA user_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise StoreUnavailable(
+                    f"SQLite state store {self.path} has schema {version}, newer than this "
+                    f"Candela ({SCHEMA_VERSION})"
+                )
+            for statement in _SCHEMA:
+                c.execute(statement)
+            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # -- connections and transactions ----------------------------------------------------------
+    def _unavailable(self, e: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(f"SQLite state store {self.path}: {e}")
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreUnavailable(f"SQLite state store {self.path} is closed")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        # A connection inherited through fork() must not be used by the child.
+        if conn is not None and self._local.pid == os.getpid():
+            return conn
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self._busy_timeout_ms / 1000,
+                isolation_level=None,  # transactions are explicit: BEGIN IMMEDIATE ... COMMIT
+                check_same_thread=False,  # only so that close() may close every thread's
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # WAL + NORMAL: a commit is durable against a crash of the process, not of the host
+            # (no fsync per commit); losing the last moments of counters to a power cut is
+            # acceptable, blocking every request on an fsync is not.
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.Error as e:
+            raise self._unavailable(e) from e
+        self._local.conn = conn
+        self._local.pid = os.getpid()
+        with self._lock:
+            self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        except sqlite3.Error as e:
+            raise self._unavailable(e) from e
+        try:
+            yield conn
+        except BaseException as e:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            if isinstance(e, sqlite3.Error):
+                raise self._unavailable(e) from e
+            raise
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise self._unavailable(e) from e
+
+    def ping(self) -> None:
+        with self._tx(write=False) as c:
+            c.execute("SELECT count(*) FROM users").fetchone()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            with suppress(sqlite3.Error):
+                conn.close()
+
+    # -- users ---------------------------------------------------------------------------------
+    def get_user(self, user_id: str, include_deleted: bool = False) -> UserRecord | None:
+        with self._tx(write=False) as c:
+            row = c.execute("SELECT record FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        if row is None:
+            return None
+        record = UserRecord.from_json(json.loads(row[0]))
+        return record if include_deleted or not record.deleted else None
+
+    def put_user(self, record: UserRecord) -> None:
+        data = json.dumps({**record.to_json(), "deleted": False, "deleted_at": None})
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO users (user_id, record, deleted) VALUES (?, ?, 0) "
+                "ON CONFLICT (user_id) DO UPDATE SET record = excluded.record, deleted = 0",
+                (record.user_id, data),
+            )
+
+    def delete_user(self, user_id: str, now_us: int) -> bool:
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT record FROM users WHERE user_id = ? AND deleted = 0", (user_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            data = {**json.loads(row[0]), "deleted": True, "deleted_at": now_us}
+            c.execute(
+                "UPDATE users SET record = ?, deleted = 1 WHERE user_id = ?",
+                (json.dumps(data), user_id),
+            )
+            return True
+
+    def list_users(self, include_deleted: bool = False) -> list[UserRecord]:
+        query = "SELECT record FROM users"
+        if not include_deleted:
+            query += " WHERE deleted = 0"
+        with self._tx(write=False) as c:
+            rows = c.execute(query + " ORDER BY user_id").fetchall()
+        return [UserRecord.from_json(json.loads(r[0])) for r in rows]
+
+    # -- ledger --------------------------------------------------------------------------------
+    @staticmethod
+    def _day_row(c: sqlite3.Connection, user_id: str, day: str) -> tuple[int, int, int]:
+        row = c.execute(
+            "SELECT spent, from_grants, reserved FROM days WHERE user_id = ? AND day = ?",
+            (user_id, day),
+        ).fetchone()
+        return (row[0], row[1], row[2]) if row else (0, 0, 0)
+
+    def reserve(self, new: NewReservation) -> ReserveResult:
+        with self._tx() as c:
+            spent, from_grants, reserved = self._day_row(c, new.user_id, new.day)
+            grants = c.execute(
+                "SELECT grant_id, amount - used - held FROM grants "
+                "WHERE user_id = ? AND expires_us > ? ORDER BY expires_us, grant_id",
+                (new.user_id, new.now_us),
+            ).fetchall()
+            daily_free = new.budget - (spent - from_grants) - reserved
+            grants_free = sum(max(0, free) for _, free in grants)
+            plan = plan_holds(new.amount, daily_free, grants)
+            if plan is None:
+                return ReserveResult(False, 0, {}, spent, from_grants, reserved, grants_free)
+            daily, holds = plan
+            if daily:
+                c.execute(
+                    "INSERT INTO days (user_id, day, reserved) VALUES (?, ?, ?) "
+                    "ON CONFLICT (user_id, day) DO UPDATE SET reserved = reserved + excluded.reserved",
+                    (new.user_id, new.day, daily),
+                )
+            for grant_id, take in holds.items():
+                c.execute("UPDATE grants SET held = held + ? WHERE grant_id = ?", (take, grant_id))
+            c.execute(
+                "INSERT INTO reservations (reservation_id, user_id, tenant, day, amount, budget, "
+                "daily_hold, grant_holds, request_id, owner, created_us, status) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active')",
+                (
+                    new.reservation_id,
+                    new.user_id,
+                    new.tenant,
+                    new.day,
+                    new.amount,
+                    new.budget,
+                    daily,
+                    json.dumps(holds),
+                    new.request_id,
+                    new.owner,
+                    new.now_us,
+                ),
+            )
+            return ReserveResult(True, daily, holds, spent, from_grants, reserved, grants_free)
+
+    def settle(
+        self,
+        reservation_id: str,
+        cost: int,
+        tokens_in: int,
+        tokens_out: int,
+        model: str,
+        provider: str,
+        now_us: int,
+    ) -> SettleResult:
+        with self._tx() as c:
+            r = c.execute(
+                "SELECT user_id, tenant, day, budget, daily_hold, grant_holds, status "
+                "FROM reservations WHERE reservation_id = ?",
+                (reservation_id,),
+            ).fetchone()
+            if r is None or r[6] not in ("active", "reclaimed"):
+                return SettleResult(False)
+            user_id, tenant, day, budget = r[0], r[1], r[2], r[3]
+            # A reclaimed reservation gave its holds back already; its spend still counts.
+            active = r[6] == "active"
+            own_daily: int = r[4] if active else 0
+            own: dict[str, int] = json.loads(r[5]) if active else {}
+            spent, from_grants, reserved = self._day_row(c, user_id, day)
+            daily_free = budget - (spent - from_grants) - (reserved - own_daily)
+            marks = ",".join("?" * len(own))
+            grants = c.execute(
+                "SELECT grant_id, amount - used - held FROM grants WHERE user_id = ? AND "
+                f"(expires_us > ? OR grant_id IN ({marks})) ORDER BY expires_us, grant_id",
+                (user_id, now_us, *own),
+            ).fetchall()
+            # the reservation's own holds are available to it
+            grants = [(gid, free + own.get(gid, 0)) for gid, free in grants]
+            daily, draws = plan_settle(cost, daily_free, grants)
+            drawn = sum(draws.values())
+            c.execute(
+                "INSERT INTO days (user_id, day, spent, from_grants, reserved) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (user_id, day) DO UPDATE SET spent = spent + excluded.spent, "
+                "from_grants = from_grants + excluded.from_grants, "
+                "reserved = reserved + excluded.reserved",
+                (user_id, day, cost, drawn, -own_daily),
+            )
+            for grant_id in own.keys() | draws.keys():
+                c.execute(
+                    "UPDATE grants SET used = used + ?, held = held - ? WHERE grant_id = ?",
+                    (draws.get(grant_id, 0), own.get(grant_id, 0), grant_id),
+                )
+            c.execute(
+                "UPDATE reservations SET status = 'settled', cost = ?, finished_us = ? "
+                "WHERE reservation_id = ?",
+                (cost, now_us, reservation_id),
+            )
+            c.execute(
+                "INSERT INTO spend (day, user_id, tenant, model, provider, cost, tokens_in, "
+                "tokens_out, requests) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) "
+                "ON CONFLICT (day, user_id, tenant, model, provider) DO UPDATE SET "
+                "cost = cost + excluded.cost, tokens_in = tokens_in + excluded.tokens_in, "
+                "tokens_out = tokens_out + excluded.tokens_out, requests = requests + 1",
+                (day, user_id, tenant, model, provider, cost, tokens_in, tokens_out),
+            )
+            return SettleResult(True, cost, daily, draws)
+
+    def release(self, reservation_id: str, now_us: int, reclaim: bool = False) -> bool:
+        with self._tx() as c:
+            r = c.execute(
+                "SELECT user_id, day, daily_hold, grant_holds, status FROM reservations "
+                "WHERE reservation_id = ?",
+                (reservation_id,),
+            ).fetchone()
+            if r is None or r[4] != "active":
+                return False
+            if r[2]:
+                c.execute(
+                    "UPDATE days SET reserved = reserved - ? WHERE user_id = ? AND day = ?",
+                    (r[2], r[0], r[1]),
+                )
+            for grant_id, hold in json.loads(r[3]).items():
+                c.execute("UPDATE grants SET held = held - ? WHERE grant_id = ?", (hold, grant_id))
+            c.execute(
+                "UPDATE reservations SET status = ?, finished_us = ? WHERE reservation_id = ?",
+                ("reclaimed" if reclaim else "released", now_us, reservation_id),
+            )
+            return True
+
+    def active_reservations(self) -> list[ActiveReservation]:
+        with self._tx(write=False) as c:
+            rows = c.execute(
+                "SELECT reservation_id, owner, created_us FROM reservations "
+                "WHERE status = 'active' ORDER BY created_us"
+            ).fetchall()
+        return [ActiveReservation(*r) for r in rows]
+
+    def purge_finished(self, before_us: int) -> int:
+        with self._tx() as c:
+            cur = c.execute(
+                "DELETE FROM reservations WHERE status != 'active' AND finished_us < ?",
+                (before_us,),
+            )
+            return cur.rowcount
+
+    def add_grant(self, grant: GrantRow) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO grants (grant_id, user_id, amount, used, held, expires_us, reason, "
+                "actor, created_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    grant.grant_id,
+                    grant.user_id,
+                    grant.amount,
+                    grant.used,
+                    grant.held,
+                    grant.expires_us,
+                    grant.reason,
+                    grant.actor,
+                    grant.created_us,
+                ),
+            )
+
+    def grants(self, user_id: str) -> list[GrantRow]:
+        with self._tx(write=False) as c:
+            rows = c.execute(
+                "SELECT grant_id, user_id, amount, used, held, expires_us, reason, actor, "
+                "created_us FROM grants WHERE user_id = ? ORDER BY expires_us, grant_id",
+                (user_id,),
+            ).fetchall()
+        return [GrantRow(*r) for r in rows]
+
+    def day_totals(self, user_id: str, day: str) -> DayTotals:
+        with self._tx(write=False) as c:
+            return DayTotals(*self._day_row(c, user_id, day))
+
+    def spend_rows(
+        self,
+        since_day: str | None = None,
+        until_day: str | None = None,
+        user_id: str | None = None,
+        tenant: str | None = None,
+    ) -> list[SpendRow]:
+        where, args = [], []
+        for clause, value in (
+            ("day >= ?", since_day),
+            ("day <= ?", until_day),
+            ("user_id = ?", user_id),
+            ("tenant = ?", tenant),
+        ):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        query = (
+            "SELECT day, user_id, tenant, model, provider, cost, tokens_in, tokens_out, requests "
+            "FROM spend"
+        )
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        with self._tx(write=False) as c:
+            rows = c.execute(query + " ORDER BY day, user_id, tenant, model, provider", args)
+            return [SpendRow(*r) for r in rows.fetchall()]
+
+    # -- rate windows --------------------------------------------------------------------------
+    def rate_hit(self, key: str, limit: int, window_us: int, now_us: int) -> RateHit:
+        with self._tx() as c:
+            c.execute("DELETE FROM rate_log WHERE key = ? AND ts <= ?", (key, now_us - window_us))
+            count, oldest = c.execute(
+                "SELECT count(*), min(ts) FROM rate_log WHERE key = ?", (key,)
+            ).fetchone()
+            if count >= limit:
+                return RateHit(False, count, oldest)
+            c.execute("INSERT INTO rate_log (key, ts) VALUES (?, ?)", (key, now_us))
+            return RateHit(True, count + 1, now_us if oldest is None else min(oldest, now_us))

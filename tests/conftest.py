@@ -1,0 +1,144 @@
+"""Shared fixtures: a real redis-server on loopback, and state stores of every backend."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from candela_mitm.config import State
+from candela_mitm.state import StateStore, open_state_store
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A throwaway redis-server: loopback only, no persistence, its files in `workdir`."""
+
+    def __init__(self, binary: str, workdir: Path):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._log = (workdir / "redis.log").open("wb")
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(workdir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not start; see {workdir / 'redis.log'}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def redis_binary() -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One redis-server for the session; tests keep apart through key prefixes."""
+    server = RedisServer(redis_binary, tmp_path_factory.mktemp("redis"))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def redis_server_factory(redis_binary: str, tmp_path: Path) -> Iterator[Callable[[], RedisServer]]:
+    """Own servers for tests that stop them; every one is stopped at teardown."""
+    servers: list[RedisServer] = []
+
+    def start() -> RedisServer:
+        server = RedisServer(redis_binary, tmp_path / f"redis-{len(servers)}")
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@dataclass
+class StoreBackend:
+    """How to open (again, from any thread or process) the store one test works on."""
+
+    name: str
+    cfg: State
+    prefix: str = "candela:"
+    opened: list[StateStore] = field(default_factory=list)
+
+    def open(self) -> StateStore:
+        store = open_state_store(self.cfg, redis_prefix=self.prefix)
+        self.opened.append(store)
+        return store
+
+    def close_all(self) -> None:
+        for store in self.opened:
+            store.close()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreBackend]:
+    """Each contract test runs against the embedded and the shared backend."""
+    if request.param == "sqlite":
+        b = StoreBackend("sqlite", State(backend="sqlite", sqlite_path=str(tmp_path / "state.db")))
+    else:
+        url = request.getfixturevalue("redis_url")
+        b = StoreBackend(
+            "redis",
+            State(backend="redis", redis_url=url),
+            prefix=f"candela-test-{uuid.uuid4().hex[:12]}:",
+        )
+    yield b
+    b.close_all()
+
+
+@pytest.fixture
+def store(backend: StoreBackend) -> StateStore:
+    return backend.open()

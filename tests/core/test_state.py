@@ -1,0 +1,378 @@
+"""State store contract (both backends), the factory, and fail-closed behaviour."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import threading
+import time
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from candela_mitm.config import State
+from candela_mitm.errors import StoreUnavailable
+from candela_mitm.state import open_state_store
+from candela_mitm.state.base import (
+    GrantRow,
+    NewReservation,
+    StateStore,
+    UserRecord,
+    day_of,
+    from_us,
+    next_utc_midnight,
+    plan_holds,
+    plan_settle,
+    rfc3339,
+    to_us,
+    usd_to_nano,
+)
+from candela_mitm.state.redis import RedisStateStore
+from candela_mitm.state.sqlite import SqliteStateStore
+
+T0 = datetime(2026, 5, 17, 12, 0, tzinfo=UTC)
+T0_US = to_us(T0)
+
+
+def alice(**changes: object) -> UserRecord:
+    fields: dict[str, object] = {
+        "user_id": "alice@example.com",
+        "role": "developer",
+        "tenants": ("research-team", "ops"),
+        "daily_budget_usd": 20.0,
+        "requests_per_minute": 120,
+        **changes,
+    }
+    return UserRecord(**fields)  # type: ignore[arg-type]
+
+
+def new_reservation(
+    rid: str, amount: int, budget: int = 10_000, now_us: int = T0_US
+) -> NewReservation:
+    return NewReservation(rid, "u", "t", "2026-05-17", amount, budget, "req", "host:1", now_us)
+
+
+# -- pure planning -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("amount", "daily_free", "grants", "expected"),
+    [
+        (5, 10, [], (5, {})),
+        (10, 10, [], (10, {})),
+        (11, 10, [], None),
+        (12, 10, [("a", 1), ("b", 5)], (10, {"a": 1, "b": 1})),
+        (3, 0, [("a", 2), ("b", 5)], (0, {"a": 2, "b": 1})),
+        # today's overspend eats into the grants: 6 spendable, not 8
+        (7, -2, [("a", 8)], None),
+        (6, -2, [("a", 8)], (0, {"a": 6})),
+        (2, 5, [("a", -1), ("b", 3)], (2, {})),  # a grant overdrawn by holds gives nothing
+        (0, -100, [], (0, {})),  # nothing costs nothing, whatever the state
+    ],
+)
+def test_plan_holds(
+    amount: int,
+    daily_free: int,
+    grants: list[tuple[str, int]],
+    expected: tuple[int, dict[str, int]] | None,
+) -> None:
+    assert plan_holds(amount, daily_free, grants) == expected
+
+
+@pytest.mark.parametrize(
+    ("cost", "daily_free", "grants", "expected"),
+    [
+        (4, 10, [("a", 5)], (4, {})),
+        (13, 10, [("a", 5)], (10, {"a": 3})),
+        (20, 10, [("a", 5), ("b", 2)], (13, {"a": 5, "b": 2})),  # the rest overdraws the day
+        (3, -1, [("a", 5)], (0, {"a": 3})),
+        (0, 10, [("a", 5)], (0, {})),
+    ],
+)
+def test_plan_settle(
+    cost: int, daily_free: int, grants: list[tuple[str, int]], expected: tuple[int, dict[str, int]]
+) -> None:
+    assert plan_settle(cost, daily_free, grants) == expected
+
+
+# -- users -------------------------------------------------------------------------------------
+
+
+def test_users_crud(store: StateStore) -> None:
+    assert store.get_user("alice@example.com") is None
+    assert store.list_users() == []
+
+    store.put_user(alice(updated_at=T0))
+    got = store.get_user("alice@example.com")
+    assert got == alice(updated_at=T0)
+    assert got is not None and got.tenants == ("research-team", "ops")
+
+    store.put_user(alice(daily_budget_usd=5.5, requests_per_minute=None, role="admin"))
+    store.put_user(UserRecord("bob@example.com"))
+    assert [u.user_id for u in store.list_users()] == ["alice@example.com", "bob@example.com"]
+    changed = store.get_user("alice@example.com")
+    assert changed is not None
+    assert (changed.daily_budget_usd, changed.requests_per_minute, changed.role) == (
+        5.5,
+        None,
+        "admin",
+    )
+
+    assert store.delete_user("alice@example.com", T0_US) is True
+    assert store.delete_user("alice@example.com", T0_US) is False  # already gone
+    assert store.delete_user("nobody@example.com", T0_US) is False
+    assert store.get_user("alice@example.com") is None
+    deleted = store.get_user("alice@example.com", include_deleted=True)
+    assert deleted is not None and deleted.deleted and deleted.deleted_at == T0
+    assert [u.user_id for u in store.list_users()] == ["bob@example.com"]
+    assert [u.user_id for u in store.list_users(include_deleted=True)] == [
+        "alice@example.com",
+        "bob@example.com",
+    ]
+
+    store.put_user(alice())  # the admin API creating the user again revives it
+    revived = store.get_user("alice@example.com")
+    assert revived is not None and not revived.deleted and revived.deleted_at is None
+
+
+def test_users_are_shared_between_clients(backend: Any) -> None:
+    a, b = backend.open(), backend.open()
+    a.put_user(alice())
+    assert b.get_user("alice@example.com") == alice()
+
+
+# -- ledger primitives -------------------------------------------------------------------------
+
+
+def test_reserve_settle_release_totals(store: StateStore) -> None:
+    ok = store.reserve(new_reservation("r1", 4_000))
+    assert ok.ok and ok.daily_hold == 4_000 and ok.grant_holds == {}
+    assert store.day_totals("u", "2026-05-17").reserved == 4_000
+    assert [a.reservation_id for a in store.active_reservations()] == ["r1"]
+    assert store.active_reservations()[0].owner == "host:1"
+    assert store.active_reservations()[0].created_us == T0_US
+
+    refused = store.reserve(new_reservation("r2", 6_001))
+    assert not refused.ok
+    assert (refused.spent, refused.reserved, refused.grants_free) == (0, 4_000, 0)
+
+    settled = store.settle("r1", 5_000, 10, 20, "gpt-4o", "openai", T0_US + 1)
+    assert settled.applied and settled.from_allowance == 5_000
+    totals = store.day_totals("u", "2026-05-17")
+    assert (totals.spent, totals.from_grants, totals.reserved) == (5_000, 0, 0)
+    assert store.active_reservations() == []
+    assert not store.settle("r1", 5_000, 10, 20, "gpt-4o", "openai", T0_US + 2).applied
+    assert not store.release("r1", T0_US + 2)
+    assert not store.settle("missing", 1, 0, 0, "m", "p", T0_US).applied
+    assert not store.release("missing", T0_US)
+
+    assert store.reserve(new_reservation("r3", 5_000)).ok
+    assert store.release("r3", T0_US + 3)
+    assert not store.release("r3", T0_US + 4)
+    assert store.day_totals("u", "2026-05-17").reserved == 0
+
+    rows = store.spend_rows()
+    assert [(r.day, r.user_id, r.tenant, r.model, r.provider) for r in rows] == [
+        ("2026-05-17", "u", "t", "gpt-4o", "openai")
+    ]
+    assert (rows[0].cost, rows[0].tokens_in, rows[0].tokens_out, rows[0].requests) == (
+        5_000,
+        10,
+        20,
+        1,
+    )
+
+
+def test_grants_round_trip(store: StateStore) -> None:
+    later = GrantRow("g2", "u", 500, 0, 0, T0_US + 7_200_000_000, "late", "admin@x", T0_US)
+    sooner = GrantRow("g1", "u", 300, 0, 0, T0_US + 3_600_000_000, "soon", "admin@x", T0_US)
+    store.add_grant(later)
+    store.add_grant(sooner)
+    store.add_grant(GrantRow("g3", "other", 1, 0, 0, T0_US + 1, "x", "y", T0_US))
+    assert store.grants("u") == [sooner, later]
+    assert store.grants("nobody") == []
+
+
+def test_reclaimed_reservation_still_settles(store: StateStore) -> None:
+    assert store.reserve(new_reservation("r1", 4_000)).ok
+    assert store.release("r1", T0_US + 1, reclaim=True)
+    assert store.day_totals("u", "2026-05-17").reserved == 0
+    assert not store.release("r1", T0_US + 2)  # not twice
+    settled = store.settle("r1", 3_000, 1, 1, "m", "p", T0_US + 3)
+    assert settled.applied and settled.cost == 3_000
+    assert store.day_totals("u", "2026-05-17") == type(store.day_totals("u", "x"))(3_000, 0, 0)
+    assert not store.settle("r1", 3_000, 1, 1, "m", "p", T0_US + 4).applied
+
+
+def test_purge_finished(store: StateStore) -> None:
+    for rid in ("old", "new", "open"):
+        assert store.reserve(new_reservation(rid, 1)).ok
+    store.settle("old", 1, 0, 0, "m", "p", T0_US + 10)
+    store.release("new", T0_US + 20)
+    assert store.purge_finished(T0_US + 15) == 1
+    # a purged reservation is forgotten: settling it again does nothing
+    assert not store.settle("old", 1, 0, 0, "m", "p", T0_US + 30).applied
+    assert [a.reservation_id for a in store.active_reservations()] == ["open"]
+    assert store.purge_finished(T0_US + 100) == 1  # "new"; "open" is still active
+
+
+def test_spend_rows_filters(store: StateStore) -> None:
+    for i, (user, tenant, day) in enumerate(
+        [("u", "t1", "2026-05-15"), ("u", "t2", "2026-05-16"), ("v", "t1", "2026-05-17")]
+    ):
+        when = to_us(datetime.fromisoformat(day + "T10:00:00+00:00"))
+        new = NewReservation(f"r{i}", user, tenant, day, 1, 100, "q", "o", when)
+        assert store.reserve(new).ok
+        store.settle(f"r{i}", 10 * (i + 1), 1, 2, "m", "p", when)
+    assert [r.cost for r in store.spend_rows()] == [10, 20, 30]
+    assert [r.cost for r in store.spend_rows(since_day="2026-05-16")] == [20, 30]
+    assert [r.cost for r in store.spend_rows(until_day="2026-05-16")] == [10, 20]
+    assert [r.cost for r in store.spend_rows("2026-05-16", "2026-05-16")] == [20]
+    assert [r.cost for r in store.spend_rows(user_id="u")] == [10, 20]
+    assert [r.cost for r in store.spend_rows(tenant="t1")] == [10, 30]
+    assert store.spend_rows(user_id="nobody") == []
+
+
+def test_rate_hit_sliding_log(store: StateStore) -> None:
+    window = 60_000_000
+    assert [store.rate_hit("k", 2, window, T0_US + i).allowed for i in range(3)] == [
+        True,
+        True,
+        False,
+    ]
+    denied = store.rate_hit("k", 2, window, T0_US + 10)
+    assert (denied.allowed, denied.count, denied.oldest_us) == (False, 2, T0_US)
+    assert store.rate_hit("other", 2, window, T0_US + 10).allowed  # keys are apart
+    # the first entry leaves the window exactly `window` after it was counted
+    assert not store.rate_hit("k", 2, window, T0_US + window - 1).allowed
+    hit = store.rate_hit("k", 2, window, T0_US + window)
+    assert (hit.allowed, hit.count, hit.oldest_us) == (True, 2, T0_US + 1)
+
+
+# -- factory and failures ----------------------------------------------------------------------
+
+
+def test_open_state_store_sqlite(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "dir" / "state.db"
+    with open_state_store(State(sqlite_path=str(path), busy_timeout_ms=500)) as store:
+        assert isinstance(store, SqliteStateStore)
+        store.ping()
+    assert path.exists()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_open_state_store_redis(redis_url: str) -> None:
+    with open_state_store(State(backend="redis", redis_url=redis_url)) as store:
+        assert isinstance(store, RedisStateStore)
+        store.ping()
+
+
+def test_sqlite_connection_per_thread_sees_the_same_data(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path / "s.db")
+    store.put_user(alice())
+    seen: list[UserRecord | None] = []
+    t = threading.Thread(target=lambda: seen.append(store.get_user("alice@example.com")))
+    t.start()
+    t.join()
+    assert seen == [alice()]
+    store.close()
+    with pytest.raises(StoreUnavailable):
+        store.get_user("alice@example.com")
+
+
+def test_sqlite_unusable_paths(tmp_path: Path) -> None:
+    a_file = tmp_path / "plain-file"
+    a_file.write_text("not a directory")
+    with pytest.raises(StoreUnavailable, match="plain-file"):
+        SqliteStateStore(a_file / "state.db")
+    with pytest.raises(StoreUnavailable):
+        SqliteStateStore(tmp_path)  # a directory, not a database file
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not an SQLite database" * 100)
+    with pytest.raises(StoreUnavailable, match="not a database"):
+        SqliteStateStore(garbage)
+
+
+def test_sqlite_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    SqliteStateStore(path).close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("PRAGMA user_version = 99")
+    with pytest.raises(StoreUnavailable, match="schema 99"):
+        SqliteStateStore(path)
+
+
+def test_sqlite_locked_past_busy_timeout_fails_closed(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = SqliteStateStore(path, busy_timeout_ms=150)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+    try:
+        for op in (
+            lambda: store.reserve(new_reservation("r1", 1)),
+            lambda: store.rate_hit("k", 5, 60_000_000, T0_US),
+            lambda: store.put_user(alice()),
+        ):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="locked"):
+                op()
+            assert 0.1 <= time.monotonic() - started < 2.0
+        # readers are not blocked by a writer under WAL
+        assert store.get_user("alice@example.com") is None
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert store.reserve(new_reservation("r1", 1)).ok  # usable again once the lock is gone
+    store.close()
+
+
+def test_redis_unreachable_at_open() -> None:
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = State(backend="redis", redis_url=f"redis://127.0.0.1:{port}/0", busy_timeout_ms=500)
+    with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{port}"):
+        open_state_store(cfg)
+    with pytest.raises(StoreUnavailable) as raised:
+        RedisStateStore(f"redis://user:s3cret@127.0.0.1:{port}/0", timeout_ms=500)
+    assert "s3cret" not in str(raised.value)
+
+
+def test_redis_down_fails_closed(redis_server_factory: Any) -> None:
+    server = redis_server_factory()
+    store = RedisStateStore(server.url, timeout_ms=500)
+    store.put_user(alice())
+    assert store.reserve(new_reservation("r1", 1)).ok
+    server.stop()
+    for op in (
+        lambda: store.get_user("alice@example.com"),
+        lambda: store.reserve(new_reservation("r2", 1)),
+        lambda: store.settle("r1", 1, 0, 0, "m", "p", T0_US),
+        lambda: store.release("r1", T0_US),
+        lambda: store.rate_hit("k", 5, 60_000_000, T0_US),
+        lambda: store.spend_rows(),
+        store.ping,
+    ):
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            op()
+        assert time.monotonic() - started < 2.0
+
+
+def test_time_and_money_helpers() -> None:
+    assert from_us(to_us(T0)) == T0
+    assert to_us(datetime(1970, 1, 1, 0, 0, 1)) == 1_000_000  # naive means UTC
+    assert rfc3339(datetime(2026, 5, 17, 23, 59, 59, 999_999)) == "2026-05-17T23:59:59Z"
+    east = timezone(timedelta(hours=2))
+    assert day_of(datetime(2026, 5, 18, 1, 0, tzinfo=east)) == "2026-05-17"
+    assert next_utc_midnight(datetime(2026, 12, 31, 23, 0, tzinfo=UTC)) == datetime(
+        2027, 1, 1, tzinfo=UTC
+    )
+    assert sum(usd_to_nano(0.1) for _ in range(7)) == usd_to_nano(0.7)
+
+
+def test_user_record_tenants_are_a_tuple() -> None:
+    assert UserRecord("u", tenants=["a", "b"]).tenants == ("a", "b")  # type: ignore[arg-type]
