@@ -30,7 +30,7 @@ sdk:
 run: $(STAMP)
 	$(VENV)/bin/candela-server $(if $(CONFIG),--config $(CONFIG))
 
-test: system sdk
+test: system sdk lint
 	CANDELA_REQUIRE_PRIVILEGED=1 $(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)

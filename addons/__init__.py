@@ -10,6 +10,7 @@ from candela_mitm.runtime import Runtime
 def pipeline(rt: Runtime) -> list[Any]:
     """The request path, in order: read this list to learn what happens to a request."""
     from .accounting import Accounting
+    from .admin import Admin
     from .audit import Audit
     from .auth import Auth
     from .budget import Budget
@@ -26,6 +27,7 @@ def pipeline(rt: Runtime) -> list[Any]:
         Health(),  # /healthz, before authentication
         Metrics(rt),  # /metrics; request counters at the end
         Auth(rt),  # principal (401) and tenant (403 tenant_not_allowed)
+        Admin(rt),  # /admin/v1 (admin-api.md): admin-only routes 403 for developers
         ModelPolicy(rt),  # 403 model_not_allowed, audited allowed or denied (spec 002)
         RateLimit(rt),  # 429 rate_limited
         Budget(rt),  # 402 budget_exceeded / model_price_unknown; reserve, then settle

@@ -8,7 +8,7 @@ from mitmproxy import http
 
 from candela_mitm.accounting import account
 from candela_mitm.runtime import Runtime
-from candela_mitm.streaming import make_processor
+from candela_mitm.streaming import ResponseProcessor, is_stream, make_processor
 
 from .flowstate import ctx_of, trace_headers
 
@@ -28,15 +28,31 @@ class Accounting:
         c.first_byte_at = time.monotonic()
         resp = flow.response
         c.status_code = resp.status_code
-        proc = make_processor(
-            c.plan, resp.status_code, resp.headers.get("content-type"), resp.headers
-        )
+        ctype = resp.headers.get("content-type", "")
+        proc = make_processor(c.plan, resp.status_code, ctype, resp.headers)
         c.processor = proc
         if c.plan.translate:
-            # the body changes shape: its length is unknown until it has passed
-            resp.headers.pop("content-length", None)
             resp.headers.pop("content-encoding", None)
-        resp.stream = proc
+        if is_stream(ctype, c.plan.stream, resp.status_code):
+            # Streams pass through as they arrive. Without a length the body ends with the chunked
+            # terminator, sent only after the response hooks: after the audit entry is durable.
+            resp.headers.pop("content-length", None)
+            resp.stream = proc
+        else:
+            # A JSON answer is read whole (it comes at once anyway), so every hook sees it before
+            # the client gets a byte.
+            c.feed_pending = lambda: self._feed_buffered(flow, proc)
+
+    @staticmethod
+    def _feed_buffered(flow: http.HTTPFlow, proc: ResponseProcessor) -> None:
+        resp = flow.response
+        if resp is None:
+            return
+        body = resp.raw_content or b""
+        out = proc.feed(body) + proc.finish() if body else proc.finish()
+        c = ctx_of(flow)
+        if c is not None and c.plan is not None and c.plan.translate:
+            resp.content = out
 
     def response(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)

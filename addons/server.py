@@ -47,7 +47,7 @@ def _json_error_response(status_code: int, message: str = "") -> bytes:
 
 
 def install_json_errors() -> None:
-    _http1.make_error_response = _json_error_response  # type: ignore[assignment]
+    _http1.make_error_response = _json_error_response
 
 
 def proxy_options(rt: Runtime, host: str, port: int) -> dict[str, object]:

@@ -125,8 +125,8 @@ class Upstream:
                 f"x-candela-span-id: {c.span_id}\r\nx-candela-trace-id: {c.trace.trace_id}\r\n\r\n"
             ).encode()
             try:
-                client_io.writer.write(head + body)  # type: ignore[union-attr]
-                client_io.writer.close()  # type: ignore[union-attr]
+                client_io.writer.write(head + body)
+                client_io.writer.close()
             except Exception:
                 log.debug("client gone before the 504 could be written")
         if server_io is not None and server_io.handler is not None:

@@ -11,6 +11,9 @@ def account(ctx: RequestContext, pricing: PricingTable, unknown_price: str = "de
     if ctx.finished:
         return
     ctx.finished = True
+    if ctx.feed_pending is not None:
+        feed, ctx.feed_pending = ctx.feed_pending, None
+        feed()
     if ctx.processor is not None:
         ctx.usage = ctx.processor.usage
     plan = ctx.plan
@@ -18,4 +21,6 @@ def account(ctx: RequestContext, pricing: PricingTable, unknown_price: str = "de
         ctx.cost_usd = 0.0
         return
     price = pricing.get(plan.model)
-    ctx.cost_usd = price.cost(ctx.usage) if price is not None else 0.0
+    # a multiplier fixed when the request was planned (local mode's Gemini context-cache price)
+    multiplier = plan.notes.get("cached_multiplier")
+    ctx.cost_usd = price.cost(ctx.usage, cached_multiplier=multiplier) if price is not None else 0.0

@@ -57,8 +57,32 @@ def server_main(argv: Sequence[str] | None = None) -> int:
     return _serve(sys.argv[1:] if argv is None else argv, "server", "candela-server")
 
 
+# `candela <subcommand> ...`: each lives in the module named after its concept, as `main(argv)`.
+SUBCOMMANDS = {
+    "audit": "candela_mitm.audit.cli:audit_main",
+    "ca": "candela_mitm.ca:main",
+    "run": "candela_mitm.sandbox:main",
+    "enforce": "candela_mitm.enforce:main",
+    "doctor": "candela_mitm.doctor:main",
+}
+
+
+def _dispatch(name: str, argv: list[str]) -> int:
+    import importlib
+
+    module, _, func = SUBCOMMANDS[name].partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        print(f"candela {name}: not available in this build ({e})", file=sys.stderr)
+        return 2
+    return int(fn(argv) or 0)
+
+
 def local_main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SUBCOMMANDS:
+        return _dispatch(args[0], args[1:])
     if args and args[0] == "serve":
         args = args[1:]
     return _serve(args, "local", "candela")

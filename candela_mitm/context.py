@@ -35,6 +35,7 @@ class RequestContext:
     forwarded: bool = False
     first_byte_at: float | None = None
     processor: Any = None  # streaming.ResponseProcessor on proxied responses
+    feed_pending: Any = None  # a whole (unstreamed) body still to run through the processor
     usage: Usage = field(default_factory=Usage)
     cost_usd: float = 0.0
     finished: bool = False  # accounting done (response or error), exactly once

@@ -103,6 +103,26 @@ class Translated(ResponseProcessor):
         return self._t.usage
 
 
+_STREAM_TYPES = (
+    "text/event-stream",
+    "application/x-ndjson",
+    "application/jsonl",
+    "application/vnd.amazon.eventstream",
+)
+
+
+def is_stream(content_type: str, requested_stream: bool, status: int) -> bool:
+    """Is this response a stream to pass through as it arrives (rather than one JSON body)?
+
+    Streaming types always are; so is any successful answer to a streaming request (Gemini's
+    JSON-array stream). An error answer to a streaming request is one JSON body.
+    """
+    ct = content_type.lower()
+    if any(t in ct for t in _STREAM_TYPES):
+        return True
+    return requested_stream and status < 400
+
+
 def make_processor(
     plan: ForwardPlan, status: int, content_type: str | None, headers: Mapping[str, str]
 ) -> ResponseProcessor:

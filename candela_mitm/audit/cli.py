@@ -153,11 +153,3 @@ def audit_main(argv: list[str]) -> int:
         return EXIT_USAGE
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
-
-
-def main() -> None:
-    sys.exit(audit_main(sys.argv[1:]))
-
-
-if __name__ == "__main__":
-    main()

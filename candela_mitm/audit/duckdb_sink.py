@@ -58,7 +58,7 @@ class DuckDBMirror:
 
     name = "duckdb"
     batch_max = 50_000
-    min_interval_s = 0.0
+    min_interval_s = 0.2  # group small commits: each DuckDB commit costs more than an append
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()

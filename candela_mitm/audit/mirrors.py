@@ -107,6 +107,7 @@ class MirrorFeeder:
         self._deadline: float | None = None
         self._last_write = 0.0
         self._phase = "open"
+        self._due_in = poll_s
         self._thread = threading.Thread(
             target=self._run, name=f"candela-audit-{mirror.name}", daemon=True
         )
@@ -210,7 +211,8 @@ class MirrorFeeder:
                 if stopping and not progressed:
                     return
                 if not progressed:
-                    self._wake.wait(self.poll_s)
+                    self._wake.wait(min(self.poll_s, self._due_in))
+                    self._due_in = self.poll_s
         except Exception as e:  # the read connection itself: count it, the writer carries on
             self.errors += 1
             self.failing = True
@@ -243,7 +245,9 @@ class MirrorFeeder:
             self.failing = False
             return False
         if not stopping and lag < self.mirror.batch_max and self.mirror.min_interval_s > 0:
-            if time.monotonic() - self._last_write < self.mirror.min_interval_s:
+            due_in = self._last_write + self.mirror.min_interval_s - time.monotonic()
+            if due_in > 0:
+                self._due_in = due_in
                 return False
         self._phase = "write"
         rows = read_rows(conn, self.mirrored_seq, self.mirror.batch_max)

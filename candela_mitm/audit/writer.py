@@ -215,9 +215,10 @@ class AuditWriter:
                 self._wake.set()
                 self._thread.join(5.0)
                 drained = False
-        elif self._queue:
+        # Entries left here were queued too late (a record() racing close) or never had a writer.
+        if self._queue and (self._thread is None or not self._thread.is_alive()):
             drained = False
-            self._fail_all(list(self._queue), "the audit writer was never started")
+            self._fail_all(list(self._queue), "the audit writer closed before writing the entry")
             self._queue.clear()
         deadline = None if timeout is None else time.monotonic() + timeout
         for feeder in self._feeders:
@@ -334,17 +335,30 @@ class AuditWriter:
     def _run(self) -> None:
         conn = self._conn
         assert conn is not None
+        items: list[_Item] = []
         try:
             while True:
-                items = self._take_batch()
-                if items is None:
+                items = self._take_batch() or []
+                if not items:
                     return
                 if not self._commit(conn, items):
-                    rest = items + list(self._queue)
-                    self._queue.clear()
-                    self._fail_all(rest, "the audit ledger could not be written before close")
+                    self._fail_all(items, "the audit ledger could not be written before close")
+                    items = []
                     return
+        except (
+            BaseException
+        ) as e:  # a bug, not a store failure: refuse further entries (fail closed)
+            self._closed = True
+            self.healthy = False
+            self.last_error = f"writer thread died: {type(e).__name__}: {e}"
+            log.exception("audit: writer thread died")
+            self._fail_all(items, self.last_error)
+            raise
         finally:
+            rest = list(self._queue)
+            if rest and self._closed:
+                self._queue.clear()
+                self._fail_all(rest, self.last_error or "the audit writer stopped")
             conn.close()
 
     def _commit(self, conn: sqlite3.Connection, items: list[_Item]) -> bool:
@@ -354,11 +368,16 @@ class AuditWriter:
             try:
                 rows = append_batch(conn, pending) if pending else []
                 break
-            except sqlite3.Error as e:
+            except (sqlite3.Error, ValueError, OSError) as e:
+                # ValueError: the head entry's hash is not hex (a damaged ledger): we cannot
+                # chain after it, so we keep failing (and governance fails closed) until fixed.
                 self.sqlite_errors += 1
                 self.healthy = False
                 self.last_error = str(e)
-                log.warning("audit: commit of %d entries failed (%s); retrying", len(pending), e)
+                if attempt % 30 == 0:  # about once per 30 s once the backoff has grown
+                    log.warning(
+                        "audit: commit of %d entries failed (%s); retrying", len(pending), e
+                    )
                 if self._abandon.is_set():
                     return False
                 self._abandon.wait(min(0.01 * 2**attempt, 1.0))

@@ -14,13 +14,14 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from candela_mitm.audit import AuditWriter, query_entries, verify_chain
-from candela_mitm.audit.writer import REDACTED
+from candela_mitm.audit.writer import REDACTED, _Item
 from candela_mitm.config import Audit
 from candela_mitm.errors import StoreUnavailable
 
@@ -281,6 +282,37 @@ def test_close_gives_up_when_sqlite_never_recovers(tmp_path: Path) -> None:
     assert w.abandoned == 2
     blocker.execute("ROLLBACK")
     blocker.close()
+
+
+def test_damaged_head_stops_appending_instead_of_forking_the_chain(tmp_path: Path) -> None:
+    w = AuditWriter(cfg(tmp_path), busy_timeout_ms=10)
+    w.start()
+    w.record_durable("x").result(5)
+    raw = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
+    raw.execute("DROP TRIGGER audit_log_no_update")
+    raw.execute("UPDATE audit_log SET hash = 'not hex' WHERE seq = 1")
+    raw.close()
+    fut = w.record_durable("y")
+    deadline = time.monotonic() + 5
+    while w.stats().sqlite_errors < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not w.stats().healthy and not fut.done()
+    assert "non-hexadecimal" in (w.last_error or "")
+    assert w.close(timeout=0.2) is False
+    with pytest.raises(StoreUnavailable):
+        fut.result(1)
+
+
+def test_late_record_during_close_is_failed_not_lost(tmp_path: Path) -> None:
+    w = AuditWriter(cfg(tmp_path))
+    w.start()
+    assert w.close()
+    # a record() that passed the closed check just before close(): simulate by queueing directly
+    fut: Future[int] = Future()
+    w._queue.append(_Item(("x", None, None, "{}"), fut))
+    assert w.close() is False
+    with pytest.raises(StoreUnavailable):
+        fut.result(0)
 
 
 WRITER_SCRIPT = textwrap.dedent(

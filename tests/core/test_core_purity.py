@@ -10,6 +10,7 @@ CORE = sorted(
     m.name
     for m in pkgutil.walk_packages(candela_mitm.__path__, "candela_mitm.")
     if not m.name.startswith(("candela_mitm.addons", "candela_mitm.cli"))
+    and not m.name.endswith("__main__")
 )
 
 

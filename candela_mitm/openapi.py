@@ -1,0 +1,423 @@
+"""OpenAPI: the OpenAPI 3.1 document of the admin API (GET /admin/v1/openapi.json)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+OPENAPI_VERSION = "3.1.0"
+_JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(required: list[str], props: dict[str, Any], extra: bool = False) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": required,
+        "properties": props,
+        "additionalProperties": extra,
+    }
+
+
+def _closed(props: dict[str, Any]) -> dict[str, Any]:
+    """A response object: every property always present, nothing else."""
+    return _obj(list(props), props)
+
+
+_USD = {"type": "number", "minimum": 0}
+_INT = {"type": "integer", "minimum": 0}
+_STR = {"type": "string"}
+_STR_OR_NULL = {"type": ["string", "null"]}
+_DAY_OR_NULL = {"type": ["string", "null"], "format": "date"}
+_TIME = {"type": "string", "format": "date-time"}
+_ROLE = {"type": "string", "enum": ["admin", "developer"]}
+_TENANTS = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 128}}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "description": "Every error: a snake_case code, a sentence, and the fields to act on.",
+        "required": ["error", "message"],
+        "properties": {
+            "error": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
+            "message": _STR,
+            "field": {"type": "string", "description": "the body field that is not valid"},
+            "parameter": {"type": "string", "description": "the query parameter not valid"},
+            "user_id": _STR,
+            "allowed": {"type": "array", "items": _STR},
+        },
+        "additionalProperties": True,
+    },
+    "User": _closed(
+        {
+            "user_id": _STR,
+            "role": _ROLE,
+            "tenants": _TENANTS,
+            "daily_budget_usd": _USD,
+            "requests_per_minute": _INT,
+            "source": {
+                "type": "string",
+                "enum": ["store", "config", "default"],
+                "description": "where the settings come from: the admin API, config, defaults",
+            },
+            "spent_today_usd": _USD,
+        }
+    ),
+    "UserUpdate": {
+        "type": "object",
+        "description": "Partial: fields left out keep the user's settings in force.",
+        "properties": {
+            "role": _ROLE,
+            "tenants": {**_TENANTS, "maxItems": 256, "uniqueItems": True},
+            "daily_budget_usd": {"type": "number", "minimum": 0, "maximum": 1e9},
+            "requests_per_minute": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+        },
+        "additionalProperties": False,
+    },
+    "UserList": _closed(
+        {
+            "day": {"type": "string", "format": "date"},
+            "count": _INT,
+            "users": {"type": "array", "items": _ref("User")},
+        }
+    ),
+    "UserDeleted": _closed(
+        {"user_id": _STR, "deleted": {"type": "boolean", "const": True}, "deleted_at": _TIME}
+    ),
+    "Grant": _closed(
+        {
+            "id": _STR,
+            "user_id": _STR,
+            "amount_usd": _USD,
+            "used_usd": _USD,
+            "held_usd": {**_USD, "description": "held by requests in flight"},
+            "remaining_usd": {**_USD, "description": "0 once expired"},
+            "expires_at": _TIME,
+            "expired": {"type": "boolean"},
+            "reason": _STR,
+            "actor": {**_STR, "description": "the admin who granted it"},
+            "created_at": _TIME,
+        }
+    ),
+    "GrantCreate": _obj(
+        ["amount_usd", "expires_at", "reason"],
+        {
+            "amount_usd": {"type": "number", "exclusiveMinimum": 0, "maximum": 1e9},
+            "expires_at": {**_TIME, "description": "RFC 3339 with an offset, in the future"},
+            "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
+        },
+    ),
+    "GrantList": _closed(
+        {
+            "user_id": _STR,
+            "remaining_usd": {**_USD, "description": "the sum over unexpired grants"},
+            "grants": {"type": "array", "items": _ref("Grant")},
+        }
+    ),
+    "Me": _closed(
+        {
+            "user_id": _STR,
+            "role": _ROLE,
+            "via": {
+                "type": ["string", "null"],
+                "enum": ["api_key", "oidc", "access_token", "local", None],
+            },
+            "tenants": _TENANTS,
+            "day": {"type": "string", "format": "date", "description": "the UTC budget day"},
+            "daily_budget_usd": _USD,
+            "spent_today_usd": _USD,
+            "reserved_usd": {**_USD, "description": "held by requests in flight"},
+            "remaining_usd": {
+                **_USD,
+                "description": "what can still be spent today: allowance left plus unexpired "
+                "grants (spend draws the allowance first, then grants by earliest expiry)",
+            },
+            "resets_at": _TIME,
+            "requests_per_minute": _INT,
+            "grants": {
+                "type": "array",
+                "items": _ref("Grant"),
+                "description": "unexpired grants with money left",
+            },
+        }
+    ),
+    "UsageRow": _closed(
+        {
+            "model": _STR,
+            "provider": _STR,
+            "spend_usd": _USD,
+            "tokens_in": _INT,
+            "tokens_out": _INT,
+            "requests": _INT,
+        }
+    ),
+    "Usage": _closed(
+        {
+            "user_id": {**_STR_OR_NULL, "description": "null: every user"},
+            "tenant_id": _STR_OR_NULL,
+            "since": _DAY_OR_NULL,
+            "until": _DAY_OR_NULL,
+            "spend_usd": _USD,
+            "tokens_in": _INT,
+            "tokens_out": _INT,
+            "requests": _INT,
+            "models": {"type": "array", "items": _ref("UsageRow")},
+        }
+    ),
+    "LeaderboardRow": _closed(
+        {
+            "rank": {"type": "integer", "minimum": 1},
+            "key": {
+                **_STR_OR_NULL,
+                "description": "tenant or user id; null: spend without a tenant",
+            },
+            "spend_usd": _USD,
+            "tokens_in": _INT,
+            "tokens_out": _INT,
+            "requests": _INT,
+        }
+    ),
+    "Leaderboard": _closed(
+        {
+            "by": {"type": "string", "enum": ["tenant", "user"]},
+            "since": _DAY_OR_NULL,
+            "until": _DAY_OR_NULL,
+            "rows": {"type": "array", "items": _ref("LeaderboardRow")},
+        }
+    ),
+    "AuditEntry": _closed(
+        {
+            "seq": {"type": "integer", "minimum": 1},
+            "ts": _STR,
+            "action": {
+                **_STR,
+                "description": "llm_request, model_policy_check, admin_action (its fields hold "
+                "actor, action, target, before, after), proxy_start, ...",
+            },
+            "user_id": _STR_OR_NULL,
+            "tenant_id": _STR_OR_NULL,
+            "fields": {"type": "object"},
+            "prev_hash": _STR,
+            "hash": _STR,
+        }
+    ),
+    "AuditList": _closed(
+        {
+            "count": _INT,
+            "next_before_seq": {
+                "type": ["integer", "null"],
+                "description": "pass as before_seq for the next (older) page",
+            },
+            "entries": {"type": "array", "items": _ref("AuditEntry")},
+        }
+    ),
+    "OpenApiDocument": {"type": "object", "required": ["openapi", "paths"]},
+}
+
+_ERRORS = {
+    "400": ("BadRequest", "The path, query or body is not valid (`field` or `parameter` names it)"),
+    "401": ("Unauthenticated", "Missing, malformed, expired or unverifiable credential"),
+    "403": ("Forbidden", "The caller's role may not do this (`forbidden`)"),
+    "404": ("NotFound", "No such route (`not_found`) or user (`user_not_found`)"),
+    "503": ("Unavailable", "The state store or the audit trail cannot be used (fail closed)"),
+}
+
+RESPONSES = {
+    name: {"description": text, "content": {_JSON: {"schema": _ref("Error")}}}
+    for name, text in _ERRORS.values()
+}
+
+
+def _query(name: str, schema: dict[str, Any], text: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
+
+
+_USER_PARAM = {
+    "name": "user",
+    "in": "path",
+    "required": True,
+    "description": "the user id, percent-encoded (e-mail addresses hold @)",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 320},
+}
+_SINCE = _query("since", _STR, "a UTC day (YYYY-MM-DD) or an RFC 3339 time; inclusive")
+_UNTIL = _query("until", _STR, "a UTC day (YYYY-MM-DD) or an RFC 3339 time; inclusive")
+
+
+def _op(
+    op_id: str,
+    summary: str,
+    schema: str,
+    errors: tuple[str, ...],
+    statuses: tuple[str, ...] = ("200",),
+    params: list[dict[str, Any]] | None = None,
+    body: str | None = None,
+) -> dict[str, Any]:
+    codes = ("400", "401", *errors, "503")
+    op: dict[str, Any] = {
+        "operationId": op_id,
+        "summary": summary,
+        "responses": {
+            **{
+                status: {
+                    "description": "Created" if status == "201" else "OK",
+                    "content": {_JSON: {"schema": _ref(schema)}},
+                }
+                for status in statuses
+            },
+            **{c: {"$ref": f"#/components/responses/{_ERRORS[c][0]}"} for c in sorted(set(codes))},
+        },
+    }
+    if params:
+        op["parameters"] = params
+    if body:
+        op["requestBody"] = {"required": True, "content": {_JSON: {"schema": _ref(body)}}}
+    return op
+
+
+PATHS: dict[str, Any] = {
+    "/admin/v1/me": {
+        "get": _op("getMe", "The caller: role, tenants, today's budget and grants", "Me", ())
+    },
+    "/admin/v1/users": {
+        "get": _op(
+            "listUsers", "Every user with settings and today's spend (admin)", "UserList", ("403",)
+        )
+    },
+    "/admin/v1/users/{user}": {
+        "parameters": [_USER_PARAM],
+        "put": _op(
+            "putUser",
+            "Create (201) or update (200) a user (admin); a partial body keeps the rest",
+            "User",
+            ("403",),
+            statuses=("200", "201"),
+            body="UserUpdate",
+        ),
+        "delete": _op(
+            "deleteUser",
+            "Remove a user (admin); audit entries and spend stay",
+            "UserDeleted",
+            ("403", "404"),
+        ),
+    },
+    "/admin/v1/users/{user}/grants": {
+        "parameters": [_USER_PARAM],
+        "post": _op(
+            "createGrant",
+            "Grant a one-time bonus until it expires (admin)",
+            "Grant",
+            ("403", "404"),
+            statuses=("201",),
+            body="GrantCreate",
+        ),
+        "get": _op(
+            "listGrants",
+            "A user's grants, remaining amount and expiry (admin)",
+            "GrantList",
+            ("403",),
+        ),
+    },
+    "/admin/v1/usage": {
+        "get": _op(
+            "getUsage",
+            "Spend, tokens and requests per model (admin: anyone; developer: themselves)",
+            "Usage",
+            ("403",),
+            params=[
+                _query("user", _STR, "a developer may name only themselves (the default)"),
+                _query("tenant", _STR, "only spend attributed to this tenant"),
+                _SINCE,
+                _UNTIL,
+            ],
+        )
+    },
+    "/admin/v1/leaderboard": {
+        "get": _op(
+            "getLeaderboard",
+            "Spend ranking by tenant or user (admin)",
+            "Leaderboard",
+            ("403",),
+            params=[
+                _query(
+                    "by",
+                    {"type": "string", "enum": ["tenant", "user"], "default": "tenant"},
+                    "rank tenants or users",
+                ),
+                _SINCE,
+                _UNTIL,
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 10_000}, "rows"),
+            ],
+        )
+    },
+    "/admin/v1/audit": {
+        "get": _op(
+            "listAudit",
+            "Audit entries, newest first (admin)",
+            "AuditList",
+            ("403",),
+            params=[
+                _query("action", _STR, "e.g. llm_request, admin_action, model_policy_check"),
+                _query("user", _STR, "the entry's user: the requester, or the admin who acted"),
+                _query("since", _STR, "a UTC day (YYYY-MM-DD) or an RFC 3339 time; inclusive"),
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": 10_000, "default": 100},
+                    "entries per page",
+                ),
+                _query(
+                    "before_seq",
+                    {"type": "integer", "minimum": 1},
+                    "only entries older than this seq (paging)",
+                ),
+            ],
+        )
+    },
+    "/admin/v1/openapi.json": {"get": _op("getOpenApi", "This document", "OpenApiDocument", ())},
+}
+
+_DESCRIPTION = """\
+The admin API of Candela, served on the proxy's own listener. Every call is authenticated like a
+proxy request. Role `admin` may call everything; `developer` only `/me`, `/usage` (their own) and
+this document: anything else answers 403 `forbidden`. Every change is committed to the audit
+trail (action `admin_action`, with actor, action, target, before and after) before it is made.
+Every error is JSON `{"error": "<snake_case>", "message": "<sentence>", ...}`; an unknown path
+answers 404 `not_found`, a method the path does not have 405 `method_not_allowed` with `Allow`.
+Query parameters not listed for an operation are refused with 400."""
+
+
+@functools.cache
+def _document() -> dict[str, Any]:
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {"title": "Candela admin API", "version": "1", "description": _DESCRIPTION},
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}, {"candelaAuth": []}, {"apiKey": []}],
+        "paths": PATHS,
+        "components": {
+            "schemas": SCHEMAS,
+            "responses": RESPONSES,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "a Candela API key, a Google/OIDC ID token or an OAuth2 token",
+                },
+                "candelaAuth": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "X-Candela-Auth",
+                    "description": "`Bearer <token>`; wins over Authorization",
+                },
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            },
+        },
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    """A fresh copy: callers may change theirs."""
+    return copy.deepcopy(_document())

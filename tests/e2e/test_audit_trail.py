@@ -1,0 +1,119 @@
+"""Issue 4 end to end: the proxy's audit trail survives kill -9, verifies, and answers DuckDB queries live."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from candela_mitm.audit.query import query_entries
+from candela_mitm.usage import Usage
+from tests.fakes.candela import CandelaProcess
+
+from .conftest import ALICE_KEY, base_config, candela_env
+
+pytestmark = pytest.mark.e2e
+ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
+CHAT = "/proxy/openai/v1/chat/completions"
+CANDELA = str(Path(sys.executable).parent / "candela")
+
+
+def audit(*args: str, db: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CANDELA, "audit", "--db", str(db), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_kill_9_under_load_keeps_every_completed_request(tmp_path, upstream, token_server):
+    upstream.reset()
+    upstream.configure(usage=Usage(input_tokens=5, output_tokens=5))
+    cfg = base_config(upstream.url, users={"alice@example.com": {"tenants": ["t"], "requests_per_minute": 100_000}})
+    env = candela_env(token_server, tmp_path)
+    c = CandelaProcess(tmp_path, cfg, env=env).start()
+    completed: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker():
+        s = requests.Session()
+        while not stop.is_set():
+            try:
+                r = s.post(c.url + CHAT, json={"model": "gpt-4o-mini", "messages": []}, headers=ALICE, timeout=5)
+                body = r.json()  # the whole response arrived
+                if r.status_code == 200 and body.get("choices"):
+                    with lock:
+                        completed.append(r.headers["x-candela-span-id"])
+            except (requests.RequestException, ValueError):
+                return
+
+    ts = [threading.Thread(target=worker) for _ in range(8)]
+    [t.start() for t in ts]
+    time.sleep(2.0)
+    c.stop(kill=True)
+    stop.set()
+    [t.join(10) for t in ts]
+    assert len(completed) > 20, "the load did not get going"
+    db = tmp_path / "audit.db"
+    logged = {e["fields"].get("span_id") for e in query_entries(db, action="llm_request", limit=10_000)}
+    missing = [s for s in completed if s not in logged]
+    assert not missing, f"{len(missing)} of {len(completed)} completed requests have no audit entry"
+    # the chain verifies after restart, and the restarted proxy appends to the same chain
+    c2 = CandelaProcess(tmp_path, cfg, env=env, port=c.port).start()
+    try:
+        assert requests.post(c2.url + CHAT, json={"model": "gpt-4o-mini", "messages": []}, headers=ALICE, timeout=10).status_code == 200
+    finally:
+        c2.stop()
+    v = audit("verify", db=db)
+    assert v.returncode == 0, v.stdout + v.stderr
+
+
+def test_query_runs_while_the_proxy_runs_and_sees_the_newest_entry(tmp_path, upstream, token_server):
+    upstream.reset()
+    upstream.configure(usage=Usage(input_tokens=100, output_tokens=10))
+    cfg = base_config(upstream.url)
+    with CandelaProcess(tmp_path, cfg, env=candela_env(token_server, tmp_path)) as c:
+        for model in ("gpt-4o-mini", "gpt-4o-mini", "gpt-4o"):
+            assert requests.post(c.url + CHAT, json={"model": model, "messages": []}, headers=ALICE, timeout=10).status_code == 200
+        r = requests.post(c.url + CHAT, json={"model": "gpt-4o", "messages": []},
+                          headers={**ALICE, "X-Candela-Tenant-Id": "nope"}, timeout=10)
+        assert r.status_code == 403
+        last_span = r.headers["x-candela-span-id"]
+        db = tmp_path / "audit.db"
+        q = audit("query", "SELECT json_extract_string(fields, '$.model') AS model, count(*) AS n, "
+                  "sum(CAST(json_extract(fields, '$.cost_usd') AS DOUBLE)) AS cost FROM audit "
+                  "WHERE action = 'llm_request' AND json_extract_string(fields, '$.decision') = 'allowed' "
+                  "GROUP BY 1 ORDER BY 1", "--format", "json", db=db)
+        assert q.returncode == 0, q.stderr
+        rows = {r["model"]: r for r in json.loads(q.stdout)}
+        assert rows["gpt-4o-mini"]["n"] == 2 and rows["gpt-4o"]["n"] == 1
+        assert rows["gpt-4o"]["cost"] == pytest.approx((100 * 2.5 + 10 * 10.0) / 1e6)
+        q = audit("query", "SELECT json_extract_string(fields, '$.span_id') AS s FROM audit ORDER BY seq DESC LIMIT 1",
+                  "--format", "csv", db=db)
+        assert last_span in q.stdout
+        v = audit("verify", db=db)
+        assert v.returncode == 0, v.stdout + v.stderr
+        out = tmp_path / "export.jsonl"
+        e = audit("export", "--format", "jsonl", "--out", str(out), db=db)
+        assert e.returncode == 0, e.stderr
+        actions = [json.loads(line)["action"] for line in out.read_text().splitlines()]
+        assert "proxy_start" in actions and actions.count("llm_request") == 4
+        m = requests.get(c.url + "/metrics", timeout=5).text
+        assert 'candela_requests_total{model="gpt-4o-mini",provider="openai",status="200",tenant="research-team"} 2.0' in m
+        assert "candela_cost_usd_total" in m and "candela_time_to_first_token_seconds_bucket" in m
+
+
+def test_credentials_never_reach_the_audit_trail(tmp_path, upstream, token_server):
+    upstream.reset()
+    cfg = base_config(upstream.url)
+    with CandelaProcess(tmp_path, cfg, env=candela_env(token_server, tmp_path)) as c:
+        requests.post(c.url + CHAT, json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "secret prompt"}]},
+                      headers=ALICE, timeout=10)
+        requests.post(c.url + CHAT, json={"model": "gpt-4o-mini"}, headers={"Authorization": "Bearer cdl_wrong_key_123"}, timeout=10)
+    raw = (tmp_path / "audit.db").read_bytes()
+    for secret in (ALICE_KEY.encode(), b"cdl_wrong_key_123", b"sk-openai-fake", b"secret prompt"):
+        assert secret not in raw
+    assert secret not in c.log().encode()
