@@ -16,6 +16,8 @@ from .flowstate import ctx_of
 
 log = logging.getLogger("candela.audit")
 
+DURABLE_WAIT_S = 5.0
+
 
 def request_entry(c: RequestContext, flow: http.HTTPFlow) -> dict[str, Any]:
     plan = c.plan
@@ -61,9 +63,10 @@ class Audit:
             c.status_code = flow.response.status_code
         try:
             fut = self.rt.audit.record_durable("llm_request", **request_entry(c, flow))
-            await asyncio.wrap_future(fut)
+            # a stuck ledger must not hang responses: the entry stays queued and is retried
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), DURABLE_WAIT_S)
         except Exception:
-            log.exception("audit entry for span %s not committed", c.span_id)
+            log.exception("audit entry for span %s not committed in time", c.span_id)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         await self._record(flow)

@@ -33,7 +33,10 @@ class ModelPolicy:
             "provider": c.plan.upstream.name,
         }
         c.policy = record
-        self.rt.audit.record("model_policy_check", **record)
+        if not self.rt.audit.record("model_policy_check", **record):
+            # an unrecorded decision is no decision: the audit trail is part of governance
+            deny(flow, errors.governance_unavailable("the audit trail cannot accept entries"))
+            return
         if not d.allowed:
             self.rt.metrics.policy_denied.labels(d.model, c.tenant or "", d.policy_mode).inc()
             deny(flow, errors.model_not_allowed(d.model, c.tenant, d.policy_mode))

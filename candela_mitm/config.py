@@ -65,6 +65,12 @@ class Audit(_Model):
     mirror_backlog_max: int = Field(default=1_000_000, ge=1)
     log_prompts: bool = False
 
+    @model_validator(mode="after")
+    def _bigquery_needs_its_section(self) -> Audit:
+        if "bigquery" in self.sinks and self.bigquery is None:
+            raise ValueError("sink bigquery needs the bigquery: {project, dataset, table} section")
+        return self
+
 
 class Provider(_Model):
     base_url: str | None = None
