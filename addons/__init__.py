@@ -15,6 +15,7 @@ def pipeline(rt: Runtime) -> list[Any]:
     from .auth import Auth
     from .budget import Budget
     from .localapi import Health, LocalApi
+    from .localui import LocalUi
     from .metrics import Metrics
     from .modelpolicy import ModelPolicy
     from .ratelimit import RateLimit
@@ -31,6 +32,7 @@ def pipeline(rt: Runtime) -> list[Any]:
         ModelPolicy(rt),  # 403 model_not_allowed, audited allowed or denied (spec 002)
         RateLimit(rt),  # 429 rate_limited
         Budget(rt),  # 402 budget_exceeded / model_price_unknown; reserve, then settle
+        LocalUi(rt),  # candela: /_local/ page and API; local models listed before routing
         LocalApi(rt),  # /v1/models, traces; 404 for anything unclaimed
         Upstream(rt),  # provider URL and credentials; the last gate before the network
         Accounting(rt),  # streamed usage, cost

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Mapping
 
 from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.errors import Denial
+from candela_mitm.identity import (
+    SOURCE_AUTHORIZATION,
+    SOURCE_X_API_KEY,
+    SOURCE_X_CANDELA_AUTH,
+    SOURCE_X_GOOG_API_KEY,
+    MalformedCredential,
+    extract_credential,
+)
 from candela_mitm.runtime import Runtime
 from candela_mitm.tenancy import requested_tenant, resolve_tenant
 
@@ -15,6 +25,30 @@ from .flowstate import answered, ctx_of, deny, fail_closed
 
 # Routes that answer without knowing the caller.
 _PUBLIC = ("health",)
+_JWT_SHAPED = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_CREDENTIAL_HEADERS = frozenset(
+    {SOURCE_AUTHORIZATION, SOURCE_X_API_KEY, SOURCE_X_GOOG_API_KEY, SOURCE_X_CANDELA_AUTH}
+)
+
+
+def foreign_credential(headers: Mapping[str, str], query: Mapping[str, str]) -> bool:
+    """A key meant for someone else: apps built for LM Studio or Ollama send a dummy one
+    ("lm-studio"; the openai SDK insists on a key). Not X-Candela-Auth, not JWT-shaped (an ID
+    token that fails is an identity that failed), and well formed. Where auth is not required it
+    is ignored, which grants nothing: sending no credential at all gets the same principal."""
+    try:
+        cred = extract_credential(headers, query)
+    except MalformedCredential:
+        return False
+    if cred is None:
+        return False
+    source, token = cred
+    return source != SOURCE_X_CANDELA_AUTH and not _JWT_SHAPED.fullmatch(token)
+
+
+def without_credentials(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers minus the caller's credential (Proxy-Authorization, IAP's, stays checked)."""
+    return {k: v for k, v in headers.items() if k.lower() not in _CREDENTIAL_HEADERS}
 
 
 class Auth:
@@ -30,6 +64,16 @@ class Auth:
             result = await self.rt.authenticator.authenticate(
                 flow.request.headers, flow.request.query
             )
+            if (
+                isinstance(result, Denial)
+                and result.status == 401
+                and not self.rt.auth_required
+                and foreign_credential(flow.request.headers, flow.request.query)
+            ):
+                # the caller is who they would be with no credential at all: the OS user
+                result = await self.rt.authenticator.authenticate(
+                    without_credentials(flow.request.headers), {}
+                )
             if isinstance(result, Denial):
                 deny(flow, result)
                 return

@@ -28,18 +28,10 @@ class LocalApi:
         self.started = int(time.time())
 
     def models_payload(self) -> dict:
+        """Local runtime models first (they win a name clash), then every priced cloud model."""
         data = []
-        for p in self.rt.pricing.models():
-            data.append(
-                {
-                    "id": p.model,
-                    "object": "model",
-                    "created": self.started,
-                    "owned_by": p.provider or "candela",
-                    "provider": p.provider,
-                }
-            )
-        for model, runtime in sorted(self.rt.local_models.items()):
+        local = self.rt.local_models
+        for model, runtime in sorted(local.items()):
             data.append(
                 {
                     "id": model,
@@ -47,6 +39,19 @@ class LocalApi:
                     "created": self.started,
                     "owned_by": runtime,
                     "provider": runtime,
+                }
+            )
+        for p in self.rt.pricing.models():
+            if p.model in local:
+                continue
+            provider = self.rt.provider_for_model(p.model) or p.provider
+            data.append(
+                {
+                    "id": p.model,
+                    "object": "model",
+                    "created": self.started,
+                    "owned_by": provider or "candela",
+                    "provider": provider,
                 }
             )
         return {"object": "list", "data": data}
@@ -64,6 +69,6 @@ class LocalApi:
                 answer_json(flow, 200, self.models_payload())
         elif c.kind == "traces":
             answer_json(flow, 200, traces_payload(self.rt.spans, flow.request.query.get("limit")))
-        elif c.kind not in ("proxy", "chat"):
-            # nothing before this claimed the route (admin, UI and metrics addons come earlier)
+        elif c.kind not in ("proxy", "chat") and c.plan is None:
+            # nothing before this claimed or planned the route (admin, UI and metrics come earlier)
             deny(flow, errors.not_found(flow.request.path.split("?", 1)[0]))

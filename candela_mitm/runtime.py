@@ -15,6 +15,7 @@ from candela_mitm.credentials import UpstreamCredentials
 from candela_mitm.forwarding import route_for_model
 from candela_mitm.identity import Authenticator
 from candela_mitm.ledger import Ledger, process_alive
+from candela_mitm.local import LocalRuntime
 from candela_mitm.metrics import Metrics
 from candela_mitm.policy import ModelPolicy
 from candela_mitm.pricing import PricingTable
@@ -52,6 +53,7 @@ class Runtime:
     metrics: Metrics
     executor: ThreadPoolExecutor
     local_models: dict[str, str] = field(default_factory=dict)  # model -> ollama | lmstudio
+    local: LocalRuntime | None = None  # `candela` only: runtimes, their process, local settings
     extras: dict[str, Any] = field(default_factory=dict)
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
@@ -76,6 +78,8 @@ class Runtime:
 
 def build_runtime(config: Config, command: Command) -> Runtime:
     upstreams = resolve_all(config)
+    # before anything is opened: a bad local settings file fails the start with nothing to undo
+    local = LocalRuntime(config, upstreams) if command == "local" else None
     required = config.auth.required if config.auth.required is not None else command == "server"
     local_user = getpass.getuser()
     store = open_state_store(config.state)
@@ -105,4 +109,5 @@ def build_runtime(config: Config, command: Command) -> Runtime:
         audit=audit,
         metrics=Metrics(),
         executor=ThreadPoolExecutor(max_workers=8, thread_name_prefix="candela-gov"),
+        local=local,
     )

@@ -18,7 +18,7 @@ from candela_mitm.audit.bigquery_sink import BigQueryMirror
 from candela_mitm.audit.chain import verify_rows
 from candela_mitm.audit.duckdb_sink import DuckDBMirror, ParquetMirror, duckdb_mirror
 from candela_mitm.audit.mirrors import Mirror, build_mirrors
-from candela_mitm.config import Audit, BigQuery
+from candela_mitm.config import Audit, BigQuery, parse_config
 from candela_mitm.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -339,8 +339,11 @@ def test_duckdb_path_chooses_file_or_segments(tmp_path: Path, path: str, kind: t
 
 
 def test_bigquery_sink_needs_its_section(tmp_path: Path) -> None:
+    # the config refuses it at start, naming the key; build_mirrors keeps its own check too
+    with pytest.raises(ConfigError, match="audit: .*bigquery"):
+        parse_config({"audit": {"sinks": ["sqlite", "bigquery"]}}, "c.yaml")
     with pytest.raises(ConfigError, match="audit.bigquery"):
-        build_mirrors(Audit(sinks=["sqlite", "bigquery"]), tmp_path / "a.db")
+        build_mirrors(Audit.model_construct(sinks=["sqlite", "bigquery"], bigquery=None), tmp_path / "a.db")
     assert build_mirrors(Audit(sinks=["sqlite"]), tmp_path / "a.db") == []
 
 

@@ -1,0 +1,96 @@
+import asyncio
+import getpass
+
+import pytest
+
+from candela_mitm.addons.auth import Auth, foreign_credential
+from candela_mitm.addons.flowstate import ctx_of
+from candela_mitm.addons.router import Router
+from candela_mitm.config import parse_config
+from candela_mitm.runtime import build_runtime
+
+from .conftest import ALICE_KEY, BASE, make_flow
+
+JWT_SHAPED = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
+
+
+@pytest.fixture
+def make_runtime(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream")
+    made = []
+
+    def make(command, **auth):
+        cfg = {
+            **BASE,
+            "auth": {**BASE["auth"], **auth},
+            "state": {"sqlite_path": str(tmp_path / "state.db")},
+            "audit": {"sqlite_path": str(tmp_path / "audit.db")},
+        }
+        rt = build_runtime(parse_config(cfg), command)
+        made.append(rt)
+        return rt
+
+    yield make
+    for rt in made:
+        rt.close()
+
+
+def authenticate(rt, headers, path="/v1/models"):
+    flow = make_flow(path, method="GET", headers=headers)
+    Router(rt).requestheaders(flow)
+    asyncio.run(Auth(rt).requestheaders(flow))
+    return flow
+
+
+@pytest.mark.parametrize(
+    "headers, user, via",
+    [
+        ({}, None, "local"),
+        ({"Authorization": "Bearer lm-studio"}, None, "local"),  # the openai SDK's dummy key
+        ({"Authorization": "Bearer ollama"}, None, "local"),
+        ({"x-api-key": "anything"}, None, "local"),
+        ({"x-goog-api-key": "AIzaSomething"}, None, "local"),
+        ({"Authorization": f"Bearer {ALICE_KEY}"}, "alice@example.com", "api_key"),
+        ({"x-api-key": ALICE_KEY}, "alice@example.com", "api_key"),
+    ],
+)
+def test_local_mode_ignores_a_key_that_is_not_candelas(make_runtime, headers, user, via):
+    rt = make_runtime("local")
+    flow = authenticate(rt, headers)
+    assert flow.response is None
+    p = ctx_of(flow).principal
+    assert p.user == (user or getpass.getuser()) and p.via == via
+
+
+@pytest.mark.parametrize(
+    "command, auth, headers",
+    [
+        ("local", {}, {"X-Candela-Auth": "Bearer not-a-key"}),  # Candela's own header: meant for us
+        ("local", {}, {"Authorization": f"Bearer {JWT_SHAPED}"}),  # an ID token that failed
+        ("local", {}, {"Authorization": "Basic dXNlcjpwYXNz"}),  # malformed
+        ("local", {"required": True}, {"Authorization": "Bearer lm-studio"}),
+        ("server", {}, {"Authorization": "Bearer lm-studio"}),
+        ("server", {}, {}),
+    ],
+)
+def test_other_bad_credentials_stay_401(make_runtime, command, auth, headers):
+    rt = make_runtime(command, **auth)
+    flow = authenticate(rt, headers)
+    assert flow.response is not None and flow.response.status_code == 401
+    assert ctx_of(flow).principal is None
+
+
+@pytest.mark.parametrize(
+    "headers, query, expected",
+    [
+        ({}, {}, False),
+        ({"Authorization": "Bearer lm-studio"}, {}, True),
+        ({"authorization": "Bearer sk-1234"}, {}, True),
+        ({}, {"key": "dummy"}, True),
+        ({"X-Candela-Auth": "Bearer x"}, {}, False),
+        ({"Authorization": f"Bearer {JWT_SHAPED}"}, {}, False),
+        ({"Authorization": "Bearer two words"}, {}, False),
+    ],
+)
+def test_foreign_credential(headers, query, expected):
+    assert foreign_credential(headers, query) is expected

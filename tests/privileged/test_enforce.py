@@ -1,0 +1,213 @@
+"""`candela enforce host|status|exec|off` on the real kernel, against a fake provider address."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import socket
+import struct
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from candela_mitm import cgroups, enforce
+from candela_mitm.ebpf import host
+
+from .conftest import Probe
+
+# A loopback address plays the provider: no route or interface to set up, nothing else uses it.
+PROVIDER_IP = "127.77.0.1"
+PROVIDER_NAME = "api.candela-test-provider.example"
+SO_ORIGINAL_DST = 80
+CANDELA = Path(sys.executable).with_name("candela")
+
+
+def _listen(host_: str, port: int) -> socket.socket:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host_, port))
+    s.listen(16)
+    s.settimeout(2)
+    return s
+
+
+def _original_dst(conn: socket.socket) -> tuple[str, int]:
+    raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port, ip = struct.unpack_from("!2xH4s", raw)
+    return socket.inet_ntoa(ip), port
+
+
+def _accepted(listener: socket.socket, timeout: float = 2.0) -> socket.socket | None:
+    # The probe has returned, so a connection it made already waits in the backlog: a short
+    # timeout is enough to tell that none came.
+    listener.settimeout(timeout)
+    try:
+        return listener.accept()[0]
+    except TimeoutError:
+        return None
+
+
+class Env:
+    def __init__(self, tmp: Path):
+        self.provider = _listen(PROVIDER_IP, 443)
+        self.proxy = _listen("127.0.0.1", 0)
+        self.proxy_port = int(self.proxy.getsockname()[1])
+        self.hosts = tmp / "hosts"
+        self.hosts.write_text(f"# test provider\n{PROVIDER_IP} {PROVIDER_NAME}\n")
+        self.state = str(tmp / "enforce.json")
+        self.cgroup = f"candela-test-enforce-{uuid.uuid4().hex[:8]}"
+
+    def cmd(self, *argv: str) -> tuple[int, str]:
+        out = io.StringIO()
+        rc = enforce.main(["--state", self.state, *argv], out=out)
+        return rc, out.getvalue()
+
+    def on(self) -> tuple[int, str]:
+        return self.cmd(
+            "host",
+            "--proxy-port",
+            str(self.proxy_port),
+            "--no-default-providers",
+            "--provider",
+            PROVIDER_NAME,
+            "--hosts-file",
+            str(self.hosts),
+            "--cgroup",
+            self.cgroup,
+        )
+
+    def close(self) -> None:
+        self.provider.close()
+        self.proxy.close()
+
+
+@pytest.fixture
+def env(tmp_path: Path, iptables: str) -> Iterator[Env]:
+    if enforce.EnforceState.load() is not None or host.attached():
+        pytest.skip("host enforcement is active on this machine; not touching it")
+    e = Env(tmp_path)
+    try:
+        yield e
+    finally:
+        # Whatever happened, leave the machine as it was: never blocked.
+        e.cmd("off", "--cgroup", e.cgroup)
+        host.uninstall()
+        enforce.Iptables().remove()
+        cgroups.remove(cgroups.resolve(e.cgroup))
+        e.close()
+
+
+def _events(reader: host.PinnedEvents, tgid: int) -> list[str]:
+    return [ev.reason for ev in reader.poll(300) if ev.tgid == tgid]
+
+
+@pytest.mark.privileged
+def test_enforce_host_redirects_blocks_and_turns_off(env: Env, probe: Probe) -> None:
+    rc, out = env.on()
+    assert rc == 0, out
+    assert f"{PROVIDER_NAME}: {PROVIDER_IP}" in out
+
+    rc, out = env.cmd("status", "--json")
+    st = json.loads(out)
+    assert rc == 0 and st["active"], out
+    rules = "\n".join(st["chain"])
+    assert f"--path /{env.cgroup}" in rules.replace('"', "")
+    assert f"-d {PROVIDER_IP}/32" in rules and f"--to-ports {env.proxy_port}" in rules
+    assert sorted(p["hook"] for p in st["programs"]) == sorted(n for n, _ in host.HOOKS)
+
+    with host.PinnedEvents() as reader:
+        # Outside Candela's cgroup, TCP 443 to the provider lands on the proxy.
+        r = probe("tcp", PROVIDER_IP, 443)
+        assert r.errno == 0
+        conn = _accepted(env.proxy)
+        assert conn is not None
+        assert _original_dst(conn) == (PROVIDER_IP, 443)
+        conn.close()
+        assert _accepted(env.provider, 0.2) is None
+
+        # Inside it (the proxy, started with `candela enforce exec`), straight to the provider.
+        r = probe(
+            "tcp",
+            PROVIDER_IP,
+            443,
+            argv0=[str(CANDELA), "enforce", "--state", env.state, "exec", "--"],
+        )
+        assert r.errno == 0
+        conn = _accepted(env.provider)
+        assert conn is not None
+        conn.close()
+        cg = cgroups.resolve(env.cgroup)
+        assert probe("udp", "127.0.0.1", 443, cgroup=cg).errno == 0
+
+        # What redirection does not cover is refused, and reported.
+        r = probe("tcp", PROVIDER_IP, 8443)
+        assert r.errno == errno.EPERM
+        assert _events(reader, r.tgid) == ["provider_port"]
+        r = probe("udp", "127.0.0.1", 443)
+        assert r.errno == errno.EPERM
+        assert _events(reader, r.tgid) == ["udp_port"]
+        r = probe("udp", PROVIDER_IP, 853)
+        assert r.errno == errno.EPERM
+        r = probe("tcp", PROVIDER_IP, 443, new_netns=True)
+        assert r.errno == errno.EPERM
+        assert _events(reader, r.tgid) == ["foreign_netns"]
+        # Other destinations are not Candela's business.
+        assert probe("tcp", "127.0.0.1", 9).errno == errno.ECONNREFUSED
+
+    counts = host.pinned_counts()
+    assert counts["provider_port"] >= 1 and counts["udp_port"] >= 2
+    assert counts["foreign_netns"] >= 1
+
+    # Re-running replaces the programs without a gap or duplicates.
+    old = {p["id"] for p in st["programs"]}
+    rc, out = env.on()
+    assert rc == 0, out
+    now = host.attached()
+    assert len(now) == len(host.HOOKS) and not old & {i for _, i, _ in now}
+
+    # Candela stopped: provider traffic is refused, not let through.
+    env.proxy.close()
+    assert probe("tcp", PROVIDER_IP, 443).errno == errno.ECONNREFUSED
+    assert _accepted(env.provider, 0.2) is None
+
+    rc, out = env.cmd("off")
+    assert rc == 0, out
+    rc, out = env.cmd("status", "--json")
+    st = json.loads(out)
+    assert rc == 3 and not st["active"] and not st["partial"], out
+    assert st["chain"] is None and st["programs"] == [] and not Path(host.PIN_DIR).exists()
+    assert not cgroups.resolve(env.cgroup).exists()
+    assert probe("tcp", PROVIDER_IP, 443).errno == 0
+    conn = _accepted(env.provider)
+    assert conn is not None
+    conn.close()
+    assert probe("udp", "127.0.0.1", 443).errno == 0
+
+
+@pytest.mark.privileged
+def test_no_resolvable_provider_changes_nothing(env: Env) -> None:
+    env.hosts.write_text("")
+    rc, _ = env.on()
+    assert rc == 1
+    assert host.attached() == [] and enforce.Iptables().rules() is None
+    assert not os.path.exists(env.state)
+
+
+@pytest.mark.privileged
+def test_registered_netns_is_treated_as_redirected(env: Env, probe: Probe) -> None:
+    """A sandbox with its own redirect registers its namespace; others stay refused."""
+    rc, out = env.on()
+    assert rc == 0, out
+    assert probe("tcp", PROVIDER_IP, 443, new_netns=True).errno == errno.EPERM
+    other = host.netns_cookie()
+    assert host.register_netns(other, redirected=False)
+    try:
+        assert probe("tcp", PROVIDER_IP, 443).errno == errno.EPERM
+    finally:
+        host.register_netns(other)
+    assert probe("tcp", PROVIDER_IP, 443).errno == 0
