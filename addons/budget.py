@@ -21,8 +21,6 @@ log = logging.getLogger("candela.budget")
 class Budget:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.default_max = rt.config.governance.budgets.default_max_output_tokens
-        self.unknown = rt.config.governance.unknown_model_price
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -34,12 +32,13 @@ class Budget:
             return  # local models cost nothing and are never blocked by budget
         price = self.rt.pricing.get(plan.model)
         if price is None:
-            if self.unknown == "deny":
+            if self.rt.config.governance.unknown_model_price == "deny":
                 self.rt.metrics.budget_denied.labels(c.tenant or "", "model_price_unknown").inc()
                 deny(flow, errors.model_price_unknown(plan.model))
                 return
             return  # unknown_model_price: zero
-        c.estimate_usd = estimate_cost(c.body, plan.max_output_tokens, self.default_max, price)
+        default_max = self.rt.config.governance.budgets.default_max_output_tokens
+        c.estimate_usd = estimate_cost(c.body, plan.max_output_tokens, default_max, price)
         result = await self.rt.blocking(
             self.rt.ledger.reserve,
             c.settings.user_id,
@@ -59,7 +58,7 @@ class Budget:
         res, c.reservation = c.reservation, None
         if res is None:
             return
-        account(c, self.rt.pricing, self.unknown)
+        account(c, self.rt.pricing, self.rt.config.governance.unknown_model_price)
         try:
             if c.forwarded and (c.usage.input_tokens or c.usage.output_tokens):
                 plan = c.plan

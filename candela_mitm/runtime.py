@@ -11,6 +11,7 @@ from typing import Any, Literal, TypeVar
 
 from candela_mitm.audit import AuditWriter
 from candela_mitm.config import Config
+from candela_mitm.errors import ConfigError
 from candela_mitm.credentials import UpstreamCredentials
 from candela_mitm.forwarding import route_for_model
 from candela_mitm.identity import Authenticator
@@ -31,6 +32,11 @@ T = TypeVar("T")
 # A reservation older than this with a live owner is still taken back at start (a day: longer than
 # any request can run, so a live stream's money is never freed early).
 STALE_RESERVATION_S = 24 * 3600
+
+# Config sections a running proxy cannot change: they shape its listeners, stores and processes.
+RESTART_SECTIONS = frozenset(
+    {"listen", "mode", "workers", "state", "audit", "interception", "limits", "local"}
+)
 
 
 @dataclass
@@ -63,6 +69,33 @@ class Runtime:
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=False)
         self.audit.close()
+
+    def reload(self, new: Config) -> list[str]:
+        """Apply a re-read config: policy, pricing, users, auth and providers change in place.
+
+        Sections that shape listeners, stores or processes need a restart: a change to one of
+        them is refused (ConfigError) and nothing changes. Returns the sections that changed.
+        """
+        old = self.config
+        changed = [k for k in Config.model_fields if getattr(old, k) != getattr(new, k)]
+        fixed = [k for k in changed if k in RESTART_SECTIONS]
+        if fixed:
+            raise ConfigError(f"these sections need a restart to change: {', '.join(fixed)}")
+        upstreams = resolve_all(new)
+        required = new.auth.required if new.auth.required is not None else self.command == "server"
+        authenticator = Authenticator(new.auth, required, local_user=self.local_user)
+        # build everything first, then swap: a reload either happens whole or not at all
+        pricing, policy = PricingTable.from_config(new), ModelPolicy(new.governance.models)
+        credentials = UpstreamCredentials(upstreams)
+        self.config = new
+        self.upstreams = upstreams
+        self.credentials = credentials
+        self.pricing = pricing
+        self.policy = policy
+        self.auth_required = required
+        self.authenticator = authenticator
+        self.users = UserDirectory(new, self.store)
+        return changed
 
     def provider_for_model(self, model: str) -> str | None:
         return route_for_model(

@@ -337,3 +337,33 @@ def test_client_disconnect_mid_stream_leaves_the_proxy_healthy(candela, upstream
     [t.start() for t in ts]
     [t.join() for t in ts]
     assert results == [200] * 5
+
+
+@pytest.mark.parametrize(
+    "path, body, route, auth",
+    [
+        ("/proxy/anthropic-vertex/v1/projects/proj/locations/us-east5/publishers/anthropic/models/"
+         "claude-sonnet-4@20250514:rawPredict",
+         {"anthropic_version": "vertex-2023-10-16", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]},
+         "vertex.anthropic", "google_token"),
+        ("/proxy/gemini-oai/chat/completions", {"model": "gemini-2.5-flash", "messages": []}, "gemini_openai.chat", "google_token"),
+        ("/proxy/lmstudio/v1/chat/completions", {"model": "qwen2.5-7b-instruct", "messages": []}, "openai.chat", None),
+        ("/proxy/ollama/v1/chat/completions", {"model": "llama3.2:3b", "messages": []}, "openai.chat", None),
+    ],
+)
+def test_remaining_routes_forward_with_their_credentials(candela, upstream, path, body, route, auth):
+    upstream.configure(usage=Usage(input_tokens=8, output_tokens=4))
+    if route == "openai.chat" and auth is None:
+        upstream.openai_key = None  # local runtimes take no key
+    r = requests.post(candela.url + path, json=body, headers=AUTH, timeout=10)
+    assert r.status_code == 200, r.text
+    [rec] = upstream.wait_for(1)
+    assert rec.route == route and rec.status == 200
+    if auth:
+        assert rec.auth == auth
+    else:
+        assert "authorization" not in rec.headers
+    no_candela_credential_upstream(rec)
+    s = span(candela, r.headers["x-candela-span-id"])
+    assert (s["input_tokens"], s["output_tokens"]) == (8, 4)
+    assert (s["cost_usd"] == 0.0) == (auth is None)

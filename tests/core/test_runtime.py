@@ -1,0 +1,46 @@
+import pytest
+
+from candela_mitm.config import parse_config
+from candela_mitm.errors import ConfigError
+from candela_mitm.runtime import build_runtime
+
+
+def cfg(tmp_path, **extra):
+    base = {
+        "state": {"sqlite_path": str(tmp_path / "state.db")},
+        "audit": {"sqlite_path": str(tmp_path / "audit.db")},
+        "governance": {"models": {"mode": "allowlist", "allowed": ["gpt-4o-mini"]}},
+    }
+    base.update(extra)
+    return parse_config(base)
+
+
+@pytest.fixture
+def rt(tmp_path):
+    r = build_runtime(cfg(tmp_path), "server")
+    yield r
+    r.close()
+
+
+def test_reload_swaps_policy_pricing_and_users(rt, tmp_path):
+    assert not rt.policy.check("gpt-4o", None).allowed
+    new = cfg(
+        tmp_path,
+        governance={"models": {"mode": "allowlist", "allowed": ["gpt-4o"]}},
+        pricing={"my-model": {"input": 1.0, "output": 2.0}},
+        users={"bob": {"tenants": ["t"], "daily_budget_usd": 3.0}},
+    )
+    changed = rt.reload(new)
+    assert set(changed) == {"governance", "pricing", "users"}
+    assert rt.policy.check("gpt-4o", None).allowed
+    assert rt.pricing.get("my-model").input == 1.0
+    assert rt.users.settings("bob").daily_budget_usd == 3.0
+    assert rt.config is new
+
+
+def test_reload_refuses_sections_that_need_a_restart(rt, tmp_path):
+    before = rt.config
+    with pytest.raises(ConfigError, match="state"):
+        rt.reload(cfg(tmp_path, state={"sqlite_path": str(tmp_path / "other.db")},
+                      governance={"models": {"mode": "allowlist", "allowed": ["gpt-4o"]}}))
+    assert rt.config is before and not rt.policy.check("gpt-4o", None).allowed
