@@ -11,8 +11,8 @@ from typing import Any, Literal, TypeVar
 
 from candela_mitm.audit import AuditWriter
 from candela_mitm.config import Config
-from candela_mitm.errors import ConfigError
 from candela_mitm.credentials import UpstreamCredentials
+from candela_mitm.errors import ConfigError
 from candela_mitm.forwarding import route_for_model
 from candela_mitm.identity import Authenticator
 from candela_mitm.ledger import Ledger, process_alive
