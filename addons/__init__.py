@@ -20,10 +20,12 @@ def pipeline(rt: Runtime) -> list[Any]:
     from .modelpolicy import ModelPolicy
     from .ratelimit import RateLimit
     from .router import Router
+    from .sni import Sni
     from .spans import Spans
     from .upstream import Upstream
 
     return [
+        Sni(rt),  # transparent mode: SNI -> provider route, sandbox attribution (421/403)
         Router(rt),  # route name, body, forwarding plan (or 400/404/413/415)
         Health(),  # /healthz, before authentication
         Metrics(rt),  # /metrics; request counters at the end

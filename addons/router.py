@@ -28,16 +28,20 @@ class Router:
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        kind, provider, rest = classify(flow.request.path)
-        ctx = RequestContext(
-            kind=kind,
-            provider=provider,
-            rest=rest,
-            trace=TraceContext.from_headers(flow.request.headers.get("traceparent")),
-            client_address=flow.client_conn.peername[0] if flow.client_conn.peername else None,
-        )
-        flow.metadata[KEY] = ctx
-        if kind == "proxy" and provider not in self.rt.upstreams:
+        ctx = ctx_of(flow)
+        if ctx is None:  # transparent-mode requests arrive classified by the Sni addon
+            kind, provider, rest = classify(flow.request.path)
+            ctx = RequestContext(
+                kind=kind,
+                provider=provider,
+                rest=rest,
+                trace=TraceContext.from_headers(flow.request.headers.get("traceparent")),
+                client_address=flow.client_conn.peername[0] if flow.client_conn.peername else None,
+            )
+            flow.metadata[KEY] = ctx
+        if answered(flow):
+            return
+        if ctx.kind == "proxy" and ctx.provider not in self.rt.upstreams:
             deny(flow, errors.not_found(flow.request.path.split("?", 1)[0]))
             return
         cl = flow.request.headers.get("content-length")

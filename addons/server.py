@@ -7,11 +7,13 @@ import json
 import logging
 import os
 import signal
+from typing import Any
 
 from mitmproxy import http, options
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.tools.dump import DumpMaster
 
+from candela_mitm.certs.authority import certs_path, ensure_ca
 from candela_mitm.runtime import Runtime
 
 from . import pipeline
@@ -52,8 +54,9 @@ def install_json_errors() -> None:
 
 def proxy_options(rt: Runtime, host: str, port: int) -> dict[str, object]:
     """mitmproxy's options for Candela: reverse mode to a placeholder, lazy connections."""
+    transparent = rt.config.mode == "transparent"  # its CA (confdir) is Candela's
     return {
-        "mode": [f"reverse:{_NOWHERE}@{port}"],
+        "mode": [f"reverse:{_NOWHERE}@{port}", *transparent_modes(rt)],
         "listen_host": host,
         "listen_port": port,
         "body_size_limit": str(rt.config.limits.max_body_bytes + 1),
@@ -61,13 +64,56 @@ def proxy_options(rt: Runtime, host: str, port: int) -> dict[str, object]:
         "connection_strategy": "lazy",
         "keep_host_header": True,
         "termlog_verbosity": "warn",
+        **({"confdir": str(certs_path(rt.config.interception.certs_dir))} if transparent else {}),
     }
 
 
-async def serve(rt: Runtime, host: str, port: int) -> None:
+def transparent_modes(rt: Runtime) -> list[str]:
+    """mode: transparent adds mitmproxy's transparent listener beside the reverse one."""
+    if rt.config.mode != "transparent":
+        return []
+    # REDIRECT delivers a sandbox's connection to the address of the veth it came in on, so the
+    # listener takes every address; the Sni addon refuses clients that are neither this machine
+    # nor a registered sandbox.
+    return [f"transparent@0.0.0.0:{rt.config.interception.listen_port}"]
+
+
+# --- workers (issue 7): several processes on one port --------------------------------------
+def share_listening_port() -> None:
+    """Make mitmproxy's TCP listeners bind with SO_REUSEPORT, so that `workers: N` processes
+    listen on one port and the kernel spreads new connections across them. mitmproxy 11 binds
+    its listeners itself (AsyncioServerInstance.listen) and has no option for it."""
+    from mitmproxy.proxy import mode_servers
+
+    cls = mode_servers.AsyncioServerInstance
+    original = cls.listen
+    if getattr(original, "candela_reuse_port", False):
+        return
+
+    async def listen(self: Any, host: str, port: int) -> list[Any]:
+        if self.mode.transport_protocol != "tcp" or not port:
+            return await original(self, host, port)
+        return [await asyncio.start_server(self.handle_stream, host, port, reuse_port=True)]
+
+    listen.candela_reuse_port = True  # type: ignore[attr-defined]
+    cls.listen = listen  # type: ignore[method-assign]
+# --- end workers ---------------------------------------------------------------------------
+
+
+async def serve(rt: Runtime, host: str, port: int, reuse_port: bool = False) -> None:
     install_json_errors()
-    master = DumpMaster(options.Options(), with_termlog=True, with_dumper=False)
-    master.options.update(**proxy_options(rt, host, port))
+    if reuse_port:
+        share_listening_port()
+    opts = proxy_options(rt, host, port)
+    if "confdir" in opts:
+        ensure_ca(str(opts["confdir"]))
+    # confdir at construction: mitmproxy's TLS addon loads (or makes) its CA as it is added
+    master = DumpMaster(
+        options.Options(**{k: v for k, v in opts.items() if k == "confdir"}),
+        with_termlog=True,
+        with_dumper=False,
+    )
+    master.options.update(**opts)
     master.addons.add(*pipeline(rt))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from candela_mitm.config import load_config
+from candela_mitm.config import Config, load_config
 from candela_mitm.errors import ConfigError
 from candela_mitm.runtime import Command, build_runtime
 
@@ -23,6 +23,9 @@ def _serve_parser(prog: str, command: Command) -> argparse.ArgumentParser:
         "--port", type=int, help=f"listen port (default: listen.port, {DEFAULT_PORTS[command]})"
     )
     p.add_argument("--mode", choices=["reverse", "transparent"], help="override `mode:`")
+    p.add_argument(
+        "--workers", type=int, metavar="N", help="proxy processes on one port (default: workers)"
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -42,6 +45,17 @@ def _serve(argv: Sequence[str], command: Command, prog: str) -> int:
         config = config.model_copy(update={"mode": args.mode})
     host = args.host or config.listen.host
     port = args.port if args.port is not None else (config.listen.port or DEFAULT_PORTS[command])
+    workers = args.workers if args.workers is not None else config.workers
+    if workers > 1 and command == "server":
+        return _serve_workers(config, command, host, port, workers)
+    if workers > 1:
+        logging.getLogger("candela").warning("workers: is for candela-server; running one process")
+    return _serve_one(config, command, host, port)
+
+
+def _serve_one(
+    config: Config, command: Command, host: str, port: int, reuse_port: bool = False
+) -> int:
     try:
         rt = build_runtime(config, command)
     except (ConfigError, ValueError) as e:
@@ -49,8 +63,20 @@ def _serve(argv: Sequence[str], command: Command, prog: str) -> int:
         return 2
     from candela_mitm.addons.server import serve  # mitmproxy is imported only to serve
 
-    asyncio.run(serve(rt, host, port))
+    asyncio.run(serve(rt, host, port, reuse_port=reuse_port))
     return 0
+
+
+def _serve_workers(config: Config, command: Command, host: str, port: int, workers: int) -> int:
+    """`workers: N`: N processes share the port (SO_REUSEPORT) and the state store."""
+    from candela_mitm.workers import claim_port, run_workers
+
+    try:
+        port = claim_port(host, port)
+    except OSError as e:
+        print(f"candela: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    return run_workers(workers, lambda _i: _serve_one(config, command, host, port, True))
 
 
 def server_main(argv: Sequence[str] | None = None) -> int:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -93,6 +96,62 @@ _SCHEMA = (
 )
 
 
+class _WriteGate:
+    """Write transactions queue here instead of in SQLite's lock.
+
+    SQLite answers a writer that finds the lock taken by sleeping in its busy handler (1, 2, 5,
+    10 ms ... steps): under load most of a request's time went to those sleeps. Writers of one
+    process queue on a lock and those of several processes (workers) on an flock of
+    `<db>.lock`, both woken the moment the holder is done. SQLite's own lock still guards
+    against every other writer (the admin CLI, another tool), with `busy_timeout_ms`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(f"{path}.lock")
+        self._pid = -1
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+
+    def _for_this_process(self) -> None:
+        # after a fork the inherited descriptor shares the parent's flock: open our own
+        if self._pid != os.getpid():
+            self._thread_lock = threading.Lock()
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._pid = os.getpid()
+
+    def acquire(self, timeout_s: float) -> bool:
+        self._for_this_process()
+        deadline = time.monotonic() + timeout_s
+        if not self._thread_lock.acquire(timeout=timeout_s):
+            return False
+        assert self._fd is not None
+        pause = 0.00005
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    self._thread_lock.release()
+                    raise
+            if time.monotonic() >= deadline:
+                self._thread_lock.release()
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.001)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._thread_lock.release()
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+        self._pid = -1
+
+
 class SqliteStateStore(StateStore):
     """One database file shared by every thread (a connection each) and process (WAL).
 
@@ -115,6 +174,7 @@ class SqliteStateStore(StateStore):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreUnavailable(f"SQLite state store {self.path}: {e.strerror or e}") from e
+        self._gate = _WriteGate(self.path)
         with self._tx() as c:
             (version,) = c.execute("PRAGMA user_version").fetchone()
             if version > SCHEMA_VERSION:
@@ -161,12 +221,33 @@ class SqliteStateStore(StateStore):
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
+        if not write:
+            with self._in_tx(conn, "BEGIN"):
+                yield conn
+            return
         try:
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            gated = self._gate.acquire(self._busy_timeout_ms / 1000)
+        except OSError as e:
+            raise self._unavailable(e) from e
+        if not gated:
+            raise StoreUnavailable(
+                f"SQLite state store {self.path}: database is locked (by another writer of "
+                f"this store for over {self._busy_timeout_ms} ms)"
+            )
+        try:
+            with self._in_tx(conn, "BEGIN IMMEDIATE"):
+                yield conn
+        finally:
+            self._gate.release()
+
+    @contextmanager
+    def _in_tx(self, conn: sqlite3.Connection, begin: str) -> Iterator[None]:
+        try:
+            conn.execute(begin)
         except sqlite3.Error as e:
             raise self._unavailable(e) from e
         try:
-            yield conn
+            yield
         except BaseException as e:
             with suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -191,6 +272,7 @@ class SqliteStateStore(StateStore):
         for conn in conns:
             with suppress(sqlite3.Error):
                 conn.close()
+        self._gate.close()
 
     # -- users ---------------------------------------------------------------------------------
     def get_user(self, user_id: str, include_deleted: bool = False) -> UserRecord | None:

@@ -1,0 +1,848 @@
+"""Benchmark scenarios: direct, bare mitmproxy, Candela (full pipeline) and LiteLLM, side by side.
+
+Every figure that matters is a ratio of two targets measured in this run, on this machine, under
+the same load against the same fake upstream (bench/upstream.py). Nothing here is a test: no
+figure fails the run; the targets of issue 7 are printed next to what was measured.
+
+Usage (make bench does this): .venv-bench/bin/python bench/run.py [--only s1,s2] [--quick]
+Writes bench/results/<stamp>.json and .md, bench/results/latest.md, and the README's
+"## Benchmarks" section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+VENV_PY = ROOT / ".venv" / "bin" / "python"
+BENCH_PY = Path(os.environ.get("BENCH_PY", sys.executable))
+LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
+TICK = os.sysconf("SC_CLK_TCK")
+
+USERS = 64  # one bench user (and key) per connection, as many callers would be
+PROVIDER_KEY = "sk-bench-provider-key"
+MODEL = "gpt-4o-mini"
+EXACT_MODEL = "bench-exact"  # priced so that a reservation equals the real cost
+EXACT_TOKENS = 7
+EXACT_BUDGET = 0.1
+EXACT_FITS = 14  # 14 x 7 tokens x $1000/M = $0.098 <= $0.10 < 15 x ...
+
+
+def key_of(i: int) -> str:
+    return f"cdl_bench_user_{i:03d}"
+
+
+def sha(s: str) -> str:
+    return hashlib.sha256(s.encode()).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def tree(pid: int) -> list[int]:
+    """pid and its descendants (workers are children of the supervisor)."""
+    out = [pid]
+    try:
+        for t in Path(f"/proc/{pid}/task").iterdir():
+            for c in (t / "children").read_text().split():
+                out += tree(int(c))
+    except OSError:
+        pass
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0
+    for p in tree(pid):
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])  # utime, stime
+        except (OSError, IndexError):
+            pass
+    return total / TICK
+
+
+def rss_kb(pid: int) -> int:
+    total = 0
+    for p in tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class Proc:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+                 cwd: Path | None = None, logdir: Path | None = None) -> None:
+        self.name = name
+        self.log_path = (logdir or Path(tempfile.gettempdir())) / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.p = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            cwd=str(cwd) if cwd else None, start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait()
+        self._log.close()
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def wait_http(proc: Proc, url: str, timeout: float = 60.0, ok: Callable[[int], bool] = lambda s: s < 500) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited early:\n{proc.tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if ok(r.status):
+                    return
+        except urllib.error.HTTPError as e:
+            if ok(e.code):
+                return
+            last = str(e)
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.1)
+    raise RuntimeError(f"{proc.name} not ready at {url}: {last}\n{proc.tail()}")
+
+
+def listeners(port: int) -> int:
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                n += 1
+    return n
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work = Path(tempfile.mkdtemp(prefix="candela-bench-", dir=args.workdir))
+        self.procs: list[Proc] = []
+        self.scale = 0.5 if args.quick else 1.0
+
+    def d(self, seconds: float) -> float:
+        return round(seconds * self.scale, 2)
+
+    # -- targets -----------------------------------------------------------------------------
+    def start(self, name: str, argv: list[str], **kw: Any) -> Proc:
+        p = Proc(name, argv, logdir=self.work, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: Proc) -> None:
+        p.stop()
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def close(self) -> None:
+        for p in list(self.procs):
+            self.stop(p)
+        if not self.args.keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    @contextmanager
+    def upstream(self, *extra: str) -> Iterator[str]:
+        port = free_port()
+        p = self.start(f"upstream-{port}", [str(BENCH_PY), str(BENCH / "upstream.py"), "--port", str(port), *extra])
+        wait_http(p, f"http://127.0.0.1:{port}/healthz", 10)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            self.stop(p)
+
+    @contextmanager
+    def mitmdump(self, upstream: str, stream: bool = False) -> Iterator[tuple[str, Proc]]:
+        port = free_port()
+        argv = [str(ROOT / ".venv" / "bin" / "mitmdump"), "--mode", f"reverse:{upstream}",
+                "--listen-host", "127.0.0.1", "--listen-port", str(port), "-q"]
+        if stream:  # unbuffered bodies, as Candela streams SSE; otherwise mitmproxy buffers them
+            argv += ["--set", "stream_large_bodies=1"]
+        p = self.start(f"mitmdump-{port}", argv)
+        wait_http(p, f"http://127.0.0.1:{port}/healthz", 30)
+        try:
+            yield f"http://127.0.0.1:{port}/v1/chat/completions", p
+        finally:
+            self.stop(p)
+
+    def candela_config(self, upstream: str, tag: str, **extra: Any) -> Path:
+        d = self.work / tag
+        d.mkdir(parents=True, exist_ok=True)
+        for f in d.glob("*.db*"):
+            f.unlink()
+        users = {
+            f"user{i:03d}@bench.example": {
+                "tenants": ["research-team"],
+                "daily_budget_usd": 1_000_000.0,
+                "requests_per_minute": 100_000_000,
+            }
+            for i in range(USERS)
+        }
+        users["budget@bench.example"] = {
+            "tenants": ["research-team"],
+            "daily_budget_usd": EXACT_BUDGET,
+            "requests_per_minute": 100_000_000,
+        }
+        cfg: dict[str, Any] = {
+            "providers": {"openai": {"base_url": upstream}},
+            "auth": {
+                "api_keys": [
+                    {"sha256": sha(key_of(i)), "user": f"user{i:03d}@bench.example"}
+                    for i in range(USERS)
+                ]
+                + [{"sha256": sha("cdl_bench_budget"), "user": "budget@bench.example"}],
+            },
+            "users": users,
+            "governance": {"models": {"mode": "allowlist", "allowed": [MODEL, EXACT_MODEL]}},
+            "pricing": {EXACT_MODEL: {"input": 0.0, "output": 1000.0, "provider": "openai"}},
+            "state": {"sqlite_path": str(d / "state.db")},
+            "audit": {"sqlite_path": str(d / "audit.db")},
+        }
+        for k, v in extra.items():
+            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+                cfg[k] = {**cfg[k], **v}
+            else:
+                cfg[k] = v
+        path = d / "candela.json"  # YAML is a superset of JSON
+        path.write_text(json.dumps(cfg, indent=1))
+        return path
+
+    @contextmanager
+    def candela(self, upstream: str, tag: str = "candela", workers: int = 1,
+                **extra: Any) -> Iterator[tuple[str, Proc]]:
+        cfg = self.candela_config(upstream, tag, **extra)
+        port = free_port()
+        argv = [str(ROOT / ".venv" / "bin" / "candela-server"), "--config", str(cfg),
+                "--port", str(port), "--log-level", "WARNING", "--workers", str(workers)]
+        p = self.start(f"{tag}-{port}", argv, env={"OPENAI_API_KEY": PROVIDER_KEY}, cwd=cfg.parent)
+        wait_http(p, f"http://127.0.0.1:{port}/healthz", 60, ok=lambda s: s == 200)
+        deadline = time.monotonic() + 30
+        while listeners(port) < workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            yield f"http://127.0.0.1:{port}/proxy/openai/v1/chat/completions", p
+        finally:
+            self.stop(p)
+
+    @contextmanager
+    def litellm(self, upstream: str) -> Iterator[tuple[str, Proc]]:
+        if not LITELLM.exists():
+            raise RuntimeError(f"{LITELLM} is missing: make bench installs it")
+        d = self.work / "litellm"
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = d / "litellm.yaml"
+        cfg.write_text(json.dumps({
+            "model_list": [{
+                "model_name": MODEL,
+                "litellm_params": {"model": f"openai/{MODEL}", "api_base": f"{upstream}/v1",
+                                   "api_key": PROVIDER_KEY},
+            }],
+            "litellm_settings": {"telemetry": False, "drop_params": True},
+        }))
+        port = free_port()
+        p = self.start(f"litellm-{port}", [str(LITELLM), "--config", str(cfg), "--host", "127.0.0.1",
+                                           "--port", str(port), "--num_workers", "1"],
+                       env={"LITELLM_LOG": "ERROR", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                            "DISABLE_SCHEMA_UPDATE": "True", "NO_DOCS": "True",
+                            "PYTHONWARNINGS": "ignore"}, cwd=d)
+        wait_http(p, f"http://127.0.0.1:{port}/health/liveliness", 180, ok=lambda s: s == 200)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        self.load(url, "closed", 4, 1.0, warmup=0.5)  # first requests import lazily
+        try:
+            yield url, p
+        finally:
+            self.stop(p)
+
+    # -- load --------------------------------------------------------------------------------
+    def load(self, url: str, mode: str, concurrency: int, duration: float, *, rate: float = 0,
+             warmup: float = 1.0, stream: bool = False, max_tokens: int = 16, keys: bool = True,
+             model: str = MODEL, extra: list[str] | None = None, proc: Proc | None = None,
+             sample_rss: bool = False) -> dict[str, Any]:
+        argv = [str(BENCH_PY), str(BENCH / "loadgen.py"), "--url", url, "--mode", mode,
+                "--concurrency", str(concurrency), "--duration", str(duration),
+                "--warmup", str(warmup), "--max-tokens", str(max_tokens), "--model", model]
+        if rate:
+            argv += ["--rate", str(rate)]
+        if stream:
+            argv.append("--stream")
+        if keys:
+            argv += ["--keys", ",".join(key_of(i) for i in range(USERS))]
+        argv += extra or []
+        cpu0 = cpu_seconds(proc.pid) if proc else 0.0
+        peak = [0]
+        stop = threading.Event()
+
+        def sampler() -> None:
+            while not stop.wait(0.25):
+                peak[0] = max(peak[0], rss_kb(proc.pid)) if proc else 0
+
+        t = threading.Thread(target=sampler, daemon=True)
+        if sample_rss and proc:
+            t.start()
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + warmup + 120)
+        stop.set()
+        if out.returncode != 0:
+            raise RuntimeError(f"loadgen failed: {out.stderr[-2000:]}")
+        r: dict[str, Any] = json.loads(out.stdout)
+        if proc:
+            # CPU of the target over the whole run (warm-up included) per request answered
+            n = r["completed"] + r["errors"]
+            total = n * (duration + warmup) / duration if duration else n
+            r["target_cpu_s"] = round(cpu_seconds(proc.pid) - cpu0, 3)
+            r["target_cpu_us_per_request"] = round(r["target_cpu_s"] / max(total, 1) * 1e6)
+            if sample_rss:
+                r["peak_rss_kb"] = peak[0]
+        return r
+
+
+# -- scenarios ----------------------------------------------------------------------------------
+
+
+def s_latency(b: Bench, res: dict[str, Any]) -> None:
+    """1. Added latency at concurrency 1: a fixed rate well below every target's capacity."""
+    rate, dur = 50.0, b.d(10)
+    out: dict[str, Any] = {"rate_rps": rate, "duration_s": dur}
+    with b.upstream() as up:
+        out["direct"] = b.load(up + "/v1/chat/completions", "open", 1, dur, rate=rate, keys=False)
+        with b.mitmdump(up) as (url, p):
+            out["mitmproxy"] = b.load(url, "open", 1, dur, rate=rate, keys=False, proc=p)
+        with b.candela(up) as (url, p):
+            out["candela"] = b.load(url, "open", 1, dur, rate=rate, proc=p)
+        if not b.args.no_litellm:
+            with b.litellm(up) as (url, p):
+                out["litellm"] = b.load(url, "open", 1, dur, rate=rate, keys=False, proc=p)
+    d = out["direct"]["latency_ms"]["p50"]
+    for k in ("mitmproxy", "candela", "litellm"):
+        if k in out:
+            out[k]["added_p50_ms"] = round(out[k]["latency_ms"]["p50"] - d, 3)
+            out[k]["added_p99_ms"] = round(out[k]["latency_ms"]["p99"] - out["direct"]["latency_ms"]["p99"], 3)
+    res["s1_latency"] = out
+
+
+def s_throughput(b: Bench, res: dict[str, Any]) -> None:
+    """2. Maximum throughput, closed loop, at concurrency 16 and 64 (two interleaved rounds)."""
+    dur = b.d(8)
+    out: dict[str, Any] = {"duration_s": dur, "rounds": 2}
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    with b.upstream() as up:
+        out["upstream_direct_c64"] = b.load(up + "/v1/chat/completions", "closed", 64, dur, keys=False)
+        targets: list[tuple[str, Callable[[], Any], bool]] = [
+            ("mitmproxy", lambda: b.mitmdump(up), False),
+            ("candela", lambda: b.candela(up), True),
+        ]
+        if not b.args.no_litellm:
+            targets.append(("litellm", lambda: b.litellm(up), False))
+        for _round in range(2):
+            for name, make, keys in targets:
+                with make() as (url, p):
+                    for c in (16, 64):
+                        r = b.load(url, "closed", c, dur, keys=keys, proc=p)
+                        runs.setdefault(name, {}).setdefault(c, []).append(r)
+                        log(f"  {name} c{c}: {r['throughput_rps']} req/s, p50 {r['latency_ms']['p50']} ms, "
+                            f"{r.get('target_cpu_us_per_request')} us CPU/req, errors {r['errors']}")
+    for name, by_c in runs.items():
+        out[name] = {}
+        for c, rs in by_c.items():
+            best = max(rs, key=lambda r: r["throughput_rps"])
+            best["rounds_rps"] = [r["throughput_rps"] for r in rs]
+            out[name][f"c{c}"] = best
+    res["s2_throughput"] = out
+
+
+def s_streaming(b: Bench, res: dict[str, Any]) -> None:
+    """3. Streaming: time to first token by stream length; inter-chunk gaps under 100 streams."""
+    gap_ms = 2.0
+    lengths = (16, 128, 512)
+    out: dict[str, Any] = {"chunk_gap_ms": gap_ms, "ttft": {}, "gaps": {}}
+    with b.upstream("--chunk-gap-ms", str(gap_ms)) as up:
+        direct = up + "/v1/chat/completions"
+        for n in lengths:
+            out["ttft"][n] = {"direct": b.load(direct, "open", 8, b.d(5), rate=10, stream=True,
+                                               max_tokens=n, keys=False)}
+        with b.mitmdump(up, stream=True) as (url, p):
+            for n in lengths:
+                out["ttft"][n]["mitmproxy"] = b.load(url, "open", 8, b.d(5), rate=10, stream=True,
+                                                     max_tokens=n, keys=False, proc=p)
+        with b.candela(up) as (url, p):
+            for n in lengths:
+                out["ttft"][n]["candela"] = b.load(url, "open", 8, b.d(5), rate=10, stream=True,
+                                                   max_tokens=n, proc=p)
+        for n in lengths:
+            row = out["ttft"][n]
+            base = row["direct"]["ttft_ms"]["p50"]
+            for k in ("mitmproxy", "candela"):
+                row[k]["added_ttft_p50_ms"] = round(row[k]["ttft_ms"]["p50"] - base, 3)
+                row[k]["added_ttft_p99_ms"] = round(row[k]["ttft_ms"]["p99"] - row["direct"]["ttft_ms"]["p99"], 3)
+    # 100 concurrent streams, 20 ms between chunks, 100 chunks each: 2 s per stream
+    with b.upstream("--chunk-gap-ms", "20") as up:
+        dur = b.d(8)
+        out["gaps"]["chunk_gap_ms"] = 20
+        out["gaps"]["direct"] = b.load(up + "/v1/chat/completions", "closed", 100, dur, stream=True,
+                                       max_tokens=100, keys=False, extra=["--ramp", "1"])
+        with b.mitmdump(up, stream=True) as (url, p):
+            out["gaps"]["mitmproxy"] = b.load(url, "closed", 100, dur, stream=True, max_tokens=100,
+                                              keys=False, proc=p, extra=["--ramp", "1"])
+        with b.candela(up) as (url, p):
+            out["gaps"]["candela"] = b.load(url, "closed", 100, dur, stream=True, max_tokens=100,
+                                            proc=p, extra=["--ramp", "1"])
+    res["s3_streaming"] = out
+
+
+def s_memory(b: Bench, res: dict[str, Any]) -> None:
+    """4. RSS idle and with 1,000 concurrent streams (50 ms between chunks: each stays open)."""
+    streams = 1000
+    out: dict[str, Any] = {"streams": streams}
+    with b.upstream("--chunk-gap-ms", "50") as up:
+        for name, make, keys in (("mitmproxy", lambda: b.mitmdump(up, stream=True), False),
+                                 ("candela", lambda: b.candela(up), True)):
+            with make() as (url, p):
+                b.load(url, "closed", 4, 1.0, warmup=0.2, keys=keys, max_tokens=4)  # warm
+                time.sleep(0.5)
+                idle = rss_kb(p.pid)
+                r = b.load(url, "closed", streams, b.d(10), warmup=0, stream=True, max_tokens=400,
+                           keys=keys, proc=p, sample_rss=True, extra=["--ramp", "3"])
+                peak = r["peak_rss_kb"]
+                out[name] = {
+                    "idle_rss_kb": idle,
+                    "peak_rss_kb": peak,
+                    "kb_per_stream": round((peak - idle) / streams, 1),
+                    "completed": r["completed"],
+                    "errors": r["errors"],
+                    "error_kinds": r["error_kinds"],
+                    "gap_ms": r["gap_ms"],
+                }
+                log(f"  {name}: idle {idle} kB, peak {peak} kB, {out[name]['kb_per_stream']} kB/stream")
+    res["s4_memory"] = out
+
+
+def s_audit(b: Bench, res: dict[str, Any]) -> None:
+    """5. Audit ledger write throughput; proxy p99 while a mirror sink (BigQuery) is stalled."""
+    out: dict[str, Any] = {}
+    for durable in (0, 1):
+        r = subprocess.run([str(VENV_PY), str(BENCH / "audit_bench.py"), "--dir", str(b.work / "audit"),
+                            "--entries", str(int(100_000 * b.scale)), "--durable-every", str(durable)],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr[-2000:])
+        out["ledger_durable" if durable else "ledger"] = json.loads(r.stdout)
+    rate, dur = 200.0, b.d(8)
+    out["rate_rps"] = rate
+    with b.upstream() as up:
+        with b.candela(up, tag="nomirror") as (url, p):
+            out["no_mirror"] = b.load(url, "open", 16, dur, rate=rate, proc=p)
+        with b.upstream("--stall") as stalled:
+            bq = {"project": "bench", "endpoint": stalled, "credentials": "anonymous"}
+            with b.candela(up, tag="stalled", audit={"sinks": ["sqlite", "bigquery"], "bigquery": bq}) as (url, p):
+                out["mirror_stalled"] = b.load(url, "open", 16, dur, rate=rate, proc=p)
+    res["s5_audit"] = out
+
+
+def s_workers(b: Bench, res: dict[str, Any]) -> None:
+    """6. One and two worker processes on one port, sharing the SQLite state; budgets exact."""
+    dur = b.d(8)
+    out: dict[str, Any] = {"cores": os.cpu_count()}
+    with b.upstream() as up:
+        for n in (1, 2):
+            with b.candela(up, tag=f"workers{n}", workers=n) as (url, p):
+                out[f"workers_{n}"] = b.load(url, "closed", 64, dur, proc=p)
+                log(f"  workers={n}: {out[f'workers_{n}']['throughput_rps']} req/s")
+                if n == 2:
+                    out["budget"] = exact_budget(b, url, b.work / f"workers{n}" / "state.db")
+    res["s6_workers"] = out
+
+
+def exact_budget(b: Bench, url: str, state_db: Path) -> dict[str, Any]:
+    """200 requests at once over both workers from a user whose budget fits exactly 14."""
+    r = b.load(url, "closed", 32, 30, warmup=0, keys=False, model=EXACT_MODEL,
+               max_tokens=EXACT_TOKENS, extra=["--requests", "200", "--keys", "cdl_bench_budget"])
+    with sqlite3.connect(state_db) as db:
+        spent, reserved = db.execute(
+            "SELECT spent, reserved FROM days WHERE user_id = 'budget@bench.example'").fetchone()
+        (requests,) = db.execute(
+            "SELECT sum(requests) FROM spend WHERE user_id = 'budget@bench.example'").fetchone()
+    allowed = r["statuses"].get("200", 0)
+    cost_nano = EXACT_TOKENS * 1000  # 7 tokens x $1000 per million, in nano-dollars: 7,000 x 1000
+    return {
+        "requests": 200,
+        "statuses": r["statuses"],
+        "expected_allowed": EXACT_FITS,
+        "allowed": allowed,
+        "spent_nano_usd": spent,
+        "expected_spent_nano_usd": EXACT_FITS * cost_nano * 1000,
+        "reserved_after_nano_usd": reserved,
+        "settled_requests": requests,
+        "exact": allowed == EXACT_FITS and spent == EXACT_FITS * cost_nano * 1000
+        and reserved == 0 and requests == EXACT_FITS,
+    }
+
+
+def s_transparent(b: Bench, res: dict[str, Any]) -> None:
+    """7. Transparent mode with TLS interception: new connections per second."""
+    import transparent  # needs root, iptables and a network namespace
+
+    res["s7_transparent"] = transparent.run(b)
+
+
+SCENARIOS: dict[str, Callable[[Bench, dict[str, Any]], None]] = {
+    "s1": s_latency,
+    "s2": s_throughput,
+    "s3": s_streaming,
+    "s4": s_memory,
+    "s5": s_audit,
+    "s6": s_workers,
+    "s7": s_transparent,
+}
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
+    except (OSError, ValueError):
+        pass
+
+    def version(py: Path, mod: str) -> str:
+        try:
+            return subprocess.run([str(py), "-c", f"import importlib.metadata as m; print(m.version('{mod}'))"],
+                                  capture_output=True, text=True, timeout=60).stdout.strip() or "?"
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_mb": mem,
+        "kernel": platform.release(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "mitmproxy": version(VENV_PY, "mitmproxy"),
+        "litellm": version(ROOT / ".venv-litellm" / "bin" / "python", "litellm"),
+        "uvloop_in_harness": version(BENCH_PY, "uvloop"),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def _get(d: dict[str, Any], *path: Any) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    try:
+        return round(float(a) / float(b), 3) if b else None
+    except (TypeError, ValueError):
+        return None
+
+
+def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of issue 7 with what was measured and whether it held."""
+    rows: list[dict[str, Any]] = []
+
+    def add(target: str, measured: Any, holds: bool | None, how: str) -> None:
+        rows.append({"target": target, "measured": measured, "holds": holds, "how": how})
+
+    s2 = res.get("s2_throughput", {})
+    for c in (16, 64):
+        cand = _get(s2, "candela", f"c{c}", "throughput_rps")
+        bare = _get(s2, "mitmproxy", f"c{c}", "throughput_rps")
+        r = _ratio(cand, bare)
+        add(f"throughput >= 0.85x bare mitmproxy (c{c})", f"{r}x ({cand} vs {bare} req/s)",
+            None if r is None else r >= 0.85, "s2 closed loop, best of 2 rounds")
+        lite = _get(s2, "litellm", f"c{c}", "throughput_rps")
+        r2 = _ratio(cand, lite)
+        add(f"throughput >= 5x LiteLLM (c{c})", f"{r2}x ({cand} vs {lite} req/s)",
+            None if r2 is None else r2 >= 5, "s2 closed loop")
+    up = _get(s2, "upstream_direct_c64", "throughput_rps")
+    best_proxy = max([_get(s2, k, f"c{c}", "throughput_rps") or 0 for k in ("mitmproxy", "candela")
+                      for c in (16, 64)] or [0])
+    r = _ratio(up, best_proxy)
+    add("fake upstream >= 10x the proxy's rate", f"{r}x ({up} vs {best_proxy} req/s)",
+        None if r is None else r >= 10, "direct closed loop c64 vs the fastest proxy run")
+    s1 = res.get("s1_latency", {})
+    c_add, m_add, l_add = (_get(s1, k, "added_p50_ms") for k in ("candela", "mitmproxy", "litellm"))
+    r = _ratio(c_add, m_add)
+    add("added p50 latency <= 1.25x bare mitmproxy's", f"{r}x ({c_add} vs {m_add} ms)",
+        None if r is None else r <= 1.25, "s1 open loop, 50 req/s, concurrency 1")
+    r = _ratio(c_add, l_add)
+    add("added p50 latency <= 1/5 of LiteLLM's", f"{r}x ({c_add} vs {l_add} ms)",
+        None if r is None else r <= 0.2, "s1")
+    s3 = res.get("s3_streaming", {})
+    ttfts = {n: _get(s3, "ttft", n, "candela", "added_ttft_p50_ms") for n in _get(s3, "ttft") or {}}
+    if ttfts:
+        worst = max(v for v in ttfts.values() if v is not None)
+        spread = worst - min(v for v in ttfts.values() if v is not None)
+        add("added time to first token <= 3 ms", f"{worst} ms (p50, worst length)", worst <= 3.0,
+            "s3 open loop, 10 streams/s")
+        add("added TTFT flat in stream length", f"{ {k: v for k, v in ttfts.items()} } ms; spread {round(spread, 3)} ms",
+            spread <= 1.0, "s3: spread of added p50 over lengths <= 1 ms")
+    s4 = res.get("s4_memory", {})
+    kb = _get(s4, "candela", "kb_per_stream")
+    add("RSS <= 64 KB per concurrent stream", f"{kb} KB (mitmproxy: {_get(s4, 'mitmproxy', 'kb_per_stream')} KB)",
+        None if kb is None else kb <= 64, "s4 1,000 streams")
+    s5 = res.get("s5_audit", {})
+    eps = _get(s5, "ledger", "entries_per_s")
+    add("audit >= 20,000 entries/s", f"{eps} entries/s (durable waiter per entry: {_get(s5, 'ledger_durable', 'entries_per_s')})",
+        None if eps is None else eps >= 20_000, "s5 AuditWriter, SQLite on disk, fsync per batch")
+    p99a, p99b = _get(s5, "no_mirror", "latency_ms", "p99"), _get(s5, "mirror_stalled", "latency_ms", "p99")
+    if p99a is not None:
+        add("proxy p99 unaffected by a stalled mirror", f"{p99b} ms stalled vs {p99a} ms without",
+            None, "s5 open loop 200 req/s (reported, no numeric target)")
+    s6 = res.get("s6_workers", {})
+    r = _ratio(_get(s6, "workers_2", "throughput_rps"), _get(s6, "workers_1", "throughput_rps"))
+    add("two workers >= 1.6x one", f"{r}x on {s6.get('cores')} cores", None if r is None else r >= 1.6,
+        "s6 closed loop c64; load generator and upstream share the same cores")
+    ex = _get(s6, "budget", "exact")
+    if ex is not None:
+        add("budgets exact with two workers", f"{_get(s6, 'budget', 'allowed')} of 200 admitted, expected {EXACT_FITS}",
+            bool(ex), "s6 burst of 200 from a user with room for exactly 14")
+    s7 = res.get("s7_transparent", {})
+    if s7:
+        add("transparent TLS: new connections/s", f"candela {_get(s7, 'candela', 'throughput_rps')}, "
+            f"mitmproxy {_get(s7, 'mitmproxy', 'throughput_rps')}", None, "s7 (reported, no numeric target)")
+    return rows
+
+
+def _f(v: Any, nd: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [
+        f"Run {res['started']} on {m['cpu']}, {m['cores']} cores, {m['memory_mb']} MB RAM, Linux "
+        f"{m['kernel']}, Python {m['python']}, mitmproxy {m['mitmproxy']}, LiteLLM {m['litellm']}; "
+        f"load average at start {', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}. "
+        "Proxy, load generator and fake upstream share these cores, on loopback.",
+        "",
+        "| Target (issue 7) | Measured | Holds |",
+        "|---|---|---|",
+    ]
+    for v in res["verdicts"]:
+        holds = {True: "yes", False: "**no**", None: "n/a"}[v["holds"]]
+        lines.append(f"| {v['target']} | {v['measured']} | {holds} |")
+    s2 = res.get("s2_throughput")
+    if s2:
+        lines += ["", "Throughput (closed loop) and latency under it:", "",
+                  "| Target | c16 req/s | c16 p50 / p99 ms | c64 req/s | c64 p50 / p99 ms | CPU µs/req (c64) |",
+                  "|---|---|---|---|---|---|"]
+        for k in ("mitmproxy", "candela", "litellm"):
+            if k in s2:
+                a, c = s2[k]["c16"], s2[k]["c64"]
+                lines.append(f"| {k} | {a['throughput_rps']} | {_f(a['latency_ms']['p50'])} / {_f(a['latency_ms']['p99'])} "
+                             f"| {c['throughput_rps']} | {_f(c['latency_ms']['p50'])} / {_f(c['latency_ms']['p99'])} "
+                             f"| {c.get('target_cpu_us_per_request', '-')} |")
+        lines.append(f"| direct (upstream) | | | {s2['upstream_direct_c64']['throughput_rps']} | "
+                     f"{_f(s2['upstream_direct_c64']['latency_ms']['p50'])} / {_f(s2['upstream_direct_c64']['latency_ms']['p99'])} | |")
+    s1 = res.get("s1_latency")
+    if s1:
+        lines += ["", f"Latency at concurrency 1 (open loop, {s1['rate_rps']} req/s):", "",
+                  "| Target | p50 ms | p99 ms | added p50 ms | CPU µs/req |", "|---|---|---|---|---|"]
+        for k in ("direct", "mitmproxy", "candela", "litellm"):
+            if k in s1:
+                r = s1[k]
+                lines.append(f"| {k} | {_f(r['latency_ms']['p50'], 3)} | {_f(r['latency_ms']['p99'], 3)} | "
+                             f"{_f(r.get('added_p50_ms'), 3)} | {r.get('target_cpu_us_per_request', '-')} |")
+    s3 = res.get("s3_streaming")
+    if s3:
+        lines += ["", f"Streaming: time to first token (p50 / p99 ms; upstream paces chunks {s3['chunk_gap_ms']} ms apart):", "",
+                  "| Tokens | direct | mitmproxy | candela | candela added p50 |", "|---|---|---|---|---|"]
+        for n, row in s3["ttft"].items():
+            cells = [f"{_f(row[k]['ttft_ms']['p50'], 3)} / {_f(row[k]['ttft_ms']['p99'], 3)}" for k in ("direct", "mitmproxy", "candela")]
+            lines.append(f"| {n} | {' | '.join(cells)} | {_f(row['candela']['added_ttft_p50_ms'], 3)} |")
+        g = s3["gaps"]
+        lines += ["", f"Inter-chunk gap under 100 concurrent streams (upstream gap {g['chunk_gap_ms']} ms), ms:", "",
+                  "| Target | p50 | p99 | p99.9 | max | streams done | errors |", "|---|---|---|---|---|---|---|"]
+        for k in ("direct", "mitmproxy", "candela"):
+            r = g[k]
+            lines.append(f"| {k} | {_f(r['gap_ms']['p50'])} | {_f(r['gap_ms']['p99'])} | {_f(r['gap_ms']['p99.9'])} | "
+                         f"{_f(r['gap_ms']['max'])} | {r['completed']} | {r['errors']} |")
+    s4 = res.get("s4_memory")
+    if s4:
+        lines += ["", f"Memory with {s4['streams']} concurrent streams:", "",
+                  "| Target | idle RSS MB | peak RSS MB | KB per stream |", "|---|---|---|---|"]
+        for k in ("mitmproxy", "candela"):
+            r = s4[k]
+            lines.append(f"| {k} | {r['idle_rss_kb'] / 1024:.1f} | {r['peak_rss_kb'] / 1024:.1f} | {r['kb_per_stream']} |")
+    s5 = res.get("s5_audit")
+    if s5:
+        lines += ["", "Audit: "
+                  f"{s5['ledger']['entries_per_s']} entries/s committed ({s5['ledger']['batches']} batches); "
+                  f"{s5['ledger_durable']['entries_per_s']} entries/s when every entry has a durable waiter. "
+                  f"Proxy at {s5['rate_rps']} req/s: p50/p99 {_f(s5['no_mirror']['latency_ms']['p50'])}/"
+                  f"{_f(s5['no_mirror']['latency_ms']['p99'])} ms without a mirror, "
+                  f"{_f(s5['mirror_stalled']['latency_ms']['p50'])}/{_f(s5['mirror_stalled']['latency_ms']['p99'])} ms "
+                  f"with a BigQuery mirror that never answers (errors {s5['mirror_stalled']['errors']})."]
+    s6 = res.get("s6_workers")
+    if s6:
+        b = s6.get("budget", {})
+        lines += ["", f"Workers (c64): 1 worker {s6['workers_1']['throughput_rps']} req/s, 2 workers "
+                  f"{s6['workers_2']['throughput_rps']} req/s on {s6['cores']} cores. Budget burst: "
+                  f"{b.get('allowed')} of 200 admitted (expected {b.get('expected_allowed')}), spent "
+                  f"{b.get('spent_nano_usd')} nano-USD (expected {b.get('expected_spent_nano_usd')}), "
+                  f"reserved after {b.get('reserved_after_nano_usd')}: exact = {b.get('exact')}."]
+    s7 = res.get("s7_transparent")
+    if s7:
+        lines += ["", "Transparent mode, TLS intercepted, one request per new connection:", "",
+                  "| Target | connections/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|"]
+        for k in ("mitmproxy", "candela"):
+            if k in s7:
+                r = s7[k]
+                lines.append(f"| {k} | {r['throughput_rps']} | {_f(r['latency_ms']['p50'])} | {_f(r['latency_ms']['p99'])} | {r['errors']} |")
+        if "note" in s7:
+            lines += ["", s7["note"]]
+    if res.get("notes"):
+        lines += [""] + [f"- {n}" for n in res["notes"]]
+    if res.get("errors"):
+        lines += ["", "Scenarios that failed to run:", ""] + [f"- {k}: {v}" for k, v in res["errors"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(md: str, stamp: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    section = (
+        "## Benchmarks\n\n"
+        "`make bench` (not part of `make test`) installs the harness (`.venv-bench`: uvloop, py-spy, "
+        "pyinstrument) and LiteLLM (`.venv-litellm`), then runs `bench/run.py`: a fake OpenAI upstream "
+        "(`bench/upstream.py`), an open- and closed-loop load generator (`bench/loadgen.py`), and the "
+        "scenarios of issue 7 against direct, bare mitmproxy (mitmdump reverse mode, no addons), "
+        "Candela with the full pipeline and LiteLLM's proxy, in one run. Figures are ratios measured "
+        "side by side; results go to `bench/results/` (JSON and markdown). See `bench/README.md` for "
+        "the method and the profiles.\n\n"
+        f"Newest run ({stamp}):\n\n" + md
+    )
+    marker = "\n## Benchmarks\n"
+    if marker in text:
+        head, rest = text.split(marker, 1)
+        nxt = rest.find("\n## ")
+        tail = rest[nxt:] if nxt >= 0 else "\n"
+        text = head + "\n" + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    readme.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--only", help="comma-separated scenarios (s1..s7); default all")
+    p.add_argument("--quick", action="store_true", help="half durations (a smoke run)")
+    p.add_argument("--no-litellm", action="store_true")
+    p.add_argument("--no-readme", action="store_true")
+    p.add_argument("--keep", action="store_true", help="keep the work folder (logs, databases)")
+    p.add_argument("--workdir", default=None)
+    a = p.parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    chosen = [s.strip() for s in a.only.split(",")] if a.only else list(SCENARIOS)
+    b = Bench(a)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    res: dict[str, Any] = {"started": stamp, "machine": machine(), "errors": {}, "notes": []}
+    t0 = time.monotonic()
+    try:
+        for name in chosen:
+            log(f"{name}: {SCENARIOS[name].__doc__.splitlines()[0]}")
+            s0 = time.monotonic()
+            try:
+                SCENARIOS[name](b, res)
+            except Exception as e:  # one broken scenario must not lose the others
+                res["errors"][name] = f"{type(e).__name__}: {str(e)[:1500]}"
+                log(f"{name} failed: {res['errors'][name]}")
+            log(f"{name} done in {time.monotonic() - s0:.0f} s")
+    finally:
+        b.close()
+    res["seconds"] = round(time.monotonic() - t0)
+    res["verdicts"] = verdicts(res)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stamp}.json").write_text(json.dumps(res, indent=1, default=str))
+    md = markdown(res)
+    (RESULTS / f"{stamp}.md").write_text(f"# Benchmarks {stamp}\n\n" + md)
+    (RESULTS / "latest.md").write_text(f"# Benchmarks {stamp}\n\n" + md)
+    if not a.no_readme and not a.only:
+        update_readme(md, stamp)
+    print(md)
+    log(f"all done in {res['seconds']} s; results in {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""workers: N: two candela-server processes share one listening port and keep budgets exact."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from candela_mitm.usage import Usage
+from tests.e2e.conftest import ALICE_KEY, base_config, candela_env
+from tests.fakes.candela import CandelaProcess
+from tests.fakes.google_oauth import FakeTokenServer
+from tests.fakes.upstream import FakeUpstream
+
+pytestmark = pytest.mark.e2e
+
+# Output tokens cost $1000 per million and input is free, so the reservation (max_tokens = 7)
+# equals the real cost (the fake reports 7 output tokens): exactly 14 requests fit in $0.10.
+PRICE_OUT = 1000.0
+MAX_TOKENS = 7
+BUDGET_USD = 0.1
+FITS = 14
+NANO = 1_000_000_000
+COST_NANO = 7_000_000  # 7 tokens x $1000 / 1M, in nano-dollars
+
+
+def worker_pids(parent: int) -> list[int]:
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(p) for p in children]
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(target[8:-1])
+    return out
+
+
+def accepted_on(port: int) -> dict[str, int]:
+    """inode -> client port of every established TCP connection accepted on `port`."""
+    out = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        cols = line.split()
+        local, remote, state, inode = cols[1], cols[2], cols[3], cols[9]
+        if state == "01" and int(local.split(":")[1], 16) == port:
+            out[inode] = int(remote.split(":")[1], 16)
+    return out
+
+
+def listeners(port: int) -> int:
+    """Sockets listening on `port` (each worker has its own with SO_REUSEPORT)."""
+    n = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        cols = line.split()
+        if cols[3] == "0A" and int(cols[1].split(":")[1], 16) == port:
+            n += 1
+    return n
+
+
+def wait_for_listeners(port: int, n: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while listeners(port) < n:
+        assert time.monotonic() < deadline, f"{listeners(port)} of {n} workers listening"
+        time.sleep(0.05)
+
+
+def chat(conn: http.client.HTTPConnection) -> int:
+    body = {
+        "model": "gpt-4o-mini",
+        "max_tokens": MAX_TOKENS,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    conn.request(
+        "POST",
+        "/proxy/openai/v1/chat/completions",
+        body=json.dumps(body),
+        headers={"Authorization": f"Bearer {ALICE_KEY}", "Content-Type": "application/json"},
+    )
+    resp = conn.getresponse()
+    resp.read()
+    return resp.status
+
+
+@pytest.fixture
+def upstream7(token_server: FakeTokenServer) -> Iterator[FakeUpstream]:
+    with FakeUpstream(google_token_valid=token_server.is_valid) as f:
+        f.configure(usage=Usage(input_tokens=12, output_tokens=MAX_TOKENS, cached_tokens=0))
+        yield f
+
+
+def test_two_workers_share_one_port_and_budgets_stay_exact(
+    tmp_path: Path, upstream7: FakeUpstream, token_server: FakeTokenServer
+) -> None:
+    cfg = base_config(
+        upstream7.url,
+        workers=2,
+        users={
+            "alice@example.com": {
+                "tenants": ["research-team"],
+                "daily_budget_usd": BUDGET_USD,
+                "requests_per_minute": 10_000,
+            }
+        },
+        pricing={"gpt-4o-mini": {"input": 0.0, "output": PRICE_OUT}},
+    )
+    clients = 40
+    with CandelaProcess(tmp_path, cfg, env=candela_env(token_server, tmp_path)) as c:
+        assert c.proc is not None
+        workers = worker_pids(c.proc.pid)
+        assert len(workers) == 2
+        wait_for_listeners(c.port, 2)  # healthy means one worker listens; the other may be starting
+        # Hold many connections open at once and see which process accepted each one.
+        conns = [http.client.HTTPConnection("127.0.0.1", c.port, timeout=10) for _ in range(clients)]
+        for conn in conns:
+            conn.request("GET", "/healthz")
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+        accepted = accepted_on(c.port)
+        owners = {pid: len(_socket_inodes(pid) & accepted.keys()) for pid in workers}
+        assert sum(owners.values()) == clients, owners
+        assert all(n > 0 for n in owners.values()), f"one worker accepted everything: {owners}"
+
+        # Every client spends at once, over both workers: exactly what fits is admitted.
+        with ThreadPoolExecutor(clients) as pool:
+            statuses = list(pool.map(chat, conns))
+        for conn in conns:
+            conn.close()
+        assert statuses.count(200) == FITS, statuses
+        assert statuses.count(402) == clients - FITS, statuses
+        assert len(upstream7.requests) == FITS  # a denied request never reached the provider
+
+    state = sqlite3.connect(tmp_path / "state.db")
+    spent, reserved = state.execute(
+        "SELECT spent, reserved FROM days WHERE user_id = ?", ("alice@example.com",)
+    ).fetchone()
+    (requests,) = state.execute(
+        "SELECT sum(requests) FROM spend WHERE user_id = ?", ("alice@example.com",)
+    ).fetchone()
+    assert (spent, reserved, requests) == (FITS * COST_NANO, 0, FITS)
+    assert spent <= BUDGET_USD * NANO
+
+    audit = sqlite3.connect(tmp_path / "audit.db")
+    starts = audit.execute(
+        "SELECT json_extract(fields, '$.pid') FROM audit_log WHERE action = 'proxy_start'"
+    ).fetchall()
+    assert sorted(p for (p,) in starts) == sorted(workers)
+    decisions = dict(
+        audit.execute(
+            "SELECT json_extract(fields, '$.decision'), count(*) FROM audit_log "
+            "WHERE action = 'llm_request' GROUP BY 1"
+        ).fetchall()
+    )
+    assert decisions == {"allowed": FITS, "denied": clients - FITS}
+    for pid in workers:  # stopping the supervisor stopped (and reaped) its workers
+        assert not Path(f"/proc/{pid}").exists()
+
+
+def test_workers_refuse_a_port_in_use(tmp_path: Path, upstream: FakeUpstream) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        c = CandelaProcess(tmp_path, base_config(upstream.url, workers=2), port=port)
+        with pytest.raises(RuntimeError, match="cannot listen"):
+            c.start(timeout=10)
+        c.stop()

@@ -1,0 +1,411 @@
+"""`candela run` on the real kernel: namespace, firewall, cgroup and eBPF guard around an unchanged
+command; the bypass suite; exit codes; cleanup however the run ends."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from candela_mitm.sandbox import SandboxRegistry
+from tests.e2e.conftest import candela_env
+from tests.fakes.candela import CandelaProcess, free_port
+from tests.fakes.google_oauth import FakeTokenServer
+from tests.fakes.upstream import FakeUpstream
+
+from .sandbox_env import (
+    CANDELA,
+    PROVIDER_IP,
+    audit_entries,
+    candela_run,
+    leftovers,
+    sdk_env,
+    started_sandboxes,
+    transparent_config,
+    wait_for_audit,
+)
+
+pytestmark = [pytest.mark.privileged, pytest.mark.timeout(120)]
+
+PROBE = Path(__file__).with_name("bypass_probe.py")
+
+
+@dataclass
+class Env:
+    candela: CandelaProcess
+    upstream: FakeUpstream
+    listen_port: int
+
+    @property
+    def config(self) -> Path:
+        return self.candela.config_path
+
+    @property
+    def audit_db(self) -> Path:
+        return self.candela.tmp / "audit.db"
+
+    def run(self, command: list[str], *options: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return candela_run(self.config, command, *options, **kw)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("sandbox")
+    with FakeTokenServer() as tokens, FakeUpstream(google_token_valid=tokens.is_valid) as upstream:
+        port = free_port()
+        cfg = transparent_config(upstream.url, tmp, port)
+        with CandelaProcess(tmp, cfg, env=candela_env(tokens, tmp)) as candela:
+            yield Env(candela, upstream, port)
+
+
+def _no_sandboxes_left(env: Env) -> None:
+    """Every sandbox this module started is gone: record, namespace, veth, rules, cgroup."""
+    wait_for_audit(env.audit_db, "sandbox_stop")
+    indexes = started_sandboxes(env.audit_db)
+    assert indexes
+    registry = SandboxRegistry()
+    for index in indexes:
+        record = registry.get(index)
+        if record is not None and record.owner_alive():
+            continue  # taken again since, by a sandbox running now elsewhere on this host
+        assert record is None, record
+        assert not any(leftovers(index).values()), (index, leftovers(index))
+
+
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        (["true"], 0),
+        (["sh", "-c", "exit 7"], 7),
+        (["sh", "-c", "kill -9 $$"], 128 + 9),
+        (["/nonexistent/program"], 127),
+    ],
+)
+def test_the_commands_exit_status_is_returned_and_nothing_is_left(
+    env: Env, command: list[str], expected: int
+) -> None:
+    p = env.run(command, "--user", "alice@example.com")
+    assert p.returncode == expected, p.stderr
+    _no_sandboxes_left(env)
+
+
+def test_the_command_runs_unchanged_with_candelas_ca_and_names(env: Env) -> None:
+    script = """
+        import json, os, socket, time
+        def lookup(name):
+            t = time.monotonic()
+            try:
+                ip = socket.getaddrinfo(name, 443, socket.AF_INET)[0][4][0]
+            except OSError as e:
+                ip = f"error {e.errno}"
+            return ip, time.monotonic() - t
+        bundle = os.environ["SSL_CERT_FILE"]
+        print(json.dumps({
+            "argv": __import__("sys").argv[1:],
+            "cwd": os.getcwd(),
+            "vars": {v: os.environ.get(v) for v in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE",
+                                                  "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")},
+            "marker": os.environ.get("CANDELA_TEST_MARKER"),
+            "bundle": open(bundle).read(),
+            "openai": lookup("api.openai.com"),
+            "anthropic": lookup("api.anthropic.com"),
+            "unknown": lookup("nothing.invalid"),
+            "interfaces": sorted(n for _, n in socket.if_nameindex()),
+        }))
+    """
+    import textwrap
+
+    ca = subprocess.run(
+        [str(CANDELA), "ca", "export", "--config", str(env.config)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    p = env.run(
+        [sys.executable, "-c", textwrap.dedent(script), "a b", "--flag"],
+        "--add-host",
+        f"api.openai.com:{PROVIDER_IP}",
+        env={**sdk_env(), "CANDELA_TEST_MARKER": "kept"},
+    )
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["argv"] == ["a b", "--flag"] and out["marker"] == "kept"
+    assert out["cwd"] == os.getcwd()
+    bundles = set(out["vars"].values())
+    assert len(bundles) == 1 and None not in bundles  # all four name the same bundle
+    assert ca in out["bundle"]  # Candela's CA ...
+    assert out["bundle"].count("BEGIN CERTIFICATE") > 10  # ... beside the system's
+    assert out["openai"][0] == PROVIDER_IP
+    # a provider host with no address here still resolves: its port 443 goes to Candela anyway
+    assert not out["anthropic"][0].startswith("error")
+    assert out["unknown"][0].startswith("error") and out["unknown"][1] < 2.0
+    assert out["interfaces"] == ["eth0", "lo"]
+
+
+# -- the bypass suite ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bypass(env: Env) -> dict[str, Any]:
+    """One sandbox run of bypass_probe.py; its report, and the audit entries made meanwhile."""
+    before = {
+        a: len(audit_entries(env.audit_db, a)) for a in ("bypass_attempt", "interception_denied")
+    }
+    upstream_before = len(env.upstream.requests)
+    p = env.run(
+        [sys.executable, str(PROBE), PROVIDER_IP],
+        "--user",
+        "alice@example.com",
+        "--tenant",
+        "research-team",
+        "--add-host",
+        f"api.openai.com:{PROVIDER_IP}",
+    )
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    wait_for_audit(env.audit_db, "sandbox_stop", lambda e: True)
+    audit = {a: audit_entries(env.audit_db, a)[n:] for a, n in before.items()}
+    return {"report": report, "audit": audit, "upstream": env.upstream.requests[upstream_before:]}
+
+
+WHO = ("main", "child", "thread")
+# attempt -> (errno the call failed with, the guard's reason)
+KERNEL_REFUSED = {
+    "other_port": (errno.EPERM, "not_allowed"),
+    "ipv6": (errno.EPERM, "ipv6"),
+    "udp_443": (errno.EPERM, "udp_port"),
+    "dns_other_resolver": (errno.EPERM, "dns"),
+    "dot": (errno.EPERM, "not_allowed"),
+}
+
+
+def _guard_entries(bypass: dict[str, Any], attempt: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e for e in bypass["audit"]["bypass_attempt"] if e["pid"] == attempt["tid"]]
+
+
+@pytest.mark.parametrize("who", WHO)
+@pytest.mark.parametrize("name", sorted(KERNEL_REFUSED))
+def test_the_kernel_refuses_and_audits_with_pid_and_comm(
+    bypass: dict[str, Any], name: str, who: str
+) -> None:
+    attempt = bypass["report"][who][name]
+    err, reason = KERNEL_REFUSED[name]
+    assert attempt["outcome"] == "error" and attempt["errno"] == err, attempt
+    entries = [e for e in _guard_entries(bypass, attempt) if e["reason"] == reason]
+    assert entries, bypass["audit"]["bypass_attempt"]
+    e = entries[0]
+    assert e["tgid"] == attempt["pid"] and e["comm"] == attempt["comm"]
+    assert e["user_id"] == "alice@example.com" and e["tenant_id"] == "research-team"
+
+
+@pytest.mark.parametrize("who", WHO)
+def test_tls_without_sni_to_the_provider_is_refused_and_audited(
+    bypass: dict[str, Any], who: str
+) -> None:
+    attempt = bypass["report"][who]["tls_without_sni"]
+    assert attempt["outcome"] == "error", attempt
+    entries = [
+        e
+        for e in bypass["audit"]["interception_denied"]
+        if e["reason"] == "sni_missing" and e["pid"] == attempt["pid"]
+    ]
+    # the worker thread's attempt comes from the main thread's process: two entries with its pid
+    assert len(entries) == (1 if who == "child" else 2), bypass["audit"]["interception_denied"]
+    assert entries[0]["destination"] == f"{PROVIDER_IP}:443"
+    # the process's name (a thread's own name is the kernel guard's to report)
+    assert entries[0]["comm"] == ("cdl-main" if who == "thread" else attempt["comm"])
+    assert entries[0]["user_id"] == "alice@example.com"
+
+
+@pytest.mark.parametrize("who", WHO)
+def test_the_provider_address_with_its_name_is_intercepted(
+    bypass: dict[str, Any], who: str
+) -> None:
+    attempt = bypass["report"][who]["direct_ip_with_sni"]
+    assert attempt["outcome"] == "intercepted", attempt
+    assert attempt["issuer"] == "Candela CA"
+    assert attempt["status"].startswith("HTTP/1.1 200")
+    seen = [r for r in bypass["upstream"] if r.path == "/v1/models"]
+    assert len(seen) == len(WHO)
+    assert {r.headers["authorization"] for r in seen} == {"Bearer sk-test-openai-fake"}
+
+
+@pytest.mark.parametrize("who", WHO)
+def test_another_proxy_is_not_reachable(bypass: dict[str, Any], who: str) -> None:
+    report = bypass["report"][who]
+    other_port, port_80 = report["https_proxy_other_port"], report["https_proxy_port_80"]
+    assert other_port["outcome"] == "error" and "Errno 1]" in other_port["error"], other_port
+    assert [
+        e
+        for e in _guard_entries(bypass, other_port)
+        if e["destination"] == "198.18.0.99:3128" and e["comm"] == other_port["comm"]
+    ]
+    # port 80 is redirected to Candela, which refuses to be asked for a tunnel, and says who asked
+    assert port_80["outcome"] == "error", port_80
+    assert [
+        e
+        for e in bypass["audit"]["interception_denied"]
+        if e["reason"] == "proxy_request" and e["pid"] == port_80["pid"]
+    ]
+
+
+@pytest.mark.parametrize("who", WHO)
+def test_a_new_network_namespace_gets_nowhere(bypass: dict[str, Any], who: str) -> None:
+    attempts = bypass["report"][who]["new_netns"]["attempts"]
+    # no CAP_SYS_ADMIN in the sandbox: a plain new namespace is refused outright
+    assert attempts["--net"]["returncode"] != 0
+    assert "Operation not permitted" in attempts["--net"]["stderr"]
+    # a user namespace may be allowed, but its new network namespace has no way out
+    userns = attempts["--user --map-root-user --net"]
+    assert userns["returncode"] != 0
+    assert (
+        "Network is unreachable" in userns["stderr"]
+        or "Operation not permitted" in userns["stderr"]
+    ), userns
+
+
+def test_nothing_went_upstream_but_the_intercepted_requests(bypass: dict[str, Any]) -> None:
+    assert {r.path for r in bypass["upstream"]} == {"/v1/models"}
+
+
+# -- cleanup ---------------------------------------------------------------------------------
+
+
+def _wait_for_sandbox(proc: subprocess.Popen[str], timeout: float = 20) -> int:
+    """The index of the sandbox `candela run` (proc) made, once its command runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = [r for r in SandboxRegistry().records() if r.pid == proc.pid]
+        if records and records[0].cgroup and records[0].hosts:
+            index = records[0].index
+            procs = Path(records[0].cgroup, "cgroup.procs")
+            running = procs.exists() and procs.read_text().split()
+            # the command runs (it is in the cgroup, as `sleep`, past the launcher's exec)
+            if running and all(leftovers(index).values()):
+                comm = Path(f"/proc/{running[0]}/comm")
+                if comm.exists() and comm.read_text().strip() == "sleep":
+                    return index
+        time.sleep(0.05)
+    raise AssertionError("the sandbox did not come up")
+
+
+def _start(env: Env, command: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(CANDELA), "run", "--config", str(env.config), "--", *command],
+        env=sdk_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_sigterm_reaches_the_command_and_everything_is_removed(env: Env) -> None:
+    proc = _start(env, ["sleep", "30"])
+    try:
+        _wait_for_sandbox(proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _no_sandboxes_left(env)
+
+
+def test_a_killed_run_is_cleaned_up_by_the_next_one(env: Env) -> None:
+    proc = _start(env, ["sleep", "30"])
+    orphan = None
+    try:
+        index = _wait_for_sandbox(proc)
+        record = SandboxRegistry().get(index)
+        assert record is not None and record.cgroup
+        orphan = int(Path(record.cgroup, "cgroup.procs").read_text().split()[0])
+        proc.kill()  # SIGKILL: no chance to clean up
+        proc.wait(10)
+        assert all(leftovers(index).values())  # namespace, veth, rules, cgroup all still there
+        assert Path(f"/proc/{orphan}").exists()  # and the command still runs in them
+        p = env.run(["true"])
+        assert p.returncode == 0, p.stderr
+        assert not any(leftovers(index).values()), leftovers(index)
+        assert SandboxRegistry().get(index) is None
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{orphan}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{orphan}").exists()
+        cleaned = audit_entries(env.audit_db, "sandbox_cleanup")
+        assert any(e["sandbox"] == f"candela-{index}" for e in cleaned)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if orphan is not None:
+            try:
+                os.kill(orphan, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        env.run(["true"])  # whatever this test left, the next start removes
+    _no_sandboxes_left(env)
+
+
+def test_a_command_is_required(env: Env) -> None:
+    p = subprocess.run(
+        [str(CANDELA), "run", "--config", str(env.config)], capture_output=True, text=True
+    )
+    assert p.returncode == 2 and "no command" in p.stderr
+
+
+# -- beside host enforcement ------------------------------------------------------------------
+
+PROVIDER_CALL = f"""
+import socket, ssl
+ctx = ssl.create_default_context()
+with socket.create_connection(({PROVIDER_IP!r}, 443), timeout=5) as raw:
+    with ctx.wrap_socket(raw, server_hostname="api.openai.com") as s:
+        s.sendall(b"GET /v1/models HTTP/1.1\\r\\nHost: api.openai.com\\r\\nConnection: close\\r\\n\\r\\n")
+        print(s.recv(100).split(b"\\r\\n", 1)[0].decode())
+"""
+
+
+def test_a_sandbox_works_while_the_host_is_enforced(env: Env, tmp_path: Path) -> None:
+    """`candela enforce host` refuses provider connections from namespaces it does not know to be
+    redirected; `candela run` registers its own, and takes it back when it ends."""
+    import io
+    import uuid
+
+    from candela_mitm import cgroups, enforce
+    from candela_mitm.ebpf import host
+
+    from .conftest import require
+
+    if enforce.EnforceState.load() is not None or host.attached():
+        require("host enforcement is already active on this machine; not touching it")
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"{PROVIDER_IP} api.openai.com\n")
+    state = str(tmp_path / "enforce.json")
+    cgroup = f"candela-test-enforce-{uuid.uuid4().hex[:8]}"
+    on = ["host", "--proxy-port", str(env.listen_port), "--no-default-providers"]
+    on += ["--provider", "api.openai.com", "--hosts-file", str(hosts), "--cgroup", cgroup]
+    assert enforce.main(["--state", state, *on], out=io.StringIO()) == 0
+    try:
+        with host.PinnedEvents() as refusals:
+            p = env.run(
+                [sys.executable, "-c", PROVIDER_CALL], "--add-host", f"api.openai.com:{PROVIDER_IP}"
+            )
+            assert p.returncode == 0, p.stderr
+            assert p.stdout.strip() == "HTTP/1.1 200 OK"
+            assert [e for e in refusals.poll(200) if e.reason == "foreign_netns"] == []
+    finally:
+        enforce.main(["--state", state, "off", "--cgroup", cgroup], out=io.StringIO())
+        host.uninstall()
+        enforce.Iptables().remove()
+        cgroups.remove(cgroups.resolve(cgroup))
