@@ -14,9 +14,11 @@ from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.tools.dump import DumpMaster
 
 from candela_mitm.certs.authority import certs_path, ensure_ca
+from candela_mitm.errors import ConfigError
 from candela_mitm.runtime import Runtime
 
 from . import pipeline
+from .chain import Chain, drop_unused_defaults
 
 log = logging.getLogger("candela.server")
 
@@ -100,6 +102,18 @@ def share_listening_port() -> None:
 # --- end workers ---------------------------------------------------------------------------
 
 
+def reload_config(rt: Runtime) -> None:
+    """SIGHUP: apply the re-read config whole, or refuse it whole; either way it is audited."""
+    try:
+        changed = rt.reload_from_file()
+    except ConfigError as e:
+        log.error("config reload refused: %s", e)
+        rt.audit.record("config_reload", result="refused", reason=str(e), path=rt.config_path)
+        return
+    log.info("config reloaded: %s", ", ".join(changed) or "no change")
+    rt.audit.record("config_reload", result="applied", sections=changed, path=rt.config_path)
+
+
 async def serve(rt: Runtime, host: str, port: int, reuse_port: bool = False) -> None:
     install_json_errors()
     if reuse_port:
@@ -114,10 +128,12 @@ async def serve(rt: Runtime, host: str, port: int, reuse_port: bool = False) -> 
         with_dumper=False,
     )
     master.options.update(**opts)
-    master.addons.add(*pipeline(rt))
+    drop_unused_defaults(master)  # mitmdump's interactive addons (addons/chain.py)
+    master.addons.add(Chain(pipeline(rt)))  # one dispatch per event (addons/chain.py)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, master.shutdown)
+    loop.add_signal_handler(signal.SIGHUP, reload_config, rt)
     log.info("candela listening on %s:%d", host, port)
     rt.audit.record(
         "proxy_start", command=rt.command, mode=rt.config.mode, listen=f"{host}:{port}", pid=os.getpid()

@@ -156,6 +156,7 @@ class Sni:
             rest=route.rest if route else req.path,
             trace=TraceContext.from_headers(req.headers.get("traceparent")),
             client_address=peer,
+            intercepted=True,
         )
         flow.metadata[KEY] = ctx
         record = self.registry.lookup(peer)

@@ -18,6 +18,11 @@ from .flowstate import answered, ctx_of, deny, fail_closed
 log = logging.getLogger("candela.upstream")
 
 
+def replaces_provider_key(setting: bool | list[str], route: str) -> bool:
+    """interception.replace_provider_keys: true, false, or the routes where Candela replaces it."""
+    return setting if isinstance(setting, bool) else route in setting
+
+
 class Upstream:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -37,19 +42,24 @@ class Upstream:
         plan = c.plan
         up = plan.upstream
         req = flow.request
-        for name in self.strip:
+        # an intercepted app keeps its own provider key only where config says Candela leaves it
+        keep_key = c.intercepted and not replaces_provider_key(
+            self.rt.config.interception.replace_provider_keys, up.name
+        )
+        for name in () if keep_key else self.strip:
             if name in req.headers:
                 del req.headers[name]
         for name in [k for k in req.headers if k.lower().startswith("x-candela-")]:
             del req.headers[name]
         body_obj = plan.body if plan.body is not None else c.body
-        if body_obj is not None:
+        if body_obj is not None and not (keep_key and plan.body is None):
             # the upstream gets exactly the JSON Candela checked: no second reading of the bytes
+            # (an app that signs its own request, kept as sent, was read from these same bytes)
             req.headers.pop("content-encoding", None)
             req.content = json.dumps(body_obj, ensure_ascii=False).encode()
             req.headers["content-type"] = "application/json"
         req.path = plan.path
-        if "key" in req.query:
+        if "key" in req.query and not keep_key:
             # ?key= is a credential (the Gemini SDK sends Candela's key there): it never goes upstream
             del req.query["key"]
         path = req.path
@@ -61,6 +71,9 @@ class Upstream:
         req.headers["traceparent"] = c.trace.traceparent_for(c.span_id)
         # usage is read from the bytes as they pass: ask for them uncompressed
         req.headers["accept-encoding"] = "identity"
+        if keep_key:
+            self._forward(flow)
+            return
         try:
             creds = await self.rt.credentials.headers_for(
                 up, req.method, req.url, dict(req.headers), req.raw_content or b""
@@ -74,8 +87,13 @@ class Upstream:
             return
         for k, v in creds.items():
             req.headers[k] = v
+        self._forward(flow)
+
+    def _forward(self, flow: http.HTTPFlow) -> None:
+        c = ctx_of(flow)
+        assert c is not None and c.plan is not None
         c.forwarded = True
-        timeout = up.timeout_s or self.timeout_s
+        timeout = c.plan.upstream.timeout_s or self.timeout_s
         loop = asyncio.get_running_loop()
         self._timers[flow.id] = loop.call_later(timeout, self._on_timeout, flow, timeout)
 

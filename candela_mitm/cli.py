@@ -41,33 +41,44 @@ def _serve(argv: Sequence[str], command: Command, prog: str) -> int:
     except ConfigError as e:
         print(f"candela: config error:\n{e}", file=sys.stderr)
         return 2
-    if args.mode:
-        config = config.model_copy(update={"mode": args.mode})
+    overrides = {"mode": args.mode} if args.mode else {}
+    config = config.model_copy(update=overrides)
     host = args.host or config.listen.host
     port = args.port if args.port is not None else (config.listen.port or DEFAULT_PORTS[command])
     workers = args.workers if args.workers is not None else config.workers
     if workers > 1 and command == "server":
-        return _serve_workers(config, command, host, port, workers)
+        return _serve_workers(config, command, host, port, workers, (args.config, overrides))
     if workers > 1:
         logging.getLogger("candela").warning("workers: is for candela-server; running one process")
-    return _serve_one(config, command, host, port)
+    return _serve_one(config, command, host, port, source=(args.config, overrides))
+
+
+Source = tuple[str | None, dict[str, object]]  # the config file and the command line's overrides
 
 
 def _serve_one(
-    config: Config, command: Command, host: str, port: int, reuse_port: bool = False
+    config: Config,
+    command: Command,
+    host: str,
+    port: int,
+    reuse_port: bool = False,
+    source: Source = (None, {}),
 ) -> int:
     try:
         rt = build_runtime(config, command)
     except (ConfigError, ValueError) as e:
         print(f"candela: cannot start: {e}", file=sys.stderr)
         return 2
+    rt.config_path, rt.config_overrides = source
     from candela_mitm.addons.server import serve  # mitmproxy is imported only to serve
 
     asyncio.run(serve(rt, host, port, reuse_port=reuse_port))
     return 0
 
 
-def _serve_workers(config: Config, command: Command, host: str, port: int, workers: int) -> int:
+def _serve_workers(
+    config: Config, command: Command, host: str, port: int, workers: int, source: Source
+) -> int:
     """`workers: N`: N processes share the port (SO_REUSEPORT) and the state store."""
     from candela_mitm.workers import claim_port, run_workers
 
@@ -76,7 +87,9 @@ def _serve_workers(config: Config, command: Command, host: str, port: int, worke
     except OSError as e:
         print(f"candela: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
         return 2
-    return run_workers(workers, lambda _i: _serve_one(config, command, host, port, True))
+    return run_workers(
+        workers, lambda _i: _serve_one(config, command, host, port, True, source)
+    )
 
 
 def server_main(argv: Sequence[str] | None = None) -> int:

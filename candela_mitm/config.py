@@ -163,7 +163,9 @@ class Interception(_Model):
     listen_port: int = Field(default=8443, ge=0, le=65535)
     certs_dir: str = "~/.candela/certs"
     hosts: dict[str, str] = {}
-    replace_provider_keys: bool = True
+    # an intercepted app's own provider key is replaced by the organisation's: everywhere (true),
+    # nowhere (false), or on the routes listed
+    replace_provider_keys: bool | list[str] = True
 
     @field_validator("hosts")
     @classmethod

@@ -24,6 +24,7 @@ class RequestContext:
     span_id: str = field(default_factory=new_span_id)
     started: float = field(default_factory=time.monotonic)
     client_address: str | None = None
+    intercepted: bool = False  # arrived through the transparent listener (SNI-routed)
     principal: Any = None  # identity.Principal once authenticated
     settings: Any = None  # users.UserSettings of the principal
     tenant: str | None = None

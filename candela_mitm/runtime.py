@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from candela_mitm.audit import AuditWriter
-from candela_mitm.config import Config
+from candela_mitm.config import Config, load_config
 from candela_mitm.credentials import UpstreamCredentials
 from candela_mitm.errors import ConfigError
 from candela_mitm.forwarding import route_for_model
@@ -59,6 +59,8 @@ class Runtime:
     metrics: Metrics
     executor: ThreadPoolExecutor
     local_models: dict[str, str] = field(default_factory=dict)  # model -> ollama | lmstudio
+    config_path: str | None = None  # re-read on SIGHUP
+    config_overrides: dict[str, Any] = field(default_factory=dict)  # --mode etc., kept on reload
     local: LocalRuntime | None = None  # `candela` only: runtimes, their process, local settings
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -96,6 +98,13 @@ class Runtime:
         self.authenticator = authenticator
         self.users = UserDirectory(new, self.store)
         return changed
+
+    def reload_from_file(self) -> list[str]:
+        """SIGHUP: re-read the config file (command-line overrides still apply), then reload."""
+        if self.config_path is None:
+            raise ConfigError("started without --config: there is no file to re-read")
+        new = load_config(self.config_path).model_copy(update=self.config_overrides)
+        return self.reload(new)
 
     def provider_for_model(self, model: str) -> str | None:
         return route_for_model(

@@ -84,7 +84,11 @@ def _supervise(pids: dict[int, int], grace_s: float) -> int:
         nonlocal stop_requested
         stop_requested = True
 
+    def on_hangup(signum: int, frame: object) -> None:
+        _signal_all(pids, signal.SIGHUP)  # each worker re-reads the config itself
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     code = 0
     stopping_since: float | None = None
     try:

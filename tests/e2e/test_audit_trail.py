@@ -117,3 +117,39 @@ def test_credentials_never_reach_the_audit_trail(tmp_path, upstream, token_serve
     for secret in (ALICE_KEY.encode(), b"cdl_wrong_key_123", b"sk-openai-fake", b"secret prompt"):
         assert secret not in raw
     assert secret not in c.log().encode()
+
+
+def test_sighup_reloads_the_config_and_audits_it(tmp_path, upstream, token_server):
+    import signal
+
+    import yaml
+
+    upstream.reset()
+    cfg = base_config(upstream.url, governance={"models": {"mode": "allowlist", "allowed": ["gpt-4o-mini"]}})
+    with CandelaProcess(tmp_path, cfg, env=candela_env(token_server, tmp_path)) as c:
+        body = {"model": "gpt-4o", "messages": []}
+        assert requests.post(c.url + CHAT, json=body, headers=ALICE, timeout=10).status_code == 403
+        written = yaml.safe_load(c.config_path.read_text())
+        written["governance"] = {"models": {"mode": "allowlist", "allowed": ["gpt-4o-mini", "gpt-4o"]}}
+        c.config_path.write_text(yaml.safe_dump(written))
+        c.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if requests.post(c.url + CHAT, json=body, headers=ALICE, timeout=10).status_code == 200:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the reloaded policy never took effect")
+        # a change that needs a restart is refused whole: the policy stays as it was
+        written["state"] = {"sqlite_path": str(tmp_path / "elsewhere.db")}
+        written["governance"] = {"models": {"mode": "allowlist", "allowed": ["gpt-4o-mini"]}}
+        c.config_path.write_text(yaml.safe_dump(written))
+        c.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert requests.post(c.url + CHAT, json=body, headers=ALICE, timeout=10).status_code == 200
+        time.sleep(0.3)
+        entries = query_entries(tmp_path / "audit.db", action="config_reload", limit=10)
+        results = [e["fields"]["result"] for e in reversed(entries)]
+        assert results == ["applied", "refused"]
+        assert entries[-1]["fields"]["sections"] == ["governance"]
+        assert "state" in entries[0]["fields"]["reason"]

@@ -1,0 +1,67 @@
+import asyncio
+import json
+
+import pytest
+
+from candela_mitm.addons.flowstate import ctx_of
+from candela_mitm.addons.router import Router
+from candela_mitm.addons.upstream import Upstream, replaces_provider_key
+
+from .conftest import BASE, make_flow
+
+
+def planned(rt, path, body, headers, intercepted=False):
+    f = make_flow(path, body=body, headers=headers)
+    Router(rt).requestheaders(f)
+    c = ctx_of(f)
+    c.intercepted = intercepted
+    Router(rt).request(f)
+    assert f.response is None
+    return f
+
+
+def forward(rt, flow):
+    up = Upstream(rt)
+
+    async def go():
+        await up.request(flow)
+        up.done()
+
+    asyncio.run(go())
+    return flow
+
+
+@pytest.mark.parametrize(
+    "setting, route, replaced",
+    [(True, "openai", True), (False, "openai", False), (["openai"], "openai", True), (["openai"], "anthropic-direct", False)],
+)
+def test_replaces_provider_key_setting(setting, route, replaced):
+    assert replaces_provider_key(setting, route) is replaced
+
+
+def test_reverse_mode_always_sets_the_org_key_and_strips_the_callers(tctx, runtime):
+    rt = runtime()
+    f = planned(rt, "/proxy/openai/v1/chat/completions?key=cdl_x", {"model": "gpt-4o-mini"},
+                {"authorization": "Bearer cdl_alice_example_key", "x-candela-tenant-id": "t", "x-goog-api-key": "k"})
+    forward(rt, f)
+    h = f.request.headers
+    assert h["authorization"] == "Bearer sk-upstream"
+    assert "x-candela-tenant-id" not in h and "x-goog-api-key" not in h
+    assert "key=" not in f.request.path
+    assert (f.request.host, f.request.port, f.request.path) == ("upstream.test", 8080, "/v1/chat/completions")
+    assert json.loads(f.request.content) == {"model": "gpt-4o-mini"}
+    assert ctx_of(f).forwarded
+
+
+@pytest.mark.parametrize("setting, kept", [(True, False), (False, True), (["anthropic-direct"], True)])
+def test_intercepted_app_key_is_replaced_unless_configured_otherwise(tctx, runtime, setting, kept):
+    rt = runtime({**BASE, "interception": {"replace_provider_keys": setting}})
+    raw = b'{"model":"gpt-4o-mini",  "messages":[]}'
+    f = make_flow("/proxy/openai/v1/chat/completions", raw=raw, headers={"authorization": "Bearer sk-app-own"})
+    Router(rt).requestheaders(f)
+    ctx_of(f).intercepted = True
+    Router(rt).request(f)
+    forward(rt, f)
+    assert f.request.headers["authorization"] == ("Bearer sk-app-own" if kept else "Bearer sk-upstream")
+    # a kept request goes as the app sent it (it may be signed over these bytes)
+    assert (f.request.content == raw) is kept
