@@ -57,3 +57,21 @@ def test_wheel_has_no_generic_top_level_names(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "candela_mitm/addons/router.py" in names
     assert "candela_mitm/data/pricing.json" in names
+
+
+def test_every_module_imports():
+    """A module that names one that was never committed fails here, in CI's fresh install."""
+    import importlib
+
+    import candela_mitm.addons
+    import candela_mitm.certs
+    import candela_mitm.ebpf
+    import candela_mitm.netns
+
+    names = set(CORE)
+    for pkg in (candela_mitm.addons, candela_mitm.certs, candela_mitm.ebpf, candela_mitm.netns):
+        names |= {m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")}
+    for name in sorted(names):
+        if not name.endswith("__main__"):
+            importlib.import_module(name)
+    assert "candela_mitm.addons.server" in names
