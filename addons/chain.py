@@ -93,9 +93,12 @@ UNUSED_DEFAULTS = frozenset(
 
 def drop_unused_defaults(master: Any) -> list[str]:
     """Remove UNUSED_DEFAULTS from a DumpMaster's chain (their options stay registered, unused)."""
-    dropped = []
-    for addon in list(master.addons.chain):
-        if type(addon).__name__ in UNUSED_DEFAULTS:
-            master.addons.remove(addon)
-            dropped.append(type(addon).__name__)
-    return dropped
+    # Taken out of the chain before the master runs; AddonManager.remove() would call their
+    # `done` hooks synchronously, which some define as coroutines. They never started anything.
+    manager = master.addons
+    dropped = [a for a in manager.chain if type(a).__name__ in UNUSED_DEFAULTS]
+    manager.chain = [a for a in manager.chain if a not in dropped]
+    for name, addon in list(manager.lookup.items()):
+        if addon in dropped:
+            del manager.lookup[name]
+    return [type(a).__name__ for a in dropped]
