@@ -24,6 +24,12 @@ def _serve_parser(prog: str, command: Command) -> argparse.ArgumentParser:
     )
     p.add_argument("--mode", choices=["reverse", "transparent"], help="override `mode:`")
     p.add_argument(
+        "--enforce",
+        choices=["none", "host"],
+        help="host: redirect every process's provider traffic here (root, transparent mode; "
+        "stays after stop until `candela enforce off`); overrides interception.enforce",
+    )
+    p.add_argument(
         "--workers", type=int, metavar="N", help="proxy processes on one port (default: workers)"
     )
     p.add_argument("--log-level", default="INFO")
@@ -36,6 +42,9 @@ def _serve(argv: Sequence[str], command: Command, prog: str) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if str(args.log_level).upper() != "DEBUG":
+        # one line per client connection is noise at INFO; Candela's own loggers stay as asked
+        logging.getLogger("mitmproxy").setLevel(logging.WARNING)
     try:
         config = load_config(args.config)
     except ConfigError as e:
@@ -46,11 +55,28 @@ def _serve(argv: Sequence[str], command: Command, prog: str) -> int:
     host = args.host or config.listen.host
     port = args.port if args.port is not None else (config.listen.port or DEFAULT_PORTS[command])
     workers = args.workers if args.workers is not None else config.workers
+    if (args.enforce or config.interception.enforce) == "host" and (code := _enforce_host(config)):
+        return code
     if workers > 1 and command == "server":
         return _serve_workers(config, command, host, port, workers, (args.config, overrides))
     if workers > 1:
         logging.getLogger("candela").warning("workers: is for candela-server; running one process")
     return _serve_one(config, command, host, port, source=(args.config, overrides))
+
+
+def _enforce_host(config: Config) -> int:
+    """--enforce host, before any worker forks (they inherit Candela's cgroup); 0 when in place."""
+    from candela_mitm import enforce
+
+    try:
+        enforce.enable_for_proxy(config, out=sys.stderr)
+    except ConfigError as e:
+        print(f"candela: {e}", file=sys.stderr)
+        return 2
+    except (LookupError, OSError, ImportError) as e:
+        print(f"candela: cannot enforce: {e} (see `candela doctor`)", file=sys.stderr)
+        return 1
+    return 0
 
 
 Source = tuple[str | None, dict[str, object]]  # the config file and the command line's overrides
