@@ -33,6 +33,13 @@ run: $(STAMP)
 test: system sdk lint
 	CANDELA_REQUIRE_PRIVILEGED=1 $(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# Benchmarks (issue 7), not part of `make test`: the harness and LiteLLM get venvs of their own
+# (bench/setup.sh); results go to bench/results/ and the README's "## Benchmarks" section.
+# BENCH_ARGS="--only s1,s2 --quick" runs a part.
+bench: $(STAMP)
+	bash bench/setup.sh
+	.venv-bench/bin/python bench/run.py $(BENCH_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy

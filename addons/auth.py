@@ -51,6 +51,24 @@ def without_credentials(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in _CREDENTIAL_HEADERS}
 
 
+def plain_headers(headers: http.Headers) -> dict[str, str]:
+    """The headers as dict(headers.items()) has them (first spelling of a name, repeated values
+    joined with ", "), read in one pass: Headers.items() looks every name up again (O(n²)),
+    and authentication lower-cases them twice per request (issue 7's profile)."""
+    out: dict[str, str] = {}
+    first: dict[str, str] = {}
+    for k, v in headers.fields:
+        name = k.decode("utf-8", "surrogateescape")
+        value = v.decode("utf-8", "surrogateescape")
+        low = name.lower()
+        if low in first:
+            out[first[low]] += ", " + value
+        else:
+            first[low] = name
+            out[name] = value
+    return out
+
+
 class Auth:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -61,18 +79,17 @@ class Auth:
         if c is None or answered(flow) or c.kind in _PUBLIC:
             return
         if c.principal is None:  # transparent sandboxes are attributed before this
-            result = await self.rt.authenticator.authenticate(
-                flow.request.headers, flow.request.query
-            )
+            headers = plain_headers(flow.request.headers)
+            result = await self.rt.authenticator.authenticate(headers, flow.request.query)
             if (
                 isinstance(result, Denial)
                 and result.status == 401
                 and not self.rt.auth_required
-                and foreign_credential(flow.request.headers, flow.request.query)
+                and foreign_credential(headers, flow.request.query)
             ):
                 # the caller is who they would be with no credential at all: the OS user
                 result = await self.rt.authenticator.authenticate(
-                    without_credentials(flow.request.headers), {}
+                    without_credentials(headers), {}
                 )
             if isinstance(result, Denial):
                 deny(flow, result)

@@ -23,6 +23,8 @@ class Metrics:
                 m.audit_mirror_lag.labels(name).set(getattr(ms, "lag", 0))
 
         m.on_scrape(refresh)
+        # candela_bypass_attempts_total: this proxy's refusals and sandboxes', from the ledger
+        m.follow_audit(rt.audit.db_path)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)

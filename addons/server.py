@@ -14,6 +14,7 @@ from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.tools.dump import DumpMaster
 
 from candela_mitm.certs.authority import certs_path, ensure_ca
+from candela_mitm.enforce import start_refusal_feed
 from candela_mitm.errors import ConfigError
 from candela_mitm.runtime import Runtime
 
@@ -138,8 +139,12 @@ async def serve(rt: Runtime, host: str, port: int, reuse_port: bool = False) -> 
     rt.audit.record(
         "proxy_start", command=rt.command, mode=rt.config.mode, listen=f"{host}:{port}", pid=os.getpid()
     )
+    # host enforcement with this proxy in Candela's cgroup: the kernel's refusals are audited here
+    refusals = start_refusal_feed(rt.audit.record)
     try:
         await master.run()
     finally:
+        if refusals is not None:
+            refusals.stop()  # enforcement itself stays: fail closed until `candela enforce off`
         rt.audit.record("proxy_stop", command=rt.command, pid=os.getpid())
         rt.close()

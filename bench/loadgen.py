@@ -29,8 +29,8 @@ from urllib.parse import urlsplit
 
 try:
     import uvloop
-except ImportError:
-    uvloop = None
+except ImportError:  # the harness installs it; plain asyncio works (slower) without
+    uvloop = None  # type: ignore[assignment,unused-ignore]
 
 now = time.perf_counter  # uvloop's loop.time() has millisecond resolution: too coarse
 
@@ -222,10 +222,24 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
     track = a.stream
     conns: list[Conn] = []
 
+    ssl_ctx = None
+    if a.tls:
+        import ssl
+
+        ssl_ctx = ssl.create_default_context(cafile=a.cafile) if a.cafile else ssl.create_default_context()
+        if a.insecure:
+            ssl_ctx.check_hostname = False
+            ssl_ctx.verify_mode = ssl.CERT_NONE
+    c_host, c_port = host, port
+    if a.connect:
+        c_host, _, p = a.connect.rpartition(":")
+        c_port = int(p)
+    tls_kw: dict[str, Any] = {"ssl": ssl_ctx, "server_hostname": a.sni or host} if ssl_ctx else {}
+
     async def connect(i: int) -> tuple[Conn, bytes]:
         for attempt in range(50):
             try:
-                _, c = await loop.create_connection(lambda: Conn(track), host, port)
+                _, c = await loop.create_connection(lambda: Conn(track), c_host, c_port, **tls_kw)
                 break
             except OSError as e:
                 stats.errors[f"connect_{type(e).__name__}"] += 1
@@ -254,6 +268,10 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
             return await connect(i)
         if due >= measure_from:
             stats.add(due, sent, r, now())
+        if a.new_connection:  # one request per connection: connect (and handshake) every time
+            if c.transport is not None:
+                c.transport.close()
+            return await connect(i)
         return c, req
 
     issued = 0
@@ -338,6 +356,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=0, help="stop after this many (0: no limit)")
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--ramp", type=float, default=0.0, help="closed loop: open connections over this many seconds")
+    p.add_argument("--tls", action="store_true", help="HTTPS (the URL's scheme may stay http)")
+    p.add_argument("--sni", help="TLS server name (default: the URL's host)")
+    p.add_argument("--cafile", help="CA bundle to verify the server with")
+    p.add_argument("--insecure", action="store_true", help="do not verify the server certificate")
+    p.add_argument("--connect", help="HOST:PORT to connect to instead of the URL's")
+    p.add_argument("--new-connection", action="store_true", help="a new connection per request")
     p.add_argument("--stream", action="store_true")
     p.add_argument("--model", default="gpt-4o-mini")
     p.add_argument("--max-tokens", type=int, default=16)

@@ -44,6 +44,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 USERS = 64  # one bench user (and key) per connection, as many callers would be
 PROVIDER_KEY = "sk-bench-provider-key"
 MODEL = "gpt-4o-mini"
+LITELLM_KEY = "sk-bench-litellm-master"
 EXACT_MODEL = "bench-exact"  # priced so that a reservation equals the real cost
 EXACT_TOKENS = 7
 EXACT_BUDGET = 0.1
@@ -206,7 +207,12 @@ class Bench:
     def upstream(self, *extra: str) -> Iterator[str]:
         port = free_port()
         p = self.start(f"upstream-{port}", [str(BENCH_PY), str(BENCH / "upstream.py"), "--port", str(port), *extra])
-        wait_http(p, f"http://127.0.0.1:{port}/healthz", 10)
+        if "--stall" in extra:  # it never answers: listening is all there is to wait for
+            deadline = time.monotonic() + 10
+            while listeners(port) < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        else:
+            wait_http(p, f"http://127.0.0.1:{port}/healthz", 10)
         try:
             yield f"http://127.0.0.1:{port}"
         finally:
@@ -299,6 +305,8 @@ class Bench:
                                    "api_key": PROVIDER_KEY},
             }],
             "litellm_settings": {"telemetry": False, "drop_params": True},
+            # LiteLLM refuses to start without one; with no database it is checked per request
+            "general_settings": {"master_key": LITELLM_KEY},
         }))
         port = free_port()
         p = self.start(f"litellm-{port}", [str(LITELLM), "--config", str(cfg), "--host", "127.0.0.1",
@@ -308,7 +316,7 @@ class Bench:
                             "PYTHONWARNINGS": "ignore"}, cwd=d)
         wait_http(p, f"http://127.0.0.1:{port}/health/liveliness", 180, ok=lambda s: s == 200)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        self.load(url, "closed", 4, 1.0, warmup=0.5)  # first requests import lazily
+        self.load(url, "closed", 4, 1.0, warmup=0.5, keys=[LITELLM_KEY])  # lazy imports
         try:
             yield url, p
         finally:
@@ -316,10 +324,11 @@ class Bench:
 
     # -- load --------------------------------------------------------------------------------
     def load(self, url: str, mode: str, concurrency: int, duration: float, *, rate: float = 0,
-             warmup: float = 1.0, stream: bool = False, max_tokens: int = 16, keys: bool = True,
+             warmup: float = 1.0, stream: bool = False, max_tokens: int = 16,
+             keys: bool | list[str] = True,
              model: str = MODEL, extra: list[str] | None = None, proc: Proc | None = None,
-             sample_rss: bool = False) -> dict[str, Any]:
-        argv = [str(BENCH_PY), str(BENCH / "loadgen.py"), "--url", url, "--mode", mode,
+             sample_rss: bool = False, python: Path | None = None) -> dict[str, Any]:
+        argv = [str(python or BENCH_PY), str(BENCH / "loadgen.py"), "--url", url, "--mode", mode,
                 "--concurrency", str(concurrency), "--duration", str(duration),
                 "--warmup", str(warmup), "--max-tokens", str(max_tokens), "--model", model]
         if rate:
@@ -327,7 +336,8 @@ class Bench:
         if stream:
             argv.append("--stream")
         if keys:
-            argv += ["--keys", ",".join(key_of(i) for i in range(USERS))]
+            chosen = keys if isinstance(keys, list) else [key_of(i) for i in range(USERS)]
+            argv += ["--keys", ",".join(chosen)]
         argv += extra or []
         cpu0 = cpu_seconds(proc.pid) if proc else 0.0
         peak = [0]
@@ -371,7 +381,7 @@ def s_latency(b: Bench, res: dict[str, Any]) -> None:
             out["candela"] = b.load(url, "open", 1, dur, rate=rate, proc=p)
         if not b.args.no_litellm:
             with b.litellm(up) as (url, p):
-                out["litellm"] = b.load(url, "open", 1, dur, rate=rate, keys=False, proc=p)
+                out["litellm"] = b.load(url, "open", 1, dur, rate=rate, keys=[LITELLM_KEY], proc=p)
     d = out["direct"]["latency_ms"]["p50"]
     for k in ("mitmproxy", "candela", "litellm"):
         if k in out:
@@ -387,12 +397,12 @@ def s_throughput(b: Bench, res: dict[str, Any]) -> None:
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {}
     with b.upstream() as up:
         out["upstream_direct_c64"] = b.load(up + "/v1/chat/completions", "closed", 64, dur, keys=False)
-        targets: list[tuple[str, Callable[[], Any], bool]] = [
+        targets: list[tuple[str, Callable[[], Any], bool | list[str]]] = [
             ("mitmproxy", lambda: b.mitmdump(up), False),
             ("candela", lambda: b.candela(up), True),
         ]
         if not b.args.no_litellm:
-            targets.append(("litellm", lambda: b.litellm(up), False))
+            targets.append(("litellm", lambda: b.litellm(up), [LITELLM_KEY]))
         for _round in range(2):
             for name, make, keys in targets:
                 with make() as (url, p):
@@ -414,19 +424,20 @@ def s_streaming(b: Bench, res: dict[str, Any]) -> None:
     """3. Streaming: time to first token by stream length; inter-chunk gaps under 100 streams."""
     gap_ms = 2.0
     lengths = (16, 128, 512)
+    conc = 48  # 10 streams/s of up to ~1 s each: enough connections that none waits for one
     out: dict[str, Any] = {"chunk_gap_ms": gap_ms, "ttft": {}, "gaps": {}}
     with b.upstream("--chunk-gap-ms", str(gap_ms)) as up:
         direct = up + "/v1/chat/completions"
         for n in lengths:
-            out["ttft"][n] = {"direct": b.load(direct, "open", 8, b.d(5), rate=10, stream=True,
+            out["ttft"][n] = {"direct": b.load(direct, "open", conc, b.d(5), rate=10, stream=True,
                                                max_tokens=n, keys=False)}
         with b.mitmdump(up, stream=True) as (url, p):
             for n in lengths:
-                out["ttft"][n]["mitmproxy"] = b.load(url, "open", 8, b.d(5), rate=10, stream=True,
+                out["ttft"][n]["mitmproxy"] = b.load(url, "open", conc, b.d(5), rate=10, stream=True,
                                                      max_tokens=n, keys=False, proc=p)
         with b.candela(up) as (url, p):
             for n in lengths:
-                out["ttft"][n]["candela"] = b.load(url, "open", 8, b.d(5), rate=10, stream=True,
+                out["ttft"][n]["candela"] = b.load(url, "open", conc, b.d(5), rate=10, stream=True,
                                                    max_tokens=n, proc=p)
         for n in lengths:
             row = out["ttft"][n]
@@ -544,6 +555,95 @@ def s_transparent(b: Bench, res: dict[str, Any]) -> None:
     res["s7_transparent"] = transparent.run(b)
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds per thread id of one process."""
+    out: dict[int, float] = {}
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            f = (t / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(t.name)] = (int(f[11]) + int(f[12])) / TICK
+    return out
+
+
+def thread_names(stacks: list[tuple[list[str], int]]) -> dict[int, str]:
+    """py-spy --threads names each stack's thread: 'thread (TID): NAME'."""
+    names: dict[int, str] = {}
+    for frames, _ in stacks:
+        head = frames[0] if frames else ""
+        if head.startswith("thread (") and "): " in head:
+            tid, _, name = head[len("thread ("):].partition("): ")
+            if tid.isdigit():
+                names[int(tid)] = name.rstrip("0123456789_") if name.startswith("candela-gov") else name
+    return names
+
+
+def categorise(stacks: list[tuple[list[str], int]]) -> dict[str, int]:
+    """Main-thread samples by who was running: Candela's code, mitmproxy, or the event loop."""
+    cats = {"candela_pipeline": 0, "mitmproxy": 0, "asyncio_and_io": 0}
+    for frames, n in stacks:
+        body = [f for f in frames if not f.startswith(("thread", "process"))]
+        if any("candela_mitm/" in f and "cli.py" not in f for f in body):
+            cats["candela_pipeline"] += n
+        elif any("mitmproxy/" in f for f in body[-12:]):
+            cats["mitmproxy"] += n
+        else:
+            cats["asyncio_and_io"] += n
+    return cats
+
+
+def s_profile(b: Bench, res: dict[str, Any]) -> None:
+    """Profile: py-spy on Candela (and bare mitmproxy) at c16: where a request's CPU goes."""
+    from profile_summary import load, summarise
+
+    dur = b.d(8)
+    out: dict[str, Any] = {"duration_s": dur, "concurrency": 16}
+    spy = BENCH_PY.parent / "py-spy"
+    with b.upstream() as up:
+        for name, make, keys in (("mitmproxy", lambda: b.mitmdump(up), False),
+                                 ("candela", lambda: b.candela(up, tag="profile"), True)):
+            with make() as (url, p):
+                b.load(url, "closed", 16, 1.0, warmup=0.5, keys=keys)  # warm
+                pid = p.pid
+                raw = RESULTS / f"profile-{name}.txt"
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                before = thread_cpu(pid)
+                prof = subprocess.Popen([str(spy), "record", "-p", str(pid), "-d", str(int(dur)), "-r", "200",
+                                         "--gil", "--threads", "--format", "raw", "-o", str(raw)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                r = b.load(url, "closed", 16, dur, warmup=0, keys=keys, proc=p)
+                after = thread_cpu(pid)
+                prof.wait(30)
+                n = max(r["completed"], 1)
+                stacks = load(str(raw)) if raw.exists() else []
+                names = thread_names(stacks)
+                names[pid] = "MainThread"
+                threads: dict[str, int] = {}
+                for tid, cpu in after.items():
+                    used = cpu - before.get(tid, 0.0)
+                    if used > 0:
+                        key = names.get(tid, "other threads")
+                        threads[key] = threads.get(key, 0) + round(used / n * 1e6)
+                entry: dict[str, Any] = {"throughput_rps": r["throughput_rps"],
+                                         "cpu_us_per_request_by_thread": threads,
+                                         "cpu_us_per_request": r.get("target_cpu_us_per_request")}
+                if stacks:
+                    main = [(f, c) for f, c in stacks if f and "MainThread" in f[0]]
+                    cats = categorise(main)
+                    total = sum(cats.values()) or 1
+                    main_us = threads.get("MainThread", 0)
+                    entry["main_thread_gil_samples"] = cats
+                    entry["main_thread_share"] = {k: round(v / total, 3) for k, v in cats.items()}
+                    entry["main_thread_us_per_request_estimate"] = {k: round(main_us * v / total) for k, v in cats.items()}
+                    summary = summarise(main, 40, None)
+                    (RESULTS / f"profile-{name}.summary.txt").write_text(summary + "\n")
+                out[name] = entry
+                log(f"  {name}: {entry.get('cpu_us_per_request')} us CPU/req; threads {threads}; "
+                    f"main thread {entry.get('main_thread_share')}")
+    res["profile"] = out
+
+
 SCENARIOS: dict[str, Callable[[Bench, dict[str, Any]], None]] = {
     "s1": s_latency,
     "s2": s_throughput,
@@ -552,6 +652,7 @@ SCENARIOS: dict[str, Callable[[Bench, dict[str, Any]], None]] = {
     "s5": s_audit,
     "s6": s_workers,
     "s7": s_transparent,
+    "profile": s_profile,
 }
 
 
@@ -614,6 +715,8 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def add(target: str, measured: Any, holds: bool | None, how: str) -> None:
+        if "None" in str(measured):  # the scenario did not run (or failed): no row
+            return
         rows.append({"target": target, "measured": measured, "holds": holds, "how": how})
 
     s2 = res.get("s2_throughput", {})
@@ -763,7 +866,7 @@ def markdown(res: dict[str, Any]) -> str:
     if s7:
         lines += ["", "Transparent mode, TLS intercepted, one request per new connection:", "",
                   "| Target | connections/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|"]
-        for k in ("mitmproxy", "candela"):
+        for k in ("direct", "mitmproxy", "candela"):
             if k in s7:
                 r = s7[k]
                 lines.append(f"| {k} | {r['throughput_rps']} | {_f(r['latency_ms']['p50'])} | {_f(r['latency_ms']['p99'])} | {r['errors']} |")
@@ -820,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         for name in chosen:
-            log(f"{name}: {SCENARIOS[name].__doc__.splitlines()[0]}")
+            log(f"{name}: {(SCENARIOS[name].__doc__ or name).splitlines()[0]}")
             s0 = time.monotonic()
             try:
                 SCENARIOS[name](b, res)

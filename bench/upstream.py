@@ -32,7 +32,7 @@ from typing import Any
 try:
     import uvloop
 except ImportError:  # the harness installs it; the fake still works (slower) without
-    uvloop = None
+    uvloop = None  # type: ignore[assignment,unused-ignore]
 
 _STREAM = re.compile(rb'"stream"\s*:\s*true')
 _MAX_TOKENS = re.compile(rb'"max_(?:completion_)?tokens"\s*:\s*(\d+)')
@@ -45,6 +45,8 @@ class Settings:
     gap_s = 0.0
     chunks = 16
     stall = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 S = Settings()
@@ -252,8 +254,14 @@ class Server(asyncio.Protocol):
 
 async def serve(host: str, port: int, reuse_port: bool) -> None:
     loop = asyncio.get_running_loop()
+    ssl_ctx = None
+    if S.tls_cert:
+        import ssl
+
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.load_cert_chain(S.tls_cert, S.tls_key)
     server = await loop.create_server(
-        Server, host, port, reuse_port=reuse_port, backlog=4096
+        Server, host, port, reuse_port=reuse_port, backlog=4096, ssl=ssl_ctx
     )
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -278,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunks", type=int, default=16)
     p.add_argument("--stall", action="store_true")
     p.add_argument("--procs", type=int, default=1)
+    p.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--tls-key", help="its private key (PEM)")
     a = p.parse_args(argv)
+    S.tls_cert, S.tls_key = a.tls_cert, a.tls_key
     S.latency_s, S.gap_s, S.chunks, S.stall = a.latency_ms / 1000, a.chunk_gap_ms / 1000, a.chunks, a.stall
     if a.procs <= 1:
         _run(a.host, a.port, False)

@@ -16,7 +16,9 @@ REASONS: dict[int, str] = {
     3: "ipv6",  # sandbox: IPv6 is refused as a whole
     4: "dns",  # DNS to a resolver that is not the allowed one
     5: "provider_port",  # host: a provider address on a port or protocol not redirected
-    6: "foreign_netns",  # host: a provider connect from a namespace redirection does not cover
+    # host: a provider connect from a namespace redirection does not cover; sandbox: a connect
+    # from a namespace other than the sandbox's own (made inside it, or a process moved in)
+    6: "foreign_netns",
     7: "provider_ipv6",  # host: IPv6 to a provider (there is no IPv6 redirection)
 }
 HOOKS: dict[int, str] = {1: "connect4", 2: "connect6", 3: "sendmsg4", 4: "sendmsg6"}

@@ -166,6 +166,9 @@ class Interception(_Model):
     # an intercepted app's own provider key is replaced by the organisation's: everywhere (true),
     # nowhere (false), or on the routes listed
     replace_provider_keys: bool | list[str] = True
+    # host: at start the proxy puts `candela enforce host` in place towards its transparent
+    # listener (root); it stays when the proxy stops, until `candela enforce off`
+    enforce: Literal["none", "host"] = "none"
 
     @field_validator("hosts")
     @classmethod

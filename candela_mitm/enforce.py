@@ -21,18 +21,25 @@ Provider addresses are resolved once (DNS and /etc/hosts, or `--hosts-file`): re
 host` when they change; re-running replaces everything without a gap.
 `candela enforce off` removes the chain, the programs, the pins, the cgroup and the state file.
 Refusals are counted in the pinned `counts` map (shown by `status`) and sent to the pinned ring
-buffer, which the proxy reads with candela_mitm.ebpf.host.PinnedEvents.
+buffer. A proxy running in Candela's cgroup reads it (RefusalFeed) and audits each refusal.
+
+`candela-server --enforce host` (or `interception.enforce: host`) does all of this at start for
+its own transparent listener, with itself in Candela's cgroup (`enable_for_proxy`); when it
+stops, enforcement stays until `candela enforce off` (fail closed).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import ipaddress
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,11 +47,14 @@ from pathlib import Path
 from typing import Any
 
 from candela_mitm import cgroups
-from candela_mitm.config import load_config
+from candela_mitm.config import Config, load_config
 from candela_mitm.errors import ConfigError
+
+log = logging.getLogger("candela.enforce")
 
 CHAIN = "CANDELA-ENFORCE"
 STATE_PATH = "/run/candela/enforce.json"
+EVENTS_LOCK = "/run/candela/enforce-events.lock"  # held by the one proxy reading the refusals
 DEFAULT_CGROUP = "candela-proxy"  # not "candela": sandboxes live under that one, never exempt
 REDIRECT_PORTS = (80, 443)
 DENY_UDP_PORTS = (443, 853)
@@ -226,6 +236,18 @@ class EnforceState:
             return None
 
 
+def joined(pid: int | str = "self", state_path: str = STATE_PATH) -> bool:
+    """Whether host enforcement is on and a process (default: this one) is in Candela's cgroup."""
+    state = EnforceState.load(state_path)
+    if state is None:
+        return False
+    try:
+        mine = cgroups.cgroup_of(pid)
+        return mine is not None and mine == cgroups.relative(state.cgroup)
+    except (OSError, ValueError):
+        return False
+
+
 def join(pid: int | None = None, state_path: str = STATE_PATH) -> str | None:
     """Move a process (default: this one) into Candela's cgroup when host enforcement is on, so
     its connections to providers are not redirected back to the proxy; returns the cgroup."""
@@ -260,34 +282,39 @@ def _listening(port: int) -> bool:
     return port in found
 
 
-def host_on(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
+def enable(
+    names: Sequence[str],
+    proxy_port: int,
+    *,
+    hosts: dict[str, list[str]] | None = None,
+    cgroup: str = DEFAULT_CGROUP,
+    proxy_pids: Iterable[int] = (),
+    state_path: str = STATE_PATH,
+    ipt: Iptables | None = None,
+    out: Any = None,
+) -> EnforceState:
+    """Put host enforcement in place for these provider names (see the module docstring) and save
+    its state; prints what it resolved and did to `out`.
+
+    LookupError if no provider address resolves (nothing changes then); OSError if the kernel or
+    iptables refuses.
+    """
     from candela_mitm.ebpf import host
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(f"candela enforce: config error:\n{e}", file=sys.stderr)
-        return 2
-    port = args.proxy_port if args.proxy_port is not None else config.interception.listen_port
-    names = provider_names(
-        config.interception.hosts, args.provider, defaults=not args.no_default_providers
-    )
-    hosts = parse_hosts(Path(args.hosts_file).read_text()) if args.hosts_file else None
+    out = out if out is not None else sys.stdout
+    ipt = ipt if ipt is not None else Iptables()
     resolved = resolve_providers(names, hosts=hosts)
     v4, v6 = split_families(resolved)
     for name, addrs in resolved.items():
         print(f"  {name}: {', '.join(addrs) or 'does not resolve (not enforced)'}", file=out)
     if not v4 and not v6:
-        print(
-            "candela enforce: no provider address resolved; give them with --hosts-file "
-            "(hosts(5) format) or fix DNS",
-            file=sys.stderr,
+        raise LookupError(
+            "no provider address resolved; give them with --hosts-file (hosts(5) format) or fix DNS"
         )
-        return 1
 
     root = cgroups.cgroup2_root()
-    cg = cgroups.create(args.cgroup, root)
-    for pid in args.proxy_pid:
+    cg = cgroups.create(cgroup, root)
+    for pid in proxy_pids:
         cgroups.move_pid(cg, pid)
     policy = host.HostPolicy(
         providers=tuple(v4 + v6),
@@ -301,15 +328,44 @@ def host_on(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
         raise
     except Exception as e:  # bcc reports compile and load failures as bare Exception
         raise OSError(f"loading the eBPF programs failed: {e}") from e
-    ipt.apply(restore_text(v4, port, cgroups.relative(cg, root)))
-    EnforceState(port, str(cg), resolved, ids, time.time()).save(args.state)
-
+    ipt.apply(restore_text(v4, proxy_port, cgroups.relative(cg, root)))
+    state = EnforceState(proxy_port, str(cg), resolved, ids, time.time())
+    state.save(state_path)
     print(
         f"candela enforce: on. TCP {'/'.join(map(str, REDIRECT_PORTS))} to {len(v4)} provider "
-        f"address(es) -> port {port}; eBPF programs {ids} at {root} pinned in {host.PIN_DIR}; "
-        f"exempt cgroup {cg}",
+        f"address(es) -> port {proxy_port}; eBPF programs {ids} at {root} pinned in "
+        f"{host.PIN_DIR}; exempt cgroup {cg}",
         file=out,
     )
+    return state
+
+
+def host_on(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"candela enforce: config error:\n{e}", file=sys.stderr)
+        return 2
+    port = args.proxy_port if args.proxy_port is not None else config.interception.listen_port
+    names = provider_names(
+        config.interception.hosts, args.provider, defaults=not args.no_default_providers
+    )
+    hosts = parse_hosts(Path(args.hosts_file).read_text()) if args.hosts_file else None
+    try:
+        state = enable(
+            names,
+            port,
+            hosts=hosts,
+            cgroup=args.cgroup,
+            proxy_pids=args.proxy_pid,
+            state_path=args.state,
+            ipt=ipt,
+            out=out,
+        )
+    except LookupError as e:
+        print(f"candela enforce: {e}", file=sys.stderr)
+        return 1
+    cg = state.cgroup
     if not cgroups.pids(cg):
         print(
             f"  warning: no process in {cg}: start the proxy with `candela enforce exec -- "
@@ -323,6 +379,136 @@ def host_on(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
             file=out,
         )
     return 0
+
+
+def enable_for_proxy(
+    config: Config, *, state_path: str = STATE_PATH, out: Any = None
+) -> EnforceState:
+    """`candela-server --enforce host`: host enforcement towards this proxy's transparent
+    listener (`candela enforce host --proxy-port <interception.listen_port>`, providers from
+    interception.hosts and the defaults), with this process in Candela's exempt cgroup before
+    anything is redirected. Call it before the proxy forks workers: they inherit the cgroup.
+
+    ConfigError unless mode is transparent with a fixed listen port; PermissionError without
+    root; LookupError, OSError as `enable`.
+    """
+    if config.mode != "transparent":
+        raise ConfigError(
+            "enforce host needs transparent mode (`mode: transparent` or --mode transparent): "
+            "provider traffic is redirected to the transparent listener"
+        )
+    port = config.interception.listen_port
+    if not port:
+        raise ConfigError("enforce host needs a fixed interception.listen_port, not 0")
+    if os.geteuid() != 0:
+        raise PermissionError("enforce host needs root (iptables, eBPF, cgroups)")
+    names = provider_names(config.interception.hosts, ())
+    return enable(names, port, proxy_pids=(os.getpid(),), state_path=state_path, out=out)
+
+
+class RefusalFeed:
+    """The host guard's refusals into the audit trail: a thread of the proxy reads the pinned ring
+    buffer and records each as a `bypass_attempt` entry (enforcement="host"), from which
+    candela_bypass_attempts_total is counted.
+
+    One reader per host (a ring buffer has one consumer position): the feed holding an flock on
+    `lock_path` reads; the others (workers, a second proxy) wait and take over when it exits.
+    Refusals made while no proxy reads wait in the ring buffer, as many as fit. An entry the
+    audit writer does not accept is counted in `lost` and logged: the kernel refused the
+    connection all the same.
+    """
+
+    def __init__(
+        self,
+        record: Callable[..., bool],
+        *,
+        pin_dir: str | None = None,
+        lock_path: str = EVENTS_LOCK,
+        poll_ms: int = 200,
+        retry_s: float = 1.0,
+    ) -> None:
+        self.record = record
+        self.pin_dir = pin_dir
+        self.lock_path = lock_path
+        self.poll_ms = poll_ms
+        self.retry_s = retry_s  # how often a waiting feed tries the lock again
+        self.recorded = 0
+        self.lost = 0
+        self.reading = threading.Event()  # set while this feed holds the lock and reads
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="candela-refusals", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Drain what the ring buffer holds into the audit writer, then stop (before it closes)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _lock(self) -> int | None:
+        Path(self.lock_path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _run(self) -> None:
+        from candela_mitm.ebpf import host
+
+        while not self._stop.is_set():
+            try:
+                fd = self._lock()
+            except OSError as e:
+                log.warning("host refusals: cannot take %s: %s", self.lock_path, e)
+                fd = None
+            if fd is None:
+                self._stop.wait(self.retry_s)
+                continue
+            try:
+                with host.PinnedEvents(self.pin_dir or host.PIN_DIR) as events:
+                    self.reading.set()
+                    while not self._stop.is_set():
+                        self._audit(events.poll(self.poll_ms))
+                    self._audit(events.poll(0))
+            except Exception as e:  # reading fails open: the kernel refuses all the same
+                log.warning("host refusals: reading the ring buffer failed: %s", e)
+                self._stop.wait(self.retry_s)
+            finally:
+                self.reading.clear()
+                os.close(fd)  # releases the lock
+
+    def _audit(self, events: Sequence[Any]) -> None:
+        from candela_mitm.bypass import audit_record
+
+        for ev in events:
+            action, fields = audit_record(ev, enforcement="host")
+            if self.record(action, **fields):
+                self.recorded += 1
+            else:
+                self.lost += 1
+                log.error(
+                    "host refusal not audited (the audit queue refused it): %s", ev.describe()
+                )
+
+
+def start_refusal_feed(
+    record: Callable[..., bool], state_path: str = STATE_PATH
+) -> RefusalFeed | None:
+    """A running RefusalFeed when host enforcement is on and this process is in Candela's cgroup
+    (started with --enforce host or `candela enforce exec`); None otherwise."""
+    if not joined(state_path=state_path):
+        return None
+    feed = RefusalFeed(record)
+    feed.start()
+    return feed
 
 
 def host_off(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -64,6 +66,8 @@ class Metrics:
             ["provider", "kind"],
             registry=r,
         )
+        # Read from the audit ledger (follow_audit), not counted where the refusal is seen:
+        # `candela run` audits its sandbox's refusals from its own process.
         self.bypass_attempts = Counter(
             "candela_bypass_attempts_total",
             "Connections the kernel refused because they tried to go around the proxy",
@@ -94,6 +98,15 @@ class Metrics:
         """Gauges read from elsewhere (audit backlog, mirror lag) are refreshed at each scrape."""
         self._refreshers.append(fn)
 
+    def follow_audit(self, db_path: str | Path) -> AuditCounter:
+        """Count candela_bypass_attempts_total from the audit ledger's `bypass_attempt` entries
+        (by their `reason`), reading the new ones at each scrape."""
+        from candela_mitm.bypass import BYPASS_ATTEMPT
+
+        follower = AuditCounter(self.bypass_attempts, db_path, BYPASS_ATTEMPT, "reason")
+        self.on_scrape(follower.refresh)
+        return follower
+
     def render(self) -> tuple[bytes, str]:
         for fn in self._refreshers:
             try:
@@ -101,3 +114,38 @@ class Metrics:
             except Exception:
                 self.observability_errors.labels("metrics").inc()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class AuditCounter:
+    """A Counter kept equal to the number of audit entries of one action, by one of their fields.
+
+    Every process that writes to the ledger is counted (the proxy's workers, `candela run`), each
+    entry once, and every worker and every restart reports the same total: the whole ledger's.
+    `refresh` reads only the entries after the last seq it saw (one indexed query, a read-only
+    connection: WAL readers never wait for the writer).
+    """
+
+    def __init__(self, counter: Counter, db_path: str | Path, action: str, key: str) -> None:
+        self.counter = counter
+        self.db_path = Path(db_path)
+        self.action = action
+        self.key = key
+        self.seq = 0  # the newest entry counted
+        self._lock = threading.Lock()  # two scrapes at once must not count an entry twice
+
+    def refresh(self) -> None:
+        from candela_mitm.audit.chain import connect_readonly
+        from candela_mitm.audit.sqlite_sink import count_by_field
+
+        with self._lock:
+            try:
+                conn = connect_readonly(self.db_path)
+            except FileNotFoundError:
+                return  # nothing recorded yet
+            try:
+                seq, counts = count_by_field(conn, self.action, self.key, self.seq)
+            finally:
+                conn.close()
+            for value, n in counts.items():
+                self.counter.labels(value or "unknown").inc(n)
+            self.seq = seq

@@ -474,6 +474,7 @@ class Sandbox:
         self.registry.update(self.record)
         if self.ebpf:
             from candela_mitm.ebpf.guard import CgroupGuard
+            from candela_mitm.ebpf.host import netns_cookie
 
             self.guard = CgroupGuard(
                 allow_v4=[("127.0.0.1", 0)],  # the sandbox's own loopback
@@ -481,6 +482,9 @@ class Sandbox:
                 deny_udp_ports=(443, 853),  # QUIC, DNS over QUIC
                 deny_all_v6=True,
                 allow_dns_to=["127.0.0.1"],  # where resolv.conf points: no other resolver
+                # only the firewall of this namespace redirects 80/443: from a namespace made
+                # inside (unshare -Urn), or a process moved in from outside, they go nowhere
+                netns_cookies=[netns_cookie(network.netns_path(net))],
             )
             self.guard.attach(str(cgroup))
             self._undo.callback(self._stop_guard)

@@ -49,6 +49,7 @@
 
 #define F_DENY_ALL_V6 1
 #define F_DNS_RESTRICTED 2
+#define F_NETNS_RESTRICTED 4
 
 struct guard_config {
     u32 flags;
@@ -92,6 +93,7 @@ BPF_HASH(dns, struct addr, u8, MAX_ENTRIES);  // resolvers DNS may go to, when r
 BPF_HASH(providers, struct addr, u8, MAX_ENTRIES);  // host: provider addresses
 BPF_HASH(exempt, u64, u8, 64);  // host: cgroup ids (and their descendants) left alone
 BPF_HASH(redirected, u64, u8, 256);  // host: netns cookies whose provider TCP iptables redirects
+BPF_HASH(own_netns, u64, u8, 16);  // sandbox: netns cookies of the sandbox (F_NETNS_RESTRICTED)
 BPF_ARRAY(counts, u64, N_REASONS);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
@@ -152,6 +154,13 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct addr *dst, u
     key.port = 0;
     if (allow.lookup(&key))
         return 0;
+    // A namespace the sandbox made (unshare -Urn) or a process moved into the cgroup from
+    // elsewhere is outside the firewall's redirect: nothing but the allow list from there.
+    if (cfg->flags & F_NETNS_RESTRICTED) {
+        u64 netns = bpf_get_netns_cookie(ctx);
+        if (!own_netns.lookup(&netns))
+            return R_FOREIGN_NETNS;
+    }
     if (port == cfg->dns_port && (cfg->flags & F_DNS_RESTRICTED)) {
         if (dns.lookup(dst))
             return 0;

@@ -8,7 +8,8 @@ API (used by the sandbox, `candela run`)::
                      allow_tcp_ports_v4=(80, 443),       # TCP to ANY IPv4 on these ports
                      deny_udp_ports=(443, 853),
                      deny_all_v6=True,
-                     allow_dns_to=["10.200.0.1"]) as guard:
+                     allow_dns_to=["10.200.0.1"],
+                     netns_cookies=[netns_cookie("/run/netns/candela-1")]) as guard:
         guard.attach("/sys/fs/cgroup/unified/candela-run-1")   # or a path relative to the v2 root
         ...
         for event in guard.poll(timeout_ms=100):               # list[BypassEvent]
@@ -18,6 +19,10 @@ Policy, for every process in the cgroup and its descendants (threads and childre
 
 - UDP (connect or sendmsg) to a port in `deny_udp_ports`: refused, whatever the address.
 - A destination in `allow_v4` (exact port, or any port when listed with 0): allowed.
+- From a network namespace not in `netns_cookies` (when it is a list): refused (foreign_netns),
+  except `allow_v4` destinations and refused UDP ports. A namespace made inside the sandbox
+  (`unshare -Urn`) or a process moved into the cgroup from elsewhere is outside the sandbox's
+  firewall redirect, so "TCP 80/443 to any address" must not hold there.
 - DNS (port 53, TCP or UDP) when `allow_dns_to` is a list: only to those resolvers (IPv4 or IPv6
   addresses; an empty list refuses all DNS). `None` leaves DNS to the rules below.
 - Other IPv4 TCP: allowed only to ports in `allow_tcp_ports_v4` (any address), else refused.
@@ -54,6 +59,7 @@ SOURCE = "guard.c"
 DNS_PORT = 53
 F_DENY_ALL_V6 = 1
 F_DNS_RESTRICTED = 2
+F_NETNS_RESTRICTED = 4
 
 # (function in guard.c, attach type): the four hooks every guard attaches.
 HOOKS: tuple[tuple[str, int], ...] = (
@@ -160,6 +166,7 @@ class CgroupGuard:
         deny_udp_ports: tuple[int, ...] = (443, 853),
         deny_all_v6: bool = True,
         allow_dns_to: list[str] | None = None,
+        netns_cookies: list[int] | None = None,
     ):
         self.allow_v4 = [
             (str(ipaddress.IPv4Address(ip)), _port(p, "allow_v4")) for ip, p in allow_v4
@@ -170,6 +177,8 @@ class CgroupGuard:
         self.allow_dns_to = (
             None if allow_dns_to is None else [str(ipaddress.ip_address(a)) for a in allow_dns_to]
         )
+        # None: any namespace; a list (cookies from candela_mitm.ebpf.host.netns_cookie): only those
+        self.netns_cookies = None if netns_cookies is None else [int(c) for c in netns_cookies]
         self.cgroup_path: Path | None = None
         self._bpf: Any = None
         self._fns: dict[str, Any] = {}
@@ -210,6 +219,10 @@ class CgroupGuard:
             flags |= F_DNS_RESTRICTED
             for ip in self.allow_dns_to:
                 set_addr(b[b"dns"], ip)
+        if self.netns_cookies is not None:
+            flags |= F_NETNS_RESTRICTED
+            for cookie in self.netns_cookies:
+                set_flag(b[b"own_netns"], cookie)
         for ip, port in self.allow_v4:
             set_addr_port(b[b"allow"], ip, port)
         for port in self.allow_tcp_ports_v4:
@@ -288,3 +301,5 @@ def describe_policy(guard: CgroupGuard) -> Iterable[str]:
     yield "ipv6 refused" if guard.deny_all_v6 else "ipv6 allowed"
     if guard.allow_dns_to is not None:
         yield f"dns only to {', '.join(guard.allow_dns_to) or 'nothing'}"
+    if guard.netns_cookies is not None:
+        yield f"only from network namespaces {', '.join(map(str, guard.netns_cookies)) or 'none'}"

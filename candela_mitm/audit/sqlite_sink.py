@@ -201,6 +201,26 @@ def read_rows(conn: sqlite3.Connection, after_seq: int, limit: int) -> list[Row]
     return [tuple(r) for r in cur]
 
 
+def count_by_field(
+    conn: sqlite3.Connection, action: str, key: str, after_seq: int = 0
+) -> tuple[int, dict[str | None, int]]:
+    """Entries of one action after after_seq, counted by one top-level field of theirs (None
+    where it is absent): (the newest seq counted, or after_seq if none, {value: count}).
+
+    Reads only the new entries of that action, through the (action, seq) index.
+    """
+    cur = conn.execute(
+        "SELECT json_extract(fields, ?), count(*), max(seq) FROM audit_log"
+        " WHERE action = ? AND seq > ? GROUP BY 1",
+        (f'$."{key}"', action, after_seq),
+    )
+    newest, counts = after_seq, {}
+    for value, n, top in cur:
+        counts[None if value is None else str(value)] = int(n)
+        newest = max(newest, int(top))
+    return newest, counts
+
+
 def row_at(conn: sqlite3.Connection, seq: int) -> Row | None:
     got = conn.execute(f"SELECT {ROW_COLUMNS} FROM audit_log WHERE seq = ?", (seq,)).fetchone()
     return None if got is None else tuple(got)

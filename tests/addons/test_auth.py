@@ -94,3 +94,23 @@ def test_other_bad_credentials_stay_401(make_runtime, command, auth, headers):
 )
 def test_foreign_credential(headers, query, expected):
     assert foreign_credential(headers, query) is expected
+
+
+# issue 7: the headers read in one pass, as dict(headers.items()) would have them
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [(b"Authorization", b"Bearer k"), (b"Content-Type", b"application/json")],
+        [(b"X-Dup", b"a"), (b"x-dup", b"b"), (b"X-DUP", b"c")],
+        [(b"K", "\u00e9".encode()), (b"Bad", b"\xff\xfe")],
+        [],
+    ],
+)
+def test_plain_headers_equal_headers_items(fields: list[tuple[bytes, bytes]]) -> None:
+    from mitmproxy.test import tflow
+
+    from candela_mitm.addons.auth import plain_headers
+
+    f = tflow.tflow()
+    f.request.headers.fields = tuple(fields)
+    assert plain_headers(f.request.headers) == dict(f.request.headers.items())

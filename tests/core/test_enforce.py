@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,138 @@ def test_state_round_trip(tmp_path: Path) -> None:
 
 def test_join_without_enforcement_does_nothing(tmp_path: Path) -> None:
     assert enforce.join(state_path=str(tmp_path / "none.json")) is None
+
+
+# -- the proxy's side: --enforce host and the refusal feed --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        ({}, "needs transparent mode"),
+        ({"mode": "reverse", "interception": {"enforce": "host"}}, "needs transparent mode"),
+        ({"mode": "transparent", "interception": {"listen_port": 0}}, "fixed interception"),
+    ],
+)
+def test_enable_for_proxy_refuses_what_cannot_be_enforced(
+    config: dict[str, object], expected: str
+) -> None:
+    from candela_mitm.config import Config
+    from candela_mitm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=expected):
+        enforce.enable_for_proxy(Config.model_validate(config))
+
+
+@pytest.mark.parametrize(
+    "argv, yaml_text",
+    [
+        (["--enforce", "host"], ""),
+        ([], "interception: {enforce: host}\n"),
+        (["--enforce", "host", "--mode", "reverse"], "mode: transparent\n"),
+    ],
+)
+def test_server_with_enforce_host_in_reverse_mode_refuses_to_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], yaml_text: str
+) -> None:
+    from candela_mitm import cli
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    assert cli.server_main(["--config", str(cfg), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "enforce host needs transparent mode" in err
+
+
+def test_config_enforce_is_none_or_host() -> None:
+    from candela_mitm.config import Config
+
+    assert Config().interception.enforce == "none"
+    host = Config.model_validate({"interception": {"enforce": "host"}})
+    assert host.interception.enforce == "host"
+    with pytest.raises(ValueError):
+        Config.model_validate({"interception": {"enforce": "everything"}})
+
+
+def test_joined_needs_enforcement_and_the_cgroup(tmp_path: Path) -> None:
+    state = str(tmp_path / "enforce.json")
+    assert not enforce.joined(state_path=state)
+    EnforceState(8443, "/nonexistent/cgroup/candela-proxy", {}, [], 0.0).save(state)
+    assert not enforce.joined(state_path=state)
+
+
+class FakePinnedEvents:
+    """host.PinnedEvents over a shared list: poll takes what is there."""
+
+    queue: list[object] = []
+    opened = 0
+
+    def __init__(self, pin_dir: str) -> None:
+        FakePinnedEvents.opened += 1
+
+    def poll(self, timeout_ms: int = 100) -> list[object]:
+        out, FakePinnedEvents.queue[:] = list(FakePinnedEvents.queue), []
+        if not out:
+            time.sleep(timeout_ms / 1000)
+        return out
+
+    def __enter__(self) -> FakePinnedEvents:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _event(reason: int, tgid: int) -> object:
+    from candela_mitm.bypass import BypassEvent
+    from tests.core.test_bypass import raw_event
+
+    return BypassEvent.from_bytes(raw_event(reason=reason, tgid=tgid, comm=b"cdl-probe"))
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_refusal_feed_audits_each_event_and_only_one_feed_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from candela_mitm.ebpf import host
+
+    monkeypatch.setattr(host, "PinnedEvents", FakePinnedEvents)
+    FakePinnedEvents.queue = []
+    recorded: list[tuple[str, dict[str, object]]] = []
+
+    def record(action: str, **fields: object) -> bool:
+        recorded.append((action, fields))
+        return len(recorded) != 3  # the third entry is refused by the audit queue
+
+    lock = str(tmp_path / "run" / "events.lock")
+    first = enforce.RefusalFeed(record, lock_path=lock, poll_ms=10, retry_s=0.02)
+    second = enforce.RefusalFeed(record, lock_path=lock, poll_ms=10, retry_s=0.02)
+    first.start()
+    try:
+        assert first.reading.wait(3)
+        second.start()
+        FakePinnedEvents.queue += [_event(5, 100), _event(2, 101)]
+        assert _wait(lambda: len(recorded) == 2)
+        assert [(a, f["reason"], f["tgid"], f["comm"], f["enforcement"]) for a, f in recorded] == [
+            ("bypass_attempt", "provider_port", 100, "cdl-probe", "host"),
+            ("bypass_attempt", "udp_port", 101, "cdl-probe", "host"),
+        ]
+        assert not second.reading.is_set()  # one consumer of the ring buffer per host
+        first.stop()
+        assert second.reading.wait(3)  # the waiting one takes over
+        FakePinnedEvents.queue += [_event(6, 102), _event(7, 103)]
+        assert _wait(lambda: len(recorded) == 4)
+        assert (second.recorded, second.lost) == (1, 1)
+        assert (first.recorded, first.lost) == (2, 0)
+    finally:
+        first.stop()
+        second.stop()
+    assert not second.reading.is_set()

@@ -376,3 +376,47 @@ def test_time_and_money_helpers() -> None:
 
 def test_user_record_tenants_are_a_tuple() -> None:
     assert UserRecord("u", tenants=["a", "b"]).tenants == ("a", "b")  # type: ignore[arg-type]
+
+
+# issue 7: writers queue on the store's gate (a lock, and an flock for other processes) instead
+# of SQLite's busy handler, which sleeps in 1-100 ms steps
+def test_sqlite_writers_of_another_process_queue_on_the_gate(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    path = tmp_path / "s.db"
+    store = SqliteStateStore(path, busy_timeout_ms=150)
+    other = os.open(f"{path}.lock", os.O_RDWR)  # another worker, in the middle of a write
+    fcntl.flock(other, fcntl.LOCK_EX)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="locked"):
+            store.rate_hit("k", 5, 60_000_000, T0_US)
+        assert 0.1 <= time.monotonic() - started < 2.0
+        assert store.get_user("alice@example.com") is None  # readers do not queue
+        threading.Timer(0.05, fcntl.flock, (other, fcntl.LOCK_UN)).start()
+        assert store.rate_hit("k", 5, 60_000_000, T0_US).allowed  # served once it is free
+    finally:
+        os.close(other)
+        store.close()
+
+
+def test_sqlite_threads_write_one_at_a_time(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path / "s.db", busy_timeout_ms=2000)
+    errors: list[BaseException] = []
+
+    def hit(i: int) -> None:
+        try:
+            for _ in range(50):
+                store.rate_hit(f"user{i}", 1000, 60_000_000, T0_US)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=hit, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert store.rate_hit("user0", 1000, 60_000_000, T0_US).count == 51
+    store.close()

@@ -91,15 +91,36 @@ def https_proxy(proxy: str) -> dict[str, object]:
     return {"outcome": "answered"}
 
 
+# Runs in the new namespace: one connect to the provider's port 443, reported with who made it.
+NETNS_COMM = "cdl-netns"
+NETNS_CODE = """
+import ctypes, json, os, socket, sys
+ctypes.CDLL(None).prctl(15, {comm!r}.encode(), 0, 0, 0)
+s = socket.socket()
+s.settimeout(3)
+try:
+    s.connect(({ip!r}, 443))
+    err = 0
+except OSError as e:
+    err = e.errno
+print(json.dumps({{"pid": os.getpid(), "comm": {comm!r}, "errno": err}}))
+"""
+
+
 def new_netns(ip: str) -> dict[str, object]:
     """A namespace of its own, if privileges allow: plain, else inside a new user namespace."""
-    code = f"import socket; s = socket.socket(); s.settimeout(3); s.connect(({ip!r}, 443))"
+    code = NETNS_CODE.format(ip=ip, comm=NETNS_COMM)
     out = {}
     for flags in (["--net"], ["--user", "--map-root-user", "--net"]):
         p = subprocess.run(
             ["unshare", *flags, sys.executable, "-c", code], capture_output=True, text=True
         )
-        out[" ".join(flags)] = {"returncode": p.returncode, "stderr": p.stderr.strip()[-200:]}
+        out[" ".join(flags)] = {
+            "returncode": p.returncode,
+            "stderr": p.stderr.strip()[-200:],
+            # None: unshare itself failed, the connect never ran
+            "connect": json.loads(p.stdout) if p.returncode == 0 and p.stdout.strip() else None,
+        }
     return {"outcome": "tried", "attempts": out}
 
 

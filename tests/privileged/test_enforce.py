@@ -211,3 +211,94 @@ def test_registered_netns_is_treated_as_redirected(env: Env, probe: Probe) -> No
     finally:
         host.register_netns(other)
     assert probe("tcp", PROVIDER_IP, 443).errno == 0
+
+
+# -- candela-server --enforce host ------------------------------------------------------------
+
+
+def _bypass_counted(metrics_url: str) -> dict[str, float]:
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url, timeout=5) as r:
+        text = r.read().decode()
+    pattern = r'^candela_bypass_attempts_total\{kind="([^"]+)"\} (\S+)$'
+    return {kind: float(n) for kind, n in re.findall(pattern, text, re.M)}
+
+
+@pytest.mark.privileged
+def test_candela_server_enforces_the_host_audits_refusals_and_stays_closed_when_stopped(
+    tmp_path: Path, iptables: str, probe: Probe
+) -> None:
+    """`interception.enforce: host`: at start the proxy puts host enforcement in place towards
+    its transparent listener, with itself exempt; it audits and counts what the kernel refuses;
+    when it stops, provider traffic stays refused until `candela enforce off`."""
+    from tests.e2e.conftest import base_config
+    from tests.fakes.candela import CandelaProcess, free_port
+
+    from .conftest import require
+    from .sandbox_env import wait_for_audit
+
+    if enforce.EnforceState.load() is not None or host.attached():
+        require("host enforcement is active on this machine; not touching it")
+    listen_port = free_port()
+    cfg = base_config("http://127.0.0.1:9", mode="transparent")
+    cfg["interception"] = {
+        "listen_port": listen_port,
+        "certs_dir": str(tmp_path / "certs"),
+        # an address literal resolves to itself: the test provider needs no hosts file
+        "hosts": {PROVIDER_IP: "openai"},
+        "enforce": "host",
+    }
+    provider = _listen(PROVIDER_IP, 443)
+    candela = CandelaProcess(tmp_path, cfg)
+    try:
+        candela.start()
+        assert candela.proc is not None
+        assert cgroups.cgroup_of(candela.proc.pid) == f"/{enforce.DEFAULT_CGROUP}"
+        state = enforce.EnforceState.load()
+        assert state is not None and state.proxy_port == listen_port
+        assert state.providers[PROVIDER_IP] == [PROVIDER_IP]
+
+        refused = [probe("tcp", PROVIDER_IP, 8443), probe("udp", PROVIDER_IP, 443)]
+        assert [r.errno for r in refused] == [errno.EPERM, errno.EPERM]
+        for r, reason in zip(refused, ("provider_port", "udp_port"), strict=True):
+            entries = wait_for_audit(
+                tmp_path / "audit.db", "bypass_attempt", lambda e, r=r: e["tgid"] == r.tgid
+            )
+            assert [(e["reason"], e["comm"], e["enforcement"]) for e in entries] == [
+                (reason, "cdl-probe", "host")
+            ], entries
+        assert _bypass_counted(candela.url + "/metrics") == {"provider_port": 1.0, "udp_port": 1.0}
+        # TCP 443 to the provider is redirected to the proxy's transparent listener
+        assert probe("tcp", PROVIDER_IP, 443).errno == 0
+        assert _accepted(provider, 0.2) is None
+
+        candela.stop()  # SIGTERM
+        assert "proxy_stop" in {e["action"] for e in _actions(tmp_path / "audit.db")}
+        rc, out = _status()
+        assert rc == 0 and json.loads(out)["active"], out
+        assert probe("tcp", PROVIDER_IP, 443).errno == errno.ECONNREFUSED  # not let through
+        assert _accepted(provider, 0.2) is None
+        assert probe("tcp", PROVIDER_IP, 8443).errno == errno.EPERM
+    finally:
+        candela.stop()
+        provider.close()
+        enforce.main(["off"], out=io.StringIO())
+        host.uninstall()
+        enforce.Iptables().remove()
+        cgroups.remove(cgroups.resolve(enforce.DEFAULT_CGROUP))
+    assert _status()[0] == 3
+    assert probe("tcp", PROVIDER_IP, 8443).errno == errno.ECONNREFUSED  # nothing listens: open
+
+
+def _status() -> tuple[int, str]:
+    out = io.StringIO()
+    return enforce.main(["status", "--json"], out=out), out.getvalue()
+
+
+def _actions(db: Path) -> list[dict[str, str]]:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return [{"action": a} for (a,) in conn.execute("SELECT action FROM audit_log")]

@@ -23,6 +23,7 @@ from tests.fakes.candela import CandelaProcess, free_port
 from tests.fakes.google_oauth import FakeTokenServer
 from tests.fakes.upstream import FakeUpstream
 
+from .conftest import Probe
 from .sandbox_env import (
     CANDELA,
     PROVIDER_IP,
@@ -265,13 +266,36 @@ def test_a_new_network_namespace_gets_nowhere(bypass: dict[str, Any], who: str) 
     # no CAP_SYS_ADMIN in the sandbox: a plain new namespace is refused outright
     assert attempts["--net"]["returncode"] != 0
     assert "Operation not permitted" in attempts["--net"]["stderr"]
-    # a user namespace may be allowed, but its new network namespace has no way out
+    # a user namespace may be allowed; its network namespace is not the sandbox's, so the guard
+    # refuses the connect (before any routing) and the attempt is audited with who made it
     userns = attempts["--user --map-root-user --net"]
-    assert userns["returncode"] != 0
-    assert (
-        "Network is unreachable" in userns["stderr"]
-        or "Operation not permitted" in userns["stderr"]
-    ), userns
+    connect = userns["connect"]
+    if connect is None:  # user namespaces are not permitted here: unshare itself was refused
+        assert "Operation not permitted" in userns["stderr"], userns
+        return
+    assert connect["errno"] == errno.EPERM, userns
+    entries = [e for e in bypass["audit"]["bypass_attempt"] if e["tgid"] == connect["pid"]]
+    assert [(e["reason"], e["comm"], e["destination"]) for e in entries] == [
+        ("foreign_netns", connect["comm"], f"{PROVIDER_IP}:443")
+    ], bypass["audit"]["bypass_attempt"]
+    assert entries[0]["user_id"] == "alice@example.com"
+
+
+def test_the_proxys_metrics_count_what_sandboxes_audited(env: Env, bypass: dict[str, Any]) -> None:
+    """`candela run` audits its guard's refusals from its own process; the proxy's
+    candela_bypass_attempts_total counts them from the ledger, each once."""
+    import re
+    import urllib.request
+    from collections import Counter
+
+    assert bypass["audit"]["bypass_attempt"]
+    in_ledger = Counter(e["reason"] for e in audit_entries(env.audit_db, "bypass_attempt"))
+    for _ in range(2):  # a second scrape counts nothing again
+        with urllib.request.urlopen(env.candela.url + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+        pattern = r'^candela_bypass_attempts_total\{kind="([^"]+)"\} (\S+)$'
+        counted = {kind: float(n) for kind, n in re.findall(pattern, text, re.M)}
+        assert counted == {kind: float(n) for kind, n in in_ledger.items()}, text
 
 
 def test_nothing_went_upstream_but_the_intercepted_requests(bypass: dict[str, Any]) -> None:
@@ -354,6 +378,38 @@ def test_a_killed_run_is_cleaned_up_by_the_next_one(env: Env) -> None:
             except ProcessLookupError:
                 pass
         env.run(["true"])  # whatever this test left, the next start removes
+    _no_sandboxes_left(env)
+
+
+def test_a_process_moved_into_the_sandbox_from_another_namespace_is_refused(
+    env: Env, probe: Probe
+) -> None:
+    """The guard lets TCP 80/443 out only from the sandbox's own namespace, whose firewall sends
+    it to Candela: from the host's, or a new one, the connect fails and is audited."""
+    proc = _start(env, ["sleep", "30"])
+    try:
+        index = _wait_for_sandbox(proc)
+        record = SandboxRegistry().get(index)
+        assert record is not None and record.cgroup
+        cgroup = Path(record.cgroup)
+        attempts = [
+            probe("tcp", PROVIDER_IP, 443, cgroup=cgroup, new_netns=True),
+            probe("tcp", PROVIDER_IP, 80, cgroup=cgroup),  # the host's namespace
+        ]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for attempt, port in zip(attempts, (443, 80), strict=True):
+        assert attempt.errno == errno.EPERM, attempt
+        entries = wait_for_audit(
+            env.audit_db, "bypass_attempt", lambda e, a=attempt: e["tgid"] == a.tgid
+        )
+        assert [(e["reason"], e["comm"], e["destination"], e["sandbox"]) for e in entries] == [
+            ("foreign_netns", "cdl-probe", f"{PROVIDER_IP}:{port}", record.netns)
+        ], entries
     _no_sandboxes_left(env)
 
 
