@@ -6,10 +6,9 @@ from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.admin import AdminApi, AdminRequest
-from candela_mitm.encoding import TooLarge, decode_body
 from candela_mitm.runtime import Runtime
 
-from .flowstate import answer_json, answered, ctx_of, deny, fail_closed
+from .flowstate import answer_json, answered, ctx_of, decoded_body, deny, fail_closed
 
 
 class Admin:
@@ -26,17 +25,8 @@ class Admin:
         if c.principal is None:  # Auth answers first; never serve an unknown caller
             deny(flow, errors.unauthenticated())
             return
-        try:
-            body = decode_body(
-                flow.request.raw_content or b"",
-                flow.request.headers.get("content-encoding", ""),
-                self.limit,
-            )
-        except TooLarge:
-            deny(flow, errors.payload_too_large(self.limit))
-            return
-        except ValueError as e:
-            deny(flow, errors.bad_request(f"the body cannot be decoded: {e}"))
+        body = decoded_body(flow, self.limit)
+        if body is None:
             return
         req = AdminRequest(
             method=flow.request.method,

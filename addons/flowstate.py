@@ -13,6 +13,7 @@ from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.context import RequestContext
+from candela_mitm.encoding import TooLarge, decode_body
 from candela_mitm.errors import Denial, StoreUnavailable
 
 log = logging.getLogger("candela")
@@ -52,6 +53,19 @@ def deny(flow: http.HTTPFlow, denial: Denial) -> None:
     answer_json(flow, denial.status, denial.payload(), denial.headers)
     if ctx is not None:
         ctx.denial_code = denial.error
+
+
+def decoded_body(flow: http.HTTPFlow, limit: int) -> bytes | None:
+    """The request body, Content-Encoding undone with a ceiling; None once a denial is answered."""
+    try:
+        return decode_body(
+            flow.request.raw_content or b"", flow.request.headers.get("content-encoding", ""), limit
+        )
+    except TooLarge:
+        deny(flow, errors.payload_too_large(limit))
+    except ValueError as e:
+        deny(flow, errors.bad_request(f"the body cannot be decoded: {e}"))
+    return None
 
 
 def _deny_on(flow: http.HTTPFlow, exc: BaseException, hook: str) -> None:

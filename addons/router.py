@@ -9,12 +9,11 @@ from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.context import RequestContext, classify
-from candela_mitm.encoding import TooLarge, decode_body
 from candela_mitm.forwarding import plan_chat_completion, plan_provider_request
 from candela_mitm.runtime import Runtime
 from candela_mitm.spans import TraceContext
 
-from .flowstate import KEY, answered, ctx_of, deny, fail_closed
+from .flowstate import KEY, answered, ctx_of, decoded_body, deny, fail_closed
 
 log = logging.getLogger("candela.router")
 
@@ -62,17 +61,8 @@ class Router:
         ctx = ctx_of(flow)
         if ctx is None or answered(flow) or ctx.kind not in ("proxy", "chat"):
             return
-        try:
-            raw = decode_body(
-                flow.request.raw_content or b"",
-                flow.request.headers.get("content-encoding", ""),
-                self.limit,
-            )
-        except TooLarge:
-            deny(flow, errors.payload_too_large(self.limit))
-            return
-        except ValueError as e:
-            deny(flow, errors.bad_request(f"the body cannot be decoded: {e}"))
+        raw = decoded_body(flow, self.limit)
+        if raw is None:
             return
         body = None
         if raw.strip():
