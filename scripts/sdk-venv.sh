@@ -9,7 +9,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${1:-$ROOT/.venv-sdk}"
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
-PKGS=(openai anthropic google-genai boto3)
+# ranges around the versions the tests were written against (FACTS.md): a new major is a new review
+PKGS=("openai>=3.54,<4" "anthropic>=2.12,<3" "google-genai>=3.4,<4" "boto3>=1.40,<2")
 STAMP="$VENV/.candela-sdk-stamp"
 WANT="${PKGS[*]}"
 
