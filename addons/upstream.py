@@ -26,7 +26,7 @@ def replaces_provider_key(setting: bool | list[str], route: str) -> bool:
 class Upstream:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.strip = tuple(header_names_to_strip())
+        self.strip = frozenset(header_names_to_strip())
         self.timeout_s = rt.config.limits.upstream_timeout_s
         self._timers: dict[str, asyncio.TimerHandle] = {}
 
@@ -46,10 +46,9 @@ class Upstream:
         keep_key = c.intercepted and not replaces_provider_key(
             self.rt.config.interception.replace_provider_keys, up.name
         )
-        for name in () if keep_key else self.strip:
-            if name in req.headers:
-                del req.headers[name]
-        for name in [k for k in req.headers if k.lower().startswith("x-candela-")]:
+        # one pass over the caller's headers: its credentials and Candela's own never go upstream
+        strip = () if keep_key else self.strip
+        for name in [k for k in req.headers if k.lower() in strip or k.lower().startswith("x-candela-")]:
             del req.headers[name]
         body_obj = plan.body if plan.body is not None else c.body
         if body_obj is not None and not (keep_key and plan.body is None):

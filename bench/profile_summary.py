@@ -1,11 +1,12 @@
 """Summarise py-spy's raw (collapsed) stacks: samples per thread, and the functions that take them.
 
-Usage: python bench/profile_summary.py prof.txt [--top 30] [--thread NAME]
+Usage: python bench/profile_summary.py prof.txt[.gz] [--top 30] [--thread NAME]
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import re
 import sys
 from collections import Counter
@@ -15,7 +16,8 @@ _FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 def load(path: str) -> list[tuple[list[str], int]]:
     out = []
-    for line in open(path, encoding="utf-8", errors="replace"):
+    opener = gzip.open if path.endswith(".gz") else open
+    for line in opener(path, "rt", encoding="utf-8", errors="replace"):
         line = line.rstrip("\n")
         if not line:
             continue

@@ -102,6 +102,20 @@ def _serve_one(
     return 0
 
 
+def prepare_stores(config: Config) -> None:
+    """Create the SQLite state store and audit ledger before the workers start, then close them.
+
+    Switching a new database file to WAL takes a lock that SQLite does not wait for: two workers
+    creating the same file at once would see "database is locked" at start.
+    """
+    from candela_mitm.audit.sqlite_sink import connect_writer
+    from candela_mitm.state import open_state_store
+
+    open_state_store(config.state).close()
+    conn, _ = connect_writer(config.audit.sqlite_path)
+    conn.close()
+
+
 def _serve_workers(
     config: Config, command: Command, host: str, port: int, workers: int, source: Source
 ) -> int:
@@ -112,6 +126,11 @@ def _serve_workers(
         port = claim_port(host, port)
     except OSError as e:
         print(f"candela: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    try:
+        prepare_stores(config)
+    except Exception as e:  # the workers would each fail the same way
+        print(f"candela: cannot start: {e}", file=sys.stderr)
         return 2
     return run_workers(
         workers, lambda _i: _serve_one(config, command, host, port, True, source)

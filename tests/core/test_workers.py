@@ -63,3 +63,21 @@ def test_sigterm_stops_every_worker(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.glob("stopped-*")) == [f"stopped-{i}" for i in range(3)]
     for i in range(3):
         assert not Path(f"/proc/{(tmp_path / f'pid-{i}').read_text()}").exists()
+
+
+def test_stores_are_created_before_the_workers_race_to_create_them(tmp_path: Path) -> None:
+    import sqlite3
+
+    from candela_mitm.cli import prepare_stores
+    from candela_mitm.config import parse_config
+
+    cfg = parse_config(
+        {
+            "state": {"sqlite_path": str(tmp_path / "state.db")},
+            "audit": {"sqlite_path": str(tmp_path / "audit.db")},
+        }
+    )
+    prepare_stores(cfg)
+    for name in ("state.db", "audit.db"):
+        with sqlite3.connect(tmp_path / name) as db:  # WAL is set once, before anyone competes
+            assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
