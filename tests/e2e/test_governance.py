@@ -139,7 +139,6 @@ def test_tenant_not_allowed_by_header_and_baggage(gov, upstream):
     [
         {},
         {"Authorization": "Bearer ' OR '1'='1"},
-        {"Authorization": "Bearer cdl_alice_example_key\x00"},
         {"Authorization": "Bearer " + "a" * 10_000},
         {"Authorization": "Basic YWxpY2U6cGFzcw=="},
         {"Authorization": "Bearer eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJlbWFpbCI6ImFkbWluQGV4YW1wbGUuY29tIn0."},
@@ -148,10 +147,7 @@ def test_tenant_not_allowed_by_header_and_baggage(gov, upstream):
     ],
 )
 def test_hostile_or_missing_credentials_are_401(gov, upstream, headers):
-    try:
-        r = requests.post(gov.url + CHAT, json={"model": "gpt-4o-mini", "messages": []}, headers=headers, timeout=10)
-    except (requests.exceptions.InvalidHeader, ValueError):
-        pytest.skip("the HTTP client refuses to send this header")  # pragma: no cover
+    r = requests.post(gov.url + CHAT, json={"model": "gpt-4o-mini", "messages": []}, headers=headers, timeout=10)
     assert r.status_code == 401 and r.json()["error"] == "unauthenticated"
     assert upstream.requests == []
 
