@@ -95,7 +95,10 @@ class Auth:
                 deny(flow, result)
                 return
             c.principal = result
-        settings = await self.rt.blocking(self.rt.users.settings, c.principal.user)
+        users = self.rt.users
+        settings = users.recent(c.principal.user)
+        if settings is None:  # not read in the last second by this process
+            settings = await self.rt.blocking(users.settings_cached, c.principal.user)
         if settings.deleted:
             deny(flow, errors.unauthenticated("This user has been removed"))
             return

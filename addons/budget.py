@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from mitmproxy import http
 
@@ -10,12 +11,48 @@ from candela_mitm import errors
 from candela_mitm.accounting import account
 from candela_mitm.context import RequestContext
 from candela_mitm.estimate import estimate_cost
-from candela_mitm.ledger import BudgetRefusal
+from candela_mitm.ledger import BudgetRefusal, Reservation
 from candela_mitm.runtime import Runtime
 
 from .flowstate import answered, ctx_of, deny, fail_closed
 
 log = logging.getLogger("candela.budget")
+
+# flow.metadata key: the reserve result RateLimit got in its store call, for Budget to judge.
+RESERVED = "candela.budget.reserved"
+
+
+def reservation_call(
+    rt: Runtime, c: RequestContext
+) -> Callable[[], Reservation | BudgetRefusal] | None:
+    """The reserve Budget.request would make, as a call RateLimit can run in its own store trip.
+
+    None when Budget has nothing to reserve or its own hook must decide (local model, no model,
+    unknown price, an estimate that fails): Budget then does exactly what it always did.
+    """
+    plan = c.plan
+    settings = c.settings
+    if plan is None or settings is None or plan.upstream.spec.local or not plan.model:
+        return None
+    price = rt.pricing.get(plan.model)
+    if price is None:
+        return None
+    default_max = rt.config.governance.budgets.default_max_output_tokens
+    try:
+        estimate = estimate_cost(c.body, plan.max_output_tokens, default_max, price)
+    except Exception:
+        return None  # Budget.request computes it again, after the rate limit, and fails closed
+    ledger, tenant, span_id = rt.ledger, c.tenant, c.span_id
+
+    def reserve() -> Reservation | BudgetRefusal:
+        # on the pool thread while the flow's hook awaits it: nothing else touches the context.
+        # Set only here, as Budget.request would: a rate-limited request audits no estimate.
+        c.estimate_usd = estimate
+        return ledger.reserve(
+            settings.user_id, tenant, estimate, settings.daily_budget_usd, span_id
+        )
+
+    return reserve
 
 
 class Budget:
@@ -26,6 +63,12 @@ class Budget:
     async def request(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         if c is None or answered(flow) or c.plan is None or c.settings is None:
+            return
+        if RESERVED in flow.metadata:  # RateLimit already made this request's reservation
+            reserved = flow.metadata.pop(RESERVED)
+            if isinstance(reserved, BudgetRefusal):
+                self.rt.metrics.budget_denied.labels(c.tenant or "", "budget_exceeded").inc()
+                deny(flow, reserved.denial())
             return
         plan = c.plan
         if plan.upstream.spec.local or not plan.model:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from mitmproxy import http
 
 from candela_mitm.accounting import account
@@ -14,6 +16,7 @@ class Metrics:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         m = rt.metrics
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
         def refresh() -> None:
             st = rt.audit.stats()
@@ -32,6 +35,16 @@ class Metrics:
             body, ctype = self.rt.metrics.render()
             flow.response = http.Response.make(200, body, {"Content-Type": ctype})
 
+    def _labels(self, metric: Any, *values: str) -> Any:
+        """metric.labels(*values), looked up once per label tuple: prometheus_client validates
+        the values and takes a lock on every call, nine times per request here. Children are
+        never removed, so a remembered one stays the one the registry exports."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def _count(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         if c is None or c.kind not in ("proxy", "chat") or getattr(c, "counted", False):
@@ -44,19 +57,20 @@ class Metrics:
             model = (c.plan.model if c.plan else None) or ""
             tenant = c.tenant or ""
             status = str(c.status_code or (flow.response.status_code if flow.response else 0))
-            m.requests.labels(provider, model, tenant, status).inc()
+            child = self._labels
+            child(m.requests, provider, model, tenant, status).inc()
             if c.denial_code:
-                m.denials.labels(c.denial_code).inc()
+                child(m.denials, c.denial_code).inc()
             if c.forwarded:
-                m.cost.labels(provider, model, tenant).inc(c.cost_usd)
+                child(m.cost, provider, model, tenant).inc(c.cost_usd)
                 u = c.usage
-                m.tokens.labels(provider, model, tenant, "input").inc(u.input_tokens)
-                m.tokens.labels(provider, model, tenant, "output").inc(u.output_tokens)
-                m.tokens.labels(provider, model, tenant, "cached").inc(u.cached_tokens)
-                m.duration.labels(provider).observe(c.elapsed_ms() / 1000)
+                child(m.tokens, provider, model, tenant, "input").inc(u.input_tokens)
+                child(m.tokens, provider, model, tenant, "output").inc(u.output_tokens)
+                child(m.tokens, provider, model, tenant, "cached").inc(u.cached_tokens)
+                child(m.duration, provider).observe(c.elapsed_ms() / 1000)
                 ttft = c.ttft_ms()
                 if ttft is not None:
-                    m.ttft.labels(provider).observe(ttft / 1000)
+                    child(m.ttft, provider).observe(ttft / 1000)
                 if c.error or (c.status_code or 0) >= 500:
                     kind = "timeout" if c.error == "upstream_timeout" else (
                         "connection" if c.error else "http_5xx")

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from mitmproxy import http
 
+from candela_mitm.ledger import BudgetRefusal, Reservation
+from candela_mitm.ratelimit import RateDecision
 from candela_mitm.runtime import Runtime
 
+from .budget import RESERVED, reservation_call
 from .flowstate import answered, ctx_of, deny, fail_closed
+
+
+def _check_then_reserve(
+    check: Callable[[], RateDecision],
+    reserve: Callable[[], Reservation | BudgetRefusal] | None,
+) -> tuple[RateDecision, Reservation | BudgetRefusal | None]:
+    """One trip to the thread pool for both store steps; a rate-limited request reserves nothing."""
+    decision = check()
+    if not decision.allowed or reserve is None:
+        return decision, None
+    return decision, reserve()
 
 
 class RateLimit:
@@ -18,9 +34,20 @@ class RateLimit:
         c = ctx_of(flow)
         if c is None or answered(flow) or c.plan is None or c.settings is None:
             return
-        decision = await self.rt.blocking(
-            self.rt.limiter.check, c.settings.user_id, c.settings.requests_per_minute
+        settings = c.settings
+        # Budget's reservation (if this request needs one) rides the same executor call: each
+        # hop to the pool and back costs about as much CPU as the SQLite transaction itself.
+        # Budget still decides and answers 402 in its own hook, after this one.
+        decision, reserved = await self.rt.blocking(
+            _check_then_reserve,
+            lambda: self.rt.limiter.check(settings.user_id, settings.requests_per_minute),
+            reservation_call(self.rt, c),
         )
         if not decision.allowed:
             self.rt.metrics.rate_limited.labels(c.tenant or "").inc()
             deny(flow, decision.denial())
+            return
+        if reserved is not None:
+            if isinstance(reserved, Reservation):
+                c.reservation = reserved  # held from now on: Budget settles or releases it
+            flow.metadata[RESERVED] = reserved

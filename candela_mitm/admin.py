@@ -452,6 +452,8 @@ class AdminApi:
         except Exception as e:
             self.rt.audit.record(ADMIN_ACTION, **entry, outcome="failed", reason=type(e).__name__)
             raise
+        finally:
+            self.rt.users.forget()  # this process's next request reads the change from the store
         return None
 
     # -- routes ------------------------------------------------------------------------------

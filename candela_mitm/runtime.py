@@ -33,6 +33,10 @@ T = TypeVar("T")
 # any request can run, so a live stream's money is never freed early).
 STALE_RESERVATION_S = 24 * 3600
 
+# How long a proxy process reuses a user's settings read from the store: admin changes made
+# through this process apply at once, those made through another process within this bound.
+USER_SETTINGS_TTL_S = 1.0
+
 # Config sections a running proxy cannot change: they shape its listeners, stores and processes.
 RESTART_SECTIONS = frozenset(
     {"listen", "mode", "workers", "state", "audit", "interception", "limits", "local"}
@@ -96,7 +100,7 @@ class Runtime:
         self.policy = policy
         self.auth_required = required
         self.authenticator = authenticator
-        self.users = UserDirectory(new, self.store)
+        self.users = UserDirectory(new, self.store, cache_ttl_s=USER_SETTINGS_TTL_S)
         return changed
 
     def reload_from_file(self) -> list[str]:
@@ -147,7 +151,7 @@ def build_runtime(config: Config, command: Command) -> Runtime:
         store=store,
         ledger=ledger,
         limiter=RateLimiter(store),
-        users=UserDirectory(config, store),
+        users=UserDirectory(config, store, cache_ttl_s=USER_SETTINGS_TTL_S),
         audit=audit,
         metrics=Metrics(),
         executor=ThreadPoolExecutor(max_workers=8, thread_name_prefix="candela-gov"),

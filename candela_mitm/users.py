@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -9,6 +12,8 @@ from candela_mitm.config import Config
 from candela_mitm.state import StateStore, UserRecord
 
 Role = Literal["admin", "developer"]
+
+_CACHE_PRUNE_AT = 4096  # remembered users before expired entries are swept out
 
 
 @dataclass(frozen=True)
@@ -25,10 +30,22 @@ class UserSettings:
 class UserDirectory:
     """Admin API changes live in the store; config `users:` are defaults; governance defaults last."""
 
-    def __init__(self, config: Config, store: StateStore) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: StateStore,
+        cache_ttl_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.store = store
         self.admins = frozenset(config.auth.admins)
+        # Only `recent` reads the cache; `settings` always reads the store. 0 disables it.
+        self.cache_ttl_s = cache_ttl_s
+        self.clock = clock
+        self._cache: dict[str, tuple[float, UserSettings]] = {}
+        self._lock = threading.Lock()
+        self._generation = 0  # bumped by forget(): a read begun before it is not cached
 
     def _role(self, user: str, stored: str | None, configured: str | None) -> Role:
         if user in self.admins:
@@ -84,6 +101,35 @@ class UserDirectory:
             requests_per_minute=g.rate_limits.default_requests_per_minute,
             source="default",
         )
+
+    def recent(self, user: str) -> UserSettings | None:
+        """Settings read from the store less than cache_ttl_s ago by `settings_cached`, or None.
+
+        Non-blocking: the proxy's hot path asks here first and skips a trip to the thread pool.
+        """
+        hit = self._cache.get(user)
+        if hit is None or hit[0] <= self.clock():
+            return None
+        return hit[1]
+
+    def settings_cached(self, user: str) -> UserSettings:
+        """Blocking: `settings`, remembered for cache_ttl_s for `recent`."""
+        generation, started = self._generation, self.clock()
+        s = self.settings(user)
+        if self.cache_ttl_s > 0:
+            with self._lock:
+                if generation == self._generation:  # no change was made while we read
+                    if len(self._cache) >= _CACHE_PRUNE_AT:  # many users: drop expired ones
+                        self._cache = {u: h for u, h in self._cache.items() if h[0] > started}
+                    # counted from before the read: never older than cache_ttl_s when used
+                    self._cache[user] = (started + self.cache_ttl_s, s)
+        return s
+
+    def forget(self) -> None:
+        """Drop every remembered setting: called after each admin change in this process."""
+        with self._lock:
+            self._generation += 1
+            self._cache.clear()
 
     def record_of(self, user: str) -> UserRecord | None:
         return self.store.get_user(user, include_deleted=True)
