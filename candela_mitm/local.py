@@ -209,8 +209,8 @@ def probe_ollama(base_url: str, timeout: float = PROBE_TIMEOUT_S) -> RuntimeStat
     try:
         v = _get_json(base_url + "/api/version", timeout)
         version = v.get("version") if isinstance(v, dict) else None
-    except Exception:
-        pass
+    except Exception as e:  # an old runtime without /api/version still serves models
+        log.debug("no version from %s: %s", base_url, e)
     try:
         ps = _get_json(base_url + "/api/ps", timeout)
         loaded = _names(ps.get("models") if isinstance(ps, dict) else None, "name", "model")

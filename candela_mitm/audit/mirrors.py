@@ -173,8 +173,8 @@ class MirrorFeeder:
             # is neither lost nor stored twice.
             try:
                 self.mirror.close()
-            except Exception:
-                pass
+            except Exception as e:  # a mirror that cannot even close is reopened next round
+                log.debug("mirror %s did not close cleanly: %s", self.mirror.name, e)
             self._opened = False
 
     def _run(self) -> None:
