@@ -98,7 +98,7 @@ class Auth:
         users = self.rt.users
         settings = users.recent(c.principal.user)
         if settings is None:  # not read in the last second by this process
-            settings = await self.rt.blocking(users.settings_cached, c.principal.user)
+            settings = await self.rt.store_call(users.settings_cached, c.principal.user)
         if settings.deleted:
             deny(flow, errors.unauthenticated("This user has been removed"))
             return

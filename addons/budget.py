@@ -82,7 +82,7 @@ class Budget:
             return  # unknown_model_price: zero
         default_max = self.rt.config.governance.budgets.default_max_output_tokens
         c.estimate_usd = estimate_cost(c.body, plan.max_output_tokens, default_max, price)
-        result = await self.rt.blocking(
+        result = await self.rt.store_call(
             self.rt.ledger.reserve,
             c.settings.user_id,
             c.tenant,
@@ -106,7 +106,7 @@ class Budget:
             if c.forwarded and (c.usage.input_tokens or c.usage.output_tokens):
                 plan = c.plan
                 assert plan is not None
-                await self.rt.blocking(
+                await self.rt.store_call(
                     self.rt.ledger.settle,
                     res,
                     c.cost_usd,
@@ -116,7 +116,7 @@ class Budget:
                     plan.upstream.name,
                 )
             else:
-                await self.rt.blocking(self.rt.ledger.release, res)
+                await self.rt.store_call(self.rt.ledger.release, res)
         except Exception:
             # the reservation stays in the store; reconcile at the next start takes it back
             log.exception("could not settle reservation %s", res.id)

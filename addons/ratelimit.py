@@ -9,20 +9,23 @@ from mitmproxy import http
 from candela_mitm.ledger import BudgetRefusal, Reservation
 from candela_mitm.ratelimit import RateDecision
 from candela_mitm.runtime import Runtime
+from candela_mitm.state import StateStore
 
 from .budget import RESERVED, reservation_call
 from .flowstate import answered, ctx_of, deny, fail_closed
 
 
 def _check_then_reserve(
+    store: StateStore,
     check: Callable[[], RateDecision],
     reserve: Callable[[], Reservation | BudgetRefusal] | None,
 ) -> tuple[RateDecision, Reservation | BudgetRefusal | None]:
-    """One trip to the thread pool for both store steps; a rate-limited request reserves nothing."""
-    decision = check()
-    if not decision.allowed or reserve is None:
-        return decision, None
-    return decision, reserve()
+    """Both store steps in one transaction; a rate-limited request reserves nothing."""
+    with store.batch():
+        decision = check()
+        if not decision.allowed or reserve is None:
+            return decision, None
+        return decision, reserve()
 
 
 class RateLimit:
@@ -35,11 +38,12 @@ class RateLimit:
         if c is None or answered(flow) or c.plan is None or c.settings is None:
             return
         settings = c.settings
-        # Budget's reservation (if this request needs one) rides the same executor call: each
-        # hop to the pool and back costs about as much CPU as the SQLite transaction itself.
+        # Budget's reservation (if this request needs one) rides the same store call and
+        # transaction: each costs about as much CPU as the work done in it.
         # Budget still decides and answers 402 in its own hook, after this one.
-        decision, reserved = await self.rt.blocking(
+        decision, reserved = await self.rt.store_call(
             _check_then_reserve,
+            self.rt.store,
             lambda: self.rt.limiter.check(settings.user_id, settings.requests_per_minute),
             reservation_call(self.rt, c),
         )

@@ -18,6 +18,10 @@ from .flowstate import answered, ctx_of, deny, fail_closed
 log = logging.getLogger("candela.upstream")
 
 
+def _b(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")  # as mitmproxy's Headers encodes a value
+
+
 def replaces_provider_key(setting: bool | list[str], route: str) -> bool:
     """interception.replace_provider_keys: true, false, or the routes where Candela replaces it."""
     return setting if isinstance(setting, bool) else route in setting
@@ -26,7 +30,12 @@ def replaces_provider_key(setting: bool | list[str], route: str) -> bool:
 class Upstream:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.strip = frozenset(header_names_to_strip())
+        # lower-case header names as mitmproxy keeps them (bytes)
+        self.strip = frozenset(n.encode() for n in header_names_to_strip())
+        self.strip_kept_key: frozenset[bytes] = frozenset()
+        # set by Candela on every forwarded request (the body's: only when it sends its own)
+        self.replace = frozenset({b"host", b"traceparent", b"accept-encoding"})
+        self.replace_with_body = self.replace | {b"content-encoding", b"content-type", b"content-length"}
         self.timeout_s = rt.config.limits.upstream_timeout_s
         self._timers: dict[str, asyncio.TimerHandle] = {}
 
@@ -46,37 +55,55 @@ class Upstream:
         keep_key = c.intercepted and not replaces_provider_key(
             self.rt.config.interception.replace_provider_keys, up.name
         )
-        # one pass over the caller's headers: its credentials and Candela's own never go upstream
-        strip = () if keep_key else self.strip
-        for name in [k for k in req.headers if k.lower() in strip or k.lower().startswith("x-candela-")]:
-            del req.headers[name]
         body_obj = plan.body if plan.body is not None else c.body
+        content: bytes | None = None
         if body_obj is not None and not (keep_key and plan.body is None):
             # the upstream gets exactly the JSON Candela checked: no second reading of the bytes
             # (an app that signs its own request, kept as sent, was read from these same bytes)
-            req.headers.pop("content-encoding", None)
-            req.content = json.dumps(body_obj, ensure_ascii=False).encode()
-            req.headers["content-type"] = "application/json"
+            content = json.dumps(body_obj, ensure_ascii=False).encode()
+        # One pass over the caller's headers (each Headers edit rescans them all): its
+        # credentials and Candela's own never go upstream; the ones Candela sets are replaced.
+        strip = self.strip_kept_key if keep_key else self.strip
+        replace = self.replace_with_body if content is not None else self.replace
+        fields = [
+            (k, v)
+            for k, v in req.headers.fields
+            if (low := k.lower()) not in strip and low not in replace and not low.startswith(b"x-candela-")
+        ]
+        chunked = any(k.lower() == b"transfer-encoding" for k, _ in fields)
+        if content is not None:
+            req.data.content = content
+            fields.append((b"content-type", b"application/json"))
+            if not chunked:  # as Message.content does: no length beside a transfer-encoding
+                fields.append((b"content-length", str(len(content)).encode()))
+        fields.append((b"traceparent", _b(c.trace.traceparent_for(c.span_id))))
+        # usage is read from the bytes as they pass: ask for them uncompressed
+        fields.append((b"accept-encoding", b"identity"))
+        fields.insert(0, (b"host", _b(up.host_header)))
+        req.headers.fields = tuple(fields)
         req.path = plan.path
-        if "key" in req.query and not keep_key:
+        if not keep_key and "key" in req.query:
             # ?key= is a credential (the Gemini SDK sends Candela's key there): it never goes upstream
             del req.query["key"]
-        path = req.path
-        req.scheme = up.scheme
-        req.host = up.host
-        req.port = up.port
-        req.path = up.base_path + path
-        req.headers["host"] = up.host_header
-        req.headers["traceparent"] = c.trace.traceparent_for(c.span_id)
-        # usage is read from the bytes as they pass: ask for them uncompressed
-        req.headers["accept-encoding"] = "identity"
+        # the target, set on the request's data: the host/port setters would each rewrite the
+        # Host header again (it is already the upstream's, above)
+        data = req.data
+        data.scheme = up.scheme.encode()
+        data.host = up.host
+        data.port = up.port
+        data.path = up.base_path.encode() + data.path
+        if data.authority:  # HTTP/2 or absolute-form: the authority names the upstream too
+            req.authority = up.host_header
         if keep_key:
             self._forward(flow)
             return
         try:
-            creds = await self.rt.credentials.headers_for(
-                up, req.method, req.url, dict(req.headers), req.raw_content or b""
-            )
+            if self.rt.credentials.reads_request(up):
+                creds = await self.rt.credentials.headers_for(
+                    up, req.method, req.url, dict(req.headers), req.raw_content or b""
+                )
+            else:
+                creds = await self.rt.credentials.headers_for(up, req.method, "", {}, b"")
         except CredentialsUnavailable as e:
             deny(flow, errors.upstream_credentials(up.name, str(e)))
             return
@@ -84,8 +111,11 @@ class Upstream:
             log.exception("credential error for %s", up.name)
             deny(flow, errors.upstream_credentials(up.name, type(e).__name__))
             return
-        for k, v in creds.items():
-            req.headers[k] = v
+        if creds:  # replacing any header of the same name (anthropic-version)
+            set_ = {_b(k.lower()): _b(v) for k, v in creds.items()}
+            req.headers.fields = tuple(
+                (k, v) for k, v in req.headers.fields if k.lower() not in set_
+            ) + tuple(set_.items())
         self._forward(flow)
 
     def _forward(self, flow: http.HTTPFlow) -> None:

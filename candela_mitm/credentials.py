@@ -304,6 +304,12 @@ class UpstreamCredentials:
             )
         return key
 
+    @staticmethod
+    def reads_request(up: Upstream) -> bool:
+        """Whether headers_for reads the request's URL, headers and body for this provider
+        (SigV4 signs them, Anthropic keeps the client's anthropic-version); else they are unused."""
+        return up.spec.auth in ("anthropic_key", "sigv4")
+
     async def headers_for(
         self, up: Upstream, method: str, url: str, headers: Mapping[str, str], body: bytes
     ) -> dict[str, str]:

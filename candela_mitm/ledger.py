@@ -40,6 +40,7 @@ def _pid_namespace() -> str:
         return ""
 
 
+@functools.cache
 def _host_id() -> str:
     """This host as the processes we can signal see it: host name and PID namespace."""
     return f"{socket.gethostname()}{_pid_namespace()}"

@@ -24,6 +24,7 @@ from candela_mitm.providers import Upstream, resolve_all
 from candela_mitm.ratelimit import RateLimiter
 from candela_mitm.spans import SpanStore
 from candela_mitm.state import StateStore, open_state_store
+from candela_mitm.state.base import WouldWait
 from candela_mitm.users import UserDirectory
 
 Command = Literal["server", "local"]
@@ -71,6 +72,19 @@ class Runtime:
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store call off the event loop, on the governance thread pool."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def store_call(self, fn: Callable[..., T], *args: Any) -> T:
+        """A hot-path state-store call: right here when the store can answer without waiting
+        (SQLite with its write lock free: tens of microseconds), else on the thread pool.
+
+        A hop to the pool and back costs more CPU than the transaction itself; a call that
+        would wait for a lock (another worker writing, a checkpoint) is refused with nothing
+        changed and runs on the pool, so the event loop never waits for the store.
+        """
+        try:
+            return self.store.call_without_waiting(fn, *args)
+        except WouldWait:
+            return await self.blocking(fn, *args)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=False)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # Money is kept as integer nano-dollars and time as integer microseconds since the epoch in
 # every backend: sums of floats drift (0.1 * 7 > 0.7), and a budget must admit exactly what fits.
@@ -233,11 +236,39 @@ def plan_settle(
     return daily + rest, draws
 
 
+class WouldWait(Exception):
+    """The store cannot answer this call without waiting (its lock is held): nothing changed.
+
+    Raised only by `StateStore.call_without_waiting`; the caller runs the call again where
+    waiting is allowed (a worker thread).
+    """
+
+
 class StateStore(ABC):
     """Governance state shared by every worker; each method is one atomic step.
 
     Every failure to read or write raises candela_mitm.errors.StoreUnavailable: callers deny.
     """
+
+    # -- how calls run -------------------------------------------------------------------------
+    def batch(self) -> AbstractContextManager[None]:
+        """Run the store calls inside the block as one transaction, where the backend can.
+
+        Either all of their changes happen or none (an exception rolls the block back). A
+        backend without multi-call transactions runs each call atomically on its own.
+        """
+        return nullcontext()
+
+    def call_without_waiting(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` (store calls) on this thread if the store can answer it at once.
+
+        Raises WouldWait, with nothing changed, when it cannot (a lock held by another
+        thread or process, a remote store): run it again on a thread that may wait. For the
+        event loop: a SQLite transaction takes tens of microseconds, a hop to a thread pool
+        and back costs more than that in CPU. `fn` may make any number of reads and at most
+        one write transaction (use `batch` to group writes).
+        """
+        raise WouldWait("this store is always called from a thread that may wait")
 
     # -- users ---------------------------------------------------------------------------------
     @abstractmethod

@@ -5,13 +5,15 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any, TypeVar
 
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.state.base import (
@@ -25,11 +27,35 @@ from candela_mitm.state.base import (
     SpendRow,
     StateStore,
     UserRecord,
+    WouldWait,
     plan_holds,
     plan_settle,
 )
 
 SCHEMA_VERSION = 1
+
+# Commits made without waiting (on the event loop) between two WAL checkpoints: each commit adds
+# a few pages, SQLite's own default is to checkpoint at 1000.
+CHECKPOINT_EVERY = 100
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# Which process this is, without a getpid() system call on every transaction (glibc no longer
+# caches it): bumped in the child after each fork, so state inherited from a parent is redone.
+_process_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _process_generation
+    _process_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _this_process() -> int:
+    return _process_generation
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS users (
@@ -114,10 +140,10 @@ class _WriteGate:
 
     def _for_this_process(self) -> None:
         # after a fork the inherited descriptor shares the parent's flock: open our own
-        if self._pid != os.getpid():
+        if self._pid != _this_process():
             self._thread_lock = threading.Lock()
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._pid = os.getpid()
+            self._pid = _this_process()
 
     def acquire(self, timeout_s: float) -> bool:
         self._for_this_process()
@@ -140,16 +166,83 @@ class _WriteGate:
             time.sleep(pause)
             pause = min(pause * 2, 0.001)
 
+    def try_acquire(self) -> bool:
+        """Take the gate only if it is free now, in this process and across processes."""
+        self._for_this_process()
+        if not self._thread_lock.acquire(blocking=False):
+            return False
+        assert self._fd is not None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as e:
+            self._thread_lock.release()
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._thread_lock.release()
 
     def close(self) -> None:
-        if self._fd is not None and self._pid == os.getpid():
+        if self._fd is not None and self._pid == _this_process():
             os.close(self._fd)
         self._fd = None
         self._pid = -1
+
+
+def _busy(e: sqlite3.OperationalError) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(e) or "busy" in str(e)
+
+
+class _NoWaitScope:
+    """One call_without_waiting: whether a write committed, whether a step refused to wait."""
+
+    __slots__ = ("wrote", "refused")
+
+    def __init__(self) -> None:
+        self.wrote = False
+        self.refused = False
+
+
+class _Checkpointer:
+    """Copies the WAL back into the database (PASSIVE: never blocks a writer) off the caller's
+    thread, when poked: connections that must not wait do not checkpoint themselves."""
+
+    def __init__(self, store: SqliteStateStore) -> None:
+        self._store = store
+        self._event = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = -1
+
+    def poke(self) -> None:
+        if self._pid != _this_process() or self._thread is None:  # none yet, or one of a parent
+            self._event = threading.Event()
+            self._thread = threading.Thread(
+                target=self._run, name="candela-state-checkpoint", daemon=True
+            )
+            self._pid = _this_process()
+            self._thread.start()
+        self._event.set()
+
+    def _run(self) -> None:
+        while True:
+            self._event.wait()
+            self._event.clear()
+            if self._store.closed:
+                return
+            try:
+                self._store.checkpoint()
+            except StoreUnavailable:
+                log.warning("SQLite state store: WAL checkpoint failed", exc_info=True)
+
+    def stop(self) -> None:
+        self._event.set()
 
 
 class SqliteStateStore(StateStore):
@@ -175,6 +268,8 @@ class SqliteStateStore(StateStore):
         except OSError as e:
             raise StoreUnavailable(f"SQLite state store {self.path}: {e.strerror or e}") from e
         self._gate = _WriteGate(self.path)
+        self._nowait_commits = 0
+        self._checkpointer = _Checkpointer(self)
         with self._tx() as c:
             (version,) = c.execute("PRAGMA user_version").fetchone()
             if version > SCHEMA_VERSION:
@@ -190,21 +285,15 @@ class SqliteStateStore(StateStore):
     def _unavailable(self, e: BaseException) -> StoreUnavailable:
         return StoreUnavailable(f"SQLite state store {self.path}: {e}")
 
-    def _conn(self) -> sqlite3.Connection:
-        if self._closed:
-            raise StoreUnavailable(f"SQLite state store {self.path} is closed")
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        # A connection inherited through fork() must not be used by the child.
-        if conn is not None and self._local.pid == os.getpid():
-            return conn
+    def _connect(self, busy_timeout_ms: int) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(
                 self.path,
-                timeout=self._busy_timeout_ms / 1000,
+                timeout=busy_timeout_ms / 1000,
                 isolation_level=None,  # transactions are explicit: BEGIN IMMEDIATE ... COMMIT
                 check_same_thread=False,  # only so that close() may close every thread's
             )
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             conn.execute("PRAGMA journal_mode = WAL")
             # WAL + NORMAL: a commit is durable against a crash of the process, not of the host
             # (no fsync per commit); losing the last moments of counters to a power cut is
@@ -212,14 +301,51 @@ class SqliteStateStore(StateStore):
             conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error as e:
             raise self._unavailable(e) from e
-        self._local.conn = conn
-        self._local.pid = os.getpid()
         with self._lock:
             self._conns.append(conn)
         return conn
 
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreUnavailable(f"SQLite state store {self.path} is closed")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        # A connection inherited through fork() must not be used by the child.
+        if conn is not None and self._local.pid == _this_process():
+            return conn
+        conn = self._connect(self._busy_timeout_ms)
+        self._local.conn = conn
+        self._local.pid = _this_process()
+        return conn
+
+    def _nowait_conn(self) -> sqlite3.Connection:
+        """This thread's connection for call_without_waiting: a busy database answers at once
+        (busy_timeout 0), and it never checkpoints the WAL itself (a checkpoint may fsync):
+        the checkpointer thread does, every CHECKPOINT_EVERY commits made this way."""
+        if self._closed:
+            raise StoreUnavailable(f"SQLite state store {self.path} is closed")
+        conn: sqlite3.Connection | None = getattr(self._local, "nowait_conn", None)
+        if conn is not None and self._local.nowait_pid == _this_process():
+            return conn
+        conn = self._connect(0)
+        try:
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+        except sqlite3.Error as e:
+            raise self._unavailable(e) from e
+        self._local.nowait_conn = conn
+        self._local.nowait_pid = _this_process()
+        return conn
+
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        joined: sqlite3.Connection | None = getattr(self._local, "batch", None)
+        if joined is not None:  # inside batch(): one transaction for the whole block
+            yield joined
+            return
+        scope: _NoWaitScope | None = getattr(self._local, "scope", None)
+        if scope is not None and not scope.wrote:
+            with self._tx_without_waiting(scope, write) as c:
+                yield c
+            return
         conn = self._conn()
         if not write:
             with self._in_tx(conn, "BEGIN"):
@@ -239,6 +365,74 @@ class SqliteStateStore(StateStore):
                 yield conn
         finally:
             self._gate.release()
+
+    @contextmanager
+    def _tx_without_waiting(
+        self, scope: _NoWaitScope, write: bool
+    ) -> Iterator[sqlite3.Connection]:
+        """A transaction that refuses (WouldWait, nothing changed) rather than wait for a lock."""
+        if scope.refused:
+            raise WouldWait("an earlier step of this call would have waited")
+        conn = self._nowait_conn()
+        if write:
+            try:
+                gated = self._gate.try_acquire()
+            except OSError as e:
+                raise self._unavailable(e) from e
+            if not gated:
+                scope.refused = True
+                raise WouldWait("another writer holds the state store")
+        try:
+            try:
+                with self._in_tx(conn, "BEGIN IMMEDIATE" if write else "BEGIN"):
+                    yield conn
+            except StoreUnavailable as e:
+                # rolled back: a busy database (a checkpoint, another tool's writer) is a wait
+                if isinstance(e.__cause__, sqlite3.OperationalError) and _busy(e.__cause__):
+                    scope.refused = True
+                    raise WouldWait(str(e)) from e
+                raise
+        finally:
+            if write:
+                self._gate.release()
+        if write:
+            scope.wrote = True
+            self._nowait_commits += 1
+            if self._nowait_commits % CHECKPOINT_EVERY == 0:
+                self._checkpointer.poke()
+
+    def call_without_waiting(self, fn: Callable[..., T], *args: Any) -> T:
+        if getattr(self._local, "scope", None) is not None or getattr(
+            self._local, "batch", None
+        ) is not None:
+            raise RuntimeError("call_without_waiting cannot nest or run inside batch()")
+        scope = _NoWaitScope()
+        self._local.scope = scope
+        try:
+            result = fn(*args)
+        except WouldWait:
+            raise
+        except BaseException as e:
+            if scope.refused:  # fn turned the refusal into another error: still a wait
+                raise WouldWait("the state store was busy") from e
+            raise
+        finally:
+            self._local.scope = None
+        if scope.refused:  # fn swallowed the refusal: what it answered is not the store's
+            raise WouldWait("the state store was busy")
+        return result
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        if getattr(self._local, "batch", None) is not None:
+            yield  # nested: already one transaction
+            return
+        with self._tx(write=True) as c:
+            self._local.batch = c
+            try:
+                yield
+            finally:
+                self._local.batch = None
 
     @contextmanager
     def _in_tx(self, conn: sqlite3.Connection, begin: str) -> Iterator[None]:
@@ -265,10 +459,22 @@ class SqliteStateStore(StateStore):
         with self._tx(write=False) as c:
             c.execute("SELECT count(*) FROM users").fetchone()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def checkpoint(self) -> None:
+        """Copy what the WAL holds back into the database file, without waiting for anyone."""
+        try:
+            self._conn().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as e:
+            raise self._unavailable(e) from e
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
             conns, self._conns = self._conns, []
+        self._checkpointer.stop()
         for conn in conns:
             with suppress(sqlite3.Error):
                 conn.close()

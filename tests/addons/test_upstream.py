@@ -65,3 +65,45 @@ def test_intercepted_app_key_is_replaced_unless_configured_otherwise(tctx, runti
     assert f.request.headers["authorization"] == ("Bearer sk-app-own" if kept else "Bearer sk-upstream")
     # a kept request goes as the app sent it (it may be signed over these bytes)
     assert (f.request.content == raw) is kept
+
+
+def test_headers_rewritten_in_one_pass_as_sent(tctx, runtime):
+    """What goes upstream, header by header: the caller's other headers in their order, every
+    header Candela sets exactly once, a length that matches the body Candela sends."""
+    rt = runtime()
+    raw = b'{"model": "gpt-4o-mini",\n "messages": []}'
+    f = make_flow("/proxy/openai/v1/chat/completions", raw=raw, headers={
+        "Host": "candela.local:8181", "User-Agent": "sdk/1", "Authorization": "Bearer x",
+        "X-Candela-Auth": "a", "X-Candela-Whatever": "b", "Content-Encoding": "identity",
+        "Content-Type": "text/plain", "Content-Length": str(len(raw)), "Accept-Encoding": "gzip",
+        "traceparent": "00-bad", "X-Custom": "1"})
+    Router(rt).requestheaders(f)
+    Router(rt).request(f)
+    assert f.response is None
+    forward(rt, f)
+    names = [k.lower() for k, _ in f.request.headers.fields]
+    assert names[0] == b"host" and f.request.headers["host"] == "upstream.test:8080"
+    for name in (b"host", b"content-type", b"content-length", b"traceparent", b"accept-encoding",
+                 b"authorization"):
+        assert names.count(name) == 1, name
+    assert b"content-encoding" not in names and not any(n.startswith(b"x-candela-") for n in names)
+    assert [n for n in names if n in (b"user-agent", b"x-custom")] == [b"user-agent", b"x-custom"]
+    h = f.request.headers
+    assert h["authorization"] == "Bearer sk-upstream" and h["accept-encoding"] == "identity"
+    assert h["content-type"] == "application/json"
+    assert int(h["content-length"]) == len(f.request.raw_content)
+    assert json.loads(f.request.raw_content) == {"model": "gpt-4o-mini", "messages": []}
+    assert h["traceparent"].startswith("00-") and h["traceparent"] != "00-bad"
+    assert f.request.url == "http://upstream.test:8080/v1/chat/completions"
+
+
+def test_anthropic_version_is_set_once(tctx, runtime, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant")
+    rt = runtime({**BASE, "providers": {**BASE["providers"],
+                                        "anthropic-direct": {"base_url": "http://anthropic.test"}}})
+    f = planned(rt, "/proxy/anthropic-direct/v1/messages",
+                {"model": "claude-sonnet-4-20250514", "max_tokens": 5, "messages": []},
+                {"anthropic-version": "2023-06-01", "x-api-key": "cdl_alice"})
+    forward(rt, f)
+    assert f.request.headers.get_all("anthropic-version") == ["2023-06-01"]
+    assert f.request.headers.get_all("x-api-key") == ["sk-ant"]

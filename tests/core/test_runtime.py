@@ -44,3 +44,35 @@ def test_reload_refuses_sections_that_need_a_restart(rt, tmp_path):
         rt.reload(cfg(tmp_path, state={"sqlite_path": str(tmp_path / "other.db")},
                       governance={"models": {"mode": "allowlist", "allowed": ["gpt-4o"]}}))
     assert rt.config is before and not rt.policy.check("gpt-4o", None).allowed
+
+
+# issue 7: hot-path store calls run on the event loop when the store can answer at once
+def test_store_call_runs_here_when_free_else_on_the_pool(rt):
+    import asyncio
+    import threading
+
+    from candela_mitm.state.base import WouldWait
+
+    here = threading.get_ident()
+
+    def where(tag):
+        rt.store.rate_hit(tag, 5, 60_000_000, 1)
+        return threading.get_ident()
+
+    async def call(tag):
+        return await rt.store_call(where, tag)
+
+    assert asyncio.run(call("a")) == here  # SQLite with its lock free: no thread hop
+
+    real = rt.store.call_without_waiting
+
+    def busy(fn, *args):
+        raise WouldWait("held")
+
+    rt.store.call_without_waiting = busy
+    try:
+        assert asyncio.run(call("b")) != here  # refused: the pool runs it, once
+    finally:
+        rt.store.call_without_waiting = real
+    assert rt.store.rate_hit("a", 5, 60_000_000, 1).count == 2
+    assert rt.store.rate_hit("b", 5, 60_000_000, 1).count == 2

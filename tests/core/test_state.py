@@ -20,6 +20,7 @@ from candela_mitm.state.base import (
     NewReservation,
     StateStore,
     UserRecord,
+    WouldWait,
     day_of,
     from_us,
     next_utc_midnight,
@@ -419,4 +420,159 @@ def test_sqlite_threads_write_one_at_a_time(tmp_path: Path) -> None:
         t.join()
     assert errors == []
     assert store.rate_hit("user0", 1000, 60_000_000, T0_US).count == 51
+    store.close()
+
+
+# -- issue 7: one transaction for several calls, and calls that never wait (the event loop's) ---
+
+
+def _counts(path: Path) -> tuple[int, int]:
+    with sqlite3.connect(path) as raw:
+        (rates,) = raw.execute("SELECT count(*) FROM rate_log").fetchone()
+        (reservations,) = raw.execute("SELECT count(*) FROM reservations").fetchone()
+    return rates, reservations
+
+
+def test_batch_is_one_transaction(store: StateStore) -> None:
+    with store.batch():
+        assert store.rate_hit("k", 5, 60_000_000, T0_US).allowed
+        assert store.reserve(new_reservation("r1", 10)).ok
+    assert store.day_totals("u", "2026-05-17").reserved == 10
+    assert store.rate_hit("k", 2, 60_000_000, T0_US).count == 2
+
+
+def test_sqlite_batch_rolls_back_whole(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path / "s.db")
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.batch():
+            store.rate_hit("k", 5, 60_000_000, T0_US)
+            store.reserve(new_reservation("r1", 10))
+            raise RuntimeError("boom")
+    assert _counts(store.path) == (0, 0)
+    with store.batch(), store.batch():  # nested: still one transaction
+        store.rate_hit("k", 5, 60_000_000, T0_US)
+    assert _counts(store.path) == (1, 0)
+    store.close()
+
+
+def test_redis_never_runs_without_waiting(backend: Any) -> None:
+    store = backend.open()
+    calls: list[int] = []
+    if isinstance(store, RedisStateStore):
+        with pytest.raises(WouldWait):
+            store.call_without_waiting(calls.append, 1)
+        assert calls == []  # refused before anything ran
+    else:
+        assert store.call_without_waiting(lambda: store.rate_hit("k", 5, 60_000_000, T0_US)).allowed
+
+
+def test_sqlite_call_without_waiting_runs_here_when_free(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path / "s.db")
+
+    def both() -> tuple[bool, bool]:
+        with store.batch():
+            return store.rate_hit("k", 5, 60_000_000, T0_US).allowed, store.reserve(
+                new_reservation("r1", 10)
+            ).ok
+
+    assert store.call_without_waiting(both) == (True, True)
+    assert _counts(store.path) == (1, 1)
+    assert store.call_without_waiting(store.get_user, "nobody") is None
+    store.close()
+
+
+@pytest.mark.parametrize("holder", ["thread", "worker", "other_tool"])
+def test_sqlite_call_without_waiting_refuses_a_held_lock(tmp_path: Path, holder: str) -> None:
+    """Another thread (the pool), another worker (flock) or another program (SQLite's own lock)
+    writing: WouldWait at once, nothing changed; run where waiting is allowed it succeeds."""
+    import fcntl
+    import os
+
+    path = tmp_path / "s.db"
+    store = SqliteStateStore(path, busy_timeout_ms=60_000)  # a wait would outlast the test
+    release = threading.Event()
+    inside = threading.Event()
+    undo: Any = None
+    if holder == "thread":
+
+        def hold() -> None:
+            with store.batch():
+                inside.set()
+                release.wait(10)
+
+        t = threading.Thread(target=hold)
+        t.start()
+        assert inside.wait(5)
+        undo = lambda: (release.set(), t.join())  # noqa: E731
+    elif holder == "worker":
+        fd = os.open(f"{path}.lock", os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        undo = lambda: os.close(fd)  # noqa: E731
+    else:
+        raw = sqlite3.connect(path, isolation_level=None)
+        raw.execute("BEGIN IMMEDIATE")
+        undo = lambda: (raw.execute("ROLLBACK"), raw.close())  # noqa: E731
+    try:
+        with pytest.raises(WouldWait):
+            store.call_without_waiting(store.rate_hit, "k", 5, 60_000_000, T0_US)
+        with pytest.raises(WouldWait):
+            store.call_without_waiting(store.reserve, new_reservation("r1", 10))
+        # a call that swallows the refusal is still refused: its answer was not the store's
+        def swallow() -> str:
+            try:
+                store.rate_hit("k", 5, 60_000_000, T0_US)
+            except WouldWait:
+                return "pretend"
+            return "stored"
+
+        with pytest.raises(WouldWait):
+            store.call_without_waiting(swallow)
+        assert store.get_user("nobody") is None  # reads do not wait for a writer (WAL)
+    finally:
+        undo()
+    assert _counts(path) == (0, 0)
+    assert store.call_without_waiting(store.rate_hit, "k", 5, 60_000_000, T0_US).allowed
+    assert _counts(path) == (1, 0)
+    store.close()
+
+
+def test_sqlite_errors_still_fail_closed_without_waiting(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path / "s.db")
+    store.close()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.call_without_waiting(store.rate_hit, "k", 5, 60_000_000, T0_US)
+    other = SqliteStateStore(tmp_path / "t.db")
+    with pytest.raises(RuntimeError, match="nest"):
+        other.call_without_waiting(other.call_without_waiting, other.ping)
+    other.close()
+
+
+def test_sqlite_checkpoints_off_the_calling_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections that never wait never checkpoint the WAL themselves (a checkpoint may
+    fsync): every CHECKPOINT_EVERY commits the checkpointer thread does it."""
+    import candela_mitm.state.sqlite as sqlite_mod
+
+    monkeypatch.setattr(sqlite_mod, "CHECKPOINT_EVERY", 5)
+    store = SqliteStateStore(tmp_path / "s.db")
+    ran: list[str] = []
+    done = threading.Event()
+    real = store.checkpoint
+
+    def spy() -> None:
+        ran.append(threading.current_thread().name)
+        real()
+        done.set()
+
+    monkeypatch.setattr(store, "checkpoint", spy)
+    for i in range(4):
+        store.call_without_waiting(store.rate_hit, f"k{i}", 5, 60_000_000, T0_US)
+    assert ran == []
+    store.call_without_waiting(store.rate_hit, "k4", 5, 60_000_000, T0_US)
+    assert done.wait(5)
+    assert ran == ["candela-state-checkpoint"]
+    with sqlite3.connect(store.path) as raw:  # every frame is back in the database file
+        busy, frames, copied = raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and frames == copied
     store.close()
