@@ -597,11 +597,18 @@ def thread_names(stacks: list[tuple[list[str], int]]) -> dict[int, str]:
 
 
 def categorise(stacks: list[tuple[list[str], int]]) -> dict[str, int]:
-    """Main-thread samples by who was running: Candela's code, mitmproxy, or the event loop."""
-    cats = {"candela_pipeline": 0, "mitmproxy": 0, "asyncio_and_io": 0}
+    """Main-thread samples by who was running: Candela's state store (SQLite, on the event loop
+    when its lock is free), Candela's audit encoding, the rest of Candela's pipeline, mitmproxy,
+    or the event loop."""
+    cats = {"candela_state_store": 0, "candela_audit": 0, "candela_pipeline": 0, "mitmproxy": 0,
+            "asyncio_and_io": 0}
     for frames, n in stacks:
         body = [f for f in frames if not f.startswith(("thread", "process"))]
-        if any("candela_mitm/" in f and "cli.py" not in f for f in body):
+        if any("candela_mitm/state/" in f for f in body):
+            cats["candela_state_store"] += n
+        elif any("candela_mitm/audit/" in f for f in body):
+            cats["candela_audit"] += n
+        elif any("candela_mitm/" in f and "cli.py" not in f for f in body):
             cats["candela_pipeline"] += n
         elif any("mitmproxy/" in f for f in body[-12:]):
             cats["mitmproxy"] += n
@@ -901,9 +908,12 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", f"Where Candela's CPU goes (py-spy at 16 connections, µs per request): "
                   f"{c.get('cpu_us_per_request')} in all against bare mitmproxy's {m.get('cpu_us_per_request')}. "
                   f"Event loop {th.get('MainThread')}: mitmproxy's proxy core {est.get('mitmproxy')}, "
-                  f"Candela's pipeline code {est.get('candela_pipeline')}, asyncio {est.get('asyncio_and_io')}; "
-                  f"state-store threads (SQLite: 1 read and 3 write transactions) {th.get('candela-gov')}; "
-                  f"audit writer {th.get('candela-audit-writer')}. Profiles: `bench/results/profile-*`."]
+                  f"Candela's pipeline code {est.get('candela_pipeline')}, its state store (SQLite: 2 write "
+                  f"transactions, run on the event loop when the lock is free) {est.get('candela_state_store')}, "
+                  f"its audit entries' encoding {est.get('candela_audit')}, asyncio {est.get('asyncio_and_io')}; "
+                  f"state-store threads (only when the lock was taken) {th.get('candela-gov', 0)}; "
+                  f"audit writer thread (hash chain, insert, fsync) {th.get('candela-audit-writer')}; "
+                  f"WAL checkpoints {th.get('candela-state-checkpoint', 0)}. Profiles: `bench/results/profile-*`."]
     if res.get("notes"):
         lines += [""] + [f"- {n}" for n in res["notes"]]
     if res.get("errors"):

@@ -32,7 +32,9 @@ from candela_mitm.state.base import (
     plan_settle,
 )
 
-SCHEMA_VERSION = 1
+# 1: the first; 2: rate_count (a running count per rate_log key: a rate check no longer counts
+# the whole window's log).
+SCHEMA_VERSION = 2
 
 # Commits made without waiting (on the event loop) between two WAL checkpoints: each commit adds
 # a few pages, SQLite's own default is to checkpoint at 1000.
@@ -119,6 +121,11 @@ _SCHEMA = (
     ) WITHOUT ROWID""",
     "CREATE TABLE IF NOT EXISTS rate_log (key TEXT NOT NULL, ts INTEGER NOT NULL)",
     "CREATE INDEX IF NOT EXISTS rate_log_by_key ON rate_log (key, ts)",
+    # how many rate_log rows each key has, kept in the same transaction as every change to them
+    """CREATE TABLE IF NOT EXISTS rate_count (
+        key TEXT PRIMARY KEY,
+        n INTEGER NOT NULL
+    ) WITHOUT ROWID""",
 )
 
 
@@ -279,6 +286,10 @@ class SqliteStateStore(StateStore):
                 )
             for statement in _SCHEMA:
                 c.execute(statement)
+            if 0 < version < 2:  # a store made before rate_count: count what its log holds
+                c.execute(
+                    "INSERT INTO rate_count (key, n) SELECT key, count(*) FROM rate_log GROUP BY key"
+                )
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- connections and transactions ----------------------------------------------------------
@@ -731,12 +742,28 @@ class SqliteStateStore(StateStore):
 
     # -- rate windows --------------------------------------------------------------------------
     def rate_hit(self, key: str, limit: int, window_us: int, now_us: int) -> RateHit:
+        # The log's rows of `key` are counted in rate_count, not with count(*): that would read
+        # every request of the window (80 ns each, 160 us at 2,000 in a window) on every check.
         with self._tx() as c:
-            c.execute("DELETE FROM rate_log WHERE key = ? AND ts <= ?", (key, now_us - window_us))
-            count, oldest = c.execute(
-                "SELECT count(*), min(ts) FROM rate_log WHERE key = ?", (key,)
-            ).fetchone()
-            if count >= limit:
-                return RateHit(False, count, oldest)
-            c.execute("INSERT INTO rate_log (key, ts) VALUES (?, ?)", (key, now_us))
-            return RateHit(True, count + 1, now_us if oldest is None else min(oldest, now_us))
+            forgotten = c.execute(
+                "DELETE FROM rate_log WHERE key = ? AND ts <= ?", (key, now_us - window_us)
+            ).rowcount
+            row = c.execute("SELECT n FROM rate_count WHERE key = ?", (key,)).fetchone()
+            count = (row[0] if row else 0) - forgotten
+            (oldest,) = c.execute(
+                "SELECT min(ts) FROM rate_log WHERE key = ?", (key,)
+            ).fetchone()  # the first entry of the (key, ts) index
+            allowed = count < limit
+            if allowed:
+                c.execute("INSERT INTO rate_log (key, ts) VALUES (?, ?)", (key, now_us))
+                count += 1
+                oldest = now_us if oldest is None else min(oldest, now_us)
+            if count <= 0:
+                c.execute("DELETE FROM rate_count WHERE key = ?", (key,))
+            elif row is None or count != row[0]:
+                c.execute(
+                    "INSERT INTO rate_count (key, n) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET n = excluded.n",
+                    (key, count),
+                )
+            return RateHit(allowed, count, oldest)

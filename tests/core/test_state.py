@@ -576,3 +576,38 @@ def test_sqlite_checkpoints_off_the_calling_thread(
         busy, frames, copied = raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     assert busy == 0 and frames == copied
     store.close()
+
+
+def test_sqlite_rate_count_matches_the_log(tmp_path: Path) -> None:
+    """rate_count (the running count a check reads instead of counting the window) stays equal
+    to the log through admits, refusals and entries leaving the window."""
+    store = SqliteStateStore(tmp_path / "s.db")
+    window = 10_000_000
+    answers = []
+    for i in range(40):  # 4 requests a second for 10 s against a limit of 25 per 10 s window
+        hit = store.rate_hit("u", 25, window, T0_US + i * 250_000)
+        answers.append(hit.allowed)
+        with sqlite3.connect(store.path) as raw:
+            (logged,) = raw.execute("SELECT count(*) FROM rate_log WHERE key = 'u'").fetchone()
+            counted = raw.execute("SELECT n FROM rate_count WHERE key = 'u'").fetchone()
+        assert hit.count == logged == counted[0]
+    assert answers == [True] * 25 + [False] * 15
+    # the window moves on: the first entries leave, the next requests are admitted again
+    later = store.rate_hit("u", 25, window, T0_US + window + 1)
+    assert later.allowed and later.count == 25 and later.oldest_us == T0_US + 250_000
+    store.close()
+
+
+def test_sqlite_schema_1_store_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with sqlite3.connect(path) as raw:  # what Candela with schema 1 left behind
+        raw.execute("CREATE TABLE rate_log (key TEXT NOT NULL, ts INTEGER NOT NULL)")
+        raw.executemany("INSERT INTO rate_log VALUES (?, ?)", [("a", T0_US + i) for i in range(3)])
+        raw.execute("PRAGMA user_version = 1")
+    store = SqliteStateStore(path)
+    hit = store.rate_hit("a", 4, 60_000_000, T0_US + 10)
+    assert hit.allowed and hit.count == 4
+    assert not store.rate_hit("a", 4, 60_000_000, T0_US + 11).allowed
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (2,)
+    store.close()
