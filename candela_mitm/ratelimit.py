@@ -18,7 +18,13 @@ class RateDecision:
     limit: int
     remaining: int  # requests still allowed in the window after this one
     retry_after_s: int  # 0 when allowed; whole seconds until a slot frees otherwise
-    window_resets_at: str  # RFC 3339: when the oldest counted request leaves the window
+    frees_at_us: int  # when the oldest counted request leaves the window
+
+    @property
+    def window_resets_at(self) -> str:
+        """RFC 3339, whole seconds rounded up: formatted only when asked (a denial), not on
+        every admitted request."""
+        return rfc3339(from_us(-(-self.frees_at_us // US_PER_S) * US_PER_S))
 
     def denial(self) -> Denial:
         return rate_limited(self.limit, self.window_resets_at, self.retry_after_s)
@@ -55,17 +61,11 @@ class RateLimiter:
         if limit_per_minute == 0:
             # nothing will ever be admitted; point at the end of a window all the same
             window_end = now_us + self.window_us
-            return RateDecision(False, 0, 0, self.window_us // US_PER_S, self._at(window_end))
+            return RateDecision(False, 0, 0, self.window_us // US_PER_S, window_end)
         hit = self.store.rate_hit(user, limit_per_minute, self.window_us, now_us)
         frees_at = (hit.oldest_us if hit.oldest_us is not None else now_us) + self.window_us
         if hit.allowed:
-            return RateDecision(
-                True, limit_per_minute, limit_per_minute - hit.count, 0, self._at(frees_at)
-            )
+            return RateDecision(True, limit_per_minute, limit_per_minute - hit.count, 0, frees_at)
         # round up: a client that waits this long finds the slot free
         retry_after = max(1, -(-(frees_at - now_us) // US_PER_S))
-        return RateDecision(False, limit_per_minute, 0, retry_after, self._at(frees_at))
-
-    @staticmethod
-    def _at(us: int) -> str:
-        return rfc3339(from_us(-(-us // US_PER_S) * US_PER_S))  # whole seconds, rounded up
+        return RateDecision(False, limit_per_minute, 0, retry_after, frees_at)

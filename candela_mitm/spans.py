@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 import threading
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -42,8 +43,20 @@ def new_span_id() -> str:
     return secrets.token_hex(8)
 
 
+_second: tuple[int, str] = (-1, "")
+
+
 def utc_now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Now in UTC to the millisecond (truncated), e.g. 2026-05-17T12:00:00.123Z.
+
+    Twice per request: the part up to the second is formatted once a second.
+    """
+    global _second
+    now = time.time_ns()
+    sec, ns = divmod(now, 1_000_000_000)
+    if sec != _second[0]:
+        _second = (sec, datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{_second[1]}.{ns // 1_000_000:03d}Z"
 
 
 @dataclass

@@ -14,6 +14,7 @@ from candela_mitm.config import State
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.ratelimit import RateDecision, RateLimiter
 from candela_mitm.state import StateStore, open_state_store
+from candela_mitm.state.base import to_us
 from candela_mitm.state.sqlite import SqliteStateStore
 
 T0 = datetime(2026, 5, 17, 12, 0, tzinfo=UTC)  # on a minute boundary
@@ -49,7 +50,8 @@ def test_remaining_and_retry_after(limiter: RateLimiter) -> None:
     assert {d.window_resets_at for d in decisions} == {"2026-05-17T12:01:00Z"}
 
     denied = limiter.check("u", 3, now=at(30))
-    assert denied == RateDecision(False, 3, 0, 30, "2026-05-17T12:01:00Z")
+    assert denied == RateDecision(False, 3, 0, 30, to_us(T0) + 60_000_000)
+    assert denied.window_resets_at == "2026-05-17T12:01:00Z"
     assert limiter.check("u", 3, now=at(59.5)).retry_after_s == 1  # rounded up
     assert limiter.check("u", 3, now=at(45.25)).retry_after_s == 15
 
