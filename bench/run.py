@@ -96,6 +96,17 @@ def cpu_seconds(pid: int) -> float:
     return total / TICK
 
 
+def machine_busy_s() -> float:
+    """CPU seconds every core of the machine spent busy (not idle, not waiting for I/O)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(f) - f[3] - f[4]) / TICK
+
+
+def _children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)  # the load generators, once waited for
+    return r.ru_utime + r.ru_stime
+
+
 def rss_kb(pid: int) -> int:
     total = 0
     for p in tree(pid):
@@ -341,6 +352,7 @@ class Bench:
             argv += ["--keys", ",".join(chosen)]
         argv += extra or []
         cpu0 = cpu_seconds(proc.pid) if proc else 0.0
+        busy0, children0 = machine_busy_s(), _children_cpu_s()
         peak = [0]
         stop = threading.Event()
 
@@ -356,6 +368,11 @@ class Bench:
         if out.returncode != 0:
             raise RuntimeError(f"loadgen failed: {out.stderr[-2000:]}")
         r: dict[str, Any] = json.loads(out.stdout)
+        # what the whole machine was doing meanwhile (warm-up included): is it full?
+        span = duration + warmup
+        r["span_s"] = span
+        r["machine_busy_cores"] = round((machine_busy_s() - busy0) / span, 2)
+        r["loadgen_cores"] = round((_children_cpu_s() - children0) / span, 2)
         if proc:
             # CPU of the target over the whole run (warm-up included) per request answered
             n = r["completed"] + r["errors"]
@@ -729,6 +746,13 @@ def _get(d: dict[str, Any], *path: Any) -> Any:
     return d
 
 
+def _cores(run: dict[str, Any] | None) -> float | None:
+    """Cores the target used over a load run (its CPU seconds over the run's length)."""
+    if not run or "target_cpu_s" not in run or not run.get("span_s"):
+        return None
+    return round(run["target_cpu_s"] / run["span_s"], 2)
+
+
 def _ratio(a: Any, b: Any) -> float | None:
     try:
         return round(float(a) / float(b), 3) if b else None
@@ -795,7 +819,11 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
             None, "s5 open loop 200 req/s (reported, no numeric target)")
     s6 = res.get("s6_workers", {})
     r = _ratio(_get(s6, "workers_2", "throughput_rps"), _get(s6, "workers_1", "throughput_rps"))
-    add("two workers >= 1.6x one", f"{r}x on {s6.get('cores')} cores", None if r is None else r >= 1.6,
+    one, busy = _cores(s6.get("workers_1")), _get(s6, "workers_2", "machine_busy_cores")
+    room = "" if one is None or busy is None else (
+        f" (one worker uses {one} cores, so 2x needs {round(2 * one, 2)}; the machine was {busy} of "
+        f"{s6.get('cores')} busy with two)")
+    add("two workers >= 1.6x one", f"{r}x on {s6.get('cores')} cores{room}", None if r is None else r >= 1.6,
         "s6 closed loop c64; load generator and upstream share the same cores")
     ex = _get(s6, "budget", "exact")
     if ex is not None:
@@ -886,7 +914,11 @@ def markdown(res: dict[str, Any]) -> str:
     if s6:
         b = s6.get("budget", {})
         lines += ["", f"Workers (c64): 1 worker {s6['workers_1']['throughput_rps']} req/s, 2 workers "
-                  f"{s6['workers_2']['throughput_rps']} req/s on {s6['cores']} cores. Budget burst: "
+                  f"{s6['workers_2']['throughput_rps']} req/s on {s6['cores']} cores; with 2 workers the "
+                  f"machine was {_get(s6, 'workers_2', 'machine_busy_cores')} of {s6['cores']} cores busy "
+                  f"(Candela {_cores(s6.get('workers_2'))}, the load generator "
+                  f"{_get(s6, 'workers_2', 'loadgen_cores')}; 1 worker: Candela {_cores(s6.get('workers_1'))}, "
+                  f"machine {_get(s6, 'workers_1', 'machine_busy_cores')}). Budget burst: "
                   f"{b.get('allowed')} of 200 admitted (expected {b.get('expected_allowed')}), spent "
                   f"{b.get('spent_nano_usd')} nano-USD (expected {b.get('expected_spent_nano_usd')}), "
                   f"reserved after {b.get('reserved_after_nano_usd')}: exact = {b.get('exact')}."]

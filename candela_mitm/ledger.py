@@ -198,7 +198,8 @@ class Ledger:
     source covers overdraws the allowance, so an underestimated request is recorded in full.
     Every change (reserve, settle, release, a grant) is one atomic store operation; every method
     raises StoreUnavailable when the store fails, and callers deny (governance fails closed).
-    Methods block on the store: call them from a worker thread, not the event loop.
+    Methods block on the store: call them from a worker thread, or from the event loop only
+    through Runtime.store_call (which runs them there only if the store need not wait).
     """
 
     def __init__(
