@@ -92,6 +92,15 @@ class Metrics:
             ["sink"],
             registry=r,
         )
+        self.store_calls = Counter(
+            "candela_state_store_calls_total",
+            "Hot-path state store calls, by where they ran: event_loop (the store could answer "
+            "at once) or pool (its lock was taken: another worker, thread or tool writing)",
+            ["where"],
+            registry=r,
+        )
+        self.store_on_loop = self.store_calls.labels("event_loop")
+        self.store_on_pool = self.store_calls.labels("pool")
         self._refreshers: list[Callable[[], None]] = []
 
     def on_scrape(self, fn: Callable[[], None]) -> None:

@@ -34,6 +34,12 @@ T = TypeVar("T")
 # any request can run, so a live stream's money is never freed early).
 STALE_RESERVATION_S = 24 * 3600
 
+# A hot-path store call refused because the store's lock is held is tried again on the event
+# loop this many times (the first half at once after other ready flows ran, the rest after a
+# pause), then run on the thread pool, which may wait.
+STORE_TRIES = 8
+STORE_PAUSE_S = 0.0002
+
 # How long a proxy process reuses a user's settings read from the store: admin changes made
 # through this process apply at once, those made through another process within this bound.
 USER_SETTINGS_TTL_S = 1.0
@@ -77,14 +83,27 @@ class Runtime:
         """A hot-path state-store call: right here when the store can answer without waiting
         (SQLite with its write lock free: tens of microseconds), else on the thread pool.
 
-        A hop to the pool and back costs more CPU than the transaction itself; a call that
-        would wait for a lock (another worker writing, a checkpoint) is refused with nothing
-        changed and runs on the pool, so the event loop never waits for the store.
+        A hop to the pool and back costs more CPU than the transaction itself. A call that
+        would wait for a lock is refused with nothing changed; while another worker's event
+        loop holds the lock it does so for tens of microseconds, so the call is tried again a
+        few times (letting other flows run between tries) before it goes to the pool. Going
+        there at once made things worse: a pool thread holding the lock must win the GIL back
+        from a busy event loop between statements (up to the 5 ms switch interval), the other
+        workers' calls then found the lock taken too, and most calls ended on the pool.
         """
-        try:
-            return self.store.call_without_waiting(fn, *args)
-        except WouldWait:
-            return await self.blocking(fn, *args)
+        store = self.store
+        for attempt in range(STORE_TRIES):
+            try:
+                result = store.call_without_waiting(fn, *args)
+            except WouldWait as e:
+                if not e.busy:
+                    break
+                await asyncio.sleep(0 if attempt < STORE_TRIES // 2 else STORE_PAUSE_S)
+                continue
+            self.metrics.store_on_loop.inc()
+            return result
+        self.metrics.store_on_pool.inc()
+        return await self.blocking(fn, *args)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=False)

@@ -239,9 +239,13 @@ def plan_settle(
 class WouldWait(Exception):
     """The store cannot answer this call without waiting (its lock is held): nothing changed.
 
-    Raised only by `StateStore.call_without_waiting`; the caller runs the call again where
-    waiting is allowed (a worker thread).
+    Raised only by `StateStore.call_without_waiting`; the caller tries again a moment later
+    (`busy`: the lock is held now) or runs the call where waiting is allowed (a worker thread).
     """
+
+    def __init__(self, why: str, busy: bool = True) -> None:
+        super().__init__(why)
+        self.busy = busy  # False: this store never answers without waiting (a remote store)
 
 
 class StateStore(ABC):
@@ -268,7 +272,7 @@ class StateStore(ABC):
         and back costs more than that in CPU. `fn` may make any number of reads and at most
         one write transaction (use `batch` to group writes).
         """
-        raise WouldWait("this store is always called from a thread that may wait")
+        raise WouldWait("this store is always called from a thread that may wait", busy=False)
 
     # -- users ---------------------------------------------------------------------------------
     @abstractmethod

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import logging
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
 from candela_mitm.errors import StoreUnavailable
+from candela_mitm.sqlite_gate import WriteGate, this_process
 from candela_mitm.state.base import (
     ActiveReservation,
     DayTotals,
@@ -43,21 +41,6 @@ CHECKPOINT_EVERY = 100
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-# Which process this is, without a getpid() system call on every transaction (glibc no longer
-# caches it): bumped in the child after each fork, so state inherited from a parent is redone.
-_process_generation = 0
-
-
-def _after_fork_in_child() -> None:
-    global _process_generation
-    _process_generation += 1
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _this_process() -> int:
-    return _process_generation
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS users (
@@ -129,77 +112,6 @@ _SCHEMA = (
 )
 
 
-class _WriteGate:
-    """Write transactions queue here instead of in SQLite's lock.
-
-    SQLite answers a writer that finds the lock taken by sleeping in its busy handler (1, 2, 5,
-    10 ms ... steps): under load most of a request's time went to those sleeps. Writers of one
-    process queue on a lock and those of several processes (workers) on an flock of
-    `<db>.lock`, both woken the moment the holder is done. SQLite's own lock still guards
-    against every other writer (the admin CLI, another tool), with `busy_timeout_ms`.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(f"{path}.lock")
-        self._pid = -1
-        self._thread_lock = threading.Lock()
-        self._fd: int | None = None
-
-    def _for_this_process(self) -> None:
-        # after a fork the inherited descriptor shares the parent's flock: open our own
-        if self._pid != _this_process():
-            self._thread_lock = threading.Lock()
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._pid = _this_process()
-
-    def acquire(self, timeout_s: float) -> bool:
-        self._for_this_process()
-        deadline = time.monotonic() + timeout_s
-        if not self._thread_lock.acquire(timeout=timeout_s):
-            return False
-        assert self._fd is not None
-        pause = 0.00005
-        while True:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    self._thread_lock.release()
-                    raise
-            if time.monotonic() >= deadline:
-                self._thread_lock.release()
-                return False
-            time.sleep(pause)
-            pause = min(pause * 2, 0.001)
-
-    def try_acquire(self) -> bool:
-        """Take the gate only if it is free now, in this process and across processes."""
-        self._for_this_process()
-        if not self._thread_lock.acquire(blocking=False):
-            return False
-        assert self._fd is not None
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError as e:
-            self._thread_lock.release()
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        self._thread_lock.release()
-
-    def close(self) -> None:
-        if self._fd is not None and self._pid == _this_process():
-            os.close(self._fd)
-        self._fd = None
-        self._pid = -1
-
-
 def _busy(e: sqlite3.OperationalError) -> bool:
     code = getattr(e, "sqlite_errorcode", None)
     if code is not None:
@@ -228,12 +140,12 @@ class _Checkpointer:
         self._pid = -1
 
     def poke(self) -> None:
-        if self._pid != _this_process() or self._thread is None:  # none yet, or one of a parent
+        if self._pid != this_process() or self._thread is None:  # none yet, or one of a parent
             self._event = threading.Event()
             self._thread = threading.Thread(
                 target=self._run, name="candela-state-checkpoint", daemon=True
             )
-            self._pid = _this_process()
+            self._pid = this_process()
             self._thread.start()
         self._event.set()
 
@@ -274,7 +186,7 @@ class SqliteStateStore(StateStore):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreUnavailable(f"SQLite state store {self.path}: {e.strerror or e}") from e
-        self._gate = _WriteGate(self.path)
+        self._gate = WriteGate(self.path)
         self._nowait_commits = 0
         self._checkpointer = _Checkpointer(self)
         with self._tx() as c:
@@ -321,11 +233,11 @@ class SqliteStateStore(StateStore):
             raise StoreUnavailable(f"SQLite state store {self.path} is closed")
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         # A connection inherited through fork() must not be used by the child.
-        if conn is not None and self._local.pid == _this_process():
+        if conn is not None and self._local.pid == this_process():
             return conn
         conn = self._connect(self._busy_timeout_ms)
         self._local.conn = conn
-        self._local.pid = _this_process()
+        self._local.pid = this_process()
         return conn
 
     def _nowait_conn(self) -> sqlite3.Connection:
@@ -335,7 +247,7 @@ class SqliteStateStore(StateStore):
         if self._closed:
             raise StoreUnavailable(f"SQLite state store {self.path} is closed")
         conn: sqlite3.Connection | None = getattr(self._local, "nowait_conn", None)
-        if conn is not None and self._local.nowait_pid == _this_process():
+        if conn is not None and self._local.nowait_pid == this_process():
             return conn
         conn = self._connect(0)
         try:
@@ -343,7 +255,7 @@ class SqliteStateStore(StateStore):
         except sqlite3.Error as e:
             raise self._unavailable(e) from e
         self._local.nowait_conn = conn
-        self._local.nowait_pid = _this_process()
+        self._local.nowait_pid = this_process()
         return conn
 
     @contextmanager

@@ -462,3 +462,42 @@ def test_throughput(tmp_path: Path) -> None:
         f"\naudit writer: {rate:,.0f} entries/s batched (record + commit), {durable_rate:,.0f} durable entries/s with 16 waiting clients"
     )
     assert verify_chain(tmp_path / "audit.db").count == n + durable_count[0]
+
+
+# issue 7: workers sharing one ledger queue on its write gate, not in SQLite's busy handler
+def test_writers_sharing_a_ledger_queue_on_its_gate(tmp_path: Path) -> None:
+    import fcntl
+
+    w = AuditWriter(cfg(tmp_path), busy_timeout_ms=100)
+    w.start()
+    try:
+        other = os.open(f"{w.db_path}.lock", os.O_RDWR | os.O_CREAT)  # another worker's writer, committing
+        fcntl.flock(other, fcntl.LOCK_EX)
+        try:
+            fut = w.record_durable("llm_request", user_id="u")
+            time.sleep(0.3)  # past the writer's timeout: it failed, counted it, and retries
+            assert not fut.done() and w.head_seq == 0
+            assert w.sqlite_errors >= 1 and not w.healthy
+        finally:
+            os.close(other)  # released: the next try commits
+        assert fut.result(timeout=10) == 1
+        assert w.healthy
+        fut2 = w.record_durable("llm_request", user_id="u")
+        assert fut2.result(timeout=10) == 2
+    finally:
+        w.close()
+    assert verify_chain(w.db_path).ok
+
+
+def test_two_writers_on_one_ledger_build_one_chain(tmp_path: Path) -> None:
+    """Two writers (as two workers have) appending at once: every entry, one chain."""
+    writers = [AuditWriter(cfg(tmp_path)) for _ in range(2)]
+    for w in writers:
+        w.start()
+    futures = [w.record_durable("llm_request", user_id=f"u{i}") for i in range(200) for w in writers]
+    seqs = sorted(f.result(timeout=30) for f in futures)
+    for w in writers:
+        w.close()
+    assert seqs == list(range(1, 401))
+    result = verify_chain(writers[0].db_path)
+    assert result.ok and result.count == 400

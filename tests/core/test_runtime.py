@@ -76,3 +76,49 @@ def test_store_call_runs_here_when_free_else_on_the_pool(rt):
         rt.store.call_without_waiting = real
     assert rt.store.rate_hit("a", 5, 60_000_000, 1).count == 2
     assert rt.store.rate_hit("b", 5, 60_000_000, 1).count == 2
+    text = rt.metrics.render()[0].decode()
+    assert 'candela_state_store_calls_total{where="event_loop"} 1.0' in text
+    assert 'candela_state_store_calls_total{where="pool"} 1.0' in text
+
+
+def test_store_call_tries_again_before_the_pool(rt):
+    """A lock held for a moment (another worker's transaction): tried again on the loop; a
+    store that never answers without waiting (Redis): straight to the pool, tried once."""
+    import asyncio
+    import threading
+
+    from candela_mitm.runtime import STORE_TRIES
+    from candela_mitm.state.base import WouldWait
+
+    here = threading.get_ident()
+    real = rt.store.call_without_waiting
+    tries = []
+
+    def busy_twice(fn, *args):
+        tries.append(1)
+        if len(tries) <= 2:
+            raise WouldWait("held")
+        return real(fn, *args)
+
+    def remote(fn, *args):
+        tries.append(1)
+        raise WouldWait("remote", busy=False)
+
+    def always_busy(fn, *args):
+        tries.append(1)
+        raise WouldWait("held")
+
+    async def call():
+        return await rt.store_call(threading.get_ident)
+
+    rt.store.call_without_waiting = busy_twice
+    try:
+        assert asyncio.run(call()) == here and len(tries) == 3
+        tries.clear()
+        rt.store.call_without_waiting = remote
+        assert asyncio.run(call()) != here and len(tries) == 1
+        tries.clear()
+        rt.store.call_without_waiting = always_busy
+        assert asyncio.run(call()) != here and len(tries) == STORE_TRIES  # held throughout
+    finally:
+        rt.store.call_without_waiting = real
