@@ -248,11 +248,19 @@ class WouldWait(Exception):
         self.busy = busy  # False: this store never answers without waiting (a remote store)
 
 
+class BatchAborted(Exception):
+    """A call inside a batch could not be undone on its own: the whole batch must roll back."""
+
+
 class StateStore(ABC):
     """Governance state shared by every worker; each method is one atomic step.
 
     Every failure to read or write raises candela_mitm.errors.StoreUnavailable: callers deny.
     """
+
+    # Whether batch() really makes one transaction of several calls and savepoint() undoes one
+    # of them: then the proxy runs the store calls of one event-loop turn together.
+    joins_calls = False
 
     # -- how calls run -------------------------------------------------------------------------
     def batch(self) -> AbstractContextManager[None]:
@@ -261,6 +269,11 @@ class StateStore(ABC):
         Either all of their changes happen or none (an exception rolls the block back). A
         backend without multi-call transactions runs each call atomically on its own.
         """
+        return nullcontext()
+
+    def savepoint(self) -> AbstractContextManager[None]:
+        """Inside batch(): the block's changes are undone alone if it raises (the batch goes
+        on). Raises BatchAborted when they cannot be: the whole batch must then roll back."""
         return nullcontext()
 
     def call_without_waiting(self, fn: Callable[..., T], *args: Any) -> T:
@@ -356,3 +369,26 @@ class StateStore(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+Call = tuple[Callable[..., Any], tuple[Any, ...]]
+Outcome = tuple[bool, Any]  # (True, result) or (False, the exception it raised)
+
+
+def run_calls(store: StateStore, calls: Sequence[Call]) -> list[Outcome]:
+    """Run store calls in one transaction, each atomic on its own (a savepoint).
+
+    One call failing undoes only its own changes and becomes its outcome; the others commit
+    together. A failure of the transaction itself (it cannot begin, or commit) raises.
+    """
+    outcomes: list[Outcome] = []
+    with store.batch():
+        for fn, args in calls:
+            try:
+                with store.savepoint():
+                    outcomes.append((True, fn(*args)))
+            except (WouldWait, BatchAborted):
+                raise
+            except Exception as e:
+                outcomes.append((False, e))
+    return outcomes

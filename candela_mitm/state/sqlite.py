@@ -16,6 +16,7 @@ from candela_mitm.errors import StoreUnavailable
 from candela_mitm.sqlite_gate import WriteGate, this_process
 from candela_mitm.state.base import (
     ActiveReservation,
+    BatchAborted,
     DayTotals,
     GrantRow,
     NewReservation,
@@ -344,6 +345,33 @@ class SqliteStateStore(StateStore):
         if scope.refused:  # fn swallowed the refusal: what it answered is not the store's
             raise WouldWait("the state store was busy")
         return result
+
+    joins_calls = True
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        conn: sqlite3.Connection | None = getattr(self._local, "batch", None)
+        if conn is None:
+            raise RuntimeError("savepoint() is only for calls inside batch()")
+        try:
+            conn.execute("SAVEPOINT candela_call")
+        except sqlite3.Error as e:
+            raise BatchAborted(str(e)) from e
+        try:
+            yield
+        except BaseException as e:
+            try:
+                conn.execute("ROLLBACK TO candela_call")
+                conn.execute("RELEASE candela_call")
+            except sqlite3.Error as undo:
+                raise BatchAborted(f"could not undo a failed call: {undo}") from e
+            if isinstance(e, sqlite3.Error):  # inside a batch the statements' errors come raw
+                raise self._unavailable(e) from e
+            raise
+        try:
+            conn.execute("RELEASE candela_call")
+        except sqlite3.Error as e:
+            raise BatchAborted(str(e)) from e
 
     @contextmanager
     def batch(self) -> Iterator[None]:

@@ -122,3 +122,78 @@ def test_store_call_tries_again_before_the_pool(rt):
         assert asyncio.run(call()) != here and len(tries) == STORE_TRIES  # held throughout
     finally:
         rt.store.call_without_waiting = real
+
+
+def test_store_calls_of_one_loop_turn_share_a_transaction(rt):
+    """Calls made in the same event-loop turn run together (one call_without_waiting, one
+    transaction), in order; one that fails is undone alone and answers only its caller."""
+    import asyncio
+
+    store = rt.store
+    real = store.call_without_waiting
+    batches = []
+
+    def spy(fn, *args):
+        batches.append(len(args[-1]))
+        return real(fn, *args)
+
+    def writes_then_fails():
+        store.rate_hit("undone", 5, 60_000_000, 1)
+        raise ValueError("after a write")
+
+    async def main():
+        return await asyncio.gather(
+            rt.store_call(store.rate_hit, "k", 5, 60_000_000, 1),
+            rt.store_call(writes_then_fails),
+            rt.store_call(store.rate_hit, "k", 5, 60_000_000, 2),
+            return_exceptions=True,
+        )
+
+    store.call_without_waiting = spy
+    try:
+        first, failed, third = asyncio.run(main())
+    finally:
+        store.call_without_waiting = real
+    assert batches == [3]
+    assert (first.count, third.count) == (1, 2)  # in the order they were made
+    assert isinstance(failed, ValueError)
+    assert store.rate_hit("undone", 5, 60_000_000, 3).count == 1  # its write was undone
+    text = rt.metrics.render()[0].decode()
+    assert 'candela_state_store_calls_total{where="event_loop"} 3.0' in text
+
+
+def test_a_batch_that_fails_whole_fails_every_call(rt):
+    import asyncio
+
+    from candela_mitm.errors import StoreUnavailable
+
+    store = rt.store
+
+    async def main():
+        return await asyncio.gather(
+            rt.store_call(store.rate_hit, "k", 5, 60_000_000, 1),
+            rt.store_call(store.get_user, "nobody"),
+            return_exceptions=True,
+        )
+
+    store.close()
+    results = asyncio.run(main())
+    assert all(isinstance(r, StoreUnavailable) for r in results)
+
+
+def test_a_store_that_cannot_join_calls_runs_each_on_the_pool(rt):
+    import asyncio
+    import threading
+
+    here = threading.get_ident()
+    rt.store.joins_calls = False  # as Redis
+
+    async def main():
+        return await asyncio.gather(
+            rt.store_call(threading.get_ident), rt.store_call(rt.store.get_user, "nobody")
+        )
+
+    where, user = asyncio.run(main())
+    assert where != here and user is None
+    text = rt.metrics.render()[0].decode()
+    assert 'candela_state_store_calls_total{where="pool"} 2.0' in text

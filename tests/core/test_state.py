@@ -611,3 +611,37 @@ def test_sqlite_schema_1_store_is_upgraded(tmp_path: Path) -> None:
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA user_version").fetchone() == (2,)
     store.close()
+
+
+def test_sqlite_savepoint_undoes_one_call_of_a_batch(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path / "s.db")
+    with store.batch():
+        store.rate_hit("a", 5, 60_000_000, T0_US)
+        with pytest.raises(ValueError):
+            with store.savepoint():
+                store.reserve(new_reservation("r1", 10))
+                raise ValueError("undo me")
+        with store.savepoint():
+            store.reserve(new_reservation("r2", 10))
+    assert _counts(store.path) == (1, 1)
+    with pytest.raises(RuntimeError, match="inside batch"):
+        with store.savepoint():
+            pass
+    store.close()
+
+
+def test_run_calls_outcomes(tmp_path: Path) -> None:
+    from candela_mitm.state.base import run_calls
+
+    store = SqliteStateStore(tmp_path / "s.db")
+
+    def fails() -> None:
+        store.rate_hit("x", 5, 60_000_000, T0_US)
+        raise KeyError("no")
+
+    out = run_calls(store, [(store.rate_hit, ("a", 5, 60_000_000, T0_US)), (fails, ()),
+                            (store.get_user, ("nobody",))])
+    assert [ok for ok, _ in out] == [True, False, True]
+    assert out[0][1].count == 1 and isinstance(out[1][1], KeyError) and out[2][1] is None
+    assert _counts(store.path) == (1, 0)
+    store.close()
