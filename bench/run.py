@@ -1023,15 +1023,19 @@ def main(argv: list[str] | None = None) -> int:
         b.close()
     res["seconds"] = round(time.monotonic() - t0)
     res["verdicts"] = verdicts(res)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stamp}.json").write_text(json.dumps(res, indent=1, default=str))
+    # only a whole run (every scenario, full durations) is the newest result; a part goes aside
+    full = not a.only and not a.quick
+    where = RESULTS if full else RESULTS / "partial"
+    where.mkdir(parents=True, exist_ok=True)
+    (where / f"{stamp}.json").write_text(json.dumps(res, indent=1, default=str))
     md = markdown(res)
-    (RESULTS / f"{stamp}.md").write_text(f"# Benchmarks {stamp}\n\n" + md)
-    (RESULTS / "latest.md").write_text(f"# Benchmarks {stamp}\n\n" + md)
-    if not a.no_readme and not a.only:
-        update_readme(md, stamp)
+    (where / f"{stamp}.md").write_text(f"# Benchmarks {stamp}\n\n" + md)
+    if full:
+        (RESULTS / "latest.md").write_text(f"# Benchmarks {stamp}\n\n" + md)
+        if not a.no_readme:
+            update_readme(md, stamp)
     print(md)
-    log(f"all done in {res['seconds']} s; results in {RESULTS}")
+    log(f"all done in {res['seconds']} s; results in {where}")
     return 0
 
 
