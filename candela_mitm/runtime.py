@@ -99,6 +99,7 @@ class Runtime:
     extras: dict[str, Any] = field(default_factory=dict)
     # store calls made during the current event-loop turn (store_call), run together after it
     _turn: list[_Pending] | None = field(default=None, init=False, repr=False)
+    _turn_loop: asyncio.AbstractEventLoop | None = field(default=None, init=False, repr=False)
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store call off the event loop, on the governance thread pool."""
@@ -125,15 +126,17 @@ class Runtime:
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        if self._turn is None:
-            self._turn = []
-            loop.call_soon(self._run_turn)
+        if self._turn is None or self._turn_loop is not loop:
+            # (a turn left by a loop that stopped before running it is abandoned with it)
+            self._turn, self._turn_loop = [], loop
+            loop.call_soon(self._run_turn, self._turn)
         self._turn.append((fn, args, fut))
         return await fut
 
-    def _run_turn(self) -> None:
+    def _run_turn(self, calls: list[_Pending]) -> None:
         """The calls of this loop turn (call_soon runs it after the turn's other callbacks)."""
-        calls, self._turn = self._turn or [], None
+        if self._turn is calls:
+            self._turn = None
         if not calls:
             return
         if not self.store.joins_calls:

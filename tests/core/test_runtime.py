@@ -197,3 +197,21 @@ def test_a_store_that_cannot_join_calls_runs_each_on_the_pool(rt):
     assert where != here and user is None
     text = rt.metrics.render()[0].decode()
     assert 'candela_state_store_calls_total{where="pool"} 2.0' in text
+
+
+def test_a_turn_left_by_a_stopped_loop_does_not_hold_up_the_next(rt):
+    import asyncio
+
+    gone = asyncio.new_event_loop()
+    stale = gone.create_future()
+    # a call queued on a loop that stopped before running its turn
+    rt._turn, rt._turn_loop = [(rt.store.get_user, ("x",), stale)], gone
+
+    async def main():
+        call = rt.store_call(rt.store.rate_hit, "k", 5, 60_000_000, 1)
+        return await asyncio.wait_for(call, 5)
+
+    try:
+        assert asyncio.run(main()).count == 1  # a new loop starts its own turn
+    finally:
+        gone.close()
