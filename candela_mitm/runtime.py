@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -100,6 +100,7 @@ class Runtime:
     # store calls made during the current event-loop turn (store_call), run together after it
     _turn: list[_Pending] | None = field(default=None, init=False, repr=False)
     _turn_loop: asyncio.AbstractEventLoop | None = field(default=None, init=False, repr=False)
+    _tasks: set[asyncio.Future[None]] = field(default_factory=set, init=False, repr=False)
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store call off the event loop, on the governance thread pool."""
@@ -141,13 +142,13 @@ class Runtime:
             return
         if not self.store.joins_calls:
             for fn, args, fut in calls:
-                asyncio.ensure_future(self._alone(fn, args, fut))
+                self._background(self._alone(fn, args, fut))
             return
         pairs = [(fn, args) for fn, args, _ in calls]
         try:
             outcomes = self.store.call_without_waiting(run_calls, self.store, pairs)
         except WouldWait as e:
-            asyncio.ensure_future(self._run_turn_later(calls, pairs, e.busy))
+            self._background(self._run_turn_later(calls, pairs, e.busy))
             return
         except Exception as e:  # the transaction itself failed: every call did
             outcomes = [(False, _store_error(e))] * len(calls)
@@ -156,6 +157,11 @@ class Runtime:
             raise
         self.metrics.store_on_loop.inc(len(calls))
         _deliver(calls, outcomes)
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._tasks.discard)
 
     async def _run_turn_later(self, calls: list[_Pending], pairs: list[Call], busy: bool) -> None:
         outcomes: list[Outcome] | None = None
