@@ -7,6 +7,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,10 +154,8 @@ def remove(path: str | os.PathLike[str], timeout: float = 2.0) -> None:
     while True:
         try:
             for pid in pids(path):
-                try:
+                with suppress(ProcessLookupError):  # it exited meanwhile
                     move_pid(parent, pid)
-                except ProcessLookupError:
-                    pass
             path.rmdir()
             return
         except FileNotFoundError:

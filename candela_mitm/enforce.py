@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,10 +276,8 @@ def _listening(port: int) -> bool:
     # Read the socket table rather than connect: a probe connection would reach the proxy.
     found: set[int] = set()
     for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
+        with suppress(OSError):  # no IPv6 on this host
             found |= listening_ports(Path(name).read_text())
-        except OSError:
-            pass
     return port in found
 
 

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -466,10 +467,8 @@ class LocalRuntime:
                 proc.wait(timeout=wait_s)
             except subprocess.TimeoutExpired:
                 log.warning("runtime pid %d ignored SIGTERM for %g s; killing it", pid, wait_s)
-                try:
+                with suppress(ProcessLookupError):  # it exited after all
                     os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 proc.wait(timeout=wait_s)
             self._proc = None
             self.invalidate()

@@ -336,10 +336,8 @@ def sandbox_hosts(
 def hosts_file(entries: Sequence[tuple[str, str]], system: str = "/etc/hosts") -> str:
     lines = ["# written by candela run: the sandbox's names come first", "127.0.0.1\tlocalhost"]
     lines += [f"{ip}\t{name}" for name, ip in entries]
-    try:
+    with contextlib.suppress(OSError):  # a host without one
         lines += ["", "# the host's /etc/hosts", Path(system).read_text()]
-    except OSError:
-        pass
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import re
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -331,20 +332,22 @@ def _loads(text: str | bytes) -> object | None:
 # Readers: how the decoded documents of one wire add up to one usage
 
 
-class _Reader:
+class _Reader(ABC):
     def __init__(self) -> None:
         self.saw_output = False
         self.error: str | None = None
 
+    @abstractmethod
     def take(self, text: str, event: str = "") -> None:
         """One document's JSON text (an SSE data field, an NDJSON line, an array element)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def take_obj(self, obj: object, event: str = "") -> None:
-        raise NotImplementedError
+        """One document already decoded."""
 
+    @abstractmethod
     def usage(self) -> Usage | None:
-        raise NotImplementedError
+        """What the documents taken so far add up to (None: they said nothing of usage)."""
 
     def _note_error(self, obj: dict[str, object]) -> None:
         if self.error is None:

@@ -11,6 +11,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -407,10 +408,9 @@ class AuditWriter:
         for it in items:
             seq = next(seqs)[0] if it.pending is not None else self.head_seq
             if it.future is not None:
-                try:
+                # a waiter that cancelled finds the entry committed anyway
+                with suppress(InvalidStateError):
                     it.future.set_result(seq)
-                except InvalidStateError:  # the waiter cancelled; the entry is committed anyway
-                    pass
         for feeder in self._feeders:
             feeder.wake()
         return True
@@ -420,9 +420,7 @@ class AuditWriter:
             if it.pending is not None:
                 self.abandoned += 1
             if it.future is not None and not it.future.done():
-                try:
+                with suppress(InvalidStateError):  # cancelled meanwhile
                     it.future.set_exception(StoreUnavailable(why))
-                except InvalidStateError:
-                    pass
         if self.abandoned:
             log.error("audit: %d entries abandoned: %s", self.abandoned, why)
