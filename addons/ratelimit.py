@@ -9,23 +9,21 @@ from mitmproxy import http
 from candela_mitm.ledger import BudgetRefusal, Reservation
 from candela_mitm.ratelimit import RateDecision
 from candela_mitm.runtime import Runtime
-from candela_mitm.state import StateStore
 
 from .budget import RESERVED, reservation_call
 from .flowstate import answered, ctx_of, deny, fail_closed
 
 
 def _check_then_reserve(
-    store: StateStore,
     check: Callable[[], RateDecision],
     reserve: Callable[[], Reservation | BudgetRefusal] | None,
 ) -> tuple[RateDecision, Reservation | BudgetRefusal | None]:
-    """Both store steps in one transaction; a rate-limited request reserves nothing."""
-    with store.batch():
-        decision = check()
-        if not decision.allowed or reserve is None:
-            return decision, None
-        return decision, reserve()
+    """Both store steps as one store call (Runtime.store_call makes a call one transaction
+    where the store can); a rate-limited request reserves nothing."""
+    decision = check()
+    if not decision.allowed or reserve is None:
+        return decision, None
+    return decision, reserve()
 
 
 class RateLimit:
@@ -43,7 +41,6 @@ class RateLimit:
         # Budget still decides and answers 402 in its own hook, after this one.
         decision, reserved = await self.rt.store_call(
             _check_then_reserve,
-            self.rt.store,
             lambda: self.rt.limiter.check(settings.user_id, settings.requests_per_minute),
             reservation_call(self.rt, c),
         )
