@@ -10,7 +10,7 @@ from mitmproxy import exceptions, options
 from mitmproxy.test import tflow
 from mitmproxy.tools.dump import DumpMaster
 
-from candela_mitm.addons.chain import UNUSED_DEFAULTS, Chain, drop_unused_defaults
+from candela_mitm.addons.chain import UNUSED_DEFAULTS, Chain, drop_unused_defaults, use_hook_table
 
 
 class Recorder:
@@ -83,3 +83,135 @@ def test_unused_defaults_are_dropped_and_the_proxy_core_kept() -> None:
     for needed in ("Core", "Proxyserver", "NextLayer", "TlsConfig", "Block", "ErrorCheck"):
         assert needed in kept
     assert not UNUSED_DEFAULTS & set(kept)
+
+
+# --- HookTable: the master's dispatch, only to the addons that have the hook -------------------
+class Everything(Recorder):
+    """Has every hook of a request's life, plus update."""
+
+    def requestheaders(self, flow: object) -> None:
+        self.calls.append(f"{self.name}.requestheaders")
+
+    async def response(self, flow: object) -> None:
+        await asyncio.sleep(0)
+        self.calls.append(f"{self.name}.response")
+
+    def update(self, flows: object) -> None:
+        self.calls.append(f"{self.name}.update")
+
+
+class Parent:
+    """An addon with children: mitmproxy walks them after the parent, depth first."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+        self.addons = [Recorder("child1", calls), Recorder("child2", calls)]
+
+    def request(self, flow: object) -> None:
+        self.calls.append("parent.request")
+
+
+def _events(f: object) -> list[object]:
+    from mitmproxy.proxy.layers import http as lhttp
+
+    return [
+        lhttp.HttpRequestHeadersHook(f),  # type: ignore[arg-type]
+        lhttp.HttpRequestHook(f),  # type: ignore[arg-type]
+        lhttp.HttpResponseHook(f),  # type: ignore[arg-type]
+    ]
+
+
+def _run_through(fast: bool, make: object) -> list[str]:
+    """Every event of a request through a master's addon manager; the calls, in order."""
+
+    async def go() -> list[str]:
+        calls: list[str] = []
+        master = DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
+        drop_unused_defaults(master)
+        for addon in make(calls):  # type: ignore[operator]
+            master.addons.add(addon)
+        if fast:
+            use_hook_table(master)
+        f = tflow.tflow(resp=True)
+        try:
+            for event in _events(f):
+                await master.addons.handle_lifecycle(event)  # type: ignore[arg-type]
+        finally:  # its log handler would outlive this loop (a master that never ran)
+            master._legacy_log_events.uninstall()
+        return calls
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda calls: [Everything("a", calls), Recorder("b", calls), Parent(calls)],
+        lambda calls: [Recorder("a", calls), Everything("b", calls)],
+        lambda calls: [Chain([Recorder("a", calls), AsyncRecorder("b", calls)])],
+    ],
+)
+def test_hook_table_calls_what_mitmproxy_calls_in_its_order(make: object) -> None:
+    assert _run_through(True, make) == _run_through(False, make)
+    assert _run_through(True, make)  # it did call something
+
+
+def test_hook_table_skips_update_when_no_addon_has_it() -> None:
+    calls = _run_through(True, lambda calls: [Recorder("a", calls)])
+    assert calls == ["a.request"]
+    calls = _run_through(True, lambda calls: [Everything("a", calls)])
+    assert calls.count("a.update") == 3  # one after each flow event, as mitmproxy does
+
+
+def test_hook_table_sees_a_changed_chain() -> None:
+    async def go() -> list[str]:
+        calls: list[str] = []
+        master = DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
+        use_hook_table(master)
+        event = _events(tflow.tflow())[1]
+        await master.addons.handle_lifecycle(event)  # type: ignore[arg-type]
+        late = Recorder("late", calls)
+        master.addons.add(late)
+        await master.addons.handle_lifecycle(event)  # type: ignore[arg-type]
+        master.addons.remove(late)
+        await master.addons.handle_lifecycle(event)  # type: ignore[arg-type]
+        master._legacy_log_events.uninstall()
+        return calls
+
+    assert asyncio.run(go()) == ["late.request"]
+
+
+def test_hook_table_guards_each_addon_like_mitmproxy(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        calls = _run_through(
+            True, lambda calls: [Recorder("a", calls, fail=ValueError), Recorder("b", calls)]
+        )
+    assert calls == ["a.request", "b.request"]
+    assert "Addon error: boom" in caplog.text
+    # AddonHalt ends the event quietly (b's request is not called); update and the next events run
+    def halting(calls: list[str]) -> list[object]:
+        return [Recorder("a", calls, fail=exceptions.AddonHalt), Everything("b", calls)]
+
+    calls = _run_through(True, halting)
+    assert calls == _run_through(False, halting)
+    assert calls == ["b.requestheaders", "b.update", "a.request", "b.update", "b.response", "b.update"]
+    with pytest.raises(exceptions.OptionsError):
+        _run_through(True, lambda calls: [Recorder("a", calls, fail=exceptions.OptionsError)])
+
+
+def test_hook_table_leaves_odd_attributes_to_mitmproxy(caplog: pytest.LogCaptureFixture) -> None:
+    class NotCallable:
+        request = 42
+
+    class ModuleNamedLikeAHook:
+        request = logging  # a module: mitmproxy skips it
+
+    assert _run_through(True, lambda calls: [ModuleNamedLikeAHook(), Recorder("a", calls)]) == [
+        "a.request"
+    ]
+    # mitmproxy logs a non-callable hook as that addon's error and goes on; the table defers to it
+    for fast in (True, False):
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert _run_through(fast, lambda calls: [NotCallable(), Recorder("a", calls)]) == ["a.request"]
+        assert "not callable" in caplog.text
