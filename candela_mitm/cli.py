@@ -3,16 +3,43 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from candela_mitm.config import Config, load_config
 from candela_mitm.errors import ConfigError
-from candela_mitm.runtime import Command, build_runtime
+
+if TYPE_CHECKING:  # the serving modules are imported after the re-run under -O, not before
+    from candela_mitm.config import Config
+    from candela_mitm.runtime import Command
 
 DEFAULT_PORTS = {"server": 8181, "local": 1234}
+
+# `candela-server` and `candela` serve under `python -O`. mitmproxy keeps debug-only checks
+# behind `__debug__`: a type check of every field of every request and response it parses, an
+# event-type check around each state-machine step, asserts. They cost about 7% of a proxied
+# request's CPU (bench/README.md) and guard mitmproxy against its own bugs, not against traffic.
+# Set CANDELA_PYTHON_DEBUG=1 to keep them (when debugging mitmproxy itself).
+DEBUG_ENV = "CANDELA_PYTHON_DEBUG"
+
+
+def rerun_optimized() -> None:
+    """Replace this process (same pid) with the same command under `python -O`, once.
+
+    Call it before the serving modules are imported. Nothing happens when already optimized,
+    when CANDELA_PYTHON_DEBUG=1, or when the command line is unknown (embedded interpreters).
+    """
+    if sys.flags.optimize or os.environ.get(DEBUG_ENV) == "1":
+        return
+    orig = getattr(sys, "orig_argv", None)
+    if not orig or not sys.executable:
+        return
+    try:
+        os.execv(sys.executable, [sys.executable, "-O", *orig[1:]])
+    except OSError as e:  # cannot re-run: serve as we are
+        print(f"candela: serving without -O ({e})", file=sys.stderr)
 
 
 def _serve_parser(prog: str, command: Command) -> argparse.ArgumentParser:
@@ -37,6 +64,8 @@ def _serve_parser(prog: str, command: Command) -> argparse.ArgumentParser:
 
 
 def _serve(argv: Sequence[str], command: Command, prog: str) -> int:
+    from candela_mitm.config import load_config
+
     args = _serve_parser(prog, command).parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
@@ -90,6 +119,10 @@ def _serve_one(
     reuse_port: bool = False,
     source: Source = (None, {}),
 ) -> int:
+    import asyncio
+
+    from candela_mitm.runtime import build_runtime
+
     try:
         rt = build_runtime(config, command)
     except (ConfigError, ValueError) as e:
@@ -138,6 +171,8 @@ def _serve_workers(
 
 
 def server_main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # the program itself, not a caller in this process
+        rerun_optimized()
     return _serve(sys.argv[1:] if argv is None else argv, "server", "candela-server")
 
 
@@ -169,6 +204,8 @@ def local_main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args[0], args[1:])
     if args and args[0] == "serve":
         args = args[1:]
+    if argv is None:
+        rerun_optimized()
     return _serve(args, "local", "candela")
 
 

@@ -59,6 +59,21 @@ def test_healthz_and_models(candela):
 
 @pytest.mark.sdk
 @pytest.mark.usefixtures("sdk")
+def test_serves_under_python_dash_o(candela, upstream, token_server, tmp_path):
+    """mitmproxy's debug-only checks are off in a serving process (candela_mitm/cli.py), unless asked."""
+    def interpreter_flags(pid: int) -> list[str]:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        return [a.decode() for a in argv[1:3]]
+
+    assert candela.proc is not None
+    assert interpreter_flags(candela.proc.pid)[0] == "-O"
+    env = {**candela_env(token_server, tmp_path), "CANDELA_PYTHON_DEBUG": "1"}
+    with CandelaProcess(tmp_path, base_config(upstream.url), env=env) as debug:
+        assert debug.proc is not None
+        assert "-O" not in interpreter_flags(debug.proc.pid)
+        assert requests.get(debug.url + "/healthz", timeout=5).status_code == 200
+
+
 def test_openai_sdk_json_and_streams(candela, upstream):
     upstream.usage = Usage(input_tokens=1000, output_tokens=500, cached_tokens=200)
     out = sdk_json(f"""
