@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import Future
+from collections import deque
 from contextlib import suppress
 from typing import Any
 
@@ -12,6 +12,7 @@ from mitmproxy import http
 
 from candela_mitm.accounting import account
 from candela_mitm.context import RequestContext
+from candela_mitm.errors import StoreUnavailable
 from candela_mitm.runtime import Runtime
 
 from .flowstate import ctx_of
@@ -51,39 +52,76 @@ def request_entry(c: RequestContext, flow: http.HTTPFlow) -> dict[str, Any]:
     }
 
 
-async def _committed(fut: Future[int], timeout_s: float) -> bool:
-    """Wait for the writer thread to commit an entry: True once it has, False after timeout_s.
+class CommitWaits:
+    """The proxy's waits for audit commits on one event loop: one per request, so kept cheap.
 
-    What wait_for(shield(wrap_future(fut))) does, with one loop future and one timer instead of
-    three futures, a task and their callbacks: this runs once per request. A failed commit
-    raises its error.
+    A wait is a loop future. The writer thread reports commits through `committed`; the loop is
+    woken once per burst of commits (one call_soon_threadsafe while a delivery is pending), not
+    once per entry. Timeouts are swept by one timer while waits are open instead of one timer
+    per wait: a wait ends with False `timeout_s` to `timeout_s + sweep_s` after it began.
     """
-    loop = asyncio.get_running_loop()
-    waiter = loop.create_future()
 
-    def wake(_: object = None) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, timeout_s: float, sweep_s: float = 0.5
+    ) -> None:
+        self.loop = loop
+        self.timeout_s = timeout_s
+        self.sweep_s = sweep_s
+        self._open: deque[tuple[float, asyncio.Future[bool]]] = deque()  # in start order
+        self._ready: deque[tuple[asyncio.Future[bool], BaseException | None]] = deque()
+        self._delivering = False  # a delivery is scheduled on the loop
+        self._sweeper: asyncio.TimerHandle | None = None
 
-    def done(_: object) -> None:  # on the writer thread
-        with suppress(RuntimeError):  # the loop has closed (shutdown): nobody is waiting
-            loop.call_soon_threadsafe(wake)
+    def begin(self) -> tuple[asyncio.Future[bool], Any]:
+        """A new wait: its future (True once committed) and the callback for the writer."""
+        fut: asyncio.Future[bool] = self.loop.create_future()
+        self._open.append((self.loop.time() + self.timeout_s, fut))
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self.sweep_s, self._sweep)
 
-    fut.add_done_callback(done)
-    timer = loop.call_later(timeout_s, wake)
-    try:
-        await waiter
-    finally:
-        timer.cancel()
-    if not fut.done():
-        return False
-    fut.result()
-    return True
+        def committed(_seq: int | None, error: BaseException | None) -> None:  # writer thread
+            self._ready.append((fut, error))
+            if not self._delivering:
+                self._delivering = True
+                with suppress(RuntimeError):  # the loop has closed (shutdown): nobody waits
+                    self.loop.call_soon_threadsafe(self._deliver)
+
+        return fut, committed
+
+    def _deliver(self) -> None:
+        self._delivering = False  # before draining: a commit reported from now on schedules anew
+        ready = self._ready
+        while ready:
+            fut, error = ready.popleft()
+            if not fut.done():
+                if error is None:
+                    fut.set_result(True)
+                else:
+                    fut.set_exception(error)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = self.loop.time()
+        waits = self._open
+        while waits and (waits[0][1].done() or waits[0][0] <= now):
+            _, fut = waits.popleft()
+            if not fut.done():
+                fut.set_result(False)  # timed out; a later commit finds it done and is ignored
+        if waits:
+            self._sweeper = self.loop.call_later(self.sweep_s, self._sweep)
 
 
 class Audit:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        self._waits: CommitWaits | None = None
+
+    def _commit_waits(self) -> CommitWaits:
+        loop = asyncio.get_running_loop()
+        w = self._waits
+        if w is None or w.loop is not loop:
+            w = self._waits = CommitWaits(loop, DURABLE_WAIT_S)
+        return w
 
     async def _record(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
@@ -94,9 +132,11 @@ class Audit:
         if flow.response is not None and c.status_code is None:
             c.status_code = flow.response.status_code
         try:
-            fut = self.rt.audit.record_durable("llm_request", **request_entry(c, flow))
+            fut, committed = self._commit_waits().begin()
+            if not self.rt.audit.record_then("llm_request", committed, **request_entry(c, flow)):
+                raise StoreUnavailable("the audit queue is full or closed")
             # a stuck ledger must not hang responses: the entry stays queued and is retried
-            if not await _committed(fut, DURABLE_WAIT_S):
+            if not await fut:
                 log.error("audit entry for span %s not committed in %s s", c.span_id, DURABLE_WAIT_S)
         except Exception:
             log.exception("audit entry for span %s not committed", c.span_id)

@@ -194,6 +194,7 @@ class Bench:
         self.work = Path(tempfile.mkdtemp(prefix="candela-bench-", dir=args.workdir))
         self.procs: list[Proc] = []
         self.scale = 0.5 if args.quick else 1.0
+        self.results = RESULTS / "partial"  # where files of this run go (main: RESULTS for a full run)
 
     def d(self, seconds: float) -> float:
         return round(seconds * self.scale, 2)
@@ -648,7 +649,6 @@ def s_profile(b: Bench, res: dict[str, Any]) -> None:
                 b.load(url, "closed", 16, 1.0, warmup=0.5, keys=keys)  # warm
                 pid = p.pid
                 raw = b.work / f"profile-{name}.txt"
-                RESULTS.mkdir(parents=True, exist_ok=True)
                 before = thread_cpu(pid)
                 prof = subprocess.Popen([str(spy), "record", "-p", str(pid), "-d", str(int(dur)), "-r", "200",
                                          "--gil", "--threads", "--format", "raw", "-o", str(raw)],
@@ -678,8 +678,8 @@ def s_profile(b: Bench, res: dict[str, Any]) -> None:
                     entry["main_thread_share"] = {k: round(v / total, 3) for k, v in cats.items()}
                     entry["main_thread_us_per_request_estimate"] = {k: round(main_us * v / total) for k, v in cats.items()}
                     summary = summarise(main, 40, None)
-                    (RESULTS / f"profile-{name}.summary.txt").write_text(summary + "\n")
-                    with gzip.open(RESULTS / f"profile-{name}.txt.gz", "wb") as gz:
+                    (b.results / f"profile-{name}.summary.txt").write_text(summary + "\n")
+                    with gzip.open(b.results / f"profile-{name}.txt.gz", "wb") as gz:
                         gz.write(raw.read_bytes())  # py-spy's raw stacks: flamegraph.pl input
                 out[name] = entry
                 log(f"  {name}: {entry.get('cpu_us_per_request')} us CPU/req; threads {threads}; "
@@ -1005,7 +1005,12 @@ def main(argv: list[str] | None = None) -> int:
     want = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
     chosen = [s.strip() for s in a.only.split(",")] if a.only else list(SCENARIOS)
+    # only a whole run (every scenario, full durations) is the newest result; a part goes aside
+    full = not a.only and not a.quick
+    where = RESULTS if full else RESULTS / "partial"
+    where.mkdir(parents=True, exist_ok=True)
     b = Bench(a)
+    b.results = where
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     res: dict[str, Any] = {"started": stamp, "machine": machine(), "errors": {}, "notes": []}
     t0 = time.monotonic()
@@ -1023,10 +1028,6 @@ def main(argv: list[str] | None = None) -> int:
         b.close()
     res["seconds"] = round(time.monotonic() - t0)
     res["verdicts"] = verdicts(res)
-    # only a whole run (every scenario, full durations) is the newest result; a part goes aside
-    full = not a.only and not a.quick
-    where = RESULTS if full else RESULTS / "partial"
-    where.mkdir(parents=True, exist_ok=True)
     (where / f"{stamp}.json").write_text(json.dumps(res, indent=1, default=str))
     md = markdown(res)
     (where / f"{stamp}.md").write_text(f"# Benchmarks {stamp}\n\n" + md)

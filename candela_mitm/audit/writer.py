@@ -9,7 +9,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -99,12 +99,44 @@ def _principal(fields: dict[str, Any], key: str) -> str | None:
     return None if v is None else str(v)
 
 
+Committed = Callable[[int | None, BaseException | None], None]
+
+
+class _Callback:
+    """A commit waiter lighter than a Future (no lock, no condition): on the writer thread, once,
+    calls fn(seq, None) when the entry is committed or fn(None, error) when it never will be."""
+
+    __slots__ = ("fn", "_done")
+
+    def __init__(self, fn: Committed) -> None:
+        self.fn = fn
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def _call(self, seq: int | None, error: BaseException | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self.fn(seq, error)
+        except Exception:  # the waiter's problem, never the writer thread's
+            log.exception("audit: commit callback failed")
+
+    def set_result(self, seq: int) -> None:
+        self._call(seq, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._call(None, error)
+
+
 class _Item:
     __slots__ = ("pending", "future")
 
-    def __init__(self, pending: Pending | None, future: Future[int] | None) -> None:
+    def __init__(self, pending: Pending | None, future: Future[int] | _Callback | None) -> None:
         self.pending = pending  # None: a flush marker
-        self.future = future
+        self.future = future  # a durable waiter: the batch holding it commits at once
 
 
 @dataclass(frozen=True)
@@ -267,6 +299,13 @@ class AuditWriter:
         if not self._enqueue(_Item(self._prepare(action, fields), fut)):
             fut.set_exception(StoreUnavailable("the audit queue is full or closed"))
         return fut
+
+    def record_then(self, action: str, committed: Committed, /, **fields: Any) -> bool:
+        """Queue an entry and call ``committed(seq, None)`` on the writer thread once it is
+        committed (fsynced), or ``committed(None, error)`` if it never will be; False (and no
+        call) if it was not accepted. What record_durable does, without a Future per entry: the
+        proxy waits for one commit per request (addons/audit.py)."""
+        return self._enqueue(_Item(self._prepare(action, fields), _Callback(committed)))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every entry accepted before this call is committed; False on timeout."""

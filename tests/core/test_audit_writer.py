@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import signal
@@ -247,6 +248,83 @@ def test_record_durable_from_asyncio(writer: AuditWriter, tmp_path: Path) -> Non
     seqs = asyncio.run(main())
     assert sorted(seqs) == list(range(1, 51))
     assert {e["seq"] for e in stored(tmp_path)} == set(seqs)
+
+
+class Reports:
+    """record_then's callback: what the writer thread reported, and when."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int | None, BaseException | None]] = []
+        self.event = threading.Event()
+        self.thread: str | None = None
+
+    def __call__(self, seq: int | None, error: BaseException | None) -> None:
+        self.calls.append((seq, error))
+        self.thread = threading.current_thread().name
+        self.event.set()
+
+
+def test_record_then_reports_the_commit_once_from_the_writer_thread(
+    writer: AuditWriter, tmp_path: Path
+) -> None:
+    first, second = Reports(), Reports()
+    assert writer.record("plain")
+    assert writer.record_then("request", first, user_id="alice@example.com")
+    assert writer.record_then("request", second, user_id="bob@example.com")
+    assert first.event.wait(10) and second.event.wait(10)
+    assert first.calls == [(2, None)] and second.calls == [(3, None)]
+    assert first.thread == "candela-audit-writer"
+    assert [e["fields"].get("user_id") for e in stored(tmp_path)] == [
+        None,
+        "alice@example.com",
+        "bob@example.com",
+    ]
+
+
+def test_record_then_commits_at_once_like_a_durable_entry(tmp_path: Path) -> None:
+    w = AuditWriter(cfg(tmp_path, batch_max_delay_ms=60_000))  # plain entries would wait a minute
+    w.start()
+    r = Reports()
+    t0 = time.monotonic()
+    assert w.record_then("request", r)
+    assert r.event.wait(10) and time.monotonic() - t0 < 30
+    assert r.calls == [(1, None)]
+    assert w.close()
+
+
+def test_record_then_refused_or_abandoned(tmp_path: Path) -> None:
+    w = AuditWriter(cfg(tmp_path, queue_max_entries=1))  # not started: nothing drains
+    assert w.record("fills the queue")
+    refused = Reports()
+    assert w.record_then("x", refused) is False
+    assert refused.calls == []  # not accepted: the caller knows from False, no call
+    w.close(timeout=0.1)
+    assert w.record_then("after close", refused) is False
+    w = AuditWriter(cfg(tmp_path), busy_timeout_ms=10)
+    w.start()
+    blocker = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # every commit fails until close gives up
+    abandoned = Reports()
+    assert w.record_then("x", abandoned)
+    assert w.close(timeout=0.3) is False
+    assert abandoned.event.wait(5)
+    [(seq, error)] = abandoned.calls
+    assert seq is None and isinstance(error, StoreUnavailable)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+
+
+def test_a_failing_callback_does_not_stop_the_writer(
+    writer: AuditWriter, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(seq: int | None, error: BaseException | None) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    with caplog.at_level(logging.ERROR):
+        assert writer.record_then("x", broken)
+        assert writer.record_durable("y").result(10) == 2
+    assert "commit callback failed" in caplog.text
+    assert writer.stats().healthy
 
 
 def test_failing_commits_are_retried_and_counted(tmp_path: Path) -> None:
