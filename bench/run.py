@@ -232,13 +232,16 @@ class Bench:
             self.stop(p)
 
     @contextmanager
-    def mitmdump(self, upstream: str, stream: bool = False) -> Iterator[tuple[str, Proc]]:
+    def mitmdump(self, upstream: str, stream: bool = False,
+                 optimize: bool = False) -> Iterator[tuple[str, Proc]]:
+        """Bare mitmproxy; optimize: under `python -O`, as Candela serves (a reference only)."""
         port = free_port()
         argv = [str(ROOT / ".venv" / "bin" / "mitmdump"), "--mode", f"reverse:{upstream}",
                 "--listen-host", "127.0.0.1", "--listen-port", str(port), "-q"]
         if stream:  # unbuffered bodies, as Candela streams SSE; otherwise mitmproxy buffers them
             argv += ["--set", "stream_large_bodies=1"]
-        p = self.start(f"mitmdump-{port}", argv)
+        env = {"PYTHONOPTIMIZE": "1"} if optimize else None
+        p = self.start(f"mitmdump-{port}", argv, env=env)
         wait_http(p, f"http://127.0.0.1:{port}/healthz", 30)
         try:
             yield f"http://127.0.0.1:{port}/v1/chat/completions", p
@@ -396,13 +399,15 @@ def s_latency(b: Bench, res: dict[str, Any]) -> None:
         out["direct"] = b.load(up + "/v1/chat/completions", "open", 1, dur, rate=rate, keys=False)
         with b.mitmdump(up) as (url, p):
             out["mitmproxy"] = b.load(url, "open", 1, dur, rate=rate, keys=False, proc=p)
+        with b.mitmdump(up, optimize=True) as (url, p):
+            out["mitmproxy -O"] = b.load(url, "open", 1, dur, rate=rate, keys=False, proc=p)
         with b.candela(up) as (url, p):
             out["candela"] = b.load(url, "open", 1, dur, rate=rate, proc=p)
         if not b.args.no_litellm:
             with b.litellm(up) as (url, p):
                 out["litellm"] = b.load(url, "open", 1, dur, rate=rate, keys=[LITELLM_KEY], proc=p)
     d = out["direct"]["latency_ms"]["p50"]
-    for k in ("mitmproxy", "candela", "litellm"):
+    for k in ("mitmproxy", "mitmproxy -O", "candela", "litellm"):
         if k in out:
             out[k]["added_p50_ms"] = round(out[k]["latency_ms"]["p50"] - d, 3)
             out[k]["added_p99_ms"] = round(out[k]["latency_ms"]["p99"] - out["direct"]["latency_ms"]["p99"], 3)
@@ -418,6 +423,8 @@ def s_throughput(b: Bench, res: dict[str, Any]) -> None:
         out["upstream_direct_c64"] = b.load(up + "/v1/chat/completions", "closed", 64, dur, keys=False)
         targets: list[tuple[str, Callable[[], Any], bool | list[str]]] = [
             ("mitmproxy", lambda: b.mitmdump(up), False),
+            # a reference: mitmdump under python -O, as Candela serves (candela_mitm/cli.py)
+            ("mitmproxy -O", lambda: b.mitmdump(up, optimize=True), False),
             ("candela", lambda: b.candela(up), True),
         ]
         if not b.args.no_litellm:
@@ -776,6 +783,11 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
         r = _ratio(cand, bare)
         add(f"throughput >= 0.85x bare mitmproxy (c{c})", f"{r}x ({cand} vs {bare} req/s)",
             None if r is None else r >= 0.85, "s2 closed loop, best of 2 rounds")
+        opt = _get(s2, "mitmproxy -O", f"c{c}", "throughput_rps")
+        if opt is not None:
+            r1 = _ratio(cand, opt)
+            add(f"(reference) throughput vs mitmproxy under python -O (c{c})", f"{r1}x ({cand} vs {opt} req/s)",
+                None, "s2: Candela serves under -O; the target's baseline is mitmdump as installed")
         lite = _get(s2, "litellm", f"c{c}", "throughput_rps")
         r2 = _ratio(cand, lite)
         add(f"throughput >= 5x LiteLLM (c{c})", f"{r2}x ({cand} vs {lite} req/s)",
@@ -791,6 +803,10 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
     r = _ratio(c_add, m_add)
     add("added p50 latency <= 1.25x bare mitmproxy's", f"{r}x ({c_add} vs {m_add} ms)",
         None if r is None else r <= 1.25, "s1 open loop, 50 req/s, concurrency 1")
+    o_add = _get(s1, "mitmproxy -O", "added_p50_ms")
+    if o_add is not None:
+        add("(reference) added p50 vs mitmproxy under python -O", f"{_ratio(c_add, o_add)}x ({c_add} vs {o_add} ms)",
+            None, "s1: Candela serves under -O; the target's baseline is mitmdump as installed")
     r = _ratio(c_add, l_add)
     add("added p50 latency <= 1/5 of LiteLLM's", f"{r}x ({c_add} vs {l_add} ms)",
         None if r is None else r <= 0.2, "s1")
@@ -863,7 +879,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", "Throughput (closed loop) and latency under it:", "",
                   "| Target | c16 req/s | c16 p50 / p99 ms | c64 req/s | c64 p50 / p99 ms | CPU µs/req (c64) |",
                   "|---|---|---|---|---|---|"]
-        for k in ("mitmproxy", "candela", "litellm"):
+        for k in ("mitmproxy", "mitmproxy -O", "candela", "litellm"):
             if k in s2:
                 a, c = s2[k]["c16"], s2[k]["c64"]
                 lines.append(f"| {k} | {a['throughput_rps']} | {_f(a['latency_ms']['p50'])} / {_f(a['latency_ms']['p99'])} "
@@ -875,7 +891,7 @@ def markdown(res: dict[str, Any]) -> str:
     if s1:
         lines += ["", f"Latency at concurrency 1 (open loop, {s1['rate_rps']} req/s):", "",
                   "| Target | p50 ms | p99 ms | added p50 ms | CPU µs/req |", "|---|---|---|---|---|"]
-        for k in ("direct", "mitmproxy", "candela", "litellm"):
+        for k in ("direct", "mitmproxy", "mitmproxy -O", "candela", "litellm"):
             if k in s1:
                 r = s1[k]
                 lines.append(f"| {k} | {_f(r['latency_ms']['p50'], 3)} | {_f(r['latency_ms']['p99'], 3)} | "
