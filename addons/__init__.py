@@ -11,7 +11,7 @@ def pipeline(rt: Runtime) -> list[Any]:
     """The request path, in order: read this list to learn what happens to a request."""
     from .accounting import Accounting
     from .admin import Admin
-    from .audit import Audit
+    from .audit import Audit, AuditStart
     from .auth import Auth
     from .budget import Budget
     from .localapi import Health, LocalApi
@@ -24,10 +24,12 @@ def pipeline(rt: Runtime) -> list[Any]:
     from .spans import Spans
     from .upstream import Upstream
 
+    audit = Audit(rt)
     return [
         Sni(rt),  # transparent mode: SNI -> provider route, sandbox attribution (421/403)
         Router(rt),  # route name, body, forwarding plan (or 400/404/413/415)
         Health(),  # /healthz, before authentication
+        AuditStart(audit),  # first of the response hooks: the entry commits while they run
         Metrics(rt),  # /metrics; request counters at the end
         Auth(rt),  # principal (401) and tenant (403 tenant_not_allowed)
         Admin(rt),  # /admin/v1 (admin-api.md): admin-only routes 403 for developers
@@ -39,5 +41,5 @@ def pipeline(rt: Runtime) -> list[Any]:
         Upstream(rt),  # provider URL and credentials; the last gate before the network
         Accounting(rt),  # streamed usage, cost
         Spans(rt),  # one span per proxied request
-        Audit(rt),  # one ledger entry per proxied request, durable before the response ends
+        audit,  # one ledger entry per proxied request, durable before the response ends
     ]

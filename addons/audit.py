@@ -112,6 +112,16 @@ class CommitWaits:
 
 
 class Audit:
+    """The entry of a proxied request: recorded when the response is complete, waited for last.
+
+    The response hooks run in pipeline order and the Audit addon is the last of them, but the
+    entry is started by `AuditStart`, placed before every addon with a response hook: the
+    fields it records are final by then (nothing in between changes them), and its commit
+    (an fsync, on the writer thread) runs while the budget settles and the metrics and span are
+    recorded. `response` then waits for it. An error is recorded at the end, after the addons
+    that name it.
+    """
+
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._waits: CommitWaits | None = None
@@ -123,7 +133,8 @@ class Audit:
             w = self._waits = CommitWaits(loop, DURABLE_WAIT_S)
         return w
 
-    async def _record(self, flow: http.HTTPFlow) -> None:
+    def start(self, flow: http.HTTPFlow) -> None:
+        """Queue the flow's entry (once); its wait is kept on the context for `_finish`."""
         c = ctx_of(flow)
         if c is None or c.kind not in ("proxy", "chat") or getattr(c, "audited", False):
             return
@@ -133,8 +144,20 @@ class Audit:
             c.status_code = flow.response.status_code
         try:
             fut, committed = self._commit_waits().begin()
+            c.audit_commit = fut  # type: ignore[attr-defined]
             if not self.rt.audit.record_then("llm_request", committed, **request_entry(c, flow)):
-                raise StoreUnavailable("the audit queue is full or closed")
+                fut.set_exception(StoreUnavailable("the audit queue is full or closed"))
+        except Exception:
+            log.exception("audit entry for span %s not recorded", c.span_id)
+
+    async def _finish(self, flow: http.HTTPFlow) -> None:
+        self.start(flow)
+        c = ctx_of(flow)
+        fut = getattr(c, "audit_commit", None)
+        if c is None or fut is None:
+            return
+        c.audit_commit = None  # type: ignore[attr-defined]
+        try:
             # a stuck ledger must not hang responses: the entry stays queued and is retried
             if not await fut:
                 log.error("audit entry for span %s not committed in %s s", c.span_id, DURABLE_WAIT_S)
@@ -142,7 +165,17 @@ class Audit:
             log.exception("audit entry for span %s not committed", c.span_id)
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        await self._record(flow)
+        await self._finish(flow)
 
     async def error(self, flow: http.HTTPFlow) -> None:
-        await self._record(flow)
+        await self._finish(flow)
+
+
+class AuditStart:
+    """Starts the Audit entry of a complete response ahead of the other response hooks."""
+
+    def __init__(self, audit: Audit) -> None:
+        self.audit = audit
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.audit.start(flow)

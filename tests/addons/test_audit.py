@@ -95,3 +95,104 @@ def test_a_stuck_ledger_times_out_and_a_late_commit_is_harmless():
 
     late = asyncio.run(timed())
     late(4, None)  # the loop is closed by now: the writer's callback must not fail
+
+
+# --- the entry starts before the other response hooks and is waited for last ------------------
+def _proxied_flow():
+    from mitmproxy import http
+    from mitmproxy.test import tflow
+
+    from candela_mitm.context import RequestContext
+    from candela_mitm.spans import TraceContext
+
+    f = tflow.tflow()
+    f.response = http.Response.make(200, b"{}", {"content-type": "application/json"})
+    c = RequestContext(kind="proxy", provider="openai", rest="/v1/chat/completions",
+                       trace=TraceContext.from_headers(None))
+    f.metadata["candela"] = c
+    return f, c
+
+
+class _Writer:
+    """The audit writer's record_then, committing when the test says so."""
+
+    def __init__(self):
+        self.entries = []
+        self.callbacks = []
+
+    def record_then(self, action, committed, /, **fields):
+        self.entries.append((action, fields))
+        self.callbacks.append(committed)
+        return True
+
+
+def test_the_entry_commits_while_the_other_response_hooks_run(runtime, tmp_path):
+    from candela_mitm.addons import pipeline
+    from candela_mitm.addons.audit import Audit, AuditStart
+    from candela_mitm.addons.chain import Chain
+
+    rt = runtime({
+        "providers": {"openai": {"base_url": "http://upstream.test:8080"}},
+        "state": {"sqlite_path": str(tmp_path / "state.db")},
+        "audit": {"sqlite_path": str(tmp_path / "audit.db")},
+    })
+    members = pipeline(rt)
+    with_response = [type(m).__name__ for m in members if callable(getattr(m, "response", None))]
+    assert with_response[0] == "AuditStart" and with_response[-1] == "Audit"
+    [start] = [m for m in members if isinstance(m, AuditStart)]
+    [audit] = [m for m in members if isinstance(m, Audit)]
+    assert start.audit is audit
+
+    writer = _Writer()
+    real, rt.audit = rt.audit, writer
+    seen: list[str] = []
+
+    class Between:
+        """Stands for Metrics, Budget, Spans: runs between the start and the wait."""
+
+        async def response(self, flow):
+            seen.append(f"between: {len(writer.entries)} entry queued")
+            writer.callbacks[0](1, None)  # the writer thread commits meanwhile
+
+    async def main():
+        f, c = _proxied_flow()
+        chain = Chain([AuditStart(audit), Between(), audit])
+        await chain.response(f)
+        return c
+
+    c = asyncio.run(main())
+    assert seen == ["between: 1 entry queued"]
+    [(action, fields)] = writer.entries  # once, though start and response both ran
+    assert action == "llm_request" and fields["status"] == 200 and fields["decision"] == "allowed"
+    assert getattr(c, "audit_commit", None) is None  # waited for and let go
+    rt.audit = real
+    rt.close()
+
+
+def test_an_error_is_recorded_and_waited_for_at_the_end(runtime, tmp_path):
+    from candela_mitm.addons.audit import Audit
+
+    rt = runtime({
+        "providers": {"openai": {"base_url": "http://upstream.test:8080"}},
+        "state": {"sqlite_path": str(tmp_path / "state.db")},
+        "audit": {"sqlite_path": str(tmp_path / "audit.db")},
+    })
+    writer = _Writer()
+    real, rt.audit = rt.audit, writer
+    audit = Audit(rt)
+
+    async def main():
+        f, c = _proxied_flow()
+        f.response = None
+        c.error = "upstream_unreachable"
+        task = asyncio.ensure_future(audit.error(f))
+        await asyncio.sleep(0.01)
+        assert not task.done()  # waiting for the commit
+        writer.callbacks[0](1, None)
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
+    [(_, fields)] = writer.entries
+    assert fields["decision"] == "error" and fields["reason"] == "upstream_unreachable"
+    rt.audit = real
+    rt.close()
