@@ -373,6 +373,9 @@ class SqliteStateStore(StateStore):
         except sqlite3.Error as e:
             raise BatchAborted(str(e)) from e
 
+    def in_batch(self) -> bool:
+        return getattr(self._local, "batch", None) is not None
+
     @contextmanager
     def batch(self) -> Iterator[None]:
         if getattr(self._local, "batch", None) is not None:
@@ -533,9 +536,12 @@ class SqliteStateStore(StateStore):
         now_us: int,
     ) -> SettleResult:
         with self._tx() as c:
+            # the reservation and its day's row, in one statement
             r = c.execute(
-                "SELECT user_id, tenant, day, budget, daily_hold, grant_holds, status "
-                "FROM reservations WHERE reservation_id = ?",
+                "SELECT r.user_id, r.tenant, r.day, r.budget, r.daily_hold, r.grant_holds, "
+                "r.status, d.spent, d.from_grants, d.reserved FROM reservations r "
+                "LEFT JOIN days d ON d.user_id = r.user_id AND d.day = r.day "
+                "WHERE r.reservation_id = ?",
                 (reservation_id,),
             ).fetchone()
             if r is None or r[6] not in ("active", "reclaimed"):
@@ -545,7 +551,7 @@ class SqliteStateStore(StateStore):
             active = r[6] == "active"
             own_daily: int = r[4] if active else 0
             own: dict[str, int] = json.loads(r[5]) if active else {}
-            spent, from_grants, reserved = self._day_row(c, user_id, day)
+            spent, from_grants, reserved = (r[7], r[8], r[9]) if r[7] is not None else (0, 0, 0)
             daily_free = budget - (spent - from_grants) - (reserved - own_daily)
             marks = ",".join("?" * len(own))
             grants = c.execute(
@@ -688,11 +694,13 @@ class SqliteStateStore(StateStore):
             forgotten = c.execute(
                 "DELETE FROM rate_log WHERE key = ? AND ts <= ?", (key, now_us - window_us)
             ).rowcount
-            row = c.execute("SELECT n FROM rate_count WHERE key = ?", (key,)).fetchone()
-            count = (row[0] if row else 0) - forgotten
-            (oldest,) = c.execute(
-                "SELECT min(ts) FROM rate_log WHERE key = ?", (key,)
-            ).fetchone()  # the first entry of the (key, ts) index
+            # the running count and the first entry of the (key, ts) index, in one statement
+            stored, oldest = c.execute(
+                "SELECT (SELECT n FROM rate_count WHERE key = ?1),"
+                " (SELECT min(ts) FROM rate_log WHERE key = ?1)",
+                (key,),
+            ).fetchone()
+            count = (stored or 0) - forgotten
             allowed = count < limit
             if allowed:
                 c.execute("INSERT INTO rate_log (key, ts) VALUES (?, ?)", (key, now_us))
@@ -700,7 +708,7 @@ class SqliteStateStore(StateStore):
                 oldest = now_us if oldest is None else min(oldest, now_us)
             if count <= 0:
                 c.execute("DELETE FROM rate_count WHERE key = ?", (key,))
-            elif row is None or count != row[0]:
+            elif stored is None or count != stored:
                 c.execute(
                     "INSERT INTO rate_count (key, n) VALUES (?, ?) "
                     "ON CONFLICT (key) DO UPDATE SET n = excluded.n",

@@ -645,3 +645,44 @@ def test_run_calls_outcomes(tmp_path: Path) -> None:
     assert out[0][1].count == 1 and isinstance(out[1][1], KeyError) and out[2][1] is None
     assert _counts(store.path) == (1, 0)
     store.close()
+
+
+def test_run_calls_one_call_is_its_own_transaction(tmp_path: Path) -> None:
+    """A lone call runs without a savepoint: its failure rolls the transaction back, the same
+    outcome as the savepoint gives it among others; a nested run keeps the savepoints."""
+    from candela_mitm.state.base import run_calls
+
+    store = SqliteStateStore(tmp_path / "s.db")
+    statements: list[str] = []
+
+    def fails() -> None:
+        store.rate_hit("x", 5, 60_000_000, T0_US)
+        raise KeyError("no")
+
+    conn = store._conn()  # the connection batch() uses on this thread
+    conn.set_trace_callback(statements.append)
+    [(ok, hit)] = run_calls(store, [(store.rate_hit, ("a", 5, 60_000_000, T0_US))])
+    assert ok and hit.count == 1
+    assert statements[0].startswith("BEGIN") and statements[-1] == "COMMIT"
+    assert not any("SAVEPOINT" in s for s in statements)
+    statements.clear()
+    run_calls(store, [(store.get_user, ("nobody",)), (store.get_user, ("nobody",))])
+    assert sum("SAVEPOINT" in s for s in statements) == 2  # two calls: one savepoint each
+    conn.set_trace_callback(None)
+    [(ok, err)] = run_calls(store, [(fails, ())])
+    assert not ok and isinstance(err, KeyError)
+    assert _counts(store.path) == (1, 0)  # x's rate entry rolled back with the call
+
+    # sqlite errors inside the call come back as StoreUnavailable, as from a savepoint
+    def broken() -> None:
+        store._local.batch.execute("SELECT * FROM no_such_table")
+
+    [(ok, err)] = run_calls(store, [(broken, ())])
+    assert not ok and isinstance(err, StoreUnavailable)
+    # nested in a batch: the lone call keeps its savepoint, the outer work stays
+    with store.batch():
+        store.rate_hit("b", 5, 60_000_000, T0_US)
+        [(ok, err)] = run_calls(store, [(fails, ())])
+        assert not ok
+    assert _counts(store.path) == (2, 0)
+    store.close()
