@@ -203,12 +203,15 @@ def usage_from_bedrock(obj: object) -> Usage | None:
 
 
 def _header_parts(headers: Mapping[str, str]) -> Parts:
-    lower = {k.lower(): v for k, v in headers.items()}
+    # names first, a value only for Bedrock's: mitmproxy's Headers.items() looks every name up
+    # again (a scan of all headers each), on every proxied response
     parts: Parts = {}
-    for name, key in _BEDROCK_HEADERS.items():
-        raw = lower.get(name)
-        if raw is not None and raw.strip().isdigit():
-            parts[key] = int(raw)
+    for name in headers:
+        key = _BEDROCK_HEADERS.get(name.lower())
+        if key is not None:
+            raw = headers[name]
+            if raw is not None and raw.strip().isdigit():
+                parts[key] = int(raw)  # of two spellings of one name, the last (as dict() keeps)
     return parts
 
 

@@ -1266,3 +1266,19 @@ def test_reading_a_json_body_early_parses_only_once_usage_passed(
         meter.usage  # noqa: B018 - a budget may read at any time
     assert calls <= (len(body) - start) // 10 + 2
     assert meter.usage == Usage(2006, 300, 1920)
+
+
+def test_bedrock_headers_read_from_mitmproxys_headers() -> None:
+    """The proxy passes mitmproxy's Headers (case-insensitive, repeatable names), not a dict."""
+    from mitmproxy.http import Headers
+
+    h = Headers(
+        [
+            (b"Content-Type", b"application/json"),
+            (b"X-Amzn-Bedrock-Input-Token-Count", b"12"),
+            (b"x-amzn-bedrock-output-token-count", b" 7 "),
+            (b"X-Other", b"1"),
+        ]
+    )
+    assert usage_from_bedrock_headers(h) == Usage(12, 7, 0)
+    assert usage_from_bedrock_headers(Headers([(b"content-type", b"application/json")])) is None
