@@ -11,6 +11,7 @@ from typing import Any
 from mitmproxy import http
 
 from candela_mitm.accounting import account
+from candela_mitm.audit.writer import Committed
 from candela_mitm.context import RequestContext
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.runtime import Runtime
@@ -72,7 +73,7 @@ class CommitWaits:
         self._delivering = False  # a delivery is scheduled on the loop
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def begin(self) -> tuple[asyncio.Future[bool], Any]:
+    def begin(self) -> tuple[asyncio.Future[bool], Committed]:
         """A new wait: its future (True once committed) and the callback for the writer."""
         fut: asyncio.Future[bool] = self.loop.create_future()
         self._open.append((self.loop.time() + self.timeout_s, fut))
