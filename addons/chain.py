@@ -1,80 +1,22 @@
-"""Chain: Candela's pipeline registered as one mitmproxy addon, so mitmproxy dispatches each event once.
+"""mitmproxy's addon chain for Candela: only the addons it needs, each event only to its hooks.
 
 mitmproxy offers every event (and an `update` after each flow event) to every addon in its
-chain: a generator, a context manager and a getattr per addon, about 2 µs each, whether the
-addon has the hook or not. With 15 pipeline addons that was a fifth of Candela's CPU per request
-(issue 7's profile). The Chain looks the hooks up once and calls only the addons that have them,
-in pipeline order, each guarded as mitmproxy guards an addon: an exception is logged and the next
-addon runs; AddonHalt stops the chain. The addons themselves are unchanged and still tested alone.
+chain: a generator, a context manager, a getattr and a coroutine per addon, about 2 µs each,
+whether the addon has the hook or not. With mitmdump's 35 default addons and Candela's 16 that
+was most of Candela's CPU per request (issue 7's profile). `drop_unused_defaults` leaves out the
+default addons Candela never uses; `HookTable` looks each hook up once per chain and calls only
+the addons that have it, in chain order, guarded as mitmproxy guards an addon. The pipeline's
+addons are added to mitmproxy one by one, unchanged, and are still tested alone.
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import addonmanager, exceptions, flow, hooks
-from mitmproxy.tools import dump  # noqa: F401 - imports every layer, so all_hooks is complete
-
-log = logging.getLogger("mitmproxy.addonmanager")  # where mitmproxy logs an addon's error
-
-
-def _report(fn: Callable[..., Any]) -> None:
-    log.error("Addon error: %s", getattr(fn, "__qualname__", fn), exc_info=True)
-
-
-def _sync(fns: Sequence[Callable[..., Any]]) -> Callable[..., None]:
-    def run(*args: Any) -> None:
-        for fn in fns:
-            try:
-                fn(*args)
-            except (exceptions.AddonHalt, exceptions.OptionsError):
-                raise
-            except Exception:
-                _report(fn)
-
-    return run
-
-
-def _async(fns: Sequence[Callable[..., Any]]) -> Callable[..., Any]:
-    async def run(*args: Any) -> None:
-        for fn in fns:
-            try:
-                res = fn(*args)
-                if res is not None and inspect.isawaitable(res):
-                    await res
-            except (exceptions.AddonHalt, exceptions.OptionsError):
-                raise
-            except Exception:
-                _report(fn)
-
-    return run
-
-
-class Chain:
-    """The pipeline's addons, in order, behind one addon (mitmproxy's name for it: "candela")."""
-
-    name = "candela"
-
-    def __init__(self, members: Sequence[Any]) -> None:
-        # not called `addons`: mitmproxy would walk into it and call every member a second time
-        self.members = list(members)
-        self.hooks: dict[str, list[Callable[..., Any]]] = {}
-        for event in sorted(hooks.all_hooks):
-            fns = [getattr(a, event) for a in self.members if callable(getattr(a, event, None))]
-            if not fns:
-                continue
-            self.hooks[event] = fns
-            if len(fns) == 1:  # mitmproxy guards a lone hook exactly as the Chain would
-                setattr(self, event, fns[0])
-            elif any(inspect.iscoroutinefunction(f) for f in fns):
-                setattr(self, event, _async(fns))
-            else:
-                setattr(self, event, _sync(fns))
-
 
 # mitmdump's default addons that serve interactive use (playback, map/modify rules, saving flows,
 # sticky cookies, the mitm.it onboarding app, scripts, DNS mode, upstream-proxy auth). Candela
@@ -123,10 +65,8 @@ class HookTable(addonmanager.AddonManager):
             d["_candela_chain"] = list(self.chain)
             d["_candela_hooks"] = {}
         table: dict[str, list[Callable[..., Any]] | None] = d["_candela_hooks"]
-        try:
+        if name in table:
             return table[name]
-        except KeyError:
-            pass
         fns: list[Callable[..., Any]] | None = []
         for a in addonmanager.traverse(self.chain):
             fn = getattr(a, name, None)

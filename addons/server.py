@@ -19,7 +19,7 @@ from candela_mitm.errors import ConfigError
 from candela_mitm.runtime import Runtime
 
 from . import pipeline
-from .chain import Chain, drop_unused_defaults, use_hook_table
+from .chain import drop_unused_defaults, use_hook_table
 
 log = logging.getLogger("candela.server")
 
@@ -130,7 +130,7 @@ async def serve(rt: Runtime, host: str, port: int, reuse_port: bool = False) -> 
     )
     master.options.update(**opts)
     drop_unused_defaults(master)  # mitmdump's interactive addons (addons/chain.py)
-    master.addons.add(Chain(pipeline(rt)))  # one dispatch per event (addons/chain.py)
+    master.addons.add(*pipeline(rt))  # in pipeline order, after mitmproxy's own
     use_hook_table(master)  # each event only to the addons that have its hook (addons/chain.py)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

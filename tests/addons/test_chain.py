@@ -1,4 +1,4 @@
-"""Chain: the pipeline behind one mitmproxy addon calls each hook in order, guarded like mitmproxy."""
+"""addons/chain.py: the default addons Candela drops, and the hook table that dispatches events."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from mitmproxy import exceptions, options
 from mitmproxy.test import tflow
 from mitmproxy.tools.dump import DumpMaster
 
-from candela_mitm.addons.chain import UNUSED_DEFAULTS, Chain, drop_unused_defaults, use_hook_table
+from candela_mitm.addons.chain import UNUSED_DEFAULTS, drop_unused_defaults, use_hook_table
 
 
 class Recorder:
@@ -32,41 +32,13 @@ class AsyncRecorder(Recorder):
         self.calls.append(f"{self.name}.response")
 
 
-def test_hooks_run_in_pipeline_order_sync_and_async() -> None:
-    calls: list[str] = []
-    chain = Chain([Recorder("a", calls), AsyncRecorder("b", calls), Recorder("c", calls)])
-    assert set(chain.hooks) == {"request", "response"}
-    asyncio.run(chain.request(tflow.tflow()))  # one async hook makes the dispatcher async
-    assert calls == ["a.request", "b.request", "c.request"]
-    calls.clear()
-    asyncio.run(chain.response(tflow.tflow()))  # a lone hook is the member's own method
-    assert calls == ["b.response"]
-    assert not hasattr(chain, "error") and not hasattr(chain, "addons")
+def test_hooks_run_in_chain_order_sync_and_async() -> None:
+    def make(calls: list[str]) -> list[object]:
+        return [Recorder("a", calls), AsyncRecorder("b", calls), Recorder("c", calls)]
 
-
-def test_sync_only_hooks_stay_sync() -> None:
-    calls: list[str] = []
-    chain = Chain([Recorder("a", calls), Recorder("b", calls)])
-    assert chain.request(tflow.tflow()) is None
-    assert calls == ["a.request", "b.request"]
-
-
-def test_an_exception_is_logged_and_the_next_member_runs(caplog: pytest.LogCaptureFixture) -> None:
-    calls: list[str] = []
-    chain = Chain([Recorder("a", calls, fail=ValueError), Recorder("b", calls)])
-    with caplog.at_level(logging.ERROR):
-        chain.request(tflow.tflow())
-    assert calls == ["a.request", "b.request"]
-    assert "Addon error" in caplog.text
-
-
-@pytest.mark.parametrize("halt", [exceptions.AddonHalt, exceptions.OptionsError])
-def test_addon_halt_stops_the_chain(halt: type[BaseException]) -> None:
-    calls: list[str] = []
-    chain = Chain([Recorder("a", calls, fail=halt), Recorder("b", calls)])
-    with pytest.raises(halt):
-        chain.request(tflow.tflow())
-    assert calls == ["a.request"]
+    calls = _run_through(True, make)
+    assert calls == ["a.request", "b.request", "c.request", "b.response"]
+    assert calls == _run_through(False, make)
 
 
 def test_unused_defaults_are_dropped_and_the_proxy_core_kept() -> None:
@@ -148,7 +120,7 @@ def _run_through(fast: bool, make: object) -> list[str]:
     [
         lambda calls: [Everything("a", calls), Recorder("b", calls), Parent(calls)],
         lambda calls: [Recorder("a", calls), Everything("b", calls)],
-        lambda calls: [Chain([Recorder("a", calls), AsyncRecorder("b", calls)])],
+        lambda calls: [Recorder("a", calls), AsyncRecorder("b", calls)],
     ],
 )
 def test_hook_table_calls_what_mitmproxy_calls_in_its_order(make: object) -> None:
@@ -215,3 +187,33 @@ def test_hook_table_leaves_odd_attributes_to_mitmproxy(caplog: pytest.LogCapture
         with caplog.at_level(logging.ERROR):
             assert _run_through(fast, lambda calls: [NotCallable(), Recorder("a", calls)]) == ["a.request"]
         assert "not callable" in caplog.text
+
+
+def test_the_pipeline_joins_mitmproxys_chain_addon_by_addon(runtime, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """As addons/server.py builds it: mitmproxy's kept addons, then the pipeline's, in order."""
+    from candela_mitm.addons import pipeline
+
+    rt = runtime(
+        {
+            "providers": {"openai": {"base_url": "http://upstream.test:8080"}},
+            "state": {"sqlite_path": str(tmp_path / "state.db")},
+            "audit": {"sqlite_path": str(tmp_path / "audit.db")},
+        }
+    )
+
+    async def build() -> list[str]:
+        master = DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
+        drop_unused_defaults(master)
+        members = pipeline(rt)
+        master.addons.add(*members)  # names are unique: mitmproxy refuses a second of one
+        use_hook_table(master)
+        try:
+            hooks = master.addons._hooks_for("response")  # type: ignore[attr-defined]
+            return [type(fn.__self__).__name__ for fn in hooks]
+        finally:
+            master._legacy_log_events.uninstall()
+
+    names = asyncio.run(build())
+    assert names[0] == "AuditStart" and names[-1] == "Audit"
+    assert names == [type(m).__name__ for m in pipeline(rt) if callable(getattr(m, "response", None))]
+    rt.close()
