@@ -112,10 +112,23 @@ class _Callback:
         self.fn = fn
         self._done = False
 
+    @classmethod
+    def resolving(cls, fut: Future[int]) -> _Callback:
+        """A waiter that resolves `fut` (record_durable, flush): its seq, or the error."""
+
+        def resolve(seq: int | None, error: BaseException | None) -> None:
+            with suppress(InvalidStateError):  # the waiter cancelled: committed all the same
+                if error is None:
+                    fut.set_result(seq)  # type: ignore[arg-type]
+                else:
+                    fut.set_exception(error)
+
+        return cls(resolve)
+
     def done(self) -> bool:
         return self._done
 
-    def _call(self, seq: int | None, error: BaseException | None) -> None:
+    def report(self, seq: int | None, error: BaseException | None = None) -> None:
         if self._done:
             return
         self._done = True
@@ -124,19 +137,13 @@ class _Callback:
         except Exception:  # the waiter's problem, never the writer thread's
             log.exception("audit: commit callback failed")
 
-    def set_result(self, seq: int) -> None:
-        self._call(seq, None)
-
-    def set_exception(self, error: BaseException) -> None:
-        self._call(None, error)
-
 
 class _Item:
-    __slots__ = ("pending", "future")
+    __slots__ = ("pending", "waiter")
 
-    def __init__(self, pending: Pending | None, future: Future[int] | _Callback | None) -> None:
+    def __init__(self, pending: Pending | None, waiter: _Callback | None) -> None:
         self.pending = pending  # None: a flush marker
-        self.future = future  # a durable waiter: the batch holding it commits at once
+        self.waiter = waiter  # a durable waiter: the batch holding it commits at once
 
 
 @dataclass(frozen=True)
@@ -296,15 +303,15 @@ class AuditWriter:
         entry is not accepted the future has already failed with StoreUnavailable.
         """
         fut: Future[int] = Future()
-        if not self._enqueue(_Item(self._prepare(action, fields), fut)):
+        if not self._enqueue(_Item(self._prepare(action, fields), _Callback.resolving(fut))):
             fut.set_exception(StoreUnavailable("the audit queue is full or closed"))
         return fut
 
     def record_then(self, action: str, committed: Committed, /, **fields: Any) -> bool:
         """Queue an entry and call ``committed(seq, None)`` on the writer thread once it is
         committed (fsynced), or ``committed(None, error)`` if it never will be; False (and no
-        call) if it was not accepted. What record_durable does, without a Future per entry: the
-        proxy waits for one commit per request (addons/audit.py)."""
+        call) if it was not accepted. record_durable without a Future: the proxy waits for one
+        commit per request (addons/audit.py)."""
         return self._enqueue(_Item(self._prepare(action, fields), _Callback(committed)))
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -312,7 +319,8 @@ class AuditWriter:
         if self._thread is None or not self._thread.is_alive():
             return not self._queue
         fut: Future[int] = Future()
-        self._queue.append(_Item(None, fut))  # markers bypass the bound: they hold no entry
+        # markers bypass the bound: they hold no entry
+        self._queue.append(_Item(None, _Callback.resolving(fut)))
         self._wake.set()
         try:
             fut.result(timeout)
@@ -363,7 +371,7 @@ class AuditWriter:
                 items.append(item)
                 if item.pending is not None:
                     entries += 1
-                if item.future is not None:
+                if item.waiter is not None:
                     urgent = True
             if entries >= limit or urgent or self._stopping:
                 return items
@@ -446,10 +454,8 @@ class AuditWriter:
         seqs = iter(rows)
         for it in items:
             seq = next(seqs)[0] if it.pending is not None else self.head_seq
-            if it.future is not None:
-                # a waiter that cancelled finds the entry committed anyway
-                with suppress(InvalidStateError):
-                    it.future.set_result(seq)
+            if it.waiter is not None:
+                it.waiter.report(seq)
         for feeder in self._feeders:
             feeder.wake()
         return True
@@ -458,8 +464,7 @@ class AuditWriter:
         for it in items:
             if it.pending is not None:
                 self.abandoned += 1
-            if it.future is not None and not it.future.done():
-                with suppress(InvalidStateError):  # cancelled meanwhile
-                    it.future.set_exception(StoreUnavailable(why))
+            if it.waiter is not None:
+                it.waiter.report(None, StoreUnavailable(why))
         if self.abandoned:
             log.error("audit: %d entries abandoned: %s", self.abandoned, why)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from candela_mitm.audit import AuditWriter, query_entries, verify_chain
-from candela_mitm.audit.writer import REDACTED, _Item
+from candela_mitm.audit.writer import REDACTED, _Callback, _Item
 from candela_mitm.config import Audit
 from candela_mitm.errors import StoreUnavailable
 
@@ -387,7 +387,7 @@ def test_late_record_during_close_is_failed_not_lost(tmp_path: Path) -> None:
     assert w.close()
     # a record() that passed the closed check just before close(): simulate by queueing directly
     fut: Future[int] = Future()
-    w._queue.append(_Item(("x", None, None, "{}"), fut))
+    w._queue.append(_Item(("x", None, None, "{}"), _Callback.resolving(fut)))
     assert w.close() is False
     with pytest.raises(StoreUnavailable):
         fut.result(0)
