@@ -383,29 +383,22 @@ def run_calls(store: StateStore, calls: Sequence[Call]) -> list[Outcome]:
     """Run store calls in one transaction, each atomic on its own (a savepoint).
 
     One call failing undoes only its own changes and becomes its outcome; the others commit
-    together. A failure of the transaction itself (it cannot begin, or commit) raises.
+    together. A failure of the transaction itself (it cannot begin, or commit) raises, except
+    for a lone call, whose outcome it is.
     """
     if len(calls) == 1 and not store.in_batch():
-        # One call: the transaction is its own. Without a savepoint (two statements fewer), a
-        # failing call rolls the whole transaction back; half of all turns hold one call, and
-        # at low concurrency all of them.
+        # One call: the transaction is its own, no savepoint (two statements fewer). Its failure,
+        # or the transaction's, rolls it back and is its outcome. Half of all turns hold one
+        # call, and at low concurrency all of them.
         fn, args = calls[0]
-        failed = False
         try:
             with store.batch():
-                try:
-                    return [(True, fn(*args))]
-                except (WouldWait, BatchAborted):
-                    raise
-                except Exception:
-                    failed = True
-                    raise
+                result = fn(*args)
         except (WouldWait, BatchAborted):
             raise
-        except Exception as e:
-            if not failed:  # the transaction itself (begin, commit)
-                raise
-            return [(False, e)]  # as the batch rolled it back (SQLite errors as StoreUnavailable)
+        except Exception as e:  # SQLite errors come out of the batch as StoreUnavailable
+            return [(False, e)]
+        return [(True, result)]
     outcomes: list[Outcome] = []
     with store.batch():
         for fn, args in calls:
