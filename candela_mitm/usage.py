@@ -478,7 +478,7 @@ def _reader_for(wire: str) -> _Reader:
 # Meters: the framing of a response body (SSE, NDJSON, AWS event stream, JSON)
 
 
-class UsageMeter:
+class UsageMeter(ABC):
     """Reads one response's usage as its body passes. feed() never raises; usage reads any time.
 
     `usage` is what the body has shown so far (the response headers' counts when it shows
@@ -526,11 +526,12 @@ class UsageMeter:
         except Exception as e:
             self.fault = f"{type(e).__name__}: {e}"
 
+    @abstractmethod
     def _feed(self, data: bytes) -> None:
-        raise NotImplementedError
+        """Read the next bytes of the body (may raise: feed() turns that into a fault)."""
 
-    def _finish(self) -> None:
-        pass
+    def _finish(self) -> None:  # noqa: B027 - a hook: most meters read everything in _feed
+        """The body ended: read what is left over (a last unterminated event, a buffered body)."""
 
 
 class _SseMeter(UsageMeter):

@@ -11,6 +11,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import suppress
 
 log = logging.getLogger("candela.workers")
 
@@ -71,10 +72,8 @@ def run_workers(n: int, child: Callable[[int], int], grace_s: float = STOP_GRACE
 
 def _signal_all(pids: dict[int, int], sig: int) -> None:
     for pid in pids:
-        try:
+        with suppress(ProcessLookupError):  # exited meanwhile: nothing to signal
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _supervise(pids: dict[int, int], grace_s: float) -> int:

@@ -18,7 +18,7 @@ import pytest
 from candela_mitm import cgroups, enforce
 from candela_mitm.ebpf import host
 
-from .conftest import Probe
+from .conftest import Probe, require
 
 # A loopback address plays the provider: no route or interface to set up, nothing else uses it.
 PROVIDER_IP = "127.77.0.1"
@@ -89,7 +89,7 @@ class Env:
 @pytest.fixture
 def env(tmp_path: Path, iptables: str) -> Iterator[Env]:
     if enforce.EnforceState.load() is not None or host.attached():
-        pytest.skip("host enforcement is active on this machine; not touching it")
+        require("host enforcement is active on this machine; not touching it")
     e = Env(tmp_path)
     try:
         yield e
@@ -236,7 +236,6 @@ def test_candela_server_enforces_the_host_audits_refusals_and_stays_closed_when_
     from tests.e2e.conftest import base_config
     from tests.fakes.candela import CandelaProcess, free_port
 
-    from .conftest import require
     from .sandbox_env import wait_for_audit
 
     if enforce.EnforceState.load() is not None or host.attached():
