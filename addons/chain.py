@@ -11,6 +11,7 @@ addons are added to mitmproxy one by one, unchanged, and are still tested alone.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import types
 from collections.abc import Callable
@@ -45,6 +46,22 @@ def drop_unused_defaults(master: Any) -> list[str]:
         if addon in dropped:
             del manager.lookup[name]
     return [type(a).__name__ for a in dropped]
+
+
+_ARG_NAMES: dict[type[hooks.Hook], tuple[str, ...]] = {}
+
+
+def hook_args(event: hooks.Hook) -> list[Any]:
+    """`event.args()`: the values of the hook's dataclass fields, in order.
+
+    mitmproxy's `Hook.args` asks `dataclasses.fields` each time (a generator over the class's
+    fields: 3% of Candela's CPU under load); the names are looked up once per hook class here.
+    """
+    names = _ARG_NAMES.get(type(event))
+    if names is None:
+        fields = dataclasses.fields(event)  # type: ignore[arg-type]  # every Hook is a dataclass
+        names = _ARG_NAMES[type(event)] = tuple(f.name for f in fields)
+    return [getattr(event, name) for name in names]
 
 
 class HookTable(addonmanager.AddonManager):
@@ -86,7 +103,7 @@ class HookTable(addonmanager.AddonManager):
             return
         if not fns:
             return
-        args = event.args()
+        args = hook_args(event)
         for fn in fns:
             try:
                 res = fn(*args)
@@ -102,7 +119,7 @@ class HookTable(addonmanager.AddonManager):
     async def handle_lifecycle(self, event: hooks.Hook) -> None:
         await self.trigger_event(event)
         if self._hooks_for("update") != []:
-            message = event.args()[0]
+            message = hook_args(event)[0]
             if isinstance(message, flow.Flow):
                 await self.trigger_event(hooks.UpdateHook([message]))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -115,6 +116,16 @@ def reload_config(rt: Runtime) -> None:
     rt.audit.record("config_reload", result="applied", sections=changed, path=rt.config_path)
 
 
+def freeze_startup_heap() -> None:
+    """Move what start-up left alive (modules, config, pricing: ~120k objects) out of the cycle
+    collector's sight. A full collection walked all of them, 80-90 ms with the event loop
+    stopped, three times in 4,000 requests at 16 connections (flows' reference cycles promote
+    garbage to the oldest generation, which only a full collection frees); frozen, it walks
+    what requests left. Done once, before serving: nothing frozen is ever collected."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(rt: Runtime, host: str, port: int, reuse_port: bool = False) -> None:
     install_json_errors()
     if reuse_port:
@@ -142,6 +153,7 @@ async def serve(rt: Runtime, host: str, port: int, reuse_port: bool = False) -> 
     )
     # host enforcement with this proxy in Candela's cgroup: the kernel's refusals are audited here
     refusals = start_refusal_feed(rt.audit.record)
+    freeze_startup_heap()
     try:
         await master.run()
     finally:

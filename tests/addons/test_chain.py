@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import pytest
-from mitmproxy import exceptions, options
+from mitmproxy import exceptions, hooks, options
 from mitmproxy.test import tflow
 from mitmproxy.tools.dump import DumpMaster
 
-from candela_mitm.addons.chain import UNUSED_DEFAULTS, drop_unused_defaults, use_hook_table
+from candela_mitm.addons.chain import (
+    UNUSED_DEFAULTS,
+    drop_unused_defaults,
+    hook_args,
+    use_hook_table,
+)
 
 
 class Recorder:
@@ -217,3 +223,16 @@ def test_the_pipeline_joins_mitmproxys_chain_addon_by_addon(runtime, tmp_path) -
     assert names[0] == "AuditStart" and names[-1] == "Audit"
     assert names == [type(m).__name__ for m in pipeline(rt) if callable(getattr(m, "response", None))]
     rt.close()
+
+
+def test_hook_args_are_mitmproxys_for_every_hook() -> None:
+    # every hook mitmproxy (and its addons, imported above through DumpMaster) has registered
+    import mitmproxy.addons  # noqa: F401
+    import mitmproxy.proxy.layers  # noqa: F401
+
+    assert len(hooks.all_hooks) > 30
+    for name, cls in hooks.all_hooks.items():
+        values = {f.name: object() for f in dataclasses.fields(cls)}
+        event = cls(**values)
+        assert hook_args(event) == event.args() == list(values.values()), name
+        assert hook_args(event) == event.args(), name  # the second time, from the cache
