@@ -537,6 +537,16 @@ def test_api_keys_added_and_removed_at_run_time() -> None:
     assert run(a.authenticate({"x-api-key": "cdl_new"}, {})).status == 401
 
 
+def test_each_of_many_keys_finds_its_own_user() -> None:
+    a = Authenticator(Auth(), required=True)
+    for i in range(2000):
+        a.add_api_key(sha(f"cdl_key{i}"), f"user{i}@example.com")
+    for i in (0, 1, 999, 1999):
+        assert run(a.authenticate({"x-api-key": f"cdl_key{i}"}, {})).user == f"user{i}@example.com"
+    for other in ("cdl_key2000", "cdl_key1 ", "CDL_KEY1", ""):
+        assert run(a.authenticate({"x-api-key": other}, {})).status == 401
+
+
 @pytest.mark.parametrize("digest", ["", "ABC", ALICE_SHA.upper(), ALICE_SHA[:-1], ALICE_SHA + "0"])
 def test_add_api_key_rejects_bad_digest(digest: str) -> None:
     with pytest.raises(ValueError):
