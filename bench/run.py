@@ -44,7 +44,7 @@ LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
 TICK = os.sysconf("SC_CLK_TCK")
 
 S2_ROUNDS = 5  # scenario 2: interleaved rounds; verdicts take the median of per-round ratios
-ROUNDS = 3  # scenarios 1 and 3: rounds over targets kept running; medians of the rounds
+ROUNDS = 3  # scenarios 1, 3 and 6: rounds over targets kept running; medians of the rounds
 USERS = 64  # one bench user (and key) per connection, as many callers would be
 PROVIDER_KEY = "sk-bench-provider-key"
 MODEL = "gpt-4o-mini"
@@ -492,9 +492,12 @@ def s_throughput(b: Bench, res: dict[str, Any]) -> None:
 
 def round_ratios(s2: dict[str, Any], a: str, b: str, c: int) -> list[float]:
     """Target a's rate over target b's, round by round (each round measures both minutes apart)."""
-    ra = _get(s2, a, f"c{c}", "rounds_rps") or []
-    rb = _get(s2, b, f"c{c}", "rounds_rps") or []
-    return [round(x / y, 3) for x, y in zip(ra, rb, strict=False) if y]
+    return ratios(_get(s2, a, f"c{c}", "rounds_rps"), _get(s2, b, f"c{c}", "rounds_rps"))
+
+
+def ratios(xs: list[float] | None, ys: list[float] | None) -> list[float]:
+    """xs[i] / ys[i], round by round (a pair measured in the same round); none where y <= 0."""
+    return [round(x / y, 3) for x, y in zip(xs or [], ys or [], strict=False) if y > 0]
 
 
 def s_streaming(b: Bench, res: dict[str, Any]) -> None:
@@ -623,8 +626,7 @@ def s_workers(b: Bench, res: dict[str, Any]) -> None:
         rates = [r["throughput_rps"] for r in rs]
         out[f"workers_{n}"] = dict(sorted(rs, key=lambda r: r["throughput_rps"])[len(rs) // 2],
                                    rounds_rps=rates)
-    out["rounds_ratio"] = [round(two / one, 3) for one, two in
-                           zip(out["workers_1"]["rounds_rps"], out["workers_2"]["rounds_rps"], strict=True)]
+    out["rounds_ratio"] = ratios(out["workers_2"]["rounds_rps"], out["workers_1"]["rounds_rps"])
     res["s6_workers"] = out
 
 
@@ -874,9 +876,8 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
     s1 = res.get("s1_latency", {})
     c_add, m_add, l_add = (_get(s1, k, "added_p50_ms") for k in ("candela", "mitmproxy", "litellm"))
     r = _ratio(c_add, m_add)
-    per_round = [round(c / m, 3) for c, m in zip(_get(s1, "candela", "rounds_added_p50_ms") or [],
-                                                 _get(s1, "mitmproxy", "rounds_added_p50_ms") or [],
-                                                 strict=False) if m > 0]
+    per_round = ratios(_get(s1, "candela", "rounds_added_p50_ms"),
+                       _get(s1, "mitmproxy", "rounds_added_p50_ms"))
     if per_round:  # the verdict: the median of the rounds' ratios
         med = round(statistics.median(per_round), 3)
         add("added p50 latency <= 1.25x bare mitmproxy's",
@@ -887,9 +888,8 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
             None if r is None else r <= 1.25, "s1 open loop, 50 req/s, concurrency 1")
     bc, bm = (_get(s1, "back_to_back", k, "added_p50_ms") for k in ("candela", "mitmproxy"))
     if bc is not None and bm:
-        per_b2b = [round(c / m, 3) for c, m in zip(
-            _get(s1, "back_to_back", "candela", "rounds_added_p50_ms") or [],
-            _get(s1, "back_to_back", "mitmproxy", "rounds_added_p50_ms") or [], strict=False) if m > 0]
+        per_b2b = ratios(_get(s1, "back_to_back", "candela", "rounds_added_p50_ms"),
+                         _get(s1, "back_to_back", "mitmproxy", "rounds_added_p50_ms"))
         med_b2b = round(statistics.median(per_b2b), 3) if per_b2b else _ratio(bc, bm)
         add("(reference) added p50 at concurrency 1 back to back vs bare mitmproxy's",
             f"{med_b2b}x, median of rounds {per_b2b} (medians: {bc} vs {bm} ms)", None,
