@@ -57,8 +57,6 @@ def test_healthz_and_models(candela):
             "gemini-3.5-pro", "gemini-3.5-flash", "claude-sonnet-4-20250514"} <= ids
 
 
-@pytest.mark.sdk
-@pytest.mark.usefixtures("sdk")
 def test_serves_under_python_dash_o(candela, upstream, token_server, tmp_path):
     """mitmproxy's debug-only checks are off in a serving process (candela_mitm/cli.py), unless asked."""
     def interpreter_flags(pid: int) -> list[str]:
@@ -74,6 +72,8 @@ def test_serves_under_python_dash_o(candela, upstream, token_server, tmp_path):
         assert requests.get(debug.url + "/healthz", timeout=5).status_code == 200
 
 
+@pytest.mark.sdk
+@pytest.mark.usefixtures("sdk")
 def test_openai_sdk_json_and_streams(candela, upstream):
     upstream.usage = Usage(input_tokens=1000, output_tokens=500, cached_tokens=200)
     out = sdk_json(f"""
