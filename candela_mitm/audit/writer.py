@@ -125,9 +125,6 @@ class _Callback:
 
         return cls(resolve)
 
-    def done(self) -> bool:
-        return self._done
-
     def report(self, seq: int | None, error: BaseException | None = None) -> None:
         if self._done:
             return
