@@ -137,15 +137,15 @@ class Audit:
     def start(self, flow: http.HTTPFlow) -> None:
         """Queue the flow's entry (once); its wait is kept on the context for `_finish`."""
         c = ctx_of(flow)
-        if c is None or c.kind not in ("proxy", "chat") or getattr(c, "audited", False):
+        if c is None or c.kind not in ("proxy", "chat") or c.audited:
             return
-        c.audited = True  # type: ignore[attr-defined]
+        c.audited = True
         account(c, self.rt.pricing, self.rt.config.governance.unknown_model_price)
         if flow.response is not None and c.status_code is None:
             c.status_code = flow.response.status_code
         try:
             fut, committed = self._commit_waits().begin()
-            c.audit_commit = fut  # type: ignore[attr-defined]
+            c.audit_commit = fut
             if not self.rt.audit.record_then("llm_request", committed, **request_entry(c, flow)):
                 fut.set_exception(StoreUnavailable("the audit queue is full or closed"))
         except Exception:
@@ -154,10 +154,9 @@ class Audit:
     async def _finish(self, flow: http.HTTPFlow) -> None:
         self.start(flow)
         c = ctx_of(flow)
-        fut = getattr(c, "audit_commit", None)
-        if c is None or fut is None:
+        if c is None or c.audit_commit is None:
             return
-        c.audit_commit = None  # type: ignore[attr-defined]
+        fut, c.audit_commit = c.audit_commit, None
         try:
             # a stuck ledger must not hang responses: the entry stays queued and is retried
             if not await fut:

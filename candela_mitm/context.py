@@ -43,6 +43,8 @@ class RequestContext:
     error: str | None = None
     status_code: int | None = None
     policy: dict[str, Any] | None = None  # the model policy decision, for audit
+    audited: bool = False  # the request's audit entry is queued (addons/audit.py), exactly once
+    audit_commit: Any = None  # the loop future that tells when that entry is committed
 
     @property
     def model(self) -> str | None:

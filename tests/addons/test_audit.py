@@ -165,7 +165,7 @@ def test_the_entry_commits_while_the_other_response_hooks_run(runtime, tmp_path)
     assert seen == ["between: 1 entry queued"]
     [(action, fields)] = writer.entries  # once, though start and response both ran
     assert action == "llm_request" and fields["status"] == 200 and fields["decision"] == "allowed"
-    assert getattr(c, "audit_commit", None) is None  # waited for and let go
+    assert c.audited and c.audit_commit is None  # queued once, waited for and let go
     rt.audit = real
     rt.close()
 
