@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-REQUIRE = os.environ.get("CANDELA_REQUIRE_PRIVILEGED") == "1"
+from tests.required import REQUIRE, require
 
 
 def missing_requirements() -> list[str]:
@@ -35,13 +35,6 @@ def missing_requirements() -> list[str]:
     if not os.path.exists(f"/lib/modules/{os.uname().release}/build"):
         missing.append("kernel headers (`make system`)")
     return missing
-
-
-def require(what: str) -> None:
-    """Skip (or, under CANDELA_REQUIRE_PRIVILEGED=1, fail) because `what` is missing."""
-    if REQUIRE:
-        pytest.fail(f"privileged test cannot run: {what} (CANDELA_REQUIRE_PRIVILEGED=1)")
-    pytest.skip(what)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
