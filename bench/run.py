@@ -450,8 +450,13 @@ def added(rs: list[dict[str, Any]], base: list[dict[str, Any]], key: str, q: str
 
 def cold_probe(b: Bench, gap_ms: float) -> dict[str, Any]:
     """The same pieces of the request path back to back and after the pause between requests."""
-    r = subprocess.run([str(VENV_PY), str(BENCH / "coldprobe.py"), "--dir", str(b.work),
-                        "--calls", str(max(50, int(200 * b.scale))), "--gap-ms", str(gap_ms)],
+    return project_script("coldprobe.py", "--dir", str(b.work),
+                          "--calls", str(max(50, int(200 * b.scale))), "--gap-ms", str(gap_ms))
+
+
+def project_script(name: str, *args: str) -> Any:
+    """Run bench/<name> with the project's environment (Candela importable); its JSON answer."""
+    r = subprocess.run([str(VENV_PY), str(BENCH / name), *args],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-2000:])
@@ -575,12 +580,9 @@ def s_audit(b: Bench, res: dict[str, Any]) -> None:
     """5. Audit ledger write throughput; proxy p99 while a mirror sink (BigQuery) is stalled."""
     out: dict[str, Any] = {}
     for durable in (0, 1):
-        r = subprocess.run([str(VENV_PY), str(BENCH / "audit_bench.py"), "--dir", str(b.work / "audit"),
-                            "--entries", str(int(100_000 * b.scale)), "--durable-every", str(durable)],
-                           capture_output=True, text=True, timeout=300, cwd=ROOT)
-        if r.returncode != 0:
-            raise RuntimeError(r.stderr[-2000:])
-        out["ledger_durable" if durable else "ledger"] = json.loads(r.stdout)
+        out["ledger_durable" if durable else "ledger"] = project_script(
+            "audit_bench.py", "--dir", str(b.work / "audit"),
+            "--entries", str(int(100_000 * b.scale)), "--durable-every", str(durable))
     rate, dur = 100.0, b.d(8)  # about a third of one worker's capacity: p99 shows stalls, not queueing
     out["rate_rps"] = rate
     with b.upstream() as up:
