@@ -6,9 +6,9 @@ import time
 
 from mitmproxy import http
 
-from candela_mitm.accounting import account
+from candela_mitm.governance.accounting import account
+from candela_mitm.providers.streaming import ResponseProcessor, is_stream, make_processor
 from candela_mitm.runtime import Runtime
-from candela_mitm.streaming import ResponseProcessor, is_stream, make_processor
 
 from .flowstate import ctx_of, trace_headers
 

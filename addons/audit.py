@@ -10,10 +10,11 @@ from typing import Any
 
 from mitmproxy import http
 
-from candela_mitm.accounting import account
+from candela_mitm.audit.actions import LLM_REQUEST
 from candela_mitm.audit.writer import Committed
 from candela_mitm.context import RequestContext
 from candela_mitm.errors import StoreUnavailable
+from candela_mitm.governance.accounting import account
 from candela_mitm.runtime import Runtime
 
 from .flowstate import ctx_of
@@ -146,7 +147,7 @@ class Audit:
         try:
             fut, committed = self._commit_waits().begin()
             c.audit_commit = fut
-            if not self.rt.audit.record_then("llm_request", committed, **request_entry(c, flow)):
+            if not self.rt.audit.record_then(LLM_REQUEST, committed, **request_entry(c, flow)):
                 fut.set_exception(StoreUnavailable("the audit queue is full or closed"))
         except Exception:
             log.exception("audit entry for span %s not recorded", c.span_id)

@@ -10,7 +10,7 @@ from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.errors import Denial
-from candela_mitm.identity import (
+from candela_mitm.governance.identity import (
     SOURCE_AUTHORIZATION,
     SOURCE_X_API_KEY,
     SOURCE_X_CANDELA_AUTH,
@@ -18,8 +18,8 @@ from candela_mitm.identity import (
     MalformedCredential,
     extract_credential,
 )
+from candela_mitm.governance.tenancy import requested_tenant, resolve_tenant
 from candela_mitm.runtime import Runtime
-from candela_mitm.tenancy import requested_tenant, resolve_tenant
 
 from .flowstate import answered, ctx_of, deny, fail_closed
 

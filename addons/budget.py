@@ -8,10 +8,10 @@ from collections.abc import Callable
 from mitmproxy import http
 
 from candela_mitm import errors
-from candela_mitm.accounting import account
 from candela_mitm.context import RequestContext
-from candela_mitm.estimate import estimate_cost
-from candela_mitm.ledger import BudgetRefusal, Reservation
+from candela_mitm.governance.accounting import account
+from candela_mitm.governance.estimate import estimate_cost
+from candela_mitm.governance.ledger import BudgetRefusal, Reservation
 from candela_mitm.runtime import Runtime
 
 from .flowstate import answered, ctx_of, deny, fail_closed

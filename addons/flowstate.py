@@ -13,8 +13,8 @@ from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.context import RequestContext
-from candela_mitm.encoding import TooLarge, decode_body
 from candela_mitm.errors import Denial, StoreUnavailable
+from candela_mitm.providers.encoding import TooLarge, decode_body
 
 log = logging.getLogger("candela")
 F = TypeVar("F", bound=Callable[..., Any])

@@ -7,8 +7,8 @@ import time
 from mitmproxy import http
 
 from candela_mitm import errors
+from candela_mitm.observability.spans import traces_payload
 from candela_mitm.runtime import Runtime
-from candela_mitm.spans import traces_payload
 
 from .flowstate import answer_json, answered, ctx_of, deny, fail_closed
 

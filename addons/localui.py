@@ -15,8 +15,8 @@ from mitmproxy import http
 from candela_mitm import errors
 from candela_mitm.context import RequestContext
 from candela_mitm.errors import Denial, StoreUnavailable
-from candela_mitm.forwarding import plan_provider_request
-from candela_mitm.local import Discovery, LocalSettings, RuntimeActionError, hourly_spend
+from candela_mitm.local.runtimes import Discovery, LocalSettings, RuntimeActionError, hourly_spend
+from candela_mitm.providers.forwarding import plan_provider_request
 from candela_mitm.runtime import Runtime
 
 from .flowstate import answer_json, answered, ctx_of, deny, fail_closed

@@ -6,7 +6,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from candela_mitm.accounting import account
+from candela_mitm.governance.accounting import account
 from candela_mitm.runtime import Runtime
 
 from .flowstate import answered, ctx_of

@@ -5,8 +5,9 @@ from __future__ import annotations
 from mitmproxy import http
 
 from candela_mitm import errors
+from candela_mitm.audit.actions import MODEL_POLICY_CHECK
+from candela_mitm.observability.spans import utc_now_iso
 from candela_mitm.runtime import Runtime
-from candela_mitm.spans import utc_now_iso
 
 from .flowstate import answered, ctx_of, deny, fail_closed
 
@@ -33,7 +34,7 @@ class ModelPolicy:
             "provider": c.plan.upstream.name,
         }
         c.policy = record
-        if not self.rt.audit.record("model_policy_check", **record):
+        if not self.rt.audit.record(MODEL_POLICY_CHECK, **record):
             # an unrecorded decision is no decision: the audit trail is part of governance
             deny(flow, errors.governance_unavailable("the audit trail cannot accept entries"))
             return

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 from mitmproxy import http
 
-from candela_mitm.ledger import BudgetRefusal, Reservation
-from candela_mitm.ratelimit import RateDecision
+from candela_mitm.governance.ledger import BudgetRefusal, Reservation
+from candela_mitm.governance.ratelimit import RateDecision
 from candela_mitm.runtime import Runtime
 
 from .budget import RESERVED, reservation_call

@@ -9,9 +9,9 @@ from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.context import RequestContext, classify
-from candela_mitm.forwarding import plan_chat_completion, plan_provider_request
+from candela_mitm.observability.spans import TraceContext
+from candela_mitm.providers.forwarding import plan_chat_completion, plan_provider_request
 from candela_mitm.runtime import Runtime
-from candela_mitm.spans import TraceContext
 
 from .flowstate import KEY, answered, ctx_of, decoded_body, deny, fail_closed
 

@@ -14,8 +14,9 @@ from mitmproxy import http, options
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.tools.dump import DumpMaster
 
+from candela_mitm.audit.actions import PROXY_START, PROXY_STOP
 from candela_mitm.certs.authority import certs_path, ensure_ca
-from candela_mitm.enforce import start_refusal_feed
+from candela_mitm.enforcement.host import start_refusal_feed
 from candela_mitm.errors import ConfigError
 from candela_mitm.runtime import Runtime
 
@@ -151,7 +152,7 @@ async def serve(rt: Runtime, host: str, port: int, reuse_port: bool = False) -> 
     loop.add_signal_handler(signal.SIGHUP, reload_config, rt)
     log.info("candela listening on %s:%d", host, port)
     rt.audit.record(
-        "proxy_start", command=rt.command, mode=rt.config.mode, listen=f"{host}:{port}", pid=os.getpid()
+        PROXY_START, command=rt.command, mode=rt.config.mode, listen=f"{host}:{port}", pid=os.getpid()
     )
     # host enforcement with this proxy in Candela's cgroup: the kernel's refusals are audited here
     refusals = start_refusal_feed(rt.audit.record)
@@ -161,5 +162,5 @@ async def serve(rt: Runtime, host: str, port: int, reuse_port: bool = False) -> 
     finally:
         if refusals is not None:
             refusals.stop()  # enforcement itself stays: fail closed until `candela enforce off`
-        rt.audit.record("proxy_stop", command=rt.command, pid=os.getpid())
+        rt.audit.record(PROXY_STOP, command=rt.command, pid=os.getpid())
         rt.close()

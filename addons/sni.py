@@ -13,14 +13,14 @@ from mitmproxy.proxy import layer, layers
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.mode_specs import TransparentMode
 
-from candela_mitm import interception
 from candela_mitm.context import RequestContext
+from candela_mitm.enforcement import interception
+from candela_mitm.enforcement.sandbox import SandboxRecord, SandboxRegistry, peer_process
 from candela_mitm.errors import Denial
-from candela_mitm.identity import Principal
+from candela_mitm.governance.identity import Principal
+from candela_mitm.governance.tenancy import TENANT_HEADER
+from candela_mitm.observability.spans import TraceContext
 from candela_mitm.runtime import Runtime
-from candela_mitm.sandbox import SandboxRecord, SandboxRegistry, peer_process
-from candela_mitm.spans import TraceContext
-from candela_mitm.tenancy import TENANT_HEADER
 
 from .flowstate import KEY, deny, fail_closed
 

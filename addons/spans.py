@@ -6,10 +6,10 @@ import logging
 
 from mitmproxy import http
 
-from candela_mitm.accounting import account
 from candela_mitm.context import RequestContext
+from candela_mitm.governance.accounting import account
+from candela_mitm.observability.spans import Span, utc_now_iso
 from candela_mitm.runtime import Runtime
-from candela_mitm.spans import Span, utc_now_iso
 
 from .flowstate import ctx_of
 

@@ -10,7 +10,7 @@ from mitmproxy import ctx as mctx
 from mitmproxy import http
 
 from candela_mitm import errors
-from candela_mitm.credentials import CredentialsUnavailable, header_names_to_strip
+from candela_mitm.providers.upstream_auth import CredentialsUnavailable, header_names_to_strip
 from candela_mitm.runtime import Runtime
 
 from .flowstate import answered, ctx_of, deny, fail_closed

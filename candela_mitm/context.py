@@ -6,9 +6,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from candela_mitm.forwarding import ForwardPlan
-from candela_mitm.spans import TraceContext, new_span_id
-from candela_mitm.usage import Usage
+from candela_mitm.observability.spans import TraceContext, new_span_id
+from candela_mitm.providers.forwarding import ForwardPlan
+from candela_mitm.providers.usage import Usage
 
 RouteKind = Literal[
     "health", "models", "chat", "proxy", "traces", "local", "admin", "metrics", "not_found"

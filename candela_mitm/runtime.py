@@ -11,21 +11,21 @@ from typing import Any, Literal, TypeVar
 
 from candela_mitm.audit import AuditWriter
 from candela_mitm.config import Config, load_config
-from candela_mitm.credentials import UpstreamCredentials
 from candela_mitm.errors import ConfigError, StoreUnavailable
-from candela_mitm.forwarding import route_for_model
-from candela_mitm.identity import Authenticator
-from candela_mitm.ledger import Ledger, process_alive
-from candela_mitm.local import LocalRuntime
-from candela_mitm.metrics import Metrics
-from candela_mitm.policy import ModelPolicy
-from candela_mitm.pricing import PricingTable
-from candela_mitm.providers import Upstream, resolve_all
-from candela_mitm.ratelimit import RateLimiter
-from candela_mitm.spans import SpanStore
+from candela_mitm.governance.identity import Authenticator
+from candela_mitm.governance.ledger import Ledger, process_alive
+from candela_mitm.governance.policy import ModelPolicy
+from candela_mitm.governance.ratelimit import RateLimiter
+from candela_mitm.governance.users import UserDirectory
+from candela_mitm.local.runtimes import LocalRuntime
+from candela_mitm.observability.metrics import Metrics
+from candela_mitm.observability.spans import SpanStore
+from candela_mitm.providers.forwarding import route_for_model
+from candela_mitm.providers.pricing import PricingTable
+from candela_mitm.providers.specs import Upstream, resolve_all
+from candela_mitm.providers.upstream_auth import UpstreamCredentials
 from candela_mitm.state import StateStore, open_state_store
-from candela_mitm.state.base import Call, Outcome, WouldWait, run_calls
-from candela_mitm.users import UserDirectory
+from candela_mitm.state.ports import Call, Outcome, WouldWait, run_calls
 
 Command = Literal["server", "local"]
 T = TypeVar("T")

@@ -50,8 +50,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from candela_mitm import cgroups
-from candela_mitm.bypass import EVENT_SIZE, BypassEvent
+from candela_mitm.enforcement import cgroups
+from candela_mitm.enforcement.bypass import EVENT_SIZE, BypassEvent
 
 from . import libbpf
 
@@ -284,7 +284,7 @@ class CgroupGuard:
 
     def counts(self) -> dict[str, int]:
         """Refusals per reason since attach (kept by the kernel even when events are dropped)."""
-        from candela_mitm.bypass import REASONS
+        from candela_mitm.enforcement.bypass import REASONS
 
         if self._bpf is None:
             return {}

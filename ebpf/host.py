@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from candela_mitm import cgroups
-from candela_mitm.bypass import EVENT_SIZE, REASONS, BypassEvent
+from candela_mitm.enforcement import cgroups
+from candela_mitm.enforcement.bypass import EVENT_SIZE, REASONS, BypassEvent
 
 from . import libbpf
 from .guard import (

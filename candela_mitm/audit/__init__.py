@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+from candela_mitm.audit.actions import (
+    ADMIN_ACTION,
+    BYPASS_ATTEMPT,
+    CONFIG_RELOAD,
+    LLM_REQUEST,
+    MODEL_POLICY_CHECK,
+    PROXY_START,
+    PROXY_STOP,
+)
 from candela_mitm.audit.chain import (
     GENESIS_HASH,
     AuditEntry,
@@ -11,19 +20,9 @@ from candela_mitm.audit.chain import (
     verify_chain,
 )
 from candela_mitm.audit.checkpoint import verify_with_checkpoints
-from candela_mitm.audit.cli import audit_main
 from candela_mitm.audit.mirrors import MirrorStats
 from candela_mitm.audit.query import export, query_entries, run_query
-from candela_mitm.audit.writer import (
-    BYPASS_ATTEMPT,
-    CONFIG_RELOAD,
-    MODEL_POLICY_CHECK,
-    PROXY_START,
-    PROXY_STOP,
-    REQUEST,
-    AuditStats,
-    AuditWriter,
-)
+from candela_mitm.audit.writer import AuditStats, AuditWriter
 
 __all__ = [
     "BYPASS_ATTEMPT",
@@ -32,13 +31,13 @@ __all__ = [
     "MODEL_POLICY_CHECK",
     "PROXY_START",
     "PROXY_STOP",
-    "REQUEST",
+    "LLM_REQUEST",
+    "ADMIN_ACTION",
     "AuditEntry",
     "AuditStats",
     "AuditWriter",
     "MirrorStats",
     "VerifyResult",
-    "audit_main",
     "canonical_encoding",
     "entry_hash",
     "export",

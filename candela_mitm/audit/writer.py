@@ -21,17 +21,11 @@ from candela_mitm.audit.mirrors import Mirror, MirrorFeeder, MirrorStats, build_
 from candela_mitm.audit.sqlite_sink import Pending, append_batch, connect_writer
 from candela_mitm.config import Audit
 from candela_mitm.errors import StoreUnavailable
-from candela_mitm.sqlite_gate import WriteGate
+from candela_mitm.state.gate import WriteGate
 
 log = logging.getLogger(__name__)
 
 # Actions Candela records; callers may add their own (admin actions use "admin.<verb>").
-REQUEST = "request"
-MODEL_POLICY_CHECK = "model_policy_check"
-PROXY_START = "proxy_start"
-PROXY_STOP = "proxy_stop"
-CONFIG_RELOAD = "config_reload"
-BYPASS_ATTEMPT = "bypass_attempt"
 
 REDACTED = "[redacted]"
 # Keys whose values are credentials wherever they appear (headers, nested dicts): never recorded.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from candela_mitm.config import State
-from candela_mitm.state.base import StateStore, UserRecord
+from candela_mitm.state.ports import StateStore, UserRecord
 
 
 def open_state_store(cfg: State, redis_prefix: str = "candela:") -> StateStore:

@@ -13,7 +13,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from candela_mitm.errors import StoreUnavailable
-from candela_mitm.state.base import (
+from candela_mitm.state.ports import (
     ActiveReservation,
     DayTotals,
     GrantRow,

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from candela_mitm.errors import StoreUnavailable
-from candela_mitm.sqlite_gate import WriteGate, this_process
-from candela_mitm.state.base import (
+from candela_mitm.state.gate import WriteGate, this_process
+from candela_mitm.state.ports import (
     ActiveReservation,
     BatchAborted,
     DayTotals,

@@ -103,7 +103,7 @@ def _proxied_flow():
     from mitmproxy.test import tflow
 
     from candela_mitm.context import RequestContext
-    from candela_mitm.spans import TraceContext
+    from candela_mitm.observability.spans import TraceContext
 
     f = tflow.tflow()
     f.response = http.Response.make(200, b"{}", {"content-type": "application/json"})

@@ -18,8 +18,8 @@ from candela_mitm.addons.flowstate import ctx_of
 from candela_mitm.addons.router import Router
 from candela_mitm.addons.sni import Sni
 from candela_mitm.config import parse_config
+from candela_mitm.enforcement.sandbox import SandboxRecord, SandboxRegistry
 from candela_mitm.runtime import build_runtime
-from candela_mitm.sandbox import SandboxRecord, SandboxRegistry
 
 from .conftest import ALICE_SHA
 

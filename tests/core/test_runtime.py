@@ -51,7 +51,7 @@ def test_store_call_runs_here_when_free_else_on_the_pool(rt):
     import asyncio
     import threading
 
-    from candela_mitm.state.base import WouldWait
+    from candela_mitm.state.ports import WouldWait
 
     here = threading.get_ident()
 
@@ -88,7 +88,7 @@ def test_store_call_tries_again_before_the_pool(rt):
     import threading
 
     from candela_mitm.runtime import STORE_TRIES
-    from candela_mitm.state.base import WouldWait
+    from candela_mitm.state.ports import WouldWait
 
     here = threading.get_ident()
     real = rt.store.call_without_waiting

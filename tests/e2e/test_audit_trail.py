@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from candela_mitm.audit.query import query_entries
-from candela_mitm.usage import Usage
+from candela_mitm.providers.usage import Usage
 from tests.fakes.candela import CandelaProcess
 
 from .conftest import ALICE_KEY, base_config, candela_env

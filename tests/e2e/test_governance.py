@@ -13,11 +13,11 @@ import requests
 
 from candela_mitm.audit.query import query_entries
 from candela_mitm.config import State, parse_config
-from candela_mitm.estimate import estimate_cost
-from candela_mitm.ledger import Ledger
-from candela_mitm.pricing import PricingTable
+from candela_mitm.governance.estimate import estimate_cost
+from candela_mitm.governance.ledger import Ledger
+from candela_mitm.providers.pricing import PricingTable
+from candela_mitm.providers.usage import Usage
 from candela_mitm.state import open_state_store
-from candela_mitm.usage import Usage
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.upstream import FakeUpstream
 

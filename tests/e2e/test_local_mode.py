@@ -14,8 +14,8 @@ import requests
 
 from candela_mitm.audit.query import query_entries
 from candela_mitm.config import parse_config
-from candela_mitm.pricing import PricingTable
-from candela_mitm.usage import Usage
+from candela_mitm.providers.pricing import PricingTable
+from candela_mitm.providers.usage import Usage
 from tests.fakes.candela import CandelaProcess, free_port
 from tests.fakes.upstream import FakeUpstream
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from candela_mitm.usage import Usage
+from candela_mitm.providers.usage import Usage
 from tests.fakes.candela import CandelaProcess, free_port
 from tests.fakes.upstream import ANTHROPIC_KEY, OPENAI_KEY, FakeUpstream
 

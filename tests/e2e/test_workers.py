@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from candela_mitm.usage import Usage
+from candela_mitm.providers.usage import Usage
 from tests.e2e.conftest import ALICE_KEY, base_config, candela_env
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.google_oauth import FakeTokenServer

@@ -15,8 +15,8 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from candela_mitm.eventstream import EventStreamDecoder
-from candela_mitm.usage import Usage
+from candela_mitm.providers.eventstream import EventStreamDecoder
+from candela_mitm.providers.usage import Usage
 from tests.fakes.google_oauth import FakeTokenServer
 from tests.fakes.sdk import run_sdk, sdk_available
 from tests.fakes.upstream import (

@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from candela_mitm.usage import Usage
+from candela_mitm.providers.usage import Usage
 
 # Credentials the fake accepts unless a test passes others. They are test values, not secrets.
 OPENAI_KEY = "sk-test-openai-fake"
@@ -1179,7 +1179,9 @@ def _bedrock_metrics(k: _Knobs) -> dict[str, Any]:
 
 
 def _bedrock_invoke(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
-    from candela_mitm.eventstream import encode_message  # the other half of this module's contract
+    from candela_mitm.providers.eventstream import (
+        encode_message,  # the other half of this module's contract
+    )
 
     body = ctx.body
     err = _check_anthropic_body(body, ANTHROPIC_BEDROCK_VERSION, need_model=False)
@@ -1241,7 +1243,7 @@ def _converse_usage(u: Usage) -> dict[str, Any]:
 
 
 def _bedrock_converse(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
-    from candela_mitm.eventstream import encode_message
+    from candela_mitm.providers.eventstream import encode_message
 
     body = ctx.body
     if not isinstance(body.get("messages"), list):

@@ -23,7 +23,7 @@ def missing_requirements() -> list[str]:
     if os.geteuid() != 0:
         missing.append("root (run the privileged tests as root)")
     try:
-        from candela_mitm import cgroups
+        from candela_mitm.enforcement import cgroups
 
         cgroups.cgroup2_root()
     except (OSError, FileNotFoundError) as e:
@@ -70,7 +70,7 @@ def iptables() -> str:
 @pytest.fixture
 def test_cgroup(request: pytest.FixtureRequest) -> Iterator[Path]:
     """A fresh cgroup under the v2 root, removed (processes moved out) afterwards."""
-    from candela_mitm import cgroups
+    from candela_mitm.enforcement import cgroups
 
     name = f"candela-test-{os.getpid()}-{request.node.name[:40]}"
     name = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
@@ -113,7 +113,7 @@ def probe() -> Probe:
             cmd = ["unshare", "--net", *cmd]
         preexec = None
         if cgroup is not None:
-            from candela_mitm import cgroups
+            from candela_mitm.enforcement import cgroups
 
             preexec = cgroups.enter(cgroup)
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, preexec_fn=preexec)

@@ -263,7 +263,7 @@ def started_sandboxes(db: Path) -> set[int]:
 
 def leftovers(index: int) -> dict[str, bool]:
     """Which pieces of sandbox `index` exist on the host now."""
-    from candela_mitm import cgroups
+    from candela_mitm.enforcement import cgroups
     from candela_mitm.netns import firewall, network
 
     net = network.SandboxNet(index)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from candela_mitm import cgroups
-from candela_mitm.bypass import BypassEvent
 from candela_mitm.ebpf.guard import CgroupGuard
+from candela_mitm.enforcement import cgroups
+from candela_mitm.enforcement.bypass import BypassEvent
 
 from .conftest import Probe
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from candela_mitm import cgroups, enforce
 from candela_mitm.ebpf import host
+from candela_mitm.enforcement import cgroups
+from candela_mitm.enforcement import host as enforce
 
 from .conftest import Probe, require
 

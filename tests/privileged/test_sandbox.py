@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from candela_mitm.sandbox import SandboxRegistry
+from candela_mitm.enforcement.sandbox import SandboxRegistry
 from tests.e2e.conftest import candela_env
 from tests.fakes.candela import CandelaProcess, free_port
 from tests.fakes.google_oauth import FakeTokenServer
@@ -438,8 +438,9 @@ def test_a_sandbox_works_while_the_host_is_enforced(env: Env, tmp_path: Path) ->
     import io
     import uuid
 
-    from candela_mitm import cgroups, enforce
     from candela_mitm.ebpf import host
+    from candela_mitm.enforcement import cgroups
+    from candela_mitm.enforcement import host as enforce
 
     from .conftest import require
 

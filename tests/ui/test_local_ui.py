@@ -12,8 +12,8 @@ import requests
 from playwright.sync_api import expect
 
 from candela_mitm.config import parse_config
-from candela_mitm.pricing import PricingTable
-from candela_mitm.usage import Usage
+from candela_mitm.providers.pricing import PricingTable
+from candela_mitm.providers.usage import Usage
 
 pytestmark = pytest.mark.e2e
 SCREENSHOT = "/tmp/candela-local-ui.png"

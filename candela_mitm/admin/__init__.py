@@ -1,0 +1,1 @@
+"""Admin API: the /admin/v1 routes, framework-free."""

@@ -1,0 +1,790 @@
+"""Admin API: the /admin/v1 routes of admin-api.md, over the users, the ledger and the audit log."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sqlite3
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any, Literal, Protocol
+from urllib.parse import parse_qsl, unquote
+
+from candela_mitm import errors
+from candela_mitm.admin.openapi import openapi_document
+from candela_mitm.audit.actions import ADMIN_ACTION
+from candela_mitm.audit.query import query_entries
+from candela_mitm.audit.writer import AuditWriter
+from candela_mitm.config import Config
+from candela_mitm.errors import Denial, StoreUnavailable
+from candela_mitm.governance.ledger import Grant, Ledger
+from candela_mitm.governance.tenancy import MAX_TENANT_CHARS
+from candela_mitm.governance.users import UserDirectory, UserSettings
+from candela_mitm.state.ports import (
+    GrantRow,
+    StateStore,
+    UserRecord,
+    day_of,
+    from_us,
+    nano_to_usd,
+    rfc3339,
+    to_us,
+    usd_to_nano,
+)
+
+PREFIX = "/admin/v1"
+
+# An admin change waits this long for its audit entry to be committed; past it, 503.
+AUDIT_COMMIT_TIMEOUT_S = 5.0
+# A read of the audit log first waits this long for entries already queued (read-your-writes).
+AUDIT_FLUSH_TIMEOUT_S = 2.0
+
+MAX_USER_CHARS = 320  # an e-mail address is at most 254
+MAX_TENANTS = 256
+MAX_USD = 1e9  # as nano-dollars this stays far inside the 64-bit integers every store keeps
+MAX_RPM = 1_000_000
+MAX_REASON_CHARS = 1000
+DEFAULT_AUDIT_LIMIT = 100
+MAX_AUDIT_LIMIT = 10_000
+MAX_LEADERBOARD_LIMIT = 10_000
+
+# Always accepted in a query string: it may carry the caller's Candela API key (see identity).
+_CREDENTIAL_PARAMS = frozenset({"key"})
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+@dataclass(frozen=True)
+class AdminRequest:
+    """One call, as the addon hands it over after authentication."""
+
+    method: str
+    path: str  # as received: percent-encoded, query included
+    user: str  # the authenticated principal
+    role: str  # "admin" or "developer", as Auth settled it
+    body: bytes = b""  # decoded (Content-Encoding removed)
+    via: str | None = None
+    request_id: str | None = None  # the span id: links audit entries to the request
+
+
+@dataclass(frozen=True)
+class AdminResponse:
+    status: int
+    payload: Any
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, denial: Denial) -> AdminResponse:
+        return cls(denial.status, denial.payload(), dict(denial.headers))
+
+    @property
+    def error(self) -> str | None:
+        if self.status >= 400 and isinstance(self.payload, dict):
+            return self.payload.get("error")
+        return None
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    template: str  # as in the OpenAPI document: /admin/v1/users/{user}
+    handler: str  # the AdminApi method that answers it
+    admin_only: bool
+    query: frozenset[str] = frozenset()  # accepted query parameters
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        return tuple(self.template[len(PREFIX) + 1 :].split("/"))
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/admin/v1/me", "me", False),
+    Route("GET", "/admin/v1/users", "list_users", True),
+    Route("PUT", "/admin/v1/users/{user}", "put_user", True),
+    Route("DELETE", "/admin/v1/users/{user}", "delete_user", True),
+    Route("POST", "/admin/v1/users/{user}/grants", "create_grant", True),
+    Route("GET", "/admin/v1/users/{user}/grants", "list_grants", True),
+    # developers too, filtered to themselves
+    Route(
+        "GET", "/admin/v1/usage", "usage", False, frozenset({"user", "tenant", "since", "until"})
+    ),
+    Route(
+        "GET",
+        "/admin/v1/leaderboard",
+        "leaderboard",
+        True,
+        frozenset({"by", "since", "until", "limit"}),
+    ),
+    Route(
+        "GET",
+        "/admin/v1/audit",
+        "audit",
+        True,
+        frozenset({"action", "user", "since", "limit", "before_seq"}),
+    ),
+    Route("GET", "/admin/v1/openapi.json", "openapi", False),
+)
+
+Handled = AdminResponse | Denial
+
+
+# -- parsing -------------------------------------------------------------------------------------
+
+
+def _invalid(name: str, why: str) -> Denial:
+    return errors.bad_request(f"'{name}' {why}", field=name)
+
+
+def _bad_param(name: str, why: str) -> Denial:
+    return errors.bad_request(f"Query parameter '{name}' {why}", parameter=name)
+
+
+def match_route(path: str) -> tuple[list[Route], dict[str, str]] | Denial:
+    """The routes whose template fits `path` (any method) and the decoded path parameters.
+
+    Segments are split before percent-decoding, so a user id may hold an encoded '/'.
+    """
+    bare = path.split("?", 1)[0]
+    if not (bare == PREFIX or bare.startswith(PREFIX + "/")):
+        return [], {}
+    rest = bare[len(PREFIX) + 1 :]
+    if rest.endswith("/"):
+        rest = rest[:-1]
+    try:
+        parts = [unquote(p, errors="strict") for p in rest.split("/")] if rest else []
+    except UnicodeDecodeError:
+        return errors.bad_request("The path is not valid percent-encoded UTF-8")
+    found: list[Route] = []
+    params: dict[str, str] = {}
+    for route in ROUTES:
+        segs = route.segments
+        if len(segs) != len(parts):
+            continue
+        got: dict[str, str] = {}
+        for seg, part in zip(segs, parts, strict=True):
+            if seg.startswith("{"):
+                if not part:
+                    break
+                got[seg[1:-1]] = part
+            elif seg != part:
+                break
+        else:
+            found.append(route)
+            params = got
+    return found, params
+
+
+def _user_id(value: str) -> str | Denial:
+    if not value or len(value) > MAX_USER_CHARS:
+        return errors.bad_request(f"A user id has 1 to {MAX_USER_CHARS} characters")
+    if value != value.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        return errors.bad_request("A user id has no control characters or surrounding spaces")
+    return value
+
+
+def parse_query(query: str, accepted: frozenset[str]) -> dict[str, str] | Denial:
+    """Query parameters, each at most once; unknown ones are refused. An empty value is absent."""
+    out: dict[str, str] = {}
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, errors="strict", max_num_fields=32)
+    except (ValueError, UnicodeDecodeError):
+        return errors.bad_request("The query string cannot be parsed")
+    seen: set[str] = set()
+    for name, value in pairs:
+        if name in _CREDENTIAL_PARAMS:
+            continue
+        if name not in accepted:
+            known = ", ".join(sorted(accepted)) or "none"
+            return _bad_param(name, f"is not known here (accepted: {known})")
+        if name in seen:
+            return _bad_param(name, "is given more than once")
+        seen.add(name)
+        if value != "":
+            out[name] = value
+    return out
+
+
+def parse_moment(value: str) -> date | datetime | None:
+    """A UTC day (YYYY-MM-DD) or an RFC 3339 time with its offset; None if it is neither."""
+    try:
+        if _DAY.fullmatch(value):
+            return date.fromisoformat(value)
+        if _RFC3339.fullmatch(value):
+            moment = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+            return moment.astimezone(UTC)
+    except ValueError:  # 2026-02-30 and the like
+        return None
+    return None
+
+
+def _moment_param(q: Mapping[str, str], name: str) -> date | datetime | None | Denial:
+    if name not in q:
+        return None
+    moment = parse_moment(q[name])
+    if moment is None:
+        return _bad_param(name, "is not a date (YYYY-MM-DD) or an RFC 3339 time")
+    return moment
+
+
+def _day(moment: date | datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return day_of(moment) if isinstance(moment, datetime) else moment.isoformat()
+
+
+def _int_param(q: Mapping[str, str], name: str, low: int, high: int) -> int | None | Denial:
+    if name not in q:
+        return None
+    text = q[name]
+    if not re.fullmatch(r"[0-9]{1,12}", text) or not low <= int(text) <= high:
+        return _bad_param(name, f"must be an integer from {low} to {high}")
+    return int(text)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_object(body: bytes) -> dict[str, Any] | Denial:
+    """The request body as a JSON object (NaN and Infinity are not JSON)."""
+    if not body.strip():
+        return errors.bad_request("The request body must be a JSON object")
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        return errors.invalid_json(str(e)[:200])
+    if not isinstance(data, dict):
+        return errors.bad_request("The request body must be a JSON object")
+    return data
+
+
+def _unknown_fields(body: Mapping[str, Any], known: tuple[str, ...]) -> Denial | None:
+    for name in body:
+        if name not in known:
+            return _invalid(name, f"is not a known field (known: {', '.join(known)})")
+    return None
+
+
+def _usd(body: Mapping[str, Any], name: str, positive: bool) -> float | Denial:
+    v = body[name]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return _invalid(name, "must be a number")
+    if positive and usd_to_nano(v) <= 0:
+        return _invalid(name, "must be greater than 0 (at least 0.000000001)")
+    if not 0 <= v <= MAX_USD:
+        return _invalid(name, f"must be from 0 to {MAX_USD:.0f}")
+    return float(v)
+
+
+def _tenants(v: Any) -> tuple[str, ...] | Denial:
+    name = "tenants"
+    if not isinstance(v, list) or len(v) > MAX_TENANTS:
+        return _invalid(name, f"must be a list of at most {MAX_TENANTS} tenant ids")
+    for t in v:
+        if (
+            not isinstance(t, str)
+            or not t
+            or len(t) > MAX_TENANT_CHARS
+            or t != t.strip()
+            or any(ord(c) < 0x20 or ord(c) == 0x7F for c in t)
+        ):
+            return _invalid(
+                name,
+                f"must hold tenant ids of 1 to {MAX_TENANT_CHARS} characters, "
+                "without control characters or surrounding spaces",
+            )
+    if len(set(v)) != len(v):
+        return _invalid(name, "must not repeat a tenant")
+    return tuple(v)
+
+
+def parse_rfc3339(v: Any) -> datetime | None:
+    if not isinstance(v, str) or not _RFC3339.fullmatch(v):
+        return None
+    moment = parse_moment(v)
+    return moment if isinstance(moment, datetime) else None
+
+
+# -- JSON views ----------------------------------------------------------------------------------
+
+
+def _usd_out(value: float) -> float:
+    return round(value, 9)  # nano-dollars: the stores' resolution, without float noise
+
+
+def settings_json(s: UserSettings) -> dict[str, Any]:
+    return {
+        "role": s.role,
+        "tenants": list(s.tenants),
+        "daily_budget_usd": s.daily_budget_usd,
+        "requests_per_minute": s.requests_per_minute,
+    }
+
+
+def user_json(s: UserSettings, spent_today_usd: float) -> dict[str, Any]:
+    return {
+        "user_id": s.user_id,
+        **settings_json(s),
+        "source": s.source,
+        "spent_today_usd": _usd_out(spent_today_usd),
+    }
+
+
+def grant_json(g: Grant) -> dict[str, Any]:
+    return {
+        "id": g.id,
+        "user_id": g.user_id,
+        "amount_usd": _usd_out(g.amount_usd),
+        "used_usd": _usd_out(g.used_usd),
+        "held_usd": _usd_out(g.held_usd),
+        "remaining_usd": _usd_out(g.remaining_usd),
+        "expires_at": rfc3339(g.expires_at),
+        "expired": g.expired,
+        "reason": g.reason,
+        "actor": g.actor,
+        "created_at": rfc3339(g.created_at),
+    }
+
+
+# -- the API -------------------------------------------------------------------------------------
+
+
+class AdminServices(Protocol):
+    """What the admin API works on (the runtime provides it; tests may build it from parts)."""
+
+    config: Config
+    store: StateStore
+    ledger: Ledger
+    users: UserDirectory
+    audit: AuditWriter
+
+
+class AdminApi:
+    """Answers admin calls. Blocking (store, ledger and audit-log reads): run `handle` on a
+    worker thread (Runtime.blocking), never on the event loop.
+
+    Every change is audited before it is made: the `admin_action` entry (actor, action, target,
+    before, after) must be committed to the audit ledger first, or the change is refused with
+    503 and nothing changes. If the change then fails, a second entry with the same action and
+    `outcome: "failed"` follows it, so the trail never claims a change that did not happen
+    without saying so.
+    """
+
+    def __init__(self, rt: AdminServices, clock: Callable[[], datetime] | None = None) -> None:
+        self.rt = rt
+        self.clock = clock or rt.ledger.clock
+
+    def handle(self, req: AdminRequest) -> AdminResponse:
+        try:
+            result = self._dispatch(req)
+        except StoreUnavailable:
+            result = errors.governance_unavailable("the state store is unavailable")
+        return AdminResponse.of(result) if isinstance(result, Denial) else result
+
+    def _dispatch(self, req: AdminRequest) -> Handled:
+        bare, _, query = req.path.partition("?")
+        matched = match_route(req.path)
+        if isinstance(matched, Denial):
+            return matched
+        routes, params = matched
+        if not routes:
+            return errors.not_found(bare)
+        method = req.method.upper()
+        route = next((r for r in routes if r.method == method), None)
+        if route is None:
+            allowed = tuple(sorted(r.method for r in routes))
+            return errors.method_not_allowed(method, bare, allowed)
+        if route.admin_only and req.role != "admin":
+            return errors.forbidden(f"{method} {route.template} is for admins only")
+        if "user" in params:
+            user = _user_id(params["user"])
+            if isinstance(user, Denial):
+                return user
+        q = parse_query(query, route.query)
+        if isinstance(q, Denial):
+            return q
+        body: dict[str, Any] = {}
+        if method in ("PUT", "POST"):
+            parsed = parse_object(req.body)
+            if isinstance(parsed, Denial):
+                return parsed
+            body = parsed
+        handler: Callable[..., Handled] = getattr(self, route.handler)
+        return handler(req, params, q, body)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _now(self) -> datetime:
+        return self.clock()
+
+    def _configured_ids(self) -> set[str]:
+        cfg = self.rt.config
+        return set(cfg.users) | {k.user for k in cfg.auth.api_keys} | set(cfg.auth.admins)
+
+    def _known(self, user: str) -> bool:
+        """A user the directory holds: a live stored record, or one named in the config."""
+        rec = self.rt.store.get_user(user, include_deleted=True)
+        if rec is not None:
+            return not rec.deleted
+        return user in self._configured_ids()
+
+    def _audited(
+        self,
+        req: AdminRequest,
+        action: str,
+        target: str,
+        before: dict[str, Any] | None,
+        after: dict[str, Any] | None,
+        change: Callable[[], object],
+    ) -> Denial | None:
+        """Commit the audit entry, then make the change; a Denial (and no change) if the entry
+        cannot be committed."""
+        entry = {
+            "actor": req.user,
+            "action": action,
+            "target": target,
+            "before": before,
+            "after": after,
+            "request_id": req.request_id,
+        }
+        try:
+            self.rt.audit.record_durable(ADMIN_ACTION, **entry).result(AUDIT_COMMIT_TIMEOUT_S)
+        except FutureTimeout:
+            # it may still commit: say that the change was not made
+            self.rt.audit.record(ADMIN_ACTION, **entry, outcome="failed", reason="audit_timeout")
+            return errors.governance_unavailable("the audit trail cannot be written")
+        except Exception:
+            return errors.governance_unavailable("the audit trail cannot be written")
+        try:
+            change()
+        except Exception as e:
+            self.rt.audit.record(ADMIN_ACTION, **entry, outcome="failed", reason=type(e).__name__)
+            raise
+        finally:
+            self.rt.users.forget()  # this process's next request reads the change from the store
+        return None
+
+    # -- routes ------------------------------------------------------------------------------
+
+    def me(self, req: AdminRequest, _p: Any, _q: Any, _b: Any) -> Handled:
+        s = self.rt.users.settings(req.user)
+        status = self.rt.ledger.status(req.user, s.daily_budget_usd, self._now())
+        return AdminResponse(
+            200,
+            {
+                "user_id": req.user,
+                "role": req.role,
+                "via": req.via,
+                "tenants": list(s.tenants),
+                "day": status.day,
+                "daily_budget_usd": s.daily_budget_usd,
+                "spent_today_usd": _usd_out(status.spent_usd),
+                "reserved_usd": _usd_out(status.reserved_usd),
+                "remaining_usd": _usd_out(status.remaining_usd),
+                "resets_at": status.resets_at,
+                "requests_per_minute": s.requests_per_minute,
+                "grants": [grant_json(g) for g in status.grants],
+            },
+        )
+
+    def _spent_today(self) -> dict[str, float]:
+        today = day_of(self._now())
+        rows = self.rt.ledger.leaderboard("user", since=today, until=today)
+        return {r.key: r.spend_usd for r in rows if r.key}
+
+    def list_users(self, _r: Any, _p: Any, _q: Any, _b: Any) -> Handled:
+        records = self.rt.store.list_users(include_deleted=True)
+        removed = {r.user_id for r in records if r.deleted}
+        spent = self._spent_today()
+        # users who only spent today (e.g. an OIDC identity never configured) are users too
+        ids = (self._configured_ids() | set(spent) | {r.user_id for r in records}) - removed
+        users = [user_json(self.rt.users.settings(u), spent.get(u, 0.0)) for u in sorted(ids)]
+        return AdminResponse(200, {"day": day_of(self._now()), "count": len(users), "users": users})
+
+    def put_user(
+        self, req: AdminRequest, p: dict[str, str], _q: Any, body: dict[str, Any]
+    ) -> Handled:
+        user = p["user"]
+        bad = _unknown_fields(body, ("role", "tenants", "daily_budget_usd", "requests_per_minute"))
+        if bad:
+            return bad
+        current = self.rt.users.settings(user)
+        existed = self._known(user)
+        # a partial body changes only what it names: start from the settings in force
+        role: str = current.role
+        tenants = current.tenants
+        budget = current.daily_budget_usd
+        rpm = current.requests_per_minute
+        if "role" in body:
+            if body["role"] not in ("admin", "developer"):
+                return _invalid("role", "must be 'admin' or 'developer'")
+            role = body["role"]
+            if role != "admin" and user in self.rt.users.admins:
+                return _invalid("role", "cannot be changed: the user is an admin by auth.admins")
+        if "tenants" in body:
+            t = _tenants(body["tenants"])
+            if isinstance(t, Denial):
+                return t
+            tenants = t
+        if "daily_budget_usd" in body:
+            b = _usd(body, "daily_budget_usd", positive=False)
+            if isinstance(b, Denial):
+                return b
+            budget = b
+        if "requests_per_minute" in body:
+            v = body["requests_per_minute"]
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_RPM:
+                return _invalid("requests_per_minute", f"must be an integer from 0 to {MAX_RPM}")
+            rpm = v
+        now = self._now()
+        record = UserRecord(
+            user_id=user,
+            role=role,
+            tenants=tenants,
+            daily_budget_usd=budget,
+            requests_per_minute=rpm,
+            updated_at=now,
+        )
+        before = settings_json(current) if existed else None
+        after = {
+            "role": role,
+            "tenants": list(tenants),
+            "daily_budget_usd": budget,
+            "requests_per_minute": rpm,
+        }
+        action = "user.update" if existed else "user.create"
+        refused = self._audited(
+            req, action, user, before, after, lambda: self.rt.store.put_user(record)
+        )
+        if refused:
+            return refused
+        saved = self.rt.users.settings(user)
+        return AdminResponse(
+            200 if existed else 201, user_json(saved, self.rt.ledger.spent_today(user, now))
+        )
+
+    def delete_user(self, req: AdminRequest, p: dict[str, str], _q: Any, _b: Any) -> Handled:
+        user = p["user"]
+        if not self._known(user):
+            return errors.user_not_found(user)
+        if user == req.user:
+            return errors.bad_request("An admin cannot delete their own user", user_id=user)
+        current = self.rt.users.settings(user)
+        now = self._now()
+
+        def remove() -> None:
+            if self.rt.store.get_user(user) is None:
+                # a user from the config has no record yet: keep their settings, then mark it
+                self.rt.store.put_user(
+                    UserRecord(
+                        user_id=user,
+                        role=current.role,
+                        tenants=current.tenants,
+                        daily_budget_usd=current.daily_budget_usd,
+                        requests_per_minute=current.requests_per_minute,
+                        updated_at=now,
+                    )
+                )
+            self.rt.store.delete_user(user, to_us(now))
+
+        refused = self._audited(req, "user.delete", user, settings_json(current), None, remove)
+        if refused:
+            return refused
+        return AdminResponse(200, {"user_id": user, "deleted": True, "deleted_at": rfc3339(now)})
+
+    def create_grant(
+        self, req: AdminRequest, p: dict[str, str], _q: Any, body: dict[str, Any]
+    ) -> Handled:
+        user = p["user"]
+        if not self._known(user):
+            return errors.user_not_found(user)
+        bad = _unknown_fields(body, ("amount_usd", "expires_at", "reason"))
+        if bad:
+            return bad
+        for name in ("amount_usd", "expires_at", "reason"):
+            if name not in body:
+                return _invalid(name, "is required")
+        amount = _usd(body, "amount_usd", positive=True)
+        if isinstance(amount, Denial):
+            return amount
+        now = self._now()
+        expires = parse_rfc3339(body["expires_at"])
+        if expires is None:
+            return _invalid(
+                "expires_at", "must be an RFC 3339 time with an offset, e.g. 2030-01-31T00:00:00Z"
+            )
+        if expires <= now:
+            return _invalid("expires_at", "must be in the future")
+        reason = body["reason"]
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
+            return _invalid(
+                "reason", f"must be a non-empty string of at most {MAX_REASON_CHARS} characters"
+            )
+        row = GrantRow(
+            grant_id="g_" + uuid.uuid4().hex,
+            user_id=user,
+            amount=usd_to_nano(amount),
+            used=0,
+            held=0,
+            expires_us=to_us(expires),
+            reason=reason,
+            actor=req.user,
+            created_us=to_us(now),
+        )
+        grant = Grant(
+            id=row.grant_id,
+            user_id=user,
+            amount_usd=nano_to_usd(row.amount),
+            used_usd=0.0,
+            held_usd=0.0,
+            remaining_usd=nano_to_usd(row.amount),
+            expires_at=from_us(row.expires_us),
+            reason=reason,
+            actor=req.user,
+            created_at=from_us(row.created_us),
+            expired=False,
+        )
+        view = grant_json(grant)
+        refused = self._audited(
+            req, "grant.create", user, None, view, lambda: self.rt.store.add_grant(row)
+        )
+        if refused:
+            return refused
+        return AdminResponse(201, view)
+
+    def list_grants(self, _r: Any, p: dict[str, str], _q: Any, _b: Any) -> Handled:
+        user = p["user"]
+        grants = self.rt.ledger.list_grants(user, self._now())
+        return AdminResponse(
+            200,
+            {
+                "user_id": user,
+                "remaining_usd": _usd_out(sum(g.remaining_usd for g in grants)),
+                "grants": [grant_json(g) for g in grants],
+            },
+        )
+
+    def usage(self, req: AdminRequest, _p: Any, q: dict[str, str], _b: Any) -> Handled:
+        user = q.get("user")
+        if req.role != "admin":
+            if user is None:
+                user = req.user
+            elif user != req.user:
+                return errors.forbidden("A developer may only read their own usage")
+        since = _moment_param(q, "since")
+        if isinstance(since, Denial):
+            return since
+        until = _moment_param(q, "until")
+        if isinstance(until, Denial):
+            return until
+        first, last = _day(since), _day(until)
+        if first and last and last < first:
+            return _bad_param("until", "is before since")
+        tenant = q.get("tenant")
+        rows = self.rt.ledger.usage(user, tenant, first, last)
+        return AdminResponse(
+            200,
+            {
+                "user_id": user,
+                "tenant_id": tenant,
+                "since": first,
+                "until": last,
+                "spend_usd": _usd_out(sum(r.spend_usd for r in rows)),
+                "tokens_in": sum(r.tokens_in for r in rows),
+                "tokens_out": sum(r.tokens_out for r in rows),
+                "requests": sum(r.requests for r in rows),
+                "models": [
+                    {
+                        "model": r.model,
+                        "provider": r.provider,
+                        "spend_usd": _usd_out(r.spend_usd),
+                        "tokens_in": r.tokens_in,
+                        "tokens_out": r.tokens_out,
+                        "requests": r.requests,
+                    }
+                    for r in rows
+                ],
+            },
+        )
+
+    def leaderboard(self, _r: Any, _p: Any, q: dict[str, str], _b: Any) -> Handled:
+        by = q.get("by", "tenant")
+        if by not in ("tenant", "user"):
+            return _bad_param("by", "must be 'tenant' or 'user'")
+        by_: Literal["tenant", "user"] = "tenant" if by == "tenant" else "user"
+        since = _moment_param(q, "since")
+        if isinstance(since, Denial):
+            return since
+        until = _moment_param(q, "until")
+        if isinstance(until, Denial):
+            return until
+        limit = _int_param(q, "limit", 1, MAX_LEADERBOARD_LIMIT)
+        if isinstance(limit, Denial):
+            return limit
+        first, last = _day(since), _day(until)
+        if first and last and last < first:
+            return _bad_param("until", "is before since")
+        rows = self.rt.ledger.leaderboard(by_, first, last, limit)
+        return AdminResponse(
+            200,
+            {
+                "by": by,
+                "since": first,
+                "until": last,
+                "rows": [
+                    {
+                        "rank": i,
+                        "key": r.key,
+                        "spend_usd": _usd_out(r.spend_usd),
+                        "tokens_in": r.tokens_in,
+                        "tokens_out": r.tokens_out,
+                        "requests": r.requests,
+                    }
+                    for i, r in enumerate(rows, 1)
+                ],
+            },
+        )
+
+    def audit(self, _r: Any, _p: Any, q: dict[str, str], _b: Any) -> Handled:
+        since = _moment_param(q, "since")
+        if isinstance(since, Denial):
+            return since
+        limit = _int_param(q, "limit", 1, MAX_AUDIT_LIMIT)
+        if isinstance(limit, Denial):
+            return limit
+        before_seq = _int_param(q, "before_seq", 1, 2**62)
+        if isinstance(before_seq, Denial):
+            return before_seq
+        if isinstance(since, date) and not isinstance(since, datetime):
+            since = datetime(since.year, since.month, since.day, tzinfo=UTC)
+        n = limit or DEFAULT_AUDIT_LIMIT
+        # entries queued by this process (an admin change just made) are shown, not missed
+        self.rt.audit.flush(AUDIT_FLUSH_TIMEOUT_S)
+        try:
+            entries = query_entries(
+                self.rt.audit.db_path,
+                action=q.get("action"),
+                user=q.get("user"),
+                since=since,
+                limit=n,
+                before_seq=before_seq,
+            )
+        except FileNotFoundError:
+            entries = []
+        except sqlite3.Error:
+            return errors.governance_unavailable("the audit log cannot be read")
+        return AdminResponse(
+            200,
+            {
+                "count": len(entries),
+                "next_before_seq": entries[-1]["seq"] if len(entries) == n else None,
+                "entries": entries,
+            },
+        )
+
+    def openapi(self, _r: Any, _p: Any, _q: Any, _b: Any) -> Handled:
+        return AdminResponse(200, openapi_document())

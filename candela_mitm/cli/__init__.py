@@ -1,0 +1,1 @@
+"""Command lines: argparse front ends only."""

@@ -1,0 +1,685 @@
+"""Host enforcement: `candela enforce host|off|status|exec`, every process's provider traffic via the proxy.
+
+What `candela enforce host --proxy-port P` puts in place (as root):
+
+1. Candela's own cgroup (v2, default `<root>/candela`): processes in it (the proxy, started with
+   `candela enforce exec -- candela ...` or moved with `--proxy-pid`) are exempt from all of the
+   below, so the proxy reaches the real providers. Exemption is by cgroup, not uid or mark:
+   it needs no cooperation from mitmproxy and covers root processes as well.
+2. iptables, nat table: chain CANDELA-ENFORCE, jumped to first from OUTPUT. It RETURNs for
+   sockets of Candela's cgroup (`-m cgroup --path`), then REDIRECTs TCP 80/443 to each provider
+   IPv4 address to the proxy port. The chain is replaced atomically (`iptables-restore -n`).
+3. eBPF (ebpf/guard.c, host policy) at the cgroup v2 root, pinned in /sys/fs/bpf/candela:
+   refuses what redirection cannot cover: UDP 443/853 (QUIC, DNS over QUIC), IPv6 to providers,
+   provider addresses on other ports, and provider connects from other network namespaces
+   (containers, whose traffic the host's OUTPUT chain never sees).
+
+Fail closed: the programs stay attached after this command exits (legacy attach, pinned) and
+the redirect targets the proxy port whether or not the proxy runs, so with Candela stopped the
+provider traffic of every other process gets "connection refused", never a way out.
+Provider addresses are resolved once (DNS and /etc/hosts, or `--hosts-file`): re-run `enforce
+host` when they change; re-running replaces everything without a gap.
+`candela enforce off` removes the chain, the programs, the pins, the cgroup and the state file.
+Refusals are counted in the pinned `counts` map (shown by `status`) and sent to the pinned ring
+buffer. A proxy running in Candela's cgroup reads it (RefusalFeed) and audits each refusal.
+
+`candela-server --enforce host` (or `interception.enforce: host`) does all of this at start for
+its own transparent listener, with itself in Candela's cgroup (`enable_for_proxy`); when it
+stops, enforcement stays until `candela enforce off` (fail closed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from candela_mitm.config import Config, load_config
+from candela_mitm.enforcement import cgroups
+from candela_mitm.errors import ConfigError
+
+log = logging.getLogger("candela.enforce")
+
+CHAIN = "CANDELA-ENFORCE"
+STATE_PATH = "/run/candela/enforce.json"
+EVENTS_LOCK = "/run/candela/enforce-events.lock"  # held by the one proxy reading the refusals
+DEFAULT_CGROUP = "candela-proxy"  # not "candela": sandboxes live under that one, never exempt
+REDIRECT_PORTS = (80, 443)
+DENY_UDP_PORTS = (443, 853)
+# The providers' public API hosts (providers.py base URLs, plus the regional Vertex and Bedrock
+# endpoints of the default regions); config interception.hosts and --provider add more.
+DEFAULT_PROVIDER_HOSTS = (
+    "api.openai.com",
+    "api.anthropic.com",
+    "generativelanguage.googleapis.com",
+    "aiplatform.googleapis.com",
+    "us-east5-aiplatform.googleapis.com",
+    "bedrock-runtime.us-east-1.amazonaws.com",
+)
+
+Resolver = Callable[[str], list[str]]
+Runner = Callable[[Sequence[str], str | None], "subprocess.CompletedProcess[str]"]
+
+
+# -- providers ---------------------------------------------------------------------------------
+
+
+def parse_hosts(text: str) -> dict[str, list[str]]:
+    """A hosts(5) file as {name: [addresses]} (names lowercased, order kept)."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 2:
+            continue
+        try:
+            ip = str(ipaddress.ip_address(fields[0]))
+        except ValueError:
+            continue
+        for name in fields[1:]:
+            addrs = out.setdefault(name.lower().rstrip("."), [])
+            if ip not in addrs:
+                addrs.append(ip)
+    return out
+
+
+def system_resolver(name: str) -> list[str]:
+    """Addresses from the system resolver (DNS and /etc/hosts); [] when the name does not resolve."""
+    try:
+        infos = socket.getaddrinfo(name, 443, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        return []
+    seen: list[str] = []
+    for info in infos:
+        ip = str(info[4][0]).split("%", 1)[0]
+        if ip not in seen:
+            seen.append(ip)
+    return seen
+
+
+def provider_names(
+    interception_hosts: Iterable[str], extra: Iterable[str], *, defaults: bool = True
+) -> list[str]:
+    names = list(DEFAULT_PROVIDER_HOSTS) if defaults else []
+    for n in [*interception_hosts, *extra]:
+        n = n.lower().rstrip(".")
+        if n and n not in names:
+            names.append(n)
+    return names
+
+
+def resolve_providers(
+    names: Iterable[str],
+    *,
+    hosts: dict[str, list[str]] | None = None,
+    resolver: Resolver = system_resolver,
+) -> dict[str, list[str]]:
+    """{name: [addresses]}; names in `hosts` take its entries, the rest go to the resolver."""
+    return {n: list(hosts[n]) if hosts and n in hosts else resolver(n) for n in names}
+
+
+def split_families(resolved: dict[str, list[str]]) -> tuple[list[str], list[str]]:
+    v4: set[ipaddress.IPv4Address] = set()
+    v6: set[ipaddress.IPv6Address] = set()
+    for addrs in resolved.values():
+        for a in addrs:
+            ip = ipaddress.ip_address(a)
+            if isinstance(ip, ipaddress.IPv4Address):
+                v4.add(ip)
+            else:
+                v6.add(ip)
+    return [str(a) for a in sorted(v4)], [str(a) for a in sorted(v6)]
+
+
+# -- iptables ----------------------------------------------------------------------------------
+
+
+def restore_text(
+    ipv4: Iterable[str], proxy_port: int, exempt_cgroup: str, ports: Iterable[int] = REDIRECT_PORTS
+) -> str:
+    """iptables-restore input that (re)defines the chain; with --noflush only it is replaced."""
+    port_list = ",".join(str(p) for p in ports)
+    lines = [
+        "*nat",
+        f":{CHAIN} - [0:0]",
+        f'-A {CHAIN} -m cgroup --path "{exempt_cgroup}" -j RETURN',
+    ]
+    lines += [
+        f"-A {CHAIN} -d {ip}/32 -p tcp -m multiport --dports {port_list} "
+        f"-j REDIRECT --to-ports {int(proxy_port)}"
+        for ip in ipv4
+    ]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _run(args: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), input=stdin, capture_output=True, text=True, check=False)
+
+
+@dataclass
+class Iptables:
+    run: Runner = _run
+    binary: str = "iptables"
+
+    def _ok(self, *args: str) -> bool:
+        return self.run([self.binary, "-w", "-t", "nat", *args], None).returncode == 0
+
+    def apply(self, text: str) -> None:
+        p = self.run([f"{self.binary}-restore", "-w", "--noflush"], text)
+        if p.returncode != 0:
+            raise OSError(f"{self.binary}-restore failed: {p.stderr.strip()}")
+        if not self._ok("-C", "OUTPUT", "-j", CHAIN) and not self._ok(
+            "-I", "OUTPUT", "1", "-j", CHAIN
+        ):
+            raise OSError(f"cannot add the jump to {CHAIN} in nat OUTPUT")
+
+    def rules(self) -> list[str] | None:
+        """The chain's rules as `iptables -S` prints them; None if there is no chain."""
+        p = self.run([self.binary, "-w", "-t", "nat", "-S", CHAIN], None)
+        if p.returncode != 0:
+            return None
+        return [line for line in p.stdout.splitlines() if line.startswith("-A ")]
+
+    def jumped(self) -> bool:
+        return self._ok("-C", "OUTPUT", "-j", CHAIN)
+
+    def remove(self) -> bool:
+        """Drop every jump and the chain; True if anything was there."""
+        found = False
+        while self._ok("-D", "OUTPUT", "-j", CHAIN):
+            found = True
+        if self._ok("-F", CHAIN):
+            found = True
+            self._ok("-X", CHAIN)
+        return found
+
+
+# -- state -------------------------------------------------------------------------------------
+
+
+@dataclass
+class EnforceState:
+    proxy_port: int
+    cgroup: str  # absolute directory of Candela's cgroup
+    providers: dict[str, list[str]]
+    program_ids: list[int] = field(default_factory=list)
+    installed_at: float = 0.0
+
+    def save(self, path: str = STATE_PATH) -> None:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        tmp.replace(p)
+
+    @classmethod
+    def load(cls, path: str = STATE_PATH) -> EnforceState | None:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return None
+        try:
+            return cls(**data)
+        except TypeError:
+            return None
+
+
+def joined(pid: int | str = "self", state_path: str = STATE_PATH) -> bool:
+    """Whether host enforcement is on and a process (default: this one) is in Candela's cgroup."""
+    state = EnforceState.load(state_path)
+    if state is None:
+        return False
+    try:
+        mine = cgroups.cgroup_of(pid)
+        return mine is not None and mine == cgroups.relative(state.cgroup)
+    except (OSError, ValueError):
+        return False
+
+
+def join(pid: int | None = None, state_path: str = STATE_PATH) -> str | None:
+    """Move a process (default: this one) into Candela's cgroup when host enforcement is on, so
+    its connections to providers are not redirected back to the proxy; returns the cgroup."""
+    state = EnforceState.load(state_path)
+    if state is None or not Path(state.cgroup).is_dir():
+        return None
+    cgroups.move_pid(state.cgroup, os.getpid() if pid is None else pid)
+    return state.cgroup
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def listening_ports(proc_net_tcp: str) -> set[int]:
+    """Local ports in LISTEN state in a /proc/net/tcp or tcp6 text."""
+    ports = set()
+    for line in proc_net_tcp.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == "0A":  # TCP_LISTEN
+            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _listening(port: int) -> bool:
+    # Read the socket table rather than connect: a probe connection would reach the proxy.
+    found: set[int] = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with suppress(OSError):  # no IPv6 on this host
+            found |= listening_ports(Path(name).read_text())
+    return port in found
+
+
+def enable(
+    names: Sequence[str],
+    proxy_port: int,
+    *,
+    hosts: dict[str, list[str]] | None = None,
+    cgroup: str = DEFAULT_CGROUP,
+    proxy_pids: Iterable[int] = (),
+    state_path: str = STATE_PATH,
+    ipt: Iptables | None = None,
+    out: Any = None,
+) -> EnforceState:
+    """Put host enforcement in place for these provider names (see the module docstring) and save
+    its state; prints what it resolved and did to `out`.
+
+    LookupError if no provider address resolves (nothing changes then); OSError if the kernel or
+    iptables refuses.
+    """
+    from candela_mitm.ebpf import host
+
+    out = out if out is not None else sys.stdout
+    ipt = ipt if ipt is not None else Iptables()
+    resolved = resolve_providers(names, hosts=hosts)
+    v4, v6 = split_families(resolved)
+    for name, addrs in resolved.items():
+        print(f"  {name}: {', '.join(addrs) or 'does not resolve (not enforced)'}", file=out)
+    if not v4 and not v6:
+        raise LookupError(
+            "no provider address resolved; give them with --hosts-file (hosts(5) format) or fix DNS"
+        )
+
+    root = cgroups.cgroup2_root()
+    cg = cgroups.create(cgroup, root)
+    for pid in proxy_pids:
+        cgroups.move_pid(cg, pid)
+    policy = host.HostPolicy(
+        providers=tuple(v4 + v6),
+        exempt_cgroups=(str(cg),),
+        redirect_ports=REDIRECT_PORTS,
+        deny_udp_ports=DENY_UDP_PORTS,
+    )
+    try:
+        ids = host.install(policy)
+    except (OSError, ImportError):
+        raise
+    except Exception as e:  # bcc reports compile and load failures as bare Exception
+        raise OSError(f"loading the eBPF programs failed: {e}") from e
+    ipt.apply(restore_text(v4, proxy_port, cgroups.relative(cg, root)))
+    state = EnforceState(proxy_port, str(cg), resolved, ids, time.time())
+    state.save(state_path)
+    print(
+        f"candela enforce: on. TCP {'/'.join(map(str, REDIRECT_PORTS))} to {len(v4)} provider "
+        f"address(es) -> port {proxy_port}; eBPF programs {ids} at {root} pinned in "
+        f"{host.PIN_DIR}; exempt cgroup {cg}",
+        file=out,
+    )
+    return state
+
+
+def host_on(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"candela enforce: config error:\n{e}", file=sys.stderr)
+        return 2
+    port = args.proxy_port if args.proxy_port is not None else config.interception.listen_port
+    names = provider_names(
+        config.interception.hosts, args.provider, defaults=not args.no_default_providers
+    )
+    hosts = parse_hosts(Path(args.hosts_file).read_text()) if args.hosts_file else None
+    try:
+        state = enable(
+            names,
+            port,
+            hosts=hosts,
+            cgroup=args.cgroup,
+            proxy_pids=args.proxy_pid,
+            state_path=args.state,
+            ipt=ipt,
+            out=out,
+        )
+    except LookupError as e:
+        print(f"candela enforce: {e}", file=sys.stderr)
+        return 1
+    cg = state.cgroup
+    if not cgroups.pids(cg):
+        print(
+            f"  warning: no process in {cg}: start the proxy with `candela enforce exec -- "
+            f"candela ...` or pass --proxy-pid, or its own upstream connections loop back to it",
+            file=out,
+        )
+    if not _listening(port):
+        print(
+            f"  warning: nothing listens on port {port}: provider traffic is refused until the "
+            f"proxy runs (transparent mode)",
+            file=out,
+        )
+    return 0
+
+
+def enable_for_proxy(
+    config: Config, *, state_path: str = STATE_PATH, out: Any = None
+) -> EnforceState:
+    """`candela-server --enforce host`: host enforcement towards this proxy's transparent
+    listener (`candela enforce host --proxy-port <interception.listen_port>`, providers from
+    interception.hosts and the defaults), with this process in Candela's exempt cgroup before
+    anything is redirected. Call it before the proxy forks workers: they inherit the cgroup.
+
+    ConfigError unless mode is transparent with a fixed listen port; PermissionError without
+    root; LookupError, OSError as `enable`.
+    """
+    if config.mode != "transparent":
+        raise ConfigError(
+            "enforce host needs transparent mode (`mode: transparent` or --mode transparent): "
+            "provider traffic is redirected to the transparent listener"
+        )
+    port = config.interception.listen_port
+    if not port:
+        raise ConfigError("enforce host needs a fixed interception.listen_port, not 0")
+    if os.geteuid() != 0:
+        raise PermissionError("enforce host needs root (iptables, eBPF, cgroups)")
+    names = provider_names(config.interception.hosts, ())
+    return enable(names, port, proxy_pids=(os.getpid(),), state_path=state_path, out=out)
+
+
+class RefusalFeed:
+    """The host guard's refusals into the audit trail: a thread of the proxy reads the pinned ring
+    buffer and records each as a `bypass_attempt` entry (enforcement="host"), from which
+    candela_bypass_attempts_total is counted.
+
+    One reader per host (a ring buffer has one consumer position): the feed holding an flock on
+    `lock_path` reads; the others (workers, a second proxy) wait and take over when it exits.
+    Refusals made while no proxy reads wait in the ring buffer, as many as fit. An entry the
+    audit writer does not accept is counted in `lost` and logged: the kernel refused the
+    connection all the same.
+    """
+
+    def __init__(
+        self,
+        record: Callable[..., bool],
+        *,
+        pin_dir: str | None = None,
+        lock_path: str = EVENTS_LOCK,
+        poll_ms: int = 200,
+        retry_s: float = 1.0,
+    ) -> None:
+        self.record = record
+        self.pin_dir = pin_dir
+        self.lock_path = lock_path
+        self.poll_ms = poll_ms
+        self.retry_s = retry_s  # how often a waiting feed tries the lock again
+        self.recorded = 0
+        self.lost = 0
+        self.reading = threading.Event()  # set while this feed holds the lock and reads
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="candela-refusals", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Drain what the ring buffer holds into the audit writer, then stop (before it closes)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _lock(self) -> int | None:
+        Path(self.lock_path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _run(self) -> None:
+        from candela_mitm.ebpf import host
+
+        while not self._stop.is_set():
+            try:
+                fd = self._lock()
+            except OSError as e:
+                log.warning("host refusals: cannot take %s: %s", self.lock_path, e)
+                fd = None
+            if fd is None:
+                self._stop.wait(self.retry_s)
+                continue
+            try:
+                with host.PinnedEvents(self.pin_dir or host.PIN_DIR) as events:
+                    self.reading.set()
+                    while not self._stop.is_set():
+                        self._audit(events.poll(self.poll_ms))
+                    self._audit(events.poll(0))
+            except Exception as e:  # reading fails open: the kernel refuses all the same
+                log.warning("host refusals: reading the ring buffer failed: %s", e)
+                self._stop.wait(self.retry_s)
+            finally:
+                self.reading.clear()
+                os.close(fd)  # releases the lock
+
+    def _audit(self, events: Sequence[Any]) -> None:
+        from candela_mitm.enforcement.bypass import audit_record
+
+        for ev in events:
+            action, fields = audit_record(ev, enforcement="host")
+            if self.record(action, **fields):
+                self.recorded += 1
+            else:
+                self.lost += 1
+                log.error(
+                    "host refusal not audited (the audit queue refused it): %s", ev.describe()
+                )
+
+
+def start_refusal_feed(
+    record: Callable[..., bool], state_path: str = STATE_PATH
+) -> RefusalFeed | None:
+    """A running RefusalFeed when host enforcement is on and this process is in Candela's cgroup
+    (started with --enforce host or `candela enforce exec`); None otherwise."""
+    if not joined(state_path=state_path):
+        return None
+    feed = RefusalFeed(record)
+    feed.start()
+    return feed
+
+
+def host_off(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
+    from candela_mitm.ebpf import host
+
+    state = EnforceState.load(args.state)
+    failures = []
+    try:
+        n = host.uninstall()
+    except OSError as e:
+        n = 0
+        failures.append(f"eBPF: {e}")
+    chain = ipt.remove()
+    cg = state.cgroup if state else None
+    if cg is None:
+        try:
+            cg = str(cgroups.resolve(args.cgroup))
+        except (FileNotFoundError, ValueError):
+            cg = None
+    if cg:
+        try:
+            cgroups.remove(cg)
+        except OSError as e:
+            failures.append(f"cgroup {cg}: {e}")
+    Path(args.state).unlink(missing_ok=True)
+    print(
+        f"candela enforce: off ({n} eBPF program(s) detached, "
+        f"{'chain removed' if chain else 'no chain'}{', cgroup removed' if cg else ''})",
+        file=out,
+    )
+    for f in failures:
+        print(f"  error: {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def collect_status(args: argparse.Namespace, ipt: Iptables) -> dict[str, Any]:
+    from candela_mitm.ebpf import host
+
+    state = EnforceState.load(args.state)
+    try:
+        programs = [{"hook": h, "id": i, "name": n} for h, i, n in host.attached()]
+    except (OSError, FileNotFoundError):
+        programs = []
+    cg = state.cgroup if state else None
+    members = cgroups.pids(cg) if cg and Path(cg).is_dir() else []
+    try:
+        counts = host.pinned_counts()
+    except OSError:
+        counts = {}
+    status = {
+        "state": asdict(state) if state else None,
+        "programs": programs,
+        "pinned": Path(host.PIN_DIR).is_dir(),
+        "chain": ipt.rules(),
+        "jump": ipt.jumped(),
+        "cgroup_pids": members,
+        "refusals": counts,
+    }
+    parts = [bool(programs), status["chain"] is not None, bool(status["jump"]), state is not None]
+    status["active"] = all(parts)
+    status["partial"] = any(parts) and not all(parts)
+    return status
+
+
+def show_status(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
+    st = collect_status(args, ipt)
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True), file=out)
+    else:
+        word = "on" if st["active"] else "PARTIAL" if st["partial"] else "off"
+        print(f"candela enforce: {word}", file=out)
+        state = st["state"]
+        if state:
+            print(f"  proxy port: {state['proxy_port']}", file=out)
+            print(
+                f"  exempt cgroup: {state['cgroup']} pids {st['cgroup_pids'] or 'none'}", file=out
+            )
+            for name, addrs in state["providers"].items():
+                print(f"  provider {name}: {', '.join(addrs) or 'unresolved'}", file=out)
+        for p in st["programs"]:
+            print(f"  ebpf {p['hook']}: program {p['id']} at the cgroup root", file=out)
+        if st["chain"] is not None:
+            print(
+                f"  iptables nat {CHAIN} ({'jumped from OUTPUT' if st['jump'] else 'NO JUMP'}):",
+                file=out,
+            )
+            for rule in st["chain"]:
+                print(f"    {rule}", file=out)
+        for reason, n in sorted(st["refusals"].items()):
+            print(f"  refused ({reason}): {n}", file=out)
+        if st["partial"]:
+            print("  run `candela enforce host ...` again, or `candela enforce off`", file=out)
+    return 0 if st["active"] else 1 if st["partial"] else 3
+
+
+def exec_in_cgroup(args: argparse.Namespace, out: Any) -> int:
+    cmd = list(args.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        print(
+            "candela enforce exec: give a command: candela enforce exec -- candela ...",
+            file=sys.stderr,
+        )
+        return 2
+    cg = join(state_path=args.state)
+    if cg is None:
+        print("candela enforce exec: host enforcement is off; running unconfined", file=sys.stderr)
+    os.execvp(cmd[0], cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="candela enforce", description=__doc__.splitlines()[0])
+    p.add_argument("--state", default=STATE_PATH, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command_name", required=True)
+    h = sub.add_parser("host", help="redirect every process's provider traffic to the proxy")
+    h.add_argument(
+        "--proxy-port", type=int, help="transparent listener (default: interception.listen_port)"
+    )
+    h.add_argument("--config", metavar="PATH", help="YAML config: interception.hosts are providers")
+    h.add_argument(
+        "--provider", action="append", default=[], metavar="HOST", help="one more provider host"
+    )
+    h.add_argument(
+        "--hosts-file", metavar="PATH", help="hosts(5) file: addresses for provider names"
+    )
+    h.add_argument(
+        "--no-default-providers", action="store_true", help="only config and --provider hosts"
+    )
+    h.add_argument(
+        "--cgroup", default=DEFAULT_CGROUP, help="Candela's own cgroup (exempt), under the v2 root"
+    )
+    h.add_argument(
+        "--proxy-pid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="PID",
+        help="move into Candela's cgroup",
+    )
+    off = sub.add_parser("off", help="remove redirection, eBPF programs, pins and the cgroup")
+    off.add_argument("--cgroup", default=DEFAULT_CGROUP, help=argparse.SUPPRESS)
+    s = sub.add_parser("status", help="what is active (exit 0 on, 3 off, 1 partial)")
+    s.add_argument("--json", action="store_true")
+    e = sub.add_parser("exec", help="run a command (the proxy) inside Candela's exempt cgroup")
+    e.add_argument("command", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, *, ipt: Iptables | None = None, out: Any = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    ipt = ipt or Iptables()
+    out = out or sys.stdout
+    if args.command_name != "status" and os.geteuid() != 0:
+        print(
+            f"candela enforce {args.command_name}: needs root (sudo candela enforce ...)",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        if args.command_name == "host":
+            return host_on(args, ipt, out)
+        if args.command_name == "off":
+            return host_off(args, ipt, out)
+        if args.command_name == "status":
+            return show_status(args, ipt, out)
+        return exec_in_cgroup(args, out)
+    except (OSError, ImportError) as e:
+        print(f"candela enforce {args.command_name}: {e}", file=sys.stderr)
+        if args.command_name == "host":
+            print(
+                "  see `candela doctor`; `candela enforce status` shows what is in place",
+                file=sys.stderr,
+            )
+        return 1

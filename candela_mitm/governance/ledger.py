@@ -1,0 +1,477 @@
+"""Budget ledger: daily allowances and grants, reserved before a request and settled after it."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import socket
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Literal
+
+from candela_mitm.errors import Denial, budget_exceeded
+from candela_mitm.state.ports import (
+    FINISHED_RESERVATION_TTL_S,
+    US_PER_S,
+    GrantRow,
+    NewReservation,
+    StateStore,
+    day_of,
+    from_us,
+    nano_to_usd,
+    next_utc_midnight,
+    rfc3339,
+    to_us,
+    usd_to_nano,
+    utc_now,
+)
+
+DEFAULT_STALE_AGE_S = 3600.0
+
+
+@functools.cache
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").removeprefix("pid:")  # e.g. [4026531836]
+    except OSError:
+        return ""
+
+
+@functools.cache
+def _host_id() -> str:
+    """This host as the processes we can signal see it: host name and PID namespace."""
+    return f"{socket.gethostname()}{_pid_namespace()}"
+
+
+def default_owner() -> str:
+    """Who holds a reservation: this process, as <host name><pid namespace>:<pid>."""
+    return f"{_host_id()}:{os.getpid()}"
+
+
+def process_alive(owner: str) -> bool:
+    """An `owner_alive` for reconcile_stale: False only for a process we can see is gone.
+
+    An owner on another host, or in another PID namespace (a container with the same host name),
+    cannot be checked from here and counts as alive; the age limit reclaims its reservations.
+    """
+    host, _, pid = owner.rpartition(":")
+    if host != _host_id() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Money held for one request until it is settled with the real cost or released."""
+
+    id: str
+    user_id: str
+    tenant: str | None
+    amount_usd: float
+    day: str  # the UTC budget day the spend is recorded on
+    request_id: str
+    owner: str
+    created_at: datetime
+    allowance_usd: float  # held from the daily allowance
+    grant_holds: Mapping[str, float] = field(default_factory=dict)  # grant id -> USD held
+
+
+@dataclass(frozen=True)
+class BudgetRefusal:
+    """Why a reserve was refused, with what the 402 budget_exceeded answer needs."""
+
+    user_id: str
+    budget_usd: float
+    spent_usd: float
+    remaining_usd: float
+    estimated_cost_usd: float
+    resets_at: str
+    reserved_usd: float = 0.0
+
+    def denial(self) -> Denial:
+        return budget_exceeded(
+            self.user_id,
+            self.budget_usd,
+            self.spent_usd,
+            self.remaining_usd,
+            self.estimated_cost_usd,
+            self.resets_at,
+        )
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """How a settle drew the real cost; applied is False when it was a repeat (a no-op)."""
+
+    reservation_id: str
+    applied: bool
+    cost_usd: float = 0.0
+    from_allowance_usd: float = 0.0
+    from_grants: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A one-time bonus on top of the daily allowance, spendable until it expires."""
+
+    id: str
+    user_id: str
+    amount_usd: float
+    used_usd: float
+    held_usd: float  # held by active reservations
+    remaining_usd: float  # amount - used while unexpired; 0 once expired
+    expires_at: datetime
+    reason: str
+    actor: str
+    created_at: datetime
+    expired: bool
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    user_id: str
+    day: str
+    budget_usd: float
+    spent_usd: float  # today, every source
+    reserved_usd: float  # held by active reservations (allowance and grants)
+    remaining_usd: float  # what a reserve could take now, never below 0
+    grants: tuple[Grant, ...]  # unexpired grants with money left
+    resets_at: str
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    model: str
+    provider: str
+    spend_usd: float
+    tokens_in: int
+    tokens_out: int
+    requests: int
+
+
+@dataclass(frozen=True)
+class LeaderboardRow:
+    key: str | None  # tenant or user id; None for spend without a tenant
+    spend_usd: float
+    tokens_in: int
+    tokens_out: int
+    requests: int
+
+
+DayBound = date | datetime | str | None
+
+
+def _day_bound(value: DayBound) -> str | None:
+    """A UTC day from a date, a datetime or an ISO/RFC 3339 string."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return date.fromisoformat(value).isoformat()
+        except ValueError:
+            value = datetime.fromisoformat(value)
+    if isinstance(value, datetime):
+        return day_of(value)
+    return value.isoformat()
+
+
+def _check_usd(name: str, value: float) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite amount >= 0, got {value!r}")
+
+
+class Ledger:
+    """Per-user daily budgets (UTC days) and grants over a StateStore.
+
+    spendable = daily_budget - allowance spent today - allowance held by active reservations
+                + the unheld remainder of every unexpired grant.
+    Spend draws the daily allowance first, then grants by earliest expiry (waterfall); what no
+    source covers overdraws the allowance, so an underestimated request is recorded in full.
+    Every change (reserve, settle, release, a grant) is one atomic store operation; every method
+    raises StoreUnavailable when the store fails, and callers deny (governance fails closed).
+    Methods block on the store: call them from a worker thread, or from the event loop only
+    through Runtime.store_call (which runs them there only if the store need not wait).
+    """
+
+    def __init__(
+        self,
+        store: StateStore,
+        clock: Callable[[], datetime] = utc_now,
+        owner: str | None = None,
+    ):
+        self.store = store
+        self.clock = clock
+        self._owner = owner
+
+    @property
+    def owner(self) -> str:
+        """Resolved on use: a ledger built before a fork() names the worker, not its parent."""
+        return self._owner or default_owner()
+
+    def reserve(
+        self,
+        user: str,
+        tenant: str | None,
+        amount_usd: float,
+        daily_budget_usd: float,
+        request_id: str,
+        now: datetime | None = None,
+    ) -> Reservation | BudgetRefusal:
+        """Atomically check the budget and hold `amount_usd`; an amount of 0 always succeeds."""
+        _check_usd("amount_usd", amount_usd)
+        _check_usd("daily_budget_usd", daily_budget_usd)
+        now = now or self.clock()
+        now_us = to_us(now)
+        day = day_of(now)
+        budget = usd_to_nano(daily_budget_usd)
+        reservation_id = "r_" + uuid.uuid4().hex
+        owner = self.owner
+        result = self.store.reserve(
+            NewReservation(
+                reservation_id=reservation_id,
+                user_id=user,
+                tenant=tenant or "",
+                day=day,
+                amount=usd_to_nano(amount_usd),
+                budget=budget,
+                request_id=request_id,
+                owner=owner,
+                now_us=now_us,
+            )
+        )
+        if not result.ok:
+            spendable = (
+                budget - (result.spent - result.from_grants) - result.reserved + result.grants_free
+            )
+            return BudgetRefusal(
+                user_id=user,
+                budget_usd=daily_budget_usd,
+                spent_usd=nano_to_usd(result.spent),
+                remaining_usd=nano_to_usd(max(0, spendable)),
+                estimated_cost_usd=amount_usd,
+                resets_at=rfc3339(next_utc_midnight(now)),
+                reserved_usd=nano_to_usd(result.reserved),
+            )
+        return Reservation(
+            id=reservation_id,
+            user_id=user,
+            tenant=tenant,
+            amount_usd=amount_usd,
+            day=day,
+            request_id=request_id,
+            owner=owner,
+            created_at=from_us(now_us),
+            allowance_usd=nano_to_usd(result.daily_hold),
+            grant_holds={g: nano_to_usd(v) for g, v in result.grant_holds.items()},
+        )
+
+    def settle(
+        self,
+        reservation: Reservation,
+        actual_cost_usd: float,
+        tokens_in: int,
+        tokens_out: int,
+        model: str,
+        provider: str,
+        now: datetime | None = None,
+    ) -> Settlement:
+        """Replace the hold with the real cost (which may exceed it); a repeat is a no-op.
+
+        The spend lands on the reservation's day and tenant. A reservation that reconcile took
+        back is still settled: its money was really spent.
+        """
+        _check_usd("actual_cost_usd", actual_cost_usd)
+        if tokens_in < 0 or tokens_out < 0:
+            raise ValueError("token counts must be >= 0")
+        now = now or self.clock()
+        result = self.store.settle(
+            reservation.id,
+            usd_to_nano(actual_cost_usd),
+            tokens_in,
+            tokens_out,
+            model,
+            provider,
+            to_us(now),
+        )
+        if not result.applied:
+            return Settlement(reservation.id, False)
+        return Settlement(
+            reservation_id=reservation.id,
+            applied=True,
+            cost_usd=nano_to_usd(result.cost),
+            from_allowance_usd=nano_to_usd(result.from_allowance),
+            from_grants={g: nano_to_usd(v) for g, v in result.from_grants.items()},
+        )
+
+    def release(self, reservation: Reservation, now: datetime | None = None) -> bool:
+        """Give the hold back (the request never cost anything); False if already finished."""
+        return self.store.release(reservation.id, to_us(now or self.clock()))
+
+    def reconcile_stale(
+        self,
+        owner_alive: Callable[[str], bool] | None = None,
+        max_age_s: float | None = DEFAULT_STALE_AGE_S,
+        now: datetime | None = None,
+    ) -> int:
+        """Take back reservations of dead owners or older than `max_age_s`; how many were taken.
+
+        Run at start. `max_age_s` must exceed the longest request (a streamed answer included):
+        a reservation taken back from a live request is still settled, but meanwhile its money
+        was spendable twice. Also forgets reservations finished more than a week ago.
+        """
+        now_us = to_us(now or self.clock())
+        cutoff = None if max_age_s is None else now_us - round(max_age_s * US_PER_S)
+        verdicts: dict[str, bool] = {self.owner: True}  # never our own
+        taken = 0
+        for active in self.store.active_reservations():
+            stale = cutoff is not None and active.created_us < cutoff
+            if not stale and owner_alive is not None:
+                if active.owner not in verdicts:
+                    try:
+                        verdicts[active.owner] = owner_alive(active.owner)
+                    except Exception:
+                        verdicts[active.owner] = True  # unsure: leave it to the age limit
+                stale = not verdicts[active.owner]
+            if stale and self.store.release(active.reservation_id, now_us, reclaim=True):
+                taken += 1
+        self.store.purge_finished(now_us - FINISHED_RESERVATION_TTL_S * US_PER_S)
+        return taken
+
+    # -- grants --------------------------------------------------------------------------------
+    def add_grant(
+        self,
+        user: str,
+        amount_usd: float,
+        expires_at: datetime,
+        reason: str,
+        actor: str,
+        now: datetime | None = None,
+    ) -> Grant:
+        if not math.isfinite(amount_usd) or amount_usd <= 0:
+            raise ValueError(f"amount_usd must be a finite amount > 0, got {amount_usd!r}")
+        if expires_at.tzinfo is None:
+            raise ValueError("expires_at needs a time zone")
+        now = now or self.clock()
+        if expires_at <= now:
+            raise ValueError("expires_at is not in the future")
+        row = GrantRow(
+            grant_id="g_" + uuid.uuid4().hex,
+            user_id=user,
+            amount=usd_to_nano(amount_usd),
+            used=0,
+            held=0,
+            expires_us=to_us(expires_at),
+            reason=reason,
+            actor=actor,
+            created_us=to_us(now),
+        )
+        self.store.add_grant(row)
+        return self._grant(row, to_us(now))
+
+    def list_grants(
+        self, user: str, now: datetime | None = None, include_expired: bool = True
+    ) -> list[Grant]:
+        """A user's grants, earliest expiry first."""
+        now_us = to_us(now or self.clock())
+        grants = [self._grant(row, now_us) for row in self.store.grants(user)]
+        return grants if include_expired else [g for g in grants if not g.expired]
+
+    @staticmethod
+    def _grant(row: GrantRow, now_us: int) -> Grant:
+        expired = row.expires_us <= now_us
+        return Grant(
+            id=row.grant_id,
+            user_id=row.user_id,
+            amount_usd=nano_to_usd(row.amount),
+            used_usd=nano_to_usd(row.used),
+            held_usd=nano_to_usd(row.held),
+            remaining_usd=0.0 if expired else nano_to_usd(max(0, row.amount - row.used)),
+            expires_at=from_us(row.expires_us),
+            reason=row.reason,
+            actor=row.actor,
+            created_at=from_us(row.created_us),
+            expired=expired,
+        )
+
+    # -- queries -------------------------------------------------------------------------------
+    def spent_today(self, user: str, now: datetime | None = None) -> float:
+        return nano_to_usd(self.store.day_totals(user, day_of(now or self.clock())).spent)
+
+    def status(
+        self, user: str, daily_budget_usd: float, now: datetime | None = None
+    ) -> BudgetStatus:
+        now = now or self.clock()
+        now_us = to_us(now)
+        day = day_of(now)
+        totals = self.store.day_totals(user, day)
+        rows = [r for r in self.store.grants(user) if r.expires_us > now_us]
+        budget = usd_to_nano(daily_budget_usd)
+        spendable = (
+            budget
+            - (totals.spent - totals.from_grants)
+            - totals.reserved
+            + sum(max(0, r.amount - r.used - r.held) for r in rows)
+        )
+        return BudgetStatus(
+            user_id=user,
+            day=day,
+            budget_usd=daily_budget_usd,
+            spent_usd=nano_to_usd(totals.spent),
+            reserved_usd=nano_to_usd(totals.reserved + sum(r.held for r in rows)),
+            remaining_usd=nano_to_usd(max(0, spendable)),
+            grants=tuple(self._grant(r, now_us) for r in rows if r.amount > r.used),
+            resets_at=rfc3339(next_utc_midnight(now)),
+        )
+
+    def usage(
+        self,
+        user: str | None = None,
+        tenant: str | None = None,
+        since: DayBound = None,
+        until: DayBound = None,
+    ) -> list[UsageRow]:
+        """Spend, tokens and requests per (model, provider); `since`/`until` are inclusive UTC days."""
+        totals: dict[tuple[str, str], list[int]] = {}
+        for row in self.store.spend_rows(_day_bound(since), _day_bound(until), user, tenant):
+            t = totals.setdefault((row.model, row.provider), [0, 0, 0, 0])
+            t[0] += row.cost
+            t[1] += row.tokens_in
+            t[2] += row.tokens_out
+            t[3] += row.requests
+        rows = [
+            UsageRow(model, provider, nano_to_usd(c), i, o, n)
+            for (model, provider), (c, i, o, n) in totals.items()
+        ]
+        return sorted(rows, key=lambda r: (-r.spend_usd, r.model, r.provider))
+
+    def leaderboard(
+        self,
+        by: Literal["tenant", "user"] = "tenant",
+        since: DayBound = None,
+        until: DayBound = None,
+        limit: int | None = None,
+    ) -> list[LeaderboardRow]:
+        """Spend ranking by tenant or user, highest first."""
+        if by not in ("tenant", "user"):
+            raise ValueError(f"by must be 'tenant' or 'user', got {by!r}")
+        totals: dict[str, list[int]] = {}
+        for row in self.store.spend_rows(_day_bound(since), _day_bound(until)):
+            t = totals.setdefault(row.tenant if by == "tenant" else row.user_id, [0, 0, 0, 0])
+            t[0] += row.cost
+            t[1] += row.tokens_in
+            t[2] += row.tokens_out
+            t[3] += row.requests
+        rows = sorted(totals.items(), key=lambda kv: (-kv[1][0], kv[0]))
+        return [
+            LeaderboardRow(key or None, nano_to_usd(c), i, o, n)
+            for key, (c, i, o, n) in rows[:limit]
+        ]

@@ -1,0 +1,1 @@
+"""Laptop mode: local runtimes (Ollama, LM Studio) and their settings."""

@@ -1,0 +1,1 @@
+"""Observability: spans and metrics; fails open."""

@@ -1,0 +1,160 @@
+"""Metrics: Candela's Prometheus series, in one registry per process, served at /metrics."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "candela_requests_total",
+            "Proxied requests by provider, model, tenant and outcome status",
+            ["provider", "model", "tenant", "status"],
+            registry=r,
+        )
+        self.policy_denied = Counter(
+            "candela_policy_model_denied_total",
+            "Requests denied by the model access policy",
+            ["model", "tenant", "policy"],
+            registry=r,
+        )
+        self.budget_denied = Counter(
+            "candela_budget_denied_total", "Requests denied by the budget gate", ["tenant", "reason"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "candela_rate_limited_total", "Requests denied by the rate limiter", ["tenant"], registry=r
+        )
+        self.denials = Counter(
+            "candela_denials_total", "Every denial by error code", ["error"], registry=r
+        )
+        self.cost = Counter(
+            "candela_cost_usd_total", "Spend in USD", ["provider", "model", "tenant"], registry=r
+        )
+        self.tokens = Counter(
+            "candela_tokens_total",
+            "Tokens by direction (input, output, cached)",
+            ["provider", "model", "tenant", "direction"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "candela_request_duration_seconds",
+            "Time from request to the end of the response",
+            ["provider"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "candela_time_to_first_token_seconds",
+            "Time from request to the first upstream response byte",
+            ["provider"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "candela_upstream_errors_total",
+            "Upstream failures (unreachable, timeout, 5xx)",
+            ["provider", "kind"],
+            registry=r,
+        )
+        # Read from the audit ledger (follow_audit), not counted where the refusal is seen:
+        # `candela run` audits its sandbox's refusals from its own process.
+        self.bypass_attempts = Counter(
+            "candela_bypass_attempts_total",
+            "Connections the kernel refused because they tried to go around the proxy",
+            ["kind"],
+            registry=r,
+        )
+        self.observability_errors = Counter(
+            "candela_observability_errors_total",
+            "Tracing, metrics or mirror failures that were ignored (fail open)",
+            ["component"],
+            registry=r,
+        )
+        self.audit_backlog = Gauge(
+            "candela_audit_backlog", "Audit entries queued, not yet committed", registry=r
+        )
+        self.audit_sink_errors = Gauge(
+            "candela_audit_sink_errors", "Mirror sink write failures since start", ["sink"], registry=r
+        )
+        self.audit_mirror_lag = Gauge(
+            "candela_audit_mirror_lag_entries",
+            "Entries committed to SQLite not yet in the mirror",
+            ["sink"],
+            registry=r,
+        )
+        self.store_calls = Counter(
+            "candela_state_store_calls_total",
+            "Hot-path state store calls, by where they ran: event_loop (the store could answer "
+            "at once) or pool (its lock was taken: another worker, thread or tool writing)",
+            ["where"],
+            registry=r,
+        )
+        self.store_on_loop = self.store_calls.labels("event_loop")
+        self.store_on_pool = self.store_calls.labels("pool")
+        self._refreshers: list[Callable[[], None]] = []
+
+    def on_scrape(self, fn: Callable[[], None]) -> None:
+        """Gauges read from elsewhere (audit backlog, mirror lag) are refreshed at each scrape."""
+        self._refreshers.append(fn)
+
+    def follow_audit(self, db_path: str | Path) -> AuditCounter:
+        """Count candela_bypass_attempts_total from the audit ledger's `bypass_attempt` entries
+        (by their `reason`), reading the new ones at each scrape."""
+        from candela_mitm.audit.actions import BYPASS_ATTEMPT
+
+        follower = AuditCounter(self.bypass_attempts, db_path, BYPASS_ATTEMPT, "reason")
+        self.on_scrape(follower.refresh)
+        return follower
+
+    def render(self) -> tuple[bytes, str]:
+        for fn in self._refreshers:
+            try:
+                fn()
+            except Exception:
+                self.observability_errors.labels("metrics").inc()
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class AuditCounter:
+    """A Counter kept equal to the number of audit entries of one action, by one of their fields.
+
+    Every process that writes to the ledger is counted (the proxy's workers, `candela run`), each
+    entry once, and every worker and every restart reports the same total: the whole ledger's.
+    `refresh` reads only the entries after the last seq it saw (one indexed query, a read-only
+    connection: WAL readers never wait for the writer).
+    """
+
+    def __init__(self, counter: Counter, db_path: str | Path, action: str, key: str) -> None:
+        self.counter = counter
+        self.db_path = Path(db_path)
+        self.action = action
+        self.key = key
+        self.seq = 0  # the newest entry counted
+        self._lock = threading.Lock()  # two scrapes at once must not count an entry twice
+
+    def refresh(self) -> None:
+        from candela_mitm.audit.chain import connect_readonly
+        from candela_mitm.audit.sqlite_sink import count_by_field
+
+        with self._lock:
+            try:
+                conn = connect_readonly(self.db_path)
+            except FileNotFoundError:
+                return  # nothing recorded yet
+            try:
+                seq, counts = count_by_field(conn, self.action, self.key, self.seq)
+            finally:
+                conn.close()
+            for value, n in counts.items():
+                self.counter.labels(value or "unknown").inc(n)
+            self.seq = seq

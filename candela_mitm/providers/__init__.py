@@ -1,0 +1,1 @@
+"""Providers: where a request goes and what comes back, per wire format."""

@@ -1,0 +1,137 @@
+"""Response processors: what the client receives of each upstream byte, and the usage read on the way."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+from candela_mitm.providers.forwarding import ForwardPlan
+from candela_mitm.providers.sse import SseEvent, SseParser
+from candela_mitm.providers.translate import AnthropicToOpenAIJson, AnthropicToOpenAIStream
+from candela_mitm.providers.usage import Usage, UsageMeter, meter_for, usage_from_openai
+
+
+class ResponseProcessor(ABC):
+    """Sees the upstream body in order; returns the bytes for the client. Usage readable any time."""
+
+    @abstractmethod
+    def feed(self, data: bytes) -> bytes: ...
+
+    def finish(self) -> bytes:
+        return b""
+
+    @property
+    @abstractmethod
+    def usage(self) -> Usage: ...
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        # mitmproxy's flow.response.stream contract: chunks in order, then b"" once at the end.
+        # Return a list: an empty bytes chunk would end an HTTP/1.1 chunked body early.
+        out = self.feed(data) if data else self.finish()
+        return [out] if out else []
+
+
+class PassThrough(ResponseProcessor):
+    """Bytes go through untouched; a meter reads the usage from them."""
+
+    def __init__(self, meter: UsageMeter) -> None:
+        self._meter = meter
+
+    def feed(self, data: bytes) -> bytes:
+        self._meter.feed(data)
+        return data
+
+    def finish(self) -> bytes:
+        self._meter.finish()
+        return b""
+
+    @property
+    def usage(self) -> Usage:
+        return self._meter.usage
+
+
+class HideOpenAIUsage(ResponseProcessor):
+    """An OpenAI stream where Candela asked for usage the client did not: drop that one chunk."""
+
+    def __init__(self) -> None:
+        self._parser = SseParser()
+        self._usage = Usage()
+
+    def _filter(self, events: list[SseEvent]) -> bytes:
+        out = []
+        for ev in events:
+            if '"usage"' in ev.data and ev.data.lstrip().startswith("{"):
+                try:
+                    obj = json.loads(ev.data)
+                except ValueError:
+                    out.append(ev.raw)
+                    continue
+                u = usage_from_openai(obj) if isinstance(obj, dict) else None
+                if u is not None:
+                    self._usage = u
+                    if not obj.get("choices"):
+                        continue  # the extra chunk: the client never asked for it
+            out.append(ev.raw)
+        return b"".join(out)
+
+    def feed(self, data: bytes) -> bytes:
+        return self._filter(self._parser.feed(data))
+
+    def finish(self) -> bytes:
+        return self._filter(self._parser.flush())
+
+    @property
+    def usage(self) -> Usage:
+        return self._usage
+
+
+class Translated(ResponseProcessor):
+    """Anthropic's Messages answer, stream or JSON, translated back to the OpenAI format."""
+
+    def __init__(self, translator: AnthropicToOpenAIStream | AnthropicToOpenAIJson) -> None:
+        self._t = translator
+
+    def feed(self, data: bytes) -> bytes:
+        return self._t.feed(data)
+
+    def finish(self) -> bytes:
+        return self._t.finish()
+
+    @property
+    def usage(self) -> Usage:
+        return self._t.usage
+
+
+_STREAM_TYPES = (
+    "text/event-stream",
+    "application/x-ndjson",
+    "application/jsonl",
+    "application/vnd.amazon.eventstream",
+)
+
+
+def is_stream(content_type: str, requested_stream: bool, status: int) -> bool:
+    """Is this response a stream to pass through as it arrives (rather than one JSON body)?
+
+    Streaming types always are; so is any successful answer to a streaming request (Gemini's
+    JSON-array stream). An error answer to a streaming request is one JSON body.
+    """
+    ct = content_type.lower()
+    if any(t in ct for t in _STREAM_TYPES):
+        return True
+    return requested_stream and status < 400
+
+
+def make_processor(
+    plan: ForwardPlan, status: int, content_type: str | None, headers: Mapping[str, str]
+) -> ResponseProcessor:
+    is_sse = bool(content_type) and "text/event-stream" in (content_type or "")
+    if plan.translate == "openai-anthropic":
+        model = plan.model or ""
+        if is_sse and status < 400:
+            return Translated(AnthropicToOpenAIStream(model, plan.client_wants_usage))
+        return Translated(AnthropicToOpenAIJson(model))
+    if plan.stream and is_sse and plan.response_wire == "openai" and not plan.client_wants_usage:
+        return HideOpenAIUsage()
+    return PassThrough(meter_for(plan.response_wire, plan.stream, content_type, headers))

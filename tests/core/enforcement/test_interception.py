@@ -1,0 +1,211 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from candela_mitm.config import parse_config
+from candela_mitm.enforcement import interception
+from candela_mitm.enforcement.interception import HostMap, plaintext_decision, request_route
+from candela_mitm.providers.specs import resolve_all
+
+SPEC_CONFIG = Path(__file__).resolve().parents[3] / "shared" / "spec" / "config.example.yaml"
+
+
+@pytest.mark.parametrize(
+    "name, route",
+    [
+        ("api.openai.com", "openai"),
+        ("API.OpenAI.com.", "openai"),
+        ("api.openai.com:443", "openai"),
+        ("api.anthropic.com", "anthropic-direct"),
+        ("generativelanguage.googleapis.com", "google"),
+        ("aiplatform.googleapis.com", "anthropic-vertex"),
+        ("us-central1-aiplatform.googleapis.com", "anthropic-vertex"),
+        ("europe-west4-aiplatform.googleapis.com", "anthropic-vertex"),
+        ("bedrock-runtime.us-east-1.amazonaws.com", "anthropic-bedrock"),
+        ("bedrock-runtime.eu-central-1.amazonaws.com", "anthropic-bedrock"),
+        ("bedrock-runtime-fips.us-gov-west-1.amazonaws.com", "anthropic-bedrock"),
+        # a wildcard is one label (or part of one), never a dot
+        ("evil.us-central1-aiplatform.googleapis.com", None),
+        ("us-central1-aiplatform.googleapis.com.evil.example", None),
+        ("bedrock-runtime.a.b.amazonaws.com", None),
+        ("bedrock-runtime.us-east-1.amazonaws.com.evil.example", None),
+        ("bedrock.us-east-1.amazonaws.com", None),
+        ("openai.com", None),
+        ("xapi.openai.com", None),
+        ("example.com", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_default_hosts_route_every_providers_public_host(name, route):
+    assert HostMap().route_for(name) == route
+
+
+def test_configured_hosts_extend_and_override_the_defaults():
+    hosts = HostMap({"API.openai.com": "lmstudio", "llm.internal.example": "ollama"})
+    assert hosts.route_for("api.openai.com") == "lmstudio"
+    assert hosts.route_for("llm.internal.example") == "ollama"
+    assert hosts.route_for("api.anthropic.com") == "anthropic-direct"
+    only = HostMap({"llm.internal.example": "ollama"}, defaults=False)
+    assert only.route_for("api.openai.com") is None
+
+
+def test_an_unknown_route_is_refused():
+    with pytest.raises(ValueError, match="nowhere"):
+        HostMap({"x.example": "nowhere"})
+
+
+def test_the_spec_example_config_maps_its_hosts():
+    config = parse_config(yaml.safe_load(SPEC_CONFIG.read_text()))
+    hosts = HostMap(config.interception.hosts)
+    assert hosts.route_for("api.anthropic.com") == "anthropic-direct"
+    assert hosts.route_for("generativelanguage.googleapis.com") == "google"
+
+
+def test_exact_names_are_those_a_sandbox_can_resolve_ahead():
+    names = HostMap({"llm.internal.example": "ollama"}).exact_names()
+    assert "api.openai.com" in names and "llm.internal.example" in names
+    assert not any("*" in n for n in names)
+
+
+@pytest.mark.parametrize(
+    "provider, path, route, rest",
+    [
+        ("openai", "/v1/chat/completions", "openai", "/v1/chat/completions"),
+        ("openai", "/v1/responses?x=1", "openai", "/v1/responses?x=1"),
+        ("anthropic-direct", "/v1/messages", "anthropic-direct", "/v1/messages"),
+        (
+            "google",
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+            "google",
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+        ),
+        # Gemini's OpenAI-compatible endpoint shares the host: its route's base path comes off
+        ("google", "/v1beta/openai/chat/completions", "gemini-oai", "/chat/completions"),
+        ("google", "/v1beta/openai/models?x=1", "gemini-oai", "/models?x=1"),
+        (
+            "anthropic-vertex",
+            "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude:rawPredict",
+            "anthropic-vertex",
+            "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude:rawPredict",
+        ),
+    ],
+)
+def test_intercepted_requests_keep_their_original_path(provider, path, route, rest):
+    r = request_route(provider, path)
+    assert (r.provider, r.rest) == (route, rest)
+
+
+def test_the_rest_joins_the_configured_base_to_the_apps_own_url():
+    ups = resolve_all(
+        parse_config({"providers": {"gemini-oai": {"base_url": "http://fake:1/v1beta/openai"}}})
+    )
+    r = request_route("google", "/v1beta/openai/chat/completions")
+    assert ups[r.provider].url(r.rest) == "http://fake:1/v1beta/openai/chat/completions"
+
+
+@pytest.mark.parametrize(
+    "sni, host, mismatch",
+    [
+        ("api.openai.com", "api.openai.com", False),
+        ("api.openai.com", "api.openai.com:443", False),
+        ("api.openai.com", "API.OPENAI.COM.", False),
+        ("api.openai.com", "api.anthropic.com", True),
+        ("api.openai.com", "evil.example", True),
+        ("api.openai.com", None, True),
+        ("api.openai.com", "", True),
+        (None, "anything.example", False),  # plain HTTP: no SNI to compare with
+    ],
+)
+def test_host_mismatch(sni, host, mismatch):
+    assert interception.host_mismatch(sni, host) is mismatch
+
+
+@pytest.mark.parametrize(
+    "value, host",
+    [
+        ("Example.COM.", "example.com"),
+        ("example.com:8443", "example.com"),
+        ("[::1]:443", "::1"),
+        ("[fd00::1]", "fd00::1"),
+        ("fd00::1", "fd00::1"),
+    ],
+)
+def test_normalize_host(value, host):
+    assert interception.normalize_host(value) == host
+
+
+GET = b"GET /x HTTP/1.1\r\nHost: %s\r\nAccept: */*\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "head, passthrough, proxy_request",
+    [
+        (GET % b"other.example", True, False),
+        (GET % b"other.example:80", True, False),
+        (GET % b"api.openai.com", False, False),
+        (b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n", False, True),
+        (b"GET http://api.openai.com/v1/models HTTP/1.1\r\nHost: x.example\r\n\r\n", False, True),
+        (b"GET https://api.openai.com/v1/models HTTP/1.1\r\n\r\n", False, True),
+        (b"GET / HTTP/1.1\r\n\r\n", False, False),  # no Host: nothing to pass through by
+        (b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: api.openai.com\r\n\r\n", False, False),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", False, False),  # h2c: governed or refused
+        (b"SSH-2.0-OpenSSH\r\n\r\n", False, False),
+        (b"x" * (interception.MAX_PLAINTEXT_HEAD + 1), False, False),
+    ],
+)
+def test_plaintext_decision(head, passthrough, proxy_request):
+    d = plaintext_decision(head, HostMap())
+    assert d is not None
+    assert (d.passthrough, d.proxy_request) == (passthrough, proxy_request)
+
+
+@pytest.mark.parametrize("head", [b"", b"GET / HTTP/1.1\r\nHost: other.example\r\n"])
+def test_plaintext_decision_waits_for_the_whole_head(head):
+    assert plaintext_decision(head, HostMap()) is None
+
+
+def test_provider_addresses_are_those_of_provider_names():
+    pairs = [
+        ("api.openai.com", "198.18.0.1"),
+        ("us-east5-aiplatform.googleapis.com", "198.18.0.2"),
+        ("other.example", "198.18.0.3"),
+        ("api.anthropic.com", "not-an-address"),
+    ]
+    assert interception.provider_addresses(pairs, HostMap()) == {"198.18.0.1", "198.18.0.2"}
+
+
+@pytest.mark.parametrize(
+    "sni, configured, mismatch",
+    [
+        ("bedrock-runtime.us-east-1.amazonaws.com", False, False),
+        ("bedrock-runtime.eu-west-1.amazonaws.com", False, True),
+        ("bedrock-runtime.eu-west-1.amazonaws.com", True, False),  # base_url: it goes there
+    ],
+)
+def test_another_region_than_the_routes_is_not_silently_redirected(sni, configured, mismatch):
+    up = resolve_all(parse_config({}))["anthropic-bedrock"]
+    assert interception.upstream_host_mismatch(up, sni, configured) is mismatch
+
+
+@pytest.mark.parametrize(
+    "denial, status, code",
+    [
+        (interception.misdirected("api.openai.com", "evil.example"), 421, "misdirected_request"),
+        (
+            interception.region_not_configured("anthropic-bedrock", "a", "b"),
+            421,
+            "misdirected_request",
+        ),
+        (
+            interception.proxy_request_denied("CONNECT", "api.openai.com:443"),
+            403,
+            "proxy_not_allowed",
+        ),
+        (interception.host_not_intercepted("x.example"), 403, "host_not_intercepted"),
+    ],
+)
+def test_denials_are_json_with_a_code(denial, status, code):
+    assert (denial.status, denial.error) == (status, code)
+    assert denial.payload()["message"]

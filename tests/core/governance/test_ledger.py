@@ -1,0 +1,537 @@
+"""Budget ledger contract, run against every state store backend."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from candela_mitm.config import State
+from candela_mitm.errors import StoreUnavailable
+from candela_mitm.governance.ledger import (
+    BudgetRefusal,
+    Ledger,
+    Reservation,
+    default_owner,
+    process_alive,
+)
+from candela_mitm.state import StateStore, UserRecord, open_state_store
+from candela_mitm.state.ports import to_us
+from candela_mitm.state.sqlite import SqliteStateStore
+
+T0 = datetime(2026, 5, 17, 12, 0, tzinfo=UTC)
+TOMORROW = "2026-05-18T00:00:00Z"
+U = "alice@example.com"
+
+
+def fixed(moment: datetime) -> Any:
+    return lambda: moment
+
+
+@pytest.fixture
+def ledger(store: StateStore) -> Ledger:
+    return Ledger(store, clock=fixed(T0))
+
+
+def reserve(ledger: Ledger, amount: float, budget: float = 10.0, **kw: Any) -> Any:
+    return ledger.reserve(U, "research-team", amount, budget, "req-1", **kw)
+
+
+def spend(ledger: Ledger, cost: float, budget: float = 10.0) -> None:
+    """Record real spend: a free reservation settled with its true cost."""
+    r = reserve(ledger, 0.0, budget)
+    assert isinstance(r, Reservation)
+    assert ledger.settle(r, cost, 100, 10, "gpt-4o", "openai").applied
+
+
+# -- reserve arithmetic ------------------------------------------------------------------------
+
+# budget, grants (amount, hours until expiry), settled spend, active holds, amount, ok, spendable
+ARITHMETIC = [
+    pytest.param(10, [], [], [], 10, True, 10, id="fits-exactly"),
+    pytest.param(10, [], [], [], 10.01, False, 10, id="a-cent-over"),
+    pytest.param(10, [], [4], [], 6, True, 6, id="spend-counts"),
+    pytest.param(10, [], [4], [], 6.01, False, 6, id="spend-counts-over"),
+    pytest.param(10, [], [], [3], 7, True, 7, id="holds-count"),
+    pytest.param(10, [], [], [3], 7.5, False, 7, id="holds-count-over"),
+    pytest.param(10, [(5, 24)], [], [], 15, True, 15, id="grant-adds"),
+    pytest.param(10, [(5, 24)], [], [], 15.01, False, 15, id="grant-adds-over"),
+    pytest.param(10, [(5, -1)], [], [], 10.01, False, 10, id="expired-grant-gives-nothing"),
+    pytest.param(10, [(5, 24)], [12], [], 3, True, 3, id="spend-drew-the-grant"),
+    pytest.param(0, [(5, 24)], [], [4], 1.01, False, 1, id="grant-held-by-reservation"),
+    pytest.param(1, [], [3], [], 0.01, False, 0, id="overspend-blocks"),
+    pytest.param(1, [(1, 24)], [3], [], 0.01, False, 0, id="overspend-eats-grants"),
+    pytest.param(1, [], [3], [], 0, True, 0, id="zero-always-passes"),
+    pytest.param(0, [], [], [], 0.01, False, 0, id="no-budget"),
+    pytest.param(0.7, [], [0.1] * 3, [0.1] * 3, 0.1, True, 0.1, id="no-float-drift"),
+]
+
+
+@pytest.mark.parametrize(
+    ("budget", "grants", "settled", "held", "amount", "ok", "spendable"), ARITHMETIC
+)
+def test_reserve_arithmetic(
+    ledger: Ledger,
+    budget: float,
+    grants: list[tuple[float, float]],
+    settled: list[float],
+    held: list[float],
+    amount: float,
+    ok: bool,
+    spendable: float,
+) -> None:
+    for grant_amount, hours in grants:
+        expires = T0 + timedelta(hours=hours)
+        ledger.add_grant(U, grant_amount, expires, "bonus", "admin", now=T0 - timedelta(days=2))
+    for cost in settled:
+        spend(ledger, cost, budget=budget)
+    for hold in held:
+        assert isinstance(reserve(ledger, hold, budget), Reservation)
+    assert ledger.status(U, budget).remaining_usd == pytest.approx(spendable, abs=1e-9)
+
+    result = reserve(ledger, amount, budget)
+    if ok:
+        assert isinstance(result, Reservation)
+        assert result.amount_usd == amount and result.day == "2026-05-17"
+        after = ledger.status(U, budget).remaining_usd
+        assert after == pytest.approx(max(0, spendable - amount), abs=1e-9)
+    else:
+        assert isinstance(result, BudgetRefusal)
+        assert result.remaining_usd == pytest.approx(spendable, abs=1e-9)
+        assert result.estimated_cost_usd == amount
+        assert result.budget_usd == budget
+        assert result.spent_usd == pytest.approx(sum(settled), abs=1e-9)
+        assert result.resets_at == TOMORROW
+
+
+def test_refusal_is_a_402_budget_exceeded(ledger: Ledger) -> None:
+    spend(ledger, 7.5)
+    refusal = reserve(ledger, 3.0)
+    assert isinstance(refusal, BudgetRefusal)
+    denial = refusal.denial()
+    assert denial.status == 402
+    assert denial.payload() == {
+        "error": "budget_exceeded",
+        "message": denial.message,
+        "user_id": U,
+        "budget_usd": 10.0,
+        "spent_usd": 7.5,
+        "remaining_usd": 2.5,
+        "estimated_cost_usd": 3.0,
+        "resets_at": TOMORROW,
+    }
+
+
+def test_reservation_fields(ledger: Ledger) -> None:
+    r = ledger.reserve(U, None, 2.5, 10.0, "req-42")
+    assert isinstance(r, Reservation)
+    assert r.id.startswith("r_") and r.request_id == "req-42" and r.tenant is None
+    assert (r.owner, r.created_at, r.allowance_usd, dict(r.grant_holds)) == (
+        default_owner(),
+        T0,
+        2.5,
+        {},
+    )
+    assert r.id != ledger.reserve(U, None, 2.5, 10.0, "req-42").id  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("call", "kwargs"),
+    [
+        ("reserve", {"amount_usd": -1}),
+        ("reserve", {"amount_usd": float("nan")}),
+        ("reserve", {"daily_budget_usd": float("inf")}),
+    ],
+)
+def test_reserve_rejects_bad_amounts(ledger: Ledger, call: str, kwargs: dict[str, Any]) -> None:
+    args = {"user": U, "tenant": "t", "amount_usd": 1.0, "daily_budget_usd": 10.0}
+    with pytest.raises(ValueError):
+        getattr(ledger, call)(request_id="r", **{**args, **kwargs})
+
+
+# -- settle, release, idempotence --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("estimate", "actual", "spent", "remaining"),
+    [
+        (5.0, 3.0, 3.0, 7.0),  # under the estimate: the rest is free again
+        (5.0, 5.0, 5.0, 5.0),
+        (1.0, 12.0, 12.0, 0.0),  # over the budget: recorded in full, never lost
+        (0.0, 0.25, 0.25, 9.75),  # a zero estimate still records what it cost
+    ],
+)
+def test_settle_records_actual_cost(
+    ledger: Ledger, estimate: float, actual: float, spent: float, remaining: float
+) -> None:
+    r = reserve(ledger, estimate)
+    assert isinstance(r, Reservation)
+    settled = ledger.settle(r, actual, 1000, 200, "gpt-4o", "openai")
+    assert settled.applied and settled.cost_usd == actual
+    assert ledger.spent_today(U) == spent
+    status = ledger.status(U, 10.0)
+    assert (status.spent_usd, status.reserved_usd, status.remaining_usd) == (spent, 0, remaining)
+
+
+def test_overspend_leaves_only_free_requests(ledger: Ledger) -> None:
+    r = reserve(ledger, 1.0)
+    assert isinstance(r, Reservation)
+    ledger.settle(r, 12.0, 1, 1, "gpt-4o", "openai")
+    assert isinstance(reserve(ledger, 0.000001), BudgetRefusal)
+    assert isinstance(reserve(ledger, 0.0), Reservation)  # local models stay usable
+
+
+def test_settle_and_release_are_idempotent(ledger: Ledger) -> None:
+    r = reserve(ledger, 4.0)
+    assert isinstance(r, Reservation)
+    assert ledger.settle(r, 3.0, 10, 10, "gpt-4o", "openai").applied
+    again = ledger.settle(r, 3.0, 10, 10, "gpt-4o", "openai")
+    assert not again.applied and again.cost_usd == 0
+    assert ledger.release(r) is False
+    assert ledger.spent_today(U) == 3.0
+    assert [u.requests for u in ledger.usage(user=U)] == [1]
+
+    r2 = reserve(ledger, 4.0)
+    assert isinstance(r2, Reservation)
+    assert ledger.release(r2) is True
+    assert ledger.release(r2) is False
+    assert not ledger.settle(r2, 4.0, 1, 1, "gpt-4o", "openai").applied  # released: no spend
+    status = ledger.status(U, 10.0)
+    assert (status.spent_usd, status.reserved_usd, status.remaining_usd) == (3.0, 0.0, 7.0)
+
+
+# -- grants and the waterfall ------------------------------------------------------------------
+
+
+def test_waterfall_allowance_then_earliest_expiry(ledger: Ledger) -> None:
+    late = ledger.add_grant(U, 5.0, T0 + timedelta(days=3), "late", "admin@example.com")
+    soon = ledger.add_grant(U, 5.0, T0 + timedelta(days=1), "soon", "admin@example.com")
+    mid = ledger.add_grant(U, 5.0, T0 + timedelta(days=2), "mid", "admin@example.com")
+
+    r = reserve(ledger, 12.0)
+    assert isinstance(r, Reservation)
+    assert (r.allowance_usd, dict(r.grant_holds)) == (10.0, {soon.id: 2.0})
+
+    s = ledger.settle(r, 17.0, 1, 1, "gpt-4o", "openai")
+    assert (s.from_allowance_usd, dict(s.from_grants)) == (10.0, {soon.id: 5.0, mid.id: 2.0})
+    used = {g.id: g.used_usd for g in ledger.list_grants(U)}
+    assert used == {soon.id: 5.0, mid.id: 2.0, late.id: 0.0}
+
+    r = reserve(ledger, 4.0)
+    assert isinstance(r, Reservation)
+    assert (r.allowance_usd, dict(r.grant_holds)) == (0.0, {mid.id: 3.0, late.id: 1.0})
+    s = ledger.settle(r, 4.0, 1, 1, "gpt-4o", "openai")
+    assert dict(s.from_grants) == {mid.id: 3.0, late.id: 1.0}
+
+    status = ledger.status(U, 10.0)
+    assert status.spent_usd == 21.0 and status.remaining_usd == 4.0
+    assert [(g.id, g.remaining_usd) for g in status.grants] == [(late.id, 4.0)]
+
+
+def test_settle_over_estimate_overdraws_after_grants(ledger: Ledger) -> None:
+    g = ledger.add_grant(U, 2.0, T0 + timedelta(hours=5), "small", "admin")
+    r = reserve(ledger, 1.0)
+    assert isinstance(r, Reservation)
+    s = ledger.settle(r, 15.0, 1, 1, "gpt-4o", "openai")
+    # 10 allowance + 2 grant + 3 overdraft, all recorded against the day
+    assert (s.from_allowance_usd, dict(s.from_grants)) == (13.0, {g.id: 2.0})
+    assert ledger.spent_today(U) == 15.0
+    assert ledger.status(U, 10.0).remaining_usd == 0.0
+
+
+def test_expired_grants_give_nothing(ledger: Ledger) -> None:
+    g = ledger.add_grant(U, 5.0, T0 + timedelta(hours=1), "short", "admin@example.com")
+    later = T0 + timedelta(hours=2)
+    assert ledger.status(U, 10.0).remaining_usd == 15.0
+    assert ledger.status(U, 10.0, now=later).remaining_usd == 10.0
+    assert ledger.status(U, 10.0, now=later).grants == ()
+    assert isinstance(reserve(ledger, 10.5, now=later), BudgetRefusal)
+    [listed] = ledger.list_grants(U, now=later)
+    assert (listed.id, listed.expired, listed.remaining_usd, listed.amount_usd) == (
+        g.id,
+        True,
+        0.0,
+        5.0,
+    )
+    assert ledger.list_grants(U, now=later, include_expired=False) == []
+    assert listed.expires_at == T0 + timedelta(hours=1)
+    assert (listed.reason, listed.actor, listed.created_at) == ("short", "admin@example.com", T0)
+
+
+def test_grant_expiring_during_a_request_still_pays_for_it(ledger: Ledger) -> None:
+    g = ledger.add_grant(U, 5.0, T0 + timedelta(hours=1), "short", "admin")
+    r = reserve(ledger, 4.0, budget=0.0)
+    assert isinstance(r, Reservation) and dict(r.grant_holds) == {g.id: 4.0}
+    later = T0 + timedelta(hours=2)
+    assert ledger.status(U, 0.0, now=later).remaining_usd == 0.0  # the held part is not debt
+    s = ledger.settle(r, 4.0, 1, 1, "claude", "anthropic", now=later)
+    assert (s.from_allowance_usd, dict(s.from_grants)) == (0.0, {g.id: 4.0})
+
+
+def test_grant_holds_are_released(ledger: Ledger) -> None:
+    g = ledger.add_grant(U, 5.0, T0 + timedelta(days=1), "bonus", "admin")
+    r = reserve(ledger, 3.0, budget=0.0)
+    assert isinstance(r, Reservation)
+    assert [x.held_usd for x in ledger.list_grants(U)] == [3.0]
+    assert ledger.status(U, 0.0).reserved_usd == 3.0
+    ledger.release(r)
+    [after] = ledger.list_grants(U)
+    assert (after.id, after.held_usd, after.used_usd, after.remaining_usd) == (g.id, 0, 0, 5.0)
+
+
+@pytest.mark.parametrize(
+    ("amount", "expires", "error"),
+    [
+        (0.0, T0 + timedelta(days=1), "amount_usd"),
+        (-1.0, T0 + timedelta(days=1), "amount_usd"),
+        (1.0, T0 - timedelta(seconds=1), "future"),
+        (1.0, datetime(2026, 6, 1), "time zone"),
+    ],
+)
+def test_add_grant_validation(ledger: Ledger, amount: float, expires: datetime, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        ledger.add_grant(U, amount, expires, "r", "a")
+
+
+# -- days, usage, users ------------------------------------------------------------------------
+
+
+def test_budget_day_is_utc_and_a_late_settle_lands_on_its_day(store: StateStore) -> None:
+    evening = datetime(2026, 5, 17, 23, 59, 59, tzinfo=UTC)
+    morning = datetime(2026, 5, 18, 0, 0, 5, tzinfo=UTC)
+    ledger = Ledger(store, clock=fixed(evening))
+    r = reserve(ledger, 9.0)
+    assert isinstance(r, Reservation) and r.day == "2026-05-17"
+    ledger.settle(r, 9.0, 1, 1, "gpt-4o", "openai", now=morning)
+    assert ledger.spent_today(U, now=evening) == 9.0
+    assert ledger.spent_today(U, now=morning) == 0.0
+    assert ledger.status(U, 10.0, now=morning).remaining_usd == 10.0
+    assert ledger.status(U, 10.0, now=morning).resets_at == "2026-05-19T00:00:00Z"
+    assert ledger.usage(since="2026-05-18") == []
+    assert [u.spend_usd for u in ledger.usage(since=evening, until=evening)] == [9.0]
+
+
+def test_usage_and_leaderboard(store: StateStore) -> None:
+    ledger = Ledger(store, clock=fixed(T0))
+    rows = [
+        ("alice", "research", "gpt-4o", "openai", 3.0, 100, 10, T0),
+        ("alice", "research", "gpt-4o", "openai", 1.0, 50, 5, T0),
+        ("alice", "ops", "claude", "anthropic-direct", 2.0, 20, 2, T0),
+        ("bob", "ops", "gpt-4o", "openai", 0.5, 10, 1, T0 - timedelta(days=1)),
+        ("carol", None, "llama3.2:3b", "ollama", 0.0, 7, 7, T0),
+    ]
+    for user, tenant, model, provider, cost, tin, tout, when in rows:
+        r = ledger.reserve(user, tenant, 0.0, 10.0, "q", now=when)
+        assert isinstance(r, Reservation)
+        ledger.settle(r, cost, tin, tout, model, provider, now=when)
+
+    usage = ledger.usage()
+    assert [
+        (u.model, u.provider, u.spend_usd, u.tokens_in, u.tokens_out, u.requests) for u in usage
+    ] == [
+        ("gpt-4o", "openai", 4.5, 160, 16, 3),
+        ("claude", "anthropic-direct", 2.0, 20, 2, 1),
+        ("llama3.2:3b", "ollama", 0.0, 7, 7, 1),
+    ]
+    assert [(u.model, u.spend_usd) for u in ledger.usage(user="alice")] == [
+        ("gpt-4o", 4.0),
+        ("claude", 2.0),
+    ]
+    assert [(u.model, u.spend_usd) for u in ledger.usage(tenant="ops")] == [
+        ("claude", 2.0),
+        ("gpt-4o", 0.5),
+    ]
+    assert [(u.model, u.spend_usd) for u in ledger.usage(since=T0, tenant="ops")] == [
+        ("claude", 2.0)
+    ]
+    assert [(u.model, u.spend_usd) for u in ledger.usage(until="2026-05-16T23:00:00Z")] == [
+        ("gpt-4o", 0.5)
+    ]
+
+    by_tenant = ledger.leaderboard(by="tenant")
+    assert [(b.key, b.spend_usd, b.requests) for b in by_tenant] == [
+        ("research", 4.0, 2),
+        ("ops", 2.5, 2),
+        (None, 0.0, 1),
+    ]
+    by_user = ledger.leaderboard(by="user", since=T0, limit=2)
+    assert [(b.key, b.spend_usd, b.tokens_in, b.tokens_out) for b in by_user] == [
+        ("alice", 6.0, 170, 17),
+        ("carol", 0.0, 7, 7),
+    ]
+    with pytest.raises(ValueError):
+        ledger.leaderboard(by="model")  # type: ignore[arg-type]
+
+
+def test_deleted_user_keeps_spend_history(store: StateStore, ledger: Ledger) -> None:
+    store.put_user(UserRecord(U, tenants=("research-team",), daily_budget_usd=20.0))
+    g = ledger.add_grant(U, 5.0, T0 + timedelta(days=1), "bonus", "admin")
+    spend(ledger, 2.0)
+    assert store.delete_user(U, 0) is True
+    assert store.get_user(U) is None
+    assert [(u.model, u.spend_usd) for u in ledger.usage(user=U)] == [("gpt-4o", 2.0)]
+    assert [b.key for b in ledger.leaderboard(by="user")] == [U]
+    assert ledger.spent_today(U) == 2.0
+    assert [x.id for x in ledger.list_grants(U)] == [g.id]
+
+
+# -- reconcile ---------------------------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(done.stdout)
+
+
+def test_process_alive() -> None:
+    me = default_owner()
+    assert me.startswith(socket.gethostname()) and me.endswith(f":{os.getpid()}")
+    host = me.rpartition(":")[0]
+    assert process_alive(me) is True
+    assert process_alive(f"{host}:{dead_pid()}") is False
+    assert process_alive(f"{socket.gethostname()}[1]:{dead_pid()}") is True  # other namespace
+    assert process_alive(f"another-host:{dead_pid()}") is True  # cannot tell: alive
+    assert process_alive("garbage") is True
+
+
+def test_reconcile_releases_dead_owners(store: StateStore) -> None:
+    host = default_owner().rpartition(":")[0]
+    dead_owner = f"{host}:{dead_pid()}"
+    crashed = Ledger(store, clock=fixed(T0), owner=dead_owner)
+    other_host = Ledger(store, clock=fixed(T0), owner="elsewhere:1")
+    me = Ledger(store, clock=fixed(T0))
+
+    lost = reserve(crashed, 6.0)
+    kept = reserve(other_host, 1.0)
+    mine = reserve(me, 1.0)
+    assert all(isinstance(r, Reservation) for r in (lost, kept, mine))
+    assert me.status(U, 10.0).remaining_usd == 2.0
+
+    assert me.reconcile_stale(process_alive, max_age_s=3600) == 1
+    assert me.status(U, 10.0).remaining_usd == 8.0
+    assert me.reconcile_stale(process_alive, max_age_s=3600) == 0  # nothing left to take
+
+    # the dead owner's request did cost money after all: a late settle still records it
+    assert me.settle(lost, 5.0, 1, 1, "gpt-4o", "openai").applied
+    assert me.spent_today(U) == 5.0
+    assert me.release(kept) and me.release(mine)
+
+
+def test_reconcile_releases_by_age(store: StateStore) -> None:
+    old = Ledger(store, clock=fixed(T0 - timedelta(hours=2)))
+    young = Ledger(store, clock=fixed(T0 - timedelta(minutes=10)))
+    now = Ledger(store, clock=fixed(T0))
+    assert isinstance(reserve(old, 3.0), Reservation)
+    assert isinstance(reserve(young, 3.0), Reservation)
+
+    def unsure(owner: str) -> bool:
+        raise OSError("cannot tell")
+
+    assert now.reconcile_stale(unsure, max_age_s=None) == 0  # unsure is alive
+    assert now.reconcile_stale(None, max_age_s=3600) == 1
+    assert now.status(U, 10.0).remaining_usd == 7.0
+
+
+def test_reconcile_forgets_old_finished_reservations(store: StateStore) -> None:
+    then = Ledger(store, clock=fixed(T0 - timedelta(days=8)))
+    r = reserve(then, 1.0)
+    assert isinstance(r, Reservation)
+    then.settle(r, 1.0, 1, 1, "gpt-4o", "openai")
+    Ledger(store, clock=fixed(T0)).reconcile_stale(None, max_age_s=None)
+    assert store.purge_finished(to_us(T0)) == 0  # reconcile purged it already
+
+
+# -- exactness under concurrency ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("budget", "grant"),
+    [pytest.param(0.7, 0.0, id="allowance"), pytest.param(0.4, 0.3, id="allowance+grant")],
+)
+def test_threads_never_overbook(backend: Any, budget: float, grant: float) -> None:
+    store = backend.open()
+    ledger = Ledger(store, clock=fixed(T0))
+    if grant:
+        ledger.add_grant(U, grant, T0 + timedelta(days=1), "bonus", "admin")
+    barrier = threading.Barrier(20)
+    results: list[object] = []
+
+    def race() -> None:
+        barrier.wait()
+        results.append(reserve(ledger, 0.1, budget))
+
+    threads = [threading.Thread(target=race) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 20
+    assert sum(isinstance(r, Reservation) for r in results) == 7
+    assert ledger.status(U, budget).remaining_usd == 0.0
+
+
+def _race_in_process(cfg: State, prefix: str, barrier: Any, out: Any, threads: int) -> None:
+    store = open_state_store(cfg, redis_prefix=prefix)
+    ledger = Ledger(store, clock=fixed(T0))
+    admitted: list[bool] = []
+
+    def race() -> None:
+        barrier.wait()
+        r = ledger.reserve(U, "t", 0.1, 0.7, f"req-{os.getpid()}")
+        admitted.append(isinstance(r, Reservation))
+
+    workers = [threading.Thread(target=race) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(30)
+    out.put((len(admitted), sum(admitted)))
+    store.close()
+
+
+def test_processes_never_overbook(backend: Any) -> None:
+    backend.open()  # create the schema before the race
+    ctx = multiprocessing.get_context("spawn")
+    per_process = 6
+    barrier = ctx.Barrier(2 * per_process)
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_race_in_process, args=(backend.cfg, backend.prefix, barrier, out, per_process)
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert sum(n for n, _ in results) == 2 * per_process
+    assert sum(ok for _, ok in results) == 7
+
+
+def test_store_failure_propagates(tmp_path: Any) -> None:
+    store = SqliteStateStore(tmp_path / "s.db")
+    ledger = Ledger(store, clock=fixed(T0))
+    store.close()
+    for op in (
+        lambda: reserve(ledger, 1.0),
+        lambda: ledger.status(U, 10.0),
+        lambda: ledger.add_grant(U, 1.0, T0 + timedelta(days=1), "r", "a"),
+        lambda: ledger.reconcile_stale(process_alive),
+    ):
+        with pytest.raises(StoreUnavailable):
+            op()

@@ -1,0 +1,176 @@
+"""Rate limiter contract: a sliding minute, exact across threads and processes, both backends."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from candela_mitm.config import State
+from candela_mitm.errors import StoreUnavailable
+from candela_mitm.governance.ratelimit import RateDecision, RateLimiter
+from candela_mitm.state import StateStore, open_state_store
+from candela_mitm.state.ports import to_us
+from candela_mitm.state.sqlite import SqliteStateStore
+
+T0 = datetime(2026, 5, 17, 12, 0, tzinfo=UTC)  # on a minute boundary
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def limiter(store: StateStore) -> RateLimiter:
+    return RateLimiter(store, clock=lambda: T0)
+
+
+def test_no_double_burst_at_a_minute_boundary(limiter: RateLimiter) -> None:
+    # five requests just before the minute turns ...
+    assert all(limiter.check("u", 5, now=at(59.9)).allowed for _ in range(5))
+    # ... leave nothing just after it: a fixed window would grant five more here
+    assert not limiter.check("u", 5, now=at(60.1)).allowed
+    assert not limiter.check("u", 5, now=at(119.8)).allowed
+    # they leave the window exactly a minute after they were counted
+    assert [limiter.check("u", 5, now=at(119.9)).allowed for _ in range(6)] == [True] * 5 + [False]
+
+
+def test_remaining_and_retry_after(limiter: RateLimiter) -> None:
+    decisions = [limiter.check("u", 3, now=at(t)) for t in (0, 10, 20)]
+    assert [(d.allowed, d.remaining, d.retry_after_s) for d in decisions] == [
+        (True, 2, 0),
+        (True, 1, 0),
+        (True, 0, 0),
+    ]
+    # while allowed, window_resets_at says when the oldest counted request frees its slot
+    assert {d.window_resets_at for d in decisions} == {"2026-05-17T12:01:00Z"}
+
+    denied = limiter.check("u", 3, now=at(30))
+    assert denied == RateDecision(False, 3, 0, 30, to_us(T0) + 60_000_000)
+    assert denied.window_resets_at == "2026-05-17T12:01:00Z"
+    assert limiter.check("u", 3, now=at(59.5)).retry_after_s == 1  # rounded up
+    assert limiter.check("u", 3, now=at(45.25)).retry_after_s == 15
+
+    freed = limiter.check("u", 3, now=at(60))
+    assert (freed.allowed, freed.remaining, freed.window_resets_at) == (
+        True,
+        0,
+        "2026-05-17T12:01:10Z",
+    )
+
+
+def test_window_resets_at_rounds_up_to_the_second(limiter: RateLimiter) -> None:
+    limiter.check("u", 1, now=at(0.25))
+    denied = limiter.check("u", 1, now=at(1))
+    assert (denied.window_resets_at, denied.retry_after_s) == ("2026-05-17T12:01:01Z", 60)
+
+
+def test_denied_requests_consume_nothing(limiter: RateLimiter) -> None:
+    assert limiter.check("u", 2, now=at(0)).allowed
+    assert limiter.check("u", 2, now=at(30)).allowed
+    for t in range(31, 60):
+        assert not limiter.check("u", 2, now=at(t)).allowed
+    after = limiter.check("u", 2, now=at(60))
+    assert (after.allowed, after.remaining) == (True, 0)  # only the request at 0 has left
+
+
+def test_users_have_their_own_windows(limiter: RateLimiter) -> None:
+    assert limiter.check("alice", 1).allowed
+    assert not limiter.check("alice", 1).allowed
+    assert limiter.check("bob", 1).allowed
+
+
+def test_limit_zero_admits_nothing(limiter: RateLimiter) -> None:
+    d = limiter.check("u", 0)
+    assert (d.allowed, d.limit, d.remaining, d.retry_after_s) == (False, 0, 0, 60)
+    assert d.window_resets_at == "2026-05-17T12:01:00Z"
+    assert limiter.check("u", 1).allowed  # and counted nothing
+
+
+def test_negative_limit_is_an_error(limiter: RateLimiter) -> None:
+    with pytest.raises(ValueError):
+        limiter.check("u", -1)
+
+
+def test_denial_is_a_429_with_retry_after(limiter: RateLimiter) -> None:
+    limiter.check("u", 1, now=at(0))
+    denial = limiter.check("u", 1, now=at(20)).denial()
+    assert (denial.status, denial.error, denial.headers) == (
+        429,
+        "rate_limited",
+        {"Retry-After": "40"},
+    )
+    assert denial.payload()["limit"] == 1
+    assert denial.payload()["window_resets_at"] == "2026-05-17T12:01:00Z"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sliding_window_is_exact(limiter: RateLimiter, seed: int) -> None:
+    """Against a brute-force model: admit iff fewer than `limit` admitted in (t - 60 s, t]."""
+    rng = random.Random(seed)
+    limit = 4
+    times = sorted(rng.uniform(0, 300) for _ in range(120))
+    admitted: list[float] = []
+    for t in times:
+        t = round(t, 6)
+        expected = sum(1 for a in admitted if a > t - 60) < limit
+        assert limiter.check("u", limit, now=at(t)).allowed is expected, t
+        if expected:
+            admitted.append(t)
+    # and so no 60-second span ever holds more than `limit`
+    assert all(sum(1 for b in admitted if a <= b < a + 60) <= limit for a in admitted)
+    assert len(admitted) > limit * 4  # the trace did span several windows
+
+
+def test_threads_are_exact(backend: Any) -> None:
+    limiter = RateLimiter(backend.open(), clock=lambda: T0)
+    barrier = threading.Barrier(20)
+    results: list[bool] = []
+
+    def race() -> None:
+        barrier.wait()
+        results.append(limiter.check("u", 7).allowed)
+
+    threads = [threading.Thread(target=race) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert (len(results), sum(results)) == (20, 7)
+
+
+def _hammer(cfg: State, prefix: str, barrier: Any, out: Any, n: int) -> None:
+    store = open_state_store(cfg, redis_prefix=prefix)
+    limiter = RateLimiter(store, clock=lambda: T0)
+    barrier.wait()
+    out.put(sum(limiter.check("u", 7).allowed for _ in range(n)))
+    store.close()
+
+
+def test_processes_are_exact(backend: Any) -> None:
+    backend.open()  # create the schema before the race
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_hammer, args=(backend.cfg, backend.prefix, barrier, out, 10))
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    admitted = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert sum(admitted) == 7
+
+
+def test_store_failure_propagates(tmp_path: Any) -> None:
+    store = SqliteStateStore(tmp_path / "s.db")
+    store.close()
+    with pytest.raises(StoreUnavailable):
+        RateLimiter(store).check("u", 10)

@@ -1,0 +1,24 @@
+"""Span timestamps: RFC 3339 UTC to the millisecond, cached per second without going stale."""
+
+from datetime import UTC, datetime
+
+import pytest
+
+from candela_mitm.observability import spans
+
+
+@pytest.mark.parametrize(
+    "ns, expected",
+    [
+        (1_779_019_200_000_000_000, "2026-05-17T12:00:00.000Z"),
+        (1_779_019_200_999_999_999, "2026-05-17T12:00:00.999Z"),  # truncated, never rounded up
+        (1_779_019_201_000_500_000, "2026-05-17T12:00:01.000Z"),  # the next second: re-formatted
+        (1_779_019_200_123_456_789, "2026-05-17T12:00:00.123Z"),  # and back (a clock step)
+    ],
+)
+def test_utc_now_iso(monkeypatch, ns, expected):
+    monkeypatch.setattr(spans.time, "time_ns", lambda: ns)
+    assert spans.utc_now_iso() == expected
+    # what it replaced: datetime's isoformat to the millisecond
+    moment = datetime.fromtimestamp(ns // 1000 / 1e6, UTC)
+    assert expected == moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,688 @@
+"""State store contract (both backends), the factory, and fail-closed behaviour."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import threading
+import time
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from candela_mitm.config import State
+from candela_mitm.errors import StoreUnavailable
+from candela_mitm.state import open_state_store
+from candela_mitm.state.ports import (
+    GrantRow,
+    NewReservation,
+    StateStore,
+    UserRecord,
+    WouldWait,
+    day_of,
+    from_us,
+    next_utc_midnight,
+    plan_holds,
+    plan_settle,
+    rfc3339,
+    to_us,
+    usd_to_nano,
+)
+from candela_mitm.state.redis import RedisStateStore
+from candela_mitm.state.sqlite import SqliteStateStore
+
+T0 = datetime(2026, 5, 17, 12, 0, tzinfo=UTC)
+T0_US = to_us(T0)
+
+
+def alice(**changes: object) -> UserRecord:
+    fields: dict[str, object] = {
+        "user_id": "alice@example.com",
+        "role": "developer",
+        "tenants": ("research-team", "ops"),
+        "daily_budget_usd": 20.0,
+        "requests_per_minute": 120,
+        **changes,
+    }
+    return UserRecord(**fields)  # type: ignore[arg-type]
+
+
+def new_reservation(
+    rid: str, amount: int, budget: int = 10_000, now_us: int = T0_US
+) -> NewReservation:
+    return NewReservation(rid, "u", "t", "2026-05-17", amount, budget, "req", "host:1", now_us)
+
+
+# -- pure planning -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("amount", "daily_free", "grants", "expected"),
+    [
+        (5, 10, [], (5, {})),
+        (10, 10, [], (10, {})),
+        (11, 10, [], None),
+        (12, 10, [("a", 1), ("b", 5)], (10, {"a": 1, "b": 1})),
+        (3, 0, [("a", 2), ("b", 5)], (0, {"a": 2, "b": 1})),
+        # today's overspend eats into the grants: 6 spendable, not 8
+        (7, -2, [("a", 8)], None),
+        (6, -2, [("a", 8)], (0, {"a": 6})),
+        (2, 5, [("a", -1), ("b", 3)], (2, {})),  # a grant overdrawn by holds gives nothing
+        (0, -100, [], (0, {})),  # nothing costs nothing, whatever the state
+    ],
+)
+def test_plan_holds(
+    amount: int,
+    daily_free: int,
+    grants: list[tuple[str, int]],
+    expected: tuple[int, dict[str, int]] | None,
+) -> None:
+    assert plan_holds(amount, daily_free, grants) == expected
+
+
+@pytest.mark.parametrize(
+    ("cost", "daily_free", "grants", "expected"),
+    [
+        (4, 10, [("a", 5)], (4, {})),
+        (13, 10, [("a", 5)], (10, {"a": 3})),
+        (20, 10, [("a", 5), ("b", 2)], (13, {"a": 5, "b": 2})),  # the rest overdraws the day
+        (3, -1, [("a", 5)], (0, {"a": 3})),
+        (0, 10, [("a", 5)], (0, {})),
+    ],
+)
+def test_plan_settle(
+    cost: int, daily_free: int, grants: list[tuple[str, int]], expected: tuple[int, dict[str, int]]
+) -> None:
+    assert plan_settle(cost, daily_free, grants) == expected
+
+
+# -- users -------------------------------------------------------------------------------------
+
+
+def test_users_crud(store: StateStore) -> None:
+    assert store.get_user("alice@example.com") is None
+    assert store.list_users() == []
+
+    store.put_user(alice(updated_at=T0))
+    got = store.get_user("alice@example.com")
+    assert got == alice(updated_at=T0)
+    assert got is not None and got.tenants == ("research-team", "ops")
+
+    store.put_user(alice(daily_budget_usd=5.5, requests_per_minute=None, role="admin"))
+    store.put_user(UserRecord("bob@example.com"))
+    assert [u.user_id for u in store.list_users()] == ["alice@example.com", "bob@example.com"]
+    changed = store.get_user("alice@example.com")
+    assert changed is not None
+    assert (changed.daily_budget_usd, changed.requests_per_minute, changed.role) == (
+        5.5,
+        None,
+        "admin",
+    )
+
+    assert store.delete_user("alice@example.com", T0_US) is True
+    assert store.delete_user("alice@example.com", T0_US) is False  # already gone
+    assert store.delete_user("nobody@example.com", T0_US) is False
+    assert store.get_user("alice@example.com") is None
+    deleted = store.get_user("alice@example.com", include_deleted=True)
+    assert deleted is not None and deleted.deleted and deleted.deleted_at == T0
+    assert [u.user_id for u in store.list_users()] == ["bob@example.com"]
+    assert [u.user_id for u in store.list_users(include_deleted=True)] == [
+        "alice@example.com",
+        "bob@example.com",
+    ]
+
+    store.put_user(alice())  # the admin API creating the user again revives it
+    revived = store.get_user("alice@example.com")
+    assert revived is not None and not revived.deleted and revived.deleted_at is None
+
+
+def test_users_are_shared_between_clients(backend: Any) -> None:
+    a, b = backend.open(), backend.open()
+    a.put_user(alice())
+    assert b.get_user("alice@example.com") == alice()
+
+
+# -- ledger primitives -------------------------------------------------------------------------
+
+
+def test_reserve_settle_release_totals(store: StateStore) -> None:
+    ok = store.reserve(new_reservation("r1", 4_000))
+    assert ok.ok and ok.daily_hold == 4_000 and ok.grant_holds == {}
+    assert store.day_totals("u", "2026-05-17").reserved == 4_000
+    assert [a.reservation_id for a in store.active_reservations()] == ["r1"]
+    assert store.active_reservations()[0].owner == "host:1"
+    assert store.active_reservations()[0].created_us == T0_US
+
+    refused = store.reserve(new_reservation("r2", 6_001))
+    assert not refused.ok
+    assert (refused.spent, refused.reserved, refused.grants_free) == (0, 4_000, 0)
+
+    settled = store.settle("r1", 5_000, 10, 20, "gpt-4o", "openai", T0_US + 1)
+    assert settled.applied and settled.from_allowance == 5_000
+    totals = store.day_totals("u", "2026-05-17")
+    assert (totals.spent, totals.from_grants, totals.reserved) == (5_000, 0, 0)
+    assert store.active_reservations() == []
+    assert not store.settle("r1", 5_000, 10, 20, "gpt-4o", "openai", T0_US + 2).applied
+    assert not store.release("r1", T0_US + 2)
+    assert not store.settle("missing", 1, 0, 0, "m", "p", T0_US).applied
+    assert not store.release("missing", T0_US)
+
+    assert store.reserve(new_reservation("r3", 5_000)).ok
+    assert store.release("r3", T0_US + 3)
+    assert not store.release("r3", T0_US + 4)
+    assert store.day_totals("u", "2026-05-17").reserved == 0
+
+    rows = store.spend_rows()
+    assert [(r.day, r.user_id, r.tenant, r.model, r.provider) for r in rows] == [
+        ("2026-05-17", "u", "t", "gpt-4o", "openai")
+    ]
+    assert (rows[0].cost, rows[0].tokens_in, rows[0].tokens_out, rows[0].requests) == (
+        5_000,
+        10,
+        20,
+        1,
+    )
+
+
+def test_grants_round_trip(store: StateStore) -> None:
+    later = GrantRow("g2", "u", 500, 0, 0, T0_US + 7_200_000_000, "late", "admin@x", T0_US)
+    sooner = GrantRow("g1", "u", 300, 0, 0, T0_US + 3_600_000_000, "soon", "admin@x", T0_US)
+    store.add_grant(later)
+    store.add_grant(sooner)
+    store.add_grant(GrantRow("g3", "other", 1, 0, 0, T0_US + 1, "x", "y", T0_US))
+    assert store.grants("u") == [sooner, later]
+    assert store.grants("nobody") == []
+
+
+def test_reclaimed_reservation_still_settles(store: StateStore) -> None:
+    assert store.reserve(new_reservation("r1", 4_000)).ok
+    assert store.release("r1", T0_US + 1, reclaim=True)
+    assert store.day_totals("u", "2026-05-17").reserved == 0
+    assert not store.release("r1", T0_US + 2)  # not twice
+    settled = store.settle("r1", 3_000, 1, 1, "m", "p", T0_US + 3)
+    assert settled.applied and settled.cost == 3_000
+    assert store.day_totals("u", "2026-05-17") == type(store.day_totals("u", "x"))(3_000, 0, 0)
+    assert not store.settle("r1", 3_000, 1, 1, "m", "p", T0_US + 4).applied
+
+
+def test_purge_finished(store: StateStore) -> None:
+    for rid in ("old", "new", "open"):
+        assert store.reserve(new_reservation(rid, 1)).ok
+    store.settle("old", 1, 0, 0, "m", "p", T0_US + 10)
+    store.release("new", T0_US + 20)
+    assert store.purge_finished(T0_US + 15) == 1
+    # a purged reservation is forgotten: settling it again does nothing
+    assert not store.settle("old", 1, 0, 0, "m", "p", T0_US + 30).applied
+    assert [a.reservation_id for a in store.active_reservations()] == ["open"]
+    assert store.purge_finished(T0_US + 100) == 1  # "new"; "open" is still active
+
+
+def test_spend_rows_filters(store: StateStore) -> None:
+    for i, (user, tenant, day) in enumerate(
+        [("u", "t1", "2026-05-15"), ("u", "t2", "2026-05-16"), ("v", "t1", "2026-05-17")]
+    ):
+        when = to_us(datetime.fromisoformat(day + "T10:00:00+00:00"))
+        new = NewReservation(f"r{i}", user, tenant, day, 1, 100, "q", "o", when)
+        assert store.reserve(new).ok
+        store.settle(f"r{i}", 10 * (i + 1), 1, 2, "m", "p", when)
+    assert [r.cost for r in store.spend_rows()] == [10, 20, 30]
+    assert [r.cost for r in store.spend_rows(since_day="2026-05-16")] == [20, 30]
+    assert [r.cost for r in store.spend_rows(until_day="2026-05-16")] == [10, 20]
+    assert [r.cost for r in store.spend_rows("2026-05-16", "2026-05-16")] == [20]
+    assert [r.cost for r in store.spend_rows(user_id="u")] == [10, 20]
+    assert [r.cost for r in store.spend_rows(tenant="t1")] == [10, 30]
+    assert store.spend_rows(user_id="nobody") == []
+
+
+def test_rate_hit_sliding_log(store: StateStore) -> None:
+    window = 60_000_000
+    assert [store.rate_hit("k", 2, window, T0_US + i).allowed for i in range(3)] == [
+        True,
+        True,
+        False,
+    ]
+    denied = store.rate_hit("k", 2, window, T0_US + 10)
+    assert (denied.allowed, denied.count, denied.oldest_us) == (False, 2, T0_US)
+    assert store.rate_hit("other", 2, window, T0_US + 10).allowed  # keys are apart
+    # the first entry leaves the window exactly `window` after it was counted
+    assert not store.rate_hit("k", 2, window, T0_US + window - 1).allowed
+    hit = store.rate_hit("k", 2, window, T0_US + window)
+    assert (hit.allowed, hit.count, hit.oldest_us) == (True, 2, T0_US + 1)
+
+
+# -- factory and failures ----------------------------------------------------------------------
+
+
+def test_open_state_store_sqlite(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "dir" / "state.db"
+    with open_state_store(State(sqlite_path=str(path), busy_timeout_ms=500)) as store:
+        assert isinstance(store, SqliteStateStore)
+        store.ping()
+    assert path.exists()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_open_state_store_redis(redis_url: str) -> None:
+    with open_state_store(State(backend="redis", redis_url=redis_url)) as store:
+        assert isinstance(store, RedisStateStore)
+        store.ping()
+
+
+def test_sqlite_connection_per_thread_sees_the_same_data(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path / "s.db")
+    store.put_user(alice())
+    seen: list[UserRecord | None] = []
+    t = threading.Thread(target=lambda: seen.append(store.get_user("alice@example.com")))
+    t.start()
+    t.join()
+    assert seen == [alice()]
+    store.close()
+    with pytest.raises(StoreUnavailable):
+        store.get_user("alice@example.com")
+
+
+def test_sqlite_unusable_paths(tmp_path: Path) -> None:
+    a_file = tmp_path / "plain-file"
+    a_file.write_text("not a directory")
+    with pytest.raises(StoreUnavailable, match="plain-file"):
+        SqliteStateStore(a_file / "state.db")
+    with pytest.raises(StoreUnavailable):
+        SqliteStateStore(tmp_path)  # a directory, not a database file
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not an SQLite database" * 100)
+    with pytest.raises(StoreUnavailable, match="not a database"):
+        SqliteStateStore(garbage)
+
+
+def test_sqlite_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    SqliteStateStore(path).close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("PRAGMA user_version = 99")
+    with pytest.raises(StoreUnavailable, match="schema 99"):
+        SqliteStateStore(path)
+
+
+def test_sqlite_locked_past_busy_timeout_fails_closed(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = SqliteStateStore(path, busy_timeout_ms=150)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+    try:
+        for op in (
+            lambda: store.reserve(new_reservation("r1", 1)),
+            lambda: store.rate_hit("k", 5, 60_000_000, T0_US),
+            lambda: store.put_user(alice()),
+        ):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="locked"):
+                op()
+            assert 0.1 <= time.monotonic() - started < 2.0
+        # readers are not blocked by a writer under WAL
+        assert store.get_user("alice@example.com") is None
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert store.reserve(new_reservation("r1", 1)).ok  # usable again once the lock is gone
+    store.close()
+
+
+def test_redis_unreachable_at_open() -> None:
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = State(backend="redis", redis_url=f"redis://127.0.0.1:{port}/0", busy_timeout_ms=500)
+    with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{port}"):
+        open_state_store(cfg)
+    with pytest.raises(StoreUnavailable) as raised:
+        RedisStateStore(f"redis://user:s3cret@127.0.0.1:{port}/0", timeout_ms=500)
+    assert "s3cret" not in str(raised.value)
+
+
+def test_redis_down_fails_closed(redis_server_factory: Any) -> None:
+    server = redis_server_factory()
+    store = RedisStateStore(server.url, timeout_ms=500)
+    store.put_user(alice())
+    assert store.reserve(new_reservation("r1", 1)).ok
+    server.stop()
+    for op in (
+        lambda: store.get_user("alice@example.com"),
+        lambda: store.reserve(new_reservation("r2", 1)),
+        lambda: store.settle("r1", 1, 0, 0, "m", "p", T0_US),
+        lambda: store.release("r1", T0_US),
+        lambda: store.rate_hit("k", 5, 60_000_000, T0_US),
+        lambda: store.spend_rows(),
+        store.ping,
+    ):
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            op()
+        assert time.monotonic() - started < 2.0
+
+
+def test_time_and_money_helpers() -> None:
+    assert from_us(to_us(T0)) == T0
+    assert to_us(datetime(1970, 1, 1, 0, 0, 1)) == 1_000_000  # naive means UTC
+    assert rfc3339(datetime(2026, 5, 17, 23, 59, 59, 999_999)) == "2026-05-17T23:59:59Z"
+    east = timezone(timedelta(hours=2))
+    assert day_of(datetime(2026, 5, 18, 1, 0, tzinfo=east)) == "2026-05-17"
+    assert next_utc_midnight(datetime(2026, 12, 31, 23, 0, tzinfo=UTC)) == datetime(
+        2027, 1, 1, tzinfo=UTC
+    )
+    assert sum(usd_to_nano(0.1) for _ in range(7)) == usd_to_nano(0.7)
+
+
+def test_user_record_tenants_are_a_tuple() -> None:
+    assert UserRecord("u", tenants=["a", "b"]).tenants == ("a", "b")  # type: ignore[arg-type]
+
+
+# issue 7: writers queue on the store's gate (a lock, and an flock for other processes) instead
+# of SQLite's busy handler, which sleeps in 1-100 ms steps
+def test_sqlite_writers_of_another_process_queue_on_the_gate(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    path = tmp_path / "s.db"
+    store = SqliteStateStore(path, busy_timeout_ms=150)
+    other = os.open(f"{path}.lock", os.O_RDWR)  # another worker, in the middle of a write
+    fcntl.flock(other, fcntl.LOCK_EX)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="locked"):
+            store.rate_hit("k", 5, 60_000_000, T0_US)
+        assert 0.1 <= time.monotonic() - started < 2.0
+        assert store.get_user("alice@example.com") is None  # readers do not queue
+        threading.Timer(0.05, fcntl.flock, (other, fcntl.LOCK_UN)).start()
+        assert store.rate_hit("k", 5, 60_000_000, T0_US).allowed  # served once it is free
+    finally:
+        os.close(other)
+        store.close()
+
+
+def test_sqlite_threads_write_one_at_a_time(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path / "s.db", busy_timeout_ms=2000)
+    errors: list[BaseException] = []
+
+    def hit(i: int) -> None:
+        try:
+            for _ in range(50):
+                store.rate_hit(f"user{i}", 1000, 60_000_000, T0_US)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=hit, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert store.rate_hit("user0", 1000, 60_000_000, T0_US).count == 51
+    store.close()
+
+
+# -- issue 7: one transaction for several calls, and calls that never wait (the event loop's) ---
+
+
+def _counts(path: Path) -> tuple[int, int]:
+    with sqlite3.connect(path) as raw:
+        (rates,) = raw.execute("SELECT count(*) FROM rate_log").fetchone()
+        (reservations,) = raw.execute("SELECT count(*) FROM reservations").fetchone()
+    return rates, reservations
+
+
+def test_batch_is_one_transaction(store: StateStore) -> None:
+    with store.batch():
+        assert store.rate_hit("k", 5, 60_000_000, T0_US).allowed
+        assert store.reserve(new_reservation("r1", 10)).ok
+    assert store.day_totals("u", "2026-05-17").reserved == 10
+    assert store.rate_hit("k", 2, 60_000_000, T0_US).count == 2
+
+
+def test_sqlite_batch_rolls_back_whole(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path / "s.db")
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.batch():
+            store.rate_hit("k", 5, 60_000_000, T0_US)
+            store.reserve(new_reservation("r1", 10))
+            raise RuntimeError("boom")
+    assert _counts(store.path) == (0, 0)
+    with store.batch(), store.batch():  # nested: still one transaction
+        store.rate_hit("k", 5, 60_000_000, T0_US)
+    assert _counts(store.path) == (1, 0)
+    store.close()
+
+
+def test_redis_never_runs_without_waiting(backend: Any) -> None:
+    store = backend.open()
+    calls: list[int] = []
+    if isinstance(store, RedisStateStore):
+        with pytest.raises(WouldWait):
+            store.call_without_waiting(calls.append, 1)
+        assert calls == []  # refused before anything ran
+    else:
+        assert store.call_without_waiting(lambda: store.rate_hit("k", 5, 60_000_000, T0_US)).allowed
+
+
+def test_sqlite_call_without_waiting_runs_here_when_free(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path / "s.db")
+
+    def both() -> tuple[bool, bool]:
+        with store.batch():
+            return store.rate_hit("k", 5, 60_000_000, T0_US).allowed, store.reserve(
+                new_reservation("r1", 10)
+            ).ok
+
+    assert store.call_without_waiting(both) == (True, True)
+    assert _counts(store.path) == (1, 1)
+    assert store.call_without_waiting(store.get_user, "nobody") is None
+    store.close()
+
+
+@pytest.mark.parametrize("holder", ["thread", "worker", "other_tool"])
+def test_sqlite_call_without_waiting_refuses_a_held_lock(tmp_path: Path, holder: str) -> None:
+    """Another thread (the pool), another worker (flock) or another program (SQLite's own lock)
+    writing: WouldWait at once, nothing changed; run where waiting is allowed it succeeds."""
+    import fcntl
+    import os
+
+    path = tmp_path / "s.db"
+    store = SqliteStateStore(path, busy_timeout_ms=60_000)  # a wait would outlast the test
+    release = threading.Event()
+    inside = threading.Event()
+    undo: Any = None
+    if holder == "thread":
+
+        def hold() -> None:
+            with store.batch():
+                inside.set()
+                release.wait(10)
+
+        t = threading.Thread(target=hold)
+        t.start()
+        assert inside.wait(5)
+        undo = lambda: (release.set(), t.join())  # noqa: E731
+    elif holder == "worker":
+        fd = os.open(f"{path}.lock", os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        undo = lambda: os.close(fd)  # noqa: E731
+    else:
+        raw = sqlite3.connect(path, isolation_level=None)
+        raw.execute("BEGIN IMMEDIATE")
+        undo = lambda: (raw.execute("ROLLBACK"), raw.close())  # noqa: E731
+    try:
+        with pytest.raises(WouldWait):
+            store.call_without_waiting(store.rate_hit, "k", 5, 60_000_000, T0_US)
+        with pytest.raises(WouldWait):
+            store.call_without_waiting(store.reserve, new_reservation("r1", 10))
+        # a call that swallows the refusal is still refused: its answer was not the store's
+        def swallow() -> str:
+            try:
+                store.rate_hit("k", 5, 60_000_000, T0_US)
+            except WouldWait:
+                return "pretend"
+            return "stored"
+
+        with pytest.raises(WouldWait):
+            store.call_without_waiting(swallow)
+        assert store.get_user("nobody") is None  # reads do not wait for a writer (WAL)
+    finally:
+        undo()
+    assert _counts(path) == (0, 0)
+    assert store.call_without_waiting(store.rate_hit, "k", 5, 60_000_000, T0_US).allowed
+    assert _counts(path) == (1, 0)
+    store.close()
+
+
+def test_sqlite_errors_still_fail_closed_without_waiting(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path / "s.db")
+    store.close()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.call_without_waiting(store.rate_hit, "k", 5, 60_000_000, T0_US)
+    other = SqliteStateStore(tmp_path / "t.db")
+    with pytest.raises(RuntimeError, match="nest"):
+        other.call_without_waiting(other.call_without_waiting, other.ping)
+    other.close()
+
+
+def test_sqlite_checkpoints_off_the_calling_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections that never wait never checkpoint the WAL themselves (a checkpoint may
+    fsync): every CHECKPOINT_EVERY commits the checkpointer thread does it."""
+    import candela_mitm.state.sqlite as sqlite_mod
+
+    monkeypatch.setattr(sqlite_mod, "CHECKPOINT_EVERY", 5)
+    store = SqliteStateStore(tmp_path / "s.db")
+    ran: list[str] = []
+    done = threading.Event()
+    real = store.checkpoint
+
+    def spy() -> None:
+        ran.append(threading.current_thread().name)
+        real()
+        done.set()
+
+    monkeypatch.setattr(store, "checkpoint", spy)
+    for i in range(4):
+        store.call_without_waiting(store.rate_hit, f"k{i}", 5, 60_000_000, T0_US)
+    assert ran == []
+    store.call_without_waiting(store.rate_hit, "k4", 5, 60_000_000, T0_US)
+    assert done.wait(5)
+    assert ran == ["candela-state-checkpoint"]
+    with sqlite3.connect(store.path) as raw:  # every frame is back in the database file
+        busy, frames, copied = raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and frames == copied
+    store.close()
+
+
+def test_sqlite_rate_count_matches_the_log(tmp_path: Path) -> None:
+    """rate_count (the running count a check reads instead of counting the window) stays equal
+    to the log through admits, refusals and entries leaving the window."""
+    store = SqliteStateStore(tmp_path / "s.db")
+    window = 10_000_000
+    answers = []
+    for i in range(40):  # 4 requests a second for 10 s against a limit of 25 per 10 s window
+        hit = store.rate_hit("u", 25, window, T0_US + i * 250_000)
+        answers.append(hit.allowed)
+        with sqlite3.connect(store.path) as raw:
+            (logged,) = raw.execute("SELECT count(*) FROM rate_log WHERE key = 'u'").fetchone()
+            counted = raw.execute("SELECT n FROM rate_count WHERE key = 'u'").fetchone()
+        assert hit.count == logged == counted[0]
+    assert answers == [True] * 25 + [False] * 15
+    # the window moves on: the first entries leave, the next requests are admitted again
+    later = store.rate_hit("u", 25, window, T0_US + window + 1)
+    assert later.allowed and later.count == 25 and later.oldest_us == T0_US + 250_000
+    store.close()
+
+
+def test_sqlite_schema_1_store_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with sqlite3.connect(path) as raw:  # what Candela with schema 1 left behind
+        raw.execute("CREATE TABLE rate_log (key TEXT NOT NULL, ts INTEGER NOT NULL)")
+        raw.executemany("INSERT INTO rate_log VALUES (?, ?)", [("a", T0_US + i) for i in range(3)])
+        raw.execute("PRAGMA user_version = 1")
+    store = SqliteStateStore(path)
+    hit = store.rate_hit("a", 4, 60_000_000, T0_US + 10)
+    assert hit.allowed and hit.count == 4
+    assert not store.rate_hit("a", 4, 60_000_000, T0_US + 11).allowed
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (2,)
+    store.close()
+
+
+def test_sqlite_savepoint_undoes_one_call_of_a_batch(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path / "s.db")
+    with store.batch():
+        store.rate_hit("a", 5, 60_000_000, T0_US)
+        with pytest.raises(ValueError):
+            with store.savepoint():
+                store.reserve(new_reservation("r1", 10))
+                raise ValueError("undo me")
+        with store.savepoint():
+            store.reserve(new_reservation("r2", 10))
+    assert _counts(store.path) == (1, 1)
+    with pytest.raises(RuntimeError, match="inside batch"):
+        with store.savepoint():
+            pass
+    store.close()
+
+
+def test_run_calls_outcomes(tmp_path: Path) -> None:
+    from candela_mitm.state.ports import run_calls
+
+    store = SqliteStateStore(tmp_path / "s.db")
+
+    def fails() -> None:
+        store.rate_hit("x", 5, 60_000_000, T0_US)
+        raise KeyError("no")
+
+    out = run_calls(store, [(store.rate_hit, ("a", 5, 60_000_000, T0_US)), (fails, ()),
+                            (store.get_user, ("nobody",))])
+    assert [ok for ok, _ in out] == [True, False, True]
+    assert out[0][1].count == 1 and isinstance(out[1][1], KeyError) and out[2][1] is None
+    assert _counts(store.path) == (1, 0)
+    store.close()
+
+
+def test_run_calls_one_call_is_its_own_transaction(tmp_path: Path) -> None:
+    """A lone call runs without a savepoint: its failure rolls the transaction back, the same
+    outcome as the savepoint gives it among others; a nested run keeps the savepoints."""
+    from candela_mitm.state.ports import run_calls
+
+    store = SqliteStateStore(tmp_path / "s.db")
+    statements: list[str] = []
+
+    def fails() -> None:
+        store.rate_hit("x", 5, 60_000_000, T0_US)
+        raise KeyError("no")
+
+    conn = store._conn()  # the connection batch() uses on this thread
+    conn.set_trace_callback(statements.append)
+    [(ok, hit)] = run_calls(store, [(store.rate_hit, ("a", 5, 60_000_000, T0_US))])
+    assert ok and hit.count == 1
+    assert statements[0].startswith("BEGIN") and statements[-1] == "COMMIT"
+    assert not any("SAVEPOINT" in s for s in statements)
+    statements.clear()
+    run_calls(store, [(store.get_user, ("nobody",)), (store.get_user, ("nobody",))])
+    assert sum("SAVEPOINT" in s for s in statements) == 2  # two calls: one savepoint each
+    conn.set_trace_callback(None)
+    [(ok, err)] = run_calls(store, [(fails, ())])
+    assert not ok and isinstance(err, KeyError)
+    assert _counts(store.path) == (1, 0)  # x's rate entry rolled back with the call
+
+    # sqlite errors inside the call come back as StoreUnavailable, as from a savepoint
+    def broken() -> None:
+        store._local.batch.execute("SELECT * FROM no_such_table")
+
+    [(ok, err)] = run_calls(store, [(broken, ())])
+    assert not ok and isinstance(err, StoreUnavailable)
+    # nested in a batch: the lone call keeps its savepoint, the outer work stays
+    with store.batch():
+        store.rate_hit("b", 5, 60_000_000, T0_US)
+        [(ok, err)] = run_calls(store, [(fails, ())])
+        assert not ok
+    assert _counts(store.path) == (2, 0)
+    store.close()
