@@ -21,7 +21,7 @@ from candela_mitm.audit.mirrors import Mirror, build_mirrors
 from candela_mitm.config import Audit, BigQuery, parse_config
 from candela_mitm.errors import ConfigError
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from tests.fakes.bigquery import FakeBigQuery  # noqa: E402
 
 FAST: dict[str, Any] = {

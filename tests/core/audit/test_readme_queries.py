@@ -13,7 +13,7 @@ import pytest
 from candela_mitm.audit import AuditWriter
 from candela_mitm.config import Audit
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 CANDELA = str(Path(sys.executable).parent / "candela")
 
 

@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from candela_mitm.certs import authority
 from candela_mitm.certs.bundle import CA_ENV_VARS, build_bundle, ca_env
-from candela_mitm.cli.main import ca
+from candela_mitm.cli import ca
 
 
 def test_the_ca_is_created_once_in_mitmproxys_layout(tmp_path):

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from candela_mitm.cli.main import main as cli
+from candela_mitm.cli import main as cli
 
 
 @pytest.fixture

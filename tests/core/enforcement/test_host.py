@@ -203,7 +203,7 @@ def test_enable_for_proxy_refuses_what_cannot_be_enforced(
 def test_server_with_enforce_host_in_reverse_mode_refuses_to_start(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], yaml_text: str
 ) -> None:
-    from candela_mitm.cli.main import main as cli
+    from candela_mitm.cli import main as cli
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml_text)
@@ -253,7 +253,7 @@ class FakePinnedEvents:
 
 def _event(reason: int, tgid: int) -> object:
     from candela_mitm.enforcement.bypass import BypassEvent
-    from tests.core.test_bypass import raw_event
+    from tests.core.enforcement.test_bypass import raw_event
 
     return BypassEvent.from_bytes(raw_event(reason=reason, tgid=tgid, comm=b"cdl-probe"))
 

@@ -8,7 +8,7 @@ from candela_mitm.enforcement import interception
 from candela_mitm.enforcement.interception import HostMap, plaintext_decision, request_route
 from candela_mitm.providers.specs import resolve_all
 
-SPEC_CONFIG = Path(__file__).resolve().parents[3] / "shared" / "spec" / "config.example.yaml"
+SPEC_CONFIG = Path(__file__).resolve().parents[4] / "shared" / "spec" / "config.example.yaml"
 
 
 @pytest.mark.parametrize(

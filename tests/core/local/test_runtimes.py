@@ -31,7 +31,7 @@ from candela_mitm.providers.specs import resolve_all
 from candela_mitm.providers.usage import Usage
 from tests.fakes.upstream import FakeUpstream
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def free_port() -> int:

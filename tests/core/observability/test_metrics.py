@@ -7,7 +7,7 @@ import pytest
 
 from candela_mitm.observability.metrics import Metrics
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "grafana" / "candela-dashboard.json"
+DASHBOARD = Path(__file__).resolve().parents[3] / "grafana" / "candela-dashboard.json"
 
 
 def series_names(m: Metrics) -> set[str]:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from candela_mitm.providers import usage as usage_mod
 from candela_mitm.providers.eventstream import bedrock_chunk, bedrock_exception, encode_message
-from candela_mitm.providers.specs import usage as usage_mod
 from candela_mitm.providers.sse import encode
 from candela_mitm.providers.usage import (
     Usage,
