@@ -19,6 +19,7 @@ from candela_mitm.governance.identity import (
     extract_credential,
 )
 from candela_mitm.governance.tenancy import requested_tenant, resolve_tenant
+from candela_mitm.governance.users import enrollment_denial
 from candela_mitm.runtime import Runtime
 
 from .flowstate import answered, ctx_of, deny, fail_closed
@@ -101,6 +102,12 @@ class Auth:
             settings = await self.rt.store_call(users.settings_cached, c.principal.user)
         if settings.deleted:
             deny(flow, errors.unauthenticated("This user has been removed"))
+            return
+        refusal = enrollment_denial(
+            settings, c.principal.via, self.rt.config.auth.allow_unknown_users
+        )
+        if refusal is not None:
+            deny(flow, refusal)
             return
         if settings.role != c.principal.role:
             c.principal = dataclasses.replace(c.principal, role=settings.role)

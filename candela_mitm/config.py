@@ -85,10 +85,18 @@ class Oidc(_Model):
     audiences: list[str] = []
     issuers: list[str] = ["https://accounts.google.com"]
     certs_url: str = "https://www.googleapis.com/oauth2/v1/certs"
+    # Email domains accepted (a Google Workspace `hd` claim counts too); empty: any domain.
+    allowed_domains: list[str] = []
 
 
 class AccessTokens(_Model):
     tokeninfo_url: str = "https://oauth2.googleapis.com/tokeninfo"
+    # OAuth client ids whose tokens are accepted (tokeninfo's aud/azp). Empty: access tokens are
+    # refused, since a token issued to any other OAuth client would otherwise pass.
+    audiences: list[str] = []
+    # The issuer's token shape: only bearers starting with one of these are ever sent to
+    # tokeninfo (Google's access tokens start with "ya29."), so a provider key never leaves.
+    token_prefixes: list[str] = Field(default=["ya29."], min_length=1)
 
 
 class ApiKey(_Model):
@@ -102,6 +110,10 @@ class Auth(_Model):
     access_tokens: AccessTokens | None = None
     api_keys: list[ApiKey] = []
     admins: list[str] = []
+    # A verified OIDC or access-token identity that is neither configured (users:, admins:,
+    # api_keys:) nor created through the admin API is refused (403 user_not_enrolled) unless
+    # this is true: otherwise every new identity of a trusted issuer would be a new budget.
+    allow_unknown_users: bool = False
 
 
 class User(_Model):

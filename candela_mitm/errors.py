@@ -97,6 +97,16 @@ def unauthenticated(message: str = "A valid credential is required") -> Denial:
     return Denial(401, "unauthenticated", message, headers={"WWW-Authenticate": "Bearer"})
 
 
+def user_not_enrolled(user: str) -> Denial:
+    return Denial(
+        403,
+        "user_not_enrolled",
+        f"'{user}' is verified but not a user of this deployment: ask an admin to create it "
+        "(PUT /admin/v1/users/{user})",
+        {"user_id": user},
+    )
+
+
 def forbidden(message: str) -> Denial:
     return Denial(403, "forbidden", message)
 

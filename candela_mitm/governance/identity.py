@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import google.auth.transport
 from google.auth import exceptions as google_exceptions
@@ -60,6 +60,9 @@ CERTS_MIN_REFRESH_S = 60.0  # an unknown kid refetches at most this often (rotat
 NEGATIVE_TTL_S = 10.0  # a rejected access token is asked about again after this
 MAX_CACHE_ENTRIES = 10_000
 MAX_CONCURRENT_LOOKUPS = 8  # outbound tokeninfo/certs lookups at once; the rest wait
+# Lookups running or waiting at once; past it a request is answered 503 at once instead of
+# queueing without limit behind an identity provider that is slow or under a token flood.
+MAX_PENDING_LOOKUPS = 256
 FETCH_TIMEOUT_S = 5.0
 MAX_RESPONSE_BYTES = 1 << 20
 
@@ -143,6 +146,10 @@ class _Unverifiable(Exception):
     """The credential could not be checked now (identity provider unreachable or broken)."""
 
 
+class _Saturated(Exception):
+    """Too many identity lookups are running or waiting: answered 503, never queued."""
+
+
 # -- HTTP ---------------------------------------------------------------------------------
 
 
@@ -153,9 +160,12 @@ class HttpResponse:
     body: bytes
 
 
-Fetcher = Callable[[str], HttpResponse]
-"""A blocking GET of an absolute URL; always called off the event loop. Raises OSError when
-the server cannot be reached. It must not log the URL: tokeninfo URLs carry the token."""
+class Fetcher(Protocol):
+    """A blocking GET of an absolute URL, or a form POST when `data` is given; always called off
+    the event loop. Raises OSError when the server cannot be reached. It must not log what it
+    sends: tokeninfo requests carry the token."""
+
+    def __call__(self, url: str, data: bytes | None = None) -> HttpResponse: ...
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -169,9 +179,11 @@ def urllib_fetcher(
     """The default fetcher: urllib (honours HTTPS_PROXY/NO_PROXY, never logs URLs), no redirects."""
     opener = urllib.request.build_opener(_NoRedirect)
 
-    def fetch(url: str) -> HttpResponse:
+    def fetch(url: str, data: bytes | None = None) -> HttpResponse:
+        headers = {"Content-Type": "application/x-www-form-urlencoded"} if data is not None else {}
+        req = urllib.request.Request(url, data=data, headers=headers)
         try:
-            with opener.open(url, timeout=timeout_s) as resp:
+            with opener.open(req, timeout=timeout_s) as resp:
                 return HttpResponse(resp.status, dict(resp.headers.items()), resp.read(max_bytes))
         except urllib.error.HTTPError as e:
             with e:
@@ -359,6 +371,9 @@ class Authenticator:
         self._access_tokens = _BoundedCache(clock)
         self._inflight: dict[str, asyncio.Future[_Verified]] = {}
         self._lookups: asyncio.Semaphore | None = None
+        self._pending = 0  # lookups running or waiting for the semaphore
+        tokens = auth.access_tokens
+        self._token_prefixes = tuple(tokens.token_prefixes) if tokens is not None else ()
 
     # API keys may be added and revoked at run time (admin API); only digests are held.
     def add_api_key(self, sha256: str, user: str) -> None:
@@ -393,6 +408,8 @@ class Authenticator:
         if proxy_token is not None:
             try:
                 proxy_identity = (await self._verify_id_token(proxy_token)).user
+            except _Saturated:
+                return governance_unavailable("too many identity checks are in progress")
             except (_Invalid, _Unverifiable) as e:
                 log.info("401: Proxy-Authorization key_id=%s: %s", key_id(proxy_token), e)
                 return unauthenticated(f"The Proxy-Authorization token is not accepted: {e}")
@@ -417,9 +434,15 @@ class Authenticator:
             if _JWT.fullmatch(token):
                 verified = await self._verify_id_token(token)
                 via: Via = "oidc"
-            else:
+            elif token.startswith(self._token_prefixes) and self._token_prefixes:
                 verified = await self._verify_access_token(token)
                 via = "access_token"
+            else:
+                # Not the issuer's shape (a provider key, a typo'd Candela key): never sent out.
+                raise _Invalid("it is not a known Candela API key")
+        except _Saturated:
+            log.warning("503: identity lookups saturated (%d pending)", self._pending)
+            return governance_unavailable("too many identity checks are in progress")
         except (_Invalid, _Unverifiable) as e:
             log.info("401: %s key_id=%s: %s", source, kid, e)
             return unauthenticated(f"The credential in {_display(source)} is not accepted: {e}")
@@ -503,8 +526,11 @@ class Authenticator:
         email = claims.get("email")
         if not isinstance(email, str) or not email:
             raise _Invalid("the ID token carries no email")
-        if "email_verified" in claims and not _is_true(claims["email_verified"]):
+        if not _is_true(claims.get("email_verified")):
             raise _Invalid("the ID token's email is not verified")
+        domains = self._auth.oidc.allowed_domains if self._auth.oidc is not None else []
+        if domains and not _in_domains(email, claims.get("hd"), domains):
+            raise _Invalid("the ID token's domain is not accepted here")
         exp = claims.get("exp")
         if not isinstance(exp, int | float) or isinstance(exp, bool):
             raise _Invalid("the ID token has no expiry")
@@ -515,6 +541,9 @@ class Authenticator:
     async def _verify_access_token(self, token: str) -> _Verified:
         if self._auth.access_tokens is None:
             raise _Invalid("access tokens are not accepted here")
+        if not self._auth.access_tokens.audiences:
+            # Without a client id to check, a token any OAuth client obtained would pass.
+            raise _Invalid("access tokens are not accepted here (no audience configured)")
         digest = hashlib.sha256(token.encode()).hexdigest()
         hit, cached = self._access_tokens.get(digest)
         if hit:
@@ -531,10 +560,13 @@ class Authenticator:
 
     async def _lookup_access_token(self, token: str, digest: str) -> _Verified:
         assert self._auth.access_tokens is not None
-        base = self._auth.access_tokens.tokeninfo_url
-        url = base + ("&" if "?" in base else "?") + urllib.parse.urlencode({"access_token": token})
+        url = self._auth.access_tokens.tokeninfo_url
+        # POSTed, not in the URL: URLs end up in access logs on the way.
+        form = urllib.parse.urlencode({"access_token": token}).encode()
         try:
-            r = await self._bounded(lambda: self._fetch(url))
+            r = await self._bounded(lambda: self._fetch(url, form))
+        except _Saturated:
+            raise
         except Exception:  # refused, timed out, truncated: all mean "cannot check now"
             raise _Unverifiable("the token service cannot be reached") from None
         if r.status != 200:
@@ -568,10 +600,14 @@ class Authenticator:
         expires_at = min(deadlines)
         if expires_at <= now:
             raise _Invalid("the access token is invalid or expired")
+        assert self._auth.access_tokens is not None
+        audiences = self._auth.access_tokens.audiences
+        if info.get("aud") not in audiences and info.get("azp") not in audiences:
+            raise _Invalid("the access token was issued to another OAuth client")
         email = info.get("email")
         if not isinstance(email, str) or not email:
             raise _Invalid("the access token carries no email (needs the email scope)")
-        if "email_verified" in info and not _is_true(info["email_verified"]):
+        if not _is_true(info.get("email_verified")):
             raise _Invalid("the access token's email is not verified")
         return _Verified(email, expires_at)
 
@@ -579,8 +615,21 @@ class Authenticator:
         # Created lazily so the semaphore belongs to the loop that runs the hooks.
         if self._lookups is None:
             self._lookups = asyncio.Semaphore(MAX_CONCURRENT_LOOKUPS)
-        async with self._lookups:
-            return await asyncio.to_thread(work)
+        if self._pending >= MAX_PENDING_LOOKUPS:
+            raise _Saturated()
+        self._pending += 1
+        try:
+            async with self._lookups:
+                return await asyncio.to_thread(work)
+        finally:
+            self._pending -= 1
+
+
+def _in_domains(email: str, hd: Any, domains: list[str]) -> bool:
+    """The email's domain, or the Workspace domain (`hd`) the token names, is one of `domains`."""
+    wanted = {d.lower() for d in domains}
+    domain = email.rpartition("@")[2].lower()
+    return domain in wanted or (isinstance(hd, str) and hd.lower() in wanted)
 
 
 def _display(source: str) -> str:

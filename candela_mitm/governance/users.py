@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from candela_mitm.config import Config
+from candela_mitm.errors import Denial, user_not_enrolled
 from candela_mitm.state import StateStore, UserRecord
 
 Role = Literal["admin", "developer"]
@@ -133,3 +134,21 @@ class UserDirectory:
 
     def record_of(self, user: str) -> UserRecord | None:
         return self.store.get_user(user, include_deleted=True)
+
+
+# Identities an issuer vouches for, as opposed to keys the deployment itself handed out.
+_ISSUED = frozenset({"oidc", "access_token"})
+
+
+def enrollment_denial(settings: UserSettings, via: str, allow_unknown: bool) -> Denial | None:
+    """403 user_not_enrolled for a verified OIDC/access-token identity that is not a user here.
+
+    A user is enrolled when the config names it (`users:`, `auth.admins`) or the admin API
+    created it. Without this, any identity a trusted issuer signs (any Google account or service
+    account, for Google) would get the default budget: every new identity a new budget.
+    """
+    if allow_unknown or via not in _ISSUED or settings.source != "default":
+        return None
+    if settings.role == "admin":  # auth.admins is configuration too
+        return None
+    return user_not_enrolled(settings.user_id)

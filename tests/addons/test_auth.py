@@ -114,3 +114,37 @@ def test_plain_headers_equal_headers_items(fields: list[tuple[bytes, bytes]]) ->
     f = tflow.tflow()
     f.request.headers.fields = tuple(fields)
     assert plain_headers(f.request.headers) == dict(f.request.headers.items())
+
+
+@pytest.mark.parametrize(
+    "user, allow_unknown, enrolled",
+    [
+        ("stranger@example.com", False, False),  # verified, but nobody made it a user
+        ("stranger@example.com", True, True),  # the operator opted in
+        ("alice@example.com", False, True),  # configured under users:
+        ("boss@example.com", False, True),  # configured under auth.admins
+        ("created@example.com", False, True),  # created through the admin API (the store)
+    ],
+)
+def test_verified_identities_must_be_enrolled(make_runtime, user, allow_unknown, enrolled):
+    import json
+
+    from candela_mitm.state import UserRecord
+    from tests.fakes.oidc import FakeOidcProvider
+
+    with FakeOidcProvider() as idp:
+        rt = make_runtime(
+            "server",
+            oidc=idp.oidc_config().model_dump(),
+            admins=["boss@example.com"],
+            allow_unknown_users=allow_unknown,
+        )
+        rt.store.put_user(UserRecord(user_id="created@example.com", tenants=("t",)))
+        flow = authenticate(rt, {"Authorization": f"Bearer {idp.id_token(user)}"})
+    if enrolled:
+        assert flow.response is None
+        assert ctx_of(flow).principal.user == user
+    else:
+        assert flow.response is not None and flow.response.status_code == 403
+        body = json.loads(flow.response.content)
+        assert body["error"] == "user_not_enrolled" and body["user_id"] == user

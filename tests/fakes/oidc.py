@@ -26,6 +26,7 @@ from candela_mitm.config import AccessTokens, Oidc
 GOOGLE_ISSUER = "https://accounts.google.com"
 CERTS_PATH = "/oauth2/v1/certs"
 TOKENINFO_PATH = "/tokeninfo"
+CLIENT_ID = "fake-client.apps.googleusercontent.com"  # the OAuth client access tokens are for
 
 
 @functools.lru_cache(maxsize=4)
@@ -74,6 +75,7 @@ class FakeOidcProvider:
         self.certs_fetches = 0
         self.tokeninfo_fetches = 0
         self.tokeninfo_by_token: Counter[str] = Counter()
+        self.tokeninfo_methods: list[str] = []
         self.certs_status = 200
         self._access: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -94,6 +96,9 @@ class FakeOidcProvider:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                provider._handle(self)
+
+            def do_POST(self) -> None:
                 provider._handle(self)
 
             def log_message(self, format: str, *args: Any) -> None:
@@ -138,8 +143,11 @@ class FakeOidcProvider:
             certs_url=self.certs_url,
         )
 
-    def access_tokens_config(self) -> AccessTokens:
-        return AccessTokens(tokeninfo_url=self.tokeninfo_url)
+    def access_tokens_config(self, audiences: list[str] | None = None) -> AccessTokens:
+        return AccessTokens(
+            tokeninfo_url=self.tokeninfo_url,
+            audiences=[CLIENT_ID] if audiences is None else audiences,
+        )
 
     # -- minting --
 
@@ -176,7 +184,11 @@ class FakeOidcProvider:
         if email is not None:
             payload["email"] = email
             payload["email_verified"] = True
-        payload.update(extra or {})
+        for k, v in (extra or {}).items():  # None removes a claim
+            if v is None:
+                payload.pop(k, None)
+            else:
+                payload[k] = v
         signing_input = f"{_segment(header)}.{_segment(payload)}".encode()
         if alg == "none":
             signature = b""
@@ -194,7 +206,7 @@ class FakeOidcProvider:
         self,
         email: str | None,
         ttl: float = 3600,
-        aud: str = "fake-client.apps.googleusercontent.com",
+        aud: str = CLIENT_ID,
         email_verified: bool = True,
     ) -> str:
         """An opaque token tokeninfo will describe until `ttl` seconds from now."""
@@ -221,8 +233,14 @@ class FakeOidcProvider:
                 headers["Cache-Control"] = f"public, max-age={self.certs_max_age}"
             self._send(req, status, body, headers)
         elif url.path == TOKENINFO_PATH:
-            token = urllib.parse.parse_qs(url.query).get("access_token", [""])[0]
+            if req.command == "POST":  # Google's tokeninfo takes the token as a form field
+                length = int(req.headers.get("Content-Length") or 0)
+                form = req.rfile.read(length).decode()
+            else:
+                form = url.query
+            token = urllib.parse.parse_qs(form).get("access_token", [""])[0]
             with self._lock:
+                self.tokeninfo_methods.append(req.command)
                 self.tokeninfo_fetches += 1
                 self.tokeninfo_by_token[token] += 1
                 info = self._access.get(token)

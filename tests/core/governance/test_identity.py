@@ -337,7 +337,7 @@ def test_hostile_input_is_401(
 def test_oversized_tokens_never_reach_the_network(size: int, source: str) -> None:
     calls: list[str] = []
 
-    def fetch(url: str) -> HttpResponse:
+    def fetch(url: str, data: bytes | None = None) -> HttpResponse:
         calls.append(url)
         return HttpResponse(500, {}, b"")
 
@@ -472,7 +472,7 @@ def test_id_token_verified_once_then_cached() -> None:
 def test_unreachable_identity_provider_is_401_and_not_cached() -> None:
     calls: list[str] = []
 
-    def down(url: str) -> HttpResponse:
+    def down(url: str, data: bytes | None = None) -> HttpResponse:
         calls.append(url)
         raise ConnectionRefusedError("down")
 
@@ -491,11 +491,12 @@ def test_unreachable_identity_provider_is_401_and_not_cached() -> None:
 def test_tokeninfo_server_error_is_401_not_cached() -> None:
     calls: list[str] = []
 
-    def failing(url: str) -> HttpResponse:
+    def failing(url: str, data: bytes | None = None) -> HttpResponse:
         calls.append(url)
         return HttpResponse(503, {}, b"")
 
-    a = Authenticator(Auth(access_tokens=AccessTokens()), required=True, http=failing)
+    auth = Auth(access_tokens=AccessTokens(audiences=["client"]))
+    a = Authenticator(auth, required=True, http=failing)
     for _ in range(2):
         assert run(a.authenticate(*where("authorization", "ya29.x"))).status == 401
     assert len(calls) == 2
@@ -634,3 +635,130 @@ def test_oidc_and_access_token_users_get_roles(idp: FakeOidcProvider) -> None:
         assert run(a.authenticate(*where("authorization", tok))).role == "admin"
     for tok in (idp.id_token("dev@example.com"), idp.access_token("dev@example.com")):
         assert run(a.authenticate(*where("authorization", tok))).role == "developer"
+
+
+# -- whose tokens: audiences, shapes, verified emails, domains, saturation --------------------
+
+
+def test_access_token_for_another_oauth_client_is_401(fresh_idp: FakeOidcProvider) -> None:
+    a = Authenticator(make_auth(fresh_idp), required=True)
+    other = fresh_idp.access_token("a@x.io", aud="someone-else.apps.googleusercontent.com")
+    d = run(a.authenticate(*where("authorization", other)))
+    assert isinstance(d, Denial) and d.status == 401
+    assert "another OAuth client" in d.message
+
+
+def test_access_tokens_refused_without_audiences(fresh_idp: FakeOidcProvider) -> None:
+    auth = Auth(access_tokens=fresh_idp.access_tokens_config(audiences=[]))
+    a = Authenticator(auth, required=True)
+    d = run(a.authenticate(*where("authorization", fresh_idp.access_token("a@x.io"))))
+    assert isinstance(d, Denial) and d.status == 401
+    assert fresh_idp.tokeninfo_fetches == 0
+
+
+@pytest.mark.parametrize(
+    "bearer",
+    [
+        "sk-proj-" + "A" * 48,  # OpenAI
+        "sk-ant-api03-" + "B" * 80,  # Anthropic
+        "AIzaSy" + "C" * 33,  # Google API key
+        "AKIAIOSFODNN7EXAMPLE",  # AWS access key id
+        "cdl_typo_of_a_candela_key",
+    ],
+)
+def test_a_bearer_not_shaped_like_the_issuers_tokens_never_leaves(
+    fresh_idp: FakeOidcProvider, bearer: str
+) -> None:
+    a = Authenticator(make_auth(fresh_idp), required=True)
+    d = run(a.authenticate(*where("authorization", bearer)))
+    assert isinstance(d, Denial) and d.status == 401
+    assert fresh_idp.tokeninfo_fetches == 0 and fresh_idp.certs_fetches == 0
+
+
+def test_tokeninfo_is_asked_by_post_with_the_token_in_the_body(fresh_idp: FakeOidcProvider) -> None:
+    seen: list[tuple[str, bytes | None]] = []
+    real = urllib_fetcher(timeout_s=2)
+
+    def spy(url: str, data: bytes | None = None) -> HttpResponse:
+        seen.append((url, data))
+        return real(url, data)
+
+    a = Authenticator(make_auth(fresh_idp), required=True, http=spy)
+    token = fresh_idp.access_token("a@x.io")
+    p = run(a.authenticate(*where("authorization", token)))
+    assert isinstance(p, Principal) and p.user == "a@x.io"
+    assert fresh_idp.tokeninfo_methods == ["POST"]
+    [(url, data)] = seen
+    assert token not in url and data is not None and token.encode() in data
+
+
+@pytest.mark.parametrize("verified", [False, None])
+def test_id_token_email_must_be_verified(idp: FakeOidcProvider, verified: bool | None) -> None:
+    a = Authenticator(make_auth(idp), required=True)
+    tok = idp.id_token("a@x.io", extra={"email_verified": verified})  # None: no such claim
+    d = run(a.authenticate(*where("authorization", tok)))
+    assert isinstance(d, Denial) and d.status == 401
+    assert "not verified" in d.message
+
+
+def test_access_token_email_must_be_verified(fresh_idp: FakeOidcProvider) -> None:
+    a = Authenticator(make_auth(fresh_idp), required=True)
+    tok = fresh_idp.access_token("a@x.io", email_verified=False)
+    d = run(a.authenticate(*where("authorization", tok)))
+    assert isinstance(d, Denial) and d.status == 401
+
+
+@pytest.mark.parametrize(
+    "email,hd,ok",
+    [
+        ("a@example.com", None, True),
+        ("a@EXAMPLE.com", None, True),
+        ("a@gmail.com", None, False),
+        ("svc@project.iam.gserviceaccount.com", None, False),
+        ("a@sub.example.com", None, False),
+        ("a@contractor.io", "example.com", True),  # a Workspace account of the domain
+    ],
+)
+def test_oidc_allowed_domains(idp: FakeOidcProvider, email: str, hd: str | None, ok: bool) -> None:
+    oidc = idp.oidc_config().model_copy(update={"allowed_domains": ["example.com"]})
+    a = Authenticator(Auth(oidc=oidc), required=True)
+    tok = idp.id_token(email, extra={"hd": hd} if hd else None)
+    result = run(a.authenticate(*where("authorization", tok)))
+    if ok:
+        assert isinstance(result, Principal) and result.user == email
+    else:
+        assert isinstance(result, Denial) and result.status == 401
+        assert "domain" in result.message
+
+
+def test_saturated_lookups_are_503_not_queued(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from candela_mitm.governance import identity
+
+    monkeypatch.setattr(identity, "MAX_PENDING_LOOKUPS", 3)
+    release = threading.Event()
+    calls: list[str] = []
+
+    def slow(url: str, data: bytes | None = None) -> HttpResponse:
+        calls.append(url)
+        release.wait(5)
+        return HttpResponse(400, {}, b'{"error": "invalid_token"}')
+
+    auth = Auth(access_tokens=AccessTokens(audiences=["client"]))
+    a = Authenticator(auth, required=True, http=slow)
+
+    async def flood() -> list[Any]:
+        tasks = [
+            asyncio.ensure_future(a.authenticate(*where("authorization", f"ya29.t{i}")))
+            for i in range(5)
+        ]
+        await asyncio.sleep(0.2)
+        release.set()
+        return await asyncio.gather(*tasks)
+
+    results = run(flood())
+    statuses = sorted(r.status for r in results)
+    assert statuses == [401, 401, 401, 503, 503]
+    assert {r.error for r in results if r.status == 503} == {"governance_unavailable"}
+    assert len(calls) == 3

@@ -55,3 +55,26 @@ def test_forget_drops_the_cache_and_settings_always_reads_the_store(tmp_path: Pa
     assert users.recent("bob") is None
     assert users.settings_cached("bob").daily_budget_usd == 7.0
     assert users.recent("bob").daily_budget_usd == 7.0  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "via, source, role, allow_unknown, refused",
+    [
+        ("oidc", "default", "developer", False, True),
+        ("access_token", "default", "developer", False, True),
+        ("oidc", "default", "developer", True, False),
+        ("oidc", "config", "developer", False, False),
+        ("oidc", "store", "developer", False, False),
+        ("oidc", "default", "admin", False, False),  # auth.admins
+        ("api_key", "default", "developer", False, False),  # the deployment issued the key
+        ("local", "default", "developer", False, False),  # laptop mode: the OS user
+    ],
+)
+def test_enrollment_denial(via, source, role, allow_unknown, refused):
+    from candela_mitm.governance.users import UserSettings, enrollment_denial
+
+    s = UserSettings("u@example.com", role, (), 10.0, 60, source)
+    d = enrollment_denial(s, via, allow_unknown)
+    assert (d is not None) == refused
+    if d is not None:
+        assert (d.status, d.error, d.fields["user_id"]) == (403, "user_not_enrolled", "u@example.com")
