@@ -68,7 +68,15 @@ class LocalApi:
             else:
                 answer_json(flow, 200, self.models_payload())
         elif c.kind == "traces":
-            answer_json(flow, 200, traces_payload(self.rt.spans, flow.request.query.get("limit")))
+            # candela-server: a developer sees their own spans, an admin everyone's. On a laptop
+            # (no credential required) the OS user is the only user and sees all.
+            p = c.principal
+            if not self.rt.auth_required or (p is not None and p.role == "admin"):
+                viewer = None
+            else:
+                viewer = p.user if p is not None else ""  # "" matches no span: fail closed
+            payload = traces_payload(self.rt.spans, flow.request.query.get("limit"), viewer)
+            answer_json(flow, 200, payload)
         elif c.kind not in ("proxy", "chat") and c.plan is None:
             # nothing before this claimed or planned the route (admin, UI and metrics come earlier)
             deny(flow, errors.not_found(flow.request.path.split("?", 1)[0]))

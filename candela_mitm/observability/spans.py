@@ -102,15 +102,20 @@ class SpanStore:
         with self._lock:
             self._spans.append(span)
 
-    def recent(self, limit: int = 50) -> list[Span]:
+    def recent(self, limit: int = 50, user: str | None = None) -> list[Span]:
+        """The newest `limit` spans; only `user`'s when a user is named."""
         with self._lock:
             items = list(self._spans)
         items.reverse()
+        if user is not None:
+            items = [s for s in items if s.user == user]
         return items[:limit]
 
 
-def traces_payload(store: SpanStore, limit_param: str | None) -> dict[str, Any]:
-    """GET /_local/api/traces: default 50, at most 200."""
+def traces_payload(
+    store: SpanStore, limit_param: str | None, user: str | None = None
+) -> dict[str, Any]:
+    """GET /_local/api/traces: default 50, at most 200; `user`'s spans only when one is named."""
     limit = 50
     if limit_param:
         try:
@@ -118,5 +123,5 @@ def traces_payload(store: SpanStore, limit_param: str | None) -> dict[str, Any]:
         except ValueError:
             limit = 50
     limit = max(1, min(limit, 200))
-    spans = [s.to_json() for s in store.recent(limit)]
+    spans = [s.to_json() for s in store.recent(limit, user)]
     return {"spans": spans, "count": len(spans)}

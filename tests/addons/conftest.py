@@ -52,3 +52,25 @@ def make_flow(path: str, body=None, method: str = "POST", headers=None, raw: byt
 def tctx():
     with taddons.context() as ctx:
         yield ctx
+
+
+@pytest.fixture
+def make_runtime(tmp_path, monkeypatch):
+    """build_runtime(BASE with these auth keys, command) on files of its own; closed after."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream")
+    made = []
+
+    def make(command, **auth):
+        cfg = {
+            **BASE,
+            "auth": {**BASE["auth"], **auth},
+            "state": {"sqlite_path": str(tmp_path / "state.db")},
+            "audit": {"sqlite_path": str(tmp_path / "audit.db")},
+        }
+        rt = build_runtime(parse_config(cfg), command)
+        made.append(rt)
+        return rt
+
+    yield make
+    for rt in made:
+        rt.close()

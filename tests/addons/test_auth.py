@@ -6,33 +6,10 @@ import pytest
 from candela_mitm.addons.auth import Auth, foreign_credential
 from candela_mitm.addons.flowstate import ctx_of
 from candela_mitm.addons.router import Router
-from candela_mitm.config import parse_config
-from candela_mitm.runtime import build_runtime
 
-from .conftest import ALICE_KEY, BASE, make_flow
+from .conftest import ALICE_KEY, make_flow
 
 JWT_SHAPED = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
-
-
-@pytest.fixture
-def make_runtime(tmp_path, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream")
-    made = []
-
-    def make(command, **auth):
-        cfg = {
-            **BASE,
-            "auth": {**BASE["auth"], **auth},
-            "state": {"sqlite_path": str(tmp_path / "state.db")},
-            "audit": {"sqlite_path": str(tmp_path / "audit.db")},
-        }
-        rt = build_runtime(parse_config(cfg), command)
-        made.append(rt)
-        return rt
-
-    yield make
-    for rt in made:
-        rt.close()
 
 
 def authenticate(rt, headers, path="/v1/models"):
@@ -148,3 +125,4 @@ def test_verified_identities_must_be_enrolled(make_runtime, user, allow_unknown,
         assert flow.response is not None and flow.response.status_code == 403
         body = json.loads(flow.response.content)
         assert body["error"] == "user_not_enrolled" and body["user_id"] == user
+

@@ -22,3 +22,15 @@ def test_utc_now_iso(monkeypatch, ns, expected):
     # what it replaced: datetime's isoformat to the millisecond
     moment = datetime.fromtimestamp(ns // 1000 / 1e6, UTC)
     assert expected == moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def test_recent_spans_of_one_user_are_the_newest_of_theirs():
+    from candela_mitm.observability.spans import Span, SpanStore, traces_payload
+
+    store = SpanStore(capacity=10)
+    for i in range(6):
+        store.add(Span(f"s{i}", "t", None, "2026-01-01T00:00:00Z", user="a" if i % 2 else "b"))
+    assert [s.span_id for s in store.recent(2, "a")] == ["s5", "s3"]
+    assert [s.span_id for s in store.recent(10, "b")] == ["s4", "s2", "s0"]
+    assert [s.span_id for s in store.recent(3)] == ["s5", "s4", "s3"]
+    assert traces_payload(store, "50", "nobody") == {"spans": [], "count": 0}
