@@ -10,6 +10,7 @@ from mitmproxy import ctx as mctx
 from mitmproxy import http
 
 from candela_mitm import errors
+from candela_mitm.providers.headers import client_response_fields
 from candela_mitm.providers.upstream_auth import CredentialsUnavailable, header_names_to_strip
 from candela_mitm.runtime import Runtime
 
@@ -105,11 +106,13 @@ class Upstream:
             else:
                 creds = await self.rt.credentials.headers_for(up, req.method, "", {}, b"")
         except CredentialsUnavailable as e:
-            deny(flow, errors.upstream_credentials(up.name, str(e)))
+            # the details (which variable, which file) are for the operator's log, not the caller
+            log.warning("no credential for %s: %s", up.name, e)
+            deny(flow, errors.upstream_credentials(up.name))
             return
-        except Exception as e:  # fail closed: never forward without the provider's credential
+        except Exception:  # fail closed: never forward without the provider's credential
             log.exception("credential error for %s", up.name)
-            deny(flow, errors.upstream_credentials(up.name, type(e).__name__))
+            deny(flow, errors.upstream_credentials(up.name))
             return
         if creds:  # replacing any header of the same name (anthropic-version)
             set_ = {_b(k.lower()): _b(v) for k, v in creds.items()}
@@ -133,6 +136,12 @@ class Upstream:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._cancel(flow)
+        c = ctx_of(flow)
+        if c is not None and c.forwarded and flow.response is not None:
+            # the provider's answer: only the headers a client needs (org ids and org-wide
+            # rate-limit state stay here)
+            resp = flow.response
+            resp.headers.fields = client_response_fields(resp.headers.fields)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._cancel(flow)

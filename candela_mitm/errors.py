@@ -201,10 +201,12 @@ def upstream_timeout(provider: str, seconds: float) -> Denial:
     )
 
 
-def upstream_credentials(provider: str, detail: str) -> Denial:
+def upstream_credentials(provider: str) -> Denial:
+    # No detail: which environment variable or file is missing is for the operator's log.
     return Denial(
         502,
         "upstream_credentials_unavailable",
-        f"Candela has no usable credential for provider '{provider}': {detail}",
+        f"The provider credential for '{provider}' is not available; ask the operator "
+        "(the proxy's log says why)",
         {"provider": provider},
     )

@@ -107,3 +107,52 @@ def test_anthropic_version_is_set_once(tctx, runtime, monkeypatch):
     forward(rt, f)
     assert f.request.headers.get_all("anthropic-version") == ["2023-06-01"]
     assert f.request.headers.get_all("x-api-key") == ["sk-ant"]
+
+
+PROVIDER_HEADERS = [
+    ("content-type", "text/event-stream", True),
+    ("x-request-id", "req_123", True),
+    ("request-id", "req_456", True),
+    ("retry-after", "3", True),
+    ("x-amzn-bedrock-input-token-count", "12", True),
+    ("openai-organization", "org-secret-name", False),
+    ("openai-project", "proj_abc", False),
+    ("anthropic-organization-id", "1f0c-org", False),
+    ("x-ratelimit-remaining-tokens", "149000", False),
+    ("anthropic-ratelimit-tokens-remaining", "99000", False),
+    ("set-cookie", "__cf_bm=abc; path=/", False),
+    ("x-some-future-header", "?", False),
+]
+
+
+def test_only_allowed_provider_response_headers_reach_the_client(tctx, runtime):
+    from mitmproxy.test import tutils
+
+    rt = runtime()
+    f = forward(rt, planned(rt, "/proxy/openai/v1/chat/completions", {"model": "gpt-4o-mini"}, {}))
+    f.response = tutils.tresp(headers=[(k.encode(), v.encode()) for k, v, _ in PROVIDER_HEADERS])
+    Upstream(rt).responseheaders(f)
+    assert {k: f.response.headers.get(k) is not None for k, _, _ in PROVIDER_HEADERS} == {
+        k: kept for k, _, kept in PROVIDER_HEADERS
+    }
+
+
+def test_candelas_own_answers_keep_their_headers(tctx, runtime):
+    from mitmproxy.test import tutils
+
+    rt = runtime()
+    f = planned(rt, "/proxy/openai/v1/chat/completions", {"model": "gpt-4o-mini"}, {})
+    f.response = tutils.tresp(headers=[(b"retry-after", b"7"), (b"x-candela-span-id", b"s")])
+    Upstream(rt).responseheaders(f)  # never forwarded: not the provider's answer
+    assert f.response.headers["x-candela-span-id"] == "s"
+
+
+def test_missing_credential_says_so_without_internals(tctx, runtime, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    rt = runtime()
+    f = forward(rt, planned(rt, "/proxy/openai/v1/chat/completions", {"model": "gpt-4o-mini"}, {}))
+    assert f.response is not None and f.response.status_code == 502
+    body = json.loads(f.response.content)
+    assert body["error"] == "upstream_credentials_unavailable"
+    assert "OPENAI_API_KEY" not in f.response.text and "not available" in body["message"]
+    assert not ctx_of(f).forwarded
