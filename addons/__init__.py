@@ -15,6 +15,7 @@ def pipeline(rt: Runtime) -> list[Any]:
     from .auth import Auth
     from .budget import Budget
     from .localapi import Health, LocalApi
+    from .localguard import LocalGuard
     from .localui import LocalUi
     from .metrics import Metrics
     from .modelpolicy import ModelPolicy
@@ -28,6 +29,7 @@ def pipeline(rt: Runtime) -> list[Any]:
     return [
         Sni(rt),  # transparent mode: SNI -> provider route, sandbox attribution (421/403)
         Router(rt),  # route name, body, forwarding plan (or 400/404/413/415)
+        LocalGuard(rt),  # candela: loopback Host, JSON bodies, the UI token (403/415)
         Health(),  # /healthz, before authentication
         AuditStart(audit),  # first of the response hooks: the entry commits while they run
         Metrics(rt),  # /metrics; request counters at the end

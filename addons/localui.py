@@ -15,6 +15,7 @@ from mitmproxy import http
 from candela_mitm import errors
 from candela_mitm.context import RequestContext
 from candela_mitm.errors import Denial, StoreUnavailable
+from candela_mitm.local.guard import token_path, ui_token, with_token
 from candela_mitm.local.runtimes import Discovery, LocalSettings, RuntimeActionError, hourly_spend
 from candela_mitm.providers.forwarding import plan_provider_request
 from candela_mitm.runtime import Runtime
@@ -66,6 +67,9 @@ class LocalUi:
         self.rt = rt
         self.local = rt.local  # None in candela-server: nothing here answers there
         self.assets = load_assets() if self.local is not None else {}
+        if self.local is not None:  # the page carries the token its script sends with writes
+            token = ui_token(token_path(rt.config.audit.sqlite_path))
+            self.assets["local.html"] = with_token(self.assets["local.html"], token)
         self._refreshing: asyncio.Future[Discovery] | None = None
 
     async def refresh(self, force: bool = False) -> Discovery:

@@ -93,6 +93,24 @@ def unsupported_encoding(encoding: str) -> Denial:
     )
 
 
+def unsupported_media_type(content_type: str | None) -> Denial:
+    return Denial(
+        415,
+        "unsupported_media_type",
+        f"Content-Type '{(content_type or '')[:100]}' is not accepted here; send "
+        "Content-Type: application/json",
+    )
+
+
+def host_not_allowed(host: str | None) -> Denial:
+    return Denial(
+        403,
+        "host_not_allowed",
+        f"Host '{(host or '')[:100]}' is not this machine's Candela: connect to "
+        "http://127.0.0.1 or http://localhost on Candela's port",
+    )
+
+
 def unauthenticated(message: str = "A valid credential is required") -> Denial:
     return Denial(401, "unauthenticated", message, headers={"WWW-Authenticate": "Bearer"})
 

@@ -14,10 +14,17 @@ async function api(path, options) {
   return body;
 }
 
+// The management API's writes carry the per-install token this page was served with.
+const TOKEN = (document.querySelector('meta[name="candela-local-token"]') || {}).content || "";
+
 function postJSON(path, obj) {
   return fetch(path, {
     method: "POST",
-    headers: { "Content-Type": "application/json", Accept: "application/json" },
+    headers: {
+      "Content-Type": "application/json",
+      Accept: "application/json",
+      "X-Candela-Local-Token": TOKEN,
+    },
     body: JSON.stringify(obj || {}),
   });
 }

@@ -21,13 +21,23 @@ BASE = {
 
 
 @pytest.fixture
-def runtime(monkeypatch):
+def runtime(monkeypatch, tmp_path):
+    """build_runtime(cfg or BASE, command); state and audit in this test's own folder, never in
+    ~/.candela (shared by every checkout on the machine)."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream")
+    made = []
 
     def make(cfg=None, command="server"):
-        return build_runtime(parse_config(cfg or BASE), command)
+        cfg = dict(cfg or BASE)
+        cfg.setdefault("state", {"sqlite_path": str(tmp_path / f"state{len(made)}.db")})
+        cfg.setdefault("audit", {"sqlite_path": str(tmp_path / f"audit{len(made)}.db")})
+        rt = build_runtime(parse_config(cfg), command)
+        made.append(rt)
+        return rt
 
-    return make
+    yield make
+    for rt in made:
+        rt.close()
 
 
 def make_flow(path: str, body=None, method: str = "POST", headers=None, raw: bytes | None = None):

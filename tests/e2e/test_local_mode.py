@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,19 @@ def _reset(upstream, ollama, lmstudio):
         f.reset()
         f.clear()
     yield
+
+
+_TOKENS: dict[str, str] = {}
+
+
+def ui_headers(c: CandelaProcess) -> dict[str, str]:
+    """What the /_local/ page's script sends with a write: the token the page carries."""
+    if c.url not in _TOKENS:
+        page = requests.get(f"{c.url}/_local/", timeout=5).text
+        m = re.search(r'<meta name="candela-local-token" content="([^"]+)">', page)
+        assert m is not None, "the page carries no token"
+        _TOKENS[c.url] = m.group(1)
+    return {"X-Candela-Local-Token": _TOKENS[c.url]}
 
 
 def chat(c, body, headers=DUMMY, **kw):
@@ -222,7 +236,11 @@ def test_pull_streams_ollama_progress_back_as_it_comes(local, ollama):
     t0 = time.monotonic()
     arrivals = []
     with requests.post(
-        f"{local.url}/_local/api/pull", json={"model": "phi4:14b"}, stream=True, timeout=20
+        f"{local.url}/_local/api/pull",
+        json={"model": "phi4:14b"},
+        headers=ui_headers(local),
+        stream=True,
+        timeout=20,
     ) as r:
         assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
         for line in r.iter_lines():
@@ -241,7 +259,9 @@ def test_pull_streams_ollama_progress_back_as_it_comes(local, ollama):
 
 @pytest.mark.parametrize("body", [{}, {"model": ""}, {"model": 5}, [1]])
 def test_pull_needs_a_model(local, ollama, body):
-    r = requests.post(f"{local.url}/_local/api/pull", json=body, timeout=5)
+    r = requests.post(
+        f"{local.url}/_local/api/pull", json=body, headers=ui_headers(local), timeout=5
+    )
     assert r.status_code == 400 and r.json()["error"] == "bad_request"
     assert [q for q in ollama.requests if q.route == "ollama.pull"] == []
 
@@ -250,7 +270,8 @@ def test_config_is_validated_persisted_and_audited(local):
     url = f"{local.url}/_local/api/config"
     before = requests.get(url, timeout=5).json()
     assert set(before) == {"cache_ttl_s", "gemini_cache_price_multiplier"}
-    r = requests.post(url, json={"cache_ttl_s": 120}, timeout=5)
+    h = ui_headers(local)
+    r = requests.post(url, json={"cache_ttl_s": 120}, headers=h, timeout=5)
     assert r.status_code == 200 and r.json()["cache_ttl_s"] == 120
     assert requests.get(url, timeout=5).json()["cache_ttl_s"] == 120
     saved = json.loads((local.tmp / "local-settings.json").read_text())
@@ -264,14 +285,16 @@ def test_config_is_validated_persisted_and_audited(local):
         {"gemini_cache_price_multiplier": 2},
         {"runtime_command": ["id"]},
     ):
-        r = requests.post(url, json=bad, timeout=5)
+        r = requests.post(url, json=bad, headers=h, timeout=5)
         assert r.status_code == 400 and r.json()["error"] == "bad_request"
     r = requests.post(
-        url, json={"cache_ttl_s": 1}, headers={"Origin": "http://evil.example"}, timeout=5
+        url, json={"cache_ttl_s": 1}, headers={**h, "Origin": "http://evil.example"}, timeout=5
     )
     assert r.status_code == 403
     assert requests.get(url, timeout=5).json()["cache_ttl_s"] == 120
-    assert requests.post(url, json=before, timeout=5).status_code == 200
+    assert requests.post(url, json={"cache_ttl_s": 1}, timeout=5).status_code == 403  # no token
+    assert requests.get(url, timeout=5).json()["cache_ttl_s"] == 120
+    assert requests.post(url, json=before, headers=h, timeout=5).status_code == 200
 
 
 @pytest.mark.parametrize("multiplier", [0.5, 0.1])
@@ -279,6 +302,7 @@ def test_gemini_cached_input_is_priced_with_the_configured_multiplier(local, ups
     assert (
         requests.post(
             f"{local.url}/_local/api/config",
+            headers=ui_headers(local),
             timeout=5,
             json={"gemini_cache_price_multiplier": multiplier},
         ).status_code
@@ -316,7 +340,8 @@ def test_the_page_and_its_assets_are_served(local):
         assert f"/_local/static/{name}" in r.text
     assert requests.get(f"{local.url}/_local/static/../../etc/passwd", timeout=5).status_code == 404
     assert requests.get(f"{local.url}/_local/nope", timeout=5).status_code == 404
-    assert requests.post(f"{local.url}/_local/api/health", timeout=5).status_code == 405
+    health = f"{local.url}/_local/api/health"
+    assert requests.post(health, headers=ui_headers(local), timeout=5).status_code == 405
 
 
 # A stand-in for `ollama serve`: the fake Ollama API where OLLAMA_HOST says, until signalled.
@@ -341,7 +366,7 @@ def test_start_and_stop_the_runtime_backend(tmp_path, upstream, token_server, lm
         h = requests.get(f"{c.url}/_local/api/health", timeout=10).json()
         assert h["reachable"] is False and h["status"] == "unreachable"
         assert chat(c, {"model": "started:1b", "messages": MSGS}).status_code == 404
-        r = requests.post(f"{c.url}/_local/api/start", timeout=30)
+        r = requests.post(f"{c.url}/_local/api/start", headers=ui_headers(c), timeout=30)
         assert (
             r.status_code == 200 and r.json()["started"] is True and r.json()["reachable"] is True
         )
@@ -357,11 +382,12 @@ def test_start_and_stop_the_runtime_backend(tmp_path, upstream, token_server, lm
         }
         r = chat(c, {"model": "started:1b", "messages": MSGS})
         assert r.status_code == 200, r.text
-        r = requests.post(f"{c.url}/_local/api/stop", timeout=30)
+        r = requests.post(f"{c.url}/_local/api/stop", headers=ui_headers(c), timeout=30)
         assert r.status_code == 200 and r.json()["stopped"] is True and r.json()["pid"] == pid
         assert requests.get(f"{c.url}/_local/api/health", timeout=10).json()["reachable"] is False
         # started again, then left running: stopping Candela stops it too
-        pid = requests.post(f"{c.url}/_local/api/start", timeout=30).json()["process"]["pid"]
+        started = requests.post(f"{c.url}/_local/api/start", headers=ui_headers(c), timeout=30)
+        pid = started.json()["process"]["pid"]
         actions = [e["action"] for e in query_entries(c.tmp / "audit.db", limit=100)]
         assert {"local_runtime_start", "local_runtime_stop"} <= set(actions)
     deadline = time.monotonic() + 5
@@ -403,3 +429,38 @@ def test_openai_sdk_lists_and_chats_local_and_cloud(local, upstream, ollama):
         assert row["usage"] == 19
     assert len(out) == 5
     assert len([q for q in ollama.requests if q.route == "openai.chat"]) == 2
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["evil.example:{port}", "evil.example", "127.0.0.1.nip.io:{port}", "localhost:1", "[::2]:{port}"],
+)
+def test_a_page_behind_another_name_is_refused(local, upstream, host):
+    """DNS rebinding: a hostile name resolving to 127.0.0.1 still sends its own Host."""
+    port = local.url.rsplit(":", 1)[1]
+    r = requests.post(
+        f"{local.url}/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": MSGS},
+        headers={"Host": host.format(port=port)},
+        timeout=5,
+    )
+    assert r.status_code == 403 and r.json()["error"] == "host_not_allowed"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    "ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None]
+)
+def test_bodies_a_page_can_send_cross_site_are_415(local, upstream, ctype):
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MSGS}).encode()
+    headers = {"Content-Type": ctype} if ctype else {}
+    r = requests.post(f"{local.url}/v1/chat/completions", data=body, headers=headers, timeout=5)
+    assert r.status_code == 415 and r.json()["error"] == "unsupported_media_type"
+    assert upstream.requests == []
+
+
+def test_the_token_is_the_installs_own(local):
+    page = requests.get(f"{local.url}/_local/", timeout=5).text
+    token_file = local.tmp / "local-ui.token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert token_file.read_text().strip() in page
