@@ -52,3 +52,24 @@ def make_flow(path: str, body=None, method: str = "POST", headers=None, raw: byt
 def tctx():
     with taddons.context() as ctx:
         yield ctx
+
+
+@pytest.fixture
+def store_runtime(tmp_path, monkeypatch):
+    """A Runtime whose SQLite state store and audit ledger live in tmp_path; closed afterwards."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream")
+    made = []
+
+    def make(cfg=None, command="server"):
+        cfg = {
+            "state": {"sqlite_path": str(tmp_path / "state.db")},
+            "audit": {"sqlite_path": str(tmp_path / "audit.db")},
+            **(cfg or BASE),
+        }
+        rt = build_runtime(parse_config(cfg), command)
+        made.append(rt)
+        return rt
+
+    yield make
+    for rt in made:
+        rt.close()
