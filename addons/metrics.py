@@ -47,9 +47,9 @@ class Metrics:
 
     def _count(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
-        if c is None or c.kind not in ("proxy", "chat") or getattr(c, "counted", False):
+        if c is None or c.kind not in ("proxy", "chat") or c.counted:
             return
-        c.counted = True  # type: ignore[attr-defined]
+        c.counted = True
         m = self.rt.metrics
         try:
             account(c, self.rt.pricing, self.rt.config.governance.unknown_model_price)
