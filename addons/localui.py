@@ -198,7 +198,7 @@ class LocalUi:
                 reason=str(e),
                 runtime=self.local.runtime,
             )
-            deny(flow, Denial(e.status, "runtime_action_failed", str(e)))
+            deny(flow, errors.runtime_action_failed(e.status, str(e)))
             return
         self.rt.audit.record(
             f"local_runtime_{action}",
