@@ -109,3 +109,95 @@ def test_a_counting_failure_fails_open(tctx, store_runtime, monkeypatch):
     assert flow.response.status_code == 200  # the request is untouched
     assert sample(scrape(rt, metrics).response.text, "candela_observability_errors_total",
                   component="metrics") == 1.0
+
+
+# --- the scrape's refresh (it reads the audit ledger) runs off the event loop ------------------
+
+
+@pytest.fixture
+def sqlite_threads(monkeypatch):
+    """The threads that open an SQLite connection while the test runs."""
+    import sqlite3
+    import threading
+
+    seen: list[int] = []
+    real = sqlite3.connect
+
+    def connect(*args, **kwargs):
+        seen.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    return seen
+
+
+def test_the_scrape_reads_the_audit_ledger_on_a_worker_thread(tctx, store_runtime, sqlite_threads):
+    import threading
+
+    rt = store_runtime()
+    rt.audit.record("bypass_attempt", reason="provider_port")
+    assert rt.audit.flush(10)
+    sqlite_threads.clear()
+    loop_threads: list[int] = []
+    metrics = Metrics(rt)
+
+    async def main():
+        loop_threads.append(threading.get_ident())
+        flow = make_flow("/metrics", method="GET")
+        await run_hooks([Router(rt), metrics], flow, "requestheaders")
+        return flow
+
+    flow = asyncio.run(main())
+    # the new ledger entry is counted in this very scrape: the refresh ran, and was waited for
+    assert sample(flow.response.text, "candela_bypass_attempts_total", kind="provider_port") == 1.0
+    assert sqlite_threads, "the refresh read the ledger"
+    assert loop_threads[0] not in sqlite_threads  # never on the event loop's thread
+
+
+def test_a_stuck_refresh_does_not_hold_up_scrapes(tctx, store_runtime, monkeypatch):
+    """Bounded: one refresh at a time, shared by the scrapes meanwhile; each waits at most
+    REFRESH_TIMEOUT_S and answers with the values it has (fail open, counted)."""
+    import threading
+
+    from candela_mitm.addons import metrics as metrics_addon
+
+    monkeypatch.setattr(metrics_addon, "REFRESH_TIMEOUT_S", 0.05)
+    rt = store_runtime()
+    release = threading.Event()
+    started: list[int] = []
+
+    def stuck():
+        started.append(1)
+        release.wait(10)
+
+    rt.metrics.on_scrape(stuck)
+    metrics = Metrics(rt)
+
+    async def main():
+        flows = [make_flow("/metrics", method="GET") for _ in range(3)]
+        await asyncio.gather(*(run_hooks([Router(rt), metrics], f, "requestheaders") for f in flows))
+        return flows
+
+    try:
+        flows = asyncio.run(main())
+    finally:
+        release.set()
+    assert [f.response.status_code for f in flows] == [200, 200, 200]
+    assert started == [1]  # one refresh for the three scrapes
+    text = flows[0].response.text
+    assert "candela_requests_total" in text
+    errors_counted = sample(rt.metrics.exposition()[0].decode(), "candela_observability_errors_total",
+                            component="metrics")
+    assert errors_counted == 3.0
+
+
+def test_a_failing_refresh_fails_open(tctx, store_runtime):
+    rt = store_runtime()
+
+    def broken():
+        raise OSError("disk")
+
+    rt.metrics.on_scrape(broken)
+    flow = scrape(rt)
+    assert flow.response.status_code == 200
+    assert sample(flow.response.text, "candela_observability_errors_total", component="metrics") == 1.0
