@@ -122,3 +122,46 @@ def test_candela_server_has_no_local_ui(tctx, store_runtime):
     rt = store_runtime({**BASE, "auth": {**BASE["auth"], "required": False}})
     flow = call(rt, "GET", "/")
     assert flow.response is None  # LocalApi answers 404 there
+
+
+# --- a pull goes through the same audited model policy check as every planned request -----------
+
+
+@pytest.mark.parametrize(
+    "models, model, allowed",
+    [
+        ({}, "llama3.2:3b", True),
+        ({"allowed": ["llama3.2:3b"]}, "llama3.2:3b", True),
+        ({"allowed": ["llama3.2:3b"]}, "qwen2.5:7b", False),
+        ({"blocked": ["qwen2.5:7b"]}, "qwen2.5:7b", False),
+        ({"blocked": ["qwen2.5:7b"]}, "llama3.2:3b", True),
+    ],
+)
+def test_a_pull_is_checked_and_audited_by_the_model_policy(tctx, store_runtime, models, model, allowed):
+    rt = store_runtime({**BASE, "auth": {}, "users": {}, "governance": {"models": models}},
+                       command="local")
+    flow = call(rt, "POST", "/api/pull", {"model": model})
+    c = ctx_of(flow)
+    [check] = audit_entries(rt, "model_policy_check")
+    assert (check["result"], check["model"], check["provider"]) == (
+        "allowed" if allowed else "denied", model, "ollama")
+    assert check["user_id"] == c.user and check["span_id"] == c.span_id
+    assert c.policy == {**check, "timestamp": c.policy["timestamp"]}
+    pulls = audit_entries(rt, "local_pull")
+    if allowed:
+        assert flow.response is None and c.plan is not None and len(pulls) == 1
+    else:
+        assert flow.response.status_code == 403
+        assert flow.response.json()["error"] == "model_not_allowed"
+        assert flow.response.json()["model"] == model
+        assert c.plan is None and pulls == []  # nothing is pulled
+        mode = "allowlist" if models.get("allowed") else "blocklist"
+        assert rt.metrics.policy_denied.labels(model, "", mode)._value.get() == 1
+
+
+def test_a_pull_whose_decision_cannot_be_audited_is_refused(tctx, local, monkeypatch):
+    monkeypatch.setattr(local.audit, "record", lambda *a, **k: False)
+    flow = call(local, "POST", "/api/pull", {"model": "llama3.2:3b"})
+    assert flow.response.status_code == 503
+    assert flow.response.json()["error"] == "governance_unavailable"
+    assert ctx_of(flow).plan is None
