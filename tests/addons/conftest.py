@@ -23,11 +23,17 @@ BASE = {
 
 
 @pytest.fixture
-def runtime(monkeypatch):
+def runtime(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream")
 
     def make(cfg=None, command="server"):
-        return build_runtime(parse_config(cfg or BASE), command)
+        # never the default ~/.candela files: other checkouts' tests (other schemas) share them
+        cfg = {
+            "state": {"sqlite_path": str(tmp_path / "state.db")},
+            "audit": {"sqlite_path": str(tmp_path / "audit.db")},
+            **(cfg or BASE),
+        }
+        return build_runtime(parse_config(cfg), command)
 
     return make
 
