@@ -145,3 +145,32 @@ def test_the_context_is_the_only_per_flow_state(tctx, store_runtime):
     assert (c.usage.input_tokens, c.usage.output_tokens) == (7, 3)
     assert c.span is not None and c.span.span_id == c.span_id
     assert c.reservation is None  # settled
+
+
+def test_addons_write_only_declared_context_fields_and_one_metadata_key():
+    """Read from the source: every `c.x = ...` / `ctx.x = ...` in an addon names a field of
+    RequestContext, and flow.metadata is written under KEY only."""
+    import ast
+    import dataclasses
+    from pathlib import Path
+
+    import candela_mitm.addons as package
+
+    declared = {f.name for f in dataclasses.fields(RequestContext)}
+    written: set[str] = set()
+    metadata_keys: set[str] = set()
+    for path in sorted(Path(package.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = node.targets if isinstance(node, ast.Assign) else (
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+            for t in targets:
+                for e in (t.elts if isinstance(t, ast.Tuple) else [t]):
+                    if (isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name)
+                            and e.value.id in ("c", "ctx")):
+                        written.add(e.attr)
+                    if (isinstance(e, ast.Subscript) and isinstance(e.value, ast.Attribute)
+                            and e.value.attr == "metadata"):
+                        metadata_keys.add(ast.unparse(e.slice))
+    assert {"principal", "plan", "reservation", "reserve_result", "counted", "span"} <= written
+    assert written - declared == set()
+    assert metadata_keys == {"KEY"}

@@ -95,3 +95,51 @@ def test_the_derivation_sees_a_misplaced_hook():
 
     assert hook_order([Second(), First()])["response"] == ["Second", "First"]
     assert hook_order([First(), Second()]) == {"request": ["Second"], "response": ["First", "Second"]}
+
+
+# Who answers what, through the whole pipeline (requestheaders then request), in candela-server:
+# (method, path, with Alice's key) -> status, error code (None: forwarded to the provider)
+ANSWERS = [
+    ("GET", "/healthz", False, 200, None),  # Health, before Auth
+    ("GET", "/metrics", False, 200, None),  # Metrics, before Auth
+    ("GET", "/v1/models", False, 401, "unauthenticated"),
+    ("GET", "/v1/models", True, 200, None),  # LocalApi
+    ("GET", "/_local/api/traces", True, 200, None),  # LocalApi
+    ("GET", "/admin/v1/me", False, 401, "unauthenticated"),
+    ("GET", "/admin/v1/me", True, 200, None),  # Admin
+    ("GET", "/admin/v1/users", True, 403, "forbidden"),
+    ("GET", "/_local/", True, 404, "not_found"),  # LocalUi is inert in candela-server: LocalApi
+    ("GET", "/nothing", False, 401, "unauthenticated"),  # a stranger learns nothing of routes
+    ("GET", "/nothing", True, 404, "not_found"),  # LocalApi, for what nobody claimed
+    ("POST", "/proxy/nowhere/v1/x", False, 404, "not_found"),  # Router, before Auth
+    ("POST", "/proxy/openai/v1/chat/completions", True, None, None),  # Upstream forwards it
+]
+
+
+@pytest.mark.parametrize("method, path, keyed, status, error", ANSWERS)
+def test_who_answers_what(tctx, store_runtime, method, path, keyed, status, error):
+    import asyncio
+
+    from .conftest import ALICE_KEY, make_flow, run_hooks
+
+    rt = store_runtime()
+    addons = pipeline(rt)
+    headers = {"Authorization": f"Bearer {ALICE_KEY}"} if keyed else {}
+    body = {"model": "gpt-4o-mini", "messages": []} if method == "POST" else None
+    flow = make_flow(path, body, method=method, headers=headers)
+
+    async def main():
+        await run_hooks(addons, flow, "requestheaders", "request")
+        for a in addons:
+            if hasattr(a, "done"):
+                a.done()
+
+    asyncio.run(main())
+    if status is None:
+        assert flow.response is None and flow.request.host == "upstream.test"
+        assert flow.request.headers["authorization"] == "Bearer sk-upstream"  # Candela's, not Alice's
+    else:
+        assert flow.response.status_code == status
+        assert flow.request.host == "127.0.0.1"  # answered here, never pointed upstream
+        if error:
+            assert flow.response.json()["error"] == error
