@@ -18,9 +18,6 @@ from .flowstate import answered, ctx_of, deny, fail_closed
 
 log = logging.getLogger("candela.budget")
 
-# flow.metadata key: the reserve result RateLimit got in its store call, for Budget to judge.
-RESERVED = "candela.budget.reserved"
-
 
 def reservation_call(
     rt: Runtime, c: RequestContext
@@ -64,8 +61,8 @@ class Budget:
         c = ctx_of(flow)
         if c is None or answered(flow) or c.plan is None or c.settings is None:
             return
-        if RESERVED in flow.metadata:  # RateLimit already made this request's reservation
-            reserved = flow.metadata.pop(RESERVED)
+        if c.reserve_result is not None:  # RateLimit already made this request's reservation
+            reserved, c.reserve_result = c.reserve_result, None
             if isinstance(reserved, BudgetRefusal):
                 self.rt.metrics.budget_denied.labels(c.tenant or "", "budget_exceeded").inc()
                 deny(flow, reserved.denial())

@@ -21,6 +21,7 @@ from candela_mitm.providers.forwarding import plan_provider_request
 from candela_mitm.runtime import Runtime
 
 from .flowstate import answer_json, answered, ctx_of, deny, fail_closed
+from .modelpolicy import check_model
 
 log = logging.getLogger("candela.localui")
 
@@ -172,9 +173,9 @@ class LocalUi:
         if not isinstance(model, str) or not model.strip() or len(model) > 256:
             deny(flow, errors.bad_request('\'model\' is required, e.g. {"model": "llama3.2:3b"}'))
             return
-        decision = self.rt.policy.check(model, c.tenant)
-        if not decision.allowed:
-            deny(flow, errors.model_not_allowed(decision.model, c.tenant, decision.policy_mode))
+        # the model policy check of every planned request, audited the same way (ModelPolicy
+        # ran before this, but a pull has no plan until here)
+        if not check_model(self.rt, flow, c, model, "ollama"):
             return
         c.body = {"model": model, "stream": True}
         plan = plan_provider_request(self.rt.upstreams["ollama"], "POST", "/api/pull", c.body)
@@ -202,7 +203,7 @@ class LocalUi:
                 reason=str(e),
                 runtime=self.local.runtime,
             )
-            deny(flow, Denial(e.status, "runtime_action_failed", str(e)))
+            deny(flow, errors.runtime_action_failed(e.status, str(e)))
             return
         self.rt.audit.record(
             f"local_runtime_{action}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from mitmproxy import http
@@ -11,12 +12,17 @@ from candela_mitm.runtime import Runtime
 
 from .flowstate import answered, ctx_of
 
+# How long a scrape waits for the refresh (the audit ledger's new bypass entries) before it
+# answers with the values it has.
+REFRESH_TIMEOUT_S = 2.0
+
 
 class Metrics:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         m = rt.metrics
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        self._refreshing: asyncio.Future[None] | None = None
 
         def refresh() -> None:
             st = rt.audit.stats()
@@ -29,11 +35,31 @@ class Metrics:
         # candela_bypass_attempts_total: this proxy's refusals and sandboxes', from the ledger
         m.follow_audit(rt.audit.db_path)
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         if c is not None and c.kind == "metrics" and not answered(flow):
-            body, ctype = self.rt.metrics.render()
+            await self._refresh()
+            body, ctype = self.rt.metrics.exposition()
             flow.response = http.Response.make(200, body, {"Content-Type": ctype})
+
+    async def _refresh(self) -> None:
+        """The scrape-time refresh, off the event loop: it reads the audit SQLite file.
+
+        One refresh at a time runs on the runtime's thread pool, shared by the scrapes that
+        arrive meanwhile (a slow disk holds one pool thread, not one per scrape). A scrape waits
+        for it at most REFRESH_TIMEOUT_S, then answers with the values it has: observability
+        fails open, and the refresh that failed or was not waited for is counted.
+        """
+        loop = asyncio.get_running_loop()
+        running = self._refreshing
+        if running is None or running.done() or running.get_loop() is not loop:
+            running = self._refreshing = asyncio.ensure_future(
+                self.rt.blocking(self.rt.metrics.refresh)
+            )
+        try:
+            await asyncio.wait_for(asyncio.shield(running), REFRESH_TIMEOUT_S)
+        except Exception:
+            self.rt.metrics.observability_errors.labels("metrics").inc()
 
     def _labels(self, metric: Any, *values: str) -> Any:
         """metric.labels(*values), looked up once per label tuple: prometheus_client validates
@@ -47,9 +73,9 @@ class Metrics:
 
     def _count(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
-        if c is None or c.kind not in ("proxy", "chat") or getattr(c, "counted", False):
+        if c is None or c.kind not in ("proxy", "chat") or c.counted:
             return
-        c.counted = True  # type: ignore[attr-defined]
+        c.counted = True
         m = self.rt.metrics
         try:
             account(c, self.rt.pricing, self.rt.config.governance.unknown_model_price)

@@ -6,10 +6,43 @@ from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.audit.actions import MODEL_POLICY_CHECK
+from candela_mitm.context import RequestContext
 from candela_mitm.observability.spans import utc_now_iso
 from candela_mitm.runtime import Runtime
 
 from .flowstate import answered, ctx_of, deny, fail_closed
+
+
+def check_model(
+    rt: Runtime, flow: http.HTTPFlow, c: RequestContext, model: str, provider: str
+) -> bool:
+    """The one model policy check: decided, audited (allowed or denied), denied with 403.
+
+    True if the model may be used. Every addon that lets a model be used goes through here
+    (ModelPolicy for planned requests, LocalUi for a model pull), so no decision goes unaudited.
+    """
+    d = rt.policy.check(model, c.tenant)
+    record = {
+        "result": "allowed" if d.allowed else "denied",
+        "model": d.model,
+        "tenant_id": c.tenant,
+        "user_id": c.user,
+        "policy_mode": d.policy_mode,
+        "policy_scope": d.scope,
+        "timestamp": utc_now_iso(),
+        "span_id": c.span_id,
+        "provider": provider,
+    }
+    c.policy = record
+    if not rt.audit.record(MODEL_POLICY_CHECK, **record):
+        # an unrecorded decision is no decision: the audit trail is part of governance
+        deny(flow, errors.governance_unavailable("the audit trail cannot accept entries"))
+        return False
+    if not d.allowed:
+        rt.metrics.policy_denied.labels(d.model, c.tenant or "", d.policy_mode).inc()
+        deny(flow, errors.model_not_allowed(d.model, c.tenant, d.policy_mode))
+        return False
+    return True
 
 
 class ModelPolicy:
@@ -21,23 +54,4 @@ class ModelPolicy:
         c = ctx_of(flow)
         if c is None or answered(flow) or c.plan is None or not c.plan.model:
             return
-        d = self.rt.policy.check(c.plan.model, c.tenant)
-        record = {
-            "result": "allowed" if d.allowed else "denied",
-            "model": d.model,
-            "tenant_id": c.tenant,
-            "user_id": c.user,
-            "policy_mode": d.policy_mode,
-            "policy_scope": d.scope,
-            "timestamp": utc_now_iso(),
-            "span_id": c.span_id,
-            "provider": c.plan.upstream.name,
-        }
-        c.policy = record
-        if not self.rt.audit.record(MODEL_POLICY_CHECK, **record):
-            # an unrecorded decision is no decision: the audit trail is part of governance
-            deny(flow, errors.governance_unavailable("the audit trail cannot accept entries"))
-            return
-        if not d.allowed:
-            self.rt.metrics.policy_denied.labels(d.model, c.tenant or "", d.policy_mode).inc()
-            deny(flow, errors.model_not_allowed(d.model, c.tenant, d.policy_mode))
+        check_model(self.rt, flow, c, c.plan.model, c.plan.upstream.name)

@@ -10,7 +10,7 @@ from candela_mitm.governance.ledger import BudgetRefusal, Reservation
 from candela_mitm.governance.ratelimit import RateDecision
 from candela_mitm.runtime import Runtime
 
-from .budget import RESERVED, reservation_call
+from .budget import reservation_call
 from .flowstate import answered, ctx_of, deny, fail_closed
 
 
@@ -51,4 +51,4 @@ class RateLimit:
         if reserved is not None:
             if isinstance(reserved, Reservation):
                 c.reservation = reserved  # held from now on: Budget settles or releases it
-            flow.metadata[RESERVED] = reserved
+            c.reserve_result = reserved  # Budget judges it in its own hook

@@ -59,7 +59,7 @@ class Spans:
             if flow.response is not None and c.status_code is None:
                 c.status_code = flow.response.status_code
             span = span_of(c)
-            c.span = span  # type: ignore[attr-defined]
+            c.span = span
             self.rt.spans.add(span)
         except Exception:  # observability fails open
             log.exception("span not recorded")

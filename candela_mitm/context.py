@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from candela_mitm.observability.spans import TraceContext, new_span_id
 from candela_mitm.providers.forwarding import ForwardPlan
 from candela_mitm.providers.usage import Usage
+
+if TYPE_CHECKING:  # types only: the context is the vocabulary those modules speak, not a user
+    import asyncio
+
+    from candela_mitm.governance.identity import Principal
+    from candela_mitm.governance.ledger import BudgetRefusal, Reservation
+    from candela_mitm.governance.users import UserSettings
+    from candela_mitm.observability.spans import Span
+    from candela_mitm.providers.streaming import ResponseProcessor
 
 RouteKind = Literal[
     "health", "models", "chat", "proxy", "traces", "local", "admin", "metrics", "not_found"
@@ -17,6 +27,8 @@ RouteKind = Literal[
 
 @dataclass
 class RequestContext:
+    """Everything the addons know about one request; no addon keeps per-flow state elsewhere."""
+
     kind: RouteKind
     provider: str | None  # route name for /proxy/<provider>/...
     rest: str  # the path after /proxy/<provider>, query included
@@ -25,26 +37,32 @@ class RequestContext:
     started: float = field(default_factory=time.monotonic)
     client_address: str | None = None
     intercepted: bool = False  # arrived through the transparent listener (SNI-routed)
-    principal: Any = None  # identity.Principal once authenticated
-    settings: Any = None  # users.UserSettings of the principal
+    principal: Principal | None = None  # once authenticated (or attributed by Sni)
+    settings: UserSettings | None = None  # the principal's, read by Auth
     tenant: str | None = None
     body: dict[str, Any] | None = None  # the parsed JSON request body
     plan: ForwardPlan | None = None
-    reservation: Any = None  # ledger.Reservation while one is held
+    # Budget's reserve as RateLimit made it in its own store trip, for Budget to judge
+    reserve_result: Reservation | BudgetRefusal | None = None
+    reservation: Reservation | None = None  # while one is held: Budget settles or releases it
     estimate_usd: float = 0.0
     denial_code: str | None = None  # set when Candela answered with a denial
     forwarded: bool = False
     first_byte_at: float | None = None
-    processor: Any = None  # streaming.ResponseProcessor on proxied responses
-    feed_pending: Any = None  # a whole (unstreamed) body still to run through the processor
+    processor: ResponseProcessor | None = None  # on proxied responses: reads their usage
+    # a whole (unstreamed) body still to run through the processor, run by account()
+    feed_pending: Callable[[], None] | None = None
     usage: Usage = field(default_factory=Usage)
     cost_usd: float = 0.0
     finished: bool = False  # accounting done (response or error), exactly once
     error: str | None = None
     status_code: int | None = None
     policy: dict[str, Any] | None = None  # the model policy decision, for audit
+    counted: bool = False  # the request's metrics are counted (addons/metrics.py), exactly once
+    span: Span | None = None  # the request's span once recorded (addons/spans.py)
     audited: bool = False  # the request's audit entry is queued (addons/audit.py), exactly once
-    audit_commit: Any = None  # the loop future that tells when that entry is committed
+    # the loop future that tells when that entry is committed (True) or timed out (False)
+    audit_commit: asyncio.Future[bool] | None = None
 
     @property
     def model(self) -> str | None:
@@ -52,7 +70,7 @@ class RequestContext:
 
     @property
     def user(self) -> str | None:
-        return getattr(self.principal, "user", None)
+        return self.principal.user if self.principal is not None else None
 
     def elapsed_ms(self) -> float:
         return (time.monotonic() - self.started) * 1000.0

@@ -1,4 +1,15 @@
-"""Errors and denials: every refusal Candela answers is built here, as JSON with a snake_case code."""
+"""Errors and denials: every refusal Candela answers is built here, as JSON with a snake_case code.
+
+Exceptions::
+
+    CandelaError
+     +-- ConfigError        a config file that cannot be used (start refused)
+     +-- StoreUnavailable   the state store cannot answer (governance fails closed: 503)
+     +-- Refused            a request refused deep in a handler; carries the Denial to answer
+
+A `Denial` is the answer itself (status, code, message, fields, headers); the functions below
+build every one Candela sends.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +32,8 @@ class StoreUnavailable(CandelaError):
 
 @dataclass(frozen=True)
 class Denial:
+    """A refusal as the client receives it: JSON {"error": code, "message": ..., **fields}."""
+
     status: int
     error: str
     message: str
@@ -34,8 +47,26 @@ class Denial:
         return json.dumps(self.payload()).encode()
 
 
+class Refused(CandelaError):
+    """Raised where a request is found wanting, caught once where the answer is made."""
+
+    def __init__(self, denial: Denial) -> None:
+        super().__init__(f"{denial.status} {denial.error}: {denial.message}")
+        self.denial = denial
+
+
 def bad_request(message: str, **fields: Any) -> Denial:
     return Denial(400, "bad_request", message, fields)
+
+
+def invalid_field(name: str, why: str) -> Denial:
+    """A body field that cannot be used: 400 bad_request naming the field."""
+    return bad_request(f"'{name}' {why}", field=name)
+
+
+def invalid_parameter(name: str, why: str) -> Denial:
+    """A query parameter that cannot be used: 400 bad_request naming the parameter."""
+    return bad_request(f"Query parameter '{name}' {why}", parameter=name)
 
 
 def invalid_json(detail: str) -> Denial:
@@ -190,6 +221,52 @@ def rate_limited(limit: int, window_resets_at: str, retry_after_s: int) -> Denia
         f"More than {limit} requests in the last minute",
         {"limit": limit, "window_resets_at": window_resets_at, "retry_after_s": retry_after_s},
         headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def runtime_action_failed(status: int, message: str) -> Denial:
+    """`candela`'s management API could not start or stop a local runtime (409, or 5xx)."""
+    return Denial(status, "runtime_action_failed", message)
+
+
+def misdirected(sni: str, host: str | None) -> Denial:
+    """Transparent mode: the Host header names another host than the TLS connection's SNI."""
+    return Denial(
+        421,
+        "misdirected_request",
+        f"The request names host '{host or ''}' but its TLS connection was opened for '{sni}'",
+        {"sni": sni, "host": host},
+    )
+
+
+def region_not_configured(route: str, sni: str, upstream_host: str) -> Denial:
+    """Transparent mode: an app called a provider host (region) the route is not set up for."""
+    return Denial(
+        421,
+        "misdirected_request",
+        f"Provider route '{route}' is configured for '{upstream_host}', not '{sni}': "
+        f"set providers.{route}.region or base_url",
+        {"sni": sni, "provider": route, "upstream_host": upstream_host},
+    )
+
+
+def proxy_request_denied(method: str, target: str) -> Denial:
+    """Transparent mode: an intercepted app addressed a request to another proxy."""
+    return Denial(
+        403,
+        "proxy_not_allowed",
+        "Requests addressed to another proxy are not allowed from an intercepted connection",
+        {"method": method, "target": target[:200]},
+    )
+
+
+def host_not_intercepted(host: str | None) -> Denial:
+    """Transparent mode: a request for a host that is not a provider Candela governs."""
+    return Denial(
+        403,
+        "host_not_intercepted",
+        f"'{host or ''}' is not a provider host Candela governs",
+        {"host": host},
     )
 
 

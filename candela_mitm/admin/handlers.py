@@ -20,7 +20,7 @@ from candela_mitm.audit.actions import ADMIN_ACTION
 from candela_mitm.audit.query import query_entries
 from candela_mitm.audit.writer import AuditWriter
 from candela_mitm.config import Config
-from candela_mitm.errors import Denial, StoreUnavailable
+from candela_mitm.errors import Denial, Refused, StoreUnavailable
 from candela_mitm.governance.ledger import Grant, Ledger
 from candela_mitm.governance.tenancy import MAX_TENANT_CHARS
 from candela_mitm.governance.users import UserDirectory, UserSettings
@@ -129,25 +129,33 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/admin/v1/openapi.json", "openapi", False),
 )
 
-Handled = AdminResponse | Denial
+Handled = AdminResponse
 
 
-# -- parsing -------------------------------------------------------------------------------------
+# -- parsing: each helper returns what it read, or raises Refused (answered by AdminApi.handle) ---
 
 
-def _invalid(name: str, why: str) -> Denial:
-    return errors.bad_request(f"'{name}' {why}", field=name)
+def _invalid(name: str, why: str) -> Refused:
+    return Refused(errors.invalid_field(name, why))
 
 
-def _bad_param(name: str, why: str) -> Denial:
-    return errors.bad_request(f"Query parameter '{name}' {why}", parameter=name)
+def _bad_param(name: str, why: str) -> Refused:
+    return Refused(errors.invalid_parameter(name, why))
 
 
 def match_route(path: str) -> tuple[list[Route], dict[str, str]] | Denial:
-    """The routes whose template fits `path` (any method) and the decoded path parameters.
+    """The routes whose template fits `path` (any method) and the decoded path parameters,
+    or the Denial of a path that cannot be decoded.
 
     Segments are split before percent-decoding, so a user id may hold an encoded '/'.
     """
+    try:
+        return _match_route(path)
+    except Refused as r:
+        return r.denial
+
+
+def _match_route(path: str) -> tuple[list[Route], dict[str, str]]:
     bare = path.split("?", 1)[0]
     if not (bare == PREFIX or bare.startswith(PREFIX + "/")):
         return [], {}
@@ -157,7 +165,7 @@ def match_route(path: str) -> tuple[list[Route], dict[str, str]] | Denial:
     try:
         parts = [unquote(p, errors="strict") for p in rest.split("/")] if rest else []
     except UnicodeDecodeError:
-        return errors.bad_request("The path is not valid percent-encoded UTF-8")
+        raise Refused(errors.bad_request("The path is not valid percent-encoded UTF-8")) from None
     found: list[Route] = []
     params: dict[str, str] = {}
     for route in ROUTES:
@@ -178,30 +186,32 @@ def match_route(path: str) -> tuple[list[Route], dict[str, str]] | Denial:
     return found, params
 
 
-def _user_id(value: str) -> str | Denial:
+def _user_id(value: str) -> str:
     if not value or len(value) > MAX_USER_CHARS:
-        return errors.bad_request(f"A user id has 1 to {MAX_USER_CHARS} characters")
+        raise Refused(errors.bad_request(f"A user id has 1 to {MAX_USER_CHARS} characters"))
     if value != value.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        return errors.bad_request("A user id has no control characters or surrounding spaces")
+        raise Refused(
+            errors.bad_request("A user id has no control characters or surrounding spaces")
+        )
     return value
 
 
-def parse_query(query: str, accepted: frozenset[str]) -> dict[str, str] | Denial:
+def parse_query(query: str, accepted: frozenset[str]) -> dict[str, str]:
     """Query parameters, each at most once; unknown ones are refused. An empty value is absent."""
     out: dict[str, str] = {}
     try:
         pairs = parse_qsl(query, keep_blank_values=True, errors="strict", max_num_fields=32)
     except (ValueError, UnicodeDecodeError):
-        return errors.bad_request("The query string cannot be parsed")
+        raise Refused(errors.bad_request("The query string cannot be parsed")) from None
     seen: set[str] = set()
     for name, value in pairs:
         if name in _CREDENTIAL_PARAMS:
             continue
         if name not in accepted:
             known = ", ".join(sorted(accepted)) or "none"
-            return _bad_param(name, f"is not known here (accepted: {known})")
+            raise _bad_param(name, f"is not known here (accepted: {known})")
         if name in seen:
-            return _bad_param(name, "is given more than once")
+            raise _bad_param(name, "is given more than once")
         seen.add(name)
         if value != "":
             out[name] = value
@@ -221,12 +231,12 @@ def parse_moment(value: str) -> date | datetime | None:
     return None
 
 
-def _moment_param(q: Mapping[str, str], name: str) -> date | datetime | None | Denial:
+def _moment_param(q: Mapping[str, str], name: str) -> date | datetime | None:
     if name not in q:
         return None
     moment = parse_moment(q[name])
     if moment is None:
-        return _bad_param(name, "is not a date (YYYY-MM-DD) or an RFC 3339 time")
+        raise _bad_param(name, "is not a date (YYYY-MM-DD) or an RFC 3339 time")
     return moment
 
 
@@ -236,12 +246,22 @@ def _day(moment: date | datetime | None) -> str | None:
     return day_of(moment) if isinstance(moment, datetime) else moment.isoformat()
 
 
-def _int_param(q: Mapping[str, str], name: str, low: int, high: int) -> int | None | Denial:
+def _days(
+    since: date | datetime | None, until: date | datetime | None
+) -> tuple[str | None, str | None]:
+    """The UTC days of `since` and `until` (either may be absent), until not before since."""
+    first, last = _day(since), _day(until)
+    if first and last and last < first:
+        raise _bad_param("until", "is before since")
+    return first, last
+
+
+def _int_param(q: Mapping[str, str], name: str, low: int, high: int) -> int | None:
     if name not in q:
         return None
     text = q[name]
     if not re.fullmatch(r"[0-9]{1,12}", text) or not low <= int(text) <= high:
-        return _bad_param(name, f"must be an integer from {low} to {high}")
+        raise _bad_param(name, f"must be an integer from {low} to {high}")
     return int(text)
 
 
@@ -249,41 +269,40 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_object(body: bytes) -> dict[str, Any] | Denial:
+def parse_object(body: bytes) -> dict[str, Any]:
     """The request body as a JSON object (NaN and Infinity are not JSON)."""
     if not body.strip():
-        return errors.bad_request("The request body must be a JSON object")
+        raise Refused(errors.bad_request("The request body must be a JSON object"))
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as e:
-        return errors.invalid_json(str(e)[:200])
+        raise Refused(errors.invalid_json(str(e)[:200])) from None
     if not isinstance(data, dict):
-        return errors.bad_request("The request body must be a JSON object")
+        raise Refused(errors.bad_request("The request body must be a JSON object"))
     return data
 
 
-def _unknown_fields(body: Mapping[str, Any], known: tuple[str, ...]) -> Denial | None:
+def _no_unknown_fields(body: Mapping[str, Any], known: tuple[str, ...]) -> None:
     for name in body:
         if name not in known:
-            return _invalid(name, f"is not a known field (known: {', '.join(known)})")
-    return None
+            raise _invalid(name, f"is not a known field (known: {', '.join(known)})")
 
 
-def _usd(body: Mapping[str, Any], name: str, positive: bool) -> float | Denial:
+def _usd(body: Mapping[str, Any], name: str, positive: bool) -> float:
     v = body[name]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return _invalid(name, "must be a number")
+        raise _invalid(name, "must be a number")
     if positive and usd_to_nano(v) <= 0:
-        return _invalid(name, "must be greater than 0 (at least 0.000000001)")
+        raise _invalid(name, "must be greater than 0 (at least 0.000000001)")
     if not 0 <= v <= MAX_USD:
-        return _invalid(name, f"must be from 0 to {MAX_USD:.0f}")
+        raise _invalid(name, f"must be from 0 to {MAX_USD:.0f}")
     return float(v)
 
 
-def _tenants(v: Any) -> tuple[str, ...] | Denial:
+def _tenants(v: Any) -> tuple[str, ...]:
     name = "tenants"
     if not isinstance(v, list) or len(v) > MAX_TENANTS:
-        return _invalid(name, f"must be a list of at most {MAX_TENANTS} tenant ids")
+        raise _invalid(name, f"must be a list of at most {MAX_TENANTS} tenant ids")
     for t in v:
         if (
             not isinstance(t, str)
@@ -292,13 +311,13 @@ def _tenants(v: Any) -> tuple[str, ...] | Denial:
             or t != t.strip()
             or any(ord(c) < 0x20 or ord(c) == 0x7F for c in t)
         ):
-            return _invalid(
+            raise _invalid(
                 name,
                 f"must hold tenant ids of 1 to {MAX_TENANT_CHARS} characters, "
                 "without control characters or surrounding spaces",
             )
     if len(set(v)) != len(v):
-        return _invalid(name, "must not repeat a tenant")
+        raise _invalid(name, "must not repeat a tenant")
     return tuple(v)
 
 
@@ -379,40 +398,30 @@ class AdminApi:
         self.clock = clock or rt.ledger.clock
 
     def handle(self, req: AdminRequest) -> AdminResponse:
+        """The answer to one call: every refusal, raised wherever it is found, is answered here."""
         try:
-            result = self._dispatch(req)
+            return self._dispatch(req)
+        except Refused as r:
+            return AdminResponse.of(r.denial)
         except StoreUnavailable:
-            result = errors.governance_unavailable("the state store is unavailable")
-        return AdminResponse.of(result) if isinstance(result, Denial) else result
+            return AdminResponse.of(errors.governance_unavailable("the state store is unavailable"))
 
     def _dispatch(self, req: AdminRequest) -> Handled:
         bare, _, query = req.path.partition("?")
-        matched = match_route(req.path)
-        if isinstance(matched, Denial):
-            return matched
-        routes, params = matched
+        routes, params = _match_route(req.path)
         if not routes:
-            return errors.not_found(bare)
+            raise Refused(errors.not_found(bare))
         method = req.method.upper()
         route = next((r for r in routes if r.method == method), None)
         if route is None:
             allowed = tuple(sorted(r.method for r in routes))
-            return errors.method_not_allowed(method, bare, allowed)
+            raise Refused(errors.method_not_allowed(method, bare, allowed))
         if route.admin_only and req.role != "admin":
-            return errors.forbidden(f"{method} {route.template} is for admins only")
+            raise Refused(errors.forbidden(f"{method} {route.template} is for admins only"))
         if "user" in params:
-            user = _user_id(params["user"])
-            if isinstance(user, Denial):
-                return user
+            _user_id(params["user"])
         q = parse_query(query, route.query)
-        if isinstance(q, Denial):
-            return q
-        body: dict[str, Any] = {}
-        if method in ("PUT", "POST"):
-            parsed = parse_object(req.body)
-            if isinstance(parsed, Denial):
-                return parsed
-            body = parsed
+        body = parse_object(req.body) if method in ("PUT", "POST") else {}
         handler: Callable[..., Handled] = getattr(self, route.handler)
         return handler(req, params, q, body)
 
@@ -440,8 +449,8 @@ class AdminApi:
         before: dict[str, Any] | None,
         after: dict[str, Any] | None,
         change: Callable[[], object],
-    ) -> Denial | None:
-        """Commit the audit entry, then make the change; a Denial (and no change) if the entry
+    ) -> None:
+        """Commit the audit entry, then make the change; refused (503, no change) if the entry
         cannot be committed."""
         entry = {
             "actor": req.user,
@@ -456,9 +465,9 @@ class AdminApi:
         except FutureTimeout:
             # it may still commit: say that the change was not made
             self.rt.audit.record(ADMIN_ACTION, **entry, outcome="failed", reason="audit_timeout")
-            return errors.governance_unavailable("the audit trail cannot be written")
+            raise Refused(errors.governance_unavailable("the audit trail cannot be written")) from None
         except Exception:
-            return errors.governance_unavailable("the audit trail cannot be written")
+            raise Refused(errors.governance_unavailable("the audit trail cannot be written")) from None
         try:
             change()
         except Exception as e:
@@ -466,7 +475,6 @@ class AdminApi:
             raise
         finally:
             self.rt.users.forget()  # this process's next request reads the change from the store
-        return None
 
     # -- routes ------------------------------------------------------------------------------
 
@@ -509,9 +517,7 @@ class AdminApi:
         self, req: AdminRequest, p: dict[str, str], _q: Any, body: dict[str, Any]
     ) -> Handled:
         user = p["user"]
-        bad = _unknown_fields(body, ("role", "tenants", "daily_budget_usd", "requests_per_minute"))
-        if bad:
-            return bad
+        _no_unknown_fields(body, ("role", "tenants", "daily_budget_usd", "requests_per_minute"))
         current = self.rt.users.settings(user)
         existed = self._known(user)
         # a partial body changes only what it names: start from the settings in force
@@ -521,24 +527,18 @@ class AdminApi:
         rpm = current.requests_per_minute
         if "role" in body:
             if body["role"] not in ("admin", "developer"):
-                return _invalid("role", "must be 'admin' or 'developer'")
+                raise _invalid("role", "must be 'admin' or 'developer'")
             role = body["role"]
             if role != "admin" and user in self.rt.users.admins:
-                return _invalid("role", "cannot be changed: the user is an admin by auth.admins")
+                raise _invalid("role", "cannot be changed: the user is an admin by auth.admins")
         if "tenants" in body:
-            t = _tenants(body["tenants"])
-            if isinstance(t, Denial):
-                return t
-            tenants = t
+            tenants = _tenants(body["tenants"])
         if "daily_budget_usd" in body:
-            b = _usd(body, "daily_budget_usd", positive=False)
-            if isinstance(b, Denial):
-                return b
-            budget = b
+            budget = _usd(body, "daily_budget_usd", positive=False)
         if "requests_per_minute" in body:
             v = body["requests_per_minute"]
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_RPM:
-                return _invalid("requests_per_minute", f"must be an integer from 0 to {MAX_RPM}")
+                raise _invalid("requests_per_minute", f"must be an integer from 0 to {MAX_RPM}")
             rpm = v
         now = self._now()
         record = UserRecord(
@@ -557,11 +557,7 @@ class AdminApi:
             "requests_per_minute": rpm,
         }
         action = "user.update" if existed else "user.create"
-        refused = self._audited(
-            req, action, user, before, after, lambda: self.rt.store.put_user(record)
-        )
-        if refused:
-            return refused
+        self._audited(req, action, user, before, after, lambda: self.rt.store.put_user(record))
         saved = self.rt.users.settings(user)
         return AdminResponse(
             200 if existed else 201, user_json(saved, self.rt.ledger.spent_today(user, now))
@@ -570,9 +566,9 @@ class AdminApi:
     def delete_user(self, req: AdminRequest, p: dict[str, str], _q: Any, _b: Any) -> Handled:
         user = p["user"]
         if not self._known(user):
-            return errors.user_not_found(user)
+            raise Refused(errors.user_not_found(user))
         if user == req.user:
-            return errors.bad_request("An admin cannot delete their own user", user_id=user)
+            raise Refused(errors.bad_request("An admin cannot delete their own user", user_id=user))
         current = self.rt.users.settings(user)
         now = self._now()
 
@@ -591,9 +587,7 @@ class AdminApi:
                 )
             self.rt.store.delete_user(user, to_us(now))
 
-        refused = self._audited(req, "user.delete", user, settings_json(current), None, remove)
-        if refused:
-            return refused
+        self._audited(req, "user.delete", user, settings_json(current), None, remove)
         return AdminResponse(200, {"user_id": user, "deleted": True, "deleted_at": rfc3339(now)})
 
     def create_grant(
@@ -601,27 +595,23 @@ class AdminApi:
     ) -> Handled:
         user = p["user"]
         if not self._known(user):
-            return errors.user_not_found(user)
-        bad = _unknown_fields(body, ("amount_usd", "expires_at", "reason"))
-        if bad:
-            return bad
+            raise Refused(errors.user_not_found(user))
+        _no_unknown_fields(body, ("amount_usd", "expires_at", "reason"))
         for name in ("amount_usd", "expires_at", "reason"):
             if name not in body:
-                return _invalid(name, "is required")
+                raise _invalid(name, "is required")
         amount = _usd(body, "amount_usd", positive=True)
-        if isinstance(amount, Denial):
-            return amount
         now = self._now()
         expires = parse_rfc3339(body["expires_at"])
         if expires is None:
-            return _invalid(
+            raise _invalid(
                 "expires_at", "must be an RFC 3339 time with an offset, e.g. 2030-01-31T00:00:00Z"
             )
         if expires <= now:
-            return _invalid("expires_at", "must be in the future")
+            raise _invalid("expires_at", "must be in the future")
         reason = body["reason"]
         if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
-            return _invalid(
+            raise _invalid(
                 "reason", f"must be a non-empty string of at most {MAX_REASON_CHARS} characters"
             )
         row = GrantRow(
@@ -649,11 +639,7 @@ class AdminApi:
             expired=False,
         )
         view = grant_json(grant)
-        refused = self._audited(
-            req, "grant.create", user, None, view, lambda: self.rt.store.add_grant(row)
-        )
-        if refused:
-            return refused
+        self._audited(req, "grant.create", user, None, view, lambda: self.rt.store.add_grant(row))
         return AdminResponse(201, view)
 
     def list_grants(self, _r: Any, p: dict[str, str], _q: Any, _b: Any) -> Handled:
@@ -674,16 +660,8 @@ class AdminApi:
             if user is None:
                 user = req.user
             elif user != req.user:
-                return errors.forbidden("A developer may only read their own usage")
-        since = _moment_param(q, "since")
-        if isinstance(since, Denial):
-            return since
-        until = _moment_param(q, "until")
-        if isinstance(until, Denial):
-            return until
-        first, last = _day(since), _day(until)
-        if first and last and last < first:
-            return _bad_param("until", "is before since")
+                raise Refused(errors.forbidden("A developer may only read their own usage"))
+        first, last = _days(_moment_param(q, "since"), _moment_param(q, "until"))
         tenant = q.get("tenant")
         rows = self.rt.ledger.usage(user, tenant, first, last)
         return AdminResponse(
@@ -714,20 +692,11 @@ class AdminApi:
     def leaderboard(self, _r: Any, _p: Any, q: dict[str, str], _b: Any) -> Handled:
         by = q.get("by", "tenant")
         if by not in ("tenant", "user"):
-            return _bad_param("by", "must be 'tenant' or 'user'")
+            raise _bad_param("by", "must be 'tenant' or 'user'")
         by_: Literal["tenant", "user"] = "tenant" if by == "tenant" else "user"
-        since = _moment_param(q, "since")
-        if isinstance(since, Denial):
-            return since
-        until = _moment_param(q, "until")
-        if isinstance(until, Denial):
-            return until
+        since, until = _moment_param(q, "since"), _moment_param(q, "until")
         limit = _int_param(q, "limit", 1, MAX_LEADERBOARD_LIMIT)
-        if isinstance(limit, Denial):
-            return limit
-        first, last = _day(since), _day(until)
-        if first and last and last < first:
-            return _bad_param("until", "is before since")
+        first, last = _days(since, until)
         rows = self.rt.ledger.leaderboard(by_, first, last, limit)
         return AdminResponse(
             200,
@@ -751,14 +720,8 @@ class AdminApi:
 
     def audit(self, _r: Any, _p: Any, q: dict[str, str], _b: Any) -> Handled:
         since = _moment_param(q, "since")
-        if isinstance(since, Denial):
-            return since
         limit = _int_param(q, "limit", 1, MAX_AUDIT_LIMIT)
-        if isinstance(limit, Denial):
-            return limit
         before_seq = _int_param(q, "before_seq", 1, 2**62)
-        if isinstance(before_seq, Denial):
-            return before_seq
         if isinstance(since, date) and not isinstance(since, datetime):
             since = datetime(since.year, since.month, since.day, tzinfo=UTC)
         n = limit or DEFAULT_AUDIT_LIMIT
@@ -776,7 +739,7 @@ class AdminApi:
         except FileNotFoundError:
             entries = []
         except sqlite3.Error:
-            return errors.governance_unavailable("the audit log cannot be read")
+            raise Refused(errors.governance_unavailable("the audit log cannot be read")) from None
         return AdminResponse(
             200,
             {

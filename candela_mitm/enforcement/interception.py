@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from candela_mitm.errors import Denial
+from candela_mitm import errors
 from candela_mitm.providers.specs import SPECS, Upstream
 
 # Every provider's public hosts. `*` stands for one DNS label or part of one (never a dot), so
@@ -173,38 +173,8 @@ def provider_addresses(hosts: Iterable[tuple[str, str]], host_map: HostMap) -> s
     return out
 
 
-def misdirected(sni: str, host: str | None) -> Denial:
-    return Denial(
-        421,
-        "misdirected_request",
-        f"The request names host '{host or ''}' but its TLS connection was opened for '{sni}'",
-        {"sni": sni, "host": host},
-    )
-
-
-def region_not_configured(route: str, sni: str, upstream_host: str) -> Denial:
-    return Denial(
-        421,
-        "misdirected_request",
-        f"Provider route '{route}' is configured for '{upstream_host}', not '{sni}': "
-        f"set providers.{route}.region or base_url",
-        {"sni": sni, "provider": route, "upstream_host": upstream_host},
-    )
-
-
-def proxy_request_denied(method: str, target: str) -> Denial:
-    return Denial(
-        403,
-        "proxy_not_allowed",
-        "Requests addressed to another proxy are not allowed from an intercepted connection",
-        {"method": method, "target": target[:200]},
-    )
-
-
-def host_not_intercepted(host: str | None) -> Denial:
-    return Denial(
-        403,
-        "host_not_intercepted",
-        f"'{host or ''}' is not a provider host Candela governs",
-        {"host": host},
-    )
+# The denials of intercepted requests are built in errors.py, with every other one.
+misdirected = errors.misdirected
+region_not_configured = errors.region_not_configured
+proxy_request_denied = errors.proxy_request_denied
+host_not_intercepted = errors.host_not_intercepted

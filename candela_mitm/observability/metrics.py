@@ -104,7 +104,8 @@ class Metrics:
         self._refreshers: list[Callable[[], None]] = []
 
     def on_scrape(self, fn: Callable[[], None]) -> None:
-        """Gauges read from elsewhere (audit backlog, mirror lag) are refreshed at each scrape."""
+        """Gauges read from elsewhere (audit backlog, mirror lag) are refreshed at each scrape
+        (`refresh`)."""
         self._refreshers.append(fn)
 
     def follow_audit(self, db_path: str | Path) -> AuditCounter:
@@ -116,13 +117,23 @@ class Metrics:
         self.on_scrape(follower.refresh)
         return follower
 
-    def render(self) -> tuple[bytes, str]:
+    def refresh(self) -> None:
+        """Run the scrape-time refreshers. Blocking (one reads the audit SQLite file): the proxy
+        runs it on a worker thread, never on the event loop. A failing one is counted, not raised."""
         for fn in self._refreshers:
             try:
                 fn()
             except Exception:
                 self.observability_errors.labels("metrics").inc()
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The registry in Prometheus text format, as it is now (in memory, no refresh)."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def render(self) -> tuple[bytes, str]:
+        """Refresh, then the text format: for callers that may block (CLI, tests)."""
+        self.refresh()
+        return self.exposition()
 
 
 class AuditCounter:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import sqlite3
 
 import pytest
 from mitmproxy.test import taddons, tflow
@@ -84,3 +86,22 @@ def make_runtime(tmp_path, monkeypatch):
     yield make
     for rt in made:
         rt.close()
+async def run_hooks(addons, flow, *names: str) -> None:
+    """Run hooks as mitmproxy does: one hook name at a time, across the addons in list order."""
+    for name in names:
+        for addon in addons:
+            fn = getattr(addon, name, None)
+            if callable(fn):
+                result = fn(flow)
+                if inspect.isawaitable(result):
+                    await result
+
+
+def audit_entries(rt, action: str) -> list[dict]:
+    """The committed audit entries of one action, oldest first, their fields as recorded."""
+    assert rt.audit.flush(10)
+    with sqlite3.connect(rt.config.audit.sqlite_path) as db:
+        rows = db.execute(
+            "SELECT fields FROM audit_log WHERE action = ? ORDER BY seq", (action,)
+        ).fetchall()
+    return [json.loads(f) for (f,) in rows]

@@ -135,3 +135,16 @@ def test_bypass_attempts_are_counted_from_the_audit_ledger_once_each(
         ).fetchone()
     assert follower.seq == newest
     assert "candela_observability_errors_total{" not in m.render()[0].decode()
+
+
+def test_exposition_never_refreshes_and_refresh_runs_every_refresher():
+    m = Metrics()
+    calls = []
+    m.on_scrape(lambda: calls.append("a"))
+    m.on_scrape(lambda: calls.append("b"))
+    m.exposition()
+    assert calls == []  # in memory only: safe on the event loop
+    m.refresh()
+    assert calls == ["a", "b"]
+    m.render()
+    assert calls == ["a", "b", "a", "b"]

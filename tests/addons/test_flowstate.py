@@ -1,0 +1,176 @@
+"""Flow state: the one RequestContext per flow, deny/answer, body decoding, and fail_closed."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+
+import pytest
+from mitmproxy import http
+
+from candela_mitm import errors
+from candela_mitm.addons import pipeline
+from candela_mitm.addons.flowstate import (
+    KEY,
+    answer_json,
+    answered,
+    ctx_of,
+    decoded_body,
+    deny,
+    fail_closed,
+)
+from candela_mitm.context import RequestContext
+from candela_mitm.errors import StoreUnavailable
+from candela_mitm.observability.spans import TraceContext
+
+from .conftest import ALICE_KEY, make_flow, run_hooks
+
+
+def with_context(flow):
+    c = RequestContext(kind="proxy", provider="openai", rest="/v1/chat/completions",
+                       trace=TraceContext.from_headers(None))
+    flow.metadata[KEY] = c
+    return c
+
+
+def test_deny_answers_json_with_its_code_and_the_trace_headers():
+    flow = make_flow("/proxy/openai/v1/chat/completions")
+    c = with_context(flow)
+    assert ctx_of(flow) is c and not answered(flow)
+    deny(flow, errors.rate_limited(3, "2026-01-01T00:01:00Z", 42))
+    assert answered(flow)
+    r = flow.response
+    assert r.status_code == 429 and r.headers["Content-Type"] == "application/json"
+    assert r.headers["Retry-After"] == "42"
+    assert r.headers["X-Candela-Span-Id"] == c.span_id
+    assert r.headers["X-Candela-Trace-Id"] == c.trace.trace_id
+    assert r.json()["error"] == "rate_limited" and r.json()["retry_after_s"] == 42
+    assert (c.denial_code, c.status_code) == ("rate_limited", 429)
+
+
+def test_answer_json_without_a_context():
+    flow = make_flow("/anything")
+    answer_json(flow, 200, {"ok": True}, {"X-Extra": "1"})
+    assert ctx_of(flow) is None
+    assert flow.response.json() == {"ok": True} and flow.response.headers["X-Extra"] == "1"
+    assert "X-Candela-Span-Id" not in flow.response.headers
+
+
+@pytest.mark.parametrize(
+    "raw, encoding, limit, body, error",
+    [
+        (b'{"a": 1}', "", 100, b'{"a": 1}', None),
+        (gzip.compress(b'{"a": 1}'), "gzip", 100, b'{"a": 1}', None),
+        (gzip.compress(b"x" * 10_000), "gzip", 1_000, None, "payload_too_large"),  # a bomb
+        (b"not gzip at all", "gzip", 100, None, "bad_request"),
+    ],
+)
+def test_decoded_body(raw, encoding, limit, body, error):
+    flow = make_flow("/proxy/openai/v1/chat/completions", raw=raw,
+                     headers={"Content-Encoding": encoding} if encoding else {})
+    with_context(flow)
+    assert decoded_body(flow, limit) == body
+    assert (flow.response.json()["error"] if flow.response else None) == error
+
+
+class Gate:
+    def __init__(self, exc):
+        self.exc = exc
+
+    @fail_closed
+    def request(self, flow):
+        raise self.exc
+
+    @fail_closed
+    async def requestheaders(self, flow):
+        raise self.exc
+
+
+@pytest.mark.parametrize("hook", ["request", "requestheaders"])
+@pytest.mark.parametrize(
+    "exc, reason",
+    [(StoreUnavailable("down"), "the state store is unavailable"), (KeyError("x"), "an internal error")],
+)
+def test_a_hook_that_raises_denies_503_instead(tctx, hook, exc, reason):
+    flow = make_flow("/proxy/openai/v1/chat/completions")
+    with_context(flow)
+    result = getattr(Gate(exc), hook)(flow)
+    if asyncio.iscoroutine(result):
+        asyncio.run(result)
+    assert flow.response.status_code == 503
+    assert flow.response.json()["error"] == "governance_unavailable"
+    assert reason in flow.response.json()["message"]
+
+
+def test_a_hook_that_raises_after_an_answer_keeps_the_answer_and_notes_the_error(tctx):
+    flow = make_flow("/proxy/openai/v1/chat/completions")
+    c = with_context(flow)
+    flow.response = http.Response.make(200, b"{}")
+    Gate(KeyError("x")).request(flow)
+    assert flow.response.status_code == 200
+    assert c.error == "Gate.request: KeyError"
+
+
+def test_the_context_is_the_only_per_flow_state(tctx, runtime):
+    """A request through the whole pipeline, forwarded and answered: one metadata key, and
+    every attribute any addon set on the context is a declared field."""
+    import dataclasses
+
+    rt = runtime()
+    addons = pipeline(rt)
+    flow = make_flow("/proxy/openai/v1/chat/completions",
+                     {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                     headers={"Authorization": f"Bearer {ALICE_KEY}"})
+
+    async def main():
+        await run_hooks(addons, flow, "requestheaders", "request")
+        assert flow.response is None and flow.request.host == "upstream.test"
+        flow.response = http.Response.make(
+            200,
+            b'{"id": "x", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}',
+            {"content-type": "application/json"},
+        )
+        await run_hooks(addons, flow, "responseheaders", "response")
+        for a in addons:  # Upstream's timers
+            if hasattr(a, "done"):
+                a.done()
+
+    asyncio.run(main())
+    c = ctx_of(flow)
+    assert set(flow.metadata) == {KEY}
+    declared = {f.name for f in dataclasses.fields(RequestContext)}
+    assert set(vars(c)) <= declared
+    # and the fields the addons filled in, end to end
+    assert c.forwarded and c.finished and c.counted and c.audited
+    assert (c.usage.input_tokens, c.usage.output_tokens) == (7, 3)
+    assert c.span is not None and c.span.span_id == c.span_id
+    assert c.reservation is None  # settled
+
+
+def test_addons_write_only_declared_context_fields_and_one_metadata_key():
+    """Read from the source: every `c.x = ...` / `ctx.x = ...` in an addon names a field of
+    RequestContext, and flow.metadata is written under KEY only."""
+    import ast
+    import dataclasses
+    from pathlib import Path
+
+    import candela_mitm.addons as package
+
+    declared = {f.name for f in dataclasses.fields(RequestContext)}
+    written: set[str] = set()
+    metadata_keys: set[str] = set()
+    for path in sorted(Path(package.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = node.targets if isinstance(node, ast.Assign) else (
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+            for t in targets:
+                for e in (t.elts if isinstance(t, ast.Tuple) else [t]):
+                    if (isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name)
+                            and e.value.id in ("c", "ctx")):
+                        written.add(e.attr)
+                    if (isinstance(e, ast.Subscript) and isinstance(e.value, ast.Attribute)
+                            and e.value.attr == "metadata"):
+                        metadata_keys.add(ast.unparse(e.slice))
+    assert {"principal", "plan", "reservation", "reserve_result", "counted", "span"} <= written
+    assert written - declared == set()
+    assert metadata_keys == {"KEY"}
