@@ -37,18 +37,17 @@ import json
 import logging
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from candela_mitm.config import Config, load_config
-from candela_mitm.enforcement import cgroups
+from candela_mitm.enforcement import cgroups, procnet
+from candela_mitm.enforcement.iptables import Iptables
 from candela_mitm.errors import ConfigError
 
 log = logging.getLogger("candela.enforce")
@@ -71,7 +70,6 @@ DEFAULT_PROVIDER_HOSTS = (
 )
 
 Resolver = Callable[[str], list[str]]
-Runner = Callable[[Sequence[str], str | None], "subprocess.CompletedProcess[str]"]
 
 
 # -- providers ---------------------------------------------------------------------------------
@@ -165,45 +163,37 @@ def restore_text(
     return "\n".join(lines) + "\n"
 
 
-def _run(args: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), input=stdin, capture_output=True, text=True, check=False)
-
-
 @dataclass
-class Iptables:
-    run: Runner = _run
-    binary: str = "iptables"
+class HostChain:
+    """Candela's nat chain and the jump to it from OUTPUT, through the one iptables runner."""
 
-    def _ok(self, *args: str) -> bool:
-        return self.run([self.binary, "-w", "-t", "nat", *args], None).returncode == 0
+    ipt: Iptables = field(default_factory=Iptables)
 
     def apply(self, text: str) -> None:
-        p = self.run([f"{self.binary}-restore", "-w", "--noflush"], text)
+        p = self.ipt.restore(text)
         if p.returncode != 0:
-            raise OSError(f"{self.binary}-restore failed: {p.stderr.strip()}")
-        if not self._ok("-C", "OUTPUT", "-j", CHAIN) and not self._ok(
-            "-I", "OUTPUT", "1", "-j", CHAIN
-        ):
+            raise OSError(f"{self.ipt.binary}-restore failed: {p.stderr.strip()}")
+        if not self.jumped() and not self.ipt.ok("nat", "-I", "OUTPUT", "1", "-j", CHAIN):
             raise OSError(f"cannot add the jump to {CHAIN} in nat OUTPUT")
 
     def rules(self) -> list[str] | None:
         """The chain's rules as `iptables -S` prints them; None if there is no chain."""
-        p = self.run([self.binary, "-w", "-t", "nat", "-S", CHAIN], None)
+        p = self.ipt.table("nat", "-S", CHAIN)
         if p.returncode != 0:
             return None
         return [line for line in p.stdout.splitlines() if line.startswith("-A ")]
 
     def jumped(self) -> bool:
-        return self._ok("-C", "OUTPUT", "-j", CHAIN)
+        return self.ipt.ok("nat", "-C", "OUTPUT", "-j", CHAIN)
 
     def remove(self) -> bool:
         """Drop every jump and the chain; True if anything was there."""
         found = False
-        while self._ok("-D", "OUTPUT", "-j", CHAIN):
+        while self.ipt.ok("nat", "-D", "OUTPUT", "-j", CHAIN):
             found = True
-        if self._ok("-F", CHAIN):
+        if self.ipt.ok("nat", "-F", CHAIN):
             found = True
-            self._ok("-X", CHAIN)
+            self.ipt.ok("nat", "-X", CHAIN)
         return found
 
 
@@ -255,30 +245,11 @@ def join(pid: int | None = None, state_path: str = STATE_PATH) -> str | None:
     state = EnforceState.load(state_path)
     if state is None or not Path(state.cgroup).is_dir():
         return None
-    cgroups.move_pid(state.cgroup, os.getpid() if pid is None else pid)
+    cgroups.join(state.cgroup, pid)
     return state.cgroup
 
 
 # -- commands ----------------------------------------------------------------------------------
-
-
-def listening_ports(proc_net_tcp: str) -> set[int]:
-    """Local ports in LISTEN state in a /proc/net/tcp or tcp6 text."""
-    ports = set()
-    for line in proc_net_tcp.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) > 3 and fields[3] == "0A":  # TCP_LISTEN
-            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
-def _listening(port: int) -> bool:
-    # Read the socket table rather than connect: a probe connection would reach the proxy.
-    found: set[int] = set()
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with suppress(OSError):  # no IPv6 on this host
-            found |= listening_ports(Path(name).read_text())
-    return port in found
 
 
 def enable(
@@ -289,7 +260,7 @@ def enable(
     cgroup: str = DEFAULT_CGROUP,
     proxy_pids: Iterable[int] = (),
     state_path: str = STATE_PATH,
-    ipt: Iptables | None = None,
+    chain: HostChain | None = None,
     out: Any = None,
 ) -> EnforceState:
     """Put host enforcement in place for these provider names (see the module docstring) and save
@@ -301,7 +272,7 @@ def enable(
     from candela_mitm.ebpf import host
 
     out = out if out is not None else sys.stdout
-    ipt = ipt if ipt is not None else Iptables()
+    chain = chain if chain is not None else HostChain()
     resolved = resolve_providers(names, hosts=hosts)
     v4, v6 = split_families(resolved)
     for name, addrs in resolved.items():
@@ -314,7 +285,7 @@ def enable(
     root = cgroups.cgroup2_root()
     cg = cgroups.create(cgroup, root)
     for pid in proxy_pids:
-        cgroups.move_pid(cg, pid)
+        cgroups.join(cg, pid)
     policy = host.HostPolicy(
         providers=tuple(v4 + v6),
         exempt_cgroups=(str(cg),),
@@ -327,7 +298,7 @@ def enable(
         raise
     except Exception as e:  # bcc reports compile and load failures as bare Exception
         raise OSError(f"loading the eBPF programs failed: {e}") from e
-    ipt.apply(restore_text(v4, proxy_port, cgroups.relative(cg, root)))
+    chain.apply(restore_text(v4, proxy_port, cgroups.relative(cg, root)))
     state = EnforceState(proxy_port, str(cg), resolved, ids, time.time())
     state.save(state_path)
     print(
@@ -339,7 +310,7 @@ def enable(
     return state
 
 
-def host_on(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
+def host_on(args: argparse.Namespace, chain: HostChain, out: Any) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as e:
@@ -358,7 +329,7 @@ def host_on(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
             cgroup=args.cgroup,
             proxy_pids=args.proxy_pid,
             state_path=args.state,
-            ipt=ipt,
+            chain=chain,
             out=out,
         )
     except LookupError as e:
@@ -371,7 +342,7 @@ def host_on(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
             f"candela ...` or pass --proxy-pid, or its own upstream connections loop back to it",
             file=out,
         )
-    if not _listening(port):
+    if not procnet.listening(port):
         print(
             f"  warning: nothing listens on port {port}: provider traffic is refused until the "
             f"proxy runs (transparent mode)",
@@ -510,7 +481,7 @@ def start_refusal_feed(
     return feed
 
 
-def host_off(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
+def host_off(args: argparse.Namespace, chain: HostChain, out: Any) -> int:
     from candela_mitm.ebpf import host
 
     state = EnforceState.load(args.state)
@@ -520,7 +491,7 @@ def host_off(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
     except OSError as e:
         n = 0
         failures.append(f"eBPF: {e}")
-    chain = ipt.remove()
+    removed = chain.remove()
     cg = state.cgroup if state else None
     if cg is None:
         try:
@@ -535,7 +506,7 @@ def host_off(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
     Path(args.state).unlink(missing_ok=True)
     print(
         f"candela enforce: off ({n} eBPF program(s) detached, "
-        f"{'chain removed' if chain else 'no chain'}{', cgroup removed' if cg else ''})",
+        f"{'chain removed' if removed else 'no chain'}{', cgroup removed' if cg else ''})",
         file=out,
     )
     for f in failures:
@@ -543,7 +514,7 @@ def host_off(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
     return 1 if failures else 0
 
 
-def collect_status(args: argparse.Namespace, ipt: Iptables) -> dict[str, Any]:
+def collect_status(args: argparse.Namespace, chain: HostChain) -> dict[str, Any]:
     from candela_mitm.ebpf import host
 
     state = EnforceState.load(args.state)
@@ -561,8 +532,8 @@ def collect_status(args: argparse.Namespace, ipt: Iptables) -> dict[str, Any]:
         "state": asdict(state) if state else None,
         "programs": programs,
         "pinned": Path(host.PIN_DIR).is_dir(),
-        "chain": ipt.rules(),
-        "jump": ipt.jumped(),
+        "chain": chain.rules(),
+        "jump": chain.jumped(),
         "cgroup_pids": members,
         "refusals": counts,
     }
@@ -572,8 +543,8 @@ def collect_status(args: argparse.Namespace, ipt: Iptables) -> dict[str, Any]:
     return status
 
 
-def show_status(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
-    st = collect_status(args, ipt)
+def show_status(args: argparse.Namespace, chain: HostChain, out: Any) -> int:
+    st = collect_status(args, chain)
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True), file=out)
     else:
@@ -657,9 +628,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None, *, ipt: Iptables | None = None, out: Any = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, *, chain: HostChain | None = None, out: Any = None
+) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    ipt = ipt or Iptables()
+    chain = chain or HostChain()
     out = out or sys.stdout
     if args.command_name != "status" and os.geteuid() != 0:
         print(
@@ -669,11 +642,11 @@ def main(argv: Sequence[str] | None = None, *, ipt: Iptables | None = None, out:
         return 1
     try:
         if args.command_name == "host":
-            return host_on(args, ipt, out)
+            return host_on(args, chain, out)
         if args.command_name == "off":
-            return host_off(args, ipt, out)
+            return host_off(args, chain, out)
         if args.command_name == "status":
-            return show_status(args, ipt, out)
+            return show_status(args, chain, out)
         return exec_in_cgroup(args, out)
     except (OSError, ImportError) as e:
         print(f"candela enforce {args.command_name}: {e}", file=sys.stderr)

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from candela_mitm.enforcement import procnet
+
 log = logging.getLogger("candela.sandbox")
 
 RUN_DIR_ENV = "CANDELA_RUN_DIR"
@@ -243,20 +245,15 @@ def peer_process(record: SandboxRecord, address: str, port: int) -> tuple[int, s
     members = _pids_in_netns(record.netns_inode)
     if not members:
         return None
-    want = f"{socket.htonl(int(ipaddress.IPv4Address(address))):08X}:{port:04X}"
     inode = None
     for pid in members:
         try:
-            lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+            table = Path(f"/proc/{pid}/net/tcp").read_text()
         except OSError:
             continue
-        for line in lines:
-            cols = line.split()
-            if len(cols) > 9 and cols[1] == want:
-                inode = cols[9]
-                break
+        inode = procnet.socket_inode(table, address, port)
         break  # every member shares the namespace's table
-    if inode is None or inode == "0":
+    if inode is None:
         return None
     target = f"socket:[{inode}]"
     for pid in members:
@@ -798,24 +795,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         audit.close()
 
 
-def listening(port: int) -> bool:
-    """Whether a TCP socket listens on this port here (read from /proc: connecting to the
-    transparent listener directly would only make it log a failed redirect lookup)."""
-    want = f":{port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            cols = line.split()
-            if len(cols) > 3 and cols[1].endswith(want) and cols[3] == "0A":  # 0A: LISTEN
-                return True
-    return False
-
-
 def _warn_if_no_listener(port: int) -> None:
-    if not listening(port):
+    if not procnet.listening(port):
         print(
             f"candela run: nothing listens on port {port}: start Candela with "
             "`mode: transparent` (its traffic will fail until then)",

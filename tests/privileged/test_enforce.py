@@ -98,7 +98,7 @@ def env(tmp_path: Path, iptables: str) -> Iterator[Env]:
         # Whatever happened, leave the machine as it was: never blocked.
         e.cmd("off", "--cgroup", e.cgroup)
         host.uninstall()
-        enforce.Iptables().remove()
+        enforce.HostChain().remove()
         cgroups.remove(cgroups.resolve(e.cgroup))
         e.close()
 
@@ -195,7 +195,7 @@ def test_no_resolvable_provider_changes_nothing(env: Env) -> None:
     env.hosts.write_text("")
     rc, _ = env.on()
     assert rc == 1
-    assert host.attached() == [] and enforce.Iptables().rules() is None
+    assert host.attached() == [] and enforce.HostChain().rules() is None
     assert not os.path.exists(env.state)
 
 
@@ -286,7 +286,7 @@ def test_candela_server_enforces_the_host_audits_refusals_and_stays_closed_when_
         provider.close()
         enforce.main(["off"], out=io.StringIO())
         host.uninstall()
-        enforce.Iptables().remove()
+        enforce.HostChain().remove()
         cgroups.remove(cgroups.resolve(enforce.DEFAULT_CGROUP))
     assert _status()[0] == 3
     assert probe("tcp", PROVIDER_IP, 8443).errno == errno.ECONNREFUSED  # nothing listens: open

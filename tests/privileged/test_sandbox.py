@@ -464,5 +464,5 @@ def test_a_sandbox_works_while_the_host_is_enforced(env: Env, tmp_path: Path) ->
     finally:
         enforce.main(["--state", state, "off", "--cgroup", cgroup], out=io.StringIO())
         host.uninstall()
-        enforce.Iptables().remove()
+        enforce.HostChain().remove()
         cgroups.remove(cgroups.resolve(cgroup))
