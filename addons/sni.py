@@ -15,7 +15,7 @@ from mitmproxy.proxy.mode_specs import TransparentMode
 
 from candela_mitm.context import RequestContext
 from candela_mitm.enforcement import interception
-from candela_mitm.enforcement.sandbox import SandboxRecord, SandboxRegistry, peer_process
+from candela_mitm.enforcement.registry import SandboxRecord, SandboxRegistry, peer_process
 from candela_mitm.errors import Denial
 from candela_mitm.governance.identity import Principal
 from candela_mitm.governance.tenancy import TENANT_HEADER
