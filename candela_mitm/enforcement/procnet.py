@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
-LISTEN = 0x0A  # TCP_LISTEN in include/net/tcp_states.h
+ESTABLISHED = 0x01  # TCP_ESTABLISHED in include/net/tcp_states.h
+LISTEN = 0x0A  # TCP_LISTEN
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
