@@ -15,8 +15,10 @@ from mitmproxy import http
 from candela_mitm import errors
 from candela_mitm.context import RequestContext
 from candela_mitm.errors import Denial, StoreUnavailable
+from candela_mitm.local.discovery import Discovery
 from candela_mitm.local.guard import token_path, ui_token, with_token
-from candela_mitm.local.runtimes import Discovery, LocalSettings, RuntimeActionError, hourly_spend
+from candela_mitm.local.process import RuntimeActionError
+from candela_mitm.local.settings import LocalSettings
 from candela_mitm.providers.forwarding import plan_provider_request
 from candela_mitm.runtime import Runtime
 
@@ -243,9 +245,7 @@ class LocalUi:
         assert self.local is not None and c.settings is not None
         user = c.settings.user_id
         st = await self.rt.blocking(self.rt.ledger.status, user, c.settings.daily_budget_usd)
-        hourly = await self.rt.blocking(
-            hourly_spend, self.local.audit_db, user, date.fromisoformat(st.day)
-        )
+        hourly = await self.rt.blocking(self.local.hourly_spend, user, date.fromisoformat(st.day))
         answer_json(
             flow,
             200,

@@ -8,10 +8,8 @@ import json
 import logging
 import os
 import signal
-from typing import Any
 
 from mitmproxy import http, options
-from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.tools.dump import DumpMaster
 
 from candela_mitm.audit.actions import PROXY_START, PROXY_STOP
@@ -20,7 +18,7 @@ from candela_mitm.enforcement.host import start_refusal_feed
 from candela_mitm.errors import ConfigError
 from candela_mitm.runtime import Runtime
 
-from . import pipeline
+from . import mitm_patches, pipeline
 from .chain import drop_unused_defaults, use_hook_table
 
 log = logging.getLogger("candela.server")
@@ -40,21 +38,18 @@ _ERROR_CODES = {
 }
 
 
-def _json_error_response(status_code: int, message: str = "") -> bytes:
+def json_error_response(status_code: int, message: str = "") -> http.Response:
     """mitmproxy's own error pages (bad HTTP, unreachable upstream) as Candela JSON errors."""
     body = json.dumps(
         {"error": _ERROR_CODES.get(status_code, "proxy_error"), "message": message or "error"}
     ).encode()
-    resp = http.Response.make(
+    return http.Response.make(
         status_code, body, {"Content-Type": "application/json", "Connection": "close"}
     )
-    from mitmproxy.net.http import http1
-
-    return http1.assemble_response(resp)
 
 
 def install_json_errors() -> None:
-    _http1.make_error_response = _json_error_response
+    mitm_patches.install_error_pages(json_error_response)
 
 
 def proxy_options(rt: Runtime, host: str, port: int) -> dict[str, object]:
@@ -85,23 +80,9 @@ def transparent_modes(rt: Runtime) -> list[str]:
 
 # --- workers (issue 7): several processes on one port --------------------------------------
 def share_listening_port() -> None:
-    """Make mitmproxy's TCP listeners bind with SO_REUSEPORT, so that `workers: N` processes
-    listen on one port and the kernel spreads new connections across them. mitmproxy 11 binds
-    its listeners itself (AsyncioServerInstance.listen) and has no option for it."""
-    from mitmproxy.proxy import mode_servers
-
-    cls = mode_servers.AsyncioServerInstance
-    original = cls.listen
-    if getattr(original, "candela_reuse_port", False):
-        return
-
-    async def listen(self: Any, host: str, port: int) -> list[Any]:
-        if self.mode.transport_protocol != "tcp" or not port:
-            return await original(self, host, port)
-        return [await asyncio.start_server(self.handle_stream, host, port, reuse_port=True)]
-
-    listen.candela_reuse_port = True  # type: ignore[attr-defined]
-    cls.listen = listen  # type: ignore[method-assign]
+    """Listeners bind with SO_REUSEPORT, so that `workers: N` processes listen on one port and
+    the kernel spreads new connections across them (mitm_patches.listen_with_reuse_port)."""
+    mitm_patches.listen_with_reuse_port()
 # --- end workers ---------------------------------------------------------------------------
 
 
@@ -130,6 +111,7 @@ def freeze_startup_heap() -> None:
 
 
 async def serve(rt: Runtime, host: str, port: int, reuse_port: bool = False) -> None:
+    mitm_patches.warn_if_unverified()
     install_json_errors()
     if reuse_port:
         share_listening_port()

@@ -9,29 +9,23 @@ import socket
 from typing import Any
 
 from mitmproxy import connection, http, tls
-from mitmproxy.proxy import layer, layers
-from mitmproxy.proxy.layers import modes
-from mitmproxy.proxy.mode_specs import TransparentMode
 
 from candela_mitm.context import RequestContext
 from candela_mitm.enforcement import interception
-from candela_mitm.enforcement.sandbox import SandboxRecord, SandboxRegistry, peer_process
+from candela_mitm.enforcement.registry import SandboxRecord, SandboxRegistry, peer_process
 from candela_mitm.errors import Denial
 from candela_mitm.governance.identity import Principal
 from candela_mitm.governance.tenancy import TENANT_HEADER
 from candela_mitm.observability.spans import TraceContext
 from candela_mitm.runtime import Runtime
 
+from . import mitm_patches
 from .flowstate import KEY, deny, fail_closed
 
 log = logging.getLogger("candela.sni")
 
 DENIED = "interception_denied"
 REFUSED = "interception_refused"
-
-
-def _transparent(conn: connection.Client) -> bool:
-    return isinstance(conn.proxy_mode, TransparentMode)
 
 
 def _ip(address: str) -> str:
@@ -75,7 +69,7 @@ class Sni:
         return self._local[ip]
 
     def client_connected(self, client: connection.Client) -> None:
-        if not _transparent(client):
+        if not mitm_patches.is_transparent(client):
             return
         address = client.peername[0] if client.peername else ""
         try:
@@ -97,7 +91,7 @@ class Sni:
 
     async def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         client = data.context.client
-        if not _transparent(client):
+        if not mitm_patches.is_transparent(client):
             return
         sni = data.client_hello.sni
         if sni:
@@ -116,33 +110,22 @@ class Sni:
         if data.context.client.id in self._refused:
             data.ssl_conn = None  # mitmproxy closes a client connection it has no TLS for
 
-    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+    def next_layer(self, nextlayer: mitm_patches.NextLayer) -> None:
         """Plain HTTP (port 80) to a host that is not a provider passes untouched, like TLS."""
-        context = nextlayer.context
-        proposed = nextlayer.layer
-        if (
-            not _transparent(context.client)
-            or not isinstance(proposed, layers.HttpLayer)
-            or len(context.layers) != 2
-            or not isinstance(context.layers[0], modes.TransparentProxy)
-            or context.layers[-1] is not proposed
-        ):
+        if not mitm_patches.proposes_plain_http(nextlayer):
             return  # only the first layer of a plain connection: inside TLS the SNI decided
         decision = interception.plaintext_decision(nextlayer.data_client(), self.hosts)
         if decision is not None and not decision.passthrough:
             return  # Candela's pipeline governs it (or refuses it, and audits that)
-        context.layers.remove(proposed)  # the layer mitmproxy proposed is not used
-        if decision is None:
-            nextlayer.layer = None  # ask again with the rest of the request head
-        else:
-            nextlayer.layer = layers.TCPLayer(context, ignore=True)
+        # tunnelled untouched; with no decision yet, asked again with the rest of the request head
+        mitm_patches.withdraw_proposal(nextlayer, tunnel=decision is not None)
 
     # requests ---------------------------------------------------------------------------
 
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         client = flow.client_conn
-        if not _transparent(client):
+        if not mitm_patches.is_transparent(client):
             return
         peer = _ip(client.peername[0]) if client.peername else None
         req = flow.request

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 
-from mitmproxy import ctx as mctx
 from mitmproxy import http
 
 from candela_mitm import errors
@@ -14,6 +13,7 @@ from candela_mitm.providers.headers import client_response_fields
 from candela_mitm.providers.upstream_auth import CredentialsUnavailable, header_names_to_strip
 from candela_mitm.runtime import Runtime
 
+from . import mitm_patches
 from .flowstate import answered, ctx_of, deny, fail_closed
 
 log = logging.getLogger("candela.upstream")
@@ -161,29 +161,13 @@ class Upstream:
         c.error = "upstream_timeout"
         c.status_code = 504
         c.denial_code = None
-        try:
-            handler = mctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)
-        except Exception:
-            handler = None
-        if handler is None:
-            return
-        client_io = handler.transports.get(flow.client_conn)
-        server_io = handler.transports.get(flow.server_conn)
         body = denial.body()
-        if (
-            client_io is not None
-            and client_io.writer is not None
-            and flow.request.http_version.startswith("HTTP/1")
-        ):
+        raw: bytes | None = None
+        if flow.request.http_version.startswith("HTTP/1"):
             head = (
                 f"HTTP/1.1 504 Gateway Timeout\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n"
                 f"x-candela-span-id: {c.span_id}\r\nx-candela-trace-id: {c.trace.trace_id}\r\n\r\n"
             ).encode()
-            try:
-                client_io.writer.write(head + body)
-                client_io.writer.close()
-            except Exception:
-                log.debug("client gone before the 504 could be written")
-        if server_io is not None and server_io.handler is not None:
-            server_io.handler.cancel("upstream timeout")
+            raw = head + body
+        mitm_patches.abort_flow(flow, raw, "upstream timeout")

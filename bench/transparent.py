@@ -37,7 +37,7 @@ def _redirect(port: int, add: bool) -> None:
 
 
 def run(b: Any) -> dict[str, Any]:
-    import run as bench  # the runner: its Bench, processes and helpers
+    import harness as bench  # its Bench, processes and helpers
 
     if os.geteuid() != 0 or not shutil.which("iptables") or not shutil.which("openssl"):
         return {"skipped": "needs root, iptables and openssl"}
@@ -108,7 +108,7 @@ def _wait_file(path: Any, p: Any, timeout: float = 30.0) -> None:
 
 def _as_group(b: Any, url: str, dur: float, extra: list[str], proc: Any, keys: bool = False) -> dict[str, Any]:
     """The load generator under group GROUP (the iptables rule redirects only that group)."""
-    import run as bench
+    import harness as bench
 
     wrapper = b.work / "as-group.sh"
     wrapper.write_text(f"#!/bin/sh\nexec setpriv --regid={GROUP} --clear-groups {bench.BENCH_PY} \"$@\"\n")

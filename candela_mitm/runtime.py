@@ -17,7 +17,7 @@ from candela_mitm.governance.ledger import Ledger, process_alive
 from candela_mitm.governance.policy import ModelPolicy
 from candela_mitm.governance.ratelimit import RateLimiter
 from candela_mitm.governance.users import UserDirectory
-from candela_mitm.local.runtimes import LocalRuntime
+from candela_mitm.local import LocalRuntime
 from candela_mitm.observability.metrics import Metrics
 from candela_mitm.observability.spans import SpanStore
 from candela_mitm.providers.forwarding import route_for_model

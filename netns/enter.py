@@ -15,6 +15,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from candela_mitm.enforcement import cgroups
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY = 1
@@ -72,11 +74,6 @@ def _check(rc: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def join_cgroup(cgroup_dir: str) -> None:
-    with open(os.path.join(cgroup_dir, "cgroup.procs"), "w") as f:
-        f.write(str(os.getpid()))
-
-
 def join_netns(name: str) -> None:
     fd = os.open(os.path.join(NETNS_RUN_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -128,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("no command")
     try:
         if args.cgroup:
-            join_cgroup(args.cgroup)
+            cgroups.join(args.cgroup)
         join_netns(args.netns)
         private_etc(args.etc, args.readonly)
         drop_capabilities()

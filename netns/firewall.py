@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 import shlex
-import shutil
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from candela_mitm.enforcement.iptables import Iptables
 
 log = logging.getLogger("candela.firewall")
 
@@ -63,23 +63,12 @@ def sandbox_rules(index: int, host_if: str, listen_port: int) -> list[Rule]:
     ]
 
 
-def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
-
-
-def _binary(name: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    if path is None:
-        raise FirewallError(f"{name} is not installed (Debian: apt-get install iptables)")
-    return path
-
-
 def add(rules: Sequence[Rule]) -> None:
     """Insert the rules; if one fails, the ones already inserted are deleted again."""
     done: list[Rule] = []
     try:
         for r in rules:
-            p = _run([_binary(r.binary), "-w", "-t", r.table, "-I", r.chain, "1", *r.spec])
+            p = Iptables(r.binary).table(r.table, "-I", r.chain, "1", *r.spec)
             if p.returncode != 0:
                 raise FirewallError(f"{r.binary} -t {r.table} -I {r.chain}: {p.stderr.strip()}")
             done.append(r)
@@ -91,17 +80,16 @@ def add(rules: Sequence[Rule]) -> None:
 def delete(rules: Sequence[Rule]) -> None:
     """Delete rules; ones already gone are fine."""
     for r in reversed(rules):
-        p = _run([_binary(r.binary), "-w", "-t", r.table, "-D", r.chain, *r.spec])
+        p = Iptables(r.binary).table(r.table, "-D", r.chain, *r.spec)
         if p.returncode != 0:
             log.debug("%s -D %s: %s", r.binary, r.chain, p.stderr.strip())
 
 
 def tagged_rules(binary: str = "iptables") -> list[tuple[int, Rule]]:
     """Every rule a sandbox left in the host's tables, with the index of that sandbox."""
-    save = shutil.which(f"{binary}-save") or shutil.which(f"{binary}-save", path="/usr/sbin:/sbin")
-    if save is None:
+    p = Iptables(binary).save()
+    if p is None:
         return []
-    p = _run([save])
     if p.returncode != 0:
         raise FirewallError(f"{binary}-save: {p.stderr.strip()}")
     found: list[tuple[int, Rule]] = []

@@ -1,21 +1,24 @@
-"""Reading the audit log: DuckDB SQL over a fresh snapshot, exports, and the admin API's listing."""
+"""Reading the audit log: DuckDB SQL over a fresh snapshot, exports, the admin API's listing, and
+spend per hour for the laptop UI."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
 import os
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
 import duckdb
 
+from candela_mitm.audit.actions import LLM_REQUEST
 from candela_mitm.audit.chain import ROW_COLUMNS, Row, connect_readonly
 from candela_mitm.audit.duckdb_sink import create_audit_table, sql_string
 from candela_mitm.audit.sqlite_sink import as_dict
@@ -250,3 +253,33 @@ def query_entries(
         raise
     finally:
         conn.close()
+
+
+# -- spend over the day (the laptop UI's chart) -----------------------------------------------
+
+
+def hourly_spend(audit_db: Path, user: str, day: date) -> list[float]:
+    """USD spent by `user` in each UTC hour of `day`, from the audit log's llm_request entries."""
+    hours = [0.0] * 24
+    if not audit_db.exists():
+        return hours
+    start = f"{day.isoformat()}T00:00:00.000000Z"
+    end = f"{(day + timedelta(days=1)).isoformat()}T00:00:00.000000Z"
+    conn = connect_readonly(audit_db)
+    try:
+        rows = conn.execute(
+            "SELECT CAST(substr(ts, 12, 2) AS INTEGER), "
+            "SUM(CAST(json_extract(fields, '$.cost_usd') AS REAL)) FROM audit_log "
+            "WHERE ts >= ? AND ts < ? AND action = ? AND user_id = ? GROUP BY 1",
+            (start, end, LLM_REQUEST, user),
+        ).fetchall()
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return hours
+        raise
+    finally:
+        conn.close()
+    for hour, usd in rows:
+        if isinstance(hour, int) and 0 <= hour < 24 and usd is not None and math.isfinite(usd):
+            hours[hour] = float(usd)
+    return hours

@@ -180,8 +180,8 @@ def server_main(argv: Sequence[str] | None = None) -> int:
 SUBCOMMANDS = {
     "audit": "candela_mitm.cli.audit:audit_main",
     "ca": "candela_mitm.cli.ca:main",
-    "run": "candela_mitm.enforcement.sandbox:main",
-    "enforce": "candela_mitm.enforcement.host:main",
+    "run": "candela_mitm.cli.run:main",
+    "enforce": "candela_mitm.cli.enforce:main",
     "doctor": "candela_mitm.cli.doctor:main",
 }
 

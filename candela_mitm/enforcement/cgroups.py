@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import time
@@ -120,25 +121,26 @@ def pids(path: str | os.PathLike[str]) -> list[int]:
     return [int(x) for x in text.split()]
 
 
-def move_pid(path: str | os.PathLike[str], pid: int) -> None:
-    """Move a whole process (all its threads) into the cgroup."""
-    with open(Path(path) / "cgroup.procs", "w") as f:
-        f.write(str(pid))
+def join(path: str | os.PathLike[str], pid: int | None = None) -> None:
+    """Move a whole process (all its threads; default: this one) into the cgroup.
+
+    The one way Candela joins a cgroup: `candela enforce` moving the proxy into its exempt group,
+    `enter` in a child between fork and exec, and the sandbox launcher (netns/enter.py). Plain
+    os.open/os.write, no buffered file object, so it is safe in that forked child as well.
+    """
+    fd = os.open(
+        os.path.join(os.fspath(path), "cgroup.procs"), os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC
+    )
+    try:
+        os.write(fd, str(os.getpid() if pid is None else pid).encode())
+    finally:
+        os.close(fd)
 
 
 def enter(path: str | os.PathLike[str]) -> Callable[[], None]:
     """A `preexec_fn` that moves the child into the cgroup before it execs, so nothing the
     program does runs outside it."""
-    procs = str(Path(path) / "cgroup.procs")
-
-    def _enter() -> None:
-        fd = os.open(procs, os.O_WRONLY)
-        try:
-            os.write(fd, str(os.getpid()).encode())
-        finally:
-            os.close(fd)
-
-    return _enter
+    return functools.partial(join, os.fspath(path))
 
 
 def remove(path: str | os.PathLike[str], timeout: float = 2.0) -> None:
@@ -155,7 +157,7 @@ def remove(path: str | os.PathLike[str], timeout: float = 2.0) -> None:
         try:
             for pid in pids(path):
                 with suppress(ProcessLookupError):  # it exited meanwhile
-                    move_pid(parent, pid)
+                    join(parent, pid)
             path.rmdir()
             return
         except FileNotFoundError:

@@ -30,25 +30,23 @@ stops, enforcement stays until `candela enforce off` (fail closed).
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import ipaddress
 import json
 import logging
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from candela_mitm.config import Config, load_config
+from candela_mitm.config import Config
 from candela_mitm.enforcement import cgroups
+from candela_mitm.enforcement.iptables import Iptables
 from candela_mitm.errors import ConfigError
 
 log = logging.getLogger("candela.enforce")
@@ -71,7 +69,6 @@ DEFAULT_PROVIDER_HOSTS = (
 )
 
 Resolver = Callable[[str], list[str]]
-Runner = Callable[[Sequence[str], str | None], "subprocess.CompletedProcess[str]"]
 
 
 # -- providers ---------------------------------------------------------------------------------
@@ -165,45 +162,37 @@ def restore_text(
     return "\n".join(lines) + "\n"
 
 
-def _run(args: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), input=stdin, capture_output=True, text=True, check=False)
-
-
 @dataclass
-class Iptables:
-    run: Runner = _run
-    binary: str = "iptables"
+class HostChain:
+    """Candela's nat chain and the jump to it from OUTPUT, through the one iptables runner."""
 
-    def _ok(self, *args: str) -> bool:
-        return self.run([self.binary, "-w", "-t", "nat", *args], None).returncode == 0
+    ipt: Iptables = field(default_factory=Iptables)
 
     def apply(self, text: str) -> None:
-        p = self.run([f"{self.binary}-restore", "-w", "--noflush"], text)
+        p = self.ipt.restore(text)
         if p.returncode != 0:
-            raise OSError(f"{self.binary}-restore failed: {p.stderr.strip()}")
-        if not self._ok("-C", "OUTPUT", "-j", CHAIN) and not self._ok(
-            "-I", "OUTPUT", "1", "-j", CHAIN
-        ):
+            raise OSError(f"{self.ipt.binary}-restore failed: {p.stderr.strip()}")
+        if not self.jumped() and not self.ipt.ok("nat", "-I", "OUTPUT", "1", "-j", CHAIN):
             raise OSError(f"cannot add the jump to {CHAIN} in nat OUTPUT")
 
     def rules(self) -> list[str] | None:
         """The chain's rules as `iptables -S` prints them; None if there is no chain."""
-        p = self.run([self.binary, "-w", "-t", "nat", "-S", CHAIN], None)
+        p = self.ipt.table("nat", "-S", CHAIN)
         if p.returncode != 0:
             return None
         return [line for line in p.stdout.splitlines() if line.startswith("-A ")]
 
     def jumped(self) -> bool:
-        return self._ok("-C", "OUTPUT", "-j", CHAIN)
+        return self.ipt.ok("nat", "-C", "OUTPUT", "-j", CHAIN)
 
     def remove(self) -> bool:
         """Drop every jump and the chain; True if anything was there."""
         found = False
-        while self._ok("-D", "OUTPUT", "-j", CHAIN):
+        while self.ipt.ok("nat", "-D", "OUTPUT", "-j", CHAIN):
             found = True
-        if self._ok("-F", CHAIN):
+        if self.ipt.ok("nat", "-F", CHAIN):
             found = True
-            self._ok("-X", CHAIN)
+            self.ipt.ok("nat", "-X", CHAIN)
         return found
 
 
@@ -255,30 +244,11 @@ def join(pid: int | None = None, state_path: str = STATE_PATH) -> str | None:
     state = EnforceState.load(state_path)
     if state is None or not Path(state.cgroup).is_dir():
         return None
-    cgroups.move_pid(state.cgroup, os.getpid() if pid is None else pid)
+    cgroups.join(state.cgroup, pid)
     return state.cgroup
 
 
 # -- commands ----------------------------------------------------------------------------------
-
-
-def listening_ports(proc_net_tcp: str) -> set[int]:
-    """Local ports in LISTEN state in a /proc/net/tcp or tcp6 text."""
-    ports = set()
-    for line in proc_net_tcp.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) > 3 and fields[3] == "0A":  # TCP_LISTEN
-            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
-def _listening(port: int) -> bool:
-    # Read the socket table rather than connect: a probe connection would reach the proxy.
-    found: set[int] = set()
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with suppress(OSError):  # no IPv6 on this host
-            found |= listening_ports(Path(name).read_text())
-    return port in found
 
 
 def enable(
@@ -289,7 +259,7 @@ def enable(
     cgroup: str = DEFAULT_CGROUP,
     proxy_pids: Iterable[int] = (),
     state_path: str = STATE_PATH,
-    ipt: Iptables | None = None,
+    chain: HostChain | None = None,
     out: Any = None,
 ) -> EnforceState:
     """Put host enforcement in place for these provider names (see the module docstring) and save
@@ -301,7 +271,7 @@ def enable(
     from candela_mitm.ebpf import host
 
     out = out if out is not None else sys.stdout
-    ipt = ipt if ipt is not None else Iptables()
+    chain = chain if chain is not None else HostChain()
     resolved = resolve_providers(names, hosts=hosts)
     v4, v6 = split_families(resolved)
     for name, addrs in resolved.items():
@@ -314,7 +284,7 @@ def enable(
     root = cgroups.cgroup2_root()
     cg = cgroups.create(cgroup, root)
     for pid in proxy_pids:
-        cgroups.move_pid(cg, pid)
+        cgroups.join(cg, pid)
     policy = host.HostPolicy(
         providers=tuple(v4 + v6),
         exempt_cgroups=(str(cg),),
@@ -327,7 +297,7 @@ def enable(
         raise
     except Exception as e:  # bcc reports compile and load failures as bare Exception
         raise OSError(f"loading the eBPF programs failed: {e}") from e
-    ipt.apply(restore_text(v4, proxy_port, cgroups.relative(cg, root)))
+    chain.apply(restore_text(v4, proxy_port, cgroups.relative(cg, root)))
     state = EnforceState(proxy_port, str(cg), resolved, ids, time.time())
     state.save(state_path)
     print(
@@ -337,47 +307,6 @@ def enable(
         file=out,
     )
     return state
-
-
-def host_on(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(f"candela enforce: config error:\n{e}", file=sys.stderr)
-        return 2
-    port = args.proxy_port if args.proxy_port is not None else config.interception.listen_port
-    names = provider_names(
-        config.interception.hosts, args.provider, defaults=not args.no_default_providers
-    )
-    hosts = parse_hosts(Path(args.hosts_file).read_text()) if args.hosts_file else None
-    try:
-        state = enable(
-            names,
-            port,
-            hosts=hosts,
-            cgroup=args.cgroup,
-            proxy_pids=args.proxy_pid,
-            state_path=args.state,
-            ipt=ipt,
-            out=out,
-        )
-    except LookupError as e:
-        print(f"candela enforce: {e}", file=sys.stderr)
-        return 1
-    cg = state.cgroup
-    if not cgroups.pids(cg):
-        print(
-            f"  warning: no process in {cg}: start the proxy with `candela enforce exec -- "
-            f"candela ...` or pass --proxy-pid, or its own upstream connections loop back to it",
-            file=out,
-        )
-    if not _listening(port):
-        print(
-            f"  warning: nothing listens on port {port}: provider traffic is refused until the "
-            f"proxy runs (transparent mode)",
-            file=out,
-        )
-    return 0
 
 
 def enable_for_proxy(
@@ -510,21 +439,39 @@ def start_refusal_feed(
     return feed
 
 
-def host_off(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
+# -- off and status ------------------------------------------------------------------------------
+
+
+@dataclass
+class Removal:
+    """What `disable` took away, and what it could not."""
+
+    programs: int  # eBPF programs detached
+    chain: bool  # the nat chain (or a jump to it) was there
+    cgroup: str | None  # Candela's cgroup, removed (or tried: see failures)
+    failures: list[str]
+
+
+def disable(
+    *, state_path: str = STATE_PATH, cgroup: str = DEFAULT_CGROUP, chain: HostChain | None = None
+) -> Removal:
+    """Remove host enforcement: the programs and pins, the chain, Candela's cgroup (from the
+    state file, else `cgroup` under the v2 root) and the state file. Every piece is attempted."""
     from candela_mitm.ebpf import host
 
-    state = EnforceState.load(args.state)
+    chain = chain if chain is not None else HostChain()
+    state = EnforceState.load(state_path)
     failures = []
     try:
         n = host.uninstall()
     except OSError as e:
         n = 0
         failures.append(f"eBPF: {e}")
-    chain = ipt.remove()
+    removed = chain.remove()
     cg = state.cgroup if state else None
     if cg is None:
         try:
-            cg = str(cgroups.resolve(args.cgroup))
+            cg = str(cgroups.resolve(cgroup))
         except (FileNotFoundError, ValueError):
             cg = None
     if cg:
@@ -532,21 +479,19 @@ def host_off(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
             cgroups.remove(cg)
         except OSError as e:
             failures.append(f"cgroup {cg}: {e}")
-    Path(args.state).unlink(missing_ok=True)
-    print(
-        f"candela enforce: off ({n} eBPF program(s) detached, "
-        f"{'chain removed' if chain else 'no chain'}{', cgroup removed' if cg else ''})",
-        file=out,
-    )
-    for f in failures:
-        print(f"  error: {f}", file=sys.stderr)
-    return 1 if failures else 0
+    Path(state_path).unlink(missing_ok=True)
+    return Removal(n, removed, cg, failures)
 
 
-def collect_status(args: argparse.Namespace, ipt: Iptables) -> dict[str, Any]:
+def collect_status(
+    *, state_path: str = STATE_PATH, chain: HostChain | None = None
+) -> dict[str, Any]:
+    """What is in place: state, programs, chain and jump, the exempt cgroup's members, refusal
+    counts; `active` when every part is, `partial` when only some are."""
     from candela_mitm.ebpf import host
 
-    state = EnforceState.load(args.state)
+    chain = chain if chain is not None else HostChain()
+    state = EnforceState.load(state_path)
     try:
         programs = [{"hook": h, "id": i, "name": n} for h, i, n in host.attached()]
     except (OSError, FileNotFoundError):
@@ -561,8 +506,8 @@ def collect_status(args: argparse.Namespace, ipt: Iptables) -> dict[str, Any]:
         "state": asdict(state) if state else None,
         "programs": programs,
         "pinned": Path(host.PIN_DIR).is_dir(),
-        "chain": ipt.rules(),
-        "jump": ipt.jumped(),
+        "chain": chain.rules(),
+        "jump": chain.jumped(),
         "cgroup_pids": members,
         "refusals": counts,
     }
@@ -570,116 +515,3 @@ def collect_status(args: argparse.Namespace, ipt: Iptables) -> dict[str, Any]:
     status["active"] = all(parts)
     status["partial"] = any(parts) and not all(parts)
     return status
-
-
-def show_status(args: argparse.Namespace, ipt: Iptables, out: Any) -> int:
-    st = collect_status(args, ipt)
-    if args.json:
-        print(json.dumps(st, indent=2, sort_keys=True), file=out)
-    else:
-        word = "on" if st["active"] else "PARTIAL" if st["partial"] else "off"
-        print(f"candela enforce: {word}", file=out)
-        state = st["state"]
-        if state:
-            print(f"  proxy port: {state['proxy_port']}", file=out)
-            print(
-                f"  exempt cgroup: {state['cgroup']} pids {st['cgroup_pids'] or 'none'}", file=out
-            )
-            for name, addrs in state["providers"].items():
-                print(f"  provider {name}: {', '.join(addrs) or 'unresolved'}", file=out)
-        for p in st["programs"]:
-            print(f"  ebpf {p['hook']}: program {p['id']} at the cgroup root", file=out)
-        if st["chain"] is not None:
-            print(
-                f"  iptables nat {CHAIN} ({'jumped from OUTPUT' if st['jump'] else 'NO JUMP'}):",
-                file=out,
-            )
-            for rule in st["chain"]:
-                print(f"    {rule}", file=out)
-        for reason, n in sorted(st["refusals"].items()):
-            print(f"  refused ({reason}): {n}", file=out)
-        if st["partial"]:
-            print("  run `candela enforce host ...` again, or `candela enforce off`", file=out)
-    return 0 if st["active"] else 1 if st["partial"] else 3
-
-
-def exec_in_cgroup(args: argparse.Namespace, out: Any) -> int:
-    cmd = list(args.command)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    if not cmd:
-        print(
-            "candela enforce exec: give a command: candela enforce exec -- candela ...",
-            file=sys.stderr,
-        )
-        return 2
-    cg = join(state_path=args.state)
-    if cg is None:
-        print("candela enforce exec: host enforcement is off; running unconfined", file=sys.stderr)
-    os.execvp(cmd[0], cmd)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="candela enforce", description=__doc__.splitlines()[0])
-    p.add_argument("--state", default=STATE_PATH, help=argparse.SUPPRESS)
-    sub = p.add_subparsers(dest="command_name", required=True)
-    h = sub.add_parser("host", help="redirect every process's provider traffic to the proxy")
-    h.add_argument(
-        "--proxy-port", type=int, help="transparent listener (default: interception.listen_port)"
-    )
-    h.add_argument("--config", metavar="PATH", help="YAML config: interception.hosts are providers")
-    h.add_argument(
-        "--provider", action="append", default=[], metavar="HOST", help="one more provider host"
-    )
-    h.add_argument(
-        "--hosts-file", metavar="PATH", help="hosts(5) file: addresses for provider names"
-    )
-    h.add_argument(
-        "--no-default-providers", action="store_true", help="only config and --provider hosts"
-    )
-    h.add_argument(
-        "--cgroup", default=DEFAULT_CGROUP, help="Candela's own cgroup (exempt), under the v2 root"
-    )
-    h.add_argument(
-        "--proxy-pid",
-        type=int,
-        action="append",
-        default=[],
-        metavar="PID",
-        help="move into Candela's cgroup",
-    )
-    off = sub.add_parser("off", help="remove redirection, eBPF programs, pins and the cgroup")
-    off.add_argument("--cgroup", default=DEFAULT_CGROUP, help=argparse.SUPPRESS)
-    s = sub.add_parser("status", help="what is active (exit 0 on, 3 off, 1 partial)")
-    s.add_argument("--json", action="store_true")
-    e = sub.add_parser("exec", help="run a command (the proxy) inside Candela's exempt cgroup")
-    e.add_argument("command", nargs=argparse.REMAINDER)
-    return p
-
-
-def main(argv: Sequence[str] | None = None, *, ipt: Iptables | None = None, out: Any = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    ipt = ipt or Iptables()
-    out = out or sys.stdout
-    if args.command_name != "status" and os.geteuid() != 0:
-        print(
-            f"candela enforce {args.command_name}: needs root (sudo candela enforce ...)",
-            file=sys.stderr,
-        )
-        return 1
-    try:
-        if args.command_name == "host":
-            return host_on(args, ipt, out)
-        if args.command_name == "off":
-            return host_off(args, ipt, out)
-        if args.command_name == "status":
-            return show_status(args, ipt, out)
-        return exec_in_cgroup(args, out)
-    except (OSError, ImportError) as e:
-        print(f"candela enforce {args.command_name}: {e}", file=sys.stderr)
-        if args.command_name == "host":
-            print(
-                "  see `candela doctor`; `candela enforce status` shows what is in place",
-                file=sys.stderr,
-            )
-        return 1

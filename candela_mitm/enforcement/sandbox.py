@@ -1,23 +1,21 @@
-"""Governed sandboxes: `candela run` and the registry that lets the proxy attribute their traffic.
+"""Governed sandboxes: what one `candela run` builds around a command, and takes down again.
 
-`candela run [--user U] [--tenant T] [--add-host NAME:IP] -- CMD ARGS...` runs CMD unchanged in
-its own network namespace and cgroup. Its TCP to ports 80 and 443 is redirected to Candela's
-transparent listener; everything else it sends is dropped (iptables) and refused with EPERM and
-audited (the eBPF guard). The registry (one JSON file per sandbox under the run directory) maps
-the sandbox's source address to its user and tenant; the proxy reads it.
+`candela run [--user U] [--tenant T] [--add-host NAME:IP] -- CMD ARGS...` (cli/run.py) runs CMD
+unchanged in its own network namespace and cgroup. Its TCP to ports 80 and 443 is redirected to
+Candela's transparent listener; everything else it sends is dropped (iptables) and refused with
+EPERM and audited (the eBPF guard). Its record in the registry (registry.py) maps the sandbox's
+source address to its user and tenant; the proxy reads it.
+
+A sandbox is taken down by one function, `teardown`, however it ends: when its command exits,
+when setting it up fails or is interrupted, and when a later run finds it left over by a run
+that was killed (`cleanup_leftovers`).
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
-import errno
-import fcntl
-import getpass
-import ipaddress
-import json
 import logging
 import os
 import shutil
@@ -25,17 +23,20 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from candela_mitm.enforcement.registry import (
+    SandboxRecord,
+    SandboxRegistry,
+    pids_in_netns,
+    process_start_time,
+)
+
 log = logging.getLogger("candela.sandbox")
 
-RUN_DIR_ENV = "CANDELA_RUN_DIR"
-DEFAULT_RUN_DIR = "/run/candela"
 SANDBOX_ACTION_START = "sandbox_start"
 SANDBOX_ACTION_STOP = "sandbox_stop"
 SANDBOX_ACTION_CLEANUP = "sandbox_cleanup"
@@ -55,237 +56,7 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def run_dir() -> Path:
-    """Where sandboxes are registered: $CANDELA_RUN_DIR, else /run/candela."""
-    return Path(os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR)
-
-
-# -- the registry ---------------------------------------------------------------------------
-
-
-def process_start_time(pid: int) -> int | None:
-    """A process's start time (clock ticks since boot): a pid plus this names one process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # the command name (field 2) may hold spaces and parentheses: fields resume after the last ')'
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return int(fields[19])
-
-
-@dataclass(frozen=True)
-class SandboxRecord:
-    """One running sandbox, as the proxy needs to know it."""
-
-    index: int
-    address: str  # the sandbox's own address: the source the proxy sees
-    user: str
-    tenant: str | None
-    pid: int  # the `candela run` that owns the sandbox
-    pid_start: int | None
-    netns: str
-    host_if: str
-    cgroup: str | None = None
-    netns_inode: int | None = None
-    hosts: tuple[tuple[str, str], ...] = ()  # (name, address) the sandbox resolves
-    command: str = ""
-    started: float = field(default_factory=time.time)
-
-    @property
-    def name(self) -> str:
-        return self.netns
-
-    def owner_alive(self) -> bool:
-        start = process_start_time(self.pid)
-        return start is not None and (self.pid_start is None or start == self.pid_start)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> SandboxRecord:
-        data = json.loads(text)
-        data["hosts"] = tuple(tuple(h) for h in data.get("hosts") or ())
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-class SandboxRegistry:
-    """One JSON file per sandbox, `<run_dir>/sandboxes/<index>.json`, published atomically.
-
-    Claiming an index is creating its file (os.link refuses an existing name), so two `candela
-    run` never share one. Readers reload only when the folder changes (its mtime), which keeps
-    a lookup on the proxy's event loop to one stat().
-    """
-
-    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        self.root = Path(root) if root is not None else run_dir()
-        self.dir = self.root / "sandboxes"
-        self._stamp: int | None = None
-        self._records: dict[int, SandboxRecord] = {}
-        self._by_address: dict[str, SandboxRecord] = {}
-
-    def _path(self, index: int) -> Path:
-        return self.dir / f"{index}.json"
-
-    def _ensure_dir(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o755)
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Claims and leftover cleanup exclude each other (an flock on `<root>/sandboxes.lock`).
-
-        A run claims its record before it creates anything and releases it after removing
-        everything, so under this lock a namespace, veth, rule or cgroup with no record is a
-        leftover, never a sandbox being built.
-        """
-        self._ensure_dir()
-        fd = os.open(self.root / "sandboxes.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def claim(
-        self,
-        make: Callable[[int], SandboxRecord],
-        in_use: Callable[[], set[int]] = set,
-        limit: int = 16384,
-    ) -> SandboxRecord:
-        """The record `make(index)` for the lowest index with no record and nothing `in_use`
-        reports, published; OSError if none is free."""
-        with self.locked():
-            taken = {int(p.stem) for p in self.dir.glob("*.json") if p.stem.isdigit()}
-            taken |= in_use()
-            for index in range(limit):
-                if index in taken:
-                    continue
-                record = make(index)
-                if self._publish(index, record.to_json(), replace=False):
-                    return record
-        raise OSError(errno.ENOSPC, "no free sandbox index")
-
-    def update(self, record: SandboxRecord) -> None:
-        """Rewrite a claimed record (atomically: readers see the old or the new one)."""
-        self._publish(record.index, record.to_json(), replace=True)
-
-    def _publish(self, index: int, text: str, replace: bool) -> bool:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{index}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, 0o644)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            if replace:
-                os.replace(tmp, self._path(index))
-                return True
-            try:
-                os.link(tmp, self._path(index))
-            except FileExistsError:
-                return False
-            return True
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-
-    def release(self, index: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._path(index).unlink()
-
-    def _reload(self) -> None:
-        try:
-            stamp = os.stat(self.dir).st_mtime_ns
-        except FileNotFoundError:
-            stamp = None
-        if stamp == self._stamp and stamp is not None:
-            return
-        records: dict[int, SandboxRecord] = {}
-        if stamp is not None:
-            for p in self.dir.glob("*.json"):
-                if not p.stem.isdigit():
-                    continue
-                try:
-                    records[int(p.stem)] = SandboxRecord.from_json(p.read_text())
-                except (OSError, ValueError, TypeError) as e:
-                    log.warning("ignoring sandbox record %s: %s", p, e)
-        self._stamp = stamp
-        self._records = records
-        self._by_address = {r.address: r for r in records.values()}
-
-    def records(self) -> list[SandboxRecord]:
-        self._reload()
-        return sorted(self._records.values(), key=lambda r: r.index)
-
-    def lookup(self, address: str | None) -> SandboxRecord | None:
-        """The sandbox a source address belongs to (IPv4-mapped IPv6 is read as IPv4)."""
-        if not address:
-            return None
-        self._reload()
-        if address.startswith("::ffff:"):
-            address = address[len("::ffff:") :]
-        return self._by_address.get(address)
-
-    def get(self, index: int) -> SandboxRecord | None:
-        self._reload()
-        return self._records.get(index)
-
-
-def peer_process(record: SandboxRecord, address: str, port: int) -> tuple[int, str] | None:
-    """(pid, comm) of the sandboxed process whose TCP socket has this local address and port.
-
-    Reads /proc: the processes in the sandbox's network namespace, the socket's inode from their
-    TCP table, then which of them holds it. For audit entries of proxy-side refusals; slow (a
-    scan of /proc), so call it off the event loop and only when refusing.
-    """
-    if record.netns_inode is None:
-        return None
-    members = _pids_in_netns(record.netns_inode)
-    if not members:
-        return None
-    want = f"{socket.htonl(int(ipaddress.IPv4Address(address))):08X}:{port:04X}"
-    inode = None
-    for pid in members:
-        try:
-            lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            cols = line.split()
-            if len(cols) > 9 and cols[1] == want:
-                inode = cols[9]
-                break
-        break  # every member shares the namespace's table
-    if inode is None or inode == "0":
-        return None
-    target = f"socket:[{inode}]"
-    for pid in members:
-        try:
-            for fd in os.scandir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(fd.path) == target:
-                        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-                        return pid, comm
-        except OSError:
-            continue
-    return None
-
-
 # -- building one sandbox -------------------------------------------------------------------
-
-
-def parse_add_host(value: str) -> tuple[str, str]:
-    """NAME:IP (IPv4; IPv6 is dropped in a sandbox anyway, so it is refused here)."""
-    name, sep, ip = value.rpartition(":")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"--add-host wants NAME:IP, got {value!r}")
-    try:
-        addr = ipaddress.IPv4Address(ip)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--add-host {value!r}: {ip!r} is not an IPv4 address"
-        ) from None
-    return name.strip().lower().rstrip("."), str(addr)
 
 
 def resolve_ipv4(names: Sequence[str], timeout: float = RESOLVE_TIMEOUT_S) -> dict[str, str]:
@@ -321,7 +92,7 @@ def sandbox_hosts(
     gateway: str,
     resolve: Callable[[Sequence[str]], dict[str, str]] = resolve_ipv4,
 ) -> list[tuple[str, str]]:
-    """The sandbox's name table: --add-host first, then every provider host.
+    """The sandbox's name table: the given entries (--add-host) first, then every provider host.
 
     A provider host that does not resolve here maps to the sandbox's gateway: its port 443 is
     redirected to Candela like any other address, and Candela routes by SNI, so the app reaches
@@ -342,7 +113,7 @@ def hosts_file(entries: Sequence[tuple[str, str]], system: str = "/etc/hosts") -
 
 
 class Sandbox:
-    """Everything one `candela run` creates, undone in reverse order however the run ends."""
+    """Everything one `candela run` creates, taken down by `teardown` however the run ends."""
 
     def __init__(
         self,
@@ -368,7 +139,7 @@ class Sandbox:
         self.proc: subprocess.Popen[bytes] | None = None
         self.etc_dir: Path | None = None
         self.bundle: Path | None = None
-        self._undo = contextlib.ExitStack()
+        self._netns_cookie: int | None = None  # registered with the host guard
         self._signals = 0
         self._previous: dict[int, Any] = {}
         self._phase = "new"  # setup, starting, running, teardown, done
@@ -397,7 +168,13 @@ class Sandbox:
         signal.pthread_sigmask(signal.SIG_BLOCK, RELAYED_SIGNALS)
         self._phase = "teardown"
         try:
-            self._undo.close()
+            if self.record is not None:
+                teardown(
+                    self.registry,
+                    self.record.index,
+                    stop_guard=self._stop_guard if self.guard is not None else None,
+                    netns_cookie=self._netns_cookie,
+                )
         finally:
             self._phase = "done"
             signal.pthread_sigmask(signal.SIG_UNBLOCK, RELAYED_SIGNALS)
@@ -436,33 +213,28 @@ class Sandbox:
             ),
             in_use=network.sandbox_indexes_present,
         )
+        # from here on, whatever exists of sandbox `index` is taken down by teardown()
         index = self.record.index
-        self._undo.callback(self.registry.release, index)
         net = network.SandboxNet(index)
 
         # /etc files and the CA bundle, in the run directory
         self.etc_dir = self.registry.root / "etc" / net.netns
-        shutil.rmtree(self.etc_dir, ignore_errors=True)
+        shutil.rmtree(self.etc_dir, ignore_errors=True)  # a leftover of a run that was killed
         self.etc_dir.mkdir(parents=True, mode=0o755)
-        self._undo.callback(shutil.rmtree, self.etc_dir, True)
         ensure_ca(icfg.certs_dir)
         self.bundle = build_bundle(
-            ca_certificate_pem(icfg.certs_dir), self.registry.root / "etc" / f"{net.netns}-ca.pem"
+            ca_certificate_pem(icfg.certs_dir), bundle_path(self.registry, net)
         )
-        self._undo.callback(_unlink, self.bundle)
         host_map = HostMap(icfg.hosts)
         entries = sandbox_hosts(self.add_hosts, host_map.exact_names(), net.host_address)
         (self.etc_dir / "hosts").write_text(hosts_file(entries))
         (self.etc_dir / "resolv.conf").write_text(RESOLV_CONF)
 
-        cgroup = cgroups.create(f"{CGROUP_PARENT}/sandbox-{index}")
-        self._undo.callback(_remove_cgroup, cgroup)
+        cgroup = cgroups.create(cgroup_name(index))
         network.create(net)
-        self._undo.callback(network.remove, net)
         self._register_with_host_guard(net)
         rules = firewall.sandbox_rules(index, net.host_if, icfg.listen_port)
         firewall.add(rules)
-        self._undo.callback(firewall.delete, rules)
         self.record = dataclasses.replace(
             self.record,
             cgroup=str(cgroup),
@@ -474,7 +246,7 @@ class Sandbox:
             from candela_mitm.ebpf.guard import CgroupGuard
             from candela_mitm.ebpf.host import netns_cookie
 
-            self.guard = CgroupGuard(
+            guard = CgroupGuard(
                 allow_v4=[("127.0.0.1", 0)],  # the sandbox's own loopback
                 allow_tcp_ports_v4=(80, 443),  # redirected to Candela by the firewall
                 deny_udp_ports=(443, 853),  # QUIC, DNS over QUIC
@@ -484,10 +256,8 @@ class Sandbox:
                 # inside (unshare -Urn), or a process moved in from outside, they go nowhere
                 netns_cookies=[netns_cookie(network.netns_path(net))],
             )
-            self.guard.attach(str(cgroup))
-            self._undo.callback(self._stop_guard)
-        # registered last, so it runs first: nothing may outlive the sandbox in it
-        self._undo.callback(_kill_members, cgroup, net)
+            guard.attach(str(cgroup))
+            self.guard = guard  # attached: teardown stops it
         self._audit(
             SANDBOX_ACTION_START,
             sandbox=net.netns,
@@ -514,10 +284,10 @@ class Sandbox:
         except OSError as e:
             log.warning("host enforcement is on but this sandbox could not be registered: %s", e)
             return
-        self._undo.callback(_unregister_netns, cookie)
+        self._netns_cookie = cookie
 
     def _stop_guard(self) -> None:
-        self._drain_events(0)
+        self._drain_events(0)  # what it refused until the end is audited
         self.guard.detach()
 
     # running ------------------------------------------------------------------------------
@@ -578,6 +348,9 @@ class Sandbox:
             log.error("audit entry %s was not accepted", action)
 
 
+# -- taking sandboxes down ------------------------------------------------------------------
+
+
 def _unregister_netns(cookie: int) -> None:
     from candela_mitm.ebpf import host
 
@@ -588,12 +361,6 @@ def _unregister_netns(cookie: int) -> None:
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-
-
-def _remove_cgroup(path: Path) -> None:
-    from candela_mitm.enforcement import cgroups
-
-    cgroups.remove(path)
 
 
 def _kill_members(cgroup: Path | None, net: Any) -> None:
@@ -612,13 +379,13 @@ def _kill_members(cgroup: Path | None, net: Any) -> None:
                     os.kill(pid, signal.SIGKILL)
     inode = network.netns_inode(net)
     if inode is not None:
-        for pid in _pids_in_netns(inode):
+        for pid in pids_in_netns(inode):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
         alive = (cgroup is not None and cgroup.is_dir() and bool(_safe_pids(cgroup))) or (
-            inode is not None and bool(_pids_in_netns(inode))
+            inode is not None and bool(pids_in_netns(inode))
         )
         if not alive:
             return
@@ -634,17 +401,58 @@ def _safe_pids(cgroup: Path) -> list[int]:
         return []
 
 
-def _pids_in_netns(inode: int) -> list[int]:
-    out = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if os.stat(f"/proc/{entry.name}/ns/net").st_ino == inode:
-                    out.append(int(entry.name))
-    return out
+def cgroup_name(index: int) -> str:
+    """Sandbox `index`'s cgroup, relative to the cgroup v2 root."""
+    return f"{CGROUP_PARENT}/sandbox-{index}"
 
 
-# -- leftovers ------------------------------------------------------------------------------
+def bundle_path(registry: SandboxRegistry, net: Any) -> Path:
+    """The CA bundle a sandbox's programs trust (Candela's CA with the system's)."""
+    return registry.root / "etc" / f"{net.netns}-ca.pem"
+
+
+def teardown(
+    registry: SandboxRegistry,
+    index: int,
+    *,
+    stop_guard: Callable[[], None] | None = None,
+    netns_cookie: int | None = None,
+) -> None:
+    """Take down whatever exists of sandbox `index`, in reverse order of creation, each piece
+    attempted even when another fails (and logged): the one cleanup path, for a run that ends,
+    a setup that fails half-way, and a leftover of a run that was killed.
+
+    The processes go first (nothing may outlive the sandbox in it); `stop_guard` (the run's own
+    eBPF guard: its last refusals are audited, then it detaches) and `netns_cookie` (the
+    namespace registered with the host guard) are what only a live run holds. The record goes
+    last: until then no other run can claim the index.
+    """
+    from candela_mitm.enforcement import cgroups
+    from candela_mitm.netns import firewall, network
+
+    net = network.SandboxNet(index)
+    try:
+        cgroup: Path | None = cgroups.resolve(cgroup_name(index))
+    except (FileNotFoundError, ValueError):  # no cgroup v2 here: none was made
+        cgroup = None
+    steps: list[tuple[str, Callable[[], object] | None]] = [
+        ("processes", lambda: _kill_members(cgroup, net)),
+        ("guard", stop_guard),
+        ("firewall", lambda: firewall.delete_tagged({index})),
+        ("host guard", None if netns_cookie is None else lambda: _unregister_netns(netns_cookie)),
+        ("network", lambda: network.remove(net)),
+        ("cgroup", None if cgroup is None else lambda: cgroups.remove(cgroup)),
+        ("files", lambda: shutil.rmtree(registry.root / "etc" / net.netns, ignore_errors=True)),
+        ("bundle", lambda: _unlink(bundle_path(registry, net))),
+        ("record", lambda: registry.release(index)),
+    ]
+    for what, step in steps:
+        if step is None:
+            continue
+        try:
+            step()
+        except Exception as e:  # one stuck piece must not keep the others
+            log.warning("cleaning sandbox %d (%s): %s", index, what, e)
 
 
 def cleanup_leftovers(registry: SandboxRegistry, audit: Any = None) -> list[int]:
@@ -662,21 +470,19 @@ def cleanup_leftovers(registry: SandboxRegistry, audit: Any = None) -> list[int]
             i for i, _ in firewall.tagged_rules("ip6tables")
         }
         try:
-            root: Path | None = cgroups.cgroup2_root()
             groups = {
                 int(p.name.split("-", 1)[1])
                 for p in (cgroups.cgroup2_root() / CGROUP_PARENT).glob("sandbox-*")
                 if p.name.split("-", 1)[1].isdigit()
             }
         except (FileNotFoundError, OSError):
-            root, groups = None, set()
+            groups = set()
         records = registry.records()
         live = {r.index for r in records if r.owner_alive()}
         stale_records = {r.index: r for r in records if r.index not in live}
         indexes = (set(stale_records) | present | tagged | groups) - live
         for index in sorted(indexes):
-            cgroup = (root / CGROUP_PARENT / f"sandbox-{index}") if root is not None else None
-            _teardown_index(registry, index, cgroup)
+            teardown(registry, index)
             if audit is not None:
                 rec = stale_records.get(index)
                 audit.record(
@@ -689,101 +495,40 @@ def cleanup_leftovers(registry: SandboxRegistry, audit: Any = None) -> list[int]
     return sorted(indexes)
 
 
-def _teardown_index(registry: SandboxRegistry, index: int, cgroup: Path | None) -> None:
-    """Every piece of one sandbox, each attempted even when another fails."""
-    from candela_mitm.enforcement import cgroups
-    from candela_mitm.netns import firewall, network
-
-    net = network.SandboxNet(index)
-    steps: list[tuple[str, Callable[[], object]]] = [
-        ("processes", lambda: _kill_members(cgroup, net)),
-        ("firewall", lambda: firewall.delete_tagged({index})),
-        ("network", lambda: network.remove(net)),
-        ("cgroup", lambda: cgroups.remove(cgroup) if cgroup is not None else None),
-        ("files", lambda: shutil.rmtree(registry.root / "etc" / net.netns, ignore_errors=True)),
-        ("bundle", lambda: _unlink(registry.root / "etc" / f"{net.netns}-ca.pem")),
-        ("record", lambda: registry.release(index)),
-    ]
-    for what, step in steps:
-        try:
-            step()
-        except Exception as e:  # one stuck piece must not keep the others
-            log.warning("cleaning sandbox %d (%s): %s", index, what, e)
+# -- one run ----------------------------------------------------------------------------------
 
 
-# -- the command ----------------------------------------------------------------------------
+def run(
+    config: Any,
+    command: Sequence[str],
+    *,
+    user: str,
+    tenant: str | None = None,
+    add_hosts: Sequence[tuple[str, str]] = (),
+    ebpf: bool = True,
+    registry: SandboxRegistry | None = None,
+) -> int:
+    """`candela run`: clean up what killed runs left, run `command` in a sandbox, take it down.
 
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="candela run",
-        description="Run a command with all its LLM traffic governed by Candela (needs root).",
-    )
-    p.add_argument("--config", metavar="PATH", help="YAML config (interception, audit)")
-    p.add_argument(
-        "--user", help="whom its requests are attributed to (default: the invoking user)"
-    )
-    p.add_argument("--tenant", help="the tenant its requests act for (default: the user's first)")
-    p.add_argument(
-        "--add-host",
-        metavar="NAME:IP",
-        action="append",
-        default=[],
-        type=parse_add_host,
-        help="resolve NAME to IP inside the sandbox (repeatable)",
-    )
-    p.add_argument(
-        "--no-ebpf",
-        action="store_true",
-        help="run without the eBPF guard (namespace and firewall only; refusals not audited)",
-    )
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
-    return p
-
-
-def default_user() -> str:
-    return os.environ.get("SUDO_USER") or getpass.getuser()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = _parser()
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        p.error("no command: candela run [options] -- CMD ARGS...")
-    if os.geteuid() != 0:
-        print("candela run: needs root (network namespaces, iptables, cgroups)", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="candela run: %(message)s",
-    )
-    if os.environ.get("CANDELA_DEBUG"):
-        log.setLevel(logging.DEBUG)
+    The command's exit status (128+N when a signal ended it, or ended the setup); 125 when the
+    sandbox cannot be set up (the reason on stderr).
+    """
     from candela_mitm.audit import AuditWriter
-    from candela_mitm.config import load_config
-    from candela_mitm.errors import ConfigError
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(f"candela run: config error:\n{e}", file=sys.stderr)
-        return 2
-    registry = SandboxRegistry()
+    registry = registry if registry is not None else SandboxRegistry()
     audit = AuditWriter(config.audit)
     audit.start()
     try:
         cleanup_leftovers(registry, audit)
-        _warn_if_no_listener(config.interception.listen_port)
         sandbox = Sandbox(
             config,
             registry,
-            user=args.user or default_user(),
-            tenant=args.tenant,
-            add_hosts=args.add_host,
+            user=user,
+            tenant=tenant,
+            add_hosts=add_hosts,
             command=command,
             audit=audit,
-            ebpf=not args.no_ebpf,
+            ebpf=ebpf,
         )
         try:
             with sandbox:
@@ -796,28 +541,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 125
     finally:
         audit.close()
-
-
-def listening(port: int) -> bool:
-    """Whether a TCP socket listens on this port here (read from /proc: connecting to the
-    transparent listener directly would only make it log a failed redirect lookup)."""
-    want = f":{port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            cols = line.split()
-            if len(cols) > 3 and cols[1].endswith(want) and cols[3] == "0A":  # 0A: LISTEN
-                return True
-    return False
-
-
-def _warn_if_no_listener(port: int) -> None:
-    if not listening(port):
-        print(
-            f"candela run: nothing listens on port {port}: start Candela with "
-            "`mode: transparent` (its traffic will fail until then)",
-            file=sys.stderr,
-        )

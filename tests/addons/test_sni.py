@@ -18,7 +18,7 @@ from candela_mitm.addons.flowstate import ctx_of
 from candela_mitm.addons.router import Router
 from candela_mitm.addons.sni import Sni
 from candela_mitm.config import parse_config
-from candela_mitm.enforcement.sandbox import SandboxRecord, SandboxRegistry
+from candela_mitm.enforcement.registry import SandboxRecord, SandboxRegistry
 from candela_mitm.runtime import build_runtime
 
 from .conftest import ALICE_SHA

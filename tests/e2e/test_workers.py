@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from candela_mitm.enforcement import procnet
 from candela_mitm.providers.usage import Usage
 from tests.e2e.conftest import ALICE_KEY, base_config, candela_env
 from tests.fakes.candela import CandelaProcess
@@ -50,23 +51,20 @@ def _socket_inodes(pid: int) -> set[str]:
 
 def accepted_on(port: int) -> dict[str, int]:
     """inode -> client port of every established TCP connection accepted on `port`."""
-    out = {}
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        cols = line.split()
-        local, remote, state, inode = cols[1], cols[2], cols[3], cols[9]
-        if state == "01" and int(local.split(":")[1], 16) == port:
-            out[inode] = int(remote.split(":")[1], 16)
-    return out
+    return {
+        str(s.inode): s.remote_port
+        for s in procnet.read(["/proc/net/tcp"])
+        if s.state == procnet.ESTABLISHED and s.local_port == port
+    }
 
 
 def listeners(port: int) -> int:
     """Sockets listening on `port` (each worker has its own with SO_REUSEPORT)."""
-    n = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        cols = line.split()
-        if cols[3] == "0A" and int(cols[1].split(":")[1], 16) == port:
-            n += 1
-    return n
+    return sum(
+        1
+        for s in procnet.read(["/proc/net/tcp"])
+        if s.state == procnet.LISTEN and s.local_port == port
+    )
 
 
 def wait_for_listeners(port: int, n: int, timeout: float = 20.0) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from candela_mitm.cli import enforce as enforce_cli
 from candela_mitm.ebpf import host
 from candela_mitm.enforcement import cgroups
 from candela_mitm.enforcement import host as enforce
@@ -65,7 +66,7 @@ class Env:
 
     def cmd(self, *argv: str) -> tuple[int, str]:
         out = io.StringIO()
-        rc = enforce.main(["--state", self.state, *argv], out=out)
+        rc = enforce_cli.main(["--state", self.state, *argv], out=out)
         return rc, out.getvalue()
 
     def on(self) -> tuple[int, str]:
@@ -98,7 +99,7 @@ def env(tmp_path: Path, iptables: str) -> Iterator[Env]:
         # Whatever happened, leave the machine as it was: never blocked.
         e.cmd("off", "--cgroup", e.cgroup)
         host.uninstall()
-        enforce.Iptables().remove()
+        enforce.HostChain().remove()
         cgroups.remove(cgroups.resolve(e.cgroup))
         e.close()
 
@@ -195,7 +196,7 @@ def test_no_resolvable_provider_changes_nothing(env: Env) -> None:
     env.hosts.write_text("")
     rc, _ = env.on()
     assert rc == 1
-    assert host.attached() == [] and enforce.Iptables().rules() is None
+    assert host.attached() == [] and enforce.HostChain().rules() is None
     assert not os.path.exists(env.state)
 
 
@@ -284,9 +285,9 @@ def test_candela_server_enforces_the_host_audits_refusals_and_stays_closed_when_
     finally:
         candela.stop()
         provider.close()
-        enforce.main(["off"], out=io.StringIO())
+        enforce_cli.main(["off"], out=io.StringIO())
         host.uninstall()
-        enforce.Iptables().remove()
+        enforce.HostChain().remove()
         cgroups.remove(cgroups.resolve(enforce.DEFAULT_CGROUP))
     assert _status()[0] == 3
     assert probe("tcp", PROVIDER_IP, 8443).errno == errno.ECONNREFUSED  # nothing listens: open
@@ -294,7 +295,7 @@ def test_candela_server_enforces_the_host_audits_refusals_and_stays_closed_when_
 
 def _status() -> tuple[int, str]:
     out = io.StringIO()
-    return enforce.main(["status", "--json"], out=out), out.getvalue()
+    return enforce_cli.main(["status", "--json"], out=out), out.getvalue()
 
 
 def _actions(db: Path) -> list[dict[str, str]]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from candela_mitm.enforcement.sandbox import SandboxRegistry
+from candela_mitm.enforcement.registry import SandboxRegistry
 from tests.e2e.conftest import candela_env
 from tests.fakes.candela import CandelaProcess, free_port
 from tests.fakes.google_oauth import FakeTokenServer
@@ -438,6 +438,7 @@ def test_a_sandbox_works_while_the_host_is_enforced(env: Env, tmp_path: Path) ->
     import io
     import uuid
 
+    from candela_mitm.cli import enforce as enforce_cli
     from candela_mitm.ebpf import host
     from candela_mitm.enforcement import cgroups
     from candela_mitm.enforcement import host as enforce
@@ -452,7 +453,7 @@ def test_a_sandbox_works_while_the_host_is_enforced(env: Env, tmp_path: Path) ->
     cgroup = f"candela-test-enforce-{uuid.uuid4().hex[:8]}"
     on = ["host", "--proxy-port", str(env.listen_port), "--no-default-providers"]
     on += ["--provider", "api.openai.com", "--hosts-file", str(hosts), "--cgroup", cgroup]
-    assert enforce.main(["--state", state, *on], out=io.StringIO()) == 0
+    assert enforce_cli.main(["--state", state, *on], out=io.StringIO()) == 0
     try:
         with host.PinnedEvents() as refusals:
             p = env.run(
@@ -462,7 +463,7 @@ def test_a_sandbox_works_while_the_host_is_enforced(env: Env, tmp_path: Path) ->
             assert p.stdout.strip() == "HTTP/1.1 200 OK"
             assert [e for e in refusals.poll(200) if e.reason == "foreign_netns"] == []
     finally:
-        enforce.main(["--state", state, "off", "--cgroup", cgroup], out=io.StringIO())
+        enforce_cli.main(["--state", state, "off", "--cgroup", cgroup], out=io.StringIO())
         host.uninstall()
-        enforce.Iptables().remove()
+        enforce.HostChain().remove()
         cgroups.remove(cgroups.resolve(cgroup))

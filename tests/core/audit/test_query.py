@@ -14,12 +14,13 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from candela_mitm.audit import query_entries
+from candela_mitm.audit import AuditWriter, query_entries
 from candela_mitm.audit import sqlite_sink as sqlite_sink_module
 from candela_mitm.audit.chain import fields_json, verify_rows
-from candela_mitm.audit.query import parse_time
+from candela_mitm.audit.query import hourly_spend, parse_time
 from candela_mitm.audit.sqlite_sink import append_batch, connect_writer
 from candela_mitm.cli.audit import audit_main
+from candela_mitm.config import Audit
 
 N, BATCH = 3000, 100
 T0 = datetime(2026, 5, 1, tzinfo=UTC)
@@ -337,3 +338,27 @@ def test_query_while_another_process_writes(
     finally:
         proc.kill()
         proc.wait(10)
+
+
+# -- spend over the day (the laptop UI's chart) -----------------------------------------------
+
+
+def test_hourly_spend_sums_the_users_requests_of_the_day(tmp_path):
+    db = tmp_path / "audit.db"
+    today = datetime.now(UTC).date()
+    assert hourly_spend(db, "me", today) == [0.0] * 24  # no log yet
+    w = AuditWriter(Audit(sqlite_path=str(db)))
+    w.start()
+    try:
+        hour_before = datetime.now(UTC).hour
+        for user, cost in (("me", 0.5), ("me", 0.25), ("other", 9.0)):
+            w.record("llm_request", user_id=user, cost_usd=cost)
+        w.record("local_config_change", actor="me", cost_usd=100.0)  # not a request
+        assert w.flush(10)
+        hour_after = datetime.now(UTC).hour
+        got = hourly_spend(db, "me", today)
+    finally:
+        w.close()
+    assert sum(got) == pytest.approx(0.75)
+    assert {h for h, v in enumerate(got) if v} <= {hour_before, hour_after}
+    assert hourly_spend(db, "me", today.replace(year=today.year - 1)) == [0.0] * 24

@@ -117,17 +117,40 @@ def test_create_is_idempotent(tmp_path: Path) -> None:
     assert cgroups.create("a/b", tmp_path) == p
 
 
-def test_pids_and_moves_use_cgroup_procs(tmp_path: Path) -> None:
+def test_pids_read_cgroup_procs(tmp_path: Path) -> None:
     (tmp_path / "cgroup.procs").write_text("12\n345\n")
     assert cgroups.pids(tmp_path) == [12, 345]
-    cgroups.move_pid(tmp_path, 77)
-    assert (tmp_path / "cgroup.procs").read_text() == "77"
 
 
-def test_enter_writes_the_calling_pid(tmp_path: Path) -> None:
-    (tmp_path / "cgroup.procs").write_text("")
-    cgroups.enter(tmp_path)()
-    assert (tmp_path / "cgroup.procs").read_text() == str(os.getpid())
+@pytest.mark.parametrize(
+    "join, written",
+    [
+        (lambda p: cgroups.join(p, 77), "77"),
+        (lambda p: cgroups.join(str(p), 77), "77"),
+        (lambda p: cgroups.join(p), str(os.getpid())),
+        (lambda p: cgroups.enter(p)(), str(os.getpid())),  # the preexec_fn form
+    ],
+    ids=["pid", "str-path", "self", "enter"],
+)
+def test_every_join_writes_one_pid_to_cgroup_procs(tmp_path: Path, join, written) -> None:
+    (tmp_path / "cgroup.procs").write_text("12\n345\n")  # what was there is replaced
+    join(tmp_path)
+    assert (tmp_path / "cgroup.procs").read_text() == written
+
+
+def test_join_of_a_missing_cgroup_raises(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        cgroups.join(tmp_path / "gone", 1)
+
+
+def test_the_sandbox_launcher_joins_through_cgroups() -> None:
+    """netns/enter.py has no cgroup code of its own: it calls cgroups.join."""
+    import inspect
+
+    from candela_mitm.netns import enter
+
+    assert enter.cgroups is cgroups
+    assert "cgroup.procs" not in inspect.getsource(enter)
 
 
 def test_remove_of_a_missing_cgroup_is_fine(tmp_path: Path) -> None:

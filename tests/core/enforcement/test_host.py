@@ -11,14 +11,14 @@ from candela_mitm.enforcement import host as enforce
 from candela_mitm.enforcement.host import (
     CHAIN,
     EnforceState,
-    Iptables,
-    listening_ports,
+    HostChain,
     parse_hosts,
     provider_names,
     resolve_providers,
     restore_text,
     split_families,
 )
+from candela_mitm.enforcement.iptables import Iptables
 
 
 @pytest.mark.parametrize(
@@ -72,18 +72,6 @@ def test_restore_text() -> None:
     )
 
 
-PROC_NET_TCP = """\
-  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:20FB 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1
-   1: 0100007F:20FB 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1
-   2: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3 1
-"""
-
-
-def test_listening_ports() -> None:
-    assert listening_ports(PROC_NET_TCP) == {0x20FB, 80}
-
-
 class FakeIptables:
     """Records commands; `fail` holds argument tuples that exit non-zero (each once per entry)."""
 
@@ -103,7 +91,7 @@ class FakeIptables:
 
 def test_apply_adds_the_jump_only_when_missing() -> None:
     run = FakeIptables(fail=[("-C", "OUTPUT", "-j", CHAIN)])
-    Iptables(run=run).apply("TEXT")
+    HostChain(Iptables(runner=run)).apply("TEXT")
     assert [c[0] for c in run.calls] == [
         ["iptables-restore", "-w", "--noflush"],
         ["iptables", "-w", "-t", "nat", "-C", "OUTPUT", "-j", CHAIN],
@@ -111,14 +99,14 @@ def test_apply_adds_the_jump_only_when_missing() -> None:
     ]
     assert run.calls[0][1] == "TEXT"
     run = FakeIptables()
-    Iptables(run=run).apply("TEXT")
+    HostChain(Iptables(runner=run)).apply("TEXT")
     assert len(run.calls) == 2  # the jump was there already
 
 
 def test_apply_failure_is_an_oserror() -> None:
     run = FakeIptables(fail=[("iptables-restore", "-w", "--noflush")])
     with pytest.raises(OSError, match="boom"):
-        Iptables(run=run).apply("TEXT")
+        HostChain(Iptables(runner=run)).apply("TEXT")
 
 
 def test_remove_drops_every_jump_then_the_chain() -> None:
@@ -137,10 +125,10 @@ def test_remove_drops_every_jump_then_the_chain() -> None:
             return super().__call__(args, stdin)
 
     run = Jumps()
-    assert Iptables(run=run).remove()
+    assert HostChain(Iptables(runner=run)).remove()
     ops = [tuple(c[0][4:]) for c in run.calls]
     assert ops == [d, d, d, ("-F", CHAIN), ("-X", CHAIN)]
-    assert not Iptables(run=FakeIptables(fail=[d, ("-F", CHAIN)])).remove()
+    assert not HostChain(Iptables(runner=FakeIptables(fail=[d, ("-F", CHAIN)]))).remove()
 
 
 def test_rules_reads_the_chain() -> None:
@@ -151,8 +139,8 @@ def test_rules_reads_the_chain() -> None:
             out = f"-N {CHAIN}\n-A {CHAIN} -j RETURN\n"
             return subprocess.CompletedProcess(list(args), 0, out, "")
 
-    assert Iptables(run=Listing()).rules() == [f"-A {CHAIN} -j RETURN"]
-    assert Iptables(run=FakeIptables(fail=[("-S", CHAIN)])).rules() is None
+    assert HostChain(Iptables(runner=Listing())).rules() == [f"-A {CHAIN} -j RETURN"]
+    assert HostChain(Iptables(runner=FakeIptables(fail=[("-S", CHAIN)]))).rules() is None
 
 
 def test_state_round_trip(tmp_path: Path) -> None:

@@ -1,0 +1,266 @@
+"""Every use of mitmproxy internals, in one module, each with the versions it was verified on.
+
+Candela's addons otherwise use mitmproxy's addon API only: hooks, flows, options, `ctx`,
+`taddons`/`tflow`. What is here reaches past it, for reasons measured or required (each says
+which), and would break silently if mitmproxy changed the piece it relies on. So nothing
+outside this module touches them (tests/addons/test_mitm_patches.py checks the other addons'
+imports), and that test module also fails when an internal changes shape: run it first when
+mitmproxy is upgraded.
+
+Verified on mitmproxy 11.0.2 (the newest for Python 3.11; pyproject admits >=11.0.2,<13):
+
+| What                       | mitmproxy internal                                       | Why                 |
+|----------------------------|----------------------------------------------------------|---------------------|
+| `HookTable`, `use_table`   | AddonManager subclassed, instance `__class__` swapped,   | CPU per request     |
+|                            | `.chain`, `traverse`, `logger`, `trigger_event`,         | (addons/chain.py)   |
+|                            | `handle_lifecycle`                                       |                     |
+| `remove_addons`            | AddonManager `.chain` and `.lookup` edited               | CPU per request     |
+| `install_error_pages`      | `proxy.layers.http._http1.make_error_response` replaced, | JSON errors         |
+|                            | `net.http.http1.assemble_response`                       |                     |
+| `listen_with_reuse_port`   | `proxy.mode_servers.AsyncioServerInstance.listen`        | `workers: N`        |
+|                            | replaced (`.mode`, `.handle_stream`)                     |                     |
+| `abort_flow`               | Proxyserver `.connections`, ConnectionHandler            | upstream timeout    |
+|                            | `.transports`, ConnectionIO `.writer`/`.handler`         | 504                 |
+| `is_transparent`,          | `proxy.mode_specs.TransparentMode`, `proxy.layers`       | plain HTTP of other |
+| `proposes_plain_http`,     | (`HttpLayer`, `TCPLayer`, `modes.TransparentProxy`),     | hosts tunnelled     |
+| `withdraw_proposal`        | `Context.layers` (a Layer appends itself when made)      | (addons/sni.py)     |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import logging
+import types
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import addonmanager, connection, ctx, exceptions, flow, hooks, http
+from mitmproxy.proxy import layer, layers
+from mitmproxy.proxy.layers import modes
+from mitmproxy.proxy.mode_specs import TransparentMode
+from mitmproxy.version import VERSION
+
+log = logging.getLogger("candela.mitm_patches")
+
+VERIFIED_VERSIONS = ("11.0.2",)  # every patch below was verified on these
+
+NextLayer = layer.NextLayer  # the next_layer hook's argument (public; its layers are not)
+
+
+def verified(version: str = VERSION) -> bool:
+    """Whether the running mitmproxy is one this module was verified on."""
+    return version in VERIFIED_VERSIONS
+
+
+def warn_if_unverified(version: str = VERSION) -> bool:
+    """Log (once, at start) when the running mitmproxy is not a verified one; True if it is."""
+    if verified(version):
+        return True
+    log.warning(
+        "mitmproxy %s: Candela's uses of its internals were verified on %s only "
+        "(run tests/addons/test_mitm_patches.py against this version)",
+        version,
+        ", ".join(VERIFIED_VERSIONS),
+    )
+    return False
+
+
+# -- the addon manager (verified 11.0.2) ------------------------------------------------------
+
+
+def remove_addons(master: Any, drop: Callable[[Any], bool]) -> list[Any]:
+    """Take the addons `drop` picks out of a master's chain and lookup, before the master runs.
+
+    AddonManager.remove() would call their `done` hooks synchronously, which some define as
+    coroutines; never started, they have nothing to finish. Their options stay registered.
+    """
+    manager = master.addons
+    dropped = [a for a in manager.chain if drop(a)]
+    manager.chain = [a for a in manager.chain if a not in dropped]
+    for name, addon in list(manager.lookup.items()):
+        if addon in dropped:
+            del manager.lookup[name]
+    return dropped
+
+
+_ARG_NAMES: dict[type[hooks.Hook], tuple[str, ...]] = {}
+
+
+def hook_args(event: hooks.Hook) -> list[Any]:
+    """`event.args()`: the values of the hook's dataclass fields, in order.
+
+    mitmproxy's `Hook.args` asks `dataclasses.fields` each time (a generator over the class's
+    fields: 3% of Candela's CPU under load); the names are looked up once per hook class here.
+    """
+    names = _ARG_NAMES.get(type(event))
+    if names is None:
+        fields = dataclasses.fields(event)  # type: ignore[arg-type]  # every Hook is a dataclass
+        names = _ARG_NAMES[type(event)] = tuple(f.name for f in fields)
+    return [getattr(event, name) for name in names]
+
+
+class HookTable(addonmanager.AddonManager):
+    """mitmproxy's AddonManager that offers an event only to the addons that have its hook.
+
+    mitmproxy walks its whole chain for every event (a generator, a getattr, a context manager
+    and a coroutine per addon) and, after each flow event, again for `update`, which no addon of
+    Candela's chain has: 8 walks of 10 addons per proxied request. This one looks the hooks up
+    once per chain (the list is rebuilt when the chain changes) and calls them in the same
+    order, each guarded as mitmproxy guards it: an exception is logged and the next addon runs,
+    AddonHalt ends the event, OptionsError propagates. Installed on a master by `use_table`.
+    """
+
+    def _hooks_for(self, name: str) -> list[Callable[..., Any]] | None:
+        """The callables of hook `name`, in chain order; None if mitmproxy's walk must decide."""
+        d = self.__dict__
+        if d.get("_candela_chain") != self.chain:  # identity per addon: add, remove, reassign
+            d["_candela_chain"] = list(self.chain)
+            d["_candela_hooks"] = {}
+        table: dict[str, list[Callable[..., Any]] | None] = d["_candela_hooks"]
+        if name in table:
+            return table[name]
+        fns: list[Callable[..., Any]] | None = []
+        for a in addonmanager.traverse(self.chain):
+            fn = getattr(a, name, None)
+            if not fn or isinstance(fn, types.ModuleType):  # a module named like a hook: skipped
+                continue
+            if not callable(fn):  # mitmproxy raises AddonManagerError: let it
+                fns = None
+                break
+            fns.append(fn)  # type: ignore[union-attr]
+        table[name] = fns
+        return fns
+
+    async def trigger_event(self, event: hooks.Hook) -> None:
+        fns = self._hooks_for(event.name)
+        if fns is None:
+            await super().trigger_event(event)
+            return
+        if not fns:
+            return
+        args = hook_args(event)
+        for fn in fns:
+            try:
+                res = fn(*args)
+                if res is not None and inspect.isawaitable(res):
+                    await res
+            except exceptions.AddonHalt:
+                return
+            except exceptions.OptionsError:
+                raise
+            except Exception as e:
+                addonmanager.logger.error(f"Addon error: {e}", exc_info=True)
+
+    async def handle_lifecycle(self, event: hooks.Hook) -> None:
+        await self.trigger_event(event)
+        if self._hooks_for("update") != []:
+            message = hook_args(event)[0]
+            if isinstance(message, flow.Flow):
+                await self.trigger_event(hooks.UpdateHook([message]))
+
+
+def use_table(master: Any) -> None:
+    """Make a master's AddonManager a HookTable: same state, same chain, faster dispatch."""
+    master.addons.__class__ = HookTable
+
+
+# -- error pages (verified 11.0.2) ------------------------------------------------------------
+
+
+def install_error_pages(render: Callable[[int, str], http.Response]) -> None:
+    """mitmproxy's own HTTP/1 error pages (bad request, unreachable upstream) rendered by
+    `render(status_code, message)`. mitmproxy has no option for them: the HTTP/1 layer calls a
+    module function, which is replaced."""
+    from mitmproxy.net.http import http1
+    from mitmproxy.proxy.layers.http import _http1
+
+    def make_error_response(status_code: int, message: str = "") -> bytes:
+        return http1.assemble_response(render(status_code, message))
+
+    _http1.make_error_response = make_error_response
+
+
+# -- listeners (verified 11.0.2) --------------------------------------------------------------
+
+
+def listen_with_reuse_port() -> None:
+    """Make mitmproxy's TCP listeners bind with SO_REUSEPORT, so that `workers: N` processes
+    listen on one port and the kernel spreads new connections across them. mitmproxy 11 binds
+    its listeners itself (AsyncioServerInstance.listen) and has no option for it. Idempotent."""
+    from mitmproxy.proxy import mode_servers
+
+    cls = mode_servers.AsyncioServerInstance
+    original = cls.listen
+    if getattr(original, "candela_reuse_port", False):
+        return
+
+    async def listen(self: Any, host: str, port: int) -> list[Any]:
+        if self.mode.transport_protocol != "tcp" or not port:
+            return await original(self, host, port)
+        return [await asyncio.start_server(self.handle_stream, host, port, reuse_port=True)]
+
+    listen.candela_reuse_port = True  # type: ignore[attr-defined]
+    cls.listen = listen  # type: ignore[method-assign]
+
+
+# -- a flow's connections (verified 11.0.2) ---------------------------------------------------
+
+
+def abort_flow(f: http.HTTPFlow, raw_response: bytes | None, reason: str) -> bool:
+    """Write `raw_response` (a whole HTTP/1 response; None: nothing) straight into the client's
+    connection and close it, and cancel the server connection's handler.
+
+    For an answer mitmproxy cannot give: while it waits for the upstream's response headers, no
+    hook runs that could set `flow.response`. False when the flow's connection is gone.
+    """
+    try:
+        handler = ctx.master.addons.get("proxyserver").connections.get(f.client_conn.id)
+    except Exception:
+        handler = None
+    if handler is None:
+        return False
+    client_io = handler.transports.get(f.client_conn)
+    server_io = handler.transports.get(f.server_conn)
+    if raw_response is not None and client_io is not None and client_io.writer is not None:
+        try:
+            client_io.writer.write(raw_response)
+            client_io.writer.close()
+        except Exception:
+            log.debug("client gone before the response could be written")
+    if server_io is not None and server_io.handler is not None:
+        server_io.handler.cancel(reason)
+    return True
+
+
+# -- layers (verified 11.0.2) -----------------------------------------------------------------
+
+
+def is_transparent(conn: connection.Client) -> bool:
+    """Whether a client connection came in on a transparent listener."""
+    return isinstance(conn.proxy_mode, TransparentMode)
+
+
+def proposes_plain_http(nextlayer: NextLayer) -> bool:
+    """Whether mitmproxy proposes HTTP as the first layer of a transparent connection, outside
+    TLS (inside TLS, the SNI has decided)."""
+    context = nextlayer.context
+    proposed = nextlayer.layer
+    return (
+        is_transparent(context.client)
+        and isinstance(proposed, layers.HttpLayer)
+        and len(context.layers) == 2
+        and isinstance(context.layers[0], modes.TransparentProxy)
+        and context.layers[-1] is proposed
+    )
+
+
+def withdraw_proposal(nextlayer: NextLayer, *, tunnel: bool) -> None:
+    """Undo mitmproxy's proposed layer (a Layer appends itself to the context's stack when it is
+    made) and instead tunnel the connection untouched, or, `tunnel=False`, ask again once more
+    of the request head has arrived."""
+    context = nextlayer.context
+    if nextlayer.layer is not None and nextlayer.layer in context.layers:
+        context.layers.remove(nextlayer.layer)
+    nextlayer.layer = layers.TCPLayer(context, ignore=True) if tunnel else None

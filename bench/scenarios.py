@@ -1,0 +1,479 @@
+"""The bench scenarios of issue 7 (s1..s7) and the profile: each runs targets through the harness
+and stores what it measured under its key of the results; SCENARIOS names them for --only."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import sqlite3
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from harness import (
+    BENCH_PY,
+    EXACT_FITS,
+    EXACT_MODEL,
+    EXACT_TOKENS,
+    LITELLM_KEY,
+    Bench,
+    Proc,
+    added,
+    connections_to,
+    log,
+    merged,
+    project_script,
+    ratios,
+    rss_kb,
+    thread_cpu,
+)
+
+S2_ROUNDS = 5  # scenario 2: interleaved rounds; verdicts take the median of per-round ratios
+ROUNDS = 3  # scenarios 1, 3 and 6: rounds over targets kept running; medians of the rounds
+
+
+def s_latency(b: Bench, res: dict[str, Any]) -> None:
+    """1. Added latency at concurrency 1: a fixed rate well below every target's capacity."""
+    rate, dur = 50.0, b.d(3)
+    out: dict[str, Any] = {"rate_rps": rate, "duration_s": dur, "rounds": ROUNDS}
+    with b.upstream() as up, ExitStack() as alive:
+        targets: list[tuple[str, str, Proc | None, bool | list[str]]] = [
+            ("direct", up + "/v1/chat/completions", None, False)
+        ]
+        makers: list[tuple[str, Callable[[], Any], bool | list[str]]] = [
+            ("mitmproxy", lambda: b.mitmdump(up), False),
+            ("mitmproxy -O", lambda: b.mitmdump(up, optimize=True), False),
+            ("candela", lambda: b.candela(up), True),
+        ]
+        if not b.args.no_litellm:
+            makers.append(("litellm", lambda: b.litellm(up), [LITELLM_KEY]))
+        for name, make, keys in makers:  # all up at once, idle while another is measured
+            url, p = alive.enter_context(make())
+            targets.append((name, url, p, keys))
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in targets}
+        # a reference: one connection, each request sent as the last answer ends (warm caches)
+        b2b: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in targets}
+        for _round in range(ROUNDS):
+            for name, url, p, keys in targets:
+                runs[name].append(b.load(url, "open", 1, dur, rate=rate, keys=keys, proc=p))
+                b2b[name].append(b.load(url, "closed", 1, dur, keys=keys, proc=p))
+    for into, by_target in ((out, runs), (out.setdefault("back_to_back", {}), b2b)):
+        for name, rs in by_target.items():
+            into[name] = merged(rs, "latency_ms")
+        for k, rs in by_target.items():
+            if k != "direct":
+                base = by_target["direct"]
+                into[k]["added_p50_ms"] = added(rs, base, "latency_ms", "p50")
+                into[k]["added_p99_ms"] = added(rs, base, "latency_ms", "p99")
+                into[k]["rounds_added_p50_ms"] = [
+                    round(r["latency_ms"]["p50"] - d["latency_ms"]["p50"], 3)
+                    for r, d in zip(rs, base, strict=True)
+                ]
+    out["cold_probe"] = cold_probe(b, 1000 / rate)
+    res["s1_latency"] = out
+
+
+def cold_probe(b: Bench, gap_ms: float) -> dict[str, Any]:
+    """The same pieces of the request path back to back and after the pause between requests."""
+    return project_script(
+        "coldprobe.py",
+        "--dir",
+        str(b.work),
+        "--calls",
+        str(max(50, int(200 * b.scale))),
+        "--gap-ms",
+        str(gap_ms),
+    )
+
+
+def s_throughput(b: Bench, res: dict[str, Any]) -> None:
+    """2. Maximum throughput, closed loop, at concurrency 16 and 64 (five interleaved rounds)."""
+    dur = b.d(4)
+    out: dict[str, Any] = {"duration_s": dur, "rounds": S2_ROUNDS}
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    with b.upstream() as up:
+        out["upstream_direct_c64"] = b.load(
+            up + "/v1/chat/completions", "closed", 64, dur, keys=False
+        )
+        targets: list[tuple[str, Callable[[], Any], bool | list[str]]] = [
+            ("mitmproxy", lambda: b.mitmdump(up), False),
+            ("candela", lambda: b.candela(up), True),  # right after its baseline: a pair per round
+            # a reference: mitmdump under python -O, as Candela serves (candela_mitm/cli.py)
+            ("mitmproxy -O", lambda: b.mitmdump(up, optimize=True), False),
+        ]
+        if not b.args.no_litellm:
+            targets.append(("litellm", lambda: b.litellm(up), [LITELLM_KEY]))
+        for _round in range(S2_ROUNDS):
+            for name, make, keys in targets:
+                with make() as (url, p):
+                    for c in (16, 64):
+                        r = b.load(url, "closed", c, dur, keys=keys, proc=p)
+                        runs.setdefault(name, {}).setdefault(c, []).append(r)
+                        log(
+                            f"  {name} c{c}: {r['throughput_rps']} req/s, p50 {r['latency_ms']['p50']} ms, "
+                            f"{r.get('target_cpu_us_per_request')} us CPU/req, errors {r['errors']}"
+                        )
+    for name, by_c in runs.items():
+        out[name] = {}
+        for c, rs in by_c.items():
+            best = max(rs, key=lambda r: r["throughput_rps"])
+            best["rounds_rps"] = [r["throughput_rps"] for r in rs]
+            out[name][f"c{c}"] = best
+    res["s2_throughput"] = out
+
+
+def s_streaming(b: Bench, res: dict[str, Any]) -> None:
+    """3. Streaming: time to first token by stream length; inter-chunk gaps under 100 streams."""
+    gap_ms = 2.0
+    lengths = (16, 128, 512)
+    conc = 24  # 5 streams/s of up to ~1 s each: enough connections that none waits for one
+    out: dict[str, Any] = {"chunk_gap_ms": gap_ms, "rounds": ROUNDS, "ttft": {}, "gaps": {}}
+    runs: dict[int, dict[str, list[dict[str, Any]]]] = {n: {} for n in lengths}
+    with b.upstream("--chunk-gap-ms", str(gap_ms)) as up, ExitStack() as alive:
+        murl, mp = alive.enter_context(b.mitmdump(up, stream=True))
+        curl, cp = alive.enter_context(b.candela(up))
+        targets = (
+            ("direct", up + "/v1/chat/completions", None, False),
+            ("mitmproxy", murl, mp, False),
+            ("candela", curl, cp, True),
+        )
+        for _round in range(ROUNDS):
+            for n in lengths:
+                for name, url, p, keys in targets:
+                    r = b.load(
+                        url,
+                        "open",
+                        conc,
+                        b.d(3),
+                        rate=5,
+                        stream=True,
+                        max_tokens=n,
+                        keys=keys,
+                        proc=p,
+                    )
+                    runs[n].setdefault(name, []).append(r)
+    for n in lengths:
+        row = out["ttft"][n] = {name: merged(rs, "ttft_ms") for name, rs in runs[n].items()}
+        for k in ("mitmproxy", "candela"):
+            row[k]["added_ttft_p50_ms"] = added(runs[n][k], runs[n]["direct"], "ttft_ms", "p50")
+            row[k]["added_ttft_p99_ms"] = added(runs[n][k], runs[n]["direct"], "ttft_ms", "p99")
+    # flat in length: the growth from the shortest to the longest stream, measured in one round
+    first, last = runs[lengths[0]], runs[lengths[-1]]
+    out["ttft_growth_ms"] = round(
+        statistics.median(
+            (lc["ttft_ms"]["p50"] - ld["ttft_ms"]["p50"])
+            - (fc["ttft_ms"]["p50"] - fd["ttft_ms"]["p50"])
+            for lc, ld, fc, fd in zip(
+                last["candela"], last["direct"], first["candela"], first["direct"], strict=True
+            )
+        ),
+        3,
+    )
+    # 100 concurrent streams, 20 ms between chunks, 100 chunks each: 2 s per stream
+    with b.upstream("--chunk-gap-ms", "20") as up:
+        dur = b.d(8)
+        out["gaps"]["chunk_gap_ms"] = 20
+        out["gaps"]["direct"] = b.load(
+            up + "/v1/chat/completions",
+            "closed",
+            100,
+            dur,
+            stream=True,
+            max_tokens=100,
+            keys=False,
+            extra=["--ramp", "1"],
+        )
+        with b.mitmdump(up, stream=True) as (url, p):
+            out["gaps"]["mitmproxy"] = b.load(
+                url,
+                "closed",
+                100,
+                dur,
+                stream=True,
+                max_tokens=100,
+                keys=False,
+                proc=p,
+                extra=["--ramp", "1"],
+            )
+        with b.candela(up) as (url, p):
+            out["gaps"]["candela"] = b.load(
+                url, "closed", 100, dur, stream=True, max_tokens=100, proc=p, extra=["--ramp", "1"]
+            )
+    res["s3_streaming"] = out
+
+
+def s_memory(b: Bench, res: dict[str, Any]) -> None:
+    """4. RSS idle and with 1,000 concurrent streams (50 ms between chunks: each stays open)."""
+    streams = 1000
+    out: dict[str, Any] = {"streams": streams}
+    with b.upstream("--chunk-gap-ms", "50") as up:
+        for name, make, keys in (
+            ("mitmproxy", lambda: b.mitmdump(up, stream=True), False),
+            ("candela", lambda: b.candela(up), True),
+        ):
+            with make() as (url, p):
+                b.load(url, "closed", 4, 1.0, warmup=0.2, keys=keys, max_tokens=4)  # warm
+                time.sleep(0.5)
+                idle = rss_kb(p.pid)
+                r = b.load(
+                    url,
+                    "closed",
+                    streams,
+                    b.d(10),
+                    warmup=0,
+                    stream=True,
+                    max_tokens=400,
+                    keys=keys,
+                    proc=p,
+                    sample_rss=True,
+                    extra=["--ramp", "3"],
+                )
+                peak = r["peak_rss_kb"]
+                out[name] = {
+                    "idle_rss_kb": idle,
+                    "peak_rss_kb": peak,
+                    "kb_per_stream": round((peak - idle) / streams, 1),
+                    "completed": r["completed"],
+                    "errors": r["errors"],
+                    "error_kinds": r["error_kinds"],
+                    "gap_ms": r["gap_ms"],
+                }
+                log(
+                    f"  {name}: idle {idle} kB, peak {peak} kB, {out[name]['kb_per_stream']} kB/stream"
+                )
+    res["s4_memory"] = out
+
+
+def s_audit(b: Bench, res: dict[str, Any]) -> None:
+    """5. Audit ledger write throughput; proxy p99 while a mirror sink (BigQuery) is stalled."""
+    out: dict[str, Any] = {}
+    for durable in (0, 1):
+        out["ledger_durable" if durable else "ledger"] = project_script(
+            "audit_bench.py",
+            "--dir",
+            str(b.work / "audit"),
+            "--entries",
+            str(int(100_000 * b.scale)),
+            "--durable-every",
+            str(durable),
+        )
+    rate, dur = (
+        100.0,
+        b.d(8),
+    )  # about a third of one worker's capacity: p99 shows stalls, not queueing
+    out["rate_rps"] = rate
+    with b.upstream() as up:
+        # settle: the mirror's thread imports the BigQuery client after /healthz answers
+        settle = 5.0
+        with b.candela(up, tag="nomirror") as (url, p):
+            time.sleep(settle)
+            out["no_mirror"] = b.load(url, "open", 16, dur, rate=rate, proc=p)
+        with b.upstream("--stall") as stalled:
+            bq = {"project": "bench", "endpoint": stalled, "credentials": "anonymous"}
+            with b.candela(
+                up, tag="stalled", audit={"sinks": ["sqlite", "bigquery"], "bigquery": bq}
+            ) as (url, p):
+                time.sleep(settle)
+                out["mirror_stalled"] = b.load(url, "open", 16, dur, rate=rate, proc=p)
+                out["mirror_stalled"]["mirror_connections_open"] = connections_to(stalled)
+    res["s5_audit"] = out
+
+
+def s_workers(b: Bench, res: dict[str, Any]) -> None:
+    """6. One and two worker processes on one port, sharing the SQLite state; budgets exact."""
+    dur = b.d(4)
+    out: dict[str, Any] = {"cores": os.cpu_count(), "rounds": ROUNDS}
+    runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    with b.upstream() as up, ExitStack() as alive:
+        urls = {n: alive.enter_context(b.candela(up, tag=f"workers{n}", workers=n)) for n in (1, 2)}
+        for rnd in range(ROUNDS):  # both kept running, measured in turns, the order alternating
+            for n in (1, 2) if rnd % 2 == 0 else (2, 1):
+                url, p = urls[n]
+                runs[n].append(b.load(url, "closed", 64, dur, proc=p))
+                log(f"  workers={n}: {runs[n][-1]['throughput_rps']} req/s")
+        out["budget"] = exact_budget(b, urls[2][0], b.work / "workers2" / "state.db")
+    for n, rs in runs.items():  # the round with the median rate stands for the target
+        rates = [r["throughput_rps"] for r in rs]
+        out[f"workers_{n}"] = dict(
+            sorted(rs, key=lambda r: r["throughput_rps"])[len(rs) // 2], rounds_rps=rates
+        )
+    out["rounds_ratio"] = ratios(out["workers_2"]["rounds_rps"], out["workers_1"]["rounds_rps"])
+    res["s6_workers"] = out
+
+
+def exact_budget(b: Bench, url: str, state_db: Path) -> dict[str, Any]:
+    """200 requests at once over both workers from a user whose budget fits exactly 14."""
+    r = b.load(
+        url,
+        "closed",
+        32,
+        30,
+        warmup=0,
+        keys=False,
+        model=EXACT_MODEL,
+        max_tokens=EXACT_TOKENS,
+        extra=["--requests", "200", "--keys", "cdl_bench_budget"],
+    )
+    with sqlite3.connect(state_db) as db:
+        spent, reserved = db.execute(
+            "SELECT spent, reserved FROM days WHERE user_id = 'budget@bench.example'"
+        ).fetchone()
+        (requests,) = db.execute(
+            "SELECT sum(requests) FROM spend WHERE user_id = 'budget@bench.example'"
+        ).fetchone()
+    allowed = r["statuses"].get("200", 0)
+    cost_nano = EXACT_TOKENS * 1000  # 7 tokens x $1000 per million, in nano-dollars: 7,000 x 1000
+    return {
+        "requests": 200,
+        "statuses": r["statuses"],
+        "expected_allowed": EXACT_FITS,
+        "allowed": allowed,
+        "spent_nano_usd": spent,
+        "expected_spent_nano_usd": EXACT_FITS * cost_nano * 1000,
+        "reserved_after_nano_usd": reserved,
+        "settled_requests": requests,
+        "exact": allowed == EXACT_FITS
+        and spent == EXACT_FITS * cost_nano * 1000
+        and reserved == 0
+        and requests == EXACT_FITS,
+    }
+
+
+def s_transparent(b: Bench, res: dict[str, Any]) -> None:
+    """7. Transparent mode with TLS interception: new connections per second."""
+    import transparent  # needs root, iptables and a network namespace
+
+    res["s7_transparent"] = transparent.run(b)
+
+
+def thread_names(stacks: list[tuple[list[str], int]]) -> dict[int, str]:
+    """py-spy --threads names each stack's thread: 'thread (TID): NAME'."""
+    names: dict[int, str] = {}
+    for frames, _ in stacks:
+        head = frames[0] if frames else ""
+        if head.startswith("thread (") and "): " in head:
+            tid, _, name = head[len("thread (") :].partition("): ")
+            if tid.isdigit():
+                names[int(tid)] = (
+                    name.rstrip("0123456789_") if name.startswith("candela-gov") else name
+                )
+    return names
+
+
+def categorise(stacks: list[tuple[list[str], int]]) -> dict[str, int]:
+    """Main-thread samples by who was running: Candela's state store (SQLite, on the event loop
+    when its lock is free), Candela's audit encoding, the rest of Candela's pipeline, mitmproxy,
+    or the event loop."""
+    cats = {
+        "candela_state_store": 0,
+        "candela_audit": 0,
+        "candela_pipeline": 0,
+        "mitmproxy": 0,
+        "asyncio_and_io": 0,
+    }
+    for frames, n in stacks:
+        body = [f for f in frames if not f.startswith(("thread", "process"))]
+        if any("candela_mitm/state/" in f for f in body):
+            cats["candela_state_store"] += n
+        elif any("candela_mitm/audit/" in f for f in body):
+            cats["candela_audit"] += n
+        elif any("candela_mitm/" in f and "cli.py" not in f for f in body):
+            cats["candela_pipeline"] += n
+        elif any("mitmproxy/" in f for f in body[-12:]):
+            cats["mitmproxy"] += n
+        else:
+            cats["asyncio_and_io"] += n
+    return cats
+
+
+def s_profile(b: Bench, res: dict[str, Any]) -> None:
+    """Profile: py-spy on Candela (and bare mitmproxy) at c16: where a request's CPU goes."""
+    from profile_summary import load, summarise
+
+    dur = b.d(8)
+    out: dict[str, Any] = {"duration_s": dur, "concurrency": 16}
+    spy = BENCH_PY.parent / "py-spy"
+    with b.upstream() as up:
+        for name, make, keys in (
+            ("mitmproxy", lambda: b.mitmdump(up), False),
+            ("candela", lambda: b.candela(up, tag="profile"), True),
+        ):
+            with make() as (url, p):
+                b.load(url, "closed", 16, 1.0, warmup=0.5, keys=keys)  # warm
+                pid = p.pid
+                raw = b.work / f"profile-{name}.txt"
+                before = thread_cpu(pid)
+                prof = subprocess.Popen(
+                    [
+                        str(spy),
+                        "record",
+                        "-p",
+                        str(pid),
+                        "-d",
+                        str(int(dur)),
+                        "-r",
+                        "200",
+                        "--gil",
+                        "--threads",
+                        "--format",
+                        "raw",
+                        "-o",
+                        str(raw),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                r = b.load(url, "closed", 16, dur, warmup=0, keys=keys, proc=p)
+                after = thread_cpu(pid)
+                prof.wait(30)
+                n = max(r["completed"], 1)
+                stacks = load(str(raw)) if raw.exists() else []
+                names = thread_names(stacks)
+                names[pid] = "MainThread"
+                threads: dict[str, int] = {}
+                for tid, cpu in after.items():
+                    used = cpu - before.get(tid, 0.0)
+                    if used > 0:
+                        key = names.get(tid, "other threads")
+                        threads[key] = threads.get(key, 0) + round(used / n * 1e6)
+                entry: dict[str, Any] = {
+                    "throughput_rps": r["throughput_rps"],
+                    "cpu_us_per_request_by_thread": threads,
+                    "cpu_us_per_request": r.get("target_cpu_us_per_request"),
+                }
+                if stacks:
+                    main = [(f, c) for f, c in stacks if f and "MainThread" in f[0]]
+                    cats = categorise(main)
+                    total = sum(cats.values()) or 1
+                    main_us = threads.get("MainThread", 0)
+                    entry["main_thread_gil_samples"] = cats
+                    entry["main_thread_share"] = {k: round(v / total, 3) for k, v in cats.items()}
+                    entry["main_thread_us_per_request_estimate"] = {
+                        k: round(main_us * v / total) for k, v in cats.items()
+                    }
+                    summary = summarise(main, 40, None)
+                    (b.results / f"profile-{name}.summary.txt").write_text(summary + "\n")
+                    with gzip.open(b.results / f"profile-{name}.txt.gz", "wb") as gz:
+                        gz.write(raw.read_bytes())  # py-spy's raw stacks: flamegraph.pl input
+                out[name] = entry
+                log(
+                    f"  {name}: {entry.get('cpu_us_per_request')} us CPU/req; threads {threads}; "
+                    f"main thread {entry.get('main_thread_share')}"
+                )
+    res["profile"] = out
+
+
+SCENARIOS: dict[str, Callable[[Bench, dict[str, Any]], None]] = {
+    "s1": s_latency,
+    "s2": s_throughput,
+    "s3": s_streaming,
+    "s4": s_memory,
+    "s5": s_audit,
+    "s6": s_workers,
+    "s7": s_transparent,
+    "profile": s_profile,
+}

@@ -1,0 +1,339 @@
+"""addons/mitm_patches.py: the mitmproxy internals Candela relies on still have the shape it was
+verified on (run this first after a mitmproxy upgrade), the patches do what they say, and no other
+addon reaches into mitmproxy's internals."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import dataclasses
+import inspect
+import json
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+from mitmproxy import addonmanager, connection, hooks, http, options
+from mitmproxy.addons import proxyserver
+from mitmproxy.proxy import context, layer, layers, mode_servers, server
+from mitmproxy.proxy.layers import modes
+from mitmproxy.proxy.layers.http import HTTPMode, _http1
+from mitmproxy.proxy.mode_specs import ProxyMode, TransparentMode
+from mitmproxy.test import tflow
+from mitmproxy.tools.dump import DumpMaster
+from mitmproxy.version import VERSION
+
+from candela_mitm.addons import mitm_patches
+
+ADDONS = Path(mitm_patches.__file__).resolve().parent
+
+
+def params(fn: object) -> list[str]:
+    return list(inspect.signature(fn).parameters)  # type: ignore[arg-type]
+
+
+# -- the version --------------------------------------------------------------------------------
+
+
+def test_the_running_mitmproxy_is_a_verified_one():
+    """A new mitmproxy: run this module, then add it to VERIFIED_VERSIONS."""
+    assert mitm_patches.verified(), (
+        f"mitmproxy {VERSION} is not in {mitm_patches.VERIFIED_VERSIONS}"
+    )
+
+
+def test_an_unverified_version_is_logged(caplog):
+    with caplog.at_level(logging.WARNING, "candela.mitm_patches"):
+        assert mitm_patches.warn_if_unverified("99.0") is False
+        assert mitm_patches.warn_if_unverified(mitm_patches.VERIFIED_VERSIONS[0]) is True
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["mitmproxy 99.0"]
+
+
+# -- the addon manager --------------------------------------------------------------------------
+
+
+def master() -> DumpMaster:
+    return DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
+
+
+def test_the_addon_manager_keeps_its_chain_and_lookup_as_plain_containers():
+    async def check() -> None:
+        m = master()
+        assert type(m.addons) is addonmanager.AddonManager  # what use_table swaps from
+        assert isinstance(m.addons.chain, list) and m.addons.chain
+        assert isinstance(m.addons.lookup, dict)
+        assert all(a in m.addons.chain for a in m.addons.lookup.values())
+        assert list(addonmanager.traverse(m.addons.chain))  # walks addons and their children
+
+    asyncio.run(check())
+
+
+def test_the_manager_dispatch_methods_are_the_ones_hooktable_overrides():
+    for name in ("trigger_event", "handle_lifecycle"):
+        method = getattr(addonmanager.AddonManager, name)
+        assert inspect.iscoroutinefunction(method) and params(method) == ["self", "event"]
+        assert name in vars(mitm_patches.HookTable)
+    assert isinstance(addonmanager.logger, logging.Logger)
+    # the class swap needs the same instance layout: nothing declares slots
+    assert "__slots__" not in vars(addonmanager.AddonManager)
+    assert "__slots__" not in vars(mitm_patches.HookTable)
+
+
+def test_every_hook_is_a_dataclass_whose_args_are_its_fields():
+    f = tflow.tflow()
+    for hook in (hooks.UpdateHook([f]), *(cls(f) for cls in _flow_hooks())):
+        assert dataclasses.is_dataclass(hook)
+        assert mitm_patches.hook_args(hook) == hook.args()
+
+
+def _flow_hooks() -> list[type[hooks.Hook]]:
+    from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
+
+    return [HttpRequestHook, HttpResponseHook]
+
+
+def test_remove_addons_and_use_table_on_a_real_master():
+    async def check() -> tuple[list[str], type]:
+        m = master()
+        dropped = mitm_patches.remove_addons(m, lambda a: type(a).__name__ == "Save")
+        mitm_patches.use_table(m)
+        assert "save" not in m.addons.lookup and not any(a in m.addons.chain for a in dropped)
+        return [type(a).__name__ for a in dropped], type(m.addons)
+
+    dropped, manager = asyncio.run(check())
+    assert dropped == ["Save"] and manager is mitm_patches.HookTable
+
+
+# -- error pages --------------------------------------------------------------------------------
+
+
+def test_the_http1_layer_calls_its_module_level_error_page_function():
+    assert params(_http1.make_error_response)[:2] == ["status_code", "message"]
+    source = inspect.getsource(_http1)
+    assert source.count("make_error_response(") >= 3  # the definition and the layer's calls
+
+
+def test_installed_error_pages_are_rendered_by_candela(monkeypatch):
+    monkeypatch.setattr(_http1, "make_error_response", _http1.make_error_response)  # restored
+
+    def render(status: int, message: str) -> http.Response:
+        return http.Response.make(status, json.dumps({"error": "x", "message": message}))
+
+    mitm_patches.install_error_pages(render)
+    raw = _http1.make_error_response(502, "no route")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 ") and json.loads(body) == {
+        "error": "x",
+        "message": "no route",
+    }
+
+
+# -- listeners ----------------------------------------------------------------------------------
+
+
+def test_asyncio_servers_bind_through_listen():
+    cls = mode_servers.AsyncioServerInstance
+    assert inspect.iscoroutinefunction(cls.listen) and params(cls.listen) == [
+        "self",
+        "host",
+        "port",
+    ]
+    assert "await self.listen(host, port)" in inspect.getsource(cls)
+    assert params(cls.handle_stream)[:3] == ["self", "reader", "writer"]
+    assert ProxyMode.parse("reverse:http://127.0.0.1:9@8080").transport_protocol == "tcp"
+
+
+def test_listen_with_reuse_port_is_idempotent(monkeypatch):
+    cls = mode_servers.AsyncioServerInstance
+    monkeypatch.setattr(cls, "listen", cls.listen)  # restored after the test
+    original = cls.listen
+    mitm_patches.listen_with_reuse_port()
+    patched = cls.listen
+    mitm_patches.listen_with_reuse_port()
+    assert patched is not original and cls.listen is patched
+    assert getattr(patched, "candela_reuse_port", False)
+
+
+def test_a_patched_listener_shares_its_port():
+    """Two servers on one port: what `workers: N` needs (the kernel spreads connections)."""
+
+    class Instance:
+        mode = ProxyMode.parse("reverse:http://127.0.0.1:9@0")
+
+        async def handle_stream(self, reader, writer) -> None:
+            writer.close()
+
+    async def check() -> None:
+        cls = mode_servers.AsyncioServerInstance
+        saved = cls.listen
+        try:
+            mitm_patches.listen_with_reuse_port()
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            first = await cls.listen(Instance(), "127.0.0.1", port)
+            second = await cls.listen(Instance(), "127.0.0.1", port)  # refused without the patch
+            assert first[0].sockets[0].getsockname() == second[0].sockets[0].getsockname()
+            for s in (*first, *second):
+                s.close()
+        finally:
+            cls.listen = saved  # type: ignore[method-assign]
+
+    asyncio.run(check())
+
+
+# -- a flow's connections -----------------------------------------------------------------------
+
+
+def test_the_proxy_server_keeps_handlers_and_their_transports():
+    ps = proxyserver.Proxyserver()
+    assert ps.connections == {}
+    fields = {f.name for f in dataclasses.fields(server.ConnectionIO)}
+    assert {"handler", "reader", "writer"} <= fields
+    assert "transports" in inspect.get_annotations(server.ConnectionHandler)
+
+
+class FakeWriter:
+    def __init__(self) -> None:
+        self.data, self.closed = b"", False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeTask:
+    cancelled: str | None = None
+
+    def cancel(self, msg: str | None = None) -> bool:
+        self.cancelled = msg
+        return True
+
+
+def test_abort_flow_writes_to_the_client_and_cancels_the_server(monkeypatch):
+    f = tflow.tflow()
+    client_io = server.ConnectionIO(writer=FakeWriter())  # type: ignore[arg-type]
+    server_io = server.ConnectionIO(handler=FakeTask())  # type: ignore[arg-type]
+
+    class Handler:
+        transports = {f.client_conn: client_io, f.server_conn: server_io}
+
+    class Master:
+        class addons:
+            @staticmethod
+            def get(name: str) -> object:
+                assert name == "proxyserver"
+                return type("PS", (), {"connections": {f.client_conn.id: Handler()}})()
+
+    monkeypatch.setattr(mitm_patches.ctx, "master", Master(), raising=False)
+    assert mitm_patches.abort_flow(f, b"HTTP/1.1 504 x\r\n\r\n", "upstream timeout")
+    assert client_io.writer.data == b"HTTP/1.1 504 x\r\n\r\n" and client_io.writer.closed
+    assert server_io.handler.cancelled == "upstream timeout"
+    other = tflow.tflow()
+    assert not mitm_patches.abort_flow(other, b"x", "gone")  # its connection is not there
+
+
+# -- layers -------------------------------------------------------------------------------------
+
+
+def transparent_context() -> context.Context:
+    client = connection.Client(
+        peername=("10.200.0.2", 40000),
+        sockname=("10.200.0.1", 8080),
+        timestamp_start=0,
+        proxy_mode=ProxyMode.parse("transparent"),
+    )
+    return context.Context(client, options.Options())
+
+
+def test_a_layer_appends_itself_to_its_context():
+    ctx = transparent_context()
+    modes.TransparentProxy(ctx)
+    nl = layer.NextLayer(ctx)
+    assert ctx.layers == [ctx.layers[0]] and isinstance(ctx.layers[0], modes.TransparentProxy)
+    proposed = layers.HttpLayer(ctx, HTTPMode.transparent)
+    assert ctx.layers[-1] is proposed
+    nl.layer = proposed
+    assert params(layers.TCPLayer)[:2] == ["context", "ignore"]
+    assert isinstance(ctx.client.proxy_mode, TransparentMode)
+    assert callable(nl.data_client)
+
+
+@pytest.mark.parametrize("tunnel", [True, False])
+def test_withdrawing_mitmproxys_proposal(tunnel):
+    ctx = transparent_context()
+    modes.TransparentProxy(ctx)
+    nl = layer.NextLayer(ctx)
+    nl.layer = layers.HttpLayer(ctx, HTTPMode.transparent)
+    assert mitm_patches.is_transparent(ctx.client) and mitm_patches.proposes_plain_http(nl)
+    mitm_patches.withdraw_proposal(nl, tunnel=tunnel)
+    if tunnel:
+        assert isinstance(nl.layer, layers.TCPLayer) and ctx.layers[-1] is nl.layer
+    else:
+        assert nl.layer is None
+    assert not any(isinstance(x, layers.HttpLayer) for x in ctx.layers)
+    assert len(ctx.layers) == (2 if tunnel else 1)
+
+
+def test_inside_tls_nothing_is_proposed_as_plain_http():
+    ctx = transparent_context()
+    modes.TransparentProxy(ctx)
+    layers.ServerTLSLayer(ctx)
+    nl = layer.NextLayer(ctx)
+    nl.layer = layers.HttpLayer(ctx, HTTPMode.transparent)
+    assert not mitm_patches.proposes_plain_http(nl)
+
+
+# -- the fence ----------------------------------------------------------------------------------
+
+INTERNAL_MODULES = (
+    "mitmproxy.proxy",
+    "mitmproxy.addons",
+    "mitmproxy.net",
+    "mitmproxy.addonmanager",
+)
+
+
+def internal_uses(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        found += [n for n in names if n.startswith(INTERNAL_MODULES)]
+        if isinstance(node, ast.Assign):  # x.__class__ = ..., module.attr = ... (monkeypatching)
+            for t in node.targets:
+                if isinstance(t, ast.Attribute) and t.attr == "__class__":
+                    found.append(f"line {node.lineno}: __class__ assignment")
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
+            base = node.value
+            if isinstance(base, ast.Name) and base.id in ("mctx", "ctx", "master", "_http1"):
+                found.append(f"line {node.lineno}: {base.id}.{node.attr}")
+    return found
+
+
+@pytest.mark.parametrize(
+    "module", sorted(p.name for p in ADDONS.glob("*.py") if p.name != "mitm_patches.py")
+)
+def test_no_other_addon_uses_mitmproxy_internals(module):
+    assert internal_uses(ADDONS / module) == []
+
+
+def test_the_fence_sees_what_it_fences(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text(
+        "from mitmproxy.proxy.layers.http import _http1\n"
+        "import mitmproxy.addons.proxyserver\n"
+        "def g(m):\n    m.addons.__class__ = object\n"
+    )
+    assert len(internal_uses(f)) == 4
+    assert internal_uses(ADDONS / "mitm_patches.py")  # where they live

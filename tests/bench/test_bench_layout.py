@@ -1,0 +1,87 @@
+"""bench/ split into harness, scenarios and report with run.py as the entry: they import, every
+scenario is registered, and the report renders a stored run (no benchmark is run here)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+MODULES = ("harness", "scenarios", "report", "run")
+
+
+@pytest.fixture
+def bench(monkeypatch) -> Iterator[dict[str, ModuleType]]:
+    """The bench modules, imported as run.py imports them (bench/ first on sys.path)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    for name in MODULES:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    mods = {name: importlib.import_module(name) for name in MODULES}
+    yield mods
+    for name in MODULES:
+        sys.modules.pop(name, None)
+
+
+def test_the_modules_are_the_bench_folders(bench):
+    for name, mod in bench.items():
+        assert Path(mod.__file__).resolve() == BENCH / f"{name}.py"
+
+
+def test_every_scenario_is_registered_once(bench):
+    scenarios = bench["scenarios"]
+    registered = scenarios.SCENARIOS
+    assert list(registered) == ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "profile"]
+    defined = {
+        f for name, f in inspect.getmembers(scenarios, inspect.isfunction)
+        if name.startswith("s_") and f.__module__ == "scenarios"
+    }  # fmt: skip
+    assert set(registered.values()) == defined
+    for key, fn in registered.items():  # "1. Added latency ...": the docstring names its number
+        number = key[1:] if key.startswith("s") else None
+        assert fn.__doc__ and (number is None or fn.__doc__.startswith(f"{number}. "))
+
+
+def test_each_part_keeps_to_its_job(bench):
+    """The harness knows no scenario and no report; scenarios know no report; run.py only wires."""
+
+    def imports(name: str) -> set[str | None]:
+        tree = ast.parse((BENCH / f"{name}.py").read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+
+    assert not {"scenarios", "report", "run"} & imports("harness")
+    assert not {"report", "run"} & imports("scenarios")
+    assert "run" not in imports("report")
+    assert not [n for n, _ in inspect.getmembers(bench["run"], inspect.isfunction)
+                if _.__module__ == "run" and n != "main"]  # fmt: skip
+
+
+def test_the_report_renders_a_stored_run(bench):
+    results = sorted((BENCH / "results").glob("*.json"))
+    if not results:
+        pytest.skip("no stored bench results in bench/results")
+    res = json.loads(results[-1].read_text())
+    verdicts = bench["report"].verdicts(res)
+    assert verdicts and all({"target", "measured", "holds"} <= set(v) for v in verdicts)
+    md = bench["report"].markdown({**res, "verdicts": verdicts})
+    assert "| Target (issue 7) | Measured | Holds |" in md
+    assert all(v["target"] in md for v in verdicts)
+
+
+def test_run_help_works_with_the_projects_python():
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "--only" in r.stdout and "--render" in r.stdout

@@ -1,0 +1,109 @@
+"""The one /proc/net/tcp parser: rows, listening ports, socket inodes, from tables of real text."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from pathlib import Path
+
+import pytest
+
+from candela_mitm.enforcement import procnet
+
+HEAD = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+TCP = HEAD + (
+    "   0: 0100007F:20FB 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 11 1\n"
+    "   1: 0100007F:20FB 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 12 1\n"
+    "   2: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 13 1\n"
+    "   3: 0200C80A:9C41 0100C80A:01BB 06 00000000:00000000 03:00001000 00000000     0        0 0 3\n"
+    "   4: 0200C80A:9C42 0100C80A:01BB 01 00000000:00000000 00:00000000 00000000  1000        0 14 1\n"
+)
+TCP6 = HEAD + (
+    "   0: 00000000000000000000000000000000:1F90 00000000000000000000000000000000:0000 0A"
+    " 00000000:00000000 00:00000000 00000000     0        0 21 1\n"
+    "   1: 0000000000000000FFFF00000200C80A:9C43 0000000000000000FFFF00000100C80A:01BB 01"
+    " 00000000:00000000 00:00000000 00000000     0        0 22 1\n"
+    "   2: 00000000000000000000000001000000:0016 00000000000000000000000000000000:0000 0A"
+    " 00000000:00000000 00:00000000 00000000     0        0 23 1\n"
+)
+
+
+def native(ip: str) -> str:
+    """What the kernel prints for an IPv4 address on this machine (its byte order)."""
+    return f"{int.from_bytes(socket.inet_aton(ip), 'little' if socket.htonl(1) != 1 else 'big'):08X}"
+
+
+@pytest.mark.parametrize(
+    "table, row, local, lport, remote, rport, state, inode",
+    [
+        (TCP, 0, "127.0.0.1", 8443, "0.0.0.0", 0, procnet.LISTEN, 11),
+        (TCP, 1, "127.0.0.1", 8443, "127.0.0.1", 40000, 0x01, 12),
+        (TCP, 3, "10.200.0.2", 40001, "10.200.0.1", 443, 0x06, 0),  # TIME_WAIT: no inode
+        (TCP6, 0, "::", 8080, "::", 0, procnet.LISTEN, 21),
+        (TCP6, 1, "::ffff:10.200.0.2", 40003, "::ffff:10.200.0.1", 443, 0x01, 22),
+        (TCP6, 2, "::1", 22, "::", 0, procnet.LISTEN, 23),
+    ],
+)
+def test_rows(table, row, local, lport, remote, rport, state, inode):
+    if socket.htonl(1) == 1:
+        pytest.skip("the tables above are as a little-endian kernel prints them")
+    s = procnet.parse(table)[row]
+    assert (s.local, s.local_port) == (ipaddress.ip_address(local), lport)
+    assert (s.remote, s.remote_port) == (ipaddress.ip_address(remote), rport)
+    assert (s.state, s.inode) == (state, inode)
+
+
+@pytest.mark.parametrize(
+    "text, ports",
+    [
+        (TCP, {0x20FB, 80}),
+        (TCP6, {8080, 22}),
+        (HEAD, set()),
+        ("", set()),
+        (HEAD + "   0: garbage\n   1: 0100007F:ZZZZ 00000000:0000 0A 0 0 0 0 0 1 1\n", set()),
+    ],
+    ids=["tcp", "tcp6", "heading-only", "empty", "malformed-rows"],
+)
+def test_listening_ports(text, ports):
+    assert procnet.listening_ports(text) == ports
+
+
+@pytest.mark.parametrize(
+    "text, address, port, inode",
+    [
+        (TCP, "10.200.0.2", 40002, 14),
+        (TCP, "10.200.0.2", 40001, None),  # TIME_WAIT: no process holds it
+        (TCP, "10.200.0.2", 40009, None),
+        (TCP, "127.0.0.1", 8443, 11),  # the listener comes first
+        (TCP6, "10.200.0.2", 40003, 22),  # a dual-stack socket, by its IPv4 form
+        (TCP6, "::ffff:10.200.0.2", 40003, 22),
+    ],
+)
+def test_socket_inode(text, address, port, inode):
+    if socket.htonl(1) == 1:
+        pytest.skip("the tables above are as a little-endian kernel prints them")
+    assert procnet.socket_inode(text, address, port) == inode
+
+
+def test_the_address_words_are_read_in_this_machines_byte_order():
+    row = f"   0: {native('192.0.2.7')}:0050 00000000:0000 0A 0 0 0 0 0 5 1\n"
+    [s] = procnet.parse(HEAD + row)
+    assert str(s.local) == "192.0.2.7" and s.local_port == 80
+
+
+def test_listening_reads_the_tables_and_skips_missing_ones(tmp_path: Path):
+    (tmp_path / "tcp").write_text(TCP)
+    tables = [str(tmp_path / "tcp"), str(tmp_path / "no-ipv6-here")]
+    assert procnet.listening(0x20FB, tables)
+    assert not procnet.listening(40000, tables)  # an established socket is not a listener
+
+
+def test_a_real_listener_is_seen():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        assert not procnet.listening(port)
+        s.listen()
+        assert procnet.listening(port)
+        [found] = [x for x in procnet.read() if x.local_port == port]
+        assert found.state == procnet.LISTEN and found.inode > 0
