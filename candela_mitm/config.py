@@ -202,6 +202,8 @@ class Local(_Model):
     runtime_command: list[str] = ["ollama", "serve"]
     cache_ttl_s: int = Field(default=3600, ge=0)
     gemini_cache_price_multiplier: float = Field(default=0.25, ge=0)
+    # Local users (uids) besides Candela's own and root whose programs may use `candela`.
+    allowed_uids: list[int] = []
 
 
 class Config(_Model):

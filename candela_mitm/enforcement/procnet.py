@@ -30,6 +30,7 @@ class TcpSocket:
     remote_port: int
     state: int  # TCP_* state number (LISTEN is 0x0A)
     inode: int  # 0 for sockets in TIME_WAIT and others no process holds
+    uid: int = -1  # the socket owner's effective uid, as the kernel recorded it
 
 
 def _address(text: str) -> tuple[Address, int]:
@@ -51,7 +52,9 @@ def parse(text: str) -> list[TcpSocket]:
         try:
             local, lport = _address(cols[1])
             remote, rport = _address(cols[2])
-            out.append(TcpSocket(local, lport, remote, rport, int(cols[3], 16), int(cols[9])))
+            out.append(
+                TcpSocket(local, lport, remote, rport, int(cols[3], 16), int(cols[9]), int(cols[7]))
+            )
         except ValueError:
             continue
     return out
@@ -84,4 +87,34 @@ def socket_inode(text: str, address: str, port: int) -> int | None:
         local = getattr(s.local, "ipv4_mapped", None) or s.local
         if local == want and s.local_port == port and s.inode:
             return s.inode
+    return None
+
+
+def _plain(a: Address) -> Address:
+    return getattr(a, "ipv4_mapped", None) or a
+
+
+def peer_uid(text: str, peer: str, peer_port: int, server_port: int) -> int | None:
+    """The uid owning the client end of a loopback connection to our `server_port`: the row
+    whose local end is the peer's address and port and whose remote end is our port (the same
+    machine holds both ends). None when no such socket is in the table."""
+    want = _plain(ipaddress.ip_address(peer))
+    for s in parse(text):
+        if (
+            s.local_port == peer_port
+            and s.remote_port == server_port
+            and _plain(s.local) == want
+            and s.uid >= 0
+        ):
+            return s.uid
+    return None
+
+
+def connection_owner(peer: str, peer_port: int, server_port: int) -> int | None:
+    """peer_uid over this network namespace's tables (blocking: file reads)."""
+    for name in TABLES:
+        with suppress(OSError):
+            uid = peer_uid(Path(name).read_text(), peer, peer_port, server_port)
+            if uid is not None:
+                return uid
     return None

@@ -15,9 +15,11 @@ from candela_mitm.addons import pipeline
 
 # hook name -> the pipeline addons that define it, in the order mitmproxy calls them
 HOOK_ORDER: dict[str, list[str]] = {
-    # transparent mode's connection and TLS events: only Sni looks at them
-    "client_connected": ["Sni"],
-    "client_disconnected": ["Sni"],
+    # connection events: Sni for transparent connections, LocalGuard (laptop mode) for the
+    # owner of every other one (read from the kernel's socket table before its first request)
+    "client_connected": ["Sni", "LocalGuard"],
+    "client_disconnected": ["Sni", "LocalGuard"],
+    # TLS events: only Sni looks at them
     "next_layer": ["Sni"],
     "tls_clienthello": ["Sni"],
     "tls_start_client": ["Sni"],

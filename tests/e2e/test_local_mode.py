@@ -464,3 +464,25 @@ def test_the_token_is_the_installs_own(local):
     token_file = local.tmp / "local-ui.token"
     assert token_file.stat().st_mode & 0o777 == 0o600
     assert token_file.read_text().strip() in page
+
+
+def test_another_local_users_programs_are_refused(local, upstream):
+    """The connecting program's owner comes from the kernel's socket table: as root, run curl as
+    `nobody` against the laptop proxy; Candela's own user (root here) is served."""
+    import pwd
+    import subprocess
+
+    if os.geteuid() != 0:
+        from tests.required import require
+
+        require("root, to run a client as another user")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    url = f"{local.url}/v1/chat/completions"
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MSGS})
+    cmd = ["curl", "-s", "-H", "Content-Type: application/json", "-d", body, url]
+    r = subprocess.run(cmd, user=nobody, capture_output=True, text=True, timeout=20)
+    answer = json.loads(r.stdout)
+    assert answer["error"] == "forbidden" and f"uid {nobody}" in answer["message"]
+    assert upstream.requests == []
+    mine = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    assert json.loads(mine.stdout)["object"] == "chat.completion"

@@ -107,3 +107,45 @@ def test_a_real_listener_is_seen():
         assert procnet.listening(port)
         [found] = [x for x in procnet.read() if x.local_port == port]
         assert found.state == procnet.LISTEN and found.inode > 0
+
+
+# The client end of a loopback connection 127.0.0.1:40000 -> 127.0.0.1:1234 owned by uid 1000,
+# the server's end owned by 0, and another user's connection to another port.
+LOOPBACK = HEAD + (
+    "   0: 0100007F:04D2 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 31 1\n"
+    "   1: 0100007F:9C40 0100007F:04D2 01 00000000:00000000 00:00000000 00000000  1000        0 32 1\n"
+    "   2: 0100007F:04D2 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 33 1\n"
+    "   3: 0100007F:9C41 0100007F:0050 01 00000000:00000000 00:00000000 00000000  1001        0 34 1\n"
+)
+
+
+@pytest.mark.parametrize(
+    "peer, peer_port, server_port, uid",
+    [
+        ("127.0.0.1", 40000, 1234, 1000),  # the client's own row, not the server's
+        ("::ffff:127.0.0.1", 40000, 1234, 1000),  # as a dual-stack listener names the peer
+        ("127.0.0.1", 40001, 80, 1001),
+        ("127.0.0.1", 40001, 1234, None),  # that port talks to another server
+        ("127.0.0.2", 40000, 1234, None),
+    ],
+)
+def test_peer_uid_is_the_client_ends_owner(peer, peer_port, server_port, uid):
+    assert procnet.peer_uid(LOOPBACK, peer, peer_port, server_port) == uid
+
+
+def test_parse_reads_the_owner_uid():
+    assert [s.uid for s in procnet.parse(TCP)] == [0, 0, 0, 0, 1000]
+
+
+def test_connection_owner_of_a_real_loopback_connection():
+    import os
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with socket.create_connection(server.getsockname()) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                host, port = client.getsockname()
+                owner = procnet.connection_owner(host, port, server.getsockname()[1])
+                assert owner == os.geteuid()
