@@ -60,13 +60,15 @@ def bad_request(message: str, **fields: Any) -> Denial:
 
 
 def invalid_field(name: str, why: str) -> Denial:
-    """A body field that cannot be used: 400 bad_request naming the field."""
-    return bad_request(f"'{name}' {why}", field=name)
+    """A body field out of range or of the wrong format: 400 invalid_parameter naming it."""
+    return Denial(400, "invalid_parameter", f"'{name}' {why}", {"field": name})
 
 
 def invalid_parameter(name: str, why: str) -> Denial:
-    """A query parameter that cannot be used: 400 bad_request naming the parameter."""
-    return bad_request(f"Query parameter '{name}' {why}", parameter=name)
+    """A query parameter out of range or of the wrong format: 400 invalid_parameter naming it."""
+    return Denial(
+        400, "invalid_parameter", f"Query parameter '{name}' {why}", {"field": name, "parameter": name}
+    )
 
 
 def invalid_json(detail: str) -> Denial:

@@ -46,6 +46,7 @@ AUDIT_FLUSH_TIMEOUT_S = 2.0
 MAX_USER_CHARS = 320  # an e-mail address is at most 254
 MAX_TENANTS = 256
 MAX_USD = 1e9  # as nano-dollars this stays far inside the 64-bit integers every store keeps
+MIN_YEAR, MAX_YEAR = 1970, 9998  # dates and times the API accepts (ledger days are Unix time)
 MAX_RPM = 1_000_000
 MAX_REASON_CHARS = 1000
 DEFAULT_AUDIT_LIMIT = 100
@@ -219,14 +220,16 @@ def parse_query(query: str, accepted: frozenset[str]) -> dict[str, str]:
 
 
 def parse_moment(value: str) -> date | datetime | None:
-    """A UTC day (YYYY-MM-DD) or an RFC 3339 time with its offset; None if it is neither."""
+    """A UTC day (YYYY-MM-DD) or an RFC 3339 time with its offset, in years MIN_YEAR to
+    MAX_YEAR (so a day either side stays a date); None if it is neither."""
     try:
         if _DAY.fullmatch(value):
-            return date.fromisoformat(value)
+            day = date.fromisoformat(value)
+            return day if MIN_YEAR <= day.year <= MAX_YEAR else None
         if _RFC3339.fullmatch(value):
-            moment = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
-            return moment.astimezone(UTC)
-    except ValueError:  # 2026-02-30 and the like
+            moment = datetime.fromisoformat(value.upper().replace("Z", "+00:00")).astimezone(UTC)
+            return moment if MIN_YEAR <= moment.year <= MAX_YEAR else None
+    except (ValueError, OverflowError):  # 2026-02-30; 0001-01-01T00:00+01:00 is before year 1
         return None
     return None
 
@@ -236,7 +239,10 @@ def _moment_param(q: Mapping[str, str], name: str) -> date | datetime | None:
         return None
     moment = parse_moment(q[name])
     if moment is None:
-        raise _bad_param(name, "is not a date (YYYY-MM-DD) or an RFC 3339 time")
+        raise _bad_param(
+            name,
+            f"is not a date (YYYY-MM-DD) or an RFC 3339 time in years {MIN_YEAR} to {MAX_YEAR}",
+        )
     return moment
 
 
@@ -277,6 +283,8 @@ def parse_object(body: bytes) -> dict[str, Any]:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise Refused(errors.invalid_json(str(e)[:200])) from None
+    except RecursionError:  # [[[[... thousands deep: no admin body nests more than a few
+        raise Refused(errors.invalid_json("the JSON nests too deeply")) from None
     if not isinstance(data, dict):
         raise Refused(errors.bad_request("The request body must be a JSON object"))
     return data
@@ -292,10 +300,10 @@ def _usd(body: Mapping[str, Any], name: str, positive: bool) -> float:
     v = body[name]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise _invalid(name, "must be a number")
+    if not 0 <= v <= MAX_USD:  # before any arithmetic: 1e308 nano-dollars is no integer
+        raise _invalid(name, f"must be from 0 to {MAX_USD:.0f}")
     if positive and usd_to_nano(v) <= 0:
         raise _invalid(name, "must be greater than 0 (at least 0.000000001)")
-    if not 0 <= v <= MAX_USD:
-        raise _invalid(name, f"must be from 0 to {MAX_USD:.0f}")
     return float(v)
 
 

@@ -219,7 +219,12 @@ SCHEMAS: dict[str, Any] = {
 }
 
 _ERRORS = {
-    "400": ("BadRequest", "The path, query or body is not valid (`field` or `parameter` names it)"),
+    "400": (
+        "BadRequest",
+        "`invalid_parameter`: a body field or query parameter out of range or of the wrong "
+        "format (`field` names it); `invalid_json`: the body is not JSON; `bad_request`: "
+        "anything else about the path, query or body",
+    ),
     "401": ("Unauthenticated", "Missing, malformed, expired or unverifiable credential"),
     "403": ("Forbidden", "The caller's role may not do this (`forbidden`)"),
     "404": ("NotFound", "No such route (`not_found`) or user (`user_not_found`)"),

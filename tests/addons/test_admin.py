@@ -47,7 +47,7 @@ def call(rt, method, path, as_=None, body=None):
         ("root", "GET", "/users", 200, None),
         ("root", "GET", "/nothing", 404, "not_found"),
         ("root", "DELETE", "/me", 405, "method_not_allowed"),
-        ("root", "GET", "/usage?colour=blue", 400, "bad_request"),
+        ("root", "GET", "/usage?colour=blue", 400, "invalid_parameter"),
         ("alice", "GET", "/openapi.json", 200, None),
     ],
 )

@@ -138,11 +138,11 @@ def test_a_deleted_user_is_refused_until_put_revives_them(candela, upstream):
     [
         ("GET", "/nope", None, 404, "not_found"),
         ("POST", "/me", None, 405, "method_not_allowed"),
-        ("PUT", f"/users/{BOB}", {"requests_per_minute": "fast"}, 400, "bad_request"),
-        ("PUT", f"/users/{BOB}", {"colour": "blue"}, 400, "bad_request"),
-        ("GET", "/usage?since=last-week", None, 400, "bad_request"),
-        ("GET", "/leaderboard?by=model", None, 400, "bad_request"),
-        ("GET", "/audit?limit=many", None, 400, "bad_request"),
+        ("PUT", f"/users/{BOB}", {"requests_per_minute": "fast"}, 400, "invalid_parameter"),
+        ("PUT", f"/users/{BOB}", {"colour": "blue"}, 400, "invalid_parameter"),
+        ("GET", "/usage?since=last-week", None, 400, "invalid_parameter"),
+        ("GET", "/leaderboard?by=model", None, 400, "invalid_parameter"),
+        ("GET", "/audit?limit=many", None, 400, "invalid_parameter"),
     ],
 )
 def test_errors_are_json_with_a_code(candela, method, path, body, status, code):

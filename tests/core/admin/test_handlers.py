@@ -295,7 +295,7 @@ def test_partial_puts_in_sequence_keep_earlier_changes(rt):
 )
 def test_put_validation_names_the_field_and_changes_nothing(rt, body, field):
     r = call(rt, "PUT", f"/admin/v1/users/{q(ALICE)}", body)
-    assert (r.status, r.error, r.payload["field"]) == (400, "bad_request", field)
+    assert (r.status, r.error, r.payload["field"]) == (400, "invalid_parameter", field)
     assert field in r.payload["message"]
     assert rt.store.get_user(ALICE, include_deleted=True) is None
     assert admin_actions(rt) == []
@@ -465,7 +465,7 @@ def test_grants_waterfall_shows_in_me(rt):
 )
 def test_grant_validation(rt, body, field):
     r = call(rt, "POST", f"/admin/v1/users/{q(ALICE)}/grants", body)
-    assert (r.status, r.error, r.payload["field"]) == (400, "bad_request", field)
+    assert (r.status, r.error, r.payload["field"]) == (400, "invalid_parameter", field)
     assert rt.ledger.list_grants(ALICE) == [] and admin_actions(rt) == []
 
 
@@ -584,7 +584,7 @@ def test_usage(history, who, query, spend_usd, requests):
 )
 def test_bad_query_parameters_are_400(rt, path, parameter):
     r = call(rt, "GET", path)
-    assert (r.status, r.error, r.payload["parameter"]) == (400, "bad_request", parameter)
+    assert (r.status, r.error, r.payload["parameter"]) == (400, "invalid_parameter", parameter)
 
 
 @pytest.mark.parametrize(
@@ -680,3 +680,31 @@ def test_openapi_document_is_valid_and_covers_every_route(rt):
             assert documented_query == set(route.query)
     error = doc["components"]["schemas"]["Error"]
     assert error["required"] == ["error", "message"]
+
+
+@pytest.mark.parametrize(
+    "method, path, body, field",
+    [
+        # amounts far out of range: refused before any arithmetic (1e308 nano-dollars overflowed)
+        ("POST", f"/admin/v1/users/{ALICE}/grants",
+         {"amount_usd": 1e308, "expires_at": "2030-01-01T00:00:00Z", "reason": "x"}, "amount_usd"),
+        ("PUT", "/admin/v1/users/new@example.com", {"daily_budget_usd": 1e308}, "daily_budget_usd"),
+        # times whose UTC form is outside any calendar (year 0) or at its very end
+        ("POST", f"/admin/v1/users/{ALICE}/grants",
+         {"amount_usd": 1, "expires_at": "9999-12-31T23:00:00-05:00", "reason": "x"}, "expires_at"),
+        ("GET", "/admin/v1/usage?since=0001-01-01T00:00:00%2B01:00", None, "since"),
+        ("GET", "/admin/v1/usage?until=9999-12-31", None, "until"),
+        ("GET", "/admin/v1/usage?since=9999-12-31T23:59:59-05:00", None, "since"),
+        ("GET", "/admin/v1/leaderboard?since=0001-01-01", None, "since"),
+        ("GET", "/admin/v1/audit?since=0001-01-01T00:00:00%2B01:00", None, "since"),
+    ],
+)
+def test_out_of_range_input_is_400_naming_the_field(rt, method, path, body, field):
+    for as_ in (ADMIN, ALICE) if path.startswith("/admin/v1/usage") else (ADMIN,):
+        r = call(rt, method, path, body, as_=as_)
+        assert (r.status, r.error, r.payload["field"]) == (400, "invalid_parameter", field)
+
+
+def test_json_nested_thousands_deep_is_400(rt):
+    r = call(rt, "PUT", "/admin/v1/users/new@example.com", raw=b"[" * 20_000 + b"]" * 20_000)
+    assert (r.status, r.error) == (400, "invalid_json")
