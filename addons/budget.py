@@ -9,11 +9,11 @@ from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.context import RequestContext
-from candela_mitm.governance.accounting import account
 from candela_mitm.governance.estimate import estimate_cost
 from candela_mitm.governance.ledger import BudgetRefusal, Reservation
 from candela_mitm.runtime import Runtime
 
+from .accounting import account_flow
 from .flowstate import answered, ctx_of, deny, fail_closed
 
 log = logging.getLogger("candela.budget")
@@ -96,14 +96,15 @@ class Budget:
             return
         c.reservation = result
 
-    async def _close(self, c: RequestContext) -> None:
-        """Settle on the real usage (what passed, if the request failed midway) or release."""
-        res, c.reservation = c.reservation, None
-        if res is None:
+    async def _close(self, flow: http.HTTPFlow, c: RequestContext) -> None:
+        """Settle what the request is charged (governance/accounting.py), or release the hold of
+        one that never reached the provider or that the provider refused."""
+        if c.reservation is None:
             return
-        account(c, self.rt.pricing, self.rt.config.governance.unknown_model_price)
+        account_flow(self.rt, flow, c)  # while the reservation is on the context: it is charged
+        res, c.reservation = c.reservation, None
         try:
-            if c.forwarded and (c.usage.input_tokens or c.usage.output_tokens):
+            if c.usage_source is not None:
                 plan = c.plan
                 assert plan is not None
                 await self.rt.store_call(
@@ -118,15 +119,15 @@ class Budget:
             else:
                 await self.rt.store_call(self.rt.ledger.release, res)
         except Exception:
-            # the reservation stays in the store; reconcile at the next start takes it back
+            # the reservation stays in the store: the next start settles it at its amount
             log.exception("could not settle reservation %s", res.id)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         if c is not None:
-            await self._close(c)
+            await self._close(flow, c)
 
     async def error(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         if c is not None:
-            await self._close(c)
+            await self._close(flow, c)
