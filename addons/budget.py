@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -43,13 +44,20 @@ def reservation_call(
     except Exception:
         return None  # Budget.request computes it again, after the rate limit, and fails closed
     ledger, tenant, span_id = rt.ledger, c.tenant, c.span_id
+    model, provider = plan.model, plan.upstream.name
 
     def reserve() -> Reservation | BudgetRefusal:
         # on the pool thread while the flow's hook awaits it: nothing else touches the context.
         # Set only here, as Budget.request would: a rate-limited request audits no estimate.
         c.estimate_usd = estimate
         return ledger.reserve(
-            settings.user_id, tenant, estimate, settings.daily_budget_usd, span_id
+            settings.user_id,
+            tenant,
+            estimate,
+            settings.daily_budget_usd,
+            span_id,
+            model=model,
+            provider=provider,
         )
 
     return reserve
@@ -83,7 +91,9 @@ class Budget:
         default_max = self.rt.config.governance.budgets.default_max_output_tokens
         c.estimate_usd = estimate_cost(c.body, plan.max_output_tokens, default_max, price)
         result = await self.rt.store_call(
-            self.rt.ledger.reserve,
+            functools.partial(
+                self.rt.ledger.reserve, model=plan.model, provider=plan.upstream.name
+            ),
             c.settings.user_id,
             c.tenant,
             c.estimate_usd,
