@@ -52,7 +52,11 @@ def cost(model: str, usage: Usage) -> float:
 
 
 def ledger_of(c: CandelaProcess) -> Ledger:
-    return Ledger(open_state_store(State(sqlite_path=str(c.tmp / "state.db"))))
+    """The proxy's ledger, on the store its config names."""
+    import yaml
+
+    state = yaml.safe_load(c.config_path.read_text())["state"]
+    return Ledger(open_state_store(State(**state)))
 
 
 def entry_of(c: CandelaProcess, span_id: str, timeout: float = 10.0) -> dict[str, Any]:
@@ -246,9 +250,15 @@ def test_unreachable_upstream_is_released(tmp_path, token_server):
         assert led.spent_today(USER) == 0
 
 
-def test_kill_9_in_flight_then_restart_settles_and_audits_them(tmp_path, upstream, token_server):
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_kill_9_in_flight_then_restart_settles_and_audits_them(
+    tmp_path, upstream, token_server, backend, request
+):
     upstream.configure(n_chunks=200, chunk_delay_s=0.1)  # 20 s of stream: no usage before the kill
-    cfg = base_config(upstream.url, users=USERS)
+    state: dict[str, Any] = {"sqlite_path": str(tmp_path / "state.db")}
+    if backend == "redis":  # a server of its own: Candela's keys under the default prefix
+        state = {"backend": "redis", "redis_url": request.getfixturevalue("redis_server_factory")().url}
+    cfg = base_config(upstream.url, users=USERS, state=state)
     env = candela_env(token_server, tmp_path)
     c = CandelaProcess(tmp_path, cfg, env=env).start()
     bodies = [
