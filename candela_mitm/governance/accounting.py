@@ -87,15 +87,16 @@ def account(ctx: RequestContext, pricing: PricingTable, unknown_price: str = "de
         ctx.cost_usd = 0.0
         return
     price = pricing.get(plan.model) if plan.model and not plan.upstream.spec.local else None
-    if price is None:
-        # a local model, or a price unknown under `unknown_model_price: zero`: nothing is charged
+    res = ctx.reservation
+    if price is None or res is None:
+        # a local model, a price unknown under `unknown_model_price: zero`, or nothing reserved
+        # (a free read): nothing is charged. Every metered request holds a reservation here.
         ctx.cost_usd = 0.0
         return
     reported = proc is not None and proc.reported
     # a multiplier fixed when the request was planned (local mode's Gemini context-cache price)
     multiplier = plan.notes.get("cached_multiplier")
     body = plan.body if plan.body is not None else ctx.body
-    res = ctx.reservation
     ctx.usage, ctx.cost_usd, ctx.usage_source = charge(
         usage=ctx.usage,
         reported=reported,
@@ -103,6 +104,6 @@ def account(ctx: RequestContext, pricing: PricingTable, unknown_price: str = "de
         status=ctx.status_code,
         observed_output=proc.observed_output if proc is not None else 0,
         input_estimate=lambda: estimate_input_tokens(body),
-        reserved_usd=res.amount_usd if res is not None else 0.0,
+        reserved_usd=res.amount_usd,
         cost_of=lambda u: price.cost(u, cached_multiplier=multiplier),
     )

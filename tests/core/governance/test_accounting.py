@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
-from candela_mitm.governance.accounting import USAGE_SOURCES, charge, provider_refused
+from candela_mitm.config import parse_config
+from candela_mitm.context import RequestContext
+from candela_mitm.governance.accounting import USAGE_SOURCES, account, charge, provider_refused
+from candela_mitm.governance.ledger import Reservation
+from candela_mitm.observability.spans import TraceContext
+from candela_mitm.providers.forwarding import ForwardPlan, plan_chat_completion
+from candela_mitm.providers.pricing import PricingTable
+from candela_mitm.providers.specs import resolve_all
+from candela_mitm.providers.streaming import ResponseProcessor
 from candela_mitm.providers.usage import Usage
 
 
@@ -107,3 +117,81 @@ def test_charged_never_below_the_reservation_unless_reported_or_refused() -> Non
 )
 def test_provider_refused(status: int | None, refused: bool) -> None:
     assert provider_refused(status) is refused
+
+
+# -- account(): a request context, as the addons leave it --------------------------------------
+
+
+class _Answer(ResponseProcessor):
+    def __init__(self, usage: Usage, reported: bool, observed: int = 0) -> None:
+        self._usage, self._reported, self._observed = usage, reported, observed
+
+    def feed(self, data: bytes) -> bytes:
+        return data
+
+    @property
+    def usage(self) -> Usage:
+        return self._usage
+
+    @property
+    def reported(self) -> bool:
+        return self._reported
+
+    @property
+    def observed_output(self) -> int:
+        return self._observed
+
+
+PRICING = PricingTable.from_config(parse_config({}))
+MINI = PRICING.get("gpt-4o-mini")
+HELD = 0.01
+
+
+def context(answer: _Answer | None, *, reserved: bool = True, forwarded: bool = True) -> RequestContext:
+    plan = plan_chat_completion(
+        resolve_all(parse_config({})), "openai", {"model": "gpt-4o-mini", "messages": []}
+    )
+    assert isinstance(plan, ForwardPlan)
+    c = RequestContext(kind="chat", provider=None, rest="", trace=TraceContext("0" * 32, None))
+    c.plan, c.forwarded, c.processor, c.status_code = plan, forwarded, answer, 200
+    c.body = {"model": "gpt-4o-mini", "messages": []}
+    if reserved:
+        at = datetime(2026, 5, 17, tzinfo=UTC)
+        c.reservation = Reservation("r", "u", None, HELD, "2026-05-17", "s", "o", at, HELD)
+    return c
+
+
+def test_account_reported() -> None:
+    c = context(_Answer(Usage(1000, 100), True))
+    account(c, PRICING)
+    assert MINI is not None
+    assert (c.usage_source, c.cost_usd) == ("reported", MINI.cost(Usage(1000, 100)))
+
+
+def test_account_without_usage_charges_the_reservation() -> None:
+    c = context(_Answer(Usage(), False, observed=3))
+    account(c, PRICING)
+    assert (c.usage_source, c.cost_usd, c.usage.output_tokens) == ("reserved", HELD, 3)
+    assert c.usage.input_tokens > 0  # what Candela sent, estimated from the body
+
+
+def test_account_cut_stream_charges_what_passed_above_the_reservation() -> None:
+    c = context(_Answer(Usage(), False, observed=100_000))
+    c.error = "Client disconnected."
+    account(c, PRICING)
+    assert MINI is not None
+    assert c.usage_source == "observed" and c.cost_usd > HELD
+    assert c.cost_usd == MINI.cost(c.usage) and c.usage.output_tokens == 100_000
+
+
+@pytest.mark.parametrize(
+    "case", ["not forwarded", "never reached", "nothing reserved", "refused by the provider"]
+)
+def test_account_charges_nothing(case: str) -> None:
+    c = context(_Answer(Usage(), False, observed=50), forwarded=case != "not forwarded",
+                reserved=case != "nothing reserved")
+    c.upstream_unreached = case == "never reached"
+    if case == "refused by the provider":
+        c.status_code = 503
+    account(c, PRICING)
+    assert c.cost_usd == 0.0 and c.usage_source is None
