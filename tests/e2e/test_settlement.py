@@ -234,6 +234,22 @@ def test_provider_error_answer_is_not_charged(proxy, upstream, status):
     assert led.spent_today(USER) == before
 
 
+def test_upstream_timeout_after_forwarding_is_charged_its_reservation(tmp_path, upstream, token_server):
+    upstream.configure(hang=True)  # the provider took the request and never answers
+    cfg = base_config(upstream.url, users=USERS)
+    cfg["providers"]["openai"]["timeout_s"] = 1.0
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    with CandelaProcess(tmp_path, cfg, env=candela_env(token_server, tmp_path)) as c:
+        led = ledger_of(c)
+        r = requests.post(c.url + CHAT, json=body, headers=ALICE, timeout=20)
+        assert r.status_code == 504 and r.json()["error"] == "upstream_timeout"
+        assert len(upstream.requests) == 1
+        settled(led)
+        e = entry_of(c, r.headers["x-candela-span-id"])
+        assert e["reason"] == "upstream_timeout" and e["usage_source"] == "reserved"
+        assert led.spent_today(USER) == pytest.approx(reservation(body), rel=1e-6)
+
+
 def test_unreachable_upstream_is_released(tmp_path, token_server):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: nothing can have left
     cfg = base_config(dead, users=USERS)
