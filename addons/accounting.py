@@ -70,6 +70,4 @@ class Accounting:
     def error(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         if c is not None:
-            if c.error is None and flow.error is not None:
-                c.error = flow.error.msg
-            account_flow(self.rt, flow, c)
+            account_flow(self.rt, flow, c)  # notes flow.error on the context first
