@@ -66,10 +66,12 @@ def nothing_sent(server_conn: Any) -> bool:
 def note_failure(flow: http.HTTPFlow) -> None:
     """Put how a failed flow failed on its context, before anything accounts it."""
     c = ctx_of(flow)
-    if c is None or flow.error is None or c.finished:
+    if c is None or flow.error is None:
         return
     if c.error is None:
         c.error = flow.error.msg
+    if c.finished:
+        return  # accounted already (a response that ended, then failed on its way out)
     if c.forwarded and c.first_byte_at is None and nothing_sent(flow.server_conn):
         c.upstream_unreached = True
 
