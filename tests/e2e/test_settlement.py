@@ -205,6 +205,11 @@ def test_answer_without_usage_is_charged_its_reservation(proxy, upstream):
         charged.append(e["cost_usd"])
     settled(led)
     assert led.spent_today(USER) - before == pytest.approx(sum(charged), rel=1e-6)
+    metrics = requests.get(proxy.url + "/metrics", timeout=10).text
+    counted = re.search(
+        r'^candela_charged_requests_total\{provider="openai",source="reserved"\} (\S+)$', metrics, re.M
+    )
+    assert counted is not None and float(counted.group(1)) >= 2
 
 
 def test_reported_usage_is_charged_as_reported(proxy, upstream):
