@@ -6,11 +6,19 @@ import time
 
 from mitmproxy import http
 
+from candela_mitm.context import RequestContext
 from candela_mitm.governance.accounting import account
 from candela_mitm.providers.streaming import ResponseProcessor, is_stream, make_processor
 from candela_mitm.runtime import Runtime
 
-from .flowstate import ctx_of, trace_headers
+from .flowstate import ctx_of, note_failure, trace_headers
+
+
+def account_flow(rt: Runtime, flow: http.HTTPFlow, c: RequestContext) -> None:
+    """account() of a flow, once: a failure is noted on the context first, so that whichever
+    response or error hook accounts it first (Metrics, Budget, ...) charges it the same."""
+    note_failure(flow)
+    account(c, rt.pricing, rt.config.governance.unknown_model_price)
 
 
 class Accounting:
@@ -57,11 +65,9 @@ class Accounting:
     def response(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         if c is not None:
-            account(c, self.rt.pricing, self.rt.config.governance.unknown_model_price)
+            account_flow(self.rt, flow, c)
 
     def error(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         if c is not None:
-            if c.error is None and flow.error is not None:
-                c.error = flow.error.msg
-            account(c, self.rt.pricing, self.rt.config.governance.unknown_model_price)
+            account_flow(self.rt, flow, c)  # notes flow.error on the context first

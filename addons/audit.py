@@ -14,9 +14,9 @@ from candela_mitm.audit.actions import LLM_REQUEST
 from candela_mitm.audit.writer import Committed
 from candela_mitm.context import RequestContext
 from candela_mitm.errors import StoreUnavailable
-from candela_mitm.governance.accounting import account
 from candela_mitm.runtime import Runtime
 
+from .accounting import account_flow
 from .flowstate import ctx_of
 
 log = logging.getLogger("candela.audit")
@@ -46,6 +46,7 @@ def request_entry(c: RequestContext, flow: http.HTTPFlow) -> dict[str, Any]:
         "output_tokens": c.usage.output_tokens,
         "cached_tokens": c.usage.cached_tokens,
         "cost_usd": round(c.cost_usd, 10),
+        "usage_source": c.usage_source,  # reported | observed | reserved; None: not charged
         "estimate_usd": round(c.estimate_usd, 10),
         "duration_ms": round(c.elapsed_ms(), 3),
         "span_id": c.span_id,
@@ -141,7 +142,7 @@ class Audit:
         if c is None or c.kind not in ("proxy", "chat") or c.audited:
             return
         c.audited = True
-        account(c, self.rt.pricing, self.rt.config.governance.unknown_model_price)
+        account_flow(self.rt, flow, c)
         if flow.response is not None and c.status_code is None:
             c.status_code = flow.response.status_code
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -9,11 +10,11 @@ from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.context import RequestContext
-from candela_mitm.governance.accounting import account
 from candela_mitm.governance.estimate import estimate_cost
 from candela_mitm.governance.ledger import BudgetRefusal, Reservation
 from candela_mitm.runtime import Runtime
 
+from .accounting import account_flow
 from .flowstate import answered, ctx_of, deny, fail_closed
 
 log = logging.getLogger("candela.budget")
@@ -40,13 +41,20 @@ def reservation_call(
     except Exception:
         return None  # Budget.request computes it again, after the rate limit, and fails closed
     ledger, tenant, span_id = rt.ledger, c.tenant, c.span_id
+    model, provider = plan.model, plan.upstream.name
 
     def reserve() -> Reservation | BudgetRefusal:
         # on the pool thread while the flow's hook awaits it: nothing else touches the context.
         # Set only here, as Budget.request would: a rate-limited request audits no estimate.
         c.estimate_usd = estimate
         return ledger.reserve(
-            settings.user_id, tenant, estimate, settings.daily_budget_usd, span_id
+            settings.user_id,
+            tenant,
+            estimate,
+            settings.daily_budget_usd,
+            span_id,
+            model=model,
+            provider=provider,
         )
 
     return reserve
@@ -80,7 +88,9 @@ class Budget:
         default_max = self.rt.config.governance.budgets.default_max_output_tokens
         c.estimate_usd = estimate_cost(c.body, plan.max_output_tokens, default_max, price)
         result = await self.rt.store_call(
-            self.rt.ledger.reserve,
+            functools.partial(
+                self.rt.ledger.reserve, model=plan.model, provider=plan.upstream.name
+            ),
             c.settings.user_id,
             c.tenant,
             c.estimate_usd,
@@ -93,14 +103,15 @@ class Budget:
             return
         c.reservation = result
 
-    async def _close(self, c: RequestContext) -> None:
-        """Settle on the real usage (what passed, if the request failed midway) or release."""
-        res, c.reservation = c.reservation, None
-        if res is None:
+    async def _close(self, flow: http.HTTPFlow, c: RequestContext) -> None:
+        """Settle what the request is charged (governance/accounting.py), or release the hold of
+        one that never reached the provider or that the provider refused."""
+        if c.reservation is None:
             return
-        account(c, self.rt.pricing, self.rt.config.governance.unknown_model_price)
+        account_flow(self.rt, flow, c)  # while the reservation is on the context: it is charged
+        res, c.reservation = c.reservation, None
         try:
-            if c.forwarded and (c.usage.input_tokens or c.usage.output_tokens):
+            if c.usage_source is not None:
                 plan = c.plan
                 assert plan is not None
                 await self.rt.store_call(
@@ -115,15 +126,15 @@ class Budget:
             else:
                 await self.rt.store_call(self.rt.ledger.release, res)
         except Exception:
-            # the reservation stays in the store; reconcile at the next start takes it back
+            # the reservation stays in the store: the next start settles it at its amount
             log.exception("could not settle reservation %s", res.id)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         if c is not None:
-            await self._close(c)
+            await self._close(flow, c)
 
     async def error(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         if c is not None:
-            await self._close(c)
+            await self._close(flow, c)

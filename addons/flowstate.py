@@ -55,6 +55,27 @@ def deny(flow: http.HTTPFlow, denial: Denial) -> None:
         ctx.denial_code = denial.error
 
 
+def nothing_sent(server_conn: Any) -> bool:
+    """No byte of the request can have reached the upstream: the connection (or its TLS
+    handshake) was never set up. A reused or established connection may have carried it."""
+    if getattr(server_conn, "timestamp_tcp_setup", None) is None:
+        return True
+    return bool(server_conn.tls) and server_conn.timestamp_tls_setup is None
+
+
+def note_failure(flow: http.HTTPFlow) -> None:
+    """Put how a failed flow failed on its context, before anything accounts it."""
+    c = ctx_of(flow)
+    if c is None or flow.error is None:
+        return
+    if c.error is None:
+        c.error = flow.error.msg
+    if c.finished:
+        return  # accounted already (a response that ended, then failed on its way out)
+    if c.forwarded and c.first_byte_at is None and nothing_sent(flow.server_conn):
+        c.upstream_unreached = True
+
+
 def decoded_body(flow: http.HTTPFlow, limit: int) -> bytes | None:
     """The request body, Content-Encoding undone with a ceiling; None once a denial is answered."""
     try:

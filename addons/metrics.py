@@ -7,9 +7,10 @@ from typing import Any
 
 from mitmproxy import http
 
-from candela_mitm.governance.accounting import account
+from candela_mitm.governance.accounting import USAGE_SOURCES
 from candela_mitm.runtime import Runtime
 
+from .accounting import account_flow
 from .flowstate import answered, ctx_of
 
 # How long a scrape waits for the refresh (the audit ledger's new bypass entries) before it
@@ -78,7 +79,7 @@ class Metrics:
         c.counted = True
         m = self.rt.metrics
         try:
-            account(c, self.rt.pricing, self.rt.config.governance.unknown_model_price)
+            account_flow(self.rt, flow, c)
             provider = c.plan.upstream.name if c.plan else (c.provider or "")
             model = (c.plan.model if c.plan else None) or ""
             tenant = c.tenant or ""
@@ -89,6 +90,8 @@ class Metrics:
                 child(m.denials, c.denial_code).inc()
             if c.forwarded:
                 child(m.cost, provider, model, tenant).inc(c.cost_usd)
+                if c.usage_source in USAGE_SOURCES:  # the label takes only these values
+                    child(m.charged, provider, c.usage_source).inc()
                 u = c.usage
                 child(m.tokens, provider, model, tenant, "input").inc(u.input_tokens)
                 child(m.tokens, provider, model, tenant, "output").inc(u.output_tokens)

@@ -7,10 +7,10 @@ import logging
 from mitmproxy import http
 
 from candela_mitm.context import RequestContext
-from candela_mitm.governance.accounting import account
 from candela_mitm.observability.spans import Span, utc_now_iso
 from candela_mitm.runtime import Runtime
 
+from .accounting import account_flow
 from .flowstate import ctx_of
 
 log = logging.getLogger("candela.spans")
@@ -37,6 +37,7 @@ def span_of(c: RequestContext) -> Span:
         cached_tokens=c.usage.cached_tokens,
         total_tokens=c.usage.total_tokens,
         cost_usd=c.cost_usd,
+        usage_source=c.usage_source,
         duration_ms=c.elapsed_ms(),
         ttft_ms=c.ttft_ms(),
         status=status,
@@ -55,7 +56,7 @@ class Spans:
         if c is None or c.kind not in ("proxy", "chat"):
             return
         try:
-            account(c, self.rt.pricing, self.rt.config.governance.unknown_model_price)
+            account_flow(self.rt, flow, c)
             if flow.response is not None and c.status_code is None:
                 c.status_code = flow.response.status_code
             span = span_of(c)

@@ -48,12 +48,17 @@ class RequestContext:
     estimate_usd: float = 0.0
     denial_code: str | None = None  # set when Candela answered with a denial
     forwarded: bool = False
+    # forwarded, then failed before a connection to the upstream was made: nothing left
+    upstream_unreached: bool = False
     first_byte_at: float | None = None
     processor: ResponseProcessor | None = None  # on proxied responses: reads their usage
     # a whole (unstreamed) body still to run through the processor, run by account()
     feed_pending: Callable[[], None] | None = None
     usage: Usage = field(default_factory=Usage)
     cost_usd: float = 0.0
+    # how cost_usd was found (governance/accounting.py): "reported", "observed", "reserved";
+    # None when nothing was charged (never forwarded, never reached, refused by the provider)
+    usage_source: str | None = None
     finished: bool = False  # accounting done (response or error), exactly once
     error: str | None = None
     status_code: int | None = None

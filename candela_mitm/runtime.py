@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from candela_mitm.audit import AuditWriter
+from candela_mitm.audit.actions import LLM_REQUEST
 from candela_mitm.config import Config, load_config
 from candela_mitm.errors import ConfigError
 from candela_mitm.governance.identity import Authenticator
-from candela_mitm.governance.ledger import Ledger, process_alive
+from candela_mitm.governance.ledger import Ledger, StaleSettlement, process_alive
 from candela_mitm.governance.policy import ModelPolicy
 from candela_mitm.governance.ratelimit import RateLimiter
 from candela_mitm.governance.users import UserDirectory
@@ -27,12 +29,16 @@ from candela_mitm.providers.upstream_auth import UpstreamCredentials
 from candela_mitm.state import StateStore, open_state_store
 from candela_mitm.state.calls import StoreCalls
 
+log = logging.getLogger("candela.runtime")
+
 Command = Literal["server", "local"]
 T = TypeVar("T")
 
-# A reservation older than this with a live owner is still taken back at start (a day: longer than
-# any request can run, so a live stream's money is never freed early).
+# A reservation older than this with a live owner is still settled at start (a day: longer than
+# any request can run, so a live stream is never charged its reservation early).
 STALE_RESERVATION_S = 24 * 3600
+# How long a start waits for the audit entries of the reservations it settled to be committed.
+STALE_AUDIT_WAIT_S = 10.0
 
 # How long a proxy process reuses a user's settings read from the store: admin changes made
 # through this process apply at once, those made through another process within this bound.
@@ -129,6 +135,52 @@ class Runtime:
         )
 
 
+def stale_settlement_entry(s: StaleSettlement) -> dict[str, Any]:
+    """The llm_request entry of a request whose process died before it was accounted: charged
+    its reservation at the next start (`usage_source: reserved`, `reason: proxy_crash`)."""
+    return {
+        "user_id": s.user_id,
+        "tenant_id": s.tenant,
+        "provider": s.provider or None,
+        "model": s.model or None,
+        "route": "proxy",
+        "decision": "error",
+        "reason": s.reason,
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "cached_tokens": 0,
+        "cost_usd": round(s.amount_usd, 10),
+        "estimate_usd": round(s.amount_usd, 10),
+        "usage_source": "reserved",
+        "span_id": s.request_id,
+        "reservation_id": s.reservation_id,
+        "owner": s.owner,  # the process that died: <host><pid namespace>:<pid>
+        "started_at": s.created_at.isoformat(),
+    }
+
+
+def record_stale_settlements(
+    audit: AuditWriter, metrics: Metrics, settled: list[StaleSettlement]
+) -> None:
+    """One audit entry per reservation reconcile settled, committed before the proxy serves.
+
+    The settle comes first: of two workers starting together only the one whose settle applied
+    writes the entry. A crash between the two leaves the spend recorded without its entry.
+    """
+    for s in settled:
+        if not audit.record(LLM_REQUEST, **stale_settlement_entry(s)):
+            log.error("audit entry for settled reservation %s not accepted", s.reservation_id)
+        metrics.charged.labels(s.provider, "reserved").inc()
+        metrics.cost.labels(s.provider, s.model, s.tenant or "").inc(s.amount_usd)
+    if settled:
+        log.warning(
+            "settled %d reservation(s) of requests whose process died, at their reserved amount",
+            len(settled),
+        )
+        if not audit.flush(timeout=STALE_AUDIT_WAIT_S):
+            log.error("audit entries of settled reservations not committed yet")
+
+
 def build_runtime(config: Config, command: Command) -> Runtime:
     upstreams = resolve_all(config)
     # before anything is opened: a bad local settings file fails the start with nothing to undo
@@ -137,10 +189,15 @@ def build_runtime(config: Config, command: Command) -> Runtime:
     local_user = getpass.getuser()
     store = open_state_store(config.state)
     ledger = Ledger(store)
-    ledger.reconcile_stale(process_alive, max_age_s=STALE_RESERVATION_S)
     audit = AuditWriter(config.audit)
     audit.start()
     metrics = Metrics()
+    try:
+        settled = ledger.reconcile_stale(process_alive, max_age_s=STALE_RESERVATION_S)
+    except BaseException:
+        audit.close()
+        raise
+    record_stale_settlements(audit, metrics, settled)
     executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="candela-gov")
     return Runtime(
         config=config,

@@ -120,6 +120,23 @@ class Settlement:
 
 
 @dataclass(frozen=True)
+class StaleSettlement:
+    """A reservation reconcile settled at its amount: its process died (`proxy_crash`) or it
+    outlived the age limit (`expired`) with its request possibly forwarded."""
+
+    reservation_id: str
+    request_id: str  # the request's span id
+    owner: str
+    user_id: str
+    tenant: str | None
+    model: str
+    provider: str
+    amount_usd: float
+    created_at: datetime
+    reason: str
+
+
+@dataclass(frozen=True)
 class Grant:
     """A one-time bonus on top of the daily allowance, spendable until it expires."""
 
@@ -225,8 +242,17 @@ class Ledger:
         daily_budget_usd: float,
         request_id: str,
         now: datetime | None = None,
+        *,
+        model: str = "",
+        provider: str = "",
     ) -> Reservation | BudgetRefusal:
-        """Atomically check the budget and hold `amount_usd`; an amount of 0 always succeeds."""
+        """Atomically check the budget and hold `amount_usd`; an amount of 0 always succeeds.
+
+        The reservation is also the durable mark that the request may have been forwarded: it is
+        taken in one store transaction just before the request leaves, and a request that ends
+        without leaving releases it explicitly. One still held by a dead process is settled at
+        its amount, under `model` and `provider` (reconcile_stale).
+        """
         _check_usd("amount_usd", amount_usd)
         _check_usd("daily_budget_usd", daily_budget_usd)
         now = now or self.clock()
@@ -246,6 +272,8 @@ class Ledger:
                 request_id=request_id,
                 owner=owner,
                 now_us=now_us,
+                model=model,
+                provider=provider,
             )
         )
         if not result.ok:
@@ -286,8 +314,9 @@ class Ledger:
     ) -> Settlement:
         """Replace the hold with the real cost (which may exceed it); a repeat is a no-op.
 
-        The spend lands on the reservation's day and tenant. A reservation that reconcile took
-        back is still settled: its money was really spent.
+        The spend lands on the reservation's day and tenant. One that reconcile already settled
+        at its amount (its owner was thought dead) stays as reconcile charged it; one an older
+        Candela took back (`reclaimed`) is still settled: its money was really spent.
         """
         _check_usd("actual_cost_usd", actual_cost_usd)
         if tokens_in < 0 or tokens_out < 0:
@@ -321,19 +350,24 @@ class Ledger:
         owner_alive: Callable[[str], bool] | None = None,
         max_age_s: float | None = DEFAULT_STALE_AGE_S,
         now: datetime | None = None,
-    ) -> int:
-        """Take back reservations of dead owners or older than `max_age_s`; how many were taken.
+    ) -> list[StaleSettlement]:
+        """Settle, at their reserved amount, the reservations of dead owners or older than
+        `max_age_s`; returns what was settled (for the audit trail).
 
-        Run at start. `max_age_s` must exceed the longest request (a streamed answer included):
-        a reservation taken back from a live request is still settled, but meanwhile its money
-        was spendable twice. Also forgets reservations finished more than a week ago.
+        Run at start. A reservation still held was taken for a request that may have reached
+        the provider (the reservation is its forwarded mark: see `reserve`), whose usage its
+        dead process never read: it is charged its reservation, never released for free.
+        `max_age_s` must exceed the longest request (a streamed answer included): a live
+        request settled this way is charged its reservation, and its own settle is then a
+        no-op. Also forgets reservations finished more than a week ago.
         """
         now_us = to_us(now or self.clock())
         cutoff = None if max_age_s is None else now_us - round(max_age_s * US_PER_S)
         verdicts: dict[str, bool] = {self.owner: True}  # never our own
-        taken = 0
+        settled: list[StaleSettlement] = []
         for active in self.store.active_reservations():
             stale = cutoff is not None and active.created_us < cutoff
+            why = "expired"
             if not stale and owner_alive is not None:
                 if active.owner not in verdicts:
                     try:
@@ -341,10 +375,29 @@ class Ledger:
                     except Exception:
                         verdicts[active.owner] = True  # unsure: leave it to the age limit
                 stale = not verdicts[active.owner]
-            if stale and self.store.release(active.reservation_id, now_us, reclaim=True):
-                taken += 1
+                why = "proxy_crash"
+            if not stale:
+                continue
+            result = self.store.settle(
+                active.reservation_id, active.amount, 0, 0, active.model, active.provider, now_us
+            )
+            if result.applied:
+                settled.append(
+                    StaleSettlement(
+                        reservation_id=active.reservation_id,
+                        request_id=active.request_id,
+                        owner=active.owner,
+                        user_id=active.user_id,
+                        tenant=active.tenant or None,
+                        model=active.model,
+                        provider=active.provider,
+                        amount_usd=nano_to_usd(active.amount),
+                        created_at=from_us(active.created_us),
+                        reason=why,
+                    )
+                )
         self.store.purge_finished(now_us - FINISHED_RESERVATION_TTL_S * US_PER_S)
-        return taken
+        return settled
 
     # -- grants --------------------------------------------------------------------------------
     def add_grant(

@@ -40,6 +40,13 @@ class Metrics:
         self.cost = Counter(
             "candela_cost_usd_total", "Spend in USD", ["provider", "model", "tenant"], registry=r
         )
+        self.charged = Counter(
+            "candela_charged_requests_total",
+            "Forwarded requests charged, by how the amount was found: reported (the answer's "
+            "usage), observed (what passed, above the reservation), reserved (the reservation)",
+            ["provider", "source"],
+            registry=r,
+        )
         self.tokens = Counter(
             "candela_tokens_total",
             "Tokens by direction (input, output, cached)",

@@ -74,6 +74,7 @@ class Span:
     cached_tokens: int = 0
     total_tokens: int = 0
     cost_usd: float = 0.0
+    usage_source: str | None = None  # reported | observed | reserved (governance/accounting.py)
     duration_ms: float = 0.0
     ttft_ms: float | None = None
     status: str = "ok"  # ok | error | denied

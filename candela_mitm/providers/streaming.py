@@ -9,7 +9,13 @@ from collections.abc import Mapping
 from candela_mitm.providers.forwarding import ForwardPlan
 from candela_mitm.providers.sse import SseEvent, SseParser
 from candela_mitm.providers.translate import AnthropicToOpenAIJson, AnthropicToOpenAIStream
-from candela_mitm.providers.usage import Usage, UsageMeter, meter_for, usage_from_openai
+from candela_mitm.providers.usage import (
+    OutputCounter,
+    Usage,
+    UsageMeter,
+    meter_for,
+    usage_from_openai,
+)
 
 
 class ResponseProcessor(ABC):
@@ -24,6 +30,16 @@ class ResponseProcessor(ABC):
     @property
     @abstractmethod
     def usage(self) -> Usage: ...
+
+    @property
+    def reported(self) -> bool:
+        """Did the answer report its whole usage? False: `usage` is only what passed."""
+        return False
+
+    @property
+    def observed_output(self) -> int:
+        """Output tokens estimated from the streamed text that passed (usage.OutputCounter)."""
+        return 0
 
     def __call__(self, data: bytes) -> list[bytes]:
         # mitmproxy's flow.response.stream contract: chunks in order, then b"" once at the end.
@@ -50,6 +66,14 @@ class PassThrough(ResponseProcessor):
     def usage(self) -> Usage:
         return self._meter.usage
 
+    @property
+    def reported(self) -> bool:
+        return self._meter.reported
+
+    @property
+    def observed_output(self) -> int:
+        return self._meter.observed_output
+
 
 class HideOpenAIUsage(ResponseProcessor):
     """An OpenAI stream where Candela asked for usage the client did not: drop that one chunk."""
@@ -57,10 +81,13 @@ class HideOpenAIUsage(ResponseProcessor):
     def __init__(self) -> None:
         self._parser = SseParser()
         self._usage = Usage()
+        self._reported = False
+        self._observed = OutputCounter("openai")
 
     def _filter(self, events: list[SseEvent]) -> bytes:
         out = []
         for ev in events:
+            self._observed.see(ev.data, ev.event)
             if '"usage"' in ev.data and ev.data.lstrip().startswith("{"):
                 try:
                     obj = json.loads(ev.data)
@@ -70,6 +97,7 @@ class HideOpenAIUsage(ResponseProcessor):
                 u = usage_from_openai(obj) if isinstance(obj, dict) else None
                 if u is not None:
                     self._usage = u
+                    self._reported = True
                     if not obj.get("choices"):
                         continue  # the extra chunk: the client never asked for it
             out.append(ev.raw)
@@ -84,6 +112,14 @@ class HideOpenAIUsage(ResponseProcessor):
     @property
     def usage(self) -> Usage:
         return self._usage
+
+    @property
+    def reported(self) -> bool:
+        return self._reported
+
+    @property
+    def observed_output(self) -> int:
+        return self._observed.tokens
 
 
 class Translated(ResponseProcessor):
@@ -101,6 +137,14 @@ class Translated(ResponseProcessor):
     @property
     def usage(self) -> Usage:
         return self._t.usage
+
+    @property
+    def reported(self) -> bool:
+        return self._t.reported
+
+    @property
+    def observed_output(self) -> int:
+        return self._t.observed_output
 
 
 _STREAM_TYPES = (

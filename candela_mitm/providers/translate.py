@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from candela_mitm.providers.sse import SseParser
-from candela_mitm.providers.usage import Usage
+from candela_mitm.providers.usage import OutputCounter, Usage
 
 DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; OpenAI clients often leave it out
 
@@ -454,10 +454,20 @@ class AnthropicToOpenAIStream:
         self._events = 0
         self._unparsed = bytearray()
         self._finished = False
+        self._reported = False  # message_delta brought the whole usage
+        self._observed = OutputCounter("anthropic")
 
     @property
     def usage(self) -> Usage:
         return _usage_of(self._raw_usage)
+
+    @property
+    def reported(self) -> bool:
+        return self._reported
+
+    @property
+    def observed_output(self) -> int:
+        return self._observed.tokens
 
     def feed(self, data: bytes) -> bytes:
         if self._events == 0 and len(self._unparsed) < _MAX_UNPARSED:
@@ -506,6 +516,7 @@ class AnthropicToOpenAIStream:
     def _event(self, name: str, data: str) -> bytes:
         if not data:
             return b""
+        self._observed.see(data, name)
         try:
             ev = json.loads(data)
         except ValueError:
@@ -528,6 +539,7 @@ class AnthropicToOpenAIStream:
             return self._block_delta(ev)
         if kind == "message_delta":
             self._merge_usage(ev.get("usage"))
+            self._reported = self._reported or isinstance(ev.get("usage"), dict)
             delta = _dict(ev.get("delta"))
             if delta.get("stop_reason") is not None:
                 return _sse(self._chunk({}, _finish_reason(delta["stop_reason"])))
@@ -604,12 +616,21 @@ class AnthropicToOpenAIJson:
         self.created = created
         self._buf = bytearray()
         self._usage = Usage()
+        self._reported = False
         self._finished = False
 
     @property
     def usage(self) -> Usage:
         """Zero until finish(): a JSON body can only be read whole."""
         return Usage(self._usage.input_tokens, self._usage.output_tokens, self._usage.cached_tokens)
+
+    @property
+    def reported(self) -> bool:
+        return self._reported
+
+    @property
+    def observed_output(self) -> int:
+        return 0  # one body, read whole: nothing streams
 
     def feed(self, data: bytes) -> bytes:
         self._buf += data
@@ -630,6 +651,7 @@ class AnthropicToOpenAIJson:
             out: dict[str, Any] = {"error": err}
         elif isinstance(msg, dict):
             self._usage = _usage_of(msg.get("usage"))
+            self._reported = isinstance(msg.get("usage"), dict)
             out = anthropic_to_openai_response(msg, self.model, self.created)
         else:
             return raw

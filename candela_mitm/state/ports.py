@@ -124,6 +124,10 @@ class NewReservation:
     request_id: str
     owner: str
     now_us: int
+    # what the request is for: the spend row a settle made without its owner (at the next
+    # start, after a crash) is recorded under
+    model: str = ""
+    provider: str = ""
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,13 @@ class ActiveReservation:
     reservation_id: str
     owner: str
     created_us: int
+    user_id: str = ""
+    tenant: str = ""
+    day: str = ""
+    amount: int = 0
+    request_id: str = ""
+    model: str = ""
+    provider: str = ""
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from candela_mitm.state.ports import (
 # longer than any reservation can stay open.
 DAY_TTL_S = 8 * 24 * 3600
 
+_ACTIVE_FIELDS = ("owner", "user_id", "tenant", "day", "amount", "request_id", "model", "provider")
 _SEP = "\x1f"  # between the parts of a spend field: user, tenant, model, provider
 
 # Layout under the prefix P (every key of one deployment shares it):
@@ -71,7 +72,7 @@ local rest = amount - daily
 local out = {1, daily, spent, from_grants, reserved, grants_free}
 local fields = {'user_id', ARGV[6], 'tenant', ARGV[7], 'day', ARGV[8], 'amount', ARGV[1],
   'budget', ARGV[2], 'daily_hold', daily, 'request_id', ARGV[9], 'owner', ARGV[10],
-  'created_us', ARGV[3], 'status', 'active'}
+  'created_us', ARGV[3], 'status', 'active', 'model', ARGV[12], 'provider', ARGV[13]}
 for i, gid in ipairs(ids) do
   if rest <= 0 then break end
   local take = math.min(rest, math.max(0, free[i]))
@@ -358,6 +359,8 @@ class RedisStateStore(StateStore):
                     new.request_id,
                     new.owner,
                     DAY_TTL_S,
+                    new.model,
+                    new.provider,
                 ],
             )
         holds = {out[i]: _int(out[i + 1]) for i in range(6, len(out), 2)}
@@ -413,12 +416,20 @@ class RedisStateStore(StateStore):
             entries = self._r.zrange(self._k("active"), 0, -1, withscores=True)
             pipe = self._r.pipeline(transaction=False)
             for rid, _ in entries:
-                pipe.hget(self._k("res", rid), "owner")
-            owners = pipe.execute()
-        return [
-            ActiveReservation(rid, owner or "", _int(score))
-            for (rid, score), owner in zip(entries, owners, strict=True)
-        ]
+                pipe.hmget(self._k("res", rid), _ACTIVE_FIELDS)
+            rows = pipe.execute()
+        out = []
+        for (rid, score), row in zip(entries, rows, strict=True):
+            owner, user_id, tenant, day, amount, request_id, model, provider = (
+                v or "" for v in row
+            )
+            out.append(
+                ActiveReservation(
+                    rid, owner, _int(score), user_id, tenant, day, _int(amount or 0),
+                    request_id, model, provider,
+                )
+            )
+        return out
 
     def purge_finished(self, before_us: int) -> int:
         with self._guard():

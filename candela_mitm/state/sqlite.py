@@ -32,8 +32,9 @@ from candela_mitm.state.ports import (
 )
 
 # 1: the first; 2: rate_count (a running count per rate_log key: a rate check no longer counts
-# the whole window's log).
-SCHEMA_VERSION = 2
+# the whole window's log); 3: reservations name their model and provider (a reservation settled
+# at the next start, after its process died, is recorded under them).
+SCHEMA_VERSION = 3
 
 # Commits made without waiting (on the event loop) between two WAL checkpoints: each commit adds
 # a few pages, SQLite's own default is to checkpoint at 1000.
@@ -85,7 +86,9 @@ _SCHEMA = (
         created_us INTEGER NOT NULL,
         status TEXT NOT NULL,
         cost INTEGER,
-        finished_us INTEGER
+        finished_us INTEGER,
+        model TEXT NOT NULL DEFAULT '',
+        provider TEXT NOT NULL DEFAULT ''
     )""",
     """CREATE INDEX IF NOT EXISTS reservations_active ON reservations (created_us)
         WHERE status = 'active'""",
@@ -203,6 +206,13 @@ class SqliteStateStore(StateStore):
                 c.execute(
                     "INSERT INTO rate_count (key, n) SELECT key, count(*) FROM rate_log GROUP BY key"
                 )
+            if 0 < version < 3:  # a store made before reservations named their model
+                have = {row[1] for row in c.execute("PRAGMA table_info(reservations)")}
+                for column in ("model", "provider"):
+                    if column not in have:
+                        c.execute(
+                            f"ALTER TABLE reservations ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
+                        )
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- connections and transactions ----------------------------------------------------------
@@ -507,8 +517,8 @@ class SqliteStateStore(StateStore):
                 c.execute("UPDATE grants SET held = held + ? WHERE grant_id = ?", (take, grant_id))
             c.execute(
                 "INSERT INTO reservations (reservation_id, user_id, tenant, day, amount, budget, "
-                "daily_hold, grant_holds, request_id, owner, created_us, status) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active')",
+                "daily_hold, grant_holds, request_id, owner, created_us, status, model, provider) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, ?)",
                 (
                     new.reservation_id,
                     new.user_id,
@@ -521,6 +531,8 @@ class SqliteStateStore(StateStore):
                     new.request_id,
                     new.owner,
                     new.now_us,
+                    new.model,
+                    new.provider,
                 ),
             )
             return ReserveResult(True, daily, holds, spent, from_grants, reserved, grants_free)
@@ -615,7 +627,8 @@ class SqliteStateStore(StateStore):
     def active_reservations(self) -> list[ActiveReservation]:
         with self._tx(write=False) as c:
             rows = c.execute(
-                "SELECT reservation_id, owner, created_us FROM reservations "
+                "SELECT reservation_id, owner, created_us, user_id, tenant, day, amount, "
+                "request_id, model, provider FROM reservations "
                 "WHERE status = 'active' ORDER BY created_us"
             ).fetchall()
         return [ActiveReservation(*r) for r in rows]

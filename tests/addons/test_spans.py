@@ -74,3 +74,11 @@ def test_a_span_that_cannot_be_stored_fails_open(tctx, runtime, monkeypatch):
     f, c = proxied()
     Spans(rt).response(f)  # no exception: a span is observability
     assert f.response.status_code == 200 and c.error is None
+
+
+def test_span_carries_usage_source() -> None:
+    c = RequestContext("proxy", "openai", "/v1/chat/completions", TraceContext.from_headers(None))
+    assert span_of(c).usage_source is None
+    c.usage_source, c.cost_usd = "reserved", 0.25
+    span = span_of(c)
+    assert span.usage_source == "reserved" and span.to_json()["usage_source"] == "reserved"

@@ -42,8 +42,8 @@ def test_no_denial_is_built_outside_errors_py():
 @pytest.mark.parametrize(
     "denial, status, code, fields",
     [
-        (errors.invalid_field("tenants", "must be a list"), 400, "bad_request", {"field": "tenants"}),
-        (errors.invalid_parameter("by", "must be 'tenant'"), 400, "bad_request", {"parameter": "by"}),
+        (errors.invalid_field("tenants", "must be a list"), 400, "invalid_parameter", {"field": "tenants"}),
+        (errors.invalid_parameter("by", "must be 'tenant'"), 400, "invalid_parameter", {"field": "by", "parameter": "by"}),
         (errors.runtime_action_failed(409, "already running"), 409, "runtime_action_failed", {}),
         (errors.misdirected("api.openai.com", "evil.example"), 421, "misdirected_request",
          {"sni": "api.openai.com", "host": "evil.example"}),

@@ -79,6 +79,7 @@ class _Knobs:
     cut_after_chunks: int | None
     usage: Usage
     reply_text: str
+    omit_usage: bool
 
 
 @dataclass
@@ -113,7 +114,8 @@ class FakeUpstream:
     Gemini native wants `x-goog-api-key: <gemini_key>` (or ?key=) or a Google token, Vertex and
     /v1beta/openai want a Google token (google_token_valid; None rejects every token), Bedrock
     wants a SigV4 signature the fake recomputes with botocore. The knobs (latency_s, chunk_delay_s,
-    n_chunks, fail_status, hang, cut_after_chunks, usage, reply_text) are read once per request.
+    n_chunks, fail_status, hang, cut_after_chunks, usage, reply_text, omit_usage: OpenAI chat
+    answers without a usage, as a queued job or an unknown shape does) are read once per request.
     """
 
     def __init__(
@@ -162,6 +164,7 @@ class FakeUpstream:
             cut_after_chunks=None,
             usage=Usage(input_tokens=12, output_tokens=7, cached_tokens=0),
             reply_text=DEFAULT_REPLY,
+            omit_usage=False,
         )
 
     def configure(self, **knobs: Any) -> None:
@@ -184,6 +187,7 @@ class FakeUpstream:
                 cut_after_chunks=self.cut_after_chunks,
                 usage=replace(self.usage),
                 reply_text=self.reply_text,
+                omit_usage=self.omit_usage,
             )
         return k
 
@@ -196,6 +200,7 @@ class FakeUpstream:
     cut_after_chunks: int | None
     usage: Usage
     reply_text: str
+    omit_usage: bool
 
     # lifecycle -----------------------------------------------------------------------------------
 
@@ -773,33 +778,33 @@ def _openai_chat(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
     cid, created = _id("chatcmpl-"), int(time.time())
     headers = [("x-request-id", _id("req_")), ("openai-processing-ms", "1")]
     if not body.get("stream"):
-        return _json_reply(
-            200,
-            {
-                "id": cid,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {
-                            "role": "assistant",
-                            "content": k.reply_text,
-                            "refusal": None,
-                            "annotations": [],
-                        },
-                        "logprobs": None,
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": _openai_usage(k.usage),
-                "service_tier": "default",
-                "system_fingerprint": "fp_fake",
-            },
-            headers,
-        )
+        answer: dict[str, Any] = {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": k.reply_text,
+                        "refusal": None,
+                        "annotations": [],
+                    },
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": _openai_usage(k.usage),
+            "service_tier": "default",
+            "system_fingerprint": "fp_fake",
+        }
+        if k.omit_usage:
+            del answer["usage"]
+        return _json_reply(200, answer, headers)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    include_usage = include_usage and not k.omit_usage
 
     def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
         obj: dict[str, Any] = {

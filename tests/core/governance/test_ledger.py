@@ -19,6 +19,7 @@ from candela_mitm.governance.ledger import (
     BudgetRefusal,
     Ledger,
     Reservation,
+    UsageRow,
     default_owner,
     process_alive,
 )
@@ -406,30 +407,43 @@ def test_process_alive() -> None:
     assert process_alive("garbage") is True
 
 
-def test_reconcile_releases_dead_owners(store: StateStore) -> None:
+def test_reconcile_settles_dead_owners_at_their_reservation(store: StateStore) -> None:
     host = default_owner().rpartition(":")[0]
     dead_owner = f"{host}:{dead_pid()}"
     crashed = Ledger(store, clock=fixed(T0), owner=dead_owner)
     other_host = Ledger(store, clock=fixed(T0), owner="elsewhere:1")
     me = Ledger(store, clock=fixed(T0))
 
-    lost = reserve(crashed, 6.0)
+    lost = crashed.reserve(U, "research-team", 6.0, 10.0, "span-1", model="gpt-4o", provider="openai")
     kept = reserve(other_host, 1.0)
     mine = reserve(me, 1.0)
     assert all(isinstance(r, Reservation) for r in (lost, kept, mine))
     assert me.status(U, 10.0).remaining_usd == 2.0
 
-    assert me.reconcile_stale(process_alive, max_age_s=3600) == 1
-    assert me.status(U, 10.0).remaining_usd == 8.0
-    assert me.reconcile_stale(process_alive, max_age_s=3600) == 0  # nothing left to take
+    settled = me.reconcile_stale(process_alive, max_age_s=3600)
+    # the dead process's request may have reached the provider: charged its reservation, not freed
+    assert [(s.reservation_id, s.request_id, s.reason) for s in settled] == [
+        (lost.id, "span-1", "proxy_crash")
+    ]
+    (s,) = settled
+    assert (s.user_id, s.tenant, s.model, s.provider, s.owner) == (
+        U, "research-team", "gpt-4o", "openai", dead_owner
+    )
+    assert s.amount_usd == 6.0 and s.created_at == T0
+    assert me.spent_today(U) == 6.0
+    assert me.status(U, 10.0).reserved_usd == 2.0  # the live owners' holds stay
+    assert me.status(U, 10.0).remaining_usd == 2.0
+    assert me.usage(user=U) == [UsageRow("gpt-4o", "openai", 6.0, 0, 0, 1)]
+    assert me.reconcile_stale(process_alive, max_age_s=3600) == []  # nothing left to settle
 
-    # the dead owner's request did cost money after all: a late settle still records it
-    assert me.settle(lost, 5.0, 1, 1, "gpt-4o", "openai").applied
-    assert me.spent_today(U) == 5.0
+    # a late settle by the owner (it was not dead after all) changes nothing: charged once
+    assert not me.settle(lost, 5.0, 1, 1, "gpt-4o", "openai").applied
+    assert not me.release(lost)
+    assert me.spent_today(U) == 6.0
     assert me.release(kept) and me.release(mine)
 
 
-def test_reconcile_releases_by_age(store: StateStore) -> None:
+def test_reconcile_settles_by_age(store: StateStore) -> None:
     old = Ledger(store, clock=fixed(T0 - timedelta(hours=2)))
     young = Ledger(store, clock=fixed(T0 - timedelta(minutes=10)))
     now = Ledger(store, clock=fixed(T0))
@@ -439,9 +453,23 @@ def test_reconcile_releases_by_age(store: StateStore) -> None:
     def unsure(owner: str) -> bool:
         raise OSError("cannot tell")
 
-    assert now.reconcile_stale(unsure, max_age_s=None) == 0  # unsure is alive
-    assert now.reconcile_stale(None, max_age_s=3600) == 1
-    assert now.status(U, 10.0).remaining_usd == 7.0
+    assert now.reconcile_stale(unsure, max_age_s=None) == []  # unsure is alive
+    (settled,) = now.reconcile_stale(None, max_age_s=3600)
+    assert settled.reason == "expired" and settled.amount_usd == 3.0
+    assert now.spent_today(U) == 3.0
+    assert now.status(U, 10.0).remaining_usd == 4.0  # 3 spent, 3 still held by the young one
+
+
+def test_reconcile_settles_grant_holds_as_spend(store: StateStore) -> None:
+    host = default_owner().rpartition(":")[0]
+    crashed = Ledger(store, clock=fixed(T0), owner=f"{host}:{dead_pid()}")
+    me = Ledger(store, clock=fixed(T0))
+    g = me.add_grant(U, 5.0, T0 + timedelta(days=1), "launch", "admin@example.com")
+    assert isinstance(reserve(crashed, 12.0), Reservation)  # 10 from the allowance, 2 from g
+    assert len(me.reconcile_stale(process_alive)) == 1
+    (after,) = me.list_grants(U)
+    assert after.id == g.id and after.used_usd == 2.0 and after.held_usd == 0.0
+    assert me.status(U, 10.0).remaining_usd == 3.0
 
 
 def test_reconcile_forgets_old_finished_reservations(store: StateStore) -> None:

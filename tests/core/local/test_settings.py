@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 
@@ -10,11 +11,13 @@ from candela_mitm.config import parse_config
 from candela_mitm.context import RequestContext
 from candela_mitm.errors import ConfigError
 from candela_mitm.governance.accounting import account
+from candela_mitm.governance.ledger import Reservation
 from candela_mitm.local.settings import SETTINGS_FILE, LocalSettings, merge_settings
 from candela_mitm.observability.spans import TraceContext
 from candela_mitm.providers.forwarding import ForwardPlan, plan_chat_completion
 from candela_mitm.providers.pricing import PricingTable
 from candela_mitm.providers.specs import resolve_all
+from candela_mitm.providers.streaming import ResponseProcessor
 from candela_mitm.providers.usage import Usage
 from tests.core.local.support import local_runtime, nowhere
 
@@ -123,6 +126,27 @@ def test_the_multiplier_applies_to_gemini_routes_only(tmp_path, route, expected)
     assert local_runtime(tmp_path, nowhere(), nowhere()).cached_multiplier(route) == expected
 
 
+class _Reported(ResponseProcessor):
+    """An answer that reported `usage` whole."""
+
+    def __init__(self, usage: Usage) -> None:
+        self._usage = usage
+
+    def feed(self, data: bytes) -> bytes:
+        return data
+
+    @property
+    def usage(self) -> Usage:
+        return self._usage
+
+    @property
+    def reported(self) -> bool:
+        return True
+
+
+T = datetime(2026, 5, 17, tzinfo=UTC)
+
+
 def test_accounting_prices_cached_gemini_input_with_the_planned_multiplier(tmp_path):
     cfg = parse_config({})
     pricing = PricingTable.from_config(cfg)
@@ -138,8 +162,10 @@ def test_accounting_prices_cached_gemini_input_with_the_planned_multiplier(tmp_p
         ctx = RequestContext(
             kind="chat", provider=None, rest="", trace=TraceContext("0" * 32, None)
         )
-        ctx.plan, ctx.usage = plan, usage
+        ctx.plan, ctx.forwarded, ctx.processor = plan, True, _Reported(usage)
+        ctx.reservation = Reservation("r", "u", None, 0.0, "2026-05-17", "s", "o", T, 0.0)
         account(ctx, pricing)
+        assert ctx.usage_source == "reported"
         costs[multiplier] = ctx.cost_usd
     full = 2_000 * price.input + 1_000 * price.output
     assert costs[0.5] == pytest.approx((full + 8_000 * price.input * 0.5) / 1e6)

@@ -1018,3 +1018,29 @@ def test_stream_finish_once_and_last_event_without_blank_line() -> None:
         b'"created":1700000000', b'"created":1'
     )
     assert s.finish() == b""
+
+
+def test_stream_reports_usage_with_message_delta_and_observes_output_before() -> None:
+    s = AnthropicToOpenAIStream(MODEL, False)
+    cut = STREAM.index(b"event: message_delta")
+    s.feed(STREAM[:cut])
+    # cut after message_start: input known, the whole usage not; the deltas' text was counted
+    # ("Hello, wö" 3, "rld! 你好 🌍" 3, the tool inputs as escaped JSON 4 + 2 + 1)
+    assert not s.reported
+    assert s.usage.input_tokens == 125
+    assert s.observed_output == 13
+    s.feed(STREAM[cut:])
+    s.finish()
+    assert s.reported and s.usage.output_tokens == 42
+
+
+def test_json_answer_reports_its_usage() -> None:
+    j = AnthropicToOpenAIJson(MODEL)
+    j.feed(json.dumps({"type": "message", "content": [], "usage": {"input_tokens": 3}}).encode())
+    assert not j.reported  # read whole, at finish
+    j.finish()
+    assert j.reported and j.observed_output == 0
+    k = AnthropicToOpenAIJson(MODEL)
+    k.feed(b'{"id": "queued", "status": "pending"}')
+    k.finish()
+    assert not k.reported

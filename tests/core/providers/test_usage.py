@@ -1282,3 +1282,120 @@ def test_bedrock_headers_read_from_mitmproxys_headers() -> None:
     )
     assert usage_from_bedrock_headers(h) == Usage(12, 7, 0)
     assert usage_from_bedrock_headers(Headers([(b"content-type", b"application/json")])) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Whether the whole usage was reported, and the output observed as a stream passes
+
+
+@pytest.mark.parametrize(
+    ("name", "wire", "stream", "ctype", "body", "expected"), STREAMS, ids=STREAM_IDS
+)
+def test_a_whole_answer_reports_its_usage(
+    name: str, wire: str, stream: bool, ctype: str, body: bytes, expected: Usage
+) -> None:
+    meter = meter_for(wire, stream, ctype)
+    assert not meter.reported
+    run(meter, body, [7])
+    assert meter.reported
+
+
+# (wire, content type, a stream cut before its usage came whole)
+CUT_BEFORE_USAGE = [
+    pytest.param(
+        "anthropic",
+        SSE,
+        ANTHROPIC_STREAM[: ANTHROPIC_STREAM.index(b"event: message_delta")],
+        id="anthropic-after-message_start",
+    ),
+    pytest.param(
+        "openai", SSE, OPENAI_STREAM[: OPENAI_STREAM.index(b'"prompt_tokens"')], id="openai"
+    ),
+    pytest.param(
+        "openai",
+        SSE,
+        RESPONSES_STREAM[: RESPONSES_STREAM.index(b"event: response.completed")],
+        id="responses",
+    ),
+    pytest.param(
+        "ollama",
+        NDJSON,
+        OLLAMA_CHAT_STREAM[: OLLAMA_CHAT_STREAM.rindex(b'"done":true')],
+        id="ollama",
+    ),
+    pytest.param(
+        "bedrock",
+        EVENTSTREAM,
+        b"".join(bedrock_chunk(e) for e in BEDROCK_EVENTS[:5]),  # to the last text delta
+        id="bedrock-invoke",
+    ),
+]
+
+
+@pytest.mark.parametrize(("wire", "ctype", "body"), CUT_BEFORE_USAGE)
+def test_a_cut_stream_is_not_reported_but_its_output_is_observed(
+    wire: str, ctype: str, body: bytes
+) -> None:
+    meter = meter_for(wire, True, ctype)
+    run(meter, body, list(range(5, len(body), 11)))
+    assert not meter.reported
+    assert meter.observed_output > 0
+
+
+@pytest.mark.parametrize(
+    ("wire", "text", "event", "tokens"),
+    [
+        # OpenAI chat: each content delta, at least one token; the role chunk has no text
+        ("openai", json.dumps(openai_chunk({"role": "assistant", "content": ""})), "", 0),
+        ("openai", json.dumps(openai_chunk({"content": "Hello"})), "", 2),
+        ("openai", json.dumps(openai_chunk({"content": "a"})), "", 1),
+        (
+            "openai",
+            json.dumps(
+                openai_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]})
+            ),
+            "",
+            3,
+        ),
+        ("openai", json.dumps(openai_chunk(None, {"prompt_tokens": 1})), "", 0),
+        # Responses: deltas count, the events that repeat the whole text do not
+        ("openai", '{"type":"response.output_text.delta","delta":"In a grove"}', "", 3),
+        ("openai", '{"type":"response.output_text.done","text":"In a grove"}', "", 0),
+        ("openai", '{"type":"response.completed","response":{"output":[{"text":"x"}]}}', "", 0),
+        # Anthropic and Bedrock: content_block_delta only (text, tool input, thinking)
+        (
+            "anthropic",
+            '{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi!"}}',
+            "content_block_delta",
+            1,
+        ),
+        (
+            "anthropic",
+            '{"type":"content_block_delta","delta":{"type":"input_json_delta","partial_json":"{\\"a\\": 1}"}}',
+            "",
+            3,
+        ),
+        ("anthropic", '{"type":"message_start","message":{"content":[{"text":"x"}]}}', "", 0),
+        ("bedrock", '{"contentBlockIndex":0,"delta":{"text":"Hello world"}}', "contentBlockDelta", 3),
+        ("bedrock", '{"usage":{"inputTokens":3}}', "metadata", 0),
+        # Gemini and Ollama: every chunk is a delta
+        ("gemini", json.dumps(GEMINI_CHUNKS[1]), "", 2),
+        ("ollama", '{"message":{"role":"assistant","content":"The sky"},"done":false}', "", 2),
+        ("ollama", '{"response":"","done":true,"eval_count":3}', "", 0),
+        # escapes count as written: never fewer tokens than characters / 4
+        ("openai", json.dumps(openai_chunk({"content": 'say "hi"\n'})), "", 3),
+    ],
+)
+def test_output_counter(wire: str, text: str, event: str, tokens: int) -> None:
+    counter = usage_mod.OutputCounter(wire)
+    counter.see(text, event)
+    assert counter.tokens == tokens
+
+
+def test_observed_output_adds_up_over_a_long_stream() -> None:
+    words = [f" word{i}" for i in range(1000)]  # 6 to 8 characters: 2 tokens each
+    body = b"".join(sse(openai_chunk({"content": w}), compact=True) for w in words)
+    meter = meter_for("openai", True, SSE)
+    run(meter, body, list(range(100, len(body), 4096)), finish=False)
+    assert meter.observed_output == 2 * len(words)
+    assert meter.usage == Usage() and not meter.reported

@@ -16,6 +16,7 @@ from candela_mitm.config import State
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.state import open_state_store
 from candela_mitm.state.ports import (
+    ActiveReservation,
     GrantRow,
     NewReservation,
     StateStore,
@@ -194,6 +195,28 @@ def test_grants_round_trip(store: StateStore) -> None:
     store.add_grant(GrantRow("g3", "other", 1, 0, 0, T0_US + 1, "x", "y", T0_US))
     assert store.grants("u") == [sooner, later]
     assert store.grants("nobody") == []
+
+
+def test_active_reservations_say_what_a_settle_without_their_owner_needs(
+    store: StateStore,
+) -> None:
+    new = NewReservation(
+        "r1", "u", "t", "2026-05-17", 4_000, 10_000, "span-1", "host:1", T0_US,
+        model="gpt-4o", provider="openai",
+    )
+    assert store.reserve(new).ok
+    assert store.reserve(new_reservation("r2", 1_000, now_us=T0_US + 1)).ok
+    assert store.active_reservations() == [
+        ActiveReservation(
+            "r1", "host:1", T0_US, "u", "t", "2026-05-17", 4_000, "span-1", "gpt-4o", "openai"
+        ),
+        ActiveReservation("r2", "host:1", T0_US + 1, "u", "t", "2026-05-17", 1_000, "req", "", ""),
+    ]
+    # settled at its own amount under its own model: the spend row a crash leaves
+    assert store.settle("r1", 4_000, 0, 0, "gpt-4o", "openai", T0_US + 2).applied
+    (row,) = store.spend_rows()
+    assert (row.model, row.provider, row.cost, row.requests) == ("gpt-4o", "openai", 4_000, 1)
+    assert store.day_totals("u", "2026-05-17").reserved == 1_000
 
 
 def test_reclaimed_reservation_still_settles(store: StateStore) -> None:
@@ -609,7 +632,32 @@ def test_sqlite_schema_1_store_is_upgraded(tmp_path: Path) -> None:
     assert hit.allowed and hit.count == 4
     assert not store.rate_hit("a", 4, 60_000_000, T0_US + 11).allowed
     with sqlite3.connect(path) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone() == (2,)
+        assert raw.execute("PRAGMA user_version").fetchone() == (3,)
+    store.close()
+
+
+def test_sqlite_schema_2_reservations_gain_model_and_provider(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with sqlite3.connect(path) as raw:  # what Candela with schema 2 left behind: one open hold
+        raw.execute(
+            "CREATE TABLE reservations (reservation_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, "
+            "tenant TEXT NOT NULL, day TEXT NOT NULL, amount INTEGER NOT NULL, budget INTEGER "
+            "NOT NULL, daily_hold INTEGER NOT NULL, grant_holds TEXT NOT NULL, request_id TEXT "
+            "NOT NULL, owner TEXT NOT NULL, created_us INTEGER NOT NULL, status TEXT NOT NULL, "
+            "cost INTEGER, finished_us INTEGER)"
+        )
+        raw.execute(
+            "INSERT INTO reservations VALUES ('old', 'u', 't', '2026-05-17', 7, 10, 0, '{}', "
+            "'req', 'host:1', ?, 'active', NULL, NULL)",
+            (T0_US,),
+        )
+        raw.execute("PRAGMA user_version = 2")
+    store = SqliteStateStore(path)
+    (old,) = store.active_reservations()
+    assert (old.reservation_id, old.amount, old.model, old.provider) == ("old", 7, "", "")
+    assert store.settle("old", 7, 0, 0, old.model, old.provider, T0_US + 1).applied
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (3,)
     store.close()
 
 
