@@ -20,7 +20,7 @@ def account(ctx: RequestContext, pricing: PricingTable, unknown_price: str = "de
     if plan is None or plan.upstream.spec.local or not plan.model:
         ctx.cost_usd = 0.0
         return
-    price = pricing.get(plan.model)
+    price = pricing.get(plan.model, plan.upstream.name)
     # a multiplier fixed when the request was planned (local mode's Gemini context-cache price)
     multiplier = plan.notes.get("cached_multiplier")
     ctx.cost_usd = price.cost(ctx.usage, cached_multiplier=multiplier) if price is not None else 0.0
