@@ -63,6 +63,7 @@ class Metrics:
                 child(m.denials, c.denial_code).inc()
             if c.forwarded:
                 child(m.cost, provider, model, tenant).inc(c.cost_usd)
+                m.note_cost(provider, model, c.estimate_usd, c.cost_usd)
                 u = c.usage
                 child(m.tokens, provider, model, tenant, "input").inc(u.input_tokens)
                 child(m.tokens, provider, model, tenant, "output").inc(u.output_tokens)

@@ -167,10 +167,12 @@ class ModelPrice:
         *,
         service_tier: str | None = None,
         web_searches: int = 0,
+        cache_writes: bool = True,
     ) -> float:
         """The most a request can cost: every input token at the dearest input rate (a cache
         write, audio) and every output token at the dearest output rate, at the tier that many
-        input tokens reach, plus per-request and per-search fees."""
+        input tokens reach, plus per-request and per-search fees. cache_writes=False: the request
+        cannot write the cache (Anthropic writes only what a request marks)."""
         prices = self.rates(service_tier)
         in_rate = out_rate = Decimal(0)
         fees = Decimal(0)
@@ -182,6 +184,8 @@ class ModelPrice:
             if dims.get("family") == "tokens":
                 if dims.get("token_type") == "cache_read":
                     continue  # never dearer than the input it replaces
+                if dims.get("token_type") == "cache_write" and not cache_writes:
+                    continue
                 rate = _rate(price, input_tokens)
                 if dims.get("direction") == "input":
                     in_rate = max(in_rate, rate)
