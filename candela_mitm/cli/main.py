@@ -183,6 +183,7 @@ SUBCOMMANDS = {
     "run": "candela_mitm.enforcement.sandbox:main",
     "enforce": "candela_mitm.enforcement.host:main",
     "doctor": "candela_mitm.cli.doctor:main",
+    "prices": "candela_mitm.cli.prices:main",
 }
 
 
