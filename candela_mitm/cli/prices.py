@@ -45,12 +45,12 @@ def describe(price: ModelPrice) -> dict[str, Any]:
             for t in getattr(value, "tiers", None) or ()
         ]
         kinds.append({"kind": usage_key, "usd": _number(value), "unit": _per(per), "tiers": tiers})
-    tiers = {}
+    service_tiers: dict[str, dict[str, float | None]] = {}
     for tier in ("priority", "flex"):
         variant = price.rates(tier)
         base = price.rates()
         if (variant.input_mtok, variant.output_mtok) != (base.input_mtok, base.output_mtok):
-            tiers[tier] = {
+            service_tiers[tier] = {
                 "input": _number(variant.input_mtok) if variant.input_mtok is not None else None,
                 "output": _number(variant.output_mtok) if variant.output_mtok is not None else None,
             }
@@ -62,7 +62,7 @@ def describe(price: ModelPrice) -> dict[str, Any]:
         "context_window": price.context_window,
         "max_output_tokens": price.max_output_tokens,
         "kinds": kinds,
-        "service_tiers": tiers,
+        "service_tiers": service_tiers,
     }
 
 
