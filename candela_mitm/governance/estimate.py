@@ -248,6 +248,8 @@ def estimate_cost(
     stated = requested_max if requested_max is not None else stated_max_output(body)
     output_tokens = output_tokens_limit(stated, default_max, price) * completions(body)
     tier = body.get("service_tier") if body else None
+    if body and body.get("speed") == "fast":
+        tier = "fast"  # Claude's fast mode
     return price.max_cost(
         input_tokens,
         output_tokens,

@@ -121,7 +121,12 @@ class ModelPrice:
         """The genai-prices ModelPrice in force now (or `when`), for a service tier if it has one."""
         gp = prices_source.gp_types()
         if self.info is not None:
-            context = {"service_tier": service_tier} if service_tier in _SERVICE_TIERS else None
+            # OpenAI and Google name the tier `service_tier`; Anthropic's fast mode is `speed`
+            context = (
+                {"service_tier": service_tier, "speed": service_tier}
+                if service_tier in _SERVICE_TIERS
+                else None
+            )
             prices = copy(self.info.get_prices(when or datetime.now(tz=UTC), context))
         else:
             prices = gp.ModelPrice()

@@ -187,6 +187,9 @@ def _billing_parts(u: Mapping[str, object]) -> Parts:
     tools = u.get("server_tool_use")
     if isinstance(tools, dict):
         parts.update(_pick(tools, {"web_search_requests": "web_search_requests"}))
+    speed = u.get("speed")  # "fast": Claude's fast mode, billed at its own rates
+    if isinstance(speed, str):
+        parts["speed_fast"] = int(speed == "fast")
     return parts
 
 
@@ -198,6 +201,7 @@ def _parts_usage(p: Parts) -> Usage:
     usage.cache_write_tokens = written
     usage.cache_write_1h_tokens = min(p.get("cache_write_1h_tokens", 0), written)
     usage.web_search_requests = p.get("web_search_requests", 0)
+    usage.service_tier = "fast" if p.get("speed_fast") else None
     return usage
 
 

@@ -210,3 +210,11 @@ BOUNDS = [
 def test_the_bill_never_passes_the_reservation(model, route, body, usage):
     price = TABLE.get(model, route)
     assert price.cost(usage) <= estimate_cost(body, None, DEFAULT_MAX, price)
+
+
+def test_claude_fast_mode_is_reserved_at_its_price():
+    price = TABLE.get("claude-opus-4-8", "anthropic-direct")  # fast: $10 in, $50 out
+    body = {"messages": [], "max_tokens": 1_000, "speed": "fast"}
+    assert estimate_cost(body, None, DEFAULT_MAX, price) == pytest.approx(
+        (text_tokens(body) * 10.00 + 1_000 * 50.00) / M
+    )

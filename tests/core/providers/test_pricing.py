@@ -115,6 +115,16 @@ CASES = [
                                "ephemeral_1h_input_tokens": 4_000}}},
         (100 * 5.00 + 6_000 * 6.25 + 4_000 * 10.00 + 20_000 * 0.50 + 500 * 25.00) / M,
     ),
+    # fast mode (usage.speed "fast"): claude-opus-4-8 at $10 in, $50 out
+    (
+        "anthropic fast mode",
+        "anthropic",
+        "anthropic-direct",
+        "claude-opus-4-8",
+        {"type": "message", "usage": {"input_tokens": 1_000, "output_tokens": 1_000,
+                                      "speed": "fast", "service_tier": "standard"}},
+        (1_000 * 10.00 + 1_000 * 50.00) / M,
+    ),
     # claude-sonnet-4-5 above 200K input: $6 in, $22.50 out
     (
         "anthropic long context",
