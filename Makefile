@@ -31,6 +31,7 @@ system: $(STAMP)
 # The real provider SDKs live in their own venv: they need an h11 that mitmproxy 11 refuses.
 sdk:
 	bash scripts/sdk-venv.sh $(SDK_VENV)
+	bash scripts/claude-code.sh .claude-code
 
 run: $(STAMP)
 	$(VENV)/bin/candela-server $(if $(CONFIG),--config $(CONFIG))
@@ -50,4 +51,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) $(SDK_VENV) *.egg-info
+	rm -rf $(VENV) $(SDK_VENV) .claude-code *.egg-info
