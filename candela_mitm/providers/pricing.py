@@ -137,11 +137,9 @@ class ModelPrice:
     def kinds(self, service_tier: str | None = None) -> list[tuple[str, Any, int]]:
         """(genai-prices usage key, price, per) for every unit this model is billed by."""
         prices = self.rates(service_tier)
-        return [
-            (unit.usage_key, getattr(prices, unit.price_key), unit.per)
-            for unit in _registry().units.values()
-            if getattr(prices, unit.price_key) is not None
-        ]
+        order = {key: i for i, key in enumerate(_registry().units)}
+        units = sorted(_priced_units(prices), key=lambda up: order[up[0].usage_key])
+        return [(unit.usage_key, price, unit.per) for unit, price in units]
 
     def cost(self, usage: Usage, cached_multiplier: float | None = None) -> float:
         """What the provider bills for a usage: every token kind at its rate, tiers and tools included."""
@@ -181,10 +179,7 @@ class ModelPrice:
         prices = self.rates(service_tier)
         in_rate = out_rate = Decimal(0)
         fees = Decimal(0)
-        for unit in _registry().units.values():
-            price = getattr(prices, unit.price_key)
-            if price is None:
-                continue
+        for unit, price in _priced_units(prices):
             dims = unit.dimensions
             if dims.get("family") == "tokens":
                 if dims.get("token_type") == "cache_read":
@@ -213,11 +208,28 @@ def _library_usage(usage: Usage, prices: Any) -> Any:
     values: dict[str, int] = {}
     for ours, theirs in _USAGE_KEYS.items():
         values[theirs] = int(getattr(usage, ours))
-    for unit in _registry().units.values():
+    for unit, _ in _priced_units(prices):
         if unit.usage_key not in values and unit.usage_key != "requests":
-            if getattr(prices, unit.price_key) is not None:
-                values[unit.usage_key] = 0
+            values[unit.usage_key] = 0
     return prices_source.gp_types().Usage(**values)
+
+
+def _priced_units(prices: Any) -> list[tuple[Any, Any]]:
+    """(unit, price) of every registered unit a genai-prices ModelPrice sets.
+
+    Read from the instance's fields: asking the ModelPrice for every registered unit goes
+    through its __getattr__ and a registry lookup each, most of the cost of a price.
+    """
+    registry = _registry()
+    out = []
+    for key, value in vars(prices).items():
+        if value is None or key.startswith("_"):
+            continue
+        try:
+            out.append((registry.unit_for_price_key(key), value))
+        except KeyError:
+            continue  # a key this genai-prices does not price (it warns and skips it too)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,16 +261,35 @@ def maker_model_id(model: str) -> str | None:
     Snapshots, aliases, Bedrock and Vertex ids and fine-tunes resolve to one id: what model
     policy matches a family on, and what output limits are keyed by.
     """
-    snap = prices_source.snapshot()
     for ref in _references(model):
         for provider_id in FIRST_PARTY:
-            try:
-                provider, info = snap.find_provider_model(ref, None, provider_id, None)
-            except LookupError:
-                continue
-            if not _resold(provider.id, info.id):
-                return str(info.id)
+            found = _find(provider_id, ref)
+            if found is not None and not _resold(*found):
+                return found[1]
     return None
+
+
+@cache
+def _providers() -> dict[str, Any]:
+    return {p.id: p for p in prices_source.snapshot().providers}
+
+
+def _find(provider_id: str, ref: str) -> tuple[str, str] | None:
+    """(provider id, model id) of `ref` in a provider's list (or its fallbacks), else None.
+
+    Provider.find_model directly, not DataSnapshot.find_provider_model: the snapshot memoises
+    every reference it is asked about, without bound, and references come from clients.
+    """
+    found = _find_info(provider_id, ref)
+    return (found[0].id, found[1].id) if found is not None else None
+
+
+def _find_info(provider_id: str, ref: str) -> tuple[Any, Any] | None:
+    provider = _providers().get(provider_id)
+    if provider is None:
+        return None
+    info = provider.find_model(ref, all_providers=prices_source.snapshot().providers)
+    return (provider, info) if info is not None else None
 
 
 def _resold(provider_id: str, model_id: str) -> bool:
@@ -363,14 +394,11 @@ class PricingTable:
             candidates: Iterable[str] = (provider_id,)
         else:
             candidates = FIRST_PARTY
-        snap = prices_source.snapshot()
         for ref in _references(model):
             for provider_id in candidates:
-                try:
-                    provider, info = snap.find_provider_model(ref, None, provider_id, None)
-                except LookupError:
-                    continue
-                return self._from_library(provider, info, model)
+                found = _find_info(provider_id, ref)
+                if found is not None:
+                    return self._from_library(found[0], found[1], model)
         return None
 
     def _from_library(self, provider: Any, info: Any, model: str) -> ModelPrice | None:

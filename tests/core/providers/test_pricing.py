@@ -389,3 +389,22 @@ def test_max_cost_is_an_upper_bound_of_every_usage_of_that_size():
         (1_000 * 4.25 + 1_000 * 17.0) / M
     )
     assert gpt.max_cost(1_000, 0, web_searches=5) == pytest.approx(1_000 * 2.5 / M + 5 * 10 / 1_000)
+
+
+def test_client_model_names_do_not_grow_the_librarys_memo():
+    """Model names come from clients: only Candela's bounded memo remembers them."""
+    snap = prices_source.snapshot()
+    sizes = (len(snap._lookup_cache), len(snap._provider_cache), len(snap._provider_misses))
+    table = PricingTable()
+    for i in range(300):
+        table.get(f"gpt-4o-made-up-{i}", "openai")
+        table.get(f"claude-made-up-{i}")
+    assert (len(snap._lookup_cache), len(snap._provider_cache), len(snap._provider_misses)) == sizes
+    assert len(table._cache) == 600 <= PricingTable._CACHE_MAX
+
+
+def test_contradictory_counts_fall_back_to_input_and_output():
+    """A provider reporting more cached and written tokens than input is priced, not refused."""
+    price = TABLE.get("gpt-5.6-sol", "openai")  # $4 in, $0.40 cached, $20 out
+    usage = Usage(10_000, 100, 8_000, cache_write_tokens=5_000)  # 8,000 + 5,000 > 10,000
+    assert price.cost(usage) == pytest.approx((2_000 * 4.00 + 8_000 * 0.40 + 100 * 20.00) / M)
