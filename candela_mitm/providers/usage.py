@@ -262,9 +262,9 @@ def _gemini_details(usage: Usage, obj: dict, m: dict, thoughts: int) -> None:
     ):
         details = m.get(key)
         for d in details if isinstance(details, list) else ():
-            field = fields.get(d.get("modality", "")) if isinstance(d, dict) else None
-            if field is not None:
-                setattr(usage, field, min(getattr(usage, field) + _n(d.get("tokenCount")), total))
+            attr = fields.get(d.get("modality", "")) if isinstance(d, dict) else None
+            if attr is not None:
+                setattr(usage, attr, min(getattr(usage, attr) + _n(d.get("tokenCount")), total))
     # Google Search grounding is billed per search query the model ran
     candidates = obj.get("candidates")
     for c in candidates if isinstance(candidates, list) else ():
