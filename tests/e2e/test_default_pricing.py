@@ -1,6 +1,6 @@
-"""The real Claude Code CLI through Candela's default configuration (issue 18).
+"""Prices in Candela's default configuration, end to end (issue 18).
 
-Claude Code (npm @anthropic-ai/claude-code, installed by scripts/claude-code.sh) is pointed at
+The real Claude Code CLI: Claude Code (npm @anthropic-ai/claude-code, installed by scripts/claude-code.sh) is pointed at
 /proxy/anthropic-direct with its own default model. With the default configuration (no
 `pricing:`), Candela must answer it (not 402 model_price_unknown) and charge what the model
 costs: Claude Code's own reckoning of the cost, from its own price list, is the second witness.
@@ -100,3 +100,27 @@ def test_claude_code_is_answered_and_charged_at_its_models_price(
         assert s["cost_usd"] == pytest.approx(per_request)
     # ... which is what Claude Code itself reckons it cost
     assert sum(s["cost_usd"] for s in new) == pytest.approx(out["total_cost_usd"], rel=1e-6)
+    assert exceeded(default_candela) == 0  # and no request cost more than it reserved
+
+
+def exceeded(candela: CandelaProcess) -> float:
+    text = requests.get(f"{candela.url}/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("candela_estimate_exceeded_total{")
+    )
+
+
+def test_a_cost_above_its_reservation_is_counted(default_candela, upstream):
+    """The fake provider bills far more input than the request sent: the estimate missed."""
+    upstream.reset()
+    before = exceeded(default_candela)
+    body = {"model": "claude-opus-4-8", "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}]}
+    for usage, counted in ((Usage(10, 5, 0), 0), (Usage(900_000, 5, 0), 1)):
+        upstream.configure(usage=usage)
+        r = requests.post(f"{default_candela.url}/proxy/anthropic-direct/v1/messages",
+                          json=body, headers={"x-api-key": ALICE_KEY}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert exceeded(default_candela) == before + counted
