@@ -65,6 +65,7 @@ _USAGE_KEYS = {
     "cache_write_1h_tokens": "cache_write_1h_tokens",
     "reasoning_tokens": "output_reasoning_tokens",
     "input_audio_tokens": "input_audio_tokens",
+    "cached_audio_tokens": "cache_audio_read_tokens",
     "input_image_tokens": "input_image_tokens",
     "input_video_tokens": "input_video_tokens",
     "output_audio_tokens": "output_audio_tokens",

@@ -31,6 +31,7 @@ class Usage:
     cache_write_1h_tokens: int = field(default=0, compare=False)
     reasoning_tokens: int = field(default=0, compare=False)
     input_audio_tokens: int = field(default=0, compare=False)
+    cached_audio_tokens: int = field(default=0, compare=False)  # of cached_tokens
     input_image_tokens: int = field(default=0, compare=False)
     input_video_tokens: int = field(default=0, compare=False)
     output_audio_tokens: int = field(default=0, compare=False)
@@ -256,6 +257,7 @@ def _gemini_details(usage: Usage, obj: dict, m: dict, thoughts: int) -> None:
     """Thinking, tokens by modality (prompt and tool-use prompt, candidates) and grounding searches."""
     usage.reasoning_tokens = min(thoughts, usage.output_tokens)
     for key, fields, total in (
+        ("cacheTokensDetails", {"AUDIO": "cached_audio_tokens"}, usage.cached_tokens),
         ("promptTokensDetails", _GEMINI_INPUT_MODALITIES, usage.input_tokens),
         ("toolUsePromptTokensDetails", _GEMINI_INPUT_MODALITIES, usage.input_tokens),
         ("candidatesTokensDetails", _GEMINI_OUTPUT_MODALITIES, usage.output_tokens),

@@ -189,6 +189,22 @@ CASES = [
         # the cached 4,000 are text here; the other 3,000 text and 3,000 audio at their rates
         (3_000 * 0.30 + 3_000 * 1.00 + 4_000 * 0.03 + 2_000 * 2.50) / M,
     ),
+    # cached audio at its own cache rate ($0.10; cached text $0.03)
+    (
+        "gemini cached audio",
+        "gemini",
+        "google",
+        "gemini-2.5-flash",
+        {"usageMetadata": {"promptTokenCount": 10_000, "cachedContentTokenCount": 6_000,
+                           "candidatesTokenCount": 100,
+                           "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 5_000},
+                                                   {"modality": "AUDIO", "tokenCount": 5_000}],
+                           "cacheTokensDetails": [{"modality": "TEXT", "tokenCount": 2_000},
+                                                  {"modality": "AUDIO", "tokenCount": 4_000}]}},
+        # text: 3,000 fresh at $0.30, 2,000 cached at $0.03; audio: 1,000 fresh at $1, 4,000
+        # cached at $0.10
+        (3_000 * 0.30 + 2_000 * 0.03 + 1_000 * 1.00 + 4_000 * 0.10 + 100 * 2.50) / M,
+    ),
     # gemini-2.5-pro above 200K input: $2.50 in, $15 out
     (
         "gemini long context",
