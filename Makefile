@@ -10,13 +10,14 @@ SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"
 
 .PHONY: run test install system sdk lint typecheck bench demo clean
 
+# genai-prices (the price data) goes in after the project, without its dependencies: its live
+# updater needs httpx2 and h11 >= 0.16, which break mitmproxy 11 (h11 <= 0.14); Candela only
+# reads its offline data (candela_mitm/providers/prices_source.py). Not in pyproject's
+# dependencies for the same reason. tests/core/providers/test_prices_source.py guards this step.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	# genai-prices (the price data) without its dependencies: its live updater needs httpx2 and
-	# h11 >= 0.16, which break mitmproxy 11 (h11 <= 0.14); Candela only reads its offline data
-	# (candela_mitm/providers/prices_source.py). tests/core/test_install.py guards this step.
 	$(PY) -m pip install -q --no-deps 'genai-prices==$(GENAI_PRICES)'
 	touch $@
 
