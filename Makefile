@@ -5,14 +5,20 @@ VENV := .venv
 SDK_VENV := .venv-sdk
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+GENAI_PRICES := 0.2.5
 SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 .PHONY: run test install system sdk lint typecheck bench demo clean
 
-$(STAMP): pyproject.toml
+# genai-prices (the price data) goes in after the project, without its dependencies: its live
+# updater needs httpx2 and h11 >= 0.16, which break mitmproxy 11 (h11 <= 0.14); Candela only
+# reads its offline data (candela_mitm/providers/prices_source.py). Not in pyproject's
+# dependencies for the same reason. tests/core/providers/test_prices_source.py guards this step.
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps 'genai-prices==$(GENAI_PRICES)'
 	touch $@
 
 install: $(STAMP)
@@ -26,6 +32,7 @@ system: $(STAMP)
 # The real provider SDKs live in their own venv: they need an h11 that mitmproxy 11 refuses.
 sdk:
 	bash scripts/sdk-venv.sh $(SDK_VENV)
+	bash scripts/claude-code.sh .claude-code
 
 run: $(STAMP)
 	$(VENV)/bin/candela-server $(if $(CONFIG),--config $(CONFIG))
@@ -45,4 +52,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) $(SDK_VENV) *.egg-info
+	rm -rf $(VENV) $(SDK_VENV) .claude-code *.egg-info

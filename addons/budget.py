@@ -32,7 +32,7 @@ def reservation_call(
     settings = c.settings
     if plan is None or settings is None or plan.upstream.spec.local or not plan.model:
         return None
-    price = rt.pricing.get(plan.model)
+    price = rt.pricing.get(plan.model, plan.upstream.name)
     if price is None:
         return None
     default_max = rt.config.governance.budgets.default_max_output_tokens
@@ -78,7 +78,7 @@ class Budget:
         plan = c.plan
         if plan.upstream.spec.local or not plan.model:
             return  # local models cost nothing and are never blocked by budget
-        price = self.rt.pricing.get(plan.model)
+        price = self.rt.pricing.get(plan.model, plan.upstream.name)
         if price is None:
             if self.rt.config.governance.unknown_model_price == "deny":
                 self.rt.metrics.budget_denied.labels(c.tenant or "", "model_price_unknown").inc()

@@ -92,6 +92,7 @@ class Metrics:
                 child(m.cost, provider, model, tenant).inc(c.cost_usd)
                 if c.usage_source in USAGE_SOURCES:  # the label takes only these values
                     child(m.charged, provider, c.usage_source).inc()
+                m.note_cost(provider, model, c.estimate_usd, c.cost_usd)
                 u = c.usage
                 child(m.tokens, provider, model, tenant, "input").inc(u.input_tokens)
                 child(m.tokens, provider, model, tenant, "output").inc(u.output_tokens)

@@ -162,6 +162,8 @@ class Price(_Model):
     cached_input: float | None = Field(default=None, ge=0)
     max_output_tokens: int | None = Field(default=None, ge=1)
     provider: str | None = None
+    cache_write: float | None = Field(default=None, ge=0)  # 5-minute cache writes, per million
+    cache_write_1h: float | None = Field(default=None, ge=0)  # 1-hour cache writes, per million
 
     @field_validator("provider")
     @classmethod

@@ -86,7 +86,7 @@ def account(ctx: RequestContext, pricing: PricingTable, unknown_price: str = "de
     if not ctx.forwarded or ctx.upstream_unreached or plan is None:
         ctx.cost_usd = 0.0
         return
-    price = pricing.get(plan.model) if plan.model and not plan.upstream.spec.local else None
+    price = pricing.get(plan.model, plan.upstream.name) if plan.model and not plan.upstream.spec.local else None
     res = ctx.reservation
     if price is None or res is None:
         # a local model, a price unknown under `unknown_model_price: zero`, or nothing reserved

@@ -1,53 +1,233 @@
-"""Cost estimates: the most a request can cost, reserved before it is forwarded."""
+"""Cost estimates: the most a request can cost, reserved before it is forwarded.
+
+The reservation is an upper bound of what the provider can bill (issue 18): every output token
+the request allows (times the completions it asks for), every input token it sends or refers
+to, each at the dearest rate it may be billed at. One pass over the decoded body: O(body bytes).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from candela_mitm.providers.pricing import ModelPrice
 
 CHARS_PER_TOKEN = 3  # conservative: real tokenisers average ~4 chars per token for English
 IMAGE_TOKENS = 1600  # an image part, whatever its encoding (a generous upper bound per image)
-_IMAGE_KEYS = ("image_url", "inline_data", "inlineData", "source")
+# Media counted by size. Upper bounds at low bitrates: Gemini bills audio at 32 tokens a second
+# (at 4 kbit/s, 1 token per 16 bytes) and video at ~300 a second (at 20 kbit/s, 1 per 8 bytes);
+# a document page is billed as its text plus an image, and compressed text holds about 3
+# characters per byte: 1 token per byte covers both. Base64 carries 3 bytes per 4 characters.
+BYTES_PER_TOKEN = {"audio": 16, "video": 8, "document": 1}
+# A server-side search tool with no stated max_uses: the searches reserved for it.
+UNBOUNDED_SEARCHES = 10
+# Referenced context of a model whose context window Candela does not know.
+UNKNOWN_CONTEXT_TOKENS = 1_048_576
+
+_MIME_KEYS = ("mimeType", "mime_type", "media_type")
+# context the request points at instead of sending it (Responses, Gemini context caches)
+_REFERENCE_KEYS = ("previous_response_id", "conversation", "cachedContent", "cached_content")
+# files sent by reference (an uploaded file id, a URI): their size is not in the body
+_FILE_REF_KEYS = ("file_id", "fileUri", "file_uri")
+_MAX_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens", "num_predict")
+_SEARCH_TOOLS = ("web_search", "google_search", "googleSearch", "googleSearchRetrieval")
 
 
-def _walk(node: Any) -> tuple[int, int]:
-    """(characters of text, images) in a JSON body; base64 payloads count as images, not text."""
-    chars = images = 0
+@dataclass
+class BodyScan:
+    """What one pass over a request body found."""
+
+    chars: int = 0
+    images: int = 0
+    media_tokens: int = 0  # audio, video and documents, counted by their size
+    references: bool = False  # context referred to, not sent
+    caching: bool = False  # the request marks content for the prompt cache
+    searches: int = 0
+
+    def input_tokens(self) -> int:
+        return math.ceil(self.chars / CHARS_PER_TOKEN) + self.images * IMAGE_TOKENS + self.media_tokens
+
+
+def _kind(mime: str) -> str:
+    mime = mime.lower()
+    if mime.startswith("image/"):
+        return "image"
+    if mime.startswith("audio/") or mime in ("wav", "mp3", "pcm16", "flac", "opus", "aac"):
+        return "audio"
+    if mime.startswith("video/"):
+        return "video"
+    return "document"
+
+
+def _media_tokens(kind: str, encoded_len: int) -> int:
+    return math.ceil(encoded_len * 3 / 4 / BYTES_PER_TOKEN[kind])
+
+
+def _data_url(s: str) -> tuple[str, int] | None:
+    """(kind, encoded length) of a `data:<mime>;base64,...` string."""
+    head, sep, data = s[:256].partition(",")
+    if not sep or not head.startswith("data:"):
+        return None
+    return _kind(head[5:].split(";", 1)[0]), len(s) - len(head) - 1
+
+
+def _search_tool(tool: dict[str, Any]) -> int:
+    kind = str(tool.get("type", ""))
+    if kind.startswith(_SEARCH_TOOLS) or any(k in tool for k in _SEARCH_TOOLS):
+        uses = _number(tool.get("max_uses"))
+        return uses if uses is not None else UNBOUNDED_SEARCHES
+    return 0
+
+
+def scan(node: Any) -> BodyScan:
+    """Characters of text, images, media by size, references and search tools in a JSON body."""
+    out = BodyScan()
     stack = [node]
     while stack:
         n = stack.pop()
         if isinstance(n, str):
-            if n.startswith("data:") or len(n) > 20_000 and " " not in n[:2000]:
-                images += 1
+            media = _data_url(n) if n.startswith("data:") else None
+            if media is not None:
+                kind, size = media
+                if kind == "image":
+                    out.images += 1
+                else:
+                    out.media_tokens += _media_tokens(kind, size)
+            elif len(n) > 20_000 and " " not in n[:2000]:
+                out.media_tokens += _media_tokens("document", len(n))  # binary of unknown type
             else:
-                chars += len(n)
+                out.chars += len(n)
         elif isinstance(n, dict):
-            for k, v in n.items():
-                if k in _IMAGE_KEYS and isinstance(v, dict | str):
-                    images += 1
-                    continue
-                chars += len(k)
-                stack.append(v)
+            _scan_dict(n, out, stack)
         elif isinstance(n, list):
             stack.extend(n)
         elif n is not None:
-            chars += len(json.dumps(n))
-    return chars, images
+            out.chars += len(json.dumps(n))
+    return out
+
+
+def _media(out: BodyScan, kind: str, encoded_len: int) -> None:
+    if kind == "image":
+        out.images += 1
+    else:
+        out.media_tokens += _media_tokens(kind, encoded_len)
+
+
+def _scan_dict(d: dict[str, Any], out: BodyScan, stack: list[Any]) -> None:
+    kind = d.get("type")
+    if kind in ("image", "input_image"):  # Anthropic, Responses: one image, however sent
+        out.images += 1
+        return
+    mime = next((d[k] for k in _MIME_KEYS if isinstance(d.get(k), str)), None)
+    data = d.get("data")
+    if mime is None and isinstance(d.get("format"), str) and isinstance(data, str):
+        mime = "audio/" + d["format"]  # OpenAI input_audio: {"data": ..., "format": "wav"}
+    if mime is not None and isinstance(data, str):
+        _media(out, _kind(mime), len(data))  # Gemini inlineData, Anthropic base64 sources
+        return
+    if mime is not None and any(d.get(k) for k in _FILE_REF_KEYS):
+        if _kind(mime) == "image":
+            out.images += 1
+        else:
+            out.references = True  # Gemini fileData: a file whose size is not in the body
+        return
+    for key in ("image", "document", "video", "audio"):  # Bedrock Converse content blocks
+        block = d.get(key)
+        source = block.get("source") if isinstance(block, dict) else None
+        if isinstance(source, dict):
+            raw = source.get("bytes")
+            if isinstance(raw, str):
+                _media(out, key, len(raw))
+            else:
+                out.references = True  # an S3 location
+            return
+    if kind == "document":
+        source = d.get("source")
+        if isinstance(source, dict) and source.get("type") in ("url", "file"):
+            out.references = True  # a document the provider fetches: its size is unknown
+            return
+    if "cache_control" in d or "cachePoint" in d:
+        out.caching = True
+    out.searches += _search_tool(d)
+    for k, v in d.items():
+        if (k in _REFERENCE_KEYS or k in _FILE_REF_KEYS) and v:
+            out.references = True
+        if k == "image_url":
+            url = v.get("url") if isinstance(v, dict) else v
+            media = _data_url(url) if isinstance(url, str) else None
+            _media(out, media[0] if media else "image", media[1] if media else 0)
+            continue
+        out.chars += len(k)
+        stack.append(v)
+
+
+def _number(v: Any) -> int | None:
+    """A positive count as sent: an int, an integral float, or a numeric string ("65536")."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, str):
+        v = v.strip()
+        if not v.isdigit():
+            return None
+        v = int(v)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return v if isinstance(v, int) and v > 0 else None
+
+
+def _configs(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The places a body keeps its generation settings: top level and nested configs."""
+    found = [body]
+    for key in ("generationConfig", "generation_config", "inferenceConfig", "options", "config"):
+        v = body.get(key)
+        if isinstance(v, dict):
+            found.append(v)
+    return found
+
+
+def stated_max_output(body: dict[str, Any] | None) -> int | None:
+    """The output limit the request states, wherever its wire format puts it."""
+    if not body:
+        return None
+    found = [
+        n
+        for cfg in _configs(body)
+        for key in (*_MAX_KEYS, "maxOutputTokens", "maxTokens")
+        if (n := _number(cfg.get(key))) is not None
+    ]
+    return max(found) if found else None
+
+
+def completions(body: dict[str, Any] | None) -> int:
+    """How many completions the request asks for (`n`, `candidateCount`): each is billed."""
+    if not body:
+        return 1
+    found = [
+        n
+        for cfg in _configs(body)
+        for key in ("n", "candidateCount", "candidate_count")
+        if (n := _number(cfg.get(key))) is not None
+    ]
+    return max(found) if found else 1
 
 
 def estimate_input_tokens(body: dict[str, Any] | None) -> int:
     if not body:
         return 0
-    chars, images = _walk(body)
-    return math.ceil(chars / CHARS_PER_TOKEN) + images * IMAGE_TOKENS
+    return scan(body).input_tokens()
 
 
 def output_tokens_limit(requested: int | None, default: int, price: ModelPrice) -> int:
-    """max_tokens if the request names it, else the configured default; clamped to the model's limit."""
-    n = requested if requested is not None else default
+    """The output a request may produce: what it states, else the model's own limit (else the
+    configured default); never more than the model's limit."""
+    if requested is not None:
+        n = requested
+    elif price.max_output_tokens is not None:
+        n = price.max_output_tokens
+    else:
+        n = default
     if price.max_output_tokens is not None:
         n = min(n, price.max_output_tokens)
     return max(n, 0)
@@ -56,6 +236,25 @@ def output_tokens_limit(requested: int | None, default: int, price: ModelPrice) 
 def estimate_cost(
     body: dict[str, Any] | None, requested_max: int | None, default_max: int, price: ModelPrice
 ) -> float:
+    found = scan(body) if body else BodyScan()
+    input_tokens = found.input_tokens()
+    context = price.context_window
+    if found.references:
+        # the reference can hold up to a whole context window, which Candela cannot see. (No
+        # cap the other way: the library's window can be below what a beta admits, e.g.
+        # claude-sonnet-4-5 lists 200K and prices the tier above it.)
+        window = context if context is not None else UNKNOWN_CONTEXT_TOKENS
+        input_tokens = max(input_tokens, window)
+    stated = requested_max if requested_max is not None else stated_max_output(body)
+    output_tokens = output_tokens_limit(stated, default_max, price) * completions(body)
+    tier = body.get("service_tier") if body else None
+    if body and body.get("speed") == "fast":
+        tier = "fast"  # Claude's fast mode
     return price.max_cost(
-        estimate_input_tokens(body), output_tokens_limit(requested_max, default_max, price)
+        input_tokens,
+        output_tokens,
+        service_tier=tier if isinstance(tier, str) else None,
+        web_searches=found.searches,
+        # Anthropic-style caches (a 1-hour rate) write only what the request marks
+        cache_writes=found.caching or price.cache_write_1h is None,
     )

@@ -1,11 +1,22 @@
-"""Model policy: which models a tenant may use (allowlist or blocklist), per spec 002."""
+"""Model policy: which models a tenant may use (allowlist or blocklist), per spec 002.
+
+An entry names a model (`gpt-4o`) or a family (`gpt-4o*`, `claude-opus-*`, `gemini-*-flash*`,
+fnmatch patterns). Both match the model's canonical ids, so an entry also covers the model's
+snapshots and aliases (`gpt-4o-2024-08-06`, `claude-sonnet-4-0`), its Bedrock ids and ARNs and
+Vertex ids, and fine-tunes of it (`ft:gpt-4o-mini:org::id` is a gpt-4o-mini).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from functools import lru_cache
 
-from candela_mitm.config import Models
-from candela_mitm.providers.models import canonical_model
+from candela_mitm.config import Models, TenantModels
+from candela_mitm.providers.models import base_model, canonical_model
+from candela_mitm.providers.pricing import maker_model_id
+
+_GLOB = frozenset("*?[")
 
 
 @dataclass(frozen=True)
@@ -14,45 +25,80 @@ class PolicyDecision:
     model: str  # as the client named it
     tenant: str | None
     policy_mode: str  # allowlist | blocklist | none
-    scope: str  # "tenant" when a tenant policy replaced the global one, else "global"
+    scope: str  # "tenant" when a tenant's own list decided, else "global"
+
+
+@lru_cache(maxsize=4096)  # model names come from clients: bounded
+def model_ids(model: str) -> frozenset[str]:
+    """The canonical ids a model reference goes by: as named (canonical), the base model of a
+    fine-tune, and the id its maker's price list gives it (which joins snapshots and aliases)."""
+    ids = {canonical_model(model), base_model(model)}
+    maker = maker_model_id(model)
+    if maker is not None:
+        ids.add(maker)
+    return frozenset(ids)
 
 
 @dataclass(frozen=True)
 class _Rule:
     mode: str | None
-    names: frozenset[str]
+    names: frozenset[str]  # the ids of the entries that name one model
+    patterns: tuple[str, ...]  # the entries that name a family
+
+    def matches(self, model: str) -> bool:
+        ids = model_ids(model)
+        if ids & self.names:
+            return True
+        return any(fnmatchcase(i, p) for p in self.patterns for i in ids)
 
 
 def _rule(mode: str | None, allowed: list[str], blocked: list[str]) -> _Rule:
     if mode is None:
         mode = "allowlist" if allowed else ("blocklist" if blocked else None)
-    names = allowed if mode == "allowlist" else blocked
-    return _Rule(mode, frozenset(canonical_model(n) for n in names))
+    entries = allowed if mode == "allowlist" else blocked
+    names: set[str] = set()
+    patterns: list[str] = []
+    for entry in entries:
+        low = entry.strip().lower()
+        if _GLOB & set(low):
+            patterns.append(low)
+        else:
+            names |= model_ids(entry)
+    return _Rule(mode, frozenset(names), tuple(patterns))
+
+
+def _has_list(t: TenantModels) -> bool:
+    # an explicit empty list is a list (`allowed: []` denies everything), an absent one is not
+    return bool({"allowed", "blocked"} & t.model_fields_set)
 
 
 class ModelPolicy:
-    """Global policy, replaced (not merged) by a tenant's own when the tenant has one."""
+    """Global policy, replaced (not merged) by a tenant's own lists when the tenant has some.
+
+    A tenant policy without a list inherits the global list (under its own mode if it names
+    one), not only the global mode.
+    """
 
     def __init__(self, cfg: Models) -> None:
         self._global = _rule(cfg.mode, cfg.allowed, cfg.blocked)
-        self._tenants = {
-            name: _rule(
-                t.models.mode or (None if (t.models.allowed or t.models.blocked) else cfg.mode),
-                t.models.allowed,
-                t.models.blocked,
-            )
-            for name, t in cfg.tenants.items()
-        }
+        self._tenants: dict[str, tuple[_Rule, str]] = {}
+        for name, t in cfg.tenants.items():
+            if _has_list(t.models):
+                self._tenants[name] = (
+                    _rule(t.models.mode, t.models.allowed, t.models.blocked),
+                    "tenant",
+                )
+            elif t.models.mode is not None and t.models.mode != self._global.mode:
+                self._tenants[name] = (_rule(t.models.mode, cfg.allowed, cfg.blocked), "global")
 
     def check(self, model: str, tenant: str | None) -> PolicyDecision:
         rule, scope = self._global, "global"
         if tenant is not None and tenant in self._tenants:
-            rule, scope = self._tenants[tenant], "tenant"
-        name = canonical_model(model)
+            rule, scope = self._tenants[tenant]
         if rule.mode == "allowlist":
-            ok = name in rule.names
+            ok = rule.matches(model)
         elif rule.mode == "blocklist":
-            ok = name not in rule.names
+            ok = not rule.matches(model)
         else:
             ok = True
         return PolicyDecision(ok, model, tenant, rule.mode or "none", scope)

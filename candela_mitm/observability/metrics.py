@@ -47,6 +47,13 @@ class Metrics:
             ["provider", "source"],
             registry=r,
         )
+        self.estimate_exceeded = Counter(
+            "candela_estimate_exceeded_total",
+            "Requests whose actual cost was above the reservation made for them (a bug in the "
+            "estimate: it is meant to be an upper bound)",
+            ["provider", "model"],
+            registry=r,
+        )
         self.tokens = Counter(
             "candela_tokens_total",
             "Tokens by direction (input, output, cached)",
@@ -109,6 +116,11 @@ class Metrics:
         self.store_on_loop = self.store_calls.labels("event_loop")
         self.store_on_pool = self.store_calls.labels("pool")
         self._refreshers: list[Callable[[], None]] = []
+
+    def note_cost(self, provider: str, model: str, estimate_usd: float, cost_usd: float) -> None:
+        """Count a request that cost more than it reserved (no reservation: nothing to compare)."""
+        if estimate_usd > 0 and cost_usd > estimate_usd * (1 + 1e-9):
+            self.estimate_exceeded.labels(provider, model).inc()
 
     def on_scrape(self, fn: Callable[[], None]) -> None:
         """Gauges read from elsewhere (audit backlog, mirror lag) are refreshed at each scrape

@@ -9,7 +9,7 @@ import re
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from candela_mitm.providers.eventstream import EventMessage, EventStreamDecoder, EventStreamError
 from candela_mitm.providers.sse import SseParser
@@ -22,6 +22,22 @@ class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0
+    # What pricing needs beyond the three counts (issue 18): each a subset of input_tokens or
+    # output_tokens as named, 0 when the provider does not report it. Cache writes count every
+    # TTL, the 1-hour ones apart (Anthropic, Bedrock, Vertex); image input includes documents
+    # (Gemini bills them as images); web searches are billed per call, not per token.
+    # Left out of ==: two usages are equal when their token counts are.
+    cache_write_tokens: int = field(default=0, compare=False)
+    cache_write_1h_tokens: int = field(default=0, compare=False)
+    reasoning_tokens: int = field(default=0, compare=False)
+    input_audio_tokens: int = field(default=0, compare=False)
+    cached_audio_tokens: int = field(default=0, compare=False)  # of cached_tokens
+    input_image_tokens: int = field(default=0, compare=False)
+    input_video_tokens: int = field(default=0, compare=False)
+    output_audio_tokens: int = field(default=0, compare=False)
+    output_image_tokens: int = field(default=0, compare=False)
+    web_search_requests: int = field(default=0, compare=False)
+    service_tier: str | None = field(default=None, compare=False)  # as served: priority, flex
 
     @property
     def total_tokens(self) -> int:
@@ -81,7 +97,26 @@ def usage_from_openai(obj: object) -> Usage | None:
         # count it in total_tokens; OpenAI's own total is exactly prompt + completion
         out = max(out, total - inp)
     cached = _n(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    return _usage(inp, out, cached)
+    usage = _usage(inp, out, cached)
+    _openai_details(usage, obj, details, u.get(out_key.replace("_tokens", "_tokens_details")))
+    return usage
+
+
+def _openai_details(usage: Usage, obj: dict, details: object, out_details: object) -> None:
+    """Cache writes, audio, reasoning, server-side searches and the tier served, as billed."""
+    if isinstance(details, dict):
+        usage.cache_write_tokens = min(_n(details.get("cache_write_tokens")), usage.input_tokens)
+        usage.input_audio_tokens = min(_n(details.get("audio_tokens")), usage.input_tokens)
+    if isinstance(out_details, dict):
+        usage.reasoning_tokens = min(_n(out_details.get("reasoning_tokens")), usage.output_tokens)
+        usage.output_audio_tokens = min(_n(out_details.get("audio_tokens")), usage.output_tokens)
+    output = obj.get("output")  # a Responses object: each web search is an output item
+    if isinstance(output, list):
+        usage.web_search_requests = sum(
+            1 for item in output if isinstance(item, dict) and item.get("type") == "web_search_call"
+        )
+    tier = obj.get("service_tier")
+    usage.service_tier = tier if isinstance(tier, str) and tier else None
 
 
 _ANTHROPIC_KEYS = (
@@ -130,10 +165,32 @@ def _anthropic_parts(obj: dict[str, object]) -> Parts:
     msg = obj.get("message")
     if isinstance(msg, dict) and isinstance(msg.get("usage"), dict):
         parts.update(_pick(msg["usage"], {k: k for k in _ANTHROPIC_KEYS}))
+        parts.update(_billing_parts(msg["usage"]))
     u = obj.get("usage")
     if isinstance(u, dict):
         parts.update(_pick(u, {k: k for k in _ANTHROPIC_KEYS}))
         parts.update(_pick(u, _CONVERSE_KEYS))
+        parts.update(_billing_parts(u))
+    return parts
+
+
+def _billing_parts(u: Mapping[str, object]) -> Parts:
+    """1-hour cache writes and server-side web searches, nested in a Messages or Converse usage."""
+    parts: Parts = {}
+    creation = u.get("cache_creation")
+    if isinstance(creation, dict):
+        parts.update(_pick(creation, {"ephemeral_1h_input_tokens": "cache_write_1h_tokens"}))
+    details = u.get("cacheDetails")  # Converse: [{"ttl": "1h", "inputTokens": n}, ...]
+    if isinstance(details, list):
+        parts["cache_write_1h_tokens"] = sum(
+            _n(d.get("inputTokens")) for d in details if isinstance(d, dict) and d.get("ttl") == "1h"
+        )
+    tools = u.get("server_tool_use")
+    if isinstance(tools, dict):
+        parts.update(_pick(tools, {"web_search_requests": "web_search_requests"}))
+    speed = u.get("speed")  # "fast": Claude's fast mode, billed at its own rates
+    if isinstance(speed, str):
+        parts["speed_fast"] = int(speed == "fast")
     return parts
 
 
@@ -141,7 +198,12 @@ def _parts_usage(p: Parts) -> Usage:
     read = p.get("cache_read_input_tokens", 0)
     written = p.get("cache_creation_input_tokens", 0)
     # Anthropic and Bedrock count cache reads and writes apart from input_tokens
-    return _usage(p.get("input_tokens", 0) + read + written, p.get("output_tokens", 0), read)
+    usage = _usage(p.get("input_tokens", 0) + read + written, p.get("output_tokens", 0), read)
+    usage.cache_write_tokens = written
+    usage.cache_write_1h_tokens = min(p.get("cache_write_1h_tokens", 0), written)
+    usage.web_search_requests = p.get("web_search_requests", 0)
+    usage.service_tier = "fast" if p.get("speed_fast") else None
+    return usage
 
 
 def usage_from_anthropic(obj: object) -> Usage | None:
@@ -177,7 +239,41 @@ def usage_from_gemini(obj: object) -> Usage | None:
     out = (candidates or 0) + (thoughts or 0)
     if total is not None:
         out = max(out, total - inp)
-    return _usage(inp, out, cached or 0)
+    usage = _usage(inp, out, cached or 0)
+    _gemini_details(usage, obj, m, thoughts or 0)
+    return usage
+
+
+_GEMINI_INPUT_MODALITIES = {
+    "AUDIO": "input_audio_tokens",
+    "IMAGE": "input_image_tokens",
+    "DOCUMENT": "input_image_tokens",
+    "VIDEO": "input_video_tokens",
+}
+_GEMINI_OUTPUT_MODALITIES = {"AUDIO": "output_audio_tokens", "IMAGE": "output_image_tokens"}
+
+
+def _gemini_details(usage: Usage, obj: dict, m: dict, thoughts: int) -> None:
+    """Thinking, tokens by modality (prompt and tool-use prompt, candidates) and grounding searches."""
+    usage.reasoning_tokens = min(thoughts, usage.output_tokens)
+    for key, fields, total in (
+        ("cacheTokensDetails", {"AUDIO": "cached_audio_tokens"}, usage.cached_tokens),
+        ("promptTokensDetails", _GEMINI_INPUT_MODALITIES, usage.input_tokens),
+        ("toolUsePromptTokensDetails", _GEMINI_INPUT_MODALITIES, usage.input_tokens),
+        ("candidatesTokensDetails", _GEMINI_OUTPUT_MODALITIES, usage.output_tokens),
+    ):
+        details = m.get(key)
+        for d in details if isinstance(details, list) else ():
+            attr = fields.get(d.get("modality", "")) if isinstance(d, dict) else None
+            if attr is not None:
+                setattr(usage, attr, min(getattr(usage, attr) + _n(d.get("tokenCount")), total))
+    # Google Search grounding is billed per search query the model ran
+    candidates = obj.get("candidates")
+    for c in candidates if isinstance(candidates, list) else ():
+        grounding = c.get("groundingMetadata") if isinstance(c, dict) else None
+        queries = grounding.get("webSearchQueries") if isinstance(grounding, dict) else None
+        if isinstance(queries, list):
+            usage.web_search_requests += len(queries)
 
 
 def usage_from_ollama(obj: object) -> Usage | None:
@@ -592,7 +688,7 @@ class UsageMeter(ABC):
     @property
     def usage(self) -> Usage:
         u = self._reader.usage() or self._fallback
-        return Usage(u.input_tokens, u.output_tokens, u.cached_tokens) if u else Usage()
+        return replace(u) if u else Usage()
 
     def feed(self, data: bytes) -> None:
         if not data or self._finished or self.fault is not None:

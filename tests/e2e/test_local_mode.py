@@ -106,7 +106,7 @@ def test_models_merges_local_runtimes_with_priced_cloud_models(local):
         got = {m["id"]: m["provider"] for m in data}
         assert {k: got.get(k) for k in LOCAL_MODELS} == LOCAL_MODELS
         assert got["gpt-4o-mini"] == "openai" and got["gemini-2.5-flash"] == "gemini-oai"
-        assert got["claude-sonnet-4-20250514"] == "anthropic"  # Vertex is configured
+        assert got["claude-sonnet-4-0"] == "anthropic"  # Vertex is configured
         priced = {p.model for p in PricingTable.from_config(parse_config({})).models()}
         assert priced <= set(got) and set(got) == priced | set(LOCAL_MODELS)
         assert all(m["object"] == "model" and m["owned_by"] == m["provider"] for m in data)
@@ -423,7 +423,7 @@ def test_openai_sdk_lists_and_chats_local_and_cloud(local, upstream, ollama):
     """)
     models = out[0]["models"]
     assert {k: models.get(k) for k in LOCAL_MODELS} == LOCAL_MODELS
-    assert models["gpt-4o-mini"] == "openai" and models["claude-sonnet-4-20250514"] == "anthropic"
+    assert models["gpt-4o-mini"] == "openai" and models["claude-sonnet-4-0"] == "anthropic"
     for row in out[1:]:
         assert row["text"] == row["stream"] == "Hello from the fake upstream.", row
         assert row["usage"] == 19

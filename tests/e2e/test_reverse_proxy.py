@@ -53,8 +53,9 @@ def test_healthz_and_models(candela):
     assert r.status_code == 200 and r.json() == {"status": "ok"}
     r = requests.get(f"{candela.url}/v1/models", headers=AUTH, timeout=5)
     ids = {m["id"] for m in r.json()["data"]}
+    # the ids genai-prices gives each model (issue 18): claude-sonnet-4-0 covers its snapshots
     assert {"gpt-4o", "gpt-4o-mini", "o1-pro", "gemini-2.5-pro", "gemini-2.5-flash",
-            "gemini-3.5-pro", "gemini-3.5-flash", "claude-sonnet-4-20250514"} <= ids
+            "gemini-3.5-flash", "claude-sonnet-4-0", "claude-opus-4-8"} <= ids
 
 
 def test_serves_under_python_dash_o(candela, upstream, token_server, tmp_path):

@@ -59,3 +59,82 @@ def test_global_blocklist():
 def test_empty_allowlist_denies_all():
     p = policy({"governance": {"models": {"mode": "allowlist", "allowed": []}}})
     assert not p.check("gpt-4o-mini", None).allowed
+
+
+FAMILIES = {
+    "governance": {
+        "models": {
+            "mode": "blocklist",
+            "blocked": ["gpt-4o", "claude-opus-*", "gemini-*-flash*", "o1-pro"],
+            "allowed": ["claude-opus-4-8"],  # not used globally (blocklist); mode-only uses it
+            "tenants": {
+                "inherits": {"models": {}},
+                "own-allowlist": {"models": {"allowed": ["gpt-4o-mini*", "claude-sonnet-4-0"]}},
+                "mode-only": {"models": {"mode": "allowlist"}},
+                "nothing": {"models": {"mode": "allowlist", "allowed": []}},
+            },
+        }
+    }
+}
+
+
+@pytest.mark.parametrize(
+    "model, tenant, allowed, scope",
+    [
+        # an exact entry covers the model's snapshots and aliases, not its siblings
+        ("gpt-4o", None, False, "global"),
+        ("gpt-4o-2024-08-06", None, False, "global"),
+        ("GPT-4o-2024-11-20", None, False, "global"),
+        ("gpt-4o-mini", None, True, "global"),
+        ("gpt-4o-2024-05-13", None, True, "global"),  # a model of its own, priced apart
+        # a family pattern covers every member, however it is spelled on the route
+        ("claude-opus-4-8", None, False, "global"),
+        ("claude-opus-4-20250514", None, False, "global"),
+        ("us.anthropic.claude-opus-4-8-v1:0", None, False, "global"),
+        ("arn:aws:bedrock:us-east-1:123456789012:inference-profile/"
+         "global.anthropic.claude-opus-4-8-v1:0", None, False, "global"),
+        ("claude-opus-4-1@20250805", None, False, "global"),
+        ("publishers/anthropic/models/claude-opus-4-5", None, False, "global"),
+        ("claude-sonnet-4-5", None, True, "global"),
+        ("gemini-2.5-flash", None, False, "global"),
+        ("models/gemini-2.5-flash-lite", None, False, "global"),
+        ("gemini-2.5-pro", None, True, "global"),
+        # fine-tunes are their base model
+        ("ft:gpt-4o:acme:custom:abc123", None, False, "global"),
+        ("ft:gpt-4o-mini:acme::abc123", None, True, "global"),
+        # a tenant without a list inherits the global list
+        ("gpt-4o-2024-08-06", "inherits", False, "global"),
+        ("gpt-4o-mini", "inherits", True, "global"),
+        # a tenant's own list replaces it: a pattern and an alias
+        ("gpt-4o-mini-2024-07-18", "own-allowlist", True, "tenant"),
+        ("ft:gpt-4o-mini:acme::abc123", "own-allowlist", True, "tenant"),
+        ("claude-sonnet-4-20250514", "own-allowlist", True, "tenant"),
+        ("anthropic.claude-sonnet-4-20250514-v1:0", "own-allowlist", True, "tenant"),
+        ("gpt-4o", "own-allowlist", False, "tenant"),
+        # a mode without a list: the global list of that mode
+        ("claude-opus-4-8", "mode-only", True, "global"),
+        ("claude-sonnet-4-5", "mode-only", False, "global"),
+        # an explicit empty allowlist is a list: nothing allowed
+        ("gpt-4o-mini", "nothing", False, "tenant"),
+    ],
+)
+def test_families_and_inheritance(model, tenant, allowed, scope):
+    d = policy(FAMILIES).check(model, tenant)
+    assert (d.allowed, d.scope) == (allowed, scope), d
+    assert d.model == model and d.tenant == tenant
+
+
+def test_denial_body_is_unchanged_for_a_family_match():
+    from candela_mitm import errors
+
+    d = policy(FAMILIES).check("us.anthropic.claude-opus-4-8-v1:0", "inherits")
+    denial = errors.model_not_allowed(d.model, d.tenant, d.policy_mode)
+    assert denial.status == 403
+    assert denial.payload() == {
+        "error": "model_not_allowed",
+        "message": "Model 'us.anthropic.claude-opus-4-8-v1:0' is blocked by the model policy "
+        "for tenant 'inherits'",
+        "model": "us.anthropic.claude-opus-4-8-v1:0",
+        "tenant_id": "inherits",
+        "policy": "blocklist",
+    }

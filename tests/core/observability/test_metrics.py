@@ -148,3 +148,22 @@ def test_exposition_never_refreshes_and_refresh_runs_every_refresher():
     assert calls == ["a", "b"]
     m.render()
     assert calls == ["a", "b", "a", "b"]
+
+
+@pytest.mark.parametrize(
+    "estimate, cost, counted",
+    [
+        (0.10, 0.05, 0),  # under the reservation
+        (0.10, 0.10, 0),  # exactly at it
+        (0.10, 0.1000000000001, 0),  # float noise is not an overrun
+        (0.10, 0.11, 1),
+        (0.0, 0.11, 0),  # nothing reserved (a local model, unknown_model_price: zero)
+    ],
+)
+def test_estimate_exceeded_counts_a_cost_above_its_reservation(estimate, cost, counted):
+    m = Metrics()
+    m.note_cost("openai", "gpt-4o", estimate, cost)
+    value = m.registry.get_sample_value(
+        "candela_estimate_exceeded_total", {"provider": "openai", "model": "gpt-4o"}
+    )
+    assert (value or 0) == counted
