@@ -238,7 +238,15 @@ RESPONSES = {
 
 
 def _query(name: str, schema: dict[str, Any], text: str) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
+    # An empty value is the same as leaving the parameter out (`?user=&tenant=` as admin-api.md
+    # writes it), and the document says so: the code accepts exactly these.
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": {"anyOf": [schema, {"type": "string", "maxLength": 0}]},
+        "description": text + " (empty: as if absent)",
+    }
 
 
 _USER_PARAM = {
