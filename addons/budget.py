@@ -34,6 +34,8 @@ def reservation_call(
     settings = c.settings
     if plan is None or settings is None or plan.upstream.spec.local or not plan.model:
         return None
+    if not plan.metered:  # a free or operator-allowed read: nothing to reserve
+        return None
     price = rt.pricing.get(plan.model)
     if price is None:
         return None
@@ -71,8 +73,8 @@ class Budget:
                 deny(flow, reserved.denial())
             return
         plan = c.plan
-        if plan.upstream.spec.local or not plan.model:
-            return  # local models cost nothing and are never blocked by budget
+        if plan.upstream.spec.local or not plan.model or not plan.metered:
+            return  # local models and free reads cost nothing and are never blocked by budget
         price = self.rt.pricing.get(plan.model)
         if price is None:
             if self.rt.config.governance.unknown_model_price == "deny":
@@ -98,12 +100,16 @@ class Budget:
 
     async def _close(self, c: RequestContext) -> None:
         """Settle on the real usage (what passed, if the request failed midway) or release."""
-        res, c.reservation = c.reservation, None
-        if res is None:
+        if c.reservation is None:
             return
+        # with the reservation still on the context: a plan charged at its reservation needs it
         account(c, self.rt.pricing, self.rt.config.governance.unknown_model_price)
+        res, c.reservation = c.reservation, None
         try:
-            if c.forwarded and (c.usage.input_tokens or c.usage.output_tokens):
+            # a queued job or an answer without usage (plan.charge_reservation) is charged at
+            # least its reservation by account(): settled, never released
+            charged = c.usage.input_tokens or c.usage.output_tokens or c.cost_usd > 0
+            if c.forwarded and charged:
                 plan = c.plan
                 assert plan is not None
                 await self.rt.store_call(

@@ -16,7 +16,7 @@ from candela_mitm import errors
 from candela_mitm.context import RequestContext
 from candela_mitm.errors import Denial, StoreUnavailable
 from candela_mitm.local.runtimes import Discovery, LocalSettings, RuntimeActionError, hourly_spend
-from candela_mitm.providers.forwarding import plan_provider_request
+from candela_mitm.providers.forwarding import plan_local_pull
 from candela_mitm.runtime import Runtime
 
 from .flowstate import answer_json, answered, ctx_of, deny, fail_closed
@@ -173,11 +173,7 @@ class LocalUi:
             deny(flow, errors.model_not_allowed(decision.model, c.tenant, decision.policy_mode))
             return
         c.body = {"model": model, "stream": True}
-        plan = plan_provider_request(self.rt.upstreams["ollama"], "POST", "/api/pull", c.body)
-        if isinstance(plan, Denial):
-            deny(flow, plan)
-            return
-        c.plan = plan  # the Upstream addon sends it on
+        c.plan = plan_local_pull(self.rt.upstreams["ollama"], c.body)  # the Upstream addon sends it on
         self.rt.audit.record("local_pull", actor=c.user, model=model, runtime="ollama")
 
     async def start(self, flow: http.HTTPFlow, c: RequestContext) -> None:

@@ -24,3 +24,8 @@ def account(ctx: RequestContext, pricing: PricingTable, unknown_price: str = "de
     # a multiplier fixed when the request was planned (local mode's Gemini context-cache price)
     multiplier = plan.notes.get("cached_multiplier")
     ctx.cost_usd = price.cost(ctx.usage, cached_multiplier=multiplier) if price is not None else 0.0
+    answered_ok = ctx.status_code is None or ctx.status_code < 400  # an error answer ran nothing
+    if plan.charge_reservation and ctx.forwarded and answered_ok and ctx.reservation is not None:
+        # a queued job or an answer with no usage on the wire: what was reserved is what it costs
+        # (at least), never $0
+        ctx.cost_usd = max(ctx.cost_usd, float(ctx.reservation.amount_usd))
