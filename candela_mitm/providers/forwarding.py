@@ -154,11 +154,10 @@ def _model(found: Found, body: dict[str, Any] | None) -> str | None | Denial:
 
 
 def _outside_configured_place(up: Upstream, params: dict[str, str]) -> str | None:
-    """A Vertex path naming another project or location than the route's configured ones."""
+    """A Vertex path naming another project than the route's configured one: the service
+    account would act (and bill) in a project Candela does not govern."""
     if up.project and "project" in params and params["project"] != up.project:
         return f"project '{params['project']}' is not the route's project"
-    if up.region and "location" in params and params["location"] != up.region:
-        return f"location '{params['location']}' is not the route's region"
     return None
 
 

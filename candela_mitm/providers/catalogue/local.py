@@ -11,7 +11,8 @@ OLLAMA: tuple[Operation, ...] = (
     metered("POST", "/api/generate", "generate",
             model="body", reader="ollama", stream="body_flag_default_on"),
     metered("POST", "/api/embed", "embed", model="body", reader="ollama", estimate="prompt"),
-    metered("POST", "/api/embeddings", "embeddings", model="body", reader="ollama", estimate="prompt"),
+    # the legacy embeddings answer has no counts
+    metered("POST", "/api/embeddings", "embeddings", model="body", reader=None, estimate="prompt"),
     free("POST", "/api/show", "show", model="body"),
     free("GET", "/api/tags", "tags"),
     free("GET", "/api/ps", "ps"),
