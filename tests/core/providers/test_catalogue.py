@@ -538,3 +538,20 @@ def test_google_routes_forward_without_shape_parameters():
     # not Google: the query is the provider's own
     o = plan("openai", "GET", "/v1/models?fields=x", None)
     assert isinstance(o, ForwardPlan) and o.path == "/v1/models?fields=x"
+
+
+def test_the_readme_lists_every_row():
+    """The README's catalogue is the tables' own text: a row added here is documented there."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    missing = [
+        (route, op.key)
+        for route, ops in CATALOGUE.items()
+        for op in ops
+        # the README shows Gemini's /v1beta rows and Vertex's /v1 rows, naming the other version
+        if not (route == "anthropic-vertex" and op.template.startswith("/v1beta1/"))
+        if not (route == "google" and op.template.startswith("/v1/"))
+        if f"| `{op.key}` | {op.name} |" not in readme
+    ]
+    assert missing == []
