@@ -21,11 +21,15 @@ BASE = {
 
 
 @pytest.fixture
-def runtime(monkeypatch):
+def runtime(monkeypatch, tmp_path):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream")
 
     def make(cfg=None, command="server"):
-        return build_runtime(parse_config(cfg or BASE), command)
+        cfg = dict(cfg or BASE)
+        # the test's own stores, never the user's ~/.candela (another Candela may have migrated it)
+        cfg.setdefault("state", {"sqlite_path": str(tmp_path / "state.db")})
+        cfg.setdefault("audit", {"sqlite_path": str(tmp_path / "audit.db")})
+        return build_runtime(parse_config(cfg), command)
 
     return make
 
