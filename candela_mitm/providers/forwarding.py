@@ -76,6 +76,12 @@ def _max_tokens(body: dict[str, Any], wire: str | None) -> int | None:
             v = gc.get("maxOutputTokens") or gc.get("max_output_tokens")
             if isinstance(v, int) and v > 0:
                 return v
+    if wire == "bedrock":  # Converse
+        ic = body.get("inferenceConfig") or {}
+        if isinstance(ic, dict):
+            v = ic.get("maxTokens")
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
     if wire == "ollama":
         opts = body.get("options") or {}
         if isinstance(opts, dict):
@@ -209,9 +215,9 @@ def plan_provider_request(
         return errors.bad_request(f"'model' is required to reserve the cost of {op.key}")
     if op.translate == "openai-anthropic":
         return plan_openai_to_anthropic(up, b, op)
-    if spec.auth == "google_adc":
-        query = "?" + strip_google_system_params(query[1:]) if query else ""
-        query = "" if query == "?" else query
+    if spec.auth == "google_adc" and query:
+        kept = strip_google_system_params(query[1:])
+        query = "?" + kept if kept else ""
     stream = _streams(op, b)
     wire = op.reader if op.billing in ("metered", "async") else None
     max_out: int | None = None

@@ -94,6 +94,7 @@ ROWS: list[tuple[str, str, str, Any, str, str | None, str | None, bool, str, int
     ("anthropic-bedrock", "POST", "/model/anthropic.claude-sonnet-4-20250514-v1%3A0/invoke", {"max_tokens": 20, **CHAT}, "InvokeModel", "anthropic.claude-sonnet-4-20250514-v1:0", "bedrock", False, "metered", 20),
     ("anthropic-bedrock", "POST", "/model/anthropic.claude-sonnet-4-20250514-v1%3A0/invoke-with-response-stream", {"max_tokens": 20, **CHAT}, "InvokeModelWithResponseStream", "anthropic.claude-sonnet-4-20250514-v1:0", "bedrock", True, "metered", 20),
     ("anthropic-bedrock", "POST", "/model/us.anthropic.claude-sonnet-4-20250514-v1:0/converse", {"messages": []}, "Converse", "us.anthropic.claude-sonnet-4-20250514-v1:0", "bedrock", False, "metered", None),
+    ("anthropic-bedrock", "POST", "/model/us.anthropic.claude-sonnet-4-20250514-v1:0/converse", {"messages": [], "inferenceConfig": {"maxTokens": 77}}, "Converse", "us.anthropic.claude-sonnet-4-20250514-v1:0", "bedrock", False, "metered", 77),
     ("anthropic-bedrock", "POST", "/model/us.anthropic.claude-sonnet-4-20250514-v1:0/converse-stream", {"messages": []}, "ConverseStream", "us.anthropic.claude-sonnet-4-20250514-v1:0", "bedrock", True, "metered", None),
     ("anthropic-bedrock", "POST", "/model/anthropic.claude-sonnet-4-20250514-v1%3A0/count-tokens", {"input": {}}, "CountTokens", "anthropic.claude-sonnet-4-20250514-v1:0", None, False, "free", None),
     ("ollama", "POST", "/api/chat", {"model": "llama3.2:3b", **CHAT}, "chat", "llama3.2:3b", "ollama", True, "metered", None),
