@@ -10,7 +10,7 @@ from mitmproxy import ctx as mctx
 from mitmproxy import http
 
 from candela_mitm import errors
-from candela_mitm.providers.target import GOOGLE_STRIPPED_HEADERS
+from candela_mitm.providers.target import STRIPPED_HEADERS
 from candela_mitm.providers.upstream_auth import CredentialsUnavailable, header_names_to_strip
 from candela_mitm.runtime import Runtime
 
@@ -32,10 +32,10 @@ class Upstream:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         # lower-case header names as mitmproxy keeps them (bytes)
-        # Google's answer-shaping field mask and billing-project override never go upstream
-        google = frozenset(n.encode() for n in GOOGLE_STRIPPED_HEADERS)
-        self.strip = frozenset(n.encode() for n in header_names_to_strip()) | google
-        self.strip_kept_key: frozenset[bytes] = google
+        # what would make the upstream answer another operation or shape (providers/target.py)
+        reshaping = frozenset(n.encode() for n in STRIPPED_HEADERS)
+        self.strip = frozenset(n.encode() for n in header_names_to_strip()) | reshaping
+        self.strip_kept_key: frozenset[bytes] = reshaping
         # set by Candela on every forwarded request (the body's: only when it sends its own)
         self.replace = frozenset({b"host", b"traceparent", b"accept-encoding"})
         self.replace_with_body = self.replace | {b"content-encoding", b"content-type", b"content-length"}

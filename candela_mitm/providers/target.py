@@ -33,7 +33,16 @@ def target_problem(target: str) -> str | None:
 # out of it): https://cloud.google.com/apis/docs/system-parameters
 _GOOGLE_SHAPE_PARAMS = frozenset({"fields", "$fields", "prettyprint", "$prettyprint"})
 _GOOGLE_ALT_KEPT = frozenset({"sse", "json"})
-GOOGLE_STRIPPED_HEADERS = ("x-goog-fieldmask", "x-goog-user-project")
+# Headers that would make the upstream answer another operation or shape than the one Candela
+# planned: Google's field mask and billing-project override, and the method overrides Google's
+# front end honours on POST (a planned POST must stay that POST).
+STRIPPED_HEADERS = (
+    "x-goog-fieldmask",
+    "x-goog-user-project",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+)
 
 
 def strip_google_system_params(query: str) -> str:

@@ -107,3 +107,21 @@ def test_anthropic_version_is_set_once(tctx, runtime, monkeypatch):
     forward(rt, f)
     assert f.request.headers.get_all("anthropic-version") == ["2023-06-01"]
     assert f.request.headers.get_all("x-api-key") == ["sk-ant"]
+
+
+@pytest.mark.parametrize("intercepted", [False, True])
+def test_headers_that_change_the_operation_or_its_shape_never_go_upstream(tctx, runtime, intercepted):
+    rt = runtime({**BASE, "interception": {"replace_provider_keys": False}})
+    headers = {
+        "authorization": "Bearer cdl_alice_example_key",
+        "X-Goog-FieldMask": "candidates",
+        "x-goog-user-project": "someone-else",
+        "X-HTTP-Method-Override": "DELETE",
+        "x-http-method": "GET",
+        "x-method-override": "PUT",
+        "x-keep-me": "1",
+    }
+    f = forward(rt, planned(rt, "/proxy/openai/v1/chat/completions", {"model": "gpt-4o-mini"}, headers, intercepted))
+    names = {k.lower() for k in f.request.headers}
+    assert names.isdisjoint({"x-goog-fieldmask", "x-goog-user-project", "x-http-method-override", "x-http-method", "x-method-override"})
+    assert f.request.headers["x-keep-me"] == "1" and f.request.method == "POST"
