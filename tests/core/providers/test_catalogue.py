@@ -14,7 +14,6 @@ from candela_mitm.providers.catalogue import CATALOGUE, find, parse_allowed
 from candela_mitm.providers.forwarding import ForwardPlan, plan_provider_request
 from candela_mitm.providers.specs import resolve_all
 from candela_mitm.providers.streaming import Unmetered, make_processor
-from candela_mitm.providers.target import strip_google_system_params, target_problem
 from candela_mitm.providers.usage import Usage
 from tests.fakes import upstream as fake_upstream
 
@@ -474,55 +473,6 @@ def test_matcher(route, method, path, name, model):
         assert f is None or f.operation.billing == "refused"
     else:
         assert f is not None and f.operation.name == name and f.model == model
-
-
-# ---------------------------------------------------------------------------------------------
-# Request targets and Google's system parameters
-
-
-@pytest.mark.parametrize(
-    "target, refused",
-    [
-        ("/proxy/openai/v1/chat/completions", False),
-        ("/proxy/google/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", False),
-        ("/proxy/anthropic-bedrock/model/anthropic.claude-v2%3A1/invoke", False),
-        ("/proxy/openai/v1/chat/completions#/v1/files", True),
-        ("/proxy/openai/v1/x/../files", True),
-        ("/proxy/openai/v1/./files", True),
-        ("/proxy/openai/v1/x/%2e%2e/files", True),
-        ("/proxy/openai/v1/x/%2E./files", True),
-        ("/proxy/openai/v1/x/.%2e/files", True),
-        ("/proxy/openai/v1/chat%2fcompletions", True),
-        ("/proxy/openai/v1/chat%2Fcompletions", True),
-        ("/proxy/openai/v1/chat%5ccompletions", True),
-        ("/proxy/openai/v1/chat\\completions", True),
-        ("/proxy/openai/v1/chat/completions\x00", True),
-        ("/proxy/openai/v1/chat/completions%0d%0aX: y", True),
-        ("/proxy/openai/v1/models?x=%7f", True),
-        ("/proxy/openai/v1/models..x", False),  # dots inside a segment are a name, not a segment
-    ],
-)
-def test_target_problem(target, refused):
-    assert (target_problem(target) is not None) is refused
-
-
-@pytest.mark.parametrize(
-    "query, kept",
-    [
-        ("", ""),
-        ("alt=sse", "alt=sse"),
-        ("alt=json&key=k", "alt=json&key=k"),
-        ("alt=proto", ""),
-        ("alt=media&x=1", "x=1"),
-        ("fields=candidates&alt=sse", "alt=sse"),
-        ("%24fields=candidates", ""),
-        ("$fields=candidates", ""),
-        ("prettyPrint=false&alt=sse", "alt=sse"),
-        ("pageSize=10&pageToken=abc", "pageSize=10&pageToken=abc"),
-    ],
-)
-def test_google_system_parameters_that_reshape_the_answer_are_stripped(query, kept):
-    assert strip_google_system_params(query) == kept
 
 
 def test_google_routes_forward_without_shape_parameters():
