@@ -68,19 +68,38 @@ def metered(
     why: str = "",
 ) -> Operation:
     return Operation(
-        method, template, name, model, estimate, reader, stream, "metered", async_flag, translate, why
+        method,
+        template,
+        name,
+        model=model,
+        estimate=estimate,
+        reader=reader,
+        stream=stream,
+        billing="metered",
+        async_flag=async_flag,
+        translate=translate,
+        why=why,
     )
 
 
-def free(method: str, template: str, name: str, *, model: ModelSource = "none", why: str = "") -> Operation:
-    return Operation(method, template, name, model, billing="free", why=why)
+def free(
+    method: str, template: str, name: str, *, model: ModelSource = "none", why: str = ""
+) -> Operation:
+    return Operation(method, template, name, model=model, billing="free", why=why)
 
 
 def async_job(
     method: str, template: str, name: str, *, model: ModelSource, reader: Reader | None, why: str
 ) -> Operation:
     return Operation(
-        method, template, name, model, "prompt_and_output", reader, "never", "async", why=why
+        method,
+        template,
+        name,
+        model=model,
+        estimate="prompt_and_output",
+        reader=reader,
+        billing="async",
+        why=why,
     )
 
 
@@ -124,12 +143,28 @@ def parse_allowed(entry: str) -> Operation:
     template = template.strip()
     method = method.upper()
     if not sep or method not in ALLOWED_METHODS:
-        raise ValueError(f"{entry!r}: expected 'GET /path' or 'HEAD /path' (only reads are allowed)")
-    if not template.startswith("/") or any(c in template for c in "?#%\\ ") or "/../" in template + "/" or "/./" in template + "/":
-        raise ValueError(f"{entry!r}: the path must start with '/' and hold no query, fragment, escapes or dot segments")
+        raise ValueError(
+            f"{entry!r}: expected 'GET /path' or 'HEAD /path' (only reads are allowed)"
+        )
+    segments = template.split("/")
+    if (
+        not template.startswith("/")
+        or any(c in template for c in "?#%\\ ")
+        or "." in segments
+        or ".." in segments
+    ):
+        raise ValueError(
+            f"{entry!r}: the path must start with '/' and hold no query, fragment, escape, "
+            f"space or dot segment"
+        )
     try:
         _compiled(template)
-    except re.error as e:
+    except re.error as e:  # a placeholder named twice
         raise ValueError(f"{entry!r}: {e}") from None
-    return Operation(method, template, f"allowed:{method} {template}", billing="allowed",
-                     why="allowed by the operator (providers.<route>.allow)")
+    return Operation(
+        method,
+        template,
+        f"allowed:{method} {template}",
+        billing="allowed",
+        why="allowed by the operator (providers.<route>.allow)",
+    )

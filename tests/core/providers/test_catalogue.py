@@ -427,7 +427,7 @@ def test_an_allow_entry_never_makes_a_metered_operation_free():
 
 @pytest.mark.parametrize(
     "entry",
-    ["POST /v1/files", "DELETE /v1/files/{id}", "GET v1/files", "GET /v1/files?x=1", "GET /v1/../admin", "GET /v1/%2e%2e/x", "GET"],
+    ["POST /v1/files", "DELETE /v1/files/{id}", "GET v1/files", "GET /v1/files?x=1", "GET /v1/../admin", "GET /v1/%2e%2e/x", "GET", "GET /v1/{id}/{id}", "GET /v1/./x"],
 )
 def test_allow_entries_are_reads_with_a_plain_path(entry):
     with pytest.raises(ValueError):
