@@ -335,3 +335,18 @@ def test_an_intercepted_catalogue_operation_is_planned_with_its_name(sni, rt):
     run(lambda: sni.requestheaders(f), lambda: router.requestheaders(f))
     router.request(f)
     assert f.response is None and ctx_of(f).plan.operation.name == "models.list"
+
+
+def test_claude_codes_auxiliary_calls_to_the_anthropic_host_never_leave(sni, rt):
+    head = transparent_flow("/", "api.anthropic.com", sni="api.anthropic.com", method="HEAD")
+    settings = transparent_flow(
+        "/api/claude_code/settings", "api.anthropic.com", sni="api.anthropic.com", method="GET"
+    )
+    for f in (head, settings):
+        f.request.content = b""
+        router = Router(rt)
+        run(lambda f=f: sni.requestheaders(f), lambda f=f, r=router: r.requestheaders(f))
+        router.request(f)
+        assert ctx_of(f).provider == "anthropic-direct"
+    assert head.response.status_code == 200 and head.response.content == b""
+    assert json.loads(settings.response.content)["error"] == "endpoint_not_governed"
