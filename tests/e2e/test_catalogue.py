@@ -220,3 +220,12 @@ def test_candela_server_routes_local_runtimes_only_when_configured(reserve, upst
         status, raw, _ = raw_request(reserve, "POST", target, {"model": "llama3.2:3b", "messages": []})
         assert status == 404 and json.loads(raw)["error"] == "not_found"
     assert upstream.requests == []
+
+
+def test_refusals_are_counted_by_their_code(cat, upstream):
+    raw_request(cat, "GET", "/proxy/openai/v1/files")
+    raw_request(cat, "GET", "/proxy/openai/v1/x/../files")
+    metrics = requests.get(cat.url + "/metrics", timeout=5).text
+    assert 'candela_denials_total{error="endpoint_not_governed"}' in metrics
+    assert 'candela_denials_total{error="invalid_request_target"}' in metrics
+    assert upstream.requests == []
