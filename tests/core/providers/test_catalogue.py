@@ -506,3 +506,22 @@ def test_the_readme_lists_every_row():
         if f"| `{op.key}` | {op.name} |" not in readme
     ]
     assert missing == []
+
+
+def test_no_forwarded_read_names_an_object_by_id():
+    """Reads forwarded by default name at most a model: never a file, batch, response or job id,
+    which the organisation's credential would read whoever created it."""
+    import re
+
+    for route, ops in CATALOGUE.items():
+        for op in ops:
+            if op.billing == "free" and op.method in ("GET", "HEAD"):
+                assert set(re.findall(r"\{(\w+)\*?\}", op.template)) <= {"model"}, (route, op.key)
+
+
+def test_every_metered_row_names_its_model():
+    """A metered operation is priced by its model: a row that reads none could not be charged."""
+    for route, ops in CATALOGUE.items():
+        for op in ops:
+            if op.billing == "metered":
+                assert op.model in ("body", "path"), (route, op.key)
