@@ -58,4 +58,5 @@ def strip_google_system_params(query: str) -> str:
 def _reshapes(key: str, value: str) -> bool:
     if key in _GOOGLE_SHAPE_PARAMS:
         return True
-    return key in ("alt", "$alt") and value not in _GOOGLE_ALT_KEPT
+    # google-api-core's REST transport sends `$alt=json;enum-encoding=int`: still JSON
+    return key in ("alt", "$alt") and value.split(";", 1)[0] not in _GOOGLE_ALT_KEPT

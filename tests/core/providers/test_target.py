@@ -46,6 +46,8 @@ def test_target_problem(target, refused):
         ("$fields=candidates", ""),
         ("prettyPrint=false&alt=sse", "alt=sse"),
         ("pageSize=10&pageToken=abc", "pageSize=10&pageToken=abc"),
+        ("%24alt=json%3Benum-encoding%3Dint", "%24alt=json%3Benum-encoding%3Dint"),
+        ("$alt=proto%3Benum-encoding%3Dint", ""),
     ],
 )
 def test_google_system_parameters_that_reshape_the_answer_are_stripped(query, kept):
