@@ -24,6 +24,19 @@ log = logging.getLogger("candela.audit")
 DURABLE_WAIT_S = 5.0
 
 
+MAX_AUDIT_PATH_BYTES = 512
+
+
+def audit_path(c: RequestContext, flow: http.HTTPFlow) -> str:
+    """The route-relative path, without its query (it can carry a key), at most 512 bytes."""
+    raw = c.rest if c.kind == "proxy" else flow.request.path
+    path = raw.split("?", 1)[0]
+    data = path.encode("utf-8", "surrogateescape")
+    if len(data) <= MAX_AUDIT_PATH_BYTES:
+        return path
+    return data[:MAX_AUDIT_PATH_BYTES].decode("utf-8", "ignore")
+
+
 def request_entry(c: RequestContext, flow: http.HTTPFlow) -> dict[str, Any]:
     plan = c.plan
     p = c.principal
@@ -37,7 +50,8 @@ def request_entry(c: RequestContext, flow: http.HTTPFlow) -> dict[str, Any]:
         "model": plan.model if plan else None,
         "method": flow.request.method,
         "route": c.kind,
-        "path": (flow.request.path.split("?", 1)[0] if not c.forwarded else None),
+        "path": audit_path(c, flow),
+        "operation": plan.operation.name if plan else None,
         "decision": decision,
         "reason": c.denial_code or c.error,
         "status": c.status_code,

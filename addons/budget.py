@@ -32,6 +32,8 @@ def reservation_call(
     settings = c.settings
     if plan is None or settings is None or plan.upstream.spec.local or not plan.model:
         return None
+    if not plan.metered:  # a free or operator-allowed read: nothing to reserve
+        return None
     price = rt.pricing.get(plan.model, plan.upstream.name)
     if price is None:
         return None
@@ -76,8 +78,8 @@ class Budget:
                 deny(flow, reserved.denial())
             return
         plan = c.plan
-        if plan.upstream.spec.local or not plan.model:
-            return  # local models cost nothing and are never blocked by budget
+        if plan.upstream.spec.local or not plan.model or not plan.metered:
+            return  # local models and free reads cost nothing and are never blocked by budget
         price = self.rt.pricing.get(plan.model, plan.upstream.name)
         if price is None:
             if self.rt.config.governance.unknown_model_price == "deny":

@@ -14,12 +14,12 @@ from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.context import RequestContext
-from candela_mitm.errors import Denial, StoreUnavailable
+from candela_mitm.errors import StoreUnavailable
 from candela_mitm.local.discovery import Discovery
 from candela_mitm.local.guard import token_path, ui_token, with_token
 from candela_mitm.local.process import RuntimeActionError
 from candela_mitm.local.settings import LocalSettings
-from candela_mitm.providers.forwarding import plan_provider_request
+from candela_mitm.providers.forwarding import plan_local_pull
 from candela_mitm.runtime import Runtime
 
 from .flowstate import answer_json, answered, ctx_of, deny, fail_closed
@@ -180,11 +180,7 @@ class LocalUi:
         if not check_model(self.rt, flow, c, model, "ollama"):
             return
         c.body = {"model": model, "stream": True}
-        plan = plan_provider_request(self.rt.upstreams["ollama"], "POST", "/api/pull", c.body)
-        if isinstance(plan, Denial):
-            deny(flow, plan)
-            return
-        c.plan = plan  # the Upstream addon sends it on
+        c.plan = plan_local_pull(self.rt.upstreams["ollama"], c.body)  # the Upstream addon sends it on
         self.rt.audit.record("local_pull", actor=c.user, model=model, runtime="ollama")
 
     async def start(self, flow: http.HTTPFlow, c: RequestContext) -> None:

@@ -10,14 +10,31 @@ from mitmproxy import http
 from candela_mitm import errors
 from candela_mitm.context import RequestContext, classify
 from candela_mitm.observability.spans import TraceContext
-from candela_mitm.providers.forwarding import plan_chat_completion, plan_provider_request
+from candela_mitm.providers.forwarding import (
+    ForwardPlan,
+    plan_chat_completion,
+    plan_provider_request,
+)
+from candela_mitm.providers.target import target_problem
 from candela_mitm.runtime import Runtime
 
-from .flowstate import KEY, answered, ctx_of, decoded_body, deny, fail_closed
+from .flowstate import KEY, answer_json, answered, ctx_of, decoded_body, deny, fail_closed
 
 log = logging.getLogger("candela.router")
 
 _DECODABLE = ("identity", "gzip", "deflate", "br", "zstd", "")
+
+
+def route_served(rt: Runtime, provider: str | None) -> bool:
+    """candela-server serves a local runtime's route only when `providers:` configures it."""
+    up = rt.upstreams.get(provider or "")
+    if up is None:
+        return False
+    return not up.spec.local or rt.command == "local" or up.name in rt.config.providers
+
+
+def is_websocket_upgrade(headers: http.Headers) -> bool:
+    return "websocket" in headers.get("upgrade", "").lower()
 
 
 class Router:
@@ -40,7 +57,7 @@ class Router:
             flow.metadata[KEY] = ctx
         if answered(flow):
             return
-        if ctx.kind == "proxy" and ctx.provider not in self.rt.upstreams:
+        if ctx.kind == "proxy" and not route_served(self.rt, ctx.provider):
             deny(flow, errors.not_found(flow.request.path.split("?", 1)[0]))
             return
         cl = flow.request.headers.get("content-length")
@@ -76,6 +93,21 @@ class Router:
                 return
         ctx.body = body
         method = flow.request.method.upper()
+        # after Auth's requestheaders: a refusal here is audited with who asked
+        problem = target_problem(flow.request.path)
+        if problem is not None:
+            deny(flow, errors.invalid_request_target(problem))
+            return
+        if is_websocket_upgrade(flow.request.headers):
+            path = ctx.rest.split("?", 1)[0] if ctx.kind == "proxy" else "/v1/chat/completions"
+            deny(
+                flow,
+                errors.endpoint_not_governed(
+                    method, path, ctx.provider, "WebSocket sessions are not governed yet"
+                ),
+            )
+            return
+        governance = self.rt.config.governance
         if ctx.kind == "chat":
             if method != "POST":
                 deny(flow, errors.method_not_allowed(method, "/v1/chat/completions"))
@@ -88,11 +120,31 @@ class Router:
             if route is None:
                 deny(flow, errors.unknown_model(model))
                 return
-            plan = plan_chat_completion(self.rt.upstreams, route, body or {})
+            plan = plan_chat_completion(
+                self.rt.upstreams, route, body or {}, governance.async_jobs
+            )
         else:
             assert ctx.provider is not None
-            plan = plan_provider_request(self.rt.upstreams[ctx.provider], method, ctx.rest, body)
+            configured = self.rt.config.providers.get(ctx.provider)
+            plan = plan_provider_request(
+                self.rt.upstreams[ctx.provider],
+                method,
+                ctx.rest,
+                body,
+                allowed=tuple(configured.allow) if configured else (),
+                async_jobs=governance.async_jobs,
+            )
         if isinstance(plan, errors.Denial):
             deny(flow, plan)
             return
         ctx.plan = plan
+        if plan.operation.billing == "local":
+            answer_locally(flow, plan)
+
+
+def answer_locally(flow: http.HTTPFlow, plan: ForwardPlan) -> None:
+    """An operation Candela answers itself (an agent's reachability probe): nothing forwarded."""
+    answer_json(flow, 200, {"candela": plan.operation.name})
+    if flow.request.method.upper() == "HEAD":
+        assert flow.response is not None
+        flow.response.content = b""

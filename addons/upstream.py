@@ -10,6 +10,7 @@ from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.providers.headers import client_response_fields
+from candela_mitm.providers.target import STRIPPED_HEADERS
 from candela_mitm.providers.upstream_auth import CredentialsUnavailable, header_names_to_strip
 from candela_mitm.runtime import Runtime
 
@@ -32,8 +33,10 @@ class Upstream:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         # lower-case header names as mitmproxy keeps them (bytes)
-        self.strip = frozenset(n.encode() for n in header_names_to_strip())
-        self.strip_kept_key: frozenset[bytes] = frozenset()
+        # what would make the upstream answer another operation or shape (providers/target.py)
+        reshaping = frozenset(n.encode() for n in STRIPPED_HEADERS)
+        self.strip = frozenset(n.encode() for n in header_names_to_strip()) | reshaping
+        self.strip_kept_key: frozenset[bytes] = reshaping
         # set by Candela on every forwarded request (the body's: only when it sends its own)
         self.replace = frozenset({b"host", b"traceparent", b"accept-encoding"})
         self.replace_with_body = self.replace | {b"content-encoding", b"content-type", b"content-length"}

@@ -79,6 +79,18 @@ class Provider(_Model):
     region: str | None = None
     anthropic_version: str | None = None
     timeout_s: float | None = Field(default=None, gt=0)
+    # model-less reads the operator forwards unmetered and audited, e.g. "GET /v1/files/{id}":
+    # nothing outside the route's operation catalogue is forwarded otherwise
+    allow: list[str] = []
+
+    @field_validator("allow")
+    @classmethod
+    def _reads_only(cls, v: list[str]) -> list[str]:
+        from candela_mitm.providers.catalogue.operation import parse_allowed
+
+        for entry in v:
+            parse_allowed(entry)  # ValueError names the entry
+        return v
 
 
 class Oidc(_Model):
@@ -153,6 +165,9 @@ class Governance(_Model):
     budgets: Budgets = Budgets()
     rate_limits: RateLimits = RateLimits()
     unknown_model_price: Literal["deny", "zero"] = "deny"
+    # queued work (Responses background, batches, Assistants runs): refused, or forwarded and
+    # charged at its reservation
+    async_jobs: Literal["refuse", "reserve"] = "refuse"
     models: Models = Models()
 
 

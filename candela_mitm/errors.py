@@ -307,3 +307,25 @@ def upstream_credentials(provider: str) -> Denial:
         "(the proxy's log says why)",
         {"provider": provider},
     )
+
+
+def endpoint_not_governed(
+    method: str, path: str, provider: str | None, reason: str | None = None
+) -> Denial:
+    why = f": {reason}" if reason else ""
+    return Denial(
+        404,
+        "endpoint_not_governed",
+        f"{method} {path} is not an operation Candela governs on this route{why}; nothing was "
+        f"forwarded",
+        {"method": method, "path": path, "provider": provider, **({"reason": reason} if reason else {})},
+    )
+
+
+def invalid_request_target(reason: str) -> Denial:
+    return Denial(
+        400,
+        "invalid_request_target",
+        f"The request target cannot be forwarded: {reason}",
+        {"reason": reason},
+    )

@@ -86,14 +86,17 @@ def account(ctx: RequestContext, pricing: PricingTable, unknown_price: str = "de
     if not ctx.forwarded or ctx.upstream_unreached or plan is None:
         ctx.cost_usd = 0.0
         return
-    price = pricing.get(plan.model, plan.upstream.name) if plan.model and not plan.upstream.spec.local else None
+    local = plan.upstream.spec.local
+    price = pricing.get(plan.model, plan.upstream.name) if plan.model and not local else None
     res = ctx.reservation
     if price is None or res is None:
         # a local model, a price unknown under `unknown_model_price: zero`, or nothing reserved
         # (a free read): nothing is charged. Every metered request holds a reservation here.
         ctx.cost_usd = 0.0
         return
-    reported = proc is not None and proc.reported
+    # a queued job (async) or an operation whose answer carries no usage is never "reported":
+    # what it was reserved is the least it costs (charge() takes the larger with what passed)
+    reported = proc is not None and proc.reported and not plan.charge_reservation
     # a multiplier fixed when the request was planned (local mode's Gemini context-cache price)
     multiplier = plan.notes.get("cached_multiplier")
     body = plan.body if plan.body is not None else ctx.body

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote
 
 from candela_mitm import errors
 from candela_mitm.errors import Denial
-from candela_mitm.providers.models import canonical_model, is_streaming_method, model_from_path
+from candela_mitm.providers.catalogue import Found, Operation, find
+from candela_mitm.providers.catalogue.anthropic import ANTHROPIC_OPENAI
+from candela_mitm.providers.models import canonical_model
 from candela_mitm.providers.pricing import PricingTable
 from candela_mitm.providers.specs import Upstream
+from candela_mitm.providers.target import strip_google_system_params
 from candela_mitm.providers.translate import openai_to_anthropic_request
 
 Translation = Literal["openai-anthropic"]
+AsyncJobs = Literal["refuse", "reserve"]
 
-# POST paths that generate nothing and name no model; everything else must name one.
-_MODELLESS_POST_SUFFIXES = ("/api/pull", "/api/show", "/api/tokenize", "/api/detokenize")
+# Candela's own local page pulls a model through Ollama's /api/pull: not a proxied operation
+LOCAL_PULL = Operation("POST", "/api/pull", "local.pull", model="body", billing="free")
 
 
 @dataclass
@@ -26,9 +31,10 @@ class ForwardPlan:
     path: str  # upstream path, query included, base path not yet joined
     model: str | None  # as the client named it
     stream: bool
-    response_wire: (
-        str  # the format the upstream answers in (openai, gemini, anthropic, bedrock, ollama)
-    )
+    # the usage reader of the answer's wire format (openai, gemini, anthropic, bedrock, ollama);
+    # None: the answer is not metered (a free read) or carries no usage
+    response_wire: str | None
+    operation: Operation
     translate: Translation | None = None
     body: dict[str, Any] | None = None  # the JSON to send, when it differs from the client's
     client_wants_usage: bool = True
@@ -39,13 +45,27 @@ class ForwardPlan:
     def canonical_model(self) -> str | None:
         return canonical_model(self.model) if self.model else None
 
+    @property
+    def metered(self) -> bool:
+        """Reserved before and charged after: not a free read, an allowed read or a local answer."""
+        return self.operation.billing in ("metered", "async")
+
+    @property
+    def charge_reservation(self) -> bool:
+        """Settled at its reservation (at least): a queued job, or an answer with no usage.
+
+        For the settlement side (addons/budget.py): the usage read from the answer, if any, is
+        not the whole cost of such a request.
+        """
+        return self.metered and (self.operation.billing == "async" or self.response_wire is None)
+
 
 def _split_query(path: str) -> tuple[str, str]:
     p, sep, q = path.partition("?")
     return p, (sep + q)
 
 
-def _max_tokens(body: dict[str, Any], wire: str) -> int | None:
+def _max_tokens(body: dict[str, Any], wire: str | None) -> int | None:
     for key in ("max_completion_tokens", "max_tokens", "max_output_tokens", "num_predict"):
         v = body.get(key)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
@@ -55,6 +75,12 @@ def _max_tokens(body: dict[str, Any], wire: str) -> int | None:
         if isinstance(gc, dict):
             v = gc.get("maxOutputTokens") or gc.get("max_output_tokens")
             if isinstance(v, int) and v > 0:
+                return v
+    if wire == "bedrock":  # Converse
+        ic = body.get("inferenceConfig") or {}
+        if isinstance(ic, dict):
+            v = ic.get("maxTokens")
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
                 return v
     if wire == "ollama":
         opts = body.get("options") or {}
@@ -103,82 +129,113 @@ def vertex_anthropic_path(up: Upstream, model: str, stream: bool) -> str:
     )
 
 
-def plan_provider_request(
-    up: Upstream, method: str, rest: str, body: dict[str, Any] | None
-) -> ForwardPlan | Denial:
-    """A request to /proxy/<provider><rest>: the provider's own format, except `anthropic`."""
-    spec = up.spec
-    path, query = _split_query(rest)
-    if not path.startswith("/"):
-        path = "/" + path
+def _streams(op: Operation, body: dict[str, Any]) -> bool:
+    if op.stream == "always":
+        return True
+    if op.stream == "body_flag":
+        return bool(body.get("stream"))
+    if op.stream == "body_flag_default_on":
+        return body.get("stream", True) is not False  # Ollama streams unless told not to
+    return False
+
+
+def _model(found: Found, body: dict[str, Any] | None) -> str | None | Denial:
+    """The operation's model, from where its row says; a Denial when it is missing or differs."""
     try:
         body_model = _body_model(body)
     except ValueError as e:
         return errors.bad_request(str(e))
-    writes = method.upper() not in ("GET", "HEAD", "OPTIONS")
+    source = found.operation.model
+    if source == "path":
+        path_model = found.model
+        assert path_model is not None, found.operation.key
+        return _check_same(path_model, body_model) or path_model
+    if source == "body":
+        if body_model is None:
+            return errors.bad_request(f"'model' is required by {found.operation.key}")
+        return body_model
+    if source == "body_optional":
+        return body_model
+    return None
 
-    if spec.translates_openai:
-        if not path.rstrip("/").endswith("chat/completions") or method.upper() != "POST":
-            return errors.not_found(f"/proxy/{spec.name}{path}")
-        return plan_openai_to_anthropic(up, body or {})
 
-    if spec.wire in ("gemini", "bedrock") or (
-        spec.wire == "anthropic" and spec.auth == "google_adc"
-    ):
-        found = model_from_path(path)
-        if found is None:
-            if writes:
-                return errors.bad_request(
-                    "this request names no model in its path", path=f"/proxy/{spec.name}{path}"
-                )
-            return ForwardPlan(spec.name, up, path + query, None, False, spec.wire)
-        path_model, path_method = found
-        mismatch = _check_same(path_model, body_model)
-        if mismatch:
-            return mismatch
-        stream = is_streaming_method(path_method) or bool((body or {}).get("stream"))
-        return ForwardPlan(
-            spec.name,
-            up,
-            path + query,
-            path_model,
-            stream,
-            spec.wire,
-            max_output_tokens=_max_tokens(body or {}, spec.wire),
-        )
+def _outside_configured_place(up: Upstream, params: dict[str, str]) -> str | None:
+    """A Vertex path naming another project than the route's configured one: the service
+    account would act (and bill) in a project Candela does not govern."""
+    if up.project and "project" in params and params["project"] != up.project:
+        return f"project '{params['project']}' is not the route's project"
+    return None
 
-    # model in the body: OpenAI-compatible, Anthropic direct, Ollama
-    if body_model is None:
-        if writes and not path.endswith(_MODELLESS_POST_SUFFIXES):
-            return errors.bad_request(
-                "this request names no model; Candela forwards only requests it can govern",
-                path=f"/proxy/{spec.name}{path}",
+
+def plan_provider_request(
+    up: Upstream,
+    method: str,
+    rest: str,
+    body: dict[str, Any] | None,
+    *,
+    allowed: tuple[str, ...] = (),
+    async_jobs: AsyncJobs = "refuse",
+) -> ForwardPlan | Denial:
+    """A request to a provider route: the catalogue's operation for it, or a refusal.
+
+    `rest` is the route-relative target (query included) whose form has already been checked
+    (providers/target.py); `allowed` is the route's `providers.<route>.allow`.
+    """
+    spec = up.spec
+    method = method.upper()
+    path, query = _split_query(rest)
+    if not path.startswith("/"):
+        path = "/" + path
+    found = find(spec.name, method, path, allowed)
+    if found is None:
+        return errors.endpoint_not_governed(method, path, spec.name)
+    op = found.operation
+    if op.billing == "refused":
+        return errors.endpoint_not_governed(method, path, spec.name, op.why)
+    elsewhere = _outside_configured_place(up, found.params)
+    if elsewhere:
+        return errors.endpoint_not_governed(method, path, spec.name, elsewhere)
+    b = body or {}
+    if op.billing == "async" or (op.async_flag and b.get(op.async_flag)):
+        if async_jobs != "reserve":
+            return errors.endpoint_not_governed(
+                method,
+                path,
+                spec.name,
+                "an asynchronous job (its result is read later); set governance.async_jobs: "
+                "reserve to forward it charged at its reservation",
             )
-        return ForwardPlan(spec.name, up, path + query, None, False, spec.wire)
-    assert body is not None
-    if spec.wire == "ollama" and path.startswith("/api/"):
-        stream = body.get("stream", True) is not False  # Ollama streams unless told not to
-        return ForwardPlan(
-            spec.name,
-            up,
-            path + query,
-            body_model,
-            stream,
-            "ollama",
-            max_output_tokens=_max_tokens(body, "ollama"),
-        )
-    stream = bool(body.get("stream"))
-    wire = "anthropic" if spec.wire == "anthropic" else "openai"
+        if op.model == "none":
+            return errors.endpoint_not_governed(method, path, spec.name, op.why)
+        op = dataclasses.replace(op, billing="async", stream="never")
+    model = _model(found, body)
+    if isinstance(model, Denial):
+        return model
+    if op.billing == "async" and model is None:
+        return errors.bad_request(f"'model' is required to reserve the cost of {op.key}")
+    if op.translate == "openai-anthropic":
+        return plan_openai_to_anthropic(up, b, op)
+    if spec.auth == "google_adc" and query:
+        kept = strip_google_system_params(query[1:])
+        query = "?" + kept if kept else ""
+    stream = _streams(op, b)
+    wire = op.reader if op.billing in ("metered", "async") else None
+    max_out: int | None = None
+    if op.estimate == "prompt":
+        max_out = 0
+    elif op.estimate == "prompt_and_output":
+        max_out = _max_tokens(b, wire)
     plan = ForwardPlan(
         spec.name,
         up,
         path + query,
-        body_model,
+        model,
         stream,
         wire,
-        max_output_tokens=_max_tokens(body, wire),
+        op,
+        max_output_tokens=max_out,
     )
-    if stream and wire == "openai":
+    if stream and wire == "openai" and body is not None:
         new_body, wants = _openai_stream_usage(body, path)
         if new_body is not body:
             plan.body = new_body
@@ -186,7 +243,16 @@ def plan_provider_request(
     return plan
 
 
-def plan_openai_to_anthropic(up: Upstream, body: dict[str, Any]) -> ForwardPlan | Denial:
+def plan_local_pull(up: Upstream, body: dict[str, Any]) -> ForwardPlan:
+    """candela's local page: a model pulled through Ollama's /api/pull (progress streamed back)."""
+    return ForwardPlan(
+        up.spec.name, up, "/api/pull", body.get("model"), True, None, LOCAL_PULL
+    )
+
+
+def plan_openai_to_anthropic(
+    up: Upstream, body: dict[str, Any], op: Operation = ANTHROPIC_OPENAI[0]
+) -> ForwardPlan | Denial:
     """An OpenAI chat completion answered by Anthropic's Messages API (Vertex or direct)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -211,6 +277,7 @@ def plan_openai_to_anthropic(up: Upstream, body: dict[str, Any]) -> ForwardPlan 
         model,
         stream,
         "anthropic",
+        op,
         translate="openai-anthropic",
         body=messages_body,
         client_wants_usage=wants_usage,
@@ -219,7 +286,10 @@ def plan_openai_to_anthropic(up: Upstream, body: dict[str, Any]) -> ForwardPlan 
 
 
 def plan_chat_completion(
-    upstreams: dict[str, Upstream], provider: str, body: dict[str, Any]
+    upstreams: dict[str, Upstream],
+    provider: str,
+    body: dict[str, Any],
+    async_jobs: AsyncJobs = "refuse",
 ) -> ForwardPlan | Denial:
     """POST /v1/chat/completions, already routed by model name to `provider`."""
     up = upstreams[provider]
@@ -236,7 +306,7 @@ def plan_chat_completion(
         rest = "/chat/completions"
     else:
         rest = "/v1/chat/completions"
-    return plan_provider_request(up, "POST", rest, body)
+    return plan_provider_request(up, "POST", rest, body, async_jobs=async_jobs)
 
 
 _PREFIX_ROUTES = (

@@ -1,4 +1,4 @@
-"""Model names: where each wire format puts the model, and the canonical name policy matches on."""
+"""Model names: the canonical name that policy and prices match on."""
 
 from __future__ import annotations
 
@@ -16,10 +16,6 @@ _BEDROCK_ARN = re.compile(r"^arn:aws[a-z-]*:bedrock:[^:]*:[^:]*:[a-z-]+/(?P<id>.
 _FINE_TUNE = re.compile(r"^ft:(?P<base>[^:]+)(?::.*)?$")
 # Vertex: claude-sonnet-4@20250514
 _VERTEX_AT = re.compile(r"^(?P<name>[^@]+)@(?P<version>[^@]+)$")
-# Bedrock: /model/{modelId}/invoke, invoke-with-response-stream, converse, converse-stream
-_PATH_BEDROCK = re.compile(
-    r"^/model/(?P<model>[^/]+)/(?P<method>invoke|invoke-with-response-stream|converse|converse-stream)$"
-)
 
 
 def canonical_model(name: str) -> str:
@@ -51,28 +47,3 @@ def base_model(name: str) -> str:
     ft = _FINE_TUNE.match(low)
     return ft.group("base") if ft else low
 
-
-def model_from_path(path: str) -> tuple[str, str] | None:
-    """(model, method) named by a URL path, for the formats that put the model there."""
-    path = path.split("?", 1)[0]
-    b = _PATH_BEDROCK.search(path)
-    if b:
-        return unquote(b.group("model")), b.group("method")
-    # the model id may be percent-encoded (Bedrock) or carry its method after a colon (Gemini)
-    decoded = unquote(path)
-    g = re.search(r"/models/(?P<model>[^/]+?)(?::(?P<method>[A-Za-z]+))?$", decoded)
-    if g:
-        return g.group("model"), g.group("method") or ""
-    b = _PATH_BEDROCK.search(decoded)
-    if b:
-        return b.group("model"), b.group("method")
-    return None
-
-
-def is_streaming_method(method: str) -> bool:
-    return method in (
-        "streamGenerateContent",
-        "streamRawPredict",
-        "invoke-with-response-stream",
-        "converse-stream",
-    )

@@ -75,6 +75,17 @@ class PassThrough(ResponseProcessor):
         return self._meter.observed_output
 
 
+class Unmetered(ResponseProcessor):
+    """A free read, or an answer with no usage on the wire: bytes go through, nothing is read."""
+
+    def feed(self, data: bytes) -> bytes:
+        return data
+
+    @property
+    def usage(self) -> Usage:
+        return Usage()
+
+
 class HideOpenAIUsage(ResponseProcessor):
     """An OpenAI stream where Candela asked for usage the client did not: drop that one chunk."""
 
@@ -176,6 +187,8 @@ def make_processor(
         if is_sse and status < 400:
             return Translated(AnthropicToOpenAIStream(model, plan.client_wants_usage))
         return Translated(AnthropicToOpenAIJson(model))
+    if plan.response_wire is None:
+        return Unmetered()
     if plan.stream and is_sse and plan.response_wire == "openai" and not plan.client_wants_usage:
         return HideOpenAIUsage()
     return PassThrough(meter_for(plan.response_wire, plan.stream, content_type, headers))

@@ -5,7 +5,8 @@ import threading
 
 import pytest
 
-from candela_mitm.addons.audit import CommitWaits
+from candela_mitm.addons.audit import CommitWaits, request_entry
+from candela_mitm.addons.flowstate import ctx_of
 from candela_mitm.errors import StoreUnavailable
 
 
@@ -197,3 +198,38 @@ def test_an_error_is_recorded_and_waited_for_at_the_end(runtime, tmp_path):
     assert fields["decision"] == "error" and fields["reason"] == "upstream_unreachable"
     rt.audit = real
     rt.close()
+
+
+def _planned(runtime, path, body=None, method="POST"):
+    from candela_mitm.addons.router import Router
+
+    from .conftest import make_flow
+
+    rt = runtime()
+    f = make_flow(path, body=body, method=method)
+    router = Router(rt)
+    router.requestheaders(f)
+    router.request(f)
+    return ctx_of(f), f
+
+
+def test_a_forwarded_requests_entry_names_method_path_and_operation(tctx, runtime):
+    c, f = _planned(runtime, "/proxy/openai/v1/chat/completions?api-version=1&key=secret", {"model": "gpt-4o", "messages": []})
+    c.forwarded = True
+    e = request_entry(c, f)
+    assert (e["method"], e["path"], e["operation"]) == ("POST", "/v1/chat/completions", "chat.completions")
+
+
+def test_the_audited_path_is_bounded(tctx, runtime):
+    long = "/v1/models/" + "m" * 2000
+    c, f = _planned(runtime, "/proxy/openai" + long, method="GET")
+    c.forwarded = True
+    e = request_entry(c, f)
+    assert e["operation"] == "models.get"
+    assert len(e["path"].encode()) == 512 and long.startswith(e["path"])
+
+
+def test_a_refused_requests_entry_names_its_method_and_path(tctx, runtime):
+    c, f = _planned(runtime, "/proxy/openai/v1/files?purpose=x", method="GET")
+    e = request_entry(c, f)
+    assert (e["method"], e["path"], e["operation"], e["reason"]) == ("GET", "/v1/files", None, "endpoint_not_governed")

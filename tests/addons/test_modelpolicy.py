@@ -90,7 +90,7 @@ def test_a_decision_the_audit_trail_refuses_is_no_decision(tctx, runtime, monkey
 
 def test_a_request_without_a_model_is_not_checked(tctx, runtime):
     rt = runtime({**BASE, "governance": {"models": {"allowed": ["gpt-4o-mini"]}}})
-    flow = make_flow("/proxy/openai/v1/files", method="GET", headers=ALICE)
+    flow = make_flow("/proxy/openai/v1/models", method="GET", headers=ALICE)
     asyncio.run(run_hooks([Router(rt), Auth(rt), ModelPolicy(rt)], flow, "requestheaders", "request"))
     assert flow.response is None and ctx_of(flow).policy is None
     assert audit_entries(rt, "model_policy_check") == []

@@ -123,7 +123,9 @@ def test_a_rate_limited_request_reserves_nothing(tctx, runtime):
 
 
 def test_a_local_model_is_limited_but_reserves_nothing(tctx, runtime):
-    rt = runtime(config(rpm=1))
+    cfg = config(rpm=1)  # candela-server routes to Ollama only where providers: configures it
+    cfg["providers"] = {**cfg["providers"], "ollama": {"base_url": "http://127.0.0.1:11434"}}
+    rt = runtime(cfg)
     flows = asyncio.run(send(rt, [chat("llama3.2", "/proxy/ollama/api/chat") for _ in range(2)]))
     assert statuses(flows) == [None, 429]
     assert ctx_of(flows[0]).reservation is None and ctx_of(flows[0]).reserve_result is None

@@ -6,7 +6,7 @@ import pytest
 from candela_mitm.addons.flowstate import ctx_of
 from candela_mitm.addons.router import Router
 
-from .conftest import make_flow
+from .conftest import BASE, make_flow
 
 
 def run(router, flow):
@@ -85,3 +85,74 @@ def test_an_exception_in_a_hook_denies_instead_of_forwarding(tctx, runtime, monk
     monkeypatch.setattr("candela_mitm.addons.router.plan_provider_request", boom)
     f = run(router, make_flow("/proxy/openai/v1/chat/completions", {"model": "gpt-4o-mini"}))
     assert error_of(f) == (503, "governance_unavailable")
+
+
+# --- the operation catalogue (issue 14) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, path, body, headers, expected",
+    [
+        # not in the catalogue, whatever the body names
+        ("GET", "/proxy/openai/v1/files", None, {}, (404, "endpoint_not_governed")),
+        ("POST", "/proxy/openai/v1/files", {"model": "gpt-4o-mini"}, {}, (404, "endpoint_not_governed")),
+        ("GET", "/proxy/openai/v1/batches", None, {}, (404, "endpoint_not_governed")),
+        ("POST", "/proxy/openai/v1/responses", {"model": "gpt-4o", "background": True}, {}, (404, "endpoint_not_governed")),
+        # a WebSocket upgrade, on a path that would otherwise be planned too
+        ("GET", "/proxy/openai/v1/realtime?model=gpt-4o-realtime-preview", None, {"upgrade": "websocket", "connection": "Upgrade"}, (404, "endpoint_not_governed")),
+        ("GET", "/proxy/openai/v1/models", None, {"upgrade": "websocket", "connection": "Upgrade"}, (404, "endpoint_not_governed")),
+        # request targets read two ways
+        ("POST", "/proxy/openai/v1/chat/completions#/v1/files", {"model": "gpt-4o"}, {}, (400, "invalid_request_target")),
+        ("GET", "/proxy/openai/v1/x/../files", None, {}, (400, "invalid_request_target")),
+        ("GET", "/proxy/openai/v1/x/%2e%2e/files", None, {}, (400, "invalid_request_target")),
+        ("POST", "/proxy/openai/v1/chat%2fcompletions", {"model": "gpt-4o"}, {}, (400, "invalid_request_target")),
+        ("POST", "/v1/chat/completions", {"model": "gpt-4o"}, {"upgrade": "websocket"}, (404, "endpoint_not_governed")),
+    ],
+)
+def test_what_the_catalogue_does_not_govern_is_refused(tctx, runtime, method, path, body, headers, expected):
+    router = Router(runtime())
+    f = run(router, make_flow(path, body=body, method=method, headers=headers))
+    assert error_of(f) == expected
+    assert ctx_of(f).plan is None
+    payload = json.loads(f.response.content)
+    if expected[1] == "endpoint_not_governed":
+        assert payload["method"] == method and payload["path"].startswith("/v1/")
+
+
+def test_an_operator_allowed_read_is_planned_unmetered(tctx, runtime):
+    cfg = {**BASE, "providers": {"openai": {"base_url": "http://upstream.test:8080", "allow": ["GET /v1/files/{id}"]}}}
+    router = Router(runtime(cfg))
+    f = run(router, make_flow("/proxy/openai/v1/files/file-abc", method="GET"))
+    c = ctx_of(f)
+    assert f.response is None and c.plan.operation.billing == "allowed" and not c.plan.metered
+    f = run(router, make_flow("/proxy/openai/v1/files", method="GET"))
+    assert error_of(f) == (404, "endpoint_not_governed")
+
+
+def test_async_jobs_reserve_plans_background_responses(tctx, runtime):
+    router = Router(runtime({**BASE, "governance": {"async_jobs": "reserve"}}))
+    f = run(router, make_flow("/proxy/openai/v1/responses", {"model": "gpt-4o", "input": "x", "background": True}))
+    assert f.response is None and ctx_of(f).plan.charge_reservation
+
+
+def test_local_runtime_routes_exist_in_candela_server_only_when_configured(tctx, runtime):
+    body = {"model": "llama3.2:3b", "messages": []}
+    server = Router(runtime())
+    assert error_of(run(server, make_flow("/proxy/ollama/api/chat", body))) == (404, "not_found")
+    assert error_of(run(server, make_flow("/proxy/lmstudio/v1/models", method="GET"))) == (404, "not_found")
+    configured = Router(runtime({**BASE, "providers": {**BASE["providers"], "ollama": {}}}))
+    f = run(configured, make_flow("/proxy/ollama/api/chat", body))
+    assert f.response is None and ctx_of(f).plan.operation.name == "chat"
+    f = run(configured, make_flow("/proxy/ollama/api/pull", {"model": "llama3.2:3b"}))
+    assert error_of(f) == (404, "endpoint_not_governed")
+    local = Router(runtime(command="local"))
+    f = run(local, make_flow("/proxy/ollama/api/chat", body))
+    assert f.response is None and ctx_of(f).plan.upstream.name == "ollama"
+
+
+def test_claude_codes_head_probe_is_answered_here_without_a_credential(tctx, runtime):
+    router = Router(runtime())
+    f = run(router, make_flow("/proxy/anthropic-direct/", method="HEAD"))
+    assert f.response.status_code == 200 and f.response.content == b""
+    f = run(router, make_flow("/proxy/anthropic-direct/api/claude_code/settings", method="GET"))
+    assert error_of(f) == (404, "endpoint_not_governed")

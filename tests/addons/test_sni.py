@@ -305,3 +305,48 @@ def test_plain_http_to_other_hosts_passes_untouched(sni, data, expected):
     assert nl.context.layers[-1] is nl.layer or nl.layer is None
     if expected is layers.TCPLayer:
         assert nl.layer.flow is None  # ignore=True: relayed, not even recorded
+
+
+@pytest.mark.parametrize(
+    "path, method, body, code",
+    [
+        ("/v1/files", "GET", None, "endpoint_not_governed"),
+        ("/v1/files", "POST", {"model": "gpt-4o-mini", "purpose": "batch"}, "endpoint_not_governed"),
+        ("/v1/realtime?model=gpt-4o-realtime-preview", "GET", None, "endpoint_not_governed"),
+        ("/v1/x/../files", "GET", None, "invalid_request_target"),
+    ],
+)
+def test_intercepted_requests_go_through_the_same_catalogue(sni, rt, path, method, body, code):
+    f = transparent_flow(path, "api.openai.com", method=method, body=body)
+    if body is None:
+        f.request.content = b""
+    router = Router(rt)
+    run(lambda: sni.requestheaders(f), lambda: router.requestheaders(f), lambda: Auth(rt).requestheaders(f))
+    assert f.response is None  # attributed to the sandbox: the catalogue decides
+    router.request(f)
+    assert f.response is not None and json.loads(f.response.content)["error"] == code
+    assert ctx_of(f).plan is None
+
+
+def test_an_intercepted_catalogue_operation_is_planned_with_its_name(sni, rt):
+    f = transparent_flow("/v1/models", "api.openai.com", method="GET")
+    f.request.content = b""
+    router = Router(rt)
+    run(lambda: sni.requestheaders(f), lambda: router.requestheaders(f))
+    router.request(f)
+    assert f.response is None and ctx_of(f).plan.operation.name == "models.list"
+
+
+def test_claude_codes_auxiliary_calls_to_the_anthropic_host_never_leave(sni, rt):
+    head = transparent_flow("/", "api.anthropic.com", sni="api.anthropic.com", method="HEAD")
+    settings = transparent_flow(
+        "/api/claude_code/settings", "api.anthropic.com", sni="api.anthropic.com", method="GET"
+    )
+    for f in (head, settings):
+        f.request.content = b""
+        router = Router(rt)
+        run(lambda f=f: sni.requestheaders(f), lambda f=f, r=router: r.requestheaders(f))
+        router.request(f)
+        assert ctx_of(f).provider == "anthropic-direct"
+    assert head.response.status_code == 200 and head.response.content == b""
+    assert json.loads(settings.response.content)["error"] == "endpoint_not_governed"

@@ -156,3 +156,21 @@ def test_missing_credential_says_so_without_internals(tctx, runtime, monkeypatch
     assert body["error"] == "upstream_credentials_unavailable"
     assert "OPENAI_API_KEY" not in f.response.text and "not available" in body["message"]
     assert not ctx_of(f).forwarded
+
+
+@pytest.mark.parametrize("intercepted", [False, True])
+def test_headers_that_change_the_operation_or_its_shape_never_go_upstream(tctx, runtime, intercepted):
+    rt = runtime({**BASE, "interception": {"replace_provider_keys": False}})
+    headers = {
+        "authorization": "Bearer cdl_alice_example_key",
+        "X-Goog-FieldMask": "candidates",
+        "x-goog-user-project": "someone-else",
+        "X-HTTP-Method-Override": "DELETE",
+        "x-http-method": "GET",
+        "x-method-override": "PUT",
+        "x-keep-me": "1",
+    }
+    f = forward(rt, planned(rt, "/proxy/openai/v1/chat/completions", {"model": "gpt-4o-mini"}, headers, intercepted))
+    names = {k.lower() for k in f.request.headers}
+    assert names.isdisjoint({"x-goog-fieldmask", "x-goog-user-project", "x-http-method-override", "x-http-method", "x-method-override"})
+    assert f.request.headers["x-keep-me"] == "1" and f.request.method == "POST"

@@ -105,7 +105,7 @@ def test_model_policy_denial_matches_spec_002(gov, upstream):
         ("/proxy/google/v1beta/models/gemini-3.5-pro:generateContent", {"contents": []}),
         ("/proxy/google/v1beta/models/GEMINI-3.5-PRO:streamGenerateContent?alt=sse", {"contents": []}),
         ("/proxy/anthropic-bedrock/model/anthropic.claude-opus-4-20250514-v1%3A0/invoke", {"max_tokens": 5, "messages": []}),
-        ("/proxy/anthropic-vertex/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-opus-4@20250514:rawPredict",
+        ("/proxy/anthropic-vertex/v1/projects/proj/locations/us-east5/publishers/anthropic/models/claude-opus-4@20250514:rawPredict",
          {"max_tokens": 5, "messages": []}),
         ("/v1/chat/completions", {"model": "o1-pro", "messages": []}),
         ("/proxy/anthropic-direct/v1/messages", {"model": "Claude-Opus-4-20250514", "max_tokens": 5, "messages": []}),

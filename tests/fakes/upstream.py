@@ -588,6 +588,9 @@ def _match(
             path = "/v1beta" + path[3:]
         elif "anthropic-version" in headers:
             return ("anthropic.models", "anthropic", "anthropic", _anthropic_models, {})
+    # Anthropic's OpenAI SDK compatibility: OpenAI's chat format, Anthropic's credential
+    if method == "POST" and path == "/v1/chat/completions" and "x-api-key" in headers:
+        return ("anthropic.openai_chat", "openai", "anthropic", _openai_chat, {})
     for m, rx, name, family, auth, fn in _ROUTES:
         if m != method:
             continue

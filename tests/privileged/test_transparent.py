@@ -189,6 +189,43 @@ def test_a_tenant_that_is_not_the_users_is_refused(env: Env) -> None:
     assert env.upstream.requests == []
 
 
+# The app lists the organisation's files and batches, then the models: the catalogue refuses the
+# first two (they read what other users created) and forwards the free listing.
+SDK_READS = """
+    import json
+    import openai
+    client = openai.OpenAI(api_key=%(key)r, max_retries=0)
+    out = []
+    for call in (client.files.list, client.batches.list, client.models.list):
+        try:
+            call()
+            out.append({"status": 200})
+        except openai.APIStatusError as e:
+            out.append({"status": e.status_code, "body": e.response.json()})
+    print(json.dumps(out))
+"""
+
+
+def test_the_intercepted_app_gets_only_the_catalogues_operations(env: Env) -> None:
+    env.upstream.clear()
+    script = SDK_READS % {"key": DUMMY_KEY}
+    p = env.run(python_in_sandbox(script), "--user", "alice@example.com", "--add-host", OPENAI_HOST)
+    assert p.returncode == 0, p.stderr[-3000:]
+    files, batches, models = json.loads(p.stdout)
+    for refused, path in ((files, "/v1/files"), (batches, "/v1/batches")):
+        assert refused["status"] == 404
+        assert refused["body"]["error"] == "endpoint_not_governed"
+        assert (refused["body"]["method"], refused["body"]["path"]) == ("GET", path)
+    assert models == {"status": 200}
+    assert [r.path for r in env.upstream.requests] == ["/v1/models"]  # only the free listing
+    entries = wait_for_audit(
+        env.audit_db,
+        "llm_request",
+        lambda e: e["user_id"] == "alice@example.com" and e["path"] in ("/v1/files", "/v1/batches"),
+    )
+    assert {e["reason"] for e in entries} == {"endpoint_not_governed"}
+
+
 # -- hosts that are not providers ------------------------------------------------------------
 
 TLS_TO_REMOTE = f"""

@@ -135,9 +135,15 @@ def test_openai_stream_client_asked_for_usage():
         ),
         ("openai", "/v1/chat/completions", {"messages": []}, "bad_request"),
         ("openai", "/v1/chat/completions", {"model": 42}, "bad_request"),
-        ("openai", "/v1/files", None, "bad_request"),
-        ("google", "/v1beta/cachedContents", {"x": 1}, "bad_request"),
-        ("anthropic", "/v1/models", None, "not_found"),
+        # not in the route's catalogue: refused, whatever the body names
+        ("openai", "/v1/files", None, "endpoint_not_governed"),
+        ("openai", "/v1/files", {"model": "gpt-4o"}, "endpoint_not_governed"),
+        ("openai", "/v1/anything/else", {"model": "gpt-4o"}, "endpoint_not_governed"),
+        ("google", "/v1beta/cachedContents", {"x": 1}, "endpoint_not_governed"),
+        ("google", "/v1beta/cachedContents", {"model": "gemini-2.5-pro"}, "endpoint_not_governed"),
+        ("anthropic", "/v1/models", None, "endpoint_not_governed"),
+        ("ollama", "/api/pull", {"model": "llama3.2:3b"}, "endpoint_not_governed"),
+        ("ollama", "/api/create", {"model": "x"}, "endpoint_not_governed"),
     ],
 )
 def test_denied_plans(provider, rest, body, code):

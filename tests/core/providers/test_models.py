@@ -1,6 +1,6 @@
 import pytest
 
-from candela_mitm.providers.models import canonical_model, is_streaming_method, model_from_path
+from candela_mitm.providers.models import canonical_model
 
 
 @pytest.mark.parametrize(
@@ -20,40 +20,3 @@ from candela_mitm.providers.models import canonical_model, is_streaming_method, 
 )
 def test_canonical_model(raw, canonical):
     assert canonical_model(raw) == canonical
-
-
-@pytest.mark.parametrize(
-    "path, expected",
-    [
-        (
-            "/v1beta/models/gemini-2.5-flash:generateContent",
-            ("gemini-2.5-flash", "generateContent"),
-        ),
-        (
-            "/v1/models/gemini-2.5-pro:streamGenerateContent?alt=sse",
-            ("gemini-2.5-pro", "streamGenerateContent"),
-        ),
-        (
-            "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4@20250514:rawPredict",
-            ("claude-sonnet-4@20250514", "rawPredict"),
-        ),
-        (
-            "/model/anthropic.claude-sonnet-4-20250514-v1%3A0/invoke",
-            ("anthropic.claude-sonnet-4-20250514-v1:0", "invoke"),
-        ),
-        (
-            "/model/anthropic.claude-sonnet-4-20250514-v1:0/invoke-with-response-stream",
-            ("anthropic.claude-sonnet-4-20250514-v1:0", "invoke-with-response-stream"),
-        ),
-        ("/v1/chat/completions", None),
-        ("/v1beta/models", None),
-    ],
-)
-def test_model_from_path(path, expected):
-    assert model_from_path(path) == expected
-
-
-def test_streaming_methods():
-    assert is_streaming_method("streamGenerateContent")
-    assert is_streaming_method("invoke-with-response-stream")
-    assert not is_streaming_method("generateContent")

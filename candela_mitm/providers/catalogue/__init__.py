@@ -1,0 +1,71 @@
+"""Operation catalogue: per provider route, the operations Candela forwards; everything else is refused.
+
+Each route's table lives in the module of its provider family (openai.py, anthropic.py, gemini.py,
+vertex.py, bedrock.py, local.py). `find` matches a request's method and route-relative path
+(percent-decoded, after the request-target checks of providers/target.py) against the route's
+table, then against the operator's `providers.<route>.allow` reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from .anthropic import ANTHROPIC_DIRECT, ANTHROPIC_OPENAI
+from .bedrock import BEDROCK
+from .gemini import GEMINI, GEMINI_OPENAI
+from .local import LMSTUDIO, OLLAMA
+from .openai import OPENAI
+from .operation import ALLOWED_METHODS, Operation, parse_allowed
+from .vertex import VERTEX
+
+__all__ = ["ALLOWED_METHODS", "CATALOGUE", "Found", "Operation", "find", "parse_allowed"]
+
+CATALOGUE: dict[str, tuple[Operation, ...]] = {
+    "openai": OPENAI,
+    "google": GEMINI,
+    "gemini-oai": GEMINI_OPENAI,
+    "anthropic": ANTHROPIC_OPENAI,
+    "anthropic-vertex": VERTEX,
+    "anthropic-direct": ANTHROPIC_DIRECT,
+    "anthropic-bedrock": BEDROCK,
+    "ollama": OLLAMA,
+    "lmstudio": LMSTUDIO,
+}
+
+
+@dataclass(frozen=True)
+class Found:
+    operation: Operation
+    params: dict[str, str]  # the template's placeholders, percent-decoded
+
+    @property
+    def model(self) -> str | None:
+        return self.params.get("model")
+
+
+def find(
+    route: str, method: str, path: str, allowed: Iterable[str] = ()
+) -> Found | None:
+    """The operation `method path` is on `route` (path without query), or None: not governed.
+
+    The route's rows come first, in table order (a literal row before a `{model}` one), so an
+    operator's allow entry never turns a metered operation into a free read; a row the table
+    refuses by name is refused unless an allow entry names that read.
+    """
+    method = method.upper()
+    decoded = unquote(path)
+    refusal: Found | None = None
+    for op in CATALOGUE.get(route, ()):
+        params = op.match(method, decoded)
+        if params is not None:
+            if op.billing != "refused":
+                return Found(op, params)
+            refusal = refusal or Found(op, params)
+    for entry in allowed:
+        op = parse_allowed(entry)
+        params = op.match(method, decoded)
+        if params is not None:
+            return Found(op, params)
+    return refusal

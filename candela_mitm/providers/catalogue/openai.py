@@ -1,0 +1,42 @@
+"""OpenAI's API (api.openai.com): the operations Candela forwards, and what it refuses by name."""
+
+from __future__ import annotations
+
+from .operation import Operation, async_job, free, metered, refused
+
+_OTHERS = "reads objects other users created with the organisation's key"
+
+OPENAI: tuple[Operation, ...] = (
+    # method and path                         operation              model / reader / streams
+    metered("POST", "/v1/chat/completions", "chat.completions",
+            model="body", reader="openai", stream="body_flag"),
+    metered("POST", "/v1/completions", "completions",
+            model="body", reader="openai", stream="body_flag"),
+    metered("POST", "/v1/responses", "responses",
+            model="body", reader="openai", stream="body_flag", async_flag="background",
+            why="background: true queues the response: an async job"),
+    metered("POST", "/v1/embeddings", "embeddings",
+            model="body", reader="openai", estimate="prompt"),
+    metered("POST", "/v1/images/generations", "images.generations",
+            model="body", reader="openai",
+            why="JSON bodies only; gpt-image-* report usage, DALL-E answers are charged their reservation"),
+    metered("POST", "/v1/audio/speech", "audio.speech",
+            model="body", reader=None,
+            why="the answer is audio with no usage: charged its reservation"),
+    free("POST", "/v1/moderations", "moderations", model="body_optional",
+         why="OpenAI does not charge for moderations"),
+    free("GET", "/v1/models", "models.list"),
+    free("GET", "/v1/models/{model}", "models.get", model="path"),
+    async_job("POST", "/v1/batches", "batches.create", model="none", reader=None,
+              why="a batch runs later from an uploaded file: its cost cannot be estimated here"),
+    async_job("POST", "/v1/threads/runs", "assistants.runs.create_thread_and_run",
+              model="body_optional", reader="openai", why="an Assistants run is queued"),
+    async_job("POST", "/v1/threads/{thread_id}/runs", "assistants.runs.create",
+              model="body_optional", reader="openai", why="an Assistants run is queued"),
+    refused("GET", "/v1/realtime", "realtime",
+            why="WebSocket sessions are not governed yet"),
+    refused("GET", "/v1/files{rest*}", "files", why=_OTHERS),
+    refused("GET", "/v1/batches{rest*}", "batches.read", why=_OTHERS),
+    refused("GET", "/v1/responses/{rest*}", "responses.read", why=_OTHERS),
+    refused("GET", "/v1/chat/completions{rest*}", "chat.completions.stored", why=_OTHERS),
+)
