@@ -106,7 +106,7 @@ class LocalUi:
         if c.plan is not None and c.kind in ("chat", "proxy"):
             multiplier = self.local.cached_multiplier(c.plan.upstream.name)
             if multiplier is not None:
-                c.plan.notes["cached_multiplier"] = multiplier
+                c.cached_multiplier = multiplier
             return
         if c.kind != "local":
             return

@@ -46,6 +46,9 @@ class RequestContext:
     reserve_result: Reservation | BudgetRefusal | None = None
     reservation: Reservation | None = None  # while one is held: Budget settles or releases it
     estimate_usd: float = 0.0
+    # laptop mode: Gemini's cached input priced at this share of the input price (LocalUi sets
+    # it from the local settings when the request is planned; accounting reads it)
+    cached_multiplier: float | None = None
     denial_code: str | None = None  # set when Candela answered with a denial
     forwarded: bool = False
     # forwarded, then failed before a connection to the upstream was made: nothing left

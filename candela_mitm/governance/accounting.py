@@ -98,7 +98,7 @@ def account(ctx: RequestContext, pricing: PricingTable, unknown_price: str = "de
     # what it was reserved is the least it costs (charge() takes the larger with what passed)
     reported = proc is not None and proc.reported and not plan.charge_reservation
     # a multiplier fixed when the request was planned (local mode's Gemini context-cache price)
-    multiplier = plan.notes.get("cached_multiplier")
+    multiplier = ctx.cached_multiplier
     body = plan.body if plan.body is not None else ctx.body
     ctx.usage, ctx.cost_usd, ctx.usage_source = charge(
         usage=ctx.usage,

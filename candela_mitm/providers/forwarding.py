@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -39,7 +39,6 @@ class ForwardPlan:
     body: dict[str, Any] | None = None  # the JSON to send, when it differs from the client's
     client_wants_usage: bool = True
     max_output_tokens: int | None = None
-    notes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def canonical_model(self) -> str | None:

@@ -115,7 +115,7 @@ def test_the_gemini_cache_price_is_set_on_the_plan(tctx, local, route, multiplie
     flow = make_flow(path, body)
     asyncio.run(run_hooks([Router(local), Auth(local), LocalUi(local)], flow, "requestheaders", "request"))
     assert flow.response is None
-    assert ctx_of(flow).plan.notes.get("cached_multiplier") == multiplier
+    assert ctx_of(flow).cached_multiplier == multiplier
 
 
 def test_candela_server_has_no_local_ui(tctx, runtime):

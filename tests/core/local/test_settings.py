@@ -157,11 +157,10 @@ def test_accounting_prices_cached_gemini_input_with_the_planned_multiplier(tmp_p
     for multiplier in (None, 0.25, 0.5):
         plan = plan_chat_completion(resolve_all(cfg), "gemini-oai", {"model": "gemini-2.5-flash"})
         assert isinstance(plan, ForwardPlan)
-        if multiplier is not None:
-            plan.notes["cached_multiplier"] = multiplier
         ctx = RequestContext(
             kind="chat", provider=None, rest="", trace=TraceContext("0" * 32, None)
         )
+        ctx.cached_multiplier = multiplier
         ctx.plan, ctx.forwarded, ctx.processor = plan, True, _Reported(usage)
         ctx.reservation = Reservation("r", "u", None, 0.0, "2026-05-17", "s", "o", T, 0.0)
         account(ctx, pricing)
