@@ -155,7 +155,7 @@ def test_plan_follows_the_operation(row):
 
 
 # ---------------------------------------------------------------------------------------------
-# Answers: each metered operation's answer, as the fake upstream writes it (tests/fakes/upstream.py,
+# Answers: each metered operation's answer, as the fake upstream writes it (tests/fakes/upstream/,
 # the providers' documented wire formats) or as the provider documents it, read for tokens.
 
 FAKE = fake_upstream.FakeUpstream(openai_key=None, anthropic_key=None, gemini_key=None)
