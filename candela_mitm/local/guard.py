@@ -58,12 +58,9 @@ def is_json_content_type(value: str | None) -> bool:
 
 def ui_token(path: Path) -> str:
     """The per-install token of the management API, created (mode 0600) on first use."""
-    try:
-        token = path.read_text().strip()
-        if len(token) >= 32:
-            return token
-    except FileNotFoundError:
-        pass
+    token = path.read_text().strip() if path.exists() else ""
+    if len(token) >= 32:
+        return token
     path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
     tmp = path.with_suffix(".tmp")

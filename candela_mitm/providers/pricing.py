@@ -352,10 +352,8 @@ class PricingTable:
     def get(self, model: str, route: str | None = None) -> ModelPrice | None:
         """The price of `model` as the client named it, on `route` when known (else its maker's)."""
         key = (model, route)
-        try:
+        if key in self._cache:
             return self._cache[key]
-        except KeyError:
-            pass
         price = self._lookup(model, route)
         if len(self._cache) >= self._CACHE_MAX:
             self._cache.clear()  # model names come from clients: keep the memo bounded
