@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from candela_mitm.providers.sse import SseParser
-from candela_mitm.providers.usage import OutputCounter, Usage
+from candela_mitm.providers.usage import OutputCounter, Usage, usage_from_anthropic
 
 DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; OpenAI clients often leave it out
 
@@ -388,19 +388,9 @@ def _finish_reason(stop_reason: Any) -> str:
 
 
 def _usage_of(raw: Any) -> Usage:
-    """Anthropic counts cache reads and writes apart from input_tokens; Usage counts them in."""
-    u = raw if isinstance(raw, dict) else {}
-
-    def num(key: str) -> int:
-        v = u.get(key)
-        return v if isinstance(v, int) and not isinstance(v, bool) else 0
-
-    read = num("cache_read_input_tokens")
-    return Usage(
-        input_tokens=num("input_tokens") + read + num("cache_creation_input_tokens"),
-        output_tokens=num("output_tokens"),
-        cached_tokens=read,
-    )
+    """An Anthropic `usage` object read by the one Anthropic usage rule (usage.py: cache reads
+    and writes counted into input, cache writes and their TTLs, server tools, speed)."""
+    return usage_from_anthropic({"usage": raw}) or Usage()
 
 
 def _openai_usage(u: Usage) -> dict[str, Any]:

@@ -1044,3 +1044,31 @@ def test_json_answer_reports_its_usage() -> None:
     k.feed(b'{"id": "queued", "status": "pending"}')
     k.finish()
     assert not k.reported
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"input_tokens": 10, "output_tokens": 5},
+        {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 100},
+        {
+            "input_tokens": 3,
+            "output_tokens": 7,
+            "cache_creation_input_tokens": 50,
+            "cache_creation": {"ephemeral_1h_input_tokens": 20, "ephemeral_5m_input_tokens": 30},
+            "cache_read_input_tokens": 40,
+        },
+        {},
+        None,
+    ],
+)
+def test_the_translated_answer_counts_usage_by_the_one_anthropic_rule(usage):
+    from candela_mitm.providers.usage import usage_from_anthropic
+
+    msg = {"type": "message", "role": "assistant", "content": [], "stop_reason": "end_turn"}
+    if usage is not None:
+        msg["usage"] = usage
+    out = anthropic_to_openai_response(msg, "claude-sonnet-4-5")["usage"]
+    want = usage_from_anthropic({"usage": usage}) or Usage()
+    assert (out["prompt_tokens"], out["completion_tokens"]) == (want.input_tokens, want.output_tokens)
+    assert out["prompt_tokens_details"]["cached_tokens"] == want.cached_tokens
