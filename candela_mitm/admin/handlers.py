@@ -6,7 +6,6 @@ import json
 import math
 import re
 import sqlite3
-import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -25,12 +24,9 @@ from candela_mitm.governance.ledger import Grant, Ledger
 from candela_mitm.governance.tenancy import MAX_TENANT_CHARS
 from candela_mitm.governance.users import UserDirectory, UserSettings
 from candela_mitm.state.ports import (
-    GrantRow,
     StateStore,
     UserRecord,
     day_of,
-    from_us,
-    nano_to_usd,
     rfc3339,
     to_us,
     usd_to_nano,
@@ -622,31 +618,8 @@ class AdminApi:
             raise _invalid(
                 "reason", f"must be a non-empty string of at most {MAX_REASON_CHARS} characters"
             )
-        row = GrantRow(
-            grant_id="g_" + uuid.uuid4().hex,
-            user_id=user,
-            amount=usd_to_nano(amount),
-            used=0,
-            held=0,
-            expires_us=to_us(expires),
-            reason=reason,
-            actor=req.user,
-            created_us=to_us(now),
-        )
-        grant = Grant(
-            id=row.grant_id,
-            user_id=user,
-            amount_usd=nano_to_usd(row.amount),
-            used_usd=0.0,
-            held_usd=0.0,
-            remaining_usd=nano_to_usd(row.amount),
-            expires_at=from_us(row.expires_us),
-            reason=reason,
-            actor=req.user,
-            created_at=from_us(row.created_us),
-            expired=False,
-        )
-        view = grant_json(grant)
+        row = self.rt.ledger.new_grant(user, amount, expires, reason, req.user, now)
+        view = grant_json(self.rt.ledger.grant_view(row, now))
         self._audited(req, "grant.create", user, None, view, lambda: self.rt.store.add_grant(row))
         return AdminResponse(201, view)
 

@@ -409,6 +409,22 @@ class Ledger:
         actor: str,
         now: datetime | None = None,
     ) -> Grant:
+        now = now or self.clock()
+        row = self.new_grant(user, amount_usd, expires_at, reason, actor, now)
+        self.store.add_grant(row)
+        return self._grant(row, to_us(now))
+
+    def new_grant(
+        self,
+        user: str,
+        amount_usd: float,
+        expires_at: datetime,
+        reason: str,
+        actor: str,
+        now: datetime | None = None,
+    ) -> GrantRow:
+        """The one place a grant is made (validated, with its id), before anything stores it: the
+        admin API audits it first, then stores it."""
         if not math.isfinite(amount_usd) or amount_usd <= 0:
             raise ValueError(f"amount_usd must be a finite amount > 0, got {amount_usd!r}")
         if expires_at.tzinfo is None:
@@ -416,7 +432,7 @@ class Ledger:
         now = now or self.clock()
         if expires_at <= now:
             raise ValueError("expires_at is not in the future")
-        row = GrantRow(
+        return GrantRow(
             grant_id="g_" + uuid.uuid4().hex,
             user_id=user,
             amount=usd_to_nano(amount_usd),
@@ -427,8 +443,6 @@ class Ledger:
             actor=actor,
             created_us=to_us(now),
         )
-        self.store.add_grant(row)
-        return self._grant(row, to_us(now))
 
     def list_grants(
         self, user: str, now: datetime | None = None, include_expired: bool = True
@@ -437,6 +451,11 @@ class Ledger:
         now_us = to_us(now or self.clock())
         grants = [self._grant(row, now_us) for row in self.store.grants(user)]
         return grants if include_expired else [g for g in grants if not g.expired]
+
+    @staticmethod
+    def grant_view(row: GrantRow, now: datetime) -> Grant:
+        """A stored (or about to be stored) grant as the API shows it at `now`."""
+        return Ledger._grant(row, to_us(now))
 
     @staticmethod
     def _grant(row: GrantRow, now_us: int) -> Grant:
