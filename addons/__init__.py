@@ -22,6 +22,7 @@ def pipeline(rt: Runtime) -> list[Any]:
     from .router import Router
     from .sni import Sni
     from .spans import Spans
+    from .telemetry import Telemetry
     from .upstream import Upstream
 
     audit = Audit(rt)
@@ -41,5 +42,6 @@ def pipeline(rt: Runtime) -> list[Any]:
         Upstream(rt),  # provider URL and credentials; the last gate before the network
         Accounting(rt),  # streamed usage, cost
         Spans(rt),  # one span per proxied request
+        Telemetry(rt),  # that span exported over OTLP (GenAI conventions), fail-open
         audit,  # one ledger entry per proxied request, durable before the response ends
     ]

@@ -204,6 +204,19 @@ class Local(_Model):
     gemini_cache_price_multiplier: float = Field(default=0.25, ge=0)
 
 
+class Otlp(_Model):
+    """OTLP trace export; the standard OTEL_EXPORTER_OTLP_* variables fill what is left unset."""
+
+    endpoint: str | None = None  # as OTEL_EXPORTER_OTLP_ENDPOINT: http/protobuf adds /v1/traces
+    protocol: Literal["http/protobuf", "grpc"] | None = None  # None: OTEL_..._PROTOCOL, else http
+    headers: dict[str, str] = {}  # sent with every export; {}: OTEL_EXPORTER_OTLP_HEADERS
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)  # of traces the caller did not decide
+
+
+class Telemetry(_Model):
+    otlp: Otlp | None = None  # None: export only when OTEL_EXPORTER_OTLP_ENDPOINT is set
+
+
 class Config(_Model):
     listen: Listen = Listen()
     mode: Literal["reverse", "transparent"] = "reverse"
@@ -218,6 +231,7 @@ class Config(_Model):
     interception: Interception = Interception()
     limits: Limits = Limits()
     local: Local = Local()
+    telemetry: Telemetry = Telemetry()
 
     @field_validator("providers")
     @classmethod

@@ -1,0 +1,80 @@
+"""Telemetry: each proxied request's span exported over OTLP (observability/otel.py), fail-open."""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import http
+
+from candela_mitm.context import RequestContext
+from candela_mitm.observability.otel import RequestFacts, TraceExport, facts_from_bytes
+from candela_mitm.observability.spans import Span
+from candela_mitm.runtime import Runtime
+
+from .flowstate import ctx_of
+
+log = logging.getLogger("candela.telemetry")
+
+
+def request_facts(c: RequestContext) -> RequestFacts:
+    plan = c.plan
+    upstream = plan.upstream if plan else None
+    return RequestFacts(
+        kind=c.kind,
+        path=plan.path if plan else c.rest,
+        route=upstream.name if upstream else c.provider,
+        server_address=upstream.host if upstream else None,
+        server_port=upstream.port if upstream else None,
+        client_address=c.client_address,
+        intercepted=c.intercepted,
+        via=getattr(c.principal, "via", None),
+        decision="denied" if c.denial_code else "allowed",
+    )
+
+
+class Telemetry:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        errors = rt.metrics.observability_errors.labels("otlp")
+        self.export = TraceExport.from_config(
+            rt.config.telemetry,
+            service_name="candela-server" if rt.command == "server" else "candela",
+            on_failure=errors.inc,
+        )
+        self._errors = errors
+
+    def _export(self, flow: http.HTTPFlow) -> None:
+        c = ctx_of(flow)
+        if self.export is None or c is None:
+            return
+        span = getattr(c, "span", None)  # set by Spans, which runs first in every hook
+        if not isinstance(span, Span) or flow.metadata.get("candela.otel") is span:
+            return
+        flow.metadata["candela.otel"] = span  # response then error: exported once
+        resp = flow.response
+        # a streamed body is gone by now, a compressed one is not worth decoding again
+        body = None
+        if resp is not None and not (c.plan and c.plan.stream) and not c.denial_code:
+            if "content-encoding" not in resp.headers:
+                body = resp.raw_content
+        content_type = resp.headers.get("content-type", "") if resp is not None else ""
+        try:
+            self.export.export(
+                span,
+                request_facts(c),
+                facts=lambda: facts_from_bytes(body, content_type),
+                trace_flags=c.trace.flags,
+            )
+        except Exception:  # observability fails open: counted, never raised into the flow
+            self._errors.inc()
+            log.debug("span not exported", exc_info=True)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._export(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._export(flow)
+
+    def done(self) -> None:
+        if self.export is not None:
+            self.export.shutdown()
