@@ -14,6 +14,7 @@ def pipeline(rt: Runtime) -> list[Any]:
     from .audit import Audit, AuditStart
     from .auth import Auth
     from .budget import Budget
+    from .console import Console
     from .localapi import Health, LocalApi
     from .localui import LocalUi
     from .metrics import Metrics
@@ -30,6 +31,7 @@ def pipeline(rt: Runtime) -> list[Any]:
         Sni(rt),  # transparent mode: SNI -> provider route, sandbox attribution (421/403)
         Router(rt),  # route name, body, forwarding plan (or 400/404/413/415)
         Health(),  # /healthz, before authentication
+        Console(),  # /admin/ page and assets, before authentication (its calls are authenticated)
         AuditStart(audit),  # first of the response hooks: the entry commits while they run
         Metrics(rt),  # /metrics; request counters at the end
         Auth(rt),  # principal (401) and tenant (403 tenant_not_allowed)

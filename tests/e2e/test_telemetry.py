@@ -76,7 +76,7 @@ def test_json_request_is_one_genai_span_in_the_callers_trace(exported, upstream)
     r = requests.post(
         c.url + CHAT,
         json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-        headers={**traced(1), "X-Candela-Tenant": "research-team"},
+        headers={**traced(1), "X-Candela-Tenant-Id": "research-team"},
         timeout=20,
     )
     assert r.status_code == 200, r.text
