@@ -15,13 +15,13 @@ import requests
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.upstream import OPENAI_KEY, FakeUpstream
 
-from .conftest import candela_env, providers_config
+from .conftest import candela_env, providers_config, sdk_json
 
 pytestmark = pytest.mark.e2e
 
 
 def test_first_start_prints_the_one_command_that_mints_an_admin_key(
-    tmp_path, upstream: FakeUpstream, token_server
+    tmp_path, upstream: FakeUpstream, token_server, sdk
 ):
     upstream.reset()
     upstream.clear()
@@ -48,10 +48,16 @@ def test_first_start_prints_the_one_command_that_mints_an_admin_key(
                 break
             time.sleep(0.1)
         assert me.status_code == 200 and me.json()["role"] == "admin", me.text
-        r = requests.post(
-            c.url + "/proxy/openai/v1/chat/completions", json=chat, headers=auth, timeout=20
-        )
-        assert r.status_code == 200, r.text
+        # the README's quick start, with the real openai SDK and the printed key
+        [out] = sdk_json(f"""
+            import json, openai
+            client = openai.OpenAI(base_url="{c.url}/proxy/openai/v1", api_key="{key}", max_retries=0)
+            reply = client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{{"role": "user", "content": "Hello"}}]
+            )
+            print(json.dumps({{"text": reply.choices[0].message.content}}))
+        """)
+        assert out["text"] == upstream.reply_text
         [rec] = upstream.wait_for(1)
         assert rec.headers["authorization"] == f"Bearer {OPENAI_KEY}"  # the organisation's key
         assert key not in c.log()
