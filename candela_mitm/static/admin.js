@@ -8,7 +8,7 @@ const SVG = "http://www.w3.org/2000/svg";
 const KEY = "candela.console.key";
 const COLORS = ["#d9822b", "#3b6fb6", "#2e8540", "#9c4dcc", "#c53030", "#148f8f", "#7a6a00", "#596273"];
 
-const state = { me: null, grantUser: null, audit: [], auditNext: null };
+const state = { me: null, users: new Map(), grantUser: null, pending: null, audit: [], auditNext: null };
 
 class ApiError extends Error {
   constructor(status, body) {
@@ -244,13 +244,14 @@ async function loadLeaderboard() {
 async function loadUsers() {
   const u = await api("/admin/v1/users");
   $("users-day").textContent = `(${u.day})`;
+  state.users = new Map(u.users.map((x) => [x.user_id, x]));
   fill("users", u.users.map((x) => {
     const m = document.createElement("meter");
     m.min = 0; m.max = 1; m.low = 0.7; m.high = 0.9; m.optimum = 0;
     m.value = x.daily_budget_usd > 0 ? Math.min(1, x.spent_today_usd / x.daily_budget_usd) : 0;
     m.title = x.daily_budget_usd > 0
       ? `${Math.round(100 * x.spent_today_usd / x.daily_budget_usd)}% of the daily budget` : "no budget";
-    const pick = el("button", "Grants", "secondary");
+    const pick = el("button", "Select", "secondary");
     pick.addEventListener("click", () => pickUser(x.user_id));
     const tr = row([
       x.user_id, x.role, (x.tenants || []).join(", ") || "–", [usd(x.daily_budget_usd), "num"],
@@ -268,6 +269,14 @@ async function pickUser(user) {
     tr.classList.toggle("picked", tr.dataset.user === user);
   }
   $("grants-user").textContent = `for ${user}`;
+  const x = state.users.get(user);
+  if (x) {
+    $("u-id").value = x.user_id;
+    $("u-role").value = x.role;
+    $("u-tenants").value = (x.tenants || []).join(", ");
+    $("u-budget").value = x.daily_budget_usd ?? "";
+    $("u-rpm").value = x.requests_per_minute ?? "";
+  }
   $("grant-create").disabled = false;
   $("grant-confirm").hidden = true;
   await loadGrants();
@@ -323,6 +332,59 @@ async function confirmGrant() {
     await Promise.all([loadGrants(), loadMe(), loadAudit(false)]);
   } catch (e) {
     say("grant-msg", e.code ? `${e.code}: ${e.message}` : e.message, false);
+  }
+}
+
+// A change to a user: shown, confirmed, then sent (PUT or DELETE); the API audits it.
+function userDraft() {
+  const body = { role: $("u-role").value };
+  body.tenants = $("u-tenants").value.split(",").map((t) => t.trim()).filter((t) => t);
+  if ($("u-budget").value !== "") body.daily_budget_usd = Number($("u-budget").value);
+  if ($("u-rpm").value !== "") body.requests_per_minute = Number($("u-rpm").value);
+  return body;
+}
+
+function askUser(remove) {
+  const user = $("u-id").value.trim();
+  if (!user) {
+    say("user-msg", "Name the user first.", false);
+    return;
+  }
+  const path = `/admin/v1/users/${encodeURIComponent(user)}`;
+  if (remove) {
+    state.pending = { method: "DELETE", path, done: `Removed ${user}.` };
+    $("user-summary").textContent =
+      `Remove ${user}? Their audit entries and spend history stay. This is written to the audit log.`;
+  } else {
+    const body = userDraft();
+    const known = state.users.has(user);
+    state.pending = { method: "PUT", path, body, done: `${known ? "Changed" : "Added"} ${user}.` };
+    $("user-summary").textContent =
+      `${known ? "Change" : "Add"} ${user}: ${body.role}, tenants ${body.tenants.join(", ") || "none"}, ` +
+      `daily budget ${"daily_budget_usd" in body ? usd(body.daily_budget_usd) : "unchanged"}, ` +
+      `${"requests_per_minute" in body ? body.requests_per_minute : "unchanged"} requests/min? ` +
+      "This is written to the audit log.";
+  }
+  $("user-confirm").hidden = false;
+  $("user-msg").textContent = "";
+}
+
+async function confirmUser() {
+  const p = state.pending;
+  state.pending = null;
+  $("user-confirm").hidden = true;
+  if (!p) return;
+  try {
+    const opts = { method: p.method };
+    if (p.body) {
+      opts.headers = { "Content-Type": "application/json" };
+      opts.body = JSON.stringify(p.body);
+    }
+    await api(p.path, opts);
+    say("user-msg", p.done, true);
+    await Promise.all([loadUsers(), loadAudit(false)]);
+  } catch (e) {
+    say("user-msg", e.code ? `${e.code}: ${e.message}` : e.message, false);
   }
 }
 
@@ -408,6 +470,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("grant-form").addEventListener("submit", askGrant);
   $("grant-yes").addEventListener("click", confirmGrant);
   $("grant-no").addEventListener("click", () => { $("grant-confirm").hidden = true; });
+  $("user-form").addEventListener("submit", (ev) => { ev.preventDefault(); askUser(false); });
+  $("u-remove").addEventListener("click", () => askUser(true));
+  $("user-yes").addEventListener("click", confirmUser);
+  $("user-no").addEventListener("click", () => { state.pending = null; $("user-confirm").hidden = true; });
   $("audit-form").addEventListener("submit", (ev) => { ev.preventDefault(); loadAudit(false); });
   $("audit-older").addEventListener("click", () => loadAudit(true));
   $("audit-csv").addEventListener("click", exportCsv);

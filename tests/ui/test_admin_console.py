@@ -228,3 +228,58 @@ def test_a_wrong_key_is_refused(browser, server):
         assert pg.locator("#app").is_hidden()
     finally:
         pg.context.close()
+
+
+def test_users_are_added_changed_and_removed_from_the_page(admin_page, server):
+    pg = admin_page
+    # change bob's budget and rate: nothing happens before the confirmation
+    pg.click("#users tr[data-user='bob@example.com'] button")
+    expect(pg.locator("#u-id")).to_have_value("bob@example.com")
+    assert pg.input_value("#u-tenants") == "contractor-pool"
+    pg.fill("#u-budget", "12.5")
+    pg.fill("#u-rpm", "30")
+    pg.click("#u-save")
+    expect(pg.locator("#user-summary")).to_contain_text("Change bob@example.com")
+
+    def users() -> dict[str, Any]:
+        r = requests.get(server.url + "/admin/v1/users", headers=ADMIN, timeout=10)
+        return {u["user_id"]: u for u in r.json()["users"]}
+
+    assert users()["bob@example.com"]["daily_budget_usd"] != 12.5
+    pg.click("#user-yes")
+    expect(pg.locator("#user-msg")).to_have_text("Changed bob@example.com.")
+    bob = users()["bob@example.com"]
+    assert (bob["daily_budget_usd"], bob["requests_per_minute"]) == (12.5, 30)
+    assert bob["tenants"] == ["contractor-pool"]
+    expect(pg.locator("#users tr[data-user='bob@example.com'] td").nth(3)).to_have_text("$12.50")
+
+    # a new user, then removed
+    pg.fill("#u-id", "carol@example.com")
+    pg.select_option("#u-role", "developer")
+    pg.fill("#u-tenants", "research-team, other-team")
+    pg.fill("#u-budget", "")
+    pg.fill("#u-rpm", "")
+    pg.click("#u-save")
+    pg.click("#user-yes")
+    expect(pg.locator("#user-msg")).to_have_text("Added carol@example.com.")
+    assert users()["carol@example.com"]["tenants"] == ["research-team", "other-team"]
+    pg.click("#users tr[data-user='carol@example.com'] button")
+    pg.click("#u-remove")
+    expect(pg.locator("#user-summary")).to_contain_text("Remove carol@example.com?")
+    pg.click("#user-yes")
+    expect(pg.locator("#user-msg")).to_have_text("Removed carol@example.com.")
+    assert "carol@example.com" not in users()
+    expect(pg.locator("#users tr[data-user='carol@example.com']")).to_have_count(0)
+    audit = requests.get(
+        server.url + "/admin/v1/audit?action=admin_action&user=admin@example.com",
+        headers=ADMIN,
+        timeout=10,
+    ).json()["entries"]
+    done = [(e["fields"]["action"], e["fields"]["target"]) for e in audit]
+    for change in (
+        ("user.update", "bob@example.com"),
+        ("user.create", "carol@example.com"),
+        ("user.delete", "carol@example.com"),
+    ):
+        assert change in done
+    assert pg.problems == []
