@@ -7,6 +7,7 @@ import logging
 from mitmproxy import http
 
 from candela_mitm.context import RequestContext
+from candela_mitm.errors import ConfigError
 from candela_mitm.observability.otel import RequestFacts, TraceExport, facts_from_bytes
 from candela_mitm.observability.spans import Span
 from candela_mitm.runtime import Runtime
@@ -35,13 +36,17 @@ def request_facts(c: RequestContext) -> RequestFacts:
 class Telemetry:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        errors = rt.metrics.observability_errors.labels("otlp")
-        self.export = TraceExport.from_config(
-            rt.config.telemetry,
-            service_name="candela-server" if rt.command == "server" else "candela",
-            on_failure=errors.inc,
-        )
-        self._errors = errors
+        errors = self._errors = rt.metrics.observability_errors.labels("otlp")
+        self.export: TraceExport | None = None
+        try:
+            self.export = TraceExport.from_config(
+                rt.config.telemetry,
+                service_name="candela-server" if rt.command == "server" else "candela",
+                on_failure=errors.inc,
+            )
+        except (ConfigError, ValueError) as e:  # an OTEL_* variable we cannot honour: fail open
+            errors.inc()
+            log.warning("OpenTelemetry export is off: %s", e)  # an error would stop mitmproxy
 
     def _export(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)

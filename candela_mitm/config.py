@@ -212,6 +212,14 @@ class Otlp(_Model):
     headers: dict[str, str] = {}  # sent with every export; {}: OTEL_EXPORTER_OTLP_HEADERS
     sample_ratio: float = Field(default=1.0, ge=0, le=1)  # of traces the caller did not decide
 
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        scheme, _, rest = (v or "").partition("://")
+        if v is not None and (scheme not in ("http", "https") or not rest):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://otel-collector:4318")
+        return v
+
 
 class Telemetry(_Model):
     otlp: Otlp | None = None  # None: export only when OTEL_EXPORTER_OTLP_ENDPOINT is set

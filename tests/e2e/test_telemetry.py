@@ -215,3 +215,21 @@ def test_standard_environment_variables_alone_turn_export_on(tmp_path, upstream,
     assert s.resource["service.name"] == "gateway-eu"
     assert s.headers["authorization"] == "Basic abc"
     assert json.dumps(s.attributes)  # plain values only
+
+
+def test_an_otel_variable_candela_cannot_honour_turns_export_off_not_the_proxy(
+    tmp_path, upstream, token_server
+):
+    env = {
+        **candela_env(token_server, tmp_path),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json",
+    }
+    with CandelaProcess(tmp_path, base_config(upstream.url), env=env) as c:
+        r = requests.post(
+            c.url + CHAT, json={"model": "gpt-4o-mini", "messages": []}, headers=ALICE, timeout=20
+        )
+        assert r.status_code == 200
+        metrics = requests.get(c.url + "/metrics", headers=ALICE, timeout=5).text
+    assert "OpenTelemetry export is off: telemetry.otlp.protocol: 'http/json'" in c.log()
+    assert 'candela_observability_errors_total{component="otlp"} 1.0' in metrics

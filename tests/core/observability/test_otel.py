@@ -265,6 +265,9 @@ def test_config_is_strict():
         parse_config({"telemetry": {"otlp": {"compression": "gzip"}}})
     with pytest.raises(ConfigError, match="telemetry.otlp.protocol"):
         parse_config({"telemetry": {"otlp": {"protocol": "http/json"}}})
+    for bad in ("collector:4318", "http://", "grpc://c:4317"):
+        with pytest.raises(ConfigError, match="telemetry.otlp.endpoint: .*http:// or https://"):
+            parse_config({"telemetry": {"otlp": {"endpoint": bad}}})
 
 
 @pytest.mark.parametrize(
