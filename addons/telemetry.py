@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from mitmproxy import http
 
 from candela_mitm.context import RequestContext
 from candela_mitm.errors import ConfigError
-from candela_mitm.observability.otel import RequestFacts, TraceExport, facts_from_bytes
+from candela_mitm.observability.otel import (
+    RequestFacts,
+    ResponseFacts,
+    StreamModel,
+    TraceExport,
+    facts_from_bytes,
+)
 from candela_mitm.observability.spans import Span
 from candela_mitm.runtime import Runtime
 
 from .flowstate import ctx_of
 
 log = logging.getLogger("candela.telemetry")
+STREAM_KEY = "candela.otel.stream"
 
 
 def request_facts(c: RequestContext) -> RequestFacts:
@@ -48,6 +57,24 @@ class Telemetry:
             errors.inc()
             log.warning("OpenTelemetry export is off: %s", e)  # an error would stop mitmproxy
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """A streamed body is gone by the end: read the model it names as it passes."""
+        resp = flow.response
+        if self.export is None or resp is None or not callable(resp.stream):
+            return
+        inner: Callable[[bytes], Any] = resp.stream
+        sniff = StreamModel()
+        flow.metadata[STREAM_KEY] = sniff
+
+        def stream(data: bytes) -> Iterable[bytes] | bytes:
+            try:
+                sniff.look(data)
+            except Exception:  # never into the stream: it would cut the client's response
+                self._errors.inc()
+            return inner(data)
+
+        resp.stream = stream
+
     def _export(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         if self.export is None or c is None:
@@ -63,13 +90,15 @@ class Telemetry:
             if "content-encoding" not in resp.headers:
                 body = resp.raw_content
         content_type = resp.headers.get("content-type", "") if resp is not None else ""
+        sniff = flow.metadata.get(STREAM_KEY)
+
+        def facts() -> ResponseFacts:
+            if isinstance(sniff, StreamModel):
+                return ResponseFacts(model=sniff.model)
+            return facts_from_bytes(body, content_type)
+
         try:
-            self.export.export(
-                span,
-                request_facts(c),
-                facts=lambda: facts_from_bytes(body, content_type),
-                trace_flags=c.trace.flags,
-            )
+            self.export.export(span, request_facts(c), facts=facts, trace_flags=c.trace.flags)
         except Exception:  # observability fails open: counted, never raised into the flow
             self._errors.inc()
             log.debug("span not exported", exc_info=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -143,6 +144,34 @@ def facts_from_bytes(content: bytes | None, content_type: str) -> ResponseFacts:
         return response_facts(json.loads(content))
     except ValueError:
         return ResponseFacts()
+
+
+# The model a stream names in its first event: OpenAI and Ollama "model", Anthropic's
+# message_start {"message": {"model"}}, Gemini "modelVersion". Bedrock's binary event stream
+# carries it base64-encoded: not found there.
+_STREAM_MODEL = re.compile(rb'"(?:model|modelVersion)"\s*:\s*"([^"\\]{1,256})"')
+SNIFF_BYTES = 16 * 1024  # every format names the model in its first event
+
+
+class StreamModel:
+    """Finds the response model at the start of a stream as it passes (the usage meters read
+    usage only); stops looking after SNIFF_BYTES."""
+
+    def __init__(self) -> None:
+        self.model: str | None = None
+        self._seen = 0
+        self._tail = b""
+
+    def look(self, data: bytes) -> None:
+        if self.model is not None or self._seen >= SNIFF_BYTES:
+            return
+        buf = self._tail + data[: SNIFF_BYTES - self._seen]
+        self._seen += len(data)
+        m = _STREAM_MODEL.search(buf)
+        if m:
+            self.model = m.group(1).decode("utf-8", "replace")
+        else:
+            self._tail = buf[-320:]  # a name split across two chunks
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,10 @@ def test_stream_span_carries_the_streamed_usage(exported, upstream):
     assert s.trace_id == CALLER_TRACE
     a = s.attributes
     assert a["candela.stream"] is True and a["gen_ai.request.model"] == "gpt-4o"
+    model = [
+        json.loads(line[6:])["model"] for line in r.text.splitlines() if line.startswith("data: {")
+    ][0]
+    assert a["gen_ai.response.model"] == model  # read from the stream as it passed
     assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (40, 30)
     assert a["candela.ttft_ms"] >= 0 and a["candela.cost_usd"] > 0
 

@@ -14,6 +14,7 @@ from candela_mitm.errors import ConfigError
 from candela_mitm.observability.otel import (
     RequestFacts,
     ResponseFacts,
+    StreamModel,
     TraceExport,
     attributes,
     enabled,
@@ -295,3 +296,33 @@ def test_protocol_and_url():
     assert traces_url("http://c:4318/v1/traces") == "http://c:4318/v1/traces"
     with pytest.raises(ConfigError):
         traces_url("c:4318")
+
+
+@pytest.mark.parametrize(
+    ("chunks", "model"),
+    [
+        (
+            [b'data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-2024-08-06"}\n\n'],
+            "gpt-4o-2024-08-06",
+        ),
+        (
+            [
+                b'event: message_start\ndata: {"type":"message_start","message":{"id":"m","mod',
+                b'el": "claude-sonnet-4-5"}}\n\n',
+            ],
+            "claude-sonnet-4-5",
+        ),
+        (
+            [b'data: {"candidates":[],"modelVersion":"gemini-2.5-flash"}\r\n\r\n'],
+            "gemini-2.5-flash",
+        ),
+        ([b'{"model":"llama3.2:3b","message":{"content":"hi"},"done":false}\n'], "llama3.2:3b"),
+        ([b"x" * (20 * 1024), b'data: {"model":"too-late"}\n\n'], None),
+        ([b'data: {"choices":[{"delta":{"content":"no model here"}}]}\n\n'], None),
+    ],
+)
+def test_stream_model(chunks, model):
+    sniff = StreamModel()
+    for chunk in chunks:
+        sniff.look(chunk)
+    assert sniff.model == model
