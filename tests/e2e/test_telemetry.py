@@ -237,3 +237,30 @@ def test_an_otel_variable_candela_cannot_honour_turns_export_off_not_the_proxy(
         metrics = requests.get(c.url + "/metrics", headers=ALICE, timeout=5).text
     assert "OpenTelemetry export is off: telemetry.otlp.protocol: 'http/json'" in c.log()
     assert 'candela_observability_errors_total{component="otlp"} 1.0' in metrics
+
+
+def test_a_receiver_stopped_while_serving_does_not_fail_requests(tmp_path, upstream, token_server):
+    """gRPC this time: spans arrive, the receiver stops, requests (JSON and streams) still pass."""
+    receiver = OtlpReceiver("grpc").start()
+    try:
+        cfg = base_config(
+            upstream.url,
+            telemetry={"otlp": {"endpoint": receiver.endpoint, "protocol": "grpc"}},
+        )
+        env = {
+            **candela_env(token_server, tmp_path),
+            **FAST_BATCH,
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
+        }
+        with CandelaProcess(tmp_path, cfg, env=env) as c:
+            body = {"model": "gpt-4o-mini", "messages": []}
+            r = requests.post(c.url + CHAT, json=body, headers=ALICE, timeout=20)
+            by_span(receiver, r.headers["x-candela-span-id"])
+            receiver.stop()
+            for i in range(10):
+                body = {"model": "gpt-4o-mini", "stream": i % 2 == 1, "messages": []}
+                r = requests.post(c.url + CHAT, json=body, headers=ALICE, timeout=20)
+                assert r.status_code == 200, r.text
+            assert len(upstream.requests) == 11
+    finally:
+        receiver.stop()
