@@ -107,6 +107,7 @@ function signOut() {
 }
 
 async function refresh() {
+  if (isAdmin()) await loadTenants();
   const jobs = [loadMe(), loadSpend()];
   if (isAdmin()) jobs.push(loadLeaderboard(), loadUsers(), loadAudit(false));
   await Promise.all(jobs);
@@ -132,12 +133,29 @@ async function loadMe() {
 
 // -- spend over time --------------------------------------------------------------------------
 
-// One call per day: the API sums a range, so a day is a range of one.
+function tenantParam() {
+  const t = isAdmin() ? $("spend-tenant").value : "";
+  return t ? `&tenant=${encodeURIComponent(t)}` : "";
+}
+
+// The tenants that spent in the last 30 days, for the tenant view (kept when still listed).
+async function loadTenants() {
+  const lb = await api(`/admin/v1/leaderboard?by=tenant&since=${lastDays(30)[0]}&limit=100`);
+  const sel = $("spend-tenant");
+  const keep = sel.value;
+  const names = lb.rows.map((r) => r.key).filter((k) => k);
+  sel.replaceChildren(el("option", "all tenants"), ...names.map((n) => el("option", n)));
+  sel.options[0].value = "";
+  sel.value = names.includes(keep) ? keep : "";
+}
+
+// One call per day: the API sums a range, so a day is a range of one. A tenant narrows the
+// per-model view (the usage route filters by tenant; the leaderboard does not).
 async function spendSeries(by, days) {
   const per = await Promise.all(days.map(async (day) => {
     const q = `since=${day}&until=${day}`;
     if (by === "model") {
-      const u = await api(`/admin/v1/usage?${q}`);
+      const u = await api(`/admin/v1/usage?${q}${tenantParam()}`);
       return u.models.map((m) => [m.model, m.spend_usd, m.requests]);
     }
     const lb = await api(`/admin/v1/leaderboard?by=${by}&${q}&limit=100`);
@@ -155,6 +173,8 @@ async function spendSeries(by, days) {
 
 async function loadSpend() {
   const by = $("spend-by").value;
+  if (by !== "model") $("spend-tenant").value = "";
+  $("spend-tenant").disabled = by !== "model";
   const days = lastDays(Number($("spend-days").value));
   try {
     const series = await spendSeries(by, days);
@@ -220,8 +240,9 @@ function drawChart(days, series, by) {
 }
 
 async function loadModels(days) {
-  const u = await api(`/admin/v1/usage?since=${days[0]}&until=${days[days.length - 1]}`);
-  $("models-range").textContent = `${days[0]} – ${days[days.length - 1]}`;
+  const u = await api(`/admin/v1/usage?since=${days[0]}&until=${days[days.length - 1]}${tenantParam()}`);
+  const t = tenantParam() ? ` · ${$("spend-tenant").value}` : "";
+  $("models-range").textContent = `${days[0]} – ${days[days.length - 1]}${t}`;
   fill("models", u.models.map((m) => row([
     m.model, m.provider || "–", [m.requests, "num"], [m.tokens_in, "num"], [m.tokens_out, "num"],
     [usd(m.spend_usd), "num"],
@@ -465,6 +486,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("signout").addEventListener("click", signOut);
   $("spend-by").addEventListener("change", loadSpend);
   $("spend-days").addEventListener("change", loadSpend);
+  $("spend-tenant").addEventListener("change", loadSpend);
   $("lb-by").addEventListener("change", guard(loadLeaderboard, "spend-msg"));
   $("lb-since").addEventListener("change", guard(loadLeaderboard, "spend-msg"));
   $("grant-form").addEventListener("submit", askGrant);
