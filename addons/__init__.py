@@ -24,6 +24,7 @@ def pipeline(rt: Runtime) -> list[Any]:
     from .audit import Audit, AuditStart
     from .auth import Auth
     from .budget import Budget
+    from .console import Console
     from .localapi import Health, LocalApi
     from .localguard import LocalGuard
     from .localui import LocalUi
@@ -33,6 +34,7 @@ def pipeline(rt: Runtime) -> list[Any]:
     from .router import Router
     from .sni import Sni
     from .spans import Spans
+    from .telemetry import Telemetry
     from .upstream import Upstream
 
     audit = Audit(rt)
@@ -43,6 +45,7 @@ def pipeline(rt: Runtime) -> list[Any]:
         # candela (laptop): a loopback Host on Candela's port, JSON bodies, the UI token
         LocalGuard(rt),
         Health(),  # /healthz, before authentication, as load balancers expect
+        Console(),  # /admin/ page and assets, before authentication (its calls are authenticated)
         # AuditStart has only a response hook, and it is here for that hook alone: ahead of
         # every other addon with one, it queues the request's audit entry first, so the entry's
         # commit (an fsync on the writer thread) runs while Metrics, Budget, Accounting and
@@ -82,6 +85,7 @@ def pipeline(rt: Runtime) -> list[Any]:
     after = [
         Accounting(rt),  # streams the response through its usage reader; prices the usage
         Spans(rt),  # one span per proxied request
+        Telemetry(rt),  # that span exported over OTLP (GenAI conventions), fail-open
         audit,  # one ledger entry per proxied request, durable before the response ends
     ]
     return [*edge, *gates, *local, *forwarding, *after]

@@ -223,6 +223,27 @@ class Local(_Model):
     allowed_uids: list[int] = []
 
 
+class Otlp(_Model):
+    """OTLP trace export; the standard OTEL_EXPORTER_OTLP_* variables fill what is left unset."""
+
+    endpoint: str | None = None  # as OTEL_EXPORTER_OTLP_ENDPOINT: http/protobuf adds /v1/traces
+    protocol: Literal["http/protobuf", "grpc"] | None = None  # None: OTEL_..._PROTOCOL, else http
+    headers: dict[str, str] = {}  # sent with every export; {}: OTEL_EXPORTER_OTLP_HEADERS
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)  # of traces the caller did not decide
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        scheme, _, rest = (v or "").partition("://")
+        if v is not None and (scheme not in ("http", "https") or not rest):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://otel-collector:4318")
+        return v
+
+
+class Telemetry(_Model):
+    otlp: Otlp | None = None  # None: export only when OTEL_EXPORTER_OTLP_ENDPOINT is set
+
+
 class Config(_Model):
     listen: Listen = Listen()
     mode: Literal["reverse", "transparent"] = "reverse"
@@ -237,6 +258,7 @@ class Config(_Model):
     interception: Interception = Interception()
     limits: Limits = Limits()
     local: Local = Local()
+    telemetry: Telemetry = Telemetry()
 
     @field_validator("providers")
     @classmethod

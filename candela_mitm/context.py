@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # types only: the context is the vocabulary those modules spe
     from candela_mitm.governance.identity import Principal
     from candela_mitm.governance.ledger import BudgetRefusal, Reservation
     from candela_mitm.governance.users import UserSettings
+    from candela_mitm.observability.otel import StreamModel
     from candela_mitm.observability.spans import Span
     from candela_mitm.providers.streaming import ResponseProcessor
 
@@ -68,6 +69,8 @@ class RequestContext:
     policy: dict[str, Any] | None = None  # the model policy decision, for audit
     counted: bool = False  # the request's metrics are counted (addons/metrics.py), exactly once
     span: Span | None = None  # the request's span once recorded (addons/spans.py)
+    stream_model: StreamModel | None = None  # the model a stream names, read as it passes (OTLP)
+    exported: bool = False  # the span went to the OTLP exporter (response, then error: once)
     audited: bool = False  # the request's audit entry is queued (addons/audit.py), exactly once
     # the loop future that tells when that entry is committed (True) or timed out (False)
     audit_commit: asyncio.Future[bool] | None = None

@@ -46,7 +46,7 @@ USER_SETTINGS_TTL_S = 1.0
 
 # Config sections a running proxy cannot change: they shape its listeners, stores and processes.
 RESTART_SECTIONS = frozenset(
-    {"listen", "mode", "workers", "state", "audit", "interception", "limits", "local"}
+    {"listen", "mode", "workers", "state", "audit", "interception", "limits", "local", "telemetry"}
 )
 
 

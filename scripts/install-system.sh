@@ -3,7 +3,7 @@
 # Idempotent: packages already present are not reinstalled; safe to run on every `make test`.
 set -euo pipefail
 
-PKGS=(python3-bpfcc linux-headers-amd64 iproute2 iptables nftables redis-server chromium chromium-driver curl ca-certificates procps)
+PKGS=(python3-bpfcc linux-headers-amd64 iproute2 iptables nftables redis-server chromium chromium-driver curl ca-certificates procps systemd)
 
 if [ "$(id -u)" != "0" ]; then
   echo "install-system: not root; skipping Debian packages (privileged tests need root)" >&2

@@ -42,8 +42,18 @@ def rerun_optimized() -> None:
         print(f"candela: serving without -O ({e})", file=sys.stderr)
 
 
+def _subcommands_epilog() -> str:
+    lines = [f"  {name:<9} {text}" for name, text in SUBCOMMAND_HELP.items()]
+    return "subcommands (candela <subcommand> --help):\n" + "\n".join(lines)
+
+
 def _serve_parser(prog: str, command: Command) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Candela: governance proxy for LLM traffic")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Candela: governance proxy for LLM traffic",
+        epilog=_subcommands_epilog() if command == "local" else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", metavar="PATH", help="YAML config (see config.example.yaml)")
     p.add_argument("--host", help="listen address (default: listen.host, 127.0.0.1)")
     p.add_argument(
@@ -79,6 +89,10 @@ def _serve(argv: Sequence[str], command: Command, prog: str) -> int:
     except ConfigError as e:
         print(f"candela: config error:\n{e}", file=sys.stderr)
         return 2
+    if command == "server":
+        from candela_mitm.cli.keys import first_start_hint
+
+        first_start_hint(config, args.config, sys.stderr)
     overrides = {"mode": args.mode} if args.mode else {}
     config = config.model_copy(update=overrides)
     host = args.host or config.listen.host
@@ -184,6 +198,20 @@ SUBCOMMANDS = {
     "enforce": "candela_mitm.cli.enforce:main",
     "doctor": "candela_mitm.cli.doctor:main",
     "prices": "candela_mitm.cli.prices:main",
+    "keys": "candela_mitm.cli.keys:main",
+    "service": "candela_mitm.cli.service:main",
+}
+# `candela --help` lists each with this line (tests/core/cli/test_help.py: every one listed).
+SUBCOMMAND_HELP = {
+    "serve": "the local proxy on :1234 (the default when no subcommand is given)",
+    "run": "run a command with all its LLM traffic governed by Candela (root)",
+    "enforce": "host-wide enforcement: redirect every process's provider traffic (root)",
+    "audit": "verify, checkpoint, query and export the hash-chained audit trail",
+    "doctor": "what this host supports for enforcement, and the fix for each missing piece",
+    "ca": "export the interception CA certificate for clients to trust",
+    "keys": "mint a Candela API key into a config file (an admin key on first start)",
+    "service": "write systemd units for candela-server, ready before network-online",
+    "prices": "what a model costs per token kind, and where each price came from",
 }
 
 

@@ -28,7 +28,16 @@ HOOK_ORDER: dict[str, list[str]] = {
     # refuses foreign Hosts, non-JSON bodies and token-less UI writes before any of them;
     # LocalUi refreshes the local model list here, before Router's `request` hook routes a
     # chat completion by model name
-    "requestheaders": ["Sni", "Router", "LocalGuard", "Health", "Metrics", "Auth", "LocalUi"],
+    "requestheaders": [
+        "Sni",
+        "Router",
+        "LocalGuard",
+        "Health",
+        "Console",  # the /admin/ page, before Auth (its API calls are authenticated)
+        "Metrics",
+        "Auth",
+        "LocalUi",
+    ],
     # the whole request: body and plan, then the gates, then the routes Candela answers itself,
     # and Upstream last: nothing reaches the network that a gate refused or nobody planned
     "request": [
@@ -42,12 +51,23 @@ HOOK_ORDER: dict[str, list[str]] = {
         "Upstream",
     ],
     # response headers: the upstream timeout is cancelled before the stream is set up
-    "responseheaders": ["Upstream", "Accounting"],
+    # Telemetry wraps the stream Accounting set up, to read the model a stream names
+    "responseheaders": ["Upstream", "Accounting", "Telemetry"],
     # the response: AuditStart queues the audit entry first, Audit waits for its commit last
-    "response": ["AuditStart", "Metrics", "Budget", "LocalUi", "Accounting", "Spans", "Audit"],
+    # (Telemetry exports the span Spans made, before Audit waits for the entry's commit)
+    "response": [
+        "AuditStart",
+        "Metrics",
+        "Budget",
+        "LocalUi",
+        "Accounting",
+        "Spans",
+        "Telemetry",
+        "Audit",
+    ],
     # a failed flow: the reservation is released before the entry that records the failure
-    "error": ["Metrics", "Budget", "Upstream", "Accounting", "Spans", "Audit"],
-    "done": ["LocalUi", "Upstream"],
+    "error": ["Metrics", "Budget", "Upstream", "Accounting", "Spans", "Telemetry", "Audit"],
+    "done": ["LocalUi", "Upstream", "Telemetry"],
 }
 
 

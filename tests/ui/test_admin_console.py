@@ -1,0 +1,285 @@
+"""Issue 20 in a real browser: the /admin/ console of a running candela-server, in headless Chromium."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import requests
+from playwright.sync_api import expect
+
+from candela_mitm.providers.usage import Usage
+from tests.e2e.conftest import ADMIN_KEY, ALICE_KEY, base_config, candela_env
+from tests.fakes.candela import CandelaProcess
+
+pytestmark = pytest.mark.e2e
+SCREENSHOT = "/tmp/candela-admin-console.png"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, upstream, token_server) -> Iterator[CandelaProcess]:
+    tmp = tmp_path_factory.mktemp("console")
+    cfg = base_config(
+        upstream.url,
+        users={
+            "alice@example.com": {
+                "tenants": ["research-team", "other-team"],
+                "daily_budget_usd": 50.0,
+            },
+            "bob@example.com": {"tenants": ["contractor-pool"]},
+        },
+    )
+    with CandelaProcess(tmp, cfg, env=candela_env(token_server, tmp)) as c:
+        # real spend, through the proxy: two tenants, two models
+        upstream.usage = Usage(input_tokens=100_000, output_tokens=20_000)
+        for tenant, model in (
+            ("research-team", "gpt-4o"),
+            ("research-team", "gpt-4o-mini"),
+            ("other-team", "gpt-4o"),
+        ):
+            r = requests.post(
+                c.url + "/proxy/openai/v1/chat/completions",
+                json={"model": model, "messages": MSGS},
+                headers={**ALICE, "X-Candela-Tenant-Id": tenant},
+                timeout=20,
+            )
+            assert r.status_code == 200, r.text
+        upstream.reset()
+        yield c
+
+
+def open_page(browser: Any, server: CandelaProcess) -> Any:
+    ctx = browser.new_context(viewport={"width": 1280, "height": 1400}, accept_downloads=True)
+    pg = ctx.new_page()
+    pg.problems = []
+    pg.on("console", lambda m: m.type == "error" and pg.problems.append(f"console: {m.text}"))
+    pg.on("pageerror", lambda e: pg.problems.append(f"pageerror: {e}"))
+    pg.on("requestfailed", lambda r: pg.problems.append(f"requestfailed: {r.url}"))
+    pg.goto(server.url + "/admin/", wait_until="load")
+    return pg
+
+
+def sign_in(pg: Any, key: str) -> None:
+    pg.fill("#key", key)
+    pg.click("#signin-form button[type=submit]")
+    pg.wait_for_selector("#app:not([hidden])")
+
+
+@pytest.fixture
+def admin_page(browser: Any, server: CandelaProcess) -> Iterator[Any]:
+    pg = open_page(browser, server)
+    sign_in(pg, ADMIN_KEY)
+    yield pg
+    pg.context.close()
+
+
+def today() -> str:
+    return datetime.now(UTC).date().isoformat()
+
+
+def test_page_is_served_before_authentication_with_a_strict_policy(server):
+    r = requests.get(server.url + "/admin/", timeout=10)
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    assert '<script src="/admin/admin.js"' in r.text and "http" not in r.text.split("<body>")[0]
+    assert requests.get(server.url + "/admin/admin.js", timeout=10).status_code == 200
+    # the API itself still needs a key
+    assert requests.get(server.url + "/admin/v1/users", timeout=10).status_code == 401
+    r = requests.post(server.url + "/admin/", timeout=10)
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+
+
+def test_admin_sees_spend_per_tenant_drawn_from_the_api(admin_page, server):
+    pg = admin_page
+    pg.select_option("#spend-by", "tenant")
+    lb = requests.get(
+        server.url + f"/admin/v1/leaderboard?by=tenant&since={today()}&until={today()}",
+        headers=ADMIN,
+        timeout=10,
+    ).json()
+    expected = {r["key"]: r["spend_usd"] for r in lb["rows"]}
+    assert expected["research-team"] > expected["other-team"] > 0
+    for tenant, usd in expected.items():
+        bar = pg.locator(f"#chart rect[data-key='{tenant}'][data-day='{today()}']")
+        expect(bar).to_have_count(1)
+        assert float(bar.get_attribute("data-usd")) == pytest.approx(usd)
+        assert float(bar.get_attribute("height")) > 0.4
+    pg.select_option("#spend-by", "model")
+    expect(pg.locator(f"#chart rect[data-key='gpt-4o-mini'][data-day='{today()}']")).to_have_count(
+        1
+    )
+    expect(pg.locator("#models tbody tr")).to_have_count(2)
+    expect(pg.locator("#leaderboard tbody tr")).to_have_count(2)
+    first = pg.locator("#leaderboard tbody tr").first
+    assert first.locator("td").nth(1).inner_text() == "research-team"
+    alice = pg.locator("#users tr[data-user='alice@example.com']")
+    expect(alice).to_have_count(1)
+    assert alice.locator("td").nth(3).inner_text() == "$50.00"
+    assert float(alice.locator("meter").get_attribute("value") or 0) > 0
+    pg.wait_for_timeout(300)
+    pg.screenshot(path=SCREENSHOT, full_page=True)
+    assert pg.problems == []
+
+
+def test_a_grant_created_from_the_page_shows_in_the_api_and_the_audit(admin_page, server):
+    pg = admin_page
+    pg.click("#users tr[data-user='alice@example.com'] button")
+    expect(pg.locator("#grant-create")).to_be_enabled()
+    expires = (datetime.now(UTC).date() + timedelta(days=30)).isoformat()
+    pg.fill("#grant-amount", "7.5")
+    pg.fill("#grant-expires", expires)
+    pg.fill("#grant-reason", "conference demo")
+    pg.click("#grant-create")
+    expect(pg.locator("#grant-confirm")).to_be_visible()
+    assert "$7.50 to alice@example.com" in pg.inner_text("#grant-summary")
+    # nothing is created before the confirmation
+    before = requests.get(
+        server.url + "/admin/v1/users/alice@example.com/grants", headers=ADMIN, timeout=10
+    ).json()["grants"]
+    assert [g for g in before if g["reason"] == "conference demo"] == []
+    pg.click("#grant-yes")
+    expect(pg.locator("#grant-msg")).to_contain_text("Created g_")
+    grant_id = pg.inner_text("#grant-msg").split("Created ", 1)[1].rstrip(".")
+    grants = requests.get(
+        server.url + "/admin/v1/users/alice@example.com/grants", headers=ADMIN, timeout=10
+    ).json()["grants"]
+    [g] = [g for g in grants if g["id"] == grant_id]
+    assert (g["amount_usd"], g["reason"], g["actor"]) == (
+        7.5,
+        "conference demo",
+        "admin@example.com",
+    )
+    assert g["expires_at"].startswith(expires)
+    expect(pg.locator(f"#grants tr[data-grant='{grant_id}']")).to_have_count(1)
+
+    # the audit log, filtered, and its CSV export
+    pg.fill("#audit-action", "admin_action")
+    pg.fill("#audit-user", "admin@example.com")
+    pg.click("#audit-form button[type=submit]")
+    expect(pg.locator("#audit tbody tr").first).to_contain_text("grant.create")
+    with pg.expect_download() as dl:
+        pg.click("#audit-csv")
+    rows = list(csv.DictReader(io.StringIO(open(dl.value.path()).read())))
+    api = requests.get(
+        server.url + "/admin/v1/audit?action=admin_action&user=admin@example.com",
+        headers=ADMIN,
+        timeout=10,
+    ).json()["entries"]
+    assert [int(r["seq"]) for r in rows] == [e["seq"] for e in api]
+    assert {r["action"] for r in rows} == {"admin_action"}
+    assert grant_id in rows[0]["fields"] and rows[0]["user_id"] == "admin@example.com"
+    assert rows[0]["hash"] == api[0]["hash"]
+    assert pg.problems == []
+
+
+def test_cancelled_grant_is_not_created(admin_page, server):
+    pg = admin_page
+    pg.click("#users tr[data-user='bob@example.com'] button")
+    pg.fill("#grant-amount", "3")
+    pg.fill("#grant-expires", (datetime.now(UTC).date() + timedelta(days=3)).isoformat())
+    pg.fill("#grant-reason", "never")
+    pg.click("#grant-create")
+    pg.click("#grant-no")
+    expect(pg.locator("#grant-confirm")).to_be_hidden()
+    pg.wait_for_timeout(300)
+    grants = requests.get(
+        server.url + "/admin/v1/users/bob@example.com/grants", headers=ADMIN, timeout=10
+    ).json()["grants"]
+    assert grants == []
+    assert pg.problems == []
+
+
+def test_a_developer_sees_only_their_own_usage_and_budget(browser, server):
+    pg = open_page(browser, server)
+    try:
+        sign_in(pg, ALICE_KEY)
+        expect(pg.locator("#me-user")).to_have_text("alice@example.com")
+        expect(pg.locator("#me-budget")).to_have_text("$50.00")
+        for section in ("#users", "#audit", "#leaderboard", "#grants"):
+            assert not pg.locator(section).is_visible()
+        bar = pg.locator(f"#chart rect[data-key='gpt-4o'][data-day='{today()}']")
+        expect(bar).to_have_count(1)
+        own = requests.get(
+            server.url + f"/admin/v1/usage?since={today()}&until={today()}",
+            headers=ALICE,
+            timeout=10,
+        ).json()
+        [m] = [m for m in own["models"] if m["model"] == "gpt-4o"]
+        assert float(bar.get_attribute("data-usd")) == pytest.approx(m["spend_usd"])
+        pg.wait_for_timeout(300)
+        assert pg.problems == []  # no admin-only call was made (it would be a 403 in the console)
+    finally:
+        pg.context.close()
+
+
+def test_a_wrong_key_is_refused(browser, server):
+    pg = open_page(browser, server)
+    try:
+        pg.fill("#key", "cdl_not_a_key")
+        pg.click("#signin-form button[type=submit]")
+        expect(pg.locator("#signin-msg")).to_have_text("That key is not valid here.")
+        assert pg.locator("#app").is_hidden()
+    finally:
+        pg.context.close()
+
+
+def test_users_are_added_changed_and_removed_from_the_page(admin_page, server):
+    pg = admin_page
+    # change bob's budget and rate: nothing happens before the confirmation
+    pg.click("#users tr[data-user='bob@example.com'] button")
+    expect(pg.locator("#u-id")).to_have_value("bob@example.com")
+    assert pg.input_value("#u-tenants") == "contractor-pool"
+    pg.fill("#u-budget", "12.5")
+    pg.fill("#u-rpm", "30")
+    pg.click("#u-save")
+    expect(pg.locator("#user-summary")).to_contain_text("Change bob@example.com")
+
+    def users() -> dict[str, Any]:
+        r = requests.get(server.url + "/admin/v1/users", headers=ADMIN, timeout=10)
+        return {u["user_id"]: u for u in r.json()["users"]}
+
+    assert users()["bob@example.com"]["daily_budget_usd"] != 12.5
+    pg.click("#user-yes")
+    expect(pg.locator("#user-msg")).to_have_text("Changed bob@example.com.")
+    bob = users()["bob@example.com"]
+    assert (bob["daily_budget_usd"], bob["requests_per_minute"]) == (12.5, 30)
+    assert bob["tenants"] == ["contractor-pool"]
+    expect(pg.locator("#users tr[data-user='bob@example.com'] td").nth(3)).to_have_text("$12.50")
+
+    # a new user, then removed
+    pg.fill("#u-id", "carol@example.com")
+    pg.select_option("#u-role", "developer")
+    pg.fill("#u-tenants", "research-team, other-team")
+    pg.fill("#u-budget", "")
+    pg.fill("#u-rpm", "")
+    pg.click("#u-save")
+    pg.click("#user-yes")
+    expect(pg.locator("#user-msg")).to_have_text("Added carol@example.com.")
+    assert users()["carol@example.com"]["tenants"] == ["research-team", "other-team"]
+    pg.click("#users tr[data-user='carol@example.com'] button")
+    pg.click("#u-remove")
+    expect(pg.locator("#user-summary")).to_contain_text("Remove carol@example.com?")
+    pg.click("#user-yes")
+    expect(pg.locator("#user-msg")).to_have_text("Removed carol@example.com.")
+    assert "carol@example.com" not in users()
+    expect(pg.locator("#users tr[data-user='carol@example.com']")).to_have_count(0)
+    audit = requests.get(
+        server.url + "/admin/v1/audit?action=admin_action&user=admin@example.com",
+        headers=ADMIN,
+        timeout=10,
+    ).json()["entries"]
+    done = [(e["fields"]["action"], e["fields"]["target"]) for e in audit]
+    for change in (
+        ("user.update", "bob@example.com"),
+        ("user.create", "carol@example.com"),
+        ("user.delete", "carol@example.com"),
+    ):
+        assert change in done
+    assert pg.problems == []
