@@ -190,14 +190,22 @@ def budget_exceeded(
     remaining_usd: float,
     estimated_cost_usd: float,
     resets_at: str,
+    scope: str = "user",
+    period: str = "daily",
+    tenant: str | None = None,
 ) -> Denial:
+    """`scope` names whose budget refused (the user's or the tenant's), `period` its span."""
+    whose = f"tenant '{tenant}''s" if scope == "tenant" else "your"
     return Denial(
         402,
         "budget_exceeded",
         f"Estimated cost ${estimated_cost_usd:.6f} exceeds the ${remaining_usd:.6f} "
-        f"left of today's budget",
+        f"left of {whose} {period} budget",
         {
             "user_id": user,
+            "tenant_id": tenant,
+            "scope": scope,
+            "period": period,
             "budget_usd": round(budget_usd, 6),
             "spent_usd": round(spent_usd, 6),
             "remaining_usd": round(remaining_usd, 6),

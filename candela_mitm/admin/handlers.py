@@ -21,12 +21,14 @@ from candela_mitm.audit.query import query_entries
 from candela_mitm.audit.writer import AuditWriter
 from candela_mitm.config import Config
 from candela_mitm.errors import Denial, Refused, StoreUnavailable
-from candela_mitm.governance.ledger import Grant, Ledger
+from candela_mitm.governance.ledger import Grant, Ledger, TenantBudgetStatus
+from candela_mitm.governance.periods import PERIOD_KINDS
 from candela_mitm.governance.tenancy import MAX_TENANT_CHARS
-from candela_mitm.governance.users import UserDirectory, UserSettings
+from candela_mitm.governance.users import TenantSettings, UserDirectory, UserSettings
 from candela_mitm.state.ports import (
     GrantRow,
     StateStore,
+    TenantRecord,
     UserRecord,
     day_of,
     from_us,
@@ -109,6 +111,8 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/admin/v1/users/{user}", "delete_user", True),
     Route("POST", "/admin/v1/users/{user}/grants", "create_grant", True),
     Route("GET", "/admin/v1/users/{user}/grants", "list_grants", True),
+    Route("GET", "/admin/v1/tenants", "list_tenants", True),
+    Route("PUT", "/admin/v1/tenants/{tenant}", "put_tenant", True),
     # developers too, filtered to themselves
     Route(
         "GET", "/admin/v1/usage", "usage", False, frozenset({"user", "tenant", "since", "until"})
@@ -307,18 +311,29 @@ def _usd(body: Mapping[str, Any], name: str, positive: bool) -> float:
     return float(v)
 
 
+def _tenant_id_ok(t: Any) -> bool:
+    return (
+        isinstance(t, str)
+        and bool(t)
+        and len(t) <= MAX_TENANT_CHARS
+        and t == t.strip()
+        and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in t)
+    )
+
+
+def _period(body: Mapping[str, Any], name: str) -> str:
+    v = body[name]
+    if v not in PERIOD_KINDS:
+        raise _invalid(name, f"must be one of {', '.join(PERIOD_KINDS)}")
+    return str(v)
+
+
 def _tenants(v: Any) -> tuple[str, ...]:
     name = "tenants"
     if not isinstance(v, list) or len(v) > MAX_TENANTS:
         raise _invalid(name, f"must be a list of at most {MAX_TENANTS} tenant ids")
     for t in v:
-        if (
-            not isinstance(t, str)
-            or not t
-            or len(t) > MAX_TENANT_CHARS
-            or t != t.strip()
-            or any(ord(c) < 0x20 or ord(c) == 0x7F for c in t)
-        ):
+        if not _tenant_id_ok(t):
             raise _invalid(
                 name,
                 f"must hold tenant ids of 1 to {MAX_TENANT_CHARS} characters, "
@@ -348,7 +363,23 @@ def settings_json(s: UserSettings) -> dict[str, Any]:
         "role": s.role,
         "tenants": list(s.tenants),
         "daily_budget_usd": s.daily_budget_usd,
+        "budget_period": s.budget_period.kind,
         "requests_per_minute": s.requests_per_minute,
+    }
+
+
+def tenant_json(t: TenantSettings, status: TenantBudgetStatus) -> dict[str, Any]:
+    return {
+        "tenant_id": t.tenant_id,
+        "budget_usd": t.budget_usd,
+        "period": t.period.kind,
+        "time_zone": t.period.time_zone,
+        "source": t.source,
+        "spent_usd": _usd_out(status.spent_usd),
+        "reserved_usd": _usd_out(status.reserved_usd),
+        "remaining_usd": None if status.remaining_usd is None else _usd_out(status.remaining_usd),
+        "period_starts_at": status.period_starts_at,
+        "resets_at": status.resets_at,
     }
 
 
@@ -488,7 +519,8 @@ class AdminApi:
 
     def me(self, req: AdminRequest, _p: Any, _q: Any, _b: Any) -> Handled:
         s = self.rt.users.settings(req.user)
-        status = self.rt.ledger.status(req.user, s.daily_budget_usd, self._now())
+        now = self._now()
+        status = self.rt.ledger.status(req.user, s.daily_budget_usd, now, s.budget_period)
         return AdminResponse(
             200,
             {
@@ -498,14 +530,66 @@ class AdminApi:
                 "tenants": list(s.tenants),
                 "day": status.day,
                 "daily_budget_usd": s.daily_budget_usd,
-                "spent_today_usd": _usd_out(status.spent_usd),
+                "budget_period": status.period,
+                "period_starts_at": status.period_starts_at,
+                "spent_today_usd": _usd_out(self.rt.ledger.spent_today(req.user, now)),
+                "spent_period_usd": _usd_out(status.spent_usd),
                 "reserved_usd": _usd_out(status.reserved_usd),
                 "remaining_usd": _usd_out(status.remaining_usd),
                 "resets_at": status.resets_at,
                 "requests_per_minute": s.requests_per_minute,
                 "grants": [grant_json(g) for g in status.grants],
+                "tenant_budgets": [self._tenant_view(t, now) for t in s.tenants],
             },
         )
+
+    def _tenant_view(self, tenant: str, now: datetime) -> dict[str, Any]:
+        t = self.rt.users.tenant_settings(tenant)
+        return tenant_json(t, self.rt.ledger.tenant_status(tenant, t.budget_usd, t.period, now))
+
+    def list_tenants(self, _r: Any, _p: Any, _q: Any, _b: Any) -> Handled:
+        now = self._now()
+        ids = {r.tenant_id for r in self.rt.store.list_tenants()}
+        ids |= set(self.rt.config.governance.tenants)
+        for u in self.rt.config.users.values():
+            ids |= set(u.tenants)
+        for rec in self.rt.store.list_users():
+            ids |= set(rec.tenants)
+        tenants = [self._tenant_view(t, now) for t in sorted(ids)]
+        return AdminResponse(200, {"count": len(tenants), "tenants": tenants})
+
+    def put_tenant(
+        self, req: AdminRequest, p: dict[str, str], _q: Any, body: dict[str, Any]
+    ) -> Handled:
+        tenant = p["tenant"]
+        if not _tenant_id_ok(tenant):
+            raise Refused(
+                errors.bad_request(
+                    f"A tenant id has 1 to {MAX_TENANT_CHARS} characters, without control "
+                    "characters or surrounding spaces"
+                )
+            )
+        _no_unknown_fields(body, ("budget_usd", "period"))
+        current = self.rt.users.tenant_settings(tenant)
+        stored = self.rt.store.get_tenant(tenant)
+        budget = current.budget_usd
+        kind: str | None = stored.budget_period if stored else None
+        if stored is None and current.source == "config":
+            kind = self.rt.config.governance.tenants[tenant].period
+        if "budget_usd" in body:  # null: no budget of the tenant's own
+            budget = None if body["budget_usd"] is None else _usd(body, "budget_usd", False)
+        if "period" in body:
+            kind = _period(body, "period")
+        record = TenantRecord(tenant, budget, kind, self._now())
+        before = (
+            {"budget_usd": current.budget_usd, "period": current.period.kind}
+            if current.source != "default"
+            else None
+        )
+        after = {"budget_usd": budget, "period": kind or self.rt.users.period().kind}
+        action = "tenant.update" if before is not None else "tenant.create"
+        self._audited(req, action, tenant, before, after, lambda: self.rt.store.put_tenant(record))
+        return AdminResponse(200 if before else 201, self._tenant_view(tenant, self._now()))
 
     def _spent_today(self) -> dict[str, float]:
         today = day_of(self._now())
@@ -525,7 +609,9 @@ class AdminApi:
         self, req: AdminRequest, p: dict[str, str], _q: Any, body: dict[str, Any]
     ) -> Handled:
         user = p["user"]
-        _no_unknown_fields(body, ("role", "tenants", "daily_budget_usd", "requests_per_minute"))
+        _no_unknown_fields(
+            body, ("role", "tenants", "daily_budget_usd", "budget_period", "requests_per_minute")
+        )
         current = self.rt.users.settings(user)
         existed = self._known(user)
         # a partial body changes only what it names: start from the settings in force
@@ -533,6 +619,13 @@ class AdminApi:
         tenants = current.tenants
         budget = current.daily_budget_usd
         rpm = current.requests_per_minute
+        stored = self.rt.store.get_user(user)
+        cfg_user = self.rt.config.users.get(user)
+        period: str | None = (stored.budget_period if stored else None) or (
+            cfg_user.budget_period if cfg_user else None
+        )
+        if "budget_period" in body:
+            period = _period(body, "budget_period")
         if "role" in body:
             if body["role"] not in ("admin", "developer"):
                 raise _invalid("role", "must be 'admin' or 'developer'")
@@ -556,12 +649,14 @@ class AdminApi:
             daily_budget_usd=budget,
             requests_per_minute=rpm,
             updated_at=now,
+            budget_period=period,
         )
         before = settings_json(current) if existed else None
         after = {
             "role": role,
             "tenants": list(tenants),
             "daily_budget_usd": budget,
+            "budget_period": period or self.rt.users.period().kind,
             "requests_per_minute": rpm,
         }
         action = "user.update" if existed else "user.create"

@@ -36,6 +36,12 @@ _DAY_OR_NULL = {"type": ["string", "null"], "format": "date"}
 _TIME = {"type": "string", "format": "date-time"}
 _ROLE = {"type": "string", "enum": ["admin", "developer"]}
 _TENANTS = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 128}}
+_PERIOD = {
+    "type": "string",
+    "enum": ["daily", "weekly", "monthly"],
+    "description": "the span a budget covers, from midnight in governance.budgets.time_zone "
+    "(weeks from Monday, months from the 1st)",
+}
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -57,7 +63,8 @@ SCHEMAS: dict[str, Any] = {
             "user_id": _STR,
             "role": _ROLE,
             "tenants": _TENANTS,
-            "daily_budget_usd": _USD,
+            "daily_budget_usd": {**_USD, "description": "the budget per budget_period"},
+            "budget_period": _PERIOD,
             "requests_per_minute": _INT,
             "source": {
                 "type": "string",
@@ -74,7 +81,38 @@ SCHEMAS: dict[str, Any] = {
             "role": _ROLE,
             "tenants": {**_TENANTS, "maxItems": 256, "uniqueItems": True},
             "daily_budget_usd": {"type": "number", "minimum": 0, "maximum": 1e9},
+            "budget_period": _PERIOD,
             "requests_per_minute": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+        },
+        "additionalProperties": False,
+    },
+    "Tenant": _closed(
+        {
+            "tenant_id": _STR,
+            "budget_usd": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "description": "null: no budget of the tenant's own (its users' still apply)",
+            },
+            "period": _PERIOD,
+            "time_zone": _STR,
+            "source": {"type": "string", "enum": ["store", "config", "default"]},
+            "spent_usd": {**_USD, "description": "this period, by every user of the tenant"},
+            "reserved_usd": {**_USD, "description": "held by requests in flight"},
+            "remaining_usd": {"type": ["number", "null"], "minimum": 0},
+            "period_starts_at": _TIME,
+            "resets_at": _TIME,
+        }
+    ),
+    "TenantList": _closed(
+        {"count": _INT, "tenants": {"type": "array", "items": _ref("Tenant")}}
+    ),
+    "TenantUpdate": {
+        "type": "object",
+        "description": "Partial: fields left out keep the tenant's settings in force.",
+        "properties": {
+            "budget_usd": {"type": ["number", "null"], "minimum": 0, "maximum": 1e9},
+            "period": _PERIOD,
         },
         "additionalProperties": False,
     },
@@ -127,21 +165,29 @@ SCHEMAS: dict[str, Any] = {
                 "enum": ["api_key", "oidc", "access_token", "local", None],
             },
             "tenants": _TENANTS,
-            "day": {"type": "string", "format": "date", "description": "the UTC budget day"},
-            "daily_budget_usd": _USD,
-            "spent_today_usd": _USD,
+            "day": {"type": "string", "format": "date", "description": "today, in UTC"},
+            "daily_budget_usd": {**_USD, "description": "the budget per budget_period"},
+            "budget_period": _PERIOD,
+            "period_starts_at": _TIME,
+            "spent_today_usd": {**_USD, "description": "spent on the UTC day `day`"},
+            "spent_period_usd": {**_USD, "description": "spent in the current budget period"},
             "reserved_usd": {**_USD, "description": "held by requests in flight"},
             "remaining_usd": {
                 **_USD,
                 "description": "what can still be spent today: allowance left plus unexpired "
                 "grants (spend draws the allowance first, then grants by earliest expiry)",
             },
-            "resets_at": _TIME,
+            "resets_at": {**_TIME, "description": "when the current budget period ends"},
             "requests_per_minute": _INT,
             "grants": {
                 "type": "array",
                 "items": _ref("Grant"),
                 "description": "unexpired grants with money left",
+            },
+            "tenant_budgets": {
+                "type": "array",
+                "items": _ref("Tenant"),
+                "description": "the budgets of the caller's tenants (a request must fit both)",
             },
         }
     ),
@@ -324,6 +370,33 @@ PATHS: dict[str, Any] = {
             "A user's grants, remaining amount and expiry (admin)",
             "GrantList",
             ("403",),
+        ),
+    },
+    "/admin/v1/tenants": {
+        "get": _op(
+            "listTenants",
+            "Every known tenant with its budget and this period's spend (admin)",
+            "TenantList",
+            ("403",),
+        )
+    },
+    "/admin/v1/tenants/{tenant}": {
+        "parameters": [
+            {
+                "name": "tenant",
+                "in": "path",
+                "required": True,
+                "description": "the tenant id, percent-encoded",
+                "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+            }
+        ],
+        "put": _op(
+            "putTenant",
+            "Set a tenant's budget and period (admin): 201 the first time, then 200",
+            "Tenant",
+            ("403",),
+            statuses=("200", "201"),
+            body="TenantUpdate",
         ),
     },
     "/admin/v1/usage": {

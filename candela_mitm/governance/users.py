@@ -10,6 +10,7 @@ from typing import Literal
 
 from candela_mitm.config import Config
 from candela_mitm.errors import Denial, user_not_enrolled
+from candela_mitm.governance.periods import DAILY_UTC, BudgetPeriod
 from candela_mitm.state import StateStore, UserRecord
 
 Role = Literal["admin", "developer"]
@@ -26,6 +27,15 @@ class UserSettings:
     requests_per_minute: int
     source: Literal["store", "config", "default"]
     deleted: bool = False
+    budget_period: BudgetPeriod = DAILY_UTC  # what daily_budget_usd is per
+
+
+@dataclass(frozen=True)
+class TenantSettings:
+    tenant_id: str
+    budget_usd: float | None  # None: the tenant has no budget of its own
+    period: BudgetPeriod
+    source: Literal["store", "config", "default"]
 
 
 class UserDirectory:
@@ -45,6 +55,7 @@ class UserDirectory:
         self.cache_ttl_s = cache_ttl_s
         self.clock = clock
         self._cache: dict[str, tuple[float, UserSettings]] = {}
+        self._tenant_cache: dict[str, tuple[float, TenantSettings]] = {}
         self._lock = threading.Lock()
         self._generation = 0  # bumped by forget(): a read begun before it is not cached
 
@@ -78,6 +89,9 @@ class UserDirectory:
                 ),
                 source="store",
                 deleted=rec.deleted,
+                budget_period=self.period(
+                    rec.budget_period or (cfg.budget_period if cfg else None)
+                ),
             )
         if cfg is not None:
             return UserSettings(
@@ -93,6 +107,7 @@ class UserDirectory:
                     else g.rate_limits.default_requests_per_minute
                 ),
                 source="config",
+                budget_period=self.period(cfg.budget_period),
             )
         return UserSettings(
             user_id=user,
@@ -101,6 +116,7 @@ class UserDirectory:
             daily_budget_usd=g.budgets.default_daily_usd,
             requests_per_minute=g.rate_limits.default_requests_per_minute,
             source="default",
+            budget_period=self.period(),
         )
 
     def recent(self, user: str) -> UserSettings | None:
@@ -131,6 +147,41 @@ class UserDirectory:
         with self._lock:
             self._generation += 1
             self._cache.clear()
+            self._tenant_cache.clear()
+
+    def period(self, kind: str | None = None) -> BudgetPeriod:
+        """A budget period of `kind` (None: the configured default) in the configured zone."""
+        b = self.config.governance.budgets
+        return BudgetPeriod(kind or b.period, b.time_zone)  # type: ignore[arg-type]
+
+    def tenant_settings(self, tenant: str) -> TenantSettings:
+        """Blocking (a store read). A stored record (admin API) wins over the config."""
+        rec = self.store.get_tenant(tenant)
+        cfg = self.config.governance.tenants.get(tenant)
+        if rec is not None:
+            kind = rec.budget_period or (cfg.period if cfg else None)
+            return TenantSettings(tenant, rec.budget_usd, self.period(kind), "store")
+        if cfg is not None:
+            return TenantSettings(tenant, cfg.budget_usd, self.period(cfg.period), "config")
+        return TenantSettings(tenant, None, self.period(), "default")
+
+    def tenant_settings_cached(self, tenant: str) -> TenantSettings:
+        """`tenant_settings`, remembered for cache_ttl_s (as settings_cached)."""
+        now = self.clock()
+        hit = self._tenant_cache.get(tenant)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        generation = self._generation
+        t = self.tenant_settings(tenant)
+        if self.cache_ttl_s > 0:
+            with self._lock:
+                if generation == self._generation:
+                    if len(self._tenant_cache) >= _CACHE_PRUNE_AT:
+                        self._tenant_cache = {
+                            k: h for k, h in self._tenant_cache.items() if h[0] > now
+                        }
+                    self._tenant_cache[tenant] = (now + self.cache_ttl_s, t)
+        return t
 
     def record_of(self, user: str) -> UserRecord | None:
         return self.store.get_user(user, include_deleted=True)

@@ -76,6 +76,7 @@ class UserRecord:
     deleted: bool = False
     deleted_at: datetime | None = None
     updated_at: datetime | None = None
+    budget_period: str | None = None  # daily, weekly, monthly; None: config and defaults
 
     def __post_init__(self) -> None:
         # callers hand in lists (JSON, config); the record keeps an immutable, comparable tuple
@@ -91,6 +92,7 @@ class UserRecord:
             "deleted": self.deleted,
             "deleted_at": to_us(self.deleted_at) if self.deleted_at else None,
             "updated_at": to_us(self.updated_at) if self.updated_at else None,
+            "budget_period": self.budget_period,
         }
 
     @classmethod
@@ -108,6 +110,7 @@ class UserRecord:
             deleted=bool(data.get("deleted")),
             deleted_at=None if deleted_at is None else from_us(int(deleted_at)),
             updated_at=None if updated_at is None else from_us(int(updated_at)),
+            budget_period=None if data.get("budget_period") is None else str(data["budget_period"]),
         )
 
 
@@ -128,6 +131,16 @@ class NewReservation:
     # start, after a crash) is recorded under
     model: str = ""
     provider: str = ""
+    # the user's budget row: the period key (governance/periods.py); "" means `day`
+    period: str = ""
+    # the tenant's budget, nano-dollars, for the tenant's period row `tenant_period`; None: the
+    # tenant has no budget (its spend is still counted on that row, when it is named)
+    tenant_budget: int | None = None
+    tenant_period: str = ""
+
+    @property
+    def user_period(self) -> str:
+        return self.period or self.day
 
 
 @dataclass(frozen=True)
@@ -141,6 +154,10 @@ class ReserveResult:
     from_grants: int  # the part of `spent` drawn from grants
     reserved: int  # daily allowance held by other active reservations today
     grants_free: int  # unexpired grant money neither used nor held
+    scope: str = "user"  # which budget refused: "user" or "tenant" (when not ok)
+    tenant_spent: int = 0  # the tenant's period row, when a tenant period was named
+    tenant_reserved: int = 0
+    tenant_hold: int = 0  # held on the tenant's row by this reservation
 
 
 @dataclass(frozen=True)
@@ -156,6 +173,36 @@ class DayTotals:
     spent: int = 0
     from_grants: int = 0
     reserved: int = 0
+
+
+@dataclass(frozen=True)
+class TenantRecord:
+    """A tenant's budget as the admin API set it; None fields fall back to config."""
+
+    tenant_id: str
+    budget_usd: float | None = None
+    budget_period: str | None = None
+    updated_at: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tenant_id": self.tenant_id,
+            "budget_usd": self.budget_usd,
+            "budget_period": self.budget_period,
+            "updated_at": to_us(self.updated_at) if self.updated_at else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TenantRecord:
+        budget = data.get("budget_usd")
+        period = data.get("budget_period")
+        updated_at = data.get("updated_at")
+        return cls(
+            tenant_id=str(data["tenant_id"]),
+            budget_usd=None if budget is None else float(budget),
+            budget_period=None if period is None else str(period),
+            updated_at=None if updated_at is None else from_us(int(updated_at)),
+        )
 
 
 @dataclass(frozen=True)
@@ -227,6 +274,14 @@ def plan_holds(
             holds[grant_id] = take
             rest -= take
     return daily, holds
+
+
+def tenant_admits(amount: int, budget: int | None, spent: int, reserved: int) -> bool:
+    """Whether a tenant's period row can hold `amount` more (no budget: always; 0: always).
+
+    The Redis reserve script makes the same test; tests/core/state/test_contract.py runs one
+    table through this function and through both stores."""
+    return budget is None or amount <= 0 or budget - spent - reserved >= amount
 
 
 def plan_settle(
@@ -354,7 +409,22 @@ class StateStore(ABC):
         """Every grant of a user, earliest expiry first."""
 
     @abstractmethod
-    def day_totals(self, user_id: str, day: str) -> DayTotals: ...
+    def day_totals(self, user_id: str, day: str) -> DayTotals:
+        """A user's budget row: `day` is the period key (a UTC day for daily UTC budgets)."""
+
+    @abstractmethod
+    def tenant_totals(self, tenant: str, period: str) -> DayTotals:
+        """A tenant's budget row for a period key (from_grants is always 0)."""
+
+    # -- tenants -------------------------------------------------------------------------------
+    @abstractmethod
+    def get_tenant(self, tenant_id: str) -> TenantRecord | None: ...
+
+    @abstractmethod
+    def put_tenant(self, record: TenantRecord) -> None: ...
+
+    @abstractmethod
+    def list_tenants(self) -> list[TenantRecord]: ...
 
     @abstractmethod
     def spend_rows(

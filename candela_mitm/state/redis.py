@@ -23,12 +23,13 @@ from candela_mitm.state.ports import (
     SettleResult,
     SpendRow,
     StateStore,
+    TenantRecord,
     UserRecord,
 )
 
-# Day rows only serve today's arithmetic (history lives in the spend hashes); keep them a little
-# longer than any reservation can stay open.
-DAY_TTL_S = 8 * 24 * 3600
+# Budget period rows only serve the current period's arithmetic (history lives in the spend
+# hashes); keep them a little longer than the longest period (a month) plus any open reservation.
+DAY_TTL_S = 40 * 24 * 3600
 
 _ACTIVE_FIELDS = ("owner", "user_id", "tenant", "day", "amount", "request_id", "model", "provider")
 _SEP = "\x1f"  # between the parts of a spend field: user, tenant, model, provider
@@ -36,7 +37,10 @@ _SEP = "\x1f"  # between the parts of a spend field: user, tenant, model, provid
 # Layout under the prefix P (every key of one deployment shares it):
 #   P user:<id>            hash: record (JSON), deleted (0/1), deleted_at
 #   P users                set of user ids
-#   P day:<user>:<day>     hash: spent, from_grants, reserved (nano-dollars)
+#   P day:<user>:<period>  hash: spent, from_grants, reserved (nano-dollars); period: a UTC day
+#                          or a period key (governance/periods.py)
+#   P tday:<tenant>:<period> hash: spent, reserved (a tenant's budget row)
+#   P tenant:<id>          string: the tenant's record (JSON); P tenants: set of tenant ids
 #   P grants:<user>        zset: grant id scored by expiry (us)
 #   P grant:<id>           hash: user_id, amount, used, held, expires_us, reason, actor, created_us
 #   P res:<id>             hash: the reservation, its holds as gh:<grant id> fields
@@ -65,14 +69,27 @@ for i, gid in ipairs(ids) do
 end
 local daily_free = budget - (spent - from_grants) - reserved
 if amount > 0 and daily_free + grants_free < amount then
-  return {0, 0, spent, from_grants, reserved, grants_free}
+  return {0, 0, spent, from_grants, reserved, grants_free, 'user', 0, 0, 0}
+end
+-- the tenant's row (ARGV[15] its period key, '' when no tenant is named): as tenant_admits
+local t_spent, t_reserved, t_hold = 0, 0, 0
+if ARGV[15] ~= '' then
+  local t = redis.call('HMGET', KEYS[5], 'spent', 'reserved')
+  t_spent = tonumber(t[1]) or 0
+  t_reserved = tonumber(t[2]) or 0
+  if ARGV[14] ~= '' and amount > 0 and tonumber(ARGV[14]) - t_spent - t_reserved < amount then
+    return {0, 0, spent, from_grants, reserved, grants_free, 'tenant', t_spent, t_reserved, 0}
+  end
+  t_hold = amount
 end
 local daily = math.min(amount, math.max(0, daily_free))
 local rest = amount - daily
-local out = {1, daily, spent, from_grants, reserved, grants_free}
+local out = {1, daily, spent, from_grants, reserved, grants_free, 'user', t_spent, t_reserved,
+  t_hold}
 local fields = {'user_id', ARGV[6], 'tenant', ARGV[7], 'day', ARGV[8], 'amount', ARGV[1],
   'budget', ARGV[2], 'daily_hold', daily, 'request_id', ARGV[9], 'owner', ARGV[10],
-  'created_us', ARGV[3], 'status', 'active', 'model', ARGV[12], 'provider', ARGV[13]}
+  'created_us', ARGV[3], 'status', 'active', 'model', ARGV[12], 'provider', ARGV[13],
+  'period', ARGV[16], 'tenant_period', ARGV[15], 'tenant_hold', t_hold}
 for i, gid in ipairs(ids) do
   if rest <= 0 then break end
   local take = math.min(rest, math.max(0, free[i]))
@@ -88,6 +105,10 @@ end
 if daily > 0 then
   redis.call('HINCRBY', KEYS[1], 'reserved', daily)
   redis.call('EXPIRE', KEYS[1], ARGV[11])
+end
+if t_hold > 0 then
+  redis.call('HINCRBY', KEYS[5], 'reserved', t_hold)
+  redis.call('EXPIRE', KEYS[5], ARGV[11])
 end
 redis.call('HSET', KEYS[3], unpack(fields))
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[5])
@@ -127,7 +148,9 @@ if r.status == 'active' then own_daily = tonumber(r.daily_hold) end
 local P = ARGV[7]
 local cost = tonumber(ARGV[1])
 local now = tonumber(ARGV[6])
-local daykey = P .. 'day:' .. r.user_id .. ':' .. r.day
+local period = r.period
+if period == nil or period == '' then period = r.day end
+local daykey = P .. 'day:' .. r.user_id .. ':' .. period
 local gkey = P .. 'grants:' .. r.user_id
 local d = redis.call('HMGET', daykey, 'spent', 'from_grants', 'reserved')
 local spent = tonumber(d[1]) or 0
@@ -175,6 +198,14 @@ redis.call('HINCRBY', daykey, 'spent', cost)
 if drawn ~= 0 then redis.call('HINCRBY', daykey, 'from_grants', drawn) end
 if own_daily ~= 0 then redis.call('HINCRBY', daykey, 'reserved', -own_daily) end
 redis.call('EXPIRE', daykey, ARGV[9])
+if r.tenant_period ~= nil and r.tenant_period ~= '' then
+  local tkey = P .. 'tday:' .. r.tenant .. ':' .. r.tenant_period
+  redis.call('HINCRBY', tkey, 'spent', cost)
+  if r.status == 'active' and tonumber(r.tenant_hold or '0') ~= 0 then
+    redis.call('HINCRBY', tkey, 'reserved', -tonumber(r.tenant_hold))
+  end
+  redis.call('EXPIRE', tkey, ARGV[9])
+end
 redis.call('HSET', KEYS[1], 'status', 'settled', 'cost', ARGV[1], 'finished_us', ARGV[6])
 redis.call('ZREM', KEYS[2], ARGV[8])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[8])
@@ -196,8 +227,14 @@ local r, own = read_reservation(KEYS[1])
 if r.status ~= 'active' then return 0 end
 local P = ARGV[3]
 local hold = tonumber(r.daily_hold)
+local period = r.period
+if period == nil or period == '' then period = r.day end
 if hold ~= 0 then
-  redis.call('HINCRBY', P .. 'day:' .. r.user_id .. ':' .. r.day, 'reserved', -hold)
+  redis.call('HINCRBY', P .. 'day:' .. r.user_id .. ':' .. period, 'reserved', -hold)
+end
+local t_hold = tonumber(r.tenant_hold or '0')
+if r.tenant_period ~= nil and r.tenant_period ~= '' and t_hold ~= 0 then
+  redis.call('HINCRBY', P .. 'tday:' .. r.tenant .. ':' .. r.tenant_period, 'reserved', -t_hold)
 end
 for gid, h in pairs(own) do
   redis.call('HINCRBY', P .. 'grant:' .. gid, 'held', -h)
@@ -339,13 +376,15 @@ class RedisStateStore(StateStore):
 
     # -- ledger --------------------------------------------------------------------------------
     def reserve(self, new: NewReservation) -> ReserveResult:
+        tenant_period = new.tenant_period if new.tenant else ""
         with self._guard():
             out = self._reserve(
                 keys=[
-                    self._k("day", new.user_id, new.day),
+                    self._k("day", new.user_id, new.user_period),
                     self._k("grants", new.user_id),
                     self._k("res", new.reservation_id),
                     self._k("active"),
+                    self._k("tday", new.tenant, tenant_period),
                 ],
                 args=[
                     new.amount,
@@ -361,11 +400,18 @@ class RedisStateStore(StateStore):
                     DAY_TTL_S,
                     new.model,
                     new.provider,
+                    "" if new.tenant_budget is None else new.tenant_budget,
+                    tenant_period,
+                    new.user_period,
                 ],
             )
-        holds = {out[i]: _int(out[i + 1]) for i in range(6, len(out), 2)}
+        holds = {out[i]: _int(out[i + 1]) for i in range(10, len(out), 2)}
         ok, daily, spent, from_grants, reserved, grants_free = (_int(v) for v in out[:6])
-        return ReserveResult(bool(ok), daily, holds, spent, from_grants, reserved, grants_free)
+        t_spent, t_reserved, t_hold = (_int(v) for v in out[7:10])
+        return ReserveResult(
+            bool(ok), daily, holds, spent, from_grants, reserved, grants_free,
+            scope=str(out[6]), tenant_spent=t_spent, tenant_reserved=t_reserved, tenant_hold=t_hold,
+        )
 
     def settle(
         self,
@@ -474,6 +520,30 @@ class RedisStateStore(StateStore):
                 self._k("day", user_id, day), ["spent", "from_grants", "reserved"]
             )
         return DayTotals(_int(spent or 0), _int(from_grants or 0), _int(reserved or 0))
+
+    def tenant_totals(self, tenant: str, period: str) -> DayTotals:
+        with self._guard():
+            spent, reserved = self._r.hmget(self._k("tday", tenant, period), ["spent", "reserved"])
+        return DayTotals(_int(spent or 0), 0, _int(reserved or 0))
+
+    # -- tenants -------------------------------------------------------------------------------
+    def get_tenant(self, tenant_id: str) -> TenantRecord | None:
+        with self._guard():
+            data = self._r.get(self._k("tenant", tenant_id))
+        return None if data is None else TenantRecord.from_json(json.loads(data))
+
+    def put_tenant(self, record: TenantRecord) -> None:
+        with self._guard():
+            pipe = self._r.pipeline(transaction=True)
+            pipe.set(self._k("tenant", record.tenant_id), json.dumps(record.to_json()))
+            pipe.sadd(self._k("tenants"), record.tenant_id)
+            pipe.execute()
+
+    def list_tenants(self) -> list[TenantRecord]:
+        with self._guard():
+            ids = sorted(self._r.smembers(self._k("tenants")))
+            values = self._r.mget([self._k("tenant", t) for t in ids]) if ids else []
+        return [TenantRecord.from_json(json.loads(v)) for v in values if v is not None]
 
     def spend_rows(
         self,

@@ -25,16 +25,19 @@ from candela_mitm.state.ports import (
     SettleResult,
     SpendRow,
     StateStore,
+    TenantRecord,
     UserRecord,
     WouldWait,
     plan_holds,
     plan_settle,
+    tenant_admits,
 )
 
 # 1: the first; 2: rate_count (a running count per rate_log key: a rate check no longer counts
 # the whole window's log); 3: reservations name their model and provider (a reservation settled
-# at the next start, after its process died, is recorded under them).
-SCHEMA_VERSION = 3
+# at the next start, after its process died, is recorded under them); 4: budget periods and
+# tenant budgets (reservations name their user and tenant period rows; tenants, tenant_periods).
+SCHEMA_VERSION = 4
 
 # Commits made without waiting (on the event loop) between two WAL checkpoints: each commit adds
 # a few pages, SQLite's own default is to checkpoint at 1000.
@@ -88,7 +91,10 @@ _SCHEMA = (
         cost INTEGER,
         finished_us INTEGER,
         model TEXT NOT NULL DEFAULT '',
-        provider TEXT NOT NULL DEFAULT ''
+        provider TEXT NOT NULL DEFAULT '',
+        period TEXT NOT NULL DEFAULT '',
+        tenant_period TEXT NOT NULL DEFAULT '',
+        tenant_hold INTEGER NOT NULL DEFAULT 0
     )""",
     """CREATE INDEX IF NOT EXISTS reservations_active ON reservations (created_us)
         WHERE status = 'active'""",
@@ -105,6 +111,18 @@ _SCHEMA = (
         tokens_out INTEGER NOT NULL,
         requests INTEGER NOT NULL,
         PRIMARY KEY (day, user_id, tenant, model, provider)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS tenants (
+        tenant_id TEXT PRIMARY KEY,
+        record TEXT NOT NULL
+    )""",
+    # One row per tenant and budget period (as `days` for users): spend and active holds.
+    """CREATE TABLE IF NOT EXISTS tenant_periods (
+        tenant TEXT NOT NULL,
+        period TEXT NOT NULL,
+        spent INTEGER NOT NULL DEFAULT 0,
+        reserved INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (tenant, period)
     ) WITHOUT ROWID""",
     "CREATE TABLE IF NOT EXISTS rate_log (key TEXT NOT NULL, ts INTEGER NOT NULL)",
     "CREATE INDEX IF NOT EXISTS rate_log_by_key ON rate_log (key, ts)",
@@ -206,13 +224,17 @@ class SqliteStateStore(StateStore):
                 c.execute(
                     "INSERT INTO rate_count (key, n) SELECT key, count(*) FROM rate_log GROUP BY key"
                 )
-            if 0 < version < 3:  # a store made before reservations named their model
+            if 0 < version < 4:  # reservations gain their model (3), then their period rows (4)
                 have = {row[1] for row in c.execute("PRAGMA table_info(reservations)")}
-                for column in ("model", "provider"):
+                for column, kind in (
+                    ("model", "TEXT NOT NULL DEFAULT ''"),
+                    ("provider", "TEXT NOT NULL DEFAULT ''"),
+                    ("period", "TEXT NOT NULL DEFAULT ''"),
+                    ("tenant_period", "TEXT NOT NULL DEFAULT ''"),
+                    ("tenant_hold", "INTEGER NOT NULL DEFAULT 0"),
+                ):
                     if column not in have:
-                        c.execute(
-                            f"ALTER TABLE reservations ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
-                        )
+                        c.execute(f"ALTER TABLE reservations ADD COLUMN {column} {kind}")
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- connections and transactions ----------------------------------------------------------
@@ -493,9 +515,18 @@ class SqliteStateStore(StateStore):
         ).fetchone()
         return (row[0], row[1], row[2]) if row else (0, 0, 0)
 
+    @staticmethod
+    def _tenant_row(c: sqlite3.Connection, tenant: str, period: str) -> tuple[int, int]:
+        row = c.execute(
+            "SELECT spent, reserved FROM tenant_periods WHERE tenant = ? AND period = ?",
+            (tenant, period),
+        ).fetchone()
+        return (row[0], row[1]) if row else (0, 0)
+
     def reserve(self, new: NewReservation) -> ReserveResult:
         with self._tx() as c:
-            spent, from_grants, reserved = self._day_row(c, new.user_id, new.day)
+            period = new.user_period
+            spent, from_grants, reserved = self._day_row(c, new.user_id, period)
             grants = c.execute(
                 "SELECT grant_id, amount - used - held FROM grants "
                 "WHERE user_id = ? AND expires_us > ? ORDER BY expires_us, grant_id",
@@ -506,19 +537,37 @@ class SqliteStateStore(StateStore):
             plan = plan_holds(new.amount, daily_free, grants)
             if plan is None:
                 return ReserveResult(False, 0, {}, spent, from_grants, reserved, grants_free)
+            t_spent = t_reserved = t_hold = 0
+            tracked = bool(new.tenant and new.tenant_period)
+            if tracked:
+                t_spent, t_reserved = self._tenant_row(c, new.tenant, new.tenant_period)
+                if not tenant_admits(new.amount, new.tenant_budget, t_spent, t_reserved):
+                    return ReserveResult(
+                        False, 0, {}, spent, from_grants, reserved, grants_free,
+                        scope="tenant", tenant_spent=t_spent, tenant_reserved=t_reserved,
+                    )
+                t_hold = new.amount
             daily, holds = plan
             if daily:
                 c.execute(
                     "INSERT INTO days (user_id, day, reserved) VALUES (?, ?, ?) "
                     "ON CONFLICT (user_id, day) DO UPDATE SET reserved = reserved + excluded.reserved",
-                    (new.user_id, new.day, daily),
+                    (new.user_id, period, daily),
+                )
+            if t_hold:
+                c.execute(
+                    "INSERT INTO tenant_periods (tenant, period, reserved) VALUES (?, ?, ?) "
+                    "ON CONFLICT (tenant, period) DO UPDATE SET "
+                    "reserved = reserved + excluded.reserved",
+                    (new.tenant, new.tenant_period, t_hold),
                 )
             for grant_id, take in holds.items():
                 c.execute("UPDATE grants SET held = held + ? WHERE grant_id = ?", (take, grant_id))
             c.execute(
                 "INSERT INTO reservations (reservation_id, user_id, tenant, day, amount, budget, "
-                "daily_hold, grant_holds, request_id, owner, created_us, status, model, provider) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, ?)",
+                "daily_hold, grant_holds, request_id, owner, created_us, status, model, provider, "
+                "period, tenant_period, tenant_hold) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?)",
                 (
                     new.reservation_id,
                     new.user_id,
@@ -533,9 +582,15 @@ class SqliteStateStore(StateStore):
                     new.now_us,
                     new.model,
                     new.provider,
+                    period,
+                    new.tenant_period if tracked else "",
+                    t_hold,
                 ),
             )
-            return ReserveResult(True, daily, holds, spent, from_grants, reserved, grants_free)
+            return ReserveResult(
+                True, daily, holds, spent, from_grants, reserved, grants_free,
+                tenant_spent=t_spent, tenant_reserved=t_reserved, tenant_hold=t_hold,
+            )
 
     def settle(
         self,
@@ -551,14 +606,16 @@ class SqliteStateStore(StateStore):
             # the reservation and its day's row, in one statement
             r = c.execute(
                 "SELECT r.user_id, r.tenant, r.day, r.budget, r.daily_hold, r.grant_holds, "
-                "r.status, d.spent, d.from_grants, d.reserved FROM reservations r "
-                "LEFT JOIN days d ON d.user_id = r.user_id AND d.day = r.day "
+                "r.status, d.spent, d.from_grants, d.reserved, r.period, r.tenant_period, "
+                "r.tenant_hold FROM reservations r LEFT JOIN days d ON d.user_id = r.user_id "
+                "AND d.day = (CASE r.period WHEN '' THEN r.day ELSE r.period END) "
                 "WHERE r.reservation_id = ?",
                 (reservation_id,),
             ).fetchone()
             if r is None or r[6] not in ("active", "reclaimed"):
                 return SettleResult(False)
             user_id, tenant, day, budget = r[0], r[1], r[2], r[3]
+            period, tenant_period = r[10] or day, r[11]
             # A reclaimed reservation gave its holds back already; its spend still counts.
             active = r[6] == "active"
             own_daily: int = r[4] if active else 0
@@ -580,8 +637,15 @@ class SqliteStateStore(StateStore):
                 "ON CONFLICT (user_id, day) DO UPDATE SET spent = spent + excluded.spent, "
                 "from_grants = from_grants + excluded.from_grants, "
                 "reserved = reserved + excluded.reserved",
-                (user_id, day, cost, drawn, -own_daily),
+                (user_id, period, cost, drawn, -own_daily),
             )
+            if tenant_period:
+                c.execute(
+                    "INSERT INTO tenant_periods (tenant, period, spent, reserved) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (tenant, period) DO UPDATE SET "
+                    "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
+                    (tenant, tenant_period, cost, -(r[12] if active else 0)),
+                )
             for grant_id in own.keys() | draws.keys():
                 c.execute(
                     "UPDATE grants SET used = used + ?, held = held - ? WHERE grant_id = ?",
@@ -605,7 +669,8 @@ class SqliteStateStore(StateStore):
     def release(self, reservation_id: str, now_us: int, reclaim: bool = False) -> bool:
         with self._tx() as c:
             r = c.execute(
-                "SELECT user_id, day, daily_hold, grant_holds, status FROM reservations "
+                "SELECT user_id, CASE period WHEN '' THEN day ELSE period END, daily_hold, "
+                "grant_holds, status, tenant, tenant_period, tenant_hold FROM reservations "
                 "WHERE reservation_id = ?",
                 (reservation_id,),
             ).fetchone()
@@ -615,6 +680,12 @@ class SqliteStateStore(StateStore):
                 c.execute(
                     "UPDATE days SET reserved = reserved - ? WHERE user_id = ? AND day = ?",
                     (r[2], r[0], r[1]),
+                )
+            if r[6] and r[7]:
+                c.execute(
+                    "UPDATE tenant_periods SET reserved = reserved - ? "
+                    "WHERE tenant = ? AND period = ?",
+                    (r[7], r[5], r[6]),
                 )
             for grant_id, hold in json.loads(r[3]).items():
                 c.execute("UPDATE grants SET held = held - ? WHERE grant_id = ?", (hold, grant_id))
@@ -671,6 +742,32 @@ class SqliteStateStore(StateStore):
     def day_totals(self, user_id: str, day: str) -> DayTotals:
         with self._tx(write=False) as c:
             return DayTotals(*self._day_row(c, user_id, day))
+
+    def tenant_totals(self, tenant: str, period: str) -> DayTotals:
+        with self._tx(write=False) as c:
+            spent, reserved = self._tenant_row(c, tenant, period)
+        return DayTotals(spent, 0, reserved)
+
+    # -- tenants -------------------------------------------------------------------------------
+    def get_tenant(self, tenant_id: str) -> TenantRecord | None:
+        with self._tx(write=False) as c:
+            row = c.execute(
+                "SELECT record FROM tenants WHERE tenant_id = ?", (tenant_id,)
+            ).fetchone()
+        return None if row is None else TenantRecord.from_json(json.loads(row[0]))
+
+    def put_tenant(self, record: TenantRecord) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO tenants (tenant_id, record) VALUES (?, ?) "
+                "ON CONFLICT (tenant_id) DO UPDATE SET record = excluded.record",
+                (record.tenant_id, json.dumps(record.to_json())),
+            )
+
+    def list_tenants(self) -> list[TenantRecord]:
+        with self._tx(write=False) as c:
+            rows = c.execute("SELECT record FROM tenants ORDER BY tenant_id").fetchall()
+        return [TenantRecord.from_json(json.loads(r[0])) for r in rows]
 
     def spend_rows(
         self,

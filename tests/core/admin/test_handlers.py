@@ -145,6 +145,8 @@ RBAC = [
     ("GET", f"/admin/v1/usage?user={q(ALICE)}", None, 200, 200),
     ("GET", f"/admin/v1/usage?user={q(BOB)}", None, 200, 403),
     ("GET", "/admin/v1/leaderboard?by=user", None, 200, 403),
+    ("GET", "/admin/v1/tenants", None, 200, 403),
+    ("PUT", "/admin/v1/tenants/research-team", {"budget_usd": 5}, 201, 403),
     ("GET", "/admin/v1/audit", None, 200, 403),
     ("GET", "/admin/v1/openapi.json", None, 200, 200),
 ]
@@ -217,6 +219,7 @@ ALICE_CONFIG = {
     "role": "developer",
     "tenants": ["research-team"],
     "daily_budget_usd": 20.0,
+    "budget_period": "daily",
     "requests_per_minute": 120,
 }
 
@@ -234,6 +237,8 @@ ALICE_CONFIG = {
         {"tenants": ["a", "b"]},
         {"role": "admin"},
         {"role": "developer", "daily_budget_usd": 1.5, "requests_per_minute": 7},
+        {"budget_period": "monthly"},
+        {"budget_period": "weekly", "daily_budget_usd": 70},
     ],
 )
 def test_partial_put_changes_only_what_it_names(rt, body):
@@ -243,9 +248,9 @@ def test_partial_put_changes_only_what_it_names(rt, body):
     got = {k: r.payload[k] for k in want}
     assert got == want and r.payload["source"] == "store"
     s = rt.users.settings(ALICE)
-    assert (s.role, list(s.tenants), s.daily_budget_usd, s.requests_per_minute) == tuple(
-        want.values()
-    )
+    assert (
+        s.role, list(s.tenants), s.daily_budget_usd, s.budget_period.kind, s.requests_per_minute
+    ) == tuple(want.values())
     [entry] = admin_actions(rt)
     assert entry["before"] == ALICE_CONFIG and entry["after"] == want
 
@@ -259,6 +264,7 @@ def test_partial_puts_in_sequence_keep_earlier_changes(rt):
         "role": "developer",
         "tenants": ["t1"],
         "daily_budget_usd": 3.0,
+        "budget_period": "daily",
         "requests_per_minute": 5,
     }
     actions = admin_actions(rt)
@@ -708,3 +714,74 @@ def test_out_of_range_input_is_400_naming_the_field(rt, method, path, body, fiel
 def test_json_nested_thousands_deep_is_400(rt):
     r = call(rt, "PUT", "/admin/v1/users/new@example.com", raw=b"[" * 20_000 + b"]" * 20_000)
     assert (r.status, r.error) == (400, "invalid_json")
+
+
+# -- tenants and periods -----------------------------------------------------------------------
+
+
+def test_put_tenant_creates_updates_and_is_audited(rt):
+    path = "/admin/v1/tenants/research-team"
+    r = call(rt, "PUT", path, {"budget_usd": 50, "period": "monthly"})
+    assert r.status == 201
+    assert (r.payload["budget_usd"], r.payload["period"], r.payload["source"]) == (
+        50, "monthly", "store"
+    )
+    assert r.payload["remaining_usd"] == 50 and r.payload["resets_at"].endswith("T00:00:00Z")
+    r = call(rt, "PUT", path, {"budget_usd": 80})  # partial: the period stays
+    assert r.status == 200 and (r.payload["budget_usd"], r.payload["period"]) == (80, "monthly")
+    r = call(rt, "PUT", path, {"budget_usd": None})  # no budget of its own
+    assert r.status == 200 and r.payload["budget_usd"] is None and r.payload["remaining_usd"] is None
+    t = rt.users.tenant_settings("research-team")
+    assert t.budget_usd is None and t.period.kind == "monthly"
+    actions = [(a["action"], a["target"], a["before"], a["after"]) for a in admin_actions(rt)]
+    assert actions == [
+        ("tenant.create", "research-team", None, {"budget_usd": 50, "period": "monthly"}),
+        ("tenant.update", "research-team", {"budget_usd": 50, "period": "monthly"},
+         {"budget_usd": 80, "period": "monthly"}),
+        ("tenant.update", "research-team", {"budget_usd": 80, "period": "monthly"},
+         {"budget_usd": None, "period": "monthly"}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"budget_usd": -1}, "budget_usd"),
+        ({"budget_usd": "5"}, "budget_usd"),
+        ({"budget_usd": 2e9}, "budget_usd"),
+        ({"period": "yearly"}, "period"),
+        ({"daily_budget_usd": 1}, "daily_budget_usd"),
+    ],
+)
+def test_put_tenant_refuses_bad_fields(rt, body, field):
+    r = call(rt, "PUT", "/admin/v1/tenants/t1", body)
+    assert r.status == 400 and r.payload["error"] == "invalid_parameter"
+    assert r.payload["field"] == field
+    assert admin_actions(rt) == [] and rt.store.get_tenant("t1") is None
+
+
+def test_put_user_refuses_an_unknown_period(rt):
+    r = call(rt, "PUT", f"/admin/v1/users/{q(ALICE)}", {"budget_period": "hourly"})
+    assert r.status == 400 and r.payload["field"] == "budget_period"
+
+
+def test_tenant_list_and_me_show_tenant_budgets_and_periods(rt):
+    call(rt, "PUT", "/admin/v1/tenants/research-team", {"budget_usd": 3, "period": "weekly"})
+    call(rt, "PUT", f"/admin/v1/users/{q(ALICE)}", {"budget_period": "monthly"})
+    r = rt.ledger.reserve(
+        ALICE, "research-team", 0.0, 20.0, "req",
+        period=rt.users.settings(ALICE).budget_period,
+        tenant_budget_usd=3.0,
+        tenant_period=rt.users.tenant_settings("research-team").period,
+    )
+    assert isinstance(r, Reservation)
+    assert rt.ledger.settle(r, 1.25, 100, 10, "gpt-4o", "openai").applied
+    listed = call(rt, "GET", "/admin/v1/tenants").payload
+    [team] = [t for t in listed["tenants"] if t["tenant_id"] == "research-team"]
+    assert (team["spent_usd"], team["remaining_usd"], team["period"]) == (1.25, 1.75, "weekly")
+    me = call(rt, "GET", "/admin/v1/me", as_=ALICE).payload
+    assert me["budget_period"] == "monthly" and me["spent_period_usd"] == 1.25
+    assert me["remaining_usd"] == 18.75 and me["resets_at"].endswith("-01T00:00:00Z")
+    assert me["period_starts_at"].endswith("-01T00:00:00Z")
+    [tb] = me["tenant_budgets"]
+    assert tb["tenant_id"] == "research-team" and tb["remaining_usd"] == 1.75
