@@ -123,6 +123,11 @@ class User(_Model):
     daily_budget_usd: float | None = Field(default=None, ge=0)  # per budget_period
     requests_per_minute: int | None = Field(default=None, ge=0)
     budget_period: Literal["daily", "weekly", "monthly"] | None = None  # None: budgets.period
+    # None: governance.rate_limits' default (itself None: no limit)
+    max_concurrent_requests: int | None = Field(default=None, ge=0)
+    input_tokens_per_minute: int | None = Field(default=None, ge=0)
+    output_tokens_per_minute: int | None = Field(default=None, ge=0)
+    total_tokens_per_minute: int | None = Field(default=None, ge=0)
 
 
 Period = Literal["daily", "weekly", "monthly"]
@@ -156,6 +161,11 @@ class TenantBudget(_Model):
 
 class RateLimits(_Model):
     default_requests_per_minute: int = Field(default=60, ge=0)
+    # None: no limit. Tokens are held from the estimate at admission, corrected at settlement.
+    default_max_concurrent_requests: int | None = Field(default=None, ge=0)
+    default_input_tokens_per_minute: int | None = Field(default=None, ge=0)
+    default_output_tokens_per_minute: int | None = Field(default=None, ge=0)
+    default_total_tokens_per_minute: int | None = Field(default=None, ge=0)
 
 
 class TenantModels(_Model):

@@ -224,13 +224,34 @@ def model_price_unknown(model: str) -> Denial:
     )
 
 
-def rate_limited(limit: int, window_resets_at: str, retry_after_s: int) -> Denial:
+_LIMIT_SENTENCES = {
+    "requests": "More than {limit} requests in the last minute",
+    "input_tokens": "More than {limit} input tokens in the last minute",
+    "output_tokens": "More than {limit} output tokens in the last minute",
+    "total_tokens": "More than {limit} tokens in the last minute",
+    "concurrency": "More than {limit} requests in flight at once",
+}
+
+
+def rate_limited(
+    limit: int,
+    window_resets_at: str,
+    retry_after_s: int,
+    limit_kind: str = "requests",
+    headers: dict[str, str] | None = None,
+) -> Denial:
+    """`limit_kind`: requests, input_tokens, output_tokens, total_tokens or concurrency."""
     return Denial(
         429,
         "rate_limited",
-        f"More than {limit} requests in the last minute",
-        {"limit": limit, "window_resets_at": window_resets_at, "retry_after_s": retry_after_s},
-        headers={"Retry-After": str(retry_after_s)},
+        _LIMIT_SENTENCES[limit_kind].format(limit=limit),
+        {
+            "limit_kind": limit_kind,
+            "limit": limit,
+            "window_resets_at": window_resets_at,
+            "retry_after_s": retry_after_s,
+        },
+        headers={**(headers or {}), "Retry-After": str(retry_after_s)},
     )
 
 

@@ -192,8 +192,10 @@ def build_runtime(config: Config, command: Command) -> Runtime:
     audit = AuditWriter(config.audit)
     audit.start()
     metrics = Metrics()
+    limiter = RateLimiter(store)
     try:
         settled = ledger.reconcile_stale(process_alive, max_age_s=STALE_RESERVATION_S)
+        limiter.reconcile_leases(process_alive)  # requests in flight of processes now gone
     except BaseException:
         audit.close()
         raise
@@ -216,7 +218,7 @@ def build_runtime(config: Config, command: Command) -> Runtime:
         local_user=local_user,
         store=store,
         ledger=ledger,
-        limiter=RateLimiter(store),
+        limiter=limiter,
         users=UserDirectory(config, store, cache_ttl_s=USER_SETTINGS_TTL_S),
         audit=audit,
         metrics=metrics,

@@ -26,6 +26,7 @@ from candela_mitm.governance.periods import PERIOD_KINDS
 from candela_mitm.governance.tenancy import MAX_TENANT_CHARS
 from candela_mitm.governance.users import TenantSettings, UserDirectory, UserSettings
 from candela_mitm.state.ports import (
+    LIMIT_FIELDS,
     GrantRow,
     StateStore,
     TenantRecord,
@@ -50,6 +51,7 @@ MAX_TENANTS = 256
 MAX_USD = 1e9  # as nano-dollars this stays far inside the 64-bit integers every store keeps
 MIN_YEAR, MAX_YEAR = 1970, 9998  # dates and times the API accepts (ledger days are Unix time)
 MAX_RPM = 1_000_000
+MAX_LIMIT = 1_000_000_000  # concurrency and tokens per minute
 MAX_REASON_CHARS = 1000
 DEFAULT_AUDIT_LIMIT = 100
 MAX_AUDIT_LIMIT = 10_000
@@ -365,6 +367,7 @@ def settings_json(s: UserSettings) -> dict[str, Any]:
         "daily_budget_usd": s.daily_budget_usd,
         "budget_period": s.budget_period.kind,
         "requests_per_minute": s.requests_per_minute,
+        **{name: getattr(s, name) for name in LIMIT_FIELDS},
     }
 
 
@@ -538,6 +541,7 @@ class AdminApi:
                 "remaining_usd": _usd_out(status.remaining_usd),
                 "resets_at": status.resets_at,
                 "requests_per_minute": s.requests_per_minute,
+                **{name: getattr(s, name) for name in LIMIT_FIELDS},
                 "grants": [grant_json(g) for g in status.grants],
                 "tenant_budgets": [self._tenant_view(t, now) for t in s.tenants],
             },
@@ -610,7 +614,15 @@ class AdminApi:
     ) -> Handled:
         user = p["user"]
         _no_unknown_fields(
-            body, ("role", "tenants", "daily_budget_usd", "budget_period", "requests_per_minute")
+            body,
+            (
+                "role",
+                "tenants",
+                "daily_budget_usd",
+                "budget_period",
+                "requests_per_minute",
+                *LIMIT_FIELDS,
+            ),
         )
         current = self.rt.users.settings(user)
         existed = self._known(user)
@@ -641,6 +653,15 @@ class AdminApi:
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_RPM:
                 raise _invalid("requests_per_minute", f"must be an integer from 0 to {MAX_RPM}")
             rpm = v
+        limits = {name: getattr(current, name) for name in LIMIT_FIELDS}
+        for name in LIMIT_FIELDS:
+            if name in body:  # null: no limit of the user's own (the default applies)
+                v = body[name]
+                if v is not None and (
+                    isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_LIMIT
+                ):
+                    raise _invalid(name, f"must be null or an integer from 0 to {MAX_LIMIT}")
+                limits[name] = v
         now = self._now()
         record = UserRecord(
             user_id=user,
@@ -650,6 +671,7 @@ class AdminApi:
             requests_per_minute=rpm,
             updated_at=now,
             budget_period=period,
+            **limits,
         )
         before = settings_json(current) if existed else None
         after = {
@@ -658,6 +680,7 @@ class AdminApi:
             "daily_budget_usd": budget,
             "budget_period": period or self.rt.users.period().kind,
             "requests_per_minute": rpm,
+            **limits,
         }
         action = "user.update" if existed else "user.create"
         self._audited(req, action, user, before, after, lambda: self.rt.store.put_user(record))

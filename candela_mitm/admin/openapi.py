@@ -36,6 +36,17 @@ _DAY_OR_NULL = {"type": ["string", "null"], "format": "date"}
 _TIME = {"type": "string", "format": "date-time"}
 _ROLE = {"type": "string", "enum": ["admin", "developer"]}
 _TENANTS = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 128}}
+_LIMIT = {"type": ["integer", "null"], "minimum": 0, "description": "null: no limit"}
+_LIMITS = {
+    "max_concurrent_requests": {**_LIMIT, "description": "requests in flight at once; null: no limit"},
+    "input_tokens_per_minute": _LIMIT,
+    "output_tokens_per_minute": _LIMIT,
+    "total_tokens_per_minute": _LIMIT,
+}
+_LIMITS_IN = {
+    name: {"type": ["integer", "null"], "minimum": 0, "maximum": 1_000_000_000}
+    for name in _LIMITS
+}
 _PERIOD = {
     "type": "string",
     "enum": ["daily", "weekly", "monthly"],
@@ -66,6 +77,7 @@ SCHEMAS: dict[str, Any] = {
             "daily_budget_usd": {**_USD, "description": "the budget per budget_period"},
             "budget_period": _PERIOD,
             "requests_per_minute": _INT,
+            **_LIMITS,
             "source": {
                 "type": "string",
                 "enum": ["store", "config", "default"],
@@ -83,6 +95,7 @@ SCHEMAS: dict[str, Any] = {
             "daily_budget_usd": {"type": "number", "minimum": 0, "maximum": 1e9},
             "budget_period": _PERIOD,
             "requests_per_minute": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+            **_LIMITS_IN,
         },
         "additionalProperties": False,
     },
@@ -179,6 +192,7 @@ SCHEMAS: dict[str, Any] = {
             },
             "resets_at": {**_TIME, "description": "when the current budget period ends"},
             "requests_per_minute": _INT,
+            **_LIMITS,
             "grants": {
                 "type": "array",
                 "items": _ref("Grant"),

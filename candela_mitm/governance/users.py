@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from candela_mitm.config import Config
 from candela_mitm.errors import Denial, user_not_enrolled
 from candela_mitm.governance.periods import DAILY_UTC, BudgetPeriod
+from candela_mitm.governance.ratelimit import TokenLimits
 from candela_mitm.state import StateStore, UserRecord
+from candela_mitm.state.ports import LIMIT_FIELDS
 
 Role = Literal["admin", "developer"]
 
@@ -28,6 +31,17 @@ class UserSettings:
     source: Literal["store", "config", "default"]
     deleted: bool = False
     budget_period: BudgetPeriod = DAILY_UTC  # what daily_budget_usd is per
+    # None: no limit (state/ports.py LIMIT_FIELDS)
+    max_concurrent_requests: int | None = None
+    input_tokens_per_minute: int | None = None
+    output_tokens_per_minute: int | None = None
+    total_tokens_per_minute: int | None = None
+
+    @property
+    def token_limits(self) -> TokenLimits:
+        return TokenLimits(
+            self.input_tokens_per_minute, self.output_tokens_per_minute, self.total_tokens_per_minute
+        )
 
 
 @dataclass(frozen=True)
@@ -67,8 +81,22 @@ class UserDirectory:
 
     def settings(self, user: str) -> UserSettings:
         """Blocking (a store read): call from a worker thread."""
-        g = self.config.governance
         rec = self.store.get_user(user, include_deleted=True)
+        s = self._settings(user, rec)
+        limits: dict[str, Any] = {}
+        cfg = self.config.users.get(user)
+        defaults = self.config.governance.rate_limits
+        for name in LIMIT_FIELDS:
+            value = getattr(rec, name) if rec is not None else None
+            if value is None and cfg is not None:
+                value = getattr(cfg, name)
+            if value is None:
+                value = getattr(defaults, "default_" + name)
+            limits[name] = value
+        return dataclasses.replace(s, **limits)
+
+    def _settings(self, user: str, rec: UserRecord | None) -> UserSettings:
+        g = self.config.governance
         cfg = self.config.users.get(user)
         if rec is not None:
             return UserSettings(

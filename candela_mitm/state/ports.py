@@ -64,6 +64,15 @@ def day_of(moment: datetime) -> str:
     return moment.astimezone(UTC).date().isoformat()
 
 
+# A user's limits beside requests_per_minute, by the name config, records and the API share.
+LIMIT_FIELDS = (
+    "max_concurrent_requests",
+    "input_tokens_per_minute",
+    "output_tokens_per_minute",
+    "total_tokens_per_minute",
+)
+
+
 @dataclass(frozen=True)
 class UserRecord:
     """A user as the admin API manages it; None fields fall back to config and defaults."""
@@ -77,6 +86,10 @@ class UserRecord:
     deleted_at: datetime | None = None
     updated_at: datetime | None = None
     budget_period: str | None = None  # daily, weekly, monthly; None: config and defaults
+    max_concurrent_requests: int | None = None
+    input_tokens_per_minute: int | None = None
+    output_tokens_per_minute: int | None = None
+    total_tokens_per_minute: int | None = None
 
     def __post_init__(self) -> None:
         # callers hand in lists (JSON, config); the record keeps an immutable, comparable tuple
@@ -93,6 +106,7 @@ class UserRecord:
             "deleted_at": to_us(self.deleted_at) if self.deleted_at else None,
             "updated_at": to_us(self.updated_at) if self.updated_at else None,
             "budget_period": self.budget_period,
+            **{name: getattr(self, name) for name in LIMIT_FIELDS},
         }
 
     @classmethod
@@ -111,6 +125,10 @@ class UserRecord:
             deleted_at=None if deleted_at is None else from_us(int(deleted_at)),
             updated_at=None if updated_at is None else from_us(int(updated_at)),
             budget_period=None if data.get("budget_period") is None else str(data["budget_period"]),
+            **{
+                name: None if data.get(name) is None else int(data[name])
+                for name in LIMIT_FIELDS
+            },
         )
 
 
@@ -250,6 +268,45 @@ class RateHit:
     allowed: bool
     count: int  # requests in the window after this one was (or was not) counted
     oldest_us: int | None  # the oldest request still in the window
+
+
+@dataclass(frozen=True)
+class TokenAdmit:
+    """The outcome of one token-window admission over several keys (all or nothing)."""
+
+    allowed: bool
+    used: Mapping[str, int]  # per key: the window's tokens before this entry
+    refused_key: str | None = None  # the first key that could not hold its amount
+    # when enough of the refused key's window has left for the amount to fit; None: never
+    # (the amount alone exceeds the limit)
+    fits_at_us: int | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One request in flight counted against a concurrency limit."""
+
+    key: str
+    lease_id: str
+    owner: str
+    expires_us: int
+
+
+def token_fits_at(
+    entries: Sequence[tuple[int, int]], limit: int, amount: int, window_us: int
+) -> int | None:
+    """When `amount` fits under `limit` in a window of (ts, amount) entries (oldest first): the
+    moment enough of them have left it; None if it never can (amount > limit).
+
+    Both stores answer a refusal's retry time with this rule (Redis in its script)."""
+    if amount > limit:
+        return None
+    excess = sum(a for _, a in entries) + amount - limit
+    for ts, a in entries:
+        excess -= a
+        if excess <= 0:
+            return ts + window_us
+    return None
 
 
 def plan_holds(
@@ -440,6 +497,35 @@ class StateStore(ABC):
     @abstractmethod
     def rate_hit(self, key: str, limit: int, window_us: int, now_us: int) -> RateHit:
         """Sliding log: forget entries at or before now - window, count, add one if under limit."""
+
+    @abstractmethod
+    def token_admit(
+        self, entry_id: str, checks: Sequence[tuple[str, int, int]], window_us: int, now_us: int
+    ) -> TokenAdmit:
+        """Token windows: forget entries at or before now - window; admit only if every
+        (key, limit, amount) fits (window's sum + amount <= limit), then record `entry_id` with
+        its amount under every key. One atomic step: nothing is recorded on a refusal."""
+
+    @abstractmethod
+    def token_correct(self, entry_id: str, amounts: Mapping[str, int]) -> None:
+        """Replace the amounts `entry_id` counts under each key (its real usage); an entry
+        that has left its window is not brought back."""
+
+    # -- concurrency leases --------------------------------------------------------------------
+    @abstractmethod
+    def lease_acquire(
+        self, key: str, lease_id: str, limit: int, owner: str, now_us: int, ttl_us: int
+    ) -> tuple[bool, int]:
+        """Forget expired leases of `key`; take one if fewer than `limit` are held.
+        Returns (taken, leases held after the step)."""
+
+    @abstractmethod
+    def lease_release(self, key: str, lease_id: str) -> bool:
+        """Give a lease back; False if it was not held (already released or expired)."""
+
+    @abstractmethod
+    def leases(self) -> list[Lease]:
+        """Every lease held (for reconcile at start: those of dead processes go)."""
 
     # -- lifecycle -----------------------------------------------------------------------------
     @abstractmethod

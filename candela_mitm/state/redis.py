@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,6 +17,7 @@ from candela_mitm.state.ports import (
     ActiveReservation,
     DayTotals,
     GrantRow,
+    Lease,
     NewReservation,
     RateHit,
     ReserveResult,
@@ -24,6 +25,7 @@ from candela_mitm.state.ports import (
     SpendRow,
     StateStore,
     TenantRecord,
+    TokenAdmit,
     UserRecord,
 )
 
@@ -48,6 +50,9 @@ _SEP = "\x1f"  # between the parts of a spend field: user, tenant, model, provid
 #   P spend:<day>          hash: c|i|o|n <SEP> user <SEP> tenant <SEP> model <SEP> provider
 #   P spenddays            zset of days (score 0, read by lex range)
 #   P rate:<key>           zset: one member per counted request, scored by its time (us)
+#   P tok:<key>            zset: token entries scored by time; P tokamt:<key> hash: their amounts
+#   P lease:<key>          zset: leases scored by expiry; P leaseown:<key> hash: their owners;
+#   P leasekeys            set of keys with leases
 # Scripts touch keys they derive from the prefix: fine on one Redis server or a replica set,
 # not on Redis Cluster (keys of one user would have to share a hash slot).
 
@@ -266,6 +271,89 @@ redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[2]) / 1000) + 1000)
 return {allowed, count, oldest[2] or ''}
 """
 
+# KEYS: per check, the zset then the amounts hash. ARGV: now, window, entry id, ttl ms, then
+# per check its limit and amount. Returns {1, used...} or {0, used..., refused index, fits_at}
+# (fits_at as token_fits_at: '' when the amount alone exceeds the limit).
+_TOKEN_ADMIT = """
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local n = #KEYS / 2
+local used = {}
+for i = 1, n do
+  local z, h = KEYS[2 * i - 1], KEYS[2 * i]
+  local old = redis.call('ZRANGEBYSCORE', z, '-inf', now - window)
+  for _, id in ipairs(old) do
+    redis.call('ZREM', z, id)
+    redis.call('HDEL', h, id)
+  end
+  local total = 0
+  for _, v in ipairs(redis.call('HVALS', h)) do total = total + tonumber(v) end
+  used[i] = total
+  local limit = tonumber(ARGV[3 + 2 * i])
+  local amount = tonumber(ARGV[4 + 2 * i])
+  if amount > 0 and total + amount > limit then
+    local out = {0}
+    for j = 1, i do table.insert(out, used[j]) end
+    local fits = ''
+    if amount <= limit then
+      local excess = total + amount - limit
+      local ids = redis.call('ZRANGE', z, 0, -1, 'WITHSCORES')
+      for k = 1, #ids, 2 do
+        excess = excess - tonumber(redis.call('HGET', h, ids[k]) or '0')
+        if excess <= 0 then
+          fits = tostring(tonumber(ids[k + 1]) + window)
+          break
+        end
+      end
+    end
+    table.insert(out, i)
+    table.insert(out, fits)
+    return out
+  end
+end
+for i = 1, n do
+  local z, h = KEYS[2 * i - 1], KEYS[2 * i]
+  redis.call('ZADD', z, now, ARGV[3])
+  redis.call('HSET', h, ARGV[3], ARGV[4 + 2 * i])
+  redis.call('PEXPIRE', z, ARGV[4])
+  redis.call('PEXPIRE', h, ARGV[4])
+end
+local out = {1}
+for i = 1, n do table.insert(out, used[i]) end
+return out
+"""
+
+_TOKEN_CORRECT = """
+for i = 1, #KEYS / 2 do
+  if redis.call('ZSCORE', KEYS[2 * i - 1], ARGV[1]) then
+    redis.call('HSET', KEYS[2 * i], ARGV[1], ARGV[1 + i])
+  end
+end
+return 1
+"""
+
+# KEYS: the lease zset, its owners hash, the set of lease keys. ARGV: now, lease id, limit,
+# owner, expiry, the key (for the set)
+_LEASE_ACQUIRE = """
+local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+for _, id in ipairs(old) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+end
+local held = redis.call('ZCARD', KEYS[1])
+if held >= tonumber(ARGV[3]) then return {0, held} end
+redis.call('ZADD', KEYS[1], ARGV[5], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[4])
+redis.call('SADD', KEYS[3], ARGV[6])
+return {1, held + 1}
+"""
+
+_LEASE_RELEASE = """
+local n = redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return n
+"""
+
 _PURGE = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
 for _, rid in ipairs(ids) do
@@ -309,6 +397,10 @@ class RedisStateStore(StateStore):
             self._delete_user = self._r.register_script(_DELETE_USER)
             self._rate_hit = self._r.register_script(_RATE_HIT)
             self._purge = self._r.register_script(_PURGE)
+            self._token_admit = self._r.register_script(_TOKEN_ADMIT)
+            self._token_correct = self._r.register_script(_TOKEN_CORRECT)
+            self._lease_acquire = self._r.register_script(_LEASE_ACQUIRE)
+            self._lease_release = self._r.register_script(_LEASE_RELEASE)
         except (redis.RedisError, ValueError) as e:
             raise StoreUnavailable(f"Redis state store {self._url_for_errors}: {e}") from e
         self.ping()
@@ -597,3 +689,65 @@ class RedisStateStore(StateStore):
                 keys=[self._k("rate", key)], args=[now_us, window_us, limit, member]
             )
         return RateHit(bool(allowed), _int(count), _int(oldest) if oldest else None)
+
+    # -- token windows -------------------------------------------------------------------------
+    def token_admit(
+        self, entry_id: str, checks: Sequence[tuple[str, int, int]], window_us: int, now_us: int
+    ) -> TokenAdmit:
+        keys: list[str] = []
+        args: list[Any] = [now_us, window_us, entry_id, window_us // 1000 + 1000]
+        for key, limit, amount in checks:
+            keys += [self._k("tok", key), self._k("tokamt", key)]
+            args += [limit, amount]
+        with self._guard():
+            out = self._token_admit(keys=keys, args=args)
+        if _int(out[0]):
+            return TokenAdmit(True, {k: _int(u) for (k, _l, _a), u in zip(checks, out[1:], strict=True)})
+        *used, index, fits = out[1:]
+        return TokenAdmit(
+            False,
+            {k: _int(u) for (k, _l, _a), u in zip(checks, used, strict=False)},
+            checks[_int(index) - 1][0],
+            _int(fits) if fits else None,
+        )
+
+    def token_correct(self, entry_id: str, amounts: Mapping[str, int]) -> None:
+        keys: list[str] = []
+        for key in amounts:
+            keys += [self._k("tok", key), self._k("tokamt", key)]
+        with self._guard():
+            self._token_correct(keys=keys, args=[entry_id, *amounts.values()])
+
+    # -- concurrency leases --------------------------------------------------------------------
+    def lease_acquire(
+        self, key: str, lease_id: str, limit: int, owner: str, now_us: int, ttl_us: int
+    ) -> tuple[bool, int]:
+        with self._guard():
+            taken, held = self._lease_acquire(
+                keys=[self._k("lease", key), self._k("leaseown", key), self._k("leasekeys")],
+                args=[now_us, lease_id, limit, owner, now_us + ttl_us, key],
+            )
+        return bool(taken), _int(held)
+
+    def lease_release(self, key: str, lease_id: str) -> bool:
+        with self._guard():
+            return bool(
+                self._lease_release(
+                    keys=[self._k("lease", key), self._k("leaseown", key)], args=[lease_id]
+                )
+            )
+
+    def leases(self) -> list[Lease]:
+        with self._guard():
+            keys = sorted(self._r.smembers(self._k("leasekeys")))
+            pipe = self._r.pipeline(transaction=False)
+            for key in keys:
+                pipe.zrange(self._k("lease", key), 0, -1, withscores=True)
+                pipe.hgetall(self._k("leaseown", key))
+            got = pipe.execute()
+        out: list[Lease] = []
+        for i, key in enumerate(keys):
+            entries, owners = got[2 * i], got[2 * i + 1]
+            for lease_id, score in entries:
+                out.append(Lease(key, lease_id, owners.get(lease_id, ""), _int(score)))
+        return out

@@ -7,7 +7,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +19,7 @@ from candela_mitm.state.ports import (
     BatchAborted,
     DayTotals,
     GrantRow,
+    Lease,
     NewReservation,
     RateHit,
     ReserveResult,
@@ -26,18 +27,21 @@ from candela_mitm.state.ports import (
     SpendRow,
     StateStore,
     TenantRecord,
+    TokenAdmit,
     UserRecord,
     WouldWait,
     plan_holds,
     plan_settle,
     tenant_admits,
+    token_fits_at,
 )
 
 # 1: the first; 2: rate_count (a running count per rate_log key: a rate check no longer counts
 # the whole window's log); 3: reservations name their model and provider (a reservation settled
 # at the next start, after its process died, is recorded under them); 4: budget periods and
-# tenant budgets (reservations name their user and tenant period rows; tenants, tenant_periods).
-SCHEMA_VERSION = 4
+# tenant budgets (reservations name their user and tenant period rows; tenants, tenant_periods);
+# 5: token windows (token_log) and concurrency leases (leases).
+SCHEMA_VERSION = 5
 
 # Commits made without waiting (on the event loop) between two WAL checkpoints: each commit adds
 # a few pages, SQLite's own default is to checkpoint at 1000.
@@ -123,6 +127,22 @@ _SCHEMA = (
         spent INTEGER NOT NULL DEFAULT 0,
         reserved INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (tenant, period)
+    ) WITHOUT ROWID""",
+    # tokens per key in a sliding window: one row per admitted request, corrected at settlement
+    """CREATE TABLE IF NOT EXISTS token_log (
+        key TEXT NOT NULL,
+        entry_id TEXT NOT NULL,
+        ts INTEGER NOT NULL,
+        amount INTEGER NOT NULL,
+        PRIMARY KEY (key, entry_id)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS token_log_by_time ON token_log (key, ts)",
+    """CREATE TABLE IF NOT EXISTS leases (
+        key TEXT NOT NULL,
+        lease_id TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        expires_us INTEGER NOT NULL,
+        PRIMARY KEY (key, lease_id)
     ) WITHOUT ROWID""",
     "CREATE TABLE IF NOT EXISTS rate_log (key TEXT NOT NULL, ts INTEGER NOT NULL)",
     "CREATE INDEX IF NOT EXISTS rate_log_by_key ON rate_log (key, ts)",
@@ -825,3 +845,68 @@ class SqliteStateStore(StateStore):
                     (key, count),
                 )
             return RateHit(allowed, count, oldest)
+
+    # -- token windows -------------------------------------------------------------------------
+    def token_admit(
+        self, entry_id: str, checks: Sequence[tuple[str, int, int]], window_us: int, now_us: int
+    ) -> TokenAdmit:
+        with self._tx() as c:
+            used: dict[str, int] = {}
+            for key, limit, amount in checks:
+                c.execute(
+                    "DELETE FROM token_log WHERE key = ? AND ts <= ?", (key, now_us - window_us)
+                )
+                (total,) = c.execute(
+                    "SELECT coalesce(sum(amount), 0) FROM token_log WHERE key = ?", (key,)
+                ).fetchone()
+                used[key] = total
+                if amount > 0 and total + amount > limit:
+                    entries = c.execute(
+                        "SELECT ts, amount FROM token_log WHERE key = ? ORDER BY ts, entry_id",
+                        (key,),
+                    ).fetchall()
+                    return TokenAdmit(
+                        False, used, key, token_fits_at(entries, limit, amount, window_us)
+                    )
+            for key, _limit, amount in checks:
+                c.execute(
+                    "INSERT OR REPLACE INTO token_log (key, entry_id, ts, amount) "
+                    "VALUES (?, ?, ?, ?)",
+                    (key, entry_id, now_us, amount),
+                )
+            return TokenAdmit(True, used)
+
+    def token_correct(self, entry_id: str, amounts: Mapping[str, int]) -> None:
+        with self._tx() as c:
+            for key, amount in amounts.items():
+                c.execute(
+                    "UPDATE token_log SET amount = ? WHERE key = ? AND entry_id = ?",
+                    (amount, key, entry_id),
+                )
+
+    # -- concurrency leases --------------------------------------------------------------------
+    def lease_acquire(
+        self, key: str, lease_id: str, limit: int, owner: str, now_us: int, ttl_us: int
+    ) -> tuple[bool, int]:
+        with self._tx() as c:
+            c.execute("DELETE FROM leases WHERE key = ? AND expires_us <= ?", (key, now_us))
+            (held,) = c.execute("SELECT count(*) FROM leases WHERE key = ?", (key,)).fetchone()
+            if held >= limit:
+                return False, held
+            c.execute(
+                "INSERT INTO leases (key, lease_id, owner, expires_us) VALUES (?, ?, ?, ?)",
+                (key, lease_id, owner, now_us + ttl_us),
+            )
+            return True, held + 1
+
+    def lease_release(self, key: str, lease_id: str) -> bool:
+        with self._tx() as c:
+            cur = c.execute("DELETE FROM leases WHERE key = ? AND lease_id = ?", (key, lease_id))
+            return cur.rowcount > 0
+
+    def leases(self) -> list[Lease]:
+        with self._tx(write=False) as c:
+            rows = c.execute(
+                "SELECT key, lease_id, owner, expires_us FROM leases ORDER BY key, lease_id"
+            ).fetchall()
+        return [Lease(*r) for r in rows]

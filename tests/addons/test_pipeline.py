@@ -41,12 +41,24 @@ HOOK_ORDER: dict[str, list[str]] = {
         "LocalApi",
         "Upstream",
     ],
-    # response headers: the upstream timeout is cancelled before the stream is set up
-    "responseheaders": ["Upstream", "Accounting"],
-    # the response: AuditStart queues the audit entry first, Audit waits for its commit last
-    "response": ["AuditStart", "Metrics", "Budget", "LocalUi", "Accounting", "Spans", "Audit"],
-    # a failed flow: the reservation is released before the entry that records the failure
-    "error": ["Metrics", "Budget", "Upstream", "Accounting", "Spans", "Audit"],
+    # response headers: RateLimit's IETF headers join the answer before it can stream; the
+    # upstream timeout is cancelled before the stream is set up
+    "responseheaders": ["RateLimit", "Upstream", "Accounting"],
+    # the response: AuditStart queues the audit entry first, Audit waits for its commit last;
+    # RateLimit gives back the lease and corrects the token windows before Budget settles
+    "response": [
+        "AuditStart",
+        "Metrics",
+        "RateLimit",
+        "Budget",
+        "LocalUi",
+        "Accounting",
+        "Spans",
+        "Audit",
+    ],
+    # a failed flow: the lease and the reservation are released before the entry that records
+    # the failure
+    "error": ["Metrics", "RateLimit", "Budget", "Upstream", "Accounting", "Spans", "Audit"],
     "done": ["LocalUi", "Upstream"],
 }
 

@@ -368,3 +368,45 @@ def test_sdk_clients_get_402_403_429_as_errors(gov, upstream):
     assert out[0] == {"status": 403, "error": "model_not_allowed"}
     assert out[1]["status"] in (402, 429)
     assert upstream.requests == []
+
+
+def test_concurrency_and_token_limits_with_ratelimit_headers(tmp_path, upstream, token_server):
+    cfg = base_config(upstream.url, users={"alice@example.com": {
+        "tenants": ["t"], "requests_per_minute": 1000, "max_concurrent_requests": 2,
+        "output_tokens_per_minute": 5000}})
+    upstream.configure(latency_s=1.0, usage=Usage(input_tokens=10, output_tokens=10))
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}
+    with CandelaProcess(tmp_path, cfg, env=candela_env(token_server, tmp_path)) as c:
+        barrier = threading.Barrier(5)
+        answers: list[requests.Response] = []
+
+        def one():
+            barrier.wait()
+            answers.append(post(c, CHAT, body))
+
+        ts = [threading.Thread(target=one) for _ in range(5)]
+        [t.start() for t in ts]
+        [t.join(30) for t in ts]
+        codes = sorted(r.status_code for r in answers)
+        assert codes == [200, 200, 429, 429, 429]
+        assert len(upstream.requests) == 2  # the refused never reached the provider
+        for r in answers:
+            assert r.headers["RateLimit-Policy"] == (
+                '"requests";q=1000;w=60, "concurrency";q=2, "output_tokens";q=5000;w=60'
+            ) or r.status_code == 429
+            if r.status_code == 429:
+                assert r.json()["limit_kind"] == "concurrency" and r.headers["Retry-After"] == "1"
+                assert r.headers["RateLimit-Policy"] == '"requests";q=1000;w=60, "concurrency";q=2'
+            else:
+                assert r.headers["RateLimit"].startswith('"requests";r=')
+        # every place is free again once they ended, and each used 10 output tokens, not its
+        # estimate of 1000: four more of 2000 fit in the 5000 a minute
+        upstream.configure(latency_s=0.0, usage=Usage(input_tokens=10, output_tokens=10))
+        for _ in range(4):
+            r = post(c, CHAT, {**body, "max_tokens": 2000})
+            assert r.status_code == 200, r.text
+        upstream.clear()
+        r = post(c, CHAT, {**body, "max_tokens": 6000})  # more than a minute's allowance
+        assert r.status_code == 429 and r.json()["limit_kind"] == "output_tokens"
+        assert r.json()["retry_after_s"] == 60 and r.headers["Retry-After"] == "60"
+        assert upstream.requests == []

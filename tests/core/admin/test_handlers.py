@@ -221,7 +221,13 @@ ALICE_CONFIG = {
     "daily_budget_usd": 20.0,
     "budget_period": "daily",
     "requests_per_minute": 120,
+    "max_concurrent_requests": None,
+    "input_tokens_per_minute": None,
+    "output_tokens_per_minute": None,
+    "total_tokens_per_minute": None,
 }
+LIMITS = ("max_concurrent_requests", "input_tokens_per_minute", "output_tokens_per_minute",
+          "total_tokens_per_minute")
 
 
 @pytest.mark.parametrize(
@@ -239,6 +245,8 @@ ALICE_CONFIG = {
         {"role": "developer", "daily_budget_usd": 1.5, "requests_per_minute": 7},
         {"budget_period": "monthly"},
         {"budget_period": "weekly", "daily_budget_usd": 70},
+        {"max_concurrent_requests": 2, "total_tokens_per_minute": 5000},
+        {"input_tokens_per_minute": 0, "output_tokens_per_minute": 10},
     ],
 )
 def test_partial_put_changes_only_what_it_names(rt, body):
@@ -249,7 +257,8 @@ def test_partial_put_changes_only_what_it_names(rt, body):
     assert got == want and r.payload["source"] == "store"
     s = rt.users.settings(ALICE)
     assert (
-        s.role, list(s.tenants), s.daily_budget_usd, s.budget_period.kind, s.requests_per_minute
+        s.role, list(s.tenants), s.daily_budget_usd, s.budget_period.kind, s.requests_per_minute,
+        *(getattr(s, n) for n in LIMITS),
     ) == tuple(want.values())
     [entry] = admin_actions(rt)
     assert entry["before"] == ALICE_CONFIG and entry["after"] == want
@@ -266,6 +275,7 @@ def test_partial_puts_in_sequence_keep_earlier_changes(rt):
         "daily_budget_usd": 3.0,
         "budget_period": "daily",
         "requests_per_minute": 5,
+        **dict.fromkeys(LIMITS),
     }
     actions = admin_actions(rt)
     assert [a["action"] for a in actions] == ["user.create", "user.update", "user.update"]

@@ -32,6 +32,7 @@ from candela_mitm.state.ports import (
     rfc3339,
     tenant_admits,
     to_us,
+    token_fits_at,
     usd_to_nano,
 )
 from candela_mitm.state.redis import RedisStateStore
@@ -869,3 +870,73 @@ def test_sqlite_schema_3_reservations_gain_their_periods(tmp_path: Path) -> None
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     store.close()
+
+
+# -- token windows: one table through token_fits_at and through both stores ---------------------
+
+W = 60_000_000  # a minute, in microseconds
+
+# entries already in the window (seconds after T0, amount), limit, amount, admitted, fits at (s)
+TOKEN_TABLE = [
+    pytest.param([], 100, 100, True, None, id="fits-exactly"),
+    pytest.param([], 100, 101, False, None, id="alone-over-the-limit-never-fits"),
+    pytest.param([(0, 60)], 100, 40, True, None, id="sum-fits"),
+    pytest.param([(0, 60)], 100, 41, False, 60, id="waits-for-the-oldest"),
+    pytest.param([(0, 30), (10, 30), (20, 30)], 100, 50, False, 70, id="needs-two-to-leave"),
+    pytest.param([(0, 30), (10, 30), (20, 30)], 100, 100, False, 80, id="needs-all-to-leave"),
+    pytest.param([(0, 500)], 100, 0, True, None, id="zero-always-passes"),
+]
+
+
+@pytest.mark.parametrize(("entries", "limit", "amount", "ok", "fits_s"), TOKEN_TABLE)
+def test_token_fits_at(entries, limit, amount, ok, fits_s) -> None:
+    in_window = [(T0_US + s * 1_000_000, a) for s, a in entries]
+    if not ok:
+        expected = None if fits_s is None else T0_US + fits_s * 1_000_000
+        assert token_fits_at(in_window, limit, amount, W) == expected
+
+
+@pytest.mark.parametrize(("entries", "limit", "amount", "ok", "fits_s"), TOKEN_TABLE)
+def test_stores_agree_with_token_fits_at(store: StateStore, entries, limit, amount, ok, fits_s):
+    for i, (s, a) in enumerate(entries):
+        assert store.token_admit(f"e{i}", [("k", 10**9, a)], W, T0_US + s * 1_000_000).allowed
+    now = T0_US + 30_000_000
+    got = store.token_admit("new", [("k", limit, amount)], W, now)
+    assert got.allowed is ok
+    assert got.used == {"k": sum(a for _, a in entries)}
+    if not ok:
+        assert got.refused_key == "k"
+        assert got.fits_at_us == (None if fits_s is None else T0_US + fits_s * 1_000_000)
+
+
+def test_token_admit_is_all_or_nothing_and_corrects(store: StateStore) -> None:
+    checks = [("in", 100, 50), ("out", 100, 80), ("total", 150, 130)]
+    assert store.token_admit("a", checks, W, T0_US).allowed
+    refused = store.token_admit("b", [("in", 100, 10), ("out", 100, 30)], W, T0_US + 1)
+    assert not refused.allowed and refused.refused_key == "out"
+    assert refused.used == {"in": 50, "out": 80}
+    # nothing of b was recorded, not even under "in"
+    assert store.token_admit("c", [("in", 100, 50)], W, T0_US + 2).allowed
+    assert not store.token_admit("d", [("in", 100, 1)], W, T0_US + 3).allowed
+    # settlement: a used 5 output tokens, not 80
+    store.token_correct("a", {"out": 5, "total": 55})
+    assert store.token_admit("e", [("out", 100, 95), ("total", 150, 95)], W, T0_US + 4).allowed
+    # the window forgets: a minute later everything is free again
+    later = store.token_admit("f", [("in", 100, 100)], W, T0_US + W + 3)
+    assert later.allowed and later.used == {"in": 0}
+    store.token_correct("a", {"in": 1000})  # gone from the window: not brought back
+    assert store.token_admit("g", [("in", 100, 0)], W, T0_US + W + 4).used == {"in": 100}
+
+
+def test_leases(store: StateStore) -> None:
+    assert store.lease_acquire("u", "l1", 2, "host:1", T0_US, W) == (True, 1)
+    assert store.lease_acquire("u", "l2", 2, "host:2", T0_US, W) == (True, 2)
+    assert store.lease_acquire("u", "l3", 2, "host:1", T0_US, W) == (False, 2)
+    assert store.lease_acquire("v", "l4", 1, "host:1", T0_US, W) == (True, 1)
+    assert {(x.key, x.lease_id, x.owner) for x in store.leases()} == {
+        ("u", "l1", "host:1"), ("u", "l2", "host:2"), ("v", "l4", "host:1")
+    }
+    assert store.lease_release("u", "l1") and not store.lease_release("u", "l1")
+    assert store.lease_acquire("u", "l3", 2, "host:1", T0_US, W) == (True, 2)
+    # an expired lease (its process never gave it back) frees its place
+    assert store.lease_acquire("u", "l5", 2, "host:1", T0_US + W, W) == (True, 1)
