@@ -109,6 +109,10 @@ def user_not_found(user: str) -> Denial:
     return Denial(404, "user_not_found", f"There is no user '{user}'", {"user_id": user})
 
 
+def key_not_found(key_id: str) -> Denial:
+    return Denial(404, "key_not_found", f"There is no API key '{key_id}'", {"key_id": key_id})
+
+
 def payload_too_large(limit: int) -> Denial:
     return Denial(
         413,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import re
+import secrets
 import sqlite3
 import uuid
 from collections.abc import Callable, Mapping
@@ -21,6 +24,7 @@ from candela_mitm.audit.query import query_entries
 from candela_mitm.audit.writer import AuditWriter
 from candela_mitm.config import Config
 from candela_mitm.errors import Denial, Refused, StoreUnavailable
+from candela_mitm.governance.identity import MINTED_KEY_PREFIX
 from candela_mitm.governance.ledger import Grant, Ledger, TenantBudgetStatus
 from candela_mitm.governance.periods import PERIOD_KINDS
 from candela_mitm.governance.tenancy import MAX_TENANT_CHARS
@@ -28,6 +32,7 @@ from candela_mitm.governance.users import TenantSettings, UserDirectory, UserSet
 from candela_mitm.state.ports import (
     LIMIT_FIELDS,
     GrantRow,
+    KeyRecord,
     StateStore,
     TenantRecord,
     UserRecord,
@@ -114,6 +119,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/admin/v1/users/{user}/grants", "create_grant", True),
     Route("GET", "/admin/v1/users/{user}/grants", "list_grants", True),
     Route("GET", "/admin/v1/tenants", "list_tenants", True),
+    # developers too, for their own keys
+    Route("POST", "/admin/v1/keys", "create_key", False),
+    Route("GET", "/admin/v1/keys", "list_keys", False, frozenset({"user"})),
+    Route("DELETE", "/admin/v1/keys/{key}", "revoke_key", False),
     Route("PUT", "/admin/v1/tenants/{tenant}", "put_tenant", True),
     # developers too, filtered to themselves
     Route(
@@ -371,6 +380,23 @@ def settings_json(s: UserSettings) -> dict[str, Any]:
     }
 
 
+def key_json(k: KeyRecord, now_us: int) -> dict[str, Any]:
+    state = "revoked" if k.revoked_us is not None else (
+        "active" if k.valid_at(now_us) else "expired"
+    )
+    return {
+        "id": k.key_id,
+        "user_id": k.user_id,
+        "name": k.name,
+        "fingerprint": k.sha256[:8],  # as audit entries name the key that made a request
+        "state": state,
+        "created_at": rfc3339(from_us(k.created_us)),
+        "expires_at": None if k.expires_us is None else rfc3339(from_us(k.expires_us)),
+        "revoked_at": None if k.revoked_us is None else rfc3339(from_us(k.revoked_us)),
+        "actor": k.actor,
+    }
+
+
 def tenant_json(t: TenantSettings, status: TenantBudgetStatus) -> dict[str, Any]:
     return {
         "tenant_id": t.tenant_id,
@@ -550,6 +576,84 @@ class AdminApi:
     def _tenant_view(self, tenant: str, now: datetime) -> dict[str, Any]:
         t = self.rt.users.tenant_settings(tenant)
         return tenant_json(t, self.rt.ledger.tenant_status(tenant, t.budget_usd, t.period, now))
+
+    # -- API keys ----------------------------------------------------------------------------
+
+    def create_key(self, req: AdminRequest, _p: Any, _q: Any, body: dict[str, Any]) -> Handled:
+        """Mint a key for a user (a developer: only for themselves); shown once, stored as its
+        SHA-256 in the state store."""
+        _no_unknown_fields(body, ("user_id", "name", "expires_at"))
+        user = body.get("user_id", req.user)
+        if not isinstance(user, str):
+            raise _invalid("user_id", "must be a user id")
+        _user_id(user)
+        if req.role != "admin" and user != req.user:
+            raise Refused(errors.forbidden("A developer may only mint keys for themselves"))
+        if not self._known(user) and user != req.user:
+            raise Refused(errors.user_not_found(user))
+        name = body.get("name", "")
+        if not isinstance(name, str) or len(name) > MAX_REASON_CHARS:
+            raise _invalid("name", f"must be a string of at most {MAX_REASON_CHARS} characters")
+        now = self._now()
+        expires_us = None
+        if body.get("expires_at") is not None:
+            expires = parse_rfc3339(body["expires_at"])
+            if expires is None:
+                raise _invalid(
+                    "expires_at",
+                    "must be an RFC 3339 time with an offset, e.g. 2030-01-31T00:00:00Z",
+                )
+            if expires <= now:
+                raise _invalid("expires_at", "must be in the future")
+            expires_us = to_us(expires)
+        secret = MINTED_KEY_PREFIX + secrets.token_urlsafe(32)
+        record = KeyRecord(
+            key_id="k_" + uuid.uuid4().hex[:16],
+            sha256=hashlib.sha256(secret.encode()).hexdigest(),
+            user_id=user,
+            name=name,
+            actor=req.user,
+            created_us=to_us(now),
+            expires_us=expires_us,
+        )
+        view = key_json(record, to_us(now))
+        self._audited(
+            req, "key.create", user, None, view, lambda: self.rt.store.put_api_key(record)
+        )
+        return AdminResponse(201, {**view, "key": secret})
+
+    def list_keys(self, req: AdminRequest, _p: Any, q: dict[str, str], _b: Any) -> Handled:
+        user = q.get("user")
+        if req.role != "admin":
+            if user is None:
+                user = req.user
+            elif user != req.user:
+                raise Refused(errors.forbidden("A developer may only list their own keys"))
+        now_us = to_us(self._now())
+        keys = [key_json(k, now_us) for k in self.rt.store.api_keys(user)]
+        return AdminResponse(200, {"user_id": user, "count": len(keys), "keys": keys})
+
+    def revoke_key(self, req: AdminRequest, p: dict[str, str], _q: Any, _b: Any) -> Handled:
+        key_id = p["key"]
+        current = next((k for k in self.rt.store.api_keys() if k.key_id == key_id), None)
+        # a developer learns nothing about other users' keys: theirs or "no such key"
+        if current is None or (req.role != "admin" and current.user_id != req.user):
+            raise Refused(errors.key_not_found(key_id))
+        now = self._now()
+        now_us = to_us(now)
+        before = key_json(current, now_us)
+        if current.revoked_us is not None:
+            return AdminResponse(200, before)  # already revoked: nothing changes
+        after = key_json(dataclasses.replace(current, revoked_us=now_us), now_us)
+        self._audited(
+            req,
+            "key.revoke",
+            current.user_id,
+            before,
+            after,
+            lambda: self.rt.store.revoke_api_key(key_id, now_us),
+        )
+        return AdminResponse(200, after)
 
     def list_tenants(self, _r: Any, _p: Any, _q: Any, _b: Any) -> Handled:
         now = self._now()

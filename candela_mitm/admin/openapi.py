@@ -47,6 +47,21 @@ _LIMITS_IN = {
     name: {"type": ["integer", "null"], "minimum": 0, "maximum": 1_000_000_000}
     for name in _LIMITS
 }
+KEY_PROPS: dict[str, Any] = {
+            "id": {**_STR, "description": "the key's public name, for listing and revoking"},
+            "user_id": _STR,
+            "name": _STR,
+            "fingerprint": {
+                **_STR,
+                "description": "the first 8 hex digits of the key's SHA-256, as audit entries "
+                "name the key that made a request",
+            },
+            "state": {"type": "string", "enum": ["active", "revoked", "expired"]},
+            "created_at": _TIME,
+            "expires_at": {"type": ["string", "null"], "format": "date-time"},
+            "revoked_at": {"type": ["string", "null"], "format": "date-time"},
+            "actor": {**_STR, "description": "who minted it"},
+        }
 _PERIOD = {
     "type": "string",
     "enum": ["daily", "weekly", "monthly"],
@@ -117,6 +132,37 @@ SCHEMAS: dict[str, Any] = {
             "resets_at": _TIME,
         }
     ),
+    "ApiKey": _closed(KEY_PROPS),
+    "ApiKeyCreated": _closed(
+        {
+            **KEY_PROPS,
+            "key": {
+                **_STR,
+                "description": "the key itself, shown this once: Candela keeps only its SHA-256",
+            },
+        }
+    ),
+    "ApiKeyList": _closed(
+        {
+            "user_id": {**_STR_OR_NULL, "description": "null: every user's keys"},
+            "count": _INT,
+            "keys": {"type": "array", "items": _ref("ApiKey")},
+        }
+    ),
+    "ApiKeyCreate": {
+        "type": "object",
+        "properties": {
+            "user_id": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 320,
+                "description": "default: the caller; a developer may name only themselves",
+            },
+            "name": {"type": "string", "maxLength": 1000},
+            "expires_at": {**_TIME, "description": "RFC 3339 with an offset, in the future"},
+        },
+        "additionalProperties": False,
+    },
     "TenantList": _closed(
         {"count": _INT, "tenants": {"type": "array", "items": _ref("Tenant")}}
     ),
@@ -287,7 +333,10 @@ _ERRORS = {
     ),
     "401": ("Unauthenticated", "Missing, malformed, expired or unverifiable credential"),
     "403": ("Forbidden", "The caller's role may not do this (`forbidden`)"),
-    "404": ("NotFound", "No such route (`not_found`) or user (`user_not_found`)"),
+    "404": (
+        "NotFound",
+        "No such route (`not_found`), user (`user_not_found`) or API key (`key_not_found`)",
+    ),
     "503": ("Unavailable", "The state store or the audit trail cannot be used (fail closed)"),
 }
 
@@ -413,6 +462,41 @@ PATHS: dict[str, Any] = {
             body="TenantUpdate",
         ),
     },
+    "/admin/v1/keys": {
+        "post": _op(
+            "createKey",
+            "Mint an API key (admin: for any user; developer: for themselves); the key is in "
+            "this answer only",
+            "ApiKeyCreated",
+            ("403", "404"),
+            statuses=("201",),
+            body="ApiKeyCreate",
+        ),
+        "get": _op(
+            "listKeys",
+            "API keys minted through this API (admin: anyone's; developer: their own)",
+            "ApiKeyList",
+            ("403",),
+            params=[_query("user", _STR, "a developer may name only themselves (the default)")],
+        ),
+    },
+    "/admin/v1/keys/{key}": {
+        "parameters": [
+            {
+                "name": "key",
+                "in": "path",
+                "required": True,
+                "description": "the key's id (k_...), not the key",
+                "schema": {"type": "string", "minLength": 1, "maxLength": 64},
+            }
+        ],
+        "delete": _op(
+            "revokeKey",
+            "Revoke a key at once, in every process (admin: anyone's; developer: their own)",
+            "ApiKey",
+            ("404",),
+        ),
+    },
     "/admin/v1/usage": {
         "get": _op(
             "getUsage",
@@ -473,8 +557,8 @@ PATHS: dict[str, Any] = {
 
 _DESCRIPTION = """\
 The admin API of Candela, served on the proxy's own listener. Every call is authenticated like a
-proxy request. Role `admin` may call everything; `developer` only `/me`, `/usage` (their own) and
-this document: anything else answers 403 `forbidden`. Every change is committed to the audit
+proxy request. Role `admin` may call everything; `developer` only `/me`, `/usage` and `/keys`
+(their own) and this document: anything else answers 403 `forbidden`. Every change is committed to the audit
 trail (action `admin_action`, with actor, action, target, before and after) before it is made.
 Every error is JSON `{"error": "<snake_case>", "message": "<sentence>", ...}`; an unknown path
 answers 404 `not_found`, a method the path does not have 405 `method_not_allowed` with `Allow`.

@@ -183,6 +183,7 @@ SUBCOMMANDS = {
     "run": "candela_mitm.cli.run:main",
     "enforce": "candela_mitm.cli.enforce:main",
     "doctor": "candela_mitm.cli.doctor:main",
+    "keys": "candela_mitm.cli.keys:main",
 }
 
 

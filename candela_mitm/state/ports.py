@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -220,6 +221,42 @@ class TenantRecord:
             budget_usd=None if budget is None else float(budget),
             budget_period=None if period is None else str(period),
             updated_at=None if updated_at is None else from_us(int(updated_at)),
+        )
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """An API key minted through the admin API: only its SHA-256 is ever stored."""
+
+    key_id: str  # its public name ("k_..."), for listing and revoking
+    sha256: str
+    user_id: str
+    name: str
+    actor: str  # who minted it
+    created_us: int
+    expires_us: int | None = None
+    revoked_us: int | None = None
+
+    def valid_at(self, now_us: int) -> bool:
+        return self.revoked_us is None and (self.expires_us is None or now_us < self.expires_us)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> KeyRecord:
+        def opt(name: str) -> int | None:
+            return None if data.get(name) is None else int(data[name])
+
+        return cls(
+            key_id=str(data["key_id"]),
+            sha256=str(data["sha256"]),
+            user_id=str(data["user_id"]),
+            name=str(data.get("name") or ""),
+            actor=str(data.get("actor") or ""),
+            created_us=int(data["created_us"]),
+            expires_us=opt("expires_us"),
+            revoked_us=opt("revoked_us"),
         )
 
 
@@ -472,6 +509,24 @@ class StateStore(ABC):
     @abstractmethod
     def tenant_totals(self, tenant: str, period: str) -> DayTotals:
         """A tenant's budget row for a period key (from_grants is always 0)."""
+
+    # -- API keys ------------------------------------------------------------------------------
+    @abstractmethod
+    def put_api_key(self, record: KeyRecord) -> None:
+        """Store a new key (its id and digest are new)."""
+
+    @abstractmethod
+    def api_key(self, sha256: str) -> KeyRecord | None:
+        """The key with this digest, revoked or not."""
+
+    @abstractmethod
+    def api_keys(self, user_id: str | None = None) -> list[KeyRecord]:
+        """Every key (of one user), oldest first."""
+
+    @abstractmethod
+    def revoke_api_key(self, key_id: str, now_us: int) -> KeyRecord | None:
+        """Mark a key revoked; the key as it was before, or None if there is no such key.
+        A key revoked already keeps its first revocation time."""
 
     # -- tenants -------------------------------------------------------------------------------
     @abstractmethod

@@ -17,6 +17,7 @@ from candela_mitm.state.ports import (
     ActiveReservation,
     DayTotals,
     GrantRow,
+    KeyRecord,
     Lease,
     NewReservation,
     RateHit,
@@ -53,6 +54,8 @@ _SEP = "\x1f"  # between the parts of a spend field: user, tenant, model, provid
 #   P tok:<key>            zset: token entries scored by time; P tokamt:<key> hash: their amounts
 #   P lease:<key>          zset: leases scored by expiry; P leaseown:<key> hash: their owners;
 #   P leasekeys            set of keys with leases
+#   P apikey:<key id>      string: the key's record (JSON, its digest, never the key)
+#   P apikeydigest:<sha256> string: the key id; P apikeys: set of key ids
 # Scripts touch keys they derive from the prefix: fine on one Redis server or a replica set,
 # not on Redis Cluster (keys of one user would have to share a hash slot).
 
@@ -354,6 +357,15 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 return n
 """
 
+# A hash: `record` (the JSON written at minting, never rewritten) and `revoked_us`, set once.
+_REVOKE_KEY = """
+local rec = redis.call('HGET', KEYS[1], 'record')
+if not rec then return false end
+local before = redis.call('HGET', KEYS[1], 'revoked_us') or ''
+redis.call('HSETNX', KEYS[1], 'revoked_us', ARGV[1])
+return {rec, before}
+"""
+
 _PURGE = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
 for _, rid in ipairs(ids) do
@@ -398,6 +410,7 @@ class RedisStateStore(StateStore):
             self._rate_hit = self._r.register_script(_RATE_HIT)
             self._purge = self._r.register_script(_PURGE)
             self._token_admit = self._r.register_script(_TOKEN_ADMIT)
+            self._revoke_key = self._r.register_script(_REVOKE_KEY)
             self._token_correct = self._r.register_script(_TOKEN_CORRECT)
             self._lease_acquire = self._r.register_script(_LEASE_ACQUIRE)
             self._lease_release = self._r.register_script(_LEASE_RELEASE)
@@ -751,3 +764,44 @@ class RedisStateStore(StateStore):
             for lease_id, score in entries:
                 out.append(Lease(key, lease_id, owners.get(lease_id, ""), _int(score)))
         return out
+
+    # -- API keys ------------------------------------------------------------------------------
+    @staticmethod
+    def _key_record(record: str | None, revoked: str | None) -> KeyRecord | None:
+        if record is None:
+            return None
+        data = json.loads(record)
+        data["revoked_us"] = int(revoked) if revoked else None
+        return KeyRecord.from_json(data)
+
+    def put_api_key(self, record: KeyRecord) -> None:
+        with self._guard():
+            pipe = self._r.pipeline(transaction=True)
+            pipe.hset(self._k("apikey", record.key_id), "record", json.dumps(record.to_json()))
+            pipe.set(self._k("apikeydigest", record.sha256), record.key_id)
+            pipe.sadd(self._k("apikeys"), record.key_id)
+            pipe.execute()
+
+    def api_key(self, sha256: str) -> KeyRecord | None:
+        with self._guard():
+            key_id = self._r.get(self._k("apikeydigest", sha256))
+            if not key_id:
+                return None
+            record, revoked = self._r.hmget(self._k("apikey", key_id), ["record", "revoked_us"])
+        return self._key_record(record, revoked)
+
+    def api_keys(self, user_id: str | None = None) -> list[KeyRecord]:
+        with self._guard():
+            ids = sorted(self._r.smembers(self._k("apikeys")))
+            pipe = self._r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hmget(self._k("apikey", i), ["record", "revoked_us"])
+            rows = pipe.execute()
+        keys = [k for r, v in rows if (k := self._key_record(r, v)) is not None]
+        keys = [k for k in keys if user_id is None or k.user_id == user_id]
+        return sorted(keys, key=lambda k: (k.created_us, k.key_id))
+
+    def revoke_api_key(self, key_id: str, now_us: int) -> KeyRecord | None:
+        with self._guard():
+            out = self._revoke_key(keys=[self._k("apikey", key_id)], args=[now_us])
+        return None if not out else self._key_record(out[0], out[1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from candela_mitm.state.ports import (
     BatchAborted,
     DayTotals,
     GrantRow,
+    KeyRecord,
     Lease,
     NewReservation,
     RateHit,
@@ -40,8 +42,8 @@ from candela_mitm.state.ports import (
 # the whole window's log); 3: reservations name their model and provider (a reservation settled
 # at the next start, after its process died, is recorded under them); 4: budget periods and
 # tenant budgets (reservations name their user and tenant period rows; tenants, tenant_periods);
-# 5: token windows (token_log) and concurrency leases (leases).
-SCHEMA_VERSION = 5
+# 5: token windows (token_log) and concurrency leases (leases); 6: api_keys.
+SCHEMA_VERSION = 6
 
 # Commits made without waiting (on the event loop) between two WAL checkpoints: each commit adds
 # a few pages, SQLite's own default is to checkpoint at 1000.
@@ -116,6 +118,12 @@ _SCHEMA = (
         requests INTEGER NOT NULL,
         PRIMARY KEY (day, user_id, tenant, model, provider)
     ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS api_keys (
+        key_id TEXT PRIMARY KEY,
+        sha256 TEXT NOT NULL UNIQUE,
+        user_id TEXT NOT NULL,
+        record TEXT NOT NULL
+    )""",
     """CREATE TABLE IF NOT EXISTS tenants (
         tenant_id TEXT PRIMARY KEY,
         record TEXT NOT NULL
@@ -910,3 +918,40 @@ class SqliteStateStore(StateStore):
                 "SELECT key, lease_id, owner, expires_us FROM leases ORDER BY key, lease_id"
             ).fetchall()
         return [Lease(*r) for r in rows]
+
+    # -- API keys ------------------------------------------------------------------------------
+    def put_api_key(self, record: KeyRecord) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO api_keys (key_id, sha256, user_id, record) VALUES (?, ?, ?, ?)",
+                (record.key_id, record.sha256, record.user_id, json.dumps(record.to_json())),
+            )
+
+    def api_key(self, sha256: str) -> KeyRecord | None:
+        with self._tx(write=False) as c:
+            row = c.execute("SELECT record FROM api_keys WHERE sha256 = ?", (sha256,)).fetchone()
+        return None if row is None else KeyRecord.from_json(json.loads(row[0]))
+
+    def api_keys(self, user_id: str | None = None) -> list[KeyRecord]:
+        query = "SELECT record FROM api_keys"
+        args: tuple[str, ...] = ()
+        if user_id is not None:
+            query, args = query + " WHERE user_id = ?", (user_id,)
+        with self._tx(write=False) as c:
+            rows = c.execute(query, args).fetchall()
+        keys = [KeyRecord.from_json(json.loads(r[0])) for r in rows]
+        return sorted(keys, key=lambda k: (k.created_us, k.key_id))
+
+    def revoke_api_key(self, key_id: str, now_us: int) -> KeyRecord | None:
+        with self._tx() as c:
+            row = c.execute("SELECT record FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+            if row is None:
+                return None
+            before = KeyRecord.from_json(json.loads(row[0]))
+            if before.revoked_us is None:
+                after = dataclasses.replace(before, revoked_us=now_us)
+                c.execute(
+                    "UPDATE api_keys SET record = ? WHERE key_id = ?",
+                    (json.dumps(after.to_json()), key_id),
+                )
+            return before

@@ -146,6 +146,10 @@ RBAC = [
     ("GET", f"/admin/v1/usage?user={q(BOB)}", None, 200, 403),
     ("GET", "/admin/v1/leaderboard?by=user", None, 200, 403),
     ("GET", "/admin/v1/tenants", None, 200, 403),
+    ("POST", "/admin/v1/keys", {"user_id": BOB}, 201, 403),
+    ("GET", "/admin/v1/keys", None, 200, 200),
+    ("GET", f"/admin/v1/keys?user={q(BOB)}", None, 200, 403),
+    ("DELETE", "/admin/v1/keys/k_missing", None, 404, 404),
     ("PUT", "/admin/v1/tenants/research-team", {"budget_usd": 5}, 201, 403),
     ("GET", "/admin/v1/audit", None, 200, 403),
     ("GET", "/admin/v1/openapi.json", None, 200, 200),
@@ -161,7 +165,8 @@ def test_rbac(rt, method, path, body, admin_status, dev_status):
     assert admin_actions(rt) == []  # a refused caller changes nothing
     assert rt.store.list_users(include_deleted=True) == []
     assert call(rt, method, path, body).status == admin_status
-    assert len(admin_actions(rt)) == (1 if method in ("PUT", "POST", "DELETE") else 0)
+    changes = method in ("PUT", "POST", "DELETE") and admin_status < 400
+    assert len(admin_actions(rt)) == (1 if changes else 0)
 
 
 def test_every_route_is_in_the_rbac_table():
@@ -795,3 +800,63 @@ def test_tenant_list_and_me_show_tenant_budgets_and_periods(rt):
     assert me["period_starts_at"].endswith("-01T00:00:00Z")
     [tb] = me["tenant_budgets"]
     assert tb["tenant_id"] == "research-team" and tb["remaining_usd"] == 1.75
+
+
+# -- API keys ----------------------------------------------------------------------------------
+
+
+def test_mint_list_revoke_a_key(rt):
+    r = call(rt, "POST", "/admin/v1/keys", {"user_id": BOB, "name": "ci",
+                                             "expires_at": "2099-01-01T00:00:00Z"})
+    assert r.status == 201
+    key, kid = r.payload["key"], r.payload["id"]
+    assert key.startswith("cdk_") and len(key) > 40
+    assert (r.payload["user_id"], r.payload["name"], r.payload["state"]) == (BOB, "ci", "active")
+    assert r.payload["fingerprint"] == sha(key)[:8] and r.payload["actor"] == ADMIN
+    # only the digest is kept: the key is nowhere in the store nor in the audit trail
+    [stored] = rt.store.api_keys(BOB)
+    assert stored.sha256 == sha(key) and key not in json.dumps(stored.to_json())
+    [created] = admin_actions(rt)
+    assert created["action"] == "key.create" and created["target"] == BOB
+    assert key not in json.dumps(created) and created["after"]["id"] == kid
+    listed = call(rt, "GET", f"/admin/v1/keys?user={q(BOB)}").payload
+    assert [k["id"] for k in listed["keys"]] == [kid] and "key" not in listed["keys"][0]
+    r = call(rt, "DELETE", f"/admin/v1/keys/{kid}")
+    assert r.status == 200 and r.payload["state"] == "revoked" and r.payload["revoked_at"]
+    assert not rt.store.api_key(sha(key)).valid_at(0)
+    again = call(rt, "DELETE", f"/admin/v1/keys/{kid}")  # a repeat changes nothing
+    assert again.status == 200 and again.payload["revoked_at"] == r.payload["revoked_at"]
+    assert [a["action"] for a in admin_actions(rt)] == ["key.create", "key.revoke"]
+
+
+def test_developers_mint_and_revoke_only_their_own_keys(rt):
+    mine = call(rt, "POST", "/admin/v1/keys", {}, as_=ALICE)
+    assert mine.status == 201 and mine.payload["user_id"] == ALICE
+    bobs = call(rt, "POST", "/admin/v1/keys", {"user_id": BOB}).payload
+    listed = call(rt, "GET", "/admin/v1/keys", as_=ALICE).payload
+    assert listed["user_id"] == ALICE and [k["id"] for k in listed["keys"]] == [mine.payload["id"]]
+    r = call(rt, "DELETE", f"/admin/v1/keys/{bobs['id']}", as_=ALICE)
+    assert r.status == 404 and r.payload["error"] == "key_not_found"
+    assert rt.store.api_key(sha(bobs["key"])).revoked_us is None
+    assert call(rt, "DELETE", f"/admin/v1/keys/{mine.payload['id']}", as_=ALICE).status == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "status"),
+    [
+        ({"user_id": 5}, "user_id", 400),
+        ({"name": 7}, "name", 400),
+        ({"expires_at": "tomorrow"}, "expires_at", 400),
+        ({"expires_at": "2001-01-01T00:00:00Z"}, "expires_at", 400),
+        ({"scopes": []}, "scopes", 400),
+    ],
+)
+def test_mint_refuses_bad_fields(rt, body, field, status):
+    r = call(rt, "POST", "/admin/v1/keys", body)
+    assert r.status == status and r.payload["field"] == field
+    assert rt.store.api_keys() == [] and admin_actions(rt) == []
+
+
+def test_mint_for_an_unknown_user_is_404(rt):
+    r = call(rt, "POST", "/admin/v1/keys", {"user_id": "nobody@example.com"})
+    assert r.status == 404 and r.payload["error"] == "user_not_found"

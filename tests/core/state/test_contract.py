@@ -940,3 +940,23 @@ def test_leases(store: StateStore) -> None:
     assert store.lease_acquire("u", "l3", 2, "host:1", T0_US, W) == (True, 2)
     # an expired lease (its process never gave it back) frees its place
     assert store.lease_acquire("u", "l5", 2, "host:1", T0_US + W, W) == (True, 1)
+
+
+def test_api_keys_round_trip_and_revoke_once(store: StateStore) -> None:
+    from candela_mitm.state.ports import KeyRecord
+
+    a = KeyRecord("k_a", "a" * 64, "u", "ci", "admin", T0_US, expires_us=T0_US + 10)
+    b = KeyRecord("k_b", "b" * 64, "v", "", "v", T0_US + 1)
+    store.put_api_key(a)
+    store.put_api_key(b)
+    assert store.api_key("a" * 64) == a and store.api_key("c" * 64) is None
+    assert store.api_keys() == [a, b] and store.api_keys("v") == [b]
+    assert a.valid_at(T0_US + 9) and not a.valid_at(T0_US + 10)  # expired at its expiry
+    assert store.revoke_api_key("k_b", T0_US + 5) == b  # answered as it was
+    revoked = store.api_key("b" * 64)
+    assert revoked is not None and revoked.revoked_us == T0_US + 5
+    assert not revoked.valid_at(T0_US + 2)
+    # a second revocation keeps the first time
+    assert store.revoke_api_key("k_b", T0_US + 9) == revoked
+    assert store.api_key("b" * 64).revoked_us == T0_US + 5
+    assert store.revoke_api_key("k_nonesuch", T0_US) is None
