@@ -72,21 +72,30 @@ def _admit(
     if not decision.allowed:
         return Checked(decisions, None, None, now_us)
     admission = Admission(s.user_id)
-    if s.max_concurrent_requests is not None:
-        decisions.append(
-            limiter.acquire(admission, s.max_concurrent_requests, rt.ledger.owner, now)
-        )
-        if not decisions[-1].allowed:
-            return Checked(decisions, None, None, now_us)
-    if tokens is not None:
-        decisions += limiter.admit_tokens(admission, s.token_limits, *tokens, now=now)
-        if not decisions[-1].allowed:
-            limiter.release(admission)
-            return Checked(decisions, None, None, now_us)
+    try:
+        if s.max_concurrent_requests is not None:
+            decisions.append(
+                limiter.acquire(admission, s.max_concurrent_requests, rt.ledger.owner, now)
+            )
+            if not decisions[-1].allowed:
+                return Checked(decisions, None, None, now_us)
+        if tokens is not None:
+            decisions += limiter.admit_tokens(admission, s.token_limits, *tokens, now=now)
+            if not decisions[-1].allowed:
+                limiter.release(admission)
+                return Checked(decisions, None, None, now_us)
+        reserved = reserve() if reserve else None
+    except BaseException:
+        # the request is refused (503). SQLite rolls the whole call back; a store without one
+        # transaction for it (Redis) would otherwise keep the lease until it expires
+        if admission.lease_id is not None and not rt.store.joins_calls:
+            try:
+                limiter.release(admission)
+            except Exception:
+                log.warning("could not give back the lease of a refused request")
+        raise
     held = admission.lease_id is not None or admission.token_entry is not None
-    return Checked(
-        decisions, admission if held else None, reserve() if reserve else None, now_us
-    )
+    return Checked(decisions, admission if held else None, reserved, now_us)
 
 
 class RateLimit:

@@ -813,6 +813,8 @@ class AdminApi:
                         daily_budget_usd=current.daily_budget_usd,
                         requests_per_minute=current.requests_per_minute,
                         updated_at=now,
+                        budget_period=current.budget_period.kind,
+                        **{name: getattr(current, name) for name in LIMIT_FIELDS},
                     )
                 )
             self.rt.store.delete_user(user, to_us(now))
