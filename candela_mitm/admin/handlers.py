@@ -57,6 +57,8 @@ MAX_USD = 1e9  # as nano-dollars this stays far inside the 64-bit integers every
 MIN_YEAR, MAX_YEAR = 1970, 9998  # dates and times the API accepts (ledger days are Unix time)
 MAX_RPM = 1_000_000
 MAX_LIMIT = 1_000_000_000  # concurrency and tokens per minute
+DEFAULT_ROTATION_GRACE_S = 3600  # how long a rotated key keeps working beside its successor
+MAX_ROTATION_GRACE_S = 30 * 24 * 3600
 MAX_REASON_CHARS = 1000
 DEFAULT_AUDIT_LIMIT = 100
 MAX_AUDIT_LIMIT = 10_000
@@ -123,6 +125,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/admin/v1/keys", "create_key", False),
     Route("GET", "/admin/v1/keys", "list_keys", False, frozenset({"user"})),
     Route("DELETE", "/admin/v1/keys/{key}", "revoke_key", False),
+    Route("POST", "/admin/v1/keys/{key}/rotate", "rotate_key", False),
     Route("PUT", "/admin/v1/tenants/{tenant}", "put_tenant", True),
     # developers too, filtered to themselves
     Route(
@@ -380,6 +383,22 @@ def settings_json(s: UserSettings) -> dict[str, Any]:
     }
 
 
+def _mint(
+    user: str, name: str, actor: str, now_us: int, expires_us: int | None
+) -> tuple[str, KeyRecord]:
+    """A new key and its record (which holds only the key's SHA-256)."""
+    secret = MINTED_KEY_PREFIX + secrets.token_urlsafe(32)
+    return secret, KeyRecord(
+        key_id="k_" + uuid.uuid4().hex[:16],
+        sha256=hashlib.sha256(secret.encode()).hexdigest(),
+        user_id=user,
+        name=name,
+        actor=actor,
+        created_us=now_us,
+        expires_us=expires_us,
+    )
+
+
 def key_json(k: KeyRecord, now_us: int) -> dict[str, Any]:
     state = "revoked" if k.revoked_us is not None else (
         "active" if k.valid_at(now_us) else "expired"
@@ -606,16 +625,7 @@ class AdminApi:
             if expires <= now:
                 raise _invalid("expires_at", "must be in the future")
             expires_us = to_us(expires)
-        secret = MINTED_KEY_PREFIX + secrets.token_urlsafe(32)
-        record = KeyRecord(
-            key_id="k_" + uuid.uuid4().hex[:16],
-            sha256=hashlib.sha256(secret.encode()).hexdigest(),
-            user_id=user,
-            name=name,
-            actor=req.user,
-            created_us=to_us(now),
-            expires_us=expires_us,
-        )
+        secret, record = _mint(user, name, req.user, to_us(now), expires_us)
         view = key_json(record, to_us(now))
         self._audited(
             req, "key.create", user, None, view, lambda: self.rt.store.put_api_key(record)
@@ -633,12 +643,52 @@ class AdminApi:
         keys = [key_json(k, now_us) for k in self.rt.store.api_keys(user)]
         return AdminResponse(200, {"user_id": user, "count": len(keys), "keys": keys})
 
-    def revoke_key(self, req: AdminRequest, p: dict[str, str], _q: Any, _b: Any) -> Handled:
-        key_id = p["key"]
+    def _own_key(self, req: AdminRequest, key_id: str) -> KeyRecord:
         current = next((k for k in self.rt.store.api_keys() if k.key_id == key_id), None)
         # a developer learns nothing about other users' keys: theirs or "no such key"
         if current is None or (req.role != "admin" and current.user_id != req.user):
             raise Refused(errors.key_not_found(key_id))
+        return current
+
+    def rotate_key(
+        self, req: AdminRequest, p: dict[str, str], _q: Any, body: dict[str, Any]
+    ) -> Handled:
+        """A new key for the same user, name and expiry; the old one keeps working for
+        `grace_s` seconds (default an hour), then is refused like an expired key."""
+        old = self._own_key(req, p["key"])
+        _no_unknown_fields(body, ("grace_s",))
+        grace = body.get("grace_s", DEFAULT_ROTATION_GRACE_S)
+        if isinstance(grace, bool) or not isinstance(grace, int) or not (
+            0 <= grace <= MAX_ROTATION_GRACE_S
+        ):
+            raise _invalid("grace_s", f"must be an integer from 0 to {MAX_ROTATION_GRACE_S}")
+        now_us = to_us(self._now())
+        if not old.valid_at(now_us):
+            raise _invalid("key", "is revoked or expired: mint a new key instead")
+        secret, new = _mint(old.user_id, old.name, req.user, now_us, old.expires_us)
+        ends = now_us + grace * 1_000_000
+        if old.expires_us is not None:
+            ends = min(ends, old.expires_us)
+        old_after = key_json(dataclasses.replace(old, expires_us=ends), now_us)
+        new_view = key_json(new, now_us)
+
+        def rotate() -> None:
+            self.rt.store.put_api_key(new)
+            self.rt.store.expire_api_key(old.key_id, ends)
+
+        self._audited(
+            req,
+            "key.rotate",
+            old.user_id,
+            key_json(old, now_us),
+            {"old": old_after, "new": new_view},
+            rotate,
+        )
+        return AdminResponse(201, {**new_view, "key": secret, "replaces": old_after})
+
+    def revoke_key(self, req: AdminRequest, p: dict[str, str], _q: Any, _b: Any) -> Handled:
+        key_id = p["key"]
+        current = self._own_key(req, key_id)
         now = self._now()
         now_us = to_us(now)
         before = key_json(current, now_us)

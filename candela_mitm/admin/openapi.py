@@ -142,6 +142,26 @@ SCHEMAS: dict[str, Any] = {
             },
         }
     ),
+    "ApiKeyRotated": _closed(
+        {
+            **KEY_PROPS,
+            "key": {**_STR, "description": "the new key, shown this once"},
+            "replaces": {**_ref("ApiKey"), "description": "the old key, with its grace expiry"},
+        }
+    ),
+    "ApiKeyRotate": {
+        "type": "object",
+        "properties": {
+            "grace_s": {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": 30 * 24 * 3600,
+                "default": 3600,
+                "description": "how long the old key keeps working",
+            }
+        },
+        "additionalProperties": False,
+    },
     "ApiKeyList": _closed(
         {
             "user_id": {**_STR_OR_NULL, "description": "null: every user's keys"},
@@ -495,6 +515,26 @@ PATHS: dict[str, Any] = {
             "Revoke a key at once, in every process (admin: anyone's; developer: their own)",
             "ApiKey",
             ("404",),
+        ),
+    },
+    "/admin/v1/keys/{key}/rotate": {
+        "parameters": [
+            {
+                "name": "key",
+                "in": "path",
+                "required": True,
+                "description": "the key's id (k_...), not the key",
+                "schema": {"type": "string", "minLength": 1, "maxLength": 64},
+            }
+        ],
+        "post": _op(
+            "rotateKey",
+            "A new key for the same user, name and expiry; the old one works for grace_s more "
+            "seconds (admin: anyone's; developer: their own)",
+            "ApiKeyRotated",
+            ("404",),
+            statuses=("201",),
+            body="ApiKeyRotate",
         ),
     },
     "/admin/v1/usage": {

@@ -1,4 +1,4 @@
-"""`candela keys`: mint, list and revoke API keys through a running Candela's admin API."""
+"""`candela keys`: mint, list, rotate and revoke API keys through a running Candela's admin API."""
 
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--expires-at", help="RFC 3339, e.g. 2030-01-31T00:00:00Z")
     ls = sub.add_parser("list", help="keys minted through the API (their ids, never the keys)")
     ls.add_argument("--user", help="only this user's (default for developers: yours)")
+    rotate = sub.add_parser("rotate", help="a new key; the old one works for --grace-s more")
+    rotate.add_argument("key_id", help="the key's id (k_...), as `list` shows it")
+    rotate.add_argument("--grace-s", type=int, default=3600, help="default 3600")
     revoke = sub.add_parser("revoke", help="revoke a key at once, in every process")
     revoke.add_argument("key_id", help="the key's id (k_...), as `list` shows it")
     return p
@@ -79,6 +82,14 @@ def main(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) ->
         elif args.command == "list":
             query = f"?user={quote(args.user)}" if args.user else ""
             status, answer = _call(args.url, token, "GET", "/admin/v1/keys" + query)
+        elif args.command == "rotate":
+            status, answer = _call(
+                args.url,
+                token,
+                "POST",
+                f"/admin/v1/keys/{quote(args.key_id, safe='')}/rotate",
+                {"grace_s": args.grace_s},
+            )
         else:
             status, answer = _call(
                 args.url, token, "DELETE", f"/admin/v1/keys/{quote(args.key_id, safe='')}"
@@ -93,9 +104,11 @@ def main(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) ->
         return EXIT_FAILED
     if args.json:
         print(json.dumps(answer, indent=2), file=out)
-    elif args.command == "create":
+    elif args.command in ("create", "rotate"):
         print(answer["key"], file=out)
         print(f"# {_row(answer)}: shown once, store it now", file=err)
+        if "replaces" in answer:
+            print(f"# replaces {_row(answer['replaces'])}", file=err)
     elif args.command == "list":
         for k in answer["keys"]:
             print(_row(k), file=out)

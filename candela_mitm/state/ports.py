@@ -524,6 +524,11 @@ class StateStore(ABC):
         """Every key (of one user), oldest first."""
 
     @abstractmethod
+    def expire_api_key(self, key_id: str, expires_us: int) -> KeyRecord | None:
+        """Bring a key's expiry forward to `expires_us` (never later than it was); the key as it
+        was before, or None if there is no such key."""
+
+    @abstractmethod
     def revoke_api_key(self, key_id: str, now_us: int) -> KeyRecord | None:
         """Mark a key revoked; the key as it was before, or None if there is no such key.
         A key revoked already keeps its first revocation time."""

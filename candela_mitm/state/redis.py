@@ -366,6 +366,17 @@ redis.call('HSETNX', KEYS[1], 'revoked_us', ARGV[1])
 return {rec, before}
 """
 
+# `expires_us` beside `record` overrides the record's own expiry, only ever earlier
+_EXPIRE_KEY = """
+local rec = redis.call('HGET', KEYS[1], 'record')
+if not rec then return false end
+local before = redis.call('HGET', KEYS[1], 'expires_us') or ''
+local at = tonumber(ARGV[1])
+local current = tonumber(before) or tonumber(ARGV[2])
+if current == nil or at < current then redis.call('HSET', KEYS[1], 'expires_us', ARGV[1]) end
+return {rec, redis.call('HGET', KEYS[1], 'revoked_us') or '', before}
+"""
+
 _PURGE = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
 for _, rid in ipairs(ids) do
@@ -411,6 +422,7 @@ class RedisStateStore(StateStore):
             self._purge = self._r.register_script(_PURGE)
             self._token_admit = self._r.register_script(_TOKEN_ADMIT)
             self._revoke_key = self._r.register_script(_REVOKE_KEY)
+            self._expire_key = self._r.register_script(_EXPIRE_KEY)
             self._token_correct = self._r.register_script(_TOKEN_CORRECT)
             self._lease_acquire = self._r.register_script(_LEASE_ACQUIRE)
             self._lease_release = self._r.register_script(_LEASE_RELEASE)
@@ -767,11 +779,15 @@ class RedisStateStore(StateStore):
 
     # -- API keys ------------------------------------------------------------------------------
     @staticmethod
-    def _key_record(record: str | None, revoked: str | None) -> KeyRecord | None:
+    def _key_record(
+        record: str | None, revoked: str | None, expires: str | None = None
+    ) -> KeyRecord | None:
         if record is None:
             return None
         data = json.loads(record)
         data["revoked_us"] = int(revoked) if revoked else None
+        if expires:
+            data["expires_us"] = int(expires)
         return KeyRecord.from_json(data)
 
     def put_api_key(self, record: KeyRecord) -> None:
@@ -787,21 +803,33 @@ class RedisStateStore(StateStore):
             key_id = self._r.get(self._k("apikeydigest", sha256))
             if not key_id:
                 return None
-            record, revoked = self._r.hmget(self._k("apikey", key_id), ["record", "revoked_us"])
-        return self._key_record(record, revoked)
+            record, revoked, expires = self._r.hmget(
+                self._k("apikey", key_id), ["record", "revoked_us", "expires_us"]
+            )
+        return self._key_record(record, revoked, expires)
 
     def api_keys(self, user_id: str | None = None) -> list[KeyRecord]:
         with self._guard():
             ids = sorted(self._r.smembers(self._k("apikeys")))
             pipe = self._r.pipeline(transaction=False)
             for i in ids:
-                pipe.hmget(self._k("apikey", i), ["record", "revoked_us"])
+                pipe.hmget(self._k("apikey", i), ["record", "revoked_us", "expires_us"])
             rows = pipe.execute()
-        keys = [k for r, v in rows if (k := self._key_record(r, v)) is not None]
+        keys = [k for r, v, e in rows if (k := self._key_record(r, v, e)) is not None]
         keys = [k for k in keys if user_id is None or k.user_id == user_id]
         return sorted(keys, key=lambda k: (k.created_us, k.key_id))
 
     def revoke_api_key(self, key_id: str, now_us: int) -> KeyRecord | None:
         with self._guard():
             out = self._revoke_key(keys=[self._k("apikey", key_id)], args=[now_us])
-        return None if not out else self._key_record(out[0], out[1])
+            expires = self._r.hget(self._k("apikey", key_id), "expires_us") if out else None
+        return None if not out else self._key_record(out[0], out[1], expires)
+
+    def expire_api_key(self, key_id: str, expires_us: int) -> KeyRecord | None:
+        with self._guard():
+            record = self._r.hget(self._k("apikey", key_id), "record")
+            own = None if record is None else json.loads(record).get("expires_us")
+            out = self._expire_key(
+                keys=[self._k("apikey", key_id)], args=[expires_us, "" if own is None else own]
+            )
+        return None if not out else self._key_record(out[0], out[1], out[2])

@@ -942,6 +942,20 @@ class SqliteStateStore(StateStore):
         keys = [KeyRecord.from_json(json.loads(r[0])) for r in rows]
         return sorted(keys, key=lambda k: (k.created_us, k.key_id))
 
+    def expire_api_key(self, key_id: str, expires_us: int) -> KeyRecord | None:
+        with self._tx() as c:
+            row = c.execute("SELECT record FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+            if row is None:
+                return None
+            before = KeyRecord.from_json(json.loads(row[0]))
+            if before.expires_us is None or expires_us < before.expires_us:
+                after = dataclasses.replace(before, expires_us=expires_us)
+                c.execute(
+                    "UPDATE api_keys SET record = ? WHERE key_id = ?",
+                    (json.dumps(after.to_json()), key_id),
+                )
+            return before
+
     def revoke_api_key(self, key_id: str, now_us: int) -> KeyRecord | None:
         with self._tx() as c:
             row = c.execute("SELECT record FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()

@@ -86,9 +86,19 @@ def test_candela_keys_cli_creates_lists_and_revokes(tmp_path, upstream: FakeUpst
         [line] = capsys.readouterr().out.strip().splitlines()
         key_id, user, state = line.split()[:3]
         assert (user, state) == ("bob@example.com", "active") and key not in line
-        assert main(["--url", c.url, "revoke", key_id]) == 0
-        assert "revoked" in capsys.readouterr().out
+        # rotation: a new key works at once, the old one until its grace ends (0 here)
+        assert main(["--url", c.url, "rotate", key_id, "--grace-s", "0"]) == 0
+        rotated = capsys.readouterr()
+        new_key = rotated.out.strip()
+        assert new_key.startswith("cdk_") and f"replaces {key_id}" in rotated.err
+        new = {"Authorization": f"Bearer {new_key}"}
+        assert requests.post(c.url + CHAT, json=chat, headers=new, timeout=10).status_code == 200
         r = requests.post(c.url + CHAT, json=chat, headers=bob, timeout=10)
+        assert r.status_code == 401 and r.json()["error"] == "unauthenticated"
+        new_id = rotated.err.split()[1]
+        assert main(["--url", c.url, "revoke", new_id]) == 0
+        assert "revoked" in capsys.readouterr().out
+        r = requests.post(c.url + CHAT, json=chat, headers=new, timeout=10)
         assert r.status_code == 401 and r.json()["error"] == "unauthenticated"
         assert main(["--url", c.url, "revoke", "k_nonesuch"]) == 1
         assert "404 key_not_found" in capsys.readouterr().err

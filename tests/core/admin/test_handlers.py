@@ -150,6 +150,7 @@ RBAC = [
     ("GET", "/admin/v1/keys", None, 200, 200),
     ("GET", f"/admin/v1/keys?user={q(BOB)}", None, 200, 403),
     ("DELETE", "/admin/v1/keys/k_missing", None, 404, 404),
+    ("POST", "/admin/v1/keys/k_missing/rotate", {}, 404, 404),
     ("PUT", "/admin/v1/tenants/research-team", {"budget_usd": 5}, 201, 403),
     ("GET", "/admin/v1/audit", None, 200, 403),
     ("GET", "/admin/v1/openapi.json", None, 200, 200),
@@ -860,3 +861,36 @@ def test_mint_refuses_bad_fields(rt, body, field, status):
 def test_mint_for_an_unknown_user_is_404(rt):
     r = call(rt, "POST", "/admin/v1/keys", {"user_id": "nobody@example.com"})
     assert r.status == 404 and r.payload["error"] == "user_not_found"
+
+
+def test_rotate_keeps_the_old_key_for_its_grace_period(rt):
+    old = call(rt, "POST", "/admin/v1/keys", {"user_id": BOB, "name": "ci",
+                                               "expires_at": "2099-01-01T00:00:00Z"}).payload
+    r = call(rt, "POST", f"/admin/v1/keys/{old['id']}/rotate", {"grace_s": 600})
+    assert r.status == 201
+    new = r.payload
+    assert new["key"].startswith("cdk_") and new["key"] != old["key"]
+    assert (new["user_id"], new["name"], new["expires_at"]) == (BOB, "ci", "2099-01-01T00:00:00Z")
+    assert new["replaces"]["id"] == old["id"]
+    stored_old = rt.store.api_key(sha(old["key"]))
+    stored_new = rt.store.api_key(sha(new["key"]))
+    grace_end = stored_old.expires_us
+    created = stored_new.created_us
+    assert grace_end == created + 600 * 1_000_000
+    assert stored_old.valid_at(grace_end - 1) and not stored_old.valid_at(grace_end)
+    assert stored_new.valid_at(grace_end)
+    [_, rotated] = admin_actions(rt)
+    assert rotated["action"] == "key.rotate" and rotated["after"]["new"]["id"] == new["id"]
+    assert old["key"] not in json.dumps(rotated) and new["key"] not in json.dumps(rotated)
+    # a rotation never lengthens a key's life, and a dead key is not rotated
+    call(rt, "DELETE", f"/admin/v1/keys/{new['id']}")
+    r = call(rt, "POST", f"/admin/v1/keys/{new['id']}/rotate", {})
+    assert r.status == 400 and r.payload["field"] == "key"
+
+
+@pytest.mark.parametrize("grace", [-1, "60", 10**9, True])
+def test_rotate_refuses_a_bad_grace(rt, grace):
+    old = call(rt, "POST", "/admin/v1/keys", {"user_id": BOB}).payload
+    r = call(rt, "POST", f"/admin/v1/keys/{old['id']}/rotate", {"grace_s": grace})
+    assert r.status == 400 and r.payload["field"] == "grace_s"
+    assert len(rt.store.api_keys()) == 1

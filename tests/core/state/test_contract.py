@@ -960,3 +960,21 @@ def test_api_keys_round_trip_and_revoke_once(store: StateStore) -> None:
     assert store.revoke_api_key("k_b", T0_US + 9) == revoked
     assert store.api_key("b" * 64).revoked_us == T0_US + 5
     assert store.revoke_api_key("k_nonesuch", T0_US) is None
+
+
+def test_api_key_expiry_only_comes_forward(store: StateStore) -> None:
+    from candela_mitm.state.ports import KeyRecord
+
+    forever = KeyRecord("k_a", "a" * 64, "u", "", "u", T0_US)
+    dated = KeyRecord("k_b", "b" * 64, "u", "", "u", T0_US, expires_us=T0_US + 100)
+    store.put_api_key(forever)
+    store.put_api_key(dated)
+    assert store.expire_api_key("k_a", T0_US + 50) == forever
+    assert store.api_key("a" * 64).expires_us == T0_US + 50
+    assert store.expire_api_key("k_b", T0_US + 500) == dated  # later: unchanged
+    assert store.api_key("b" * 64).expires_us == T0_US + 100
+    store.expire_api_key("k_b", T0_US + 10)
+    assert store.api_key("b" * 64).expires_us == T0_US + 10
+    assert [k.expires_us for k in store.api_keys("u")] == [T0_US + 50, T0_US + 10]
+    assert store.revoke_api_key("k_b", T0_US + 1).expires_us == T0_US + 10
+    assert store.expire_api_key("k_nonesuch", T0_US) is None
