@@ -1,5 +1,5 @@
-"""RateLimit: per-user requests and tokens per minute and requests in flight, shared by every
-proxy process; IETF RateLimit headers on every answer it decided."""
+"""RateLimit: requests and tokens per minute and requests in flight per user (tokens per tenant
+too), shared by every proxy process; IETF RateLimit headers on every answer it decided."""
 
 from __future__ import annotations
 
@@ -80,7 +80,15 @@ def _admit(
             if not decisions[-1].allowed:
                 return Checked(decisions, None, None, now_us)
         if tokens is not None:
-            decisions += limiter.admit_tokens(admission, s.token_limits, *tokens, now=now)
+            tenant = rt.users.tenant_settings_cached(c.tenant) if c.tenant else None
+            decisions += limiter.admit_tokens(
+                admission,
+                s.token_limits,
+                *tokens,
+                now=now,
+                tenant=c.tenant,
+                tenant_limits=tenant.token_limits if tenant else None,
+            )
             if not decisions[-1].allowed:
                 limiter.release(admission)
                 return Checked(decisions, None, None, now_us)

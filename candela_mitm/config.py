@@ -157,6 +157,10 @@ class TenantBudget(_Model):
 
     budget_usd: float | None = Field(default=None, ge=0)  # None: no tenant budget
     period: Period | None = None  # None: governance.budgets.period
+    # tokens per minute every user of the tenant uses together; None: no limit
+    input_tokens_per_minute: int | None = Field(default=None, ge=0)
+    output_tokens_per_minute: int | None = Field(default=None, ge=0)
+    total_tokens_per_minute: int | None = Field(default=None, ge=0)
 
 
 class RateLimits(_Model):

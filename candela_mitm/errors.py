@@ -243,14 +243,20 @@ def rate_limited(
     retry_after_s: int,
     limit_kind: str = "requests",
     headers: dict[str, str] | None = None,
+    scope: str = "user",
 ) -> Denial:
-    """`limit_kind`: requests, input_tokens, output_tokens, total_tokens or concurrency."""
+    """`limit_kind`: requests, input_tokens, output_tokens, total_tokens or concurrency;
+    `scope`: whose limit refused, the user's or (token limits) the tenant's."""
+    sentence = _LIMIT_SENTENCES[limit_kind].format(limit=limit)
+    if scope != "user":
+        sentence += f" for the {scope}"
     return Denial(
         429,
         "rate_limited",
-        _LIMIT_SENTENCES[limit_kind].format(limit=limit),
+        sentence,
         {
             "limit_kind": limit_kind,
+            "scope": scope,
             "limit": limit,
             "window_resets_at": window_resets_at,
             "retry_after_s": retry_after_s,

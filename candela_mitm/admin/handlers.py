@@ -31,6 +31,7 @@ from candela_mitm.governance.tenancy import MAX_TENANT_CHARS
 from candela_mitm.governance.users import TenantSettings, UserDirectory, UserSettings
 from candela_mitm.state.ports import (
     LIMIT_FIELDS,
+    TENANT_LIMIT_FIELDS,
     GrantRow,
     KeyRecord,
     StateStore,
@@ -428,6 +429,8 @@ def tenant_json(t: TenantSettings, status: TenantBudgetStatus) -> dict[str, Any]
         "remaining_usd": None if status.remaining_usd is None else _usd_out(status.remaining_usd),
         "period_starts_at": status.period_starts_at,
         "resets_at": status.resets_at,
+        **{name: getattr(t.token_limits, name.removesuffix("_per_minute"))
+           for name in TENANT_LIMIT_FIELDS},
     }
 
 
@@ -727,7 +730,7 @@ class AdminApi:
                     "characters or surrounding spaces"
                 )
             )
-        _no_unknown_fields(body, ("budget_usd", "period"))
+        _no_unknown_fields(body, ("budget_usd", "period", *TENANT_LIMIT_FIELDS))
         current = self.rt.users.tenant_settings(tenant)
         stored = self.rt.store.get_tenant(tenant)
         budget = current.budget_usd
@@ -738,13 +741,32 @@ class AdminApi:
             budget = None if body["budget_usd"] is None else _usd(body, "budget_usd", False)
         if "period" in body:
             kind = _period(body, "period")
-        record = TenantRecord(tenant, budget, kind, self._now())
+        limits = {
+            name: getattr(current.token_limits, name.removesuffix("_per_minute"))
+            for name in TENANT_LIMIT_FIELDS
+        }
+        for name in TENANT_LIMIT_FIELDS:
+            if name in body:  # null: no limit
+                v = body[name]
+                if v is not None and (
+                    isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_LIMIT
+                ):
+                    raise _invalid(name, f"must be null or an integer from 0 to {MAX_LIMIT}")
+                limits[name] = v
+        record = TenantRecord(tenant, budget, kind, self._now(), **limits)
         before = (
-            {"budget_usd": current.budget_usd, "period": current.period.kind}
+            {
+                "budget_usd": current.budget_usd,
+                "period": current.period.kind,
+                **{
+                    name: getattr(current.token_limits, name.removesuffix("_per_minute"))
+                    for name in TENANT_LIMIT_FIELDS
+                },
+            }
             if current.source != "default"
             else None
         )
-        after = {"budget_usd": budget, "period": kind or self.rt.users.period().kind}
+        after = {"budget_usd": budget, "period": kind or self.rt.users.period().kind, **limits}
         action = "tenant.update" if before is not None else "tenant.create"
         self._audited(req, action, tenant, before, after, lambda: self.rt.store.put_tenant(record))
         return AdminResponse(200 if before else 201, self._tenant_view(tenant, self._now()))

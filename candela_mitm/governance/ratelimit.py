@@ -26,6 +26,7 @@ class RateDecision:
     retry_after_s: int  # 0 when allowed; whole seconds until a slot frees otherwise
     frees_at_us: int  # when the oldest counted request leaves the window
     kind: str = "requests"  # requests, input_tokens, output_tokens, total_tokens, concurrency
+    scope: str = "user"  # whose limit: the user's, or (tokens) the tenant's
 
     @property
     def window_resets_at(self) -> str:
@@ -35,8 +36,18 @@ class RateDecision:
 
     def denial(self, headers: Mapping[str, str] | None = None) -> Denial:
         return rate_limited(
-            self.limit, self.window_resets_at, self.retry_after_s, self.kind, dict(headers or {})
+            self.limit,
+            self.window_resets_at,
+            self.retry_after_s,
+            self.kind,
+            dict(headers or {}),
+            scope=self.scope,
         )
+
+    @property
+    def name(self) -> str:
+        """The limit's name in the IETF headers: its kind, `tenant_`-prefixed for a tenant's."""
+        return self.kind if self.scope == "user" else f"{self.scope}_{self.kind}"
 
     def reset_s(self, now_us: int) -> int:
         """Seconds until more capacity frees (the IETF RateLimit header's `t`)."""
@@ -74,7 +85,7 @@ class Admission:
     user: str
     lease_id: str | None = None  # a concurrency lease
     token_entry: str | None = None  # the token windows' entry, holding the estimate
-    token_keys: dict[str, str] = field(default_factory=dict)  # kind -> store key
+    token_keys: dict[str, str] = field(default_factory=dict)  # store key -> kind
     estimated: dict[str, int] = field(default_factory=dict)  # kind -> tokens held
 
 
@@ -123,6 +134,10 @@ class RateLimiter:
     def token_key(user: str, kind: str) -> str:
         return f"{user}\x1f{kind}"
 
+    @staticmethod
+    def tenant_token_key(tenant: str, kind: str) -> str:
+        return f"\x1etenant\x1f{tenant}\x1f{kind}"  # never a user's key
+
     def admit_tokens(
         self,
         admission: Admission,
@@ -130,41 +145,53 @@ class RateLimiter:
         input_tokens: int,
         output_tokens: int,
         now: datetime | None = None,
+        tenant: str | None = None,
+        tenant_limits: TokenLimits | None = None,
     ) -> list[RateDecision]:
-        """Hold the estimated tokens of a request in every limited window, all or none.
+        """Hold the estimated tokens of a request in every limited window (the user's, and the
+        tenant's when it has limits), all or none, in one store step.
 
-        Returns one decision per limited kind (all allowed), or the single refusing one.
+        Returns one decision per limit (all allowed), or the single refusing one.
         """
-        active = limits.active()
-        if not active:
+        # (scope, kind, limit, store key)
+        windows = [
+            ("user", kind, limit, self.token_key(admission.user, kind))
+            for kind, limit in limits.active().items()
+        ]
+        if tenant is not None and tenant_limits is not None:
+            windows += [
+                ("tenant", kind, limit, self.tenant_token_key(tenant, kind))
+                for kind, limit in tenant_limits.active().items()
+            ]
+        if not windows:
             return []
         now_us = to_us(now or self.clock())
         amounts = token_amounts(input_tokens, output_tokens)
-        keys = {kind: self.token_key(admission.user, kind) for kind in active}
         entry = "t_" + uuid.uuid4().hex
-        checks = [(keys[k], active[k], amounts[k]) for k in active]
+        checks = [(key, limit, amounts[kind]) for _, kind, limit, key in windows]
         result = self.store.token_admit(entry, checks, self.window_us, now_us)
         if not result.allowed:
-            kind = next(k for k in active if keys[k] == result.refused_key)
+            scope, kind, limit, _ = next(w for w in windows if w[3] == result.refused_key)
             fits = result.fits_at_us
             # an estimate above the limit never fits: come back after a whole window (a
             # smaller max_tokens would fit sooner)
             frees_at = fits if fits is not None else now_us + self.window_us
             retry = max(1, -(-(frees_at - now_us) // US_PER_S))
-            return [RateDecision(False, active[kind], 0, retry, frees_at, kind)]
+            return [RateDecision(False, limit, 0, retry, frees_at, kind, scope)]
         admission.token_entry = entry
-        admission.token_keys = keys
-        admission.estimated = {k: amounts[k] for k in active}
+        admission.token_keys = {key: kind for _, kind, _, key in windows}
+        admission.estimated = {kind: amounts[kind] for _, kind, _, _ in windows}
         return [
             RateDecision(
                 True,
-                active[k],
-                max(0, active[k] - result.used[keys[k]] - amounts[k]),
+                limit,
+                max(0, limit - result.used[key] - amounts[kind]),
                 0,
                 now_us + self.window_us,  # every token counted now has left by then
-                k,
+                kind,
+                scope,
             )
-            for k in active
+            for scope, kind, limit, key in windows
         ]
 
     def correct_tokens(
@@ -176,7 +203,7 @@ class RateLimiter:
         amounts = token_amounts(input_tokens, output_tokens)
         self.store.token_correct(
             admission.token_entry,
-            {admission.token_keys[k]: amounts[k] for k in admission.token_keys},
+            {key: amounts[kind] for key, kind in admission.token_keys.items()},
         )
 
     # -- requests in flight --------------------------------------------------------------------
@@ -236,8 +263,8 @@ def policy_headers(decisions: list[RateDecision], now_us: int) -> dict[str, str]
             policy.append(f'"concurrency";q={d.limit}')
             state.append(f'"concurrency";r={d.remaining}')
         else:
-            policy.append(f'"{d.kind}";q={d.limit};w={WINDOW_S}')
-            state.append(f'"{d.kind}";r={d.remaining};t={d.reset_s(now_us)}')
+            policy.append(f'"{d.name}";q={d.limit};w={WINDOW_S}')
+            state.append(f'"{d.name}";r={d.remaining};t={d.reset_s(now_us)}')
     if not policy:
         return {}
     return {"RateLimit-Policy": ", ".join(policy), "RateLimit": ", ".join(state)}

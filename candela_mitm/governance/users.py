@@ -50,6 +50,7 @@ class TenantSettings:
     budget_usd: float | None  # None: the tenant has no budget of its own
     period: BudgetPeriod
     source: Literal["store", "config", "default"]
+    token_limits: TokenLimits = TokenLimits()  # what its users use together, per minute
 
 
 class UserDirectory:
@@ -188,9 +189,21 @@ class UserDirectory:
         cfg = self.config.governance.tenants.get(tenant)
         if rec is not None:
             kind = rec.budget_period or (cfg.period if cfg else None)
-            return TenantSettings(tenant, rec.budget_usd, self.period(kind), "store")
+            limits = TokenLimits(
+                rec.input_tokens_per_minute,
+                rec.output_tokens_per_minute,
+                rec.total_tokens_per_minute,
+            )
+            return TenantSettings(tenant, rec.budget_usd, self.period(kind), "store", limits)
         if cfg is not None:
-            return TenantSettings(tenant, cfg.budget_usd, self.period(cfg.period), "config")
+            limits = TokenLimits(
+                cfg.input_tokens_per_minute,
+                cfg.output_tokens_per_minute,
+                cfg.total_tokens_per_minute,
+            )
+            return TenantSettings(
+                tenant, cfg.budget_usd, self.period(cfg.period), "config", limits
+            )
         return TenantSettings(tenant, None, self.period(), "default")
 
     def tenant_settings_cached(self, tenant: str) -> TenantSettings:

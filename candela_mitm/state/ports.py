@@ -74,6 +74,9 @@ LIMIT_FIELDS = (
 )
 
 
+TENANT_LIMIT_FIELDS = LIMIT_FIELDS[1:]  # a tenant has token limits, not a concurrency limit
+
+
 @dataclass(frozen=True)
 class UserRecord:
     """A user as the admin API manages it; None fields fall back to config and defaults."""
@@ -202,6 +205,10 @@ class TenantRecord:
     budget_usd: float | None = None
     budget_period: str | None = None
     updated_at: datetime | None = None
+    # tokens per minute, TENANT_LIMIT_FIELDS; None: no limit (a record holds them all)
+    input_tokens_per_minute: int | None = None
+    output_tokens_per_minute: int | None = None
+    total_tokens_per_minute: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -209,6 +216,7 @@ class TenantRecord:
             "budget_usd": self.budget_usd,
             "budget_period": self.budget_period,
             "updated_at": to_us(self.updated_at) if self.updated_at else None,
+            **{name: getattr(self, name) for name in TENANT_LIMIT_FIELDS},
         }
 
     @classmethod
@@ -221,6 +229,10 @@ class TenantRecord:
             budget_usd=None if budget is None else float(budget),
             budget_period=None if period is None else str(period),
             updated_at=None if updated_at is None else from_us(int(updated_at)),
+            **{
+                name: None if data.get(name) is None else int(data[name])
+                for name in TENANT_LIMIT_FIELDS
+            },
         )
 
 

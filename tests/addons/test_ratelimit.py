@@ -227,3 +227,14 @@ def test_ratelimit_headers_on_admitted_and_denied_answers(tctx, runtime):
     limited = flows[3].response.headers
     assert limited["RateLimit-Policy"] == '"requests";q=3;w=60'
     assert limited["RateLimit"] == '"requests";r=0;t=60'
+
+
+def test_tenant_token_limit_refuses_with_scope_tenant(tctx, runtime):
+    cfg = limits_config()
+    cfg["governance"] = {"tenants": {"research-team": {"output_tokens_per_minute": 500}}}
+    rt = runtime(cfg)
+    flows = asyncio.run(send(rt, [big_chat(400), big_chat(400)]))
+    assert statuses(flows) == [None, 429]
+    body = flows[1].response.json()
+    assert (body["limit_kind"], body["scope"], body["limit"]) == ("output_tokens", "tenant", 500)
+    assert '"tenant_output_tokens";q=500;w=60' in flows[1].response.headers["RateLimit-Policy"]

@@ -749,14 +749,21 @@ def test_put_tenant_creates_updates_and_is_audited(rt):
     assert r.status == 200 and r.payload["budget_usd"] is None and r.payload["remaining_usd"] is None
     t = rt.users.tenant_settings("research-team")
     assert t.budget_usd is None and t.period.kind == "monthly"
+    none = dict.fromkeys(LIMITS[1:])
     actions = [(a["action"], a["target"], a["before"], a["after"]) for a in admin_actions(rt)]
     assert actions == [
-        ("tenant.create", "research-team", None, {"budget_usd": 50, "period": "monthly"}),
-        ("tenant.update", "research-team", {"budget_usd": 50, "period": "monthly"},
-         {"budget_usd": 80, "period": "monthly"}),
-        ("tenant.update", "research-team", {"budget_usd": 80, "period": "monthly"},
-         {"budget_usd": None, "period": "monthly"}),
+        ("tenant.create", "research-team", None,
+         {"budget_usd": 50, "period": "monthly", **none}),
+        ("tenant.update", "research-team", {"budget_usd": 50, "period": "monthly", **none},
+         {"budget_usd": 80, "period": "monthly", **none}),
+        ("tenant.update", "research-team", {"budget_usd": 80, "period": "monthly", **none},
+         {"budget_usd": None, "period": "monthly", **none}),
     ]
+    r = call(rt, "PUT", path, {"total_tokens_per_minute": 9000})
+    assert r.payload["total_tokens_per_minute"] == 9000 and r.payload["budget_usd"] is None
+    assert rt.users.tenant_settings("research-team").token_limits.active() == {
+        "total_tokens": 9000
+    }
 
 
 @pytest.mark.parametrize(
@@ -767,6 +774,8 @@ def test_put_tenant_creates_updates_and_is_audited(rt):
         ({"budget_usd": 2e9}, "budget_usd"),
         ({"period": "yearly"}, "period"),
         ({"daily_budget_usd": 1}, "daily_budget_usd"),
+        ({"total_tokens_per_minute": -5}, "total_tokens_per_minute"),
+        ({"max_concurrent_requests": 5}, "max_concurrent_requests"),
     ],
 )
 def test_put_tenant_refuses_bad_fields(rt, body, field):

@@ -278,3 +278,31 @@ def test_processes_never_exceed_a_token_limit(backend: Any) -> None:
         assert p.exitcode == 0
     assert sum(n for n, _ in results) == 12
     assert sum(ok for _, ok in results) == 7  # 7 x 100 tokens fit in 700
+
+
+def test_a_tenant_token_limit_binds_its_users_together(limiter: RateLimiter) -> None:
+    team = TokenLimits(output_tokens=100)
+    a = Admission("a")
+    decisions = limiter.admit_tokens(a, TokenLimits(), 0, 60, now=at(0), tenant="t",
+                                     tenant_limits=team)
+    assert [(d.scope, d.kind, d.remaining, d.name) for d in decisions] == [
+        ("tenant", "output_tokens", 40, "tenant_output_tokens")
+    ]
+    # b has no limit of its own: the tenant's window refuses it, and holds nothing of it
+    b = Admission("b")
+    [refused] = limiter.admit_tokens(b, TokenLimits(total_tokens=10**6), 0, 60, now=at(1),
+                                     tenant="t", tenant_limits=team)
+    assert (refused.allowed, refused.scope, refused.kind) == (False, "tenant", "output_tokens")
+    denial = refused.denial().payload()
+    assert denial["scope"] == "tenant" and "for the tenant" in denial["message"]
+    # another tenant is not affected; a's real usage frees the rest of its estimate
+    assert limiter.admit_tokens(Admission("b"), TokenLimits(), 0, 60, now=at(2), tenant="u",
+                                tenant_limits=team)[0].allowed
+    limiter.correct_tokens(a, 0, 10)
+    ok = limiter.admit_tokens(b, TokenLimits(total_tokens=10**6), 0, 60, now=at(3), tenant="t",
+                              tenant_limits=team)
+    assert [(d.scope, d.allowed) for d in ok] == [("user", True), ("tenant", True)]
+    headers = policy_headers(ok, to_us(at(3)))
+    assert headers["RateLimit-Policy"] == (
+        '"total_tokens";q=1000000;w=60, "tenant_output_tokens";q=100;w=60'
+    )
