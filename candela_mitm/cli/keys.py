@@ -65,7 +65,9 @@ def _row(k: dict[str, Any]) -> str:
     return f"{k['id']}  {k['user_id']}  {k['state']}  expires {expires}  {k.get('name') or ''}"
 
 
-def main(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def main(argv: list[str], out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout  # looked up per call: a caller may have replaced them since import
+    err = err or sys.stderr
     args = build_parser().parse_args(argv)
     token = os.environ.get(args.key_env, "")
     if not token:
