@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 
@@ -18,6 +17,32 @@ from .accounting import account_flow
 from .flowstate import answered, ctx_of, deny, fail_closed
 
 log = logging.getLogger("candela.budget")
+
+
+def reserve(
+    rt: Runtime, c: RequestContext, estimate: float, model: str, provider: str
+) -> Reservation | BudgetRefusal:
+    """Hold `estimate` on the user's budget and on the tenant's (a store call: blocking).
+
+    The tenant's settings are read here, inside the same store call, not in a trip of their own.
+    """
+    settings = c.settings
+    assert settings is not None
+    tenant = None
+    if c.tenant is not None:
+        tenant = rt.users.tenant_settings_cached(c.tenant)
+    return rt.ledger.reserve(
+        settings.user_id,
+        c.tenant,
+        estimate,
+        settings.daily_budget_usd,
+        c.span_id,
+        model=model,
+        provider=provider,
+        period=settings.budget_period,
+        tenant_budget_usd=tenant.budget_usd if tenant else None,
+        tenant_period=tenant.period if tenant else settings.budget_period,
+    )
 
 
 def reservation_call(
@@ -42,24 +67,15 @@ def reservation_call(
         estimate = estimate_cost(c.body, plan.max_output_tokens, default_max, price)
     except Exception:
         return None  # Budget.request computes it again, after the rate limit, and fails closed
-    ledger, tenant, span_id = rt.ledger, c.tenant, c.span_id
     model, provider = plan.model, plan.upstream.name
 
-    def reserve() -> Reservation | BudgetRefusal:
+    def reserve_now() -> Reservation | BudgetRefusal:
         # on the pool thread while the flow's hook awaits it: nothing else touches the context.
         # Set only here, as Budget.request would: a rate-limited request audits no estimate.
         c.estimate_usd = estimate
-        return ledger.reserve(
-            settings.user_id,
-            tenant,
-            estimate,
-            settings.daily_budget_usd,
-            span_id,
-            model=model,
-            provider=provider,
-        )
+        return reserve(rt, c, estimate, model, provider)
 
-    return reserve
+    return reserve_now
 
 
 class Budget:
@@ -90,14 +106,7 @@ class Budget:
         default_max = self.rt.config.governance.budgets.default_max_output_tokens
         c.estimate_usd = estimate_cost(c.body, plan.max_output_tokens, default_max, price)
         result = await self.rt.store_call(
-            functools.partial(
-                self.rt.ledger.reserve, model=plan.model, provider=plan.upstream.name
-            ),
-            c.settings.user_id,
-            c.tenant,
-            c.estimate_usd,
-            c.settings.daily_budget_usd,
-            c.span_id,
+            reserve, self.rt, c, c.estimate_usd, plan.model, plan.upstream.name
         )
         if isinstance(result, BudgetRefusal):
             self.rt.metrics.budget_denied.labels(c.tenant or "", "budget_exceeded").inc()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -131,17 +132,56 @@ class Auth(_Model):
 class User(_Model):
     role: Literal["admin", "developer"] | None = None
     tenants: list[str] = []
-    daily_budget_usd: float | None = Field(default=None, ge=0)
+    daily_budget_usd: float | None = Field(default=None, ge=0)  # per budget_period
     requests_per_minute: int | None = Field(default=None, ge=0)
+    budget_period: Literal["daily", "weekly", "monthly"] | None = None  # None: budgets.period
+    # None: governance.rate_limits' default (itself None: no limit)
+    max_concurrent_requests: int | None = Field(default=None, ge=0)
+    input_tokens_per_minute: int | None = Field(default=None, ge=0)
+    output_tokens_per_minute: int | None = Field(default=None, ge=0)
+    total_tokens_per_minute: int | None = Field(default=None, ge=0)
+
+
+Period = Literal["daily", "weekly", "monthly"]
 
 
 class Budgets(_Model):
-    default_daily_usd: float = Field(default=10.0, ge=0)
+    default_daily_usd: float = Field(default=10.0, ge=0)  # per period (daily by default)
     default_max_output_tokens: int = Field(default=4096, ge=1)
+    # The span of every budget that names none (users and tenants), and the time zone every
+    # period starts at midnight in (weeks start on Monday, months on the 1st).
+    period: Period = "daily"
+    time_zone: str = "UTC"
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        if v != "UTC":
+            try:
+                ZoneInfo(v)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {v!r} (an IANA name such as Europe/Paris)") from None
+        return v
+
+
+class TenantBudget(_Model):
+    """A tenant's budget: every request attributed to the tenant must fit it (and its user's)."""
+
+    budget_usd: float | None = Field(default=None, ge=0)  # None: no tenant budget
+    period: Period | None = None  # None: governance.budgets.period
+    # tokens per minute every user of the tenant uses together; None: no limit
+    input_tokens_per_minute: int | None = Field(default=None, ge=0)
+    output_tokens_per_minute: int | None = Field(default=None, ge=0)
+    total_tokens_per_minute: int | None = Field(default=None, ge=0)
 
 
 class RateLimits(_Model):
     default_requests_per_minute: int = Field(default=60, ge=0)
+    # None: no limit. Tokens are held from the estimate at admission, corrected at settlement.
+    default_max_concurrent_requests: int | None = Field(default=None, ge=0)
+    default_input_tokens_per_minute: int | None = Field(default=None, ge=0)
+    default_output_tokens_per_minute: int | None = Field(default=None, ge=0)
+    default_total_tokens_per_minute: int | None = Field(default=None, ge=0)
 
 
 class TenantModels(_Model):
@@ -169,6 +209,7 @@ class Governance(_Model):
     # charged at its reservation
     async_jobs: Literal["refuse", "reserve"] = "refuse"
     models: Models = Models()
+    tenants: dict[str, TenantBudget] = {}  # budgets per tenant (admin API changes win)
 
 
 class Price(_Model):

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # types only: the context is the vocabulary those modules spe
 
     from candela_mitm.governance.identity import Principal
     from candela_mitm.governance.ledger import BudgetRefusal, Reservation
+    from candela_mitm.governance.ratelimit import Admission
     from candela_mitm.governance.users import UserSettings
     from candela_mitm.observability.otel import StreamModel
     from candela_mitm.observability.spans import Span
@@ -46,6 +47,10 @@ class RequestContext:
     # Budget's reserve as RateLimit made it in its own store trip, for Budget to judge
     reserve_result: Reservation | BudgetRefusal | None = None
     reservation: Reservation | None = None  # while one is held: Budget settles or releases it
+    # what RateLimit holds beyond the request count (a concurrency lease, a token-window entry)
+    # until the request ends, and the IETF RateLimit headers its decisions give every answer
+    admission: Admission | None = None
+    rate_headers: dict[str, str] = field(default_factory=dict)
     estimate_usd: float = 0.0
     # laptop mode: Gemini's cached input priced at this share of the input price (LocalUi sets
     # it from the local settings when the request is planned; accounting reads it)

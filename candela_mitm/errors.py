@@ -109,6 +109,10 @@ def user_not_found(user: str) -> Denial:
     return Denial(404, "user_not_found", f"There is no user '{user}'", {"user_id": user})
 
 
+def key_not_found(key_id: str) -> Denial:
+    return Denial(404, "key_not_found", f"There is no API key '{key_id}'", {"key_id": key_id})
+
+
 def payload_too_large(limit: int) -> Denial:
     return Denial(
         413,
@@ -190,14 +194,22 @@ def budget_exceeded(
     remaining_usd: float,
     estimated_cost_usd: float,
     resets_at: str,
+    scope: str = "user",
+    period: str = "daily",
+    tenant: str | None = None,
 ) -> Denial:
+    """`scope` names whose budget refused (the user's or the tenant's), `period` its span."""
+    whose = f"tenant '{tenant}''s" if scope == "tenant" else "your"
     return Denial(
         402,
         "budget_exceeded",
         f"Estimated cost ${estimated_cost_usd:.6f} exceeds the ${remaining_usd:.6f} "
-        f"left of today's budget",
+        f"left of {whose} {period} budget",
         {
             "user_id": user,
+            "tenant_id": tenant,
+            "scope": scope,
+            "period": period,
             "budget_usd": round(budget_usd, 6),
             "spent_usd": round(spent_usd, 6),
             "remaining_usd": round(remaining_usd, 6),
@@ -216,13 +228,40 @@ def model_price_unknown(model: str) -> Denial:
     )
 
 
-def rate_limited(limit: int, window_resets_at: str, retry_after_s: int) -> Denial:
+_LIMIT_SENTENCES = {
+    "requests": "More than {limit} requests in the last minute",
+    "input_tokens": "More than {limit} input tokens in the last minute",
+    "output_tokens": "More than {limit} output tokens in the last minute",
+    "total_tokens": "More than {limit} tokens in the last minute",
+    "concurrency": "More than {limit} requests in flight at once",
+}
+
+
+def rate_limited(
+    limit: int,
+    window_resets_at: str,
+    retry_after_s: int,
+    limit_kind: str = "requests",
+    headers: dict[str, str] | None = None,
+    scope: str = "user",
+) -> Denial:
+    """`limit_kind`: requests, input_tokens, output_tokens, total_tokens or concurrency;
+    `scope`: whose limit refused, the user's or (token limits) the tenant's."""
+    sentence = _LIMIT_SENTENCES[limit_kind].format(limit=limit)
+    if scope != "user":
+        sentence += f" for the {scope}"
     return Denial(
         429,
         "rate_limited",
-        f"More than {limit} requests in the last minute",
-        {"limit": limit, "window_resets_at": window_resets_at, "retry_after_s": retry_after_s},
-        headers={"Retry-After": str(retry_after_s)},
+        sentence,
+        {
+            "limit_kind": limit_kind,
+            "scope": scope,
+            "limit": limit,
+            "window_resets_at": window_resets_at,
+            "retry_after_s": retry_after_s,
+        },
+        headers={**(headers or {}), "Retry-After": str(retry_after_s)},
     )
 
 

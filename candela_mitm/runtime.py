@@ -14,7 +14,7 @@ from candela_mitm.audit import AuditWriter
 from candela_mitm.audit.actions import LLM_REQUEST
 from candela_mitm.config import Config, load_config
 from candela_mitm.errors import ConfigError
-from candela_mitm.governance.identity import Authenticator
+from candela_mitm.governance.identity import Authenticator, MintedKeyLookup
 from candela_mitm.governance.ledger import Ledger, StaleSettlement, process_alive
 from candela_mitm.governance.policy import ModelPolicy
 from candela_mitm.governance.ratelimit import RateLimiter
@@ -28,6 +28,7 @@ from candela_mitm.providers.specs import Upstream, resolve_all
 from candela_mitm.providers.upstream_auth import UpstreamCredentials
 from candela_mitm.state import StateStore, open_state_store
 from candela_mitm.state.calls import StoreCalls
+from candela_mitm.state.ports import to_us, utc_now
 
 log = logging.getLogger("candela.runtime")
 
@@ -48,6 +49,19 @@ USER_SETTINGS_TTL_S = 1.0
 RESTART_SECTIONS = frozenset(
     {"listen", "mode", "workers", "state", "audit", "interception", "limits", "local", "telemetry"}
 )
+
+
+def minted_key_lookup(store: StateStore, calls: StoreCalls) -> MintedKeyLookup:
+    """The Authenticator's view of the keys minted through the admin API: one store read per
+    request that presents one, so a revocation holds at once in every process."""
+
+    async def lookup(sha256: str) -> str | None:
+        record = await calls.call(store.api_key, sha256)
+        if record is None or not record.valid_at(to_us(utc_now())):
+            return None
+        return record.user_id
+
+    return lookup
 
 
 @dataclass
@@ -102,7 +116,12 @@ class Runtime:
             raise ConfigError(f"these sections need a restart to change: {', '.join(fixed)}")
         upstreams = resolve_all(new)
         required = new.auth.required if new.auth.required is not None else self.command == "server"
-        authenticator = Authenticator(new.auth, required, local_user=self.local_user)
+        authenticator = Authenticator(
+            new.auth,
+            required,
+            local_user=self.local_user,
+            minted_keys=minted_key_lookup(self.store, self.calls),
+        )
         # build everything first, then swap: a reload either happens whole or not at all
         pricing, policy = PricingTable.from_config(new), ModelPolicy(new.governance.models)
         credentials = UpstreamCredentials(upstreams)
@@ -192,13 +211,16 @@ def build_runtime(config: Config, command: Command) -> Runtime:
     audit = AuditWriter(config.audit)
     audit.start()
     metrics = Metrics()
+    limiter = RateLimiter(store)
     try:
         settled = ledger.reconcile_stale(process_alive, max_age_s=STALE_RESERVATION_S)
+        limiter.reconcile_leases(process_alive)  # requests in flight of processes now gone
     except BaseException:
         audit.close()
         raise
     record_stale_settlements(audit, metrics, settled)
     executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="candela-gov")
+    calls = StoreCalls(store, executor, metrics.store_on_loop.inc, metrics.store_on_pool.inc)
     return Runtime(
         config=config,
         command=command,
@@ -212,15 +234,16 @@ def build_runtime(config: Config, command: Command) -> Runtime:
             config.auth,
             required,
             local_user=local_user,
+            minted_keys=minted_key_lookup(store, calls),
         ),
         local_user=local_user,
         store=store,
         ledger=ledger,
-        limiter=RateLimiter(store),
+        limiter=limiter,
         users=UserDirectory(config, store, cache_ttl_s=USER_SETTINGS_TTL_S),
         audit=audit,
         metrics=metrics,
         executor=executor,
-        calls=StoreCalls(store, executor, metrics.store_on_loop.inc, metrics.store_on_pool.inc),
+        calls=calls,
         local=local,
     )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import re
+import secrets
 import sqlite3
+import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -20,13 +24,20 @@ from candela_mitm.audit.query import query_entries
 from candela_mitm.audit.writer import AuditWriter
 from candela_mitm.config import Config
 from candela_mitm.errors import Denial, Refused, StoreUnavailable
-from candela_mitm.governance.ledger import Grant, Ledger
+from candela_mitm.governance.identity import MINTED_KEY_PREFIX
+from candela_mitm.governance.ledger import Grant, Ledger, TenantBudgetStatus
+from candela_mitm.governance.periods import PERIOD_KINDS
 from candela_mitm.governance.tenancy import MAX_TENANT_CHARS
-from candela_mitm.governance.users import UserDirectory, UserSettings
+from candela_mitm.governance.users import TenantSettings, UserDirectory, UserSettings
 from candela_mitm.state.ports import (
+    LIMIT_FIELDS,
+    TENANT_LIMIT_FIELDS,
+    KeyRecord,
     StateStore,
+    TenantRecord,
     UserRecord,
     day_of,
+    from_us,
     rfc3339,
     to_us,
     usd_to_nano,
@@ -44,6 +55,9 @@ MAX_TENANTS = 256
 MAX_USD = 1e9  # as nano-dollars this stays far inside the 64-bit integers every store keeps
 MIN_YEAR, MAX_YEAR = 1970, 9998  # dates and times the API accepts (ledger days are Unix time)
 MAX_RPM = 1_000_000
+MAX_LIMIT = 1_000_000_000  # concurrency and tokens per minute
+DEFAULT_ROTATION_GRACE_S = 3600  # how long a rotated key keeps working beside its successor
+MAX_ROTATION_GRACE_S = 30 * 24 * 3600
 MAX_REASON_CHARS = 1000
 DEFAULT_AUDIT_LIMIT = 100
 MAX_AUDIT_LIMIT = 10_000
@@ -105,6 +119,13 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/admin/v1/users/{user}", "delete_user", True),
     Route("POST", "/admin/v1/users/{user}/grants", "create_grant", True),
     Route("GET", "/admin/v1/users/{user}/grants", "list_grants", True),
+    Route("GET", "/admin/v1/tenants", "list_tenants", True),
+    # developers too, for their own keys
+    Route("POST", "/admin/v1/keys", "create_key", False),
+    Route("GET", "/admin/v1/keys", "list_keys", False, frozenset({"user"})),
+    Route("DELETE", "/admin/v1/keys/{key}", "revoke_key", False),
+    Route("POST", "/admin/v1/keys/{key}/rotate", "rotate_key", False),
+    Route("PUT", "/admin/v1/tenants/{tenant}", "put_tenant", True),
     # developers too, filtered to themselves
     Route(
         "GET", "/admin/v1/usage", "usage", False, frozenset({"user", "tenant", "since", "until"})
@@ -303,18 +324,29 @@ def _usd(body: Mapping[str, Any], name: str, positive: bool) -> float:
     return float(v)
 
 
+def _tenant_id_ok(t: Any) -> bool:
+    return (
+        isinstance(t, str)
+        and bool(t)
+        and len(t) <= MAX_TENANT_CHARS
+        and t == t.strip()
+        and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in t)
+    )
+
+
+def _period(body: Mapping[str, Any], name: str) -> str:
+    v = body[name]
+    if v not in PERIOD_KINDS:
+        raise _invalid(name, f"must be one of {', '.join(PERIOD_KINDS)}")
+    return str(v)
+
+
 def _tenants(v: Any) -> tuple[str, ...]:
     name = "tenants"
     if not isinstance(v, list) or len(v) > MAX_TENANTS:
         raise _invalid(name, f"must be a list of at most {MAX_TENANTS} tenant ids")
     for t in v:
-        if (
-            not isinstance(t, str)
-            or not t
-            or len(t) > MAX_TENANT_CHARS
-            or t != t.strip()
-            or any(ord(c) < 0x20 or ord(c) == 0x7F for c in t)
-        ):
+        if not _tenant_id_ok(t):
             raise _invalid(
                 name,
                 f"must hold tenant ids of 1 to {MAX_TENANT_CHARS} characters, "
@@ -344,7 +376,59 @@ def settings_json(s: UserSettings) -> dict[str, Any]:
         "role": s.role,
         "tenants": list(s.tenants),
         "daily_budget_usd": s.daily_budget_usd,
+        "budget_period": s.budget_period.kind,
         "requests_per_minute": s.requests_per_minute,
+        **{name: getattr(s, name) for name in LIMIT_FIELDS},
+    }
+
+
+def _mint(
+    user: str, name: str, actor: str, now_us: int, expires_us: int | None
+) -> tuple[str, KeyRecord]:
+    """A new key and its record (which holds only the key's SHA-256)."""
+    secret = MINTED_KEY_PREFIX + secrets.token_urlsafe(32)
+    return secret, KeyRecord(
+        key_id="k_" + uuid.uuid4().hex[:16],
+        sha256=hashlib.sha256(secret.encode()).hexdigest(),
+        user_id=user,
+        name=name,
+        actor=actor,
+        created_us=now_us,
+        expires_us=expires_us,
+    )
+
+
+def key_json(k: KeyRecord, now_us: int) -> dict[str, Any]:
+    state = "revoked" if k.revoked_us is not None else (
+        "active" if k.valid_at(now_us) else "expired"
+    )
+    return {
+        "id": k.key_id,
+        "user_id": k.user_id,
+        "name": k.name,
+        "fingerprint": k.sha256[:8],  # as audit entries name the key that made a request
+        "state": state,
+        "created_at": rfc3339(from_us(k.created_us)),
+        "expires_at": None if k.expires_us is None else rfc3339(from_us(k.expires_us)),
+        "revoked_at": None if k.revoked_us is None else rfc3339(from_us(k.revoked_us)),
+        "actor": k.actor,
+    }
+
+
+def tenant_json(t: TenantSettings, status: TenantBudgetStatus) -> dict[str, Any]:
+    return {
+        "tenant_id": t.tenant_id,
+        "budget_usd": t.budget_usd,
+        "period": t.period.kind,
+        "time_zone": t.period.time_zone,
+        "source": t.source,
+        "spent_usd": _usd_out(status.spent_usd),
+        "reserved_usd": _usd_out(status.reserved_usd),
+        "remaining_usd": None if status.remaining_usd is None else _usd_out(status.remaining_usd),
+        "period_starts_at": status.period_starts_at,
+        "resets_at": status.resets_at,
+        **{name: getattr(t.token_limits, name.removesuffix("_per_minute"))
+           for name in TENANT_LIMIT_FIELDS},
     }
 
 
@@ -484,7 +568,8 @@ class AdminApi:
 
     def me(self, req: AdminRequest, _p: Any, _q: Any, _b: Any) -> Handled:
         s = self.rt.users.settings(req.user)
-        status = self.rt.ledger.status(req.user, s.daily_budget_usd, self._now())
+        now = self._now()
+        status = self.rt.ledger.status(req.user, s.daily_budget_usd, now, s.budget_period)
         return AdminResponse(
             200,
             {
@@ -494,14 +579,195 @@ class AdminApi:
                 "tenants": list(s.tenants),
                 "day": status.day,
                 "daily_budget_usd": s.daily_budget_usd,
-                "spent_today_usd": _usd_out(status.spent_usd),
+                "budget_period": status.period,
+                "period_starts_at": status.period_starts_at,
+                "spent_today_usd": _usd_out(self.rt.ledger.spent_today(req.user, now)),
+                "spent_period_usd": _usd_out(status.spent_usd),
                 "reserved_usd": _usd_out(status.reserved_usd),
                 "remaining_usd": _usd_out(status.remaining_usd),
                 "resets_at": status.resets_at,
                 "requests_per_minute": s.requests_per_minute,
+                **{name: getattr(s, name) for name in LIMIT_FIELDS},
                 "grants": [grant_json(g) for g in status.grants],
+                "tenant_budgets": [self._tenant_view(t, now) for t in s.tenants],
             },
         )
+
+    def _tenant_view(self, tenant: str, now: datetime) -> dict[str, Any]:
+        t = self.rt.users.tenant_settings(tenant)
+        return tenant_json(t, self.rt.ledger.tenant_status(tenant, t.budget_usd, t.period, now))
+
+    # -- API keys ----------------------------------------------------------------------------
+
+    def create_key(self, req: AdminRequest, _p: Any, _q: Any, body: dict[str, Any]) -> Handled:
+        """Mint a key for a user (a developer: only for themselves); shown once, stored as its
+        SHA-256 in the state store."""
+        _no_unknown_fields(body, ("user_id", "name", "expires_at"))
+        user = body.get("user_id", req.user)
+        if not isinstance(user, str):
+            raise _invalid("user_id", "must be a user id")
+        _user_id(user)
+        if req.role != "admin" and user != req.user:
+            raise Refused(errors.forbidden("A developer may only mint keys for themselves"))
+        if not self._known(user) and user != req.user:
+            raise Refused(errors.user_not_found(user))
+        name = body.get("name", "")
+        if not isinstance(name, str) or len(name) > MAX_REASON_CHARS:
+            raise _invalid("name", f"must be a string of at most {MAX_REASON_CHARS} characters")
+        now = self._now()
+        expires_us = None
+        if body.get("expires_at") is not None:
+            expires = parse_rfc3339(body["expires_at"])
+            if expires is None:
+                raise _invalid(
+                    "expires_at",
+                    "must be an RFC 3339 time with an offset, e.g. 2030-01-31T00:00:00Z",
+                )
+            if expires <= now:
+                raise _invalid("expires_at", "must be in the future")
+            expires_us = to_us(expires)
+        secret, record = _mint(user, name, req.user, to_us(now), expires_us)
+        view = key_json(record, to_us(now))
+        self._audited(
+            req, "key.create", user, None, view, lambda: self.rt.store.put_api_key(record)
+        )
+        return AdminResponse(201, {**view, "key": secret})
+
+    def list_keys(self, req: AdminRequest, _p: Any, q: dict[str, str], _b: Any) -> Handled:
+        user = q.get("user")
+        if req.role != "admin":
+            if user is None:
+                user = req.user
+            elif user != req.user:
+                raise Refused(errors.forbidden("A developer may only list their own keys"))
+        now_us = to_us(self._now())
+        keys = [key_json(k, now_us) for k in self.rt.store.api_keys(user)]
+        return AdminResponse(200, {"user_id": user, "count": len(keys), "keys": keys})
+
+    def _own_key(self, req: AdminRequest, key_id: str) -> KeyRecord:
+        current = next((k for k in self.rt.store.api_keys() if k.key_id == key_id), None)
+        # a developer learns nothing about other users' keys: theirs or "no such key"
+        if current is None or (req.role != "admin" and current.user_id != req.user):
+            raise Refused(errors.key_not_found(key_id))
+        return current
+
+    def rotate_key(
+        self, req: AdminRequest, p: dict[str, str], _q: Any, body: dict[str, Any]
+    ) -> Handled:
+        """A new key for the same user, name and expiry; the old one keeps working for
+        `grace_s` seconds (default an hour), then is refused like an expired key."""
+        old = self._own_key(req, p["key"])
+        _no_unknown_fields(body, ("grace_s",))
+        grace = body.get("grace_s", DEFAULT_ROTATION_GRACE_S)
+        if isinstance(grace, bool) or not isinstance(grace, int) or not (
+            0 <= grace <= MAX_ROTATION_GRACE_S
+        ):
+            raise _invalid("grace_s", f"must be an integer from 0 to {MAX_ROTATION_GRACE_S}")
+        now_us = to_us(self._now())
+        if not old.valid_at(now_us):
+            raise _invalid("key", "is revoked or expired: mint a new key instead")
+        secret, new = _mint(old.user_id, old.name, req.user, now_us, old.expires_us)
+        ends = now_us + grace * 1_000_000
+        if old.expires_us is not None:
+            ends = min(ends, old.expires_us)
+        old_after = key_json(dataclasses.replace(old, expires_us=ends), now_us)
+        new_view = key_json(new, now_us)
+
+        def rotate() -> None:
+            self.rt.store.put_api_key(new)
+            self.rt.store.expire_api_key(old.key_id, ends)
+
+        self._audited(
+            req,
+            "key.rotate",
+            old.user_id,
+            key_json(old, now_us),
+            {"old": old_after, "new": new_view},
+            rotate,
+        )
+        return AdminResponse(201, {**new_view, "key": secret, "replaces": old_after})
+
+    def revoke_key(self, req: AdminRequest, p: dict[str, str], _q: Any, _b: Any) -> Handled:
+        key_id = p["key"]
+        current = self._own_key(req, key_id)
+        now = self._now()
+        now_us = to_us(now)
+        before = key_json(current, now_us)
+        if current.revoked_us is not None:
+            return AdminResponse(200, before)  # already revoked: nothing changes
+        after = key_json(dataclasses.replace(current, revoked_us=now_us), now_us)
+        self._audited(
+            req,
+            "key.revoke",
+            current.user_id,
+            before,
+            after,
+            lambda: self.rt.store.revoke_api_key(key_id, now_us),
+        )
+        return AdminResponse(200, after)
+
+    def list_tenants(self, _r: Any, _p: Any, _q: Any, _b: Any) -> Handled:
+        now = self._now()
+        ids = {r.tenant_id for r in self.rt.store.list_tenants()}
+        ids |= set(self.rt.config.governance.tenants)
+        for u in self.rt.config.users.values():
+            ids |= set(u.tenants)
+        for rec in self.rt.store.list_users():
+            ids |= set(rec.tenants)
+        tenants = [self._tenant_view(t, now) for t in sorted(ids)]
+        return AdminResponse(200, {"count": len(tenants), "tenants": tenants})
+
+    def put_tenant(
+        self, req: AdminRequest, p: dict[str, str], _q: Any, body: dict[str, Any]
+    ) -> Handled:
+        tenant = p["tenant"]
+        if not _tenant_id_ok(tenant):
+            raise Refused(
+                errors.bad_request(
+                    f"A tenant id has 1 to {MAX_TENANT_CHARS} characters, without control "
+                    "characters or surrounding spaces"
+                )
+            )
+        _no_unknown_fields(body, ("budget_usd", "period", *TENANT_LIMIT_FIELDS))
+        current = self.rt.users.tenant_settings(tenant)
+        stored = self.rt.store.get_tenant(tenant)
+        budget = current.budget_usd
+        kind: str | None = stored.budget_period if stored else None
+        if stored is None and current.source == "config":
+            kind = self.rt.config.governance.tenants[tenant].period
+        if "budget_usd" in body:  # null: no budget of the tenant's own
+            budget = None if body["budget_usd"] is None else _usd(body, "budget_usd", False)
+        if "period" in body:
+            kind = _period(body, "period")
+        limits = {
+            name: getattr(current.token_limits, name.removesuffix("_per_minute"))
+            for name in TENANT_LIMIT_FIELDS
+        }
+        for name in TENANT_LIMIT_FIELDS:
+            if name in body:  # null: no limit
+                v = body[name]
+                if v is not None and (
+                    isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_LIMIT
+                ):
+                    raise _invalid(name, f"must be null or an integer from 0 to {MAX_LIMIT}")
+                limits[name] = v
+        record = TenantRecord(tenant, budget, kind, self._now(), **limits)
+        before = (
+            {
+                "budget_usd": current.budget_usd,
+                "period": current.period.kind,
+                **{
+                    name: getattr(current.token_limits, name.removesuffix("_per_minute"))
+                    for name in TENANT_LIMIT_FIELDS
+                },
+            }
+            if current.source != "default"
+            else None
+        )
+        after = {"budget_usd": budget, "period": kind or self.rt.users.period().kind, **limits}
+        action = "tenant.update" if before is not None else "tenant.create"
+        self._audited(req, action, tenant, before, after, lambda: self.rt.store.put_tenant(record))
+        return AdminResponse(200 if before else 201, self._tenant_view(tenant, self._now()))
 
     def _spent_today(self) -> dict[str, float]:
         today = day_of(self._now())
@@ -521,7 +787,17 @@ class AdminApi:
         self, req: AdminRequest, p: dict[str, str], _q: Any, body: dict[str, Any]
     ) -> Handled:
         user = p["user"]
-        _no_unknown_fields(body, ("role", "tenants", "daily_budget_usd", "requests_per_minute"))
+        _no_unknown_fields(
+            body,
+            (
+                "role",
+                "tenants",
+                "daily_budget_usd",
+                "budget_period",
+                "requests_per_minute",
+                *LIMIT_FIELDS,
+            ),
+        )
         current = self.rt.users.settings(user)
         existed = self._known(user)
         # a partial body changes only what it names: start from the settings in force
@@ -529,6 +805,13 @@ class AdminApi:
         tenants = current.tenants
         budget = current.daily_budget_usd
         rpm = current.requests_per_minute
+        stored = self.rt.store.get_user(user)
+        cfg_user = self.rt.config.users.get(user)
+        period: str | None = (stored.budget_period if stored else None) or (
+            cfg_user.budget_period if cfg_user else None
+        )
+        if "budget_period" in body:
+            period = _period(body, "budget_period")
         if "role" in body:
             if body["role"] not in ("admin", "developer"):
                 raise _invalid("role", "must be 'admin' or 'developer'")
@@ -544,6 +827,15 @@ class AdminApi:
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_RPM:
                 raise _invalid("requests_per_minute", f"must be an integer from 0 to {MAX_RPM}")
             rpm = v
+        limits = {name: getattr(current, name) for name in LIMIT_FIELDS}
+        for name in LIMIT_FIELDS:
+            if name in body:  # null: no limit of the user's own (the default applies)
+                v = body[name]
+                if v is not None and (
+                    isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_LIMIT
+                ):
+                    raise _invalid(name, f"must be null or an integer from 0 to {MAX_LIMIT}")
+                limits[name] = v
         now = self._now()
         record = UserRecord(
             user_id=user,
@@ -552,13 +844,17 @@ class AdminApi:
             daily_budget_usd=budget,
             requests_per_minute=rpm,
             updated_at=now,
+            budget_period=period,
+            **limits,
         )
         before = settings_json(current) if existed else None
         after = {
             "role": role,
             "tenants": list(tenants),
             "daily_budget_usd": budget,
+            "budget_period": period or self.rt.users.period().kind,
             "requests_per_minute": rpm,
+            **limits,
         }
         action = "user.update" if existed else "user.create"
         self._audited(req, action, user, before, after, lambda: self.rt.store.put_user(record))
@@ -587,6 +883,8 @@ class AdminApi:
                         daily_budget_usd=current.daily_budget_usd,
                         requests_per_minute=current.requests_per_minute,
                         updated_at=now,
+                        budget_period=current.budget_period.kind,
+                        **{name: getattr(current, name) for name in LIMIT_FIELDS},
                     )
                 )
             self.rt.store.delete_user(user, to_us(now))

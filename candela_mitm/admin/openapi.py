@@ -36,6 +36,38 @@ _DAY_OR_NULL = {"type": ["string", "null"], "format": "date"}
 _TIME = {"type": "string", "format": "date-time"}
 _ROLE = {"type": "string", "enum": ["admin", "developer"]}
 _TENANTS = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 128}}
+_LIMIT = {"type": ["integer", "null"], "minimum": 0, "description": "null: no limit"}
+_LIMITS = {
+    "max_concurrent_requests": {**_LIMIT, "description": "requests in flight at once; null: no limit"},
+    "input_tokens_per_minute": _LIMIT,
+    "output_tokens_per_minute": _LIMIT,
+    "total_tokens_per_minute": _LIMIT,
+}
+_LIMITS_IN = {
+    name: {"type": ["integer", "null"], "minimum": 0, "maximum": 1_000_000_000}
+    for name in _LIMITS
+}
+KEY_PROPS: dict[str, Any] = {
+            "id": {**_STR, "description": "the key's public name, for listing and revoking"},
+            "user_id": _STR,
+            "name": _STR,
+            "fingerprint": {
+                **_STR,
+                "description": "the first 8 hex digits of the key's SHA-256, as audit entries "
+                "name the key that made a request",
+            },
+            "state": {"type": "string", "enum": ["active", "revoked", "expired"]},
+            "created_at": _TIME,
+            "expires_at": {"type": ["string", "null"], "format": "date-time"},
+            "revoked_at": {"type": ["string", "null"], "format": "date-time"},
+            "actor": {**_STR, "description": "who minted it"},
+        }
+_PERIOD = {
+    "type": "string",
+    "enum": ["daily", "weekly", "monthly"],
+    "description": "the span a budget covers, from midnight in governance.budgets.time_zone "
+    "(weeks from Monday, months from the 1st)",
+}
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -57,8 +89,10 @@ SCHEMAS: dict[str, Any] = {
             "user_id": _STR,
             "role": _ROLE,
             "tenants": _TENANTS,
-            "daily_budget_usd": _USD,
+            "daily_budget_usd": {**_USD, "description": "the budget per budget_period"},
+            "budget_period": _PERIOD,
             "requests_per_minute": _INT,
+            **_LIMITS,
             "source": {
                 "type": "string",
                 "enum": ["store", "config", "default"],
@@ -74,7 +108,92 @@ SCHEMAS: dict[str, Any] = {
             "role": _ROLE,
             "tenants": {**_TENANTS, "maxItems": 256, "uniqueItems": True},
             "daily_budget_usd": {"type": "number", "minimum": 0, "maximum": 1e9},
+            "budget_period": _PERIOD,
             "requests_per_minute": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+            **_LIMITS_IN,
+        },
+        "additionalProperties": False,
+    },
+    "Tenant": _closed(
+        {
+            "tenant_id": _STR,
+            "budget_usd": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "description": "null: no budget of the tenant's own (its users' still apply)",
+            },
+            "period": _PERIOD,
+            "time_zone": _STR,
+            "source": {"type": "string", "enum": ["store", "config", "default"]},
+            "spent_usd": {**_USD, "description": "this period, by every user of the tenant"},
+            "reserved_usd": {**_USD, "description": "held by requests in flight"},
+            "remaining_usd": {"type": ["number", "null"], "minimum": 0},
+            "period_starts_at": _TIME,
+            "resets_at": _TIME,
+            **{k: v for k, v in _LIMITS.items() if k != "max_concurrent_requests"},
+        }
+    ),
+    "ApiKey": _closed(KEY_PROPS),
+    "ApiKeyCreated": _closed(
+        {
+            **KEY_PROPS,
+            "key": {
+                **_STR,
+                "description": "the key itself, shown this once: Candela keeps only its SHA-256",
+            },
+        }
+    ),
+    "ApiKeyRotated": _closed(
+        {
+            **KEY_PROPS,
+            "key": {**_STR, "description": "the new key, shown this once"},
+            "replaces": {**_ref("ApiKey"), "description": "the old key, with its grace expiry"},
+        }
+    ),
+    "ApiKeyRotate": {
+        "type": "object",
+        "properties": {
+            "grace_s": {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": 30 * 24 * 3600,
+                "default": 3600,
+                "description": "how long the old key keeps working",
+            }
+        },
+        "additionalProperties": False,
+    },
+    "ApiKeyList": _closed(
+        {
+            "user_id": {**_STR_OR_NULL, "description": "null: every user's keys"},
+            "count": _INT,
+            "keys": {"type": "array", "items": _ref("ApiKey")},
+        }
+    ),
+    "ApiKeyCreate": {
+        "type": "object",
+        "properties": {
+            "user_id": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 320,
+                "description": "default: the caller; a developer may name only themselves",
+            },
+            "name": {"type": "string", "maxLength": 1000},
+            "expires_at": {**_TIME, "description": "RFC 3339 with an offset, in the future"},
+        },
+        "additionalProperties": False,
+    },
+    "TenantList": _closed(
+        {"count": _INT, "tenants": {"type": "array", "items": _ref("Tenant")}}
+    ),
+    "TenantUpdate": {
+        "type": "object",
+        "description": "Partial: fields left out keep the tenant's settings in force.",
+        "properties": {
+            "budget_usd": {"type": ["number", "null"], "minimum": 0, "maximum": 1e9},
+            "period": _PERIOD,
+            **{k: v for k, v in _LIMITS_IN.items() if k != "max_concurrent_requests"},
         },
         "additionalProperties": False,
     },
@@ -127,21 +246,30 @@ SCHEMAS: dict[str, Any] = {
                 "enum": ["api_key", "oidc", "access_token", "local", None],
             },
             "tenants": _TENANTS,
-            "day": {"type": "string", "format": "date", "description": "the UTC budget day"},
-            "daily_budget_usd": _USD,
-            "spent_today_usd": _USD,
+            "day": {"type": "string", "format": "date", "description": "today, in UTC"},
+            "daily_budget_usd": {**_USD, "description": "the budget per budget_period"},
+            "budget_period": _PERIOD,
+            "period_starts_at": _TIME,
+            "spent_today_usd": {**_USD, "description": "spent on the UTC day `day`"},
+            "spent_period_usd": {**_USD, "description": "spent in the current budget period"},
             "reserved_usd": {**_USD, "description": "held by requests in flight"},
             "remaining_usd": {
                 **_USD,
                 "description": "what can still be spent today: allowance left plus unexpired "
                 "grants (spend draws the allowance first, then grants by earliest expiry)",
             },
-            "resets_at": _TIME,
+            "resets_at": {**_TIME, "description": "when the current budget period ends"},
             "requests_per_minute": _INT,
+            **_LIMITS,
             "grants": {
                 "type": "array",
                 "items": _ref("Grant"),
                 "description": "unexpired grants with money left",
+            },
+            "tenant_budgets": {
+                "type": "array",
+                "items": _ref("Tenant"),
+                "description": "the budgets of the caller's tenants (a request must fit both)",
             },
         }
     ),
@@ -227,7 +355,10 @@ _ERRORS = {
     ),
     "401": ("Unauthenticated", "Missing, malformed, expired or unverifiable credential"),
     "403": ("Forbidden", "The caller's role may not do this (`forbidden`)"),
-    "404": ("NotFound", "No such route (`not_found`) or user (`user_not_found`)"),
+    "404": (
+        "NotFound",
+        "No such route (`not_found`), user (`user_not_found`) or API key (`key_not_found`)",
+    ),
     "503": ("Unavailable", "The state store or the audit trail cannot be used (fail closed)"),
 }
 
@@ -334,6 +465,88 @@ PATHS: dict[str, Any] = {
             ("403",),
         ),
     },
+    "/admin/v1/tenants": {
+        "get": _op(
+            "listTenants",
+            "Every known tenant with its budget and this period's spend (admin)",
+            "TenantList",
+            ("403",),
+        )
+    },
+    "/admin/v1/tenants/{tenant}": {
+        "parameters": [
+            {
+                "name": "tenant",
+                "in": "path",
+                "required": True,
+                "description": "the tenant id, percent-encoded",
+                "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+            }
+        ],
+        "put": _op(
+            "putTenant",
+            "Set a tenant's budget and period (admin): 201 the first time, then 200",
+            "Tenant",
+            ("403",),
+            statuses=("200", "201"),
+            body="TenantUpdate",
+        ),
+    },
+    "/admin/v1/keys": {
+        "post": _op(
+            "createKey",
+            "Mint an API key (admin: for any user; developer: for themselves); the key is in "
+            "this answer only",
+            "ApiKeyCreated",
+            ("403", "404"),
+            statuses=("201",),
+            body="ApiKeyCreate",
+        ),
+        "get": _op(
+            "listKeys",
+            "API keys minted through this API (admin: anyone's; developer: their own)",
+            "ApiKeyList",
+            ("403",),
+            params=[_query("user", _STR, "a developer may name only themselves (the default)")],
+        ),
+    },
+    "/admin/v1/keys/{key}": {
+        "parameters": [
+            {
+                "name": "key",
+                "in": "path",
+                "required": True,
+                "description": "the key's id (k_...), not the key",
+                "schema": {"type": "string", "minLength": 1, "maxLength": 64},
+            }
+        ],
+        "delete": _op(
+            "revokeKey",
+            "Revoke a key at once, in every process (admin: anyone's; developer: their own)",
+            "ApiKey",
+            ("404",),
+        ),
+    },
+    "/admin/v1/keys/{key}/rotate": {
+        "parameters": [
+            {
+                "name": "key",
+                "in": "path",
+                "required": True,
+                "description": "the key's id (k_...), not the key",
+                "schema": {"type": "string", "minLength": 1, "maxLength": 64},
+            }
+        ],
+        "post": _op(
+            "rotateKey",
+            "A new key for the same user, name and expiry; the old one works for grace_s more "
+            "seconds (admin: anyone's; developer: their own)",
+            "ApiKeyRotated",
+            ("404",),
+            statuses=("201",),
+            body="ApiKeyRotate",
+        ),
+    },
     "/admin/v1/usage": {
         "get": _op(
             "getUsage",
@@ -394,8 +607,8 @@ PATHS: dict[str, Any] = {
 
 _DESCRIPTION = """\
 The admin API of Candela, served on the proxy's own listener. Every call is authenticated like a
-proxy request. Role `admin` may call everything; `developer` only `/me`, `/usage` (their own) and
-this document: anything else answers 403 `forbidden`. Every change is committed to the audit
+proxy request. Role `admin` may call everything; `developer` only `/me`, `/usage` and `/keys`
+(their own) and this document: anything else answers 403 `forbidden`. Every change is committed to the audit
 trail (action `admin_action`, with actor, action, target, before and after) before it is made.
 Every error is JSON `{"error": "<snake_case>", "message": "<sentence>", ...}`; an unknown path
 answers 404 `not_found`, a method the path does not have 405 `method_not_allowed` with `Allow`.

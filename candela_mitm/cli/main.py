@@ -209,7 +209,7 @@ SUBCOMMAND_HELP = {
     "audit": "verify, checkpoint, query and export the hash-chained audit trail",
     "doctor": "what this host supports for enforcement, and the fix for each missing piece",
     "ca": "export the interception CA certificate for clients to trust",
-    "keys": "mint a Candela API key into a config file (an admin key on first start)",
+    "keys": "API keys: into a config file (the first admin key), or minted and revoked live",
     "service": "write systemd units for candela-server, ready before network-online",
     "prices": "what a model costs per token kind, and where each price came from",
 }

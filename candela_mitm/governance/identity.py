@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
 
@@ -50,6 +50,13 @@ _TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _BEARER = re.compile(r"(?i:bearer) ([A-Za-z0-9\-._~+/]+=*)")
 _JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# Keys minted through the admin API (POST /admin/v1/keys) start with this; only they are looked
+# up in the state store, so a provider key or an ID token never costs a store read.
+MINTED_KEY_PREFIX = "cdk_"
+
+# The user a minted key's digest belongs to, or None (unknown, revoked, expired); raises when
+# the store cannot say (the request is then refused 503).
+MintedKeyLookup = Callable[[str], Awaitable[str | None]]
 
 # Google signs ID tokens with RS256; every other alg (none, HS256 alg confusion) is refused
 # before google-auth sees the token.
@@ -353,8 +360,10 @@ class Authenticator:
         http: Fetcher | None = None,
         role_override: Callable[[str], str | None] | None = None,
         clock: Callable[[], float] = time.time,
+        minted_keys: MintedKeyLookup | None = None,
     ) -> None:
         self._auth = auth
+        self._minted_keys = minted_keys
         self.required = required
         self._fetch = http or urllib_fetcher()
         self._role_override = role_override
@@ -425,6 +434,21 @@ class Authenticator:
         kid = key_id(token)
         user = self._match_api_key(token)
         if user is not None:
+            return self._principal(user, "api_key", kid, proxy_identity)
+        if self._minted_keys is not None and token.startswith(MINTED_KEY_PREFIX):
+            # read from the store on every request: a revoked key is refused at once in every
+            # process sharing it (no process may remember a key as valid)
+            try:
+                user = await self._minted_keys(hashlib.sha256(token.encode()).hexdigest())
+            except Exception as e:
+                log.warning("API key lookup failed: %s", type(e).__name__)
+                return governance_unavailable("the key store cannot be read")
+            if user is None:
+                log.info("401: %s key_id=%s: unknown, revoked or expired key", source, kid)
+                return unauthenticated(
+                    f"The credential in {_display(source)} is not accepted: "
+                    "the key is unknown, revoked or expired"
+                )
             return self._principal(user, "api_key", kid, proxy_identity)
         try:
             if source in KEY_SOURCES:

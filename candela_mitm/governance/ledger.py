@@ -13,6 +13,7 @@ from datetime import date, datetime
 from typing import Literal
 
 from candela_mitm.errors import Denial, budget_exceeded
+from candela_mitm.governance.periods import DAILY_UTC, BudgetPeriod
 from candela_mitm.state.ports import (
     FINISHED_RESERVATION_TTL_S,
     US_PER_S,
@@ -22,7 +23,6 @@ from candela_mitm.state.ports import (
     day_of,
     from_us,
     nano_to_usd,
-    next_utc_midnight,
     rfc3339,
     to_us,
     usd_to_nano,
@@ -83,6 +83,7 @@ class Reservation:
     created_at: datetime
     allowance_usd: float  # held from the daily allowance
     grant_holds: Mapping[str, float] = field(default_factory=dict)  # grant id -> USD held
+    tenant_hold_usd: float = 0.0  # held on the tenant's period row
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,9 @@ class BudgetRefusal:
     estimated_cost_usd: float
     resets_at: str
     reserved_usd: float = 0.0
+    scope: Literal["user", "tenant"] = "user"  # whose budget refused
+    period: str = "daily"
+    tenant: str | None = None
 
     def denial(self) -> Denial:
         return budget_exceeded(
@@ -105,6 +109,9 @@ class BudgetRefusal:
             self.remaining_usd,
             self.estimated_cost_usd,
             self.resets_at,
+            scope=self.scope,
+            period=self.period,
+            tenant=self.tenant,
         )
 
 
@@ -156,12 +163,26 @@ class Grant:
 @dataclass(frozen=True)
 class BudgetStatus:
     user_id: str
-    day: str
+    day: str  # the UTC day of the moment asked about
     budget_usd: float
-    spent_usd: float  # today, every source
+    spent_usd: float  # this period, every source
     reserved_usd: float  # held by active reservations (allowance and grants)
     remaining_usd: float  # what a reserve could take now, never below 0
     grants: tuple[Grant, ...]  # unexpired grants with money left
+    resets_at: str
+    period: str = "daily"
+    period_starts_at: str = ""
+
+
+@dataclass(frozen=True)
+class TenantBudgetStatus:
+    tenant: str
+    budget_usd: float | None  # None: no tenant budget (spend is still counted)
+    period: str
+    spent_usd: float
+    reserved_usd: float
+    remaining_usd: float | None
+    period_starts_at: str
     resets_at: str
 
 
@@ -245,8 +266,14 @@ class Ledger:
         *,
         model: str = "",
         provider: str = "",
+        period: BudgetPeriod = DAILY_UTC,
+        tenant_budget_usd: float | None = None,
+        tenant_period: BudgetPeriod = DAILY_UTC,
     ) -> Reservation | BudgetRefusal:
-        """Atomically check the budget and hold `amount_usd`; an amount of 0 always succeeds.
+        """Atomically check the user's budget (`daily_budget_usd` is the amount per `period`)
+        and the tenant's (`tenant_budget_usd` per `tenant_period`; None: none), and hold
+        `amount_usd` on both; an amount of 0 always succeeds. The user's budget is judged
+        first: a refusal names the first scope that cannot hold the amount.
 
         The reservation is also the durable mark that the request may have been forwarded: it is
         taken in one store transaction just before the request leaves, and a request that ends
@@ -255,6 +282,8 @@ class Ledger:
         """
         _check_usd("amount_usd", amount_usd)
         _check_usd("daily_budget_usd", daily_budget_usd)
+        if tenant_budget_usd is not None:
+            _check_usd("tenant_budget_usd", tenant_budget_usd)
         now = now or self.clock()
         now_us = to_us(now)
         day = day_of(now)
@@ -274,8 +303,25 @@ class Ledger:
                 now_us=now_us,
                 model=model,
                 provider=provider,
+                period=period.key(now),
+                tenant_budget=None if tenant_budget_usd is None else usd_to_nano(tenant_budget_usd),
+                tenant_period=tenant_period.key(now) if tenant else "",
             )
         )
+        if not result.ok and result.scope == "tenant" and tenant_budget_usd is not None:
+            free = usd_to_nano(tenant_budget_usd) - result.tenant_spent - result.tenant_reserved
+            return BudgetRefusal(
+                user_id=user,
+                budget_usd=tenant_budget_usd,
+                spent_usd=nano_to_usd(result.tenant_spent),
+                remaining_usd=nano_to_usd(max(0, free)),
+                estimated_cost_usd=amount_usd,
+                resets_at=rfc3339(tenant_period.resets_at(now)),
+                reserved_usd=nano_to_usd(result.tenant_reserved),
+                scope="tenant",
+                period=tenant_period.kind,
+                tenant=tenant,
+            )
         if not result.ok:
             spendable = (
                 budget - (result.spent - result.from_grants) - result.reserved + result.grants_free
@@ -286,8 +332,10 @@ class Ledger:
                 spent_usd=nano_to_usd(result.spent),
                 remaining_usd=nano_to_usd(max(0, spendable)),
                 estimated_cost_usd=amount_usd,
-                resets_at=rfc3339(next_utc_midnight(now)),
+                resets_at=rfc3339(period.resets_at(now)),
                 reserved_usd=nano_to_usd(result.reserved),
+                period=period.kind,
+                tenant=tenant,
             )
         return Reservation(
             id=reservation_id,
@@ -300,6 +348,7 @@ class Ledger:
             created_at=from_us(now_us),
             allowance_usd=nano_to_usd(result.daily_hold),
             grant_holds={g: nano_to_usd(v) for g, v in result.grant_holds.items()},
+            tenant_hold_usd=nano_to_usd(result.tenant_hold),
         )
 
     def settle(
@@ -476,15 +525,22 @@ class Ledger:
 
     # -- queries -------------------------------------------------------------------------------
     def spent_today(self, user: str, now: datetime | None = None) -> float:
-        return nano_to_usd(self.store.day_totals(user, day_of(now or self.clock())).spent)
+        """Spend on the UTC day of `now`, whatever the user's budget period."""
+        day = day_of(now or self.clock())
+        return nano_to_usd(sum(r.cost for r in self.store.spend_rows(day, day, user)))
 
     def status(
-        self, user: str, daily_budget_usd: float, now: datetime | None = None
+        self,
+        user: str,
+        daily_budget_usd: float,
+        now: datetime | None = None,
+        period: BudgetPeriod = DAILY_UTC,
     ) -> BudgetStatus:
+        """The user's budget in the period holding `now` (`daily_budget_usd` per period)."""
         now = now or self.clock()
         now_us = to_us(now)
         day = day_of(now)
-        totals = self.store.day_totals(user, day)
+        totals = self.store.day_totals(user, period.key(now))
         rows = [r for r in self.store.grants(user) if r.expires_us > now_us]
         budget = usd_to_nano(daily_budget_usd)
         spendable = (
@@ -501,7 +557,34 @@ class Ledger:
             reserved_usd=nano_to_usd(totals.reserved + sum(r.held for r in rows)),
             remaining_usd=nano_to_usd(max(0, spendable)),
             grants=tuple(self._grant(r, now_us) for r in rows if r.amount > r.used),
-            resets_at=rfc3339(next_utc_midnight(now)),
+            resets_at=rfc3339(period.resets_at(now)),
+            period=period.kind,
+            period_starts_at=rfc3339(period.starts_at(now)),
+        )
+
+    def tenant_status(
+        self,
+        tenant: str,
+        budget_usd: float | None,
+        period: BudgetPeriod = DAILY_UTC,
+        now: datetime | None = None,
+    ) -> TenantBudgetStatus:
+        """A tenant's budget in the period holding `now`."""
+        now = now or self.clock()
+        totals = self.store.tenant_totals(tenant, period.key(now))
+        remaining = None
+        if budget_usd is not None:
+            free = usd_to_nano(budget_usd) - totals.spent - totals.reserved
+            remaining = nano_to_usd(max(0, free))
+        return TenantBudgetStatus(
+            tenant=tenant,
+            budget_usd=budget_usd,
+            period=period.kind,
+            spent_usd=nano_to_usd(totals.spent),
+            reserved_usd=nano_to_usd(totals.reserved),
+            remaining_usd=remaining,
+            period_starts_at=rfc3339(period.starts_at(now)),
+            resets_at=rfc3339(period.resets_at(now)),
         )
 
     def usage(

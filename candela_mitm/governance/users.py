@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from candela_mitm.config import Config
 from candela_mitm.errors import Denial, user_not_enrolled
+from candela_mitm.governance.periods import DAILY_UTC, BudgetPeriod
+from candela_mitm.governance.ratelimit import TokenLimits
 from candela_mitm.state import StateStore, UserRecord
+from candela_mitm.state.ports import LIMIT_FIELDS
 
 Role = Literal["admin", "developer"]
 
@@ -26,6 +30,27 @@ class UserSettings:
     requests_per_minute: int
     source: Literal["store", "config", "default"]
     deleted: bool = False
+    budget_period: BudgetPeriod = DAILY_UTC  # what daily_budget_usd is per
+    # None: no limit (state/ports.py LIMIT_FIELDS)
+    max_concurrent_requests: int | None = None
+    input_tokens_per_minute: int | None = None
+    output_tokens_per_minute: int | None = None
+    total_tokens_per_minute: int | None = None
+
+    @property
+    def token_limits(self) -> TokenLimits:
+        return TokenLimits(
+            self.input_tokens_per_minute, self.output_tokens_per_minute, self.total_tokens_per_minute
+        )
+
+
+@dataclass(frozen=True)
+class TenantSettings:
+    tenant_id: str
+    budget_usd: float | None  # None: the tenant has no budget of its own
+    period: BudgetPeriod
+    source: Literal["store", "config", "default"]
+    token_limits: TokenLimits = TokenLimits()  # what its users use together, per minute
 
 
 class UserDirectory:
@@ -45,6 +70,7 @@ class UserDirectory:
         self.cache_ttl_s = cache_ttl_s
         self.clock = clock
         self._cache: dict[str, tuple[float, UserSettings]] = {}
+        self._tenant_cache: dict[str, tuple[float, TenantSettings]] = {}
         self._lock = threading.Lock()
         self._generation = 0  # bumped by forget(): a read begun before it is not cached
 
@@ -56,8 +82,22 @@ class UserDirectory:
 
     def settings(self, user: str) -> UserSettings:
         """Blocking (a store read): call from a worker thread."""
-        g = self.config.governance
         rec = self.store.get_user(user, include_deleted=True)
+        s = self._settings(user, rec)
+        limits: dict[str, Any] = {}
+        cfg = self.config.users.get(user)
+        defaults = self.config.governance.rate_limits
+        for name in LIMIT_FIELDS:
+            value = getattr(rec, name) if rec is not None else None
+            if value is None and cfg is not None:
+                value = getattr(cfg, name)
+            if value is None:
+                value = getattr(defaults, "default_" + name)
+            limits[name] = value
+        return dataclasses.replace(s, **limits)
+
+    def _settings(self, user: str, rec: UserRecord | None) -> UserSettings:
+        g = self.config.governance
         cfg = self.config.users.get(user)
         if rec is not None:
             return UserSettings(
@@ -78,6 +118,9 @@ class UserDirectory:
                 ),
                 source="store",
                 deleted=rec.deleted,
+                budget_period=self.period(
+                    rec.budget_period or (cfg.budget_period if cfg else None)
+                ),
             )
         if cfg is not None:
             return UserSettings(
@@ -93,6 +136,7 @@ class UserDirectory:
                     else g.rate_limits.default_requests_per_minute
                 ),
                 source="config",
+                budget_period=self.period(cfg.budget_period),
             )
         return UserSettings(
             user_id=user,
@@ -101,6 +145,7 @@ class UserDirectory:
             daily_budget_usd=g.budgets.default_daily_usd,
             requests_per_minute=g.rate_limits.default_requests_per_minute,
             source="default",
+            budget_period=self.period(),
         )
 
     def recent(self, user: str) -> UserSettings | None:
@@ -131,6 +176,53 @@ class UserDirectory:
         with self._lock:
             self._generation += 1
             self._cache.clear()
+            self._tenant_cache.clear()
+
+    def period(self, kind: str | None = None) -> BudgetPeriod:
+        """A budget period of `kind` (None: the configured default) in the configured zone."""
+        b = self.config.governance.budgets
+        return BudgetPeriod(kind or b.period, b.time_zone)  # type: ignore[arg-type]
+
+    def tenant_settings(self, tenant: str) -> TenantSettings:
+        """Blocking (a store read). A stored record (admin API) wins over the config."""
+        rec = self.store.get_tenant(tenant)
+        cfg = self.config.governance.tenants.get(tenant)
+        if rec is not None:
+            kind = rec.budget_period or (cfg.period if cfg else None)
+            limits = TokenLimits(
+                rec.input_tokens_per_minute,
+                rec.output_tokens_per_minute,
+                rec.total_tokens_per_minute,
+            )
+            return TenantSettings(tenant, rec.budget_usd, self.period(kind), "store", limits)
+        if cfg is not None:
+            limits = TokenLimits(
+                cfg.input_tokens_per_minute,
+                cfg.output_tokens_per_minute,
+                cfg.total_tokens_per_minute,
+            )
+            return TenantSettings(
+                tenant, cfg.budget_usd, self.period(cfg.period), "config", limits
+            )
+        return TenantSettings(tenant, None, self.period(), "default")
+
+    def tenant_settings_cached(self, tenant: str) -> TenantSettings:
+        """`tenant_settings`, remembered for cache_ttl_s (as settings_cached)."""
+        now = self.clock()
+        hit = self._tenant_cache.get(tenant)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        generation = self._generation
+        t = self.tenant_settings(tenant)
+        if self.cache_ttl_s > 0:
+            with self._lock:
+                if generation == self._generation:
+                    if len(self._tenant_cache) >= _CACHE_PRUNE_AT:
+                        self._tenant_cache = {
+                            k: h for k, h in self._tenant_cache.items() if h[0] > now
+                        }
+                    self._tenant_cache[tenant] = (now + self.cache_ttl_s, t)
+        return t
 
     def record_of(self, user: str) -> UserRecord | None:
         return self.store.get_user(user, include_deleted=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -64,6 +65,18 @@ def day_of(moment: datetime) -> str:
     return moment.astimezone(UTC).date().isoformat()
 
 
+# A user's limits beside requests_per_minute, by the name config, records and the API share.
+LIMIT_FIELDS = (
+    "max_concurrent_requests",
+    "input_tokens_per_minute",
+    "output_tokens_per_minute",
+    "total_tokens_per_minute",
+)
+
+
+TENANT_LIMIT_FIELDS = LIMIT_FIELDS[1:]  # a tenant has token limits, not a concurrency limit
+
+
 @dataclass(frozen=True)
 class UserRecord:
     """A user as the admin API manages it; None fields fall back to config and defaults."""
@@ -76,6 +89,11 @@ class UserRecord:
     deleted: bool = False
     deleted_at: datetime | None = None
     updated_at: datetime | None = None
+    budget_period: str | None = None  # daily, weekly, monthly; None: config and defaults
+    max_concurrent_requests: int | None = None
+    input_tokens_per_minute: int | None = None
+    output_tokens_per_minute: int | None = None
+    total_tokens_per_minute: int | None = None
 
     def __post_init__(self) -> None:
         # callers hand in lists (JSON, config); the record keeps an immutable, comparable tuple
@@ -91,6 +109,8 @@ class UserRecord:
             "deleted": self.deleted,
             "deleted_at": to_us(self.deleted_at) if self.deleted_at else None,
             "updated_at": to_us(self.updated_at) if self.updated_at else None,
+            "budget_period": self.budget_period,
+            **{name: getattr(self, name) for name in LIMIT_FIELDS},
         }
 
     @classmethod
@@ -108,6 +128,11 @@ class UserRecord:
             deleted=bool(data.get("deleted")),
             deleted_at=None if deleted_at is None else from_us(int(deleted_at)),
             updated_at=None if updated_at is None else from_us(int(updated_at)),
+            budget_period=None if data.get("budget_period") is None else str(data["budget_period"]),
+            **{
+                name: None if data.get(name) is None else int(data[name])
+                for name in LIMIT_FIELDS
+            },
         )
 
 
@@ -128,6 +153,16 @@ class NewReservation:
     # start, after a crash) is recorded under
     model: str = ""
     provider: str = ""
+    # the user's budget row: the period key (governance/periods.py); "" means `day`
+    period: str = ""
+    # the tenant's budget, nano-dollars, for the tenant's period row `tenant_period`; None: the
+    # tenant has no budget (its spend is still counted on that row, when it is named)
+    tenant_budget: int | None = None
+    tenant_period: str = ""
+
+    @property
+    def user_period(self) -> str:
+        return self.period or self.day
 
 
 @dataclass(frozen=True)
@@ -141,6 +176,10 @@ class ReserveResult:
     from_grants: int  # the part of `spent` drawn from grants
     reserved: int  # daily allowance held by other active reservations today
     grants_free: int  # unexpired grant money neither used nor held
+    scope: str = "user"  # which budget refused: "user" or "tenant" (when not ok)
+    tenant_spent: int = 0  # the tenant's period row, when a tenant period was named
+    tenant_reserved: int = 0
+    tenant_hold: int = 0  # held on the tenant's row by this reservation
 
 
 @dataclass(frozen=True)
@@ -156,6 +195,81 @@ class DayTotals:
     spent: int = 0
     from_grants: int = 0
     reserved: int = 0
+
+
+@dataclass(frozen=True)
+class TenantRecord:
+    """A tenant's budget as the admin API set it; None fields fall back to config."""
+
+    tenant_id: str
+    budget_usd: float | None = None
+    budget_period: str | None = None
+    updated_at: datetime | None = None
+    # tokens per minute, TENANT_LIMIT_FIELDS; None: no limit (a record holds them all)
+    input_tokens_per_minute: int | None = None
+    output_tokens_per_minute: int | None = None
+    total_tokens_per_minute: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tenant_id": self.tenant_id,
+            "budget_usd": self.budget_usd,
+            "budget_period": self.budget_period,
+            "updated_at": to_us(self.updated_at) if self.updated_at else None,
+            **{name: getattr(self, name) for name in TENANT_LIMIT_FIELDS},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TenantRecord:
+        budget = data.get("budget_usd")
+        period = data.get("budget_period")
+        updated_at = data.get("updated_at")
+        return cls(
+            tenant_id=str(data["tenant_id"]),
+            budget_usd=None if budget is None else float(budget),
+            budget_period=None if period is None else str(period),
+            updated_at=None if updated_at is None else from_us(int(updated_at)),
+            **{
+                name: None if data.get(name) is None else int(data[name])
+                for name in TENANT_LIMIT_FIELDS
+            },
+        )
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """An API key minted through the admin API: only its SHA-256 is ever stored."""
+
+    key_id: str  # its public name ("k_..."), for listing and revoking
+    sha256: str
+    user_id: str
+    name: str
+    actor: str  # who minted it
+    created_us: int
+    expires_us: int | None = None
+    revoked_us: int | None = None
+
+    def valid_at(self, now_us: int) -> bool:
+        return self.revoked_us is None and (self.expires_us is None or now_us < self.expires_us)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> KeyRecord:
+        def opt(name: str) -> int | None:
+            return None if data.get(name) is None else int(data[name])
+
+        return cls(
+            key_id=str(data["key_id"]),
+            sha256=str(data["sha256"]),
+            user_id=str(data["user_id"]),
+            name=str(data.get("name") or ""),
+            actor=str(data.get("actor") or ""),
+            created_us=int(data["created_us"]),
+            expires_us=opt("expires_us"),
+            revoked_us=opt("revoked_us"),
+        )
 
 
 @dataclass(frozen=True)
@@ -205,6 +319,45 @@ class RateHit:
     oldest_us: int | None  # the oldest request still in the window
 
 
+@dataclass(frozen=True)
+class TokenAdmit:
+    """The outcome of one token-window admission over several keys (all or nothing)."""
+
+    allowed: bool
+    used: Mapping[str, int]  # per key: the window's tokens before this entry
+    refused_key: str | None = None  # the first key that could not hold its amount
+    # when enough of the refused key's window has left for the amount to fit; None: never
+    # (the amount alone exceeds the limit)
+    fits_at_us: int | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One request in flight counted against a concurrency limit."""
+
+    key: str
+    lease_id: str
+    owner: str
+    expires_us: int
+
+
+def token_fits_at(
+    entries: Sequence[tuple[int, int]], limit: int, amount: int, window_us: int
+) -> int | None:
+    """When `amount` fits under `limit` in a window of (ts, amount) entries (oldest first): the
+    moment enough of them have left it; None if it never can (amount > limit).
+
+    Both stores answer a refusal's retry time with this rule (Redis in its script)."""
+    if amount > limit:
+        return None
+    excess = sum(a for _, a in entries) + amount - limit
+    for ts, a in entries:
+        excess -= a
+        if excess <= 0:
+            return ts + window_us
+    return None
+
+
 def plan_holds(
     amount: int, daily_free: int, grants_free: Sequence[tuple[str, int]]
 ) -> tuple[int, dict[str, int]] | None:
@@ -227,6 +380,14 @@ def plan_holds(
             holds[grant_id] = take
             rest -= take
     return daily, holds
+
+
+def tenant_admits(amount: int, budget: int | None, spent: int, reserved: int) -> bool:
+    """Whether a tenant's period row can hold `amount` more (no budget: always; 0: always).
+
+    The Redis reserve script makes the same test; tests/core/state/test_contract.py runs one
+    table through this function and through both stores."""
+    return budget is None or amount <= 0 or budget - spent - reserved >= amount
 
 
 def plan_settle(
@@ -354,7 +515,45 @@ class StateStore(ABC):
         """Every grant of a user, earliest expiry first."""
 
     @abstractmethod
-    def day_totals(self, user_id: str, day: str) -> DayTotals: ...
+    def day_totals(self, user_id: str, day: str) -> DayTotals:
+        """A user's budget row: `day` is the period key (a UTC day for daily UTC budgets)."""
+
+    @abstractmethod
+    def tenant_totals(self, tenant: str, period: str) -> DayTotals:
+        """A tenant's budget row for a period key (from_grants is always 0)."""
+
+    # -- API keys ------------------------------------------------------------------------------
+    @abstractmethod
+    def put_api_key(self, record: KeyRecord) -> None:
+        """Store a new key (its id and digest are new)."""
+
+    @abstractmethod
+    def api_key(self, sha256: str) -> KeyRecord | None:
+        """The key with this digest, revoked or not."""
+
+    @abstractmethod
+    def api_keys(self, user_id: str | None = None) -> list[KeyRecord]:
+        """Every key (of one user), oldest first."""
+
+    @abstractmethod
+    def expire_api_key(self, key_id: str, expires_us: int) -> KeyRecord | None:
+        """Bring a key's expiry forward to `expires_us` (never later than it was); the key as it
+        was before, or None if there is no such key."""
+
+    @abstractmethod
+    def revoke_api_key(self, key_id: str, now_us: int) -> KeyRecord | None:
+        """Mark a key revoked; the key as it was before, or None if there is no such key.
+        A key revoked already keeps its first revocation time."""
+
+    # -- tenants -------------------------------------------------------------------------------
+    @abstractmethod
+    def get_tenant(self, tenant_id: str) -> TenantRecord | None: ...
+
+    @abstractmethod
+    def put_tenant(self, record: TenantRecord) -> None: ...
+
+    @abstractmethod
+    def list_tenants(self) -> list[TenantRecord]: ...
 
     @abstractmethod
     def spend_rows(
@@ -370,6 +569,35 @@ class StateStore(ABC):
     @abstractmethod
     def rate_hit(self, key: str, limit: int, window_us: int, now_us: int) -> RateHit:
         """Sliding log: forget entries at or before now - window, count, add one if under limit."""
+
+    @abstractmethod
+    def token_admit(
+        self, entry_id: str, checks: Sequence[tuple[str, int, int]], window_us: int, now_us: int
+    ) -> TokenAdmit:
+        """Token windows: forget entries at or before now - window; admit only if every
+        (key, limit, amount) fits (window's sum + amount <= limit), then record `entry_id` with
+        its amount under every key. One atomic step: nothing is recorded on a refusal."""
+
+    @abstractmethod
+    def token_correct(self, entry_id: str, amounts: Mapping[str, int]) -> None:
+        """Replace the amounts `entry_id` counts under each key (its real usage); an entry
+        that has left its window is not brought back."""
+
+    # -- concurrency leases --------------------------------------------------------------------
+    @abstractmethod
+    def lease_acquire(
+        self, key: str, lease_id: str, limit: int, owner: str, now_us: int, ttl_us: int
+    ) -> tuple[bool, int]:
+        """Forget expired leases of `key`; take one if fewer than `limit` are held.
+        Returns (taken, leases held after the step)."""
+
+    @abstractmethod
+    def lease_release(self, key: str, lease_id: str) -> bool:
+        """Give a lease back; False if it was not held (already released or expired)."""
+
+    @abstractmethod
+    def leases(self) -> list[Lease]:
+        """Every lease held (for reconcile at start: those of dead processes go)."""
 
     # -- lifecycle -----------------------------------------------------------------------------
     @abstractmethod

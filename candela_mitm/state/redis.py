@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,18 +17,22 @@ from candela_mitm.state.ports import (
     ActiveReservation,
     DayTotals,
     GrantRow,
+    KeyRecord,
+    Lease,
     NewReservation,
     RateHit,
     ReserveResult,
     SettleResult,
     SpendRow,
     StateStore,
+    TenantRecord,
+    TokenAdmit,
     UserRecord,
 )
 
-# Day rows only serve today's arithmetic (history lives in the spend hashes); keep them a little
-# longer than any reservation can stay open.
-DAY_TTL_S = 8 * 24 * 3600
+# Budget period rows only serve the current period's arithmetic (history lives in the spend
+# hashes); keep them a little longer than the longest period (a month) plus any open reservation.
+DAY_TTL_S = 40 * 24 * 3600
 
 _ACTIVE_FIELDS = ("owner", "user_id", "tenant", "day", "amount", "request_id", "model", "provider")
 _SEP = "\x1f"  # between the parts of a spend field: user, tenant, model, provider
@@ -36,7 +40,10 @@ _SEP = "\x1f"  # between the parts of a spend field: user, tenant, model, provid
 # Layout under the prefix P (every key of one deployment shares it):
 #   P user:<id>            hash: record (JSON), deleted (0/1), deleted_at
 #   P users                set of user ids
-#   P day:<user>:<day>     hash: spent, from_grants, reserved (nano-dollars)
+#   P day:<user>:<period>  hash: spent, from_grants, reserved (nano-dollars); period: a UTC day
+#                          or a period key (governance/periods.py)
+#   P tday:<tenant>:<period> hash: spent, reserved (a tenant's budget row)
+#   P tenant:<id>          string: the tenant's record (JSON); P tenants: set of tenant ids
 #   P grants:<user>        zset: grant id scored by expiry (us)
 #   P grant:<id>           hash: user_id, amount, used, held, expires_us, reason, actor, created_us
 #   P res:<id>             hash: the reservation, its holds as gh:<grant id> fields
@@ -44,6 +51,11 @@ _SEP = "\x1f"  # between the parts of a spend field: user, tenant, model, provid
 #   P spend:<day>          hash: c|i|o|n <SEP> user <SEP> tenant <SEP> model <SEP> provider
 #   P spenddays            zset of days (score 0, read by lex range)
 #   P rate:<key>           zset: one member per counted request, scored by its time (us)
+#   P tok:<key>            zset: token entries scored by time; P tokamt:<key> hash: their amounts
+#   P lease:<key>          zset: leases scored by expiry; P leaseown:<key> hash: their owners;
+#   P leasekeys            set of keys with leases
+#   P apikey:<key id>      string: the key's record (JSON, its digest, never the key)
+#   P apikeydigest:<sha256> string: the key id; P apikeys: set of key ids
 # Scripts touch keys they derive from the prefix: fine on one Redis server or a replica set,
 # not on Redis Cluster (keys of one user would have to share a hash slot).
 
@@ -65,14 +77,27 @@ for i, gid in ipairs(ids) do
 end
 local daily_free = budget - (spent - from_grants) - reserved
 if amount > 0 and daily_free + grants_free < amount then
-  return {0, 0, spent, from_grants, reserved, grants_free}
+  return {0, 0, spent, from_grants, reserved, grants_free, 'user', 0, 0, 0}
+end
+-- the tenant's row (ARGV[15] its period key, '' when no tenant is named): as tenant_admits
+local t_spent, t_reserved, t_hold = 0, 0, 0
+if ARGV[15] ~= '' then
+  local t = redis.call('HMGET', KEYS[5], 'spent', 'reserved')
+  t_spent = tonumber(t[1]) or 0
+  t_reserved = tonumber(t[2]) or 0
+  if ARGV[14] ~= '' and amount > 0 and tonumber(ARGV[14]) - t_spent - t_reserved < amount then
+    return {0, 0, spent, from_grants, reserved, grants_free, 'tenant', t_spent, t_reserved, 0}
+  end
+  t_hold = amount
 end
 local daily = math.min(amount, math.max(0, daily_free))
 local rest = amount - daily
-local out = {1, daily, spent, from_grants, reserved, grants_free}
+local out = {1, daily, spent, from_grants, reserved, grants_free, 'user', t_spent, t_reserved,
+  t_hold}
 local fields = {'user_id', ARGV[6], 'tenant', ARGV[7], 'day', ARGV[8], 'amount', ARGV[1],
   'budget', ARGV[2], 'daily_hold', daily, 'request_id', ARGV[9], 'owner', ARGV[10],
-  'created_us', ARGV[3], 'status', 'active', 'model', ARGV[12], 'provider', ARGV[13]}
+  'created_us', ARGV[3], 'status', 'active', 'model', ARGV[12], 'provider', ARGV[13],
+  'period', ARGV[16], 'tenant_period', ARGV[15], 'tenant_hold', t_hold}
 for i, gid in ipairs(ids) do
   if rest <= 0 then break end
   local take = math.min(rest, math.max(0, free[i]))
@@ -88,6 +113,10 @@ end
 if daily > 0 then
   redis.call('HINCRBY', KEYS[1], 'reserved', daily)
   redis.call('EXPIRE', KEYS[1], ARGV[11])
+end
+if t_hold > 0 then
+  redis.call('HINCRBY', KEYS[5], 'reserved', t_hold)
+  redis.call('EXPIRE', KEYS[5], ARGV[11])
 end
 redis.call('HSET', KEYS[3], unpack(fields))
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[5])
@@ -127,7 +156,9 @@ if r.status == 'active' then own_daily = tonumber(r.daily_hold) end
 local P = ARGV[7]
 local cost = tonumber(ARGV[1])
 local now = tonumber(ARGV[6])
-local daykey = P .. 'day:' .. r.user_id .. ':' .. r.day
+local period = r.period
+if period == nil or period == '' then period = r.day end
+local daykey = P .. 'day:' .. r.user_id .. ':' .. period
 local gkey = P .. 'grants:' .. r.user_id
 local d = redis.call('HMGET', daykey, 'spent', 'from_grants', 'reserved')
 local spent = tonumber(d[1]) or 0
@@ -175,6 +206,14 @@ redis.call('HINCRBY', daykey, 'spent', cost)
 if drawn ~= 0 then redis.call('HINCRBY', daykey, 'from_grants', drawn) end
 if own_daily ~= 0 then redis.call('HINCRBY', daykey, 'reserved', -own_daily) end
 redis.call('EXPIRE', daykey, ARGV[9])
+if r.tenant_period ~= nil and r.tenant_period ~= '' then
+  local tkey = P .. 'tday:' .. r.tenant .. ':' .. r.tenant_period
+  redis.call('HINCRBY', tkey, 'spent', cost)
+  if r.status == 'active' and tonumber(r.tenant_hold or '0') ~= 0 then
+    redis.call('HINCRBY', tkey, 'reserved', -tonumber(r.tenant_hold))
+  end
+  redis.call('EXPIRE', tkey, ARGV[9])
+end
 redis.call('HSET', KEYS[1], 'status', 'settled', 'cost', ARGV[1], 'finished_us', ARGV[6])
 redis.call('ZREM', KEYS[2], ARGV[8])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[8])
@@ -196,8 +235,14 @@ local r, own = read_reservation(KEYS[1])
 if r.status ~= 'active' then return 0 end
 local P = ARGV[3]
 local hold = tonumber(r.daily_hold)
+local period = r.period
+if period == nil or period == '' then period = r.day end
 if hold ~= 0 then
-  redis.call('HINCRBY', P .. 'day:' .. r.user_id .. ':' .. r.day, 'reserved', -hold)
+  redis.call('HINCRBY', P .. 'day:' .. r.user_id .. ':' .. period, 'reserved', -hold)
+end
+local t_hold = tonumber(r.tenant_hold or '0')
+if r.tenant_period ~= nil and r.tenant_period ~= '' and t_hold ~= 0 then
+  redis.call('HINCRBY', P .. 'tday:' .. r.tenant .. ':' .. r.tenant_period, 'reserved', -t_hold)
 end
 for gid, h in pairs(own) do
   redis.call('HINCRBY', P .. 'grant:' .. gid, 'held', -h)
@@ -227,6 +272,109 @@ end
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[2]) / 1000) + 1000)
 return {allowed, count, oldest[2] or ''}
+"""
+
+# KEYS: per check, the zset then the amounts hash. ARGV: now, window, entry id, ttl ms, then
+# per check its limit and amount. Returns {1, used...} or {0, used..., refused index, fits_at}
+# (fits_at as token_fits_at: '' when the amount alone exceeds the limit).
+_TOKEN_ADMIT = """
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local n = #KEYS / 2
+local used = {}
+for i = 1, n do
+  local z, h = KEYS[2 * i - 1], KEYS[2 * i]
+  local old = redis.call('ZRANGEBYSCORE', z, '-inf', now - window)
+  for _, id in ipairs(old) do
+    redis.call('ZREM', z, id)
+    redis.call('HDEL', h, id)
+  end
+  local total = 0
+  for _, v in ipairs(redis.call('HVALS', h)) do total = total + tonumber(v) end
+  used[i] = total
+  local limit = tonumber(ARGV[3 + 2 * i])
+  local amount = tonumber(ARGV[4 + 2 * i])
+  if amount > 0 and total + amount > limit then
+    local out = {0}
+    for j = 1, i do table.insert(out, used[j]) end
+    local fits = ''
+    if amount <= limit then
+      local excess = total + amount - limit
+      local ids = redis.call('ZRANGE', z, 0, -1, 'WITHSCORES')
+      for k = 1, #ids, 2 do
+        excess = excess - tonumber(redis.call('HGET', h, ids[k]) or '0')
+        if excess <= 0 then
+          fits = tostring(tonumber(ids[k + 1]) + window)
+          break
+        end
+      end
+    end
+    table.insert(out, i)
+    table.insert(out, fits)
+    return out
+  end
+end
+for i = 1, n do
+  local z, h = KEYS[2 * i - 1], KEYS[2 * i]
+  redis.call('ZADD', z, now, ARGV[3])
+  redis.call('HSET', h, ARGV[3], ARGV[4 + 2 * i])
+  redis.call('PEXPIRE', z, ARGV[4])
+  redis.call('PEXPIRE', h, ARGV[4])
+end
+local out = {1}
+for i = 1, n do table.insert(out, used[i]) end
+return out
+"""
+
+_TOKEN_CORRECT = """
+for i = 1, #KEYS / 2 do
+  if redis.call('ZSCORE', KEYS[2 * i - 1], ARGV[1]) then
+    redis.call('HSET', KEYS[2 * i], ARGV[1], ARGV[1 + i])
+  end
+end
+return 1
+"""
+
+# KEYS: the lease zset, its owners hash, the set of lease keys. ARGV: now, lease id, limit,
+# owner, expiry, the key (for the set)
+_LEASE_ACQUIRE = """
+local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+for _, id in ipairs(old) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+end
+local held = redis.call('ZCARD', KEYS[1])
+if held >= tonumber(ARGV[3]) then return {0, held} end
+redis.call('ZADD', KEYS[1], ARGV[5], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[4])
+redis.call('SADD', KEYS[3], ARGV[6])
+return {1, held + 1}
+"""
+
+_LEASE_RELEASE = """
+local n = redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return n
+"""
+
+# A hash: `record` (the JSON written at minting, never rewritten) and `revoked_us`, set once.
+_REVOKE_KEY = """
+local rec = redis.call('HGET', KEYS[1], 'record')
+if not rec then return false end
+local before = redis.call('HGET', KEYS[1], 'revoked_us') or ''
+redis.call('HSETNX', KEYS[1], 'revoked_us', ARGV[1])
+return {rec, before}
+"""
+
+# `expires_us` beside `record` overrides the record's own expiry, only ever earlier
+_EXPIRE_KEY = """
+local rec = redis.call('HGET', KEYS[1], 'record')
+if not rec then return false end
+local before = redis.call('HGET', KEYS[1], 'expires_us') or ''
+local at = tonumber(ARGV[1])
+local current = tonumber(before) or tonumber(ARGV[2])
+if current == nil or at < current then redis.call('HSET', KEYS[1], 'expires_us', ARGV[1]) end
+return {rec, redis.call('HGET', KEYS[1], 'revoked_us') or '', before}
 """
 
 _PURGE = """
@@ -272,6 +420,12 @@ class RedisStateStore(StateStore):
             self._delete_user = self._r.register_script(_DELETE_USER)
             self._rate_hit = self._r.register_script(_RATE_HIT)
             self._purge = self._r.register_script(_PURGE)
+            self._token_admit = self._r.register_script(_TOKEN_ADMIT)
+            self._revoke_key = self._r.register_script(_REVOKE_KEY)
+            self._expire_key = self._r.register_script(_EXPIRE_KEY)
+            self._token_correct = self._r.register_script(_TOKEN_CORRECT)
+            self._lease_acquire = self._r.register_script(_LEASE_ACQUIRE)
+            self._lease_release = self._r.register_script(_LEASE_RELEASE)
         except (redis.RedisError, ValueError) as e:
             raise StoreUnavailable(f"Redis state store {self._url_for_errors}: {e}") from e
         self.ping()
@@ -339,13 +493,15 @@ class RedisStateStore(StateStore):
 
     # -- ledger --------------------------------------------------------------------------------
     def reserve(self, new: NewReservation) -> ReserveResult:
+        tenant_period = new.tenant_period if new.tenant else ""
         with self._guard():
             out = self._reserve(
                 keys=[
-                    self._k("day", new.user_id, new.day),
+                    self._k("day", new.user_id, new.user_period),
                     self._k("grants", new.user_id),
                     self._k("res", new.reservation_id),
                     self._k("active"),
+                    self._k("tday", new.tenant, tenant_period),
                 ],
                 args=[
                     new.amount,
@@ -361,11 +517,18 @@ class RedisStateStore(StateStore):
                     DAY_TTL_S,
                     new.model,
                     new.provider,
+                    "" if new.tenant_budget is None else new.tenant_budget,
+                    tenant_period,
+                    new.user_period,
                 ],
             )
-        holds = {out[i]: _int(out[i + 1]) for i in range(6, len(out), 2)}
+        holds = {out[i]: _int(out[i + 1]) for i in range(10, len(out), 2)}
         ok, daily, spent, from_grants, reserved, grants_free = (_int(v) for v in out[:6])
-        return ReserveResult(bool(ok), daily, holds, spent, from_grants, reserved, grants_free)
+        t_spent, t_reserved, t_hold = (_int(v) for v in out[7:10])
+        return ReserveResult(
+            bool(ok), daily, holds, spent, from_grants, reserved, grants_free,
+            scope=str(out[6]), tenant_spent=t_spent, tenant_reserved=t_reserved, tenant_hold=t_hold,
+        )
 
     def settle(
         self,
@@ -475,6 +638,30 @@ class RedisStateStore(StateStore):
             )
         return DayTotals(_int(spent or 0), _int(from_grants or 0), _int(reserved or 0))
 
+    def tenant_totals(self, tenant: str, period: str) -> DayTotals:
+        with self._guard():
+            spent, reserved = self._r.hmget(self._k("tday", tenant, period), ["spent", "reserved"])
+        return DayTotals(_int(spent or 0), 0, _int(reserved or 0))
+
+    # -- tenants -------------------------------------------------------------------------------
+    def get_tenant(self, tenant_id: str) -> TenantRecord | None:
+        with self._guard():
+            data = self._r.get(self._k("tenant", tenant_id))
+        return None if data is None else TenantRecord.from_json(json.loads(data))
+
+    def put_tenant(self, record: TenantRecord) -> None:
+        with self._guard():
+            pipe = self._r.pipeline(transaction=True)
+            pipe.set(self._k("tenant", record.tenant_id), json.dumps(record.to_json()))
+            pipe.sadd(self._k("tenants"), record.tenant_id)
+            pipe.execute()
+
+    def list_tenants(self) -> list[TenantRecord]:
+        with self._guard():
+            ids = sorted(self._r.smembers(self._k("tenants")))
+            values = self._r.mget([self._k("tenant", t) for t in ids]) if ids else []
+        return [TenantRecord.from_json(json.loads(v)) for v in values if v is not None]
+
     def spend_rows(
         self,
         since_day: str | None = None,
@@ -527,3 +714,122 @@ class RedisStateStore(StateStore):
                 keys=[self._k("rate", key)], args=[now_us, window_us, limit, member]
             )
         return RateHit(bool(allowed), _int(count), _int(oldest) if oldest else None)
+
+    # -- token windows -------------------------------------------------------------------------
+    def token_admit(
+        self, entry_id: str, checks: Sequence[tuple[str, int, int]], window_us: int, now_us: int
+    ) -> TokenAdmit:
+        keys: list[str] = []
+        args: list[Any] = [now_us, window_us, entry_id, window_us // 1000 + 1000]
+        for key, limit, amount in checks:
+            keys += [self._k("tok", key), self._k("tokamt", key)]
+            args += [limit, amount]
+        with self._guard():
+            out = self._token_admit(keys=keys, args=args)
+        if _int(out[0]):
+            return TokenAdmit(True, {k: _int(u) for (k, _l, _a), u in zip(checks, out[1:], strict=True)})
+        *used, index, fits = out[1:]
+        return TokenAdmit(
+            False,
+            {k: _int(u) for (k, _l, _a), u in zip(checks, used, strict=False)},
+            checks[_int(index) - 1][0],
+            _int(fits) if fits else None,
+        )
+
+    def token_correct(self, entry_id: str, amounts: Mapping[str, int]) -> None:
+        keys: list[str] = []
+        for key in amounts:
+            keys += [self._k("tok", key), self._k("tokamt", key)]
+        with self._guard():
+            self._token_correct(keys=keys, args=[entry_id, *amounts.values()])
+
+    # -- concurrency leases --------------------------------------------------------------------
+    def lease_acquire(
+        self, key: str, lease_id: str, limit: int, owner: str, now_us: int, ttl_us: int
+    ) -> tuple[bool, int]:
+        with self._guard():
+            taken, held = self._lease_acquire(
+                keys=[self._k("lease", key), self._k("leaseown", key), self._k("leasekeys")],
+                args=[now_us, lease_id, limit, owner, now_us + ttl_us, key],
+            )
+        return bool(taken), _int(held)
+
+    def lease_release(self, key: str, lease_id: str) -> bool:
+        with self._guard():
+            return bool(
+                self._lease_release(
+                    keys=[self._k("lease", key), self._k("leaseown", key)], args=[lease_id]
+                )
+            )
+
+    def leases(self) -> list[Lease]:
+        with self._guard():
+            keys = sorted(self._r.smembers(self._k("leasekeys")))
+            pipe = self._r.pipeline(transaction=False)
+            for key in keys:
+                pipe.zrange(self._k("lease", key), 0, -1, withscores=True)
+                pipe.hgetall(self._k("leaseown", key))
+            got = pipe.execute()
+        out: list[Lease] = []
+        for i, key in enumerate(keys):
+            entries, owners = got[2 * i], got[2 * i + 1]
+            for lease_id, score in entries:
+                out.append(Lease(key, lease_id, owners.get(lease_id, ""), _int(score)))
+        return out
+
+    # -- API keys ------------------------------------------------------------------------------
+    @staticmethod
+    def _key_record(
+        record: str | None, revoked: str | None, expires: str | None = None
+    ) -> KeyRecord | None:
+        if record is None:
+            return None
+        data = json.loads(record)
+        data["revoked_us"] = int(revoked) if revoked else None
+        if expires:
+            data["expires_us"] = int(expires)
+        return KeyRecord.from_json(data)
+
+    def put_api_key(self, record: KeyRecord) -> None:
+        with self._guard():
+            pipe = self._r.pipeline(transaction=True)
+            pipe.hset(self._k("apikey", record.key_id), "record", json.dumps(record.to_json()))
+            pipe.set(self._k("apikeydigest", record.sha256), record.key_id)
+            pipe.sadd(self._k("apikeys"), record.key_id)
+            pipe.execute()
+
+    def api_key(self, sha256: str) -> KeyRecord | None:
+        with self._guard():
+            key_id = self._r.get(self._k("apikeydigest", sha256))
+            if not key_id:
+                return None
+            record, revoked, expires = self._r.hmget(
+                self._k("apikey", key_id), ["record", "revoked_us", "expires_us"]
+            )
+        return self._key_record(record, revoked, expires)
+
+    def api_keys(self, user_id: str | None = None) -> list[KeyRecord]:
+        with self._guard():
+            ids = sorted(self._r.smembers(self._k("apikeys")))
+            pipe = self._r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hmget(self._k("apikey", i), ["record", "revoked_us", "expires_us"])
+            rows = pipe.execute()
+        keys = [k for r, v, e in rows if (k := self._key_record(r, v, e)) is not None]
+        keys = [k for k in keys if user_id is None or k.user_id == user_id]
+        return sorted(keys, key=lambda k: (k.created_us, k.key_id))
+
+    def revoke_api_key(self, key_id: str, now_us: int) -> KeyRecord | None:
+        with self._guard():
+            out = self._revoke_key(keys=[self._k("apikey", key_id)], args=[now_us])
+            expires = self._r.hget(self._k("apikey", key_id), "expires_us") if out else None
+        return None if not out else self._key_record(out[0], out[1], expires)
+
+    def expire_api_key(self, key_id: str, expires_us: int) -> KeyRecord | None:
+        with self._guard():
+            record = self._r.hget(self._k("apikey", key_id), "record")
+            own = None if record is None else json.loads(record).get("expires_us")
+            out = self._expire_key(
+                keys=[self._k("apikey", key_id)], args=[expires_us, "" if own is None else own]
+            )
+        return None if not out else self._key_record(out[0], out[1], out[2])

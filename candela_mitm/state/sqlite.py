@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,22 +20,30 @@ from candela_mitm.state.ports import (
     BatchAborted,
     DayTotals,
     GrantRow,
+    KeyRecord,
+    Lease,
     NewReservation,
     RateHit,
     ReserveResult,
     SettleResult,
     SpendRow,
     StateStore,
+    TenantRecord,
+    TokenAdmit,
     UserRecord,
     WouldWait,
     plan_holds,
     plan_settle,
+    tenant_admits,
+    token_fits_at,
 )
 
 # 1: the first; 2: rate_count (a running count per rate_log key: a rate check no longer counts
 # the whole window's log); 3: reservations name their model and provider (a reservation settled
-# at the next start, after its process died, is recorded under them).
-SCHEMA_VERSION = 3
+# at the next start, after its process died, is recorded under them); 4: budget periods and
+# tenant budgets (reservations name their user and tenant period rows; tenants, tenant_periods);
+# 5: token windows (token_log) and concurrency leases (leases); 6: api_keys.
+SCHEMA_VERSION = 6
 
 # Commits made without waiting (on the event loop) between two WAL checkpoints: each commit adds
 # a few pages, SQLite's own default is to checkpoint at 1000.
@@ -88,7 +97,10 @@ _SCHEMA = (
         cost INTEGER,
         finished_us INTEGER,
         model TEXT NOT NULL DEFAULT '',
-        provider TEXT NOT NULL DEFAULT ''
+        provider TEXT NOT NULL DEFAULT '',
+        period TEXT NOT NULL DEFAULT '',
+        tenant_period TEXT NOT NULL DEFAULT '',
+        tenant_hold INTEGER NOT NULL DEFAULT 0
     )""",
     """CREATE INDEX IF NOT EXISTS reservations_active ON reservations (created_us)
         WHERE status = 'active'""",
@@ -105,6 +117,40 @@ _SCHEMA = (
         tokens_out INTEGER NOT NULL,
         requests INTEGER NOT NULL,
         PRIMARY KEY (day, user_id, tenant, model, provider)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS api_keys (
+        key_id TEXT PRIMARY KEY,
+        sha256 TEXT NOT NULL UNIQUE,
+        user_id TEXT NOT NULL,
+        record TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS tenants (
+        tenant_id TEXT PRIMARY KEY,
+        record TEXT NOT NULL
+    )""",
+    # One row per tenant and budget period (as `days` for users): spend and active holds.
+    """CREATE TABLE IF NOT EXISTS tenant_periods (
+        tenant TEXT NOT NULL,
+        period TEXT NOT NULL,
+        spent INTEGER NOT NULL DEFAULT 0,
+        reserved INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (tenant, period)
+    ) WITHOUT ROWID""",
+    # tokens per key in a sliding window: one row per admitted request, corrected at settlement
+    """CREATE TABLE IF NOT EXISTS token_log (
+        key TEXT NOT NULL,
+        entry_id TEXT NOT NULL,
+        ts INTEGER NOT NULL,
+        amount INTEGER NOT NULL,
+        PRIMARY KEY (key, entry_id)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS token_log_by_time ON token_log (key, ts)",
+    """CREATE TABLE IF NOT EXISTS leases (
+        key TEXT NOT NULL,
+        lease_id TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        expires_us INTEGER NOT NULL,
+        PRIMARY KEY (key, lease_id)
     ) WITHOUT ROWID""",
     "CREATE TABLE IF NOT EXISTS rate_log (key TEXT NOT NULL, ts INTEGER NOT NULL)",
     "CREATE INDEX IF NOT EXISTS rate_log_by_key ON rate_log (key, ts)",
@@ -206,13 +252,17 @@ class SqliteStateStore(StateStore):
                 c.execute(
                     "INSERT INTO rate_count (key, n) SELECT key, count(*) FROM rate_log GROUP BY key"
                 )
-            if 0 < version < 3:  # a store made before reservations named their model
+            if 0 < version < 4:  # reservations gain their model (3), then their period rows (4)
                 have = {row[1] for row in c.execute("PRAGMA table_info(reservations)")}
-                for column in ("model", "provider"):
+                for column, kind in (
+                    ("model", "TEXT NOT NULL DEFAULT ''"),
+                    ("provider", "TEXT NOT NULL DEFAULT ''"),
+                    ("period", "TEXT NOT NULL DEFAULT ''"),
+                    ("tenant_period", "TEXT NOT NULL DEFAULT ''"),
+                    ("tenant_hold", "INTEGER NOT NULL DEFAULT 0"),
+                ):
                     if column not in have:
-                        c.execute(
-                            f"ALTER TABLE reservations ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
-                        )
+                        c.execute(f"ALTER TABLE reservations ADD COLUMN {column} {kind}")
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- connections and transactions ----------------------------------------------------------
@@ -493,9 +543,18 @@ class SqliteStateStore(StateStore):
         ).fetchone()
         return (row[0], row[1], row[2]) if row else (0, 0, 0)
 
+    @staticmethod
+    def _tenant_row(c: sqlite3.Connection, tenant: str, period: str) -> tuple[int, int]:
+        row = c.execute(
+            "SELECT spent, reserved FROM tenant_periods WHERE tenant = ? AND period = ?",
+            (tenant, period),
+        ).fetchone()
+        return (row[0], row[1]) if row else (0, 0)
+
     def reserve(self, new: NewReservation) -> ReserveResult:
         with self._tx() as c:
-            spent, from_grants, reserved = self._day_row(c, new.user_id, new.day)
+            period = new.user_period
+            spent, from_grants, reserved = self._day_row(c, new.user_id, period)
             grants = c.execute(
                 "SELECT grant_id, amount - used - held FROM grants "
                 "WHERE user_id = ? AND expires_us > ? ORDER BY expires_us, grant_id",
@@ -506,19 +565,37 @@ class SqliteStateStore(StateStore):
             plan = plan_holds(new.amount, daily_free, grants)
             if plan is None:
                 return ReserveResult(False, 0, {}, spent, from_grants, reserved, grants_free)
+            t_spent = t_reserved = t_hold = 0
+            tracked = bool(new.tenant and new.tenant_period)
+            if tracked:
+                t_spent, t_reserved = self._tenant_row(c, new.tenant, new.tenant_period)
+                if not tenant_admits(new.amount, new.tenant_budget, t_spent, t_reserved):
+                    return ReserveResult(
+                        False, 0, {}, spent, from_grants, reserved, grants_free,
+                        scope="tenant", tenant_spent=t_spent, tenant_reserved=t_reserved,
+                    )
+                t_hold = new.amount
             daily, holds = plan
             if daily:
                 c.execute(
                     "INSERT INTO days (user_id, day, reserved) VALUES (?, ?, ?) "
                     "ON CONFLICT (user_id, day) DO UPDATE SET reserved = reserved + excluded.reserved",
-                    (new.user_id, new.day, daily),
+                    (new.user_id, period, daily),
+                )
+            if t_hold:
+                c.execute(
+                    "INSERT INTO tenant_periods (tenant, period, reserved) VALUES (?, ?, ?) "
+                    "ON CONFLICT (tenant, period) DO UPDATE SET "
+                    "reserved = reserved + excluded.reserved",
+                    (new.tenant, new.tenant_period, t_hold),
                 )
             for grant_id, take in holds.items():
                 c.execute("UPDATE grants SET held = held + ? WHERE grant_id = ?", (take, grant_id))
             c.execute(
                 "INSERT INTO reservations (reservation_id, user_id, tenant, day, amount, budget, "
-                "daily_hold, grant_holds, request_id, owner, created_us, status, model, provider) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, ?)",
+                "daily_hold, grant_holds, request_id, owner, created_us, status, model, provider, "
+                "period, tenant_period, tenant_hold) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?)",
                 (
                     new.reservation_id,
                     new.user_id,
@@ -533,9 +610,15 @@ class SqliteStateStore(StateStore):
                     new.now_us,
                     new.model,
                     new.provider,
+                    period,
+                    new.tenant_period if tracked else "",
+                    t_hold,
                 ),
             )
-            return ReserveResult(True, daily, holds, spent, from_grants, reserved, grants_free)
+            return ReserveResult(
+                True, daily, holds, spent, from_grants, reserved, grants_free,
+                tenant_spent=t_spent, tenant_reserved=t_reserved, tenant_hold=t_hold,
+            )
 
     def settle(
         self,
@@ -551,14 +634,16 @@ class SqliteStateStore(StateStore):
             # the reservation and its day's row, in one statement
             r = c.execute(
                 "SELECT r.user_id, r.tenant, r.day, r.budget, r.daily_hold, r.grant_holds, "
-                "r.status, d.spent, d.from_grants, d.reserved FROM reservations r "
-                "LEFT JOIN days d ON d.user_id = r.user_id AND d.day = r.day "
+                "r.status, d.spent, d.from_grants, d.reserved, r.period, r.tenant_period, "
+                "r.tenant_hold FROM reservations r LEFT JOIN days d ON d.user_id = r.user_id "
+                "AND d.day = (CASE r.period WHEN '' THEN r.day ELSE r.period END) "
                 "WHERE r.reservation_id = ?",
                 (reservation_id,),
             ).fetchone()
             if r is None or r[6] not in ("active", "reclaimed"):
                 return SettleResult(False)
             user_id, tenant, day, budget = r[0], r[1], r[2], r[3]
+            period, tenant_period = r[10] or day, r[11]
             # A reclaimed reservation gave its holds back already; its spend still counts.
             active = r[6] == "active"
             own_daily: int = r[4] if active else 0
@@ -580,8 +665,15 @@ class SqliteStateStore(StateStore):
                 "ON CONFLICT (user_id, day) DO UPDATE SET spent = spent + excluded.spent, "
                 "from_grants = from_grants + excluded.from_grants, "
                 "reserved = reserved + excluded.reserved",
-                (user_id, day, cost, drawn, -own_daily),
+                (user_id, period, cost, drawn, -own_daily),
             )
+            if tenant_period:
+                c.execute(
+                    "INSERT INTO tenant_periods (tenant, period, spent, reserved) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (tenant, period) DO UPDATE SET "
+                    "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
+                    (tenant, tenant_period, cost, -(r[12] if active else 0)),
+                )
             for grant_id in own.keys() | draws.keys():
                 c.execute(
                     "UPDATE grants SET used = used + ?, held = held - ? WHERE grant_id = ?",
@@ -605,7 +697,8 @@ class SqliteStateStore(StateStore):
     def release(self, reservation_id: str, now_us: int, reclaim: bool = False) -> bool:
         with self._tx() as c:
             r = c.execute(
-                "SELECT user_id, day, daily_hold, grant_holds, status FROM reservations "
+                "SELECT user_id, CASE period WHEN '' THEN day ELSE period END, daily_hold, "
+                "grant_holds, status, tenant, tenant_period, tenant_hold FROM reservations "
                 "WHERE reservation_id = ?",
                 (reservation_id,),
             ).fetchone()
@@ -615,6 +708,12 @@ class SqliteStateStore(StateStore):
                 c.execute(
                     "UPDATE days SET reserved = reserved - ? WHERE user_id = ? AND day = ?",
                     (r[2], r[0], r[1]),
+                )
+            if r[6] and r[7]:
+                c.execute(
+                    "UPDATE tenant_periods SET reserved = reserved - ? "
+                    "WHERE tenant = ? AND period = ?",
+                    (r[7], r[5], r[6]),
                 )
             for grant_id, hold in json.loads(r[3]).items():
                 c.execute("UPDATE grants SET held = held - ? WHERE grant_id = ?", (hold, grant_id))
@@ -672,6 +771,32 @@ class SqliteStateStore(StateStore):
         with self._tx(write=False) as c:
             return DayTotals(*self._day_row(c, user_id, day))
 
+    def tenant_totals(self, tenant: str, period: str) -> DayTotals:
+        with self._tx(write=False) as c:
+            spent, reserved = self._tenant_row(c, tenant, period)
+        return DayTotals(spent, 0, reserved)
+
+    # -- tenants -------------------------------------------------------------------------------
+    def get_tenant(self, tenant_id: str) -> TenantRecord | None:
+        with self._tx(write=False) as c:
+            row = c.execute(
+                "SELECT record FROM tenants WHERE tenant_id = ?", (tenant_id,)
+            ).fetchone()
+        return None if row is None else TenantRecord.from_json(json.loads(row[0]))
+
+    def put_tenant(self, record: TenantRecord) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO tenants (tenant_id, record) VALUES (?, ?) "
+                "ON CONFLICT (tenant_id) DO UPDATE SET record = excluded.record",
+                (record.tenant_id, json.dumps(record.to_json())),
+            )
+
+    def list_tenants(self) -> list[TenantRecord]:
+        with self._tx(write=False) as c:
+            rows = c.execute("SELECT record FROM tenants ORDER BY tenant_id").fetchall()
+        return [TenantRecord.from_json(json.loads(r[0])) for r in rows]
+
     def spend_rows(
         self,
         since_day: str | None = None,
@@ -728,3 +853,119 @@ class SqliteStateStore(StateStore):
                     (key, count),
                 )
             return RateHit(allowed, count, oldest)
+
+    # -- token windows -------------------------------------------------------------------------
+    def token_admit(
+        self, entry_id: str, checks: Sequence[tuple[str, int, int]], window_us: int, now_us: int
+    ) -> TokenAdmit:
+        with self._tx() as c:
+            used: dict[str, int] = {}
+            for key, limit, amount in checks:
+                c.execute(
+                    "DELETE FROM token_log WHERE key = ? AND ts <= ?", (key, now_us - window_us)
+                )
+                (total,) = c.execute(
+                    "SELECT coalesce(sum(amount), 0) FROM token_log WHERE key = ?", (key,)
+                ).fetchone()
+                used[key] = total
+                if amount > 0 and total + amount > limit:
+                    entries = c.execute(
+                        "SELECT ts, amount FROM token_log WHERE key = ? ORDER BY ts, entry_id",
+                        (key,),
+                    ).fetchall()
+                    return TokenAdmit(
+                        False, used, key, token_fits_at(entries, limit, amount, window_us)
+                    )
+            for key, _limit, amount in checks:
+                c.execute(
+                    "INSERT OR REPLACE INTO token_log (key, entry_id, ts, amount) "
+                    "VALUES (?, ?, ?, ?)",
+                    (key, entry_id, now_us, amount),
+                )
+            return TokenAdmit(True, used)
+
+    def token_correct(self, entry_id: str, amounts: Mapping[str, int]) -> None:
+        with self._tx() as c:
+            for key, amount in amounts.items():
+                c.execute(
+                    "UPDATE token_log SET amount = ? WHERE key = ? AND entry_id = ?",
+                    (amount, key, entry_id),
+                )
+
+    # -- concurrency leases --------------------------------------------------------------------
+    def lease_acquire(
+        self, key: str, lease_id: str, limit: int, owner: str, now_us: int, ttl_us: int
+    ) -> tuple[bool, int]:
+        with self._tx() as c:
+            c.execute("DELETE FROM leases WHERE key = ? AND expires_us <= ?", (key, now_us))
+            (held,) = c.execute("SELECT count(*) FROM leases WHERE key = ?", (key,)).fetchone()
+            if held >= limit:
+                return False, held
+            c.execute(
+                "INSERT INTO leases (key, lease_id, owner, expires_us) VALUES (?, ?, ?, ?)",
+                (key, lease_id, owner, now_us + ttl_us),
+            )
+            return True, held + 1
+
+    def lease_release(self, key: str, lease_id: str) -> bool:
+        with self._tx() as c:
+            cur = c.execute("DELETE FROM leases WHERE key = ? AND lease_id = ?", (key, lease_id))
+            return cur.rowcount > 0
+
+    def leases(self) -> list[Lease]:
+        with self._tx(write=False) as c:
+            rows = c.execute(
+                "SELECT key, lease_id, owner, expires_us FROM leases ORDER BY key, lease_id"
+            ).fetchall()
+        return [Lease(*r) for r in rows]
+
+    # -- API keys ------------------------------------------------------------------------------
+    def put_api_key(self, record: KeyRecord) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO api_keys (key_id, sha256, user_id, record) VALUES (?, ?, ?, ?)",
+                (record.key_id, record.sha256, record.user_id, json.dumps(record.to_json())),
+            )
+
+    def api_key(self, sha256: str) -> KeyRecord | None:
+        with self._tx(write=False) as c:
+            row = c.execute("SELECT record FROM api_keys WHERE sha256 = ?", (sha256,)).fetchone()
+        return None if row is None else KeyRecord.from_json(json.loads(row[0]))
+
+    def api_keys(self, user_id: str | None = None) -> list[KeyRecord]:
+        query = "SELECT record FROM api_keys"
+        args: tuple[str, ...] = ()
+        if user_id is not None:
+            query, args = query + " WHERE user_id = ?", (user_id,)
+        with self._tx(write=False) as c:
+            rows = c.execute(query, args).fetchall()
+        keys = [KeyRecord.from_json(json.loads(r[0])) for r in rows]
+        return sorted(keys, key=lambda k: (k.created_us, k.key_id))
+
+    def expire_api_key(self, key_id: str, expires_us: int) -> KeyRecord | None:
+        with self._tx() as c:
+            row = c.execute("SELECT record FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+            if row is None:
+                return None
+            before = KeyRecord.from_json(json.loads(row[0]))
+            if before.expires_us is None or expires_us < before.expires_us:
+                after = dataclasses.replace(before, expires_us=expires_us)
+                c.execute(
+                    "UPDATE api_keys SET record = ? WHERE key_id = ?",
+                    (json.dumps(after.to_json()), key_id),
+                )
+            return before
+
+    def revoke_api_key(self, key_id: str, now_us: int) -> KeyRecord | None:
+        with self._tx() as c:
+            row = c.execute("SELECT record FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+            if row is None:
+                return None
+            before = KeyRecord.from_json(json.loads(row[0]))
+            if before.revoked_us is None:
+                after = dataclasses.replace(before, revoked_us=now_us)
+                c.execute(
+                    "UPDATE api_keys SET record = ? WHERE key_id = ?",
+                    (json.dumps(after.to_json()), key_id),
+                )
+            return before

@@ -50,14 +50,17 @@ HOOK_ORDER: dict[str, list[str]] = {
         "LocalApi",
         "Upstream",
     ],
-    # response headers: the upstream timeout is cancelled before the stream is set up
-    # Telemetry wraps the stream Accounting set up, to read the model a stream names
-    "responseheaders": ["Upstream", "Accounting", "Telemetry"],
-    # the response: AuditStart queues the audit entry first, Audit waits for its commit last
-    # (Telemetry exports the span Spans made, before Audit waits for the entry's commit)
+    # response headers: RateLimit's IETF headers join the answer before it can stream; the
+    # upstream timeout is cancelled before the stream is set up; Telemetry wraps the stream
+    # Accounting set up, to read the model a stream names
+    "responseheaders": ["RateLimit", "Upstream", "Accounting", "Telemetry"],
+    # the response: AuditStart queues the audit entry first, Audit waits for its commit last;
+    # RateLimit gives back the lease and corrects the token windows before Budget settles;
+    # Telemetry exports the span Spans made, before Audit waits for the entry's commit
     "response": [
         "AuditStart",
         "Metrics",
+        "RateLimit",
         "Budget",
         "LocalUi",
         "Accounting",
@@ -65,8 +68,18 @@ HOOK_ORDER: dict[str, list[str]] = {
         "Telemetry",
         "Audit",
     ],
-    # a failed flow: the reservation is released before the entry that records the failure
-    "error": ["Metrics", "Budget", "Upstream", "Accounting", "Spans", "Telemetry", "Audit"],
+    # a failed flow: the lease and the reservation are released before the entry that records
+    # the failure
+    "error": [
+        "Metrics",
+        "RateLimit",
+        "Budget",
+        "Upstream",
+        "Accounting",
+        "Spans",
+        "Telemetry",
+        "Audit",
+    ],
     "done": ["LocalUi", "Upstream", "Telemetry"],
 }
 

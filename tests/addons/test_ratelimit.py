@@ -129,3 +129,114 @@ def test_a_local_model_is_limited_but_reserves_nothing(tctx, runtime):
     flows = asyncio.run(send(rt, [chat("llama3.2", "/proxy/ollama/api/chat") for _ in range(2)]))
     assert statuses(flows) == [None, 429]
     assert ctx_of(flows[0]).reservation is None and ctx_of(flows[0]).reserve_result is None
+
+
+# -- concurrency, tokens per minute, IETF headers -------------------------------------------------
+
+
+def limits_config(**user_limits):
+    cfg = config(rpm=100)
+    cfg["users"][USER].update(user_limits)
+    return cfg
+
+
+def big_chat(max_tokens):
+    body = {"model": "gpt-4o-mini", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]}
+    return make_flow("/proxy/openai/v1/chat/completions", body, headers=ALICE)
+
+
+async def end(rt, flows):
+    """The requests end (a response each, as Candela's own answer would be)."""
+    from mitmproxy import http
+
+    for f in flows:
+        if f.response is None:
+            f.response = http.Response.make(200, b"{}", {"content-type": "application/json"})
+        await run_hooks([RateLimit(rt)], f, "response")
+
+
+def test_concurrency_limit_counts_requests_in_flight(tctx, runtime):
+    rt = runtime(limits_config(max_concurrent_requests=2))
+    flows = asyncio.run(send(rt, [chat() for _ in range(3)]))
+    assert statuses(flows) == [None, None, 429]
+    body = flows[2].response.json()
+    assert (body["limit_kind"], body["limit"], body["retry_after_s"]) == ("concurrency", 2, 1)
+    assert flows[2].response.headers["Retry-After"] == "1"
+    assert 'concurrency";q=2' in flows[2].response.headers["RateLimit-Policy"]
+    assert len(rt.store.leases()) == 2
+    asyncio.run(end(rt, flows[:1]))  # one ends: its place is free at once
+    assert len(rt.store.leases()) == 1
+    [again] = asyncio.run(send(rt, [chat()]))
+    assert again.response is None
+    asyncio.run(end(rt, [flows[1], again]))
+    assert rt.store.leases() == []
+
+
+def test_token_limit_refuses_an_estimate_that_does_not_fit(tctx, runtime):
+    rt = runtime(limits_config(output_tokens_per_minute=1000))
+    flows = asyncio.run(send(rt, [big_chat(600), big_chat(600), big_chat(400)]))
+    assert statuses(flows) == [None, 429, None]
+    body = flows[1].response.json()
+    assert body["error"] == "rate_limited" and body["limit_kind"] == "output_tokens"
+    assert body["limit"] == 1000 and 1 <= body["retry_after_s"] <= 60
+    assert flows[1].response.headers["Retry-After"] == str(body["retry_after_s"])
+    # what the window held: the admitted estimates, nothing of the refused one
+    assert ctx_of(flows[0]).admission.estimated == {"output_tokens": 600}
+
+
+def test_an_estimate_above_the_limit_waits_a_whole_window(tctx, runtime):
+    rt = runtime(limits_config(total_tokens_per_minute=100))
+    [f] = asyncio.run(send(rt, [big_chat(500)]))
+    body = f.response.json()
+    assert (body["limit_kind"], body["retry_after_s"]) == ("total_tokens", 60)
+
+
+def test_settlement_corrects_the_estimate_to_the_usage(tctx, runtime):
+    rt = runtime(limits_config(output_tokens_per_minute=1000))
+    [first] = asyncio.run(send(rt, [big_chat(900)]))
+    assert first.response is None
+    c = ctx_of(first)
+    # the request used 20 output tokens, not 900: its entry is corrected at the end
+    rt.limiter.finish(c.admission, (10, 20))
+    c.admission = None
+    [second] = asyncio.run(send(rt, [big_chat(900)]))
+    assert second.response is None
+    # a request that ends with nothing read (never forwarded) gives its whole estimate back
+    asyncio.run(end(rt, [second]))
+    [third] = asyncio.run(send(rt, [big_chat(980)]))
+    assert third.response is None
+
+
+def test_token_refusal_gives_the_concurrency_lease_back(tctx, runtime):
+    rt = runtime(limits_config(max_concurrent_requests=5, input_tokens_per_minute=1))
+    [f] = asyncio.run(send(rt, [chat()]))
+    assert f.response.json()["limit_kind"] == "input_tokens"
+    assert rt.store.leases() == []
+
+
+def test_ratelimit_headers_on_admitted_and_denied_answers(tctx, runtime):
+    rt = runtime(limits_config(requests_per_minute=3, max_concurrent_requests=4,
+                               total_tokens_per_minute=10_000, daily_budget_usd=0.0))
+    flows = asyncio.run(send(rt, [chat() for _ in range(4)], with_budget=True))
+    assert statuses(flows) == [402, 402, 402, 429]  # budget 0: each admitted one is a 402
+    asyncio.run(end(rt, flows))
+    first = flows[0].response.headers
+    assert first["RateLimit-Policy"] == (
+        '"requests";q=3;w=60, "concurrency";q=4, "total_tokens";q=10000;w=60'
+    )
+    assert first["RateLimit"].startswith('"requests";r=2;t=60, "concurrency";r=3, "total_tokens";r=')
+    assert flows[2].response.headers["RateLimit"].startswith('"requests";r=0;t=60')
+    limited = flows[3].response.headers
+    assert limited["RateLimit-Policy"] == '"requests";q=3;w=60'
+    assert limited["RateLimit"] == '"requests";r=0;t=60'
+
+
+def test_tenant_token_limit_refuses_with_scope_tenant(tctx, runtime):
+    cfg = limits_config()
+    cfg["governance"] = {"tenants": {"research-team": {"output_tokens_per_minute": 500}}}
+    rt = runtime(cfg)
+    flows = asyncio.run(send(rt, [big_chat(400), big_chat(400)]))
+    assert statuses(flows) == [None, 429]
+    body = flows[1].response.json()
+    assert (body["limit_kind"], body["scope"], body["limit"]) == ("output_tokens", "tenant", 500)
+    assert '"tenant_output_tokens";q=500;w=60' in flows[1].response.headers["RateLimit-Policy"]

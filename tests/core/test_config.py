@@ -45,6 +45,19 @@ def test_empty_file_is_valid(tmp_path):
         ("auth: {api_keys: [{sha256: nothex, user: a}]}\n", "auth.api_keys.0.sha256", "pattern"),
         ("state: {backend: redis}\n", "state", "redis_url"),
         ("interception: {hosts: {api.x.com: nowhere}}\n", "interception.hosts", "nowhere"),
+        (
+            "governance: {budgets: {time_zone: Mars/Olympus}}\n",
+            "governance.budgets.time_zone",
+            "unknown time zone",
+        ),
+        ("governance: {budgets: {period: yearly}}\n", "governance.budgets.period", "daily"),
+        (
+            "governance: {tenants: {t: {budget_usd: -1}}}\n",
+            "governance.tenants.t.budget_usd",
+            "greater than or equal",
+        ),
+        ("governance: {tenants: {t: {period: hourly}}}\n", "governance.tenants.t.period", "monthly"),
+        ("users: {bob: {budget_period: fortnightly}}\n", "users.bob.budget_period", "weekly"),
     ],
 )
 def test_bad_key_names_file_path_and_reason(tmp_path, yaml_text, key_path, reason):

@@ -55,11 +55,13 @@ def gov(tmp_path_factory, upstream, token_server):
     cfg = base_config(
         upstream.url,
         users={
-            "alice@example.com": {"tenants": ["research-team", "other-team"], "requests_per_minute": 1000},
+            "alice@example.com": {"tenants": ["research-team", "other-team", "frugal-team"],
+                                  "requests_per_minute": 1000},
             "bob@example.com": {"tenants": ["contractor-pool"], "requests_per_minute": 3, "daily_budget_usd": 0.01},
         },
         governance={
             "budgets": {"default_daily_usd": 1000.0, "default_max_output_tokens": 4096},
+            "tenants": {"frugal-team": {"budget_usd": 0.001, "period": "monthly"}},
             "models": {
                 "mode": "allowlist",
                 "allowed": ["gpt-4o-mini", "gemini-2.5-flash", "llama3.2:3b", "mystery-unpriced"],
@@ -201,6 +203,22 @@ def test_budget_gate_402_before_the_provider(gov, upstream):
     assert upstream.requests == []
 
 
+def test_tenant_budget_402_names_the_tenant_scope(gov, upstream):
+    # alice has 1000 USD a day, her tenant frugal-team 0.001 a month: the tenant refuses
+    r = post(gov, CHAT, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+             headers={**ALICE, "X-Candela-Tenant-Id": "frugal-team"})
+    assert r.status_code == 402
+    b = r.json()
+    assert b["error"] == "budget_exceeded" and b["scope"] == "tenant" and b["period"] == "monthly"
+    assert b["tenant_id"] == "frugal-team" and b["user_id"] == "alice@example.com"
+    assert b["budget_usd"] == 0.001 and b["resets_at"].endswith("-01T00:00:00Z")
+    assert upstream.requests == []
+    # the same request for her other tenant passes: only frugal-team's budget is short
+    r = post(gov, CHAT, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+             headers={**ALICE, "X-Candela-Tenant-Id": "research-team"})
+    assert r.status_code == 200 and len(upstream.requests) == 1
+
+
 def test_unknown_price_402_and_local_models_never_budget_blocked(gov, upstream):
     r = post(gov, "/proxy/openai/v1/chat/completions", {"model": "mystery-unpriced", "messages": []})
     assert r.status_code == 402 and r.json()["error"] == "model_price_unknown"
@@ -251,13 +269,20 @@ def _fire(url: str, n: int, barrier, results) -> None:
     [t.join() for t in ts]
 
 
-def test_budget_exact_across_two_processes_sharing_sqlite(tmp_path, upstream, token_server):
+@pytest.mark.parametrize("scope", ["user", "tenant"])
+def test_budget_exact_across_two_processes_sharing_sqlite(tmp_path, upstream, token_server, scope):
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 30}], "max_tokens": 1000}
     price = PricingTable.from_config(parse_config({})).get("gpt-4o")
     est = estimate_cost(body, 1000, 4096, price)
     n_fit = 7
-    cfg = base_config(upstream.url, users={"alice@example.com": {"tenants": ["t"], "daily_budget_usd": est * n_fit + est / 2,
-                                                                 "requests_per_minute": 1000}})
+    limit = est * n_fit + est / 2
+    if scope == "user":
+        cfg = base_config(upstream.url, users={"alice@example.com": {"tenants": ["t"], "daily_budget_usd": limit,
+                                                                     "requests_per_minute": 1000}})
+    else:  # the user could afford all 20: the tenant's weekly budget binds
+        cfg = base_config(upstream.url, users={"alice@example.com": {"tenants": ["t"], "daily_budget_usd": 1000.0,
+                                                                     "requests_per_minute": 1000}},
+                          governance={"tenants": {"t": {"budget_usd": limit, "period": "weekly"}}})
     upstream.configure(latency_s=1.0, usage=Usage(input_tokens=10, output_tokens=10))
     env = candela_env(token_server, tmp_path)
     with CandelaProcess(tmp_path, cfg, env=env) as a, CandelaProcess(tmp_path, cfg, env=env) as b:
@@ -343,3 +368,45 @@ def test_sdk_clients_get_402_403_429_as_errors(gov, upstream):
     assert out[0] == {"status": 403, "error": "model_not_allowed"}
     assert out[1]["status"] in (402, 429)
     assert upstream.requests == []
+
+
+def test_concurrency_and_token_limits_with_ratelimit_headers(tmp_path, upstream, token_server):
+    cfg = base_config(upstream.url, users={"alice@example.com": {
+        "tenants": ["t"], "requests_per_minute": 1000, "max_concurrent_requests": 2,
+        "output_tokens_per_minute": 5000}})
+    upstream.configure(latency_s=1.0, usage=Usage(input_tokens=10, output_tokens=10))
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}
+    with CandelaProcess(tmp_path, cfg, env=candela_env(token_server, tmp_path)) as c:
+        barrier = threading.Barrier(5)
+        answers: list[requests.Response] = []
+
+        def one():
+            barrier.wait()
+            answers.append(post(c, CHAT, body))
+
+        ts = [threading.Thread(target=one) for _ in range(5)]
+        [t.start() for t in ts]
+        [t.join(30) for t in ts]
+        codes = sorted(r.status_code for r in answers)
+        assert codes == [200, 200, 429, 429, 429]
+        assert len(upstream.requests) == 2  # the refused never reached the provider
+        for r in answers:
+            assert r.headers["RateLimit-Policy"] == (
+                '"requests";q=1000;w=60, "concurrency";q=2, "output_tokens";q=5000;w=60'
+            ) or r.status_code == 429
+            if r.status_code == 429:
+                assert r.json()["limit_kind"] == "concurrency" and r.headers["Retry-After"] == "1"
+                assert r.headers["RateLimit-Policy"] == '"requests";q=1000;w=60, "concurrency";q=2'
+            else:
+                assert r.headers["RateLimit"].startswith('"requests";r=')
+        # every place is free again once they ended, and each used 10 output tokens, not its
+        # estimate of 1000: four more of 2000 fit in the 5000 a minute
+        upstream.configure(latency_s=0.0, usage=Usage(input_tokens=10, output_tokens=10))
+        for _ in range(4):
+            r = post(c, CHAT, {**body, "max_tokens": 2000})
+            assert r.status_code == 200, r.text
+        upstream.clear()
+        r = post(c, CHAT, {**body, "max_tokens": 6000})  # more than a minute's allowance
+        assert r.status_code == 429 and r.json()["limit_kind"] == "output_tokens"
+        assert r.json()["retry_after_s"] == 60 and r.headers["Retry-After"] == "60"
+        assert upstream.requests == []

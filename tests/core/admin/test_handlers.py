@@ -145,6 +145,13 @@ RBAC = [
     ("GET", f"/admin/v1/usage?user={q(ALICE)}", None, 200, 200),
     ("GET", f"/admin/v1/usage?user={q(BOB)}", None, 200, 403),
     ("GET", "/admin/v1/leaderboard?by=user", None, 200, 403),
+    ("GET", "/admin/v1/tenants", None, 200, 403),
+    ("POST", "/admin/v1/keys", {"user_id": BOB}, 201, 403),
+    ("GET", "/admin/v1/keys", None, 200, 200),
+    ("GET", f"/admin/v1/keys?user={q(BOB)}", None, 200, 403),
+    ("DELETE", "/admin/v1/keys/k_missing", None, 404, 404),
+    ("POST", "/admin/v1/keys/k_missing/rotate", {}, 404, 404),
+    ("PUT", "/admin/v1/tenants/research-team", {"budget_usd": 5}, 201, 403),
     ("GET", "/admin/v1/audit", None, 200, 403),
     ("GET", "/admin/v1/openapi.json", None, 200, 200),
 ]
@@ -159,7 +166,8 @@ def test_rbac(rt, method, path, body, admin_status, dev_status):
     assert admin_actions(rt) == []  # a refused caller changes nothing
     assert rt.store.list_users(include_deleted=True) == []
     assert call(rt, method, path, body).status == admin_status
-    assert len(admin_actions(rt)) == (1 if method in ("PUT", "POST", "DELETE") else 0)
+    changes = method in ("PUT", "POST", "DELETE") and admin_status < 400
+    assert len(admin_actions(rt)) == (1 if changes else 0)
 
 
 def test_every_route_is_in_the_rbac_table():
@@ -217,8 +225,15 @@ ALICE_CONFIG = {
     "role": "developer",
     "tenants": ["research-team"],
     "daily_budget_usd": 20.0,
+    "budget_period": "daily",
     "requests_per_minute": 120,
+    "max_concurrent_requests": None,
+    "input_tokens_per_minute": None,
+    "output_tokens_per_minute": None,
+    "total_tokens_per_minute": None,
 }
+LIMITS = ("max_concurrent_requests", "input_tokens_per_minute", "output_tokens_per_minute",
+          "total_tokens_per_minute")
 
 
 @pytest.mark.parametrize(
@@ -234,6 +249,10 @@ ALICE_CONFIG = {
         {"tenants": ["a", "b"]},
         {"role": "admin"},
         {"role": "developer", "daily_budget_usd": 1.5, "requests_per_minute": 7},
+        {"budget_period": "monthly"},
+        {"budget_period": "weekly", "daily_budget_usd": 70},
+        {"max_concurrent_requests": 2, "total_tokens_per_minute": 5000},
+        {"input_tokens_per_minute": 0, "output_tokens_per_minute": 10},
     ],
 )
 def test_partial_put_changes_only_what_it_names(rt, body):
@@ -243,9 +262,10 @@ def test_partial_put_changes_only_what_it_names(rt, body):
     got = {k: r.payload[k] for k in want}
     assert got == want and r.payload["source"] == "store"
     s = rt.users.settings(ALICE)
-    assert (s.role, list(s.tenants), s.daily_budget_usd, s.requests_per_minute) == tuple(
-        want.values()
-    )
+    assert (
+        s.role, list(s.tenants), s.daily_budget_usd, s.budget_period.kind, s.requests_per_minute,
+        *(getattr(s, n) for n in LIMITS),
+    ) == tuple(want.values())
     [entry] = admin_actions(rt)
     assert entry["before"] == ALICE_CONFIG and entry["after"] == want
 
@@ -259,7 +279,9 @@ def test_partial_puts_in_sequence_keep_earlier_changes(rt):
         "role": "developer",
         "tenants": ["t1"],
         "daily_budget_usd": 3.0,
+        "budget_period": "daily",
         "requests_per_minute": 5,
+        **dict.fromkeys(LIMITS),
     }
     actions = admin_actions(rt)
     assert [a["action"] for a in actions] == ["user.create", "user.update", "user.update"]
@@ -708,3 +730,176 @@ def test_out_of_range_input_is_400_naming_the_field(rt, method, path, body, fiel
 def test_json_nested_thousands_deep_is_400(rt):
     r = call(rt, "PUT", "/admin/v1/users/new@example.com", raw=b"[" * 20_000 + b"]" * 20_000)
     assert (r.status, r.error) == (400, "invalid_json")
+
+
+# -- tenants and periods -----------------------------------------------------------------------
+
+
+def test_put_tenant_creates_updates_and_is_audited(rt):
+    path = "/admin/v1/tenants/research-team"
+    r = call(rt, "PUT", path, {"budget_usd": 50, "period": "monthly"})
+    assert r.status == 201
+    assert (r.payload["budget_usd"], r.payload["period"], r.payload["source"]) == (
+        50, "monthly", "store"
+    )
+    assert r.payload["remaining_usd"] == 50 and r.payload["resets_at"].endswith("T00:00:00Z")
+    r = call(rt, "PUT", path, {"budget_usd": 80})  # partial: the period stays
+    assert r.status == 200 and (r.payload["budget_usd"], r.payload["period"]) == (80, "monthly")
+    r = call(rt, "PUT", path, {"budget_usd": None})  # no budget of its own
+    assert r.status == 200 and r.payload["budget_usd"] is None and r.payload["remaining_usd"] is None
+    t = rt.users.tenant_settings("research-team")
+    assert t.budget_usd is None and t.period.kind == "monthly"
+    none = dict.fromkeys(LIMITS[1:])
+    actions = [(a["action"], a["target"], a["before"], a["after"]) for a in admin_actions(rt)]
+    assert actions == [
+        ("tenant.create", "research-team", None,
+         {"budget_usd": 50, "period": "monthly", **none}),
+        ("tenant.update", "research-team", {"budget_usd": 50, "period": "monthly", **none},
+         {"budget_usd": 80, "period": "monthly", **none}),
+        ("tenant.update", "research-team", {"budget_usd": 80, "period": "monthly", **none},
+         {"budget_usd": None, "period": "monthly", **none}),
+    ]
+    r = call(rt, "PUT", path, {"total_tokens_per_minute": 9000})
+    assert r.payload["total_tokens_per_minute"] == 9000 and r.payload["budget_usd"] is None
+    assert rt.users.tenant_settings("research-team").token_limits.active() == {
+        "total_tokens": 9000
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"budget_usd": -1}, "budget_usd"),
+        ({"budget_usd": "5"}, "budget_usd"),
+        ({"budget_usd": 2e9}, "budget_usd"),
+        ({"period": "yearly"}, "period"),
+        ({"daily_budget_usd": 1}, "daily_budget_usd"),
+        ({"total_tokens_per_minute": -5}, "total_tokens_per_minute"),
+        ({"max_concurrent_requests": 5}, "max_concurrent_requests"),
+    ],
+)
+def test_put_tenant_refuses_bad_fields(rt, body, field):
+    r = call(rt, "PUT", "/admin/v1/tenants/t1", body)
+    assert r.status == 400 and r.payload["error"] == "invalid_parameter"
+    assert r.payload["field"] == field
+    assert admin_actions(rt) == [] and rt.store.get_tenant("t1") is None
+
+
+def test_put_user_refuses_an_unknown_period(rt):
+    r = call(rt, "PUT", f"/admin/v1/users/{q(ALICE)}", {"budget_period": "hourly"})
+    assert r.status == 400 and r.payload["field"] == "budget_period"
+
+
+def test_tenant_list_and_me_show_tenant_budgets_and_periods(rt):
+    call(rt, "PUT", "/admin/v1/tenants/research-team", {"budget_usd": 3, "period": "weekly"})
+    call(rt, "PUT", f"/admin/v1/users/{q(ALICE)}", {"budget_period": "monthly"})
+    r = rt.ledger.reserve(
+        ALICE, "research-team", 0.0, 20.0, "req",
+        period=rt.users.settings(ALICE).budget_period,
+        tenant_budget_usd=3.0,
+        tenant_period=rt.users.tenant_settings("research-team").period,
+    )
+    assert isinstance(r, Reservation)
+    assert rt.ledger.settle(r, 1.25, 100, 10, "gpt-4o", "openai").applied
+    listed = call(rt, "GET", "/admin/v1/tenants").payload
+    [team] = [t for t in listed["tenants"] if t["tenant_id"] == "research-team"]
+    assert (team["spent_usd"], team["remaining_usd"], team["period"]) == (1.25, 1.75, "weekly")
+    me = call(rt, "GET", "/admin/v1/me", as_=ALICE).payload
+    assert me["budget_period"] == "monthly" and me["spent_period_usd"] == 1.25
+    assert me["remaining_usd"] == 18.75 and me["resets_at"].endswith("-01T00:00:00Z")
+    assert me["period_starts_at"].endswith("-01T00:00:00Z")
+    [tb] = me["tenant_budgets"]
+    assert tb["tenant_id"] == "research-team" and tb["remaining_usd"] == 1.75
+
+
+# -- API keys ----------------------------------------------------------------------------------
+
+
+def test_mint_list_revoke_a_key(rt):
+    r = call(rt, "POST", "/admin/v1/keys", {"user_id": BOB, "name": "ci",
+                                             "expires_at": "2099-01-01T00:00:00Z"})
+    assert r.status == 201
+    key, kid = r.payload["key"], r.payload["id"]
+    assert key.startswith("cdk_") and len(key) > 40
+    assert (r.payload["user_id"], r.payload["name"], r.payload["state"]) == (BOB, "ci", "active")
+    assert r.payload["fingerprint"] == sha(key)[:8] and r.payload["actor"] == ADMIN
+    # only the digest is kept: the key is nowhere in the store nor in the audit trail
+    [stored] = rt.store.api_keys(BOB)
+    assert stored.sha256 == sha(key) and key not in json.dumps(stored.to_json())
+    [created] = admin_actions(rt)
+    assert created["action"] == "key.create" and created["target"] == BOB
+    assert key not in json.dumps(created) and created["after"]["id"] == kid
+    listed = call(rt, "GET", f"/admin/v1/keys?user={q(BOB)}").payload
+    assert [k["id"] for k in listed["keys"]] == [kid] and "key" not in listed["keys"][0]
+    r = call(rt, "DELETE", f"/admin/v1/keys/{kid}")
+    assert r.status == 200 and r.payload["state"] == "revoked" and r.payload["revoked_at"]
+    assert not rt.store.api_key(sha(key)).valid_at(0)
+    again = call(rt, "DELETE", f"/admin/v1/keys/{kid}")  # a repeat changes nothing
+    assert again.status == 200 and again.payload["revoked_at"] == r.payload["revoked_at"]
+    assert [a["action"] for a in admin_actions(rt)] == ["key.create", "key.revoke"]
+
+
+def test_developers_mint_and_revoke_only_their_own_keys(rt):
+    mine = call(rt, "POST", "/admin/v1/keys", {}, as_=ALICE)
+    assert mine.status == 201 and mine.payload["user_id"] == ALICE
+    bobs = call(rt, "POST", "/admin/v1/keys", {"user_id": BOB}).payload
+    listed = call(rt, "GET", "/admin/v1/keys", as_=ALICE).payload
+    assert listed["user_id"] == ALICE and [k["id"] for k in listed["keys"]] == [mine.payload["id"]]
+    r = call(rt, "DELETE", f"/admin/v1/keys/{bobs['id']}", as_=ALICE)
+    assert r.status == 404 and r.payload["error"] == "key_not_found"
+    assert rt.store.api_key(sha(bobs["key"])).revoked_us is None
+    assert call(rt, "DELETE", f"/admin/v1/keys/{mine.payload['id']}", as_=ALICE).status == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "status"),
+    [
+        ({"user_id": 5}, "user_id", 400),
+        ({"name": 7}, "name", 400),
+        ({"expires_at": "tomorrow"}, "expires_at", 400),
+        ({"expires_at": "2001-01-01T00:00:00Z"}, "expires_at", 400),
+        ({"scopes": []}, "scopes", 400),
+    ],
+)
+def test_mint_refuses_bad_fields(rt, body, field, status):
+    r = call(rt, "POST", "/admin/v1/keys", body)
+    assert r.status == status and r.payload["field"] == field
+    assert rt.store.api_keys() == [] and admin_actions(rt) == []
+
+
+def test_mint_for_an_unknown_user_is_404(rt):
+    r = call(rt, "POST", "/admin/v1/keys", {"user_id": "nobody@example.com"})
+    assert r.status == 404 and r.payload["error"] == "user_not_found"
+
+
+def test_rotate_keeps_the_old_key_for_its_grace_period(rt):
+    old = call(rt, "POST", "/admin/v1/keys", {"user_id": BOB, "name": "ci",
+                                               "expires_at": "2099-01-01T00:00:00Z"}).payload
+    r = call(rt, "POST", f"/admin/v1/keys/{old['id']}/rotate", {"grace_s": 600})
+    assert r.status == 201
+    new = r.payload
+    assert new["key"].startswith("cdk_") and new["key"] != old["key"]
+    assert (new["user_id"], new["name"], new["expires_at"]) == (BOB, "ci", "2099-01-01T00:00:00Z")
+    assert new["replaces"]["id"] == old["id"]
+    stored_old = rt.store.api_key(sha(old["key"]))
+    stored_new = rt.store.api_key(sha(new["key"]))
+    grace_end = stored_old.expires_us
+    created = stored_new.created_us
+    assert grace_end == created + 600 * 1_000_000
+    assert stored_old.valid_at(grace_end - 1) and not stored_old.valid_at(grace_end)
+    assert stored_new.valid_at(grace_end)
+    [_, rotated] = admin_actions(rt)
+    assert rotated["action"] == "key.rotate" and rotated["after"]["new"]["id"] == new["id"]
+    assert old["key"] not in json.dumps(rotated) and new["key"] not in json.dumps(rotated)
+    # a rotation never lengthens a key's life, and a dead key is not rotated
+    call(rt, "DELETE", f"/admin/v1/keys/{new['id']}")
+    r = call(rt, "POST", f"/admin/v1/keys/{new['id']}/rotate", {})
+    assert r.status == 400 and r.payload["field"] == "key"
+
+
+@pytest.mark.parametrize("grace", [-1, "60", 10**9, True])
+def test_rotate_refuses_a_bad_grace(rt, grace):
+    old = call(rt, "POST", "/admin/v1/keys", {"user_id": BOB}).payload
+    r = call(rt, "POST", f"/admin/v1/keys/{old['id']}/rotate", {"grace_s": grace})
+    assert r.status == 400 and r.payload["field"] == "grace_s"
+    assert len(rt.store.api_keys()) == 1

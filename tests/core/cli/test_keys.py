@@ -31,7 +31,7 @@ def test_appends_auth_to_a_config_without_one_keeping_comments(tmp_path: Path) -
     path = tmp_path / "config.yaml"
     path.write_text("# my comment\nlisten:\n  port: 9000  # why\n")
     out = io.StringIO()
-    assert keys.main(["create", "--user", "alice@example.com", "--config", str(path)], out) == 0
+    assert keys.main(["add", "--user", "alice@example.com", "--config", str(path)], out) == 0
     text = path.read_text()
     assert text.startswith("# my comment\nlisten:\n  port: 9000  # why\n")
     cfg = load_config(path)

@@ -762,3 +762,53 @@ def test_saturated_lookups_are_503_not_queued(monkeypatch: pytest.MonkeyPatch) -
     assert statuses == [401, 401, 401, 503, 503]
     assert {r.error for r in results if r.status == 503} == {"governance_unavailable"}
     assert len(calls) == 3
+
+
+# -- keys minted through the admin API ------------------------------------------------------------
+
+MINTED = "cdk_minted_example_key_0123456789abcdef"
+
+
+def minted_lookup(table: dict[str, str | None], calls: list[str]) -> Any:
+    async def lookup(digest: str) -> str | None:
+        calls.append(digest)
+        if table.get(digest) == "boom":
+            raise RuntimeError("store down")
+        return table.get(digest)
+
+    return lookup
+
+
+@pytest.mark.parametrize("source", ["authorization", "x-api-key", "x-goog-api-key", "query:key"])
+def test_minted_key_is_read_from_the_store_on_every_request(source: str) -> None:
+    calls: list[str] = []
+    a = Authenticator(make_auth(None, {}), required=True,
+                      minted_keys=minted_lookup({sha(MINTED): "bob@example.com"}, calls))
+    for _ in range(2):
+        p = run(a.authenticate(*where(source, MINTED)))
+        assert isinstance(p, Principal) and (p.user, p.via) == ("bob@example.com", "api_key")
+        assert p.key_id == sha(MINTED)[:8]
+    assert calls == [sha(MINTED)] * 2  # never remembered: a revocation holds at once
+
+
+def test_unknown_revoked_or_expired_minted_key_is_401() -> None:
+    a = Authenticator(make_auth(None, {}), required=True, minted_keys=minted_lookup({}, []))
+    d = run(a.authenticate(*where("authorization", MINTED)))
+    assert isinstance(d, Denial) and (d.status, d.error) == (401, "unauthenticated")
+    assert "revoked" in d.message
+
+
+def test_minted_key_lookup_failure_fails_closed() -> None:
+    a = Authenticator(make_auth(None, {}), required=True,
+                      minted_keys=minted_lookup({sha(MINTED): "boom"}, []))
+    d = run(a.authenticate(*where("authorization", MINTED)))
+    assert isinstance(d, Denial) and (d.status, d.error) == (503, "governance_unavailable")
+
+
+def test_only_minted_shaped_keys_cost_a_store_read() -> None:
+    calls: list[str] = []
+    a = Authenticator(make_auth(None, {ALICE_KEY: "alice@example.com"}), required=True,
+                      minted_keys=minted_lookup({}, calls))
+    assert isinstance(run(a.authenticate(*where("authorization", ALICE_KEY))), Principal)
+    assert isinstance(run(a.authenticate(*where("authorization", "sk-provider-key"))), Denial)
+    assert calls == []

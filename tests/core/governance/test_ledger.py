@@ -23,6 +23,7 @@ from candela_mitm.governance.ledger import (
     default_owner,
     process_alive,
 )
+from candela_mitm.governance.periods import BudgetPeriod
 from candela_mitm.state import StateStore, UserRecord, open_state_store
 from candela_mitm.state.ports import to_us
 from candela_mitm.state.sqlite import SqliteStateStore
@@ -122,6 +123,9 @@ def test_refusal_is_a_402_budget_exceeded(ledger: Ledger) -> None:
         "error": "budget_exceeded",
         "message": denial.message,
         "user_id": U,
+        "tenant_id": "research-team",
+        "scope": "user",
+        "period": "daily",
         "budget_usd": 10.0,
         "spent_usd": 7.5,
         "remaining_usd": 2.5,
@@ -563,3 +567,169 @@ def test_store_failure_propagates(tmp_path: Any) -> None:
     ):
         with pytest.raises(StoreUnavailable):
             op()
+
+
+# -- tenant budgets and periods ----------------------------------------------------------------
+
+MONTHLY = BudgetPeriod("monthly")
+WEEKLY_PARIS = BudgetPeriod("weekly", "Europe/Paris")
+
+
+def team_reserve(ledger: Ledger, user: str, amount: float, tenant_budget: float | None = 1.0,
+                 **kw: Any) -> Any:
+    return ledger.reserve(
+        user, "team", amount, 100.0, "req", tenant_budget_usd=tenant_budget,
+        tenant_period=MONTHLY, **kw
+    )
+
+
+def test_tenant_budget_spans_its_users(ledger: Ledger) -> None:
+    a = team_reserve(ledger, "a", 0.6)
+    assert isinstance(a, Reservation) and a.tenant_hold_usd == 0.6
+    refused = team_reserve(ledger, "b", 0.5)  # b has 100 of their own: the tenant refuses
+    assert isinstance(refused, BudgetRefusal)
+    assert (refused.scope, refused.period, refused.tenant) == ("tenant", "monthly", "team")
+    assert refused.remaining_usd == pytest.approx(0.4) and refused.budget_usd == 1.0
+    assert refused.resets_at == "2026-06-01T00:00:00Z"
+    denial = refused.denial().payload()
+    assert denial["scope"] == "tenant" and denial["tenant_id"] == "team"
+    assert denial["period"] == "monthly" and denial["resets_at"] == "2026-06-01T00:00:00Z"
+    assert "tenant 'team'" in denial["message"]
+    assert isinstance(team_reserve(ledger, "b", 0.4), Reservation)
+    # settling a under its estimate frees room for others of the tenant
+    ledger.settle(a, 0.1, 1, 1, "m", "p")
+    status = ledger.tenant_status("team", 1.0, MONTHLY)
+    assert status.spent_usd == pytest.approx(0.1) and status.reserved_usd == pytest.approx(0.4)
+    assert status.remaining_usd == pytest.approx(0.5)
+    assert isinstance(team_reserve(ledger, "c", 0.5), Reservation)
+
+
+def test_user_budget_is_judged_before_the_tenant(ledger: Ledger) -> None:
+    r = ledger.reserve(U, "team", 5.0, 1.0, "req", tenant_budget_usd=0.5, tenant_period=MONTHLY)
+    assert isinstance(r, BudgetRefusal) and r.scope == "user" and r.budget_usd == 1.0
+    assert r.resets_at == TOMORROW and r.period == "daily"
+
+
+def test_grants_lift_only_the_user_budget(ledger: Ledger) -> None:
+    ledger.add_grant(U, 5.0, T0 + timedelta(days=1), "bonus", "admin")
+    r = ledger.reserve(U, "team", 3.0, 1.0, "req", tenant_budget_usd=2.0, tenant_period=MONTHLY)
+    assert isinstance(r, BudgetRefusal) and r.scope == "tenant"
+    r = ledger.reserve(U, "team", 2.0, 1.0, "req", tenant_budget_usd=2.0, tenant_period=MONTHLY)
+    assert isinstance(r, Reservation) and r.allowance_usd == 1.0
+    assert sum(r.grant_holds.values()) == 1.0
+
+
+def test_no_tenant_budget_counts_tenant_spend_all_the_same(ledger: Ledger) -> None:
+    r = team_reserve(ledger, "a", 3.0, tenant_budget=None)
+    assert isinstance(r, Reservation)
+    ledger.settle(r, 2.0, 1, 1, "m", "p")
+    # a budget set later in the period sees what was spent before it
+    assert ledger.tenant_status("team", 2.5, MONTHLY).remaining_usd == pytest.approx(0.5)
+    assert isinstance(team_reserve(ledger, "a", 0.6, tenant_budget=2.5), BudgetRefusal)
+
+
+@pytest.mark.parametrize(
+    ("period", "now", "key", "starts", "resets"),
+    [
+        (BudgetPeriod(), T0, "2026-05-17", "2026-05-17T00:00:00Z", "2026-05-18T00:00:00Z"),
+        (BudgetPeriod("weekly"), T0, "weekly:2026-05-11", "2026-05-11T00:00:00Z",
+         "2026-05-18T00:00:00Z"),  # 17 May 2026 is a Sunday
+        (MONTHLY, T0, "monthly:2026-05-01", "2026-05-01T00:00:00Z", "2026-06-01T00:00:00Z"),
+        (MONTHLY, datetime(2026, 12, 31, 23, 59, tzinfo=UTC), "monthly:2026-12-01",
+         "2026-12-01T00:00:00Z", "2027-01-01T00:00:00Z"),
+        # Paris is UTC+2 in May: the local Monday starts on Sunday 22:00 UTC
+        (WEEKLY_PARIS, T0, "weekly:2026-05-11@Europe/Paris", "2026-05-10T22:00:00Z",
+         "2026-05-17T22:00:00Z"),
+        (WEEKLY_PARIS, datetime(2026, 5, 17, 22, 30, tzinfo=UTC),
+         "weekly:2026-05-18@Europe/Paris", "2026-05-17T22:00:00Z", "2026-05-24T22:00:00Z"),
+        # a day across the end of summer time is 25 hours long
+        (BudgetPeriod("daily", "Europe/Paris"), datetime(2026, 10, 25, 12, tzinfo=UTC),
+         "daily:2026-10-25@Europe/Paris", "2026-10-24T22:00:00Z", "2026-10-25T23:00:00Z"),
+        (BudgetPeriod("monthly", "America/New_York"), datetime(2026, 3, 1, 3, tzinfo=UTC),
+         "monthly:2026-02-01@America/New_York", "2026-02-01T05:00:00Z", "2026-03-01T05:00:00Z"),
+    ],
+)
+def test_period_keys_and_bounds(
+    period: BudgetPeriod, now: datetime, key: str, starts: str, resets: str
+) -> None:
+    from candela_mitm.state.ports import rfc3339
+
+    assert period.key(now) == key
+    assert rfc3339(period.starts_at(now)) == starts
+    assert rfc3339(period.resets_at(now)) == resets
+
+
+def test_period_refuses_unknown_kinds_and_zones() -> None:
+    with pytest.raises(ValueError, match="period"):
+        BudgetPeriod("yearly")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="time zone"):
+        BudgetPeriod("daily", "Mars/Olympus")
+
+
+def test_weekly_user_budget_carries_over_days(store: StateStore) -> None:
+    weekly = BudgetPeriod("weekly")
+    monday = datetime(2026, 5, 11, 9, tzinfo=UTC)
+    ledger = Ledger(store, clock=fixed(monday))
+    r = ledger.reserve(U, None, 6.0, 10.0, "req", period=weekly)
+    assert isinstance(r, Reservation) and r.day == "2026-05-11"
+    ledger.settle(r, 6.0, 1, 1, "m", "p")
+    sunday = datetime(2026, 5, 17, 23, tzinfo=UTC)
+    refused = ledger.reserve(U, None, 5.0, 10.0, "req", now=sunday, period=weekly)
+    assert isinstance(refused, BudgetRefusal)
+    assert refused.period == "weekly" and refused.resets_at == "2026-05-18T00:00:00Z"
+    assert refused.spent_usd == 6.0 and refused.remaining_usd == 4.0
+    status = ledger.status(U, 10.0, sunday, weekly)
+    assert status.remaining_usd == 4.0 and status.period_starts_at == "2026-05-11T00:00:00Z"
+    # the next week starts afresh; spend history stays on its UTC day
+    next_monday = datetime(2026, 5, 18, 0, 0, 1, tzinfo=UTC)
+    assert isinstance(ledger.reserve(U, None, 10.0, 10.0, "r", now=next_monday, period=weekly),
+                      Reservation)
+    assert ledger.spent_today(U, monday) == 6.0
+
+
+def _tenant_race_in_process(cfg: State, prefix: str, barrier: Any, out: Any, threads: int) -> None:
+    store = open_state_store(cfg, redis_prefix=prefix)
+    ledger = Ledger(store, clock=fixed(T0))
+    admitted: list[bool] = []
+
+    def race(i: int) -> None:
+        barrier.wait()
+        # every thread its own user with room to spare: only the tenant's budget binds
+        r = ledger.reserve(
+            f"u{os.getpid()}-{i}", "team", 0.1, 5.0, "req",
+            tenant_budget_usd=0.7, tenant_period=BudgetPeriod("monthly"),
+        )
+        admitted.append(isinstance(r, Reservation))
+
+    workers = [threading.Thread(target=race, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(30)
+    out.put((len(admitted), sum(admitted)))
+    store.close()
+
+
+def test_processes_never_overbook_a_tenant(backend: Any) -> None:
+    store = backend.open()  # create the schema before the race
+    ctx = multiprocessing.get_context("spawn")
+    per_process = 6
+    barrier = ctx.Barrier(2 * per_process)
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_tenant_race_in_process,
+            args=(backend.cfg, backend.prefix, barrier, out, per_process),
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert sum(n for n, _ in results) == 2 * per_process
+    assert sum(ok for _, ok in results) == 7
+    status = Ledger(store, clock=fixed(T0)).tenant_status("team", 0.7, BudgetPeriod("monthly"))
+    assert status.reserved_usd == pytest.approx(0.7) and status.remaining_usd == 0.0

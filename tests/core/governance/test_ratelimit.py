@@ -12,7 +12,13 @@ import pytest
 
 from candela_mitm.config import State
 from candela_mitm.errors import StoreUnavailable
-from candela_mitm.governance.ratelimit import RateDecision, RateLimiter
+from candela_mitm.governance.ratelimit import (
+    Admission,
+    RateDecision,
+    RateLimiter,
+    TokenLimits,
+    policy_headers,
+)
 from candela_mitm.state import StateStore, open_state_store
 from candela_mitm.state.ports import to_us
 from candela_mitm.state.sqlite import SqliteStateStore
@@ -174,3 +180,129 @@ def test_store_failure_propagates(tmp_path: Any) -> None:
     store.close()
     with pytest.raises(StoreUnavailable):
         RateLimiter(store).check("u", 10)
+
+
+# -- tokens per minute and requests in flight ----------------------------------------------------
+
+def test_token_limits_hold_every_kind_or_none(limiter: RateLimiter) -> None:
+    limits = TokenLimits(input_tokens=100, total_tokens=150)
+    a = Admission("u")
+    decisions = limiter.admit_tokens(a, limits, 60, 50, now=at(0))
+    assert [(d.kind, d.allowed, d.remaining) for d in decisions] == [
+        ("input_tokens", True, 40),
+        ("total_tokens", True, 40),
+    ]
+    b = Admission("u")
+    [refused] = limiter.admit_tokens(b, limits, 30, 20, now=at(10))  # total 160 > 150
+    assert (refused.kind, refused.allowed, refused.limit) == ("total_tokens", False, 150)
+    assert refused.retry_after_s == 50 and refused.window_resets_at == "2026-05-17T12:01:00Z"
+    assert b.token_entry is None  # nothing held
+    denial = refused.denial().payload()
+    assert denial["limit_kind"] == "total_tokens" and denial["retry_after_s"] == 50
+    # a's real usage was 10 + 5: the rest of its estimate frees at once
+    limiter.correct_tokens(a, 10, 5)
+    assert all(d.allowed for d in limiter.admit_tokens(b, limits, 30, 20, now=at(11)))
+
+
+def test_no_token_limits_hold_nothing(limiter: RateLimiter) -> None:
+    a = Admission("u")
+    assert limiter.admit_tokens(a, TokenLimits(), 10**9, 10**9) == []
+    assert a.token_entry is None
+
+
+def test_concurrency_leases(limiter: RateLimiter) -> None:
+    a, b, c = Admission("u"), Admission("u"), Admission("u")
+    assert limiter.acquire(a, 2, "host:1").allowed and limiter.acquire(b, 2, "host:1").allowed
+    refused = limiter.acquire(c, 2, "host:1")
+    assert (refused.allowed, refused.kind, refused.retry_after_s) == (False, "concurrency", 1)
+    limiter.finish(a, None)
+    assert a.lease_id is None and limiter.acquire(c, 2, "host:1").allowed
+    assert not limiter.acquire(Admission("u"), 0, "host:1").allowed  # 0 admits nothing
+
+
+def test_reconcile_frees_leases_of_dead_processes(limiter: RateLimiter) -> None:
+    assert limiter.acquire(Admission("u"), 2, "host:dead").allowed
+    assert limiter.acquire(Admission("u"), 2, "host:alive").allowed
+    assert limiter.reconcile_leases(lambda owner: owner != "host:dead") == 1
+    assert [x.owner for x in limiter.store.leases()] == ["host:alive"]
+
+
+def test_policy_headers() -> None:
+    now = to_us(T0)
+    decisions = [
+        RateDecision(True, 60, 59, 0, now + 30_500_000),
+        RateDecision(True, 4, 3, 0, now, "concurrency"),
+        RateDecision(True, 5000, 4000, 0, now + 60_000_000, "output_tokens"),
+    ]
+    assert policy_headers(decisions, now) == {
+        "RateLimit-Policy": '"requests";q=60;w=60, "concurrency";q=4, "output_tokens";q=5000;w=60',
+        "RateLimit": '"requests";r=59;t=31, "concurrency";r=3, "output_tokens";r=4000;t=60',
+    }
+    assert policy_headers([], now) == {}
+
+
+def _token_race(cfg: State, prefix: str, barrier: Any, out: Any, threads: int) -> None:
+    store = open_state_store(cfg, redis_prefix=prefix)
+    limiter = RateLimiter(store, clock=lambda: T0)
+    admitted: list[bool] = []
+
+    def race() -> None:
+        barrier.wait()
+        decisions = limiter.admit_tokens(Admission("u"), TokenLimits(total_tokens=700), 40, 60)
+        admitted.append(all(d.allowed for d in decisions))
+
+    workers = [threading.Thread(target=race) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(30)
+    out.put((len(admitted), sum(admitted)))
+    store.close()
+
+
+def test_processes_never_exceed_a_token_limit(backend: Any) -> None:
+    backend.open()
+    ctx = multiprocessing.get_context("spawn")
+    per_process = 6
+    barrier = ctx.Barrier(2 * per_process)
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_token_race, args=(backend.cfg, backend.prefix, barrier, out, per_process))
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert sum(n for n, _ in results) == 12
+    assert sum(ok for _, ok in results) == 7  # 7 x 100 tokens fit in 700
+
+
+def test_a_tenant_token_limit_binds_its_users_together(limiter: RateLimiter) -> None:
+    team = TokenLimits(output_tokens=100)
+    a = Admission("a")
+    decisions = limiter.admit_tokens(a, TokenLimits(), 0, 60, now=at(0), tenant="t",
+                                     tenant_limits=team)
+    assert [(d.scope, d.kind, d.remaining, d.name) for d in decisions] == [
+        ("tenant", "output_tokens", 40, "tenant_output_tokens")
+    ]
+    # b has no limit of its own: the tenant's window refuses it, and holds nothing of it
+    b = Admission("b")
+    [refused] = limiter.admit_tokens(b, TokenLimits(total_tokens=10**6), 0, 60, now=at(1),
+                                     tenant="t", tenant_limits=team)
+    assert (refused.allowed, refused.scope, refused.kind) == (False, "tenant", "output_tokens")
+    denial = refused.denial().payload()
+    assert denial["scope"] == "tenant" and "for the tenant" in denial["message"]
+    # another tenant is not affected; a's real usage frees the rest of its estimate
+    assert limiter.admit_tokens(Admission("b"), TokenLimits(), 0, 60, now=at(2), tenant="u",
+                                tenant_limits=team)[0].allowed
+    limiter.correct_tokens(a, 0, 10)
+    ok = limiter.admit_tokens(b, TokenLimits(total_tokens=10**6), 0, 60, now=at(3), tenant="t",
+                              tenant_limits=team)
+    assert [(d.scope, d.allowed) for d in ok] == [("user", True), ("tenant", True)]
+    headers = policy_headers(ok, to_us(at(3)))
+    assert headers["RateLimit-Policy"] == (
+        '"total_tokens";q=1000000;w=60, "tenant_output_tokens";q=100;w=60'
+    )

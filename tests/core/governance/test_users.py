@@ -78,3 +78,61 @@ def test_enrollment_denial(via, source, role, allow_unknown, refused):
     assert (d is not None) == refused
     if d is not None:
         assert (d.status, d.error, d.fields["user_id"]) == (403, "user_not_enrolled", "u@example.com")
+
+
+def scoped_directory(tmp_path: Path, clock: Clock | None = None) -> UserDirectory:
+    config = parse_config({
+        "state": {"sqlite_path": str(tmp_path / "state.db")},
+        "audit": {"sqlite_path": str(tmp_path / "audit.db")},
+        "users": {
+            "bob": {"tenants": ["t"], "budget_period": "weekly", "max_concurrent_requests": 3},
+            "carol": {"output_tokens_per_minute": 50},
+        },
+        "governance": {
+            "budgets": {"period": "monthly", "time_zone": "Europe/Paris"},
+            "rate_limits": {"default_max_concurrent_requests": 8,
+                            "default_total_tokens_per_minute": 1000},
+            "tenants": {"t": {"budget_usd": 50.0}, "u": {"budget_usd": 5.0, "period": "daily"}},
+        },
+    })
+    return UserDirectory(config, open_state_store(config.state), cache_ttl_s=1.0,
+                         clock=clock or Clock())
+
+
+def test_periods_and_limits_come_from_store_then_config_then_defaults(tmp_path: Path) -> None:
+    from candela_mitm.governance.periods import BudgetPeriod
+
+    users = scoped_directory(tmp_path)
+    bob, carol, dan = (users.settings(u) for u in ("bob", "carol", "dan"))
+    assert bob.budget_period == BudgetPeriod("weekly", "Europe/Paris")
+    assert carol.budget_period == dan.budget_period == BudgetPeriod("monthly", "Europe/Paris")
+    assert (bob.max_concurrent_requests, carol.max_concurrent_requests) == (3, 8)
+    assert (carol.output_tokens_per_minute, carol.total_tokens_per_minute) == (50, 1000)
+    assert dan.token_limits.active() == {"total_tokens": 1000}
+    # an admin API record wins field by field; None falls back
+    users.store.put_user(UserRecord("bob", tenants=("t",), budget_period="daily",
+                                    total_tokens_per_minute=7))
+    bob = users.settings("bob")
+    assert bob.budget_period.kind == "daily" and bob.total_tokens_per_minute == 7
+    assert bob.max_concurrent_requests == 3  # from config
+
+
+def test_tenant_settings_store_then_config_then_none(tmp_path: Path) -> None:
+    from candela_mitm.state.ports import TenantRecord
+
+    clock = Clock()
+    users = scoped_directory(tmp_path, clock)
+    t = users.tenant_settings_cached("t")
+    assert (t.budget_usd, t.period.kind, t.period.time_zone, t.source) == (
+        50.0, "monthly", "Europe/Paris", "config"
+    )
+    assert users.tenant_settings("u").period.kind == "daily"
+    assert users.tenant_settings("v").budget_usd is None  # no budget of its own
+    users.store.put_tenant(TenantRecord("t", 9.0, None))
+    assert users.tenant_settings_cached("t").budget_usd == 50.0  # remembered for the ttl
+    clock.t += 1.0
+    assert users.tenant_settings_cached("t").budget_usd == 9.0
+    users.store.put_tenant(TenantRecord("t", None, "weekly"))
+    users.forget()  # an admin change in this process applies at once
+    t = users.tenant_settings_cached("t")
+    assert (t.budget_usd, t.period.kind, t.source) == (None, "weekly", "store")

@@ -17,9 +17,11 @@ from candela_mitm.errors import StoreUnavailable
 from candela_mitm.state import open_state_store
 from candela_mitm.state.ports import (
     ActiveReservation,
+    DayTotals,
     GrantRow,
     NewReservation,
     StateStore,
+    TenantRecord,
     UserRecord,
     WouldWait,
     day_of,
@@ -28,11 +30,13 @@ from candela_mitm.state.ports import (
     plan_holds,
     plan_settle,
     rfc3339,
+    tenant_admits,
     to_us,
+    token_fits_at,
     usd_to_nano,
 )
 from candela_mitm.state.redis import RedisStateStore
-from candela_mitm.state.sqlite import SqliteStateStore
+from candela_mitm.state.sqlite import SCHEMA_VERSION, SqliteStateStore
 
 T0 = datetime(2026, 5, 17, 12, 0, tzinfo=UTC)
 T0_US = to_us(T0)
@@ -632,7 +636,7 @@ def test_sqlite_schema_1_store_is_upgraded(tmp_path: Path) -> None:
     assert hit.allowed and hit.count == 4
     assert not store.rate_hit("a", 4, 60_000_000, T0_US + 11).allowed
     with sqlite3.connect(path) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone() == (3,)
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     store.close()
 
 
@@ -657,7 +661,7 @@ def test_sqlite_schema_2_reservations_gain_model_and_provider(tmp_path: Path) ->
     assert (old.reservation_id, old.amount, old.model, old.provider) == ("old", 7, "", "")
     assert store.settle("old", 7, 0, 0, old.model, old.provider, T0_US + 1).applied
     with sqlite3.connect(path) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone() == (3,)
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     store.close()
 
 
@@ -734,3 +738,243 @@ def test_run_calls_one_call_is_its_own_transaction(tmp_path: Path) -> None:
         assert not ok
     assert _counts(store.path) == (2, 0)
     store.close()
+
+
+# -- tenant budgets: one table through the Python rule and through both stores' reserve ------
+
+# tenant budget (None: none), spent on the row, held on the row, amount, admitted
+TENANT_TABLE = [
+    pytest.param(None, 0, 0, 10**12, True, id="no-budget-admits-anything"),
+    pytest.param(100, 0, 0, 100, True, id="fits-exactly"),
+    pytest.param(100, 0, 0, 101, False, id="one-over"),
+    pytest.param(100, 60, 0, 40, True, id="spend-counts"),
+    pytest.param(100, 60, 0, 41, False, id="spend-counts-over"),
+    pytest.param(100, 30, 30, 40, True, id="holds-count"),
+    pytest.param(100, 30, 30, 41, False, id="holds-count-over"),
+    pytest.param(100, 150, 0, 0, True, id="zero-always-passes"),
+    pytest.param(100, 150, 0, 1, False, id="overspent"),
+    pytest.param(0, 0, 0, 1, False, id="zero-budget"),
+]
+
+
+@pytest.mark.parametrize(("budget", "spent", "held", "amount", "ok"), TENANT_TABLE)
+def test_tenant_admits(budget: int | None, spent: int, held: int, amount: int, ok: bool) -> None:
+    assert tenant_admits(amount, budget, spent, held) is ok
+
+
+def tenant_reservation(
+    rid: str, amount: int, tenant_budget: int | None, user_budget: int = 10**13
+) -> NewReservation:
+    return NewReservation(
+        rid, "u", "t", "2026-05-17", amount, user_budget, "req", "host:1", T0_US,
+        period="monthly:2026-05-01", tenant_budget=tenant_budget, tenant_period="monthly:2026-05-01",
+    )
+
+
+@pytest.mark.parametrize(("budget", "spent", "held", "amount", "ok"), TENANT_TABLE)
+def test_stores_agree_with_tenant_admits(
+    store: StateStore, budget: int | None, spent: int, held: int, amount: int, ok: bool
+) -> None:
+    if spent:  # spend on the row: a free reservation settled at that cost
+        assert store.reserve(tenant_reservation("s", 0, None)).ok
+        assert store.settle("s", spent, 0, 0, "m", "p", T0_US).applied
+    if held:
+        assert store.reserve(tenant_reservation("h", held, None)).ok
+    result = store.reserve(tenant_reservation("r", amount, budget))
+    assert result.ok is ok
+    totals = store.tenant_totals("t", "monthly:2026-05-01")
+    assert (result.tenant_spent, result.tenant_reserved) == (spent, held)
+    if ok:
+        assert result.tenant_hold == amount
+        assert totals.reserved == held + amount
+    else:
+        assert result.scope == "tenant" and result.tenant_hold == 0
+        assert totals.reserved == held  # a refusal holds nothing, on either row
+        assert store.day_totals("u", "monthly:2026-05-01").reserved == held
+
+
+def test_user_refusal_comes_first_and_names_the_user(store: StateStore) -> None:
+    result = store.reserve(tenant_reservation("r", 50, 10, user_budget=20))
+    assert not result.ok and result.scope == "user"
+    assert store.tenant_totals("t", "monthly:2026-05-01").reserved == 0
+
+
+def test_tenant_row_settles_and_releases(store: StateStore) -> None:
+    assert store.reserve(tenant_reservation("a", 40, 100)).ok
+    assert store.reserve(tenant_reservation("b", 30, 100)).ok
+    assert store.tenant_totals("t", "monthly:2026-05-01") == DayTotals(0, 0, 70)
+    assert store.settle("a", 55, 1, 1, "m", "p", T0_US + 1).applied  # over its estimate
+    assert store.tenant_totals("t", "monthly:2026-05-01") == DayTotals(55, 0, 30)
+    assert store.release("b", T0_US + 2)
+    assert store.tenant_totals("t", "monthly:2026-05-01") == DayTotals(55, 0, 0)
+    # the user's row is the period row too; spend history stays on the UTC day
+    assert store.day_totals("u", "monthly:2026-05-01").spent == 55
+    assert store.day_totals("u", "2026-05-17").spent == 0
+    assert [r.cost for r in store.spend_rows("2026-05-17", "2026-05-17")] == [55]
+    # repeats are no-ops on the tenant row too
+    assert not store.settle("a", 55, 1, 1, "m", "p", T0_US + 3).applied
+    assert not store.release("b", T0_US + 3)
+    assert store.tenant_totals("t", "monthly:2026-05-01") == DayTotals(55, 0, 0)
+
+
+def test_reclaimed_reservation_frees_its_tenant_hold_once(store: StateStore) -> None:
+    assert store.reserve(tenant_reservation("a", 40, 100)).ok
+    assert store.release("a", T0_US + 1, reclaim=True)
+    assert store.tenant_totals("t", "monthly:2026-05-01") == DayTotals(0, 0, 0)
+    assert store.settle("a", 40, 0, 0, "m", "p", T0_US + 2).applied
+    assert store.tenant_totals("t", "monthly:2026-05-01") == DayTotals(40, 0, 0)
+
+
+def test_no_tenant_named_touches_no_tenant_row(store: StateStore) -> None:
+    new = NewReservation("r", "u", "", "2026-05-17", 5, 100, "req", "host:1", T0_US,
+                         tenant_budget=1, tenant_period="daily:x")
+    assert store.reserve(new).ok
+    assert store.tenant_totals("", "daily:x") == DayTotals(0, 0, 0)
+
+
+def test_tenants_crud(store: StateStore) -> None:
+    assert store.get_tenant("t") is None and store.list_tenants() == []
+    rec = TenantRecord("t", 12.5, "monthly", datetime(2026, 5, 17, tzinfo=UTC))
+    store.put_tenant(rec)
+    store.put_tenant(TenantRecord("a", None, None))
+    assert store.get_tenant("t") == rec
+    assert [t.tenant_id for t in store.list_tenants()] == ["a", "t"]
+    store.put_tenant(TenantRecord("t", 20.0, None))
+    assert store.get_tenant("t") == TenantRecord("t", 20.0, None)
+
+
+def test_sqlite_schema_3_reservations_gain_their_periods(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = SqliteStateStore(path)
+    store.close()
+    with sqlite3.connect(path) as raw:  # a store as schema 3 left it: no period columns
+        raw.execute("DROP TABLE reservations")
+        raw.execute(
+            "CREATE TABLE reservations (reservation_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, "
+            "tenant TEXT NOT NULL, day TEXT NOT NULL, amount INTEGER NOT NULL, budget INTEGER "
+            "NOT NULL, daily_hold INTEGER NOT NULL, grant_holds TEXT NOT NULL, request_id TEXT "
+            "NOT NULL, owner TEXT NOT NULL, created_us INTEGER NOT NULL, status TEXT NOT NULL, "
+            "cost INTEGER, finished_us INTEGER, model TEXT NOT NULL DEFAULT '', "
+            "provider TEXT NOT NULL DEFAULT '')"
+        )
+        raw.execute("INSERT INTO days VALUES ('u', '2026-05-17', 0, 0, 7)")
+        raw.execute(
+            "INSERT INTO reservations VALUES ('old', 'u', 't', '2026-05-17', 7, 10, 7, '{}', "
+            "'req', 'host:1', ?, 'active', NULL, NULL, 'm', 'p')",
+            (T0_US,),
+        )
+        raw.execute("PRAGMA user_version = 3")
+    store = SqliteStateStore(path)
+    assert store.settle("old", 7, 0, 0, "m", "p", T0_US + 1).applied
+    assert store.day_totals("u", "2026-05-17") == DayTotals(7, 0, 0)  # its day row
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    store.close()
+
+
+# -- token windows: one table through token_fits_at and through both stores ---------------------
+
+W = 60_000_000  # a minute, in microseconds
+
+# entries already in the window (seconds after T0, amount), limit, amount, admitted, fits at (s)
+TOKEN_TABLE = [
+    pytest.param([], 100, 100, True, None, id="fits-exactly"),
+    pytest.param([], 100, 101, False, None, id="alone-over-the-limit-never-fits"),
+    pytest.param([(0, 60)], 100, 40, True, None, id="sum-fits"),
+    pytest.param([(0, 60)], 100, 41, False, 60, id="waits-for-the-oldest"),
+    pytest.param([(0, 30), (10, 30), (20, 30)], 100, 50, False, 70, id="needs-two-to-leave"),
+    pytest.param([(0, 30), (10, 30), (20, 30)], 100, 100, False, 80, id="needs-all-to-leave"),
+    pytest.param([(0, 500)], 100, 0, True, None, id="zero-always-passes"),
+]
+
+
+@pytest.mark.parametrize(("entries", "limit", "amount", "ok", "fits_s"), TOKEN_TABLE)
+def test_token_fits_at(entries, limit, amount, ok, fits_s) -> None:
+    in_window = [(T0_US + s * 1_000_000, a) for s, a in entries]
+    if not ok:
+        expected = None if fits_s is None else T0_US + fits_s * 1_000_000
+        assert token_fits_at(in_window, limit, amount, W) == expected
+
+
+@pytest.mark.parametrize(("entries", "limit", "amount", "ok", "fits_s"), TOKEN_TABLE)
+def test_stores_agree_with_token_fits_at(store: StateStore, entries, limit, amount, ok, fits_s):
+    for i, (s, a) in enumerate(entries):
+        assert store.token_admit(f"e{i}", [("k", 10**9, a)], W, T0_US + s * 1_000_000).allowed
+    now = T0_US + 30_000_000
+    got = store.token_admit("new", [("k", limit, amount)], W, now)
+    assert got.allowed is ok
+    assert got.used == {"k": sum(a for _, a in entries)}
+    if not ok:
+        assert got.refused_key == "k"
+        assert got.fits_at_us == (None if fits_s is None else T0_US + fits_s * 1_000_000)
+
+
+def test_token_admit_is_all_or_nothing_and_corrects(store: StateStore) -> None:
+    checks = [("in", 100, 50), ("out", 100, 80), ("total", 150, 130)]
+    assert store.token_admit("a", checks, W, T0_US).allowed
+    refused = store.token_admit("b", [("in", 100, 10), ("out", 100, 30)], W, T0_US + 1)
+    assert not refused.allowed and refused.refused_key == "out"
+    assert refused.used == {"in": 50, "out": 80}
+    # nothing of b was recorded, not even under "in"
+    assert store.token_admit("c", [("in", 100, 50)], W, T0_US + 2).allowed
+    assert not store.token_admit("d", [("in", 100, 1)], W, T0_US + 3).allowed
+    # settlement: a used 5 output tokens, not 80
+    store.token_correct("a", {"out": 5, "total": 55})
+    assert store.token_admit("e", [("out", 100, 95), ("total", 150, 95)], W, T0_US + 4).allowed
+    # the window forgets: a minute later everything is free again
+    later = store.token_admit("f", [("in", 100, 100)], W, T0_US + W + 3)
+    assert later.allowed and later.used == {"in": 0}
+    store.token_correct("a", {"in": 1000})  # gone from the window: not brought back
+    assert store.token_admit("g", [("in", 100, 0)], W, T0_US + W + 4).used == {"in": 100}
+
+
+def test_leases(store: StateStore) -> None:
+    assert store.lease_acquire("u", "l1", 2, "host:1", T0_US, W) == (True, 1)
+    assert store.lease_acquire("u", "l2", 2, "host:2", T0_US, W) == (True, 2)
+    assert store.lease_acquire("u", "l3", 2, "host:1", T0_US, W) == (False, 2)
+    assert store.lease_acquire("v", "l4", 1, "host:1", T0_US, W) == (True, 1)
+    assert {(x.key, x.lease_id, x.owner) for x in store.leases()} == {
+        ("u", "l1", "host:1"), ("u", "l2", "host:2"), ("v", "l4", "host:1")
+    }
+    assert store.lease_release("u", "l1") and not store.lease_release("u", "l1")
+    assert store.lease_acquire("u", "l3", 2, "host:1", T0_US, W) == (True, 2)
+    # an expired lease (its process never gave it back) frees its place
+    assert store.lease_acquire("u", "l5", 2, "host:1", T0_US + W, W) == (True, 1)
+
+
+def test_api_keys_round_trip_and_revoke_once(store: StateStore) -> None:
+    from candela_mitm.state.ports import KeyRecord
+
+    a = KeyRecord("k_a", "a" * 64, "u", "ci", "admin", T0_US, expires_us=T0_US + 10)
+    b = KeyRecord("k_b", "b" * 64, "v", "", "v", T0_US + 1)
+    store.put_api_key(a)
+    store.put_api_key(b)
+    assert store.api_key("a" * 64) == a and store.api_key("c" * 64) is None
+    assert store.api_keys() == [a, b] and store.api_keys("v") == [b]
+    assert a.valid_at(T0_US + 9) and not a.valid_at(T0_US + 10)  # expired at its expiry
+    assert store.revoke_api_key("k_b", T0_US + 5) == b  # answered as it was
+    revoked = store.api_key("b" * 64)
+    assert revoked is not None and revoked.revoked_us == T0_US + 5
+    assert not revoked.valid_at(T0_US + 2)
+    # a second revocation keeps the first time
+    assert store.revoke_api_key("k_b", T0_US + 9) == revoked
+    assert store.api_key("b" * 64).revoked_us == T0_US + 5
+    assert store.revoke_api_key("k_nonesuch", T0_US) is None
+
+
+def test_api_key_expiry_only_comes_forward(store: StateStore) -> None:
+    from candela_mitm.state.ports import KeyRecord
+
+    forever = KeyRecord("k_a", "a" * 64, "u", "", "u", T0_US)
+    dated = KeyRecord("k_b", "b" * 64, "u", "", "u", T0_US, expires_us=T0_US + 100)
+    store.put_api_key(forever)
+    store.put_api_key(dated)
+    assert store.expire_api_key("k_a", T0_US + 50) == forever
+    assert store.api_key("a" * 64).expires_us == T0_US + 50
+    assert store.expire_api_key("k_b", T0_US + 500) == dated  # later: unchanged
+    assert store.api_key("b" * 64).expires_us == T0_US + 100
+    store.expire_api_key("k_b", T0_US + 10)
+    assert store.api_key("b" * 64).expires_us == T0_US + 10
+    assert [k.expires_us for k in store.api_keys("u")] == [T0_US + 50, T0_US + 10]
+    assert store.revoke_api_key("k_b", T0_US + 1).expires_us == T0_US + 10
+    assert store.expire_api_key("k_nonesuch", T0_US) is None
