@@ -35,6 +35,7 @@ HOOK_ORDER: dict[str, list[str]] = {
         "Router",
         "Admin",
         "ModelPolicy",
+        "WebSocket",
         "RateLimit",
         "Budget",
         "LocalUi",
@@ -48,6 +49,10 @@ HOOK_ORDER: dict[str, list[str]] = {
     # a failed flow: the reservation is released before the entry that records the failure
     "error": ["Metrics", "Budget", "Upstream", "Accounting", "Spans", "Audit"],
     "done": ["LocalUi", "Upstream"],
+    # a WebSocket session after its upgrade: only WebSocket reads its frames
+    "websocket_start": ["WebSocket"],
+    "websocket_message": ["WebSocket"],
+    "websocket_end": ["WebSocket"],
 }
 
 
