@@ -122,6 +122,8 @@ class WebSocket:
         if c is None or s is None or flow.websocket is None:
             return
         msg = flow.websocket.messages[-1]
+        if msg.injected:  # Candela's own error event, on its way to the client
+            return
         if s.cut:
             msg.drop()  # racing the close: nothing more reaches either side
             return

@@ -1,0 +1,309 @@
+"""Issue 15 end to end: WebSocket sessions through a real candela-server to a fake provider.
+
+OpenAI Realtime, the Responses API's WebSocket mode and Gemini Live, each spoken by
+tests/fakes/realtime.py: models checked at the upgrade and frame by frame, every usage frame
+settled, a session cut when the budget runs out, a dropped session charged its reservation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from candela_mitm.audit.query import query_entries
+from candela_mitm.config import State, parse_config
+from candela_mitm.governance.ledger import Ledger
+from candela_mitm.providers.pricing import PricingTable
+from candela_mitm.providers.usage import Usage
+from candela_mitm.state import open_state_store
+from tests.fakes.candela import CandelaProcess
+from tests.fakes.google_oauth import FakeTokenServer
+from tests.fakes.realtime import Closed, FakeRealtime, RtUsage, WsClient
+from tests.fakes.upstream import OPENAI_KEY
+
+from .conftest import ALICE_KEY, BOB_KEY, base_config, candela_env
+
+pytestmark = pytest.mark.e2e
+ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
+BOB = {"Authorization": f"Bearer {BOB_KEY}"}
+USER = "alice@example.com"
+SLICE = 0.05
+PRICES = PricingTable.from_config(parse_config({}))
+REALTIME = "/proxy/openai/v1/realtime?model=gpt-realtime"
+RESPONSES = "/proxy/openai/v1/responses"
+LIVE = "/proxy/google/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
+LIVE_MODEL = "gemini-live-2.5-flash-preview"
+VERTEX_LIVE = "/proxy/anthropic-vertex/ws/google.cloud.aiplatform.v1.LlmBidiService.BidiGenerateContent"
+
+
+def cost(model: str, u: RtUsage, protocol: str) -> float:
+    price = PRICES.get(model)
+    assert price is not None
+    usage = Usage(u.input_text + u.input_audio, u.output_text + u.output_audio, u.cached)
+    if protocol != "openai-responses":
+        usage.input_audio_tokens = u.input_audio
+        usage.output_audio_tokens = u.output_audio
+    return price.cost(usage)
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeRealtime]:
+    with FakeRealtime() as f:
+        yield f
+
+
+@pytest.fixture(autouse=True)
+def _reset(fake: FakeRealtime) -> None:
+    fake.reset()
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory, fake: FakeRealtime) -> Iterator[CandelaProcess]:
+    tmp = tmp_path_factory.mktemp("candela-ws")
+    with FakeTokenServer() as tokens:
+        cfg = base_config(
+            fake.url,
+            users={
+                USER: {"tenants": ["research-team"], "requests_per_minute": 100_000},
+                "bob@example.com": {"daily_budget_usd": 0.05},
+            },
+            governance={
+                "budgets": {"default_daily_usd": 1000.0},
+                "websocket": {"reserve_usd": SLICE, "max_sessions_per_user": 3},
+                "models": {
+                    "mode": "blocklist",
+                    "blocked": ["gpt-4o-realtime-preview", "gemini-2.5-pro", "gpt-4o"],
+                },
+            },
+        )
+        with CandelaProcess(tmp, cfg, env=candela_env(tokens, tmp)) as c:
+            yield c
+
+
+def ledger_of(c: CandelaProcess) -> Ledger:
+    state = yaml.safe_load(c.config_path.read_text())["state"]
+    return Ledger(open_state_store(State(**state)))
+
+
+def settled(led: Ledger, user: str = USER, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while led.status(user, 1000.0).reserved_usd > 0:
+        if time.monotonic() > deadline:
+            raise AssertionError("the session's slice was never settled nor released")
+        time.sleep(0.05)
+
+
+def session_entry(c: CandelaProcess, client: WsClient, timeout: float = 10.0) -> dict[str, Any]:
+    """The llm_session entry of the session `client` opened (its upgrade's span id)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for r in query_entries(c.tmp / "audit.db", action="llm_session", limit=1000):
+            if r["fields"].get("span_id") == client.span_id:
+                return dict(r["fields"])
+        if time.monotonic() > deadline:
+            raise AssertionError("no llm_session entry")
+        time.sleep(0.05)
+
+
+def is_type(name: str) -> Any:
+    return lambda e: e.get("type") == name
+
+
+# --- model policy --------------------------------------------------------------------------
+
+
+def test_a_url_named_model_denied_is_refused_before_the_upgrade(proxy, fake):
+    client = WsClient(proxy.port, "/proxy/openai/v1/realtime?model=gpt-4o-realtime-preview", ALICE)
+    assert client.status == 403
+    assert client.rejection["error"] == "model_not_allowed"
+    time.sleep(0.2)
+    assert fake.sessions == []  # nothing reached the provider
+
+
+def test_an_upgrade_without_a_credential_is_refused(proxy, fake):
+    client = WsClient(proxy.port, REALTIME, {})
+    assert client.status == 401 and fake.sessions == []
+
+
+def test_a_denied_model_in_the_setup_frame_ends_the_session_before_it_is_forwarded(proxy, fake):
+    client = WsClient(proxy.port, LIVE, ALICE)
+    assert client.status == 101
+    client.send({"setup": {"model": "models/gemini-2.5-pro"}})
+    err = client.recv()
+    assert err["error"]["status"] == "PERMISSION_DENIED"
+    assert err["error"]["details"][0]["reason"] == "model_not_allowed"
+    with pytest.raises(Closed) as closed:
+        client.recv()
+    assert closed.value.code == 1008
+    s = fake.last()
+    assert s.ended.wait(5)
+    assert s.frames == [] and s.close_code == 1008  # the setup frame never left Candela
+    e = session_entry(proxy, client)
+    assert e["ended_by"] == "policy" and e["error"] == "model_not_allowed"
+    assert e["cost_usd"] == 0  # nothing reached a model: the slice is given back
+
+
+def test_a_frame_before_the_setup_is_refused(proxy, fake):
+    client = WsClient(proxy.port, LIVE, ALICE)
+    client.send({"clientContent": {"turns": [{"role": "user", "parts": [{"text": "hi"}]}]}})
+    err = client.recv()
+    assert err["error"]["details"][0]["reason"] == "websocket_model_required"
+    with pytest.raises(Closed):
+        client.recv()
+    s = fake.last()
+    assert s.ended.wait(5) and s.frames == []
+
+
+def test_a_model_switched_mid_session_is_checked_again(proxy, fake):
+    client = WsClient(proxy.port, REALTIME, ALICE)
+    assert client.status == 101
+    assert client.recv()["type"] == "session.created"
+    client.send({"type": "session.update", "session": {"type": "realtime", "instructions": "x"}})
+    assert client.recv()["type"] == "session.updated"  # no model named: forwarded
+    client.send({"type": "session.update", "session": {"model": "gpt-4o-realtime-preview"}})
+    err = client.recv()
+    assert err["type"] == "error" and err["error"]["code"] == "model_not_allowed"
+    with pytest.raises(Closed) as closed:
+        client.recv()
+    assert closed.value.code == 1008
+    s = fake.last()
+    assert s.ended.wait(5)
+    assert [f["type"] for f in s.frames] == ["session.update"]  # the switch never reached it
+    assert s.close_code == 1008
+
+
+def test_responses_websocket_checks_the_model_of_each_response_create(proxy, fake):
+    client = WsClient(proxy.port, RESPONSES, ALICE)
+    client.send({"type": "response.create", "model": "gpt-4o-mini", "input": "hi"})
+    got = client.recv_until(is_type("response.completed"))
+    assert got[-1]["response"]["usage"]["input_tokens"] == 100
+    client.send({"type": "response.create", "model": "gpt-4o", "input": "hi"})
+    err = client.recv()
+    assert err == {"type": "error", "code": "model_not_allowed", "message": err["message"], "param": None}
+    with pytest.raises(Closed):
+        client.recv()
+    s = fake.last()
+    assert s.ended.wait(5)
+    assert [f["model"] for f in s.frames] == ["gpt-4o-mini"]
+
+
+# --- metering ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path, first, work, done, model, protocol",
+    [
+        (REALTIME, None, {"type": "response.create"}, "response.done", "gpt-realtime",
+         "openai-realtime"),
+        (LIVE, {"setup": {"model": f"models/{LIVE_MODEL}"}},
+         {"realtimeInput": {"text": "hi"}}, "usageMetadata", LIVE_MODEL, "gemini-live"),
+        (VERTEX_LIVE,
+         {"setup": {"model": f"projects/proj/locations/us-east5/publishers/google/models/{LIVE_MODEL}"}},
+         {"clientContent": {"turns": [], "turnComplete": True}}, "usageMetadata", LIVE_MODEL,
+         "gemini-live"),
+    ],
+)
+def test_an_allowed_session_is_metered_per_usage_frame(proxy, fake, path, first, work, done, model, protocol):
+    fake.usage = RtUsage(input_text=300, input_audio=2000, output_text=50, output_audio=1200)
+    led = ledger_of(proxy)
+    spent = led.spent_today(USER)
+    client = WsClient(proxy.port, path, ALICE)
+    if first is None:
+        client.recv()  # session.created
+    else:
+        client.send(first)
+        client.recv()  # setupComplete
+    for _ in range(2):
+        client.send(work)
+        client.recv_until(lambda e: e.get("type") == done or done in e)
+    client.close()
+    s = fake.last()
+    # forwarded with the organisation's credential, never the caller's Candela key
+    assert s.headers["authorization"].startswith("Bearer ")
+    assert ALICE_KEY not in " ".join(s.headers.values())
+    if protocol == "openai-realtime":
+        assert s.headers["authorization"] == f"Bearer {OPENAI_KEY}"
+    e = session_entry(proxy, client)
+    settled(led)
+    one = cost(model, fake.usage, protocol)
+    assert e["cost_usd"] == pytest.approx(2 * one, rel=1e-6)
+    assert led.spent_today(USER) - spent == pytest.approx(2 * one, rel=1e-6)
+    assert e["usage_source"] == "reported" and e["ended_by"] == "client"
+    assert e["usage_frames"] == 2 and e["models"] == [model]
+    assert e["tokens"]["input_audio"] == 4000 and e["tokens"]["output_audio"] == 2400
+    assert e["tokens"]["input_text"] == 600 and e["tokens"]["output_text"] == 100
+    assert e["frames_from_client"] == (2 if first is None else 3)
+
+
+def test_a_session_is_cut_when_the_budget_runs_out(proxy, fake):
+    # bob's budget is $0.05 and a slice $0.05: each response costs about a third of it
+    fake.usage = RtUsage(input_text=1000, output_audio=200)
+    one = cost("gpt-realtime", fake.usage, "openai-realtime")
+    assert 0.05 / 3 < one * 1.01 and one * 2 < 0.05
+    led = ledger_of(proxy)
+    client = WsClient(proxy.port, REALTIME, BOB)
+    assert client.status == 101
+    client.recv()
+    done = 0
+    error = None
+    with pytest.raises(Closed) as closed:
+        while True:
+            client.send({"type": "response.create"})
+            for ev in client.recv_until(lambda e: e.get("type") in ("response.done", "error")):
+                if ev["type"] == "response.done":
+                    done += 1
+                elif ev["type"] == "error":
+                    error = ev
+                    client.recv()  # the close follows the error event
+    assert closed.value.code == 1008
+    assert error is not None and error["error"]["code"] == "budget_exceeded"
+    s = fake.last()
+    assert s.ended.wait(5) and s.close_code == 1008
+    # every frame the fake got was answered and paid for: nothing after the cut reached it
+    assert len(s.frames) == done
+    e = session_entry(proxy, client)
+    assert e["ended_by"] == "budget" and e["error"] == "budget_exceeded"
+    settled(led, "bob@example.com")
+    assert led.spent_today("bob@example.com") == pytest.approx(done * one, rel=1e-6)
+    assert led.spent_today("bob@example.com") >= 0.05
+    # and the next upgrade is refused at the door
+    again = WsClient(proxy.port, REALTIME, BOB)
+    assert again.status == 402 and again.rejection["error"] == "budget_exceeded"
+
+
+def test_a_session_dropped_by_the_client_is_charged_its_reservation(proxy, fake):
+    led = ledger_of(proxy)
+    spent = led.spent_today(USER)
+    client = WsClient(proxy.port, REALTIME, ALICE)
+    client.recv()
+    # audio sent, no response yet: work the provider may bill, and no usage frame will tell
+    client.send({"type": "input_audio_buffer.append", "audio": "AAAA"})
+    s = fake.last()
+    deadline = time.monotonic() + 5
+    while not s.frames and time.monotonic() < deadline:
+        time.sleep(0.02)
+    client.drop()
+    e = session_entry(proxy, client)
+    settled(led)
+    assert e["ended_by"] == "client" and e["usage_source"] == "reserved"
+    assert e["cost_usd"] == pytest.approx(SLICE)
+    assert led.spent_today(USER) - spent == pytest.approx(SLICE)
+
+
+# --- bounds --------------------------------------------------------------------------------
+
+
+def test_sessions_per_user_are_bounded(proxy, fake):
+    open_ = [WsClient(proxy.port, REALTIME, ALICE) for _ in range(3)]
+    assert all(c.status == 101 for c in open_)
+    for c in open_:
+        c.recv()
+    fourth = WsClient(proxy.port, REALTIME, ALICE)
+    assert fourth.status == 429
+    assert fourth.rejection["error"] == "websocket_sessions_exceeded"
+    for c in open_:
+        c.close()
