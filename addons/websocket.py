@@ -255,6 +255,7 @@ class WebSocket:
         self.open.release(s.user)
         assert c.plan is not None
         provider = c.plan.upstream.name
+        c.usage_source = None
         if s.budget is not None:
             try:
                 await self.rt.store_call(s.budget.close, s.tally.model or "")
@@ -262,7 +263,10 @@ class WebSocket:
                 # the slice stays held in the store: the next start settles it at its amount
                 log.exception("could not settle the session's reservation")
             c.cost_usd = s.budget.charged_usd
-            c.usage_source = "reserved" if s.budget.charged_reservation else "reported"
+            if s.budget.charged_reservation:
+                c.usage_source = "reserved"
+            elif s.tally.usage_frames:
+                c.usage_source = "reported"
         c.usage = s.tally.usage
         self._observe(c, s, provider)
 

@@ -307,3 +307,67 @@ def test_sessions_per_user_are_bounded(proxy, fake):
     assert fourth.rejection["error"] == "websocket_sessions_exceeded"
     for c in open_:
         c.close()
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory: pytest.TempPathFactory, fake: FakeRealtime) -> Iterator[CandelaProcess]:
+    """A proxy with small session bounds: 2 KB messages, 5 messages a second, 1 s idle."""
+    tmp = tmp_path_factory.mktemp("candela-ws-tight")
+    with FakeTokenServer() as tokens:
+        cfg = base_config(
+            fake.url,
+            users={USER: {"tenants": ["research-team"], "requests_per_minute": 100_000}},
+            governance={
+                "budgets": {"default_daily_usd": 1000.0},
+                "websocket": {
+                    "reserve_usd": SLICE,
+                    "max_frame_bytes": 2048,
+                    "frames_per_second": 5,
+                    "idle_timeout_s": 1.0,
+                },
+            },
+        )
+        with CandelaProcess(tmp, cfg, env=candela_env(tokens, tmp)) as c:
+            yield c
+
+
+def _refused_with(client: WsClient, code: str, close: int = 1008) -> None:
+    err = client.recv()
+    assert err["type"] == "error" and err["error"]["code"] == code
+    with pytest.raises(Closed) as closed:
+        client.recv()
+    assert closed.value.code == close
+
+
+def test_a_frame_over_the_size_limit_closes_the_session_unforwarded(tight, fake):
+    client = WsClient(tight.port, REALTIME, ALICE)
+    client.recv()
+    client.send({"type": "input_audio_buffer.append", "audio": "A" * 4096})
+    _refused_with(client, "websocket_frame_too_large", close=1009)
+    s = fake.last()
+    assert s.ended.wait(5) and s.frames == []
+    assert session_entry(tight, client)["ended_by"] == "frame_too_large"
+
+
+def test_too_many_frames_a_second_close_the_session(tight, fake):
+    client = WsClient(tight.port, REALTIME, ALICE)
+    client.recv()  # session.created: one frame of this second, or of the one before
+    # 12 at once: whichever second boundary falls among them, one second holds more than 5
+    for _ in range(12):
+        client.send({"type": "input_audio_buffer.append", "audio": "AAAA"})
+    events = client.recv_until(is_type("error"))
+    assert events[-1]["error"]["code"] == "websocket_rate_limited"
+    with pytest.raises(Closed):
+        client.recv()
+    s = fake.last()
+    assert s.ended.wait(5) and len(s.frames) < 12  # the refused frames never left
+    assert session_entry(tight, client)["ended_by"] == "rate_limited"
+
+
+def test_an_idle_session_is_closed(tight, fake):
+    client = WsClient(tight.port, REALTIME, ALICE)
+    client.recv()
+    _refused_with(client, "websocket_idle_timeout")  # nothing sent: the session times out
+    e = session_entry(tight, client)
+    # nothing was forwarded: the slice is given back, nothing is charged
+    assert e["ended_by"] == "idle" and e["usage_source"] is None and e["cost_usd"] == 0
