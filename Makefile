@@ -33,6 +33,7 @@ system: $(STAMP)
 sdk:
 	bash scripts/sdk-venv.sh $(SDK_VENV)
 	bash scripts/claude-code.sh .claude-code
+	bash scripts/node-ws.sh .node-ws
 
 run: $(STAMP)
 	$(VENV)/bin/candela-server $(if $(CONFIG),--config $(CONFIG))

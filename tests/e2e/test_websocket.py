@@ -7,8 +7,12 @@ settled, a session cut when the budget runs out, a dropped session charged its r
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +28,7 @@ from tests.fakes.candela import CandelaProcess
 from tests.fakes.google_oauth import FakeTokenServer
 from tests.fakes.realtime import Closed, FakeRealtime, RtUsage, WsClient
 from tests.fakes.upstream import OPENAI_KEY
+from tests.required import require
 
 from .conftest import ALICE_KEY, BOB_KEY, base_config, candela_env
 
@@ -371,3 +376,88 @@ def test_an_idle_session_is_closed(tight, fake):
     e = session_entry(tight, client)
     # nothing was forwarded: the slice is given back, nothing is charged
     assert e["ended_by"] == "idle" and e["usage_source"] is None and e["cost_usd"] == 0
+
+
+# --- real clients, unchanged ---------------------------------------------------------------
+
+SDK_REALTIME = """
+import asyncio, json, os
+from openai import AsyncOpenAI
+
+async def main():
+    client = AsyncOpenAI(api_key=os.environ["KEY"], base_url=os.environ["BASE"])
+    try:
+        async with client.realtime.connect(model=os.environ["MODEL"]) as conn:
+            first = await conn.recv()
+            print(json.dumps({"event": first.type}))
+            await conn.response.create()
+            async for event in conn:
+                print(json.dumps({"event": event.type}))
+                if event.type == "response.done":
+                    print(json.dumps({"usage": event.response.usage.model_dump()}))
+                    break
+    except Exception as e:
+        print(json.dumps({"refused": type(e).__name__, "detail": str(e)[:300]}))
+
+asyncio.run(main())
+"""
+
+
+def test_the_openai_sdk_realtime_client_works_unchanged(proxy, fake, sdk):
+    from .conftest import sdk_json
+
+    fake.usage = RtUsage(input_text=40, input_audio=0, output_text=7, output_audio=0)
+    env = {"KEY": ALICE_KEY, "BASE": proxy.url + "/proxy/openai/v1", "MODEL": "gpt-realtime"}
+    out = sdk_json(SDK_REALTIME, env=env)
+    events = [o["event"] for o in out if "event" in o]
+    assert events[0] == "session.created" and events[-1] == "response.done", out
+    usage = next(o["usage"] for o in out if "usage" in o)
+    assert usage["input_tokens"] == 40 and usage["output_tokens"] == 7
+    s = fake.last()
+    assert s.query["model"] == ["gpt-realtime"] and [f["type"] for f in s.frames] == ["response.create"]
+    assert s.headers["authorization"] == f"Bearer {OPENAI_KEY}"
+    # a model the policy denies: refused at the upgrade, the SDK sees the 403
+    fake.reset()
+    out = sdk_json(SDK_REALTIME, env={**env, "MODEL": "gpt-4o-realtime-preview"})
+    assert "refused" in out[0] and "403" in out[0]["detail"], out
+    assert fake.sessions == []
+
+
+NODE_WS = Path(__file__).resolve().parents[2] / ".node-ws" / "node_modules"
+NODE_CLIENT = """
+const WebSocket = require("ws");
+const ws = new WebSocket(process.env.URL, {headers: {Authorization: "Bearer " + process.env.KEY}});
+const seen = [];
+ws.on("message", (data) => {
+  const e = JSON.parse(data.toString());
+  seen.push(e.type);
+  if (e.type === "session.created") ws.send(JSON.stringify({type: "response.create"}));
+  if (e.type === "response.done") {
+    console.log(JSON.stringify({seen, usage: e.response.usage}));
+    ws.close(1000);
+  }
+});
+ws.on("unexpected-response", (req, res) => { console.log(JSON.stringify({status: res.statusCode})); process.exit(0); });
+ws.on("error", (err) => { console.log(JSON.stringify({error: String(err)})); process.exit(1); });
+"""
+
+
+def test_a_node_ws_client_works_unchanged(proxy, fake):
+    if not (NODE_WS / "ws" / "package.json").is_file():
+        require("the Node ws client: run scripts/node-ws.sh (make test does)")
+    fake.usage = RtUsage(input_text=12, input_audio=0, output_text=3, output_audio=0)
+    url = f"ws://127.0.0.1:{proxy.port}{REALTIME}"
+    env = {**os.environ, "NODE_PATH": str(NODE_WS), "URL": url, "KEY": ALICE_KEY}
+    proc = subprocess.run(["node", "-e", NODE_CLIENT], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["seen"][0] == "session.created" and out["seen"][-1] == "response.done"
+    assert out["usage"]["input_tokens"] == 12
+    assert [f["type"] for f in fake.last().frames] == ["response.create"]
+    denied = subprocess.run(
+        ["node", "-e", NODE_CLIENT],
+        env={**env, "URL": url.replace("gpt-realtime", "gpt-4o-realtime-preview")},
+        capture_output=True, text=True, timeout=30,
+    )
+    assert json.loads(denied.stdout.strip().splitlines()[-1]) == {"status": 403}
+    assert len(fake.sessions) == 1  # the denied one never reached the provider
