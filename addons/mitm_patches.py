@@ -294,6 +294,7 @@ def install_websocket_close() -> None:
         self._handle_event = self.done
 
     relay_messages.candela_close = True
+    relay_messages.candela_original = original
     cls.relay_messages = relay_messages  # type: ignore[method-assign]
 
 

@@ -359,8 +359,9 @@ def test_the_websocket_layer_dispatches_through_relay_messages():
 def test_install_websocket_close_wraps_once(monkeypatch):
     from mitmproxy.proxy.layers import websocket as wsl
 
-    monkeypatch.setattr(wsl.WebsocketLayer, "relay_messages", wsl.WebsocketLayer.relay_messages)
-    original = wsl.WebsocketLayer.relay_messages
+    current = wsl.WebsocketLayer.relay_messages  # wrapped already if a pipeline was built
+    original = getattr(current, "candela_original", current)
+    monkeypatch.setattr(wsl.WebsocketLayer, "relay_messages", original)
     mitm_patches.install_websocket_close()
     wrapped = wsl.WebsocketLayer.relay_messages
     assert wrapped is not original and wrapped.candela_close
