@@ -110,7 +110,7 @@ class WebSocket:
         if plan.model:
             s.tally.use_model(plan.model)
         c.session = s
-        self.open.acquire(user, 1 << 30)  # bounded at the upgrade (request), counted here
+        self.open.add(user)  # bounded at the upgrade (request), counted from here
         self.rt.metrics.sessions_open.labels(plan.upstream.name).inc()
         self._idle[flow.id] = asyncio.get_running_loop().create_task(self._watch_idle(flow, s))
 
@@ -148,7 +148,7 @@ class WebSocket:
             denial = errors.websocket_frame_too_large(self.cfg.max_frame_bytes, size)
             self._cut(flow, c, s, "frame_too_large", denial, TOO_BIG_CLOSE)
             return
-        if not s.rate.allow(now):
+        if msg.from_client and not s.rate.allow(now):
             msg.drop()
             self._cut(flow, c, s, "rate_limited", errors.websocket_rate_limited(s.rate.limit))
             return
@@ -166,8 +166,14 @@ class WebSocket:
         realtime.add_usage(s.tally.usage, usage)
         if s.budget is None:
             return
-        model = s.tally.model or ""
+        # priced as the model that served it, when the frame says (a Responses session may run
+        # several), else the session's model in force
+        assert frame is not None  # it carried the usage
+        model = realtime.model_reported(frame) or s.tally.model or ""
         price = self.rt.pricing.get(model, s.budget.provider) if model else None
+        if price is None and s.tally.model:
+            model = s.tally.model
+            price = self.rt.pricing.get(model, s.budget.provider)
         cost = price.cost(usage) if price is not None else 0.0
         funded = await self.rt.store_call(s.budget.settle, cost, usage, model)
         if not funded:  # this frame still reaches the client; nothing after it does

@@ -167,7 +167,7 @@ class WebSocketSessions(_Model):
     # held at the upgrade, settled and topped up from the remaining budget at each usage frame
     reserve_usd: float = Field(default=0.05, gt=0)
     max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1)  # one assembled message
-    frames_per_second: int = Field(default=200, ge=1)  # per session, each direction counted
+    frames_per_second: int = Field(default=200, ge=1)  # client messages, per session
     idle_timeout_s: float = Field(default=600.0, gt=0)  # no frame either way for this long
     max_sessions_per_user: int = Field(default=8, ge=1)  # open at once, per proxy process
 

@@ -100,7 +100,8 @@ class SessionBudget:
 
 
 class FrameRate:
-    """Frames per second of one session, over the current one-second window."""
+    """Client frames per second of one session, over the current one-second window (what the
+    provider answers is its own pace: a fast stream of deltas is never cut)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -128,6 +129,11 @@ class OpenSessions:
                 return False
             self._open[user] += 1
             return True
+
+    def add(self, user: str) -> None:
+        """Count a session admitted earlier (at its upgrade, by `count`)."""
+        with self._lock:
+            self._open[user] += 1
 
     def release(self, user: str) -> None:
         with self._lock:

@@ -48,7 +48,9 @@ _ABSENT = object()
 
 
 def _model_field(protocol: str, frame: Frame) -> object:
-    """The raw `model` value a client frame sets, or _ABSENT when it sets none."""
+    """The raw `model` value a client frame sets, or _ABSENT when it sets none. A Responses
+    `response.create` naming two different models (top level and `response`) is ambiguous: it
+    sets None, which names no model and is refused."""
     kind = frame.get("type")
     if protocol == "openai-realtime":
         session = frame.get("session")
@@ -57,9 +59,14 @@ def _model_field(protocol: str, frame: Frame) -> object:
     elif protocol == "openai-responses":
         if kind == "response.create":
             inner = frame.get("response")
-            if isinstance(inner, dict) and "model" in inner:
-                return inner["model"]
-            return frame.get("model", _ABSENT)
+            named = [
+                where["model"]
+                for where in (frame, inner)
+                if isinstance(where, dict) and "model" in where
+            ]
+            if not named:
+                return _ABSENT
+            return named[0] if all(m == named[0] for m in named) else None
     elif protocol == "gemini-live":
         setup = frame.get("setup")
         if isinstance(setup, dict):
@@ -125,6 +132,13 @@ def _live_usage(frame: Frame) -> Usage | None:
         if live in m and rest not in m:
             m[rest] = m.pop(live)
     return usage_from_gemini({"usageMetadata": m})
+
+
+def model_reported(frame: Frame) -> str | None:
+    """The model a usage frame says served the response (Responses and Realtime carry
+    `response.model`; Live does not), or None."""
+    resp = frame.get("response")
+    return _model_name(resp.get("model")) if isinstance(resp, dict) else None
 
 
 def usage_of(protocol: str, frame: Frame) -> Usage | None:

@@ -10,6 +10,7 @@ from candela_mitm.providers.realtime import (
     add_usage,
     error_event,
     model_named,
+    model_reported,
     names_model_badly,
     parse_frame,
     tokens_by_kind,
@@ -46,6 +47,8 @@ def test_model_named(protocol, frame, model):
     [
         (RT, {"type": "session.update", "session": {"model": ""}}),
         (RESP, {"type": "response.create", "model": 42}),
+        # two models in one frame: which one the provider runs is not Candela's guess
+        (RESP, {"type": "response.create", "model": "gpt-4o-mini", "response": {"model": "gpt-4o"}}),
         (LIVE, {"setup": {"model": "models/"}}),
         (LIVE, {"setup": {"model": None}}),
     ],
@@ -97,6 +100,13 @@ def test_responses_usage_frames():
 )
 def test_frames_without_usage(protocol, frame):
     assert usage_of(protocol, frame) is None
+
+
+def test_the_model_a_usage_frame_reports():
+    done = usage_event(RESP, RtUsage(), 1)
+    done["response"]["model"] = "gpt-4o-mini-2024-07-18"
+    assert model_reported(done) == "gpt-4o-mini-2024-07-18"
+    assert model_reported({"usageMetadata": {}}) is None
 
 
 def test_add_usage_sums_every_kind():
