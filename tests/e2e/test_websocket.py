@@ -299,6 +299,51 @@ def test_a_session_dropped_by_the_client_is_charged_its_reservation(proxy, fake)
     assert led.spent_today(USER) - spent == pytest.approx(SLICE)
 
 
+def test_a_session_the_upstream_cuts_mid_response_is_charged_its_reservation(proxy, fake):
+    fake.cut_mid_response = True
+    led = ledger_of(proxy)
+    spent = led.spent_today(USER)
+    client = WsClient(proxy.port, REALTIME, ALICE)
+    client.recv()
+    client.send({"type": "response.create"})
+    assert client.recv()["type"] == "response.created"
+    with pytest.raises(Closed):
+        client.recv()
+    e = session_entry(proxy, client)
+    settled(led)
+    assert e["ended_by"] == "upstream" and e["usage_source"] == "reserved"
+    assert led.spent_today(USER) - spent == pytest.approx(SLICE)
+
+
+def test_a_session_held_by_a_proxy_that_died_is_charged_its_slice_at_the_next_start(
+    tmp_path, fake
+):
+    with FakeTokenServer() as tokens:
+        cfg = base_config(
+            fake.url,
+            users={USER: {"tenants": ["research-team"], "requests_per_minute": 100_000}},
+            governance={"websocket": {"reserve_usd": SLICE}},
+        )
+        c = CandelaProcess(tmp_path, cfg, env=candela_env(tokens, tmp_path)).start()
+        try:
+            client = WsClient(c.port, REALTIME, ALICE)
+            client.recv()
+            client.send({"type": "input_audio_buffer.append", "audio": "AAAA"})
+            s = fake.last()
+            deadline = time.monotonic() + 5
+            while not s.frames and time.monotonic() < deadline:
+                time.sleep(0.02)
+            c.stop(kill=True)  # the proxy dies mid-session: no websocket_end, no settle
+            client.drop()
+            led = ledger_of(c)
+            assert led.status(USER, 1000.0).reserved_usd == pytest.approx(SLICE)
+            c.start()  # the next start settles the dead process's slice at its amount
+            assert led.status(USER, 1000.0).reserved_usd == 0
+            assert led.spent_today(USER) == pytest.approx(SLICE)
+        finally:
+            c.stop()
+
+
 # --- bounds --------------------------------------------------------------------------------
 
 

@@ -157,6 +157,9 @@ class FakeRealtime:
 
     def __init__(self) -> None:
         self.usage = RtUsage()
+        # answer a request for work with its first event, then drop the TCP connection (an
+        # upstream that fails mid-response: no usage event ever comes)
+        self.cut_mid_response = False
         self.sessions: list[Session] = []
         self._lock = threading.Lock()
         self._sock = socket.socket()
@@ -183,6 +186,7 @@ class FakeRealtime:
         with self._lock:
             self.sessions.clear()
         self.usage = RtUsage()
+        self.cut_mid_response = False
 
     def last(self, timeout: float = 5.0) -> Session:
         deadline = time.monotonic() + timeout
@@ -233,7 +237,11 @@ class FakeRealtime:
                         buf = ""
                         session.frames.append(frame)
                         seq += 1
-                        for answer in _answers(session.protocol, frame, self.usage, seq):
+                        answers = _answers(session.protocol, frame, self.usage, seq)
+                        if self.cut_mid_response and len(answers) > 1:
+                            conn.sendall(ws.send(ev.TextMessage(json.dumps(answers[0]))))
+                            return
+                        for answer in answers:
                             text = json.dumps(answer)
                             if session.protocol == "gemini-live":  # Live sends JSON as binary
                                 conn.sendall(ws.send(ev.BytesMessage(text.encode())))
