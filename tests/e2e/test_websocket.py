@@ -42,7 +42,7 @@ REALTIME = "/proxy/openai/v1/realtime?model=gpt-realtime"
 RESPONSES = "/proxy/openai/v1/responses"
 LIVE = "/proxy/google/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
 LIVE_MODEL = "gemini-live-2.5-flash-preview"
-VERTEX_LIVE = "/proxy/anthropic-vertex/ws/google.cloud.aiplatform.v1.LlmBidiService.BidiGenerateContent"
+VERTEX_LIVE = "/proxy/anthropic-vertex/ws/google.cloud.aiplatform.v1.LlmBidiService/BidiGenerateContent"
 
 
 def cost(model: str, u: RtUsage, protocol: str) -> float:

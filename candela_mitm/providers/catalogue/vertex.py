@@ -30,7 +30,7 @@ def _vertex(v: str) -> tuple[Operation, ...]:
 # read in the project: none is forwarded unless an operator allows it. {project} and {location}
 # must be the route's configured ones.
 # Vertex Live: Gemini Live's protocol; the setup frame names the model by its full resource name
-_LIVE = "/ws/google.cloud.aiplatform.{v}.LlmBidiService.BidiGenerateContent"
+_LIVE = "/ws/google.cloud.aiplatform.{v}.LlmBidiService/BidiGenerateContent"
 LIVE: tuple[Operation, ...] = tuple(
     session(_LIVE.format(v=v), "gemini.live.bidiGenerateContent", model="frame",
             protocol="gemini-live")

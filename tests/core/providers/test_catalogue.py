@@ -541,7 +541,7 @@ def test_every_metered_row_names_its_model():
          "live.bidiGenerateContent", None, "gemini-live"),
         ("google", "/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContent",
          "live.bidiGenerateContent", None, "gemini-live"),
-        ("anthropic-vertex", "/ws/google.cloud.aiplatform.v1.LlmBidiService.BidiGenerateContent",
+        ("anthropic-vertex", "/ws/google.cloud.aiplatform.v1.LlmBidiService/BidiGenerateContent",
          "gemini.live.bidiGenerateContent", None, "gemini-live"),
     ],
 )
