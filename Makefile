@@ -34,6 +34,7 @@ sdk:
 	bash scripts/sdk-venv.sh $(SDK_VENV)
 	bash scripts/claude-code.sh .claude-code
 	bash scripts/node-sdk.sh .node-sdk
+	bash scripts/node-ws.sh .node-ws
 
 run: $(STAMP)
 	$(VENV)/bin/candela-server $(if $(CONFIG),--config $(CONFIG))

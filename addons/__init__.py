@@ -36,6 +36,7 @@ def pipeline(rt: Runtime) -> list[Any]:
     from .spans import Spans
     from .telemetry import Telemetry
     from .upstream import Upstream
+    from .websocket import WebSocket
 
     audit = Audit(rt)
     # -- the edge: what the request is, before anyone knows who sent it ----------------------
@@ -62,6 +63,9 @@ def pipeline(rt: Runtime) -> list[Any]:
         Auth(rt),  # principal (401) and tenant (403 tenant_not_allowed)
         Admin(rt),  # /admin/v1 (admin-api.md): admin-only routes 403 for developers
         ModelPolicy(rt),  # 403 model_not_allowed, audited allowed or denied (spec 002)
+        # WebSocket upgrades: 429 websocket_sessions_exceeded before anything is reserved; once
+        # open, governs the session frame by frame (models, budget slice, bounds) to its end
+        WebSocket(rt),
         RateLimit(rt),  # 429 rate_limited; makes Budget's reservation in the same store trip
         Budget(rt),  # 402 budget_exceeded / model_price_unknown; reserve, then settle on response
     ]

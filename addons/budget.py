@@ -55,19 +55,22 @@ def reservation_call(
     """
     plan = c.plan
     settings = c.settings
-    if plan is None or settings is None or plan.upstream.spec.local or not plan.model:
+    if plan is None or settings is None or plan.upstream.spec.local:
         return None
-    if not plan.metered:  # a free or operator-allowed read: nothing to reserve
-        return None
-    price = rt.pricing.get(plan.model, plan.upstream.name)
-    if price is None:
-        return None
-    default_max = rt.config.governance.budgets.default_max_output_tokens
-    try:
-        estimate = estimate_cost(c.body, plan.max_output_tokens, default_max, price)
-    except Exception:
-        return None  # Budget.request computes it again, after the rate limit, and fails closed
-    model, provider = plan.model, plan.upstream.name
+    if plan.session:
+        estimate = rt.config.governance.websocket.reserve_usd  # the session's first slice
+    else:
+        if not plan.model or not plan.metered:  # a free or operator-allowed read: nothing held
+            return None
+        price = rt.pricing.get(plan.model, plan.upstream.name)
+        if price is None:
+            return None
+        default_max = rt.config.governance.budgets.default_max_output_tokens
+        try:
+            estimate = estimate_cost(c.body, plan.max_output_tokens, default_max, price)
+        except Exception:
+            return None  # Budget.request computes it again, after the rate limit: fails closed
+    model, provider = plan.model or "", plan.upstream.name
 
     def reserve_now() -> Reservation | BudgetRefusal:
         # on the pool thread while the flow's hook awaits it: nothing else touches the context.
@@ -94,19 +97,26 @@ class Budget:
                 deny(flow, reserved.denial())
             return
         plan = c.plan
-        if plan.upstream.spec.local or not plan.model or not plan.metered:
-            return  # local models and free reads cost nothing and are never blocked by budget
-        price = self.rt.pricing.get(plan.model, plan.upstream.name)
-        if price is None:
-            if self.rt.config.governance.unknown_model_price == "deny":
-                self.rt.metrics.budget_denied.labels(c.tenant or "", "model_price_unknown").inc()
-                deny(flow, errors.model_price_unknown(plan.model))
-                return
-            return  # unknown_model_price: zero
-        default_max = self.rt.config.governance.budgets.default_max_output_tokens
-        c.estimate_usd = estimate_cost(c.body, plan.max_output_tokens, default_max, price)
+        if plan.upstream.spec.local:
+            return  # local models cost nothing and are never blocked by budget
+        if plan.session:
+            c.estimate_usd = self.rt.config.governance.websocket.reserve_usd
+        else:
+            if not plan.model or not plan.metered:
+                return  # free reads cost nothing and are never blocked by budget
+            price = self.rt.pricing.get(plan.model, plan.upstream.name)
+            if price is None:
+                if self.rt.config.governance.unknown_model_price == "deny":
+                    self.rt.metrics.budget_denied.labels(
+                        c.tenant or "", "model_price_unknown"
+                    ).inc()
+                    deny(flow, errors.model_price_unknown(plan.model))
+                    return
+                return  # unknown_model_price: zero
+            default_max = self.rt.config.governance.budgets.default_max_output_tokens
+            c.estimate_usd = estimate_cost(c.body, plan.max_output_tokens, default_max, price)
         result = await self.rt.store_call(
-            reserve, self.rt, c, c.estimate_usd, plan.model, plan.upstream.name
+            reserve, self.rt, c, c.estimate_usd, plan.model or "", plan.upstream.name
         )
         if isinstance(result, BudgetRefusal):
             self.rt.metrics.budget_denied.labels(c.tenant or "", "budget_exceeded").inc()
@@ -118,6 +128,16 @@ class Budget:
         """Settle what the request is charged (governance/accounting.py), or release the hold of
         one that never reached the provider or that the provider refused."""
         if c.reservation is None:
+            return
+        if c.plan is not None and c.plan.session:
+            if flow.response is not None and flow.response.status_code == 101 and not c.denial_code:
+                return  # the session holds it from here: addons/websocket.py settles it
+            # the upgrade was refused or failed before a session began: no frame reached a model
+            res, c.reservation = c.reservation, None
+            try:
+                await self.rt.store_call(self.rt.ledger.release, res)
+            except Exception:
+                log.exception("could not release reservation %s", res.id)
             return
         account_flow(self.rt, flow, c)  # while the reservation is on the context: it is charged
         res, c.reservation = c.reservation, None

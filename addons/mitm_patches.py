@@ -21,6 +21,10 @@ Verified on mitmproxy 11.0.2 (the newest for Python 3.11; pyproject admits >=11.
 |                            | replaced (`.mode`, `.handle_stream`)                     |                     |
 | `abort_flow`               | Proxyserver `.connections`, ConnectionHandler            | upstream timeout    |
 |                            | `.transports`, ConnectionIO `.writer`/`.handler`         | 504                 |
+| `close_websocket`,         | `proxy.layers.websocket.WebsocketLayer.relay_messages`   | a session cut with  |
+| `install_websocket_close`  | wrapped (`client_ws`/`server_ws` `.state`, `.send2`,     | its own close code  |
+|                            | `.conn`, `done`); `WebSocketMessageInjected`, Proxyserver| (addons/websocket)  |
+|                            | `.inject_event`                                          |                     |
 | `is_transparent`,          | `proxy.mode_specs.TransparentMode`, `proxy.layers`       | plain HTTP of other |
 | `proposes_plain_http`,     | (`HttpLayer`, `TCPLayer`, `modes.TransparentProxy`),     | hosts tunnelled     |
 | `withdraw_proposal`        | `Context.layers` (a Layer appends itself when made)      | (addons/sni.py)     |
@@ -231,6 +235,89 @@ def abort_flow(f: http.HTTPFlow, raw_response: bytes | None, reason: str) -> boo
             log.debug("client gone before the response could be written")
     if server_io is not None and server_io.handler is not None:
         server_io.handler.cancel(reason)
+    return True
+
+
+# -- WebSocket sessions (verified 11.0.2) -----------------------------------------------------
+
+
+class _CloseRequest:
+    """The message of an injected close: the WebSocket layer reads it as "close both sides"."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        self.from_client = False  # Candela closes: neither the client nor the upstream did
+
+
+def install_websocket_close() -> None:
+    """Let `close_websocket` close a live session with a code of Candela's choosing.
+
+    mitmproxy 11 relays a close frame one side sends (WebsocketLayer.relay_messages) but has no
+    way for an addon to send one: killing the flow does nothing once the WebSocket layer runs,
+    and `inject.websocket` carries only messages. The layer's event handler is wrapped: an
+    injected `_CloseRequest` sends a close frame with its code to both sides, closes both
+    connections and ends the flow exactly as a close frame received would (websocket_end
+    runs). Idempotent."""
+    import time
+
+    import wsproto.events
+    from mitmproxy.proxy import commands, events
+    from mitmproxy.proxy.layers import websocket as wsl
+    from mitmproxy.proxy.utils import expect
+    from wsproto.connection import ConnectionState
+
+    cls = wsl.WebsocketLayer
+    original = cls.relay_messages
+    if getattr(original, "candela_close", False):
+        return
+
+    @expect(events.DataReceived, events.ConnectionClosed, wsl.WebSocketMessageInjected)
+    def relay_messages(self: Any, event: Any) -> layer.CommandGenerator[None]:
+        msg = getattr(event, "message", None)
+        if not isinstance(event, wsl.WebSocketMessageInjected) or not isinstance(
+            msg, _CloseRequest
+        ):
+            return (yield from original(self, event))
+        ws = self.flow.websocket
+        ws.timestamp_end = time.time()
+        ws.closed_by_client = False
+        ws.close_code = msg.code
+        ws.close_reason = msg.reason
+        close = wsproto.events.CloseConnection(code=msg.code, reason=msg.reason)
+        for side in (self.server_ws, self.client_ws):
+            if side.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+                yield side.send2(close)
+            yield commands.CloseConnection(side.conn)
+        yield wsl.WebsocketEndHook(self.flow)
+        self.flow.live = False
+        self._handle_event = self.done
+
+    relay_messages.candela_close = True
+    relay_messages.candela_original = original
+    cls.relay_messages = relay_messages  # type: ignore[method-assign]
+
+
+def close_websocket(f: http.HTTPFlow, code: int, reason: str) -> bool:
+    """Close a live WebSocket session on both sides with `code` (install_websocket_close must
+    have run). Queued after anything injected before it. False when the flow is not live."""
+    from mitmproxy.proxy.layers import websocket as wsl
+
+    if f.websocket is None or not f.live:
+        return False
+    event = wsl.WebSocketMessageInjected(f, _CloseRequest(code, reason))  # type: ignore[arg-type]
+    try:
+        ctx.master.addons.get("proxyserver").inject_event(event)
+    except ValueError:  # the connection is gone
+        return False
+    return True
+
+
+def send_to_client(f: http.HTTPFlow, content: bytes) -> bool:
+    """Inject a text message to the client of a live session (mitmproxy's inject.websocket)."""
+    if f.websocket is None or not f.live:
+        return False
+    ctx.master.commands.call("inject.websocket", f, True, content, True)
     return True
 
 

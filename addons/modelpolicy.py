@@ -7,6 +7,7 @@ from mitmproxy import http
 from candela_mitm import errors
 from candela_mitm.audit.actions import MODEL_POLICY_CHECK
 from candela_mitm.context import RequestContext
+from candela_mitm.errors import Denial
 from candela_mitm.observability.spans import utc_now_iso
 from candela_mitm.runtime import Runtime
 
@@ -19,8 +20,18 @@ def check_model(
     """The one model policy check: decided, audited (allowed or denied), denied with 403.
 
     True if the model may be used. Every addon that lets a model be used goes through here
-    (ModelPolicy for planned requests, LocalUi for a model pull), so no decision goes unaudited.
+    (ModelPolicy for planned requests, LocalUi for a model pull) or through `decide_model`
+    (a WebSocket session's frames), so no decision goes unaudited.
     """
+    denial = decide_model(rt, c, model, provider)
+    if denial is not None:
+        deny(flow, denial)
+        return False
+    return True
+
+
+def decide_model(rt: Runtime, c: RequestContext, model: str, provider: str) -> Denial | None:
+    """check_model's decision and audit entry, without answering: the denial, or None."""
     d = rt.policy.check(model, c.tenant)
     record = {
         "result": "allowed" if d.allowed else "denied",
@@ -36,13 +47,11 @@ def check_model(
     c.policy = record
     if not rt.audit.record(MODEL_POLICY_CHECK, **record):
         # an unrecorded decision is no decision: the audit trail is part of governance
-        deny(flow, errors.governance_unavailable("the audit trail cannot accept entries"))
-        return False
+        return errors.governance_unavailable("the audit trail cannot accept entries")
     if not d.allowed:
         rt.metrics.policy_denied.labels(d.model, c.tenant or "", d.policy_mode).inc()
-        deny(flow, errors.model_not_allowed(d.model, c.tenant, d.policy_mode))
-        return False
-    return True
+        return errors.model_not_allowed(d.model, c.tenant, d.policy_mode)
+    return None
 
 
 class ModelPolicy:

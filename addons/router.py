@@ -98,14 +98,10 @@ class Router:
         if problem is not None:
             deny(flow, errors.invalid_request_target(problem))
             return
-        if is_websocket_upgrade(flow.request.headers):
-            path = ctx.rest.split("?", 1)[0] if ctx.kind == "proxy" else "/v1/chat/completions"
-            deny(
-                flow,
-                errors.endpoint_not_governed(
-                    method, path, ctx.provider, "WebSocket sessions are not governed yet"
-                ),
-            )
+        websocket = is_websocket_upgrade(flow.request.headers)
+        if websocket and ctx.kind == "chat":
+            reason = "no WebSocket operation is governed at this path"
+            deny(flow, errors.endpoint_not_governed(method, "/v1/chat/completions", None, reason))
             return
         governance = self.rt.config.governance
         if ctx.kind == "chat":
@@ -133,6 +129,7 @@ class Router:
                 body,
                 allowed=tuple(configured.allow) if configured else (),
                 async_jobs=governance.async_jobs,
+                websocket=websocket,  # the catalogue's session rows (addons/websocket.py)
             )
         if isinstance(plan, errors.Denial):
             deny(flow, plan)

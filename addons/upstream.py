@@ -144,7 +144,9 @@ class Upstream:
             # the provider's answer: only the headers a client needs (org ids and org-wide
             # rate-limit state stay here)
             resp = flow.response
-            resp.headers.fields = client_response_fields(resp.headers.fields)
+            resp.headers.fields = client_response_fields(
+                resp.headers.fields, switching_protocols=resp.status_code == 101
+            )
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._cancel(flow)

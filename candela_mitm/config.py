@@ -201,6 +201,17 @@ class Models(_Model):
     tenants: dict[str, TenantPolicy] = {}
 
 
+class WebSocketSessions(_Model):
+    """WebSocket sessions (addons/websocket.py): the budget slice and each session's bounds."""
+
+    # held at the upgrade, settled and topped up from the remaining budget at each usage frame
+    reserve_usd: float = Field(default=0.05, gt=0)
+    max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1)  # one assembled message
+    frames_per_second: int = Field(default=200, ge=1)  # client messages, per session
+    idle_timeout_s: float = Field(default=600.0, gt=0)  # no frame either way for this long
+    max_sessions_per_user: int = Field(default=8, ge=1)  # open at once, per proxy process
+
+
 class Governance(_Model):
     budgets: Budgets = Budgets()
     rate_limits: RateLimits = RateLimits()
@@ -210,6 +221,7 @@ class Governance(_Model):
     async_jobs: Literal["refuse", "reserve"] = "refuse"
     models: Models = Models()
     tenants: dict[str, TenantBudget] = {}  # budgets per tenant (admin API changes win)
+    websocket: WebSocketSessions = WebSocketSessions()
 
 
 class Price(_Model):

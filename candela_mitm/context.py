@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # types only: the context is the vocabulary those modules spe
     from candela_mitm.governance.identity import Principal
     from candela_mitm.governance.ledger import BudgetRefusal, Reservation
     from candela_mitm.governance.ratelimit import Admission
+    from candela_mitm.governance.sessions import Session
     from candela_mitm.governance.users import UserSettings
     from candela_mitm.observability.otel import StreamModel
     from candela_mitm.observability.spans import Span
@@ -79,6 +80,7 @@ class RequestContext:
     audited: bool = False  # the request's audit entry is queued (addons/audit.py), exactly once
     # the loop future that tells when that entry is committed (True) or timed out (False)
     audit_commit: asyncio.Future[bool] | None = None
+    session: Session | None = None  # a WebSocket session, from its start (addons/websocket.py)
 
     @property
     def model(self) -> str | None:

@@ -368,3 +368,69 @@ def invalid_request_target(reason: str) -> Denial:
         f"The request target cannot be forwarded: {reason}",
         {"reason": reason},
     )
+
+
+# WebSocket sessions (addons/websocket.py). The first is an HTTP answer to the upgrade; the
+# others end an open session: the client receives them as an error event in its provider's
+# shape, then a close frame (1008, or 1009 for a frame too large).
+
+
+def websocket_sessions_exceeded(user: str, limit: int) -> Denial:
+    return Denial(
+        429,
+        "websocket_sessions_exceeded",
+        f"User '{user}' already has {limit} WebSocket sessions open, the most allowed",
+        {"user_id": user, "limit": limit},
+    )
+
+
+def websocket_frame_too_large(limit: int, size: int) -> Denial:
+    return Denial(
+        413,
+        "websocket_frame_too_large",
+        f"A WebSocket message of {size} bytes exceeds the {limit}-byte limit; the session is "
+        f"closed",
+        {"limit_bytes": limit, "size_bytes": size},
+    )
+
+
+def websocket_rate_limited(limit: int) -> Denial:
+    return Denial(
+        429,
+        "websocket_rate_limited",
+        f"More than {limit} WebSocket messages in one second; the session is closed",
+        {"limit": limit},
+    )
+
+
+def websocket_idle_timeout(seconds: float) -> Denial:
+    return Denial(
+        408,
+        "websocket_idle_timeout",
+        f"No WebSocket message either way for {seconds:g} seconds; the session is closed",
+        {"idle_timeout_s": seconds},
+    )
+
+
+def session_budget_exhausted(user: str, budget_usd: float, session_cost_usd: float) -> Denial:
+    """budget_exceeded for an open session: the last usage frame left no slice to hold."""
+    return Denial(
+        402,
+        "budget_exceeded",
+        "Today's budget cannot fund more of this WebSocket session; it is closed",
+        {
+            "user_id": user,
+            "budget_usd": round(budget_usd, 6),
+            "session_cost_usd": round(session_cost_usd, 6),
+        },
+    )
+
+
+def websocket_model_required(operation: str) -> Denial:
+    return Denial(
+        400,
+        "websocket_model_required",
+        f"The first message of a {operation} session must name a model Candela can check "
+        f"(setup.model or response.create's model); nothing was forwarded",
+        {"operation": operation},
+    )

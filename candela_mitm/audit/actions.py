@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 LLM_REQUEST = "llm_request"  # one per request Candela answered on a proxy route
+LLM_SESSION = "llm_session"  # one per WebSocket session, written when it ends
 MODEL_POLICY_CHECK = "model_policy_check"  # every model policy decision, allowed or denied
 ADMIN_ACTION = "admin_action"  # every change made through the admin API
 BYPASS_ATTEMPT = "bypass_attempt"  # a connection the kernel refused (enforcement)
@@ -12,6 +13,7 @@ CONFIG_RELOAD = "config_reload"
 
 ALL = (
     LLM_REQUEST,
+    LLM_SESSION,
     MODEL_POLICY_CHECK,
     ADMIN_ACTION,
     BYPASS_ATTEMPT,

@@ -86,6 +86,11 @@ def account(ctx: RequestContext, pricing: PricingTable, unknown_price: str = "de
     if not ctx.forwarded or ctx.upstream_unreached or plan is None:
         ctx.cost_usd = 0.0
         return
+    if plan.session:
+        # a WebSocket upgrade: the session it opens is charged frame by frame, apart
+        # (governance/sessions.py, its llm_session audit entry); the upgrade itself costs nothing
+        ctx.cost_usd = 0.0
+        return
     local = plan.upstream.spec.local
     price = pricing.get(plan.model, plan.upstream.name) if plan.model and not local else None
     res = ctx.reservation

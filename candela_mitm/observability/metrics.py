@@ -88,6 +88,23 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.sessions_open = Gauge(
+            "candela_websocket_sessions_open", "WebSocket sessions open now", ["provider"],
+            registry=r,
+        )
+        self.sessions = Counter(
+            "candela_websocket_sessions_total",
+            "WebSocket sessions ended, by how: client, upstream, or a cut (budget, policy, "
+            "frame_too_large, rate_limited, idle, error)",
+            ["provider", "ended_by"],
+            registry=r,
+        )
+        self.session_cutoffs = Counter(
+            "candela_websocket_cutoffs_total",
+            "WebSocket sessions Candela ended itself, by reason",
+            ["provider", "reason"],
+            registry=r,
+        )
         self.observability_errors = Counter(
             "candela_observability_errors_total",
             "Tracing, metrics or mirror failures that were ignored (fail open)",

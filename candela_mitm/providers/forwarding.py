@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote
 
 from candela_mitm import errors
 from candela_mitm.errors import Denial
@@ -57,6 +57,11 @@ class ForwardPlan:
         not the whole cost of such a request.
         """
         return self.metered and (self.operation.billing == "async" or self.response_wire is None)
+
+    @property
+    def session(self) -> bool:
+        """A WebSocket session: a reservation slice at the upgrade, metered frame by frame."""
+        return self.operation.billing == "session"
 
 
 def _split_query(path: str) -> tuple[str, str]:
@@ -138,6 +143,14 @@ def _streams(op: Operation, body: dict[str, Any]) -> bool:
     return False
 
 
+def _query_model(query: str) -> str | None | Denial:
+    """?model= of a WebSocket upgrade (OpenAI Realtime): required, named once."""
+    values = parse_qs(query.lstrip("?")).get("model", [])
+    if len(values) != 1 or not values[0].strip():
+        return errors.bad_request("'model' is required once in the query of this WebSocket upgrade")
+    return values[0]
+
+
 def _model(found: Found, body: dict[str, Any] | None) -> str | None | Denial:
     """The operation's model, from where its row says; a Denial when it is missing or differs."""
     try:
@@ -174,19 +187,25 @@ def plan_provider_request(
     *,
     allowed: tuple[str, ...] = (),
     async_jobs: AsyncJobs = "refuse",
+    websocket: bool = False,
 ) -> ForwardPlan | Denial:
     """A request to a provider route: the catalogue's operation for it, or a refusal.
 
     `rest` is the route-relative target (query included) whose form has already been checked
-    (providers/target.py); `allowed` is the route's `providers.<route>.allow`.
+    (providers/target.py); `allowed` is the route's `providers.<route>.allow`; `websocket`: the
+    request asks for a WebSocket upgrade (only the catalogue's session rows answer one).
     """
     spec = up.spec
     method = method.upper()
     path, query = _split_query(rest)
     if not path.startswith("/"):
         path = "/" + path
-    found = find(spec.name, method, path, allowed)
+    found = find(spec.name, method, path, allowed, websocket=websocket)
     if found is None:
+        if websocket:
+            return errors.endpoint_not_governed(
+                method, path, spec.name, "no WebSocket operation is governed at this path"
+            )
         return errors.endpoint_not_governed(method, path, spec.name)
     op = found.operation
     if op.billing == "refused":
@@ -207,7 +226,7 @@ def plan_provider_request(
         if op.model == "none":
             return errors.endpoint_not_governed(method, path, spec.name, op.why)
         op = dataclasses.replace(op, billing="async", stream="never")
-    model = _model(found, body)
+    model = _query_model(query) if op.model == "query" else _model(found, body)
     if isinstance(model, Denial):
         return model
     if op.billing == "async" and model is None:

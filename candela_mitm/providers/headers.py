@@ -31,12 +31,28 @@ ALLOWED = frozenset(
 ALLOWED_PREFIXES = (b"x-amzn-bedrock-",)
 
 
+# A WebSocket upgrade's 101 answer: the handshake itself (RFC 6455 section 4.2.2), without
+# which the client cannot open the session; they describe only this connection.
+HANDSHAKE = frozenset(
+    {
+        b"connection",
+        b"upgrade",
+        b"sec-websocket-accept",
+        b"sec-websocket-protocol",
+        b"sec-websocket-extensions",
+    }
+)
+
+
 def client_response_fields(
-    fields: Iterable[tuple[bytes, bytes]],
+    fields: Iterable[tuple[bytes, bytes]], switching_protocols: bool = False
 ) -> tuple[tuple[bytes, bytes], ...]:
-    """The provider's response header fields a client may see, in their order."""
+    """The provider's response header fields a client may see, in their order (a 101 answer
+    keeps its WebSocket handshake too)."""
     return tuple(
         (k, v)
         for k, v in fields
-        if (low := k.lower()) in ALLOWED or low.startswith(ALLOWED_PREFIXES)
+        if (low := k.lower()) in ALLOWED
+        or low.startswith(ALLOWED_PREFIXES)
+        or (switching_protocols and low in HANDSHAKE)
     )

@@ -337,3 +337,42 @@ def test_the_fence_sees_what_it_fences(tmp_path):
     )
     assert len(internal_uses(f)) == 4
     assert internal_uses(ADDONS / "mitm_patches.py")  # where they live
+
+
+def test_the_websocket_layer_dispatches_through_relay_messages():
+    """install_websocket_close wraps relay_messages: the layer must still reach it through
+    `_handle_event`, end a session through `done`, and read the sides it closes by these names."""
+    from mitmproxy.proxy.layers import websocket as wsl
+
+    start = inspect.getsource(wsl.WebsocketLayer.start)
+    assert "self._handle_event = self.relay_messages" in start
+    assert "self.client_ws = WebsocketConnection" in start and "self.server_ws" in start
+    assert callable(wsl.WebsocketLayer.done)
+    relay = inspect.getsource(wsl.WebsocketLayer.relay_messages)
+    assert "WebSocketMessageInjected" in relay and "WebsocketEndHook(self.flow)" in relay
+    assert [f.name for f in dataclasses.fields(wsl.WebsocketEndHook)] == ["flow"]
+    assert "send2" in wsl.WebsocketConnection.__dict__
+    inject = inspect.signature(proxyserver.Proxyserver.inject_event)
+    assert list(inject.parameters) == ["self", "event"]
+
+
+def test_install_websocket_close_wraps_once(monkeypatch):
+    from mitmproxy.proxy.layers import websocket as wsl
+
+    current = wsl.WebsocketLayer.relay_messages  # wrapped already if a pipeline was built
+    original = getattr(current, "candela_original", current)
+    monkeypatch.setattr(wsl.WebsocketLayer, "relay_messages", original)
+    mitm_patches.install_websocket_close()
+    wrapped = wsl.WebsocketLayer.relay_messages
+    assert wrapped is not original and wrapped.candela_close
+    mitm_patches.install_websocket_close()
+    assert wsl.WebsocketLayer.relay_messages is wrapped
+
+
+def test_close_websocket_refuses_a_flow_that_is_not_a_live_session():
+    f = tflow.tflow()
+    assert not mitm_patches.close_websocket(f, 1008, "x")  # no WebSocket
+    w = tflow.twebsocketflow()
+    w.live = False
+    assert not mitm_patches.close_websocket(w, 1008, "x")
+    assert not mitm_patches.send_to_client(w, b"{}")

@@ -44,6 +44,7 @@ HOOK_ORDER: dict[str, list[str]] = {
         "Router",
         "Admin",
         "ModelPolicy",
+        "WebSocket",
         "RateLimit",
         "Budget",
         "LocalUi",
@@ -81,6 +82,10 @@ HOOK_ORDER: dict[str, list[str]] = {
         "Audit",
     ],
     "done": ["LocalUi", "Upstream", "Telemetry"],
+    # a WebSocket session after its upgrade: only WebSocket reads its frames
+    "websocket_start": ["WebSocket"],
+    "websocket_message": ["WebSocket"],
+    "websocket_end": ["WebSocket"],
 }
 
 

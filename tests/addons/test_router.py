@@ -99,7 +99,8 @@ def test_an_exception_in_a_hook_denies_instead_of_forwarding(tctx, runtime, monk
         ("GET", "/proxy/openai/v1/batches", None, {}, (404, "endpoint_not_governed")),
         ("POST", "/proxy/openai/v1/responses", {"model": "gpt-4o", "background": True}, {}, (404, "endpoint_not_governed")),
         # a WebSocket upgrade, on a path that would otherwise be planned too
-        ("GET", "/proxy/openai/v1/realtime?model=gpt-4o-realtime-preview", None, {"upgrade": "websocket", "connection": "Upgrade"}, (404, "endpoint_not_governed")),
+        ("GET", "/proxy/openai/v1/realtime?model=gpt-4o-realtime-preview", None, {}, (404, "endpoint_not_governed")),
+        ("GET", "/proxy/openai/v1/realtime", None, {"upgrade": "websocket", "connection": "Upgrade"}, (400, "bad_request")),
         ("GET", "/proxy/openai/v1/models", None, {"upgrade": "websocket", "connection": "Upgrade"}, (404, "endpoint_not_governed")),
         # request targets read two ways
         ("POST", "/proxy/openai/v1/chat/completions#/v1/files", {"model": "gpt-4o"}, {}, (400, "invalid_request_target")),
@@ -117,6 +118,21 @@ def test_what_the_catalogue_does_not_govern_is_refused(tctx, runtime, method, pa
     payload = json.loads(f.response.content)
     if expected[1] == "endpoint_not_governed":
         assert payload["method"] == method and payload["path"].startswith("/v1/")
+
+
+@pytest.mark.parametrize(
+    "path, model",
+    [
+        ("/proxy/openai/v1/realtime?model=gpt-realtime", "gpt-realtime"),
+        ("/proxy/openai/v1/responses", None),
+        ("/proxy/google/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent", None),
+    ],
+)
+def test_a_websocket_upgrade_is_planned_as_a_session(tctx, runtime, path, model):
+    router = Router(runtime())
+    f = run(router, make_flow(path, method="GET", headers={"upgrade": "websocket", "connection": "Upgrade"}))
+    c = ctx_of(f)
+    assert f.response is None and c.plan.session and c.plan.model == model
 
 
 def test_an_operator_allowed_read_is_planned_unmetered(tctx, runtime):

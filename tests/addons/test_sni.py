@@ -350,3 +350,26 @@ def test_claude_codes_auxiliary_calls_to_the_anthropic_host_never_leave(sni, rt)
         assert ctx_of(f).provider == "anthropic-direct"
     assert head.response.status_code == 200 and head.response.content == b""
     assert json.loads(settings.response.content)["error"] == "endpoint_not_governed"
+
+
+@pytest.mark.parametrize(
+    "path, host, route, operation, model",
+    [
+        ("/v1/realtime?model=gpt-realtime", "api.openai.com", "openai", "realtime", "gpt-realtime"),
+        ("/v1/responses", "api.openai.com", "openai", "responses.websocket", None),
+        ("/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent",
+         "generativelanguage.googleapis.com", "google", "live.bidiGenerateContent", None),
+    ],
+)
+def test_an_intercepted_websocket_upgrade_is_planned_as_a_session(sni, rt, path, host, route, operation, model):
+    f = transparent_flow(path, host, sni=host, method="GET")
+    f.request.content = b""
+    f.request.headers["upgrade"] = "websocket"
+    f.request.headers["connection"] = "Upgrade"
+    router = Router(rt)
+    run(lambda: sni.requestheaders(f), lambda: router.requestheaders(f))
+    router.request(f)
+    c = ctx_of(f)
+    assert f.response is None, f.response and f.response.content
+    assert c.plan.upstream.name == route and c.plan.operation.name == operation
+    assert c.plan.session and c.plan.model == model

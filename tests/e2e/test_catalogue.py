@@ -76,7 +76,7 @@ def last_entry_for(c: CandelaProcess, span_id: str) -> dict:
 
 # every example of issue 14 that must not reach the provider
 REFUSED = [
-    ("GET", "/proxy/openai/v1/realtime?model=gpt-4o-realtime-preview", None, {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"}, 404, "endpoint_not_governed"),
+    ("GET", "/proxy/openai/v1/models", None, {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"}, 404, "endpoint_not_governed"),
     ("GET", "/proxy/openai/v1/files", None, None, 404, "endpoint_not_governed"),
     ("GET", "/proxy/openai/v1/batches", None, None, 404, "endpoint_not_governed"),
     ("GET", "/proxy/openai/v1/chat/completions?metadata[user]=bob", None, None, 404, "endpoint_not_governed"),

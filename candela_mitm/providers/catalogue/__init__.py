@@ -46,7 +46,7 @@ class Found:
 
 
 def find(
-    route: str, method: str, path: str, allowed: Iterable[str] = ()
+    route: str, method: str, path: str, allowed: Iterable[str] = (), *, websocket: bool = False
 ) -> Found | None:
     """The operation `method path` is on `route` (path without query), or None: not governed.
 
@@ -58,11 +58,15 @@ def find(
     decoded = unquote(path)
     refusal: Found | None = None
     for op in CATALOGUE.get(route, ()):
+        if (op.protocol is not None) != websocket:
+            continue
         params = op.match(method, decoded)
         if params is not None:
             if op.billing != "refused":
                 return Found(op, params)
             refusal = refusal or Found(op, params)
+    if websocket:
+        return refusal
     for entry in allowed:
         op = parse_allowed(entry)
         params = op.match(method, decoded)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .operation import Operation, async_job, free, metered, refused
+from .operation import Operation, async_job, free, metered, refused, session
 
 _OTHERS = "reads objects other users created with the organisation's credential"
 
@@ -31,7 +31,14 @@ def _native(v: str) -> tuple[Operation, ...]:
     )
 
 
-GEMINI: tuple[Operation, ...] = _native("v1beta") + _native("v1")
+# Gemini Live: a WebSocket whose first frame, `setup`, names the model
+_LIVE = "/ws/google.ai.generativelanguage.{v}.GenerativeService.BidiGenerateContent"
+LIVE: tuple[Operation, ...] = tuple(
+    session(_LIVE.format(v=v), "live.bidiGenerateContent", model="frame", protocol="gemini-live")
+    for v in ("v1beta", "v1alpha")
+)
+
+GEMINI: tuple[Operation, ...] = _native("v1beta") + _native("v1") + LIVE
 
 # base path /v1beta/openai: the rest starts after it
 GEMINI_OPENAI: tuple[Operation, ...] = (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .operation import Operation, async_job, free, metered, refused
+from .operation import Operation, async_job, free, metered, refused, session
 
 _OTHERS = "reads objects other users created with the organisation's key"
 
@@ -33,8 +33,10 @@ OPENAI: tuple[Operation, ...] = (
               model="body_optional", reader="openai", why="an Assistants run is queued"),
     async_job("POST", "/v1/threads/{thread_id}/runs", "assistants.runs.create",
               model="body_optional", reader="openai", why="an Assistants run is queued"),
-    refused("GET", "/v1/realtime", "realtime",
-            why="WebSocket sessions are not governed yet"),
+    # WebSocket sessions: Realtime names its model in the URL (and may switch it by
+    # session.update); the Responses API's WebSocket mode names it in each response.create
+    session("/v1/realtime", "realtime", model="query", protocol="openai-realtime"),
+    session("/v1/responses", "responses.websocket", model="frame", protocol="openai-responses"),
     refused("GET", "/v1/files{rest*}", "files", why=_OTHERS),
     refused("GET", "/v1/batches{rest*}", "batches.read", why=_OTHERS),
     refused("GET", "/v1/responses/{rest*}", "responses.read", why=_OTHERS),

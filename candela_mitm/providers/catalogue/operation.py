@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 # Where the model is read: the JSON body's "model" (required or optional), the path's {model}
-# (percent-decoded), or nowhere. A WebSocket's first frame would be a fifth place: WebSocket
-# upgrades are refused until they are governed, so no row reads one.
-ModelSource = Literal["body", "body_optional", "path", "none"]
+# (percent-decoded), the query's ?model= (a WebSocket upgrade: OpenAI Realtime), the session's
+# frames (a WebSocket whose setup or response.create frame names it: checked frame by frame by
+# addons/websocket.py), or nowhere.
+ModelSource = Literal["body", "body_optional", "path", "query", "frame", "none"]
 # The pre-flight estimate reserved before forwarding: prompt (the body's text, images counted
 # apart) plus the most output the request may produce; prompt only (embeddings: no output
 # tokens); or none (nothing is reserved: a free read).
@@ -25,8 +26,11 @@ Streams = Literal["always", "body_flag", "body_flag_default_on", "never"]
 # charged (listing, token counting); async: a queued job, refused unless
 # governance.async_jobs is reserve, then charged its reservation; local: answered by Candela
 # itself, never forwarded; refused: named here so that a reader sees why it is not forwarded;
-# allowed: an operator's `providers.<route>.allow` read, forwarded unmetered.
-Billing = Literal["metered", "free", "async", "local", "refused", "allowed"]
+# allowed: an operator's `providers.<route>.allow` read, forwarded unmetered; session: a WebSocket
+# upgrade, metered frame by frame (a reservation slice topped up per usage frame).
+Billing = Literal["metered", "free", "async", "local", "refused", "allowed", "session"]
+# The JSON events a WebSocket session speaks (providers/realtime.py reads each).
+Protocol = Literal["openai-realtime", "openai-responses", "gemini-live"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,8 @@ class Operation:
     async_flag: str | None = None  # a body key that, when true, makes a metered call async
     translate: Literal["openai-anthropic"] | None = None
     why: str = ""  # for refused rows and anything a reader would ask about
+    # a WebSocket operation: matched only by an upgrade request (and an upgrade matches nothing else)
+    protocol: Protocol | None = None
 
     @property
     def key(self) -> str:
@@ -79,6 +85,16 @@ def metered(
         async_flag=async_flag,
         translate=translate,
         why=why,
+    )
+
+
+def session(
+    template: str, name: str, *, model: Literal["query", "frame"], protocol: Protocol
+) -> Operation:
+    """A WebSocket session (GET with Upgrade: websocket), governed frame by frame."""
+    return Operation(
+        "GET", template, name, model=model, billing="session", protocol=protocol,
+        why="a WebSocket session: model checked per frame, usage settled per usage frame",
     )
 
 

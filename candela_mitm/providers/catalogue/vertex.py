@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .operation import Operation, async_job, free, metered
+from .operation import Operation, async_job, free, metered, session
 
 
 def _vertex(v: str) -> tuple[Operation, ...]:
@@ -29,4 +29,12 @@ def _vertex(v: str) -> tuple[Operation, ...]:
 # Every Vertex GET (models, endpoints, batch jobs, datasets) reads what the service account can
 # read in the project: none is forwarded unless an operator allows it. {project} and {location}
 # must be the route's configured ones.
-VERTEX: tuple[Operation, ...] = _vertex("v1") + _vertex("v1beta1")
+# Vertex Live: Gemini Live's protocol; the setup frame names the model by its full resource name
+_LIVE = "/ws/google.cloud.aiplatform.{v}.LlmBidiService/BidiGenerateContent"
+LIVE: tuple[Operation, ...] = tuple(
+    session(_LIVE.format(v=v), "gemini.live.bidiGenerateContent", model="frame",
+            protocol="gemini-live")
+    for v in ("v1", "v1beta1")
+)
+
+VERTEX: tuple[Operation, ...] = _vertex("v1") + _vertex("v1beta1") + LIVE

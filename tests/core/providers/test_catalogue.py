@@ -321,7 +321,8 @@ def test_gemini_on_vertex_is_read_by_the_gemini_reader_not_the_routes():
         ("openai", "GET", "/v1/chat/completions", None, "other users"),
         ("openai", "GET", "/v1/chat/completions/chatcmpl-1/messages", None, "other users"),
         ("openai", "GET", "/v1/responses/resp_1", None, "other users"),
-        ("openai", "GET", "/v1/realtime?model=gpt-4o-realtime-preview", None, "WebSocket"),
+        # a WebSocket operation without the upgrade: no HTTP row answers it
+        ("openai", "GET", "/v1/realtime?model=gpt-4o-realtime-preview", None, None),
         ("openai", "DELETE", "/v1/files/file-abc", {"model": "gpt-4o"}, None),
         ("openai", "POST", "/v1/files", {"model": "gpt-4o"}, None),  # a dummy model unlocks nothing
         ("openai", "POST", "/v1/fine_tuning/jobs", {"model": "gpt-4o-mini"}, None),
@@ -525,3 +526,48 @@ def test_every_metered_row_names_its_model():
         for op in ops:
             if op.billing == "metered":
                 assert op.model in ("body", "path"), (route, op.key)
+
+
+# ---------------------------------------------------------------------------------------------
+# WebSocket sessions (issue 15): matched only by an upgrade, metered per frame
+
+
+@pytest.mark.parametrize(
+    "route, rest, operation, model, protocol",
+    [
+        ("openai", "/v1/realtime?model=gpt-realtime", "realtime", "gpt-realtime", "openai-realtime"),
+        ("openai", "/v1/responses", "responses.websocket", None, "openai-responses"),
+        ("google", "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent?key=k",
+         "live.bidiGenerateContent", None, "gemini-live"),
+        ("google", "/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContent",
+         "live.bidiGenerateContent", None, "gemini-live"),
+        ("anthropic-vertex", "/ws/google.cloud.aiplatform.v1.LlmBidiService/BidiGenerateContent",
+         "gemini.live.bidiGenerateContent", None, "gemini-live"),
+    ],
+)
+def test_websocket_operations_are_planned_only_for_an_upgrade(route, rest, operation, model, protocol):
+    p = plan(route, "GET", rest, None, websocket=True)
+    assert isinstance(p, ForwardPlan), p
+    assert p.operation.name == operation and p.model == model
+    assert p.operation.protocol == protocol and p.session and not p.metered
+    plain = plan(route, "GET", rest, None)  # the same target without Upgrade: not an operation
+    assert isinstance(plain, Denial) and plain.error == "endpoint_not_governed"
+
+
+@pytest.mark.parametrize(
+    "route, rest",
+    [
+        ("openai", "/v1/models"),  # an HTTP row is never a WebSocket
+        ("openai", "/v1/chat/completions"),
+        ("google", "/ws/google.ai.generativelanguage.v1beta.GenerativeService.Other"),
+    ],
+)
+def test_an_upgrade_matches_no_http_row(route, rest):
+    p = plan(route, "GET", rest, None, websocket=True)
+    assert isinstance(p, Denial) and p.error == "endpoint_not_governed"
+
+
+@pytest.mark.parametrize("query", ["", "?model=", "?model=a&model=b"])
+def test_realtime_needs_one_model_in_the_url(query):
+    p = plan("openai", "GET", "/v1/realtime" + query, None, websocket=True)
+    assert isinstance(p, Denial) and p.error == "bad_request"
