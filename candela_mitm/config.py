@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from candela_mitm.errors import ConfigError
 
@@ -171,13 +180,74 @@ class Price(_Model):
         return v
 
 
+_HOST_CHARS = re.compile(r"[a-z0-9*-]+(\.[a-z0-9*-]+)*\Z")
+
+
+def host_pattern(value: str) -> str:
+    """A host name or family pattern, normalised; ValueError saying what is wrong with it.
+
+    `*` stands for one DNS label or part of one (never a dot): `*.api.openai.com`,
+    `*-aiplatform.googleapis.com`, `bedrock-mantle.*.api.aws`. The last two labels are literal,
+    so a pattern always names one organisation's domain (`*.com` would intercept the world).
+    """
+    name = value.strip().lower().rstrip(".")
+    if not _HOST_CHARS.match(name):
+        raise ValueError(
+            f"host {value!r}: a host name or pattern is DNS labels of a-z, 0-9, '-' and '*' "
+            "joined by dots (no scheme, port or path)"
+        )
+    labels = name.split(".")
+    if "*" in name and (len(labels) < 3 or any("*" in label for label in labels[-2:])):
+        raise ValueError(
+            f"host {value!r}: a wildcard may stand only left of a literal domain of at least "
+            "two labels (e.g. '*.api.openai.com', 'bedrock-mantle.*.api.aws')"
+        )
+    if "**" in name:
+        raise ValueError(f"host {value!r}: '**' is not a pattern ('*' already spans a label)")
+    return name
+
+
+HostPattern = Annotated[str, AfterValidator(host_pattern)]
+
+# The Google front end serves every *.googleapis.com name (Gemini and Vertex among them) and
+# Google's other domains from the same addresses: a connection that names one of these in its
+# SNI may carry a provider's Host (domain fronting), so it is decrypted and every request's Host
+# checked (interception.shared_edges).
+DEFAULT_SHARED_EDGES = (
+    "*.googleapis.com",
+    "*.google.com",
+    "*.gstatic.com",
+    "*.googleusercontent.com",
+    "*.googlevideo.com",
+    "*.appspot.com",
+    "*.run.app",
+    "*.cloudfunctions.net",
+    "*.firebaseio.com",
+    "*.youtube.com",
+    "*.ggpht.com",
+)
+
+
 class Interception(_Model):
     listen_port: int = Field(default=8443, ge=0, le=65535)
     certs_dir: str = "~/.candela/certs"
-    hosts: dict[str, str] = {}
+    # host name or family pattern -> provider route; extends (or overrides) the built-in
+    # families of every provider's public hosts (enforcement/interception.py DEFAULT_HOSTS)
+    hosts: dict[HostPattern, str] = {}
+    # names served from a provider's shared front end: decrypted, each request's Host checked
+    # (a provider Host there is domain fronting: refused), everything else forwarded re-encrypted
+    shared_edges: list[HostPattern] = list(DEFAULT_SHARED_EDGES)
+    # CA bundle that verifies the shared edges' servers when Candela re-encrypts towards them;
+    # None: the public roots (certifi)
+    upstream_ca_file: str | None = None
     # an intercepted app's own provider key is replaced by the organisation's: everywhere (true),
     # nowhere (false), or on the routes listed
     replace_provider_keys: bool | list[str] = True
+    # the organisation's provider keys, as HMAC-SHA256 fingerprints keyed with the secret in
+    # $<key_fingerprint_secret_env> (never the keys): where a key is not replaced, any other key
+    # is refused (403 foreign_provider_key); every intercepted key's fingerprint is audited
+    organisation_keys: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = []
+    key_fingerprint_secret_env: str = "CANDELA_KEY_FINGERPRINT_SECRET"
     # host: at start the proxy puts `candela enforce host` in place towards its transparent
     # listener (root); it stays when the proxy stops, until `candela enforce off`
     enforce: Literal["none", "host"] = "none"
@@ -188,6 +258,14 @@ class Interception(_Model):
         for host, route in v.items():
             if route not in PROVIDER_ROUTES:
                 raise ValueError(f"host {host!r} maps to unknown provider route {route!r}")
+        return v
+
+    @field_validator("replace_provider_keys")
+    @classmethod
+    def _known_key_routes(cls, v: bool | list[str]) -> bool | list[str]:
+        for route in v if isinstance(v, list) else ():
+            if route not in PROVIDER_ROUTES:
+                raise ValueError(f"unknown provider route {route!r}")
         return v
 
 
@@ -234,6 +312,8 @@ class Config(_Model):
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc if p not in ("function-after", "function-before")]
+    if len(parts) >= 2 and parts[-1] == "[key]":  # a mapping's key itself: hosts[*.com]
+        return ".".join(parts[:-2]) + f"[{parts[-2]}]"
     return ".".join(parts) or "(top level)"
 
 

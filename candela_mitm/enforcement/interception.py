@@ -9,18 +9,32 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from candela_mitm import errors
+from candela_mitm.config import host_pattern
 from candela_mitm.providers.specs import SPECS, Upstream
 
-# Every provider's public hosts. `*` stands for one DNS label or part of one (never a dot), so
-# `*-aiplatform.googleapis.com` is every Vertex region and nothing under another domain.
+# Every provider's public hosts, as families. `*` stands for one DNS label or part of one
+# (never a dot), so `*-aiplatform.googleapis.com` is every Vertex region and nothing under
+# another domain. Checked against the providers' published endpoints (December 2026).
 DEFAULT_HOSTS: dict[str, str] = {
     "api.openai.com": "openai",
+    # data residency: us., eu., au., in., jp., ae. and any region OpenAI adds
+    "*.api.openai.com": "openai",
     "api.anthropic.com": "anthropic-direct",
     "generativelanguage.googleapis.com": "google",
+    # Vertex AI: the global endpoint, every region, regional (REP) and mTLS endpoints; all go to
+    # the Vertex route, whatever the publisher named in the path
     "aiplatform.googleapis.com": "anthropic-vertex",
     "*-aiplatform.googleapis.com": "anthropic-vertex",
+    "aiplatform.*.rep.googleapis.com": "anthropic-vertex",
+    "aiplatform.mtls.googleapis.com": "anthropic-vertex",
+    "*-aiplatform.mtls.googleapis.com": "anthropic-vertex",
+    # Bedrock: runtime and FIPS endpoints, IPv4 (amazonaws.com) and dual-stack (api.aws), and
+    # bedrock-mantle (Bedrock's OpenAI-compatible endpoint) in every region
     "bedrock-runtime.*.amazonaws.com": "anthropic-bedrock",
     "bedrock-runtime-fips.*.amazonaws.com": "anthropic-bedrock",
+    "bedrock-runtime.*.api.aws": "anthropic-bedrock",
+    "bedrock-runtime-fips.*.api.aws": "anthropic-bedrock",
+    "bedrock-mantle.*.api.aws": "anthropic-bedrock",
 }
 
 # One host serves two of Candela's routes: Gemini's own API and its OpenAI-compatible endpoint.
@@ -42,8 +56,23 @@ def normalize_host(value: str) -> str:
 
 
 def _pattern(name: str) -> re.Pattern[str]:
-    parts = (re.escape(p) for p in normalize_host(name).split("*"))
+    parts = (re.escape(p) for p in host_pattern(name).split("*"))
     return re.compile(_LABEL.join(parts) + r"\Z")
+
+
+class HostSet:
+    """A set of host names and families (patterns): which of them a server name is in."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        names = [host_pattern(n) for n in names]  # ValueError names the bad one
+        self.exact = frozenset(n for n in names if "*" not in n)
+        self.patterns = [_pattern(n) for n in names if "*" in n]
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str) or not name:
+            return False
+        host = normalize_host(name)
+        return host in self.exact or any(rx.match(host) for rx in self.patterns)
 
 
 @dataclass(frozen=True)
@@ -59,12 +88,15 @@ class HostMap:
 
     def __init__(self, hosts: Mapping[str, str] | None = None, defaults: bool = True) -> None:
         merged = dict(DEFAULT_HOSTS) if defaults else {}
-        merged.update({normalize_host(k): v for k, v in (hosts or {}).items()})
+        configured = {host_pattern(k): v for k, v in (hosts or {}).items()}
+        merged.update(configured)
         for route in merged.values():
             if route not in SPECS:
                 raise ValueError(f"unknown provider route {route!r}")
         self.exact = {k: v for k, v in merged.items() if "*" not in k}
-        self.patterns = [(_pattern(k), v) for k, v in merged.items() if "*" in k]
+        # a configured family is tried before the built-in ones, so it can override them
+        ordered = sorted(merged.items(), key=lambda kv: kv[0] not in configured)
+        self.patterns = [(_pattern(k), v) for k, v in ordered if "*" in k]
         self.names = tuple(merged)
 
     def route_for(self, name: str | None) -> str | None:
