@@ -21,7 +21,7 @@ def check_model(
     True if the model may be used. Every addon that lets a model be used goes through here
     (ModelPolicy for planned requests, LocalUi for a model pull), so no decision goes unaudited.
     """
-    d = rt.policy.check(model, c.tenant)
+    d = rt.policy.check(model, c.tenant, c.workload_rule)
     record = {
         "result": "allowed" if d.allowed else "denied",
         "model": d.model,

@@ -158,11 +158,30 @@ class Models(_Model):
     tenants: dict[str, TenantPolicy] = {}
 
 
+class WorkloadRule(_Model):
+    """An executable (its path, its SHA-256, or both) -> who its intercepted requests are for,
+    and the models it may use. The binary is the one the kernel says runs (workload.py)."""
+
+    exe: str | None = None  # the path as the process's mount namespace names it
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    user: str | None = None  # its requests are this user's (budget, rate limit, audit)
+    tenant: str | None = None  # and this tenant's (checked against the user's tenants)
+    models: TenantModels | None = None  # besides the user's and tenant's policy, not instead
+
+    @model_validator(mode="after")
+    def _names_a_binary(self) -> WorkloadRule:
+        if self.exe is None and self.sha256 is None:
+            raise ValueError("a workload names its executable: exe, sha256 or both")
+        return self
+
+
 class Governance(_Model):
     budgets: Budgets = Budgets()
     rate_limits: RateLimits = RateLimits()
     unknown_model_price: Literal["deny", "zero"] = "deny"
     models: Models = Models()
+    # intercepted requests by the executable that sent them, first match wins
+    workloads: list[WorkloadRule] = []
 
 
 class Price(_Model):

@@ -23,6 +23,7 @@ HOOK_ORDER: dict[str, list[str]] = {
     "next_layer": ["Sni"],
     "tls_clienthello": ["Sni"],
     "tls_start_client": ["Sni"],
+    "tcp_message": ["Sni"],  # a shared edge's relayed bytes: every request's Host read
     # the head of a request: classified (Sni, Router), then the routes answered before anyone
     # is authenticated (/healthz, /metrics), then who is calling; LocalGuard (laptop mode)
     # refuses foreign Hosts, non-JSON bodies and token-less UI writes before any of them;
@@ -42,7 +43,7 @@ HOOK_ORDER: dict[str, list[str]] = {
         "Upstream",
     ],
     # response headers: the upstream timeout is cancelled before the stream is set up
-    "responseheaders": ["Upstream", "Accounting"],
+    "responseheaders": ["Sni", "Upstream", "Accounting"],
     # the response: AuditStart queues the audit entry first, Audit waits for its commit last
     "response": ["AuditStart", "Metrics", "Budget", "LocalUi", "Accounting", "Spans", "Audit"],
     # a failed flow: the reservation is released before the entry that records the failure

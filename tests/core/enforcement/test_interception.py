@@ -285,3 +285,83 @@ def test_another_region_than_the_routes_is_not_silently_redirected(sni, configur
 def test_denials_are_json_with_a_code(denial, status, code):
     assert (denial.status, denial.error) == (status, code)
     assert denial.payload()["message"]
+
+
+# -- a shared edge's requests, read as their bytes pass -------------------------------------------
+
+GET_OTHER = b"GET / HTTP/1.1\r\nHost: www.google.com\r\n\r\n"
+FRONTED = b"GET /v1beta/models HTTP/1.1\r\nHost: generativelanguage.googleapis.com\r\n\r\n"
+
+
+def _post(body: bytes, host: bytes = b"www.google.com") -> bytes:
+    return b"POST /x HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+        host,
+        len(body),
+        body,
+    )
+
+
+def _chunked(*chunks: bytes) -> bytes:
+    out = b"POST /x HTTP/1.1\r\nHost: www.google.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for c in chunks:
+        out += b"%x\r\n%s\r\n" % (len(c), c)
+    return out + b"0\r\nX-Trailer: 1\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "stream, hosts, refused",
+    [
+        (GET_OTHER, ["www.google.com"], False),
+        (GET_OTHER + GET_OTHER, ["www.google.com"] * 2, False),  # keep-alive, pipelined
+        (GET_OTHER + FRONTED, ["www.google.com", "generativelanguage.googleapis.com"], True),
+        # a body that looks like a request is a body: skipped by its length, not read as a head
+        (_post(FRONTED) + GET_OTHER, ["www.google.com", "www.google.com"], False),
+        (_post(FRONTED) + FRONTED, ["www.google.com", "generativelanguage.googleapis.com"], True),
+        (
+            _chunked(FRONTED, b"x" * 20) + FRONTED,
+            ["www.google.com", "generativelanguage.googleapis.com"],
+            True,
+        ),
+        (_chunked(FRONTED) + GET_OTHER, ["www.google.com", "www.google.com"], False),
+        # what cannot be framed refuses the rest of the connection
+        (
+            b"POST / HTTP/1.1\r\nHost: www.google.com\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            ["www.google.com"],
+            True,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: www.google.com\r\nTransfer-Encoding: gzip\r\n\r\n",
+            ["www.google.com"],
+            True,
+        ),
+        (
+            b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: www.google.com\r\n\r\n",
+            ["www.google.com"],
+            True,
+        ),
+        (
+            b"GET http://api.openai.com/ HTTP/1.1\r\nHost: www.google.com\r\n\r\n",
+            ["www.google.com"],
+            True,
+        ),
+        (b"GET / HTTP/1.1\r\n\r\n", [None], True),  # no Host
+        (b"x" * (interception.MAX_PLAINTEXT_HEAD + 1), [], True),
+    ],
+)
+def test_every_request_on_a_connection_is_read_however_the_bytes_arrive(stream, hosts, refused):
+    for size in (len(stream) or 1, 1, 7):  # whole, byte by byte, in odd pieces
+        reader = interception.RequestStream(HostMap())
+        seen = []
+        for i in range(0, len(stream), size):
+            seen += reader.feed(stream[i : i + size])
+            if reader.refused:
+                break
+        assert [d.host for d in seen] == hosts
+        assert reader.refused is refused
+
+
+def test_after_an_upgrade_the_bytes_are_not_http():
+    reader = interception.RequestStream(HostMap())
+    ws = b"GET /ws HTTP/1.1\r\nHost: www.google.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    assert [d.host for d in reader.feed(ws)] == ["www.google.com"]
+    assert reader.upgraded and reader.feed(FRONTED) == [] and not reader.refused
