@@ -534,3 +534,69 @@ def test_admins_see_the_process_in_response_headers(sni, rt, monkeypatch, role, 
     for resp in (f.response, g.response):
         assert (resp.headers.get("X-Candela-Workload-Exe-SHA256") == "ab" * 32) is shown
         assert (resp.headers.get("X-Candela-Workload-Pid") == "4242") is shown
+
+
+# -- provider keys the app brings ---------------------------------------------------------------
+
+ORG_KEY, SECRET = "sk-org-key", "fp-secret"
+
+
+@pytest.mark.parametrize(
+    "replace, key, status, ours",
+    [
+        (False, ORG_KEY, None, True),  # kept, and it is the organisation's
+        (False, "sk-personal", 403, False),  # kept, and it is not: refused
+        (["google"], "sk-personal", 403, False),  # not replaced on this route
+        (True, "sk-personal", None, False),  # replaced: it never leaves, and is recorded
+    ],
+)
+def test_a_key_that_is_not_the_organisations_is_refused_where_it_would_go_upstream(
+    rt, registry, audited, monkeypatch, replace, key, status, ours
+):
+    from candela_mitm.addons.audit import request_entry
+    from candela_mitm.config import parse_config
+    from candela_mitm.governance.provider_keys import fingerprint
+    from candela_mitm.runtime import build_runtime
+
+    cfg = rt.config.model_dump()
+    cfg["interception"]["replace_provider_keys"] = replace
+    cfg["interception"]["organisation_keys"] = [fingerprint(SECRET.encode(), ORG_KEY)]
+    monkeypatch.setenv("CANDELA_KEY_FINGERPRINT_SECRET", SECRET)
+    rt2 = build_runtime(parse_config(cfg), "server")
+    monkeypatch.setattr(rt2.audit, "record", rt.audit.record)  # the audited fixture's
+    try:
+        s2 = Sni(rt2, registry)
+        _with_workload(s2, monkeypatch, AGENT)
+        f = transparent_flow("/v1/chat/completions", "api.openai.com")
+        f.request.headers["authorization"] = f"Bearer {key}"
+        run(lambda: s2.requestheaders(f))
+        c = ctx_of(f)
+        fp = fingerprint(SECRET.encode(), key)
+        assert (c.provider_key_fingerprint, c.provider_key_ours) == (fp, ours)
+        assert key not in json.dumps(request_entry(c, f))  # the fingerprint, never the key
+        assert request_entry(c, f)["provider_key_fingerprint"] == fp
+        if status is None:
+            assert f.response is None and not audited
+            return
+        body = json.loads(f.response.content)
+        assert f.response.status_code == 403 and body["error"] == "foreign_provider_key"
+        assert body["key_fingerprint"] == fp and body["provider"] == "openai"
+        ((action, entry),) = audited
+        assert (action, entry["reason"], entry["key_fingerprint"]) == (
+            "interception_denied",
+            "foreign_provider_key",
+            fp,
+        )
+        assert entry["exe_sha256"] == AGENT.exe_sha256 and entry["pid"] == AGENT.pid
+        assert key not in json.dumps(entry)
+    finally:
+        rt2.close()
+
+
+def test_a_candela_key_is_no_provider_key(sni, rt):
+    f = transparent_flow("/v1/chat/completions", "api.openai.com", client="127.0.0.1")
+    from .conftest import ALICE_KEY
+
+    f.request.headers["authorization"] = f"Bearer {ALICE_KEY}"
+    run(lambda: sni.requestheaders(f))
+    assert f.response is None and ctx_of(f).provider_key_fingerprint is None

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from candela_mitm.config import PROVIDER_ROUTES
+from candela_mitm.governance.provider_keys import fingerprint
 from tests.e2e.conftest import candela_env
 from tests.fakes.candela import CandelaProcess, free_port
 from tests.fakes.google_oauth import FakeTokenServer
@@ -29,6 +31,7 @@ from .sandbox_env import (
     REMOTE_ADDR,
     REMOTE_NAME,
     RemoteHost,
+    audit_entries,
     candela_run,
     python_in_sandbox,
     transparent_config,
@@ -38,6 +41,8 @@ from .sandbox_env import (
 pytestmark = [pytest.mark.privileged, pytest.mark.sdk, pytest.mark.timeout(120)]
 
 RESIDENCY_HOST = "eu.api.openai.com"
+SECRET = "fingerprint-secret"
+PERSONAL_KEY = "sk-personal-key-of-a-developer"
 AGENT = Path(f"/tmp/candela-test-agent-{os.getpid()}/agent")  # outside any tmp the sandbox hides
 
 
@@ -91,11 +96,15 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         # a copy of the interpreter at a path of its own: a tool with a policy of its own
         AGENT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(os.path.realpath(sys.executable), AGENT)
+        # apps bring their own OpenAI key: only the organisation's (by fingerprint) goes on
+        cfg["interception"]["replace_provider_keys"] = [r for r in PROVIDER_ROUTES if r != "openai"]
+        cfg["interception"]["organisation_keys"] = [fingerprint(SECRET.encode(), OPENAI_KEY)]
         cfg["governance"]["workloads"] = [
             {"exe": str(AGENT), "models": {"mode": "allowlist", "allowed": ["gpt-4o"]}}
         ]
         try:
-            with CandelaProcess(tmp, cfg, env=candela_env(tokens, tmp)) as candela:
+            proc_env = {**candela_env(tokens, tmp), "CANDELA_KEY_FINGERPRINT_SECRET": SECRET}
+            with CandelaProcess(tmp, cfg, env=proc_env) as candela:
                 yield Env(candela, upstream, remote)
         finally:
             shutil.rmtree(AGENT.parent, ignore_errors=True)
@@ -118,7 +127,7 @@ def _assert_the_process(entry: dict[str, Any], exe: str) -> None:
 
 RESIDENCY_SDK = f"""
     import json, os, openai
-    client = openai.OpenAI(base_url="https://{RESIDENCY_HOST}/v1", api_key="sk-dummy", max_retries=0)
+    client = openai.OpenAI(base_url="https://{RESIDENCY_HOST}/v1", api_key=%(key)r, max_retries=0)
     r = client.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "hi"}}])
     try:
         client.chat.completions.create(model="gpt-4o", messages=[{{"role": "user", "content": "hi"}}])
@@ -131,12 +140,12 @@ RESIDENCY_SDK = f"""
 
 def test_a_data_residency_host_is_governed_end_to_end_with_the_openai_sdk(env: Env) -> None:
     env.upstream.clear()
-    out = env.run(python_in_sandbox(RESIDENCY_SDK))
+    out = env.run(python_in_sandbox(RESIDENCY_SDK % {"key": OPENAI_KEY}))
     assert out["content"] == DEFAULT_REPLY
     assert out["denied"] == [403, "model_not_allowed"]  # model policy applies there too
     seen = env.upstream.requests
     assert [r.path for r in seen] == ["/v1/chat/completions"]  # the denied one never left
-    assert seen[0].headers["authorization"] == f"Bearer {OPENAI_KEY}"  # the dummy key replaced
+    assert seen[0].headers["authorization"] == f"Bearer {OPENAI_KEY}"  # the organisation's, kept
     entries = wait_for_audit(
         env.audit_db, "llm_request", lambda e: e.get("workload_pid") == out["pid"]
     )
@@ -157,7 +166,7 @@ CHAT = """
     c = http.client.HTTPSConnection("api.openai.com", timeout=10)
     body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
     c.request("POST", "/v1/chat/completions", body,
-              {"Authorization": "Bearer sk-dummy", "Content-Type": "application/json"})
+              {"Authorization": "Bearer %(key)s", "Content-Type": "application/json"})
     r = c.getresponse()
     print(json.dumps({"pid": os.getpid(), "status": r.status, "body": json.loads(r.read())}))
 """
@@ -165,8 +174,9 @@ CHAT = """
 
 def test_a_workload_rule_changes_the_decision_for_that_executable_only(env: Env) -> None:
     env.upstream.clear()
-    same = env.run([sys.executable, "-c", textwrap.dedent(CHAT)])
-    agent = env.run([str(AGENT), "-c", textwrap.dedent(CHAT)])
+    chat = textwrap.dedent(CHAT) % {"key": OPENAI_KEY}
+    same = env.run([sys.executable, "-c", chat])
+    agent = env.run([str(AGENT), "-c", chat])
     assert same["status"] == 200
     assert (agent["status"], agent["body"]["error"]) == (403, "model_not_allowed")
     assert len(env.upstream.requests) == 1  # the refused one never left
@@ -286,3 +296,33 @@ def test_a_provider_host_behind_a_shared_edge_name_is_domain_fronting(env: Env, 
         ("domain_fronting", REMOTE_NAME, "api.openai.com")
     ]
     _assert_the_process(entries[0], sys.executable)
+
+
+# -- a provider key that is not the organisation's --------------------------------------------------
+
+FOREIGN_SDK = f"""
+    import json, os, openai
+    client = openai.OpenAI(api_key={PERSONAL_KEY!r}, max_retries=0)
+    try:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "hi"}}])
+        out = None
+    except openai.APIStatusError as e:
+        out = [e.status_code, e.response.json()]
+    print(json.dumps({{"denied": out, "pid": os.getpid()}}))
+"""
+
+
+def test_a_foreign_provider_key_is_refused_and_audited_with_its_fingerprint(env: Env) -> None:
+    env.upstream.clear()
+    out = env.run(python_in_sandbox(FOREIGN_SDK))
+    fp = fingerprint(SECRET.encode(), PERSONAL_KEY)
+    status, body = out["denied"]
+    assert (status, body["error"], body["key_fingerprint"]) == (403, "foreign_provider_key", fp)
+    assert env.upstream.requests == []
+    entries = wait_for_audit(
+        env.audit_db, "interception_denied", lambda e: e.get("pid") == out["pid"]
+    )
+    assert [(e["reason"], e["key_fingerprint"]) for e in entries] == [("foreign_provider_key", fp)]
+    _assert_the_process(entries[0], str(sdk_python()))
+    for action in ("interception_denied", "llm_request", "bypass_attempt"):
+        assert PERSONAL_KEY not in json.dumps(audit_entries(env.audit_db, action))  # never the key
