@@ -382,6 +382,7 @@ class Sni:
     async def _audit_bypass(self, client: connection.Client, reason: str, **fields: Any) -> None:
         """A connection refused because it would go around governance (`bypass_attempt`)."""
         entry = {"reason": reason, **await self._who(client, None), **fields}
+        entry["tgid"] = entry["pid"]  # as the kernel guard's entries name the process
         if not self.rt.audit.record(BYPASS_ATTEMPT, **entry):
             log.error(
                 "bypass attempt (%s) from %s not audited: audit queue full",

@@ -146,11 +146,37 @@ def peer(address: str, port: int, netns_pids: list[int] | None = None) -> Worklo
     if netns_pids is not None and not netns_pids:
         return None
     table = _tables(netns_pids[0] if netns_pids else None)  # members share the namespace's table
+    row = _socket(table, address, port)
+    if row is None:
+        return None
+    if netns_pids is not None:
+        pid = socket_holder(row.inode, netns_pids)
+    else:
+        # the whole host: the socket's owner uid's processes first (a socket passed to another
+        # user's process is found by the full scan after)
+        owned = _pids_of_uid(row.uid)
+        pid = socket_holder(row.inode, owned)
+        if pid is None:
+            mine = set(owned)
+            pid = socket_holder(row.inode, [p for p in _all_pids() if p not in mine])
+    return describe(pid) if pid is not None else None
+
+
+def _socket(table: str, address: str, port: int) -> procnet.TcpSocket | None:
     inode = procnet.socket_inode(table, address, port)
     if inode is None:
         return None
-    pid = socket_holder(inode, netns_pids if netns_pids is not None else _all_pids())
-    return describe(pid) if pid is not None else None
+    return next((s for s in procnet.parse(table) if s.inode == inode), None)
+
+
+def _pids_of_uid(uid: int) -> list[int]:
+    """Processes owned by `uid` (a stat each: far cheaper than reading every fd table)."""
+    out = []
+    for pid in _all_pids():
+        with contextlib.suppress(OSError):
+            if os.stat(f"/proc/{pid}").st_uid == uid:
+                out.append(pid)
+    return out
 
 
 def matching_rule(rules: Sequence[WorkloadRule], w: Workload) -> int | None:
