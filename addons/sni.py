@@ -171,10 +171,14 @@ class Sni:
         if not mitm_patches.proposes_plain_http(nextlayer):
             return  # only the first layer of a plain connection: inside TLS the SNI decided
         decision = interception.plaintext_decision(nextlayer.data_client(), self.hosts)
-        if decision is not None and not decision.passthrough:
-            return  # Candela's pipeline governs it (or refuses it, and audits that)
-        # tunnelled untouched; with no decision yet, asked again with the rest of the request head
-        mitm_patches.withdraw_proposal(nextlayer, tunnel=decision is not None)
+        if decision is None:  # asked again with the rest of the request head
+            mitm_patches.withdraw_proposal(nextlayer, tunnel=False)
+        elif decision.passthrough:
+            # relayed as it is, each later request on the connection read as it passes: a
+            # provider's Host behind the first request is refused like fronting on a shared edge
+            self._streams[nextlayer.context.client.id] = interception.RequestStream(self.hosts)
+            mitm_patches.tunnel_inspected(nextlayer)
+        # else Candela's pipeline governs it (or refuses it, and audits that)
 
     def _edge_layer(self, nextlayer: mitm_patches.NextLayer) -> None:
         decision = interception.plaintext_decision(nextlayer.data_client(), self.hosts)
@@ -186,8 +190,9 @@ class Sni:
         # else the HTTP layer: requestheaders refuses it (a provider Host: domain fronting)
 
     async def tcp_message(self, flow: tcp.TCPFlow) -> None:
-        """A shared edge's bytes: every request head is read; from the first that may not pass
-        (a provider's Host, or what cannot be read as requests) nothing more is forwarded."""
+        """A relayed plain-HTTP or shared-edge connection's bytes: every request head is read;
+        from the first that may not pass (a provider's Host, or what cannot be read as
+        requests) nothing more is forwarded."""
         stream = self._streams.get(flow.client_conn.id)
         if stream is None or not flow.messages:
             return

@@ -341,7 +341,8 @@ def test_plain_http_to_other_hosts_passes_untouched(sni, data, expected):
     assert type(nl.layer) is expected
     assert nl.context.layers[-1] is nl.layer or nl.layer is None
     if expected is layers.TCPLayer:
-        assert nl.layer.flow is None  # ignore=True: relayed, not even recorded
+        # relayed as it is, every later request on it read as it passes (tcp_message)
+        assert nl.layer.flow is not None and nl.context.client.id in sni._streams
 
 
 # -- shared edges: decrypted, every request's Host read ------------------------------------------
@@ -600,3 +601,29 @@ def test_a_candela_key_is_no_provider_key(sni, rt):
     f.request.headers["authorization"] = f"Bearer {ALICE_KEY}"
     run(lambda: sni.requestheaders(f))
     assert f.response is None and ctx_of(f).provider_key_fingerprint is None
+
+
+def test_plain_http_kept_alive_to_another_host_cannot_carry_a_provider_request(
+    sni, audited, monkeypatch
+):
+    nl = _next_layer(b"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n")
+    sni.next_layer(nl)
+    f = tflow.ttcpflow(messages=[])
+    f.client_conn = nl.context.client
+    from mitmproxy import ctx as mctx
+    from mitmproxy import tcp
+
+    monkeypatch.setattr(mctx.master.commands, "call", lambda *a: None)
+    sent = []
+    for data in (
+        b"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Length: 2\r\n\r\n{}",
+    ):
+        m = tcp.TCPMessage(True, data)
+        f.messages.append(m)
+        asyncio.run(sni.tcp_message(f))
+        sent.append(m.content)
+    assert sent[1] == b"" and sent[0].startswith(b"GET / ")
+    assert [(a, e["reason"], e["host"]) for a, e in audited] == [
+        ("bypass_attempt", "domain_fronting", "api.openai.com")
+    ]
