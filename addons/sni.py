@@ -246,6 +246,9 @@ class Sni:
         )
         flow.metadata[KEY] = ctx
         record = self.registry.lookup(peer)
+        found = await self._workload(client)  # on every entry of this request, refusals too
+        if found is not None:
+            ctx.workload = found.fields()
         denial: Denial | None = None
         reason = ""
         if req.method.upper() == "CONNECT" or (
@@ -284,9 +287,7 @@ class Sni:
             )
             return
         rule = None
-        found = await self._workload(client)
         if found is not None:
-            ctx.workload = found.fields()
             ctx.workload_rule = workload.matching_rule(self.rt.config.governance.workloads, found)
             if ctx.workload_rule is not None:
                 rule = self.rt.config.governance.workloads[ctx.workload_rule]

@@ -576,6 +576,7 @@ def test_a_key_that_is_not_the_organisations_is_refused_where_it_would_go_upstre
         assert (c.provider_key_fingerprint, c.provider_key_ours) == (fp, ours)
         assert key not in json.dumps(request_entry(c, f))  # the fingerprint, never the key
         assert request_entry(c, f)["provider_key_fingerprint"] == fp
+        assert request_entry(c, f)["workload_exe_sha256"] == AGENT.exe_sha256  # refused or not
         if status is None:
             assert f.response is None and not audited
             return

@@ -324,5 +324,11 @@ def test_a_foreign_provider_key_is_refused_and_audited_with_its_fingerprint(env:
     )
     assert [(e["reason"], e["key_fingerprint"]) for e in entries] == [("foreign_provider_key", fp)]
     _assert_the_process(entries[0], str(sdk_python()))
+    requests = wait_for_audit(
+        env.audit_db, "llm_request", lambda e: e.get("workload_pid") == out["pid"]
+    )
+    assert [(e["decision"], e["reason"], e["provider_key_fingerprint"]) for e in requests] == [
+        ("denied", "foreign_provider_key", fp)
+    ]
     for action in ("interception_denied", "llm_request", "bypass_attempt"):
         assert PERSONAL_KEY not in json.dumps(audit_entries(env.audit_db, action))  # never the key
