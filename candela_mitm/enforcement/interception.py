@@ -294,6 +294,9 @@ class RequestStream:
             self._state = "opaque"
             return
         if "transfer-encoding" in fields:
+            if "content-length" in fields:
+                self._state = "broken"  # smuggling-shaped: a server may frame by either
+                return
             if fields["transfer-encoding"][-1].rsplit(",", 1)[-1].strip() != "chunked":
                 self._state = "broken"  # a body with no end but the connection's
                 return

@@ -346,6 +346,12 @@ def _chunked(*chunks: bytes) -> bytes:
         ),
         (b"GET / HTTP/1.1\r\n\r\n", [None], True),  # no Host
         (b"x" * (interception.MAX_PLAINTEXT_HEAD + 1), [], True),
+        (
+            b"POST / HTTP/1.1\r\nHost: www.google.com\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Length: 5\r\n\r\n",
+            ["www.google.com"],
+            True,
+        ),
     ],
 )
 def test_every_request_on_a_connection_is_read_however_the_bytes_arrive(stream, hosts, refused):
