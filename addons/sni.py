@@ -37,7 +37,7 @@ from candela_mitm.runtime import Runtime
 
 from . import mitm_patches
 from .auth import plain_headers
-from .flowstate import KEY, ctx_of, deny, fail_closed, workload_headers
+from .flowstate import KEY, deny, fail_closed
 from .upstream import replaces_provider_key
 
 log = logging.getLogger("candela.sni")
@@ -333,13 +333,6 @@ class Sni:
         if tenant:
             # Auth checks it against the user's tenants like any requested tenant
             flow.request.headers[TENANT_HEADER] = tenant
-
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        """A provider's answer to an admin says which process the request came from (Candela's
-        own answers carry it from answer_json)."""
-        c = ctx_of(flow)
-        if flow.response is not None and "x-candela-workload-pid" not in flow.response.headers:
-            flow.response.headers.update(workload_headers(c))
 
     # audit ------------------------------------------------------------------------------
 

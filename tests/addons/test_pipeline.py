@@ -43,7 +43,7 @@ HOOK_ORDER: dict[str, list[str]] = {
         "Upstream",
     ],
     # response headers: the upstream timeout is cancelled before the stream is set up
-    "responseheaders": ["Sni", "Upstream", "Accounting"],
+    "responseheaders": ["Upstream", "Accounting"],
     # the response: AuditStart queues the audit entry first, Audit waits for its commit last
     "response": ["AuditStart", "Metrics", "Budget", "LocalUi", "Accounting", "Spans", "Audit"],
     # a failed flow: the reservation is released before the entry that records the failure

@@ -13,6 +13,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 from mitmproxy.tls import ClientHelloData, TlsData
 
+from candela_mitm.addons.accounting import Accounting
 from candela_mitm.addons.auth import Auth
 from candela_mitm.addons.flowstate import ctx_of
 from candela_mitm.addons.router import Router
@@ -527,7 +528,7 @@ def test_admins_see_the_process_in_response_headers(sni, rt, monkeypatch, role, 
     c = ctx_of(f)
     c.principal = dataclasses.replace(c.principal, role=role)
     f.response = http.Response.make(200, b"{}", {})
-    sni.responseheaders(f)
+    Accounting(rt).responseheaders(f)  # a provider's answer: after Upstream's header allowlist
     g = transparent_flow("/v1/chat/completions", "api.openai.com")
     run(lambda: sni.requestheaders(g))
     ctx_of(g).principal = dataclasses.replace(ctx_of(g).principal, role=role)
