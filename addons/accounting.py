@@ -11,7 +11,7 @@ from candela_mitm.governance.accounting import account
 from candela_mitm.providers.streaming import ResponseProcessor, is_stream, make_processor
 from candela_mitm.runtime import Runtime
 
-from .flowstate import ctx_of, note_failure, trace_headers
+from .flowstate import ctx_of, note_failure, trace_headers, workload_headers
 
 
 def account_flow(rt: Runtime, flow: http.HTTPFlow, c: RequestContext) -> None:
@@ -31,6 +31,8 @@ class Accounting:
             return
         for k, v in trace_headers(c).items():
             flow.response.headers[k] = v
+        # an admin's intercepted request: the process it came from (after Upstream's allowlist)
+        flow.response.headers.update(workload_headers(c))
         if not c.forwarded or c.plan is None:
             return
         c.first_byte_at = time.monotonic()

@@ -66,6 +66,15 @@ def request_entry(c: RequestContext, flow: http.HTTPFlow) -> dict[str, Any]:
         "span_id": c.span_id,
         "trace_id": c.trace.trace_id,
         "client_address": c.client_address,
+        **(c.workload or {}),  # intercepted: the process that sent it
+        **(
+            {
+                "provider_key_fingerprint": c.provider_key_fingerprint,
+                "provider_key_ours": c.provider_key_ours,
+            }
+            if c.provider_key_fingerprint
+            else {}
+        ),
     }
 
 
@@ -176,7 +185,9 @@ class Audit:
         try:
             # a stuck ledger must not hang responses: the entry stays queued and is retried
             if not await fut:
-                log.error("audit entry for span %s not committed in %s s", c.span_id, DURABLE_WAIT_S)
+                log.error(
+                    "audit entry for span %s not committed in %s s", c.span_id, DURABLE_WAIT_S
+                )
         except Exception:
             log.exception("audit entry for span %s not committed", c.span_id)
 

@@ -37,11 +37,28 @@ def trace_headers(ctx: RequestContext | None) -> dict[str, str]:
     return {"X-Candela-Span-Id": ctx.span_id, "X-Candela-Trace-Id": ctx.trace.trace_id}
 
 
+def workload_headers(ctx: RequestContext | None) -> dict[str, str]:
+    """For an admin's intercepted request, the process it came from as the kernel named it
+    (X-Candela-Workload-Pid, -Exe, -Exe-SHA256, -Uid, -Cgroup, ...); nothing for anyone else."""
+    if ctx is None or not ctx.workload or ctx.principal is None or ctx.principal.role != "admin":
+        return {}
+    return {
+        "X-Candela-" + k.replace("_", "-").title().replace("Sha256", "SHA256"): str(v)
+        for k, v in ctx.workload.items()
+        if v is not None
+    }
+
+
 def answer_json(
     flow: http.HTTPFlow, status: int, payload: Any, headers: dict[str, str] | None = None
 ) -> None:
     ctx = ctx_of(flow)
-    h = {"Content-Type": "application/json", **trace_headers(ctx), **(headers or {})}
+    h = {
+        "Content-Type": "application/json",
+        **trace_headers(ctx),
+        **workload_headers(ctx),
+        **(headers or {}),
+    }
     flow.response = http.Response.make(status, json.dumps(payload).encode(), h)
     if ctx is not None:
         ctx.status_code = status

@@ -19,8 +19,8 @@ Verified on mitmproxy 11.0.2 (the newest for Python 3.11; pyproject admits >=11.
 |                            | `net.http.http1.assemble_response`                       |                     |
 | `listen_with_reuse_port`   | `proxy.mode_servers.AsyncioServerInstance.listen`        | `workers: N`        |
 |                            | replaced (`.mode`, `.handle_stream`)                     |                     |
-| `abort_flow`               | Proxyserver `.connections`, ConnectionHandler            | upstream timeout    |
-|                            | `.transports`, ConnectionIO `.writer`/`.handler`         | 504                 |
+| `abort_flow`, `end_relay`  | Proxyserver `.connections`, ConnectionHandler            | upstream timeout    |
+|                            | `.transports`, ConnectionIO `.writer`/`.handler`         | 504; a refused edge |
 | `close_websocket`,         | `proxy.layers.websocket.WebsocketLayer.relay_messages`   | a session cut with  |
 | `install_websocket_close`  | wrapped (`client_ws`/`server_ws` `.state`, `.send2`,     | its own close code  |
 |                            | `.conn`, `done`); `WebSocketMessageInjected`, Proxyserver| (addons/websocket)  |
@@ -28,6 +28,10 @@ Verified on mitmproxy 11.0.2 (the newest for Python 3.11; pyproject admits >=11.
 | `is_transparent`,          | `proxy.mode_specs.TransparentMode`, `proxy.layers`       | plain HTTP of other |
 | `proposes_plain_http`,     | (`HttpLayer`, `TCPLayer`, `modes.TransparentProxy`),     | hosts tunnelled     |
 | `withdraw_proposal`        | `Context.layers` (a Layer appends itself when made)      | (addons/sni.py)     |
+| `proposes_http_in_tls`,    | `layers.ClientTLSLayer`, `TCPLayer(context, ignore)`     | shared edges:       |
+| `tunnel_inspected`         | (a TCPFlow per connection, `tcp_message` hooks)          | Host checked,       |
+| `client_speaks_http1`      | tlsconfig's `AppData` on the client's SSL.Connection     | forwarded as bytes  |
+|                            | (`client_alpn`, read by its ALPN select callback)        | (addons/sni.py)     |
 """
 
 from __future__ import annotations
@@ -238,6 +242,21 @@ def abort_flow(f: http.HTTPFlow, raw_response: bytes | None, reason: str) -> boo
     return True
 
 
+def end_relay(f: flow.Flow, reason: str) -> bool:
+    """Close the server side of a relayed (TCP) flow: the relay then closes the client's side
+    once it has sent what it holds, an injected answer included (the `inject.tcp` command).
+    False when the flow's connection is gone."""
+    try:
+        handler = ctx.master.addons.get("proxyserver").connections.get(f.client_conn.id)
+    except Exception:
+        handler = None
+    server_io = handler.transports.get(f.server_conn) if handler is not None else None
+    if server_io is None or server_io.handler is None:
+        return False
+    server_io.handler.cancel(reason)
+    return True
+
+
 # -- WebSocket sessions (verified 11.0.2) -----------------------------------------------------
 
 
@@ -351,3 +370,35 @@ def withdraw_proposal(nextlayer: NextLayer, *, tunnel: bool) -> None:
     if nextlayer.layer is not None and nextlayer.layer in context.layers:
         context.layers.remove(nextlayer.layer)
     nextlayer.layer = layers.TCPLayer(context, ignore=True) if tunnel else None
+
+
+def proposes_http_in_tls(nextlayer: NextLayer) -> bool:
+    """Whether mitmproxy proposes HTTP as the layer right inside a transparent connection's
+    decrypted TLS (the client's TLS terminated by Candela)."""
+    context = nextlayer.context
+    proposed = nextlayer.layer
+    return (
+        is_transparent(context.client)
+        and isinstance(proposed, layers.HttpLayer)
+        and context.layers[-1] is proposed
+        and any(isinstance(x, layers.ClientTLSLayer) for x in context.layers[:-1])
+    )
+
+
+def tunnel_inspected(nextlayer: NextLayer) -> None:
+    """Replace mitmproxy's proposed layer by a byte relay that still reports each message
+    (`tcp_message`, a TCPFlow), so that an addon can read and drop what passes: inside
+    TLS, the bytes are re-encrypted towards the server."""
+    context = nextlayer.context
+    if nextlayer.layer is not None and nextlayer.layer in context.layers:
+        context.layers.remove(nextlayer.layer)
+    nextlayer.layer = layers.TCPLayer(context, ignore=False)
+
+
+def client_speaks_http1(ssl_conn: Any) -> None:
+    """Make the client's TLS negotiate HTTP/1.1 (ALPN), whatever it offers besides: mitmproxy's
+    TlsConfig stores the protocol to choose in the connection's app data, read by its ALPN
+    select callback during the handshake. A client that offers no HTTP/1.1 fails the handshake."""
+    app = ssl_conn.get_app_data()
+    if isinstance(app, dict):
+        app["client_alpn"] = b"http/1.1"

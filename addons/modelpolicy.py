@@ -32,7 +32,7 @@ def check_model(
 
 def decide_model(rt: Runtime, c: RequestContext, model: str, provider: str) -> Denial | None:
     """check_model's decision and audit entry, without answering: the denial, or None."""
-    d = rt.policy.check(model, c.tenant)
+    d = rt.policy.check(model, c.tenant, c.workload_rule)
     record = {
         "result": "allowed" if d.allowed else "denied",
         "model": d.model,

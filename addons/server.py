@@ -65,6 +65,12 @@ def proxy_options(rt: Runtime, host: str, port: int) -> dict[str, object]:
         "keep_host_header": True,
         "termlog_verbosity": "warn",
         **({"confdir": str(certs_path(rt.config.interception.certs_dir))} if transparent else {}),
+        # the shared edges' servers, re-encrypted towards: verified against this bundle if given
+        **(
+            {"ssl_verify_upstream_trusted_ca": rt.config.interception.upstream_ca_file}
+            if transparent and rt.config.interception.upstream_ca_file
+            else {}
+        ),
     }
 
 

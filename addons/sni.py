@@ -1,26 +1,44 @@
 """Sni: routes transparent-mode connections by TLS server name; provider hosts are governed, others
-are tunnelled untouched, and what would go around governance is refused and audited."""
+are tunnelled untouched, and what would go around governance is refused and audited.
+
+Decided at the ClientHello, in this order: no SNI is refused (`no_sni`); a provider host (a name
+or family of interception.hosts) is decrypted and governed; a name on a provider's shared edge
+(interception.shared_edges) is decrypted and each of its requests' Host read as the bytes pass:
+a provider Host there is refused (`domain_fronting`), the rest forwarded re-encrypted; any other
+name to an address known to be a provider's is refused (`sni_not_provider`); anything else is
+tunnelled untouched. Refusals are `bypass_attempt` audit entries with the process behind the
+connection, read from the kernel (enforcement/workload.py).
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
+from hashlib import sha256
 from typing import Any
 
-from mitmproxy import connection, http, tls
+from mitmproxy import connection, ctx, http, tcp, tls
 
+from candela_mitm import errors
+from candela_mitm.audit.actions import BYPASS_ATTEMPT
+from candela_mitm.config import WorkloadRule
 from candela_mitm.context import RequestContext
-from candela_mitm.enforcement import interception
-from candela_mitm.enforcement.registry import SandboxRecord, SandboxRegistry, peer_process
+from candela_mitm.enforcement import host as host_enforcement
+from candela_mitm.enforcement import interception, workload
+from candela_mitm.enforcement.registry import SandboxRecord, SandboxRegistry, peer_workload
 from candela_mitm.errors import Denial
-from candela_mitm.governance.identity import Principal
+from candela_mitm.governance import provider_keys
+from candela_mitm.governance.identity import Principal, Via
 from candela_mitm.governance.tenancy import TENANT_HEADER
 from candela_mitm.observability.spans import TraceContext
 from candela_mitm.runtime import Runtime
 
 from . import mitm_patches
+from .auth import plain_headers
 from .flowstate import KEY, deny, fail_closed
+from .upstream import replaces_provider_key
 
 log = logging.getLogger("candela.sni")
 
@@ -49,10 +67,17 @@ class Sni:
     def __init__(self, rt: Runtime, registry: SandboxRegistry | None = None) -> None:
         self.rt = rt
         self.hosts = interception.HostMap(rt.config.interception.hosts)
+        self.edges = interception.HostSet(rt.config.interception.shared_edges)
         self.registry = registry if registry is not None else SandboxRegistry()
         self.base_url_configured = {n for n, p in rt.config.providers.items() if p.base_url}
+        self.enforce_state_path = host_enforcement.STATE_PATH
         self._refused: set[str] = set()  # client connection ids refused at the TLS handshake
+        self._edge: set[str] = set()  # client connection ids on a shared edge (decrypted)
+        self._streams: dict[str, interception.RequestStream] = {}  # their requests, as relayed
+        self._workloads: dict[str, workload.Workload | None] = {}  # per client connection
         self._local: dict[str, bool] = {}
+        self._enforced: tuple[int, frozenset[str]] = (-1, frozenset())
+        self.candela_keys = frozenset(k.sha256 for k in rt.config.auth.api_keys)
 
     # connections ------------------------------------------------------------------------
 
@@ -82,9 +107,25 @@ class Sni:
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._refused.discard(client.id)
+        self._edge.discard(client.id)
+        self._streams.pop(client.id, None)
+        self._workloads.pop(client.id, None)
+
+    def _enforced_addresses(self) -> frozenset[str]:
+        """The provider addresses `candela enforce host` resolved (its state file, re-read when it
+        changes)."""
+        try:
+            stamp = os.stat(self.enforce_state_path).st_mtime_ns
+        except OSError:
+            return frozenset()
+        if stamp != self._enforced[0]:
+            state = host_enforcement.EnforceState.load(self.enforce_state_path)
+            addrs = {a for v in (state.providers.values() if state else ()) for a in v}
+            self._enforced = (stamp, frozenset(addrs))
+        return self._enforced[1]
 
     def _provider_addresses(self) -> set[str]:
-        out: set[str] = set()
+        out: set[str] = set(self._enforced_addresses())
         for record in self.registry.records():
             out |= interception.provider_addresses(record.hosts, self.hosts)
         return out
@@ -94,31 +135,93 @@ class Sni:
         if not mitm_patches.is_transparent(client):
             return
         sni = data.client_hello.sni
-        if sni:
-            if self.hosts.route_for(sni) is None:
-                data.ignore_connection = True  # not a provider: tunnelled, never decrypted
-            return
         dst = data.context.server.address
-        if dst is not None and _ip(dst[0]) in self._provider_addresses():
-            # no name to route or check a Host header against: refused, not tunnelled
+        destination = f"{dst[0]}:{dst[1]}" if dst else None
+        if not sni:
+            # no name to route or check a Host against: refused, whatever the address
             self._refused.add(client.id)
-            await self._audit_denied(client, "sni_missing", destination=f"{dst[0]}:{dst[1]}")
+            await self._audit_bypass(client, "no_sni", destination=destination)
+        elif self.hosts.route_for(sni) is not None:
+            return  # a provider: decrypted and governed
+        elif sni in self.edges:
+            # a provider's shared front end: decrypted, its requests read as they pass, in
+            # HTTP/1.1 both ways (the bytes are relayed as they are)
+            self._edge.add(client.id)
+            data.context.server.alpn_offers = [b"http/1.1"]
+        elif dst is not None and _ip(dst[0]) in self._provider_addresses():
+            self._refused.add(client.id)
+            await self._audit_bypass(client, "sni_not_provider", sni=sni, destination=destination)
         else:
-            data.ignore_connection = True
+            data.ignore_connection = True  # not a provider: tunnelled, never decrypted
 
     def tls_start_client(self, data: tls.TlsData) -> None:
-        if data.context.client.id in self._refused:
+        client_id = data.context.client.id
+        if client_id in self._refused:
             data.ssl_conn = None  # mitmproxy closes a client connection it has no TLS for
+        elif client_id in self._edge and data.ssl_conn is not None:
+            mitm_patches.client_speaks_http1(data.ssl_conn)
 
     def next_layer(self, nextlayer: mitm_patches.NextLayer) -> None:
-        """Plain HTTP (port 80) to a host that is not a provider passes untouched, like TLS."""
+        """Plain HTTP (port 80) to a host that is not a provider passes untouched, like TLS; on a
+        shared edge, requests to other hosts are relayed, each of them read as it passes."""
+        if nextlayer.context.client.id in self._edge:
+            if mitm_patches.proposes_http_in_tls(nextlayer):
+                self._edge_layer(nextlayer)
+            return
         if not mitm_patches.proposes_plain_http(nextlayer):
             return  # only the first layer of a plain connection: inside TLS the SNI decided
         decision = interception.plaintext_decision(nextlayer.data_client(), self.hosts)
-        if decision is not None and not decision.passthrough:
-            return  # Candela's pipeline governs it (or refuses it, and audits that)
-        # tunnelled untouched; with no decision yet, asked again with the rest of the request head
-        mitm_patches.withdraw_proposal(nextlayer, tunnel=decision is not None)
+        if decision is None:  # asked again with the rest of the request head
+            mitm_patches.withdraw_proposal(nextlayer, tunnel=False)
+        elif decision.passthrough:
+            # relayed as it is, each later request on the connection read as it passes: a
+            # provider's Host behind the first request is refused like fronting on a shared edge
+            self._streams[nextlayer.context.client.id] = interception.RequestStream(self.hosts)
+            mitm_patches.tunnel_inspected(nextlayer)
+        # else Candela's pipeline governs it (or refuses it, and audits that)
+
+    def _edge_layer(self, nextlayer: mitm_patches.NextLayer) -> None:
+        decision = interception.plaintext_decision(nextlayer.data_client(), self.hosts)
+        if decision is None:
+            mitm_patches.withdraw_proposal(nextlayer, tunnel=False)  # the rest of the head first
+        elif decision.passthrough:
+            self._streams[nextlayer.context.client.id] = interception.RequestStream(self.hosts)
+            mitm_patches.tunnel_inspected(nextlayer)
+        # else the HTTP layer: requestheaders refuses it (a provider Host: domain fronting)
+
+    async def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        """A relayed plain-HTTP or shared-edge connection's bytes: every request head is read;
+        from the first that may not pass (a provider's Host, or what cannot be read as
+        requests) nothing more is forwarded."""
+        stream = self._streams.get(flow.client_conn.id)
+        if stream is None or not flow.messages:
+            return
+        message = flow.messages[-1]
+        flow.messages.clear()  # relayed, not kept: a long-lived tunnel holds no history
+        if not message.from_client:
+            return
+        if stream.refused:
+            message.content = b""
+            return
+        heads = stream.feed(message.content)
+        if not stream.refused:
+            return
+        message.content = b""  # nothing of this message reaches the server
+        fronted = next((h.host for h in heads if h.host and self.hosts.route_for(h.host)), None)
+        reason = "domain_fronting" if fronted else "edge_request_refused"
+        denial = interception.misdirected(flow.client_conn.sni or "", fronted)
+        raw = (
+            f"HTTP/1.1 {denial.status} Misdirected Request\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(denial.body())}\r\nconnection: close\r\n\r\n"
+        ).encode() + denial.body()
+        try:
+            ctx.master.commands.call("inject.tcp", flow, True, raw)
+            mitm_patches.end_relay(flow, reason)
+        except Exception:  # the refusal stands whether or not the client reads why
+            log.debug("could not answer the refused edge request", exc_info=True)
+        await self._audit_bypass(
+            flow.client_conn, reason, sni=flow.client_conn.sni, host=fronted or None
+        )
 
     # requests ---------------------------------------------------------------------------
 
@@ -143,12 +246,20 @@ class Sni:
         )
         flow.metadata[KEY] = ctx
         record = self.registry.lookup(peer)
+        found = await self._workload(client)  # on every entry of this request, refusals too
+        if found is not None:
+            ctx.workload = found.fields()
         denial: Denial | None = None
         reason = ""
         if req.method.upper() == "CONNECT" or (
             req.http_version.startswith("HTTP/1") and req.authority
         ):
             denial, reason = interception.proxy_request_denied(req.method, req.url), "proxy_request"
+        elif client.id in self._edge and host and self.hosts.route_for(host) is not None:
+            # another name's TLS carrying a provider's Host: domain fronting
+            deny(flow, interception.misdirected(sni or "", host))
+            await self._audit_bypass(client, "domain_fronting", sni=sni, host=host)
+            return
         elif interception.host_mismatch(sni, host):
             denial, reason = interception.misdirected(sni or "", host), "host_mismatch"
         elif route is None:
@@ -164,17 +275,119 @@ class Sni:
             deny(flow, denial)
             await self._audit_denied(client, reason, record=record, sni=sni, host=host)
             return
-        if record is not None:
-            self._attribute(ctx, flow, record)
+        if not self._check_provider_key(ctx, flow, route.provider if route else ""):
+            await self._audit_denied(
+                client,
+                "foreign_provider_key",
+                record=record,
+                sni=sni,
+                host=host,
+                provider=route.provider if route else None,
+                key_fingerprint=ctx.provider_key_fingerprint,
+            )
+            return
+        rule = None
+        if found is not None:
+            ctx.workload_rule = workload.matching_rule(self.rt.config.governance.workloads, found)
+            if ctx.workload_rule is not None:
+                rule = self.rt.config.governance.workloads[ctx.workload_rule]
+        self._attribute(ctx, flow, record, rule)
 
-    def _attribute(self, ctx: RequestContext, flow: http.HTTPFlow, record: SandboxRecord) -> None:
-        """The sandbox's user and tenant, whatever credential the app sent (often a dummy)."""
-        ctx.principal = Principal(user=record.user, role="developer", via="local", key_id=None)
-        if record.tenant:
+    def _check_provider_key(self, ctx: RequestContext, flow: http.HTTPFlow, route: str) -> bool:
+        """Fingerprint the provider key the app sent (audited, never the key); where Candela
+        does not replace it, only one of the organisation's may go on (403 otherwise)."""
+        req = flow.request
+        key = provider_keys.presented(plain_headers(req.headers), req.query)
+        if key is None or sha256(key.encode()).hexdigest() in self.candela_keys:
+            return True  # no key, or Candela's own credential (Auth reads it)
+        check = self.rt.provider_keys.check(key)
+        if check is not None:
+            ctx.provider_key_fingerprint, ctx.provider_key_ours = (
+                check.fingerprint,
+                check.organisation,
+            )
+        if replaces_provider_key(self.rt.config.interception.replace_provider_keys, route):
+            return True  # replaced: it never reaches the provider, and is recorded
+        if check is not None and check.organisation:
+            return True
+        deny(flow, errors.foreign_provider_key(route, ctx.provider_key_fingerprint))
+        return False
+
+    def _attribute(
+        self,
+        ctx: RequestContext,
+        flow: http.HTTPFlow,
+        record: SandboxRecord | None,
+        rule: WorkloadRule | None,
+    ) -> None:
+        """The user and tenant of the executable's rule, else of the sandbox, whatever
+        credential the app sent (often a dummy); neither: Auth reads the credential."""
+        user = rule.user if rule is not None and rule.user else None
+        tenant = rule.tenant if rule is not None and rule.tenant else None
+        if user is None and record is not None:
+            user, tenant = record.user, tenant or record.tenant
+        if user is None:
+            return
+        via: Via = "workload" if rule is not None and rule.user else "local"
+        ctx.principal = Principal(user=user, role="developer", via=via, key_id=None)
+        if tenant:
             # Auth checks it against the user's tenants like any requested tenant
-            flow.request.headers[TENANT_HEADER] = record.tenant
+            flow.request.headers[TENANT_HEADER] = tenant
 
     # audit ------------------------------------------------------------------------------
+
+    async def _workload(self, client: connection.Client) -> workload.Workload | None:
+        """The process behind a client connection, from the kernel; looked up once per
+        connection (a scan of /proc, off the event loop)."""
+        if client.id in self._workloads:
+            return self._workloads[client.id]
+        found: workload.Workload | None = None
+        if client.peername:
+            ip, port = _ip(client.peername[0]), client.peername[1]
+            record = self.registry.lookup(ip)
+            try:
+                if record is not None:
+                    found = await self.rt.blocking(peer_workload, record, ip, port)
+                else:  # this machine (host enforcement, loopback): this namespace's tables
+                    found = await self.rt.blocking(workload.peer, ip, port)
+            except Exception:  # identity is evidence, not a gate: the decision does not wait on it
+                log.debug("no process found for %s:%d", ip, port, exc_info=True)
+        if len(self._workloads) > 65536:
+            self._workloads.clear()
+        self._workloads[client.id] = found
+        return found
+
+    async def _who(self, client: connection.Client, record: SandboxRecord | None) -> dict[str, Any]:
+        address, port = (client.peername[0], client.peername[1]) if client.peername else ("", 0)
+        ip = _ip(address) if address else ""
+        record = record or self.registry.lookup(ip)
+        w = await self._workload(client)
+        return {
+            "client_address": ip,
+            "client_port": port,
+            "enforcement": "sandbox" if record else "host",
+            "sandbox": record.name if record else None,
+            "user_id": record.user if record else None,
+            "tenant_id": record.tenant if record else None,
+            "pid": w.pid if w else None,
+            "comm": w.comm if w else None,
+            "exe": w.exe if w else None,
+            "exe_sha256": w.exe_sha256 if w else None,
+            "uid": w.uid if w else None,
+            "cgroup": w.cgroup if w else None,
+            "container_id": w.container_id if w else None,
+        }
+
+    async def _audit_bypass(self, client: connection.Client, reason: str, **fields: Any) -> None:
+        """A connection refused because it would go around governance (`bypass_attempt`)."""
+        entry = {"reason": reason, **await self._who(client, None), **fields}
+        entry["tgid"] = entry["pid"]  # as the kernel guard's entries name the process
+        if not self.rt.audit.record(BYPASS_ATTEMPT, **entry):
+            log.error(
+                "bypass attempt (%s) from %s not audited: audit queue full",
+                reason,
+                entry["client_address"],
+            )
 
     async def _audit_denied(
         self,
@@ -183,25 +396,10 @@ class Sni:
         record: SandboxRecord | None = None,
         **fields: Any,
     ) -> None:
-        address, port = (client.peername[0], client.peername[1]) if client.peername else ("", 0)
-        ip = _ip(address) if address else ""
-        record = record or self.registry.lookup(ip)
-        who: tuple[int, str] | None = None
-        if record is not None:
-            try:
-                who = await self.rt.blocking(peer_process, record, ip, port)
-            except Exception:  # the audit entry matters more than the process name
-                log.debug("no process found for %s:%d", ip, port, exc_info=True)
-        entry = {
-            "reason": reason,
-            "client_address": ip,
-            "client_port": port,
-            "sandbox": record.name if record else None,
-            "user_id": record.user if record else None,
-            "tenant_id": record.tenant if record else None,
-            "pid": who[0] if who else None,
-            "comm": who[1] if who else None,
-            **fields,
-        }
+        entry = {"reason": reason, **await self._who(client, record), **fields}
         if not self.rt.audit.record(DENIED, **entry):
-            log.error("interception denial (%s) from %s not audited: audit queue full", reason, ip)
+            log.error(
+                "interception denial (%s) from %s not audited: audit queue full",
+                reason,
+                entry["client_address"],
+            )

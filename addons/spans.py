@@ -44,6 +44,14 @@ def span_of(c: RequestContext) -> Span:
         http_status=c.status_code,
         error=c.denial_code or c.error,
         stream=bool(plan and plan.stream),
+        attributes={
+            **(c.workload or {}),
+            **(
+                {"provider_key_fingerprint": c.provider_key_fingerprint}
+                if c.provider_key_fingerprint
+                else {}
+            ),
+        },
     )
 
 

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from candela_mitm.errors import ConfigError
 
@@ -212,6 +221,23 @@ class WebSocketSessions(_Model):
     max_sessions_per_user: int = Field(default=8, ge=1)  # open at once, per proxy process
 
 
+class WorkloadRule(_Model):
+    """An executable (its path, its SHA-256, or both) -> who its intercepted requests are for,
+    and the models it may use. The binary is the one the kernel says runs (workload.py)."""
+
+    exe: str | None = None  # the path as the process's mount namespace names it
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    user: str | None = None  # its requests are this user's (budget, rate limit, audit)
+    tenant: str | None = None  # and this tenant's (checked against the user's tenants)
+    models: TenantModels | None = None  # besides the user's and tenant's policy, not instead
+
+    @model_validator(mode="after")
+    def _names_a_binary(self) -> WorkloadRule:
+        if self.exe is None and self.sha256 is None:
+            raise ValueError("a workload names its executable: exe, sha256 or both")
+        return self
+
+
 class Governance(_Model):
     budgets: Budgets = Budgets()
     rate_limits: RateLimits = RateLimits()
@@ -222,6 +248,8 @@ class Governance(_Model):
     models: Models = Models()
     tenants: dict[str, TenantBudget] = {}  # budgets per tenant (admin API changes win)
     websocket: WebSocketSessions = WebSocketSessions()
+    # intercepted requests by the executable that sent them, first match wins
+    workloads: list[WorkloadRule] = []
 
 
 class Price(_Model):
@@ -241,13 +269,74 @@ class Price(_Model):
         return v
 
 
+_HOST_CHARS = re.compile(r"[a-z0-9*-]+(\.[a-z0-9*-]+)*\Z")
+
+
+def host_pattern(value: str) -> str:
+    """A host name or family pattern, normalised; ValueError saying what is wrong with it.
+
+    `*` stands for one DNS label or part of one (never a dot): `*.api.openai.com`,
+    `*-aiplatform.googleapis.com`, `bedrock-mantle.*.api.aws`. The last two labels are literal,
+    so a pattern always names one organisation's domain (`*.com` would intercept the world).
+    """
+    name = value.strip().lower().rstrip(".")
+    if not _HOST_CHARS.match(name):
+        raise ValueError(
+            f"host {value!r}: a host name or pattern is DNS labels of a-z, 0-9, '-' and '*' "
+            "joined by dots (no scheme, port or path)"
+        )
+    labels = name.split(".")
+    if "*" in name and (len(labels) < 3 or any("*" in label for label in labels[-2:])):
+        raise ValueError(
+            f"host {value!r}: a wildcard may stand only left of a literal domain of at least "
+            "two labels (e.g. '*.api.openai.com', 'bedrock-mantle.*.api.aws')"
+        )
+    if "**" in name:
+        raise ValueError(f"host {value!r}: '**' is not a pattern ('*' already spans a label)")
+    return name
+
+
+HostPattern = Annotated[str, AfterValidator(host_pattern)]
+
+# The Google front end serves every *.googleapis.com name (Gemini and Vertex among them) and
+# Google's other domains from the same addresses: a connection that names one of these in its
+# SNI may carry a provider's Host (domain fronting), so it is decrypted and every request's Host
+# checked (interception.shared_edges).
+DEFAULT_SHARED_EDGES = (
+    "*.googleapis.com",
+    "*.google.com",
+    "*.gstatic.com",
+    "*.googleusercontent.com",
+    "*.googlevideo.com",
+    "*.appspot.com",
+    "*.run.app",
+    "*.cloudfunctions.net",
+    "*.firebaseio.com",
+    "*.youtube.com",
+    "*.ggpht.com",
+)
+
+
 class Interception(_Model):
     listen_port: int = Field(default=8443, ge=0, le=65535)
     certs_dir: str = "~/.candela/certs"
-    hosts: dict[str, str] = {}
+    # host name or family pattern -> provider route; extends (or overrides) the built-in
+    # families of every provider's public hosts (enforcement/interception.py DEFAULT_HOSTS)
+    hosts: dict[HostPattern, str] = {}
+    # names served from a provider's shared front end: decrypted, each request's Host checked
+    # (a provider Host there is domain fronting: refused), everything else forwarded re-encrypted
+    shared_edges: list[HostPattern] = list(DEFAULT_SHARED_EDGES)
+    # CA bundle that verifies the shared edges' servers when Candela re-encrypts towards them;
+    # None: the public roots (certifi)
+    upstream_ca_file: str | None = None
     # an intercepted app's own provider key is replaced by the organisation's: everywhere (true),
     # nowhere (false), or on the routes listed
     replace_provider_keys: bool | list[str] = True
+    # the organisation's provider keys, as HMAC-SHA256 fingerprints keyed with the secret in
+    # $<key_fingerprint_secret_env> (never the keys): where a key is not replaced, any other key
+    # is refused (403 foreign_provider_key); every intercepted key's fingerprint is audited
+    organisation_keys: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = []
+    key_fingerprint_secret_env: str = "CANDELA_KEY_FINGERPRINT_SECRET"
     # host: at start the proxy puts `candela enforce host` in place towards its transparent
     # listener (root); it stays when the proxy stops, until `candela enforce off`
     enforce: Literal["none", "host"] = "none"
@@ -258,6 +347,14 @@ class Interception(_Model):
         for host, route in v.items():
             if route not in PROVIDER_ROUTES:
                 raise ValueError(f"host {host!r} maps to unknown provider route {route!r}")
+        return v
+
+    @field_validator("replace_provider_keys")
+    @classmethod
+    def _known_key_routes(cls, v: bool | list[str]) -> bool | list[str]:
+        for route in v if isinstance(v, list) else ():
+            if route not in PROVIDER_ROUTES:
+                raise ValueError(f"unknown provider route {route!r}")
         return v
 
 
@@ -326,6 +423,8 @@ class Config(_Model):
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc if p not in ("function-after", "function-before")]
+    if len(parts) >= 2 and parts[-1] == "[key]":  # a mapping's key itself: hosts[*.com]
+        return ".".join(parts[:-2]) + f"[{parts[-2]}]"
     return ".".join(parts) or "(top level)"
 
 

@@ -40,6 +40,14 @@ class RequestContext:
     started: float = field(default_factory=time.monotonic)
     client_address: str | None = None
     intercepted: bool = False  # arrived through the transparent listener (SNI-routed)
+    # the process behind an intercepted connection, from the kernel (workload_pid, workload_exe,
+    # workload_exe_sha256, workload_uid, ...), and the governance.workloads rule it matched
+    workload: dict[str, Any] | None = None
+    workload_rule: int | None = None
+    # HMAC fingerprint of the provider key an intercepted app sent (never the key), and whether
+    # it is one of the organisation's
+    provider_key_fingerprint: str | None = None
+    provider_key_ours: bool | None = None
     principal: Principal | None = None  # once authenticated (or attributed by Sni)
     settings: UserSettings | None = None  # the principal's, read by Auth
     tenant: str | None = None

@@ -67,7 +67,10 @@ def invalid_field(name: str, why: str) -> Denial:
 def invalid_parameter(name: str, why: str) -> Denial:
     """A query parameter out of range or of the wrong format: 400 invalid_parameter naming it."""
     return Denial(
-        400, "invalid_parameter", f"Query parameter '{name}' {why}", {"field": name, "parameter": name}
+        400,
+        "invalid_parameter",
+        f"Query parameter '{name}' {why}",
+        {"field": name, "parameter": name},
     )
 
 
@@ -308,6 +311,17 @@ def host_not_intercepted(host: str | None) -> Denial:
         "host_not_intercepted",
         f"'{host or ''}' is not a provider host Candela governs",
         {"host": host},
+    )
+
+
+def foreign_provider_key(route: str, fingerprint: str | None) -> Denial:
+    """Transparent mode, keys not replaced: the app's provider key is not the organisation's."""
+    return Denial(
+        403,
+        "foreign_provider_key",
+        f"This provider key is not one of the organisation's: requests to '{route}' from "
+        "intercepted applications must use an organisation key",
+        {"provider": route, "key_fingerprint": fingerprint},
     )
 
 

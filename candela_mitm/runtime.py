@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from candela_mitm.errors import ConfigError
 from candela_mitm.governance.identity import Authenticator, MintedKeyLookup
 from candela_mitm.governance.ledger import Ledger, StaleSettlement, process_alive
 from candela_mitm.governance.policy import ModelPolicy
+from candela_mitm.governance.provider_keys import OrganisationKeys
+from candela_mitm.governance.provider_keys import from_config as provider_keys_from_config
 from candela_mitm.governance.ratelimit import RateLimiter
 from candela_mitm.governance.users import UserDirectory
 from candela_mitm.local import LocalRuntime
@@ -89,6 +92,8 @@ class Runtime:
     config_overrides: dict[str, Any] = field(default_factory=dict)  # --mode etc., kept on reload
     local: LocalRuntime | None = None  # `candela` only: runtimes, their process, local settings
     extras: dict[str, Any] = field(default_factory=dict)
+    # provider keys intercepted apps bring: fingerprinted, the organisation's recognised
+    provider_keys: OrganisationKeys = field(default_factory=lambda: OrganisationKeys(None, ()))
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store call off the event loop, on the governance thread pool."""
@@ -123,7 +128,10 @@ class Runtime:
             minted_keys=minted_key_lookup(self.store, self.calls),
         )
         # build everything first, then swap: a reload either happens whole or not at all
-        pricing, policy = PricingTable.from_config(new), ModelPolicy(new.governance.models)
+        pricing, policy = (
+            PricingTable.from_config(new),
+            ModelPolicy(new.governance.models, new.governance.workloads),
+        )
         credentials = UpstreamCredentials(upstreams)
         self.config = new
         self.upstreams = upstreams
@@ -202,6 +210,7 @@ def record_stale_settlements(
 
 def build_runtime(config: Config, command: Command) -> Runtime:
     upstreams = resolve_all(config)
+    provider_keys = provider_keys_from_config(config.interception, os.environ)
     # before anything is opened: a bad local settings file fails the start with nothing to undo
     local = LocalRuntime(config, upstreams) if command == "local" else None
     required = config.auth.required if config.auth.required is not None else command == "server"
@@ -226,7 +235,7 @@ def build_runtime(config: Config, command: Command) -> Runtime:
         command=command,
         upstreams=upstreams,
         pricing=PricingTable.from_config(config),
-        policy=ModelPolicy(config.governance.models),
+        policy=ModelPolicy(config.governance.models, config.governance.workloads),
         spans=SpanStore(),
         credentials=UpstreamCredentials(upstreams),
         auth_required=required,
@@ -246,4 +255,5 @@ def build_runtime(config: Config, command: Command) -> Runtime:
         executor=executor,
         calls=calls,
         local=local,
+        provider_keys=provider_keys,
     )

@@ -57,15 +57,20 @@ EVENTS_LOCK = "/run/candela/enforce-events.lock"  # held by the one proxy readin
 DEFAULT_CGROUP = "candela-proxy"  # not "candela": sandboxes live under that one, never exempt
 REDIRECT_PORTS = (80, 443)
 DENY_UDP_PORTS = (443, 853)
-# The providers' public API hosts (providers.py base URLs, plus the regional Vertex and Bedrock
-# endpoints of the default regions); config interception.hosts and --provider add more.
+# The providers' public API hosts that can be resolved ahead (providers.py base URLs, OpenAI's
+# data-residency hosts, the regional Vertex and Bedrock endpoints of the default regions); the
+# families (interception.py DEFAULT_HOSTS) are what the proxy intercepts by SNI. Config
+# interception.hosts (its names, not its patterns) and --provider add more.
 DEFAULT_PROVIDER_HOSTS = (
     "api.openai.com",
+    *(f"{region}.api.openai.com" for region in ("us", "eu", "au", "in", "jp", "ae")),
     "api.anthropic.com",
     "generativelanguage.googleapis.com",
     "aiplatform.googleapis.com",
     "us-east5-aiplatform.googleapis.com",
     "bedrock-runtime.us-east-1.amazonaws.com",
+    "bedrock-runtime-fips.us-east-1.amazonaws.com",
+    "bedrock-mantle.us-east-1.api.aws",
 )
 
 Resolver = Callable[[str], list[str]]
@@ -112,7 +117,7 @@ def provider_names(
     names = list(DEFAULT_PROVIDER_HOSTS) if defaults else []
     for n in [*interception_hosts, *extra]:
         n = n.lower().rstrip(".")
-        if n and n not in names:
+        if n and "*" not in n and n not in names:  # a family has no addresses to resolve
             names.append(n)
     return names
 

@@ -9,18 +9,32 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from candela_mitm import errors
+from candela_mitm.config import host_pattern
 from candela_mitm.providers.specs import SPECS, Upstream
 
-# Every provider's public hosts. `*` stands for one DNS label or part of one (never a dot), so
-# `*-aiplatform.googleapis.com` is every Vertex region and nothing under another domain.
+# Every provider's public hosts, as families. `*` stands for one DNS label or part of one
+# (never a dot), so `*-aiplatform.googleapis.com` is every Vertex region and nothing under
+# another domain. Checked against the providers' published endpoints (December 2026).
 DEFAULT_HOSTS: dict[str, str] = {
     "api.openai.com": "openai",
+    # data residency: us., eu., au., in., jp., ae. and any region OpenAI adds
+    "*.api.openai.com": "openai",
     "api.anthropic.com": "anthropic-direct",
     "generativelanguage.googleapis.com": "google",
+    # Vertex AI: the global endpoint, every region, regional (REP) and mTLS endpoints; all go to
+    # the Vertex route, whatever the publisher named in the path
     "aiplatform.googleapis.com": "anthropic-vertex",
     "*-aiplatform.googleapis.com": "anthropic-vertex",
+    "aiplatform.*.rep.googleapis.com": "anthropic-vertex",
+    "aiplatform.mtls.googleapis.com": "anthropic-vertex",
+    "*-aiplatform.mtls.googleapis.com": "anthropic-vertex",
+    # Bedrock: runtime and FIPS endpoints, IPv4 (amazonaws.com) and dual-stack (api.aws), and
+    # bedrock-mantle (Bedrock's OpenAI-compatible endpoint) in every region
     "bedrock-runtime.*.amazonaws.com": "anthropic-bedrock",
     "bedrock-runtime-fips.*.amazonaws.com": "anthropic-bedrock",
+    "bedrock-runtime.*.api.aws": "anthropic-bedrock",
+    "bedrock-runtime-fips.*.api.aws": "anthropic-bedrock",
+    "bedrock-mantle.*.api.aws": "anthropic-bedrock",
 }
 
 # One host serves two of Candela's routes: Gemini's own API and its OpenAI-compatible endpoint.
@@ -42,8 +56,23 @@ def normalize_host(value: str) -> str:
 
 
 def _pattern(name: str) -> re.Pattern[str]:
-    parts = (re.escape(p) for p in normalize_host(name).split("*"))
+    parts = (re.escape(p) for p in host_pattern(name).split("*"))
     return re.compile(_LABEL.join(parts) + r"\Z")
+
+
+class HostSet:
+    """A set of host names and families (patterns): which of them a server name is in."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        names = [host_pattern(n) for n in names]  # ValueError names the bad one
+        self.exact = frozenset(n for n in names if "*" not in n)
+        self.patterns = [_pattern(n) for n in names if "*" in n]
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str) or not name:
+            return False
+        host = normalize_host(name)
+        return host in self.exact or any(rx.match(host) for rx in self.patterns)
 
 
 @dataclass(frozen=True)
@@ -59,12 +88,15 @@ class HostMap:
 
     def __init__(self, hosts: Mapping[str, str] | None = None, defaults: bool = True) -> None:
         merged = dict(DEFAULT_HOSTS) if defaults else {}
-        merged.update({normalize_host(k): v for k, v in (hosts or {}).items()})
+        configured = {host_pattern(k): v for k, v in (hosts or {}).items()}
+        merged.update(configured)
         for route in merged.values():
             if route not in SPECS:
                 raise ValueError(f"unknown provider route {route!r}")
         self.exact = {k: v for k, v in merged.items() if "*" not in k}
-        self.patterns = [(_pattern(k), v) for k, v in merged.items() if "*" in k]
+        # a configured family is tried before the built-in ones, so it can override them
+        ordered = sorted(merged.items(), key=lambda kv: kv[0] not in configured)
+        self.patterns = [(_pattern(k), v) for k, v in ordered if "*" in k]
         self.names = tuple(merged)
 
     def route_for(self, name: str | None) -> str | None:
@@ -146,6 +178,136 @@ def plaintext_decision(head: bytes, hosts: HostMap) -> PlaintextHead | None:
     if host is None:
         return PlaintextHead(False, method=method)
     return PlaintextHead(hosts.route_for(host) is None, method=method, host=host)
+
+
+class RequestStream:
+    """The request heads of one HTTP/1 client connection, found as its bytes pass: what a
+    connection to a shared edge forwarded as bytes is checked with, request by request
+    (keep-alive and pipelining included), bodies skipped by Content-Length or chunked framing.
+
+    `feed` returns a PlaintextHead for every head that completes. Once a head does not pass, or
+    cannot be framed (unparseable, too long, two lengths, a body with no end), `refused` is set
+    for good: nothing after it can be read as requests, so nothing more may be forwarded. After
+    an Upgrade (WebSocket) the rest is the upgraded protocol's, not HTTP, and is not read.
+    """
+
+    def __init__(self, hosts: HostMap) -> None:
+        self.hosts = hosts
+        self._buf = bytearray()
+        self._state = "head"  # head | body | size | data | crlf | trailer | opaque | broken
+        self._left = 0
+
+    @property
+    def upgraded(self) -> bool:
+        return self._state == "opaque"
+
+    @property
+    def refused(self) -> bool:
+        return self._state == "broken"
+
+    def feed(self, data: bytes) -> list[PlaintextHead]:
+        if self._state in ("opaque", "broken"):
+            return []
+        self._buf += data
+        out: list[PlaintextHead] = []
+        while self._step(out):
+            pass
+        return out
+
+    def _line(self) -> bytes | None:
+        end = self._buf.find(b"\r\n")
+        if end < 0:
+            if len(self._buf) > MAX_PLAINTEXT_HEAD:
+                self._state = "broken"
+            return None
+        line = bytes(self._buf[:end])
+        del self._buf[: end + 2]
+        return line
+
+    def _step(self, out: list[PlaintextHead]) -> bool:
+        state = self._state
+        if state == "head":
+            end = self._buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._buf) >= MAX_PLAINTEXT_HEAD:
+                    self._state = "broken"
+                return False
+            head = bytes(self._buf[: end + 4])
+            del self._buf[: end + 4]
+            decision = plaintext_decision(head, self.hosts) or PlaintextHead(False)
+            out.append(decision)
+            self._frame(head, decision)
+            return self._state not in ("opaque", "broken")
+        if state == "body":
+            n = min(self._left, len(self._buf))
+            del self._buf[:n]
+            self._left -= n
+            if self._left == 0:
+                self._state = "head"
+                return True
+            return False
+        if state == "size":
+            line = self._line()
+            if line is None:
+                return False
+            try:
+                self._left = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                self._state = "broken"
+                return False
+            self._state = "data" if self._left else "trailer"
+            return True
+        if state == "data":
+            n = min(self._left, len(self._buf))
+            del self._buf[:n]
+            self._left -= n
+            if self._left == 0:
+                self._state = "crlf"
+                return True
+            return False
+        if state == "crlf":
+            if len(self._buf) < 2:
+                return False
+            del self._buf[:2]
+            self._state = "size"
+            return True
+        if state == "trailer":
+            line = self._line()
+            if line is None:
+                return False
+            if line == b"":
+                self._state = "head"
+            return True
+        return False
+
+    def _frame(self, head: bytes, decision: PlaintextHead) -> None:
+        """Where the next head starts: after the body this head announces."""
+        if not decision.passthrough:
+            self._state = "broken"  # refused: nothing after it is forwarded or read
+            return
+        fields: dict[str, list[str]] = {}
+        for line in head.decode("latin-1").split("\r\n")[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                fields.setdefault(name.strip().lower(), []).append(value.strip().lower())
+        if "upgrade" in fields:
+            self._state = "opaque"
+            return
+        if "transfer-encoding" in fields:
+            if "content-length" in fields:
+                self._state = "broken"  # smuggling-shaped: a server may frame by either
+                return
+            if fields["transfer-encoding"][-1].rsplit(",", 1)[-1].strip() != "chunked":
+                self._state = "broken"  # a body with no end but the connection's
+                return
+            self._state = "size"
+            return
+        lengths = set(fields.get("content-length", ()))
+        if len(lengths) > 1 or not all(v.isdigit() for v in lengths):
+            self._state = "broken"  # smuggling-shaped: two lengths, or not a number
+            return
+        self._left = int(lengths.pop()) if lengths else 0
+        self._state = "body" if self._left else "head"
 
 
 def host_mismatch(sni: str | None, host: str | None) -> bool:

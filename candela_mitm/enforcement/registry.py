@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from candela_mitm.enforcement import procnet
+from candela_mitm.enforcement import workload
 
 log = logging.getLogger("candela.sandbox")
 
@@ -205,36 +205,18 @@ class SandboxRegistry:
 def peer_process(record: SandboxRecord, address: str, port: int) -> tuple[int, str] | None:
     """(pid, comm) of the sandboxed process whose TCP socket has this local address and port.
 
-    Reads /proc: the processes in the sandbox's network namespace, the socket's inode from their
-    TCP table, then which of them holds it. For audit entries of proxy-side refusals; slow (a
-    scan of /proc), so call it off the event loop and only when refusing.
+    The processes in the sandbox's network namespace, the socket from their TCP table, then which
+    of them holds it (workload.peer). Slow (a scan of /proc): off the event loop.
     """
+    found = peer_workload(record, address, port)
+    return (found.pid, found.comm or "") if found is not None else None
+
+
+def peer_workload(record: SandboxRecord, address: str, port: int) -> workload.Workload | None:
+    """The sandboxed process (pid, executable and its hash, uid, cgroup) of a connection."""
     if record.netns_inode is None:
         return None
-    members = pids_in_netns(record.netns_inode)
-    if not members:
-        return None
-    inode = None
-    for pid in members:
-        try:
-            table = Path(f"/proc/{pid}/net/tcp").read_text()
-        except OSError:
-            continue
-        inode = procnet.socket_inode(table, address, port)
-        break  # every member shares the namespace's table
-    if inode is None:
-        return None
-    target = f"socket:[{inode}]"
-    for pid in members:
-        try:
-            for fd in os.scandir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(fd.path) == target:
-                        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-                        return pid, comm
-        except OSError:
-            continue
-    return None
+    return workload.peer(address, port, pids_in_netns(record.netns_inode))
 
 
 def pids_in_netns(inode: int) -> list[int]:

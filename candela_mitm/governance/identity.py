@@ -29,7 +29,7 @@ from candela_mitm.errors import Denial, governance_unavailable, unauthenticated
 log = logging.getLogger(__name__)
 
 Role = Literal["admin", "developer"]
-Via = Literal["api_key", "oidc", "access_token", "local"]
+Via = Literal["api_key", "oidc", "access_token", "local", "workload"]
 
 # Credential sources, in precedence order (001: X-Candela-Auth over Authorization; the SDK
 # key headers and ?key= carry Candela API keys for clients that cannot send a bearer token).

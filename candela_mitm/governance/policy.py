@@ -8,11 +8,12 @@ Vertex ids, and fine-tunes of it (`ft:gpt-4o-mini:org::id` is a gpt-4o-mini).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import lru_cache
 
-from candela_mitm.config import Models, TenantModels
+from candela_mitm.config import Models, TenantModels, WorkloadRule
 from candela_mitm.providers.models import base_model, canonical_model
 from candela_mitm.providers.pricing import maker_model_id
 
@@ -25,7 +26,8 @@ class PolicyDecision:
     model: str  # as the client named it
     tenant: str | None
     policy_mode: str  # allowlist | blocklist | none
-    scope: str  # "tenant" when a tenant's own list decided, else "global"
+    scope: str  # "tenant" when a tenant's own list decided, else "global";
+    # "workload" when the sending executable's own policy (governance.workloads) refused it
 
 
 @lru_cache(maxsize=4096)  # model names come from clients: bounded
@@ -52,6 +54,14 @@ class _Rule:
         return any(fnmatchcase(i, p) for p in self.patterns for i in ids)
 
 
+    def allows(self, model: str) -> bool:
+        if self.mode == "allowlist":
+            return self.matches(model)
+        if self.mode == "blocklist":
+            return not self.matches(model)
+        return True
+
+
 def _rule(mode: str | None, allowed: list[str], blocked: list[str]) -> _Rule:
     if mode is None:
         mode = "allowlist" if allowed else ("blocklist" if blocked else None)
@@ -76,10 +86,15 @@ class ModelPolicy:
     """Global policy, replaced (not merged) by a tenant's own lists when the tenant has some.
 
     A tenant policy without a list inherits the global list (under its own mode if it names
-    one), not only the global mode.
+    one), not only the global mode. An intercepted executable's own policy
+    (governance.workloads) restricts it further, never widens it.
     """
 
-    def __init__(self, cfg: Models) -> None:
+    def __init__(self, cfg: Models, workloads: Sequence[WorkloadRule] = ()) -> None:
+        self._workloads = [
+            _rule(w.models.mode, w.models.allowed, w.models.blocked) if w.models else None
+            for w in workloads
+        ]
         self._global = _rule(cfg.mode, cfg.allowed, cfg.blocked)
         self._tenants: dict[str, tuple[_Rule, str]] = {}
         for name, t in cfg.tenants.items():
@@ -91,14 +106,15 @@ class ModelPolicy:
             elif t.models.mode is not None and t.models.mode != self._global.mode:
                 self._tenants[name] = (_rule(t.models.mode, cfg.allowed, cfg.blocked), "global")
 
-    def check(self, model: str, tenant: str | None) -> PolicyDecision:
+    def check(
+        self, model: str, tenant: str | None, workload: int | None = None
+    ) -> PolicyDecision:
+        """`workload`: the index of the governance.workloads rule the sender matched."""
         rule, scope = self._global, "global"
         if tenant is not None and tenant in self._tenants:
             rule, scope = self._tenants[tenant]
-        if rule.mode == "allowlist":
-            ok = rule.matches(model)
-        elif rule.mode == "blocklist":
-            ok = not rule.matches(model)
-        else:
-            ok = True
+        ok = rule.allows(model)
+        own = self._workloads[workload] if workload is not None else None
+        if ok and own is not None and own.mode is not None and not own.allows(model):
+            return PolicyDecision(False, model, tenant, own.mode, "workload")
         return PolicyDecision(ok, model, tenant, rule.mode or "none", scope)

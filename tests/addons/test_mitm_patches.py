@@ -287,6 +287,41 @@ def test_inside_tls_nothing_is_proposed_as_plain_http():
     assert not mitm_patches.proposes_plain_http(nl)
 
 
+def test_http_inside_decrypted_tls_is_proposed_and_can_be_relayed_inspected():
+    ctx = transparent_context()
+    modes.TransparentProxy(ctx)
+    layers.ClientTLSLayer(ctx)
+    nl = layer.NextLayer(ctx)
+    nl.layer = layers.HttpLayer(ctx, HTTPMode.transparent)
+    assert mitm_patches.proposes_http_in_tls(nl) and not mitm_patches.proposes_plain_http(nl)
+    mitm_patches.tunnel_inspected(nl)
+    assert isinstance(nl.layer, layers.TCPLayer) and nl.layer.flow is not None
+    assert ctx.layers[-1] is nl.layer
+    assert not any(isinstance(x, layers.HttpLayer) for x in ctx.layers)
+    plain = transparent_context()
+    modes.TransparentProxy(plain)
+    nl = layer.NextLayer(plain)
+    nl.layer = layers.HttpLayer(plain, HTTPMode.transparent)
+    assert not mitm_patches.proposes_http_in_tls(nl)
+
+
+def test_the_client_alpn_in_the_app_data_is_what_tlsconfig_chooses():
+    from mitmproxy.addons import tlsconfig
+
+    assert set(tlsconfig.AppData.__annotations__) >= {"client_alpn", "server_alpn", "http2"}
+
+    class Conn:
+        app = tlsconfig.AppData(client_alpn=None, server_alpn=None, http2=True)
+
+        def get_app_data(self):
+            return self.app
+
+    conn = Conn()
+    assert tlsconfig.alpn_select_callback(conn, [b"h2", b"http/1.1"]) == b"h2"
+    mitm_patches.client_speaks_http1(conn)
+    assert tlsconfig.alpn_select_callback(conn, [b"h2", b"http/1.1"]) == b"http/1.1"
+
+
 # -- the fence ----------------------------------------------------------------------------------
 
 INTERNAL_MODULES = (

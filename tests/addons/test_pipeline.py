@@ -23,6 +23,7 @@ HOOK_ORDER: dict[str, list[str]] = {
     "next_layer": ["Sni"],
     "tls_clienthello": ["Sni"],
     "tls_start_client": ["Sni"],
+    "tcp_message": ["Sni"],  # a shared edge's relayed bytes: every request's Host read
     # the head of a request: classified (Sni, Router), then the routes answered before anyone
     # is authenticated (/healthz, /metrics), then who is calling; LocalGuard (laptop mode)
     # refuses foreign Hosts, non-JSON bodies and token-less UI writes before any of them;

@@ -58,6 +58,19 @@ def test_empty_file_is_valid(tmp_path):
         ),
         ("governance: {tenants: {t: {period: hourly}}}\n", "governance.tenants.t.period", "monthly"),
         ("users: {bob: {budget_period: fortnightly}}\n", "users.bob.budget_period", "weekly"),
+        ("interception: {hosts: {'*.com': openai}}\n", "interception.hosts[*.com]", "wildcard"),
+        (
+            "interception: {hosts: {'https://x.example/v1': openai}}\n",
+            "interception.hosts[https://x.example/v1]",
+            "no scheme, port or path",
+        ),
+        ("interception: {shared_edges: ['*']}\n", "interception.shared_edges.0", "wildcard"),
+        ("interception: {replace_provider_keys: [nowhere]}\n", "interception", "nowhere"),
+        (
+            "interception: {organisation_keys: [sk-raw]}\n",
+            "interception.organisation_keys.0",
+            "pattern",
+        ),
     ],
 )
 def test_bad_key_names_file_path_and_reason(tmp_path, yaml_text, key_path, reason):

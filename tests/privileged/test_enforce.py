@@ -8,10 +8,12 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -237,13 +239,20 @@ def test_candela_server_enforces_the_host_audits_refusals_and_stays_closed_when_
     when it stops, provider traffic stays refused until `candela enforce off`."""
     from tests.e2e.conftest import base_config
     from tests.fakes.candela import CandelaProcess, free_port
+    from tests.fakes.upstream import OPENAI_KEY, FakeUpstream
 
     from .sandbox_env import wait_for_audit
 
     if enforce.EnforceState.load() is not None or host.attached():
         require("host enforcement is active on this machine; not touching it")
     listen_port = free_port()
-    cfg = base_config("http://127.0.0.1:9", mode="transparent")
+    upstream = FakeUpstream()
+    upstream.__enter__()
+    cfg = base_config(upstream.url, mode="transparent")
+    # the test's interpreter, wherever it runs from, works for the admin
+    cfg["governance"]["workloads"] = [
+        {"exe": os.path.realpath(sys.executable), "user": "admin@example.com"}
+    ]
     cfg["interception"] = {
         "listen_port": listen_port,
         "certs_dir": str(tmp_path / "certs"),
@@ -252,7 +261,7 @@ def test_candela_server_enforces_the_host_audits_refusals_and_stays_closed_when_
         "enforce": "host",
     }
     provider = _listen(PROVIDER_IP, 443)
-    candela = CandelaProcess(tmp_path, cfg)
+    candela = CandelaProcess(tmp_path, cfg, env={"OPENAI_API_KEY": OPENAI_KEY})
     try:
         candela.start()
         assert candela.proc is not None
@@ -275,6 +284,40 @@ def test_candela_server_enforces_the_host_audits_refusals_and_stays_closed_when_
         assert probe("tcp", PROVIDER_IP, 443).errno == 0
         assert _accepted(provider, 0.2) is None
 
+        # the doors the proxy closes there, each audited with the process from the kernel
+        db = tmp_path / "audit.db"
+        no_sni = _tls(PROVIDER_IP, None, b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\n\r\n")
+        other = _tls(
+            PROVIDER_IP, "cdn.example.net", b"GET / HTTP/1.1\r\nHost: api.openai.com\r\n\r\n"
+        )
+        assert no_sni["outcome"] == other["outcome"] == "error"
+        for out, reason in ((no_sni, "no_sni"), (other, "sni_not_provider")):
+            entries = wait_for_audit(
+                db, "bypass_attempt", lambda e, out=out: e.get("pid") == out["pid"]
+            )
+            assert [(e["reason"], e["enforcement"]) for e in entries] == [(reason, "host")]
+            assert entries[0]["exe"] == os.path.realpath(sys.executable)
+            assert entries[0]["exe_sha256"] == _sha256_of(sys.executable)
+            assert entries[0]["uid"] == os.geteuid()
+        # a provider request with no Candela credential: the workload rule says whose it is
+        body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+        chat = _tls(
+            PROVIDER_IP,
+            "api.openai.com",
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
+            b"Authorization: Bearer sk-the-apps-own\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+        )
+        head = chat["response"].split("\r\n\r\n", 1)[0].lower()
+        assert head.startswith("http/1.1 200"), chat
+        assert f"x-candela-workload-exe-sha256: {_sha256_of(sys.executable)}" in head
+        assert [r.path for r in upstream.requests] == ["/v1/chat/completions"]
+        entries = wait_for_audit(db, "llm_request", lambda e: e.get("workload_pid") == chat["pid"])
+        assert [(e["user_id"], e["decision"]) for e in entries] == [
+            ("admin@example.com", "allowed")
+        ]
+        assert entries[0]["workload_exe_sha256"] == _sha256_of(sys.executable)
+
         candela.stop()  # SIGTERM
         assert "proxy_stop" in {e["action"] for e in _actions(tmp_path / "audit.db")}
         rc, out = _status()
@@ -284,6 +327,7 @@ def test_candela_server_enforces_the_host_audits_refusals_and_stays_closed_when_
         assert probe("tcp", PROVIDER_IP, 8443).errno == errno.EPERM
     finally:
         candela.stop()
+        upstream.__exit__(None, None, None)
         provider.close()
         enforce_cli.main(["off"], out=io.StringIO())
         host.uninstall()
@@ -291,6 +335,45 @@ def test_candela_server_enforces_the_host_audits_refusals_and_stays_closed_when_
         cgroups.remove(cgroups.resolve(enforce.DEFAULT_CGROUP))
     assert _status()[0] == 3
     assert probe("tcp", PROVIDER_IP, 8443).errno == errno.ECONNREFUSED  # nothing listens: open
+
+
+TLS_CLIENT = """
+import json, os, socket, ssl, sys
+ip, name, req = sys.argv[1], sys.argv[2] or None, sys.argv[3].encode("latin-1")
+ctx = ssl.create_default_context()
+ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+out = {"pid": os.getpid()}
+try:
+    with socket.create_connection((ip, 443), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname=name) as s:
+            s.sendall(req)
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+    out.update(outcome="connected", response=data.decode("latin-1"))
+except (OSError, ssl.SSLError) as e:
+    out.update(outcome="error", error=repr(e))
+print(json.dumps(out))
+"""
+
+
+def _tls(ip: str, name: str | None, request: bytes) -> dict[str, Any]:
+    """One TLS connection from a process of its own (outside Candela's cgroup)."""
+    p = subprocess.run(
+        [sys.executable, "-c", TLS_CLIENT, ip, name or "", request.decode("latin-1")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert p.returncode == 0, p.stderr
+    out: dict[str, Any] = json.loads(p.stdout)
+    return out
+
+
+def _sha256_of(path: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(os.path.realpath(path)).read_bytes()).hexdigest()
 
 
 def _status() -> tuple[int, str]:

@@ -4,6 +4,7 @@ command; the bypass suite; exit codes; cleanup however the run ends."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -217,15 +218,21 @@ def test_tls_without_sni_to_the_provider_is_refused_and_audited(
     assert attempt["outcome"] == "error", attempt
     entries = [
         e
-        for e in bypass["audit"]["interception_denied"]
-        if e["reason"] == "sni_missing" and e["pid"] == attempt["pid"]
+        for e in bypass["audit"]["bypass_attempt"]
+        if e["reason"] == "no_sni" and e["pid"] == attempt["pid"]
     ]
     # the worker thread's attempt comes from the main thread's process: two entries with its pid
-    assert len(entries) == (1 if who == "child" else 2), bypass["audit"]["interception_denied"]
+    assert len(entries) == (1 if who == "child" else 2), bypass["audit"]["bypass_attempt"]
     assert entries[0]["destination"] == f"{PROVIDER_IP}:443"
     # the process's name (a thread's own name is the kernel guard's to report)
     assert entries[0]["comm"] == ("cdl-main" if who == "thread" else attempt["comm"])
     assert entries[0]["user_id"] == "alice@example.com"
+    # the process as the kernel knows it: what it runs (and its hash), its uid and cgroup
+    exe = os.path.realpath(sys.executable)
+    assert entries[0]["exe"] == exe and entries[0]["uid"] == 0
+    assert entries[0]["exe_sha256"] == hashlib.sha256(Path(exe).read_bytes()).hexdigest()
+    assert entries[0]["cgroup"].startswith("/candela/sandbox-")
+    assert entries[0]["enforcement"] == "sandbox"
 
 
 @pytest.mark.parametrize("who", WHO)

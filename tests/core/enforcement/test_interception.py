@@ -25,6 +25,33 @@ SPEC_CONFIG = Path(__file__).resolve().parents[4] / "shared" / "spec" / "config.
         ("bedrock-runtime.us-east-1.amazonaws.com", "anthropic-bedrock"),
         ("bedrock-runtime.eu-central-1.amazonaws.com", "anthropic-bedrock"),
         ("bedrock-runtime-fips.us-gov-west-1.amazonaws.com", "anthropic-bedrock"),
+        # OpenAI's data-residency hosts
+        ("us.api.openai.com", "openai"),
+        ("eu.api.openai.com", "openai"),
+        ("au.api.openai.com", "openai"),
+        ("in.api.openai.com", "openai"),
+        ("jp.api.openai.com", "openai"),
+        ("ae.api.openai.com", "openai"),
+        ("EU.API.OPENAI.COM.", "openai"),
+        # every Vertex host and region goes to the Vertex route
+        ("global-aiplatform.googleapis.com", "anthropic-vertex"),
+        ("asia-southeast1-aiplatform.googleapis.com", "anthropic-vertex"),
+        ("me-central2-aiplatform.googleapis.com", "anthropic-vertex"),
+        ("aiplatform.us-central1.rep.googleapis.com", "anthropic-vertex"),
+        ("aiplatform.mtls.googleapis.com", "anthropic-vertex"),
+        ("us-central1-aiplatform.mtls.googleapis.com", "anthropic-vertex"),
+        # Bedrock: dual-stack, FIPS and mantle in any region
+        ("bedrock-runtime.ap-northeast-1.api.aws", "anthropic-bedrock"),
+        ("bedrock-runtime-fips.us-east-1.api.aws", "anthropic-bedrock"),
+        ("bedrock-mantle.us-east-1.api.aws", "anthropic-bedrock"),
+        ("bedrock-mantle.eu-west-3.api.aws", "anthropic-bedrock"),
+        # not providers: other labels, deeper names, look-alike domains
+        ("eu.api.openai.com.evil.example", None),
+        ("a.b.api.openai.com", None),
+        ("bedrock-mantle.api.aws", None),
+        ("bedrock-mantle.us-east-1.api.aws.evil.example", None),
+        ("aiplatform.us-central1.rep.googleapis.com.evil", None),
+        ("www.googleapis.com", None),
         # a wildcard is one label (or part of one), never a dot
         ("evil.us-central1-aiplatform.googleapis.com", None),
         ("us-central1-aiplatform.googleapis.com.evil.example", None),
@@ -49,6 +76,55 @@ def test_configured_hosts_extend_and_override_the_defaults():
     assert hosts.route_for("api.anthropic.com") == "anthropic-direct"
     only = HostMap({"llm.internal.example": "ollama"}, defaults=False)
     assert only.route_for("api.openai.com") is None
+
+
+def test_a_configured_family_extends_and_overrides_the_defaults():
+    hosts = HostMap({"*.llm.internal.example": "ollama", "eu.api.openai.com": "lmstudio"})
+    assert hosts.route_for("gpu-1.llm.internal.example") == "ollama"
+    assert hosts.route_for("llm.internal.example") is None
+    assert hosts.route_for("eu.api.openai.com") == "lmstudio"  # the exact name wins
+    assert hosts.route_for("us.api.openai.com") == "openai"
+    over = HostMap({"*-aiplatform.googleapis.com": "anthropic"})
+    assert over.route_for("us-east5-aiplatform.googleapis.com") == "anthropic"
+
+
+@pytest.mark.parametrize(
+    "bad", ["*", "*.com", "api.*", "https://api.x.com", "api.x.com:443", "a..b.com", "a/b.com"]
+)
+def test_a_bad_host_pattern_is_refused(bad):
+    with pytest.raises(ValueError, match="host"):
+        HostMap({bad: "openai"})
+
+
+@pytest.mark.parametrize(
+    "names, inside, outside",
+    [
+        (
+            ["*.googleapis.com"],
+            ["www.googleapis.com", "storage.googleapis.com"],
+            ["googleapis.com", "a.b.googleapis.com"],
+        ),
+        (
+            ["other.test", "*.edge.test"],
+            ["other.test", "a.edge.test"],
+            ["edge.test", "x.other.test"],
+        ),
+        ([], [], ["www.google.com"]),
+    ],
+)
+def test_host_sets_match_names_and_families(names, inside, outside):
+    edge = interception.HostSet(names)
+    assert all(n in edge for n in inside)
+    assert not any(n in edge for n in [*outside, "", None])
+
+
+def test_the_default_shared_edges_are_googles_front_end_not_the_providers_own_hosts():
+    from candela_mitm.config import Interception
+
+    edge = interception.HostSet(Interception().shared_edges)
+    assert "www.google.com" in edge and "storage.googleapis.com" in edge
+    assert "generativelanguage.googleapis.com" in edge  # the same edge: a provider is decided first
+    assert "api.openai.com" not in edge
 
 
 def test_an_unknown_route_is_refused():
@@ -209,3 +285,89 @@ def test_another_region_than_the_routes_is_not_silently_redirected(sni, configur
 def test_denials_are_json_with_a_code(denial, status, code):
     assert (denial.status, denial.error) == (status, code)
     assert denial.payload()["message"]
+
+
+# -- a shared edge's requests, read as their bytes pass -------------------------------------------
+
+GET_OTHER = b"GET / HTTP/1.1\r\nHost: www.google.com\r\n\r\n"
+FRONTED = b"GET /v1beta/models HTTP/1.1\r\nHost: generativelanguage.googleapis.com\r\n\r\n"
+
+
+def _post(body: bytes, host: bytes = b"www.google.com") -> bytes:
+    return b"POST /x HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+        host,
+        len(body),
+        body,
+    )
+
+
+def _chunked(*chunks: bytes) -> bytes:
+    out = b"POST /x HTTP/1.1\r\nHost: www.google.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for c in chunks:
+        out += b"%x\r\n%s\r\n" % (len(c), c)
+    return out + b"0\r\nX-Trailer: 1\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "stream, hosts, refused",
+    [
+        (GET_OTHER, ["www.google.com"], False),
+        (GET_OTHER + GET_OTHER, ["www.google.com"] * 2, False),  # keep-alive, pipelined
+        (GET_OTHER + FRONTED, ["www.google.com", "generativelanguage.googleapis.com"], True),
+        # a body that looks like a request is a body: skipped by its length, not read as a head
+        (_post(FRONTED) + GET_OTHER, ["www.google.com", "www.google.com"], False),
+        (_post(FRONTED) + FRONTED, ["www.google.com", "generativelanguage.googleapis.com"], True),
+        (
+            _chunked(FRONTED, b"x" * 20) + FRONTED,
+            ["www.google.com", "generativelanguage.googleapis.com"],
+            True,
+        ),
+        (_chunked(FRONTED) + GET_OTHER, ["www.google.com", "www.google.com"], False),
+        # what cannot be framed refuses the rest of the connection
+        (
+            b"POST / HTTP/1.1\r\nHost: www.google.com\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            ["www.google.com"],
+            True,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: www.google.com\r\nTransfer-Encoding: gzip\r\n\r\n",
+            ["www.google.com"],
+            True,
+        ),
+        (
+            b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: www.google.com\r\n\r\n",
+            ["www.google.com"],
+            True,
+        ),
+        (
+            b"GET http://api.openai.com/ HTTP/1.1\r\nHost: www.google.com\r\n\r\n",
+            ["www.google.com"],
+            True,
+        ),
+        (b"GET / HTTP/1.1\r\n\r\n", [None], True),  # no Host
+        (b"x" * (interception.MAX_PLAINTEXT_HEAD + 1), [], True),
+        (
+            b"POST / HTTP/1.1\r\nHost: www.google.com\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Length: 5\r\n\r\n",
+            ["www.google.com"],
+            True,
+        ),
+    ],
+)
+def test_every_request_on_a_connection_is_read_however_the_bytes_arrive(stream, hosts, refused):
+    for size in (len(stream) or 1, 1, 7):  # whole, byte by byte, in odd pieces
+        reader = interception.RequestStream(HostMap())
+        seen = []
+        for i in range(0, len(stream), size):
+            seen += reader.feed(stream[i : i + size])
+            if reader.refused:
+                break
+        assert [d.host for d in seen] == hosts
+        assert reader.refused is refused
+
+
+def test_after_an_upgrade_the_bytes_are_not_http():
+    reader = interception.RequestStream(HostMap())
+    ws = b"GET /ws HTTP/1.1\r\nHost: www.google.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    assert [d.host for d in reader.feed(ws)] == ["www.google.com"]
+    assert reader.upgraded and reader.feed(FRONTED) == [] and not reader.refused

@@ -138,3 +138,29 @@ def test_denial_body_is_unchanged_for_a_family_match():
         "tenant_id": "inherits",
         "policy": "blocklist",
     }
+def test_a_workloads_own_policy_restricts_the_users_and_is_named_in_the_decision():
+    from candela_mitm.config import parse_config
+    from candela_mitm.governance.policy import ModelPolicy as Policy
+
+    cfg = parse_config(
+        {
+            "governance": {
+                "models": {"mode": "allowlist", "allowed": ["gpt-4o-mini", "gpt-4o"]},
+                "workloads": [
+                    {
+                        "exe": "/usr/bin/agent",
+                        "models": {"mode": "allowlist", "allowed": ["gpt-4o"]},
+                    },
+                    {"exe": "/usr/bin/other", "user": "u"},  # no policy of its own
+                ],
+            }
+        }
+    ).governance
+    policy = Policy(cfg.models, cfg.workloads)
+    assert policy.check("gpt-4o-mini", None).allowed
+    d = policy.check("gpt-4o-mini", None, 0)
+    assert (d.allowed, d.scope, d.policy_mode) == (False, "workload", "allowlist")
+    assert policy.check("gpt-4o", None, 0).allowed
+    assert policy.check("gpt-4o-mini", None, 1).allowed
+    # the user's policy still applies first: the workload cannot widen it
+    assert policy.check("o3", None, 0).scope == "global"

@@ -1,0 +1,192 @@
+"""Workload identity: the process at the other end of an intercepted connection, from the kernel.
+
+Never from anything the process sends: the socket's owner is found in the TCP table of its
+network namespace (procnet), the process holding that socket by its /proc/<pid>/fd links, and
+what it runs from /proc/<pid>/exe (hashed through that link, so a deleted or replaced file, or
+one inside a container's mount namespace, is still the code that runs), /proc/<pid>/status
+and /proc/<pid>/cgroup. A scan of /proc: call it off the event loop, once per connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from candela_mitm.config import WorkloadRule
+from candela_mitm.enforcement import procnet
+
+# docker-<id>.scope, /docker/<id>, cri-containerd-<id>.scope, crio-<id>, libpod-<id>: a container
+# runtime names the cgroup after the container's 64-hex id
+_CONTAINER_ID = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?(?:/|$)")
+_HASH_CACHE_MAX = 4096
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The process that holds one end of a connection."""
+
+    pid: int
+    comm: str | None  # the kernel's name of the process (15 characters at most)
+    exe: str | None  # the executable's path as the process's mount namespace names it
+    exe_sha256: str | None  # of the bytes /proc/<pid>/exe opens: the code that runs
+    uid: int | None  # effective uid
+    cgroup: str | None  # cgroup v2 path
+    container_id: str | None
+
+    def fields(self) -> dict[str, Any]:
+        """The audit and span fields, `workload_` prefixed."""
+        return {f"workload_{k}": v for k, v in asdict(self).items()}
+
+
+# (st_dev, st_ino, st_size, st_mtime_ns) of an executable -> its sha256: a binary is hashed once
+_hashes: dict[tuple[int, int, int, int], str] = {}
+
+
+def exe_sha256(pid: int) -> str | None:
+    """SHA-256 of the executable a process runs (cached by the file's identity and mtime)."""
+    link = f"/proc/{pid}/exe"
+    try:
+        with open(link, "rb") as f:
+            st = os.fstat(f.fileno())
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            found = _hashes.get(key)
+            if found is not None:
+                return found
+            digest = hashlib.sha256()
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    if len(_hashes) >= _HASH_CACHE_MAX:
+        _hashes.clear()
+    _hashes[key] = digest.hexdigest()
+    return _hashes[key]
+
+
+def container_id(cgroup: str | None) -> str | None:
+    """The container id a cgroup path names (docker, containerd, CRI-O, podman), if any."""
+    if not cgroup:
+        return None
+    m = _CONTAINER_ID.search(cgroup)
+    return m.group(1) if m else None
+
+
+def _cgroup(pid: int) -> str | None:
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
+
+
+def _uid(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[2])  # real, effective, saved, filesystem
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def describe(pid: int) -> Workload:
+    """What the kernel says about a process (None for what it would not tell)."""
+    comm = exe = None
+    with contextlib.suppress(OSError):
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    with contextlib.suppress(OSError):
+        exe = os.readlink(f"/proc/{pid}/exe")
+    cgroup = _cgroup(pid)
+    return Workload(pid, comm, exe, exe_sha256(pid), _uid(pid), cgroup, container_id(cgroup))
+
+
+def _all_pids() -> list[int]:
+    return sorted(int(e.name) for e in os.scandir("/proc") if e.name.isdigit())
+
+
+def socket_holder(inode: int, pids: Iterable[int]) -> int | None:
+    """The first of `pids` with a file descriptor on socket `inode`."""
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        try:
+            for fd in os.scandir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd.path) == target:
+                        return pid
+        except OSError:
+            continue
+    return None
+
+
+def _tables(pid: int | None) -> str:
+    base = f"/proc/{pid}/net" if pid is not None else "/proc/self/net"
+    text = ""
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            text += Path(f"{base}/{name}").read_text()
+    return text
+
+
+def peer(address: str, port: int, netns_pids: list[int] | None = None) -> Workload | None:
+    """The process whose TCP socket is bound locally to address:port.
+
+    `netns_pids`: the processes of the network namespace the connection came from (a
+    sandbox's); None: this process's own namespace (the host's, under host enforcement or on
+    loopback), whose every process is a candidate.
+    """
+    if netns_pids is not None and not netns_pids:
+        return None
+    table = _tables(netns_pids[0] if netns_pids else None)  # members share the namespace's table
+    row = _socket(table, address, port)
+    if row is None:
+        return None
+    if netns_pids is not None:
+        pid = socket_holder(row.inode, netns_pids)
+    else:
+        # the whole host: the socket's owner uid's processes first (a socket passed to another
+        # user's process is found by the full scan after)
+        owned = _pids_of_uid(row.uid)
+        pid = socket_holder(row.inode, owned)
+        if pid is None:
+            mine = set(owned)
+            pid = socket_holder(row.inode, [p for p in _all_pids() if p not in mine])
+    return describe(pid) if pid is not None else None
+
+
+def _socket(table: str, address: str, port: int) -> procnet.TcpSocket | None:
+    inode = procnet.socket_inode(table, address, port)
+    if inode is None:
+        return None
+    return next((s for s in procnet.parse(table) if s.inode == inode), None)
+
+
+def _pids_of_uid(uid: int) -> list[int]:
+    """Processes owned by `uid` (a stat each: far cheaper than reading every fd table)."""
+    out = []
+    for pid in _all_pids():
+        with contextlib.suppress(OSError):
+            if os.stat(f"/proc/{pid}").st_uid == uid:
+                out.append(pid)
+    return out
+
+
+def matching_rule(rules: Sequence[WorkloadRule], w: Workload) -> int | None:
+    """The index of the first governance.workloads rule naming this process's executable: its
+    path and/or its hash, each as the kernel gives it. A binary whose hash is unknown matches no
+    rule that names a hash, so a copy of another program cannot borrow a known tool's rule."""
+    for i, rule in enumerate(rules):
+        if rule.sha256 is not None and rule.sha256 != w.exe_sha256:
+            continue
+        if rule.exe is not None and rule.exe != w.exe:
+            continue
+        return i
+    return None
