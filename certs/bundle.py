@@ -14,8 +14,15 @@ SYSTEM_BUNDLES = (
     "/etc/ssl/cert.pem",  # macOS, BSD
 )
 
-# The variables the common runtimes read a CA bundle from (OpenSSL and httpx, requests, curl, Node).
-CA_ENV_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")
+# The variables the common runtimes read a CA bundle from (OpenSSL and httpx, requests, curl,
+# Node, and botocore, which ignores SSL_CERT_FILE: boto3 in `candela run` failed TLS without it).
+CA_ENV_VARS = (
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "AWS_CA_BUNDLE",
+)
 
 
 def system_bundle() -> Path | None:

@@ -87,6 +87,7 @@ def test_the_bundle_is_the_systems_cas_plus_candelas(tmp_path):
             "REQUESTS_CA_BUNDLE",
             "CURL_CA_BUNDLE",
             "NODE_EXTRA_CA_CERTS",
+            "AWS_CA_BUNDLE",
         }
     )
     assert set(env.values()) == {str(path)}
