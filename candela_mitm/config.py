@@ -210,6 +210,14 @@ class Interception(_Model):
 
 class Limits(_Model):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)  # a request head, line to blank line
+    # a connection's first request head must be whole this long after it opens ...
+    header_timeout_s: float = Field(default=20.0, gt=0)
+    # ... a kept-alive connection's next one this long after the previous response ...
+    idle_timeout_s: float = Field(default=60.0, gt=0)
+    # ... and a request body this long after its head
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    max_connections_per_client: int = Field(default=256, ge=1)  # open at once, per address
     upstream_timeout_s: float = Field(default=300.0, gt=0)  # until the response headers arrive
     connect_timeout_s: float = Field(default=10.0, gt=0)
 

@@ -17,8 +17,9 @@ from candela_mitm.addons import pipeline
 HOOK_ORDER: dict[str, list[str]] = {
     # connection events: Sni for transparent connections, LocalGuard (laptop mode) for the
     # owner of every other one (read from the kernel's socket table before its first request)
-    "client_connected": ["Sni", "LocalGuard"],
-    "client_disconnected": ["Sni", "LocalGuard"],
+    # ConnLimits counts every connection per address, refusing those past the cap
+    "client_connected": ["Sni", "LocalGuard", "ConnLimits"],
+    "client_disconnected": ["Sni", "LocalGuard", "ConnLimits"],
     # TLS events: only Sni looks at them
     "next_layer": ["Sni"],
     "tls_clienthello": ["Sni"],
@@ -28,7 +29,7 @@ HOOK_ORDER: dict[str, list[str]] = {
     # refuses foreign Hosts, non-JSON bodies and token-less UI writes before any of them;
     # LocalUi refreshes the local model list here, before Router's `request` hook routes a
     # chat completion by model name
-    "requestheaders": ["Sni", "Router", "LocalGuard", "Health", "Metrics", "Auth", "LocalUi"],
+    "requestheaders": ["Sni", "Router", "LocalGuard", "Health", "ConnLimits", "Metrics", "Auth", "LocalUi"],
     # the whole request: body and plan, then the gates, then the routes Candela answers itself,
     # and Upstream last: nothing reaches the network that a gate refused or nobody planned
     "request": [
@@ -44,10 +45,12 @@ HOOK_ORDER: dict[str, list[str]] = {
     # response headers: the upstream timeout is cancelled before the stream is set up
     "responseheaders": ["Upstream", "Accounting"],
     # the response: AuditStart queues the audit entry first, Audit waits for its commit last
-    "response": ["AuditStart", "Metrics", "Budget", "LocalUi", "Accounting", "Spans", "Audit"],
+    "response": ["AuditStart", "ConnLimits", "Metrics", "Budget", "LocalUi", "Accounting", "Spans", "Audit"],
     # a failed flow: the reservation is released before the entry that records the failure
-    "error": ["Metrics", "Budget", "Upstream", "Accounting", "Spans", "Audit"],
-    "done": ["LocalUi", "Upstream"],
+    "error": ["ConnLimits", "Metrics", "Budget", "Upstream", "Accounting", "Spans", "Audit"],
+    "done": ["ConnLimits", "LocalUi", "Upstream"],
+    "running": ["ConnLimits"],  # starts its deadline sweeper
+    "websocket_start": ["ConnLimits"],  # a session has no request deadline
 }
 
 

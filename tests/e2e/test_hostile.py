@@ -1,0 +1,195 @@
+"""Issue 16: hostile clients against a real Candela process. Each hostile request gets its 4xx,
+nothing of it reaches the upstream, /healthz keeps answering meanwhile, and the audit ledger
+grows by a bounded amount."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from tests.fakes.candela import CandelaProcess
+from tests.fakes.google_oauth import FakeTokenServer
+from tests.fakes.upstream import FakeUpstream
+
+from .conftest import ALICE_KEY, base_config, candela_env
+
+pytestmark = pytest.mark.e2e
+AUTH = {"Authorization": f"Bearer {ALICE_KEY}"}
+HEADER_LIMIT = 8192
+CAP = 6
+
+LIMITS = {
+    "max_body_bytes": 200_000,
+    "max_header_bytes": HEADER_LIMIT,
+    "header_timeout_s": 1.0,
+    "idle_timeout_s": 2.0,
+    "body_timeout_s": 1.0,
+    "max_connections_per_client": CAP,
+}
+
+
+@pytest.fixture(scope="module")
+def hostile(
+    tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream, token_server: FakeTokenServer
+) -> Iterator[CandelaProcess]:
+    tmp = tmp_path_factory.mktemp("hostile")
+    cfg = base_config(upstream.url, limits=LIMITS)
+    with CandelaProcess(tmp, cfg, env=candela_env(token_server, tmp)) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def _clear(upstream: FakeUpstream) -> Iterator[None]:
+    upstream.reset()
+    upstream.clear()
+    yield
+
+
+def connect(c: CandelaProcess) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", c.port), timeout=10)
+    return s
+
+
+def read_response(s: socket.socket, timeout: float = 10.0) -> tuple[int, dict, bytes]:
+    """Read until the peer closes or a whole Content-Length body arrived: status, headers, body."""
+    s.settimeout(timeout)
+    data = b""
+    while True:
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep:
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+            n = int(headers.get("content-length", "-1"))
+            if n >= 0 and len(body) >= n:
+                return int(lines[0].split()[1]), headers, body[:n]
+        try:
+            chunk = s.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            chunk = b""
+        if not chunk:
+            if not sep:
+                return 0, {}, b""
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+            return int(lines[0].split()[1]), headers, body
+        data += chunk
+
+
+def closed_by_peer(s: socket.socket, timeout: float = 10.0) -> bool:
+    s.settimeout(timeout)
+    try:
+        while s.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def healthz_ms(c: CandelaProcess) -> float:
+    t = time.perf_counter()
+    r = requests.get(f"{c.url}/healthz", timeout=10)
+    assert r.status_code == 200
+    return (time.perf_counter() - t) * 1000
+
+
+def audit_rows(c: CandelaProcess) -> int:
+    with sqlite3.connect(c.tmp / "audit.db") as db:
+        return int(db.execute("SELECT count(*) FROM audit_log").fetchone()[0])
+
+
+# -- request heads ------------------------------------------------------------------------------
+
+
+def test_a_head_over_the_limit_is_431_before_any_flow(hostile, upstream):
+    before = audit_rows(hostile)
+    s = connect(hostile)
+    head = b"POST /proxy/openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+    s.sendall(head + b"X-Pad: " + b"a" * (HEADER_LIMIT * 2) + b"\r\n\r\n")
+    status, headers, body = read_response(s)
+    assert status == 431 and json.loads(body)["error"] == "request_header_too_large"
+    assert json.loads(body)["limit_bytes"] == HEADER_LIMIT
+    assert closed_by_peer(s)
+    assert upstream.requests == []
+    assert audit_rows(hostile) == before  # refused before any flow: nothing to record
+
+
+def test_an_endless_head_is_cut_at_the_limit(hostile):
+    """Sent in pieces with no blank line: the buffer never holds much more than the limit."""
+    s = connect(hostile)
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    sent = 0
+    try:
+        while sent < HEADER_LIMIT * 64:
+            s.sendall(b"X-More: " + b"b" * 1000 + b"\r\n")
+            sent += 1010
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    status, _, body = read_response(s)
+    assert status == 431 and json.loads(body)["error"] == "request_header_too_large"
+
+
+def test_a_head_under_the_limit_is_served(hostile):
+    r = requests.get(f"{hostile.url}/healthz", headers={"X-Pad": "a" * (HEADER_LIMIT // 2)}, timeout=5)
+    assert r.status_code == 200
+
+
+# -- deadlines and the connection cap -----------------------------------------------------------
+
+
+def test_a_slow_head_is_408_and_closed(hostile):
+    s = connect(hostile)
+    s.sendall(b"GET /healthz HTTP/1.1\r\n")  # and nothing more
+    status, _, body = read_response(s, timeout=10)
+    assert status == 408 and json.loads(body)["error"] == "request_timeout"
+    assert closed_by_peer(s)
+
+
+def test_a_slow_body_is_408_and_nothing_is_forwarded(hostile, upstream):
+    s = connect(hostile)
+    s.sendall(
+        b"POST /proxy/openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer " + ALICE_KEY.encode() + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":"
+    )
+    status, _, body = read_response(s, timeout=10)
+    assert status == 408 and json.loads(body)["error"] == "request_timeout"
+    assert upstream.requests == []
+
+
+def test_an_idle_kept_alive_connection_is_closed_silently(hostile):
+    s = connect(hostile)
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, _ = read_response(s)
+    assert status == 200
+    s.settimeout(10)
+    assert s.recv(65536) == b""  # closed after idle_timeout_s, with no second response
+
+
+def test_connections_past_the_cap_are_429_and_closed(hostile):
+    held = [connect(hostile) for _ in range(CAP)]
+    try:
+        for s in held:  # each one is open and served by the proxy
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(s)[0] == 200
+        extra = connect(hostile)
+        status, headers, body = read_response(extra)
+        assert status == 429 and json.loads(body)["error"] == "too_many_connections"
+        assert headers["retry-after"] == "1"
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 5
+    while True:  # once they are closed, a new one is served
+        try:
+            if requests.get(f"{hostile.url}/healthz", timeout=5).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
