@@ -10,6 +10,7 @@ from mitmproxy import http
 from candela_mitm import errors
 from candela_mitm.context import RequestContext, classify
 from candela_mitm.observability.spans import TraceContext
+from candela_mitm.providers.encoding import DECODABLE
 from candela_mitm.providers.forwarding import (
     ForwardPlan,
     plan_chat_completion,
@@ -22,7 +23,6 @@ from .flowstate import KEY, answer_json, answered, ctx_of, decoded_body, deny, f
 
 log = logging.getLogger("candela.router")
 
-_DECODABLE = ("identity", "gzip", "deflate", "br", "zstd", "")
 
 
 def route_served(rt: Runtime, provider: str | None) -> bool:
@@ -70,15 +70,15 @@ class Router:
                 deny(flow, errors.bad_request("Content-Length is not a number"))
                 return
         enc = flow.request.headers.get("content-encoding", "").strip().lower()
-        if enc not in _DECODABLE:
+        if enc not in DECODABLE:
             deny(flow, errors.unsupported_encoding(enc))
 
     @fail_closed
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         ctx = ctx_of(flow)
         if ctx is None or answered(flow) or ctx.kind not in ("proxy", "chat"):
             return
-        raw = decoded_body(flow, self.limit)
+        raw = await decoded_body(flow, self.limit)
         if raw is None:
             return
         body = None

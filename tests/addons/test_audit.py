@@ -209,7 +209,7 @@ def _planned(runtime, path, body=None, method="POST"):
     f = make_flow(path, body=body, method=method)
     router = Router(rt)
     router.requestheaders(f)
-    router.request(f)
+    asyncio.run(router.request(f))
     return ctx_of(f), f
 
 

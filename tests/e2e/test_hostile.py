@@ -193,3 +193,55 @@ def test_connections_past_the_cap_are_429_and_closed(hostile):
             pass
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+# -- decompression bombs ------------------------------------------------------------------------
+
+
+def _packed(encoding: str, body: bytes) -> bytes:
+    import gzip
+    import zlib
+
+    import brotli
+    import zstandard
+
+    return {
+        "gzip": gzip.compress,
+        "deflate": zlib.compress,
+        "br": brotli.compress,
+        "zstd": zstandard.ZstdCompressor().compress,
+    }[encoding](body)
+
+
+BOMB = b'{"model": "gpt-4o-mini", "messages": [], "pad": "' + b" " * 50_000_000 + b'"}'
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+@pytest.mark.parametrize(
+    "path", ["/proxy/openai/v1/chat/completions", "/v1/chat/completions", "/admin/v1/users"]
+)
+def test_a_decompression_bomb_is_413_everywhere(hostile, upstream, encoding, path):
+    r = requests.post(
+        hostile.url + path,
+        data=_packed(encoding, BOMB),
+        headers={**AUTH, "Content-Type": "application/json", "Content-Encoding": encoding},
+        timeout=30,
+    )
+    assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
+    assert r.json()["limit_bytes"] == LIMITS["max_body_bytes"]
+    assert upstream.requests == []
+    healthz_ms(hostile)  # still answering
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+def test_a_compressed_body_under_the_limit_is_forwarded_decoded(hostile, upstream, encoding):
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+    r = requests.post(
+        hostile.url + "/proxy/openai/v1/chat/completions",
+        data=_packed(encoding, body.encode()),
+        headers={**AUTH, "Content-Type": "application/json", "Content-Encoding": encoding},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    [rec] = upstream.requests
+    assert json.loads(rec.body)["messages"][0]["content"] == "hi"
