@@ -39,7 +39,7 @@ def reservation_call(
         return None
     default_max = rt.config.governance.budgets.default_max_output_tokens
     try:
-        estimate = estimate_cost(c.body, plan.max_output_tokens, default_max, price)
+        estimate = estimate_cost(c.body, plan.max_output_tokens, default_max, price, c.scan)
     except Exception:
         return None  # Budget.request computes it again, after the rate limit, and fails closed
     ledger, tenant, span_id = rt.ledger, c.tenant, c.span_id
@@ -88,7 +88,7 @@ class Budget:
                 return
             return  # unknown_model_price: zero
         default_max = self.rt.config.governance.budgets.default_max_output_tokens
-        c.estimate_usd = estimate_cost(c.body, plan.max_output_tokens, default_max, price)
+        c.estimate_usd = estimate_cost(c.body, plan.max_output_tokens, default_max, price, c.scan)
         result = await self.rt.store_call(
             functools.partial(
                 self.rt.ledger.reserve, model=plan.model, provider=plan.upstream.name

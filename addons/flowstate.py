@@ -20,6 +20,7 @@ from candela_mitm.providers.encoding import TooLarge, decode_body, needs_work
 
 log = logging.getLogger("candela")
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 KEY = "candela"
 
@@ -81,6 +82,12 @@ def note_failure(flow: http.HTTPFlow) -> None:
 # Decompression runs here, off the event loop (zlib, brotli and zstd release the GIL while they
 # work); two threads: a burst of compressed bodies queues instead of taking every core.
 _DECODER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="candela-decode")
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """Run CPU work that grows with a body on the decoding threads: pure Python yields the GIL
+    to the event loop every few milliseconds, so other requests keep being answered."""
+    return await asyncio.get_running_loop().run_in_executor(_DECODER, fn, *args)
 
 
 async def decode_request_body(flow: http.HTTPFlow, limit: int) -> bytes:

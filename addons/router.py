@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.context import RequestContext, classify
+from candela_mitm.governance.estimate import LARGE_BODY_BYTES, scan
 from candela_mitm.observability.spans import TraceContext
 from candela_mitm.providers.encoding import DECODABLE
 from candela_mitm.providers.forwarding import (
@@ -19,9 +21,20 @@ from candela_mitm.providers.forwarding import (
 from candela_mitm.providers.target import target_problem
 from candela_mitm.runtime import Runtime
 
-from .flowstate import KEY, answer_json, answered, ctx_of, decoded_body, deny, fail_closed
+from .flowstate import (
+    KEY,
+    answer_json,
+    answered,
+    ctx_of,
+    decoded_body,
+    deny,
+    fail_closed,
+    off_loop,
+)
 
 log = logging.getLogger("candela.router")
+
+_LEADING_SPACE = re.compile(rb"[ \t\r\n]*")
 
 
 
@@ -82,7 +95,15 @@ class Router:
         if raw is None:
             return
         body = None
-        if raw.strip():
+        start = _LEADING_SPACE.match(raw)
+        first = raw[start.end() : start.end() + 1] if start else raw[:1]
+        if first and first != b"{":  # refused before parsing: a 10 MB array costs nothing
+            if first in b"[0123456789-tfn\"":
+                deny(flow, errors.bad_request("the JSON body must be an object"))
+            else:
+                deny(flow, errors.invalid_json("the body is not a JSON object"))
+            return
+        if first:
             try:
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
@@ -92,6 +113,8 @@ class Router:
                 deny(flow, errors.bad_request("the JSON body must be an object"))
                 return
         ctx.body = body
+        if body is not None and len(raw) > LARGE_BODY_BYTES:
+            ctx.scan = await off_loop(scan, body)  # the estimate's walk, off the event loop
         method = flow.request.method.upper()
         # after Auth's requestheaders: a refusal here is audited with who asked
         problem = target_problem(flow.request.path)

@@ -29,7 +29,8 @@ HOOK_ORDER: dict[str, list[str]] = {
     # refuses foreign Hosts, non-JSON bodies and token-less UI writes before any of them;
     # LocalUi refreshes the local model list here, before Router's `request` hook routes a
     # chat completion by model name
-    "requestheaders": ["Sni", "Router", "LocalGuard", "Health", "ConnLimits", "Metrics", "Auth", "LocalUi"],
+    "requestheaders": ["Sni", "Router", "LocalGuard", "Health", "ConnLimits", "Metrics", "Auth", "RateLimit",
+                       "LocalUi"],
     # the whole request: body and plan, then the gates, then the routes Candela answers itself,
     # and Upstream last: nothing reaches the network that a gate refused or nobody planned
     "request": [

@@ -25,7 +25,7 @@ HEADER_LIMIT = 8192
 CAP = 6
 
 LIMITS = {
-    "max_body_bytes": 200_000,
+    "max_body_bytes": 12_000_000,
     "max_header_bytes": HEADER_LIMIT,
     "header_timeout_s": 1.0,
     "idle_timeout_s": 2.0,
@@ -40,6 +40,10 @@ def hostile(
 ) -> Iterator[CandelaProcess]:
     tmp = tmp_path_factory.mktemp("hostile")
     cfg = base_config(upstream.url, limits=LIMITS)
+    cfg["governance"] = {
+        "budgets": {"default_daily_usd": 1000.0},
+        "rate_limits": {"default_requests_per_minute": 10_000},
+    }
     with CandelaProcess(tmp, cfg, env=candela_env(token_server, tmp)) as c:
         yield c
 
@@ -245,3 +249,50 @@ def test_a_compressed_body_under_the_limit_is_forwarded_decoded(hostile, upstrea
     assert r.status_code == 200, r.text
     [rec] = upstream.requests
     assert json.loads(rec.body)["messages"][0]["content"] == "hi"
+
+
+# -- bodies whose work grows with their size ----------------------------------------------------
+
+
+def worst_healthz_while(c: CandelaProcess, send) -> tuple[float, object]:
+    """The slowest /healthz answer while `send()` runs in another thread, and its result."""
+    import threading
+
+    result: list[object] = []
+    t = threading.Thread(target=lambda: result.append(send()))
+    t.start()
+    worst = 0.0
+    while t.is_alive():
+        worst = max(worst, healthz_ms(c))
+    t.join()
+    return worst, result[0]
+
+
+def post_raw(c: CandelaProcess, path: str, body: bytes) -> requests.Response:
+    return requests.post(
+        c.url + path, data=body, headers={**AUTH, "Content-Type": "application/json"}, timeout=60
+    )
+
+
+TEN_MB_ARRAY = b"[" + b",".join([b"0"] * 5_000_000) + b"]"
+TEN_MB_TEXT = json.dumps(
+    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "word " * 2_000_000}]}
+).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error"),
+    [
+        (TEN_MB_ARRAY, 400, "bad_request"),  # refused before it is parsed
+        (b"  \n" + TEN_MB_ARRAY, 400, "bad_request"),
+        (TEN_MB_TEXT, 200, None),  # parsed, scanned off the loop, estimated, forwarded
+    ],
+)
+def test_a_10_mb_body_does_not_stall_other_requests(hostile, upstream, body, status, error):
+    baseline = max(healthz_ms(hostile) for _ in range(20))
+    rows = audit_rows(hostile)
+    worst, r = worst_healthz_while(hostile, lambda: post_raw(hostile, "/v1/chat/completions", body))
+    assert r.status_code == status and r.json().get("error") == error, r.text[:300]
+    assert worst < baseline + 100, (worst, baseline)
+    assert len(upstream.requests) == (1 if status == 200 else 0)
+    assert audit_rows(hostile) - rows <= 2  # its own entry, and perhaps a reservation's
