@@ -52,8 +52,8 @@ def pipeline(rt: Runtime) -> list[Any]:
         # the per-address connection cap and the deadlines on a request's head and body
         # (429/408, close); after AuditStart, whose response hook must come first
         ConnLimits(rt),
-        # Metrics answers GET /metrics in requestheaders, before Auth: Prometheus scrapes
-        # without a credential. Its request counters are kept by its response and error
+        # Metrics answers GET /metrics in its request hook, after Auth's requestheaders: to
+        # admins only (Prometheus sends an admin's key as its bearer). Its request counters are kept by its response and error
         # hooks, which therefore run early too: they call account() like every response hook
         # that reads the usage (it computes once, in whichever hook comes first).
         Metrics(rt),

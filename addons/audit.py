@@ -11,6 +11,7 @@ from typing import Any
 from mitmproxy import http
 
 from candela_mitm.audit.actions import LLM_REQUEST
+from candela_mitm.audit.sampling import Sampler
 from candela_mitm.audit.writer import Committed
 from candela_mitm.context import RequestContext
 from candela_mitm.errors import StoreUnavailable
@@ -142,6 +143,7 @@ class Audit:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._waits: CommitWaits | None = None
+        self.unknown_callers = Sampler(rt.config.audit.unauthenticated_per_minute)
 
     def _commit_waits(self) -> CommitWaits:
         loop = asyncio.get_running_loop()
@@ -156,13 +158,23 @@ class Audit:
         if c is None or c.kind not in ("proxy", "chat") or c.audited:
             return
         c.audited = True
+        fields: dict[str, Any] = {}
+        if c.principal is None and c.denial_code is not None:
+            # refused with nobody authenticated (no valid credential, or refused before it was
+            # looked at): anyone can send these without end, and the ledger only grows, so a
+            # sample is kept
+            skipped = self.unknown_callers.take()
+            if skipped is None:
+                return
+            fields["unsampled_before"] = skipped
         account_flow(self.rt, flow, c)
         if flow.response is not None and c.status_code is None:
             c.status_code = flow.response.status_code
         try:
             fut, committed = self._commit_waits().begin()
             c.audit_commit = fut
-            if not self.rt.audit.record_then(LLM_REQUEST, committed, **request_entry(c, flow)):
+            entry = {**request_entry(c, flow), **fields}
+            if not self.rt.audit.record_then(LLM_REQUEST, committed, **entry):
                 fut.set_exception(StoreUnavailable("the audit queue is full or closed"))
         except Exception:
             log.exception("audit entry for span %s not recorded", c.span_id)

@@ -74,7 +74,7 @@ class Budget:
         if c.reserve_result is not None:  # RateLimit already made this request's reservation
             reserved, c.reserve_result = c.reserve_result, None
             if isinstance(reserved, BudgetRefusal):
-                self.rt.metrics.budget_denied.labels(c.tenant or "", "budget_exceeded").inc()
+                self.rt.metrics.budget_denied.labels(self.rt.metrics.tenant_label(c.tenant or ""), "budget_exceeded").inc()
                 deny(flow, reserved.denial())
             return
         plan = c.plan
@@ -83,7 +83,7 @@ class Budget:
         price = self.rt.pricing.get(plan.model, plan.upstream.name)
         if price is None:
             if self.rt.config.governance.unknown_model_price == "deny":
-                self.rt.metrics.budget_denied.labels(c.tenant or "", "model_price_unknown").inc()
+                self.rt.metrics.budget_denied.labels(self.rt.metrics.tenant_label(c.tenant or ""), "model_price_unknown").inc()
                 deny(flow, errors.model_price_unknown(plan.model))
                 return
             return  # unknown_model_price: zero
@@ -100,7 +100,7 @@ class Budget:
             c.span_id,
         )
         if isinstance(result, BudgetRefusal):
-            self.rt.metrics.budget_denied.labels(c.tenant or "", "budget_exceeded").inc()
+            self.rt.metrics.budget_denied.labels(self.rt.metrics.tenant_label(c.tenant or ""), "budget_exceeded").inc()
             deny(flow, result.denial())
             return
         c.reservation = result

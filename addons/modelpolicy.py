@@ -39,7 +39,10 @@ def check_model(
         deny(flow, errors.governance_unavailable("the audit trail cannot accept entries"))
         return False
     if not d.allowed:
-        rt.metrics.policy_denied.labels(d.model, c.tenant or "", d.policy_mode).inc()
+        m = rt.metrics
+        m.policy_denied.labels(
+            m.model_label(d.model), m.tenant_label(c.tenant or ""), d.policy_mode
+        ).inc()
         deny(flow, errors.model_not_allowed(d.model, c.tenant, d.policy_mode))
         return False
     return True

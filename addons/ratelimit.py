@@ -64,7 +64,7 @@ class RateLimit:
         )
         c.rate_decided = True
         if not decision.allowed:
-            self.rt.metrics.rate_limited.labels(c.tenant or "").inc()
+            self.rt.metrics.rate_limited.labels(self.rt.metrics.tenant_label(c.tenant or "")).inc()
             deny(flow, decision.denial())
 
     @fail_closed
@@ -84,7 +84,7 @@ class RateLimit:
             _check_then_reserve, check, reservation_call(self.rt, c)
         )
         if not decision.allowed:
-            self.rt.metrics.rate_limited.labels(c.tenant or "").inc()
+            self.rt.metrics.rate_limited.labels(self.rt.metrics.tenant_label(c.tenant or "")).inc()
             deny(flow, decision.denial())
             return
         if reserved is not None:

@@ -63,6 +63,9 @@ class Audit(_Model):
     batch_max_delay_ms: int = Field(default=50, ge=1)
     queue_max_entries: int = Field(default=100_000, ge=1)
     mirror_backlog_max: int = Field(default=1_000_000, ge=1)
+    # refusals of callers with no valid credential: at most this many entries a minute per
+    # process (bursts as large); the rest are counted (candela_unauthenticated_total)
+    unauthenticated_per_minute: int = Field(default=60, ge=0)
     log_prompts: bool = False
 
     @model_validator(mode="after")

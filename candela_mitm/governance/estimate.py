@@ -113,6 +113,7 @@ def scan(node: Any) -> BodyScan:
 
 
 _NUMBERS = (int, float, bool)
+_SLICE = 4096
 
 
 def _scan_list(items: list[Any], out: BodyScan, stack: list[Any]) -> None:
@@ -122,8 +123,12 @@ def _scan_list(items: list[Any], out: BodyScan, stack: list[Any]) -> None:
     if not numbers:
         stack.extend(items)
         return
-    # "[a,b,c]" is the numbers' characters, a comma between each two and two brackets
-    out.chars += len(json.dumps(numbers, separators=(",", ":"))) - len(numbers) - 1
+    # "[a,b,c]" is the numbers' characters, a comma between each two and two brackets; in
+    # slices, so that one C call never holds the GIL for long (the scan of a large body runs
+    # on a thread beside the event loop)
+    for i in range(0, len(numbers), _SLICE):
+        part = numbers[i : i + _SLICE]
+        out.chars += len(json.dumps(part, separators=(",", ":"))) - len(part) - 1
     if len(numbers) < len(items):
         stack.extend(x for x in items if type(x) not in _NUMBERS and x is not None)
 

@@ -233,3 +233,36 @@ def test_a_refused_requests_entry_names_its_method_and_path(tctx, runtime):
     c, f = _planned(runtime, "/proxy/openai/v1/files?purpose=x", method="GET")
     e = request_entry(c, f)
     assert (e["method"], e["path"], e["operation"], e["reason"]) == ("GET", "/v1/files", None, "endpoint_not_governed")
+
+
+def test_refusals_of_unknown_callers_are_sampled_and_the_rest_counted(tctx, runtime, tmp_path):
+    from candela_mitm.addons.audit import Audit
+    from candela_mitm.addons.auth import Auth
+    from candela_mitm.addons.router import Router
+
+    from .conftest import ALICE_KEY, BASE, audit_entries, make_flow, run_hooks
+
+    rt = runtime({**BASE, "audit": {"unauthenticated_per_minute": 2,
+                                    "sqlite_path": str(tmp_path / "sampled.db")}})
+    audit = Audit(rt)
+
+    def one(headers):
+        f = make_flow("/proxy/openai/v1/chat/completions", {"model": "gpt-4o-mini"}, headers=headers)
+        asyncio.run(run_hooks([Router(rt), Auth(rt)], f, "requestheaders", "request"))
+        if f.response is None:  # authenticated: refused here, as a gate would
+            from candela_mitm import errors
+            from candela_mitm.addons.flowstate import deny
+
+            deny(f, errors.forbidden("test"))
+        asyncio.run(audit.response(f))
+        return f
+
+    for _ in range(5):
+        assert one({}).response.status_code == 401
+    for _ in range(3):  # a known caller's refusals are never sampled
+        assert one({"Authorization": f"Bearer {ALICE_KEY}"}).response.status_code == 403
+    assert rt.audit.flush(10)
+    entries = audit_entries(rt, "llm_request")
+    unknown = [e for e in entries if e.get("decision") == "denied" and not e.get("user_id")]
+    assert len(entries) - len(unknown) == 3
+    assert len(unknown) == 2 and [e.get("unsampled_before") for e in unknown] == [0, 0]

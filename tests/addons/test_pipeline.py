@@ -29,12 +29,12 @@ HOOK_ORDER: dict[str, list[str]] = {
     # refuses foreign Hosts, non-JSON bodies and token-less UI writes before any of them;
     # LocalUi refreshes the local model list here, before Router's `request` hook routes a
     # chat completion by model name
-    "requestheaders": ["Sni", "Router", "LocalGuard", "Health", "ConnLimits", "Metrics", "Auth", "RateLimit",
-                       "LocalUi"],
+    "requestheaders": ["Sni", "Router", "LocalGuard", "Health", "ConnLimits", "Auth", "RateLimit", "LocalUi"],
     # the whole request: body and plan, then the gates, then the routes Candela answers itself,
     # and Upstream last: nothing reaches the network that a gate refused or nobody planned
     "request": [
         "Router",
+        "Metrics",  # GET /metrics, once Auth has said who asks: admins only
         "Admin",
         "ModelPolicy",
         "RateLimit",
@@ -109,7 +109,8 @@ def test_the_derivation_sees_a_misplaced_hook():
 # (method, path, with Alice's key) -> status, error code (None: forwarded to the provider)
 ANSWERS = [
     ("GET", "/healthz", False, 200, None),  # Health, before Auth
-    ("GET", "/metrics", False, 200, None),  # Metrics, before Auth
+    ("GET", "/metrics", False, 401, "unauthenticated"),  # Auth first: admins only
+    ("GET", "/metrics", True, 403, "forbidden"),  # Metrics: a developer
     ("GET", "/v1/models", False, 401, "unauthenticated"),
     ("GET", "/v1/models", True, 200, None),  # LocalApi
     ("GET", "/_local/api/traces", True, 200, None),  # LocalApi
