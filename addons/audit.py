@@ -10,6 +10,7 @@ from typing import Any
 
 from mitmproxy import http
 
+from candela_mitm import errors
 from candela_mitm.audit.actions import LLM_REQUEST
 from candela_mitm.audit.sampling import Sampler
 from candela_mitm.audit.writer import Committed
@@ -18,7 +19,7 @@ from candela_mitm.errors import StoreUnavailable
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
-from .flowstate import ctx_of
+from .flowstate import ctx_of, deny
 
 log = logging.getLogger("candela.audit")
 
@@ -185,18 +186,36 @@ class Audit:
         if c is None or c.audit_commit is None:
             return
         fut, c.audit_commit = c.audit_commit, None
+        if not c.forwarded and not self.rt.audit.healthy:
+            return  # a refusal while the ledger fails: queued and retried, nothing to wait for
         try:
             # a stuck ledger must not hang responses: the entry stays queued and is retried
-            if not await fut:
-                log.error("audit entry for span %s not committed in %s s", c.span_id, DURABLE_WAIT_S)
+            durable = await fut
+            if not durable:
+                log.error(
+                    "audit entry for span %s not committed in %s s", c.span_id, DURABLE_WAIT_S
+                )
         except Exception:
+            durable = False
             log.exception("audit entry for span %s not committed", c.span_id)
+        if not durable and c.forwarded:
+            unrecorded(flow)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         await self._finish(flow)
 
     async def error(self, flow: http.HTTPFlow) -> None:
         await self._finish(flow)
+
+
+def unrecorded(flow: http.HTTPFlow) -> None:
+    """A forwarded request whose entry cannot be made durable: its answer does not complete.
+    Buffered, it is replaced by 503; streamed, its end is never sent (the connection is
+    killed before it: mitmproxy sends a stream's end after the response hook)."""
+    if flow.response is not None and flow.response.stream:
+        flow.kill()
+        return
+    deny(flow, errors.governance_unavailable("the audit trail cannot be written"))
 
 
 class AuditStart:

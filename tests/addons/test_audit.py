@@ -117,6 +117,8 @@ def _proxied_flow():
 class _Writer:
     """The audit writer's record_then, committing when the test says so."""
 
+    healthy = True
+
     def __init__(self):
         self.entries = []
         self.callbacks = []
@@ -266,3 +268,54 @@ def test_refusals_of_unknown_callers_are_sampled_and_the_rest_counted(tctx, runt
     unknown = [e for e in entries if e.get("decision") == "denied" and not e.get("user_id")]
     assert len(entries) - len(unknown) == 3
     assert len(unknown) == 2 and [e.get("unsampled_before") for e in unknown] == [0, 0]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_forwarded_answer_whose_entry_fails_does_not_complete(runtime, tmp_path, streamed):
+    from candela_mitm.addons.audit import Audit
+
+    rt = runtime({
+        "providers": {"openai": {"base_url": "http://upstream.test:8080"}},
+        "state": {"sqlite_path": str(tmp_path / "state.db")},
+        "audit": {"sqlite_path": str(tmp_path / "audit.db")},
+    })
+    writer = _Writer()
+    real, rt.audit = rt.audit, writer
+    audit = Audit(rt)
+
+    async def main():
+        f, c = _proxied_flow()
+        c.forwarded = True
+        f.response.stream = streamed
+        task = asyncio.ensure_future(audit.response(f))
+        await asyncio.sleep(0)
+        writer.callbacks[0](None, StoreUnavailable("disk full"))  # the commit failed
+        await task
+        return f
+
+    f = asyncio.run(main())
+    if streamed:  # its end is never sent
+        assert f.error is not None and f.error.msg == "Connection killed."
+    else:
+        assert f.response.status_code == 503
+        assert f.response.json()["error"] == "governance_unavailable"
+    rt.audit = real
+
+
+def test_nothing_is_forwarded_while_the_ledger_fails(tctx, runtime):
+    from candela_mitm.addons.router import Router
+    from candela_mitm.addons.upstream import Upstream
+
+    from .conftest import BASE, make_flow
+
+    rt = runtime(BASE)
+    f = make_flow("/proxy/openai/v1/chat/completions", {"model": "gpt-4o-mini", "messages": []})
+    router = Router(rt)
+    router.requestheaders(f)
+    asyncio.run(router.request(f))
+    assert ctx_of(f).plan is not None
+    rt.audit.healthy = False  # as the writer sets it when a commit fails
+    asyncio.run(Upstream(rt).request(f))
+    assert f.response.status_code == 503 and f.response.json()["error"] == "governance_unavailable"
+    assert not ctx_of(f).forwarded
+    rt.audit.healthy = True
