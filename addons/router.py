@@ -35,6 +35,30 @@ from .flowstate import (
 log = logging.getLogger("candela.router")
 
 _LEADING_SPACE = re.compile(rb"[ \t\r\n]*")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def framing_problem(headers: http.Headers) -> str | None:
+    """What in a request head could frame its body two ways (request smuggling), or None.
+
+    mitmproxy refuses Content-Length with Transfer-Encoding and Content-Lengths that disagree;
+    it accepts a folded header (joining its lines) and any Transfer-Encoding ending in chunked,
+    which would reach the upstream as sent."""
+    if any(b"\n" in v or b"\r" in v for _, v in headers.fields):
+        return "a header continued on the next line (obs-fold) is not accepted"
+    te = headers.get_all("transfer-encoding")
+    if te and [t.strip().lower() for t in te] != ["chunked"]:
+        return "Transfer-Encoding other than a single 'chunked' is not accepted"
+    return None
+
+
+def encodable(body: object) -> bool:
+    """Whether a parsed body can be sent as UTF-8 (a lone surrogate escape cannot)."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 
@@ -73,6 +97,10 @@ class Router:
         if ctx.kind == "proxy" and not route_served(self.rt, ctx.provider):
             deny(flow, errors.not_found(flow.request.path.split("?", 1)[0]))
             return
+        problem = framing_problem(flow.request.headers)
+        if problem is not None:
+            deny(flow, errors.bad_request(problem))
+            return
         cl = flow.request.headers.get("content-length")
         if cl is not None:
             try:
@@ -108,6 +136,12 @@ class Router:
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 deny(flow, errors.invalid_json(str(e)[:200]))
+                return
+            except RecursionError:
+                deny(flow, errors.invalid_json("the JSON body is nested too deeply"))
+                return
+            if _SURROGATE_ESCAPE.search(raw) and not encodable(body):
+                deny(flow, errors.invalid_json("the JSON body holds a lone UTF-16 surrogate"))
                 return
             if not isinstance(body, dict):
                 deny(flow, errors.bad_request("the JSON body must be an object"))

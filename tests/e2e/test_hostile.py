@@ -327,3 +327,71 @@ def test_junk_never_breaks_a_scrape_nor_grows_the_ledger_without_bound(hostile, 
     unauth = sum(float(line.rsplit(" ", 1)[1]) for line in r.text.splitlines()
                  if line.startswith("candela_unauthenticated_total{"))
     assert unauth >= 80  # every refusal counted, though only a sample is in the ledger
+
+
+# -- request smuggling shapes, bad text, deep nesting -------------------------------------------
+
+CHAT = b"POST /proxy/openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ALICE_KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+SMALL = b'{"model": "gpt-4o-mini", "messages": []}'
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # CL and TE together: which one frames the body is what smuggling plays on
+        CHAT + b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(SMALL) + SMALL,
+        # two Content-Lengths that disagree
+        CHAT + b"Content-Length: %d\r\nContent-Length: 5\r\n\r\n" % len(SMALL) + SMALL,
+        # obs-fold: a header continued on the next line
+        CHAT + b"X-Folded: a\r\n b\r\nContent-Length: %d\r\n\r\n" % len(SMALL) + SMALL,
+        # a Transfer-Encoding other than chunked
+        CHAT + b"Transfer-Encoding: gzip, chunked\r\n\r\n" + b"%x\r\n" % len(SMALL) + SMALL + b"\r\n0\r\n\r\n",
+    ],
+    ids=["cl-and-te", "duplicate-cl", "obs-fold", "te-not-chunked"],
+)
+def test_smuggling_shapes_are_400_and_never_forwarded(hostile, upstream, raw):
+    rows = audit_rows(hostile)
+    s = connect(hostile)
+    s.sendall(raw)
+    status, _, body = read_response(s)
+    s.close()
+    assert 400 <= status < 500, (status, body)
+    assert json.loads(body)["error"]
+    assert upstream.requests == []
+    healthz_ms(hostile)
+    assert audit_rows(hostile) - rows <= 1
+
+
+def _chat(c: CandelaProcess, body: bytes) -> requests.Response:
+    return requests.post(c.url + "/proxy/openai/v1/chat/completions", data=body,
+                         headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+         "invalid_json"),  # invalid UTF-8
+        (b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\\ud800"}]}',
+         "invalid_json"),  # a lone surrogate, escaped
+        (b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\\udc00x"}]}',
+         "invalid_json"),  # a lone low surrogate
+        (b'{"a": ' * 100_000 + b"1" + b"}" * 100_000, "invalid_json"),  # nested 100k deep
+        (b"[" * 100_000 + b"]" * 100_000, "bad_request"),  # an array, refused before parsing
+    ],
+    ids=["invalid-utf8", "lone-high-surrogate", "lone-low-surrogate", "deep-object", "deep-array"],
+)
+def test_bad_text_and_deep_nesting_are_400(hostile, upstream, body, error):
+    rows = audit_rows(hostile)
+    r = _chat(hostile, body)
+    assert r.status_code == 400 and r.json()["error"] == error, r.text[:300]
+    assert upstream.requests == []
+    healthz_ms(hostile)
+    assert audit_rows(hostile) - rows <= 1
+
+
+def test_a_surrogate_pair_is_a_character_and_is_forwarded(hostile, upstream):
+    r = _chat(hostile, b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}')
+    assert r.status_code == 200, r.text
+    [rec] = upstream.requests
+    assert json.loads(rec.body)["messages"][0]["content"] == "\U0001f600"
