@@ -24,6 +24,7 @@ def pipeline(rt: Runtime) -> list[Any]:
     from .audit import Audit, AuditStart
     from .auth import Auth
     from .budget import Budget
+    from .connlimits import ConnLimits
     from .console import Console
     from .localapi import Health, LocalApi
     from .localguard import LocalGuard
@@ -52,8 +53,11 @@ def pipeline(rt: Runtime) -> list[Any]:
         # commit (an fsync on the writer thread) runs while Metrics, Budget, Accounting and
         # Spans do their response work; `audit`, last of all, waits for that commit.
         AuditStart(audit),
-        # Metrics answers GET /metrics in requestheaders, before Auth: Prometheus scrapes
-        # without a credential. Its request counters are kept by its response and error
+        # the per-address connection cap and the deadlines on a request's head and body
+        # (429/408, close); after AuditStart, whose response hook must come first
+        ConnLimits(rt),
+        # Metrics answers GET /metrics in its request hook, after Auth's requestheaders: to
+        # admins only (Prometheus sends an admin's key as its bearer). Its request counters are kept by its response and error
         # hooks, which therefore run early too: they call account() like every response hook
         # that reads the usage (it computes once, in whichever hook comes first).
         Metrics(rt),

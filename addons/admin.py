@@ -25,7 +25,7 @@ class Admin:
         if c.principal is None:  # Auth answers first; never serve an unknown caller
             deny(flow, errors.unauthenticated())
             return
-        body = decoded_body(flow, self.limit)
+        body = await decoded_body(flow, self.limit)
         if body is None:
             return
         req = AdminRequest(

@@ -10,14 +10,16 @@ from typing import Any
 
 from mitmproxy import http
 
+from candela_mitm import errors
 from candela_mitm.audit.actions import LLM_REQUEST
+from candela_mitm.audit.sampling import Sampler
 from candela_mitm.audit.writer import Committed
 from candela_mitm.context import RequestContext
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
-from .flowstate import ctx_of
+from .flowstate import ctx_of, deny
 
 log = logging.getLogger("candela.audit")
 
@@ -151,6 +153,7 @@ class Audit:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._waits: CommitWaits | None = None
+        self.unknown_callers = Sampler(rt.config.audit.unauthenticated_per_minute)
 
     def _commit_waits(self) -> CommitWaits:
         loop = asyncio.get_running_loop()
@@ -165,13 +168,23 @@ class Audit:
         if c is None or c.kind not in ("proxy", "chat") or c.audited:
             return
         c.audited = True
+        fields: dict[str, Any] = {}
+        if c.principal is None and c.denial_code is not None:
+            # refused with nobody authenticated (no valid credential, or refused before it was
+            # looked at): anyone can send these without end, and the ledger only grows, so a
+            # sample is kept
+            skipped = self.unknown_callers.take()
+            if skipped is None:
+                return
+            fields["unsampled_before"] = skipped
         account_flow(self.rt, flow, c)
         if flow.response is not None and c.status_code is None:
             c.status_code = flow.response.status_code
         try:
             fut, committed = self._commit_waits().begin()
             c.audit_commit = fut
-            if not self.rt.audit.record_then(LLM_REQUEST, committed, **request_entry(c, flow)):
+            entry = {**request_entry(c, flow), **fields}
+            if not self.rt.audit.record_then(LLM_REQUEST, committed, **entry):
                 fut.set_exception(StoreUnavailable("the audit queue is full or closed"))
         except Exception:
             log.exception("audit entry for span %s not recorded", c.span_id)
@@ -182,20 +195,36 @@ class Audit:
         if c is None or c.audit_commit is None:
             return
         fut, c.audit_commit = c.audit_commit, None
+        if not c.forwarded and not self.rt.audit.healthy:
+            return  # a refusal while the ledger fails: queued and retried, nothing to wait for
         try:
             # a stuck ledger must not hang responses: the entry stays queued and is retried
-            if not await fut:
+            durable = await fut
+            if not durable:
                 log.error(
                     "audit entry for span %s not committed in %s s", c.span_id, DURABLE_WAIT_S
                 )
         except Exception:
+            durable = False
             log.exception("audit entry for span %s not committed", c.span_id)
+        if not durable and c.forwarded:
+            unrecorded(flow)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         await self._finish(flow)
 
     async def error(self, flow: http.HTTPFlow) -> None:
         await self._finish(flow)
+
+
+def unrecorded(flow: http.HTTPFlow) -> None:
+    """A forwarded request whose entry cannot be made durable: its answer does not complete.
+    Buffered, it is replaced by 503; streamed, its end is never sent (the connection is
+    killed before it: mitmproxy sends a stream's end after the response hook)."""
+    if flow.response is not None and flow.response.stream:
+        flow.kill()
+        return
+    deny(flow, errors.governance_unavailable("the audit trail cannot be written"))
 
 
 class AuditStart:

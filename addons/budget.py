@@ -67,7 +67,9 @@ def reservation_call(
             return None
         default_max = rt.config.governance.budgets.default_max_output_tokens
         try:
-            estimate = estimate_cost(c.body, plan.max_output_tokens, default_max, price)
+            estimate = estimate_cost(
+                c.body, plan.max_output_tokens, default_max, price, c.scan
+            )
         except Exception:
             return None  # Budget.request computes it again, after the rate limit: fails closed
     model, provider = plan.model or "", plan.upstream.name
@@ -93,7 +95,7 @@ class Budget:
         if c.reserve_result is not None:  # RateLimit already made this request's reservation
             reserved, c.reserve_result = c.reserve_result, None
             if isinstance(reserved, BudgetRefusal):
-                self.rt.metrics.budget_denied.labels(c.tenant or "", "budget_exceeded").inc()
+                self.rt.metrics.budget_denied.labels(self.rt.metrics.tenant_label(c.tenant or ""), "budget_exceeded").inc()
                 deny(flow, reserved.denial())
             return
         plan = c.plan
@@ -107,19 +109,22 @@ class Budget:
             price = self.rt.pricing.get(plan.model, plan.upstream.name)
             if price is None:
                 if self.rt.config.governance.unknown_model_price == "deny":
-                    self.rt.metrics.budget_denied.labels(
-                        c.tenant or "", "model_price_unknown"
+                    m = self.rt.metrics
+                    m.budget_denied.labels(
+                        m.tenant_label(c.tenant or ""), "model_price_unknown"
                     ).inc()
                     deny(flow, errors.model_price_unknown(plan.model))
                     return
                 return  # unknown_model_price: zero
             default_max = self.rt.config.governance.budgets.default_max_output_tokens
-            c.estimate_usd = estimate_cost(c.body, plan.max_output_tokens, default_max, price)
+            c.estimate_usd = estimate_cost(
+                c.body, plan.max_output_tokens, default_max, price, c.scan
+            )
         result = await self.rt.store_call(
             reserve, self.rt, c, c.estimate_usd, plan.model or "", plan.upstream.name
         )
         if isinstance(result, BudgetRefusal):
-            self.rt.metrics.budget_denied.labels(c.tenant or "", "budget_exceeded").inc()
+            self.rt.metrics.budget_denied.labels(self.rt.metrics.tenant_label(c.tenant or ""), "budget_exceeded").inc()
             deny(flow, result.denial())
             return
         c.reservation = result

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from mitmproxy import http
@@ -14,10 +16,11 @@ from mitmproxy import http
 from candela_mitm import errors
 from candela_mitm.context import RequestContext
 from candela_mitm.errors import Denial, StoreUnavailable
-from candela_mitm.providers.encoding import TooLarge, decode_body
+from candela_mitm.providers.encoding import TooLarge, decode_body, needs_work
 
 log = logging.getLogger("candela")
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 KEY = "candela"
 
@@ -93,12 +96,33 @@ def note_failure(flow: http.HTTPFlow) -> None:
         c.upstream_unreached = True
 
 
-def decoded_body(flow: http.HTTPFlow, limit: int) -> bytes | None:
+# Decompression runs here, off the event loop (zlib, brotli and zstd release the GIL while they
+# work); two threads: a burst of compressed bodies queues instead of taking every core.
+_DECODER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="candela-decode")
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """Run CPU work that grows with a body on the decoding threads: pure Python yields the GIL
+    to the event loop every few milliseconds, so other requests keep being answered."""
+    return await asyncio.get_running_loop().run_in_executor(_DECODER, fn, *args)
+
+
+async def decode_request_body(flow: http.HTTPFlow, limit: int) -> bytes:
+    """The request body with its Content-Encoding undone (at most `limit` bytes out, TooLarge
+    past it; ValueError when it cannot be decoded), decompressed off the event loop."""
+    raw = flow.request.raw_content or b""
+    enc = flow.request.headers.get("content-encoding", "")
+    if raw and needs_work(enc):
+        return await asyncio.get_running_loop().run_in_executor(
+            _DECODER, decode_body, raw, enc, limit
+        )
+    return decode_body(raw, enc, limit)
+
+
+async def decoded_body(flow: http.HTTPFlow, limit: int) -> bytes | None:
     """The request body, Content-Encoding undone with a ceiling; None once a denial is answered."""
     try:
-        return decode_body(
-            flow.request.raw_content or b"", flow.request.headers.get("content-encoding", ""), limit
-        )
+        return await decode_request_body(flow, limit)
     except TooLarge:
         deny(flow, errors.payload_too_large(limit))
     except ValueError as e:

@@ -19,10 +19,11 @@ from candela_mitm.local.discovery import Discovery
 from candela_mitm.local.guard import token_path, ui_token, with_token
 from candela_mitm.local.process import RuntimeActionError
 from candela_mitm.local.settings import LocalSettings
+from candela_mitm.providers.encoding import TooLarge
 from candela_mitm.providers.forwarding import plan_local_pull
 from candela_mitm.runtime import Runtime
 
-from .flowstate import answer_json, answered, ctx_of, deny, fail_closed
+from .flowstate import answer_json, answered, ctx_of, decode_request_body, deny, fail_closed
 from .modelpolicy import check_model
 
 log = logging.getLogger("candela.localui")
@@ -57,11 +58,11 @@ def load_assets() -> dict[str, bytes]:
     return {name: folder.joinpath(name).read_bytes() for name in ASSETS}
 
 
-def _json_body(flow: http.HTTPFlow) -> Any:
-    raw = flow.request.raw_content or b""
-    if len(raw) > MAX_BODY:
-        raise ValueError(f"the body exceeds {MAX_BODY} bytes")
-    text = flow.request.get_text(strict=False) or ""
+async def _json_body(flow: http.HTTPFlow) -> Any:
+    """The JSON body, its Content-Encoding undone with MAX_BODY as the ceiling (TooLarge past
+    it, ValueError for what cannot be decoded or parsed)."""
+    raw = await decode_request_body(flow, MAX_BODY)
+    text = raw.decode("utf-8")
     return json.loads(text) if text.strip() else {}
 
 
@@ -167,7 +168,10 @@ class LocalUi:
     async def pull(self, flow: http.HTTPFlow, c: RequestContext) -> None:
         """Forwarded to Ollama's /api/pull, so its NDJSON progress streams back as it comes."""
         try:
-            body = _json_body(flow)
+            body = await _json_body(flow)
+        except TooLarge:
+            deny(flow, errors.payload_too_large(MAX_BODY))
+            return
         except ValueError as e:
             deny(flow, errors.bad_request(f"the body is not a JSON object: {e}"))
             return
@@ -227,8 +231,11 @@ class LocalUi:
             ).result(10)
 
         try:
-            changes = _json_body(flow)
+            changes = await _json_body(flow)
             _, after = await rt.blocking(self.local.update_settings, changes, commit)
+        except TooLarge:
+            deny(flow, errors.payload_too_large(MAX_BODY))
+            return
         except ValueError as e:
             deny(flow, errors.bad_request(f"invalid config: {e}"))
             return

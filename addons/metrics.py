@@ -7,11 +7,23 @@ from typing import Any
 
 from mitmproxy import http
 
+from candela_mitm import errors
 from candela_mitm.governance.accounting import USAGE_SOURCES
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
-from .flowstate import answered, ctx_of
+from .flowstate import answered, ctx_of, deny, fail_closed
+
+
+def model_label(rt: Runtime, model: str, provider: str | None) -> str:
+    """A model as a metric label: one Candela knows (priced, or a local runtime's), else
+    "other"; a request names any string it likes, and each label value is a series kept
+    until restart."""
+    if not model:
+        return ""
+    known = model in rt.local_models or rt.pricing.get(model, provider or "") is not None
+    return rt.metrics.model_label(model) if known else "other"
+
 
 # How long a scrape waits for the refresh (the audit ledger's new bypass entries) before it
 # answers with the values it has.
@@ -36,12 +48,22 @@ class Metrics:
         # candela_bypass_attempts_total: this proxy's refusals and sandboxes', from the ledger
         m.follow_audit(rt.audit.db_path)
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        """GET /metrics, for admins (Auth has authenticated the caller: Prometheus sends an
+        admin's key as its bearer token); in `candela`, the laptop's own user."""
         c = ctx_of(flow)
-        if c is not None and c.kind == "metrics" and not answered(flow):
-            await self._refresh()
-            body, ctype = self.rt.metrics.exposition()
-            flow.response = http.Response.make(200, body, {"Content-Type": ctype})
+        if c is None or c.kind != "metrics" or answered(flow):
+            return
+        if c.principal is None:
+            deny(flow, errors.unauthenticated())
+            return
+        if c.principal.role != "admin" and self.rt.command != "local":
+            deny(flow, errors.forbidden("/metrics is served to admins"))
+            return
+        await self._refresh()
+        body, ctype = self.rt.metrics.exposition()
+        flow.response = http.Response.make(200, body, {"Content-Type": ctype})
 
     async def _refresh(self) -> None:
         """The scrape-time refresh, off the event loop: it reads the audit SQLite file.
@@ -74,15 +96,22 @@ class Metrics:
 
     def _count(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
-        if c is None or c.kind not in ("proxy", "chat") or c.counted:
+        if c is None or c.counted:
+            return
+        m = self.rt.metrics
+        if c.principal is None and c.denial_code is not None:
+            c.counted = True  # every kind of route: /admin and /metrics too
+            self._labels(m.unauthenticated, c.kind).inc()
+        if c.kind not in ("proxy", "chat"):
             return
         c.counted = True
-        m = self.rt.metrics
         try:
             account_flow(self.rt, flow, c)
-            provider = c.plan.upstream.name if c.plan else (c.provider or "")
-            model = (c.plan.model if c.plan else None) or ""
-            tenant = c.tenant or ""
+            # label values a request chose are known ones only (provider="unknown", model
+            # "other"), and bounded in number: a scrape never fails, series never run away
+            provider = m.provider_label(c.plan.upstream.name if c.plan else c.provider)
+            model = model_label(self.rt, (c.plan.model if c.plan else None) or "", provider)
+            tenant = m.tenant_label(c.tenant or "")
             status = str(c.status_code or (flow.response.status_code if flow.response else 0))
             child = self._labels
             child(m.requests, provider, model, tenant, status).inc()

@@ -25,6 +25,10 @@ Verified on mitmproxy 11.0.2 (the newest for Python 3.11; pyproject admits >=11.
 | `install_websocket_close`  | wrapped (`client_ws`/`server_ws` `.state`, `.send2`,     | its own close code  |
 |                            | `.conn`, `done`); `WebSocketMessageInjected`, Proxyserver| (addons/websocket)  |
 |                            | `.inject_event`                                          |                     |
+| `limit_request_heads`      | `proxy.layers.http._http1.Http1Server.read_headers`      | 431 on head bombs   |
+|                            | wrapped (`.buf`, `.conn`, `.state`, `.done`)             | (its FIXME)         |
+| `close_client`, `assemble` | Proxyserver `.connections`, ConnectionHandler            | 408/429 and close   |
+|                            | `.transports`; `net.http.http1.assemble_response`        | (addons/connlimits) |
 | `is_transparent`,          | `proxy.mode_specs.TransparentMode`, `proxy.layers`       | plain HTTP of other |
 | `proposes_plain_http`,     | (`HttpLayer`, `TCPLayer`, `modes.TransparentProxy`),     | hosts tunnelled     |
 | `withdraw_proposal`        | `Context.layers` (a Layer appends itself when made)      | (addons/sni.py)     |
@@ -40,6 +44,7 @@ import asyncio
 import dataclasses
 import inspect
 import logging
+import re
 import types
 from collections.abc import Callable
 from typing import Any
@@ -337,6 +342,72 @@ def send_to_client(f: http.HTTPFlow, content: bytes) -> bool:
     if f.websocket is None or not f.live:
         return False
     ctx.master.commands.call("inject.websocket", f, True, content, True)
+    return True
+
+
+# -- request heads and client connections (verified 11.0.2) -----------------------------------
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
+def head_overflows(buffered: bytes, limit: int) -> bool:
+    """Whether a request head still being read is over `limit` bytes: more than that is
+    buffered and no blank line ends a head within the first `limit` bytes."""
+    if len(buffered) <= limit:
+        return False
+    return _HEAD_END.search(buffered, 0, limit + 4) is None
+
+
+def limit_request_heads(limit: int, refusal: Callable[[], bytes]) -> None:
+    """Refuse HTTP/1 request heads over `limit` bytes: the whole `refusal()` response is sent
+    and the connection closed, before any hook sees a flow (nothing is audited or counted).
+
+    mitmproxy 11 appends every received byte to the connection's buffer and looks for the end
+    of the head again (`# FIXME: protect against header size DoS` in `Http1Server.read_headers`):
+    a client sending an endless head grows the buffer without bound. The limit is process-wide;
+    calling this again replaces it."""
+    from mitmproxy.proxy import commands, events
+    from mitmproxy.proxy.layers.http import _http1
+
+    cls = _http1.Http1Server
+    original = getattr(cls.read_headers, "candela_original", cls.read_headers)
+
+    def read_headers(self: Any, event: Any) -> Any:
+        if isinstance(event, events.DataReceived) and len(self.buf) > limit:
+            if head_overflows(bytes(self.buf), limit):
+                yield commands.SendData(self.conn, refusal())
+                yield commands.CloseConnection(self.conn)
+                self.state = self.done
+                return
+        yield from original(self, event)
+
+    read_headers.candela_original = original  # type: ignore[attr-defined]
+    cls.read_headers = read_headers  # type: ignore[method-assign]
+
+
+def assemble(response: http.Response) -> bytes:
+    """A whole HTTP/1 response as bytes, for writing straight into a connection."""
+    from mitmproxy.net.http import http1
+
+    return http1.assemble_response(response)
+
+
+def close_client(client: connection.Client, raw_response: bytes | None) -> bool:
+    """Write `raw_response` (None: nothing) into a client connection and close it, whatever its
+    layers are doing (reading a head, a body, or idle). False when the connection is gone."""
+    try:
+        handler = ctx.master.addons.get("proxyserver").connections.get(client.id)
+    except Exception:
+        handler = None
+    io = handler.transports.get(client) if handler is not None else None
+    if io is None or io.writer is None:
+        return False
+    try:
+        if raw_response is not None:
+            io.writer.write(raw_response)
+        io.writer.close()
+    except Exception:
+        log.debug("client gone before it could be closed")
     return True
 
 

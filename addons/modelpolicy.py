@@ -49,7 +49,10 @@ def decide_model(rt: Runtime, c: RequestContext, model: str, provider: str) -> D
         # an unrecorded decision is no decision: the audit trail is part of governance
         return errors.governance_unavailable("the audit trail cannot accept entries")
     if not d.allowed:
-        rt.metrics.policy_denied.labels(d.model, c.tenant or "", d.policy_mode).inc()
+        m = rt.metrics
+        m.policy_denied.labels(
+            m.model_label(d.model), m.tenant_label(c.tenant or ""), d.policy_mode
+        ).inc()
         return errors.model_not_allowed(d.model, c.tenant, d.policy_mode)
     return None
 

@@ -10,7 +10,11 @@ from dataclasses import dataclass
 from mitmproxy import http
 
 from candela_mitm.context import RequestContext
-from candela_mitm.governance.estimate import estimate_input_tokens, output_tokens_limit
+from candela_mitm.governance.estimate import (
+    LARGE_BODY_BYTES,
+    estimate_input_tokens,
+    output_tokens_limit,
+)
 from candela_mitm.governance.ledger import BudgetRefusal, Reservation
 from candela_mitm.governance.ratelimit import (
     Admission,
@@ -25,6 +29,21 @@ from .budget import reservation_call
 from .flowstate import answered, ctx_of, deny, fail_closed
 
 log = logging.getLogger("candela.ratelimit")
+
+# A large body is rate limited from its head, before it is read, decoded, parsed or estimated:
+# a caller past its rate cannot make Candela do work that grows with the body (parsing holds
+# the event loop about 20 ms a MB). Smaller ones are decided with their reservation, in one
+# store trip.
+
+
+def large_body(headers: http.Headers) -> bool:
+    """A body over LARGE_BODY_BYTES, or of a size the head does not state (chunked)."""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return True
+    try:
+        return int(headers.get("content-length", "0")) > LARGE_BODY_BYTES
+    except ValueError:
+        return False  # Router answers 400
 
 
 @dataclass
@@ -51,7 +70,8 @@ def token_estimate(rt: Runtime, c: RequestContext) -> tuple[int, int] | None:
         out = output_tokens_limit(plan.max_output_tokens, default_max, price)
     else:
         out = plan.max_output_tokens if plan.max_output_tokens is not None else default_max
-    return estimate_input_tokens(c.body), max(0, out)
+    found = c.scan.input_tokens() if c.scan is not None else estimate_input_tokens(c.body)
+    return found, max(0, out)
 
 
 def _admit(
@@ -67,7 +87,10 @@ def _admit(
     limiter = rt.limiter
     now = limiter.clock()
     now_us = to_us(now)
-    decision = limiter.check(s.user_id, s.requests_per_minute, now=now)
+    if c.rate_decided:  # admitted already, from the head (RateLimit.requestheaders)
+        decision = RateDecision(True, s.requests_per_minute, 0, 0, 0)
+    else:
+        decision = limiter.check(s.user_id, s.requests_per_minute, now=now)
     decisions = [decision]
     if not decision.allowed:
         return Checked(decisions, None, None, now_us)
@@ -111,6 +134,22 @@ class RateLimit:
         self.rt = rt
 
     @fail_closed
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        c = ctx_of(flow)
+        if c is None or answered(flow) or c.settings is None or c.kind not in ("proxy", "chat"):
+            return
+        if not large_body(flow.request.headers):
+            return
+        settings = c.settings
+        decision = await self.rt.store_call(
+            self.rt.limiter.check, settings.user_id, settings.requests_per_minute
+        )
+        c.rate_decided = True
+        if not decision.allowed:
+            self.rt.metrics.rate_limited.labels(self.rt.metrics.tenant_label(c.tenant or "")).inc()
+            deny(flow, decision.denial())
+
+    @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         if c is None or answered(flow) or c.plan is None or c.settings is None:
@@ -124,7 +163,7 @@ class RateLimit:
         c.rate_headers = policy_headers(checked.decisions, checked.now_us)
         refusal = checked.refusal
         if refusal is not None:
-            self.rt.metrics.rate_limited.labels(c.tenant or "").inc()
+            self.rt.metrics.rate_limited.labels(self.rt.metrics.tenant_label(c.tenant or "")).inc()
             deny(flow, refusal.denial(c.rate_headers))
             return
         c.admission = checked.admission  # held from now on: finished on response or error

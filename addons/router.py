@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.context import RequestContext, classify
+from candela_mitm.governance.estimate import LARGE_BODY_BYTES, scan
 from candela_mitm.observability.spans import TraceContext
+from candela_mitm.providers.encoding import DECODABLE
 from candela_mitm.providers.forwarding import (
     ForwardPlan,
     plan_chat_completion,
@@ -18,11 +21,45 @@ from candela_mitm.providers.forwarding import (
 from candela_mitm.providers.target import target_problem
 from candela_mitm.runtime import Runtime
 
-from .flowstate import KEY, answer_json, answered, ctx_of, decoded_body, deny, fail_closed
+from .flowstate import (
+    KEY,
+    answer_json,
+    answered,
+    ctx_of,
+    decoded_body,
+    deny,
+    fail_closed,
+    off_loop,
+)
 
 log = logging.getLogger("candela.router")
 
-_DECODABLE = ("identity", "gzip", "deflate", "br", "zstd", "")
+_LEADING_SPACE = re.compile(rb"[ \t\r\n]*")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def framing_problem(headers: http.Headers) -> str | None:
+    """What in a request head could frame its body two ways (request smuggling), or None.
+
+    mitmproxy refuses Content-Length with Transfer-Encoding and Content-Lengths that disagree;
+    it accepts a folded header (joining its lines) and any Transfer-Encoding ending in chunked,
+    which would reach the upstream as sent."""
+    if any(b"\n" in v or b"\r" in v for _, v in headers.fields):
+        return "a header continued on the next line (obs-fold) is not accepted"
+    te = headers.get_all("transfer-encoding")
+    if te and [t.strip().lower() for t in te] != ["chunked"]:
+        return "Transfer-Encoding other than a single 'chunked' is not accepted"
+    return None
+
+
+def encodable(body: object) -> bool:
+    """Whether a parsed body can be sent as UTF-8 (a lone surrogate escape cannot)."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
 
 
 def route_served(rt: Runtime, provider: str | None) -> bool:
@@ -60,6 +97,10 @@ class Router:
         if ctx.kind == "proxy" and not route_served(self.rt, ctx.provider):
             deny(flow, errors.not_found(flow.request.path.split("?", 1)[0]))
             return
+        problem = framing_problem(flow.request.headers)
+        if problem is not None:
+            deny(flow, errors.bad_request(problem))
+            return
         cl = flow.request.headers.get("content-length")
         if cl is not None:
             try:
@@ -70,28 +111,44 @@ class Router:
                 deny(flow, errors.bad_request("Content-Length is not a number"))
                 return
         enc = flow.request.headers.get("content-encoding", "").strip().lower()
-        if enc not in _DECODABLE:
+        if enc not in DECODABLE:
             deny(flow, errors.unsupported_encoding(enc))
 
     @fail_closed
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         ctx = ctx_of(flow)
         if ctx is None or answered(flow) or ctx.kind not in ("proxy", "chat"):
             return
-        raw = decoded_body(flow, self.limit)
+        raw = await decoded_body(flow, self.limit)
         if raw is None:
             return
         body = None
-        if raw.strip():
+        start = _LEADING_SPACE.match(raw)
+        first = raw[start.end() : start.end() + 1] if start else raw[:1]
+        if first and first != b"{":  # refused before parsing: a 10 MB array costs nothing
+            if first in b"[0123456789-tfn\"":
+                deny(flow, errors.bad_request("the JSON body must be an object"))
+            else:
+                deny(flow, errors.invalid_json("the body is not a JSON object"))
+            return
+        if first:
             try:
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 deny(flow, errors.invalid_json(str(e)[:200]))
                 return
+            except RecursionError:
+                deny(flow, errors.invalid_json("the JSON body is nested too deeply"))
+                return
+            if _SURROGATE_ESCAPE.search(raw) and not encodable(body):
+                deny(flow, errors.invalid_json("the JSON body holds a lone UTF-16 surrogate"))
+                return
             if not isinstance(body, dict):
                 deny(flow, errors.bad_request("the JSON body must be an object"))
                 return
         ctx.body = body
+        if body is not None and len(raw) > LARGE_BODY_BYTES:
+            ctx.scan = await off_loop(scan, body)  # the estimate's walk, off the event loop
         method = flow.request.method.upper()
         # after Auth's requestheaders: a refusal here is audited with who asked
         problem = target_problem(flow.request.path)

@@ -12,6 +12,7 @@ import signal
 from mitmproxy import http, options
 from mitmproxy.tools.dump import DumpMaster
 
+from candela_mitm import errors
 from candela_mitm.audit.actions import PROXY_START, PROXY_STOP
 from candela_mitm.certs.authority import certs_path, ensure_ca
 from candela_mitm.enforcement.host import start_refusal_feed
@@ -20,6 +21,7 @@ from candela_mitm.runtime import Runtime
 
 from . import mitm_patches, pipeline
 from .chain import drop_unused_defaults, use_hook_table
+from .connlimits import raw_denial
 
 log = logging.getLogger("candela.server")
 
@@ -31,7 +33,7 @@ _ERROR_CODES = {
     408: "request_timeout",
     413: "payload_too_large",
     414: "uri_too_long",
-    431: "headers_too_large",
+    431: "request_header_too_large",
     502: "upstream_unreachable",
     503: "service_unavailable",
     504: "upstream_timeout",
@@ -50,6 +52,13 @@ def json_error_response(status_code: int, message: str = "") -> http.Response:
 
 def install_json_errors() -> None:
     mitm_patches.install_error_pages(json_error_response)
+
+
+def limit_request_heads(rt: Runtime) -> None:
+    """Heads over `limits.max_header_bytes`: 431 `request_header_too_large`, then close."""
+    limit = rt.config.limits.max_header_bytes
+    refusal = raw_denial(errors.request_header_too_large(limit))
+    mitm_patches.limit_request_heads(limit, lambda: refusal)
 
 
 def proxy_options(rt: Runtime, host: str, port: int) -> dict[str, object]:
@@ -119,6 +128,7 @@ def freeze_startup_heap() -> None:
 async def serve(rt: Runtime, host: str, port: int, reuse_port: bool = False) -> None:
     mitm_patches.warn_if_unverified()
     install_json_errors()
+    limit_request_heads(rt)
     if reuse_port:
         share_listening_port()
     opts = proxy_options(rt, host, port)

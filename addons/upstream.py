@@ -52,6 +52,11 @@ class Upstream:
             # the last gate: a request nobody answered and nobody planned never leaves
             deny(flow, errors.governance_unavailable("no forwarding decision was made"))
             return
+        if not self.rt.audit.healthy:
+            # the ledger is failing (a full disk, an I/O error): nothing is forwarded that
+            # could not be recorded; the writer keeps retrying, and forwarding resumes with it
+            deny(flow, errors.governance_unavailable("the audit trail cannot be written"))
+            return
         plan = c.plan
         up = plan.upstream
         req = flow.request

@@ -73,6 +73,9 @@ class Audit(_Model):
     batch_max_delay_ms: int = Field(default=50, ge=1)
     queue_max_entries: int = Field(default=100_000, ge=1)
     mirror_backlog_max: int = Field(default=1_000_000, ge=1)
+    # refusals of callers with no valid credential: at most this many entries a minute per
+    # process (bursts as large); the rest are counted (candela_unauthenticated_total)
+    unauthenticated_per_minute: int = Field(default=60, ge=0)
     log_prompts: bool = False
 
     @model_validator(mode="after")
@@ -360,6 +363,14 @@ class Interception(_Model):
 
 class Limits(_Model):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)  # a request head, line to blank line
+    # a connection's first request head must be whole this long after it opens ...
+    header_timeout_s: float = Field(default=20.0, gt=0)
+    # ... a kept-alive connection's next one this long after the previous response ...
+    idle_timeout_s: float = Field(default=60.0, gt=0)
+    # ... and a request body this long after its head
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    max_connections_per_client: int = Field(default=256, ge=1)  # open at once, per address
     upstream_timeout_s: float = Field(default=300.0, gt=0)  # until the response headers arrive
     connect_timeout_s: float = Field(default=10.0, gt=0)
 

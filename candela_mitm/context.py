@@ -14,6 +14,7 @@ from candela_mitm.providers.usage import Usage
 if TYPE_CHECKING:  # types only: the context is the vocabulary those modules speak, not a user
     import asyncio
 
+    from candela_mitm.governance.estimate import BodyScan
     from candela_mitm.governance.identity import Principal
     from candela_mitm.governance.ledger import BudgetRefusal, Reservation
     from candela_mitm.governance.ratelimit import Admission
@@ -52,6 +53,9 @@ class RequestContext:
     settings: UserSettings | None = None  # the principal's, read by Auth
     tenant: str | None = None
     body: dict[str, Any] | None = None  # the parsed JSON request body
+    # decided from the head, before a large body is read and parsed (RateLimit.requestheaders)
+    rate_decided: bool = False
+    scan: BodyScan | None = None  # a large body's estimate scan, made off the event loop
     plan: ForwardPlan | None = None
     # Budget's reserve as RateLimit made it in its own store trip, for Budget to judge
     reserve_result: Reservation | BudgetRefusal | None = None

@@ -125,6 +125,31 @@ def payload_too_large(limit: int) -> Denial:
     )
 
 
+def request_header_too_large(limit: int) -> Denial:
+    return Denial(
+        431,
+        "request_header_too_large",
+        f"The request head exceeds the limit of {limit} bytes",
+        {"limit_bytes": limit},
+    )
+
+
+def request_timeout(what: str, seconds: float) -> Denial:
+    return Denial(
+        408, "request_timeout", f"The request {what} did not arrive within {seconds:g} s"
+    )
+
+
+def too_many_connections(limit: int) -> Denial:
+    return Denial(
+        429,
+        "too_many_connections",
+        f"This address already has {limit} connections open; reuse one",
+        {"limit": limit},
+        {"Retry-After": "1"},
+    )
+
+
 def unsupported_encoding(encoding: str) -> Denial:
     return Denial(
         415,

@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 from candela_mitm.audit import AuditWriter
 from candela_mitm.audit.actions import LLM_REQUEST
-from candela_mitm.config import Config, load_config
+from candela_mitm.config import PROVIDER_ROUTES, Config, load_config
 from candela_mitm.errors import ConfigError
 from candela_mitm.governance.identity import Authenticator, MintedKeyLookup
 from candela_mitm.governance.ledger import Ledger, StaleSettlement, process_alive
@@ -197,8 +197,11 @@ def record_stale_settlements(
     for s in settled:
         if not audit.record(LLM_REQUEST, **stale_settlement_entry(s)):
             log.error("audit entry for settled reservation %s not accepted", s.reservation_id)
-        metrics.charged.labels(s.provider, "reserved").inc()
-        metrics.cost.labels(s.provider, s.model, s.tenant or "").inc(s.amount_usd)
+        provider = metrics.provider_label(s.provider)
+        metrics.charged.labels(provider, "reserved").inc()
+        metrics.cost.labels(
+            provider, metrics.model_label(s.model or ""), metrics.tenant_label(s.tenant or "")
+        ).inc(s.amount_usd)
     if settled:
         log.warning(
             "settled %d reservation(s) of requests whose process died, at their reserved amount",
@@ -219,7 +222,7 @@ def build_runtime(config: Config, command: Command) -> Runtime:
     ledger = Ledger(store)
     audit = AuditWriter(config.audit)
     audit.start()
-    metrics = Metrics()
+    metrics = Metrics(PROVIDER_ROUTES)
     limiter = RateLimiter(store)
     try:
         settled = ledger.reconcile_stale(process_alive, max_age_s=STALE_RESERVATION_S)

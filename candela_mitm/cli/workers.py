@@ -25,9 +25,13 @@ def claim_port(host: str, port: int) -> int:
 
     The workers bind with SO_REUSEPORT, which would let them join another program's listener
     on the same port silently; a plain bind first turns that into the usual "address in use".
+    With SO_REUSEADDR, as the listeners themselves bind (asyncio's default): connections of a
+    killed worker still in TIME-WAIT on the port do not make it "in use" (Linux still refuses
+    a port another socket listens on).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((host, port))
         return int(s.getsockname()[1])
 

@@ -23,6 +23,10 @@ IMAGE_TOKENS = 1600  # an image part, whatever its encoding (a generous upper bo
 BYTES_PER_TOKEN = {"audio": 16, "video": 8, "document": 1}
 # A server-side search tool with no stated max_uses: the searches reserved for it.
 UNBOUNDED_SEARCHES = 10
+# A body this large is rate limited from its head, before it is read (addons/ratelimit.py), and
+# scanned off the event loop (addons/router.py): work that grows with a body waits for the rate
+# limit, and then does not hold the loop.
+LARGE_BODY_BYTES = 256 * 1024
 # Referenced context of a model whose context window Candela does not know.
 UNKNOWN_CONTEXT_TOKENS = 1_048_576
 
@@ -102,10 +106,31 @@ def scan(node: Any) -> BodyScan:
         elif isinstance(n, dict):
             _scan_dict(n, out, stack)
         elif isinstance(n, list):
-            stack.extend(n)
+            _scan_list(n, out, stack)
         elif n is not None:
             out.chars += len(json.dumps(n))
     return out
+
+
+_NUMBERS = (int, float, bool)
+_SLICE = 4096
+
+
+def _scan_list(items: list[Any], out: BodyScan, stack: list[Any]) -> None:
+    """A list's numbers counted in one C call (a body of a million numbers would otherwise
+    cost a Python step each: seconds for 10 MB of `[0,0,...]`); the rest goes on the stack."""
+    numbers = [x for x in items if type(x) in _NUMBERS]
+    if not numbers:
+        stack.extend(items)
+        return
+    # "[a,b,c]" is the numbers' characters, a comma between each two and two brackets; in
+    # slices, so that one C call never holds the GIL for long (the scan of a large body runs
+    # on a thread beside the event loop)
+    for i in range(0, len(numbers), _SLICE):
+        part = numbers[i : i + _SLICE]
+        out.chars += len(json.dumps(part, separators=(",", ":"))) - len(part) - 1
+    if len(numbers) < len(items):
+        stack.extend(x for x in items if type(x) not in _NUMBERS and x is not None)
 
 
 def _media(out: BodyScan, kind: str, encoded_len: int) -> None:
@@ -234,9 +259,15 @@ def output_tokens_limit(requested: int | None, default: int, price: ModelPrice) 
 
 
 def estimate_cost(
-    body: dict[str, Any] | None, requested_max: int | None, default_max: int, price: ModelPrice
+    body: dict[str, Any] | None,
+    requested_max: int | None,
+    default_max: int,
+    price: ModelPrice,
+    found: BodyScan | None = None,
 ) -> float:
-    found = scan(body) if body else BodyScan()
+    """The most the request can cost; `found`: the body's scan, if made already."""
+    if found is None:
+        found = scan(body) if body else BodyScan()
     input_tokens = found.input_tokens()
     context = price.context_window
     if found.references:

@@ -9,12 +9,52 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+# Distinct values a client-influenced label (model, tenant) may take in one process; past it
+# a value is counted as "other". Every series is kept until restart: this bounds their number.
+MAX_LABEL_VALUES = 256
+MAX_LABEL_CHARS = 128
+
+
+def safe_label(value: str) -> str:
+    """A label value that can always be exported: what UTF-8 cannot encode (a lone surrogate,
+    as mitmproxy decodes a raw non-UTF-8 byte of a path) escaped, and at most MAX_LABEL_CHARS."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")[:MAX_LABEL_CHARS]
+
+
+class BoundedLabel:
+    """The first MAX_LABEL_VALUES distinct values of a label pass (made safe); later ones are
+    "other", so no client can add series without end."""
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        v = safe_label(value)
+        if v in self.seen:
+            return v
+        if len(self.seen) >= self.limit:
+            return "other"
+        self.seen.add(v)
+        return v
+
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, providers: tuple[str, ...] = ()) -> None:
         r = self.registry = CollectorRegistry()
+        self.providers = frozenset(providers)  # the provider label's values; "unknown" otherwise
+        self.model_label = BoundedLabel()
+        self.tenant_label = BoundedLabel()
+        self.unauthenticated = Counter(
+            "candela_unauthenticated_total",
+            "Requests refused with nobody authenticated (no valid credential, or refused before "
+            "it was looked at), by route kind: every one; the audit ledger holds a bounded sample",
+            ["route"],
+            registry=r,
+        )
         self.requests = Counter(
             "candela_requests_total",
             "Proxied requests by provider, model, tenant and outcome status",
@@ -134,6 +174,9 @@ class Metrics:
         self.store_on_pool = self.store_calls.labels("pool")
         self._refreshers: list[Callable[[], None]] = []
 
+    def provider_label(self, name: str | None) -> str:
+        return name if name in self.providers else "unknown"
+
     def note_cost(self, provider: str, model: str, estimate_usd: float, cost_usd: float) -> None:
         """Count a request that cost more than it reserved (no reservation: nothing to compare)."""
         if estimate_usd > 0 and cost_usd > estimate_usd * (1 + 1e-9):
@@ -165,6 +208,7 @@ class Metrics:
     def exposition(self) -> tuple[bytes, str]:
         """The registry in Prometheus text format, as it is now (in memory, no refresh)."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
 
     def render(self) -> tuple[bytes, str]:
         """Refresh, then the text format: for callers that may block (CLI, tests)."""

@@ -117,6 +117,8 @@ def _proxied_flow():
 class _Writer:
     """The audit writer's record_then, committing when the test says so."""
 
+    healthy = True
+
     def __init__(self):
         self.entries = []
         self.callbacks = []
@@ -209,7 +211,7 @@ def _planned(runtime, path, body=None, method="POST"):
     f = make_flow(path, body=body, method=method)
     router = Router(rt)
     router.requestheaders(f)
-    router.request(f)
+    asyncio.run(router.request(f))
     return ctx_of(f), f
 
 
@@ -233,3 +235,87 @@ def test_a_refused_requests_entry_names_its_method_and_path(tctx, runtime):
     c, f = _planned(runtime, "/proxy/openai/v1/files?purpose=x", method="GET")
     e = request_entry(c, f)
     assert (e["method"], e["path"], e["operation"], e["reason"]) == ("GET", "/v1/files", None, "endpoint_not_governed")
+
+
+def test_refusals_of_unknown_callers_are_sampled_and_the_rest_counted(tctx, runtime, tmp_path):
+    from candela_mitm.addons.audit import Audit
+    from candela_mitm.addons.auth import Auth
+    from candela_mitm.addons.router import Router
+
+    from .conftest import ALICE_KEY, BASE, audit_entries, make_flow, run_hooks
+
+    rt = runtime({**BASE, "audit": {"unauthenticated_per_minute": 2,
+                                    "sqlite_path": str(tmp_path / "sampled.db")}})
+    audit = Audit(rt)
+
+    def one(headers):
+        f = make_flow("/proxy/openai/v1/chat/completions", {"model": "gpt-4o-mini"}, headers=headers)
+        asyncio.run(run_hooks([Router(rt), Auth(rt)], f, "requestheaders", "request"))
+        if f.response is None:  # authenticated: refused here, as a gate would
+            from candela_mitm import errors
+            from candela_mitm.addons.flowstate import deny
+
+            deny(f, errors.forbidden("test"))
+        asyncio.run(audit.response(f))
+        return f
+
+    for _ in range(5):
+        assert one({}).response.status_code == 401
+    for _ in range(3):  # a known caller's refusals are never sampled
+        assert one({"Authorization": f"Bearer {ALICE_KEY}"}).response.status_code == 403
+    assert rt.audit.flush(10)
+    entries = audit_entries(rt, "llm_request")
+    unknown = [e for e in entries if e.get("decision") == "denied" and not e.get("user_id")]
+    assert len(entries) - len(unknown) == 3
+    assert len(unknown) == 2 and [e.get("unsampled_before") for e in unknown] == [0, 0]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_forwarded_answer_whose_entry_fails_does_not_complete(runtime, tmp_path, streamed):
+    from candela_mitm.addons.audit import Audit
+
+    rt = runtime({
+        "providers": {"openai": {"base_url": "http://upstream.test:8080"}},
+        "state": {"sqlite_path": str(tmp_path / "state.db")},
+        "audit": {"sqlite_path": str(tmp_path / "audit.db")},
+    })
+    writer = _Writer()
+    real, rt.audit = rt.audit, writer
+    audit = Audit(rt)
+
+    async def main():
+        f, c = _proxied_flow()
+        c.forwarded = True
+        f.response.stream = streamed
+        task = asyncio.ensure_future(audit.response(f))
+        await asyncio.sleep(0)
+        writer.callbacks[0](None, StoreUnavailable("disk full"))  # the commit failed
+        await task
+        return f
+
+    f = asyncio.run(main())
+    if streamed:  # its end is never sent
+        assert f.error is not None and f.error.msg == "Connection killed."
+    else:
+        assert f.response.status_code == 503
+        assert f.response.json()["error"] == "governance_unavailable"
+    rt.audit = real
+
+
+def test_nothing_is_forwarded_while_the_ledger_fails(tctx, runtime):
+    from candela_mitm.addons.router import Router
+    from candela_mitm.addons.upstream import Upstream
+
+    from .conftest import BASE, make_flow
+
+    rt = runtime(BASE)
+    f = make_flow("/proxy/openai/v1/chat/completions", {"model": "gpt-4o-mini", "messages": []})
+    router = Router(rt)
+    router.requestheaders(f)
+    asyncio.run(router.request(f))
+    assert ctx_of(f).plan is not None
+    rt.audit.healthy = False  # as the writer sets it when a commit fails
+    asyncio.run(Upstream(rt).request(f))
+    assert f.response.status_code == 503 and f.response.json()["error"] == "governance_unavailable"
+    assert not ctx_of(f).forwarded
+    rt.audit.healthy = True

@@ -73,7 +73,7 @@ def test_decoded_body(raw, encoding, limit, body, error):
     flow = make_flow("/proxy/openai/v1/chat/completions", raw=raw,
                      headers={"Content-Encoding": encoding} if encoding else {})
     with_context(flow)
-    assert decoded_body(flow, limit) == body
+    assert asyncio.run(decoded_body(flow, limit)) == body
     assert (flow.response.json()["error"] if flow.response else None) == error
 
 

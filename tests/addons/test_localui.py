@@ -165,3 +165,27 @@ def test_a_pull_whose_decision_cannot_be_audited_is_refused(tctx, local, monkeyp
     assert flow.response.status_code == 503
     assert flow.response.json()["error"] == "governance_unavailable"
     assert ctx_of(flow).plan is None
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+def test_a_compressed_bomb_on_the_local_api_is_413_and_changes_nothing(tctx, local, encoding):
+    import gzip
+    import zlib
+
+    import brotli
+    import zstandard
+
+    body = b'{"cache_ttl_s": 60, "pad": "' + b" " * 5_000_000 + b'"}'
+    packed = {
+        "gzip": gzip.compress,
+        "deflate": zlib.compress,
+        "br": brotli.compress,
+        "zstd": zstandard.ZstdCompressor().compress,
+    }[encoding](body)
+    before = call(local, "GET", "/api/config").response.json()
+    flow = make_flow("/_local/api/config", method="POST", raw=packed,
+                     headers={"Content-Encoding": encoding, "Content-Type": "application/json"})
+    addons = [Router(local), Auth(local), ModelPolicy(local), LocalUi(local)]
+    asyncio.run(run_hooks(addons, flow, "requestheaders", "request"))
+    assert flow.response.status_code == 413 and flow.response.json()["error"] == "payload_too_large"
+    assert call(local, "GET", "/api/config").response.json() == before

@@ -1,4 +1,4 @@
-"""Metrics addon: GET /metrics before authentication, and each proxied request counted once."""
+"""Metrics addon: GET /metrics for admins, and each proxied request counted once, with bounded labels."""
 
 from __future__ import annotations
 
@@ -17,12 +17,18 @@ from candela_mitm.addons.router import Router
 from .conftest import ALICE_KEY, BASE, make_flow, run_hooks
 
 ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
+# alice is an admin here: /metrics is served to admins only
+ADMIN = {**BASE, "auth": {**BASE["auth"], "admins": ["alice@example.com"]}}
 
 
-def scrape(rt, addon=None):
-    flow = make_flow("/metrics", method="GET")  # no credential: Prometheus sends none
-    asyncio.run(run_hooks([Router(rt), addon or Metrics(rt), Auth(rt)], flow, "requestheaders"))
+def scrape(rt, addon=None, headers=ALICE):
+    flow = metrics_flow(headers)
+    asyncio.run(run_hooks([Router(rt), Auth(rt), addon or Metrics(rt)], flow, "requestheaders", "request"))
     return flow
+
+
+def metrics_flow(headers=ALICE):
+    return make_flow("/metrics", method="GET", headers=headers)
 
 
 def sample(text: str, name: str, **labels: str) -> float | None:
@@ -33,15 +39,27 @@ def sample(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
-def test_metrics_is_served_without_a_credential(tctx, runtime):
-    flow = scrape(runtime())
+@pytest.mark.parametrize(
+    "cfg, headers, status, error",
+    [
+        (BASE, {}, 401, "unauthenticated"),  # no credential
+        (BASE, ALICE, 403, "forbidden"),  # a developer
+    ],
+)
+def test_metrics_is_refused_to_all_but_admins(tctx, runtime, cfg, headers, status, error):
+    flow = scrape(runtime(cfg), headers=headers)
+    assert (flow.response.status_code, flow.response.json()["error"]) == (status, error)
+
+
+def test_metrics_is_served_to_admins(tctx, runtime):
+    flow = scrape(runtime(ADMIN))
     assert flow.response.status_code == 200
     assert flow.response.headers["Content-Type"].startswith("text/plain")
     assert "# TYPE candela_requests_total counter" in flow.response.text
 
 
 def test_only_the_metrics_route_is_answered(tctx, runtime):
-    rt = runtime()
+    rt = runtime(ADMIN)
     flow = make_flow("/metrics/x", method="GET")
     asyncio.run(run_hooks([Router(rt), Metrics(rt)], flow, "requestheaders"))
     assert flow.response is None
@@ -74,7 +92,7 @@ def send(rt, metrics, model, hooks=("response",), headers=ALICE):
 def test_a_proxied_request_is_counted_once(
     tctx, runtime, model, headers, status, denial, labelled
 ):
-    rt = runtime({**BASE, "governance": {"models": {"allowed": ["gpt-4o-mini"]}}})
+    rt = runtime({**ADMIN, "governance": {"models": {"allowed": ["gpt-4o-mini"]}}})
     metrics = Metrics(rt)
     send(rt, metrics, model, hooks=("response", "error"), headers=headers)  # both: counted once
     text = scrape(rt, metrics).response.text
@@ -88,7 +106,7 @@ def test_a_proxied_request_is_counted_once(
 
 
 def test_candelas_own_routes_are_not_counted(tctx, runtime):
-    rt = runtime()
+    rt = runtime(ADMIN)
     metrics = Metrics(rt)
     flow = make_flow("/healthz", method="GET")
     asyncio.run(run_hooks([Router(rt), metrics], flow, "requestheaders", "response"))
@@ -98,7 +116,7 @@ def test_candelas_own_routes_are_not_counted(tctx, runtime):
 
 
 def test_a_counting_failure_fails_open(tctx, runtime, monkeypatch):
-    rt = runtime()
+    rt = runtime(ADMIN)
     metrics = Metrics(rt)
 
     def broken(*values):
@@ -134,17 +152,18 @@ def sqlite_threads(monkeypatch):
 def test_the_scrape_reads_the_audit_ledger_on_a_worker_thread(tctx, runtime, sqlite_threads):
     import threading
 
-    rt = runtime()
+    rt = runtime(ADMIN)
+    metrics = Metrics(rt)
+    scrape(rt, metrics)  # Auth's state store connection is opened (on the loop: a store call)
     rt.audit.record("bypass_attempt", reason="provider_port")
     assert rt.audit.flush(10)
     sqlite_threads.clear()
     loop_threads: list[int] = []
-    metrics = Metrics(rt)
 
     async def main():
         loop_threads.append(threading.get_ident())
-        flow = make_flow("/metrics", method="GET")
-        await run_hooks([Router(rt), metrics], flow, "requestheaders")
+        flow = metrics_flow()
+        await run_hooks([Router(rt), Auth(rt), metrics], flow, "requestheaders", "request")
         return flow
 
     flow = asyncio.run(main())
@@ -162,7 +181,7 @@ def test_a_stuck_refresh_does_not_hold_up_scrapes(tctx, runtime, monkeypatch):
     from candela_mitm.addons import metrics as metrics_addon
 
     monkeypatch.setattr(metrics_addon, "REFRESH_TIMEOUT_S", 0.05)
-    rt = runtime()
+    rt = runtime(ADMIN)
     release = threading.Event()
     started: list[int] = []
 
@@ -174,8 +193,10 @@ def test_a_stuck_refresh_does_not_hold_up_scrapes(tctx, runtime, monkeypatch):
     metrics = Metrics(rt)
 
     async def main():
-        flows = [make_flow("/metrics", method="GET") for _ in range(3)]
-        await asyncio.gather(*(run_hooks([Router(rt), metrics], f, "requestheaders") for f in flows))
+        flows = [metrics_flow() for _ in range(3)]
+        await asyncio.gather(
+            *(run_hooks([Router(rt), Auth(rt), metrics], f, "requestheaders", "request") for f in flows)
+        )
         return flows
 
     try:
@@ -192,7 +213,7 @@ def test_a_stuck_refresh_does_not_hold_up_scrapes(tctx, runtime, monkeypatch):
 
 
 def test_a_failing_refresh_fails_open(tctx, runtime):
-    rt = runtime()
+    rt = runtime(ADMIN)
 
     def broken():
         raise OSError("disk")
@@ -201,3 +222,57 @@ def test_a_failing_refresh_fails_open(tctx, runtime):
     flow = scrape(rt)
     assert flow.response.status_code == 200
     assert sample(flow.response.text, "candela_observability_errors_total", component="metrics") == 1.0
+
+
+# --- label values a client chose ---------------------------------------------------------------
+
+
+def test_a_junk_provider_and_a_non_utf8_path_never_break_a_scrape(tctx, runtime):
+    rt = runtime(ADMIN)
+    metrics = Metrics(rt)
+    for path in (f"/proxy/nowhere-{i}/v1/x" for i in range(50)):
+        flow = make_flow(path, {"model": "gpt-4o-mini"}, headers=ALICE)
+        asyncio.run(run_hooks([Router(rt), Auth(rt), metrics], flow, "requestheaders", "request",
+                              "response"))
+        assert flow.response.status_code == 404
+    raw = make_flow("/proxy/x/v1/chat", {"model": "m"}, headers=ALICE)
+    raw.request.data.path = b"/proxy/\xff\xfe/v1/chat"  # a raw non-UTF-8 byte, as sent
+    asyncio.run(run_hooks([Router(rt), Auth(rt), metrics], raw, "requestheaders", "request",
+                          "response"))
+    flow = scrape(rt, metrics)
+    assert flow.response.status_code == 200
+    text = flow.response.text
+    assert sample(text, "candela_requests_total", provider="unknown", status="404") == 51.0
+    assert "nowhere" not in text
+
+
+def test_an_unknown_model_is_labelled_other(tctx, runtime):
+    rt = runtime({**ADMIN, "governance": {"unknown_model_price": "zero"}})
+    metrics = Metrics(rt)
+    send(rt, metrics, "no-such-model")
+    send(rt, metrics, "gpt-4o-mini")
+    text = scrape(rt, metrics).response.text
+    assert sample(text, "candela_requests_total", provider="openai", model="other") == 1.0
+    assert sample(text, "candela_requests_total", provider="openai", model="gpt-4o-mini") == 1.0
+
+
+def test_bounded_labels():
+    from candela_mitm.observability.metrics import BoundedLabel, safe_label
+
+    label = BoundedLabel(limit=2)
+    assert [label(v) for v in ("a", "b", "c", "a")] == ["a", "b", "other", "a"]
+    assert safe_label("x\udcffy").encode("utf-8") == b"x\\udcffy"
+    assert len(safe_label("z" * 1000)) == 128
+
+
+def test_unauthenticated_refusals_are_counted_on_every_route(tctx, runtime):
+    rt = runtime(ADMIN)
+    metrics = Metrics(rt)
+    for path in ("/admin/v1/me", "/proxy/openai/v1/chat/completions", "/metrics"):
+        flow = make_flow(path, {"model": "gpt-4o-mini"}, headers={})
+        asyncio.run(run_hooks([Router(rt), Auth(rt), metrics], flow, "requestheaders", "request",
+                              "response"))
+        assert flow.response.status_code == 401
+    text = scrape(rt, metrics).response.text
+    assert sum(sample(text, "candela_unauthenticated_total", route=r) or 0
+               for r in ("admin", "proxy", "metrics")) == 3.0

@@ -411,3 +411,95 @@ def test_close_websocket_refuses_a_flow_that_is_not_a_live_session():
     w.live = False
     assert not mitm_patches.close_websocket(w, 1008, "x")
     assert not mitm_patches.send_to_client(w, b"{}")
+
+
+# -- request heads and client connections -------------------------------------------------------
+
+
+def test_the_http1_server_buffers_heads_in_read_headers():
+    """What limit_request_heads wraps: a generator method fed every event while a head is read,
+    whose buffer (`.buf`) already holds the new bytes, with a `done` state to end in."""
+    cls = _http1.Http1Server
+    original = getattr(cls.read_headers, "candela_original", cls.read_headers)
+    assert inspect.isgeneratorfunction(original) and params(original) == ["self", "event"]
+    assert "self.buf.maybe_extract_lines()" in inspect.getsource(original)
+    assert "self.buf += event.data" in inspect.getsource(_http1.Http1Connection._handle_event)
+    assert callable(cls.done)
+    buf = _http1.ReceiveBuffer()
+    buf += b"abc"
+    assert len(buf) == 3 and bytes(buf) == b"abc"
+
+
+@pytest.mark.parametrize(
+    ("buffered", "overflows"),
+    [
+        (b"a" * 100, False),  # under the limit, whatever it holds
+        (b"a" * 101, True),  # over it with no end of head
+        (b"GET / HTTP/1.1\r\n\r\n" + b"body" * 100, False),  # the head ended in time
+        (b"GET / HTTP/1.1\n\n" + b"body" * 100, False),  # bare newlines, as h11 accepts
+        (b"GET / HTTP/1.1\r\nX: " + b"a" * 200 + b"\r\n\r\n", True),  # ended, but too late
+    ],
+)
+def test_head_overflows(buffered, overflows):
+    assert mitm_patches.head_overflows(buffered, 100) is overflows
+
+
+def test_limit_request_heads_refuses_a_long_head_and_passes_a_short_one(monkeypatch):
+    from mitmproxy.proxy import commands, events
+
+    cls = _http1.Http1Server
+    monkeypatch.setattr(cls, "read_headers", cls.read_headers)  # restored after the test
+    mitm_patches.limit_request_heads(64, lambda: b"REFUSED")
+    first = cls.read_headers.candela_original
+    mitm_patches.limit_request_heads(64, lambda: b"REFUSED")  # again: wraps the original once
+    assert cls.read_headers.candela_original is first
+    assert not hasattr(first, "candela_original")
+    ctx = context.Context(
+        connection.Client(peername=("1.2.3.4", 5), sockname=("0.0.0.0", 8), timestamp_start=0),
+        options.Options(),
+    )
+    server_layer = cls(ctx)
+    server_layer.state = server_layer.read_headers
+    server_layer.buf += b"GET / HTTP/1.1\r\nX: " + b"a" * 100
+    out = list(server_layer.read_headers(events.DataReceived(ctx.client, b"")))
+    assert [type(c) for c in out] == [commands.SendData, commands.CloseConnection]
+    assert out[0].data == b"REFUSED" and server_layer.state == server_layer.done
+
+    short = cls(ctx)
+    short.buf += b"GET / HTTP/1.1\r\nX: "
+    assert list(short.read_headers(events.DataReceived(ctx.client, b""))) == []  # waits for more
+
+
+def test_a_client_error_set_in_client_connected_closes_the_connection():
+    """What ConnLimits relies on: after the client_connected hook, `client.error` ends it, and
+    the handler is registered with the proxy server before that hook runs."""
+    source = inspect.getsource(server.ConnectionHandler.handle_client)
+    assert source.index("ClientConnectedHook") < source.index("if self.client.error")
+    assert "ClientDisconnectedHook" in source
+    serve = inspect.getsource(mode_servers.AsyncioServerInstance.handle_stream)
+    assert serve.index("register_connection") < serve.index("handle_client")
+
+
+def test_close_client_writes_and_closes(monkeypatch):
+    f = tflow.tflow()
+    client_io = server.ConnectionIO(writer=FakeWriter())  # type: ignore[arg-type]
+
+    class Handler:
+        transports = {f.client_conn: client_io}
+
+    class Master:
+        class addons:
+            @staticmethod
+            def get(name: str) -> object:
+                assert name == "proxyserver"
+                return type("PS", (), {"connections": {f.client_conn.id: Handler()}})()
+
+    monkeypatch.setattr(mitm_patches.ctx, "master", Master(), raising=False)
+    assert mitm_patches.close_client(f.client_conn, b"BYE") is True
+    assert client_io.writer.data == b"BYE" and client_io.writer.closed
+    assert mitm_patches.close_client(tflow.tflow().client_conn, b"BYE") is False
+
+
+def test_assemble_makes_a_whole_response():
+    raw = mitm_patches.assemble(http.Response.make(429, b"{}", {"Content-Type": "application/json"}))
+    assert raw.startswith(b"HTTP/1.1 429 ") and raw.endswith(b"\r\n\r\n{}")

@@ -17,8 +17,9 @@ from candela_mitm.addons import pipeline
 HOOK_ORDER: dict[str, list[str]] = {
     # connection events: Sni for transparent connections, LocalGuard (laptop mode) for the
     # owner of every other one (read from the kernel's socket table before its first request)
-    "client_connected": ["Sni", "LocalGuard"],
-    "client_disconnected": ["Sni", "LocalGuard"],
+    # ConnLimits counts every connection per address, refusing those past the cap
+    "client_connected": ["Sni", "LocalGuard", "ConnLimits"],
+    "client_disconnected": ["Sni", "LocalGuard", "ConnLimits"],
     # TLS events: only Sni looks at them
     "next_layer": ["Sni"],
     "tls_clienthello": ["Sni"],
@@ -35,14 +36,16 @@ HOOK_ORDER: dict[str, list[str]] = {
         "LocalGuard",
         "Health",
         "Console",  # the /admin/ page, before Auth (its API calls are authenticated)
-        "Metrics",
+        "ConnLimits",  # the head arrived: its deadline is met; the body's deadline starts
         "Auth",
+        "RateLimit",  # a large (or chunked) body is rate limited from its head, before it is read
         "LocalUi",
     ],
     # the whole request: body and plan, then the gates, then the routes Candela answers itself,
     # and Upstream last: nothing reaches the network that a gate refused or nobody planned
     "request": [
         "Router",
+        "Metrics",  # GET /metrics, once Auth has said who asks: admins only
         "Admin",
         "ModelPolicy",
         "WebSocket",
@@ -61,6 +64,7 @@ HOOK_ORDER: dict[str, list[str]] = {
     # Telemetry exports the span Spans made, before Audit waits for the entry's commit
     "response": [
         "AuditStart",
+        "ConnLimits",  # the exchange ended: the connection's idle deadline starts
         "Metrics",
         "RateLimit",
         "Budget",
@@ -73,6 +77,7 @@ HOOK_ORDER: dict[str, list[str]] = {
     # a failed flow: the lease and the reservation are released before the entry that records
     # the failure
     "error": [
+        "ConnLimits",
         "Metrics",
         "RateLimit",
         "Budget",
@@ -82,9 +87,10 @@ HOOK_ORDER: dict[str, list[str]] = {
         "Telemetry",
         "Audit",
     ],
-    "done": ["LocalUi", "Upstream", "Telemetry"],
+    "done": ["ConnLimits", "LocalUi", "Upstream", "Telemetry"],
+    "running": ["ConnLimits"],  # starts its deadline sweeper
     # a WebSocket session after its upgrade: only WebSocket reads its frames
-    "websocket_start": ["WebSocket"],
+    "websocket_start": ["ConnLimits", "WebSocket"],  # a session has no request deadline
     "websocket_message": ["WebSocket"],
     "websocket_end": ["WebSocket"],
 }
@@ -144,7 +150,8 @@ def test_the_derivation_sees_a_misplaced_hook():
 # (method, path, with Alice's key) -> status, error code (None: forwarded to the provider)
 ANSWERS = [
     ("GET", "/healthz", False, 200, None),  # Health, before Auth
-    ("GET", "/metrics", False, 200, None),  # Metrics, before Auth
+    ("GET", "/metrics", False, 401, "unauthenticated"),  # Auth first: admins only
+    ("GET", "/metrics", True, 403, "forbidden"),  # Metrics: a developer
     ("GET", "/v1/models", False, 401, "unauthenticated"),
     ("GET", "/v1/models", True, 200, None),  # LocalApi
     ("GET", "/_local/api/traces", True, 200, None),  # LocalApi

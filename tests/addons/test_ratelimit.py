@@ -240,3 +240,35 @@ def test_tenant_token_limit_refuses_with_scope_tenant(tctx, runtime):
     body = flows[1].response.json()
     assert (body["limit_kind"], body["scope"], body["limit"]) == ("output_tokens", "tenant", 500)
     assert '"tenant_output_tokens";q=500;w=60' in flows[1].response.headers["RateLimit-Policy"]
+
+
+def large_chat():
+    pad = "x " * 200_000  # over LARGE_BODY_BYTES
+    body = {"model": "gpt-4o-mini", "max_tokens": 100, "messages": [{"role": "user", "content": pad}]}
+    return make_flow("/proxy/openai/v1/chat/completions", body, headers=ALICE)
+
+
+def test_a_large_body_is_rate_limited_from_its_head_before_it_is_parsed(tctx, runtime, monkeypatch):
+    from candela_mitm.addons import router
+
+    parsed: list[int] = []
+    real_loads = router.json.loads
+    monkeypatch.setattr(router.json, "loads", lambda raw: parsed.append(len(raw)) or real_loads(raw))
+    rt = runtime(config(rpm=1))
+    first, second = large_chat(), large_chat()
+    addons = [Router(rt), Auth(rt), RateLimit(rt)]
+    asyncio.run(run_hooks(addons, first, "requestheaders"))
+    assert first.response is None and ctx_of(first).rate_decided  # counted from the head
+    asyncio.run(run_hooks(addons, first, "request"))
+    assert first.response is None and ctx_of(first).plan is not None  # not counted twice
+    assert ctx_of(first).scan is not None and ctx_of(first).scan.chars >= 400_000  # off the loop
+    asyncio.run(run_hooks(addons, second, "requestheaders", "request"))
+    assert second.response.status_code == 429 and second.response.json()["error"] == "rate_limited"
+    assert len([n for n in parsed if n > 100_000]) == 1  # the refused one's body was never parsed
+
+
+def test_a_small_body_is_rate_limited_with_its_reservation(tctx, runtime):
+    rt = runtime(config(rpm=5))
+    f = chat()
+    asyncio.run(send(rt, [f]))
+    assert not ctx_of(f).rate_decided and ctx_of(f).scan is None

@@ -1,3 +1,4 @@
+import asyncio
 import gzip
 import json
 
@@ -12,7 +13,7 @@ from .conftest import BASE, make_flow
 def run(router, flow):
     router.requestheaders(flow)
     if flow.response is None:
-        router.request(flow)
+        asyncio.run(router.request(flow))
     return flow
 
 

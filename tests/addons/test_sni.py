@@ -131,7 +131,7 @@ def test_a_provider_request_keeps_its_path_and_is_attributed_to_the_sandbox(sni,
         "b",
         SANDBOX_ADDR,
     )
-    router.request(f)
+    asyncio.run(router.request(f))
     assert f.response is None and c.plan.upstream.name == "openai"
     assert c.plan.path == "/v1/chat/completions"
 
@@ -145,7 +145,7 @@ def test_the_openai_compatible_gemini_path_goes_to_its_route(sni, rt):
     )
     router = Router(rt)
     run(lambda: sni.requestheaders(f), lambda: router.requestheaders(f))
-    router.request(f)
+    asyncio.run(router.request(f))
     c = ctx_of(f)
     assert (c.provider, c.rest) == ("gemini-oai", "/chat/completions")
     assert (
@@ -362,7 +362,7 @@ def test_intercepted_requests_go_through_the_same_catalogue(sni, rt, path, metho
     router = Router(rt)
     run(lambda: sni.requestheaders(f), lambda: router.requestheaders(f), lambda: Auth(rt).requestheaders(f))
     assert f.response is None  # attributed to the sandbox: the catalogue decides
-    router.request(f)
+    asyncio.run(router.request(f))
     assert f.response is not None and json.loads(f.response.content)["error"] == code
     assert ctx_of(f).plan is None
 
@@ -372,7 +372,7 @@ def test_an_intercepted_catalogue_operation_is_planned_with_its_name(sni, rt):
     f.request.content = b""
     router = Router(rt)
     run(lambda: sni.requestheaders(f), lambda: router.requestheaders(f))
-    router.request(f)
+    asyncio.run(router.request(f))
     assert f.response is None and ctx_of(f).plan.operation.name == "models.list"
 
 
@@ -385,7 +385,7 @@ def test_claude_codes_auxiliary_calls_to_the_anthropic_host_never_leave(sni, rt)
         f.request.content = b""
         router = Router(rt)
         run(lambda f=f: sni.requestheaders(f), lambda f=f, r=router: r.requestheaders(f))
-        router.request(f)
+        asyncio.run(router.request(f))
         assert ctx_of(f).provider == "anthropic-direct"
     assert head.response.status_code == 200 and head.response.content == b""
     assert json.loads(settings.response.content)["error"] == "endpoint_not_governed"
@@ -407,7 +407,7 @@ def test_an_intercepted_websocket_upgrade_is_planned_as_a_session(sni, rt, path,
     f.request.headers["connection"] = "Upgrade"
     router = Router(rt)
     run(lambda: sni.requestheaders(f), lambda: router.requestheaders(f))
-    router.request(f)
+    asyncio.run(router.request(f))
     c = ctx_of(f)
     assert f.response is None, f.response and f.response.content
     assert c.plan.upstream.name == route and c.plan.operation.name == operation
@@ -568,7 +568,7 @@ def test_a_workload_rule_names_the_user_tenant_and_models(sni, rt, monkeypatch, 
             "workload",
             "research-team",
         )
-        Router(rt2).request(f)
+        asyncio.run(Router(rt2).request(f))
         ModelPolicy(rt2).request(f)  # gpt-4o-mini: allowed to alice, not to this binary
         assert f.response.status_code == 403
         assert json.loads(f.response.content)["error"] == "model_not_allowed"

@@ -15,7 +15,7 @@ def planned(rt, path, body, headers, intercepted=False):
     Router(rt).requestheaders(f)
     c = ctx_of(f)
     c.intercepted = intercepted
-    Router(rt).request(f)
+    asyncio.run(Router(rt).request(f))
     assert f.response is None
     return f
 
@@ -60,7 +60,7 @@ def test_intercepted_app_key_is_replaced_unless_configured_otherwise(tctx, runti
     f = make_flow("/proxy/openai/v1/chat/completions", raw=raw, headers={"authorization": "Bearer sk-app-own"})
     Router(rt).requestheaders(f)
     ctx_of(f).intercepted = True
-    Router(rt).request(f)
+    asyncio.run(Router(rt).request(f))
     forward(rt, f)
     assert f.request.headers["authorization"] == ("Bearer sk-app-own" if kept else "Bearer sk-upstream")
     # a kept request goes as the app sent it (it may be signed over these bytes)
@@ -78,7 +78,7 @@ def test_headers_rewritten_in_one_pass_as_sent(tctx, runtime):
         "Content-Type": "text/plain", "Content-Length": str(len(raw)), "Accept-Encoding": "gzip",
         "traceparent": "00-bad", "X-Custom": "1"})
     Router(rt).requestheaders(f)
-    Router(rt).request(f)
+    asyncio.run(Router(rt).request(f))
     assert f.response is None
     forward(rt, f)
     names = [k.lower() for k, _ in f.request.headers.fields]

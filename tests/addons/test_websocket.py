@@ -48,7 +48,7 @@ async def upgraded(rt, path="/proxy/openai/v1/realtime?model=gpt-realtime"):
     f = make_flow(path, method="GET", headers=UPGRADE)
     Router(rt).requestheaders(f)
     await Auth(rt).requestheaders(f)
-    Router(rt).request(f)
+    await Router(rt).request(f)
     c = ctx_of(f)
     assert f.response is None and c.plan.session, f.response and f.response.content
     res = rt.ledger.reserve(c.settings.user_id, c.tenant, 0.5, 100.0, c.span_id)
@@ -74,7 +74,7 @@ def test_a_user_at_the_session_limit_is_refused_before_reserving(tctx, runtime, 
         second = make_flow("/proxy/openai/v1/realtime?model=gpt-realtime", method="GET", headers=UPGRADE)
         Router(rt).requestheaders(second)
         await Auth(rt).requestheaders(second)
-        Router(rt).request(second)
+        await Router(rt).request(second)
         addon.request(second)
         assert second.response.status_code == 429
         assert json.loads(second.response.content)["error"] == "websocket_sessions_exceeded"
@@ -82,7 +82,7 @@ def test_a_user_at_the_session_limit_is_refused_before_reserving(tctx, runtime, 
         third = make_flow("/proxy/openai/v1/realtime?model=gpt-realtime", method="GET", headers=UPGRADE)
         Router(rt).requestheaders(third)
         await Auth(rt).requestheaders(third)
-        Router(rt).request(third)
+        await Router(rt).request(third)
         addon.request(third)
         assert third.response is None  # the first one ended
 

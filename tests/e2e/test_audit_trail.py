@@ -16,7 +16,7 @@ from candela_mitm.audit.query import query_entries
 from candela_mitm.providers.usage import Usage
 from tests.fakes.candela import CandelaProcess
 
-from .conftest import ALICE_KEY, base_config, candela_env
+from .conftest import ADMIN_KEY, ALICE_KEY, base_config, candela_env
 
 pytestmark = pytest.mark.e2e
 ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
@@ -101,7 +101,7 @@ def test_query_runs_while_the_proxy_runs_and_sees_the_newest_entry(tmp_path, ups
         assert e.returncode == 0, e.stderr
         actions = [json.loads(line)["action"] for line in out.read_text().splitlines()]
         assert "proxy_start" in actions and actions.count("llm_request") == 4
-        m = requests.get(c.url + "/metrics", timeout=5).text
+        m = requests.get(c.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=5).text
         assert 'candela_requests_total{model="gpt-4o-mini",provider="openai",status="200",tenant="research-team"} 2.0' in m
         assert "candela_cost_usd_total" in m and "candela_time_to_first_token_seconds_bucket" in m
 

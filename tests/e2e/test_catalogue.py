@@ -14,7 +14,7 @@ from candela_mitm.audit.query import query_entries
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.upstream import OPENAI_KEY, FakeUpstream
 
-from .conftest import ALICE_KEY, base_config, candela_env, providers_config
+from .conftest import ADMIN_KEY, ALICE_KEY, base_config, candela_env, providers_config
 
 pytestmark = pytest.mark.e2e
 ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
@@ -225,7 +225,7 @@ def test_candela_server_routes_local_runtimes_only_when_configured(reserve, upst
 def test_refusals_are_counted_by_their_code(cat, upstream):
     raw_request(cat, "GET", "/proxy/openai/v1/files")
     raw_request(cat, "GET", "/proxy/openai/v1/x/../files")
-    metrics = requests.get(cat.url + "/metrics", timeout=5).text
+    metrics = requests.get(cat.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=5).text
     assert 'candela_denials_total{error="endpoint_not_governed"}' in metrics
     assert 'candela_denials_total{error="invalid_request_target"}' in metrics
     assert upstream.requests == []

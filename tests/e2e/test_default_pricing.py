@@ -20,7 +20,7 @@ import requests
 from candela_mitm.config import parse_config
 from candela_mitm.providers.pricing import PricingTable
 from candela_mitm.providers.usage import Usage
-from tests.e2e.conftest import ALICE_KEY, ALICE_SHA, candela_env
+from tests.e2e.conftest import ADMIN_KEY, ALICE_KEY, ALICE_SHA, candela_env, sha
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.google_oauth import FakeTokenServer
 from tests.fakes.upstream import ANTHROPIC_KEY, FakeUpstream
@@ -40,7 +40,13 @@ def default_candela(
     tmp = tmp_path_factory.mktemp("candela-default")
     cfg = {
         "providers": {"anthropic-direct": {"base_url": upstream.url}},
-        "auth": {"api_keys": [{"sha256": ALICE_SHA, "user": "alice@example.com"}]},
+        "auth": {
+            "api_keys": [
+                {"sha256": ALICE_SHA, "user": "alice@example.com"},
+                {"sha256": sha(ADMIN_KEY), "user": "admin@example.com"},  # /metrics is for admins
+            ],
+            "admins": ["admin@example.com"],
+        },
     }
     with CandelaProcess(tmp, cfg, env=candela_env(token_server, tmp)) as c:
         yield c
@@ -104,7 +110,7 @@ def test_claude_code_is_answered_and_charged_at_its_models_price(
 
 
 def exceeded(candela: CandelaProcess) -> float:
-    text = requests.get(f"{candela.url}/metrics", timeout=5).text
+    text = requests.get(f"{candela.url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=5).text
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()

@@ -21,7 +21,7 @@ from candela_mitm.state import open_state_store
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.upstream import FakeUpstream
 
-from .conftest import ALICE_KEY, BOB_KEY, base_config, candela_env, sdk_json
+from .conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, base_config, candela_env, sdk_json
 
 pytestmark = pytest.mark.e2e
 ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
@@ -97,7 +97,7 @@ def test_model_policy_denial_matches_spec_002(gov, upstream):
     for f in (denied[-1], allowed[-1]):
         assert f["user_id"] == "alice@example.com" and f["policy_mode"] == "allowlist" and f["timestamp"]
     assert denied[-1]["tenant_id"] == "other-team" and allowed[-1]["tenant_id"] == "research-team"
-    metrics = requests.get(gov.url + "/metrics", timeout=5).text
+    metrics = requests.get(gov.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=5).text
     assert 'candela_policy_model_denied_total{model="gpt-4o",policy="allowlist",tenant="other-team"}' in metrics
 
 

@@ -205,7 +205,7 @@ def test_answer_without_usage_is_charged_its_reservation(proxy, upstream):
         charged.append(e["cost_usd"])
     settled(led)
     assert led.spent_today(USER) - before == pytest.approx(sum(charged), rel=1e-6)
-    metrics = requests.get(proxy.url + "/metrics", timeout=10).text
+    metrics = requests.get(proxy.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).text
     counted = re.search(
         r'^candela_charged_requests_total\{provider="openai",source="reserved"\} (\S+)$', metrics, re.M
     )

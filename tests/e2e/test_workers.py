@@ -177,3 +177,44 @@ def test_workers_refuse_a_port_in_use(tmp_path: Path, upstream: FakeUpstream) ->
         with pytest.raises(RuntimeError, match="cannot listen"):
             c.start(timeout=10)
         c.stop()
+
+
+def test_workers_restart_on_a_port_with_connections_in_time_wait(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """kill -9 of the supervisor and its workers with idle kept-alive connections open: the
+    kernel closes the server's ends first, so they stay in TIME-WAIT; a restart binds anyway."""
+    import signal
+    import socket
+
+    c = CandelaProcess(tmp_path, base_config(upstream.url, workers=2)).start()
+    port = c.port
+    wait_for_listeners(port, 2)
+    assert c.proc is not None
+    held = []
+    for _ in range(8):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        held.append(s)
+    pids = [c.proc.pid, *worker_pids(c.proc.pid)]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    c.proc.wait()
+    for s in held:  # the client reads the kernel's FIN and closes: the server's end is TIME-WAIT
+        s.settimeout(5)
+        while s.recv(4096):  # the rest of the answer, then the end
+            pass
+        s.close()
+    time.sleep(0.2)
+    tcp = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    assert any(
+        line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "06" for line in tcp
+    ), "no server-side TIME-WAIT: the test set-up did not make one"
+    c.stop()
+    again = CandelaProcess(tmp_path, base_config(upstream.url, workers=2), port=port)
+    try:
+        again.start(timeout=20)  # refused with "address in use" before claim_port's SO_REUSEADDR
+        wait_for_listeners(port, 2)
+    finally:
+        again.stop()

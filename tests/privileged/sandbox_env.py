@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pyroute2 import IPRoute, NetNS, netns
 
-from tests.e2e.conftest import ALICE_SHA, providers_config, sha
+from tests.e2e.conftest import ADMIN_KEY, ALICE_SHA, providers_config, sha
 from tests.fakes.sdk import _SCRUBBED, sdk_python
 
 CANDELA = Path(sys.executable).with_name("candela")
@@ -52,7 +52,9 @@ def transparent_config(upstream_url: str, tmp: Path, listen_port: int) -> dict[s
                 {"sha256": ALICE_SHA, "user": "alice@example.com"},
                 {"sha256": sha(BROKE_KEY), "user": "broke@example.com"},
                 {"sha256": sha(LIMITED_KEY), "user": "limited@example.com"},
+                {"sha256": sha(ADMIN_KEY), "user": "admin@example.com"},  # scrapes /metrics
             ],
+            "admins": ["admin@example.com"],
         },
         "users": {
             "alice@example.com": {"tenants": ["research-team", "other-team"]},

@@ -224,7 +224,10 @@ def _bypass_counted(metrics_url: str) -> dict[str, float]:
     import re
     import urllib.request
 
-    with urllib.request.urlopen(metrics_url, timeout=5) as r:
+    from tests.e2e.conftest import ADMIN_KEY
+
+    scrape = urllib.request.Request(metrics_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    with urllib.request.urlopen(scrape, timeout=5) as r:
         text = r.read().decode()
     pattern = r'^candela_bypass_attempts_total\{kind="([^"]+)"\} (\S+)$'
     return {kind: float(n) for kind, n in re.findall(pattern, text, re.M)}

@@ -298,7 +298,12 @@ def test_the_proxys_metrics_count_what_sandboxes_audited(env: Env, bypass: dict[
     assert bypass["audit"]["bypass_attempt"]
     in_ledger = Counter(e["reason"] for e in audit_entries(env.audit_db, "bypass_attempt"))
     for _ in range(2):  # a second scrape counts nothing again
-        with urllib.request.urlopen(env.candela.url + "/metrics", timeout=5) as r:
+        from tests.e2e.conftest import ADMIN_KEY
+
+        scrape = urllib.request.Request(
+            env.candela.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        )
+        with urllib.request.urlopen(scrape, timeout=5) as r:
             text = r.read().decode()
         pattern = r'^candela_bypass_attempts_total\{kind="([^"]+)"\} (\S+)$'
         counted = {kind: float(n) for kind, n in re.findall(pattern, text, re.M)}

@@ -24,6 +24,31 @@ def test_claim_port_resolves_zero_and_refuses_a_port_in_use() -> None:
             claim_port("127.0.0.1", busy.getsockname()[1])
 
 
+def test_claim_port_accepts_a_port_with_connections_in_time_wait() -> None:
+    """A killed worker's connections: the server side closed first, so the port's local end
+    stays in TIME-WAIT (60 s on Linux) after the listener is gone."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.close()  # the server closes first: its end goes to TIME-WAIT once the client acks
+        assert client.recv(1) == b""
+        client.close()
+    time.sleep(0.1)
+    states = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    local_port = f":{port:04X}"
+    assert any(
+        line.split()[1].endswith(local_port) and line.split()[3] == "06" for line in states
+    ), "no TIME-WAIT socket on the port: the test set-up did not make one"
+    with socket.socket() as plain:  # what claim_port did before: refused
+        with pytest.raises(OSError):
+            plain.bind(("127.0.0.1", port))
+    assert claim_port("127.0.0.1", port) == port
+
+
 @pytest.mark.parametrize(
     "codes, expected",
     [

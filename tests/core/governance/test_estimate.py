@@ -218,3 +218,29 @@ def test_claude_fast_mode_is_reserved_at_its_price():
     assert estimate_cost(body, None, DEFAULT_MAX, price) == pytest.approx(
         (text_tokens(body) * 10.00 + 1_000 * 50.00) / M
     )
+
+
+def _reference_chars(node):
+    """The walk before numbers were counted in bulk: one json.dumps per scalar."""
+    import json as _json
+
+    if isinstance(node, str):
+        return len(node)
+    if isinstance(node, list):
+        return sum(_reference_chars(x) for x in node)
+    if isinstance(node, dict):
+        return sum(len(k) + _reference_chars(v) for k, v in node.items())
+    return 0 if node is None else len(_json.dumps(node))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"input": [1, 22, 333, -4, 5.5, 1e300, True, False, None]},
+        {"input": [[1, 2], "ab", {"k": [0.1, "x", None]}, 7]},
+        {"messages": [], "logit_bias": {"50256": -100}},
+        {"input": list(range(1000))},
+    ],
+)
+def test_numbers_in_lists_count_as_their_characters(body):
+    assert scan(body).chars == _reference_chars(body)

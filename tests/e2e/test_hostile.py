@@ -1,0 +1,397 @@
+"""Issue 16: hostile clients against a real Candela process. Each hostile request gets its 4xx,
+nothing of it reaches the upstream, /healthz keeps answering meanwhile, and the audit ledger
+grows by a bounded amount."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from tests.fakes.candela import CandelaProcess
+from tests.fakes.google_oauth import FakeTokenServer
+from tests.fakes.upstream import FakeUpstream
+
+from .conftest import ADMIN_KEY, ALICE_KEY, base_config, candela_env
+
+pytestmark = pytest.mark.e2e
+AUTH = {"Authorization": f"Bearer {ALICE_KEY}"}
+HEADER_LIMIT = 8192
+CAP = 6
+
+LIMITS = {
+    "max_body_bytes": 12_000_000,
+    "max_header_bytes": HEADER_LIMIT,
+    "header_timeout_s": 1.0,
+    "idle_timeout_s": 2.0,
+    "body_timeout_s": 1.0,
+    "max_connections_per_client": CAP,
+}
+
+
+@pytest.fixture(scope="module")
+def hostile(
+    tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream, token_server: FakeTokenServer
+) -> Iterator[CandelaProcess]:
+    tmp = tmp_path_factory.mktemp("hostile")
+    cfg = base_config(upstream.url, limits=LIMITS)
+    cfg["audit"] = {"sqlite_path": str(tmp / "audit.db"), "unauthenticated_per_minute": 5}
+    cfg["governance"] = {
+        "budgets": {"default_daily_usd": 1000.0},
+        "rate_limits": {"default_requests_per_minute": 10_000},
+    }
+    with CandelaProcess(tmp, cfg, env=candela_env(token_server, tmp)) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def _clear(upstream: FakeUpstream) -> Iterator[None]:
+    upstream.reset()
+    upstream.clear()
+    yield
+
+
+def connect(c: CandelaProcess) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", c.port), timeout=10)
+    return s
+
+
+def read_response(s: socket.socket, timeout: float = 10.0) -> tuple[int, dict, bytes]:
+    """Read until the peer closes or a whole Content-Length body arrived: status, headers, body."""
+    s.settimeout(timeout)
+    data = b""
+    while True:
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep:
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+            n = int(headers.get("content-length", "-1"))
+            if n >= 0 and len(body) >= n:
+                return int(lines[0].split()[1]), headers, body[:n]
+        try:
+            chunk = s.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            chunk = b""
+        if not chunk:
+            if not sep:
+                return 0, {}, b""
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+            return int(lines[0].split()[1]), headers, body
+        data += chunk
+
+
+def closed_by_peer(s: socket.socket, timeout: float = 10.0) -> bool:
+    s.settimeout(timeout)
+    try:
+        while s.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def healthz_ms(c: CandelaProcess) -> float:
+    t = time.perf_counter()
+    r = requests.get(f"{c.url}/healthz", timeout=10)
+    assert r.status_code == 200
+    return (time.perf_counter() - t) * 1000
+
+
+def audit_rows(c: CandelaProcess) -> int:
+    with sqlite3.connect(c.tmp / "audit.db") as db:
+        return int(db.execute("SELECT count(*) FROM audit_log").fetchone()[0])
+
+
+# -- request heads ------------------------------------------------------------------------------
+
+
+def test_a_head_over_the_limit_is_431_before_any_flow(hostile, upstream):
+    before = audit_rows(hostile)
+    s = connect(hostile)
+    head = b"POST /proxy/openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+    s.sendall(head + b"X-Pad: " + b"a" * (HEADER_LIMIT * 2) + b"\r\n\r\n")
+    status, headers, body = read_response(s)
+    assert status == 431 and json.loads(body)["error"] == "request_header_too_large"
+    assert json.loads(body)["limit_bytes"] == HEADER_LIMIT
+    assert closed_by_peer(s)
+    assert upstream.requests == []
+    assert audit_rows(hostile) == before  # refused before any flow: nothing to record
+
+
+def test_an_endless_head_is_cut_at_the_limit(hostile):
+    """Sent in pieces with no blank line: the buffer never holds much more than the limit."""
+    s = connect(hostile)
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    sent = 0
+    try:
+        while sent < HEADER_LIMIT * 64:
+            s.sendall(b"X-More: " + b"b" * 1000 + b"\r\n")
+            sent += 1010
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    status, _, body = read_response(s)
+    assert status == 431 and json.loads(body)["error"] == "request_header_too_large"
+
+
+def test_a_head_under_the_limit_is_served(hostile):
+    r = requests.get(f"{hostile.url}/healthz", headers={"X-Pad": "a" * (HEADER_LIMIT // 2)}, timeout=5)
+    assert r.status_code == 200
+
+
+# -- deadlines and the connection cap -----------------------------------------------------------
+
+
+def test_a_slow_head_is_408_and_closed(hostile):
+    s = connect(hostile)
+    s.sendall(b"GET /healthz HTTP/1.1\r\n")  # and nothing more
+    status, _, body = read_response(s, timeout=10)
+    assert status == 408 and json.loads(body)["error"] == "request_timeout"
+    assert closed_by_peer(s)
+
+
+def test_a_slow_body_is_408_and_nothing_is_forwarded(hostile, upstream):
+    s = connect(hostile)
+    s.sendall(
+        b"POST /proxy/openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer " + ALICE_KEY.encode() + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":"
+    )
+    status, _, body = read_response(s, timeout=10)
+    assert status == 408 and json.loads(body)["error"] == "request_timeout"
+    assert upstream.requests == []
+
+
+def test_an_idle_kept_alive_connection_is_closed_silently(hostile):
+    s = connect(hostile)
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, _ = read_response(s)
+    assert status == 200
+    s.settimeout(10)
+    assert s.recv(65536) == b""  # closed after idle_timeout_s, with no second response
+
+
+def test_connections_past_the_cap_are_429_and_closed(hostile):
+    held = [connect(hostile) for _ in range(CAP)]
+    try:
+        for s in held:  # each one is open and served by the proxy
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(s)[0] == 200
+        extra = connect(hostile)
+        status, headers, body = read_response(extra)
+        assert status == 429 and json.loads(body)["error"] == "too_many_connections"
+        assert headers["retry-after"] == "1"
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 5
+    while True:  # once they are closed, a new one is served
+        try:
+            if requests.get(f"{hostile.url}/healthz", timeout=5).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+# -- decompression bombs ------------------------------------------------------------------------
+
+
+def _packed(encoding: str, body: bytes) -> bytes:
+    import gzip
+    import zlib
+
+    import brotli
+    import zstandard
+
+    return {
+        "gzip": gzip.compress,
+        "deflate": zlib.compress,
+        "br": brotli.compress,
+        "zstd": zstandard.ZstdCompressor().compress,
+    }[encoding](body)
+
+
+BOMB = b'{"model": "gpt-4o-mini", "messages": [], "pad": "' + b" " * 50_000_000 + b'"}'
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+@pytest.mark.parametrize(
+    "path", ["/proxy/openai/v1/chat/completions", "/v1/chat/completions", "/admin/v1/users"]
+)
+def test_a_decompression_bomb_is_413_everywhere(hostile, upstream, encoding, path):
+    r = requests.post(
+        hostile.url + path,
+        data=_packed(encoding, BOMB),
+        headers={**AUTH, "Content-Type": "application/json", "Content-Encoding": encoding},
+        timeout=30,
+    )
+    assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
+    assert r.json()["limit_bytes"] == LIMITS["max_body_bytes"]
+    assert upstream.requests == []
+    healthz_ms(hostile)  # still answering
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+def test_a_compressed_body_under_the_limit_is_forwarded_decoded(hostile, upstream, encoding):
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+    r = requests.post(
+        hostile.url + "/proxy/openai/v1/chat/completions",
+        data=_packed(encoding, body.encode()),
+        headers={**AUTH, "Content-Type": "application/json", "Content-Encoding": encoding},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    [rec] = upstream.requests
+    assert json.loads(rec.body)["messages"][0]["content"] == "hi"
+
+
+# -- bodies whose work grows with their size ----------------------------------------------------
+
+
+def worst_healthz_while(c: CandelaProcess, send) -> tuple[float, object]:
+    """The slowest /healthz answer while `send()` runs in another thread, and its result."""
+    import threading
+
+    result: list[object] = []
+    t = threading.Thread(target=lambda: result.append(send()))
+    t.start()
+    worst = 0.0
+    while t.is_alive():
+        worst = max(worst, healthz_ms(c))
+    t.join()
+    return worst, result[0]
+
+
+def post_raw(c: CandelaProcess, path: str, body: bytes) -> requests.Response:
+    return requests.post(
+        c.url + path, data=body, headers={**AUTH, "Content-Type": "application/json"}, timeout=60
+    )
+
+
+TEN_MB_ARRAY = b"[" + b",".join([b"0"] * 5_000_000) + b"]"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error"),
+    [
+        (TEN_MB_ARRAY, 400, "bad_request"),  # refused before it is parsed
+        (b"  \n" + TEN_MB_ARRAY, 400, "bad_request"),
+    ],
+)
+def test_a_10_mb_body_does_not_stall_other_requests(hostile, upstream, body, status, error):
+    baseline = max(healthz_ms(hostile) for _ in range(20))
+    rows = audit_rows(hostile)
+    worst, r = worst_healthz_while(hostile, lambda: post_raw(hostile, "/v1/chat/completions", body))
+    assert r.status_code == status and r.json().get("error") == error, r.text[:300]
+    assert worst < baseline + 100, (worst, baseline)
+    assert len(upstream.requests) == (1 if status == 200 else 0)
+    assert audit_rows(hostile) - rows <= 2  # its own entry, and perhaps a reservation's
+
+
+# -- metrics and the audit ledger against junk ----------------------------------------------------
+
+
+def raw_request(c: CandelaProcess, head: bytes) -> int:
+    s = connect(c)
+    s.sendall(head)
+    status = read_response(s)[0]
+    s.close()
+    return status
+
+
+def test_junk_never_breaks_a_scrape_nor_grows_the_ledger_without_bound(hostile, upstream):
+    rows = audit_rows(hostile)
+    for i in range(40):  # strangers: junk provider names, raw non-UTF-8 bytes, no credential
+        assert raw_request(hostile, b"POST /proxy/junk-%d/v1/x HTTP/1.1\r\nHost: x\r\n"
+                           b"Content-Length: 2\r\n\r\n{}" % i) in (401, 404)
+        assert raw_request(hostile, b"POST /proxy/openai/v1/\xff\xfe%d HTTP/1.1\r\nHost: x\r\n"
+                           b"Content-Length: 2\r\n\r\n{}" % i) in (400, 401, 404)
+    assert raw_request(hostile, b"GET /proxy/\xff/v1/x HTTP/1.1\r\nHost: x\r\n"
+                       b"Authorization: Bearer " + ALICE_KEY.encode() + b"\r\n\r\n") == 404
+    assert upstream.requests == []
+    grown = audit_rows(hostile) - rows
+    assert grown <= 5 + 5 + 2  # a burst of 5 sampled, a minute's refill at most, Alice's own
+    assert requests.get(hostile.url + "/metrics", timeout=5).status_code == 401
+    assert requests.get(hostile.url + "/metrics", headers=AUTH, timeout=5).status_code == 403
+    r = requests.get(hostile.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                     timeout=5)
+    assert r.status_code == 200
+    assert "junk" not in r.text and 'provider="unknown"' in r.text
+    unauth = sum(float(line.rsplit(" ", 1)[1]) for line in r.text.splitlines()
+                 if line.startswith("candela_unauthenticated_total{"))
+    assert unauth >= 80  # every refusal counted, though only a sample is in the ledger
+
+
+# -- request smuggling shapes, bad text, deep nesting -------------------------------------------
+
+CHAT = b"POST /proxy/openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ALICE_KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+SMALL = b'{"model": "gpt-4o-mini", "messages": []}'
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # CL and TE together: which one frames the body is what smuggling plays on
+        CHAT + b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(SMALL) + SMALL,
+        # two Content-Lengths that disagree
+        CHAT + b"Content-Length: %d\r\nContent-Length: 5\r\n\r\n" % len(SMALL) + SMALL,
+        # obs-fold: a header continued on the next line
+        CHAT + b"X-Folded: a\r\n b\r\nContent-Length: %d\r\n\r\n" % len(SMALL) + SMALL,
+        # a Transfer-Encoding other than chunked
+        CHAT + b"Transfer-Encoding: gzip, chunked\r\n\r\n" + b"%x\r\n" % len(SMALL) + SMALL + b"\r\n0\r\n\r\n",
+    ],
+    ids=["cl-and-te", "duplicate-cl", "obs-fold", "te-not-chunked"],
+)
+def test_smuggling_shapes_are_400_and_never_forwarded(hostile, upstream, raw):
+    rows = audit_rows(hostile)
+    s = connect(hostile)
+    s.sendall(raw)
+    status, _, body = read_response(s)
+    s.close()
+    assert 400 <= status < 500, (status, body)
+    assert json.loads(body)["error"]
+    assert upstream.requests == []
+    healthz_ms(hostile)
+    assert audit_rows(hostile) - rows <= 1
+
+
+def _chat(c: CandelaProcess, body: bytes) -> requests.Response:
+    return requests.post(c.url + "/proxy/openai/v1/chat/completions", data=body,
+                         headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+         "invalid_json"),  # invalid UTF-8
+        (b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\\ud800"}]}',
+         "invalid_json"),  # a lone surrogate, escaped
+        (b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\\udc00x"}]}',
+         "invalid_json"),  # a lone low surrogate
+        (b'{"a": ' * 100_000 + b"1" + b"}" * 100_000, "invalid_json"),  # nested 100k deep
+        (b"[" * 100_000 + b"]" * 100_000, "bad_request"),  # an array, refused before parsing
+    ],
+    ids=["invalid-utf8", "lone-high-surrogate", "lone-low-surrogate", "deep-object", "deep-array"],
+)
+def test_bad_text_and_deep_nesting_are_400(hostile, upstream, body, error):
+    rows = audit_rows(hostile)
+    r = _chat(hostile, body)
+    assert r.status_code == 400 and r.json()["error"] == error, r.text[:300]
+    assert upstream.requests == []
+    healthz_ms(hostile)
+    assert audit_rows(hostile) - rows <= 1
+
+
+def test_a_surrogate_pair_is_a_character_and_is_forwarded(hostile, upstream):
+    r = _chat(hostile, b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}')
+    assert r.status_code == 200, r.text
+    [rec] = upstream.requests
+    assert json.loads(rec.body)["messages"][0]["content"] == "\U0001f600"
