@@ -14,10 +14,11 @@ from tests.fakes.candela import CandelaProcess, free_port
 from tests.fakes.otlp import OtlpReceiver
 from tests.fakes.upstream import FakeUpstream
 
-from .conftest import ALICE_KEY, BOB_KEY, base_config, candela_env
+from .conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, base_config, candela_env
 
 pytestmark = pytest.mark.e2e
 ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}  # /metrics is served to admins
 CHAT = "/proxy/openai/v1/chat/completions"
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -190,7 +191,7 @@ def test_a_stopped_collector_does_not_fail_requests(tmp_path, upstream, token_se
         assert len(upstream.requests) == 20
         metrics = ""
         for _ in range(100):
-            metrics = requests.get(c.url + "/metrics", headers=ALICE, timeout=5).text
+            metrics = requests.get(c.url + "/metrics", headers=ADMIN, timeout=5).text
             if 'candela_observability_errors_total{component="otlp"}' in metrics:
                 break
             time.sleep(0.1)
@@ -234,7 +235,7 @@ def test_an_otel_variable_candela_cannot_honour_turns_export_off_not_the_proxy(
             c.url + CHAT, json={"model": "gpt-4o-mini", "messages": []}, headers=ALICE, timeout=20
         )
         assert r.status_code == 200
-        metrics = requests.get(c.url + "/metrics", headers=ALICE, timeout=5).text
+        metrics = requests.get(c.url + "/metrics", headers=ADMIN, timeout=5).text
     assert "OpenTelemetry export is off: telemetry.otlp.protocol: 'http/json'" in c.log()
     assert 'candela_observability_errors_total{component="otlp"} 1.0' in metrics
 

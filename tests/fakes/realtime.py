@@ -326,6 +326,10 @@ class WsClient:
         return json.loads(self.reject_body)
 
     def send(self, frame: dict[str, Any]) -> None:
+        """Send a JSON event; nothing when the server's close has already arrived (a real client
+        finds out on its next read, which the caller's recv then raises as Closed)."""
+        if self.ws.state is not wsproto.connection.ConnectionState.OPEN:
+            return
         self.sock.sendall(self.ws.send(ev.TextMessage(json.dumps(frame))))
 
     def recv(self) -> dict[str, Any]:
