@@ -8,7 +8,9 @@ const SVG = "http://www.w3.org/2000/svg";
 const KEY = "candela.console.key";
 const COLORS = ["#d9822b", "#3b6fb6", "#2e8540", "#9c4dcc", "#c53030", "#148f8f", "#7a6a00", "#596273"];
 
-const state = { me: null, users: new Map(), grantUser: null, pending: null, audit: [], auditNext: null };
+const state = {
+  me: null, users: new Map(), grantUser: null, pending: null, keyPending: null, audit: [], auditNext: null,
+};
 
 class ApiError extends Error {
   constructor(status, body) {
@@ -81,6 +83,8 @@ function lastDays(n) {
 }
 
 function isAdmin() { return state.me && state.me.role === "admin"; }
+// admins, and tenant admins for their tenants: they act for other users (keys, grants)
+function isManager() { return state.me && (state.me.role === "admin" || state.me.role === "tenant_admin"); }
 
 // -- sign in ----------------------------------------------------------------------------------
 
@@ -97,6 +101,7 @@ async function signIn(key) {
   $("signout").hidden = false;
   $("who").textContent = `Signed in as ${state.me.user_id} (${state.me.role}).`;
   for (const n of document.querySelectorAll("[data-admin]")) n.hidden = !isAdmin();
+  for (const n of document.querySelectorAll("[data-manager]")) n.hidden = !isManager();
   if (!isAdmin()) $("spend-by").value = "model";
   await refresh();
 }
@@ -108,7 +113,7 @@ function signOut() {
 
 async function refresh() {
   if (isAdmin()) await loadTenants();
-  const jobs = [loadMe(), loadSpend()];
+  const jobs = [loadMe(), loadSpend(), loadKeys()];
   if (isAdmin()) jobs.push(loadLeaderboard(), loadUsers(), loadAudit(false));
   await Promise.all(jobs);
 }
@@ -409,6 +414,117 @@ async function confirmUser() {
   }
 }
 
+// -- API keys ---------------------------------------------------------------------------------
+// Listed, created, rotated and revoked through /admin/v1/keys: an admin sees every key, a
+// developer only their own (the API filters; this page only asks). A new key is shown once.
+
+function keyDay(t) { return t ? t.slice(0, 16).replace("T", " ") : "–"; }
+
+async function loadKeys() {
+  const k = await api("/admin/v1/keys");
+  $("keys-scope").textContent = k.user_id ? `(${k.user_id})` : `(${k.count}, every user)`;
+  fill("keys", k.keys.map((x) => {
+    const cells = [
+      x.id, x.user_id, x.name || "–", x.fingerprint, el("span", x.state, `pill ${x.state}`),
+      keyDay(x.created_at), keyDay(x.expires_at || x.revoked_at),
+    ];
+    const actions = document.createElement("span");
+    if (x.state === "active") {
+      const rot = el("button", "Rotate…", "secondary");
+      rot.dataset.act = "rotate";
+      rot.addEventListener("click", () => askKey("rotate", x));
+      const rev = el("button", "Revoke…", "secondary");
+      rev.dataset.act = "revoke";
+      rev.addEventListener("click", () => askKey("revoke", x));
+      actions.append(rot, rev);
+    }
+    const tr = row([...cells, actions]);
+    tr.dataset.key = x.id;
+    return tr;
+  }));
+}
+
+function showSecret(secret, what) {
+  $("key-secret").textContent = secret;
+  $("key-new").hidden = false;
+  say("key-msg", what, true);
+}
+
+function hideSecret() {
+  $("key-secret").textContent = "";
+  $("key-new").hidden = true;
+}
+
+async function copySecret() {
+  const text = $("key-secret").textContent;
+  try {
+    await navigator.clipboard.writeText(text);
+    say("key-msg", "Copied to the clipboard.", true);
+  } catch (_) {
+    // no clipboard permission (an insecure origin): select it for Ctrl+C instead
+    const r = document.createRange();
+    r.selectNodeContents($("key-secret"));
+    const sel = window.getSelection();
+    sel.removeAllRanges();
+    sel.addRange(r);
+    say("key-msg", "Selected: press Ctrl+C (or Cmd+C) to copy it.", true);
+  }
+}
+
+async function createKey(ev) {
+  ev.preventDefault();
+  const body = {};
+  const user = isManager() ? $("k-user").value.trim() : "";
+  if (user) body.user_id = user;
+  if ($("k-name").value.trim()) body.name = $("k-name").value.trim();
+  if ($("k-expires").value) body.expires_at = `${$("k-expires").value}T00:00:00Z`;
+  hideSecret();
+  try {
+    const k = await api("/admin/v1/keys", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    });
+    $("key-form").reset();
+    showSecret(k.key, `Created ${k.id} for ${k.user_id}.`);
+    await Promise.all([loadKeys(), isManager() ? loadAudit(false) : null]);
+  } catch (e) {
+    say("key-msg", e.code ? `${e.code}: ${e.message}` : e.message, false);
+  }
+}
+
+function askKey(kind, k) {
+  state.keyPending = { kind, id: k.id };
+  $("key-summary").textContent = kind === "revoke"
+    ? `Revoke ${k.id} (${k.name || "no name"}, ${k.user_id})? It is refused at once, everywhere. ` +
+      "This is written to the audit log."
+    : `Rotate ${k.id} (${k.name || "no name"}, ${k.user_id})? A new key replaces it; the old one ` +
+      "keeps working for one more hour. This is written to the audit log.";
+  $("key-confirm").hidden = false;
+  $("key-msg").textContent = "";
+}
+
+async function confirmKey() {
+  const p = state.keyPending;
+  state.keyPending = null;
+  $("key-confirm").hidden = true;
+  if (!p) return;
+  const path = `/admin/v1/keys/${encodeURIComponent(p.id)}`;
+  hideSecret();
+  try {
+    if (p.kind === "revoke") {
+      await api(path, { method: "DELETE" });
+      say("key-msg", `Revoked ${p.id}.`, true);
+    } else {
+      const k = await api(`${path}/rotate`, {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: "{}",
+      });
+      showSecret(k.key, `Rotated ${p.id}: the new key is ${k.id}; the old one ends ${keyDay(k.replaces.expires_at)}.`);
+    }
+    await Promise.all([loadKeys(), isManager() ? loadAudit(false) : null]);
+  } catch (e) {
+    say("key-msg", e.code ? `${e.code}: ${e.message}` : e.message, false);
+  }
+}
+
 // -- audit ------------------------------------------------------------------------------------
 
 function auditQuery(older) {
@@ -499,6 +615,11 @@ document.addEventListener("DOMContentLoaded", () => {
   $("audit-form").addEventListener("submit", (ev) => { ev.preventDefault(); loadAudit(false); });
   $("audit-older").addEventListener("click", () => loadAudit(true));
   $("audit-csv").addEventListener("click", exportCsv);
+  $("key-form").addEventListener("submit", createKey);
+  $("key-yes").addEventListener("click", confirmKey);
+  $("key-no").addEventListener("click", () => { state.keyPending = null; $("key-confirm").hidden = true; });
+  $("key-copy").addEventListener("click", copySecret);
+  $("key-done").addEventListener("click", () => { hideSecret(); $("key-msg").textContent = ""; });
   const key = sessionStorage.getItem(KEY);
   if (key) signIn(key).catch(() => { $("signin").hidden = false; });
 });

@@ -13,8 +13,9 @@ import requests
 from playwright.sync_api import expect
 
 from candela_mitm.providers.usage import Usage
-from tests.e2e.conftest import ADMIN_KEY, ALICE_KEY, base_config, candela_env
+from tests.e2e.conftest import ADMIN_KEY, ALICE_KEY, base_config, candela_env, sdk_json
 from tests.fakes.candela import CandelaProcess
+from tests.fakes.sdk import sdk_available
 
 pytestmark = pytest.mark.e2e
 SCREENSHOT = "/tmp/candela-admin-console.png"
@@ -283,3 +284,190 @@ def test_users_are_added_changed_and_removed_from_the_page(admin_page, server):
     ):
         assert change in done
     assert pg.problems == []
+
+
+# -- API keys -------------------------------------------------------------------------------------
+
+CHAT = "/proxy/openai/v1/chat/completions"
+
+
+def chat_with(server: CandelaProcess, key: str) -> requests.Response:
+    return requests.post(
+        server.url + CHAT,
+        json={"model": "gpt-4o-mini", "messages": MSGS},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=20,
+    )
+
+
+def sdk_chat(url: str, key: str) -> dict[str, Any]:
+    [out] = sdk_json(f"""
+        import json, openai
+        c = openai.OpenAI(base_url="{url}/proxy/openai/v1", api_key="{key}", max_retries=0)
+        try:
+            r = c.chat.completions.create(model="gpt-4o-mini",
+                                          messages=[{{"role": "user", "content": "hi"}}])
+            print(json.dumps({{"status": 200, "text": r.choices[0].message.content}}))
+        except openai.APIStatusError as e:
+            print(json.dumps({{"status": e.status_code, "error": e.body.get("error")
+                               if isinstance(e.body, dict) else e.body}}))
+    """)
+    return out
+
+
+def keys_of(server: CandelaProcess, headers: dict[str, str]) -> dict[str, dict[str, Any]]:
+    r = requests.get(server.url + "/admin/v1/keys", headers=headers, timeout=10)
+    assert r.status_code == 200, r.text
+    return {k["id"]: k for k in r.json()["keys"]}
+
+
+def create_key_in_page(pg: Any, name: str, user: str = "") -> tuple[str, str]:
+    """(key id, the key) as the page shows them once."""
+    if user:
+        pg.fill("#k-user", user)
+    pg.fill("#k-name", name)
+    pg.click("#k-create")
+    expect(pg.locator("#key-new")).to_be_visible()
+    expect(pg.locator("#key-new")).to_contain_text("it will not be shown again")
+    secret = pg.inner_text("#key-secret").strip()
+    key_id = pg.inner_text("#key-msg").split("Created ", 1)[1].split(" ", 1)[0]
+    return key_id, secret
+
+
+@pytest.mark.sdk
+def test_a_key_created_in_the_page_works_with_the_openai_sdk_and_revoked_is_refused(
+    browser, server, upstream
+):
+    if not sdk_available():
+        pytest.fail("the SDK venv is missing: run scripts/sdk-venv.sh (make test does)")
+    ctx = browser.new_context(
+        viewport={"width": 1280, "height": 1400}, permissions=["clipboard-read", "clipboard-write"]
+    )
+    pg = ctx.new_page()
+    pg.problems = []
+    pg.on("console", lambda m: m.type == "error" and pg.problems.append(f"console: {m.text}"))
+    pg.on("pageerror", lambda e: pg.problems.append(f"pageerror: {e}"))
+    pg.goto(server.url + "/admin/", wait_until="load")
+    try:
+        sign_in(pg, ALICE_KEY)
+        assert not pg.locator("#k-user").is_visible()  # a developer mints only for themselves
+        key_id, secret = create_key_in_page(pg, "notebook")
+        assert secret.startswith("cdk_") and len(secret) > 30
+        pg.click("#key-copy")
+        expect(pg.locator("#key-msg")).to_have_text("Copied to the clipboard.")
+        assert pg.evaluate("navigator.clipboard.readText()") == secret
+        mine = keys_of(server, ALICE)
+        assert (mine[key_id]["user_id"], mine[key_id]["name"], mine[key_id]["state"]) == (
+            "alice@example.com",
+            "notebook",
+            "active",
+        )
+        row_ = pg.locator(f"#keys tr[data-key='{key_id}']")
+        expect(row_).to_contain_text("active")
+        assert secret not in row_.inner_text()
+        # shown once: gone from the page when dismissed, and never in a listing
+        pg.click("#key-done")
+        expect(pg.locator("#key-new")).to_be_hidden()
+        assert secret not in pg.content()
+        assert (
+            secret
+            not in requests.get(server.url + "/admin/v1/keys", headers=ALICE, timeout=10).text
+        )
+
+        upstream.clear()
+        out = sdk_chat(server.url, secret)
+        assert out["status"] == 200, out
+        [seen] = upstream.requests
+        assert secret not in str(seen.headers)  # the organisation's key went upstream
+
+        # revoke: asked first, nothing changes before the confirmation
+        row_.locator("button[data-act=revoke]").click()
+        expect(pg.locator("#key-summary")).to_contain_text(f"Revoke {key_id}")
+        assert keys_of(server, ALICE)[key_id]["state"] == "active"
+        pg.click("#key-yes")
+        expect(pg.locator("#key-msg")).to_have_text(f"Revoked {key_id}.")
+        expect(row_).to_contain_text("revoked")
+        assert keys_of(server, ALICE)[key_id]["state"] == "revoked"
+        upstream.clear()
+        out = sdk_chat(server.url, secret)
+        assert (out["status"], out["error"]) == (401, "unauthenticated")
+        r = chat_with(server, secret)
+        assert r.status_code == 401 and r.json()["error"] == "unauthenticated"
+        assert upstream.requests == []  # refused before it left
+        assert pg.problems == []
+    finally:
+        ctx.close()
+
+
+def test_a_key_rotated_in_the_page_is_replaced_and_cancel_changes_nothing(
+    browser, server, upstream
+):
+    pg = open_page(browser, server)
+    try:
+        sign_in(pg, ALICE_KEY)
+        old_id, old = create_key_in_page(pg, "laptop")
+        pg.click("#key-done")
+        row_ = pg.locator(f"#keys tr[data-key='{old_id}']")
+        row_.locator("button[data-act=rotate]").click()
+        expect(pg.locator("#key-summary")).to_contain_text(f"Rotate {old_id}")
+        pg.click("#key-no")
+        expect(pg.locator("#key-confirm")).to_be_hidden()
+        assert len([k for k in keys_of(server, ALICE).values() if k["name"] == "laptop"]) == 1
+
+        row_.locator("button[data-act=rotate]").click()
+        pg.click("#key-yes")
+        expect(pg.locator("#key-new")).to_be_visible()
+        expect(pg.locator("#key-msg")).to_contain_text(f"Rotated {old_id}")
+        new = pg.inner_text("#key-secret").strip()
+        assert new.startswith("cdk_") and new != old
+        laptops = {k["id"]: k for k in keys_of(server, ALICE).values() if k["name"] == "laptop"}
+        assert len(laptops) == 2 and laptops[old_id]["expires_at"] is not None
+        upstream.clear()
+        assert chat_with(server, new).status_code == 200
+        assert chat_with(server, old).status_code == 200  # within its grace hour
+        assert len(upstream.requests) == 2
+        audit = requests.get(
+            server.url + "/admin/v1/audit?action=admin_action&user=alice@example.com",
+            headers=ADMIN,
+            timeout=10,
+        ).json()["entries"]
+        assert ("key.rotate", "alice@example.com") in [
+            (e["fields"]["action"], e["fields"]["target"]) for e in audit
+        ]
+        assert pg.problems == []
+    finally:
+        pg.context.close()
+
+
+def test_developers_see_only_their_own_keys_and_admins_every_key(browser, server):
+    r = requests.post(
+        server.url + "/admin/v1/keys",
+        json={"user_id": "bob@example.com", "name": "bob-ci"},
+        headers=ADMIN,
+        timeout=10,
+    )
+    assert r.status_code == 201, r.text
+    bob_key = r.json()["id"]
+    # the admin sees it, and mints one for bob from the page
+    pg = open_page(browser, server)
+    try:
+        sign_in(pg, ADMIN_KEY)
+        expect(pg.locator(f"#keys tr[data-key='{bob_key}']")).to_contain_text("bob@example.com")
+        minted, _ = create_key_in_page(pg, "from-console", user="bob@example.com")
+        assert keys_of(server, ADMIN)[minted]["user_id"] == "bob@example.com"
+        assert pg.problems == []
+    finally:
+        pg.context.close()
+
+    dev = open_page(browser, server)
+    try:
+        sign_in(dev, ALICE_KEY)
+        expect(dev.locator("#keys-scope")).to_have_text("(alice@example.com)")
+        dev.wait_for_timeout(300)
+        rows = dev.locator("#keys tbody tr")
+        users = {rows.nth(i).locator("td").nth(1).inner_text() for i in range(rows.count())}
+        assert users <= {"alice@example.com"}
+        assert dev.locator(f"#keys tr[data-key='{bob_key}']").count() == 0
+        assert dev.problems == []
+    finally:
+        dev.context.close()
