@@ -142,7 +142,8 @@ class Auth(_Model):
 
 
 class User(_Model):
-    role: Literal["admin", "developer"] | None = None
+    # tenant_admin: manages only its own tenants in the admin API (admin/tenant_scope.py)
+    role: Literal["admin", "tenant_admin", "developer"] | None = None
     tenants: list[str] = []
     daily_budget_usd: float | None = Field(default=None, ge=0)  # per budget_period
     requests_per_minute: int | None = Field(default=None, ge=0)

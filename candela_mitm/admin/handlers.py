@@ -76,7 +76,7 @@ class AdminRequest:
     method: str
     path: str  # as received: percent-encoded, query included
     user: str  # the authenticated principal
-    role: str  # "admin" or "developer", as Auth settled it
+    role: str  # "admin", "tenant_admin" or "developer", as Auth settled it
     body: bytes = b""  # decoded (Content-Encoding removed)
     via: str | None = None
     request_id: str | None = None  # the span id: links audit entries to the request
@@ -504,14 +504,33 @@ class AdminApi:
         if route is None:
             allowed = tuple(sorted(r.method for r in routes))
             raise Refused(errors.method_not_allowed(method, bare, allowed))
-        if route.admin_only and req.role != "admin":
+        scoped = self._tenant_admin_handler(req, route)
+        if scoped is None and route.admin_only and req.role != "admin":
             raise Refused(errors.forbidden(f"{method} {route.template} is for admins only"))
         if "user" in params:
             _user_id(params["user"])
         q = parse_query(query, route.query)
         body = parse_object(req.body) if method in ("PUT", "POST") else {}
+        if scoped is not None:
+            return scoped(req, params, q, body)
         handler: Callable[..., Handled] = getattr(self, route.handler)
         return handler(req, params, q, body)
+
+    # -- tenant admins: scoped in admin/tenant_scope.py ---------------------------------------
+
+    def _tenant_admin_handler(
+        self, req: AdminRequest, route: Route
+    ) -> Callable[..., Handled] | None:
+        """The tenant-admin version of a route, for a tenant admin; None otherwise (and for a
+        route it answers as to a developer)."""
+        if req.role != "tenant_admin":
+            return None
+        from candela_mitm.admin import tenant_scope  # it builds on this module
+
+        scoped = tenant_scope.HANDLERS.get(route.handler)
+        if scoped is None:
+            return None
+        return lambda r, p, q, b: scoped(tenant_scope.TenantScope(self, r), p, q, b)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -813,8 +832,8 @@ class AdminApi:
         if "budget_period" in body:
             period = _period(body, "budget_period")
         if "role" in body:
-            if body["role"] not in ("admin", "developer"):
-                raise _invalid("role", "must be 'admin' or 'developer'")
+            if body["role"] not in ("admin", "tenant_admin", "developer"):
+                raise _invalid("role", "must be 'admin', 'tenant_admin' or 'developer'")
             role = body["role"]
             if role != "admin" and user in self.rt.users.admins:
                 raise _invalid("role", "cannot be changed: the user is an admin by auth.admins")

@@ -34,7 +34,11 @@ _STR = {"type": "string"}
 _STR_OR_NULL = {"type": ["string", "null"]}
 _DAY_OR_NULL = {"type": ["string", "null"], "format": "date"}
 _TIME = {"type": "string", "format": "date-time"}
-_ROLE = {"type": "string", "enum": ["admin", "developer"]}
+_ROLE = {
+    "type": "string",
+    "enum": ["admin", "tenant_admin", "developer"],
+    "description": "tenant_admin: manages only the tenants in its own `tenants`",
+}
 _TENANTS = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 128}}
 _LIMIT = {"type": ["integer", "null"], "minimum": 0, "description": "null: no limit"}
 _LIMITS = {

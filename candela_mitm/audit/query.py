@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import duckdb
 
-from candela_mitm.audit.actions import LLM_REQUEST
+from candela_mitm.audit.actions import ADMIN_ACTION, LLM_REQUEST
 from candela_mitm.audit.chain import ROW_COLUMNS, Row, connect_readonly
 from candela_mitm.audit.duckdb_sink import create_audit_table, sql_string
 from candela_mitm.audit.sqlite_sink import as_dict
@@ -212,6 +212,26 @@ def export(
     return count
 
 
+@dataclass(frozen=True)
+class AuditScope:
+    """The entries a tenant admin may read: those of its tenants, and the admin actions it made
+    or that target one of `targets` (its tenants and the users it manages)."""
+
+    tenants: frozenset[str]
+    actor: str
+    targets: frozenset[str]
+
+    def clause(self) -> tuple[str, list[Any]]:
+        tenants, targets = sorted(self.tenants), sorted(self.targets)
+        marks = ", ".join("?" * len(tenants)) or "NULL"
+        target_marks = ", ".join("?" * len(targets)) or "NULL"
+        sql = (
+            f"(tenant_id IN ({marks}) OR (action = ? AND (user_id = ? OR "
+            f"json_extract(fields, '$.target') IN ({target_marks}))))"
+        )
+        return sql, [*tenants, ADMIN_ACTION, self.actor, *targets]
+
+
 def query_entries(
     db_path: str | Path,
     action: str | None = None,
@@ -221,14 +241,20 @@ def query_entries(
     *,
     tenant: str | None = None,
     before_seq: int | None = None,
+    scope: AuditScope | None = None,
 ) -> list[dict[str, Any]]:
     """Entries newest first, for GET /admin/v1/audit; before_seq pages further back.
 
     user matches user_id: the requesting user, or for admin actions the admin who acted.
+    scope, when given, keeps only the entries it allows.
     Blocking file I/O: call it from a thread (asyncio.to_thread) inside the proxy.
     """
     where: list[str] = []
     args: list[Any] = []
+    if scope is not None:
+        sql, scope_args = scope.clause()
+        where.append(sql)
+        args.extend(scope_args)
     for column, value in (("action", action), ("user_id", user), ("tenant_id", tenant)):
         if value is not None:
             where.append(f"{column} = ?")

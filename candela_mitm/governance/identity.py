@@ -28,7 +28,7 @@ from candela_mitm.errors import Denial, governance_unavailable, unauthenticated
 
 log = logging.getLogger(__name__)
 
-Role = Literal["admin", "developer"]
+Role = Literal["admin", "tenant_admin", "developer"]
 Via = Literal["api_key", "oidc", "access_token", "local", "workload"]
 
 # Credential sources, in precedence order (001: X-Candela-Auth over Authorization; the SDK
@@ -316,7 +316,7 @@ def _is_true(value: Any) -> bool:
 
 
 def _role(value: str | None) -> Role | None:
-    return cast(Role, value) if value in ("admin", "developer") else None
+    return cast(Role, value) if value in ("admin", "tenant_admin", "developer") else None
 
 
 class _BoundedCache:

@@ -16,7 +16,7 @@ from candela_mitm.governance.ratelimit import TokenLimits
 from candela_mitm.state import StateStore, UserRecord
 from candela_mitm.state.ports import LIMIT_FIELDS
 
-Role = Literal["admin", "developer"]
+Role = Literal["admin", "tenant_admin", "developer"]
 
 _CACHE_PRUNE_AT = 4096  # remembered users before expired entries are swept out
 
@@ -78,7 +78,9 @@ class UserDirectory:
         if user in self.admins:
             return "admin"
         role = stored or configured
-        return "admin" if role == "admin" else "developer"
+        if role in ("admin", "tenant_admin"):
+            return "admin" if role == "admin" else "tenant_admin"
+        return "developer"
 
     def settings(self, user: str) -> UserSettings:
         """Blocking (a store read): call from a worker thread."""
