@@ -358,7 +358,11 @@ _ERRORS = {
         "anything else about the path, query or body",
     ),
     "401": ("Unauthenticated", "Missing, malformed, expired or unverifiable credential"),
-    "403": ("Forbidden", "The caller's role may not do this (`forbidden`)"),
+    "403": (
+        "Forbidden",
+        "The caller's role may not do this (`forbidden`), e.g. a tenant admin acting outside "
+        "its tenants",
+    ),
     "404": (
         "NotFound",
         "No such route (`not_found`), user (`user_not_found`) or API key (`key_not_found`)",
@@ -432,7 +436,11 @@ PATHS: dict[str, Any] = {
     },
     "/admin/v1/users": {
         "get": _op(
-            "listUsers", "Every user with settings and today's spend (admin)", "UserList", ("403",)
+            "listUsers",
+            "Every user with settings and today's spend (admin; tenant admin: the users of its "
+            "tenants, with only those tenants and the spend there)",
+            "UserList",
+            ("403",),
         )
     },
     "/admin/v1/users/{user}": {
@@ -456,7 +464,8 @@ PATHS: dict[str, Any] = {
         "parameters": [_USER_PARAM],
         "post": _op(
             "createGrant",
-            "Grant a one-time bonus until it expires (admin)",
+            "Grant a one-time bonus until it expires (admin; tenant admin: to developers whose "
+            "tenants are all its own)",
             "Grant",
             ("403", "404"),
             statuses=("201",),
@@ -464,7 +473,8 @@ PATHS: dict[str, Any] = {
         ),
         "get": _op(
             "listGrants",
-            "A user's grants, remaining amount and expiry (admin)",
+            "A user's grants, remaining amount and expiry (admin; tenant admin: users of its "
+            "tenants)",
             "GrantList",
             ("403",),
         ),
@@ -472,7 +482,8 @@ PATHS: dict[str, Any] = {
     "/admin/v1/tenants": {
         "get": _op(
             "listTenants",
-            "Every known tenant with its budget and this period's spend (admin)",
+            "Every known tenant with its budget and this period's spend (admin; tenant admin: "
+            "its own)",
             "TenantList",
             ("403",),
         )
@@ -499,8 +510,8 @@ PATHS: dict[str, Any] = {
     "/admin/v1/keys": {
         "post": _op(
             "createKey",
-            "Mint an API key (admin: for any user; developer: for themselves); the key is in "
-            "this answer only",
+            "Mint an API key (admin: for any user; tenant admin: for itself and developers whose "
+            "tenants are all its own; developer: for themselves); the key is in this answer only",
             "ApiKeyCreated",
             ("403", "404"),
             statuses=("201",),
@@ -508,7 +519,8 @@ PATHS: dict[str, Any] = {
         ),
         "get": _op(
             "listKeys",
-            "API keys minted through this API (admin: anyone's; developer: their own)",
+            "API keys minted through this API (admin: anyone's; tenant admin: its own and its "
+            "developers'; developer: their own)",
             "ApiKeyList",
             ("403",),
             params=[_query("user", _STR, "a developer may name only themselves (the default)")],
@@ -554,7 +566,8 @@ PATHS: dict[str, Any] = {
     "/admin/v1/usage": {
         "get": _op(
             "getUsage",
-            "Spend, tokens and requests per model (admin: anyone; developer: themselves)",
+            "Spend, tokens and requests per model (admin: anyone; tenant admin: spend in its "
+            "tenants; developer: themselves)",
             "Usage",
             ("403",),
             params=[
@@ -568,7 +581,7 @@ PATHS: dict[str, Any] = {
     "/admin/v1/leaderboard": {
         "get": _op(
             "getLeaderboard",
-            "Spend ranking by tenant or user (admin)",
+            "Spend ranking by tenant or user (admin; tenant admin: within its tenants)",
             "Leaderboard",
             ("403",),
             params=[
@@ -586,7 +599,8 @@ PATHS: dict[str, Any] = {
     "/admin/v1/audit": {
         "get": _op(
             "listAudit",
-            "Audit entries, newest first (admin)",
+            "Audit entries, newest first (admin; tenant admin: entries of its tenants and admin "
+            "actions it made or that target its tenants or the developers it manages)",
             "AuditList",
             ("403",),
             params=[
@@ -612,7 +626,9 @@ PATHS: dict[str, Any] = {
 _DESCRIPTION = """\
 The admin API of Candela, served on the proxy's own listener. Every call is authenticated like a
 proxy request. Role `admin` may call everything; `developer` only `/me`, `/usage` and `/keys`
-(their own) and this document: anything else answers 403 `forbidden`. Every change is committed to the audit
+(their own) and this document; `tenant_admin` reads what belongs to the tenants in its own
+`tenants` (users, spend, usage, leaderboard, grants, keys, audit entries) and creates grants and
+keys for the developers whose tenants are all its own: anything else answers 403 `forbidden`. Every change is committed to the audit
 trail (action `admin_action`, with actor, action, target, before and after) before it is made.
 Every error is JSON `{"error": "<snake_case>", "message": "<sentence>", ...}`; an unknown path
 answers 404 `not_found`, a method the path does not have 405 `method_not_allowed` with `Allow`.

@@ -1,23 +1,29 @@
-"""The admin API fuzzed from its own OpenAPI document (schemathesis), as an admin and as a
-developer: no 5xx, every answer as documented, invalid input refused, no developer reading
-another user's data."""
+"""The admin API fuzzed from its own OpenAPI document (schemathesis), as an admin, a developer and
+a tenant admin: no 5xx, every answer as documented, invalid input refused, no developer reading
+another user's data, no tenant admin reading another tenant's."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
 from candela_mitm.admin.openapi import openapi_document
+from tests.fakes.candela import CandelaProcess
 
-from .conftest import ADMIN_KEY, ALICE_KEY
+from .conftest import ADMIN_KEY, ALICE_KEY, base_config, candela_env, sha
 
 pytestmark = pytest.mark.e2e
 
 ALICE = "alice@example.com"
+TARA = "tara@example.com"  # tenant admin of research-team
+TARA_KEY = "cdl_tara_tenant_admin_key"
+TARA_TENANTS = {"research-team"}
 schema = schemathesis.openapi.from_dict(openapi_document())
 CHECKS = [
     checks.not_a_server_error,
@@ -43,13 +49,81 @@ def _no_foreign_data(case: Any, response: Any, as_user: str) -> None:
         assert body["user_id"] == as_user
 
 
+def _named(body: Any, by_tenant: bool) -> tuple[set[str], set[str]]:
+    """(tenants, users) a JSON answer names anywhere: tenant_id, tenants, user_id, and the keys
+    of leaderboard rows."""
+    tenants: set[str] = set()
+    users: set[str] = set()
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if k == "tenant_id" and isinstance(x, str):
+                    tenants.add(x)
+                elif k == "tenants" and isinstance(x, list):
+                    tenants.update(t for t in x if isinstance(t, str))
+                elif k == "user_id" and isinstance(x, str):
+                    users.add(x)
+                else:
+                    walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    walk(body)
+    if isinstance(body, dict) and isinstance(body.get("rows"), list):
+        keys = {r.get("key") for r in body["rows"] if isinstance(r, dict)} - {None}
+        (tenants if by_tenant else users).update(keys)
+    return tenants, users
+
+
+def _only_its_tenants(case: Any, response: Any, base_url: str) -> None:
+    """A tenant admin's answers name no other tenant, and no user outside its tenants."""
+    if response.status_code >= 300:
+        return
+    by_tenant = (case.query or {}).get("by", "tenant") in ("tenant", "")
+    tenants, users = _named(response.json(), by_tenant)
+    where = f"{case.method} {case.formatted_path}"
+    assert tenants <= TARA_TENANTS, f"{where} showed tenants {tenants - TARA_TENANTS}"
+    if users - {TARA}:
+        every = requests.get(
+            base_url + "/admin/v1/users",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            timeout=10,
+        ).json()["users"]
+        theirs = {u["user_id"] for u in every if set(u["tenants"]) & TARA_TENANTS} | {TARA}
+        assert users <= theirs, f"{where} showed users {users - theirs}"
+
+
 @pytest.fixture(scope="module")
-def base_url(candela) -> str:
-    return candela.url
+def base_url(tmp_path_factory, upstream, token_server) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("fuzz")
+    cfg = base_config(upstream.url, limits={"max_body_bytes": 200_000})
+    cfg["auth"]["api_keys"].append({"sha256": sha(TARA_KEY), "user": TARA})
+    cfg["users"].update(
+        {
+            TARA: {"role": "tenant_admin", "tenants": ["research-team"]},
+            "rita@example.com": {"tenants": ["research-team"]},
+            "oscar@example.com": {"tenants": ["other-team"]},
+        }
+    )
+    with CandelaProcess(tmp, cfg, env=candela_env(token_server, tmp)) as c:
+        # spend in both tenants, so a leak would show
+        for tenant in ("research-team", "other-team"):
+            r = requests.post(
+                c.url + "/proxy/openai/v1/chat/completions",
+                json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"Authorization": f"Bearer {ALICE_KEY}", "X-Candela-Tenant-Id": tenant},
+                timeout=20,
+            )
+            assert r.status_code == 200, r.text
+        yield c.url
 
 
 @pytest.mark.parametrize(
-    "key, developer", [(ADMIN_KEY, None), (ALICE_KEY, ALICE)], ids=["admin", "developer"]
+    "key, developer",
+    [(ADMIN_KEY, None), (ALICE_KEY, ALICE), (TARA_KEY, TARA)],
+    ids=["admin", "developer", "tenant_admin"],
 )
 @schema.parametrize()
 @settings(
@@ -61,11 +135,11 @@ def base_url(candela) -> str:
 def test_admin_api_answers_as_documented(case, base_url, key, developer):
     # the caller's key, alone: the generated security-scheme headers (X-Candela-Auth wins over
     # Authorization) would make almost every case a 401 (authentication has tests of its own)
-    headers = {
-        k: v for k, v in (case.headers or {}).items() if k.lower() not in CREDENTIAL_HEADERS
-    }
+    headers = {k: v for k, v in (case.headers or {}).items() if k.lower() not in CREDENTIAL_HEADERS}
     case.headers = {**headers, "Authorization": f"Bearer {key}"}
     response = case.call(base_url=base_url, timeout=10)
     case.validate_response(response, checks=CHECKS)
-    if developer is not None:
+    if developer == TARA:
+        _only_its_tenants(case, response, base_url)
+    elif developer is not None:
         _no_foreign_data(case, response, developer)
