@@ -102,7 +102,13 @@ async function signIn(key) {
   $("who").textContent = `Signed in as ${state.me.user_id} (${state.me.role}).`;
   for (const n of document.querySelectorAll("[data-admin]")) n.hidden = !isAdmin();
   for (const n of document.querySelectorAll("[data-manager]")) n.hidden = !isManager();
-  if (!isAdmin()) $("spend-by").value = "model";
+  if (!isManager()) $("spend-by").value = "model";
+  if (state.me.role === "tenant_admin") {
+    // the API scopes every answer to these tenants; the page says so
+    $("tenant-view").textContent = `Tenant view: ${(state.me.tenants || []).join(", ") || "no tenants"}. ` +
+      "Users, spend, leaderboard, grants, keys and audit entries are limited to these tenants.";
+    $("tenant-view").hidden = false;
+  }
   await refresh();
 }
 
@@ -112,9 +118,9 @@ function signOut() {
 }
 
 async function refresh() {
-  if (isAdmin()) await loadTenants();
+  if (isManager()) await loadTenants();
   const jobs = [loadMe(), loadSpend(), loadKeys()];
-  if (isAdmin()) jobs.push(loadLeaderboard(), loadUsers(), loadAudit(false));
+  if (isManager()) jobs.push(loadLeaderboard(), loadUsers(), loadAudit(false));
   await Promise.all(jobs);
 }
 
@@ -139,11 +145,12 @@ async function loadMe() {
 // -- spend over time --------------------------------------------------------------------------
 
 function tenantParam() {
-  const t = isAdmin() ? $("spend-tenant").value : "";
+  const t = isManager() ? $("spend-tenant").value : "";
   return t ? `&tenant=${encodeURIComponent(t)}` : "";
 }
 
-// The tenants that spent in the last 30 days, for the tenant view (kept when still listed).
+// The tenants that spent in the last 30 days, for the tenant view (kept when still listed); for
+// a tenant admin the API answers only its own.
 async function loadTenants() {
   const lb = await api(`/admin/v1/leaderboard?by=tenant&since=${lastDays(30)[0]}&limit=100`);
   const sel = $("spend-tenant");
@@ -422,7 +429,8 @@ function keyDay(t) { return t ? t.slice(0, 16).replace("T", " ") : "–"; }
 
 async function loadKeys() {
   const k = await api("/admin/v1/keys");
-  $("keys-scope").textContent = k.user_id ? `(${k.user_id})` : `(${k.count}, every user)`;
+  const whose = state.me.role === "tenant_admin" ? "yours and your developers'" : "every user";
+  $("keys-scope").textContent = k.user_id ? `(${k.user_id})` : `(${k.count}, ${whose})`;
   fill("keys", k.keys.map((x) => {
     const cells = [
       x.id, x.user_id, x.name || "–", x.fingerprint, el("span", x.state, `pill ${x.state}`),

@@ -13,7 +13,7 @@ import requests
 from playwright.sync_api import expect
 
 from candela_mitm.providers.usage import Usage
-from tests.e2e.conftest import ADMIN_KEY, ALICE_KEY, base_config, candela_env, sdk_json
+from tests.e2e.conftest import ADMIN_KEY, ALICE_KEY, base_config, candela_env, sdk_json, sha
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.sdk import sdk_available
 
@@ -22,6 +22,9 @@ SCREENSHOT = "/tmp/candela-admin-console.png"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
 MSGS = [{"role": "user", "content": "hi"}]
+TARA = "tara@example.com"  # tenant admin of research-team
+TARA_KEY = "cdl_tara_tenant_admin"
+RITA = "rita@example.com"  # a developer in research-team only
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +38,11 @@ def server(tmp_path_factory, upstream, token_server) -> Iterator[CandelaProcess]
                 "daily_budget_usd": 50.0,
             },
             "bob@example.com": {"tenants": ["contractor-pool"]},
+            TARA: {"role": "tenant_admin", "tenants": ["research-team"]},
+            RITA: {"tenants": ["research-team"]},
         },
     )
+    cfg["auth"]["api_keys"].append({"sha256": sha(TARA_KEY), "user": TARA})
     with CandelaProcess(tmp, cfg, env=candela_env(token_server, tmp)) as c:
         # real spend, through the proxy: two tenants, two models
         upstream.usage = Usage(input_tokens=100_000, output_tokens=20_000)
@@ -471,3 +477,80 @@ def test_developers_see_only_their_own_keys_and_admins_every_key(browser, server
         assert dev.problems == []
     finally:
         dev.context.close()
+
+
+# -- the tenant admin's view -----------------------------------------------------------------------
+
+
+def test_a_tenant_admin_sees_only_its_tenant_and_acts_for_its_developers(browser, server, upstream):
+    pg = open_page(browser, server)
+    try:
+        sign_in(pg, TARA_KEY)
+        expect(pg.locator("#tenant-view")).to_contain_text("Tenant view: research-team")
+        assert not pg.locator("#edit-card").is_visible()  # changing users is for admins
+        # users: those of research-team, with only research-team shown
+        expect(pg.locator(f"#users tr[data-user='{RITA}']")).to_have_count(1)
+        alice = pg.locator("#users tr[data-user='alice@example.com']")
+        expect(alice).to_have_count(1)
+        assert alice.locator("td").nth(2).inner_text() == "research-team"
+        assert pg.locator("#users tr[data-user='bob@example.com']").count() == 0
+        # spend and leaderboard: its tenant only, drawn from the API's scoped answers
+        expect(pg.locator("#leaderboard tbody tr")).to_have_count(1)
+        assert pg.locator("#leaderboard tbody tr td").nth(1).inner_text() == "research-team"
+        pg.select_option("#spend-by", "tenant")
+        bar = pg.locator(f"#chart rect[data-key='research-team'][data-day='{today()}']")
+        expect(bar).to_have_count(1)
+        assert pg.locator("#chart rect[data-key='other-team']").count() == 0
+        tara = {"Authorization": f"Bearer {TARA_KEY}"}
+        lb = requests.get(
+            server.url + f"/admin/v1/leaderboard?by=tenant&since={today()}",
+            headers=tara,
+            timeout=10,
+        ).json()["rows"]
+        assert float(bar.get_attribute("data-usd")) == pytest.approx(lb[0]["spend_usd"])
+        tenants = {
+            pg.locator("#audit tbody tr").nth(i).locator("td").nth(4).inner_text()
+            for i in range(pg.locator("#audit tbody tr").count())
+        }
+        assert tenants and tenants <= {"research-team", "–"}
+
+        # a grant for its developer, from the page
+        pg.click(f"#users tr[data-user='{RITA}'] button")
+        pg.fill("#grant-amount", "4")
+        pg.fill("#grant-expires", (datetime.now(UTC).date() + timedelta(days=5)).isoformat())
+        pg.fill("#grant-reason", "tenant offsite")
+        pg.click("#grant-create")
+        pg.click("#grant-yes")
+        expect(pg.locator("#grant-msg")).to_contain_text("Created g_")
+        [g] = requests.get(
+            server.url + f"/admin/v1/users/{RITA}/grants", headers=ADMIN, timeout=10
+        ).json()["grants"]
+        assert (g["amount_usd"], g["actor"]) == (4.0, TARA)
+        # not for a user shared with another tenant: the API refuses it
+        pg.click("#users tr[data-user='alice@example.com'] button")
+        pg.fill("#grant-amount", "4")
+        pg.fill("#grant-expires", (datetime.now(UTC).date() + timedelta(days=5)).isoformat())
+        pg.fill("#grant-reason", "sneaky")
+        pg.click("#grant-create")
+        pg.click("#grant-yes")
+        expect(pg.locator("#grant-msg")).to_contain_text("forbidden: A tenant admin may only")
+        alice_grants = requests.get(
+            server.url + "/admin/v1/users/alice@example.com/grants", headers=ADMIN, timeout=10
+        ).json()["grants"]
+        assert [x for x in alice_grants if x["reason"] == "sneaky"] == []
+
+        # a key for its developer, from the page, that works on the proxy
+        key_id, secret = create_key_in_page(pg, "rita-ci", user=RITA)
+        assert keys_of(server, ADMIN)[key_id]["user_id"] == RITA
+        upstream.clear()
+        assert chat_with(server, secret).status_code == 200
+        assert len(upstream.requests) == 1
+        rows = pg.locator("#keys tbody tr")
+        owners = {rows.nth(i).locator("td").nth(1).inner_text() for i in range(rows.count())}
+        assert owners <= {TARA, RITA}
+        pg.screenshot(path=SCREENSHOT.replace(".png", "-tenant.png"), full_page=True)
+        # the only problem the browser saw is the API's refusal of the shared user's grant
+        assert [p for p in pg.problems if "403" not in p] == [], pg.problems
+        assert len(pg.problems) == 1
+    finally:
+        pg.context.close()
