@@ -145,6 +145,8 @@ ROUTES: tuple[Route, ...] = (
         frozenset({"action", "user", "since", "limit", "before_seq"}),
     ),
     Route("GET", "/admin/v1/openapi.json", "openapi", False),
+    # everyone: read-only, scoped to what the role may see (admin/policy_view.py)
+    Route("GET", "/admin/v1/policy", "policy", False),
 )
 
 Handled = AdminResponse
@@ -1049,3 +1051,10 @@ class AdminApi:
 
     def openapi(self, _r: Any, _p: Any, _q: Any, _b: Any) -> Handled:
         return AdminResponse(200, openapi_document())
+
+    # -- the policy in force (admin/policy_view.py) -------------------------------------------
+
+    def policy(self, req: AdminRequest, _p: Any, _q: Any, _b: Any) -> Handled:
+        from candela_mitm.admin.policy_view import policy_view  # it builds on this module
+
+        return AdminResponse(200, policy_view(self, req))

@@ -348,6 +348,81 @@ SCHEMAS: dict[str, Any] = {
         }
     ),
     "OpenApiDocument": {"type": "object", "required": ["openapi", "paths"]},
+    # -- GET /admin/v1/policy --
+    "ModelList": _closed(
+        {
+            "mode": {
+                "type": "string",
+                "enum": ["allowlist", "blocklist", "none"],
+                "description": "none: every model allowed",
+            },
+            "entries": {
+                "type": "array",
+                "items": _STR,
+                "description": "the models (or fnmatch families) allowed, or blocked",
+            },
+            "scope": {
+                "type": "string",
+                "enum": ["global", "tenant"],
+                "description": "tenant: the tenant's own lists replace the global ones",
+            },
+        }
+    ),
+    "TenantModelList": _closed(
+        {
+            "tenant_id": _STR,
+            "mode": {"type": "string", "enum": ["allowlist", "blocklist", "none"]},
+            "entries": {"type": "array", "items": _STR},
+            "scope": {"type": "string", "enum": ["global", "tenant"]},
+        }
+    ),
+    "PolicyUser": _closed(
+        {
+            "user_id": _STR,
+            "role": _ROLE,
+            "tenants": _TENANTS,
+            "daily_budget_usd": {**_USD, "description": "the budget per budget_period"},
+            "budget_period": _PERIOD,
+            "requests_per_minute": _INT,
+            **_LIMITS,
+        }
+    ),
+    "Policy": _closed(
+        {
+            "scope": {
+                "type": "string",
+                "enum": ["all", "tenants", "self"],
+                "description": "what the caller may see: everything (admin), its tenants "
+                "(tenant admin), itself and its tenants (developer)",
+            },
+            "models": _closed(
+                {
+                    "global": _ref("ModelList"),
+                    "tenants": {"type": "array", "items": _ref("TenantModelList")},
+                    "unknown_model_price": {"type": "string", "enum": ["deny", "zero"]},
+                }
+            ),
+            "budgets": _closed(
+                {
+                    "default_budget_usd": {
+                        **_USD,
+                        "description": "a user's budget per period unless set",
+                    },
+                    "period": _PERIOD,
+                    "time_zone": _STR,
+                    "default_max_output_tokens": _INT,
+                }
+            ),
+            "rate_limits": _closed(
+                {
+                    "default_requests_per_minute": _INT,
+                    **{f"default_{k}": v for k, v in _LIMITS.items()},
+                }
+            ),
+            "tenants": {"type": "array", "items": _ref("Tenant")},
+            "users": {"type": "array", "items": _ref("PolicyUser")},
+        }
+    ),
 }
 
 _ERRORS = {
@@ -621,6 +696,16 @@ PATHS: dict[str, Any] = {
         )
     },
     "/admin/v1/openapi.json": {"get": _op("getOpenApi", "This document", "OpenApiDocument", ())},
+    "/admin/v1/policy": {
+        "get": _op(
+            "getPolicy",
+            "The policy in force: model lists, budgets and limits, read-only (admin: every "
+            "tenant and user; tenant admin: its tenants and their users; developer: itself and "
+            "its tenants)",
+            "Policy",
+            (),
+        )
+    },
 }
 
 _DESCRIPTION = """\

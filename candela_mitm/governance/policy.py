@@ -118,3 +118,29 @@ class ModelPolicy:
         if ok and own is not None and own.mode is not None and not own.allows(model):
             return PolicyDecision(False, model, tenant, own.mode, "workload")
         return PolicyDecision(ok, model, tenant, rule.mode or "none", scope)
+
+
+@dataclass(frozen=True)
+class EffectiveModels:
+    """The model list that decides a tenant's requests, as configured (for people to read)."""
+
+    mode: str  # allowlist | blocklist | none
+    entries: tuple[str, ...]  # the allowed models (allowlist) or the blocked ones (blocklist)
+    scope: str  # "tenant": the tenant's own lists; "global": the global ones
+
+
+def effective_models(cfg: Models, tenant: str | None = None) -> EffectiveModels:
+    """What ModelPolicy applies to `tenant` (None: a request without a tenant), by the same rule:
+    a tenant's own lists replace the global ones; a tenant mode without lists applies that
+    mode to the global lists."""
+    mode, allowed, blocked, scope = cfg.mode, cfg.allowed, cfg.blocked, "global"
+    t = cfg.tenants.get(tenant) if tenant is not None else None
+    if t is not None and _has_list(t.models):
+        mode, allowed, blocked, scope = t.models.mode, t.models.allowed, t.models.blocked, "tenant"
+    elif t is not None and t.models.mode is not None:
+        mode = t.models.mode
+    if mode is None:
+        mode = "allowlist" if allowed else ("blocklist" if blocked else None)
+    if mode is None:
+        return EffectiveModels("none", (), scope)
+    return EffectiveModels(mode, tuple(allowed if mode == "allowlist" else blocked), scope)

@@ -135,7 +135,9 @@ def base_url(tmp_path_factory, upstream, token_server) -> Iterator[str]:
 def test_admin_api_answers_as_documented(case, base_url, key, developer):
     # the caller's key, alone: the generated security-scheme headers (X-Candela-Auth wins over
     # Authorization) would make almost every case a 401 (authentication has tests of its own)
-    headers = {k: v for k, v in (case.headers or {}).items() if k.lower() not in CREDENTIAL_HEADERS}
+    headers = {
+        k: v for k, v in (case.headers or {}).items() if k.lower() not in CREDENTIAL_HEADERS
+    }
     case.headers = {**headers, "Authorization": f"Bearer {key}"}
     response = case.call(base_url=base_url, timeout=10)
     case.validate_response(response, checks=CHECKS)

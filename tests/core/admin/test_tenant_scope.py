@@ -51,6 +51,14 @@ def rt(tmp_path: Path) -> Iterator[Runtime]:
             "governance": {
                 "budgets": {"default_daily_usd": 100.0},
                 "tenants": {"research-team": {"budget_usd": 500}, "other-team": {"budget_usd": 9}},
+                "models": {
+                    "allowed": ["gpt-4o-mini", "gpt-4o"],
+                    "tenants": {
+                        "research-team": {"models": {"allowed": ["gpt-4o", "claude-*"]}},
+                        "other-team": {"models": {"mode": "blocklist", "blocked": ["o1-pro"]}},
+                    },
+                },
+                "rate_limits": {"default_requests_per_minute": 90},
             },
         }
     )

@@ -1,7 +1,7 @@
 import pytest
 
 from candela_mitm.config import parse_config
-from candela_mitm.governance.policy import ModelPolicy
+from candela_mitm.governance.policy import EffectiveModels, ModelPolicy, effective_models
 
 CFG = {
     "governance": {
@@ -164,3 +164,49 @@ def test_a_workloads_own_policy_restricts_the_users_and_is_named_in_the_decision
     assert policy.check("gpt-4o-mini", None, 1).allowed
     # the user's policy still applies first: the workload cannot widen it
     assert policy.check("o3", None, 0).scope == "global"
+
+
+# -- the effective policy, as the admin API's policy view shows it ---------------------------------
+
+VIEW_CFGS = [
+    CFG,
+    {},
+    {"governance": {"models": {"blocked": ["o1-pro"]}}},
+    {"governance": {"models": {"mode": "allowlist", "allowed": []}}},
+    {
+        "governance": {
+            "models": {
+                "allowed": ["gpt-4o-mini"],
+                "blocked": ["gpt-4o"],
+                "tenants": {"flip": {"models": {"mode": "blocklist"}}},
+            }
+        }
+    },
+]
+MODELS = ["gpt-4o-mini", "gpt-4o", "o1-pro", "gemini-2.5-flash", "claude-sonnet-4-20250514"]
+
+
+@pytest.mark.parametrize("cfg", VIEW_CFGS)
+@pytest.mark.parametrize("tenant", [None, "research-team", "contractor-pool", "red-team", "flip"])
+def test_the_effective_view_agrees_with_the_decision(cfg, tenant):
+    models = parse_config(cfg).governance.models
+    view = effective_models(models, tenant)
+    for model in MODELS:
+        d = ModelPolicy(models).check(model, tenant)
+        assert (view.mode, view.scope) == (d.policy_mode, d.scope)
+        listed = model in view.entries
+        expected = {"allowlist": listed, "blocklist": not listed, "none": True}[view.mode]
+        assert d.allowed == expected, (model, view)
+
+
+def test_the_effective_view_names_the_lists():
+    models = parse_config(CFG).governance.models
+    assert effective_models(models, "red-team") == EffectiveModels(
+        "blocklist", ("o1-pro",), "tenant"
+    )
+    assert effective_models(models, None) == EffectiveModels(
+        "allowlist", ("gpt-4o-mini", "gemini-2.5-flash"), "global"
+    )
+    assert effective_models(parse_config({}).governance.models) == EffectiveModels(
+        "none", (), "global"
+    )
