@@ -154,6 +154,7 @@ RBAC = [
     ("PUT", "/admin/v1/tenants/research-team", {"budget_usd": 5}, 201, 403),
     ("GET", "/admin/v1/audit", None, 200, 403),
     ("GET", "/admin/v1/openapi.json", None, 200, 200),
+    ("GET", "/admin/v1/policy", None, 200, 200),
 ]
 
 
