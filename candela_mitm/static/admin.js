@@ -119,7 +119,7 @@ function signOut() {
 
 async function refresh() {
   if (isManager()) await loadTenants();
-  const jobs = [loadMe(), loadSpend(), loadKeys()];
+  const jobs = [loadMe(), loadSpend(), loadKeys(), loadPolicy()];
   if (isManager()) jobs.push(loadLeaderboard(), loadUsers(), loadAudit(false));
   await Promise.all(jobs);
 }
@@ -415,7 +415,7 @@ async function confirmUser() {
     }
     await api(p.path, opts);
     say("user-msg", p.done, true);
-    await Promise.all([loadUsers(), loadAudit(false)]);
+    await Promise.all([loadUsers(), loadAudit(false), loadPolicy()]);
   } catch (e) {
     say("user-msg", e.code ? `${e.code}: ${e.message}` : e.message, false);
   }
@@ -530,6 +530,60 @@ async function confirmKey() {
     await Promise.all([loadKeys(), isManager() ? loadAudit(false) : null]);
   } catch (e) {
     say("key-msg", e.code ? `${e.code}: ${e.message}` : e.message, false);
+  }
+}
+
+// -- the policy in force (read-only) ---------------------------------------------------------
+
+function limit(v) { return v === null || v === undefined ? "–" : String(v); }
+function tokenLimits(x, prefix) {
+  return ["input", "output", "total"].map((k) => limit(x[`${prefix}${k}_tokens_per_minute`])).join(" · ");
+}
+
+async function loadPolicy() {
+  try {
+    const p = await api("/admin/v1/policy");
+    $("policy-scope").textContent = {
+      all: "(every tenant and user)", tenants: "(your tenants)", self: "(yours)",
+    }[p.scope] || "";
+    const b = p.budgets, r = p.rate_limits;
+    const kv = [
+      ["Default budget", `${usd(b.default_budget_usd)} per ${b.period} period (${b.time_zone})`],
+      ["Default rate", `${r.default_requests_per_minute} requests/min, ${limit(r.default_max_concurrent_requests)} concurrent, ` +
+        `tokens/min ${tokenLimits(r, "default_")}`],
+      ["Unpriced models", p.models.unknown_model_price === "deny" ? "refused (402)" : "counted at $0"],
+      ["Max output tokens", String(b.default_max_output_tokens)],
+    ];
+    $("policy-defaults").replaceChildren(...kv.flatMap(([k, v]) => [el("dt", k), el("dd", v)]));
+    const models = [["every request (global)", p.models.global], ...p.models.tenants.map((t) => [t.tenant_id, t])];
+    fill("policy-models", models.map(([who, m]) => {
+      const tr = row([
+        who, el("span", m.mode, "pill"), m.entries.length ? m.entries.join(", ") : (m.mode === "none" ? "every model" : "none"),
+        m.scope === "tenant" ? "the tenant's own list" : "the global list",
+      ]);
+      tr.dataset.policy = who;
+      return tr;
+    }));
+    fill("policy-tenants", p.tenants.map((t) => {
+      const tr = row([
+        t.tenant_id, [t.budget_usd === null ? "none" : usd(t.budget_usd), "num"], t.period,
+        [usd(t.spent_usd), "num"], [t.remaining_usd === null ? "–" : usd(t.remaining_usd), "num"],
+        t.resets_at, [tokenLimits(t, ""), "num"],
+      ]);
+      tr.dataset.tenant = t.tenant_id;
+      return tr;
+    }));
+    fill("policy-users", p.users.map((u) => {
+      const tr = row([
+        u.user_id, u.role, u.tenants.join(", ") || "–", [usd(u.daily_budget_usd), "num"], u.budget_period,
+        [u.requests_per_minute, "num"], [limit(u.max_concurrent_requests), "num"], [tokenLimits(u, ""), "num"],
+      ]);
+      tr.dataset.user = u.user_id;
+      return tr;
+    }));
+    $("policy-msg").textContent = "";
+  } catch (e) {
+    say("policy-msg", e.message, false);
   }
 }
 

@@ -43,6 +43,11 @@ def server(tmp_path_factory, upstream, token_server) -> Iterator[CandelaProcess]
         },
     )
     cfg["auth"]["api_keys"].append({"sha256": sha(TARA_KEY), "user": TARA})
+    cfg["governance"]["models"] = {
+        "blocked": ["o1-pro"],
+        "tenants": {"contractor-pool": {"models": {"allowed": ["gpt-4o-mini"]}}},
+    }
+    cfg["governance"]["tenants"] = {"research-team": {"budget_usd": 500, "period": "monthly"}}
     with CandelaProcess(tmp, cfg, env=candela_env(token_server, tmp)) as c:
         # real spend, through the proxy: two tenants, two models
         upstream.usage = Usage(input_tokens=100_000, output_tokens=20_000)
@@ -549,8 +554,56 @@ def test_a_tenant_admin_sees_only_its_tenant_and_acts_for_its_developers(browser
         owners = {rows.nth(i).locator("td").nth(1).inner_text() for i in range(rows.count())}
         assert owners <= {TARA, RITA}
         pg.screenshot(path=SCREENSHOT.replace(".png", "-tenant.png"), full_page=True)
+        # the policy: its tenant only
+        expect(pg.locator("#policy-tenants tbody tr")).to_have_count(1)
+        assert pg.locator("#policy-tenants tr[data-tenant='research-team']").count() == 1
+        users = pg.locator("#policy-users tbody tr")
+        shown = {users.nth(i).get_attribute("data-user") for i in range(users.count())}
+        assert shown == {TARA, RITA, "alice@example.com"}
+        assert "other-team" not in pg.inner_text("#policy-card")
         # the only problem the browser saw is the API's refusal of the shared user's grant
         assert [p for p in pg.problems if "403" not in p] == [], pg.problems
         assert len(pg.problems) == 1
     finally:
         pg.context.close()
+
+
+# -- the policy in force ---------------------------------------------------------------------------
+
+
+def test_the_policy_in_force_is_shown_read_only_as_the_api_says(admin_page, server, browser):
+    pg = admin_page
+    policy = requests.get(server.url + "/admin/v1/policy", headers=ADMIN, timeout=10).json()
+    glob = pg.locator("#policy-models tr[data-policy='every request (global)']")
+    expect(glob).to_contain_text("blocklist")
+    expect(glob).to_contain_text("o1-pro")
+    pool = pg.locator("#policy-models tr[data-policy='contractor-pool']")
+    expect(pool).to_contain_text("allowlist")
+    expect(pool).to_contain_text("gpt-4o-mini")
+    expect(pool).to_contain_text("the tenant's own list")
+    research = pg.locator("#policy-tenants tr[data-tenant='research-team']")
+    expect(research).to_contain_text("$500.00")
+    expect(research).to_contain_text("monthly")
+    [api_research] = [t for t in policy["tenants"] if t["tenant_id"] == "research-team"]
+    assert api_research["spent_usd"] > 0
+    assert research.locator("td").nth(3).inner_text() == f"${api_research['spent_usd']:.2f}"
+    expect(pg.locator("#policy-users tbody tr")).to_have_count(len(policy["users"]))
+    expect(pg.locator("#policy-defaults")).to_contain_text("per daily period")
+    assert pg.locator("#policy-card input, #policy-card button").count() == 0  # read-only
+    assert pg.problems == []
+
+    dev = open_page(browser, server)
+    try:
+        sign_in(dev, ALICE_KEY)
+        expect(dev.locator("#policy-users tbody tr")).to_have_count(1)
+        assert dev.locator("#policy-users tbody tr").get_attribute("data-user") == (
+            "alice@example.com"
+        )
+        rows = dev.locator("#policy-tenants tbody tr")
+        expect(rows).to_have_count(2)
+        tenants = {rows.nth(i).get_attribute("data-tenant") for i in range(2)}
+        assert tenants == {"research-team", "other-team"}
+        assert "contractor-pool" not in dev.inner_text("#policy-card")
+        assert dev.problems == []
+    finally:
+        dev.context.close()
