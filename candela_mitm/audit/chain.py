@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,7 +171,31 @@ def connect_readonly(db_path: str | Path) -> sqlite3.Connection:
 ROW_COLUMNS = "seq, ts, action, user_id, tenant_id, fields, prev_hash, hash"
 
 
-def verify_chain(db_path: str | Path, from_seq: int | None = None) -> VerifyResult:
+# (entries done, entries in all if known): long walks report how far they are
+ProgressFn = Callable[[int, int | None], None]
+PROGRESS_EVERY = 5_000  # entries between two reports
+
+
+def reporting(
+    rows: Iterable[Any], progress: ProgressFn | None, total: int | None = None
+) -> Iterator[Any]:
+    """The rows, passed through, with `progress` told every PROGRESS_EVERY of them and at the end."""
+    if progress is None:
+        yield from rows
+        return
+    done = 0
+    progress(0, total)
+    for row in rows:
+        yield row
+        done += 1
+        if done % PROGRESS_EVERY == 0:
+            progress(done, total)
+    progress(done, total)
+
+
+def verify_chain(
+    db_path: str | Path, from_seq: int | None = None, progress: ProgressFn | None = None
+) -> VerifyResult:
     """Recompute the chain of the log at db_path (from entry from_seq, trusting its predecessor)."""
     conn = connect_readonly(db_path)
     try:
@@ -196,6 +220,10 @@ def verify_chain(db_path: str | Path, from_seq: int | None = None) -> VerifyResu
             cur = conn.execute(
                 f"SELECT {ROW_COLUMNS} FROM audit_log WHERE seq >= ? ORDER BY seq", (first,)
             )
-        return verify_rows(cur, first, anchor)
+        total = None
+        if progress is not None:  # for the display only: appends may land during the walk
+            head = conn.execute("SELECT max(seq) FROM audit_log").fetchone()[0]
+            total = max(0, (head or 0) - first + 1)
+        return verify_rows(reporting(cur, progress, total), first, anchor)
     finally:
         conn.close()

@@ -15,7 +15,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from candela_mitm.audit.chain import VerifyResult, connect_readonly, fields_json, verify_chain
+from candela_mitm.audit.chain import (
+    ProgressFn,
+    VerifyResult,
+    connect_readonly,
+    fields_json,
+    verify_chain,
+)
 from candela_mitm.audit.sqlite_sink import head, log_id, now_ts
 
 CHECKPOINT_DOMAIN = b"candela.audit.checkpoint.v1\x00"
@@ -211,9 +217,10 @@ def verify_with_checkpoints(
     checkpoint_path: str | Path,
     public: Ed25519PublicKey,
     from_seq: int | None = None,
+    progress: ProgressFn | None = None,
 ) -> VerifyResult:
     """The chain first (an edit names its entry), then the signed heads (truncation, rewrite)."""
-    chain = verify_chain(db_path, from_seq)
+    chain = verify_chain(db_path, from_seq, progress)
     if not chain.ok:
         return chain
     checkpoints = read_checkpoints(checkpoint_path)

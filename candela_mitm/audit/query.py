@@ -19,7 +19,7 @@ from typing import Any, Literal
 import duckdb
 
 from candela_mitm.audit.actions import ADMIN_ACTION, LLM_REQUEST
-from candela_mitm.audit.chain import ROW_COLUMNS, Row, connect_readonly
+from candela_mitm.audit.chain import ROW_COLUMNS, ProgressFn, Row, connect_readonly
 from candela_mitm.audit.duckdb_sink import create_audit_table, sql_string
 from candela_mitm.audit.sqlite_sink import as_dict
 
@@ -71,7 +71,10 @@ def iter_rows(
 
 
 def load_duckdb(
-    db_path: str | Path, since: str | None = None, until: str | None = None
+    db_path: str | Path,
+    since: str | None = None,
+    until: str | None = None,
+    progress: ProgressFn | None = None,
 ) -> tuple[duckdb.DuckDBPyConnection, int]:
     """An in-memory DuckDB holding table `audit`, copied from the ledger now; (connection, rows).
 
@@ -86,6 +89,8 @@ def load_duckdb(
         for chunk in iter_rows(db_path, since, until):
             appender.append_rows(chunk)
             count += len(chunk)
+            if progress is not None:
+                progress(count, None)
     return con, count
 
 
@@ -174,6 +179,7 @@ def export(
     out: str | Path,
     since: str | None = None,
     until: str | None = None,
+    progress: ProgressFn | None = None,
 ) -> int:
     """Write the entries with since <= ts < until to out; returns how many.
 
@@ -182,9 +188,11 @@ def export(
     """
     target = Path(out).expanduser()
     tmp = target.with_name(target.name + ".tmp")
+    if progress is not None:
+        progress(0, None)
     try:
         if fmt == "parquet":
-            con, count = load_duckdb(db_path, since, until)
+            con, count = load_duckdb(db_path, since, until, progress)
             try:
                 con.execute(
                     f"COPY audit TO {sql_string(str(tmp))} (FORMAT parquet, COMPRESSION zstd)"
@@ -205,6 +213,8 @@ def export(
                             json.dumps(as_dict(r), ensure_ascii=False) + "\n" for r in chunk
                         )
                     count += len(chunk)
+                    if progress is not None:
+                        progress(count, None)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ from candela_mitm.audit.checkpoint import (
     verify_with_checkpoints,
 )
 from candela_mitm.audit.query import export, render, run_query
+from candela_mitm.cli.progress import Progress
 from candela_mitm.config import load_config
 from candela_mitm.errors import ConfigError
 
@@ -111,10 +112,17 @@ def audit_main(argv: list[str]) -> int:
     checkpoint_path = Path(args.checkpoint or f"{db}.checkpoints.jsonl").expanduser()
     try:
         if args.command == "verify":
-            if args.checkpoint is None:
-                return _report(verify_chain(db, args.from_seq))
-            public = load_public_key(args.public_key or key_path)
-            return _report(verify_with_checkpoints(db, checkpoint_path, public, args.from_seq))
+            public = None
+            if args.checkpoint is not None:
+                public = load_public_key(args.public_key or key_path)
+            with Progress("verify", "entries") as p:
+                if public is None:
+                    verified = verify_chain(db, args.from_seq, p.update)
+                else:
+                    verified = verify_with_checkpoints(
+                        db, checkpoint_path, public, args.from_seq, p.update
+                    )
+            return _report(verified)
         if args.command == "checkpoint":
             key = load_or_create_key(key_path)
             # Never sign a broken log. Entries up to the last checkpoint are pinned by its hash,
@@ -145,7 +153,8 @@ def audit_main(argv: list[str]) -> int:
             sys.stdout.write(render(result, args.format))
             return EXIT_OK
         if args.command == "export":
-            count = export(db, args.format, args.out, args.since, args.until)
+            with Progress("export", "entries written") as p:
+                count = export(db, args.format, args.out, args.since, args.until, p.update)
             print(f"exported {count} entries to {args.out}", file=sys.stderr)
             return EXIT_OK
     except (OSError, ValueError) as e:
