@@ -278,6 +278,26 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
             None,
             "s7 (reported, no numeric target)",
         )
+    otlp = res.get("otlp_dead_collector", {})
+    for dead in ("candela, collector refused", "candela, collector stalled"):
+        per = get_in(otlp, dead, "vs_no_export", "added_p50_rounds")
+        if not per:
+            continue
+        p99 = get_in(otlp, dead, "vs_no_export", "p99_rounds") or []
+        cpu = get_in(otlp, dead, "vs_no_export", "c16_cpu_rounds") or []
+        rps = get_in(otlp, dead, "vs_no_export", "c16_rps_rounds") or []
+
+        def med(xs: list[float]) -> float | None:
+            return round(statistics.median(xs), 3) if xs else None
+
+        add(
+            f"(issue 20) {dead.split(', ', 1)[1]} vs no export: added p50",
+            f"{med(per)}x, median of rounds {per}; p99 {med(p99)}x; at c16: "
+            f"{med(rps)}x the rate, {med(cpu)}x the CPU per request "
+            f"(export errors counted: {get_in(otlp, 'otlp_errors', dead)})",
+            None,
+            "otlp: open loop 50 req/s and closed loop c16, rounds over targets kept running",
+        )
     return rows
 
 
@@ -455,6 +475,32 @@ def markdown(res: dict[str, Any]) -> str:
                 )
         if "note" in s7:
             lines += ["", s7["note"]]
+    ot = res.get("otlp_dead_collector")
+    if ot:
+        lines += [
+            "",
+            f"OTLP export to a dead collector (issue 20; open loop {ot['rate_rps']} req/s at "
+            f"concurrency 1, then closed loop c16; medians of {ot['rounds']} rounds over targets "
+            "kept running; every request sampled):",
+            "",
+            "| Target | p50 ms | p99 ms | added p50 ms | c16 req/s | CPU µs/req (c16) | export errors |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for k in (
+            "direct",
+            "candela, no export",
+            "candela, collector refused",
+            "candela, collector stalled",
+        ):
+            if k in ot:
+                r = ot[k]
+                cpu = [c for c in r["c16"].get("rounds_cpu_us", []) if c is not None]
+                lines.append(
+                    f"| {k} | {_f(r['latency_ms']['p50'], 3)} | {_f(r['latency_ms']['p99'], 3)} | "
+                    f"{_f(r.get('added_p50_ms'), 3)} | {_f(max(r['c16']['rounds_rps']))} | "
+                    f"{statistics.median(cpu) if cpu else '-'} | "
+                    f"{_f(get_in(ot, 'otlp_errors', k))} |"
+                )
     prof = res.get("profile")
     if prof and "candela" in prof and "mitmproxy" in prof:
         c, m = prof["candela"], prof["mitmproxy"]

@@ -9,6 +9,7 @@ import sqlite3
 import statistics
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,6 +25,8 @@ from harness import (
     Proc,
     added,
     connections_to,
+    free_port,
+    key_of,
     log,
     merged,
     project_script,
@@ -350,6 +353,93 @@ def s_transparent(b: Bench, res: dict[str, Any]) -> None:
     res["s7_transparent"] = transparent.run(b)
 
 
+def otlp_errors(url: str) -> float | None:
+    """candela_observability_errors_total{component="otlp"} from the target's /metrics."""
+    base = url.split("/proxy/", 1)[0]
+    req = urllib.request.Request(
+        base + "/metrics", headers={"Authorization": f"Bearer {key_of(0)}"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("candela_observability_errors_total{") and 'component="otlp"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def s_otlp(b: Bench, res: dict[str, Any]) -> None:
+    """OTLP export to a dead collector vs no export: latency at 50 req/s and CPU per request."""
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    ):
+        raise RuntimeError("unset OTEL_EXPORTER_OTLP_*ENDPOINT: the baseline must not export")
+    rate, dur = 50.0, b.d(3)
+    out: dict[str, Any] = {"rate_rps": rate, "duration_s": dur, "rounds": ROUNDS}
+    refused = f"http://127.0.0.1:{free_port()}"  # nothing listens: every export is refused
+    # the admin key reads /metrics (the export errors prove the collector was tried)
+    admin = {"admins": ["user000@bench.example"]}
+    with b.upstream() as up, b.upstream("--stall") as stalled, ExitStack() as alive:
+        targets: list[tuple[str, str, Proc | None, bool]] = [
+            ("direct", up + "/v1/chat/completions", None, False)
+        ]
+        for name, tag, endpoint in (
+            ("candela, no export", "otlp-off", None),
+            ("candela, collector refused", "otlp-refused", refused),
+            ("candela, collector stalled", "otlp-stalled", stalled),
+        ):
+            extra: dict[str, Any] = {"auth": admin}
+            if endpoint is not None:
+                extra["telemetry"] = {"otlp": {"endpoint": endpoint, "sample_ratio": 1.0}}
+            url, p = alive.enter_context(b.candela(up, tag=tag, **extra))
+            targets.append((name, url, p, True))
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in targets}
+        busy: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in targets}
+        for _round in range(ROUNDS):  # targets kept running, measured in turns
+            for name, url, p, keys in targets:
+                runs[name].append(b.load(url, "open", 1, dur, rate=rate, keys=keys, proc=p))
+                # and closed loop at 16 connections: the export thread's CPU shows here
+                busy[name].append(b.load(url, "closed", 16, dur, keys=keys, proc=p))
+                log(f"  {name}: p50 {runs[name][-1]['latency_ms']['p50']} ms, "
+                    f"c16 {busy[name][-1]['throughput_rps']} req/s")
+        for name, url, p, _keys in targets:
+            if p is not None:
+                out.setdefault("otlp_errors", {})[name] = otlp_errors(url)
+        out["stalled_collector_connections_open"] = connections_to(stalled)
+    base = "candela, no export"
+    for name, rs in runs.items():
+        out[name] = merged(rs, "latency_ms")
+        out[name]["c16"] = merged(busy[name], "latency_ms")
+        out[name]["c16"]["rounds_rps"] = [r["throughput_rps"] for r in busy[name]]
+        out[name]["c16"]["rounds_cpu_us"] = [
+            r.get("target_cpu_us_per_request") for r in busy[name]
+        ]
+        if name != "direct":
+            out[name]["added_p50_ms"] = added(rs, runs["direct"], "latency_ms", "p50")
+            out[name]["added_p99_ms"] = added(rs, runs["direct"], "latency_ms", "p99")
+            out[name]["rounds_added_p50_ms"] = [
+                round(r["latency_ms"]["p50"] - d["latency_ms"]["p50"], 3)
+                for r, d in zip(rs, runs["direct"], strict=True)
+            ]
+    for dead in ("candela, collector refused", "candela, collector stalled"):
+        out[dead]["vs_no_export"] = {
+            "added_p50_rounds": ratios(
+                out[dead]["rounds_added_p50_ms"], out[base]["rounds_added_p50_ms"]
+            ),
+            "p99_rounds": ratios(
+                [r["latency_ms"]["p99"] for r in runs[dead]],
+                [r["latency_ms"]["p99"] for r in runs[base]],
+            ),
+            "c16_rps_rounds": ratios(out[dead]["c16"]["rounds_rps"], out[base]["c16"]["rounds_rps"]),
+            "c16_cpu_rounds": ratios(
+                out[dead]["c16"]["rounds_cpu_us"], out[base]["c16"]["rounds_cpu_us"]
+            ),
+        }
+    res["otlp_dead_collector"] = out
+
+
 def thread_names(stacks: list[tuple[list[str], int]]) -> dict[int, str]:
     """py-spy --threads names each stack's thread: 'thread (TID): NAME'."""
     names: dict[int, str] = {}
@@ -475,5 +565,6 @@ SCENARIOS: dict[str, Callable[[Bench, dict[str, Any]], None]] = {
     "s5": s_audit,
     "s6": s_workers,
     "s7": s_transparent,
+    "otlp": s_otlp,
     "profile": s_profile,
 }
