@@ -42,9 +42,8 @@ from candela_mitm.admin.handlers import (
 )
 from candela_mitm.audit.query import AuditScope, query_entries
 from candela_mitm.errors import Refused
-from candela_mitm.state.ports import KeyRecord, day_of, nano_to_usd
-
-TENANT_ADMIN = "tenant_admin"
+from candela_mitm.governance.users import UserSettings
+from candela_mitm.state.ports import KeyRecord, SpendRow, day_of, nano_to_usd
 
 
 def _forbidden(what: str) -> Refused:
@@ -60,11 +59,12 @@ class TenantScope:
         self.req = req
         self.me = req.user
         self.tenants = frozenset(self.rt.users.settings(req.user).tenants)
-        self._settings: dict[str, Any] = {}
+        self._settings: dict[str, UserSettings] = {}
 
     # -- who ----------------------------------------------------------------------------------
 
-    def _user(self, user: str) -> Any:
+    def settings(self, user: str) -> UserSettings:
+        """A user's settings, read once per call."""
         if user not in self._settings:
             self._settings[user] = self.rt.users.settings(user)
         return self._settings[user]
@@ -74,10 +74,10 @@ class TenantScope:
         return live | {u for u in self.api._configured_ids() if self.api._known(u)}
 
     def sees(self, user: str) -> bool:
-        return user == self.me or bool(set(self._user(user).tenants) & self.tenants)
+        return user == self.me or bool(set(self.settings(user).tenants) & self.tenants)
 
     def manages(self, user: str) -> bool:
-        s = self._user(user)
+        s = self.settings(user)
         if s.deleted or (s.source == "default" and user != self.me):
             return False
         if user == self.me:
@@ -96,7 +96,7 @@ class TenantScope:
 
     # -- spend within the tenants -------------------------------------------------------------
 
-    def spend_rows(self, first: str | None, last: str | None) -> list[Any]:
+    def spend_rows(self, first: str | None, last: str | None) -> list[SpendRow]:
         return [r for r in self.rt.store.spend_rows(first, last) if r.tenant in self.tenants]
 
 
@@ -111,7 +111,7 @@ def list_users(s: TenantScope, _p: Any, _q: Any, _b: Any) -> AdminResponse:
         spent[r.user_id] = spent.get(r.user_id, 0) + r.cost
     users = []
     for u in sorted(s.seen_users()):
-        settings = s._user(u)
+        settings = s.settings(u)
         shown = dataclasses.replace(
             settings, tenants=tuple(t for t in settings.tenants if t in s.tenants)
         )

@@ -20,7 +20,10 @@ def test_an_admin_sees_every_tenant_and_user(rt):
     }
     lists = {t["tenant_id"]: t for t in p["models"]["tenants"]}
     assert lists["research-team"]["entries"] == ["gpt-4o", "claude-*"]
-    assert (lists["other-team"]["mode"], lists["other-team"]["entries"]) == ("blocklist", ["o1-pro"])
+    assert (lists["other-team"]["mode"], lists["other-team"]["entries"]) == (
+        "blocklist",
+        ["o1-pro"],
+    )
     budgets = {t["tenant_id"]: t["budget_usd"] for t in p["tenants"]}
     assert budgets == {"research-team": 500, "other-team": 9}
     assert p["rate_limits"]["default_requests_per_minute"] == 90
