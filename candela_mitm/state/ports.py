@@ -599,6 +599,15 @@ class StateStore(ABC):
     def leases(self) -> list[Lease]:
         """Every lease held (for reconcile at start: those of dead processes go)."""
 
+    # -- budget alerts -------------------------------------------------------------------------
+    @abstractmethod
+    def claim_alert(
+        self, scope: str, scope_id: str, period: str, threshold: int, now_us: int, expires_us: int
+    ) -> bool:
+        """Mark the alert (scope, scope_id, period key, threshold %) as due for sending: True
+        only for the first caller, across every thread and process sharing the store. The mark
+        is kept until `expires_us` (after the period's end), then forgotten."""
+
     # -- lifecycle -----------------------------------------------------------------------------
     @abstractmethod
     def ping(self) -> None:
