@@ -185,6 +185,8 @@ class TenantBudget(_Model):
     input_tokens_per_minute: int | None = Field(default=None, ge=0)
     output_tokens_per_minute: int | None = Field(default=None, ge=0)
     total_tokens_per_minute: int | None = Field(default=None, ge=0)
+    # requests in flight at once, by every user of the tenant together; None: no limit
+    max_concurrent_requests: int | None = Field(default=None, ge=0)
 
 
 class RateLimits(_Model):

@@ -74,7 +74,7 @@ LIMIT_FIELDS = (
 )
 
 
-TENANT_LIMIT_FIELDS = LIMIT_FIELDS[1:]  # a tenant has token limits, not a concurrency limit
+TENANT_LIMIT_FIELDS = LIMIT_FIELDS  # a tenant has the same: what all its users use together
 
 
 @dataclass(frozen=True)
@@ -205,10 +205,11 @@ class TenantRecord:
     budget_usd: float | None = None
     budget_period: str | None = None
     updated_at: datetime | None = None
-    # tokens per minute, TENANT_LIMIT_FIELDS; None: no limit (a record holds them all)
+    # TENANT_LIMIT_FIELDS; None: no limit (a record holds them all)
     input_tokens_per_minute: int | None = None
     output_tokens_per_minute: int | None = None
     total_tokens_per_minute: int | None = None
+    max_concurrent_requests: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
