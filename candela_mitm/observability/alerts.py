@@ -239,8 +239,13 @@ class AlertNotifier:
         )
         d.due = self.monotonic() + wait
         with self._lock:
-            heapq.heappush(self._deliveries, d)
-            self._lock.notify_all()
+            closed = self._closed
+            if not closed:
+                heapq.heappush(self._deliveries, d)
+                self._lock.notify_all()
+        if closed:  # shut down while it was being posted: no retry will come
+            d.last = f"shutdown after {d.last}"
+            self._finish(d, sent=False)
 
     def _finish(self, d: _Delivery, sent: bool) -> None:
         a = d.alert
@@ -288,13 +293,15 @@ class AlertNotifier:
         return True
 
     def close(self, timeout: float = 2.0) -> None:
-        """Stop both threads: posts still waiting are abandoned (logged)."""
+        """Stop both threads; a post still waiting for its retry is given up, and audited as
+        failed (`result: shutdown`): call before the audit writer closes."""
         self.flush(timeout)
         with self._lock:
             self._closed = True
-            left = len(self._deliveries)
+            left, self._deliveries = self._deliveries, []
             self._lock.notify_all()
         for t in self._threads:
             t.join(timeout)
-        if left:
-            log.warning("%d budget alert post(s) abandoned at shutdown", left)
+        for d in left:
+            d.last = f"shutdown after {d.last}" if d.last else "shutdown"
+            self._finish(d, sent=False)

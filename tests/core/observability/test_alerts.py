@@ -244,6 +244,22 @@ def test_a_full_queue_fails_the_alert_at_once(
     assert posted == [50, 80]
 
 
+def test_a_post_waiting_for_its_retry_at_shutdown_is_audited_as_failed(
+    store: StateStore, audit: AuditWriter, tmp_path: Path
+) -> None:
+    with WebhookReceiver(statuses=[503] * 5) as hook:
+        cfg = Alerts(webhooks=[{"url": hook.url}], thresholds=[50], initial_backoff_s=30)
+        n = AlertNotifier(store, audit, Metrics(), lambda: cfg)
+        n.settled(spend(store, 5.0))
+        hook.wait_for(lambda p: len(p) == 1)
+        assert not n.flush(0.2)  # its retry is 30 s away
+        n.close(timeout=0.2)
+    (entry,) = entries(audit, tmp_path)
+    assert (entry["fields"]["outcome"], entry["fields"]["attempts"], entry["fields"]["result"]) == (
+        "failed", 1, "shutdown after http 503"
+    )
+
+
 @pytest.mark.parametrize(
     ("alerts", "error"),
     [
