@@ -244,6 +244,41 @@ def test_a_full_queue_fails_the_alert_at_once(
     assert posted == [50, 80]
 
 
+def test_past_max_pending_budgets_a_settlement_is_dropped_and_counted(
+    store: StateStore, audit: AuditWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import candela_mitm.observability.alerts as mod
+
+    monkeypatch.setattr(mod, "MAX_PENDING", 1)
+    looking, go = threading.Event(), threading.Event()
+
+    def slow_known(scope: str, ident: str) -> bool:
+        looking.set()
+        go.wait(10)  # the checker is busy with the first budget meanwhile
+        return True
+
+    m = Metrics()
+    n = AlertNotifier(store, audit, m, lambda: Alerts(), known=slow_known)
+    try:
+        n.settled(spend(store, 1.0))  # alice: taken by the checker
+        assert looking.wait(10)
+        ledger = Ledger(store)
+        for user in ("bob", "carol"):
+            res = ledger.reserve(user, None, 0.0, 10.0, "r")
+            assert isinstance(res, Reservation)
+            n.settled(res)  # bob waits; carol finds no room
+        n.settled(res)  # carol again: still no room, counted again
+        assert metric(m, "candela_budget_alerts_total", {"outcome": "dropped"}) == 2
+        go.set()
+        assert n.flush(10)
+    finally:
+        go.set()
+        n.close()
+    gauge = "candela_budget_utilization"
+    assert metric(m, gauge, {"scope": "user", "id": "bob"}) == 0.0
+    assert metric(m, gauge, {"scope": "user", "id": "carol"}) is None
+
+
 def test_a_post_waiting_for_its_retry_at_shutdown_is_audited_as_failed(
     store: StateStore, audit: AuditWriter, tmp_path: Path
 ) -> None:
