@@ -118,6 +118,10 @@ class AlertNotifier:
         self._busy = 0  # looks and posts under way (for flush)
         self._closed = False
         self._gauge_ids: dict[str, set[str]] = {"user": set(), "tenant": set()}
+        # when each exported budget's period ends: a scrape after it shows 0 until the next look
+        self._gauge_resets: dict[tuple[str, str], datetime] = {}
+        self._gauge_lock = threading.Lock()
+        metrics.on_scrape(self._expire_gauges)
         self._threads = [
             threading.Thread(target=self._check_loop, name="candela-alerts-check", daemon=True),
             threading.Thread(target=self._send_loop, name="candela-alerts-send", daemon=True),
@@ -180,7 +184,19 @@ class AlertNotifier:
             if len(ids) >= MAX_GAUGE_IDS or not self.known(w.scope, w.scope_id):
                 return
             ids.add(w.scope_id)
-        self.metrics.budget_utilization.labels(w.scope, w.scope_id).set(utilization)
+        with self._gauge_lock:
+            self.metrics.budget_utilization.labels(w.scope, w.scope_id).set(utilization)
+            self._gauge_resets[(w.scope, w.scope_id)] = w.period.resets_at(w.at)
+
+    def _expire_gauges(self) -> None:
+        """At a scrape: a budget whose period has ended since its last look is at 0 (nothing
+        is spent of a new period until a settlement says so)."""
+        now = self.clock()
+        with self._gauge_lock:
+            for (scope, ident), resets_at in list(self._gauge_resets.items()):
+                if resets_at <= now:
+                    self.metrics.budget_utilization.labels(scope, ident).set(0.0)
+                    del self._gauge_resets[(scope, ident)]
 
     # -- sender --------------------------------------------------------------------------------
     def _enqueue(self, alert: BudgetAlert, index: int, hook: Webhook, queue_max: int) -> None:

@@ -279,6 +279,27 @@ def test_past_max_pending_budgets_a_settlement_is_dropped_and_counted(
     assert metric(m, gauge, {"scope": "user", "id": "carol"}) is None
 
 
+def test_the_gauge_falls_to_zero_when_its_period_ends(
+    store: StateStore, audit: AuditWriter
+) -> None:
+    from datetime import timedelta
+
+    now = [datetime.now(UTC)]
+    m = Metrics()
+    n = AlertNotifier(store, audit, m, lambda: Alerts(), clock=lambda: now[0])
+    try:
+        n.settled(spend(store, 4.0))
+        assert n.flush(10)
+        labels = {"scope": "user", "id": "alice"}
+        m.render()  # a scrape within the period: as looked at
+        assert metric(m, "candela_budget_utilization", labels) == pytest.approx(0.4)
+        now[0] += timedelta(days=1)  # the next day: yesterday's spend is not today's
+        m.render()
+        assert metric(m, "candela_budget_utilization", labels) == 0.0
+    finally:
+        n.close()
+
+
 def test_a_post_waiting_for_its_retry_at_shutdown_is_audited_as_failed(
     store: StateStore, audit: AuditWriter, tmp_path: Path
 ) -> None:
