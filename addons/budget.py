@@ -150,7 +150,7 @@ class Budget:
             if c.usage_source is not None:
                 plan = c.plan
                 assert plan is not None
-                await self.rt.store_call(
+                settled = await self.rt.store_call(
                     self.rt.ledger.settle,
                     res,
                     c.cost_usd,
@@ -159,6 +159,8 @@ class Budget:
                     plan.model or "",
                     plan.upstream.name,
                 )
+                if settled.applied and self.rt.alerts is not None:
+                    self.rt.alerts.settled(res)  # committed: look for a threshold crossed
             else:
                 await self.rt.store_call(self.rt.ledger.release, res)
         except Exception:

@@ -1,5 +1,6 @@
-"""RateLimit: requests and tokens per minute and requests in flight per user (tokens per tenant
-too), shared by every proxy process; IETF RateLimit headers on every answer it decided."""
+"""RateLimit: requests and tokens per minute and requests in flight per user (tokens and requests
+in flight per tenant too), shared by every proxy process; IETF RateLimit headers on every answer
+it decided."""
 
 from __future__ import annotations
 
@@ -102,8 +103,18 @@ def _admit(
             )
             if not decisions[-1].allowed:
                 return Checked(decisions, None, None, now_us)
+        tenant = rt.users.tenant_settings_cached(c.tenant) if c.tenant else None
+        if tenant is not None and tenant.max_concurrent_requests is not None:
+            decisions.append(
+                limiter.acquire_tenant(
+                    admission, tenant.tenant_id, tenant.max_concurrent_requests,
+                    rt.ledger.owner, now,
+                )
+            )
+            if not decisions[-1].allowed:
+                limiter.release(admission)  # the user's place, taken a step before
+                return Checked(decisions, None, None, now_us)
         if tokens is not None:
-            tenant = rt.users.tenant_settings_cached(c.tenant) if c.tenant else None
             decisions += limiter.admit_tokens(
                 admission,
                 s.token_limits,
@@ -119,13 +130,18 @@ def _admit(
     except BaseException:
         # the request is refused (503). SQLite rolls the whole call back; a store without one
         # transaction for it (Redis) would otherwise keep the lease until it expires
-        if admission.lease_id is not None and not rt.store.joins_calls:
+        leased = admission.lease_id is not None or admission.tenant_lease is not None
+        if leased and not rt.store.joins_calls:
             try:
                 limiter.release(admission)
             except Exception:
                 log.warning("could not give back the lease of a refused request")
         raise
-    held = admission.lease_id is not None or admission.token_entry is not None
+    held = (
+        admission.lease_id is not None
+        or admission.tenant_lease is not None
+        or admission.token_entry is not None
+    )
     return Checked(decisions, admission if held else None, reserved, now_us)
 
 

@@ -186,6 +186,8 @@ class TenantBudget(_Model):
     input_tokens_per_minute: int | None = Field(default=None, ge=0)
     output_tokens_per_minute: int | None = Field(default=None, ge=0)
     total_tokens_per_minute: int | None = Field(default=None, ge=0)
+    # requests in flight at once, by every user of the tenant together; None: no limit
+    max_concurrent_requests: int | None = Field(default=None, ge=0)
 
 
 class RateLimits(_Model):
@@ -406,6 +408,55 @@ class Telemetry(_Model):
     otlp: Otlp | None = None  # None: export only when OTEL_EXPORTER_OTLP_ENDPOINT is set
 
 
+class Webhook(_Model):
+    """Where budget alerts are posted: `json` (Candela's own body) or `slack` (an incoming
+    webhook's {text, blocks}); `headers` are sent with each post and never logged."""
+
+    url: str
+    format: Literal["json", "slack"] = "json"
+    headers: dict[str, str] = {}
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                raise ValueError(f"header {name!r}: not a valid HTTP header name")
+            if any(ch in value for ch in "\r\n\0"):
+                raise ValueError(f"header {name!r}: its value holds a line break or NUL")
+        return v
+
+
+class Alerts(_Model):
+    """Budget threshold alerts (governance/alerts.py, observability/alerts.py)."""
+
+    # percent of a budget's amount; each is sent once per scope (user, tenant), id and period
+    thresholds: list[Annotated[int, Field(ge=1, le=1000)]] = [50, 80, 90, 100]
+    webhooks: list[Webhook] = []  # none: nothing is sent (the utilisation gauge still is kept)
+    timeout_s: float = Field(default=5.0, gt=0)  # one post
+    max_attempts: int = Field(default=6, ge=1, le=50)  # then the alert is audited as failed
+    initial_backoff_s: float = Field(default=1.0, gt=0)  # doubled after each failed attempt ...
+    max_backoff_s: float = Field(default=60.0, gt=0)  # ... up to this
+    queue_max: int = Field(default=1000, ge=1)  # posts waiting; past it an alert fails at once
+
+    @field_validator("thresholds")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("each threshold once")
+        return sorted(v)
+
+
 class Config(_Model):
     listen: Listen = Listen()
     mode: Literal["reverse", "transparent"] = "reverse"
@@ -421,6 +472,7 @@ class Config(_Model):
     limits: Limits = Limits()
     local: Local = Local()
     telemetry: Telemetry = Telemetry()
+    alerts: Alerts = Alerts()
 
     @field_validator("providers")
     @classmethod

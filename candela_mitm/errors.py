@@ -274,7 +274,7 @@ def rate_limited(
     scope: str = "user",
 ) -> Denial:
     """`limit_kind`: requests, input_tokens, output_tokens, total_tokens or concurrency;
-    `scope`: whose limit refused, the user's or (token limits) the tenant's."""
+    `scope`: whose limit refused, the user's or (tokens, concurrency) the tenant's."""
     sentence = _LIMIT_SENTENCES[limit_kind].format(limit=limit)
     if scope != "user":
         sentence += f" for the {scope}"

@@ -23,6 +23,7 @@ from candela_mitm.governance.provider_keys import from_config as provider_keys_f
 from candela_mitm.governance.ratelimit import RateLimiter
 from candela_mitm.governance.users import UserDirectory
 from candela_mitm.local import LocalRuntime
+from candela_mitm.observability.alerts import AlertNotifier
 from candela_mitm.observability.metrics import Metrics
 from candela_mitm.observability.spans import SpanStore
 from candela_mitm.providers.forwarding import route_for_model
@@ -94,6 +95,7 @@ class Runtime:
     extras: dict[str, Any] = field(default_factory=dict)
     # provider keys intercepted apps bring: fingerprinted, the organisation's recognised
     provider_keys: OrganisationKeys = field(default_factory=lambda: OrganisationKeys(None, ()))
+    alerts: AlertNotifier | None = None  # budget threshold alerts (started by build_runtime)
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store call off the event loop, on the governance thread pool."""
@@ -106,6 +108,8 @@ class Runtime:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=False)
+        if self.alerts is not None:
+            self.alerts.close()  # before the audit writer: its last outcomes are audited
         self.audit.close()
 
     def reload(self, new: Config) -> list[str]:
@@ -233,7 +237,7 @@ def build_runtime(config: Config, command: Command) -> Runtime:
     record_stale_settlements(audit, metrics, settled)
     executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="candela-gov")
     calls = StoreCalls(store, executor, metrics.store_on_loop.inc, metrics.store_on_pool.inc)
-    return Runtime(
+    rt = Runtime(
         config=config,
         command=command,
         upstreams=upstreams,
@@ -260,3 +264,23 @@ def build_runtime(config: Config, command: Command) -> Runtime:
         local=local,
         provider_keys=provider_keys,
     )
+    rt.alerts = AlertNotifier(store, audit, metrics, lambda: rt.config.alerts, known_scope(rt))
+    return rt
+
+
+def known_scope(rt: Runtime) -> Callable[[str, str], bool]:
+    """Whether a user or tenant is one the deployment names (config or admin API), for the
+    utilisation gauge's labels: identities nobody enrolled never add a series. Blocking (a
+    cached store read): the alert checker thread calls it."""
+
+    def known(scope: str, ident: str) -> bool:
+        users = rt.users
+        if scope == "tenant":
+            # a tenant's budget is only watched when it has one: configured or set through
+            # the admin API
+            return True
+        s = users.settings_cached(ident)
+        api_key_users = {k.user for k in rt.config.auth.api_keys}
+        return s.source != "default" or s.role == "admin" or ident in api_key_users
+
+    return known

@@ -429,8 +429,19 @@ def tenant_json(t: TenantSettings, status: TenantBudgetStatus) -> dict[str, Any]
         "remaining_usd": None if status.remaining_usd is None else _usd_out(status.remaining_usd),
         "period_starts_at": status.period_starts_at,
         "resets_at": status.resets_at,
-        **{name: getattr(t.token_limits, name.removesuffix("_per_minute"))
-           for name in TENANT_LIMIT_FIELDS},
+        **tenant_limits(t),
+    }
+
+
+def tenant_limits(t: TenantSettings) -> dict[str, int | None]:
+    """A tenant's limits by the names config, records and the API share (TENANT_LIMIT_FIELDS)."""
+    return {
+        name: (
+            t.max_concurrent_requests
+            if name == "max_concurrent_requests"
+            else getattr(t.token_limits, name.removesuffix("_per_minute"))
+        )
+        for name in TENANT_LIMIT_FIELDS
     }
 
 
@@ -760,10 +771,7 @@ class AdminApi:
             budget = None if body["budget_usd"] is None else _usd(body, "budget_usd", False)
         if "period" in body:
             kind = _period(body, "period")
-        limits = {
-            name: getattr(current.token_limits, name.removesuffix("_per_minute"))
-            for name in TENANT_LIMIT_FIELDS
-        }
+        limits = tenant_limits(current)
         for name in TENANT_LIMIT_FIELDS:
             if name in body:  # null: no limit
                 v = body[name]
@@ -777,10 +785,7 @@ class AdminApi:
             {
                 "budget_usd": current.budget_usd,
                 "period": current.period.kind,
-                **{
-                    name: getattr(current.token_limits, name.removesuffix("_per_minute"))
-                    for name in TENANT_LIMIT_FIELDS
-                },
+                **tenant_limits(current),
             }
             if current.source != "default"
             else None

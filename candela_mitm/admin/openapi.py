@@ -134,7 +134,7 @@ SCHEMAS: dict[str, Any] = {
             "remaining_usd": {"type": ["number", "null"], "minimum": 0},
             "period_starts_at": _TIME,
             "resets_at": _TIME,
-            **{k: v for k, v in _LIMITS.items() if k != "max_concurrent_requests"},
+            **_LIMITS,
         }
     ),
     "ApiKey": _closed(KEY_PROPS),
@@ -197,7 +197,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "budget_usd": {"type": ["number", "null"], "minimum": 0, "maximum": 1e9},
             "period": _PERIOD,
-            **{k: v for k, v in _LIMITS_IN.items() if k != "max_concurrent_requests"},
+            **_LIMITS_IN,
         },
         "additionalProperties": False,
     },

@@ -10,6 +10,7 @@ BYPASS_ATTEMPT = "bypass_attempt"  # a connection the kernel refused (enforcemen
 PROXY_START = "proxy_start"
 PROXY_STOP = "proxy_stop"
 CONFIG_RELOAD = "config_reload"
+BUDGET_ALERT = "budget_alert"  # a budget threshold alert posted to a webhook, or given up on
 
 ALL = (
     LLM_REQUEST,
@@ -20,4 +21,5 @@ ALL = (
     PROXY_START,
     PROXY_STOP,
     CONFIG_RELOAD,
+    BUDGET_ALERT,
 )

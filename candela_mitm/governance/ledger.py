@@ -84,6 +84,11 @@ class Reservation:
     allowance_usd: float  # held from the daily allowance
     grant_holds: Mapping[str, float] = field(default_factory=dict)  # grant id -> USD held
     tenant_hold_usd: float = 0.0  # held on the tenant's period row
+    # the budgets it was judged against, as they were (budget alerts measure spend against them)
+    budget_usd: float = 0.0  # the user's, per `period`
+    period: BudgetPeriod = DAILY_UTC
+    tenant_budget_usd: float | None = None  # None: the tenant has no budget
+    tenant_period: BudgetPeriod = DAILY_UTC
 
 
 @dataclass(frozen=True)
@@ -349,6 +354,10 @@ class Ledger:
             allowance_usd=nano_to_usd(result.daily_hold),
             grant_holds={g: nano_to_usd(v) for g, v in result.grant_holds.items()},
             tenant_hold_usd=nano_to_usd(result.tenant_hold),
+            budget_usd=daily_budget_usd,
+            period=period,
+            tenant_budget_usd=tenant_budget_usd if tenant else None,
+            tenant_period=tenant_period,
         )
 
     def settle(

@@ -26,7 +26,7 @@ class RateDecision:
     retry_after_s: int  # 0 when allowed; whole seconds until a slot frees otherwise
     frees_at_us: int  # when the oldest counted request leaves the window
     kind: str = "requests"  # requests, input_tokens, output_tokens, total_tokens, concurrency
-    scope: str = "user"  # whose limit: the user's, or (tokens) the tenant's
+    scope: str = "user"  # whose limit: the user's, or (tokens, concurrency) the tenant's
 
     @property
     def window_resets_at(self) -> str:
@@ -84,6 +84,7 @@ class Admission:
 
     user: str
     lease_id: str | None = None  # a concurrency lease
+    tenant_lease: tuple[str, str] | None = None  # (store key, lease id) on the tenant's limit
     token_entry: str | None = None  # the token windows' entry, holding the estimate
     token_keys: dict[str, str] = field(default_factory=dict)  # store key -> kind
     estimated: dict[str, int] = field(default_factory=dict)  # kind -> tokens held
@@ -207,30 +208,63 @@ class RateLimiter:
         )
 
     # -- requests in flight --------------------------------------------------------------------
-    def acquire(
-        self, admission: Admission, limit: int, owner: str, now: datetime | None = None
-    ) -> RateDecision:
-        """Count one more request of the user in flight, if fewer than `limit` are."""
+    @staticmethod
+    def tenant_lease_key(tenant: str) -> str:
+        return f"\x1etenant\x1f{tenant}"  # never a user's key (a user id holds no \x1e)
+
+    def _lease(
+        self, key: str, limit: int, owner: str, now: datetime | None, scope: str
+    ) -> tuple[str | None, RateDecision]:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
         now_us = to_us(now or self.clock())
         lease = "l_" + uuid.uuid4().hex
         taken, held = (
-            self.store.lease_acquire(admission.user, lease, limit, owner, now_us,
-                                     LEASE_TTL_S * US_PER_S)
+            self.store.lease_acquire(key, lease, limit, owner, now_us, LEASE_TTL_S * US_PER_S)
             if limit > 0
             else (False, 0)
         )
         if not taken:
             # no time is known at which one ends: ask the client to come back in a second
-            return RateDecision(False, limit, 0, 1, now_us + US_PER_S, "concurrency")
-        admission.lease_id = lease
-        return RateDecision(True, limit, limit - held, 0, now_us, "concurrency")
+            return None, RateDecision(
+                False, limit, 0, 1, now_us + US_PER_S, "concurrency", scope
+            )
+        return lease, RateDecision(True, limit, limit - held, 0, now_us, "concurrency", scope)
+
+    def acquire(
+        self, admission: Admission, limit: int, owner: str, now: datetime | None = None
+    ) -> RateDecision:
+        """Count one more request of the user in flight, if fewer than `limit` are."""
+        lease, decision = self._lease(admission.user, limit, owner, now, "user")
+        if lease is not None:
+            admission.lease_id = lease
+        return decision
+
+    def acquire_tenant(
+        self,
+        admission: Admission,
+        tenant: str,
+        limit: int,
+        owner: str,
+        now: datetime | None = None,
+    ) -> RateDecision:
+        """Count one more request of the tenant's users in flight, if fewer than `limit` are.
+
+        A step of its own after the user's: each is atomic in the store, so neither limit is
+        ever passed; a refusal here leaves the caller to give the user's lease back."""
+        key = self.tenant_lease_key(tenant)
+        lease, decision = self._lease(key, limit, owner, now, "tenant")
+        if lease is not None:
+            admission.tenant_lease = (key, lease)
+        return decision
 
     def release(self, admission: Admission) -> None:
         if admission.lease_id is not None:
             self.store.lease_release(admission.user, admission.lease_id)
             admission.lease_id = None
+        if admission.tenant_lease is not None:
+            self.store.lease_release(*admission.tenant_lease)
+            admission.tenant_lease = None
 
     def finish(self, admission: Admission, usage: tuple[int, int] | None) -> None:
         """A request ended: give its lease back and correct its tokens to `usage` (input,
@@ -260,8 +294,8 @@ def policy_headers(decisions: list[RateDecision], now_us: int) -> dict[str, str]
     policy, state = [], []
     for d in decisions:
         if d.kind == "concurrency":
-            policy.append(f'"concurrency";q={d.limit}')
-            state.append(f'"concurrency";r={d.remaining}')
+            policy.append(f'"{d.name}";q={d.limit}')
+            state.append(f'"{d.name}";r={d.remaining}')
         else:
             policy.append(f'"{d.name}";q={d.limit};w={WINDOW_S}')
             state.append(f'"{d.name}";r={d.remaining};t={d.reset_s(now_us)}')

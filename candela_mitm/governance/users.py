@@ -51,6 +51,7 @@ class TenantSettings:
     period: BudgetPeriod
     source: Literal["store", "config", "default"]
     token_limits: TokenLimits = TokenLimits()  # what its users use together, per minute
+    max_concurrent_requests: int | None = None  # its users' requests in flight; None: no limit
 
 
 class UserDirectory:
@@ -196,7 +197,10 @@ class UserDirectory:
                 rec.output_tokens_per_minute,
                 rec.total_tokens_per_minute,
             )
-            return TenantSettings(tenant, rec.budget_usd, self.period(kind), "store", limits)
+            return TenantSettings(
+                tenant, rec.budget_usd, self.period(kind), "store", limits,
+                rec.max_concurrent_requests,
+            )
         if cfg is not None:
             limits = TokenLimits(
                 cfg.input_tokens_per_minute,
@@ -204,7 +208,8 @@ class UserDirectory:
                 cfg.total_tokens_per_minute,
             )
             return TenantSettings(
-                tenant, cfg.budget_usd, self.period(cfg.period), "config", limits
+                tenant, cfg.budget_usd, self.period(cfg.period), "config", limits,
+                cfg.max_concurrent_requests,
             )
         return TenantSettings(tenant, None, self.period(), "default")
 

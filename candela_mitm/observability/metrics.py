@@ -172,6 +172,20 @@ class Metrics:
         )
         self.store_on_loop = self.store_calls.labels("event_loop")
         self.store_on_pool = self.store_calls.labels("pool")
+        self.budget_utilization = Gauge(
+            "candela_budget_utilization",
+            "Settled spend over the budget in the current period (1 = all of it), by scope (user, "
+            "tenant) and id: only configured or admin-created ones, at most 256 ids per scope",
+            ["scope", "id"],
+            registry=r,
+        )
+        self.alerts = Counter(
+            "candela_budget_alerts_total",
+            "Budget threshold alert posts by outcome: sent, failed (given up after retries or "
+            "the queue was full), dropped (a settlement not looked at: too many budgets waiting)",
+            ["outcome"],
+            registry=r,
+        )
         self._refreshers: list[Callable[[], None]] = []
 
     def provider_label(self, name: str | None) -> str:

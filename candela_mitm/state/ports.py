@@ -74,7 +74,7 @@ LIMIT_FIELDS = (
 )
 
 
-TENANT_LIMIT_FIELDS = LIMIT_FIELDS[1:]  # a tenant has token limits, not a concurrency limit
+TENANT_LIMIT_FIELDS = LIMIT_FIELDS  # a tenant has the same: what all its users use together
 
 
 @dataclass(frozen=True)
@@ -205,10 +205,11 @@ class TenantRecord:
     budget_usd: float | None = None
     budget_period: str | None = None
     updated_at: datetime | None = None
-    # tokens per minute, TENANT_LIMIT_FIELDS; None: no limit (a record holds them all)
+    # TENANT_LIMIT_FIELDS; None: no limit (a record holds them all)
     input_tokens_per_minute: int | None = None
     output_tokens_per_minute: int | None = None
     total_tokens_per_minute: int | None = None
+    max_concurrent_requests: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -598,6 +599,15 @@ class StateStore(ABC):
     @abstractmethod
     def leases(self) -> list[Lease]:
         """Every lease held (for reconcile at start: those of dead processes go)."""
+
+    # -- budget alerts -------------------------------------------------------------------------
+    @abstractmethod
+    def claim_alert(
+        self, scope: str, scope_id: str, period: str, threshold: int, now_us: int, expires_us: int
+    ) -> bool:
+        """Mark the alert (scope, scope_id, period key, threshold %) as due for sending: True
+        only for the first caller, across every thread and process sharing the store. The mark
+        is kept until `expires_us` (after the period's end), then forgotten."""
 
     # -- lifecycle -----------------------------------------------------------------------------
     @abstractmethod

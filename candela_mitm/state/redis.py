@@ -56,6 +56,8 @@ _SEP = "\x1f"  # between the parts of a spend field: user, tenant, model, provid
 #   P leasekeys            set of keys with leases
 #   P apikey:<key id>      string: the key's record (JSON, its digest, never the key)
 #   P apikeydigest:<sha256> string: the key id; P apikeys: set of key ids
+#   P alert:<scope> SEP <id> SEP <period> SEP <threshold>  string: when the alert was claimed
+#                          (SET NX; it expires after its period's end)
 # Scripts touch keys they derive from the prefix: fine on one Redis server or a replica set,
 # not on Redis Cluster (keys of one user would have to share a hash slot).
 
@@ -776,6 +778,15 @@ class RedisStateStore(StateStore):
             for lease_id, score in entries:
                 out.append(Lease(key, lease_id, owners.get(lease_id, ""), _int(score)))
         return out
+
+    # -- budget alerts -------------------------------------------------------------------------
+    def claim_alert(
+        self, scope: str, scope_id: str, period: str, threshold: int, now_us: int, expires_us: int
+    ) -> bool:
+        key = self._k("alert", _SEP.join((scope, scope_id, period, str(threshold))))
+        ttl_ms = max(1, (expires_us - now_us) // 1000)
+        with self._guard():
+            return bool(self._r.set(key, now_us, nx=True, px=ttl_ms))
 
     # -- API keys ------------------------------------------------------------------------------
     @staticmethod

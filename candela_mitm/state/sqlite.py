@@ -42,8 +42,8 @@ from candela_mitm.state.ports import (
 # the whole window's log); 3: reservations name their model and provider (a reservation settled
 # at the next start, after its process died, is recorded under them); 4: budget periods and
 # tenant budgets (reservations name their user and tenant period rows; tenants, tenant_periods);
-# 5: token windows (token_log) and concurrency leases (leases); 6: api_keys.
-SCHEMA_VERSION = 6
+# 5: token windows (token_log) and concurrency leases (leases); 6: api_keys; 7: budget_alerts.
+SCHEMA_VERSION = 7
 
 # Commits made without waiting (on the event loop) between two WAL checkpoints: each commit adds
 # a few pages, SQLite's own default is to checkpoint at 1000.
@@ -151,6 +151,16 @@ _SCHEMA = (
         owner TEXT NOT NULL,
         expires_us INTEGER NOT NULL,
         PRIMARY KEY (key, lease_id)
+    ) WITHOUT ROWID""",
+    # one row per threshold alert claimed: its primary key is the dedupe of every process
+    """CREATE TABLE IF NOT EXISTS budget_alerts (
+        scope TEXT NOT NULL,
+        scope_id TEXT NOT NULL,
+        period TEXT NOT NULL,
+        threshold INTEGER NOT NULL,
+        claimed_us INTEGER NOT NULL,
+        expires_us INTEGER NOT NULL,
+        PRIMARY KEY (scope, scope_id, period, threshold)
     ) WITHOUT ROWID""",
     "CREATE TABLE IF NOT EXISTS rate_log (key TEXT NOT NULL, ts INTEGER NOT NULL)",
     "CREATE INDEX IF NOT EXISTS rate_log_by_key ON rate_log (key, ts)",
@@ -918,6 +928,22 @@ class SqliteStateStore(StateStore):
                 "SELECT key, lease_id, owner, expires_us FROM leases ORDER BY key, lease_id"
             ).fetchall()
         return [Lease(*r) for r in rows]
+
+    # -- budget alerts -------------------------------------------------------------------------
+    def claim_alert(
+        self, scope: str, scope_id: str, period: str, threshold: int, now_us: int, expires_us: int
+    ) -> bool:
+        with self._tx() as c:
+            # claims are a handful per scope and period: sweeping the expired ones here keeps
+            # the table at the size of the periods still open, with no housekeeping job
+            c.execute("DELETE FROM budget_alerts WHERE expires_us <= ?", (now_us,))
+            cur = c.execute(
+                "INSERT OR IGNORE INTO budget_alerts "
+                "(scope, scope_id, period, threshold, claimed_us, expires_us) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (scope, scope_id, period, threshold, now_us, expires_us),
+            )
+            return cur.rowcount == 1
 
     # -- API keys ------------------------------------------------------------------------------
     def put_api_key(self, record: KeyRecord) -> None:

@@ -242,6 +242,30 @@ def test_tenant_token_limit_refuses_with_scope_tenant(tctx, runtime):
     assert '"tenant_output_tokens";q=500;w=60' in flows[1].response.headers["RateLimit-Policy"]
 
 
+def test_tenant_concurrency_limit_refuses_with_scope_tenant(tctx, runtime):
+    cfg = limits_config(max_concurrent_requests=5)
+    cfg["governance"] = {"tenants": {"research-team": {"max_concurrent_requests": 2}}}
+    rt = runtime(cfg)
+    flows = asyncio.run(send(rt, [chat() for _ in range(3)], with_budget=True))
+    assert statuses(flows) == [None, None, 429]
+    body = flows[2].response.json()
+    assert (body["error"], body["limit_kind"], body["scope"], body["limit"]) == (
+        "rate_limited", "concurrency", "tenant", 2
+    )
+    assert body["retry_after_s"] == 1 and flows[2].response.headers["Retry-After"] == "1"
+    assert flows[2].response.headers["RateLimit-Policy"] == (
+        '"requests";q=100;w=60, "concurrency";q=5, "tenant_concurrency";q=2'
+    )
+    assert ctx_of(flows[2]).reservation is None  # refused before anything was reserved
+    # two requests hold a user's and a tenant's place each; the refused one gave its user's back
+    assert len(rt.store.leases()) == 4
+    asyncio.run(end(rt, flows[:1]))  # one ends: its places are free at once
+    [again] = asyncio.run(send(rt, [chat()]))
+    assert again.response is None
+    asyncio.run(end(rt, [flows[1], again]))
+    assert rt.store.leases() == []
+
+
 def large_chat():
     pad = "x " * 200_000  # over LARGE_BODY_BYTES
     body = {"model": "gpt-4o-mini", "max_tokens": 100, "messages": [{"role": "user", "content": pad}]}

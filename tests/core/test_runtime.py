@@ -46,6 +46,14 @@ def test_reload_refuses_sections_that_need_a_restart(rt, tmp_path):
     assert rt.config is before and not rt.policy.check("gpt-4o", None).allowed
 
 
+def test_reload_applies_alert_thresholds_and_webhooks(rt, tmp_path):
+    assert rt.alerts is not None and rt.alerts.config().webhooks == []
+    alerts = {"thresholds": [75], "webhooks": [{"url": "https://hooks.example/c", "format": "slack"}]}
+    assert rt.reload(cfg(tmp_path, alerts=alerts)) == ["alerts"]
+    assert rt.alerts.config().thresholds == [75]
+    assert rt.alerts.config().webhooks[0].format == "slack"
+
+
 # issue 7: hot-path store calls run on the event loop when the store can answer at once
 # (state/calls.py, tests/core/state/test_calls.py); the runtime counts where they ran
 def test_store_call_runs_here_when_free_else_on_the_pool(rt):

@@ -410,3 +410,44 @@ def test_concurrency_and_token_limits_with_ratelimit_headers(tmp_path, upstream,
         assert r.status_code == 429 and r.json()["limit_kind"] == "output_tokens"
         assert r.json()["retry_after_s"] == 60 and r.headers["Retry-After"] == "60"
         assert upstream.requests == []
+
+
+def test_tenant_concurrency_limit_across_two_processes_and_users(tmp_path, upstream, token_server):
+    """Two users of one tenant through two proxies sharing the store: never more of the
+    tenant's requests in flight than its limit, whoever sends them and wherever."""
+    cfg = base_config(
+        upstream.url,
+        users={"alice@example.com": {"tenants": ["t"], "requests_per_minute": 1000},
+               "bob@example.com": {"tenants": ["t"], "requests_per_minute": 1000}},
+        governance={"tenants": {"t": {"max_concurrent_requests": 3}}},
+    )
+    upstream.configure(latency_s=2.0, usage=Usage(input_tokens=10, output_tokens=10))
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    env = candela_env(token_server, tmp_path)
+    with CandelaProcess(tmp_path, cfg, env=env) as a, CandelaProcess(tmp_path, cfg, env=env) as b:
+        barrier = threading.Barrier(10)
+        answers: list[requests.Response] = []
+
+        def one(proxy: CandelaProcess, who: dict[str, str]) -> None:
+            barrier.wait()
+            answers.append(post(proxy, CHAT, body, headers=who))
+
+        ts = [threading.Thread(target=one, args=(a, ALICE)) for _ in range(5)]
+        ts += [threading.Thread(target=one, args=(b, BOB)) for _ in range(5)]
+        [t.start() for t in ts]
+        [t.join(60) for t in ts]
+        codes = sorted(r.status_code for r in answers)
+        assert codes == [200] * 3 + [429] * 7
+        assert len(upstream.requests) == 3  # the refused never reached the provider
+        for r in answers:
+            assert '"tenant_concurrency";q=3' in r.headers["RateLimit-Policy"]
+            if r.status_code == 429:
+                got = r.json()
+                assert (got["error"], got["limit_kind"], got["scope"]) == (
+                    "rate_limited", "concurrency", "tenant"
+                )
+                assert r.headers["Retry-After"] == "1"
+        # every place is free again once they ended: three more fit at once
+        upstream.configure(latency_s=0.0, usage=Usage(input_tokens=10, output_tokens=10))
+        for proxy, who in ((a, ALICE), (b, BOB), (a, BOB)):
+            assert post(proxy, CHAT, body, headers=who).status_code == 200

@@ -750,7 +750,7 @@ def test_put_tenant_creates_updates_and_is_audited(rt):
     assert r.status == 200 and r.payload["budget_usd"] is None and r.payload["remaining_usd"] is None
     t = rt.users.tenant_settings("research-team")
     assert t.budget_usd is None and t.period.kind == "monthly"
-    none = dict.fromkeys(LIMITS[1:])
+    none = dict.fromkeys(LIMITS)
     actions = [(a["action"], a["target"], a["before"], a["after"]) for a in admin_actions(rt)]
     assert actions == [
         ("tenant.create", "research-team", None,
@@ -765,6 +765,11 @@ def test_put_tenant_creates_updates_and_is_audited(rt):
     assert rt.users.tenant_settings("research-team").token_limits.active() == {
         "total_tokens": 9000
     }
+    r = call(rt, "PUT", path, {"max_concurrent_requests": 12})  # its users' requests in flight
+    assert r.status == 200 and r.payload["max_concurrent_requests"] == 12
+    assert r.payload["total_tokens_per_minute"] == 9000  # partial: the rest stays
+    assert rt.users.tenant_settings("research-team").max_concurrent_requests == 12
+    assert admin_actions(rt)[-1]["after"]["max_concurrent_requests"] == 12
 
 
 @pytest.mark.parametrize(
@@ -776,7 +781,8 @@ def test_put_tenant_creates_updates_and_is_audited(rt):
         ({"period": "yearly"}, "period"),
         ({"daily_budget_usd": 1}, "daily_budget_usd"),
         ({"total_tokens_per_minute": -5}, "total_tokens_per_minute"),
-        ({"max_concurrent_requests": 5}, "max_concurrent_requests"),
+        ({"max_concurrent_requests": -1}, "max_concurrent_requests"),
+        ({"max_concurrent_requests": True}, "max_concurrent_requests"),
     ],
 )
 def test_put_tenant_refuses_bad_fields(rt, body, field):

@@ -306,3 +306,117 @@ def test_a_tenant_token_limit_binds_its_users_together(limiter: RateLimiter) -> 
     assert headers["RateLimit-Policy"] == (
         '"total_tokens";q=1000000;w=60, "tenant_output_tokens";q=100;w=60'
     )
+
+
+# -- requests in flight per tenant ---------------------------------------------------------------
+
+def test_a_tenant_concurrency_limit_binds_its_users_together(limiter: RateLimiter) -> None:
+    a, b, c = Admission("a"), Admission("b"), Admission("c")
+    first = limiter.acquire_tenant(a, "t", 2, "host:1")
+    assert (first.allowed, first.scope, first.kind, first.remaining, first.name) == (
+        True, "tenant", "concurrency", 1, "tenant_concurrency"
+    )
+    assert limiter.acquire_tenant(b, "t", 2, "host:1").allowed
+    refused = limiter.acquire_tenant(c, "t", 2, "host:2")  # another user, another process
+    assert (refused.allowed, refused.scope, refused.retry_after_s) == (False, "tenant", 1)
+    assert c.tenant_lease is None
+    denial = refused.denial().payload()
+    assert (denial["error"], denial["limit_kind"], denial["scope"]) == (
+        "rate_limited", "concurrency", "tenant"
+    )
+    # another tenant, and a user whose id is the tenant's, keep their own places
+    assert limiter.acquire_tenant(Admission("a"), "u", 1, "host:1").allowed
+    assert limiter.acquire(Admission("t"), 1, "host:1").allowed
+    limiter.finish(a, None)  # a request ended: its user's and tenant's places are free
+    assert a.tenant_lease is None and limiter.acquire_tenant(c, "t", 2, "host:2").allowed
+    assert not limiter.acquire_tenant(Admission("d"), "v", 0, "host:1").allowed  # 0: nothing
+
+
+def test_release_gives_back_both_places(limiter: RateLimiter) -> None:
+    a = Admission("a")
+    assert limiter.acquire(a, 1, "host:1").allowed
+    assert limiter.acquire_tenant(a, "t", 1, "host:1").allowed
+    assert len(limiter.store.leases()) == 2
+    limiter.release(a)
+    assert limiter.store.leases() == []
+    assert limiter.acquire(Admission("a"), 1, "host:1").allowed
+    assert limiter.acquire_tenant(Admission("b"), "t", 1, "host:1").allowed
+
+
+def test_reconcile_frees_tenant_leases_of_dead_processes(limiter: RateLimiter) -> None:
+    assert limiter.acquire_tenant(Admission("a"), "t", 2, "host:dead").allowed
+    assert limiter.acquire_tenant(Admission("b"), "t", 2, "host:alive").allowed
+    assert not limiter.acquire_tenant(Admission("c"), "t", 2, "host:alive").allowed
+    assert limiter.reconcile_leases(lambda owner: owner != "host:dead") == 1
+    assert limiter.acquire_tenant(Admission("c"), "t", 2, "host:alive").allowed
+
+
+def test_policy_headers_name_a_tenant_concurrency_limit() -> None:
+    now = to_us(T0)
+    decisions = [
+        RateDecision(True, 4, 3, 0, now, "concurrency"),
+        RateDecision(True, 10, 7, 0, now, "concurrency", "tenant"),
+    ]
+    assert policy_headers(decisions, now) == {
+        "RateLimit-Policy": '"concurrency";q=4, "tenant_concurrency";q=10',
+        "RateLimit": '"concurrency";r=3, "tenant_concurrency";r=7',
+    }
+
+
+def _tenant_lease_race(
+    cfg: State, prefix: str, barrier: Any, inflight: Any, peak: Any, out: Any, threads: int
+) -> None:
+    """Threads of one process acquire the tenant's place, hold it a moment, give it back,
+    again and again; `inflight` counts holders across every process, `peak` its maximum."""
+    store = open_state_store(cfg, redis_prefix=prefix)
+    limiter = RateLimiter(store)
+    taken: list[int] = []
+
+    def race(i: int) -> None:
+        barrier.wait()
+        n = 0
+        for _ in range(15):
+            a = Admission(f"user-{i}")
+            if not limiter.acquire_tenant(a, "t", 3, f"host:{i}").allowed:
+                continue
+            with inflight.get_lock():
+                inflight.value += 1
+                peak.value = max(peak.value, inflight.value)
+            n += 1
+            threading.Event().wait(0.002)
+            with inflight.get_lock():
+                inflight.value -= 1
+            limiter.release(a)
+        taken.append(n)
+
+    workers = [threading.Thread(target=race, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    out.put(sum(taken))
+    store.close()
+
+
+def test_processes_never_exceed_a_tenant_concurrency_limit(backend: Any) -> None:
+    backend.open()
+    ctx = multiprocessing.get_context("spawn")
+    per_process = 5
+    barrier = ctx.Barrier(2 * per_process)
+    inflight, peak = ctx.Value("i", 0), ctx.Value("i", 0)
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_tenant_lease_race,
+            args=(backend.cfg, backend.prefix, barrier, inflight, peak, out, per_process),
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    admitted = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert sum(admitted) > 3  # places were taken, given back and taken again
+    assert 1 <= peak.value <= 3

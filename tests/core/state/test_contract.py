@@ -16,6 +16,7 @@ from candela_mitm.config import State
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.state import open_state_store
 from candela_mitm.state.ports import (
+    US_PER_S,
     ActiveReservation,
     DayTotals,
     GrantRow,
@@ -978,3 +979,45 @@ def test_api_key_expiry_only_comes_forward(store: StateStore) -> None:
     assert [k.expires_us for k in store.api_keys("u")] == [T0_US + 50, T0_US + 10]
     assert store.revoke_api_key("k_b", T0_US + 1).expires_us == T0_US + 10
     assert store.expire_api_key("k_nonesuch", T0_US) is None
+
+
+# -- budget alert claims -----------------------------------------------------------------------
+
+
+def test_alert_claims_are_once_per_scope_id_period_and_threshold(store: StateStore) -> None:
+    far = T0_US + 3600 * US_PER_S
+    assert store.claim_alert("user", "u", "2026-05-17", 80, T0_US, far)
+    assert not store.claim_alert("user", "u", "2026-05-17", 80, T0_US + 1, far)
+    # every part of the key is its own claim
+    assert store.claim_alert("user", "u", "2026-05-17", 90, T0_US, far)
+    assert store.claim_alert("user", "u", "2026-05-18", 80, T0_US, far)
+    assert store.claim_alert("tenant", "u", "2026-05-17", 80, T0_US, far)
+    assert store.claim_alert("user", "v", "2026-05-17", 80, T0_US, far)
+    # ids and period keys holding the separators of other keys stay apart
+    assert store.claim_alert("user", "a:b", "weekly:2026-05-11@Europe/Paris", 50, T0_US, far)
+    assert store.claim_alert("user", "a", "b:weekly:2026-05-11@Europe/Paris", 50, T0_US, far)
+
+
+def test_alert_claim_is_forgotten_after_its_expiry(store: StateStore) -> None:
+    # Redis expires the key by its own clock (PX from now), SQLite by the `now` of a later claim:
+    # a 1 ms lifetime has passed for both after the sleep
+    assert store.claim_alert("user", "u", "p", 50, T0_US, T0_US + 1000)
+    time.sleep(0.05)
+    assert store.claim_alert("user", "u", "p", 50, T0_US + 2000, T0_US + 3600 * US_PER_S)
+    assert not store.claim_alert("user", "u", "p", 50, T0_US + 3000, T0_US + 3600 * US_PER_S)
+
+
+def test_alert_claim_has_one_winner_across_clients(backend: Any) -> None:
+    """Threads with a client (connection) each, as processes sharing the store are."""
+    clients = [backend.open() for _ in range(12)]
+    start = threading.Barrier(len(clients))
+    wins: list[bool] = []
+
+    def claim(s: StateStore) -> None:
+        start.wait()
+        wins.append(s.claim_alert("tenant", "t", "monthly:2026-05-01", 80, T0_US, T0_US + US_PER_S * 60))
+
+    threads = [threading.Thread(target=claim, args=(s,)) for s in clients]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    assert sorted(wins) == [False] * 11 + [True]
