@@ -146,6 +146,11 @@ def _moment(value: Any) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def iso(moment: datetime) -> str:
+    """UTC, to the millisecond, with a Z: how the report names a moment."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
 def _num(value: Any) -> float:
     try:
         return float(value) if value is not None else 0.0
@@ -230,7 +235,7 @@ class Judged:
         r = self.request
         return {
             "seq": r.seq,
-            "started_at": r.started.isoformat().replace("+00:00", "Z"),
+            "started_at": iso(r.started),
             "user_id": r.user,
             "tenant_id": r.tenant,
             "model": r.model,
@@ -317,9 +322,9 @@ class ReplayReport:
         last = self.judged[-1].request.started if self.judged else None
         return {
             "candidate": self.candidate,
-            "since": self.since.isoformat().replace("+00:00", "Z") if self.since else None,
-            "first_request_at": first.isoformat().replace("+00:00", "Z") if first else None,
-            "last_request_at": last.isoformat().replace("+00:00", "Z") if last else None,
+            "since": iso(self.since) if self.since else None,
+            "first_request_at": iso(first) if first else None,
+            "last_request_at": iso(last) if last else None,
             "warmup_requests": self.warmup,
             "totals": totals,
             "scopes": [row.to_json() for row in self.rows()],
