@@ -8,6 +8,7 @@ from candela_mitm import errors
 from candela_mitm.audit.actions import MODEL_POLICY_CHECK
 from candela_mitm.context import RequestContext
 from candela_mitm.errors import Denial
+from candela_mitm.governance.shadow import shadow_model
 from candela_mitm.observability.spans import utc_now_iso
 from candela_mitm.runtime import Runtime
 
@@ -66,4 +67,5 @@ class ModelPolicy:
         c = ctx_of(flow)
         if c is None or answered(flow) or c.plan is None or not c.plan.model:
             return
+        shadow_model(self.rt.shadow, c)  # governance.shadow: judged, audited, never enforced
         check_model(self.rt, flow, c, c.plan.model, c.plan.upstream.name)

@@ -21,6 +21,7 @@ from candela_mitm.governance.policy import ModelPolicy
 from candela_mitm.governance.provider_keys import OrganisationKeys
 from candela_mitm.governance.provider_keys import from_config as provider_keys_from_config
 from candela_mitm.governance.ratelimit import RateLimiter
+from candela_mitm.governance.shadow import Shadow
 from candela_mitm.governance.users import UserDirectory
 from candela_mitm.local import LocalRuntime
 from candela_mitm.observability.metrics import Metrics
@@ -94,6 +95,7 @@ class Runtime:
     extras: dict[str, Any] = field(default_factory=dict)
     # provider keys intercepted apps bring: fingerprinted, the organisation's recognised
     provider_keys: OrganisationKeys = field(default_factory=lambda: OrganisationKeys(None, ()))
+    shadow: Shadow | None = None  # governance.shadow: a candidate judged beside the live policy
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store call off the event loop, on the governance thread pool."""
@@ -133,7 +135,9 @@ class Runtime:
             ModelPolicy(new.governance.models, new.governance.workloads),
         )
         credentials = UpstreamCredentials(upstreams)
+        shadow = Shadow.from_config(new)
         self.config = new
+        self.shadow = shadow
         self.upstreams = upstreams
         self.credentials = credentials
         self.pricing = pricing
@@ -216,6 +220,7 @@ def build_runtime(config: Config, command: Command) -> Runtime:
     provider_keys = provider_keys_from_config(config.interception, os.environ)
     # before anything is opened: a bad local settings file fails the start with nothing to undo
     local = LocalRuntime(config, upstreams) if command == "local" else None
+    shadow = Shadow.from_config(config)
     required = config.auth.required if config.auth.required is not None else command == "server"
     local_user = getpass.getuser()
     store = open_state_store(config.state)
@@ -259,4 +264,5 @@ def build_runtime(config: Config, command: Command) -> Runtime:
         calls=calls,
         local=local,
         provider_keys=provider_keys,
+        shadow=shadow,
     )

@@ -19,6 +19,7 @@ from candela_mitm.state.ports import (
     US_PER_S,
     GrantRow,
     NewReservation,
+    ReserveResult,
     StateStore,
     day_of,
     from_us,
@@ -84,6 +85,8 @@ class Reservation:
     allowance_usd: float  # held from the daily allowance
     grant_holds: Mapping[str, float] = field(default_factory=dict)  # grant id -> USD held
     tenant_hold_usd: float = 0.0  # held on the tenant's period row
+    # the counters the store decided on (a shadow policy judges itself on them: governance/shadow.py)
+    seen: ReserveResult | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class BudgetRefusal:
     scope: Literal["user", "tenant"] = "user"  # whose budget refused
     period: str = "daily"
     tenant: str | None = None
+    seen: ReserveResult | None = field(default=None, compare=False, repr=False)  # as Reservation
 
     def denial(self) -> Denial:
         return budget_exceeded(
@@ -321,6 +325,7 @@ class Ledger:
                 scope="tenant",
                 period=tenant_period.kind,
                 tenant=tenant,
+                seen=result,
             )
         if not result.ok:
             spendable = (
@@ -336,6 +341,7 @@ class Ledger:
                 reserved_usd=nano_to_usd(result.reserved),
                 period=period.kind,
                 tenant=tenant,
+                seen=result,
             )
         return Reservation(
             id=reservation_id,
@@ -349,6 +355,7 @@ class Ledger:
             allowance_usd=nano_to_usd(result.daily_hold),
             grant_holds={g: nano_to_usd(v) for g, v in result.grant_holds.items()},
             tenant_hold_usd=nano_to_usd(result.tenant_hold),
+            seen=result,
         )
 
     def settle(
