@@ -38,7 +38,7 @@ from candela_mitm.governance.ratelimit import WINDOW_S, Admission, RateLimiter
 from candela_mitm.governance.users import TenantSettings, UserDirectory, UserSettings
 from candela_mitm.providers.specs import SPECS
 from candela_mitm.state.memory import MemoryStateStore
-from candela_mitm.state.ports import nano_to_usd, usd_to_nano
+from candela_mitm.state.ports import nano_to_usd, to_us, usd_to_nano
 
 # The refusals a candidate policy can change; a request refused for anything else (no
 # credential, a malformed body, an ungoverned endpoint...) would be refused again: not judged.
@@ -381,8 +381,11 @@ class Replay:
                 judged.append(Judged(r, verdict, True))
             else:
                 warmup += 1
-            if progress is not None and done % 1000 == 0:
-                progress(done, len(ordered))
+            if done % 10_000 == 0:
+                # settled reservations are never settled again here: keep memory flat
+                self.store.purge_finished(to_us(r.started))
+                if progress is not None:
+                    progress(done, len(ordered))
         while ending:
             self._finish(heapq.heappop(ending)[3])
         if progress is not None:
