@@ -33,7 +33,8 @@ def check_model(
 
 def decide_model(rt: Runtime, c: RequestContext, model: str, provider: str) -> Denial | None:
     """check_model's decision and audit entry, without answering: the denial, or None."""
-    d = rt.policy.check(model, c.tenant, c.workload_rule)
+    key = c.principal.key_scope if c.principal else None  # a minted key's own model patterns
+    d = rt.policy.check(model, c.tenant, c.workload_rule, key.models if key else ())
     record = {
         "result": "allowed" if d.allowed else "denied",
         "model": d.model,
@@ -54,7 +55,8 @@ def decide_model(rt: Runtime, c: RequestContext, model: str, provider: str) -> D
         m.policy_denied.labels(
             m.model_label(d.model), m.tenant_label(c.tenant or ""), d.policy_mode
         ).inc()
-        return errors.model_not_allowed(d.model, c.tenant, d.policy_mode)
+        key_id = key.key_id if key is not None and d.scope == "key" else None
+        return errors.model_not_allowed(d.model, c.tenant, d.policy_mode, key_id)
     return None
 
 

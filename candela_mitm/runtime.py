@@ -32,7 +32,7 @@ from candela_mitm.providers.specs import Upstream, resolve_all
 from candela_mitm.providers.upstream_auth import UpstreamCredentials
 from candela_mitm.state import StateStore, open_state_store
 from candela_mitm.state.calls import StoreCalls
-from candela_mitm.state.ports import to_us, utc_now
+from candela_mitm.state.ports import KeyRecord, to_us, utc_now
 
 log = logging.getLogger("candela.runtime")
 
@@ -59,11 +59,11 @@ def minted_key_lookup(store: StateStore, calls: StoreCalls) -> MintedKeyLookup:
     """The Authenticator's view of the keys minted through the admin API: one store read per
     request that presents one, so a revocation holds at once in every process."""
 
-    async def lookup(sha256: str) -> str | None:
+    async def lookup(sha256: str) -> KeyRecord | None:
         record = await calls.call(store.api_key, sha256)
         if record is None or not record.valid_at(to_us(utc_now())):
             return None
-        return record.user_id
+        return record
 
     return lookup
 
