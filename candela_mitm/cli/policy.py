@@ -16,7 +16,7 @@ import duckdb
 from candela_mitm.audit.query import QueryResult, parse_time, render, request_entries
 from candela_mitm.config import load_config
 from candela_mitm.errors import ConfigError
-from candela_mitm.governance.replay import Candidate, ReplayReport, replay
+from candela_mitm.governance.replay import Candidate, ReplayReport, Verdict, replay
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _RELATIVE = re.compile(r"^(\d+)([smhdw])$")
@@ -126,10 +126,8 @@ def render_table(report: ReplayReport) -> str:
 
 
 def _describe(v: dict[str, Any]) -> str:
-    if v.get("code") is None:
-        return str(v["decision"])
-    extra = ",".join(str(v[k]) for k in ("scope", "limit_kind", "period", "policy") if v.get(k))
-    return f"{v['decision']} {v['code']}" + (f" ({extra})" if extra else "")
+    detail = {k: x for k, x in v.items() if k not in ("decision", "code")}
+    return Verdict(v["decision"], v["code"], detail).describe()
 
 
 def _replay(args: argparse.Namespace) -> int:

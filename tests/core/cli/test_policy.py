@@ -185,3 +185,29 @@ def test_parse_since() -> None:
     assert parse_since("2026-11-01", now) == datetime(2026, 11, 1, tzinfo=UTC)
     with pytest.raises(ValueError):
         parse_since("last week", now)
+
+
+class _Terminal:
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_goes_to_a_terminal_only(monkeypatch: pytest.MonkeyPatch, tty: bool) -> None:
+    from candela_mitm.cli import policy
+
+    term = _Terminal(tty)
+    monkeypatch.setattr(policy.sys, "stderr", term)
+    policy._progress(0, 20_000)
+    policy._progress(20_000, 20_000)
+    assert term.text == ("\rreplayed 0/20000 requests\rreplayed 20000/20000 requests\n" if tty else "")
