@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from candela_mitm.config import Config, load_shadow_candidate
@@ -29,13 +28,7 @@ from candela_mitm.context import RequestContext
 from candela_mitm.governance.ledger import BudgetRefusal, Reservation
 from candela_mitm.governance.periods import BudgetPeriod
 from candela_mitm.governance.replay import ALLOWED, Candidate, Verdict
-from candela_mitm.state.ports import (
-    ReserveResult,
-    plan_holds,
-    tenant_admits,
-    usd_to_nano,
-    utc_now,
-)
+from candela_mitm.state.ports import ReserveResult, plan_holds, tenant_admits, usd_to_nano
 
 log = logging.getLogger("candela.shadow")
 
@@ -105,13 +98,12 @@ class Shadow:
         seen: ReserveResult | None,
         period: BudgetPeriod,
         tenant_period: BudgetPeriod | None,
-        now: datetime,
     ) -> None:
         """Judge the candidate's budgets on the counters the live reserve saw (`seen`), for the
         live user `period` and `tenant_period`."""
         try:
             verdicts.budget = budget_verdict(
-                self.candidate, user, tenant, amount_usd, seen, period, tenant_period, now
+                self.candidate, user, tenant, amount_usd, seen, period, tenant_period
             )
         except Exception:
             log.exception("the shadow policy could not judge the budget of %s", user)
@@ -126,14 +118,13 @@ def budget_verdict(
     seen: ReserveResult | None,
     period: BudgetPeriod,
     tenant_period: BudgetPeriod | None,
-    now: datetime,
 ) -> Verdict | None:
     """The candidate's budget verdict on the live counters; None when they cannot decide it."""
     if seen is None:
         return None
     s = candidate.user(user)
-    if s.budget_period.key(now) != period.key(now):
-        return None  # the counters are of another period than the candidate's
+    if s.budget_period != period:
+        return None  # the counters are of another period (kind or zone) than the candidate's
     amount = usd_to_nano(amount_usd)
     daily_free = usd_to_nano(s.daily_budget_usd) - (seen.spent - seen.from_grants) - seen.reserved
     if plan_holds(amount, daily_free, [("grants", seen.grants_free)]) is None:
@@ -145,7 +136,7 @@ def budget_verdict(
     t = candidate.tenant(tenant)
     if t.budget_usd is None:
         return ALLOWED
-    if tenant_period is None or t.period.key(now) != tenant_period.key(now):
+    if tenant_period is None or t.period != tenant_period:
         return None
     if not seen.ok and seen.scope == "user":
         return None  # the live user budget refused first: the tenant's row was not read
@@ -179,8 +170,6 @@ def shadow_budget(
         return
     if c.shadow is None:
         c.shadow = ShadowVerdicts()
-    # the moment the reserve decided at: its period is the one the counters belong to
-    now = result.created_at if isinstance(result, Reservation) else utc_now()
     shadow.judge_budget(  # never raises: a failure is recorded as the shadow's error
-        c.shadow, c.settings.user_id, c.tenant, amount_usd, result.seen, period, tenant_period, now
+        c.shadow, c.settings.user_id, c.tenant, amount_usd, result.seen, period, tenant_period
     )

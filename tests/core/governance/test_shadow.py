@@ -56,13 +56,17 @@ def seen(
     ],
 )
 def test_budget_verdict_on_the_live_counters(tenant, amount, counters, tenant_period, expected):
-    got = budget_verdict(CANDIDATE, "alice", tenant, amount, counters, DAILY, tenant_period, NOW)
+    got = budget_verdict(CANDIDATE, "alice", tenant, amount, counters, DAILY, tenant_period)
     assert got == expected
 
 
 def test_another_user_period_cannot_be_judged() -> None:
     weekly = Candidate(parse_config({"users": {"alice": {"budget_period": "weekly"}}}))
-    assert budget_verdict(weekly, "alice", None, 0.1, seen(), DAILY, None, NOW) is None
+    assert budget_verdict(weekly, "alice", None, 0.1, seen(), DAILY, None) is None
+    paris = Candidate(parse_config({"governance": {"budgets": {"time_zone": "Europe/Paris"}}}))
+    assert budget_verdict(paris, "alice", None, 0.1, seen(), DAILY, None) is None
+    assert budget_verdict(paris, "alice", None, 0.1, seen(), BudgetPeriod("daily", "Europe/Paris"),
+                          None) == Verdict("allowed")
 
 
 def test_the_counters_are_the_live_reserves() -> None:
@@ -74,7 +78,7 @@ def test_the_counters_are_the_live_reserves() -> None:
     assert second.seen is not None
     assert second.seen.reserved == usd_to_nano(0.3) and second.seen.tenant_reserved == usd_to_nano(0.3)
     # the candidate's 1.0 a day: 0.3 held + 0.9 > 1.0
-    assert budget_verdict(CANDIDATE, "alice", "fin", 0.9, second.seen, DAILY, MONTHLY, NOW) == (
+    assert budget_verdict(CANDIDATE, "alice", "fin", 0.9, second.seen, DAILY, MONTHLY) == (
         Verdict("denied", "budget_exceeded", {"scope": "user", "period": "daily"})
     )
 
@@ -107,7 +111,7 @@ def test_a_broken_evaluation_is_recorded_as_error_and_raises_nothing(caplog) -> 
     assert v.error and v.decision == "error"
     assert v.to_json() == {"decision": "error", "code": None}
     v2 = ShadowVerdicts()
-    shadow.judge_budget(v2, "alice", None, 0.1, seen(), DAILY, None, NOW)
+    shadow.judge_budget(v2, "alice", None, 0.1, seen(), DAILY, None)
     assert v2.decision == "error"
     assert "could not judge" in caplog.text
 
