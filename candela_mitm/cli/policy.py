@@ -14,9 +14,11 @@ from typing import Any
 import duckdb
 
 from candela_mitm.audit.query import QueryResult, parse_time, render, request_entries
-from candela_mitm.config import load_config
-from candela_mitm.errors import ConfigError
+from candela_mitm.config import Config, load_config
+from candela_mitm.errors import ConfigError, StoreUnavailable
 from candela_mitm.governance.replay import Candidate, ReplayReport, Verdict, replay
+from candela_mitm.state import open_state_store
+from candela_mitm.state.ports import TenantRecord, UserRecord
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _RELATIVE = re.compile(r"^(\d+)([smhdw])$")
@@ -53,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="the audit log: its SQLite ledger, a Parquet export or the mirror's Parquet folder "
         "(default: the candidate's audit.sqlite_path)",
+    )
+    r.add_argument(
+        "--state",
+        action="store_true",
+        help="judge users and tenants as the admin API set them in the candidate's state store "
+        "(their records win over the configuration, as they do live)",
     )
     r.add_argument("--format", choices=["table", "json"], default="table")
     return parser
@@ -130,13 +138,29 @@ def _describe(v: dict[str, Any]) -> str:
     return Verdict(v["decision"], v["code"], detail).describe()
 
 
+def _records(cfg: Config) -> tuple[list[UserRecord], list[TenantRecord]]:
+    """The users and tenants the admin API set, from the candidate's state store (read only)."""
+    if cfg.state.backend == "sqlite" and not Path(cfg.state.sqlite_path).expanduser().exists():
+        raise FileNotFoundError(f"no state store at {cfg.state.sqlite_path}")
+    store = open_state_store(cfg.state)
+    try:
+        return store.list_users(), store.list_tenants()
+    finally:
+        store.close()
+
+
 def _replay(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return EXIT_USAGE
-    candidate = Candidate(cfg, str(args.config))
+    try:
+        users, tenants = _records(cfg) if args.state else ([], [])
+    except (StoreUnavailable, FileNotFoundError) as e:
+        print(f"candela policy replay: --state: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    candidate = Candidate(cfg, str(args.config), users, tenants)
     try:
         since = parse_since(args.since, datetime.now(UTC)) if args.since else None
     except ValueError as e:

@@ -14,8 +14,8 @@ What the log does not say is approximated, and the report says so:
   settled when it ended, at its recorded cost; its token windows hold its recorded usage;
 - a request the live policy refused never ran: if the candidate admits it, its cost is its
   recorded estimate (0 when a gate before the budget refused it) and its tokens are unknown (0);
-- the candidate's configuration is judged alone: users and tenants set through the admin API,
-  and grants, are state, not configuration;
+- users and tenants set through the admin API are state, not configuration: judged only when
+  given (`candela policy replay --state`); grants never are (their use then is not known);
 - intercepted requests are judged without their workload's own model policy.
 """
 
@@ -38,7 +38,7 @@ from candela_mitm.governance.ratelimit import WINDOW_S, Admission, RateLimiter
 from candela_mitm.governance.users import TenantSettings, UserDirectory, UserSettings
 from candela_mitm.providers.specs import SPECS
 from candela_mitm.state.memory import MemoryStateStore
-from candela_mitm.state.ports import nano_to_usd, to_us, usd_to_nano
+from candela_mitm.state.ports import TenantRecord, UserRecord, nano_to_usd, to_us, usd_to_nano
 
 # The refusals a candidate policy can change; a request refused for anything else (no
 # credential, a malformed body, an ungoverned endpoint...) would be refused again: not judged.
@@ -54,14 +54,26 @@ Change = Literal["newly_denied", "newly_allowed"]
 
 class Candidate:
     """A candidate configuration's rules: its model policy and each user's and tenant's settings,
-    resolved by the live UserDirectory from the configuration alone (no admin API records)."""
+    resolved by the live UserDirectory from the configuration, and from the users and tenants
+    the admin API set when they are given (their records win over the configuration, as live)."""
 
-    def __init__(self, config: Config, source: str = "") -> None:
+    def __init__(
+        self,
+        config: Config,
+        source: str = "",
+        users: Iterable[UserRecord] = (),
+        tenants: Iterable[TenantRecord] = (),
+    ) -> None:
         self.config = config
         self.source = source
         g = config.governance
         self.policy = ModelPolicy(g.models, g.workloads)
-        self._directory = UserDirectory(config, MemoryStateStore())
+        records = MemoryStateStore()
+        for user in users:
+            records.put_user(user)
+        for tenant in tenants:
+            records.put_tenant(tenant)
+        self._directory = UserDirectory(config, records)
         self._users: dict[str, UserSettings] = {}
         self._tenants: dict[str, TenantSettings] = {}
 

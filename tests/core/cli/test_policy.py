@@ -211,3 +211,28 @@ def test_progress_goes_to_a_terminal_only(monkeypatch: pytest.MonkeyPatch, tty: 
     policy._progress(0, 20_000)
     policy._progress(20_000, 20_000)
     assert term.text == ("\rreplayed 0/20000 requests\rreplayed 20000/20000 requests\n" if tty else "")
+
+
+def test_state_judges_users_and_tenants_as_the_admin_api_set_them(
+    recorded: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from candela_mitm.state.ports import TenantRecord, UserRecord
+    from candela_mitm.state.sqlite import SqliteStateStore
+
+    candidate, _ = recorded
+    cfg = yaml.safe_load(candidate.read_text())
+    cfg["state"] = {"sqlite_path": str(tmp_path / "state.db")}
+    candidate.write_text(yaml.safe_dump(cfg))
+    code, _, err = run(capsys, "--config", str(candidate), "--state")
+    assert code == EXIT_USAGE and "no state store" in err  # never created by a replay
+    with SqliteStateStore(tmp_path / "state.db") as store:
+        store.put_user(UserRecord("alice", daily_budget_usd=1.0))  # wins over the candidate's
+        store.put_tenant(TenantRecord("fin", budget_usd=1.0))
+    code, out, _ = run(capsys, "--config", str(candidate), "--state", "--format", "json")
+    assert code == EXIT_OK
+    assert [(c["seq"], c["candidate"]["code"]) for c in json.loads(out)["changes"]] == [
+        (5, "model_not_allowed"),
+        (6, None),
+    ]
+    code, out, _ = run(capsys, "--config", str(candidate), "--format", "json")  # config alone
+    assert len(json.loads(out)["changes"]) == 4
