@@ -69,6 +69,7 @@ def request_entry(c: RequestContext, flow: http.HTTPFlow) -> dict[str, Any]:
         "trace_id": c.trace.trace_id,
         "client_address": c.client_address,
         **(c.workload or {}),  # intercepted: the process that sent it
+        **({"shadow": c.shadow.to_json()} if c.shadow is not None else {}),  # governance.shadow
         **(
             {
                 "provider_key_fingerprint": c.provider_key_fingerprint,
@@ -184,6 +185,8 @@ class Audit:
             fut, committed = self._commit_waits().begin()
             c.audit_commit = fut
             entry = {**request_entry(c, flow), **fields}
+            if c.shadow is not None:
+                self.rt.metrics.shadow_decisions.labels(c.shadow.decision).inc()
             if not self.rt.audit.record_then(LLM_REQUEST, committed, **entry):
                 fut.set_exception(StoreUnavailable("the audit queue is full or closed"))
         except Exception:

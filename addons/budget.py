@@ -11,6 +11,7 @@ from candela_mitm import errors
 from candela_mitm.context import RequestContext
 from candela_mitm.governance.estimate import estimate_cost
 from candela_mitm.governance.ledger import BudgetRefusal, Reservation
+from candela_mitm.governance.shadow import shadow_budget
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
@@ -31,7 +32,7 @@ def reserve(
     tenant = None
     if c.tenant is not None:
         tenant = rt.users.tenant_settings_cached(c.tenant)
-    return rt.ledger.reserve(
+    result = rt.ledger.reserve(
         settings.user_id,
         c.tenant,
         estimate,
@@ -43,6 +44,9 @@ def reserve(
         tenant_budget_usd=tenant.budget_usd if tenant else None,
         tenant_period=tenant.period if tenant else settings.budget_period,
     )
+    # governance.shadow: the candidate judged on the counters this reserve saw, never enforced
+    shadow_budget(rt.shadow, c, estimate, result, settings.budget_period, tenant.period if tenant else None)
+    return result
 
 
 def reservation_call(

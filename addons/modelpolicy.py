@@ -8,6 +8,7 @@ from candela_mitm import errors
 from candela_mitm.audit.actions import MODEL_POLICY_CHECK
 from candela_mitm.context import RequestContext
 from candela_mitm.errors import Denial
+from candela_mitm.governance.shadow import shadow_model
 from candela_mitm.observability.spans import utc_now_iso
 from candela_mitm.runtime import Runtime
 
@@ -32,7 +33,8 @@ def check_model(
 
 def decide_model(rt: Runtime, c: RequestContext, model: str, provider: str) -> Denial | None:
     """check_model's decision and audit entry, without answering: the denial, or None."""
-    d = rt.policy.check(model, c.tenant, c.workload_rule)
+    key = c.principal.key_scope if c.principal else None  # a minted key's own model patterns
+    d = rt.policy.check(model, c.tenant, c.workload_rule, key.models if key else ())
     record = {
         "result": "allowed" if d.allowed else "denied",
         "model": d.model,
@@ -53,7 +55,8 @@ def decide_model(rt: Runtime, c: RequestContext, model: str, provider: str) -> D
         m.policy_denied.labels(
             m.model_label(d.model), m.tenant_label(c.tenant or ""), d.policy_mode
         ).inc()
-        return errors.model_not_allowed(d.model, c.tenant, d.policy_mode)
+        key_id = key.key_id if key is not None and d.scope == "key" else None
+        return errors.model_not_allowed(d.model, c.tenant, d.policy_mode, key_id)
     return None
 
 
@@ -66,4 +69,5 @@ class ModelPolicy:
         c = ctx_of(flow)
         if c is None or answered(flow) or c.plan is None or not c.plan.model:
             return
+        shadow_model(self.rt.shadow, c)  # governance.shadow: judged, audited, never enforced
         check_model(self.rt, flow, c, c.plan.model, c.plan.upstream.name)

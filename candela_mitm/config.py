@@ -256,6 +256,9 @@ class Governance(_Model):
     websocket: WebSocketSessions = WebSocketSessions()
     # intercepted requests by the executable that sent them, first match wins
     workloads: list[WorkloadRule] = []
+    # a candidate configuration judged beside this one on every request, never enforced: its
+    # verdicts go into the audit log (governance/shadow.py); a path relative to this file
+    shadow: str | None = None
 
 
 class Price(_Model):
@@ -516,6 +519,10 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     if path is None:
         return Config()
     p = Path(path).expanduser()
+    return resolve_shadow(_read_config(p), p)
+
+
+def _read_config(p: Path) -> Config:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
@@ -525,3 +532,27 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML: {e}") from None
     return parse_config(data, str(p))
+
+
+def load_shadow_candidate(path: str | os.PathLike[str]) -> Config:
+    """A shadow candidate (governance.shadow), validated as a configuration of its own; it may
+    not name a shadow itself."""
+    candidate = _read_config(Path(path).expanduser())
+    if candidate.governance.shadow is not None:
+        raise ConfigError(f"{path}: governance.shadow: a shadow candidate cannot name one itself")
+    return candidate
+
+
+def resolve_shadow(config: Config, config_file: Path) -> Config:
+    """`governance.shadow` made absolute against the config file's folder, the candidate read
+    and validated: a bad one fails the start (or the reload) naming both files and its key."""
+    path = config.governance.shadow
+    if path is None:
+        return config
+    absolute = str((config_file.parent / Path(path).expanduser()).resolve())
+    try:
+        load_shadow_candidate(absolute)
+    except ConfigError as e:
+        raise ConfigError(f"{config_file}: governance.shadow: {e}") from None
+    g = config.governance.model_copy(update={"shadow": absolute})
+    return config.model_copy(update={"governance": g})

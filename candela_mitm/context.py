@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # types only: the context is the vocabulary those modules spe
     from candela_mitm.governance.ledger import BudgetRefusal, Reservation
     from candela_mitm.governance.ratelimit import Admission
     from candela_mitm.governance.sessions import Session
+    from candela_mitm.governance.shadow import ShadowVerdicts
     from candela_mitm.governance.users import UserSettings
     from candela_mitm.observability.otel import StreamModel
     from candela_mitm.observability.spans import Span
@@ -93,6 +94,8 @@ class RequestContext:
     # the loop future that tells when that entry is committed (True) or timed out (False)
     audit_commit: asyncio.Future[bool] | None = None
     session: Session | None = None  # a WebSocket session, from its start (addons/websocket.py)
+    # governance.shadow: the candidate policy's verdicts, audited, never enforced
+    shadow: ShadowVerdicts | None = None
 
     @property
     def model(self) -> str | None:

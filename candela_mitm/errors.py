@@ -203,7 +203,17 @@ def tenant_not_allowed(user: str, tenant: str) -> Denial:
     )
 
 
-def model_not_allowed(model: str, tenant: str | None, policy: str) -> Denial:
+def model_not_allowed(
+    model: str, tenant: str | None, policy: str, key_id: str | None = None
+) -> Denial:
+    """`key_id`: the minted key whose own model patterns refused (named in the answer)."""
+    if key_id is not None:
+        return Denial(
+            403,
+            "model_not_allowed",
+            f"Model '{model}' is not among the models API key '{key_id}' may use",
+            {"model": model, "tenant_id": tenant, "policy": policy, "key_id": key_id},
+        )
     where = f"tenant '{tenant}'" if tenant else "this deployment"
     return Denial(
         403,

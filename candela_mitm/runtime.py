@@ -21,6 +21,7 @@ from candela_mitm.governance.policy import ModelPolicy
 from candela_mitm.governance.provider_keys import OrganisationKeys
 from candela_mitm.governance.provider_keys import from_config as provider_keys_from_config
 from candela_mitm.governance.ratelimit import RateLimiter
+from candela_mitm.governance.shadow import Shadow
 from candela_mitm.governance.users import UserDirectory
 from candela_mitm.local import LocalRuntime
 from candela_mitm.observability.alerts import AlertNotifier
@@ -32,7 +33,7 @@ from candela_mitm.providers.specs import Upstream, resolve_all
 from candela_mitm.providers.upstream_auth import UpstreamCredentials
 from candela_mitm.state import StateStore, open_state_store
 from candela_mitm.state.calls import StoreCalls
-from candela_mitm.state.ports import to_us, utc_now
+from candela_mitm.state.ports import KeyRecord, to_us, utc_now
 
 log = logging.getLogger("candela.runtime")
 
@@ -59,11 +60,11 @@ def minted_key_lookup(store: StateStore, calls: StoreCalls) -> MintedKeyLookup:
     """The Authenticator's view of the keys minted through the admin API: one store read per
     request that presents one, so a revocation holds at once in every process."""
 
-    async def lookup(sha256: str) -> str | None:
+    async def lookup(sha256: str) -> KeyRecord | None:
         record = await calls.call(store.api_key, sha256)
         if record is None or not record.valid_at(to_us(utc_now())):
             return None
-        return record.user_id
+        return record
 
     return lookup
 
@@ -96,6 +97,7 @@ class Runtime:
     # provider keys intercepted apps bring: fingerprinted, the organisation's recognised
     provider_keys: OrganisationKeys = field(default_factory=lambda: OrganisationKeys(None, ()))
     alerts: AlertNotifier | None = None  # budget threshold alerts (started by build_runtime)
+    shadow: Shadow | None = None  # governance.shadow: a candidate judged beside the live policy
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store call off the event loop, on the governance thread pool."""
@@ -137,7 +139,9 @@ class Runtime:
             ModelPolicy(new.governance.models, new.governance.workloads),
         )
         credentials = UpstreamCredentials(upstreams)
+        shadow = Shadow.from_config(new)
         self.config = new
+        self.shadow = shadow
         self.upstreams = upstreams
         self.credentials = credentials
         self.pricing = pricing
@@ -220,6 +224,7 @@ def build_runtime(config: Config, command: Command) -> Runtime:
     provider_keys = provider_keys_from_config(config.interception, os.environ)
     # before anything is opened: a bad local settings file fails the start with nothing to undo
     local = LocalRuntime(config, upstreams) if command == "local" else None
+    shadow = Shadow.from_config(config)
     required = config.auth.required if config.auth.required is not None else command == "server"
     local_user = getpass.getuser()
     store = open_state_store(config.state)
@@ -263,6 +268,7 @@ def build_runtime(config: Config, command: Command) -> Runtime:
         calls=calls,
         local=local,
         provider_keys=provider_keys,
+        shadow=shadow,
     )
     rt.alerts = AlertNotifier(store, audit, metrics, lambda: rt.config.alerts, known_scope(rt))
     return rt

@@ -59,6 +59,8 @@ MAX_LIMIT = 1_000_000_000  # concurrency and tokens per minute
 DEFAULT_ROTATION_GRACE_S = 3600  # how long a rotated key keeps working beside its successor
 MAX_ROTATION_GRACE_S = 30 * 24 * 3600
 MAX_REASON_CHARS = 1000
+MAX_KEY_MODELS = 64  # model names or patterns a key may be narrowed to
+MAX_MODEL_PATTERN_CHARS = 256
 DEFAULT_AUDIT_LIMIT = 100
 MAX_AUDIT_LIMIT = 10_000
 MAX_LEADERBOARD_LIMIT = 10_000
@@ -385,7 +387,12 @@ def settings_json(s: UserSettings) -> dict[str, Any]:
 
 
 def _mint(
-    user: str, name: str, actor: str, now_us: int, expires_us: int | None
+    user: str,
+    name: str,
+    actor: str,
+    now_us: int,
+    expires_us: int | None,
+    models: tuple[str, ...] = (),
 ) -> tuple[str, KeyRecord]:
     """A new key and its record (which holds only the key's SHA-256)."""
     secret = MINTED_KEY_PREFIX + secrets.token_urlsafe(32)
@@ -397,7 +404,29 @@ def _mint(
         actor=actor,
         created_us=now_us,
         expires_us=expires_us,
+        models=models,
     )
+
+
+def _key_models(value: Any) -> tuple[str, ...]:
+    """A key's model patterns: names or fnmatch patterns, as governance.models entries."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_KEY_MODELS:
+        raise _invalid("models", f"must be a list of 1 to {MAX_KEY_MODELS} model names or patterns")
+    for m in value:
+        if (
+            not isinstance(m, str)
+            or not m
+            or len(m) > MAX_MODEL_PATTERN_CHARS
+            or any(ord(ch) < 0x20 for ch in m)
+        ):
+            raise _invalid(
+                "models",
+                f"each entry must be a model name or pattern of 1 to {MAX_MODEL_PATTERN_CHARS} "
+                "printable characters (gpt-4o-mini, claude-sonnet-*)",
+            )
+    return tuple(value)
 
 
 def key_json(k: KeyRecord, now_us: int) -> dict[str, Any]:
@@ -414,6 +443,7 @@ def key_json(k: KeyRecord, now_us: int) -> dict[str, Any]:
         "expires_at": None if k.expires_us is None else rfc3339(from_us(k.expires_us)),
         "revoked_at": None if k.revoked_us is None else rfc3339(from_us(k.revoked_us)),
         "actor": k.actor,
+        "models": list(k.models),  # []: whatever its user may use
     }
 
 
@@ -634,7 +664,7 @@ class AdminApi:
     def create_key(self, req: AdminRequest, _p: Any, _q: Any, body: dict[str, Any]) -> Handled:
         """Mint a key for a user (a developer: only for themselves); shown once, stored as its
         SHA-256 in the state store."""
-        _no_unknown_fields(body, ("user_id", "name", "expires_at"))
+        _no_unknown_fields(body, ("user_id", "name", "expires_at", "models"))
         user = body.get("user_id", req.user)
         if not isinstance(user, str):
             raise _invalid("user_id", "must be a user id")
@@ -658,7 +688,8 @@ class AdminApi:
             if expires <= now:
                 raise _invalid("expires_at", "must be in the future")
             expires_us = to_us(expires)
-        secret, record = _mint(user, name, req.user, to_us(now), expires_us)
+        models = _key_models(body.get("models"))
+        secret, record = _mint(user, name, req.user, to_us(now), expires_us, models)
         view = key_json(record, to_us(now))
         self._audited(
             req, "key.create", user, None, view, lambda: self.rt.store.put_api_key(record)
@@ -698,7 +729,7 @@ class AdminApi:
         now_us = to_us(self._now())
         if not old.valid_at(now_us):
             raise _invalid("key", "is revoked or expired: mint a new key instead")
-        secret, new = _mint(old.user_id, old.name, req.user, now_us, old.expires_us)
+        secret, new = _mint(old.user_id, old.name, req.user, now_us, old.expires_us, old.models)
         ends = now_us + grace * 1_000_000
         if old.expires_us is not None:
             ends = min(ends, old.expires_us)

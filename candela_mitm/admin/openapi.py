@@ -65,6 +65,12 @@ KEY_PROPS: dict[str, Any] = {
             "expires_at": {"type": ["string", "null"], "format": "date-time"},
             "revoked_at": {"type": ["string", "null"], "format": "date-time"},
             "actor": {**_STR, "description": "who minted it"},
+            "models": {
+                "type": "array",
+                "items": _STR,
+                "description": "the models the key may use (names or fnmatch patterns), besides "
+                "what its user's policy allows; []: whatever its user may use",
+            },
         }
 _PERIOD = {
     "type": "string",
@@ -185,6 +191,16 @@ SCHEMAS: dict[str, Any] = {
             },
             "name": {"type": "string", "maxLength": 1000},
             "expires_at": {**_TIME, "description": "RFC 3339 with an offset, in the future"},
+            "models": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 64,
+                "items": {"type": "string", "minLength": 1, "maxLength": 256,
+                          "pattern": "^[^\\x00-\\x1f]*$"},
+                "description": "narrow the key to these models (names or patterns such as "
+                "gpt-4o-mini or claude-sonnet-*): a request must be allowed by its user's policy "
+                "and match one, else 403 model_not_allowed naming the key (key_id)",
+            },
         },
         "additionalProperties": False,
     },

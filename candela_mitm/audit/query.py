@@ -319,3 +319,42 @@ def hourly_spend(audit_db: Path, user: str, day: date) -> list[float]:
         if isinstance(hour, int) and 0 <= hour < 24 and usd is not None and math.isfinite(usd):
             hours[hour] = float(usd)
     return hours
+
+
+# -- request entries (policy replay) ----------------------------------------------------------
+
+
+def request_entries(
+    source: str | Path, since: str | datetime | None = None
+) -> Iterator[dict[str, Any]]:
+    """The `llm_request` entries with ts >= since, in seq order, as `as_dict` shows them.
+
+    `source` is the SQLite ledger, or a Parquet export (`candela audit export --format
+    parquet`) or a folder of the DuckDB mirror's Parquet segments, read with DuckDB.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir() or path.suffix == ".parquet":
+        glob = str(path / "*.parquet") if path.is_dir() else str(path)
+        con = duckdb.connect()
+        try:
+            con.execute("SET TimeZone = 'UTC'")
+            sql = (
+                f"SELECT {ROW_COLUMNS} FROM read_parquet({sql_string(glob)}) WHERE action = ?"
+            )
+            args: list[Any] = [LLM_REQUEST]
+            if since is not None:
+                sql += " AND ts >= CAST(? AS TIMESTAMP)"
+                args.append(parse_time(since).rstrip("Z"))
+            cur = con.execute(sql + " ORDER BY seq", args)
+            while chunk := cur.fetchmany(_CHUNK):
+                for row in chunk:
+                    d = as_dict(row)
+                    d["ts"] = parse_time(d["ts"])
+                    yield d
+        finally:
+            con.close()
+        return
+    for chunk in iter_rows(path, None if since is None else parse_time(since)):
+        for row in chunk:
+            if row[2] == LLM_REQUEST:
+                yield as_dict(row)

@@ -165,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--user", help="whose key (default: yours; admins may name anyone)")
     create.add_argument("--name", default="", help="what the key is for")
     create.add_argument("--expires-at", help="RFC 3339, e.g. 2030-01-31T00:00:00Z")
+    create.add_argument(
+        "--models",
+        nargs="+",
+        metavar="MODEL",
+        help="narrow the key to these models (names or patterns: gpt-4o-mini 'claude-sonnet-*')",
+    )
     ls = sub.add_parser("list", help="keys minted through the API (their ids, never the keys)")
     ls.add_argument("--user", help="only this user's (default for developers: yours)")
     rotate = sub.add_parser("rotate", help="a new key; the old one works for --grace-s more")
@@ -218,6 +224,8 @@ def main(
                 body["user_id"] = args.user
             if args.expires_at:
                 body["expires_at"] = args.expires_at
+            if args.models:
+                body["models"] = args.models
             status, answer = _call(args.url, token, "POST", "/admin/v1/keys", body)
         elif args.command == "list":
             query = f"?user={quote(args.user)}" if args.user else ""

@@ -199,6 +199,7 @@ SUBCOMMANDS = {
     "doctor": "candela_mitm.cli.doctor:main",
     "prices": "candela_mitm.cli.prices:main",
     "keys": "candela_mitm.cli.keys:main",
+    "policy": "candela_mitm.cli.policy:main",
     "service": "candela_mitm.cli.service:main",
 }
 # `candela --help` lists each with this line (tests/core/cli/test_help.py: every one listed).
@@ -212,6 +213,7 @@ SUBCOMMAND_HELP = {
     "keys": "API keys: into a config file (the first admin key), or minted and revoked live",
     "service": "write systemd units for candela-server, ready before network-online",
     "prices": "what a model costs per token kind, and where each price came from",
+    "policy": "replay the audit log through a candidate configuration: what it would change",
 }
 
 

@@ -25,6 +25,7 @@ from google.oauth2 import id_token as google_id_token
 
 from candela_mitm.config import Auth
 from candela_mitm.errors import Denial, governance_unavailable, unauthenticated
+from candela_mitm.state.ports import KeyRecord
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,9 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # up in the state store, so a provider key or an ID token never costs a store read.
 MINTED_KEY_PREFIX = "cdk_"
 
-# The user a minted key's digest belongs to, or None (unknown, revoked, expired); raises when
-# the store cannot say (the request is then refused 503).
-MintedKeyLookup = Callable[[str], Awaitable[str | None]]
+# The minted key with this digest while it is valid, or None (unknown, revoked, expired); raises
+# when the store cannot say (the request is then refused 503).
+MintedKeyLookup = Callable[[str], Awaitable[KeyRecord | None]]
 
 # Google signs ID tokens with RS256; every other alg (none, HS256 alg confusion) is refused
 # before google-auth sees the token.
@@ -75,12 +76,21 @@ MAX_RESPONSE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
+class KeyScope:
+    """What a key minted through the admin API narrows its user to."""
+
+    key_id: str  # its public name (k_...)
+    models: tuple[str, ...] = ()  # model names or patterns; (): whatever the user may use
+
+
+@dataclass(frozen=True)
 class Principal:
     user: str
     role: Role
     via: Via
     key_id: str | None  # sha256(credential)[:8]: the only trace of a credential ever logged
     proxy_identity: str | None = None  # the IAP-verified identity from Proxy-Authorization
+    key_scope: KeyScope | None = None  # a minted key's own limits
 
 
 class MalformedCredential(ValueError):
@@ -439,17 +449,18 @@ class Authenticator:
             # read from the store on every request: a revoked key is refused at once in every
             # process sharing it (no process may remember a key as valid)
             try:
-                user = await self._minted_keys(hashlib.sha256(token.encode()).hexdigest())
+                record = await self._minted_keys(hashlib.sha256(token.encode()).hexdigest())
             except Exception as e:
                 log.warning("API key lookup failed: %s", type(e).__name__)
                 return governance_unavailable("the key store cannot be read")
-            if user is None:
+            if record is None:
                 log.info("401: %s key_id=%s: unknown, revoked or expired key", source, kid)
                 return unauthenticated(
                     f"The credential in {_display(source)} is not accepted: "
                     "the key is unknown, revoked or expired"
                 )
-            return self._principal(user, "api_key", kid, proxy_identity)
+            scope = KeyScope(record.key_id, record.models)
+            return self._principal(record.user_id, "api_key", kid, proxy_identity, scope)
         try:
             if source in KEY_SOURCES:
                 raise _Invalid("it is not a known Candela API key")
@@ -473,7 +484,12 @@ class Authenticator:
         return self._principal(verified.user, via, kid, proxy_identity)
 
     def _principal(
-        self, user: str, via: Via, kid: str | None, proxy_identity: str | None
+        self,
+        user: str,
+        via: Via,
+        kid: str | None,
+        proxy_identity: str | None,
+        key_scope: KeyScope | None = None,
     ) -> Principal | Denial:
         role: Role | None = None
         if self._role_override is not None:
@@ -484,7 +500,7 @@ class Authenticator:
                 return governance_unavailable("the user store cannot be read")
         if role is None:
             role = "admin" if user in self._admins else "developer"
-        return Principal(user, role, via, kid, proxy_identity)
+        return Principal(user, role, via, kid, proxy_identity, key_scope)
 
     def _match_api_key(self, token: str) -> str | None:
         # Looked up by its SHA-256: one dict probe whatever the number of keys (comparing every

@@ -19,6 +19,7 @@ from candela_mitm.state.ports import (
     US_PER_S,
     GrantRow,
     NewReservation,
+    ReserveResult,
     StateStore,
     day_of,
     from_us,
@@ -89,6 +90,8 @@ class Reservation:
     period: BudgetPeriod = DAILY_UTC
     tenant_budget_usd: float | None = None  # None: the tenant has no budget
     tenant_period: BudgetPeriod = DAILY_UTC
+    # the counters the store decided on (a shadow policy judges itself on them: governance/shadow.py)
+    seen: ReserveResult | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class BudgetRefusal:
     scope: Literal["user", "tenant"] = "user"  # whose budget refused
     period: str = "daily"
     tenant: str | None = None
+    seen: ReserveResult | None = field(default=None, compare=False, repr=False)  # as Reservation
 
     def denial(self) -> Denial:
         return budget_exceeded(
@@ -326,6 +330,7 @@ class Ledger:
                 scope="tenant",
                 period=tenant_period.kind,
                 tenant=tenant,
+                seen=result,
             )
         if not result.ok:
             spendable = (
@@ -341,6 +346,7 @@ class Ledger:
                 reserved_usd=nano_to_usd(result.reserved),
                 period=period.kind,
                 tenant=tenant,
+                seen=result,
             )
         return Reservation(
             id=reservation_id,
@@ -358,6 +364,7 @@ class Ledger:
             period=period,
             tenant_budget_usd=tenant_budget_usd if tenant else None,
             tenant_period=tenant_period,
+            seen=result,
         )
 
     def settle(

@@ -27,7 +27,8 @@ class PolicyDecision:
     tenant: str | None
     policy_mode: str  # allowlist | blocklist | none
     scope: str  # "tenant" when a tenant's own list decided, else "global";
-    # "workload" when the sending executable's own policy (governance.workloads) refused it
+    # "workload" when the sending executable's own policy (governance.workloads) refused it,
+    # "key" when the minted key's own model patterns did
 
 
 @lru_cache(maxsize=4096)  # model names come from clients: bounded
@@ -107,9 +108,14 @@ class ModelPolicy:
                 self._tenants[name] = (_rule(t.models.mode, cfg.allowed, cfg.blocked), "global")
 
     def check(
-        self, model: str, tenant: str | None, workload: int | None = None
+        self,
+        model: str,
+        tenant: str | None,
+        workload: int | None = None,
+        key_models: Sequence[str] = (),
     ) -> PolicyDecision:
-        """`workload`: the index of the governance.workloads rule the sender matched."""
+        """`workload`: the index of the governance.workloads rule the sender matched;
+        `key_models`: the patterns a minted key is narrowed to (scope `key` when they refuse)."""
         rule, scope = self._global, "global"
         if tenant is not None and tenant in self._tenants:
             rule, scope = self._tenants[tenant]
@@ -117,6 +123,8 @@ class ModelPolicy:
         own = self._workloads[workload] if workload is not None else None
         if ok and own is not None and own.mode is not None and not own.allows(model):
             return PolicyDecision(False, model, tenant, own.mode, "workload")
+        if ok and key_models and not key_rule(tuple(key_models)).allows(model):
+            return PolicyDecision(False, model, tenant, "allowlist", "key")
         return PolicyDecision(ok, model, tenant, rule.mode or "none", scope)
 
 
@@ -144,3 +152,9 @@ def effective_models(cfg: Models, tenant: str | None = None) -> EffectiveModels:
     if mode is None:
         return EffectiveModels("none", (), scope)
     return EffectiveModels(mode, tuple(allowed if mode == "allowlist" else blocked), scope)
+
+
+@lru_cache(maxsize=1024)  # a key's patterns, read on each of its requests: bounded
+def key_rule(patterns: tuple[str, ...]) -> _Rule:
+    """A minted key's model patterns, an allowlist matched as the policy's own entries are."""
+    return _rule("allowlist", list(patterns), [])

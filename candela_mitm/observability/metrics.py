@@ -67,6 +67,12 @@ class Metrics:
             ["model", "tenant", "policy"],
             registry=r,
         )
+        self.shadow_decisions = Counter(
+            "candela_shadow_decisions_total",
+            "Verdicts of the shadow policy (governance.shadow): allowed, denied, error; never enforced",
+            ["decision"],
+            registry=r,
+        )
         self.budget_denied = Counter(
             "candela_budget_denied_total", "Requests denied by the budget gate", ["tenant", "reason"],
             registry=r,

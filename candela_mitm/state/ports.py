@@ -249,12 +249,17 @@ class KeyRecord:
     created_us: int
     expires_us: int | None = None
     revoked_us: int | None = None
+    # model names or patterns the key is narrowed to, besides its user's policy; (): the user's
+    models: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(self.models))  # JSON and callers hand lists
 
     def valid_at(self, now_us: int) -> bool:
         return self.revoked_us is None and (self.expires_us is None or now_us < self.expires_us)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "models": list(self.models)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> KeyRecord:
@@ -270,6 +275,7 @@ class KeyRecord:
             created_us=int(data["created_us"]),
             expires_us=opt("expires_us"),
             revoked_us=opt("revoked_us"),
+            models=tuple(str(m) for m in data.get("models") or ()),
         )
 
 

@@ -3,9 +3,13 @@ real openai SDK through another process sharing the store, refused everywhere on
 
 from __future__ import annotations
 
+import json
+import time
+
 import pytest
 import requests
 
+from candela_mitm.audit.query import query_entries
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.upstream import FakeUpstream
 
@@ -102,3 +106,48 @@ def test_candela_keys_cli_creates_lists_and_revokes(tmp_path, upstream: FakeUpst
         assert r.status_code == 401 and r.json()["error"] == "unauthenticated"
         assert main(["--url", c.url, "revoke", "k_nonesuch"]) == 1
         assert "404 key_not_found" in capsys.readouterr().err
+
+
+def test_a_key_narrowed_to_models_is_refused_the_others_in_every_process(
+    tmp_path, upstream: FakeUpstream, token_server, monkeypatch, capsys
+):
+    from candela_mitm.cli.keys import main
+
+    upstream.reset()
+    upstream.clear()
+    cfg = base_config(upstream.url, users={"bob@example.com": {"tenants": ["t"]}})
+    env = candela_env(token_server, tmp_path)
+    with CandelaProcess(tmp_path, cfg, env=env) as a, CandelaProcess(tmp_path, cfg, env=env) as b:
+        monkeypatch.setenv("CANDELA_ADMIN_KEY", ADMIN_KEY)
+        assert main(["--url", a.url, "--json", "create", "--user", "bob@example.com",
+                     "--models", "gpt-4o-mini", "claude-sonnet-*"]) == 0
+        minted = json.loads(capsys.readouterr().out)
+        assert minted["models"] == ["gpt-4o-mini", "claude-sonnet-*"]
+        bob = {"Authorization": f"Bearer {minted['key']}"}
+
+        def chat(proxy: CandelaProcess, model: str) -> requests.Response:
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            return requests.post(proxy.url + CHAT, json=body, headers=bob, timeout=10)
+
+        assert chat(b, "gpt-4o-mini").status_code == 200
+        for proxy in (a, b):
+            r = chat(proxy, "gpt-4o")  # bob's own policy allows it: his key does not
+            assert r.status_code == 403
+            assert r.json() == {
+                "error": "model_not_allowed",
+                "message": f"Model 'gpt-4o' is not among the models API key '{minted['id']}' "
+                "may use",
+                "model": "gpt-4o",
+                "tenant_id": "t",
+                "policy": "allowlist",
+                "key_id": minted["id"],
+            }
+        assert len(upstream.requests) == 1  # nothing refused went upstream
+        time.sleep(0.3)
+        checks = query_entries(tmp_path / "audit.db", action="model_policy_check", limit=10)
+        assert [(e["fields"]["model"], e["fields"]["result"], e["fields"]["policy_scope"])
+                for e in reversed(checks)] == [
+            ("gpt-4o-mini", "allowed", "global"),
+            ("gpt-4o", "denied", "key"),
+            ("gpt-4o", "denied", "key"),
+        ]

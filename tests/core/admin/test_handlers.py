@@ -846,6 +846,29 @@ def test_mint_list_revoke_a_key(rt):
     assert [a["action"] for a in admin_actions(rt)] == ["key.create", "key.revoke"]
 
 
+def test_a_key_narrowed_to_models_keeps_them_through_rotation(rt):
+    r = call(rt, "POST", "/admin/v1/keys", {"user_id": BOB, "models": ["gpt-4o-mini", "claude-*"]})
+    assert r.status == 201 and r.payload["models"] == ["gpt-4o-mini", "claude-*"]
+    [stored] = rt.store.api_keys(BOB)
+    assert stored.models == ("gpt-4o-mini", "claude-*")
+    [created] = admin_actions(rt)
+    assert created["after"]["models"] == ["gpt-4o-mini", "claude-*"]  # audited
+    rotated = call(rt, "POST", f"/admin/v1/keys/{r.payload['id']}/rotate", {"grace_s": 0})
+    assert rotated.status == 201 and rotated.payload["models"] == ["gpt-4o-mini", "claude-*"]
+    plain = call(rt, "POST", "/admin/v1/keys", {"user_id": BOB}).payload
+    assert plain["models"] == []
+
+
+@pytest.mark.parametrize(
+    "models",
+    [[], "gpt-4o", [""], ["gpt\n4o"], ["x" * 257], [1], ["m"] * 65],
+)
+def test_key_models_validation_names_the_field(rt, models):
+    r = call(rt, "POST", "/admin/v1/keys", {"user_id": BOB, "models": models})
+    assert (r.status, r.payload["error"], r.payload["field"]) == (400, "invalid_parameter", "models")
+    assert rt.store.api_keys(BOB) == []
+
+
 def test_developers_mint_and_revoke_only_their_own_keys(rt):
     mine = call(rt, "POST", "/admin/v1/keys", {}, as_=ALICE)
     assert mine.status == 201 and mine.payload["user_id"] == ALICE

@@ -22,12 +22,14 @@ from candela_mitm.governance.identity import (
     SOURCES,
     Authenticator,
     HttpResponse,
+    KeyScope,
     MalformedCredential,
     Principal,
     extract_credential,
     key_id,
     urllib_fetcher,
 )
+from candela_mitm.state.ports import KeyRecord
 from tests.fakes.oidc import FakeOidcProvider, b64url
 
 ALICE_KEY = "cdl_alice_example_key"  # config.example.yaml stores this key's digest
@@ -769,12 +771,19 @@ def test_saturated_lookups_are_503_not_queued(monkeypatch: pytest.MonkeyPatch) -
 MINTED = "cdk_minted_example_key_0123456789abcdef"
 
 
-def minted_lookup(table: dict[str, str | None], calls: list[str]) -> Any:
-    async def lookup(digest: str) -> str | None:
+def minted_lookup(
+    table: dict[str, str | None], calls: list[str], models: tuple[str, ...] = ()
+) -> Any:
+    """The store's view of minted keys: digest -> user (its record as the runtime answers it)."""
+
+    async def lookup(digest: str) -> KeyRecord | None:
         calls.append(digest)
-        if table.get(digest) == "boom":
+        user = table.get(digest)
+        if user == "boom":
             raise RuntimeError("store down")
-        return table.get(digest)
+        if user is None:
+            return None
+        return KeyRecord("k_0123456789abcdef", digest, user, "", "admin", 0, models=models)
 
     return lookup
 
@@ -789,6 +798,18 @@ def test_minted_key_is_read_from_the_store_on_every_request(source: str) -> None
         assert isinstance(p, Principal) and (p.user, p.via) == ("bob@example.com", "api_key")
         assert p.key_id == sha(MINTED)[:8]
     assert calls == [sha(MINTED)] * 2  # never remembered: a revocation holds at once
+
+
+def test_a_minted_key_carries_its_own_scope() -> None:
+    a = Authenticator(make_auth(None, {}), required=True,
+                      minted_keys=minted_lookup({sha(MINTED): "bob@example.com"}, [],
+                                                models=("gpt-4o-mini", "claude-*")))
+    p = run(a.authenticate(*where("authorization", MINTED)))
+    assert isinstance(p, Principal)
+    assert p.key_scope == KeyScope("k_0123456789abcdef", ("gpt-4o-mini", "claude-*"))
+    static = Authenticator(make_auth(None, {ALICE_KEY: "alice@example.com"}), required=True)
+    q = run(static.authenticate(*where("authorization", ALICE_KEY)))
+    assert isinstance(q, Principal) and q.key_scope is None  # config keys have no scope
 
 
 def test_unknown_revoked_or_expired_minted_key_is_401() -> None:

@@ -210,3 +210,39 @@ def test_the_effective_view_names_the_lists():
     assert effective_models(parse_config({}).governance.models) == EffectiveModels(
         "none", (), "global"
     )
+
+
+@pytest.mark.parametrize(
+    "model, tenant, key, allowed, scope",
+    [
+        # a key narrows what its user may use ...
+        ("gpt-4o-mini", None, ("gpt-4o-mini",), True, "global"),
+        ("gemini-2.5-flash", None, ("gpt-4o-mini",), False, "key"),
+        ("gemini-2.5-flash", None, ("gemini-*",), True, "global"),
+        ("models/Gemini-2.5-Flash", None, ("gemini-*-flash",), True, "global"),
+        # ... never widens it: the policy refuses first, and says so
+        ("gpt-4o", None, ("gpt-4o*",), False, "global"),
+        ("gpt-4o", "research-team", ("gpt-4o*",), True, "tenant"),
+        ("gpt-4o-2024-08-06", "research-team", ("gpt-4o",), True, "tenant"),  # its snapshots
+        ("gpt-4o-mini", None, (), True, "global"),  # no patterns: whatever the user may use
+    ],
+)
+def test_a_keys_own_models(model, tenant, key, allowed, scope):
+    d = policy().check(model, tenant, None, key)
+    assert (d.allowed, d.scope) == (allowed, scope)
+
+
+def test_a_keys_refusal_names_the_key():
+    from candela_mitm import errors
+
+    d = policy().check("gemini-2.5-flash", None, None, ("gpt-4o-mini",))
+    denial = errors.model_not_allowed(d.model, d.tenant, d.policy_mode, "k_0123456789abcdef")
+    assert (denial.status, denial.payload()) == (403, {
+        "error": "model_not_allowed",
+        "message": "Model 'gemini-2.5-flash' is not among the models API key "
+        "'k_0123456789abcdef' may use",
+        "model": "gemini-2.5-flash",
+        "tenant_id": None,
+        "policy": "allowlist",
+        "key_id": "k_0123456789abcdef",
+    })

@@ -963,6 +963,17 @@ def test_api_keys_round_trip_and_revoke_once(store: StateStore) -> None:
     assert store.revoke_api_key("k_nonesuch", T0_US) is None
 
 
+def test_api_keys_keep_their_models(store: StateStore) -> None:
+    from candela_mitm.state.ports import KeyRecord
+
+    narrow = KeyRecord("k_n", "d" * 64, "u", "", "admin", T0_US, models=("gpt-4o-mini", "claude-*"))
+    store.put_api_key(narrow)
+    assert store.api_key("d" * 64) == narrow
+    assert store.api_keys("u")[0].models == ("gpt-4o-mini", "claude-*")
+    assert store.revoke_api_key("k_n", T0_US + 1) == narrow
+    assert store.api_key("d" * 64).models == ("gpt-4o-mini", "claude-*")  # type: ignore[union-attr]
+
+
 def test_api_key_expiry_only_comes_forward(store: StateStore) -> None:
     from candela_mitm.state.ports import KeyRecord
 

@@ -1,0 +1,421 @@
+"""In-memory state store: the SQLite store's arithmetic over dicts, for one process that replays.
+
+Policy replay and shadow evaluation (governance/replay.py, governance/shadow.py) run the real
+Ledger and RateLimiter on it, so a candidate policy is judged by the same reserve, settle, rate
+and token rules as live traffic: the holds and draws come from the same pure functions the
+SQLite store uses (`plan_holds`, `plan_settle`, `tenant_admits`, `token_fits_at`), and
+tests/core/state/test_memory.py runs one scripted history through this store and SQLite and
+compares every answer. Nothing is shared between processes and nothing survives the object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from candela_mitm.state.ports import (
+    ActiveReservation,
+    DayTotals,
+    GrantRow,
+    KeyRecord,
+    Lease,
+    NewReservation,
+    RateHit,
+    ReserveResult,
+    SettleResult,
+    SpendRow,
+    StateStore,
+    TenantRecord,
+    TokenAdmit,
+    UserRecord,
+    from_us,
+    plan_holds,
+    plan_settle,
+    tenant_admits,
+    token_fits_at,
+)
+
+
+@dataclass
+class _Reservation:
+    new: NewReservation
+    daily_hold: int
+    grant_holds: dict[str, int]
+    tenant_period: str
+    tenant_hold: int
+    status: str = "active"
+    finished_us: int | None = None
+
+
+@dataclass
+class _Row:
+    spent: int = 0
+    from_grants: int = 0
+    reserved: int = 0
+
+
+@dataclass
+class _Spend:
+    cost: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    requests: int = 0
+
+
+@dataclass
+class _Tables:
+    users: dict[str, UserRecord] = field(default_factory=dict)
+    reservations: dict[str, _Reservation] = field(default_factory=dict)
+    days: dict[tuple[str, str], _Row] = field(default_factory=dict)  # (user, period key)
+    tenant_periods: dict[tuple[str, str], _Row] = field(default_factory=dict)
+    grants: dict[str, GrantRow] = field(default_factory=dict)
+    spend: dict[tuple[str, str, str, str, str], _Spend] = field(default_factory=dict)
+    tenants: dict[str, TenantRecord] = field(default_factory=dict)
+    keys: dict[str, KeyRecord] = field(default_factory=dict)  # key_id -> record
+    rate_log: dict[str, list[int]] = field(default_factory=dict)
+    token_log: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)  # entry: ts, n
+    leases: dict[str, dict[str, tuple[str, int]]] = field(default_factory=dict)  # owner, expiry
+
+
+class MemoryStateStore(StateStore):
+    """Every StateStore operation over plain dicts, each atomic under one lock."""
+
+    def __init__(self) -> None:
+        self._t = _Tables()
+        self._lock = threading.RLock()
+        self._alerts: dict[tuple[str, str, str, int], int] = {}  # claim -> expires_us
+
+    # -- users ---------------------------------------------------------------------------------
+    def get_user(self, user_id: str, include_deleted: bool = False) -> UserRecord | None:
+        rec = self._t.users.get(user_id)
+        if rec is None or (rec.deleted and not include_deleted):
+            return None
+        return rec
+
+    def put_user(self, record: UserRecord) -> None:
+        with self._lock:
+            self._t.users[record.user_id] = dataclasses.replace(
+                record, deleted=False, deleted_at=None
+            )
+
+    def delete_user(self, user_id: str, now_us: int) -> bool:
+        with self._lock:
+            rec = self._t.users.get(user_id)
+            if rec is None or rec.deleted:
+                return False
+            self._t.users[user_id] = dataclasses.replace(
+                rec, deleted=True, deleted_at=from_us(now_us)
+            )
+            return True
+
+    def list_users(self, include_deleted: bool = False) -> list[UserRecord]:
+        return [
+            r
+            for _, r in sorted(self._t.users.items())
+            if include_deleted or not r.deleted
+        ]
+
+    # -- ledger --------------------------------------------------------------------------------
+    def _grants_free(
+        self, user_id: str, now_us: int, own: Mapping[str, int] | None = None
+    ) -> list[tuple[str, int]]:
+        own = own or {}
+        rows = [
+            g
+            for g in self._t.grants.values()
+            if g.user_id == user_id and (g.expires_us > now_us or g.grant_id in own)
+        ]
+        rows.sort(key=lambda g: (g.expires_us, g.grant_id))
+        return [(g.grant_id, g.amount - g.used - g.held + own.get(g.grant_id, 0)) for g in rows]
+
+    def reserve(self, new: NewReservation) -> ReserveResult:
+        with self._lock:
+            period = new.user_period
+            row = self._t.days.get((new.user_id, period), _Row())
+            spent, from_grants, reserved = row.spent, row.from_grants, row.reserved
+            grants = self._grants_free(new.user_id, new.now_us)
+            daily_free = new.budget - (spent - from_grants) - reserved
+            grants_free = sum(max(0, free) for _, free in grants)
+            plan = plan_holds(new.amount, daily_free, grants)
+            if plan is None:
+                return ReserveResult(False, 0, {}, spent, from_grants, reserved, grants_free)
+            t_spent = t_reserved = t_hold = 0
+            tracked = bool(new.tenant and new.tenant_period)
+            if tracked:
+                t_row = self._t.tenant_periods.get((new.tenant, new.tenant_period), _Row())
+                t_spent, t_reserved = t_row.spent, t_row.reserved
+                if not tenant_admits(new.amount, new.tenant_budget, t_spent, t_reserved):
+                    return ReserveResult(
+                        False, 0, {}, spent, from_grants, reserved, grants_free,
+                        scope="tenant", tenant_spent=t_spent, tenant_reserved=t_reserved,
+                    )
+                t_hold = new.amount
+            daily, holds = plan
+            if daily:
+                self._t.days.setdefault((new.user_id, period), _Row()).reserved += daily
+            if t_hold:
+                self._t.tenant_periods.setdefault(
+                    (new.tenant, new.tenant_period), _Row()
+                ).reserved += t_hold
+            for grant_id, take in holds.items():
+                g = self._t.grants[grant_id]
+                self._t.grants[grant_id] = dataclasses.replace(g, held=g.held + take)
+            self._t.reservations[new.reservation_id] = _Reservation(
+                new, daily, dict(holds), new.tenant_period if tracked else "", t_hold
+            )
+            return ReserveResult(
+                True, daily, holds, spent, from_grants, reserved, grants_free,
+                tenant_spent=t_spent, tenant_reserved=t_reserved, tenant_hold=t_hold,
+            )
+
+    def settle(
+        self,
+        reservation_id: str,
+        cost: int,
+        tokens_in: int,
+        tokens_out: int,
+        model: str,
+        provider: str,
+        now_us: int,
+    ) -> SettleResult:
+        with self._lock:
+            r = self._t.reservations.get(reservation_id)
+            if r is None or r.status not in ("active", "reclaimed"):
+                return SettleResult(False)
+            new = r.new
+            period = new.user_period
+            active = r.status == "active"  # a reclaimed one gave its holds back already
+            own_daily = r.daily_hold if active else 0
+            own = r.grant_holds if active else {}
+            row = self._t.days.setdefault((new.user_id, period), _Row())
+            daily_free = new.budget - (row.spent - row.from_grants) - (row.reserved - own_daily)
+            daily, draws = plan_settle(cost, daily_free, self._grants_free(new.user_id, now_us, own))
+            row.spent += cost
+            row.from_grants += sum(draws.values())
+            row.reserved -= own_daily
+            if r.tenant_period:
+                t_row = self._t.tenant_periods.setdefault((new.tenant, r.tenant_period), _Row())
+                t_row.spent += cost
+                t_row.reserved -= r.tenant_hold if active else 0
+            for grant_id in own.keys() | draws.keys():
+                g = self._t.grants[grant_id]
+                self._t.grants[grant_id] = dataclasses.replace(
+                    g, used=g.used + draws.get(grant_id, 0), held=g.held - own.get(grant_id, 0)
+                )
+            r.status, r.finished_us = "settled", now_us
+            s = self._t.spend.setdefault((new.day, new.user_id, new.tenant, model, provider), _Spend())
+            s.cost += cost
+            s.tokens_in += tokens_in
+            s.tokens_out += tokens_out
+            s.requests += 1
+            return SettleResult(True, cost, daily, draws)
+
+    def release(self, reservation_id: str, now_us: int, reclaim: bool = False) -> bool:
+        with self._lock:
+            r = self._t.reservations.get(reservation_id)
+            if r is None or r.status != "active":
+                return False
+            new = r.new
+            if r.daily_hold:
+                self._t.days.setdefault((new.user_id, new.user_period), _Row()).reserved -= (
+                    r.daily_hold
+                )
+            if r.tenant_period and r.tenant_hold:
+                self._t.tenant_periods.setdefault(
+                    (new.tenant, r.tenant_period), _Row()
+                ).reserved -= r.tenant_hold
+            for grant_id, hold in r.grant_holds.items():
+                g = self._t.grants[grant_id]
+                self._t.grants[grant_id] = dataclasses.replace(g, held=g.held - hold)
+            r.status = "reclaimed" if reclaim else "released"
+            r.finished_us = now_us
+            return True
+
+    def active_reservations(self) -> list[ActiveReservation]:
+        active = [r for r in self._t.reservations.values() if r.status == "active"]
+        active.sort(key=lambda r: r.new.now_us)
+        return [
+            ActiveReservation(
+                r.new.reservation_id, r.new.owner, r.new.now_us, r.new.user_id, r.new.tenant,
+                r.new.day, r.new.amount, r.new.request_id, r.new.model, r.new.provider,
+            )
+            for r in active
+        ]
+
+    def purge_finished(self, before_us: int) -> int:
+        with self._lock:
+            gone = [
+                rid
+                for rid, r in self._t.reservations.items()
+                if r.status != "active" and r.finished_us is not None and r.finished_us < before_us
+            ]
+            for rid in gone:
+                del self._t.reservations[rid]
+            return len(gone)
+
+    def add_grant(self, grant: GrantRow) -> None:
+        with self._lock:
+            if grant.grant_id in self._t.grants:
+                raise ValueError(f"grant {grant.grant_id} exists")
+            self._t.grants[grant.grant_id] = grant
+
+    def grants(self, user_id: str) -> list[GrantRow]:
+        rows = [g for g in self._t.grants.values() if g.user_id == user_id]
+        return sorted(rows, key=lambda g: (g.expires_us, g.grant_id))
+
+    def day_totals(self, user_id: str, day: str) -> DayTotals:
+        row = self._t.days.get((user_id, day), _Row())
+        return DayTotals(row.spent, row.from_grants, row.reserved)
+
+    def tenant_totals(self, tenant: str, period: str) -> DayTotals:
+        row = self._t.tenant_periods.get((tenant, period), _Row())
+        return DayTotals(row.spent, 0, row.reserved)
+
+    # -- API keys ------------------------------------------------------------------------------
+    def put_api_key(self, record: KeyRecord) -> None:
+        with self._lock:
+            if record.key_id in self._t.keys or self.api_key(record.sha256) is not None:
+                raise ValueError(f"key {record.key_id} exists")
+            self._t.keys[record.key_id] = record
+
+    def api_key(self, sha256: str) -> KeyRecord | None:
+        return next((k for k in self._t.keys.values() if k.sha256 == sha256), None)
+
+    def api_keys(self, user_id: str | None = None) -> list[KeyRecord]:
+        keys = [k for k in self._t.keys.values() if user_id is None or k.user_id == user_id]
+        return sorted(keys, key=lambda k: (k.created_us, k.key_id))
+
+    def expire_api_key(self, key_id: str, expires_us: int) -> KeyRecord | None:
+        with self._lock:
+            before = self._t.keys.get(key_id)
+            if before is not None and (
+                before.expires_us is None or expires_us < before.expires_us
+            ):
+                self._t.keys[key_id] = dataclasses.replace(before, expires_us=expires_us)
+            return before
+
+    def revoke_api_key(self, key_id: str, now_us: int) -> KeyRecord | None:
+        with self._lock:
+            before = self._t.keys.get(key_id)
+            if before is not None and before.revoked_us is None:
+                self._t.keys[key_id] = dataclasses.replace(before, revoked_us=now_us)
+            return before
+
+    # -- tenants -------------------------------------------------------------------------------
+    def get_tenant(self, tenant_id: str) -> TenantRecord | None:
+        return self._t.tenants.get(tenant_id)
+
+    def put_tenant(self, record: TenantRecord) -> None:
+        with self._lock:
+            self._t.tenants[record.tenant_id] = record
+
+    def list_tenants(self) -> list[TenantRecord]:
+        return [r for _, r in sorted(self._t.tenants.items())]
+
+    def spend_rows(
+        self,
+        since_day: str | None = None,
+        until_day: str | None = None,
+        user_id: str | None = None,
+        tenant: str | None = None,
+    ) -> list[SpendRow]:
+        rows = [
+            SpendRow(*key, s.cost, s.tokens_in, s.tokens_out, s.requests)
+            for key, s in self._t.spend.items()
+            if (since_day is None or key[0] >= since_day)
+            and (until_day is None or key[0] <= until_day)
+            and (user_id is None or key[1] == user_id)
+            and (tenant is None or key[2] == tenant)
+        ]
+        return sorted(rows, key=lambda r: (r.day, r.user_id, r.tenant, r.model, r.provider))
+
+    # -- rate windows --------------------------------------------------------------------------
+    def rate_hit(self, key: str, limit: int, window_us: int, now_us: int) -> RateHit:
+        with self._lock:
+            log = [ts for ts in self._t.rate_log.get(key, ()) if ts > now_us - window_us]
+            allowed = len(log) < limit
+            if allowed:
+                log.append(now_us)
+            if log:
+                self._t.rate_log[key] = log
+            else:
+                self._t.rate_log.pop(key, None)
+            return RateHit(allowed, len(log), min(log) if log else None)
+
+    def token_admit(
+        self, entry_id: str, checks: Sequence[tuple[str, int, int]], window_us: int, now_us: int
+    ) -> TokenAdmit:
+        with self._lock:
+            used: dict[str, int] = {}
+            for key, limit, amount in checks:
+                entries = {
+                    e: v for e, v in self._t.token_log.get(key, {}).items()
+                    if v[0] > now_us - window_us
+                }
+                self._t.token_log[key] = entries
+                total = sum(a for _, a in entries.values())
+                used[key] = total
+                if amount > 0 and total + amount > limit:
+                    ordered = sorted((ts, e, a) for e, (ts, a) in entries.items())
+                    return TokenAdmit(
+                        False,
+                        used,
+                        key,
+                        token_fits_at([(ts, a) for ts, _, a in ordered], limit, amount, window_us),
+                    )
+            for key, _limit, amount in checks:
+                self._t.token_log.setdefault(key, {})[entry_id] = (now_us, amount)
+            return TokenAdmit(True, used)
+
+    def token_correct(self, entry_id: str, amounts: Mapping[str, int]) -> None:
+        with self._lock:
+            for key, amount in amounts.items():
+                entries = self._t.token_log.get(key, {})
+                if entry_id in entries:
+                    entries[entry_id] = (entries[entry_id][0], amount)
+
+    # -- concurrency leases --------------------------------------------------------------------
+    def lease_acquire(
+        self, key: str, lease_id: str, limit: int, owner: str, now_us: int, ttl_us: int
+    ) -> tuple[bool, int]:
+        with self._lock:
+            held = {
+                lid: v for lid, v in self._t.leases.get(key, {}).items() if v[1] > now_us
+            }
+            self._t.leases[key] = held
+            if len(held) >= limit:
+                return False, len(held)
+            held[lease_id] = (owner, now_us + ttl_us)
+            return True, len(held)
+
+    def lease_release(self, key: str, lease_id: str) -> bool:
+        with self._lock:
+            return self._t.leases.get(key, {}).pop(lease_id, None) is not None
+
+    def leases(self) -> list[Lease]:
+        return [
+            Lease(key, lid, owner, expires)
+            for key, held in sorted(self._t.leases.items())
+            for lid, (owner, expires) in sorted(held.items())
+        ]
+
+    # -- budget alerts -------------------------------------------------------------------------
+    def claim_alert(
+        self, scope: str, scope_id: str, period: str, threshold: int, now_us: int, expires_us: int
+    ) -> bool:
+        key = (scope, scope_id, period, threshold)
+        with self._lock:
+            held = self._alerts.get(key)
+            if held is not None and held > now_us:
+                return False
+            self._alerts[key] = expires_us
+            return True
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def ping(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
