@@ -14,6 +14,7 @@ from typing import Any
 import duckdb
 
 from candela_mitm.audit.query import QueryResult, parse_time, render, request_entries
+from candela_mitm.cli.progress import Progress
 from candela_mitm.config import Config, load_config
 from candela_mitm.errors import ConfigError, StoreUnavailable
 from candela_mitm.governance.replay import Candidate, ReplayReport, Verdict, replay
@@ -64,14 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--format", choices=["table", "json"], default="table")
     return parser
-
-
-def _progress(done: int, total: int) -> None:
-    """Progress on a terminal only: piped or captured, stderr stays clean."""
-    if sys.stderr.isatty():
-        end = "\n" if done >= total else ""
-        sys.stderr.write(f"\rreplayed {done}/{total} requests{end}")
-        sys.stderr.flush()
 
 
 def _usd(usd: float) -> str:
@@ -172,7 +165,8 @@ def _replay(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     start = candidate.warmup_start(since) if since is not None else None
     try:
-        report = replay(candidate, request_entries(audit, start), since, _progress)
+        with Progress("replay", "requests") as progress:  # a terminal only (cli/progress.py)
+            report = replay(candidate, request_entries(audit, start), since, progress.update)
     except (OSError, ValueError, KeyError, sqlite3.Error, duckdb.Error) as e:
         # an unreadable or foreign file: say which, not a traceback
         print(f"candela policy replay: cannot read {audit}: {e}", file=sys.stderr)

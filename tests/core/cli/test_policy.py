@@ -204,13 +204,17 @@ class _Terminal:
 
 @pytest.mark.parametrize("tty", [True, False])
 def test_progress_goes_to_a_terminal_only(monkeypatch: pytest.MonkeyPatch, tty: bool) -> None:
-    from candela_mitm.cli import policy
+    from candela_mitm.cli.progress import Progress
 
     term = _Terminal(tty)
-    monkeypatch.setattr(policy.sys, "stderr", term)
-    policy._progress(0, 20_000)
-    policy._progress(20_000, 20_000)
-    assert term.text == ("\rreplayed 0/20000 requests\rreplayed 20000/20000 requests\n" if tty else "")
+    monkeypatch.delenv("CANDELA_PROGRESS", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    with Progress("replay", "requests", stream=term, interval_s=0) as p:  # type: ignore[arg-type]
+        p.update(0, 20_000)
+        p.update(20_000, 20_000)
+        drawn = term.text
+    assert ("replay: 20,000 of 20,000 requests (100%)" in drawn) is tty
+    assert term.text == ("" if not tty else drawn + "\r\x1b[K")  # erased at the end
 
 
 def test_state_judges_users_and_tenants_as_the_admin_api_set_them(
