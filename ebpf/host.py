@@ -1,7 +1,8 @@
 """Host enforcement in the kernel: guard.c's host policy attached at the root cgroup, and pinned.
 
-Programs are attached with the legacy attach call (BPF_F_ALLOW_MULTI) at the cgroup v2 root,
-so they apply to every process on the host and stay attached after `candela enforce host`
+Programs are attached with the legacy attach call (BPF_F_ALLOW_MULTI) at the cgroup v2 root
+(or at the scope's cgroup, when enforcement is confined to one: `root=`), so they apply to every
+process on the host (in the scope) and stay attached after `candela enforce host`
 exits; programs and maps are pinned under /sys/fs/bpf/candela so that later commands find them
 (`status`, `off`) and the proxy can read refusals from the pinned ring buffer (PinnedEvents).
 
@@ -192,14 +193,17 @@ def install(policy: HostPolicy, *, pin_dir: str = PIN_DIR, root: Path | None = N
 
 
 def uninstall(*, pin_dir: str = PIN_DIR, root: Path | None = None) -> int:
-    """Detach every Candela program at the root cgroup (pinned or not) and remove the pins;
-    returns how many programs were detached. Idempotent."""
+    """Detach every Candela program at the root cgroup, or at `root` (a scope), pinned or not, and
+    remove the pins; returns how many programs were detached. Idempotent. A scope that is gone
+    took its programs with it: only the pins are left to remove."""
     root = root if root is not None else cgroups.cgroup2_root()
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        n = _detach_ids(root_fd, _candela_programs(root_fd))
-    finally:
-        os.close(root_fd)
+    n = 0
+    if root.is_dir():
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            n = _detach_ids(root_fd, _candela_programs(root_fd))
+        finally:
+            os.close(root_fd)
     pins = Path(pin_dir)
     _clear_pins(pins)
     if pins.is_dir():

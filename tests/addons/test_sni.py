@@ -224,8 +224,8 @@ def test_reverse_mode_flows_are_left_to_the_router(sni):
     assert ctx_of(f) is None and f.response is None
 
 
-def _hello(sni_name, dst):
-    client = connection.Client(peername=(SANDBOX_ADDR, 40000), sockname=(PROVIDER_IP, 443))
+def _hello(sni_name, dst, peer=SANDBOX_ADDR):
+    client = connection.Client(peername=(peer, 40000), sockname=(PROVIDER_IP, 443))
     client.proxy_mode = ProxyMode.parse("transparent")
     ctx = context.Context(client, taddons.context().options)
     ctx.server.address = dst
@@ -245,7 +245,7 @@ def _hello(sni_name, dst):
         ("api.openai.com", (PROVIDER_IP, 443), False, None, False),  # decrypted and governed
         ("eu.api.openai.com", (PROVIDER_IP, 443), False, None, False),  # a residency host
         ("other.example", ("198.18.9.9", 443), True, None, False),  # tunnelled untouched
-        # no name: nothing to route or check a Host against, whatever the address
+        # no name from a sandbox: nothing to route or check a Host against, whatever the address
         (None, ("198.18.9.9", 443), False, "no_sni", False),
         (None, (PROVIDER_IP, 443), False, "no_sni", False),
         # a name that is no provider's, to a provider's address: refused, not tunnelled
@@ -296,6 +296,30 @@ def test_a_provider_address_known_to_host_enforcement_refuses_other_names(sni, a
     data = _hello("cdn.other.example", ("198.18.7.8", 443))
     asyncio.run(sni.tls_clienthello(data))
     assert data.ignore_connection and len(audited) == 1
+
+
+@pytest.mark.parametrize(
+    "dst, refused",
+    [
+        (("198.18.7.7", 443), True),  # a provider address `enforce host` resolved
+        (("198.18.7.8", 443), False),  # any other: TLS to an address, relayed untouched
+        (("198.18.0.1", 443), True),  # a provider address a sandbox was given (the registry)
+    ],
+)
+def test_under_host_enforcement_tls_without_sni_is_refused_only_towards_providers(
+    sni, audited, tmp_path, dst, refused
+):
+    from candela_mitm.enforcement.host import EnforceState
+
+    state = tmp_path / "enforce.json"
+    EnforceState(8443, "/sys/fs/cgroup/x", {"api.openai.com": ["198.18.7.7"]}).save(str(state))
+    sni.enforce_state_path = str(state)
+    data = _hello(None, dst, peer="127.0.0.1")
+    asyncio.run(sni.tls_clienthello(data))
+    assert data.ignore_connection is not refused
+    assert [(a, f["reason"], f["enforcement"]) for a, f in audited] == (
+        [("bypass_attempt", "no_sni", "host")] if refused else []
+    )
 
 
 @pytest.mark.parametrize(
