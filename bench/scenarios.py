@@ -350,6 +350,13 @@ def s_transparent(b: Bench, res: dict[str, Any]) -> None:
     res["s7_transparent"] = transparent.run(b)
 
 
+def s_relay(b: Bench, res: dict[str, Any]) -> None:
+    """9. Host enforcement: HTTPS that is no provider's, relayed untouched vs direct."""
+    import relay  # needs root, iptables, bcc and a cgroup of its own
+
+    res["s9_relay"] = relay.run(b)
+
+
 def thread_names(stacks: list[tuple[list[str], int]]) -> dict[int, str]:
     """py-spy --threads names each stack's thread: 'thread (TID): NAME'."""
     names: dict[int, str] = {}
@@ -475,5 +482,6 @@ SCENARIOS: dict[str, Callable[[Bench, dict[str, Any]], None]] = {
     "s5": s_audit,
     "s6": s_workers,
     "s7": s_transparent,
+    "s9": s_relay,
     "profile": s_profile,
 }

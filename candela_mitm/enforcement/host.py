@@ -296,8 +296,7 @@ def enable(
     its state; prints what it resolved and did to `out`. `scope`: an existing cgroup (name or
     path under the v2 root) to confine it to; None: every process of the host.
 
-    LookupError if no provider address resolves (nothing changes then); FileNotFoundError if the
-    scope does not exist, ValueError if it is Candela's own cgroup; OSError if the kernel or
+    FileNotFoundError if the scope does not exist, ValueError if it is Candela's own cgroup; OSError if the kernel or
     iptables refuses.
     """
     from candela_mitm.ebpf import host
@@ -309,8 +308,12 @@ def enable(
     for name, addrs in resolved.items():
         print(f"  {name}: {', '.join(addrs) or 'does not resolve (not enforced)'}", file=out)
     if not v4 and not v6:
-        raise LookupError(
-            "no provider address resolved; give them with --hosts-file (hosts(5) format) or fix DNS"
+        # HTTPS is decided by name whatever the addresses; what is decided by address is not
+        print(
+            "  warning: no provider address resolved: HTTPS is governed by its server name all "
+            "the same, but plain HTTP, TLS without a name and other ports towards providers are "
+            "not refused; give addresses with --hosts-file (hosts(5) format) or fix DNS",
+            file=out,
         )
 
     root = cgroups.cgroup2_root()
@@ -370,7 +373,7 @@ def enable_for_proxy(
     anything is redirected. Call it before the proxy forks workers: they inherit the cgroup.
 
     ConfigError unless mode is transparent with a fixed listen port; PermissionError without
-    root; LookupError, OSError as `enable`.
+    root; FileNotFoundError, ValueError, OSError as `enable`.
     """
     if config.mode != "transparent":
         raise ConfigError(

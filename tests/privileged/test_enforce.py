@@ -235,12 +235,16 @@ def test_a_scope_that_does_not_exist_changes_nothing(env: Env) -> None:
 
 
 @pytest.mark.privileged
-def test_no_resolvable_provider_changes_nothing(env: Env) -> None:
+def test_with_no_provider_address_https_is_still_decided_by_name(env: Env, probe: Probe) -> None:
     env.hosts.write_text("")
-    rc, _ = env.on()
-    assert rc == 1
-    assert host.attached() == [] and enforce.HostChain().rules() is None
-    assert not os.path.exists(env.state)
+    rc, out = env.on()
+    assert rc == 0, out
+    assert "no provider address resolved" in out
+    r = probe("tcp", "127.77.0.9", 443, cgroup=env.scope)
+    assert r.errno == 0
+    conn = _accepted(env.proxy)
+    assert conn is not None and _original_dst(conn) == ("127.77.0.9", 443)
+    conn.close()
 
 
 @pytest.mark.privileged
