@@ -29,6 +29,7 @@ PROVIDER_ROUTES = (
     "anthropic-vertex",
     "anthropic-direct",
     "anthropic-bedrock",
+    "bedrock-mantle",
     "ollama",
     "lmstudio",
 )

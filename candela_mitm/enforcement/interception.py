@@ -29,12 +29,12 @@ DEFAULT_HOSTS: dict[str, str] = {
     "aiplatform.mtls.googleapis.com": "anthropic-vertex",
     "*-aiplatform.mtls.googleapis.com": "anthropic-vertex",
     # Bedrock: runtime and FIPS endpoints, IPv4 (amazonaws.com) and dual-stack (api.aws), and
-    # bedrock-mantle (Bedrock's OpenAI-compatible endpoint) in every region
+    # bedrock-mantle (Bedrock's OpenAI-compatible endpoint, a route of its own) in every region
     "bedrock-runtime.*.amazonaws.com": "anthropic-bedrock",
     "bedrock-runtime-fips.*.amazonaws.com": "anthropic-bedrock",
     "bedrock-runtime.*.api.aws": "anthropic-bedrock",
     "bedrock-runtime-fips.*.api.aws": "anthropic-bedrock",
-    "bedrock-mantle.*.api.aws": "anthropic-bedrock",
+    "bedrock-mantle.*.api.aws": "bedrock-mantle",
 }
 
 # One host serves two of Candela's routes: Gemini's own API and its OpenAI-compatible endpoint.

@@ -43,8 +43,8 @@ SPEC_CONFIG = Path(__file__).resolve().parents[4] / "shared" / "spec" / "config.
         # Bedrock: dual-stack, FIPS and mantle in any region
         ("bedrock-runtime.ap-northeast-1.api.aws", "anthropic-bedrock"),
         ("bedrock-runtime-fips.us-east-1.api.aws", "anthropic-bedrock"),
-        ("bedrock-mantle.us-east-1.api.aws", "anthropic-bedrock"),
-        ("bedrock-mantle.eu-west-3.api.aws", "anthropic-bedrock"),
+        ("bedrock-mantle.us-east-1.api.aws", "bedrock-mantle"),
+        ("bedrock-mantle.eu-west-3.api.aws", "bedrock-mantle"),
         # not providers: other labels, deeper names, look-alike domains
         ("eu.api.openai.com.evil.example", None),
         ("a.b.api.openai.com", None),
