@@ -283,13 +283,15 @@ class Sni:
             denial, reason = interception.misdirected(sni or "", host), "host_mismatch"
         elif route is None:
             denial, reason = interception.host_not_intercepted(host), "host_not_intercepted"
-        else:
+        elif sni and route.provider not in self.base_url_configured:
+            # no base_url pins the route: the request goes to the host the app asked for
             up = self.rt.upstreams[route.provider]
-            if sni and interception.upstream_host_mismatch(
-                up, sni, route.provider in self.base_url_configured
-            ):
+            at = interception.upstream_at_host(up, route_name or "", sni)
+            if at is None:
                 denial = interception.region_not_configured(route.provider, sni, up.host)
                 reason = "region_not_configured"
+            elif at is not up:
+                ctx.upstream = at
         if denial is not None:
             deny(flow, denial)
             await self._audit_denied(client, reason, record=record, sni=sni, host=host)

@@ -154,6 +154,65 @@ def test_the_openai_compatible_gemini_path_goes_to_its_route(sni, rt):
     )
 
 
+@pytest.mark.parametrize(
+    "route, sni_name, path, body, region",
+    [
+        ("openai", "eu.api.openai.com", "/v1/chat/completions", None, None),
+        ("openai", "jp.api.openai.com", "/v1/chat/completions", None, None),
+        (
+            "anthropic-bedrock",
+            "bedrock-runtime.eu-west-1.amazonaws.com",
+            "/model/anthropic.claude-sonnet-4-20250514-v1%3A0/invoke",
+            {"max_tokens": 5, "messages": []},
+            "eu-west-1",
+        ),
+        (
+            "bedrock-mantle",
+            "bedrock-mantle.eu-central-1.api.aws",
+            "/v1/chat/completions",
+            {"model": "openai.gpt-oss-120b", "messages": []},
+            "eu-central-1",
+        ),
+    ],
+)
+def test_a_residency_or_regional_host_is_forwarded_to_itself(
+    tmp_path, monkeypatch, registry, route, sni_name, path, body, region
+):
+    """No base_url pins the route: the request goes to the host the app asked for (not the
+    route's default host), with the organisation's credential for it."""
+    from candela_mitm.addons.upstream import Upstream as UpstreamAddon
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    cfg = {
+        "mode": "transparent",
+        "state": {"sqlite_path": str(tmp_path / "state.db")},
+        "audit": {"sqlite_path": str(tmp_path / "audit.db")},
+    }
+    runtime = build_runtime(parse_config(cfg), "server")
+    try:
+        with taddons.context():
+            f = transparent_flow(path, sni_name, sni=sni_name, body=body)
+            router = Router(runtime)
+            run(lambda: Sni(runtime, registry).requestheaders(f), lambda: router.requestheaders(f))
+            asyncio.run(router.request(f))
+            c = ctx_of(f)
+            assert f.response is None and c.provider == route
+            assert c.plan.upstream.host == sni_name and c.plan.upstream.region == region
+            asyncio.run(UpstreamAddon(runtime).request(f))
+            req = f.request
+            assert f.response is None, f.response and f.response.content
+            assert (req.scheme, req.host, req.port) == ("https", sni_name, 443)
+            assert req.headers["host"] == sni_name
+            if region is None:
+                assert req.headers["authorization"] == "Bearer sk-upstream"
+            else:  # signed for the region the host is in
+                assert f"/{region}/{'bedrock-mantle' if route == 'bedrock-mantle' else 'bedrock'}/aws4_request" in req.headers["authorization"]
+    finally:
+        runtime.close()
+
+
 def test_a_client_that_is_no_sandbox_authenticates_as_usual(sni, rt):
     f = transparent_flow("/v1/chat/completions", "api.openai.com", client="127.0.0.1")
     run(
@@ -186,10 +245,10 @@ def test_a_client_that_is_no_sandbox_authenticates_as_usual(sni, rt):
             "host_not_intercepted",
             "host_not_intercepted",
         ),
-        (
-            "/model/m/invoke",
-            "bedrock-runtime.eu-west-1.amazonaws.com",
-            "bedrock-runtime.eu-west-1.amazonaws.com",
+        (  # an mTLS endpoint: Candela has no client certificate to go there itself
+            "/v1/projects/p/locations/us-east5/publishers/anthropic/models/m:rawPredict",
+            "us-east5-aiplatform.mtls.googleapis.com",
+            "us-east5-aiplatform.mtls.googleapis.com",
             "POST",
             421,
             "misdirected_request",
