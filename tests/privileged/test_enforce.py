@@ -12,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,8 +295,18 @@ class Enforcing:
         return self.tmp / "audit.db"
 
 
-@pytest.fixture
-def enforcing(tmp_path: Path, iptables: str, test_cgroup: Path) -> Iterator[Enforcing]:
+@contextmanager
+def _enforcing(
+    tmp_path: Path,
+    scope: Path,
+    *,
+    openai_base_url: bool = True,
+    hosts: str | None = None,
+    upstream_ca: Path | None = None,
+) -> Iterator[Enforcing]:
+    """candela-server enforcing `scope`; `hosts`: an /etc/hosts of its own (a private mount
+    namespace), for the upstream names it resolves; `openai_base_url` False: the openai route
+    goes to the public hosts (resolved through `hosts`)."""
     from tests.e2e.conftest import base_config
     from tests.fakes.candela import CandelaProcess, free_port
     from tests.fakes.upstream import OPENAI_KEY, FakeUpstream
@@ -306,6 +317,8 @@ def enforcing(tmp_path: Path, iptables: str, test_cgroup: Path) -> Iterator[Enfo
     upstream = FakeUpstream()
     upstream.__enter__()
     cfg = base_config(upstream.url, mode="transparent")
+    if not openai_base_url:
+        del cfg["providers"]["openai"]
     # the test's interpreter, wherever it runs from, works for the admin
     cfg["governance"]["workloads"] = [
         {"exe": os.path.realpath(sys.executable), "user": "admin@example.com"}
@@ -317,22 +330,43 @@ def enforcing(tmp_path: Path, iptables: str, test_cgroup: Path) -> Iterator[Enfo
         "hosts": {PROVIDER_IP: "openai"},
         "enforce": "host",
         # only the test's processes: the machine's other HTTPS is not the test's to take
-        "enforce_scope": cgroups.relative(test_cgroup),
+        "enforce_scope": cgroups.relative(scope),
     }
+    if upstream_ca is not None:
+        cfg["interception"]["upstream_ca_file"] = str(upstream_ca)
+    prefix: list[str] = []
+    if hosts is not None:
+        hosts_file = tmp_path / "candela-hosts"
+        hosts_file.write_text(hosts)
+        # unshare(1) makes the new mount namespace's mounts private: the host's /etc/hosts stays
+        prefix = [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            f'mount --bind {hosts_file} /etc/hosts && exec "$@"',
+            "sh",
+        ]
     provider = _listen(PROVIDER_IP, 443)
-    candela = CandelaProcess(tmp_path, cfg, env={"OPENAI_API_KEY": OPENAI_KEY})
+    candela = CandelaProcess(tmp_path, cfg, env={"OPENAI_API_KEY": OPENAI_KEY}, prefix=prefix)
     try:
         candela.start()
-        yield Enforcing(candela, upstream, provider, test_cgroup, tmp_path, listen_port)
+        yield Enforcing(candela, upstream, provider, scope, tmp_path, listen_port)
     finally:
         candela.stop()
         upstream.__exit__(None, None, None)
         provider.close()
         enforce_cli.main(["off"], out=io.StringIO())
-        host.uninstall(root=test_cgroup)
+        host.uninstall(root=scope)
         host.uninstall()
         enforce.HostChain().remove()
         cgroups.remove(cgroups.resolve(enforce.DEFAULT_CGROUP))
+
+
+@pytest.fixture
+def enforcing(tmp_path: Path, iptables: str, test_cgroup: Path) -> Iterator[Enforcing]:
+    with _enforcing(tmp_path, test_cgroup) as e:
+        yield e
 
 
 @pytest.mark.privileged
@@ -535,13 +569,111 @@ def test_https_is_decided_by_name_for_the_scope_only(enforcing: Enforcing, tmp_p
         other.close()
 
 
-def _chat_request() -> bytes:
+RESIDENCY = "eu.api.openai.com"
+RESIDENCY_IP = "127.77.0.5"
+
+
+class TlsFront:
+    """TLS on <ip>:443 with its own certificate for `name`, relaying each connection's bytes to a
+    plain-HTTP server (the fake upstream): the fake records the request as the provider host
+    would receive it, Host header included."""
+
+    def __init__(self, ip: str, name: str, workdir: Path) -> None:
+        import ssl
+        import threading
+
+        from .sandbox_env import self_signed
+
+        self.cert, key = self_signed(name, workdir)
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(self.cert, key)
+        self.backend: tuple[str, int] = ("127.0.0.1", 9)  # set once the fake upstream runs
+        self.sock = _listen(ip, 443)
+        self.sock.settimeout(None)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+
+    def _relay(self, conn: socket.socket) -> None:
+        import threading
+
+        try:
+            tls = self.ctx.wrap_socket(conn, server_side=True)
+            back = socket.create_connection(self.backend, timeout=10)
+        except OSError:
+            conn.close()
+            return
+
+        def pipe(a: socket.socket, b: socket.socket) -> None:
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (a, b):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=pipe, args=(back, tls), daemon=True).start()
+        pipe(tls, back)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.privileged
+def test_a_residency_host_is_forwarded_to_that_same_host(
+    tmp_path: Path, iptables: str, test_cgroup: Path
+) -> None:
+    """An app's request for eu.api.openai.com (no base_url pins the openai route) is governed and
+    forwarded to eu.api.openai.com itself, not api.openai.com: the provider host receives it
+    with its own name as Host and the organisation's key."""
+    from urllib.parse import urlsplit
+
+    from tests.fakes.upstream import OPENAI_KEY
+
+    workdir = tmp_path / "front"
+    workdir.mkdir()
+    front = TlsFront(RESIDENCY_IP, RESIDENCY, workdir)
+    try:
+        with _enforcing(
+            tmp_path,
+            test_cgroup,
+            openai_base_url=False,
+            hosts=f"127.0.0.1 localhost\n{RESIDENCY_IP} {RESIDENCY}\n",
+            upstream_ca=front.cert,  # Candela trusts it as the provider host's certificate
+        ) as e:
+            backend = urlsplit(e.upstream.url)
+            front.backend = (backend.hostname or "", backend.port or 0)
+            chat = _tls(EDGE_IP, RESIDENCY, _chat_request(RESIDENCY), e.scope)
+            assert chat["response"].lower().startswith("http/1.1 200"), chat
+            [rec] = e.upstream.requests
+            assert rec.path == "/v1/chat/completions"
+            assert rec.headers["host"] == RESIDENCY  # not api.openai.com
+            assert rec.headers["authorization"] == f"Bearer {OPENAI_KEY}"
+    finally:
+        front.close()
+
+
+def _chat_request(host: str = "api.openai.com") -> bytes:
     body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
-    return (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
-        b"Authorization: Bearer sk-the-apps-own\r\nContent-Type: application/json\r\n"
-        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+        "Authorization: Bearer sk-the-apps-own\r\nContent-Type: application/json\r\n"
+        f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
     )
+    return head.encode() + body
 
 
 def _in_cgroup(argv: list[str], cgroup: Path | None) -> subprocess.CompletedProcess[str]:
