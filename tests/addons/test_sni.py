@@ -213,6 +213,33 @@ def test_a_residency_or_regional_host_is_forwarded_to_itself(
         runtime.close()
 
 
+@pytest.mark.parametrize("sni_name", ["api.openai.com", "us.api.openai.com"])
+def test_a_base_url_pins_every_host_of_the_route_to_one_residency(
+    tmp_path, monkeypatch, registry, sni_name
+):
+    """`providers.openai.base_url: https://eu.api.openai.com`: reverse-mode calls and every
+    intercepted OpenAI host go to the EU host (the operator's residency, not the app's)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream")
+    cfg = {
+        "mode": "transparent",
+        "providers": {"openai": {"base_url": "https://eu.api.openai.com"}},
+        "state": {"sqlite_path": str(tmp_path / "state.db")},
+        "audit": {"sqlite_path": str(tmp_path / "audit.db")},
+    }
+    runtime = build_runtime(parse_config(cfg), "server")
+    try:
+        with taddons.context():
+            f = transparent_flow("/v1/chat/completions", sni_name, sni=sni_name)
+            router = Router(runtime)
+            run(lambda: Sni(runtime, registry).requestheaders(f), lambda: router.requestheaders(f))
+            asyncio.run(router.request(f))
+            c = ctx_of(f)
+            assert f.response is None and c.upstream is None
+            assert c.plan.upstream.url(c.plan.path) == "https://eu.api.openai.com/v1/chat/completions"
+    finally:
+        runtime.close()
+
+
 def test_a_client_that_is_no_sandbox_authenticates_as_usual(sni, rt):
     f = transparent_flow("/v1/chat/completions", "api.openai.com", client="127.0.0.1")
     run(
