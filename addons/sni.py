@@ -4,11 +4,12 @@ are tunnelled untouched, and what would go around governance is refused and audi
 Decided at the ClientHello, in this order: no SNI is refused (`no_sni`) from a sandbox whatever
 the address, and under host enforcement (which relays every HTTPS connection here) towards a
 provider address, else tunnelled untouched (TLS to an address names no server: it is not a
-provider host's); a provider host (a name or family of interception.hosts) is decrypted and governed; a name on a provider's shared edge
-(interception.shared_edges) is decrypted and each of its requests' Host read as the bytes pass:
-a provider Host there is refused (`domain_fronting`), the rest forwarded re-encrypted; any other
-name to an address known to be a provider's is refused (`sni_not_provider`); anything else is
-tunnelled untouched. Refusals are `bypass_attempt` audit entries with the process behind the
+provider host's); a provider host (a name or family of interception.hosts) is decrypted and
+governed, and forwarded to that same host unless a base_url pins its route; a name on a
+provider's shared edge (interception.shared_edges) is decrypted and each of its requests' Host
+read as the bytes pass: a provider Host there is refused (`domain_fronting`), the rest forwarded
+re-encrypted; any other name to an address known to be a provider's is refused
+(`sni_not_provider`); anything else is tunnelled untouched. Refusals are `bypass_attempt` audit entries with the process behind the
 connection, read from the kernel (enforcement/workload.py).
 """
 

@@ -192,18 +192,23 @@ def install(policy: HostPolicy, *, pin_dir: str = PIN_DIR, root: Path | None = N
     return sorted(new_ids)
 
 
+def detach(root: Path) -> int:
+    """Detach Candela's programs from one cgroup (a scope enforcement has moved away from),
+    leaving the pins alone; how many were detached. A cgroup that is gone has none."""
+    if not root.is_dir():
+        return 0
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return _detach_ids(root_fd, _candela_programs(root_fd))
+    finally:
+        os.close(root_fd)
+
+
 def uninstall(*, pin_dir: str = PIN_DIR, root: Path | None = None) -> int:
     """Detach every Candela program at the root cgroup, or at `root` (a scope), pinned or not, and
     remove the pins; returns how many programs were detached. Idempotent. A scope that is gone
     took its programs with it: only the pins are left to remove."""
-    root = root if root is not None else cgroups.cgroup2_root()
-    n = 0
-    if root.is_dir():
-        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            n = _detach_ids(root_fd, _candela_programs(root_fd))
-        finally:
-            os.close(root_fd)
+    n = detach(root if root is not None else cgroups.cgroup2_root())
     pins = Path(pin_dir)
     _clear_pins(pins)
     if pins.is_dir():

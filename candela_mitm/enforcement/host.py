@@ -296,8 +296,8 @@ def enable(
     its state; prints what it resolved and did to `out`. `scope`: an existing cgroup (name or
     path under the v2 root) to confine it to; None: every process of the host.
 
-    FileNotFoundError if the scope does not exist, ValueError if it is Candela's own cgroup; OSError if the kernel or
-    iptables refuses.
+    FileNotFoundError if the scope does not exist, ValueError if it is (inside) Candela's own
+    cgroup; OSError if the kernel or iptables refuses.
     """
     from candela_mitm.ebpf import host
 
@@ -330,21 +330,25 @@ def enable(
         deny_udp_ports=DENY_UDP_PORTS,
     )
     attach = scope_dir if scope_dir is not None else root
+    before = EnforceState.load(state_path)
     try:
         ids = host.install(policy, root=attach)
     except (OSError, ImportError):
         raise
     except Exception as e:  # bcc reports compile and load failures as bare Exception
         raise OSError(f"loading the eBPF programs failed: {e}") from e
+    previous = Path(before.scope) if before and before.scope else root
+    if before is not None and previous != attach:
+        host.detach(previous)  # enforcement moved to another scope: the old one is left alone
     rel_scope = cgroups.relative(scope_dir, root) if scope_dir is not None else None
     chain.apply(restore_text(v4, proxy_port, cgroups.relative(cg, root), rel_scope))
     state = EnforceState(
         proxy_port, str(cg), resolved, ids, time.time(), str(scope_dir) if scope_dir else None
     )
     state.save(state_path)
+    who = f"the processes of {scope_dir}" if scope_dir else "every process"
     print(
-        f"candela enforce: on for {'the processes of ' + str(scope_dir) if scope_dir else 'every process'}. "
-        f"TCP {'/'.join(map(str, REDIRECT_ALL_PORTS))} to any address and TCP "
+        f"candela enforce: on for {who}. TCP {'/'.join(map(str, REDIRECT_ALL_PORTS))} to any address and TCP "
         f"{'/'.join(map(str, REDIRECT_PROVIDER_PORTS))} to {len(v4)} provider address(es) "
         f"-> port {proxy_port}; eBPF programs {ids} at {attach} pinned in {host.PIN_DIR}; "
         f"exempt cgroup {cg}",

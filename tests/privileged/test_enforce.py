@@ -227,6 +227,19 @@ def test_enforce_host_redirects_blocks_and_turns_off(env: Env, probe: Probe) -> 
 
 
 @pytest.mark.privileged
+def test_moving_the_scope_leaves_the_old_one_alone(env: Env, probe: Probe) -> None:
+    rc, out = env.on()
+    assert rc == 0, out
+    old = env.scope
+    env.scope = cgroups.create(old / "moved")
+    rc, out = env.on()
+    assert rc == 0, out
+    assert host.attached(old) == [] and len(host.attached(env.scope)) == len(host.HOOKS)
+    assert probe("tcp", PROVIDER_IP, 8443, cgroup=old).errno == errno.ECONNREFUSED  # not refused
+    assert probe("tcp", PROVIDER_IP, 8443, cgroup=env.scope).errno == errno.EPERM
+
+
+@pytest.mark.privileged
 def test_a_scope_that_does_not_exist_changes_nothing(env: Env) -> None:
     env.scope = env.scope / "missing"
     rc, _ = env.on()
