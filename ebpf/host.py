@@ -8,6 +8,8 @@ exits; programs and maps are pinned under /sys/fs/bpf/candela so that later comm
 
 Policy (guard.c, GUARD_HOST=1), for every process outside the exempt cgroups:
 - UDP to a port in deny_udp_ports (443, 853): refused, any address.
+- TCP over IPv6 to a port in deny_v6_tcp_ports (443, which iptables redirects for every IPv4
+  address): refused, any address but ::1 (there is no IPv6 redirection; clients fall back to IPv4).
 - A provider address: TCP only to a redirected port (80, 443) and only from a network namespace
   registered as redirected (the host's own; sandboxes may add theirs); UDP, other ports and
   IPv6 provider addresses are refused (iptables redirects IPv4 TCP only).
@@ -51,6 +53,7 @@ class HostPolicy:
     exempt_cgroups: tuple[str, ...] = ()  # cgroup directories left alone (Candela's own)
     redirect_ports: tuple[int, ...] = (80, 443)
     deny_udp_ports: tuple[int, ...] = (443, 853)
+    deny_v6_tcp_ports: tuple[int, ...] = ()  # redirected for every IPv4 address: refused on IPv6
     redirected_netns: tuple[int, ...] = ()  # netns cookies; empty: this process's namespace
 
 
@@ -160,6 +163,8 @@ def install(policy: HostPolicy, *, pin_dir: str = PIN_DIR, root: Path | None = N
         set_flag(b[b"tcp_ports"], port)
     for port in policy.deny_udp_ports:
         set_flag(b[b"udp_deny"], port)
+    for port in policy.deny_v6_tcp_ports:
+        set_flag(b[b"v6_tcp_deny"], port)
     for path in policy.exempt_cgroups:
         set_flag(b[b"exempt"], cgroups.cgroup_id(path))
     for cookie in policy.redirected_netns or (netns_cookie(),):

@@ -15,7 +15,8 @@ What `candela enforce host --proxy-port P` puts in place (as root):
    provider addresses resolved at start. The chain is replaced atomically (`iptables-restore -n`).
 3. eBPF (ebpf/guard.c, host policy) at the scope's cgroup (the v2 root by default), pinned in
    /sys/fs/bpf/candela:
-   refuses what redirection cannot cover: UDP 443/853 (QUIC, DNS over QUIC), IPv6 to providers,
+   refuses what redirection cannot cover: UDP 443/853 (QUIC, DNS over QUIC), TCP 443 over IPv6
+   to any address but loopback (IPv4's is redirected; clients fall back to it), IPv6 to providers,
    provider addresses on other ports, and provider connects from other network namespaces
    (containers, whose traffic the host's OUTPUT chain never sees).
 
@@ -328,6 +329,7 @@ def enable(
         exempt_cgroups=(str(cg),),
         redirect_ports=REDIRECT_PORTS,
         deny_udp_ports=DENY_UDP_PORTS,
+        deny_v6_tcp_ports=REDIRECT_ALL_PORTS,
     )
     attach = scope_dir if scope_dir is not None else root
     before = EnforceState.load(state_path)

@@ -192,6 +192,13 @@ def test_enforce_host_redirects_blocks_and_turns_off(env: Env, probe: Probe) -> 
         r = probe("tcp", PROVIDER_IP, 443, cgroup=scope, new_netns=True)
         assert r.errno == errno.EPERM
         assert _events(reader, r.tgid) == ["foreign_netns"]
+        # HTTPS over IPv6 cannot be redirected: refused for any address (clients fall back to
+        # IPv4, which is), but loopback; outside the scope it is not Candela's business
+        r = probe("tcp", "2001:db8::1", 443, cgroup=scope)
+        assert r.errno == errno.EPERM
+        assert _events(reader, r.tgid) == ["ipv6_redirected_port"]
+        assert probe("tcp", "::1", 443, cgroup=scope).errno == errno.ECONNREFUSED
+        assert probe("tcp", "2001:db8::1", 443).errno != errno.EPERM
         # Other destinations are not Candela's business.
         assert probe("tcp", "127.0.0.1", 9, cgroup=scope).errno == errno.ECONNREFUSED
 
