@@ -86,7 +86,9 @@ def test_a_model_without_a_price_is_refused_before_it_reaches_mantle(candela, up
 
 def test_a_stored_response_is_not_read_with_the_organisations_credential(candela, upstream):
     r = requests.get(
-        f"{candela.url}/proxy/bedrock-mantle/v1/responses/resp_someone_elses", headers=AUTH, timeout=10
+        f"{candela.url}/proxy/bedrock-mantle/v1/responses/resp_someone_elses",
+        headers=AUTH,
+        timeout=10,
     )
     assert (r.status_code, r.json()["error"]) == (404, "endpoint_not_governed"), r.text
     assert upstream.requests == []
