@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from mitmproxy import connection, http
+from mitmproxy import connection, http, tls
 
 from candela_mitm import errors
 from candela_mitm.runtime import Runtime
@@ -83,6 +83,17 @@ class ConnLimits:
         self.wait(client.id, "head", self.limits.header_timeout_s)
 
     def client_disconnected(self, client: connection.Client) -> None:
+        self.release(client)
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        """A connection Sni relays untouched (TLS that is no provider's) is no HTTP client of
+        Candela's: no request deadlines (its bytes are its server's business), and it does not
+        count against its address (host enforcement relays every HTTPS connection of the
+        machine here, all from the machine's own few addresses)."""
+        if data.ignore_connection:
+            self.release(data.context.client)
+
+    def release(self, client: connection.Client) -> None:
         addr = self.address.pop(client.id, None)
         self.clients.pop(client.id, None)
         self.deadlines.pop(client.id, None)

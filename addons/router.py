@@ -180,7 +180,7 @@ class Router:
             assert ctx.provider is not None
             configured = self.rt.config.providers.get(ctx.provider)
             plan = plan_provider_request(
-                self.rt.upstreams[ctx.provider],
+                ctx.upstream or self.rt.upstreams[ctx.provider],
                 method,
                 ctx.rest,
                 body,

@@ -1,12 +1,15 @@
 """Sni: routes transparent-mode connections by TLS server name; provider hosts are governed, others
 are tunnelled untouched, and what would go around governance is refused and audited.
 
-Decided at the ClientHello, in this order: no SNI is refused (`no_sni`); a provider host (a name
-or family of interception.hosts) is decrypted and governed; a name on a provider's shared edge
-(interception.shared_edges) is decrypted and each of its requests' Host read as the bytes pass:
-a provider Host there is refused (`domain_fronting`), the rest forwarded re-encrypted; any other
-name to an address known to be a provider's is refused (`sni_not_provider`); anything else is
-tunnelled untouched. Refusals are `bypass_attempt` audit entries with the process behind the
+Decided at the ClientHello, in this order: no SNI is refused (`no_sni`) from a sandbox whatever
+the address, and under host enforcement (which relays every HTTPS connection here) towards a
+provider address, else tunnelled untouched (TLS to an address names no server: it is not a
+provider host's); a provider host (a name or family of interception.hosts) is decrypted and
+governed, and forwarded to that same host unless a base_url pins its route; a name on a
+provider's shared edge (interception.shared_edges) is decrypted and each of its requests' Host
+read as the bytes pass: a provider Host there is refused (`domain_fronting`), the rest forwarded
+re-encrypted; any other name to an address known to be a provider's is refused
+(`sni_not_provider`); anything else is tunnelled untouched. Refusals are `bypass_attempt` audit entries with the process behind the
 connection, read from the kernel (enforcement/workload.py).
 """
 
@@ -138,7 +141,10 @@ class Sni:
         dst = data.context.server.address
         destination = f"{dst[0]}:{dst[1]}" if dst else None
         if not sni:
-            # no name to route or check a Host against: refused, whatever the address
+            if self._nameless_passes(client, dst):
+                data.ignore_connection = True
+                return
+            # no name to route or check a Host against: refused
             self._refused.add(client.id)
             await self._audit_bypass(client, "no_sni", destination=destination)
         elif self.hosts.route_for(sni) is not None:
@@ -153,6 +159,20 @@ class Sni:
             await self._audit_bypass(client, "sni_not_provider", sni=sni, destination=destination)
         else:
             data.ignore_connection = True  # not a provider: tunnelled, never decrypted
+
+    def _nameless_passes(self, client: connection.Client, dst: Any) -> bool:
+        """TLS without SNI from this machine (host enforcement redirects all of its HTTPS) to an
+        address no provider name resolved to: relayed, as any TLS to an address. From a sandbox,
+        or to a provider address, a nameless connection is refused (nothing to govern it by)."""
+        if dst is None or not client.peername:
+            return False
+        try:
+            peer = _ip(client.peername[0])
+            return (
+                self.registry.lookup(peer) is None and _ip(dst[0]) not in self._provider_addresses()
+            )
+        except ValueError:
+            return False
 
     def tls_start_client(self, data: tls.TlsData) -> None:
         client_id = data.context.client.id
@@ -264,13 +284,15 @@ class Sni:
             denial, reason = interception.misdirected(sni or "", host), "host_mismatch"
         elif route is None:
             denial, reason = interception.host_not_intercepted(host), "host_not_intercepted"
-        else:
+        elif sni and route.provider not in self.base_url_configured:
+            # no base_url pins the route: the request goes to the host the app asked for
             up = self.rt.upstreams[route.provider]
-            if sni and interception.upstream_host_mismatch(
-                up, sni, route.provider in self.base_url_configured
-            ):
+            at = interception.upstream_at_host(up, route_name or "", sni)
+            if at is None:
                 denial = interception.region_not_configured(route.provider, sni, up.host)
                 reason = "region_not_configured"
+            elif at is not up:
+                ctx.upstream = at
         if denial is not None:
             deny(flow, denial)
             await self._audit_denied(client, reason, record=record, sni=sni, host=host)

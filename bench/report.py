@@ -501,6 +501,24 @@ def markdown(res: dict[str, Any]) -> str:
                     f"{statistics.median(cpu) if cpu else '-'} | "
                     f"{_f(get_in(ot, 'otlp_errors', k))} |"
                 )
+    s9 = res.get("s9_relay")
+    if s9 and "direct" in s9:
+        lines += [
+            "",
+            "Host enforcement, HTTPS that is no provider's: direct vs relayed untouched by Candela:",
+            "",
+            "| Load | direct req/s | relayed req/s | ratio | direct p50 ms | relayed p50 ms | added p50 ms | errors (relayed) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for k in s9.get("loads", ()):
+            d, r, q = s9["direct"][k], s9["relayed"][k], s9["ratio"][k]
+            lines.append(
+                f"| {k} | {d['throughput_rps']} | {r['throughput_rps']} | {q['throughput']} | "
+                f"{_f(d['latency_ms']['p50'])} | {_f(r['latency_ms']['p50'])} | "
+                f"{_f(q['added_p50_ms'])} | {r['errors']} |"
+            )
+        if "note" in s9:
+            lines += ["", s9["note"]]
     prof = res.get("profile")
     if prof and "candela" in prof and "mitmproxy" in prof:
         c, m = prof["candela"], prof["mitmproxy"]

@@ -38,7 +38,9 @@ from scenarios import (
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--only", help="comma-separated scenarios (s1..s7, otlp, profile); default all")
+    p.add_argument(
+        "--only", help="comma-separated scenarios (s1..s7, s9, otlp, profile); default all"
+    )
     p.add_argument("--quick", action="store_true", help="half durations (a smoke run)")
     p.add_argument("--no-litellm", action="store_true")
     p.add_argument("--no-readme", action="store_true")

@@ -440,6 +440,13 @@ def s_otlp(b: Bench, res: dict[str, Any]) -> None:
     res["otlp_dead_collector"] = out
 
 
+def s_relay(b: Bench, res: dict[str, Any]) -> None:
+    """9. Host enforcement: HTTPS that is no provider's, relayed untouched vs direct."""
+    import relay  # needs root, iptables, bcc and a cgroup of its own
+
+    res["s9_relay"] = relay.run(b)
+
+
 def thread_names(stacks: list[tuple[list[str], int]]) -> dict[int, str]:
     """py-spy --threads names each stack's thread: 'thread (TID): NAME'."""
     names: dict[int, str] = {}
@@ -566,5 +573,6 @@ SCENARIOS: dict[str, Callable[[Bench, dict[str, Any]], None]] = {
     "s6": s_workers,
     "s7": s_transparent,
     "otlp": s_otlp,
+    "s9": s_relay,
     "profile": s_profile,
 }

@@ -29,6 +29,7 @@ PROVIDER_ROUTES = (
     "anthropic-vertex",
     "anthropic-direct",
     "anthropic-bedrock",
+    "bedrock-mantle",
     "ollama",
     "lmstudio",
 )
@@ -173,7 +174,9 @@ class Budgets(_Model):
             try:
                 ZoneInfo(v)
             except (ZoneInfoNotFoundError, ValueError):
-                raise ValueError(f"unknown time zone {v!r} (an IANA name such as Europe/Paris)") from None
+                raise ValueError(
+                    f"unknown time zone {v!r} (an IANA name such as Europe/Paris)"
+                ) from None
         return v
 
 
@@ -349,6 +352,16 @@ class Interception(_Model):
     # host: at start the proxy puts `candela enforce host` in place towards its transparent
     # listener (root); it stays when the proxy stops, until `candela enforce off`
     enforce: Literal["none", "host"] = "none"
+    # with enforce: host, the cgroup v2 path (under the v2 root, e.g. /ci.slice) whose processes
+    # (and their descendants') are enforced; None: every process of the machine but Candela's
+    enforce_scope: str | None = None
+
+    @field_validator("enforce_scope")
+    @classmethod
+    def _cgroup_path(cls, v: str | None) -> str | None:
+        if v is not None and (not v.startswith("/") or ".." in v.split("/") or '"' in v):
+            raise ValueError(f"{v!r} is not a cgroup path under the v2 root, like /ci.slice")
+        return v
 
     @field_validator("hosts")
     @classmethod

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from candela_mitm.observability.spans import TraceContext, new_span_id
 from candela_mitm.providers.forwarding import ForwardPlan
+from candela_mitm.providers.specs import Upstream
 from candela_mitm.providers.usage import Usage
 
 if TYPE_CHECKING:  # types only: the context is the vocabulary those modules speak, not a user
@@ -58,6 +59,9 @@ class RequestContext:
     rate_decided: bool = False
     scan: BodyScan | None = None  # a large body's estimate scan, made off the event loop
     plan: ForwardPlan | None = None
+    # intercepted for a provider host other than the route's (a data-residency host, another
+    # region): the route's upstream at that host (Sni), which the plan forwards to (Router)
+    upstream: Upstream | None = None
     # Budget's reserve as RateLimit made it in its own store trip, for Budget to judge
     reserve_result: Reservation | BudgetRefusal | None = None
     reservation: Reservation | None = None  # while one is held: Budget settles or releases it

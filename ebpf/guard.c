@@ -45,7 +45,8 @@
 #define R_PROVIDER_PORT 5
 #define R_FOREIGN_NETNS 6
 #define R_PROVIDER_IPV6 7
-#define N_REASONS 8
+#define R_IPV6_REDIRECTED_PORT 8
+#define N_REASONS 9
 
 #define F_DENY_ALL_V6 1
 #define F_DNS_RESTRICTED 2
@@ -89,6 +90,9 @@ BPF_ARRAY(config, struct guard_config, 1);
 BPF_HASH(allow, struct addr_port, u8, MAX_ENTRIES);  // sandbox: destinations always allowed
 BPF_HASH(tcp_ports, u16, u8, 64);  // sandbox: TCP ports open to any IPv4; host: redirected ports
 BPF_HASH(udp_deny, u16, u8, 64);
+// host: TCP ports redirected to the proxy for every IPv4 address (443: decided by SNI there);
+// IPv6 has no such redirection, so over IPv6 they are refused for every address but loopback
+BPF_HASH(v6_tcp_deny, u16, u8, 64);
 BPF_HASH(dns, struct addr, u8, MAX_ENTRIES);  // resolvers DNS may go to, when restricted
 BPF_HASH(providers, struct addr, u8, MAX_ENTRIES);  // host: provider addresses
 BPF_HASH(exempt, u64, u8, 64);  // host: cgroup ids (and their descendants) left alone
@@ -99,6 +103,10 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
 static __always_inline int is_v4_mapped(const struct addr *a) {
     return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == bpf_htonl(0x0000ffff);
+}
+
+static __always_inline int is_loopback_v6(const struct addr *a) {
+    return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == 0 && a->w[3] == bpf_htonl(1);
 }
 
 static __always_inline int is_exempt(void) {
@@ -131,6 +139,8 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct addr *dst, u
         return 0;
     if (udp && udp_deny.lookup(&port))
         return R_UDP_PORT;
+    if (!v4 && !udp && v6_tcp_deny.lookup(&port) && !is_loopback_v6(dst))
+        return R_IPV6_REDIRECTED_PORT;  // an IPv4 connection would have been redirected
     if (!providers.lookup(dst))
         return 0;
     if (!v4)

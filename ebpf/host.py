@@ -1,12 +1,15 @@
 """Host enforcement in the kernel: guard.c's host policy attached at the root cgroup, and pinned.
 
-Programs are attached with the legacy attach call (BPF_F_ALLOW_MULTI) at the cgroup v2 root,
-so they apply to every process on the host and stay attached after `candela enforce host`
+Programs are attached with the legacy attach call (BPF_F_ALLOW_MULTI) at the cgroup v2 root
+(or at the scope's cgroup, when enforcement is confined to one: `root=`), so they apply to every
+process on the host (in the scope) and stay attached after `candela enforce host`
 exits; programs and maps are pinned under /sys/fs/bpf/candela so that later commands find them
 (`status`, `off`) and the proxy can read refusals from the pinned ring buffer (PinnedEvents).
 
 Policy (guard.c, GUARD_HOST=1), for every process outside the exempt cgroups:
 - UDP to a port in deny_udp_ports (443, 853): refused, any address.
+- TCP over IPv6 to a port in deny_v6_tcp_ports (443, which iptables redirects for every IPv4
+  address): refused, any address but ::1 (there is no IPv6 redirection; clients fall back to IPv4).
 - A provider address: TCP only to a redirected port (80, 443) and only from a network namespace
   registered as redirected (the host's own; sandboxes may add theirs); UDP, other ports and
   IPv6 provider addresses are refused (iptables redirects IPv4 TCP only).
@@ -50,6 +53,7 @@ class HostPolicy:
     exempt_cgroups: tuple[str, ...] = ()  # cgroup directories left alone (Candela's own)
     redirect_ports: tuple[int, ...] = (80, 443)
     deny_udp_ports: tuple[int, ...] = (443, 853)
+    deny_v6_tcp_ports: tuple[int, ...] = ()  # redirected for every IPv4 address: refused on IPv6
     redirected_netns: tuple[int, ...] = ()  # netns cookies; empty: this process's namespace
 
 
@@ -159,6 +163,8 @@ def install(policy: HostPolicy, *, pin_dir: str = PIN_DIR, root: Path | None = N
         set_flag(b[b"tcp_ports"], port)
     for port in policy.deny_udp_ports:
         set_flag(b[b"udp_deny"], port)
+    for port in policy.deny_v6_tcp_ports:
+        set_flag(b[b"v6_tcp_deny"], port)
     for path in policy.exempt_cgroups:
         set_flag(b[b"exempt"], cgroups.cgroup_id(path))
     for cookie in policy.redirected_netns or (netns_cookie(),):
@@ -191,15 +197,23 @@ def install(policy: HostPolicy, *, pin_dir: str = PIN_DIR, root: Path | None = N
     return sorted(new_ids)
 
 
-def uninstall(*, pin_dir: str = PIN_DIR, root: Path | None = None) -> int:
-    """Detach every Candela program at the root cgroup (pinned or not) and remove the pins;
-    returns how many programs were detached. Idempotent."""
-    root = root if root is not None else cgroups.cgroup2_root()
+def detach(root: Path) -> int:
+    """Detach Candela's programs from one cgroup (a scope enforcement has moved away from),
+    leaving the pins alone; how many were detached. A cgroup that is gone has none."""
+    if not root.is_dir():
+        return 0
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        n = _detach_ids(root_fd, _candela_programs(root_fd))
+        return _detach_ids(root_fd, _candela_programs(root_fd))
     finally:
         os.close(root_fd)
+
+
+def uninstall(*, pin_dir: str = PIN_DIR, root: Path | None = None) -> int:
+    """Detach every Candela program at the root cgroup, or at `root` (a scope), pinned or not, and
+    remove the pins; returns how many programs were detached. Idempotent. A scope that is gone
+    took its programs with it: only the pins are left to remove."""
+    n = detach(root if root is not None else cgroups.cgroup2_root())
     pins = Path(pin_dir)
     _clear_pins(pins)
     if pins.is_dir():

@@ -40,11 +40,12 @@ def host_on(args: argparse.Namespace, chain: HostChain, out: Any) -> int:
             hosts=hosts,
             cgroup=args.cgroup,
             proxy_pids=args.proxy_pid,
+            scope=args.scope if args.scope is not None else config.interception.enforce_scope,
             state_path=args.state,
             chain=chain,
             out=out,
         )
-    except LookupError as e:
+    except (LookupError, ValueError) as e:
         print(f"candela enforce: {e}", file=sys.stderr)
         return 1
     cg = state.cgroup
@@ -85,6 +86,7 @@ def show_status(args: argparse.Namespace, chain: HostChain, out: Any) -> int:
         state = st["state"]
         if state:
             print(f"  proxy port: {state['proxy_port']}", file=out)
+            print(f"  scope: {state.get('scope') or 'every process of the host'}", file=out)
             print(
                 f"  exempt cgroup: {state['cgroup']} pids {st['cgroup_pids'] or 'none'}", file=out
             )
@@ -126,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="candela enforce", description=DESCRIPTION)
     p.add_argument("--state", default=host.STATE_PATH, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command_name", required=True)
-    h = sub.add_parser("host", help="redirect every process's provider traffic to the proxy")
+    h = sub.add_parser(
+        "host", help="redirect every process's HTTPS to the proxy, governed by server name"
+    )
     h.add_argument(
         "--proxy-port", type=int, help="transparent listener (default: interception.listen_port)"
     )
@@ -144,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--cgroup",
         default=host.DEFAULT_CGROUP,
         help="Candela's own cgroup (exempt), under the v2 root",
+    )
+    h.add_argument(
+        "--scope",
+        metavar="CGROUP",
+        help="enforce only the processes of this existing cgroup (v2 path, e.g. /ci.slice) and "
+        "its descendants (default: interception.enforce_scope, else every process)",
     )
     h.add_argument(
         "--proxy-pid",

@@ -20,6 +20,9 @@ REASONS: dict[int, str] = {
     # from a namespace other than the sandbox's own (made inside it, or a process moved in)
     6: "foreign_netns",
     7: "provider_ipv6",  # host: IPv6 to a provider (there is no IPv6 redirection)
+    # host: TCP over IPv6 to a port IPv4 redirects for every address (443): it would go around
+    # the decision by server name; clients fall back to IPv4, which is redirected
+    8: "ipv6_redirected_port",
 }
 HOOKS: dict[int, str] = {1: "connect4", 2: "connect6", 3: "sendmsg4", 4: "sendmsg6"}
 PROTOCOLS: dict[int, str] = {6: "tcp", 17: "udp"}

@@ -7,18 +7,30 @@ What `candela enforce host --proxy-port P` puts in place (as root):
    below, so the proxy reaches the real providers. Exemption is by cgroup, not uid or mark:
    it needs no cooperation from mitmproxy and covers root processes as well.
 2. iptables, nat table: chain CANDELA-ENFORCE, jumped to first from OUTPUT. It RETURNs for
-   sockets of Candela's cgroup (`-m cgroup --path`), then REDIRECTs TCP 80/443 to each provider
-   IPv4 address to the proxy port. The chain is replaced atomically (`iptables-restore -n`).
-3. eBPF (ebpf/guard.c, host policy) at the cgroup v2 root, pinned in /sys/fs/bpf/candela:
-   refuses what redirection cannot cover: UDP 443/853 (QUIC, DNS over QUIC), IPv6 to providers,
+   sockets of Candela's cgroup (`-m cgroup --path`) and, with a scope, for sockets outside it;
+   then REDIRECTs every TCP 443 connection, whatever its address, to the proxy port, where the
+   transparent listener decides by SNI (a provider host is governed, any other name relayed
+   untouched, never decrypted): no list of resolved addresses to go stale when a provider's
+   front end answers from a new one. Plain HTTP has no SNI: TCP 80 is redirected only to the
+   provider addresses resolved at start. The chain is replaced atomically (`iptables-restore -n`).
+3. eBPF (ebpf/guard.c, host policy) at the scope's cgroup (the v2 root by default), pinned in
+   /sys/fs/bpf/candela:
+   refuses what redirection cannot cover: UDP 443/853 (QUIC, DNS over QUIC), TCP 443 over IPv6
+   to any address but loopback (IPv4's is redirected; clients fall back to it), IPv6 to providers,
    provider addresses on other ports, and provider connects from other network namespaces
    (containers, whose traffic the host's OUTPUT chain never sees).
 
 Fail closed: the programs stay attached after this command exits (legacy attach, pinned) and
 the redirect targets the proxy port whether or not the proxy runs, so with Candela stopped the
 provider traffic of every other process gets "connection refused", never a way out.
-Provider addresses are resolved once (DNS and /etc/hosts, or `--hosts-file`): re-run `enforce
-host` when they change; re-running replaces everything without a gap.
+Provider addresses are resolved once (DNS and /etc/hosts, or `--hosts-file`) for what is decided
+by address (the eBPF refusals, plain HTTP, and the listener's refusal of a non-provider name or
+no name at all towards a provider address): re-run `enforce host` when they change; re-running
+replaces everything without a gap. HTTPS itself is decided by name and needs no re-run.
+
+The scope (`--scope CGROUP`, interception.enforce_scope) confines all of it to the processes of
+one cgroup and its descendants: a CI runner's jobs, a systemd slice of agents, a test's own group
+on a machine others share. Without one, every process of the machine but Candela's is enforced.
 `candela enforce off` removes the chain, the programs, the pins, the cgroup and the state file.
 Refusals are counted in the pinned `counts` map (shown by `status`) and sent to the pinned ring
 buffer. A proxy running in Candela's cgroup reads it (RefusalFeed) and audits each refusal.
@@ -55,7 +67,9 @@ CHAIN = "CANDELA-ENFORCE"
 STATE_PATH = "/run/candela/enforce.json"
 EVENTS_LOCK = "/run/candela/enforce-events.lock"  # held by the one proxy reading the refusals
 DEFAULT_CGROUP = "candela-proxy"  # not "candela": sandboxes live under that one, never exempt
-REDIRECT_PORTS = (80, 443)
+REDIRECT_PORTS = (80, 443)  # TCP ports to a provider address that reach the proxy, not refused
+REDIRECT_ALL_PORTS = (443,)  # every destination: TLS carries the name the listener decides by
+REDIRECT_PROVIDER_PORTS = (80,)  # only to provider addresses: plain HTTP names no server up front
 DENY_UDP_PORTS = (443, 853)
 # The providers' public API hosts that can be resolved ahead (providers.py base URLs, OpenAI's
 # data-residency hosts, the regional Vertex and Bedrock endpoints of the default regions); the
@@ -149,18 +163,28 @@ def split_families(resolved: dict[str, list[str]]) -> tuple[list[str], list[str]
 
 
 def restore_text(
-    ipv4: Iterable[str], proxy_port: int, exempt_cgroup: str, ports: Iterable[int] = REDIRECT_PORTS
+    ipv4: Iterable[str], proxy_port: int, exempt_cgroup: str, scope: str | None = None
 ) -> str:
-    """iptables-restore input that (re)defines the chain; with --noflush only it is replaced."""
-    port_list = ",".join(str(p) for p in ports)
+    """iptables-restore input that (re)defines the chain; with --noflush only it is replaced.
+
+    `exempt_cgroup` and `scope` are cgroup paths relative to the v2 root (`-m cgroup --path`
+    matches a socket's cgroup and its descendants); scope None or "/" enforces every process.
+    """
+    port = int(proxy_port)
     lines = [
         "*nat",
         f":{CHAIN} - [0:0]",
         f'-A {CHAIN} -m cgroup --path "{exempt_cgroup}" -j RETURN',
     ]
+    if scope and scope != "/":
+        lines.append(f'-A {CHAIN} -m cgroup ! --path "{scope}" -j RETURN')
     lines += [
-        f"-A {CHAIN} -d {ip}/32 -p tcp -m multiport --dports {port_list} "
-        f"-j REDIRECT --to-ports {int(proxy_port)}"
+        f"-A {CHAIN} -p tcp -m multiport --dports {','.join(map(str, REDIRECT_ALL_PORTS))} "
+        f"-j REDIRECT --to-ports {port}"
+    ]
+    lines += [
+        f"-A {CHAIN} -d {ip}/32 -p tcp -m multiport "
+        f"--dports {','.join(map(str, REDIRECT_PROVIDER_PORTS))} -j REDIRECT --to-ports {port}"
         for ip in ipv4
     ]
     lines.append("COMMIT")
@@ -211,6 +235,7 @@ class EnforceState:
     providers: dict[str, list[str]]
     program_ids: list[int] = field(default_factory=list)
     installed_at: float = 0.0
+    scope: str | None = None  # absolute directory of the enforced cgroup; None: the whole host
 
     def save(self, path: str = STATE_PATH) -> None:
         p = Path(path)
@@ -263,15 +288,17 @@ def enable(
     hosts: dict[str, list[str]] | None = None,
     cgroup: str = DEFAULT_CGROUP,
     proxy_pids: Iterable[int] = (),
+    scope: str | None = None,
     state_path: str = STATE_PATH,
     chain: HostChain | None = None,
     out: Any = None,
 ) -> EnforceState:
     """Put host enforcement in place for these provider names (see the module docstring) and save
-    its state; prints what it resolved and did to `out`.
+    its state; prints what it resolved and did to `out`. `scope`: an existing cgroup (name or
+    path under the v2 root) to confine it to; None: every process of the host.
 
-    LookupError if no provider address resolves (nothing changes then); OSError if the kernel or
-    iptables refuses.
+    FileNotFoundError if the scope does not exist, ValueError if it is (inside) Candela's own
+    cgroup; OSError if the kernel or iptables refuses.
     """
     from candela_mitm.ebpf import host
 
@@ -282,12 +309,19 @@ def enable(
     for name, addrs in resolved.items():
         print(f"  {name}: {', '.join(addrs) or 'does not resolve (not enforced)'}", file=out)
     if not v4 and not v6:
-        raise LookupError(
-            "no provider address resolved; give them with --hosts-file (hosts(5) format) or fix DNS"
+        # HTTPS is decided by name whatever the addresses; what is decided by address is not
+        print(
+            "  warning: no provider address resolved: HTTPS is governed by its server name all "
+            "the same, but plain HTTP, TLS without a name and other ports towards providers are "
+            "not refused; give addresses with --hosts-file (hosts(5) format) or fix DNS",
+            file=out,
         )
 
     root = cgroups.cgroup2_root()
+    scope_dir = enforced_scope(scope, root)
     cg = cgroups.create(cgroup, root)
+    if scope_dir is not None and (cg == scope_dir or scope_dir in cg.parents):
+        raise ValueError(f"the scope {scope_dir} cannot be (inside) Candela's own cgroup {cg}")
     for pid in proxy_pids:
         cgroups.join(cg, pid)
     policy = host.HostPolicy(
@@ -295,23 +329,45 @@ def enable(
         exempt_cgroups=(str(cg),),
         redirect_ports=REDIRECT_PORTS,
         deny_udp_ports=DENY_UDP_PORTS,
+        deny_v6_tcp_ports=REDIRECT_ALL_PORTS,
     )
+    attach = scope_dir if scope_dir is not None else root
+    before = EnforceState.load(state_path)
     try:
-        ids = host.install(policy)
+        ids = host.install(policy, root=attach)
     except (OSError, ImportError):
         raise
     except Exception as e:  # bcc reports compile and load failures as bare Exception
         raise OSError(f"loading the eBPF programs failed: {e}") from e
-    chain.apply(restore_text(v4, proxy_port, cgroups.relative(cg, root)))
-    state = EnforceState(proxy_port, str(cg), resolved, ids, time.time())
+    previous = Path(before.scope) if before and before.scope else root
+    if before is not None and previous != attach:
+        host.detach(previous)  # enforcement moved to another scope: the old one is left alone
+    rel_scope = cgroups.relative(scope_dir, root) if scope_dir is not None else None
+    chain.apply(restore_text(v4, proxy_port, cgroups.relative(cg, root), rel_scope))
+    state = EnforceState(
+        proxy_port, str(cg), resolved, ids, time.time(), str(scope_dir) if scope_dir else None
+    )
     state.save(state_path)
+    who = f"the processes of {scope_dir}" if scope_dir else "every process"
     print(
-        f"candela enforce: on. TCP {'/'.join(map(str, REDIRECT_PORTS))} to {len(v4)} provider "
-        f"address(es) -> port {proxy_port}; eBPF programs {ids} at {root} pinned in "
-        f"{host.PIN_DIR}; exempt cgroup {cg}",
+        f"candela enforce: on for {who}. TCP {'/'.join(map(str, REDIRECT_ALL_PORTS))} to any address and TCP "
+        f"{'/'.join(map(str, REDIRECT_PROVIDER_PORTS))} to {len(v4)} provider address(es) "
+        f"-> port {proxy_port}; eBPF programs {ids} at {attach} pinned in {host.PIN_DIR}; "
+        f"exempt cgroup {cg}",
         file=out,
     )
     return state
+
+
+def enforced_scope(scope: str | None, root: Path | None = None) -> Path | None:
+    """The directory of the scope cgroup (None: the whole host); FileNotFoundError if it is not
+    there: enforcement confined to a cgroup nobody is in would enforce nothing."""
+    if not scope or scope.strip("/") == "":
+        return None
+    path = cgroups.resolve(scope, root)
+    if not path.is_dir():
+        raise FileNotFoundError(f"scope cgroup {path} does not exist (create it, or leave it out)")
+    return path
 
 
 def enable_for_proxy(
@@ -323,7 +379,7 @@ def enable_for_proxy(
     anything is redirected. Call it before the proxy forks workers: they inherit the cgroup.
 
     ConfigError unless mode is transparent with a fixed listen port; PermissionError without
-    root; LookupError, OSError as `enable`.
+    root; FileNotFoundError, ValueError, OSError as `enable`.
     """
     if config.mode != "transparent":
         raise ConfigError(
@@ -336,7 +392,14 @@ def enable_for_proxy(
     if os.geteuid() != 0:
         raise PermissionError("enforce host needs root (iptables, eBPF, cgroups)")
     names = provider_names(config.interception.hosts, ())
-    return enable(names, port, proxy_pids=(os.getpid(),), state_path=state_path, out=out)
+    return enable(
+        names,
+        port,
+        proxy_pids=(os.getpid(),),
+        scope=config.interception.enforce_scope,
+        state_path=state_path,
+        out=out,
+    )
 
 
 class RefusalFeed:
@@ -468,7 +531,7 @@ def disable(
     state = EnforceState.load(state_path)
     failures = []
     try:
-        n = host.uninstall()
+        n = host.uninstall(root=Path(state.scope) if state and state.scope else None)
     except OSError as e:
         n = 0
         failures.append(f"eBPF: {e}")
@@ -497,8 +560,9 @@ def collect_status(
 
     chain = chain if chain is not None else HostChain()
     state = EnforceState.load(state_path)
+    attach = Path(state.scope) if state and state.scope else None
     try:
-        programs = [{"hook": h, "id": i, "name": n} for h, i, n in host.attached()]
+        programs = [{"hook": h, "id": i, "name": n} for h, i, n in host.attached(attach)]
     except (OSError, FileNotFoundError):
         programs = []
     cg = state.cgroup if state else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 from candela_mitm import errors
@@ -29,12 +29,12 @@ DEFAULT_HOSTS: dict[str, str] = {
     "aiplatform.mtls.googleapis.com": "anthropic-vertex",
     "*-aiplatform.mtls.googleapis.com": "anthropic-vertex",
     # Bedrock: runtime and FIPS endpoints, IPv4 (amazonaws.com) and dual-stack (api.aws), and
-    # bedrock-mantle (Bedrock's OpenAI-compatible endpoint) in every region
+    # bedrock-mantle (Bedrock's OpenAI-compatible endpoint, a route of its own) in every region
     "bedrock-runtime.*.amazonaws.com": "anthropic-bedrock",
     "bedrock-runtime-fips.*.amazonaws.com": "anthropic-bedrock",
     "bedrock-runtime.*.api.aws": "anthropic-bedrock",
     "bedrock-runtime-fips.*.api.aws": "anthropic-bedrock",
-    "bedrock-mantle.*.api.aws": "anthropic-bedrock",
+    "bedrock-mantle.*.api.aws": "bedrock-mantle",
 }
 
 # One host serves two of Candela's routes: Gemini's own API and its OpenAI-compatible endpoint.
@@ -317,10 +317,36 @@ def host_mismatch(sni: str | None, host: str | None) -> bool:
     return not host or normalize_host(host) != normalize_host(sni)
 
 
-def upstream_host_mismatch(up: Upstream, sni: str, base_url_configured: bool) -> bool:
-    """An intercepted request for a host the route's upstream is not (another Vertex or Bedrock
-    region): without a configured base_url Candela would send it somewhere the app did not ask."""
-    return not base_url_configured and normalize_host(sni) != up.host.lower()
+_BUILTIN = HostMap()  # the providers' own public families, whatever the config adds
+_BEDROCK_REGION = re.compile(
+    r"bedrock-(?:runtime|runtime-fips|mantle)\.(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)\."
+    r"(?:amazonaws\.com|api\.aws)\Z"
+)
+
+
+def upstream_at_host(up: Upstream, route_name: str, sni: str) -> Upstream | None:
+    """Where an intercepted request for the provider host `sni` goes when its route has no
+    configured base_url: that same host (a data-residency host such as eu.api.openai.com,
+    another Vertex region, another Bedrock region, signed for that region), with the
+    organisation's credential, so the app's traffic stays where it sent it; `up` itself when
+    `sni` is the route's own host.
+
+    None when Candela does not go there by itself: a name of the operator's own
+    (interception.hosts, not a provider's public family: give the route a base_url), an mTLS
+    endpoint (Candela has no client certificate), a Bedrock host whose region cannot be read.
+    """
+    host = normalize_host(sni)
+    if host == up.host.lower():
+        return up
+    if _BUILTIN.route_for(host) != route_name or ".mtls." in f".{host}":
+        return None
+    region = up.region
+    if up.spec.auth == "sigv4":
+        m = _BEDROCK_REGION.match(host)
+        if m is None:
+            return None
+        region = m["region"]
+    return replace(up, scheme="https", host=host, port=443, region=region)
 
 
 def provider_addresses(hosts: Iterable[tuple[str, str]], host_map: HostMap) -> set[str]:

@@ -52,6 +52,7 @@ PROVIDER_NAMES = {
     "anthropic-vertex": "gcp.vertex_ai",
     "anthropic-direct": "anthropic",
     "anthropic-bedrock": "aws.bedrock",
+    "bedrock-mantle": "aws.bedrock",
     "ollama": "ollama",
     "lmstudio": "lmstudio",
 }

@@ -40,6 +40,7 @@ ROUTE_PROVIDERS: dict[str, str] = {
     "anthropic": "google",
     "anthropic-vertex": "google",
     "anthropic-bedrock": "aws",
+    "bedrock-mantle": "aws",
 }
 # A library provider -> the route /v1/chat/completions sends its models to (the routing hint).
 CHAT_ROUTES: dict[str, str] = {"openai": "openai", "anthropic": "anthropic", "google": "gemini-oai"}
@@ -393,7 +394,12 @@ class PricingTable:
             candidates: Iterable[str] = (provider_id,)
         else:
             candidates = FIRST_PARTY
-        for ref in _references(model):
+        refs = _references(model)
+        if route == "bedrock-mantle":
+            # Mantle names a model without Bedrock's version suffix (openai.gpt-oss-120b for
+            # openai.gpt-oss-120b-1:0); the on-demand price is the model's on Bedrock
+            refs += [f"{r}{v}" for r in refs[:1] for v in ("-1:0", "-v1:0")]
+        for ref in refs:
             for provider_id in candidates:
                 found = _find_info(provider_id, ref)
                 if found is not None:

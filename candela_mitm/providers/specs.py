@@ -21,6 +21,7 @@ class ProviderSpec:
     default_key_env: str | None = None
     local: bool = False  # a local runtime: costs nothing
     translates_openai: bool = False  # clients speak OpenAI, the upstream speaks `wire`
+    signing_service: str = "bedrock"  # sigv4: the service name in the credential scope
 
 
 SPECS: dict[str, ProviderSpec] = {
@@ -44,6 +45,9 @@ SPECS: dict[str, ProviderSpec] = {
             "ANTHROPIC_API_KEY",
         ),
         ProviderSpec("anthropic-bedrock", "bedrock", "sigv4", None),
+        # Bedrock's OpenAI-compatible endpoint (Mantle): chat completions and responses on
+        # bedrock-mantle.<region>.api.aws, signed for the `bedrock-mantle` service
+        ProviderSpec("bedrock-mantle", "openai", "sigv4", None, signing_service="bedrock-mantle"),
         ProviderSpec("ollama", "ollama", "none", "http://127.0.0.1:11434", local=True),
         ProviderSpec("lmstudio", "openai", "none", "http://127.0.0.1:1235", local=True),
     )
@@ -99,6 +103,9 @@ def resolve_upstream(spec: ProviderSpec, cfg: Provider | None) -> Upstream:
     elif spec.wire == "bedrock":
         region = region or DEFAULT_BEDROCK_REGION
         base = cfg.base_url or f"https://bedrock-runtime.{region}.amazonaws.com"
+    elif spec.name == "bedrock-mantle":
+        region = region or DEFAULT_BEDROCK_REGION
+        base = cfg.base_url or f"https://bedrock-mantle.{region}.api.aws"
     else:
         base = cfg.base_url or spec.default_base_url or ""
     parts = urlsplit(base)

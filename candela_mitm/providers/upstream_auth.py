@@ -327,10 +327,16 @@ class UpstreamCredentials:
         if auth == "google_adc":
             return {"authorization": f"Bearer {await self._google.token()}"}
         if auth == "sigv4":
+            if up.api_key_env:
+                # a Bedrock API key (providers.<route>.api_key_env, e.g.
+                # AWS_BEARER_TOKEN_BEDROCK): sent as a bearer token instead of signing
+                return {"authorization": f"Bearer {self._api_key(up)}"}
             if not up.region:
                 raise CredentialsUnavailable(f"provider '{up.name}' has no AWS region")
             creds = await self._aws.frozen()
-            return sigv4_headers(creds, up.region, method, url, headers, body)
+            return sigv4_headers(
+                creds, up.region, method, url, headers, body, up.spec.signing_service
+            )
         if auth == "none":
             return {}
         raise CredentialsUnavailable(f"provider '{up.name}' has unknown auth kind {auth!r}")

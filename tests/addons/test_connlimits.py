@@ -104,3 +104,28 @@ def test_expired_and_raw_denial():
     assert expired(d, 2.0) == ["a"]
     raw = raw_denial(errors.request_header_too_large(100))
     assert raw.startswith(b"HTTP/1.1 431 ") and b"connection: close" in raw.lower()
+
+
+def test_a_relayed_connection_has_no_deadline_and_leaves_the_count(runtime):
+    """Host enforcement relays every HTTPS connection of the machine through the transparent
+    listener; one Sni lets through untouched is not bounded like Candela's own clients."""
+    from mitmproxy.proxy import context
+    from mitmproxy.test import taddons
+    from mitmproxy.tls import ClientHello, ClientHelloData
+
+    a = addon(runtime)
+    relayed, governed = client(port=1), client(port=2)
+    for c in (relayed, governed):
+        a.client_connected(c)
+    hello = ClientHello(bytes.fromhex("0303" + "00" * 32 + "00" + "0002c02f" + "0100"))
+    for c, ignored in ((relayed, True), (governed, False)):
+        data = ClientHelloData(context.Context(c, taddons.context().options), hello)
+        data.ignore_connection = ignored
+        a.tls_clienthello(data)
+    assert relayed.id not in a.deadlines and governed.id in a.deadlines
+    assert a.open["10.0.0.1"] == 1
+    third = client(port=3)
+    a.client_connected(third)  # the cap (2) counts the governed connection only
+    assert third.error is None
+    a.client_disconnected(relayed)  # already released: counted once
+    assert a.open["10.0.0.1"] == 2

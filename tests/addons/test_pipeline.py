@@ -22,7 +22,8 @@ HOOK_ORDER: dict[str, list[str]] = {
     "client_disconnected": ["Sni", "LocalGuard", "ConnLimits"],
     # TLS events: only Sni looks at them
     "next_layer": ["Sni"],
-    "tls_clienthello": ["Sni"],
+    # Sni decides by the server name; ConnLimits, after it, stops bounding what Sni relays untouched
+    "tls_clienthello": ["Sni", "ConnLimits"],
     "tls_start_client": ["Sni"],
     "tcp_message": ["Sni"],  # a shared edge's relayed bytes: every request's Host read
     # the head of a request: classified (Sni, Router), then the routes answered before anyone

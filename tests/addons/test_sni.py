@@ -154,6 +154,92 @@ def test_the_openai_compatible_gemini_path_goes_to_its_route(sni, rt):
     )
 
 
+@pytest.mark.parametrize(
+    "route, sni_name, path, body, region",
+    [
+        ("openai", "eu.api.openai.com", "/v1/chat/completions", None, None),
+        ("openai", "jp.api.openai.com", "/v1/chat/completions", None, None),
+        (
+            "anthropic-bedrock",
+            "bedrock-runtime.eu-west-1.amazonaws.com",
+            "/model/anthropic.claude-sonnet-4-20250514-v1%3A0/invoke",
+            {"max_tokens": 5, "messages": []},
+            "eu-west-1",
+        ),
+        (
+            "bedrock-mantle",
+            "bedrock-mantle.eu-central-1.api.aws",
+            "/v1/chat/completions",
+            {"model": "openai.gpt-oss-120b", "messages": []},
+            "eu-central-1",
+        ),
+    ],
+)
+def test_a_residency_or_regional_host_is_forwarded_to_itself(
+    tmp_path, monkeypatch, registry, route, sni_name, path, body, region
+):
+    """No base_url pins the route: the request goes to the host the app asked for (not the
+    route's default host), with the organisation's credential for it."""
+    from candela_mitm.addons.upstream import Upstream as UpstreamAddon
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    cfg = {
+        "mode": "transparent",
+        "state": {"sqlite_path": str(tmp_path / "state.db")},
+        "audit": {"sqlite_path": str(tmp_path / "audit.db")},
+    }
+    runtime = build_runtime(parse_config(cfg), "server")
+    try:
+        with taddons.context():
+            f = transparent_flow(path, sni_name, sni=sni_name, body=body)
+            router = Router(runtime)
+            run(lambda: Sni(runtime, registry).requestheaders(f), lambda: router.requestheaders(f))
+            asyncio.run(router.request(f))
+            c = ctx_of(f)
+            assert f.response is None and c.provider == route
+            assert c.plan.upstream.host == sni_name and c.plan.upstream.region == region
+            asyncio.run(UpstreamAddon(runtime).request(f))
+            req = f.request
+            assert f.response is None, f.response and f.response.content
+            assert (req.scheme, req.host, req.port) == ("https", sni_name, 443)
+            assert req.headers["host"] == sni_name
+            if region is None:
+                assert req.headers["authorization"] == "Bearer sk-upstream"
+            else:  # signed for the region the host is in
+                assert f"/{region}/{'bedrock-mantle' if route == 'bedrock-mantle' else 'bedrock'}/aws4_request" in req.headers["authorization"]
+    finally:
+        runtime.close()
+
+
+@pytest.mark.parametrize("sni_name", ["api.openai.com", "us.api.openai.com"])
+def test_a_base_url_pins_every_host_of_the_route_to_one_residency(
+    tmp_path, monkeypatch, registry, sni_name
+):
+    """`providers.openai.base_url: https://eu.api.openai.com`: reverse-mode calls and every
+    intercepted OpenAI host go to the EU host (the operator's residency, not the app's)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream")
+    cfg = {
+        "mode": "transparent",
+        "providers": {"openai": {"base_url": "https://eu.api.openai.com"}},
+        "state": {"sqlite_path": str(tmp_path / "state.db")},
+        "audit": {"sqlite_path": str(tmp_path / "audit.db")},
+    }
+    runtime = build_runtime(parse_config(cfg), "server")
+    try:
+        with taddons.context():
+            f = transparent_flow("/v1/chat/completions", sni_name, sni=sni_name)
+            router = Router(runtime)
+            run(lambda: Sni(runtime, registry).requestheaders(f), lambda: router.requestheaders(f))
+            asyncio.run(router.request(f))
+            c = ctx_of(f)
+            assert f.response is None and c.upstream is None
+            assert c.plan.upstream.url(c.plan.path) == "https://eu.api.openai.com/v1/chat/completions"
+    finally:
+        runtime.close()
+
+
 def test_a_client_that_is_no_sandbox_authenticates_as_usual(sni, rt):
     f = transparent_flow("/v1/chat/completions", "api.openai.com", client="127.0.0.1")
     run(
@@ -186,10 +272,10 @@ def test_a_client_that_is_no_sandbox_authenticates_as_usual(sni, rt):
             "host_not_intercepted",
             "host_not_intercepted",
         ),
-        (
-            "/model/m/invoke",
-            "bedrock-runtime.eu-west-1.amazonaws.com",
-            "bedrock-runtime.eu-west-1.amazonaws.com",
+        (  # an mTLS endpoint: Candela has no client certificate to go there itself
+            "/v1/projects/p/locations/us-east5/publishers/anthropic/models/m:rawPredict",
+            "us-east5-aiplatform.mtls.googleapis.com",
+            "us-east5-aiplatform.mtls.googleapis.com",
             "POST",
             421,
             "misdirected_request",
@@ -224,8 +310,8 @@ def test_reverse_mode_flows_are_left_to_the_router(sni):
     assert ctx_of(f) is None and f.response is None
 
 
-def _hello(sni_name, dst):
-    client = connection.Client(peername=(SANDBOX_ADDR, 40000), sockname=(PROVIDER_IP, 443))
+def _hello(sni_name, dst, peer=SANDBOX_ADDR):
+    client = connection.Client(peername=(peer, 40000), sockname=(PROVIDER_IP, 443))
     client.proxy_mode = ProxyMode.parse("transparent")
     ctx = context.Context(client, taddons.context().options)
     ctx.server.address = dst
@@ -245,7 +331,7 @@ def _hello(sni_name, dst):
         ("api.openai.com", (PROVIDER_IP, 443), False, None, False),  # decrypted and governed
         ("eu.api.openai.com", (PROVIDER_IP, 443), False, None, False),  # a residency host
         ("other.example", ("198.18.9.9", 443), True, None, False),  # tunnelled untouched
-        # no name: nothing to route or check a Host against, whatever the address
+        # no name from a sandbox: nothing to route or check a Host against, whatever the address
         (None, ("198.18.9.9", 443), False, "no_sni", False),
         (None, (PROVIDER_IP, 443), False, "no_sni", False),
         # a name that is no provider's, to a provider's address: refused, not tunnelled
@@ -296,6 +382,30 @@ def test_a_provider_address_known_to_host_enforcement_refuses_other_names(sni, a
     data = _hello("cdn.other.example", ("198.18.7.8", 443))
     asyncio.run(sni.tls_clienthello(data))
     assert data.ignore_connection and len(audited) == 1
+
+
+@pytest.mark.parametrize(
+    "dst, refused",
+    [
+        (("198.18.7.7", 443), True),  # a provider address `enforce host` resolved
+        (("198.18.7.8", 443), False),  # any other: TLS to an address, relayed untouched
+        (("198.18.0.1", 443), True),  # a provider address a sandbox was given (the registry)
+    ],
+)
+def test_under_host_enforcement_tls_without_sni_is_refused_only_towards_providers(
+    sni, audited, tmp_path, dst, refused
+):
+    from candela_mitm.enforcement.host import EnforceState
+
+    state = tmp_path / "enforce.json"
+    EnforceState(8443, "/sys/fs/cgroup/x", {"api.openai.com": ["198.18.7.7"]}).save(str(state))
+    sni.enforce_state_path = str(state)
+    data = _hello(None, dst, peer="127.0.0.1")
+    asyncio.run(sni.tls_clienthello(data))
+    assert data.ignore_connection is not refused
+    assert [(a, f["reason"], f["enforcement"]) for a, f in audited] == (
+        [("bypass_attempt", "no_sni", "host")] if refused else []
+    )
 
 
 @pytest.mark.parametrize(

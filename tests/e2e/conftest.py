@@ -41,6 +41,7 @@ def providers_config(url: str) -> dict[str, Any]:
         "anthropic-vertex": {"base_url": url, "project": "proj", "region": "us-east5"},
         "anthropic-direct": {"base_url": url},
         "anthropic-bedrock": {"base_url": url, "region": "us-east-1"},
+        "bedrock-mantle": {"base_url": url, "region": "us-east-1"},
         "ollama": {"base_url": url},
         "lmstudio": {"base_url": url},
     }

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ class CandelaProcess:
         env: dict[str, str] | None = None,
         command: str = "candela-server",
         port: int | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.tmp = tmp
         self.port = port or free_port()
@@ -44,6 +46,7 @@ class CandelaProcess:
         self.log_path = tmp / f"candela-{self.port}.log"
         self.env = {**os.environ, **(env or {})}
         self.command = command
+        self.prefix = list(prefix)  # runs the command (e.g. `unshare -m ...`), exec'ing it in place
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -54,7 +57,7 @@ class CandelaProcess:
         exe = str(Path(sys.executable).parent / self.command)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [exe, "--config", str(self.config_path), "--port", str(self.port)],
+            [*self.prefix, exe, "--config", str(self.config_path), "--port", str(self.port)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=self.env,

@@ -99,6 +99,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         # apps bring their own OpenAI key: only the organisation's (by fingerprint) goes on
         cfg["interception"]["replace_provider_keys"] = [r for r in PROVIDER_ROUTES if r != "openai"]
         cfg["interception"]["organisation_keys"] = [fingerprint(SECRET.encode(), OPENAI_KEY)]
+        cfg["governance"]["models"]["allowed"].append(MANTLE_MODEL)
         cfg["governance"]["workloads"] = [
             {"exe": str(AGENT), "models": {"mode": "allowlist", "allowed": ["gpt-4o"]}}
         ]
@@ -157,6 +158,44 @@ def test_a_data_residency_host_is_governed_end_to_end_with_the_openai_sdk(env: E
         assert e["workload_exe"] == sdk and e["workload_exe_sha256"] == _exe_sha256(sdk)
         assert e["workload_uid"] == os.geteuid()
         assert e["workload_cgroup"].startswith("/candela/sandbox-")
+
+
+# -- Bedrock Mantle ------------------------------------------------------------------------------
+
+MANTLE_HOST = "bedrock-mantle.us-east-1.api.aws"
+MANTLE_MODEL = "openai.gpt-oss-120b"
+MANTLE_SDK = f"""
+    import json, os, openai
+    client = openai.OpenAI(base_url="https://{MANTLE_HOST}/v1", api_key="the-apps-bedrock-key",
+                           max_retries=0)
+    msgs = [{{"role": "user", "content": "hi"}}]
+    r = client.chat.completions.create(model="{MANTLE_MODEL}", messages=msgs, max_tokens=20)
+    try:
+        client.chat.completions.create(model="openai.gpt-oss-20b", messages=msgs, max_tokens=20)
+        denied = None
+    except openai.APIStatusError as e:
+        denied = [e.status_code, e.response.json()["error"]]
+    print(json.dumps({{"content": r.choices[0].message.content, "denied": denied, "pid": os.getpid()}}))
+"""
+
+
+def test_bedrock_mantle_is_governed_when_intercepted_with_the_openai_sdk(env: Env) -> None:
+    env.upstream.clear()
+    out = env.run(python_in_sandbox(MANTLE_SDK), "--add-host", f"{MANTLE_HOST}:{PROVIDER_IP}")
+    assert out["content"] == DEFAULT_REPLY
+    assert out["denied"] == [403, "model_not_allowed"]  # model policy applies there too
+    [rec] = env.upstream.requests  # the denied one never left
+    # Mantle's wire format, signed with the organisation's AWS credential for bedrock-mantle
+    assert rec.route == "mantle.chat" and rec.sigv4 is True, rec.sigv4_reason
+    assert "the-apps-bedrock-key" not in json.dumps(rec.headers)
+    entries = wait_for_audit(
+        env.audit_db, "llm_request", lambda e: e.get("workload_pid") == out["pid"]
+    )
+    assert [(e["provider"], e["decision"]) for e in entries] == [
+        ("bedrock-mantle", "allowed"),
+        ("bedrock-mantle", "denied"),
+    ]
+    assert entries[0]["cost_usd"] > 0 and entries[0]["user_id"] == "alice@example.com"
 
 
 # -- a workload rule ------------------------------------------------------------------------------

@@ -463,8 +463,11 @@ def test_a_sandbox_works_while_the_host_is_enforced(env: Env, tmp_path: Path) ->
     hosts.write_text(f"{PROVIDER_IP} api.openai.com\n")
     state = str(tmp_path / "enforce.json")
     cgroup = f"candela-test-enforce-{uuid.uuid4().hex[:8]}"
+    # confined to where sandboxes live: the machine's other HTTPS is not the test's to take
+    scope = cgroups.create("candela")
     on = ["host", "--proxy-port", str(env.listen_port), "--no-default-providers"]
     on += ["--provider", "api.openai.com", "--hosts-file", str(hosts), "--cgroup", cgroup]
+    on += ["--scope", str(scope)]
     assert enforce_cli.main(["--state", state, *on], out=io.StringIO()) == 0
     try:
         with host.PinnedEvents() as refusals:
@@ -476,6 +479,7 @@ def test_a_sandbox_works_while_the_host_is_enforced(env: Env, tmp_path: Path) ->
             assert [e for e in refusals.poll(200) if e.reason == "foreign_netns"] == []
     finally:
         enforce_cli.main(["--state", state, "off", "--cgroup", cgroup], out=io.StringIO())
+        host.uninstall(root=scope)
         host.uninstall()
         enforce.HostChain().remove()
         cgroups.remove(cgroups.resolve(cgroup))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from .anthropic import ANTHROPIC_DIRECT, ANTHROPIC_OPENAI
-from .bedrock import BEDROCK
+from .bedrock import BEDROCK, BEDROCK_MANTLE
 from .gemini import GEMINI, GEMINI_OPENAI
 from .local import LMSTUDIO, OLLAMA
 from .openai import OPENAI
@@ -30,6 +30,7 @@ CATALOGUE: dict[str, tuple[Operation, ...]] = {
     "anthropic-vertex": VERTEX,
     "anthropic-direct": ANTHROPIC_DIRECT,
     "anthropic-bedrock": BEDROCK,
+    "bedrock-mantle": BEDROCK_MANTLE,
     "ollama": OLLAMA,
     "lmstudio": LMSTUDIO,
 }

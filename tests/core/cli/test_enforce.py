@@ -67,3 +67,29 @@ def test_off_reports_what_was_removed(monkeypatch, capsys, tmp_path, removal, co
 
 def test_candela_enforce_dispatches_here():
     assert cli.SUBCOMMANDS["enforce"] == "candela_mitm.cli.enforce:main"
+
+
+@pytest.mark.parametrize(
+    "argv, config, scope",
+    [
+        ([], "", None),
+        (["--scope", "/ci.slice"], "", "/ci.slice"),
+        ([], "interception: {enforce_scope: /agents.slice}\n", "/agents.slice"),
+        (["--scope", "/ci.slice"], "interception: {enforce_scope: /agents.slice}\n", "/ci.slice"),
+    ],
+)
+def test_the_scope_comes_from_the_flag_else_the_config(monkeypatch, tmp_path, argv, config, scope):
+    asked = {}
+
+    def enable(names, port, **kw):
+        asked.update(kw)
+        (tmp_path / "cgroup.procs").write_text("")  # Candela's cgroup, empty: a warning only
+        return host.EnforceState(port, str(tmp_path), {})
+
+    monkeypatch.setattr(host, "enable", enable)
+    monkeypatch.setattr(enforce.os, "geteuid", lambda: 0)
+    path = tmp_path / "candela.yaml"
+    path.write_text(config)
+    out = io.StringIO()
+    rc = enforce.main(["host", "--proxy-port", "8443", "--config", str(path), *argv], out=out)
+    assert rc == 0 and asked["scope"] == scope

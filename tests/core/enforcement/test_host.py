@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from candela_mitm.config import Config
 from candela_mitm.enforcement import host as enforce
 from candela_mitm.enforcement.host import (
     CHAIN,
@@ -61,15 +62,53 @@ def test_split_families_sorts_and_dedupes() -> None:
     assert v4 == ["10.0.0.2", "10.0.0.10"] and v6 == ["2001:db8::1"]
 
 
-def test_restore_text() -> None:
+def test_restore_text_redirects_all_https_and_plain_http_to_providers() -> None:
     assert restore_text(["10.0.0.1", "10.0.0.2"], 8443, "/candela-proxy") == (
         "*nat\n"
         f":{CHAIN} - [0:0]\n"
         f'-A {CHAIN} -m cgroup --path "/candela-proxy" -j RETURN\n'
-        f"-A {CHAIN} -d 10.0.0.1/32 -p tcp -m multiport --dports 80,443 -j REDIRECT --to-ports 8443\n"
-        f"-A {CHAIN} -d 10.0.0.2/32 -p tcp -m multiport --dports 80,443 -j REDIRECT --to-ports 8443\n"
+        f"-A {CHAIN} -p tcp -m multiport --dports 443 -j REDIRECT --to-ports 8443\n"
+        f"-A {CHAIN} -d 10.0.0.1/32 -p tcp -m multiport --dports 80 -j REDIRECT --to-ports 8443\n"
+        f"-A {CHAIN} -d 10.0.0.2/32 -p tcp -m multiport --dports 80 -j REDIRECT --to-ports 8443\n"
         "COMMIT\n"
     )
+
+
+@pytest.mark.parametrize("scope", [None, "/"])
+def test_restore_text_without_a_scope_enforces_every_process(scope: str | None) -> None:
+    assert "!" not in restore_text(["10.0.0.1"], 8443, "/candela-proxy", scope)
+
+
+def test_restore_text_with_a_scope_leaves_other_processes_alone() -> None:
+    lines = restore_text(["10.0.0.1"], 8443, "/candela-proxy", "/ci.slice/job-7").splitlines()
+    # Candela first, then everything outside the scope: neither reaches a REDIRECT
+    assert lines[2:4] == [
+        f'-A {CHAIN} -m cgroup --path "/candela-proxy" -j RETURN',
+        f'-A {CHAIN} -m cgroup ! --path "/ci.slice/job-7" -j RETURN',
+    ]
+    assert all("REDIRECT" in line for line in lines[4:-1])
+
+
+def test_the_scope_must_exist(tmp_path: Path) -> None:
+    (tmp_path / "ci.slice").mkdir()
+    assert enforce.enforced_scope(None, tmp_path) is None
+    assert enforce.enforced_scope("/", tmp_path) is None
+    assert enforce.enforced_scope("/ci.slice", tmp_path) == tmp_path / "ci.slice"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        enforce.enforced_scope("/nobody-here", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "value, ok",
+    [(None, True), ("/ci.slice", True), ("/a/b-c", True), ("ci.slice", False), ("/a/../b", False)],
+)
+def test_config_enforce_scope_is_a_cgroup_path(value: str | None, ok: bool) -> None:
+    config = {"interception": {"enforce_scope": value}}
+    if ok:
+        assert Config.model_validate(config).interception.enforce_scope == value
+    else:
+        with pytest.raises(ValueError, match="interception.enforce_scope"):
+            Config.model_validate(config)
 
 
 class FakeIptables:

@@ -43,8 +43,8 @@ SPEC_CONFIG = Path(__file__).resolve().parents[4] / "shared" / "spec" / "config.
         # Bedrock: dual-stack, FIPS and mantle in any region
         ("bedrock-runtime.ap-northeast-1.api.aws", "anthropic-bedrock"),
         ("bedrock-runtime-fips.us-east-1.api.aws", "anthropic-bedrock"),
-        ("bedrock-mantle.us-east-1.api.aws", "anthropic-bedrock"),
-        ("bedrock-mantle.eu-west-3.api.aws", "anthropic-bedrock"),
+        ("bedrock-mantle.us-east-1.api.aws", "bedrock-mantle"),
+        ("bedrock-mantle.eu-west-3.api.aws", "bedrock-mantle"),
         # not providers: other labels, deeper names, look-alike domains
         ("eu.api.openai.com.evil.example", None),
         ("a.b.api.openai.com", None),
@@ -253,16 +253,33 @@ def test_provider_addresses_are_those_of_provider_names():
 
 
 @pytest.mark.parametrize(
-    "sni, configured, mismatch",
+    "route, sni, host, region",
     [
-        ("bedrock-runtime.us-east-1.amazonaws.com", False, False),
-        ("bedrock-runtime.eu-west-1.amazonaws.com", False, True),
-        ("bedrock-runtime.eu-west-1.amazonaws.com", True, False),  # base_url: it goes there
+        ("openai", "api.openai.com", "api.openai.com", None),  # its own host: unchanged
+        ("openai", "eu.api.openai.com", "eu.api.openai.com", None),  # data residency
+        ("openai", "ae.api.openai.com", "ae.api.openai.com", None),
+        ("anthropic-vertex", "europe-west4-aiplatform.googleapis.com",
+         "europe-west4-aiplatform.googleapis.com", "us-east5"),
+        ("anthropic-bedrock", "bedrock-runtime.eu-west-1.amazonaws.com",
+         "bedrock-runtime.eu-west-1.amazonaws.com", "eu-west-1"),  # signed for its region
+        ("anthropic-bedrock", "bedrock-runtime-fips.us-gov-west-1.amazonaws.com",
+         "bedrock-runtime-fips.us-gov-west-1.amazonaws.com", "us-gov-west-1"),
+        ("bedrock-mantle", "bedrock-mantle.ap-south-1.api.aws", "bedrock-mantle.ap-south-1.api.aws",
+         "ap-south-1"),
+        # not where Candela goes by itself: an mTLS endpoint, a name the operator added
+        ("anthropic-vertex", "us-east5-aiplatform.mtls.googleapis.com", None, None),
+        ("openai", "llm.internal", None, None),
     ],
-)
-def test_another_region_than_the_routes_is_not_silently_redirected(sni, configured, mismatch):
-    up = resolve_all(parse_config({}))["anthropic-bedrock"]
-    assert interception.upstream_host_mismatch(up, sni, configured) is mismatch
+)  # fmt: skip
+def test_an_intercepted_request_goes_to_the_host_the_app_asked_for(route, sni, host, region):
+    up = resolve_all(parse_config({}))[route]
+    at = interception.upstream_at_host(up, route, sni)
+    if host is None:
+        assert at is None
+    else:
+        assert at is not None and (at.scheme, at.host, at.port) == ("https", host, 443)
+        assert at.region == region and at.base_path == up.base_path
+        assert (at is up) is (sni == up.host)
 
 
 @pytest.mark.parametrize(

@@ -424,3 +424,19 @@ def test_contradictory_counts_fall_back_to_input_and_output():
     price = TABLE.get("gpt-5.6-sol", "openai")  # $4 in, $0.40 cached, $20 out
     usage = Usage(10_000, 100, 8_000, cache_write_tokens=5_000)  # 8,000 + 5,000 > 10,000
     assert price.cost(usage) == pytest.approx((2_000 * 4.00 + 8_000 * 0.40 + 100 * 20.00) / M)
+
+
+@pytest.mark.parametrize(
+    "model, library_id",
+    [
+        ("openai.gpt-oss-120b", "openai.gpt-oss-120b-1:0"),  # Mantle's id, Bedrock's price
+        ("qwen.qwen3-32b", "qwen.qwen3-32b-v1:0"),
+        ("openai.gpt-oss-120b-1:0", "openai.gpt-oss-120b-1:0"),
+    ],
+)
+def test_bedrock_mantle_prices_a_model_at_its_bedrock_price(model: str, library_id: str) -> None:
+    table = PricingTable()
+    price = table.get(model, "bedrock-mantle")
+    assert price is not None and price.model == library_id and price.library_provider == "aws"
+    assert price == table.get(library_id, "anthropic-bedrock")
+    assert table.get(model, "openai") is None  # not OpenAI's model, whatever its prefix says

@@ -533,6 +533,33 @@ def test_headers_for_bedrock_signs_the_request(session_token: str | None) -> Non
     assert ("x-amz-security-token" in got) is (session_token is not None)
 
 
+def test_headers_for_bedrock_mantle_sign_for_its_own_service() -> None:
+    creds = _credentials(KEYS, None)
+    up = _upstreams({"bedrock-mantle": {"region": "eu-west-1"}})["bedrock-mantle"]
+    url = up.url("/v1/chat/completions")
+    assert url == "https://bedrock-mantle.eu-west-1.api.aws/v1/chat/completions"
+    body = b'{"model":"openai.gpt-oss-120b","messages":[]}'
+    client = {"Content-Type": "application/json", "Authorization": "Bearer candela-user"}
+    got = asyncio.run(creds.headers_for(up, "POST", url, client, body))
+    assert "/eu-west-1/bedrock-mantle/aws4_request" in got["authorization"]
+    assert got["authorization"] == reference_authorization(
+        access_key="AKIATESTCANDELA", secret="test/secret+key", token=None,
+        region="eu-west-1", service="bedrock-mantle", method="POST", url=url,
+        signed={"content-type": "application/json"}, body=body, amz_date=got["x-amz-date"],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("route", ["bedrock-mantle", "anthropic-bedrock"])
+def test_a_bedrock_api_key_is_sent_as_a_bearer_token_instead_of_signing(route: str) -> None:
+    ups = _upstreams({route: {"api_key_env": "AWS_BEARER_TOKEN_BEDROCK"}})
+    creds = UpstreamCredentials(ups, {"AWS_BEARER_TOKEN_BEDROCK": "ABSKbedrockkey"})
+    got = asyncio.run(creds.headers_for(ups[route], "POST", ups[route].url("/v1/x"), {}, b"{}"))
+    assert got == {"authorization": "Bearer ABSKbedrockkey"}
+    creds = UpstreamCredentials(ups, {})
+    with pytest.raises(CredentialsUnavailable, match="AWS_BEARER_TOKEN_BEDROCK"):
+        asyncio.run(creds.headers_for(ups[route], "POST", ups[route].url("/v1/x"), {}, b"{}"))
+
+
 @pytest.mark.parametrize(
     ("providers", "route", "env", "variable"),
     [

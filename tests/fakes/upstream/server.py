@@ -386,7 +386,7 @@ class FakeUpstream:
                     "PERMISSION_DENIED",
                 ),
             )
-        if kind == "sigv4":
+        if kind in ("sigv4", "sigv4_mantle"):
             ok, reason = verify_sigv4(
                 rec.method,
                 rec.path,
@@ -395,7 +395,7 @@ class FakeUpstream:
                 access_key=self.aws_access_key_id,
                 secret_key=self.aws_secret_access_key,
                 region=self.aws_region,
-                service="bedrock",
+                service="bedrock-mantle" if kind == "sigv4_mantle" else "bedrock",
             )
             rec.sigv4 = ok
             rec.sigv4_reason = reason
@@ -657,6 +657,15 @@ def _named(name: str) -> Callable[[_RouteFn], _RouteFn]:
 def _match(
     method: str, path: str, headers: dict[str, str], query: dict[str, list[str]]
 ) -> tuple[str, str, str, _RouteFn, dict[str, str]] | None:
+    # Bedrock Mantle: OpenAI's wire format under /v1 or /openai/v1, signed for the bedrock-mantle
+    # service: told apart from OpenAI by that signature, as Mantle itself would be reached
+    if "/bedrock-mantle/aws4_request" in headers.get("authorization", ""):
+        hit = re.fullmatch(r"(?:/openai)?/v1/(chat/completions|responses|models(?:/([^/]+))?)", path)
+        if hit:
+            op = hit.group(1).split("/", 1)[0]
+            name = {"chat": "openai.chat", "responses": "openai.responses"}.get(op, "openai.models")
+            params = {"id": unquote(hit.group(2))} if hit.group(2) else {}
+            return ("mantle." + name.split(".")[1], "openai", "sigv4_mantle", _BY_NAME[name], params)
     # /v1/models is OpenAI's, Anthropic's and (with a custom base URL) Gemini's listing: tell them
     # apart by the credential the client presents, as a reader of the request would.
     if method == "GET" and re.fullmatch(r"/v1/models(/[^/]+)?", path):
