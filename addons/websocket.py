@@ -32,6 +32,7 @@ from candela_mitm.governance.sessions import (
     OpenSessions,
     Session,
     SessionBudget,
+    SessionLimits,
     SessionTally,
 )
 from candela_mitm.observability.spans import Span, new_span_id, utc_now_iso
@@ -101,11 +102,23 @@ class WebSocket:
                 held=c.reservation,
             )
             c.reservation = None  # the session holds it from here
+        limits = None
+        if c.settings is not None:
+            tenant = self.rt.users.tenant_settings_cached(c.tenant) if c.tenant else None
+            limits = SessionLimits(
+                self.rt.limiter,
+                user,
+                c.settings.requests_per_minute,
+                c.settings.token_limits,
+                c.tenant,
+                tenant.token_limits if tenant is not None else None,
+            )
         s = Session(
             tally=SessionTally(plan.operation.name, _protocol(c)),
             budget=budget,
             rate=FrameRate(self.cfg.frames_per_second),
             user=user,
+            limits=limits,
         )
         if plan.model:
             s.tally.use_model(plan.model)
@@ -158,12 +171,27 @@ class WebSocket:
             if refusal is not None:
                 msg.drop()  # checked before it is forwarded: the provider never sees it
                 self._cut(flow, c, s, "policy", refusal)
+                return
+            if s.limits is not None and frame is not None and realtime.asks_for_work(
+                protocol, frame
+            ):
+                limited = await self.rt.store_call(s.limits.admit)
+                if limited is not None:
+                    msg.drop()
+                    self._limited(flow, c, s, limited.denial())
+                    return
+            if s.budget is not None:  # forwarded: from now on the provider may bill work
+                s.budget.pending = True
             return
         usage = realtime.usage_of(protocol, frame) if frame is not None else None
         if usage is None:
             return
         s.tally.usage_frames += 1
         realtime.add_usage(s.tally.usage, usage)
+        if s.limits is not None:  # this frame still reaches the client; nothing after it does
+            limited = await self.rt.store_call(s.limits.count_usage, usage)
+            if limited is not None:
+                self._limited(flow, c, s, limited.denial())
         if s.budget is None:
             return
         # priced as the model that served it, when the frame says (a Responses session may run
@@ -202,9 +230,15 @@ class WebSocket:
         elif s.tally.model is None:
             # nothing may reach the provider before the model it will run is known and checked
             return errors.websocket_model_required(operation)
-        if s.budget is not None:  # forwarded: from now on the provider may bill work
-            s.budget.pending = True
         return None
+
+    def _limited(self, flow: http.HTTPFlow, c: RequestContext, s: Session, denial: Denial) -> None:
+        """A rate or token limit reached mid-session: cut it as the HTTP request would be refused."""
+        try:
+            self.rt.metrics.rate_limited.labels(self.rt.metrics.tenant_label(c.tenant or "")).inc()
+        except Exception:
+            log.debug("rate limit not counted", exc_info=True)
+        self._cut(flow, c, s, "rate_limited", denial)
 
     def _cut(
         self,
@@ -222,7 +256,9 @@ class WebSocket:
         s.cut = True
         s.tally.end(reason, denial.error)
         c.denial_code = denial.error
-        event = realtime.error_event(s.tally.protocol, denial.status, denial.error, denial.message)
+        event = realtime.error_event(
+            s.tally.protocol, denial.status, denial.error, denial.message, denial.fields
+        )
         mitm_patches.send_to_client(flow, event)
         mitm_patches.close_websocket(flow, code, denial.error)
         try:
