@@ -29,9 +29,9 @@ from candela_mitm.errors import Denial
 from candela_mitm.governance.sessions import (
     EndReason,
     FrameRate,
-    OpenSessions,
     Session,
     SessionBudget,
+    SessionLeases,
     SessionLimits,
     SessionTally,
 )
@@ -54,26 +54,53 @@ def _protocol(c: RequestContext) -> str:
     return c.plan.operation.protocol
 
 
+def _user(c: RequestContext) -> str:
+    return c.settings.user_id if c.settings is not None else (c.user or "")
+
+
 class WebSocket:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.cfg = rt.config.governance.websocket
-        self.open = OpenSessions()
-        self._idle: dict[str, asyncio.Task[None]] = {}
+        self.leases = SessionLeases(rt.store, rt.ledger.owner)
+        self._tasks: dict[str, list[asyncio.Task[None]]] = {}
         mitm_patches.install_websocket_close()
 
     # -- the upgrade -------------------------------------------------------------------------
 
     @fail_closed
-    def request(self, flow: http.HTTPFlow) -> None:
-        """Before RateLimit and Budget: a user at the session limit reserves nothing."""
+    async def request(self, flow: http.HTTPFlow) -> None:
+        """Before RateLimit and Budget: a user at the session limit (counted across every
+        process on the store) reserves nothing and nothing is forwarded."""
         c = ctx_of(flow)
         if c is None or answered(flow) or c.plan is None or not c.plan.session:
             return
-        user = c.settings.user_id if c.settings is not None else (c.user or "")
+        user = _user(c)
         limit = self.cfg.max_sessions_per_user
-        if self.open.count(user) >= limit:
+        lease = await self.rt.store_call(self.leases.acquire, user, limit)
+        if lease is None:
             deny(flow, errors.websocket_sessions_exceeded(user, limit))
+            return
+        c.session_lease = lease  # the session takes it at its start; else given back below
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        """An upgrade answered with anything but 101 (a later gate refused it, or the
+        provider did) opens no session: its lease goes back."""
+        if flow.response is None or flow.response.status_code != 101:
+            await self._give_back(flow)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        await self._give_back(flow)
+
+    async def _give_back(self, flow: http.HTTPFlow) -> None:
+        c = ctx_of(flow)
+        if c is None or c.session_lease is None:
+            return
+        lease, c.session_lease = c.session_lease, None
+        try:
+            await self.rt.store_call(self.leases.release, _user(c), lease)
+        except Exception:  # it expires (or the next start frees it)
+            log.exception("could not give back the session lease of %s", c.span_id)
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
@@ -88,7 +115,7 @@ class WebSocket:
     def _start(self, flow: http.HTTPFlow, c: RequestContext) -> None:
         plan = c.plan
         assert plan is not None
-        user = c.settings.user_id if c.settings is not None else (c.user or "")
+        user = _user(c)
         budget = None
         if c.reservation is not None and c.settings is not None:
             budget = SessionBudget(
@@ -119,13 +146,18 @@ class WebSocket:
             rate=FrameRate(self.cfg.frames_per_second),
             user=user,
             limits=limits,
+            lease=c.session_lease,
         )
+        c.session_lease = None  # the session holds it from here
         if plan.model:
             s.tally.use_model(plan.model)
         c.session = s
-        self.open.add(user)  # bounded at the upgrade (request), counted from here
         self.rt.metrics.sessions_open.labels(plan.upstream.name).inc()
-        self._idle[flow.id] = asyncio.get_running_loop().create_task(self._watch_idle(flow, s))
+        loop = asyncio.get_running_loop()
+        self._tasks[flow.id] = [
+            loop.create_task(self._watch_idle(flow, s)),
+            loop.create_task(self._keep_lease(flow, s)),
+        ]
 
     # -- frames ------------------------------------------------------------------------------
 
@@ -278,6 +310,31 @@ class WebSocket:
                 return
             await asyncio.sleep(wait)
 
+    async def _keep_lease(self, flow: http.HTTPFlow, s: Session) -> None:
+        """Renew the session's lease while it lives. One lost (the store forgot it, or it
+        expired while the store could not be reached) is taken again if the user has a place
+        left; else the session is cut, as its upgrade would be refused now."""
+        period = self.leases.ttl_us / 1_000_000 / 3
+        while s.lease is not None and not s.cut and not s.ended:
+            await asyncio.sleep(period)
+            if s.cut or s.ended:
+                return
+            try:
+                if await self.rt.store_call(self.leases.renew, s.user, s.lease):
+                    continue
+                s.lease = await self.rt.store_call(
+                    self.leases.acquire, s.user, self.cfg.max_sessions_per_user
+                )
+            except Exception:  # a store hiccup: the next period tries again
+                log.warning("could not renew the session lease of flow %s", flow.id)
+                continue
+            if s.lease is None:
+                c = ctx_of(flow)
+                if c is not None and not s.ended:
+                    limit = self.cfg.max_sessions_per_user
+                    self._cut(flow, c, s, "policy", errors.websocket_sessions_exceeded(s.user, limit))
+                return
+
     # -- the end -----------------------------------------------------------------------------
 
     async def websocket_end(self, flow: http.HTTPFlow) -> None:
@@ -286,15 +343,19 @@ class WebSocket:
         if c is None or s is None or s.ended:
             return
         s.ended = True
-        task = self._idle.pop(flow.id, None)
-        if task is not None:
+        for task in self._tasks.pop(flow.id, []):
             task.cancel()
         ws = flow.websocket
         if flow.error is not None:
             s.tally.end("error", None)
         elif ws is not None:
             s.tally.end("client" if ws.closed_by_client else "upstream")
-        self.open.release(s.user)
+        if s.lease is not None:
+            lease, s.lease = s.lease, None
+            try:
+                await self.rt.store_call(self.leases.release, s.user, lease)
+            except Exception:  # it expires (or the next start frees it)
+                log.exception("could not give back the session lease of %s", c.span_id)
         assert c.plan is not None
         provider = c.plan.upstream.name
         c.usage_source = None

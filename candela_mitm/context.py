@@ -93,6 +93,8 @@ class RequestContext:
     # the loop future that tells when that entry is committed (True) or timed out (False)
     audit_commit: asyncio.Future[bool] | None = None
     session: Session | None = None  # a WebSocket session, from its start (addons/websocket.py)
+    # the user's session lease taken at the upgrade, until the session holds it (or it is refused)
+    session_lease: str | None = None
 
     @property
     def model(self) -> str | None:

@@ -12,10 +12,11 @@ forwarded none, never reached a model and gives its slice back.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import defaultdict
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal
 
 from candela_mitm.governance.ledger import BudgetRefusal, Ledger, Reservation
@@ -27,7 +28,7 @@ from candela_mitm.governance.ratelimit import (
     TokenLimits,
 )
 from candela_mitm.providers.usage import Usage
-from candela_mitm.state.ports import US_PER_S, to_us
+from candela_mitm.state.ports import US_PER_S, StateStore, to_us, utc_now
 
 # how a session ended: the client closed it, the upstream closed it, Candela cut it (budget,
 # policy, a bound), or it failed (a connection error, an internal error)
@@ -202,39 +203,50 @@ class FrameRate:
         return self._count <= self.limit
 
 
-class OpenSessions:
-    """Sessions open per user in this process, bounded by governance.websocket.max_sessions_per_user."""
+# A session's lease is renewed every third of this while it lives: a process that dies without
+# a restart frees its users' places within it (a restart frees them at once: reconcile_leases).
+SESSION_LEASE_TTL_S = 180
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open: dict[str, int] = defaultdict(int)
 
-    def acquire(self, user: str, limit: int) -> bool:
-        with self._lock:
-            if self._open[user] >= limit:
-                return False
-            self._open[user] += 1
-            return True
+def session_lease_key(user: str) -> str:
+    """The lease key of a user's WebSocket sessions: never a user's concurrency key (a user id)."""
+    return f"\x1esession\x1f{user}"
 
-    def add(self, user: str) -> None:
-        """Count a session admitted earlier (at its upgrade, by `count`)."""
-        with self._lock:
-            self._open[user] += 1
 
-    def release(self, user: str) -> None:
-        with self._lock:
-            if self._open.get(user, 0) > 0:
-                self._open[user] -= 1
-                if self._open[user] == 0:
-                    del self._open[user]
+class SessionLeases:
+    """WebSocket sessions open per user across every process sharing the state store, bounded by
+    governance.websocket.max_sessions_per_user: one lease per session (the store's leases, as
+    max concurrent requests use), taken at the upgrade and given back when the session ends.
+    Every method is one store call (run it off-loop)."""
 
-    def count(self, user: str) -> int:
-        with self._lock:
-            return self._open.get(user, 0)
+    def __init__(
+        self,
+        store: StateStore,
+        owner: str,
+        clock: Callable[[], datetime] = utc_now,
+        ttl_s: float = SESSION_LEASE_TTL_S,
+    ) -> None:
+        self.store = store
+        self.owner = owner
+        self.clock = clock
+        self.ttl_us = int(ttl_s * US_PER_S)
 
-    def total(self) -> int:
-        with self._lock:
-            return sum(self._open.values())
+    def acquire(self, user: str, limit: int) -> str | None:
+        """A lease for one more session of `user`, or None: `limit` are open already."""
+        lease = "ws_" + uuid.uuid4().hex
+        taken, _ = self.store.lease_acquire(
+            session_lease_key(user), lease, limit, self.owner, to_us(self.clock()), self.ttl_us
+        )
+        return lease if taken else None
+
+    def renew(self, user: str, lease: str) -> bool:
+        """Hold the session's place another TTL; False if it was lost (expired)."""
+        return self.store.lease_renew(
+            session_lease_key(user), lease, to_us(self.clock()), self.ttl_us
+        )
+
+    def release(self, user: str, lease: str) -> bool:
+        return self.store.lease_release(session_lease_key(user), lease)
 
 
 @dataclass
@@ -278,5 +290,6 @@ class Session:
     rate: FrameRate
     user: str
     limits: SessionLimits | None = None  # None: nothing to count (no user settings)
+    lease: str | None = None  # its place among the user's sessions (SessionLeases)
     cut: bool = False  # Candela is closing it: no frame passes any more
     ended: bool = False  # websocket_end ran: settled and audited

@@ -64,27 +64,45 @@ def frame(f, obj, from_client=True):
     return f.websocket.messages[-1]
 
 
+async def planned(rt):
+    f = make_flow("/proxy/openai/v1/realtime?model=gpt-realtime", method="GET", headers=UPGRADE)
+    Router(rt).requestheaders(f)
+    await Auth(rt).requestheaders(f)
+    await Router(rt).request(f)
+    return f
+
+
 def test_a_user_at_the_session_limit_is_refused_before_reserving(tctx, runtime, sent):
     rt = runtime(CFG)
     addon = WebSocket(rt)
 
     async def main():
-        f = await upgraded(rt)
+        f = await planned(rt)
+        await addon.request(f)
+        assert f.response is None and ctx_of(f).session_lease is not None
+        f.response = http.Response.make(101)
+        f.websocket = websocket.WebSocketData()
+        await addon.response(f)  # a 101 keeps the lease: the session takes it
         addon.websocket_start(f)
-        second = make_flow("/proxy/openai/v1/realtime?model=gpt-realtime", method="GET", headers=UPGRADE)
-        Router(rt).requestheaders(second)
-        await Auth(rt).requestheaders(second)
-        await Router(rt).request(second)
-        addon.request(second)
+        assert ctx_of(f).session.lease is not None and ctx_of(f).session_lease is None
+        second = await planned(rt)
+        await addon.request(second)
         assert second.response.status_code == 429
         assert json.loads(second.response.content)["error"] == "websocket_sessions_exceeded"
         await addon.websocket_end(f)
-        third = make_flow("/proxy/openai/v1/realtime?model=gpt-realtime", method="GET", headers=UPGRADE)
-        Router(rt).requestheaders(third)
-        await Auth(rt).requestheaders(third)
-        await Router(rt).request(third)
-        addon.request(third)
+        third = await planned(rt)
+        await addon.request(third)
         assert third.response is None  # the first one ended
+        # a later gate (or the provider) answers the upgrade with no 101: the place is free
+        third.response = http.Response.make(402)
+        await addon.response(third)
+        fourth = await planned(rt)
+        await addon.request(fourth)
+        assert fourth.response is None
+        await addon.error(fourth)  # an upgrade that failed frees its place too
+        fifth = await planned(rt)
+        await addon.request(fifth)
+        assert fifth.response is None
 
     asyncio.run(main())
 

@@ -359,6 +359,56 @@ def test_sessions_per_user_are_bounded(proxy, fake):
         c.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_sessions_per_user_are_counted_across_proxies_on_one_store(tmp_path, fake, backend, request):
+    state: dict[str, Any] = {"sqlite_path": str(tmp_path / "state.db")}
+    if backend == "redis":
+        state = {"backend": "redis", "redis_url": request.getfixturevalue("redis_server_factory")().url}
+    with FakeTokenServer() as tokens:
+        cfg = base_config(
+            fake.url,
+            users={USER: {"tenants": ["research-team"], "requests_per_minute": 100_000}},
+            governance={"websocket": {"reserve_usd": SLICE, "max_sessions_per_user": 2}},
+            state=state,
+        )
+        procs = []
+        for name in ("a", "b"):
+            d = tmp_path / name
+            d.mkdir()
+            procs.append(CandelaProcess(d, cfg, env=candela_env(tokens, d)).start())
+        a, b = procs
+        try:
+            one, two = WsClient(a.port, REALTIME, ALICE), WsClient(b.port, REALTIME, ALICE)
+            assert one.status == 101 and two.status == 101
+            for proxy in (a, b):  # each proxy holds one: the user has two, the most allowed
+                third = WsClient(proxy.port, REALTIME, ALICE)
+                assert third.status == 429
+                assert third.rejection["error"] == "websocket_sessions_exceeded"
+            assert len(fake.sessions) == 2  # the refused upgrades never reached the provider
+            two.close()  # a session ended on b frees a place a can give
+            deadline = time.monotonic() + 10
+            while True:
+                again = WsClient(a.port, REALTIME, ALICE)
+                if again.status == 101 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert again.status == 101
+            assert WsClient(b.port, REALTIME, ALICE).status == 429
+            # a dies holding both places: its next start frees them
+            a.stop(kill=True)
+            one.drop()
+            again.drop()
+            assert WsClient(b.port, REALTIME, ALICE).status == 429
+            a.start()
+            three, four = WsClient(b.port, REALTIME, ALICE), WsClient(a.port, REALTIME, ALICE)
+            assert three.status == 101 and four.status == 101
+            three.close()
+            four.close()
+        finally:
+            for proxy in procs:
+                proxy.stop()
+
+
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory: pytest.TempPathFactory, fake: FakeRealtime) -> Iterator[CandelaProcess]:
     """A proxy with small session bounds: 2 KB messages, 5 messages a second, 1 s idle."""

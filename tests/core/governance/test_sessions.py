@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -12,10 +12,11 @@ from candela_mitm.governance.ledger import Ledger, Reservation
 from candela_mitm.governance.ratelimit import RateLimiter, TokenLimits
 from candela_mitm.governance.sessions import (
     FrameRate,
-    OpenSessions,
     SessionBudget,
+    SessionLeases,
     SessionLimits,
     SessionTally,
+    session_lease_key,
 )
 from candela_mitm.providers.usage import Usage
 from candela_mitm.state import open_state_store
@@ -92,14 +93,35 @@ def test_frame_rate(times, limit, allowed):
     assert [r.allow(t) for t in times] == allowed
 
 
-def test_open_sessions_per_user():
-    o = OpenSessions()
-    assert o.acquire("a", 2) and o.acquire("a", 2) and not o.acquire("a", 2)
-    assert o.acquire("b", 2) and o.total() == 3
-    o.release("a")
-    assert o.count("a") == 1 and o.acquire("a", 2)
-    o.release("nobody")  # never below zero
-    assert o.count("nobody") == 0
+def test_sessions_per_user_are_leases_on_the_store_every_process_shares(tmp_path):
+    clock = [T0]
+    db = str(tmp_path / "l.db")
+    one = SessionLeases(open_state_store(State(sqlite_path=db)), "host:1", lambda: clock[0], 60)
+    two = SessionLeases(open_state_store(State(sqlite_path=db)), "host:2", lambda: clock[0], 60)
+    a = one.acquire(U, 2)
+    b = two.acquire(U, 2)
+    assert a and b and one.acquire(U, 2) is None and two.acquire(U, 2) is None
+    assert one.acquire("bob@example.com", 2) is not None  # per user
+    # a user's session key is never a user's concurrency key (its user id)
+    assert {x.key for x in one.store.leases()} == {
+        session_lease_key(U), session_lease_key("bob@example.com")
+    }
+    assert two.release(U, b) and one.acquire(U, 2) is not None
+
+
+def test_a_session_lease_lives_while_it_is_renewed(tmp_path):
+    clock = [T0]
+    leases = SessionLeases(open_state_store(State(sqlite_path=str(tmp_path / "l.db"))),
+                           "host:1", lambda: clock[0], 60)
+    held = leases.acquire(U, 1)
+    assert held is not None
+    clock[0] = T0 + timedelta(seconds=50)
+    assert leases.renew(U, held)
+    clock[0] = T0 + timedelta(seconds=100)  # past the first expiry, within the renewed one
+    assert leases.acquire(U, 1) is None
+    clock[0] = T0 + timedelta(seconds=111)  # not renewed: a dead process's place frees itself
+    assert not leases.renew(U, held)
+    assert leases.acquire(U, 1) is not None
 
 
 def test_the_first_end_reason_wins():
