@@ -340,6 +340,8 @@ class WebSocket:
     async def websocket_end(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         s = c.session if c is not None else None
+        if c is not None and s is None:  # it never started (websocket_start failed)
+            await self._give_back(flow)
         if c is None or s is None or s.ended:
             return
         s.ended = True

@@ -103,6 +103,13 @@ def test_a_user_at_the_session_limit_is_refused_before_reserving(tctx, runtime, 
         fifth = await planned(rt)
         await addon.request(fifth)
         assert fifth.response is None
+        # a session that could not start (websocket_start failed) frees it at its end
+        fifth.response = http.Response.make(101)
+        fifth.websocket = websocket.WebSocketData()
+        await addon.websocket_end(fifth)
+        sixth = await planned(rt)
+        await addon.request(sixth)
+        assert sixth.response is None
 
     asyncio.run(main())
 
@@ -162,3 +169,40 @@ def rt_usage(inp, out):
     from candela_mitm.providers.usage import Usage
 
     return Usage(inp, out)
+
+
+@pytest.mark.parametrize("place_left", [True, False])
+def test_a_lost_session_lease_is_taken_again_or_the_session_cut(tctx, runtime, sent, place_left):
+    from candela_mitm.governance.sessions import SessionLeases, session_lease_key
+
+    rt = runtime(CFG)  # one session per user
+    addon = WebSocket(rt)
+    addon.leases.ttl_us = 30_000  # renewed every 10 ms
+
+    async def main():
+        f = await planned(rt)
+        await addon.request(f)
+        f.response = http.Response.make(101)
+        f.websocket = websocket.WebSocketData()
+        addon.websocket_start(f)
+        s = ctx_of(f).session
+        user = s.user
+        # the store forgot it (it expired while the store could not be reached)
+        assert rt.store.lease_release(session_lease_key(user), s.lease)
+        if not place_left:  # and another process gave the place to another session
+            other = SessionLeases(rt.store, "elsewhere:1", ttl_s=60)
+            assert other.acquire(user, 1) is not None
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            held = [x for x in rt.store.leases() if x.key == session_lease_key(user)]
+            if s.cut or (place_left and any(x.lease_id == s.lease for x in held)):
+                break
+        if place_left:
+            assert not s.cut and any(x.lease_id == s.lease for x in held)
+        else:
+            assert s.cut and s.tally.end_code == "websocket_sessions_exceeded"
+            assert sent["client"][0]["error"]["code"] == "websocket_sessions_exceeded"
+            assert sent["close"] == [1008]
+        await addon.websocket_end(f)
+
+    asyncio.run(main())
