@@ -8,7 +8,13 @@ Auth, ModelPolicy for Realtime's ?model=, RateLimit and Budget reserving the fir
   are closed with 1008; a frame before any model is known (Live's `setup`) is refused the same;
 - a server frame carrying usage settles its cost and tops the slice up; when the budget cannot
   fund another slice the session is cut the same way, after that frame reaches the client;
-- bounds: message size (closed 1009), messages per second, idle time.
+- each request for work a client frame makes (`response.create`, a Live turn) counts against
+  the user's requests per minute before it is forwarded, and each usage frame's tokens against
+  the user's and tenant's token windows (governance/sessions.py SessionLimits): a limit reached
+  cuts the session the same way, with `rate_limited` and its `limit_kind`;
+- bounds: message size (closed 1009), messages per second, idle time, and sessions per user: a
+  lease per session on the state store, taken at the upgrade (every process counted), renewed
+  while the session lives, given back at its end.
 `websocket_end` charges the held slice when work is unaccounted, writes one `llm_session`
 audit entry and one span. Frame contents are never logged.
 """
@@ -328,6 +334,10 @@ class WebSocket:
             except Exception:  # a store hiccup: the next period tries again
                 log.warning("could not renew the session lease of flow %s", flow.id)
                 continue
+            if s.ended and s.lease is not None:  # it ended meanwhile: nothing holds this one
+                lease, s.lease = s.lease, None
+                await self.rt.store_call(self.leases.release, s.user, lease)
+                return
             if s.lease is None:
                 c = ctx_of(flow)
                 if c is not None and not s.ended:
