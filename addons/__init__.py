@@ -67,7 +67,8 @@ def pipeline(rt: Runtime) -> list[Any]:
         Auth(rt),  # principal (401) and tenant (403 tenant_not_allowed)
         Admin(rt),  # /admin/v1 (admin-api.md): admin-only routes 403 for developers
         ModelPolicy(rt),  # 403 model_not_allowed, audited allowed or denied (spec 002)
-        # WebSocket upgrades: 429 websocket_sessions_exceeded before anything is reserved; once
+        # WebSocket upgrades: 429 websocket_sessions_exceeded (a lease per session on the
+        # store, every process counted) before anything is reserved; once
         # open, governs the session frame by frame (models, budget slice, bounds) to its end
         WebSocket(rt),
         RateLimit(rt),  # 429 rate_limited; makes Budget's reservation in the same store trip

@@ -63,6 +63,10 @@ class Checked:
 def token_estimate(rt: Runtime, c: RequestContext) -> tuple[int, int] | None:
     """(input, output) tokens a request may use, for token limits; None: not an inference call."""
     plan = c.plan
+    if plan is not None and plan.session:
+        # a WebSocket upgrade asks for no work: it holds a token of each kind until its 101
+        # (refused when a window is already full); its frames count (governance/sessions.py)
+        return 1, 1
     if plan is None or not plan.model:
         return None
     default_max = rt.config.governance.budgets.default_max_output_tokens

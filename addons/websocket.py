@@ -8,7 +8,13 @@ Auth, ModelPolicy for Realtime's ?model=, RateLimit and Budget reserving the fir
   are closed with 1008; a frame before any model is known (Live's `setup`) is refused the same;
 - a server frame carrying usage settles its cost and tops the slice up; when the budget cannot
   fund another slice the session is cut the same way, after that frame reaches the client;
-- bounds: message size (closed 1009), messages per second, idle time.
+- each request for work a client frame makes (`response.create`, a Live turn) counts against
+  the user's requests per minute before it is forwarded, and each usage frame's tokens against
+  the user's and tenant's token windows (governance/sessions.py SessionLimits): a limit reached
+  cuts the session the same way, with `rate_limited` and its `limit_kind`;
+- bounds: message size (closed 1009), messages per second, idle time, and sessions per user: a
+  lease per session on the state store, taken at the upgrade (every process counted), renewed
+  while the session lives, given back at its end.
 `websocket_end` charges the held slice when work is unaccounted, writes one `llm_session`
 audit entry and one span. Frame contents are never logged.
 """
@@ -29,9 +35,10 @@ from candela_mitm.errors import Denial
 from candela_mitm.governance.sessions import (
     EndReason,
     FrameRate,
-    OpenSessions,
     Session,
     SessionBudget,
+    SessionLeases,
+    SessionLimits,
     SessionTally,
 )
 from candela_mitm.observability.spans import Span, new_span_id, utc_now_iso
@@ -53,26 +60,53 @@ def _protocol(c: RequestContext) -> str:
     return c.plan.operation.protocol
 
 
+def _user(c: RequestContext) -> str:
+    return c.settings.user_id if c.settings is not None else (c.user or "")
+
+
 class WebSocket:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.cfg = rt.config.governance.websocket
-        self.open = OpenSessions()
-        self._idle: dict[str, asyncio.Task[None]] = {}
+        self.leases = SessionLeases(rt.store, rt.ledger.owner)
+        self._tasks: dict[str, list[asyncio.Task[None]]] = {}
         mitm_patches.install_websocket_close()
 
     # -- the upgrade -------------------------------------------------------------------------
 
     @fail_closed
-    def request(self, flow: http.HTTPFlow) -> None:
-        """Before RateLimit and Budget: a user at the session limit reserves nothing."""
+    async def request(self, flow: http.HTTPFlow) -> None:
+        """Before RateLimit and Budget: a user at the session limit (counted across every
+        process on the store) reserves nothing and nothing is forwarded."""
         c = ctx_of(flow)
         if c is None or answered(flow) or c.plan is None or not c.plan.session:
             return
-        user = c.settings.user_id if c.settings is not None else (c.user or "")
+        user = _user(c)
         limit = self.cfg.max_sessions_per_user
-        if self.open.count(user) >= limit:
+        lease = await self.rt.store_call(self.leases.acquire, user, limit)
+        if lease is None:
             deny(flow, errors.websocket_sessions_exceeded(user, limit))
+            return
+        c.session_lease = lease  # the session takes it at its start; else given back below
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        """An upgrade answered with anything but 101 (a later gate refused it, or the
+        provider did) opens no session: its lease goes back."""
+        if flow.response is None or flow.response.status_code != 101:
+            await self._give_back(flow)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        await self._give_back(flow)
+
+    async def _give_back(self, flow: http.HTTPFlow) -> None:
+        c = ctx_of(flow)
+        if c is None or c.session_lease is None:
+            return
+        lease, c.session_lease = c.session_lease, None
+        try:
+            await self.rt.store_call(self.leases.release, _user(c), lease)
+        except Exception:  # it expires (or the next start frees it)
+            log.exception("could not give back the session lease of %s", c.span_id)
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
@@ -87,7 +121,7 @@ class WebSocket:
     def _start(self, flow: http.HTTPFlow, c: RequestContext) -> None:
         plan = c.plan
         assert plan is not None
-        user = c.settings.user_id if c.settings is not None else (c.user or "")
+        user = _user(c)
         budget = None
         if c.reservation is not None and c.settings is not None:
             budget = SessionBudget(
@@ -101,18 +135,35 @@ class WebSocket:
                 held=c.reservation,
             )
             c.reservation = None  # the session holds it from here
+        limits = None
+        if c.settings is not None:
+            tenant = self.rt.users.tenant_settings_cached(c.tenant) if c.tenant else None
+            limits = SessionLimits(
+                self.rt.limiter,
+                user,
+                c.settings.requests_per_minute,
+                c.settings.token_limits,
+                c.tenant,
+                tenant.token_limits if tenant is not None else None,
+            )
         s = Session(
             tally=SessionTally(plan.operation.name, _protocol(c)),
             budget=budget,
             rate=FrameRate(self.cfg.frames_per_second),
             user=user,
+            limits=limits,
+            lease=c.session_lease,
         )
+        c.session_lease = None  # the session holds it from here
         if plan.model:
             s.tally.use_model(plan.model)
         c.session = s
-        self.open.add(user)  # bounded at the upgrade (request), counted from here
         self.rt.metrics.sessions_open.labels(plan.upstream.name).inc()
-        self._idle[flow.id] = asyncio.get_running_loop().create_task(self._watch_idle(flow, s))
+        loop = asyncio.get_running_loop()
+        self._tasks[flow.id] = [
+            loop.create_task(self._watch_idle(flow, s)),
+            loop.create_task(self._keep_lease(flow, s)),
+        ]
 
     # -- frames ------------------------------------------------------------------------------
 
@@ -158,12 +209,27 @@ class WebSocket:
             if refusal is not None:
                 msg.drop()  # checked before it is forwarded: the provider never sees it
                 self._cut(flow, c, s, "policy", refusal)
+                return
+            if s.limits is not None and frame is not None and realtime.asks_for_work(
+                protocol, frame
+            ):
+                limited = await self.rt.store_call(s.limits.admit)
+                if limited is not None:
+                    msg.drop()
+                    self._limited(flow, c, s, limited.denial())
+                    return
+            if s.budget is not None:  # forwarded: from now on the provider may bill work
+                s.budget.pending = True
             return
         usage = realtime.usage_of(protocol, frame) if frame is not None else None
         if usage is None:
             return
         s.tally.usage_frames += 1
         realtime.add_usage(s.tally.usage, usage)
+        if s.limits is not None:  # this frame still reaches the client; nothing after it does
+            limited = await self.rt.store_call(s.limits.count_usage, usage)
+            if limited is not None:
+                self._limited(flow, c, s, limited.denial())
         if s.budget is None:
             return
         # priced as the model that served it, when the frame says (a Responses session may run
@@ -202,9 +268,15 @@ class WebSocket:
         elif s.tally.model is None:
             # nothing may reach the provider before the model it will run is known and checked
             return errors.websocket_model_required(operation)
-        if s.budget is not None:  # forwarded: from now on the provider may bill work
-            s.budget.pending = True
         return None
+
+    def _limited(self, flow: http.HTTPFlow, c: RequestContext, s: Session, denial: Denial) -> None:
+        """A rate or token limit reached mid-session: cut it as the HTTP request would be refused."""
+        try:
+            self.rt.metrics.rate_limited.labels(self.rt.metrics.tenant_label(c.tenant or "")).inc()
+        except Exception:
+            log.debug("rate limit not counted", exc_info=True)
+        self._cut(flow, c, s, "rate_limited", denial)
 
     def _cut(
         self,
@@ -222,7 +294,9 @@ class WebSocket:
         s.cut = True
         s.tally.end(reason, denial.error)
         c.denial_code = denial.error
-        event = realtime.error_event(s.tally.protocol, denial.status, denial.error, denial.message)
+        event = realtime.error_event(
+            s.tally.protocol, denial.status, denial.error, denial.message, denial.fields
+        )
         mitm_patches.send_to_client(flow, event)
         mitm_patches.close_websocket(flow, code, denial.error)
         try:
@@ -242,23 +316,58 @@ class WebSocket:
                 return
             await asyncio.sleep(wait)
 
+    async def _keep_lease(self, flow: http.HTTPFlow, s: Session) -> None:
+        """Renew the session's lease while it lives. One lost (the store forgot it, or it
+        expired while the store could not be reached) is taken again if the user has a place
+        left; else the session is cut, as its upgrade would be refused now."""
+        period = self.leases.ttl_us / 1_000_000 / 3
+        while s.lease is not None and not s.cut and not s.ended:
+            await asyncio.sleep(period)
+            if s.cut or s.ended:
+                return
+            try:
+                if await self.rt.store_call(self.leases.renew, s.user, s.lease):
+                    continue
+                s.lease = await self.rt.store_call(
+                    self.leases.acquire, s.user, self.cfg.max_sessions_per_user
+                )
+            except Exception:  # a store hiccup: the next period tries again
+                log.warning("could not renew the session lease of flow %s", flow.id)
+                continue
+            if s.ended and s.lease is not None:  # it ended meanwhile: nothing holds this one
+                lease, s.lease = s.lease, None
+                await self.rt.store_call(self.leases.release, s.user, lease)
+                return
+            if s.lease is None:
+                c = ctx_of(flow)
+                if c is not None and not s.ended:
+                    limit = self.cfg.max_sessions_per_user
+                    self._cut(flow, c, s, "policy", errors.websocket_sessions_exceeded(s.user, limit))
+                return
+
     # -- the end -----------------------------------------------------------------------------
 
     async def websocket_end(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         s = c.session if c is not None else None
+        if c is not None and s is None:  # it never started (websocket_start failed)
+            await self._give_back(flow)
         if c is None or s is None or s.ended:
             return
         s.ended = True
-        task = self._idle.pop(flow.id, None)
-        if task is not None:
+        for task in self._tasks.pop(flow.id, []):
             task.cancel()
         ws = flow.websocket
         if flow.error is not None:
             s.tally.end("error", None)
         elif ws is not None:
             s.tally.end("client" if ws.closed_by_client else "upstream")
-        self.open.release(s.user)
+        if s.lease is not None:
+            lease, s.lease = s.lease, None
+            try:
+                await self.rt.store_call(self.leases.release, s.user, lease)
+            except Exception:  # it expires (or the next start frees it)
+                log.exception("could not give back the session lease of %s", c.span_id)
         assert c.plan is not None
         provider = c.plan.upstream.name
         c.usage_source = None

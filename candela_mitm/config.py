@@ -227,7 +227,7 @@ class WebSocketSessions(_Model):
     max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1)  # one assembled message
     frames_per_second: int = Field(default=200, ge=1)  # client messages, per session
     idle_timeout_s: float = Field(default=600.0, gt=0)  # no frame either way for this long
-    max_sessions_per_user: int = Field(default=8, ge=1)  # open at once, per proxy process
+    max_sessions_per_user: int = Field(default=8, ge=1)  # open at once, every process counted
 
 
 class WorkloadRule(_Model):

@@ -100,6 +100,8 @@ class RequestContext:
     session: Session | None = None  # a WebSocket session, from its start (addons/websocket.py)
     # governance.shadow: the candidate policy's verdicts, audited, never enforced
     shadow: ShadowVerdicts | None = None
+    # the user's session lease taken at the upgrade, until the session holds it (or it is refused)
+    session_lease: str | None = None
 
     @property
     def model(self) -> str | None:

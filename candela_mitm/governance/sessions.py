@@ -12,14 +12,23 @@ forwarded none, never reached a model and gives its slice back.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import defaultdict
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal
 
 from candela_mitm.governance.ledger import BudgetRefusal, Ledger, Reservation
+from candela_mitm.governance.ratelimit import (
+    WINDOW_S,
+    Admission,
+    RateDecision,
+    RateLimiter,
+    TokenLimits,
+)
 from candela_mitm.providers.usage import Usage
+from candela_mitm.state.ports import US_PER_S, StateStore, to_us, utc_now
 
 # how a session ended: the client closed it, the upstream closed it, Candela cut it (budget,
 # policy, a bound), or it failed (a connection error, an internal error)
@@ -99,6 +108,84 @@ class SessionBudget:
         return res.amount_usd
 
 
+@dataclass
+class SessionLimits:
+    """A session's work counted against the per-minute limits HTTP requests count against.
+
+    Each request for work a client frame makes (Realtime and Responses `response.create`, a Live
+    turn: providers/realtime.py `asks_for_work`) is one request of the user's
+    requests_per_minute, checked before the frame is forwarded, and holds one input and one
+    output token in every token window that limits the user or the tenant (refused when a window
+    is already full). Each usage frame's tokens replace that hold; a window they take past its
+    limit ends the session after the frame. A response the provider starts on its own (server
+    voice-activity detection, Live audio input) asked for nothing: it is counted as a request
+    when its usage frame arrives, and a refusal then ends the session the same way. Every method
+    is one store call (run it off-loop)."""
+
+    limiter: RateLimiter
+    user: str
+    requests_per_minute: int
+    tokens: TokenLimits
+    tenant: str | None = None
+    tenant_tokens: TokenLimits | None = None
+    # what the requests counted and not yet reported hold, oldest first
+    pending: list[Admission] = field(default_factory=list)
+
+    def _token_limited(self) -> bool:
+        return bool(self.tokens.active()) or bool(
+            self.tenant is not None and self.tenant_tokens and self.tenant_tokens.active()
+        )
+
+    def admit(self) -> RateDecision | None:
+        """Count a request for work; the refusing decision, or None: it may be forwarded."""
+        decision = self.limiter.check(self.user, self.requests_per_minute)
+        if not decision.allowed:
+            return decision
+        held = Admission(self.user)
+        if self._token_limited():
+            decisions = self.limiter.admit_tokens(
+                held, self.tokens, 1, 1, tenant=self.tenant, tenant_limits=self.tenant_tokens
+            )
+            if decisions and not decisions[-1].allowed:
+                return decisions[-1]
+        self.pending.append(held)
+        return None
+
+    def count_usage(self, usage: Usage) -> RateDecision | None:
+        """Record one usage frame; the decision that ends the session, or None."""
+        refusal = None
+        hold = self.pending.pop(0) if self.pending else None
+        if hold is None:  # the provider started this response itself: it counts now
+            decision = self.limiter.check(self.user, self.requests_per_minute)
+            if not decision.allowed:
+                refusal = decision
+        if not self._token_limited():
+            return refusal
+        now_us = to_us(self.limiter.clock())
+        # a zero entry admits whatever the windows hold and says how much they hold (remaining)
+        record = Admission(self.user)
+        windows = self.limiter.admit_tokens(
+            record, self.tokens, 0, 0, tenant=self.tenant, tenant_limits=self.tenant_tokens
+        )
+        self.limiter.correct_tokens(record, usage.input_tokens, usage.output_tokens)
+        if hold is not None:  # its one-token hold is replaced by what was used
+            self.limiter.correct_tokens(hold, 0, 0)
+        held = hold.estimated if hold is not None else {}
+        used = {
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "total_tokens": usage.input_tokens + usage.output_tokens,
+        }
+        for d in windows:
+            if used[d.kind] > d.remaining + held.get(d.kind, 0):
+                # past the limit: the tokens counted now leave the window in a minute
+                frees_at = now_us + WINDOW_S * US_PER_S
+                return refusal or RateDecision(
+                    False, d.limit, 0, WINDOW_S, frees_at, d.kind, d.scope
+                )
+        return refusal
+
+
 class FrameRate:
     """Client frames per second of one session, over the current one-second window (what the
     provider answers is its own pace: a fast stream of deltas is never cut)."""
@@ -116,39 +203,50 @@ class FrameRate:
         return self._count <= self.limit
 
 
-class OpenSessions:
-    """Sessions open per user in this process, bounded by governance.websocket.max_sessions_per_user."""
+# A session's lease is renewed every third of this while it lives: a process that dies without
+# a restart frees its users' places within it (a restart frees them at once: reconcile_leases).
+SESSION_LEASE_TTL_S = 180
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open: dict[str, int] = defaultdict(int)
 
-    def acquire(self, user: str, limit: int) -> bool:
-        with self._lock:
-            if self._open[user] >= limit:
-                return False
-            self._open[user] += 1
-            return True
+def session_lease_key(user: str) -> str:
+    """The lease key of a user's WebSocket sessions: never a user's concurrency key (a user id)."""
+    return f"\x1esession\x1f{user}"
 
-    def add(self, user: str) -> None:
-        """Count a session admitted earlier (at its upgrade, by `count`)."""
-        with self._lock:
-            self._open[user] += 1
 
-    def release(self, user: str) -> None:
-        with self._lock:
-            if self._open.get(user, 0) > 0:
-                self._open[user] -= 1
-                if self._open[user] == 0:
-                    del self._open[user]
+class SessionLeases:
+    """WebSocket sessions open per user across every process sharing the state store, bounded by
+    governance.websocket.max_sessions_per_user: one lease per session (the store's leases, as
+    max concurrent requests use), taken at the upgrade and given back when the session ends.
+    Every method is one store call (run it off-loop)."""
 
-    def count(self, user: str) -> int:
-        with self._lock:
-            return self._open.get(user, 0)
+    def __init__(
+        self,
+        store: StateStore,
+        owner: str,
+        clock: Callable[[], datetime] = utc_now,
+        ttl_s: float = SESSION_LEASE_TTL_S,
+    ) -> None:
+        self.store = store
+        self.owner = owner
+        self.clock = clock
+        self.ttl_us = int(ttl_s * US_PER_S)
 
-    def total(self) -> int:
-        with self._lock:
-            return sum(self._open.values())
+    def acquire(self, user: str, limit: int) -> str | None:
+        """A lease for one more session of `user`, or None: `limit` are open already."""
+        lease = "ws_" + uuid.uuid4().hex
+        taken, _ = self.store.lease_acquire(
+            session_lease_key(user), lease, limit, self.owner, to_us(self.clock()), self.ttl_us
+        )
+        return lease if taken else None
+
+    def renew(self, user: str, lease: str) -> bool:
+        """Hold the session's place another TTL; False if it was lost (expired)."""
+        return self.store.lease_renew(
+            session_lease_key(user), lease, to_us(self.clock()), self.ttl_us
+        )
+
+    def release(self, user: str, lease: str) -> bool:
+        return self.store.lease_release(session_lease_key(user), lease)
 
 
 @dataclass
@@ -191,5 +289,7 @@ class Session:
     budget: SessionBudget | None
     rate: FrameRate
     user: str
+    limits: SessionLimits | None = None  # None: nothing to count (no user settings)
+    lease: str | None = None  # its place among the user's sessions (SessionLeases)
     cut: bool = False  # Candela is closing it: no frame passes any more
     ended: bool = False  # websocket_end ran: settled and audited

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from candela_mitm.providers.usage import Usage, usage_from_gemini, usage_from_openai
@@ -85,6 +86,25 @@ def names_model_badly(protocol: str, frame: Frame) -> bool:
     refused, as it would reach the provider unchecked."""
     value = _model_field(protocol, frame)
     return value is not _ABSENT and _model_name(value) is None
+
+
+def asks_for_work(protocol: str, frame: Frame) -> bool:
+    """A client frame that asks the provider for a response, one request of the session against
+    the user's rate limits: Realtime's and Responses' `response.create`; in Live, a
+    `clientContent` that completes the turn (the default of neither side: Live waits for more
+    otherwise) or a `toolResponse` (the model continues with it). Audio a provider answers on
+    its own (voice-activity detection) asks for nothing: its response is counted when its usage
+    frame arrives (governance/sessions.py SessionLimits)."""
+    if protocol in ("openai-realtime", "openai-responses"):
+        return frame.get("type") == "response.create"
+    if protocol == "gemini-live":
+        content = frame.get("clientContent", frame.get("client_content"))
+        if isinstance(content, dict):
+            done = content.get("turnComplete", content.get("turn_complete"))
+            if done is True:
+                return True
+        return "toolResponse" in frame or "tool_response" in frame
+    return False
 
 
 def needs_model_first(protocol: str) -> bool:
@@ -197,11 +217,21 @@ _GOOGLE_STATUS = {
 }
 
 
-def error_event(protocol: str, status: int, code: str, message: str) -> bytes:
-    """The error a client of `protocol` understands, carrying Candela's error code.
+def error_event(
+    protocol: str,
+    status: int,
+    code: str,
+    message: str,
+    fields: Mapping[str, Any] | None = None,
+) -> bytes:
+    """The error a client of `protocol` understands, carrying Candela's error code and the
+    denial's fields (a rate limit's `limit_kind`, `retry_after_s`, ...).
 
-    Realtime's `error` event, the Responses stream's `error` event, Google's error object (Live
-    has no error message of its own: its sessions end with a close frame, sent right after)."""
+    Realtime's `error` event (the fields inside its `error` object), the Responses stream's
+    `error` event (beside its code), Google's error object (the fields as its ErrorInfo's string
+    metadata; Live has no error message of its own: its sessions end with a close frame, sent
+    right after)."""
+    extra = {k: v for k, v in (fields or {}).items() if k not in ("type", "code", "message")}
     if protocol == "openai-realtime":
         obj: dict[str, Any] = {
             "type": "error",
@@ -212,17 +242,21 @@ def error_event(protocol: str, status: int, code: str, message: str) -> bytes:
                 "message": message,
                 "param": None,
                 "event_id": None,
+                **extra,
             },
         }
     elif protocol == "openai-responses":
-        obj = {"type": "error", "code": code, "message": message, "param": None}
+        obj = {"type": "error", "code": code, "message": message, "param": None, **extra}
     else:
+        info: dict[str, Any] = {"reason": code, "domain": "candela"}
+        if extra:
+            info["metadata"] = {k: str(v) for k, v in extra.items()}
         obj = {
             "error": {
                 "code": status,
                 "message": message,
                 "status": _GOOGLE_STATUS.get(status, "FAILED_PRECONDITION"),
-                "details": [{"reason": code, "domain": "candela"}],
+                "details": [info],
             }
         }
     return json.dumps(obj).encode()

@@ -394,6 +394,16 @@ class MemoryStateStore(StateStore):
         with self._lock:
             return self._t.leases.get(key, {}).pop(lease_id, None) is not None
 
+    def lease_renew(self, key: str, lease_id: str, now_us: int, ttl_us: int) -> bool:
+        with self._lock:
+            held = self._t.leases.get(key, {})
+            lease = held.get(lease_id)
+            if lease is None or lease[1] <= now_us:  # released, or expired: its place is gone
+                held.pop(lease_id, None)
+                return False
+            held[lease_id] = (lease[0], now_us + ttl_us)
+            return True
+
     def leases(self) -> list[Lease]:
         return [
             Lease(key, lid, owner, expires)

@@ -603,6 +603,11 @@ class StateStore(ABC):
         """Give a lease back; False if it was not held (already released or expired)."""
 
     @abstractmethod
+    def lease_renew(self, key: str, lease_id: str, now_us: int, ttl_us: int) -> bool:
+        """Hold a lease until now + ttl (a WebSocket session's, while it lives); False if it is
+        no longer held (released, or expired: its place may have been taken)."""
+
+    @abstractmethod
     def leases(self) -> list[Lease]:
         """Every lease held (for reconcile at start: those of dead processes go)."""
 

@@ -359,6 +359,15 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 return n
 """
 
+# KEYS: the lease zset. ARGV: now, lease id, new expiry. A lease past its expiry is not renewed
+# (an acquire may already have counted its place free).
+_LEASE_RENEW = """
+local at = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if not at or tonumber(at) <= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[2])
+return 1
+"""
+
 # A hash: `record` (the JSON written at minting, never rewritten) and `revoked_us`, set once.
 _REVOKE_KEY = """
 local rec = redis.call('HGET', KEYS[1], 'record')
@@ -428,6 +437,7 @@ class RedisStateStore(StateStore):
             self._token_correct = self._r.register_script(_TOKEN_CORRECT)
             self._lease_acquire = self._r.register_script(_LEASE_ACQUIRE)
             self._lease_release = self._r.register_script(_LEASE_RELEASE)
+            self._lease_renew = self._r.register_script(_LEASE_RENEW)
         except (redis.RedisError, ValueError) as e:
             raise StoreUnavailable(f"Redis state store {self._url_for_errors}: {e}") from e
         self.ping()
@@ -762,6 +772,13 @@ class RedisStateStore(StateStore):
                 self._lease_release(
                     keys=[self._k("lease", key), self._k("leaseown", key)], args=[lease_id]
                 )
+            )
+
+    def lease_renew(self, key: str, lease_id: str, now_us: int, ttl_us: int) -> bool:
+        with self._guard():
+            return bool(
+                self._lease_renew(keys=[self._k("lease", key)], args=[now_us, lease_id,
+                                                                      now_us + ttl_us])
             )
 
     def leases(self) -> list[Lease]:

@@ -922,6 +922,15 @@ class SqliteStateStore(StateStore):
             cur = c.execute("DELETE FROM leases WHERE key = ? AND lease_id = ?", (key, lease_id))
             return cur.rowcount > 0
 
+    def lease_renew(self, key: str, lease_id: str, now_us: int, ttl_us: int) -> bool:
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE leases SET expires_us = ? WHERE key = ? AND lease_id = ? "
+                "AND expires_us > ?",
+                (now_us + ttl_us, key, lease_id, now_us),
+            )
+            return cur.rowcount > 0
+
     def leases(self) -> list[Lease]:
         with self._tx(write=False) as c:
             rows = c.execute(

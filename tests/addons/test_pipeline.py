@@ -67,6 +67,7 @@ HOOK_ORDER: dict[str, list[str]] = {
         "AuditStart",
         "ConnLimits",  # the exchange ended: the connection's idle deadline starts
         "Metrics",
+        "WebSocket",  # an upgrade answered with anything but 101 gives its session lease back
         "RateLimit",
         "Budget",
         "LocalUi",
@@ -80,6 +81,7 @@ HOOK_ORDER: dict[str, list[str]] = {
     "error": [
         "ConnLimits",
         "Metrics",
+        "WebSocket",  # so does an upgrade that failed before its session started
         "RateLimit",
         "Budget",
         "Upstream",

@@ -64,27 +64,52 @@ def frame(f, obj, from_client=True):
     return f.websocket.messages[-1]
 
 
+async def planned(rt):
+    f = make_flow("/proxy/openai/v1/realtime?model=gpt-realtime", method="GET", headers=UPGRADE)
+    Router(rt).requestheaders(f)
+    await Auth(rt).requestheaders(f)
+    await Router(rt).request(f)
+    return f
+
+
 def test_a_user_at_the_session_limit_is_refused_before_reserving(tctx, runtime, sent):
     rt = runtime(CFG)
     addon = WebSocket(rt)
 
     async def main():
-        f = await upgraded(rt)
+        f = await planned(rt)
+        await addon.request(f)
+        assert f.response is None and ctx_of(f).session_lease is not None
+        f.response = http.Response.make(101)
+        f.websocket = websocket.WebSocketData()
+        await addon.response(f)  # a 101 keeps the lease: the session takes it
         addon.websocket_start(f)
-        second = make_flow("/proxy/openai/v1/realtime?model=gpt-realtime", method="GET", headers=UPGRADE)
-        Router(rt).requestheaders(second)
-        await Auth(rt).requestheaders(second)
-        await Router(rt).request(second)
-        addon.request(second)
+        assert ctx_of(f).session.lease is not None and ctx_of(f).session_lease is None
+        second = await planned(rt)
+        await addon.request(second)
         assert second.response.status_code == 429
         assert json.loads(second.response.content)["error"] == "websocket_sessions_exceeded"
         await addon.websocket_end(f)
-        third = make_flow("/proxy/openai/v1/realtime?model=gpt-realtime", method="GET", headers=UPGRADE)
-        Router(rt).requestheaders(third)
-        await Auth(rt).requestheaders(third)
-        await Router(rt).request(third)
-        addon.request(third)
+        third = await planned(rt)
+        await addon.request(third)
         assert third.response is None  # the first one ended
+        # a later gate (or the provider) answers the upgrade with no 101: the place is free
+        third.response = http.Response.make(402)
+        await addon.response(third)
+        fourth = await planned(rt)
+        await addon.request(fourth)
+        assert fourth.response is None
+        await addon.error(fourth)  # an upgrade that failed frees its place too
+        fifth = await planned(rt)
+        await addon.request(fifth)
+        assert fifth.response is None
+        # a session that could not start (websocket_start failed) frees it at its end
+        fifth.response = http.Response.make(101)
+        fifth.websocket = websocket.WebSocketData()
+        await addon.websocket_end(fifth)
+        sixth = await planned(rt)
+        await addon.request(sixth)
+        assert sixth.response is None
 
     asyncio.run(main())
 
@@ -144,3 +169,40 @@ def rt_usage(inp, out):
     from candela_mitm.providers.usage import Usage
 
     return Usage(inp, out)
+
+
+@pytest.mark.parametrize("place_left", [True, False])
+def test_a_lost_session_lease_is_taken_again_or_the_session_cut(tctx, runtime, sent, place_left):
+    from candela_mitm.governance.sessions import SessionLeases, session_lease_key
+
+    rt = runtime(CFG)  # one session per user
+    addon = WebSocket(rt)
+    addon.leases.ttl_us = 30_000  # renewed every 10 ms
+
+    async def main():
+        f = await planned(rt)
+        await addon.request(f)
+        f.response = http.Response.make(101)
+        f.websocket = websocket.WebSocketData()
+        addon.websocket_start(f)
+        s = ctx_of(f).session
+        user = s.user
+        # the store forgot it (it expired while the store could not be reached)
+        assert rt.store.lease_release(session_lease_key(user), s.lease)
+        if not place_left:  # and another process gave the place to another session
+            other = SessionLeases(rt.store, "elsewhere:1", ttl_s=60)
+            assert other.acquire(user, 1) is not None
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            held = [x for x in rt.store.leases() if x.key == session_lease_key(user)]
+            if s.cut or (place_left and any(x.lease_id == s.lease for x in held)):
+                break
+        if place_left:
+            assert not s.cut and any(x.lease_id == s.lease for x in held)
+        else:
+            assert s.cut and s.tally.end_code == "websocket_sessions_exceeded"
+            assert sent["client"][0]["error"]["code"] == "websocket_sessions_exceeded"
+            assert sent["close"] == [1008]
+        await addon.websocket_end(f)
+
+    asyncio.run(main())

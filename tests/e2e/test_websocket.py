@@ -188,7 +188,8 @@ def test_responses_websocket_checks_the_model_of_each_response_create(proxy, fak
     assert got[-1]["response"]["usage"]["input_tokens"] == 100
     client.send({"type": "response.create", "model": "gpt-4o", "input": "hi"})
     err = client.recv()
-    assert err == {"type": "error", "code": "model_not_allowed", "message": err["message"], "param": None}
+    assert (err["type"], err["code"], err["param"]) == ("error", "model_not_allowed", None)
+    assert err["model"] == "gpt-4o"  # the refusal's fields, as the HTTP denial carries them
     with pytest.raises(Closed):
         client.recv()
     s = fake.last()
@@ -359,6 +360,56 @@ def test_sessions_per_user_are_bounded(proxy, fake):
         c.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_sessions_per_user_are_counted_across_proxies_on_one_store(tmp_path, fake, backend, request):
+    state: dict[str, Any] = {"sqlite_path": str(tmp_path / "state.db")}
+    if backend == "redis":
+        state = {"backend": "redis", "redis_url": request.getfixturevalue("redis_server_factory")().url}
+    with FakeTokenServer() as tokens:
+        cfg = base_config(
+            fake.url,
+            users={USER: {"tenants": ["research-team"], "requests_per_minute": 100_000}},
+            governance={"websocket": {"reserve_usd": SLICE, "max_sessions_per_user": 2}},
+            state=state,
+        )
+        procs = []
+        for name in ("a", "b"):
+            d = tmp_path / name
+            d.mkdir()
+            procs.append(CandelaProcess(d, cfg, env=candela_env(tokens, d)).start())
+        a, b = procs
+        try:
+            one, two = WsClient(a.port, REALTIME, ALICE), WsClient(b.port, REALTIME, ALICE)
+            assert one.status == 101 and two.status == 101
+            for proxy in (a, b):  # each proxy holds one: the user has two, the most allowed
+                third = WsClient(proxy.port, REALTIME, ALICE)
+                assert third.status == 429
+                assert third.rejection["error"] == "websocket_sessions_exceeded"
+            assert len(fake.sessions) == 2  # the refused upgrades never reached the provider
+            two.close()  # a session ended on b frees a place a can give
+            deadline = time.monotonic() + 10
+            while True:
+                again = WsClient(a.port, REALTIME, ALICE)
+                if again.status == 101 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert again.status == 101
+            assert WsClient(b.port, REALTIME, ALICE).status == 429
+            # a dies holding both places: its next start frees them
+            a.stop(kill=True)
+            one.drop()
+            again.drop()
+            assert WsClient(b.port, REALTIME, ALICE).status == 429
+            a.start()
+            three, four = WsClient(b.port, REALTIME, ALICE), WsClient(a.port, REALTIME, ALICE)
+            assert three.status == 101 and four.status == 101
+            three.close()
+            four.close()
+        finally:
+            for proxy in procs:
+                proxy.stop()
+
+
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory: pytest.TempPathFactory, fake: FakeRealtime) -> Iterator[CandelaProcess]:
     """A proxy with small session bounds: 2 KB messages, 5 messages a second, 1 s idle."""
@@ -421,6 +472,190 @@ def test_an_idle_session_is_closed(tight, fake):
     e = session_entry(tight, client)
     # nothing was forwarded: the slice is given back, nothing is charged
     assert e["ended_by"] == "idle" and e["usage_source"] is None and e["cost_usd"] == 0
+
+
+# --- requests and tokens per minute ----------------------------------------------------------
+
+
+def _key(name: str) -> str:
+    return f"cdl_{name}_key"
+
+
+LIMITED_USERS = {
+    # requests_per_minute 3: the upgrade, then two requests for work
+    "rpm-rt@example.com": {"requests_per_minute": 3},
+    "rpm-resp@example.com": {"requests_per_minute": 3},
+    "rpm-live@example.com": {"requests_per_minute": 3},
+    "vad@example.com": {"requests_per_minute": 3},
+    "tpm@example.com": {"requests_per_minute": 1000, "output_tokens_per_minute": 50},
+    "voice-a@example.com": {"requests_per_minute": 1000, "tenants": ["voice"]},
+    "voice-b@example.com": {"requests_per_minute": 1000, "tenants": ["voice"]},
+}
+
+
+def as_user(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {_key(name.split('@')[0])}"}
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory, fake: FakeRealtime) -> Iterator[CandelaProcess]:
+    """A proxy whose users have small request and token limits, and a tenant with a token limit."""
+    from .conftest import sha
+
+    tmp = tmp_path_factory.mktemp("candela-ws-limits")
+    with FakeTokenServer() as tokens:
+        cfg = base_config(fake.url, users=LIMITED_USERS)
+        cfg["auth"]["api_keys"] += [
+            {"sha256": sha(_key(u.split("@")[0])), "user": u} for u in LIMITED_USERS
+        ]
+        cfg["governance"]["tenants"] = {"voice": {"total_tokens_per_minute": 300}}
+        cfg["governance"]["websocket"] = {"reserve_usd": SLICE}
+        with CandelaProcess(tmp, cfg, env=candela_env(tokens, tmp)) as c:
+            yield c
+
+
+def _limit_error(protocol: str, event: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(code, fields) of a rate-limit error event in each provider's shape."""
+    if protocol == "openai-realtime":
+        return event["error"]["code"], event["error"]
+    if protocol == "openai-responses":
+        return event["code"], event
+    info = event["error"]["details"][0]
+    return info["reason"], info["metadata"]
+
+
+WORK = {
+    "openai-realtime": (REALTIME, None, {"type": "response.create"}),
+    "openai-responses": (RESPONSES, None, {"type": "response.create", "model": "gpt-4.1"}),
+    "gemini-live": (
+        LIVE,
+        {"setup": {"model": f"models/{LIVE_MODEL}"}},
+        {"clientContent": {"turns": [{"role": "user", "parts": [{"text": "hi"}]}],
+                           "turnComplete": True}},
+    ),
+}
+
+
+def _open(port: int, protocol: str, headers: dict[str, str]) -> WsClient:
+    path, first, _ = WORK[protocol]
+    client = WsClient(port, path, headers)
+    assert client.status == 101, client.rejection
+    if protocol == "openai-realtime":
+        assert client.recv()["type"] == "session.created"
+    if first is not None:
+        client.send(first)
+        assert "setupComplete" in client.recv()
+    return client
+
+
+def _work(client: WsClient, protocol: str) -> list[dict[str, Any]]:
+    """One request for work; the events up to its usage frame, or to an error event."""
+    client.send(WORK[protocol][2])
+    return client.recv_until(
+        lambda e: "usageMetadata" in e or "error" in e
+        or e.get("type") in ("response.done", "response.completed", "error")
+    )
+
+
+def _requests(s: Any) -> list[dict[str, Any]]:
+    return [f for f in s.frames if "setup" not in f]
+
+
+@pytest.mark.parametrize(
+    "protocol, user",
+    [
+        ("openai-realtime", "rpm-rt@example.com"),
+        ("openai-responses", "rpm-resp@example.com"),
+        ("gemini-live", "rpm-live@example.com"),
+    ],
+)
+def test_each_request_for_work_counts_against_requests_per_minute(limited, fake, protocol, user):
+    client = _open(limited.port, protocol, as_user(user))  # the upgrade: 1 of 3
+    for _ in range(2):  # 2 and 3 of 3
+        assert "error" not in json.dumps(_work(client, protocol)[-1])
+    last = _work(client, protocol)[-1]  # the fourth in the minute
+    code, fields = _limit_error(protocol, last)
+    assert code == "rate_limited" and fields["limit_kind"] == "requests"
+    assert str(fields["limit"]) == "3"
+    with pytest.raises(Closed) as closed:
+        client.recv()
+    assert closed.value.code == 1008
+    s = fake.last()
+    assert s.ended.wait(5) and s.close_code == 1008
+    assert len(_requests(s)) == 2  # the refused request never reached the provider
+    e = session_entry(limited, client)
+    assert e["ended_by"] == "rate_limited" and e["error"] == "rate_limited"
+    # an HTTP request of the same user shares the minute's window
+    again = WsClient(limited.port, WORK[protocol][0], as_user(user))
+    assert again.status == 429 and again.rejection["limit_kind"] == "requests"
+
+
+def test_a_response_the_provider_starts_itself_counts_when_its_usage_arrives(limited, fake):
+    # Live audio is answered on its own (voice-activity detection): no client frame asks for
+    # the turn, its usage frame counts it; the third such turn in the minute ends the session
+    client = _open(limited.port, "gemini-live", as_user("vad@example.com"))  # 1 of 3
+    audio = {"realtimeInput": {"audio": {"data": "AAAA", "mimeType": "audio/pcm"}}}
+    for _ in range(2):  # turns 2 and 3 of 3
+        client.send(audio)
+        assert "usageMetadata" in client.recv_until(lambda e: "usageMetadata" in e)[-1]
+    client.send(audio)
+    events = client.recv_until(lambda e: "error" in e)
+    assert "usageMetadata" in events[-2]  # the turn's answer reached the client, then the cut
+    code, fields = _limit_error("gemini-live", events[-1])
+    assert code == "rate_limited" and fields["limit_kind"] == "requests"
+    with pytest.raises(Closed) as closed:
+        client.recv()
+    assert closed.value.code == 1008
+    s = fake.last()
+    assert s.ended.wait(5) and s.close_code == 1008 and len(_requests(s)) == 3
+
+
+def test_usage_past_the_token_limit_ends_the_session_after_its_frame(limited, fake):
+    fake.usage = RtUsage(input_text=10, output_text=30)
+    client = _open(limited.port, "openai-responses", as_user("tpm@example.com"))
+    assert _work(client, "openai-responses")[-1]["type"] == "response.completed"  # 30 of 50
+    events = _work(client, "openai-responses")  # 60 of 50
+    assert events[-1]["type"] == "response.completed"  # the usage frame reaches the client
+    err = client.recv()
+    code, fields = _limit_error("openai-responses", err)
+    assert code == "rate_limited" and fields["limit_kind"] == "output_tokens"
+    assert fields["scope"] == "user" and fields["limit"] == 50
+    with pytest.raises(Closed) as closed:
+        client.recv()
+    assert closed.value.code == 1008
+    s = fake.last()
+    assert s.ended.wait(5) and s.close_code == 1008 and len(s.frames) == 2
+    e = session_entry(limited, client)
+    assert e["ended_by"] == "rate_limited" and e["output_tokens"] == 60
+    # the window is past its limit: the next session's request is refused before it leaves
+    fake.reset()
+    client = WsClient(limited.port, RESPONSES, as_user("tpm@example.com"))
+    assert client.status == 429 and client.rejection["limit_kind"] == "output_tokens"
+    assert fake.sessions == []
+
+
+def test_the_tenants_token_limit_counts_every_session_of_its_users(limited, fake):
+    fake.usage = RtUsage(input_text=100, output_text=20)  # 120 tokens a turn; the tenant: 300
+    a = _open(limited.port, "gemini-live", as_user("voice-a@example.com"))
+    b = _open(limited.port, "gemini-live", as_user("voice-b@example.com"))
+    sa, sb = fake.sessions[-2], fake.sessions[-1]
+    assert "usageMetadata" in _work(a, "gemini-live")[-1]  # 120
+    assert "usageMetadata" in _work(b, "gemini-live")[-1]  # 240
+    events = _work(a, "gemini-live")  # 360 of 300: a's turn is answered, then a is cut
+    assert "usageMetadata" in events[-1]
+    code, fields = _limit_error("gemini-live", a.recv())
+    assert code == "rate_limited"
+    assert (fields["limit_kind"], fields["scope"]) == ("total_tokens", "tenant")
+    with pytest.raises(Closed):
+        a.recv()
+    # b's next turn finds the tenant's window full: refused before it is forwarded
+    code, fields = _limit_error("gemini-live", _work(b, "gemini-live")[-1])
+    assert code == "rate_limited" and fields["scope"] == "tenant"
+    with pytest.raises(Closed) as closed:
+        b.recv()
+    assert closed.value.code == 1008
+    assert sb.ended.wait(5) and len(_requests(sb)) == 1
+    assert sa.ended.wait(5) and len(_requests(sa)) == 2
 
 
 # --- real clients, unchanged ---------------------------------------------------------------

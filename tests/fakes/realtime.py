@@ -180,7 +180,12 @@ class FakeRealtime:
 
     def __exit__(self, *exc: object) -> None:
         self._stop = True
+        try:  # wakes the accept thread: close() alone leaves it blocked, the port listening
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._sock.close()
+        self._thread.join(timeout=5)
 
     def reset(self) -> None:
         with self._lock:

@@ -80,8 +80,10 @@ def candela_run(
     *options: str,
     env: dict[str, str] | None = None,
     timeout: float = 60,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """`candela run --config ... OPTIONS -- COMMAND`, waited for.
+    """`candela run --config ... OPTIONS -- COMMAND`, waited for (in `cwd`, which the command
+    keeps).
 
     Sandboxes are a host-wide resource (namespace names, addresses, rules): the tests use the
     host's registry (/run/candela), as every `candela run` on a host must.
@@ -92,6 +94,7 @@ def candela_run(
         capture_output=True,
         text=True,
         timeout=timeout,
+        cwd=cwd,
     )
 
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from candela_mitm.config import State
 from candela_mitm.governance.ledger import Ledger, Reservation
-from candela_mitm.governance.sessions import FrameRate, OpenSessions, SessionBudget, SessionTally
+from candela_mitm.governance.ratelimit import RateLimiter, TokenLimits
+from candela_mitm.governance.sessions import (
+    FrameRate,
+    SessionBudget,
+    SessionLeases,
+    SessionLimits,
+    SessionTally,
+    session_lease_key,
+)
 from candela_mitm.providers.usage import Usage
 from candela_mitm.state import open_state_store
 
@@ -85,14 +93,35 @@ def test_frame_rate(times, limit, allowed):
     assert [r.allow(t) for t in times] == allowed
 
 
-def test_open_sessions_per_user():
-    o = OpenSessions()
-    assert o.acquire("a", 2) and o.acquire("a", 2) and not o.acquire("a", 2)
-    assert o.acquire("b", 2) and o.total() == 3
-    o.release("a")
-    assert o.count("a") == 1 and o.acquire("a", 2)
-    o.release("nobody")  # never below zero
-    assert o.count("nobody") == 0
+def test_sessions_per_user_are_leases_on_the_store_every_process_shares(tmp_path):
+    clock = [T0]
+    db = str(tmp_path / "l.db")
+    one = SessionLeases(open_state_store(State(sqlite_path=db)), "host:1", lambda: clock[0], 60)
+    two = SessionLeases(open_state_store(State(sqlite_path=db)), "host:2", lambda: clock[0], 60)
+    a = one.acquire(U, 2)
+    b = two.acquire(U, 2)
+    assert a and b and one.acquire(U, 2) is None and two.acquire(U, 2) is None
+    assert one.acquire("bob@example.com", 2) is not None  # per user
+    # a user's session key is never a user's concurrency key (its user id)
+    assert {x.key for x in one.store.leases()} == {
+        session_lease_key(U), session_lease_key("bob@example.com")
+    }
+    assert two.release(U, b) and one.acquire(U, 2) is not None
+
+
+def test_a_session_lease_lives_while_it_is_renewed(tmp_path):
+    clock = [T0]
+    leases = SessionLeases(open_state_store(State(sqlite_path=str(tmp_path / "l.db"))),
+                           "host:1", lambda: clock[0], 60)
+    held = leases.acquire(U, 1)
+    assert held is not None
+    clock[0] = T0 + timedelta(seconds=50)
+    assert leases.renew(U, held)
+    clock[0] = T0 + timedelta(seconds=100)  # past the first expiry, within the renewed one
+    assert leases.acquire(U, 1) is None
+    clock[0] = T0 + timedelta(seconds=111)  # not renewed: a dead process's place frees itself
+    assert not leases.renew(U, held)
+    assert leases.acquire(U, 1) is not None
 
 
 def test_the_first_end_reason_wins():
@@ -103,3 +132,82 @@ def test_the_first_end_reason_wins():
     t.end("budget", "budget_exceeded")
     t.end("upstream")
     assert (t.ended_by, t.end_code, t.models, t.model) == ("budget", "budget_exceeded", ["a", "b"], "a")
+
+
+# --- requests and tokens per minute ----------------------------------------------------------
+
+
+@pytest.fixture
+def limiter(tmp_path: Path) -> RateLimiter:
+    store = open_state_store(State(sqlite_path=str(tmp_path / "r.db")))
+    return RateLimiter(store, clock=lambda: T0)
+
+
+def limits(limiter: RateLimiter, rpm: int = 100, **tokens: int) -> SessionLimits:
+    tenant = tokens.pop("tenant_total", None)
+    return SessionLimits(
+        limiter, U, rpm, TokenLimits(**tokens), "research",
+        TokenLimits(total_tokens=tenant) if tenant is not None else None,
+    )
+
+
+def test_each_request_for_work_counts_against_requests_per_minute(limiter):
+    s = limits(limiter, rpm=2)
+    assert s.admit() is None and s.admit() is None
+    refused = s.admit()
+    assert refused is not None and refused.kind == "requests" and refused.limit == 2
+    # an HTTP request of the same user shares the window: refused too
+    assert not limiter.check(U, 2).allowed
+
+
+def test_a_response_the_provider_started_itself_counts_at_its_usage_frame(limiter):
+    s = limits(limiter, rpm=2)
+    assert s.admit() is None
+    assert s.count_usage(Usage(10, 5)) is None  # the admitted request's usage: no new count
+    assert s.count_usage(Usage(10, 5)) is None  # started by the provider: counted now (2 of 2)
+    refused = s.count_usage(Usage(10, 5))  # a third in the minute ends the session
+    assert refused is not None and refused.kind == "requests"
+
+
+def test_usage_taking_a_token_window_past_its_limit_ends_the_session(limiter):
+    s = limits(limiter, output_tokens=100)
+    assert s.admit() is None
+    assert s.count_usage(Usage(1000, 60)) is None  # 60 of 100
+    assert s.admit() is None
+    refused = s.count_usage(Usage(1000, 50))  # 110 of 100
+    assert refused is not None and (refused.kind, refused.scope) == ("output_tokens", "user")
+    assert refused.retry_after_s == 60
+
+
+def test_a_full_token_window_refuses_the_next_request(limiter):
+    s = limits(limiter, total_tokens=100)
+    assert s.admit() is None
+    assert s.count_usage(Usage(60, 40)) is None  # exactly the limit: not past it
+    refused = s.admit()
+    assert refused is not None and refused.kind == "total_tokens"
+
+
+def test_the_hold_is_replaced_by_the_usage_not_added_to_it(limiter):
+    s = limits(limiter, input_tokens=10)
+    for _ in range(5):
+        assert s.admit() is None  # each holds one input token
+    for _ in range(5):
+        assert s.count_usage(Usage(2, 0)) is None  # 2 each: 10 in all, the limit
+    assert s.admit() is not None
+
+
+def test_the_tenants_token_limit_counts_every_session_of_its_users(limiter):
+    a = limits(limiter, tenant_total=100)
+    b = SessionLimits(limiter, "bob@example.com", 100, TokenLimits(), "research",
+                      TokenLimits(total_tokens=100))
+    assert a.admit() is None and a.count_usage(Usage(50, 10)) is None
+    assert b.admit() is None
+    refused = b.count_usage(Usage(30, 20))  # 110 of the tenant's 100
+    assert refused is not None and (refused.kind, refused.scope) == ("total_tokens", "tenant")
+    assert a.admit() is not None  # alice's next request finds the tenant's window full
+
+
+def test_without_token_limits_nothing_is_held(limiter):
+    s = limits(limiter)
+    assert s.admit() is None and s.pending[0].token_entry is None
+    assert s.count_usage(Usage(10**9, 10**9)) is None

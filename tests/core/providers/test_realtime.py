@@ -8,6 +8,7 @@ import pytest
 
 from candela_mitm.providers.realtime import (
     add_usage,
+    asks_for_work,
     error_event,
     model_named,
     model_reported,
@@ -133,3 +134,36 @@ def test_error_events_carry_candelas_code_in_the_providers_shape(protocol, read)
         "error", "model_not_allowed"
     )
     assert read(event) == expected
+
+
+@pytest.mark.parametrize(
+    "protocol, read",
+    [
+        (RT, lambda e: e["error"]["limit_kind"]),
+        (RESP, lambda e: e["limit_kind"]),
+        (LIVE, lambda e: e["error"]["details"][0]["metadata"]["limit_kind"]),
+    ],
+)
+def test_error_events_carry_the_denials_fields(protocol, read):
+    fields = {"limit_kind": "output_tokens", "limit": 500, "retry_after_s": 60}
+    event = json.loads(error_event(protocol, 429, "rate_limited", "slow down", fields))
+    assert read(event) == "output_tokens"
+
+
+@pytest.mark.parametrize(
+    "protocol, frame, asks",
+    [
+        (RT, {"type": "response.create"}, True),
+        (RT, {"type": "input_audio_buffer.append", "audio": "AA"}, False),
+        (RT, {"type": "session.update", "session": {}}, False),
+        (RESP, {"type": "response.create", "model": "gpt-5"}, True),
+        (LIVE, {"clientContent": {"turns": [], "turnComplete": True}}, True),
+        (LIVE, {"client_content": {"turns": [], "turn_complete": True}}, True),
+        (LIVE, {"clientContent": {"turns": []}}, False),  # Live waits for more
+        (LIVE, {"toolResponse": {"functionResponses": []}}, True),
+        (LIVE, {"realtimeInput": {"audio": {"data": "AA"}}}, False),  # answered on its own
+        (LIVE, {"setup": {"model": "models/x"}}, False),
+    ],
+)
+def test_frames_that_ask_for_work(protocol, frame, asks):
+    assert asks_for_work(protocol, frame) is asks

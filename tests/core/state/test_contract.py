@@ -943,6 +943,17 @@ def test_leases(store: StateStore) -> None:
     assert store.lease_acquire("u", "l5", 2, "host:1", T0_US + W, W) == (True, 1)
 
 
+def test_lease_renew_holds_a_lease_longer_until_it_has_expired(store: StateStore) -> None:
+    assert store.lease_acquire("s", "l1", 1, "host:1", T0_US, W) == (True, 1)
+    assert store.lease_renew("s", "l1", T0_US + W - 1, W)  # held until T0 + 2W - 1 now
+    assert store.lease_acquire("s", "l2", 1, "host:1", T0_US + W, W) == (False, 1)
+    assert [x.expires_us for x in store.leases() if x.key == "s"] == [T0_US + 2 * W - 1]
+    assert not store.lease_renew("s", "l1", T0_US + 2 * W - 1, W)  # expired: not brought back
+    assert not store.lease_renew("s", "gone", T0_US, W)
+    assert store.lease_acquire("s", "l3", 1, "host:1", T0_US + 2 * W, W) == (True, 1)
+    assert store.lease_release("s", "l3") and not store.lease_renew("s", "l3", T0_US, W)
+
+
 def test_api_keys_round_trip_and_revoke_once(store: StateStore) -> None:
     from candela_mitm.state.ports import KeyRecord
 

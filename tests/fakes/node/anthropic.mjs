@@ -3,7 +3,9 @@
 import Anthropic from "@anthropic-ai/sdk";
 
 const { CANDELA_URL, CANDELA_KEY, MODEL, DENIED_MODEL } = process.env;
-const client = new Anthropic({ baseURL: `${CANDELA_URL}/proxy/anthropic-direct`, apiKey: CANDELA_KEY, maxRetries: 0 });
+// no CANDELA_URL: the SDK's own base URL (under `candela run`, intercepted unchanged)
+const base = CANDELA_URL ? { baseURL: `${CANDELA_URL}/proxy/anthropic-direct` } : {};
+const client = new Anthropic({ ...base, apiKey: CANDELA_KEY, maxRetries: 0 });
 const messages = [{ role: "user", content: "hi" }];
 const out = (line) => console.log(JSON.stringify(line));
 

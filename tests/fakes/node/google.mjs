@@ -3,7 +3,9 @@
 import { ApiError, GoogleGenAI } from "@google/genai";
 
 const { CANDELA_URL, CANDELA_KEY, MODEL, DENIED_MODEL } = process.env;
-const ai = new GoogleGenAI({ apiKey: CANDELA_KEY, httpOptions: { baseUrl: `${CANDELA_URL}/proxy/google` } });
+// no CANDELA_URL: the SDK's own base URL (under `candela run`, intercepted unchanged)
+const http = CANDELA_URL ? { httpOptions: { baseUrl: `${CANDELA_URL}/proxy/google` } } : {};
+const ai = new GoogleGenAI({ apiKey: CANDELA_KEY, ...http });
 const out = (line) => console.log(JSON.stringify(line));
 
 const r = await ai.models.generateContent({ model: MODEL, contents: "hi" });

@@ -3,7 +3,9 @@
 import OpenAI from "openai";
 
 const { CANDELA_URL, CANDELA_KEY, MODEL, DENIED_MODEL } = process.env;
-const client = new OpenAI({ baseURL: `${CANDELA_URL}/proxy/openai/v1`, apiKey: CANDELA_KEY, maxRetries: 0 });
+// no CANDELA_URL: the SDK's own base URL (under `candela run`, intercepted unchanged)
+const base = CANDELA_URL ? { baseURL: `${CANDELA_URL}/proxy/openai/v1` } : {};
+const client = new OpenAI({ ...base, apiKey: CANDELA_KEY, maxRetries: 0 });
 const messages = [{ role: "user", content: "hi" }];
 const out = (line) => console.log(JSON.stringify(line));
 
