@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # types only: the context is the vocabulary those modules spe
     from candela_mitm.observability.otel import StreamModel
     from candela_mitm.observability.spans import Span
     from candela_mitm.providers.streaming import ResponseProcessor
+    from candela_mitm.state.ports import JobRecord
 
 RouteKind = Literal[
     "health", "models", "chat", "proxy", "traces", "local", "admin", "metrics", "not_found"
@@ -93,6 +94,7 @@ class RequestContext:
     # the loop future that tells when that entry is committed (True) or timed out (False)
     audit_commit: asyncio.Future[bool] | None = None
     session: Session | None = None  # a WebSocket session, from its start (addons/websocket.py)
+    job: JobRecord | None = None  # the async job a job_result read asks for (addons/jobs.py)
 
     @property
     def model(self) -> str | None:

@@ -400,6 +400,18 @@ def endpoint_not_governed(
     )
 
 
+def job_not_owned(provider: str, job_id: str) -> Denial:
+    """A job's result asked by someone other than its creator, or a job Candela did not see
+    created: the organisation's credential would read another user's (or anyone's) job."""
+    return Denial(
+        403,
+        "job_not_owned",
+        f"Job '{job_id}' was not created through Candela by you; only its creator (or an admin) "
+        "reads it. Nothing was forwarded",
+        {"provider": provider, "job_id": job_id},
+    )
+
+
 def invalid_request_target(reason: str) -> Denial:
     return Denial(
         400,

@@ -39,6 +39,7 @@ class ForwardPlan:
     body: dict[str, Any] | None = None  # the JSON to send, when it differs from the client's
     client_wants_usage: bool = True
     max_output_tokens: int | None = None
+    job_id: str | None = None  # a job_result operation: the job it reads (the path's {job_id})
 
     @property
     def canonical_model(self) -> str | None:
@@ -214,6 +215,14 @@ def plan_provider_request(
     if elsewhere:
         return errors.endpoint_not_governed(method, path, spec.name, elsewhere)
     b = body or {}
+    if op.billing == "job_result" and async_jobs != "reserve":
+        return errors.endpoint_not_governed(
+            method,
+            path,
+            spec.name,
+            "an asynchronous job's result is read through Candela only under "
+            "governance.async_jobs: reserve (its creator's, trued up to its real cost)",
+        )
     if op.billing == "async" or (op.async_flag and b.get(op.async_flag)):
         if async_jobs != "reserve":
             return errors.endpoint_not_governed(
@@ -252,6 +261,7 @@ def plan_provider_request(
         wire,
         op,
         max_output_tokens=max_out,
+        job_id=found.params.get("job_id") if op.billing == "job_result" else None,
     )
     if stream and wire == "openai" and body is not None:
         new_body, wants = _openai_stream_usage(body, path)

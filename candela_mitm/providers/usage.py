@@ -1066,3 +1066,34 @@ def meter_for(
             return _EventStreamMeter(reader, fallback)
         return _SseMeter(reader, fallback, max_body)
     return _JsonBodyMeter(reader, fallback, max_body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Asynchronous jobs (providers/catalogue: the `job` of an async or job_result row): the id a
+# creation answer names, and the usage of a result once the job is over
+
+
+# the statuses after which a job's usage no longer changes, by kind
+_JOB_FINAL = {
+    # a Response: https://platform.openai.com/docs/api-reference/responses/object (status)
+    "openai.response": frozenset({"completed", "incomplete", "failed", "cancelled"}),
+    # an Assistants run: https://platform.openai.com/docs/api-reference/runs/object (status)
+    "openai.run": frozenset({"completed", "incomplete", "failed", "cancelled", "expired"}),
+}
+
+
+def job_id_from(kind: str, obj: object) -> str | None:
+    """The job's id in its creation answer (a Response's or a run's `id`), or None."""
+    if kind not in _JOB_FINAL or not isinstance(obj, dict):
+        return None
+    job_id = obj.get("id")
+    return job_id if isinstance(job_id, str) and job_id and len(job_id) <= 256 else None
+
+
+def job_final_usage(kind: str, obj: object) -> Usage | None:
+    """The usage of a job's result once the job is over (a final status, its usage reported);
+    None while it is queued or running, or when it ended without a usage."""
+    final = _JOB_FINAL.get(kind)
+    if final is None or not isinstance(obj, dict) or obj.get("status") not in final:
+        return None
+    return usage_from_openai(obj)

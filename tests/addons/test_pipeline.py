@@ -48,6 +48,7 @@ HOOK_ORDER: dict[str, list[str]] = {
         "Metrics",  # GET /metrics, once Auth has said who asks: admins only
         "Admin",
         "ModelPolicy",
+        "Jobs",  # a job's result only to its creator (403 job_not_owned)
         "WebSocket",
         "RateLimit",
         "Budget",
@@ -66,6 +67,7 @@ HOOK_ORDER: dict[str, list[str]] = {
         "AuditStart",
         "ConnLimits",  # the exchange ended: the connection's idle deadline starts
         "Metrics",
+        "Jobs",  # records a job under its reservation before Budget settles it; trues up reads
         "RateLimit",
         "Budget",
         "LocalUi",

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from .operation import Operation, async_job, free, metered, refused, session
+from .operation import Operation, async_job, free, job_result, metered, refused, session
 
 _OTHERS = "reads objects other users created with the organisation's key"
+_JOB = "only the user who created the job through Candela (or an admin) reads it"
 
 OPENAI: tuple[Operation, ...] = (
     # method and path                         operation              model / reader / streams
@@ -14,7 +15,7 @@ OPENAI: tuple[Operation, ...] = (
             model="body", reader="openai", stream="body_flag"),
     metered("POST", "/v1/responses", "responses",
             model="body", reader="openai", stream="body_flag", async_flag="background",
-            why="background: true queues the response: an async job"),
+            why="background: true queues the response: an async job", job="openai.response"),
     metered("POST", "/v1/embeddings", "embeddings",
             model="body", reader="openai", estimate="prompt"),
     metered("POST", "/v1/images/generations", "images.generations",
@@ -30,9 +31,16 @@ OPENAI: tuple[Operation, ...] = (
     async_job("POST", "/v1/batches", "batches.create", model="none", reader=None,
               why="a batch runs later from an uploaded file: its cost cannot be estimated here"),
     async_job("POST", "/v1/threads/runs", "assistants.runs.create_thread_and_run",
-              model="body_optional", reader="openai", why="an Assistants run is queued"),
+              model="body_optional", reader="openai", why="an Assistants run is queued",
+              job="openai.run"),
     async_job("POST", "/v1/threads/{thread_id}/runs", "assistants.runs.create",
-              model="body_optional", reader="openai", why="an Assistants run is queued"),
+              model="body_optional", reader="openai", why="an Assistants run is queued",
+              job="openai.run"),
+    # an async job's result, read by its creator: its final usage trues up its charge
+    job_result("/v1/responses/{job_id}", "responses.retrieve", job="openai.response",
+               why=_JOB),
+    job_result("/v1/threads/{thread_id}/runs/{job_id}", "assistants.runs.retrieve",
+               job="openai.run", why=_JOB),
     # WebSocket sessions: Realtime names its model in the URL (and may switch it by
     # session.update); the Responses API's WebSocket mode names it in each response.create
     session("/v1/realtime", "realtime", model="query", protocol="openai-realtime"),

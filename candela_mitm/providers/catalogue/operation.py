@@ -27,8 +27,16 @@ Streams = Literal["always", "body_flag", "body_flag_default_on", "never"]
 # governance.async_jobs is reserve, then charged its reservation; local: answered by Candela
 # itself, never forwarded; refused: named here so that a reader sees why it is not forwarded;
 # allowed: an operator's `providers.<route>.allow` read, forwarded unmetered; session: a WebSocket
-# upgrade, metered frame by frame (a reservation slice topped up per usage frame).
-Billing = Literal["metered", "free", "async", "local", "refused", "allowed", "session"]
+# upgrade, metered frame by frame (a reservation slice topped up per usage frame); job_result:
+# the result of an async job created through Candela, forwarded only to its creator (or an
+# admin), free, and its final usage trues up the job's charge (addons/jobs.py).
+Billing = Literal[
+    "metered", "free", "async", "local", "refused", "allowed", "session", "job_result"
+]
+# The kind of async job an operation creates (async rows) or reads (job_result rows): where its
+# id is in the creation answer and where its final usage is in the result
+# (providers/usage.py: job_id_from, job_final_usage).
+JobKind = Literal["openai.response", "openai.run"]
 # The JSON events a WebSocket session speaks (providers/realtime.py reads each).
 Protocol = Literal["openai-realtime", "openai-responses", "gemini-live"]
 
@@ -48,6 +56,7 @@ class Operation:
     why: str = ""  # for refused rows and anything a reader would ask about
     # a WebSocket operation: matched only by an upgrade request (and an upgrade matches nothing else)
     protocol: Protocol | None = None
+    job: JobKind | None = None  # the async job it creates or whose result it reads
 
     @property
     def key(self) -> str:
@@ -72,6 +81,7 @@ def metered(
     async_flag: str | None = None,
     translate: Literal["openai-anthropic"] | None = None,
     why: str = "",
+    job: JobKind | None = None,
 ) -> Operation:
     return Operation(
         method,
@@ -85,6 +95,7 @@ def metered(
         async_flag=async_flag,
         translate=translate,
         why=why,
+        job=job,
     )
 
 
@@ -105,7 +116,14 @@ def free(
 
 
 def async_job(
-    method: str, template: str, name: str, *, model: ModelSource, reader: Reader | None, why: str
+    method: str,
+    template: str,
+    name: str,
+    *,
+    model: ModelSource,
+    reader: Reader | None,
+    why: str,
+    job: JobKind | None = None,
 ) -> Operation:
     return Operation(
         method,
@@ -116,7 +134,13 @@ def async_job(
         reader=reader,
         billing="async",
         why=why,
+        job=job,
     )
+
+
+def job_result(template: str, name: str, *, job: JobKind, why: str) -> Operation:
+    """GET of an async job's result: `{job_id}` names it; only its creator (or an admin) reads it."""
+    return Operation("GET", template, name, billing="job_result", why=why, job=job)
 
 
 def local(method: str, template: str, name: str, *, why: str) -> Operation:

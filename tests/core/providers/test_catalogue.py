@@ -320,7 +320,8 @@ def test_gemini_on_vertex_is_read_by_the_gemini_reader_not_the_routes():
         ("openai", "GET", "/v1/batches/batch_1", None, "other users"),
         ("openai", "GET", "/v1/chat/completions", None, "other users"),
         ("openai", "GET", "/v1/chat/completions/chatcmpl-1/messages", None, "other users"),
-        ("openai", "GET", "/v1/responses/resp_1", None, "other users"),
+        ("openai", "GET", "/v1/responses/resp_1", None, "async_jobs: reserve"),
+        ("openai", "GET", "/v1/responses/resp_1/input_items", None, "other users"),
         # a WebSocket operation without the upgrade: no HTTP row answers it
         ("openai", "GET", "/v1/realtime?model=gpt-4o-realtime-preview", None, None),
         ("openai", "DELETE", "/v1/files/file-abc", {"model": "gpt-4o"}, None),
@@ -383,6 +384,33 @@ def test_async_jobs_reserve_forwards_them_charged_at_their_reservation():
     # the same operation without the flag is an ordinary metered call
     q = plan("openai", "POST", "/v1/responses", {"model": "gpt-4o", "input": "hi"}, async_jobs="reserve")
     assert isinstance(q, ForwardPlan) and not q.charge_reservation
+
+
+@pytest.mark.parametrize(
+    "rest, name, job_id, kind",
+    [
+        ("/v1/responses/resp_abc", "responses.retrieve", "resp_abc", "openai.response"),
+        ("/v1/threads/thread_1/runs/run_abc", "assistants.runs.retrieve", "run_abc", "openai.run"),
+    ],
+)
+def test_a_jobs_result_is_read_only_under_reserve_unmetered_naming_the_job(rest, name, job_id, kind):
+    p = plan("openai", "GET", rest, None, async_jobs="reserve")
+    assert isinstance(p, ForwardPlan) and p.operation.name == name
+    assert p.operation.billing == "job_result" and p.operation.job == kind
+    assert p.job_id == job_id and not p.metered and p.model is None and p.response_wire is None
+    d = plan("openai", "GET", rest, None)  # async_jobs: refuse: no job is recorded to read
+    assert isinstance(d, Denial) and d.error == "endpoint_not_governed"
+    # what else hangs off a response stays refused: the row names the job only
+    d = plan("openai", "GET", rest + "/input_items", None, async_jobs="reserve")
+    assert isinstance(d, Denial) and d.error == "endpoint_not_governed"
+
+
+def test_every_job_creation_has_its_result_row():
+    """A job Candela records can be read (and trued up) through Candela."""
+    for route, ops in CATALOGUE.items():
+        created = {op.job for op in ops if op.job and op.billing != "job_result"}
+        read = {op.job for op in ops if op.billing == "job_result"}
+        assert created == read, route
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,8 @@ from candela_mitm.providers.sse import encode
 from candela_mitm.providers.usage import (
     Usage,
     UsageMeter,
+    job_final_usage,
+    job_id_from,
     meter_for,
     usage_from,
     usage_from_anthropic,
@@ -1399,3 +1401,51 @@ def test_observed_output_adds_up_over_a_long_stream() -> None:
     run(meter, body, list(range(100, len(body), 4096)), finish=False)
     assert meter.observed_output == 2 * len(words)
     assert meter.usage == Usage() and not meter.reported
+
+
+# -- asynchronous jobs: the id in a creation answer, the usage of a finished result ------------
+
+_RESPONSE_USAGE = {
+    "input_tokens": 120, "input_tokens_details": {"cached_tokens": 20},
+    "output_tokens": 900, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 1020,
+}
+_RUN_USAGE = {"prompt_tokens": 50, "completion_tokens": 8, "total_tokens": 58}
+
+
+@pytest.mark.parametrize(
+    "kind, obj, expected",
+    [
+        # a background Response as queued, in progress, then over (completed, incomplete, failed)
+        ("openai.response", {"id": "resp_1", "object": "response", "status": "queued", "usage": None}, None),
+        ("openai.response", {"id": "resp_1", "status": "in_progress", "usage": None}, None),
+        ("openai.response", {"id": "resp_1", "status": "completed", "usage": _RESPONSE_USAGE}, Usage(120, 900, 20)),
+        ("openai.response", {"id": "resp_1", "status": "incomplete", "usage": _RESPONSE_USAGE}, Usage(120, 900, 20)),
+        ("openai.response", {"id": "resp_1", "status": "failed", "usage": None}, None),
+        ("openai.response", {"id": "resp_1", "status": "cancelled", "usage": _RESPONSE_USAGE}, Usage(120, 900, 20)),
+        # an Assistants run: usage is null until the run is over
+        ("openai.run", {"id": "run_1", "object": "thread.run", "status": "queued", "usage": None}, None),
+        ("openai.run", {"id": "run_1", "status": "requires_action", "usage": _RUN_USAGE}, None),
+        ("openai.run", {"id": "run_1", "status": "completed", "usage": _RUN_USAGE}, Usage(50, 8, 0)),
+        ("openai.run", {"id": "run_1", "status": "expired", "usage": _RUN_USAGE}, Usage(50, 8, 0)),
+        ("openai.run", ["not", "an", "object"], None),
+        ("unknown.kind", {"status": "completed", "usage": _RUN_USAGE}, None),
+    ],
+)
+def test_job_final_usage(kind, obj, expected):
+    assert job_final_usage(kind, obj) == expected
+
+
+@pytest.mark.parametrize(
+    "kind, obj, expected",
+    [
+        ("openai.response", {"id": "resp_68", "status": "queued"}, "resp_68"),
+        ("openai.run", {"id": "run_abc", "object": "thread.run"}, "run_abc"),
+        ("openai.response", {"id": ""}, None),
+        ("openai.response", {"id": 5}, None),
+        ("openai.response", {"id": "x" * 300}, None),
+        ("openai.response", None, None),
+        ("other", {"id": "x"}, None),
+    ],
+)
+def test_job_id_from(kind, obj, expected):
+    assert job_id_from(kind, obj) == expected

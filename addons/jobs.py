@@ -1,0 +1,163 @@
+"""Jobs: async jobs created through Candela are recorded, read only by their creator, and trued up
+to their real cost when their result is read."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from mitmproxy import http
+
+from candela_mitm import errors
+from candela_mitm.audit.actions import LLM_REQUEST
+from candela_mitm.context import RequestContext
+from candela_mitm.governance.ledger import TrueUp
+from candela_mitm.providers.usage import Usage, job_final_usage, job_id_from
+from candela_mitm.runtime import Runtime
+
+from .accounting import account_flow
+from .audit import audit_path
+from .flowstate import answered, ctx_of, deny, fail_closed
+
+log = logging.getLogger("candela.jobs")
+
+# a job's creation answer or result above this is parsed on a worker thread, not the event loop
+PARSE_ON_LOOP_BYTES = 64 * 1024
+
+
+def true_up_entry(
+    c: RequestContext, flow: http.HTTPFlow, t: TrueUp, usage: Usage
+) -> dict[str, Any]:
+    """The llm_request entry of a true-up: `cost_usd` is what it changed (negative: a refund),
+    so that the entries of a job (its creation, then this) sum to its real cost."""
+    job = t.job
+    plan = c.plan
+    return {
+        "user_id": job.user_id,  # the spend is the creator's, whoever read the result
+        "tenant_id": job.tenant or None,
+        "read_by": c.user,
+        "provider": job.provider,
+        "model": job.model or None,
+        "method": flow.request.method,
+        "route": c.kind,
+        "path": audit_path(c, flow),
+        "operation": plan.operation.name if plan else None,
+        "decision": "allowed",
+        "reason": "job_true_up",
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "cost_usd": round(t.adjustment_usd, 10),
+        "usage_source": "reported",
+        "job_id": job.job_id,
+        "job_cost_usd": round(t.cost_usd, 10),
+        "job_charged_usd": round(t.charged_usd, 10),  # at its creation (its reservation)
+        "job_reservation_id": job.reservation_id,
+        "span_id": c.span_id,
+        "trace_id": c.trace.trace_id,
+    }
+
+
+class Jobs:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        """A job's result goes only to the user who created it through Candela, or an admin."""
+        c = ctx_of(flow)
+        if c is None or answered(flow) or c.plan is None:
+            return
+        plan = c.plan
+        if plan.operation.billing != "job_result" or plan.job_id is None:
+            return
+        provider = plan.upstream.name
+        job = await self.rt.store_call(self.rt.ledger.job, provider, plan.job_id)
+        p = c.principal
+        if job is None or p is None or (job.user_id != p.user and p.role != "admin"):
+            deny(flow, errors.job_not_owned(provider, plan.job_id))
+            return
+        c.job = job
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        # Before Budget's response hook (it settles the creation's reservation): the job is
+        # recorded under that reservation while it is still on the context.
+        c = ctx_of(flow)
+        resp = flow.response
+        if c is None or c.plan is None or resp is None or c.plan.operation.job is None:
+            return
+        if not c.forwarded or c.denial_code or resp.status_code != 200:
+            return
+        try:
+            if c.plan.operation.billing == "async":
+                await self._record(flow, c, resp)
+            elif c.plan.operation.billing == "job_result" and c.job is not None:
+                await self._true_up(flow, c, resp)
+        except Exception:
+            # the answer has come back already: a job not recorded stays charged its
+            # reservation (and unreadable), a result not trued up leaves the job as charged
+            log.exception("async job bookkeeping failed (span %s)", c.span_id)
+
+    async def _body(self, resp: http.Response) -> object:
+        raw = resp.content or b""
+        if "json" not in resp.headers.get("content-type", ""):
+            return None
+        try:
+            if len(raw) > PARSE_ON_LOOP_BYTES:
+                return await self.rt.blocking(json.loads, raw)
+            return json.loads(raw)
+        except ValueError:
+            return None
+
+    async def _record(self, flow: http.HTTPFlow, c: RequestContext, resp: http.Response) -> None:
+        plan, res = c.plan, c.reservation
+        assert plan is not None and plan.operation.job is not None
+        if res is None:
+            return
+        job_id = job_id_from(plan.operation.job, await self._body(resp))
+        if job_id is None:
+            return
+        account_flow(self.rt, flow, c)  # what Budget settles next: the job's charge
+        if c.usage_source is None:
+            return  # nothing charged: the provider refused it
+        await self.rt.store_call(
+            self.rt.ledger.record_job,
+            res,
+            plan.upstream.name,
+            job_id,
+            plan.model or "",
+            c.cost_usd,
+            c.usage.input_tokens,
+            c.usage.output_tokens,
+        )
+
+    async def _true_up(self, flow: http.HTTPFlow, c: RequestContext, resp: http.Response) -> None:
+        plan, job = c.plan, c.job
+        assert plan is not None and plan.operation.job is not None and job is not None
+        if job.trued_up_us is not None:
+            return  # read before: its charge is its real cost already
+        usage = job_final_usage(plan.operation.job, await self._body(resp))
+        if usage is None:
+            return  # queued, running, or ended without a usage: it stays charged as it is
+        price = self.rt.pricing.get(job.model, job.provider)
+        if price is None:
+            return
+        t = await self.rt.store_call(
+            self.rt.ledger.true_up_job,
+            job.provider,
+            job.job_id,
+            price.cost(usage),
+            usage.input_tokens,
+            usage.output_tokens,
+        )
+        if t is None:
+            return  # another read (here or in another process) trued it up first
+        if not self.rt.audit.record(LLM_REQUEST, **true_up_entry(c, flow, t, usage)):
+            log.error("audit entry of the true-up of job %s not accepted", job.job_id)
+        m = self.rt.metrics
+        provider = m.provider_label(job.provider)
+        m.charged.labels(provider, "reported").inc()
+        m.cost.labels(
+            provider, m.model_label(job.model), m.tenant_label(job.tenant)
+        ).inc(max(0.0, t.adjustment_usd))
