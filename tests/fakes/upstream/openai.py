@@ -178,6 +178,15 @@ def _openai_responses(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
         }
 
     headers = [("x-request-id", _id("req_"))]
+    if body.get("background"):
+        # queued: the answer carries no usage; GET /v1/responses/{id} serves it once it is over
+        queued = {**response("queued", [], None), "background": True}
+        with fake._lock:
+            fake.objects[rid] = {
+                **response("completed", [message("completed", k.reply_text)], _responses_usage(k.usage)),
+                "background": True,
+            }
+        return _json_reply(200, queued, headers)
     if not body.get("stream"):
         return _json_reply(
             200,
@@ -229,6 +238,78 @@ def _openai_responses(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
         )
 
     return _stream_reply("text/event-stream; charset=utf-8", gen(), headers)
+
+
+def _stored(fake: FakeUpstream, object_id: str, kind: str) -> _Reply:
+    """An object the fake created, served back by id (404 in OpenAI's shape if unknown)."""
+    with fake._lock:
+        obj = fake.objects.get(object_id)
+    if obj is None:
+        return _json_reply(
+            404,
+            _openai_error(f"No {kind} found with id '{object_id}'.", "invalid_request_error", None),
+        )
+    return _json_reply(200, obj, [("x-request-id", _id("req_"))])
+
+
+def _openai_response_get(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
+    return _stored(fake, ctx.params["id"], "response")
+
+
+def _openai_run(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
+    """An Assistants run (openai.types.beta.threads.Run): queued, with no usage until it is over."""
+    body = ctx.body
+    if not isinstance(body.get("assistant_id"), str):
+        return _bad_request("openai", "'assistant_id' is required")
+    thread_id = ctx.params.get("thread_id") or _id("thread_")
+    run_id, created = _id("run_"), int(time.time())
+
+    def run(status: str, usage: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            "id": run_id,
+            "object": "thread.run",
+            "created_at": created,
+            "assistant_id": body["assistant_id"],
+            "thread_id": thread_id,
+            "status": status,
+            "started_at": None if status == "queued" else created,
+            "expires_at": created + 600 if status == "queued" else None,
+            "cancelled_at": None,
+            "failed_at": None,
+            "completed_at": created + 1 if status == "completed" else None,
+            "required_action": None,
+            "last_error": None,
+            "model": body.get("model") or "gpt-4o-mini",
+            "instructions": body.get("instructions") or "",
+            "tools": [],
+            "metadata": {},
+            "incomplete_details": None,
+            "usage": usage,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "max_prompt_tokens": body.get("max_prompt_tokens"),
+            "max_completion_tokens": body.get("max_completion_tokens"),
+            "truncation_strategy": {"type": "auto", "last_messages": None},
+            "response_format": "auto",
+            "tool_choice": "auto",
+            "parallel_tool_calls": True,
+        }
+
+    with fake._lock:
+        u = ctx.knobs.usage  # a run's usage (openai.types.beta.threads.run.Usage): three counts
+        fake.objects[run_id] = run(
+            "completed",
+            {
+                "prompt_tokens": u.input_tokens,
+                "completion_tokens": u.output_tokens,
+                "total_tokens": u.input_tokens + u.output_tokens,
+            },
+        )
+    return _json_reply(200, run("queued", None), [("x-request-id", _id("req_"))])
+
+
+def _openai_run_get(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
+    return _stored(fake, ctx.params["id"], "run")
 
 
 def _openai_embeddings(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
@@ -283,6 +364,17 @@ def _openai_models(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
 
 _route("POST", r"/v1/chat/completions", "openai.chat", "openai", "openai")(_openai_chat)
 _route("POST", r"/v1/responses", "openai.responses", "openai", "openai")(_openai_responses)
+_route("GET", r"/v1/responses/(?P<id>[^/]+)", "openai.responses.retrieve", "openai", "openai")(
+    _openai_response_get
+)
+_route("POST", r"/v1/threads/(?P<thread_id>[^/]+)/runs", "openai.runs", "openai", "openai")(
+    _openai_run
+)
+_route("POST", r"/v1/threads/runs", "openai.runs", "openai", "openai")(_openai_run)
+_route(
+    "GET", r"/v1/threads/(?P<thread_id>[^/]+)/runs/(?P<id>[^/]+)", "openai.runs.retrieve",
+    "openai", "openai",
+)(_openai_run_get)
 _route("POST", r"/v1/embeddings", "openai.embeddings", "openai", "openai")(_openai_embeddings)
 # Gemini's OpenAI-compatible endpoint: the same wire format, Google credentials
 _route("POST", r"/v1beta/openai/chat/completions", "gemini_openai.chat", "openai", "gemini_openai")(

@@ -1,0 +1,254 @@
+"""Async jobs end to end: charged their reservation when created, read only by their creator, and
+trued up to their real cost exactly once when their result is read through Candela."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from candela_mitm.audit.query import query_entries
+from candela_mitm.config import parse_config
+from candela_mitm.governance.estimate import estimate_cost
+from candela_mitm.providers.pricing import PricingTable
+from candela_mitm.providers.usage import Usage
+from tests.fakes.candela import CandelaProcess
+from tests.fakes.upstream import FakeUpstream
+
+from .conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, base_config, candela_env, sdk_json
+
+pytestmark = pytest.mark.e2e
+ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
+BOB = {"Authorization": f"Bearer {BOB_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+PRICES = PricingTable.from_config(parse_config({}))
+MODEL = "gpt-4o-mini"
+
+
+def cost(usage: Usage, model: str = MODEL) -> float:
+    price = PRICES.get(model)
+    assert price is not None
+    return price.cost(usage)
+
+
+def reservation(body: dict[str, Any]) -> float:
+    price = PRICES.get(body["model"])
+    assert price is not None
+    return estimate_cost(body, body.get("max_output_tokens"), 4096, price)
+
+
+def spent(c: CandelaProcess, headers: dict[str, str] = ALICE) -> float:
+    me = requests.get(c.url + "/admin/v1/me", headers=headers, timeout=10)
+    assert me.status_code == 200, me.text
+    return float(me.json()["spent_today_usd"])
+
+
+def true_ups(*procs: CandelaProcess, job_id: str) -> list[dict[str, Any]]:
+    out = []
+    for c in procs:
+        for e in query_entries(c.tmp / "audit.db", action="llm_request", limit=1000):
+            f = e["fields"]
+            if f.get("reason") == "job_true_up" and f.get("job_id") == job_id:
+                out.append(dict(f))
+    return out
+
+
+def wait_true_ups(*procs: CandelaProcess, job_id: str, n: int = 1) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 10
+    while True:
+        found = true_ups(*procs, job_id=job_id)
+        if len(found) >= n or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def jobs(
+    tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream, token_server: Any
+) -> Iterator[tuple[CandelaProcess, CandelaProcess]]:
+    """Two candela-server processes on one state store (two workers, or two hosts on one Redis),
+    each with its own audit log, async jobs reserved."""
+    tmp = tmp_path_factory.mktemp("jobs")
+    tmp_b = tmp_path_factory.mktemp("jobs-b")
+    governance = {"async_jobs": "reserve", "budgets": {"default_daily_usd": 1000.0}}
+    state = {"sqlite_path": str(tmp / "state.db")}
+    cfg = base_config(upstream.url, governance=governance, state=state)
+    env = candela_env(token_server, tmp)
+    with CandelaProcess(tmp, cfg, env=env) as a, CandelaProcess(tmp_b, cfg, env=env) as b:
+        yield a, b
+
+
+@pytest.fixture(autouse=True)
+def _fresh(upstream: FakeUpstream) -> Iterator[None]:
+    upstream.reset()
+    upstream.clear()
+    yield
+    upstream.reset()
+
+
+def create_background(c: CandelaProcess, body: dict[str, Any], headers: dict[str, str] = ALICE) -> str:
+    r = requests.post(c.url + "/proxy/openai/v1/responses", json=body, headers=headers, timeout=20)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "queued" and r.json()["usage"] is None
+    return str(r.json()["id"])
+
+
+def test_sdk_background_response_is_charged_its_reservation_then_trued_up_on_retrieve(
+    jobs: tuple[CandelaProcess, CandelaProcess], upstream: FakeUpstream, sdk: None
+) -> None:
+    a, _ = jobs
+    real = Usage(input_tokens=300, output_tokens=40)
+    upstream.configure(usage=real)
+    body = {"model": MODEL, "input": "summarise the plan", "background": True, "max_output_tokens": 2000}
+    before = spent(a)
+    out = sdk_json(f"""
+        import json, openai
+        c = openai.OpenAI(base_url="{a.url}/proxy/openai/v1", api_key="{ALICE_KEY}", max_retries=0)
+        r = c.responses.create(model="{MODEL}", input="summarise the plan", background=True,
+                               max_output_tokens=2000)
+        print(json.dumps({{"id": r.id, "status": r.status}}))
+        import urllib.request
+        req = urllib.request.Request("{a.url}/admin/v1/me", headers={{"Authorization": "Bearer {ALICE_KEY}"}})
+        print(urllib.request.urlopen(req).read().decode())
+        done = c.responses.retrieve(r.id)
+        print(json.dumps({{"status": done.status, "usage": [done.usage.input_tokens, done.usage.output_tokens],
+                          "text": done.output_text}}))
+    """)
+    created, me_between, done = out
+    assert created["status"] == "queued"
+    # created: charged its reservation (the queued answer has no usage)
+    assert me_between["spent_today_usd"] - before == pytest.approx(reservation(body), abs=1e-6)
+    # read: trued up to the real cost of the usage the result reports (a refund here)
+    assert done == {"status": "completed", "usage": [300, 40], "text": upstream.reply_text}
+    assert cost(real) < reservation(body)
+    (entry,) = wait_true_ups(a, job_id=created["id"])
+    assert spent(a) - before == pytest.approx(cost(real), abs=1e-6)
+    assert entry["usage_source"] == "reported" and entry["user_id"] == "alice@example.com"
+    assert entry["operation"] == "responses.retrieve" and entry["path"] == f"/v1/responses/{created['id']}"
+    assert entry["job_cost_usd"] == pytest.approx(cost(real), abs=1e-9)
+    assert entry["job_charged_usd"] == pytest.approx(reservation(body), abs=1e-9)
+    assert entry["cost_usd"] == pytest.approx(cost(real) - reservation(body), abs=1e-9)
+    assert (entry["input_tokens"], entry["output_tokens"]) == (300, 40)
+    assert [q.route for q in upstream.requests] == ["openai.responses", "openai.responses.retrieve"]
+
+
+def test_a_result_costing_more_than_reserved_is_charged_the_extra(
+    jobs: tuple[CandelaProcess, CandelaProcess], upstream: FakeUpstream
+) -> None:
+    a, _ = jobs
+    body = {"model": MODEL, "input": "hi", "background": True, "max_output_tokens": 16}
+    job_id = create_background(a, body)
+    before = spent(a)
+    real = Usage(input_tokens=20_000, output_tokens=30_000)  # far past what was reserved
+    with upstream._lock:
+        upstream.objects[job_id]["usage"]["input_tokens"] = real.input_tokens
+        upstream.objects[job_id]["usage"]["output_tokens"] = real.output_tokens
+        upstream.objects[job_id]["usage"]["total_tokens"] = real.total_tokens
+    r = requests.get(a.url + f"/proxy/openai/v1/responses/{job_id}", headers=ALICE, timeout=20)
+    assert r.status_code == 200 and r.json()["status"] == "completed"
+    (entry,) = wait_true_ups(a, job_id=job_id)
+    assert cost(real) > reservation(body)
+    assert spent(a) - before == pytest.approx(cost(real) - reservation(body), abs=1e-6)
+    assert entry["cost_usd"] == pytest.approx(cost(real) - reservation(body), abs=1e-9)
+
+
+def test_two_concurrent_reads_in_two_processes_true_up_once(
+    jobs: tuple[CandelaProcess, CandelaProcess], upstream: FakeUpstream
+) -> None:
+    a, b = jobs
+    upstream.configure(usage=Usage(input_tokens=50, output_tokens=5))
+    body = {"model": MODEL, "input": "hi", "background": True, "max_output_tokens": 1000}
+    job_id = create_background(a, body)
+    before = spent(a)
+    barrier = threading.Barrier(4)
+    statuses: list[int] = []
+
+    def read(c: CandelaProcess) -> None:
+        barrier.wait()
+        r = requests.get(c.url + f"/proxy/openai/v1/responses/{job_id}", headers=ALICE, timeout=20)
+        statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=read, args=(c,)) for c in (a, b, a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [200] * 4
+    time.sleep(0.3)  # any second true-up would have been committed by now
+    found = wait_true_ups(a, b, job_id=job_id)
+    assert len(found) == 1
+    real = cost(Usage(50, 5))
+    assert spent(a) - before == pytest.approx(real - reservation(body), abs=1e-6)
+    # a later read changes nothing either
+    r = requests.get(b.url + f"/proxy/openai/v1/responses/{job_id}", headers=ALICE, timeout=20)
+    assert r.status_code == 200
+    assert len(true_ups(a, b, job_id=job_id)) == 1
+    assert spent(a) - before == pytest.approx(real - reservation(body), abs=1e-6)
+
+
+def test_another_users_read_is_403_with_nothing_forwarded(
+    jobs: tuple[CandelaProcess, CandelaProcess], upstream: FakeUpstream
+) -> None:
+    a, b = jobs
+    body = {"model": MODEL, "input": "hi", "background": True, "max_output_tokens": 100}
+    job_id = create_background(a, body)
+    upstream.clear()
+    for c in (a, b):
+        r = requests.get(c.url + f"/proxy/openai/v1/responses/{job_id}", headers=BOB, timeout=20)
+        assert r.status_code == 403
+        assert r.json() == {
+            "error": "job_not_owned",
+            "message": r.json()["message"],
+            "provider": "openai",
+            "job_id": job_id,
+        }
+    # a job Candela never saw created is nobody's to read through Candela
+    r = requests.get(a.url + "/proxy/openai/v1/responses/resp_made_elsewhere", headers=ALICE, timeout=20)
+    assert r.status_code == 403 and r.json()["error"] == "job_not_owned"
+    assert upstream.requests == []
+    assert true_ups(a, b, job_id=job_id) == []
+    # an admin may read it (and its read trues it up, on alice's spend)
+    before = spent(a)
+    r = requests.get(a.url + f"/proxy/openai/v1/responses/{job_id}", headers=ADMIN, timeout=20)
+    assert r.status_code == 200
+    (entry,) = wait_true_ups(a, job_id=job_id)
+    assert entry["user_id"] == "alice@example.com" and entry["read_by"] == "admin@example.com"
+    assert spent(a) < before
+
+
+def test_a_job_never_read_stays_charged_its_reservation(
+    jobs: tuple[CandelaProcess, CandelaProcess], upstream: FakeUpstream
+) -> None:
+    a, _ = jobs
+    before = spent(a)
+    body = {"model": MODEL, "input": "hi", "background": True, "max_output_tokens": 700}
+    job_id = create_background(a, body)
+    assert spent(a) - before == pytest.approx(reservation(body), abs=1e-6)
+    assert true_ups(a, job_id=job_id) == []
+
+
+def test_assistants_run_is_trued_up_when_its_run_is_retrieved(
+    jobs: tuple[CandelaProcess, CandelaProcess], upstream: FakeUpstream, sdk: None
+) -> None:
+    a, _ = jobs
+    upstream.configure(usage=Usage(input_tokens=80, output_tokens=9))
+    before = spent(a)
+    out = sdk_json(f"""
+        import json, warnings, openai
+        warnings.simplefilter("ignore")
+        c = openai.OpenAI(base_url="{a.url}/proxy/openai/v1", api_key="{ALICE_KEY}", max_retries=0)
+        run = c.beta.threads.runs.create(thread_id="thread_1", assistant_id="asst_1", model="{MODEL}",
+                                         max_completion_tokens=500)
+        done = c.beta.threads.runs.retrieve(run.id, thread_id="thread_1")
+        print(json.dumps({{"id": run.id, "created": run.status, "status": done.status,
+                          "usage": [done.usage.prompt_tokens, done.usage.completion_tokens]}}))
+    """)
+    (run,) = out
+    assert run["created"] == "queued" and run["status"] == "completed" and run["usage"] == [80, 9]
+    (entry,) = wait_true_ups(a, job_id=run["id"])
+    assert entry["operation"] == "assistants.runs.retrieve"
+    assert spent(a) - before == pytest.approx(cost(Usage(80, 9)), abs=1e-6)
