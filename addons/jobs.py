@@ -13,7 +13,7 @@ from candela_mitm import errors
 from candela_mitm.audit.actions import LLM_REQUEST
 from candela_mitm.context import RequestContext
 from candela_mitm.governance.ledger import TrueUp
-from candela_mitm.providers.usage import Usage, job_final_usage, job_id_from
+from candela_mitm.providers.usage import BATCH_JOBS, Usage, job_final_usage, job_id_from
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
@@ -143,11 +143,13 @@ class Jobs:
         price = self.rt.pricing.get(job.model, job.provider)
         if price is None:
             return
+        # a batch at the provider's batch price, where genai-prices knows it (else the list's)
+        processing = "batch" if plan.operation.job in BATCH_JOBS else None
         t = await self.rt.store_call(
             self.rt.ledger.true_up_job,
             job.provider,
             job.job_id,
-            price.cost(usage),
+            price.cost(usage, processing=processing),
             usage.input_tokens,
             usage.output_tokens,
         )

@@ -1079,21 +1079,71 @@ _JOB_FINAL = {
     "openai.response": frozenset({"completed", "incomplete", "failed", "cancelled"}),
     # an Assistants run: https://platform.openai.com/docs/api-reference/runs/object (status)
     "openai.run": frozenset({"completed", "incomplete", "failed", "cancelled", "expired"}),
+    # a Gemini batch: the long-running operation's metadata.state (GenerateContentBatch)
+    "gemini.batch": frozenset(
+        {"BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED",
+         "BATCH_STATE_EXPIRED"}
+    ),
 }
+# batches are billed at the provider's batch price (where genai-prices knows one)
+BATCH_JOBS = frozenset({"gemini.batch"})
+MAX_JOB_ID = 256
 
 
 def job_id_from(kind: str, obj: object) -> str | None:
-    """The job's id in its creation answer (a Response's or a run's `id`), or None."""
+    """The job's id in its creation answer (a Response's or a run's `id`; the `batches/<id>`
+    name of a Gemini batch operation, as its GET names it: the part after `batches/`)."""
     if kind not in _JOB_FINAL or not isinstance(obj, dict):
         return None
-    job_id = obj.get("id")
-    return job_id if isinstance(job_id, str) and job_id and len(job_id) <= 256 else None
+    if kind == "gemini.batch":
+        name = obj.get("name")
+        if not isinstance(name, str) or not name.startswith("batches/"):
+            return None
+        job_id: object = name[len("batches/") :]
+    else:
+        job_id = obj.get("id")
+    if not isinstance(job_id, str) or not job_id or len(job_id) > MAX_JOB_ID or "/" in job_id:
+        return None
+    return job_id
 
 
 def job_final_usage(kind: str, obj: object) -> Usage | None:
     """The usage of a job's result once the job is over (a final status, its usage reported);
     None while it is queued or running, or when it ended without a usage."""
     final = _JOB_FINAL.get(kind)
-    if final is None or not isinstance(obj, dict) or obj.get("status") not in final:
+    if final is None or not isinstance(obj, dict):
+        return None
+    if kind == "gemini.batch":
+        return _gemini_batch_usage(obj, final)
+    if obj.get("status") not in final:
         return None
     return usage_from_openai(obj)
+
+
+def _gemini_batch_usage(op: dict[str, object], final: frozenset[str]) -> Usage | None:
+    """A Gemini batch operation: the sum of its inlined responses' usageMetadata once its state
+    is final. A batch whose results went to a file carries none here: None."""
+    meta = op.get("metadata")
+    if not isinstance(meta, dict) or meta.get("state") not in final:
+        return None
+    output = meta.get("output")
+    if not isinstance(output, dict):
+        response = op.get("response")
+        output = response if isinstance(response, dict) else {}
+    inlined = output.get("inlinedResponses")
+    items = inlined.get("inlinedResponses") if isinstance(inlined, dict) else None
+    if not isinstance(items, list):
+        return None
+    total = Usage()
+    seen = False
+    for item in items:
+        resp = item.get("response") if isinstance(item, dict) else None
+        u = usage_from_gemini(resp) if resp is not None else None
+        if u is not None:
+            seen = True
+            total = Usage(
+                total.input_tokens + u.input_tokens,
+                total.output_tokens + u.output_tokens,
+                total.cached_tokens + u.cached_tokens,
+            )
+    return total if seen else None

@@ -252,3 +252,42 @@ def test_assistants_run_is_trued_up_when_its_run_is_retrieved(
     (entry,) = wait_true_ups(a, job_id=run["id"])
     assert entry["operation"] == "assistants.runs.retrieve"
     assert spent(a) - before == pytest.approx(cost(Usage(80, 9)), abs=1e-6)
+
+
+def test_sdk_gemini_batch_is_trued_up_at_the_batch_price_when_it_is_got(
+    jobs: tuple[CandelaProcess, CandelaProcess], upstream: FakeUpstream, sdk: None
+) -> None:
+    a, _ = jobs
+    per_request = Usage(input_tokens=400, output_tokens=100)
+    upstream.configure(usage=per_request)
+    before = spent(a)
+    out = sdk_json(f"""
+        import json, urllib.request
+        from google import genai
+        g = genai.Client(api_key="{ALICE_KEY}", http_options={{"base_url": "{a.url}/proxy/google"}})
+        src = [{{"contents": [{{"parts": [{{"text": "one"}}], "role": "user"}}]}},
+               {{"contents": [{{"parts": [{{"text": "two"}}], "role": "user"}}]}}]
+        job = g.batches.create(model="gemini-2.5-flash", src=src)
+        req = urllib.request.Request("{a.url}/admin/v1/me", headers={{"Authorization": "Bearer {ALICE_KEY}"}})
+        me = json.loads(urllib.request.urlopen(req).read())
+        done = g.batches.get(name=job.name)
+        print(json.dumps({{"name": job.name, "created": str(job.state), "state": str(done.state),
+                          "spent": me["spent_today_usd"],
+                          "n": len(done.dest.inlined_responses)}}))
+    """)
+    (b,) = out
+    assert b["created"].endswith("PENDING") and b["state"].endswith("SUCCEEDED") and b["n"] == 2
+    charged = b["spent"] - before
+    assert charged > 0  # created: charged its reservation
+    job_id = b["name"].removeprefix("batches/")
+    (entry,) = wait_true_ups(a, job_id=job_id)
+    price = PRICES.get("gemini-2.5-flash")
+    assert price is not None and price.batch_priced()
+    total = Usage(800, 200)
+    real = price.cost(total, processing="batch")
+    assert real == pytest.approx(price.cost(total) / 2)  # Google's batch price: half the list's
+    assert entry["job_cost_usd"] == pytest.approx(real, abs=1e-9)
+    assert (entry["input_tokens"], entry["output_tokens"]) == (800, 200)
+    assert entry["operation"] == "batches.get" and entry["provider"] == "google"
+    assert spent(a) - before == pytest.approx(real, abs=1e-6)
+    assert [q.route for q in upstream.requests] == ["gemini.batch", "gemini.batch.get"]

@@ -36,7 +36,7 @@ Billing = Literal[
 # The kind of async job an operation creates (async rows) or reads (job_result rows): where its
 # id is in the creation answer and where its final usage is in the result
 # (providers/usage.py: job_id_from, job_final_usage).
-JobKind = Literal["openai.response", "openai.run"]
+JobKind = Literal["openai.response", "openai.run", "gemini.batch"]
 # The JSON events a WebSocket session speaks (providers/realtime.py reads each).
 Protocol = Literal["openai-realtime", "openai-responses", "gemini-live"]
 

@@ -333,7 +333,8 @@ def test_gemini_on_vertex_is_read_by_the_gemini_reader_not_the_routes():
         ("openai", "POST", "/v1/threads/thread_1/runs", {"assistant_id": "a"}, "async"),
         ("openai", "POST", "/v1/threads/runs", {"assistant_id": "a"}, "async"),
         ("google", "POST", "/v1beta/models/gemini-2.5-flash:batchGenerateContent", {"batch": {}}, "async"),
-        ("google", "GET", "/v1beta/batches/b1", None, "other users"),
+        ("google", "GET", "/v1beta/batches/b1", None, "async_jobs: reserve"),
+        ("google", "GET", "/v1beta/batches", None, "other users"),
         ("google", "GET", "/v1beta/files", None, "other users"),
         ("google", "GET", "/v1beta/cachedContents/c1", None, "other users"),
         ("google", "POST", "/v1beta/tunedModels/x:generateContent", GEN, None),
@@ -391,17 +392,21 @@ def test_async_jobs_reserve_forwards_them_charged_at_their_reservation():
     [
         ("/v1/responses/resp_abc", "responses.retrieve", "resp_abc", "openai.response"),
         ("/v1/threads/thread_1/runs/run_abc", "assistants.runs.retrieve", "run_abc", "openai.run"),
+        ("google:/v1beta/batches/b_123", "batches.get", "b_123", "gemini.batch"),
+        ("google:/v1/batches/b_123", "batches.get", "b_123", "gemini.batch"),
     ],
 )
 def test_a_jobs_result_is_read_only_under_reserve_unmetered_naming_the_job(rest, name, job_id, kind):
-    p = plan("openai", "GET", rest, None, async_jobs="reserve")
+    route, _, rest = rest.rpartition(":")
+    route = route or "openai"
+    p = plan(route, "GET", rest, None, async_jobs="reserve")
     assert isinstance(p, ForwardPlan) and p.operation.name == name
     assert p.operation.billing == "job_result" and p.operation.job == kind
     assert p.job_id == job_id and not p.metered and p.model is None and p.response_wire is None
-    d = plan("openai", "GET", rest, None)  # async_jobs: refuse: no job is recorded to read
+    d = plan(route, "GET", rest, None)  # async_jobs: refuse: no job is recorded to read
     assert isinstance(d, Denial) and d.error == "endpoint_not_governed"
     # what else hangs off a response stays refused: the row names the job only
-    d = plan("openai", "GET", rest + "/input_items", None, async_jobs="reserve")
+    d = plan(route, "GET", rest + "/input_items", None, async_jobs="reserve")
     assert isinstance(d, Denial) and d.error == "endpoint_not_governed"
 
 

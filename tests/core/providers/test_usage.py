@@ -1412,6 +1412,28 @@ _RESPONSE_USAGE = {
 _RUN_USAGE = {"prompt_tokens": 50, "completion_tokens": 8, "total_tokens": 58}
 
 
+def _gemini_batch(state: str, usages: list[tuple[int, int]] | None = None, where: str = "metadata") -> dict:
+    """A google.longrunning.Operation over a GenerateContentBatch (the google-genai SDK reads
+    metadata.state and metadata.output.inlinedResponses.inlinedResponses)."""
+    meta: dict = {
+        "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
+        "model": "models/gemini-2.5-flash", "name": "batches/b1", "state": state,
+    }
+    op: dict = {"name": "batches/b1", "metadata": meta}
+    if usages is not None:
+        output = {"inlinedResponses": {"inlinedResponses": [
+            {"response": {"candidates": [], "usageMetadata": {
+                "promptTokenCount": i, "candidatesTokenCount": o, "totalTokenCount": i + o}}}
+            for i, o in usages
+        ]}}
+        if where == "metadata":
+            meta["output"] = output
+        else:
+            op["done"] = True
+            op["response"] = {"@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput", **output}
+    return op
+
+
 @pytest.mark.parametrize(
     "kind, obj, expected",
     [
@@ -1428,6 +1450,12 @@ _RUN_USAGE = {"prompt_tokens": 50, "completion_tokens": 8, "total_tokens": 58}
         ("openai.run", {"id": "run_1", "status": "completed", "usage": _RUN_USAGE}, Usage(50, 8, 0)),
         ("openai.run", {"id": "run_1", "status": "expired", "usage": _RUN_USAGE}, Usage(50, 8, 0)),
         ("openai.run", ["not", "an", "object"], None),
+        # a Gemini batch operation: pending, then succeeded with its inlined responses' usage
+        ("gemini.batch", _gemini_batch("BATCH_STATE_PENDING"), None),
+        ("gemini.batch", _gemini_batch("BATCH_STATE_RUNNING", [(10, 2)]), None),
+        ("gemini.batch", _gemini_batch("BATCH_STATE_SUCCEEDED", [(10, 2), (30, 5)]), Usage(40, 7, 0)),
+        ("gemini.batch", _gemini_batch("BATCH_STATE_SUCCEEDED", [(10, 2)], where="response"), Usage(10, 2, 0)),
+        ("gemini.batch", _gemini_batch("BATCH_STATE_SUCCEEDED", []), None),  # results in a file
         ("unknown.kind", {"status": "completed", "usage": _RUN_USAGE}, None),
     ],
 )
@@ -1444,6 +1472,9 @@ def test_job_final_usage(kind, obj, expected):
         ("openai.response", {"id": 5}, None),
         ("openai.response", {"id": "x" * 300}, None),
         ("openai.response", None, None),
+        ("gemini.batch", {"name": "batches/abc123", "metadata": {}}, "abc123"),
+        ("gemini.batch", {"name": "operations/abc123"}, None),
+        ("gemini.batch", {"name": "batches/a/b"}, None),
         ("other", {"id": "x"}, None),
     ],
 )
