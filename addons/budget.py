@@ -9,8 +9,9 @@ from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.context import RequestContext
-from candela_mitm.governance.estimate import estimate_cost
+from candela_mitm.governance.estimate import estimate_batch_cost, estimate_cost
 from candela_mitm.governance.ledger import BudgetRefusal, Reservation
+from candela_mitm.providers.pricing import ModelPrice
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
@@ -45,6 +46,18 @@ def reserve(
     )
 
 
+def request_estimate(rt: Runtime, c: RequestContext, price: ModelPrice) -> float:
+    """The most a planned request can cost; a batch: the sum over its requests (each at its
+    model's batch price where one is known: governance/estimate.py)."""
+    plan = c.plan
+    assert plan is not None
+    default_max = rt.config.governance.budgets.default_max_output_tokens
+    if plan.batch is not None:
+        route = plan.upstream.name
+        return estimate_batch_cost(plan.batch, default_max, lambda m: rt.pricing.get(m, route))
+    return estimate_cost(c.body, plan.max_output_tokens, default_max, price, c.scan)
+
+
 def reservation_call(
     rt: Runtime, c: RequestContext
 ) -> Callable[[], Reservation | BudgetRefusal] | None:
@@ -65,11 +78,8 @@ def reservation_call(
         price = rt.pricing.get(plan.model, plan.upstream.name)
         if price is None:
             return None
-        default_max = rt.config.governance.budgets.default_max_output_tokens
         try:
-            estimate = estimate_cost(
-                c.body, plan.max_output_tokens, default_max, price, c.scan
-            )
+            estimate = request_estimate(rt, c, price)
         except Exception:
             return None  # Budget.request computes it again, after the rate limit: fails closed
     model, provider = plan.model or "", plan.upstream.name
@@ -116,10 +126,7 @@ class Budget:
                     deny(flow, errors.model_price_unknown(plan.model))
                     return
                 return  # unknown_model_price: zero
-            default_max = self.rt.config.governance.budgets.default_max_output_tokens
-            c.estimate_usd = estimate_cost(
-                c.body, plan.max_output_tokens, default_max, price, c.scan
-            )
+            c.estimate_usd = request_estimate(self.rt, c, price)
         result = await self.rt.store_call(
             reserve, self.rt, c, c.estimate_usd, plan.model or "", plan.upstream.name
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 from mitmproxy import http
 
@@ -13,12 +14,19 @@ from candela_mitm import errors
 from candela_mitm.audit.actions import LLM_REQUEST
 from candela_mitm.context import RequestContext
 from candela_mitm.governance.ledger import TrueUp
-from candela_mitm.providers.usage import BATCH_JOBS, Usage, job_final_usage, job_id_from
+from candela_mitm.providers.usage import (
+    BATCH_JOBS,
+    Usage,
+    batch_results_usage,
+    job_final_usage,
+    job_id_from,
+)
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
 from .audit import audit_path
 from .flowstate import answered, ctx_of, deny, fail_closed
+from .modelpolicy import check_model
 
 log = logging.getLogger("candela.jobs")
 
@@ -65,13 +73,16 @@ class Jobs:
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
-        """A job's result goes only to the user who created it through Candela, or an admin."""
         c = ctx_of(flow)
         if c is None or answered(flow) or c.plan is None:
             return
         plan = c.plan
+        if plan.batch is not None:
+            self._check_batch(flow, c)
+            return
         if plan.operation.billing != "job_result" or plan.job_id is None:
             return
+        # a job's result goes only to the user who created it through Candela, or an admin
         provider = plan.upstream.name
         job = await self.rt.store_call(self.rt.ledger.job, provider, plan.job_id)
         p = c.principal
@@ -79,6 +90,26 @@ class Jobs:
             deny(flow, errors.job_not_owned(provider, plan.job_id))
             return
         c.job = job
+
+    def _check_batch(self, flow: http.HTTPFlow, c: RequestContext) -> None:
+        """Every request of a batch passes the model policy (ModelPolicy checked the first:
+        the batch is planned under it) and has a price, before anything is reserved."""
+        plan = c.plan
+        assert plan is not None and plan.batch is not None
+        route = plan.upstream.name
+        seen: set[str | None] = {plan.model}
+        for model, _ in plan.batch:
+            if model in seen:
+                continue
+            seen.add(model)
+            if not check_model(self.rt, flow, c, model, route):
+                return  # 403 model_not_allowed naming the first model refused
+        if self.rt.config.governance.unknown_model_price != "deny":
+            return
+        for name, _ in plan.batch:  # in the batch's order: the first without a price
+            if self.rt.pricing.get(name, route) is None:
+                deny(flow, errors.model_price_unknown(name))
+                return
 
     async def response(self, flow: http.HTTPFlow) -> None:
         # Before Budget's response hook (it settles the creation's reservation): the job is
@@ -93,6 +124,8 @@ class Jobs:
             if c.plan.operation.billing == "async":
                 await self._record(flow, c, resp)
             elif c.plan.operation.billing == "job_result" and c.job is not None:
+                if c.plan.operation.job == "anthropic.batch" and not c.intercepted:
+                    point_results_here(flow, c, resp)
                 await self._true_up(flow, c, resp)
         except Exception:
             # the answer has come back already: a job not recorded stays charged its
@@ -132,30 +165,49 @@ class Jobs:
             c.usage.output_tokens,
         )
 
+    async def _usages(
+        self, c: RequestContext, resp: http.Response
+    ) -> list[tuple[str | None, Usage]] | None:
+        """The final usage a result reports, per model (None: the job's own), or None."""
+        plan = c.plan
+        assert plan is not None and plan.operation.job is not None
+        if plan.operation.results == "jsonl":
+            return await self.rt.blocking(batch_results_usage, resp.content or b"")
+        usage = job_final_usage(plan.operation.job, await self._body(resp))
+        return None if usage is None else [(None, usage)]
+
     async def _true_up(self, flow: http.HTTPFlow, c: RequestContext, resp: http.Response) -> None:
         plan, job = c.plan, c.job
         assert plan is not None and plan.operation.job is not None and job is not None
         if job.trued_up_us is not None:
             return  # read before: its charge is its real cost already
-        usage = job_final_usage(plan.operation.job, await self._body(resp))
-        if usage is None:
+        usages = await self._usages(c, resp)
+        if usages is None:
             return  # queued, running, or ended without a usage: it stays charged as it is
-        price = self.rt.pricing.get(job.model, job.provider)
-        if price is None:
-            return
         # a batch at the provider's batch price, where genai-prices knows it (else the list's)
-        processing = "batch" if plan.operation.job in BATCH_JOBS else None
+        batch = plan.operation.job in BATCH_JOBS
+        total, usd = Usage(), 0.0
+        for model, usage in usages:
+            price = self.rt.pricing.get(model or job.model, job.provider)
+            if price is None:
+                return  # a price gone since the job was created: it stays as charged
+            usd += price.cost(usage, processing="batch" if batch else None)
+            total = Usage(
+                total.input_tokens + usage.input_tokens,
+                total.output_tokens + usage.output_tokens,
+                total.cached_tokens + usage.cached_tokens,
+            )
         t = await self.rt.store_call(
             self.rt.ledger.true_up_job,
             job.provider,
             job.job_id,
-            price.cost(usage, processing=processing),
-            usage.input_tokens,
-            usage.output_tokens,
+            usd,
+            total.input_tokens,
+            total.output_tokens,
         )
         if t is None:
             return  # another read (here or in another process) trued it up first
-        if not self.rt.audit.record(LLM_REQUEST, **true_up_entry(c, flow, t, usage)):
+        if not self.rt.audit.record(LLM_REQUEST, **true_up_entry(c, flow, t, total)):
             log.error("audit entry of the true-up of job %s not accepted", job.job_id)
         m = self.rt.metrics
         provider = m.provider_label(job.provider)
@@ -163,3 +215,24 @@ class Jobs:
         m.cost.labels(
             provider, m.model_label(job.model), m.tenant_label(job.tenant)
         ).inc(max(0.0, t.adjustment_usd))
+
+
+def point_results_here(flow: http.HTTPFlow, c: RequestContext, resp: http.Response) -> None:
+    """A Message Batch names its results by an absolute URL at the provider (`results_url`), which
+    the SDKs fetch as is: through the reverse proxy it is rewritten to the same path on this
+    route, so the results are read through Candela (and trued up), not around it."""
+    try:
+        obj = json.loads(resp.content or b"")
+    except ValueError:
+        return
+    url = obj.get("results_url") if isinstance(obj, dict) else None
+    if not isinstance(url, str) or not url:
+        return
+    path = urlsplit(url).path
+    plan = c.plan
+    assert plan is not None
+    if path != f"/v1/messages/batches/{plan.job_id}/results":
+        return  # not the shape we know: left alone (the results stay unread through Candela)
+    scheme = "https" if flow.client_conn.tls_established else "http"
+    obj["results_url"] = f"{scheme}://{flow.request.host_header}/proxy/{c.provider}{path}"
+    resp.content = json.dumps(obj).encode()

@@ -1086,14 +1086,14 @@ _JOB_FINAL = {
     ),
 }
 # batches are billed at the provider's batch price (where genai-prices knows one)
-BATCH_JOBS = frozenset({"gemini.batch"})
+BATCH_JOBS = frozenset({"gemini.batch", "anthropic.batch"})
 MAX_JOB_ID = 256
 
 
 def job_id_from(kind: str, obj: object) -> str | None:
-    """The job's id in its creation answer (a Response's or a run's `id`; the `batches/<id>`
-    name of a Gemini batch operation, as its GET names it: the part after `batches/`)."""
-    if kind not in _JOB_FINAL or not isinstance(obj, dict):
+    """The job's id in its creation answer (a Response's, a run's or a Message Batch's `id`;
+    the `batches/<id>` name of a Gemini batch operation, as its GET names it: after `batches/`)."""
+    if (kind not in _JOB_FINAL and kind != "anthropic.batch") or not isinstance(obj, dict):
         return None
     if kind == "gemini.batch":
         name = obj.get("name")
@@ -1147,3 +1147,32 @@ def _gemini_batch_usage(op: dict[str, object], final: frozenset[str]) -> Usage |
                 total.cached_tokens + u.cached_tokens,
             )
     return total if seen else None
+
+
+MAX_BATCH_RESULT_LINES = 200_000  # twice Anthropic's most requests per batch
+
+
+def batch_results_usage(raw: bytes) -> list[tuple[str | None, Usage]] | None:
+    """An Anthropic Message Batch's results (`.jsonl`, one line per request): the model and
+    usage of every `succeeded` result (errored, canceled and expired requests are not billed).
+    None when the body is not such a file (no line parses as a result)."""
+    out: list[tuple[str | None, Usage]] = []
+    results = 0
+    for n, line in enumerate(raw.splitlines()):
+        if n >= MAX_BATCH_RESULT_LINES:
+            return None  # more lines than any batch holds: not read, the job stays as charged
+        if not line.strip():
+            continue
+        obj = _loads(line)
+        result = obj.get("result") if isinstance(obj, dict) else None
+        if not isinstance(result, dict):
+            continue
+        results += 1
+        message = result.get("message")
+        if result.get("type") != "succeeded" or not isinstance(message, dict):
+            continue
+        u = usage_from_anthropic(message)
+        if u is not None:
+            model = message.get("model")
+            out.append((model if isinstance(model, str) and model else None, u))
+    return out if results else None

@@ -10,8 +10,9 @@ from typing import Literal
 # Where the model is read: the JSON body's "model" (required or optional), the path's {model}
 # (percent-decoded), the query's ?model= (a WebSocket upgrade: OpenAI Realtime), the session's
 # frames (a WebSocket whose setup or response.create frame names it: checked frame by frame by
-# addons/websocket.py), or nowhere.
-ModelSource = Literal["body", "body_optional", "path", "query", "frame", "none"]
+# addons/websocket.py), every request of a batch body (`requests[].params.model`: Anthropic's
+# Message Batches; each checked by the model policy), or nowhere.
+ModelSource = Literal["body", "body_optional", "path", "query", "frame", "batch", "none"]
 # The pre-flight estimate reserved before forwarding: prompt (the body's text, images counted
 # apart) plus the most output the request may produce; prompt only (embeddings: no output
 # tokens); or none (nothing is reserved: a free read).
@@ -36,7 +37,7 @@ Billing = Literal[
 # The kind of async job an operation creates (async rows) or reads (job_result rows): where its
 # id is in the creation answer and where its final usage is in the result
 # (providers/usage.py: job_id_from, job_final_usage).
-JobKind = Literal["openai.response", "openai.run", "gemini.batch"]
+JobKind = Literal["openai.response", "openai.run", "gemini.batch", "anthropic.batch"]
 # The JSON events a WebSocket session speaks (providers/realtime.py reads each).
 Protocol = Literal["openai-realtime", "openai-responses", "gemini-live"]
 
@@ -57,6 +58,8 @@ class Operation:
     # a WebSocket operation: matched only by an upgrade request (and an upgrade matches nothing else)
     protocol: Protocol | None = None
     job: JobKind | None = None  # the async job it creates or whose result it reads
+    # a job_result row's answer: one JSON document, or a JSONL file of per-request results
+    results: Literal["json", "jsonl"] = "json"
 
     @property
     def key(self) -> str:
@@ -138,9 +141,18 @@ def async_job(
     )
 
 
-def job_result(template: str, name: str, *, job: JobKind, why: str) -> Operation:
+def job_result(
+    template: str,
+    name: str,
+    *,
+    job: JobKind,
+    why: str,
+    results: Literal["json", "jsonl"] = "json",
+) -> Operation:
     """GET of an async job's result: `{job_id}` names it; only its creator (or an admin) reads it."""
-    return Operation("GET", template, name, billing="job_result", why=why, job=job)
+    return Operation(
+        "GET", template, name, billing="job_result", why=why, job=job, results=results
+    )
 
 
 def local(method: str, template: str, name: str, *, why: str) -> Operation:

@@ -339,7 +339,8 @@ def test_gemini_on_vertex_is_read_by_the_gemini_reader_not_the_routes():
         ("google", "GET", "/v1beta/cachedContents/c1", None, "other users"),
         ("google", "POST", "/v1beta/tunedModels/x:generateContent", GEN, None),
         ("anthropic-direct", "POST", "/v1/messages/batches", {"requests": []}, "async"),
-        ("anthropic-direct", "GET", "/v1/messages/batches/msgbatch_1/results", None, "other users"),
+        ("anthropic-direct", "GET", "/v1/messages/batches/msgbatch_1/results", None, "async_jobs: reserve"),
+        ("anthropic-direct", "GET", "/v1/messages/batches", None, "other users"),
         ("anthropic-direct", "GET", "/v1/files", None, "other users"),
         ("anthropic-direct", "GET", "/api/claude_code/organizations/metrics_enabled", None, "organisation"),
         ("anthropic-direct", "GET", "/api/claude_code/settings", None, "organisation"),
@@ -394,6 +395,8 @@ def test_async_jobs_reserve_forwards_them_charged_at_their_reservation():
         ("/v1/threads/thread_1/runs/run_abc", "assistants.runs.retrieve", "run_abc", "openai.run"),
         ("google:/v1beta/batches/b_123", "batches.get", "b_123", "gemini.batch"),
         ("google:/v1/batches/b_123", "batches.get", "b_123", "gemini.batch"),
+        ("anthropic-direct:/v1/messages/batches/msgbatch_1", "messages.batches.retrieve", "msgbatch_1", "anthropic.batch"),
+        ("anthropic-direct:/v1/messages/batches/msgbatch_1/results", "messages.batches.results", "msgbatch_1", "anthropic.batch"),
     ],
 )
 def test_a_jobs_result_is_read_only_under_reserve_unmetered_naming_the_job(rest, name, job_id, kind):
@@ -422,13 +425,49 @@ def test_every_job_creation_has_its_result_row():
     "route, path, body",
     [
         ("openai", "/v1/batches", {"input_file_id": "f"}),  # the model is in a file: no estimate
-        ("anthropic-direct", "/v1/messages/batches", {"requests": []}),
     ],
 )
 def test_async_jobs_without_an_estimable_cost_stay_refused_under_reserve(route, path, body):
     p = plan(route, "POST", path, body, async_jobs="reserve")
     assert isinstance(p, Denial) and p.error == "endpoint_not_governed"
     assert "cannot be estimated" in p.fields["reason"]
+
+
+def _batch(*models_and_max: tuple[str, object]) -> dict:
+    return {"requests": [
+        {"custom_id": f"r{i}", "params": {"model": m, "max_tokens": n,
+                                          "messages": [{"role": "user", "content": "hi"}]}}
+        for i, (m, n) in enumerate(models_and_max)
+    ]}
+
+
+def test_an_anthropic_batch_is_planned_with_every_requests_model():
+    body = _batch(("claude-sonnet-4-5", 100), ("claude-haiku-4-5", 50), ("claude-sonnet-4-5", 10))
+    p = plan("anthropic-direct", "POST", "/v1/messages/batches", body, async_jobs="reserve")
+    assert isinstance(p, ForwardPlan) and p.operation.billing == "async"
+    assert p.operation.job == "anthropic.batch" and p.model == "claude-sonnet-4-5"
+    assert p.batch is not None and [m for m, _ in p.batch] == [
+        "claude-sonnet-4-5", "claude-haiku-4-5", "claude-sonnet-4-5"]
+    assert p.batch[1][1]["max_tokens"] == 50
+    d = plan("anthropic-direct", "POST", "/v1/messages/batches", body)  # async_jobs: refuse
+    assert isinstance(d, Denial) and d.error == "endpoint_not_governed"
+
+
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        ({"requests": []}, "non-empty"),
+        ({}, "non-empty"),
+        ({"requests": [{"custom_id": "a"}]}, "requests[0].params.model"),
+        (_batch(("claude-sonnet-4-5", 10), ("", 10)), "requests[1].params.model"),
+        (_batch(("claude-sonnet-4-5", None)), "requests[0].params.max_tokens"),
+        (_batch(("claude-sonnet-4-5", True)), "requests[0].params.max_tokens"),
+        (_batch(("claude-sonnet-4-5", 0)), "requests[0].params.max_tokens"),
+    ],
+)
+def test_an_anthropic_batch_needs_a_model_and_max_tokens_per_request(body, why):
+    d = plan("anthropic-direct", "POST", "/v1/messages/batches", body, async_jobs="reserve")
+    assert isinstance(d, Denial) and d.error == "bad_request" and why in d.message
 
 
 def test_claude_codes_reachability_probe_is_answered_by_candela():

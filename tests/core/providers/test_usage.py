@@ -13,6 +13,7 @@ from candela_mitm.providers.sse import encode
 from candela_mitm.providers.usage import (
     Usage,
     UsageMeter,
+    batch_results_usage,
     job_final_usage,
     job_id_from,
     meter_for,
@@ -1480,3 +1481,40 @@ def test_job_final_usage(kind, obj, expected):
 )
 def test_job_id_from(kind, obj, expected):
     assert job_id_from(kind, obj) == expected
+
+
+def _result_line(kind: str, model: str = "claude-sonnet-4-5", inp: int = 10, out: int = 3) -> bytes:
+    """One line of a Message Batch's results (.jsonl), as the anthropic SDK's
+    MessageBatchIndividualResponse reads it."""
+    result: dict = {"type": kind}
+    if kind == "succeeded":
+        result["message"] = {
+            "id": "msg_1", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": inp, "output_tokens": out,
+                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+        }
+    elif kind == "errored":
+        result["error"] = {"type": "error", "error": {"type": "invalid_request_error", "message": "x"}}
+    return json.dumps({"custom_id": "r", "result": result}).encode()
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (b"\n".join([_result_line("succeeded", inp=10, out=3),
+                     _result_line("succeeded", "claude-haiku-4-5", 20, 5)]),
+         [("claude-sonnet-4-5", Usage(10, 3, 0)), ("claude-haiku-4-5", Usage(20, 5, 0))]),
+        # errored, canceled and expired requests are not billed
+        (b"\n".join([_result_line("errored"), _result_line("canceled"), _result_line("expired"),
+                     _result_line("succeeded", inp=7, out=1), b""]),
+         [("claude-sonnet-4-5", Usage(7, 1, 0))]),
+        (b"\n".join([_result_line("errored")]), []),  # a batch of failures costs nothing
+        (b'{"type": "message_batch", "id": "msgbatch_1"}', None),  # not a results file
+        (b"not json at all", None),
+        (b"", None),
+    ],
+)
+def test_batch_results_usage(raw, expected):
+    assert batch_results_usage(raw) == expected
