@@ -90,6 +90,7 @@ class Jobs:
             deny(flow, errors.job_not_owned(provider, plan.job_id))
             return
         c.job = job
+        c.client_host = flow.request.host_header
 
     def _check_batch(self, flow: http.HTTPFlow, c: RequestContext) -> None:
         """Every request of a batch passes the model policy (ModelPolicy checked the first:
@@ -234,5 +235,7 @@ def point_results_here(flow: http.HTTPFlow, c: RequestContext, resp: http.Respon
     if path != f"/v1/messages/batches/{plan.job_id}/results":
         return  # not the shape we know: left alone (the results stay unread through Candela)
     scheme = "https" if flow.client_conn.tls_established else "http"
-    obj["results_url"] = f"{scheme}://{flow.request.host_header}/proxy/{c.provider}{path}"
+    if not c.client_host:
+        return
+    obj["results_url"] = f"{scheme}://{c.client_host}/proxy/{c.provider}{path}"
     resp.content = json.dumps(obj).encode()

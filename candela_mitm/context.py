@@ -95,6 +95,9 @@ class RequestContext:
     audit_commit: asyncio.Future[bool] | None = None
     session: Session | None = None  # a WebSocket session, from its start (addons/websocket.py)
     job: JobRecord | None = None  # the async job a job_result read asks for (addons/jobs.py)
+    # the Host the client named, kept by Jobs before Upstream names the provider's: a Message
+    # Batch's results_url is pointed back at it
+    client_host: str | None = None
 
     @property
     def model(self) -> str | None:

@@ -27,6 +27,7 @@ BOB = {"Authorization": f"Bearer {BOB_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PRICES = PricingTable.from_config(parse_config({}))
 MODEL = "gpt-4o-mini"
+BLOCKED = "claude-opus-4-1"
 
 
 def cost(usage: Usage, model: str = MODEL) -> float:
@@ -74,7 +75,11 @@ def jobs(
     each with its own audit log, async jobs reserved."""
     tmp = tmp_path_factory.mktemp("jobs")
     tmp_b = tmp_path_factory.mktemp("jobs-b")
-    governance = {"async_jobs": "reserve", "budgets": {"default_daily_usd": 1000.0}}
+    governance = {
+        "async_jobs": "reserve",
+        "budgets": {"default_daily_usd": 1000.0},
+        "models": {"mode": "blocklist", "blocked": [BLOCKED]},
+    }
     state = {"sqlite_path": str(tmp / "state.db")}
     cfg = base_config(upstream.url, governance=governance, state=state)
     env = candela_env(token_server, tmp)
@@ -291,3 +296,79 @@ def test_sdk_gemini_batch_is_trued_up_at_the_batch_price_when_it_is_got(
     assert entry["operation"] == "batches.get" and entry["provider"] == "google"
     assert spent(a) - before == pytest.approx(real, abs=1e-6)
     assert [q.route for q in upstream.requests] == ["gemini.batch", "gemini.batch.get"]
+
+
+def _batch_request(custom_id: str, model: str, max_tokens: int) -> dict[str, Any]:
+    return {"custom_id": custom_id, "params": {"model": model, "max_tokens": max_tokens,
+                                               "messages": [{"role": "user", "content": "hi"}]}}
+
+
+def test_sdk_anthropic_batch_reserved_at_the_batch_price_and_trued_up_from_its_results(
+    jobs: tuple[CandelaProcess, CandelaProcess], upstream: FakeUpstream, sdk: None
+) -> None:
+    from candela_mitm.governance.estimate import estimate_batch_cost
+
+    a, _ = jobs
+    per_request = Usage(input_tokens=120, output_tokens=30)
+    upstream.configure(usage=per_request)
+    requests_ = [_batch_request("a", "claude-sonnet-4-5", 1000), _batch_request("b", "claude-haiku-4-5", 300)]
+    before = spent(a)
+    out = sdk_json(f"""
+        import json, urllib.request, anthropic
+        c = anthropic.Anthropic(base_url="{a.url}/proxy/anthropic-direct", api_key="{ALICE_KEY}", max_retries=0)
+        b = c.messages.batches.create(requests={requests_!r})
+        req = urllib.request.Request("{a.url}/admin/v1/me", headers={{"Authorization": "Bearer {ALICE_KEY}"}})
+        me = json.loads(urllib.request.urlopen(req).read())
+        got = c.messages.batches.retrieve(b.id)
+        results = [(r.custom_id, r.result.type, r.result.message.usage.input_tokens)
+                   for r in c.messages.batches.results(b.id)]
+        print(json.dumps({{"id": b.id, "created": b.processing_status, "status": got.processing_status,
+                          "results_url": got.results_url, "spent": me["spent_today_usd"],
+                          "results": results}}))
+    """)
+    (b,) = out
+    assert b["created"] == "in_progress" and b["status"] == "ended"
+    # the results are read through Candela, not fetched around it at the provider
+    assert b["results_url"] == f"{a.url}/proxy/anthropic-direct/v1/messages/batches/{b['id']}/results"
+    assert sorted(b["results"]) == [["a", "succeeded", 120], ["b", "succeeded", 120]]
+    # created: the sum of both requests' most, at Anthropic's batch price
+    reserved = estimate_batch_cost([(r["params"]["model"], r["params"]) for r in requests_], 4096, PRICES.get)
+    assert b["spent"] - before == pytest.approx(reserved, abs=1e-6)
+    (entry,) = wait_true_ups(a, job_id=b["id"])
+    sonnet, haiku = PRICES.get("claude-sonnet-4-5"), PRICES.get("claude-haiku-4-5")
+    assert sonnet is not None and haiku is not None
+    real = sonnet.cost(per_request, processing="batch") + haiku.cost(per_request, processing="batch")
+    assert entry["job_cost_usd"] == pytest.approx(real, abs=1e-9)
+    assert entry["operation"] == "messages.batches.results" and entry["usage_source"] == "reported"
+    assert (entry["input_tokens"], entry["output_tokens"]) == (240, 60)
+    assert spent(a) - before == pytest.approx(real, abs=1e-6)
+    assert [q.route for q in upstream.requests] == [
+        "anthropic.batches", "anthropic.batches.get", "anthropic.batches.get", "anthropic.batches.results"
+    ]
+    # the results read again: nothing changes
+    r = requests.get(a.url + f"/proxy/anthropic-direct/v1/messages/batches/{b['id']}/results", headers=ALICE, timeout=20)
+    assert r.status_code == 200 and len(true_ups(a, job_id=b["id"])) == 1
+    # bob reads neither the batch nor its results
+    upstream.clear()
+    for tail in ("", "/results"):
+        r = requests.get(a.url + f"/proxy/anthropic-direct/v1/messages/batches/{b['id']}{tail}", headers=BOB, timeout=20)
+        assert r.status_code == 403 and r.json()["error"] == "job_not_owned"
+    assert upstream.requests == []
+
+
+def test_an_anthropic_batch_naming_a_denied_model_is_refused_naming_it(
+    jobs: tuple[CandelaProcess, CandelaProcess], upstream: FakeUpstream
+) -> None:
+    a, _ = jobs
+    before = spent(a)
+    body = {"requests": [_batch_request("a", "claude-sonnet-4-5", 100), _batch_request("b", BLOCKED, 100),
+                         _batch_request("c", "claude-haiku-4-5", 100)]}
+    r = requests.post(a.url + "/proxy/anthropic-direct/v1/messages/batches", json=body, headers=ALICE, timeout=20)
+    assert r.status_code == 403 and r.json()["error"] == "model_not_allowed"
+    assert BLOCKED in r.json()["message"]
+    body = {"requests": [_batch_request("a", "claude-sonnet-4-5", 100), _batch_request("b", "house-llm-9", 100)]}
+    r = requests.post(a.url + "/proxy/anthropic-direct/v1/messages/batches", json=body, headers=ALICE, timeout=20)
+    assert r.status_code == 402 and r.json()["error"] == "model_price_unknown"
+    assert "house-llm-9" in r.json()["message"]
+    assert upstream.requests == []
+    assert spent(a) == pytest.approx(before, abs=1e-9)
