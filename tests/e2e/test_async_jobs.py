@@ -67,20 +67,30 @@ def wait_true_ups(*procs: CandelaProcess, job_id: str, n: int = 1) -> list[dict[
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
 def jobs(
-    tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream, token_server: Any
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    upstream: FakeUpstream,
+    token_server: Any,
 ) -> Iterator[tuple[CandelaProcess, CandelaProcess]]:
-    """Two candela-server processes on one state store (two workers, or two hosts on one Redis),
-    each with its own audit log, async jobs reserved."""
+    """Two candela-server processes on one state store (two workers on one SQLite file, or two
+    hosts on one Redis), each with its own audit log, async jobs reserved."""
     tmp = tmp_path_factory.mktemp("jobs")
     tmp_b = tmp_path_factory.mktemp("jobs-b")
+    state: dict[str, Any] = {"sqlite_path": str(tmp / "state.db")}
+    if request.param == "redis":
+        import redis
+
+        # the session's server, a database of this module's own (Candela's default key prefix)
+        url = request.getfixturevalue("redis_url").rsplit("/", 1)[0] + "/9"
+        redis.Redis.from_url(url).flushdb()
+        state = {"backend": "redis", "redis_url": url}
     governance = {
         "async_jobs": "reserve",
         "budgets": {"default_daily_usd": 1000.0},
         "models": {"mode": "blocklist", "blocked": [BLOCKED]},
     }
-    state = {"sqlite_path": str(tmp / "state.db")}
     cfg = base_config(upstream.url, governance=governance, state=state)
     env = candela_env(token_server, tmp)
     with CandelaProcess(tmp, cfg, env=env) as a, CandelaProcess(tmp_b, cfg, env=env) as b:
