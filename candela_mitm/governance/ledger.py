@@ -498,6 +498,14 @@ class Ledger:
     def job(self, provider: str, job_id: str) -> JobRecord | None:
         return self.store.job(provider, job_id)
 
+    def record_job_object(self, provider: str, key: str, record: Mapping[str, object]) -> bool:
+        """Remember what a job is made from or makes (an uploaded batch file: its owner and the
+        most its requests can cost; a batch's output file: its batch); the first record stays."""
+        return self.store.put_job_object(provider, key, record)
+
+    def job_object(self, provider: str, key: str) -> dict[str, object] | None:
+        return self.store.job_object(provider, key)
+
     def true_up_job(
         self,
         provider: str,

@@ -602,6 +602,14 @@ class StateStore(ABC):
     def job(self, provider: str, job_id: str) -> JobRecord | None: ...
 
     @abstractmethod
+    def put_job_object(self, provider: str, key: str, record: Mapping[str, Any]) -> bool:
+        """Keep a small JSON record about an object a job is made from or makes (a batch's
+        uploaded input file, its output file), unless one is kept under `key` already."""
+
+    @abstractmethod
+    def job_object(self, provider: str, key: str) -> dict[str, Any] | None: ...
+
+    @abstractmethod
     def true_up_job(
         self, provider: str, job_id: str, cost: int, tokens_in: int, tokens_out: int, now_us: int
     ) -> JobRecord | None:

@@ -58,6 +58,7 @@ _SEP = "\x1f"  # between the parts of a spend field: user, tenant, model, provid
 #   P apikey:<key id>      string: the key's record (JSON, its digest, never the key)
 #   P apikeydigest:<sha256> string: the key id; P apikeys: set of key ids
 #   P job:<provider>:<job id> hash: an async job's owner, budget rows and creation charge
+#   P jobobj:<provider>:<key> string: a job's input or output object (JSON): owner, estimate
 # Scripts touch keys they derive from the prefix: fine on one Redis server or a replica set,
 # not on Redis Cluster (keys of one user would have to share a hash slot).
 
@@ -800,6 +801,17 @@ class RedisStateStore(StateStore):
         with self._guard():
             fields = self._r.hgetall(self._k("job", provider, job_id))
         return self._job_from(fields) if fields else None
+
+    def put_job_object(self, provider: str, key: str, record: Mapping[str, Any]) -> bool:
+        with self._guard():
+            return bool(
+                self._r.set(self._k("jobobj", provider, key), json.dumps(dict(record)), nx=True)
+            )
+
+    def job_object(self, provider: str, key: str) -> dict[str, Any] | None:
+        with self._guard():
+            raw = self._r.get(self._k("jobobj", provider, key))
+        return json.loads(raw) if raw else None
 
     def true_up_job(
         self, provider: str, job_id: str, cost: int, tokens_in: int, tokens_out: int, now_us: int

@@ -174,6 +174,13 @@ _SCHEMA = (
         trued_up_us INTEGER,
         PRIMARY KEY (provider, job_id)
     ) WITHOUT ROWID""",
+    # the objects jobs are made from or make (a batch's input and output files), by key
+    """CREATE TABLE IF NOT EXISTS job_objects (
+        provider TEXT NOT NULL,
+        key TEXT NOT NULL,
+        record TEXT NOT NULL,
+        PRIMARY KEY (provider, key)
+    ) WITHOUT ROWID""",
     # how many rate_log rows each key has, kept in the same transaction as every change to them
     """CREATE TABLE IF NOT EXISTS rate_count (
         key TEXT PRIMARY KEY,
@@ -878,6 +885,21 @@ class SqliteStateStore(StateStore):
                 (provider, job_id),
             ).fetchone()
         return JobRecord(*row) if row else None
+
+    def put_job_object(self, provider: str, key: str, record: Mapping[str, Any]) -> bool:
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO job_objects (provider, key, record) VALUES (?, ?, ?)",
+                (provider, key, json.dumps(dict(record))),
+            )
+            return cur.rowcount == 1
+
+    def job_object(self, provider: str, key: str) -> dict[str, Any] | None:
+        with self._tx(write=False) as c:
+            row = c.execute(
+                "SELECT record FROM job_objects WHERE provider = ? AND key = ?", (provider, key)
+            ).fetchone()
+        return json.loads(row[0]) if row else None
 
     def true_up_job(
         self, provider: str, job_id: str, cost: int, tokens_in: int, tokens_out: int, now_us: int

@@ -824,3 +824,12 @@ def test_concurrent_true_ups_apply_once(backend: Any) -> None:
         t.join()
     assert sum(r is not None for r in results) == 1
     assert first.status(U, 10.0).spent_usd == pytest.approx(0.25)
+
+
+def test_job_objects_keep_their_first_record(ledger: Ledger) -> None:
+    rec = {"user_id": U, "tenant": "t", "models": ["gpt-4o"], "estimate_usd": 1.5}
+    assert ledger.job_object("openai", "file:f1") is None
+    assert ledger.record_job_object("openai", "file:f1", rec)
+    assert not ledger.record_job_object("openai", "file:f1", {**rec, "user_id": "mallory"})
+    assert ledger.job_object("openai", "file:f1") == rec
+    assert ledger.job_object("google", "file:f1") is None  # per route
