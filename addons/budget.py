@@ -52,6 +52,8 @@ def request_estimate(rt: Runtime, c: RequestContext, price: ModelPrice) -> float
     plan = c.plan
     assert plan is not None
     default_max = rt.config.governance.budgets.default_max_output_tokens
+    if plan.operation.model == "file" and c.job_input is not None:
+        return float(c.job_input["estimate_usd"])  # read from its input file at the upload
     if plan.batch is not None:
         route = plan.upstream.name
         return estimate_batch_cost(plan.batch, default_max, lambda m: rt.pricing.get(m, route))

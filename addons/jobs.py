@@ -13,10 +13,13 @@ from mitmproxy import http
 from candela_mitm import errors
 from candela_mitm.audit.actions import LLM_REQUEST
 from candela_mitm.context import RequestContext
+from candela_mitm.governance.estimate import estimate_batch_cost
 from candela_mitm.governance.ledger import TrueUp
+from candela_mitm.providers.batchfile import parse_upload
 from candela_mitm.providers.usage import (
     BATCH_JOBS,
     Usage,
+    batch_output_usage,
     batch_results_usage,
     job_final_usage,
     job_id_from,
@@ -25,7 +28,7 @@ from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
 from .audit import audit_path
-from .flowstate import answered, ctx_of, deny, fail_closed
+from .flowstate import answered, ctx_of, decoded_body, deny, fail_closed
 from .modelpolicy import check_model
 
 log = logging.getLogger("candela.jobs")
@@ -80,17 +83,118 @@ class Jobs:
         if plan.batch is not None:
             self._check_batch(flow, c)
             return
+        if plan.operation.billing == "batch_input":
+            await self._check_upload(flow, c)
+            return
+        if plan.operation.model == "file":
+            await self._check_batch_file(flow, c)
+            return
         if plan.operation.billing != "job_result" or plan.job_id is None:
             return
         # a job's result goes only to the user who created it through Candela, or an admin
         provider = plan.upstream.name
-        job = await self.rt.store_call(self.rt.ledger.job, provider, plan.job_id)
+        job_id: object = plan.job_id
+        if plan.operation.results == "output_file":  # {job_id} names the batch's output file
+            link = await self.rt.store_call(
+                self.rt.ledger.job_object, provider, "output:" + plan.job_id
+            )
+            job_id = link.get("job_id") if link else None
+        job = (
+            await self.rt.store_call(self.rt.ledger.job, provider, job_id)
+            if isinstance(job_id, str)
+            else None
+        )
         p = c.principal
         if job is None or p is None or (job.user_id != p.user and p.role != "admin"):
             deny(flow, errors.job_not_owned(provider, plan.job_id))
             return
         c.job = job
         c.client_host = flow.request.host_header
+
+    def _models_pass(
+        self, flow: http.HTTPFlow, c: RequestContext, models: list[str], route: str
+    ) -> bool:
+        """Each model passes the policy (audited) and has a price; the first that does not is
+        refused (403 model_not_allowed, 402 model_price_unknown)."""
+        for model in models:
+            if not check_model(self.rt, flow, c, model, route):
+                return False
+        if self.rt.config.governance.unknown_model_price == "deny":
+            for model in models:
+                if self.rt.pricing.get(model, route) is None:
+                    deny(flow, errors.model_price_unknown(model))
+                    return False
+        return True
+
+    async def _check_upload(self, flow: http.HTTPFlow, c: RequestContext) -> None:
+        """A batch's input file: every line read (bounded by limits.max_body_bytes, parsed off
+        the event loop), every model checked, and the most its requests can cost computed, to be
+        recorded with its owner once the provider names the file."""
+        plan = c.plan
+        assert plan is not None
+        route = plan.upstream.name
+        raw = await decoded_body(flow, self.rt.config.limits.max_body_bytes)
+        if raw is None:
+            return
+        parsed = await self.rt.blocking(
+            parse_upload, raw, flow.request.headers.get("content-type", "")
+        )
+        if isinstance(parsed, str):
+            deny(flow, errors.bad_request(parsed))
+            return
+        if parsed.purpose != "batch":
+            deny(flow, errors.endpoint_not_governed(
+                "POST", "/v1/files", route,
+                "only a batch's input file (purpose=batch) is uploaded through Candela",
+            ))
+            return
+        models = list(parsed.models)
+        if not self._models_pass(flow, c, models, route):
+            return
+        priced = [
+            (line.model, line.body)
+            for line in parsed.lines
+            if self.rt.pricing.get(line.model, route) is not None  # else unknown_model_price: zero
+        ]
+        default_max = self.rt.config.governance.budgets.default_max_output_tokens
+        estimate = await self.rt.blocking(
+            estimate_batch_cost, priced, default_max, lambda m: self.rt.pricing.get(m, route)
+        )
+        p = c.principal
+        c.job_input = {
+            "user_id": p.user if p is not None else None,
+            "tenant": c.tenant or "",
+            "models": models,
+            "requests": len(parsed.lines),
+            "estimate_usd": estimate,
+        }
+
+    async def _check_batch_file(self, flow: http.HTTPFlow, c: RequestContext) -> None:
+        """A batch names its input file: one its creator uploaded through Candela, whose models
+        pass the policy now too; the batch is then reserved what the file's requests can cost."""
+        plan = c.plan
+        assert plan is not None
+        route = plan.upstream.name
+        file_id = (c.body or {}).get("input_file_id")
+        if not isinstance(file_id, str) or not file_id:
+            deny(flow, errors.bad_request("'input_file_id' is required"))
+            return
+        record = await self.rt.store_call(self.rt.ledger.job_object, route, "file:" + file_id)
+        p = c.principal
+        models = record.get("models") if record else None
+        if (
+            record is None
+            or p is None
+            or record.get("user_id") != p.user
+            or not isinstance(models, list)
+            or not models
+        ):
+            deny(flow, errors.batch_file_not_governed(route, file_id))
+            return
+        if not self._models_pass(flow, c, [str(m) for m in models], route):
+            return
+        plan.model = str(models[0])  # the batch is recorded (and priced) under its first model
+        c.job_input = record
 
     def _check_batch(self, flow: http.HTTPFlow, c: RequestContext) -> None:
         """Every request of a batch passes the model policy (ModelPolicy checked the first:
@@ -122,11 +226,15 @@ class Jobs:
         if not c.forwarded or c.denial_code or resp.status_code != 200:
             return
         try:
-            if c.plan.operation.billing == "async":
+            if c.plan.operation.billing == "batch_input" and c.job_input is not None:
+                await self._record_input(c, resp)
+            elif c.plan.operation.billing == "async":
                 await self._record(flow, c, resp)
             elif c.plan.operation.billing == "job_result" and c.job is not None:
                 if c.plan.operation.job == "anthropic.batch" and not c.intercepted:
                     point_results_here(flow, c, resp)
+                if c.plan.operation.job == "openai.batch" and c.plan.operation.results == "json":
+                    await self._link_output(c, resp)
                 await self._true_up(flow, c, resp)
         except Exception:
             # the answer has come back already: a job not recorded stays charged its
@@ -143,6 +251,30 @@ class Jobs:
             return json.loads(raw)
         except ValueError:
             return None
+
+    async def _record_input(self, c: RequestContext, resp: http.Response) -> None:
+        """The uploaded file, under the id the provider gave it: its owner, models and cost."""
+        plan = c.plan
+        assert plan is not None and c.job_input is not None
+        obj = await self._body(resp)
+        file_id = obj.get("id") if isinstance(obj, dict) else None
+        if isinstance(file_id, str) and file_id:
+            await self.rt.store_call(
+                self.rt.ledger.record_job_object, plan.upstream.name, "file:" + file_id,
+                c.job_input,
+            )
+
+    async def _link_output(self, c: RequestContext, resp: http.Response) -> None:
+        """A finished OpenAI batch names its output file: reading it is reading the batch."""
+        plan, job = c.plan, c.job
+        assert plan is not None and job is not None
+        obj = await self._body(resp)
+        out = obj.get("output_file_id") if isinstance(obj, dict) else None
+        if isinstance(out, str) and out:
+            await self.rt.store_call(
+                self.rt.ledger.record_job_object, plan.upstream.name, "output:" + out,
+                {"job_id": job.job_id},
+            )
 
     async def _record(self, flow: http.HTTPFlow, c: RequestContext, resp: http.Response) -> None:
         plan, res = c.plan, c.reservation
@@ -174,6 +306,8 @@ class Jobs:
         assert plan is not None and plan.operation.job is not None
         if plan.operation.results == "jsonl":
             return await self.rt.blocking(batch_results_usage, resp.content or b"")
+        if plan.operation.results == "output_file":
+            return await self.rt.blocking(batch_output_usage, resp.content or b"")
         usage = job_final_usage(plan.operation.job, await self._body(resp))
         return None if usage is None else [(None, usage)]
 

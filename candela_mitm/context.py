@@ -98,6 +98,9 @@ class RequestContext:
     # the Host the client named, kept by Jobs before Upstream names the provider's: a Message
     # Batch's results_url is pointed back at it
     client_host: str | None = None
+    # a batch's input file (addons/jobs.py): at its upload, what is recorded once it is stored
+    # (owner, models, the most its requests cost); at the batch's creation, that record
+    job_input: dict[str, Any] | None = None
 
     @property
     def model(self) -> str | None:

@@ -412,6 +412,18 @@ def job_not_owned(provider: str, job_id: str) -> Denial:
     )
 
 
+def batch_file_not_governed(provider: str, file_id: str) -> Denial:
+    """A batch naming an input file Candela did not see uploaded (by this user, as a batch's
+    input): its models and size were never checked, so nothing can be reserved for it."""
+    return Denial(
+        403,
+        "batch_file_not_governed",
+        f"File '{file_id}' was not uploaded through Candela by you as a batch's input "
+        "(purpose=batch); upload it through Candela first. Nothing was forwarded",
+        {"provider": provider, "file_id": file_id},
+    )
+
+
 def invalid_request_target(reason: str) -> Denial:
     return Denial(
         400,

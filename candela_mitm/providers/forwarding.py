@@ -241,12 +241,12 @@ def plan_provider_request(
     if elsewhere:
         return errors.endpoint_not_governed(method, path, spec.name, elsewhere)
     b = body or {}
-    if op.billing == "job_result" and async_jobs != "reserve":
+    if op.billing in ("job_result", "batch_input") and async_jobs != "reserve":
         return errors.endpoint_not_governed(
             method,
             path,
             spec.name,
-            "an asynchronous job's result is read through Candela only under "
+            "an asynchronous job's input or result goes through Candela only under "
             "governance.async_jobs: reserve (its creator's, trued up to its real cost)",
         )
     if op.billing == "async" or (op.async_flag and b.get(op.async_flag)):
@@ -272,7 +272,7 @@ def plan_provider_request(
         model = _query_model(query) if op.model == "query" else _model(found, body)
     if isinstance(model, Denial):
         return model
-    if op.billing == "async" and model is None:
+    if op.billing == "async" and model is None and op.model != "file":
         return errors.bad_request(f"'model' is required to reserve the cost of {op.key}")
     if op.translate == "openai-anthropic":
         return plan_openai_to_anthropic(up, b, op)

@@ -1079,6 +1079,8 @@ _JOB_FINAL = {
     "openai.response": frozenset({"completed", "incomplete", "failed", "cancelled"}),
     # an Assistants run: https://platform.openai.com/docs/api-reference/runs/object (status)
     "openai.run": frozenset({"completed", "incomplete", "failed", "cancelled", "expired"}),
+    # an OpenAI batch: https://platform.openai.com/docs/api-reference/batch/object (status)
+    "openai.batch": frozenset({"completed", "failed", "expired", "cancelled"}),
     # a Gemini batch: the long-running operation's metadata.state (GenerateContentBatch)
     "gemini.batch": frozenset(
         {"BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED",
@@ -1086,7 +1088,7 @@ _JOB_FINAL = {
     ),
 }
 # batches are billed at the provider's batch price (where genai-prices knows one)
-BATCH_JOBS = frozenset({"gemini.batch", "anthropic.batch"})
+BATCH_JOBS = frozenset({"openai.batch", "gemini.batch", "anthropic.batch"})
 MAX_JOB_ID = 256
 
 
@@ -1176,3 +1178,29 @@ def batch_results_usage(raw: bytes) -> list[tuple[str | None, Usage]] | None:
             model = message.get("model")
             out.append((model if isinstance(model, str) and model else None, u))
     return out if results else None
+
+
+def batch_output_usage(raw: bytes) -> list[tuple[str | None, Usage]] | None:
+    """An OpenAI batch's output file (`.jsonl`, one line per request that ran): the model and
+    usage of every answer with status 200 (failed requests are in the error file, unbilled).
+    None when the body is not such a file."""
+    out: list[tuple[str | None, Usage]] = []
+    lines = 0
+    for n, line in enumerate(raw.splitlines()):
+        if n >= MAX_BATCH_RESULT_LINES:
+            return None
+        if not line.strip():
+            continue
+        obj = _loads(line)
+        response = obj.get("response") if isinstance(obj, dict) else None
+        if not isinstance(response, dict):
+            continue
+        lines += 1
+        body = response.get("body")
+        if response.get("status_code") != 200 or not isinstance(body, dict):
+            continue
+        u = usage_from_openai(body)
+        if u is not None:
+            model = body.get("model")
+            out.append((model if isinstance(model, str) and model else None, u))
+    return out if lines else None

@@ -382,3 +382,89 @@ def test_an_anthropic_batch_naming_a_denied_model_is_refused_naming_it(
     assert "house-llm-9" in r.json()["message"]
     assert upstream.requests == []
     assert spent(a) == pytest.approx(before, abs=1e-9)
+
+
+def _openai_line(custom_id: str, model: str, max_tokens: int) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": model, "max_tokens": max_tokens,
+                     "messages": [{"role": "user", "content": "hello there"}]}}
+
+
+def test_sdk_openai_batch_from_a_governed_upload_is_reserved_then_trued_up(
+    jobs: tuple[CandelaProcess, CandelaProcess], upstream: FakeUpstream, sdk: None
+) -> None:
+    from candela_mitm.governance.estimate import estimate_batch_cost
+
+    a, _ = jobs
+    per_request = Usage(input_tokens=60, output_tokens=25)
+    upstream.configure(usage=per_request)
+    lines = [_openai_line("a", MODEL, 400), _openai_line("b", MODEL, 100), _openai_line("c", MODEL, 50)]
+    before = spent(a)
+    out = sdk_json(f"""
+        import json, urllib.request, openai
+        c = openai.OpenAI(base_url="{a.url}/proxy/openai/v1", api_key="{ALICE_KEY}", max_retries=0)
+        data = "\\n".join(json.dumps(x) for x in {lines!r}).encode()
+        f = c.files.create(file=("batch.jsonl", data), purpose="batch")
+        b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        req = urllib.request.Request("{a.url}/admin/v1/me", headers={{"Authorization": "Bearer {ALICE_KEY}"}})
+        me = json.loads(urllib.request.urlopen(req).read())
+        got = c.batches.retrieve(b.id)
+        content = c.files.content(got.output_file_id).text
+        print(json.dumps({{"file": f.id, "id": b.id, "created": b.status, "status": got.status,
+                          "spent": me["spent_today_usd"], "out": got.output_file_id,
+                          "lines": len(content.splitlines())}}))
+    """)
+    (b,) = out
+    assert b["created"] == "validating" and b["status"] == "completed" and b["lines"] == 3
+    price = PRICES.get(MODEL)
+    assert price is not None and price.batch_priced()
+    # created: the sum of its lines' most, read at the upload, at OpenAI's batch price
+    reserved = estimate_batch_cost([(MODEL, x["body"]) for x in lines], 4096, PRICES.get)
+    assert b["spent"] - before == pytest.approx(reserved, abs=1e-6)
+    (entry,) = wait_true_ups(a, job_id=b["id"])
+    total = Usage(per_request.input_tokens * 3, per_request.output_tokens * 3)
+    real = price.cost(total, processing="batch")
+    assert entry["job_cost_usd"] == pytest.approx(real, abs=1e-9)
+    assert entry["operation"] == "batches.retrieve"
+    assert spent(a) - before == pytest.approx(real, abs=1e-6)
+    # its output file was read too: still one true-up
+    assert len(true_ups(a, job_id=b["id"])) == 1
+    assert [q.route for q in upstream.requests] == [
+        "openai.files", "openai.batches", "openai.batches.retrieve", "openai.files.content"
+    ]
+    # bob reads neither the batch nor its output, and cannot start a batch from alice's file
+    upstream.clear()
+    for path in (f"/v1/batches/{b['id']}", f"/v1/files/{b['out']}/content"):
+        r = requests.get(a.url + "/proxy/openai" + path, headers=BOB, timeout=20)
+        assert r.status_code == 403 and r.json()["error"] == "job_not_owned", path
+    r = requests.post(a.url + "/proxy/openai/v1/batches", headers=BOB, timeout=20,
+                      json={"input_file_id": b["file"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+    assert r.status_code == 403 and r.json()["error"] == "batch_file_not_governed"
+    assert upstream.requests == []
+
+
+def test_an_openai_batch_needs_an_upload_candela_governed(
+    jobs: tuple[CandelaProcess, CandelaProcess], upstream: FakeUpstream
+) -> None:
+    a, _ = jobs
+    before = spent(a)
+    r = requests.post(a.url + "/proxy/openai/v1/batches", headers=ALICE, timeout=20,
+                      json={"input_file_id": "file-uploaded-elsewhere", "endpoint": "/v1/chat/completions",
+                            "completion_window": "24h"})
+    assert r.status_code == 403
+    assert r.json() == {"error": "batch_file_not_governed", "message": r.json()["message"],
+                        "provider": "openai", "file_id": "file-uploaded-elsewhere"}
+    # an upload naming a denied model is refused naming it; another purpose is not governed
+    lines = [_openai_line("a", MODEL, 10), _openai_line("b", "gpt-4o", 10), _openai_line("c", BLOCKED, 10)]
+    data = "\n".join(__import__("json").dumps(x) for x in lines).encode()
+    r = requests.post(a.url + "/proxy/openai/v1/files", headers=ALICE, timeout=20,
+                      files={"file": ("batch.jsonl", data)}, data={"purpose": "batch"})
+    assert r.status_code == 403 and r.json()["error"] == "model_not_allowed" and BLOCKED in r.json()["message"]
+    r = requests.post(a.url + "/proxy/openai/v1/files", headers=ALICE, timeout=20,
+                      files={"file": ("notes.jsonl", b"{}")}, data={"purpose": "fine-tune"})
+    assert r.status_code == 404 and r.json()["error"] == "endpoint_not_governed"
+    r = requests.post(a.url + "/proxy/openai/v1/files", headers=ALICE, timeout=20,
+                      files={"file": ("batch.jsonl", b'{"custom_id": "x"}')}, data={"purpose": "batch"})
+    assert r.status_code == 400 and "line 1" in r.json()["message"]
+    assert upstream.requests == []
+    assert spent(a) == pytest.approx(before, abs=1e-9)

@@ -315,9 +315,11 @@ def test_gemini_on_vertex_is_read_by_the_gemini_reader_not_the_routes():
     "route, method, path, body, reason_part",
     [
         ("openai", "GET", "/v1/files", None, "other users"),
-        ("openai", "GET", "/v1/files/file-abc/content", None, "other users"),
+        ("openai", "GET", "/v1/files/file-abc/content", None, "async_jobs: reserve"),
+        ("openai", "GET", "/v1/files/file-abc", None, "other users"),
         ("openai", "GET", "/v1/batches", None, "other users"),
-        ("openai", "GET", "/v1/batches/batch_1", None, "other users"),
+        ("openai", "GET", "/v1/batches/batch_1", None, "async_jobs: reserve"),
+        ("openai", "GET", "/v1/batches", None, "other users"),
         ("openai", "GET", "/v1/chat/completions", None, "other users"),
         ("openai", "GET", "/v1/chat/completions/chatcmpl-1/messages", None, "other users"),
         ("openai", "GET", "/v1/responses/resp_1", None, "async_jobs: reserve"),
@@ -396,6 +398,8 @@ def test_async_jobs_reserve_forwards_them_charged_at_their_reservation():
         ("google:/v1beta/batches/b_123", "batches.get", "b_123", "gemini.batch"),
         ("google:/v1/batches/b_123", "batches.get", "b_123", "gemini.batch"),
         ("anthropic-direct:/v1/messages/batches/msgbatch_1", "messages.batches.retrieve", "msgbatch_1", "anthropic.batch"),
+        ("/v1/batches/batch_1", "batches.retrieve", "batch_1", "openai.batch"),
+        ("/v1/files/file-out/content", "files.content", "file-out", "openai.batch"),
         ("anthropic-direct:/v1/messages/batches/msgbatch_1/results", "messages.batches.results", "msgbatch_1", "anthropic.batch"),
     ],
 )
@@ -421,16 +425,16 @@ def test_every_job_creation_has_its_result_row():
         assert created == read, route
 
 
-@pytest.mark.parametrize(
-    "route, path, body",
-    [
-        ("openai", "/v1/batches", {"input_file_id": "f"}),  # the model is in a file: no estimate
-    ],
-)
-def test_async_jobs_without_an_estimable_cost_stay_refused_under_reserve(route, path, body):
-    p = plan(route, "POST", path, body, async_jobs="reserve")
-    assert isinstance(p, Denial) and p.error == "endpoint_not_governed"
-    assert "cannot be estimated" in p.fields["reason"]
+def test_an_openai_batch_and_its_input_file_are_planned_under_reserve_only():
+    p = plan("openai", "POST", "/v1/batches", {"input_file_id": "file-1", "endpoint": "/v1/chat/completions",
+                                               "completion_window": "24h"}, async_jobs="reserve")
+    assert isinstance(p, ForwardPlan) and p.operation.billing == "async" and p.operation.model == "file"
+    assert p.operation.job == "openai.batch" and p.model is None  # the file's models: addons/jobs.py
+    u = plan("openai", "POST", "/v1/files", None, async_jobs="reserve")
+    assert isinstance(u, ForwardPlan) and u.operation.billing == "batch_input" and not u.metered
+    for path, body in (("/v1/batches", {"input_file_id": "f"}), ("/v1/files", None)):
+        d = plan("openai", "POST", path, body)  # async_jobs: refuse
+        assert isinstance(d, Denial) and d.error == "endpoint_not_governed"
 
 
 def _batch(*models_and_max: tuple[str, object]) -> dict:

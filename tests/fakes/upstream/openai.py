@@ -312,6 +312,113 @@ def _openai_run_get(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
     return _stored(fake, ctx.params["id"], "run")
 
 
+def _multipart(ctx: _Ctx) -> dict[str, bytes]:
+    """The fields of a multipart/form-data body, by name."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    ctype = ctx.rec.headers.get("content-type", "")
+    msg = BytesParser(policy=HTTP).parsebytes(
+        f"Content-Type: {ctype}\r\nMIME-Version: 1.0\r\n\r\n".encode() + ctx.rec.body
+    )
+    out: dict[str, bytes] = {}
+    if msg.is_multipart():
+        for part in msg.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            payload = part.get_payload(decode=True)
+            if isinstance(name, str) and isinstance(payload, bytes):
+                out[name] = payload
+    return out
+
+
+def _file_object(fid: str, size: int, purpose: str, filename: str) -> dict[str, Any]:
+    """openai.types.FileObject"""
+    return {"id": fid, "object": "file", "bytes": size, "created_at": int(time.time()),
+            "filename": filename, "purpose": purpose, "status": "processed",
+            "expires_at": None, "status_details": None}
+
+
+def _openai_file_upload(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
+    fields = _multipart(ctx)
+    if "file" not in fields or "purpose" not in fields:
+        return _bad_request("openai", "'file' and 'purpose' are required")
+    fid = _id("file-")
+    with fake._lock:
+        fake.objects[fid] = {"content": fields["file"]}
+    return _json_reply(
+        200, _file_object(fid, len(fields["file"]), fields["purpose"].decode(), "batch.jsonl")
+    )
+
+
+def _openai_file_content(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
+    with fake._lock:
+        obj = fake.objects.get(ctx.params["id"])
+    if obj is None or "content" not in obj:
+        return _stored(fake, ctx.params["id"], "file")
+    return _Reply(200, obj["content"], [("Content-Type", "application/octet-stream")])
+
+
+def _openai_batch(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
+    """POST /v1/batches: validating; GET serves it completed, with its output file (one chat
+    completion per input line, each the knobs' usage) and the batch's usage (their sum)."""
+    body = ctx.body
+    with fake._lock:
+        source = fake.objects.get(str(body.get("input_file_id")))
+    if source is None or "content" not in source:
+        return _json_reply(
+            400, _openai_error("Input file not found", "invalid_request_error", None)
+        )
+    lines = [json.loads(x) for x in source["content"].splitlines() if x.strip()]
+    k, created = ctx.knobs, int(time.time())
+    bid, out_id = _id("batch_"), _id("file-")
+    output = []
+    for line in lines:
+        model = line["body"]["model"]
+        output.append(json.dumps({
+            "id": _id("batch_req_"), "custom_id": line.get("custom_id"),
+            "response": {"status_code": 200, "request_id": _id("req_"), "body": {
+                "id": _id("chatcmpl-"), "object": "chat.completion", "created": created,
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": k.reply_text},
+                             "finish_reason": "stop"}],
+                "usage": _openai_usage(k.usage)}},
+            "error": None,
+        }))
+    n = len(lines)
+
+    def batch(status: str, done: bool) -> dict[str, Any]:
+        u = k.usage
+        return {
+            "id": bid, "object": "batch", "endpoint": body.get("endpoint"),
+            "errors": None, "input_file_id": body["input_file_id"],
+            "completion_window": body.get("completion_window", "24h"), "status": status,
+            "output_file_id": out_id if done else None, "error_file_id": None,
+            "created_at": created, "in_progress_at": created if done else None,
+            "expires_at": created + 86400, "finalizing_at": created if done else None,
+            "completed_at": created if done else None, "failed_at": None, "expired_at": None,
+            "cancelling_at": None, "cancelled_at": None,
+            "request_counts": {"total": n, "completed": n if done else 0, "failed": 0},
+            "metadata": body.get("metadata"),
+            "model": lines[0]["body"]["model"] if lines else None,
+            "usage": {
+                "input_tokens": u.input_tokens * n,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": u.output_tokens * n,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": (u.input_tokens + u.output_tokens) * n,
+            } if done else None,
+        }
+
+    with fake._lock:
+        fake.objects[bid] = batch("completed", True)
+        fake.objects[out_id] = {"content": ("\n".join(output) + "\n").encode()}
+    return _json_reply(200, batch("validating", False))
+
+
+def _openai_batch_get(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
+    return _stored(fake, ctx.params["id"], "batch")
+
+
 def _openai_embeddings(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
     body = ctx.body
     if not body.get("model") or "input" not in body:
@@ -371,6 +478,14 @@ _route("POST", r"/v1/threads/(?P<thread_id>[^/]+)/runs", "openai.runs", "openai"
     _openai_run
 )
 _route("POST", r"/v1/threads/runs", "openai.runs", "openai", "openai")(_openai_run)
+_route("POST", r"/v1/files", "openai.files", "openai", "openai")(_openai_file_upload)
+_route("GET", r"/v1/files/(?P<id>[^/]+)/content", "openai.files.content", "openai", "openai")(
+    _openai_file_content
+)
+_route("POST", r"/v1/batches", "openai.batches", "openai", "openai")(_openai_batch)
+_route("GET", r"/v1/batches/(?P<id>[^/]+)", "openai.batches.retrieve", "openai", "openai")(
+    _openai_batch_get
+)
 _route(
     "GET", r"/v1/threads/(?P<thread_id>[^/]+)/runs/(?P<id>[^/]+)", "openai.runs.retrieve",
     "openai", "openai",
