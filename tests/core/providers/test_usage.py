@@ -13,6 +13,7 @@ from candela_mitm.providers.sse import encode
 from candela_mitm.providers.usage import (
     Usage,
     UsageMeter,
+    batch_output_usage,
     batch_results_usage,
     job_final_usage,
     job_id_from,
@@ -1518,3 +1519,28 @@ def _result_line(kind: str, model: str = "claude-sonnet-4-5", inp: int = 10, out
 )
 def test_batch_results_usage(raw, expected):
     assert batch_results_usage(raw) == expected
+
+
+def _output_line(status: int, model: str = "gpt-4o-mini", inp: int = 10, out: int = 2) -> bytes:
+    """One line of an OpenAI batch's output file (https://platform.openai.com/docs/guides/batch)."""
+    body: dict = ({"id": "chatcmpl-1", "object": "chat.completion", "model": model,
+                   "usage": {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out}}
+                  if status == 200 else {"error": {"message": "bad", "type": "invalid_request_error"}})
+    return json.dumps({"id": "batch_req_1", "custom_id": "a",
+                       "response": {"status_code": status, "request_id": "req_1", "body": body},
+                       "error": None}).encode()
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (b"\n".join([_output_line(200), _output_line(200, "gpt-4o", 5, 1), b""]),
+         [("gpt-4o-mini", Usage(10, 2, 0)), ("gpt-4o", Usage(5, 1, 0))]),
+        (b"\n".join([_output_line(400), _output_line(200, inp=3, out=3)]), [("gpt-4o-mini", Usage(3, 3, 0))]),
+        (_output_line(500), []),
+        (b'{"object": "batch"}', None),
+        (b"", None),
+    ],
+)
+def test_batch_output_usage(raw, expected):
+    assert batch_output_usage(raw) == expected
