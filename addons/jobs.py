@@ -14,10 +14,10 @@ from candela_mitm import errors
 from candela_mitm.audit.actions import LLM_REQUEST
 from candela_mitm.context import RequestContext
 from candela_mitm.governance.estimate import estimate_batch_cost
+from candela_mitm.governance.jobs import job_cost
 from candela_mitm.governance.ledger import TrueUp
 from candela_mitm.providers.batchfile import parse_upload
 from candela_mitm.providers.usage import (
-    BATCH_JOBS,
     Usage,
     batch_output_usage,
     batch_results_usage,
@@ -319,19 +319,10 @@ class Jobs:
         usages = await self._usages(c, resp)
         if usages is None:
             return  # queued, running, or ended without a usage: it stays charged as it is
-        # a batch at the provider's batch price, where genai-prices knows it (else the list's)
-        batch = plan.operation.job in BATCH_JOBS
-        total, usd = Usage(), 0.0
-        for model, usage in usages:
-            price = self.rt.pricing.get(model or job.model, job.provider)
-            if price is None:
-                return  # a price gone since the job was created: it stays as charged
-            usd += price.cost(usage, processing="batch" if batch else None)
-            total = Usage(
-                total.input_tokens + usage.input_tokens,
-                total.output_tokens + usage.output_tokens,
-                total.cached_tokens + usage.cached_tokens,
-            )
+        cost = job_cost(plan.operation.job, usages, job.model, job.provider, self.rt.pricing)
+        if cost is None:
+            return  # a price gone since the job was created: it stays as charged
+        usd, total = cost
         t = await self.rt.store_call(
             self.rt.ledger.true_up_job,
             job.provider,
