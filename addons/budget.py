@@ -56,7 +56,10 @@ def request_estimate(rt: Runtime, c: RequestContext, price: ModelPrice) -> float
         return float(c.job_input["estimate_usd"])  # read from its input file at the upload
     if plan.batch is not None:
         route = plan.upstream.name
-        return estimate_batch_cost(plan.batch, default_max, lambda m: rt.pricing.get(m, route))
+        # a request whose model has no price costs nothing under unknown_model_price: zero
+        # (under deny, addons/jobs.py refused the batch)
+        priced = [(m, p) for m, p in plan.batch if rt.pricing.get(m, route) is not None]
+        return estimate_batch_cost(priced, default_max, lambda m: rt.pricing.get(m, route))
     return estimate_cost(c.body, plan.max_output_tokens, default_max, price, c.scan)
 
 

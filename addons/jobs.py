@@ -201,20 +201,8 @@ class Jobs:
         the batch is planned under it) and has a price, before anything is reserved."""
         plan = c.plan
         assert plan is not None and plan.batch is not None
-        route = plan.upstream.name
-        seen: set[str | None] = {plan.model}
-        for model, _ in plan.batch:
-            if model in seen:
-                continue
-            seen.add(model)
-            if not check_model(self.rt, flow, c, model, route):
-                return  # 403 model_not_allowed naming the first model refused
-        if self.rt.config.governance.unknown_model_price != "deny":
-            return
-        for name, _ in plan.batch:  # in the batch's order: the first without a price
-            if self.rt.pricing.get(name, route) is None:
-                deny(flow, errors.model_price_unknown(name))
-                return
+        others = [m for m in dict.fromkeys(m for m, _ in plan.batch) if m != plan.model]
+        self._models_pass(flow, c, others, plan.upstream.name)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         # Before Budget's response hook (it settles the creation's reservation): the job is
