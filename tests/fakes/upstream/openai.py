@@ -483,7 +483,8 @@ _route("GET", r"/v1/files/(?P<id>[^/]+)/content", "openai.files.content", "opena
     _openai_file_content
 )
 _route("POST", r"/v1/batches", "openai.batches", "openai", "openai")(_openai_batch)
-_route("GET", r"/v1/batches/(?P<id>[^/]+)", "openai.batches.retrieve", "openai", "openai")(
+# OpenAI's batch ids start with batch_ (Gemini's /v1/batches/{id} is served by gemini.py)
+_route("GET", r"/v1/batches/(?P<id>batch_[^/]+)", "openai.batches.retrieve", "openai", "openai")(
     _openai_batch_get
 )
 _route(
