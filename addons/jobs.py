@@ -65,7 +65,10 @@ def true_up_entry(
         "job_cost_usd": round(t.cost_usd, 10),
         "job_charged_usd": round(t.charged_usd, 10),  # at its creation (its reservation)
         "job_reservation_id": job.reservation_id,
-        "span_id": c.span_id,
+        # the request it settles is the job's creation (as a crash settlement names its
+        # request); the read that brought the usage is named apart
+        "span_id": job.request_id or None,
+        "read_span_id": c.span_id,
         "trace_id": c.trace.trace_id,
     }
 

@@ -336,6 +336,7 @@ class JobRecord:
     tenant_period: str = ""
     cost: int | None = None  # the real cost, once trued up
     trued_up_us: int | None = None
+    request_id: str = ""  # the span id of the request that created it (its reservation's)
 
 
 @dataclass(frozen=True)

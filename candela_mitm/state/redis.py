@@ -261,14 +261,15 @@ return 1
 # reservation's. A job known already, or a reservation unknown, records nothing.
 _RECORD_JOB = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local r = redis.call('HMGET', KEYS[2], 'user_id', 'tenant', 'day', 'period', 'tenant_period')
+local r = redis.call('HMGET', KEYS[2], 'user_id', 'tenant', 'day', 'period', 'tenant_period',
+  'request_id')
 if not r[1] then return 0 end
 local period = r[4]
 if period == nil or period == false or period == '' then period = r[3] end
 redis.call('HSET', KEYS[1], 'provider', ARGV[1], 'job_id', ARGV[2], 'user_id', r[1],
   'tenant', r[2] or '', 'model', ARGV[3], 'reservation_id', ARGV[4], 'charged', ARGV[5],
   'tokens_in', ARGV[6], 'tokens_out', ARGV[7], 'created_us', ARGV[8], 'day', r[3],
-  'period', period, 'tenant_period', r[5] or '')
+  'period', period, 'tenant_period', r[5] or '', 'request_id', r[6] or '')
 return 1
 """
 
@@ -777,6 +778,7 @@ class RedisStateStore(StateStore):
             tenant_period=fields.get("tenant_period", ""),
             cost=opt("cost"),
             trued_up_us=opt("trued_up_us"),
+            request_id=fields.get("request_id", ""),
         )
 
     def record_job(self, job: JobRecord) -> bool:

@@ -172,6 +172,7 @@ _SCHEMA = (
         tenant_period TEXT NOT NULL,
         cost INTEGER,
         trued_up_us INTEGER,
+        request_id TEXT NOT NULL DEFAULT '',
         PRIMARY KEY (provider, job_id)
     ) WITHOUT ROWID""",
     # the objects jobs are made from or make (a batch's input and output files), by key
@@ -854,7 +855,7 @@ class SqliteStateStore(StateStore):
     # -- asynchronous jobs ---------------------------------------------------------------------
     _JOB_COLUMNS = (
         "provider, job_id, user_id, tenant, model, reservation_id, charged, tokens_in, "
-        "tokens_out, created_us, day, period, tenant_period, cost, trued_up_us"
+        "tokens_out, created_us, day, period, tenant_period, cost, trued_up_us, request_id"
     )
 
     def record_job(self, job: JobRecord) -> bool:
@@ -862,9 +863,9 @@ class SqliteStateStore(StateStore):
             cur = c.execute(
                 "INSERT OR IGNORE INTO jobs (provider, job_id, user_id, tenant, model, "
                 "reservation_id, charged, tokens_in, tokens_out, created_us, day, period, "
-                "tenant_period) SELECT ?, ?, user_id, tenant, ?, reservation_id, ?, ?, ?, ?, day, "
-                "CASE period WHEN '' THEN day ELSE period END, tenant_period "
-                "FROM reservations WHERE reservation_id = ?",
+                "tenant_period, request_id) SELECT ?, ?, user_id, tenant, ?, reservation_id, ?, ?, "
+                "?, ?, day, CASE period WHEN '' THEN day ELSE period END, tenant_period, "
+                "request_id FROM reservations WHERE reservation_id = ?",
                 (
                     job.provider,
                     job.job_id,

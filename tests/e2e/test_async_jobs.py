@@ -156,7 +156,9 @@ def test_a_result_costing_more_than_reserved_is_charged_the_extra(
 ) -> None:
     a, _ = jobs
     body = {"model": MODEL, "input": "hi", "background": True, "max_output_tokens": 16}
-    job_id = create_background(a, body)
+    created = requests.post(a.url + "/proxy/openai/v1/responses", json=body, headers=ALICE, timeout=20)
+    assert created.status_code == 200, created.text
+    job_id = created.json()["id"]
     before = spent(a)
     real = Usage(input_tokens=20_000, output_tokens=30_000)  # far past what was reserved
     with upstream._lock:
@@ -166,6 +168,9 @@ def test_a_result_costing_more_than_reserved_is_charged_the_extra(
     r = requests.get(a.url + f"/proxy/openai/v1/responses/{job_id}", headers=ALICE, timeout=20)
     assert r.status_code == 200 and r.json()["status"] == "completed"
     (entry,) = wait_true_ups(a, job_id=job_id)
+    # it settles the creating request (its span), brought by the read (named apart)
+    assert entry["span_id"] == created.headers["X-Candela-Span-Id"]
+    assert entry["read_span_id"] == r.headers["X-Candela-Span-Id"]
     assert cost(real) > reservation(body)
     assert spent(a) - before == pytest.approx(cost(real) - reservation(body), abs=1e-6)
     assert entry["cost_usd"] == pytest.approx(cost(real) - reservation(body), abs=1e-9)

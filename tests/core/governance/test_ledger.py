@@ -765,6 +765,7 @@ def test_true_up_corrects_the_charge_to_the_real_cost(
     assert t.charged_usd == pytest.approx(2.0) and t.cost_usd == pytest.approx(real)
     assert t.adjustment_usd == pytest.approx(real - 2.0)
     assert t.job.user_id == U and t.job.tenant == "research-team" and t.job.model == "gpt-4o"
+    assert t.job.request_id == "req-1"  # the creating request's span, from its reservation
     status = ledger.status(U, 10.0)
     assert status.spent_usd == pytest.approx(spent_after)
     assert status.remaining_usd == pytest.approx(10.0 - spent_after)
