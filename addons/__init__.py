@@ -26,6 +26,7 @@ def pipeline(rt: Runtime) -> list[Any]:
     from .budget import Budget
     from .connlimits import ConnLimits
     from .console import Console
+    from .jobs import Jobs
     from .localapi import Health, LocalApi
     from .localguard import LocalGuard
     from .localui import LocalUi
@@ -67,6 +68,10 @@ def pipeline(rt: Runtime) -> list[Any]:
         Auth(rt),  # principal (401) and tenant (403 tenant_not_allowed)
         Admin(rt),  # /admin/v1 (admin-api.md): admin-only routes 403 for developers
         ModelPolicy(rt),  # 403 model_not_allowed, audited allowed or denied (spec 002)
+        # async jobs: a job's result only to its creator (403 job_not_owned); records a job at
+        # its creation and trues it up when its result is read, its response hook before
+        # Budget's (which settles the creation's reservation)
+        Jobs(rt),
         # WebSocket upgrades: 429 websocket_sessions_exceeded (a lease per session on the
         # store, every process counted) before anything is reserved; once
         # open, governs the session frame by frame (models, budget slice, bounds) to its end

@@ -9,9 +9,10 @@ from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.context import RequestContext
-from candela_mitm.governance.estimate import estimate_cost
+from candela_mitm.governance.estimate import estimate_batch_cost, estimate_cost
 from candela_mitm.governance.ledger import BudgetRefusal, Reservation
 from candela_mitm.governance.shadow import shadow_budget
+from candela_mitm.providers.pricing import ModelPrice
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
@@ -49,6 +50,23 @@ def reserve(
     return result
 
 
+def request_estimate(rt: Runtime, c: RequestContext, price: ModelPrice) -> float:
+    """The most a planned request can cost; a batch: the sum over its requests (each at its
+    model's batch price where one is known: governance/estimate.py)."""
+    plan = c.plan
+    assert plan is not None
+    default_max = rt.config.governance.budgets.default_max_output_tokens
+    if plan.operation.model == "file" and c.job_input is not None:
+        return float(c.job_input["estimate_usd"])  # read from its input file at the upload
+    if plan.batch is not None:
+        route = plan.upstream.name
+        # a request whose model has no price costs nothing under unknown_model_price: zero
+        # (under deny, addons/jobs.py refused the batch)
+        priced = [(m, p) for m, p in plan.batch if rt.pricing.get(m, route) is not None]
+        return estimate_batch_cost(priced, default_max, lambda m: rt.pricing.get(m, route))
+    return estimate_cost(c.body, plan.max_output_tokens, default_max, price, c.scan)
+
+
 def reservation_call(
     rt: Runtime, c: RequestContext
 ) -> Callable[[], Reservation | BudgetRefusal] | None:
@@ -69,11 +87,8 @@ def reservation_call(
         price = rt.pricing.get(plan.model, plan.upstream.name)
         if price is None:
             return None
-        default_max = rt.config.governance.budgets.default_max_output_tokens
         try:
-            estimate = estimate_cost(
-                c.body, plan.max_output_tokens, default_max, price, c.scan
-            )
+            estimate = request_estimate(rt, c, price)
         except Exception:
             return None  # Budget.request computes it again, after the rate limit: fails closed
     model, provider = plan.model or "", plan.upstream.name
@@ -120,10 +135,7 @@ class Budget:
                     deny(flow, errors.model_price_unknown(plan.model))
                     return
                 return  # unknown_model_price: zero
-            default_max = self.rt.config.governance.budgets.default_max_output_tokens
-            c.estimate_usd = estimate_cost(
-                c.body, plan.max_output_tokens, default_max, price, c.scan
-            )
+            c.estimate_usd = request_estimate(self.rt, c, price)
         result = await self.rt.store_call(
             reserve, self.rt, c, c.estimate_usd, plan.model or "", plan.upstream.name
         )

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # types only: the context is the vocabulary those modules spe
     from candela_mitm.observability.otel import StreamModel
     from candela_mitm.observability.spans import Span
     from candela_mitm.providers.streaming import ResponseProcessor
+    from candela_mitm.state.ports import JobRecord
 
 RouteKind = Literal[
     "health", "models", "chat", "proxy", "traces", "local", "admin", "metrics", "not_found"
@@ -102,6 +103,13 @@ class RequestContext:
     shadow: ShadowVerdicts | None = None
     # the user's session lease taken at the upgrade, until the session holds it (or it is refused)
     session_lease: str | None = None
+    job: JobRecord | None = None  # the async job a job_result read asks for (addons/jobs.py)
+    # the Host the client named, kept by Jobs before Upstream names the provider's: a Message
+    # Batch's results_url is pointed back at it
+    client_host: str | None = None
+    # a batch's input file (addons/jobs.py): at its upload, what is recorded once it is stored
+    # (owner, models, the most its requests cost); at the batch's creation, that record
+    job_input: dict[str, Any] | None = None
 
     @property
     def model(self) -> str | None:

@@ -410,6 +410,30 @@ def endpoint_not_governed(
     )
 
 
+def job_not_owned(provider: str, job_id: str) -> Denial:
+    """A job's result asked by someone other than its creator, or a job Candela did not see
+    created: the organisation's credential would read another user's (or anyone's) job."""
+    return Denial(
+        403,
+        "job_not_owned",
+        f"Job '{job_id}' was not created through Candela by you; only its creator (or an admin) "
+        "reads it. Nothing was forwarded",
+        {"provider": provider, "job_id": job_id},
+    )
+
+
+def batch_file_not_governed(provider: str, file_id: str) -> Denial:
+    """A batch naming an input file Candela did not see uploaded (by this user, as a batch's
+    input): its models and size were never checked, so nothing can be reserved for it."""
+    return Denial(
+        403,
+        "batch_file_not_governed",
+        f"File '{file_id}' was not uploaded through Candela by you as a batch's input "
+        "(purpose=batch); upload it through Candela first. Nothing was forwarded",
+        {"provider": provider, "file_id": file_id},
+    )
+
+
 def invalid_request_target(reason: str) -> Denial:
     return Denial(
         400,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,8 +265,10 @@ def estimate_cost(
     default_max: int,
     price: ModelPrice,
     found: BodyScan | None = None,
+    processing: str | None = None,
 ) -> float:
-    """The most the request can cost; `found`: the body's scan, if made already."""
+    """The most the request can cost; `found`: the body's scan, if made already;
+    `processing="batch"`: at the batch price, where genai-prices knows one."""
     if found is None:
         found = scan(body) if body else BodyScan()
     input_tokens = found.input_tokens()
@@ -288,4 +291,25 @@ def estimate_cost(
         web_searches=found.searches,
         # Anthropic-style caches (a 1-hour rate) write only what the request marks
         cache_writes=found.caching or price.cache_write_1h is None,
+        processing=processing,
     )
+
+
+def estimate_batch_cost(
+    requests: Sequence[tuple[str, dict[str, Any]]],
+    default_max: int,
+    price_of: Callable[[str], ModelPrice | None],
+) -> float:
+    """The most a batch can cost: the sum of every request's most, each at its model's batch
+    price where genai-prices knows one (else its list price). A model without a price raises
+    KeyError (the caller refuses the batch first: addons/jobs.py)."""
+    total = 0.0
+    for model, params in requests:
+        price = price_of(model)
+        if price is None:
+            raise KeyError(model)
+        processing = "batch" if price.batch_priced() else None
+        total += estimate_cost(
+            params, params.get("max_tokens"), default_max, price, processing=processing
+        )
+    return total

@@ -18,6 +18,7 @@ from candela_mitm.state.ports import (
     FINISHED_RESERVATION_TTL_S,
     US_PER_S,
     GrantRow,
+    JobRecord,
     NewReservation,
     ReserveResult,
     StateStore,
@@ -150,6 +151,22 @@ class StaleSettlement:
     amount_usd: float
     created_at: datetime
     reason: str
+
+
+@dataclass(frozen=True)
+class TrueUp:
+    """A job's charge corrected to its real cost, once: `adjustment_usd` is what it added (a
+    negative amount is a refund)."""
+
+    job: JobRecord  # as it was at creation
+    charged_usd: float  # at creation: its reservation (or more, if more was observed)
+    cost_usd: float  # the real cost, from the usage its result reported
+    tokens_in: int
+    tokens_out: int
+
+    @property
+    def adjustment_usd(self) -> float:
+        return self.cost_usd - self.charged_usd
 
 
 @dataclass(frozen=True)
@@ -463,6 +480,74 @@ class Ledger:
                 )
         self.store.purge_finished(now_us - FINISHED_RESERVATION_TTL_S * US_PER_S)
         return settled
+
+    # -- asynchronous jobs ---------------------------------------------------------------------
+    def record_job(
+        self,
+        reservation: Reservation,
+        provider: str,
+        job_id: str,
+        model: str,
+        charged_usd: float,
+        tokens_in: int,
+        tokens_out: int,
+        now: datetime | None = None,
+    ) -> bool:
+        """Remember a job created under `reservation` and charged `charged_usd`: its owner is
+        the reservation's user (and tenant). False if it was known already."""
+        _check_usd("charged_usd", charged_usd)
+        return self.store.record_job(
+            JobRecord(
+                provider=provider,
+                job_id=job_id,
+                user_id=reservation.user_id,
+                tenant=reservation.tenant or "",
+                model=model,
+                reservation_id=reservation.id,
+                charged=usd_to_nano(charged_usd),
+                tokens_in=tokens_in,
+                tokens_out=tokens_out,
+                created_us=to_us(now or self.clock()),
+            )
+        )
+
+    def job(self, provider: str, job_id: str) -> JobRecord | None:
+        return self.store.job(provider, job_id)
+
+    def record_job_object(self, provider: str, key: str, record: Mapping[str, object]) -> bool:
+        """Remember what a job is made from or makes (an uploaded batch file: its owner and the
+        most its requests can cost; a batch's output file: its batch); the first record stays."""
+        return self.store.put_job_object(provider, key, record)
+
+    def job_object(self, provider: str, key: str) -> dict[str, object] | None:
+        return self.store.job_object(provider, key)
+
+    def true_up_job(
+        self,
+        provider: str,
+        job_id: str,
+        cost_usd: float,
+        tokens_in: int,
+        tokens_out: int,
+        now: datetime | None = None,
+    ) -> TrueUp | None:
+        """Correct a job's charge to its real cost, exactly once (None: unknown, or done already).
+
+        The difference, either way, lands on the budget rows the creation's charge landed on: a
+        refund returns it to that period's allowance, an extra charge overdraws it (as a settle
+        over its reservation does). The spend row keeps one request, with the real tokens.
+        """
+        _check_usd("cost_usd", cost_usd)
+        if tokens_in < 0 or tokens_out < 0:
+            raise ValueError("token counts must be >= 0")
+        job = self.store.true_up_job(
+            provider, job_id, usd_to_nano(cost_usd), tokens_in, tokens_out,
+            to_us(now or self.clock()),
+        )
+        if job is None:
+            return None
+        return TrueUp(job, nano_to_usd(job.charged), nano_to_usd(usd_to_nano(cost_usd)),
+                      tokens_in, tokens_out)
 
     # -- grants --------------------------------------------------------------------------------
     def add_grant(

@@ -39,6 +39,9 @@ class ForwardPlan:
     body: dict[str, Any] | None = None  # the JSON to send, when it differs from the client's
     client_wants_usage: bool = True
     max_output_tokens: int | None = None
+    job_id: str | None = None  # a job_result operation: the job it reads (the path's {job_id})
+    # a batch of requests (model source "batch"): each request's model and its body, in order
+    batch: tuple[tuple[str, dict[str, Any]], ...] | None = None
 
     @property
     def canonical_model(self) -> str | None:
@@ -151,6 +154,30 @@ def _query_model(query: str) -> str | None | Denial:
     return values[0]
 
 
+MAX_BATCH_REQUESTS = 100_000  # Anthropic's own limit per Message Batch
+
+
+def _batch_requests(body: dict[str, Any] | None) -> tuple[tuple[str, dict[str, Any]], ...] | Denial:
+    """`requests[]` of a Message Batch: each request's `params.model` and `params` (which must
+    name `max_tokens`: the most it can cost is reserved)."""
+    reqs = (body or {}).get("requests")
+    if not isinstance(reqs, list) or not reqs:
+        return errors.bad_request("'requests' must be a non-empty list")
+    if len(reqs) > MAX_BATCH_REQUESTS:
+        return errors.bad_request(f"a batch holds at most {MAX_BATCH_REQUESTS} requests")
+    out: list[tuple[str, dict[str, Any]]] = []
+    for i, req in enumerate(reqs):
+        params = req.get("params") if isinstance(req, dict) else None
+        model = params.get("model") if isinstance(params, dict) else None
+        if not isinstance(params, dict) or not isinstance(model, str) or not model.strip():
+            return errors.bad_request(f"'requests[{i}].params.model' is required")
+        max_tokens = params.get("max_tokens")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+            return errors.bad_request(f"'requests[{i}].params.max_tokens' must be a positive integer")
+        out.append((model, params))
+    return tuple(out)
+
+
 def _model(found: Found, body: dict[str, Any] | None) -> str | None | Denial:
     """The operation's model, from where its row says; a Denial when it is missing or differs."""
     try:
@@ -214,6 +241,14 @@ def plan_provider_request(
     if elsewhere:
         return errors.endpoint_not_governed(method, path, spec.name, elsewhere)
     b = body or {}
+    if op.billing in ("job_result", "batch_input") and async_jobs != "reserve":
+        return errors.endpoint_not_governed(
+            method,
+            path,
+            spec.name,
+            "an asynchronous job's input or result goes through Candela only under "
+            "governance.async_jobs: reserve (its creator's, trued up to its real cost)",
+        )
     if op.billing == "async" or (op.async_flag and b.get(op.async_flag)):
         if async_jobs != "reserve":
             return errors.endpoint_not_governed(
@@ -226,10 +261,18 @@ def plan_provider_request(
         if op.model == "none":
             return errors.endpoint_not_governed(method, path, spec.name, op.why)
         op = dataclasses.replace(op, billing="async", stream="never")
-    model = _query_model(query) if op.model == "query" else _model(found, body)
+    batch: tuple[tuple[str, dict[str, Any]], ...] | None = None
+    if op.model == "batch":
+        requests = _batch_requests(body)
+        if isinstance(requests, Denial):
+            return requests
+        batch = requests
+        model: str | None | Denial = batch[0][0]  # the batch is recorded under its first model
+    else:
+        model = _query_model(query) if op.model == "query" else _model(found, body)
     if isinstance(model, Denial):
         return model
-    if op.billing == "async" and model is None:
+    if op.billing == "async" and model is None and op.model != "file":
         return errors.bad_request(f"'model' is required to reserve the cost of {op.key}")
     if op.translate == "openai-anthropic":
         return plan_openai_to_anthropic(up, b, op)
@@ -252,6 +295,8 @@ def plan_provider_request(
         wire,
         op,
         max_output_tokens=max_out,
+        job_id=found.params.get("job_id") if op.billing == "job_result" else None,
+        batch=batch,
     )
     if stream and wire == "openai" and body is not None:
         new_body, wants = _openai_stream_usage(body, path)

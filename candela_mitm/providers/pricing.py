@@ -119,22 +119,45 @@ class ModelPrice:
     info: Any = field(default=None, compare=False, repr=False)  # genai-prices ModelInfo
     overrides: tuple[tuple[str, Decimal], ...] = ()  # config price keys over the library's
 
-    def rates(self, service_tier: str | None = None, when: datetime | None = None) -> Any:
-        """The genai-prices ModelPrice in force now (or `when`), for a service tier if it has one."""
+    def rates(
+        self,
+        service_tier: str | None = None,
+        when: datetime | None = None,
+        processing: str | None = None,
+    ) -> Any:
+        """The genai-prices ModelPrice in force now (or `when`), for a service tier if it has one;
+        `processing="batch"`: the provider's batch price where genai-prices knows it (a price
+        variant), else the standard one."""
         gp = prices_source.gp_types()
         if self.info is not None:
             # OpenAI and Google name the tier `service_tier`; Anthropic's fast mode is `speed`
-            context = (
+            context: dict[str, str] | None = (
                 {"service_tier": service_tier, "speed": service_tier}
                 if service_tier in _SERVICE_TIERS
                 else None
             )
+            if processing is not None:
+                context = {**(context or {}), "processing": processing}
             prices = copy(self.info.get_prices(when or datetime.now(tz=UTC), context))
         else:
             prices = gp.ModelPrice()
         for key, value in self.overrides:
             setattr(prices, key, value)
         return prices
+
+    def batch_priced(self, when: datetime | None = None) -> bool:
+        """Whether genai-prices knows this model's batch price (a `processing: batch` variant in
+        force): batches are then reserved and charged at it, else at the standard price."""
+        if self.info is None:
+            return False
+        moment = when or datetime.now(tz=UTC)
+        for variant in getattr(self.info, "price_variants", None) or ():
+            if getattr(variant, "when", {}).get("processing") != "batch":
+                continue
+            constraint = getattr(variant, "constraint", None)
+            if constraint is None or constraint.active(moment):
+                return True
+        return False
 
     def kinds(self, service_tier: str | None = None) -> list[tuple[str, Any, int]]:
         """(genai-prices usage key, price, per) for every unit this model is billed by."""
@@ -143,9 +166,12 @@ class ModelPrice:
         units = sorted(_priced_units(prices), key=lambda up: order[up[0].usage_key])
         return [(unit.usage_key, price, unit.per) for unit, price in units]
 
-    def cost(self, usage: Usage, cached_multiplier: float | None = None) -> float:
-        """What the provider bills for a usage: every token kind at its rate, tiers and tools included."""
-        prices = self.rates(usage.service_tier)
+    def cost(
+        self, usage: Usage, cached_multiplier: float | None = None, processing: str | None = None
+    ) -> float:
+        """What the provider bills for a usage: every token kind at its rate, tiers and tools
+        included (`processing="batch"`: at the batch price, where one is known)."""
+        prices = self.rates(usage.service_tier, processing=processing)
         if cached_multiplier is not None:
             prices.cache_read_mtok = Decimal(str(self.input)) * Decimal(str(cached_multiplier))
         try:
@@ -173,12 +199,13 @@ class ModelPrice:
         service_tier: str | None = None,
         web_searches: int = 0,
         cache_writes: bool = True,
+        processing: str | None = None,
     ) -> float:
         """The most a request can cost: every input token at the dearest input rate (a cache
         write, audio) and every output token at the dearest output rate, at the tier that many
         input tokens reach, plus per-request and per-search fees. cache_writes=False: the request
         cannot write the cache (Anthropic writes only what a request marks)."""
-        prices = self.rates(service_tier)
+        prices = self.rates(service_tier, processing=processing)
         in_rate = out_rate = Decimal(0)
         fees = Decimal(0)
         for unit, price in _priced_units(prices):

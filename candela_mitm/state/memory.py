@@ -11,14 +11,17 @@ compares every answer. Nothing is shared between processes and nothing survives 
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from candela_mitm.state.ports import (
     ActiveReservation,
     DayTotals,
     GrantRow,
+    JobRecord,
     KeyRecord,
     Lease,
     NewReservation,
@@ -77,6 +80,8 @@ class _Tables:
     rate_log: dict[str, list[int]] = field(default_factory=dict)
     token_log: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)  # entry: ts, n
     leases: dict[str, dict[str, tuple[str, int]]] = field(default_factory=dict)  # owner, expiry
+    jobs: dict[tuple[str, str], JobRecord] = field(default_factory=dict)  # (provider, job id)
+    job_objects: dict[tuple[str, str], str] = field(default_factory=dict)  # JSON, as stored
 
 
 class MemoryStateStore(StateStore):
@@ -410,6 +415,67 @@ class MemoryStateStore(StateStore):
             for key, held in sorted(self._t.leases.items())
             for lid, (owner, expires) in sorted(held.items())
         ]
+
+    # -- async jobs ----------------------------------------------------------------------------
+    def record_job(self, job: JobRecord) -> bool:
+        with self._lock:
+            r = self._t.reservations.get(job.reservation_id)
+            if r is None or (job.provider, job.job_id) in self._t.jobs:
+                return False
+            new = r.new  # the owner and the budget rows are the reservation's, as in SQLite
+            self._t.jobs[(job.provider, job.job_id)] = dataclasses.replace(
+                job,
+                user_id=new.user_id,
+                tenant=new.tenant,
+                day=new.day,
+                period=new.user_period,
+                tenant_period=r.tenant_period,
+                request_id=new.request_id,
+                cost=None,
+                trued_up_us=None,
+            )
+            return True
+
+    def job(self, provider: str, job_id: str) -> JobRecord | None:
+        with self._lock:
+            return self._t.jobs.get((provider, job_id))
+
+    def put_job_object(self, provider: str, key: str, record: Mapping[str, Any]) -> bool:
+        with self._lock:
+            if (provider, key) in self._t.job_objects:
+                return False
+            self._t.job_objects[(provider, key)] = json.dumps(dict(record))
+            return True
+
+    def job_object(self, provider: str, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            raw = self._t.job_objects.get((provider, key))
+        return json.loads(raw) if raw is not None else None
+
+    def true_up_job(
+        self, provider: str, job_id: str, cost: int, tokens_in: int, tokens_out: int, now_us: int
+    ) -> JobRecord | None:
+        with self._lock:
+            job = self._t.jobs.get((provider, job_id))
+            if job is None or job.trued_up_us is not None:
+                return None
+            delta = cost - job.charged
+            self._t.jobs[(provider, job_id)] = dataclasses.replace(
+                job, cost=cost, trued_up_us=now_us
+            )
+            row = self._t.days.get((job.user_id, job.period))
+            if row is not None:
+                row.spent += delta
+            if job.tenant_period:
+                t_row = self._t.tenant_periods.get((job.tenant, job.tenant_period))
+                if t_row is not None:
+                    t_row.spent += delta
+            s = self._t.spend.get((job.day, job.user_id, job.tenant, job.model, job.provider))
+            if s is not None:
+                s.cost += delta
+                s.tokens_in += tokens_in - job.tokens_in
+                s.tokens_out += tokens_out - job.tokens_out
+            return job
 
     # -- budget alerts -------------------------------------------------------------------------
     def claim_alert(

@@ -320,6 +320,33 @@ class SpendRow:
 
 
 @dataclass(frozen=True)
+class JobRecord:
+    """An asynchronous job created through Candela (a background response, a queued run, a
+    batch): who owns it and what its creation was charged, until its result is read.
+
+    `day`, `period` and `tenant_period` are the budget rows the creation's charge landed on
+    (copied from its reservation by the store): a true-up corrects those rows.
+    """
+
+    provider: str  # the route it was created on
+    job_id: str  # the provider's id, from the creation answer
+    user_id: str
+    tenant: str
+    model: str
+    reservation_id: str
+    charged: int  # nano-dollars charged at creation (its reservation, at least)
+    tokens_in: int  # the tokens recorded at creation
+    tokens_out: int
+    created_us: int
+    day: str = ""
+    period: str = ""
+    tenant_period: str = ""
+    cost: int | None = None  # the real cost, once trued up
+    trued_up_us: int | None = None
+    request_id: str = ""  # the span id of the request that created it (its reservation's)
+
+
+@dataclass(frozen=True)
 class RateHit:
     allowed: bool
     count: int  # requests in the window after this one was (or was not) counted
@@ -571,6 +598,33 @@ class StateStore(ABC):
         tenant: str | None = None,
     ) -> list[SpendRow]:
         """Spend per (day, user, tenant, model, provider), days inclusive."""
+
+    # -- asynchronous jobs ---------------------------------------------------------------------
+    @abstractmethod
+    def record_job(self, job: JobRecord) -> bool:
+        """Record a job created under `job.reservation_id` (whose user, tenant and budget rows
+        it copies, ignoring the record's own); False if the job is known already or that
+        reservation is not."""
+
+    @abstractmethod
+    def job(self, provider: str, job_id: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    def put_job_object(self, provider: str, key: str, record: Mapping[str, Any]) -> bool:
+        """Keep a small JSON record about an object a job is made from or makes (a batch's
+        uploaded input file, its output file), unless one is kept under `key` already."""
+
+    @abstractmethod
+    def job_object(self, provider: str, key: str) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    def true_up_job(
+        self, provider: str, job_id: str, cost: int, tokens_in: int, tokens_out: int, now_us: int
+    ) -> JobRecord | None:
+        """Once per job, atomically: correct its creation's charge to `cost` (the difference,
+        either way, on the user's period row, the tenant's and the spend row the charge landed
+        on; the request count unchanged) and its tokens to those given. Returns the job as it
+        was before (its `charged`), or None: unknown, or trued up already (a no-op)."""
 
     # -- rate windows --------------------------------------------------------------------------
     @abstractmethod

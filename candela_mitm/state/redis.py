@@ -17,6 +17,7 @@ from candela_mitm.state.ports import (
     ActiveReservation,
     DayTotals,
     GrantRow,
+    JobRecord,
     KeyRecord,
     Lease,
     NewReservation,
@@ -58,6 +59,10 @@ _SEP = "\x1f"  # between the parts of a spend field: user, tenant, model, provid
 #   P apikeydigest:<sha256> string: the key id; P apikeys: set of key ids
 #   P alert:<scope> SEP <id> SEP <period> SEP <threshold>  string: when the alert was claimed
 #                          (SET NX; it expires after its period's end)
+
+
+#   P job:<provider>:<job id> hash: an async job's owner, budget rows and creation charge
+#   P jobobj:<provider>:<key> string: a job's input or output object (JSON): owner, estimate
 # Scripts touch keys they derive from the prefix: fine on one Redis server or a replica set,
 # not on Redis Cluster (keys of one user would have to share a hash slot).
 
@@ -256,6 +261,49 @@ return 1
 """
 )
 
+# Record a job under its creation's reservation: its user, tenant and budget rows are the
+# reservation's. A job known already, or a reservation unknown, records nothing.
+_RECORD_JOB = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local r = redis.call('HMGET', KEYS[2], 'user_id', 'tenant', 'day', 'period', 'tenant_period',
+  'request_id')
+if not r[1] then return 0 end
+local period = r[4]
+if period == nil or period == false or period == '' then period = r[3] end
+redis.call('HSET', KEYS[1], 'provider', ARGV[1], 'job_id', ARGV[2], 'user_id', r[1],
+  'tenant', r[2] or '', 'model', ARGV[3], 'reservation_id', ARGV[4], 'charged', ARGV[5],
+  'tokens_in', ARGV[6], 'tokens_out', ARGV[7], 'created_us', ARGV[8], 'day', r[3],
+  'period', period, 'tenant_period', r[5] or '', 'request_id', r[6] or '')
+return 1
+"""
+
+# Once per job: the difference between the real cost and the creation's charge, on the rows the
+# charge landed on. Returns the job's fields as they were, or {} (unknown, or trued up already).
+_TRUE_UP_JOB = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+if redis.call('HEXISTS', KEYS[1], 'trued_up_us') == 1 then return {} end
+local before = redis.call('HGETALL', KEYS[1])
+local j = {}
+for i = 1, #before, 2 do j[before[i]] = before[i + 1] end
+local P = ARGV[5]
+local delta = tonumber(ARGV[1]) - tonumber(j.charged)
+redis.call('HSET', KEYS[1], 'cost', ARGV[1], 'trued_up_us', ARGV[4])
+local daykey = P .. 'day:' .. j.user_id .. ':' .. j.period
+if redis.call('EXISTS', daykey) == 1 then redis.call('HINCRBY', daykey, 'spent', delta) end
+if j.tenant_period ~= '' then
+  local tkey = P .. 'tday:' .. j.tenant .. ':' .. j.tenant_period
+  if redis.call('EXISTS', tkey) == 1 then redis.call('HINCRBY', tkey, 'spent', delta) end
+end
+local skey = P .. 'spend:' .. j.day
+local row = j.user_id .. '\\31' .. j.tenant .. '\\31' .. j.model .. '\\31' .. j.provider
+if redis.call('HEXISTS', skey, 'c\\31' .. row) == 1 then
+  redis.call('HINCRBY', skey, 'c\\31' .. row, delta)
+  redis.call('HINCRBY', skey, 'i\\31' .. row, tonumber(ARGV[2]) - tonumber(j.tokens_in))
+  redis.call('HINCRBY', skey, 'o\\31' .. row, tonumber(ARGV[3]) - tonumber(j.tokens_out))
+end
+return before
+"""
+
 _DELETE_USER = """
 if redis.call('HGET', KEYS[1], 'deleted') ~= '0' then return 0 end
 redis.call('HSET', KEYS[1], 'deleted', '1', 'deleted_at', ARGV[1])
@@ -438,6 +486,8 @@ class RedisStateStore(StateStore):
             self._lease_acquire = self._r.register_script(_LEASE_ACQUIRE)
             self._lease_release = self._r.register_script(_LEASE_RELEASE)
             self._lease_renew = self._r.register_script(_LEASE_RENEW)
+            self._record_job = self._r.register_script(_RECORD_JOB)
+            self._true_up_job = self._r.register_script(_TRUE_UP_JOB)
         except (redis.RedisError, ValueError) as e:
             raise StoreUnavailable(f"Redis state store {self._url_for_errors}: {e}") from e
         self.ping()
@@ -719,6 +769,78 @@ class RedisStateStore(StateStore):
         return rows
 
     # -- rate windows --------------------------------------------------------------------------
+    # -- asynchronous jobs ---------------------------------------------------------------------
+    @staticmethod
+    def _job_from(fields: dict[str, str]) -> JobRecord:
+        def opt(name: str) -> int | None:
+            v = fields.get(name)
+            return None if v in (None, "") else _int(v)
+
+        return JobRecord(
+            provider=fields["provider"],
+            job_id=fields["job_id"],
+            user_id=fields["user_id"],
+            tenant=fields.get("tenant", ""),
+            model=fields.get("model", ""),
+            reservation_id=fields.get("reservation_id", ""),
+            charged=_int(fields["charged"]),
+            tokens_in=_int(fields.get("tokens_in", 0)),
+            tokens_out=_int(fields.get("tokens_out", 0)),
+            created_us=_int(fields.get("created_us", 0)),
+            day=fields.get("day", ""),
+            period=fields.get("period", ""),
+            tenant_period=fields.get("tenant_period", ""),
+            cost=opt("cost"),
+            trued_up_us=opt("trued_up_us"),
+            request_id=fields.get("request_id", ""),
+        )
+
+    def record_job(self, job: JobRecord) -> bool:
+        with self._guard():
+            return bool(
+                self._record_job(
+                    keys=[self._k("job", job.provider, job.job_id), self._k("res", job.reservation_id)],
+                    args=[
+                        job.provider,
+                        job.job_id,
+                        job.model,
+                        job.reservation_id,
+                        job.charged,
+                        job.tokens_in,
+                        job.tokens_out,
+                        job.created_us,
+                    ],
+                )
+            )
+
+    def job(self, provider: str, job_id: str) -> JobRecord | None:
+        with self._guard():
+            fields = self._r.hgetall(self._k("job", provider, job_id))
+        return self._job_from(fields) if fields else None
+
+    def put_job_object(self, provider: str, key: str, record: Mapping[str, Any]) -> bool:
+        with self._guard():
+            return bool(
+                self._r.set(self._k("jobobj", provider, key), json.dumps(dict(record)), nx=True)
+            )
+
+    def job_object(self, provider: str, key: str) -> dict[str, Any] | None:
+        with self._guard():
+            raw = self._r.get(self._k("jobobj", provider, key))
+        return json.loads(raw) if raw else None
+
+    def true_up_job(
+        self, provider: str, job_id: str, cost: int, tokens_in: int, tokens_out: int, now_us: int
+    ) -> JobRecord | None:
+        with self._guard():
+            out = self._true_up_job(
+                keys=[self._k("job", provider, job_id)],
+                args=[cost, tokens_in, tokens_out, now_us, self.prefix],
+            )
+        if not out:
+            return None
+        return self._job_from({out[i]: out[i + 1] for i in range(0, len(out), 2)})
+
     def rate_hit(self, key: str, limit: int, window_us: int, now_us: int) -> RateHit:
         member = f"{now_us}:{uuid.uuid4().hex[:12]}"  # requests in the same microsecond stay apart
         with self._guard():

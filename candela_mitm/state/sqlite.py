@@ -20,6 +20,7 @@ from candela_mitm.state.ports import (
     BatchAborted,
     DayTotals,
     GrantRow,
+    JobRecord,
     KeyRecord,
     Lease,
     NewReservation,
@@ -42,7 +43,8 @@ from candela_mitm.state.ports import (
 # the whole window's log); 3: reservations name their model and provider (a reservation settled
 # at the next start, after its process died, is recorded under them); 4: budget periods and
 # tenant budgets (reservations name their user and tenant period rows; tenants, tenant_periods);
-# 5: token windows (token_log) and concurrency leases (leases); 6: api_keys; 7: budget_alerts.
+# 5: token windows (token_log) and concurrency leases (leases); 6: api_keys; 7: budget_alerts,
+# jobs and job_objects.
 SCHEMA_VERSION = 7
 
 # Commits made without waiting (on the event loop) between two WAL checkpoints: each commit adds
@@ -164,6 +166,33 @@ _SCHEMA = (
     ) WITHOUT ROWID""",
     "CREATE TABLE IF NOT EXISTS rate_log (key TEXT NOT NULL, ts INTEGER NOT NULL)",
     "CREATE INDEX IF NOT EXISTS rate_log_by_key ON rate_log (key, ts)",
+    # asynchronous jobs created through Candela: their owner and creation charge, until a true-up
+    """CREATE TABLE IF NOT EXISTS jobs (
+        provider TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        model TEXT NOT NULL,
+        reservation_id TEXT NOT NULL,
+        charged INTEGER NOT NULL,
+        tokens_in INTEGER NOT NULL,
+        tokens_out INTEGER NOT NULL,
+        created_us INTEGER NOT NULL,
+        day TEXT NOT NULL,
+        period TEXT NOT NULL,
+        tenant_period TEXT NOT NULL,
+        cost INTEGER,
+        trued_up_us INTEGER,
+        request_id TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (provider, job_id)
+    ) WITHOUT ROWID""",
+    # the objects jobs are made from or make (a batch's input and output files), by key
+    """CREATE TABLE IF NOT EXISTS job_objects (
+        provider TEXT NOT NULL,
+        key TEXT NOT NULL,
+        record TEXT NOT NULL,
+        PRIMARY KEY (provider, key)
+    ) WITHOUT ROWID""",
     # how many rate_log rows each key has, kept in the same transaction as every change to them
     """CREATE TABLE IF NOT EXISTS rate_count (
         key TEXT PRIMARY KEY,
@@ -833,6 +862,99 @@ class SqliteStateStore(StateStore):
         with self._tx(write=False) as c:
             rows = c.execute(query + " ORDER BY day, user_id, tenant, model, provider", args)
             return [SpendRow(*r) for r in rows.fetchall()]
+
+    # -- asynchronous jobs ---------------------------------------------------------------------
+    _JOB_COLUMNS = (
+        "provider, job_id, user_id, tenant, model, reservation_id, charged, tokens_in, "
+        "tokens_out, created_us, day, period, tenant_period, cost, trued_up_us, request_id"
+    )
+
+    def record_job(self, job: JobRecord) -> bool:
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO jobs (provider, job_id, user_id, tenant, model, "
+                "reservation_id, charged, tokens_in, tokens_out, created_us, day, period, "
+                "tenant_period, request_id) SELECT ?, ?, user_id, tenant, ?, reservation_id, ?, ?, "
+                "?, ?, day, CASE period WHEN '' THEN day ELSE period END, tenant_period, "
+                "request_id FROM reservations WHERE reservation_id = ?",
+                (
+                    job.provider,
+                    job.job_id,
+                    job.model,
+                    job.charged,
+                    job.tokens_in,
+                    job.tokens_out,
+                    job.created_us,
+                    job.reservation_id,
+                ),
+            )
+            return cur.rowcount == 1
+
+    def job(self, provider: str, job_id: str) -> JobRecord | None:
+        with self._tx(write=False) as c:
+            row = c.execute(
+                f"SELECT {self._JOB_COLUMNS} FROM jobs WHERE provider = ? AND job_id = ?",
+                (provider, job_id),
+            ).fetchone()
+        return JobRecord(*row) if row else None
+
+    def put_job_object(self, provider: str, key: str, record: Mapping[str, Any]) -> bool:
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO job_objects (provider, key, record) VALUES (?, ?, ?)",
+                (provider, key, json.dumps(dict(record))),
+            )
+            return cur.rowcount == 1
+
+    def job_object(self, provider: str, key: str) -> dict[str, Any] | None:
+        with self._tx(write=False) as c:
+            row = c.execute(
+                "SELECT record FROM job_objects WHERE provider = ? AND key = ?", (provider, key)
+            ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def true_up_job(
+        self, provider: str, job_id: str, cost: int, tokens_in: int, tokens_out: int, now_us: int
+    ) -> JobRecord | None:
+        with self._tx() as c:
+            row = c.execute(
+                f"SELECT {self._JOB_COLUMNS} FROM jobs WHERE provider = ? AND job_id = ? "
+                "AND trued_up_us IS NULL",
+                (provider, job_id),
+            ).fetchone()
+            if row is None:
+                return None
+            job = JobRecord(*row)
+            delta = cost - job.charged
+            c.execute(
+                "UPDATE jobs SET cost = ?, trued_up_us = ? WHERE provider = ? AND job_id = ?",
+                (cost, now_us, provider, job_id),
+            )
+            c.execute(
+                "UPDATE days SET spent = spent + ? WHERE user_id = ? AND day = ?",
+                (delta, job.user_id, job.period),
+            )
+            if job.tenant_period:
+                c.execute(
+                    "UPDATE tenant_periods SET spent = spent + ? WHERE tenant = ? AND period = ?",
+                    (delta, job.tenant, job.tenant_period),
+                )
+            c.execute(
+                "UPDATE spend SET cost = cost + ?, tokens_in = tokens_in + ?, "
+                "tokens_out = tokens_out + ? WHERE day = ? AND user_id = ? AND tenant = ? "
+                "AND model = ? AND provider = ?",
+                (
+                    delta,
+                    tokens_in - job.tokens_in,
+                    tokens_out - job.tokens_out,
+                    job.day,
+                    job.user_id,
+                    job.tenant,
+                    job.model,
+                    job.provider,
+                ),
+            )
+            return job
 
     # -- rate windows --------------------------------------------------------------------------
     def rate_hit(self, key: str, limit: int, window_us: int, now_us: int) -> RateHit:

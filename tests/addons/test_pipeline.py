@@ -49,6 +49,7 @@ HOOK_ORDER: dict[str, list[str]] = {
         "Metrics",  # GET /metrics, once Auth has said who asks: admins only
         "Admin",
         "ModelPolicy",
+        "Jobs",  # a job's result only to its creator (403 job_not_owned)
         "WebSocket",
         "RateLimit",
         "Budget",
@@ -67,6 +68,7 @@ HOOK_ORDER: dict[str, list[str]] = {
         "AuditStart",
         "ConnLimits",  # the exchange ended: the connection's idle deadline starts
         "Metrics",
+        "Jobs",  # records a job under its reservation before Budget settles it; trues up reads
         "WebSocket",  # an upgrade answered with anything but 101 gives its session lease back
         "RateLimit",
         "Budget",

@@ -173,3 +173,32 @@ def test_claude_codes_head_probe_is_answered_here_without_a_credential(tctx, run
     assert f.response.status_code == 200 and f.response.content == b""
     f = run(router, make_flow("/proxy/anthropic-direct/api/claude_code/settings", method="GET"))
     assert error_of(f) == (404, "endpoint_not_governed")
+
+
+MULTIPART = {"content-type": "multipart/form-data; boundary=b"}
+UPLOAD = b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--b--\r\n'
+
+
+def test_a_batch_input_upload_is_planned_without_being_parsed_as_json(tctx, runtime):
+    router = Router(runtime({**BASE, "governance": {"async_jobs": "reserve"}}))
+    f = run(router, make_flow("/proxy/openai/v1/files", raw=UPLOAD, headers=MULTIPART))
+    assert f.response is None  # addons/jobs.py reads it
+    c = ctx_of(f)
+    assert c.body is None and c.plan.operation.billing == "batch_input"
+
+
+@pytest.mark.parametrize(
+    "path, headers, cfg, expected",
+    [
+        # only the batch_input row takes multipart; elsewhere it is still not JSON
+        ("/proxy/openai/v1/chat/completions", MULTIPART, {"async_jobs": "reserve"}, (400, "bad_request")),
+        # a multipart upload that is not declared so is not JSON either
+        ("/proxy/openai/v1/files", {}, {"async_jobs": "reserve"}, (400, "bad_request")),
+        # under async_jobs: refuse, uploads are not governed
+        ("/proxy/openai/v1/files", MULTIPART, {}, (404, "endpoint_not_governed")),
+    ],
+)
+def test_multipart_is_taken_only_by_a_governed_batch_upload(tctx, runtime, path, headers, cfg, expected):
+    router = Router(runtime({**BASE, "governance": cfg}))
+    f = run(router, make_flow(path, raw=UPLOAD, headers=headers))
+    assert error_of(f) == expected

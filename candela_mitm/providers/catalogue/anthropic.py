@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .operation import Operation, async_job, free, local, metered, refused
+from .operation import Operation, async_job, free, job_result, local, metered, refused
+
+_JOB = "only the user who created the batch through Candela (or an admin) reads it"
 
 ANTHROPIC_DIRECT: tuple[Operation, ...] = (
     # method and path                         operation              model / reader / streams
@@ -14,8 +16,15 @@ ANTHROPIC_DIRECT: tuple[Operation, ...] = (
             model="body", reader="openai", stream="body_flag"),
     free("GET", "/v1/models", "models.list"),
     free("GET", "/v1/models/{model}", "models.get", model="path"),
-    async_job("POST", "/v1/messages/batches", "messages.batches.create", model="none",
-              reader=None, why="a batch names a model per request: its cost cannot be estimated here"),
+    # every request's model is checked; the sum of their most (at the batch price) is reserved
+    async_job("POST", "/v1/messages/batches", "messages.batches.create", model="batch",
+              reader="anthropic", why="a batch of Messages requests, run later",
+              job="anthropic.batch"),
+    job_result("/v1/messages/batches/{job_id}", "messages.batches.retrieve", job="anthropic.batch",
+               why=_JOB),
+    # the JSONL of results, each with its usage: trues the batch's charge up
+    job_result("/v1/messages/batches/{job_id}/results", "messages.batches.results",
+               job="anthropic.batch", why=_JOB, results="jsonl"),
     # Claude Code's auxiliary calls to api.anthropic.com: never with the organisation's key
     local("HEAD", "/", "reachability",
           why="Claude Code's connectivity probe: Candela answers 200 itself"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .operation import Operation, async_job, free, metered, refused, session
+from .operation import Operation, async_job, free, job_result, metered, refused, session
 
 _OTHERS = "reads objects other users created with the organisation's credential"
 
@@ -22,9 +22,14 @@ def _native(v: str) -> tuple[Operation, ...]:
         metered("POST", f"/{v}/models/{{model}}:batchEmbedContents", "batchEmbedContents",
                 model="path", reader=None, estimate="prompt"),
         async_job("POST", f"/{v}/models/{{model}}:batchGenerateContent", "batchGenerateContent",
-                  model="path", reader="gemini", why="a batch is queued and read later"),
+                  model="path", reader="gemini", why="a batch is queued and read later",
+                  job="gemini.batch"),
         free("GET", f"/{v}/models", "models.list"),
         free("GET", f"/{v}/models/{{model}}", "models.get", model="path"),
+        # the batch's operation, read by its creator: its inlined responses' usage trues it up
+        job_result(f"/{v}/batches/{{job_id}}", "batches.get", job="gemini.batch",
+                   why="only the user who created the batch through Candela (or an admin) "
+                       "reads it"),
         refused("GET", f"/{v}/batches{{rest*}}", "batches.read", why=_OTHERS),
         refused("GET", f"/{v}/files{{rest*}}", "files", why=_OTHERS),
         refused("GET", f"/{v}/cachedContents{{rest*}}", "cachedContents", why=_OTHERS),

@@ -10,8 +10,10 @@ from typing import Literal
 # Where the model is read: the JSON body's "model" (required or optional), the path's {model}
 # (percent-decoded), the query's ?model= (a WebSocket upgrade: OpenAI Realtime), the session's
 # frames (a WebSocket whose setup or response.create frame names it: checked frame by frame by
-# addons/websocket.py), or nowhere.
-ModelSource = Literal["body", "body_optional", "path", "query", "frame", "none"]
+# addons/websocket.py), every request of a batch body (`requests[].params.model`: Anthropic's
+# Message Batches; each checked by the model policy), the uploaded input file a batch names
+# (`input_file_id`: OpenAI's Batch API; the models Candela read at the upload), or nowhere.
+ModelSource = Literal["body", "body_optional", "path", "query", "frame", "batch", "file", "none"]
 # The pre-flight estimate reserved before forwarding: prompt (the body's text, images counted
 # apart) plus the most output the request may produce; prompt only (embeddings: no output
 # tokens); or none (nothing is reserved: a free read).
@@ -27,8 +29,21 @@ Streams = Literal["always", "body_flag", "body_flag_default_on", "never"]
 # governance.async_jobs is reserve, then charged its reservation; local: answered by Candela
 # itself, never forwarded; refused: named here so that a reader sees why it is not forwarded;
 # allowed: an operator's `providers.<route>.allow` read, forwarded unmetered; session: a WebSocket
-# upgrade, metered frame by frame (a reservation slice topped up per usage frame).
-Billing = Literal["metered", "free", "async", "local", "refused", "allowed", "session"]
+# upgrade, metered frame by frame (a reservation slice topped up per usage frame); job_result:
+# the result of an async job created through Candela, forwarded only to its creator (or an
+# admin), free, and its final usage trues up the job's charge (addons/jobs.py).
+# batch_input: the upload of a batch's input file (OpenAI's `POST /v1/files`, purpose batch):
+# forwarded free once every line's model passed the policy, its most cost recorded for the batch.
+Billing = Literal[
+    "metered", "free", "async", "local", "refused", "allowed", "session", "job_result",
+    "batch_input",
+]
+# The kind of async job an operation creates (async rows) or reads (job_result rows): where its
+# id is in the creation answer and where its final usage is in the result
+# (providers/usage.py: job_id_from, job_final_usage).
+JobKind = Literal[
+    "openai.response", "openai.run", "openai.batch", "gemini.batch", "anthropic.batch"
+]
 # The JSON events a WebSocket session speaks (providers/realtime.py reads each).
 Protocol = Literal["openai-realtime", "openai-responses", "gemini-live"]
 
@@ -48,6 +63,10 @@ class Operation:
     why: str = ""  # for refused rows and anything a reader would ask about
     # a WebSocket operation: matched only by an upgrade request (and an upgrade matches nothing else)
     protocol: Protocol | None = None
+    job: JobKind | None = None  # the async job it creates or whose result it reads
+    # a job_result row's answer: one JSON document, a JSONL file of per-request results (its
+    # {job_id} the job's), or a batch's output file (its {job_id} the file's: OpenAI's)
+    results: Literal["json", "jsonl", "output_file"] = "json"
 
     @property
     def key(self) -> str:
@@ -72,6 +91,7 @@ def metered(
     async_flag: str | None = None,
     translate: Literal["openai-anthropic"] | None = None,
     why: str = "",
+    job: JobKind | None = None,
 ) -> Operation:
     return Operation(
         method,
@@ -85,6 +105,7 @@ def metered(
         async_flag=async_flag,
         translate=translate,
         why=why,
+        job=job,
     )
 
 
@@ -105,7 +126,14 @@ def free(
 
 
 def async_job(
-    method: str, template: str, name: str, *, model: ModelSource, reader: Reader | None, why: str
+    method: str,
+    template: str,
+    name: str,
+    *,
+    model: ModelSource,
+    reader: Reader | None,
+    why: str,
+    job: JobKind | None = None,
 ) -> Operation:
     return Operation(
         method,
@@ -116,7 +144,28 @@ def async_job(
         reader=reader,
         billing="async",
         why=why,
+        job=job,
     )
+
+
+def job_result(
+    template: str,
+    name: str,
+    *,
+    job: JobKind,
+    why: str,
+    results: Literal["json", "jsonl", "output_file"] = "json",
+) -> Operation:
+    """GET of an async job's result: `{job_id}` names it; only its creator (or an admin) reads it."""
+    return Operation(
+        "GET", template, name, billing="job_result", why=why, job=job, results=results
+    )
+
+
+def batch_input(template: str, name: str, *, job: JobKind, why: str) -> Operation:
+    """The multipart upload of a batch's input file: read (bounded, off the event loop) and
+    checked line by line before it is forwarded (addons/jobs.py)."""
+    return Operation("POST", template, name, billing="batch_input", why=why, job=job)
 
 
 def local(method: str, template: str, name: str, *, why: str) -> Operation:

@@ -244,3 +244,28 @@ def _reference_chars(node):
 )
 def test_numbers_in_lists_count_as_their_characters(body):
     assert scan(body).chars == _reference_chars(body)
+
+
+def test_a_batch_reserves_the_sum_of_its_requests_at_the_batch_price():
+    from candela_mitm.config import parse_config
+    from candela_mitm.governance.estimate import estimate_batch_cost
+
+    table = PricingTable.from_config(parse_config({}))
+    one = {"model": "claude-sonnet-4-5", "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]}
+    two = {"model": "claude-haiku-4-5", "max_tokens": 200, "messages": [{"role": "user", "content": "ho"}]}
+    sonnet, haiku = table.get("claude-sonnet-4-5"), table.get("claude-haiku-4-5")
+    assert sonnet is not None and haiku is not None
+    assert sonnet.batch_priced() and haiku.batch_priced()  # genai-prices knows Anthropic's batch price
+    total = estimate_batch_cost([("claude-sonnet-4-5", one), ("claude-haiku-4-5", two)], 4096, table.get)
+    listed = estimate_cost(one, 1000, 4096, sonnet) + estimate_cost(two, 200, 4096, haiku)
+    assert total == pytest.approx(listed / 2)  # Anthropic's batches: half the list price
+    # a model with no known batch price is reserved at its list price
+    custom = PricingTable.from_config(parse_config({"pricing": {"house-model": {"input": 1.0, "output": 2.0}}}))
+    price = custom.get("house-model")
+    assert price is not None and not price.batch_priced()
+    body = {"model": "house-model", "max_tokens": 100, "messages": [{"role": "user", "content": "x"}]}
+    assert estimate_batch_cost([("house-model", body)], 4096, custom.get) == pytest.approx(
+        estimate_cost(body, 100, 4096, price)
+    )
+    with pytest.raises(KeyError):
+        estimate_batch_cost([("nobody-knows", body)], 4096, custom.get)

@@ -733,3 +733,104 @@ def test_processes_never_overbook_a_tenant(backend: Any) -> None:
     assert sum(ok for _, ok in results) == 7
     status = Ledger(store, clock=fixed(T0)).tenant_status("team", 0.7, BudgetPeriod("monthly"))
     assert status.reserved_usd == pytest.approx(0.7) and status.remaining_usd == 0.0
+
+
+# -- asynchronous jobs: recorded at creation, trued up once when their result is read ----------
+
+
+def _job(ledger: Ledger, amount: float = 2.0, job_id: str = "resp_1") -> Reservation:
+    """A job created under a reservation of `amount`, charged that amount (as a queued job is)."""
+    r = reserve(ledger, amount, 10.0, model="gpt-4o", provider="openai")
+    assert isinstance(r, Reservation)
+    assert ledger.record_job(r, "openai", job_id, "gpt-4o", amount, 40, 0)
+    assert ledger.settle(r, amount, 40, 0, "gpt-4o", "openai").applied
+    return r
+
+
+@pytest.mark.parametrize(
+    ("real", "spent_after"),
+    [
+        pytest.param(0.5, 0.5, id="refund-the-difference"),
+        pytest.param(3.5, 3.5, id="charge-the-extra"),
+        pytest.param(2.0, 2.0, id="exactly-reserved"),
+    ],
+)
+def test_true_up_corrects_the_charge_to_the_real_cost(
+    ledger: Ledger, real: float, spent_after: float
+) -> None:
+    _job(ledger)
+    assert ledger.status(U, 10.0).spent_usd == pytest.approx(2.0)
+    t = ledger.true_up_job("openai", "resp_1", real, 100, 900)
+    assert t is not None
+    assert t.charged_usd == pytest.approx(2.0) and t.cost_usd == pytest.approx(real)
+    assert t.adjustment_usd == pytest.approx(real - 2.0)
+    assert t.job.user_id == U and t.job.tenant == "research-team" and t.job.model == "gpt-4o"
+    assert t.job.request_id == "req-1"  # the creating request's span, from its reservation
+    status = ledger.status(U, 10.0)
+    assert status.spent_usd == pytest.approx(spent_after)
+    assert status.remaining_usd == pytest.approx(10.0 - spent_after)
+    # the tenant's row and the spend row (one request, the real tokens) follow
+    assert ledger.tenant_status("research-team", 100.0).spent_usd == pytest.approx(spent_after)
+    [row] = ledger.usage(user=U)
+    assert (row.spend_usd, row.tokens_in, row.tokens_out, row.requests) == (
+        pytest.approx(spent_after), 100, 900, 1,
+    )
+    job = ledger.job("openai", "resp_1")
+    assert job is not None and job.trued_up_us is not None
+    assert job.cost == round(real * 1e9)
+
+
+def test_true_up_happens_once(ledger: Ledger) -> None:
+    _job(ledger)
+    assert ledger.true_up_job("openai", "resp_1", 0.5, 10, 10) is not None
+    assert ledger.true_up_job("openai", "resp_1", 0.1, 10, 10) is None  # a second read: nothing
+    assert ledger.status(U, 10.0).spent_usd == pytest.approx(0.5)
+    assert ledger.true_up_job("openai", "unknown", 0.1, 1, 1) is None
+    assert ledger.true_up_job("google", "resp_1", 0.1, 1, 1) is None  # jobs are per route
+
+
+def test_a_job_is_recorded_once_and_only_under_a_known_reservation(ledger: Ledger) -> None:
+    r = _job(ledger)
+    assert not ledger.record_job(r, "openai", "resp_1", "gpt-4o", 9.0, 1, 1)  # known: unchanged
+    job = ledger.job("openai", "resp_1")
+    assert job is not None and job.charged == 2_000_000_000 and job.reservation_id == r.id
+    ghost = Reservation("r_missing", U, None, 1.0, "2026-05-17", "req", "o", T0, 1.0)
+    assert not ledger.record_job(ghost, "openai", "resp_2", "gpt-4o", 1.0, 1, 1)
+    assert ledger.job("openai", "resp_2") is None
+
+
+def test_a_job_never_read_stays_charged_its_reservation(ledger: Ledger) -> None:
+    _job(ledger, 2.0)
+    assert ledger.status(U, 10.0).spent_usd == pytest.approx(2.0)
+    job = ledger.job("openai", "resp_1")
+    assert job is not None and job.trued_up_us is None and job.cost is None
+
+
+def test_concurrent_true_ups_apply_once(backend: Any) -> None:
+    """Two readers (each its own store connection, as two workers) race: one true-up applies."""
+    first = Ledger(backend.open(), clock=fixed(T0))
+    _job(first, 2.0)
+    ledgers = [Ledger(backend.open(), clock=fixed(T0)) for _ in range(4)]
+    barrier = threading.Barrier(len(ledgers))
+    results: list[Any] = []
+
+    def read(ledger: Ledger) -> None:
+        barrier.wait()
+        results.append(ledger.true_up_job("openai", "resp_1", 0.25, 5, 5))
+
+    threads = [threading.Thread(target=read, args=(lg,)) for lg in ledgers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r is not None for r in results) == 1
+    assert first.status(U, 10.0).spent_usd == pytest.approx(0.25)
+
+
+def test_job_objects_keep_their_first_record(ledger: Ledger) -> None:
+    rec = {"user_id": U, "tenant": "t", "models": ["gpt-4o"], "estimate_usd": 1.5}
+    assert ledger.job_object("openai", "file:f1") is None
+    assert ledger.record_job_object("openai", "file:f1", rec)
+    assert not ledger.record_job_object("openai", "file:f1", {**rec, "user_id": "mallory"})
+    assert ledger.job_object("openai", "file:f1") == rec
+    assert ledger.job_object("google", "file:f1") is None  # per route

@@ -324,12 +324,15 @@ def test_gemini_on_vertex_is_read_by_the_gemini_reader_not_the_routes():
     "route, method, path, body, reason_part",
     [
         ("openai", "GET", "/v1/files", None, "other users"),
-        ("openai", "GET", "/v1/files/file-abc/content", None, "other users"),
+        ("openai", "GET", "/v1/files/file-abc/content", None, "async_jobs: reserve"),
+        ("openai", "GET", "/v1/files/file-abc", None, "other users"),
         ("openai", "GET", "/v1/batches", None, "other users"),
-        ("openai", "GET", "/v1/batches/batch_1", None, "other users"),
+        ("openai", "GET", "/v1/batches/batch_1", None, "async_jobs: reserve"),
+        ("openai", "GET", "/v1/batches", None, "other users"),
         ("openai", "GET", "/v1/chat/completions", None, "other users"),
         ("openai", "GET", "/v1/chat/completions/chatcmpl-1/messages", None, "other users"),
-        ("openai", "GET", "/v1/responses/resp_1", None, "other users"),
+        ("openai", "GET", "/v1/responses/resp_1", None, "async_jobs: reserve"),
+        ("openai", "GET", "/v1/responses/resp_1/input_items", None, "other users"),
         # a WebSocket operation without the upgrade: no HTTP row answers it
         ("openai", "GET", "/v1/realtime?model=gpt-4o-realtime-preview", None, None),
         ("openai", "DELETE", "/v1/files/file-abc", {"model": "gpt-4o"}, None),
@@ -341,12 +344,14 @@ def test_gemini_on_vertex_is_read_by_the_gemini_reader_not_the_routes():
         ("openai", "POST", "/v1/threads/thread_1/runs", {"assistant_id": "a"}, "async"),
         ("openai", "POST", "/v1/threads/runs", {"assistant_id": "a"}, "async"),
         ("google", "POST", "/v1beta/models/gemini-2.5-flash:batchGenerateContent", {"batch": {}}, "async"),
-        ("google", "GET", "/v1beta/batches/b1", None, "other users"),
+        ("google", "GET", "/v1beta/batches/b1", None, "async_jobs: reserve"),
+        ("google", "GET", "/v1beta/batches", None, "other users"),
         ("google", "GET", "/v1beta/files", None, "other users"),
         ("google", "GET", "/v1beta/cachedContents/c1", None, "other users"),
         ("google", "POST", "/v1beta/tunedModels/x:generateContent", GEN, None),
         ("anthropic-direct", "POST", "/v1/messages/batches", {"requests": []}, "async"),
-        ("anthropic-direct", "GET", "/v1/messages/batches/msgbatch_1/results", None, "other users"),
+        ("anthropic-direct", "GET", "/v1/messages/batches/msgbatch_1/results", None, "async_jobs: reserve"),
+        ("anthropic-direct", "GET", "/v1/messages/batches", None, "other users"),
         ("anthropic-direct", "GET", "/v1/files", None, "other users"),
         ("anthropic-direct", "GET", "/api/claude_code/organizations/metrics_enabled", None, "organisation"),
         ("anthropic-direct", "GET", "/api/claude_code/settings", None, "organisation"),
@@ -395,16 +400,87 @@ def test_async_jobs_reserve_forwards_them_charged_at_their_reservation():
 
 
 @pytest.mark.parametrize(
-    "route, path, body",
+    "rest, name, job_id, kind",
     [
-        ("openai", "/v1/batches", {"input_file_id": "f"}),  # the model is in a file: no estimate
-        ("anthropic-direct", "/v1/messages/batches", {"requests": []}),
+        ("/v1/responses/resp_abc", "responses.retrieve", "resp_abc", "openai.response"),
+        ("/v1/threads/thread_1/runs/run_abc", "assistants.runs.retrieve", "run_abc", "openai.run"),
+        ("google:/v1beta/batches/b_123", "batches.get", "b_123", "gemini.batch"),
+        ("google:/v1/batches/b_123", "batches.get", "b_123", "gemini.batch"),
+        ("anthropic-direct:/v1/messages/batches/msgbatch_1", "messages.batches.retrieve", "msgbatch_1", "anthropic.batch"),
+        ("/v1/batches/batch_1", "batches.retrieve", "batch_1", "openai.batch"),
+        ("/v1/files/file-out/content", "files.content", "file-out", "openai.batch"),
+        ("anthropic-direct:/v1/messages/batches/msgbatch_1/results", "messages.batches.results", "msgbatch_1", "anthropic.batch"),
     ],
 )
-def test_async_jobs_without_an_estimable_cost_stay_refused_under_reserve(route, path, body):
-    p = plan(route, "POST", path, body, async_jobs="reserve")
-    assert isinstance(p, Denial) and p.error == "endpoint_not_governed"
-    assert "cannot be estimated" in p.fields["reason"]
+def test_a_jobs_result_is_read_only_under_reserve_unmetered_naming_the_job(rest, name, job_id, kind):
+    route, _, rest = rest.rpartition(":")
+    route = route or "openai"
+    p = plan(route, "GET", rest, None, async_jobs="reserve")
+    assert isinstance(p, ForwardPlan) and p.operation.name == name
+    assert p.operation.billing == "job_result" and p.operation.job == kind
+    assert p.job_id == job_id and not p.metered and p.model is None and p.response_wire is None
+    d = plan(route, "GET", rest, None)  # async_jobs: refuse: no job is recorded to read
+    assert isinstance(d, Denial) and d.error == "endpoint_not_governed"
+    # what else hangs off a response stays refused: the row names the job only
+    d = plan(route, "GET", rest + "/input_items", None, async_jobs="reserve")
+    assert isinstance(d, Denial) and d.error == "endpoint_not_governed"
+
+
+def test_every_job_creation_has_its_result_row():
+    """A job Candela records can be read (and trued up) through Candela."""
+    for route, ops in CATALOGUE.items():
+        created = {op.job for op in ops if op.job and op.billing != "job_result"}
+        read = {op.job for op in ops if op.billing == "job_result"}
+        assert created == read, route
+
+
+def test_an_openai_batch_and_its_input_file_are_planned_under_reserve_only():
+    p = plan("openai", "POST", "/v1/batches", {"input_file_id": "file-1", "endpoint": "/v1/chat/completions",
+                                               "completion_window": "24h"}, async_jobs="reserve")
+    assert isinstance(p, ForwardPlan) and p.operation.billing == "async" and p.operation.model == "file"
+    assert p.operation.job == "openai.batch" and p.model is None  # the file's models: addons/jobs.py
+    u = plan("openai", "POST", "/v1/files", None, async_jobs="reserve")
+    assert isinstance(u, ForwardPlan) and u.operation.billing == "batch_input" and not u.metered
+    for path, body in (("/v1/batches", {"input_file_id": "f"}), ("/v1/files", None)):
+        d = plan("openai", "POST", path, body)  # async_jobs: refuse
+        assert isinstance(d, Denial) and d.error == "endpoint_not_governed"
+
+
+def _batch(*models_and_max: tuple[str, object]) -> dict:
+    return {"requests": [
+        {"custom_id": f"r{i}", "params": {"model": m, "max_tokens": n,
+                                          "messages": [{"role": "user", "content": "hi"}]}}
+        for i, (m, n) in enumerate(models_and_max)
+    ]}
+
+
+def test_an_anthropic_batch_is_planned_with_every_requests_model():
+    body = _batch(("claude-sonnet-4-5", 100), ("claude-haiku-4-5", 50), ("claude-sonnet-4-5", 10))
+    p = plan("anthropic-direct", "POST", "/v1/messages/batches", body, async_jobs="reserve")
+    assert isinstance(p, ForwardPlan) and p.operation.billing == "async"
+    assert p.operation.job == "anthropic.batch" and p.model == "claude-sonnet-4-5"
+    assert p.batch is not None and [m for m, _ in p.batch] == [
+        "claude-sonnet-4-5", "claude-haiku-4-5", "claude-sonnet-4-5"]
+    assert p.batch[1][1]["max_tokens"] == 50
+    d = plan("anthropic-direct", "POST", "/v1/messages/batches", body)  # async_jobs: refuse
+    assert isinstance(d, Denial) and d.error == "endpoint_not_governed"
+
+
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        ({"requests": []}, "non-empty"),
+        ({}, "non-empty"),
+        ({"requests": [{"custom_id": "a"}]}, "requests[0].params.model"),
+        (_batch(("claude-sonnet-4-5", 10), ("", 10)), "requests[1].params.model"),
+        (_batch(("claude-sonnet-4-5", None)), "requests[0].params.max_tokens"),
+        (_batch(("claude-sonnet-4-5", True)), "requests[0].params.max_tokens"),
+        (_batch(("claude-sonnet-4-5", 0)), "requests[0].params.max_tokens"),
+    ],
+)
+def test_an_anthropic_batch_needs_a_model_and_max_tokens_per_request(body, why):
+    d = plan("anthropic-direct", "POST", "/v1/messages/batches", body, async_jobs="reserve")
+    assert isinstance(d, Denial) and d.error == "bad_request" and why in d.message
 
 
 def test_claude_codes_reachability_probe_is_answered_by_candela():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -157,7 +159,74 @@ def _vertex_anthropic(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
 
 
 _named("anthropic.models")(_anthropic_models)  # GET /v1/models with an anthropic-version
+def _batch_object(
+    bid: str, n: int, ended: bool, results_url: str | None
+) -> dict[str, Any]:
+    """A MessageBatch (anthropic.types.messages.MessageBatch)."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+    counts = {"processing": 0 if ended else n, "succeeded": n if ended else 0, "errored": 0,
+              "canceled": 0, "expired": 0}
+    return {
+        "id": bid,
+        "type": "message_batch",
+        "processing_status": "ended" if ended else "in_progress",
+        "request_counts": counts,
+        "ended_at": now if ended else None,
+        "created_at": now,
+        "expires_at": now,
+        "archived_at": None,
+        "cancel_initiated_at": None,
+        "results_url": results_url,
+    }
+
+
+def _anthropic_batch(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
+    """POST /v1/messages/batches: in progress; GET serves it ended, its results one line per
+    request (each a succeeded Message with the knobs' usage, under the request's model)."""
+    reqs = ctx.body.get("requests")
+    if not isinstance(reqs, list) or not reqs:
+        return _bad_request("anthropic", "requests: Field required")
+    bid = _id("msgbatch_")
+    k = ctx.knobs
+    lines = []
+    for req in reqs:
+        params = req.get("params") or {}
+        lines.append(json.dumps({
+            "custom_id": req.get("custom_id"),
+            "result": {"type": "succeeded",
+                       "message": _anthropic_message(str(params.get("model")), k, _id("msg_"))},
+        }))
+    host = ctx.rec.headers.get("host", "api.anthropic.com")
+    results_url = f"http://{host}/v1/messages/batches/{bid}/results"
+    with fake._lock:
+        fake.objects[bid] = _batch_object(bid, len(reqs), True, results_url)
+        fake.objects[bid + "/results"] = {"jsonl": "\n".join(lines) + "\n"}
+    return _json_reply(200, _batch_object(bid, len(reqs), False, None))
+
+
+def _anthropic_batch_get(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
+    key = ctx.params["id"] + ("/results" if ctx.rec.route_path.endswith("/results") else "")
+    with fake._lock:
+        obj = fake.objects.get(key)
+    if obj is None:
+        return _json_reply(404, {"type": "error", "error": {"type": "not_found_error",
+                                                           "message": "Not found"}})
+    if "jsonl" in obj:
+        return _Reply(200, obj["jsonl"].encode(), [("Content-Type", "application/x-jsonl")])
+    return _json_reply(200, obj)
+
+
 _route("POST", r"/v1/messages", "anthropic.messages", "anthropic", "anthropic")(_anthropic_messages)
+_route("POST", r"/v1/messages/batches", "anthropic.batches", "anthropic", "anthropic")(
+    _anthropic_batch
+)
+_route("GET", r"/v1/messages/batches/(?P<id>[^/]+)", "anthropic.batches.get", "anthropic", "anthropic")(
+    _anthropic_batch_get
+)
+_route(
+    "GET", r"/v1/messages/batches/(?P<id>[^/]+)/results", "anthropic.batches.results",
+    "anthropic", "anthropic",
+)(_anthropic_batch_get)
 _route("POST", r"/v1/messages/count_tokens", "anthropic.count_tokens", "anthropic", "anthropic")(
     _anthropic_count
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,6 +85,64 @@ def _gemini_generate(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
     return _stream_reply("application/json; charset=UTF-8", json_array())
 
 
+_BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch"
+
+
+def _gemini_batch(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
+    """models/{model}:batchGenerateContent with inlined requests: a long-running operation over a
+    GenerateContentBatch, pending; GET batches/{id} serves it succeeded, each inlined response
+    with its usageMetadata (the knobs' usage per request)."""
+    batch = ctx.body.get("batch")
+    cfg = batch.get("inputConfig") or batch.get("input_config") if isinstance(batch, dict) else None
+    reqs = (cfg or {}).get("requests") if isinstance(cfg, dict) else None
+    items = reqs.get("requests") if isinstance(reqs, dict) else None
+    if not isinstance(items, list) or not items:
+        return _bad_request("google", "* batch.input_config.requests: requests is not specified")
+    model, k = ctx.params["model"], ctx.knobs
+    bid = _id("")
+    name = f"batches/{bid}"
+    now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+
+    def operation(state: str, output: dict[str, Any] | None) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "@type": _BATCH_TYPE,
+            "model": f"models/{model}",
+            "displayName": str(batch.get("displayName") or batch.get("display_name") or name),
+            "createTime": now,
+            "updateTime": now,
+            "batchStats": {"requestCount": str(len(items))},
+            "state": state,
+            "name": name,
+        }
+        if output is not None:
+            meta["output"] = output
+            meta["endTime"] = now
+        return {"name": name, "metadata": meta, **({"done": True} if output is not None else {})}
+
+    responses = [
+        {
+            "response": _gemini_chunk(k.reply_text, model, _id(""), k, k.usage.output_tokens, True),
+            **({"metadata": item["metadata"]} if isinstance(item, dict) and "metadata" in item else {}),
+        }
+        for item in items
+    ]
+    with fake._lock:
+        fake.objects[bid] = operation(
+            "BATCH_STATE_SUCCEEDED", {"inlinedResponses": {"inlinedResponses": responses}}
+        )
+    return _json_reply(200, operation("BATCH_STATE_PENDING", None))
+
+
+def _gemini_batch_get(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
+    with fake._lock:
+        op = fake.objects.get(ctx.params["id"])
+    if op is None:
+        return _json_reply(
+            404, _google_error(404, f"batches/{ctx.params['id']} is not found", "NOT_FOUND")
+        )
+    return _json_reply(200, op)
+
+
 def _gemini_models(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
     def entry(m: str) -> dict[str, Any]:
         return {
@@ -119,6 +178,16 @@ _route(
     "google",
     "google",
 )(_gemini_generate)
+_route(
+    "POST",
+    r"/(?:v1|v1beta)/models/(?P<model>[^/:]+):batchGenerateContent",
+    "gemini.batch",
+    "google",
+    "gemini",
+)(_gemini_batch)
+_route("GET", r"/(?:v1|v1beta)/batches/(?P<id>[^/:]+)", "gemini.batch.get", "google", "gemini")(
+    _gemini_batch_get
+)
 _route("GET", r"/(?:v1beta|v1alpha)/models", "gemini.models", "google", "gemini")(_gemini_models)
 _route("GET", r"/(?:v1beta|v1alpha)/models/(?P<model>[^/:]+)", "gemini.models", "google", "gemini")(
     _gemini_models

@@ -178,6 +178,15 @@ def _openai_responses(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
         }
 
     headers = [("x-request-id", _id("req_"))]
+    if body.get("background"):
+        # queued: the answer carries no usage; GET /v1/responses/{id} serves it once it is over
+        queued = {**response("queued", [], None), "background": True}
+        with fake._lock:
+            fake.objects[rid] = {
+                **response("completed", [message("completed", k.reply_text)], _responses_usage(k.usage)),
+                "background": True,
+            }
+        return _json_reply(200, queued, headers)
     if not body.get("stream"):
         return _json_reply(
             200,
@@ -229,6 +238,185 @@ def _openai_responses(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
         )
 
     return _stream_reply("text/event-stream; charset=utf-8", gen(), headers)
+
+
+def _stored(fake: FakeUpstream, object_id: str, kind: str) -> _Reply:
+    """An object the fake created, served back by id (404 in OpenAI's shape if unknown)."""
+    with fake._lock:
+        obj = fake.objects.get(object_id)
+    if obj is None:
+        return _json_reply(
+            404,
+            _openai_error(f"No {kind} found with id '{object_id}'.", "invalid_request_error", None),
+        )
+    return _json_reply(200, obj, [("x-request-id", _id("req_"))])
+
+
+def _openai_response_get(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
+    return _stored(fake, ctx.params["id"], "response")
+
+
+def _openai_run(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
+    """An Assistants run (openai.types.beta.threads.Run): queued, with no usage until it is over."""
+    body = ctx.body
+    if not isinstance(body.get("assistant_id"), str):
+        return _bad_request("openai", "'assistant_id' is required")
+    thread_id = ctx.params.get("thread_id") or _id("thread_")
+    run_id, created = _id("run_"), int(time.time())
+
+    def run(status: str, usage: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            "id": run_id,
+            "object": "thread.run",
+            "created_at": created,
+            "assistant_id": body["assistant_id"],
+            "thread_id": thread_id,
+            "status": status,
+            "started_at": None if status == "queued" else created,
+            "expires_at": created + 600 if status == "queued" else None,
+            "cancelled_at": None,
+            "failed_at": None,
+            "completed_at": created + 1 if status == "completed" else None,
+            "required_action": None,
+            "last_error": None,
+            "model": body.get("model") or "gpt-4o-mini",
+            "instructions": body.get("instructions") or "",
+            "tools": [],
+            "metadata": {},
+            "incomplete_details": None,
+            "usage": usage,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "max_prompt_tokens": body.get("max_prompt_tokens"),
+            "max_completion_tokens": body.get("max_completion_tokens"),
+            "truncation_strategy": {"type": "auto", "last_messages": None},
+            "response_format": "auto",
+            "tool_choice": "auto",
+            "parallel_tool_calls": True,
+        }
+
+    with fake._lock:
+        u = ctx.knobs.usage  # a run's usage (openai.types.beta.threads.run.Usage): three counts
+        fake.objects[run_id] = run(
+            "completed",
+            {
+                "prompt_tokens": u.input_tokens,
+                "completion_tokens": u.output_tokens,
+                "total_tokens": u.input_tokens + u.output_tokens,
+            },
+        )
+    return _json_reply(200, run("queued", None), [("x-request-id", _id("req_"))])
+
+
+def _openai_run_get(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
+    return _stored(fake, ctx.params["id"], "run")
+
+
+def _multipart(ctx: _Ctx) -> dict[str, bytes]:
+    """The fields of a multipart/form-data body, by name."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    ctype = ctx.rec.headers.get("content-type", "")
+    msg = BytesParser(policy=HTTP).parsebytes(
+        f"Content-Type: {ctype}\r\nMIME-Version: 1.0\r\n\r\n".encode() + ctx.rec.body
+    )
+    out: dict[str, bytes] = {}
+    if msg.is_multipart():
+        for part in msg.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            payload = part.get_payload(decode=True)
+            if isinstance(name, str) and isinstance(payload, bytes):
+                out[name] = payload
+    return out
+
+
+def _file_object(fid: str, size: int, purpose: str, filename: str) -> dict[str, Any]:
+    """openai.types.FileObject"""
+    return {"id": fid, "object": "file", "bytes": size, "created_at": int(time.time()),
+            "filename": filename, "purpose": purpose, "status": "processed",
+            "expires_at": None, "status_details": None}
+
+
+def _openai_file_upload(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
+    fields = _multipart(ctx)
+    if "file" not in fields or "purpose" not in fields:
+        return _bad_request("openai", "'file' and 'purpose' are required")
+    fid = _id("file-")
+    with fake._lock:
+        fake.objects[fid] = {"content": fields["file"]}
+    return _json_reply(
+        200, _file_object(fid, len(fields["file"]), fields["purpose"].decode(), "batch.jsonl")
+    )
+
+
+def _openai_file_content(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
+    with fake._lock:
+        obj = fake.objects.get(ctx.params["id"])
+    if obj is None or "content" not in obj:
+        return _stored(fake, ctx.params["id"], "file")
+    return _Reply(200, obj["content"], [("Content-Type", "application/octet-stream")])
+
+
+def _openai_batch(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
+    """POST /v1/batches: validating; GET serves it completed, with its output file (one chat
+    completion per input line, each the knobs' usage) and the batch's usage (their sum)."""
+    body = ctx.body
+    with fake._lock:
+        source = fake.objects.get(str(body.get("input_file_id")))
+    if source is None or "content" not in source:
+        return _json_reply(
+            400, _openai_error("Input file not found", "invalid_request_error", None)
+        )
+    lines = [json.loads(x) for x in source["content"].splitlines() if x.strip()]
+    k, created = ctx.knobs, int(time.time())
+    bid, out_id = _id("batch_"), _id("file-")
+    output = []
+    for line in lines:
+        model = line["body"]["model"]
+        output.append(json.dumps({
+            "id": _id("batch_req_"), "custom_id": line.get("custom_id"),
+            "response": {"status_code": 200, "request_id": _id("req_"), "body": {
+                "id": _id("chatcmpl-"), "object": "chat.completion", "created": created,
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": k.reply_text},
+                             "finish_reason": "stop"}],
+                "usage": _openai_usage(k.usage)}},
+            "error": None,
+        }))
+    n = len(lines)
+
+    def batch(status: str, done: bool) -> dict[str, Any]:
+        u = k.usage
+        return {
+            "id": bid, "object": "batch", "endpoint": body.get("endpoint"),
+            "errors": None, "input_file_id": body["input_file_id"],
+            "completion_window": body.get("completion_window", "24h"), "status": status,
+            "output_file_id": out_id if done else None, "error_file_id": None,
+            "created_at": created, "in_progress_at": created if done else None,
+            "expires_at": created + 86400, "finalizing_at": created if done else None,
+            "completed_at": created if done else None, "failed_at": None, "expired_at": None,
+            "cancelling_at": None, "cancelled_at": None,
+            "request_counts": {"total": n, "completed": n if done else 0, "failed": 0},
+            "metadata": body.get("metadata"),
+            "model": lines[0]["body"]["model"] if lines else None,
+            "usage": {
+                "input_tokens": u.input_tokens * n,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": u.output_tokens * n,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": (u.input_tokens + u.output_tokens) * n,
+            } if done else None,
+        }
+
+    with fake._lock:
+        fake.objects[bid] = batch("completed", True)
+        fake.objects[out_id] = {"content": ("\n".join(output) + "\n").encode()}
+    return _json_reply(200, batch("validating", False))
+
+
+def _openai_batch_get(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
+    return _stored(fake, ctx.params["id"], "batch")
 
 
 def _openai_embeddings(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
@@ -283,6 +471,26 @@ def _openai_models(fake: FakeUpstream, ctx: _Ctx) -> _Reply:
 
 _route("POST", r"/v1/chat/completions", "openai.chat", "openai", "openai")(_openai_chat)
 _route("POST", r"/v1/responses", "openai.responses", "openai", "openai")(_openai_responses)
+_route("GET", r"/v1/responses/(?P<id>[^/]+)", "openai.responses.retrieve", "openai", "openai")(
+    _openai_response_get
+)
+_route("POST", r"/v1/threads/(?P<thread_id>[^/]+)/runs", "openai.runs", "openai", "openai")(
+    _openai_run
+)
+_route("POST", r"/v1/threads/runs", "openai.runs", "openai", "openai")(_openai_run)
+_route("POST", r"/v1/files", "openai.files", "openai", "openai")(_openai_file_upload)
+_route("GET", r"/v1/files/(?P<id>[^/]+)/content", "openai.files.content", "openai", "openai")(
+    _openai_file_content
+)
+_route("POST", r"/v1/batches", "openai.batches", "openai", "openai")(_openai_batch)
+# OpenAI's batch ids start with batch_ (Gemini's /v1/batches/{id} is served by gemini.py)
+_route("GET", r"/v1/batches/(?P<id>batch_[^/]+)", "openai.batches.retrieve", "openai", "openai")(
+    _openai_batch_get
+)
+_route(
+    "GET", r"/v1/threads/(?P<thread_id>[^/]+)/runs/(?P<id>[^/]+)", "openai.runs.retrieve",
+    "openai", "openai",
+)(_openai_run_get)
 _route("POST", r"/v1/embeddings", "openai.embeddings", "openai", "openai")(_openai_embeddings)
 # Gemini's OpenAI-compatible endpoint: the same wire format, Google credentials
 _route("POST", r"/v1beta/openai/chat/completions", "gemini_openai.chat", "openai", "gemini_openai")(

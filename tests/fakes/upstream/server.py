@@ -141,6 +141,9 @@ class FakeUpstream:
         self.aws_secret_access_key = aws_secret_access_key
         self.aws_region = aws_region
         self.models = list(models)
+        # objects the fake created and serves back by id, as the provider stores them: background
+        # Responses, Assistants runs, message batches (guarded by _lock)
+        self.objects: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._requests: list[Recorded] = []
