@@ -36,6 +36,7 @@ class Admin:
             body=body,
             via=c.principal.via,
             request_id=c.span_id,
+            key_scope=c.principal.key_scope,
         )
         resp = await self.rt.blocking(self.api.handle, req)
         answer_json(flow, resp.status, resp.payload, dict(resp.headers))

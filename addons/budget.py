@@ -10,7 +10,7 @@ from mitmproxy import http
 from candela_mitm import errors
 from candela_mitm.context import RequestContext
 from candela_mitm.governance.estimate import estimate_batch_cost, estimate_cost
-from candela_mitm.governance.ledger import BudgetRefusal, Reservation
+from candela_mitm.governance.ledger import BudgetRefusal, KeyBudget, Reservation
 from candela_mitm.governance.shadow import shadow_budget
 from candela_mitm.providers.pricing import ModelPrice
 from candela_mitm.runtime import Runtime
@@ -33,6 +33,7 @@ def reserve(
     tenant = None
     if c.tenant is not None:
         tenant = rt.users.tenant_settings_cached(c.tenant)
+    key = c.principal.key_scope if c.principal else None  # a minted key's own budget
     result = rt.ledger.reserve(
         settings.user_id,
         c.tenant,
@@ -44,6 +45,11 @@ def reserve(
         period=settings.budget_period,
         tenant_budget_usd=tenant.budget_usd if tenant else None,
         tenant_period=tenant.period if tenant else settings.budget_period,
+        key_budget=(
+            KeyBudget(key.key_id, key.budget_id or key.key_id, key.budget_usd)
+            if key is not None and key.budget_usd is not None
+            else None
+        ),
     )
     # governance.shadow: the candidate judged on the counters this reserve saw, never enforced
     shadow_budget(rt.shadow, c, estimate, result, settings.budget_period, tenant.period if tenant else None)

@@ -235,25 +235,34 @@ def budget_exceeded(
     scope: str = "user",
     period: str = "daily",
     tenant: str | None = None,
+    key_id: str | None = None,
 ) -> Denial:
-    """`scope` names whose budget refused (the user's or the tenant's), `period` its span."""
-    whose = f"tenant '{tenant}''s" if scope == "tenant" else "your"
+    """`scope` names whose budget refused (the user's, the tenant's or the API key's: then
+    `key_id` names the key), `period` its span."""
+    whose = "your"
+    if scope == "tenant":
+        whose = f"tenant '{tenant}''s"
+    elif scope == "key":
+        whose = f"API key '{key_id}''s"
+    fields: dict[str, Any] = {
+        "user_id": user,
+        "tenant_id": tenant,
+        "scope": scope,
+        "period": period,
+        "budget_usd": round(budget_usd, 6),
+        "spent_usd": round(spent_usd, 6),
+        "remaining_usd": round(remaining_usd, 6),
+        "estimated_cost_usd": round(estimated_cost_usd, 6),
+        "resets_at": resets_at,
+    }
+    if scope == "key":
+        fields["key_id"] = key_id
     return Denial(
         402,
         "budget_exceeded",
         f"Estimated cost ${estimated_cost_usd:.6f} exceeds the ${remaining_usd:.6f} "
         f"left of {whose} {period} budget",
-        {
-            "user_id": user,
-            "tenant_id": tenant,
-            "scope": scope,
-            "period": period,
-            "budget_usd": round(budget_usd, 6),
-            "spent_usd": round(spent_usd, 6),
-            "remaining_usd": round(remaining_usd, 6),
-            "estimated_cost_usd": round(estimated_cost_usd, 6),
-            "resets_at": resets_at,
-        },
+        fields,
     )
 
 

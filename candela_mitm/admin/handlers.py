@@ -24,8 +24,8 @@ from candela_mitm.audit.query import query_entries
 from candela_mitm.audit.writer import AuditWriter
 from candela_mitm.config import Config
 from candela_mitm.errors import Denial, Refused, StoreUnavailable
-from candela_mitm.governance.identity import MINTED_KEY_PREFIX
-from candela_mitm.governance.ledger import Grant, Ledger, TenantBudgetStatus
+from candela_mitm.governance.identity import MINTED_KEY_PREFIX, KeyScope
+from candela_mitm.governance.ledger import Grant, KeyBudget, Ledger, TenantBudgetStatus
 from candela_mitm.governance.periods import PERIOD_KINDS
 from candela_mitm.governance.tenancy import MAX_TENANT_CHARS
 from candela_mitm.governance.users import TenantSettings, UserDirectory, UserSettings
@@ -82,6 +82,7 @@ class AdminRequest:
     body: bytes = b""  # decoded (Content-Encoding removed)
     via: str | None = None
     request_id: str | None = None  # the span id: links audit entries to the request
+    key_scope: KeyScope | None = None  # called with a minted key: what it narrows its user to
 
 
 @dataclass(frozen=True)
@@ -393,6 +394,8 @@ def _mint(
     now_us: int,
     expires_us: int | None,
     models: tuple[str, ...] = (),
+    budget_usd: float | None = None,
+    lineage: str = "",
 ) -> tuple[str, KeyRecord]:
     """A new key and its record (which holds only the key's SHA-256)."""
     secret = MINTED_KEY_PREFIX + secrets.token_urlsafe(32)
@@ -405,6 +408,8 @@ def _mint(
         created_us=now_us,
         expires_us=expires_us,
         models=models,
+        budget_usd=budget_usd,
+        lineage=lineage,
     )
 
 
@@ -444,6 +449,7 @@ def key_json(k: KeyRecord, now_us: int) -> dict[str, Any]:
         "revoked_at": None if k.revoked_us is None else rfc3339(from_us(k.revoked_us)),
         "actor": k.actor,
         "models": list(k.models),  # []: whatever its user may use
+        "budget_usd": k.budget_usd,  # null: its user's budget; else a part of it, per its period
     }
 
 
@@ -652,8 +658,26 @@ class AdminApi:
                 **{name: getattr(s, name) for name in LIMIT_FIELDS},
                 "grants": [grant_json(g) for g in status.grants],
                 "tenant_budgets": [self._tenant_view(t, now) for t in s.tenants],
+                "key_budget": self._key_view(req.key_scope, s, now),
             },
         )
+
+    def _key_view(
+        self, key: KeyScope | None, s: UserSettings, now: datetime
+    ) -> dict[str, Any] | None:
+        if key is None or key.budget_usd is None:
+            return None
+        budget = KeyBudget(key.key_id, key.budget_id or key.key_id, key.budget_usd)
+        k = self.rt.ledger.key_status(budget, s.budget_period, now)
+        return {
+            "key_id": k.key_id,
+            "budget_usd": k.budget_usd,
+            "period": k.period,
+            "spent_usd": _usd_out(k.spent_usd),
+            "reserved_usd": _usd_out(k.reserved_usd),
+            "remaining_usd": _usd_out(k.remaining_usd),
+            "resets_at": k.resets_at,
+        }
 
     def _tenant_view(self, tenant: str, now: datetime) -> dict[str, Any]:
         t = self.rt.users.tenant_settings(tenant)
@@ -664,7 +688,7 @@ class AdminApi:
     def create_key(self, req: AdminRequest, _p: Any, _q: Any, body: dict[str, Any]) -> Handled:
         """Mint a key for a user (a developer: only for themselves); shown once, stored as its
         SHA-256 in the state store."""
-        _no_unknown_fields(body, ("user_id", "name", "expires_at", "models"))
+        _no_unknown_fields(body, ("user_id", "name", "expires_at", "models", "budget_usd"))
         user = body.get("user_id", req.user)
         if not isinstance(user, str):
             raise _invalid("user_id", "must be a user id")
@@ -689,7 +713,21 @@ class AdminApi:
                 raise _invalid("expires_at", "must be in the future")
             expires_us = to_us(expires)
         models = _key_models(body.get("models"))
-        secret, record = _mint(user, name, req.user, to_us(now), expires_us, models)
+        budget_usd = None
+        if body.get("budget_usd") is not None:
+            budget_usd = _usd(body, "budget_usd", True)
+            # a part of the user's budget, as it is now (a later change of it is not tracked:
+            # a request still has to fit the user's budget as well as the key's)
+            owner = self.rt.users.settings(user)
+            if budget_usd > owner.daily_budget_usd:
+                raise _invalid(
+                    "budget_usd",
+                    f"must be at most the user's budget (${owner.daily_budget_usd:g} per "
+                    f"{owner.budget_period.kind} period)",
+                )
+        secret, record = _mint(
+            user, name, req.user, to_us(now), expires_us, models, budget_usd
+        )
         view = key_json(record, to_us(now))
         self._audited(
             req, "key.create", user, None, view, lambda: self.rt.store.put_api_key(record)
@@ -729,7 +767,11 @@ class AdminApi:
         now_us = to_us(self._now())
         if not old.valid_at(now_us):
             raise _invalid("key", "is revoked or expired: mint a new key instead")
-        secret, new = _mint(old.user_id, old.name, req.user, now_us, old.expires_us, old.models)
+        # the same budget row: a rotation does not give the key a fresh budget
+        secret, new = _mint(
+            old.user_id, old.name, req.user, now_us, old.expires_us, old.models,
+            old.budget_usd, old.budget_id,
+        )
         ends = now_us + grace * 1_000_000
         if old.expires_us is not None:
             ends = min(ends, old.expires_us)

@@ -71,6 +71,13 @@ KEY_PROPS: dict[str, Any] = {
                 "description": "the models the key may use (names or fnmatch patterns), besides "
                 "what its user's policy allows; []: whatever its user may use",
             },
+            "budget_usd": {
+                "type": ["number", "null"],
+                "exclusiveMinimum": 0,
+                "description": "a part of its user's budget the key may spend per its user's "
+                "period (kept by rotation: the rotated key spends from the same budget); "
+                "null: its user's budget",
+            },
         }
 _PERIOD = {
     "type": "string",
@@ -201,6 +208,13 @@ SCHEMAS: dict[str, Any] = {
                 "gpt-4o-mini or claude-sonnet-*): a request must be allowed by its user's policy "
                 "and match one, else 403 model_not_allowed naming the key (key_id)",
             },
+            "budget_usd": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "description": "a budget of the key's own, a part of its user's (at most the "
+                "user's budget now), per the user's period: a request must fit it as well as the "
+                "user's and tenant's, else 402 budget_exceeded with scope key and key_id",
+            },
         },
         "additionalProperties": False,
     },
@@ -291,6 +305,23 @@ SCHEMAS: dict[str, Any] = {
                 "items": _ref("Tenant"),
                 "description": "the budgets of the caller's tenants (a request must fit both)",
             },
+            "key_budget": {
+                "oneOf": [{"type": "null"}, _ref("KeyBudget")],
+                "description": "called with an API key that has a budget of its own: that "
+                "budget (a request must fit it too); else null",
+            },
+        }
+    ),
+    "KeyBudget": _closed(
+        {
+            "key_id": _STR,
+            "budget_usd": _USD,
+            "period": _PERIOD,
+            "spent_usd": {**_USD, "description": "this period, by the key and every key it "
+                          "was rotated from or to"},
+            "reserved_usd": {**_USD, "description": "held by requests in flight"},
+            "remaining_usd": _USD,
+            "resets_at": _TIME,
         }
     ),
     "UsageRow": _closed(

@@ -171,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="narrow the key to these models (names or patterns: gpt-4o-mini 'claude-sonnet-*')",
     )
+    create.add_argument(
+        "--budget-usd",
+        type=float,
+        metavar="USD",
+        help="a budget of the key's own, a part of its user's, per the user's period",
+    )
     ls = sub.add_parser("list", help="keys minted through the API (their ids, never the keys)")
     ls.add_argument("--user", help="only this user's (default for developers: yours)")
     rotate = sub.add_parser("rotate", help="a new key; the old one works for --grace-s more")
@@ -201,7 +207,10 @@ def _call(url: str, token: str, method: str, path: str, body: Any = None) -> tup
 
 def _row(k: dict[str, Any]) -> str:
     expires = k.get("expires_at") or "never"
-    return f"{k['id']}  {k['user_id']}  {k['state']}  expires {expires}  {k.get('name') or ''}"
+    budget = "" if k.get("budget_usd") is None else f"  budget ${k['budget_usd']:g}"
+    return (
+        f"{k['id']}  {k['user_id']}  {k['state']}  expires {expires}{budget}  {k.get('name') or ''}"
+    )
 
 
 def main(
@@ -226,6 +235,8 @@ def main(
                 body["expires_at"] = args.expires_at
             if args.models:
                 body["models"] = args.models
+            if args.budget_usd is not None:
+                body["budget_usd"] = args.budget_usd
             status, answer = _call(args.url, token, "POST", "/admin/v1/keys", body)
         elif args.command == "list":
             query = f"?user={quote(args.user)}" if args.user else ""

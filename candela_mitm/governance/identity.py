@@ -81,6 +81,8 @@ class KeyScope:
 
     key_id: str  # its public name (k_...)
     models: tuple[str, ...] = ()  # model names or patterns; (): whatever the user may use
+    budget_usd: float | None = None  # a part of the user's budget; None: the user's
+    budget_id: str = ""  # the key's budget row (its lineage: shared across rotations)
 
 
 @dataclass(frozen=True)
@@ -459,7 +461,7 @@ class Authenticator:
                     f"The credential in {_display(source)} is not accepted: "
                     "the key is unknown, revoked or expired"
                 )
-            scope = KeyScope(record.key_id, record.models)
+            scope = KeyScope(record.key_id, record.models, record.budget_usd, record.budget_id)
             return self._principal(record.user_id, "api_key", kid, proxy_identity, scope)
         try:
             if source in KEY_SOURCES:

@@ -72,6 +72,16 @@ def process_alive(owner: str) -> bool:
 
 
 @dataclass(frozen=True)
+class KeyBudget:
+    """The budget of the API key a request was made with: a part of its user's, per the
+    user's period, on a row shared by every key of one rotation chain."""
+
+    key_id: str  # the key's public id (k_...), as a refusal names it
+    budget_id: str  # its budget row: the key's lineage (KeyRecord.budget_id)
+    budget_usd: float
+
+
+@dataclass(frozen=True)
 class Reservation:
     """Money held for one request until it is settled with the real cost or released."""
 
@@ -93,6 +103,8 @@ class Reservation:
     tenant_period: BudgetPeriod = DAILY_UTC
     # the counters the store decided on (a shadow policy judges itself on them: governance/shadow.py)
     seen: ReserveResult | None = field(default=None, compare=False, repr=False)
+    key_budget: KeyBudget | None = None  # the API key's budget it was judged against too
+    key_hold_usd: float = 0.0  # held on the key's row
 
 
 @dataclass(frozen=True)
@@ -106,10 +118,11 @@ class BudgetRefusal:
     estimated_cost_usd: float
     resets_at: str
     reserved_usd: float = 0.0
-    scope: Literal["user", "tenant"] = "user"  # whose budget refused
+    scope: Literal["user", "tenant", "key"] = "user"  # whose budget refused
     period: str = "daily"
     tenant: str | None = None
     seen: ReserveResult | None = field(default=None, compare=False, repr=False)  # as Reservation
+    key_id: str | None = None  # scope "key": the API key whose budget refused
 
     def denial(self) -> Denial:
         return budget_exceeded(
@@ -122,6 +135,7 @@ class BudgetRefusal:
             scope=self.scope,
             period=self.period,
             tenant=self.tenant,
+            key_id=self.key_id,
         )
 
 
@@ -213,6 +227,17 @@ class TenantBudgetStatus:
 
 
 @dataclass(frozen=True)
+class KeyBudgetStatus:
+    key_id: str
+    budget_usd: float
+    period: str  # its user's
+    spent_usd: float  # by every key of its rotation chain, this period
+    reserved_usd: float
+    remaining_usd: float
+    resets_at: str
+
+
+@dataclass(frozen=True)
 class UsageRow:
     model: str
     provider: str
@@ -295,11 +320,13 @@ class Ledger:
         period: BudgetPeriod = DAILY_UTC,
         tenant_budget_usd: float | None = None,
         tenant_period: BudgetPeriod = DAILY_UTC,
+        key_budget: KeyBudget | None = None,
     ) -> Reservation | BudgetRefusal:
-        """Atomically check the user's budget (`daily_budget_usd` is the amount per `period`)
-        and the tenant's (`tenant_budget_usd` per `tenant_period`; None: none), and hold
-        `amount_usd` on both; an amount of 0 always succeeds. The user's budget is judged
-        first: a refusal names the first scope that cannot hold the amount.
+        """Atomically check the user's budget (`daily_budget_usd` is the amount per `period`),
+        the tenant's (`tenant_budget_usd` per `tenant_period`; None: none) and the API key's
+        (`key_budget`, per `period`; None: none), and hold `amount_usd` on each; an amount of 0
+        always succeeds. The user's budget is judged first, then the tenant's, then the key's:
+        a refusal names the first scope that cannot hold the amount.
 
         The reservation is also the durable mark that the request may have been forwarded: it is
         taken in one store transaction just before the request leaves, and a request that ends
@@ -310,6 +337,8 @@ class Ledger:
         _check_usd("daily_budget_usd", daily_budget_usd)
         if tenant_budget_usd is not None:
             _check_usd("tenant_budget_usd", tenant_budget_usd)
+        if key_budget is not None:
+            _check_usd("key_budget.budget_usd", key_budget.budget_usd)
         now = now or self.clock()
         now_us = to_us(now)
         day = day_of(now)
@@ -332,8 +361,27 @@ class Ledger:
                 period=period.key(now),
                 tenant_budget=None if tenant_budget_usd is None else usd_to_nano(tenant_budget_usd),
                 tenant_period=tenant_period.key(now) if tenant else "",
+                key_id=key_budget.budget_id if key_budget else "",
+                key_budget=usd_to_nano(key_budget.budget_usd) if key_budget else None,
+                key_period=period.key(now) if key_budget else "",
             )
         )
+        if not result.ok and result.scope == "key" and key_budget is not None:
+            free = usd_to_nano(key_budget.budget_usd) - result.key_spent - result.key_reserved
+            return BudgetRefusal(
+                user_id=user,
+                budget_usd=key_budget.budget_usd,
+                spent_usd=nano_to_usd(result.key_spent),
+                remaining_usd=nano_to_usd(max(0, free)),
+                estimated_cost_usd=amount_usd,
+                resets_at=rfc3339(period.resets_at(now)),
+                reserved_usd=nano_to_usd(result.key_reserved),
+                scope="key",
+                period=period.kind,
+                tenant=tenant,
+                seen=result,
+                key_id=key_budget.key_id,
+            )
         if not result.ok and result.scope == "tenant" and tenant_budget_usd is not None:
             free = usd_to_nano(tenant_budget_usd) - result.tenant_spent - result.tenant_reserved
             return BudgetRefusal(
@@ -382,6 +430,8 @@ class Ledger:
             tenant_budget_usd=tenant_budget_usd if tenant else None,
             tenant_period=tenant_period,
             seen=result,
+            key_budget=key_budget,
+            key_hold_usd=nano_to_usd(result.key_hold),
         )
 
     def settle(
@@ -685,6 +735,23 @@ class Ledger:
             reserved_usd=nano_to_usd(totals.reserved),
             remaining_usd=remaining,
             period_starts_at=rfc3339(period.starts_at(now)),
+            resets_at=rfc3339(period.resets_at(now)),
+        )
+
+    def key_status(
+        self, key: KeyBudget, period: BudgetPeriod = DAILY_UTC, now: datetime | None = None
+    ) -> KeyBudgetStatus:
+        """An API key's budget in the (user's) period holding `now`."""
+        now = now or self.clock()
+        totals = self.store.key_totals(key.budget_id, period.key(now))
+        free = usd_to_nano(key.budget_usd) - totals.spent - totals.reserved
+        return KeyBudgetStatus(
+            key_id=key.key_id,
+            budget_usd=key.budget_usd,
+            period=period.kind,
+            spent_usd=nano_to_usd(totals.spent),
+            reserved_usd=nano_to_usd(totals.reserved),
+            remaining_usd=nano_to_usd(max(0, free)),
             resets_at=rfc3339(period.resets_at(now)),
         )
 

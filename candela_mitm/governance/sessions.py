@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from candela_mitm.governance.ledger import BudgetRefusal, Ledger, Reservation
+from candela_mitm.governance.ledger import BudgetRefusal, KeyBudget, Ledger, Reservation
+from candela_mitm.governance.periods import DAILY_UTC, BudgetPeriod
 from candela_mitm.governance.ratelimit import (
     WINDOW_S,
     Admission,
@@ -56,6 +57,14 @@ class SessionBudget:
     # work was asked for (a client frame forwarded) and no usage frame has reported it yet
     pending: bool = False
     charged_reservation: bool = False  # closed by charging the held slice (usage_source reserved)
+    # as the first slice was judged: the user's period, and the API key's own budget (a session
+    # opened with a budgeted key tops up within it too)
+    period: BudgetPeriod = field(default=DAILY_UTC, init=False)
+    key_budget: KeyBudget | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.held is not None:
+            self.period, self.key_budget = self.held.period, self.held.key_budget
 
     def settle(self, cost_usd: float, usage: Usage, model: str) -> bool:
         """Settle one usage frame's cost and hold a new slice. False: the budget is exhausted
@@ -65,7 +74,8 @@ class SessionBudget:
         if res is None:  # cut already, a late usage frame: recorded all the same
             got = self.ledger.reserve(
                 self.user, self.tenant, 0.0, self.daily_budget_usd, self.request_id,
-                model=model, provider=self.provider,
+                model=model, provider=self.provider, period=self.period,
+                key_budget=self.key_budget,
             )
             assert isinstance(got, Reservation)  # a zero reservation always succeeds
             res = got
@@ -83,7 +93,8 @@ class SessionBudget:
         for _ in range(2):
             got = self.ledger.reserve(
                 self.user, self.tenant, amount, self.daily_budget_usd, self.request_id,
-                model=model, provider=self.provider,
+                model=model, provider=self.provider, period=self.period,
+                key_budget=self.key_budget,
             )
             if not isinstance(got, BudgetRefusal):
                 return got

@@ -34,6 +34,7 @@ from candela_mitm.state.ports import (
     TokenAdmit,
     UserRecord,
     from_us,
+    key_admits,
     plan_holds,
     plan_settle,
     tenant_admits,
@@ -49,6 +50,8 @@ class _Reservation:
     tenant_period: str
     tenant_hold: int
     status: str = "active"
+    key_period: str = ""  # the key's row, when a key budget was named
+    key_hold: int = 0
     finished_us: int | None = None
 
 
@@ -73,6 +76,7 @@ class _Tables:
     reservations: dict[str, _Reservation] = field(default_factory=dict)
     days: dict[tuple[str, str], _Row] = field(default_factory=dict)  # (user, period key)
     tenant_periods: dict[tuple[str, str], _Row] = field(default_factory=dict)
+    key_periods: dict[tuple[str, str], _Row] = field(default_factory=dict)  # (key lineage, period)
     grants: dict[str, GrantRow] = field(default_factory=dict)
     spend: dict[tuple[str, str, str, str, str], _Spend] = field(default_factory=dict)
     tenants: dict[str, TenantRecord] = field(default_factory=dict)
@@ -157,6 +161,18 @@ class MemoryStateStore(StateStore):
                         scope="tenant", tenant_spent=t_spent, tenant_reserved=t_reserved,
                     )
                 t_hold = new.amount
+            k_spent = k_reserved = k_hold = 0
+            keyed = bool(new.key_id and new.key_period)
+            if keyed:
+                k_row = self._t.key_periods.get((new.key_id, new.key_period), _Row())
+                k_spent, k_reserved = k_row.spent, k_row.reserved
+                if not key_admits(new.amount, new.key_budget, k_spent, k_reserved):
+                    return ReserveResult(
+                        False, 0, {}, spent, from_grants, reserved, grants_free,
+                        scope="key", tenant_spent=t_spent, tenant_reserved=t_reserved,
+                        key_spent=k_spent, key_reserved=k_reserved,
+                    )
+                k_hold = new.amount
             daily, holds = plan
             if daily:
                 self._t.days.setdefault((new.user_id, period), _Row()).reserved += daily
@@ -164,15 +180,21 @@ class MemoryStateStore(StateStore):
                 self._t.tenant_periods.setdefault(
                     (new.tenant, new.tenant_period), _Row()
                 ).reserved += t_hold
+            if k_hold:
+                self._t.key_periods.setdefault((new.key_id, new.key_period), _Row()).reserved += (
+                    k_hold
+                )
             for grant_id, take in holds.items():
                 g = self._t.grants[grant_id]
                 self._t.grants[grant_id] = dataclasses.replace(g, held=g.held + take)
             self._t.reservations[new.reservation_id] = _Reservation(
-                new, daily, dict(holds), new.tenant_period if tracked else "", t_hold
+                new, daily, dict(holds), new.tenant_period if tracked else "", t_hold,
+                key_period=new.key_period if keyed else "", key_hold=k_hold,
             )
             return ReserveResult(
                 True, daily, holds, spent, from_grants, reserved, grants_free,
                 tenant_spent=t_spent, tenant_reserved=t_reserved, tenant_hold=t_hold,
+                key_spent=k_spent, key_reserved=k_reserved, key_hold=k_hold,
             )
 
     def settle(
@@ -204,6 +226,10 @@ class MemoryStateStore(StateStore):
                 t_row = self._t.tenant_periods.setdefault((new.tenant, r.tenant_period), _Row())
                 t_row.spent += cost
                 t_row.reserved -= r.tenant_hold if active else 0
+            if r.key_period:
+                k_row = self._t.key_periods.setdefault((new.key_id, r.key_period), _Row())
+                k_row.spent += cost
+                k_row.reserved -= r.key_hold if active else 0
             for grant_id in own.keys() | draws.keys():
                 g = self._t.grants[grant_id]
                 self._t.grants[grant_id] = dataclasses.replace(
@@ -231,6 +257,10 @@ class MemoryStateStore(StateStore):
                 self._t.tenant_periods.setdefault(
                     (new.tenant, r.tenant_period), _Row()
                 ).reserved -= r.tenant_hold
+            if r.key_period and r.key_hold:
+                self._t.key_periods.setdefault((new.key_id, r.key_period), _Row()).reserved -= (
+                    r.key_hold
+                )
             for grant_id, hold in r.grant_holds.items():
                 g = self._t.grants[grant_id]
                 self._t.grants[grant_id] = dataclasses.replace(g, held=g.held - hold)
@@ -276,6 +306,10 @@ class MemoryStateStore(StateStore):
 
     def tenant_totals(self, tenant: str, period: str) -> DayTotals:
         row = self._t.tenant_periods.get((tenant, period), _Row())
+        return DayTotals(row.spent, 0, row.reserved)
+
+    def key_totals(self, key_id: str, period: str) -> DayTotals:
+        row = self._t.key_periods.get((key_id, period), _Row())
         return DayTotals(row.spent, 0, row.reserved)
 
     # -- API keys ------------------------------------------------------------------------------

@@ -159,6 +159,12 @@ class NewReservation:
     # tenant has no budget (its spend is still counted on that row, when it is named)
     tenant_budget: int | None = None
     tenant_period: str = ""
+    # the budget of the API key the request was made with, nano-dollars, on the key's row
+    # (`key_id`: the key's lineage, kept by rotation) for `key_period` (the user's period key);
+    # "" or None: no key budget, and no key row is touched
+    key_id: str = ""
+    key_budget: int | None = None
+    key_period: str = ""
 
     @property
     def user_period(self) -> str:
@@ -176,10 +182,13 @@ class ReserveResult:
     from_grants: int  # the part of `spent` drawn from grants
     reserved: int  # daily allowance held by other active reservations today
     grants_free: int  # unexpired grant money neither used nor held
-    scope: str = "user"  # which budget refused: "user" or "tenant" (when not ok)
+    scope: str = "user"  # which budget refused: "user", "tenant" or "key" (when not ok)
     tenant_spent: int = 0  # the tenant's period row, when a tenant period was named
     tenant_reserved: int = 0
     tenant_hold: int = 0  # held on the tenant's row by this reservation
+    key_spent: int = 0  # the key's period row, when a key budget was named
+    key_reserved: int = 0
+    key_hold: int = 0  # held on the key's row by this reservation
 
 
 @dataclass(frozen=True)
@@ -251,9 +260,19 @@ class KeyRecord:
     revoked_us: int | None = None
     # model names or patterns the key is narrowed to, besides its user's policy; (): the user's
     models: tuple[str, ...] = ()
+    # a part of its user's budget (per the user's period) the key may spend; None: the user's
+    budget_usd: float | None = None
+    # the id of the first key of its rotation chain ("": this key is the first): a rotated key
+    # spends from the same budget row as the key it replaced
+    lineage: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))  # JSON and callers hand lists
+
+    @property
+    def budget_id(self) -> str:
+        """The key's budget row: shared by every key of one rotation chain."""
+        return self.lineage or self.key_id
 
     def valid_at(self, now_us: int) -> bool:
         return self.revoked_us is None and (self.expires_us is None or now_us < self.expires_us)
@@ -276,6 +295,8 @@ class KeyRecord:
             expires_us=opt("expires_us"),
             revoked_us=opt("revoked_us"),
             models=tuple(str(m) for m in data.get("models") or ()),
+            budget_usd=None if data.get("budget_usd") is None else float(data["budget_usd"]),
+            lineage=str(data.get("lineage") or ""),
         )
 
 
@@ -424,6 +445,10 @@ def tenant_admits(amount: int, budget: int | None, spent: int, reserved: int) ->
     return budget is None or amount <= 0 or budget - spent - reserved >= amount
 
 
+# An API key's budget row admits by the same rule as a tenant's (the same table tests both).
+key_admits = tenant_admits
+
+
 def plan_settle(
     cost: int, daily_free: int, grants_free: Sequence[tuple[str, int]]
 ) -> tuple[int, dict[str, int]]:
@@ -555,6 +580,10 @@ class StateStore(ABC):
     @abstractmethod
     def tenant_totals(self, tenant: str, period: str) -> DayTotals:
         """A tenant's budget row for a period key (from_grants is always 0)."""
+
+    @abstractmethod
+    def key_totals(self, key_id: str, period: str) -> DayTotals:
+        """An API key's budget row (`key_id`: its lineage) for a period key (from_grants: 0)."""
 
     # -- API keys ------------------------------------------------------------------------------
     @abstractmethod

@@ -44,6 +44,7 @@ _SEP = "\x1f"  # between the parts of a spend field: user, tenant, model, provid
 #   P day:<user>:<period>  hash: spent, from_grants, reserved (nano-dollars); period: a UTC day
 #                          or a period key (governance/periods.py)
 #   P tday:<tenant>:<period> hash: spent, reserved (a tenant's budget row)
+#   P kday:<key id>:<period> hash: spent, reserved (an API key's budget row, by its lineage)
 #   P tenant:<id>          string: the tenant's record (JSON); P tenants: set of tenant ids
 #   P grants:<user>        zset: grant id scored by expiry (us)
 #   P grant:<id>           hash: user_id, amount, used, held, expires_us, reason, actor, created_us
@@ -84,7 +85,7 @@ for i, gid in ipairs(ids) do
 end
 local daily_free = budget - (spent - from_grants) - reserved
 if amount > 0 and daily_free + grants_free < amount then
-  return {0, 0, spent, from_grants, reserved, grants_free, 'user', 0, 0, 0}
+  return {0, 0, spent, from_grants, reserved, grants_free, 'user', 0, 0, 0, 0, 0, 0}
 end
 -- the tenant's row (ARGV[15] its period key, '' when no tenant is named): as tenant_admits
 local t_spent, t_reserved, t_hold = 0, 0, 0
@@ -93,18 +94,32 @@ if ARGV[15] ~= '' then
   t_spent = tonumber(t[1]) or 0
   t_reserved = tonumber(t[2]) or 0
   if ARGV[14] ~= '' and amount > 0 and tonumber(ARGV[14]) - t_spent - t_reserved < amount then
-    return {0, 0, spent, from_grants, reserved, grants_free, 'tenant', t_spent, t_reserved, 0}
+    return {0, 0, spent, from_grants, reserved, grants_free, 'tenant', t_spent, t_reserved, 0,
+      0, 0, 0}
   end
   t_hold = amount
+end
+-- the key's row (ARGV[18] its period key, '' when no key budget is named): as key_admits
+local k_spent, k_reserved, k_hold = 0, 0, 0
+if ARGV[18] ~= '' then
+  local k = redis.call('HMGET', KEYS[6], 'spent', 'reserved')
+  k_spent = tonumber(k[1]) or 0
+  k_reserved = tonumber(k[2]) or 0
+  if ARGV[17] ~= '' and amount > 0 and tonumber(ARGV[17]) - k_spent - k_reserved < amount then
+    return {0, 0, spent, from_grants, reserved, grants_free, 'key', t_spent, t_reserved, 0,
+      k_spent, k_reserved, 0}
+  end
+  k_hold = amount
 end
 local daily = math.min(amount, math.max(0, daily_free))
 local rest = amount - daily
 local out = {1, daily, spent, from_grants, reserved, grants_free, 'user', t_spent, t_reserved,
-  t_hold}
+  t_hold, k_spent, k_reserved, k_hold}
 local fields = {'user_id', ARGV[6], 'tenant', ARGV[7], 'day', ARGV[8], 'amount', ARGV[1],
   'budget', ARGV[2], 'daily_hold', daily, 'request_id', ARGV[9], 'owner', ARGV[10],
   'created_us', ARGV[3], 'status', 'active', 'model', ARGV[12], 'provider', ARGV[13],
-  'period', ARGV[16], 'tenant_period', ARGV[15], 'tenant_hold', t_hold}
+  'period', ARGV[16], 'tenant_period', ARGV[15], 'tenant_hold', t_hold,
+  'key_id', ARGV[19], 'key_period', ARGV[18], 'key_hold', k_hold}
 for i, gid in ipairs(ids) do
   if rest <= 0 then break end
   local take = math.min(rest, math.max(0, free[i]))
@@ -124,6 +139,10 @@ end
 if t_hold > 0 then
   redis.call('HINCRBY', KEYS[5], 'reserved', t_hold)
   redis.call('EXPIRE', KEYS[5], ARGV[11])
+end
+if k_hold > 0 then
+  redis.call('HINCRBY', KEYS[6], 'reserved', k_hold)
+  redis.call('EXPIRE', KEYS[6], ARGV[11])
 end
 redis.call('HSET', KEYS[3], unpack(fields))
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[5])
@@ -221,6 +240,14 @@ if r.tenant_period ~= nil and r.tenant_period ~= '' then
   end
   redis.call('EXPIRE', tkey, ARGV[9])
 end
+if r.key_period ~= nil and r.key_period ~= '' then
+  local kkey = P .. 'kday:' .. r.key_id .. ':' .. r.key_period
+  redis.call('HINCRBY', kkey, 'spent', cost)
+  if r.status == 'active' and tonumber(r.key_hold or '0') ~= 0 then
+    redis.call('HINCRBY', kkey, 'reserved', -tonumber(r.key_hold))
+  end
+  redis.call('EXPIRE', kkey, ARGV[9])
+end
 redis.call('HSET', KEYS[1], 'status', 'settled', 'cost', ARGV[1], 'finished_us', ARGV[6])
 redis.call('ZREM', KEYS[2], ARGV[8])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[8])
@@ -250,6 +277,10 @@ end
 local t_hold = tonumber(r.tenant_hold or '0')
 if r.tenant_period ~= nil and r.tenant_period ~= '' and t_hold ~= 0 then
   redis.call('HINCRBY', P .. 'tday:' .. r.tenant .. ':' .. r.tenant_period, 'reserved', -t_hold)
+end
+local k_hold = tonumber(r.key_hold or '0')
+if r.key_period ~= nil and r.key_period ~= '' and k_hold ~= 0 then
+  redis.call('HINCRBY', P .. 'kday:' .. r.key_id .. ':' .. r.key_period, 'reserved', -k_hold)
 end
 for gid, h in pairs(own) do
   redis.call('HINCRBY', P .. 'grant:' .. gid, 'held', -h)
@@ -556,6 +587,7 @@ class RedisStateStore(StateStore):
     # -- ledger --------------------------------------------------------------------------------
     def reserve(self, new: NewReservation) -> ReserveResult:
         tenant_period = new.tenant_period if new.tenant else ""
+        key_period = new.key_period if new.key_id else ""
         with self._guard():
             out = self._reserve(
                 keys=[
@@ -564,6 +596,7 @@ class RedisStateStore(StateStore):
                     self._k("res", new.reservation_id),
                     self._k("active"),
                     self._k("tday", new.tenant, tenant_period),
+                    self._k("kday", new.key_id, key_period),
                 ],
                 args=[
                     new.amount,
@@ -582,14 +615,19 @@ class RedisStateStore(StateStore):
                     "" if new.tenant_budget is None else new.tenant_budget,
                     tenant_period,
                     new.user_period,
+                    "" if new.key_budget is None else new.key_budget,
+                    key_period,
+                    new.key_id,
                 ],
             )
-        holds = {out[i]: _int(out[i + 1]) for i in range(10, len(out), 2)}
+        holds = {out[i]: _int(out[i + 1]) for i in range(13, len(out), 2)}
         ok, daily, spent, from_grants, reserved, grants_free = (_int(v) for v in out[:6])
         t_spent, t_reserved, t_hold = (_int(v) for v in out[7:10])
+        k_spent, k_reserved, k_hold = (_int(v) for v in out[10:13])
         return ReserveResult(
             bool(ok), daily, holds, spent, from_grants, reserved, grants_free,
             scope=str(out[6]), tenant_spent=t_spent, tenant_reserved=t_reserved, tenant_hold=t_hold,
+            key_spent=k_spent, key_reserved=k_reserved, key_hold=k_hold,
         )
 
     def settle(
@@ -703,6 +741,11 @@ class RedisStateStore(StateStore):
     def tenant_totals(self, tenant: str, period: str) -> DayTotals:
         with self._guard():
             spent, reserved = self._r.hmget(self._k("tday", tenant, period), ["spent", "reserved"])
+        return DayTotals(_int(spent or 0), 0, _int(reserved or 0))
+
+    def key_totals(self, key_id: str, period: str) -> DayTotals:
+        with self._guard():
+            spent, reserved = self._r.hmget(self._k("kday", key_id, period), ["spent", "reserved"])
         return DayTotals(_int(spent or 0), 0, _int(reserved or 0))
 
     # -- tenants -------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from candela_mitm.state.ports import (
     TokenAdmit,
     UserRecord,
     WouldWait,
+    key_admits,
     plan_holds,
     plan_settle,
     tenant_admits,
@@ -44,8 +45,22 @@ from candela_mitm.state.ports import (
 # at the next start, after its process died, is recorded under them); 4: budget periods and
 # tenant budgets (reservations name their user and tenant period rows; tenants, tenant_periods);
 # 5: token windows (token_log) and concurrency leases (leases); 6: api_keys; 7: budget_alerts,
-# jobs and job_objects.
-SCHEMA_VERSION = 7
+# jobs and job_objects;
+# 8: API key budgets (reservations name their key row: key_id, key_period, key_hold; key_periods).
+SCHEMA_VERSION = 8
+
+# Columns added to `reservations` after it was first made, with their types: a store made before
+# any of them gains them at open (checked by name, not by version, so they merge with other steps).
+_RESERVATION_COLUMNS = (
+    ("model", "TEXT NOT NULL DEFAULT ''"),
+    ("provider", "TEXT NOT NULL DEFAULT ''"),
+    ("period", "TEXT NOT NULL DEFAULT ''"),
+    ("tenant_period", "TEXT NOT NULL DEFAULT ''"),
+    ("tenant_hold", "INTEGER NOT NULL DEFAULT 0"),
+    ("key_id", "TEXT NOT NULL DEFAULT ''"),
+    ("key_period", "TEXT NOT NULL DEFAULT ''"),
+    ("key_hold", "INTEGER NOT NULL DEFAULT 0"),
+)
 
 # Commits made without waiting (on the event loop) between two WAL checkpoints: each commit adds
 # a few pages, SQLite's own default is to checkpoint at 1000.
@@ -102,7 +117,10 @@ _SCHEMA = (
         provider TEXT NOT NULL DEFAULT '',
         period TEXT NOT NULL DEFAULT '',
         tenant_period TEXT NOT NULL DEFAULT '',
-        tenant_hold INTEGER NOT NULL DEFAULT 0
+        tenant_hold INTEGER NOT NULL DEFAULT 0,
+        key_id TEXT NOT NULL DEFAULT '',
+        key_period TEXT NOT NULL DEFAULT '',
+        key_hold INTEGER NOT NULL DEFAULT 0
     )""",
     """CREATE INDEX IF NOT EXISTS reservations_active ON reservations (created_us)
         WHERE status = 'active'""",
@@ -137,6 +155,14 @@ _SCHEMA = (
         spent INTEGER NOT NULL DEFAULT 0,
         reserved INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (tenant, period)
+    ) WITHOUT ROWID""",
+    # One row per API key budget (a key's lineage) and period: spend and active holds.
+    """CREATE TABLE IF NOT EXISTS key_periods (
+        key_id TEXT NOT NULL,
+        period TEXT NOT NULL,
+        spent INTEGER NOT NULL DEFAULT 0,
+        reserved INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (key_id, period)
     ) WITHOUT ROWID""",
     # tokens per key in a sliding window: one row per admitted request, corrected at settlement
     """CREATE TABLE IF NOT EXISTS token_log (
@@ -291,15 +317,11 @@ class SqliteStateStore(StateStore):
                 c.execute(
                     "INSERT INTO rate_count (key, n) SELECT key, count(*) FROM rate_log GROUP BY key"
                 )
-            if 0 < version < 4:  # reservations gain their model (3), then their period rows (4)
+            if version > 0:
+                # reservations gain their model (3), their period rows (4), their key row (8):
+                # by name at every open (cheap), so steps other branches number alike still merge
                 have = {row[1] for row in c.execute("PRAGMA table_info(reservations)")}
-                for column, kind in (
-                    ("model", "TEXT NOT NULL DEFAULT ''"),
-                    ("provider", "TEXT NOT NULL DEFAULT ''"),
-                    ("period", "TEXT NOT NULL DEFAULT ''"),
-                    ("tenant_period", "TEXT NOT NULL DEFAULT ''"),
-                    ("tenant_hold", "INTEGER NOT NULL DEFAULT 0"),
-                ):
+                for column, kind in _RESERVATION_COLUMNS:
                     if column not in have:
                         c.execute(f"ALTER TABLE reservations ADD COLUMN {column} {kind}")
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -590,6 +612,14 @@ class SqliteStateStore(StateStore):
         ).fetchone()
         return (row[0], row[1]) if row else (0, 0)
 
+    @staticmethod
+    def _key_row(c: sqlite3.Connection, key_id: str, period: str) -> tuple[int, int]:
+        row = c.execute(
+            "SELECT spent, reserved FROM key_periods WHERE key_id = ? AND period = ?",
+            (key_id, period),
+        ).fetchone()
+        return (row[0], row[1]) if row else (0, 0)
+
     def reserve(self, new: NewReservation) -> ReserveResult:
         with self._tx() as c:
             period = new.user_period
@@ -614,6 +644,17 @@ class SqliteStateStore(StateStore):
                         scope="tenant", tenant_spent=t_spent, tenant_reserved=t_reserved,
                     )
                 t_hold = new.amount
+            k_spent = k_reserved = k_hold = 0
+            keyed = bool(new.key_id and new.key_period)
+            if keyed:
+                k_spent, k_reserved = self._key_row(c, new.key_id, new.key_period)
+                if not key_admits(new.amount, new.key_budget, k_spent, k_reserved):
+                    return ReserveResult(
+                        False, 0, {}, spent, from_grants, reserved, grants_free,
+                        scope="key", tenant_spent=t_spent, tenant_reserved=t_reserved,
+                        key_spent=k_spent, key_reserved=k_reserved,
+                    )
+                k_hold = new.amount
             daily, holds = plan
             if daily:
                 c.execute(
@@ -628,13 +669,20 @@ class SqliteStateStore(StateStore):
                     "reserved = reserved + excluded.reserved",
                     (new.tenant, new.tenant_period, t_hold),
                 )
+            if k_hold:
+                c.execute(
+                    "INSERT INTO key_periods (key_id, period, reserved) VALUES (?, ?, ?) "
+                    "ON CONFLICT (key_id, period) DO UPDATE SET "
+                    "reserved = reserved + excluded.reserved",
+                    (new.key_id, new.key_period, k_hold),
+                )
             for grant_id, take in holds.items():
                 c.execute("UPDATE grants SET held = held + ? WHERE grant_id = ?", (take, grant_id))
             c.execute(
                 "INSERT INTO reservations (reservation_id, user_id, tenant, day, amount, budget, "
                 "daily_hold, grant_holds, request_id, owner, created_us, status, model, provider, "
-                "period, tenant_period, tenant_hold) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?)",
+                "period, tenant_period, tenant_hold, key_id, key_period, key_hold) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     new.reservation_id,
                     new.user_id,
@@ -652,11 +700,15 @@ class SqliteStateStore(StateStore):
                     period,
                     new.tenant_period if tracked else "",
                     t_hold,
+                    new.key_id if keyed else "",
+                    new.key_period if keyed else "",
+                    k_hold,
                 ),
             )
             return ReserveResult(
                 True, daily, holds, spent, from_grants, reserved, grants_free,
                 tenant_spent=t_spent, tenant_reserved=t_reserved, tenant_hold=t_hold,
+                key_spent=k_spent, key_reserved=k_reserved, key_hold=k_hold,
             )
 
     def settle(
@@ -674,7 +726,8 @@ class SqliteStateStore(StateStore):
             r = c.execute(
                 "SELECT r.user_id, r.tenant, r.day, r.budget, r.daily_hold, r.grant_holds, "
                 "r.status, d.spent, d.from_grants, d.reserved, r.period, r.tenant_period, "
-                "r.tenant_hold FROM reservations r LEFT JOIN days d ON d.user_id = r.user_id "
+                "r.tenant_hold, r.key_id, r.key_period, r.key_hold "
+                "FROM reservations r LEFT JOIN days d ON d.user_id = r.user_id "
                 "AND d.day = (CASE r.period WHEN '' THEN r.day ELSE r.period END) "
                 "WHERE r.reservation_id = ?",
                 (reservation_id,),
@@ -713,6 +766,13 @@ class SqliteStateStore(StateStore):
                     "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
                     (tenant, tenant_period, cost, -(r[12] if active else 0)),
                 )
+            if r[14]:  # the key's row, when a key budget was named
+                c.execute(
+                    "INSERT INTO key_periods (key_id, period, spent, reserved) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (key_id, period) DO UPDATE SET "
+                    "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
+                    (r[13], r[14], cost, -(r[15] if active else 0)),
+                )
             for grant_id in own.keys() | draws.keys():
                 c.execute(
                     "UPDATE grants SET used = used + ?, held = held - ? WHERE grant_id = ?",
@@ -737,8 +797,8 @@ class SqliteStateStore(StateStore):
         with self._tx() as c:
             r = c.execute(
                 "SELECT user_id, CASE period WHEN '' THEN day ELSE period END, daily_hold, "
-                "grant_holds, status, tenant, tenant_period, tenant_hold FROM reservations "
-                "WHERE reservation_id = ?",
+                "grant_holds, status, tenant, tenant_period, tenant_hold, key_id, key_period, "
+                "key_hold FROM reservations WHERE reservation_id = ?",
                 (reservation_id,),
             ).fetchone()
             if r is None or r[4] != "active":
@@ -753,6 +813,12 @@ class SqliteStateStore(StateStore):
                     "UPDATE tenant_periods SET reserved = reserved - ? "
                     "WHERE tenant = ? AND period = ?",
                     (r[7], r[5], r[6]),
+                )
+            if r[9] and r[10]:
+                c.execute(
+                    "UPDATE key_periods SET reserved = reserved - ? "
+                    "WHERE key_id = ? AND period = ?",
+                    (r[10], r[8], r[9]),
                 )
             for grant_id, hold in json.loads(r[3]).items():
                 c.execute("UPDATE grants SET held = held - ? WHERE grant_id = ?", (hold, grant_id))
@@ -813,6 +879,11 @@ class SqliteStateStore(StateStore):
     def tenant_totals(self, tenant: str, period: str) -> DayTotals:
         with self._tx(write=False) as c:
             spent, reserved = self._tenant_row(c, tenant, period)
+        return DayTotals(spent, 0, reserved)
+
+    def key_totals(self, key_id: str, period: str) -> DayTotals:
+        with self._tx(write=False) as c:
+            spent, reserved = self._key_row(c, key_id, period)
         return DayTotals(spent, 0, reserved)
 
     # -- tenants -------------------------------------------------------------------------------

@@ -49,3 +49,63 @@ def test_a_settled_request_is_looked_at_for_alerts_and_a_released_one_is_not(tct
         "candela_budget_utilization", {"scope": "user", "id": USER}
     )
     assert utilization == pytest.approx(post.body["utilization"]) and utilization >= 0.5
+
+
+def _minted(rt, budget_usd: float | None, key_id: str = "k_first", lineage: str = "") -> str:
+    """A key minted for alice, as POST /admin/v1/keys stores it; returns the secret."""
+    import hashlib
+
+    from candela_mitm.governance.identity import MINTED_KEY_PREFIX
+    from candela_mitm.state.ports import KeyRecord
+
+    secret = MINTED_KEY_PREFIX + key_id + "-secret"
+    rt.store.put_api_key(KeyRecord(
+        key_id, hashlib.sha256(secret.encode()).hexdigest(), USER, "", "admin", 0,
+        budget_usd=budget_usd, lineage=lineage,
+    ))
+    return secret
+
+
+def _keyed_chat(secret: str):
+    from .conftest import make_flow
+
+    body = {"model": "gpt-4o-mini", "max_tokens": 100,
+            "messages": [{"role": "user", "content": "hi"}]}
+    return make_flow("/proxy/openai/v1/chat/completions", body,
+                     headers={"Authorization": f"Bearer {secret}"})
+
+
+@pytest.mark.parametrize("with_ratelimit", [True, False], ids=["ratelimit-reserves", "budget-reserves"])
+def test_a_key_budget_refuses_with_scope_key_while_the_user_has_room(tctx, runtime, with_ratelimit):
+    from candela_mitm.addons.auth import Auth
+    from candela_mitm.addons.ratelimit import RateLimit
+    from candela_mitm.addons.router import Router
+
+    rt = runtime({**BASE, "users": {USER: {"tenants": ["research-team"], "daily_budget_usd": 5.0,
+                                           "requests_per_minute": 100}}})
+    # each request below is estimated at ~$0.00006 (100 output tokens of gpt-4o-mini): one fits
+    secret = _minted(rt, 0.0001)
+    addons = [Router(rt), Auth(rt)] + ([RateLimit(rt)] if with_ratelimit else []) + [Budget(rt)]
+
+    async def go(flow):
+        await run_hooks(addons, flow, "requestheaders", "request")
+        return flow
+
+    first = asyncio.run(go(_keyed_chat(secret)))
+    assert first.response is None and ctx_of(first).reservation is not None
+    second = asyncio.run(go(_keyed_chat(secret)))
+    assert second.response is not None and second.response.status_code == 402
+    body = second.response.json()
+    assert (body["error"], body["scope"], body["key_id"]) == ("budget_exceeded", "key", "k_first")
+    assert body["budget_usd"] == 0.0001 and body["period"] == "daily" and body["resets_at"]
+    assert ctx_of(second).reservation is None  # nothing held for a refused request
+    # alice herself still has room: her config key (no key budget) passes
+    [plain] = asyncio.run(send(rt, [chat()], with_budget=True))
+    assert plain.response is None
+    # a key rotated from it spends from the same row: it is refused too
+    rotated = _minted(rt, 0.0001, key_id="k_second", lineage="k_first")
+    third = asyncio.run(go(_keyed_chat(rotated)))
+    assert third.response.status_code == 402 and third.response.json()["key_id"] == "k_second"
+    # a key of alice without a budget of its own is judged by hers alone
+    free = _minted(rt, None, key_id="k_free")
+    assert asyncio.run(go(_keyed_chat(free))).response is None

@@ -151,3 +151,62 @@ def test_a_key_narrowed_to_models_is_refused_the_others_in_every_process(
             ("gpt-4o", "denied", "key"),
             ("gpt-4o", "denied", "key"),
         ]
+
+
+def test_a_key_with_a_budget_is_refused_with_scope_key_while_its_user_has_budget(
+    tmp_path, upstream: FakeUpstream, token_server, monkeypatch, capsys
+):
+    from candela_mitm.cli.keys import main
+
+    from .conftest import BOB_KEY
+
+    upstream.reset()
+    upstream.clear()
+    cfg = base_config(upstream.url, users={"bob@example.com": {"tenants": ["t"]}})
+    env = candela_env(token_server, tmp_path)
+    # two proxies on one state store: minted through one, spent and refused through both
+    with CandelaProcess(tmp_path, cfg, env=env) as a, CandelaProcess(tmp_path, cfg, env=env) as b:
+        monkeypatch.setenv("CANDELA_ADMIN_KEY", ADMIN_KEY)
+        assert main(["--url", a.url, "--json", "create", "--user", "bob@example.com",
+                     "--budget-usd", "0.0002"]) == 0
+        minted = json.loads(capsys.readouterr().out)
+        assert minted["budget_usd"] == 0.0002
+
+        def chat(proxy: CandelaProcess, key: str, max_tokens: int) -> requests.Response:
+            body = {"model": "gpt-4o-mini", "max_tokens": max_tokens,
+                    "messages": [{"role": "user", "content": "hi"}]}
+            return requests.post(proxy.url + CHAT, json=body, timeout=10,
+                                 headers={"Authorization": f"Bearer {key}"})
+
+        # ~$0.00006 at most (100 output tokens of gpt-4o-mini): fits the key's $0.0002
+        assert chat(b, minted["key"], 100).status_code == 200
+        assert len(upstream.requests) == 1
+        # ~$0.0006 at most: more than the key has, far less than bob's $1000
+        for proxy in (a, b):
+            r = chat(proxy, minted["key"], 1000)
+            assert r.status_code == 402, r.text
+            body = r.json()
+            assert (body["error"], body["scope"], body["key_id"]) == (
+                "budget_exceeded", "key", minted["id"]
+            )
+            assert body["user_id"] == "bob@example.com" and body["budget_usd"] == 0.0002
+            assert body["period"] == "daily" and body["resets_at"].endswith("T00:00:00Z")
+        assert len(upstream.requests) == 1  # nothing refused went upstream
+        assert chat(a, BOB_KEY, 1000).status_code == 200  # bob himself still has budget
+        assert len(upstream.requests) == 2
+        me = requests.get(b.url + "/admin/v1/me", timeout=10,
+                          headers={"Authorization": f"Bearer {minted['key']}"}).json()
+        spent = me["key_budget"]["spent_usd"]
+        assert me["key_budget"]["key_id"] == minted["id"] and 0 < spent <= 0.0002
+        assert me["key_budget"]["remaining_usd"] == pytest.approx(0.0002 - spent)
+        # a rotated key spends from the same budget: refused as well, and names itself
+        r = requests.post(a.url + f"/admin/v1/keys/{minted['id']}/rotate", headers=ADMIN,
+                          json={"grace_s": 0}, timeout=10)
+        assert r.status_code == 201 and r.json()["budget_usd"] == 0.0002
+        rotated = r.json()
+        r = chat(b, rotated["key"], 1000)
+        assert r.status_code == 402 and r.json()["key_id"] == rotated["id"]
+        me = requests.get(a.url + "/admin/v1/me", timeout=10,
+                          headers={"Authorization": f"Bearer {rotated['key']}"}).json()
+        assert me["key_budget"]["spent_usd"] == spent
+        assert len(upstream.requests) == 2

@@ -97,10 +97,11 @@ def call(
     body: Any = None,
     as_: str = ADMIN,
     raw: bytes | None = None,
+    key_scope: Any = None,
 ) -> AdminResponse:
     data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
     resp = AdminApi(rt).handle(
-        AdminRequest(method, path, as_, ROLES[as_], data, "api_key", "span-1")
+        AdminRequest(method, path, as_, ROLES[as_], data, "api_key", "span-1", key_scope)
     )
     json.dumps(resp.payload)  # the addon sends it as JSON
     Draft202012Validator(_schema_of(path, method, resp.status), registry=_REGISTRY).validate(
@@ -857,6 +858,62 @@ def test_a_key_narrowed_to_models_keeps_them_through_rotation(rt):
     assert rotated.status == 201 and rotated.payload["models"] == ["gpt-4o-mini", "claude-*"]
     plain = call(rt, "POST", "/admin/v1/keys", {"user_id": BOB}).payload
     assert plain["models"] == []
+
+
+def test_a_key_budget_is_stored_listed_audited_and_kept_by_rotation(rt):
+    r = call(rt, "POST", "/admin/v1/keys", {"user_id": BOB, "budget_usd": 2.5})
+    assert r.status == 201 and r.payload["budget_usd"] == 2.5
+    [stored] = rt.store.api_keys(BOB)
+    assert stored.budget_usd == 2.5 and stored.budget_id == r.payload["id"]
+    [created] = admin_actions(rt)
+    assert created["action"] == "key.create" and created["after"]["budget_usd"] == 2.5
+    listed = call(rt, "GET", f"/admin/v1/keys?user={q(BOB)}").payload
+    assert [k["budget_usd"] for k in listed["keys"]] == [2.5]
+    rotated = call(rt, "POST", f"/admin/v1/keys/{r.payload['id']}/rotate", {"grace_s": 0})
+    assert rotated.status == 201 and rotated.payload["budget_usd"] == 2.5
+    new = rt.store.api_key(sha(rotated.payload["key"]))
+    # the rotated key spends from the first key's row: rotating gives no fresh budget
+    assert new is not None and new.budget_id == r.payload["id"] != new.key_id
+    again = call(rt, "POST", f"/admin/v1/keys/{rotated.payload['id']}/rotate", {"grace_s": 0})
+    assert rt.store.api_key(sha(again.payload["key"])).budget_id == r.payload["id"]
+    # the whole user's budget is a part of it too; no budget: the user's
+    assert call(rt, "POST", "/admin/v1/keys", {"user_id": BOB, "budget_usd": 10}).status == 201
+    assert call(rt, "POST", "/admin/v1/keys", {"user_id": BOB}).payload["budget_usd"] is None
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [0, -1, 10.01, "5", True, [1], 1e308, 1e-12],
+)
+def test_key_budget_validation_names_the_field(rt, budget):
+    # BOB's budget is the default, $10 per day: a key's is a part of it
+    r = call(rt, "POST", "/admin/v1/keys", {"user_id": BOB, "budget_usd": budget})
+    assert (r.status, r.payload["error"], r.payload["field"]) == (
+        400, "invalid_parameter", "budget_usd"
+    )
+    assert rt.store.api_keys(BOB) == [] and admin_actions(rt) == []
+
+
+def test_me_with_a_budgeted_key_shows_its_budget_and_spend(rt):
+    from candela_mitm.governance.identity import KeyScope
+    from candela_mitm.governance.ledger import KeyBudget, Reservation
+
+    minted = call(rt, "POST", "/admin/v1/keys", {"user_id": BOB, "budget_usd": 2.0}).payload
+    record = rt.store.api_key(sha(minted["key"]))
+    scope = KeyScope(record.key_id, record.models, record.budget_usd, record.budget_id)
+    r = rt.ledger.reserve(BOB, None, 0.5, 10.0, "req", key_budget=KeyBudget(
+        record.key_id, record.budget_id, 2.0))
+    assert isinstance(r, Reservation)
+    rt.ledger.settle(r, 0.75, 1, 1, "gpt-4o-mini", "openai")
+    held = rt.ledger.reserve(BOB, None, 0.25, 10.0, "req", key_budget=KeyBudget(
+        record.key_id, record.budget_id, 2.0))
+    assert isinstance(held, Reservation)
+    me = call(rt, "GET", "/admin/v1/me", as_=BOB, key_scope=scope).payload
+    kb = me["key_budget"]
+    assert (kb["key_id"], kb["budget_usd"], kb["period"]) == (minted["id"], 2.0, "daily")
+    assert (kb["spent_usd"], kb["reserved_usd"], kb["remaining_usd"]) == (0.75, 0.25, 1.0)
+    assert kb["resets_at"] == me["resets_at"]  # the user's period
+    assert call(rt, "GET", "/admin/v1/me", as_=BOB).payload["key_budget"] is None
 
 
 @pytest.mark.parametrize(

@@ -772,7 +772,8 @@ MINTED = "cdk_minted_example_key_0123456789abcdef"
 
 
 def minted_lookup(
-    table: dict[str, str | None], calls: list[str], models: tuple[str, ...] = ()
+    table: dict[str, str | None], calls: list[str], models: tuple[str, ...] = (),
+    budget_usd: float | None = None, lineage: str = "",
 ) -> Any:
     """The store's view of minted keys: digest -> user (its record as the runtime answers it)."""
 
@@ -783,7 +784,8 @@ def minted_lookup(
             raise RuntimeError("store down")
         if user is None:
             return None
-        return KeyRecord("k_0123456789abcdef", digest, user, "", "admin", 0, models=models)
+        return KeyRecord("k_0123456789abcdef", digest, user, "", "admin", 0, models=models,
+                         budget_usd=budget_usd, lineage=lineage)
 
     return lookup
 
@@ -806,7 +808,16 @@ def test_a_minted_key_carries_its_own_scope() -> None:
                                                 models=("gpt-4o-mini", "claude-*")))
     p = run(a.authenticate(*where("authorization", MINTED)))
     assert isinstance(p, Principal)
-    assert p.key_scope == KeyScope("k_0123456789abcdef", ("gpt-4o-mini", "claude-*"))
+    # no budget of its own; its budget row would be its own (it is the first of its chain)
+    assert p.key_scope == KeyScope(
+        "k_0123456789abcdef", ("gpt-4o-mini", "claude-*"), None, "k_0123456789abcdef"
+    )
+    rotated = Authenticator(make_auth(None, {}), required=True,
+                            minted_keys=minted_lookup({sha(MINTED): "bob@example.com"}, [],
+                                                      budget_usd=2.5, lineage="k_first"))
+    r = run(rotated.authenticate(*where("authorization", MINTED)))
+    assert isinstance(r, Principal)
+    assert r.key_scope == KeyScope("k_0123456789abcdef", (), 2.5, "k_first")
     static = Authenticator(make_auth(None, {ALICE_KEY: "alice@example.com"}), required=True)
     q = run(static.authenticate(*where("authorization", ALICE_KEY)))
     assert isinstance(q, Principal) and q.key_scope is None  # config keys have no scope

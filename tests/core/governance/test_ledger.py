@@ -17,6 +17,7 @@ from candela_mitm.config import State
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.governance.ledger import (
     BudgetRefusal,
+    KeyBudget,
     Ledger,
     Reservation,
     UsageRow,
@@ -834,3 +835,102 @@ def test_job_objects_keep_their_first_record(ledger: Ledger) -> None:
     assert not ledger.record_job_object("openai", "file:f1", {**rec, "user_id": "mallory"})
     assert ledger.job_object("openai", "file:f1") == rec
     assert ledger.job_object("google", "file:f1") is None  # per route
+
+
+# -- API key budgets: a part of the user's, per the user's period, shared along a rotation ----
+
+KEY = KeyBudget("k_new", "k_first", 1.0)  # a rotated key: its row is its first key's
+
+
+def test_key_budget_refuses_while_its_user_has_room(ledger: Ledger) -> None:
+    a = reserve(ledger, 0.6, key_budget=KEY)
+    assert isinstance(a, Reservation) and a.key_hold_usd == 0.6 and a.key_budget == KEY
+    refused = reserve(ledger, 0.5, key_budget=KEY)  # the user has 9.4 left: the key refuses
+    assert isinstance(refused, BudgetRefusal)
+    assert (refused.scope, refused.key_id, refused.period) == ("key", "k_new", "daily")
+    assert refused.budget_usd == 1.0 and refused.remaining_usd == pytest.approx(0.4)
+    assert refused.resets_at == TOMORROW  # the user's period
+    denial = refused.denial().payload()
+    assert denial["error"] == "budget_exceeded" and denial["scope"] == "key"
+    assert denial["key_id"] == "k_new" and denial["resets_at"] == TOMORROW
+    assert "API key 'k_new'" in denial["message"]
+    # the same request without the key's budget fits: only the key refused
+    assert isinstance(reserve(ledger, 0.5), Reservation)
+    ledger.settle(a, 0.1, 1, 1, "m", "p")  # under its estimate: room again
+    status = ledger.key_status(KEY)
+    assert (status.spent_usd, status.remaining_usd) == (pytest.approx(0.1), pytest.approx(0.9))
+    assert isinstance(reserve(ledger, 0.5, key_budget=KEY), Reservation)
+    # every key of the chain draws on the same row
+    other = KeyBudget("k_first", "k_first", 1.0)
+    assert ledger.key_status(other).reserved_usd == pytest.approx(0.5)
+
+
+def test_key_refusal_comes_after_the_user_and_tenant(ledger: Ledger) -> None:
+    r = reserve(ledger, 5.0, budget=1.0, key_budget=KEY)
+    assert isinstance(r, BudgetRefusal) and r.scope == "user"
+    r = team_reserve(ledger, "a", 2.0, tenant_budget=1.0, key_budget=KeyBudget("k", "k", 0.5))
+    assert isinstance(r, BudgetRefusal) and r.scope == "tenant"
+
+
+def test_key_budget_follows_the_users_period(ledger: Ledger) -> None:
+    weekly = BudgetPeriod("weekly")
+    r = reserve(ledger, 0.8, key_budget=KEY, period=weekly)
+    assert isinstance(r, Reservation)
+    ledger.settle(r, 0.8, 1, 1, "m", "p")
+    later = datetime(2026, 5, 17, 23, tzinfo=UTC)  # the same week
+    refused = ledger.reserve(U, None, 0.3, 10.0, "req", now=later, period=weekly, key_budget=KEY)
+    assert isinstance(refused, BudgetRefusal) and refused.scope == "key"
+    assert refused.period == "weekly" and refused.resets_at == "2026-05-18T00:00:00Z"
+    monday = datetime(2026, 5, 18, 0, 0, 1, tzinfo=UTC)
+    assert isinstance(
+        ledger.reserve(U, None, 0.3, 10.0, "req", now=monday, period=weekly, key_budget=KEY),
+        Reservation,
+    )
+
+
+def _key_race_in_process(cfg: State, prefix: str, barrier: Any, out: Any, threads: int) -> None:
+    store = open_state_store(cfg, redis_prefix=prefix)
+    ledger = Ledger(store, clock=fixed(T0))
+    admitted: list[bool] = []
+
+    def race(i: int) -> None:
+        barrier.wait()
+        # one user with room to spare, every thread its own key of one rotation chain (its own
+        # key id, one budget row): only the key's budget binds
+        key = KeyBudget(f"k_{os.getpid()}_{i}", "k_chain", 0.7)
+        r = ledger.reserve(U, "team", 0.1, 50.0, "req", key_budget=key)
+        admitted.append(isinstance(r, Reservation))
+
+    workers = [threading.Thread(target=race, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(30)
+    out.put((len(admitted), sum(admitted)))
+    store.close()
+
+
+def test_processes_never_overbook_a_key(backend: Any) -> None:
+    store = backend.open()  # create the schema before the race
+    ctx = multiprocessing.get_context("spawn")
+    per_process = 6
+    barrier = ctx.Barrier(2 * per_process)
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_key_race_in_process,
+            args=(backend.cfg, backend.prefix, barrier, out, per_process),
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert sum(n for n, _ in results) == 2 * per_process
+    assert sum(ok for _, ok in results) == 7
+    status = Ledger(store, clock=fixed(T0)).key_status(KeyBudget("k", "k_chain", 0.7))
+    assert status.reserved_usd == pytest.approx(0.7) and status.remaining_usd == 0.0
+    assert Ledger(store, clock=fixed(T0)).status(U, 50.0).reserved_usd == pytest.approx(0.7)

@@ -80,6 +80,23 @@ def test_a_usage_frame_after_a_cut_is_still_recorded(ledger):
     assert ledger.spent_today(U) == pytest.approx(0.21)
 
 
+def test_a_session_opened_with_a_budgeted_key_tops_up_within_the_keys_budget(ledger):
+    from candela_mitm.governance.ledger import KeyBudget
+
+    key = KeyBudget("k_a", "k_a", 0.25)
+    first = ledger.reserve(U, None, SLICE, 10.0, "span-1", model="m", provider="openai",
+                           key_budget=key)
+    assert isinstance(first, Reservation)
+    s = SessionBudget(ledger, U, None, 10.0, "span-1", SLICE, "openai", held=first)
+    assert s.settle(0.10, Usage(), "m")  # key: spent 0.10, holds 0.10
+    assert s.settle(0.10, Usage(), "m")  # key: spent 0.20, holds the 0.05 left (user: 9.80)
+    assert s.held is not None and s.held.amount_usd == pytest.approx(0.05)
+    assert not s.settle(0.06, Usage(), "m")  # the key's budget is spent: the session ends
+    status = ledger.key_status(key)
+    assert status.spent_usd == pytest.approx(0.26) and status.reserved_usd == 0
+    assert ledger.status(U, 10.0).remaining_usd == pytest.approx(9.74)  # the user has room
+
+
 @pytest.mark.parametrize(
     "times, limit, allowed",
     [

@@ -27,6 +27,7 @@ from candela_mitm.state.ports import (
     WouldWait,
     day_of,
     from_us,
+    key_admits,
     next_utc_midnight,
     plan_holds,
     plan_settle,
@@ -833,6 +834,107 @@ def test_no_tenant_named_touches_no_tenant_row(store: StateStore) -> None:
     assert store.tenant_totals("", "daily:x") == DayTotals(0, 0, 0)
 
 
+# -- API key budgets: the same rule (key_admits is tenant_admits), the same table, a row of its own
+
+KP = "monthly:2026-05-01"
+
+
+def key_reservation(
+    rid: str, amount: int, key_budget: int | None, user_budget: int = 10**13,
+    tenant_budget: int | None = None, key_id: str = "k_a",
+) -> NewReservation:
+    return NewReservation(
+        rid, "u", "t", "2026-05-17", amount, user_budget, "req", "host:1", T0_US,
+        period=KP, tenant_budget=tenant_budget, tenant_period=KP,
+        key_id=key_id, key_budget=key_budget, key_period=KP,
+    )
+
+
+@pytest.mark.parametrize(("budget", "spent", "held", "amount", "ok"), TENANT_TABLE)
+def test_stores_agree_with_key_admits(
+    store: StateStore, budget: int | None, spent: int, held: int, amount: int, ok: bool
+) -> None:
+    assert key_admits(amount, budget, spent, held) is ok
+    if spent:  # spend on the key's row: a free reservation settled at that cost
+        assert store.reserve(key_reservation("s", 0, None)).ok
+        assert store.settle("s", spent, 0, 0, "m", "p", T0_US).applied
+    if held:
+        assert store.reserve(key_reservation("h", held, None)).ok
+    result = store.reserve(key_reservation("r", amount, budget))
+    assert result.ok is ok
+    assert (result.key_spent, result.key_reserved) == (spent, held)
+    totals = store.key_totals("k_a", KP)
+    if ok:
+        assert result.key_hold == amount
+        assert totals.reserved == held + amount
+    else:
+        assert result.scope == "key" and result.key_hold == 0
+        # a refusal holds nothing, on any row
+        assert totals.reserved == held
+        assert store.day_totals("u", KP).reserved == held
+        assert store.tenant_totals("t", KP).reserved == held
+
+
+def test_user_and_tenant_refuse_before_the_key(store: StateStore) -> None:
+    user = store.reserve(key_reservation("r", 50, 10, user_budget=20))
+    assert not user.ok and user.scope == "user"
+    tenant = store.reserve(key_reservation("r", 50, 10, tenant_budget=20))
+    assert not tenant.ok and tenant.scope == "tenant"
+    assert store.key_totals("k_a", KP) == DayTotals(0, 0, 0)
+
+
+def test_key_row_settles_and_releases_with_the_user_and_tenant_rows(store: StateStore) -> None:
+    assert store.reserve(key_reservation("a", 40, 100)).ok
+    assert store.reserve(key_reservation("b", 30, 100)).ok
+    assert store.key_totals("k_a", KP) == DayTotals(0, 0, 70)
+    assert store.settle("a", 55, 1, 1, "m", "p", T0_US + 1).applied  # over its estimate
+    assert store.key_totals("k_a", KP) == DayTotals(55, 0, 30)
+    assert store.tenant_totals("t", KP) == DayTotals(55, 0, 30)
+    assert store.day_totals("u", KP).spent == 55
+    assert store.release("b", T0_US + 2)
+    assert store.key_totals("k_a", KP) == DayTotals(55, 0, 0)
+    # repeats are no-ops on the key row too
+    assert not store.settle("a", 55, 1, 1, "m", "p", T0_US + 3).applied
+    assert not store.release("b", T0_US + 3)
+    assert store.key_totals("k_a", KP) == DayTotals(55, 0, 0)
+    # what is left: 45 fits, 46 does not
+    assert not store.reserve(key_reservation("c", 46, 100)).ok
+    assert store.reserve(key_reservation("d", 45, 100)).ok
+
+
+def test_reclaimed_reservation_frees_its_key_hold_once(store: StateStore) -> None:
+    assert store.reserve(key_reservation("a", 40, 100)).ok
+    assert store.release("a", T0_US + 1, reclaim=True)
+    assert store.key_totals("k_a", KP) == DayTotals(0, 0, 0)
+    assert store.settle("a", 40, 0, 0, "m", "p", T0_US + 2).applied
+    assert store.key_totals("k_a", KP) == DayTotals(40, 0, 0)
+
+
+def test_key_rows_are_apart(store: StateStore) -> None:
+    assert store.reserve(key_reservation("a", 60, 100, key_id="k_a")).ok
+    assert store.reserve(key_reservation("b", 60, 100, key_id="k_b")).ok  # its own row
+    assert store.key_totals("k_b", KP) == DayTotals(0, 0, 60)
+    # no key named: no key row touched, whatever budget is passed
+    new = NewReservation("n", "u", "", "2026-05-17", 5, 100, "req", "host:1", T0_US,
+                         key_budget=1, key_period=KP)
+    assert store.reserve(new).ok
+    assert store.key_totals("", KP) == DayTotals(0, 0, 0)
+
+
+def test_api_keys_keep_their_budget_and_lineage(store: StateStore) -> None:
+    from candela_mitm.state.ports import KeyRecord
+
+    first = KeyRecord("k_a", "a" * 64, "u", "", "admin", T0_US, budget_usd=2.5)
+    rotated = KeyRecord("k_b", "b" * 64, "u", "", "admin", T0_US + 1, budget_usd=2.5,
+                        lineage="k_a")
+    store.put_api_key(first)
+    store.put_api_key(rotated)
+    assert store.api_key("a" * 64) == first and store.api_key("b" * 64) == rotated
+    assert [k.budget_id for k in store.api_keys("u")] == ["k_a", "k_a"]
+    assert store.revoke_api_key("k_b", T0_US + 2) == rotated
+    assert store.api_key("b" * 64).budget_usd == 2.5  # type: ignore[union-attr]
+
+
 def test_tenants_crud(store: StateStore) -> None:
     assert store.get_tenant("t") is None and store.list_tenants() == []
     rec = TenantRecord("t", 12.5, "monthly", datetime(2026, 5, 17, tzinfo=UTC))
@@ -868,6 +970,23 @@ def test_sqlite_schema_3_reservations_gain_their_periods(tmp_path: Path) -> None
     store = SqliteStateStore(path)
     assert store.settle("old", 7, 0, 0, "m", "p", T0_US + 1).applied
     assert store.day_totals("u", "2026-05-17") == DayTotals(7, 0, 0)  # its day row
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    store.close()
+
+
+def test_sqlite_schema_7_reservations_gain_their_key_row(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    SqliteStateStore(path).close()
+    with sqlite3.connect(path) as raw:  # a store as schema 7 left it: no key columns
+        for column in ("key_id", "key_period", "key_hold"):
+            raw.execute(f"ALTER TABLE reservations DROP COLUMN {column}")
+        raw.execute("DROP TABLE key_periods")
+        raw.execute("PRAGMA user_version = 7")
+    store = SqliteStateStore(path)
+    assert store.reserve(key_reservation("r", 5, 10)).ok
+    assert store.settle("r", 4, 0, 0, "m", "p", T0_US + 1).applied
+    assert store.key_totals("k_a", KP) == DayTotals(4, 0, 0)
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     store.close()

@@ -43,12 +43,14 @@ def _history(seed: int, steps: int) -> list[tuple[str, tuple[Any, ...]]]:
             rid = f"r{i}"
             reservations.append(rid)
             tenant = rnd.choice(tenants)
+            key = rnd.choice(["", "k1", "k2"])  # an API key budget's row (its lineage)
             calls.append((
                 "reserve",
                 (NewReservation(
                     rid, user, tenant, "2026-05-17", rnd.randrange(0, 400), rnd.choice([0, 500, 1000]),
                     f"q{i}", "h:1", now, "m", "p", rnd.choice(["", "weekly:2026-05-11"]),
                     rnd.choice([None, 300, 900]), "monthly:2026-05-01" if tenant else "",
+                    key, rnd.choice([None, 200, 600]), "monthly:2026-05-01" if key else "",
                 ),),
             ))
         elif op in ("settle", "release", "reclaim") and reservations:
@@ -90,6 +92,7 @@ def _snapshot(store: StateStore) -> tuple[Any, ...]:
     return (
         [store.day_totals(u, p) for u in ("u1", "u2") for p in ("2026-05-17", "weekly:2026-05-11")],
         [store.tenant_totals(t, "monthly:2026-05-01") for t in ("t1", "t2")],
+        [store.key_totals(k, "monthly:2026-05-01") for k in ("k1", "k2")],
         store.grants("u1") + store.grants("u2"),
         store.spend_rows(),
         store.active_reservations(),
