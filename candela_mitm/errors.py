@@ -74,6 +74,16 @@ def invalid_parameter(name: str, why: str) -> Denial:
     )
 
 
+def invalid_path_parameter(name: str, why: str) -> Denial:
+    """A path parameter of the wrong format: 400 invalid_parameter naming it."""
+    return Denial(
+        400,
+        "invalid_parameter",
+        f"Path parameter '{name}' {why}",
+        {"field": name, "parameter": name},
+    )
+
+
 def invalid_json(detail: str) -> Denial:
     return Denial(400, "invalid_json", f"The request body is not valid JSON: {detail}")
 
