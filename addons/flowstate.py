@@ -7,7 +7,8 @@ import functools
 import inspect
 import json
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -99,6 +100,31 @@ def note_failure(flow: http.HTTPFlow) -> None:
 # Decompression runs here, off the event loop (zlib, brotli and zstd release the GIL while they
 # work); two threads: a burst of compressed bodies queues instead of taking every core.
 _DECODER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="candela-decode")
+
+
+# Work that grows with a body runs SLICE_S at a time, then leaves the loop to every other flow
+# for as long: a request needs a few dozen turns of the loop (read, each hook, write), which
+# would each wait a slice behind a bare sleep(0); with the pause they run together in it
+# (measured with tests/e2e/test_hostile.py: /healthz 300-800 ms slower during a 10 MB object
+# with sleep(0), within its baseline + 100 ms with the pause). A large body takes twice as long.
+SLICE_S = 0.002
+PAUSE_S = 0.006
+
+
+async def sliced(work: Generator[None, None, T]) -> T:
+    """Run work that yields often (providers/jsonbody.py, the estimate's scan) on the event
+    loop, SLICE_S at a time, every other flow taking its turn in between. Not on a thread: a
+    C call that builds Python objects (parsing or writing JSON) holds the GIL throughout, and
+    a CPU-bound thread makes each turn of the loop wait for the GIL (up to 5 ms a turn)."""
+    deadline = time.perf_counter() + SLICE_S
+    while True:
+        try:
+            next(work)
+        except StopIteration as done:
+            return done.value
+        if time.perf_counter() >= deadline:
+            await asyncio.sleep(PAUSE_S)
+            deadline = time.perf_counter() + SLICE_S
 
 
 async def off_loop(fn: Callable[..., T], *args: Any) -> T:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,9 +88,28 @@ def _search_tool(tool: dict[str, Any]) -> int:
 
 def scan(node: Any) -> BodyScan:
     """Characters of text, images, media by size, references and search tools in a JSON body."""
+    work = scan_sliced(node)
+    while True:
+        try:
+            next(work)
+        except StopIteration as done:
+            return done.value
+
+
+SCAN_SLICE = 500  # nodes between two yields of scan_sliced
+
+
+def scan_sliced(node: Any) -> Generator[None, None, BodyScan]:
+    """`scan`, yielding every SCAN_SLICE nodes: a large body's scan shares the event loop
+    (addons/flowstate.py `sliced`; on a thread, a CPU-bound walk makes every turn of the loop
+    wait for the GIL)."""
     out = BodyScan()
     stack = [node]
+    walked = 0
     while stack:
+        walked += 1
+        if walked % SCAN_SLICE == 0:
+            yield
         n = stack.pop()
         if isinstance(n, str):
             media = _data_url(n) if n.startswith("data:") else None
@@ -107,6 +127,8 @@ def scan(node: Any) -> BodyScan:
             _scan_dict(n, out, stack)
         elif isinstance(n, list):
             _scan_list(n, out, stack)
+        elif type(n) is int or type(n) is bool:  # as JSON writes them: 12, true, false
+            out.chars += len(repr(n))
         elif n is not None:
             out.chars += len(json.dumps(n))
     return out
