@@ -103,10 +103,9 @@ _DECODER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="candela-decode"
 
 
 # Work that grows with a body runs SLICE_S at a time, then leaves the loop to every other flow
-# for as long: a request needs a few dozen turns of the loop (read, each hook, write), which
-# would each wait a slice behind a bare sleep(0); with the pause they run together in it
-# (measured with tests/e2e/test_hostile.py: /healthz 300-800 ms slower during a 10 MB object
-# with sleep(0), within its baseline + 100 ms with the pause). A large body takes twice as long.
+# for PAUSE_S: a request needs a few dozen turns of the loop (read, each hook, write), which
+# behind a bare sleep(0) would each wait for a slice; in the pause they run together. A large
+# body costs its own request a few times its CPU time in wall time, no one else's.
 SLICE_S = 0.002
 PAUSE_S = 0.006
 
@@ -125,12 +124,6 @@ async def sliced(work: Generator[None, None, T]) -> T:
         if time.perf_counter() >= deadline:
             await asyncio.sleep(PAUSE_S)
             deadline = time.perf_counter() + SLICE_S
-
-
-async def off_loop(fn: Callable[..., T], *args: Any) -> T:
-    """Run CPU work that grows with a body on the decoding threads: pure Python yields the GIL
-    to the event loop every few milliseconds, so other requests keep being answered."""
-    return await asyncio.get_running_loop().run_in_executor(_DECODER, fn, *args)
 
 
 async def decode_request_body(flow: http.HTTPFlow, limit: int) -> bytes:

@@ -55,6 +55,23 @@ def _text(doc: str | bytes | bytearray) -> str:
     return bytes(doc).decode(json.detect_encoding(doc), "surrogatepass")
 
 
+_NOT_SCALAR = re.compile(r'["{\[]')
+
+
+def _scalar_run(s: str, i: int) -> int:
+    """Where a run of list members without strings or containers that starts at i ends (at a
+    comma or the list's closing bracket, within WINDOW characters); i if there is none."""
+    window = s[i : i + WINDOW]
+    other = _NOT_SCALAR.search(window)
+    if other is not None:
+        window = window[: other.start()]
+    close = window.find("]")
+    if close >= 0:
+        return i + close
+    comma = window.rfind(",")
+    return i + comma if comma > 0 else i
+
+
 def loads_sliced(doc: str | bytes | bytearray) -> Generator[None, None, Any]:
     """json.loads(doc), built a slice at a time: the same value, or JSONDecodeError (ValueError,
     UnicodeDecodeError, RecursionError) as json.loads raises for it."""
@@ -70,7 +87,13 @@ def loads_sliced(doc: str | bytes | bytearray) -> Generator[None, None, Any]:
         c = s[i : i + 1]
         value: Any
         opened = False
-        if c in ("{", "[") and n - i > WINDOW:
+        run = _scalar_run(s, i) if stack and isinstance(stack[-1], list) else i
+        bulk = run > i
+        if bulk:  # numbers and literals up to a comma or the list's end: one C call
+            values = json.loads("[" + s[i:run] + "]")
+            stack[-1].extend(values)  # type: ignore[union-attr]
+            i, members = run, members + len(values)
+        elif c in ("{", "[") and n - i > WINDOW:
             try:
                 value, end = _DECODER.raw_decode(s[i : i + WINDOW])
                 end += i
@@ -78,13 +101,15 @@ def loads_sliced(doc: str | bytes | bytearray) -> Generator[None, None, Any]:
                 value, end, opened = ({} if c == "{" else []), i + 1, True
         else:
             value, end = _scalar(s, i)
-        i = end
-        if not stack:
-            root = value
+        if bulk:
+            pass
+        elif not stack:
+            root, i = value, end
         elif isinstance(stack[-1], dict):
-            stack[-1][keys[-1]] = value
+            stack[-1][keys[-1]], i = value, end
         else:
             stack[-1].append(value)
+            i = end
         if opened:
             if len(stack) >= MAX_DEPTH:
                 raise RecursionError("maximum JSON nesting depth exceeded")

@@ -353,8 +353,9 @@ TEN_MB_PARTS = json.dumps(
         (b"  \n" + TEN_MB_ARRAY, 400, "bad_request"),
         (TEN_MB_OBJECT, 200, None),  # parsed off the event loop
         (TEN_MB_PARTS, 200, None),
+        (b'{"model": "gpt-4o-mini", "messages": [], "x": ' + TEN_MB_ARRAY + b"}", 200, None),
     ],
-    ids=["array", "array-after-space", "object", "object-of-parts"],
+    ids=["array", "array-after-space", "object", "object-of-parts", "object-of-numbers"],
 )
 def test_a_10_mb_body_does_not_stall_other_requests(
     hostile, upstream, tmp_path, body, status, error

@@ -68,6 +68,8 @@ def test_values_are_read_as_json_loads_reads_them(window, value, indent, pad):
         '{"s": "\\ud83d\\ude00 \\ud800 \\u0000"}',
         '[[[], {}], [[{}]], {"": [[]]}]',
         "  0  ",
+        '{"n": [1, 2 , 3.5e3, true, null, NaN, "a", [4, 5], {"b": [6]}, 7 ]}',
+        '{"n": [' + ", ".join(["0"] * 3000) + "]}",
     ],
 )
 def test_edges_are_read_as_json_loads_reads_them(window, text):
@@ -78,7 +80,8 @@ def test_edges_are_read_as_json_loads_reads_them(window, text):
 @pytest.mark.parametrize(
     "text",
     [
-        "", " ", "{", "[", "{]", "[}", "[1,]", '{"a":1,}', '{"a" 1}', '{a: 1}', "[1 2]",
+        "", " ", "{", "[", "{]", "[}", "[1,]", '{"a":1,}', "[1,,2]", "[1, 2}", '{"n": [1, 2,]}',
+        "[tru, 1]", "[1, 2", "[1, 2, {]", '{"a" 1}', '{a: 1}', "[1 2]",
         '{"a": 1} x', "[1]]", '{"a": tru}', '{"a": "\n"}', "[01]", "\ufeff{}", '{"a": 1}}',
         '{"a": [1, 2, {"b": [3,, 4]}]}', "[" + "1" * 5000 + "]",  # past Python's int digits
     ],
@@ -119,6 +122,12 @@ def test_a_large_list_of_small_objects_is_read_in_many_slices():
     doc = json.dumps({"messages": [{"role": "user", "content": parts}]})
     got, yields = run(loads_sliced(doc))
     assert got == json.loads(doc) and yields >= 50_000 // jsonbody.SLICE_MEMBERS
+
+
+def test_a_large_list_of_numbers_is_read_in_c_runs_and_slices():
+    doc = json.dumps({"x": [0, 1.5, True, None] * 250_000})
+    got, yields = run(loads_sliced(doc))
+    assert got == json.loads(doc) and yields >= 10
 
 
 @settings(max_examples=100, deadline=None)
