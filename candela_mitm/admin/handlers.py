@@ -218,7 +218,9 @@ def _match_route(path: str) -> tuple[list[Route], dict[str, str]]:
 _ID_RULE = "characters, without control characters or surrounding spaces"
 
 
-def _user_id(value: object, name: str = "user", refuse: Callable[[str, str], Refused] = _bad_param) -> str:
+def _user_id(
+    value: object, name: str = "user", refuse: Callable[[str, str], Refused] = _bad_param
+) -> str:
     """A user id (the path or query parameter `name`, or a body field with refuse=_invalid)."""
     if not user_id_ok(value):
         raise refuse(name, f"must be a user id of 1 to {MAX_USER_CHARS} {_ID_RULE}")
@@ -227,7 +229,7 @@ def _user_id(value: object, name: str = "user", refuse: Callable[[str, str], Ref
 
 
 def _bad_path(name: str, why: str) -> Refused:
-    return Refused(errors.invalid_path_parameter(name, why))
+    return Refused(errors.invalid_parameter(name, why, where="Path"))
 
 
 def _path_params(p: Mapping[str, str]) -> None:

@@ -6,28 +6,7 @@ import copy
 import functools
 from typing import Any
 
-from candela_mitm.admin.params import (
-    ACTION_PATTERN,
-    DAY_PATTERN,
-    DEFAULT_AUDIT_LIMIT,
-    DEFAULT_ROTATION_GRACE_S,
-    ID_PATTERN,
-    KEY_ID_PATTERN,
-    MAX_ACTION_CHARS,
-    MAX_AUDIT_LIMIT,
-    MAX_LEADERBOARD_LIMIT,
-    MAX_LIMIT,
-    MAX_REASON_CHARS,
-    MAX_ROTATION_GRACE_S,
-    MAX_RPM,
-    MAX_SEQ,
-    MAX_TENANTS,
-    MAX_USD,
-    MAX_USER_CHARS,
-    MIN_GRANT_USD,
-    TEXT_PATTERN,
-    TIME_PATTERN,
-)
+from candela_mitm.admin import params
 from candela_mitm.governance.tenancy import MAX_TENANT_CHARS
 
 OPENAPI_VERSION = "3.1.0"
@@ -64,19 +43,23 @@ _TENANTS = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLen
 _USER_ID_IN = {
     "type": "string",
     "minLength": 1,
-    "maxLength": MAX_USER_CHARS,
-    "pattern": ID_PATTERN,
+    "maxLength": params.MAX_USER_CHARS,
+    "pattern": params.ID_PATTERN,
     "description": "no control characters, no surrounding spaces",
 }
 _TENANT_ID_IN = {**_USER_ID_IN, "maxLength": MAX_TENANT_CHARS}
-_KEY_ID_IN = {"type": "string", "pattern": KEY_ID_PATTERN, "description": "k_ and 16 hex digits"}
+_KEY_ID_IN = {
+    "type": "string",
+    "pattern": params.KEY_ID_PATTERN,
+    "description": "k_ and 16 hex digits",
+}
 # RFC 3339 with an offset, written in years 1970 to 9998 (the pattern; the format rules out
 # days not in the calendar)
-_TIME_IN = {"type": "string", "format": "date-time", "pattern": TIME_PATTERN}
+_TIME_IN = {"type": "string", "format": "date-time", "pattern": params.TIME_PATTERN}
 _MOMENT_IN = {
-    "anyOf": [{"type": "string", "format": "date", "pattern": DAY_PATTERN}, _TIME_IN],
+    "anyOf": [{"type": "string", "format": "date", "pattern": params.DAY_PATTERN}, _TIME_IN],
 }
-_USD_IN = {"type": "number", "minimum": 0, "maximum": MAX_USD}
+_USD_IN = {"type": "number", "minimum": 0, "maximum": params.MAX_USD}
 _LIMIT = {"type": ["integer", "null"], "minimum": 0, "description": "null: no limit"}
 _LIMITS = {
     "max_concurrent_requests": {**_LIMIT, "description": "requests in flight at once; null: no limit"},
@@ -85,7 +68,8 @@ _LIMITS = {
     "total_tokens_per_minute": _LIMIT,
 }
 _LIMITS_IN = {
-    name: {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_LIMIT} for name in _LIMITS
+    name: {"type": ["integer", "null"], "minimum": 0, "maximum": params.MAX_LIMIT}
+    for name in _LIMITS
 }
 KEY_PROPS: dict[str, Any] = {
             "id": {**_STR, "description": "the key's public name, for listing and revoking"},
@@ -149,12 +133,12 @@ SCHEMAS: dict[str, Any] = {
             "tenants": {
                 "type": "array",
                 "items": _TENANT_ID_IN,
-                "maxItems": MAX_TENANTS,
+                "maxItems": params.MAX_TENANTS,
                 "uniqueItems": True,
             },
             "daily_budget_usd": _USD_IN,
             "budget_period": _PERIOD,
-            "requests_per_minute": {"type": "integer", "minimum": 0, "maximum": MAX_RPM},
+            "requests_per_minute": {"type": "integer", "minimum": 0, "maximum": params.MAX_RPM},
             **_LIMITS_IN,
         },
         "additionalProperties": False,
@@ -201,8 +185,8 @@ SCHEMAS: dict[str, Any] = {
             "grace_s": {
                 "type": "integer",
                 "minimum": 0,
-                "maximum": MAX_ROTATION_GRACE_S,
-                "default": DEFAULT_ROTATION_GRACE_S,
+                "maximum": params.MAX_ROTATION_GRACE_S,
+                "default": params.DEFAULT_ROTATION_GRACE_S,
                 "description": "how long the old key keeps working",
             }
         },
@@ -222,7 +206,7 @@ SCHEMAS: dict[str, Any] = {
                 **_USER_ID_IN,
                 "description": "default: the caller; a developer may name only themselves",
             },
-            "name": {"type": "string", "maxLength": MAX_REASON_CHARS},
+            "name": {"type": "string", "maxLength": params.MAX_REASON_CHARS},
             "expires_at": {
                 **_TIME_IN,
                 "type": ["string", "null"],
@@ -272,13 +256,13 @@ SCHEMAS: dict[str, Any] = {
     "GrantCreate": _obj(
         ["amount_usd", "expires_at", "reason"],
         {
-            "amount_usd": {**_USD_IN, "minimum": MIN_GRANT_USD},
+            "amount_usd": {**_USD_IN, "minimum": params.MIN_GRANT_USD},
             "expires_at": {**_TIME_IN, "description": "RFC 3339 with an offset, in the future"},
             "reason": {
                 "type": "string",
                 "minLength": 1,
-                "maxLength": MAX_REASON_CHARS,
-                "pattern": TEXT_PATTERN,
+                "maxLength": params.MAX_REASON_CHARS,
+                "pattern": params.TEXT_PATTERN,
                 "description": "not only spaces",
             },
         },
@@ -654,7 +638,9 @@ PATHS: dict[str, Any] = {
                 _SINCE,
                 _UNTIL,
                 _query(
-                    "limit", {"type": "integer", "minimum": 1, "maximum": MAX_LEADERBOARD_LIMIT}, "rows"
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": params.MAX_LEADERBOARD_LIMIT},
+                    "rows",
                 ),
             ],
         )
@@ -668,7 +654,11 @@ PATHS: dict[str, Any] = {
             params=[
                 _query(
                     "action",
-                    {"type": "string", "maxLength": MAX_ACTION_CHARS, "pattern": ACTION_PATTERN},
+                    {
+                        "type": "string",
+                        "maxLength": params.MAX_ACTION_CHARS,
+                        "pattern": params.ACTION_PATTERN,
+                    },
                     "e.g. llm_request, admin_action, model_policy_check",
                 ),
                 _query(
@@ -680,14 +670,14 @@ PATHS: dict[str, Any] = {
                     {
                         "type": "integer",
                         "minimum": 1,
-                        "maximum": MAX_AUDIT_LIMIT,
-                        "default": DEFAULT_AUDIT_LIMIT,
+                        "maximum": params.MAX_AUDIT_LIMIT,
+                        "default": params.DEFAULT_AUDIT_LIMIT,
                     },
                     "entries per page",
                 ),
                 _query(
                     "before_seq",
-                    {"type": "integer", "minimum": 1, "maximum": MAX_SEQ},
+                    {"type": "integer", "minimum": 1, "maximum": params.MAX_SEQ},
                     "only entries older than this seq (paging)",
                 ),
             ],

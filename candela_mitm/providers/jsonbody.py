@@ -30,7 +30,9 @@ ENCODE_CHUNKS = 1024  # pieces written between two yields
 _DECODER = json.JSONDecoder()
 # the C scanner json.loads itself uses (typeshed does not declare these two)
 _scan_once: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
-_scanstring: Callable[[str, int, bool], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
+_scanstring: Callable[[str, int, bool], tuple[str, int]] = (
+    json.decoder.scanstring  # type: ignore[attr-defined]
+)
 _WHITESPACE = re.compile(r"[ \t\n\r]*")  # json.decoder's
 
 

@@ -235,13 +235,15 @@ class AnthropicToOpenAIStream:
         if isinstance(raw, dict):
             self._raw_usage.update({k: v for k, v in raw.items() if isinstance(v, int)})
 
+    def _text(self, text: Any) -> bytes:
+        return _sse(self._chunk({"content": text})) if text else b""
+
     def _block_start(self, ev: dict[str, Any]) -> bytes:
         block = ev.get("content_block")
         if not isinstance(block, dict):
             return b""
         if block.get("type") == "text":
-            text = block.get("text")
-            return _sse(self._chunk({"content": text})) if text else b""
+            return self._text(block.get("text"))
         if block.get("type") == "tool_use":
             index = len(self._tool_index)
             self._tool_index[_int(ev.get("index"))] = index
@@ -264,8 +266,7 @@ class AnthropicToOpenAIStream:
         if not isinstance(delta, dict):
             return b""
         if delta.get("type") == "text_delta":
-            text = delta.get("text")
-            return _sse(self._chunk({"content": text})) if text else b""
+            return self._text(delta.get("text"))
         if delta.get("type") == "input_json_delta":
             index = self._tool_index.get(_int(ev.get("index")))
             part = delta.get("partial_json")
