@@ -120,3 +120,25 @@ def test_the_document_and_the_validator_agree(rule, data):
 def test_json_integers_are_json_schemas_integers(value, expected):
     assert params.json_int(value) == expected
     assert _validator({"type": "integer"}).is_valid(value) == (expected is not None)
+
+
+def test_every_operation_documents_the_listeners_own_answers():
+    responses = DOC["components"]["responses"]
+    for path, item in DOC["paths"].items():
+        for method, op in item.items():
+            if method == "parameters":
+                continue
+            for status, name in [
+                ("408", "RequestTimeout"),
+                ("413", "PayloadTooLarge"),
+                ("415", "UnsupportedMediaType"),
+                ("429", "TooManyConnections"),
+                ("431", "RequestHeaderTooLarge"),
+            ]:
+                assert op["responses"][status] == {"$ref": f"#/components/responses/{name}"}, (
+                    method, path, status
+                )
+    assert "Retry-After" in responses["TooManyConnections"]["headers"]
+    for name in ("RequestTimeout", "PayloadTooLarge", "RequestHeaderTooLarge"):
+        schema = responses[name]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/Error"}
