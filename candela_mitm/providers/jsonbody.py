@@ -162,10 +162,15 @@ def loads_sliced(doc: str | bytes | bytearray) -> Generator[None, None, Any]:
 
 def dumps_sliced(value: Any) -> Generator[None, None, bytes]:
     """json.dumps(value, ensure_ascii=False).encode(), written a slice at a time."""
+    parts: list[bytes] = []
     chunks: list[str] = []
-    # iterencode without _one_shot is the pure-Python encoder: a generator of small pieces
-    for n, chunk in enumerate(json.JSONEncoder(ensure_ascii=False).iterencode(value), 1):
+    # iterencode without _one_shot is the pure-Python encoder: a generator of small pieces,
+    # joined a slice at a time (one join of millions of pieces would hold the loop again)
+    for chunk in json.JSONEncoder(ensure_ascii=False).iterencode(value):
         chunks.append(chunk)
-        if n % ENCODE_CHUNKS == 0:
+        if len(chunks) == ENCODE_CHUNKS:
+            parts.append("".join(chunks).encode())
+            chunks.clear()
             yield
-    return "".join(chunks).encode()
+    parts.append("".join(chunks).encode())
+    return b"".join(parts)
