@@ -16,6 +16,7 @@ from .flowstate import answered, ctx_of, deny
 
 ASSETS = {
     "admin.html": "text/html; charset=utf-8",
+    "base.css": "text/css; charset=utf-8",  # shared with the local page
     "admin.css": "text/css; charset=utf-8",
     "admin.js": "text/javascript; charset=utf-8",
 }

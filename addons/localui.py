@@ -30,6 +30,7 @@ log = logging.getLogger("candela.localui")
 
 ASSETS = {
     "local.html": "text/html; charset=utf-8",
+    "base.css": "text/css; charset=utf-8",  # shared with the admin console
     "local.css": "text/css; charset=utf-8",
     "local.js": "text/javascript; charset=utf-8",
 }

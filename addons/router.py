@@ -10,7 +10,7 @@ from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.context import RequestContext, classify
-from candela_mitm.governance.estimate import LARGE_BODY_BYTES, scan
+from candela_mitm.governance.estimate import LARGE_BODY_BYTES, scan_sliced
 from candela_mitm.observability.spans import TraceContext
 from candela_mitm.providers.catalogue import find
 from candela_mitm.providers.encoding import DECODABLE
@@ -19,6 +19,7 @@ from candela_mitm.providers.forwarding import (
     plan_chat_completion,
     plan_provider_request,
 )
+from candela_mitm.providers.jsonbody import dumps_sliced, loads_sliced
 from candela_mitm.providers.target import target_problem
 from candela_mitm.runtime import Runtime
 
@@ -30,7 +31,7 @@ from .flowstate import (
     decoded_body,
     deny,
     fail_closed,
-    off_loop,
+    sliced,
 )
 
 log = logging.getLogger("candela.router")
@@ -51,6 +52,16 @@ def framing_problem(headers: http.Headers) -> str | None:
     if te and [t.strip().lower() for t in te] != ["chunked"]:
         return "Transfer-Encoding other than a single 'chunked' is not accepted"
     return None
+
+
+async def _encodable(body: object, large: bool) -> bool:
+    if not large:
+        return encodable(body)
+    try:
+        await sliced(dumps_sliced(body))
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def encodable(body: object) -> bool:
@@ -134,24 +145,26 @@ class Router:
             else:
                 deny(flow, errors.invalid_json("the body is not a JSON object"))
             return
+        large = len(raw) > LARGE_BODY_BYTES
         if first:
             try:
-                body = json.loads(raw)
+                # a large body in slices: one json.loads of 10 MB holds the loop for a second
+                body = await sliced(loads_sliced(raw)) if large else json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 deny(flow, errors.invalid_json(str(e)[:200]))
                 return
             except RecursionError:
                 deny(flow, errors.invalid_json("the JSON body is nested too deeply"))
                 return
-            if _SURROGATE_ESCAPE.search(raw) and not encodable(body):
+            if _SURROGATE_ESCAPE.search(raw) and not await _encodable(body, large):
                 deny(flow, errors.invalid_json("the JSON body holds a lone UTF-16 surrogate"))
                 return
             if not isinstance(body, dict):
                 deny(flow, errors.bad_request("the JSON body must be an object"))
                 return
         ctx.body = body
-        if body is not None and len(raw) > LARGE_BODY_BYTES:
-            ctx.scan = await off_loop(scan, body)  # the estimate's walk, off the event loop
+        if body is not None and large:
+            ctx.scan = await sliced(scan_sliced(body))  # the estimate's walk, in slices
         method = flow.request.method.upper()
         # after Auth's requestheaders: a refusal here is audited with who asked
         problem = target_problem(flow.request.path)

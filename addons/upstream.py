@@ -10,12 +10,13 @@ from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.providers.headers import client_response_fields
+from candela_mitm.providers.jsonbody import dumps_sliced
 from candela_mitm.providers.target import STRIPPED_HEADERS
 from candela_mitm.providers.upstream_auth import CredentialsUnavailable, header_names_to_strip
 from candela_mitm.runtime import Runtime
 
 from . import mitm_patches
-from .flowstate import answered, ctx_of, deny, fail_closed
+from .flowstate import answered, ctx_of, deny, fail_closed, sliced
 
 log = logging.getLogger("candela.upstream")
 
@@ -69,7 +70,10 @@ class Upstream:
         if body_obj is not None and not (keep_key and plan.body is None):
             # the upstream gets exactly the JSON Candela checked: no second reading of the bytes
             # (an app that signs its own request, kept as sent, was read from these same bytes)
-            content = json.dumps(body_obj, ensure_ascii=False).encode()
+            if c.scan is not None:  # a large body (router.py): written in slices, as it was read
+                content = await sliced(dumps_sliced(body_obj))
+            else:
+                content = json.dumps(body_obj, ensure_ascii=False).encode()
         # One pass over the caller's headers (each Headers edit rescans them all): its
         # credentials and Candela's own never go upstream; the ones Candela sets are replaced.
         strip = self.strip_kept_key if keep_key else self.strip

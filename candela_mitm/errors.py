@@ -64,12 +64,13 @@ def invalid_field(name: str, why: str) -> Denial:
     return Denial(400, "invalid_parameter", f"'{name}' {why}", {"field": name})
 
 
-def invalid_parameter(name: str, why: str) -> Denial:
-    """A query parameter out of range or of the wrong format: 400 invalid_parameter naming it."""
+def invalid_parameter(name: str, why: str, where: str = "Query") -> Denial:
+    """A query (or `where="Path"`) parameter out of range or of the wrong format: 400
+    invalid_parameter naming it."""
     return Denial(
         400,
         "invalid_parameter",
-        f"Query parameter '{name}' {why}",
+        f"{where} parameter '{name}' {why}",
         {"field": name, "parameter": name},
     )
 

@@ -189,7 +189,7 @@ def stale_settlement_entry(s: StaleSettlement) -> dict[str, Any]:
         "usage_source": "reserved",
         "span_id": s.request_id,
         "reservation_id": s.reservation_id,
-        "owner": s.owner,  # the process that died: <host><pid namespace>:<pid>
+        "owner": s.owner,  # the process that died: <host><pid namespace>:<pid>:<boot>.<start>
         "started_at": s.created_at.isoformat(),
     }
 

@@ -19,6 +19,33 @@ from urllib.parse import parse_qsl, unquote
 
 from candela_mitm import errors
 from candela_mitm.admin.openapi import openapi_document
+from candela_mitm.admin.params import (
+    DEFAULT_AUDIT_LIMIT,
+    DEFAULT_ROTATION_GRACE_S,
+    MAX_ACTION_CHARS,
+    MAX_AUDIT_LIMIT,
+    MAX_KEY_MODELS,
+    MAX_LEADERBOARD_LIMIT,
+    MAX_LIMIT,
+    MAX_MODEL_PATTERN_CHARS,
+    MAX_REASON_CHARS,
+    MAX_ROTATION_GRACE_S,
+    MAX_RPM,
+    MAX_SEQ,
+    MAX_TENANTS,
+    MAX_USD,
+    MAX_USER_CHARS,
+    MAX_YEAR,
+    MIN_GRANT_USD,
+    MIN_YEAR,
+    action_ok,
+    json_int,
+    key_id_ok,
+    parse_moment,
+    tenant_id_ok,
+    text_ok,
+    user_id_ok,
+)
 from candela_mitm.audit.actions import ADMIN_ACTION
 from candela_mitm.audit.query import query_entries
 from candela_mitm.audit.writer import AuditWriter
@@ -40,7 +67,6 @@ from candela_mitm.state.ports import (
     from_us,
     rfc3339,
     to_us,
-    usd_to_nano,
 )
 
 PREFIX = "/admin/v1"
@@ -50,25 +76,10 @@ AUDIT_COMMIT_TIMEOUT_S = 5.0
 # A read of the audit log first waits this long for entries already queued (read-your-writes).
 AUDIT_FLUSH_TIMEOUT_S = 2.0
 
-MAX_USER_CHARS = 320  # an e-mail address is at most 254
-MAX_TENANTS = 256
-MAX_USD = 1e9  # as nano-dollars this stays far inside the 64-bit integers every store keeps
-MIN_YEAR, MAX_YEAR = 1970, 9998  # dates and times the API accepts (ledger days are Unix time)
-MAX_RPM = 1_000_000
-MAX_LIMIT = 1_000_000_000  # concurrency and tokens per minute
-DEFAULT_ROTATION_GRACE_S = 3600  # how long a rotated key keeps working beside its successor
-MAX_ROTATION_GRACE_S = 30 * 24 * 3600
-MAX_REASON_CHARS = 1000
-MAX_KEY_MODELS = 64  # model names or patterns a key may be narrowed to
-MAX_MODEL_PATTERN_CHARS = 256
-DEFAULT_AUDIT_LIMIT = 100
-MAX_AUDIT_LIMIT = 10_000
-MAX_LEADERBOARD_LIMIT = 10_000
+# The limits and formats of every input are in admin/params.py, shared with the OpenAPI document.
 
 # Always accepted in a query string: it may carry the caller's Candela API key (see identity).
 _CREDENTIAL_PARAMS = frozenset({"key"})
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
-_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 @dataclass(frozen=True)
@@ -209,14 +220,45 @@ def _match_route(path: str) -> tuple[list[Route], dict[str, str]]:
     return found, params
 
 
-def _user_id(value: str) -> str:
-    if not value or len(value) > MAX_USER_CHARS:
-        raise Refused(errors.bad_request(f"A user id has 1 to {MAX_USER_CHARS} characters"))
-    if value != value.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        raise Refused(
-            errors.bad_request("A user id has no control characters or surrounding spaces")
-        )
+_ID_RULE = "characters, without control characters or surrounding spaces"
+
+
+def _user_id(
+    value: object, name: str = "user", refuse: Callable[[str, str], Refused] = _bad_param
+) -> str:
+    """A user id (the path or query parameter `name`, or a body field with refuse=_invalid)."""
+    if not user_id_ok(value):
+        raise refuse(name, f"must be a user id of 1 to {MAX_USER_CHARS} {_ID_RULE}")
+    assert isinstance(value, str)
     return value
+
+
+def _bad_path(name: str, why: str) -> Refused:
+    return Refused(errors.invalid_parameter(name, why, where="Path"))
+
+
+def _path_params(p: Mapping[str, str]) -> None:
+    """The path parameters' formats (admin/params.py), refused with 400 naming the parameter."""
+    if "user" in p:
+        _user_id(p["user"], "user", _bad_path)
+    if "tenant" in p and not tenant_id_ok(p["tenant"]):
+        raise _bad_path("tenant", f"must be a tenant id of 1 to {MAX_TENANT_CHARS} {_ID_RULE}")
+    if "key" in p and not key_id_ok(p["key"]):
+        raise _bad_path("key", "must be a key id: k_ and 16 hex digits")
+
+
+def _id_param(q: Mapping[str, str], name: str, ok: Callable[[object], bool], what: str) -> None:
+    if name in q and not ok(q[name]):
+        raise _bad_param(name, f"must be {what}")
+
+
+def _query_ids(q: Mapping[str, str]) -> None:
+    """The id-shaped query parameters' formats, for every route and role (a tenant admin's
+    scoped handlers included), refused with 400 naming the parameter."""
+    if "user" in q:
+        _user_id(q["user"])
+    _id_param(q, "tenant", tenant_id_ok, f"a tenant id of 1 to {MAX_TENANT_CHARS} {_ID_RULE}")
+    _id_param(q, "action", action_ok, f"an action name ([a-z0-9_], at most {MAX_ACTION_CHARS})")
 
 
 def parse_query(query: str, accepted: frozenset[str]) -> dict[str, str]:
@@ -239,21 +281,6 @@ def parse_query(query: str, accepted: frozenset[str]) -> dict[str, str]:
         if value != "":
             out[name] = value
     return out
-
-
-def parse_moment(value: str) -> date | datetime | None:
-    """A UTC day (YYYY-MM-DD) or an RFC 3339 time with its offset, in years MIN_YEAR to
-    MAX_YEAR (so a day either side stays a date); None if it is neither."""
-    try:
-        if _DAY.fullmatch(value):
-            day = date.fromisoformat(value)
-            return day if MIN_YEAR <= day.year <= MAX_YEAR else None
-        if _RFC3339.fullmatch(value):
-            moment = datetime.fromisoformat(value.upper().replace("Z", "+00:00")).astimezone(UTC)
-            return moment if MIN_YEAR <= moment.year <= MAX_YEAR else None
-    except (ValueError, OverflowError):  # 2026-02-30; 0001-01-01T00:00+01:00 is before year 1
-        return None
-    return None
 
 
 def _moment_param(q: Mapping[str, str], name: str) -> date | datetime | None:
@@ -288,7 +315,7 @@ def _int_param(q: Mapping[str, str], name: str, low: int, high: int) -> int | No
     if name not in q:
         return None
     text = q[name]
-    if not re.fullmatch(r"[0-9]{1,12}", text) or not low <= int(text) <= high:
+    if not re.fullmatch(r"[0-9]{1,19}", text) or not low <= int(text) <= high:
         raise _bad_param(name, f"must be an integer from {low} to {high}")
     return int(text)
 
@@ -309,6 +336,10 @@ def parse_object(body: bytes) -> dict[str, Any]:
         raise Refused(errors.invalid_json("the JSON nests too deeply")) from None
     if not isinstance(data, dict):
         raise Refused(errors.bad_request("The request body must be a JSON object"))
+    try:  # "\ud800" alone is JSON, but no text: the stores (UTF-8) cannot hold it
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise Refused(errors.invalid_json("a string holds a lone surrogate")) from None
     return data
 
 
@@ -324,19 +355,27 @@ def _usd(body: Mapping[str, Any], name: str, positive: bool) -> float:
         raise _invalid(name, "must be a number")
     if not 0 <= v <= MAX_USD:  # before any arithmetic: 1e308 nano-dollars is no integer
         raise _invalid(name, f"must be from 0 to {MAX_USD:.0f}")
-    if positive and usd_to_nano(v) <= 0:
-        raise _invalid(name, "must be greater than 0 (at least 0.000000001)")
+    if positive and v < MIN_GRANT_USD:  # the stores count nano-dollars
+        raise _invalid(name, "must be at least 0.000000001")
     return float(v)
 
 
-def _tenant_id_ok(t: Any) -> bool:
-    return (
-        isinstance(t, str)
-        and bool(t)
-        and len(t) <= MAX_TENANT_CHARS
-        and t == t.strip()
-        and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in t)
-    )
+def _int_field(body: Mapping[str, Any], name: str, high: int) -> int:
+    """An integer body field from 0 to `high` (1.0 counts, as JSON Schema counts integers)."""
+    n = json_int(body[name])
+    if n is None or not 0 <= n <= high:
+        raise _invalid(name, f"must be an integer from 0 to {high}")
+    return n
+
+
+def _limit_field(body: Mapping[str, Any], name: str) -> int | None:
+    """A limit: null (none) or an integer from 0 to MAX_LIMIT."""
+    n = json_int(body[name])
+    if body[name] is not None and (n is None or not 0 <= n <= MAX_LIMIT):
+        raise _invalid(name, f"must be null or an integer from 0 to {MAX_LIMIT}")
+    return n
+
+
 
 
 def _period(body: Mapping[str, Any], name: str) -> str:
@@ -351,7 +390,7 @@ def _tenants(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or len(v) > MAX_TENANTS:
         raise _invalid(name, f"must be a list of at most {MAX_TENANTS} tenant ids")
     for t in v:
-        if not _tenant_id_ok(t):
+        if not tenant_id_ok(t):
             raise _invalid(
                 name,
                 f"must hold tenant ids of 1 to {MAX_TENANT_CHARS} characters, "
@@ -363,9 +402,7 @@ def _tenants(v: Any) -> tuple[str, ...]:
 
 
 def parse_rfc3339(v: Any) -> datetime | None:
-    if not isinstance(v, str) or not _RFC3339.fullmatch(v):
-        return None
-    moment = parse_moment(v)
+    moment = parse_moment(v) if isinstance(v, str) else None
     return moment if isinstance(moment, datetime) else None
 
 
@@ -556,9 +593,9 @@ class AdminApi:
         scoped = self._tenant_admin_handler(req, route)
         if scoped is None and route.admin_only and req.role != "admin":
             raise Refused(errors.forbidden(f"{method} {route.template} is for admins only"))
-        if "user" in params:
-            _user_id(params["user"])
+        _path_params(params)
         q = parse_query(query, route.query)
+        _query_ids(q)
         body = parse_object(req.body) if method in ("PUT", "POST") else {}
         if scoped is not None:
             return scoped(req, params, q, body)
@@ -689,10 +726,7 @@ class AdminApi:
         """Mint a key for a user (a developer: only for themselves); shown once, stored as its
         SHA-256 in the state store."""
         _no_unknown_fields(body, ("user_id", "name", "expires_at", "models", "budget_usd"))
-        user = body.get("user_id", req.user)
-        if not isinstance(user, str):
-            raise _invalid("user_id", "must be a user id")
-        _user_id(user)
+        user = _user_id(body.get("user_id", req.user), "user_id", _invalid)
         if req.role != "admin" and user != req.user:
             raise Refused(errors.forbidden("A developer may only mint keys for themselves"))
         if not self._known(user) and user != req.user:
@@ -736,6 +770,8 @@ class AdminApi:
 
     def list_keys(self, req: AdminRequest, _p: Any, q: dict[str, str], _b: Any) -> Handled:
         user = q.get("user")
+        if user is not None:
+            _user_id(user)
         if req.role != "admin":
             if user is None:
                 user = req.user
@@ -759,11 +795,9 @@ class AdminApi:
         `grace_s` seconds (default an hour), then is refused like an expired key."""
         old = self._own_key(req, p["key"])
         _no_unknown_fields(body, ("grace_s",))
-        grace = body.get("grace_s", DEFAULT_ROTATION_GRACE_S)
-        if isinstance(grace, bool) or not isinstance(grace, int) or not (
-            0 <= grace <= MAX_ROTATION_GRACE_S
-        ):
-            raise _invalid("grace_s", f"must be an integer from 0 to {MAX_ROTATION_GRACE_S}")
+        grace = DEFAULT_ROTATION_GRACE_S
+        if "grace_s" in body:
+            grace = _int_field(body, "grace_s", MAX_ROTATION_GRACE_S)
         now_us = to_us(self._now())
         if not old.valid_at(now_us):
             raise _invalid("key", "is revoked or expired: mint a new key instead")
@@ -826,13 +860,6 @@ class AdminApi:
         self, req: AdminRequest, p: dict[str, str], _q: Any, body: dict[str, Any]
     ) -> Handled:
         tenant = p["tenant"]
-        if not _tenant_id_ok(tenant):
-            raise Refused(
-                errors.bad_request(
-                    f"A tenant id has 1 to {MAX_TENANT_CHARS} characters, without control "
-                    "characters or surrounding spaces"
-                )
-            )
         _no_unknown_fields(body, ("budget_usd", "period", *TENANT_LIMIT_FIELDS))
         current = self.rt.users.tenant_settings(tenant)
         stored = self.rt.store.get_tenant(tenant)
@@ -847,12 +874,7 @@ class AdminApi:
         limits = tenant_limits(current)
         for name in TENANT_LIMIT_FIELDS:
             if name in body:  # null: no limit
-                v = body[name]
-                if v is not None and (
-                    isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_LIMIT
-                ):
-                    raise _invalid(name, f"must be null or an integer from 0 to {MAX_LIMIT}")
-                limits[name] = v
+                limits[name] = _limit_field(body, name)
         record = TenantRecord(tenant, budget, kind, self._now(), **limits)
         before = (
             {
@@ -922,19 +944,11 @@ class AdminApi:
         if "daily_budget_usd" in body:
             budget = _usd(body, "daily_budget_usd", positive=False)
         if "requests_per_minute" in body:
-            v = body["requests_per_minute"]
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_RPM:
-                raise _invalid("requests_per_minute", f"must be an integer from 0 to {MAX_RPM}")
-            rpm = v
+            rpm = _int_field(body, "requests_per_minute", MAX_RPM)
         limits = {name: getattr(current, name) for name in LIMIT_FIELDS}
         for name in LIMIT_FIELDS:
             if name in body:  # null: no limit of the user's own (the default applies)
-                v = body[name]
-                if v is not None and (
-                    isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_LIMIT
-                ):
-                    raise _invalid(name, f"must be null or an integer from 0 to {MAX_LIMIT}")
-                limits[name] = v
+                limits[name] = _limit_field(body, name)
         now = self._now()
         record = UserRecord(
             user_id=user,
@@ -1011,7 +1025,7 @@ class AdminApi:
         if expires <= now:
             raise _invalid("expires_at", "must be in the future")
         reason = body["reason"]
-        if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
+        if not text_ok(reason, MAX_REASON_CHARS):
             raise _invalid(
                 "reason", f"must be a non-empty string of at most {MAX_REASON_CHARS} characters"
             )
@@ -1034,6 +1048,9 @@ class AdminApi:
 
     def usage(self, req: AdminRequest, _p: Any, q: dict[str, str], _b: Any) -> Handled:
         user = q.get("user")
+        if user is not None:
+            _user_id(user)
+        _id_param(q, "tenant", tenant_id_ok, f"a tenant id of 1 to {MAX_TENANT_CHARS} {_ID_RULE}")
         if req.role != "admin":
             if user is None:
                 user = req.user
@@ -1097,9 +1114,12 @@ class AdminApi:
         )
 
     def audit(self, _r: Any, _p: Any, q: dict[str, str], _b: Any) -> Handled:
+        if "user" in q:
+            _user_id(q["user"])
+        _id_param(q, "action", action_ok, f"an action name ([a-z0-9_], at most {MAX_ACTION_CHARS})")
         since = _moment_param(q, "since")
         limit = _int_param(q, "limit", 1, MAX_AUDIT_LIMIT)
-        before_seq = _int_param(q, "before_seq", 1, 2**62)
+        before_seq = _int_param(q, "before_seq", 1, MAX_SEQ)
         if isinstance(since, date) and not isinstance(since, datetime):
             since = datetime(since.year, since.month, since.day, tzinfo=UTC)
         n = limit or DEFAULT_AUDIT_LIMIT

@@ -6,6 +6,9 @@ import copy
 import functools
 from typing import Any
 
+from candela_mitm.admin import params
+from candela_mitm.governance.tenancy import MAX_TENANT_CHARS
+
 OPENAPI_VERSION = "3.1.0"
 _JSON = "application/json"
 
@@ -40,6 +43,27 @@ _ROLE = {
     "description": "tenant_admin: manages only the tenants in its own `tenants`",
 }
 _TENANTS = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 128}}
+# Inputs: exactly what the validators accept (admin/params.py holds both sides' rules).
+_USER_ID_IN = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": params.MAX_USER_CHARS,
+    "pattern": params.ID_PATTERN,
+    "description": "no control characters, no surrounding spaces",
+}
+_TENANT_ID_IN = {**_USER_ID_IN, "maxLength": MAX_TENANT_CHARS}
+_KEY_ID_IN = {
+    "type": "string",
+    "pattern": params.KEY_ID_PATTERN,
+    "description": "k_ and 16 hex digits",
+}
+# RFC 3339 with an offset, written in years 1970 to 9998 (the pattern; the format rules out
+# days not in the calendar)
+_TIME_IN = {"type": "string", "format": "date-time", "pattern": params.TIME_PATTERN}
+_MOMENT_IN = {
+    "anyOf": [{"type": "string", "format": "date", "pattern": params.DAY_PATTERN}, _TIME_IN],
+}
+_USD_IN = {"type": "number", "minimum": 0, "maximum": params.MAX_USD}
 _LIMIT = {"type": ["integer", "null"], "minimum": 0, "description": "null: no limit"}
 _LIMITS = {
     "max_concurrent_requests": {**_LIMIT, "description": "requests in flight at once; null: no limit"},
@@ -48,7 +72,7 @@ _LIMITS = {
     "total_tokens_per_minute": _LIMIT,
 }
 _LIMITS_IN = {
-    name: {"type": ["integer", "null"], "minimum": 0, "maximum": 1_000_000_000}
+    name: {"type": ["integer", "null"], "minimum": 0, "maximum": params.MAX_LIMIT}
     for name in _LIMITS
 }
 KEY_PROPS: dict[str, Any] = {
@@ -123,10 +147,15 @@ SCHEMAS: dict[str, Any] = {
         "description": "Partial: fields left out keep the user's settings in force.",
         "properties": {
             "role": _ROLE,
-            "tenants": {**_TENANTS, "maxItems": 256, "uniqueItems": True},
-            "daily_budget_usd": {"type": "number", "minimum": 0, "maximum": 1e9},
+            "tenants": {
+                "type": "array",
+                "items": _TENANT_ID_IN,
+                "maxItems": params.MAX_TENANTS,
+                "uniqueItems": True,
+            },
+            "daily_budget_usd": _USD_IN,
             "budget_period": _PERIOD,
-            "requests_per_minute": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+            "requests_per_minute": {"type": "integer", "minimum": 0, "maximum": params.MAX_RPM},
             **_LIMITS_IN,
         },
         "additionalProperties": False,
@@ -173,8 +202,8 @@ SCHEMAS: dict[str, Any] = {
             "grace_s": {
                 "type": "integer",
                 "minimum": 0,
-                "maximum": 30 * 24 * 3600,
-                "default": 3600,
+                "maximum": params.MAX_ROTATION_GRACE_S,
+                "default": params.DEFAULT_ROTATION_GRACE_S,
                 "description": "how long the old key keeps working",
             }
         },
@@ -191,26 +220,33 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "user_id": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": 320,
+                **_USER_ID_IN,
                 "description": "default: the caller; a developer may name only themselves",
             },
-            "name": {"type": "string", "maxLength": 1000},
-            "expires_at": {**_TIME, "description": "RFC 3339 with an offset, in the future"},
+            "name": {"type": "string", "maxLength": params.MAX_REASON_CHARS},
+            "expires_at": {
+                **_TIME_IN,
+                "type": ["string", "null"],
+                "description": "RFC 3339 with an offset, in the future; null or absent: never",
+            },
             "models": {
                 "type": "array",
                 "minItems": 1,
-                "maxItems": 64,
-                "items": {"type": "string", "minLength": 1, "maxLength": 256,
-                          "pattern": "^[^\\x00-\\x1f]*$"},
+                "maxItems": params.MAX_KEY_MODELS,
+                "items": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": params.MAX_MODEL_PATTERN_CHARS,
+                    "pattern": "^[^\\x00-\\x1f]*$",
+                },
                 "description": "narrow the key to these models (names or patterns such as "
                 "gpt-4o-mini or claude-sonnet-*): a request must be allowed by its user's policy "
                 "and match one, else 403 model_not_allowed naming the key (key_id)",
             },
             "budget_usd": {
-                "type": "number",
-                "exclusiveMinimum": 0,
+                "type": ["number", "null"],
+                "minimum": params.MIN_GRANT_USD,
+                "maximum": params.MAX_USD,
                 "description": "a budget of the key's own, a part of its user's (at most the "
                 "user's budget now), per the user's period: a request must fit it as well as the "
                 "user's and tenant's, else 402 budget_exceeded with scope key and key_id",
@@ -225,7 +261,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "description": "Partial: fields left out keep the tenant's settings in force.",
         "properties": {
-            "budget_usd": {"type": ["number", "null"], "minimum": 0, "maximum": 1e9},
+            "budget_usd": {**_USD_IN, "type": ["number", "null"]},
             "period": _PERIOD,
             **_LIMITS_IN,
         },
@@ -259,9 +295,15 @@ SCHEMAS: dict[str, Any] = {
     "GrantCreate": _obj(
         ["amount_usd", "expires_at", "reason"],
         {
-            "amount_usd": {"type": "number", "exclusiveMinimum": 0, "maximum": 1e9},
-            "expires_at": {**_TIME, "description": "RFC 3339 with an offset, in the future"},
-            "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
+            "amount_usd": {**_USD_IN, "minimum": params.MIN_GRANT_USD},
+            "expires_at": {**_TIME_IN, "description": "RFC 3339 with an offset, in the future"},
+            "reason": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": params.MAX_REASON_CHARS,
+                "pattern": params.TEXT_PATTERN,
+                "description": "not only spaces",
+            },
         },
     ),
     "GrantList": _closed(
@@ -490,11 +532,43 @@ _ERRORS = {
         "No such route (`not_found`), user (`user_not_found`) or API key (`key_not_found`)",
     ),
     "503": ("Unavailable", "The state store or the audit trail cannot be used (fail closed)"),
+    # answered by the listener before the admin API reads the request, on every route
+    "408": (
+        "RequestTimeout",
+        "`request_timeout`: the request head or body did not arrive within "
+        "`limits.header_timeout_s` / `limits.body_timeout_s`; the connection is closed",
+    ),
+    "413": (
+        "PayloadTooLarge",
+        "`payload_too_large`: the body (Content-Length, or once decoded) exceeds "
+        "`limits.max_body_bytes` (`limit_bytes`)",
+    ),
+    "415": (
+        "UnsupportedMediaType",
+        "`unsupported_encoding`: a Content-Encoding other than identity, gzip, deflate, br or "
+        "zstd; `unsupported_media_type` (candela, the local mode): a body that is not "
+        "Content-Type: application/json",
+    ),
+    "429": (
+        "TooManyConnections",
+        "`too_many_connections`: this client address already holds "
+        "`limits.max_connections_per_client` connections (`limit`); the connection is closed",
+    ),
+    "431": (
+        "RequestHeaderTooLarge",
+        "`request_header_too_large`: the request head exceeds `limits.max_header_bytes` "
+        "(`limit_bytes`); the connection is closed",
+    ),
 }
+# Every operation may meet these: they come from the connection, not the operation.
+_CONNECTION_ERRORS = ("408", "413", "415", "429", "431")
 
-RESPONSES = {
+RESPONSES: dict[str, Any] = {
     name: {"description": text, "content": {_JSON: {"schema": _ref("Error")}}}
     for name, text in _ERRORS.values()
+}
+RESPONSES["TooManyConnections"]["headers"] = {
+    "Retry-After": {"description": "seconds", "schema": {"type": "integer", "minimum": 0}}
 }
 
 
@@ -515,10 +589,19 @@ _USER_PARAM = {
     "in": "path",
     "required": True,
     "description": "the user id, percent-encoded (e-mail addresses hold @)",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 320},
+    "schema": _USER_ID_IN,
 }
-_SINCE = _query("since", _STR, "a UTC day (YYYY-MM-DD) or an RFC 3339 time; inclusive")
-_UNTIL = _query("until", _STR, "a UTC day (YYYY-MM-DD) or an RFC 3339 time; inclusive")
+_KEY_PARAM = {
+    "name": "key",
+    "in": "path",
+    "required": True,
+    "description": "the key's id (k_...), not the key",
+    "schema": _KEY_ID_IN,
+}
+_MOMENT_TEXT = "a UTC day (YYYY-MM-DD) or an RFC 3339 time with its offset, years 1970 to 9998"
+_SINCE = _query("since", _MOMENT_IN, _MOMENT_TEXT + "; inclusive")
+_UNTIL = _query("until", _MOMENT_IN, _MOMENT_TEXT + "; inclusive; its UTC day not before since's")
+_USER_QUERY = _query("user", _USER_ID_IN, "a developer may name only themselves (the default)")
 
 
 def _op(
@@ -530,7 +613,7 @@ def _op(
     params: list[dict[str, Any]] | None = None,
     body: str | None = None,
 ) -> dict[str, Any]:
-    codes = ("400", "401", *errors, "503")
+    codes = ("400", "401", *errors, "503", *_CONNECTION_ERRORS)
     op: dict[str, Any] = {
         "operationId": op_id,
         "summary": summary,
@@ -617,7 +700,7 @@ PATHS: dict[str, Any] = {
                 "in": "path",
                 "required": True,
                 "description": "the tenant id, percent-encoded",
-                "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+                "schema": _TENANT_ID_IN,
             }
         ],
         "put": _op(
@@ -645,19 +728,11 @@ PATHS: dict[str, Any] = {
             "developers'; developer: their own)",
             "ApiKeyList",
             ("403",),
-            params=[_query("user", _STR, "a developer may name only themselves (the default)")],
+            params=[_USER_QUERY],
         ),
     },
     "/admin/v1/keys/{key}": {
-        "parameters": [
-            {
-                "name": "key",
-                "in": "path",
-                "required": True,
-                "description": "the key's id (k_...), not the key",
-                "schema": {"type": "string", "minLength": 1, "maxLength": 64},
-            }
-        ],
+        "parameters": [_KEY_PARAM],
         "delete": _op(
             "revokeKey",
             "Revoke a key at once, in every process (admin: anyone's; developer: their own)",
@@ -666,15 +741,7 @@ PATHS: dict[str, Any] = {
         ),
     },
     "/admin/v1/keys/{key}/rotate": {
-        "parameters": [
-            {
-                "name": "key",
-                "in": "path",
-                "required": True,
-                "description": "the key's id (k_...), not the key",
-                "schema": {"type": "string", "minLength": 1, "maxLength": 64},
-            }
-        ],
+        "parameters": [_KEY_PARAM],
         "post": _op(
             "rotateKey",
             "A new key for the same user, name and expiry; the old one works for grace_s more "
@@ -693,8 +760,8 @@ PATHS: dict[str, Any] = {
             "Usage",
             ("403",),
             params=[
-                _query("user", _STR, "a developer may name only themselves (the default)"),
-                _query("tenant", _STR, "only spend attributed to this tenant"),
+                _USER_QUERY,
+                _query("tenant", _TENANT_ID_IN, "only spend attributed to this tenant"),
                 _SINCE,
                 _UNTIL,
             ],
@@ -714,7 +781,11 @@ PATHS: dict[str, Any] = {
                 ),
                 _SINCE,
                 _UNTIL,
-                _query("limit", {"type": "integer", "minimum": 1, "maximum": 10_000}, "rows"),
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": params.MAX_LEADERBOARD_LIMIT},
+                    "rows",
+                ),
             ],
         )
     },
@@ -726,17 +797,32 @@ PATHS: dict[str, Any] = {
             "AuditList",
             ("403",),
             params=[
-                _query("action", _STR, "e.g. llm_request, admin_action, model_policy_check"),
-                _query("user", _STR, "the entry's user: the requester, or the admin who acted"),
-                _query("since", _STR, "a UTC day (YYYY-MM-DD) or an RFC 3339 time; inclusive"),
+                _query(
+                    "action",
+                    {
+                        "type": "string",
+                        "maxLength": params.MAX_ACTION_CHARS,
+                        "pattern": params.ACTION_PATTERN,
+                    },
+                    "e.g. llm_request, admin_action, model_policy_check",
+                ),
+                _query(
+                    "user", _USER_ID_IN, "the entry's user: the requester, or the admin who acted"
+                ),
+                _SINCE,
                 _query(
                     "limit",
-                    {"type": "integer", "minimum": 1, "maximum": 10_000, "default": 100},
+                    {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": params.MAX_AUDIT_LIMIT,
+                        "default": params.DEFAULT_AUDIT_LIMIT,
+                    },
                     "entries per page",
                 ),
                 _query(
                     "before_seq",
-                    {"type": "integer", "minimum": 1},
+                    {"type": "integer", "minimum": 1, "maximum": params.MAX_SEQ},
                     "only entries older than this seq (paging)",
                 ),
             ],

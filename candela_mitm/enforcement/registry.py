@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from candela_mitm.enforcement import workload
+from candela_mitm.state.liveness import process_start_time  # a zombie's is None: it is gone
 
 log = logging.getLogger("candela.sandbox")
 
@@ -32,17 +33,6 @@ DEFAULT_RUN_DIR = "/run/candela"
 def run_dir() -> Path:
     """Where sandboxes are registered: $CANDELA_RUN_DIR, else /run/candela."""
     return Path(os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR)
-
-
-def process_start_time(pid: int) -> int | None:
-    """A process's start time (clock ticks since boot): a pid plus this names one process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # the command name (field 2) may hold spaces and parentheses: fields resume after the last ')'
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return int(fields[19])
 
 
 @dataclass(frozen=True)

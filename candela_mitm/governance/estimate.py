@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +25,8 @@ BYTES_PER_TOKEN = {"audio": 16, "video": 8, "document": 1}
 # A server-side search tool with no stated max_uses: the searches reserved for it.
 UNBOUNDED_SEARCHES = 10
 # A body this large is rate limited from its head, before it is read (addons/ratelimit.py), and
-# scanned off the event loop (addons/router.py): work that grows with a body waits for the rate
-# limit, and then does not hold the loop.
+# scanned in slices (addons/router.py): work that grows with a body waits for the rate limit,
+# and then does not hold the loop.
 LARGE_BODY_BYTES = 256 * 1024
 # Referenced context of a model whose context window Candela does not know.
 UNKNOWN_CONTEXT_TOKENS = 1_048_576
@@ -88,9 +88,28 @@ def _search_tool(tool: dict[str, Any]) -> int:
 
 def scan(node: Any) -> BodyScan:
     """Characters of text, images, media by size, references and search tools in a JSON body."""
+    work = scan_sliced(node)
+    while True:
+        try:
+            next(work)
+        except StopIteration as done:
+            return done.value
+
+
+SCAN_SLICE = 500  # nodes between two yields of scan_sliced
+
+
+def scan_sliced(node: Any) -> Generator[None, None, BodyScan]:
+    """`scan`, yielding every SCAN_SLICE nodes: a large body's scan shares the event loop
+    (addons/flowstate.py `sliced`; on a thread, a CPU-bound walk makes every turn of the loop
+    wait for the GIL)."""
     out = BodyScan()
     stack = [node]
+    walked = 0
     while stack:
+        walked += 1
+        if walked % SCAN_SLICE == 0:
+            yield
         n = stack.pop()
         if isinstance(n, str):
             media = _data_url(n) if n.startswith("data:") else None
@@ -107,7 +126,9 @@ def scan(node: Any) -> BodyScan:
         elif isinstance(n, dict):
             _scan_dict(n, out, stack)
         elif isinstance(n, list):
-            _scan_list(n, out, stack)
+            yield from _scan_list(n, out, stack)
+        elif type(n) is int or type(n) is bool:  # as JSON writes them: 12, true, false
+            out.chars += len(repr(n))
         elif n is not None:
             out.chars += len(json.dumps(n))
     return out
@@ -117,21 +138,19 @@ _NUMBERS = (int, float, bool)
 _SLICE = 4096
 
 
-def _scan_list(items: list[Any], out: BodyScan, stack: list[Any]) -> None:
-    """A list's numbers counted in one C call (a body of a million numbers would otherwise
-    cost a Python step each: seconds for 10 MB of `[0,0,...]`); the rest goes on the stack."""
-    numbers = [x for x in items if type(x) in _NUMBERS]
-    if not numbers:
-        stack.extend(items)
-        return
-    # "[a,b,c]" is the numbers' characters, a comma between each two and two brackets; in
-    # slices, so that one C call never holds the GIL for long (the scan of a large body runs
-    # on a thread beside the event loop)
-    for i in range(0, len(numbers), _SLICE):
-        part = numbers[i : i + _SLICE]
-        out.chars += len(json.dumps(part, separators=(",", ":"))) - len(part) - 1
-    if len(numbers) < len(items):
-        stack.extend(x for x in items if type(x) not in _NUMBERS and x is not None)
+def _scan_list(items: list[Any], out: BodyScan, stack: list[Any]) -> Generator[None, None, None]:
+    """A list's numbers counted a slice at a time in one C call each (a body of a million
+    numbers would otherwise cost a Python step each: seconds for 10 MB of `[0,0,...]`); the rest
+    goes on the stack. Yields between slices."""
+    for i in range(0, len(items), _SLICE):
+        part = items[i : i + _SLICE]
+        numbers = [x for x in part if type(x) in _NUMBERS]
+        if numbers:
+            # "[a,b,c]" is the numbers' characters, a comma between each two and two brackets
+            out.chars += len(json.dumps(numbers, separators=(",", ":"))) - len(numbers) - 1
+        if len(numbers) < len(part):
+            stack.extend(x for x in part if type(x) not in _NUMBERS and x is not None)
+        yield
 
 
 def _media(out: BodyScan, kind: str, encoded_len: int) -> None:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import socket
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -14,6 +11,10 @@ from typing import Literal
 
 from candela_mitm.errors import Denial, budget_exceeded
 from candela_mitm.governance.periods import DAILY_UTC, BudgetPeriod
+
+# who holds a reservation, and whether it still runs (re-exported: the ledger's vocabulary)
+from candela_mitm.state.liveness import default_owner as default_owner
+from candela_mitm.state.liveness import process_alive as process_alive
 from candela_mitm.state.ports import (
     FINISHED_RESERVATION_TTL_S,
     US_PER_S,
@@ -32,43 +33,6 @@ from candela_mitm.state.ports import (
 )
 
 DEFAULT_STALE_AGE_S = 3600.0
-
-
-@functools.cache
-def _pid_namespace() -> str:
-    try:
-        return os.readlink("/proc/self/ns/pid").removeprefix("pid:")  # e.g. [4026531836]
-    except OSError:
-        return ""
-
-
-@functools.cache
-def _host_id() -> str:
-    """This host as the processes we can signal see it: host name and PID namespace."""
-    return f"{socket.gethostname()}{_pid_namespace()}"
-
-
-def default_owner() -> str:
-    """Who holds a reservation: this process, as <host name><pid namespace>:<pid>."""
-    return f"{_host_id()}:{os.getpid()}"
-
-
-def process_alive(owner: str) -> bool:
-    """An `owner_alive` for reconcile_stale: False only for a process we can see is gone.
-
-    An owner on another host, or in another PID namespace (a container with the same host name),
-    cannot be checked from here and counts as alive; the age limit reclaims its reservations.
-    """
-    host, _, pid = owner.rpartition(":")
-    if host != _host_id() or not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from candela_mitm.providers.models import canonical_model
 from candela_mitm.providers.pricing import PricingTable
 from candela_mitm.providers.specs import Upstream
 from candela_mitm.providers.target import strip_google_system_params
-from candela_mitm.providers.translate import openai_to_anthropic_request
+from candela_mitm.providers.translate.requests import openai_to_anthropic_request
 
 Translation = Literal["openai-anthropic"]
 AsyncJobs = Literal["refuse", "reserve"]

@@ -8,7 +8,10 @@ from collections.abc import Mapping
 
 from candela_mitm.providers.forwarding import ForwardPlan
 from candela_mitm.providers.sse import SseEvent, SseParser
-from candela_mitm.providers.translate import AnthropicToOpenAIJson, AnthropicToOpenAIStream
+from candela_mitm.providers.translate.responses import (
+    AnthropicToOpenAIJson,
+    AnthropicToOpenAIStream,
+)
 from candela_mitm.providers.usage import (
     OutputCounter,
     Usage,

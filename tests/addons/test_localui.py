@@ -33,6 +33,7 @@ def local(runtime):
         ("/", "text/html; charset=utf-8"),
         ("", "text/html; charset=utf-8"),
         ("/static/local.css", "text/css; charset=utf-8"),
+        ("/static/base.css", "text/css; charset=utf-8"),
         ("/static/local.js", "text/javascript; charset=utf-8"),
     ],
 )

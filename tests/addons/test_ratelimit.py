@@ -276,8 +276,12 @@ def test_a_large_body_is_rate_limited_from_its_head_before_it_is_parsed(tctx, ru
     from candela_mitm.addons import router
 
     parsed: list[int] = []
-    real_loads = router.json.loads
+    real_loads, real_sliced = router.json.loads, router.loads_sliced
     monkeypatch.setattr(router.json, "loads", lambda raw: parsed.append(len(raw)) or real_loads(raw))
+    # a large body is read in slices (providers/jsonbody.py)
+    monkeypatch.setattr(
+        router, "loads_sliced", lambda raw: parsed.append(len(raw)) or real_sliced(raw)
+    )
     rt = runtime(config(rpm=1))
     first, second = large_chat(), large_chat()
     addons = [Router(rt), Auth(rt), RateLimit(rt)]
@@ -285,7 +289,7 @@ def test_a_large_body_is_rate_limited_from_its_head_before_it_is_parsed(tctx, ru
     assert first.response is None and ctx_of(first).rate_decided  # counted from the head
     asyncio.run(run_hooks(addons, first, "request"))
     assert first.response is None and ctx_of(first).plan is not None  # not counted twice
-    assert ctx_of(first).scan is not None and ctx_of(first).scan.chars >= 400_000  # off the loop
+    assert ctx_of(first).scan is not None and ctx_of(first).scan.chars >= 400_000  # in slices
     asyncio.run(run_hooks(addons, second, "requestheaders", "request"))
     assert second.response.status_code == 429 and second.response.json()["error"] == "rate_limited"
     assert len([n for n in parsed if n > 100_000]) == 1  # the refused one's body was never parsed

@@ -202,3 +202,24 @@ def test_multipart_is_taken_only_by_a_governed_batch_upload(tctx, runtime, path,
     router = Router(runtime({**BASE, "governance": cfg}))
     f = run(router, make_flow(path, raw=UPLOAD, headers=headers))
     assert error_of(f) == expected
+_BIG = {f"k{i:06d}": [i, "x", None] for i in range(40_000)}  # ~0.8 MB: read in slices
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (json.dumps({"model": "gpt-4o-mini", "messages": [], "metadata": _BIG}).encode(), None),
+        (json.dumps({"model": "gpt-4o-mini", "messages": [], "m": _BIG}).encode()[:-2], (400, "invalid_json")),
+        (json.dumps({"model": "gpt-4o-mini", "m": _BIG, "x": "\ud800"}).encode(), (400, "invalid_json")),
+        (b'{"a": ' * 3000 + b"1" + b"}" * 3000 + b" " * 300_000, (400, "invalid_json")),  # too deep
+    ],
+    ids=["object", "broken", "lone-surrogate", "too-deep"],
+)
+def test_a_large_body_is_read_in_slices_as_json_loads_reads_it(tctx, runtime, raw, expected):
+    router = Router(runtime())
+    f = run(router, make_flow("/proxy/openai/v1/chat/completions", raw=raw))
+    if expected is None:
+        assert f.response is None and ctx_of(f).body == json.loads(raw)
+        assert ctx_of(f).scan is not None  # the estimate's walk made in slices too
+    else:
+        assert error_of(f) == expected and ctx_of(f).plan is None

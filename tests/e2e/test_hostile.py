@@ -4,7 +4,9 @@ grows by a bounded amount."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import sqlite3
 import time
@@ -255,18 +257,75 @@ def test_a_compressed_body_under_the_limit_is_forwarded_decoded(hostile, upstrea
 # -- bodies whose work grows with their size ----------------------------------------------------
 
 
-def worst_healthz_while(c: CandelaProcess, send) -> tuple[float, object]:
-    """The slowest /healthz answer while `send()` runs in another thread, and its result."""
-    import threading
+# /healthz timed from a process of its own (in this one, the fake upstream parsing what Candela
+# forwards holds the GIL: a second for a 10 MB object), asked every 50 ms whatever the answers
+# (open loop: a stall of the event loop delays every request asked during it, not just one).
+# The 95th percentile is compared, not the slowest answer: on a shared 2-core machine (load
+# 9-13 when this was written) single answers wait 100-700 ms for a CPU whatever Candela does
+# (no turn of its event loop took over 70 ms meanwhile, sampled in the process), while one
+# 10 MB json.loads on the loop delays every answer asked during its second.
+_PROBE = r"""
+import http.client, os, sys, threading, time
+host, port, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+try:
+    os.nice(-10)  # as root: the probe's own wait for a CPU is not Candela's latency
+except OSError:
+    pass
+times = []
 
-    result: list[object] = []
-    t = threading.Thread(target=lambda: result.append(send()))
-    t.start()
-    worst = 0.0
-    while t.is_alive():
-        worst = max(worst, healthz_ms(c))
+def ask():
+    t = time.perf_counter()
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("GET", "/healthz")
+    r = conn.getresponse()
+    r.read()
+    conn.close()
+    times.append((time.perf_counter() - t) * 1000 if r.status == 200 else float("inf"))
+    if r.status != 200:
+        print("healthz answered", r.status, file=sys.stderr, flush=True)
+
+ask()
+print("ready", flush=True)
+threads = []
+while len(threads) < 20 or not os.path.exists(stop):
+    threads.append(threading.Thread(target=ask))
+    threads[-1].start()
+    time.sleep(0.05)
+for t in threads:
     t.join()
-    return worst, result[0]
+times.sort()
+print(times[int(len(times) * 0.95)], flush=True)
+"""
+
+
+def probe_healthz_while(c: CandelaProcess, tmp_path, send) -> tuple[float, object]:
+    """The 95th percentile of /healthz answers (ms) asked while `send()` runs, and its result."""
+    import subprocess
+    import sys
+
+    stop = tmp_path / "stop-probe"
+    assert c.proc is not None
+    niceness = os.getpriority(os.PRIO_PROCESS, c.proc.pid)
+    with contextlib.suppress(OSError):  # as root: other work on a shared machine is not Candela's
+        os.setpriority(os.PRIO_PROCESS, c.proc.pid, -10)
+    probe = subprocess.Popen(
+        [sys.executable, "-c", _PROBE, "127.0.0.1", str(c.port), str(stop)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert probe.stdout is not None and probe.stdout.readline().strip() == "ready"
+        result = send()
+        stop.touch()
+        out, _ = probe.communicate(timeout=60)
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+            probe.wait()
+        stop.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, c.proc.pid, niceness)
+    return float(out.strip()), result
 
 
 def post_raw(c: CandelaProcess, path: str, body: bytes) -> requests.Response:
@@ -276,6 +335,17 @@ def post_raw(c: CandelaProcess, path: str, body: bytes) -> requests.Response:
 
 
 TEN_MB_ARRAY = b"[" + b",".join([b"0"] * 5_000_000) + b"]"
+# 10 MB JSON objects the rate limit admits: parsed in full, then forwarded
+_HI = [{"role": "user", "content": "hi"}]
+TEN_MB_OBJECT = json.dumps(
+    {"model": "gpt-4o-mini", "messages": _HI, "metadata": {f"k{i:07d}": 0 for i in range(700_000)}}
+).encode()
+TEN_MB_PARTS = json.dumps(
+    {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 330_000}],
+    }
+).encode()
 
 
 @pytest.mark.parametrize(
@@ -283,15 +353,28 @@ TEN_MB_ARRAY = b"[" + b",".join([b"0"] * 5_000_000) + b"]"
     [
         (TEN_MB_ARRAY, 400, "bad_request"),  # refused before it is parsed
         (b"  \n" + TEN_MB_ARRAY, 400, "bad_request"),
+        (TEN_MB_OBJECT, 200, None),  # parsed off the event loop
+        (TEN_MB_PARTS, 200, None),
+        (b'{"model": "gpt-4o-mini", "messages": [], "x": ' + TEN_MB_ARRAY + b"}", 200, None),
     ],
+    ids=["array", "array-after-space", "object", "object-of-parts", "object-of-numbers"],
 )
-def test_a_10_mb_body_does_not_stall_other_requests(hostile, upstream, body, status, error):
-    baseline = max(healthz_ms(hostile) for _ in range(20))
+def test_a_10_mb_body_does_not_stall_other_requests(
+    hostile, upstream, tmp_path, body, status, error
+):
+    # warm: the first priced request loads the price tables, which is no body's cost
+    assert post_raw(hostile, "/v1/chat/completions", SMALL).status_code == 200
+    upstream.clear()
+    baseline, _ = probe_healthz_while(hostile, tmp_path, lambda: time.sleep(1))
     rows = audit_rows(hostile)
-    worst, r = worst_healthz_while(hostile, lambda: post_raw(hostile, "/v1/chat/completions", body))
+    p95, r = probe_healthz_while(
+        hostile, tmp_path, lambda: post_raw(hostile, "/v1/chat/completions", body)
+    )
     assert r.status_code == status and r.json().get("error") == error, r.text[:300]
-    assert worst < baseline + 100, (worst, baseline)
+    assert p95 < baseline + 100, (p95, baseline)
     assert len(upstream.requests) == (1 if status == 200 else 0)
+    if status == 200:  # read and written in slices: the same JSON reaches the provider
+        assert json.loads(upstream.requests[0].body) == json.loads(body)
     assert audit_rows(hostile) - rows <= 2  # its own entry, and perhaps a reservation's
 
 

@@ -104,8 +104,10 @@ def test_candela_keys_cli_creates_lists_and_revokes(tmp_path, upstream: FakeUpst
         assert "revoked" in capsys.readouterr().out
         r = requests.post(c.url + CHAT, json=chat, headers=new, timeout=10)
         assert r.status_code == 401 and r.json()["error"] == "unauthenticated"
-        assert main(["--url", c.url, "revoke", "k_nonesuch"]) == 1
+        assert main(["--url", c.url, "revoke", "k_0000000000000000"]) == 1
         assert "404 key_not_found" in capsys.readouterr().err
+        assert main(["--url", c.url, "revoke", "k_nonesuch"]) == 1  # not a key id at all
+        assert "400 invalid_parameter" in capsys.readouterr().err
 
 
 def test_a_key_narrowed_to_models_is_refused_the_others_in_every_process(
@@ -210,3 +212,4 @@ def test_a_key_with_a_budget_is_refused_with_scope_key_while_its_user_has_budget
                           headers={"Authorization": f"Bearer {rotated['key']}"}).json()
         assert me["key_budget"]["spent_usd"] == spent
         assert len(upstream.requests) == 2
+

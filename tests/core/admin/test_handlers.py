@@ -150,8 +150,8 @@ RBAC = [
     ("POST", "/admin/v1/keys", {"user_id": BOB}, 201, 403),
     ("GET", "/admin/v1/keys", None, 200, 200),
     ("GET", f"/admin/v1/keys?user={q(BOB)}", None, 200, 403),
-    ("DELETE", "/admin/v1/keys/k_missing", None, 404, 404),
-    ("POST", "/admin/v1/keys/k_missing/rotate", {}, 404, 404),
+    ("DELETE", "/admin/v1/keys/k_0123456789abcdef", None, 404, 404),
+    ("POST", "/admin/v1/keys/k_0123456789abcdef/rotate", {}, 404, 404),
     ("PUT", "/admin/v1/tenants/research-team", {"budget_usd": 5}, 201, 403),
     ("GET", "/admin/v1/audit", None, 200, 403),
     ("GET", "/admin/v1/openapi.json", None, 200, 200),
@@ -206,7 +206,8 @@ def test_unknown_paths_and_methods(rt, method, path, status, code, allow):
 @pytest.mark.parametrize("user", ["%20x", "x%20", "a%0ab", "a%7f", "x" * 321])
 def test_bad_user_ids_are_400_for_admins_403_for_developers(rt, user):
     path = f"/admin/v1/users/{user}/grants"
-    assert call(rt, "GET", path).error == "bad_request"
+    r = call(rt, "GET", path)
+    assert (r.status, r.error, r.payload["parameter"]) == (400, "invalid_parameter", "user")
     assert call(rt, "GET", path, as_=ALICE).error == "forbidden"
 
 
@@ -310,7 +311,7 @@ def test_partial_puts_in_sequence_keep_earlier_changes(rt):
         ({"daily_budget_usd": None}, "daily_budget_usd"),
         ({"daily_budget_usd": 1e10}, "daily_budget_usd"),
         ({"requests_per_minute": 1.5}, "requests_per_minute"),
-        ({"requests_per_minute": 60.0}, "requests_per_minute"),
+        ({"requests_per_minute": 60.5}, "requests_per_minute"),
         ({"requests_per_minute": -1}, "requests_per_minute"),
         ({"requests_per_minute": True}, "requests_per_minute"),
         ({"requests_per_minute": "60"}, "requests_per_minute"),
@@ -603,12 +604,64 @@ def test_usage(history, who, query, spend_usd, requests):
         ("/admin/v1/audit?limit=10001", "limit"),
         ("/admin/v1/audit?since=soon", "since"),
         ("/admin/v1/audit?before_seq=x", "before_seq"),
+        ("/admin/v1/audit?before_seq=4611686018427387905", "before_seq"),  # 2**62 + 1
+        ("/admin/v1/audit?action=LLM", "action"),
+        ("/admin/v1/audit?action=" + "a" * 65, "action"),
+        ("/admin/v1/audit?user=%20alice", "user"),
+        ("/admin/v1/usage?tenant=a%0ab", "tenant"),
+        ("/admin/v1/usage?tenant=" + "t" * 129, "tenant"),
+        ("/admin/v1/usage?user=" + "u" * 321, "user"),
+        ("/admin/v1/keys?user=a%7f", "user"),
+        ("/admin/v1/usage?since=2026-05-01%2000:00:00Z", "since"),  # RFC 3339 needs the T
+        ("/admin/v1/usage?since=%D9%A2%D9%A0%D9%A2%D9%A6-01-01", "since"),  # Arabic-Indic digits
+        ("/admin/v1/usage?since=1969-12-31", "since"),
         ("/admin/v1/me?verbose=1", "verbose"),
     ],
 )
 def test_bad_query_parameters_are_400(rt, path, parameter):
     r = call(rt, "GET", path)
     assert (r.status, r.error, r.payload["parameter"]) == (400, "invalid_parameter", parameter)
+
+
+@pytest.mark.parametrize(
+    "method, path, body, parameter",
+    [
+        ("DELETE", "/admin/v1/keys/k_missing", None, "key"),
+        ("POST", "/admin/v1/keys/k_0123456789ABCDEF/rotate", {}, "key"),
+        ("PUT", "/admin/v1/tenants/%20t", {}, "tenant"),
+        ("PUT", "/admin/v1/tenants/" + "t" * 129, {}, "tenant"),
+        ("DELETE", "/admin/v1/users/a%09b", None, "user"),
+    ],
+)
+def test_bad_path_parameters_are_400_naming_them(rt, method, path, body, parameter):
+    r = call(rt, method, path, body)
+    assert (r.status, r.error, r.payload["parameter"]) == (400, "invalid_parameter", parameter)
+    assert r.payload["message"].startswith(f"Path parameter '{parameter}'")
+    assert admin_actions(rt) == []
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        # the year as written is in range; its UTC form may be a day either side
+        ("GET", "/admin/v1/usage?since=1970-01-01T00:00:00%2B23:59", None),
+        ("GET", "/admin/v1/usage?until=9998-12-31T23:59:59-23:59", None),
+        ("GET", "/admin/v1/audit?since=2026-05-01t00:00:00.123456789z", None),
+        ("GET", "/admin/v1/audit?before_seq=4611686018427387904", None),  # 2**62
+        ("GET", "/admin/v1/audit?action=llm_request&user=alice%40example.com", None),
+        ("GET", "/admin/v1/usage?tenant=research%20team", None),  # inner spaces are fine
+        # JSON Schema's integers: 60.0 is one
+        ("PUT", "/admin/v1/users/new@example.com", {"requests_per_minute": 60.0}),
+        ("POST", f"/admin/v1/users/{ALICE}/grants", {**GRANT, "amount_usd": 1e-9}),
+    ],
+)
+def test_edges_the_document_calls_valid_are_accepted(rt, method, path, body):
+    assert call(rt, method, path, body).status in (200, 201)
+
+
+def test_grants_below_one_nano_dollar_are_400(rt):
+    r = call(rt, "POST", f"/admin/v1/users/{ALICE}/grants", {**GRANT, "amount_usd": 9e-10})
+    assert (r.status, r.error, r.payload["field"]) == (400, "invalid_parameter", "amount_usd")
 
 
 @pytest.mark.parametrize(
@@ -727,6 +780,20 @@ def test_out_of_range_input_is_400_naming_the_field(rt, method, path, body, fiel
     for as_ in (ADMIN, ALICE) if path.startswith("/admin/v1/usage") else (ADMIN,):
         r = call(rt, method, path, body, as_=as_)
         assert (r.status, r.error, r.payload["field"]) == (400, "invalid_parameter", field)
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        (f"/admin/v1/users/{ALICE}/grants", {**GRANT, "reason": "a\ud800"}),
+        ("/admin/v1/users/new@example.com", {"tenants": ["\udfff"]}),
+        ("/admin/v1/keys", {"name": "x\ud800y"}),
+    ],
+)
+def test_lone_surrogates_are_400_and_change_nothing(rt, path, body):
+    r = call(rt, "POST" if path.endswith(("grants", "keys")) else "PUT", path, body)
+    assert (r.status, r.error) == (400, "invalid_json")
+    assert admin_actions(rt) == []
 
 
 def test_json_nested_thousands_deep_is_400(rt):

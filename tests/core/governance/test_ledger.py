@@ -26,6 +26,7 @@ from candela_mitm.governance.ledger import (
 )
 from candela_mitm.governance.periods import BudgetPeriod
 from candela_mitm.state import StateStore, UserRecord, open_state_store
+from candela_mitm.state.liveness import host_id
 from candela_mitm.state.ports import to_us
 from candela_mitm.state.sqlite import SqliteStateStore
 
@@ -403,8 +404,8 @@ def dead_pid() -> int:
 
 def test_process_alive() -> None:
     me = default_owner()
-    assert me.startswith(socket.gethostname()) and me.endswith(f":{os.getpid()}")
-    host = me.rpartition(":")[0]
+    host = host_id()
+    assert me.startswith(f"{host}:{os.getpid()}:")  # the pid, then its boot and start time
     assert process_alive(me) is True
     assert process_alive(f"{host}:{dead_pid()}") is False
     assert process_alive(f"{socket.gethostname()}[1]:{dead_pid()}") is True  # other namespace
@@ -413,7 +414,7 @@ def test_process_alive() -> None:
 
 
 def test_reconcile_settles_dead_owners_at_their_reservation(store: StateStore) -> None:
-    host = default_owner().rpartition(":")[0]
+    host = host_id()
     dead_owner = f"{host}:{dead_pid()}"
     crashed = Ledger(store, clock=fixed(T0), owner=dead_owner)
     other_host = Ledger(store, clock=fixed(T0), owner="elsewhere:1")
@@ -466,7 +467,7 @@ def test_reconcile_settles_by_age(store: StateStore) -> None:
 
 
 def test_reconcile_settles_grant_holds_as_spend(store: StateStore) -> None:
-    host = default_owner().rpartition(":")[0]
+    host = host_id()
     crashed = Ledger(store, clock=fixed(T0), owner=f"{host}:{dead_pid()}")
     me = Ledger(store, clock=fixed(T0))
     g = me.add_grant(U, 5.0, T0 + timedelta(days=1), "launch", "admin@example.com")
