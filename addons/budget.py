@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.context import RequestContext
-from candela_mitm.governance.estimate import estimate_cost
-from candela_mitm.governance.ledger import BudgetRefusal, Reservation
+from candela_mitm.governance.admission import (
+    Hold,
+    PriceUnknown,
+    Rules,
+    budget_hold,
+    reserve,
+)
+from candela_mitm.governance.estimate import BodyScan
+from candela_mitm.governance.ledger import BudgetRefusal
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
@@ -19,68 +25,14 @@ from .flowstate import answered, ctx_of, deny, fail_closed
 log = logging.getLogger("candela.budget")
 
 
-def reserve(
-    rt: Runtime, c: RequestContext, estimate: float, model: str, provider: str
-) -> Reservation | BudgetRefusal:
-    """Hold `estimate` on the user's budget and on the tenant's (a store call: blocking).
-
-    The tenant's settings are read here, inside the same store call, not in a trip of their own.
-    """
-    settings = c.settings
-    assert settings is not None
-    tenant = None
-    if c.tenant is not None:
-        tenant = rt.users.tenant_settings_cached(c.tenant)
-    return rt.ledger.reserve(
-        settings.user_id,
-        c.tenant,
-        estimate,
-        settings.daily_budget_usd,
-        c.span_id,
-        model=model,
-        provider=provider,
-        period=settings.budget_period,
-        tenant_budget_usd=tenant.budget_usd if tenant else None,
-        tenant_period=tenant.period if tenant else settings.budget_period,
-    )
-
-
-def reservation_call(
-    rt: Runtime, c: RequestContext
-) -> Callable[[], Reservation | BudgetRefusal] | None:
-    """The reserve Budget.request would make, as a call RateLimit can run in its own store trip.
-
-    None when Budget has nothing to reserve or its own hook must decide (local model, no model,
-    unknown price, an estimate that fails): Budget then does exactly what it always did.
-    """
-    plan = c.plan
-    settings = c.settings
-    if plan is None or settings is None or plan.upstream.spec.local:
-        return None
-    if plan.session:
-        estimate = rt.config.governance.websocket.reserve_usd  # the session's first slice
-    else:
-        if not plan.model or not plan.metered:  # a free or operator-allowed read: nothing held
-            return None
-        price = rt.pricing.get(plan.model, plan.upstream.name)
-        if price is None:
-            return None
-        default_max = rt.config.governance.budgets.default_max_output_tokens
-        try:
-            estimate = estimate_cost(
-                c.body, plan.max_output_tokens, default_max, price, c.scan
-            )
-        except Exception:
-            return None  # Budget.request computes it again, after the rate limit: fails closed
-    model, provider = plan.model or "", plan.upstream.name
-
-    def reserve_now() -> Reservation | BudgetRefusal:
-        # on the pool thread while the flow's hook awaits it: nothing else touches the context.
-        # Set only here, as Budget.request would: a rate-limited request audits no estimate.
-        c.estimate_usd = estimate
-        return reserve(rt, c, estimate, model, provider)
-
-    return reserve_now
+def decide_hold(
+    rt: Runtime, c: RequestContext, found: BodyScan | None
+) -> Hold | PriceUnknown | None:
+    """The request's hold (governance/admission.py), decided once and kept on the context;
+    `found`: the body's scan when made already."""
+    c.hold = budget_hold(c.plan, rt.pricing, Rules.of(rt.config.governance), c.body, found)
+    c.hold_decided = True
+    return c.hold
 
 
 class Budget:
@@ -92,39 +44,32 @@ class Budget:
         c = ctx_of(flow)
         if c is None or answered(flow) or c.plan is None or c.settings is None:
             return
+        m = self.rt.metrics
         if c.reserve_result is not None:  # RateLimit already made this request's reservation
             reserved, c.reserve_result = c.reserve_result, None
             if isinstance(reserved, BudgetRefusal):
-                self.rt.metrics.budget_denied.labels(self.rt.metrics.tenant_label(c.tenant or ""), "budget_exceeded").inc()
+                m.budget_denied.labels(m.tenant_label(c.tenant or ""), "budget_exceeded").inc()
                 deny(flow, reserved.denial())
             return
-        plan = c.plan
-        if plan.upstream.spec.local:
-            return  # local models cost nothing and are never blocked by budget
-        if plan.session:
-            c.estimate_usd = self.rt.config.governance.websocket.reserve_usd
-        else:
-            if not plan.model or not plan.metered:
-                return  # free reads cost nothing and are never blocked by budget
-            price = self.rt.pricing.get(plan.model, plan.upstream.name)
-            if price is None:
-                if self.rt.config.governance.unknown_model_price == "deny":
-                    m = self.rt.metrics
-                    m.budget_denied.labels(
-                        m.tenant_label(c.tenant or ""), "model_price_unknown"
-                    ).inc()
-                    deny(flow, errors.model_price_unknown(plan.model))
-                    return
-                return  # unknown_model_price: zero
-            default_max = self.rt.config.governance.budgets.default_max_output_tokens
-            c.estimate_usd = estimate_cost(
-                c.body, plan.max_output_tokens, default_max, price, c.scan
-            )
+        hold = c.hold if c.hold_decided else decide_hold(self.rt, c, c.scan)
+        if isinstance(hold, PriceUnknown):
+            m.budget_denied.labels(m.tenant_label(c.tenant or ""), "model_price_unknown").inc()
+            deny(flow, errors.model_price_unknown(hold.model))
+            return
+        if hold is None:
+            return  # local, free or (unknown_model_price: zero) unpriced: nothing held
+        c.estimate_usd = hold.estimate_usd
         result = await self.rt.store_call(
-            reserve, self.rt, c, c.estimate_usd, plan.model or "", plan.upstream.name
+            reserve,
+            self.rt.ledger,
+            c.settings,
+            c.tenant,
+            self.rt.users.tenant_settings_cached,
+            c.span_id,
+            hold,
         )
         if isinstance(result, BudgetRefusal):
-            self.rt.metrics.budget_denied.labels(self.rt.metrics.tenant_label(c.tenant or ""), "budget_exceeded").inc()
+            m.budget_denied.labels(m.tenant_label(c.tenant or ""), "budget_exceeded").inc()
             deny(flow, result.denial())
             return
         c.reservation = result

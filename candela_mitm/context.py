@@ -14,6 +14,7 @@ from candela_mitm.providers.usage import Usage
 if TYPE_CHECKING:  # types only: the context is the vocabulary those modules speak, not a user
     import asyncio
 
+    from candela_mitm.governance.admission import Hold, PriceUnknown
     from candela_mitm.governance.estimate import BodyScan
     from candela_mitm.governance.identity import Principal
     from candela_mitm.governance.ledger import BudgetRefusal, Reservation
@@ -57,6 +58,10 @@ class RequestContext:
     rate_decided: bool = False
     scan: BodyScan | None = None  # a large body's estimate scan, made off the event loop
     plan: ForwardPlan | None = None
+    # what the request reserves on its budget (governance/admission.py), decided once by
+    # whichever of RateLimit and Budget comes first; hold_decided tells None from not yet
+    hold: Hold | PriceUnknown | None = None
+    hold_decided: bool = False
     # Budget's reserve as RateLimit made it in its own store trip, for Budget to judge
     reserve_result: Reservation | BudgetRefusal | None = None
     reservation: Reservation | None = None  # while one is held: Budget settles or releases it
