@@ -381,7 +381,7 @@ def categorise(stacks: list[tuple[list[str], int]]) -> dict[str, int]:
             cats["candela_state_store"] += n
         elif any("candela_mitm/audit/" in f for f in body):
             cats["candela_audit"] += n
-        elif any("candela_mitm/" in f and "cli.py" not in f for f in body):
+        elif any("candela_mitm/" in f and "candela_mitm/cli/" not in f for f in body):
             cats["candela_pipeline"] += n
         elif any("mitmproxy/" in f for f in body[-12:]):
             cats["mitmproxy"] += n
@@ -390,12 +390,12 @@ def categorise(stacks: list[tuple[list[str], int]]) -> dict[str, int]:
     return cats
 
 
-def s_profile(b: Bench, res: dict[str, Any]) -> None:
+def s_profile(b: Bench, res: dict[str, Any], concurrency: int = 16, tag: str = "profile") -> None:
     """Profile: py-spy on Candela (and bare mitmproxy) at c16: where a request's CPU goes."""
     from profile_summary import load, summarise
 
     dur = b.d(8)
-    out: dict[str, Any] = {"duration_s": dur, "concurrency": 16}
+    out: dict[str, Any] = {"duration_s": dur, "concurrency": concurrency}
     spy = BENCH_PY.parent / "py-spy"
     with b.upstream() as up:
         for name, make, keys in (
@@ -403,9 +403,9 @@ def s_profile(b: Bench, res: dict[str, Any]) -> None:
             ("candela", lambda: b.candela(up, tag="profile"), True),
         ):
             with make() as (url, p):
-                b.load(url, "closed", 16, 1.0, warmup=0.5, keys=keys)  # warm
+                b.load(url, "closed", concurrency, 1.0, warmup=0.5, keys=keys)  # warm
                 pid = p.pid
-                raw = b.work / f"profile-{name}.txt"
+                raw = b.work / f"{tag}-{name}.txt"
                 before = thread_cpu(pid)
                 prof = subprocess.Popen(
                     [
@@ -427,7 +427,7 @@ def s_profile(b: Bench, res: dict[str, Any]) -> None:
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
-                r = b.load(url, "closed", 16, dur, warmup=0, keys=keys, proc=p)
+                r = b.load(url, "closed", concurrency, dur, warmup=0, keys=keys, proc=p)
                 after = thread_cpu(pid)
                 prof.wait(30)
                 n = max(r["completed"], 1)
@@ -455,16 +455,22 @@ def s_profile(b: Bench, res: dict[str, Any]) -> None:
                     entry["main_thread_us_per_request_estimate"] = {
                         k: round(main_us * v / total) for k, v in cats.items()
                     }
+                    entry["pieces_us_per_request"] = pieces(main, main_us)
                     summary = summarise(main, 40, None)
-                    (b.results / f"profile-{name}.summary.txt").write_text(summary + "\n")
-                    with gzip.open(b.results / f"profile-{name}.txt.gz", "wb") as gz:
+                    (b.results / f"{tag}-{name}.summary.txt").write_text(summary + "\n")
+                    with gzip.open(b.results / f"{tag}-{name}.txt.gz", "wb") as gz:
                         gz.write(raw.read_bytes())  # py-spy's raw stacks: flamegraph.pl input
                 out[name] = entry
                 log(
                     f"  {name}: {entry.get('cpu_us_per_request')} us CPU/req; threads {threads}; "
                     f"main thread {entry.get('main_thread_share')}"
                 )
-    res["profile"] = out
+    res[tag] = out
+
+
+def s_profile_c1(b: Bench, res: dict[str, Any]) -> None:
+    """Profile at concurrency 1, back to back: the per-request fixed cost, piece by piece."""
+    s_profile(b, res, 1, "profile_c1")
 
 
 SCENARIOS: dict[str, Callable[[Bench, dict[str, Any]], None]] = {
@@ -476,4 +482,42 @@ SCENARIOS: dict[str, Callable[[Bench, dict[str, Any]], None]] = {
     "s6": s_workers,
     "s7": s_transparent,
     "profile": s_profile,
+    "profile1": s_profile_c1,
 }
+
+
+
+# Pieces of a request's event-loop CPU, by the first rule whose frame is on the sample's stack
+# (most specific first): what issue 21 asks to measure before and after.
+PIECES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("rate check + reservation (store)", ("_admit (", "reserve_now (", "Budget.request (")),
+    ("settlement (store)", ("Ledger.settle (", "Ledger.release (", "settle_from_entry (")),
+    ("rate finish (store)", ("RateLimiter.finish (", "RateLimit._finish (")),
+    ("store transaction, other", ("candela_mitm/state/",)),
+    ("accounting (usage read, price)", ("account (", "UsageMeter.", "_JsonBodyMeter.")),
+    ("audit entry (encode, queue)", ("Audit.start (", "candela_mitm/audit/")),
+    ("thread hand-offs", ("_deliver (", "call_soon_threadsafe (", "_write_to_self (",
+                          "_read_from_self (", "run_in_executor (", "_chain_future")),
+    ("parsing + estimate", ("Router.request (", "estimate_cost (", "scan (", "token_estimate (")),
+    ("auth + policy", ("Auth.", "ModelPolicy.")),
+    ("upstream rewrite", ("Upstream.request (",)),
+    ("spans, metrics, telemetry", ("Spans.", "Metrics.", "Telemetry.")),
+    ("rest of the pipeline", ("addons/", "candela_mitm/")),
+)
+
+
+def pieces(main: list[tuple[list[str], int]], main_us: int) -> dict[str, int]:
+    """The event loop's CPU per request split by PIECES (µs): samples x thread CPU / samples."""
+    counts = {name: 0 for name, _ in PIECES}
+    counts["mitmproxy and asyncio"] = 0
+    total = 0
+    for frames, n in main:
+        body = [f for f in frames if not f.startswith(("thread", "process")) and "cli/main.py" not in f]
+        total += n
+        for name, marks in PIECES:
+            if any(m in f for f in body for m in marks):
+                counts[name] += n
+                break
+        else:
+            counts["mitmproxy and asyncio"] += n
+    return {k: round(main_us * v / max(total, 1)) for k, v in counts.items()}
