@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+from collections.abc import Callable
 
 from mitmproxy import http
 
@@ -16,7 +19,7 @@ from candela_mitm.governance.admission import (
     reserve,
 )
 from candela_mitm.governance.estimate import BodyScan
-from candela_mitm.governance.ledger import BudgetRefusal
+from candela_mitm.governance.ledger import BudgetRefusal, Reservation
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
@@ -38,6 +41,7 @@ def decide_hold(
 class Budget:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        self._settling: set[asyncio.Task[None]] = set()  # settles after their entries, running
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -91,23 +95,50 @@ class Budget:
             return
         account_flow(self.rt, flow, c)  # while the reservation is on the context: it is charged
         res, c.reservation = c.reservation, None
-        try:
-            if c.usage_source is not None:
-                plan = c.plan
-                assert plan is not None
-                await self.rt.store_call(
-                    self.rt.ledger.settle,
-                    res,
-                    c.cost_usd,
-                    c.usage.input_tokens,
-                    c.usage.output_tokens,
-                    plan.model or "",
-                    plan.upstream.name,
-                )
-            else:
+        if c.usage_source is None:
+            # nothing charged (never reached, or refused by the provider): no spend to record
+            try:
                 await self.rt.store_call(self.rt.ledger.release, res)
+            except Exception:
+                log.exception("could not release reservation %s", res.id)
+            return
+        plan = c.plan
+        assert plan is not None
+        settle = functools.partial(
+            self.rt.ledger.settle,
+            res,
+            c.cost_usd,
+            c.usage.input_tokens,
+            c.usage.output_tokens,
+            plan.model or "",
+            plan.upstream.name,
+        )
+        # The spend follows its durable audit entry (issue 16: one durable fact). Audit calls
+        # this once the entry's commit is known; the answer does not wait for the settle. A
+        # crash before it leaves the reservation held: the next start settles it from the entry
+        # (Ledger.reconcile_stale), or at its amount, audited, when no entry was made.
+        c.after_entry = functools.partial(self._settle_after_entry, res, settle)
+
+    def _settle_after_entry(
+        self, res: Reservation, settle: Callable[[], object], durable: bool
+    ) -> None:
+        if not durable:
+            # no durable entry, no spend: the hold stays until the next start settles it
+            log.error(
+                "reservation %s kept held: its audit entry is not durable (settled at the next "
+                "start from the entry, or at its amount)",
+                res.id,
+            )
+            return
+        task = asyncio.get_running_loop().create_task(self._settle(res, settle))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, res: Reservation, settle: Callable[[], object]) -> None:
+        try:
+            await self.rt.store_call(settle)
         except Exception:
-            # the reservation stays in the store: the next start settles it at its amount
+            # the reservation stays in the store: the next start settles it from its entry
             log.exception("could not settle reservation %s", res.id)
 
     async def response(self, flow: http.HTTPFlow) -> None:

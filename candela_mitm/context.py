@@ -95,6 +95,9 @@ class RequestContext:
     stream_model: StreamModel | None = None  # the model a stream names, read as it passes (OTLP)
     exported: bool = False  # the span went to the OTLP exporter (response, then error: once)
     audited: bool = False  # the request's audit entry is queued (addons/audit.py), exactly once
+    # what follows the entry once its commit is known (True: durable), called once by Audit:
+    # Budget's settlement, so that no spend is recorded without its entry
+    after_entry: Callable[[bool], None] | None = None
     # the loop future that tells when that entry is committed (True) or timed out (False)
     audit_commit: asyncio.Future[bool] | None = None
     session: Session | None = None  # a WebSocket session, from its start (addons/websocket.py)

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import getpass
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
 from candela_mitm.audit import AuditWriter
 from candela_mitm.audit.actions import LLM_REQUEST
+from candela_mitm.audit.query import charged_entries
 from candela_mitm.config import PROVIDER_ROUTES, Config, load_config
 from candela_mitm.errors import ConfigError
 from candela_mitm.governance.identity import Authenticator, MintedKeyLookup
-from candela_mitm.governance.ledger import Ledger, StaleSettlement, process_alive
+from candela_mitm.governance.ledger import (
+    AuditedCharge,
+    Ledger,
+    StaleSettlement,
+    process_alive,
+)
 from candela_mitm.governance.policy import ModelPolicy
 from candela_mitm.governance.provider_keys import OrganisationKeys
 from candela_mitm.governance.provider_keys import from_config as provider_keys_from_config
@@ -31,7 +39,7 @@ from candela_mitm.providers.specs import Upstream, resolve_all
 from candela_mitm.providers.upstream_auth import UpstreamCredentials
 from candela_mitm.state import StateStore, open_state_store
 from candela_mitm.state.calls import StoreCalls
-from candela_mitm.state.ports import to_us, utc_now
+from candela_mitm.state.ports import ActiveReservation, from_us, to_us, utc_now
 
 log = logging.getLogger("candela.runtime")
 
@@ -162,6 +170,23 @@ class Runtime:
         )
 
 
+def audited_charges(
+    audit_db: str, reservations: Sequence[ActiveReservation]
+) -> dict[str, AuditedCharge]:
+    """What the durable audit entries of these reservations' requests charged, by span id: the
+    audit log's tail since the oldest of them (Ledger.reconcile_stale settles from it)."""
+    since = from_us(min(r.created_us for r in reservations)) - timedelta(seconds=1)
+    spans = {r.request_id for r in reservations if r.request_id}
+    return {
+        span: AuditedCharge(
+            float(f.get("cost_usd") or 0.0),
+            int(f.get("input_tokens") or 0),
+            int(f.get("output_tokens") or 0),
+        )
+        for span, f in charged_entries(audit_db, spans, since).items()
+    }
+
+
 def stale_settlement_entry(s: StaleSettlement) -> dict[str, Any]:
     """The llm_request entry of a request whose process died before it was accounted: charged
     its reservation at the next start (`usage_source: reserved`, `reason: proxy_crash`)."""
@@ -195,6 +220,8 @@ def record_stale_settlements(
     writes the entry. A crash between the two leaves the spend recorded without its entry.
     """
     for s in settled:
+        if s.from_entry:
+            continue  # settled from its own durable entry (and counted when it was answered)
         if not audit.record(LLM_REQUEST, **stale_settlement_entry(s)):
             log.error("audit entry for settled reservation %s not accepted", s.reservation_id)
         provider = metrics.provider_label(s.provider)
@@ -225,7 +252,11 @@ def build_runtime(config: Config, command: Command) -> Runtime:
     metrics = Metrics(PROVIDER_ROUTES)
     limiter = RateLimiter(store)
     try:
-        settled = ledger.reconcile_stale(process_alive, max_age_s=STALE_RESERVATION_S)
+        settled = ledger.reconcile_stale(
+            process_alive,
+            max_age_s=STALE_RESERVATION_S,
+            audited=functools.partial(audited_charges, config.audit.sqlite_path),
+        )
         limiter.reconcile_leases(process_alive)  # requests in flight of processes now gone
     except BaseException:
         audit.close()

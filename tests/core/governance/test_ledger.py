@@ -16,6 +16,7 @@ import pytest
 from candela_mitm.config import State
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.governance.ledger import (
+    AuditedCharge,
     BudgetRefusal,
     Ledger,
     Reservation,
@@ -445,6 +446,33 @@ def test_reconcile_settles_dead_owners_at_their_reservation(store: StateStore) -
     assert not me.release(lost)
     assert me.spent_today(U) == 6.0
     assert me.release(kept) and me.release(mine)
+
+
+def test_reconcile_settles_from_the_durable_entry_when_there_is_one(store: StateStore) -> None:
+    """Issue 16: the spend follows the request's audit entry; a process that died between the
+    two is settled at the entry's cost (and needs no entry of its own), one that died before
+    its entry at its reservation."""
+    host = default_owner().rpartition(":")[0]
+    crashed = Ledger(store, clock=fixed(T0), owner=f"{host}:{dead_pid()}")
+    me = Ledger(store, clock=fixed(T0))
+    answered = crashed.reserve(U, None, 4.0, 10.0, "span-a", model="gpt-4o", provider="openai")
+    cut = crashed.reserve(U, None, 3.0, 10.0, "span-b", model="gpt-4o", provider="openai")
+    assert isinstance(answered, Reservation) and isinstance(cut, Reservation)
+    asked: list[set[str]] = []
+
+    def audited(reservations: Any) -> dict[str, AuditedCharge]:
+        asked.append({r.request_id for r in reservations})
+        return {"span-a": AuditedCharge(1.25, 100, 20), "span-other": AuditedCharge(9.0, 1, 1)}
+
+    settled = {s.request_id: s for s in me.reconcile_stale(process_alive, audited=audited)}
+    assert asked == [{"span-a", "span-b"}]  # one look at the audit log, for the stale ones only
+    assert (settled["span-a"].amount_usd, settled["span-a"].from_entry) == (1.25, True)
+    assert (settled["span-b"].amount_usd, settled["span-b"].from_entry) == (3.0, False)
+    assert me.spent_today(U) == pytest.approx(4.25)
+    assert me.usage(user=U) == [UsageRow("gpt-4o", "openai", 4.25, 100, 20, 2)]
+    assert me.status(U, 10.0).reserved_usd == 0
+    assert me.reconcile_stale(process_alive, audited=audited) == []  # once
+    assert len(asked) == 1  # nothing stale: the audit log is not read
 
 
 def test_reconcile_settles_by_age(store: StateStore) -> None:
