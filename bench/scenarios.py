@@ -24,6 +24,7 @@ from harness import (
     Proc,
     added,
     connections_to,
+    key_of,
     log,
     merged,
     project_script,
@@ -124,6 +125,64 @@ def s_throughput(b: Bench, res: dict[str, Any]) -> None:
             best["rounds_rps"] = [r["throughput_rps"] for r in rs]
             out[name][f"c{c}"] = best
     res["s2_throughput"] = out
+
+
+POINTS = (1, 4, 8, 16)  # issue 21: keep-alive connections, one user and many
+
+
+def s_points(b: Bench, res: dict[str, Any]) -> None:
+    """2b. Throughput at 1, 4, 8 and 16 keep-alive connections, one user and many, SQLite and
+    Redis state beside bare mitmproxy (interleaved rounds; verdict: medians of round ratios)."""
+    dur = b.d(3)
+    rounds = 2 if b.args.quick else 3
+    out: dict[str, Any] = {"duration_s": dur, "rounds": rounds, "connections": list(POINTS)}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    one_user = [key_of(0)]
+
+    def measure(name: str, url: str, p: Proc, keys: bool | list[str], c: int) -> None:
+        r = b.load(url, "closed", c, dur, warmup=0.5, keys=keys, proc=p)
+        runs.setdefault(name, {}).setdefault(f"c{c}", []).append(r)
+        log(
+            f"  {name} c{c}: {r['throughput_rps']} req/s, p50 {r['latency_ms']['p50']} ms, "
+            f"{r.get('target_cpu_us_per_request')} us CPU/req, errors {r['errors']}"
+        )
+
+    with b.upstream() as up:
+        for _round in range(rounds):
+            with b.mitmdump(up) as (url, p):
+                for c in POINTS:
+                    measure("mitmproxy", url, p, False, c)
+            with b.candela(up, tag="points-sqlite") as (url, p):
+                for c in POINTS:
+                    measure("candela sqlite, many users", url, p, True, c)
+                    measure("candela sqlite, one user", url, p, one_user, c)
+            with b.redis() as redis_url, b.candela(
+                up, tag="points-redis", state={"backend": "redis", "redis_url": redis_url}
+            ) as (url, p):
+                for c in POINTS:
+                    measure("candela redis, many users", url, p, True, c)
+                    measure("candela redis, one user", url, p, one_user, c)
+    base = runs.get("mitmproxy", {})
+    for name, by_c in runs.items():
+        out[name] = {}
+        for c, rs in by_c.items():
+            entry: dict[str, Any] = {
+                "rounds_rps": [r["throughput_rps"] for r in rs],
+                "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in rs),
+                "cpu_us_per_request": statistics.median(
+                    r.get("target_cpu_us_per_request") or 0 for r in rs
+                ),
+            }
+            if name != "mitmproxy" and c in base:
+                ratios_ = [
+                    x["throughput_rps"] / y["throughput_rps"]
+                    for x, y in zip(rs, base[c], strict=False)
+                    if y["throughput_rps"]
+                ]
+                entry["vs_mitmproxy"] = round(statistics.median(ratios_), 2) if ratios_ else None
+                entry["rounds_vs_mitmproxy"] = [round(x, 2) for x in ratios_]
+            out[name][c] = entry
+    res["s2_points"] = out
 
 
 def s_streaming(b: Bench, res: dict[str, Any]) -> None:
@@ -476,6 +535,7 @@ def s_profile_c1(b: Bench, res: dict[str, Any]) -> None:
 SCENARIOS: dict[str, Callable[[Bench, dict[str, Any]], None]] = {
     "s1": s_latency,
     "s2": s_throughput,
+    "s2p": s_points,
     "s3": s_streaming,
     "s4": s_memory,
     "s5": s_audit,
@@ -490,8 +550,9 @@ SCENARIOS: dict[str, Callable[[Bench, dict[str, Any]], None]] = {
 # Pieces of a request's event-loop CPU, by the first rule whose frame is on the sample's stack
 # (most specific first): what issue 21 asks to measure before and after.
 PIECES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("rate check + reservation (store)", ("_admit (", "reserve_now (", "Budget.request (")),
-    ("settlement (store)", ("Ledger.settle (", "Ledger.release (", "settle_from_entry (")),
+    ("rate check + reservation (store)", ("admit (", "reserve_now (", "reserve_hold (",
+                                          "Budget.request (")),
+    ("settlement (store)", ("Ledger.settle (", "Ledger.release (")),
     ("rate finish (store)", ("RateLimiter.finish (", "RateLimit._finish (")),
     ("store transaction, other", ("candela_mitm/state/",)),
     ("accounting (usage read, price)", ("account (", "UsageMeter.", "_JsonBodyMeter.")),
