@@ -67,7 +67,19 @@ def process_alive(owner: str) -> bool:
         return False
     except PermissionError:  # it exists, under another user
         return True
-    return True
+    return not zombie(int(pid))
+
+
+def zombie(pid: int) -> bool:
+    """A process that has exited and is not reaped yet (a killed worker whose supervisor died
+    too, left to an init that does not reap): it holds nothing any more (issue 16)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False  # no /proc to tell: alive, as kill -0 said
+    # "pid (comm) state ...": comm may hold spaces and parentheses, the state follows the last ')'
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"Z", b"X")
 
 
 @dataclass(frozen=True)
@@ -417,6 +429,7 @@ class Ledger:
         max_age_s: float | None = DEFAULT_STALE_AGE_S,
         now: datetime | None = None,
         audited: AuditedCharges | None = None,
+        record: Callable[[list[StaleSettlement]], set[str]] | None = None,
     ) -> list[StaleSettlement]:
         """Settle the reservations of dead owners or older than `max_age_s`; returns what was
         settled (for the audit trail).
@@ -430,6 +443,11 @@ class Ledger:
         free. `max_age_s` must exceed the longest request (a streamed answer included): a live
         request settled this way is charged its reservation, and its own settle is then a
         no-op. Also forgets reservations finished more than a week ago.
+
+        `record`: makes the entries of those without one durable first and returns the ids of
+        the reservations whose entry was committed; only those are settled (the entry before
+        the spend: a crash in between leaves an entry the next start settles from). Without
+        it the caller writes the entries of what this returns, after the settle.
         """
         now_us = to_us(now or self.clock())
         cutoff = None if max_age_s is None else now_us - round(max_age_s * US_PER_S)
@@ -449,7 +467,7 @@ class Ledger:
             if old:
                 stale.append((active, why))
         entries = audited([a for a, _ in stale]) if audited is not None and stale else {}
-        settled: list[StaleSettlement] = []
+        planned: list[tuple[ActiveReservation, StaleSettlement, tuple[int, int]]] = []
         for active, why in stale:
             charge = entries.get(active.request_id) if active.request_id else None
             if charge is not None:
@@ -457,25 +475,35 @@ class Ledger:
                 tokens = (charge.input_tokens, charge.output_tokens)
             else:
                 amount, tokens = active.amount, (0, 0)
+            s = StaleSettlement(
+                reservation_id=active.reservation_id,
+                request_id=active.request_id,
+                owner=active.owner,
+                user_id=active.user_id,
+                tenant=active.tenant or None,
+                model=active.model,
+                provider=active.provider,
+                amount_usd=nano_to_usd(amount),
+                created_at=from_us(active.created_us),
+                reason=why,
+                from_entry=charge is not None,
+            )
+            planned.append((active, s, tokens))
+        if record is not None:
+            durable = record([s for _, s, _ in planned if not s.from_entry])
+            planned = [p for p in planned if p[1].from_entry or p[1].reservation_id in durable]
+        settled: list[StaleSettlement] = []
+        for active, s, tokens in planned:
             result = self.store.settle(
-                active.reservation_id, amount, *tokens, active.model, active.provider, now_us
+                active.reservation_id,
+                usd_to_nano(s.amount_usd),
+                *tokens,
+                active.model,
+                active.provider,
+                now_us,
             )
             if result.applied:
-                settled.append(
-                    StaleSettlement(
-                        reservation_id=active.reservation_id,
-                        request_id=active.request_id,
-                        owner=active.owner,
-                        user_id=active.user_id,
-                        tenant=active.tenant or None,
-                        model=active.model,
-                        provider=active.provider,
-                        amount_usd=nano_to_usd(amount),
-                        created_at=from_us(active.created_us),
-                        reason=why,
-                        from_entry=charge is not None,
-                    )
-                )
+                settled.append(s)
         self.store.purge_finished(now_us - FINISHED_RESERVATION_TTL_S * US_PER_S)
         return settled
 

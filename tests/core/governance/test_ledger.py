@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,6 +24,7 @@ from candela_mitm.governance.ledger import (
     UsageRow,
     default_owner,
     process_alive,
+    zombie,
 )
 from candela_mitm.governance.periods import BudgetPeriod
 from candela_mitm.state import StateStore, UserRecord, open_state_store
@@ -412,6 +414,22 @@ def test_process_alive() -> None:
     assert process_alive("garbage") is True
 
 
+def test_a_zombie_counts_as_dead() -> None:
+    """A killed worker nobody reaped yet (its supervisor died too) holds nothing (issue 16)."""
+    host = default_owner().rpartition(":")[0]
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while not zombie(child.pid):  # exited, not reaped: we have not waited for it
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(child.pid, 0)  # kill -0 still finds it
+        assert process_alive(f"{host}:{child.pid}") is False
+    finally:
+        child.wait()
+    assert not zombie(os.getpid())
+
+
 def test_reconcile_settles_dead_owners_at_their_reservation(store: StateStore) -> None:
     host = default_owner().rpartition(":")[0]
     dead_owner = f"{host}:{dead_pid()}"
@@ -473,6 +491,31 @@ def test_reconcile_settles_from_the_durable_entry_when_there_is_one(store: State
     assert me.status(U, 10.0).reserved_usd == 0
     assert me.reconcile_stale(process_alive, audited=audited) == []  # once
     assert len(asked) == 1  # nothing stale: the audit log is not read
+
+
+def test_reconcile_writes_the_entry_before_the_spend(store: StateStore) -> None:
+    """With `record`, the entries of what is settled at its amount are made durable first, and
+    only a reservation whose entry was committed is settled: no crash point leaves a spend
+    without its entry."""
+    host = default_owner().rpartition(":")[0]
+    crashed = Ledger(store, clock=fixed(T0), owner=f"{host}:{dead_pid()}")
+    me = Ledger(store, clock=fixed(T0))
+    a = crashed.reserve(U, None, 2.0, 10.0, "span-a", model="gpt-4o", provider="openai")
+    b = crashed.reserve(U, None, 3.0, 10.0, "span-b", model="gpt-4o", provider="openai")
+    assert isinstance(a, Reservation) and isinstance(b, Reservation)
+    seen: list[tuple[list[str], float]] = []
+
+    def record(planned: Any) -> set[str]:
+        seen.append((sorted(p.request_id for p in planned), me.spent_today(U)))
+        return {a.id}  # b's entry failed (a full disk)
+
+    settled = me.reconcile_stale(process_alive, record=record)
+    assert seen == [(["span-a", "span-b"], 0.0)]  # both entries asked for before any spend
+    assert [s.request_id for s in settled] == ["span-a"]
+    assert me.spent_today(U) == 2.0
+    assert me.status(U, 10.0).reserved_usd == 3.0  # b stays held: no entry, no spend
+    (again,) = me.reconcile_stale(process_alive, record=lambda planned: {p.reservation_id for p in planned})
+    assert again.request_id == "span-b" and me.spent_today(U) == 5.0
 
 
 def test_reconcile_settles_by_age(store: StateStore) -> None:
