@@ -78,6 +78,48 @@ def s_latency(b: Bench, res: dict[str, Any]) -> None:
     res["s1_latency"] = out
 
 
+def s_durability(b: Bench, res: dict[str, Any]) -> None:
+    """1b. Concurrency 1 with the audit log fsynced per commit (audit.durability: power_loss, the
+    default) and written to the OS per commit (process_crash), beside bare mitmproxy: back to
+    back and open loop at 50 req/s, in interleaved rounds (medians of the rounds)."""
+    dur = b.d(3)
+    rounds = 2 if b.args.quick else 4
+    runs: dict[str, list[dict[str, Any]]] = {}
+    with b.upstream() as up:
+        for _round in range(rounds):
+            for name, make, keys in (
+                ("mitmproxy", lambda: b.mitmdump(up), False),
+                ("candela power_loss", lambda: b.candela(up, tag="power_loss"), True),
+                (
+                    "candela process_crash",
+                    lambda: b.candela(
+                        up, tag="process_crash", audit={"durability": "process_crash"}
+                    ),
+                    True,
+                ),
+            ):
+                with make() as (url, p):
+                    for mode, rate in (("back to back", 0.0), ("open 50/s", 50.0)):
+                        r = b.load(
+                            url, "open" if rate else "closed", 1, dur, rate=rate, keys=keys, proc=p
+                        )
+                        runs.setdefault(f"{name} | {mode}", []).append(r)
+                        log(
+                            f"  {name} {mode}: p50 {r['latency_ms']['p50']} ms, "
+                            f"{r.get('target_cpu_us_per_request')} us CPU/req"
+                        )
+    res["s1_durability"] = {
+        k: {
+            "rounds_p50_ms": [r["latency_ms"]["p50"] for r in rs],
+            "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in rs),
+            "cpu_us_per_request": statistics.median(
+                r.get("target_cpu_us_per_request") or 0 for r in rs
+            ),
+        }
+        for k, rs in runs.items()
+    }
+
+
 def cold_probe(b: Bench, gap_ms: float) -> dict[str, Any]:
     """The same pieces of the request path back to back and after the pause between requests."""
     return project_script(
@@ -534,6 +576,7 @@ def s_profile_c1(b: Bench, res: dict[str, Any]) -> None:
 
 SCENARIOS: dict[str, Callable[[Bench, dict[str, Any]], None]] = {
     "s1": s_latency,
+    "s1d": s_durability,
     "s2": s_throughput,
     "s2p": s_points,
     "s3": s_streaming,
