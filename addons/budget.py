@@ -12,13 +12,11 @@ from mitmproxy import http
 from candela_mitm import errors
 from candela_mitm.context import RequestContext
 from candela_mitm.governance.admission import (
-    Hold,
     PriceUnknown,
     Rules,
-    budget_hold,
+    decide_hold,
     reserve,
 )
-from candela_mitm.governance.estimate import BodyScan
 from candela_mitm.governance.ledger import BudgetRefusal, Reservation
 from candela_mitm.runtime import Runtime
 
@@ -28,19 +26,10 @@ from .flowstate import answered, ctx_of, deny, fail_closed
 log = logging.getLogger("candela.budget")
 
 
-def decide_hold(
-    rt: Runtime, c: RequestContext, found: BodyScan | None
-) -> Hold | PriceUnknown | None:
-    """The request's hold (governance/admission.py), decided once and kept on the context;
-    `found`: the body's scan when made already."""
-    c.hold = budget_hold(c.plan, rt.pricing, Rules.of(rt.config.governance), c.body, found)
-    c.hold_decided = True
-    return c.hold
-
-
 class Budget:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        self.rules = Rules.of(rt.config.governance)
         self._settling: set[asyncio.Task[None]] = set()  # settles after their entries, running
 
     @fail_closed
@@ -55,7 +44,7 @@ class Budget:
                 m.budget_denied.labels(m.tenant_label(c.tenant or ""), "budget_exceeded").inc()
                 deny(flow, reserved.denial())
             return
-        hold = c.hold if c.hold_decided else decide_hold(self.rt, c, c.scan)
+        hold = c.hold if c.hold_decided else decide_hold(c, self.rt.pricing, self.rules, c.scan)
         if isinstance(hold, PriceUnknown):
             m.budget_denied.labels(m.tenant_label(c.tenant or ""), "model_price_unknown").inc()
             deny(flow, errors.model_price_unknown(hold.model))

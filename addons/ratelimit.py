@@ -15,6 +15,7 @@ from candela_mitm.governance.admission import (
     Rules,
     admit,
     body_scan,
+    decide_hold,
     reserve,
     token_estimate,
 )
@@ -24,7 +25,6 @@ from candela_mitm.governance.ratelimit import policy_headers
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
-from .budget import decide_hold
 from .flowstate import answered, ctx_of, deny, fail_closed
 
 log = logging.getLogger("candela.ratelimit")
@@ -52,8 +52,9 @@ def admission_call(rt: Runtime, c: RequestContext) -> Callable[[], Checked]:
     assert settings is not None
     # the body is scanned once for both estimates (none for a route without a model)
     found = body_scan(c.body, c.scan) if c.plan is not None and c.plan.model else c.scan
-    hold = decide_hold(rt, c, found)
-    tokens = token_estimate(c.plan, rt.pricing, Rules.of(rt.config.governance), c.body, found)
+    rules = Rules.of(rt.config.governance)
+    hold = decide_hold(c, rt.pricing, rules, found)
+    tokens = token_estimate(c.plan, rt.pricing, rules, c.body, found)
     tenant_settings = rt.users.tenant_settings_cached
     reserve_hold: Callable[[], Reservation | BudgetRefusal] | None = None
     if isinstance(hold, Hold):

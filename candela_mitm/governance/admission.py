@@ -20,6 +20,7 @@ from candela_mitm.state.ports import to_us
 
 if TYPE_CHECKING:
     from candela_mitm.config import Governance
+    from candela_mitm.context import RequestContext
     from candela_mitm.governance.users import TenantSettings, UserSettings
     from candela_mitm.providers.forwarding import ForwardPlan
     from candela_mitm.providers.pricing import PricingTable
@@ -92,6 +93,16 @@ def budget_hold(
         body, plan.max_output_tokens, rules.default_max_output_tokens, price, found
     )
     return Hold(estimate, plan.model, provider)
+
+
+def decide_hold(
+    c: RequestContext, pricing: PricingTable, rules: Rules, found: BodyScan | None
+) -> Hold | PriceUnknown | None:
+    """The request's hold, decided once and kept on its context (`c.hold`) by whichever of
+    RateLimit and Budget comes first; `found`: the body's scan when made already."""
+    c.hold = budget_hold(c.plan, pricing, rules, c.body, found)
+    c.hold_decided = True
+    return c.hold
 
 
 def token_estimate(
