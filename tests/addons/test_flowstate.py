@@ -175,7 +175,7 @@ def test_addons_write_only_declared_context_fields_and_one_metadata_key():
                     if (isinstance(e, ast.Subscript) and isinstance(e.value, ast.Attribute)
                             and e.value.attr == "metadata"):
                         metadata_keys.add(ast.unparse(e.slice))
-    assert {"principal", "plan", "reservation", "reserve_result", "hold", "counted", "span"} <= written
+    assert {"principal", "plan", "reservation", "reserve_result", "counted", "span"} <= written
     assert written - declared == set()
     assert metadata_keys == {"KEY"}
 
