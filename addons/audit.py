@@ -195,7 +195,9 @@ class Audit:
         if c is None:
             return
         if c.audit_commit is None:
-            entry_known(c, False)  # no entry was queued: nothing may follow one
+            # a request the audit log does not record (not a proxied route) has nothing to
+            # wait for; one whose entry should have been queued and was not keeps what waits
+            entry_known(c, not c.audited and c.kind not in ("proxy", "chat"))
             return
         fut, c.audit_commit = c.audit_commit, None
         if not c.forwarded and not self.rt.audit.healthy:
