@@ -419,13 +419,21 @@ def exact_budget(b: Bench, url: str, state_db: Path) -> dict[str, Any]:
         max_tokens=EXACT_TOKENS,
         extra=["--requests", "200", "--keys", "cdl_bench_budget"],
     )
-    with sqlite3.connect(state_db) as db:
-        spent, reserved = db.execute(
-            "SELECT spent, reserved FROM days WHERE user_id = 'budget@bench.example'"
-        ).fetchone()
-        (requests,) = db.execute(
-            "SELECT sum(requests) FROM spend WHERE user_id = 'budget@bench.example'"
-        ).fetchone()
+    # a spend is recorded once its audit entry is durable, in the background (issue 16): the
+    # last answers' settles may still be running when the load generator stops
+    t0 = time.monotonic()
+    while True:
+        with sqlite3.connect(state_db) as db:
+            spent, reserved = db.execute(
+                "SELECT spent, reserved FROM days WHERE user_id = 'budget@bench.example'"
+            ).fetchone()
+            (requests,) = db.execute(
+                "SELECT sum(requests) FROM spend WHERE user_id = 'budget@bench.example'"
+            ).fetchone()
+        if reserved == 0 or time.monotonic() - t0 > 5:
+            break
+        time.sleep(0.01)
+    settle_lag_ms = round((time.monotonic() - t0) * 1000)
     allowed = r["statuses"].get("200", 0)
     cost_nano = EXACT_TOKENS * 1000  # 7 tokens x $1000 per million, in nano-dollars: 7,000 x 1000
     return {
@@ -437,6 +445,7 @@ def exact_budget(b: Bench, url: str, state_db: Path) -> dict[str, Any]:
         "expected_spent_nano_usd": EXACT_FITS * cost_nano * 1000,
         "reserved_after_nano_usd": reserved,
         "settled_requests": requests,
+        "settled_within_ms": settle_lag_ms,
         "exact": allowed == EXACT_FITS
         and spent == EXACT_FITS * cost_nano * 1000
         and reserved == 0
