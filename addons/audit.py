@@ -195,11 +195,18 @@ class Audit:
     async def _finish(self, flow: http.HTTPFlow) -> None:
         self.start(flow)
         c = ctx_of(flow)
-        if c is None or c.audit_commit is None:
+        if c is None:
+            return
+        if c.audit_commit is None:
+            # a request the audit log does not record (not a proxied route) has nothing to
+            # wait for; one whose entry should have been queued and was not keeps what waits
+            entry_known(c, not c.audited and c.kind not in ("proxy", "chat"))
             return
         fut, c.audit_commit = c.audit_commit, None
         if not c.forwarded and not self.rt.audit.healthy:
-            return  # a refusal while the ledger fails: queued and retried, nothing to wait for
+            # a refusal while the ledger fails: queued and retried, nothing to wait for
+            fut.add_done_callback(lambda f: entry_known(c, committed_ok(f)))
+            return
         try:
             # a stuck ledger must not hang responses: the entry stays queued and is retried
             durable = await fut
@@ -210,6 +217,7 @@ class Audit:
         except Exception:
             durable = False
             log.exception("audit entry for span %s not committed", c.span_id)
+        entry_known(c, durable)
         if not durable and c.forwarded:
             unrecorded(flow)
 
@@ -218,6 +226,21 @@ class Audit:
 
     async def error(self, flow: http.HTTPFlow) -> None:
         await self._finish(flow)
+
+
+def committed_ok(fut: asyncio.Future[bool]) -> bool:
+    return not fut.cancelled() and fut.exception() is None and fut.result()
+
+
+def entry_known(c: RequestContext, durable: bool) -> None:
+    """Run what waits for the request's entry (Budget's settlement), once."""
+    after, c.after_entry = c.after_entry, None
+    if after is None:
+        return
+    try:
+        after(durable)
+    except Exception:
+        log.exception("what follows the audit entry of span %s failed", c.span_id)
 
 
 def unrecorded(flow: http.HTTPFlow) -> None:

@@ -6,27 +6,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from mitmproxy import http
 
 from candela_mitm.context import RequestContext
-from candela_mitm.governance.estimate import (
-    LARGE_BODY_BYTES,
-    estimate_input_tokens,
-    output_tokens_limit,
+from candela_mitm.governance.admission import (
+    Checked,
+    Hold,
+    Rules,
+    admit,
+    body_scan,
+    decide_hold,
+    reserve,
+    token_estimate,
 )
+from candela_mitm.governance.estimate import LARGE_BODY_BYTES
 from candela_mitm.governance.ledger import BudgetRefusal, Reservation
-from candela_mitm.governance.ratelimit import (
-    Admission,
-    RateDecision,
-    policy_headers,
-)
+from candela_mitm.governance.ratelimit import policy_headers
 from candela_mitm.runtime import Runtime
-from candela_mitm.state.ports import to_us
 
 from .accounting import account_flow
-from .budget import reservation_call
 from .flowstate import answered, ctx_of, deny, fail_closed
 
 log = logging.getLogger("candela.ratelimit")
@@ -47,106 +46,44 @@ def large_body(headers: http.Headers) -> bool:
         return False  # Router answers 400
 
 
-@dataclass
-class Checked:
-    decisions: list[RateDecision]  # every limit judged, the refusing one last
-    admission: Admission | None  # what an admitted request holds
-    reserved: Reservation | BudgetRefusal | None
-    now_us: int
+def admission_call(rt: Runtime, c: RequestContext) -> Callable[[], Checked]:
+    """The request's admission as one store call: its rate steps and, when it holds one, its
+    budget reservation (the hold is decided once, here, and rides on the context for Budget)."""
+    settings = c.settings
+    assert settings is not None
+    # the body is scanned once for both estimates (none for a route without a model)
+    found = body_scan(c.body, c.scan) if c.plan is not None and c.plan.model else c.scan
+    rules = Rules.of(rt.config.governance)
+    hold = decide_hold(c, rt.pricing, rules, found)
+    tokens = token_estimate(c.plan, rt.pricing, rules, c.body, found)
+    tenant_settings = rt.users.tenant_settings_cached
+    reserve_hold: Callable[[], Reservation | BudgetRefusal] | None = None
+    if isinstance(hold, Hold):
+        h = hold
 
-    @property
-    def refusal(self) -> RateDecision | None:
-        last = self.decisions[-1]
-        return None if last.allowed else last
-
-
-def token_estimate(rt: Runtime, c: RequestContext) -> tuple[int, int] | None:
-    """(input, output) tokens a request may use, for token limits; None: not an inference call."""
-    plan = c.plan
-    if plan is not None and plan.session:
-        # a WebSocket upgrade asks for no work: it holds a token of each kind until its 101
-        # (refused when a window is already full); its frames count (governance/sessions.py)
-        return 1, 1
-    if plan is None or not plan.model:
-        return None
-    default_max = rt.config.governance.budgets.default_max_output_tokens
-    price = rt.pricing.get(plan.model)
-    if price is not None:
-        out = output_tokens_limit(plan.max_output_tokens, default_max, price)
-    else:
-        out = plan.max_output_tokens if plan.max_output_tokens is not None else default_max
-    found = c.scan.input_tokens() if c.scan is not None else estimate_input_tokens(c.body)
-    return found, max(0, out)
-
-
-def _admit(
-    rt: Runtime,
-    c: RequestContext,
-    tokens: tuple[int, int] | None,
-    reserve: Callable[[], Reservation | BudgetRefusal] | None,
-) -> Checked:
-    """Every rate step and Budget's reservation as one store call (Runtime.store_call makes it
-    one transaction where the store can). A refused step undoes what the earlier ones hold."""
-    s = c.settings
-    assert s is not None
-    limiter = rt.limiter
-    now = limiter.clock()
-    now_us = to_us(now)
-    if c.rate_decided:  # admitted already, from the head (RateLimit.requestheaders)
-        decision = RateDecision(True, s.requests_per_minute, 0, 0, 0)
-    else:
-        decision = limiter.check(s.user_id, s.requests_per_minute, now=now)
-    decisions = [decision]
-    if not decision.allowed:
-        return Checked(decisions, None, None, now_us)
-    admission = Admission(s.user_id)
-    try:
-        if s.max_concurrent_requests is not None:
-            decisions.append(
-                limiter.acquire(admission, s.max_concurrent_requests, rt.ledger.owner, now)
+        def reserve_hold() -> Reservation | BudgetRefusal:
+            # on whichever thread runs the call while the flow's hook awaits it: nothing else
+            # touches the context. Set only here: a rate-limited request audits no estimate.
+            c.estimate_usd = h.estimate_usd
+            key = c.principal.key_scope if c.principal else None  # a minted key's own budget
+            return reserve(
+                rt.ledger, settings, c.tenant, tenant_settings, c.span_id, h, key, rt.shadow, c
             )
-            if not decisions[-1].allowed:
-                return Checked(decisions, None, None, now_us)
-        tenant = rt.users.tenant_settings_cached(c.tenant) if c.tenant else None
-        if tenant is not None and tenant.max_concurrent_requests is not None:
-            decisions.append(
-                limiter.acquire_tenant(
-                    admission, tenant.tenant_id, tenant.max_concurrent_requests,
-                    rt.ledger.owner, now,
-                )
-            )
-            if not decisions[-1].allowed:
-                limiter.release(admission)  # the user's place, taken a step before
-                return Checked(decisions, None, None, now_us)
-        if tokens is not None:
-            decisions += limiter.admit_tokens(
-                admission,
-                s.token_limits,
-                *tokens,
-                now=now,
-                tenant=c.tenant,
-                tenant_limits=tenant.token_limits if tenant else None,
-            )
-            if not decisions[-1].allowed:
-                limiter.release(admission)
-                return Checked(decisions, None, None, now_us)
-        reserved = reserve() if reserve else None
-    except BaseException:
-        # the request is refused (503). SQLite rolls the whole call back; a store without one
-        # transaction for it (Redis) would otherwise keep the lease until it expires
-        leased = admission.lease_id is not None or admission.tenant_lease is not None
-        if leased and not rt.store.joins_calls:
-            try:
-                limiter.release(admission)
-            except Exception:
-                log.warning("could not give back the lease of a refused request")
-        raise
-    held = (
-        admission.lease_id is not None
-        or admission.tenant_lease is not None
-        or admission.token_entry is not None
-    )
-    return Checked(decisions, admission if held else None, reserved, now_us)
+
+    def call() -> Checked:
+        return admit(
+            rt.limiter,
+            settings,
+            c.tenant,
+            tenant_settings,
+            rate_decided=c.rate_decided,
+            owner=rt.ledger.owner,
+            tokens=tokens,
+            reserve_hold=reserve_hold,
+            undo_on_error=not rt.store.joins_calls,
+        )
+
+    return call
 
 
 class RateLimit:
@@ -177,9 +114,7 @@ class RateLimit:
         # Budget's reservation (if this request needs one) rides the same store call and
         # transaction: each costs about as much CPU as the work done in it.
         # Budget still decides and answers 402 in its own hook, after this one.
-        checked = await self.rt.store_call(
-            _admit, self.rt, c, token_estimate(self.rt, c), reservation_call(self.rt, c)
-        )
+        checked = await self.rt.store_call(admission_call(self.rt, c))
         c.rate_headers = policy_headers(checked.decisions, checked.now_us)
         refusal = checked.refusal
         if refusal is not None:

@@ -288,6 +288,23 @@ class Bench:
             self.stop(p)
 
     @contextmanager
+    def redis(self) -> Iterator[str]:
+        """A redis-server of its own (no persistence), for Candela's Redis state backend."""
+        port = free_port()
+        p = self.start(
+            f"redis-{port}",
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+        )
+        deadline = time.monotonic() + 10
+        while listeners(port) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            self.stop(p)
+
+    @contextmanager
     def mitmdump(
         self, upstream: str, stream: bool = False, optimize: bool = False
     ) -> Iterator[tuple[str, Proc]]:

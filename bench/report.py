@@ -344,6 +344,29 @@ def markdown(res: dict[str, Any]) -> str:
             f"| direct (upstream) | | | {s2['upstream_direct_c64']['throughput_rps']} | "
             f"{_f(s2['upstream_direct_c64']['latency_ms']['p50'])} / {_f(s2['upstream_direct_c64']['latency_ms']['p99'])} | |"
         )
+    pts = res.get("s2_points")
+    if pts:
+        cs = [f"c{c}" for c in pts["connections"]]
+        lines += [
+            "",
+            f"Throughput at few keep-alive connections (issue 21; req/s, median of "
+            f"{pts['rounds']} rounds, and the median of the rounds' ratios to bare mitmproxy):",
+            "",
+            "| Target | " + " | ".join(cs) + " |",
+            "|---|" + "---|" * len(cs),
+        ]
+        for name, by_c in pts.items():
+            if not isinstance(by_c, dict) or "c1" not in by_c:
+                continue
+            cells = []
+            for c in cs:
+                e = by_c.get(c, {})
+                rps = statistics.median(e["rounds_rps"]) if e.get("rounds_rps") else None
+                ratio = e.get("vs_mitmproxy")
+                cells.append(
+                    "-" if rps is None else f"{rps:.0f}" + (f" ({ratio}x)" if ratio else "")
+                )
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     s1 = res.get("s1_latency")
     if s1:
         lines += [

@@ -80,6 +80,48 @@ def s_latency(b: Bench, res: dict[str, Any]) -> None:
     res["s1_latency"] = out
 
 
+def s_durability(b: Bench, res: dict[str, Any]) -> None:
+    """1d. Concurrency 1 with the audit log fsynced per commit (audit.durability: power_loss, the
+    default) and written to the OS per commit (process_crash), beside bare mitmproxy: back to
+    back and open loop at 50 req/s, in interleaved rounds (medians of the rounds)."""
+    dur = b.d(3)
+    rounds = 2 if b.args.quick else 4
+    runs: dict[str, list[dict[str, Any]]] = {}
+    with b.upstream() as up:
+        for _round in range(rounds):
+            for name, make, keys in (
+                ("mitmproxy", lambda: b.mitmdump(up), False),
+                ("candela power_loss", lambda: b.candela(up, tag="power_loss"), True),
+                (
+                    "candela process_crash",
+                    lambda: b.candela(
+                        up, tag="process_crash", audit={"durability": "process_crash"}
+                    ),
+                    True,
+                ),
+            ):
+                with make() as (url, p):
+                    for mode, rate in (("back to back", 0.0), ("open 50/s", 50.0)):
+                        r = b.load(
+                            url, "open" if rate else "closed", 1, dur, rate=rate, keys=keys, proc=p
+                        )
+                        runs.setdefault(f"{name} | {mode}", []).append(r)
+                        log(
+                            f"  {name} {mode}: p50 {r['latency_ms']['p50']} ms, "
+                            f"{r.get('target_cpu_us_per_request')} us CPU/req"
+                        )
+    res["s1_durability"] = {
+        k: {
+            "rounds_p50_ms": [r["latency_ms"]["p50"] for r in rs],
+            "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in rs),
+            "cpu_us_per_request": statistics.median(
+                r.get("target_cpu_us_per_request") or 0 for r in rs
+            ),
+        }
+        for k, rs in runs.items()
+    }
+
+
 def cold_probe(b: Bench, gap_ms: float) -> dict[str, Any]:
     """The same pieces of the request path back to back and after the pause between requests."""
     return project_script(
@@ -127,6 +169,64 @@ def s_throughput(b: Bench, res: dict[str, Any]) -> None:
             best["rounds_rps"] = [r["throughput_rps"] for r in rs]
             out[name][f"c{c}"] = best
     res["s2_throughput"] = out
+
+
+POINTS = (1, 4, 8, 16)  # issue 21: keep-alive connections, one user and many
+
+
+def s_points(b: Bench, res: dict[str, Any]) -> None:
+    """2p. Throughput at 1, 4, 8 and 16 keep-alive connections, one user and many, SQLite and
+    Redis state beside bare mitmproxy (interleaved rounds; verdict: medians of round ratios)."""
+    dur = b.d(3)
+    rounds = 2 if b.args.quick else 3
+    out: dict[str, Any] = {"duration_s": dur, "rounds": rounds, "connections": list(POINTS)}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    one_user = [key_of(0)]
+
+    def measure(name: str, url: str, p: Proc, keys: bool | list[str], c: int) -> None:
+        r = b.load(url, "closed", c, dur, warmup=0.5, keys=keys, proc=p)
+        runs.setdefault(name, {}).setdefault(f"c{c}", []).append(r)
+        log(
+            f"  {name} c{c}: {r['throughput_rps']} req/s, p50 {r['latency_ms']['p50']} ms, "
+            f"{r.get('target_cpu_us_per_request')} us CPU/req, errors {r['errors']}"
+        )
+
+    with b.upstream() as up:
+        for _round in range(rounds):
+            with b.mitmdump(up) as (url, p):
+                for c in POINTS:
+                    measure("mitmproxy", url, p, False, c)
+            with b.candela(up, tag="points-sqlite") as (url, p):
+                for c in POINTS:
+                    measure("candela sqlite, many users", url, p, True, c)
+                    measure("candela sqlite, one user", url, p, one_user, c)
+            with b.redis() as redis_url, b.candela(
+                up, tag="points-redis", state={"backend": "redis", "redis_url": redis_url}
+            ) as (url, p):
+                for c in POINTS:
+                    measure("candela redis, many users", url, p, True, c)
+                    measure("candela redis, one user", url, p, one_user, c)
+    base = runs.get("mitmproxy", {})
+    for name, by_c in runs.items():
+        out[name] = {}
+        for c, rs in by_c.items():
+            entry: dict[str, Any] = {
+                "rounds_rps": [r["throughput_rps"] for r in rs],
+                "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in rs),
+                "cpu_us_per_request": statistics.median(
+                    r.get("target_cpu_us_per_request") or 0 for r in rs
+                ),
+            }
+            if name != "mitmproxy" and c in base:
+                ratios_ = [
+                    x["throughput_rps"] / y["throughput_rps"]
+                    for x, y in zip(rs, base[c], strict=False)
+                    if y["throughput_rps"]
+                ]
+                entry["vs_mitmproxy"] = round(statistics.median(ratios_), 2) if ratios_ else None
+                entry["rounds_vs_mitmproxy"] = [round(x, 2) for x in ratios_]
+            out[name][c] = entry
+    res["s2_points"] = out
 
 
 def s_streaming(b: Bench, res: dict[str, Any]) -> None:
@@ -321,13 +421,21 @@ def exact_budget(b: Bench, url: str, state_db: Path) -> dict[str, Any]:
         max_tokens=EXACT_TOKENS,
         extra=["--requests", "200", "--keys", "cdl_bench_budget"],
     )
-    with sqlite3.connect(state_db) as db:
-        spent, reserved = db.execute(
-            "SELECT spent, reserved FROM days WHERE user_id = 'budget@bench.example'"
-        ).fetchone()
-        (requests,) = db.execute(
-            "SELECT sum(requests) FROM spend WHERE user_id = 'budget@bench.example'"
-        ).fetchone()
+    # a spend is recorded once its audit entry is durable, in the background (issue 16): the
+    # last answers' settles may still be running when the load generator stops
+    t0 = time.monotonic()
+    while True:
+        with sqlite3.connect(state_db) as db:
+            spent, reserved = db.execute(
+                "SELECT spent, reserved FROM days WHERE user_id = 'budget@bench.example'"
+            ).fetchone()
+            (requests,) = db.execute(
+                "SELECT sum(requests) FROM spend WHERE user_id = 'budget@bench.example'"
+            ).fetchone()
+        if reserved == 0 or time.monotonic() - t0 > 5:
+            break
+        time.sleep(0.01)
+    settle_lag_ms = round((time.monotonic() - t0) * 1000)
     allowed = r["statuses"].get("200", 0)
     cost_nano = EXACT_TOKENS * 1000  # 7 tokens x $1000 per million, in nano-dollars: 7,000 x 1000
     return {
@@ -339,6 +447,7 @@ def exact_budget(b: Bench, url: str, state_db: Path) -> dict[str, Any]:
         "expected_spent_nano_usd": EXACT_FITS * cost_nano * 1000,
         "reserved_after_nano_usd": reserved,
         "settled_requests": requests,
+        "settled_within_ms": settle_lag_ms,
         "exact": allowed == EXACT_FITS
         and spent == EXACT_FITS * cost_nano * 1000
         and reserved == 0
@@ -478,7 +587,7 @@ def categorise(stacks: list[tuple[list[str], int]]) -> dict[str, int]:
             cats["candela_state_store"] += n
         elif any("candela_mitm/audit/" in f for f in body):
             cats["candela_audit"] += n
-        elif any("candela_mitm/" in f and "cli.py" not in f for f in body):
+        elif any("candela_mitm/" in f and "candela_mitm/cli/" not in f for f in body):
             cats["candela_pipeline"] += n
         elif any("mitmproxy/" in f for f in body[-12:]):
             cats["mitmproxy"] += n
@@ -487,12 +596,12 @@ def categorise(stacks: list[tuple[list[str], int]]) -> dict[str, int]:
     return cats
 
 
-def s_profile(b: Bench, res: dict[str, Any]) -> None:
+def s_profile(b: Bench, res: dict[str, Any], concurrency: int = 16, tag: str = "profile") -> None:
     """Profile: py-spy on Candela (and bare mitmproxy) at c16: where a request's CPU goes."""
     from profile_summary import load, summarise
 
     dur = b.d(8)
-    out: dict[str, Any] = {"duration_s": dur, "concurrency": 16}
+    out: dict[str, Any] = {"duration_s": dur, "concurrency": concurrency}
     spy = BENCH_PY.parent / "py-spy"
     with b.upstream() as up:
         for name, make, keys in (
@@ -500,9 +609,9 @@ def s_profile(b: Bench, res: dict[str, Any]) -> None:
             ("candela", lambda: b.candela(up, tag="profile"), True),
         ):
             with make() as (url, p):
-                b.load(url, "closed", 16, 1.0, warmup=0.5, keys=keys)  # warm
+                b.load(url, "closed", concurrency, 1.0, warmup=0.5, keys=keys)  # warm
                 pid = p.pid
-                raw = b.work / f"profile-{name}.txt"
+                raw = b.work / f"{tag}-{name}.txt"
                 before = thread_cpu(pid)
                 prof = subprocess.Popen(
                     [
@@ -524,7 +633,7 @@ def s_profile(b: Bench, res: dict[str, Any]) -> None:
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
-                r = b.load(url, "closed", 16, dur, warmup=0, keys=keys, proc=p)
+                r = b.load(url, "closed", concurrency, dur, warmup=0, keys=keys, proc=p)
                 after = thread_cpu(pid)
                 prof.wait(30)
                 n = max(r["completed"], 1)
@@ -552,21 +661,29 @@ def s_profile(b: Bench, res: dict[str, Any]) -> None:
                     entry["main_thread_us_per_request_estimate"] = {
                         k: round(main_us * v / total) for k, v in cats.items()
                     }
+                    entry["pieces_us_per_request"] = pieces(main, main_us)
                     summary = summarise(main, 40, None)
-                    (b.results / f"profile-{name}.summary.txt").write_text(summary + "\n")
-                    with gzip.open(b.results / f"profile-{name}.txt.gz", "wb") as gz:
+                    (b.results / f"{tag}-{name}.summary.txt").write_text(summary + "\n")
+                    with gzip.open(b.results / f"{tag}-{name}.txt.gz", "wb") as gz:
                         gz.write(raw.read_bytes())  # py-spy's raw stacks: flamegraph.pl input
                 out[name] = entry
                 log(
                     f"  {name}: {entry.get('cpu_us_per_request')} us CPU/req; threads {threads}; "
                     f"main thread {entry.get('main_thread_share')}"
                 )
-    res["profile"] = out
+    res[tag] = out
+
+
+def s_profile_c1(b: Bench, res: dict[str, Any]) -> None:
+    """Profile at concurrency 1, back to back: the per-request fixed cost, piece by piece."""
+    s_profile(b, res, 1, "profile_c1")
 
 
 SCENARIOS: dict[str, Callable[[Bench, dict[str, Any]], None]] = {
     "s1": s_latency,
+    "s1d": s_durability,
     "s2": s_throughput,
+    "s2p": s_points,
     "s3": s_streaming,
     "s4": s_memory,
     "s5": s_audit,
@@ -575,4 +692,43 @@ SCENARIOS: dict[str, Callable[[Bench, dict[str, Any]], None]] = {
     "otlp": s_otlp,
     "s9": s_relay,
     "profile": s_profile,
+    "profile1": s_profile_c1,
 }
+
+
+
+# Pieces of a request's event-loop CPU, by the first rule whose frame is on the sample's stack
+# (most specific first): what issue 21 asks to measure before and after.
+PIECES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("rate check + reservation (store)", ("admit (", "reserve_now (", "reserve_hold (",
+                                          "Budget.request (")),
+    ("settlement (store)", ("Ledger.settle (", "Ledger.release (")),
+    ("rate finish (store)", ("RateLimiter.finish (", "RateLimit._finish (")),
+    ("store transaction, other", ("candela_mitm/state/",)),
+    ("accounting (usage read, price)", ("account (", "UsageMeter.", "_JsonBodyMeter.")),
+    ("audit entry (encode, queue)", ("Audit.start (", "candela_mitm/audit/")),
+    ("thread hand-offs", ("_deliver (", "call_soon_threadsafe (", "_write_to_self (",
+                          "_read_from_self (", "run_in_executor (", "_chain_future")),
+    ("parsing + estimate", ("Router.request (", "estimate_cost (", "scan (", "token_estimate (")),
+    ("auth + policy", ("Auth.", "ModelPolicy.")),
+    ("upstream rewrite", ("Upstream.request (",)),
+    ("spans, metrics, telemetry", ("Spans.", "Metrics.", "Telemetry.")),
+    ("rest of the pipeline", ("addons/", "candela_mitm/")),
+)
+
+
+def pieces(main: list[tuple[list[str], int]], main_us: int) -> dict[str, int]:
+    """The event loop's CPU per request split by PIECES (µs): samples x thread CPU / samples."""
+    counts = {name: 0 for name, _ in PIECES}
+    counts["mitmproxy and asyncio"] = 0
+    total = 0
+    for frames, n in main:
+        body = [f for f in frames if not f.startswith(("thread", "process")) and "cli/main.py" not in f]
+        total += n
+        for name, marks in PIECES:
+            if any(m in f for f in body for m in marks):
+                counts[name] += n
+                break
+        else:
+            counts["mitmproxy and asyncio"] += n
+    return {k: round(main_us * v / max(total, 1)) for k, v in counts.items()}

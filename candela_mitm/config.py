@@ -78,6 +78,10 @@ class Audit(_Model):
     # process (bursts as large); the rest are counted (candela_unauthenticated_total)
     unauthenticated_per_minute: int = Field(default=60, ge=0)
     log_prompts: bool = False
+    # what an entry committed before its answer ends survives: a power cut or kernel crash
+    # (each commit batch fsynced: the answer waits for the disk), or a crash of Candela's own
+    # processes, kill -9 included (written to the OS, fsynced at WAL checkpoints: no disk wait)
+    durability: Literal["power_loss", "process_crash"] = "power_loss"
 
     @model_validator(mode="after")
     def _bigquery_needs_its_section(self) -> Audit:

@@ -15,6 +15,7 @@ from candela_mitm.providers.usage import Usage
 if TYPE_CHECKING:  # types only: the context is the vocabulary those modules speak, not a user
     import asyncio
 
+    from candela_mitm.governance.admission import Hold, PriceUnknown
     from candela_mitm.governance.estimate import BodyScan
     from candela_mitm.governance.identity import Principal
     from candela_mitm.governance.ledger import BudgetRefusal, Reservation
@@ -63,6 +64,10 @@ class RequestContext:
     # intercepted for a provider host other than the route's (a data-residency host, another
     # region): the route's upstream at that host (Sni), which the plan forwards to (Router)
     upstream: Upstream | None = None
+    # what the request reserves on its budget (governance/admission.py), decided once by
+    # whichever of RateLimit and Budget comes first; hold_decided tells None from not yet
+    hold: Hold | PriceUnknown | None = None
+    hold_decided: bool = False
     # Budget's reserve as RateLimit made it in its own store trip, for Budget to judge
     reserve_result: Reservation | BudgetRefusal | None = None
     reservation: Reservation | None = None  # while one is held: Budget settles or releases it
@@ -96,6 +101,9 @@ class RequestContext:
     stream_model: StreamModel | None = None  # the model a stream names, read as it passes (OTLP)
     exported: bool = False  # the span went to the OTLP exporter (response, then error: once)
     audited: bool = False  # the request's audit entry is queued (addons/audit.py), exactly once
+    # what follows the entry once its commit is known (True: durable), called once by Audit:
+    # Budget's settlement, so that no spend is recorded without its entry
+    after_entry: Callable[[bool], None] | None = None
     # the loop future that tells when that entry is committed (True) or timed out (False)
     audit_commit: asyncio.Future[bool] | None = None
     session: Session | None = None  # a WebSocket session, from its start (addons/websocket.py)

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import getpass
 import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
 from candela_mitm.audit import AuditWriter
 from candela_mitm.audit.actions import LLM_REQUEST
+from candela_mitm.audit.query import charged_entries
 from candela_mitm.config import PROVIDER_ROUTES, Config, load_config
 from candela_mitm.errors import ConfigError
 from candela_mitm.governance.identity import Authenticator, MintedKeyLookup
-from candela_mitm.governance.ledger import Ledger, StaleSettlement, process_alive
+from candela_mitm.governance.ledger import (
+    AuditedCharge,
+    Ledger,
+    StaleSettlement,
+    process_alive,
+)
 from candela_mitm.governance.policy import ModelPolicy
 from candela_mitm.governance.provider_keys import OrganisationKeys
 from candela_mitm.governance.provider_keys import from_config as provider_keys_from_config
@@ -33,7 +42,7 @@ from candela_mitm.providers.specs import Upstream, resolve_all
 from candela_mitm.providers.upstream_auth import UpstreamCredentials
 from candela_mitm.state import StateStore, open_state_store
 from candela_mitm.state.calls import StoreCalls
-from candela_mitm.state.ports import KeyRecord, to_us, utc_now
+from candela_mitm.state.ports import ActiveReservation, KeyRecord, from_us, to_us, utc_now
 
 log = logging.getLogger("candela.runtime")
 
@@ -170,6 +179,23 @@ class Runtime:
         )
 
 
+def audited_charges(
+    audit_db: str, reservations: Sequence[ActiveReservation]
+) -> dict[str, AuditedCharge]:
+    """What the durable audit entries of these reservations' requests charged, by span id: the
+    audit log's tail since the oldest of them (Ledger.reconcile_stale settles from it)."""
+    since = from_us(min(r.created_us for r in reservations)) - timedelta(seconds=1)
+    spans = {r.request_id for r in reservations if r.request_id}
+    return {
+        span: AuditedCharge(
+            float(f.get("cost_usd") or 0.0),
+            int(f.get("input_tokens") or 0),
+            int(f.get("output_tokens") or 0),
+        )
+        for span, f in charged_entries(audit_db, spans, since).items()
+    }
+
+
 def stale_settlement_entry(s: StaleSettlement) -> dict[str, Any]:
     """The llm_request entry of a request whose process died before it was accounted: charged
     its reservation at the next start (`usage_source: reserved`, `reason: proxy_crash`)."""
@@ -194,17 +220,30 @@ def stale_settlement_entry(s: StaleSettlement) -> dict[str, Any]:
     }
 
 
-def record_stale_settlements(
-    audit: AuditWriter, metrics: Metrics, settled: list[StaleSettlement]
-) -> None:
-    """One audit entry per reservation reconcile settled, committed before the proxy serves.
+def record_stale_entries(audit: AuditWriter, planned: list[StaleSettlement]) -> set[str]:
+    """The audit entries of the reservations a start is about to settle at their amount, made
+    durable before the settle (Ledger.reconcile_stale(record=...)); the ids whose entry was
+    committed. The entry comes first: a crash between the two leaves an entry the next start
+    settles from, never a spend without its entry."""
+    futures = [
+        (s.reservation_id, audit.record_durable(LLM_REQUEST, **stale_settlement_entry(s)))
+        for s in planned
+    ]
+    durable: set[str] = set()
+    deadline = time.monotonic() + STALE_AUDIT_WAIT_S
+    for reservation_id, fut in futures:
+        try:
+            fut.result(max(0.0, deadline - time.monotonic()))
+            durable.add(reservation_id)
+        except Exception as e:
+            log.error("reservation %s kept held: its audit entry failed (%s)", reservation_id, e)
+    return durable
 
-    The settle comes first: of two workers starting together only the one whose settle applied
-    writes the entry. A crash between the two leaves the spend recorded without its entry.
-    """
+
+def count_stale_settlements(metrics: Metrics, settled: list[StaleSettlement]) -> None:
     for s in settled:
-        if not audit.record(LLM_REQUEST, **stale_settlement_entry(s)):
-            log.error("audit entry for settled reservation %s not accepted", s.reservation_id)
+        if s.from_entry:
+            continue  # settled from its own durable entry, counted when it was answered
         provider = metrics.provider_label(s.provider)
         metrics.charged.labels(provider, "reserved").inc()
         metrics.cost.labels(
@@ -212,14 +251,33 @@ def record_stale_settlements(
         ).inc(s.amount_usd)
     if settled:
         log.warning(
-            "settled %d reservation(s) of requests whose process died, at their reserved amount",
+            "settled %d reservation(s) of requests whose process died (%d from their entries)",
             len(settled),
+            sum(1 for s in settled if s.from_entry),
         )
-        if not audit.flush(timeout=STALE_AUDIT_WAIT_S):
-            log.error("audit entries of settled reservations not committed yet")
 
 
-def build_runtime(config: Config, command: Command) -> Runtime:
+def reconcile_at_start(
+    config: Config, ledger: Ledger, limiter: RateLimiter, audit: AuditWriter
+) -> list[StaleSettlement]:
+    """Settle what processes that are gone left held (Ledger.reconcile_stale: from their
+    requests' durable entries, else at their amount with an entry written first) and free
+    their concurrency leases. Run by one process per start: `candela-server` alone, or its
+    first worker (two processes writing the same entries first would audit a request twice).
+    The other workers serve meanwhile: their own reservations have live owners."""
+    settled = ledger.reconcile_stale(
+        process_alive,
+        max_age_s=STALE_RESERVATION_S,
+        audited=functools.partial(audited_charges, config.audit.sqlite_path),
+        record=functools.partial(record_stale_entries, audit),
+    )
+    limiter.reconcile_leases(process_alive)  # requests in flight of processes now gone
+    return settled
+
+
+def build_runtime(config: Config, command: Command, reconcile: bool = True) -> Runtime:
+    """Everything a proxy process serves with; `reconcile`: settle what processes that are gone
+    left held first (False in every worker but the first: one process per start does it)."""
     upstreams = resolve_all(config)
     provider_keys = provider_keys_from_config(config.interception, os.environ)
     # before anything is opened: a bad local settings file fails the start with nothing to undo
@@ -234,12 +292,11 @@ def build_runtime(config: Config, command: Command) -> Runtime:
     metrics = Metrics(PROVIDER_ROUTES)
     limiter = RateLimiter(store)
     try:
-        settled = ledger.reconcile_stale(process_alive, max_age_s=STALE_RESERVATION_S)
-        limiter.reconcile_leases(process_alive)  # requests in flight of processes now gone
+        settled = reconcile_at_start(config, ledger, limiter, audit) if reconcile else []
     except BaseException:
         audit.close()
         raise
-    record_stale_settlements(audit, metrics, settled)
+    count_stale_settlements(metrics, settled)
     executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="candela-gov")
     calls = StoreCalls(store, executor, metrics.store_on_loop.inc, metrics.store_on_pool.inc)
     rt = Runtime(

@@ -291,6 +291,39 @@ def query_entries(
         conn.close()
 
 
+def charged_entries(
+    db_path: str | Path, spans: set[str], since: datetime
+) -> dict[str, dict[str, Any]]:
+    """The fields of the llm_request entries of `spans` committed since `since` that charged
+    their request (`usage_source` set), by span id: what a restart settles the reservations of
+    a dead process at (Ledger.reconcile_stale). Reads the log's tail in SQLite's JSON code."""
+    path = Path(db_path).expanduser()
+    if not spans or not path.exists():
+        return {}
+    found: dict[str, dict[str, Any]] = {}
+    conn = connect_readonly(path)
+    try:
+        wanted = sorted(spans)
+        for i in range(0, len(wanted), 500):
+            part = wanted[i : i + 500]
+            marks = ",".join("?" * len(part))
+            cur = conn.execute(
+                "SELECT fields FROM audit_log WHERE action = ? AND ts >= ? AND "
+                f"json_extract(fields, '$.span_id') IN ({marks}) ORDER BY seq",
+                [LLM_REQUEST, parse_time(since), *part],
+            )
+            for (text,) in cur:
+                fields = json.loads(text)
+                if fields.get("usage_source") is not None:
+                    found.setdefault(str(fields["span_id"]), fields)
+    except sqlite3.OperationalError as e:
+        if "no such table" not in str(e):
+            raise
+    finally:
+        conn.close()
+    return found
+
+
 # -- spend over the day (the laptop UI's chart) -----------------------------------------------
 
 

@@ -215,7 +215,9 @@ class AuditWriter:
         """
         if self._thread is not None:
             return
-        self._conn, self.defensive = connect_writer(self.db_path, self._busy_timeout_ms)
+        self._conn, self.defensive = connect_writer(
+            self.db_path, self._busy_timeout_ms, self.cfg.durability
+        )
         self._thread = threading.Thread(target=self._run, name="candela-audit-writer", daemon=True)
         self._thread.start()
         poll, initial, most = self._mirror_opts

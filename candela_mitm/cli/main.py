@@ -132,13 +132,14 @@ def _serve_one(
     port: int,
     reuse_port: bool = False,
     source: Source = (None, {}),
+    reconcile: bool = True,
 ) -> int:
     import asyncio
 
     from candela_mitm.runtime import build_runtime
 
     try:
-        rt = build_runtime(config, command)
+        rt = build_runtime(config, command, reconcile=reconcile)
     except (ConfigError, ValueError) as e:
         print(f"candela: cannot start: {e}", file=sys.stderr)
         return 2
@@ -179,8 +180,10 @@ def _serve_workers(
     except Exception as e:  # the workers would each fail the same way
         print(f"candela: cannot start: {e}", file=sys.stderr)
         return 2
+    # the first worker alone settles what the last run left (runtime.reconcile_at_start): two
+    # processes writing the same entries before their settles would audit a request twice
     return run_workers(
-        workers, lambda _i: _serve_one(config, command, host, port, True, source)
+        workers, lambda i: _serve_one(config, command, host, port, True, source, i == 0)
     )
 
 

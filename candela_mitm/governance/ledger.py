@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Literal
@@ -18,6 +18,7 @@ from candela_mitm.state.liveness import process_alive as process_alive
 from candela_mitm.state.ports import (
     FINISHED_RESERVATION_TTL_S,
     US_PER_S,
+    ActiveReservation,
     GrantRow,
     JobRecord,
     NewReservation,
@@ -115,9 +116,24 @@ class Settlement:
 
 
 @dataclass(frozen=True)
+class AuditedCharge:
+    """What a request's durable audit entry says it was charged (its llm_request entry)."""
+
+    cost_usd: float
+    input_tokens: int
+    output_tokens: int
+
+
+# The audit entries of some requests, by span id, among those of a reconcile's reservations.
+AuditedCharges = Callable[[Sequence[ActiveReservation]], Mapping[str, AuditedCharge]]
+
+
+@dataclass(frozen=True)
 class StaleSettlement:
     """A reservation reconcile settled at its amount: its process died (`proxy_crash`) or it
-    outlived the age limit (`expired`) with its request possibly forwarded."""
+    outlived the age limit (`expired`) with its request possibly forwarded. `from_entry`: it
+    was settled at the cost its durable audit entry records instead (the process died between
+    the entry and its settle), and needs no entry of its own."""
 
     reservation_id: str
     request_id: str  # the request's span id
@@ -129,6 +145,7 @@ class StaleSettlement:
     amount_usd: float
     created_at: datetime
     reason: str
+    from_entry: bool = False
 
 
 @dataclass(frozen=True)
@@ -446,52 +463,82 @@ class Ledger:
         owner_alive: Callable[[str], bool] | None = None,
         max_age_s: float | None = DEFAULT_STALE_AGE_S,
         now: datetime | None = None,
+        audited: AuditedCharges | None = None,
+        record: Callable[[list[StaleSettlement]], set[str]] | None = None,
     ) -> list[StaleSettlement]:
-        """Settle, at their reserved amount, the reservations of dead owners or older than
-        `max_age_s`; returns what was settled (for the audit trail).
+        """Settle the reservations of dead owners or older than `max_age_s`; returns what was
+        settled (for the audit trail).
 
         Run at start. A reservation still held was taken for a request that may have reached
-        the provider (the reservation is its forwarded mark: see `reserve`), whose usage its
-        dead process never read: it is charged its reservation, never released for free.
-        `max_age_s` must exceed the longest request (a streamed answer included): a live
+        the provider (the reservation is its forwarded mark: see `reserve`). The spend of a
+        request follows its durable audit entry (addons/budget.py), so one whose entry was
+        committed before its process died is settled at the cost the entry records
+        (`audited`: the entries of these reservations' requests); one without an entry (its
+        dead process never read its usage) is charged its reservation, never released for
+        free. `max_age_s` must exceed the longest request (a streamed answer included): a live
         request settled this way is charged its reservation, and its own settle is then a
         no-op. Also forgets reservations finished more than a week ago.
+
+        `record`: makes the entries of those without one durable first and returns the ids of
+        the reservations whose entry was committed; only those are settled (the entry before
+        the spend: a crash in between leaves an entry the next start settles from). Without
+        it the caller writes the entries of what this returns, after the settle.
         """
         now_us = to_us(now or self.clock())
         cutoff = None if max_age_s is None else now_us - round(max_age_s * US_PER_S)
         verdicts: dict[str, bool] = {self.owner: True}  # never our own
-        settled: list[StaleSettlement] = []
+        stale: list[tuple[ActiveReservation, str]] = []
         for active in self.store.active_reservations():
-            stale = cutoff is not None and active.created_us < cutoff
+            old = cutoff is not None and active.created_us < cutoff
             why = "expired"
-            if not stale and owner_alive is not None:
+            if not old and owner_alive is not None:
                 if active.owner not in verdicts:
                     try:
                         verdicts[active.owner] = owner_alive(active.owner)
                     except Exception:
                         verdicts[active.owner] = True  # unsure: leave it to the age limit
-                stale = not verdicts[active.owner]
+                old = not verdicts[active.owner]
                 why = "proxy_crash"
-            if not stale:
-                continue
+            if old:
+                stale.append((active, why))
+        entries = audited([a for a, _ in stale]) if audited is not None and stale else {}
+        planned: list[tuple[ActiveReservation, StaleSettlement, tuple[int, int]]] = []
+        for active, why in stale:
+            charge = entries.get(active.request_id) if active.request_id else None
+            if charge is not None:
+                amount = usd_to_nano(charge.cost_usd)
+                tokens = (charge.input_tokens, charge.output_tokens)
+            else:
+                amount, tokens = active.amount, (0, 0)
+            s = StaleSettlement(
+                reservation_id=active.reservation_id,
+                request_id=active.request_id,
+                owner=active.owner,
+                user_id=active.user_id,
+                tenant=active.tenant or None,
+                model=active.model,
+                provider=active.provider,
+                amount_usd=nano_to_usd(amount),
+                created_at=from_us(active.created_us),
+                reason=why,
+                from_entry=charge is not None,
+            )
+            planned.append((active, s, tokens))
+        if record is not None:
+            durable = record([s for _, s, _ in planned if not s.from_entry])
+            planned = [p for p in planned if p[1].from_entry or p[1].reservation_id in durable]
+        settled: list[StaleSettlement] = []
+        for active, s, tokens in planned:
             result = self.store.settle(
-                active.reservation_id, active.amount, 0, 0, active.model, active.provider, now_us
+                active.reservation_id,
+                usd_to_nano(s.amount_usd),
+                *tokens,
+                active.model,
+                active.provider,
+                now_us,
             )
             if result.applied:
-                settled.append(
-                    StaleSettlement(
-                        reservation_id=active.reservation_id,
-                        request_id=active.request_id,
-                        owner=active.owner,
-                        user_id=active.user_id,
-                        tenant=active.tenant or None,
-                        model=active.model,
-                        provider=active.provider,
-                        amount_usd=nano_to_usd(active.amount),
-                        created_at=from_us(active.created_us),
-                        reason=why,
-                    )
-                )
+                settled.append(s)
         self.store.purge_finished(now_us - FINISHED_RESERVATION_TTL_S * US_PER_S)
         return settled
 

@@ -25,7 +25,16 @@ def _answer(rt, flow, status: int, usage: dict | None) -> None:
     if usage is not None:
         body["usage"] = usage
     flow.response = http.Response.make(status, json.dumps(body), {"content-type": "application/json"})
-    asyncio.run(run_hooks([Accounting(rt), Budget(rt)], flow, "responseheaders", "response"))
+    budget = Budget(rt)
+
+    async def answer_and_settle() -> None:
+        await run_hooks([Accounting(rt), budget], flow, "responseheaders", "response")
+        if c.after_entry is not None:  # what Audit calls once the request's entry is durable
+            c.after_entry(True)
+        while budget._settling:  # the settle runs in the background, after the entry
+            await asyncio.gather(*list(budget._settling))
+
+    asyncio.run(answer_and_settle())
 
 
 def test_a_settled_request_is_looked_at_for_alerts_and_a_released_one_is_not(tctx, runtime):

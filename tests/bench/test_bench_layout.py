@@ -39,7 +39,9 @@ def test_the_modules_are_the_bench_folders(bench):
 def test_every_scenario_is_registered_once(bench):
     scenarios = bench["scenarios"]
     registered = scenarios.SCENARIOS
-    assert list(registered) == ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "otlp", "s9", "profile"]
+    assert list(registered) == [
+        "s1", "s1d", "s2", "s2p", "s3", "s4", "s5", "s6", "s7", "otlp", "s9", "profile", "profile1"
+    ]
     defined = {
         f for name, f in inspect.getmembers(scenarios, inspect.isfunction)
         if name.startswith("s_") and f.__module__ == "scenarios"

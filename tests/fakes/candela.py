@@ -73,6 +73,7 @@ class CandelaProcess:
                         return self
             except OSError:
                 time.sleep(0.05)
+        self.stop()  # never leave a server (or its workers) running behind a failed start
         raise RuntimeError(f"candela did not become healthy:\n{self.log()}")
 
     def log(self) -> str:

@@ -362,3 +362,32 @@ def test_hourly_spend_sums_the_users_requests_of_the_day(tmp_path):
     assert sum(got) == pytest.approx(0.75)
     assert {h for h, v in enumerate(got) if v} <= {hour_before, hour_after}
     assert hourly_spend(db, "me", today.replace(year=today.year - 1)) == [0.0] * 24
+
+
+def test_charged_entries_are_what_a_restart_settles_from(tmp_path: Path) -> None:
+    """The llm_request entries of the asked spans that charged their request, since a moment."""
+    from candela_mitm.audit import AuditWriter
+    from candela_mitm.audit.query import charged_entries
+    from candela_mitm.config import Audit
+
+    db = tmp_path / "audit.db"
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    w = AuditWriter(Audit(sqlite_path=str(db)))
+    w.start()
+    try:
+        for span, source, cost in (
+            ("a", "reported", 0.25),
+            ("b", None, 0.0),  # refused by the provider: nothing charged
+            ("c", "reserved", 1.5),
+            ("d", "observed", 0.5),  # not asked for
+        ):
+            w.record("llm_request", span_id=span, usage_source=source, cost_usd=cost)
+        w.record("model_policy", span_id="a", decision="allowed")  # another action
+        assert w.flush(10)
+    finally:
+        w.close()
+    got = charged_entries(db, {"a", "b", "c", "x"}, before)
+    assert {s: f["cost_usd"] for s, f in got.items()} == {"a": 0.25, "c": 1.5}
+    assert charged_entries(db, {"a"}, datetime.now(UTC) + timedelta(seconds=5)) == {}  # older
+    assert charged_entries(db, set(), before) == {}
+    assert charged_entries(tmp_path / "none.db", {"a"}, before) == {}  # no ledger yet

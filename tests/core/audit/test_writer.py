@@ -579,3 +579,20 @@ def test_two_writers_on_one_ledger_build_one_chain(tmp_path: Path) -> None:
     assert seqs == list(range(1, 401))
     result = verify_chain(writers[0].db_path)
     assert result.ok and result.count == 400
+
+
+@pytest.mark.parametrize(("durability", "synchronous"), [("power_loss", 2), ("process_crash", 1)])
+def test_durability_sets_how_each_commit_reaches_the_disk(
+    tmp_path: Path, durability: str, synchronous: int
+) -> None:
+    """power_loss fsyncs every commit (FULL = 2); process_crash writes it to the OS and leaves
+    the fsync to checkpoints (NORMAL = 1): still every committed entry outlives the process."""
+    w = AuditWriter(Audit(sqlite_path=str(tmp_path / "audit.db"), durability=durability))  # type: ignore[arg-type]
+    w.start()
+    try:
+        assert w._conn is not None
+        assert w._conn.execute("PRAGMA synchronous").fetchone()[0] == synchronous
+        w.record_durable("llm_request", user_id="u", span_id="s").result(10)
+    finally:
+        w.close()
+    assert [e["fields"]["span_id"] for e in query_entries(tmp_path / "audit.db")] == ["s"]

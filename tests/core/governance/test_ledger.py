@@ -16,6 +16,7 @@ import pytest
 from candela_mitm.config import State
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.governance.ledger import (
+    AuditedCharge,
     BudgetRefusal,
     KeyBudget,
     Ledger,
@@ -447,6 +448,58 @@ def test_reconcile_settles_dead_owners_at_their_reservation(store: StateStore) -
     assert not me.release(lost)
     assert me.spent_today(U) == 6.0
     assert me.release(kept) and me.release(mine)
+
+
+def test_reconcile_settles_from_the_durable_entry_when_there_is_one(store: StateStore) -> None:
+    """Issue 16: the spend follows the request's audit entry; a process that died between the
+    two is settled at the entry's cost (and needs no entry of its own), one that died before
+    its entry at its reservation."""
+    host = host_id()
+    crashed = Ledger(store, clock=fixed(T0), owner=f"{host}:{dead_pid()}")
+    me = Ledger(store, clock=fixed(T0))
+    answered = crashed.reserve(U, None, 4.0, 10.0, "span-a", model="gpt-4o", provider="openai")
+    cut = crashed.reserve(U, None, 3.0, 10.0, "span-b", model="gpt-4o", provider="openai")
+    assert isinstance(answered, Reservation) and isinstance(cut, Reservation)
+    asked: list[set[str]] = []
+
+    def audited(reservations: Any) -> dict[str, AuditedCharge]:
+        asked.append({r.request_id for r in reservations})
+        return {"span-a": AuditedCharge(1.25, 100, 20), "span-other": AuditedCharge(9.0, 1, 1)}
+
+    settled = {s.request_id: s for s in me.reconcile_stale(process_alive, audited=audited)}
+    assert asked == [{"span-a", "span-b"}]  # one look at the audit log, for the stale ones only
+    assert (settled["span-a"].amount_usd, settled["span-a"].from_entry) == (1.25, True)
+    assert (settled["span-b"].amount_usd, settled["span-b"].from_entry) == (3.0, False)
+    assert me.spent_today(U) == pytest.approx(4.25)
+    assert me.usage(user=U) == [UsageRow("gpt-4o", "openai", 4.25, 100, 20, 2)]
+    assert me.status(U, 10.0).reserved_usd == 0
+    assert me.reconcile_stale(process_alive, audited=audited) == []  # once
+    assert len(asked) == 1  # nothing stale: the audit log is not read
+
+
+def test_reconcile_writes_the_entry_before_the_spend(store: StateStore) -> None:
+    """With `record`, the entries of what is settled at its amount are made durable first, and
+    only a reservation whose entry was committed is settled: no crash point leaves a spend
+    without its entry."""
+    host = host_id()
+    crashed = Ledger(store, clock=fixed(T0), owner=f"{host}:{dead_pid()}")
+    me = Ledger(store, clock=fixed(T0))
+    a = crashed.reserve(U, None, 2.0, 10.0, "span-a", model="gpt-4o", provider="openai")
+    b = crashed.reserve(U, None, 3.0, 10.0, "span-b", model="gpt-4o", provider="openai")
+    assert isinstance(a, Reservation) and isinstance(b, Reservation)
+    seen: list[tuple[list[str], float]] = []
+
+    def record(planned: Any) -> set[str]:
+        seen.append((sorted(p.request_id for p in planned), me.spent_today(U)))
+        return {a.id}  # b's entry failed (a full disk)
+
+    settled = me.reconcile_stale(process_alive, record=record)
+    assert seen == [(["span-a", "span-b"], 0.0)]  # both entries asked for before any spend
+    assert [s.request_id for s in settled] == ["span-a"]
+    assert me.spent_today(U) == 2.0
+    assert me.status(U, 10.0).reserved_usd == 3.0  # b stays held: no entry, no spend
+    (again,) = me.reconcile_stale(process_alive, record=lambda planned: {p.reservation_id for p in planned})
+    assert again.request_id == "span-b" and me.spent_today(U) == 5.0
 
 
 def test_reconcile_settles_by_age(store: StateStore) -> None:

@@ -1,0 +1,270 @@
+"""Admission: what a request holds before it leaves (its budget hold and token estimate), and the
+rate steps with the budget reservation as one store call."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from candela_mitm.governance.estimate import (
+    BodyScan,
+    estimate_batch_cost,
+    estimate_cost,
+    output_tokens_limit,
+    scan,
+)
+from candela_mitm.governance.ledger import BudgetRefusal, KeyBudget, Ledger, Reservation
+from candela_mitm.governance.ratelimit import Admission, RateDecision, RateLimiter
+from candela_mitm.governance.shadow import Shadow, shadow_budget
+from candela_mitm.state.ports import to_us
+
+if TYPE_CHECKING:
+    from candela_mitm.config import Governance
+    from candela_mitm.context import RequestContext
+    from candela_mitm.governance.identity import KeyScope
+    from candela_mitm.governance.users import TenantSettings, UserSettings
+    from candela_mitm.providers.forwarding import ForwardPlan
+    from candela_mitm.providers.pricing import PricingTable
+
+log = logging.getLogger("candela.admission")
+
+
+@dataclass(frozen=True)
+class Hold:
+    """What a request reserves on its budget before it is forwarded, and under what."""
+
+    estimate_usd: float
+    model: str
+    provider: str
+
+
+@dataclass(frozen=True)
+class PriceUnknown:
+    """A metered request for a model without a price, under `unknown_model_price: deny`."""
+
+    model: str
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The configuration the rule reads (governance.budgets, unknown_model_price, websocket)."""
+
+    default_max_output_tokens: int
+    unknown_model_price: Literal["deny", "zero"]
+    session_reserve_usd: float
+
+    @classmethod
+    def of(cls, governance: Governance) -> Rules:
+        return cls(
+            governance.budgets.default_max_output_tokens,
+            governance.unknown_model_price,
+            governance.websocket.reserve_usd,
+        )
+
+
+def body_scan(body: dict[str, Any] | None, found: BodyScan | None) -> BodyScan:
+    """The body's one scan: the one made off the loop for a large body, else made here."""
+    if found is not None:
+        return found
+    return scan(body) if body else BodyScan()
+
+
+def budget_hold(
+    plan: ForwardPlan | None,
+    pricing: PricingTable,
+    rules: Rules,
+    body: dict[str, Any] | None,
+    found: BodyScan | None,
+    job_input: dict[str, Any] | None = None,
+) -> Hold | PriceUnknown | None:
+    """What a request reserves: None when it holds nothing (a local model, a free or allowed
+    read, an unpriced model under `unknown_model_price: zero`). The one home of this rule:
+    RateLimit reserves it in its store trip and Budget judges it (or reserves it itself when
+    RateLimit did not)."""
+    if plan is None or plan.upstream.spec.local:
+        return None  # local models cost nothing and are never blocked by budget
+    provider = plan.upstream.name
+    if plan.session:
+        return Hold(rules.session_reserve_usd, plan.model or "", provider)  # the first slice
+    if not plan.model or not plan.metered:
+        return None
+    price = pricing.get(plan.model, provider)
+    if price is None:
+        return PriceUnknown(plan.model) if rules.unknown_model_price == "deny" else None
+    default_max = rules.default_max_output_tokens
+    if plan.operation.model == "file" and job_input is not None:
+        # an OpenAI batch: the most its input file's requests cost, read at the upload
+        return Hold(float(job_input["estimate_usd"]), plan.model, provider)
+    if plan.batch is not None:
+        # a batch: the sum over its requests, each at its model's batch price where one is
+        # known; a request whose model has no price costs nothing under unknown_model_price:
+        # zero (under deny, addons/jobs.py refused the batch)
+        priced = [(m, p) for m, p in plan.batch if pricing.get(m, provider) is not None]
+        estimate = estimate_batch_cost(priced, default_max, lambda m: pricing.get(m, provider))
+        return Hold(estimate, plan.model, provider)
+    estimate = estimate_cost(body, plan.max_output_tokens, default_max, price, found)
+    return Hold(estimate, plan.model, provider)
+
+
+def decide_hold(
+    c: RequestContext, pricing: PricingTable, rules: Rules, found: BodyScan | None
+) -> Hold | PriceUnknown | None:
+    """The request's hold, decided once and kept on its context (`c.hold`) by whichever of
+    RateLimit and Budget comes first; `found`: the body's scan when made already."""
+    c.hold = budget_hold(c.plan, pricing, rules, c.body, found, c.job_input)
+    c.hold_decided = True
+    return c.hold
+
+
+def token_estimate(
+    plan: ForwardPlan | None,
+    pricing: PricingTable,
+    rules: Rules,
+    body: dict[str, Any] | None,
+    found: BodyScan | None,
+) -> tuple[int, int] | None:
+    """(input, output) tokens a request may use, for token limits; None: not an inference call."""
+    if plan is not None and plan.session:
+        # a WebSocket upgrade asks for no work: it holds a token of each kind until its 101
+        # (refused when a window is already full); its frames count (governance/sessions.py)
+        return 1, 1
+    if plan is None or not plan.model:
+        return None
+    found = body_scan(body, found)
+    default_max = rules.default_max_output_tokens
+    price = pricing.get(plan.model)
+    if price is not None:
+        out = output_tokens_limit(plan.max_output_tokens, default_max, price)
+    else:
+        out = plan.max_output_tokens if plan.max_output_tokens is not None else default_max
+    return found.input_tokens(), max(0, out)
+
+
+def reserve(
+    ledger: Ledger,
+    settings: UserSettings,
+    tenant: str | None,
+    tenant_settings: Callable[[str], TenantSettings],
+    request_id: str,
+    hold: Hold,
+    key: KeyScope | None = None,
+    shadow: Shadow | None = None,
+    ctx: RequestContext | None = None,
+) -> Reservation | BudgetRefusal:
+    """Hold `hold` on the user's budget, the tenant's and the API key's own (a store call:
+    blocking). The tenant's settings are read here, inside the same store call, not in a trip
+    of their own. `shadow` (governance.shadow) is judged on the counters this reserve saw and
+    recorded on `ctx`, never enforced."""
+    t = tenant_settings(tenant) if tenant is not None else None
+    result = ledger.reserve(
+        settings.user_id,
+        tenant,
+        hold.estimate_usd,
+        settings.daily_budget_usd,
+        request_id,
+        model=hold.model,
+        provider=hold.provider,
+        period=settings.budget_period,
+        tenant_budget_usd=t.budget_usd if t else None,
+        tenant_period=t.period if t else settings.budget_period,
+        key_budget=(
+            KeyBudget(key.key_id, key.budget_id or key.key_id, key.budget_usd)
+            if key is not None and key.budget_usd is not None
+            else None
+        ),
+    )
+    if ctx is not None:
+        shadow_budget(
+            shadow, ctx, hold.estimate_usd, result, settings.budget_period,
+            t.period if t else None,
+        )
+    return result
+
+
+@dataclass
+class Checked:
+    """One admission's outcome: every limit judged (the refusing one last), what an admitted
+    request holds, and its reservation (or the budget's refusal)."""
+
+    decisions: list[RateDecision]
+    admission: Admission | None
+    reserved: Reservation | BudgetRefusal | None
+    now_us: int
+
+    @property
+    def refusal(self) -> RateDecision | None:
+        last = self.decisions[-1]
+        return None if last.allowed else last
+
+
+def admit(
+    limiter: RateLimiter,
+    settings: UserSettings,
+    tenant: str | None,
+    tenant_settings: Callable[[str], TenantSettings],
+    *,
+    rate_decided: bool,
+    owner: str,
+    tokens: tuple[int, int] | None,
+    reserve_hold: Callable[[], Reservation | BudgetRefusal] | None,
+    undo_on_error: bool,
+) -> Checked:
+    """Every rate step and the budget reservation as one store call (the store makes it one
+    transaction where it can). A refused step undoes what the earlier ones hold;
+    `undo_on_error`: the store does not roll the call back as a whole (Redis), so a lease
+    taken before an error is given back here."""
+    s = settings
+    now = limiter.clock()
+    now_us = to_us(now)
+    if rate_decided:  # admitted already, from the head (RateLimit.requestheaders)
+        decision = RateDecision(True, s.requests_per_minute, 0, 0, 0)
+    else:
+        decision = limiter.check(s.user_id, s.requests_per_minute, now=now)
+    decisions = [decision]
+    if not decision.allowed:
+        return Checked(decisions, None, None, now_us)
+    admission = Admission(s.user_id)
+    try:
+        if s.max_concurrent_requests is not None:
+            decisions.append(limiter.acquire(admission, s.max_concurrent_requests, owner, now))
+            if not decisions[-1].allowed:
+                return Checked(decisions, None, None, now_us)
+        t = tenant_settings(tenant) if tenant else None
+        if t is not None and t.max_concurrent_requests is not None:
+            decisions.append(
+                limiter.acquire_tenant(admission, t.tenant_id, t.max_concurrent_requests, owner, now)
+            )
+            if not decisions[-1].allowed:
+                limiter.release(admission)  # the user's place, taken a step before
+                return Checked(decisions, None, None, now_us)
+        if tokens is not None:
+            decisions += limiter.admit_tokens(
+                admission,
+                s.token_limits,
+                *tokens,
+                now=now,
+                tenant=tenant,
+                tenant_limits=t.token_limits if t else None,
+            )
+            if not decisions[-1].allowed:
+                limiter.release(admission)
+                return Checked(decisions, None, None, now_us)
+        reserved = reserve_hold() if reserve_hold else None
+    except BaseException:
+        # the request is refused (503). SQLite rolls the whole call back; a store without one
+        # transaction for it (Redis) would otherwise keep the lease until it expires
+        leased = admission.lease_id is not None or admission.tenant_lease is not None
+        if leased and undo_on_error:
+            try:
+                limiter.release(admission)
+            except Exception:
+                log.warning("could not give back the lease of a refused request")
+        raise
+    held = (
+        admission.lease_id is not None
+        or admission.tenant_lease is not None
+        or admission.token_entry is not None
+    )
+    return Checked(decisions, admission if held else None, reserved, now_us)

@@ -1,0 +1,126 @@
+"""What a request reserves, in one place (issue 13): the budget hold and the token estimate."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from candela_mitm.config import parse_config
+from candela_mitm.governance.admission import (
+    Hold,
+    PriceUnknown,
+    Rules,
+    body_scan,
+    budget_hold,
+    token_estimate,
+)
+from candela_mitm.governance.estimate import BodyScan, estimate_cost, scan
+from candela_mitm.providers.pricing import PricingTable
+
+TABLE = PricingTable()
+RULES = Rules(default_max_output_tokens=4096, unknown_model_price="deny", session_reserve_usd=0.05)
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello " * 50}]}
+
+
+def plan(
+    model: str | None = "gpt-4o-mini",
+    *,
+    local: bool = False,
+    session: bool = False,
+    metered: bool = True,
+    max_output: int | None = None,
+    provider: str = "openai",
+) -> Any:
+    """The fields of a ForwardPlan the rule reads."""
+    upstream = SimpleNamespace(name=provider, spec=SimpleNamespace(local=local))
+    return SimpleNamespace(
+        upstream=upstream,
+        model=model,
+        session=session,
+        metered=metered,
+        max_output_tokens=max_output,
+        operation=SimpleNamespace(model="body"),  # the model read from the body, not a batch file
+        batch=None,
+    )
+
+
+def priced(model: str, provider: str = "openai", max_output: int | None = None) -> float:
+    price = TABLE.get(model, provider)
+    assert price is not None
+    return estimate_cost(BODY, max_output, 4096, price)
+
+
+@pytest.mark.parametrize(
+    "p, rules, expected",
+    [
+        (None, RULES, None),
+        (plan(local=True), RULES, None),  # local models cost nothing
+        (plan(None), RULES, None),  # no model named: nothing to price
+        (plan(metered=False), RULES, None),  # a free read
+        (plan(session=True), RULES, Hold(0.05, "gpt-4o-mini", "openai")),  # a session's slice
+        (plan("no-such-model-xyz"), RULES, PriceUnknown("no-such-model-xyz")),
+        (
+            plan("no-such-model-xyz"),
+            Rules(4096, "zero", 0.05),
+            None,  # unknown_model_price: zero
+        ),
+        (plan(), RULES, Hold(priced("gpt-4o-mini"), "gpt-4o-mini", "openai")),
+        (plan(max_output=10), RULES, Hold(priced("gpt-4o-mini", max_output=10), "gpt-4o-mini", "openai")),
+    ],
+)
+def test_what_a_request_reserves(p: Any, rules: Rules, expected: object) -> None:
+    got = budget_hold(p, TABLE, rules, BODY, None)
+    if isinstance(expected, Hold):
+        assert isinstance(got, Hold)
+        assert (got.model, got.provider) == (expected.model, expected.provider)
+        assert got.estimate_usd == pytest.approx(expected.estimate_usd, rel=1e-12)
+        assert got.estimate_usd > 0
+    else:
+        assert got == expected
+
+
+def test_a_scan_made_already_is_used_not_made_again() -> None:
+    made = scan(BODY)
+    assert body_scan(BODY, made) is made
+    bigger = BodyScan(chars=made.chars * 100)
+    # the estimate follows the scan it is given (a large body's, made off the loop)
+    small = budget_hold(plan(), TABLE, RULES, BODY, made)
+    large = budget_hold(plan(), TABLE, RULES, BODY, bigger)
+    assert isinstance(small, Hold) and isinstance(large, Hold)
+    assert large.estimate_usd > small.estimate_usd
+    price = TABLE.get("gpt-4o-mini")
+    assert price is not None and price.max_output_tokens  # the model's own limit, not the default
+    want = (bigger.input_tokens(), price.max_output_tokens)
+    assert token_estimate(plan(), TABLE, RULES, BODY, bigger) == want
+
+
+@pytest.mark.parametrize(
+    "p, expected_out",
+    [
+        (plan(None), None),  # not an inference call: no token estimate
+        (plan(max_output=100), 100),
+        (plan("no-such-model-xyz"), 4096),  # unpriced: the configured default
+        (plan("no-such-model-xyz", max_output=7), 7),
+    ],
+)
+def test_token_estimate(p: Any, expected_out: int | None) -> None:
+    got = token_estimate(p, TABLE, RULES, BODY, None)
+    if expected_out is None:
+        assert got is None
+    else:
+        assert got == (scan(BODY).input_tokens(), expected_out)
+
+
+def test_rules_come_from_the_governance_config() -> None:
+    cfg = parse_config(
+        {
+            "governance": {
+                "unknown_model_price": "zero",
+                "budgets": {"default_max_output_tokens": 123},
+                "websocket": {"reserve_usd": 0.2},
+            }
+        }
+    )
+    assert Rules.of(cfg.governance) == Rules(123, "zero", 0.2)
