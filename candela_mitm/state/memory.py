@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from candela_mitm.state.ports import (
     ActiveReservation,
@@ -30,12 +31,15 @@ from candela_mitm.state.ports import (
     TenantRecord,
     TokenAdmit,
     UserRecord,
+    WouldWait,
     from_us,
     plan_holds,
     plan_settle,
     tenant_admits,
     token_fits_at,
 )
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -86,6 +90,15 @@ class MemoryStateStore(StateStore):
         self._t = _Tables()
         self._lock = threading.RLock()
         self._alerts: dict[tuple[str, str, str, int], int] = {}  # claim -> expires_us
+
+    def call_without_waiting(self, fn: Callable[..., T], *args: Any) -> T:
+        """Dicts answer at once: run here unless another thread holds the lock right now."""
+        if not self._lock.acquire(blocking=False):
+            raise WouldWait("another thread holds the memory store")
+        try:
+            return fn(*args)
+        finally:
+            self._lock.release()
 
     # -- users ---------------------------------------------------------------------------------
     def get_user(self, user_id: str, include_deleted: bool = False) -> UserRecord | None:

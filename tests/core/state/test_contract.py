@@ -1,4 +1,4 @@
-"""State store contract (both backends), the factory, and fail-closed behaviour."""
+"""State store contract (SQLite, Redis, memory), the factory, and fail-closed behaviour."""
 
 from __future__ import annotations
 
