@@ -18,9 +18,9 @@ from candela_mitm.state.ports import (
     FINISHED_RESERVATION_TTL_S,
     US_PER_S,
     GrantRow,
+    LedgerStore,
     NewReservation,
     ReserveResult,
-    StateStore,
     day_of,
     from_us,
     nano_to_usd,
@@ -237,7 +237,7 @@ def _check_usd(name: str, value: float) -> None:
 
 
 class Ledger:
-    """Per-user daily budgets (UTC days) and grants over a StateStore.
+    """Per-user daily budgets (UTC days) and grants over a LedgerStore.
 
     spendable = daily_budget - allowance spent today - allowance held by active reservations
                 + the unheld remainder of every unexpired grant.
@@ -251,7 +251,7 @@ class Ledger:
 
     def __init__(
         self,
-        store: StateStore,
+        store: LedgerStore,
         clock: Callable[[], datetime] = utc_now,
         owner: str | None = None,
     ):

@@ -15,15 +15,22 @@ import pytest
 from candela_mitm.config import State
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.state import open_state_store
+from candela_mitm.state.memory import MemoryStateStore
 from candela_mitm.state.ports import (
     US_PER_S,
     ActiveReservation,
+    AlertStore,
     DayTotals,
     GrantRow,
+    KeyStore,
+    LedgerStore,
     NewReservation,
+    RateStore,
     StateStore,
     TenantRecord,
+    TenantStore,
     UserRecord,
+    UserStore,
     WouldWait,
     day_of,
     from_us,
@@ -389,6 +396,20 @@ def test_redis_down_fails_closed(redis_server_factory: Any) -> None:
         with pytest.raises(StoreUnavailable):
             op()
         assert time.monotonic() - started < 2.0
+
+
+def test_state_store_is_the_narrow_ports_and_each_operation_has_one() -> None:
+    ports = [UserStore, TenantStore, LedgerStore, KeyStore, RateStore, AlertStore]
+    assert all(port in StateStore.__mro__ for port in ports)
+    owners = {
+        name: [port.__name__ for port in ports if name in port.__abstractmethods__]
+        for name in StateStore.__abstractmethods__
+    }
+    lifecycle = {"ping", "close"}
+    assert {name for name, found in owners.items() if not found} == lifecycle
+    assert {name: found for name, found in owners.items() if len(found) > 1} == {}
+    for backend in (SqliteStateStore, RedisStateStore, MemoryStateStore):
+        assert not backend.__abstractmethods__, backend
 
 
 def test_time_and_money_helpers() -> None:
