@@ -16,6 +16,7 @@ from candela_mitm.config import State
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.state import open_state_store
 from candela_mitm.state.memory import MemoryStateStore
+from candela_mitm.state.migrations import SCHEMA_VERSION
 from candela_mitm.state.ports import (
     US_PER_S,
     ActiveReservation,
@@ -44,7 +45,7 @@ from candela_mitm.state.ports import (
     usd_to_nano,
 )
 from candela_mitm.state.redis import RedisStateStore
-from candela_mitm.state.sqlite import SCHEMA_VERSION, SqliteStateStore
+from candela_mitm.state.sqlite import SqliteStateStore
 
 T0 = datetime(2026, 5, 17, 12, 0, tzinfo=UTC)
 T0_US = to_us(T0)
@@ -870,6 +871,7 @@ def test_sqlite_schema_3_reservations_gain_their_periods(tmp_path: Path) -> None
     store = SqliteStateStore(path)
     store.close()
     with sqlite3.connect(path) as raw:  # a store as schema 3 left it: no period columns
+        raw.execute("DROP TABLE _sqlite_migrations")  # nor named steps (they came after 7)
         raw.execute("DROP TABLE reservations")
         raw.execute(
             "CREATE TABLE reservations (reservation_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, "
