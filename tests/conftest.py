@@ -15,6 +15,7 @@ import pytest
 
 from candela_mitm.config import State
 from candela_mitm.state import StateStore, open_state_store
+from candela_mitm.state.memory import MemoryStateStore
 from tests.required import require
 
 
@@ -113,8 +114,12 @@ class StoreBackend:
     cfg: State
     prefix: str = "candela:"
     opened: list[StateStore] = field(default_factory=list)
+    # the memory backend: one store every open() returns (it lives in this process only)
+    shared: StateStore | None = None
 
     def open(self) -> StateStore:
+        if self.shared is not None:
+            return self.shared
         store = open_state_store(self.cfg, redis_prefix=self.prefix)
         self.opened.append(store)
         return store
@@ -124,10 +129,19 @@ class StoreBackend:
             store.close()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "memory"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreBackend]:
-    """Each contract test runs against the embedded and the shared backend."""
-    if request.param == "sqlite":
+    """Each contract test runs against the embedded, the shared and the in-memory backend.
+
+    A test whose processes share the store (only SQLite and Redis can) is marked
+    `@pytest.mark.processes`: it is not collected for the memory backend (see
+    pytest_collection_modifyitems). Tests about files or a server going down open their own
+    SQLite or Redis store instead of taking this fixture."""
+    if request.param == "memory":
+        # cfg names a file of this test only, never ~/.candela, should anything open it
+        cfg = State(backend="sqlite", sqlite_path=str(tmp_path / "not-the-memory-store.db"))
+        b = StoreBackend("memory", cfg, shared=MemoryStateStore())
+    elif request.param == "sqlite":
         b = StoreBackend("sqlite", State(backend="sqlite", sqlite_path=str(tmp_path / "state.db")))
     else:
         url = request.getfixturevalue("redis_url")
@@ -143,3 +157,22 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreBac
 @pytest.fixture
 def store(backend: StoreBackend) -> StateStore:
     return backend.open()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test whose processes share one store has no memory-backend case: that store lives in
+    one process (deselected at collection, not skipped: the run has no skip to explain)."""
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        memory = callspec is not None and callspec.params.get("backend") == "memory"
+        (drop if memory and item.get_closest_marker("processes") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "processes: the test's processes share one store (no memory-backend case)"
+    )

@@ -16,12 +16,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from candela_mitm.governance.ledger import Reservation
 from candela_mitm.governance.periods import BudgetPeriod
 from candela_mitm.state.ports import (
-    StateStore,
+    AlertStore,
+    LedgerStore,
     nano_to_usd,
     rfc3339,
     to_us,
@@ -159,11 +160,15 @@ class Observed:
     alerts: tuple[BudgetAlert, ...]
 
 
+class AlertRuleStore(LedgerStore, AlertStore, Protocol):
+    """What the rule needs: the budget rows it reads (LedgerStore) and the claims it makes."""
+
+
 class AlertRule:
     """Reads a watched budget's period row and claims, in the store, each threshold its spend
     has reached that nobody claimed before. Blocking (store calls): run it off the event loop."""
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: AlertRuleStore) -> None:
         self.store = store
         self._known: set[tuple[str, str, str, int]] = set()
 

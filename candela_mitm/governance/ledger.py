@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 from candela_mitm.errors import Denial, budget_exceeded
 from candela_mitm.governance.periods import DAILY_UTC, BudgetPeriod
@@ -21,9 +21,10 @@ from candela_mitm.state.ports import (
     ActiveReservation,
     GrantRow,
     JobRecord,
+    JobStore,
+    LedgerStore,
     NewReservation,
     ReserveResult,
-    StateStore,
     day_of,
     from_us,
     nano_to_usd,
@@ -259,8 +260,13 @@ def _check_usd(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite amount >= 0, got {value!r}")
 
 
+class BudgetStore(LedgerStore, JobStore, Protocol):
+    """What the ledger needs: the budget rows and spend (LedgerStore) and the async jobs whose
+    charge it trues up (JobStore)."""
+
+
 class Ledger:
-    """Per-user daily budgets (UTC days) and grants over a StateStore.
+    """Per-user daily budgets (UTC days) and grants over a BudgetStore (ledger and jobs).
 
     spendable = daily_budget - allowance spent today - allowance held by active reservations
                 + the unheld remainder of every unexpired grant.
@@ -274,7 +280,7 @@ class Ledger:
 
     def __init__(
         self,
-        store: StateStore,
+        store: BudgetStore,
         clock: Callable[[], datetime] = utc_now,
         owner: str | None = None,
     ):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from candela_mitm.errors import Denial, rate_limited
-from candela_mitm.state.ports import US_PER_S, StateStore, from_us, rfc3339, to_us, utc_now
+from candela_mitm.state.ports import US_PER_S, RateStore, from_us, rfc3339, to_us, utc_now
 
 WINDOW_S = 60
 TOKEN_KINDS = ("input_tokens", "output_tokens", "total_tokens")
@@ -105,7 +105,7 @@ class RateLimiter:
 
     def __init__(
         self,
-        store: StateStore,
+        store: RateStore,
         clock: Callable[[], datetime] = utc_now,
         window_s: int = WINDOW_S,
     ):

@@ -29,7 +29,7 @@ from candela_mitm.governance.ratelimit import (
     TokenLimits,
 )
 from candela_mitm.providers.usage import Usage
-from candela_mitm.state.ports import US_PER_S, StateStore, to_us, utc_now
+from candela_mitm.state.ports import US_PER_S, RateStore, to_us, utc_now
 
 # how a session ended: the client closed it, the upstream closed it, Candela cut it (budget,
 # policy, a bound), or it failed (a connection error, an internal error)
@@ -232,7 +232,7 @@ class SessionLeases:
 
     def __init__(
         self,
-        store: StateStore,
+        store: RateStore,
         owner: str,
         clock: Callable[[], datetime] = utc_now,
         ttl_s: float = SESSION_LEASE_TTL_S,

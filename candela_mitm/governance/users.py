@@ -7,14 +7,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from candela_mitm.config import Config
 from candela_mitm.errors import Denial, user_not_enrolled
 from candela_mitm.governance.periods import DAILY_UTC, BudgetPeriod
 from candela_mitm.governance.ratelimit import TokenLimits
-from candela_mitm.state import StateStore, UserRecord
-from candela_mitm.state.ports import LIMIT_FIELDS
+from candela_mitm.state.ports import LIMIT_FIELDS, TenantStore, UserRecord, UserStore
 
 Role = Literal["admin", "tenant_admin", "developer"]
 
@@ -54,13 +53,17 @@ class TenantSettings:
     max_concurrent_requests: int | None = None  # its users' requests in flight; None: no limit
 
 
+class DirectoryStore(UserStore, TenantStore, Protocol):
+    """What the directory reads: users and tenants as the admin API set them."""
+
+
 class UserDirectory:
     """Admin API changes live in the store; config `users:` are defaults; governance defaults last."""
 
     def __init__(
         self,
         config: Config,
-        store: StateStore,
+        store: DirectoryStore,
         cache_ttl_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -30,10 +30,17 @@ from urllib.parse import urlsplit
 from candela_mitm.audit.actions import BUDGET_ALERT
 from candela_mitm.audit.writer import AuditWriter
 from candela_mitm.config import Alerts, Webhook
-from candela_mitm.governance.alerts import AlertRule, BudgetAlert, Watch, backoff_s, watches
+from candela_mitm.governance.alerts import (
+    AlertRule,
+    AlertRuleStore,
+    BudgetAlert,
+    Watch,
+    backoff_s,
+    watches,
+)
 from candela_mitm.governance.ledger import Reservation
 from candela_mitm.observability.metrics import Metrics
-from candela_mitm.state.ports import StateStore, rfc3339, utc_now
+from candela_mitm.state.ports import rfc3339, utc_now
 
 log = logging.getLogger("candela.alerts")
 
@@ -94,7 +101,7 @@ class AlertNotifier:
 
     def __init__(
         self,
-        store: StateStore,
+        store: AlertRuleStore,
         audit: AuditWriter,
         metrics: Metrics,
         config: Callable[[], Alerts],

@@ -3,7 +3,8 @@
 Policy replay and shadow evaluation (governance/replay.py, governance/shadow.py) run the real
 Ledger and RateLimiter on it, so a candidate policy is judged by the same reserve, settle, rate
 and token rules as live traffic: the holds and draws come from the same pure functions the
-SQLite store uses (`plan_holds`, `plan_settle`, `tenant_admits`, `token_fits_at`), and
+SQLite store uses (`plan_holds`, `plan_settle`, `tenant_admits`, `token_fits_at`). The state
+contract (tests/core/state/test_contract.py) runs against it beside SQLite and Redis, and
 tests/core/state/test_memory.py runs one scripted history through this store and SQLite and
 compares every answer. Nothing is shared between processes and nothing survives the object.
 """
@@ -13,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from candela_mitm.state.ports import (
     ActiveReservation,
@@ -33,6 +34,7 @@ from candela_mitm.state.ports import (
     TenantRecord,
     TokenAdmit,
     UserRecord,
+    WouldWait,
     from_us,
     key_admits,
     plan_holds,
@@ -40,6 +42,8 @@ from candela_mitm.state.ports import (
     tenant_admits,
     token_fits_at,
 )
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -95,6 +99,15 @@ class MemoryStateStore(StateStore):
         self._t = _Tables()
         self._lock = threading.RLock()
         self._alerts: dict[tuple[str, str, str, int], int] = {}  # claim -> expires_us
+
+    def call_without_waiting(self, fn: Callable[..., T], *args: Any) -> T:
+        """Dicts answer at once: run here unless another thread holds the lock right now."""
+        if not self._lock.acquire(blocking=False):
+            raise WouldWait("another thread holds the memory store")
+        try:
+            return fn(*args)
+        finally:
+            self._lock.release()
 
     # -- users ---------------------------------------------------------------------------------
     def get_user(self, user_id: str, include_deleted: bool = False) -> UserRecord | None:

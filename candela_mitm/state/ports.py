@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -483,46 +483,16 @@ class BatchAborted(Exception):
     """A call inside a batch could not be undone on its own: the whole batch must roll back."""
 
 
-class StateStore(ABC):
-    """Governance state shared by every worker; each method is one atomic step.
+# -- the ports ---------------------------------------------------------------------------------
+# One port per concern, so that each rule names what it needs of the store: the ledger a
+# LedgerStore, the rate limiter a RateStore, the user directory a UserStore and a TenantStore.
+# They are Protocols (a caller that needs two says so with a Protocol of both); every backend
+# implements StateStore, which is all of them plus transactions and lifecycle.
 
-    Every failure to read or write raises candela_mitm.errors.StoreUnavailable: callers deny.
-    """
 
-    # Whether batch() really makes one transaction of several calls and savepoint() undoes one
-    # of them: then the proxy runs the store calls of one event-loop turn together.
-    joins_calls = False
+class UserStore(Protocol):
+    """Users as the admin API manages them."""
 
-    # -- how calls run -------------------------------------------------------------------------
-    def batch(self) -> AbstractContextManager[None]:
-        """Run the store calls inside the block as one transaction, where the backend can.
-
-        Either all of their changes happen or none (an exception rolls the block back). A
-        backend without multi-call transactions runs each call atomically on its own.
-        """
-        return nullcontext()
-
-    def savepoint(self) -> AbstractContextManager[None]:
-        """Inside batch(): the block's changes are undone alone if it raises (the batch goes
-        on). Raises BatchAborted when they cannot be: the whole batch must then roll back."""
-        return nullcontext()
-
-    def in_batch(self) -> bool:
-        """True inside batch() on this thread (a nested batch() joins the outer one)."""
-        return False
-
-    def call_without_waiting(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(*args)` (store calls) on this thread if the store can answer it at once.
-
-        Raises WouldWait, with nothing changed, when it cannot (a lock held by another
-        thread or process, a remote store): run it again on a thread that may wait. For the
-        event loop: a SQLite transaction takes tens of microseconds, a hop to a thread pool
-        and back costs more than that in CPU. `fn` may make any number of reads and at most
-        one write transaction (use `batch` to group writes).
-        """
-        raise WouldWait("this store is always called from a thread that may wait", busy=False)
-
-    # -- users ---------------------------------------------------------------------------------
     @abstractmethod
     def get_user(self, user_id: str, include_deleted: bool = False) -> UserRecord | None: ...
 
@@ -537,7 +507,24 @@ class StateStore(ABC):
     @abstractmethod
     def list_users(self, include_deleted: bool = False) -> list[UserRecord]: ...
 
-    # -- ledger --------------------------------------------------------------------------------
+
+class TenantStore(Protocol):
+    """Tenants' budgets and limits as the admin API set them."""
+
+    @abstractmethod
+    def get_tenant(self, tenant_id: str) -> TenantRecord | None: ...
+
+    @abstractmethod
+    def put_tenant(self, record: TenantRecord) -> None: ...
+
+    @abstractmethod
+    def list_tenants(self) -> list[TenantRecord]: ...
+
+
+class LedgerStore(Protocol):
+    """Budgets: reservations held before forwarding and settled on real usage, grants, the
+    per-period rows they are checked against, and the spend history."""
+
     @abstractmethod
     def reserve(self, new: NewReservation) -> ReserveResult: ...
 
@@ -585,7 +572,20 @@ class StateStore(ABC):
     def key_totals(self, key_id: str, period: str) -> DayTotals:
         """An API key's budget row (`key_id`: its lineage) for a period key (from_grants: 0)."""
 
-    # -- API keys ------------------------------------------------------------------------------
+    @abstractmethod
+    def spend_rows(
+        self,
+        since_day: str | None = None,
+        until_day: str | None = None,
+        user_id: str | None = None,
+        tenant: str | None = None,
+    ) -> list[SpendRow]:
+        """Spend per (day, user, tenant, model, provider), days inclusive."""
+
+
+class KeyStore(Protocol):
+    """API keys minted through the admin API (their digests)."""
+
     @abstractmethod
     def put_api_key(self, record: KeyRecord) -> None:
         """Store a new key (its id and digest are new)."""
@@ -608,27 +608,11 @@ class StateStore(ABC):
         """Mark a key revoked; the key as it was before, or None if there is no such key.
         A key revoked already keeps its first revocation time."""
 
-    # -- tenants -------------------------------------------------------------------------------
-    @abstractmethod
-    def get_tenant(self, tenant_id: str) -> TenantRecord | None: ...
 
-    @abstractmethod
-    def put_tenant(self, record: TenantRecord) -> None: ...
+class JobStore(Protocol):
+    """Asynchronous jobs created through Candela (their owner and creation charge) and the
+    objects they are made from or make."""
 
-    @abstractmethod
-    def list_tenants(self) -> list[TenantRecord]: ...
-
-    @abstractmethod
-    def spend_rows(
-        self,
-        since_day: str | None = None,
-        until_day: str | None = None,
-        user_id: str | None = None,
-        tenant: str | None = None,
-    ) -> list[SpendRow]:
-        """Spend per (day, user, tenant, model, provider), days inclusive."""
-
-    # -- asynchronous jobs ---------------------------------------------------------------------
     @abstractmethod
     def record_job(self, job: JobRecord) -> bool:
         """Record a job created under `job.reservation_id` (whose user, tenant and budget rows
@@ -655,7 +639,10 @@ class StateStore(ABC):
         on; the request count unchanged) and its tokens to those given. Returns the job as it
         was before (its `charged`), or None: unknown, or trued up already (a no-op)."""
 
-    # -- rate windows --------------------------------------------------------------------------
+
+class RateStore(Protocol):
+    """Rate windows (requests, tokens) and concurrency leases."""
+
     @abstractmethod
     def rate_hit(self, key: str, limit: int, window_us: int, now_us: int) -> RateHit:
         """Sliding log: forget entries at or before now - window, count, add one if under limit."""
@@ -694,7 +681,10 @@ class StateStore(ABC):
     def leases(self) -> list[Lease]:
         """Every lease held (for reconcile at start: those of dead processes go)."""
 
-    # -- budget alerts -------------------------------------------------------------------------
+
+class AlertStore(Protocol):
+    """Budget alert claims: each sent once across every process."""
+
     @abstractmethod
     def claim_alert(
         self, scope: str, scope_id: str, period: str, threshold: int, now_us: int, expires_us: int
@@ -702,6 +692,48 @@ class StateStore(ABC):
         """Mark the alert (scope, scope_id, period key, threshold %) as due for sending: True
         only for the first caller, across every thread and process sharing the store. The mark
         is kept until `expires_us` (after the period's end), then forgotten."""
+
+
+class StateStore(
+    UserStore, TenantStore, LedgerStore, KeyStore, JobStore, RateStore, AlertStore, ABC
+):
+    """Governance state shared by every worker: every port, each method one atomic step.
+
+    Every failure to read or write raises candela_mitm.errors.StoreUnavailable: callers deny.
+    """
+
+    # Whether batch() really makes one transaction of several calls and savepoint() undoes one
+    # of them: then the proxy runs the store calls of one event-loop turn together.
+    joins_calls = False
+
+    # -- how calls run -------------------------------------------------------------------------
+    def batch(self) -> AbstractContextManager[None]:
+        """Run the store calls inside the block as one transaction, where the backend can.
+
+        Either all of their changes happen or none (an exception rolls the block back). A
+        backend without multi-call transactions runs each call atomically on its own.
+        """
+        return nullcontext()
+
+    def savepoint(self) -> AbstractContextManager[None]:
+        """Inside batch(): the block's changes are undone alone if it raises (the batch goes
+        on). Raises BatchAborted when they cannot be: the whole batch must then roll back."""
+        return nullcontext()
+
+    def in_batch(self) -> bool:
+        """True inside batch() on this thread (a nested batch() joins the outer one)."""
+        return False
+
+    def call_without_waiting(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` (store calls) on this thread if the store can answer it at once.
+
+        Raises WouldWait, with nothing changed, when it cannot (a lock held by another
+        thread or process, a remote store): run it again on a thread that may wait. For the
+        event loop: a SQLite transaction takes tens of microseconds, a hop to a thread pool
+        and back costs more than that in CPU. `fn` may make any number of reads and at most
+        one write transaction (use `batch` to group writes).
+        """
+        raise WouldWait("this store is always called from a thread that may wait", busy=False)
 
     # -- lifecycle -----------------------------------------------------------------------------
     @abstractmethod

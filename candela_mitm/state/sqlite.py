@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.state.gate import WriteGate, this_process
+from candela_mitm.state.migrations import migrate
 from candela_mitm.state.ports import (
     ActiveReservation,
     BatchAborted,
@@ -40,191 +41,12 @@ from candela_mitm.state.ports import (
     token_fits_at,
 )
 
-# 1: the first; 2: rate_count (a running count per rate_log key: a rate check no longer counts
-# the whole window's log); 3: reservations name their model and provider (a reservation settled
-# at the next start, after its process died, is recorded under them); 4: budget periods and
-# tenant budgets (reservations name their user and tenant period rows; tenants, tenant_periods);
-# 5: token windows (token_log) and concurrency leases (leases); 6: api_keys; 7: budget_alerts,
-# jobs and job_objects;
-# 8: API key budgets (reservations name their key row: key_id, key_period, key_hold; key_periods).
-SCHEMA_VERSION = 8
-
-# Columns added to `reservations` after it was first made, with their types: a store made before
-# any of them gains them at open (checked by name, not by version, so they merge with other steps).
-_RESERVATION_COLUMNS = (
-    ("model", "TEXT NOT NULL DEFAULT ''"),
-    ("provider", "TEXT NOT NULL DEFAULT ''"),
-    ("period", "TEXT NOT NULL DEFAULT ''"),
-    ("tenant_period", "TEXT NOT NULL DEFAULT ''"),
-    ("tenant_hold", "INTEGER NOT NULL DEFAULT 0"),
-    ("key_id", "TEXT NOT NULL DEFAULT ''"),
-    ("key_period", "TEXT NOT NULL DEFAULT ''"),
-    ("key_hold", "INTEGER NOT NULL DEFAULT 0"),
-)
-
 # Commits made without waiting (on the event loop) between two WAL checkpoints: each commit adds
 # a few pages, SQLite's own default is to checkpoint at 1000.
 CHECKPOINT_EVERY = 100
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS users (
-        user_id TEXT PRIMARY KEY,
-        record TEXT NOT NULL,
-        deleted INTEGER NOT NULL DEFAULT 0
-    )""",
-    # One row per user and UTC day: every spend, the part drawn from grants, and the daily
-    # allowance held by active reservations. Kept as running totals so a reserve reads one row.
-    """CREATE TABLE IF NOT EXISTS days (
-        user_id TEXT NOT NULL,
-        day TEXT NOT NULL,
-        spent INTEGER NOT NULL DEFAULT 0,
-        from_grants INTEGER NOT NULL DEFAULT 0,
-        reserved INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (user_id, day)
-    ) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS grants (
-        grant_id TEXT PRIMARY KEY,
-        user_id TEXT NOT NULL,
-        amount INTEGER NOT NULL,
-        used INTEGER NOT NULL DEFAULT 0,
-        held INTEGER NOT NULL DEFAULT 0,
-        expires_us INTEGER NOT NULL,
-        reason TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        created_us INTEGER NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS grants_by_user ON grants (user_id, expires_us, grant_id)",
-    """CREATE TABLE IF NOT EXISTS reservations (
-        reservation_id TEXT PRIMARY KEY,
-        user_id TEXT NOT NULL,
-        tenant TEXT NOT NULL,
-        day TEXT NOT NULL,
-        amount INTEGER NOT NULL,
-        budget INTEGER NOT NULL,
-        daily_hold INTEGER NOT NULL,
-        grant_holds TEXT NOT NULL,
-        request_id TEXT NOT NULL,
-        owner TEXT NOT NULL,
-        created_us INTEGER NOT NULL,
-        status TEXT NOT NULL,
-        cost INTEGER,
-        finished_us INTEGER,
-        model TEXT NOT NULL DEFAULT '',
-        provider TEXT NOT NULL DEFAULT '',
-        period TEXT NOT NULL DEFAULT '',
-        tenant_period TEXT NOT NULL DEFAULT '',
-        tenant_hold INTEGER NOT NULL DEFAULT 0,
-        key_id TEXT NOT NULL DEFAULT '',
-        key_period TEXT NOT NULL DEFAULT '',
-        key_hold INTEGER NOT NULL DEFAULT 0
-    )""",
-    """CREATE INDEX IF NOT EXISTS reservations_active ON reservations (created_us)
-        WHERE status = 'active'""",
-    """CREATE INDEX IF NOT EXISTS reservations_finished ON reservations (finished_us)
-        WHERE status != 'active'""",
-    """CREATE TABLE IF NOT EXISTS spend (
-        day TEXT NOT NULL,
-        user_id TEXT NOT NULL,
-        tenant TEXT NOT NULL,
-        model TEXT NOT NULL,
-        provider TEXT NOT NULL,
-        cost INTEGER NOT NULL,
-        tokens_in INTEGER NOT NULL,
-        tokens_out INTEGER NOT NULL,
-        requests INTEGER NOT NULL,
-        PRIMARY KEY (day, user_id, tenant, model, provider)
-    ) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS api_keys (
-        key_id TEXT PRIMARY KEY,
-        sha256 TEXT NOT NULL UNIQUE,
-        user_id TEXT NOT NULL,
-        record TEXT NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS tenants (
-        tenant_id TEXT PRIMARY KEY,
-        record TEXT NOT NULL
-    )""",
-    # One row per tenant and budget period (as `days` for users): spend and active holds.
-    """CREATE TABLE IF NOT EXISTS tenant_periods (
-        tenant TEXT NOT NULL,
-        period TEXT NOT NULL,
-        spent INTEGER NOT NULL DEFAULT 0,
-        reserved INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (tenant, period)
-    ) WITHOUT ROWID""",
-    # One row per API key budget (a key's lineage) and period: spend and active holds.
-    """CREATE TABLE IF NOT EXISTS key_periods (
-        key_id TEXT NOT NULL,
-        period TEXT NOT NULL,
-        spent INTEGER NOT NULL DEFAULT 0,
-        reserved INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (key_id, period)
-    ) WITHOUT ROWID""",
-    # tokens per key in a sliding window: one row per admitted request, corrected at settlement
-    """CREATE TABLE IF NOT EXISTS token_log (
-        key TEXT NOT NULL,
-        entry_id TEXT NOT NULL,
-        ts INTEGER NOT NULL,
-        amount INTEGER NOT NULL,
-        PRIMARY KEY (key, entry_id)
-    ) WITHOUT ROWID""",
-    "CREATE INDEX IF NOT EXISTS token_log_by_time ON token_log (key, ts)",
-    """CREATE TABLE IF NOT EXISTS leases (
-        key TEXT NOT NULL,
-        lease_id TEXT NOT NULL,
-        owner TEXT NOT NULL,
-        expires_us INTEGER NOT NULL,
-        PRIMARY KEY (key, lease_id)
-    ) WITHOUT ROWID""",
-    # one row per threshold alert claimed: its primary key is the dedupe of every process
-    """CREATE TABLE IF NOT EXISTS budget_alerts (
-        scope TEXT NOT NULL,
-        scope_id TEXT NOT NULL,
-        period TEXT NOT NULL,
-        threshold INTEGER NOT NULL,
-        claimed_us INTEGER NOT NULL,
-        expires_us INTEGER NOT NULL,
-        PRIMARY KEY (scope, scope_id, period, threshold)
-    ) WITHOUT ROWID""",
-    "CREATE TABLE IF NOT EXISTS rate_log (key TEXT NOT NULL, ts INTEGER NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS rate_log_by_key ON rate_log (key, ts)",
-    # asynchronous jobs created through Candela: their owner and creation charge, until a true-up
-    """CREATE TABLE IF NOT EXISTS jobs (
-        provider TEXT NOT NULL,
-        job_id TEXT NOT NULL,
-        user_id TEXT NOT NULL,
-        tenant TEXT NOT NULL,
-        model TEXT NOT NULL,
-        reservation_id TEXT NOT NULL,
-        charged INTEGER NOT NULL,
-        tokens_in INTEGER NOT NULL,
-        tokens_out INTEGER NOT NULL,
-        created_us INTEGER NOT NULL,
-        day TEXT NOT NULL,
-        period TEXT NOT NULL,
-        tenant_period TEXT NOT NULL,
-        cost INTEGER,
-        trued_up_us INTEGER,
-        request_id TEXT NOT NULL DEFAULT '',
-        PRIMARY KEY (provider, job_id)
-    ) WITHOUT ROWID""",
-    # the objects jobs are made from or make (a batch's input and output files), by key
-    """CREATE TABLE IF NOT EXISTS job_objects (
-        provider TEXT NOT NULL,
-        key TEXT NOT NULL,
-        record TEXT NOT NULL,
-        PRIMARY KEY (provider, key)
-    ) WITHOUT ROWID""",
-    # how many rate_log rows each key has, kept in the same transaction as every change to them
-    """CREATE TABLE IF NOT EXISTS rate_count (
-        key TEXT PRIMARY KEY,
-        n INTEGER NOT NULL
-    ) WITHOUT ROWID""",
-)
 
 
 def _busy(e: sqlite3.OperationalError) -> bool:
@@ -304,27 +126,8 @@ class SqliteStateStore(StateStore):
         self._gate = WriteGate(self.path)
         self._nowait_commits = 0
         self._checkpointer = _Checkpointer(self)
-        with self._tx() as c:
-            (version,) = c.execute("PRAGMA user_version").fetchone()
-            if version > SCHEMA_VERSION:
-                raise StoreUnavailable(
-                    f"SQLite state store {self.path} has schema {version}, newer than this "
-                    f"Candela ({SCHEMA_VERSION})"
-                )
-            for statement in _SCHEMA:
-                c.execute(statement)
-            if 0 < version < 2:  # a store made before rate_count: count what its log holds
-                c.execute(
-                    "INSERT INTO rate_count (key, n) SELECT key, count(*) FROM rate_log GROUP BY key"
-                )
-            if version > 0:
-                # reservations gain their model (3), their period rows (4), their key row (8):
-                # by name at every open (cheap), so steps other branches number alike still merge
-                have = {row[1] for row in c.execute("PRAGMA table_info(reservations)")}
-                for column, kind in _RESERVATION_COLUMNS:
-                    if column not in have:
-                        c.execute(f"ALTER TABLE reservations ADD COLUMN {column} {kind}")
-            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        with self._tx() as c:  # under the write lock: one process runs each step
+            migrate(c, f"SQLite state store {self.path}")
 
     # -- connections and transactions ----------------------------------------------------------
     def _unavailable(self, e: BaseException) -> StoreUnavailable:

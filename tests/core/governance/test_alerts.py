@@ -161,6 +161,7 @@ def test_only_measures_without_claiming(store: StateStore) -> None:
     assert [a.threshold for a in rule.observe(watches(res)[0], THRESHOLDS, T0).alerts] == [50, 80, 90]
 
 
+@pytest.mark.processes
 def test_concurrent_settlements_in_many_processes_alert_each_threshold_once(backend: Any) -> None:
     """Twelve clients (one per thread, as processes sharing the store are), each its own rule,
     settle 10 requests each and look after every settle: each threshold is claimed once."""

@@ -588,6 +588,7 @@ def _race_in_process(cfg: State, prefix: str, barrier: Any, out: Any, threads: i
     store.close()
 
 
+@pytest.mark.processes
 def test_processes_never_overbook(backend: Any) -> None:
     backend.open()  # create the schema before the race
     ctx = multiprocessing.get_context("spawn")
@@ -765,6 +766,7 @@ def _tenant_race_in_process(cfg: State, prefix: str, barrier: Any, out: Any, thr
     store.close()
 
 
+@pytest.mark.processes
 def test_processes_never_overbook_a_tenant(backend: Any) -> None:
     store = backend.open()  # create the schema before the race
     ctx = multiprocessing.get_context("spawn")
@@ -964,6 +966,7 @@ def _key_race_in_process(cfg: State, prefix: str, barrier: Any, out: Any, thread
     store.close()
 
 
+@pytest.mark.processes
 def test_processes_never_overbook_a_key(backend: Any) -> None:
     store = backend.open()  # create the schema before the race
     ctx = multiprocessing.get_context("spawn")

@@ -157,6 +157,7 @@ def _hammer(cfg: State, prefix: str, barrier: Any, out: Any, n: int) -> None:
     store.close()
 
 
+@pytest.mark.processes
 def test_processes_are_exact(backend: Any) -> None:
     backend.open()  # create the schema before the race
     ctx = multiprocessing.get_context("spawn")
@@ -260,6 +261,7 @@ def _token_race(cfg: State, prefix: str, barrier: Any, out: Any, threads: int) -
     store.close()
 
 
+@pytest.mark.processes
 def test_processes_never_exceed_a_token_limit(backend: Any) -> None:
     backend.open()
     ctx = multiprocessing.get_context("spawn")
@@ -398,6 +400,7 @@ def _tenant_lease_race(
     store.close()
 
 
+@pytest.mark.processes
 def test_processes_never_exceed_a_tenant_concurrency_limit(backend: Any) -> None:
     backend.open()
     ctx = multiprocessing.get_context("spawn")

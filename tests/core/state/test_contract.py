@@ -1,4 +1,4 @@
-"""State store contract (both backends), the factory, and fail-closed behaviour."""
+"""State store contract (SQLite, Redis, memory), the factory, and fail-closed behaviour."""
 
 from __future__ import annotations
 
@@ -15,15 +15,24 @@ import pytest
 from candela_mitm.config import State
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.state import open_state_store
+from candela_mitm.state.memory import MemoryStateStore
+from candela_mitm.state.migrations import SCHEMA_VERSION
 from candela_mitm.state.ports import (
     US_PER_S,
     ActiveReservation,
+    AlertStore,
     DayTotals,
     GrantRow,
+    JobStore,
+    KeyStore,
+    LedgerStore,
     NewReservation,
+    RateStore,
     StateStore,
     TenantRecord,
+    TenantStore,
     UserRecord,
+    UserStore,
     WouldWait,
     day_of,
     from_us,
@@ -38,7 +47,7 @@ from candela_mitm.state.ports import (
     usd_to_nano,
 )
 from candela_mitm.state.redis import RedisStateStore
-from candela_mitm.state.sqlite import SCHEMA_VERSION, SqliteStateStore
+from candela_mitm.state.sqlite import SqliteStateStore
 
 T0 = datetime(2026, 5, 17, 12, 0, tzinfo=UTC)
 T0_US = to_us(T0)
@@ -390,6 +399,20 @@ def test_redis_down_fails_closed(redis_server_factory: Any) -> None:
         with pytest.raises(StoreUnavailable):
             op()
         assert time.monotonic() - started < 2.0
+
+
+def test_state_store_is_the_narrow_ports_and_each_operation_has_one() -> None:
+    ports = [UserStore, TenantStore, LedgerStore, KeyStore, JobStore, RateStore, AlertStore]
+    assert all(port in StateStore.__mro__ for port in ports)
+    owners = {
+        name: [port.__name__ for port in ports if name in port.__abstractmethods__]
+        for name in StateStore.__abstractmethods__
+    }
+    lifecycle = {"ping", "close"}
+    assert {name for name, found in owners.items() if not found} == lifecycle
+    assert {name: found for name, found in owners.items() if len(found) > 1} == {}
+    for backend in (SqliteStateStore, RedisStateStore, MemoryStateStore):
+        assert not backend.__abstractmethods__, backend
 
 
 def test_time_and_money_helpers() -> None:
@@ -951,6 +974,7 @@ def test_sqlite_schema_3_reservations_gain_their_periods(tmp_path: Path) -> None
     store = SqliteStateStore(path)
     store.close()
     with sqlite3.connect(path) as raw:  # a store as schema 3 left it: no period columns
+        raw.execute("DROP TABLE _sqlite_migrations")  # nor named steps (they came after 7)
         raw.execute("DROP TABLE reservations")
         raw.execute(
             "CREATE TABLE reservations (reservation_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, "
@@ -982,7 +1006,8 @@ def test_sqlite_schema_7_reservations_gain_their_key_row(tmp_path: Path) -> None
         for column in ("key_id", "key_period", "key_hold"):
             raw.execute(f"ALTER TABLE reservations DROP COLUMN {column}")
         raw.execute("DROP TABLE key_periods")
-        raw.execute("PRAGMA user_version = 7")
+        raw.execute("DELETE FROM _sqlite_migrations WHERE name = '009_api_key_budgets'")
+        raw.execute("PRAGMA user_version = 8")
     store = SqliteStateStore(path)
     assert store.reserve(key_reservation("r", 5, 10)).ok
     assert store.settle("r", 4, 0, 0, "m", "p", T0_US + 1).applied
