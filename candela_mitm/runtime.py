@@ -332,12 +332,15 @@ def build_runtime(config: Config, command: Command, reconcile: bool = True) -> R
 
 
 def known_scope(rt: Runtime) -> Callable[[str, str], bool]:
-    """Whether a user or tenant is one the deployment names (config or admin API), for the
-    utilisation gauge's labels: identities nobody enrolled never add a series. Blocking (a
-    cached store read): the alert checker thread calls it."""
+    """Whether a user, tenant or API key is one the deployment names (config, admin API, or a
+    key minted into the store), for the utilisation gauge's labels: identities nobody enrolled
+    never add a series. Blocking (a cached store read, or the store's key list once per new
+    key id): the alert checker thread calls it."""
 
     def known(scope: str, ident: str) -> bool:
         users = rt.users
+        if scope == "key":
+            return any(k.key_id == ident for k in rt.store.api_keys())
         if scope == "tenant":
             # a tenant's budget is only watched when it has one: configured or set through
             # the admin API

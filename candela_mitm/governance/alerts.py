@@ -5,7 +5,10 @@ out on purpose: a reservation is the most a request can cost (output at its maxi
 settled far below it, and an alert raised on held money would announce spend that never
 happens. Settlement is where spend becomes real, so it is where a crossing is looked for (by
 a thread, after the settle's transaction committed: observability/alerts.py). A user's grants
-are not in the amount: 100% says the period's own allowance is used up.
+are not in the amount: 100% says the period's own allowance is used up. An API key with a
+budget of its own (a part of its user's, per the user's period) is a third budget: its row is
+shared by every key of one rotation chain, so its claims are made on that row (a rotated key
+does not announce again what its predecessor announced), and an alert names the key that spent.
 
 Each (scope, id, period, threshold) is sent at most once, whichever process sees it first: the
 claim is a unique row (SQLite) or a SET NX key (Redis) in the state store (`claim_alert`).
@@ -29,7 +32,7 @@ from candela_mitm.state.ports import (
     usd_to_nano,
 )
 
-Scope = Literal["user", "tenant"]
+Scope = Literal["user", "tenant", "key"]
 
 # A claim outlives its period by this much: a request reserved in a period and settled after
 # it ended (a long stream, or at the next start after a crash) lands on that period's row, and
@@ -47,11 +50,18 @@ class Watch:
     """A budget to look at after a settlement on it."""
 
     scope: Scope
-    scope_id: str  # the user id or the tenant id
+    scope_id: str  # the user id, the tenant id, or the API key's public id (k_...)
     budget_usd: float  # per period
     period: BudgetPeriod
     at: datetime  # a moment in the period (the reservation's)
     tenant: str | None  # the tenant the spend was for (a tenant scope: itself)
+    user_id: str | None = None  # whose spend it was (a tenant scope: None)
+    budget_id: str = ""  # a key scope: its budget row (the rotation chain's); else scope_id
+
+    @property
+    def row(self) -> str:
+        """The id of the budget row read and claimed on."""
+        return self.budget_id or self.scope_id
 
     @property
     def period_key(self) -> str:
@@ -59,17 +69,31 @@ class Watch:
 
     @property
     def key(self) -> tuple[str, str, str]:
-        return (self.scope, self.scope_id, self.period_key)
+        return (self.scope, self.row, self.period_key)
 
 
 def watches(res: Reservation) -> list[Watch]:
-    """The budgets a settled reservation spent on: its user's, and its tenant's if it has one."""
-    out = [Watch("user", res.user_id, res.budget_usd, res.period, res.created_at, res.tenant)]
+    """The budgets a settled reservation spent on: its user's, its tenant's if it has one, and
+    its API key's if the key has a budget of its own."""
+    out = [
+        Watch(
+            "user", res.user_id, res.budget_usd, res.period, res.created_at, res.tenant,
+            res.user_id,
+        )
+    ]
     if res.tenant and res.tenant_budget_usd is not None:
         out.append(
             Watch(
                 "tenant", res.tenant, res.tenant_budget_usd, res.tenant_period, res.created_at,
                 res.tenant,
+            )
+        )
+    kb = res.key_budget
+    if kb is not None:
+        out.append(
+            Watch(
+                "key", kb.key_id, kb.budget_usd, res.period, res.created_at, res.tenant,
+                res.user_id, kb.budget_id,
             )
         )
     return out
@@ -97,6 +121,7 @@ class BudgetAlert:
     threshold: int
     spent_usd: float
     budget_usd: float
+    user_id: str | None = None  # whose budget (user scope) or key (key scope) it is
 
     def to_json(self) -> dict[str, Any]:
         """The generic webhook body (format: json)."""
@@ -104,6 +129,7 @@ class BudgetAlert:
             "type": "budget_threshold",
             "scope": self.scope,
             "id": self.scope_id,
+            "user_id": self.user_id,
             "tenant": self.tenant,
             "period": self.period,
             "period_start": rfc3339(self.period_start),
@@ -115,7 +141,10 @@ class BudgetAlert:
         }
 
     def text(self) -> str:
-        who = f"User {self.scope_id}" if self.scope == "user" else f"Tenant {self.scope_id}"
+        if self.scope == "key":
+            who = f"API key {self.scope_id} of user {self.user_id}"
+        else:
+            who = f"User {self.scope_id}" if self.scope == "user" else f"Tenant {self.scope_id}"
         return (
             f"{who} has used {self.threshold}% of its {self.period} budget: "
             f"${self.spent_usd:.2f} of ${self.budget_usd:.2f} "
@@ -131,8 +160,10 @@ class BudgetAlert:
             ("Period", f"{self.period} from {rfc3339(self.period_start)}"),
             ("Resets", rfc3339(self.resets_at)),
         ]
-        if self.tenant and self.scope == "user":
+        if self.tenant and self.scope != "tenant":
             fields.insert(1, ("Tenant", f"`{self.tenant}`"))
+        if self.scope == "key":
+            fields.insert(1, ("User", f"`{self.user_id}`"))
         return {
             "text": self.text(),
             "blocks": [
@@ -179,6 +210,8 @@ class AlertRule:
         key = watch.period_key
         if watch.scope == "user":
             spent = self.store.day_totals(watch.scope_id, key).spent
+        elif watch.scope == "key":
+            spent = self.store.key_totals(watch.row, key).spent
         else:
             spent = self.store.tenant_totals(watch.scope_id, key).spent
         budget = usd_to_nano(watch.budget_usd)
@@ -190,12 +223,10 @@ class AlertRule:
         now_us = to_us(now)
         alerts: list[BudgetAlert] = []
         for threshold in reached(spent, budget, thresholds):
-            mark = (watch.scope, watch.scope_id, key, threshold)
+            mark = (watch.scope, watch.row, key, threshold)
             if mark in self._known:
                 continue
-            won = self.store.claim_alert(
-                watch.scope, watch.scope_id, key, threshold, now_us, expires_us
-            )
+            won = self.store.claim_alert(watch.scope, watch.row, key, threshold, now_us, expires_us)
             if len(self._known) >= KNOWN_CLAIMS_MAX:
                 self._known.clear()
             self._known.add(mark)
@@ -212,6 +243,7 @@ class AlertRule:
                         threshold=threshold,
                         spent_usd=nano_to_usd(spent),
                         budget_usd=watch.budget_usd,
+                        user_id=watch.user_id,
                     )
                 )
         return Observed(utilization, tuple(alerts))

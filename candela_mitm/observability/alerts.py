@@ -48,7 +48,7 @@ log = logging.getLogger("candela.alerts")
 # so the bound is in distinct budgets; past it a settlement is not looked at (counted), and the
 # next settlement on that budget looks again.
 MAX_PENDING = 10_000
-# Ids the utilisation gauge exports per scope (only users and tenants the deployment knows)
+# Ids the utilisation gauge exports per scope (only users, tenants and keys the deployment knows)
 MAX_GAUGE_IDS = 256
 
 Post = Callable[[Webhook, bytes, float], int]
@@ -124,7 +124,7 @@ class AlertNotifier:
         self._seq = itertools.count()
         self._busy = 0  # looks and posts under way (for flush)
         self._closed = False
-        self._gauge_ids: dict[str, set[str]] = {"user": set(), "tenant": set()}
+        self._gauge_ids: dict[str, set[str]] = {"user": set(), "tenant": set(), "key": set()}
         # when each exported budget's period ends: a scrape after it shows 0 until the next look
         self._gauge_resets: dict[tuple[str, str], datetime] = {}
         self._gauge_lock = threading.Lock()
@@ -283,7 +283,7 @@ class AlertNotifier:
             "outcome": outcome,
             "scope": a.scope,
             "scope_id": a.scope_id,
-            "user_id": a.scope_id if a.scope == "user" else None,
+            "user_id": a.user_id,
             "tenant_id": a.tenant,
             "threshold": a.threshold,
             "period": a.period,

@@ -181,7 +181,8 @@ class Metrics:
         self.budget_utilization = Gauge(
             "candela_budget_utilization",
             "Settled spend over the budget in the current period (1 = all of it), by scope (user, "
-            "tenant) and id: only configured or admin-created ones, at most 256 ids per scope",
+            "tenant, key) and id: only configured or admin-created ones and minted keys, at most "
+            "256 ids per scope",
             ["scope", "id"],
             registry=r,
         )

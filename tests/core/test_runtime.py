@@ -54,6 +54,17 @@ def test_reload_applies_alert_thresholds_and_webhooks(rt, tmp_path):
     assert rt.alerts.config().webhooks[0].format == "slack"
 
 
+def test_the_utilisation_gauge_knows_only_keys_minted_into_the_store(rt):
+    from candela_mitm.runtime import known_scope
+    from candela_mitm.state.ports import KeyRecord
+
+    known = known_scope(rt)
+    assert not known("key", "k_minted")
+    rt.store.put_api_key(KeyRecord("k_minted", "0" * 64, "alice", "laptop", "admin", 1,
+                                   budget_usd=1.0))
+    assert known("key", "k_minted") and not known("key", "k_other")
+
+
 # issue 7: hot-path store calls run on the event loop when the store can answer at once
 # (state/calls.py, tests/core/state/test_calls.py); the runtime counts where they ran
 def test_store_call_runs_here_when_free_else_on_the_pool(rt):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -129,3 +130,71 @@ def test_exactly_one_80_percent_alert_under_200_concurrent_requests_on_two_proxi
     assert SECRET not in log
     assert len(gauge) == 1 and float(gauge[0].split()[-1]) == pytest.approx(want, rel=1e-6)
     assert 'candela_budget_utilization{id="t",scope="tenant"}' in metrics
+
+
+def test_a_minted_key_with_a_small_budget_crossing_50_percent_gets_exactly_one_key_alert(
+    tmp_path, upstream, token_server
+):
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}
+    usage = Usage(input_tokens=1000, output_tokens=1000)
+    price = PricingTable.from_config(parse_config({})).get("gpt-4o-mini")
+    assert price is not None
+    cost = price.cost(usage)
+    budget = cost / 0.6  # one request spends 60% of the key's budget
+    assert estimate_cost(body, 1000, 4096, price) <= budget  # its reservation fits
+    upstream.configure(usage=usage)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    with WebhookReceiver() as hook, WebhookReceiver() as slack:
+        cfg = base_config(
+            upstream.url,
+            users={"alice@example.com": {"tenants": ["t"], "daily_budget_usd": 1000.0}},
+            alerts={"webhooks": [{"url": hook.url + "/candela"},
+                                 {"url": slack.url + "/services/T1/B1/x", "format": "slack"}]},
+        )
+        with CandelaProcess(tmp_path, cfg, env=candela_env(token_server, tmp_path)) as c:
+            r = requests.post(c.url + "/admin/v1/keys", headers=admin, timeout=10,
+                              json={"user_id": "alice@example.com", "name": "ci",
+                                    "budget_usd": budget})
+            assert r.status_code == 201, r.text
+            key, key_id = r.json()["key"], r.json()["id"]
+            r = requests.post(c.url + CHAT, json=body, timeout=30,
+                              headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200, r.text
+            (post,) = hook.wait_for(lambda p: len(p) >= 1)
+            (slack_post,) = slack.wait_for(lambda p: len(p) >= 1)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                sent = query_entries(tmp_path / "audit.db", action="budget_alert", limit=100)
+                if len(sent) >= 2:
+                    break
+                time.sleep(0.1)
+            # a request on alice's own key: her $1000 is nowhere near a threshold, nor is the
+            # key's row touched; then give a duplicate the time to arrive
+            r = requests.post(c.url + CHAT, json=body, timeout=30,
+                              headers={"Authorization": f"Bearer {ALICE_KEY}"})
+            assert r.status_code == 200
+            time.sleep(1.0)
+            metrics = requests.get(c.url + "/metrics", timeout=5, headers=admin).text
+            posts, slack_posts = list(hook.posts), list(slack.posts)
+            sent = query_entries(tmp_path / "audit.db", action="budget_alert", limit=100)
+            log = c.log()
+
+    assert len(posts) == 1 and len(slack_posts) == 1
+    b = post.body
+    assert (b["scope"], b["id"], b["user_id"], b["tenant"], b["threshold"]) == (
+        "key", key_id, "alice@example.com", "t", 50
+    )
+    assert b["budget_usd"] == pytest.approx(budget) and b["spent_usd"] == pytest.approx(cost)
+    assert b["period"] == "daily"
+    assert slack_post.body["text"].startswith(
+        f"API key {key_id} of user alice@example.com has used 50% of its daily budget"
+    )
+    assert len(sent) == 2 and {(e["fields"]["scope"], e["fields"]["scope_id"]) for e in sent} == {
+        ("key", key_id)
+    }
+    # the key's secret is in no alert, audit entry nor log line
+    assert all(key not in json.dumps(p.body) for p in posts + slack_posts)
+    assert key.encode() not in (tmp_path / "audit.db").read_bytes() and key not in log
+    gauge = [line for line in metrics.splitlines()
+             if line.startswith(f'candela_budget_utilization{{id="{key_id}",scope="key"}}')]
+    assert len(gauge) == 1 and float(gauge[0].split()[-1]) == pytest.approx(0.6, rel=1e-6)

@@ -16,7 +16,7 @@ from candela_mitm.governance.alerts import (
     reached,
     watches,
 )
-from candela_mitm.governance.ledger import Ledger, Reservation
+from candela_mitm.governance.ledger import KeyBudget, Ledger, Reservation
 from candela_mitm.governance.periods import BudgetPeriod
 from candela_mitm.state.ports import StateStore, usd_to_nano
 
@@ -75,6 +75,20 @@ def test_watches_are_the_user_budget_and_the_tenant_budget_when_there_is_one() -
     )
     assert [w.scope for w in watches(_reservation(tenant_budget_usd=None))] == ["user"]
     assert [w.scope for w in watches(_reservation(tenant=None))] == ["user"]
+    assert (user.user_id, tenant.user_id) == ("alice", None)
+
+
+def test_a_key_with_a_budget_is_watched_on_its_rotation_chain_row_in_its_users_period() -> None:
+    res = _reservation(key_budget=KeyBudget("k_new", "k_first", 2.0),
+                       period=BudgetPeriod("monthly"))
+    user, tenant, key = watches(res)
+    assert (key.scope, key.scope_id, key.row, key.budget_usd, key.user_id, key.tenant) == (
+        "key", "k_new", "k_first", 2.0, "alice", "t"
+    )
+    assert key.period_key == user.period_key == "monthly:2026-05-01"
+    assert key.key == ("key", "k_first", "monthly:2026-05-01")
+    # a key without a budget of its own is no budget: nothing more to watch
+    assert [w.scope for w in watches(_reservation(key_budget=None))] == ["user", "tenant"]
 
 
 def _spend(ledger: Ledger, usd: float, user: str = "alice", tenant: str | None = "t",
@@ -123,6 +137,7 @@ def test_the_alert_says_what_a_webhook_needs(store: StateStore) -> None:
         "type": "budget_threshold",
         "scope": "tenant",
         "id": "t",
+        "user_id": None,
         "tenant": "t",
         "period": "weekly",
         "period_start": "2026-05-18T00:00:00Z",
@@ -137,6 +152,62 @@ def test_the_alert_says_what_a_webhook_needs(store: StateStore) -> None:
     assert "Tenant t has used 80% of its weekly budget: $85.00 of $100.00" in slack["text"]
     assert [b["type"] for b in slack["blocks"]] == ["header", "section", "section"]
     assert {"type": "mrkdwn", "text": "*Threshold*\n80%"} in slack["blocks"][2]["fields"]
+
+
+def _spend_key(ledger: Ledger, usd: float, key: KeyBudget, at: datetime = T0) -> Reservation:
+    res = ledger.reserve("alice", "t", 0.0, 100.0, "req", at, key_budget=key)
+    assert isinstance(res, Reservation)
+    assert ledger.settle(res, usd, 1, 1, "m", "openai", at).applied
+    return res
+
+
+def test_a_keys_budget_alerts_once_per_threshold_across_its_rotation(store: StateStore) -> None:
+    ledger, rule = Ledger(store), AlertRule(store)
+    first, rotated = KeyBudget("k_one", "k_one", 2.0), KeyBudget("k_two", "k_one", 2.0)
+
+    def look(res: Reservation) -> list[tuple[str, str, int]]:
+        out = []
+        for w in watches(res):
+            out += [(a.scope, a.scope_id, a.threshold) for a in rule.observe(w, THRESHOLDS, T0).alerts]
+        return out
+
+    assert look(_spend_key(ledger, 0.9, first)) == []
+    assert look(_spend_key(ledger, 0.1, first)) == [("key", "k_one", 50)]  # 1.0 of 2.0
+    # the rotated key spends from the same row: 50% was announced, 80% is new and names it
+    assert look(_spend_key(ledger, 0.6, rotated)) == [("key", "k_two", 80)]  # 1.6 of 2.0
+    # another process, its own rule: the claims are in the store, nothing is sent twice
+    other = AlertRule(store)
+    assert other.observe(watches(_spend_key(ledger, 0.0, first))[1], THRESHOLDS, T0).alerts == ()
+    # the user's own budget (100) is another scope: 1.6 is under its 50%
+    assert rule.observe(watches(_spend_key(ledger, 0.0, rotated))[0], THRESHOLDS, T0).alerts == ()
+    # an unrelated key of the same user has a row of its own
+    assert look(_spend_key(ledger, 1.5, KeyBudget("k_b", "k_b", 3.0))) == [("key", "k_b", 50)]
+
+
+def test_a_key_alert_names_the_key_and_its_user_never_a_secret(store: StateStore) -> None:
+    ledger, rule = Ledger(store), AlertRule(store)
+    res = _spend_key(ledger, 1.7, KeyBudget("k_abc", "k_abc", 2.0))
+    seen = rule.observe(watches(res)[1], THRESHOLDS, T0)
+    assert seen.utilization == pytest.approx(0.85)
+    fifty, alert = seen.alerts
+    assert alert.to_json() == {
+        "type": "budget_threshold",
+        "scope": "key",
+        "id": "k_abc",
+        "user_id": "alice",
+        "tenant": "t",
+        "period": "daily",
+        "period_start": "2026-05-20T00:00:00Z",
+        "threshold": 80,
+        "spent_usd": 1.7,
+        "budget_usd": 2.0,
+        "utilization": 0.85,
+        "resets_at": "2026-05-21T00:00:00Z",
+    }
+    slack = alert.slack()
+    assert slack["text"].startswith("API key k_abc of user alice has used 80% of its daily budget")
+    fields = [f["text"] for f in slack["blocks"][2]["fields"]]
+    assert fields[:3] == ["*Scope*\nkey `k_abc`", "*User*\n`alice`", "*Tenant*\n`t`"]
 
 
 def test_a_new_period_alerts_again_and_claims_outlive_the_period(store: StateStore) -> None:

@@ -20,7 +20,7 @@ from candela_mitm.audit.query import query_entries
 from candela_mitm.audit.writer import AuditWriter
 from candela_mitm.config import Alerts, Audit, Webhook, parse_config
 from candela_mitm.errors import ConfigError, StoreUnavailable
-from candela_mitm.governance.ledger import Ledger, Reservation
+from candela_mitm.governance.ledger import KeyBudget, Ledger, Reservation
 from candela_mitm.governance.periods import BudgetPeriod
 from candela_mitm.observability.alerts import AlertNotifier
 from candela_mitm.observability.metrics import Metrics
@@ -183,6 +183,48 @@ def test_without_webhooks_nothing_is_claimed_and_the_gauge_is_bounded(
         finally:
             n2.close()
         assert sorted(p.body["threshold"] for p in hook.posts) == [50, 80]
+
+
+def test_a_keys_budget_is_alerted_audited_and_gauged_under_scope_key(
+    store: StateStore, audit: AuditWriter, tmp_path: Path
+) -> None:
+    m = Metrics()
+    ledger = Ledger(store)
+    key = KeyBudget("k_pub1", "k_pub1", 1.0)
+    with WebhookReceiver() as hook, WebhookReceiver() as slack:
+        cfg = alerts_config({"url": hook.url}, {"url": slack.url, "format": "slack"})
+        n = AlertNotifier(store, audit, m, lambda: cfg, known=lambda scope, i: i != "k_unknown")
+        try:
+            res = ledger.reserve("alice", None, 0.0, 10.0, "req", key_budget=key)
+            assert isinstance(res, Reservation)
+            assert ledger.settle(res, 0.6, 1, 1, "gpt-4o", "openai").applied
+            n.settled(res)
+            assert n.flush(10)
+            # a key the gauge does not know: its alert is sent, no series is added
+            other = ledger.reserve("alice", None, 0.0, 10.0, "req",
+                                   key_budget=KeyBudget("k_unknown", "k_unknown", 1.0))
+            assert isinstance(other, Reservation)
+            assert ledger.settle(other, 0.5, 1, 1, "gpt-4o", "openai").applied
+            n.settled(other)
+            assert n.flush(10)
+        finally:
+            n.close()
+        bodies = [p.body for p in hook.posts]
+        slack_texts = [p.body["text"] for p in slack.posts]
+    # the user's 1.1 of 10 is under every threshold: two key alerts, one per key
+    assert sorted((b["scope"], b["id"], b["user_id"], b["threshold"]) for b in bodies) == [
+        ("key", "k_pub1", "alice", 50), ("key", "k_unknown", "alice", 50)
+    ]
+    assert sorted(slack_texts)[0].startswith("API key k_pub1 of user alice has used 50%")
+    gauge = "candela_budget_utilization"
+    assert metric(m, gauge, {"scope": "key", "id": "k_pub1"}) == pytest.approx(0.6)
+    assert metric(m, gauge, {"scope": "key", "id": "k_unknown"}) is None
+    assert metric(m, gauge, {"scope": "user", "id": "alice"}) == pytest.approx(0.11)
+    sent = entries(audit, tmp_path)
+    assert len(sent) == 4 and {e["fields"]["outcome"] for e in sent} == {"sent"}
+    assert {(e["fields"]["scope"], e["fields"]["scope_id"], e["user_id"]) for e in sent} == {
+        ("key", "k_pub1", "alice"), ("key", "k_unknown", "alice")
+    }
 
 
 def test_settled_never_raises_nor_waits_on_a_broken_store(
