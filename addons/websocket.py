@@ -133,6 +133,7 @@ class WebSocket:
                 slice_usd=self.cfg.reserve_usd,
                 provider=plan.upstream.name,
                 held=c.reservation,
+                tenant_settings=self.rt.users.tenant_settings_cached,
             )
             c.reservation = None  # the session holds it from here
         limits = None
@@ -243,8 +244,14 @@ class WebSocket:
         cost = price.cost(usage) if price is not None else 0.0
         funded = await self.rt.store_call(s.budget.settle, cost, usage, model)
         if not funded:  # this frame still reaches the client; nothing after it does
-            b = s.budget
-            spent = errors.session_budget_exhausted(b.user, b.daily_budget_usd, b.charged_usd)
+            b, r = s.budget, s.budget.refusal
+            if r is None:  # nothing to hold and no refusal: the user's budget was used up
+                spent = errors.session_budget_exhausted(b.user, b.daily_budget_usd, b.charged_usd)
+            else:
+                spent = errors.session_budget_exhausted(
+                    b.user, r.budget_usd, b.charged_usd, r.scope, r.period, r.tenant, r.key_id,
+                    r.spent_usd, r.remaining_usd, r.resets_at,
+                )
             self._cut(flow, c, s, "budget", spent)
 
     def _client_frame(

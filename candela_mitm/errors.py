@@ -495,17 +495,46 @@ def websocket_idle_timeout(seconds: float) -> Denial:
     )
 
 
-def session_budget_exhausted(user: str, budget_usd: float, session_cost_usd: float) -> Denial:
-    """budget_exceeded for an open session: the last usage frame left no slice to hold."""
+def session_budget_exhausted(
+    user: str,
+    budget_usd: float,
+    session_cost_usd: float,
+    scope: str = "user",
+    period: str = "daily",
+    tenant: str | None = None,
+    key_id: str | None = None,
+    spent_usd: float | None = None,
+    remaining_usd: float | None = None,
+    resets_at: str | None = None,
+) -> Denial:
+    """budget_exceeded for an open session: the last usage frame left no slice to hold on the
+    budget `scope` names (the user's, the tenant's or the API key's: then `key_id`)."""
+    whose = "Your"
+    if scope == "tenant":
+        whose = f"Tenant '{tenant}''s"
+    elif scope == "key":
+        whose = f"API key '{key_id}''s"
+    fields: dict[str, Any] = {
+        "user_id": user,
+        "tenant_id": tenant,
+        "scope": scope,
+        "period": period,
+        "budget_usd": round(budget_usd, 6),
+        "session_cost_usd": round(session_cost_usd, 6),
+    }
+    if spent_usd is not None:
+        fields["spent_usd"] = round(spent_usd, 6)
+    if remaining_usd is not None:
+        fields["remaining_usd"] = round(remaining_usd, 6)
+    if resets_at is not None:
+        fields["resets_at"] = resets_at
+    if scope == "key":
+        fields["key_id"] = key_id
     return Denial(
         402,
         "budget_exceeded",
-        "Today's budget cannot fund more of this WebSocket session; it is closed",
-        {
-            "user_id": user,
-            "budget_usd": round(budget_usd, 6),
-            "session_cost_usd": round(session_cost_usd, 6),
-        },
+        f"{whose} {period} budget cannot fund more of this WebSocket session; it is closed",
+        fields,
     )
 
 

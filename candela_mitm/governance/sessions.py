@@ -3,7 +3,10 @@
 A session has no upper bound known in advance, so it holds a slice of the user's budget at a
 time (`governance.websocket.reserve_usd`, reserved at the upgrade like any request's estimate):
 each usage frame settles its cost on the ledger and holds a new slice from what is left; when no
-slice can be held the budget is exhausted and the session is cut. A session that ends while work
+slice can be held the budget is exhausted and the session is cut. Every slice is held on the
+same rows an HTTP request's estimate is (governance/admission.py `reserve`): the user's, the
+tenant's budget (as the user directory says now, so an admin's change applies at the next
+top-up) and the API key's own, and whichever runs out first cuts the session. A session that ends while work
 is unaccounted (a client frame that asked for work was forwarded and no usage frame followed it:
 the client left, the upstream cut, the proxy restarted) is charged the slice it holds, as an HTTP
 request without usage is charged its reservation. One whose every frame was refused, or that
@@ -28,6 +31,7 @@ from candela_mitm.governance.ratelimit import (
     RateLimiter,
     TokenLimits,
 )
+from candela_mitm.governance.users import TenantSettings
 from candela_mitm.providers.usage import Usage
 from candela_mitm.state.ports import US_PER_S, RateStore, to_us, utc_now
 
@@ -57,14 +61,37 @@ class SessionBudget:
     # work was asked for (a client frame forwarded) and no usage frame has reported it yet
     pending: bool = False
     charged_reservation: bool = False  # closed by charging the held slice (usage_source reserved)
+    # the tenant's budget and period at each top-up (the user directory's, as HTTP requests read
+    # them); None: as the first slice was judged
+    tenant_settings: Callable[[str], TenantSettings] | None = None
     # as the first slice was judged: the user's period, and the API key's own budget (a session
     # opened with a budgeted key tops up within it too)
     period: BudgetPeriod = field(default=DAILY_UTC, init=False)
     key_budget: KeyBudget | None = field(default=None, init=False)
+    tenant_budget_usd: float | None = field(default=None, init=False)
+    tenant_period: BudgetPeriod = field(default=DAILY_UTC, init=False)
+    # why the last top-up found nothing to hold: whose budget (scope user, tenant or key) ran out
+    refusal: BudgetRefusal | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.held is not None:
             self.period, self.key_budget = self.held.period, self.held.key_budget
+            self.tenant_budget_usd = self.held.tenant_budget_usd
+            self.tenant_period = self.held.tenant_period
+
+    def _reserve(self, amount_usd: float, model: str) -> Reservation | BudgetRefusal:
+        """Hold `amount_usd` on the user's, the tenant's and the key's rows, as an HTTP request's
+        estimate is held."""
+        tenant_budget, tenant_period = self.tenant_budget_usd, self.tenant_period
+        if self.tenant is not None and self.tenant_settings is not None:
+            t = self.tenant_settings(self.tenant)
+            tenant_budget, tenant_period = t.budget_usd, t.period
+        return self.ledger.reserve(
+            self.user, self.tenant, amount_usd, self.daily_budget_usd, self.request_id,
+            model=model, provider=self.provider, period=self.period,
+            tenant_budget_usd=tenant_budget if self.tenant is not None else None,
+            tenant_period=tenant_period, key_budget=self.key_budget,
+        )
 
     def settle(self, cost_usd: float, usage: Usage, model: str) -> bool:
         """Settle one usage frame's cost and hold a new slice. False: the budget is exhausted
@@ -72,11 +99,7 @@ class SessionBudget:
         res = self.held
         self.held = None
         if res is None:  # cut already, a late usage frame: recorded all the same
-            got = self.ledger.reserve(
-                self.user, self.tenant, 0.0, self.daily_budget_usd, self.request_id,
-                model=model, provider=self.provider, period=self.period,
-                key_budget=self.key_budget,
-            )
+            got = self._reserve(0.0, model)
             assert isinstance(got, Reservation)  # a zero reservation always succeeds
             res = got
         self.ledger.settle(
@@ -88,16 +111,17 @@ class SessionBudget:
         return self.held is not None
 
     def _top_up(self, model: str) -> Reservation | None:
-        """A new slice, or what is left of the budget when less than a slice is; None if nothing is."""
+        """A new slice, or what is left of the budgets when less than a slice is; None if
+        nothing is (`refusal` then says whose budget ran out)."""
         amount = self.slice_usd
-        for _ in range(2):
-            got = self.ledger.reserve(
-                self.user, self.tenant, amount, self.daily_budget_usd, self.request_id,
-                model=model, provider=self.provider, period=self.period,
-                key_budget=self.key_budget,
-            )
+        # each refusal names one budget (user, tenant, key) and what it has left: at most one
+        # smaller try per budget, the amount shrinking each time
+        for _ in range(4):
+            got = self._reserve(amount, model)
             if not isinstance(got, BudgetRefusal):
+                self.refusal = None
                 return got
+            self.refusal = got
             if got.remaining_usd <= 0 or got.remaining_usd >= amount:
                 return None
             amount = got.remaining_usd

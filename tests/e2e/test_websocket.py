@@ -490,6 +490,8 @@ LIMITED_USERS = {
     "tpm@example.com": {"requests_per_minute": 1000, "output_tokens_per_minute": 50},
     "voice-a@example.com": {"requests_per_minute": 1000, "tenants": ["voice"]},
     "voice-b@example.com": {"requests_per_minute": 1000, "tenants": ["voice"]},
+    # the user's budget is the default $1000; the tenant's $0.05 a month
+    "pennies@example.com": {"requests_per_minute": 1000, "tenants": ["pennies"]},
 }
 
 
@@ -508,7 +510,10 @@ def limited(tmp_path_factory: pytest.TempPathFactory, fake: FakeRealtime) -> Ite
         cfg["auth"]["api_keys"] += [
             {"sha256": sha(_key(u.split("@")[0])), "user": u} for u in LIMITED_USERS
         ]
-        cfg["governance"]["tenants"] = {"voice": {"total_tokens_per_minute": 300}}
+        cfg["governance"]["tenants"] = {
+            "voice": {"total_tokens_per_minute": 300},
+            "pennies": {"budget_usd": 0.05, "period": "monthly"},
+        }
         cfg["governance"]["websocket"] = {"reserve_usd": SLICE}
         with CandelaProcess(tmp, cfg, env=candela_env(tokens, tmp)) as c:
             yield c
@@ -656,6 +661,57 @@ def test_the_tenants_token_limit_counts_every_session_of_its_users(limited, fake
     assert closed.value.code == 1008
     assert sb.ended.wait(5) and len(_requests(sb)) == 1
     assert sa.ended.wait(5) and len(_requests(sa)) == 2
+
+
+def test_a_session_is_cut_when_its_tenants_budget_runs_out_though_its_user_has_budget(
+    limited, fake
+):
+    from candela_mitm.governance.periods import BudgetPeriod
+
+    user = "pennies@example.com"
+    # the tenant's budget is $0.05 and a slice $0.05: each response costs about a third of it
+    fake.usage = RtUsage(input_text=1000, output_audio=200)
+    one = cost("gpt-realtime", fake.usage, "openai-realtime")
+    assert 0.05 / 3 < one * 1.01 and one * 2 < 0.05
+    led = ledger_of(limited)
+    client = WsClient(limited.port, REALTIME, as_user(user))
+    assert client.status == 101, client.rejection
+    client.recv()
+    done = 0
+    error = None
+    with pytest.raises(Closed) as closed:
+        for _ in range(10):  # the user's $1000 alone would fund hundreds of thousands
+            client.send({"type": "response.create"})
+            for ev in client.recv_until(lambda e: e.get("type") in ("response.done", "error")):
+                if ev["type"] == "response.done":
+                    done += 1
+                elif ev["type"] == "error":
+                    error = ev
+                    client.recv()  # the close follows the error event
+    assert closed.value.code == 1008
+    assert error is not None
+    fields = error["error"]
+    assert (fields["code"], fields["scope"], fields["tenant_id"], fields["period"]) == (
+        "budget_exceeded", "tenant", "pennies", "monthly"
+    )
+    assert fields["user_id"] == user and fields["budget_usd"] == 0.05
+    assert fields["remaining_usd"] < one and fields["resets_at"].endswith("-01T00:00:00Z")
+    s = fake.last()
+    assert s.ended.wait(5) and s.close_code == 1008
+    # every frame the fake got was answered and paid for: nothing after the cut reached it
+    assert len(s.frames) == done and done == 3
+    e = session_entry(limited, client)
+    assert e["ended_by"] == "budget" and e["error"] == "budget_exceeded"
+    settled(led, user)
+    tenant = led.tenant_status("pennies", 0.05, BudgetPeriod("monthly"))
+    assert tenant.spent_usd == pytest.approx(done * one, rel=1e-6) and tenant.reserved_usd == 0
+    assert led.status(user, 1000.0).spent_usd == pytest.approx(done * one, rel=1e-6)
+    # the next upgrade is refused at the door, by the tenant's budget
+    fake.reset()
+    again = WsClient(limited.port, REALTIME, as_user(user))
+    assert again.status == 402 and again.rejection["error"] == "budget_exceeded"
+    assert again.rejection["scope"] == "tenant"
+    assert fake.sessions == []
 
 
 # --- real clients, unchanged ---------------------------------------------------------------

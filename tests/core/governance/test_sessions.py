@@ -9,6 +9,7 @@ import pytest
 
 from candela_mitm.config import State
 from candela_mitm.governance.ledger import Ledger, Reservation
+from candela_mitm.governance.periods import BudgetPeriod
 from candela_mitm.governance.ratelimit import RateLimiter, TokenLimits
 from candela_mitm.governance.sessions import (
     FrameRate,
@@ -18,6 +19,7 @@ from candela_mitm.governance.sessions import (
     SessionTally,
     session_lease_key,
 )
+from candela_mitm.governance.users import TenantSettings
 from candela_mitm.providers.usage import Usage
 from candela_mitm.state import open_state_store
 
@@ -95,6 +97,60 @@ def test_a_session_opened_with_a_budgeted_key_tops_up_within_the_keys_budget(led
     status = ledger.key_status(key)
     assert status.spent_usd == pytest.approx(0.26) and status.reserved_usd == 0
     assert ledger.status(U, 10.0).remaining_usd == pytest.approx(9.74)  # the user has room
+
+
+def tenant_session(ledger: Ledger, tenant_budget: float, **kw) -> SessionBudget:
+    first = ledger.reserve(U, "t", SLICE, 10.0, "span-1", model="m", provider="openai",
+                           tenant_budget_usd=tenant_budget, tenant_period=BudgetPeriod("monthly"))
+    assert isinstance(first, Reservation)
+    return SessionBudget(ledger, U, "t", 10.0, "span-1", SLICE, "openai", held=first, **kw)
+
+
+def test_top_ups_hold_on_the_tenants_budget_and_its_end_cuts_the_session(ledger):
+    s = tenant_session(ledger, 0.25)
+    monthly = BudgetPeriod("monthly")
+    assert s.settle(0.10, Usage(), "m")  # tenant: spent 0.10, holds 0.10
+    assert ledger.tenant_status("t", 0.25, monthly).reserved_usd == pytest.approx(SLICE)
+    assert s.settle(0.10, Usage(), "m")  # tenant: spent 0.20, holds the 0.05 left
+    assert s.held is not None and s.held.amount_usd == pytest.approx(0.05)
+    assert not s.settle(0.06, Usage(), "m")  # the tenant's budget is spent: the session ends
+    assert s.refusal is not None
+    assert (s.refusal.scope, s.refusal.tenant, s.refusal.period) == ("tenant", "t", "monthly")
+    assert s.refusal.budget_usd == 0.25 and s.refusal.remaining_usd == 0
+    status = ledger.tenant_status("t", 0.25, monthly)
+    assert status.spent_usd == pytest.approx(0.26) and status.reserved_usd == 0
+    assert ledger.status(U, 10.0).remaining_usd == pytest.approx(9.74)  # the user has room
+
+
+def test_top_ups_read_the_tenants_budget_as_the_directory_says_now(ledger):
+    budgets = {"t": 10.0}
+
+    def tenant_settings(tenant: str) -> TenantSettings:
+        return TenantSettings(tenant, budgets[tenant], BudgetPeriod("monthly"), "store")
+
+    s = tenant_session(ledger, 10.0, tenant_settings=tenant_settings)
+    assert s.settle(0.10, Usage(), "m")
+    budgets["t"] = 0.15  # an admin lowers it mid-session: the next top-up holds what is left
+    assert s.settle(0.02, Usage(), "m")  # tenant: spent 0.12, holds the 0.03 left
+    assert s.held is not None and s.held.amount_usd == pytest.approx(0.03)
+    assert not s.settle(0.03, Usage(), "m")
+    assert s.refusal is not None and s.refusal.scope == "tenant" and s.refusal.budget_usd == 0.15
+
+
+def test_a_top_up_shrinks_to_the_smallest_budget_left(ledger):
+    from candela_mitm.governance.ledger import KeyBudget
+
+    key = KeyBudget("k_a", "k_a", 0.27)
+    first = ledger.reserve(U, "t", SLICE, 0.30, "span-1", model="m", provider="openai",
+                           tenant_budget_usd=0.28, key_budget=key)
+    assert isinstance(first, Reservation)
+    s = SessionBudget(ledger, U, "t", 0.30, "span-1", SLICE, "openai", held=first)
+    # spent 0.20 everywhere: the user has 0.10 left, the tenant 0.08, the key 0.07
+    assert s.settle(0.20, Usage(), "m")
+    assert s.held is not None and s.held.amount_usd == pytest.approx(0.07)
+    assert s.held.tenant_hold_usd == pytest.approx(0.07) and s.held.key_hold_usd == pytest.approx(0.07)
+    assert not s.settle(0.07, Usage(), "m") and s.refusal is not None
+    assert s.refusal.scope == "key" and s.refusal.key_id == "k_a"
 
 
 @pytest.mark.parametrize(
