@@ -17,13 +17,13 @@ from candela_mitm.governance.estimate import estimate_batch_cost
 from candela_mitm.governance.jobs import job_cost
 from candela_mitm.governance.ledger import TrueUp
 from candela_mitm.providers.batchfile import parse_upload
-from candela_mitm.providers.usage import (
-    Usage,
+from candela_mitm.providers.jobs import (
     batch_output_usage,
     batch_results_usage,
     job_final_usage,
     job_id_from,
 )
+from candela_mitm.providers.usage import Usage
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow

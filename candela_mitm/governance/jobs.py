@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from candela_mitm.providers.jobs import BATCH_JOBS
 from candela_mitm.providers.pricing import PricingTable
-from candela_mitm.providers.usage import BATCH_JOBS, Usage
+from candela_mitm.providers.usage import Usage
 
 
 def job_cost(
