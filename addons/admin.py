@@ -5,7 +5,8 @@ from __future__ import annotations
 from mitmproxy import http
 
 from candela_mitm import errors
-from candela_mitm.admin.handlers import AdminApi, AdminRequest
+from candela_mitm.admin.handlers import AdminApi
+from candela_mitm.admin.routes import AdminRequest
 from candela_mitm.runtime import Runtime
 
 from .flowstate import answer_json, answered, ctx_of, decoded_body, deny, fail_closed

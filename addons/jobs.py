@@ -13,17 +13,23 @@ from mitmproxy import http
 from candela_mitm import errors
 from candela_mitm.audit.actions import LLM_REQUEST
 from candela_mitm.context import RequestContext
-from candela_mitm.governance.estimate import estimate_batch_cost
-from candela_mitm.governance.jobs import job_cost
+from candela_mitm.governance.jobs import (
+    batch_file_models,
+    job_cost,
+    other_batch_models,
+    unpriced_model,
+    upload_record,
+    upload_refusal,
+)
 from candela_mitm.governance.ledger import TrueUp
 from candela_mitm.providers.batchfile import parse_upload
-from candela_mitm.providers.usage import (
-    Usage,
+from candela_mitm.providers.jobs import (
     batch_output_usage,
     batch_results_usage,
     job_final_usage,
     job_id_from,
 )
+from candela_mitm.providers.usage import Usage
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
@@ -123,10 +129,10 @@ class Jobs:
             if not check_model(self.rt, flow, c, model, route):
                 return False
         if self.rt.config.governance.unknown_model_price == "deny":
-            for model in models:
-                if self.rt.pricing.get(model, route) is None:
-                    deny(flow, errors.model_price_unknown(model))
-                    return False
+            unpriced = unpriced_model(models, lambda m: self.rt.pricing.get(m, route))
+            if unpriced is not None:
+                deny(flow, errors.model_price_unknown(unpriced))
+                return False
         return True
 
     async def _check_upload(self, flow: http.HTTPFlow, c: RequestContext) -> None:
@@ -142,35 +148,22 @@ class Jobs:
         parsed = await self.rt.blocking(
             parse_upload, raw, flow.request.headers.get("content-type", "")
         )
-        if isinstance(parsed, str):
-            deny(flow, errors.bad_request(parsed))
+        refusal = upload_refusal(parsed, route)
+        if refusal is not None:
+            deny(flow, refusal)
             return
-        if parsed.purpose != "batch":
-            deny(flow, errors.endpoint_not_governed(
-                "POST", "/v1/files", route,
-                "only a batch's input file (purpose=batch) is uploaded through Candela",
-            ))
+        assert not isinstance(parsed, str)
+        if not self._models_pass(flow, c, list(parsed.models), route):
             return
-        models = list(parsed.models)
-        if not self._models_pass(flow, c, models, route):
-            return
-        priced = [
-            (line.model, line.body)
-            for line in parsed.lines
-            if self.rt.pricing.get(line.model, route) is not None  # else unknown_model_price: zero
-        ]
-        default_max = self.rt.config.governance.budgets.default_max_output_tokens
-        estimate = await self.rt.blocking(
-            estimate_batch_cost, priced, default_max, lambda m: self.rt.pricing.get(m, route)
-        )
         p = c.principal
-        c.job_input = {
-            "user_id": p.user if p is not None else None,
-            "tenant": c.tenant or "",
-            "models": models,
-            "requests": len(parsed.lines),
-            "estimate_usd": estimate,
-        }
+        c.job_input = await self.rt.blocking(
+            upload_record,
+            parsed,
+            p.user if p is not None else None,
+            c.tenant or "",
+            self.rt.config.governance.budgets.default_max_output_tokens,
+            lambda m: self.rt.pricing.get(m, route),
+        )
 
     async def _check_batch_file(self, flow: http.HTTPFlow, c: RequestContext) -> None:
         """A batch names its input file: one its creator uploaded through Candela, whose models
@@ -184,19 +177,13 @@ class Jobs:
             return
         record = await self.rt.store_call(self.rt.ledger.job_object, route, "file:" + file_id)
         p = c.principal
-        models = record.get("models") if record else None
-        if (
-            record is None
-            or p is None
-            or record.get("user_id") != p.user
-            or not isinstance(models, list)
-            or not models
-        ):
+        models = batch_file_models(record, p.user if p is not None else None)
+        if models is None:
             deny(flow, errors.batch_file_not_governed(route, file_id))
             return
-        if not self._models_pass(flow, c, [str(m) for m in models], route):
+        if not self._models_pass(flow, c, models, route):
             return
-        plan.model = str(models[0])  # the batch is recorded (and priced) under its first model
+        plan.model = models[0]  # the batch is recorded (and priced) under its first model
         c.job_input = record
 
     def _check_batch(self, flow: http.HTTPFlow, c: RequestContext) -> None:
@@ -204,8 +191,7 @@ class Jobs:
         the batch is planned under it) and has a price, before anything is reserved."""
         plan = c.plan
         assert plan is not None and plan.batch is not None
-        others = [m for m in dict.fromkeys(m for m, _ in plan.batch) if m != plan.model]
-        self._models_pass(flow, c, others, plan.upstream.name)
+        self._models_pass(flow, c, other_batch_models(plan.batch, plan.model), plan.upstream.name)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         # Before Budget's response hook (it settles the creation's reservation): the job is

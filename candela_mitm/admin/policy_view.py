@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from candela_mitm.admin.handlers import AdminApi, AdminRequest, settings_json
+from candela_mitm.admin.handlers import AdminApi
+from candela_mitm.admin.routes import AdminRequest
+from candela_mitm.admin.views import settings_json
 from candela_mitm.governance.policy import effective_models
 
 

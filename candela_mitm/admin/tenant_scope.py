@@ -25,21 +25,12 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from candela_mitm import errors
-from candela_mitm.admin.handlers import (
-    AUDIT_FLUSH_TIMEOUT_S,
-    DEFAULT_AUDIT_LIMIT,
-    MAX_AUDIT_LIMIT,
-    MAX_LEADERBOARD_LIMIT,
-    AdminApi,
-    AdminRequest,
-    AdminResponse,
-    _bad_param,
-    _days,
-    _int_param,
-    _moment_param,
-    _usd_out,
-    user_json,
-)
+from candela_mitm.admin.base import AUDIT_FLUSH_TIMEOUT_S
+from candela_mitm.admin.handlers import AdminApi
+from candela_mitm.admin.params import DEFAULT_AUDIT_LIMIT, MAX_AUDIT_LIMIT, MAX_LEADERBOARD_LIMIT
+from candela_mitm.admin.parsing import bad_param, day_range, int_param, moment_param
+from candela_mitm.admin.routes import AdminRequest, AdminResponse
+from candela_mitm.admin.views import usd_out, user_json
 from candela_mitm.audit.query import AuditScope, query_entries
 from candela_mitm.errors import Refused
 from candela_mitm.governance.users import UserSettings
@@ -179,7 +170,7 @@ def rotate_key(s: TenantScope, p: dict[str, str], q: Any, body: Any) -> AdminRes
 def usage(s: TenantScope, p: Any, q: dict[str, str], body: Any) -> AdminResponse:
     """The usage route once per tenant asked for (all of the admin's by default), summed."""
     user, tenant = q.get("user"), q.get("tenant")
-    first, last = _days(_moment_param(q, "since"), _moment_param(q, "until"))
+    first, last = day_range(moment_param(q, "since"), moment_param(q, "until"))
     if user is not None and not s.sees(user):
         raise _forbidden("read the usage of users of its tenants")
     if tenant is not None and tenant not in s.tenants:
@@ -199,7 +190,7 @@ def usage(s: TenantScope, p: Any, q: dict[str, str], body: Any) -> AdminResponse
                 row[k] += m[k]
     rows = sorted(models.values(), key=lambda r: (-r["spend_usd"], r["model"], r["provider"]))
     for r in rows:
-        r["spend_usd"] = _usd_out(r["spend_usd"])
+        r["spend_usd"] = usd_out(r["spend_usd"])
     return AdminResponse(
         200,
         {
@@ -207,7 +198,7 @@ def usage(s: TenantScope, p: Any, q: dict[str, str], body: Any) -> AdminResponse
             "tenant_id": tenant,
             "since": first,
             "until": last,
-            "spend_usd": _usd_out(sum(r["spend_usd"] for r in rows)),
+            "spend_usd": usd_out(sum(r["spend_usd"] for r in rows)),
             "tokens_in": sum(r["tokens_in"] for r in rows),
             "tokens_out": sum(r["tokens_out"] for r in rows),
             "requests": sum(r["requests"] for r in rows),
@@ -220,9 +211,9 @@ def leaderboard(s: TenantScope, p: Any, q: dict[str, str], body: Any) -> AdminRe
     """Ranked from the spend attributed to its tenants only (by user: within them)."""
     by = q.get("by", "tenant")
     if by not in ("tenant", "user"):
-        raise _bad_param("by", "must be 'tenant' or 'user'")
-    first, last = _days(_moment_param(q, "since"), _moment_param(q, "until"))
-    limit = _int_param(q, "limit", 1, MAX_LEADERBOARD_LIMIT)
+        raise bad_param("by", "must be 'tenant' or 'user'")
+    first, last = day_range(moment_param(q, "since"), moment_param(q, "until"))
+    limit = int_param(q, "limit", 1, MAX_LEADERBOARD_LIMIT)
     totals: dict[str, list[int]] = {}
     for r in s.spend_rows(first, last):
         t = totals.setdefault(r.tenant if by == "tenant" else r.user_id, [0, 0, 0, 0])
@@ -235,7 +226,7 @@ def leaderboard(s: TenantScope, p: Any, q: dict[str, str], body: Any) -> AdminRe
         {
             "rank": i,
             "key": key,
-            "spend_usd": _usd_out(nano_to_usd(c)),
+            "spend_usd": usd_out(nano_to_usd(c)),
             "tokens_in": n_in,
             "tokens_out": n_out,
             "requests": n,
@@ -247,9 +238,9 @@ def leaderboard(s: TenantScope, p: Any, q: dict[str, str], body: Any) -> AdminRe
 
 def audit(s: TenantScope, p: Any, q: dict[str, str], body: Any) -> AdminResponse:
     """The entries of its tenants, and the admin actions it made or that concern them."""
-    since = _moment_param(q, "since")
-    limit = _int_param(q, "limit", 1, MAX_AUDIT_LIMIT)
-    before_seq = _int_param(q, "before_seq", 1, 2**62)
+    since = moment_param(q, "since")
+    limit = int_param(q, "limit", 1, MAX_AUDIT_LIMIT)
+    before_seq = int_param(q, "before_seq", 1, 2**62)
     if isinstance(since, date) and not isinstance(since, datetime):
         since = datetime(since.year, since.month, since.day, tzinfo=UTC)
     n = limit or DEFAULT_AUDIT_LIMIT

@@ -321,7 +321,7 @@ def estimate_batch_cost(
 ) -> float:
     """The most a batch can cost: the sum of every request's most, each at its model's batch
     price where genai-prices knows one (else its list price). A model without a price raises
-    KeyError (the caller refuses the batch first: addons/jobs.py)."""
+    KeyError (the caller refuses the batch first: addons/jobs.py, governance/jobs.upload_record)."""
     total = 0.0
     for model, params in requests:
         price = price_of(model)

@@ -7,18 +7,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
 from candela_mitm.providers.forwarding import ForwardPlan
+from candela_mitm.providers.meters import UsageMeter, meter_for
 from candela_mitm.providers.sse import SseEvent, SseParser
 from candela_mitm.providers.translate.responses import (
     AnthropicToOpenAIJson,
     AnthropicToOpenAIStream,
 )
-from candela_mitm.providers.usage import (
-    OutputCounter,
-    Usage,
-    UsageMeter,
-    meter_for,
-    usage_from_openai,
-)
+from candela_mitm.providers.usage import OutputCounter, Usage, usage_from_openai
 
 
 class ResponseProcessor(ABC):

@@ -1,18 +1,14 @@
-"""Usage: tokens read from each provider's wire format, JSON and streams alike."""
+"""Usage: tokens read from each provider's wire format, one JSON document or a stream's documents
+added up (the framing of a body is providers/meters.py, a job's answers providers/jobs.py)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-
-from candela_mitm.providers.eventstream import EventMessage, EventStreamDecoder, EventStreamError
-from candela_mitm.providers.sse import SseParser
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -45,8 +41,6 @@ class Usage:
 
 
 WIRES = ("openai", "anthropic", "gemini", "bedrock", "ollama")
-MAX_BODY = 32 * 1024 * 1024  # the most of one body (or one stream line/element) held in memory
-_TAIL = 256 * 1024  # past MAX_BODY a JSON body keeps only its end, where every format puts usage
 
 
 def _count(value: object) -> int | None:
@@ -420,7 +414,7 @@ def _live_key(text: str, key: str) -> bool:
     return False
 
 
-def _loads(text: str | bytes) -> object | None:
+def load_json(text: str | bytes) -> object | None:
     try:
         return json.loads(text)
     except (ValueError, RecursionError):
@@ -480,7 +474,7 @@ class OutputCounter:
 # Readers: how the decoded documents of one wire add up to one usage
 
 
-class _Reader(ABC):
+class Reader(ABC):
     def __init__(self, wire: str) -> None:
         self.saw_output = False
         self.error: str | None = None
@@ -512,7 +506,7 @@ class _Reader(ABC):
             self.error = _error_text(obj)
 
 
-class _LastWinsReader(_Reader):
+class _LastWinsReader(Reader):
     """OpenAI, Gemini, Ollama: each document that carries usage carries all of it; the last wins.
 
     After the first output, chunks are not parsed as they pass: one whose bytes may carry usage
@@ -538,7 +532,7 @@ class _LastWinsReader(_Reader):
             if self._carries(text):
                 self._pending.append(text)
             return
-        obj = _loads(text)
+        obj = load_json(text)
         if obj is not None:
             self.take_obj(obj, event)
 
@@ -559,7 +553,7 @@ class _LastWinsReader(_Reader):
 
     def usage(self) -> Usage | None:
         while self._pending:
-            u = self._extract(_loads(self._pending.pop()))
+            u = self._extract(load_json(self._pending.pop()))
             if u is not None:
                 self._usage = u
                 self._pending.clear()
@@ -569,7 +563,7 @@ class _LastWinsReader(_Reader):
 _ANTHROPIC_SKIP = frozenset({"content_block_delta", "ping", "contentBlockDelta"})
 
 
-class _AnthropicReader(_Reader):
+class _AnthropicReader(Reader):
     """Anthropic and Bedrock: `message_start` brings input, `message_delta` the cumulative output.
 
     Each count keeps its latest value (never a sum); Bedrock's invocationMetrics override the
@@ -596,7 +590,7 @@ class _AnthropicReader(_Reader):
                 or "invocationMetrics" in text
             ):
                 return
-        obj = _loads(text)
+        obj = load_json(text)
         if obj is not None:
             self.take_obj(obj, event)
 
@@ -622,7 +616,7 @@ class _AnthropicReader(_Reader):
         return _parts_usage({**self._parts, **self._metrics})
 
 
-def _reader_for(wire: str) -> _Reader:
+def reader_for(wire: str) -> Reader:
     if wire == "openai":
         return _LastWinsReader(
             wire,
@@ -645,562 +639,3 @@ def _reader_for(wire: str) -> _Reader:
     if wire in ("anthropic", "bedrock"):
         return _AnthropicReader(wire)
     raise ValueError(f"unknown wire format {wire!r}; expected one of {', '.join(WIRES)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Meters: the framing of a response body (SSE, NDJSON, AWS event stream, JSON)
-
-
-class UsageMeter(ABC):
-    """Reads one response's usage as its body passes. feed() never raises; usage reads any time.
-
-    `usage` is what the body has shown so far (the response headers' counts when it shows
-    none), so a stream cut short still settles on the tokens it carried.
-    """
-
-    def __init__(self, reader: _Reader, fallback: Usage | None = None) -> None:
-        self._reader = reader
-        self._fallback = fallback
-        self._finished = False
-        self.fault: str | None = None  # why the meter stopped reading the body, if it did
-
-    @property
-    def saw_output(self) -> bool:
-        """True once the first output content (a token, a tool call, a body with content) passed."""
-        return self._reader.saw_output
-
-    @property
-    def error(self) -> str | None:
-        """The first error the provider reported inside the body or stream."""
-        return self._reader.error
-
-    @property
-    def reported(self) -> bool:
-        """Did the answer report its whole usage? False: none, or a first part only (a stream
-        cut after Anthropic's `message_start`), and `usage` is what passed."""
-        return self._fallback is not None or self._reader.reported
-
-    @property
-    def observed_output(self) -> int:
-        """Output tokens estimated from the streamed text that passed (OutputCounter)."""
-        return self._reader.observed.tokens
-
-    @property
-    def usage(self) -> Usage:
-        u = self._reader.usage() or self._fallback
-        return replace(u) if u else Usage()
-
-    def feed(self, data: bytes) -> None:
-        if not data or self._finished or self.fault is not None:
-            return
-        try:
-            self._feed(bytes(data))
-        except Exception as e:  # metering must never break the response it watches
-            self.fault = f"{type(e).__name__}: {e}"
-
-    def finish(self) -> None:
-        """The body ended: read what a last unterminated event or the buffered JSON holds."""
-        if self._finished:
-            return
-        self._finished = True
-        if self.fault is not None:
-            return
-        try:
-            self._finish()
-        except Exception as e:
-            self.fault = f"{type(e).__name__}: {e}"
-
-    @abstractmethod
-    def _feed(self, data: bytes) -> None:
-        """Read the next bytes of the body (may raise: feed() turns that into a fault)."""
-
-    def _finish(self) -> None:  # noqa: B027 - a hook: most meters read everything in _feed
-        """The body ended: read what is left over (a last unterminated event, a buffered body)."""
-
-
-class _SseMeter(UsageMeter):
-    def __init__(self, reader: _Reader, fallback: Usage | None, max_body: int) -> None:
-        super().__init__(reader, fallback)
-        self._parser = SseParser(max_buffer=max_body)
-
-    def _feed(self, data: bytes) -> None:
-        for ev in self._parser.feed(data):
-            self._take(ev.data, ev.event)
-
-    def _finish(self) -> None:
-        for ev in self._parser.flush():
-            self._take(ev.data, ev.event)
-
-    def _take(self, data: str, event: str) -> None:
-        if data and data != "[DONE]":
-            self._reader.take(data, event)
-
-
-class _NdjsonMeter(UsageMeter):
-    def __init__(self, reader: _Reader, fallback: Usage | None, max_body: int) -> None:
-        super().__init__(reader, fallback)
-        self._buf = bytearray()
-        self._max = max_body
-
-    def _feed(self, data: bytes) -> None:
-        self._buf += data
-        end = self._buf.rfind(b"\n")
-        if end < 0:
-            if len(self._buf) > self._max:
-                self._buf.clear()  # a line past the bound: its rest will not parse and is skipped
-            return
-        lines = bytes(self._buf[:end])
-        del self._buf[: end + 1]
-        for line in lines.split(b"\n"):
-            self._take(line)
-
-    def _finish(self) -> None:
-        self._take(bytes(self._buf))
-        self._buf.clear()
-
-    def _take(self, line: bytes) -> None:
-        line = line.strip()
-        if line:
-            self._reader.take(line.decode("utf-8", "replace"))
-
-
-class _EventStreamMeter(UsageMeter):
-    """Bedrock's invoke-with-response-stream (base64 model events) and converse-stream."""
-
-    def __init__(self, reader: _Reader, fallback: Usage | None) -> None:
-        super().__init__(reader, fallback)
-        self._decoder = EventStreamDecoder()
-
-    def _feed(self, data: bytes) -> None:
-        try:
-            messages = self._decoder.feed(data)
-        except EventStreamError as e:
-            for m in e.messages:
-                self._take(m)
-            self.fault = str(e)
-            return
-        for m in messages:
-            self._take(m)
-
-    def _finish(self) -> None:
-        if self._decoder.pending:
-            self.fault = f"event stream cut mid-message ({self._decoder.pending} bytes)"
-
-    def _take(self, m: EventMessage) -> None:
-        kind = m.headers.get(":message-type")
-        if kind in ("exception", "error"):
-            if self._reader.error is None:
-                name = m.headers.get(":exception-type") or m.headers.get(":error-code") or kind
-                obj = _loads(m.payload)
-                msg = None
-                if isinstance(obj, dict):
-                    msg = obj.get("message") or obj.get("Message")
-                self._reader.error = f"{name}: {msg}" if msg else str(name)
-            return
-        event = str(m.headers.get(":event-type") or "")
-        if event == "chunk" or m.payload.startswith(_CHUNK_PREFIX):
-            inner = _chunk_bytes(m.payload)
-            if inner is not None:
-                self._reader.take(inner.decode("utf-8", "replace"))
-        else:
-            # converse-stream: the event type names the event, the payload is its JSON
-            self._reader.take(m.payload.decode("utf-8", "replace"), event)
-
-
-_CHUNK_PREFIX = b'{"bytes":"'
-
-
-def _chunk_bytes(payload: bytes) -> bytes | None:
-    """The model event inside an invoke-with-response-stream chunk `{"bytes": "<base64>"}`."""
-    if payload.startswith(_CHUNK_PREFIX):
-        # the usual shape: slice the base64 out instead of parsing the wrapper
-        end = payload.find(b'"', len(_CHUNK_PREFIX))
-        try:
-            return base64.b64decode(payload[len(_CHUNK_PREFIX) : end], validate=True)
-        except (ValueError, binascii.Error):
-            pass  # an escaped character or an odd wrapper: parse it properly below
-    obj = _loads(payload)
-    b64 = obj.get("bytes") if isinstance(obj, dict) else None
-    if not isinstance(b64, str):
-        return None
-    try:
-        return base64.b64decode(b64, validate=True)
-    except (ValueError, binascii.Error):
-        return None
-
-
-class _JsonArrayScanner:
-    """Cuts a top-level JSON array into its elements' text as each one closes.
-
-    Gemini's streamGenerateContent without alt=sse streams such an array. Only structural
-    characters are visited (a regex jumps over the rest), so the cost stays linear.
-    """
-
-    _SPECIAL = re.compile(rb'[{}\[\]"\\]')
-
-    def __init__(self, max_element: int) -> None:
-        self._buf = bytearray()
-        self._max = max_element
-        self._scan = 0  # where the next scan starts
-        self._depth = 0  # 1 inside the top-level array
-        self._in_str = False
-        self._skip = -1  # the position of a character escaped by a backslash
-        self._start = -1  # where the element being read starts
-
-    def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
-        out: list[bytes] = []
-        cut = 0
-        for m in self._SPECIAL.finditer(self._buf, self._scan):
-            i = m.start()
-            if i == self._skip:
-                continue
-            c = self._buf[i]
-            if self._in_str:
-                if c == 0x5C:  # backslash
-                    self._skip = i + 1
-                elif c == 0x22:
-                    self._in_str = False
-            elif c == 0x22:
-                self._in_str = True
-            elif c in (0x7B, 0x5B):  # { [
-                if self._depth == 1:
-                    self._start = i
-                self._depth += 1
-            elif c in (0x7D, 0x5D):  # } ]
-                self._depth -= 1
-                if self._depth == 1 and self._start >= 0:
-                    out.append(bytes(self._buf[self._start : i + 1]))
-                    self._start = -1
-                    cut = i + 1
-        self._scan = len(self._buf)
-        if self._start < 0:
-            cut = len(self._buf)  # between elements: nothing to keep
-        elif self._start > cut:
-            cut = self._start
-        if cut:
-            del self._buf[:cut]
-            self._scan -= cut
-            self._skip -= cut
-            if self._start >= 0:
-                self._start -= cut
-        if len(self._buf) > self._max:
-            raise ValueError(f"a JSON array element is larger than {self._max} bytes")
-        return out
-
-
-_BODY_MARKERS = (b'"usage', b"eval_count", b"invocationMetrics")
-
-
-class _JsonBodyMeter(UsageMeter):
-    """A body read whole at the end: a JSON object, or a JSON array read element by element."""
-
-    def __init__(self, reader: _Reader, fallback: Usage | None, max_body: int) -> None:
-        super().__init__(reader, fallback)
-        self._max = max_body
-        self._buf = bytearray()
-        self._tail: bytearray | None = None  # past max_body: only the end of the body
-        self._array: _JsonArrayScanner | None = None
-        self._sniffed = False
-        self._marked = False  # a usage key has been seen in the body
-        self._seen = 0
-        self._parsed_at = -1
-
-    def _feed(self, data: bytes) -> None:
-        self._seen += len(data)
-        if self._array is not None:
-            self._take_elements(data)
-        elif self._tail is not None:
-            self._tail += data
-            self._mark(self._tail, len(data))
-            if len(self._tail) > 2 * _TAIL:
-                del self._tail[:-_TAIL]
-        else:
-            self._buf += data
-            self._mark(self._buf, len(data))
-            if not self._sniffed:
-                first = self._buf.lstrip()[:1]
-                if not first:
-                    return
-                self._sniffed = True
-                if first == b"[":
-                    self._array = _JsonArrayScanner(self._max)
-                    buffered = bytes(self._buf)
-                    self._buf.clear()
-                    self._take_elements(buffered)
-                    return
-            if len(self._buf) > self._max:
-                self._tail = bytearray(self._buf[-_TAIL:])
-                self._buf = bytearray()
-
-    def _mark(self, buf: bytearray, added: int) -> None:
-        # until a usage key has passed, a read before the end has nothing new to parse
-        if not self._marked:
-            window = bytes(buf[-(added + 32) :])
-            self._marked = any(m in window for m in _BODY_MARKERS)
-
-    def _take_elements(self, data: bytes) -> None:
-        assert self._array is not None
-        for element in self._array.feed(data):
-            self._reader.take(element.decode("utf-8", "replace"))
-
-    def _finish(self) -> None:
-        self._parse()
-
-    def _read_now(self) -> None:
-        if not self._finished and self.fault is None and self._marked:
-            try:
-                self._parse()
-            except Exception as e:
-                self.fault = f"{type(e).__name__}: {e}"
-
-    @property
-    def usage(self) -> Usage:
-        self._read_now()
-        return super().usage
-
-    @property
-    def reported(self) -> bool:
-        self._read_now()
-        return super().reported
-
-    def _parse(self) -> None:
-        if self._array is not None or self._seen == self._parsed_at:
-            return
-        self._parsed_at = self._seen
-        if self._tail is not None:
-            self._reader.saw_output = True  # a body past the bound carries output
-            docs = _salvage(bytes(self._tail))
-        else:
-            docs = _documents(bytes(self._buf)) or _salvage(bytes(self._buf))
-        for doc in docs:
-            self._reader.take_obj(doc)
-
-
-def _documents(body: bytes) -> list[object]:
-    """Every whole JSON document in a body: one object, an array's elements, NDJSON, or SSE."""
-    text = body.decode("utf-8", "replace").strip()
-    if not text:
-        return []
-    obj = _loads(text)
-    if obj is not None:
-        return obj if isinstance(obj, list) else [obj]
-    if text.startswith(("data:", "event:", ":")):
-        parser = SseParser(max_buffer=len(body) + 1)
-        events = parser.feed(body) + parser.flush()
-        found = (_loads(ev.data) for ev in events if ev.data and ev.data != "[DONE]")
-        return [o for o in found if o is not None]
-    # a cut-off array or a run of documents: everything up to the first one that does not parse
-    decoder = json.JSONDecoder()
-    docs: list[object] = []
-    i, n = 0, len(text)
-    while i < n:
-        while i < n and text[i] in " \t\r\n[,]":
-            i += 1
-        if i >= n:
-            break
-        try:
-            obj, i = decoder.raw_decode(text, i)
-        except ValueError:
-            break
-        docs.append(obj)
-    return docs
-
-
-_USAGE_VALUE = re.compile(r'"(usage|usageMetadata|usage_metadata|' + METRICS_KEY + r')"\s*:\s*\{')
-_OLLAMA_COUNT = re.compile(r'"(prompt_eval_count|eval_count)"\s*:\s*(\d+)')
-
-
-def _salvage(body: bytes) -> list[object]:
-    """The usage objects found in part of a JSON body (its end, or a prefix of it)."""
-    text = body.decode("utf-8", "replace")
-    decoder = json.JSONDecoder()
-    found: dict[str, object] = {}
-    for m in _USAGE_VALUE.finditer(text):
-        try:
-            value, _ = decoder.raw_decode(text, m.end() - 1)
-        except ValueError:
-            continue
-        found[m.group(1)] = value  # the last complete one of each key
-    for m in _OLLAMA_COUNT.finditer(text):
-        found[m.group(1)] = int(m.group(2))
-    return [found] if found else []
-
-
-def _media_type(content_type: str | None, headers: Mapping[str, str] | None) -> str:
-    if content_type is None and headers is not None:
-        content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), None)
-    return (content_type or "").split(";", 1)[0].strip().lower()
-
-
-_NDJSON_TYPES = frozenset(
-    {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"}
-)
-
-
-def meter_for(
-    wire: str,
-    stream: bool,
-    content_type: str | None = None,
-    headers: Mapping[str, str] | None = None,
-    *,
-    max_body: int = MAX_BODY,
-) -> UsageMeter:
-    """The meter for one response of `wire`, chosen by its content type (then by `stream`).
-
-    `headers` are the response headers: their content type is used when `content_type` is None,
-    and Bedrock's token-count headers are the usage until the body shows one.
-    """
-    reader = _reader_for(wire)
-    parts = _header_parts(headers) if headers is not None else {}
-    fallback = _parts_usage(parts) if parts else None
-    media = _media_type(content_type, headers)
-    if media == "text/event-stream":
-        return _SseMeter(reader, fallback, max_body)
-    if media == "application/vnd.amazon.eventstream":
-        return _EventStreamMeter(reader, fallback)
-    if media in _NDJSON_TYPES or (wire == "ollama" and stream):
-        return _NdjsonMeter(reader, fallback, max_body)
-    if stream and not media:
-        if wire == "bedrock":
-            return _EventStreamMeter(reader, fallback)
-        return _SseMeter(reader, fallback, max_body)
-    return _JsonBodyMeter(reader, fallback, max_body)
-
-
-# ---------------------------------------------------------------------------------------------
-# Asynchronous jobs (providers/catalogue: the `job` of an async or job_result row): the id a
-# creation answer names, and the usage of a result once the job is over
-
-
-# the statuses after which a job's usage no longer changes, by kind
-_JOB_FINAL = {
-    # a Response: https://platform.openai.com/docs/api-reference/responses/object (status)
-    "openai.response": frozenset({"completed", "incomplete", "failed", "cancelled"}),
-    # an Assistants run: https://platform.openai.com/docs/api-reference/runs/object (status)
-    "openai.run": frozenset({"completed", "incomplete", "failed", "cancelled", "expired"}),
-    # an OpenAI batch: https://platform.openai.com/docs/api-reference/batch/object (status)
-    "openai.batch": frozenset({"completed", "failed", "expired", "cancelled"}),
-    # a Gemini batch: the long-running operation's metadata.state (GenerateContentBatch)
-    "gemini.batch": frozenset(
-        {"BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED",
-         "BATCH_STATE_EXPIRED"}
-    ),
-}
-# batches are billed at the provider's batch price (where genai-prices knows one)
-BATCH_JOBS = frozenset({"openai.batch", "gemini.batch", "anthropic.batch"})
-MAX_JOB_ID = 256
-
-
-def job_id_from(kind: str, obj: object) -> str | None:
-    """The job's id in its creation answer (a Response's, a run's or a Message Batch's `id`;
-    the `batches/<id>` name of a Gemini batch operation, as its GET names it: after `batches/`)."""
-    if (kind not in _JOB_FINAL and kind != "anthropic.batch") or not isinstance(obj, dict):
-        return None
-    if kind == "gemini.batch":
-        name = obj.get("name")
-        if not isinstance(name, str) or not name.startswith("batches/"):
-            return None
-        job_id: object = name[len("batches/") :]
-    else:
-        job_id = obj.get("id")
-    if not isinstance(job_id, str) or not job_id or len(job_id) > MAX_JOB_ID or "/" in job_id:
-        return None
-    return job_id
-
-
-def job_final_usage(kind: str, obj: object) -> Usage | None:
-    """The usage of a job's result once the job is over (a final status, its usage reported);
-    None while it is queued or running, or when it ended without a usage."""
-    final = _JOB_FINAL.get(kind)
-    if final is None or not isinstance(obj, dict):
-        return None
-    if kind == "gemini.batch":
-        return _gemini_batch_usage(obj, final)
-    if obj.get("status") not in final:
-        return None
-    return usage_from_openai(obj)
-
-
-def _gemini_batch_usage(op: dict[str, object], final: frozenset[str]) -> Usage | None:
-    """A Gemini batch operation: the sum of its inlined responses' usageMetadata once its state
-    is final. A batch whose results went to a file carries none here: None."""
-    meta = op.get("metadata")
-    if not isinstance(meta, dict) or meta.get("state") not in final:
-        return None
-    output = meta.get("output")
-    if not isinstance(output, dict):
-        response = op.get("response")
-        output = response if isinstance(response, dict) else {}
-    inlined = output.get("inlinedResponses")
-    items = inlined.get("inlinedResponses") if isinstance(inlined, dict) else None
-    if not isinstance(items, list):
-        return None
-    total = Usage()
-    seen = False
-    for item in items:
-        resp = item.get("response") if isinstance(item, dict) else None
-        u = usage_from_gemini(resp) if resp is not None else None
-        if u is not None:
-            seen = True
-            total = Usage(
-                total.input_tokens + u.input_tokens,
-                total.output_tokens + u.output_tokens,
-                total.cached_tokens + u.cached_tokens,
-            )
-    return total if seen else None
-
-
-MAX_BATCH_RESULT_LINES = 200_000  # twice Anthropic's most requests per batch
-
-
-def batch_results_usage(raw: bytes) -> list[tuple[str | None, Usage]] | None:
-    """An Anthropic Message Batch's results (`.jsonl`, one line per request): the model and
-    usage of every `succeeded` result (errored, canceled and expired requests are not billed).
-    None when the body is not such a file (no line parses as a result)."""
-    out: list[tuple[str | None, Usage]] = []
-    results = 0
-    for n, line in enumerate(raw.splitlines()):
-        if n >= MAX_BATCH_RESULT_LINES:
-            return None  # more lines than any batch holds: not read, the job stays as charged
-        if not line.strip():
-            continue
-        obj = _loads(line)
-        result = obj.get("result") if isinstance(obj, dict) else None
-        if not isinstance(result, dict):
-            continue
-        results += 1
-        message = result.get("message")
-        if result.get("type") != "succeeded" or not isinstance(message, dict):
-            continue
-        u = usage_from_anthropic(message)
-        if u is not None:
-            model = message.get("model")
-            out.append((model if isinstance(model, str) and model else None, u))
-    return out if results else None
-
-
-def batch_output_usage(raw: bytes) -> list[tuple[str | None, Usage]] | None:
-    """An OpenAI batch's output file (`.jsonl`, one line per request that ran): the model and
-    usage of every answer with status 200 (failed requests are in the error file, unbilled).
-    None when the body is not such a file."""
-    out: list[tuple[str | None, Usage]] = []
-    lines = 0
-    for n, line in enumerate(raw.splitlines()):
-        if n >= MAX_BATCH_RESULT_LINES:
-            return None
-        if not line.strip():
-            continue
-        obj = _loads(line)
-        response = obj.get("response") if isinstance(obj, dict) else None
-        if not isinstance(response, dict):
-            continue
-        lines += 1
-        body = response.get("body")
-        if response.get("status_code") != 200 or not isinstance(body, dict):
-            continue
-        u = usage_from_openai(body)
-        if u is not None:
-            model = body.get("model")
-            out.append((model if isinstance(model, str) and model else None, u))
-    return out if lines else None

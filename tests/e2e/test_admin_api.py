@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import requests
 
-from candela_mitm.admin.handlers import ROUTES
+from candela_mitm.admin.routes import ROUTES
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.upstream import FakeUpstream
 

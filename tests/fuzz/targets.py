@@ -55,9 +55,9 @@ def decoding(data: bytes) -> None:
 
 
 def usage(data: bytes) -> None:
-    """providers/usage.py: a response body fed in pieces never makes a meter raise, and the usage
+    """providers/meters.py: a response body fed in pieces never makes a meter raise, and the usage
     it reads is whole non-negative counts."""
-    from candela_mitm.providers.usage import meter_for
+    from candela_mitm.providers.meters import meter_for
 
     if len(data) < 2:
         return
@@ -83,6 +83,7 @@ def main() -> None:
     name = sys.argv.pop(1)
     with atheris.instrument_imports():
         import candela_mitm.providers.encoding  # noqa: F401
+        import candela_mitm.providers.meters  # noqa: F401
         import candela_mitm.providers.target  # noqa: F401
         import candela_mitm.providers.usage  # noqa: F401
     atheris.Setup(sys.argv, TARGETS[name])

@@ -40,7 +40,7 @@ Billing = Literal[
 ]
 # The kind of async job an operation creates (async rows) or reads (job_result rows): where its
 # id is in the creation answer and where its final usage is in the result
-# (providers/usage.py: job_id_from, job_final_usage).
+# (providers/jobs.py: job_id_from, job_final_usage).
 JobKind = Literal[
     "openai.response", "openai.run", "openai.batch", "gemini.batch", "anthropic.batch"
 ]

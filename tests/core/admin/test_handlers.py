@@ -15,8 +15,9 @@ from openapi_spec_validator import validate as validate_openapi
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-from candela_mitm.admin.handlers import ROUTES, AdminApi, AdminRequest, AdminResponse, match_route
+from candela_mitm.admin.handlers import AdminApi
 from candela_mitm.admin.openapi import openapi_document
+from candela_mitm.admin.routes import ROUTES, AdminRequest, AdminResponse, match_route
 from candela_mitm.audit import query_entries
 from candela_mitm.config import parse_config
 from candela_mitm.errors import StoreUnavailable

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from candela_mitm.admin import params
-from candela_mitm.admin.handlers import parse_rfc3339
 from candela_mitm.admin.openapi import openapi_document
+from candela_mitm.admin.parsing import parse_rfc3339
 
 DOC = openapi_document()
 SCHEMAS = DOC["components"]["schemas"]

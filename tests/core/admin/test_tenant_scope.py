@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from candela_mitm.admin.handlers import AdminApi, AdminRequest, AdminResponse
+from candela_mitm.admin.handlers import AdminApi
+from candela_mitm.admin.routes import AdminRequest, AdminResponse
 from candela_mitm.config import parse_config
 from candela_mitm.governance.ledger import Reservation
 from candela_mitm.runtime import Runtime, build_runtime

@@ -14,8 +14,9 @@ import pytest
 from candela_mitm.config import parse_config
 from candela_mitm.errors import ConfigError
 from candela_mitm.providers import prices_source
+from candela_mitm.providers.meters import meter_for
 from candela_mitm.providers.pricing import PricingTable
-from candela_mitm.providers.usage import Usage, meter_for, usage_from
+from candela_mitm.providers.usage import Usage, usage_from
 
 M = 1_000_000
 TABLE = PricingTable()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from candela_mitm.providers.meters import meter_for
 from candela_mitm.providers.sse import encode
 from candela_mitm.providers.streaming import HideOpenAIUsage, PassThrough
-from candela_mitm.providers.usage import Usage, meter_for
+from candela_mitm.providers.usage import Usage
 
 
 def chunk(delta: dict[str, Any] | None, usage: Any = None) -> bytes:

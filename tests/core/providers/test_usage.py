@@ -7,17 +7,19 @@ from typing import Any
 
 import pytest
 
+from candela_mitm.providers import meters as meters_mod
 from candela_mitm.providers import usage as usage_mod
 from candela_mitm.providers.eventstream import bedrock_chunk, bedrock_exception, encode_message
-from candela_mitm.providers.sse import encode
-from candela_mitm.providers.usage import (
-    Usage,
-    UsageMeter,
+from candela_mitm.providers.jobs import (
     batch_output_usage,
     batch_results_usage,
     job_final_usage,
     job_id_from,
-    meter_for,
+)
+from candela_mitm.providers.meters import UsageMeter, meter_for
+from candela_mitm.providers.sse import encode
+from candela_mitm.providers.usage import (
+    Usage,
     usage_from,
     usage_from_anthropic,
     usage_from_bedrock,
@@ -1232,14 +1234,14 @@ def test_stream_chunks_are_not_all_parsed(
     max_parses: int,
 ) -> None:
     parses = 0
-    real = usage_mod._loads
+    real = usage_mod.load_json
 
     def counting(text: str | bytes) -> object | None:
         nonlocal parses
         parses += 1
         return real(text)
 
-    monkeypatch.setattr(usage_mod, "_loads", counting)
+    monkeypatch.setattr(usage_mod, "load_json", counting)
     meter = meter_for(wire, True, SSE)
     meter.feed(first)
     for _ in range(1000):
@@ -1254,14 +1256,14 @@ def test_reading_a_json_body_early_parses_only_once_usage_passed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls = 0
-    real = usage_mod._documents
+    real = meters_mod._documents
 
     def counting(body: bytes) -> list[object]:
         nonlocal calls
         calls += 1
         return real(body)
 
-    monkeypatch.setattr(usage_mod, "_documents", counting)
+    monkeypatch.setattr(meters_mod, "_documents", counting)
     body = json.dumps(OPENAI_CHAT).encode()
     start = body.index(b'"usage"')
     meter = meter_for("openai", False, JSON)

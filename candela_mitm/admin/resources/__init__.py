@@ -1,0 +1,1 @@
+"""Admin API handlers by resource: one mixin of AdminApi per resource (admin/handlers.py)."""
