@@ -19,19 +19,17 @@ rows filtered to the tenants.
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 from collections.abc import Callable
-from datetime import UTC, date, datetime
 from typing import Any
 
 from candela_mitm import errors
-from candela_mitm.admin.base import AUDIT_FLUSH_TIMEOUT_S
 from candela_mitm.admin.handlers import AdminApi
-from candela_mitm.admin.params import DEFAULT_AUDIT_LIMIT, MAX_AUDIT_LIMIT, MAX_LEADERBOARD_LIMIT
+from candela_mitm.admin.params import MAX_LEADERBOARD_LIMIT
 from candela_mitm.admin.parsing import bad_param, day_range, int_param, moment_param
+from candela_mitm.admin.resources.audit_log import audit_page
 from candela_mitm.admin.routes import AdminRequest, AdminResponse
 from candela_mitm.admin.views import usd_out, user_json
-from candela_mitm.audit.query import AuditScope, query_entries
+from candela_mitm.audit.query import AuditScope
 from candela_mitm.errors import Refused
 from candela_mitm.governance.users import UserSettings
 from candela_mitm.state.ports import KeyRecord, SpendRow, day_of, nano_to_usd
@@ -238,40 +236,12 @@ def leaderboard(s: TenantScope, p: Any, q: dict[str, str], body: Any) -> AdminRe
 
 def audit(s: TenantScope, p: Any, q: dict[str, str], body: Any) -> AdminResponse:
     """The entries of its tenants, and the admin actions it made or that concern them."""
-    since = moment_param(q, "since")
-    limit = int_param(q, "limit", 1, MAX_AUDIT_LIMIT)
-    before_seq = int_param(q, "before_seq", 1, 2**62)
-    if isinstance(since, date) and not isinstance(since, datetime):
-        since = datetime(since.year, since.month, since.day, tzinfo=UTC)
-    n = limit or DEFAULT_AUDIT_LIMIT
     scope = AuditScope(
         tenants=s.tenants,
         actor=s.me,
         targets=frozenset(s.managed_users() - {s.me}) | s.tenants,
     )
-    s.rt.audit.flush(AUDIT_FLUSH_TIMEOUT_S)
-    try:
-        entries = query_entries(
-            s.rt.audit.db_path,
-            action=q.get("action"),
-            user=q.get("user"),
-            since=since,
-            limit=n,
-            before_seq=before_seq,
-            scope=scope,
-        )
-    except FileNotFoundError:
-        entries = []
-    except sqlite3.Error:
-        raise Refused(errors.governance_unavailable("the audit log cannot be read")) from None
-    return AdminResponse(
-        200,
-        {
-            "count": len(entries),
-            "next_before_seq": entries[-1]["seq"] if len(entries) == n else None,
-            "entries": entries,
-        },
-    )
+    return audit_page(s.rt.audit, q, scope)
 
 
 Handler = Callable[[TenantScope, Any, Any, Any], AdminResponse]
