@@ -71,8 +71,14 @@ def owner_of(pid: int) -> str:
 
 
 def default_owner() -> str:
-    """Who holds a reservation or a lease: this process."""
-    return owner_of(os.getpid())
+    """Who holds a reservation or a lease: this process (read from /proc once per process: it
+    is asked on every reservation, and a forked worker is another pid, so another entry)."""
+    return _owner_of_pid(os.getpid())
+
+
+@functools.lru_cache(maxsize=8)
+def _owner_of_pid(pid: int) -> str:
+    return owner_of(pid)
 
 
 def process_alive(owner: str) -> bool:
