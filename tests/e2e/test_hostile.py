@@ -48,7 +48,20 @@ def hostile(
         "rate_limits": {"default_requests_per_minute": 10_000},
     }
     with CandelaProcess(tmp, cfg, env=candela_env(token_server, tmp)) as c:
+        # the proxy_start entry is committed after the port opens: tests that compare the audit
+        # log's size before and after a refusal start once it is there (it raced: 0, then 1)
+        deadline = time.monotonic() + 10
+        while not _started(c):
+            assert time.monotonic() < deadline, "no proxy_start entry within 10 s"
+            time.sleep(0.05)
         yield c
+
+
+def _started(c: CandelaProcess) -> bool:
+    try:
+        return (c.tmp / "audit.db").exists() and audit_rows(c) >= 1
+    except sqlite3.OperationalError:  # the ledger's table is not made yet
+        return False
 
 
 @pytest.fixture(autouse=True)
