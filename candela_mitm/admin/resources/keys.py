@@ -109,8 +109,6 @@ class Keys(AdminBase):
 
     def list_keys(self, req: AdminRequest, _p: Any, q: dict[str, str], _b: Any) -> Handled:
         user = q.get("user")
-        if user is not None:
-            parse_user_id(user)
         if req.role != "admin":
             if user is None:
                 user = req.user

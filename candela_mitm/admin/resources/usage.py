@@ -6,20 +6,16 @@ from typing import Any, Literal
 
 from candela_mitm import errors
 from candela_mitm.admin.base import AdminBase
-from candela_mitm.admin.params import MAX_LEADERBOARD_LIMIT, tenant_id_ok
+from candela_mitm.admin.params import MAX_LEADERBOARD_LIMIT
 from candela_mitm.admin.parsing import (
-    ID_RULE,
     bad_param,
-    check_id_param,
     day_range,
     int_param,
     moment_param,
-    parse_user_id,
 )
 from candela_mitm.admin.routes import AdminRequest, AdminResponse, Handled
 from candela_mitm.admin.views import usd_out
 from candela_mitm.errors import Refused
-from candela_mitm.governance.tenancy import MAX_TENANT_CHARS
 
 
 class Usage(AdminBase):
@@ -27,9 +23,6 @@ class Usage(AdminBase):
 
     def usage(self, req: AdminRequest, _p: Any, q: dict[str, str], _b: Any) -> Handled:
         user = q.get("user")
-        if user is not None:
-            parse_user_id(user)
-        check_id_param(q, "tenant", tenant_id_ok, f"a tenant id of 1 to {MAX_TENANT_CHARS} {ID_RULE}")
         if req.role != "admin":
             if user is None:
                 user = req.user
