@@ -48,6 +48,11 @@ log = logging.getLogger("candela.alerts")
 # so the bound is in distinct budgets; past it a settlement is not looked at (counted), and the
 # next settlement on that budget looks again.
 MAX_PENDING = 10_000
+# The checker looks at most this often: the settlements in between coalesce into one look per
+# budget (at 800 requests/s on 64 users, a look per settlement was 50 µs of CPU per request on
+# the checker thread, competing with the event loop for the GIL). A threshold crossed is posted
+# at most this much later; flush() looks at once.
+CHECK_INTERVAL_S = 0.5
 # Ids the utilisation gauge exports per scope (only users, tenants and keys the deployment knows)
 MAX_GAUGE_IDS = 256
 
@@ -109,6 +114,7 @@ class AlertNotifier:
         clock: Callable[[], datetime] = utc_now,
         post: Post = http_post,
         monotonic: Callable[[], float] = time.monotonic,
+        check_interval_s: float = CHECK_INTERVAL_S,
     ) -> None:
         self.rule = AlertRule(store)
         self.audit = audit
@@ -124,6 +130,8 @@ class AlertNotifier:
         self._seq = itertools.count()
         self._busy = 0  # looks and posts under way (for flush)
         self._closed = False
+        self._check_interval_s = check_interval_s
+        self._hurry = 0  # flushes waiting: the checker looks now, not at its next interval
         self._gauge_ids: dict[str, set[str]] = {"user": set(), "tenant": set(), "key": set()}
         # when each exported budget's period ends: a scrape after it shows 0 until the next look
         self._gauge_resets: dict[tuple[str, str], datetime] = {}
@@ -144,23 +152,33 @@ class AlertNotifier:
             with self._lock:
                 if self._closed:
                     return
+                was_idle = not self._pending
                 for w in watches(res):
                     if w.key not in self._pending and len(self._pending) >= MAX_PENDING:
                         self.metrics.alerts.labels("dropped").inc()
                         continue
                     self._pending[w.key] = w
-                self._lock.notify_all()
+                if was_idle and self._pending:  # the checker waits only for the first one
+                    self._lock.notify_all()
         except Exception:
             self.metrics.observability_errors.labels("alerts").inc()
 
     # -- checker -------------------------------------------------------------------------------
     def _check_loop(self) -> None:
+        last = -self._check_interval_s
         while True:
             with self._lock:
                 while not self._pending and not self._closed:
                     self._lock.wait()
+                # let the settlements of the next moments join this look
+                while not self._closed and not self._hurry:
+                    left = last + self._check_interval_s - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._lock.wait(left)
                 if self._closed:
                     return
+                last = time.monotonic()
                 batch, self._pending = self._pending, {}
                 self._busy += 1
             try:
@@ -308,11 +326,16 @@ class AlertNotifier:
         waiting for a retry counts: this returns False at the timeout while one does."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._pending or self._deliveries or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._lock.wait(min(left, 0.05))
+            self._hurry += 1
+            self._lock.notify_all()
+            try:
+                while self._pending or self._deliveries or self._busy:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._lock.wait(min(left, 0.05))
+            finally:
+                self._hurry -= 1
         return True
 
     def close(self, timeout: float = 2.0) -> None:

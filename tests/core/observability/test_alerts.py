@@ -383,3 +383,39 @@ def test_alerts_config_defaults_and_order() -> None:
         {"url": "https://hooks.slack.com/services/x", "format": "slack"}]}}).alerts
     assert cfg.thresholds == [50, 100] and cfg.webhooks[0].headers == {}
     assert parse_config({}).alerts.thresholds == [50, 80, 90, 100]
+
+
+def test_settlements_between_two_looks_coalesce_into_one_look_per_budget(
+    store: StateStore, audit: AuditWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[float] = []
+    real = store.day_totals
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        reads.append(time.monotonic())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(store, "day_totals", counted)
+    res = spend(store, 1.0)
+    n = AlertNotifier(store, audit, Metrics(), lambda: Alerts(), check_interval_s=0.4)
+    try:
+        n.settled(res)  # the first look is at once
+        deadline = time.monotonic() + 10
+        while not reads and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.05)
+        per_look = len(reads)
+        assert per_look >= 1
+        for _ in range(50):  # within the interval: one pending entry for the budget
+            n.settled(res)
+        deadline = time.monotonic() + 10
+        while len(reads) < 2 * per_look and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.6)  # past another interval: nothing else was pending
+        assert len(reads) == 2 * per_look
+        assert reads[per_look] - reads[0] >= 0.35  # the second look waited for the interval
+        n.settled(res)
+        assert n.flush(10)  # a flush looks at once, without waiting for the interval
+        assert len(reads) == 3 * per_look
+    finally:
+        n.close()
