@@ -118,6 +118,10 @@ class ModelPrice:
     library_provider: str | None = None  # the genai-prices provider id the price comes from
     info: Any = field(default=None, compare=False, repr=False)  # genai-prices ModelInfo
     overrides: tuple[tuple[str, Decimal], ...] = ()  # config price keys over the library's
+    # the prices in force, compiled once per (tier, processing, multiplier, library price)
+    _compiled: dict[tuple[Any, ...], _Compiled] = field(
+        default_factory=dict, init=False, compare=False, repr=False, hash=False
+    )
 
     def rates(
         self,
@@ -166,16 +170,48 @@ class ModelPrice:
         units = sorted(_priced_units(prices), key=lambda up: order[up[0].usage_key])
         return [(unit.usage_key, price, unit.per) for unit, price in units]
 
+    def compiled(
+        self,
+        service_tier: str | None = None,
+        processing: str | None = None,
+        cached_multiplier: float | None = None,
+    ) -> _Compiled:
+        """The prices in force now for this tier and processing, compiled (see `_Compiled`).
+
+        Which library price is in force is asked of genai-prices on every call (its start-date
+        and time-of-day constraints); the compilation is reused while that answer is the same
+        object and the same variants are active."""
+        now = datetime.now(tz=UTC)
+        selected: Any = None
+        active: tuple[int, ...] = ()
+        if self.info is not None:
+            selected = self.info.get_prices(now)
+            active = tuple(
+                i
+                for i, v in enumerate(getattr(self.info, "price_variants", None) or ())
+                if v.constraint is None or v.constraint.active(now)
+            )
+        key = (service_tier, processing, cached_multiplier, id(selected), active)
+        hit = self._compiled.get(key)
+        if hit is not None and hit.selected is selected:
+            return hit
+        prices = self.rates(service_tier, when=now, processing=processing)
+        if cached_multiplier is not None:
+            prices.cache_read_mtok = Decimal(str(self.input)) * Decimal(str(cached_multiplier))
+        compiled = _Compiled.of(prices, selected)
+        if len(self._compiled) >= _MAX_COMPILED:
+            self._compiled.clear()
+        self._compiled[key] = compiled
+        return compiled
+
     def cost(
         self, usage: Usage, cached_multiplier: float | None = None, processing: str | None = None
     ) -> float:
         """What the provider bills for a usage: every token kind at its rate, tiers and tools
         included (`processing="batch"`: at the batch price, where one is known)."""
-        prices = self.rates(usage.service_tier, processing=processing)
-        if cached_multiplier is not None:
-            prices.cache_read_mtok = Decimal(str(self.input)) * Decimal(str(cached_multiplier))
         try:
-            return float(prices.calc_price(_library_usage(usage, prices))["total_price"])
+            compiled = self.compiled(usage.service_tier, processing, cached_multiplier)
+            return float(compiled.price(usage))
         except (ValueError, ArithmeticError) as e:
             # counts that contradict each other (a part above its total): price what is certain
             log.warning("pricing %s by input/output only: %s", self.model, e)
@@ -205,27 +241,140 @@ class ModelPrice:
         write, audio) and every output token at the dearest output rate, at the tier that many
         input tokens reach, plus per-request and per-search fees. cache_writes=False: the request
         cannot write the cache (Anthropic writes only what a request marks)."""
-        prices = self.rates(service_tier, processing=processing)
         in_rate = out_rate = Decimal(0)
         fees = Decimal(0)
-        for unit, price in _priced_units(prices):
+        for unit in self.compiled(service_tier, processing).units:
             dims = unit.dimensions
             if dims.get("family") == "tokens":
                 if dims.get("token_type") == "cache_read":
                     continue  # never dearer than the input it replaces
                 if dims.get("token_type") == "cache_write" and not cache_writes:
                     continue
-                rate = _rate(price, input_tokens)
+                rate = _rate(unit.price, input_tokens)
                 if dims.get("direction") == "input":
                     in_rate = max(in_rate, rate)
                 elif dims.get("direction") == "output":
                     out_rate = max(out_rate, rate)
             elif unit.usage_key == "requests":
-                fees += _rate(price, input_tokens) / unit.per
+                fees += _rate(unit.price, input_tokens) / unit.per
             elif unit.usage_key == "web_searches":
-                fees += _rate(price, input_tokens) * web_searches / unit.per
+                fees += _rate(unit.price, input_tokens) * web_searches / unit.per
         total = (in_rate * input_tokens + out_rate * output_tokens) / PER_TOKEN + fees
         return float(total)
+
+
+# Compilations kept per ModelPrice (tiers x processing x multipliers x price changes): a bound,
+# not a working set; past it they are dropped and made again.
+_MAX_COMPILED = 64
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One priced unit: its genai-prices usage key, price (a Decimal or TieredPrices), `per`,
+    dimensions, and its *leaf row*: the count it is billed on as a sum of coefficient x usage
+    count (genai-prices bills a unit on its count minus its more specific parts' counts)."""
+
+    usage_key: str
+    price: Any
+    per: int
+    dimensions: Any
+    row: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """A genai-prices ModelPrice made ready to price many usages.
+
+    genai-prices' `calc_price` resolves the price's units, validates their coverage and
+    decomposes the usage into leaf counts on every call: 40-60 µs a price, a tenth of the event
+    loop's CPU per request at 16 connections. All but the last step depend on the price alone,
+    and the decomposition is linear in the counts (a unit's leaf is its count minus its priced
+    descendants' leaves). So a price is compiled once: its units resolved and validated by the
+    library, and each unit's leaf as a row of coefficients, read from the library's own
+    `compute_leaf_values` (`_leaf_rows`). Pricing a usage is then a few sums and the library's
+    `calc_unit_price` per unit (tiers stay the library's rule). tests/core/providers/
+    test_pricing.py compares it with `calc_price` on every model the library prices.
+    """
+
+    selected: Any  # the library's price object this was compiled for (identity, for the cache)
+    units: tuple[_Unit, ...]
+    tiered: bool
+
+    @classmethod
+    def of(cls, prices: Any, selected: Any = None) -> _Compiled:
+        registry = _registry()  # loads genai-prices' modules first
+        from genai_prices.validation import validate_priced_units
+
+        priced = _priced_units(prices)
+        validate_priced_units(tuple(unit for unit, _ in priced), registry)
+        rows = _leaf_rows({u.usage_key: u for u, _ in priced if u.usage_key != "requests"})
+        gp = prices_source.gp_types()
+        units = tuple(
+            _Unit(
+                unit.usage_key,
+                price,
+                unit.per,
+                unit.dimensions,
+                rows.get(unit.usage_key, ()),
+            )
+            for unit, price in priced
+        )
+        tiered = any(isinstance(u.price, gp.TieredPrices) for u in units)
+        return cls(selected, units, tiered)
+
+    def price(self, usage: Usage) -> Decimal:
+        """What `usage` costs (USD, exact); ValueError when its counts contradict each other (a
+        part above its total), as genai-prices raises."""
+        counts = {theirs: int(getattr(usage, ours)) for ours, theirs in _USAGE_KEYS.items()}
+        calc_unit_price = prices_source.gp_types().calc_unit_price
+        total_input = counts["input_tokens"] if self.tiered else 0
+        total = Decimal(0)
+        for unit in self.units:
+            if unit.usage_key == "requests":
+                leaf = 1
+            else:
+                leaf = 0
+                for key, coef in unit.row:
+                    leaf += coef * counts.get(key, 0)
+                if leaf < 0:
+                    raise ValueError(f"Invalid usage data: the parts of {unit.usage_key} exceed it")
+            total += calc_unit_price(unit.price, leaf, total_input, unit.per)
+        return total
+
+
+def _leaf_rows(units_by_key: dict[str, Any]) -> dict[str, tuple[tuple[str, int], ...]]:
+    """Each priced unit's leaf count as coefficients over the usage counts, read from
+    genai-prices' `compute_leaf_values` (linear in the counts): its leaves at a base usage in
+    which every part is far below its whole, and again with each count one higher.
+
+    The base: a count of (n+2)^(D-d) x 1000 for a unit of d dimensions (D the most, n units), so
+    any unit's descendants together stay far below it and every leaf is positive with room to
+    spare; the differences are the coefficients, exact integers."""
+    from genai_prices.decompose import compute_leaf_values
+
+    if not units_by_key:
+        return {}
+    keys = sorted(units_by_key)
+    deepest = max(len(u.dimensions) for u in units_by_key.values())
+    base_of = len(keys) + 2
+    base = {k: 1000 * base_of ** (deepest - len(units_by_key[k].dimensions)) for k in keys}
+    usage_type = prices_source.gp_types().Usage
+
+    def leaves(counts: dict[str, int]) -> dict[str, int]:
+        return {
+            k: int(v)
+            for k, v in compute_leaf_values(set(keys), usage_type(**counts), units_by_key).items()
+        }
+
+    at_base = leaves(base)
+    rows: dict[str, list[tuple[str, int]]] = {k: [] for k in keys}
+    for k in keys:
+        moved = leaves({**base, k: base[k] + 1})
+        for unit_key in keys:
+            coef = moved[unit_key] - at_base[unit_key]
+            if coef:
+                rows[unit_key].append((k, coef))
+    return {k: tuple(v) for k, v in rows.items()}
 
 
 def _library_usage(usage: Usage, prices: Any) -> Any:

@@ -7,7 +7,11 @@ code under test. The usage objects are what each provider's API returns, read by
 
 from __future__ import annotations
 
+import copy
 import json
+import random
+from datetime import UTC, datetime
+from decimal import Decimal
 
 import pytest
 
@@ -441,3 +445,99 @@ def test_bedrock_mantle_prices_a_model_at_its_bedrock_price(model: str, library_
     assert price is not None and price.model == library_id and price.library_provider == "aws"
     assert price == table.get(library_id, "anthropic-bedrock")
     assert table.get(model, "openai") is None  # not OpenAI's model, whatever its prefix says
+
+
+def _every_library_price() -> list[tuple[str, object]]:
+    """(name, genai-prices ModelPrice) of every price the library knows: each provider's models,
+    each conditional price (start dates, times of day) and each variant context (service tiers,
+    batch processing)."""
+    out: list[tuple[str, object]] = []
+    for provider in prices_source.snapshot().providers:
+        for info in provider.models:
+            prices = info.prices if isinstance(info.prices, list) else [info]
+            standards = [getattr(p, "prices", p) for p in prices] if prices[0] is not info else [
+                info.prices
+            ]
+            for i, standard in enumerate(standards):
+                out.append((f"{provider.id}/{info.id}#{i}", standard))
+            for j, variant in enumerate(getattr(info, "price_variants", None) or ()):
+                resolved = copy.copy(standards[-1])
+                resolved.__dict__.update(
+                    {k: v for k, v in variant.prices.__dict__.items() if v is not None}
+                )
+                out.append((f"{provider.id}/{info.id}~{j}", resolved))
+    return out
+
+
+def _usages(rng: random.Random) -> list[Usage]:
+    """Valid usages built from disjoint parts (so every part is within its whole), every kind
+    Candela reads, zero and large counts, past the long-context tiers."""
+    out = [Usage(0, 0, 0), Usage(1, 1, 0), Usage(250_000, 4_000, 0)]
+    for _ in range(12):
+        n = lambda hi: rng.choice([0, 0, rng.randint(1, hi)])  # noqa: E731
+        cached_audio, cached_text, audio = n(2_000), n(150_000), n(5_000)
+        image, video, write, write_1h, text = n(3_000), n(3_000), n(40_000), n(40_000), n(300_000)
+        reasoning, out_audio, out_image, out_text = n(5_000), n(2_000), n(2_000), n(8_000)
+        out.append(
+            Usage(
+                cached_audio + cached_text + audio + image + video + write + write_1h + text,
+                reasoning + out_audio + out_image + out_text,
+                cached_audio + cached_text,
+                cache_write_tokens=write + write_1h,
+                cache_write_1h_tokens=write_1h,
+                reasoning_tokens=reasoning,
+                input_audio_tokens=cached_audio + audio,
+                cached_audio_tokens=cached_audio,
+                input_image_tokens=image,
+                input_video_tokens=video,
+                output_audio_tokens=out_audio,
+                output_image_tokens=out_image,
+                web_search_requests=n(5),
+            )
+        )
+    return out
+
+
+def test_a_compiled_price_bills_exactly_what_genai_prices_bills_for_every_model() -> None:
+    """The compiled price (pricing._Compiled: units resolved once, leaf rows read from the
+    library's decomposition) against genai-prices' own calc_price, to the last Decimal digit, on
+    every price the library holds and usages of every kind; a usage or a price the library
+    refuses is refused too."""
+    from candela_mitm.providers.pricing import _Compiled, _library_usage
+
+    rng = random.Random(21)
+    usages = _usages(rng)
+    contradictory = Usage(100, 10, 90, cache_write_tokens=50)  # 90 + 50 cached/written > 100
+    checked = refused = 0
+    for name, prices in _every_library_price():
+        try:
+            compiled = _Compiled.of(prices)
+        except ValueError:
+            with pytest.raises(ValueError):
+                prices.calc_price(_library_usage(Usage(10, 10, 0), prices))  # type: ignore[attr-defined]
+            refused += 1
+            continue
+        for usage in [*usages, contradictory]:
+            try:
+                expected = prices.calc_price(_library_usage(usage, prices))["total_price"]  # type: ignore[attr-defined]
+            except ValueError:
+                with pytest.raises(ValueError):
+                    compiled.price(usage)
+                continue
+            assert compiled.price(usage) == expected, (name, usage)
+            checked += 1
+    assert checked > 10_000 and refused < checked / 100
+
+
+def test_a_price_change_in_the_library_is_picked_up_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compilation is reused only while the library names the same price in force: a
+    start date or time of day that moves it makes a new one."""
+    price = TABLE.get("gpt-4o", "openai")
+    usage = Usage(1_000_000, 0, 0)
+    before = price.cost(usage)
+    compiled = len(price._compiled)
+    assert price.cost(usage) == before and len(price._compiled) == compiled
+    dearer = copy.copy(price.info.get_prices(datetime.now(UTC)))
+    dearer.input_mtok = Decimal(100)
+    monkeypatch.setattr(price.info, "get_prices", lambda when, context=None: dearer)
+    assert price.cost(usage) == pytest.approx(100.0)
