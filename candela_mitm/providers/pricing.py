@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from copy import copy
 from dataclasses import dataclass, field
@@ -122,6 +123,9 @@ class ModelPrice:
     _compiled: dict[tuple[Any, ...], _Compiled] = field(
         default_factory=dict, init=False, compare=False, repr=False, hash=False
     )
+    _recent: dict[tuple[Any, ...], tuple[float, _Compiled]] = field(
+        default_factory=dict, init=False, compare=False, repr=False, hash=False
+    )
 
     def rates(
         self,
@@ -180,7 +184,12 @@ class ModelPrice:
 
         Which library price is in force is asked of genai-prices on every call (its start-date
         and time-of-day constraints); the compilation is reused while that answer is the same
-        object and the same variants are active."""
+        object and the same variants are active; that answer is asked again after at most a
+        second (a price that starts at midnight applies from one second past it at the latest)."""
+        recent = self._recent.get((service_tier, processing, cached_multiplier))
+        tick = time.monotonic()
+        if recent is not None and tick < recent[0]:
+            return recent[1]
         now = datetime.now(tz=UTC)
         selected: Any = None
         active: tuple[int, ...] = ()
@@ -194,6 +203,7 @@ class ModelPrice:
         key = (service_tier, processing, cached_multiplier, id(selected), active)
         hit = self._compiled.get(key)
         if hit is not None and hit.selected is selected:
+            self._recent[key[:3]] = (tick + _RECHECK_S, hit)
             return hit
         prices = self.rates(service_tier, when=now, processing=processing)
         if cached_multiplier is not None:
@@ -202,6 +212,9 @@ class ModelPrice:
         if len(self._compiled) >= _MAX_COMPILED:
             self._compiled.clear()
         self._compiled[key] = compiled
+        if len(self._recent) >= _MAX_COMPILED:
+            self._recent.clear()
+        self._recent[key[:3]] = (tick + _RECHECK_S, compiled)
         return compiled
 
     def cost(
@@ -263,6 +276,8 @@ class ModelPrice:
         return float(total)
 
 
+# How long a compilation is used before the library is asked again which price is in force
+_RECHECK_S = 1.0
 # Compilations kept per ModelPrice (tiers x processing x multipliers x price changes): a bound,
 # not a working set; past it they are dropped and made again.
 _MAX_COMPILED = 64

@@ -530,8 +530,8 @@ def test_a_compiled_price_bills_exactly_what_genai_prices_bills_for_every_model(
 
 
 def test_a_price_change_in_the_library_is_picked_up_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The compilation is reused only while the library names the same price in force: a
-    start date or time of day that moves it makes a new one."""
+    """The compilation is reused only while the library names the same price in force (asked
+    again each second): a start date or time of day that moves it makes a new one."""
     price = TABLE.get("gpt-4o", "openai")
     usage = Usage(1_000_000, 0, 0)
     before = price.cost(usage)
@@ -540,4 +540,6 @@ def test_a_price_change_in_the_library_is_picked_up_at_once(monkeypatch: pytest.
     dearer = copy.copy(price.info.get_prices(datetime.now(UTC)))
     dearer.input_mtok = Decimal(100)
     monkeypatch.setattr(price.info, "get_prices", lambda when, context=None: dearer)
+    assert price.cost(usage) == before  # within the second: the price asked for last
+    price._recent.clear()  # a second later
     assert price.cost(usage) == pytest.approx(100.0)
