@@ -156,9 +156,12 @@ class RateLimit:
         c = ctx_of(flow)
         if c is None:
             return
-        if flow.response is not None and not flow.response.stream:
-            for k, v in c.rate_headers.items():  # answers made here (denials) had no headers hook
-                flow.response.headers.setdefault(k, v)
+        if flow.response is not None and not flow.response.stream and c.rate_headers:
+            headers = flow.response.headers
+            # answers made here (denials) had no headers hook; a forwarded one has them already
+            if next(iter(c.rate_headers)) not in headers:
+                for k, v in c.rate_headers.items():
+                    headers.setdefault(k, v)
         await self._finish(flow, c)
 
     async def error(self, flow: http.HTTPFlow) -> None:
