@@ -72,8 +72,23 @@ def owner_of(pid: int) -> str:
 
 def default_owner() -> str:
     """Who holds a reservation or a lease: this process (read from /proc once per process: it
-    is asked on every reservation, and a forked worker is another pid, so another entry)."""
-    return _owner_of_pid(os.getpid())
+    is asked on every reservation). The name is kept until a fork, whose child forgets it and
+    names itself at its first reservation."""
+    global _OWNER
+    if _OWNER is None:
+        _OWNER = _owner_of_pid(os.getpid())
+    return _OWNER
+
+
+_OWNER: str | None = None
+
+
+def _forget_owner() -> None:
+    global _OWNER
+    _OWNER = None
+
+
+os.register_at_fork(after_in_child=_forget_owner)
 
 
 @functools.lru_cache(maxsize=8)

@@ -130,3 +130,22 @@ def test_at_start_a_zombies_reservations_are_settled_and_leases_freed(
     assert limiter.reconcile_leases(process_alive) == 1
     assert store.leases() == []
 
+
+
+def test_a_forked_child_names_itself_not_its_parent() -> None:
+    """The owner name is kept per process, not read per call: a fork's child forgets its
+    parent's (a worker's reservations must be its own, or the parent's death would free them)."""
+    parent = default_owner()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its name, leave at once
+        try:
+            os.write(w, default_owner().encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    child = os.read(r, 4096).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert child.startswith(f"{host_id()}:{pid}:") and child != parent
+    assert default_owner() == parent
