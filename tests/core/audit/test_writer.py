@@ -596,3 +596,46 @@ def test_durability_sets_how_each_commit_reaches_the_disk(
     finally:
         w.close()
     assert [e["fields"]["span_id"] for e in query_entries(tmp_path / "audit.db")] == ["s"]
+
+
+class _CountingEvent(threading.Event):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets = 0
+
+    def set(self) -> None:
+        self.sets += 1
+        super().set()
+
+
+def test_only_a_waited_for_entry_or_a_full_batch_wakes_the_writer(tmp_path: Path) -> None:
+    """An entry nobody waits for is committed at the writer's next look (every
+    batch_max_delay_ms while idle) or with the next durable one, without a wake of its own; a
+    durable entry, a flush and a whole batch queued wake it at once."""
+    w = AuditWriter(cfg(tmp_path, batch_max_entries=4, batch_max_delay_ms=20))
+    wake = w._wake = _CountingEvent()
+    w.start()
+    try:
+        time.sleep(0.05)  # the writer idles, looking by the clock
+        base = wake.sets
+        assert w.record("model_policy_check", result="allowed", model="m")
+        assert wake.sets == base
+        deadline = time.monotonic() + 10
+        while w.stats().backlog and time.monotonic() < deadline:  # committed at its next look
+            time.sleep(0.005)
+        assert w.stats().backlog == 0 and wake.sets == base
+
+        for i in range(2):
+            assert w.record("model_policy_check", result="allowed", model=f"m{i}")
+        assert wake.sets == base
+        seq = w.record_durable("llm_request", user_id="u").result(10)  # woken: commits all three
+        assert wake.sets == base + 1 and seq == 4 and w.stats().backlog == 0
+
+        for i in range(4):  # a whole batch: the fourth wakes it
+            assert w.record("model_policy_check", result="allowed", model=f"b{i}")
+        assert wake.sets == base + 2
+        assert w.flush(10)
+    finally:
+        w.close()
+    assert [e["action"] for e in stored(tmp_path)].count("model_policy_check") == 7
+    assert verify_chain(tmp_path / "audit.db").ok

@@ -399,7 +399,7 @@ def test_settlements_between_two_looks_coalesce_into_one_look_per_budget(
     res = spend(store, 1.0)
     n = AlertNotifier(store, audit, Metrics(), lambda: Alerts(), check_interval_s=0.4)
     try:
-        n.settled(res)  # the first look is at once
+        n.settled(res)  # looked at by the checker at its next tick
         deadline = time.monotonic() + 10
         while not reads and time.monotonic() < deadline:
             time.sleep(0.005)
