@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from candela_mitm.providers import meters as meters_mod
-from candela_mitm.providers import usage as usage_mod
+from candela_mitm.providers import readers as readers_mod
 from candela_mitm.providers.eventstream import bedrock_chunk, bedrock_exception, encode_message
 from candela_mitm.providers.meters import UsageMeter, meter_for
 from candela_mitm.providers.sse import encode
@@ -891,14 +891,14 @@ def test_stream_chunks_are_not_all_parsed(
     max_parses: int,
 ) -> None:
     parses = 0
-    real = usage_mod.load_json
+    real = readers_mod.load_json
 
     def counting(text: str | bytes) -> object | None:
         nonlocal parses
         parses += 1
         return real(text)
 
-    monkeypatch.setattr(usage_mod, "load_json", counting)
+    monkeypatch.setattr(readers_mod, "load_json", counting)
     meter = meter_for(wire, True, SSE)
     meter.feed(first)
     for _ in range(1000):
@@ -1003,56 +1003,6 @@ def test_a_cut_stream_is_not_reported_but_its_output_is_observed(
     run(meter, body, list(range(5, len(body), 11)))
     assert not meter.reported
     assert meter.observed_output > 0
-
-
-@pytest.mark.parametrize(
-    ("wire", "text", "event", "tokens"),
-    [
-        # OpenAI chat: each content delta, at least one token; the role chunk has no text
-        ("openai", json.dumps(openai_chunk({"role": "assistant", "content": ""})), "", 0),
-        ("openai", json.dumps(openai_chunk({"content": "Hello"})), "", 2),
-        ("openai", json.dumps(openai_chunk({"content": "a"})), "", 1),
-        (
-            "openai",
-            json.dumps(
-                openai_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]})
-            ),
-            "",
-            3,
-        ),
-        ("openai", json.dumps(openai_chunk(None, {"prompt_tokens": 1})), "", 0),
-        # Responses: deltas count, the events that repeat the whole text do not
-        ("openai", '{"type":"response.output_text.delta","delta":"In a grove"}', "", 3),
-        ("openai", '{"type":"response.output_text.done","text":"In a grove"}', "", 0),
-        ("openai", '{"type":"response.completed","response":{"output":[{"text":"x"}]}}', "", 0),
-        # Anthropic and Bedrock: content_block_delta only (text, tool input, thinking)
-        (
-            "anthropic",
-            '{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi!"}}',
-            "content_block_delta",
-            1,
-        ),
-        (
-            "anthropic",
-            '{"type":"content_block_delta","delta":{"type":"input_json_delta","partial_json":"{\\"a\\": 1}"}}',
-            "",
-            3,
-        ),
-        ("anthropic", '{"type":"message_start","message":{"content":[{"text":"x"}]}}', "", 0),
-        ("bedrock", '{"contentBlockIndex":0,"delta":{"text":"Hello world"}}', "contentBlockDelta", 3),
-        ("bedrock", '{"usage":{"inputTokens":3}}', "metadata", 0),
-        # Gemini and Ollama: every chunk is a delta
-        ("gemini", json.dumps(GEMINI_CHUNKS[1]), "", 2),
-        ("ollama", '{"message":{"role":"assistant","content":"The sky"},"done":false}', "", 2),
-        ("ollama", '{"response":"","done":true,"eval_count":3}', "", 0),
-        # escapes count as written: never fewer tokens than characters / 4
-        ("openai", json.dumps(openai_chunk({"content": 'say "hi"\n'})), "", 3),
-    ],
-)
-def test_output_counter(wire: str, text: str, event: str, tokens: int) -> None:
-    counter = usage_mod.OutputCounter(wire)
-    counter.see(text, event)
-    assert counter.tokens == tokens
 
 
 def test_observed_output_adds_up_over_a_long_stream() -> None:
