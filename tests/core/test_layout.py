@@ -73,3 +73,17 @@ def test_the_mirror_rule():
     assert mirror(Path("candela_mitm/providers/translate/__init__.py")) == REPO / "tests/core/providers/test_translate.py"
     assert mirror(Path("candela_mitm/config.py")) == REPO / "tests/core/test_config.py"
     assert mirror(Path("addons/budget.py")) == REPO / "tests/addons/test_budget.py"
+
+
+def test_every_package_is_in_the_wheel():
+    """setuptools installs only the packages pyproject.toml lists: one left out is missing from
+    an installed Candela (admin/resources once was: the admin API could not be imported)."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    present = {
+        ".".join(d.relative_to(REPO).parts)
+        for d in (REPO / "candela_mitm").rglob("*")
+        if (d / "__init__.py").is_file() and "__pycache__" not in d.parts
+    }
+    assert present - listed == set()
