@@ -19,8 +19,6 @@ UNMIRRORED = {
     "candela_mitm/providers/catalogue/*.py": "one table per provider, every table run by tests/core/providers/test_catalogue.py",
     "candela_mitm/state/*.py": "issue 21 reworks state/ now; tests/core/state/test_contract.py runs every backend",
     "candela_mitm/local/__init__.py": "LocalRuntime, built by tests/core/local/support.py for every local test",
-    "candela_mitm/providers/specs.py": "specs resolved from config: tests/core/providers/test_catalogue.py, test_forwarding.py",
-    "addons/accounting.py": "driven with Budget by tests/addons/test_budget_settle.py (budget is issue 21's now)",
     "addons/telemetry.py": "exports spans to an OTLP collector: tests/e2e/test_telemetry.py",
 }
 
