@@ -10,7 +10,7 @@ from mitmproxy import http
 
 from candela_mitm import errors
 from candela_mitm.errors import Denial
-from candela_mitm.governance.identity import (
+from candela_mitm.governance.credentials import (
     SOURCE_AUTHORIZATION,
     SOURCE_X_API_KEY,
     SOURCE_X_CANDELA_AUTH,

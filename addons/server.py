@@ -15,7 +15,7 @@ from mitmproxy.tools.dump import DumpMaster
 from candela_mitm import errors
 from candela_mitm.audit.actions import PROXY_START, PROXY_STOP
 from candela_mitm.certs.authority import certs_path, ensure_ca
-from candela_mitm.enforcement.host import start_refusal_feed
+from candela_mitm.enforcement.refusals import start_refusal_feed
 from candela_mitm.errors import ConfigError
 from candela_mitm.runtime import Runtime
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from candela_mitm.config import load_config
 from candela_mitm.enforcement import cgroups, host, procnet
-from candela_mitm.enforcement.host import HostChain
+from candela_mitm.enforcement.addresses import parse_hosts, provider_names
+from candela_mitm.enforcement.host_chain import CHAIN, HostChain
 from candela_mitm.errors import ConfigError
 
 DESCRIPTION = (
@@ -29,10 +30,10 @@ def host_on(args: argparse.Namespace, chain: HostChain, out: Any) -> int:
         print(f"candela enforce: config error:\n{e}", file=sys.stderr)
         return 2
     port = args.proxy_port if args.proxy_port is not None else config.interception.listen_port
-    names = host.provider_names(
+    names = provider_names(
         config.interception.hosts, args.provider, defaults=not args.no_default_providers
     )
-    hosts = host.parse_hosts(Path(args.hosts_file).read_text()) if args.hosts_file else None
+    hosts = parse_hosts(Path(args.hosts_file).read_text()) if args.hosts_file else None
     try:
         state = host.enable(
             names,
@@ -96,7 +97,7 @@ def show_status(args: argparse.Namespace, chain: HostChain, out: Any) -> int:
             print(f"  ebpf {p['hook']}: program {p['id']} at the cgroup root", file=out)
         if st["chain"] is not None:
             print(
-                f"  iptables nat {host.CHAIN} ({'jumped from OUTPUT' if st['jump'] else 'NO JUMP'}):",
+                f"  iptables nat {CHAIN} ({'jumped from OUTPUT' if st['jump'] else 'NO JUMP'}):",
                 file=out,
             )
             for rule in st["chain"]:

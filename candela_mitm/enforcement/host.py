@@ -38,191 +38,37 @@ buffer. A proxy running in Candela's cgroup reads it (RefusalFeed) and audits ea
 `candela-server --enforce host` (or `interception.enforce: host`) does all of this at start for
 its own transparent listener, with itself in Candela's cgroup (`enable_for_proxy`); when it
 stops, enforcement stays until `candela enforce off` (fail closed).
+
+The pieces: addresses.py (which provider addresses), host_chain.py (the nat chain),
+refusals.py (the refusals into the audit trail); here the state file and the commands.
 """
 
 from __future__ import annotations
 
-import fcntl
-import ipaddress
 import json
-import logging
 import os
-import socket
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from candela_mitm.config import Config
 from candela_mitm.enforcement import cgroups
-from candela_mitm.enforcement.iptables import Iptables
+from candela_mitm.enforcement.addresses import provider_names, resolve_providers, split_families
+from candela_mitm.enforcement.host_chain import (
+    REDIRECT_ALL_PORTS,
+    REDIRECT_PROVIDER_PORTS,
+    HostChain,
+    restore_text,
+)
 from candela_mitm.errors import ConfigError
 
-log = logging.getLogger("candela.enforce")
-
-CHAIN = "CANDELA-ENFORCE"
 STATE_PATH = "/run/candela/enforce.json"
-EVENTS_LOCK = "/run/candela/enforce-events.lock"  # held by the one proxy reading the refusals
 DEFAULT_CGROUP = "candela-proxy"  # not "candela": sandboxes live under that one, never exempt
 REDIRECT_PORTS = (80, 443)  # TCP ports to a provider address that reach the proxy, not refused
-REDIRECT_ALL_PORTS = (443,)  # every destination: TLS carries the name the listener decides by
-REDIRECT_PROVIDER_PORTS = (80,)  # only to provider addresses: plain HTTP names no server up front
 DENY_UDP_PORTS = (443, 853)
-# The providers' public API hosts that can be resolved ahead (providers.py base URLs, OpenAI's
-# data-residency hosts, the regional Vertex and Bedrock endpoints of the default regions); the
-# families (interception.py DEFAULT_HOSTS) are what the proxy intercepts by SNI. Config
-# interception.hosts (its names, not its patterns) and --provider add more.
-DEFAULT_PROVIDER_HOSTS = (
-    "api.openai.com",
-    *(f"{region}.api.openai.com" for region in ("us", "eu", "au", "in", "jp", "ae")),
-    "api.anthropic.com",
-    "generativelanguage.googleapis.com",
-    "aiplatform.googleapis.com",
-    "us-east5-aiplatform.googleapis.com",
-    "bedrock-runtime.us-east-1.amazonaws.com",
-    "bedrock-runtime-fips.us-east-1.amazonaws.com",
-    "bedrock-mantle.us-east-1.api.aws",
-)
-
-Resolver = Callable[[str], list[str]]
-
-
-# -- providers ---------------------------------------------------------------------------------
-
-
-def parse_hosts(text: str) -> dict[str, list[str]]:
-    """A hosts(5) file as {name: [addresses]} (names lowercased, order kept)."""
-    out: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        fields = line.split("#", 1)[0].split()
-        if len(fields) < 2:
-            continue
-        try:
-            ip = str(ipaddress.ip_address(fields[0]))
-        except ValueError:
-            continue
-        for name in fields[1:]:
-            addrs = out.setdefault(name.lower().rstrip("."), [])
-            if ip not in addrs:
-                addrs.append(ip)
-    return out
-
-
-def system_resolver(name: str) -> list[str]:
-    """Addresses from the system resolver (DNS and /etc/hosts); [] when the name does not resolve."""
-    try:
-        infos = socket.getaddrinfo(name, 443, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError):
-        return []
-    seen: list[str] = []
-    for info in infos:
-        ip = str(info[4][0]).split("%", 1)[0]
-        if ip not in seen:
-            seen.append(ip)
-    return seen
-
-
-def provider_names(
-    interception_hosts: Iterable[str], extra: Iterable[str], *, defaults: bool = True
-) -> list[str]:
-    names = list(DEFAULT_PROVIDER_HOSTS) if defaults else []
-    for n in [*interception_hosts, *extra]:
-        n = n.lower().rstrip(".")
-        if n and "*" not in n and n not in names:  # a family has no addresses to resolve
-            names.append(n)
-    return names
-
-
-def resolve_providers(
-    names: Iterable[str],
-    *,
-    hosts: dict[str, list[str]] | None = None,
-    resolver: Resolver = system_resolver,
-) -> dict[str, list[str]]:
-    """{name: [addresses]}; names in `hosts` take its entries, the rest go to the resolver."""
-    return {n: list(hosts[n]) if hosts and n in hosts else resolver(n) for n in names}
-
-
-def split_families(resolved: dict[str, list[str]]) -> tuple[list[str], list[str]]:
-    v4: set[ipaddress.IPv4Address] = set()
-    v6: set[ipaddress.IPv6Address] = set()
-    for addrs in resolved.values():
-        for a in addrs:
-            ip = ipaddress.ip_address(a)
-            if isinstance(ip, ipaddress.IPv4Address):
-                v4.add(ip)
-            else:
-                v6.add(ip)
-    return [str(a) for a in sorted(v4)], [str(a) for a in sorted(v6)]
-
-
-# -- iptables ----------------------------------------------------------------------------------
-
-
-def restore_text(
-    ipv4: Iterable[str], proxy_port: int, exempt_cgroup: str, scope: str | None = None
-) -> str:
-    """iptables-restore input that (re)defines the chain; with --noflush only it is replaced.
-
-    `exempt_cgroup` and `scope` are cgroup paths relative to the v2 root (`-m cgroup --path`
-    matches a socket's cgroup and its descendants); scope None or "/" enforces every process.
-    """
-    port = int(proxy_port)
-    lines = [
-        "*nat",
-        f":{CHAIN} - [0:0]",
-        f'-A {CHAIN} -m cgroup --path "{exempt_cgroup}" -j RETURN',
-    ]
-    if scope and scope != "/":
-        lines.append(f'-A {CHAIN} -m cgroup ! --path "{scope}" -j RETURN')
-    lines += [
-        f"-A {CHAIN} -p tcp -m multiport --dports {','.join(map(str, REDIRECT_ALL_PORTS))} "
-        f"-j REDIRECT --to-ports {port}"
-    ]
-    lines += [
-        f"-A {CHAIN} -d {ip}/32 -p tcp -m multiport "
-        f"--dports {','.join(map(str, REDIRECT_PROVIDER_PORTS))} -j REDIRECT --to-ports {port}"
-        for ip in ipv4
-    ]
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
-
-
-@dataclass
-class HostChain:
-    """Candela's nat chain and the jump to it from OUTPUT, through the one iptables runner."""
-
-    ipt: Iptables = field(default_factory=Iptables)
-
-    def apply(self, text: str) -> None:
-        p = self.ipt.restore(text)
-        if p.returncode != 0:
-            raise OSError(f"{self.ipt.binary}-restore failed: {p.stderr.strip()}")
-        if not self.jumped() and not self.ipt.ok("nat", "-I", "OUTPUT", "1", "-j", CHAIN):
-            raise OSError(f"cannot add the jump to {CHAIN} in nat OUTPUT")
-
-    def rules(self) -> list[str] | None:
-        """The chain's rules as `iptables -S` prints them; None if there is no chain."""
-        p = self.ipt.table("nat", "-S", CHAIN)
-        if p.returncode != 0:
-            return None
-        return [line for line in p.stdout.splitlines() if line.startswith("-A ")]
-
-    def jumped(self) -> bool:
-        return self.ipt.ok("nat", "-C", "OUTPUT", "-j", CHAIN)
-
-    def remove(self) -> bool:
-        """Drop every jump and the chain; True if anything was there."""
-        found = False
-        while self.ipt.ok("nat", "-D", "OUTPUT", "-j", CHAIN):
-            found = True
-        if self.ipt.ok("nat", "-F", CHAIN):
-            found = True
-            self.ipt.ok("nat", "-X", CHAIN)
-        return found
 
 
 # -- state -------------------------------------------------------------------------------------
@@ -400,111 +246,6 @@ def enable_for_proxy(
         state_path=state_path,
         out=out,
     )
-
-
-class RefusalFeed:
-    """The host guard's refusals into the audit trail: a thread of the proxy reads the pinned ring
-    buffer and records each as a `bypass_attempt` entry (enforcement="host"), from which
-    candela_bypass_attempts_total is counted.
-
-    One reader per host (a ring buffer has one consumer position): the feed holding an flock on
-    `lock_path` reads; the others (workers, a second proxy) wait and take over when it exits.
-    Refusals made while no proxy reads wait in the ring buffer, as many as fit. An entry the
-    audit writer does not accept is counted in `lost` and logged: the kernel refused the
-    connection all the same.
-    """
-
-    def __init__(
-        self,
-        record: Callable[..., bool],
-        *,
-        pin_dir: str | None = None,
-        lock_path: str = EVENTS_LOCK,
-        poll_ms: int = 200,
-        retry_s: float = 1.0,
-    ) -> None:
-        self.record = record
-        self.pin_dir = pin_dir
-        self.lock_path = lock_path
-        self.poll_ms = poll_ms
-        self.retry_s = retry_s  # how often a waiting feed tries the lock again
-        self.recorded = 0
-        self.lost = 0
-        self.reading = threading.Event()  # set while this feed holds the lock and reads
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="candela-refusals", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Drain what the ring buffer holds into the audit writer, then stop (before it closes)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _lock(self) -> int | None:
-        Path(self.lock_path).parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return fd
-
-    def _run(self) -> None:
-        from candela_mitm.ebpf import host
-
-        while not self._stop.is_set():
-            try:
-                fd = self._lock()
-            except OSError as e:
-                log.warning("host refusals: cannot take %s: %s", self.lock_path, e)
-                fd = None
-            if fd is None:
-                self._stop.wait(self.retry_s)
-                continue
-            try:
-                with host.PinnedEvents(self.pin_dir or host.PIN_DIR) as events:
-                    self.reading.set()
-                    while not self._stop.is_set():
-                        self._audit(events.poll(self.poll_ms))
-                    self._audit(events.poll(0))
-            except Exception as e:  # reading fails open: the kernel refuses all the same
-                log.warning("host refusals: reading the ring buffer failed: %s", e)
-                self._stop.wait(self.retry_s)
-            finally:
-                self.reading.clear()
-                os.close(fd)  # releases the lock
-
-    def _audit(self, events: Sequence[Any]) -> None:
-        from candela_mitm.enforcement.bypass import audit_record
-
-        for ev in events:
-            action, fields = audit_record(ev, enforcement="host")
-            if self.record(action, **fields):
-                self.recorded += 1
-            else:
-                self.lost += 1
-                log.error(
-                    "host refusal not audited (the audit queue refused it): %s", ev.describe()
-                )
-
-
-def start_refusal_feed(
-    record: Callable[..., bool], state_path: str = STATE_PATH
-) -> RefusalFeed | None:
-    """A running RefusalFeed when host enforcement is on and this process is in Candela's cgroup
-    (started with --enforce host or `candela enforce exec`); None otherwise."""
-    if not joined(state_path=state_path):
-        return None
-    feed = RefusalFeed(record)
-    feed.start()
-    return feed
 
 
 # -- off and status ------------------------------------------------------------------------------

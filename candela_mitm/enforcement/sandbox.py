@@ -6,45 +6,43 @@ Candela's transparent listener; everything else it sends is dropped (iptables) a
 EPERM and audited (the eBPF guard). Its record in the registry (registry.py) maps the sandbox's
 source address to its user and tenant; the proxy reads it.
 
-A sandbox is taken down by one function, `teardown`, however it ends: when its command exits,
-when setting it up fails or is interrupted, and when a later run finds it left over by a run
-that was killed (`cleanup_leftovers`).
+A sandbox is taken down by one function, `teardown` (sandbox_teardown.py), however it ends:
+when its command exits, when setting it up fails or is interrupted, and when a later run finds it
+left over by a run that was killed (`cleanup_leftovers`). Its names (hosts file, resolv.conf) are
+sandbox_names.py's.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import dataclasses
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from candela_mitm.enforcement.registry import (
     SandboxRecord,
     SandboxRegistry,
-    pids_in_netns,
     process_start_time,
+)
+from candela_mitm.enforcement.sandbox_names import RESOLV_CONF, hosts_file, sandbox_hosts
+from candela_mitm.enforcement.sandbox_teardown import (
+    bundle_path,
+    cgroup_name,
+    cleanup_leftovers,
+    teardown,
 )
 
 log = logging.getLogger("candela.sandbox")
 
 SANDBOX_ACTION_START = "sandbox_start"
 SANDBOX_ACTION_STOP = "sandbox_stop"
-SANDBOX_ACTION_CLEANUP = "sandbox_cleanup"
-CGROUP_PARENT = "candela"
-# Name lookups inside go to the sandbox's own loopback, where nothing answers: a name that is not
-# in its hosts file fails at once instead of after resolver timeouts (UDP out is dropped).
-RESOLV_CONF = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
-RESOLVE_TIMEOUT_S = 3.0
 RELAYED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -57,59 +55,6 @@ class Interrupted(Exception):
 
 
 # -- building one sandbox -------------------------------------------------------------------
-
-
-def resolve_ipv4(names: Sequence[str], timeout: float = RESOLVE_TIMEOUT_S) -> dict[str, str]:
-    """The first IPv4 address of each name that resolves within the timeout (in parallel)."""
-    if not names:
-        return {}
-
-    def one(name: str) -> str | None:
-        try:
-            infos = socket.getaddrinfo(name, 443, socket.AF_INET, socket.SOCK_STREAM)
-        except OSError:
-            return None
-        return str(infos[0][4][0]) if infos else None
-
-    out: dict[str, str] = {}
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(names)))
-    futures = {pool.submit(one, n): n for n in names}
-    try:
-        for fut in concurrent.futures.as_completed(futures, timeout=timeout):
-            ip = fut.result()
-            if ip:
-                out[futures[fut]] = ip
-    except concurrent.futures.TimeoutError:
-        log.warning("name resolution did not finish in %.0fs; using the sandbox gateway", timeout)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-    return out
-
-
-def sandbox_hosts(
-    add_hosts: Sequence[tuple[str, str]],
-    provider_names: Sequence[str],
-    gateway: str,
-    resolve: Callable[[Sequence[str]], dict[str, str]] = resolve_ipv4,
-) -> list[tuple[str, str]]:
-    """The sandbox's name table: the given entries (--add-host) first, then every provider host.
-
-    A provider host that does not resolve here maps to the sandbox's gateway: its port 443 is
-    redirected to Candela like any other address, and Candela routes by SNI, so the app reaches
-    its provider (through Candela) even where it could not resolve the name itself.
-    """
-    given = {name for name, _ in add_hosts}
-    wanted = [n for n in provider_names if n not in given]
-    resolved = resolve(wanted)
-    return list(add_hosts) + [(n, resolved.get(n, gateway)) for n in wanted]
-
-
-def hosts_file(entries: Sequence[tuple[str, str]], system: str = "/etc/hosts") -> str:
-    lines = ["# written by candela run: the sandbox's names come first", "127.0.0.1\tlocalhost"]
-    lines += [f"{ip}\t{name}" for name, ip in entries]
-    with contextlib.suppress(OSError):  # a host without one
-        lines += ["", "# the host's /etc/hosts", Path(system).read_text()]
-    return "\n".join(lines) + "\n"
 
 
 class Sandbox:
@@ -346,153 +291,6 @@ class Sandbox:
         entry = {"user_id": self.user, "tenant_id": self.tenant, **(fields or {}), **more}
         if not self.audit.record(action, **entry):
             log.error("audit entry %s was not accepted", action)
-
-
-# -- taking sandboxes down ------------------------------------------------------------------
-
-
-def _unregister_netns(cookie: int) -> None:
-    from candela_mitm.ebpf import host
-
-    with contextlib.suppress(OSError):
-        host.register_netns(cookie, redirected=False)
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
-def _kill_members(cgroup: Path | None, net: Any) -> None:
-    """SIGKILL whatever is left in the sandbox: its cgroup and, if it left that, its namespace."""
-    from candela_mitm.enforcement import cgroups
-    from candela_mitm.netns import network
-
-    if cgroup is not None and cgroup.is_dir():
-        kill = cgroup / "cgroup.kill"
-        if kill.exists():
-            with contextlib.suppress(OSError):
-                kill.write_text("1")
-        with contextlib.suppress(OSError):
-            for pid in cgroups.pids(cgroup):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-    inode = network.netns_inode(net)
-    if inode is not None:
-        for pid in pids_in_netns(inode):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline:
-        alive = (cgroup is not None and cgroup.is_dir() and bool(_safe_pids(cgroup))) or (
-            inode is not None and bool(pids_in_netns(inode))
-        )
-        if not alive:
-            return
-        time.sleep(0.02)
-
-
-def _safe_pids(cgroup: Path) -> list[int]:
-    from candela_mitm.enforcement import cgroups
-
-    try:
-        return cgroups.pids(cgroup)
-    except OSError:
-        return []
-
-
-def cgroup_name(index: int) -> str:
-    """Sandbox `index`'s cgroup, relative to the cgroup v2 root."""
-    return f"{CGROUP_PARENT}/sandbox-{index}"
-
-
-def bundle_path(registry: SandboxRegistry, net: Any) -> Path:
-    """The CA bundle a sandbox's programs trust (Candela's CA with the system's)."""
-    return registry.root / "etc" / f"{net.netns}-ca.pem"
-
-
-def teardown(
-    registry: SandboxRegistry,
-    index: int,
-    *,
-    stop_guard: Callable[[], None] | None = None,
-    netns_cookie: int | None = None,
-) -> None:
-    """Take down whatever exists of sandbox `index`, in reverse order of creation, each piece
-    attempted even when another fails (and logged): the one cleanup path, for a run that ends,
-    a setup that fails half-way, and a leftover of a run that was killed.
-
-    The processes go first (nothing may outlive the sandbox in it); `stop_guard` (the run's own
-    eBPF guard: its last refusals are audited, then it detaches) and `netns_cookie` (the
-    namespace registered with the host guard) are what only a live run holds. The record goes
-    last: until then no other run can claim the index.
-    """
-    from candela_mitm.enforcement import cgroups
-    from candela_mitm.netns import firewall, network
-
-    net = network.SandboxNet(index)
-    try:
-        cgroup: Path | None = cgroups.resolve(cgroup_name(index))
-    except (FileNotFoundError, ValueError):  # no cgroup v2 here: none was made
-        cgroup = None
-    steps: list[tuple[str, Callable[[], object] | None]] = [
-        ("processes", lambda: _kill_members(cgroup, net)),
-        ("guard", stop_guard),
-        ("firewall", lambda: firewall.delete_tagged({index})),
-        ("host guard", None if netns_cookie is None else lambda: _unregister_netns(netns_cookie)),
-        ("network", lambda: network.remove(net)),
-        ("cgroup", None if cgroup is None else lambda: cgroups.remove(cgroup)),
-        ("files", lambda: shutil.rmtree(registry.root / "etc" / net.netns, ignore_errors=True)),
-        ("bundle", lambda: _unlink(bundle_path(registry, net))),
-        ("record", lambda: registry.release(index)),
-    ]
-    for what, step in steps:
-        if step is None:
-            continue
-        try:
-            step()
-        except Exception as e:  # one stuck piece must not keep the others
-            log.warning("cleaning sandbox %d (%s): %s", index, what, e)
-
-
-def cleanup_leftovers(registry: SandboxRegistry, audit: Any = None) -> list[int]:
-    """Remove what killed runs left behind: their namespaces, veths, rules, cgroups and records.
-
-    A sandbox is left over when its record's owner is dead, or when its namespace, veth or rules
-    exist with no record at all. Live sandboxes are never touched. Returns the indexes cleaned.
-    """
-    from candela_mitm.enforcement import cgroups
-    from candela_mitm.netns import firewall, network
-
-    with registry.locked():
-        present = network.sandbox_indexes_present()
-        tagged = {i for i, _ in firewall.tagged_rules("iptables")} | {
-            i for i, _ in firewall.tagged_rules("ip6tables")
-        }
-        try:
-            groups = {
-                int(p.name.split("-", 1)[1])
-                for p in (cgroups.cgroup2_root() / CGROUP_PARENT).glob("sandbox-*")
-                if p.name.split("-", 1)[1].isdigit()
-            }
-        except (FileNotFoundError, OSError):
-            groups = set()
-        records = registry.records()
-        live = {r.index for r in records if r.owner_alive()}
-        stale_records = {r.index: r for r in records if r.index not in live}
-        indexes = (set(stale_records) | present | tagged | groups) - live
-        for index in sorted(indexes):
-            teardown(registry, index)
-            if audit is not None:
-                rec = stale_records.get(index)
-                audit.record(
-                    SANDBOX_ACTION_CLEANUP,
-                    sandbox=network.SandboxNet(index).netns,
-                    user_id=rec.user if rec else None,
-                    tenant_id=rec.tenant if rec else None,
-                    owner_pid=rec.pid if rec else None,
-                )
-    return sorted(indexes)
 
 
 # -- one run ----------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Meters: the framing of a response body (SSE, NDJSON, AWS event stream, JSON), fed as it passes
-to the usage readers of its wire (providers/usage.py)."""
+to the usage readers of its wire (providers/readers.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,12 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from candela_mitm.providers.eventstream import EventMessage, EventStreamDecoder, EventStreamError
+from candela_mitm.providers.readers import Reader, reader_for
 from candela_mitm.providers.sse import SseParser
 from candela_mitm.providers.usage import (
     METRICS_KEY,
-    Reader,
     Usage,
     load_json,
-    reader_for,
     usage_from_bedrock_headers,
 )
 

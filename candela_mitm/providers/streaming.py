@@ -8,12 +8,13 @@ from collections.abc import Mapping
 
 from candela_mitm.providers.forwarding import ForwardPlan
 from candela_mitm.providers.meters import UsageMeter, meter_for
+from candela_mitm.providers.observed import OutputCounter
 from candela_mitm.providers.sse import SseEvent, SseParser
 from candela_mitm.providers.translate.responses import (
     AnthropicToOpenAIJson,
     AnthropicToOpenAIStream,
 )
-from candela_mitm.providers.usage import OutputCounter, Usage, usage_from_openai
+from candela_mitm.providers.usage import Usage, usage_from_openai
 
 
 class ResponseProcessor(ABC):
@@ -36,7 +37,7 @@ class ResponseProcessor(ABC):
 
     @property
     def observed_output(self) -> int:
-        """Output tokens estimated from the streamed text that passed (usage.OutputCounter)."""
+        """Output tokens estimated from the streamed text that passed (observed.OutputCounter)."""
         return 0
 
     def __call__(self, data: bytes) -> list[bytes]:

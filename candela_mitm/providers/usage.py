@@ -1,13 +1,11 @@
-"""Usage: tokens read from each provider's wire format, one JSON document or a stream's documents
-added up (the framing of a body is providers/meters.py, a job's answers providers/jobs.py)."""
+"""Usage: tokens read from one decoded JSON document of each provider's wire format (a stream's
+documents add up in providers/readers.py, a body's framing is providers/meters.py, a job's
+answers providers/jobs.py)."""
 
 from __future__ import annotations
 
 import json
-import re
-from abc import ABC, abstractmethod
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -125,7 +123,7 @@ _CONVERSE_KEYS = {
     "cacheReadInputTokens": "cache_read_input_tokens",
     "cacheWriteInputTokens": "cache_creation_input_tokens",
 }
-_METRICS_KEYS = {
+METRICS_PARTS = {
     "inputTokenCount": "input_tokens",
     "outputTokenCount": "output_tokens",
     "cacheReadInputTokenCount": "cache_read_input_tokens",
@@ -144,7 +142,7 @@ METRICS_KEY = "amazon-bedrock-invocationMetrics"
 Parts = dict[str, int]
 
 
-def _pick(d: Mapping[str, object], names: Mapping[str, str]) -> Parts:
+def pick_parts(d: Mapping[str, object], names: Mapping[str, str]) -> Parts:
     parts: Parts = {}
     for src, dst in names.items():
         v = _count(d.get(src))
@@ -153,17 +151,17 @@ def _pick(d: Mapping[str, object], names: Mapping[str, str]) -> Parts:
     return parts
 
 
-def _anthropic_parts(obj: dict[str, object]) -> Parts:
+def anthropic_parts(obj: dict[str, object]) -> Parts:
     """The counts of a Messages body, a `message_start` (usage under message) or a `message_delta`."""
     parts: Parts = {}
     msg = obj.get("message")
     if isinstance(msg, dict) and isinstance(msg.get("usage"), dict):
-        parts.update(_pick(msg["usage"], {k: k for k in _ANTHROPIC_KEYS}))
+        parts.update(pick_parts(msg["usage"], {k: k for k in _ANTHROPIC_KEYS}))
         parts.update(_billing_parts(msg["usage"]))
     u = obj.get("usage")
     if isinstance(u, dict):
-        parts.update(_pick(u, {k: k for k in _ANTHROPIC_KEYS}))
-        parts.update(_pick(u, _CONVERSE_KEYS))
+        parts.update(pick_parts(u, {k: k for k in _ANTHROPIC_KEYS}))
+        parts.update(pick_parts(u, _CONVERSE_KEYS))
         parts.update(_billing_parts(u))
     return parts
 
@@ -173,7 +171,7 @@ def _billing_parts(u: Mapping[str, object]) -> Parts:
     parts: Parts = {}
     creation = u.get("cache_creation")
     if isinstance(creation, dict):
-        parts.update(_pick(creation, {"ephemeral_1h_input_tokens": "cache_write_1h_tokens"}))
+        parts.update(pick_parts(creation, {"ephemeral_1h_input_tokens": "cache_write_1h_tokens"}))
     details = u.get("cacheDetails")  # Converse: [{"ttl": "1h", "inputTokens": n}, ...]
     if isinstance(details, list):
         parts["cache_write_1h_tokens"] = sum(
@@ -181,14 +179,14 @@ def _billing_parts(u: Mapping[str, object]) -> Parts:
         )
     tools = u.get("server_tool_use")
     if isinstance(tools, dict):
-        parts.update(_pick(tools, {"web_search_requests": "web_search_requests"}))
+        parts.update(pick_parts(tools, {"web_search_requests": "web_search_requests"}))
     speed = u.get("speed")  # "fast": Claude's fast mode, billed at its own rates
     if isinstance(speed, str):
         parts["speed_fast"] = int(speed == "fast")
     return parts
 
 
-def _parts_usage(p: Parts) -> Usage:
+def parts_usage(p: Parts) -> Usage:
     read = p.get("cache_read_input_tokens", 0)
     written = p.get("cache_creation_input_tokens", 0)
     # Anthropic and Bedrock count cache reads and writes apart from input_tokens
@@ -204,8 +202,8 @@ def usage_from_anthropic(obj: object) -> Usage | None:
     """Messages API body, `message_start` or `message_delta` event (the counts that one carries)."""
     if not isinstance(obj, dict):
         return None
-    parts = _anthropic_parts(obj)
-    return _parts_usage(parts) if parts else None
+    parts = anthropic_parts(obj)
+    return parts_usage(parts) if parts else None
 
 
 def usage_from_gemini(obj: object) -> Usage | None:
@@ -285,11 +283,11 @@ def usage_from_bedrock(obj: object) -> Usage | None:
     """
     if not isinstance(obj, dict):
         return None
-    parts = _anthropic_parts(obj)
+    parts = anthropic_parts(obj)
     metrics = obj.get(METRICS_KEY)
     if isinstance(metrics, dict):
-        parts.update(_pick(metrics, _METRICS_KEYS))
-    return _parts_usage(parts) if parts else None
+        parts.update(pick_parts(metrics, METRICS_PARTS))
+    return parts_usage(parts) if parts else None
 
 
 def _header_parts(headers: Mapping[str, str]) -> Parts:
@@ -308,7 +306,7 @@ def _header_parts(headers: Mapping[str, str]) -> Parts:
 def usage_from_bedrock_headers(headers: Mapping[str, str]) -> Usage | None:
     """`x-amzn-bedrock-input-token-count` and friends on a non-streamed InvokeModel response."""
     parts = _header_parts(headers)
-    return _parts_usage(parts) if parts else None
+    return parts_usage(parts) if parts else None
 
 
 def usage_from(wire: str, obj: object) -> Usage | None:
@@ -327,315 +325,8 @@ def usage_from(wire: str, obj: object) -> Usage | None:
     raise ValueError(f"unknown wire format {wire!r}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Whether a decoded object carries output, and which error it reports
-
-
-def _truthy_except(d: object, ignore: tuple[str, ...]) -> bool:
-    return isinstance(d, dict) and any(v for k, v in d.items() if k not in ignore)
-
-
-def _openai_has_output(obj: dict[str, object]) -> bool:
-    kind = obj.get("type")
-    if isinstance(kind, str) and kind.endswith(".delta"):
-        return True  # response.output_text.delta, response.function_call_arguments.delta, ...
-    choices = obj.get("choices")
-    if isinstance(choices, list):
-        for c in choices:
-            if not isinstance(c, dict):
-                continue
-            if _truthy_except(c.get("delta"), ("role",)) or c.get("text"):
-                return True
-            if _truthy_except(c.get("message"), ("role", "refusal", "annotations")):
-                return True
-    if obj.get("object") == "response":
-        return bool(obj.get("output"))
-    return obj.get("object") == "list" and bool(obj.get("data"))  # embeddings
-
-
-def _gemini_has_output(obj: dict[str, object]) -> bool:
-    cands = obj.get("candidates")
-    if not isinstance(cands, list):
-        return False
-    for c in cands:
-        content = c.get("content") if isinstance(c, dict) else None
-        parts = content.get("parts") if isinstance(content, dict) else None
-        if isinstance(parts, list) and any(_truthy_except(p, ("thoughtSignature",)) for p in parts):
-            return True
-    return False
-
-
-def _ollama_has_output(obj: dict[str, object]) -> bool:
-    if obj.get("response") or obj.get("thinking") or obj.get("embeddings"):
-        return True
-    return _truthy_except(obj.get("message"), ("role",)) or _openai_has_output(obj)
-
-
-def _anthropic_has_output(obj: dict[str, object], event: str) -> bool:
-    kind = obj.get("type")
-    if kind == "content_block_delta" or event == "contentBlockDelta":
-        return True
-    if kind == "message":
-        return bool(obj.get("content"))
-    out = obj.get("output")  # a Converse body
-    msg = out.get("message") if isinstance(out, dict) else None
-    return isinstance(msg, dict) and bool(msg.get("content"))
-
-
-def _error_text(obj: dict[str, object]) -> str | None:
-    err = obj.get("error")
-    if err is None and obj.get("type") == "response.failed":
-        resp = obj.get("response")
-        err = resp.get("error") if isinstance(resp, dict) else None
-    if isinstance(err, str) and err:
-        return err
-    if isinstance(err, dict):
-        kind = err.get("type") or err.get("status") or err.get("code")
-        msg = err.get("message")
-        if kind and msg:
-            return f"{kind}: {msg}"
-        return str(msg or kind or "error")
-    return None
-
-
-def _live_key(text: str, key: str) -> bool:
-    """A cheap look at a chunk: does `key` occur with a value other than null?
-
-    A false positive only costs a JSON parse; there are no false negatives for JSON a provider
-    writes (the key unescaped, as every encoder writes it).
-    """
-    i = text.find(key)
-    while i >= 0:
-        j = i + len(key)
-        rest = text[j : j + 24].lstrip()
-        if rest.startswith(":") and not rest[1:].lstrip().startswith("null"):
-            return True
-        i = text.find(key, j)
-    return False
-
-
 def load_json(text: str | bytes) -> object | None:
     try:
         return json.loads(text)
     except (ValueError, RecursionError):
         return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Observed output: tokens counted from a stream's text as it passes, for when no usage comes
-
-
-OBSERVED_CHARS_PER_TOKEN = 4  # as tokenisers average for English; a count, never a bill alone
-# The string values that carry generated output in each wire's incremental events: text, tool-call
-# arguments, thinking. One regex pass over a document's text, no JSON parse: O(bytes). Measured
-# on an OpenAI chat stream (230-byte chunks): the meter costs 5.2-5.4 us a chunk with the count,
-# 3.5 us without it.
-_OUTPUT_VALUE = re.compile(
-    r'"(?:text|content|partial_json|arguments|thinking|reasoning_content|reasoning|delta|'
-    r'response|input)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"'
-)
-_RESPONSES_EVENT = re.compile(r'"type"\s*:\s*"response\.([\w.]*)"')
-
-
-class OutputCounter:
-    """Output tokens seen in a stream's incremental events, estimated from their text.
-
-    Used when a stream ends without its usage (cut by the client or the upstream): the request
-    is then charged at least for what passed. Only incremental events count (an OpenAI chunk, a
-    Responses `*.delta`, an Anthropic `content_block_delta`, a Gemini or Ollama chunk), never
-    the summaries that repeat the text (`response.completed`, `*.done`). Each event with text
-    counts at least one token.
-    """
-
-    __slots__ = ("wire", "tokens")
-
-    def __init__(self, wire: str) -> None:
-        self.wire = wire
-        self.tokens = 0
-
-    def see(self, text: str, event: str = "") -> None:
-        if self.wire in ("anthropic", "bedrock"):
-            if event not in ("content_block_delta", "contentBlockDelta") and (
-                "content_block_delta" not in text
-            ):
-                return
-        elif self.wire == "openai" and '"response.' in text:
-            m = _RESPONSES_EVENT.search(text)
-            if m is None or not m.group(1).endswith("delta"):
-                return
-        chars = 0
-        for m in _OUTPUT_VALUE.finditer(text):
-            chars += m.end(1) - m.start(1)
-        if chars:
-            self.tokens += -(-chars // OBSERVED_CHARS_PER_TOKEN)
-
-
-# ---------------------------------------------------------------------------------------------
-# Readers: how the decoded documents of one wire add up to one usage
-
-
-class Reader(ABC):
-    def __init__(self, wire: str) -> None:
-        self.saw_output = False
-        self.error: str | None = None
-        self.observed = OutputCounter(wire)
-
-    def take(self, text: str, event: str = "") -> None:
-        """One document's JSON text (an SSE data field, an NDJSON line, an array element)."""
-        self.observed.see(text, event)
-        self._take(text, event)
-
-    @abstractmethod
-    def _take(self, text: str, event: str = "") -> None: ...
-
-    @property
-    @abstractmethod
-    def reported(self) -> bool:
-        """Has the answer reported its whole usage (not only a first part of it)?"""
-
-    @abstractmethod
-    def take_obj(self, obj: object, event: str = "") -> None:
-        """One document already decoded."""
-
-    @abstractmethod
-    def usage(self) -> Usage | None:
-        """What the documents taken so far add up to (None: they said nothing of usage)."""
-
-    def _note_error(self, obj: dict[str, object]) -> None:
-        if self.error is None:
-            self.error = _error_text(obj)
-
-
-class _LastWinsReader(Reader):
-    """OpenAI, Gemini, Ollama: each document that carries usage carries all of it; the last wins.
-
-    After the first output, chunks are not parsed as they pass: one whose bytes may carry usage
-    is kept (the newest few) and parsed only when the usage is read.
-    """
-
-    def __init__(
-        self,
-        wire: str,
-        extract: Callable[[object], Usage | None],
-        has_output: Callable[[dict[str, object]], bool],
-        carries_usage: Callable[[str], bool],
-    ) -> None:
-        super().__init__(wire)
-        self._extract = extract
-        self._has_output = has_output
-        self._carries = carries_usage
-        self._usage: Usage | None = None
-        self._pending: deque[str] = deque(maxlen=4)  # newest last; older ones cover a bad newest
-
-    def _take(self, text: str, event: str = "") -> None:
-        if self.saw_output and not _live_key(text, '"error"'):
-            if self._carries(text):
-                self._pending.append(text)
-            return
-        obj = load_json(text)
-        if obj is not None:
-            self.take_obj(obj, event)
-
-    def take_obj(self, obj: object, event: str = "") -> None:
-        if not isinstance(obj, dict):
-            return
-        if not self.saw_output and self._has_output(obj):
-            self.saw_output = True
-        self._note_error(obj)
-        u = self._extract(obj)
-        if u is not None:
-            self._usage = u
-            self._pending.clear()
-
-    @property
-    def reported(self) -> bool:
-        return self.usage() is not None  # each document that carries usage carries all of it
-
-    def usage(self) -> Usage | None:
-        while self._pending:
-            u = self._extract(load_json(self._pending.pop()))
-            if u is not None:
-                self._usage = u
-                self._pending.clear()
-        return self._usage
-
-
-_ANTHROPIC_SKIP = frozenset({"content_block_delta", "ping", "contentBlockDelta"})
-
-
-class _AnthropicReader(Reader):
-    """Anthropic and Bedrock: `message_start` brings input, `message_delta` the cumulative output.
-
-    Each count keeps its latest value (never a sum); Bedrock's invocationMetrics override the
-    counts they carry.
-    """
-
-    def __init__(self, wire: str) -> None:
-        super().__init__(wire)
-        self._parts: Parts = {}
-        self._metrics: Parts = {}
-        self._final = False  # a count past `message_start`'s first one has come
-
-    @property
-    def reported(self) -> bool:
-        return self._final
-
-    def _take(self, text: str, event: str = "") -> None:
-        if self.saw_output:
-            if event in _ANTHROPIC_SKIP:
-                return
-            if not event and not (
-                _live_key(text, '"usage"')
-                or _live_key(text, '"error"')
-                or "invocationMetrics" in text
-            ):
-                return
-        obj = load_json(text)
-        if obj is not None:
-            self.take_obj(obj, event)
-
-    def take_obj(self, obj: object, event: str = "") -> None:
-        if not isinstance(obj, dict):
-            return
-        if not self.saw_output and _anthropic_has_output(obj, event):
-            self.saw_output = True
-        self._note_error(obj)
-        self._parts.update(_anthropic_parts(obj))
-        # message_start carries the input and a first output count; the whole usage comes at
-        # the top level (message_delta, a Messages or Converse body, Converse's metadata)
-        if isinstance(obj.get("usage"), dict):
-            self._final = True
-        metrics = obj.get(METRICS_KEY)
-        if isinstance(metrics, dict):
-            self._metrics.update(_pick(metrics, _METRICS_KEYS))
-            self._final = True
-
-    def usage(self) -> Usage | None:
-        if not self._parts and not self._metrics:
-            return None
-        return _parts_usage({**self._parts, **self._metrics})
-
-
-def reader_for(wire: str) -> Reader:
-    if wire == "openai":
-        return _LastWinsReader(
-            wire,
-            usage_from_openai, _openai_has_output, lambda t: _live_key(t, '"usage"')
-        )
-    if wire == "gemini":
-        return _LastWinsReader(
-            wire,
-            usage_from_gemini,
-            _gemini_has_output,
-            lambda t: "usageMetadata" in t or "usage_metadata" in t,
-        )
-    if wire == "ollama":
-        return _LastWinsReader(
-            wire,
-            lambda o: usage_from_ollama(o) or usage_from_openai(o),
-            _ollama_has_output,
-            lambda t: "eval_count" in t or _live_key(t, '"usage"'),
-        )
-    if wire in ("anthropic", "bedrock"):
-        return _AnthropicReader(wire)
-    raise ValueError(f"unknown wire format {wire!r}; expected one of {', '.join(WIRES)}")

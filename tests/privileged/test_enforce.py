@@ -23,6 +23,7 @@ from candela_mitm.cli import enforce as enforce_cli
 from candela_mitm.ebpf import host
 from candela_mitm.enforcement import cgroups
 from candela_mitm.enforcement import host as enforce
+from candela_mitm.enforcement.host_chain import HostChain
 
 from .conftest import Probe, require
 
@@ -110,7 +111,7 @@ def env(tmp_path: Path, iptables: str, test_cgroup: Path) -> Iterator[Env]:
         e.cmd("off", "--cgroup", e.cgroup)
         host.uninstall(root=test_cgroup)
         host.uninstall()
-        enforce.HostChain().remove()
+        HostChain().remove()
         cgroups.remove(cgroups.resolve(e.cgroup))
         e.close()
 
@@ -251,7 +252,7 @@ def test_a_scope_that_does_not_exist_changes_nothing(env: Env) -> None:
     env.scope = env.scope / "missing"
     rc, _ = env.on()
     assert rc == 1
-    assert host.attached() == [] and enforce.HostChain().rules() is None
+    assert host.attached() == [] and HostChain().rules() is None
     assert not os.path.exists(env.state)
 
 
@@ -379,7 +380,7 @@ def _enforcing(
         enforce_cli.main(["off"], out=io.StringIO())
         host.uninstall(root=scope)
         host.uninstall()
-        enforce.HostChain().remove()
+        HostChain().remove()
         cgroups.remove(cgroups.resolve(enforce.DEFAULT_CGROUP))
 
 

@@ -454,6 +454,7 @@ def test_a_sandbox_works_while_the_host_is_enforced(env: Env, tmp_path: Path) ->
     from candela_mitm.ebpf import host
     from candela_mitm.enforcement import cgroups
     from candela_mitm.enforcement import host as enforce
+    from candela_mitm.enforcement.host_chain import HostChain
 
     from .conftest import require
 
@@ -481,5 +482,5 @@ def test_a_sandbox_works_while_the_host_is_enforced(env: Env, tmp_path: Path) ->
         enforce_cli.main(["--state", state, "off", "--cgroup", cgroup], out=io.StringIO())
         host.uninstall(root=scope)
         host.uninstall()
-        enforce.HostChain().remove()
+        HostChain().remove()
         cgroups.remove(cgroups.resolve(cgroup))

@@ -7,8 +7,9 @@ import time
 import uuid
 from typing import Any
 
+from candela_mitm.providers.observed import OutputCounter
 from candela_mitm.providers.sse import SseParser
-from candela_mitm.providers.usage import OutputCounter, Usage, usage_from_anthropic
+from candela_mitm.providers.usage import Usage, usage_from_anthropic
 
 _FINISH_REASONS = {
     "end_turn": "stop",

@@ -16,7 +16,7 @@ from candela_mitm.admin.routes import AdminRequest, AdminResponse
 from candela_mitm.config import parse_config
 from candela_mitm.governance.ledger import Reservation
 from candela_mitm.runtime import Runtime, build_runtime
-from tests.core.admin.test_handlers import _REGISTRY, _schema_of, admin_actions
+from tests.core.admin.support import _REGISTRY, _schema_of, admin_actions
 
 ADMIN = "admin@example.com"
 TARA = "tara@example.com"  # tenant admin of research-team

@@ -85,9 +85,9 @@ def test_the_callers_use_this_runner():
     """netns/firewall.py and the host chain run no subprocess of their own."""
     import inspect
 
-    from candela_mitm.enforcement import host
+    from candela_mitm.enforcement import host, host_chain
     from candela_mitm.netns import firewall
 
-    for module in (firewall, host):
+    for module in (firewall, host, host_chain):
         assert "subprocess.run" not in inspect.getsource(module)
-    assert host.HostChain().ipt.runner is iptables.run
+    assert host_chain.HostChain().ipt.runner is iptables.run

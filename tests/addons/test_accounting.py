@@ -1,0 +1,118 @@
+"""Accounting: the answer streamed or buffered through its processor, priced once it is whole."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from mitmproxy import http
+from mitmproxy.test import tflow
+
+from candela_mitm.addons.accounting import Accounting
+from candela_mitm.addons.auth import Auth
+from candela_mitm.addons.flowstate import ctx_of
+from candela_mitm.addons.router import Router
+
+from .conftest import ALICE_KEY, make_flow, run_hooks
+
+USAGE = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+
+
+def chat(stream: bool = False):
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    if stream:
+        body["stream"] = True
+    return make_flow(
+        "/proxy/openai/v1/chat/completions", body, headers={"Authorization": f"Bearer {ALICE_KEY}"}
+    )
+
+
+def answered(f, body: bytes, ctype: str, forwarded: bool = True) -> None:
+    ctx_of(f).forwarded = forwarded
+    f.response = http.Response.make(200, body, {"content-type": ctype, "content-length": str(len(body))})
+
+
+def run(rt, f, answer) -> Accounting:
+    accounting = Accounting(rt)
+    addons = [Router(rt), Auth(rt), accounting]
+
+    async def main() -> None:
+        await run_hooks(addons, f, "requestheaders", "request")
+        assert f.response is None
+        answer(f)
+        await run_hooks(addons, f, "responseheaders")
+        c = ctx_of(f)
+        if c.feed_pending is not None:
+            c.feed_pending()
+        await run_hooks(addons, f, "response")
+
+    asyncio.run(main())
+    return accounting
+
+
+def test_a_json_answer_is_read_whole_and_priced_from_its_usage(tctx, runtime):
+    rt = runtime()
+    f = chat()
+    body = json.dumps({"id": "x", "choices": [], "usage": USAGE}).encode()
+    run(rt, f, lambda f: answered(f, body, "application/json"))
+    c = ctx_of(f)
+    assert f.response.stream is False  # buffered: every hook sees it before the client
+    assert (c.usage.input_tokens, c.usage.output_tokens) == (1000, 100) and c.processor.reported
+    assert c.finished and c.status_code == 200 and c.first_byte_at is not None
+    assert c.cost_usd == 0  # nothing reserved (no Budget in this chain): nothing is charged
+    assert f.response.headers["X-Candela-Span-Id"] == c.span_id
+    assert f.response.content == body  # not translated: passed as it came
+
+
+def test_a_stream_passes_through_its_processor_without_a_length(tctx, runtime):
+    rt = runtime()
+    f = chat(stream=True)
+    events = [
+        {"choices": [{"index": 0, "delta": {"content": "Hi"}}]},
+        {"choices": [], "usage": USAGE},
+    ]
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+    def answer(f):
+        answered(f, body, "text/event-stream")
+
+    accounting = Accounting(rt)
+    addons = [Router(rt), Auth(rt), accounting]
+
+    async def main() -> None:
+        await run_hooks(addons, f, "requestheaders", "request")
+        answer(f)
+        await run_hooks(addons, f, "responseheaders")
+        c = ctx_of(f)
+        assert callable(f.response.stream) and f.response.stream is c.processor
+        assert "content-length" not in f.response.headers
+        # Candela asked for the usage chunk; the client did not, so it never sees it
+        [passed] = f.response.stream(body)
+        assert f.response.stream(b"") == []
+        assert b'"usage"' not in passed and passed.startswith(b"data: ") and b"[DONE]" in passed
+        await run_hooks(addons, f, "response")
+
+    asyncio.run(main())
+    c = ctx_of(f)
+    assert (c.usage.input_tokens, c.usage.output_tokens) == (1000, 100) and c.processor.reported
+    assert c.processor.observed_output == 1  # "Hi", counted as it passed
+
+
+def test_what_was_never_forwarded_is_not_processed(tctx, runtime):
+    rt = runtime()
+    f = chat()
+    run(rt, f, lambda f: answered(f, b"{}", "application/json", forwarded=False))
+    c = ctx_of(f)
+    assert c.processor is None and c.feed_pending is None
+    assert c.usage is None or c.usage.total_tokens == 0
+    assert c.cost_usd == 0
+
+
+def test_flows_without_a_context_are_left_alone(tctx, runtime):
+    rt = runtime()
+    f = tflow.tflow(resp=True)
+    accounting = Accounting(rt)
+    accounting.responseheaders(f)
+    accounting.response(f)
+    accounting.error(f)
+    assert "X-Candela-Span-Id" not in f.response.headers
