@@ -1,6 +1,12 @@
 """Summarise py-spy's raw (collapsed) stacks: samples per thread, and the functions that take them.
 
 Usage: python bench/profile_summary.py prof.txt[.gz] [--top 30] [--thread NAME]
+       python bench/profile_summary.py after.txt.gz --before before.txt.gz --us 1065 --before-us 990
+
+The second form compares two profiles (of two commits): each function's inclusive share of
+samples scaled to µs per request (pass the event loop's µs per request each run printed),
+matched by function name alone so that a module that moved between the two still matches;
+the functions that grew most, then those that shrank most.
 """
 
 from __future__ import annotations
@@ -64,12 +70,54 @@ def summarise(stacks: list[tuple[list[str], int]], top: int, thread: str | None)
     return "\n".join(lines)
 
 
+def inclusive_us(stacks: list[tuple[list[str], int]], us_per_request: float) -> dict[str, float]:
+    """Each function's inclusive samples as µs per request, by function name (not file)."""
+    incl: Counter[str] = Counter()
+    total = 0
+    for frames, n in stacks:
+        total += n
+        names = set()
+        for f in frames:
+            if f.startswith(("thread", "process")):
+                continue
+            m = _FRAME.match(f)
+            names.add(m.group("func") if m else f)
+        for name in names:
+            incl[name] += n
+    return {k: v / total * us_per_request for k, v in incl.items()} if total else {}
+
+
+def diff(before: dict[str, float], after: dict[str, float], top: int) -> str:
+    names = sorted(set(before) | set(after), key=lambda k: after.get(k, 0) - before.get(k, 0))
+
+    def row(k: str) -> str:
+        b, a = before.get(k, 0.0), after.get(k, 0.0)
+        return f"  {b:8.1f} -> {a:8.1f}  {a - b:+8.1f}  {k}"
+
+    lines = ["µs per request, inclusive: before -> after, change", "grew most:"]
+    lines += [row(k) for k in reversed(names[-top:])]
+    lines += ["shrank most:"] + [row(k) for k in names[:top]]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("path")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--thread")
+    p.add_argument("--before", help="a profile to compare with (the older commit's)")
+    p.add_argument("--us", type=float, default=1.0, help="this run's µs per request")
+    p.add_argument("--before-us", type=float, default=1.0, help="the other run's µs per request")
     a = p.parse_args(argv)
+    if a.before:
+        print(
+            diff(
+                inclusive_us(load(a.before), a.before_us),
+                inclusive_us(load(a.path), a.us),
+                a.top,
+            )
+        )
+        return 0
     print(summarise(load(a.path), a.top, a.thread))
     return 0
 
