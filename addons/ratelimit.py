@@ -128,12 +128,6 @@ class RateLimit:
                 c.reservation = reserved  # held from now on: Budget settles or releases it
             c.reserve_result = reserved  # Budget judges it in its own hook
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        c = ctx_of(flow)
-        if c is not None and flow.response is not None:
-            for k, v in c.rate_headers.items():
-                flow.response.headers.setdefault(k, v)
-
     async def _finish(self, flow: http.HTTPFlow, c: RequestContext) -> None:
         """Give the lease back and correct the token windows to the usage read."""
         admission, c.admission = c.admission, None
@@ -158,7 +152,8 @@ class RateLimit:
             return
         if flow.response is not None and not flow.response.stream and c.rate_headers:
             headers = flow.response.headers
-            # answers made here (denials) had no headers hook; a forwarded one has them already
+            # a forwarded answer has them from Upstream's headers hook (with the provider's
+            # filtered out); an answer made here (a denial) gets them now
             if next(iter(c.rate_headers)) not in headers:
                 for k, v in c.rate_headers.items():
                     headers.setdefault(k, v)

@@ -151,10 +151,11 @@ class Upstream:
         c = ctx_of(flow)
         if c is not None and c.forwarded and flow.response is not None:
             # the provider's answer: only the headers a client needs (org ids and org-wide
-            # rate-limit state stay here)
+            # rate-limit state stay here), and Candela's own rate limit headers (a streamed
+            # answer's headers leave before any later hook)
             resp = flow.response
             resp.headers.fields = client_response_fields(
-                resp.headers.fields, switching_protocols=resp.status_code == 101
+                resp.headers.fields, switching_protocols=resp.status_code == 101, own=c.rate_headers
             )
 
     def error(self, flow: http.HTTPFlow) -> None:

@@ -45,14 +45,19 @@ HANDSHAKE = frozenset(
 
 
 def client_response_fields(
-    fields: Iterable[tuple[bytes, bytes]], switching_protocols: bool = False
+    fields: Iterable[tuple[bytes, bytes]],
+    switching_protocols: bool = False,
+    own: dict[str, str] | None = None,
 ) -> tuple[tuple[bytes, bytes], ...]:
     """The provider's response header fields a client may see, in their order (a 101 answer
-    keeps its WebSocket handshake too)."""
-    return tuple(
+    keeps its WebSocket handshake too), then Candela's own (`own`: the rate limit headers)."""
+    kept = tuple(
         (k, v)
         for k, v in fields
         if (low := k.lower()) in ALLOWED
         or low.startswith(ALLOWED_PREFIXES)
         or (switching_protocols and low in HANDSHAKE)
     )
+    if not own:
+        return kept
+    return kept + tuple((k.encode(), v.encode()) for k, v in own.items())

@@ -60,7 +60,7 @@ HOOK_ORDER: dict[str, list[str]] = {
     # response headers: RateLimit's IETF headers join the answer before it can stream; the
     # upstream timeout is cancelled before the stream is set up; Telemetry wraps the stream
     # Accounting set up, to read the model a stream names
-    "responseheaders": ["RateLimit", "Upstream", "Accounting", "Telemetry"],
+    "responseheaders": ["Upstream", "Accounting", "Telemetry"],
     # the response: AuditStart queues the audit entry first, Audit waits for its commit last;
     # RateLimit gives back the lease and corrects the token windows before Budget settles;
     # Telemetry exports the span Spans made, before Audit waits for the entry's commit

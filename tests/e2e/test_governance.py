@@ -405,6 +405,13 @@ def test_concurrency_and_token_limits_with_ratelimit_headers(tmp_path, upstream,
         for _ in range(4):
             r = post(c, CHAT, {**body, "max_tokens": 2000})
             assert r.status_code == 200, r.text
+        # a streamed answer carries them too (its headers leave before its body)
+        r = post(c, CHAT, {**body, "max_tokens": 100, "stream": True})
+        assert r.status_code == 200, r.text
+        assert r.headers["RateLimit-Policy"] == (
+            '"requests";q=1000;w=60, "concurrency";q=2, "output_tokens";q=5000;w=60'
+        )
+        assert r.headers["RateLimit"].startswith('"requests";r=')
         upstream.clear()
         r = post(c, CHAT, {**body, "max_tokens": 6000})  # more than a minute's allowance
         assert r.status_code == 429 and r.json()["limit_kind"] == "output_tokens"

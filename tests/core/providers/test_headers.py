@@ -37,3 +37,14 @@ def test_a_101_answer_keeps_its_websocket_handshake() -> None:
 
 def test_nothing_in_nothing_out() -> None:
     assert client_response_fields(()) == ()
+
+
+def test_candelas_own_rate_headers_follow_and_a_providers_namesake_does_not_pass() -> None:
+    own = {"RateLimit-Policy": '"requests";q=60;w=60', "RateLimit": '"requests";r=59;t=60'}
+    fields = ((b"RateLimit", b'"org";r=1'), *UPSTREAM)  # the provider's: the org's state
+    kept = client_response_fields(fields, own=own)
+    assert kept[-2:] == (
+        (b"RateLimit-Policy", b'"requests";q=60;w=60'),
+        (b"RateLimit", b'"requests";r=59;t=60'),
+    )
+    assert (b"RateLimit", b'"org";r=1') not in kept
