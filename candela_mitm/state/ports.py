@@ -325,6 +325,22 @@ class ActiveReservation:
     request_id: str = ""
     model: str = ""
     provider: str = ""
+    # a budget slice's (governance/slices.py): the spend and requests recorded on it so far
+    settled: int = 0
+    parts: int = 0
+
+
+@dataclass(frozen=True)
+class SpendPart:
+    """Spend recorded on a reservation that stays held (a budget slice): the requests of one
+    (model, provider) settled together, nano-dollars."""
+
+    model: str
+    provider: str
+    cost: int
+    tokens_in: int
+    tokens_out: int
+    requests: int = 1
 
 
 @dataclass(frozen=True)
@@ -449,6 +465,16 @@ def tenant_admits(amount: int, budget: int | None, spent: int, reserved: int) ->
 key_admits = tenant_admits
 
 
+def shrink_holds(
+    own_daily: int, own_grants: Mapping[str, int], daily: int, draws: Mapping[str, int]
+) -> tuple[int, dict[str, int]]:
+    """What a reservation's holds drop by when a cost is drawn while it stays held (settle_part):
+    the allowance drawn comes out of its own allowance hold first, each grant's draw out of its
+    own hold of that grant. Returns (allowance hold used, {grant id: hold used})."""
+    grants = {g: min(h, draws.get(g, 0)) for g, h in own_grants.items() if draws.get(g, 0) > 0}
+    return min(own_daily, daily), grants
+
+
 def plan_settle(
     cost: int, daily_free: int, grants_free: Sequence[tuple[str, int]]
 ) -> tuple[int, dict[str, int]]:
@@ -540,6 +566,17 @@ class LedgerStore(Protocol):
         now_us: int,
     ) -> SettleResult:
         """Turn an active (or reclaimed) reservation into spend; anything else is a no-op."""
+
+    @abstractmethod
+    def settle_part(
+        self, reservation_id: str, parts: Sequence[SpendPart], now_us: int
+    ) -> SettleResult:
+        """Record `parts` as spend on an active (or reclaimed) reservation that stays as it is
+        (a budget slice): their total is drawn as a settle draws it (the reservation's own
+        holds first, then the allowance, grants by earliest expiry, the rest overdrawn), the
+        reservation's holds shrink by what was drawn from them, each part adds a spend row of
+        its requests, and the reservation counts the spend and requests recorded on it. One
+        atomic step; a reservation settled or released already records nothing."""
 
     @abstractmethod
     def release(self, reservation_id: str, now_us: int, reclaim: bool = False) -> bool:

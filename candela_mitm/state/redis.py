@@ -24,6 +24,7 @@ from candela_mitm.state.ports import (
     RateHit,
     ReserveResult,
     SettleResult,
+    SpendPart,
     SpendRow,
     StateStore,
     TenantRecord,
@@ -35,7 +36,10 @@ from candela_mitm.state.ports import (
 # hashes); keep them a little longer than the longest period (a month) plus any open reservation.
 DAY_TTL_S = 40 * 24 * 3600
 
-_ACTIVE_FIELDS = ("owner", "user_id", "tenant", "day", "amount", "request_id", "model", "provider")
+_ACTIVE_FIELDS = (
+    "owner", "user_id", "tenant", "day", "amount", "request_id", "model", "provider", "settled",
+    "parts",
+)
 _SEP = "\x1f"  # between the parts of a spend field: user, tenant, model, provider
 
 # Layout under the prefix P (every key of one deployment shares it):
@@ -257,6 +261,122 @@ redis.call('HINCRBY', skey, 'c\\31' .. row, cost)
 redis.call('HINCRBY', skey, 'i\\31' .. row, ARGV[2])
 redis.call('HINCRBY', skey, 'o\\31' .. row, ARGV[3])
 redis.call('HINCRBY', skey, 'n\\31' .. row, 1)
+redis.call('ZADD', P .. 'spenddays', 0, r.day)
+return out
+"""
+)
+
+# A budget slice's spend, recorded while it stays held (settle_part): the settle's draw, the
+# holds shrunk by what was drawn from them. ARGV: now, prefix, day TTL, then per part: model,
+# provider, cost, tokens in, tokens out, requests.
+_SETTLE_PART = (
+    _READ_RESERVATION
+    + """
+local r, own, own_ids = read_reservation(KEYS[1])
+if r.status ~= 'active' and r.status ~= 'reclaimed' then return {0} end
+local active = r.status == 'active'
+if not active then own = {}; own_ids = {} end
+local own_daily = 0
+if active then own_daily = tonumber(r.daily_hold) end
+local now = tonumber(ARGV[1])
+local P = ARGV[2]
+local cost, requests = 0, 0
+for i = 4, #ARGV, 6 do
+  cost = cost + tonumber(ARGV[i + 2])
+  requests = requests + tonumber(ARGV[i + 5])
+end
+local period = r.period
+if period == nil or period == '' then period = r.day end
+local daykey = P .. 'day:' .. r.user_id .. ':' .. period
+local gkey = P .. 'grants:' .. r.user_id
+local d = redis.call('HMGET', daykey, 'spent', 'from_grants', 'reserved')
+local spent = tonumber(d[1]) or 0
+local from_grants = tonumber(d[2]) or 0
+local reserved = tonumber(d[3]) or 0
+local daily_free = tonumber(r.budget) - (spent - from_grants) - (reserved - own_daily)
+local expired_own = {}
+for _, gid in ipairs(own_ids) do
+  local s = tonumber(redis.call('ZSCORE', gkey, gid)) or 0
+  if s <= now then table.insert(expired_own, {s, gid}) end
+end
+table.sort(expired_own, function(a, b)
+  if a[1] ~= b[1] then return a[1] < b[1] end
+  return a[2] < b[2]
+end)
+local order = {}
+for _, e in ipairs(expired_own) do table.insert(order, e[2]) end
+for _, gid in ipairs(redis.call('ZRANGEBYSCORE', gkey, '(' .. ARGV[1], '+inf')) do
+  table.insert(order, gid)
+end
+local daily = math.min(cost, math.max(0, daily_free))
+local rest = cost - daily
+local drawn = 0
+local out = {1, 0}
+for _, gid in ipairs(order) do
+  if rest <= 0 then break end
+  local g = redis.call('HMGET', P .. 'grant:' .. gid, 'amount', 'used', 'held')
+  local f = (tonumber(g[1]) or 0) - (tonumber(g[2]) or 0) - (tonumber(g[3]) or 0) + (own[gid] or 0)
+  local take = math.min(rest, math.max(0, f))
+  if take > 0 then
+    redis.call('HINCRBY', P .. 'grant:' .. gid, 'used', take)
+    local used = math.min(own[gid] or 0, take)
+    if used > 0 then
+      redis.call('HINCRBY', P .. 'grant:' .. gid, 'held', -used)
+      if (own[gid] - used) > 0 then
+        redis.call('HSET', KEYS[1], 'gh:' .. gid, own[gid] - used)
+      else
+        redis.call('HDEL', KEYS[1], 'gh:' .. gid)
+      end
+    end
+    table.insert(out, gid)
+    table.insert(out, take)
+    drawn = drawn + take
+    rest = rest - take
+  end
+end
+out[2] = daily + rest
+local used_daily = math.min(own_daily, daily + rest)
+redis.call('HINCRBY', daykey, 'spent', cost)
+if drawn ~= 0 then redis.call('HINCRBY', daykey, 'from_grants', drawn) end
+if used_daily ~= 0 then
+  redis.call('HINCRBY', daykey, 'reserved', -used_daily)
+  redis.call('HINCRBY', KEYS[1], 'daily_hold', -used_daily)
+end
+redis.call('EXPIRE', daykey, ARGV[3])
+if r.tenant_period ~= nil and r.tenant_period ~= '' then
+  local tkey = P .. 'tday:' .. r.tenant .. ':' .. r.tenant_period
+  redis.call('HINCRBY', tkey, 'spent', cost)
+  if active then
+    local t_used = math.min(tonumber(r.tenant_hold or '0'), cost)
+    if t_used ~= 0 then
+      redis.call('HINCRBY', tkey, 'reserved', -t_used)
+      redis.call('HINCRBY', KEYS[1], 'tenant_hold', -t_used)
+    end
+  end
+  redis.call('EXPIRE', tkey, ARGV[3])
+end
+if r.key_period ~= nil and r.key_period ~= '' then
+  local kkey = P .. 'kday:' .. r.key_id .. ':' .. r.key_period
+  redis.call('HINCRBY', kkey, 'spent', cost)
+  if active then
+    local k_used = math.min(tonumber(r.key_hold or '0'), cost)
+    if k_used ~= 0 then
+      redis.call('HINCRBY', kkey, 'reserved', -k_used)
+      redis.call('HINCRBY', KEYS[1], 'key_hold', -k_used)
+    end
+  end
+  redis.call('EXPIRE', kkey, ARGV[3])
+end
+redis.call('HINCRBY', KEYS[1], 'settled', cost)
+redis.call('HINCRBY', KEYS[1], 'parts', requests)
+local skey = P .. 'spend:' .. r.day
+for i = 4, #ARGV, 6 do
+  local row = r.user_id .. '\\31' .. r.tenant .. '\\31' .. ARGV[i] .. '\\31' .. ARGV[i + 1]
+  redis.call('HINCRBY', skey, 'c\\31' .. row, ARGV[i + 2])
+  redis.call('HINCRBY', skey, 'i\\31' .. row, ARGV[i + 3])
+  redis.call('HINCRBY', skey, 'o\\31' .. row, ARGV[i + 4])
+  redis.call('HINCRBY', skey, 'n\\31' .. row, ARGV[i + 5])
+end
 redis.call('ZADD', P .. 'spenddays', 0, r.day)
 return out
 """
@@ -506,6 +626,7 @@ class RedisStateStore(StateStore):
             )
             self._reserve = self._r.register_script(_RESERVE)
             self._settle = self._r.register_script(_SETTLE)
+            self._settle_part = self._r.register_script(_SETTLE_PART)
             self._release = self._r.register_script(_RELEASE)
             self._delete_user = self._r.register_script(_DELETE_USER)
             self._rate_hit = self._r.register_script(_RATE_HIT)
@@ -660,6 +781,19 @@ class RedisStateStore(StateStore):
         draws = {out[i]: _int(out[i + 1]) for i in range(2, len(out), 2)}
         return SettleResult(True, cost, _int(out[1]), draws)
 
+    def settle_part(
+        self, reservation_id: str, parts: Sequence[SpendPart], now_us: int
+    ) -> SettleResult:
+        args: list[Any] = [now_us, self.prefix, DAY_TTL_S]
+        for p in parts:
+            args += [p.model, p.provider, p.cost, p.tokens_in, p.tokens_out, p.requests]
+        with self._guard():
+            out = self._settle_part(keys=[self._k("res", reservation_id)], args=args)
+        if not _int(out[0]):
+            return SettleResult(False)
+        draws = {out[i]: _int(out[i + 1]) for i in range(2, len(out), 2)}
+        return SettleResult(True, sum(p.cost for p in parts), _int(out[1]), draws)
+
     def release(self, reservation_id: str, now_us: int, reclaim: bool = False) -> bool:
         with self._guard():
             return bool(
@@ -683,13 +817,13 @@ class RedisStateStore(StateStore):
             rows = pipe.execute()
         out = []
         for (rid, score), row in zip(entries, rows, strict=True):
-            owner, user_id, tenant, day, amount, request_id, model, provider = (
+            owner, user_id, tenant, day, amount, request_id, model, provider, settled, parts = (
                 v or "" for v in row
             )
             out.append(
                 ActiveReservation(
                     rid, owner, _int(score), user_id, tenant, day, _int(amount or 0),
-                    request_id, model, provider,
+                    request_id, model, provider, _int(settled or 0), _int(parts or 0),
                 )
             )
         return out
