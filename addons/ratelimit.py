@@ -16,6 +16,7 @@ from candela_mitm.governance.admission import (
     Rules,
     admit,
     body_scan,
+    carve,
     decide_hold,
     reserve,
     token_estimate,
@@ -46,9 +47,13 @@ def large_body(headers: http.Headers) -> bool:
         return False  # Router answers 400
 
 
-def admission_call(rt: Runtime, c: RequestContext) -> Callable[[], Checked]:
+def admission_call(
+    rt: Runtime, c: RequestContext
+) -> tuple[Callable[[], Checked], Reservation | None]:
     """The request's admission as one store call: its rate steps and, when it holds one, its
-    budget reservation (the hold is decided once, here, and rides on the context for Budget)."""
+    budget reservation (the hold is decided once, here, and rides on the context for Budget).
+    The hold carved from this process's budget slice instead, when it can be (returned beside
+    the call, which then reserves nothing: the caller gives it back if the call refuses)."""
     settings = c.settings
     assert settings is not None
     # the body is scanned once for both estimates (none for a route without a model)
@@ -58,7 +63,12 @@ def admission_call(rt: Runtime, c: RequestContext) -> Callable[[], Checked]:
     tokens = token_estimate(c.plan, rt.pricing, rules, c.body, found)
     tenant_settings = rt.users.tenant_settings_cached
     reserve_hold: Callable[[], Reservation | BudgetRefusal] | None = None
-    if isinstance(hold, Hold):
+    key = c.principal.key_scope if c.principal else None
+    carved = carve(
+        rt.slices, c.plan, hold, settings, c.tenant, rt.users.recent_tenant, c.span_id, key,
+        rt.shadow,
+    )
+    if carved is None and isinstance(hold, Hold):
         h = hold
 
         def reserve_hold() -> Reservation | BudgetRefusal:
@@ -83,7 +93,7 @@ def admission_call(rt: Runtime, c: RequestContext) -> Callable[[], Checked]:
             undo_on_error=not rt.store.joins_calls,
         )
 
-    return call
+    return call, carved
 
 
 class RateLimit:
@@ -114,19 +124,36 @@ class RateLimit:
         # Budget's reservation (if this request needs one) rides the same store call and
         # transaction: each costs about as much CPU as the work done in it.
         # Budget still decides and answers 402 in its own hook, after this one.
-        checked = await self.rt.store_call(admission_call(self.rt, c))
+        call, carved = admission_call(self.rt, c)
+        try:
+            checked = await self.rt.store_call(call)
+        except BaseException:
+            if carved is not None:
+                self._give_back(carved)
+            raise
         c.rate_headers = policy_headers(checked.decisions, checked.now_us)
         refusal = checked.refusal
         if refusal is not None:
+            if carved is not None:
+                self._give_back(carved)
             self.rt.metrics.rate_limited.labels(self.rt.metrics.tenant_label(c.tenant or "")).inc()
             deny(flow, refusal.denial(c.rate_headers))
             return
         c.admission = checked.admission  # held from now on: finished on response or error
-        reserved = checked.reserved
+        reserved: Reservation | BudgetRefusal | None = checked.reserved
+        if carved is not None:
+            c.estimate_usd = carved.amount_usd
+            c.slice_id = carved.slice  # named in its audit entry
+            reserved = carved
         if reserved is not None:
             if isinstance(reserved, Reservation):
                 c.reservation = reserved  # held from now on: Budget settles or releases it
             c.reserve_result = reserved  # Budget judges it in its own hook
+
+    def _give_back(self, carved: Reservation) -> None:
+        slices = self.rt.slices
+        assert slices is not None
+        slices.release(carved)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)

@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from candela_mitm.governance.ledger import BudgetRefusal, KeyBudget, Ledger, Reservation
 from candela_mitm.governance.periods import BudgetPeriod
@@ -46,6 +47,9 @@ from candela_mitm.state.ports import (
     usd_to_nano,
     utc_now,
 )
+
+if TYPE_CHECKING:
+    from candela_mitm.config import BudgetSlices
 
 log = logging.getLogger("candela.slices")
 
@@ -61,6 +65,11 @@ class SliceRules:
     headroom: int = 8  # never more than what the budget has left / headroom
     flush_s: float = 0.05
     idle_s: float = 5.0
+    enabled: bool = True  # False: no slice is taken or carved (those held are returned)
+
+    @classmethod
+    def of(cls, cfg: BudgetSlices) -> SliceRules:
+        return cls(cfg.requests, cfg.headroom, cfg.flush_ms / 1000, cfg.idle_s, cfg.enabled)
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,7 @@ class Slices:
         self.monotonic = monotonic
         self._lock = threading.Lock()
         self._by_key: dict[SliceKey, Slice] = {}
+        self._by_holder: dict[tuple[str, str | None, str], Slice] = {}  # the one in use
         self._by_id: dict[str, Slice] = {}  # every slice still held, retiring ones too
         self._taking: set[SliceKey] = set()
 
@@ -182,6 +192,12 @@ class Slices:
         with self._lock:
             s = self._by_key.get(key)
             if s is None:
+                old = self._by_holder.get(key.holder)
+                if old is not None:  # its budgets changed (an admin change, a new period)
+                    self._retire(old)
+                return None
+            if not self.rules.enabled:
+                self._retire(s)
                 return None
             if s.free < amount or self.monotonic() - s.taken_at > MAX_AGE_S:
                 self._retire(s)
@@ -202,9 +218,9 @@ class Slices:
         """A request's budgets changed (an admin change, a new period): the slices of the same
         holder judged on other budgets are returned."""
         with self._lock:
-            for s in list(self._by_key.values()):
-                if s.key.holder == key.holder and s.key != key:
-                    self._retire(s)
+            s = self._by_holder.get(key.holder)
+            if s is not None and s.key != key:
+                self._retire(s)
 
     def settle(
         self, res: Reservation, cost_usd: float, tokens_in: int, tokens_out: int, model: str,
@@ -234,7 +250,7 @@ class Slices:
     def ask(self, res: Reservation) -> Ask | None:
         """After a request's own reservation: a slice of its budgets to take, if they have
         ample room (`slice_size`) and none is held or being taken."""
-        if res.seen is None or res.slice:
+        if res.seen is None or res.slice or not self.rules.enabled:
             return None
         key = self.key_of(
             res.user_id, res.budget_usd, res.period, res.tenant, res.tenant_budget_usd,
@@ -272,7 +288,11 @@ class Slices:
             old = self._by_key.get(ask.key)
             if old is not None:
                 self._retire(old)
+            old = self._by_holder.get(ask.key.holder)
+            if old is not None:
+                self._retire(old)
             self._by_key[ask.key] = s
+            self._by_holder[ask.key.holder] = s
             self._by_id[got.id] = s
             return True
 
@@ -281,6 +301,8 @@ class Slices:
         s.retiring = True
         if self._by_key.get(s.key) is s:
             del self._by_key[s.key]
+        if self._by_holder.get(s.key.holder) is s:
+            del self._by_holder[s.key.holder]
 
     def retire_all(self) -> None:
         """Every slice is returned (once its requests have settled): an admin change."""
