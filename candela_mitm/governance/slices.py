@@ -40,10 +40,14 @@ from typing import TYPE_CHECKING
 from candela_mitm.governance.ledger import BudgetRefusal, KeyBudget, Ledger, Reservation
 from candela_mitm.governance.periods import BudgetPeriod
 from candela_mitm.state.ports import (
+    Call,
+    Outcome,
     ReserveResult,
     SpendPart,
+    StateStore,
     day_of,
     nano_to_usd,
+    run_calls,
     usd_to_nano,
     utc_now,
 )
@@ -130,6 +134,24 @@ def free_after(seen: ReserveResult, key: SliceKey, amount: int) -> int:
     if key.key_budget_nano is not None:
         free = min(free, key.key_budget_nano - seen.key_spent - seen.key_reserved - amount)
     return free
+
+
+def in_one_transaction(store: object, calls: list[Call]) -> list[Outcome]:
+    """`run_calls` on a state store (one transaction, each call atomic on its own); else the
+    calls one by one (a ledger over a store of its own, in tests)."""
+    if isinstance(store, StateStore):
+        return run_calls(store, calls)
+    out: list[Outcome] = []
+    for fn, args in calls:
+        try:
+            out.append((True, fn(*args)))
+        except Exception as e:
+            out.append((False, e))
+    return out
+
+
+def spend_parts(pending: dict[tuple[str, str], list[int]]) -> list[SpendPart]:
+    return [SpendPart(m, p, c, i, o, n) for (m, p), (c, i, o, n) in pending.items()]
 
 
 def slice_size(rules: SliceRules, hold: int, free: int) -> int:
@@ -323,9 +345,10 @@ class Slices:
     def flush(self, everything: bool = False) -> list[Reservation]:
         """Blocking (store calls): record the spend settled since the last flush (one
         settle_part per slice with spend) and release the slices retired, idle (`idle_s`) or,
-        with `everything` (shutdown), all of them once their requests have settled. Returns the
-        slices whose spend was recorded (budget alerts look at them). Spend a store call could
-        not record stays queued for the next flush."""
+        with `everything` (shutdown), all of them once their requests have settled: at most two
+        transactions (one on Redis per slice). Returns the slices whose spend was recorded
+        (budget alerts look at them). Spend a store call could not record stays queued for the
+        next flush, and a slice that could not be returned is tried again."""
         now = self.monotonic()
         with self._lock:
             if everything:
@@ -337,38 +360,48 @@ class Slices:
             work = [(s, s.pending) for s in self._by_id.values() if s.pending or s.retiring]
             for s, _ in work:
                 s.pending = {}
+        # every slice's spend in one transaction (SQLite; one script each on Redis), each
+        # slice's atomic on its own; then the slices to return, once their spend is recorded
+        spent = [(s, p) for s, p in work if p]
+        calls: list[Call] = [
+            (self.ledger.settle_part, (s.reservation, spend_parts(p))) for s, p in spent
+        ]
+        outcomes: list[Outcome] = []
+        if calls:
+            try:
+                outcomes = in_one_transaction(self.ledger.store, calls)
+            except Exception as e:  # the transaction failed: none was recorded
+                outcomes = [(False, e)] * len(calls)
         recorded: list[Reservation] = []
-        for s, pending in work:
-            if pending:
-                parts = [
-                    SpendPart(model, provider, c, i, o, n)
-                    for (model, provider), (c, i, o, n) in pending.items()
-                ]
-                try:
-                    done = self.ledger.settle_part(s.reservation, parts)
-                except Exception:
-                    log.exception("could not record the spend of slice %s", s.reservation.id)
-                    with self._lock:
-                        for k, t in pending.items():
-                            mine = s.pending.setdefault(k, [0, 0, 0, 0])
-                            for j in range(4):
-                                mine[j] += t[j]
-                    continue
-                if done.applied:
-                    recorded.append(s.reservation)
-                else:
-                    log.error(
-                        "slice %s was settled without this process: %d requests' spend not "
-                        "recorded", s.reservation.id, sum(t[3] for t in pending.values()),
-                    )
+        for (s, pending), (ok, done) in zip(spent, outcomes, strict=True):
+            if not ok:
+                log.error("could not record the spend of slice %s: %s", s.reservation.id, done)
+                with self._lock:  # kept for the next flush
+                    for k, t in pending.items():
+                        mine = s.pending.setdefault(k, [0, 0, 0, 0])
+                        for j in range(4):
+                            mine[j] += t[j]
+            elif done.applied:
+                recorded.append(s.reservation)
+            else:
+                log.error(
+                    "slice %s was settled without this process: %d requests' spend not "
+                    "recorded", s.reservation.id, sum(t[3] for t in pending.values()),
+                )
+        with self._lock:
+            returning = [
+                s for s, _ in work if s.retiring and s.inflight == 0 and not s.pending
+            ]
+        if returning:
+            releases: list[Call] = [(self.ledger.release, (s.reservation,)) for s in returning]
+            try:
+                freed = in_one_transaction(self.ledger.store, releases)
+            except Exception as e:
+                freed = [(False, e)] * len(releases)
             with self._lock:
-                free = s.retiring and s.inflight == 0 and not s.pending
-            if free:
-                try:
-                    self.ledger.release(s.reservation)
-                except Exception:
-                    log.exception("could not return slice %s", s.reservation.id)
-                    continue
-                with self._lock:
-                    self._by_id.pop(s.reservation.id, None)
+                for s, (ok, _) in zip(returning, freed, strict=True):
+                    if ok:
+                        self._by_id.pop(s.reservation.id, None)
+                    else:
+                        log.error("could not return slice %s (tried again)", s.reservation.id)
         return recorded

@@ -342,3 +342,51 @@ def test_processes_hammering_one_budget_never_overspend(backend: Any) -> None:
     assert BUDGET - status.spent_usd < 0.02
     (row,) = ledger.usage(user=U)
     assert row.requests == admitted
+
+
+def test_spend_a_flush_could_not_record_is_recorded_by_the_next() -> None:
+    from candela_mitm.errors import StoreUnavailable
+    from candela_mitm.state.memory import MemoryStateStore
+
+    class Flaky(MemoryStateStore):
+        fail = 0
+
+        def settle_part(self, *a: Any) -> Any:
+            if self.fail:
+                self.fail -= 1
+                raise StoreUnavailable("down")
+            return super().settle_part(*a)
+
+    store = Flaky()
+    ledger = Ledger(store, clock=lambda: T0)
+    slices = Slices(ledger, RULES, clock=lambda: T0)
+    assert take(slices, own(ledger, 1.0))
+    c = slices.carve(key(slices), 1.0, "span-1")
+    assert c is not None
+    slices.settle(c, 0.75, 5, 5, "gpt-4o", "openai")
+    store.fail = 1
+    assert slices.flush(everything=True) == []
+    assert slices.held() == 1 and ledger.spent_today(U) == 0  # kept, and the slice with it
+    (recorded,) = slices.flush(everything=True)
+    assert recorded.id == c.slice and ledger.spent_today(U) == 0.75
+    assert slices.held() == 0 and store.active_reservations() == [
+        a for a in store.active_reservations() if not a.request_id.startswith("slice:")
+    ]
+
+
+def test_one_flush_records_every_slice(store: StateStore) -> None:
+    ledger = Ledger(store, clock=lambda: T0)
+    slices = Slices(ledger, RULES, clock=lambda: T0)
+    users = ["a@x", "b@x", "c@x"]
+    for u in users:
+        got = ledger.reserve(u, None, 1.0, 100.0, "own", model="m", provider="p")
+        assert isinstance(got, Reservation)
+        assert take(slices, got)
+    daily = BudgetPeriod("daily", "UTC")
+    for u in users:
+        c = slices.carve(slices.key_of(u, 100.0, daily, None, None, daily, None, T0), 1.0, "s")
+        assert c is not None
+        slices.settle(c, 0.5, 1, 1, "m", "p")
+    assert len(slices.flush(everything=True)) == 3
+    assert [ledger.spent_today(u) for u in users] == [0.5, 0.5, 0.5]
+    assert slices.held() == 0
