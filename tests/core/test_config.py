@@ -75,7 +75,7 @@ def test_empty_file_is_valid(tmp_path):
             "governance.budgets.slices.headroom",
             "greater than or equal to 2",
         ),
-        ("governance: {budgets: {slices: {slice: 3}}}\n", "governance.budgets.slices.slice", "Extra"),
+        ("governance: {budgets: {slices: {slice: 3}}}\n", "governance.budgets.slices.slice", "unknown key"),
         ("interception: {replace_provider_keys: [nowhere]}\n", "interception", "nowhere"),
         (
             "interception: {organisation_keys: [sk-raw]}\n",
