@@ -27,6 +27,7 @@ from candela_mitm.state.ports import (
     Lease,
     NewReservation,
     RateHit,
+    RateTake,
     ReserveResult,
     SettleResult,
     SpendPart,
@@ -458,6 +459,35 @@ class MemoryStateStore(StateStore):
             else:
                 self._t.rate_log.pop(key, None)
             return RateHit(allowed, len(log), min(log) if log else None)
+
+    def rate_take(
+        self, key: str, limit: int, n: int, window_us: int, now_us: int, stamp_us: int
+    ) -> RateTake:
+        with self._lock:
+            log = [ts for ts in self._t.rate_log.get(key, ()) if ts > now_us - window_us]
+            granted = max(0, min(n, limit - len(log)))
+            log += [stamp_us] * granted
+            if log:
+                self._t.rate_log[key] = log
+            else:
+                self._t.rate_log.pop(key, None)
+            return RateTake(granted, len(log), min(log) if log else None)
+
+    def rate_return(self, key: str, stamp_us: int, n: int) -> int:
+        with self._lock:
+            log = self._t.rate_log.get(key, [])
+            removed = 0
+            kept = []
+            for ts in log:
+                if ts == stamp_us and removed < n:
+                    removed += 1
+                else:
+                    kept.append(ts)
+            if kept:
+                self._t.rate_log[key] = kept
+            else:
+                self._t.rate_log.pop(key, None)
+            return removed
 
     def token_admit(
         self, entry_id: str, checks: Sequence[tuple[str, int, int]], window_us: int, now_us: int

@@ -391,6 +391,15 @@ class RateHit:
 
 
 @dataclass(frozen=True)
+class RateTake:
+    """A block of requests taken from a rate window at once (a rate lease)."""
+
+    granted: int  # entries added (0 to the number asked for)
+    count: int  # entries in the window after the step
+    oldest_us: int | None
+
+
+@dataclass(frozen=True)
 class TokenAdmit:
     """The outcome of one token-window admission over several keys (all or nothing)."""
 
@@ -683,6 +692,19 @@ class RateStore(Protocol):
     @abstractmethod
     def rate_hit(self, key: str, limit: int, window_us: int, now_us: int) -> RateHit:
         """Sliding log: forget entries at or before now - window, count, add one if under limit."""
+
+    @abstractmethod
+    def rate_take(
+        self, key: str, limit: int, n: int, window_us: int, now_us: int, stamp_us: int
+    ) -> RateTake:
+        """A rate lease (governance/rate_leases.py): forget entries at or before now - window,
+        then add up to `n` entries stamped `stamp_us` (>= now: they count until stamp + window)
+        while the window holds fewer than `limit`. One atomic step."""
+
+    @abstractmethod
+    def rate_return(self, key: str, stamp_us: int, n: int) -> int:
+        """Remove up to `n` entries stamped exactly `stamp_us` (a lease's unused part: entries
+        of one stamp are alike); returns how many were removed."""
 
     @abstractmethod
     def token_admit(

@@ -22,6 +22,7 @@ from candela_mitm.state.ports import (
     Lease,
     NewReservation,
     RateHit,
+    RateTake,
     ReserveResult,
     SettleResult,
     SpendPart,
@@ -475,6 +476,28 @@ redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[2]) / 1000) + 1000)
 return {allowed, count, oldest[2] or ''}
 """
 
+# A rate lease: ARGV now, window, limit, n, stamp, member prefix. Returns {granted, count, oldest}.
+_RATE_TAKE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
+local count = redis.call('ZCARD', KEYS[1])
+local granted = math.max(0, math.min(tonumber(ARGV[4]), tonumber(ARGV[3]) - count))
+for i = 1, granted do
+  redis.call('ZADD', KEYS[1], ARGV[5], ARGV[6] .. i)
+end
+count = count + granted
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local ttl = math.floor((tonumber(ARGV[5]) - tonumber(ARGV[1]) + tonumber(ARGV[2])) / 1000) + 1000
+redis.call('PEXPIRE', KEYS[1], ttl)
+return {granted, count, oldest[2] or ''}
+"""
+
+# A lease's unused part: ARGV stamp, n. Entries of one stamp are alike: any n of them go.
+_RATE_RETURN = """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+return #gone
+"""
+
 # KEYS: per check, the zset then the amounts hash. ARGV: now, window, entry id, ttl ms, then
 # per check its limit and amount. Returns {1, used...} or {0, used..., refused index, fits_at}
 # (fits_at as token_fits_at: '' when the amount alone exceeds the limit).
@@ -630,6 +653,8 @@ class RedisStateStore(StateStore):
             self._release = self._r.register_script(_RELEASE)
             self._delete_user = self._r.register_script(_DELETE_USER)
             self._rate_hit = self._r.register_script(_RATE_HIT)
+            self._rate_take = self._r.register_script(_RATE_TAKE)
+            self._rate_return = self._r.register_script(_RATE_RETURN)
             self._purge = self._r.register_script(_PURGE)
             self._token_admit = self._r.register_script(_TOKEN_ADMIT)
             self._revoke_key = self._r.register_script(_REVOKE_KEY)
@@ -1025,6 +1050,23 @@ class RedisStateStore(StateStore):
                 keys=[self._k("rate", key)], args=[now_us, window_us, limit, member]
             )
         return RateHit(bool(allowed), _int(count), _int(oldest) if oldest else None)
+
+    def rate_take(
+        self, key: str, limit: int, n: int, window_us: int, now_us: int, stamp_us: int
+    ) -> RateTake:
+        prefix = f"{stamp_us}:l{uuid.uuid4().hex[:12]}:"  # members of one lease stay apart
+        with self._guard():
+            granted, count, oldest = self._rate_take(
+                keys=[self._k("rate", key)],
+                args=[now_us, window_us, limit, n, stamp_us, prefix],
+            )
+        return RateTake(_int(granted), _int(count), _int(oldest) if oldest else None)
+
+    def rate_return(self, key: str, stamp_us: int, n: int) -> int:
+        if n <= 0:
+            return 0
+        with self._guard():
+            return _int(self._rate_return(keys=[self._k("rate", key)], args=[stamp_us, n]))
 
     # -- token windows -------------------------------------------------------------------------
     def token_admit(

@@ -26,6 +26,7 @@ from candela_mitm.state.ports import (
     Lease,
     NewReservation,
     RateHit,
+    RateTake,
     ReserveResult,
     SettleResult,
     SpendPart,
@@ -947,6 +948,54 @@ class SqliteStateStore(StateStore):
                     (key, count),
                 )
             return RateHit(allowed, count, oldest)
+
+    def rate_take(
+        self, key: str, limit: int, n: int, window_us: int, now_us: int, stamp_us: int
+    ) -> RateTake:
+        with self._tx() as c:
+            forgotten = c.execute(
+                "DELETE FROM rate_log WHERE key = ? AND ts <= ?", (key, now_us - window_us)
+            ).rowcount
+            stored, oldest = c.execute(
+                "SELECT (SELECT n FROM rate_count WHERE key = ?1),"
+                " (SELECT min(ts) FROM rate_log WHERE key = ?1)",
+                (key,),
+            ).fetchone()
+            count = (stored or 0) - forgotten
+            granted = max(0, min(n, limit - count))
+            if granted:
+                c.executemany(
+                    "INSERT INTO rate_log (key, ts) VALUES (?, ?)", [(key, stamp_us)] * granted
+                )
+                count += granted
+                oldest = stamp_us if oldest is None else min(oldest, stamp_us)
+            self._set_rate_count(c, key, count, stored)
+            return RateTake(granted, count, oldest)
+
+    def rate_return(self, key: str, stamp_us: int, n: int) -> int:
+        with self._tx() as c:
+            removed = c.execute(
+                "DELETE FROM rate_log WHERE rowid IN "
+                "(SELECT rowid FROM rate_log WHERE key = ? AND ts = ? LIMIT ?)",
+                (key, stamp_us, n),
+            ).rowcount
+            if removed:
+                (stored,) = c.execute(
+                    "SELECT n FROM rate_count WHERE key = ?", (key,)
+                ).fetchone() or (None,)
+                self._set_rate_count(c, key, (stored or 0) - removed, stored)
+            return removed
+
+    @staticmethod
+    def _set_rate_count(c: sqlite3.Connection, key: str, count: int, stored: int | None) -> None:
+        if count <= 0:
+            c.execute("DELETE FROM rate_count WHERE key = ?", (key,))
+        elif stored is None or count != stored:
+            c.execute(
+                "INSERT INTO rate_count (key, n) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET n = excluded.n",
+                (key, count),
+            )
 
     # -- token windows -------------------------------------------------------------------------
     def token_admit(
