@@ -209,7 +209,19 @@ class TenantBudget(_Model):
     max_concurrent_requests: int | None = Field(default=None, ge=0)
 
 
+class RateLimitLeases(_Model):
+    """Per-process rate leases (governance/rate_leases.py): a block of a user's requests per
+    minute taken at once, requests admitted from it in memory."""
+
+    enabled: bool = False
+    requests: int = Field(default=32, ge=2, le=10_000)  # a block holds at most this many
+    headroom: int = Field(default=4, ge=2, le=1_000)  # never more than the room / headroom
+    # requests are admitted from a block this long; at most 1 s (the Redis window key's TTL)
+    lifetime_ms: int = Field(default=1000, ge=10, le=1000)
+
+
 class RateLimits(_Model):
+    leases: RateLimitLeases = Field(default_factory=RateLimitLeases)
     default_requests_per_minute: int = Field(default=60, ge=0)
     # None: no limit. Tokens are held from the estimate at admission, corrected at settlement.
     default_max_concurrent_requests: int | None = Field(default=None, ge=0)
