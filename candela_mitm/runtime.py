@@ -30,6 +30,7 @@ from candela_mitm.governance.ledger import (
 from candela_mitm.governance.policy import ModelPolicy
 from candela_mitm.governance.provider_keys import OrganisationKeys
 from candela_mitm.governance.provider_keys import from_config as provider_keys_from_config
+from candela_mitm.governance.rate_leases import LeaseRules, RateLeases
 from candela_mitm.governance.ratelimit import RateLimiter
 from candela_mitm.governance.shadow import Shadow
 from candela_mitm.governance.slices import SliceRules, Slices
@@ -111,6 +112,8 @@ class Runtime:
     shadow: Shadow | None = None  # governance.shadow: a candidate judged beside the live policy
     # this process's budget slices (governance.budgets.slices; its rules say whether it is on)
     slices: Slices | None = None
+    # this process's rate blocks (governance.rate_limits.leases; likewise)
+    rate_leases: RateLeases | None = None
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store call off the event loop, on the governance thread pool."""
@@ -122,6 +125,11 @@ class Runtime:
         return await self.calls.call(fn, *args)
 
     def close(self) -> None:
+        if self.rate_leases is not None:
+            try:
+                self.rate_leases.flush(everything=True)  # the unused requests given back
+            except Exception:
+                log.exception("could not give back the rate blocks")
         if self.slices is not None:
             try:
                 self.slices.flush(everything=True)  # the spend recorded, the slices returned
@@ -171,6 +179,9 @@ class Runtime:
             # budgets may have changed: every slice is returned, and taken again under them
             self.slices.rules = SliceRules.of(new.governance.budgets.slices)
             self.slices.retire_all()
+        if self.rate_leases is not None:
+            self.rate_leases.rules = LeaseRules.of(new.governance.rate_limits.leases)
+            self.rate_leases.retire_all()
         return changed
 
     def reload_from_file(self) -> list[str]:
@@ -368,6 +379,7 @@ def build_runtime(config: Config, command: Command, reconcile: bool = True) -> R
         shadow=shadow,
     )
     rt.slices = Slices(ledger, SliceRules.of(config.governance.budgets.slices))
+    rt.rate_leases = RateLeases(store, LeaseRules.of(config.governance.rate_limits.leases))
     rt.alerts = AlertNotifier(store, audit, metrics, lambda: rt.config.alerts, known_scope(rt))
     return rt
 

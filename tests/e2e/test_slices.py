@@ -103,3 +103,77 @@ def test_two_workers_carve_from_slices_and_the_budget_stays_exact(
         "AND json_extract(fields, '$.slice_id') IS NOT NULL"
     ).fetchone()
     assert carved > FITS // 2, carved
+
+
+RPM = 120
+
+
+def count_429(port: int) -> list[int]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    statuses: list[int] = []
+    try:
+        while not statuses or statuses[-1] == 200:
+            statuses.append(chat(conn))
+            assert len(statuses) <= RPM + 1
+    finally:
+        conn.close()
+    return statuses
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_two_workers_admit_from_rate_blocks_and_the_limit_stays_exact(
+    tmp_path: Path,
+    upstream7: FakeUpstream,  # noqa: F811
+    token_server: FakeTokenServer,
+    backend: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """governance.rate_limits.leases with budget slices: most requests touch no store at all
+    before they are forwarded, and no minute admits more than the limit."""
+    state: dict[str, Any] = {"backend": "sqlite", "sqlite_path": str(tmp_path / "state.db")}
+    redis_url = ""
+    if backend == "redis":
+        server = request.getfixturevalue("redis_server_factory")()
+        redis_url = server.url
+        state = {"backend": "redis", "redis_url": redis_url}
+    cfg = base_config(
+        upstream7.url,
+        workers=2,
+        state=state,
+        users={U: {"tenants": ["research-team"], "daily_budget_usd": 1000.0,
+                   "requests_per_minute": RPM}},
+        pricing={"gpt-4o-mini": {"input": 0.0, "output": PRICE_OUT}},
+    )
+    cfg["governance"]["budgets"]["slices"] = {"enabled": True, "idle_s": 0.2}
+    cfg["governance"]["rate_limits"] = {"leases": {"enabled": True, "requests": 8}}
+    with CandelaProcess(tmp_path, cfg, env=candela_env(token_server, tmp_path)) as c:
+        wait_for_listeners(c.port, 2)
+        with ThreadPoolExecutor(8) as pool:
+            first = [s for got in pool.map(count_429, [c.port] * 8) for s in got]
+        time.sleep(1.5)  # blocks past their stamp: their unused part given back
+        second = count_429(c.port)
+        admitted = first.count(200) + second.count(200)
+        assert admitted == RPM, (first.count(200), second.count(200))
+        assert set(first) | set(second) == {200, 429}
+        assert len(upstream7.requests) == RPM
+    # the window's entries: one per admitted request, most of them from blocks (a block's
+    # entries share one stamp; a plain check's is its own microsecond)
+    if backend == "sqlite":
+        db = sqlite3.connect(tmp_path / "state.db")
+        stamps = [n for (n,) in db.execute("SELECT count(*) FROM rate_log GROUP BY key, ts")]
+        assert sum(stamps) == RPM
+        assert sum(n for n in stamps if n > 1) > RPM // 2, stamps
+    else:
+        import redis
+
+        r = redis.Redis.from_url(redis_url, decode_responses=True)
+        members = [m for k in r.keys("*rate*") for m in r.zrange(k, 0, -1)]
+        assert len(members) == RPM
+        assert sum(1 for m in members if ":l" in m) > RPM // 2
+    # and every hold came back: the budget has nothing reserved, the spend is exact
+    store = open_state_store(Config.model_validate({"state": state}).state)
+    try:
+        status = Ledger(store).status(U, 1000.0)
+        assert status.reserved_usd == 0 and round(status.spent_usd * NANO) == RPM * COST_NANO
+    finally:
+        store.close()
