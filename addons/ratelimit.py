@@ -105,7 +105,7 @@ def from_block(rt: Runtime, c: RequestContext, carved: Reservation | None) -> Ch
     a budget to reserve, concurrency or token limits of its user or tenant, a tenant whose
     settings are not at hand)."""
     leases, s = rt.rate_leases, c.settings
-    if leases is None or s is None or c.rate_decided:
+    if leases is None or not leases.rules.enabled or s is None or c.rate_decided:
         return None
     if isinstance(c.hold, Hold) and carved is None:
         return None

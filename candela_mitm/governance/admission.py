@@ -160,7 +160,9 @@ def carve(
     the store's rows jobs and sessions are recorded under), and none while a shadow policy
     judges budgets on the store's counters; nor when the tenant's settings are not at hand
     without a store read."""
-    if slices is None or not isinstance(hold, Hold) or plan is None or shadow is not None:
+    if slices is None or not slices.rules.enabled or not isinstance(hold, Hold):
+        return None  # (off: nothing computed, the request path as it was)
+    if plan is None or shadow is not None:
         return None
     if plan.session or plan.batch is not None or plan.operation.job is not None:
         return None
