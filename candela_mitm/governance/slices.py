@@ -68,7 +68,7 @@ class SliceRules:
     requests: int = 32  # a slice holds this many of the hold that asked for it
     headroom: int = 8  # never more than what the budget has left / headroom
     flush_s: float = 0.05
-    idle_s: float = 5.0
+    idle_s: float = 1.0
     enabled: bool = True  # False: no slice is taken or carved (those held are returned)
 
     @classmethod
@@ -180,6 +180,9 @@ class Slices:
         self._by_holder: dict[tuple[str, str | None, str], Slice] = {}  # the one in use
         self._by_id: dict[str, Slice] = {}  # every slice still held, retiring ones too
         self._taking: set[SliceKey] = set()
+        # when each budget last reserved on its own: a slice is taken only for one used again
+        # within idle_s (a budget used less often would return each slice unused)
+        self._asked: dict[SliceKey, float] = {}
 
     # -- the request path (memory only) --------------------------------------------------------
     @staticmethod
@@ -271,7 +274,8 @@ class Slices:
     # -- taking a slice (a store call, off the request path) -----------------------------------
     def ask(self, res: Reservation) -> Ask | None:
         """After a request's own reservation: a slice of its budgets to take, if they have
-        ample room (`slice_size`) and none is held or being taken."""
+        ample room (`slice_size`), reserved on their own before within `idle_s` (used often
+        enough for a slice to be used before it idles), and none is held or being taken."""
         if res.seen is None or res.slice or not self.rules.enabled:
             return None
         key = self.key_of(
@@ -282,7 +286,14 @@ class Slices:
         size = slice_size(self.rules, hold, free_after(res.seen, key, hold))
         if not size:
             return None
+        now = self.monotonic()
         with self._lock:
+            last = self._asked.get(key)
+            self._asked[key] = now
+            if len(self._asked) > 10_000:  # many budgets: forget those not seen lately
+                self._asked = {k: t for k, t in self._asked.items() if now - t <= self.rules.idle_s}
+            if last is None or now - last > self.rules.idle_s:
+                return None
             if key in self._by_key or key in self._taking:
                 return None
             self._taking.add(key)

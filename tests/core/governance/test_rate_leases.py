@@ -174,6 +174,7 @@ def _process(backend: Any, n: int, q: Any) -> None:
 
 @pytest.mark.processes
 def test_processes_never_pass_the_limit(backend: Any) -> None:
+    backend.open()  # made (schema, WAL) before the processes open it at once
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
     procs = [ctx.Process(target=_process, args=(backend, 80, q)) for _ in range(3)]

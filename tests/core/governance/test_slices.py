@@ -55,10 +55,24 @@ def own(ledger: Ledger, amount: float, budget: float = 100.0, tenant: str | None
 
 
 def take(slices: Slices, res: Reservation) -> bool:
-    ask = slices.ask(res)
+    """A slice after `res` (a budget reserving on its own twice within idle_s asks for one)."""
+    ask = slices.ask(res) or slices.ask(res)
     if ask is None:
         return False
     return slices.took(ask, ask.reserve())
+
+
+def test_a_budget_is_sliced_once_used_again_within_idle_s(store: StateStore) -> None:
+    ledger = Ledger(store, clock=lambda: T0)
+    mono = Clock()
+    slices = Slices(ledger, RULES, clock=lambda: T0, monotonic=mono)
+    res = own(ledger, 1.0)
+    assert slices.ask(res) is None  # once: a slice might idle unused
+    mono.t += RULES.idle_s + 1
+    assert slices.ask(res) is None  # again, but not soon enough
+    mono.t += RULES.idle_s / 2
+    ask = slices.ask(res)
+    assert ask is not None and slices.took(ask, ask.reserve())
 
 
 def key(slices: Slices, budget: float = 100.0, tenant: str | None = None,
@@ -194,6 +208,7 @@ def test_a_refused_slice_holds_nothing(store: StateStore) -> None:
     ledger = Ledger(store, clock=lambda: T0)
     slices = Slices(ledger, RULES, clock=lambda: T0)
     res = own(ledger, 1.0)
+    assert slices.ask(res) is None  # the first: primes
     ask = slices.ask(res)
     assert ask is not None and slices.ask(res) is None  # one take at a time
     spent = own(ledger, 0.0)
@@ -323,6 +338,7 @@ def _process(backend: Any, n: int, q: Any) -> None:
 
 @pytest.mark.processes
 def test_processes_hammering_one_budget_never_overspend(backend: Any) -> None:
+    backend.open()  # made (schema, WAL) before the processes open it at once
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
     procs = [ctx.Process(target=_process, args=(backend, 200, q)) for _ in range(3)]
