@@ -70,6 +70,7 @@ def request_entry(c: RequestContext, flow: http.HTTPFlow) -> dict[str, Any]:
         "client_address": c.client_address,
         **(c.workload or {}),  # intercepted: the process that sent it
         **({"shadow": c.shadow.to_json()} if c.shadow is not None else {}),  # governance.shadow
+        **({"slice_id": c.slice_id} if c.slice_id else {}),  # its hold's budget slice
         **(
             {
                 "provider_key_fingerprint": c.provider_key_fingerprint,

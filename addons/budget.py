@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from mitmproxy import http
 
@@ -18,6 +19,7 @@ from candela_mitm.governance.admission import (
     reserve,
 )
 from candela_mitm.governance.ledger import BudgetRefusal, Reservation, Settlement
+from candela_mitm.governance.slices import Ask
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
@@ -31,6 +33,7 @@ class Budget:
         self.rt = rt
         self.rules = Rules.of(rt.config.governance)
         self._settling: set[asyncio.Task[None]] = set()  # settles after their entries, running
+        self._flusher: asyncio.Task[None] | None = None  # records the budget slices' spend
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -43,6 +46,8 @@ class Budget:
             if isinstance(reserved, BudgetRefusal):
                 m.budget_denied.labels(m.tenant_label(c.tenant or ""), "budget_exceeded").inc()
                 deny(flow, reserved.denial())
+            else:
+                self._ask_slice(reserved)
             return
         hold = c.hold if c.hold_decided else decide_hold(c, self.rt.pricing, self.rules, c.scan)
         if isinstance(hold, PriceUnknown):
@@ -69,6 +74,72 @@ class Budget:
             deny(flow, result.denial())
             return
         c.reservation = result
+        self._ask_slice(result)
+
+    # -- budget slices (governance/slices.py) ------------------------------------------------------
+    def _ask_slice(self, res: Reservation) -> None:
+        """A request reserved on its own: take a slice of its budgets in the background if they
+        have ample room, for the next requests to carve from."""
+        slices = self.rt.slices
+        if slices is None or res.slice:
+            return
+        ask = slices.ask(res)
+        if ask is None:
+            return
+        self._background(self._take(ask))
+
+    async def _take(self, ask: Ask) -> None:
+        slices = self.rt.slices
+        assert slices is not None
+        got: Reservation | BudgetRefusal | None = None
+        try:
+            got = await self.rt.store_call(ask.reserve)
+        except Exception:
+            log.exception("could not take a budget slice")
+        finally:
+            if slices.took(ask, got):
+                self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        """While slices are held: record their spend and return the idle ones, every flush_ms.
+        On the thread pool: a flush is several store transactions, each its own (a batch of the
+        loop turn could be retried whole, and a flush is not a call to run twice)."""
+        slices = self.rt.slices
+        assert slices is not None
+        while slices.due():
+            await asyncio.sleep(slices.rules.flush_s)
+            try:
+                recorded = await self.rt.blocking(slices.flush)
+            except Exception:
+                log.exception("could not flush the budget slices")
+                continue
+            if self.rt.alerts is not None:
+                for res in recorded:
+                    self.rt.alerts.settled(res)  # committed: look for a threshold crossed
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    def _settle_carved(
+        self, res: Reservation, cost: float, tokens_in: int, tokens_out: int, model: str,
+        provider: str, durable: bool,
+    ) -> None:
+        slices = self.rt.slices
+        assert slices is not None
+        if not durable:
+            # no durable entry, no spend: the hold stays carved (the slice is not returned while
+            # this process lives); a restart settles the slice from the entries it finds
+            log.error("hold of span %s kept on slice %s: its audit entry is not durable",
+                      res.request_id, res.slice)
+            return
+        slices.settle(res, cost, tokens_in, tokens_out, model, provider)
+        self._flush_soon()
 
     async def _close(self, flow: http.HTTPFlow, c: RequestContext) -> None:
         """Settle what the request is charged (governance/accounting.py), or release the hold of
@@ -87,6 +158,9 @@ class Budget:
             return
         account_flow(self.rt, flow, c)  # while the reservation is on the context: it is charged
         res, c.reservation = c.reservation, None
+        if res.slice:
+            self._close_carved(c, res)
+            return
         if c.usage_source is None:
             # nothing charged (never reached, or refused by the provider): no spend to record
             try:
@@ -110,6 +184,21 @@ class Budget:
         # crash before it leaves the reservation held: the next start settles it from the entry
         # (Ledger.reconcile_stale), or at its amount, audited, when no entry was made.
         c.after_entry = functools.partial(self._settle_after_entry, res, settle)
+
+    def _close_carved(self, c: RequestContext, res: Reservation) -> None:
+        """A hold carved from a slice: given back to it at once when nothing was charged, else
+        settled into it once the entry is durable (as a reservation of its own would be)."""
+        slices = self.rt.slices
+        assert slices is not None
+        if c.usage_source is None:
+            slices.release(res)
+            return
+        plan = c.plan
+        assert plan is not None
+        c.after_entry = functools.partial(
+            self._settle_carved, res, c.cost_usd, c.usage.input_tokens, c.usage.output_tokens,
+            plan.model or "", plan.upstream.name,
+        )
 
     def _settle_after_entry(
         self, res: Reservation, settle: Callable[[], Settlement], durable: bool

@@ -4,6 +4,7 @@ it decided."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -16,14 +17,17 @@ from candela_mitm.governance.admission import (
     Rules,
     admit,
     body_scan,
+    carve,
     decide_hold,
     reserve,
     token_estimate,
 )
 from candela_mitm.governance.estimate import LARGE_BODY_BYTES
 from candela_mitm.governance.ledger import BudgetRefusal, Reservation
+from candela_mitm.governance.rate_leases import TakeAsk
 from candela_mitm.governance.ratelimit import policy_headers
 from candela_mitm.runtime import Runtime
+from candela_mitm.state.ports import to_us
 
 from .accounting import account_flow
 from .flowstate import answered, ctx_of, deny, fail_closed
@@ -46,9 +50,13 @@ def large_body(headers: http.Headers) -> bool:
         return False  # Router answers 400
 
 
-def admission_call(rt: Runtime, c: RequestContext) -> Callable[[], Checked]:
+def admission_call(
+    rt: Runtime, c: RequestContext
+) -> tuple[Callable[[], Checked], Reservation | None]:
     """The request's admission as one store call: its rate steps and, when it holds one, its
-    budget reservation (the hold is decided once, here, and rides on the context for Budget)."""
+    budget reservation (the hold is decided once, here, and rides on the context for Budget).
+    The hold carved from this process's budget slice instead, when it can be (returned beside
+    the call, which then reserves nothing: the caller gives it back if the call refuses)."""
     settings = c.settings
     assert settings is not None
     # the body is scanned once for both estimates (none for a route without a model)
@@ -58,7 +66,12 @@ def admission_call(rt: Runtime, c: RequestContext) -> Callable[[], Checked]:
     tokens = token_estimate(c.plan, rt.pricing, rules, c.body, found)
     tenant_settings = rt.users.tenant_settings_cached
     reserve_hold: Callable[[], Reservation | BudgetRefusal] | None = None
-    if isinstance(hold, Hold):
+    key = c.principal.key_scope if c.principal else None
+    carved = carve(
+        rt.slices, c.plan, hold, settings, c.tenant, rt.users.recent_tenant, c.span_id, key,
+        rt.shadow,
+    )
+    if carved is None and isinstance(hold, Hold):
         h = hold
 
         def reserve_hold() -> Reservation | BudgetRefusal:
@@ -83,12 +96,37 @@ def admission_call(rt: Runtime, c: RequestContext) -> Callable[[], Checked]:
             undo_on_error=not rt.store.joins_calls,
         )
 
-    return call
+    return call, carved
+
+
+def from_block(rt: Runtime, c: RequestContext, carved: Reservation | None) -> Checked | None:
+    """The request's admission made in memory: its request counted on this process's rate
+    block and its budget hold (if any) carved from a slice; None: it needs the store (no block,
+    a budget to reserve, concurrency or token limits of its user or tenant, a tenant whose
+    settings are not at hand)."""
+    leases, s = rt.rate_leases, c.settings
+    if leases is None or not leases.rules.enabled or s is None or c.rate_decided:
+        return None
+    if isinstance(c.hold, Hold) and carved is None:
+        return None
+    if s.max_concurrent_requests is not None or s.token_limits.active():
+        return None
+    if c.tenant is not None:
+        t = rt.users.recent_tenant(c.tenant)
+        if t is None or t.max_concurrent_requests is not None or t.token_limits.active():
+            return None
+    now_us = to_us(rt.limiter.clock())
+    decision = leases.use(s.user_id, s.requests_per_minute, now_us)
+    if decision is None:
+        return None
+    return Checked([decision], None, carved, now_us)
 
 
 class RateLimit:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        self._tasks: set[asyncio.Task[None]] = set()  # rate blocks being taken
+        self._flusher: asyncio.Task[None] | None = None  # gives back the blocks' unused part
 
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -114,19 +152,78 @@ class RateLimit:
         # Budget's reservation (if this request needs one) rides the same store call and
         # transaction: each costs about as much CPU as the work done in it.
         # Budget still decides and answers 402 in its own hook, after this one.
-        checked = await self.rt.store_call(admission_call(self.rt, c))
+        call, carved = admission_call(self.rt, c)
+        checked = from_block(self.rt, c, carved)  # no store call, when it can be
+        if checked is None:
+            try:
+                checked = await self.rt.store_call(call)
+            except BaseException:
+                if carved is not None:
+                    self._give_back(carved)
+                raise
+            if not c.rate_decided:
+                self._ask_block(c, checked)
         c.rate_headers = policy_headers(checked.decisions, checked.now_us)
         refusal = checked.refusal
         if refusal is not None:
+            if carved is not None:
+                self._give_back(carved)
             self.rt.metrics.rate_limited.labels(self.rt.metrics.tenant_label(c.tenant or "")).inc()
             deny(flow, refusal.denial(c.rate_headers))
             return
         c.admission = checked.admission  # held from now on: finished on response or error
-        reserved = checked.reserved
+        reserved: Reservation | BudgetRefusal | None = checked.reserved
+        if carved is not None:
+            c.estimate_usd = carved.amount_usd
+            c.slice_id = carved.slice  # named in its audit entry
+            reserved = carved
         if reserved is not None:
             if isinstance(reserved, Reservation):
                 c.reservation = reserved  # held from now on: Budget settles or releases it
             c.reserve_result = reserved  # Budget judges it in its own hook
+
+    # -- rate leases (governance/rate_leases.py) -------------------------------------------------
+    def _ask_block(self, c: RequestContext, checked: Checked) -> None:
+        """A request checked in the store and admitted: take a block of its window in the
+        background, if the window has ample room, for the next requests to use."""
+        leases, settings = self.rt.rate_leases, c.settings
+        if leases is None or settings is None or checked.refusal is not None:
+            return
+        ask = leases.ask(settings.user_id, settings.requests_per_minute, checked.decisions[0])
+        if ask is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._take(ask))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _take(self, ask: TakeAsk) -> None:
+        leases = self.rt.rate_leases
+        assert leases is not None
+        got = None
+        try:
+            got = await self.rt.store_call(ask.take)
+        except Exception:
+            log.exception("could not take a rate block")
+        finally:
+            if leases.took(ask, got) and (self._flusher is None or self._flusher.done()):
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        """While blocks are held: give back the unused part of those past their stamp. On the
+        thread pool: each return is a store transaction of its own."""
+        leases = self.rt.rate_leases
+        assert leases is not None
+        while leases.due():
+            await asyncio.sleep(leases.rules.lifetime_s / 2)
+            try:
+                await self.rt.blocking(leases.flush)
+            except Exception:
+                log.exception("could not give back the rate blocks")
+
+    def _give_back(self, carved: Reservation) -> None:
+        slices = self.rt.slices
+        assert slices is not None
+        slices.release(carved)
 
     async def _finish(self, flow: http.HTTPFlow, c: RequestContext) -> None:
         """Give the lease back and correct the token windows to the usage read."""

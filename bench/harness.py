@@ -363,6 +363,10 @@ class Bench:
             "state": {"sqlite_path": str(d / "state.db")},
             "audit": {"sqlite_path": str(d / "audit.db")},
         }
+        if os.environ.get("BENCH_SLICES") == "1":  # issue 21: budget slices on
+            cfg["governance"]["budgets"] = {"slices": {"enabled": True}}
+        if os.environ.get("BENCH_LEASES") == "1":  # issue 21: rate leases on
+            cfg["governance"]["rate_limits"] = {"leases": {"enabled": True}}
         for k, v in extra.items():
             if isinstance(v, dict) and isinstance(cfg.get(k), dict):
                 cfg[k] = {**cfg[k], **v}

@@ -30,11 +30,13 @@ from candela_mitm.audit.writer import AuditWriter, redact
 from candela_mitm.config import Audit, State, parse_config
 from candela_mitm.governance.estimate import estimate_cost, scan
 from candela_mitm.governance.ledger import Ledger, Reservation
+from candela_mitm.governance.rate_leases import LeaseRules, RateLeases
 from candela_mitm.governance.ratelimit import RateLimiter
+from candela_mitm.governance.slices import SliceRules, Slices
 from candela_mitm.providers.pricing import PricingTable
 from candela_mitm.providers.usage import Usage
 from candela_mitm.state import open_state_store
-from candela_mitm.state.ports import StateStore, run_calls
+from candela_mitm.state.ports import StateStore, run_calls, to_us, utc_now
 
 BODY = json.dumps(
     {
@@ -94,6 +96,71 @@ def store_pieces(store: StateStore, n: int, tag: str) -> dict[str, Callable[[], 
     return {f"{tag}: rate check + reservation (1 txn)": admit, f"{tag}: settlement (1 txn)": settle}
 
 
+# a slice's spend is recorded every flush_ms; at one connection back to back (~2 ms a request)
+# a 50 ms flush carries about 25 requests' settles, under load more
+FLUSH_EVERY = 25
+
+
+def sliced_pieces(store: StateStore, tag: str) -> dict[str, Callable[[], object]]:
+    """The same request with budget slices on (governance/slices.py): the rate check alone is
+    its store call; the hold is carved and settled in memory; the flush, one settle_part per
+    FLUSH_EVERY requests, is timed per request (its transaction's cost / FLUSH_EVERY)."""
+    ledger = Ledger(store)
+    limiter = RateLimiter(store)
+    slices = Slices(ledger, SliceRules(requests=10**6, headroom=2, idle_s=3600))
+    user = f"bench-slice-{tag}"
+    own = ledger.reserve(user, "t", 0.001, 10**6, "span", model="m", provider="p")
+    assert isinstance(own, Reservation)
+    ask = slices.ask(own) or slices.ask(own)  # a budget used twice within idle_s
+    assert ask is not None and slices.took(ask, ask.reserve())
+    key = slices.key_of(user, 10**6, own.period, "t", None, own.tenant_period, None, own.created_at)
+
+    def one(fn: Callable[[], object]) -> object:
+        if store.joins_calls:
+            return store.call_without_waiting(run_calls, store, [(fn, ())])
+        return fn()
+
+    def rate() -> object:
+        return one(lambda: limiter.check(user, 10**9))
+
+    def carve_settle() -> object:
+        res = slices.carve(key, 0.001, "span")
+        assert res is not None
+        slices.settle(res, 0.0005, 10, 10, "m", "p")
+        return res
+
+    def flush() -> object:
+        for _ in range(FLUSH_EVERY):
+            carve_settle()
+        return slices.flush()
+
+    leases = RateLeases(store, LeaseRules(requests=32, headroom=2, lifetime_s=1.0))
+
+    def leased() -> object:
+        """A request from a rate block: in memory; every 32nd takes the next block (1 txn)."""
+        now_us = to_us(utc_now())
+        d = leases.use(user, 10**9, now_us)
+        if d is None:
+            leases.flush(everything=True)  # the spent block's (empty) return: no store call
+            d = limiter.check(user, 10**9)
+            ask = leases.ask(user, 10**9, d)
+            assert ask is not None
+            if store.joins_calls:
+                (ok, taken), = store.call_without_waiting(run_calls, store, [(ask.take, ())])
+                assert ok
+            else:
+                taken = ask.take()
+            leases.took(ask, taken)
+        return d
+
+    return {
+        f"{tag} leased: rate block use (1 txn per 32 requests, included)": leased,
+        f"{tag} sliced: rate check alone (1 txn)": rate,
+        f"{tag} sliced: carve + settle in memory": carve_settle,
+        f"{tag} sliced: flush of {FLUSH_EVERY} requests (1 txn, incl. their carves)": flush,
+    }
+
+
 def audit_commit(directory: Path) -> tuple[Callable[[], object], AuditWriter]:
     """One llm_request entry queued and waited for until committed (fsync), as the answer does."""
     writer = AuditWriter(Audit(sqlite_path=str(directory / "audit.db")))
@@ -151,6 +218,7 @@ def main() -> None:
         pieces: dict[str, Callable[[], object]] = {}
         for tag, store in stores:
             pieces.update(store_pieces(store, a.calls, tag))
+            pieces.update(sliced_pieces(store, tag))
         pieces["parse body + estimate"] = lambda: estimate_cost(
             body := json.loads(BODY), 256, 4096, price, scan(body)
         )

@@ -163,9 +163,21 @@ class User(_Model):
 Period = Literal["daily", "weekly", "monthly"]
 
 
+class BudgetSlices(_Model):
+    """Per-process budget slices (governance/slices.py): a budget with ample room is held in
+    part by each process and requests' holds are carved from it in memory."""
+
+    enabled: bool = False
+    requests: int = Field(default=32, ge=2, le=10_000)  # a slice holds this many requests' holds
+    headroom: int = Field(default=8, ge=2, le=1_000)  # never more than what is left / headroom
+    flush_ms: int = Field(default=50, ge=1, le=10_000)  # spend recorded in the store this often
+    idle_s: float = Field(default=1.0, gt=0, le=3600)  # an unused slice is returned after this
+
+
 class Budgets(_Model):
     default_daily_usd: float = Field(default=10.0, ge=0)  # per period (daily by default)
     default_max_output_tokens: int = Field(default=4096, ge=1)
+    slices: BudgetSlices = Field(default_factory=BudgetSlices)
     # The span of every budget that names none (users and tenants), and the time zone every
     # period starts at midnight in (weeks start on Monday, months on the 1st).
     period: Period = "daily"
@@ -197,7 +209,19 @@ class TenantBudget(_Model):
     max_concurrent_requests: int | None = Field(default=None, ge=0)
 
 
+class RateLimitLeases(_Model):
+    """Per-process rate leases (governance/rate_leases.py): a block of a user's requests per
+    minute taken at once, requests admitted from it in memory."""
+
+    enabled: bool = False
+    requests: int = Field(default=32, ge=2, le=10_000)  # a block holds at most this many
+    headroom: int = Field(default=4, ge=2, le=1_000)  # never more than the room / headroom
+    # requests are admitted from a block this long; at most 1 s (the Redis window key's TTL)
+    lifetime_ms: int = Field(default=1000, ge=10, le=1000)
+
+
 class RateLimits(_Model):
+    leases: RateLimitLeases = Field(default_factory=RateLimitLeases)
     default_requests_per_minute: int = Field(default=60, ge=0)
     # None: no limit. Tokens are held from the estimate at admission, corrected at settlement.
     default_max_concurrent_requests: int | None = Field(default=None, ge=0)

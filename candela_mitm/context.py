@@ -104,6 +104,9 @@ class RequestContext:
     # what follows the entry once its commit is known (True: durable), called once by Audit:
     # Budget's settlement, so that no spend is recorded without its entry
     after_entry: Callable[[bool], None] | None = None
+    # the budget slice its hold was carved from (governance/slices.py), named in its audit
+    # entry: a restart after a crash settles the slice's spend from those entries
+    slice_id: str | None = None
     # the loop future that tells when that entry is committed (True) or timed out (False)
     audit_commit: asyncio.Future[bool] | None = None
     session: Session | None = None  # a WebSocket session, from its start (addons/websocket.py)

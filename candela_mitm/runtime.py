@@ -16,21 +16,24 @@ from typing import Any, Literal, TypeVar
 
 from candela_mitm.audit import AuditWriter
 from candela_mitm.audit.actions import LLM_REQUEST
-from candela_mitm.audit.query import charged_entries
+from candela_mitm.audit.query import charged_entries, sliced_entries
 from candela_mitm.config import PROVIDER_ROUTES, Config, load_config
 from candela_mitm.errors import ConfigError
 from candela_mitm.governance.identity import Authenticator, MintedKeyLookup
 from candela_mitm.governance.ledger import (
     AuditedCharge,
     Ledger,
+    SlicedCharge,
     StaleSettlement,
     process_alive,
 )
 from candela_mitm.governance.policy import ModelPolicy
 from candela_mitm.governance.provider_keys import OrganisationKeys
 from candela_mitm.governance.provider_keys import from_config as provider_keys_from_config
+from candela_mitm.governance.rate_leases import LeaseRules, RateLeases
 from candela_mitm.governance.ratelimit import RateLimiter
 from candela_mitm.governance.shadow import Shadow
+from candela_mitm.governance.slices import SliceRules, Slices
 from candela_mitm.governance.users import UserDirectory
 from candela_mitm.local import LocalRuntime
 from candela_mitm.observability.alerts import AlertNotifier
@@ -107,6 +110,10 @@ class Runtime:
     provider_keys: OrganisationKeys = field(default_factory=lambda: OrganisationKeys(None, ()))
     alerts: AlertNotifier | None = None  # budget threshold alerts (started by build_runtime)
     shadow: Shadow | None = None  # governance.shadow: a candidate judged beside the live policy
+    # this process's budget slices (governance.budgets.slices; its rules say whether it is on)
+    slices: Slices | None = None
+    # this process's rate blocks (governance.rate_limits.leases; likewise)
+    rate_leases: RateLeases | None = None
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store call off the event loop, on the governance thread pool."""
@@ -118,6 +125,16 @@ class Runtime:
         return await self.calls.call(fn, *args)
 
     def close(self) -> None:
+        if self.rate_leases is not None:
+            try:
+                self.rate_leases.flush(everything=True)  # the unused requests given back
+            except Exception:
+                log.exception("could not give back the rate blocks")
+        if self.slices is not None:
+            try:
+                self.slices.flush(everything=True)  # the spend recorded, the slices returned
+            except Exception:
+                log.exception("could not return the budget slices")
         self.executor.shutdown(wait=True, cancel_futures=False)
         if self.alerts is not None:
             self.alerts.close()  # before the audit writer: its last outcomes are audited
@@ -158,6 +175,13 @@ class Runtime:
         self.auth_required = required
         self.authenticator = authenticator
         self.users = UserDirectory(new, self.store, cache_ttl_s=USER_SETTINGS_TTL_S)
+        if self.slices is not None:
+            # budgets may have changed: every slice is returned, and taken again under them
+            self.slices.rules = SliceRules.of(new.governance.budgets.slices)
+            self.slices.retire_all()
+        if self.rate_leases is not None:
+            self.rate_leases.rules = LeaseRules.of(new.governance.rate_limits.leases)
+            self.rate_leases.retire_all()
         return changed
 
     def reload_from_file(self) -> list[str]:
@@ -194,6 +218,32 @@ def audited_charges(
         )
         for span, f in charged_entries(audit_db, spans, since).items()
     }
+
+
+def sliced_charges(
+    audit_db: str, slices: Sequence[ActiveReservation]
+) -> dict[str, list[SlicedCharge]]:
+    """The charged entries of the requests carved from these budget slices, by slice id, in
+    commit order (Ledger.reconcile_stale settles a dead process's slice from them)."""
+    since = from_us(min(r.created_us for r in slices)) - timedelta(seconds=1)
+    out: dict[str, list[SlicedCharge]] = {}
+    for slice_id, entries in sliced_entries(audit_db, {r.reservation_id for r in slices}, since).items():
+        seen: set[str] = set()
+        for f in entries:
+            span = str(f.get("span_id") or "")
+            if span in seen:
+                continue
+            seen.add(span)
+            out.setdefault(slice_id, []).append(
+                SlicedCharge(
+                    float(f.get("cost_usd") or 0.0),
+                    int(f.get("input_tokens") or 0),
+                    int(f.get("output_tokens") or 0),
+                    str(f.get("model") or ""),
+                    str(f.get("provider") or ""),
+                )
+            )
+    return out
 
 
 def stale_settlement_entry(s: StaleSettlement) -> dict[str, Any]:
@@ -270,6 +320,7 @@ def reconcile_at_start(
         max_age_s=STALE_RESERVATION_S,
         audited=functools.partial(audited_charges, config.audit.sqlite_path),
         record=functools.partial(record_stale_entries, audit),
+        sliced=functools.partial(sliced_charges, config.audit.sqlite_path),
     )
     limiter.reconcile_leases(process_alive)  # requests in flight of processes now gone
     return settled
@@ -327,6 +378,8 @@ def build_runtime(config: Config, command: Command, reconcile: bool = True) -> R
         provider_keys=provider_keys,
         shadow=shadow,
     )
+    rt.slices = Slices(ledger, SliceRules.of(config.governance.budgets.slices))
+    rt.rate_leases = RateLeases(store, LeaseRules.of(config.governance.rate_limits.leases))
     rt.alerts = AlertNotifier(store, audit, metrics, lambda: rt.config.alerts, known_scope(rt))
     return rt
 

@@ -324,6 +324,39 @@ def charged_entries(
     return found
 
 
+def sliced_entries(
+    db_path: str | Path, slices: set[str], since: datetime
+) -> dict[str, list[dict[str, Any]]]:
+    """The fields of the charged llm_request entries naming each of `slices` (`slice_id`: the
+    budget slice their hold was carved from) committed since `since`, in commit order: what a
+    restart settles a dead process's slice from (Ledger.reconcile_stale)."""
+    path = Path(db_path).expanduser()
+    if not slices or not path.exists():
+        return {}
+    found: dict[str, list[dict[str, Any]]] = {}
+    conn = connect_readonly(path)
+    try:
+        wanted = sorted(slices)
+        for i in range(0, len(wanted), 500):
+            part = wanted[i : i + 500]
+            marks = ",".join("?" * len(part))
+            cur = conn.execute(
+                "SELECT fields FROM audit_log WHERE action = ? AND ts >= ? AND "
+                f"json_extract(fields, '$.slice_id') IN ({marks}) ORDER BY seq",
+                [LLM_REQUEST, parse_time(since), *part],
+            )
+            for (text,) in cur:
+                fields = json.loads(text)
+                if fields.get("usage_source") is not None:
+                    found.setdefault(str(fields["slice_id"]), []).append(fields)
+    except sqlite3.OperationalError as e:
+        if "no such table" not in str(e):
+            raise
+    finally:
+        conn.close()
+    return found
+
+
 # -- spend over the day (the laptop UI's chart) -----------------------------------------------
 
 

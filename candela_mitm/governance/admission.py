@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from candela_mitm.config import Governance
     from candela_mitm.context import RequestContext
     from candela_mitm.governance.identity import KeyScope
+    from candela_mitm.governance.slices import Slices
     from candela_mitm.governance.users import TenantSettings, UserSettings
     from candela_mitm.providers.forwarding import ForwardPlan
     from candela_mitm.providers.pricing import PricingTable
@@ -140,6 +141,54 @@ def token_estimate(
     else:
         out = plan.max_output_tokens if plan.max_output_tokens is not None else default_max
     return found.input_tokens(), max(0, out)
+
+
+def carve(
+    slices: Slices | None,
+    plan: ForwardPlan | None,
+    hold: Hold | PriceUnknown | None,
+    settings: UserSettings,
+    tenant: str | None,
+    recent_tenant: Callable[[str], TenantSettings | None],
+    request_id: str,
+    key: KeyScope | None = None,
+    shadow: Shadow | None = None,
+) -> Reservation | None:
+    """The request's hold carved from this process's budget slice in memory (no store call;
+    governance/slices.py), or None: it reserves on its own. Only a plain request is carved:
+    not a WebSocket session's, a batch's, a job's or an upload's hold (their reservations are
+    the store's rows jobs and sessions are recorded under), and none while a shadow policy
+    judges budgets on the store's counters; nor when the tenant's settings are not at hand
+    without a store read."""
+    if slices is None or not slices.rules.enabled or not isinstance(hold, Hold):
+        return None  # (off: nothing computed, the request path as it was)
+    if plan is None or shadow is not None:
+        return None
+    if plan.session or plan.batch is not None or plan.operation.job is not None:
+        return None
+    if plan.operation.model == "file":
+        return None
+    t = None
+    if tenant is not None:
+        t = recent_tenant(tenant)
+        if t is None:
+            return None
+    key_budget = (
+        KeyBudget(key.key_id, key.budget_id or key.key_id, key.budget_usd)
+        if key is not None and key.budget_usd is not None
+        else None
+    )
+    k = slices.key_of(
+        settings.user_id,
+        settings.daily_budget_usd,
+        settings.budget_period,
+        tenant,
+        t.budget_usd if t else None,
+        t.period if t else settings.budget_period,
+        key_budget,
+        slices.clock(),
+    )
+    return slices.carve(k, hold.estimate_usd, request_id)
 
 
 def reserve(

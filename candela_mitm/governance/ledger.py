@@ -25,6 +25,7 @@ from candela_mitm.state.ports import (
     LedgerStore,
     NewReservation,
     ReserveResult,
+    SpendPart,
     day_of,
     from_us,
     nano_to_usd,
@@ -71,6 +72,9 @@ class Reservation:
     seen: ReserveResult | None = field(default=None, compare=False, repr=False)
     key_budget: KeyBudget | None = None  # the API key's budget it was judged against too
     key_hold_usd: float = 0.0  # held on the key's row
+    # "": a reservation of its own in the store. Else a hold carved in memory from this
+    # process's budget slice of that id (governance/slices.py): settled and released there
+    slice: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,48 @@ class AuditedCharge:
 
 # The audit entries of some requests, by span id, among those of a reconcile's reservations.
 AuditedCharges = Callable[[Sequence[ActiveReservation]], Mapping[str, AuditedCharge]]
+
+
+@dataclass(frozen=True)
+class SlicedCharge:
+    """A charged llm_request entry of a request carved from a budget slice (it names the slice)."""
+
+    cost_usd: float
+    input_tokens: int
+    output_tokens: int
+    model: str
+    provider: str
+
+
+# The charged entries naming each of some slices, by slice id, in the order they were committed.
+SlicedCharges = Callable[[Sequence[ActiveReservation]], Mapping[str, Sequence[SlicedCharge]]]
+
+
+def unrecorded_parts(active: ActiveReservation, entries: Sequence[SlicedCharge]) -> list[SpendPart]:
+    """The spend of a dead process's slice its entries name and the slice has not recorded:
+    the total is exact (every recorded request had its entry first, so it is the entries' sum
+    less what was recorded); each part is the entries past the `parts` recorded, by model,
+    when their sum is that total (the slice recorded its requests in commit order), else one
+    part of the total under the slice's model."""
+    total = sum(usd_to_nano(e.cost_usd) for e in entries) - active.settled
+    rest = list(entries[active.parts :])
+    if total <= 0 and not rest:
+        return []
+    if sum(usd_to_nano(e.cost_usd) for e in rest) == total:
+        grouped: dict[tuple[str, str], list[int]] = {}
+        for e in rest:
+            t = grouped.setdefault((e.model, e.provider), [0, 0, 0, 0])
+            t[0] += usd_to_nano(e.cost_usd)
+            t[1] += e.input_tokens
+            t[2] += e.output_tokens
+            t[3] += 1
+        return [SpendPart(m, p, *t) for (m, p), t in grouped.items()]
+    return [
+        SpendPart(
+            active.model, active.provider, max(0, total),
+            sum(e.input_tokens for e in rest), sum(e.output_tokens for e in rest), len(rest),
+        )
+    ]
 
 
 @dataclass(frozen=True)
@@ -464,6 +510,22 @@ class Ledger:
         """Give the hold back (the request never cost anything); False if already finished."""
         return self.store.release(reservation.id, to_us(now or self.clock()))
 
+    def settle_part(
+        self, reservation: Reservation, parts: Sequence[SpendPart], now: datetime | None = None
+    ) -> Settlement:
+        """Record the spend of requests carved from a budget slice on it, the slice staying held
+        (governance/slices.py); a slice settled or released already records nothing."""
+        result = self.store.settle_part(reservation.id, parts, to_us(now or self.clock()))
+        if not result.applied:
+            return Settlement(reservation.id, False)
+        return Settlement(
+            reservation_id=reservation.id,
+            applied=True,
+            cost_usd=nano_to_usd(result.cost),
+            from_allowance_usd=nano_to_usd(result.from_allowance),
+            from_grants={g: nano_to_usd(v) for g, v in result.from_grants.items()},
+        )
+
     def reconcile_stale(
         self,
         owner_alive: Callable[[str], bool] | None = None,
@@ -471,6 +533,7 @@ class Ledger:
         now: datetime | None = None,
         audited: AuditedCharges | None = None,
         record: Callable[[list[StaleSettlement]], set[str]] | None = None,
+        sliced: SlicedCharges | None = None,
     ) -> list[StaleSettlement]:
         """Settle the reservations of dead owners or older than `max_age_s`; returns what was
         settled (for the audit trail).
@@ -489,6 +552,12 @@ class Ledger:
         the reservations whose entry was committed; only those are settled (the entry before
         the spend: a crash in between leaves an entry the next start settles from). Without
         it the caller writes the entries of what this returns, after the settle.
+
+        A budget slice (governance/slices.py; its request_id starts with `slice:`) held by a dead
+        process is settled with the spend its requests' entries name past what it recorded
+        (`sliced`: those entries; `unrecorded_parts`) and what is left of it is released: its
+        requests in flight at the crash, without an entry, are not charged (a slice is bounded
+        by governance.budgets.slices). It is returned among the settlements (`from_entry`).
         """
         now_us = to_us(now or self.clock())
         cutoff = None if max_age_s is None else now_us - round(max_age_s * US_PER_S)
@@ -507,6 +576,9 @@ class Ledger:
                 why = "proxy_crash"
             if old:
                 stale.append((active, why))
+        slices = [(a, why) for a, why in stale if a.request_id.startswith("slice:")]
+        stale = [(a, why) for a, why in stale if not a.request_id.startswith("slice:")]
+        done = self._reconcile_slices(slices, sliced, now_us)
         entries = audited([a for a, _ in stale]) if audited is not None and stale else {}
         planned: list[tuple[ActiveReservation, StaleSettlement, tuple[int, int]]] = []
         for active, why in stale:
@@ -533,7 +605,7 @@ class Ledger:
         if record is not None:
             durable = record([s for _, s, _ in planned if not s.from_entry])
             planned = [p for p in planned if p[1].from_entry or p[1].reservation_id in durable]
-        settled: list[StaleSettlement] = []
+        settled: list[StaleSettlement] = done
         for active, s, tokens in planned:
             result = self.store.settle(
                 active.reservation_id,
@@ -547,6 +619,38 @@ class Ledger:
                 settled.append(s)
         self.store.purge_finished(now_us - FINISHED_RESERVATION_TTL_S * US_PER_S)
         return settled
+
+    def _reconcile_slices(
+        self,
+        slices: list[tuple[ActiveReservation, str]],
+        sliced: SlicedCharges | None,
+        now_us: int,
+    ) -> list[StaleSettlement]:
+        if not slices:
+            return []
+        entries = sliced([a for a, _ in slices]) if sliced is not None else {}
+        done: list[StaleSettlement] = []
+        for active, why in slices:
+            parts = unrecorded_parts(active, entries.get(active.reservation_id, ()))
+            if parts:
+                self.store.settle_part(active.reservation_id, parts, now_us)
+            self.store.release(active.reservation_id, now_us)
+            done.append(
+                StaleSettlement(
+                    reservation_id=active.reservation_id,
+                    request_id=active.request_id,
+                    owner=active.owner,
+                    user_id=active.user_id,
+                    tenant=active.tenant or None,
+                    model=active.model,
+                    provider=active.provider,
+                    amount_usd=nano_to_usd(sum(p.cost for p in parts)),
+                    created_at=from_us(active.created_us),
+                    reason=why,
+                    from_entry=True,
+                )
+            )
+        return done
 
     # -- asynchronous jobs ---------------------------------------------------------------------
     def record_job(

@@ -216,6 +216,13 @@ class UserDirectory:
             )
         return TenantSettings(tenant, None, self.period(), "default")
 
+    def recent_tenant(self, tenant: str) -> TenantSettings | None:
+        """`tenant_settings` read less than cache_ttl_s ago, or None (non-blocking, as `recent`)."""
+        hit = self._tenant_cache.get(tenant)
+        if hit is None or hit[0] <= self.clock():
+            return None
+        return hit[1]
+
     def tenant_settings_cached(self, tenant: str) -> TenantSettings:
         """`tenant_settings`, remembered for cache_ttl_s (as settings_cached)."""
         now = self.clock()

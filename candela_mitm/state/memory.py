@@ -27,8 +27,10 @@ from candela_mitm.state.ports import (
     Lease,
     NewReservation,
     RateHit,
+    RateTake,
     ReserveResult,
     SettleResult,
+    SpendPart,
     SpendRow,
     StateStore,
     TenantRecord,
@@ -39,6 +41,7 @@ from candela_mitm.state.ports import (
     key_admits,
     plan_holds,
     plan_settle,
+    shrink_holds,
     tenant_admits,
     token_fits_at,
 )
@@ -57,6 +60,8 @@ class _Reservation:
     key_period: str = ""  # the key's row, when a key budget was named
     key_hold: int = 0
     finished_us: int | None = None
+    settled: int = 0  # settle_part: the spend and requests recorded on it while held
+    parts: int = 0
 
 
 @dataclass
@@ -256,6 +261,64 @@ class MemoryStateStore(StateStore):
             s.requests += 1
             return SettleResult(True, cost, daily, draws)
 
+    def settle_part(
+        self, reservation_id: str, parts: Sequence[SpendPart], now_us: int
+    ) -> SettleResult:
+        with self._lock:
+            r = self._t.reservations.get(reservation_id)
+            if r is None or r.status not in ("active", "reclaimed"):
+                return SettleResult(False)
+            new = r.new
+            cost = sum(p.cost for p in parts)
+            active = r.status == "active"
+            own_daily = r.daily_hold if active else 0
+            own = r.grant_holds if active else {}
+            row = self._t.days.setdefault((new.user_id, new.user_period), _Row())
+            daily_free = new.budget - (row.spent - row.from_grants) - (row.reserved - own_daily)
+            daily, draws = plan_settle(cost, daily_free, self._grants_free(new.user_id, now_us, own))
+            used_daily, used_grants = shrink_holds(own_daily, own, daily, draws)
+            row.spent += cost
+            row.from_grants += sum(draws.values())
+            row.reserved -= used_daily
+            if active:
+                r.daily_hold -= used_daily
+            if r.tenant_period:
+                t_row = self._t.tenant_periods.setdefault((new.tenant, r.tenant_period), _Row())
+                t_row.spent += cost
+                t_used = min(r.tenant_hold, cost) if active else 0
+                t_row.reserved -= t_used
+                r.tenant_hold -= t_used
+            if r.key_period:
+                k_row = self._t.key_periods.setdefault((new.key_id, r.key_period), _Row())
+                k_row.spent += cost
+                k_used = min(r.key_hold, cost) if active else 0
+                k_row.reserved -= k_used
+                r.key_hold -= k_used
+            for grant_id in used_grants.keys() | draws.keys():
+                g = self._t.grants[grant_id]
+                self._t.grants[grant_id] = dataclasses.replace(
+                    g,
+                    used=g.used + draws.get(grant_id, 0),
+                    held=g.held - used_grants.get(grant_id, 0),
+                )
+            if active:
+                r.grant_holds = {
+                    g: h - used_grants.get(g, 0)
+                    for g, h in r.grant_holds.items()
+                    if h - used_grants.get(g, 0) > 0
+                }
+            r.settled += cost
+            for p in parts:
+                s = self._t.spend.setdefault(
+                    (new.day, new.user_id, new.tenant, p.model, p.provider), _Spend()
+                )
+                s.cost += p.cost
+                s.tokens_in += p.tokens_in
+                s.tokens_out += p.tokens_out
+                s.requests += p.requests
+                r.parts += p.requests
+            return SettleResult(True, cost, daily, draws)
+
     def release(self, reservation_id: str, now_us: int, reclaim: bool = False) -> bool:
         with self._lock:
             r = self._t.reservations.get(reservation_id)
@@ -288,6 +351,7 @@ class MemoryStateStore(StateStore):
             ActiveReservation(
                 r.new.reservation_id, r.new.owner, r.new.now_us, r.new.user_id, r.new.tenant,
                 r.new.day, r.new.amount, r.new.request_id, r.new.model, r.new.provider,
+                r.settled, r.parts,
             )
             for r in active
         ]
@@ -395,6 +459,35 @@ class MemoryStateStore(StateStore):
             else:
                 self._t.rate_log.pop(key, None)
             return RateHit(allowed, len(log), min(log) if log else None)
+
+    def rate_take(
+        self, key: str, limit: int, n: int, window_us: int, now_us: int, stamp_us: int
+    ) -> RateTake:
+        with self._lock:
+            log = [ts for ts in self._t.rate_log.get(key, ()) if ts > now_us - window_us]
+            granted = max(0, min(n, limit - len(log)))
+            log += [stamp_us] * granted
+            if log:
+                self._t.rate_log[key] = log
+            else:
+                self._t.rate_log.pop(key, None)
+            return RateTake(granted, len(log), min(log) if log else None)
+
+    def rate_return(self, key: str, stamp_us: int, n: int) -> int:
+        with self._lock:
+            log = self._t.rate_log.get(key, [])
+            removed = 0
+            kept = []
+            for ts in log:
+                if ts == stamp_us and removed < n:
+                    removed += 1
+                else:
+                    kept.append(ts)
+            if kept:
+                self._t.rate_log[key] = kept
+            else:
+                self._t.rate_log.pop(key, None)
+            return removed
 
     def token_admit(
         self, entry_id: str, checks: Sequence[tuple[str, int, int]], window_us: int, now_us: int

@@ -269,6 +269,17 @@ STEPS: Sequence[tuple[str, Step]] = [
             ),
         ),
     ),
+    (
+        # a budget slice (governance/slices.py) counts the spend and requests recorded on it
+        # while it stays held (settle_part): a restart after its process died settles from
+        # the audit entries past them
+        "010_slices_count_their_parts",
+        _columns(
+            "reservations",
+            ("settled", "INTEGER NOT NULL DEFAULT 0"),
+            ("parts", "INTEGER NOT NULL DEFAULT 0"),
+        ),
+    ),
 ]
 
 SCHEMA_VERSION = len(STEPS)  # what PRAGMA user_version holds once every step has run

@@ -325,6 +325,22 @@ class ActiveReservation:
     request_id: str = ""
     model: str = ""
     provider: str = ""
+    # a budget slice's (governance/slices.py): the spend and requests recorded on it so far
+    settled: int = 0
+    parts: int = 0
+
+
+@dataclass(frozen=True)
+class SpendPart:
+    """Spend recorded on a reservation that stays held (a budget slice): the requests of one
+    (model, provider) settled together, nano-dollars."""
+
+    model: str
+    provider: str
+    cost: int
+    tokens_in: int
+    tokens_out: int
+    requests: int = 1
 
 
 @dataclass(frozen=True)
@@ -372,6 +388,15 @@ class RateHit:
     allowed: bool
     count: int  # requests in the window after this one was (or was not) counted
     oldest_us: int | None  # the oldest request still in the window
+
+
+@dataclass(frozen=True)
+class RateTake:
+    """A block of requests taken from a rate window at once (a rate lease)."""
+
+    granted: int  # entries added (0 to the number asked for)
+    count: int  # entries in the window after the step
+    oldest_us: int | None
 
 
 @dataclass(frozen=True)
@@ -447,6 +472,16 @@ def tenant_admits(amount: int, budget: int | None, spent: int, reserved: int) ->
 
 # An API key's budget row admits by the same rule as a tenant's (the same table tests both).
 key_admits = tenant_admits
+
+
+def shrink_holds(
+    own_daily: int, own_grants: Mapping[str, int], daily: int, draws: Mapping[str, int]
+) -> tuple[int, dict[str, int]]:
+    """What a reservation's holds drop by when a cost is drawn while it stays held (settle_part):
+    the allowance drawn comes out of its own allowance hold first, each grant's draw out of its
+    own hold of that grant. Returns (allowance hold used, {grant id: hold used})."""
+    grants = {g: min(h, draws.get(g, 0)) for g, h in own_grants.items() if draws.get(g, 0) > 0}
+    return min(own_daily, daily), grants
 
 
 def plan_settle(
@@ -540,6 +575,17 @@ class LedgerStore(Protocol):
         now_us: int,
     ) -> SettleResult:
         """Turn an active (or reclaimed) reservation into spend; anything else is a no-op."""
+
+    @abstractmethod
+    def settle_part(
+        self, reservation_id: str, parts: Sequence[SpendPart], now_us: int
+    ) -> SettleResult:
+        """Record `parts` as spend on an active (or reclaimed) reservation that stays as it is
+        (a budget slice): their total is drawn as a settle draws it (the reservation's own
+        holds first, then the allowance, grants by earliest expiry, the rest overdrawn), the
+        reservation's holds shrink by what was drawn from them, each part adds a spend row of
+        its requests, and the reservation counts the spend and requests recorded on it. One
+        atomic step; a reservation settled or released already records nothing."""
 
     @abstractmethod
     def release(self, reservation_id: str, now_us: int, reclaim: bool = False) -> bool:
@@ -646,6 +692,19 @@ class RateStore(Protocol):
     @abstractmethod
     def rate_hit(self, key: str, limit: int, window_us: int, now_us: int) -> RateHit:
         """Sliding log: forget entries at or before now - window, count, add one if under limit."""
+
+    @abstractmethod
+    def rate_take(
+        self, key: str, limit: int, n: int, window_us: int, now_us: int, stamp_us: int
+    ) -> RateTake:
+        """A rate lease (governance/rate_leases.py): forget entries at or before now - window,
+        then add up to `n` entries stamped `stamp_us` (>= now: they count until stamp + window)
+        while the window holds fewer than `limit`. One atomic step."""
+
+    @abstractmethod
+    def rate_return(self, key: str, stamp_us: int, n: int) -> int:
+        """Remove up to `n` entries stamped exactly `stamp_us` (a lease's unused part: entries
+        of one stamp are alike); returns how many were removed."""
 
     @abstractmethod
     def token_admit(

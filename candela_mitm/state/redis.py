@@ -22,8 +22,10 @@ from candela_mitm.state.ports import (
     Lease,
     NewReservation,
     RateHit,
+    RateTake,
     ReserveResult,
     SettleResult,
+    SpendPart,
     SpendRow,
     StateStore,
     TenantRecord,
@@ -35,7 +37,10 @@ from candela_mitm.state.ports import (
 # hashes); keep them a little longer than the longest period (a month) plus any open reservation.
 DAY_TTL_S = 40 * 24 * 3600
 
-_ACTIVE_FIELDS = ("owner", "user_id", "tenant", "day", "amount", "request_id", "model", "provider")
+_ACTIVE_FIELDS = (
+    "owner", "user_id", "tenant", "day", "amount", "request_id", "model", "provider", "settled",
+    "parts",
+)
 _SEP = "\x1f"  # between the parts of a spend field: user, tenant, model, provider
 
 # Layout under the prefix P (every key of one deployment shares it):
@@ -262,6 +267,122 @@ return out
 """
 )
 
+# A budget slice's spend, recorded while it stays held (settle_part): the settle's draw, the
+# holds shrunk by what was drawn from them. ARGV: now, prefix, day TTL, then per part: model,
+# provider, cost, tokens in, tokens out, requests.
+_SETTLE_PART = (
+    _READ_RESERVATION
+    + """
+local r, own, own_ids = read_reservation(KEYS[1])
+if r.status ~= 'active' and r.status ~= 'reclaimed' then return {0} end
+local active = r.status == 'active'
+if not active then own = {}; own_ids = {} end
+local own_daily = 0
+if active then own_daily = tonumber(r.daily_hold) end
+local now = tonumber(ARGV[1])
+local P = ARGV[2]
+local cost, requests = 0, 0
+for i = 4, #ARGV, 6 do
+  cost = cost + tonumber(ARGV[i + 2])
+  requests = requests + tonumber(ARGV[i + 5])
+end
+local period = r.period
+if period == nil or period == '' then period = r.day end
+local daykey = P .. 'day:' .. r.user_id .. ':' .. period
+local gkey = P .. 'grants:' .. r.user_id
+local d = redis.call('HMGET', daykey, 'spent', 'from_grants', 'reserved')
+local spent = tonumber(d[1]) or 0
+local from_grants = tonumber(d[2]) or 0
+local reserved = tonumber(d[3]) or 0
+local daily_free = tonumber(r.budget) - (spent - from_grants) - (reserved - own_daily)
+local expired_own = {}
+for _, gid in ipairs(own_ids) do
+  local s = tonumber(redis.call('ZSCORE', gkey, gid)) or 0
+  if s <= now then table.insert(expired_own, {s, gid}) end
+end
+table.sort(expired_own, function(a, b)
+  if a[1] ~= b[1] then return a[1] < b[1] end
+  return a[2] < b[2]
+end)
+local order = {}
+for _, e in ipairs(expired_own) do table.insert(order, e[2]) end
+for _, gid in ipairs(redis.call('ZRANGEBYSCORE', gkey, '(' .. ARGV[1], '+inf')) do
+  table.insert(order, gid)
+end
+local daily = math.min(cost, math.max(0, daily_free))
+local rest = cost - daily
+local drawn = 0
+local out = {1, 0}
+for _, gid in ipairs(order) do
+  if rest <= 0 then break end
+  local g = redis.call('HMGET', P .. 'grant:' .. gid, 'amount', 'used', 'held')
+  local f = (tonumber(g[1]) or 0) - (tonumber(g[2]) or 0) - (tonumber(g[3]) or 0) + (own[gid] or 0)
+  local take = math.min(rest, math.max(0, f))
+  if take > 0 then
+    redis.call('HINCRBY', P .. 'grant:' .. gid, 'used', take)
+    local used = math.min(own[gid] or 0, take)
+    if used > 0 then
+      redis.call('HINCRBY', P .. 'grant:' .. gid, 'held', -used)
+      if (own[gid] - used) > 0 then
+        redis.call('HSET', KEYS[1], 'gh:' .. gid, own[gid] - used)
+      else
+        redis.call('HDEL', KEYS[1], 'gh:' .. gid)
+      end
+    end
+    table.insert(out, gid)
+    table.insert(out, take)
+    drawn = drawn + take
+    rest = rest - take
+  end
+end
+out[2] = daily + rest
+local used_daily = math.min(own_daily, daily + rest)
+redis.call('HINCRBY', daykey, 'spent', cost)
+if drawn ~= 0 then redis.call('HINCRBY', daykey, 'from_grants', drawn) end
+if used_daily ~= 0 then
+  redis.call('HINCRBY', daykey, 'reserved', -used_daily)
+  redis.call('HINCRBY', KEYS[1], 'daily_hold', -used_daily)
+end
+redis.call('EXPIRE', daykey, ARGV[3])
+if r.tenant_period ~= nil and r.tenant_period ~= '' then
+  local tkey = P .. 'tday:' .. r.tenant .. ':' .. r.tenant_period
+  redis.call('HINCRBY', tkey, 'spent', cost)
+  if active then
+    local t_used = math.min(tonumber(r.tenant_hold or '0'), cost)
+    if t_used ~= 0 then
+      redis.call('HINCRBY', tkey, 'reserved', -t_used)
+      redis.call('HINCRBY', KEYS[1], 'tenant_hold', -t_used)
+    end
+  end
+  redis.call('EXPIRE', tkey, ARGV[3])
+end
+if r.key_period ~= nil and r.key_period ~= '' then
+  local kkey = P .. 'kday:' .. r.key_id .. ':' .. r.key_period
+  redis.call('HINCRBY', kkey, 'spent', cost)
+  if active then
+    local k_used = math.min(tonumber(r.key_hold or '0'), cost)
+    if k_used ~= 0 then
+      redis.call('HINCRBY', kkey, 'reserved', -k_used)
+      redis.call('HINCRBY', KEYS[1], 'key_hold', -k_used)
+    end
+  end
+  redis.call('EXPIRE', kkey, ARGV[3])
+end
+redis.call('HINCRBY', KEYS[1], 'settled', cost)
+redis.call('HINCRBY', KEYS[1], 'parts', requests)
+local skey = P .. 'spend:' .. r.day
+for i = 4, #ARGV, 6 do
+  local row = r.user_id .. '\\31' .. r.tenant .. '\\31' .. ARGV[i] .. '\\31' .. ARGV[i + 1]
+  redis.call('HINCRBY', skey, 'c\\31' .. row, ARGV[i + 2])
+  redis.call('HINCRBY', skey, 'i\\31' .. row, ARGV[i + 3])
+  redis.call('HINCRBY', skey, 'o\\31' .. row, ARGV[i + 4])
+  redis.call('HINCRBY', skey, 'n\\31' .. row, ARGV[i + 5])
+end
+redis.call('ZADD', P .. 'spenddays', 0, r.day)
+return out
+"""
+)
+
 _RELEASE = (
     _READ_RESERVATION
     + """
@@ -353,6 +474,28 @@ end
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[2]) / 1000) + 1000)
 return {allowed, count, oldest[2] or ''}
+"""
+
+# A rate lease: ARGV now, window, limit, n, stamp, member prefix. Returns {granted, count, oldest}.
+_RATE_TAKE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
+local count = redis.call('ZCARD', KEYS[1])
+local granted = math.max(0, math.min(tonumber(ARGV[4]), tonumber(ARGV[3]) - count))
+for i = 1, granted do
+  redis.call('ZADD', KEYS[1], ARGV[5], ARGV[6] .. i)
+end
+count = count + granted
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local ttl = math.floor((tonumber(ARGV[5]) - tonumber(ARGV[1]) + tonumber(ARGV[2])) / 1000) + 1000
+redis.call('PEXPIRE', KEYS[1], ttl)
+return {granted, count, oldest[2] or ''}
+"""
+
+# A lease's unused part: ARGV stamp, n. Entries of one stamp are alike: any n of them go.
+_RATE_RETURN = """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+return #gone
 """
 
 # KEYS: per check, the zset then the amounts hash. ARGV: now, window, entry id, ttl ms, then
@@ -506,9 +649,12 @@ class RedisStateStore(StateStore):
             )
             self._reserve = self._r.register_script(_RESERVE)
             self._settle = self._r.register_script(_SETTLE)
+            self._settle_part = self._r.register_script(_SETTLE_PART)
             self._release = self._r.register_script(_RELEASE)
             self._delete_user = self._r.register_script(_DELETE_USER)
             self._rate_hit = self._r.register_script(_RATE_HIT)
+            self._rate_take = self._r.register_script(_RATE_TAKE)
+            self._rate_return = self._r.register_script(_RATE_RETURN)
             self._purge = self._r.register_script(_PURGE)
             self._token_admit = self._r.register_script(_TOKEN_ADMIT)
             self._revoke_key = self._r.register_script(_REVOKE_KEY)
@@ -660,6 +806,19 @@ class RedisStateStore(StateStore):
         draws = {out[i]: _int(out[i + 1]) for i in range(2, len(out), 2)}
         return SettleResult(True, cost, _int(out[1]), draws)
 
+    def settle_part(
+        self, reservation_id: str, parts: Sequence[SpendPart], now_us: int
+    ) -> SettleResult:
+        args: list[Any] = [now_us, self.prefix, DAY_TTL_S]
+        for p in parts:
+            args += [p.model, p.provider, p.cost, p.tokens_in, p.tokens_out, p.requests]
+        with self._guard():
+            out = self._settle_part(keys=[self._k("res", reservation_id)], args=args)
+        if not _int(out[0]):
+            return SettleResult(False)
+        draws = {out[i]: _int(out[i + 1]) for i in range(2, len(out), 2)}
+        return SettleResult(True, sum(p.cost for p in parts), _int(out[1]), draws)
+
     def release(self, reservation_id: str, now_us: int, reclaim: bool = False) -> bool:
         with self._guard():
             return bool(
@@ -683,13 +842,13 @@ class RedisStateStore(StateStore):
             rows = pipe.execute()
         out = []
         for (rid, score), row in zip(entries, rows, strict=True):
-            owner, user_id, tenant, day, amount, request_id, model, provider = (
+            owner, user_id, tenant, day, amount, request_id, model, provider, settled, parts = (
                 v or "" for v in row
             )
             out.append(
                 ActiveReservation(
                     rid, owner, _int(score), user_id, tenant, day, _int(amount or 0),
-                    request_id, model, provider,
+                    request_id, model, provider, _int(settled or 0), _int(parts or 0),
                 )
             )
         return out
@@ -891,6 +1050,23 @@ class RedisStateStore(StateStore):
                 keys=[self._k("rate", key)], args=[now_us, window_us, limit, member]
             )
         return RateHit(bool(allowed), _int(count), _int(oldest) if oldest else None)
+
+    def rate_take(
+        self, key: str, limit: int, n: int, window_us: int, now_us: int, stamp_us: int
+    ) -> RateTake:
+        prefix = f"{stamp_us}:l{uuid.uuid4().hex[:12]}:"  # members of one lease stay apart
+        with self._guard():
+            granted, count, oldest = self._rate_take(
+                keys=[self._k("rate", key)],
+                args=[now_us, window_us, limit, n, stamp_us, prefix],
+            )
+        return RateTake(_int(granted), _int(count), _int(oldest) if oldest else None)
+
+    def rate_return(self, key: str, stamp_us: int, n: int) -> int:
+        if n <= 0:
+            return 0
+        with self._guard():
+            return _int(self._rate_return(keys=[self._k("rate", key)], args=[stamp_us, n]))
 
     # -- token windows -------------------------------------------------------------------------
     def token_admit(

@@ -26,8 +26,10 @@ from candela_mitm.state.ports import (
     Lease,
     NewReservation,
     RateHit,
+    RateTake,
     ReserveResult,
     SettleResult,
+    SpendPart,
     SpendRow,
     StateStore,
     TenantRecord,
@@ -37,6 +39,7 @@ from candela_mitm.state.ports import (
     key_admits,
     plan_holds,
     plan_settle,
+    shrink_holds,
     tenant_admits,
     token_fits_at,
 )
@@ -596,6 +599,92 @@ class SqliteStateStore(StateStore):
             )
             return SettleResult(True, cost, daily, draws)
 
+    def settle_part(
+        self, reservation_id: str, parts: Sequence[SpendPart], now_us: int
+    ) -> SettleResult:
+        with self._tx() as c:
+            r = c.execute(
+                "SELECT r.user_id, r.tenant, r.day, r.budget, r.daily_hold, r.grant_holds, "
+                "r.status, d.spent, d.from_grants, d.reserved, r.period, r.tenant_period, "
+                "r.tenant_hold, r.key_id, r.key_period, r.key_hold "
+                "FROM reservations r LEFT JOIN days d ON d.user_id = r.user_id "
+                "AND d.day = (CASE r.period WHEN '' THEN r.day ELSE r.period END) "
+                "WHERE r.reservation_id = ?",
+                (reservation_id,),
+            ).fetchone()
+            if r is None or r[6] not in ("active", "reclaimed"):
+                return SettleResult(False)
+            user_id, tenant, day, budget = r[0], r[1], r[2], r[3]
+            period, tenant_period = r[10] or day, r[11]
+            cost = sum(p.cost for p in parts)
+            active = r[6] == "active"
+            own_daily: int = r[4] if active else 0
+            own: dict[str, int] = json.loads(r[5]) if active else {}
+            spent, from_grants, reserved = (r[7], r[8], r[9]) if r[7] is not None else (0, 0, 0)
+            daily_free = budget - (spent - from_grants) - (reserved - own_daily)
+            marks = ",".join("?" * len(own))
+            grants = c.execute(
+                "SELECT grant_id, amount - used - held FROM grants WHERE user_id = ? AND "
+                f"(expires_us > ? OR grant_id IN ({marks})) ORDER BY expires_us, grant_id",
+                (user_id, now_us, *own),
+            ).fetchall()
+            grants = [(gid, free + own.get(gid, 0)) for gid, free in grants]
+            daily, draws = plan_settle(cost, daily_free, grants)
+            used_daily, used_grants = shrink_holds(own_daily, own, daily, draws)
+            c.execute(
+                "INSERT INTO days (user_id, day, spent, from_grants, reserved) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (user_id, day) DO UPDATE SET spent = spent + excluded.spent, "
+                "from_grants = from_grants + excluded.from_grants, "
+                "reserved = reserved + excluded.reserved",
+                (user_id, period, cost, sum(draws.values()), -used_daily),
+            )
+            t_used = min(r[12], cost) if active and tenant_period else 0
+            if tenant_period:
+                c.execute(
+                    "INSERT INTO tenant_periods (tenant, period, spent, reserved) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (tenant, period) DO UPDATE SET "
+                    "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
+                    (tenant, tenant_period, cost, -t_used),
+                )
+            k_used = min(r[15], cost) if active and r[14] else 0
+            if r[14]:
+                c.execute(
+                    "INSERT INTO key_periods (key_id, period, spent, reserved) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (key_id, period) DO UPDATE SET "
+                    "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
+                    (r[13], r[14], cost, -k_used),
+                )
+            for grant_id in used_grants.keys() | draws.keys():
+                c.execute(
+                    "UPDATE grants SET used = used + ?, held = held - ? WHERE grant_id = ?",
+                    (draws.get(grant_id, 0), used_grants.get(grant_id, 0), grant_id),
+                )
+            left = {g: h - used_grants.get(g, 0) for g, h in own.items()}
+            c.execute(
+                "UPDATE reservations SET daily_hold = daily_hold - ?, tenant_hold = tenant_hold - ?, "
+                "key_hold = key_hold - ?, grant_holds = CASE status WHEN 'active' THEN ? "
+                "ELSE grant_holds END, settled = settled + ?, parts = parts + ? "
+                "WHERE reservation_id = ?",
+                (
+                    used_daily, t_used, k_used, json.dumps({g: h for g, h in left.items() if h}),
+                    cost, sum(p.requests for p in parts), reservation_id,
+                ),
+            )
+            c.executemany(
+                "INSERT INTO spend (day, user_id, tenant, model, provider, cost, tokens_in, "
+                "tokens_out, requests) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (day, user_id, tenant, model, provider) DO UPDATE SET "
+                "cost = cost + excluded.cost, tokens_in = tokens_in + excluded.tokens_in, "
+                "tokens_out = tokens_out + excluded.tokens_out, "
+                "requests = requests + excluded.requests",
+                [
+                    (day, user_id, tenant, p.model, p.provider, p.cost, p.tokens_in,
+                     p.tokens_out, p.requests)
+                    for p in parts
+                ],
+            )
+            return SettleResult(True, cost, daily, draws)
+
     def release(self, reservation_id: str, now_us: int, reclaim: bool = False) -> bool:
         with self._tx() as c:
             r = c.execute(
@@ -635,7 +724,7 @@ class SqliteStateStore(StateStore):
         with self._tx(write=False) as c:
             rows = c.execute(
                 "SELECT reservation_id, owner, created_us, user_id, tenant, day, amount, "
-                "request_id, model, provider FROM reservations "
+                "request_id, model, provider, settled, parts FROM reservations "
                 "WHERE status = 'active' ORDER BY created_us"
             ).fetchall()
         return [ActiveReservation(*r) for r in rows]
@@ -859,6 +948,54 @@ class SqliteStateStore(StateStore):
                     (key, count),
                 )
             return RateHit(allowed, count, oldest)
+
+    def rate_take(
+        self, key: str, limit: int, n: int, window_us: int, now_us: int, stamp_us: int
+    ) -> RateTake:
+        with self._tx() as c:
+            forgotten = c.execute(
+                "DELETE FROM rate_log WHERE key = ? AND ts <= ?", (key, now_us - window_us)
+            ).rowcount
+            stored, oldest = c.execute(
+                "SELECT (SELECT n FROM rate_count WHERE key = ?1),"
+                " (SELECT min(ts) FROM rate_log WHERE key = ?1)",
+                (key,),
+            ).fetchone()
+            count = (stored or 0) - forgotten
+            granted = max(0, min(n, limit - count))
+            if granted:
+                c.executemany(
+                    "INSERT INTO rate_log (key, ts) VALUES (?, ?)", [(key, stamp_us)] * granted
+                )
+                count += granted
+                oldest = stamp_us if oldest is None else min(oldest, stamp_us)
+            self._set_rate_count(c, key, count, stored)
+            return RateTake(granted, count, oldest)
+
+    def rate_return(self, key: str, stamp_us: int, n: int) -> int:
+        with self._tx() as c:
+            removed = c.execute(
+                "DELETE FROM rate_log WHERE rowid IN "
+                "(SELECT rowid FROM rate_log WHERE key = ? AND ts = ? LIMIT ?)",
+                (key, stamp_us, n),
+            ).rowcount
+            if removed:
+                (stored,) = c.execute(
+                    "SELECT n FROM rate_count WHERE key = ?", (key,)
+                ).fetchone() or (None,)
+                self._set_rate_count(c, key, (stored or 0) - removed, stored)
+            return removed
+
+    @staticmethod
+    def _set_rate_count(c: sqlite3.Connection, key: str, count: int, stored: int | None) -> None:
+        if count <= 0:
+            c.execute("DELETE FROM rate_count WHERE key = ?", (key,))
+        elif stored is None or count != stored:
+            c.execute(
+                "INSERT INTO rate_count (key, n) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET n = excluded.n",
+                (key, count),
+            )
 
     # -- token windows -------------------------------------------------------------------------
     def token_admit(

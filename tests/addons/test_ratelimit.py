@@ -300,3 +300,59 @@ def test_a_small_body_is_rate_limited_with_its_reservation(tctx, runtime):
     f = chat()
     asyncio.run(send(rt, [f]))
     assert not ctx_of(f).rate_decided and ctx_of(f).scan is None
+
+
+def test_with_slices_and_leases_a_request_makes_no_store_call_before_it_leaves(tctx, runtime):
+    """Issue 21: after one request checked and reserved in the store, the next ones are
+    admitted from this process's rate block with their hold carved from its budget slice:
+    nothing in the store until the flushes (governance/slices.py, rate_leases.py)."""
+    cfg = config(rpm=1000, budget=100.0)
+    cfg["governance"] = {
+        "budgets": {"slices": {"enabled": True, "requests": 8}},
+        "rate_limits": {"leases": {"enabled": True, "requests": 8}},
+    }
+    rt = runtime(cfg)
+    calls = []
+    real = rt.calls.call
+
+    async def counted(fn, *args):
+        calls.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args)
+
+    rt.calls.call = counted  # every hot-path store call goes through here
+    real_blocking = rt.blocking
+
+    async def counted_blocking(fn, *args):
+        calls.append(getattr(fn, "__name__", repr(fn)))
+        return await real_blocking(fn, *args)
+
+    rt.blocking = counted_blocking  # and every other call off the loop (settings reads)
+
+    async def go():
+        rl, budget = RateLimit(rt), Budget(rt)
+        addons = [Router(rt), Auth(rt), rl, budget]
+        for first in (chat(), chat()):  # a budget used twice within idle_s is sliced
+            await run_hooks(addons, first, "requestheaders", "request")
+            assert first.response is None and not ctx_of(first).reservation.slice
+        for _ in range(20):  # the slice and the block, taken in the background
+            await asyncio.sleep(0.01)
+            if rt.slices.held() and rt.rate_leases.held():
+                break
+        assert rt.slices.held() == 1 and rt.rate_leases.held() == 1
+        before = len(calls)
+        later = [chat() for _ in range(5)]
+        for f in later:
+            await run_hooks(addons, f, "requestheaders", "request")
+        # not one store call (the background flushes of the slices and blocks aside)
+        assert [c for c in calls[before:] if c != "flush"] == []
+        assert statuses(later) == [None] * 5
+        for f in later:
+            c = ctx_of(f)
+            assert c.reservation.slice and c.slice_id == c.reservation.slice
+            assert c.rate_headers["RateLimit-Policy"] == '"requests";q=1000;w=60'
+        return later
+
+    later = asyncio.run(go())
+    assert len(later) == 5
+    status = rt.ledger.status(USER, 100.0)
+    assert status.reserved_usd > 0  # the first request's hold and the slice

@@ -65,6 +65,17 @@ def test_empty_file_is_valid(tmp_path):
             "no scheme, port or path",
         ),
         ("interception: {shared_edges: ['*']}\n", "interception.shared_edges.0", "wildcard"),
+        (
+            "governance: {budgets: {slices: {requests: 1}}}\n",
+            "governance.budgets.slices.requests",
+            "greater than or equal to 2",
+        ),
+        (
+            "governance: {budgets: {slices: {enabled: true, headroom: 0}}}\n",
+            "governance.budgets.slices.headroom",
+            "greater than or equal to 2",
+        ),
+        ("governance: {budgets: {slices: {slice: 3}}}\n", "governance.budgets.slices.slice", "unknown key"),
         ("interception: {replace_provider_keys: [nowhere]}\n", "interception", "nowhere"),
         (
             "interception: {organisation_keys: [sk-raw]}\n",

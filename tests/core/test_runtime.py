@@ -99,3 +99,86 @@ def test_store_call_runs_here_when_free_else_on_the_pool(rt):
     text = rt.metrics.render()[0].decode()
     assert 'candela_state_store_calls_total{where="event_loop"} 1.0' in text
     assert 'candela_state_store_calls_total{where="pool"} 1.0' in text
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                          capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_a_start_settles_a_dead_processs_slice_from_the_entries_naming_it(tmp_path):
+    """Budget slices (governance.budgets.slices): a process died holding a slice, two of its
+    carved requests' entries durable (one recorded on the slice before the crash, one not), one
+    request in flight without an entry. The next start settles the one not recorded, from its
+    entry, and releases the rest of the slice."""
+    from candela_mitm.governance.ledger import Ledger, Reservation
+    from candela_mitm.governance.slices import SliceRules, Slices
+    from candela_mitm.state.liveness import host_id
+
+    on = {"budgets": {"slices": {"enabled": True}},
+          "models": {"mode": "allowlist", "allowed": ["gpt-4o-mini"]}}
+    first = build_runtime(cfg(tmp_path, governance=on), "server")
+    try:
+        dead = Ledger(first.store, owner=f"{host_id()}:{_dead_pid()}")
+        slices = Slices(dead, SliceRules())
+        own = dead.reserve("u", None, 0.01, 100.0, "span-own", model="m", provider="openai")
+        assert isinstance(own, Reservation) and dead.settle(own, 0.01, 1, 1, "m", "openai").applied
+        ask = slices.ask(own) or slices.ask(own)  # a budget used twice within idle_s
+        assert ask is not None and slices.took(ask, ask.reserve())
+        key = slices.key_of("u", 100.0, own.period, None, None, own.tenant_period, None,
+                            own.created_at)
+        a, b, c = (slices.carve(key, 0.01, f"span-{i}") for i in range(3))
+        assert a and b and c
+        slices.settle(a, 0.004, 10, 2, "gpt-4o-mini", "openai")
+        assert slices.flush()  # a recorded on the slice
+        for span, cost in (("span-0", 0.004), ("span-1", 0.003)):  # c: in flight, no entry
+            first.audit.record_durable(
+                "llm_request", span_id=span, slice_id=a.slice, usage_source="reported",
+                cost_usd=cost, input_tokens=10, output_tokens=2, model="gpt-4o-mini",
+                provider="openai",
+            ).result(10)
+    finally:
+        first.close()
+    again = build_runtime(cfg(tmp_path, governance=on), "server")
+    try:
+        status = again.ledger.status("u", 100.0)
+        assert status.spent_usd == pytest.approx(0.01 + 0.004 + 0.003)
+        assert status.reserved_usd == 0
+        assert again.store.active_reservations() == []
+        assert {(r.model, r.requests) for r in again.ledger.usage(user="u")} == {
+            ("m", 1), ("gpt-4o-mini", 2)
+        }
+    finally:
+        again.close()
+
+
+def test_slices_follow_reloads_and_are_returned_at_close(tmp_path):
+    from candela_mitm.governance.ledger import Reservation
+
+    on = {"budgets": {"slices": {"enabled": True, "requests": 4}},
+          "models": {"mode": "allowlist", "allowed": ["gpt-4o-mini"]}}
+    r = build_runtime(cfg(tmp_path, governance=on), "server")
+    try:
+        assert r.slices is not None and r.slices.rules.enabled and r.slices.rules.requests == 4
+        own = r.ledger.reserve("u", None, 0.01, 100.0, "span", model="m", provider="openai")
+        assert isinstance(own, Reservation)
+        ask = r.slices.ask(own) or r.slices.ask(own)  # a budget used twice within idle_s
+        assert ask is not None and r.slices.took(ask, ask.reserve())
+        r.reload(cfg(tmp_path))  # slices off again: the one held is returned by the next flush
+        assert not r.slices.rules.enabled and r.slices.ask(own) is None
+        r.slices.flush()
+        assert r.slices.held() == 0
+        assert r.slices.took(ask, ask.reserve()) and r.slices.held() == 1
+    finally:
+        r.close()  # returns what is held
+    from candela_mitm.state import open_state_store
+
+    store = open_state_store(cfg(tmp_path).state)
+    try:
+        assert [a.request_id for a in store.active_reservations()] == ["span"]
+    finally:
+        store.close()

@@ -1,0 +1,418 @@
+"""Budget slices: a process holds part of a budget in one reservation and carves requests'
+holds from it in memory, recording their spend in the store in bulk.
+
+Why: a request's reservation and its settle are one store transaction each (86 and 56 µs warm
+on SQLite, more on Redis: bench/README.md, issue 21). A slice is one reservation owned by this
+process (state/liveness.py names it, as any reservation), taken when a request's own
+reservation showed the budget with ample room: `size` = `requests` of that request's holds,
+never more than what is left divided by `headroom`, so near its end a budget is never sliced
+and every request there reserves on its own, exactly, with its 402 decided by the store.
+
+- carve: a request whose every budget (the user's, the tenant's, the API key's, as one
+  reservation holds them) has a slice of the same budgets and periods with room for its hold
+  takes it from there (no store call); otherwise it reserves on its own as before.
+- settle / release: in memory; the spend is queued and `flush` records it with settle_part
+  (one store call per slice with spend, every `flush_ms`), after the request's durable audit
+  entry, as a request's own settle is.
+- a slice is returned (what is left released) when a request did not fit it, when idle for
+  `idle_s`, when older than MAX_AGE_S, at shutdown, and when an admin change in this process
+  (`retire_all`) or a changed budget seen in a request's settings makes it stale; once its
+  requests in flight have settled.
+- a process that dies holding a slice: the next start settles the spend its requests' audit
+  entries name past what the slice recorded, and releases the rest (Ledger.reconcile_stale).
+
+Not thread-safe on its own: carve, settle and release run on the event loop; flush and take
+run where store calls run, so every method takes the lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from candela_mitm.governance.ledger import BudgetRefusal, KeyBudget, Ledger, Reservation
+from candela_mitm.governance.periods import BudgetPeriod
+from candela_mitm.state.ports import (
+    Call,
+    Outcome,
+    ReserveResult,
+    SpendPart,
+    StateStore,
+    day_of,
+    nano_to_usd,
+    run_calls,
+    usd_to_nano,
+    utc_now,
+)
+
+if TYPE_CHECKING:
+    from candela_mitm.config import BudgetSlices
+
+log = logging.getLogger("candela.slices")
+
+SLICE_PREFIX = "slice:"  # a slice's request_id in the store: reconcile knows it by this
+MAX_AGE_S = 60.0  # a slice is taken afresh at least this often (far below the stale age limit)
+
+
+@dataclass(frozen=True)
+class SliceRules:
+    """governance.budgets.slices, as the manager reads it."""
+
+    requests: int = 32  # a slice holds this many of the hold that asked for it
+    headroom: int = 8  # never more than what the budget has left / headroom
+    flush_s: float = 0.05
+    idle_s: float = 1.0
+    enabled: bool = True  # False: no slice is taken or carved (those held are returned)
+
+    @classmethod
+    def of(cls, cfg: BudgetSlices) -> SliceRules:
+        return cls(cfg.requests, cfg.headroom, cfg.flush_ms / 1000, cfg.idle_s, cfg.enabled)
+
+
+@dataclass(frozen=True)
+class SliceKey:
+    """The budgets a slice was judged against: a request uses a slice of the same key only."""
+
+    user_id: str
+    tenant: str | None
+    key_id: str  # the key's budget row ("": no key budget)
+    budget_nano: int
+    period: str  # the user's period key
+    tenant_budget_nano: int | None
+    tenant_period: str
+    key_budget_nano: int | None
+    day: str
+
+    @property
+    def holder(self) -> tuple[str, str | None, str]:
+        return self.user_id, self.tenant, self.key_id
+
+
+@dataclass
+class Slice:
+    reservation: Reservation  # the store's, held by this process
+    key: SliceKey
+    size: int  # nano-dollars
+    taken_at: float
+    used_at: float
+    carved: int = 0  # holds of requests in flight
+    inflight: int = 0
+    spent: int = 0  # settled here (recorded in the store or not)
+    pending: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (model, provider)
+    retiring: bool = False
+
+    @property
+    def free(self) -> int:
+        return self.size - self.spent - self.carved
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What a request's own reservation says about its budgets: enough to take a slice."""
+
+    key: SliceKey
+    amount_usd: float  # the slice's size
+    reserve: Callable[[], Reservation | BudgetRefusal]  # the slice's reservation (a store call)
+
+
+def free_after(seen: ReserveResult, key: SliceKey, amount: int) -> int:
+    """What the budgets had left once a reservation of `amount` was taken: the least over the
+    user's (allowance and grants), the tenant's and the key's rows it was judged on."""
+    free = (
+        key.budget_nano - (seen.spent - seen.from_grants) - seen.reserved + seen.grants_free
+        - amount
+    )
+    if key.tenant_budget_nano is not None:
+        free = min(free, key.tenant_budget_nano - seen.tenant_spent - seen.tenant_reserved - amount)
+    if key.key_budget_nano is not None:
+        free = min(free, key.key_budget_nano - seen.key_spent - seen.key_reserved - amount)
+    return free
+
+
+def in_one_transaction(store: object, calls: list[Call]) -> list[Outcome]:
+    """`run_calls` on a state store (one transaction, each call atomic on its own); else the
+    calls one by one (a ledger over a store of its own, in tests)."""
+    if isinstance(store, StateStore):
+        return run_calls(store, calls)
+    out: list[Outcome] = []
+    for fn, args in calls:
+        try:
+            out.append((True, fn(*args)))
+        except Exception as e:
+            out.append((False, e))
+    return out
+
+
+def spend_parts(pending: dict[tuple[str, str], list[int]]) -> list[SpendPart]:
+    return [SpendPart(m, p, c, i, o, n) for (m, p), (c, i, o, n) in pending.items()]
+
+
+def slice_size(rules: SliceRules, hold: int, free: int) -> int:
+    """A slice's size for a hold of `hold` with `free` left after it; 0: take none (the budget
+    is near its end, or the slice would hold fewer than two such requests)."""
+    size = min(rules.requests * hold, free // rules.headroom)
+    return size if hold > 0 and size >= 2 * hold else 0
+
+
+class Slices:
+    """This process's budget slices (see the module docstring)."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        rules: SliceRules,
+        clock: Callable[[], datetime] = utc_now,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ledger = ledger
+        self.rules = rules
+        self.clock = clock
+        self.monotonic = monotonic
+        self._lock = threading.Lock()
+        self._by_key: dict[SliceKey, Slice] = {}
+        self._by_holder: dict[tuple[str, str | None, str], Slice] = {}  # the one in use
+        self._by_id: dict[str, Slice] = {}  # every slice still held, retiring ones too
+        self._taking: set[SliceKey] = set()
+        # when each budget last reserved on its own: a slice is taken only for one used again
+        # within idle_s (a budget used less often would return each slice unused)
+        self._asked: dict[SliceKey, float] = {}
+
+    # -- the request path (memory only) --------------------------------------------------------
+    @staticmethod
+    def key_of(
+        user_id: str,
+        budget_usd: float,
+        period: BudgetPeriod,
+        tenant: str | None,
+        tenant_budget_usd: float | None,
+        tenant_period: BudgetPeriod,
+        key: KeyBudget | None,
+        now: datetime,
+    ) -> SliceKey:
+        return SliceKey(
+            user_id=user_id,
+            tenant=tenant,
+            key_id=key.budget_id if key else "",
+            budget_nano=usd_to_nano(budget_usd),
+            period=period.key(now),
+            tenant_budget_nano=(
+                usd_to_nano(tenant_budget_usd) if tenant and tenant_budget_usd is not None else None
+            ),
+            tenant_period=tenant_period.key(now) if tenant else "",
+            key_budget_nano=usd_to_nano(key.budget_usd) if key else None,
+            day=day_of(now),
+        )
+
+    def carve(self, key: SliceKey, amount_usd: float, request_id: str) -> Reservation | None:
+        """The request's hold, taken from this process's slice of its budgets; None: there is
+        none with room (the request reserves on its own; a slice it did not fit is returned)."""
+        amount = usd_to_nano(amount_usd)
+        with self._lock:
+            s = self._by_key.get(key)
+            if s is None:
+                old = self._by_holder.get(key.holder)
+                if old is not None:  # its budgets changed (an admin change, a new period)
+                    self._retire(old)
+                return None
+            if not self.rules.enabled:
+                self._retire(s)
+                return None
+            if s.free < amount or self.monotonic() - s.taken_at > MAX_AGE_S:
+                self._retire(s)
+                return None
+            s.carved += amount
+            s.inflight += 1
+            s.used_at = self.monotonic()
+            return dataclasses.replace(
+                s.reservation,
+                amount_usd=nano_to_usd(amount),
+                request_id=request_id,
+                created_at=self.clock(),
+                seen=None,
+                slice=s.reservation.id,
+            )
+
+    def retire_stale(self, key: SliceKey) -> None:
+        """A request's budgets changed (an admin change, a new period): the slices of the same
+        holder judged on other budgets are returned."""
+        with self._lock:
+            s = self._by_holder.get(key.holder)
+            if s is not None and s.key != key:
+                self._retire(s)
+
+    def settle(
+        self, res: Reservation, cost_usd: float, tokens_in: int, tokens_out: int, model: str,
+        provider: str,
+    ) -> None:
+        """A carved request's spend: kept for the next flush."""
+        cost = usd_to_nano(cost_usd)
+        with self._lock:
+            s = self._by_id[res.slice]
+            s.carved -= usd_to_nano(res.amount_usd)
+            s.inflight -= 1
+            s.spent += cost
+            t = s.pending.setdefault((model, provider), [0, 0, 0, 0])
+            t[0] += cost
+            t[1] += tokens_in
+            t[2] += tokens_out
+            t[3] += 1
+
+    def release(self, res: Reservation) -> None:
+        """A carved request that charged nothing gives its hold back to the slice."""
+        with self._lock:
+            s = self._by_id[res.slice]
+            s.carved -= usd_to_nano(res.amount_usd)
+            s.inflight -= 1
+
+    # -- taking a slice (a store call, off the request path) -----------------------------------
+    def ask(self, res: Reservation) -> Ask | None:
+        """After a request's own reservation: a slice of its budgets to take, if they have
+        ample room (`slice_size`), reserved on their own before within `idle_s` (used often
+        enough for a slice to be used before it idles), and none is held or being taken."""
+        if res.seen is None or res.slice or not self.rules.enabled:
+            return None
+        key = self.key_of(
+            res.user_id, res.budget_usd, res.period, res.tenant, res.tenant_budget_usd,
+            res.tenant_period, res.key_budget, res.created_at,
+        )
+        hold = usd_to_nano(res.amount_usd)
+        size = slice_size(self.rules, hold, free_after(res.seen, key, hold))
+        if not size:
+            return None
+        now = self.monotonic()
+        with self._lock:
+            last = self._asked.get(key)
+            self._asked[key] = now
+            if len(self._asked) > 10_000:  # many budgets: forget those not seen lately
+                self._asked = {k: t for k, t in self._asked.items() if now - t <= self.rules.idle_s}
+            if last is None or now - last > self.rules.idle_s:
+                return None
+            if key in self._by_key or key in self._taking:
+                return None
+            self._taking.add(key)
+        amount = nano_to_usd(size)
+        kb = res.key_budget
+
+        def reserve() -> Reservation | BudgetRefusal:
+            return self.ledger.reserve(
+                res.user_id, res.tenant, amount, res.budget_usd, SLICE_PREFIX + uuid.uuid4().hex,
+                period=res.period, tenant_budget_usd=res.tenant_budget_usd,
+                tenant_period=res.tenant_period, key_budget=kb,
+            )
+
+        return Ask(key, amount, reserve)
+
+    def took(self, ask: Ask, got: Reservation | BudgetRefusal | None) -> bool:
+        """The outcome of an Ask's reservation (None: the store call failed). A slice taken is
+        used from now on; one the budget could not hold was a refusal: nothing is held."""
+        with self._lock:
+            self._taking.discard(ask.key)
+            if not isinstance(got, Reservation):
+                return False
+            now = self.monotonic()
+            s = Slice(got, ask.key, usd_to_nano(got.amount_usd), now, now)
+            old = self._by_key.get(ask.key)
+            if old is not None:
+                self._retire(old)
+            old = self._by_holder.get(ask.key.holder)
+            if old is not None:
+                self._retire(old)
+            self._by_key[ask.key] = s
+            self._by_holder[ask.key.holder] = s
+            self._by_id[got.id] = s
+            return True
+
+    # -- background: record spend, return slices -----------------------------------------------
+    def _retire(self, s: Slice) -> None:
+        s.retiring = True
+        if self._by_key.get(s.key) is s:
+            del self._by_key[s.key]
+        if self._by_holder.get(s.key.holder) is s:
+            del self._by_holder[s.key.holder]
+
+    def retire_all(self) -> None:
+        """Every slice is returned (once its requests have settled): an admin change."""
+        with self._lock:
+            for s in list(self._by_key.values()):
+                self._retire(s)
+
+    def held(self) -> int:
+        """Slices still held in the store (retiring ones too)."""
+        with self._lock:
+            return len(self._by_id)
+
+    def due(self) -> bool:
+        """Whether a flush has anything to do."""
+        with self._lock:
+            return bool(self._by_id)
+
+    def flush(self, everything: bool = False) -> list[Reservation]:
+        """Blocking (store calls): record the spend settled since the last flush (one
+        settle_part per slice with spend) and release the slices retired, idle (`idle_s`) or,
+        with `everything` (shutdown), all of them once their requests have settled: at most two
+        transactions (one on Redis per slice). Returns the slices whose spend was recorded
+        (budget alerts look at them). Spend a store call could not record stays queued for the
+        next flush, and a slice that could not be returned is tried again."""
+        now = self.monotonic()
+        with self._lock:
+            if everything:
+                for s in list(self._by_key.values()):
+                    self._retire(s)
+            for s in list(self._by_key.values()):
+                if now - s.used_at > self.rules.idle_s and s.inflight == 0:
+                    self._retire(s)
+            work = [(s, s.pending) for s in self._by_id.values() if s.pending or s.retiring]
+            for s, _ in work:
+                s.pending = {}
+        # every slice's spend in one transaction (SQLite; one script each on Redis), each
+        # slice's atomic on its own; then the slices to return, once their spend is recorded
+        spent = [(s, p) for s, p in work if p]
+        calls: list[Call] = [
+            (self.ledger.settle_part, (s.reservation, spend_parts(p))) for s, p in spent
+        ]
+        outcomes: list[Outcome] = []
+        if calls:
+            try:
+                outcomes = in_one_transaction(self.ledger.store, calls)
+            except Exception as e:  # the transaction failed: none was recorded
+                outcomes = [(False, e)] * len(calls)
+        recorded: list[Reservation] = []
+        for (s, pending), (ok, done) in zip(spent, outcomes, strict=True):
+            if not ok:
+                log.error("could not record the spend of slice %s: %s", s.reservation.id, done)
+                with self._lock:  # kept for the next flush
+                    for k, t in pending.items():
+                        mine = s.pending.setdefault(k, [0, 0, 0, 0])
+                        for j in range(4):
+                            mine[j] += t[j]
+            elif done.applied:
+                recorded.append(s.reservation)
+            else:
+                log.error(
+                    "slice %s was settled without this process: %d requests' spend not "
+                    "recorded", s.reservation.id, sum(t[3] for t in pending.values()),
+                )
+        with self._lock:
+            returning = [
+                s for s, _ in work if s.retiring and s.inflight == 0 and not s.pending
+            ]
+        if returning:
+            releases: list[Call] = [(self.ledger.release, (s.reservation,)) for s in returning]
+            try:
+                freed = in_one_transaction(self.ledger.store, releases)
+            except Exception as e:
+                freed = [(False, e)] * len(releases)
+            with self._lock:
+                for s, (ok, _) in zip(returning, freed, strict=True):
+                    if ok:
+                        self._by_id.pop(s.reservation.id, None)
+                    else:
+                        log.error("could not return slice %s (tried again)", s.reservation.id)
+        return recorded

@@ -1,0 +1,408 @@
+"""Budget slices (governance/slices.py) over every state store backend: take, carve, settle,
+return, a dead owner's slice, the near-limit fallback, and no overspend under concurrency."""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from candela_mitm.governance.ledger import (
+    BudgetRefusal,
+    KeyBudget,
+    Ledger,
+    Reservation,
+    SlicedCharge,
+    UsageRow,
+    process_alive,
+)
+from candela_mitm.governance.periods import BudgetPeriod
+from candela_mitm.governance.slices import (
+    MAX_AGE_S,
+    SliceRules,
+    Slices,
+    free_after,
+    slice_size,
+)
+from candela_mitm.state import StateStore
+from candela_mitm.state.liveness import host_id
+from candela_mitm.state.ports import ActiveReservation, ReserveResult, SpendPart, usd_to_nano
+
+T0 = datetime(2026, 5, 17, 12, 0, tzinfo=UTC)
+U = "alice@example.com"
+RULES = SliceRules(requests=10, headroom=4, flush_s=0.05, idle_s=5.0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def own(ledger: Ledger, amount: float, budget: float = 100.0, tenant: str | None = None,
+        **kw: Any) -> Reservation:
+    got = ledger.reserve(U, tenant, amount, budget, "span-own", model="gpt-4o", provider="openai",
+                         **kw)
+    assert isinstance(got, Reservation)
+    return got
+
+
+def take(slices: Slices, res: Reservation) -> bool:
+    """A slice after `res` (a budget reserving on its own twice within idle_s asks for one)."""
+    ask = slices.ask(res) or slices.ask(res)
+    if ask is None:
+        return False
+    return slices.took(ask, ask.reserve())
+
+
+def test_a_budget_is_sliced_once_used_again_within_idle_s(store: StateStore) -> None:
+    ledger = Ledger(store, clock=lambda: T0)
+    mono = Clock()
+    slices = Slices(ledger, RULES, clock=lambda: T0, monotonic=mono)
+    res = own(ledger, 1.0)
+    assert slices.ask(res) is None  # once: a slice might idle unused
+    mono.t += RULES.idle_s + 1
+    assert slices.ask(res) is None  # again, but not soon enough
+    mono.t += RULES.idle_s / 2
+    ask = slices.ask(res)
+    assert ask is not None and slices.took(ask, ask.reserve())
+
+
+def key(slices: Slices, budget: float = 100.0, tenant: str | None = None,
+        tenant_budget: float | None = None, kb: KeyBudget | None = None) -> Any:
+    daily = BudgetPeriod("daily", "UTC")
+    return slices.key_of(U, budget, daily, tenant, tenant_budget, daily, kb, T0)
+
+
+@pytest.mark.parametrize(
+    ("hold", "free", "size"),
+    [
+        (10, 10_000, 100),  # requests x hold
+        (10, 200, 50),  # never more than free / headroom
+        (10, 79, 0),  # under two holds' worth: none
+        (0, 10_000, 0),  # a free request asks for no slice
+    ],
+)
+def test_slice_size(hold: int, free: int, size: int) -> None:
+    assert slice_size(RULES, hold, free) == size
+
+
+def test_free_after_is_the_least_of_the_budgets() -> None:
+    seen = ReserveResult(True, 0, {}, 30, 10, 5, 7, tenant_spent=50, tenant_reserved=5,
+                         key_spent=1, key_reserved=2)
+    k = Slices.key_of(U, 1e-7, BudgetPeriod("daily", "UTC"), None, None,
+                      BudgetPeriod("daily", "UTC"), None, T0)
+    # 100 - (30 - 10) - 5 + 7 - 3
+    assert free_after(seen, k, 3) == 100 - 20 - 5 + 7 - 3
+    k2 = Slices.key_of(U, 1e-7, BudgetPeriod("daily", "UTC"), "t", 8e-8,
+                       BudgetPeriod("daily", "UTC"), KeyBudget("k_1", "k_1", 9e-8), T0)
+    assert free_after(seen, k2, 3) == min(79, 80 - 55 - 3, 90 - 3 - 3)
+
+
+def test_take_carve_settle_flush_and_return(store: StateStore) -> None:
+    ledger = Ledger(store, clock=lambda: T0)
+    mono = Clock()
+    slices = Slices(ledger, RULES, clock=lambda: T0, monotonic=mono)
+    first = own(ledger, 1.0)
+    assert take(slices, first)  # 10 holds of 1.0 fit 100 / 4
+    assert ledger.status(U, 100.0).reserved_usd == 11.0
+    k = key(slices)
+    carved = [slices.carve(k, 1.0, f"span-{i}") for i in range(12)]
+    held = [c for c in carved if c is not None]
+    assert len(held) == 10 and carved[10] is None  # the 11th did not fit: returned
+    assert all(c.slice == held[0].slice and c.request_id.startswith("span-") for c in held)
+    for c in held[:6]:
+        slices.settle(c, 0.5, 100, 10, "gpt-4o", "openai")
+    for c in held[6:9]:
+        slices.release(c)
+    # nothing reached the store yet: the slice holds it all
+    assert ledger.status(U, 100.0).spent_usd == 0
+    slices.flush()
+    status = ledger.status(U, 100.0)
+    assert status.spent_usd == 3.0 and status.reserved_usd == 8.0  # 11 - 3 drawn from holds
+    assert ledger.usage(user=U) == [UsageRow("gpt-4o", "openai", 3.0, 600, 60, 6)]
+    assert slices.held() == 1  # one request still in flight: not returned yet
+    slices.settle(held[9], 2.0, 1, 1, "gpt-4o-mini", "openai")
+    slices.flush()
+    assert slices.held() == 0
+    ledger.settle(first, 1.0, 1, 1, "gpt-4o", "openai")
+    status = ledger.status(U, 100.0)
+    assert (status.spent_usd, status.reserved_usd, status.remaining_usd) == (6.0, 0.0, 94.0)
+    assert store.active_reservations() == []
+
+
+def test_idle_slices_are_returned_and_shutdown_returns_all(store: StateStore) -> None:
+    ledger = Ledger(store, clock=lambda: T0)
+    mono = Clock()
+    slices = Slices(ledger, RULES, clock=lambda: T0, monotonic=mono)
+    assert take(slices, own(ledger, 1.0))
+    c = slices.carve(key(slices), 1.0, "span-1")
+    assert c is not None
+    slices.release(c)
+    mono.t += 1
+    slices.flush()
+    assert slices.held() == 1  # used a second ago
+    mono.t += RULES.idle_s + 1
+    slices.flush()
+    assert slices.held() == 0 and slices.carve(key(slices), 1.0, "span-2") is None
+    assert take(slices, own(ledger, 1.0))
+    slices.flush(everything=True)
+    assert slices.held() == 0 and ledger.status(U, 100.0).reserved_usd == 2.0  # the own ones
+
+
+def test_old_and_retired_slices_are_not_carved(store: StateStore) -> None:
+    ledger = Ledger(store, clock=lambda: T0)
+    mono = Clock()
+    slices = Slices(ledger, RULES, clock=lambda: T0, monotonic=mono)
+    assert take(slices, own(ledger, 1.0))
+    mono.t += MAX_AGE_S + 1
+    assert slices.carve(key(slices), 1.0, "s") is None
+    assert take(slices, own(ledger, 1.0))
+    slices.retire_all()  # an admin change in this process
+    assert slices.carve(key(slices), 1.0, "s") is None
+    assert take(slices, own(ledger, 1.0))
+    slices.retire_stale(key(slices, budget=50.0))  # a request saw another budget
+    assert slices.carve(key(slices), 1.0, "s") is None
+    slices.flush()
+    assert slices.held() == 0
+
+
+def test_a_budget_near_its_end_is_not_sliced(store: StateStore) -> None:
+    ledger = Ledger(store, clock=lambda: T0)
+    slices = Slices(ledger, RULES, clock=lambda: T0)
+    # 100 budget, 93 spent: 6 left after this request, under 4 slices of 2 holds each
+    spent = own(ledger, 0.0)
+    ledger.settle(spent, 93.0, 1, 1, "gpt-4o", "openai")
+    assert not take(slices, own(ledger, 1.0))
+    assert slices.carve(key(slices), 1.0, "s") is None
+
+
+def test_a_slice_covers_tenant_and_key_budgets_or_none(store: StateStore) -> None:
+    ledger = Ledger(store, clock=lambda: T0)
+    slices = Slices(ledger, RULES, clock=lambda: T0)
+    kb = KeyBudget("k_1", "k_1", 20.0)
+    # the key's budget is the tightest: 20 - 1 left, / 4: a slice of 4.75
+    res = own(ledger, 1.0, tenant="t", tenant_budget_usd=1000.0, key_budget=kb)
+    assert take(slices, res)
+    assert ledger.key_status(kb).reserved_usd == pytest.approx(5.75)
+    assert ledger.tenant_status("t", 1000.0).reserved_usd == pytest.approx(5.75)
+    k = key(slices, tenant="t", tenant_budget=1000.0, kb=kb)
+    assert slices.carve(key(slices, tenant="t", tenant_budget=1000.0), 1.0, "s") is None
+    c = slices.carve(k, 1.0, "s")
+    assert c is not None
+    slices.settle(c, 0.25, 1, 1, "gpt-4o", "openai")
+    slices.flush(everything=True)
+    assert ledger.key_status(kb).spent_usd == 0.25
+    assert ledger.tenant_status("t", 1000.0).spent_usd == 0.25
+    assert ledger.key_status(kb).reserved_usd == 1.0  # the own reservation alone
+
+
+def test_a_refused_slice_holds_nothing(store: StateStore) -> None:
+    ledger = Ledger(store, clock=lambda: T0)
+    slices = Slices(ledger, RULES, clock=lambda: T0)
+    res = own(ledger, 1.0)
+    assert slices.ask(res) is None  # the first: primes
+    ask = slices.ask(res)
+    assert ask is not None and slices.ask(res) is None  # one take at a time
+    spent = own(ledger, 0.0)
+    ledger.settle(spent, 95.0, 1, 1, "gpt-4o", "openai")  # meanwhile another process spent
+    got = ask.reserve()
+    assert isinstance(got, BudgetRefusal)
+    assert not slices.took(ask, got)
+    assert slices.held() == 0 and slices.carve(key(slices), 1.0, "s") is None
+
+
+def dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                          capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_a_dead_owners_slice_is_settled_from_its_entries_and_released(store: StateStore) -> None:
+    crashed = Ledger(store, clock=lambda: T0, owner=f"{host_id()}:{dead_pid()}")
+    me = Ledger(store, clock=lambda: T0)
+    slices = Slices(crashed, RULES, clock=lambda: T0)
+    assert take(slices, own(crashed, 1.0))
+    k = key(slices)
+    a, b, c, d = (slices.carve(k, 1.0, f"span-{i}") for i in range(4))
+    assert a and b and c and d
+    slices.settle(a, 0.5, 10, 1, "gpt-4o", "openai")
+    slices.flush()  # a's spend recorded; b, c settled after the crash's last flush; d in flight
+    (sl,) = [x for x in store.active_reservations() if x.request_id.startswith("slice:")]
+    assert (sl.settled, sl.parts) == (usd_to_nano(0.5), 1)
+    asked: list[set[str]] = []
+
+    def sliced(active: Any) -> dict[str, list[SlicedCharge]]:
+        asked.append({x.reservation_id for x in active})
+        return {a.slice: [SlicedCharge(0.5, 10, 1, "gpt-4o", "openai"),
+                          SlicedCharge(0.25, 20, 2, "gpt-4o", "openai"),
+                          SlicedCharge(0.75, 30, 3, "gpt-4o-mini", "openai")]}
+
+    settled = me.reconcile_stale(process_alive, audited=lambda _: {}, sliced=sliced)
+    assert asked == [{a.slice}]
+    (s,) = [x for x in settled if x.reservation_id == a.slice]
+    assert s.from_entry and s.amount_usd == 1.0 and s.reason == "proxy_crash"
+    # the own reservation: charged at its amount (no entry); the slice: its entries, no more
+    assert me.spent_today(U) == pytest.approx(0.5 + 0.25 + 0.75 + 1.0)
+    assert me.status(U, 100.0).reserved_usd == 0
+    usage = {(r.model, r.requests) for r in me.usage(user=U)}
+    assert usage == {("gpt-4o", 3), ("gpt-4o-mini", 1)}  # 1 flushed + 1 replayed + the own one
+    assert store.active_reservations() == []
+
+
+def test_unrecorded_parts_out_of_order_keep_the_total() -> None:
+    from candela_mitm.governance.ledger import unrecorded_parts
+
+    active = ActiveReservation("s", "o", 0, "u", "", "d", 10, "slice:s", "m", "p",
+                               settled=usd_to_nano(0.75), parts=1)
+    # the slice recorded the second entry first: the rest's sum is not the total
+    entries = [SlicedCharge(0.25, 1, 1, "a", "p"), SlicedCharge(0.75, 2, 2, "b", "p")]
+    assert unrecorded_parts(active, entries) == [SpendPart("m", "p", usd_to_nano(0.25), 2, 2, 1)]
+    assert unrecorded_parts(
+        ActiveReservation("s", "o", 0, settled=0, parts=0), entries
+    ) == [SpendPart("a", "p", usd_to_nano(0.25), 1, 1, 1), SpendPart("b", "p", usd_to_nano(0.75), 2, 2, 1)]
+    assert unrecorded_parts(ActiveReservation("s", "o", 0), []) == []
+
+
+COST = 0.013  # what each request really costs; its hold is 0.02
+BUDGET = 6.0
+
+
+def hammer(ledger: Ledger, slices: Slices, n: int, out: list[tuple[int, int]]) -> None:
+    """n requests as the proxy makes them: a carve, else a reservation of its own (which may
+    ask for a slice); each settles at COST. `out` gets the numbers admitted and carved."""
+    admitted = carved = 0
+    k = key(slices, budget=BUDGET)
+    for i in range(n):
+        res = slices.carve(k, 0.02, f"span-{i}")
+        if res is None:
+            got = ledger.reserve(U, None, 0.02, BUDGET, f"span-{i}", model="m", provider="p")
+            if isinstance(got, BudgetRefusal):
+                slices.flush()
+                continue
+            res = got
+            ask = slices.ask(res)
+            if ask is not None:
+                slices.took(ask, ask.reserve())
+        admitted += 1
+        carved += bool(res.slice)
+        if res.slice:
+            slices.settle(res, COST, 1, 1, "m", "p")
+        else:
+            ledger.settle(res, COST, 1, 1, "m", "p")
+        if i % 7 == 0:
+            slices.flush()
+    slices.flush(everything=True)
+    out.append((admitted, carved))
+
+
+def test_threads_hammering_one_budget_never_overspend(store: StateStore) -> None:
+    ledger = Ledger(store, clock=lambda: T0)
+    out: list[tuple[int, int]] = []
+    workers = [
+        threading.Thread(target=hammer, args=(ledger, Slices(ledger, RULES, clock=lambda: T0),
+                                              200, out))
+        for _ in range(4)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    status = ledger.status(U, BUDGET)
+    admitted = sum(a for a, _ in out)
+    assert sum(c for _, c in out) > admitted // 2  # most came from slices
+    assert status.reserved_usd == 0 and store.active_reservations() == []
+    # every admitted request's cost, exactly, and never past the budget; what is left is
+    # less than one more request's hold (nothing stranded in a slice at the end)
+    assert status.spent_usd == pytest.approx(admitted * COST, abs=1e-9)
+    assert status.spent_usd <= BUDGET
+    assert BUDGET - status.spent_usd < 0.02
+    (row,) = ledger.usage(user=U)
+    assert row.requests == admitted
+
+
+def _process(backend: Any, n: int, q: Any) -> None:
+    store = backend.open()
+    ledger = Ledger(store, clock=lambda: T0)
+    out: list[tuple[int, int]] = []
+    hammer(ledger, Slices(ledger, RULES, clock=lambda: T0), n, out)
+    q.put(out[0])
+
+
+@pytest.mark.processes
+def test_processes_hammering_one_budget_never_overspend(backend: Any) -> None:
+    backend.open()  # made (schema, WAL) before the processes open it at once
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_process, args=(backend, 200, q)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    out = [q.get(timeout=5) for _ in procs]
+    admitted = sum(a for a, _ in out)
+    assert sum(c for _, c in out) > admitted // 2
+    ledger = Ledger(backend.open(), clock=lambda: T0)
+    status = ledger.status(U, BUDGET)
+    assert status.reserved_usd == 0
+    assert status.spent_usd == pytest.approx(admitted * COST, abs=1e-9)
+    assert status.spent_usd <= BUDGET
+    assert BUDGET - status.spent_usd < 0.02
+    (row,) = ledger.usage(user=U)
+    assert row.requests == admitted
+
+
+def test_spend_a_flush_could_not_record_is_recorded_by_the_next() -> None:
+    from candela_mitm.errors import StoreUnavailable
+    from candela_mitm.state.memory import MemoryStateStore
+
+    class Flaky(MemoryStateStore):
+        fail = 0
+
+        def settle_part(self, *a: Any) -> Any:
+            if self.fail:
+                self.fail -= 1
+                raise StoreUnavailable("down")
+            return super().settle_part(*a)
+
+    store = Flaky()
+    ledger = Ledger(store, clock=lambda: T0)
+    slices = Slices(ledger, RULES, clock=lambda: T0)
+    assert take(slices, own(ledger, 1.0))
+    c = slices.carve(key(slices), 1.0, "span-1")
+    assert c is not None
+    slices.settle(c, 0.75, 5, 5, "gpt-4o", "openai")
+    store.fail = 1
+    assert slices.flush(everything=True) == []
+    assert slices.held() == 1 and ledger.spent_today(U) == 0  # kept, and the slice with it
+    (recorded,) = slices.flush(everything=True)
+    assert recorded.id == c.slice and ledger.spent_today(U) == 0.75
+    assert slices.held() == 0 and store.active_reservations() == [
+        a for a in store.active_reservations() if not a.request_id.startswith("slice:")
+    ]
+
+
+def test_one_flush_records_every_slice(store: StateStore) -> None:
+    ledger = Ledger(store, clock=lambda: T0)
+    slices = Slices(ledger, RULES, clock=lambda: T0)
+    users = ["a@x", "b@x", "c@x"]
+    for u in users:
+        got = ledger.reserve(u, None, 1.0, 100.0, "own", model="m", provider="p")
+        assert isinstance(got, Reservation)
+        assert take(slices, got)
+    daily = BudgetPeriod("daily", "UTC")
+    for u in users:
+        c = slices.carve(slices.key_of(u, 100.0, daily, None, None, daily, None, T0), 1.0, "s")
+        assert c is not None
+        slices.settle(c, 0.5, 1, 1, "m", "p")
+    assert len(slices.flush(everything=True)) == 3
+    assert [ledger.spent_today(u) for u in users] == [0.5, 0.5, 0.5]
+    assert slices.held() == 0
