@@ -173,6 +173,9 @@ def test_a_start_settles_a_dead_processs_slice_from_the_entries_naming_it(tmp_pa
 def test_slices_follow_reloads_and_are_returned_at_close(tmp_path):
     from candela_mitm.governance.ledger import Reservation
 
+    assert cfg(tmp_path).governance.budgets.slices.enabled  # on by default
+    assert cfg(tmp_path).governance.rate_limits.leases.enabled
+
     on = {"budgets": {"slices": {"enabled": True, "requests": 4}},
           "models": {"mode": "allowlist", "allowed": ["gpt-4o-mini"]}}
     r = build_runtime(cfg(tmp_path, governance=on), "server")
@@ -182,7 +185,9 @@ def test_slices_follow_reloads_and_are_returned_at_close(tmp_path):
         assert isinstance(own, Reservation)
         ask = r.slices.ask(own) or r.slices.ask(own)  # a budget used twice within idle_s
         assert ask is not None and r.slices.took(ask, ask.reserve())
-        r.reload(cfg(tmp_path))  # slices off again: the one held is returned by the next flush
+        off = {"budgets": {"slices": {"enabled": False}},
+               "models": {"mode": "allowlist", "allowed": ["gpt-4o-mini"]}}
+        r.reload(cfg(tmp_path, governance=off))  # the one held is returned by the next flush
         assert not r.slices.rules.enabled and r.slices.ask(own) is None
         r.slices.flush()
         assert r.slices.held() == 0
