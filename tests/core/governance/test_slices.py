@@ -341,6 +341,34 @@ def test_a_dead_slices_rest_whose_entry_was_made_is_settled_from_it(store: State
     assert me.status(U, 100.0).reserved_usd == 0
 
 
+def test_a_dead_slices_rest_stays_held_until_its_entry_is_durable(store: StateStore) -> None:
+    """The entry before the charge: a start whose audit cannot commit the rest's entry leaves
+    the slice held (its entries' spend recorded); the next charges it, once."""
+    crashed = Ledger(store, clock=lambda: T0, owner=f"{host_id()}:{dead_pid()}")
+    me = Ledger(store, clock=lambda: T0)
+    slices = Slices(crashed, RULES, clock=lambda: T0)
+    assert take(slices, own(crashed, 1.0))
+    (sl,) = [x for x in store.active_reservations() if x.request_id.startswith("slice:")]
+    size = nano_to_usd(sl.amount)
+    entries = {sl.reservation_id: [SlicedCharge(3.0, 1, 1, "gpt-4o", "openai")]}
+    me.reconcile_stale(process_alive, audited=lambda _: {}, sliced=lambda _: entries,
+                       record=lambda planned: set())
+    # both kept held: the slice and the own reservation (no entry could be made for either)
+    assert sorted(x.request_id for x in store.active_reservations()) == sorted(
+        [sl.request_id, "span-own"]
+    )
+    assert me.spent_today(U) == pytest.approx(3.0)
+    assert me.status(U, 100.0).reserved_usd == pytest.approx(1.0 + size - 3.0)
+    settled = me.reconcile_stale(process_alive, audited=lambda _: {},
+                                 sliced=lambda _: entries,
+                                 record=lambda planned: {s.reservation_id for s in planned})
+    rest = [s for s in settled if s.reservation_id == sl.reservation_id]
+    assert [(s.from_entry, s.amount_usd) for s in rest] == [(False, size - 3.0)]
+    assert me.spent_today(U) == pytest.approx(size + 1.0)
+    assert me.status(U, 100.0).reserved_usd == 0
+    assert store.active_reservations() == []
+
+
 def test_unrecorded_parts_out_of_order_keep_the_total() -> None:
     from candela_mitm.governance.ledger import unrecorded_parts
 
