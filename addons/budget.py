@@ -81,8 +81,8 @@ class Budget:
         """A request reserved on its own: take a slice of its budgets in the background if they
         have ample room, for the next requests to carve from."""
         slices = self.rt.slices
-        if slices is None or res.slice:
-            return
+        if slices is None or res.slice or self.rt.shadow is not None:
+            return  # a shadow policy judges every request on its own reservation: none is carved
         ask = slices.ask(res)
         if ask is None:
             return

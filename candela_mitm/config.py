@@ -167,7 +167,7 @@ class BudgetSlices(_Model):
     """Per-process budget slices (governance/slices.py): a budget with ample room is held in
     part by each process and requests' holds are carved from it in memory."""
 
-    enabled: bool = False
+    enabled: bool = True
     requests: int = Field(default=32, ge=2, le=10_000)  # a slice holds this many requests' holds
     headroom: int = Field(default=8, ge=2, le=1_000)  # never more than what is left / headroom
     flush_ms: int = Field(default=50, ge=1, le=10_000)  # spend recorded in the store this often
@@ -213,7 +213,7 @@ class RateLimitLeases(_Model):
     """Per-process rate leases (governance/rate_leases.py): a block of a user's requests per
     minute taken at once, requests admitted from it in memory."""
 
-    enabled: bool = False
+    enabled: bool = True
     requests: int = Field(default=32, ge=2, le=10_000)  # a block holds at most this many
     headroom: int = Field(default=4, ge=2, le=1_000)  # never more than the room / headroom
     # requests are admitted from a block this long; at most 1 s (the Redis window key's TTL)

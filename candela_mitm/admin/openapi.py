@@ -172,7 +172,7 @@ SCHEMAS: dict[str, Any] = {
             "time_zone": _STR,
             "source": {"type": "string", "enum": ["store", "config", "default"]},
             "spent_usd": {**_USD, "description": "this period, by every user of the tenant"},
-            "reserved_usd": {**_USD, "description": "held by requests in flight"},
+            "reserved_usd": {**_USD, "description": "held by requests in flight and by the proxies' budget slices (governance.budgets.slices)"},
             "remaining_usd": {"type": ["number", "null"], "minimum": 0},
             "period_starts_at": _TIME,
             "resets_at": _TIME,
@@ -328,7 +328,7 @@ SCHEMAS: dict[str, Any] = {
             "period_starts_at": _TIME,
             "spent_today_usd": {**_USD, "description": "spent on the UTC day `day`"},
             "spent_period_usd": {**_USD, "description": "spent in the current budget period"},
-            "reserved_usd": {**_USD, "description": "held by requests in flight"},
+            "reserved_usd": {**_USD, "description": "held by requests in flight and by the proxies' budget slices (governance.budgets.slices)"},
             "remaining_usd": {
                 **_USD,
                 "description": "what can still be spent today: allowance left plus unexpired "
@@ -361,7 +361,7 @@ SCHEMAS: dict[str, Any] = {
             "period": _PERIOD,
             "spent_usd": {**_USD, "description": "this period, by the key and every key it "
                           "was rotated from or to"},
-            "reserved_usd": {**_USD, "description": "held by requests in flight"},
+            "reserved_usd": {**_USD, "description": "held by requests in flight and by the proxies' budget slices (governance.budgets.slices)"},
             "remaining_usd": _USD,
             "resets_at": _TIME,
         }

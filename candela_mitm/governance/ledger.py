@@ -554,10 +554,13 @@ class Ledger:
         it the caller writes the entries of what this returns, after the settle.
 
         A budget slice (governance/slices.py; its request_id starts with `slice:`) held by a dead
-        process is settled with the spend its requests' entries name past what it recorded
-        (`sliced`: those entries; `unrecorded_parts`) and what is left of it is released: its
-        requests in flight at the crash, without an entry, are not charged (a slice is bounded
-        by governance.budgets.slices). It is returned among the settlements (`from_entry`).
+        process is first settled with the spend its requests' entries name past what it
+        recorded (`sliced`: those entries; `unrecorded_parts`; returned `from_entry`), then
+        charged what is left of it, as a reservation without an entry is: its requests in
+        flight at the crash are among it and which ones cannot be known, so nothing forwarded
+        goes free (the overcharge is bounded by the slice's size: governance.budgets.slices).
+        That remainder gets its entry first (`record`; span id the slice's request_id, so a
+        crash before its settle leaves an entry the next start settles from, via `audited`).
         """
         now_us = to_us(now or self.clock())
         cutoff = None if max_age_s is None else now_us - round(max_age_s * US_PER_S)
@@ -577,8 +580,9 @@ class Ledger:
             if old:
                 stale.append((active, why))
         slices = [(a, why) for a, why in stale if a.request_id.startswith("slice:")]
-        stale = [(a, why) for a, why in stale if not a.request_id.startswith("slice:")]
-        done = self._reconcile_slices(slices, sliced, now_us)
+        done, left = self._reconcile_slices(slices, sliced, now_us)
+        # a dead slice is charged what is left of it, as a reservation without an entry is
+        # (or at its remainder's entry, when a start died between that entry and its settle)
         entries = audited([a for a, _ in stale]) if audited is not None and stale else {}
         planned: list[tuple[ActiveReservation, StaleSettlement, tuple[int, int]]] = []
         for active, why in stale:
@@ -586,6 +590,11 @@ class Ledger:
             if charge is not None:
                 amount = usd_to_nano(charge.cost_usd)
                 tokens = (charge.input_tokens, charge.output_tokens)
+            elif active.request_id.startswith("slice:"):
+                amount, tokens = left.get(active.reservation_id, 0), (0, 0)
+                if amount <= 0:  # its entries named all of it: nothing is left to charge
+                    self.store.release(active.reservation_id, now_us)
+                    continue
             else:
                 amount, tokens = active.amount, (0, 0)
             s = StaleSettlement(
@@ -625,32 +634,40 @@ class Ledger:
         slices: list[tuple[ActiveReservation, str]],
         sliced: SlicedCharges | None,
         now_us: int,
-    ) -> list[StaleSettlement]:
+    ) -> tuple[list[StaleSettlement], dict[str, int]]:
+        """Dead processes' slices: the spend their entries name past what they recorded,
+        settled (`unrecorded_parts`); returns those settlements and, by slice id, what is left
+        of each (nano-dollars; the caller charges it)."""
         if not slices:
-            return []
+            return [], {}
         entries = sliced([a for a, _ in slices]) if sliced is not None else {}
         done: list[StaleSettlement] = []
+        left: dict[str, int] = {}
         for active, why in slices:
             parts = unrecorded_parts(active, entries.get(active.reservation_id, ()))
+            recorded = active.settled
             if parts:
-                self.store.settle_part(active.reservation_id, parts, now_us)
-            self.store.release(active.reservation_id, now_us)
-            done.append(
-                StaleSettlement(
-                    reservation_id=active.reservation_id,
-                    request_id=active.request_id,
-                    owner=active.owner,
-                    user_id=active.user_id,
-                    tenant=active.tenant or None,
-                    model=active.model,
-                    provider=active.provider,
-                    amount_usd=nano_to_usd(sum(p.cost for p in parts)),
-                    created_at=from_us(active.created_us),
-                    reason=why,
-                    from_entry=True,
+                result = self.store.settle_part(active.reservation_id, parts, now_us)
+                if not result.applied:
+                    continue  # settled or released meanwhile: nothing is left of it
+                recorded += result.cost
+                done.append(
+                    StaleSettlement(
+                        reservation_id=active.reservation_id,
+                        request_id=active.request_id,
+                        owner=active.owner,
+                        user_id=active.user_id,
+                        tenant=active.tenant or None,
+                        model=active.model,
+                        provider=active.provider,
+                        amount_usd=nano_to_usd(result.cost),
+                        created_at=from_us(active.created_us),
+                        reason=why,
+                        from_entry=True,
+                    )
                 )
-            )
-        return done
+            left[active.reservation_id] = max(0, active.amount - recorded)
+        return done, left
 
     # -- asynchronous jobs ---------------------------------------------------------------------
     def record_job(

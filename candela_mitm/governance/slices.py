@@ -19,7 +19,10 @@ and every request there reserves on its own, exactly, with its 402 decided by th
   (`retire_all`) or a changed budget seen in a request's settings makes it stale; once its
   requests in flight have settled.
 - a process that dies holding a slice: the next start settles the spend its requests' audit
-  entries name past what the slice recorded, and releases the rest (Ledger.reconcile_stale).
+  entries name past what the slice recorded, then charges what is left of it (its requests in
+  flight at the crash are among it and which ones cannot be known: nothing forwarded is free;
+  the overcharge is bounded by the slice's size, which `requests` and `headroom` cap), with an
+  audit entry of its own written first (Ledger.reconcile_stale).
 
 Not thread-safe on its own: carve, settle and release run on the event loop; flush and take
 run where store calls run, so every method takes the lock.

@@ -114,7 +114,11 @@ def test_a_start_settles_a_dead_processs_slice_from_the_entries_naming_it(tmp_pa
     """Budget slices (governance.budgets.slices): a process died holding a slice, two of its
     carved requests' entries durable (one recorded on the slice before the crash, one not), one
     request in flight without an entry. The next start settles the one not recorded, from its
-    entry, and releases the rest of the slice."""
+    entry, and charges what is left of the slice (the request in flight is among it: nothing
+    forwarded is free), its entry written first."""
+    from datetime import UTC, datetime
+
+    from candela_mitm.audit.query import charged_entries
     from candela_mitm.governance.ledger import Ledger, Reservation
     from candela_mitm.governance.slices import SliceRules, Slices
     from candela_mitm.state.liveness import host_id
@@ -135,6 +139,8 @@ def test_a_start_settles_a_dead_processs_slice_from_the_entries_naming_it(tmp_pa
         assert a and b and c
         slices.settle(a, 0.004, 10, 2, "gpt-4o-mini", "openai")
         assert slices.flush()  # a recorded on the slice
+        (slice_span,) = [x.request_id for x in first.store.active_reservations()
+                   if x.reservation_id == a.slice]
         for span, cost in (("span-0", 0.004), ("span-1", 0.003)):  # c: in flight, no entry
             first.audit.record_durable(
                 "llm_request", span_id=span, slice_id=a.slice, usage_source="reported",
@@ -143,21 +149,32 @@ def test_a_start_settles_a_dead_processs_slice_from_the_entries_naming_it(tmp_pa
             ).result(10)
     finally:
         first.close()
+    size = ask.amount_usd
+    assert size == pytest.approx(32 * 0.01)  # `requests` of the 0.01 hold
     again = build_runtime(cfg(tmp_path, governance=on), "server")
     try:
         status = again.ledger.status("u", 100.0)
-        assert status.spent_usd == pytest.approx(0.01 + 0.004 + 0.003)
+        assert status.spent_usd == pytest.approx(0.01 + size)
         assert status.reserved_usd == 0
         assert again.store.active_reservations() == []
         assert {(r.model, r.requests) for r in again.ledger.usage(user="u")} == {
-            ("m", 1), ("gpt-4o-mini", 2)
+            ("m", 1), ("gpt-4o-mini", 2), ("", 1)
         }
+        # the rest's entry: charged at what was reserved, in the dead process's name
+        found = charged_entries(tmp_path / "audit.db", {slice_span}, datetime(2000, 1, 1, tzinfo=UTC))
+        (entry,) = found.values()
+        assert entry["reason"] == "proxy_crash" and entry["usage_source"] == "reserved"
+        assert entry["reservation_id"] == a.slice
+        assert entry["cost_usd"] == pytest.approx(size - 0.004 - 0.003)
     finally:
         again.close()
 
 
 def test_slices_follow_reloads_and_are_returned_at_close(tmp_path):
     from candela_mitm.governance.ledger import Reservation
+
+    assert cfg(tmp_path).governance.budgets.slices.enabled  # on by default
+    assert cfg(tmp_path).governance.rate_limits.leases.enabled
 
     on = {"budgets": {"slices": {"enabled": True, "requests": 4}},
           "models": {"mode": "allowlist", "allowed": ["gpt-4o-mini"]}}
@@ -168,7 +185,9 @@ def test_slices_follow_reloads_and_are_returned_at_close(tmp_path):
         assert isinstance(own, Reservation)
         ask = r.slices.ask(own) or r.slices.ask(own)  # a budget used twice within idle_s
         assert ask is not None and r.slices.took(ask, ask.reserve())
-        r.reload(cfg(tmp_path))  # slices off again: the one held is returned by the next flush
+        off = {"budgets": {"slices": {"enabled": False}},
+               "models": {"mode": "allowlist", "allowed": ["gpt-4o-mini"]}}
+        r.reload(cfg(tmp_path, governance=off))  # the one held is returned by the next flush
         assert not r.slices.rules.enabled and r.slices.ask(own) is None
         r.slices.flush()
         assert r.slices.held() == 0

@@ -136,8 +136,9 @@ class Clients:
         # the audit log written to the OS at each commit, fsynced at checkpoints: kill -9 of
         # every process still loses no entry of an answered request
         (2, "sqlite", "process_crash", False),
-        # budget slices (governance.budgets.slices): holds carved in memory, spend recorded in
-        # bulk; a killed process's slices are settled from the entries that name them
+        # budget slices (governance.budgets.slices, the default): holds carved in memory, spend
+        # recorded in bulk; a killed process's slices are settled from the entries that name
+        # them and charged what is left of them (an entry of its own each)
         (2, "sqlite", "power_loss", True),
         (2, "redis", "power_loss", True),
     ],
@@ -162,8 +163,8 @@ def test_kill_9_under_load_again_and_again_then_restart(
     }
     audit = {"sqlite_path": str(tmp_path / "audit.db"), "durability": durability}
     cfg = base_config(upstream.url, users=users, state=state, workers=workers, audit=audit)
-    if slices:
-        cfg["governance"]["budgets"]["slices"] = {"enabled": True, "requests": 8}
+    # slices are on by default; off, every request reserves on its own (the per-request path)
+    cfg["governance"]["budgets"]["slices"] = {"enabled": slices, "requests": 8}
     env = candela_env(token_server, tmp_path)
     rng = random.Random(16)
     whole: list[str] = []

@@ -322,8 +322,16 @@ def test_spend_is_todays_against_the_budget_with_hours(local, upstream):
     before = requests.get(f"{local.url}/_local/api/spend", timeout=5).json()
     upstream.configure(usage=Usage(input_tokens=100_000, output_tokens=10_000))
     assert chat(local, {"model": "gpt-4o-mini", "messages": MSGS}).status_code == 200
-    after = requests.get(f"{local.url}/_local/api/spend", timeout=5).json()
     cost = (100_000 * 0.15 + 10_000 * 0.60) / 1e6
+    # the spend is recorded after the request's entry: with budget slices (on by default) by
+    # the next flush (governance.budgets.slices.flush_ms) when its hold was carved
+    deadline = time.monotonic() + 10
+    while True:
+        after = requests.get(f"{local.url}/_local/api/spend", timeout=5).json()
+        if after["spent_usd"] - before["spent_usd"] >= cost * 0.999:
+            break
+        assert time.monotonic() < deadline, "the spend was never recorded"
+        time.sleep(0.05)
     assert after["user"] == OS_USER and after["budget_usd"] == 1000.0
     assert after["spent_usd"] - before["spent_usd"] == pytest.approx(cost)
     assert len(after["hourly_usd"]) == 24

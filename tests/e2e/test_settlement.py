@@ -21,6 +21,7 @@ from candela_mitm.governance.ledger import Ledger
 from candela_mitm.providers.pricing import PricingTable
 from candela_mitm.providers.usage import Usage
 from candela_mitm.state import open_state_store
+from candela_mitm.state.ports import nano_to_usd
 from tests.fakes.candela import CandelaProcess, free_port
 from tests.fakes.upstream import FakeUpstream
 
@@ -280,6 +281,9 @@ def test_kill_9_in_flight_then_restart_settles_and_audits_them(
     if backend == "redis":  # a server of its own: Candela's keys under the default prefix
         state = {"backend": "redis", "redis_url": request.getfixturevalue("redis_server_factory")().url}
     cfg = base_config(upstream.url, users=USERS, state=state)
+    # per-request reservations, each request in flight charged its own (a carved one is charged
+    # through its budget slice: test_kill_9_with_requests_carved_from_a_slice_in_flight)
+    cfg["governance"]["budgets"]["slices"] = {"enabled": False}
     env = candela_env(token_server, tmp_path)
     c = CandelaProcess(tmp_path, cfg, env=env).start()
     bodies = [
@@ -327,6 +331,83 @@ def test_kill_9_in_flight_then_restart_settles_and_audits_them(
     CandelaProcess(tmp_path, cfg, env=env, port=c.port).start().stop()
     entries = query_entries(tmp_path / "audit.db", action="llm_request", limit=1000)
     assert sum(1 for e in entries if e["fields"].get("reason") == "proxy_crash") == len(bodies)
+    assert ledger_of(c2).spent_today(USER) == pytest.approx(expected, rel=1e-6)
+    v = subprocess.run([CANDELA, "audit", "--db", str(tmp_path / "audit.db"), "verify"],
+                       capture_output=True, text=True, timeout=60)
+    assert v.returncode == 0, v.stdout + v.stderr
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_kill_9_with_requests_carved_from_a_slice_in_flight(
+    tmp_path, upstream, token_server, backend, request
+):
+    """Budget slices on (the default): two requests reserve on their own, the second takes a
+    slice of the budget, two more are carved from it in memory; all four reach the provider and
+    the proxy is killed mid-stream. The restart charges the two their reservations and the slice
+    all of it (the carved ones are among it and have no entry): nothing forwarded is free."""
+    upstream.configure(n_chunks=200, chunk_delay_s=0.1)  # 20 s of stream: no usage before the kill
+    state: dict[str, Any] = {"sqlite_path": str(tmp_path / "state.db")}
+    if backend == "redis":
+        state = {"backend": "redis", "redis_url": request.getfixturevalue("redis_server_factory")().url}
+    cfg = base_config(upstream.url, users=USERS, state=state)
+    assert "slices" not in cfg["governance"]["budgets"]  # the default
+    env = candela_env(token_server, tmp_path)
+    c = CandelaProcess(tmp_path, cfg, env=env).start()
+    bodies = [
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 10}], "stream": True}
+        for _ in range(4)
+    ]
+    spans: list[str] = []
+    socks = []
+    try:
+        led = ledger_of(c)
+        for i, body in enumerate(bodies):
+            if i == 2:  # the slice the second one asked for, taken in the background
+                deadline = time.monotonic() + 10
+                while not [a for a in led.store.active_reservations()
+                           if a.request_id.startswith("slice:")]:
+                    assert time.monotonic() < deadline, "no slice was taken"
+                    time.sleep(0.05)
+            s, head = open_stream(c, CHAT, body)
+            socks.append(s)
+            spans.append(span_of(head))
+        held = led.store.active_reservations()
+        (sl,) = [a for a in held if a.request_id.startswith("slice:")]
+        own = sorted(a.request_id for a in held if not a.request_id.startswith("slice:"))
+        assert own == sorted(spans[:2])  # the two carved hold nothing of their own in the store
+        size = nano_to_usd(sl.amount)
+        assert size >= 2 * reservation(bodies[0])
+        assert led.status(USER, 1000.0).reserved_usd == pytest.approx(
+            2 * reservation(bodies[0]) + size, rel=1e-6
+        )
+        assert led.spent_today(USER) == 0
+        c.stop(kill=True)
+    finally:
+        for s in socks:
+            s.close()
+        c.stop()
+    assert len(upstream.requests) == len(bodies)  # they all reached the provider
+    c2 = CandelaProcess(tmp_path, cfg, env=env, port=c.port).start()
+    try:
+        led = ledger_of(c2)
+        assert led.status(USER, 1000.0).reserved_usd == 0
+        expected = 2 * reservation(bodies[0]) + size
+        assert led.spent_today(USER) == pytest.approx(expected, rel=1e-6)
+        assert led.spent_today(USER) >= len(bodies) * reservation(bodies[0]) * (1 - 1e-9)
+        for span in spans[:2]:
+            e = entry_of(c2, span)
+            assert e["usage_source"] == "reserved" and e["reason"] == "proxy_crash"
+            assert e["cost_usd"] == pytest.approx(reservation(bodies[0]), rel=1e-6)
+        e = entry_of(c2, sl.request_id)  # the slice's: what is left of it, all of it here
+        assert e["usage_source"] == "reserved" and e["reason"] == "proxy_crash"
+        assert e["reservation_id"] == sl.reservation_id and e["user_id"] == USER
+        assert e["cost_usd"] == pytest.approx(size, rel=1e-6)
+    finally:
+        c2.stop()
+    # settled once: a second restart finds nothing more to settle
+    CandelaProcess(tmp_path, cfg, env=env, port=c.port).start().stop()
+    entries = query_entries(tmp_path / "audit.db", action="llm_request", limit=1000)
+    assert sum(1 for e in entries if e["fields"].get("reason") == "proxy_crash") == 3
     assert ledger_of(c2).spent_today(USER) == pytest.approx(expected, rel=1e-6)
     v = subprocess.run([CANDELA, "audit", "--db", str(tmp_path / "audit.db"), "verify"],
                        capture_output=True, text=True, timeout=60)

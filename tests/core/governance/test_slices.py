@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 
 from candela_mitm.governance.ledger import (
+    AuditedCharge,
     BudgetRefusal,
     KeyBudget,
     Ledger,
     Reservation,
     SlicedCharge,
+    StaleSettlement,
     UsageRow,
     process_alive,
 )
@@ -31,7 +33,13 @@ from candela_mitm.governance.slices import (
 )
 from candela_mitm.state import StateStore
 from candela_mitm.state.liveness import host_id
-from candela_mitm.state.ports import ActiveReservation, ReserveResult, SpendPart, usd_to_nano
+from candela_mitm.state.ports import (
+    ActiveReservation,
+    ReserveResult,
+    SpendPart,
+    nano_to_usd,
+    usd_to_nano,
+)
 
 T0 = datetime(2026, 5, 17, 12, 0, tzinfo=UTC)
 U = "alice@example.com"
@@ -225,7 +233,9 @@ def dead_pid() -> int:
     return int(done.stdout)
 
 
-def test_a_dead_owners_slice_is_settled_from_its_entries_and_released(store: StateStore) -> None:
+def test_a_dead_owners_slice_is_settled_from_its_entries_and_charged_the_rest(
+    store: StateStore,
+) -> None:
     crashed = Ledger(store, clock=lambda: T0, owner=f"{host_id()}:{dead_pid()}")
     me = Ledger(store, clock=lambda: T0)
     slices = Slices(crashed, RULES, clock=lambda: T0)
@@ -237,6 +247,8 @@ def test_a_dead_owners_slice_is_settled_from_its_entries_and_released(store: Sta
     slices.flush()  # a's spend recorded; b, c settled after the crash's last flush; d in flight
     (sl,) = [x for x in store.active_reservations() if x.request_id.startswith("slice:")]
     assert (sl.settled, sl.parts) == (usd_to_nano(0.5), 1)
+    size = nano_to_usd(sl.amount)
+    assert size == 10.0  # requests (10) of the 1.0 hold
     asked: list[set[str]] = []
 
     def sliced(active: Any) -> dict[str, list[SlicedCharge]]:
@@ -245,15 +257,115 @@ def test_a_dead_owners_slice_is_settled_from_its_entries_and_released(store: Sta
                           SlicedCharge(0.25, 20, 2, "gpt-4o", "openai"),
                           SlicedCharge(0.75, 30, 3, "gpt-4o-mini", "openai")]}
 
-    settled = me.reconcile_stale(process_alive, audited=lambda _: {}, sliced=sliced)
+    recorded: list[StaleSettlement] = []
+
+    def record(planned: list[StaleSettlement]) -> set[str]:
+        # the entry comes first: nothing is charged yet
+        assert me.status(U, 100.0).reserved_usd == pytest.approx(1.0 + size - 1.5)
+        recorded.extend(planned)
+        return {s.reservation_id for s in planned}
+
+    settled = me.reconcile_stale(process_alive, audited=lambda _: {}, sliced=sliced, record=record)
     assert asked == [{a.slice}]
-    (s,) = [x for x in settled if x.reservation_id == a.slice]
-    assert s.from_entry and s.amount_usd == 1.0 and s.reason == "proxy_crash"
-    # the own reservation: charged at its amount (no entry); the slice: its entries, no more
-    assert me.spent_today(U) == pytest.approx(0.5 + 0.25 + 0.75 + 1.0)
+    mine = {x.from_entry: x for x in settled if x.reservation_id == a.slice}
+    # the spend its entries name past what it recorded, from the entries (b and c)
+    assert mine[True].amount_usd == pytest.approx(1.0) and mine[True].reason == "proxy_crash"
+    # what is left of it (d in flight among it) charged as a reservation without an entry
+    rest = size - 1.5
+    assert mine[False].amount_usd == pytest.approx(rest) and mine[False].reason == "proxy_crash"
+    assert mine[False].request_id == sl.request_id
+    assert {s.reservation_id: s.amount_usd for s in recorded} == pytest.approx(
+        {a.slice: rest, sl_own(settled, a.slice): 1.0}
+    )
+    # the own reservation: charged at its amount (no entry); the slice: its whole size
+    assert me.spent_today(U) == pytest.approx(size + 1.0)
     assert me.status(U, 100.0).reserved_usd == 0
     usage = {(r.model, r.requests) for r in me.usage(user=U)}
-    assert usage == {("gpt-4o", 3), ("gpt-4o-mini", 1)}  # 1 flushed + 1 replayed + the own one
+    # 1 flushed + 1 replayed + the own one; 1 replayed; the rest, under no model
+    assert usage == {("gpt-4o", 3), ("gpt-4o-mini", 1), ("", 1)}
+    assert store.active_reservations() == []
+
+
+def sl_own(settled: list[StaleSettlement], slice_id: str) -> str:
+    (other,) = {s.reservation_id for s in settled if s.reservation_id != slice_id}
+    return other
+
+
+def test_a_dead_slice_whose_entries_name_all_of_it_is_released(store: StateStore) -> None:
+    crashed = Ledger(store, clock=lambda: T0, owner=f"{host_id()}:{dead_pid()}")
+    me = Ledger(store, clock=lambda: T0)
+    slices = Slices(crashed, RULES, clock=lambda: T0)
+    assert take(slices, own(crashed, 1.0))
+    (sl,) = [x for x in store.active_reservations() if x.request_id.startswith("slice:")]
+    size = nano_to_usd(sl.amount)
+    entries = [SlicedCharge(size / 2, 1, 1, "gpt-4o", "openai")] * 2
+
+    def nothing_to_record(planned: list[StaleSettlement]) -> set[str]:
+        assert all(s.reservation_id != sl.reservation_id for s in planned)
+        return {s.reservation_id for s in planned}
+
+    settled = me.reconcile_stale(process_alive, audited=lambda _: {},
+                                 sliced=lambda _: {sl.reservation_id: entries},
+                                 record=nothing_to_record)
+    assert [s.from_entry for s in settled if s.reservation_id == sl.reservation_id] == [True]
+    assert me.spent_today(U) == pytest.approx(size + 1.0)
+    assert me.status(U, 100.0).reserved_usd == 0
+    assert store.active_reservations() == []
+
+
+def test_a_dead_slices_rest_whose_entry_was_made_is_settled_from_it(store: StateStore) -> None:
+    """A start that died between the rest's entry and its settle: the next settles from it."""
+    crashed = Ledger(store, clock=lambda: T0, owner=f"{host_id()}:{dead_pid()}")
+    me = Ledger(store, clock=lambda: T0)
+    slices = Slices(crashed, RULES, clock=lambda: T0)
+    assert take(slices, own(crashed, 1.0))
+    (sl,) = [x for x in store.active_reservations() if x.request_id.startswith("slice:")]
+    size = nano_to_usd(sl.amount)
+
+    def audited(active: Any) -> dict[str, AuditedCharge]:
+        assert sl.request_id in {x.request_id for x in active}
+        return {sl.request_id: AuditedCharge(size - 2.0, 0, 0)}
+
+    def no_entry_for_it(planned: list[StaleSettlement]) -> set[str]:
+        assert all(s.reservation_id != sl.reservation_id for s in planned)
+        return {s.reservation_id for s in planned}
+
+    settled = me.reconcile_stale(
+        process_alive, audited=audited, record=no_entry_for_it,
+        sliced=lambda _: {sl.reservation_id: [SlicedCharge(2.0, 1, 1, "gpt-4o", "openai")]},
+    )
+    assert sorted(
+        (s.from_entry, s.amount_usd) for s in settled if s.reservation_id == sl.reservation_id
+    ) == [(True, 2.0), (True, size - 2.0)]
+    assert me.spent_today(U) == pytest.approx(size + 1.0)
+    assert me.status(U, 100.0).reserved_usd == 0
+
+
+def test_a_dead_slices_rest_stays_held_until_its_entry_is_durable(store: StateStore) -> None:
+    """The entry before the charge: a start whose audit cannot commit the rest's entry leaves
+    the slice held (its entries' spend recorded); the next charges it, once."""
+    crashed = Ledger(store, clock=lambda: T0, owner=f"{host_id()}:{dead_pid()}")
+    me = Ledger(store, clock=lambda: T0)
+    slices = Slices(crashed, RULES, clock=lambda: T0)
+    assert take(slices, own(crashed, 1.0))
+    (sl,) = [x for x in store.active_reservations() if x.request_id.startswith("slice:")]
+    size = nano_to_usd(sl.amount)
+    entries = {sl.reservation_id: [SlicedCharge(3.0, 1, 1, "gpt-4o", "openai")]}
+    me.reconcile_stale(process_alive, audited=lambda _: {}, sliced=lambda _: entries,
+                       record=lambda planned: set())
+    # both kept held: the slice and the own reservation (no entry could be made for either)
+    assert sorted(x.request_id for x in store.active_reservations()) == sorted(
+        [sl.request_id, "span-own"]
+    )
+    assert me.spent_today(U) == pytest.approx(3.0)
+    assert me.status(U, 100.0).reserved_usd == pytest.approx(1.0 + size - 3.0)
+    settled = me.reconcile_stale(process_alive, audited=lambda _: {},
+                                 sliced=lambda _: entries,
+                                 record=lambda planned: {s.reservation_id for s in planned})
+    rest = [s for s in settled if s.reservation_id == sl.reservation_id]
+    assert [(s.from_entry, s.amount_usd) for s in rest] == [(False, size - 3.0)]
+    assert me.spent_today(U) == pytest.approx(size + 1.0)
+    assert me.status(U, 100.0).reserved_usd == 0
     assert store.active_reservations() == []
 
 

@@ -3,6 +3,7 @@ SQLite, Redis and memory."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 
 from candela_mitm.state.ports import (
@@ -123,3 +124,42 @@ def test_active_reservations_name_what_a_slice_recorded(store: StateStore) -> No
     assert store.settle_part("s", [part(5), part(7, "m2", requests=2)], T0_US + 1).applied
     (a,) = store.active_reservations()
     assert (a.amount, a.settled, a.parts) == (3_000, 12, 3)
+
+
+def test_a_settle_after_parts_charges_exactly_the_rest(store: StateStore) -> None:
+    """A dead process's slice (Ledger.reconcile_stale): its parts recorded, then a settle of
+    what is left of it charges that, releases its holds and nothing else."""
+    new = slice_of(
+        "s", 4_000, budget=10**9, period=P, tenant_budget=10_000, tenant_period=P,
+        key_id="k_a", key_budget=9_000, key_period=P,
+    )
+    assert store.reserve(new).ok
+    assert store.reserve(dataclasses.replace(slice_of("other", 500, budget=10**9), period=P)).ok
+    assert store.settle_part("s", [part(1_000), part(500, "gpt-4o-mini")], T0_US + 1).applied
+    (a,) = [x for x in store.active_reservations() if x.reservation_id == "s"]
+    rest = a.amount - a.settled
+    assert rest == 2_500
+    done = store.settle("s", rest, 0, 0, "", "", T0_US + 2)
+    assert done.applied and done.cost == 2_500
+    # spent: the parts and the rest, its whole size; held: the other reservation's only
+    assert store.day_totals("u", P) == DayTotals(4_000, 0, 500)
+    assert store.tenant_totals("t", P) == DayTotals(4_000, 0, 0)
+    assert store.key_totals("k_a", P) == DayTotals(4_000, 0, 0)
+    assert [x.reservation_id for x in store.active_reservations()] == ["other"]
+    assert sum(r.cost for r in store.spend_rows()) == 4_000
+    # a repeat charges nothing more
+    assert not store.settle("s", rest, 0, 0, "", "", T0_US + 3).applied
+    assert store.day_totals("u", P) == DayTotals(4_000, 0, 500)
+
+
+def test_a_settle_after_parts_on_a_grant_frees_the_grants_hold(store: StateStore) -> None:
+    store.add_grant(GrantRow("g1", "u", 5_000, 0, 0, T0_US + 10**9, "bonus", "admin", T0_US))
+    assert store.reserve(slice_of("s", 4_000, budget=1_000)).ok  # 1,000 allowance, 3,000 grant
+    assert store.settle_part("s", [part(1_500)], T0_US + 1).applied
+    assert store.settle("s", 2_500, 0, 0, "", "", T0_US + 2).applied
+    (g,) = store.grants("u")
+    assert (g.used, g.held) == (3_000, 0)
+    assert store.day_totals("u", DAY) == DayTotals(4_000, 3_000, 0)
+    # 2,000 of the grant is left, and no allowance
+    assert not store.reserve(slice_of("t", 2_001, budget=1_000)).ok
+    assert store.reserve(slice_of("t", 2_000, budget=1_000)).ok
