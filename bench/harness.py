@@ -363,10 +363,16 @@ class Bench:
             "state": {"sqlite_path": str(d / "state.db")},
             "audit": {"sqlite_path": str(d / "audit.db")},
         }
-        if os.environ.get("BENCH_SLICES") == "1":  # issue 21: budget slices on
-            cfg["governance"]["budgets"] = {"slices": {"enabled": True}}
-        if os.environ.get("BENCH_LEASES") == "1":  # issue 21: rate leases on
-            cfg["governance"]["rate_limits"] = {"leases": {"enabled": True}}
+        # issue 21: budget slices and rate leases are on by default; BENCH_SLICES=0 or
+        # BENCH_LEASES=0 measures without them (per-request reservations and rate checks)
+        gov: dict[str, Any] = cfg["governance"]
+        if os.environ.get("BENCH_SLICES") in ("0", "1"):
+            slices: dict[str, Any] = {"enabled": os.environ["BENCH_SLICES"] == "1"}
+            if os.environ.get("BENCH_SLICE_FLUSH_MS"):
+                slices["flush_ms"] = int(os.environ["BENCH_SLICE_FLUSH_MS"])
+            gov["budgets"] = {"slices": slices}
+        if os.environ.get("BENCH_LEASES") in ("0", "1"):
+            gov["rate_limits"] = {"leases": {"enabled": os.environ["BENCH_LEASES"] == "1"}}
         for k, v in extra.items():
             if isinstance(v, dict) and isinstance(cfg.get(k), dict):
                 cfg[k] = {**cfg[k], **v}

@@ -170,7 +170,7 @@ class BudgetSlices(_Model):
     enabled: bool = True
     requests: int = Field(default=32, ge=2, le=10_000)  # a slice holds this many requests' holds
     headroom: int = Field(default=8, ge=2, le=1_000)  # never more than what is left / headroom
-    flush_ms: int = Field(default=50, ge=1, le=10_000)  # spend recorded in the store this often
+    flush_ms: int = Field(default=250, ge=1, le=10_000)  # spend recorded in the store this often
     idle_s: float = Field(default=1.0, gt=0, le=3600)  # an unused slice is returned after this
 
 
