@@ -175,8 +175,32 @@ local function read_reservation(key)
 end
 """
 
+# Shared by settle and settle_part: the grants a settle draws on, in order: those this
+# reservation holds that have expired since (their expiry sorts before any unexpired one),
+# earliest expiry first, then every grant unexpired at `after` (ARGV's string, as sent).
+_GRANT_ORDER = """
+local function grant_order(gkey, own_ids, now, after)
+  local expired_own = {}
+  for _, gid in ipairs(own_ids) do
+    local s = tonumber(redis.call('ZSCORE', gkey, gid)) or 0
+    if s <= now then table.insert(expired_own, {s, gid}) end
+  end
+  table.sort(expired_own, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    return a[2] < b[2]
+  end)
+  local order = {}
+  for _, e in ipairs(expired_own) do table.insert(order, e[2]) end
+  for _, gid in ipairs(redis.call('ZRANGEBYSCORE', gkey, '(' .. after, '+inf')) do
+    table.insert(order, gid)
+  end
+  return order
+end
+"""
+
 _SETTLE = (
     _READ_RESERVATION
+    + _GRANT_ORDER
     + """
 local r, own, own_ids = read_reservation(KEYS[1])
 if r.status ~= 'active' and r.status ~= 'reclaimed' then return {0} end
@@ -196,22 +220,7 @@ local spent = tonumber(d[1]) or 0
 local from_grants = tonumber(d[2]) or 0
 local reserved = tonumber(d[3]) or 0
 local daily_free = tonumber(r.budget) - (spent - from_grants) - (reserved - own_daily)
--- eligible grants, earliest expiry first: those this reservation holds that have expired since
--- (their expiry sorts before any unexpired one), then every unexpired grant
-local expired_own = {}
-for _, gid in ipairs(own_ids) do
-  local s = tonumber(redis.call('ZSCORE', gkey, gid)) or 0
-  if s <= now then table.insert(expired_own, {s, gid}) end
-end
-table.sort(expired_own, function(a, b)
-  if a[1] ~= b[1] then return a[1] < b[1] end
-  return a[2] < b[2]
-end)
-local order = {}
-for _, e in ipairs(expired_own) do table.insert(order, e[2]) end
-for _, gid in ipairs(redis.call('ZRANGEBYSCORE', gkey, '(' .. ARGV[6], '+inf')) do
-  table.insert(order, gid)
-end
+local order = grant_order(gkey, own_ids, now, ARGV[6])
 local daily = math.min(cost, math.max(0, daily_free))
 local rest = cost - daily
 local drawn = 0
@@ -272,6 +281,7 @@ return out
 # provider, cost, tokens in, tokens out, requests.
 _SETTLE_PART = (
     _READ_RESERVATION
+    + _GRANT_ORDER
     + """
 local r, own, own_ids = read_reservation(KEYS[1])
 if r.status ~= 'active' and r.status ~= 'reclaimed' then return {0} end
@@ -295,20 +305,7 @@ local spent = tonumber(d[1]) or 0
 local from_grants = tonumber(d[2]) or 0
 local reserved = tonumber(d[3]) or 0
 local daily_free = tonumber(r.budget) - (spent - from_grants) - (reserved - own_daily)
-local expired_own = {}
-for _, gid in ipairs(own_ids) do
-  local s = tonumber(redis.call('ZSCORE', gkey, gid)) or 0
-  if s <= now then table.insert(expired_own, {s, gid}) end
-end
-table.sort(expired_own, function(a, b)
-  if a[1] ~= b[1] then return a[1] < b[1] end
-  return a[2] < b[2]
-end)
-local order = {}
-for _, e in ipairs(expired_own) do table.insert(order, e[2]) end
-for _, gid in ipairs(redis.call('ZRANGEBYSCORE', gkey, '(' .. ARGV[1], '+inf')) do
-  table.insert(order, gid)
-end
+local order = grant_order(gkey, own_ids, now, ARGV[1])
 local daily = math.min(cost, math.max(0, daily_free))
 local rest = cost - daily
 local drawn = 0

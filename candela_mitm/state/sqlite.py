@@ -104,6 +104,17 @@ class _Checkpointer:
         self._event.set()
 
 
+# A reservation and its user's row for its period, in one statement (settle, settle_part).
+_RESERVATION_AND_DAY = (
+    "SELECT r.user_id, r.tenant, r.day, r.budget, r.daily_hold, r.grant_holds, "
+    "r.status, d.spent, d.from_grants, d.reserved, r.period, r.tenant_period, "
+    "r.tenant_hold, r.key_id, r.key_period, r.key_hold "
+    "FROM reservations r LEFT JOIN days d ON d.user_id = r.user_id "
+    "AND d.day = (CASE r.period WHEN '' THEN r.day ELSE r.period END) "
+    "WHERE r.reservation_id = ?"
+)
+
+
 class SqliteStateStore(StateStore):
     """One database file shared by every thread (a connection each) and process (WAL).
 
@@ -529,15 +540,7 @@ class SqliteStateStore(StateStore):
     ) -> SettleResult:
         with self._tx() as c:
             # the reservation and its day's row, in one statement
-            r = c.execute(
-                "SELECT r.user_id, r.tenant, r.day, r.budget, r.daily_hold, r.grant_holds, "
-                "r.status, d.spent, d.from_grants, d.reserved, r.period, r.tenant_period, "
-                "r.tenant_hold, r.key_id, r.key_period, r.key_hold "
-                "FROM reservations r LEFT JOIN days d ON d.user_id = r.user_id "
-                "AND d.day = (CASE r.period WHEN '' THEN r.day ELSE r.period END) "
-                "WHERE r.reservation_id = ?",
-                (reservation_id,),
-            ).fetchone()
+            r = c.execute(_RESERVATION_AND_DAY, (reservation_id,)).fetchone()
             if r is None or r[6] not in ("active", "reclaimed"):
                 return SettleResult(False)
             user_id, tenant, day, budget = r[0], r[1], r[2], r[3]
@@ -603,15 +606,7 @@ class SqliteStateStore(StateStore):
         self, reservation_id: str, parts: Sequence[SpendPart], now_us: int
     ) -> SettleResult:
         with self._tx() as c:
-            r = c.execute(
-                "SELECT r.user_id, r.tenant, r.day, r.budget, r.daily_hold, r.grant_holds, "
-                "r.status, d.spent, d.from_grants, d.reserved, r.period, r.tenant_period, "
-                "r.tenant_hold, r.key_id, r.key_period, r.key_hold "
-                "FROM reservations r LEFT JOIN days d ON d.user_id = r.user_id "
-                "AND d.day = (CASE r.period WHEN '' THEN r.day ELSE r.period END) "
-                "WHERE r.reservation_id = ?",
-                (reservation_id,),
-            ).fetchone()
+            r = c.execute(_RESERVATION_AND_DAY, (reservation_id,)).fetchone()
             if r is None or r[6] not in ("active", "reclaimed"):
                 return SettleResult(False)
             user_id, tenant, day, budget = r[0], r[1], r[2], r[3]
