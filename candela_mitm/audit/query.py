@@ -291,36 +291,46 @@ def query_entries(
         conn.close()
 
 
-def charged_entries(
-    db_path: str | Path, spans: set[str], since: datetime
-) -> dict[str, dict[str, Any]]:
-    """The fields of the llm_request entries of `spans` committed since `since` that charged
-    their request (`usage_source` set), by span id: what a restart settles the reservations of
-    a dead process at (Ledger.reconcile_stale). Reads the log's tail in SQLite's JSON code."""
+def _charged_naming(
+    db_path: str | Path, field: str, ids: set[str], since: datetime
+) -> Iterator[dict[str, Any]]:
+    """The fields of the llm_request entries committed since `since` that charged their request
+    (`usage_source` set) and whose `field` is one of `ids`, in commit order. Reads the log's
+    tail in SQLite's JSON code, 500 ids a query."""
     path = Path(db_path).expanduser()
-    if not spans or not path.exists():
-        return {}
-    found: dict[str, dict[str, Any]] = {}
+    if not ids or not path.exists():
+        return
     conn = connect_readonly(path)
     try:
-        wanted = sorted(spans)
+        wanted = sorted(ids)
         for i in range(0, len(wanted), 500):
             part = wanted[i : i + 500]
             marks = ",".join("?" * len(part))
             cur = conn.execute(
                 "SELECT fields FROM audit_log WHERE action = ? AND ts >= ? AND "
-                f"json_extract(fields, '$.span_id') IN ({marks}) ORDER BY seq",
+                f"json_extract(fields, '$.{field}') IN ({marks}) ORDER BY seq",
                 [LLM_REQUEST, parse_time(since), *part],
             )
             for (text,) in cur:
                 fields = json.loads(text)
                 if fields.get("usage_source") is not None:
-                    found.setdefault(str(fields["span_id"]), fields)
+                    yield fields
     except sqlite3.OperationalError as e:
         if "no such table" not in str(e):
             raise
     finally:
         conn.close()
+
+
+def charged_entries(
+    db_path: str | Path, spans: set[str], since: datetime
+) -> dict[str, dict[str, Any]]:
+    """The fields of the llm_request entries of `spans` committed since `since` that charged
+    their request (`usage_source` set), by span id: what a restart settles the reservations of
+    a dead process at (Ledger.reconcile_stale)."""
+    found: dict[str, dict[str, Any]] = {}
+    for fields in _charged_naming(db_path, "span_id", spans, since):
+        found.setdefault(str(fields["span_id"]), fields)
     return found
 
 
@@ -330,30 +340,9 @@ def sliced_entries(
     """The fields of the charged llm_request entries naming each of `slices` (`slice_id`: the
     budget slice their hold was carved from) committed since `since`, in commit order: what a
     restart settles a dead process's slice from (Ledger.reconcile_stale)."""
-    path = Path(db_path).expanduser()
-    if not slices or not path.exists():
-        return {}
     found: dict[str, list[dict[str, Any]]] = {}
-    conn = connect_readonly(path)
-    try:
-        wanted = sorted(slices)
-        for i in range(0, len(wanted), 500):
-            part = wanted[i : i + 500]
-            marks = ",".join("?" * len(part))
-            cur = conn.execute(
-                "SELECT fields FROM audit_log WHERE action = ? AND ts >= ? AND "
-                f"json_extract(fields, '$.slice_id') IN ({marks}) ORDER BY seq",
-                [LLM_REQUEST, parse_time(since), *part],
-            )
-            for (text,) in cur:
-                fields = json.loads(text)
-                if fields.get("usage_source") is not None:
-                    found.setdefault(str(fields["slice_id"]), []).append(fields)
-    except sqlite3.OperationalError as e:
-        if "no such table" not in str(e):
-            raise
-    finally:
-        conn.close()
+    for fields in _charged_naming(db_path, "slice_id", slices, since):
+        found.setdefault(str(fields["slice_id"]), []).append(fields)
     return found
 
 
