@@ -40,7 +40,8 @@ def pipeline(rt: Runtime) -> list[Any]:
     from .upstream import Upstream
     from .websocket import WebSocket
 
-    audit = Audit(rt)
+    conns = ConnLimits(rt)
+    audit = Audit(rt, under_way=conns.requests_under_way)
     # -- the edge: what the request is, before anyone knows who sent it ----------------------
     edge = [
         Sni(rt),  # transparent mode: SNI -> provider route, sandbox attribution (421/403)
@@ -56,7 +57,7 @@ def pipeline(rt: Runtime) -> list[Any]:
         AuditStart(audit),
         # the per-address connection cap and the deadlines on a request's head and body
         # (429/408, close); after AuditStart, whose response hook must come first
-        ConnLimits(rt),
+        conns,
         # Metrics answers GET /metrics in its request hook, after Auth's requestheaders: to
         # admins only (Prometheus sends an admin's key as its bearer). Its request counters are kept by its response and error
         # hooks, which therefore run early too: they call account() like every response hook

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import deque
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
@@ -95,6 +97,7 @@ class CommitWaits:
         self, loop: asyncio.AbstractEventLoop, timeout_s: float, sweep_s: float = 0.5
     ) -> None:
         self.loop = loop
+        self.thread = threading.get_ident()  # the loop's (a wait begins on it)
         self.timeout_s = timeout_s
         self.sweep_s = sweep_s
         self._open: deque[tuple[float, asyncio.Future[bool]]] = deque()  # in start order
@@ -109,8 +112,15 @@ class CommitWaits:
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(self.sweep_s, self._sweep)
 
-        def committed(_seq: int | None, error: BaseException | None) -> None:  # writer thread
-            self._ready.append((fut, error))
+        def committed(_seq: int | None, error: BaseException | None) -> None:
+            if threading.get_ident() == self.thread:  # committed here (record_here)
+                if not fut.done():
+                    if error is None:
+                        fut.set_result(True)
+                    else:
+                        fut.set_exception(error)
+                return
+            self._ready.append((fut, error))  # the writer thread
             if not self._delivering:
                 self._delivering = True
                 with suppress(RuntimeError):  # the loop has closed (shutdown): nobody waits
@@ -152,8 +162,11 @@ class Audit:
     that name it.
     """
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, under_way: Callable[[], int] | None = None) -> None:
         self.rt = rt
+        # how many requests this process has under way (ConnLimits'); at most one (this one):
+        # its entry is committed on the event loop, nothing else waiting for the loop meanwhile
+        self.under_way = under_way
         self._waits: CommitWaits | None = None
         self.unknown_callers = Sampler(rt.config.audit.unauthenticated_per_minute)
 
@@ -188,7 +201,9 @@ class Audit:
             entry = {**request_entry(c, flow), **fields}
             if c.shadow is not None:
                 self.rt.metrics.shadow_decisions.labels(c.shadow.decision).inc()
-            if not self.rt.audit.record_then(LLM_REQUEST, committed, **entry):
+            alone = self.under_way is not None and self.under_way() <= 1
+            record = self.rt.audit.record_here if alone else self.rt.audit.record_then
+            if not record(LLM_REQUEST, committed, **entry):
                 fut.set_exception(StoreUnavailable("the audit queue is full or closed"))
         except Exception:
             log.exception("audit entry for span %s not recorded", c.span_id)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 
@@ -66,6 +67,9 @@ class ConnLimits:
         self.deadlines: dict[str, Deadline] = {}  # connection id -> its deadline, if waiting
         self.clients: dict[str, connection.Client] = {}
         self.active: dict[str, set[str]] = {}  # connection id -> its flows not yet answered (h2: many)
+        # every request of this process between its head and its answer (or error), whichever
+        # connection it came on; weak: a flow mitmproxy dropped without either hook leaves it
+        self.under_way: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         self.sweeper: asyncio.Task[None] | None = None
 
     # -- connections ---------------------------------------------------------------------------
@@ -107,6 +111,7 @@ class ConnLimits:
     # -- a request's arrival -------------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self.under_way.add(flow)
         cid = flow.client_conn.id
         if cid in self.address:
             self.active.setdefault(cid, set()).add(flow.id)
@@ -118,7 +123,11 @@ class ConnLimits:
     def error(self, flow: http.HTTPFlow) -> None:
         self.finished(flow)
 
+    def requests_under_way(self) -> int:
+        return len(self.under_way)
+
     def finished(self, flow: http.HTTPFlow) -> None:
+        self.under_way.discard(flow)
         cid = flow.client_conn.id
         active = self.active.get(cid)
         if active is not None:

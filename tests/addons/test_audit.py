@@ -128,6 +128,13 @@ class _Writer:
         self.callbacks.append(committed)
         return True
 
+    def record_here(self, action, committed, /, **fields):
+        """Committed at once on the caller's thread, as the real writer does when idle."""
+        self.entries.append((action, fields))
+        self.here = True
+        committed(len(self.entries), None)
+        return True
+
 
 def test_the_entry_commits_while_the_other_response_hooks_run(runtime, tmp_path):
     from candela_mitm.addons import pipeline
@@ -148,6 +155,7 @@ def test_the_entry_commits_while_the_other_response_hooks_run(runtime, tmp_path)
     writer = _Writer()
     real, rt.audit = rt.audit, writer
     seen: list[str] = []
+    audit.under_way = lambda: 2  # another request under way: the writer thread commits
 
     class Between:
         """Stands for Metrics, Budget, Spans: runs between the start and the wait."""
@@ -169,6 +177,38 @@ def test_the_entry_commits_while_the_other_response_hooks_run(runtime, tmp_path)
     [(action, fields)] = writer.entries  # once, though start and response both ran
     assert action == "llm_request" and fields["status"] == 200 and fields["decision"] == "allowed"
     assert c.audited and c.audit_commit is None  # queued once, waited for and let go
+    assert not hasattr(writer, "here")
+    rt.audit = real
+    rt.close()
+
+
+@pytest.mark.parametrize(("under_way", "here"), [(1, True), (0, True), (2, False), (5, False)])
+def test_a_request_alone_commits_its_entry_on_the_event_loop(runtime, tmp_path, under_way, here):
+    """Alone in the process (ConnLimits counts requests under way, this one included), the entry
+    is committed by AuditStart itself, before the other response hooks: no thread hand-off."""
+    from candela_mitm.addons.audit import Audit, AuditStart
+
+    rt = runtime({
+        "providers": {"openai": {"base_url": "http://upstream.test:8080"}},
+        "state": {"sqlite_path": str(tmp_path / "state.db")},
+        "audit": {"sqlite_path": str(tmp_path / "audit.db")},
+    })
+    writer = _Writer()
+    real, rt.audit = rt.audit, writer
+    audit = Audit(rt, under_way=lambda: under_way)
+
+    async def main():
+        f, c = _proxied_flow()
+        AuditStart(audit).response(f)
+        committed_before_the_others = c.audit_commit is not None and c.audit_commit.done()
+        if not here:
+            writer.callbacks[0](1, None)
+        await audit.response(f)
+        return c, committed_before_the_others
+
+    c, early = asyncio.run(main())
+    assert early is here and getattr(writer, "here", False) is here
+    assert len(writer.entries) == 1 and c.audit_commit is None
     rt.audit = real
     rt.close()
 

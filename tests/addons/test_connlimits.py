@@ -129,3 +129,26 @@ def test_a_relayed_connection_has_no_deadline_and_leaves_the_count(runtime):
     assert third.error is None
     a.client_disconnected(relayed)  # already released: counted once
     assert a.open["10.0.0.1"] == 2
+
+
+def test_requests_under_way_counts_every_request_from_its_head_to_its_end(runtime):
+    """Audit commits an entry on the event loop only when its request is alone (at most one
+    under way): the count covers every connection, counted by the cap or not (a transparent
+    one), and forgets a flow dropped without an answer or an error."""
+    import gc
+
+    a = addon(runtime)
+    first, second, third = tflow.tflow(), tflow.tflow(), tflow.tflow()
+    a.client_connected(first.client_conn)  # second and third: connections the cap never saw
+    assert a.requests_under_way() == 0
+    for f in (first, second, third):
+        a.requestheaders(f)
+    assert a.requests_under_way() == 3
+    a.response(first)
+    a.error(second)
+    assert a.requests_under_way() == 1
+    a.response(first)  # twice: no harm
+    assert a.requests_under_way() == 1
+    del third, f  # the loop variable held it too
+    gc.collect()
+    assert a.requests_under_way() == 0

@@ -292,6 +292,82 @@ def test_record_then_commits_at_once_like_a_durable_entry(tmp_path: Path) -> Non
     assert w.close()
 
 
+def test_record_here_commits_on_the_calling_thread_while_the_writer_is_idle(
+    tmp_path: Path,
+) -> None:
+    w = AuditWriter(cfg(tmp_path, batch_max_delay_ms=60_000))  # the writer thread never looks
+    w.start()
+    r = Reports()
+    assert w.record("policy", user_id="alice@example.com")  # queued, waits for the writer
+    assert w.record_here("request", r, user_id="alice@example.com")
+    # committed before record_here returned, on this thread, in one batch with the entry
+    # queued before it, in queue order
+    assert r.calls == [(2, None)] and r.thread == threading.current_thread().name
+    assert w.stats().batches_written == 1 and w.backlog == 0
+    assert [e["action"] for e in stored(tmp_path)] == ["policy", "request"]
+    assert verify_chain(tmp_path / "audit.db").ok
+    assert w.close()
+
+
+@pytest.mark.parametrize("held", ["writer turn", "write gate", "sqlite lock"])
+def test_record_here_leaves_the_entry_to_the_writer_thread_rather_than_wait(
+    tmp_path: Path, held: str
+) -> None:
+    """The writer thread mid-batch, another worker's write gate or another connection's SQLite
+    lock: record_here never waits for them on the caller's thread (the event loop); the entry
+    is queued and the writer thread commits it once they are let go. Nothing is lost."""
+    from candela_mitm.state.gate import WriteGate
+
+    w = AuditWriter(cfg(tmp_path))
+    w.start()
+    assert w.record_durable("first").result(10) == 1
+    other = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
+    gate = WriteGate(tmp_path / "audit.db")
+    if held == "writer turn":
+        w._turn.acquire()
+    elif held == "write gate":
+        ready = threading.Event()
+        release = threading.Event()
+
+        def hold() -> None:  # a thread of its own: the gate's lock is per process
+            gate.acquire(5)
+            ready.set()
+            release.wait(10)
+            gate.release()
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert ready.wait(5)
+    else:
+        other.execute("BEGIN IMMEDIATE")
+    r = Reports()
+    t0 = time.monotonic()
+    assert w.record_here("request", r, user_id="alice@example.com")
+    assert time.monotonic() - t0 < 1.0  # did not wait for the lock (busy timeout: 5 s)
+    assert r.calls == []  # not committed here
+    if held == "writer turn":
+        w._turn.release()
+    elif held == "write gate":
+        release.set()
+        holder.join(5)
+    else:
+        other.execute("COMMIT")
+    assert r.event.wait(10)
+    assert r.calls == [(2, None)] and r.thread == "candela-audit-writer"
+    assert [e["action"] for e in stored(tmp_path)] == ["first", "request"]
+    assert w.stats().sqlite_errors == 0 or held == "sqlite lock"
+    other.close()
+    assert w.close()
+
+
+def test_record_here_refused_when_the_queue_is_full(tmp_path: Path) -> None:
+    w = AuditWriter(cfg(tmp_path, queue_max_entries=1))  # not started: nothing drains
+    assert w.record("fills the queue")
+    r = Reports()
+    assert w.record_here("x", r) is False and r.calls == []
+    w.close(timeout=0.1)
+
+
 def test_record_then_refused_or_abandoned(tmp_path: Path) -> None:
     w = AuditWriter(cfg(tmp_path, queue_max_entries=1))  # not started: nothing drains
     assert w.record("fills the queue")
