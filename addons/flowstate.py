@@ -76,6 +76,22 @@ def deny(flow: http.HTTPFlow, denial: Denial) -> None:
         ctx.denial_code = denial.error
 
 
+def after_answer(record: Callable[[http.HTTPFlow], None], flow: http.HTTPFlow) -> None:
+    """Observability work of a finished request (its span, metrics, OTLP export), run on the
+    event loop once the current hook round is over: a buffered answer (or a stream's end) is
+    written by mitmproxy as soon as the response hooks return, so this runs after the client
+    has it, or while the answer waits for its audit commit; never before. The next event of
+    any connection comes after it (the loop's ready queue is first in, first out), so a
+    /metrics scrape or a trace read sent after an answer sees that answer counted. Without a
+    running loop (a hook called directly) it runs at once."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        record(flow)
+        return
+    loop.call_soon(record, flow)
+
+
 def nothing_sent(server_conn: Any) -> bool:
     """No byte of the request can have reached the upstream: the connection (or its TLS
     handshake) was never set up. A reused or established connection may have carried it."""

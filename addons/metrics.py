@@ -12,7 +12,7 @@ from candela_mitm.governance.accounting import USAGE_SOURCES
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
-from .flowstate import answered, ctx_of, deny, fail_closed
+from .flowstate import after_answer, answered, ctx_of, deny, fail_closed
 
 
 def model_label(rt: Runtime, model: str, provider: str | None) -> str:
@@ -138,7 +138,7 @@ class Metrics:
             m.observability_errors.labels("metrics").inc()
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._count(flow)
+        after_answer(self._count, flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._count(flow)
+        after_answer(self._count, flow)

@@ -11,7 +11,7 @@ from candela_mitm.observability.spans import Span, utc_now_iso
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
-from .flowstate import ctx_of
+from .flowstate import after_answer, ctx_of
 
 log = logging.getLogger("candela.spans")
 
@@ -74,7 +74,7 @@ class Spans:
             log.exception("span not recorded")
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._record(flow)
+        after_answer(self._record, flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._record(flow)
+        after_answer(self._record, flow)

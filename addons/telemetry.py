@@ -20,7 +20,7 @@ from candela_mitm.observability.otel import (
 from candela_mitm.observability.spans import Span
 from candela_mitm.runtime import Runtime
 
-from .flowstate import ctx_of
+from .flowstate import after_answer, ctx_of
 
 log = logging.getLogger("candela.telemetry")
 
@@ -103,10 +103,10 @@ class Telemetry:
             log.debug("span not exported", exc_info=True)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._export(flow)
+        after_answer(self._export, flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._export(flow)
+        after_answer(self._export, flow)
 
     def done(self) -> None:
         if self.export is not None:

@@ -218,3 +218,20 @@ def test_note_failure() -> None:
     # an answer began: whatever the connection says now, the request reached the provider
     assert not _failed(forwarded=True, connected=False, first_byte=True).upstream_unreached
     assert not _failed(forwarded=False, connected=False, first_byte=False).upstream_unreached
+
+
+def test_after_answer_runs_at_once_without_a_loop_and_after_the_hook_round_with_one():
+    from candela_mitm.addons.flowstate import after_answer
+
+    f = tflow.tflow()
+    done: list[str] = []
+    after_answer(lambda flow: done.append(flow.id), f)
+    assert done == [f.id]
+
+    async def main():
+        after_answer(lambda flow: done.append("later"), f)
+        done.append("hook returned")
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert done == [f.id, "hook returned", "later"]

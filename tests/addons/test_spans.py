@@ -82,3 +82,26 @@ def test_span_carries_usage_source() -> None:
     c.usage_source, c.cost_usd = "reserved", 0.25
     span = span_of(c)
     assert span.usage_source == "reserved" and span.to_json()["usage_source"] == "reserved"
+
+
+def test_under_the_event_loop_the_span_is_recorded_once_the_hook_round_is_over(tctx, runtime):
+    """The span (like the metrics and the OTLP export) is observability: recorded after the
+    response hooks have returned (mitmproxy then writes the answer), before the loop handles
+    anything else."""
+    import asyncio
+
+    rt = runtime()
+    f, c = proxied()
+    seen: list[int] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        Spans(rt).response(f)
+        seen.append(len(rt.spans.recent()))  # the hook returned: not yet
+        ready = loop.create_future()
+        loop.call_soon(ready.set_result, None)  # queued after it: it runs first
+        await ready
+        seen.append(len(rt.spans.recent()))
+
+    asyncio.run(main())
+    assert seen == [0, 1] and rt.spans.recent()[0] is c.span
