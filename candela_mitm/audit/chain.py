@@ -41,11 +41,15 @@ class VerifyResult:
     head_seq: int = 0
 
 
+# json.dumps with these arguments builds an encoder per call: one, kept (it holds no state)
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+)
+
+
 def fields_json(fields: dict[str, Any]) -> str:
     """The canonical JSON text of an entry's fields: sorted keys, compact, ASCII only."""
-    return json.dumps(
-        fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    )
+    return _CANONICAL.encode(fields)
 
 
 def _encode(

@@ -61,13 +61,21 @@ PROMPT_KEYS = frozenset(
 )
 
 
+_PLAIN = frozenset({int, float, bool, type(None)})  # nothing to redact in them
+
+
 def redact(value: Any) -> Any:
     """A copy of value with credential-named keys masked and bearer tokens in text cut out."""
     if isinstance(value, dict):
-        return {
-            k: REDACTED if str(k).lower() in _CREDENTIAL_KEYS else redact(v)
-            for k, v in value.items()
-        }
+        out = {}
+        for k, v in value.items():
+            if (k if type(k) is str else str(k)).lower() in _CREDENTIAL_KEYS:
+                out[k] = REDACTED
+            elif type(v) in _PLAIN:  # most of an entry's fields: no call for them
+                out[k] = v
+            else:
+                out[k] = redact(v)
+        return out
     if isinstance(value, (list, tuple)):
         return [redact(v) for v in value]
     if isinstance(value, str) and _BEARER.search(value):
