@@ -153,6 +153,24 @@ def connect_writer(
     return conn, defensive
 
 
+def connect_appender(db_path: str | Path, durability: str = "power_loss") -> sqlite3.Connection:
+    """A second connection to a ledger connect_writer opened, for appends that never wait: a
+    database locked by anyone raises at once (busy timeout 0). Same durability, same guards
+    (authorizer, defensive mode where available); no schema work."""
+    path = Path(db_path).expanduser()
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=0)
+    try:
+        conn.execute("PRAGMA busy_timeout=0")
+        sync = "NORMAL" if durability == "process_crash" else "FULL"
+        conn.execute(f"PRAGMA synchronous={sync}")
+        enable_defensive(conn, str(path))
+        conn.set_authorizer(_authorizer)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def log_id(conn: sqlite3.Connection) -> str | None:
     got = conn.execute("SELECT value FROM audit_meta WHERE key = 'log_id'").fetchone()
     return None if got is None else str(got[0])

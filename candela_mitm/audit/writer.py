@@ -18,10 +18,10 @@ from typing import Any
 
 from candela_mitm.audit.chain import Row, fields_json
 from candela_mitm.audit.mirrors import Mirror, MirrorFeeder, MirrorStats, build_mirrors
-from candela_mitm.audit.sqlite_sink import Pending, append_batch, connect_writer
+from candela_mitm.audit.sqlite_sink import Pending, append_batch, connect_appender, connect_writer
 from candela_mitm.config import Audit
 from candela_mitm.errors import StoreUnavailable
-from candela_mitm.state.gate import WriteGate
+from candela_mitm.state.gate import WriteGate, this_process
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,8 @@ class AuditWriter:
         # whoever holds it takes entries from the queue and commits them: the writer thread,
         # or a caller of record_here while the writer is idle (one chain order, queue order)
         self._turn = threading.Lock()
+        self._here_conn: sqlite3.Connection | None = None  # record_here's (connect_appender)
+        self._here_pid = -1
         self._abandon = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
@@ -274,6 +276,11 @@ class AuditWriter:
             drained = False
             self._fail_all(list(self._queue), "the audit writer closed before writing the entry")
             self._queue.clear()
+        if self._turn.acquire(timeout=5.0):  # (held for good only by a writer thread stuck)
+            here, self._here_conn = self._here_conn, None
+            self._turn.release()
+            if here is not None:
+                here.close()
         deadline = None if timeout is None else time.monotonic() + timeout
         for feeder in self._feeders:
             feeder.stop(deadline)
@@ -350,12 +357,20 @@ class AuditWriter:
         return True
 
     def _commit_here(self) -> bool:
-        conn = self._conn
-        if conn is None or self._stopping or not self.healthy:
+        if self._conn is None or self._stopping or not self.healthy:
             return False
         if not self._turn.acquire(blocking=False):
             return False  # the writer thread is taking or committing a batch
         try:
+            conn = self._here_conn
+            if conn is None or self._here_pid != this_process():
+                # a connection of its own, whose busy timeout is 0 (the writer's waits for a
+                # lock: switching it per commit cost a statement after each commit)
+                try:
+                    conn = self._here_conn = connect_appender(self.db_path, self.cfg.durability)
+                except sqlite3.Error:
+                    return False
+                self._here_pid = this_process()
             items = self._drain(self._queue)
             pending = [it.pending for it in items if it.pending is not None]
             try:
@@ -497,20 +512,15 @@ class AuditWriter:
         """One batch, appended while holding the ledger's write gate: the writers of other
         workers sharing this file queue on it instead of sleeping in SQLite's busy handler
         (1, 2, 5, 10 ms ... while a commit and its fsync take a fraction of a millisecond).
-        Without `wait`, a gate or a database lock held by anyone else raises at once."""
+        Without `wait`, a gate held by anyone else raises at once (and `conn`'s busy timeout
+        says how long SQLite's own lock is waited for)."""
         if not self._gate.acquire(self._busy_timeout_ms / 1000 if wait else 0.0):
             raise sqlite3.OperationalError(
                 f"database is locked (another writer held {self._gate.path}"
                 + (f" for over {self._busy_timeout_ms} ms)" if wait else ")")
             )
         try:
-            if wait:
-                return append_batch(conn, pending)
-            conn.execute("PRAGMA busy_timeout=0")
-            try:
-                return append_batch(conn, pending)
-            finally:
-                conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+            return append_batch(conn, pending)
         finally:
             self._gate.release()
 
