@@ -138,11 +138,12 @@ class _Callback:
 
 
 class _Item:
-    __slots__ = ("pending", "waiter")
+    __slots__ = ("pending", "waiter", "at")
 
     def __init__(self, pending: Pending | None, waiter: _Callback | None) -> None:
         self.pending = pending  # None: a flush marker
         self.waiter = waiter  # a durable waiter: the batch holding it commits at once
+        self.at = time.monotonic()  # queued at: due batch_max_delay_ms later
 
 
 @dataclass(frozen=True)
@@ -171,15 +172,16 @@ class AuditWriter:
     writer never drops an accepted entry: a failing commit is retried with backoff until it
     succeeds or ``close`` gives up.
 
-    The thread commits up to ``batch_max_entries`` per transaction. A batch without a durable
-    waiter waits up to ``batch_max_delay_ms`` to fill; a batch holding a ``record_durable`` entry
-    or a flush commits at once (entries queued meanwhile form the next batch: group commit).
+    The thread commits up to ``batch_max_entries`` per transaction: what is queued, once an
+    entry someone waits for (``record_durable``, ``record_then``, a flush) or a whole batch is
+    queued, or once the oldest entry has waited ``batch_max_delay_ms`` (entries queued during a
+    commit form the next batch: group commit). Only those first two wake the thread; the others
+    wait for it to look, by the oldest one's due time. Waking a thread on the other core is a
+    cross-CPU interrupt: at one connection on a VM, the two wakes per request (the policy
+    decision's entry, then the request's) were a fifth of the event loop's CPU.
 
-    Only an entry someone waits for (durable, a flush) or a queue of a whole batch wakes the
-    thread; the others wait for it to look, which it does every ``batch_max_delay_ms`` while
-    idle (the bound a lone entry waited before, to fill its batch). Waking a thread on the
-    other core is a cross-CPU interrupt: at one connection on a VM, the two wakes per request
-    (the policy decision's entry, then the request's) were a fifth of the event loop's CPU.
+    ``record_here`` commits on the caller's thread whatever is queued when the writer thread is
+    not taking or committing a batch (it never holds the turn while it waits).
     """
 
     def __init__(
@@ -205,6 +207,8 @@ class AuditWriter:
         # or a caller of record_here while the writer is idle (one chain order, queue order)
         self._turn = threading.Lock()
         self._here_conn: sqlite3.Connection | None = None  # record_here's (connect_appender)
+        self._urgent = 0  # bumped by each entry or flush someone waits for
+        self._urgent_seen = 0  # the writer thread's last look at it
         self._here_pid = -1
         self._abandon = threading.Event()
         self._thread: threading.Thread | None = None
@@ -308,6 +312,9 @@ class AuditWriter:
         q = self._queue
         q.append(item)
         self.accepted += 1
+        if item.waiter is not None:
+            # changed, not counted: two threads adding at once may add one, still a change
+            self._urgent += 1
         if (
             wake
             and (item.waiter is not None or len(q) >= self._wake_at)
@@ -391,6 +398,7 @@ class AuditWriter:
         fut: Future[int] = Future()
         # markers bypass the bound: they hold no entry
         self._queue.append(_Item(None, _Callback.resolving(fut)))
+        self._urgent += 1
         self._wake.set()
         try:
             fut.result(timeout)
@@ -423,44 +431,38 @@ class AuditWriter:
 
     def _take_batch(self) -> list[_Item] | None:
         """The next batch, with the turn (``_turn``) held: the caller commits it, then releases
-        the turn; None (turn not held) once stopping with nothing queued."""
+        the turn; None (turn not held) once stopping with nothing queued.
+
+        A batch is taken once something in the queue is due: an entry someone waits for (a
+        durable one, a flush), a whole batch, or an entry that has waited
+        ``batch_max_delay_ms``. Until then the writer waits without the turn, so a caller's
+        record_here commits at once what is queued (the entries of its request among them)."""
+        q = self._queue
+        while True:
+            self._wake.clear()
+            wait = self._until_due(time.monotonic())
+            if wait is None:
+                if not q:
+                    return None  # stopping, nothing queued
+                self._turn.acquire()
+                self._urgent_seen = self._urgent  # those counted from now: the next batch
+                if q:
+                    return self._drain(q)
+                self._turn.release()  # committed meanwhile on a caller's thread
+                continue
+            self._wake.wait(wait)
+
+    def _until_due(self, now: float) -> float | None:
+        """None when a batch is due (or the writer stops), else how long to wait for one."""
         q = self._queue
         delay = self.cfg.batch_max_delay_ms / 1000
-        looked = False  # woken by the clock, not by a waiter: the queued entries waited enough
-        while True:
-            self._wake.clear()
-            if q:
-                self._turn.acquire()
-                if q:
-                    break
-                self._turn.release()  # committed meanwhile on a caller's thread (record_here)
-                continue
-            if self._stopping:
-                return None
-            looked = not self._wake.wait(delay)
-        if looked:
-            return self._drain(q)
-        limit = self.cfg.batch_max_entries
-        deadline = time.monotonic() + delay
-        items: list[_Item] = []
-        entries = 0
-        urgent = False
-        while True:
-            while q and entries < limit:
-                item = q.popleft()
-                items.append(item)
-                if item.pending is not None:
-                    entries += 1
-                if item.waiter is not None:
-                    urgent = True
-            if entries >= limit or urgent or self._stopping:
-                return items
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return items
-            self._wake.clear()
-            if not q:
-                self._wake.wait(remaining)
+        if not q:
+            # an entry queued without a wake is looked at by its due time
+            return None if self._stopping else delay
+        if self._stopping or self._urgent != self._urgent_seen or len(q) >= self._wake_at:
+            return None
+        wait = q[0].at + delay - now
+        return None if wait <= 0 else wait
 
     def _drain(self, q: deque[_Item]) -> list[_Item]:
         """Up to a batch of what is queued, at once."""

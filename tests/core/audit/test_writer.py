@@ -360,6 +360,28 @@ def test_record_here_leaves_the_entry_to_the_writer_thread_rather_than_wait(
     assert w.close()
 
 
+def test_a_batch_is_due_for_a_waiter_a_whole_batch_or_an_entry_that_waited_its_delay(
+    tmp_path: Path,
+) -> None:
+    """The writer thread takes the turn only for a due batch: a plain entry younger than
+    batch_max_delay_ms is left queued (a request's entry commits it with its own, on the caller's
+    thread), and the writer waits until it is due."""
+    w = AuditWriter(cfg(tmp_path, batch_max_delay_ms=100, queue_max_entries=6))  # not started
+    assert w._until_due(0.0) == pytest.approx(0.1)  # idle: a look within the delay
+    assert w.record("plain")
+    at = w._queue[0].at
+    assert w._until_due(at + 0.03) == pytest.approx(0.07)  # young: wait until it is due
+    assert w._until_due(at + 0.1) is None  # it waited its delay
+    assert w.record_then("request", Reports())
+    assert w._until_due(at + 0.03) is None  # someone waits for an entry: at once
+    w._urgent_seen = w._urgent  # (the writer took that batch)
+    w._queue.pop()
+    for _ in range(2):
+        assert w.record("plain")
+    assert w._until_due(at + 0.03) is None  # three queued: half the queue's bound, a batch
+    w.close(timeout=0.1)
+
+
 def test_record_here_refused_when_the_queue_is_full(tmp_path: Path) -> None:
     w = AuditWriter(cfg(tmp_path, queue_max_entries=1))  # not started: nothing drains
     assert w.record("fills the queue")
