@@ -114,6 +114,14 @@ def _proxied_flow():
     return f, c
 
 
+def _runtime(runtime, tmp_path):
+    return runtime({
+        "providers": {"openai": {"base_url": "http://upstream.test:8080"}},
+        "state": {"sqlite_path": str(tmp_path / "state.db")},
+        "audit": {"sqlite_path": str(tmp_path / "audit.db")},
+    })
+
+
 class _Writer:
     """The audit writer's record_then, committing when the test says so."""
 
@@ -140,11 +148,7 @@ def test_the_entry_commits_while_the_other_response_hooks_run(runtime, tmp_path)
     from candela_mitm.addons import pipeline
     from candela_mitm.addons.audit import Audit, AuditStart
 
-    rt = runtime({
-        "providers": {"openai": {"base_url": "http://upstream.test:8080"}},
-        "state": {"sqlite_path": str(tmp_path / "state.db")},
-        "audit": {"sqlite_path": str(tmp_path / "audit.db")},
-    })
+    rt = _runtime(runtime, tmp_path)
     members = pipeline(rt)
     with_response = [type(m).__name__ for m in members if callable(getattr(m, "response", None))]
     assert with_response[0] == "AuditStart" and with_response[-1] == "Audit"
@@ -188,11 +192,7 @@ def test_a_request_alone_commits_its_entry_on_the_event_loop(runtime, tmp_path, 
     is committed by AuditStart itself, before the other response hooks: no thread hand-off."""
     from candela_mitm.addons.audit import Audit, AuditStart
 
-    rt = runtime({
-        "providers": {"openai": {"base_url": "http://upstream.test:8080"}},
-        "state": {"sqlite_path": str(tmp_path / "state.db")},
-        "audit": {"sqlite_path": str(tmp_path / "audit.db")},
-    })
+    rt = _runtime(runtime, tmp_path)
     writer = _Writer()
     real, rt.audit = rt.audit, writer
     audit = Audit(rt, under_way=lambda: under_way)
@@ -216,11 +216,7 @@ def test_a_request_alone_commits_its_entry_on_the_event_loop(runtime, tmp_path, 
 def test_an_error_is_recorded_and_waited_for_at_the_end(runtime, tmp_path):
     from candela_mitm.addons.audit import Audit
 
-    rt = runtime({
-        "providers": {"openai": {"base_url": "http://upstream.test:8080"}},
-        "state": {"sqlite_path": str(tmp_path / "state.db")},
-        "audit": {"sqlite_path": str(tmp_path / "audit.db")},
-    })
+    rt = _runtime(runtime, tmp_path)
     writer = _Writer()
     real, rt.audit = rt.audit, writer
     audit = Audit(rt)
@@ -314,11 +310,7 @@ def test_refusals_of_unknown_callers_are_sampled_and_the_rest_counted(tctx, runt
 def test_a_forwarded_answer_whose_entry_fails_does_not_complete(runtime, tmp_path, streamed):
     from candela_mitm.addons.audit import Audit
 
-    rt = runtime({
-        "providers": {"openai": {"base_url": "http://upstream.test:8080"}},
-        "state": {"sqlite_path": str(tmp_path / "state.db")},
-        "audit": {"sqlite_path": str(tmp_path / "audit.db")},
-    })
+    rt = _runtime(runtime, tmp_path)
     writer = _Writer()
     real, rt.audit = rt.audit, writer
     audit = Audit(rt)
