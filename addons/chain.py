@@ -20,15 +20,17 @@ from .mitm_patches import HookTable, hook_args
 # mitmdump's default addons that serve interactive use (playback, map/modify rules, saving flows,
 # sticky cookies, the mitm.it onboarding app, scripts, DNS mode, upstream-proxy auth). Candela
 # sets none of their options, and each costs ~1.3 µs on every event of every flow (about 0.3 ms
-# of CPU per request for these 25). Kept: TermLog, Core, Block (refuses public clients),
-# DisableH2C, Proxyserver, NextLayer, TlsConfig, UpdateAltSvc, ErrorCheck.
+# of CPU per request for these 25). UpdateAltSvc rewrites a provider's Alt-Svc to Candela's
+# port in reverse mode: Upstream never passes Alt-Svc on (providers/headers.py's allowlist), so
+# it only cost its check (~7 µs a request at one connection). Kept: TermLog, Core, Block
+# (refuses public clients), DisableH2C, Proxyserver, NextLayer, TlsConfig, ErrorCheck.
 UNUSED_DEFAULTS = frozenset(
     {
         "Browser", "StripDnsHttpsRecords", "BlockList", "AntiCache", "AntiComp",
         "ClientPlayback", "CommandHistory", "Comment", "Cut", "Export", "Onboarding",
         "ProxyAuth", "DnsResolver", "ScriptLoader", "ServerPlayback", "MapRemote", "MapLocal",
         "ModifyBody", "ModifyHeaders", "StickyAuth", "StickyCookie", "Save", "SaveHar",
-        "UpstreamAuth", "KeepServing", "ReadFileStdin",
+        "UpstreamAuth", "KeepServing", "ReadFileStdin", "UpdateAltSvc",
     }
 )
 

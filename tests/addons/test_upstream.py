@@ -121,6 +121,9 @@ PROVIDER_HEADERS = [
     ("x-ratelimit-remaining-tokens", "149000", False),
     ("anthropic-ratelimit-tokens-remaining", "99000", False),
     ("set-cookie", "__cf_bm=abc; path=/", False),
+    # HTTP/3 straight to the provider would bypass Candela: never passed on (which is why
+    # mitmproxy's UpdateAltSvc, rewriting it to Candela's port, is not in Candela's chain)
+    ("alt-svc", 'h3=":443"; ma=86400', False),
     ("x-some-future-header", "?", False),
 ]
 
