@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,7 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
             abs(growth) <= 1.0,
             "s3: added p50 at 512 tokens within 1 ms of that at 16 (median of rounds)",
         )
+    issue21(res, add)
     s4 = res.get("s4_memory", {})
     kb = get_in(s4, "candela", "kb_per_stream")
     add(
@@ -301,6 +303,53 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def issue21(res: dict[str, Any], add: Callable[[str, Any, bool | None, str], None]) -> None:
+    """Issue 21's targets, SQLite and Redis state each beside bare mitmproxy in the same run."""
+    s1 = res.get("s1_latency", {})
+    for name in ("candela", "candela redis"):
+        for mode, into, bound in (("open 50/s", s1, 1.25), ("back to back", s1.get("back_to_back", {}), 1.5)):
+            per = ratios(
+                get_in(into, name, "rounds_added_p50_ms"),
+                get_in(into, "mitmproxy", "rounds_added_p50_ms"),
+            )
+            if not per:
+                continue
+            med = round(statistics.median(per), 3)
+            add(
+                f"(issue 21) {name}: added p50 at concurrency 1, {mode}, <= {bound}x bare mitmproxy's",
+                f"{med}x, median of rounds {per}",
+                med <= bound,
+                "s1, rounds over targets kept running",
+            )
+    pts = res.get("s2_points", {})
+    for name, by_c in pts.items():
+        if not isinstance(by_c, dict) or not name.startswith("candela"):
+            continue
+        at = {c: e.get("vs_mitmproxy") for c, e in by_c.items() if e.get("vs_mitmproxy") is not None}
+        if at:
+            worst = min(at.values())
+            add(
+                f"(issue 21) {name}: throughput at 1-16 keep-alive connections >= 0.9x bare mitmproxy's",
+                ", ".join(f"{c} {v}x" for c, v in at.items()),
+                worst >= 0.9,
+                "s2p, medians of the rounds' ratios",
+            )
+    s3 = res.get("s3_streaming", {})
+    for name in ("candela", "candela redis"):
+        over = {
+            n: round(row[name]["added_ttft_p50_ms"] - row["mitmproxy"]["added_ttft_p50_ms"], 3)
+            for n, row in (s3.get("ttft") or {}).items()
+            if name in row and row[name].get("added_ttft_p50_ms") is not None
+        }
+        if over:
+            add(
+                f"(issue 21) {name}: added time to first token <= bare mitmproxy's + 0.5 ms",
+                f"over bare mitmproxy's by length: {over} ms",
+                max(over.values()) <= 0.5,
+                "s3 open loop, 5 streams/s, p50, medians of rounds",
+            )
+
+
 def _f(v: Any, nd: int = 2) -> str:
     if v is None:
         return "-"
@@ -377,7 +426,7 @@ def markdown(res: dict[str, Any]) -> str:
             "| Target | p50 ms | p99 ms | added p50 ms | CPU µs/req |",
             "|---|---|---|---|---|",
         ]
-        for k in ("direct", "mitmproxy", "mitmproxy -O", "candela", "litellm"):
+        for k in ("direct", "mitmproxy", "mitmproxy -O", "candela", "candela redis", "litellm"):
             if k in s1:
                 r = s1[k]
                 lines.append(
@@ -392,7 +441,7 @@ def markdown(res: dict[str, Any]) -> str:
                 "last answer ends), added p50 ms: "
                 + ", ".join(
                     f"{k} {_f(bb[k].get('added_p50_ms'), 3)} ({bb[k].get('target_cpu_us_per_request', '-')} µs CPU/req)"
-                    for k in ("mitmproxy", "mitmproxy -O", "candela", "litellm")
+                    for k in ("mitmproxy", "mitmproxy -O", "candela", "candela redis", "litellm")
                     if k in bb
                 )
                 + ".",
@@ -414,17 +463,21 @@ def markdown(res: dict[str, Any]) -> str:
             f"Streaming: time to first token (p50 / p99 ms, medians of {s3.get('rounds', 1)} rounds; "
             f"upstream paces chunks {s3['chunk_gap_ms']} ms apart):",
             "",
-            "| Tokens | direct | mitmproxy | candela | candela added p50 |",
-            "|---|---|---|---|---|",
+            "| Tokens | direct | mitmproxy | candela | candela redis | added p50: mitmproxy / candela / candela redis |",
+            "|---|---|---|---|---|---|",
         ]
         for n, row in s3["ttft"].items():
             cells = [
                 f"{_f(row[k]['ttft_ms']['p50'], 3)} / {_f(row[k]['ttft_ms']['p99'], 3)}"
-                for k in ("direct", "mitmproxy", "candela")
+                if k in row
+                else "-"
+                for k in ("direct", "mitmproxy", "candela", "candela redis")
             ]
-            lines.append(
-                f"| {n} | {' | '.join(cells)} | {_f(row['candela']['added_ttft_p50_ms'], 3)} |"
+            added_ = " / ".join(
+                _f(row[k].get("added_ttft_p50_ms"), 3) if k in row else "-"
+                for k in ("mitmproxy", "candela", "candela redis")
             )
+            lines.append(f"| {n} | {' | '.join(cells)} | {added_} |")
         g = s3["gaps"]
         lines += [
             "",

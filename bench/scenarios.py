@@ -39,6 +39,11 @@ S2_ROUNDS = 5  # scenario 2: interleaved rounds; verdicts take the median of per
 ROUNDS = 3  # scenarios 1, 3 and 6: rounds over targets kept running; medians of the rounds
 
 
+def redis_state(url: str) -> dict[str, str]:
+    """Candela's `state` section for a redis-server of the bench's own."""
+    return {"backend": "redis", "redis_url": url}
+
+
 def s_latency(b: Bench, res: dict[str, Any]) -> None:
     """1. Added latency at concurrency 1: a fixed rate well below every target's capacity."""
     rate, dur = 50.0, b.d(3)
@@ -47,10 +52,13 @@ def s_latency(b: Bench, res: dict[str, Any]) -> None:
         targets: list[tuple[str, str, Proc | None, bool | list[str]]] = [
             ("direct", up + "/v1/chat/completions", None, False)
         ]
+        redis_url = alive.enter_context(b.redis())
         makers: list[tuple[str, Callable[[], Any], bool | list[str]]] = [
             ("mitmproxy", lambda: b.mitmdump(up), False),
             ("mitmproxy -O", lambda: b.mitmdump(up, optimize=True), False),
             ("candela", lambda: b.candela(up), True),
+            # issue 21: the same with the Redis state backend, beside SQLite
+            ("candela redis", lambda: b.candela(up, tag="redis", state=redis_state(redis_url)), True),
         ]
         if not b.args.no_litellm:
             makers.append(("litellm", lambda: b.litellm(up), [LITELLM_KEY]))
@@ -201,7 +209,7 @@ def s_points(b: Bench, res: dict[str, Any]) -> None:
                     measure("candela sqlite, many users", url, p, True, c)
                     measure("candela sqlite, one user", url, p, one_user, c)
             with b.redis() as redis_url, b.candela(
-                up, tag="points-redis", state={"backend": "redis", "redis_url": redis_url}
+                up, tag="points-redis", state=redis_state(redis_url)
             ) as (url, p):
                 for c in POINTS:
                     measure("candela redis, many users", url, p, True, c)
@@ -239,10 +247,13 @@ def s_streaming(b: Bench, res: dict[str, Any]) -> None:
     with b.upstream("--chunk-gap-ms", str(gap_ms)) as up, ExitStack() as alive:
         murl, mp = alive.enter_context(b.mitmdump(up, stream=True))
         curl, cp = alive.enter_context(b.candela(up))
+        redis_url = alive.enter_context(b.redis())
+        rurl, rp = alive.enter_context(b.candela(up, tag="redis", state=redis_state(redis_url)))
         targets = (
             ("direct", up + "/v1/chat/completions", None, False),
             ("mitmproxy", murl, mp, False),
             ("candela", curl, cp, True),
+            ("candela redis", rurl, rp, True),  # issue 21: Redis state beside SQLite
         )
         for _round in range(ROUNDS):
             for n in lengths:
@@ -261,7 +272,7 @@ def s_streaming(b: Bench, res: dict[str, Any]) -> None:
                     runs[n].setdefault(name, []).append(r)
     for n in lengths:
         row = out["ttft"][n] = {name: merged(rs, "ttft_ms") for name, rs in runs[n].items()}
-        for k in ("mitmproxy", "candela"):
+        for k in ("mitmproxy", "candela", "candela redis"):
             row[k]["added_ttft_p50_ms"] = added(runs[n][k], runs[n]["direct"], "ttft_ms", "p50")
             row[k]["added_ttft_p99_ms"] = added(runs[n][k], runs[n]["direct"], "ttft_ms", "p99")
     # flat in length: the growth from the shortest to the longest stream, measured in one round

@@ -88,3 +88,44 @@ def test_run_help_works_with_the_projects_python():
     )
     assert r.returncode == 0, r.stderr
     assert "--only" in r.stdout and "--render" in r.stdout
+
+
+def test_issue_21s_targets_are_judged_for_sqlite_and_redis_beside_bare_mitmproxy(bench):
+    rounds = {"rounds_added_p50_ms": [1.0, 1.0, 1.0]}
+    res = {
+        "s1_latency": {
+            "mitmproxy": rounds,
+            "candela": {"rounds_added_p50_ms": [1.2, 1.3, 1.2]},  # 1.2x: holds (1.25x)
+            "candela redis": {"rounds_added_p50_ms": [1.4, 1.3, 1.4]},  # 1.4x: does not
+            "back_to_back": {
+                "mitmproxy": rounds,
+                "candela": {"rounds_added_p50_ms": [1.4, 1.6, 1.5]},  # 1.5x: holds (1.5x)
+            },
+        },
+        "s2_points": {
+            "connections": [1, 4],
+            "candela sqlite, one user": {"c1": {"vs_mitmproxy": 0.95}, "c4": {"vs_mitmproxy": 0.91}},
+            "candela redis, one user": {"c1": {"vs_mitmproxy": 0.95}, "c4": {"vs_mitmproxy": 0.7}},
+        },
+        "s3_streaming": {
+            "ttft": {
+                16: {
+                    "mitmproxy": {"added_ttft_p50_ms": 3.0},
+                    "candela": {"added_ttft_p50_ms": 3.4},
+                    "candela redis": {"added_ttft_p50_ms": 4.0},
+                }
+            }
+        },
+    }
+    got = {
+        v["target"]: v["holds"] for v in bench["report"].verdicts(res) if "(issue 21)" in v["target"]
+    }
+    assert got == {
+        "(issue 21) candela: added p50 at concurrency 1, open 50/s, <= 1.25x bare mitmproxy's": True,
+        "(issue 21) candela: added p50 at concurrency 1, back to back, <= 1.5x bare mitmproxy's": True,
+        "(issue 21) candela redis: added p50 at concurrency 1, open 50/s, <= 1.25x bare mitmproxy's": False,
+        "(issue 21) candela sqlite, one user: throughput at 1-16 keep-alive connections >= 0.9x bare mitmproxy's": True,
+        "(issue 21) candela redis, one user: throughput at 1-16 keep-alive connections >= 0.9x bare mitmproxy's": False,
+        "(issue 21) candela: added time to first token <= bare mitmproxy's + 0.5 ms": True,
+        "(issue 21) candela redis: added time to first token <= bare mitmproxy's + 0.5 ms": False,
+    }
