@@ -95,8 +95,10 @@ class Upstream:
         fields.insert(0, (b"host", _b(up.host_header)))
         req.headers.fields = tuple(fields)
         req.path = plan.path
-        if not keep_key and "key" in req.query:
-            # ?key= is a credential (the Gemini SDK sends Candela's key there): it never goes upstream
+        if not keep_key and "?" in plan.path and "key" in req.query:
+            # ?key= is a credential (the Gemini SDK sends Candela's key there): it never goes
+            # upstream. (A path without a query has none: `req.query` parses the path on every
+            # read, about 20 µs a request.)
             del req.query["key"]
         # the target, set on the request's data: the host/port setters would each rewrite the
         # Host header again (it is already the upstream's, above)
