@@ -223,3 +223,26 @@ def test_a_large_body_is_read_in_slices_as_json_loads_reads_it(tctx, runtime, ra
         assert ctx_of(f).scan is not None  # the estimate's walk made in slices too
     else:
         assert error_of(f) == expected and ctx_of(f).plan is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [],
+        [(b"Content-Length", b"12"), (b"Content-Type", b"application/json")],
+        [(b"content-length", b"12"), (b"CONTENT-LENGTH", b"13")],  # joined, as Headers.get does
+        [(b"Traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01")],
+        [(b"Content-Encoding", b" GZip "), (b"Upgrade", b"websocket")],
+        [(b"upgrade", "\u00e9".encode()), (b"content-encoding", b"\xff\xfe")],
+    ],
+)
+def test_head_values_equal_headers_get(fields) -> None:
+    from mitmproxy.test import tflow
+
+    from candela_mitm.addons.router import _HEAD, head_values
+
+    f = tflow.tflow()
+    f.request.headers.fields = tuple(fields)
+    got = head_values(f.request.headers, _HEAD)
+    for name in _HEAD:
+        assert got.get(name) == f.request.headers.get(name.decode())
