@@ -246,3 +246,26 @@ def test_head_values_equal_headers_get(fields) -> None:
     got = head_values(f.request.headers, _HEAD)
     for name in _HEAD:
         assert got.get(name) == f.request.headers.get(name.decode())
+
+
+@pytest.mark.parametrize(
+    "fields, refused",
+    [
+        ([(b"Transfer-Encoding", b"chunked")], None),
+        ([(b"transfer-encoding", b" Chunked ")], None),
+        ([(b"Transfer-Encoding", b"gzip, chunked")], "Transfer-Encoding"),
+        ([(b"Transfer-Encoding", b"chunked"), (b"TRANSFER-ENCODING", b"chunked")], "Transfer-Encoding"),
+        ([(b"X-A", b"a\r\n b")], "obs-fold"),
+        ([(b"Transfer-Encoding", b"gzip"), (b"X-A", b"a\n b")], "obs-fold"),  # the fold first
+        ([(b"Content-Length", b"3")], None),
+    ],
+)
+def test_framing_problem(fields, refused) -> None:
+    from mitmproxy.test import tflow
+
+    from candela_mitm.addons.router import framing_problem
+
+    f = tflow.tflow()
+    f.request.headers.fields = tuple(fields)
+    got = framing_problem(f.request.headers)
+    assert (got is None) if refused is None else (got is not None and refused in got)
