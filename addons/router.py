@@ -31,6 +31,8 @@ from .flowstate import (
     decoded_body,
     deny,
     fail_closed,
+    head_values,
+    header_str,
     sliced,
 )
 
@@ -52,25 +54,9 @@ def framing_problem(headers: http.Headers) -> str | None:
             return "a header continued on the next line (obs-fold) is not accepted"
         if k.lower() == b"transfer-encoding":
             te.append(v)
-    if te and [_str(t).strip().lower() for t in te] != ["chunked"]:
+    if te and [header_str(t).strip().lower() for t in te] != ["chunked"]:
         return "Transfer-Encoding other than a single 'chunked' is not accepted"
     return None
-
-
-def _str(value: bytes) -> str:
-    return value.decode("utf-8", "surrogateescape")  # as mitmproxy's Headers decodes a value
-
-
-def head_values(headers: http.Headers, names: frozenset[bytes]) -> dict[bytes, str]:
-    """`headers.get(name)` for each of `names` (lower-case) that the head holds, in one pass
-    over its fields: each Headers.get is a pass of its own through the Mapping ABC (~3 µs),
-    and a request's head is read for five names."""
-    found: dict[bytes, str] = {}
-    for k, v in headers.fields:
-        low = k.lower()
-        if low in names:
-            found[low] = found[low] + ", " + _str(v) if low in found else _str(v)
-    return found
 
 
 _HEAD = frozenset({b"traceparent", b"content-length", b"content-encoding", b"upgrade"})
