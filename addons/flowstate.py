@@ -69,6 +69,27 @@ def head_values(headers: http.Headers, names: frozenset[bytes]) -> dict[bytes, s
     return found
 
 
+def set_headers(headers: http.Headers, values: dict[str, str]) -> None:
+    """`headers[name] = value` for each of `values`, in one pass over the fields (each
+    Headers assignment is a pass of its own): a name already there keeps its place and
+    spelling and its later repeats go, a new one is added at the end, in `values`' order."""
+    if not values:
+        return
+    new = {k.lower().encode(): (k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in values.items()}
+    out: list[tuple[bytes, bytes]] = []
+    done: set[bytes] = set()
+    for k, v in headers.fields:
+        low = k.lower()
+        if low in new:
+            if low not in done:
+                out.append((k, new[low][1]))
+                done.add(low)
+        else:
+            out.append((k, v))
+    out.extend(pair for low, pair in new.items() if low not in done)
+    headers.fields = tuple(out)
+
+
 def answer_json(
     flow: http.HTTPFlow, status: int, payload: Any, headers: dict[str, str] | None = None
 ) -> None:

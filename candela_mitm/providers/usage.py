@@ -135,6 +135,7 @@ _BEDROCK_HEADERS = {
     "x-amzn-bedrock-cache-read-input-token-count": "cache_read_input_tokens",
     "x-amzn-bedrock-cache-write-input-token-count": "cache_creation_input_tokens",
 }
+BEDROCK_TOKEN_HEADERS = frozenset(_BEDROCK_HEADERS)  # their names, lower-case
 METRICS_KEY = "amazon-bedrock-invocationMetrics"
 
 # Parts: Anthropic's split of a usage (uncached input, output, cache reads, cache writes), holding
