@@ -25,7 +25,7 @@ from candela_mitm.governance.admission import (
 from candela_mitm.governance.estimate import LARGE_BODY_BYTES
 from candela_mitm.governance.ledger import BudgetRefusal, Reservation
 from candela_mitm.governance.rate_leases import TakeAsk
-from candela_mitm.governance.ratelimit import policy_headers
+from candela_mitm.governance.ratelimit import TokenLimits, policy_headers
 from candela_mitm.governance.users import UserSettings
 from candela_mitm.runtime import Runtime
 from candela_mitm.state.ports import to_us
@@ -113,6 +113,15 @@ def _token_limited(s: UserSettings) -> bool:
     )
 
 
+def _limits_set(limits: TokenLimits) -> bool:
+    """`bool(limits.active())`, without building its dict."""
+    return (
+        limits.input_tokens is not None
+        or limits.output_tokens is not None
+        or limits.total_tokens is not None
+    )
+
+
 def from_block(rt: Runtime, c: RequestContext, carved: Reservation | None) -> Checked | None:
     """The request's admission made in memory: its request counted on this process's rate
     block and its budget hold (if any) carved from a slice; None: it needs the store (no block,
@@ -127,7 +136,7 @@ def from_block(rt: Runtime, c: RequestContext, carved: Reservation | None) -> Ch
         return None
     if c.tenant is not None:
         t = rt.users.recent_tenant(c.tenant)
-        if t is None or t.max_concurrent_requests is not None or t.token_limits.active():
+        if t is None or t.max_concurrent_requests is not None or _limits_set(t.token_limits):
             return None
     now_us = to_us(rt.limiter.clock())
     decision = leases.use(s.user_id, s.requests_per_minute, now_us)

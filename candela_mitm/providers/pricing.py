@@ -254,24 +254,8 @@ class ModelPrice:
         write, audio) and every output token at the dearest output rate, at the tier that many
         input tokens reach, plus per-request and per-search fees. cache_writes=False: the request
         cannot write the cache (Anthropic writes only what a request marks)."""
-        in_rate = out_rate = Decimal(0)
-        fees = Decimal(0)
         compiled = self.compiled(service_tier, processing)
-        for unit, role, cache_write in zip(compiled.units, compiled.roles, compiled.cache_writes, strict=True):
-            if role is None:
-                continue
-            if cache_write and not cache_writes:
-                continue
-            if role == "input":
-                in_rate = max(in_rate, _rate(unit.price, input_tokens))
-            elif role == "output":
-                out_rate = max(out_rate, _rate(unit.price, input_tokens))
-            elif role == "requests":
-                fees += _rate(unit.price, input_tokens) / unit.per
-            else:  # web_searches
-                fees += _rate(unit.price, input_tokens) * web_searches / unit.per
-        total = (in_rate * input_tokens + out_rate * output_tokens) / PER_TOKEN + fees
-        return float(total)
+        return compiled.max_cost(input_tokens, output_tokens, web_searches, cache_writes)
 
 
 # How long a compilation is used before the library is asked again which price is in force
@@ -320,6 +304,8 @@ class _Compiled:
     cache_writes: tuple[bool, ...]  # per unit: a cache write (left out when none is made)
     # the usage counts the units' rows read (the rest are never looked at), as (ours, theirs)
     counted: tuple[tuple[str, str], ...]
+    # max_rates by cache_writes, for a price without tiers (its rates are the same for all)
+    memo: dict[bool, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, prices: Any, selected: Any = None) -> _Compiled:
@@ -353,6 +339,43 @@ class _Compiled:
             tuple(_is_cache_write(u) for u in units),
             counted,
         )
+
+    def max_cost(
+        self, input_tokens: int, output_tokens: int, web_searches: int, cache_writes: bool
+    ) -> float:
+        """ModelPrice.max_cost at these prices."""
+        if self.tiered:  # the rates depend on the input tokens
+            in_rate, out_rate, fee_terms = self.max_rates(cache_writes, input_tokens)
+        else:  # the same for every request: made once per compiled price
+            got = self.memo.get(cache_writes)
+            if got is None:
+                got = self.memo[cache_writes] = self.max_rates(cache_writes, input_tokens)
+            in_rate, out_rate, fee_terms = got
+        fees = Decimal(0)
+        for rate, per, per_search in fee_terms:
+            fees += rate * web_searches / per if per_search else rate / per
+        total = (in_rate * input_tokens + out_rate * output_tokens) / PER_TOKEN + fees
+        return float(total)
+
+    def max_rates(
+        self, cache_writes: bool, input_tokens: int
+    ) -> tuple[Decimal, Decimal, tuple[tuple[Decimal, int, bool], ...]]:
+        """For ModelPrice.max_cost: the dearest input and output rates at this many input
+        tokens, and the fees in unit order as (rate, per, per web search)."""
+        in_rate = out_rate = Decimal(0)
+        fees: list[tuple[Decimal, int, bool]] = []
+        for unit, role, cache_write in zip(self.units, self.roles, self.cache_writes, strict=True):
+            if role is None:
+                continue
+            if cache_write and not cache_writes:
+                continue
+            if role == "input":
+                in_rate = max(in_rate, _rate(unit.price, input_tokens))
+            elif role == "output":
+                out_rate = max(out_rate, _rate(unit.price, input_tokens))
+            else:  # requests, web_searches
+                fees.append((_rate(unit.price, input_tokens), unit.per, role == "web_searches"))
+        return in_rate, out_rate, tuple(fees)
 
     def price(self, usage: Usage) -> Decimal:
         """What `usage` costs (USD, exact); ValueError when its counts contradict each other (a

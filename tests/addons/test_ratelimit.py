@@ -391,3 +391,15 @@ def test_large_body_reads_the_head(fields, large) -> None:
     f = tflow.tflow()
     f.request.headers.fields = tuple(fields)
     assert large_body(f.request.headers) is large
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [(None, None, None), (10, None, None), (None, 0, None), (None, None, 5), (1, 2, 3)],
+)
+def test_limits_set_is_token_limits_active(limits) -> None:
+    from candela_mitm.addons.ratelimit import _limits_set
+    from candela_mitm.governance.ratelimit import TokenLimits
+
+    t = TokenLimits(*limits)
+    assert _limits_set(t) == bool(t.active())
