@@ -69,6 +69,9 @@ def head_values(headers: http.Headers, names: frozenset[bytes]) -> dict[bytes, s
     return found
 
 
+_CONTENT_ENCODING = frozenset({b"content-encoding"})
+
+
 def set_headers(headers: http.Headers, values: dict[str, str]) -> None:
     """`headers[name] = value` for each of `values`, in one pass over the fields (each
     Headers assignment is a pass of its own): a name already there keeps its place and
@@ -167,7 +170,7 @@ async def decode_request_body(flow: http.HTTPFlow, limit: int) -> bytes:
     """The request body with its Content-Encoding undone (at most `limit` bytes out, TooLarge
     past it; ValueError when it cannot be decoded), decompressed off the event loop."""
     raw = flow.request.raw_content or b""
-    enc = flow.request.headers.get("content-encoding", "")
+    enc = head_values(flow.request.headers, _CONTENT_ENCODING).get(b"content-encoding", "")
     if raw and needs_work(enc):
         return await asyncio.get_running_loop().run_in_executor(
             _DECODER, decode_body, raw, enc, limit
