@@ -21,6 +21,10 @@ from .flowstate import answered, ctx_of, deny, fail_closed, sliced
 log = logging.getLogger("candela.upstream")
 
 
+# json.dumps(obj, ensure_ascii=False) without making an encoder per call (it is stateless)
+_JSON = json.JSONEncoder(ensure_ascii=False)
+
+
 def _b(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")  # as mitmproxy's Headers encodes a value
 
@@ -73,7 +77,7 @@ class Upstream:
             if c.scan is not None:  # a large body (router.py): written in slices, as it was read
                 content = await sliced(dumps_sliced(body_obj))
             else:
-                content = json.dumps(body_obj, ensure_ascii=False).encode()
+                content = _JSON.encode(body_obj).encode()
         # One pass over the caller's headers (each Headers edit rescans them all): its
         # credentials and Candela's own never go upstream; the ones Candela sets are replaced.
         strip = self.strip_kept_key if keep_key else self.strip
