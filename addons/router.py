@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from typing import Any
 
 from mitmproxy import http
 
@@ -80,6 +81,15 @@ def encodable(body: object) -> bool:
         return False
     return True
 
+
+
+def _loads(raw: bytes) -> Any:
+    """json.loads(raw), for a body whose first byte is `{` or ASCII white space: its encoding is
+    UTF-8 unless the second byte is NUL (json.detect_encoding's rule, its BOMs excluded by that
+    first byte), so it is decoded as json.loads decodes it without the detection."""
+    if raw[1:2] != b"\x00":
+        return json.loads(raw.decode("utf-8", "surrogatepass"))
+    return json.loads(raw)
 
 
 def route_served(rt: Runtime, provider: str | None) -> bool:
@@ -161,7 +171,7 @@ class Router:
         if first:
             try:
                 # a large body in slices: one json.loads of 10 MB holds the loop for a second
-                body = await sliced(loads_sliced(raw)) if large else json.loads(raw)
+                body = await sliced(loads_sliced(raw)) if large else _loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 deny(flow, errors.invalid_json(str(e)[:200]))
                 return

@@ -269,3 +269,28 @@ def test_framing_problem(fields, refused) -> None:
     f.request.headers.fields = tuple(fields)
     got = framing_problem(f.request.headers)
     assert (got is None) if refused is None else (got is not None and refused in got)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{}",
+        b"{",
+        b' {"a": "\\u00e9\xc3\xa9"}',
+        b'\n{"a": [1, 2.5, true, null]}',
+        '{"a": "b"}'.encode("utf-16-le"),
+        '{"a": "b"}'.encode("utf-32-le"),
+        b'{"a": "\xed\xa0\x80"}',  # a lone surrogate, as UTF-8 bytes
+        b'{"a": "\xff"}',
+    ],
+)
+def test_loads_is_json_loads(raw) -> None:
+    from candela_mitm.addons.router import _loads
+
+    def outcome(f):
+        try:
+            return f(raw)
+        except ValueError as e:
+            return type(e), str(e)
+
+    assert outcome(_loads) == outcome(json.loads)
