@@ -41,6 +41,13 @@ _BEDROCK_BLOCKS = ("image", "document", "video", "audio")
 _MAX_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens", "num_predict")
 _SEARCH_TOOLS = ("web_search", "google_search", "googleSearch", "googleSearchRetrieval")
 
+# every key _scan_dict looks for before it walks a dict's items: a dict with none of them is
+# only walked (one C-level pass instead of some twenty probes)
+_PROBED = frozenset(
+    {"type", "data", "format", "cache_control", "cachePoint"}
+    | set(_MIME_KEYS) | set(_BEDROCK_BLOCKS) | set(_SEARCH_TOOLS)
+)
+
 
 @dataclass
 class BodyScan:
@@ -172,6 +179,9 @@ def _has_any(d: dict[str, Any], keys: tuple[str, ...]) -> bool:
 
 
 def _scan_dict(d: dict[str, Any], out: BodyScan, stack: list[Any]) -> None:
+    if _PROBED.isdisjoint(d):  # a plain object (a message, the body itself): its keys and values
+        _scan_items(d, out, stack)
+        return
     kind = d.get("type")
     if kind in ("image", "input_image"):  # Anthropic, Responses: one image, however sent
         out.images += 1
@@ -214,6 +224,10 @@ def _scan_dict(d: dict[str, Any], out: BodyScan, stack: list[Any]) -> None:
     if "cache_control" in d or "cachePoint" in d:
         out.caching = True
     out.searches += _search_tool(d)
+    _scan_items(d, out, stack)
+
+
+def _scan_items(d: dict[str, Any], out: BodyScan, stack: list[Any]) -> None:
     for k, v in d.items():
         if k in _REFERENCE_OR_FILE_KEYS and v:
             out.references = True
