@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 from mitmproxy import http
 
 from candela_mitm.context import RequestContext
 from candela_mitm.governance.accounting import account
 from candela_mitm.providers.streaming import ResponseProcessor, is_stream, make_processor
+from candela_mitm.providers.usage import BEDROCK_TOKEN_HEADERS
 from candela_mitm.runtime import Runtime
 
-from .flowstate import ctx_of, note_failure, trace_headers, workload_headers
+from .flowstate import (
+    ctx_of,
+    head_values,
+    note_failure,
+    set_headers,
+    trace_headers,
+    workload_headers,
+)
 
 
 def account_flow(rt: Runtime, flow: http.HTTPFlow, c: RequestContext) -> None:
@@ -19,6 +28,21 @@ def account_flow(rt: Runtime, flow: http.HTTPFlow, c: RequestContext) -> None:
     response or error hook accounts it first (Metrics, Budget, ...) charges it the same."""
     note_failure(flow)
     account(c, rt.pricing, rt.config.governance.unknown_model_price)
+
+
+_CONTENT_TYPE = frozenset({b"content-type"})
+_BEDROCK_COUNTS = frozenset(n.encode() for n in BEDROCK_TOKEN_HEADERS)
+
+
+def metered_headers(headers: http.Headers) -> Mapping[str, str]:
+    """The response headers the meter reads usage from: Bedrock's token counts, when the answer
+    has any (a name that is not ASCII could lower-case to one as text: kept too), else none
+    (the meter would look every name up through Headers to find none; it is given the content
+    type, so it reads nothing else from them)."""
+    for k, _ in headers.fields:
+        if k.lower() in _BEDROCK_COUNTS or not k.isascii():
+            return headers
+    return {}
 
 
 class Accounting:
@@ -29,17 +53,16 @@ class Accounting:
         c = ctx_of(flow)
         if c is None or flow.response is None:
             return
-        for k, v in trace_headers(c).items():
-            flow.response.headers[k] = v
-        # an admin's intercepted request: the process it came from (after Upstream's allowlist)
-        flow.response.headers.update(workload_headers(c))
+        # the trace ids, and for an admin's intercepted request the process it came from
+        # (after Upstream's allowlist)
+        set_headers(flow.response.headers, {**trace_headers(c), **workload_headers(c)})
         if not c.forwarded or c.plan is None:
             return
         c.first_byte_at = time.monotonic()
         resp = flow.response
         c.status_code = resp.status_code
-        ctype = resp.headers.get("content-type", "")
-        proc = make_processor(c.plan, resp.status_code, ctype, resp.headers)
+        ctype = head_values(resp.headers, _CONTENT_TYPE).get(b"content-type", "")
+        proc = make_processor(c.plan, resp.status_code, ctype, metered_headers(resp.headers))
         c.processor = proc
         if c.plan.translate:
             resp.headers.pop("content-encoding", None)

@@ -18,7 +18,7 @@ from candela_mitm.governance.credentials import (
     MalformedCredential,
     extract_credential,
 )
-from candela_mitm.governance.tenancy import requested_tenant, resolve_tenant
+from candela_mitm.governance.tenancy import TENANT_HEADER, requested_tenant, resolve_tenant
 from candela_mitm.governance.users import enrollment_denial
 from candela_mitm.runtime import Runtime
 
@@ -30,6 +30,17 @@ _JWT_SHAPED = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _CREDENTIAL_HEADERS = frozenset(
     {SOURCE_AUTHORIZATION, SOURCE_X_API_KEY, SOURCE_X_GOOG_API_KEY, SOURCE_X_CANDELA_AUTH}
 )
+_TENANT_HEADERS = frozenset({TENANT_HEADER.encode(), b"baggage"})  # what requested_tenant reads
+
+
+def names_tenant(headers: http.Headers) -> bool:
+    """Whether the head holds a header that can name a tenant: one pass over the raw fields,
+    where requested_tenant's four Headers lookups (each a pass through the Mapping ABC)
+    cost about 6 µs on the many requests that send none."""
+    for k, _ in headers.fields:
+        if k.lower() in _TENANT_HEADERS:
+            return True
+    return False
 
 
 def foreign_credential(headers: Mapping[str, str], query: Mapping[str, str]) -> bool:
@@ -112,9 +123,9 @@ class Auth:
         if settings.role != c.principal.role:
             c.principal = dataclasses.replace(c.principal, role=settings.role)
         c.settings = settings
-        tenant = resolve_tenant(
-            c.principal.user, requested_tenant(flow.request.headers), list(settings.tenants)
-        )
+        head = flow.request.headers
+        requested = requested_tenant(head) if names_tenant(head) else None
+        tenant = resolve_tenant(c.principal.user, requested, list(settings.tenants))
         if isinstance(tenant, Denial):
             deny(flow, tenant)
             return

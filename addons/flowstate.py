@@ -53,6 +53,46 @@ def workload_headers(ctx: RequestContext | None) -> dict[str, str]:
     }
 
 
+def header_str(value: bytes) -> str:
+    return value.decode("utf-8", "surrogateescape")  # as mitmproxy's Headers decodes a value
+
+
+def head_values(headers: http.Headers, names: frozenset[bytes]) -> dict[bytes, str]:
+    """`headers.get(name)` for each of `names` (lower-case) that the head holds, in one pass
+    over its fields: each Headers.get is a pass of its own through the Mapping ABC (~3 µs),
+    and the request hooks read a head for several names."""
+    found: dict[bytes, str] = {}
+    for k, v in headers.fields:
+        low = k.lower()
+        if low in names:
+            found[low] = found[low] + ", " + header_str(v) if low in found else header_str(v)
+    return found
+
+
+_CONTENT_ENCODING = frozenset({b"content-encoding"})
+
+
+def set_headers(headers: http.Headers, values: dict[str, str]) -> None:
+    """`headers[name] = value` for each of `values`, in one pass over the fields (each
+    Headers assignment is a pass of its own): a name already there keeps its place and
+    spelling and its later repeats go, a new one is added at the end, in `values`' order."""
+    if not values:
+        return
+    new = {k.lower().encode(): (k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in values.items()}
+    out: list[tuple[bytes, bytes]] = []
+    done: set[bytes] = set()
+    for k, v in headers.fields:
+        low = k.lower()
+        if low in new:
+            if low not in done:
+                out.append((k, new[low][1]))
+                done.add(low)
+        else:
+            out.append((k, v))
+    out.extend(pair for low, pair in new.items() if low not in done)
+    headers.fields = tuple(out)
+
+
 def answer_json(
     flow: http.HTTPFlow, status: int, payload: Any, headers: dict[str, str] | None = None
 ) -> None:
@@ -146,7 +186,7 @@ async def decode_request_body(flow: http.HTTPFlow, limit: int) -> bytes:
     """The request body with its Content-Encoding undone (at most `limit` bytes out, TooLarge
     past it; ValueError when it cannot be decoded), decompressed off the event loop."""
     raw = flow.request.raw_content or b""
-    enc = flow.request.headers.get("content-encoding", "")
+    enc = head_values(flow.request.headers, _CONTENT_ENCODING).get(b"content-encoding", "")
     if raw and needs_work(enc):
         return await asyncio.get_running_loop().run_in_executor(
             _DECODER, decode_body, raw, enc, limit

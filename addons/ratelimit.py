@@ -14,23 +14,24 @@ from candela_mitm.context import RequestContext
 from candela_mitm.governance.admission import (
     Checked,
     Hold,
-    Rules,
     admit,
     body_scan,
     carve,
     decide_hold,
     reserve,
+    rules_for,
     token_estimate,
 )
 from candela_mitm.governance.estimate import LARGE_BODY_BYTES
 from candela_mitm.governance.ledger import BudgetRefusal, Reservation
 from candela_mitm.governance.rate_leases import TakeAsk
-from candela_mitm.governance.ratelimit import policy_headers
+from candela_mitm.governance.ratelimit import TokenLimits, policy_headers
+from candela_mitm.governance.users import UserSettings
 from candela_mitm.runtime import Runtime
 from candela_mitm.state.ports import to_us
 
 from .accounting import account_flow
-from .flowstate import answered, ctx_of, deny, fail_closed
+from .flowstate import answered, ctx_of, deny, fail_closed, head_values
 
 log = logging.getLogger("candela.ratelimit")
 
@@ -40,12 +41,16 @@ log = logging.getLogger("candela.ratelimit")
 # store trip.
 
 
+_FRAMING = frozenset({b"transfer-encoding", b"content-length"})
+
+
 def large_body(headers: http.Headers) -> bool:
     """A body over LARGE_BODY_BYTES, or of a size the head does not state (chunked)."""
-    if "chunked" in headers.get("transfer-encoding", "").lower():
+    head = head_values(headers, _FRAMING)
+    if "chunked" in head.get(b"transfer-encoding", "").lower():
         return True
     try:
-        return int(headers.get("content-length", "0")) > LARGE_BODY_BYTES
+        return int(head.get(b"content-length", "0")) > LARGE_BODY_BYTES
     except ValueError:
         return False  # Router answers 400
 
@@ -61,7 +66,7 @@ def admission_call(
     assert settings is not None
     # the body is scanned once for both estimates (none for a route without a model)
     found = body_scan(c.body, c.scan) if c.plan is not None and c.plan.model else c.scan
-    rules = Rules.of(rt.config.governance)
+    rules = rules_for(rt.config.governance)
     hold = decide_hold(c, rt.pricing, rules, found)
     tokens = token_estimate(c.plan, rt.pricing, rules, c.body, found)
     tenant_settings = rt.users.tenant_settings_cached
@@ -99,6 +104,24 @@ def admission_call(
     return call, carved
 
 
+def _token_limited(s: UserSettings) -> bool:
+    """`bool(s.token_limits.active())`, without building a TokenLimits and its dict per request."""
+    return (
+        s.input_tokens_per_minute is not None
+        or s.output_tokens_per_minute is not None
+        or s.total_tokens_per_minute is not None
+    )
+
+
+def _limits_set(limits: TokenLimits) -> bool:
+    """`bool(limits.active())`, without building its dict."""
+    return (
+        limits.input_tokens is not None
+        or limits.output_tokens is not None
+        or limits.total_tokens is not None
+    )
+
+
 def from_block(rt: Runtime, c: RequestContext, carved: Reservation | None) -> Checked | None:
     """The request's admission made in memory: its request counted on this process's rate
     block and its budget hold (if any) carved from a slice; None: it needs the store (no block,
@@ -109,11 +132,11 @@ def from_block(rt: Runtime, c: RequestContext, carved: Reservation | None) -> Ch
         return None
     if isinstance(c.hold, Hold) and carved is None:
         return None
-    if s.max_concurrent_requests is not None or s.token_limits.active():
+    if s.max_concurrent_requests is not None or _token_limited(s):
         return None
     if c.tenant is not None:
         t = rt.users.recent_tenant(c.tenant)
-        if t is None or t.max_concurrent_requests is not None or t.token_limits.active():
+        if t is None or t.max_concurrent_requests is not None or _limits_set(t.token_limits):
             return None
     now_us = to_us(rt.limiter.clock())
     decision = leases.use(s.user_id, s.requests_per_minute, now_us)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from typing import Any
 
 from mitmproxy import http
 
@@ -31,6 +32,8 @@ from .flowstate import (
     decoded_body,
     deny,
     fail_closed,
+    head_values,
+    header_str,
     sliced,
 )
 
@@ -46,12 +49,18 @@ def framing_problem(headers: http.Headers) -> str | None:
     mitmproxy refuses Content-Length with Transfer-Encoding and Content-Lengths that disagree;
     it accepts a folded header (joining its lines) and any Transfer-Encoding ending in chunked,
     which would reach the upstream as sent."""
-    if any(b"\n" in v or b"\r" in v for _, v in headers.fields):
-        return "a header continued on the next line (obs-fold) is not accepted"
-    te = headers.get_all("transfer-encoding")
-    if te and [t.strip().lower() for t in te] != ["chunked"]:
+    te: list[bytes] = []  # one pass over the fields (Headers.get_all is a pass of its own)
+    for k, v in headers.fields:
+        if b"\n" in v or b"\r" in v:
+            return "a header continued on the next line (obs-fold) is not accepted"
+        if k.lower() == b"transfer-encoding":
+            te.append(v)
+    if te and [header_str(t).strip().lower() for t in te] != ["chunked"]:
         return "Transfer-Encoding other than a single 'chunked' is not accepted"
     return None
+
+
+_HEAD = frozenset({b"traceparent", b"content-length", b"content-encoding", b"upgrade"})
 
 
 async def _encodable(body: object, large: bool) -> bool:
@@ -74,6 +83,15 @@ def encodable(body: object) -> bool:
 
 
 
+def _loads(raw: bytes) -> Any:
+    """json.loads(raw), for a body whose first byte is `{` or ASCII white space: its encoding is
+    UTF-8 unless the second byte is NUL (json.detect_encoding's rule, its BOMs excluded by that
+    first byte), so it is decoded as json.loads decodes it without the detection."""
+    if raw[1:2] != b"\x00":
+        return json.loads(raw.decode("utf-8", "surrogatepass"))
+    return json.loads(raw)
+
+
 def route_served(rt: Runtime, provider: str | None) -> bool:
     """candela-server serves a local runtime's route only when `providers:` configures it."""
     up = rt.upstreams.get(provider or "")
@@ -83,7 +101,10 @@ def route_served(rt: Runtime, provider: str | None) -> bool:
 
 
 def is_websocket_upgrade(headers: http.Headers) -> bool:
-    return "websocket" in headers.get("upgrade", "").lower()
+    return "websocket" in (head_values(headers, _UPGRADE).get(b"upgrade") or "").lower()
+
+
+_UPGRADE = frozenset({b"upgrade"})
 
 
 class Router:
@@ -94,13 +115,14 @@ class Router:
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         ctx = ctx_of(flow)
+        head = head_values(flow.request.headers, _HEAD)
         if ctx is None:  # transparent-mode requests arrive classified by the Sni addon
             kind, provider, rest = classify(flow.request.path)
             ctx = RequestContext(
                 kind=kind,
                 provider=provider,
                 rest=rest,
-                trace=TraceContext.from_headers(flow.request.headers.get("traceparent")),
+                trace=TraceContext.from_headers(head.get(b"traceparent")),
                 client_address=flow.client_conn.peername[0] if flow.client_conn.peername else None,
             )
             flow.metadata[KEY] = ctx
@@ -113,7 +135,7 @@ class Router:
         if problem is not None:
             deny(flow, errors.bad_request(problem))
             return
-        cl = flow.request.headers.get("content-length")
+        cl = head.get(b"content-length")
         if cl is not None:
             try:
                 if int(cl) > self.limit:
@@ -122,7 +144,7 @@ class Router:
             except ValueError:
                 deny(flow, errors.bad_request("Content-Length is not a number"))
                 return
-        enc = flow.request.headers.get("content-encoding", "").strip().lower()
+        enc = head.get(b"content-encoding", "").strip().lower()
         if enc not in DECODABLE:
             deny(flow, errors.unsupported_encoding(enc))
 
@@ -149,7 +171,7 @@ class Router:
         if first:
             try:
                 # a large body in slices: one json.loads of 10 MB holds the loop for a second
-                body = await sliced(loads_sliced(raw)) if large else json.loads(raw)
+                body = await sliced(loads_sliced(raw)) if large else _loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 deny(flow, errors.invalid_json(str(e)[:200]))
                 return

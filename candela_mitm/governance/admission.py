@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from candela_mitm.governance.estimate import (
@@ -16,6 +17,7 @@ from candela_mitm.governance.estimate import (
     scan,
 )
 from candela_mitm.governance.ledger import BudgetRefusal, KeyBudget, Ledger, Reservation
+from candela_mitm.governance.periods import DAILY_UTC
 from candela_mitm.governance.ratelimit import Admission, RateDecision, RateLimiter
 from candela_mitm.governance.shadow import Shadow, shadow_budget
 from candela_mitm.state.ports import to_us
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
     from candela_mitm.config import Governance
     from candela_mitm.context import RequestContext
     from candela_mitm.governance.identity import KeyScope
-    from candela_mitm.governance.slices import Slices
+    from candela_mitm.governance.slices import SliceKey, Slices
     from candela_mitm.governance.users import TenantSettings, UserSettings
     from candela_mitm.providers.forwarding import ForwardPlan
     from candela_mitm.providers.pricing import PricingTable
@@ -63,6 +65,21 @@ class Rules:
             governance.unknown_model_price,
             governance.websocket.reserve_usd,
         )
+
+
+_last_rules: tuple[Governance, Rules] | None = None
+
+
+def rules_for(governance: Governance) -> Rules:
+    """`Rules.of(governance)`, made once per configuration: a reload brings a new Governance
+    object (the config is frozen), hence new Rules. (Per request it read three nested models.)"""
+    global _last_rules
+    last = _last_rules
+    if last is not None and last[0] is governance:
+        return last[1]
+    rules = Rules.of(governance)
+    _last_rules = (governance, rules)
+    return rules
 
 
 def body_scan(body: dict[str, Any] | None, found: BodyScan | None) -> BodyScan:
@@ -173,9 +190,26 @@ def carve(
         t = recent_tenant(tenant)
         if t is None:
             return None
+    keyed = key is not None and key.budget_usd is not None
+    tenant_period = t.period if t else settings.budget_period
+    budgets = (
+        settings.user_id,
+        settings.daily_budget_usd,
+        settings.budget_period,
+        tenant,
+        t.budget_usd if t else None,
+        tenant_period,
+        (key.key_id, key.budget_id, key.budget_usd) if keyed and key is not None else None,
+    )
+    now = slices.clock()
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    known = _slice_keys.get(budgets)
+    if known is not None and known[1] <= now < known[2]:
+        return slices.carve(known[0], hold.estimate_usd, request_id)
     key_budget = (
         KeyBudget(key.key_id, key.budget_id or key.key_id, key.budget_usd)
-        if key is not None and key.budget_usd is not None
+        if keyed and key is not None and key.budget_usd is not None
         else None
     )
     k = slices.key_of(
@@ -184,11 +218,28 @@ def carve(
         settings.budget_period,
         tenant,
         t.budget_usd if t else None,
-        t.period if t else settings.budget_period,
+        tenant_period,
         key_budget,
-        slices.clock(),
+        now,
     )
+    # the same key until the first of its periods (or its UTC day) ends
+    ends = min(
+        settings.budget_period.resets_at(now),
+        tenant_period.resets_at(now) if tenant is not None else DAILY_UTC.resets_at(now),
+        DAILY_UTC.resets_at(now),
+    )
+    if len(_slice_keys) >= _SLICE_KEYS_MAX:
+        _slice_keys.clear()
+    _slice_keys[budgets] = (k, now, ends)
     return slices.carve(k, hold.estimate_usd, request_id)
+
+
+# A request's SliceKey by the budgets it is judged on (the user's, the tenant's, the key's, each
+# with its period): made once per period, not per request (`Slices.key_of` formats three period
+# keys, ~10 µs). Keyed by the budgets' values, so an admin change to any of them is a new entry;
+# (key, computed at, valid until): valid from when it was made to the end of its periods.
+_slice_keys: dict[tuple[Any, ...], tuple[SliceKey, datetime, datetime]] = {}
+_SLICE_KEYS_MAX = 4096
 
 
 def reserve(

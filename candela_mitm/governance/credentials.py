@@ -66,7 +66,19 @@ def extract_credential(
     The first source present wins even if malformed (no fallback to a weaker source): a
     malformed one raises MalformedCredential. Proxy-Authorization is not a user credential.
     """
+    return _credential(_lower_keys(headers), query)
+
+
+def extract_credentials(
+    headers: Mapping[str, str], query: Mapping[str, str]
+) -> tuple[str | None, tuple[str, str] | None]:
+    """(extract_proxy_credential, extract_credential) of one request, its header names
+    lower-cased once for both; MalformedCredential as either raises it, the proxy's first."""
     h = _lower_keys(headers)
+    return _proxy_credential(h), _credential(h, query)
+
+
+def _credential(h: dict[str, str], query: Mapping[str, str]) -> tuple[str, str] | None:
     for source in BEARER_SOURCES:
         if source in h:
             return source, _token_of(source, h[source], bearer=True)
@@ -80,7 +92,10 @@ def extract_credential(
 
 def extract_proxy_credential(headers: Mapping[str, str]) -> str | None:
     """The IAP token from `Proxy-Authorization: Bearer ...`; MalformedCredential if malformed."""
-    h = _lower_keys(headers)
+    return _proxy_credential(_lower_keys(headers))
+
+
+def _proxy_credential(h: dict[str, str]) -> str | None:
     if "proxy-authorization" not in h:
         return None
     return _token_of("proxy-authorization", h["proxy-authorization"], bearer=True)

@@ -36,8 +36,17 @@ _MIME_KEYS = ("mimeType", "mime_type", "media_type")
 _REFERENCE_KEYS = ("previous_response_id", "conversation", "cachedContent", "cached_content")
 # files sent by reference (an uploaded file id, a URI): their size is not in the body
 _FILE_REF_KEYS = ("file_id", "fileUri", "file_uri")
+_REFERENCE_OR_FILE_KEYS = frozenset(_REFERENCE_KEYS + _FILE_REF_KEYS)
+_BEDROCK_BLOCKS = ("image", "document", "video", "audio")
 _MAX_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens", "num_predict")
 _SEARCH_TOOLS = ("web_search", "google_search", "googleSearch", "googleSearchRetrieval")
+
+# every key _scan_dict looks for before it walks a dict's items: a dict with none of them is
+# only walked (one C-level pass instead of some twenty probes)
+_PROBED = frozenset(
+    {"type", "data", "format", "cache_control", "cachePoint"}
+    | set(_MIME_KEYS) | set(_BEDROCK_BLOCKS) | set(_SEARCH_TOOLS)
+)
 
 
 @dataclass
@@ -79,8 +88,10 @@ def _data_url(s: str) -> tuple[str, int] | None:
 
 
 def _search_tool(tool: dict[str, Any]) -> int:
-    kind = str(tool.get("type", ""))
-    if kind.startswith(_SEARCH_TOOLS) or any(k in tool for k in _SEARCH_TOOLS):
+    kind = tool.get("type", "")
+    if not isinstance(kind, str):
+        kind = str(kind)
+    if kind.startswith(_SEARCH_TOOLS) or _has_any(tool, _SEARCH_TOOLS):
         uses = _number(tool.get("max_uses"))
         return uses if uses is not None else UNBOUNDED_SEARCHES
     return 0
@@ -160,26 +171,43 @@ def _media(out: BodyScan, kind: str, encoded_len: int) -> None:
         out.media_tokens += _media_tokens(kind, encoded_len)
 
 
+def _has_any(d: dict[str, Any], keys: tuple[str, ...]) -> bool:
+    for k in keys:  # a few hash probes (any() over a generator costs more than the probes)
+        if k in d:
+            return True
+    return False
+
+
 def _scan_dict(d: dict[str, Any], out: BodyScan, stack: list[Any]) -> None:
+    if _PROBED.isdisjoint(d):  # a plain object (a message, the body itself): its keys and values
+        _scan_items(d, out, stack)
+        return
     kind = d.get("type")
     if kind in ("image", "input_image"):  # Anthropic, Responses: one image, however sent
         out.images += 1
         return
-    mime = next((d[k] for k in _MIME_KEYS if isinstance(d.get(k), str)), None)
+    mime = None
+    for k in _MIME_KEYS:
+        v = d.get(k)
+        if isinstance(v, str):
+            mime = v
+            break
     data = d.get("data")
     if mime is None and isinstance(d.get("format"), str) and isinstance(data, str):
         mime = "audio/" + d["format"]  # OpenAI input_audio: {"data": ..., "format": "wav"}
     if mime is not None and isinstance(data, str):
         _media(out, _kind(mime), len(data))  # Gemini inlineData, Anthropic base64 sources
         return
-    if mime is not None and any(d.get(k) for k in _FILE_REF_KEYS):
+    if mime is not None and any(d.get(k) for k in _FILE_REF_KEYS):  # (rare: no fast path)
         if _kind(mime) == "image":
             out.images += 1
         else:
             out.references = True  # Gemini fileData: a file whose size is not in the body
         return
-    for key in ("image", "document", "video", "audio"):  # Bedrock Converse content blocks
-        block = d.get(key)
+    for key in _BEDROCK_BLOCKS:  # Bedrock Converse content blocks
+        if key not in d:
+            continue
+        block = d[key]
         source = block.get("source") if isinstance(block, dict) else None
         if isinstance(source, dict):
             raw = source.get("bytes")
@@ -196,8 +224,12 @@ def _scan_dict(d: dict[str, Any], out: BodyScan, stack: list[Any]) -> None:
     if "cache_control" in d or "cachePoint" in d:
         out.caching = True
     out.searches += _search_tool(d)
+    _scan_items(d, out, stack)
+
+
+def _scan_items(d: dict[str, Any], out: BodyScan, stack: list[Any]) -> None:
     for k, v in d.items():
-        if (k in _REFERENCE_KEYS or k in _FILE_REF_KEYS) and v:
+        if k in _REFERENCE_OR_FILE_KEYS and v:
             out.references = True
         if k == "image_url":
             url = v.get("url") if isinstance(v, dict) else v
@@ -225,37 +257,47 @@ def _number(v: Any) -> int | None:
 def _configs(body: dict[str, Any]) -> list[dict[str, Any]]:
     """The places a body keeps its generation settings: top level and nested configs."""
     found = [body]
-    for key in ("generationConfig", "generation_config", "inferenceConfig", "options", "config"):
-        v = body.get(key)
-        if isinstance(v, dict):
-            found.append(v)
+    for key in _CONFIG_KEYS:
+        if key in body:
+            v = body[key]
+            if isinstance(v, dict):
+                found.append(v)
     return found
+
+
+_CONFIG_KEYS = ("generationConfig", "generation_config", "inferenceConfig", "options", "config")
+
+
+def _stated(body: dict[str, Any], keys: tuple[str, ...]) -> int | None:
+    """The largest count stated under any of `keys` in the body's configs (None: none is).
+    Only the keys present are read (`_number(None)` is None): the usual body states none."""
+    found = None
+    for cfg in _configs(body):
+        for key in keys:
+            if key in cfg:
+                n = _number(cfg[key])
+                if n is not None and (found is None or n > found):
+                    found = n
+    return found
+
+
+_STATED_MAX_KEYS = (*_MAX_KEYS, "maxOutputTokens", "maxTokens")
+_COMPLETIONS_KEYS = ("n", "candidateCount", "candidate_count")
 
 
 def stated_max_output(body: dict[str, Any] | None) -> int | None:
     """The output limit the request states, wherever its wire format puts it."""
     if not body:
         return None
-    found = [
-        n
-        for cfg in _configs(body)
-        for key in (*_MAX_KEYS, "maxOutputTokens", "maxTokens")
-        if (n := _number(cfg.get(key))) is not None
-    ]
-    return max(found) if found else None
+    return _stated(body, _STATED_MAX_KEYS)
 
 
 def completions(body: dict[str, Any] | None) -> int:
     """How many completions the request asks for (`n`, `candidateCount`): each is billed."""
     if not body:
         return 1
-    found = [
-        n
-        for cfg in _configs(body)
-        for key in ("n", "candidateCount", "candidate_count")
-        if (n := _number(cfg.get(key))) is not None
-    ]
-    return max(found) if found else 1
+    found = _stated(body, _COMPLETIONS_KEYS)
+    return found if found is not None else 1
 
 
 def estimate_input_tokens(body: dict[str, Any] | None) -> int:

@@ -19,8 +19,7 @@ from candela_mitm.governance.credentials import (
     KEY_SOURCES,
     MalformedCredential,
     display_source,
-    extract_credential,
-    extract_proxy_credential,
+    extract_credentials,
     key_id,
 )
 from candela_mitm.governance.tokens import (
@@ -123,8 +122,7 @@ class Authenticator:
         self, headers: Mapping[str, str], query: Mapping[str, str]
     ) -> Principal | Denial:
         try:
-            proxy_token = extract_proxy_credential(headers)
-            cred = extract_credential(headers, query)
+            proxy_token, cred = extract_credentials(headers, query)
         except MalformedCredential as e:
             log.info("401: malformed credential in %s", e.source)
             return unauthenticated(f"The credential in {display_source(e.source)} is malformed")
@@ -147,15 +145,16 @@ class Authenticator:
             return self._principal(self._local_user, "local", None, proxy_identity)
 
         source, token = cred
-        kid = key_id(token)
-        user = self._match_api_key(token)
+        digest = hashlib.sha256(token.encode()).hexdigest()  # once: the key's id and lookup
+        kid = digest[:8]  # key_id(token)
+        user = self._match_api_key(digest)
         if user is not None:
             return self._principal(user, "api_key", kid, proxy_identity)
         if self._minted_keys is not None and token.startswith(MINTED_KEY_PREFIX):
             # read from the store on every request: a revoked key is refused at once in every
             # process sharing it (no process may remember a key as valid)
             try:
-                record = await self._minted_keys(hashlib.sha256(token.encode()).hexdigest())
+                record = await self._minted_keys(digest)
             except Exception as e:
                 log.warning("API key lookup failed: %s", type(e).__name__)
                 return governance_unavailable("the key store cannot be read")
@@ -208,12 +207,13 @@ class Authenticator:
             role = "admin" if user in self._admins else "developer"
         return Principal(user, role, via, kid, proxy_identity, key_scope)
 
-    def _match_api_key(self, token: str) -> str | None:
-        # Looked up by its SHA-256: one dict probe whatever the number of keys (comparing every
-        # stored digest cost 64 compare_digest calls per request with 64 users, and would cost
-        # 10,000 with 10,000). The probe's timing can only tell about digests, and learning a
-        # stored digest, even whole, does not give the key it was made from.
-        return self._api_keys.get(hashlib.sha256(token.encode()).hexdigest())
+    def _match_api_key(self, digest: str) -> str | None:
+        # Looked up by its SHA-256 (`digest`, hex): one dict probe whatever the number of keys
+        # (comparing every stored digest cost 64 compare_digest calls per request with 64
+        # users, and would cost 10,000 with 10,000). The probe's timing can only tell about
+        # digests, and learning a stored digest, even whole, does not give the key it was made
+        # from.
+        return self._api_keys.get(digest)
 
 
 def _os_user() -> str:

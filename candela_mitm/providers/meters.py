@@ -310,8 +310,12 @@ class _JsonBodyMeter(UsageMeter):
     def _mark(self, buf: bytearray, added: int) -> None:
         # until a usage key has passed, a read before the end has nothing new to parse
         if not self._marked:
-            window = bytes(buf[-(added + 32) :])
-            self._marked = any(m in window for m in _BODY_MARKERS)
+            # searched in place from where the new bytes start (a copy of them cost a body's copy)
+            start = max(0, len(buf) - (added + 32))
+            for m in _BODY_MARKERS:
+                if buf.find(m, start) >= 0:
+                    self._marked = True
+                    break
 
     def _take_elements(self, data: bytes) -> None:
         assert self._array is not None

@@ -254,26 +254,8 @@ class ModelPrice:
         write, audio) and every output token at the dearest output rate, at the tier that many
         input tokens reach, plus per-request and per-search fees. cache_writes=False: the request
         cannot write the cache (Anthropic writes only what a request marks)."""
-        in_rate = out_rate = Decimal(0)
-        fees = Decimal(0)
-        for unit in self.compiled(service_tier, processing).units:
-            dims = unit.dimensions
-            if dims.get("family") == "tokens":
-                if dims.get("token_type") == "cache_read":
-                    continue  # never dearer than the input it replaces
-                if dims.get("token_type") == "cache_write" and not cache_writes:
-                    continue
-                rate = _rate(unit.price, input_tokens)
-                if dims.get("direction") == "input":
-                    in_rate = max(in_rate, rate)
-                elif dims.get("direction") == "output":
-                    out_rate = max(out_rate, rate)
-            elif unit.usage_key == "requests":
-                fees += _rate(unit.price, input_tokens) / unit.per
-            elif unit.usage_key == "web_searches":
-                fees += _rate(unit.price, input_tokens) * web_searches / unit.per
-        total = (in_rate * input_tokens + out_rate * output_tokens) / PER_TOKEN + fees
-        return float(total)
+        compiled = self.compiled(service_tier, processing)
+        return compiled.max_cost(input_tokens, output_tokens, web_searches, cache_writes)
 
 
 # How long a compilation is used before the library is asked again which price is in force
@@ -314,6 +296,16 @@ class _Compiled:
     selected: Any  # the library's price object this was compiled for (identity, for the cache)
     units: tuple[_Unit, ...]
     tiered: bool
+    # per unit, what `ModelPrice.max_cost` takes it for, read from its dimensions once here
+    # rather than four dict reads a unit per request: "input"/"output" (a token rate),
+    # "requests"/"web_searches" (a fee), None (not counted: a cache read, never dearer than
+    # the input it replaces, or a token unit of no direction)
+    roles: tuple[str | None, ...]
+    cache_writes: tuple[bool, ...]  # per unit: a cache write (left out when none is made)
+    # the usage counts the units' rows read (the rest are never looked at), as (ours, theirs)
+    counted: tuple[tuple[str, str], ...]
+    # max_rates by cache_writes, for a price without tiers (its rates are the same for all)
+    memo: dict[bool, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, prices: Any, selected: Any = None) -> _Compiled:
@@ -335,12 +327,60 @@ class _Compiled:
             for unit, price in priced
         )
         tiered = any(isinstance(u.price, gp.TieredPrices) for u in units)
-        return cls(selected, units, tiered)
+        read = {key for u in units for key, _ in u.row}
+        if tiered:
+            read.add("input_tokens")
+        counted = tuple((ours, theirs) for ours, theirs in _USAGE_KEYS.items() if theirs in read)
+        return cls(
+            selected,
+            units,
+            tiered,
+            tuple(_role(u) for u in units),
+            tuple(_is_cache_write(u) for u in units),
+            counted,
+        )
+
+    def max_cost(
+        self, input_tokens: int, output_tokens: int, web_searches: int, cache_writes: bool
+    ) -> float:
+        """ModelPrice.max_cost at these prices."""
+        if self.tiered:  # the rates depend on the input tokens
+            in_rate, out_rate, fee_terms = self.max_rates(cache_writes, input_tokens)
+        else:  # the same for every request: made once per compiled price
+            got = self.memo.get(cache_writes)
+            if got is None:
+                got = self.memo[cache_writes] = self.max_rates(cache_writes, input_tokens)
+            in_rate, out_rate, fee_terms = got
+        fees = Decimal(0)
+        for rate, per, per_search in fee_terms:
+            fees += rate * web_searches / per if per_search else rate / per
+        total = (in_rate * input_tokens + out_rate * output_tokens) / PER_TOKEN + fees
+        return float(total)
+
+    def max_rates(
+        self, cache_writes: bool, input_tokens: int
+    ) -> tuple[Decimal, Decimal, tuple[tuple[Decimal, int, bool], ...]]:
+        """For ModelPrice.max_cost: the dearest input and output rates at this many input
+        tokens, and the fees in unit order as (rate, per, per web search)."""
+        in_rate = out_rate = Decimal(0)
+        fees: list[tuple[Decimal, int, bool]] = []
+        for unit, role, cache_write in zip(self.units, self.roles, self.cache_writes, strict=True):
+            if role is None:
+                continue
+            if cache_write and not cache_writes:
+                continue
+            if role == "input":
+                in_rate = max(in_rate, _rate(unit.price, input_tokens))
+            elif role == "output":
+                out_rate = max(out_rate, _rate(unit.price, input_tokens))
+            else:  # requests, web_searches
+                fees.append((_rate(unit.price, input_tokens), unit.per, role == "web_searches"))
+        return in_rate, out_rate, tuple(fees)
 
     def price(self, usage: Usage) -> Decimal:
         """What `usage` costs (USD, exact); ValueError when its counts contradict each other (a
         part above its total), as genai-prices raises."""
-        counts = {theirs: int(getattr(usage, ours)) for ours, theirs in _USAGE_KEYS.items()}
+        counts = {theirs: int(getattr(usage, ours)) for ours, theirs in self.counted}
         calc_unit_price = prices_source.gp_types().calc_unit_price
         total_input = counts["input_tokens"] if self.tiered else 0
         total = Decimal(0)
@@ -353,8 +393,28 @@ class _Compiled:
                     leaf += coef * counts.get(key, 0)
                 if leaf < 0:
                     raise ValueError(f"Invalid usage data: the parts of {unit.usage_key} exceed it")
+                if leaf == 0:
+                    continue  # costs nothing at any rate or tier (a Decimal zero, not added)
             total += calc_unit_price(unit.price, leaf, total_input, unit.per)
         return total
+
+
+def _role(unit: _Unit) -> str | None:
+    """What max_cost takes a unit for (see `_Compiled.roles`)."""
+    dims = unit.dimensions
+    if dims.get("family") == "tokens":
+        if dims.get("token_type") == "cache_read":
+            return None  # never dearer than the input it replaces
+        direction = dims.get("direction")
+        return direction if direction in ("input", "output") else None
+    if unit.usage_key in ("requests", "web_searches"):
+        return str(unit.usage_key)
+    return None
+
+
+def _is_cache_write(unit: _Unit) -> bool:
+    dims = unit.dimensions
+    return bool(dims.get("family") == "tokens" and dims.get("token_type") == "cache_write")
 
 
 def _leaf_rows(units_by_key: dict[str, Any]) -> dict[str, tuple[tuple[str, int], ...]]:

@@ -24,7 +24,8 @@ def target_problem(target: str) -> str | None:
     if "\\" in path or _ENCODED_SEPARATOR.search(path):
         return "its path holds an encoded slash or a backslash"
     for segment in path.split("/"):
-        if unquote(segment) in (".", ".."):
+        # only a segment with a dot or an escape can decode to one (unquote costs ~1 µs each)
+        if ("." in segment or "%" in segment) and unquote(segment) in (".", ".."):
             return "its path holds a dot segment ('.' or '..', raw or %2e)"
     return None
 

@@ -41,9 +41,12 @@ class Usage:
 WIRES = ("openai", "anthropic", "gemini", "bedrock", "ollama")
 
 
+_NUMBER = (int, float)  # (`int | float` made a union object on every call)
+
+
 def _count(value: object) -> int | None:
     """A token count as sent, or None when absent, null or not a number."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, _NUMBER):
         return None
     return max(0, int(value))
 
@@ -64,6 +67,7 @@ _OPENAI_SHAPES = (
     ("prompt_tokens", "completion_tokens", "prompt_tokens_details"),  # chat, embeddings
     ("input_tokens", "output_tokens", "input_tokens_details"),  # Responses
 )
+_OUTPUT_DETAILS = {out: out.replace("_tokens", "_tokens_details") for _, out, _ in _OPENAI_SHAPES}
 
 
 def usage_from_openai(obj: object) -> Usage | None:
@@ -90,7 +94,7 @@ def usage_from_openai(obj: object) -> Usage | None:
         out = max(out, total - inp)
     cached = _n(details.get("cached_tokens")) if isinstance(details, dict) else 0
     usage = _usage(inp, out, cached)
-    _openai_details(usage, obj, details, u.get(out_key.replace("_tokens", "_tokens_details")))
+    _openai_details(usage, obj, details, u.get(_OUTPUT_DETAILS[out_key]))
     return usage
 
 
@@ -135,6 +139,7 @@ _BEDROCK_HEADERS = {
     "x-amzn-bedrock-cache-read-input-token-count": "cache_read_input_tokens",
     "x-amzn-bedrock-cache-write-input-token-count": "cache_creation_input_tokens",
 }
+BEDROCK_TOKEN_HEADERS = frozenset(_BEDROCK_HEADERS)  # their names, lower-case
 METRICS_KEY = "amazon-bedrock-invocationMetrics"
 
 # Parts: Anthropic's split of a usage (uncached input, output, cache reads, cache writes), holding

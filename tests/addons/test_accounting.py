@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from mitmproxy import http
 from mitmproxy.test import tflow
 
@@ -116,3 +117,40 @@ def test_flows_without_a_context_are_left_alone(tctx, runtime):
     accounting.response(f)
     accounting.error(f)
     assert "X-Candela-Span-Id" not in f.response.headers
+
+
+_FIELD_TABLE = [
+    [],
+    [(b"Content-Type", b"application/json")],
+    [(b"x-candela-span-id", b"old"), (b"Content-Type", b"application/json"),
+     (b"X-CANDELA-SPAN-ID", b"older")],
+    [(b"x-amzn-bedrock-input-token-count", b"12"), (b"X-Amzn-Bedrock-Output-Token-Count", b"3")],
+    [(b"x-amzn-bedrock-input-token-count", b"12"), (b"x-amzn-bedrock-input-token-count", b"4")],
+    [(b"x-amzn-bedrock-output-token-count", b" 7 ")],
+]
+
+
+@pytest.mark.parametrize("fields", _FIELD_TABLE)
+def test_set_headers_is_header_assignments(fields) -> None:
+
+    from candela_mitm.addons.flowstate import set_headers
+
+    values = {"X-Candela-Span-Id": "s", "X-Candela-Trace-Id": "t\u00e9"}
+    a, b = tflow.tflow(resp=True), tflow.tflow(resp=True)
+    a.response.headers.fields = b.response.headers.fields = tuple(fields)
+    for k, v in values.items():
+        a.response.headers[k] = v
+    set_headers(b.response.headers, values)
+    assert b.response.headers.fields == a.response.headers.fields
+
+
+@pytest.mark.parametrize("fields", _FIELD_TABLE)
+def test_metered_headers_give_the_usage_the_headers_give(fields) -> None:
+
+    from candela_mitm.addons.accounting import metered_headers
+    from candela_mitm.providers.usage import usage_from_bedrock_headers
+
+    f = tflow.tflow(resp=True)
+    f.response.headers.fields = tuple(fields)
+    h = f.response.headers
+    assert usage_from_bedrock_headers(metered_headers(h)) == usage_from_bedrock_headers(h)

@@ -126,3 +126,33 @@ def test_verified_identities_must_be_enrolled(make_runtime, user, allow_unknown,
         body = json.loads(flow.response.content)
         assert body["error"] == "user_not_enrolled" and body["user_id"] == user
 
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [],
+        [(b"Authorization", b"Bearer k"), (b"Content-Type", b"application/json")],
+        [(b"X-Candela-Tenant-Id", b"acme")],
+        [(b"x-candela-tenant-id", b"  ")],
+        [(b"X-CANDELA-TENANT-ID", b"acme"), (b"baggage", b"candela.tenant_id=other")],
+        [(b"Baggage", b"candela.tenant_id=acme")],
+        [(b"BAGGAGE", b"other=1, candela.tenant_id=acme")],
+        [(b"baggage", b"other=1")],
+        [(b"X-Candela-Tenant", b"acme")],  # not the header: no tenant named
+    ],
+)
+def test_names_tenant_is_exact_where_requested_tenant_finds_one(fields) -> None:
+    """The fast path skips requested_tenant only where it would find nothing."""
+    from mitmproxy.test import tflow
+
+    from candela_mitm.addons.auth import names_tenant
+    from candela_mitm.governance.tenancy import requested_tenant
+
+    f = tflow.tflow()
+    f.request.headers.fields = tuple(fields)
+    if not names_tenant(f.request.headers):
+        assert requested_tenant(f.request.headers) is None
+    assert names_tenant(f.request.headers) == any(
+        k.lower() in (b"x-candela-tenant-id", b"baggage") for k, _ in fields
+    )

@@ -356,3 +356,50 @@ def test_with_slices_and_leases_a_request_makes_no_store_call_before_it_leaves(t
     assert len(later) == 5
     status = rt.ledger.status(USER, 100.0)
     assert status.reserved_usd > 0  # the first request's hold and the slice
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [(None, None, None), (10, None, None), (None, 0, None), (None, None, 5), (1, 2, 3)],
+)
+def test_token_limited_is_token_limits_active(limits) -> None:
+    from candela_mitm.addons.ratelimit import _token_limited
+    from candela_mitm.governance.users import UserSettings
+
+    s = UserSettings("u", "developer", (), 1.0, 60, "store", False, **dict(
+        zip(("input_tokens_per_minute", "output_tokens_per_minute", "total_tokens_per_minute"),
+            limits, strict=True)))
+    assert _token_limited(s) == bool(s.token_limits.active())
+
+
+@pytest.mark.parametrize(
+    "fields, large",
+    [
+        ([], False),
+        ([(b"Content-Length", b"10")], False),
+        ([(b"content-length", str(300 * 1024).encode())], True),
+        ([(b"Transfer-Encoding", b"Chunked")], True),
+        ([(b"Content-Length", b"nope")], False),
+        ([(b"Content-Length", b"10"), (b"content-length", b"10")], False),  # "10, 10": Router's 400
+    ],
+)
+def test_large_body_reads_the_head(fields, large) -> None:
+    from mitmproxy.test import tflow
+
+    from candela_mitm.addons.ratelimit import large_body
+
+    f = tflow.tflow()
+    f.request.headers.fields = tuple(fields)
+    assert large_body(f.request.headers) is large
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [(None, None, None), (10, None, None), (None, 0, None), (None, None, 5), (1, 2, 3)],
+)
+def test_limits_set_is_token_limits_active(limits) -> None:
+    from candela_mitm.addons.ratelimit import _limits_set
+    from candela_mitm.governance.ratelimit import TokenLimits
+
+    t = TokenLimits(*limits)
+    assert _limits_set(t) == bool(t.active())

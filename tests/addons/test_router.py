@@ -223,3 +223,74 @@ def test_a_large_body_is_read_in_slices_as_json_loads_reads_it(tctx, runtime, ra
         assert ctx_of(f).scan is not None  # the estimate's walk made in slices too
     else:
         assert error_of(f) == expected and ctx_of(f).plan is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [],
+        [(b"Content-Length", b"12"), (b"Content-Type", b"application/json")],
+        [(b"content-length", b"12"), (b"CONTENT-LENGTH", b"13")],  # joined, as Headers.get does
+        [(b"Traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01")],
+        [(b"Content-Encoding", b" GZip "), (b"Upgrade", b"websocket")],
+        [(b"upgrade", "\u00e9".encode()), (b"content-encoding", b"\xff\xfe")],
+    ],
+)
+def test_head_values_equal_headers_get(fields) -> None:
+    from mitmproxy.test import tflow
+
+    from candela_mitm.addons.router import _HEAD, head_values
+
+    f = tflow.tflow()
+    f.request.headers.fields = tuple(fields)
+    got = head_values(f.request.headers, _HEAD)
+    for name in _HEAD:
+        assert got.get(name) == f.request.headers.get(name.decode())
+
+
+@pytest.mark.parametrize(
+    "fields, refused",
+    [
+        ([(b"Transfer-Encoding", b"chunked")], None),
+        ([(b"transfer-encoding", b" Chunked ")], None),
+        ([(b"Transfer-Encoding", b"gzip, chunked")], "Transfer-Encoding"),
+        ([(b"Transfer-Encoding", b"chunked"), (b"TRANSFER-ENCODING", b"chunked")], "Transfer-Encoding"),
+        ([(b"X-A", b"a\r\n b")], "obs-fold"),
+        ([(b"Transfer-Encoding", b"gzip"), (b"X-A", b"a\n b")], "obs-fold"),  # the fold first
+        ([(b"Content-Length", b"3")], None),
+    ],
+)
+def test_framing_problem(fields, refused) -> None:
+    from mitmproxy.test import tflow
+
+    from candela_mitm.addons.router import framing_problem
+
+    f = tflow.tflow()
+    f.request.headers.fields = tuple(fields)
+    got = framing_problem(f.request.headers)
+    assert (got is None) if refused is None else (got is not None and refused in got)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{}",
+        b"{",
+        b' {"a": "\\u00e9\xc3\xa9"}',
+        b'\n{"a": [1, 2.5, true, null]}',
+        '{"a": "b"}'.encode("utf-16-le"),
+        '{"a": "b"}'.encode("utf-32-le"),
+        b'{"a": "\xed\xa0\x80"}',  # a lone surrogate, as UTF-8 bytes
+        b'{"a": "\xff"}',
+    ],
+)
+def test_loads_is_json_loads(raw) -> None:
+    from candela_mitm.addons.router import _loads
+
+    def outcome(f):
+        try:
+            return f(raw)
+        except ValueError as e:
+            return type(e), str(e)
+
+    assert outcome(_loads) == outcome(json.loads)

@@ -49,6 +49,28 @@ class Found:
 def find(
     route: str, method: str, path: str, allowed: Iterable[str] = (), *, websocket: bool = False
 ) -> Found | None:
+    """`find_uncached`, kept per (route, method, path, allow entries, websocket): the catalogue
+    is code and the allow entries are in the key, so an answer never goes stale; a request
+    walked the route's templates (a regular expression each) until its own. Each caller gets
+    its own params."""
+    key = (route, method, path, tuple(allowed), websocket)
+    if key in _FOUND:
+        hit = _FOUND[key]
+    else:
+        hit = find_uncached(route, method, path, key[3], websocket=websocket)
+        if len(_FOUND) >= _FOUND_MAX:
+            _FOUND.clear()
+        _FOUND[key] = hit
+    return None if hit is None else Found(hit.operation, dict(hit.params))
+
+
+_FOUND: dict[tuple[object, ...], Found | None] = {}
+_FOUND_MAX = 4096  # paths naming models or ids vary: a bound, not a working set
+
+
+def find_uncached(
+    route: str, method: str, path: str, allowed: Iterable[str] = (), *, websocket: bool = False
+) -> Found | None:
     """The operation `method path` is on `route` (path without query), or None: not governed.
 
     The route's rows come first, in table order (a literal row before a `{model}` one), so an

@@ -124,3 +124,83 @@ def test_rules_come_from_the_governance_config() -> None:
         }
     )
     assert Rules.of(cfg.governance) == Rules(123, "zero", 0.2)
+
+
+# -- the slice key, made once per budgets and period (admission.carve) -------------------------
+
+
+def test_rules_for_follows_a_reload() -> None:
+    """rules_for keeps the Rules of one configuration: a reload (a new config) has its own."""
+    from candela_mitm.governance.admission import rules_for
+
+    a = parse_config({"governance": {"budgets": {"default_max_output_tokens": 100}}})
+    b = parse_config({"governance": {"budgets": {"default_max_output_tokens": 200}}})
+    assert rules_for(a.governance).default_max_output_tokens == 100
+    assert rules_for(a.governance) is rules_for(a.governance)
+    assert rules_for(b.governance).default_max_output_tokens == 200
+    assert rules_for(a.governance).default_max_output_tokens == 100
+
+
+class _Slices:
+    """What carve uses of Slices, recording the key each carve asks for."""
+
+    def __init__(self, now: Any) -> None:
+        from candela_mitm.governance.slices import Slices
+
+        self.rules = SimpleNamespace(enabled=True)
+        self.now = now
+        self.key_of = Slices.key_of
+        self.keys: list[Any] = []
+
+    def clock(self) -> Any:
+        return self.now
+
+    def carve(self, key: Any, amount: float, request_id: str) -> None:
+        self.keys.append(key)
+        return None
+
+
+def test_carve_asks_for_the_key_of_the_budgets_in_force() -> None:
+    """Every carve names the key Slices.key_of makes for that moment, whatever was cached: an
+    admin change to a user's, tenant's or key's budget, a new day, a weekly period in a time
+    zone crossing its boundary, a clock set back."""
+    from datetime import UTC, datetime, timedelta
+
+    from candela_mitm.governance.admission import carve
+    from candela_mitm.governance.identity import KeyScope
+    from candela_mitm.governance.ledger import KeyBudget
+    from candela_mitm.governance.periods import BudgetPeriod
+    from candela_mitm.governance.users import TenantSettings, UserSettings
+
+    weekly = BudgetPeriod("weekly", "Europe/Paris")
+    user = UserSettings("u@x", "developer", ("t",), 10.0, 60, "store")
+    tenants = {"t": TenantSettings("t", 50.0, weekly, "store")}
+    p = SimpleNamespace(session=False, batch=None, operation=SimpleNamespace(job=None, model="chat"))
+    hold = Hold(0.01, "gpt-4o-mini", "openai")
+    t0 = datetime(2026, 5, 17, 21, 30, tzinfo=UTC)  # a Sunday: Paris's week ends at 22:00 UTC
+    s = _Slices(t0)
+    steps: list[tuple[Any, UserSettings, str | None, Any]] = [
+        (t0, user, None, None),
+        (t0 + timedelta(minutes=1), user, None, None),  # the same
+        (t0, user, "t", None),
+        (t0 + timedelta(minutes=20), user, "t", None),  # same day, Paris's week still
+        (t0 + timedelta(minutes=31), user, "t", None),  # Paris's new week, the same UTC day
+        (t0 + timedelta(minutes=31), UserSettings("u@x", "developer", ("t",), 12.0, 60, "store"),
+         "t", None),  # an admin change to the user's budget
+        (t0 + timedelta(hours=3), user, None, None),  # a new UTC day
+        (t0 + timedelta(hours=3), user, None, KeyScope("k_1", (), 2.0, "k_0")),
+        (t0 + timedelta(hours=3), user, None, KeyScope("k_1", (), 3.0, "k_0")),  # key budget
+        (t0 - timedelta(days=7), user, "t", None),  # a clock set back
+    ]
+    for i, (now, settings, tenant, key) in enumerate(steps):
+        s.now = now
+        if i == 4:
+            tenants["t"] = TenantSettings("t", 60.0, weekly, "store")  # the tenant's budget
+        carve(s, p, hold, settings, tenant, tenants.get, f"r{i}", key)  # type: ignore[arg-type]
+        t = tenants[tenant] if tenant else None
+        kb = KeyBudget(key.key_id, key.budget_id, key.budget_usd) if key else None
+        assert s.keys[-1] == s.key_of(
+            settings.user_id, settings.daily_budget_usd, settings.budget_period, tenant,
+            t.budget_usd if t else None, t.period if t else settings.budget_period, kb, now,
+        ), i
+    assert len({k.tenant_period for k in s.keys if k.tenant}) == 3  # the test crossed periods

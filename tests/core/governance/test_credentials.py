@@ -95,3 +95,29 @@ def test_key_id_is_sha256_prefix() -> None:
     assert key_id(ALICE_KEY) == ALICE_SHA[:8]
 
 
+
+
+@pytest.mark.parametrize("first,second", list(itertools.combinations(SOURCES, 2)))
+@pytest.mark.parametrize("proxy", [None, "Bearer iap.token.x", "Basic nope"])
+def test_extract_credentials_is_both_extractions(first: str, second: str, proxy: str | None):
+    """One lower-casing for both: the same answers and the same refusals, the proxy's first."""
+    from candela_mitm.governance.credentials import extract_credentials, extract_proxy_credential
+
+    h1, q1 = where(first, "tok_first")
+    h2, q2 = where(second, "", raw="a b")
+    headers = {**h2, **h1}
+    if proxy is not None:
+        headers["Proxy-Authorization"] = proxy
+    query = {**q2, **q1}
+
+    def both() -> Any:
+        try:
+            return extract_proxy_credential(headers), extract_credential(headers, query)
+        except MalformedCredential as e:
+            return e.source
+
+    try:
+        got: Any = extract_credentials(headers, query)
+    except MalformedCredential as e:
+        got = e.source
+    assert got == both()

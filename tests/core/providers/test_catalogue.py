@@ -656,3 +656,35 @@ def test_an_upgrade_matches_no_http_row(route, rest):
 def test_realtime_needs_one_model_in_the_url(query):
     p = plan("openai", "GET", "/v1/realtime" + query, None, websocket=True)
     assert isinstance(p, Denial) and p.error == "bad_request"
+
+
+@pytest.mark.parametrize(
+    "route, method, path, allowed, websocket",
+    [
+        ("openai", "POST", "/v1/chat/completions", (), False),
+        ("openai", "GET", "/v1/files/file-abc", (), False),
+        ("openai", "GET", "/v1/files/file-abc", ("GET /v1/files/{id}",), False),
+        ("openai", "GET", "/v1/realtime", (), True),
+        ("google", "POST", "/v1beta/models/gemini-2.0-flash:generateContent", (), False),
+        ("google", "POST", "/v1beta/models/gemini%2D2.0-flash:streamGenerateContent", (), False),
+        ("openai", "DELETE", "/v1/nothing", (), False),
+    ],
+)
+def test_find_kept_answers_as_the_walk_does(route, method, path, allowed, websocket):
+    """find keeps its answers by everything they depend on (an allow entry added or removed is
+    another answer), and each caller gets params of its own."""
+    from candela_mitm.providers.catalogue import find_uncached
+
+    expected = find_uncached(route, method, path, allowed, websocket=websocket)
+    first = find(route, method, path, allowed, websocket=websocket)
+    assert first == expected
+    if first is not None:
+        first.params["model"] = "tampered"
+    assert find(route, method, path, allowed, websocket=websocket) == expected
+    assert find(route, method, path, list(allowed), websocket=websocket) == expected
+
+
+def test_find_follows_the_allow_entries():
+    assert find("openai", "GET", "/v1/files/file-abc", ("GET /v1/files/{id}",)) is not None
+    refused = find("openai", "GET", "/v1/files/file-abc", ())
+    assert refused is None or refused.operation.billing == "refused"

@@ -1014,3 +1014,18 @@ def test_observed_output_adds_up_over_a_long_stream() -> None:
     assert meter.usage == Usage() and not meter.reported
 
 
+
+
+@pytest.mark.parametrize("cut", [1, 5, 9, 12, 30])
+def test_a_json_body_is_read_before_its_end_once_a_usage_key_passed(cut):
+    """The usage key is looked for from where the new bytes start (32 bytes back): one split
+    across two reads is found too, and a body without one is not parsed early."""
+    body = b'{"id": "x", "usage": {"prompt_tokens": 3, "completion_tokens": 2}}'
+    m = meter_for("openai", False, "application/json")
+    at = body.index(b'"usage') + cut % 6
+    m.feed(body[:at])
+    m.feed(body[at:])
+    assert m.usage.input_tokens == 3 and m.usage.output_tokens == 2  # before finish()
+    plain = meter_for("openai", False, "application/json")
+    plain.feed(b'{"id": "x", "choices": []}')
+    assert plain._marked is False  # type: ignore[attr-defined]

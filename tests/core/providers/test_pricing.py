@@ -543,3 +543,54 @@ def test_a_price_change_in_the_library_is_picked_up_at_once(monkeypatch: pytest.
     assert price.cost(usage) == before  # within the second: the price asked for last
     price._recent.clear()  # a second later
     assert price.cost(usage) == pytest.approx(100.0)
+
+
+def _reference_max_cost(compiled: object, input_tokens: int, output_tokens: int, web_searches: int,
+                        cache_writes: bool) -> float:
+    """max_cost as it read each unit's dimensions on every call (before issue 21)."""
+    from decimal import Decimal
+
+    from candela_mitm.providers.pricing import PER_TOKEN, _rate
+
+    in_rate = out_rate = Decimal(0)
+    fees = Decimal(0)
+    for unit in compiled.units:  # type: ignore[attr-defined]
+        dims = unit.dimensions
+        if dims.get("family") == "tokens":
+            if dims.get("token_type") == "cache_read":
+                continue
+            if dims.get("token_type") == "cache_write" and not cache_writes:
+                continue
+            rate = _rate(unit.price, input_tokens)
+            if dims.get("direction") == "input":
+                in_rate = max(in_rate, rate)
+            elif dims.get("direction") == "output":
+                out_rate = max(out_rate, rate)
+        elif unit.usage_key == "requests":
+            fees += _rate(unit.price, input_tokens) / unit.per
+        elif unit.usage_key == "web_searches":
+            fees += _rate(unit.price, input_tokens) * web_searches / unit.per
+    return float((in_rate * input_tokens + out_rate * output_tokens) / PER_TOKEN + fees)
+
+
+def test_max_cost_made_once_per_price_is_the_per_call_reading_for_every_model() -> None:
+    """The roles and rates read once per compiled price (and kept) give the very float the
+    per-call reading gave, on every library price, across tiers, searches and cache writes,
+    asked twice (the second from what was kept)."""
+    from candela_mitm.providers.pricing import _Compiled
+
+    checked = 0
+    for _name, prices in _every_library_price():
+        try:
+            compiled = _Compiled.of(prices)
+        except ValueError:
+            continue
+        for inp, out, searches, writes in [
+            (0, 0, 0, True), (1_000, 500, 0, True), (300_000, 4_000, 3, False),
+            (150_000, 0, 10, True), (1, 1, 1, False),
+        ]:
+            expected = _reference_max_cost(compiled, inp, out, searches, writes)
+            assert compiled.max_cost(inp, out, searches, writes) == expected, _name
+            assert compiled.max_cost(inp, out, searches, writes) == expected, _name
+            checked += 1
+    assert checked > 1_000
