@@ -14,9 +14,9 @@ from candela_mitm import errors
 from candela_mitm.context import RequestContext
 from candela_mitm.governance.admission import (
     PriceUnknown,
-    Rules,
     decide_hold,
     reserve,
+    rules_for,
 )
 from candela_mitm.governance.ledger import BudgetRefusal, Reservation, Settlement
 from candela_mitm.governance.slices import Ask
@@ -31,7 +31,6 @@ log = logging.getLogger("candela.budget")
 class Budget:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.rules = Rules.of(rt.config.governance)
         self._settling: set[asyncio.Task[None]] = set()  # settles after their entries, running
         self._flusher: asyncio.Task[None] | None = None  # records the budget slices' spend
 
@@ -49,7 +48,8 @@ class Budget:
             else:
                 self._ask_slice(reserved)
             return
-        hold = c.hold if c.hold_decided else decide_hold(c, self.rt.pricing, self.rules, c.scan)
+        rules = rules_for(self.rt.config.governance)  # the config in force: a reload changes it
+        hold = c.hold if c.hold_decided else decide_hold(c, self.rt.pricing, rules, c.scan)
         if isinstance(hold, PriceUnknown):
             m.budget_denied.labels(m.tenant_label(c.tenant or ""), "model_price_unknown").inc()
             deny(flow, errors.model_price_unknown(hold.model))

@@ -118,3 +118,31 @@ def test_a_key_budget_refuses_with_scope_key_while_the_user_has_room(tctx, runti
     # a key of alice without a budget of its own is judged by hers alone
     free = _minted(rt, None, key_id="k_free")
     assert asyncio.run(go(_keyed_chat(free))).response is None
+
+
+def test_budget_judges_a_hold_by_the_config_in_force_after_a_reload(tctx, runtime):
+    """Without RateLimit deciding the hold, Budget decides it: by the rules of the config in
+    force, not those of its start (governance.unknown_model_price changed by a reload)."""
+    from candela_mitm.addons.auth import Auth
+    from candela_mitm.addons.router import Router
+    from candela_mitm.config import parse_config
+
+    from .test_ratelimit import chat
+
+    def cfg(unknown: str) -> dict:
+        return {**BASE, "users": {USER: {"tenants": ["research-team"], "daily_budget_usd": 5.0}},
+                "governance": {"unknown_model_price": unknown}}
+
+    rt = runtime(cfg("deny"))
+    addons = [Router(rt), Auth(rt), Budget(rt)]  # made once, as mitmproxy keeps them
+
+    def status() -> int | None:
+        f = chat(model="model-nobody-prices")
+        asyncio.run(run_hooks(addons, f, "requestheaders", "request"))
+        return f.response.status_code if f.response else None
+
+    assert status() == 402  # model_price_unknown
+    same = {"state": {"sqlite_path": rt.config.state.sqlite_path},
+            "audit": {"sqlite_path": rt.config.audit.sqlite_path}}
+    assert rt.reload(parse_config({**cfg("zero"), **same})) == ["governance"]
+    assert status() is None  # priced at zero now: nothing held, forwarded
