@@ -154,7 +154,9 @@ class RateLimit:
         # Budget still decides and answers 402 in its own hook, after this one.
         call, carved = admission_call(self.rt, c)
         checked = from_block(self.rt, c, carved)  # no store call, when it can be
-        if checked is None:
+        if checked is not None:
+            self._ask_next_block(c, checked)
+        else:
             try:
                 checked = await self.rt.store_call(call)
             except BaseException:
@@ -190,6 +192,18 @@ class RateLimit:
         if leases is None or settings is None or checked.refusal is not None:
             return
         ask = leases.ask(settings.user_id, settings.requests_per_minute, checked.decisions[0])
+        if ask is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._take(ask))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _ask_next_block(self, c: RequestContext, checked: Checked) -> None:
+        """A request admitted from a block: take the next in the background before this one
+        runs out (RateLeases.ask_next)."""
+        leases, settings = self.rt.rate_leases, c.settings
+        assert leases is not None and settings is not None
+        ask = leases.ask_next(settings.user_id, settings.requests_per_minute, checked.now_us)
         if ask is None:
             return
         task = asyncio.get_running_loop().create_task(self._take(ask))

@@ -172,6 +172,10 @@ class BudgetSlices(_Model):
     headroom: int = Field(default=8, ge=2, le=1_000)  # never more than what is left / headroom
     flush_ms: int = Field(default=250, ge=1, le=10_000)  # spend recorded in the store this often
     idle_s: float = Field(default=1.0, gt=0, le=3600)  # an unused slice is returned after this
+    # the next slice is taken before the one in use runs out, sized to cover demand_ms of the
+    # demand seen on it: at least `requests` holds, at most max(requests, max_requests)
+    max_requests: int = Field(default=1024, ge=2, le=100_000)
+    demand_ms: int = Field(default=1000, ge=10, le=60_000)
 
 
 class Budgets(_Model):
@@ -218,6 +222,9 @@ class RateLimitLeases(_Model):
     headroom: int = Field(default=4, ge=2, le=1_000)  # never more than the room / headroom
     # requests are admitted from a block this long; at most 1 s (the Redis window key's TTL)
     lifetime_ms: int = Field(default=1000, ge=10, le=1000)
+    # the next block is taken before the one in use runs out, sized to the demand seen on it
+    # over a lifetime: at least `requests`, at most max(requests, max_requests)
+    max_requests: int = Field(default=1024, ge=2, le=100_000)
 
 
 class RateLimits(_Model):

@@ -16,7 +16,18 @@ never over-admission). `lifetime_s` is at most 1 s: the Redis window's key lives
 the window after each plain check.
 
 A block is taken only while the window has room for `headroom` of them: near the limit every
-request is checked in the store, as before. Answers from a block carry IETF headers computed
+request is checked in the store, as before.
+
+The next block is asked before the one in use runs out (`ask_next`, after a request admitted
+from it, in the background as any block is taken): when a quarter of it is left, or a quarter
+of its lifetime. At most one ask is in flight per user and one block waits: it is used once
+the one in use is spent or past its stamp (no switch wastes a block's rest). It is sized by the
+demand seen on the block in use: its requests per second times three quarters of
+`lifetime_s` (a block is used only until its stamp, so a bigger one would be given back), at
+least `requests`, at most `max_requests`, never more than the window's room at the last take
+/ headroom; `rate_take` grants only what the window holds below the limit, as for any block.
+Two blocks of one user are both in the window from their takes: the log over-counts, never
+under-counts. Answers from a block carry IETF headers computed
 here (remaining: the window's count at the take, less this block's unused part: other
 processes' requests since are not seen until the next check in the store).
 
@@ -46,14 +57,16 @@ log = logging.getLogger("candela.rate_leases")
 class LeaseRules:
     """governance.rate_limits.leases, as the manager reads it."""
 
-    requests: int = 32  # a block holds at most this many requests
+    requests: int = 32  # a first block holds at most this many requests (one asked ahead, at least)
     headroom: int = 4  # never more than the window's room / headroom
     lifetime_s: float = 1.0
     enabled: bool = True
+    max_requests: int = 1024  # a block asked ahead covers its lifetime's demand, up to this
 
     @classmethod
     def of(cls, cfg: RateLimitLeases) -> LeaseRules:
-        return cls(cfg.requests, cfg.headroom, cfg.lifetime_ms / 1000, cfg.enabled)
+        return cls(cfg.requests, cfg.headroom, cfg.lifetime_ms / 1000, cfg.enabled,
+                   cfg.max_requests)
 
 
 @dataclass
@@ -64,6 +77,8 @@ class Block:
     granted: int
     count: int  # the window's entries after the take
     used: int = 0
+    taken_us: int = 0  # when it was taken
+    since_us: int = 0  # when it was first in use (its demand per second: used / since then)
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,15 @@ class TakeAsk:
 def block_size(rules: LeaseRules, room: int) -> int:
     """How many requests to ask for with `room` left in the window; 0: none (near the limit)."""
     n = min(rules.requests, room // rules.headroom)
+    return n if n >= 2 else 0
+
+
+def next_block_size(rules: LeaseRules, per_s: float, room: int) -> int:
+    """The block asked ahead of the one in use at `per_s` requests a second with `room` left
+    in the window at its take; 0: none (near the limit)."""
+    want = min(max(int(per_s * rules.lifetime_s * 0.75), rules.requests),
+               max(rules.max_requests, rules.requests))
+    n = min(want, room // rules.headroom)
     return n if n >= 2 else 0
 
 
@@ -95,6 +119,7 @@ class RateLeases:
         self.window_us = window_s * US_PER_S
         self._lock = threading.Lock()
         self._blocks: dict[str, Block] = {}
+        self._next: dict[str, Block] = {}  # taken ahead: used once the one in use is spent
         self._done: list[Block] = []  # past their stamp or dropped: unused part to give back
         self._taking: set[str] = set()
 
@@ -103,21 +128,49 @@ class RateLeases:
         none usable (the request is checked in the store)."""
         with self._lock:
             b = self._blocks.get(user)
-            if b is None:
-                return None
-            if not self.rules.enabled or b.limit != limit or now_us > b.stamp_us or (
-                b.used >= b.granted
-            ):
-                self._drop(b)
-                return None
+            if b is None or not self._usable(b, limit, now_us):
+                if b is not None:
+                    self._drop(b)
+                b = self._next.pop(user, None)  # the block taken ahead, if any
+                if b is None:
+                    return None
+                if not self._usable(b, limit, now_us):
+                    self._done.append(b)
+                    return None
+                b.since_us = now_us
+                self._blocks[user] = b
             b.used += 1
             remaining = max(0, limit - b.count + (b.granted - b.used))
             return RateDecision(True, limit, remaining, 0, now_us + self.window_us)
+
+    def _usable(self, b: Block, limit: int, now_us: int) -> bool:
+        return self.rules.enabled and b.limit == limit and now_us <= b.stamp_us and (
+            b.used < b.granted
+        )
 
     def _drop(self, b: Block) -> None:
         if self._blocks.get(b.user) is b:
             del self._blocks[b.user]
             self._done.append(b)
+
+    def ask_next(self, user: str, limit: int, now_us: int) -> TakeAsk | None:
+        """After a request admitted from `user`'s block: the next block to take now, before
+        this one runs out (a quarter of it or of its lifetime left), or None."""
+        if not self.rules.enabled:
+            return None
+        with self._lock:
+            b = self._blocks.get(user)
+            if b is None or b.limit != limit or user in self._next or user in self._taking:
+                return None
+            left = b.granted - b.used
+            if 4 * left > b.granted and 4 * (b.stamp_us - now_us) > b.stamp_us - b.taken_us:
+                return None  # ample left
+            age_s = max(now_us - b.since_us, 1000) / US_PER_S
+            n = next_block_size(self.rules, b.used / age_s, limit - b.count)
+            if not n:
+                return None
+            self._taking.add(user)
+        return self._ask(user, limit, n)
 
     def ask(self, user: str, limit: int, decision: RateDecision) -> TakeAsk | None:
         """After a request was checked in the store and admitted: a block to take for the
@@ -128,9 +181,12 @@ class RateLeases:
         if not n:
             return None
         with self._lock:
-            if user in self._blocks or user in self._taking:
+            if user in self._blocks or user in self._next or user in self._taking:
                 return None
             self._taking.add(user)
+        return self._ask(user, limit, n)
+
+    def _ask(self, user: str, limit: int, n: int) -> TakeAsk:
         lifetime_us = round(self.rules.lifetime_s * US_PER_S)
 
         def take() -> tuple[RateTake, int]:
@@ -147,8 +203,15 @@ class RateLeases:
             if got is None or got[0].granted <= 0:
                 return False
             taken, stamp = got
-            b = Block(ask.user, ask.limit, stamp, taken.granted, taken.count)
+            lifetime_us = round(self.rules.lifetime_s * US_PER_S)
+            b = Block(ask.user, ask.limit, stamp, taken.granted, taken.count,
+                      taken_us=stamp - lifetime_us, since_us=stamp - lifetime_us)
             old = self._blocks.get(ask.user)
+            if old is not None and old.limit == b.limit and old.used < old.granted and (
+                to_us(self.clock()) <= old.stamp_us
+            ):
+                self._next[ask.user] = b  # used once the one in use is spent
+                return True
             if old is not None:
                 self._drop(old)
             self._blocks[ask.user] = b
@@ -159,14 +222,16 @@ class RateLeases:
         with self._lock:
             for b in list(self._blocks.values()):
                 self._drop(b)
+            self._done.extend(self._next.values())
+            self._next.clear()
 
     def due(self) -> bool:
         with self._lock:
-            return bool(self._blocks or self._done)
+            return bool(self._blocks or self._done or self._next)
 
     def held(self) -> int:
         with self._lock:
-            return len(self._blocks) + len(self._done)
+            return len(self._blocks) + len(self._done) + len(self._next)
 
     def flush(self, everything: bool = False) -> int:
         """Blocking (store calls): give back the unused part of every block past its stamp (all
@@ -177,6 +242,9 @@ class RateLeases:
             for b in list(self._blocks.values()):
                 if everything or now_us > b.stamp_us:
                     self._drop(b)
+            for user, b in list(self._next.items()):
+                if everything or now_us > b.stamp_us:
+                    self._done.append(self._next.pop(user))
             done, self._done = self._done, []
         removed = 0
         for b in done:

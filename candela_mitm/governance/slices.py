@@ -14,6 +14,21 @@ and every request there reserves on its own, exactly, with its 402 decided by th
 - settle / release: in memory; the spend is queued and `flush` records it with settle_part
   (one store call per slice with spend, every `flush_ms`), after the request's durable audit
   entry, as a request's own settle is.
+- the next slice is asked before this one runs out (`ask_next`, after a request carved from it,
+  in the background as any slice is taken): when less than a quarter of it is free, or it
+  nears MAX_AGE_S. At most one ask is in flight per budgets (`_taking`). It is sized by the
+  demand seen on the slice in use: what its requests carved per second times `demand_s`, at
+  least `requests` and at most `max_requests` of the asking request's hold, and never more
+  than what was left outside the slice in use (as the store counted it when that one was
+  taken) divided by `headroom`. The store's reservation refuses a slice the budget cannot
+  hold, and one it holds but with less than `headroom` times its size left beside it (the
+  store's own counters, read in the same step) is returned unused: near a budget's end no
+  slice is taken and requests reserve on their own, the store deciding the 402.
+- the switch is atomic: the slice taken becomes the one carved from at once, and the one it
+  replaces is retired (its requests in flight settle into it; what is left of it is returned
+  at the next flush). Both are reservations in the store, each bounded and accounted: for a
+  moment one process holds two slices of the same budgets, the second sized on what the first
+  left.
 - a slice is returned (what is left released) when a request did not fit it, when idle for
   `idle_s`, when older than MAX_AGE_S, at shutdown, and when an admin change in this process
   (`retire_all`) or a changed budget seen in a request's settings makes it stale; once its
@@ -68,15 +83,20 @@ MAX_AGE_S = 60.0  # a slice is taken afresh at least this often (far below the s
 class SliceRules:
     """governance.budgets.slices, as the manager reads it."""
 
-    requests: int = 32  # a slice holds this many of the hold that asked for it
+    requests: int = 32  # a slice holds this many of the hold that asked for it (the least)
     headroom: int = 8  # never more than what the budget has left / headroom
     flush_s: float = 0.05
     idle_s: float = 1.0
     enabled: bool = True  # False: no slice is taken or carved (those held are returned)
+    max_requests: int = 1024  # a slice asked ahead covers demand_s of the demand, up to this
+    demand_s: float = 1.0
 
     @classmethod
     def of(cls, cfg: BudgetSlices) -> SliceRules:
-        return cls(cfg.requests, cfg.headroom, cfg.flush_ms / 1000, cfg.idle_s, cfg.enabled)
+        return cls(
+            cfg.requests, cfg.headroom, cfg.flush_ms / 1000, cfg.idle_s, cfg.enabled,
+            cfg.max_requests, cfg.demand_ms / 1000,
+        )
 
 
 @dataclass(frozen=True)
@@ -110,6 +130,7 @@ class Slice:
     spent: int = 0  # settled here (recorded in the store or not)
     pending: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (model, provider)
     retiring: bool = False
+    demand: int = 0  # the holds carved from it so far (its demand per second: / its age)
 
     @property
     def free(self) -> int:
@@ -123,6 +144,7 @@ class Ask:
     key: SliceKey
     amount_usd: float  # the slice's size
     reserve: Callable[[], Reservation | BudgetRefusal]  # the slice's reservation (a store call)
+    ahead: bool = False  # asked before the slice in use ran out (`ask_next`)
 
 
 def free_after(seen: ReserveResult, key: SliceKey, amount: int) -> int:
@@ -155,6 +177,16 @@ def in_one_transaction(store: object, calls: list[Call]) -> list[Outcome]:
 
 def spend_parts(pending: dict[tuple[str, str], list[int]]) -> list[SpendPart]:
     return [SpendPart(m, p, c, i, o, n) for (m, p), (c, i, o, n) in pending.items()]
+
+
+def next_size(rules: SliceRules, hold: int, demand_per_s: float, free: int) -> int:
+    """The size of the slice asked ahead of the one in use: `demand_s` of the demand seen on
+    it, between `requests` and `max_requests` of `hold`, never more than `free` (left beside
+    the slice in use) / headroom; 0: take none."""
+    want = min(max(int(demand_per_s * rules.demand_s), rules.requests * hold),
+               max(rules.max_requests, rules.requests) * hold)
+    size = min(want, free // rules.headroom)
+    return size if hold > 0 and size >= 2 * hold else 0
 
 
 def slice_size(rules: SliceRules, hold: int, free: int) -> int:
@@ -231,6 +263,7 @@ class Slices:
                 self._retire(s)
                 return None
             s.carved += amount
+            s.demand += amount
             s.inflight += 1
             s.used_at = self.monotonic()
             return dataclasses.replace(
@@ -312,15 +345,61 @@ class Slices:
 
         return Ask(key, amount, reserve)
 
+    def ask_next(self, res: Reservation) -> Ask | None:
+        """After a request carved from a slice (`res`): the next slice of its budgets to take
+        now, before this one runs out (see the module docstring), or None."""
+        if not res.slice or not self.rules.enabled:
+            return None
+        hold = usd_to_nano(res.amount_usd)
+        now = self.monotonic()
+        with self._lock:
+            s = self._by_id.get(res.slice)
+            if s is None or s.retiring or s.key in self._taking or self._by_key.get(s.key) is not s:
+                return None
+            age = now - s.taken_at
+            if 4 * s.free >= s.size and s.free >= 2 * hold and age < MAX_AGE_S * 0.9:
+                return None  # ample left
+            seen = s.reservation.seen
+            if seen is None:
+                return None
+            size = next_size(
+                self.rules, hold, s.demand / max(age, 0.001), free_after(seen, s.key, s.size)
+            )
+            if not size:
+                return None
+            self._taking.add(s.key)
+            key = s.key
+        amount = nano_to_usd(size)
+        kb = res.key_budget
+
+        def reserve() -> Reservation | BudgetRefusal:
+            return self.ledger.reserve(
+                res.user_id, res.tenant, amount, res.budget_usd, SLICE_PREFIX + uuid.uuid4().hex,
+                period=res.period, tenant_budget_usd=res.tenant_budget_usd,
+                tenant_period=res.tenant_period, key_budget=kb,
+            )
+
+        return Ask(key, amount, reserve, ahead=True)
+
     def took(self, ask: Ask, got: Reservation | BudgetRefusal | None) -> bool:
         """The outcome of an Ask's reservation (None: the store call failed). A slice taken is
-        used from now on; one the budget could not hold was a refusal: nothing is held."""
+        used from now on; one the budget could not hold was a refusal: nothing is held. A
+        slice asked ahead that left less than `headroom` times its size beside it in the
+        store is returned unused (the budget nears its end: requests reserve on their own)."""
         with self._lock:
             self._taking.discard(ask.key)
             if not isinstance(got, Reservation):
                 return False
             now = self.monotonic()
-            s = Slice(got, ask.key, usd_to_nano(got.amount_usd), now, now)
+            size = usd_to_nano(got.amount_usd)
+            s = Slice(got, ask.key, size, now, now)
+            if ask.ahead and (
+                got.seen is None
+                or free_after(got.seen, ask.key, 0) < size * self.rules.headroom
+            ):
+                s.retiring = True  # returned at the next flush, never carved from
+                self._by_id[got.id] = s
+                return True
             old = self._by_key.get(ask.key)
             if old is not None:
                 self._retire(old)
