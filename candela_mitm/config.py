@@ -176,6 +176,9 @@ class BudgetSlices(_Model):
     # demand seen on it: at least `requests` holds, at most max(requests, max_requests)
     max_requests: int = Field(default=1024, ge=2, le=100_000)
     demand_ms: int = Field(default=1000, ge=10, le=60_000)
+    # the spend of a slice in use is recorded this often (a slice retired: at the next flush);
+    # the slice holds the money meanwhile: only the spent figure and alerts wait for it
+    record_ms: int = Field(default=1000, ge=1, le=60_000)
 
 
 class Budgets(_Model):

@@ -19,13 +19,14 @@ A block is taken only while the window has room for `headroom` of them: near the
 request is checked in the store, as before.
 
 The next block is asked before the one in use runs out (`ask_next`, after a request admitted
-from it, in the background as any block is taken): when a quarter of it is left, or a quarter
-of its lifetime. At most one ask is in flight per user and one block waits: it is used once
-the one in use is spent or past its stamp (no switch wastes a block's rest). It is sized by the
-demand seen on the block in use: its requests per second times three quarters of
-`lifetime_s` (a block is used only until its stamp, so a bigger one would be given back), at
-least `requests`, at most `max_requests`, never more than the window's room at the last take
-/ headroom; `rate_take` grants only what the window holds below the limit, as for any block.
+from it, in the background as any block is taken): when, at the pace seen on it, it will be
+spent or past its stamp within an eighth of its lifetime (the margin for the ask: far more
+than a store call takes). At most one ask is in flight per user and one block waits: it is used
+once the one in use is spent or past its stamp (no switch wastes a block's rest). It is sized
+for what it will admit at that pace from then until its own stamp (a bigger one would be given
+back), at least `requests`, at most `max_requests`, never more than the window's room at the
+last take / headroom; `rate_take` grants only what the window holds below the limit, as for
+any block.
 Two blocks of one user are both in the window from their takes: the log over-counts, never
 under-counts. Answers from a block carry IETF headers computed
 here (remaining: the window's count at the take, less this block's unused part: other
@@ -78,7 +79,11 @@ class Block:
     count: int  # the window's entries after the take
     used: int = 0
     taken_us: int = 0  # when it was taken
-    since_us: int = 0  # when it was first in use (its demand per second: used / since then)
+    # its pace: base + used requests since since_us (the block before it counts too, once this
+    # one follows it: a pace measured on a few requests would be noise)
+    since_us: int = 0
+    base: int = 0
+    start_us: int = 0  # when it came into use
 
 
 @dataclass(frozen=True)
@@ -95,9 +100,9 @@ def block_size(rules: LeaseRules, room: int) -> int:
 
 
 def next_block_size(rules: LeaseRules, per_s: float, room: int) -> int:
-    """The block asked ahead of the one in use at `per_s` requests a second with `room` left
-    in the window at its take; 0: none (near the limit)."""
-    want = min(max(int(per_s * rules.lifetime_s * 0.75), rules.requests),
+    """The block asked ahead of the one in use at `per_s` requests a second over a lifetime
+    with `room` left in the window at its take; 0: none (near the limit)."""
+    want = min(max(int(per_s * rules.lifetime_s), rules.requests),
                max(rules.max_requests, rules.requests))
     n = min(want, room // rules.headroom)
     return n if n >= 2 else 0
@@ -129,6 +134,7 @@ class RateLeases:
         with self._lock:
             b = self._blocks.get(user)
             if b is None or not self._usable(b, limit, now_us):
+                prev = b
                 if b is not None:
                     self._drop(b)
                 b = self._next.pop(user, None)  # the block taken ahead, if any
@@ -137,8 +143,12 @@ class RateLeases:
                 if not self._usable(b, limit, now_us):
                     self._done.append(b)
                     return None
-                b.since_us = now_us
                 self._blocks[user] = b
+                b.start_us = now_us
+                if prev is not None:
+                    b.since_us, b.base = prev.start_us, prev.used
+                else:
+                    b.since_us = now_us
             b.used += 1
             remaining = max(0, limit - b.count + (b.granted - b.used))
             return RateDecision(True, limit, remaining, 0, now_us + self.window_us)
@@ -155,18 +165,29 @@ class RateLeases:
 
     def ask_next(self, user: str, limit: int, now_us: int) -> TakeAsk | None:
         """After a request admitted from `user`'s block: the next block to take now, before
-        this one runs out (a quarter of it or of its lifetime left), or None."""
+        this one runs out (at the pace seen on it, within an eighth of its lifetime), or
+        None."""
         if not self.rules.enabled:
             return None
         with self._lock:
             b = self._blocks.get(user)
             if b is None or b.limit != limit or user in self._next or user in self._taking:
                 return None
+            lifetime_us = b.stamp_us - b.taken_us
+            seen_us = now_us - b.since_us
             left = b.granted - b.used
-            if 4 * left > b.granted and 4 * (b.stamp_us - now_us) > b.stamp_us - b.taken_us:
-                return None  # ample left
-            age_s = max(now_us - b.since_us, 1000) / US_PER_S
-            n = next_block_size(self.rules, b.used / age_s, limit - b.count)
+            per_s = (b.base + b.used) / (max(seen_us, 1000) / US_PER_S)
+            ends_us = b.stamp_us
+            if 8 * seen_us >= lifetime_us:  # a pace to trust: when it runs out at it
+                ends_us = min(ends_us, now_us + int(left / per_s * US_PER_S))
+            elif 4 * left <= b.granted:  # else: a quarter left
+                ends_us = now_us
+            if 8 * (ends_us - now_us) > lifetime_us:
+                return None  # more than an eighth of a lifetime left
+            # the next is used from then until its stamp, a lifetime from now
+            span_s = max(now_us + lifetime_us - ends_us, 0) / US_PER_S
+            n = next_block_size(self.rules, per_s * span_s / self.rules.lifetime_s,
+                                limit - b.count)
             if not n:
                 return None
             self._taking.add(user)
@@ -205,7 +226,8 @@ class RateLeases:
             taken, stamp = got
             lifetime_us = round(self.rules.lifetime_s * US_PER_S)
             b = Block(ask.user, ask.limit, stamp, taken.granted, taken.count,
-                      taken_us=stamp - lifetime_us, since_us=stamp - lifetime_us)
+                      taken_us=stamp - lifetime_us, since_us=stamp - lifetime_us,
+                      start_us=stamp - lifetime_us)
             old = self._blocks.get(ask.user)
             if old is not None and old.limit == b.limit and old.used < old.granted and (
                 to_us(self.clock()) <= old.stamp_us

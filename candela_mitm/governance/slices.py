@@ -12,8 +12,11 @@ and every request there reserves on its own, exactly, with its 402 decided by th
   reservation holds them) has a slice of the same budgets and periods with room for its hold
   takes it from there (no store call); otherwise it reserves on its own as before.
 - settle / release: in memory; the spend is queued and `flush` records it with settle_part
-  (one store call per slice with spend, every `flush_ms`), after the request's durable audit
-  entry, as a request's own settle is.
+  (one store call per slice with spend), after the request's durable audit entry, as a
+  request's own settle is: a slice in use every `record_ms`, a slice retired at the next flush
+  (every `flush_ms`), before it is returned. The slice's reservation holds the money until
+  then: recording spend moves it from held to spent, so the cadence delays only the spent
+  figure (status, usage rows, budget alerts), never a budget's decision.
 - the next slice is asked before this one runs out (`ask_next`, after a request carved from it,
   in the background as any slice is taken): when less than a quarter of it is free, or it
   nears MAX_AGE_S. At most one ask is in flight per budgets (`_taking`). It is sized by the
@@ -24,11 +27,13 @@ and every request there reserves on its own, exactly, with its 402 decided by th
   hold, and one it holds but with less than `headroom` times its size left beside it (the
   store's own counters, read in the same step) is returned unused: near a budget's end no
   slice is taken and requests reserve on their own, the store deciding the 402.
-- the switch is atomic: the slice taken becomes the one carved from at once, and the one it
-  replaces is retired (its requests in flight settle into it; what is left of it is returned
-  at the next flush). Both are reservations in the store, each bounded and accounted: for a
-  moment one process holds two slices of the same budgets, the second sized on what the first
-  left.
+- the slice taken ahead waits (`_next`) until a request does not fit the one in use: that one
+  is retired then (its requests in flight settle into it, what is left of it, less than that
+  request's hold, is returned at the next flush) and the request is carved from the next. So
+  for a while one process holds two slices of the same budgets: both are reservations in the
+  store, each bounded and accounted, the second sized on what was left beside the first. A
+  change that retires the one in use (an admin change, a new budget, idle, shutdown) retires
+  the one waiting too.
 - a slice is returned (what is left released) when a request did not fit it, when idle for
   `idle_s`, when older than MAX_AGE_S, at shutdown, and when an admin change in this process
   (`retire_all`) or a changed budget seen in a request's settings makes it stale; once its
@@ -90,12 +95,13 @@ class SliceRules:
     enabled: bool = True  # False: no slice is taken or carved (those held are returned)
     max_requests: int = 1024  # a slice asked ahead covers demand_s of the demand, up to this
     demand_s: float = 1.0
+    record_s: float = 0.0  # a slice in use has its spend recorded this often (at least flush_s)
 
     @classmethod
     def of(cls, cfg: BudgetSlices) -> SliceRules:
         return cls(
             cfg.requests, cfg.headroom, cfg.flush_ms / 1000, cfg.idle_s, cfg.enabled,
-            cfg.max_requests, cfg.demand_ms / 1000,
+            cfg.max_requests, cfg.demand_ms / 1000, cfg.record_ms / 1000,
         )
 
 
@@ -130,7 +136,9 @@ class Slice:
     spent: int = 0  # settled here (recorded in the store or not)
     pending: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (model, provider)
     retiring: bool = False
-    demand: int = 0  # the holds carved from it so far (its demand per second: / its age)
+    demand: int = 0  # the holds carved from it so far (its demand per second: / since `since`)
+    since: float = 0.0  # when it came into use
+    recorded_at: float = 0.0  # when its spend was last recorded (or it was taken)
 
     @property
     def free(self) -> int:
@@ -213,6 +221,7 @@ class Slices:
         self._lock = threading.Lock()
         self._by_key: dict[SliceKey, Slice] = {}
         self._by_holder: dict[tuple[str, str | None, str], Slice] = {}  # the one in use
+        self._next: dict[SliceKey, Slice] = {}  # taken ahead: used once the one in use is spent
         self._by_id: dict[str, Slice] = {}  # every slice still held, retiring ones too
         self._taking: set[SliceKey] = set()
         # when each budget last reserved on its own: a slice is taken only for one used again
@@ -254,18 +263,27 @@ class Slices:
             if s is None:
                 old = self._by_holder.get(key.holder)
                 if old is not None:  # its budgets changed (an admin change, a new period)
-                    self._retire(old)
+                    self._retire_both(old)
                 return None
             if not self.rules.enabled:
-                self._retire(s)
+                self._retire_both(s)
                 return None
-            if s.free < amount or self.monotonic() - s.taken_at > MAX_AGE_S:
+            now = self.monotonic()
+            if s.free < amount or now - s.taken_at > MAX_AGE_S:
                 self._retire(s)
-                return None
+                s = self._next.pop(key, None)  # the slice taken ahead, if any
+                if s is None:
+                    return None
+                if s.free < amount or now - s.taken_at > MAX_AGE_S:
+                    self._retire(s)
+                    return None
+                s.since = now
+                self._by_key[key] = s
+                self._by_holder[key.holder] = s
             s.carved += amount
             s.demand += amount
             s.inflight += 1
-            s.used_at = self.monotonic()
+            s.used_at = now
             return dataclasses.replace(
                 s.reservation,
                 amount_usd=nano_to_usd(amount),
@@ -281,7 +299,7 @@ class Slices:
         with self._lock:
             s = self._by_holder.get(key.holder)
             if s is not None and s.key != key:
-                self._retire(s)
+                self._retire_both(s)
 
     def settle(
         self, res: Reservation, cost_usd: float, tokens_in: int, tokens_out: int, model: str,
@@ -330,7 +348,7 @@ class Slices:
                 self._asked = {k: t for k, t in self._asked.items() if now - t <= self.rules.idle_s}
             if last is None or now - last > self.rules.idle_s:
                 return None
-            if key in self._by_key or key in self._taking:
+            if key in self._by_key or key in self._next or key in self._taking:
                 return None
             self._taking.add(key)
         amount = nano_to_usd(size)
@@ -354,16 +372,18 @@ class Slices:
         now = self.monotonic()
         with self._lock:
             s = self._by_id.get(res.slice)
-            if s is None or s.retiring or s.key in self._taking or self._by_key.get(s.key) is not s:
+            if s is None or s.retiring or s.key in self._taking or s.key in self._next or (
+                self._by_key.get(s.key) is not s
+            ):
                 return None
-            age = now - s.taken_at
-            if 4 * s.free >= s.size and s.free >= 2 * hold and age < MAX_AGE_S * 0.9:
+            if 4 * s.free >= s.size and s.free >= 2 * hold and now - s.taken_at < MAX_AGE_S * 0.9:
                 return None  # ample left
             seen = s.reservation.seen
             if seen is None:
                 return None
             size = next_size(
-                self.rules, hold, s.demand / max(age, 0.001), free_after(seen, s.key, s.size)
+                self.rules, hold, s.demand / max(now - s.since, 0.001),
+                free_after(seen, s.key, s.size),
             )
             if not size:
                 return None
@@ -392,23 +412,24 @@ class Slices:
                 return False
             now = self.monotonic()
             size = usd_to_nano(got.amount_usd)
-            s = Slice(got, ask.key, size, now, now)
-            if ask.ahead and (
-                got.seen is None
-                or free_after(got.seen, ask.key, 0) < size * self.rules.headroom
-            ):
-                s.retiring = True  # returned at the next flush, never carved from
-                self._by_id[got.id] = s
-                return True
+            s = Slice(got, ask.key, size, now, now, since=now, recorded_at=now)
+            self._by_id[got.id] = s
+            if ask.ahead:
+                cur = self._by_key.get(ask.key)
+                if got.seen is None or free_after(got.seen, ask.key, 0) < size * self.rules.headroom:
+                    s.retiring = True  # returned at the next flush, never carved from
+                    return True
+                if cur is not None and ask.key not in self._next:
+                    self._next[ask.key] = s  # carved from once the one in use is spent
+                    return True
             old = self._by_key.get(ask.key)
             if old is not None:
-                self._retire(old)
+                self._retire_both(old)
             old = self._by_holder.get(ask.key.holder)
             if old is not None:
-                self._retire(old)
+                self._retire_both(old)
             self._by_key[ask.key] = s
             self._by_holder[ask.key.holder] = s
-            self._by_id[got.id] = s
             return True
 
     # -- background: record spend, return slices -----------------------------------------------
@@ -418,11 +439,20 @@ class Slices:
             del self._by_key[s.key]
         if self._by_holder.get(s.key.holder) is s:
             del self._by_holder[s.key.holder]
+        if self._next.get(s.key) is s:
+            del self._next[s.key]
+
+    def _retire_both(self, s: Slice) -> None:
+        """`s` and the slice of the same budgets taken ahead of it, if any."""
+        nxt = self._next.get(s.key)
+        self._retire(s)
+        if nxt is not None:
+            self._retire(nxt)
 
     def retire_all(self) -> None:
         """Every slice is returned (once its requests have settled): an admin change."""
         with self._lock:
-            for s in list(self._by_key.values()):
+            for s in [*self._by_key.values(), *self._next.values()]:
                 self._retire(s)
 
     def held(self) -> int:
@@ -437,7 +467,7 @@ class Slices:
 
     def flush(self, everything: bool = False) -> list[Reservation]:
         """Blocking (store calls): record the spend settled since the last flush (one
-        settle_part per slice with spend) and release the slices retired, idle (`idle_s`) or,
+        settle_part per slice with spend: a slice in use every `record_s`) and release the slices retired, idle (`idle_s`) or,
         with `everything` (shutdown), all of them once their requests have settled: at most two
         transactions (one on Redis per slice). Returns the slices whose spend was recorded
         (budget alerts look at them). Spend a store call could not record stays queued for the
@@ -445,14 +475,18 @@ class Slices:
         now = self.monotonic()
         with self._lock:
             if everything:
-                for s in list(self._by_key.values()):
+                for s in [*self._by_key.values(), *self._next.values()]:
                     self._retire(s)
             for s in list(self._by_key.values()):
                 if now - s.used_at > self.rules.idle_s and s.inflight == 0:
-                    self._retire(s)
-            work = [(s, s.pending) for s in self._by_id.values() if s.pending or s.retiring]
+                    self._retire_both(s)
+            work = [
+                (s, s.pending) for s in self._by_id.values()
+                if s.retiring or (s.pending and now - s.recorded_at >= self.rules.record_s)
+            ]
             for s, _ in work:
                 s.pending = {}
+                s.recorded_at = now
         # every slice's spend in one transaction (SQLite; one script each on Redis), each
         # slice's atomic on its own; then the slices to return, once their spend is recorded
         spent = [(s, p) for s, p in work if p]
