@@ -91,6 +91,7 @@ class TakeAsk:
     user: str
     limit: int
     take: Callable[[], tuple[RateTake, int]]  # the store call: (its answer, the stamp)
+    epoch: int = 0  # retire_all's count when asked: a block asked before one is given back
 
 
 def block_size(rules: LeaseRules, room: int) -> int:
@@ -127,6 +128,7 @@ class RateLeases:
         self._next: dict[str, Block] = {}  # taken ahead: used once the one in use is spent
         self._done: list[Block] = []  # past their stamp or dropped: unused part to give back
         self._taking: set[str] = set()
+        self._epoch = 0  # retire_all calls
 
     def use(self, user: str, limit: int, now_us: int) -> RateDecision | None:
         """One request of `user` admitted from its block (no store call), or None: there is
@@ -215,7 +217,7 @@ class RateLeases:
             stamp = now_us + lifetime_us
             return self.store.rate_take(user, limit, n, self.window_us, now_us, stamp), stamp
 
-        return TakeAsk(user, limit, take)
+        return TakeAsk(user, limit, take, self._epoch)
 
     def took(self, ask: TakeAsk, got: tuple[RateTake, int] | None) -> bool:
         """The outcome of a TakeAsk's store call (None: it failed)."""
@@ -228,6 +230,9 @@ class RateLeases:
             b = Block(ask.user, ask.limit, stamp, taken.granted, taken.count,
                       taken_us=stamp - lifetime_us, since_us=stamp - lifetime_us,
                       start_us=stamp - lifetime_us)
+            if ask.epoch != self._epoch:  # a reload since it was asked: given back unused
+                self._done.append(b)
+                return True
             old = self._blocks.get(ask.user)
             if old is not None and old.limit == b.limit and old.used < old.granted and (
                 to_us(self.clock()) <= old.stamp_us
@@ -242,6 +247,7 @@ class RateLeases:
     def retire_all(self) -> None:
         """Every block is given back at the next flush (a reload: limits may have changed)."""
         with self._lock:
+            self._epoch += 1
             for b in list(self._blocks.values()):
                 self._drop(b)
             self._done.extend(self._next.values())

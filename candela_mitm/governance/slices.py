@@ -153,6 +153,7 @@ class Ask:
     amount_usd: float  # the slice's size
     reserve: Callable[[], Reservation | BudgetRefusal]  # the slice's reservation (a store call)
     ahead: bool = False  # asked before the slice in use ran out (`ask_next`)
+    epoch: int = 0  # retire_all's count when asked: a slice asked before one is returned
 
 
 def free_after(seen: ReserveResult, key: SliceKey, amount: int) -> int:
@@ -224,6 +225,7 @@ class Slices:
         self._next: dict[SliceKey, Slice] = {}  # taken ahead: used once the one in use is spent
         self._by_id: dict[str, Slice] = {}  # every slice still held, retiring ones too
         self._taking: set[SliceKey] = set()
+        self._epoch = 0  # retire_all calls: a slice asked before one is returned, never used
         # when each budget last reserved on its own: a slice is taken only for one used again
         # within idle_s (a budget used less often would return each slice unused)
         self._asked: dict[SliceKey, float] = {}
@@ -361,7 +363,7 @@ class Slices:
                 tenant_period=res.tenant_period, key_budget=kb,
             )
 
-        return Ask(key, amount, reserve)
+        return Ask(key, amount, reserve, epoch=self._epoch)
 
     def ask_next(self, res: Reservation) -> Ask | None:
         """After a request carved from a slice (`res`): the next slice of its budgets to take
@@ -399,7 +401,7 @@ class Slices:
                 tenant_period=res.tenant_period, key_budget=kb,
             )
 
-        return Ask(key, amount, reserve, ahead=True)
+        return Ask(key, amount, reserve, ahead=True, epoch=self._epoch)
 
     def took(self, ask: Ask, got: Reservation | BudgetRefusal | None) -> bool:
         """The outcome of an Ask's reservation (None: the store call failed). A slice taken is
@@ -414,6 +416,9 @@ class Slices:
             size = usd_to_nano(got.amount_usd)
             s = Slice(got, ask.key, size, now, now, since=now, recorded_at=now)
             self._by_id[got.id] = s
+            if ask.epoch != self._epoch:  # an admin change since it was asked
+                s.retiring = True
+                return True
             if ask.ahead:
                 cur = self._by_key.get(ask.key)
                 if got.seen is None or free_after(got.seen, ask.key, 0) < size * self.rules.headroom:
@@ -452,6 +457,7 @@ class Slices:
     def retire_all(self) -> None:
         """Every slice is returned (once its requests have settled): an admin change."""
         with self._lock:
+            self._epoch += 1
             for s in [*self._by_key.values(), *self._next.values()]:
                 self._retire(s)
 

@@ -230,3 +230,108 @@ def test_a_block_asked_ahead_waits_and_never_exceeds_the_limit(store: StateStore
     leases.flush(everything=True)
     window = store.rate_take(U, 10**9, 0, 60 * US_PER_S, to_us(c.now()), to_us(c.now()))
     assert window.count == admitted  # what was not used given back
+
+
+class Mono:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def sliced(store: StateStore, budget: float = 100.0) -> tuple[Ledger, Slices, Mono, Any]:
+    """A slice of 10 holds of 1.0 taken (a budget reserving on its own twice)."""
+    ledger = Ledger(store, clock=lambda: T0)
+    mono = Mono()
+    rules = SliceRules(requests=10, headroom=4, flush_s=0.05, idle_s=5.0, record_s=0.0)
+    slices = Slices(ledger, rules, clock=lambda: T0, monotonic=mono)
+    own = ledger.reserve(U, None, 1.0, budget, "span-own")
+    assert isinstance(own, Reservation)
+    ask = slices.ask(own) or slices.ask(own)
+    assert ask is not None and slices.took(ask, ask.reserve())
+    ledger.release(own)
+    return ledger, slices, mono, slices.key_of(U, budget, DAILY, None, None, DAILY, None, T0)
+
+
+def test_a_slice_asked_ahead_waits_until_the_one_in_use_is_spent(store: StateStore) -> None:
+    ledger, slices, mono, k = sliced(store, budget=1000.0)
+    held = []
+    for i in range(7):
+        r = slices.carve(k, 1.0, f"s{i}")
+        assert r is not None
+        held.append(r)
+        assert slices.ask_next(r) is None  # more than a quarter of it free
+    r = slices.carve(k, 1.0, "s7")  # 2 of 10 left: the next is asked
+    assert r is not None
+    held.append(r)
+    ask = slices.ask_next(r)
+    assert ask is not None and ask.ahead
+    assert slices.ask_next(r) is None  # one ask in flight
+    assert slices.took(ask, ask.reserve())
+    assert ledger.status(U, 1000.0).reserved_usd == 10.0 + ask.amount_usd  # both held
+    first = held[0].slice
+    more = [slices.carve(k, 1.0, f"t{i}") for i in range(3)]
+    assert [m.slice == first for m in more if m] == [True, True, False]  # spent, then the next
+    for m in [*held, *more]:
+        assert m is not None
+        slices.settle(m, 0.5, 1, 1, "gpt-4o", "openai")
+    slices.flush()
+    assert slices.held() == 1  # the first returned once spent and settled
+    slices.flush(everything=True)
+    status = ledger.status(U, 1000.0)
+    assert (status.spent_usd, status.reserved_usd) == (5.5, 0.0)
+
+
+def test_a_slice_asked_ahead_near_the_end_is_returned_unused(store: StateStore) -> None:
+    ledger, slices, mono, k = sliced(store, budget=100.0)
+    held = [slices.carve(k, 1.0, f"s{i}") for i in range(8)]
+    last = held[-1]
+    assert last is not None
+    ask = slices.ask_next(last)
+    assert ask is not None  # sized on what was left beside the first: (100 - 1 - 10) / 4
+    # meanwhile another process spent most of the budget
+    other = Ledger(store, clock=lambda: T0, owner="other-process")
+    spent = other.reserve(U, None, 60.0, 100.0, "span-other")
+    assert isinstance(spent, Reservation)
+    other.settle(spent, 60.0, 1, 1, "gpt-4o", "openai")
+    got = ask.reserve()
+    # the store held it (30 were left beside the first), but that is not 4 such slices
+    assert isinstance(got, Reservation) and got.amount_usd == 22.25
+    assert slices.took(ask, got)
+    held += [slices.carve(k, 1.0, "s8"), slices.carve(k, 1.0, "s9")]  # the first's last two
+    assert slices.carve(k, 1.0, "s10") is None  # not the one taken near the end
+    slices.flush()
+    # the first is held while two of its requests are in flight; the one ahead returned
+    assert ledger.status(U, 100.0).reserved_usd == 10.0
+    for h in held:
+        assert h is not None
+        slices.release(h)
+    slices.flush()
+    assert ledger.status(U, 100.0).reserved_usd == 0 and slices.held() == 0
+
+
+def test_a_slice_or_block_asked_before_an_admin_change_is_returned(store: StateStore) -> None:
+    ledger, slices, mono, k = sliced(store, budget=1000.0)
+    held = [slices.carve(k, 1.0, f"s{i}") for i in range(8)]
+    assert held[-1] is not None
+    ask = slices.ask_next(held[-1])
+    assert ask is not None
+    slices.retire_all()  # an admin change while the ask is in flight
+    assert slices.took(ask, ask.reserve())
+    assert slices.carve(k, 1.0, "late") is None
+    for h in held:
+        assert h is not None
+        slices.release(h)
+    slices.flush()
+    assert slices.held() == 0 and ledger.status(U, 1000.0).reserved_usd == 0
+    c = Clocks()
+    leases = RateLeases(store, LeaseRules(requests=8, headroom=2), clock=c.now)
+    limiter = RateLimiter(store, clock=c.now)
+    d = limiter.check(U, 1000)
+    block = leases.ask(U, 1000, d)
+    assert block is not None
+    leases.retire_all()  # a reload while the block is being taken
+    assert leases.took(block, block.take())
+    assert leases.use(U, 1000, to_us(c.now())) is None
+    assert leases.flush() == 8 and leases.held() == 0
