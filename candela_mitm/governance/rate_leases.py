@@ -23,8 +23,8 @@ from it, in the background as any block is taken): when, at the pace seen on it,
 spent or past its stamp within an eighth of its lifetime (the margin for the ask: far more
 than a store call takes). At most one ask is in flight per user and one block waits: it is used
 once the one in use is spent or past its stamp (no switch wastes a block's rest). It is sized
-for what it will admit at that pace from then until its own stamp (a bigger one would be given
-back), at least `requests`, at most `max_requests`, never more than the window's room at the
+for nine tenths of what it will admit at that pace from then until its own stamp (spent just
+before its stamp: a bigger one would be given back, a store call), at least `requests`, at most `max_requests`, never more than the window's room at the
 last take / headroom; `rate_take` grants only what the window holds below the limit, as for
 any block.
 Two blocks of one user are both in the window from their takes: the log over-counts, never
@@ -186,9 +186,11 @@ class RateLeases:
                 ends_us = now_us
             if 8 * (ends_us - now_us) > lifetime_us:
                 return None  # more than an eighth of a lifetime left
-            # the next is used from then until its stamp, a lifetime from now
+            # the next is used from then until its stamp, a lifetime from now; nine tenths of
+            # that: spent just before its stamp rather than a few left to give back (a return is
+            # a store call; a pace that varies would leave some at most blocks' ends)
             span_s = max(now_us + lifetime_us - ends_us, 0) / US_PER_S
-            n = next_block_size(self.rules, per_s * span_s / self.rules.lifetime_s,
+            n = next_block_size(self.rules, 0.9 * per_s * span_s / self.rules.lifetime_s,
                                 limit - b.count)
             if not n:
                 return None
