@@ -28,7 +28,8 @@ before its stamp: a bigger one would be given back, a store call), at least `req
 last take / headroom; `rate_take` grants only what the window holds below the limit, as for
 any block.
 Two blocks of one user are both in the window from their takes: the log over-counts, never
-under-counts. Answers from a block carry IETF headers computed
+under-counts. A block asked before a `retire_all` (a reload) is given back unused when it
+comes. Answers from a block carry IETF headers computed
 here (remaining: the window's count at the take, less this block's unused part: other
 processes' requests since are not seen until the next check in the store).
 

@@ -37,12 +37,15 @@ and every request there reserves on its own, exactly, with its 402 decided by th
 - a slice is returned (what is left released) when a request did not fit it, when idle for
   `idle_s`, when older than MAX_AGE_S, at shutdown, and when an admin change in this process
   (`retire_all`) or a changed budget seen in a request's settings makes it stale; once its
-  requests in flight have settled.
+  requests in flight have settled. A slice asked before a `retire_all` is returned unused when
+  it comes (`_epoch`).
 - a process that dies holding a slice: the next start settles the spend its requests' audit
   entries name past what the slice recorded, then charges what is left of it (its requests in
   flight at the crash are among it and which ones cannot be known: nothing forwarded is free;
-  the overcharge is bounded by the slice's size, which `requests` and `headroom` cap), with an
-  audit entry of its own written first (Ledger.reconcile_stale).
+  the overcharge is bounded by the slice's size, which `requests` (`max_requests` for one
+  taken ahead: about `demand_s` of the demand) and `headroom` cap; a slice taken ahead and
+  still waiting is charged whole, as the one in use), with an audit entry of its own written
+  first (Ledger.reconcile_stale).
 
 Not thread-safe on its own: carve, settle and release run on the event loop; flush and take
 run where store calls run, so every method takes the lock.
