@@ -195,17 +195,24 @@ def next_size(rules: SliceRules, hold: int, demand_per_s: float, free: int) -> i
     """The size of the slice asked ahead of the one in use: `demand_s` of the demand seen on
     it, between `requests` and `max_requests` of `hold`, never more than `free` (left beside
     the slice in use) / headroom; 0: take none."""
+    if hold <= 0:
+        return 0
     want = min(max(int(demand_per_s * rules.demand_s), rules.requests * hold),
                max(rules.max_requests, rules.requests) * hold)
-    size = min(want, free // rules.headroom)
-    return size if hold > 0 and size >= 2 * hold else 0
+    size = min(want, free // rules.headroom) // hold * hold  # whole holds (see slice_size)
+    return size if size >= 2 * hold else 0
 
 
 def slice_size(rules: SliceRules, hold: int, free: int) -> int:
     """A slice's size for a hold of `hold` with `free` left after it; 0: take none (the budget
-    is near its end, or the slice would hold fewer than two such requests)."""
-    size = min(rules.requests * hold, free // rules.headroom)
-    return size if hold > 0 and size >= 2 * hold else 0
+    is near its end, or the slice would hold fewer than two such requests). Whole holds:
+    requests like the one that asked spend it exactly, leaving no fraction of a hold held
+    beside a budget's end until the slice is returned (a request reserving on its own there
+    would be refused for it)."""
+    if hold <= 0:
+        return 0
+    size = min(rules.requests * hold, free // rules.headroom) // hold * hold
+    return size if size >= 2 * hold else 0
 
 
 class Slices:
