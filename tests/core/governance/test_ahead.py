@@ -6,6 +6,7 @@ timings: the clocks are the test's, every store call goes through a counting wra
 from __future__ import annotations
 
 import functools
+import random
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -71,14 +72,16 @@ def take_slice(slices: Slices, ask: Ask) -> None:
     slices.took(ask, ask.reserve())
 
 
-def drive(store: StateStore, pace: float, seconds: float, latency: int = 8) -> tuple[
+def drive(store: StateStore, pace: float, seconds: float, latency: int = 8,
+          jitter: float = 0.0) -> tuple[
     Counting, list[int], list[int]
 ]:
     """`pace` requests a second for `seconds` of one user, each as RateLimit and Budget make
     it: a rate block's request else a check in the store, a hold carved from a slice else a
     reservation of its own; the asks (and the next ones, ahead) are run `latency` requests
     later, as a background store call; spend settled at once, flushed every flush_s, blocks
-    given back every lifetime / 2. Returns the counter, the store calls each request made
+    given back every lifetime / 2; `jitter`: each gap between requests varies by up to that
+    fraction (seeded: the same every run). Returns the counter, the store calls each request made
     before it would be forwarded, and the store calls made before each request (the last: at
     the end, the slices and blocks returned)."""
     c = Clocks()
@@ -95,8 +98,9 @@ def drive(store: StateStore, pace: float, seconds: float, latency: int = 8) -> t
     next_flush = srules.flush_s
     next_return = lrules.lifetime_s / 2
     n = int(pace * seconds)
+    rnd = random.Random(21)
     for i in range(n):
-        c.t = i / pace
+        c.t = c.t + (1 + rnd.uniform(-jitter, jitter)) / pace if i else 0.0
         for due, run in [p for p in pending if p[0] <= i]:
             pending.remove((due, run))
             run()
@@ -136,7 +140,7 @@ def drive(store: StateStore, pace: float, seconds: float, latency: int = 8) -> t
             slices.settle(res, 0.0005, 10, 10, "gpt-4o", "openai")
         else:
             ledger.settle(res, 0.0005, 10, 10, "gpt-4o", "openai")
-    c.t = n / pace + 5
+    c.t += 5
     for _, run in pending:
         run()
     slices.flush(everything=True)
@@ -148,11 +152,14 @@ def drive(store: StateStore, pace: float, seconds: float, latency: int = 8) -> t
     return counting, path, before_each
 
 
-@pytest.mark.parametrize("pace", [100.0, 800.0])  # one of the bench's 8 users; all of them
+@pytest.mark.parametrize(
+    ("pace", "jitter"),
+    [(100.0, 0.0), (800.0, 0.0), (100.0, 0.5)],  # one of the bench's 8 users; all of them
+)
 def test_steady_load_makes_no_store_call_on_the_path_after_warm_up(
-    store: StateStore, pace: float
+    store: StateStore, pace: float, jitter: float
 ) -> None:
-    counting, path, calls = drive(store, pace, seconds=10.0)
+    counting, path, calls = drive(store, pace, seconds=10.0, jitter=jitter)
     n = len(path)
     warm = int(pace)  # the first second
     assert sum(path[:warm]) > 0  # the first requests reserve and check on their own
