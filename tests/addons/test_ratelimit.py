@@ -356,3 +356,46 @@ def test_with_slices_and_leases_a_request_makes_no_store_call_before_it_leaves(t
     assert len(later) == 5
     status = rt.ledger.status(USER, 100.0)
     assert status.reserved_usd > 0  # the first request's hold and the slice
+
+
+def test_the_next_slice_and_block_are_taken_before_these_run_out(tctx, runtime):
+    """Issue 21 (ahead): with slices and blocks of 8, 40 requests in a row: after the first two
+    none makes a store call before it leaves (the next slice and block were taken in the
+    background while the ones in use still had room), every hold carved."""
+    cfg = config(rpm=100_000, budget=100.0)
+    cfg["governance"] = {
+        "budgets": {"slices": {"enabled": True, "requests": 8}},
+        "rate_limits": {"leases": {"enabled": True, "requests": 8}},
+    }
+    rt = runtime(cfg)
+    calls = []
+    real = rt.calls.call
+
+    async def counted(fn, *args):
+        calls.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args)
+
+    rt.calls.call = counted  # the admission's store call is `call`; the asks `reserve`, `take`
+
+    async def go():
+        addons = [Router(rt), Auth(rt), RateLimit(rt), Budget(rt)]
+        flows = []
+        for _ in range(40):
+            f = chat()
+            before = len(calls)
+            await run_hooks(addons, f, "requestheaders", "request")
+            assert f.response is None
+            flows.append((f, calls[before:]))
+            for _ in range(50):  # the background asks, when one was made, are store calls
+                await asyncio.sleep(0.002)
+                if not rt.slices._taking and not rt.rate_leases._taking:
+                    break
+        return flows
+
+    flows = asyncio.run(go())
+    assert [c for c in flows[0][1] + flows[1][1] if c == "call"] == ["call", "call"]
+    on_path = [(i, c) for i, (_, got) in enumerate(flows[2:], 2) for c in got if c == "call"]
+    assert on_path == []
+    assert all(ctx_of(f).reservation.slice for f, _ in flows[2:])
+    assert len({ctx_of(f).reservation.slice for f, _ in flows[2:]}) >= 2  # more than one slice
+    assert "take" in calls and calls.count("reserve") >= 2  # the blocks and slices asked
