@@ -170,7 +170,8 @@ class BudgetSlices(_Model):
     enabled: bool = True
     requests: int = Field(default=32, ge=2, le=10_000)  # a slice holds this many requests' holds
     headroom: int = Field(default=8, ge=2, le=1_000)  # never more than what is left / headroom
-    flush_ms: int = Field(default=250, ge=1, le=10_000)  # spend recorded in the store this often
+    # retired slices' spend recorded and the slices returned this often (see record_ms)
+    flush_ms: int = Field(default=250, ge=1, le=10_000)
     idle_s: float = Field(default=1.0, gt=0, le=3600)  # an unused slice is returned after this
     # the next slice is taken before the one in use runs out, sized to cover demand_ms of the
     # demand seen on it: at least `requests` holds, at most max(requests, max_requests)

@@ -19,19 +19,21 @@ A block is taken only while the window has room for `headroom` of them: near the
 request is checked in the store, as before.
 
 The next block is asked before the one in use runs out (`ask_next`, after a request admitted
-from it, in the background as any block is taken): when, at the pace seen on it, it will be
-spent or past its stamp within an eighth of its lifetime (the margin for the ask: far more
-than a store call takes). At most one ask is in flight per user and one block waits: it is used
-once the one in use is spent or past its stamp (no switch wastes a block's rest). It is sized
-for nine tenths of what it will admit at that pace from then until its own stamp (spent just
-before its stamp: a bigger one would be given back, a store call), at least `requests`, at most `max_requests`, never more than the window's room at the
-last take / headroom; `rate_take` grants only what the window holds below the limit, as for
-any block.
-Two blocks of one user are both in the window from their takes: the log over-counts, never
-under-counts. A block asked before a `retire_all` (a reload) is given back unused when it
-comes. Answers from a block carry IETF headers computed
-here (remaining: the window's count at the take, less this block's unused part: other
-processes' requests since are not seen until the next check in the store).
+from it, in the background as any block is taken): when, at the pace seen on it (and on the
+block before it), it will be spent or past its stamp within an eighth of its lifetime (the
+margin for the ask: far more than a store call takes). At most one ask is in flight per user
+and one block waits: it is used once the one in use is spent or past its stamp (no switch
+wastes a block's rest). It is sized for nine tenths of what that pace admits from then until
+its own stamp (spent just before its stamp: a bigger one would leave a rest to give back, a
+store call), at least `requests`, at most `max_requests`, never more than the window's room
+at the last take / headroom; `rate_take` grants only what the window holds below the limit,
+as for any block. Two blocks of one user are both in the window from their takes: the log
+over-counts, never under-counts. A block asked before a `retire_all` (a reload) is given
+back unused when it comes.
+
+Answers from a block carry IETF headers computed here (remaining: the window's count at the
+take, less this block's unused part: other processes' requests since are not seen until the
+next check in the store).
 
 Not thread-safe on its own: `use` runs on the event loop, `flush` on a pool thread; every
 method takes the lock.
@@ -59,7 +61,7 @@ log = logging.getLogger("candela.rate_leases")
 class LeaseRules:
     """governance.rate_limits.leases, as the manager reads it."""
 
-    requests: int = 32  # a first block holds at most this many requests (one asked ahead, at least)
+    requests: int = 32  # a first block holds at most this many (one taken ahead, at least)
     headroom: int = 4  # never more than the window's room / headroom
     lifetime_s: float = 1.0
     enabled: bool = True
@@ -181,7 +183,7 @@ class RateLeases:
             left = b.granted - b.used
             per_s = (b.base + b.used) / (max(seen_us, 1000) / US_PER_S)
             ends_us = b.stamp_us
-            if 8 * seen_us >= lifetime_us:  # a pace to trust: when it runs out at it
+            if 8 * seen_us >= lifetime_us and per_s > 0:  # a pace to trust: when it runs out
                 ends_us = min(ends_us, now_us + int(left / per_s * US_PER_S))
             elif 4 * left <= b.granted:  # else: a quarter left
                 ends_us = now_us
