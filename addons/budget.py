@@ -79,11 +79,12 @@ class Budget:
     # -- budget slices (governance/slices.py) ------------------------------------------------------
     def _ask_slice(self, res: Reservation) -> None:
         """A request reserved on its own: take a slice of its budgets in the background if they
-        have ample room, for the next requests to carve from."""
+        have ample room, for the next requests to carve from. A request carved from a slice:
+        the next slice, taken before this one runs out (Slices.ask_next)."""
         slices = self.rt.slices
-        if slices is None or res.slice or self.rt.shadow is not None:
+        if slices is None or self.rt.shadow is not None:
             return  # a shadow policy judges every request on its own reservation: none is carved
-        ask = slices.ask(res)
+        ask = slices.ask_next(res) if res.slice else slices.ask(res)
         if ask is None:
             return
         self._background(self._take(ask))

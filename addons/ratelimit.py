@@ -150,6 +150,7 @@ class RateLimit:
         self.rt = rt
         self._tasks: set[asyncio.Task[None]] = set()  # rate blocks being taken
         self._flusher: asyncio.Task[None] | None = None  # gives back the blocks' unused part
+        self._refreshing: set[str] = set()  # tenants whose settings are being read ahead
 
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -177,7 +178,10 @@ class RateLimit:
         # Budget still decides and answers 402 in its own hook, after this one.
         call, carved = admission_call(self.rt, c)
         checked = from_block(self.rt, c, carved)  # no store call, when it can be
-        if checked is None:
+        if checked is not None:
+            self._ask_next_block(c, checked)
+            self._refresh_tenant_ahead(c.tenant)
+        else:
             try:
                 checked = await self.rt.store_call(call)
             except BaseException:
@@ -218,6 +222,41 @@ class RateLimit:
         task = asyncio.get_running_loop().create_task(self._take(ask))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _ask_next_block(self, c: RequestContext, checked: Checked) -> None:
+        """A request admitted from a block: take the next in the background before this one
+        runs out (RateLeases.ask_next)."""
+        leases, settings = self.rt.rate_leases, c.settings
+        assert leases is not None and settings is not None
+        ask = leases.ask_next(settings.user_id, settings.requests_per_minute, checked.now_us)
+        if ask is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._take(ask))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _refresh_tenant_ahead(self, tenant: str | None) -> None:
+        """A request admitted in memory: its tenant's settings read again in the background
+        before the remembered ones expire (a request finding none at hand is carved from no
+        slice nor admitted from a block: it reserves and checks in the store, and under load
+        the first request of every user of the tenant would, once per cache_ttl_s)."""
+        users = self.rt.users
+        if tenant is None or tenant in self._refreshing or users.cache_ttl_s <= 0:
+            return
+        if not users.tenant_expiring(tenant, users.cache_ttl_s / 4):
+            return
+        self._refreshing.add(tenant)
+        task = asyncio.get_running_loop().create_task(self._refresh_tenant(tenant))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refresh_tenant(self, tenant: str) -> None:
+        try:
+            await self.rt.blocking(self.rt.users.refresh_tenant, tenant)
+        except Exception:
+            log.exception("could not read the settings of tenant %s ahead", tenant)
+        finally:
+            self._refreshing.discard(tenant)
 
     async def _take(self, ask: TakeAsk) -> None:
         leases = self.rt.rate_leases

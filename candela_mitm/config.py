@@ -170,8 +170,16 @@ class BudgetSlices(_Model):
     enabled: bool = True
     requests: int = Field(default=32, ge=2, le=10_000)  # a slice holds this many requests' holds
     headroom: int = Field(default=8, ge=2, le=1_000)  # never more than what is left / headroom
-    flush_ms: int = Field(default=250, ge=1, le=10_000)  # spend recorded in the store this often
+    # retired slices' spend recorded and the slices returned this often (see record_ms)
+    flush_ms: int = Field(default=250, ge=1, le=10_000)
     idle_s: float = Field(default=1.0, gt=0, le=3600)  # an unused slice is returned after this
+    # the next slice is taken before the one in use runs out, sized to cover demand_ms of the
+    # demand seen on it: at least `requests` holds, at most max(requests, max_requests)
+    max_requests: int = Field(default=1024, ge=2, le=100_000)
+    demand_ms: int = Field(default=1000, ge=10, le=60_000)
+    # the spend of a slice in use is recorded this often (a slice retired: at the next flush);
+    # the slice holds the money meanwhile: only the spent figure and alerts wait for it
+    record_ms: int = Field(default=1000, ge=1, le=60_000)
 
 
 class Budgets(_Model):
@@ -218,6 +226,9 @@ class RateLimitLeases(_Model):
     headroom: int = Field(default=4, ge=2, le=1_000)  # never more than the room / headroom
     # requests are admitted from a block this long; at most 1 s (the Redis window key's TTL)
     lifetime_ms: int = Field(default=1000, ge=10, le=1000)
+    # the next block is taken before the one in use runs out, sized to the demand seen on it
+    # over a lifetime: at least `requests`, at most max(requests, max_requests)
+    max_requests: int = Field(default=1024, ge=2, le=100_000)
 
 
 class RateLimits(_Model):

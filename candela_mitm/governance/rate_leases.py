@@ -16,9 +16,24 @@ never over-admission). `lifetime_s` is at most 1 s: the Redis window's key lives
 the window after each plain check.
 
 A block is taken only while the window has room for `headroom` of them: near the limit every
-request is checked in the store, as before. Answers from a block carry IETF headers computed
-here (remaining: the window's count at the take, less this block's unused part: other
-processes' requests since are not seen until the next check in the store).
+request is checked in the store, as before.
+
+The next block is asked before the one in use runs out (`ask_next`, after a request admitted
+from it, in the background as any block is taken): when, at the pace seen on it (and on the
+block before it), it will be spent or past its stamp within an eighth of its lifetime (the
+margin for the ask: far more than a store call takes). At most one ask is in flight per user
+and one block waits: it is used once the one in use is spent or past its stamp (no switch
+wastes a block's rest). It is sized for nine tenths of what that pace admits from then until
+its own stamp (spent just before its stamp: a bigger one would leave a rest to give back, a
+store call), at least `requests`, at most `max_requests`, never more than the window's room
+at the last take / headroom; `rate_take` grants only what the window holds below the limit,
+as for any block. Two blocks of one user are both in the window from their takes: the log
+over-counts, never under-counts. A block asked before a `retire_all` (a reload) is given
+back unused when it comes.
+
+Answers from a block carry IETF headers computed here (remaining: the window's count at the
+take, less this block's unused part: other processes' requests since are not seen until the
+next check in the store).
 
 Not thread-safe on its own: `use` runs on the event loop, `flush` on a pool thread; every
 method takes the lock.
@@ -46,14 +61,16 @@ log = logging.getLogger("candela.rate_leases")
 class LeaseRules:
     """governance.rate_limits.leases, as the manager reads it."""
 
-    requests: int = 32  # a block holds at most this many requests
+    requests: int = 32  # a first block holds at most this many (one taken ahead, at least)
     headroom: int = 4  # never more than the window's room / headroom
     lifetime_s: float = 1.0
     enabled: bool = True
+    max_requests: int = 1024  # a block asked ahead covers its lifetime's demand, up to this
 
     @classmethod
     def of(cls, cfg: RateLimitLeases) -> LeaseRules:
-        return cls(cfg.requests, cfg.headroom, cfg.lifetime_ms / 1000, cfg.enabled)
+        return cls(cfg.requests, cfg.headroom, cfg.lifetime_ms / 1000, cfg.enabled,
+                   cfg.max_requests)
 
 
 @dataclass
@@ -64,6 +81,12 @@ class Block:
     granted: int
     count: int  # the window's entries after the take
     used: int = 0
+    taken_us: int = 0  # when it was taken
+    # its pace: base + used requests since since_us (the block before it counts too, once this
+    # one follows it: a pace measured on a few requests would be noise)
+    since_us: int = 0
+    base: int = 0
+    start_us: int = 0  # when it came into use
 
 
 @dataclass(frozen=True)
@@ -71,11 +94,21 @@ class TakeAsk:
     user: str
     limit: int
     take: Callable[[], tuple[RateTake, int]]  # the store call: (its answer, the stamp)
+    epoch: int = 0  # retire_all's count when asked: a block asked before one is given back
 
 
 def block_size(rules: LeaseRules, room: int) -> int:
     """How many requests to ask for with `room` left in the window; 0: none (near the limit)."""
     n = min(rules.requests, room // rules.headroom)
+    return n if n >= 2 else 0
+
+
+def next_block_size(rules: LeaseRules, per_s: float, room: int) -> int:
+    """The block asked ahead of the one in use at `per_s` requests a second over a lifetime
+    with `room` left in the window at its take; 0: none (near the limit)."""
+    want = min(max(int(per_s * rules.lifetime_s), rules.requests),
+               max(rules.max_requests, rules.requests))
+    n = min(want, room // rules.headroom)
     return n if n >= 2 else 0
 
 
@@ -95,29 +128,77 @@ class RateLeases:
         self.window_us = window_s * US_PER_S
         self._lock = threading.Lock()
         self._blocks: dict[str, Block] = {}
+        self._next: dict[str, Block] = {}  # taken ahead: used once the one in use is spent
         self._done: list[Block] = []  # past their stamp or dropped: unused part to give back
         self._taking: set[str] = set()
+        self._epoch = 0  # retire_all calls
 
     def use(self, user: str, limit: int, now_us: int) -> RateDecision | None:
         """One request of `user` admitted from its block (no store call), or None: there is
         none usable (the request is checked in the store)."""
         with self._lock:
             b = self._blocks.get(user)
-            if b is None:
-                return None
-            if not self.rules.enabled or b.limit != limit or now_us > b.stamp_us or (
-                b.used >= b.granted
-            ):
-                self._drop(b)
-                return None
+            if b is None or not self._usable(b, limit, now_us):
+                prev = b
+                if b is not None:
+                    self._drop(b)
+                b = self._next.pop(user, None)  # the block taken ahead, if any
+                if b is None:
+                    return None
+                if not self._usable(b, limit, now_us):
+                    self._done.append(b)
+                    return None
+                self._blocks[user] = b
+                b.start_us = now_us
+                if prev is not None:
+                    b.since_us, b.base = prev.start_us, prev.used
+                else:
+                    b.since_us = now_us
             b.used += 1
             remaining = max(0, limit - b.count + (b.granted - b.used))
             return RateDecision(True, limit, remaining, 0, now_us + self.window_us)
+
+    def _usable(self, b: Block, limit: int, now_us: int) -> bool:
+        return self.rules.enabled and b.limit == limit and now_us <= b.stamp_us and (
+            b.used < b.granted
+        )
 
     def _drop(self, b: Block) -> None:
         if self._blocks.get(b.user) is b:
             del self._blocks[b.user]
             self._done.append(b)
+
+    def ask_next(self, user: str, limit: int, now_us: int) -> TakeAsk | None:
+        """After a request admitted from `user`'s block: the next block to take now, before
+        this one runs out (at the pace seen on it, within an eighth of its lifetime), or
+        None."""
+        if not self.rules.enabled:
+            return None
+        with self._lock:
+            b = self._blocks.get(user)
+            if b is None or b.limit != limit or user in self._next or user in self._taking:
+                return None
+            lifetime_us = b.stamp_us - b.taken_us
+            seen_us = now_us - b.since_us
+            left = b.granted - b.used
+            per_s = (b.base + b.used) / (max(seen_us, 1000) / US_PER_S)
+            ends_us = b.stamp_us
+            if 8 * seen_us >= lifetime_us and per_s > 0:  # a pace to trust: when it runs out
+                ends_us = min(ends_us, now_us + int(left / per_s * US_PER_S))
+            elif 4 * left <= b.granted:  # else: a quarter left
+                ends_us = now_us
+            if 8 * (ends_us - now_us) > lifetime_us:
+                return None  # more than an eighth of a lifetime left
+            # the next is used from then until its stamp, a lifetime from now; nine tenths of
+            # that: spent just before its stamp rather than a few left to give back (a return is
+            # a store call; a pace that varies would leave some at most blocks' ends)
+            span_s = max(now_us + lifetime_us - ends_us, 0) / US_PER_S
+            n = next_block_size(self.rules, 0.9 * per_s * span_s / self.rules.lifetime_s,
+                                limit - b.count)
+            if not n:
+                return None
+            self._taking.add(user)
+        return self._ask(user, limit, n)
 
     def ask(self, user: str, limit: int, decision: RateDecision) -> TakeAsk | None:
         """After a request was checked in the store and admitted: a block to take for the
@@ -128,9 +209,12 @@ class RateLeases:
         if not n:
             return None
         with self._lock:
-            if user in self._blocks or user in self._taking:
+            if user in self._blocks or user in self._next or user in self._taking:
                 return None
             self._taking.add(user)
+        return self._ask(user, limit, n)
+
+    def _ask(self, user: str, limit: int, n: int) -> TakeAsk:
         lifetime_us = round(self.rules.lifetime_s * US_PER_S)
 
         def take() -> tuple[RateTake, int]:
@@ -138,7 +222,7 @@ class RateLeases:
             stamp = now_us + lifetime_us
             return self.store.rate_take(user, limit, n, self.window_us, now_us, stamp), stamp
 
-        return TakeAsk(user, limit, take)
+        return TakeAsk(user, limit, take, self._epoch)
 
     def took(self, ask: TakeAsk, got: tuple[RateTake, int] | None) -> bool:
         """The outcome of a TakeAsk's store call (None: it failed)."""
@@ -147,8 +231,19 @@ class RateLeases:
             if got is None or got[0].granted <= 0:
                 return False
             taken, stamp = got
-            b = Block(ask.user, ask.limit, stamp, taken.granted, taken.count)
+            lifetime_us = round(self.rules.lifetime_s * US_PER_S)
+            b = Block(ask.user, ask.limit, stamp, taken.granted, taken.count,
+                      taken_us=stamp - lifetime_us, since_us=stamp - lifetime_us,
+                      start_us=stamp - lifetime_us)
+            if ask.epoch != self._epoch:  # a reload since it was asked: given back unused
+                self._done.append(b)
+                return True
             old = self._blocks.get(ask.user)
+            if old is not None and old.limit == b.limit and old.used < old.granted and (
+                to_us(self.clock()) <= old.stamp_us
+            ):
+                self._next[ask.user] = b  # used once the one in use is spent
+                return True
             if old is not None:
                 self._drop(old)
             self._blocks[ask.user] = b
@@ -157,16 +252,19 @@ class RateLeases:
     def retire_all(self) -> None:
         """Every block is given back at the next flush (a reload: limits may have changed)."""
         with self._lock:
+            self._epoch += 1
             for b in list(self._blocks.values()):
                 self._drop(b)
+            self._done.extend(self._next.values())
+            self._next.clear()
 
     def due(self) -> bool:
         with self._lock:
-            return bool(self._blocks or self._done)
+            return bool(self._blocks or self._done or self._next)
 
     def held(self) -> int:
         with self._lock:
-            return len(self._blocks) + len(self._done)
+            return len(self._blocks) + len(self._done) + len(self._next)
 
     def flush(self, everything: bool = False) -> int:
         """Blocking (store calls): give back the unused part of every block past its stamp (all
@@ -177,6 +275,9 @@ class RateLeases:
             for b in list(self._blocks.values()):
                 if everything or now_us > b.stamp_us:
                     self._drop(b)
+            for user, b in list(self._next.items()):
+                if everything or now_us > b.stamp_us:
+                    self._done.append(self._next.pop(user))
             done, self._done = self._done, []
         removed = 0
         for b in done:

@@ -12,17 +12,40 @@ and every request there reserves on its own, exactly, with its 402 decided by th
   reservation holds them) has a slice of the same budgets and periods with room for its hold
   takes it from there (no store call); otherwise it reserves on its own as before.
 - settle / release: in memory; the spend is queued and `flush` records it with settle_part
-  (one store call per slice with spend, every `flush_ms`), after the request's durable audit
-  entry, as a request's own settle is.
+  (one store call per slice with spend), after the request's durable audit entry, as a
+  request's own settle is: a slice in use every `record_ms`, a slice retired at the next flush
+  (every `flush_ms`), before it is returned. The slice's reservation holds the money until
+  then: recording spend moves it from held to spent, so the cadence delays only the spent
+  figure (status, usage rows, budget alerts), never a budget's decision.
+- the next slice is asked before this one runs out (`ask_next`, after a request carved from it,
+  in the background as any slice is taken): when less than a quarter of it is free, or it
+  nears MAX_AGE_S. At most one ask is in flight per budgets (`_taking`). It is sized by the
+  demand seen on the slice in use: what its requests carved per second times `demand_s`, at
+  least `requests` and at most `max_requests` of the asking request's hold, and never more
+  than what was left outside the slice in use (as the store counted it when that one was
+  taken) divided by `headroom`. The store's reservation refuses a slice the budget cannot
+  hold, and one it holds but with less than `headroom` times its size left beside it (the
+  store's own counters, read in the same step) is returned unused: near a budget's end no
+  slice is taken and requests reserve on their own, the store deciding the 402.
+- the slice taken ahead waits (`_next`) until a request does not fit the one in use: that one
+  is retired then (its requests in flight settle into it, what is left of it, less than that
+  request's hold, is returned at the next flush) and the request is carved from the next. So
+  for a while one process holds two slices of the same budgets: both are reservations in the
+  store, each bounded and accounted, the second sized on what was left beside the first. A
+  change that retires the one in use (an admin change, a new budget, idle, shutdown) retires
+  the one waiting too.
 - a slice is returned (what is left released) when a request did not fit it, when idle for
   `idle_s`, when older than MAX_AGE_S, at shutdown, and when an admin change in this process
   (`retire_all`) or a changed budget seen in a request's settings makes it stale; once its
-  requests in flight have settled.
+  requests in flight have settled. A slice asked before a `retire_all` is returned unused when
+  it comes (`_epoch`).
 - a process that dies holding a slice: the next start settles the spend its requests' audit
   entries name past what the slice recorded, then charges what is left of it (its requests in
   flight at the crash are among it and which ones cannot be known: nothing forwarded is free;
-  the overcharge is bounded by the slice's size, which `requests` and `headroom` cap), with an
-  audit entry of its own written first (Ledger.reconcile_stale).
+  the overcharge is bounded by the slice's size, which `requests` (`max_requests` for one
+  taken ahead: about `demand_s` of the demand) and `headroom` cap; a slice taken ahead and
+  still waiting is charged whole, as the one in use), with an audit entry of its own written
+  first (Ledger.reconcile_stale).
 
 Not thread-safe on its own: carve, settle and release run on the event loop; flush and take
 run where store calls run, so every method takes the lock.
@@ -68,15 +91,21 @@ MAX_AGE_S = 60.0  # a slice is taken afresh at least this often (far below the s
 class SliceRules:
     """governance.budgets.slices, as the manager reads it."""
 
-    requests: int = 32  # a slice holds this many of the hold that asked for it
+    requests: int = 32  # a slice holds this many of the hold that asked for it (the least)
     headroom: int = 8  # never more than what the budget has left / headroom
     flush_s: float = 0.05
     idle_s: float = 1.0
     enabled: bool = True  # False: no slice is taken or carved (those held are returned)
+    max_requests: int = 1024  # a slice asked ahead covers demand_s of the demand, up to this
+    demand_s: float = 1.0
+    record_s: float = 0.0  # a slice in use has its spend recorded this often (at least flush_s)
 
     @classmethod
     def of(cls, cfg: BudgetSlices) -> SliceRules:
-        return cls(cfg.requests, cfg.headroom, cfg.flush_ms / 1000, cfg.idle_s, cfg.enabled)
+        return cls(
+            cfg.requests, cfg.headroom, cfg.flush_ms / 1000, cfg.idle_s, cfg.enabled,
+            cfg.max_requests, cfg.demand_ms / 1000, cfg.record_ms / 1000,
+        )
 
 
 @dataclass(frozen=True)
@@ -110,6 +139,9 @@ class Slice:
     spent: int = 0  # settled here (recorded in the store or not)
     pending: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (model, provider)
     retiring: bool = False
+    demand: int = 0  # the holds carved from it so far (its demand per second: / since `since`)
+    since: float = 0.0  # when it came into use
+    recorded_at: float = 0.0  # when its spend was last recorded (or it was taken)
 
     @property
     def free(self) -> int:
@@ -123,6 +155,8 @@ class Ask:
     key: SliceKey
     amount_usd: float  # the slice's size
     reserve: Callable[[], Reservation | BudgetRefusal]  # the slice's reservation (a store call)
+    ahead: bool = False  # asked before the slice in use ran out (`ask_next`)
+    epoch: int = 0  # retire_all's count when asked: a slice asked before one is returned
 
 
 def free_after(seen: ReserveResult, key: SliceKey, amount: int) -> int:
@@ -157,11 +191,28 @@ def spend_parts(pending: dict[tuple[str, str], list[int]]) -> list[SpendPart]:
     return [SpendPart(m, p, c, i, o, n) for (m, p), (c, i, o, n) in pending.items()]
 
 
+def next_size(rules: SliceRules, hold: int, demand_per_s: float, free: int) -> int:
+    """The size of the slice asked ahead of the one in use: `demand_s` of the demand seen on
+    it, between `requests` and `max_requests` of `hold`, never more than `free` (left beside
+    the slice in use) / headroom; 0: take none."""
+    if hold <= 0:
+        return 0
+    want = min(max(int(demand_per_s * rules.demand_s), rules.requests * hold),
+               max(rules.max_requests, rules.requests) * hold)
+    size = min(want, free // rules.headroom) // hold * hold  # whole holds (see slice_size)
+    return size if size >= 2 * hold else 0
+
+
 def slice_size(rules: SliceRules, hold: int, free: int) -> int:
     """A slice's size for a hold of `hold` with `free` left after it; 0: take none (the budget
-    is near its end, or the slice would hold fewer than two such requests)."""
-    size = min(rules.requests * hold, free // rules.headroom)
-    return size if hold > 0 and size >= 2 * hold else 0
+    is near its end, or the slice would hold fewer than two such requests). Whole holds:
+    requests like the one that asked spend it exactly, leaving no fraction of a hold held
+    beside a budget's end until the slice is returned (a request reserving on its own there
+    would be refused for it)."""
+    if hold <= 0:
+        return 0
+    size = min(rules.requests * hold, free // rules.headroom) // hold * hold
+    return size if size >= 2 * hold else 0
 
 
 class Slices:
@@ -181,8 +232,10 @@ class Slices:
         self._lock = threading.Lock()
         self._by_key: dict[SliceKey, Slice] = {}
         self._by_holder: dict[tuple[str, str | None, str], Slice] = {}  # the one in use
+        self._next: dict[SliceKey, Slice] = {}  # taken ahead: used once the one in use is spent
         self._by_id: dict[str, Slice] = {}  # every slice still held, retiring ones too
         self._taking: set[SliceKey] = set()
+        self._epoch = 0  # retire_all calls: a slice asked before one is returned, never used
         # when each budget last reserved on its own: a slice is taken only for one used again
         # within idle_s (a budget used less often would return each slice unused)
         self._asked: dict[SliceKey, float] = {}
@@ -222,17 +275,27 @@ class Slices:
             if s is None:
                 old = self._by_holder.get(key.holder)
                 if old is not None:  # its budgets changed (an admin change, a new period)
-                    self._retire(old)
+                    self._retire_both(old)
                 return None
             if not self.rules.enabled:
-                self._retire(s)
+                self._retire_both(s)
                 return None
-            if s.free < amount or self.monotonic() - s.taken_at > MAX_AGE_S:
+            now = self.monotonic()
+            if s.free < amount or now - s.taken_at > MAX_AGE_S:
                 self._retire(s)
-                return None
+                s = self._next.pop(key, None)  # the slice taken ahead, if any
+                if s is None:
+                    return None
+                if s.free < amount or now - s.taken_at > MAX_AGE_S:
+                    self._retire(s)
+                    return None
+                s.since = now
+                self._by_key[key] = s
+                self._by_holder[key.holder] = s
             s.carved += amount
+            s.demand += amount
             s.inflight += 1
-            s.used_at = self.monotonic()
+            s.used_at = now
             return dataclasses.replace(
                 s.reservation,
                 amount_usd=nano_to_usd(amount),
@@ -248,7 +311,7 @@ class Slices:
         with self._lock:
             s = self._by_holder.get(key.holder)
             if s is not None and s.key != key:
-                self._retire(s)
+                self._retire_both(s)
 
     def settle(
         self, res: Reservation, cost_usd: float, tokens_in: int, tokens_out: int, model: str,
@@ -297,7 +360,7 @@ class Slices:
                 self._asked = {k: t for k, t in self._asked.items() if now - t <= self.rules.idle_s}
             if last is None or now - last > self.rules.idle_s:
                 return None
-            if key in self._by_key or key in self._taking:
+            if key in self._by_key or key in self._next or key in self._taking:
                 return None
             self._taking.add(key)
         amount = nano_to_usd(size)
@@ -310,26 +373,78 @@ class Slices:
                 tenant_period=res.tenant_period, key_budget=kb,
             )
 
-        return Ask(key, amount, reserve)
+        return Ask(key, amount, reserve, epoch=self._epoch)
+
+    def ask_next(self, res: Reservation) -> Ask | None:
+        """After a request carved from a slice (`res`): the next slice of its budgets to take
+        now, before this one runs out (see the module docstring), or None."""
+        if not res.slice or not self.rules.enabled:
+            return None
+        hold = usd_to_nano(res.amount_usd)
+        now = self.monotonic()
+        with self._lock:
+            s = self._by_id.get(res.slice)
+            if s is None or s.retiring or s.key in self._taking or s.key in self._next or (
+                self._by_key.get(s.key) is not s
+            ):
+                return None
+            if 4 * s.free >= s.size and s.free >= 2 * hold and now - s.taken_at < MAX_AGE_S * 0.9:
+                return None  # ample left
+            seen = s.reservation.seen
+            if seen is None:
+                return None
+            size = next_size(
+                self.rules, hold, s.demand / max(now - s.since, 0.001),
+                free_after(seen, s.key, s.size),
+            )
+            if not size:
+                return None
+            self._taking.add(s.key)
+            key = s.key
+        amount = nano_to_usd(size)
+        kb = res.key_budget
+
+        def reserve() -> Reservation | BudgetRefusal:
+            return self.ledger.reserve(
+                res.user_id, res.tenant, amount, res.budget_usd, SLICE_PREFIX + uuid.uuid4().hex,
+                period=res.period, tenant_budget_usd=res.tenant_budget_usd,
+                tenant_period=res.tenant_period, key_budget=kb,
+            )
+
+        return Ask(key, amount, reserve, ahead=True, epoch=self._epoch)
 
     def took(self, ask: Ask, got: Reservation | BudgetRefusal | None) -> bool:
         """The outcome of an Ask's reservation (None: the store call failed). A slice taken is
-        used from now on; one the budget could not hold was a refusal: nothing is held."""
+        used from now on; one the budget could not hold was a refusal: nothing is held. A
+        slice asked ahead that left less than `headroom` times its size beside it in the
+        store is returned unused (the budget nears its end: requests reserve on their own)."""
         with self._lock:
             self._taking.discard(ask.key)
             if not isinstance(got, Reservation):
                 return False
             now = self.monotonic()
-            s = Slice(got, ask.key, usd_to_nano(got.amount_usd), now, now)
+            size = usd_to_nano(got.amount_usd)
+            s = Slice(got, ask.key, size, now, now, since=now, recorded_at=now)
+            self._by_id[got.id] = s
+            if ask.epoch != self._epoch:  # an admin change since it was asked
+                s.retiring = True
+                return True
+            if ask.ahead:
+                cur = self._by_key.get(ask.key)
+                if got.seen is None or free_after(got.seen, ask.key, 0) < size * self.rules.headroom:
+                    s.retiring = True  # returned at the next flush, never carved from
+                    return True
+                if cur is not None and ask.key not in self._next:
+                    self._next[ask.key] = s  # carved from once the one in use is spent
+                    return True
             old = self._by_key.get(ask.key)
             if old is not None:
-                self._retire(old)
+                self._retire_both(old)
             old = self._by_holder.get(ask.key.holder)
             if old is not None:
-                self._retire(old)
+                self._retire_both(old)
             self._by_key[ask.key] = s
             self._by_holder[ask.key.holder] = s
-            self._by_id[got.id] = s
             return True
 
     # -- background: record spend, return slices -----------------------------------------------
@@ -339,11 +454,21 @@ class Slices:
             del self._by_key[s.key]
         if self._by_holder.get(s.key.holder) is s:
             del self._by_holder[s.key.holder]
+        if self._next.get(s.key) is s:
+            del self._next[s.key]
+
+    def _retire_both(self, s: Slice) -> None:
+        """`s` and the slice of the same budgets taken ahead of it, if any."""
+        nxt = self._next.get(s.key)
+        self._retire(s)
+        if nxt is not None:
+            self._retire(nxt)
 
     def retire_all(self) -> None:
         """Every slice is returned (once its requests have settled): an admin change."""
         with self._lock:
-            for s in list(self._by_key.values()):
+            self._epoch += 1
+            for s in [*self._by_key.values(), *self._next.values()]:
                 self._retire(s)
 
     def held(self) -> int:
@@ -358,7 +483,7 @@ class Slices:
 
     def flush(self, everything: bool = False) -> list[Reservation]:
         """Blocking (store calls): record the spend settled since the last flush (one
-        settle_part per slice with spend) and release the slices retired, idle (`idle_s`) or,
+        settle_part per slice with spend: a slice in use every `record_s`) and release the slices retired, idle (`idle_s`) or,
         with `everything` (shutdown), all of them once their requests have settled: at most two
         transactions (one on Redis per slice). Returns the slices whose spend was recorded
         (budget alerts look at them). Spend a store call could not record stays queued for the
@@ -366,14 +491,18 @@ class Slices:
         now = self.monotonic()
         with self._lock:
             if everything:
-                for s in list(self._by_key.values()):
+                for s in [*self._by_key.values(), *self._next.values()]:
                     self._retire(s)
             for s in list(self._by_key.values()):
                 if now - s.used_at > self.rules.idle_s and s.inflight == 0:
-                    self._retire(s)
-            work = [(s, s.pending) for s in self._by_id.values() if s.pending or s.retiring]
+                    self._retire_both(s)
+            work = [
+                (s, s.pending) for s in self._by_id.values()
+                if s.retiring or (s.pending and now - s.recorded_at >= self.rules.record_s)
+            ]
             for s, _ in work:
                 s.pending = {}
+                s.recorded_at = now
         # every slice's spend in one transaction (SQLite; one script each on Redis), each
         # slice's atomic on its own; then the slices to return, once their spend is recorded
         spent = [(s, p) for s, p in work if p]

@@ -229,7 +229,12 @@ class UserDirectory:
         hit = self._tenant_cache.get(tenant)
         if hit is not None and hit[0] > now:
             return hit[1]
-        generation = self._generation
+        return self.refresh_tenant(tenant)
+
+    def refresh_tenant(self, tenant: str) -> TenantSettings:
+        """Blocking: `tenant_settings` read afresh and remembered for cache_ttl_s (also ahead of
+        the remembered one's expiry, so that `recent_tenant` keeps answering under load)."""
+        now, generation = self.clock(), self._generation
         t = self.tenant_settings(tenant)
         if self.cache_ttl_s > 0:
             with self._lock:
@@ -240,6 +245,11 @@ class UserDirectory:
                         }
                     self._tenant_cache[tenant] = (now + self.cache_ttl_s, t)
         return t
+
+    def tenant_expiring(self, tenant: str, within_s: float) -> bool:
+        """Whether `tenant`'s remembered settings expire within `within_s` (False: none are)."""
+        hit = self._tenant_cache.get(tenant)
+        return hit is not None and hit[0] - self.clock() <= within_s
 
     def record_of(self, user: str) -> UserRecord | None:
         return self.store.get_user(user, include_deleted=True)

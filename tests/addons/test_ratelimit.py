@@ -403,3 +403,90 @@ def test_limits_set_is_token_limits_active(limits) -> None:
 
     t = TokenLimits(*limits)
     assert _limits_set(t) == bool(t.active())
+
+
+def test_the_next_slice_and_block_are_taken_before_these_run_out(tctx, runtime):
+    """Issue 21 (ahead): with slices and blocks of 8, 40 requests in a row: after the first two
+    none makes a store call before it leaves (the next slice and block were taken in the
+    background while the ones in use still had room), every hold carved."""
+    cfg = config(rpm=100_000, budget=100.0)
+    cfg["governance"] = {
+        "budgets": {"slices": {"enabled": True, "requests": 8}},
+        "rate_limits": {"leases": {"enabled": True, "requests": 8}},
+    }
+    rt = runtime(cfg)
+    calls = []
+    real = rt.calls.call
+
+    async def counted(fn, *args):
+        calls.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args)
+
+    rt.calls.call = counted  # the admission's store call is `call`; the asks `reserve`, `take`
+
+    async def go():
+        addons = [Router(rt), Auth(rt), RateLimit(rt), Budget(rt)]
+        flows = []
+        for _ in range(40):
+            f = chat()
+            before = len(calls)
+            await run_hooks(addons, f, "requestheaders", "request")
+            assert f.response is None
+            flows.append((f, calls[before:]))
+            for _ in range(50):  # the background asks, when one was made, are store calls
+                await asyncio.sleep(0.002)
+                if not rt.slices._taking and not rt.rate_leases._taking:
+                    break
+        return flows
+
+    flows = asyncio.run(go())
+    assert [c for c in flows[0][1] + flows[1][1] if c == "call"] == ["call", "call"]
+    on_path = [(i, c) for i, (_, got) in enumerate(flows[2:], 2) for c in got if c == "call"]
+    assert on_path == []
+    assert all(ctx_of(f).reservation.slice for f, _ in flows[2:])
+    assert len({ctx_of(f).reservation.slice for f, _ in flows[2:]}) >= 2  # more than one slice
+    assert "take" in calls and calls.count("reserve") >= 2  # the blocks and slices asked
+
+
+def test_the_tenants_settings_are_read_ahead_so_requests_stay_in_memory(tctx, runtime):
+    """The tenant's settings (remembered 1 s) are read again in the background before they
+    expire: over 4 s of the settings cache's clock no request after the first two makes a store
+    call before it leaves (without the read ahead, the first request after each expiry finds no
+    tenant settings at hand and reserves and checks in the store)."""
+    cfg = config(rpm=100_000, budget=100.0)
+    cfg["governance"] = {
+        "budgets": {"slices": {"enabled": True, "requests": 8}},
+        "rate_limits": {"leases": {"enabled": True, "requests": 8}},
+    }
+    rt = runtime(cfg)
+    now = [1000.0]
+    rt.users.clock = lambda: now[0]
+    calls = []
+    real = rt.calls.call
+
+    async def counted(fn, *args):
+        calls.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args)
+
+    rt.calls.call = counted
+
+    async def go():
+        addons = [Router(rt), Auth(rt), RateLimit(rt), Budget(rt)]
+        flows = []
+        for _ in range(40):
+            f = chat()
+            before = len(calls)
+            await run_hooks(addons, f, "requestheaders", "request")
+            flows.append((f, calls[before:]))
+            for _ in range(50):  # the background asks and reads
+                await asyncio.sleep(0.002)
+                if not rt.slices._taking and not rt.rate_leases._taking:
+                    break
+            now[0] += 0.1  # ten requests a second of the cache's clock
+        return flows
+
+    flows = asyncio.run(go())
+    assert ctx_of(flows[0][0]).tenant == "research-team"
+    on_path = [(i, c) for i, (_, got) in enumerate(flows[2:], 2) for c in got if c == "call"]
+    assert on_path == []
+    assert all(ctx_of(f).reservation.slice for f, _ in flows[2:])

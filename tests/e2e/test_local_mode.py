@@ -324,7 +324,7 @@ def test_spend_is_todays_against_the_budget_with_hours(local, upstream):
     assert chat(local, {"model": "gpt-4o-mini", "messages": MSGS}).status_code == 200
     cost = (100_000 * 0.15 + 10_000 * 0.60) / 1e6
     # the spend is recorded after the request's entry: with budget slices (on by default) by
-    # the next flush (governance.budgets.slices.flush_ms) when its hold was carved
+    # governance.budgets.slices.record_ms (a slice in use) when its hold was carved
     deadline = time.monotonic() + 10
     while True:
         after = requests.get(f"{local.url}/_local/api/spend", timeout=5).json()

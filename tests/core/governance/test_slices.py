@@ -196,11 +196,11 @@ def test_a_slice_covers_tenant_and_key_budgets_or_none(store: StateStore) -> Non
     ledger = Ledger(store, clock=lambda: T0)
     slices = Slices(ledger, RULES, clock=lambda: T0)
     kb = KeyBudget("k_1", "k_1", 20.0)
-    # the key's budget is the tightest: 20 - 1 left, / 4: a slice of 4.75
+    # the key's budget is the tightest: 20 - 1 left, / 4: 4.75, a slice of 4 whole holds
     res = own(ledger, 1.0, tenant="t", tenant_budget_usd=1000.0, key_budget=kb)
     assert take(slices, res)
-    assert ledger.key_status(kb).reserved_usd == pytest.approx(5.75)
-    assert ledger.tenant_status("t", 1000.0).reserved_usd == pytest.approx(5.75)
+    assert ledger.key_status(kb).reserved_usd == pytest.approx(5.0)
+    assert ledger.tenant_status("t", 1000.0).reserved_usd == pytest.approx(5.0)
     k = key(slices, tenant="t", tenant_budget=1000.0, kb=kb)
     assert slices.carve(key(slices, tenant="t", tenant_budget=1000.0), 1.0, "s") is None
     c = slices.carve(k, 1.0, "s")

@@ -136,3 +136,23 @@ def test_tenant_settings_store_then_config_then_none(tmp_path: Path) -> None:
     users.forget()  # an admin change in this process applies at once
     t = users.tenant_settings_cached("t")
     assert (t.budget_usd, t.period.kind, t.source) == (None, "weekly", "store")
+
+
+def test_tenant_settings_are_read_ahead_of_their_expiry(tmp_path: Path) -> None:
+    from candela_mitm.state.ports import TenantRecord
+
+    clock = Clock()
+    users = scoped_directory(tmp_path, clock)
+    assert not users.tenant_expiring("t", 0.25)  # none remembered: nothing to read ahead
+    users.tenant_settings_cached("t")
+    assert not users.tenant_expiring("t", 0.25)
+    clock.t += 0.8
+    assert users.tenant_expiring("t", 0.25)
+    users.store.put_tenant(TenantRecord("t", 9.0, None))  # another process's admin change
+    assert users.refresh_tenant("t").budget_usd == 9.0  # read afresh, remembered from now
+    assert not users.tenant_expiring("t", 0.25)
+    clock.t += 0.9
+    recent = users.recent_tenant("t")  # 1.7 s after the first read: still at hand
+    assert recent is not None and recent.budget_usd == 9.0
+    clock.t += 0.2
+    assert users.recent_tenant("t") is None  # never older than the ttl
