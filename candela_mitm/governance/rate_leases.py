@@ -16,7 +16,10 @@ never over-admission). `lifetime_s` is at most 1 s: the Redis window's key lives
 the window after each plain check.
 
 A block is taken only while the window has room for `headroom` of them: near the limit every
-request is checked in the store, as before.
+request is checked in the store, as before; and only for a user checked in the store twice
+within a block's lifetime (as a slice is taken only for budgets reserved twice within its
+`idle_s`): one request every few seconds is checked in the store, without a block taken and
+given back for each (two store calls more on the event loop).
 
 The next block is asked before the one in use runs out (`ask_next`, after a request admitted
 from it, in the background as any block is taken): when, at the pace seen on it (and on the
@@ -66,6 +69,9 @@ class LeaseRules:
     lifetime_s: float = 1.0
     enabled: bool = True
     max_requests: int = 1024  # a block asked ahead covers its lifetime's demand, up to this
+    # a block is taken for a user checked in the store this many times within a lifetime (1:
+    # at the first check; tests of a block's own life use that)
+    checks: int = 2
 
     @classmethod
     def of(cls, cfg: RateLimitLeases) -> LeaseRules:
@@ -131,6 +137,7 @@ class RateLeases:
         self._next: dict[str, Block] = {}  # taken ahead: used once the one in use is spent
         self._done: list[Block] = []  # past their stamp or dropped: unused part to give back
         self._taking: set[str] = set()
+        self._checked: dict[str, int] = {}  # user -> when a request was last checked in the store
         self._epoch = 0  # retire_all calls
 
     def use(self, user: str, limit: int, now_us: int) -> RateDecision | None:
@@ -202,13 +209,25 @@ class RateLeases:
 
     def ask(self, user: str, limit: int, decision: RateDecision) -> TakeAsk | None:
         """After a request was checked in the store and admitted: a block to take for the
-        next ones, if the window has room for `headroom` of them and none is held or asked."""
+        next ones, if the user was checked in the store before within a block's lifetime (a
+        block would be used before its stamp: a user sending a request every few seconds is
+        checked in the store each time, rather than take and give back a block for each), the
+        window has room for `headroom` of them and none is held or asked."""
         if not self.rules.enabled or not decision.allowed or decision.kind != "requests":
             return None
         n = block_size(self.rules, decision.remaining)
         if not n:
             return None
+        now_us = to_us(self.clock())
         with self._lock:
+            last = self._checked.get(user)
+            self._checked[user] = now_us
+            if len(self._checked) > 10_000:  # many users: forget those not checked lately
+                horizon = now_us - round(self.rules.lifetime_s * US_PER_S)
+                self._checked = {u: t for u, t in self._checked.items() if t >= horizon}
+            recent = last is not None and now_us - last <= self.rules.lifetime_s * US_PER_S
+            if self.rules.checks > 1 and not recent:
+                return None
             if user in self._blocks or user in self._next or user in self._taking:
                 return None
             self._taking.add(user)

@@ -203,7 +203,7 @@ def test_next_sizes_follow_demand_within_the_caps() -> None:
     assert next_size(r, hold, 10**6 * hold, 10**18) == 1024 * hold  # max_requests
     assert next_size(r, hold, 800 * hold, 80 * hold) == 10 * hold  # what is left / headroom
     assert next_size(r, hold, 800 * hold, 15 * hold) == 0  # near the end: none
-    lr = LeaseRules(requests=32, headroom=4, lifetime_s=1.0, max_requests=1024)
+    lr = LeaseRules(requests=32, headroom=4, lifetime_s=1.0, max_requests=1024, checks=1)
     assert next_block_size(lr, 800.0, 10**9) == 800  # a lifetime's demand
     assert next_block_size(lr, 1.0, 10**9) == 32
     assert next_block_size(lr, 10**6, 10**9) == 1024
@@ -215,7 +215,7 @@ def test_a_block_asked_ahead_waits_and_never_exceeds_the_limit(store: StateStore
     """Two blocks of one user at once: the second is used once the first is spent, and the
     window never admits more than the limit."""
     c = Clocks()
-    leases = RateLeases(store, LeaseRules(requests=8, headroom=2, lifetime_s=1.0), clock=c.now)
+    leases = RateLeases(store, LeaseRules(requests=8, headroom=2, lifetime_s=1.0, checks=1), clock=c.now)
     limiter = RateLimiter(store, clock=c.now)
     limit = 40
     admitted = 0
@@ -333,7 +333,7 @@ def test_a_slice_or_block_asked_before_an_admin_change_is_returned(store: StateS
     slices.flush()
     assert slices.held() == 0 and ledger.status(U, 1000.0).reserved_usd == 0
     c = Clocks()
-    leases = RateLeases(store, LeaseRules(requests=8, headroom=2), clock=c.now)
+    leases = RateLeases(store, LeaseRules(requests=8, headroom=2, checks=1), clock=c.now)
     limiter = RateLimiter(store, clock=c.now)
     d = limiter.check(U, 1000)
     block = leases.ask(U, 1000, d)

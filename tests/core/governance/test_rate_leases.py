@@ -16,7 +16,7 @@ from candela_mitm.state import StateStore
 from candela_mitm.state.ports import US_PER_S, to_us
 
 T0 = datetime(2026, 5, 17, 12, 0, tzinfo=UTC)
-RULES = LeaseRules(requests=8, headroom=4, lifetime_s=1.0)
+RULES = LeaseRules(requests=8, headroom=4, lifetime_s=1.0, checks=1)  # a block at once
 W = 60 * US_PER_S
 
 
@@ -132,7 +132,7 @@ LIMIT = 150
 
 def hammer(store: StateStore, n: int, out: list[tuple[int, int]]) -> None:
     limiter = RateLimiter(store)
-    leases = RateLeases(store, LeaseRules(requests=8, headroom=4, lifetime_s=0.05))
+    leases = RateLeases(store, LeaseRules(requests=8, headroom=4, lifetime_s=0.05, checks=1))
     admitted = leased = 0
     for _ in range(n):
         now = datetime.now(UTC)
@@ -188,3 +188,24 @@ def test_processes_never_pass_the_limit(backend: Any) -> None:
     assert sum(x for _, x in out) > 0
     assert admitted <= LIMIT
     assert count(backend.open(), "u", to_us(datetime.now(UTC))) == admitted
+
+
+def test_a_block_is_taken_for_a_user_checked_twice_within_its_lifetime(store: StateStore) -> None:
+    """The default (`checks` 2): a user who sends one request every few seconds is checked in
+    the store each time, with no block taken and given back for each (two more store calls);
+    two checks within a block's lifetime take one."""
+    clock = Clock()
+    limiter = RateLimiter(store, clock=clock)
+    leases = RateLeases(store, LeaseRules(requests=8, headroom=4, lifetime_s=1.0), clock=clock)
+    takes = 0
+    for _ in range(5):  # one request every 3 s
+        assert checked(limiter, leases, "slow", 100, clock)
+        takes += leases.held()
+        clock.now += timedelta(seconds=3)
+    assert takes == 0 and count(store, "slow", clock.us) == 5  # each one checked, no block
+    assert checked(limiter, leases, "slow", 100, clock)  # 3 s after the last: no block
+    assert leases.held() == 0
+    clock.now += timedelta(milliseconds=500)
+    assert checked(limiter, leases, "slow", 100, clock)  # within 1 s of the last: a block
+    assert leases.held() == 1  # one block
+    assert leases.use("slow", 100, clock.us) is not None  # the next one from it
