@@ -47,6 +47,9 @@ _CANONICAL = json.JSONEncoder(
 )
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+
 def fields_json(fields: dict[str, Any]) -> str:
     """The canonical JSON text of an entry's fields: sorted keys, compact, ASCII only."""
     return _CANONICAL.encode(fields)
@@ -57,9 +60,7 @@ def _encode(
 ) -> bytes:
     # A JSON array frames every part unambiguously; fields_text is already canonical, so this is
     # exactly fields_json([seq, ts, action, user_id, tenant_id, fields]) without a second encode.
-    head = json.dumps(
-        [seq, ts, action, user_id, tenant_id], separators=(",", ":"), ensure_ascii=True
-    )
+    head = _COMPACT.encode([seq, ts, action, user_id, tenant_id])
     return (head[:-1] + "," + fields_text + "]").encode("ascii")
 
 

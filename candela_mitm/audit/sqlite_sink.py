@@ -49,8 +49,9 @@ _SQLITE_DBCONFIG_DEFENSIVE = 1010
 
 
 def now_ts() -> str:
-    """The current UTC time in the ledger's fixed-width format (sorts as text)."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """The current UTC time in the ledger's fixed-width format (sorts as text):
+    %Y-%m-%dT%H:%M:%S.%fZ, written by isoformat (strftime took ~5x as long)."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def _authorizer(
