@@ -518,3 +518,27 @@ def test_one_flush_records_every_slice(store: StateStore) -> None:
     assert len(slices.flush(everything=True)) == 3
     assert [ledger.spent_today(u) for u in users] == [0.5, 0.5, 0.5]
     assert slices.held() == 0
+
+
+def test_a_carved_reservation_is_what_dataclasses_replace_makes() -> None:
+    """carved_from copies the reservation's __dict__: Reservation must keep one (no slots) and
+    need no __post_init__, and the copy must equal replace's, field by field."""
+    import dataclasses
+    from datetime import UTC, datetime
+
+    from candela_mitm.governance.ledger import KeyBudget, Reservation
+    from candela_mitm.governance.slices import carved_from
+
+    assert not hasattr(Reservation, "__post_init__") and not hasattr(Reservation, "__slots__")
+    res = Reservation(
+        "s_1", "u", "t", 1.5, "2026-12-05", "r", "o", datetime(2026, 12, 5, tzinfo=UTC), 1.0,
+        {"g": 0.5}, 1.5, 100.0, key_budget=KeyBudget("k", "k", 2.0), key_hold_usd=1.5,
+    )
+    changes = {"amount_usd": 0.25, "request_id": "x", "seen": None, "slice": "s_1",
+               "created_at": datetime(2026, 12, 6, tzinfo=UTC)}
+    got, want = carved_from(res, **changes), dataclasses.replace(res, **changes)
+    assert type(got) is Reservation
+    assert {f.name: getattr(got, f.name) for f in dataclasses.fields(Reservation)} == {
+        f.name: getattr(want, f.name) for f in dataclasses.fields(Reservation)
+    }
+    assert res.amount_usd == 1.5 and res.slice == ""  # the slice's own reservation unchanged
