@@ -296,6 +296,8 @@ class SettingsPoller:
     def _run(self) -> None:
         self.poll()
         while not self._stop.wait(self.watch.poll_s):
+            if getattr(self.store, "closed", False):  # closed without Runtime.close (tests)
+                return
             self.poll()
 
     def stop(self) -> None:

@@ -308,6 +308,19 @@ def test_an_admin_change_through_one_process_is_seen_by_another_within_polls(two
     assert reads.reads == 2
 
 
+def test_a_reload_keeps_watching_and_close_stops_the_polls(tmp_path):
+    rt = build_runtime(processes_cfg(tmp_path, 0), "server")
+    try:
+        rt.reload(processes_cfg(tmp_path, 0).model_copy(update={"users": {}}))
+        assert rt.users.watch is rt.settings_watch is not None  # the new directory's too
+        polled(rt, 1)
+    finally:
+        rt.close()
+    polls = rt.settings_poller.polls
+    time.sleep(0.3)
+    assert rt.settings_poller.polls == polls
+
+
 def test_a_change_written_to_the_store_directly_is_seen_too(two_processes):
     clock, (a, b) = two_processes
     b.users.tenant_settings_cached("research-team")
