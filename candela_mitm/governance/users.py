@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from candela_mitm.config import Config
 from candela_mitm.errors import Denial, user_not_enrolled
@@ -17,6 +17,7 @@ from candela_mitm.governance.ratelimit import TokenLimits
 from candela_mitm.state.ports import LIMIT_FIELDS, TenantStore, UserRecord, UserStore
 
 Role = Literal["admin", "tenant_admin", "developer"]
+T = TypeVar("T")
 
 _CACHE_PRUNE_AT = 4096  # remembered users before expired entries are swept out
 
@@ -127,6 +128,10 @@ class UserDirectory:
         # user or tenant -> (when its read began, what it read)
         self._cache: dict[str, tuple[float, UserSettings]] = {}
         self._tenant_cache: dict[str, tuple[float, TenantSettings]] = {}
+        # sizes at which expired entries are swept out: doubled past what a sweep left, so
+        # that more users live within the long TTL than _CACHE_PRUNE_AT are not swept for
+        # each new one (amortised: one sweep per as many insertions as entries it kept)
+        self._prune_at = self._tenant_prune_at = _CACHE_PRUNE_AT
         self._lock = threading.Lock()
         self._generation = 0  # bumped by forget(): a read begun before it is not cached
 
@@ -216,6 +221,10 @@ class UserDirectory:
             return None
         return hit[1]
 
+    def _pruned(self, cache: dict[str, tuple[float, T]], now: float) -> dict[str, tuple[float, T]]:
+        """`cache` without the entries expired at `now`."""
+        return {k: h for k, h in cache.items() if self._expiry(h[0], now) > now}
+
     def _expiry(self, started: float, now: float) -> float:
         """Until when a read begun at `started` may be used, as seen at `now`."""
         w = self.watch
@@ -230,11 +239,9 @@ class UserDirectory:
         if self.cache_ttl_s > 0:
             with self._lock:
                 if generation == self._generation:  # no change was made while we read
-                    if len(self._cache) >= _CACHE_PRUNE_AT:  # many users: drop expired ones
-                        self._cache = {
-                            u: h for u, h in self._cache.items()
-                            if self._expiry(h[0], started) > started
-                        }
+                    if len(self._cache) >= self._prune_at:  # many users: drop expired ones
+                        self._cache = self._pruned(self._cache, started)
+                        self._prune_at = max(_CACHE_PRUNE_AT, 2 * len(self._cache))
                     # aged from before the read: never older than its TTL when used
                     self._cache[user] = (started, s)
         return s
@@ -298,11 +305,9 @@ class UserDirectory:
         if self.cache_ttl_s > 0:
             with self._lock:
                 if generation == self._generation:
-                    if len(self._tenant_cache) >= _CACHE_PRUNE_AT:
-                        self._tenant_cache = {
-                            k: h for k, h in self._tenant_cache.items()
-                            if self._expiry(h[0], now) > now
-                        }
+                    if len(self._tenant_cache) >= self._tenant_prune_at:
+                        self._tenant_cache = self._pruned(self._tenant_cache, now)
+                        self._tenant_prune_at = max(_CACHE_PRUNE_AT, 2 * len(self._tenant_cache))
                     self._tenant_cache[tenant] = (now, t)
         return t
 

@@ -207,3 +207,30 @@ def test_a_stale_or_failed_watch_falls_back_to_the_short_ttl(
     assert users.tenant_expiring("t", 0.25) is not long
     clock.t -= 4.5  # had the read been half a second old, the short TTL would still hold it
     assert users.recent("bob") is s
+
+
+def test_many_users_within_the_long_ttl_are_swept_seldom(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import candela_mitm.governance.users as users_module
+
+    monkeypatch.setattr(users_module, "_CACHE_PRUNE_AT", 4)
+    clock = Clock()
+    users, watch = watched(tmp_path, clock)
+    watch.confirm(0, clock.t)
+    sweeps = []
+    real = users._pruned
+    monkeypatch.setattr(users, "_pruned", lambda c, now: sweeps.append(len(c)) or real(c, now))
+    names = [f"u{i}" for i in range(20)]
+    for name in names:
+        users.settings_cached(name)
+    assert all(users.recent(n) is not None for n in names)  # none dropped while live
+    assert sweeps == [4, 8, 16]  # not one sweep per new user past 4
+    clock.t += 61.0  # the 20 expire; swept when the cache reaches twice what was kept
+    watch.confirm(0, clock.t)
+    late = [f"late{i}" for i in range(13)]
+    for name in late:
+        users.settings_cached(name)
+    assert sweeps == [4, 8, 16, 32]
+    assert sorted(users._cache) == sorted(late)
+    assert all(users.recent(n) is not None for n in late)
