@@ -7,6 +7,7 @@ import functools
 import getpass
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,7 @@ from candela_mitm.governance.rate_leases import LeaseRules, RateLeases
 from candela_mitm.governance.ratelimit import RateLimiter
 from candela_mitm.governance.shadow import Shadow
 from candela_mitm.governance.slices import SliceRules, Slices
-from candela_mitm.governance.users import UserDirectory
+from candela_mitm.governance.users import SettingsWatch, UserDirectory
 from candela_mitm.local import LocalRuntime
 from candela_mitm.observability.alerts import AlertNotifier
 from candela_mitm.observability.metrics import Metrics
@@ -45,7 +46,14 @@ from candela_mitm.providers.specs import Upstream, resolve_all
 from candela_mitm.providers.upstream_auth import UpstreamCredentials
 from candela_mitm.state import StateStore, open_state_store
 from candela_mitm.state.calls import StoreCalls
-from candela_mitm.state.ports import ActiveReservation, KeyRecord, from_us, to_us, utc_now
+from candela_mitm.state.ports import (
+    ActiveReservation,
+    GenerationStore,
+    KeyRecord,
+    from_us,
+    to_us,
+    utc_now,
+)
 
 log = logging.getLogger("candela.runtime")
 
@@ -61,6 +69,13 @@ STALE_AUDIT_WAIT_S = 10.0
 # How long a proxy process reuses a user's settings read from the store: admin changes made
 # through this process apply at once, those made through another process within this bound.
 USER_SETTINGS_TTL_S = 1.0
+# ... unless it watches the store's settings generation (SettingsPoller): polled every
+# SETTINGS_POLL_S off the event loop, a change made through any process is seen within two
+# polls (0.5 s), and settings are reused up to SETTINGS_LONG_TTL_S while the polls succeed.
+# Why: at a few requests per user per second, reading a user's settings again every second
+# was one store call per request before it was forwarded (bench/README.md, issue 21).
+SETTINGS_POLL_S = 0.25
+SETTINGS_LONG_TTL_S = 60.0
 
 # Config sections a running proxy cannot change: they shape its listeners, stores and processes.
 RESTART_SECTIONS = frozenset(
@@ -114,6 +129,17 @@ class Runtime:
     slices: Slices | None = None
     # this process's rate blocks (governance.rate_limits.leases; likewise)
     rate_leases: RateLeases | None = None
+    # what this process has seen of the store's settings generation (SettingsPoller updates it)
+    settings_watch: SettingsWatch | None = None
+    settings_poller: SettingsPoller | None = None
+
+    def forget_settings(self) -> None:
+        """What an admin change made through this process does after it (admin/base.py), for
+        one made through another: the next request reads its settings from the store, and
+        budget slices judged on the budgets as they were are returned and taken anew."""
+        self.users.forget()
+        if self.slices is not None:
+            self.slices.retire_all()
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store call off the event loop, on the governance thread pool."""
@@ -125,6 +151,8 @@ class Runtime:
         return await self.calls.call(fn, *args)
 
     def close(self) -> None:
+        if self.settings_poller is not None:
+            self.settings_poller.stop()
         if self.rate_leases is not None:
             try:
                 self.rate_leases.flush(everything=True)  # the unused requests given back
@@ -174,7 +202,9 @@ class Runtime:
         self.policy = policy
         self.auth_required = required
         self.authenticator = authenticator
-        self.users = UserDirectory(new, self.store, cache_ttl_s=USER_SETTINGS_TTL_S)
+        self.users = UserDirectory(
+            new, self.store, cache_ttl_s=USER_SETTINGS_TTL_S, watch=self.settings_watch
+        )
         if self.slices is not None:
             # budgets may have changed: every slice is returned, and taken again under them
             self.slices.rules = SliceRules.of(new.governance.budgets.slices)
@@ -201,6 +231,80 @@ class Runtime:
                 and self.config.providers["anthropic"].project
             ),
         )
+
+
+class SettingsPoller:
+    """Reads the store's settings generation every `watch.poll_s` on a thread of its own (never
+    on the event loop, never per request). A changed generation: `on_change` (what an admin
+    change made here does), then the watch is confirmed; the first read only forgets what was
+    remembered before it (nothing to compare with). A failed read: the watch falls back to the
+    short TTL at once (SettingsWatch.failed), and the next poll tries again."""
+
+    def __init__(
+        self,
+        store: GenerationStore,
+        watch: SettingsWatch,
+        on_change: Callable[[], None],
+        on_first: Callable[[], None],
+    ) -> None:
+        self.store = store
+        self.watch = watch
+        self.on_change = on_change
+        self.on_first = on_first
+        self.polls = 0  # reads that succeeded
+        self.failures = 0
+        self.changes = 0  # changes seen (the first read not counted)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    def poll(self) -> bool:
+        """One read; False if it failed."""
+        began = self.watch.clock()
+        try:
+            generation = self.store.settings_generation()
+            if self.watch.changed(generation):
+                if self.watch.seen is None:
+                    self.on_first()
+                else:
+                    self.changes += 1
+                    self.on_change()
+        except Exception as e:
+            self.watch.failed()
+            self.failures += 1
+            if not self._failing:  # once per outage, not every poll
+                log.warning(
+                    "settings generation unreadable (%s): settings are read again every %.0f s",
+                    type(e).__name__,
+                    USER_SETTINGS_TTL_S,
+                )
+            self._failing = True
+            return False
+        self.watch.confirm(generation, began)
+        self.polls += 1
+        if self._failing:
+            log.info("settings generation readable again")
+            self._failing = False
+        return True
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name="candela-settings-watch", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        self.poll()
+        while not self._stop.wait(self.watch.poll_s):
+            if getattr(self.store, "closed", False):  # closed without Runtime.close (tests)
+                return
+            self.poll()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 def audited_charges(
@@ -350,6 +454,7 @@ def build_runtime(config: Config, command: Command, reconcile: bool = True) -> R
     count_stale_settlements(metrics, settled)
     executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="candela-gov")
     calls = StoreCalls(store, executor, metrics.store_on_loop.inc, metrics.store_on_pool.inc)
+    watch = SettingsWatch(SETTINGS_POLL_S, SETTINGS_LONG_TTL_S)
     rt = Runtime(
         config=config,
         command=command,
@@ -369,7 +474,7 @@ def build_runtime(config: Config, command: Command, reconcile: bool = True) -> R
         store=store,
         ledger=ledger,
         limiter=limiter,
-        users=UserDirectory(config, store, cache_ttl_s=USER_SETTINGS_TTL_S),
+        users=UserDirectory(config, store, cache_ttl_s=USER_SETTINGS_TTL_S, watch=watch),
         audit=audit,
         metrics=metrics,
         executor=executor,
@@ -381,6 +486,9 @@ def build_runtime(config: Config, command: Command, reconcile: bool = True) -> R
     rt.slices = Slices(ledger, SliceRules.of(config.governance.budgets.slices))
     rt.rate_leases = RateLeases(store, LeaseRules.of(config.governance.rate_limits.leases))
     rt.alerts = AlertNotifier(store, audit, metrics, lambda: rt.config.alerts, known_scope(rt))
+    rt.settings_watch = watch
+    rt.settings_poller = SettingsPoller(store, watch, rt.forget_settings, lambda: rt.users.forget())
+    rt.settings_poller.start()
     return rt
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from candela_mitm.config import Config
 from candela_mitm.errors import Denial, user_not_enrolled
@@ -16,6 +17,7 @@ from candela_mitm.governance.ratelimit import TokenLimits
 from candela_mitm.state.ports import LIMIT_FIELDS, TenantStore, UserRecord, UserStore
 
 Role = Literal["admin", "tenant_admin", "developer"]
+T = TypeVar("T")
 
 _CACHE_PRUNE_AT = 4096  # remembered users before expired entries are swept out
 
@@ -53,6 +55,52 @@ class TenantSettings:
     max_concurrent_requests: int | None = None  # its users' requests in flight; None: no limit
 
 
+class SettingsWatch:
+    """Since when this process is sure to have seen every change to users, tenants, grants and
+    API keys made through any process: what the state store's settings generation said when it
+    was last read (GenerationStore; the runtime polls it every `poll_s` on a thread of its own).
+
+    A poll that began at `began` and read generation g has seen every change committed before
+    `began`: if g differs from the generation seen before, the poller forgets what the process
+    remembers first, then `confirm`s. While the last confirmation is at most
+    `stale_after_polls` polls old, a remembered setting may be used for `long_ttl_s`: a change
+    made anywhere is then seen within those polls. A poll that fails (`failed`), or none for
+    that long, and the directory falls back to its own short TTL: freshness fails closed.
+    Thread-safe as plain attribute writes: only the poller writes.
+    """
+
+    def __init__(
+        self,
+        poll_s: float,
+        long_ttl_s: float,
+        stale_after_polls: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.poll_s = poll_s
+        self.long_ttl_s = long_ttl_s
+        self.stale_after_s = stale_after_polls * poll_s
+        self.clock = clock
+        self.seen: int | None = None  # the generation last read; None: never read yet
+        self._confirmed = -math.inf  # when the poll that last confirmed it began
+
+    def changed(self, generation: int) -> bool:
+        """Whether `generation` differs from the one last seen (True at the first poll)."""
+        return generation != self.seen
+
+    def confirm(self, generation: int, began: float) -> None:
+        """A poll that began at `began` read `generation`, and whatever it changed is forgotten."""
+        self.seen = generation
+        self._confirmed = began
+
+    def failed(self) -> None:
+        """A poll failed: remembered settings are used for the short TTL only, until one works."""
+        self._confirmed = -math.inf
+
+    def current(self, now: float) -> bool:
+        """Whether every change committed more than `stale_after_s` before `now` has been seen."""
+        return now - self._confirmed <= self.stale_after_s
+
+
 class DirectoryStore(UserStore, TenantStore, Protocol):
     """What the directory reads: users and tenants as the admin API set them."""
 
@@ -66,15 +114,24 @@ class UserDirectory:
         store: DirectoryStore,
         cache_ttl_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        watch: SettingsWatch | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.admins = frozenset(config.auth.admins)
         # Only `recent` reads the cache; `settings` always reads the store. 0 disables it.
+        # cache_ttl_s is how long a read is used; up to the watch's long_ttl_s while the watch
+        # of the store's settings generation is current (SettingsWatch).
         self.cache_ttl_s = cache_ttl_s
         self.clock = clock
+        self.watch = watch
+        # user or tenant -> (when its read began, what it read)
         self._cache: dict[str, tuple[float, UserSettings]] = {}
         self._tenant_cache: dict[str, tuple[float, TenantSettings]] = {}
+        # sizes at which expired entries are swept out: doubled past what a sweep left, so
+        # that more users live within the long TTL than _CACHE_PRUNE_AT are not swept for
+        # each new one (amortised: one sweep per as many insertions as entries it kept)
+        self._prune_at = self._tenant_prune_at = _CACHE_PRUNE_AT
         self._lock = threading.Lock()
         self._generation = 0  # bumped by forget(): a read begun before it is not cached
 
@@ -160,9 +217,20 @@ class UserDirectory:
         Non-blocking: the proxy's hot path asks here first and skips a trip to the thread pool.
         """
         hit = self._cache.get(user)
-        if hit is None or hit[0] <= self.clock():
+        if hit is None or self._expiry(hit[0], now := self.clock()) <= now:
             return None
         return hit[1]
+
+    def _pruned(self, cache: dict[str, tuple[float, T]], now: float) -> dict[str, tuple[float, T]]:
+        """`cache` without the entries expired at `now`."""
+        return {k: h for k, h in cache.items() if self._expiry(h[0], now) > now}
+
+    def _expiry(self, started: float, now: float) -> float:
+        """Until when a read begun at `started` may be used, as seen at `now`."""
+        w = self.watch
+        if w is not None and w.current(now):
+            return started + max(self.cache_ttl_s, w.long_ttl_s)
+        return started + self.cache_ttl_s
 
     def settings_cached(self, user: str) -> UserSettings:
         """Blocking: `settings`, remembered for cache_ttl_s for `recent`."""
@@ -171,10 +239,11 @@ class UserDirectory:
         if self.cache_ttl_s > 0:
             with self._lock:
                 if generation == self._generation:  # no change was made while we read
-                    if len(self._cache) >= _CACHE_PRUNE_AT:  # many users: drop expired ones
-                        self._cache = {u: h for u, h in self._cache.items() if h[0] > started}
-                    # counted from before the read: never older than cache_ttl_s when used
-                    self._cache[user] = (started + self.cache_ttl_s, s)
+                    if len(self._cache) >= self._prune_at:  # many users: drop expired ones
+                        self._cache = self._pruned(self._cache, started)
+                        self._prune_at = max(_CACHE_PRUNE_AT, 2 * len(self._cache))
+                    # aged from before the read: never older than its TTL when used
+                    self._cache[user] = (started, s)
         return s
 
     def forget(self) -> None:
@@ -219,17 +288,14 @@ class UserDirectory:
     def recent_tenant(self, tenant: str) -> TenantSettings | None:
         """`tenant_settings` read less than cache_ttl_s ago, or None (non-blocking, as `recent`)."""
         hit = self._tenant_cache.get(tenant)
-        if hit is None or hit[0] <= self.clock():
+        if hit is None or self._expiry(hit[0], now := self.clock()) <= now:
             return None
         return hit[1]
 
     def tenant_settings_cached(self, tenant: str) -> TenantSettings:
         """`tenant_settings`, remembered for cache_ttl_s (as settings_cached)."""
-        now = self.clock()
-        hit = self._tenant_cache.get(tenant)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        return self.refresh_tenant(tenant)
+        hit = self.recent_tenant(tenant)
+        return hit if hit is not None else self.refresh_tenant(tenant)
 
     def refresh_tenant(self, tenant: str) -> TenantSettings:
         """Blocking: `tenant_settings` read afresh and remembered for cache_ttl_s (also ahead of
@@ -239,17 +305,19 @@ class UserDirectory:
         if self.cache_ttl_s > 0:
             with self._lock:
                 if generation == self._generation:
-                    if len(self._tenant_cache) >= _CACHE_PRUNE_AT:
-                        self._tenant_cache = {
-                            k: h for k, h in self._tenant_cache.items() if h[0] > now
-                        }
-                    self._tenant_cache[tenant] = (now + self.cache_ttl_s, t)
+                    if len(self._tenant_cache) >= self._tenant_prune_at:
+                        self._tenant_cache = self._pruned(self._tenant_cache, now)
+                        self._tenant_prune_at = max(_CACHE_PRUNE_AT, 2 * len(self._tenant_cache))
+                    self._tenant_cache[tenant] = (now, t)
         return t
 
     def tenant_expiring(self, tenant: str, within_s: float) -> bool:
         """Whether `tenant`'s remembered settings expire within `within_s` (False: none are)."""
         hit = self._tenant_cache.get(tenant)
-        return hit is not None and hit[0] - self.clock() <= within_s
+        if hit is None:
+            return False
+        now = self.clock()
+        return self._expiry(hit[0], now) - now <= within_s
 
     def record_of(self, user: str) -> UserRecord | None:
         return self.store.get_user(user, include_deleted=True)

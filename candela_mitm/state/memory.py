@@ -95,6 +95,7 @@ class _Tables:
     leases: dict[str, dict[str, tuple[str, int]]] = field(default_factory=dict)  # owner, expiry
     jobs: dict[tuple[str, str], JobRecord] = field(default_factory=dict)  # (provider, job id)
     job_objects: dict[tuple[str, str], str] = field(default_factory=dict)  # JSON, as stored
+    generation: int = 0  # changes to users, tenants, grants and keys (settings_generation)
 
 
 class MemoryStateStore(StateStore):
@@ -126,6 +127,7 @@ class MemoryStateStore(StateStore):
             self._t.users[record.user_id] = dataclasses.replace(
                 record, deleted=False, deleted_at=None
             )
+            self._t.generation += 1
 
     def delete_user(self, user_id: str, now_us: int) -> bool:
         with self._lock:
@@ -135,6 +137,7 @@ class MemoryStateStore(StateStore):
             self._t.users[user_id] = dataclasses.replace(
                 rec, deleted=True, deleted_at=from_us(now_us)
             )
+            self._t.generation += 1
             return True
 
     def list_users(self, include_deleted: bool = False) -> list[UserRecord]:
@@ -372,6 +375,7 @@ class MemoryStateStore(StateStore):
             if grant.grant_id in self._t.grants:
                 raise ValueError(f"grant {grant.grant_id} exists")
             self._t.grants[grant.grant_id] = grant
+            self._t.generation += 1
 
     def grants(self, user_id: str) -> list[GrantRow]:
         rows = [g for g in self._t.grants.values() if g.user_id == user_id]
@@ -389,12 +393,17 @@ class MemoryStateStore(StateStore):
         row = self._t.key_periods.get((key_id, period), _Row())
         return DayTotals(row.spent, 0, row.reserved)
 
+    # -- settings generation -------------------------------------------------------------------
+    def settings_generation(self) -> int:
+        return self._t.generation
+
     # -- API keys ------------------------------------------------------------------------------
     def put_api_key(self, record: KeyRecord) -> None:
         with self._lock:
             if record.key_id in self._t.keys or self.api_key(record.sha256) is not None:
                 raise ValueError(f"key {record.key_id} exists")
             self._t.keys[record.key_id] = record
+            self._t.generation += 1
 
     def api_key(self, sha256: str) -> KeyRecord | None:
         return next((k for k in self._t.keys.values() if k.sha256 == sha256), None)
@@ -410,6 +419,7 @@ class MemoryStateStore(StateStore):
                 before.expires_us is None or expires_us < before.expires_us
             ):
                 self._t.keys[key_id] = dataclasses.replace(before, expires_us=expires_us)
+                self._t.generation += 1
             return before
 
     def revoke_api_key(self, key_id: str, now_us: int) -> KeyRecord | None:
@@ -417,6 +427,7 @@ class MemoryStateStore(StateStore):
             before = self._t.keys.get(key_id)
             if before is not None and before.revoked_us is None:
                 self._t.keys[key_id] = dataclasses.replace(before, revoked_us=now_us)
+                self._t.generation += 1
             return before
 
     # -- tenants -------------------------------------------------------------------------------
@@ -426,6 +437,7 @@ class MemoryStateStore(StateStore):
     def put_tenant(self, record: TenantRecord) -> None:
         with self._lock:
             self._t.tenants[record.tenant_id] = record
+            self._t.generation += 1
 
     def list_tenants(self) -> list[TenantRecord]:
         return [r for _, r in sorted(self._t.tenants.items())]

@@ -280,6 +280,19 @@ STEPS: Sequence[tuple[str, Step]] = [
             ("parts", "INTEGER NOT NULL DEFAULT 0"),
         ),
     ),
+    (
+        # one row: the count of changes to users, tenants, grants and API keys, which every
+        # proxy process polls to know when to forget the settings it remembers
+        # (GenerationStore; runtime.SettingsWatch)
+        "011_settings_generation",
+        _sql(
+            """CREATE TABLE IF NOT EXISTS settings_generation (
+                id INTEGER PRIMARY KEY CHECK (id = 0),
+                n INTEGER NOT NULL
+            )""",
+            "INSERT OR IGNORE INTO settings_generation (id, n) VALUES (0, 0)",
+        ),
+    ),
 ]
 
 SCHEMA_VERSION = len(STEPS)  # what PRAGMA user_version holds once every step has run

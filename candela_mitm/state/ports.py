@@ -753,8 +753,28 @@ class AlertStore(Protocol):
         is kept until `expires_us` (after the period's end), then forgotten."""
 
 
+class GenerationStore(Protocol):
+    """A count of the changes to what the admin API sets, which every proxy process polls to
+    know when to forget the settings it remembers (runtime.SettingsWatch)."""
+
+    @abstractmethod
+    def settings_generation(self) -> int:
+        """How many times users, tenants, grants or API keys were changed: put_user,
+        delete_user, put_tenant, add_grant, put_api_key, expire_api_key and revoke_api_key add
+        one when they change something, in the same atomic step as the change (a reader that
+        sees the new count reads the change). Only ever grows; 0 for a store nobody changed."""
+
+
 class StateStore(
-    UserStore, TenantStore, LedgerStore, KeyStore, JobStore, RateStore, AlertStore, ABC
+    UserStore,
+    TenantStore,
+    LedgerStore,
+    KeyStore,
+    JobStore,
+    RateStore,
+    AlertStore,
+    GenerationStore,
+    ABC,
 ):
     """Governance state shared by every worker: every port, each method one atomic step.
 

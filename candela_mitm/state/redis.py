@@ -456,6 +456,7 @@ return before
 _DELETE_USER = """
 if redis.call('HGET', KEYS[1], 'deleted') ~= '0' then return 0 end
 redis.call('HSET', KEYS[1], 'deleted', '1', 'deleted_at', ARGV[1])
+redis.call('INCR', KEYS[2])
 return 1
 """
 
@@ -592,7 +593,7 @@ _REVOKE_KEY = """
 local rec = redis.call('HGET', KEYS[1], 'record')
 if not rec then return false end
 local before = redis.call('HGET', KEYS[1], 'revoked_us') or ''
-redis.call('HSETNX', KEYS[1], 'revoked_us', ARGV[1])
+if redis.call('HSETNX', KEYS[1], 'revoked_us', ARGV[1]) == 1 then redis.call('INCR', KEYS[2]) end
 return {rec, before}
 """
 
@@ -603,7 +604,10 @@ if not rec then return false end
 local before = redis.call('HGET', KEYS[1], 'expires_us') or ''
 local at = tonumber(ARGV[1])
 local current = tonumber(before) or tonumber(ARGV[2])
-if current == nil or at < current then redis.call('HSET', KEYS[1], 'expires_us', ARGV[1]) end
+if current == nil or at < current then
+  redis.call('HSET', KEYS[1], 'expires_us', ARGV[1])
+  redis.call('INCR', KEYS[2])
+end
 return {rec, redis.call('HGET', KEYS[1], 'revoked_us') or '', before}
 """
 
@@ -632,6 +636,8 @@ class RedisStateStore(StateStore):
 
     def __init__(self, url: str, prefix: str = "candela:", timeout_ms: int = 2000):
         self.prefix = prefix
+        # a plain counter: INCR by every change to users, tenants, grants and API keys
+        self._generation_key = prefix + "settings_generation"
         self._url_for_errors = url.split("@")[-1]  # never echo a password from the URL
         try:
             # Any: redis-py's return types are unions over decode_responses; ours is True.
@@ -711,11 +717,16 @@ class RedisStateStore(StateStore):
                 mapping={"record": data, "deleted": "0", "deleted_at": ""},
             )
             pipe.sadd(self._k("users"), record.user_id)
+            pipe.incr(self._generation_key)
             pipe.execute()
 
     def delete_user(self, user_id: str, now_us: int) -> bool:
         with self._guard():
-            return bool(self._delete_user(keys=[self._k("user", user_id)], args=[now_us]))
+            return bool(
+                self._delete_user(
+                    keys=[self._k("user", user_id), self._generation_key], args=[now_us]
+                )
+            )
 
     def list_users(self, include_deleted: bool = False) -> list[UserRecord]:
         with self._guard():
@@ -871,6 +882,7 @@ class RedisStateStore(StateStore):
                 },
             )
             pipe.zadd(self._k("grants", grant.user_id), {grant.grant_id: grant.expires_us})
+            pipe.incr(self._generation_key)
             pipe.execute()
 
     def grants(self, user_id: str) -> list[GrantRow]:
@@ -915,6 +927,7 @@ class RedisStateStore(StateStore):
             pipe = self._r.pipeline(transaction=True)
             pipe.set(self._k("tenant", record.tenant_id), json.dumps(record.to_json()))
             pipe.sadd(self._k("tenants"), record.tenant_id)
+            pipe.incr(self._generation_key)
             pipe.execute()
 
     def list_tenants(self) -> list[TenantRecord]:
@@ -1143,6 +1156,11 @@ class RedisStateStore(StateStore):
         with self._guard():
             return bool(self._r.set(key, now_us, nx=True, px=ttl_ms))
 
+    # -- settings generation -------------------------------------------------------------------
+    def settings_generation(self) -> int:
+        with self._guard():
+            return _int(self._r.get(self._generation_key) or 0)
+
     # -- API keys ------------------------------------------------------------------------------
     @staticmethod
     def _key_record(
@@ -1162,6 +1180,7 @@ class RedisStateStore(StateStore):
             pipe.hset(self._k("apikey", record.key_id), "record", json.dumps(record.to_json()))
             pipe.set(self._k("apikeydigest", record.sha256), record.key_id)
             pipe.sadd(self._k("apikeys"), record.key_id)
+            pipe.incr(self._generation_key)
             pipe.execute()
 
     def api_key(self, sha256: str) -> KeyRecord | None:
@@ -1187,7 +1206,9 @@ class RedisStateStore(StateStore):
 
     def revoke_api_key(self, key_id: str, now_us: int) -> KeyRecord | None:
         with self._guard():
-            out = self._revoke_key(keys=[self._k("apikey", key_id)], args=[now_us])
+            out = self._revoke_key(
+                keys=[self._k("apikey", key_id), self._generation_key], args=[now_us]
+            )
             expires = self._r.hget(self._k("apikey", key_id), "expires_us") if out else None
         return None if not out else self._key_record(out[0], out[1], expires)
 
@@ -1196,6 +1217,7 @@ class RedisStateStore(StateStore):
             record = self._r.hget(self._k("apikey", key_id), "record")
             own = None if record is None else json.loads(record).get("expires_us")
             out = self._expire_key(
-                keys=[self._k("apikey", key_id)], args=[expires_us, "" if own is None else own]
+                keys=[self._k("apikey", key_id), self._generation_key],
+                args=[expires_us, "" if own is None else own],
             )
         return None if not out else self._key_record(out[0], out[1], out[2])

@@ -115,6 +115,11 @@ _RESERVATION_AND_DAY = (
 )
 
 
+def _bump_generation(c: sqlite3.Connection) -> None:
+    """One change more to the settings the admin API sets, in the caller's write transaction."""
+    c.execute("UPDATE settings_generation SET n = n + 1 WHERE id = 0")
+
+
 class SqliteStateStore(StateStore):
     """One database file shared by every thread (a connection each) and process (WAL).
 
@@ -389,6 +394,7 @@ class SqliteStateStore(StateStore):
                 "ON CONFLICT (user_id) DO UPDATE SET record = excluded.record, deleted = 0",
                 (record.user_id, data),
             )
+            _bump_generation(c)
 
     def delete_user(self, user_id: str, now_us: int) -> bool:
         with self._tx() as c:
@@ -402,6 +408,7 @@ class SqliteStateStore(StateStore):
                 "UPDATE users SET record = ?, deleted = 1 WHERE user_id = ?",
                 (json.dumps(data), user_id),
             )
+            _bump_generation(c)
             return True
 
     def list_users(self, include_deleted: bool = False) -> list[UserRecord]:
@@ -749,6 +756,7 @@ class SqliteStateStore(StateStore):
                     grant.created_us,
                 ),
             )
+            _bump_generation(c)
 
     def grants(self, user_id: str) -> list[GrantRow]:
         with self._tx(write=False) as c:
@@ -788,6 +796,7 @@ class SqliteStateStore(StateStore):
                 "ON CONFLICT (tenant_id) DO UPDATE SET record = excluded.record",
                 (record.tenant_id, json.dumps(record.to_json())),
             )
+            _bump_generation(c)
 
     def list_tenants(self) -> list[TenantRecord]:
         with self._tx(write=False) as c:
@@ -1082,6 +1091,12 @@ class SqliteStateStore(StateStore):
             )
             return cur.rowcount == 1
 
+    # -- settings generation -------------------------------------------------------------------
+    def settings_generation(self) -> int:
+        with self._tx(write=False) as c:
+            row = c.execute("SELECT n FROM settings_generation WHERE id = 0").fetchone()
+        return 0 if row is None else int(row[0])
+
     # -- API keys ------------------------------------------------------------------------------
     def put_api_key(self, record: KeyRecord) -> None:
         with self._tx() as c:
@@ -1089,6 +1104,7 @@ class SqliteStateStore(StateStore):
                 "INSERT INTO api_keys (key_id, sha256, user_id, record) VALUES (?, ?, ?, ?)",
                 (record.key_id, record.sha256, record.user_id, json.dumps(record.to_json())),
             )
+            _bump_generation(c)
 
     def api_key(self, sha256: str) -> KeyRecord | None:
         with self._tx(write=False) as c:
@@ -1117,6 +1133,7 @@ class SqliteStateStore(StateStore):
                     "UPDATE api_keys SET record = ? WHERE key_id = ?",
                     (json.dumps(after.to_json()), key_id),
                 )
+                _bump_generation(c)
             return before
 
     def revoke_api_key(self, key_id: str, now_us: int) -> KeyRecord | None:
@@ -1131,4 +1148,5 @@ class SqliteStateStore(StateStore):
                     "UPDATE api_keys SET record = ? WHERE key_id = ?",
                     (json.dumps(after.to_json()), key_id),
                 )
+                _bump_generation(c)
             return before

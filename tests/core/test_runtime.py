@@ -1,8 +1,13 @@
+import time
+
 import pytest
 
+from candela_mitm import runtime
 from candela_mitm.config import parse_config
 from candela_mitm.errors import ConfigError
 from candela_mitm.runtime import build_runtime
+from candela_mitm.state.ports import TenantRecord
+from tests.core.admin.support import ADMIN, ALICE, call, q
 
 
 def cfg(tmp_path, **extra):
@@ -201,3 +206,156 @@ def test_slices_follow_reloads_and_are_returned_at_close(tmp_path):
         assert [a.request_id for a in store.active_reservations()] == ["span"]
     finally:
         store.close()
+
+
+# -- settings cached across processes by generation (SettingsPoller, SettingsWatch) -------------
+
+
+class FakeClock:
+    """The directories' and watches' clock: time moves when the test says (the polls run on
+    their own thread, in real time, and confirm the watch at this clock's time)."""
+
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class CountingStore:
+    """A store whose user and tenant reads are counted (the reads a request's settings cost)."""
+
+    def __init__(self, store):
+        self._store = store
+        self.reads = 0
+
+    def get_user(self, *args, **kw):
+        self.reads += 1
+        return self._store.get_user(*args, **kw)
+
+    def get_tenant(self, *args, **kw):
+        self.reads += 1
+        return self._store.get_tenant(*args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def polled(rt, more: int = 2, deadline_s: float = 10.0) -> None:
+    """Wait for `more` polls of rt's settings generation to succeed (the last began after now)."""
+    target = rt.settings_poller.polls + more
+    end = time.monotonic() + deadline_s
+    while rt.settings_poller.polls < target:
+        assert time.monotonic() < end, "the settings generation was not polled"
+        time.sleep(0.01)
+
+
+def processes_cfg(tmp_path, i: int, state: dict | None = None):
+    return parse_config(
+        {
+            "state": state or {"sqlite_path": str(tmp_path / "state.db")},
+            "audit": {"sqlite_path": str(tmp_path / f"audit{i}.db")},
+            "auth": {"api_keys": [{"sha256": "c" * 64, "user": ADMIN}], "admins": [ADMIN]},
+            "users": {ALICE: {"tenants": ["research-team"], "daily_budget_usd": 20.0}},
+        }
+    )
+
+
+def watched_runtime(cfg, clock: FakeClock, reconcile: bool = True):
+    """A runtime whose directory and watch read `clock`, and whose directory's reads count."""
+    rt = build_runtime(cfg, "server", reconcile=reconcile)
+    rt.settings_watch.clock = clock
+    rt.users.clock = clock
+    rt.users.store = CountingStore(rt.store)
+    return rt
+
+
+@pytest.fixture
+def two_processes(backend, tmp_path, monkeypatch):
+    """Two runtimes sharing one store (two workers, or two hosts on Redis), each polling the
+    settings generation every 50 ms."""
+    monkeypatch.setattr(runtime, "SETTINGS_POLL_S", 0.05)
+    monkeypatch.setattr(runtime, "open_state_store", lambda state: backend.open())
+    clock = FakeClock()
+    made = [watched_runtime(processes_cfg(tmp_path, i), clock, i == 0) for i in range(2)]
+    for rt in made:
+        polled(rt)
+    yield clock, made
+    for rt in made:
+        rt.close()
+
+
+def test_an_admin_change_through_one_process_is_seen_by_another_within_polls(two_processes):
+    clock, (a, b) = two_processes
+    reads = b.users.store
+    first = b.users.settings_cached(ALICE)
+    assert (first.daily_budget_usd, reads.reads) == (20.0, 1)
+    clock.t += 5.0  # past the 1 s TTL: the watch is current, so the read is still used
+    polled(b)
+    assert b.users.recent(ALICE) is first
+    assert reads.reads == 1  # no store read in between
+    assert b.settings_poller.changes == 0
+
+    r = call(a, "PUT", f"/admin/v1/users/{q(ALICE)}", {"daily_budget_usd": 7.0})
+    assert r.status == 200
+    assert a.users.recent(ALICE) is None  # in the process that made it: at once
+    end = time.monotonic() + 10.0
+    while b.users.recent(ALICE) is not None:  # the other: at its next poll
+        assert time.monotonic() < end, "the other process never saw the change"
+        time.sleep(0.01)
+    assert b.settings_poller.changes == 1
+    assert b.users.settings_cached(ALICE).daily_budget_usd == 7.0
+    assert reads.reads == 2
+
+
+def test_a_reload_keeps_watching_and_close_stops_the_polls(tmp_path):
+    rt = build_runtime(processes_cfg(tmp_path, 0), "server")
+    try:
+        rt.reload(processes_cfg(tmp_path, 0).model_copy(update={"users": {}}))
+        assert rt.users.watch is rt.settings_watch is not None  # the new directory's too
+        polled(rt, 1)
+    finally:
+        rt.close()
+    polls = rt.settings_poller.polls
+    time.sleep(0.3)
+    assert rt.settings_poller.polls == polls
+
+
+def test_a_change_written_to_the_store_directly_is_seen_too(two_processes):
+    clock, (a, b) = two_processes
+    b.users.tenant_settings_cached("research-team")
+    before = b.settings_poller.changes
+    a.store.put_tenant(TenantRecord("research-team", budget_usd=3.0))  # e.g. a tool on the store
+    end = time.monotonic() + 10.0
+    while b.users.recent_tenant("research-team") is not None:
+        assert time.monotonic() < end, "the other process never saw the change"
+        time.sleep(0.01)
+    assert b.settings_poller.changes == before + 1
+    assert b.users.tenant_settings_cached("research-team").budget_usd == 3.0
+
+
+def test_an_unreachable_store_brings_the_ttl_back_to_a_second(
+    redis_server_factory, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(runtime, "SETTINGS_POLL_S", 0.05)
+    server = redis_server_factory()
+    state = {"backend": "redis", "redis_url": server.url, "busy_timeout_ms": 200}
+    clock = FakeClock()
+    rt = watched_runtime(processes_cfg(tmp_path, 0, state), clock, reconcile=False)
+    try:
+        polled(rt)
+        s = rt.users.settings_cached(ALICE)
+        clock.t += 5.0
+        polled(rt)
+        assert rt.users.recent(ALICE) is s  # the long TTL while the polls succeed
+        failures = rt.settings_poller.failures
+        server.stop()
+        end = time.monotonic() + 10.0
+        while rt.settings_poller.failures == failures:
+            assert time.monotonic() < end, "the poll never failed"
+            time.sleep(0.01)
+        assert rt.users.recent(ALICE) is None  # 5 s old: past the 1 s TTL, read again
+        clock.t -= 4.5  # a read half a second old is still used for the 1 s TTL
+        assert rt.users.recent(ALICE) is s
+    finally:
+        rt.close()

@@ -15,7 +15,7 @@ import pytest
 
 from candela_mitm.enforcement import procnet
 from candela_mitm.providers.usage import Usage
-from tests.e2e.conftest import ALICE_KEY, base_config, candela_env
+from tests.e2e.conftest import ADMIN_KEY, ALICE_KEY, base_config, candela_env
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.google_oauth import FakeTokenServer
 from tests.fakes.upstream import FakeUpstream
@@ -164,6 +164,71 @@ def test_two_workers_share_one_port_and_budgets_stay_exact(
     assert decisions == {"allowed": FITS, "denied": clients - FITS}
     for pid in workers:  # stopping the supervisor stopped (and reaped) its workers
         assert not Path(f"/proc/{pid}").exists()
+
+
+def call(conn: http.client.HTTPConnection, method: str, path: str, key: str, body: object) -> int:
+    conn.request(
+        method,
+        path,
+        body=json.dumps(body),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    resp = conn.getresponse()
+    resp.read()
+    return resp.status
+
+
+def test_an_admin_change_applies_to_requests_served_by_both_workers(
+    tmp_path: Path, upstream7: FakeUpstream, token_server: FakeTokenServer
+) -> None:
+    """Each worker remembers alice's settings for up to a minute while it polls the store's
+    settings generation: an admin change made through one applies in the other at its next
+    poll (250 ms), not a minute later."""
+    cfg = base_config(
+        upstream7.url,
+        workers=2,
+        users={"alice@example.com": {"tenants": ["research-team"], "requests_per_minute": 10_000}},
+    )
+    clients = 16
+    with CandelaProcess(tmp_path, cfg, env=candela_env(token_server, tmp_path)) as c:
+        assert c.proc is not None
+        workers = worker_pids(c.proc.pid)
+        wait_for_listeners(c.port, 2)
+        conns = [http.client.HTTPConnection("127.0.0.1", c.port, timeout=10) for _ in range(clients)]
+        for conn in conns:  # each one served by the worker that accepted it, from now on
+            assert chat(conn) == 200
+        accepted = accepted_on(c.port)
+        owner = {
+            inode: pid for pid in workers for inode in _socket_inodes(pid) & accepted.keys()
+        }
+        assert set(owner.values()) == set(workers), "one worker accepted everything"
+        for conn in conns:  # both workers remember alice's settings
+            assert chat(conn) == 200
+
+        status = call(
+            conns[0], "PUT", "/admin/v1/users/alice%40example.com", ADMIN_KEY,
+            {"daily_budget_usd": 0},
+        )
+        assert status == 200
+        changed = time.monotonic()
+        forwarded = len(upstream7.requests)
+        admitted = 0
+        pending = set(range(clients))
+        # within a second, as when settings were read again every second: a worker that
+        # missed the change would keep alice's budget for a minute
+        while pending:
+            assert time.monotonic() - changed < 1.0, f"still admitted on {len(pending)} connections"
+            for i in sorted(pending):
+                status = chat(conns[i])
+                assert status in (200, 402), status
+                if status == 402:
+                    pending.discard(i)
+                else:
+                    admitted += 1
+        for conn in conns:  # and it stays applied on every connection of both workers
+            assert chat(conn) == 402
+            conn.close()
+        assert len(upstream7.requests) - forwarded == admitted  # a denied one never reached it
 
 
 def test_workers_refuse_a_port_in_use(tmp_path: Path, upstream: FakeUpstream) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from candela_mitm.config import parse_config
-from candela_mitm.governance.users import UserDirectory
+from candela_mitm.governance.users import SettingsWatch, UserDirectory
 from candela_mitm.state import UserRecord, open_state_store
 
 
@@ -156,3 +156,81 @@ def test_tenant_settings_are_read_ahead_of_their_expiry(tmp_path: Path) -> None:
     assert recent is not None and recent.budget_usd == 9.0
     clock.t += 0.2
     assert users.recent_tenant("t") is None  # never older than the ttl
+
+
+# -- the watch of the store's settings generation (runtime.SettingsPoller confirms it) -----------
+
+
+def watched(tmp_path: Path, clock: Clock) -> tuple[UserDirectory, SettingsWatch]:
+    users = scoped_directory(tmp_path, clock)
+    watch = SettingsWatch(poll_s=0.25, long_ttl_s=60.0, clock=clock)
+    users.watch = watch
+    return users, watch
+
+
+def test_a_current_watch_lets_settings_be_used_for_the_long_ttl(tmp_path: Path) -> None:
+    clock = Clock()
+    users, watch = watched(tmp_path, clock)
+    assert watch.changed(0) and not watch.current(clock.t)  # never polled: the short TTL
+    watch.confirm(0, clock.t)
+    s, t = users.settings_cached("bob"), users.tenant_settings_cached("t")
+    for _ in range(40):  # 10 s, confirmed by a poll every 0.25 s: still remembered
+        clock.t += 0.25
+        assert not watch.changed(0)
+        watch.confirm(0, clock.t)
+        assert users.recent("bob") is s and users.recent_tenant("t") is t
+    assert not users.tenant_expiring("t", 0.25)
+    clock.t += 50.0  # 60 s after the read: read again, however current the watch
+    watch.confirm(0, clock.t)
+    assert users.recent("bob") is None and users.recent_tenant("t") is None
+
+
+@pytest.mark.parametrize(
+    ("since_poll", "failed", "long"),
+    [(0.25, False, True), (0.5, False, True), (0.51, False, False), (0.1, True, False)],
+)
+def test_a_stale_or_failed_watch_falls_back_to_the_short_ttl(
+    tmp_path: Path, since_poll: float, failed: bool, long: bool
+) -> None:
+    clock = Clock()
+    users, watch = watched(tmp_path, clock)
+    watch.confirm(3, clock.t)
+    s = users.settings_cached("bob")
+    users.tenant_settings_cached("t")
+    clock.t += 5.0 - since_poll
+    watch.confirm(3, clock.t)  # the last poll that worked
+    clock.t += since_poll  # 5 s after the read
+    if failed:
+        watch.failed()
+    assert (users.recent("bob") is s) is long
+    assert (users.recent_tenant("t") is not None) is long
+    assert users.tenant_expiring("t", 0.25) is not long
+    clock.t -= 4.5  # had the read been half a second old, the short TTL would still hold it
+    assert users.recent("bob") is s
+
+
+def test_many_users_within_the_long_ttl_are_swept_seldom(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import candela_mitm.governance.users as users_module
+
+    monkeypatch.setattr(users_module, "_CACHE_PRUNE_AT", 4)
+    clock = Clock()
+    users, watch = watched(tmp_path, clock)
+    watch.confirm(0, clock.t)
+    sweeps = []
+    real = users._pruned
+    monkeypatch.setattr(users, "_pruned", lambda c, now: sweeps.append(len(c)) or real(c, now))
+    names = [f"u{i}" for i in range(20)]
+    for name in names:
+        users.settings_cached(name)
+    assert all(users.recent(n) is not None for n in names)  # none dropped while live
+    assert sweeps == [4, 8, 16]  # not one sweep per new user past 4
+    clock.t += 61.0  # the 20 expire; swept when the cache reaches twice what was kept
+    watch.confirm(0, clock.t)
+    late = [f"late{i}" for i in range(13)]
+    for name in late:
+        users.settings_cached(name)
+    assert sweeps == [4, 8, 16, 32]
+    assert sorted(users._cache) == sorted(late)
+    assert all(users.recent(n) is not None for n in late)

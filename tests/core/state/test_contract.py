@@ -22,8 +22,10 @@ from candela_mitm.state.ports import (
     ActiveReservation,
     AlertStore,
     DayTotals,
+    GenerationStore,
     GrantRow,
     JobStore,
+    KeyRecord,
     KeyStore,
     LedgerStore,
     NewReservation,
@@ -158,6 +160,47 @@ def test_users_are_shared_between_clients(backend: Any) -> None:
     a, b = backend.open(), backend.open()
     a.put_user(alice())
     assert b.get_user("alice@example.com") == alice()
+
+
+def test_every_change_to_users_tenants_grants_and_keys_counts_one_generation(
+    store: StateStore,
+) -> None:
+    key = KeyRecord("k_a", "a" * 64, "u", "", "admin", T0_US, expires_us=T0_US + 100)
+    changes: list[tuple[str, Any, int]] = [
+        ("put_user", lambda: store.put_user(alice()), 1),
+        ("put_user again", lambda: store.put_user(alice(daily_budget_usd=1.0)), 1),
+        ("delete_user", lambda: store.delete_user("alice@example.com", T0_US), 1),
+        ("delete_user of nobody", lambda: store.delete_user("alice@example.com", T0_US), 0),
+        ("put_tenant", lambda: store.put_tenant(TenantRecord("t1", budget_usd=3.0)), 1),
+        (
+            "add_grant",
+            lambda: store.add_grant(GrantRow("g1", "u", 1, 0, 0, T0_US + 1, "r", "a", T0_US)),
+            1,
+        ),
+        ("put_api_key", lambda: store.put_api_key(key), 1),
+        ("expire_api_key", lambda: store.expire_api_key("k_a", T0_US + 50), 1),
+        ("expire_api_key later", lambda: store.expire_api_key("k_a", T0_US + 90), 0),
+        ("revoke_api_key", lambda: store.revoke_api_key("k_a", T0_US + 2), 1),
+        ("revoke_api_key again", lambda: store.revoke_api_key("k_a", T0_US + 3), 0),
+        ("revoke_api_key of none", lambda: store.revoke_api_key("k_zz", T0_US + 3), 0),
+    ]
+    assert store.settings_generation() == 0
+    for name, change, counts in changes:
+        before = store.settings_generation()
+        change()
+        assert store.settings_generation() - before == counts, name
+    # what a request writes is not a settings change
+    before = store.settings_generation()
+    store.rate_hit("u", 10, 60 * US_PER_S, T0_US)
+    store.reserve(new_reservation("r1", 5))
+    assert store.settings_generation() == before
+
+
+def test_the_settings_generation_is_shared_between_clients(backend: Any) -> None:
+    a, b = backend.open(), backend.open()
+    seen = b.settings_generation()
+    a.put_tenant(TenantRecord("t1", budget_usd=3.0))
+    assert b.settings_generation() == seen + 1
 
 
 # -- ledger primitives -------------------------------------------------------------------------
@@ -402,7 +445,10 @@ def test_redis_down_fails_closed(redis_server_factory: Any) -> None:
 
 
 def test_state_store_is_the_narrow_ports_and_each_operation_has_one() -> None:
-    ports = [UserStore, TenantStore, LedgerStore, KeyStore, JobStore, RateStore, AlertStore]
+    ports = [
+        UserStore, TenantStore, LedgerStore, KeyStore, JobStore, RateStore, AlertStore,
+        GenerationStore,
+    ]
     assert all(port in StateStore.__mro__ for port in ports)
     owners = {
         name: [port.__name__ for port in ports if name in port.__abstractmethods__]
