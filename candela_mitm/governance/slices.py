@@ -371,17 +371,7 @@ class Slices:
             if key in self._by_key or key in self._next or key in self._taking:
                 return None
             self._taking.add(key)
-        amount = nano_to_usd(size)
-        kb = res.key_budget
-
-        def reserve() -> Reservation | BudgetRefusal:
-            return self.ledger.reserve(
-                res.user_id, res.tenant, amount, res.budget_usd, SLICE_PREFIX + uuid.uuid4().hex,
-                period=res.period, tenant_budget_usd=res.tenant_budget_usd,
-                tenant_period=res.tenant_period, key_budget=kb,
-            )
-
-        return Ask(key, amount, reserve, epoch=self._epoch)
+        return self._ask(res, key, size, ahead=False)
 
     def ask_next(self, res: Reservation) -> Ask | None:
         """After a request carved from a slice (`res`): the next slice of its budgets to take
@@ -409,17 +399,21 @@ class Slices:
                 return None
             self._taking.add(s.key)
             key = s.key
+        return self._ask(res, key, size, ahead=True)
+
+    def _ask(self, res: Reservation, key: SliceKey, size: int, ahead: bool) -> Ask:
+        """The reservation of a slice of `size` nano-dollars of `res`'s budgets, to be made
+        where store calls are made."""
         amount = nano_to_usd(size)
-        kb = res.key_budget
 
         def reserve() -> Reservation | BudgetRefusal:
             return self.ledger.reserve(
                 res.user_id, res.tenant, amount, res.budget_usd, SLICE_PREFIX + uuid.uuid4().hex,
                 period=res.period, tenant_budget_usd=res.tenant_budget_usd,
-                tenant_period=res.tenant_period, key_budget=kb,
+                tenant_period=res.tenant_period, key_budget=res.key_budget,
             )
 
-        return Ask(key, amount, reserve, ahead=True, epoch=self._epoch)
+        return Ask(key, amount, reserve, ahead=ahead, epoch=self._epoch)
 
     def took(self, ask: Ask, got: Reservation | BudgetRefusal | None) -> bool:
         """The outcome of an Ask's reservation (None: the store call failed). A slice taken is
