@@ -192,13 +192,16 @@ def carve(
             return None
     keyed = key is not None and key.budget_usd is not None
     tenant_period = t.period if t else settings.budget_period
-    budgets = (
+    judged = (  # what a slice's key is made of, but the key's budget and the time
         settings.user_id,
         settings.daily_budget_usd,
         settings.budget_period,
         tenant,
         t.budget_usd if t else None,
         tenant_period,
+    )
+    budgets = (
+        *judged,
         (key.key_id, key.budget_id, key.budget_usd) if keyed and key is not None else None,
     )
     now = slices.clock()
@@ -212,16 +215,7 @@ def carve(
         if keyed and key is not None and key.budget_usd is not None
         else None
     )
-    k = slices.key_of(
-        settings.user_id,
-        settings.daily_budget_usd,
-        settings.budget_period,
-        tenant,
-        t.budget_usd if t else None,
-        tenant_period,
-        key_budget,
-        now,
-    )
+    k = slices.key_of(*judged, key_budget, now)
     # the same key until the first of its periods (or its UTC day) ends
     ends = min(
         settings.budget_period.resets_at(now),
