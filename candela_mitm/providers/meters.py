@@ -9,7 +9,6 @@ import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import replace
 
 from candela_mitm.providers.eventstream import EventMessage, EventStreamDecoder, EventStreamError
 from candela_mitm.providers.readers import Reader, reader_for
@@ -62,7 +61,7 @@ class UsageMeter(ABC):
     @property
     def usage(self) -> Usage:
         u = self._reader.usage() or self._fallback
-        return replace(u) if u else Usage()
+        return u.copy() if u else Usage()
 
     def feed(self, data: bytes) -> None:
         if not data or self._finished or self.fault is not None:

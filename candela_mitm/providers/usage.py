@@ -37,6 +37,13 @@ class Usage:
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
 
+    def copy(self) -> Usage:
+        """dataclasses.replace(self) without its walk over the fields (every field is a plain
+        init field, no __post_init__): a meter hands out a copy at each read of its usage."""
+        new = object.__new__(Usage)
+        new.__dict__.update(self.__dict__)
+        return new
+
 
 WIRES = ("openai", "anthropic", "gemini", "bedrock", "ollama")
 
