@@ -244,7 +244,7 @@ def test_usage_dataclass_is_unchanged() -> None:
 def test_usage_copy_is_replace_field_by_field() -> None:
     # Usage.copy stands for dataclasses.replace (a meter's read hands out a copy): every field,
     # the ones left out of == too, and a new object that the caller may change
-    values = {f.name: i + 1 for i, f in enumerate(dataclasses.fields(Usage))}
+    values: dict[str, object] = {f.name: i + 1 for i, f in enumerate(dataclasses.fields(Usage))}
     values["service_tier"] = "priority"
     u = Usage(**values)  # type: ignore[arg-type]
     c = u.copy()
