@@ -53,6 +53,8 @@ _NUMBER = (int, float)  # (`int | float` made a union object on every call)
 
 def _count(value: object) -> int | None:
     """A token count as sent, or None when absent, null or not a number."""
+    if type(value) is int:  # the count as every provider sends it: max(0, int(value)) below
+        return value if value > 0 else 0
     if isinstance(value, bool) or not isinstance(value, _NUMBER):
         return None
     return max(0, int(value))
