@@ -32,16 +32,10 @@ def test_openai_the_last_usage_wins_and_is_the_whole_usage() -> None:
 
 
 def test_anthropic_counts_keep_their_latest_value_and_report_at_message_delta() -> None:
-    start = {
-        "type": "message_start",
-        "message": {"usage": {"input_tokens": 10, "output_tokens": 1}},
-    }
+    start = {"type": "message_start", "message": {"usage": {"input_tokens": 10, "output_tokens": 1}}}
     r = take_all("anthropic", [("message_start", start)])
     assert r.usage() == Usage(10, 1, 0) and not r.reported  # a first count, not the whole usage
-    r.take(
-        json.dumps({"type": "content_block_delta", "delta": {"text": "Hello"}}),
-        "content_block_delta",
-    )
+    r.take(json.dumps({"type": "content_block_delta", "delta": {"text": "Hello"}}), "content_block_delta")
     assert r.saw_output
     r.take(json.dumps({"type": "message_delta", "usage": {"output_tokens": 7}}), "message_delta")
     assert r.usage() == Usage(10, 7, 0) and r.reported  # never a sum: 7, not 8
@@ -51,23 +45,8 @@ def test_bedrock_invocation_metrics_override_the_counts() -> None:
     r = take_all(
         "bedrock",
         [
-            (
-                "",
-                {
-                    "type": "message_start",
-                    "message": {"usage": {"input_tokens": 10, "output_tokens": 1}},
-                },
-            ),
-            (
-                "",
-                {
-                    "type": "message_stop",
-                    "amazon-bedrock-invocationMetrics": {
-                        "inputTokenCount": 12,
-                        "outputTokenCount": 45,
-                    },
-                },
-            ),
+            ("", {"type": "message_start", "message": {"usage": {"input_tokens": 10, "output_tokens": 1}}}),
+            ("", {"type": "message_stop", "amazon-bedrock-invocationMetrics": {"inputTokenCount": 12, "outputTokenCount": 45}}),
         ],
     )
     assert r.usage() == Usage(12, 45, 0) and r.reported
@@ -76,24 +55,9 @@ def test_bedrock_invocation_metrics_override_the_counts() -> None:
 @pytest.mark.parametrize(
     ("wire", "doc", "error"),
     [
-        (
-            "openai",
-            {"error": {"type": "server_error", "message": "overloaded"}},
-            "server_error: overloaded",
-        ),
-        (
-            "openai",
-            {
-                "type": "response.failed",
-                "response": {"error": {"code": "rate_limited", "message": "slow"}},
-            },
-            "rate_limited: slow",
-        ),
-        (
-            "anthropic",
-            {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}},
-            "overloaded_error: busy",
-        ),
+        ("openai", {"error": {"type": "server_error", "message": "overloaded"}}, "server_error: overloaded"),
+        ("openai", {"type": "response.failed", "response": {"error": {"code": "rate_limited", "message": "slow"}}}, "rate_limited: slow"),
+        ("anthropic", {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}, "overloaded_error: busy"),
         ("gemini", {"error": {"status": "UNAVAILABLE"}}, "UNAVAILABLE"),
         ("ollama", {"error": "model not found"}, "model not found"),
     ],
@@ -105,35 +69,12 @@ def test_the_first_error_reported_is_kept(wire: str, doc: object, error: str) ->
 
 
 def test_gemini_and_ollama_readers() -> None:
-    g = take_all(
-        "gemini",
-        [
-            (
-                "",
-                {
-                    "candidates": [{"content": {"parts": [{"text": "x"}]}}],
-                    "usageMetadata": {
-                        "promptTokenCount": 4,
-                        "candidatesTokenCount": 2,
-                        "totalTokenCount": 6,
-                    },
-                },
-            )
-        ],
-    )
+    g = take_all("gemini", [("", {"candidates": [{"content": {"parts": [{"text": "x"}]}}], "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 2, "totalTokenCount": 6}})])
     assert g.saw_output and g.usage() == Usage(4, 2, 0)
-    o = take_all(
-        "ollama",
-        [
-            ("", {"response": "hi", "done": False}),
-            ("", {"done": True, "prompt_eval_count": 3, "eval_count": 9}),
-        ],
-    )
+    o = take_all("ollama", [("", {"response": "hi", "done": False}), ("", {"done": True, "prompt_eval_count": 3, "eval_count": 9})])
     assert o.saw_output and o.usage() == Usage(3, 9, 0)
     # Ollama's /v1 serves the OpenAI shape
-    v1 = take_all(
-        "ollama", [("", {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1}})]
-    )
+    v1 = take_all("ollama", [("", {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1}})])
     assert v1.usage() == Usage(2, 1, 0)
 
 
