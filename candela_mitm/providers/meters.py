@@ -263,6 +263,7 @@ class _JsonArrayScanner:
 
 
 _BODY_MARKERS = (b'"usage', b"eval_count", b"invocationMetrics")
+_NOT_SPACE = re.compile(rb"[^ \t\n\r\x0b\x0c]")  # what bytes.lstrip() keeps
 
 
 class _JsonBodyMeter(UsageMeter):
@@ -292,11 +293,12 @@ class _JsonBodyMeter(UsageMeter):
             self._buf += data
             self._mark(self._buf, len(data))
             if not self._sniffed:
-                first = self._buf.lstrip()[:1]
-                if not first:
+                # the first byte past ASCII whitespace (bytes.lstrip's), found without a copy
+                first = _NOT_SPACE.search(self._buf)
+                if first is None:
                     return
                 self._sniffed = True
-                if first == b"[":
+                if first.group() == b"[":
                     self._array = _JsonArrayScanner(self._max)
                     buffered = bytes(self._buf)
                     self._buf.clear()
