@@ -40,7 +40,7 @@ class Usage:
     def copy(self) -> Usage:
         """dataclasses.replace(self) without its walk over the fields (every field is a plain
         init field, no __post_init__): a meter hands out a copy at each read of its usage."""
-        new = object.__new__(Usage)
+        new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         return new
 
