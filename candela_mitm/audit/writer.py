@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from candela_mitm.audit.chain import Row, fields_json
+from candela_mitm.audit.chain import Row, fields_json, fields_json_acyclic
 from candela_mitm.audit.mirrors import Mirror, MirrorFeeder, MirrorStats, build_mirrors
 from candela_mitm.audit.sqlite_sink import Pending, append_batch, connect_appender, connect_writer
 from candela_mitm.config import Audit
@@ -73,12 +73,22 @@ def redact(value: Any) -> Any:
                 out[k] = REDACTED
             elif type(v) in _PLAIN:  # most of an entry's fields: no call for them
                 out[k] = v
+            elif type(v) is str:  # the others: what redact(v) does, without a call
+                out[k] = _redact_text(v) if ("b" in v or "B" in v) else v
             else:
                 out[k] = redact(v)
         return out
     if isinstance(value, (list, tuple)):
         return [redact(v) for v in value]
-    if isinstance(value, str) and _BEARER.search(value):
+    if isinstance(value, str):
+        return _redact_text(value)
+    return value
+
+
+def _redact_text(value: str) -> str:
+    # _BEARER matches only from a "b" or a "B" (no other character matches them ignoring case):
+    # a text without one is returned at the cost of two scans (redact's dict loop checks that)
+    if _BEARER.search(value):
         return _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", value)
     return value
 
@@ -298,7 +308,7 @@ class AuditWriter:
             for key in PROMPT_KEYS.intersection(clean):
                 del clean[key]
         try:
-            text = fields_json(clean)
+            text = fields_json_acyclic(clean)  # redact's copy holds no cycle
         except (TypeError, ValueError):
             text = fields_json(_jsonable(clean))
         # user_id is whom the entry is about: the requesting user, or the admin acting.

@@ -9,7 +9,7 @@ Vertex ids, and fine-tunes of it (`ft:gpt-4o-mini:org::id` is a gpt-4o-mini).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from functools import lru_cache
 
@@ -18,6 +18,7 @@ from candela_mitm.providers.models import base_model, canonical_model
 from candela_mitm.providers.pricing import maker_model_id
 
 _GLOB = frozenset("*?[")
+_MEMO_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,20 @@ class _Rule:
     mode: str | None
     names: frozenset[str]  # the ids of the entries that name one model
     patterns: tuple[str, ...]  # the entries that name a family
+    # what `_matches` said of each model name asked (the rule never changes, and model_ids is
+    # cached for good): one dict read per request instead of an fnmatch per pattern and id
+    memo: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     def matches(self, model: str) -> bool:
+        hit = self.memo.get(model)
+        if hit is None:
+            hit = self._matches(model)
+            if len(self.memo) >= _MEMO_MAX:  # model names come from clients: bounded
+                self.memo.clear()
+            self.memo[model] = hit
+        return hit
+
+    def _matches(self, model: str) -> bool:
         ids = model_ids(model)
         if ids & self.names:
             return True

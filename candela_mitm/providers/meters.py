@@ -9,7 +9,6 @@ import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import replace
 
 from candela_mitm.providers.eventstream import EventMessage, EventStreamDecoder, EventStreamError
 from candela_mitm.providers.readers import Reader, reader_for
@@ -62,7 +61,7 @@ class UsageMeter(ABC):
     @property
     def usage(self) -> Usage:
         u = self._reader.usage() or self._fallback
-        return replace(u) if u else Usage()
+        return u.copy() if u else Usage()
 
     def feed(self, data: bytes) -> None:
         if not data or self._finished or self.fault is not None:
@@ -264,6 +263,7 @@ class _JsonArrayScanner:
 
 
 _BODY_MARKERS = (b'"usage', b"eval_count", b"invocationMetrics")
+_NOT_SPACE = re.compile(rb"[^ \t\n\r\x0b\x0c]")  # what bytes.lstrip() keeps
 
 
 class _JsonBodyMeter(UsageMeter):
@@ -293,11 +293,12 @@ class _JsonBodyMeter(UsageMeter):
             self._buf += data
             self._mark(self._buf, len(data))
             if not self._sniffed:
-                first = self._buf.lstrip()[:1]
-                if not first:
+                # the first byte past ASCII whitespace (bytes.lstrip's), found without a copy
+                first = _NOT_SPACE.search(self._buf)
+                if first is None:
                     return
                 self._sniffed = True
-                if first == b"[":
+                if first.group() == b"[":
                     self._array = _JsonArrayScanner(self._max)
                     buffered = bytes(self._buf)
                     self._buf.clear()

@@ -395,7 +395,11 @@ class _Compiled:
                     raise ValueError(f"Invalid usage data: the parts of {unit.usage_key} exceed it")
                 if leaf == 0:
                     continue  # costs nothing at any rate or tier (a Decimal zero, not added)
-            total += calc_unit_price(unit.price, leaf, total_input, unit.per)
+            if type(unit.price) is Decimal:
+                # calc_unit_price's rule for a flat price, without its calls: price x count / per
+                total += unit.price * Decimal(leaf) / unit.per
+            else:
+                total += calc_unit_price(unit.price, leaf, total_input, unit.per)
         return total
 
 

@@ -28,7 +28,12 @@ from candela_mitm.providers.usage import (
 
 
 def _truthy_except(d: object, ignore: tuple[str, ...]) -> bool:
-    return isinstance(d, dict) and any(v for k, v in d.items() if k not in ignore)
+    # any(v for k, v in d.items() if k not in ignore), without a generator's frame per call
+    if isinstance(d, dict):
+        for k, v in d.items():
+            if v and k not in ignore:
+                return True
+    return False
 
 
 def _openai_has_output(obj: dict[str, object]) -> bool:

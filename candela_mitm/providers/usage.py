@@ -37,6 +37,13 @@ class Usage:
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
 
+    def copy(self) -> Usage:
+        """dataclasses.replace(self) without its walk over the fields (every field is a plain
+        init field, no __post_init__): a meter hands out a copy at each read of its usage."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
 
 WIRES = ("openai", "anthropic", "gemini", "bedrock", "ollama")
 
@@ -46,6 +53,8 @@ _NUMBER = (int, float)  # (`int | float` made a union object on every call)
 
 def _count(value: object) -> int | None:
     """A token count as sent, or None when absent, null or not a number."""
+    if type(value) is int:  # the count as every provider sends it: max(0, int(value)) below
+        return value if value > 0 else 0
     if isinstance(value, bool) or not isinstance(value, _NUMBER):
         return None
     return max(0, int(value))

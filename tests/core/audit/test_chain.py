@@ -15,6 +15,7 @@ from candela_mitm.audit.chain import (
     canonical_encoding,
     entry_hash,
     fields_json,
+    fields_json_acyclic,
     row_hash,
     verify_chain,
     verify_rows,
@@ -414,3 +415,29 @@ def test_verify_missing_file(tmp_path: Path) -> None:
         verify_chain(tmp_path / "nope.db")
     assert audit_main(["--db", str(tmp_path / "nope.db"), "verify"]) == 2
     assert not (tmp_path / "nope.db").exists()
+
+
+_FIELD_TABLE: list[dict] = [
+    {},
+    {"result": "allowed", "model": "gpt-4o-mini", "tenant_id": None, "user_id": "alice"},
+    {"z": 1, "a": -2, "m": 1.5, "b": True, "n": None, "f": 0.1 + 0.2, "big": 10**30},
+    {"text": "caf\u00e9 \u2603 \U0001f600 \"q\" \\ \n\t\x00", "\u00e9key": "v"},
+    {"nested": {"b": [1, {"y": 2, "x": [None, "s"]}], "a": ()}, "list": [3, 2, 1]},
+    {"tier": "priority", "cost_usd": 1e-9, "tokens": 0, "neg": -0.0},
+]
+
+
+@pytest.mark.parametrize("fields", _FIELD_TABLE)
+def test_fields_json_acyclic_is_fields_json(fields: dict) -> None:
+    assert fields_json_acyclic(fields) == fields_json(fields)
+
+
+@pytest.mark.parametrize(
+    "fields", [{"x": float("nan")}, {"x": float("inf")}, {"x": object()}, {"s": {1, 2}}]
+)
+def test_fields_json_acyclic_refuses_what_fields_json_refuses(fields: dict) -> None:
+    with pytest.raises((TypeError, ValueError)) as plain:
+        fields_json(fields)
+    with pytest.raises(type(plain.value)) as fast:
+        fields_json_acyclic(fields)
+    assert str(fast.value) == str(plain.value)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from candela_mitm.audit import AuditWriter, query_entries, verify_chain
-from candela_mitm.audit.writer import REDACTED, _Callback, _Item
+from candela_mitm.audit.writer import _BEARER, REDACTED, _Callback, _Item, redact
 from candela_mitm.config import Audit
 from candela_mitm.errors import StoreUnavailable
 
@@ -737,3 +737,27 @@ def test_only_a_waited_for_entry_or_a_full_batch_wakes_the_writer(tmp_path: Path
         w.close()
     assert [e["action"] for e in stored(tmp_path)].count("model_policy_check") == 7
     assert verify_chain(tmp_path / "audit.db").ok
+
+
+_TEXTS = [
+    "alice",
+    "Bearer sk-abc.def",
+    "bearer   tok",
+    "BASIC dXNlcjpwYXNz",
+    "see basic auth",
+    "xbearer tok",  # no word boundary: kept
+    "prefix Bearer tok and basic tok2",
+    "0123456789abcdef",
+    "caf\u00e9 B\u00e9arer",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", _TEXTS)
+def test_redact_of_a_field_is_redact_of_its_text(text: str) -> None:
+    # the dict loop redacts a text field itself (without a call for a text with no "b"): the
+    # same as the text redacted alone, the general path, and as the pattern's substitution
+    expected = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    assert redact(text) == expected
+    assert redact({"k": text, "n": 1}) == {"k": expected, "n": 1}
+    assert redact({"outer": {"k": text}}) == {"outer": {"k": expected}}

@@ -1,7 +1,8 @@
 import pytest
 
 from candela_mitm.config import parse_config
-from candela_mitm.governance.policy import EffectiveModels, ModelPolicy, effective_models
+from candela_mitm.governance import policy as policy_mod
+from candela_mitm.governance.policy import EffectiveModels, ModelPolicy, effective_models, key_rule
 
 CFG = {
     "governance": {
@@ -246,3 +247,39 @@ def test_a_keys_refusal_names_the_key():
         "policy": "allowlist",
         "key_id": "k_0123456789abcdef",
     })
+
+
+_MODELS = [
+    "gpt-4o-mini",
+    "gpt-4o-mini-2024-07-18",
+    "GPT-4o",
+    "ft:gpt-4o-mini:org::abc",
+    "claude-sonnet-4-0",
+    "anthropic.claude-3-5-sonnet-20240620-v1:0",
+    "gemini-2.5-flash",
+    "o3",
+    "unknown-model",
+    "",
+]
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        ["gpt-4o-mini"],
+        ["gpt-4o*", "claude-*"],
+        ["gemini-*-flash*", "o3", "claude-3-5-sonnet"],
+        [],
+    ],
+)
+def test_rule_memo_answers_as_the_match_itself(entries: list[str], monkeypatch) -> None:
+    # a rule remembers what it said of each model name: the same answer as matching anew, also
+    # once the memo is full and starts over
+    monkeypatch.setattr(policy_mod, "_MEMO_MAX", 3)
+    rule = key_rule(tuple(entries))
+    rule.memo.clear()  # (key_rule's rules are shared)
+    for _ in range(3):
+        for model in _MODELS:
+            assert rule.matches(model) is rule._matches(model)
+            assert len(rule.memo) <= 3
+    assert any(rule._matches(m) for m in _MODELS) == bool(entries)

@@ -1029,3 +1029,60 @@ def test_a_json_body_is_read_before_its_end_once_a_usage_key_passed(cut):
     plain = meter_for("openai", False, "application/json")
     plain.feed(b'{"id": "x", "choices": []}')
     assert plain._marked is False  # type: ignore[attr-defined]
+
+
+_OPENAI_USAGE = b'"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}'
+_BODY_TABLE = [
+    b'{"choices":[{"message":{"role":"assistant","content":"hi"}}],' + _OPENAI_USAGE + b"}",
+    # duplicate keys: the last wins, as json.loads reads them
+    b'{"usage":{"prompt_tokens":1,"completion_tokens":1},' + _OPENAI_USAGE + b"}",
+    b'{"usage":{"prompt_tokens":1,"completion_tokens":1,"completion_tokens":9}}',
+    # usage in odd places: nested in an item, in a string, under another key
+    b'{"data":[{"usage":{"prompt_tokens":3,"completion_tokens":4}}],"note":"\\"usage\\":{}"}',
+    b'{"error":{"type":"overloaded","message":"busy"},' + _OPENAI_USAGE + b"}",
+    b'{"usageMetadata":{"promptTokenCount":2,"candidatesTokenCount":3},"eval_count":4}',
+    # arrays (with whitespace bytes.lstrip() takes before them), NDJSON, SSE in a JSON meter
+    b"[{" + _OPENAI_USAGE + b"}]",
+    b" \t\r\n\x0b\x0c[{" + _OPENAI_USAGE + b'},{"choices":[]}]',
+    b"\x0b\x0c{" + _OPENAI_USAGE + b"}",
+    b'{"a":1}\n{' + _OPENAI_USAGE + b"}\n",
+    b'data: {"choices":[{"delta":{"content":"x"}}]}\n\ndata: {' + _OPENAI_USAGE + b"}\n\n",
+    # cut-off bodies and non-UTF-8 ones
+    b'{"choices":[{"message":{"content":"hi"}}],' + _OPENAI_USAGE[:-5],
+    b'{"choices":[],' + _OPENAI_USAGE + b',"x":"\xff\xfe"}',
+    b'[{"a":1},{' + _OPENAI_USAGE + b'},{"b":',
+    b"\xff\xfe\x00{",
+    b"",
+    b"   ",
+]
+
+
+def _read(wire: str, body: bytes, step: int) -> tuple[object, ...]:
+    m = meter_for(wire, False, "application/json")
+    for i in range(0, len(body), step):
+        m.feed(body[i : i + step])
+    m.finish()
+    array = getattr(m, "_array", None) is not None
+    return (m.usage, vars(m.usage), m.reported, m.saw_output, m.error, m.fault, array)
+
+
+@pytest.mark.parametrize("body", _BODY_TABLE)
+@pytest.mark.parametrize("wire", ["openai", "gemini", "ollama", "anthropic"])
+def test_json_meter_reads_the_same_however_the_body_is_cut(wire: str, body: bytes) -> None:
+    # the JSON body meter's sniff (the first byte past ASCII whitespace, found in place) and its
+    # reads give the same answer for the body in one piece or cut anywhere
+    whole = _read(wire, body, max(1, len(body)))
+    assert whole[-1] == body.lstrip().startswith(b"[")  # an array is read element by element
+    for step in (1, 2, 7):
+        assert _read(wire, body, step) == whole
+
+
+def test_json_meter_duplicate_usage_keys_last_wins() -> None:
+    m = meter_for("openai", False, "application/json")
+    m.feed(_BODY_TABLE[1])
+    m.finish()
+    assert m.usage == Usage(5, 7, 0) and m.reported
+    m = meter_for("openai", False, "application/json")
+    m.feed(_BODY_TABLE[2])
+    m.finish()
+    assert m.usage == Usage(1, 9, 0)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from candela_mitm.providers.readers import reader_for
-from candela_mitm.providers.usage import Usage
+from candela_mitm.providers.readers import _truthy_except, reader_for
+from candela_mitm.providers.usage import Usage, _count
 
 
 def take_all(wire: str, docs: list[tuple[str, object]]):
@@ -96,3 +96,43 @@ def test_after_the_first_output_only_documents_that_may_carry_usage_are_parsed(m
 def test_an_unknown_wire_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown wire format"):
         reader_for("smtp")
+
+
+class _Int(int):
+    pass
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0, 1, 42, -3, 10**20, True, False, None, 1.9, -0.5, 3.0, "7", [1], {}, _Int(5), _Int(-5)],
+)
+def test_count_is_its_general_form(value: object) -> None:
+    # _count's fast path for a plain int gives what its general form gives
+    general = (
+        None
+        if isinstance(value, bool) or not isinstance(value, (int, float))
+        else max(0, int(value))
+    )
+    got = _count(value)
+    assert got == general and type(got) is type(general)
+
+
+@pytest.mark.parametrize(
+    "d",
+    [
+        None,
+        [],
+        "text",
+        {},
+        {"role": "assistant"},
+        {"role": "assistant", "content": ""},
+        {"role": "assistant", "content": "hi"},
+        {"role": "", "refusal": "no", "annotations": [1]},
+        {"content": None, "tool_calls": [{"id": "x"}]},
+        {"content": 0, "x": False, "role": "user"},
+    ],
+)
+def test_truthy_except_is_any_of_the_other_values(d: object) -> None:
+    ignore = ("role", "refusal", "annotations")
+    expected = isinstance(d, dict) and any(v for k, v in d.items() if k not in ignore)
+    assert _truthy_except(d, ignore) is expected

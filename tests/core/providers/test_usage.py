@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -238,3 +239,20 @@ def test_usage_dataclass_is_unchanged() -> None:
     assert Usage() == Usage(0, 0, 0)
 
 
+
+
+def test_usage_copy_is_replace_field_by_field() -> None:
+    # Usage.copy stands for dataclasses.replace (a meter's read hands out a copy): every field,
+    # the ones left out of == too, and a new object that the caller may change
+    values: dict[str, object] = {f.name: i + 1 for i, f in enumerate(dataclasses.fields(Usage))}
+    values["service_tier"] = "priority"
+    u = Usage(**values)  # type: ignore[arg-type]
+    c = u.copy()
+    r = dataclasses.replace(u)
+    assert c is not u and type(c) is Usage
+    for f in dataclasses.fields(Usage):
+        assert getattr(c, f.name) == getattr(r, f.name) == values[f.name], f.name
+    assert vars(c) == vars(r)
+    c.output_tokens = 999
+    assert u.output_tokens == values["output_tokens"]
+    assert Usage().copy() == Usage() and vars(Usage().copy()) == vars(Usage())
