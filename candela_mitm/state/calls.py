@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 from candela_mitm.errors import StoreUnavailable
-from candela_mitm.state.ports import Call, Outcome, StateStore, WouldWait, run_calls
+from candela_mitm.state.ports import (
+    Call,
+    Outcome,
+    StateStore,
+    StoreUnreachable,
+    WouldWait,
+    run_calls,
+)
 
 T = TypeVar("T")
 
@@ -62,7 +69,10 @@ class StoreCalls:
     run between tries, then runs on the pool. Going there at once made things worse: a pool
     thread holding the lock must win the GIL back from a busy event loop between statements,
     the other workers' calls then found the lock taken too, and most calls ended on the pool.
-    A store that cannot join calls (Redis) runs each call on the pool.
+    A store that cannot join calls (Redis) runs the turn's calls on the pool, one after the
+    other in one job (`run_apart`): one hand-off to a pool thread and back per turn rather than
+    one per call, each hand-off costing the event loop a wake-up and a GIL handover or two. A
+    call whose store is unreachable answers at once for the calls after it (`run_apart`).
 
     `on_loop(n)` and `on_pool(n)` count the calls that ran on the loop and on the pool.
     """
@@ -104,8 +114,7 @@ class StoreCalls:
         if not calls:
             return
         if not self.store.joins_calls:
-            for fn, args, fut in calls:
-                self._background(self._alone(fn, args, fut))
+            self._background(self._apart(calls))
             return
         pairs = [(fn, args) for fn, args, _ in calls]
         try:
@@ -147,13 +156,35 @@ class StoreCalls:
                 raise
         deliver(calls, outcomes)
 
-    async def _alone(self, fn: Callable[..., Any], args: tuple[Any, ...], fut: _Future) -> None:
+    async def _apart(self, calls: list[Pending]) -> None:
         try:
-            self.on_pool(1)
-            outcome: Outcome = (True, await self._on_pool(fn, *args))
+            self.on_pool(len(calls))
+            outcomes = await self._on_pool(run_apart, [(fn, args) for fn, args, _ in calls])
         except BaseException as e:
-            deliver([(fn, args, fut)], [(False, e)])
+            deliver(calls, [(False, e)] * len(calls))
             if not isinstance(e, Exception):
                 raise
             return
-        deliver([(fn, args, fut)], [outcome])
+        deliver(calls, outcomes)
+
+
+def run_apart(calls: Sequence[Call]) -> list[Outcome]:
+    """Store calls one after the other, each its own outcome (a store that cannot join calls in
+    one transaction: Redis, where each is one atomic script). Once a call finds the store
+    unreachable (StoreUnreachable: refused, or its timeout spent), the calls after it answer
+    that error without trying: a turn of calls must not wait out the timeout once per call
+    (before, each ran on a pool thread of its own, side by side)."""
+    outcomes: list[Outcome] = []
+    down: StoreUnreachable | None = None
+    for fn, args in calls:
+        if down is not None:
+            outcomes.append((False, down))
+            continue
+        try:
+            outcomes.append((True, fn(*args)))
+        except StoreUnreachable as e:
+            down = e
+            outcomes.append((False, e))
+        except Exception as e:
+            outcomes.append((False, e))
+    return outcomes

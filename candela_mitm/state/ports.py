@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
+from candela_mitm.errors import StoreUnavailable
+
 T = TypeVar("T")
 
 # Money is kept as integer nano-dollars and time as integer microseconds since the epoch in
@@ -500,6 +502,12 @@ def plan_settle(
             draws[grant_id] = take
             rest -= take
     return daily + rest, draws
+
+
+class StoreUnreachable(StoreUnavailable):
+    """The store could not be reached (refused, or its timeout spent), as opposed to a call it
+    answered with an error: the calls queued after one that found it so fail with it at once
+    (state/calls.py run_apart)."""
 
 
 class WouldWait(Exception):

@@ -28,6 +28,7 @@ from candela_mitm.state.ports import (
     SpendPart,
     SpendRow,
     StateStore,
+    StoreUnreachable,
     TenantRecord,
     TokenAdmit,
     UserRecord,
@@ -676,6 +677,8 @@ class RedisStateStore(StateStore):
     def _guard(self) -> Iterator[None]:
         try:
             yield
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise StoreUnreachable(f"Redis state store {self._url_for_errors}: {e}") from e
         except redis.RedisError as e:
             raise StoreUnavailable(f"Redis state store {self._url_for_errors}: {e}") from e
 

@@ -13,7 +13,7 @@ from candela_mitm.config import State
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.state import open_state_store
 from candela_mitm.state.calls import STORE_TRIES, StoreCalls
-from candela_mitm.state.ports import WouldWait
+from candela_mitm.state.ports import StoreUnreachable, WouldWait
 
 
 class Calls:
@@ -161,18 +161,52 @@ def test_a_batch_that_fails_whole_fails_every_call(c):
     assert len(results) == 2 and all(isinstance(r, StoreUnavailable) for r in results)
 
 
-def test_a_store_that_cannot_join_calls_runs_each_on_the_pool(c, monkeypatch):
+def test_a_store_that_cannot_join_calls_runs_a_turn_in_one_pool_job(c, monkeypatch):
     here = threading.get_ident()
     monkeypatch.setattr(c.store, "joins_calls", False)  # as Redis
+    jobs = []
+    submit = c.executor.submit
+    monkeypatch.setattr(c.executor, "submit", lambda *a, **k: jobs.append(a) or submit(*a, **k))
 
     async def main():
         return await asyncio.gather(
-            c.calls.call(threading.get_ident), c.calls.call(c.store.get_user, "nobody")
+            c.calls.call(threading.get_ident),
+            c.calls.call(c.store.get_user, "nobody"),
+            c.calls.call(threading.get_ident),
         )
 
-    where, user = asyncio.run(main())
-    assert where != here and user is None
-    assert c.ran == {"pool": 2}
+    where, user, where_too = asyncio.run(main())
+    assert where != here and where_too == where and user is None
+    assert c.ran == {"pool": 3} and len(jobs) == 1  # one hand-off for the turn's three calls
+
+
+def test_calls_after_one_that_found_the_store_unreachable_fail_at_once(c, monkeypatch):
+    monkeypatch.setattr(c.store, "joins_calls", False)
+    tried = []
+
+    def unreachable():
+        tried.append("unreachable")
+        raise StoreUnreachable("refused")
+
+    def answered_with_an_error():
+        tried.append("error")
+        raise StoreUnavailable("script error")
+
+    def then():
+        tried.append("then")
+        return 7
+
+    async def main():
+        return await asyncio.gather(
+            c.calls.call(answered_with_an_error), c.calls.call(then),
+            c.calls.call(unreachable), c.calls.call(then), return_exceptions=True,
+        )
+
+    error, seven, down, skipped = asyncio.run(main())
+    # an error the store answered fails its own call only; an unreachable store the rest
+    assert type(error) is StoreUnavailable and seven == 7
+    assert isinstance(down, StoreUnreachable) and skipped is down
+    assert tried == ["error", "then", "unreachable"]
 
 
 def test_a_call_that_fails_alone_on_the_pool_answers_its_caller(c, monkeypatch):
