@@ -302,11 +302,8 @@ def test_a_small_body_is_rate_limited_with_its_reservation(tctx, runtime):
     assert not ctx_of(f).rate_decided and ctx_of(f).scan is None
 
 
-def test_with_slices_and_leases_a_request_makes_no_store_call_before_it_leaves(tctx, runtime):
-    """Issue 21: after one request checked and reserved in the store, the next ones are
-    admitted from this process's rate block with their hold carved from its budget slice:
-    nothing in the store until the flushes (governance/slices.py, rate_leases.py)."""
-    cfg = config(rpm=1000, budget=100.0)
+def _counted_runtime(runtime, cfg):
+    """A runtime with slices and blocks of 8, and the names of its hot-path store calls."""
     cfg["governance"] = {
         "budgets": {"slices": {"enabled": True, "requests": 8}},
         "rate_limits": {"leases": {"enabled": True, "requests": 8}},
@@ -319,7 +316,15 @@ def test_with_slices_and_leases_a_request_makes_no_store_call_before_it_leaves(t
         calls.append(getattr(fn, "__name__", repr(fn)))
         return await real(fn, *args)
 
-    rt.calls.call = counted  # every hot-path store call goes through here
+    rt.calls.call = counted
+    return rt, calls
+
+
+def test_with_slices_and_leases_a_request_makes_no_store_call_before_it_leaves(tctx, runtime):
+    """Issue 21: after one request checked and reserved in the store, the next ones are
+    admitted from this process's rate block with their hold carved from its budget slice:
+    nothing in the store until the flushes (governance/slices.py, rate_leases.py)."""
+    rt, calls = _counted_runtime(runtime, config(rpm=1000, budget=100.0))  # every hot-path store call
     real_blocking = rt.blocking
 
     async def counted_blocking(fn, *args):
@@ -409,20 +414,8 @@ def test_the_next_slice_and_block_are_taken_before_these_run_out(tctx, runtime):
     """Issue 21 (ahead): with slices and blocks of 8, 40 requests in a row: after the first two
     none makes a store call before it leaves (the next slice and block were taken in the
     background while the ones in use still had room), every hold carved."""
-    cfg = config(rpm=100_000, budget=100.0)
-    cfg["governance"] = {
-        "budgets": {"slices": {"enabled": True, "requests": 8}},
-        "rate_limits": {"leases": {"enabled": True, "requests": 8}},
-    }
-    rt = runtime(cfg)
-    calls = []
-    real = rt.calls.call
-
-    async def counted(fn, *args):
-        calls.append(getattr(fn, "__name__", repr(fn)))
-        return await real(fn, *args)
-
-    rt.calls.call = counted  # the admission's store call is `call`; the asks `reserve`, `take`
+    # the admission's store call is `call`; the asks `reserve`, `take`
+    rt, calls = _counted_runtime(runtime, config(rpm=100_000, budget=100.0))
 
     async def go():
         addons = [Router(rt), Auth(rt), RateLimit(rt), Budget(rt)]
