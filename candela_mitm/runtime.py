@@ -7,7 +7,6 @@ import functools
 import getpass
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,9 +32,10 @@ from candela_mitm.governance.provider_keys import OrganisationKeys
 from candela_mitm.governance.provider_keys import from_config as provider_keys_from_config
 from candela_mitm.governance.rate_leases import LeaseRules, RateLeases
 from candela_mitm.governance.ratelimit import RateLimiter
+from candela_mitm.governance.settings_watch import SettingsPoller, SettingsWatch
 from candela_mitm.governance.shadow import Shadow
 from candela_mitm.governance.slices import SliceRules, Slices
-from candela_mitm.governance.users import SettingsWatch, UserDirectory
+from candela_mitm.governance.users import UserDirectory
 from candela_mitm.local import LocalRuntime
 from candela_mitm.observability.alerts import AlertNotifier
 from candela_mitm.observability.metrics import Metrics
@@ -48,7 +48,6 @@ from candela_mitm.state import StateStore, open_state_store
 from candela_mitm.state.calls import StoreCalls
 from candela_mitm.state.ports import (
     ActiveReservation,
-    GenerationStore,
     KeyRecord,
     from_us,
     to_us,
@@ -69,7 +68,7 @@ STALE_AUDIT_WAIT_S = 10.0
 # How long a proxy process reuses a user's settings read from the store: admin changes made
 # through this process apply at once, those made through another process within this bound.
 USER_SETTINGS_TTL_S = 1.0
-# ... unless it watches the store's settings generation (SettingsPoller): polled every
+# ... unless it watches the store's settings generation (governance/settings_watch.py): polled every
 # SETTINGS_POLL_S off the event loop, a change made through any process is seen within two
 # polls (0.5 s), and settings are reused up to SETTINGS_LONG_TTL_S while the polls succeed.
 # Why: at a few requests per user per second, reading a user's settings again every second
@@ -134,9 +133,10 @@ class Runtime:
     settings_poller: SettingsPoller | None = None
 
     def forget_settings(self) -> None:
-        """What an admin change made through this process does after it (admin/base.py), for
-        one made through another: the next request reads its settings from the store, and
-        budget slices judged on the budgets as they were are returned and taken anew."""
+        """What a change to the settings does, made through this process (admin/base.py, through
+        SettingsPoller.forget_own_change) or another (seen by the poller): the next request
+        reads its settings from the store, and budget slices judged on the budgets as they
+        were are returned and taken anew."""
         self.users.forget()
         if self.slices is not None:
             self.slices.retire_all()
@@ -231,80 +231,6 @@ class Runtime:
                 and self.config.providers["anthropic"].project
             ),
         )
-
-
-class SettingsPoller:
-    """Reads the store's settings generation every `watch.poll_s` on a thread of its own (never
-    on the event loop, never per request). A changed generation: `on_change` (what an admin
-    change made here does), then the watch is confirmed; the first read only forgets what was
-    remembered before it (nothing to compare with). A failed read: the watch falls back to the
-    short TTL at once (SettingsWatch.failed), and the next poll tries again."""
-
-    def __init__(
-        self,
-        store: GenerationStore,
-        watch: SettingsWatch,
-        on_change: Callable[[], None],
-        on_first: Callable[[], None],
-    ) -> None:
-        self.store = store
-        self.watch = watch
-        self.on_change = on_change
-        self.on_first = on_first
-        self.polls = 0  # reads that succeeded
-        self.failures = 0
-        self.changes = 0  # changes seen (the first read not counted)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._failing = False
-
-    def poll(self) -> bool:
-        """One read; False if it failed."""
-        began = self.watch.clock()
-        try:
-            generation = self.store.settings_generation()
-            if self.watch.changed(generation):
-                if self.watch.seen is None:
-                    self.on_first()
-                else:
-                    self.changes += 1
-                    self.on_change()
-        except Exception as e:
-            self.watch.failed()
-            self.failures += 1
-            if not self._failing:  # once per outage, not every poll
-                log.warning(
-                    "settings generation unreadable (%s): settings are read again every %.0f s",
-                    type(e).__name__,
-                    USER_SETTINGS_TTL_S,
-                )
-            self._failing = True
-            return False
-        self.watch.confirm(generation, began)
-        self.polls += 1
-        if self._failing:
-            log.info("settings generation readable again")
-            self._failing = False
-        return True
-
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._run, name="candela-settings-watch", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self) -> None:
-        self.poll()
-        while not self._stop.wait(self.watch.poll_s):
-            if getattr(self.store, "closed", False):  # closed without Runtime.close (tests)
-                return
-            self.poll()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
 
 
 def audited_charges(
@@ -487,7 +413,15 @@ def build_runtime(config: Config, command: Command, reconcile: bool = True) -> R
     rt.rate_leases = RateLeases(store, LeaseRules.of(config.governance.rate_limits.leases))
     rt.alerts = AlertNotifier(store, audit, metrics, lambda: rt.config.alerts, known_scope(rt))
     rt.settings_watch = watch
-    rt.settings_poller = SettingsPoller(store, watch, rt.forget_settings, lambda: rt.users.forget())
+    rt.settings_poller = SettingsPoller(
+        store,
+        watch,
+        rt.forget_settings,
+        lambda: rt.users.forget(),
+        on_poll=lambda outcome: metrics.settings_polls.labels(outcome).inc(),
+        on_seen=metrics.settings_changes.inc,
+    )
+    metrics.watch_settings(lambda: watch.state())
     rt.settings_poller.start()
     return rt
 

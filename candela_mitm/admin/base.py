@@ -93,11 +93,21 @@ class AdminBase:
             self.rt.audit.record(ADMIN_ACTION, **entry, outcome="failed", reason=type(e).__name__)
             raise
         finally:
-            self.rt.users.forget()  # this process's next request reads the change from the store
-            slices = getattr(self.rt, "slices", None)  # the proxy's (tests may build no runtime)
-            if slices is not None:
-                # budget slices were judged on the budgets as they were: returned, taken anew
-                slices.retire_all()
+            self._forget_settings()
+
+    def _forget_settings(self) -> None:
+        """This process's next request reads the change from the store, and budget slices
+        judged on the budgets as they were are returned and taken anew: once, through the
+        settings poller when there is one (the proxy's; tests may build no runtime), so that
+        its next poll does not forget this change a second time."""
+        poller = getattr(self.rt, "settings_poller", None)
+        if poller is not None:
+            poller.forget_own_change()
+            return
+        self.rt.users.forget()
+        slices = getattr(self.rt, "slices", None)
+        if slices is not None:
+            slices.retire_all()
 
 
     def _tenant_view(self, tenant: str, now: datetime) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from candela_mitm.config import Config
 from candela_mitm.errors import Denial, user_not_enrolled
 from candela_mitm.governance.periods import DAILY_UTC, BudgetPeriod
 from candela_mitm.governance.ratelimit import TokenLimits
+from candela_mitm.governance.settings_watch import SettingsWatch
 from candela_mitm.state.ports import LIMIT_FIELDS, TenantStore, UserRecord, UserStore
 
 Role = Literal["admin", "tenant_admin", "developer"]
@@ -53,52 +53,6 @@ class TenantSettings:
     source: Literal["store", "config", "default"]
     token_limits: TokenLimits = TokenLimits()  # what its users use together, per minute
     max_concurrent_requests: int | None = None  # its users' requests in flight; None: no limit
-
-
-class SettingsWatch:
-    """Since when this process is sure to have seen every change to users, tenants, grants and
-    API keys made through any process: what the state store's settings generation said when it
-    was last read (GenerationStore; the runtime polls it every `poll_s` on a thread of its own).
-
-    A poll that began at `began` and read generation g has seen every change committed before
-    `began`: if g differs from the generation seen before, the poller forgets what the process
-    remembers first, then `confirm`s. While the last confirmation is at most
-    `stale_after_polls` polls old, a remembered setting may be used for `long_ttl_s`: a change
-    made anywhere is then seen within those polls. A poll that fails (`failed`), or none for
-    that long, and the directory falls back to its own short TTL: freshness fails closed.
-    Thread-safe as plain attribute writes: only the poller writes.
-    """
-
-    def __init__(
-        self,
-        poll_s: float,
-        long_ttl_s: float,
-        stale_after_polls: int = 2,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.poll_s = poll_s
-        self.long_ttl_s = long_ttl_s
-        self.stale_after_s = stale_after_polls * poll_s
-        self.clock = clock
-        self.seen: int | None = None  # the generation last read; None: never read yet
-        self._confirmed = -math.inf  # when the poll that last confirmed it began
-
-    def changed(self, generation: int) -> bool:
-        """Whether `generation` differs from the one last seen (True at the first poll)."""
-        return generation != self.seen
-
-    def confirm(self, generation: int, began: float) -> None:
-        """A poll that began at `began` read `generation`, and whatever it changed is forgotten."""
-        self.seen = generation
-        self._confirmed = began
-
-    def failed(self) -> None:
-        """A poll failed: remembered settings are used for the short TTL only, until one works."""
-        self._confirmed = -math.inf
-
-    def current(self, now: float) -> bool:
-        """Whether every change committed more than `stale_after_s` before `now` has been seen."""
-        return now - self._confirmed <= self.stale_after_s
 
 
 class DirectoryStore(UserStore, TenantStore, Protocol):

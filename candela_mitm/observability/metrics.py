@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -13,6 +14,16 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 # a value is counted as "other". Every series is kept until restart: this bounds their number.
 MAX_LABEL_VALUES = 256
 MAX_LABEL_CHARS = 128
+
+
+class WatchView(Protocol):
+    """What the metrics show of the settings watch (governance.settings_watch.WatchState)."""
+
+    @property
+    def current(self) -> bool: ...
+
+    @property
+    def seen(self) -> int | None: ...
 
 
 def safe_label(value: str) -> str:
@@ -193,6 +204,30 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.settings_polls = Counter(
+            "candela_settings_polls_total",
+            "Reads of the state store's settings generation by outcome: ok, failed (remembered "
+            "settings are then used for the short TTL only)",
+            ["outcome"],
+            registry=r,
+        )
+        self.settings_changes = Counter(
+            "candela_settings_changes_total",
+            "Changes to users, tenants, grants or keys made through another process that the "
+            "settings poll saw and forgot (those made through this one are forgotten as made)",
+            registry=r,
+        )
+        self.settings_watch_current = Gauge(
+            "candela_settings_watch_current",
+            "1 while the settings generation polls succeed (settings reused up to the long "
+            "TTL), 0 while they fail or lag (the short TTL)",
+            registry=r,
+        )
+        self.settings_generation_seen = Gauge(
+            "candela_settings_generation_seen",
+            "The state store's settings generation as this process last read it (-1: not yet)",
+            registry=r,
+        )
         self._refreshers: list[Callable[[], None]] = []
 
     def provider_label(self, name: str | None) -> str:
@@ -207,6 +242,16 @@ class Metrics:
         """Gauges read from elsewhere (audit backlog, mirror lag) are refreshed at each scrape
         (`refresh`)."""
         self._refreshers.append(fn)
+
+    def watch_settings(self, state: Callable[[], WatchView]) -> None:
+        """Show the settings watch at each scrape (a failing read is counted, as every refresher)."""
+
+        def refresh() -> None:
+            s = state()
+            self.settings_watch_current.set(1 if s.current else 0)
+            self.settings_generation_seen.set(-1 if s.seen is None else s.seen)
+
+        self.on_scrape(refresh)
 
     def follow_audit(self, db_path: str | Path) -> AuditCounter:
         """Count candela_bypass_attempts_total from the audit ledger's `bypass_attempt` entries

@@ -283,7 +283,7 @@ STEPS: Sequence[tuple[str, Step]] = [
     (
         # one row: the count of changes to users, tenants, grants and API keys, which every
         # proxy process polls to know when to forget the settings it remembers
-        # (GenerationStore; runtime.SettingsWatch)
+        # (GenerationStore; governance.settings_watch)
         "011_settings_generation",
         _sql(
             """CREATE TABLE IF NOT EXISTS settings_generation (

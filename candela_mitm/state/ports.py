@@ -763,7 +763,7 @@ class AlertStore(Protocol):
 
 class GenerationStore(Protocol):
     """A count of the changes to what the admin API sets, which every proxy process polls to
-    know when to forget the settings it remembers (runtime.SettingsWatch)."""
+    know when to forget the settings it remembers (governance.settings_watch)."""
 
     @abstractmethod
     def settings_generation(self) -> int:

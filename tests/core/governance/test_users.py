@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from candela_mitm.config import parse_config
-from candela_mitm.governance.users import SettingsWatch, UserDirectory
+from candela_mitm.governance.settings_watch import SettingsWatch
+from candela_mitm.governance.users import UserDirectory
 from candela_mitm.state import UserRecord, open_state_store
 
 
@@ -158,7 +159,7 @@ def test_tenant_settings_are_read_ahead_of_their_expiry(tmp_path: Path) -> None:
     assert users.recent_tenant("t") is None  # never older than the ttl
 
 
-# -- the watch of the store's settings generation (runtime.SettingsPoller confirms it) -----------
+# -- the watch of the store's settings generation (settings_watch.SettingsPoller confirms it) -----------
 
 
 def watched(tmp_path: Path, clock: Clock) -> tuple[UserDirectory, SettingsWatch]:
