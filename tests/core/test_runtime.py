@@ -308,6 +308,51 @@ def test_an_admin_change_through_one_process_is_seen_by_another_within_polls(two
     assert reads.reads == 2
 
 
+def counted_forgets(rt) -> dict[str, int]:
+    """How many times rt forgot its users' settings and retired its budget slices (from now)."""
+    counts = {"forget": 0, "retire_all": 0}
+    users_forget, retire_all = rt.users.forget, rt.slices.retire_all
+
+    def forget():
+        counts["forget"] += 1
+        users_forget()
+
+    def retire():
+        counts["retire_all"] += 1
+        retire_all()
+
+    rt.users.forget, rt.slices.retire_all = forget, retire
+    return counts
+
+
+def test_an_admin_change_is_forgotten_once_in_each_process(two_processes):
+    """Once at once where it was made (not again when that process's poll reads the generation
+    it bumped: slices taken anew in between would be returned for nothing), once at the next
+    poll in the other. The polls are driven by hand: none runs between the change and its
+    forget."""
+    _, (a, b) = two_processes
+    for rt in (a, b):
+        rt.settings_poller.stop()
+        assert rt.settings_poller.poll()
+    counts = {"a": counted_forgets(a), "b": counted_forgets(b)}
+    r = call(a, "PUT", f"/admin/v1/users/{q(ALICE)}", {"daily_budget_usd": 7.0})
+    assert r.status == 200
+    assert counts["a"] == {"forget": 1, "retire_all": 1}
+    assert counts["b"] == {"forget": 0, "retire_all": 0}
+    for _ in range(2):
+        assert a.settings_poller.poll() and b.settings_poller.poll()
+    assert counts == {
+        "a": {"forget": 1, "retire_all": 1},
+        "b": {"forget": 1, "retire_all": 1},
+    }
+    changes = [
+        rt.metrics.registry.get_sample_value("candela_settings_changes_total") for rt in (a, b)
+    ]
+    assert changes == [0.0, 1.0]
+    assert a.users.settings_cached(ALICE).daily_budget_usd == 7.0
+    assert b.users.settings_cached(ALICE).daily_budget_usd == 7.0
+
+
 def test_a_reload_keeps_watching_and_close_stops_the_polls(tmp_path):
     rt = build_runtime(processes_cfg(tmp_path, 0), "server")
     try:
