@@ -55,6 +55,38 @@ def test_a_failing_scrape_refresher_is_counted_not_raised():
     assert 'candela_observability_errors_total{component="metrics"} 1.0' in text.decode()
 
 
+def test_the_settings_watch_is_shown_at_each_scrape():
+    from candela_mitm.governance.settings_watch import WatchState
+
+    m = Metrics()
+    states = [WatchState(False, None), WatchState(True, 7), RuntimeError("watch gone")]
+
+    def state() -> WatchState:
+        s = states.pop(0)
+        if isinstance(s, Exception):
+            raise s
+        return s
+
+    m.watch_settings(state)
+    shown = []
+    for _ in range(3):
+        body = m.render()[0].decode()
+        shown.append(
+            tuple(
+                re.search(rf"^{name} (\S+)$", body, re.M).group(1)
+                for name in ("candela_settings_watch_current", "candela_settings_generation_seen")
+            )
+        )
+    # the third read failed: the values shown last stay, the failure is counted
+    assert shown == [("0.0", "-1.0"), ("1.0", "7.0"), ("1.0", "7.0")]
+    assert 'candela_observability_errors_total{component="metrics"} 1.0' in body
+    m.settings_polls.labels("failed").inc()
+    m.settings_changes.inc()
+    body = m.render()[0].decode()
+    assert 'candela_settings_polls_total{outcome="failed"} 1.0' in body
+    assert "candela_settings_changes_total 1.0" in body
+
+
 def test_grafana_dashboard_uses_only_series_that_exist():
     m = Metrics()
     m.duration.labels("x").observe(1)
