@@ -402,5 +402,11 @@ def test_an_unreachable_store_brings_the_ttl_back_to_a_second(
         assert rt.users.recent(ALICE) is None  # 5 s old: past the 1 s TTL, read again
         clock.t -= 4.5  # a read half a second old is still used for the 1 s TTL
         assert rt.users.recent(ALICE) is s
+        rt.metrics.refresh()  # what a scrape shows (the scrape's refresh: the watch's gauges)
+        get = rt.metrics.registry.get_sample_value
+        assert get("candela_settings_polls_total", {"outcome": "failed"}) >= 1
+        assert get("candela_settings_polls_total", {"outcome": "ok"}) >= 2
+        assert get("candela_settings_watch_current") == 0
+        assert get("candela_settings_generation_seen") == rt.settings_watch.seen >= 0
     finally:
         rt.close()
