@@ -68,8 +68,8 @@ STALE_AUDIT_WAIT_S = 10.0
 # How long a proxy process reuses a user's settings read from the store: admin changes made
 # through this process apply at once, those made through another process within this bound.
 USER_SETTINGS_TTL_S = 1.0
-# ... unless it watches the store's settings generation (governance/settings_watch.py): polled every
-# SETTINGS_POLL_S off the event loop, a change made through any process is seen within two
+# ... unless it watches the store's settings generation (governance/settings_watch.py): polled
+# every SETTINGS_POLL_S off the event loop, a change made through any process is seen within two
 # polls (0.5 s), and settings are reused up to SETTINGS_LONG_TTL_S while the polls succeed.
 # Why: at a few requests per user per second, reading a user's settings again every second
 # was one store call per request before it was forwarded (bench/README.md, issue 21).
