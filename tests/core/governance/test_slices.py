@@ -1,5 +1,6 @@
 """Budget slices (governance/slices.py) over every state store backend: take, carve, settle,
-return, a dead owner's slice, the near-limit fallback, and no overspend under concurrency."""
+return, the near-limit fallback, and no overspend under concurrency (a dead owner's slice:
+test_reconcile.py)."""
 
 from __future__ import annotations
 
