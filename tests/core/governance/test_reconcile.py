@@ -13,6 +13,10 @@ from typing import Any, cast
 
 import pytest
 
+from candela_mitm.audit import AuditWriter
+from candela_mitm.audit.actions import LLM_REQUEST
+from candela_mitm.audit.query import charged_entries
+from candela_mitm.config import Audit
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.governance.ledger import (
     Ledger,
@@ -26,7 +30,10 @@ from candela_mitm.governance.reconcile import (
     AuditedCharge,
     SlicedCharge,
     StaleSettlement,
+    audited_charges,
     reconcile_stale,
+    record_stale_entries,
+    sliced_charges,
     unrecorded_parts,
 )
 from candela_mitm.governance.slices import SliceRules, Slices
@@ -362,3 +369,40 @@ def test_unrecorded_parts_out_of_order_keep_the_total() -> None:
         ActiveReservation("s", "o", 0, settled=0, parts=0), entries
     ) == [SpendPart("a", "p", usd_to_nano(0.25), 1, 1, 1), SpendPart("b", "p", usd_to_nano(0.75), 2, 2, 1)]
     assert unrecorded_parts(ActiveReservation("s", "o", 0), []) == []
+
+
+# -- the audit log's side: the entries it reads and writes -------------------------------------
+
+
+def test_the_entries_a_start_writes_are_the_charges_it_reads_back(tmp_path: Any) -> None:
+    """record_stale_entries makes a settlement's llm_request entry durable (charged at its
+    amount, in the dead process's name); audited_charges reads it back by span id, and
+    sliced_charges the entries naming a slice, each request once, in commit order. A writer
+    that cannot commit leaves the reservation out (kept held)."""
+    db = str(tmp_path / "audit.db")
+    audit = AuditWriter(Audit(sqlite_path=db))
+    audit.start()
+    since = to_us(datetime.now(UTC) - timedelta(minutes=1))
+    try:
+        lost = StaleSettlement("r_1", "span-1", "h:1", U, "team", "gpt-4o", "openai", 0.75,
+                               datetime.now(UTC), "proxy_crash")
+        assert record_stale_entries(audit, [lost]) == {"r_1"}
+        for span, cost in (("span-a", 0.5), ("span-a", 0.5), ("span-b", 0.25)):  # a, twice
+            audit.record_durable(
+                LLM_REQUEST, span_id=span, slice_id="r_s", usage_source="reported",
+                cost_usd=cost, input_tokens=10, output_tokens=2, model="gpt-4o",
+                provider="openai",
+            ).result(10)
+        audit.record_durable(LLM_REQUEST, span_id="span-c", slice_id="r_s").result(10)  # uncharged
+    finally:
+        audit.close()
+    held = [ActiveReservation("r_1", "h:1", since, request_id="span-1"),
+            ActiveReservation("r_2", "h:1", since, request_id="span-none")]
+    assert audited_charges(db, held) == {"span-1": AuditedCharge(0.75, 0, 0)}
+    (entry,) = charged_entries(db, {"span-1"}, datetime(2000, 1, 1, tzinfo=UTC)).values()
+    assert (entry["reason"], entry["usage_source"], entry["owner"]) == ("proxy_crash", "reserved", "h:1")
+    assert sliced_charges(db, [ActiveReservation("r_s", "h:1", since)]) == {
+        "r_s": [SlicedCharge(0.5, 10, 2, "gpt-4o", "openai"),
+                SlicedCharge(0.25, 10, 2, "gpt-4o", "openai")]
+    }
+    assert record_stale_entries(audit, [lost]) == set()  # closed: nothing is durable
