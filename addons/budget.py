@@ -183,7 +183,7 @@ class Budget:
         # The spend follows its durable audit entry (issue 16: one durable fact). Audit calls
         # this once the entry's commit is known; the answer does not wait for the settle. A
         # crash before it leaves the reservation held: the next start settles it from the entry
-        # (Ledger.reconcile_stale), or at its amount, audited, when no entry was made.
+        # (governance/reconcile.py), or at its amount, audited, when no entry was made.
         c.after_entry = functools.partial(self._settle_after_entry, res, settle)
 
     def _close_carved(self, c: RequestContext, res: Reservation) -> None:

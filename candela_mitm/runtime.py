@@ -7,31 +7,28 @@ import functools
 import getpass
 import logging
 import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
 from candela_mitm.audit import AuditWriter
-from candela_mitm.audit.actions import LLM_REQUEST
-from candela_mitm.audit.query import charged_entries, sliced_entries
 from candela_mitm.config import PROVIDER_ROUTES, Config, load_config
 from candela_mitm.errors import ConfigError
 from candela_mitm.governance.identity import Authenticator, MintedKeyLookup
-from candela_mitm.governance.ledger import (
-    AuditedCharge,
-    Ledger,
-    SlicedCharge,
-    StaleSettlement,
-    process_alive,
-)
+from candela_mitm.governance.ledger import Ledger, process_alive
 from candela_mitm.governance.policy import ModelPolicy
 from candela_mitm.governance.provider_keys import OrganisationKeys
 from candela_mitm.governance.provider_keys import from_config as provider_keys_from_config
 from candela_mitm.governance.rate_leases import LeaseRules, RateLeases
 from candela_mitm.governance.ratelimit import RateLimiter
+from candela_mitm.governance.reconcile import (
+    StaleSettlement,
+    audited_charges,
+    reconcile_stale,
+    record_stale_entries,
+    sliced_charges,
+)
 from candela_mitm.governance.settings_watch import SettingsPoller, SettingsWatch
 from candela_mitm.governance.shadow import Shadow
 from candela_mitm.governance.slices import SliceRules, Slices
@@ -47,9 +44,7 @@ from candela_mitm.providers.upstream_auth import UpstreamCredentials
 from candela_mitm.state import StateStore, open_state_store
 from candela_mitm.state.calls import StoreCalls
 from candela_mitm.state.ports import (
-    ActiveReservation,
     KeyRecord,
-    from_us,
     to_us,
     utc_now,
 )
@@ -62,8 +57,6 @@ T = TypeVar("T")
 # A reservation older than this with a live owner is still settled at start (a day: longer than
 # any request can run, so a live stream is never charged its reservation early).
 STALE_RESERVATION_S = 24 * 3600
-# How long a start waits for the audit entries of the reservations it settled to be committed.
-STALE_AUDIT_WAIT_S = 10.0
 
 # How long a proxy process reuses a user's settings read from the store: admin changes made
 # through this process apply at once, those made through another process within this bound.
@@ -233,93 +226,6 @@ class Runtime:
         )
 
 
-def audited_charges(
-    audit_db: str, reservations: Sequence[ActiveReservation]
-) -> dict[str, AuditedCharge]:
-    """What the durable audit entries of these reservations' requests charged, by span id: the
-    audit log's tail since the oldest of them (Ledger.reconcile_stale settles from it)."""
-    since = from_us(min(r.created_us for r in reservations)) - timedelta(seconds=1)
-    spans = {r.request_id for r in reservations if r.request_id}
-    return {
-        span: AuditedCharge(
-            float(f.get("cost_usd") or 0.0),
-            int(f.get("input_tokens") or 0),
-            int(f.get("output_tokens") or 0),
-        )
-        for span, f in charged_entries(audit_db, spans, since).items()
-    }
-
-
-def sliced_charges(
-    audit_db: str, slices: Sequence[ActiveReservation]
-) -> dict[str, list[SlicedCharge]]:
-    """The charged entries of the requests carved from these budget slices, by slice id, in
-    commit order (Ledger.reconcile_stale settles a dead process's slice from them)."""
-    since = from_us(min(r.created_us for r in slices)) - timedelta(seconds=1)
-    out: dict[str, list[SlicedCharge]] = {}
-    for slice_id, entries in sliced_entries(audit_db, {r.reservation_id for r in slices}, since).items():
-        seen: set[str] = set()
-        for f in entries:
-            span = str(f.get("span_id") or "")
-            if span in seen:
-                continue
-            seen.add(span)
-            out.setdefault(slice_id, []).append(
-                SlicedCharge(
-                    float(f.get("cost_usd") or 0.0),
-                    int(f.get("input_tokens") or 0),
-                    int(f.get("output_tokens") or 0),
-                    str(f.get("model") or ""),
-                    str(f.get("provider") or ""),
-                )
-            )
-    return out
-
-
-def stale_settlement_entry(s: StaleSettlement) -> dict[str, Any]:
-    """The llm_request entry of a request whose process died before it was accounted: charged
-    its reservation at the next start (`usage_source: reserved`, `reason: proxy_crash`)."""
-    return {
-        "user_id": s.user_id,
-        "tenant_id": s.tenant,
-        "provider": s.provider or None,
-        "model": s.model or None,
-        "route": "proxy",
-        "decision": "error",
-        "reason": s.reason,
-        "input_tokens": 0,
-        "output_tokens": 0,
-        "cached_tokens": 0,
-        "cost_usd": round(s.amount_usd, 10),
-        "estimate_usd": round(s.amount_usd, 10),
-        "usage_source": "reserved",
-        "span_id": s.request_id,
-        "reservation_id": s.reservation_id,
-        "owner": s.owner,  # the process that died: <host><pid namespace>:<pid>:<boot>.<start>
-        "started_at": s.created_at.isoformat(),
-    }
-
-
-def record_stale_entries(audit: AuditWriter, planned: list[StaleSettlement]) -> set[str]:
-    """The audit entries of the reservations a start is about to settle at their amount, made
-    durable before the settle (Ledger.reconcile_stale(record=...)); the ids whose entry was
-    committed. The entry comes first: a crash between the two leaves an entry the next start
-    settles from, never a spend without its entry."""
-    futures = [
-        (s.reservation_id, audit.record_durable(LLM_REQUEST, **stale_settlement_entry(s)))
-        for s in planned
-    ]
-    durable: set[str] = set()
-    deadline = time.monotonic() + STALE_AUDIT_WAIT_S
-    for reservation_id, fut in futures:
-        try:
-            fut.result(max(0.0, deadline - time.monotonic()))
-            durable.add(reservation_id)
-        except Exception as e:
-            log.error("reservation %s kept held: its audit entry failed (%s)", reservation_id, e)
-    return durable
-
-
 def count_stale_settlements(metrics: Metrics, settled: list[StaleSettlement]) -> None:
     for s in settled:
         if s.from_entry:
@@ -340,12 +246,13 @@ def count_stale_settlements(metrics: Metrics, settled: list[StaleSettlement]) ->
 def reconcile_at_start(
     config: Config, ledger: Ledger, limiter: RateLimiter, audit: AuditWriter
 ) -> list[StaleSettlement]:
-    """Settle what processes that are gone left held (Ledger.reconcile_stale: from their
+    """Settle what processes that are gone left held (reconcile_stale: from their
     requests' durable entries, else at their amount with an entry written first) and free
     their concurrency leases. Run by one process per start: `candela-server` alone, or its
     first worker (two processes writing the same entries first would audit a request twice).
     The other workers serve meanwhile: their own reservations have live owners."""
-    settled = ledger.reconcile_stale(
+    settled = reconcile_stale(
+        ledger,
         process_alive,
         max_age_s=STALE_RESERVATION_S,
         audited=functools.partial(audited_charges, config.audit.sqlite_path),

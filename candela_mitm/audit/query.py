@@ -327,7 +327,7 @@ def charged_entries(
 ) -> dict[str, dict[str, Any]]:
     """The fields of the llm_request entries of `spans` committed since `since` that charged
     their request (`usage_source` set), by span id: what a restart settles the reservations of
-    a dead process at (Ledger.reconcile_stale)."""
+    a dead process at (governance/reconcile.py)."""
     found: dict[str, dict[str, Any]] = {}
     for fields in _charged_naming(db_path, "span_id", spans, since):
         found.setdefault(str(fields["span_id"]), fields)
@@ -339,7 +339,7 @@ def sliced_entries(
 ) -> dict[str, list[dict[str, Any]]]:
     """The fields of the charged llm_request entries naming each of `slices` (`slice_id`: the
     budget slice their hold was carved from) committed since `since`, in commit order: what a
-    restart settles a dead process's slice from (Ledger.reconcile_stale)."""
+    restart settles a dead process's slice from (governance/reconcile.py)."""
     found: dict[str, list[dict[str, Any]]] = {}
     for fields in _charged_naming(db_path, "slice_id", slices, since):
         found.setdefault(str(fields["slice_id"]), []).append(fields)

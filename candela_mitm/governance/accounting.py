@@ -6,7 +6,7 @@ A forwarded request is never free because its usage could not be read. It is cha
   sent, the output counted as the stream passed): `observed` when that is larger, `reserved`
   when the reservation is. That covers an answer of unknown shape or without usage (a queued
   job), a client that disconnects mid-stream, an upstream that cuts the stream, an upstream
-  timeout, and (at the next start, governance/ledger.py) a proxy that died mid-request.
+  timeout, and (at the next start, governance/reconcile.py) a proxy that died mid-request.
 Nothing is charged (the reservation is released) only where the provider provably did not run
 the request: it was never reached (no connection was made), or it answered with an error status
 that says it refused the request (see `provider_refused`).

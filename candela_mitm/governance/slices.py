@@ -45,7 +45,7 @@ and every request there reserves on its own, exactly, with its 402 decided by th
   the overcharge is bounded by the slice's size, which `requests` (`max_requests` for one
   taken ahead: about `demand_s` of the demand) and `headroom` cap; a slice taken ahead and
   still waiting is charged whole, as the one in use), with an audit entry of its own written
-  first (Ledger.reconcile_stale).
+  first (governance/reconcile.py).
 
 Not thread-safe on its own: carve, settle and release run on the event loop; flush and take
 run where store calls run, so every method takes the lock.

@@ -4,7 +4,7 @@ Every answer a client received whole has its audit entry, the chain verifies, no
 held (reservations, concurrency leases), and the spend in the state store is exactly the sum of
 the costs the audit log records: the spend follows its durable entry (addons/budget.py), and a
 restart settles what a dead process left from its entry, or at its reservation with an entry of
-its own (Ledger.reconcile_stale)."""
+its own (governance/reconcile.py)."""
 
 from __future__ import annotations
 

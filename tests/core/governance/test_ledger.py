@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
-import subprocess
-import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,19 +13,14 @@ import pytest
 from candela_mitm.config import State
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.governance.ledger import (
-    AuditedCharge,
     BudgetRefusal,
     KeyBudget,
     Ledger,
     Reservation,
-    UsageRow,
     default_owner,
-    process_alive,
 )
 from candela_mitm.governance.periods import BudgetPeriod
 from candela_mitm.state import StateStore, UserRecord, open_state_store
-from candela_mitm.state.liveness import host_id
-from candela_mitm.state.ports import to_us
 from candela_mitm.state.sqlite import SqliteStateStore
 
 T0 = datetime(2026, 5, 17, 12, 0, tzinfo=UTC)
@@ -390,156 +382,6 @@ def test_deleted_user_keeps_spend_history(store: StateStore, ledger: Ledger) -> 
     assert [x.id for x in ledger.list_grants(U)] == [g.id]
 
 
-# -- reconcile ---------------------------------------------------------------------------------
-
-
-def dead_pid() -> int:
-    done = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return int(done.stdout)
-
-
-def test_process_alive() -> None:
-    me = default_owner()
-    host = host_id()
-    assert me.startswith(f"{host}:{os.getpid()}:")  # the pid, then its boot and start time
-    assert process_alive(me) is True
-    assert process_alive(f"{host}:{dead_pid()}") is False
-    assert process_alive(f"{socket.gethostname()}[1]:{dead_pid()}") is True  # other namespace
-    assert process_alive(f"another-host:{dead_pid()}") is True  # cannot tell: alive
-    assert process_alive("garbage") is True
-
-
-def test_reconcile_settles_dead_owners_at_their_reservation(store: StateStore) -> None:
-    host = host_id()
-    dead_owner = f"{host}:{dead_pid()}"
-    crashed = Ledger(store, clock=fixed(T0), owner=dead_owner)
-    other_host = Ledger(store, clock=fixed(T0), owner="elsewhere:1")
-    me = Ledger(store, clock=fixed(T0))
-
-    lost = crashed.reserve(U, "research-team", 6.0, 10.0, "span-1", model="gpt-4o", provider="openai")
-    kept = reserve(other_host, 1.0)
-    mine = reserve(me, 1.0)
-    assert all(isinstance(r, Reservation) for r in (lost, kept, mine))
-    assert me.status(U, 10.0).remaining_usd == 2.0
-
-    settled = me.reconcile_stale(process_alive, max_age_s=3600)
-    # the dead process's request may have reached the provider: charged its reservation, not freed
-    assert [(s.reservation_id, s.request_id, s.reason) for s in settled] == [
-        (lost.id, "span-1", "proxy_crash")
-    ]
-    (s,) = settled
-    assert (s.user_id, s.tenant, s.model, s.provider, s.owner) == (
-        U, "research-team", "gpt-4o", "openai", dead_owner
-    )
-    assert s.amount_usd == 6.0 and s.created_at == T0
-    assert me.spent_today(U) == 6.0
-    assert me.status(U, 10.0).reserved_usd == 2.0  # the live owners' holds stay
-    assert me.status(U, 10.0).remaining_usd == 2.0
-    assert me.usage(user=U) == [UsageRow("gpt-4o", "openai", 6.0, 0, 0, 1)]
-    assert me.reconcile_stale(process_alive, max_age_s=3600) == []  # nothing left to settle
-
-    # a late settle by the owner (it was not dead after all) changes nothing: charged once
-    assert not me.settle(lost, 5.0, 1, 1, "gpt-4o", "openai").applied
-    assert not me.release(lost)
-    assert me.spent_today(U) == 6.0
-    assert me.release(kept) and me.release(mine)
-
-
-def test_reconcile_settles_from_the_durable_entry_when_there_is_one(store: StateStore) -> None:
-    """Issue 16: the spend follows the request's audit entry; a process that died between the
-    two is settled at the entry's cost (and needs no entry of its own), one that died before
-    its entry at its reservation."""
-    host = host_id()
-    crashed = Ledger(store, clock=fixed(T0), owner=f"{host}:{dead_pid()}")
-    me = Ledger(store, clock=fixed(T0))
-    answered = crashed.reserve(U, None, 4.0, 10.0, "span-a", model="gpt-4o", provider="openai")
-    cut = crashed.reserve(U, None, 3.0, 10.0, "span-b", model="gpt-4o", provider="openai")
-    assert isinstance(answered, Reservation) and isinstance(cut, Reservation)
-    asked: list[set[str]] = []
-
-    def audited(reservations: Any) -> dict[str, AuditedCharge]:
-        asked.append({r.request_id for r in reservations})
-        return {"span-a": AuditedCharge(1.25, 100, 20), "span-other": AuditedCharge(9.0, 1, 1)}
-
-    settled = {s.request_id: s for s in me.reconcile_stale(process_alive, audited=audited)}
-    assert asked == [{"span-a", "span-b"}]  # one look at the audit log, for the stale ones only
-    assert (settled["span-a"].amount_usd, settled["span-a"].from_entry) == (1.25, True)
-    assert (settled["span-b"].amount_usd, settled["span-b"].from_entry) == (3.0, False)
-    assert me.spent_today(U) == pytest.approx(4.25)
-    assert me.usage(user=U) == [UsageRow("gpt-4o", "openai", 4.25, 100, 20, 2)]
-    assert me.status(U, 10.0).reserved_usd == 0
-    assert me.reconcile_stale(process_alive, audited=audited) == []  # once
-    assert len(asked) == 1  # nothing stale: the audit log is not read
-
-
-def test_reconcile_writes_the_entry_before_the_spend(store: StateStore) -> None:
-    """With `record`, the entries of what is settled at its amount are made durable first, and
-    only a reservation whose entry was committed is settled: no crash point leaves a spend
-    without its entry."""
-    host = host_id()
-    crashed = Ledger(store, clock=fixed(T0), owner=f"{host}:{dead_pid()}")
-    me = Ledger(store, clock=fixed(T0))
-    a = crashed.reserve(U, None, 2.0, 10.0, "span-a", model="gpt-4o", provider="openai")
-    b = crashed.reserve(U, None, 3.0, 10.0, "span-b", model="gpt-4o", provider="openai")
-    assert isinstance(a, Reservation) and isinstance(b, Reservation)
-    seen: list[tuple[list[str], float]] = []
-
-    def record(planned: Any) -> set[str]:
-        seen.append((sorted(p.request_id for p in planned), me.spent_today(U)))
-        return {a.id}  # b's entry failed (a full disk)
-
-    settled = me.reconcile_stale(process_alive, record=record)
-    assert seen == [(["span-a", "span-b"], 0.0)]  # both entries asked for before any spend
-    assert [s.request_id for s in settled] == ["span-a"]
-    assert me.spent_today(U) == 2.0
-    assert me.status(U, 10.0).reserved_usd == 3.0  # b stays held: no entry, no spend
-    (again,) = me.reconcile_stale(process_alive, record=lambda planned: {p.reservation_id for p in planned})
-    assert again.request_id == "span-b" and me.spent_today(U) == 5.0
-
-
-def test_reconcile_settles_by_age(store: StateStore) -> None:
-    old = Ledger(store, clock=fixed(T0 - timedelta(hours=2)))
-    young = Ledger(store, clock=fixed(T0 - timedelta(minutes=10)))
-    now = Ledger(store, clock=fixed(T0))
-    assert isinstance(reserve(old, 3.0), Reservation)
-    assert isinstance(reserve(young, 3.0), Reservation)
-
-    def unsure(owner: str) -> bool:
-        raise OSError("cannot tell")
-
-    assert now.reconcile_stale(unsure, max_age_s=None) == []  # unsure is alive
-    (settled,) = now.reconcile_stale(None, max_age_s=3600)
-    assert settled.reason == "expired" and settled.amount_usd == 3.0
-    assert now.spent_today(U) == 3.0
-    assert now.status(U, 10.0).remaining_usd == 4.0  # 3 spent, 3 still held by the young one
-
-
-def test_reconcile_settles_grant_holds_as_spend(store: StateStore) -> None:
-    host = host_id()
-    crashed = Ledger(store, clock=fixed(T0), owner=f"{host}:{dead_pid()}")
-    me = Ledger(store, clock=fixed(T0))
-    g = me.add_grant(U, 5.0, T0 + timedelta(days=1), "launch", "admin@example.com")
-    assert isinstance(reserve(crashed, 12.0), Reservation)  # 10 from the allowance, 2 from g
-    assert len(me.reconcile_stale(process_alive)) == 1
-    (after,) = me.list_grants(U)
-    assert after.id == g.id and after.used_usd == 2.0 and after.held_usd == 0.0
-    assert me.status(U, 10.0).remaining_usd == 3.0
-
-
-def test_reconcile_forgets_old_finished_reservations(store: StateStore) -> None:
-    then = Ledger(store, clock=fixed(T0 - timedelta(days=8)))
-    r = reserve(then, 1.0)
-    assert isinstance(r, Reservation)
-    then.settle(r, 1.0, 1, 1, "gpt-4o", "openai")
-    Ledger(store, clock=fixed(T0)).reconcile_stale(None, max_age_s=None)
-    assert store.purge_finished(to_us(T0)) == 0  # reconcile purged it already
-
-
 # -- exactness under concurrency ---------------------------------------------------------------
 
 
@@ -619,7 +461,6 @@ def test_store_failure_propagates(tmp_path: Any) -> None:
         lambda: reserve(ledger, 1.0),
         lambda: ledger.status(U, 10.0),
         lambda: ledger.add_grant(U, 1.0, T0 + timedelta(days=1), "r", "a"),
-        lambda: ledger.reconcile_stale(process_alive),
     ):
         with pytest.raises(StoreUnavailable):
             op()

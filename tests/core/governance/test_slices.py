@@ -1,11 +1,10 @@
 """Budget slices (governance/slices.py) over every state store backend: take, carve, settle,
-return, a dead owner's slice, the near-limit fallback, and no overspend under concurrency."""
+return, the near-limit fallback, and no overspend under concurrency (a dead owner's slice:
+test_reconcile.py)."""
 
 from __future__ import annotations
 
 import multiprocessing
-import subprocess
-import sys
 import threading
 from datetime import UTC, datetime
 from typing import Any
@@ -13,15 +12,11 @@ from typing import Any
 import pytest
 
 from candela_mitm.governance.ledger import (
-    AuditedCharge,
     BudgetRefusal,
     KeyBudget,
     Ledger,
     Reservation,
-    SlicedCharge,
-    StaleSettlement,
     UsageRow,
-    process_alive,
 )
 from candela_mitm.governance.periods import BudgetPeriod
 from candela_mitm.governance.slices import (
@@ -32,13 +27,8 @@ from candela_mitm.governance.slices import (
     slice_size,
 )
 from candela_mitm.state import StateStore
-from candela_mitm.state.liveness import host_id
 from candela_mitm.state.ports import (
-    ActiveReservation,
     ReserveResult,
-    SpendPart,
-    nano_to_usd,
-    usd_to_nano,
 )
 
 T0 = datetime(2026, 5, 17, 12, 0, tzinfo=UTC)
@@ -225,162 +215,6 @@ def test_a_refused_slice_holds_nothing(store: StateStore) -> None:
     assert isinstance(got, BudgetRefusal)
     assert not slices.took(ask, got)
     assert slices.held() == 0 and slices.carve(key(slices), 1.0, "s") is None
-
-
-def dead_pid() -> int:
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
-                          capture_output=True, text=True)
-    return int(done.stdout)
-
-
-def test_a_dead_owners_slice_is_settled_from_its_entries_and_charged_the_rest(
-    store: StateStore,
-) -> None:
-    crashed = Ledger(store, clock=lambda: T0, owner=f"{host_id()}:{dead_pid()}")
-    me = Ledger(store, clock=lambda: T0)
-    slices = Slices(crashed, RULES, clock=lambda: T0)
-    assert take(slices, own(crashed, 1.0))
-    k = key(slices)
-    a, b, c, d = (slices.carve(k, 1.0, f"span-{i}") for i in range(4))
-    assert a and b and c and d
-    slices.settle(a, 0.5, 10, 1, "gpt-4o", "openai")
-    slices.flush()  # a's spend recorded; b, c settled after the crash's last flush; d in flight
-    (sl,) = [x for x in store.active_reservations() if x.request_id.startswith("slice:")]
-    assert (sl.settled, sl.parts) == (usd_to_nano(0.5), 1)
-    size = nano_to_usd(sl.amount)
-    assert size == 10.0  # requests (10) of the 1.0 hold
-    asked: list[set[str]] = []
-
-    def sliced(active: Any) -> dict[str, list[SlicedCharge]]:
-        asked.append({x.reservation_id for x in active})
-        return {a.slice: [SlicedCharge(0.5, 10, 1, "gpt-4o", "openai"),
-                          SlicedCharge(0.25, 20, 2, "gpt-4o", "openai"),
-                          SlicedCharge(0.75, 30, 3, "gpt-4o-mini", "openai")]}
-
-    recorded: list[StaleSettlement] = []
-
-    def record(planned: list[StaleSettlement]) -> set[str]:
-        # the entry comes first: nothing is charged yet
-        assert me.status(U, 100.0).reserved_usd == pytest.approx(1.0 + size - 1.5)
-        recorded.extend(planned)
-        return {s.reservation_id for s in planned}
-
-    settled = me.reconcile_stale(process_alive, audited=lambda _: {}, sliced=sliced, record=record)
-    assert asked == [{a.slice}]
-    mine = {x.from_entry: x for x in settled if x.reservation_id == a.slice}
-    # the spend its entries name past what it recorded, from the entries (b and c)
-    assert mine[True].amount_usd == pytest.approx(1.0) and mine[True].reason == "proxy_crash"
-    # what is left of it (d in flight among it) charged as a reservation without an entry
-    rest = size - 1.5
-    assert mine[False].amount_usd == pytest.approx(rest) and mine[False].reason == "proxy_crash"
-    assert mine[False].request_id == sl.request_id
-    assert {s.reservation_id: s.amount_usd for s in recorded} == pytest.approx(
-        {a.slice: rest, sl_own(settled, a.slice): 1.0}
-    )
-    # the own reservation: charged at its amount (no entry); the slice: its whole size
-    assert me.spent_today(U) == pytest.approx(size + 1.0)
-    assert me.status(U, 100.0).reserved_usd == 0
-    usage = {(r.model, r.requests) for r in me.usage(user=U)}
-    # 1 flushed + 1 replayed + the own one; 1 replayed; the rest, under no model
-    assert usage == {("gpt-4o", 3), ("gpt-4o-mini", 1), ("", 1)}
-    assert store.active_reservations() == []
-
-
-def sl_own(settled: list[StaleSettlement], slice_id: str) -> str:
-    (other,) = {s.reservation_id for s in settled if s.reservation_id != slice_id}
-    return other
-
-
-def test_a_dead_slice_whose_entries_name_all_of_it_is_released(store: StateStore) -> None:
-    crashed = Ledger(store, clock=lambda: T0, owner=f"{host_id()}:{dead_pid()}")
-    me = Ledger(store, clock=lambda: T0)
-    slices = Slices(crashed, RULES, clock=lambda: T0)
-    assert take(slices, own(crashed, 1.0))
-    (sl,) = [x for x in store.active_reservations() if x.request_id.startswith("slice:")]
-    size = nano_to_usd(sl.amount)
-    entries = [SlicedCharge(size / 2, 1, 1, "gpt-4o", "openai")] * 2
-
-    def nothing_to_record(planned: list[StaleSettlement]) -> set[str]:
-        assert all(s.reservation_id != sl.reservation_id for s in planned)
-        return {s.reservation_id for s in planned}
-
-    settled = me.reconcile_stale(process_alive, audited=lambda _: {},
-                                 sliced=lambda _: {sl.reservation_id: entries},
-                                 record=nothing_to_record)
-    assert [s.from_entry for s in settled if s.reservation_id == sl.reservation_id] == [True]
-    assert me.spent_today(U) == pytest.approx(size + 1.0)
-    assert me.status(U, 100.0).reserved_usd == 0
-    assert store.active_reservations() == []
-
-
-def test_a_dead_slices_rest_whose_entry_was_made_is_settled_from_it(store: StateStore) -> None:
-    """A start that died between the rest's entry and its settle: the next settles from it."""
-    crashed = Ledger(store, clock=lambda: T0, owner=f"{host_id()}:{dead_pid()}")
-    me = Ledger(store, clock=lambda: T0)
-    slices = Slices(crashed, RULES, clock=lambda: T0)
-    assert take(slices, own(crashed, 1.0))
-    (sl,) = [x for x in store.active_reservations() if x.request_id.startswith("slice:")]
-    size = nano_to_usd(sl.amount)
-
-    def audited(active: Any) -> dict[str, AuditedCharge]:
-        assert sl.request_id in {x.request_id for x in active}
-        return {sl.request_id: AuditedCharge(size - 2.0, 0, 0)}
-
-    def no_entry_for_it(planned: list[StaleSettlement]) -> set[str]:
-        assert all(s.reservation_id != sl.reservation_id for s in planned)
-        return {s.reservation_id for s in planned}
-
-    settled = me.reconcile_stale(
-        process_alive, audited=audited, record=no_entry_for_it,
-        sliced=lambda _: {sl.reservation_id: [SlicedCharge(2.0, 1, 1, "gpt-4o", "openai")]},
-    )
-    assert sorted(
-        (s.from_entry, s.amount_usd) for s in settled if s.reservation_id == sl.reservation_id
-    ) == [(True, 2.0), (True, size - 2.0)]
-    assert me.spent_today(U) == pytest.approx(size + 1.0)
-    assert me.status(U, 100.0).reserved_usd == 0
-
-
-def test_a_dead_slices_rest_stays_held_until_its_entry_is_durable(store: StateStore) -> None:
-    """The entry before the charge: a start whose audit cannot commit the rest's entry leaves
-    the slice held (its entries' spend recorded); the next charges it, once."""
-    crashed = Ledger(store, clock=lambda: T0, owner=f"{host_id()}:{dead_pid()}")
-    me = Ledger(store, clock=lambda: T0)
-    slices = Slices(crashed, RULES, clock=lambda: T0)
-    assert take(slices, own(crashed, 1.0))
-    (sl,) = [x for x in store.active_reservations() if x.request_id.startswith("slice:")]
-    size = nano_to_usd(sl.amount)
-    entries = {sl.reservation_id: [SlicedCharge(3.0, 1, 1, "gpt-4o", "openai")]}
-    me.reconcile_stale(process_alive, audited=lambda _: {}, sliced=lambda _: entries,
-                       record=lambda planned: set())
-    # both kept held: the slice and the own reservation (no entry could be made for either)
-    assert sorted(x.request_id for x in store.active_reservations()) == sorted(
-        [sl.request_id, "span-own"]
-    )
-    assert me.spent_today(U) == pytest.approx(3.0)
-    assert me.status(U, 100.0).reserved_usd == pytest.approx(1.0 + size - 3.0)
-    settled = me.reconcile_stale(process_alive, audited=lambda _: {},
-                                 sliced=lambda _: entries,
-                                 record=lambda planned: {s.reservation_id for s in planned})
-    rest = [s for s in settled if s.reservation_id == sl.reservation_id]
-    assert [(s.from_entry, s.amount_usd) for s in rest] == [(False, size - 3.0)]
-    assert me.spent_today(U) == pytest.approx(size + 1.0)
-    assert me.status(U, 100.0).reserved_usd == 0
-    assert store.active_reservations() == []
-
-
-def test_unrecorded_parts_out_of_order_keep_the_total() -> None:
-    from candela_mitm.governance.ledger import unrecorded_parts
-
-    active = ActiveReservation("s", "o", 0, "u", "", "d", 10, "slice:s", "m", "p",
-                               settled=usd_to_nano(0.75), parts=1)
-    # the slice recorded the second entry first: the rest's sum is not the total
-    entries = [SlicedCharge(0.25, 1, 1, "a", "p"), SlicedCharge(0.75, 2, 2, "b", "p")]
-    assert unrecorded_parts(active, entries) == [SpendPart("m", "p", usd_to_nano(0.25), 2, 2, 1)]
-    assert unrecorded_parts(
-        ActiveReservation("s", "o", 0, settled=0, parts=0), entries
-    ) == [SpendPart("a", "p", usd_to_nano(0.25), 1, 1, 1), SpendPart("b", "p", usd_to_nano(0.75), 2, 2, 1)]
-    assert unrecorded_parts(ActiveReservation("s", "o", 0), []) == []
 
 
 COST = 0.013  # what each request really costs; its hold is 0.02

@@ -12,6 +12,7 @@ import pytest
 
 from candela_mitm.governance.ledger import Ledger, Reservation
 from candela_mitm.governance.ratelimit import Admission, RateLimiter
+from candela_mitm.governance.reconcile import reconcile_stale
 from candela_mitm.state import StateStore
 from candela_mitm.state.liveness import (
     boot,
@@ -119,10 +120,10 @@ def test_at_start_a_zombies_reservations_are_settled_and_leases_freed(
     assert limiter.acquire(Admission("u"), 5, zombie.owner).allowed
     me = Ledger(store, clock=lambda: T0)
     # while it runs, what it holds stays held
-    assert me.reconcile_stale(process_alive, max_age_s=None) == []
+    assert reconcile_stale(me, process_alive, max_age_s=None) == []
     assert limiter.reconcile_leases(process_alive) == 0
     zombie.exit()  # killed, not reaped: what a restart after kill -9 finds
-    (settled,) = me.reconcile_stale(process_alive, max_age_s=None)
+    (settled,) = reconcile_stale(me, process_alive, max_age_s=None)
     assert (settled.reservation_id, settled.reason, settled.owner) == (
         r.id, "proxy_crash", zombie.owner
     )

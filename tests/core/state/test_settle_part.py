@@ -127,7 +127,7 @@ def test_active_reservations_name_what_a_slice_recorded(store: StateStore) -> No
 
 
 def test_a_settle_after_parts_charges_exactly_the_rest(store: StateStore) -> None:
-    """A dead process's slice (Ledger.reconcile_stale): its parts recorded, then a settle of
+    """A dead process's slice (governance/reconcile.py): its parts recorded, then a settle of
     what is left of it charges that, releases its holds and nothing else."""
     new = slice_of(
         "s", 4_000, budget=10**9, period=P, tenant_budget=10_000, tenant_period=P,
