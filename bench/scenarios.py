@@ -89,9 +89,10 @@ def s_latency(b: Bench, res: dict[str, Any]) -> None:
 
 
 def s_durability(b: Bench, res: dict[str, Any]) -> None:
-    """1d. Concurrency 1 with the audit log fsynced per commit (audit.durability: power_loss, the
-    default) and written to the OS per commit (process_crash), beside bare mitmproxy: back to
-    back and open loop at 50 req/s, in interleaved rounds (medians of the rounds)."""
+    """1d. Concurrency 1 with the audit log fsynced per commit (audit.durability: power_loss) and
+    written to the OS per commit, fsynced within sync_interval_ms (process_crash, the default),
+    beside bare mitmproxy: back to back and open loop at 50 req/s, in interleaved rounds
+    (medians of the rounds)."""
     dur = b.d(3)
     rounds = 2 if b.args.quick else 4
     runs: dict[str, list[dict[str, Any]]] = {}

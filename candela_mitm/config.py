@@ -79,9 +79,12 @@ class Audit(_Model):
     unauthenticated_per_minute: int = Field(default=60, ge=0)
     log_prompts: bool = False
     # what an entry committed before its answer ends survives: a power cut or kernel crash
-    # (each commit batch fsynced: the answer waits for the disk), or a crash of Candela's own
-    # processes, kill -9 included (written to the OS, fsynced at WAL checkpoints: no disk wait)
-    durability: Literal["power_loss", "process_crash"] = "power_loss"
+    # (power_loss: each commit batch fsynced, the answer waits for the disk), or a crash of
+    # Candela's own processes, kill -9 included (process_crash: written to the OS before the
+    # answer ends, fsynced by the writer thread at most `sync_interval_ms` after its commit, so
+    # a power cut loses at most that much; no disk wait on the request's path)
+    durability: Literal["power_loss", "process_crash"] = "process_crash"
+    sync_interval_ms: int = Field(default=100, ge=1, le=60_000)
 
     @model_validator(mode="after")
     def _bigquery_needs_its_section(self) -> Audit:

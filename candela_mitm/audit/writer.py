@@ -18,7 +18,13 @@ from typing import Any
 
 from candela_mitm.audit.chain import Row, fields_json, fields_json_acyclic
 from candela_mitm.audit.mirrors import Mirror, MirrorFeeder, MirrorStats, build_mirrors
-from candela_mitm.audit.sqlite_sink import Pending, append_batch, connect_appender, connect_writer
+from candela_mitm.audit.sqlite_sink import (
+    Pending,
+    WalSync,
+    append_batch,
+    connect_appender,
+    connect_writer,
+)
 from candela_mitm.config import Audit
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.state.gate import WriteGate, this_process
@@ -192,6 +198,10 @@ class AuditWriter:
 
     ``record_here`` commits on the caller's thread whatever is queued when the writer thread is
     not taking or committing a batch (it never holds the turn while it waits).
+
+    With ``durability: process_crash`` a commit reaches the operating system, not the disk; the
+    writer thread fsyncs the log (``WalSync``) at most ``sync_interval_ms`` after the first
+    commit it has not synced, between batches and at close, never on a request's path.
     """
 
     def __init__(
@@ -239,6 +249,14 @@ class AuditWriter:
         self.healthy = True
         self.defensive = False
         self.last_error: str | None = None
+        # process_crash: commits counted (under the turn), those the last log sync covered,
+        # and when the oldest commit not covered was made (None: all synced)
+        self._sync = WalSync(self.db_path) if cfg.durability == "process_crash" else None
+        self._commits = 0
+        self._synced = 0
+        self._unsynced_at: float | None = None
+        self.syncs = 0
+        self.sync_errors = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -450,7 +468,10 @@ class AuditWriter:
         q = self._queue
         while True:
             self._wake.clear()
-            wait = self._until_due(time.monotonic())
+            now = time.monotonic()
+            wait = self._until_due(now)
+            if self._sync is not None:
+                wait = self._sync_when_due(now, wait)
             if wait is None:
                 if not q:
                     return None  # stopping, nothing queued
@@ -473,6 +494,50 @@ class AuditWriter:
             return None
         wait = q[0].at + delay - now
         return None if wait <= 0 else wait
+
+    def _sync_when_due(self, now: float, wait: float | None) -> float | None:
+        """Sync the log if its oldest unsynced commit is `sync_interval_ms` old; then how long
+        the writer may wait: `wait` (None: a batch is due now), or less when the next sync (or
+        the next look for a commit made on a caller's thread) comes first."""
+        interval = self.cfg.sync_interval_ms / 1000
+        at = self._unsynced_at
+        if at is not None and at + interval <= now:
+            self._sync_log()
+            at = self._unsynced_at
+        if wait is None:
+            return None
+        # nothing unsynced: a commit made on a caller's thread meanwhile is looked at within
+        # the interval; else the oldest unsynced one is synced when its interval ends
+        until = interval if at is None else max(at + interval - now, 0.001)
+        return until if until < wait else wait
+
+    def _sync_log(self) -> bool:
+        """fsync the log (process_crash), off the turn: commits on a caller's thread go on
+        meanwhile, and only those counted before it began are marked synced. A failed sync is
+        counted and logged and tried again at the next look (the entries are committed: a
+        process crash still keeps them)."""
+        sync = self._sync
+        if sync is None:
+            return True
+        covered = self._commits  # commits counted after their transaction ended
+        began = time.monotonic()
+        try:
+            sync()
+        except OSError as e:
+            self.sync_errors += 1
+            if self.sync_errors % 100 == 1:
+                log.warning("audit: the log could not be synced to the disk (%s); retrying", e)
+            self._unsynced_at = began  # tried again in sync_interval_ms
+            return False
+        self.syncs += 1
+        # (a writer thread that died holding the turn: the state stays unsynced, conservative)
+        if self._turn.acquire(timeout=5.0):
+            try:
+                self._synced = covered
+                self._unsynced_at = None if self._commits == covered else began
+            finally:
+                self._turn.release()
+        return True
 
     def _drain(self, q: deque[_Item]) -> list[_Item]:
         """Up to a batch of what is queued, at once."""
@@ -516,6 +581,8 @@ class AuditWriter:
             if rest and self._closed:
                 self._queue.clear()
                 self._fail_all(rest, self.last_error or "the audit writer stopped")
+            if self._unsynced_at is not None:
+                self._sync_log()  # what was committed reaches the disk before the writer ends
             conn.close()
 
     def _append(
@@ -562,10 +629,15 @@ class AuditWriter:
         return True
 
     def _committed(self, items: list[_Item], rows: list[Row]) -> None:
+        """After a commit, with the turn held (the writer thread's or record_here's)."""
         if rows:
             self.entries_written += len(rows)
             self.batches_written += 1
             self.head_seq = rows[-1][0]
+            if self._sync is not None:
+                self._commits += 1
+                if self._unsynced_at is None:
+                    self._unsynced_at = time.monotonic()
         seqs = iter(rows)
         for it in items:
             seq = next(seqs)[0] if it.pending is not None else self.head_seq

@@ -133,8 +133,9 @@ class Clients:
         (1, "sqlite", "power_loss", False),
         (2, "sqlite", "power_loss", False),
         (2, "redis", "power_loss", False),
-        # the audit log written to the OS at each commit, fsynced at checkpoints: kill -9 of
-        # every process still loses no entry of an answered request
+        # the audit log written to the OS at each commit, fsynced by the writer thread within
+        # audit.sync_interval_ms (the default): kill -9 of every process still loses no entry of
+        # an answered request
         (2, "sqlite", "process_crash", False),
         # budget slices (governance.budgets.slices, the default): holds carved in memory, spend
         # recorded in bulk; a killed process's slices are settled from the entries that name

@@ -696,6 +696,128 @@ def test_durability_sets_how_each_commit_reaches_the_disk(
     assert [e["fields"]["span_id"] for e in query_entries(tmp_path / "audit.db")] == ["s"]
 
 
+def test_process_crash_is_the_default_and_power_loss_syncs_nothing_itself(tmp_path: Path) -> None:
+    """process_crash (the default) keeps a WalSync for the writer thread; power_loss leaves
+    every sync to SQLite's commit (FULL) and has none."""
+    assert Audit().durability == "process_crash" and Audit().sync_interval_ms == 100
+    assert AuditWriter(cfg(tmp_path))._sync is not None
+    assert AuditWriter(cfg(tmp_path, durability="power_loss"))._sync is None
+
+
+class _Syncs:
+    """A WalSync stand-in: counts calls, optionally failing, optionally calling the real one."""
+
+    def __init__(self, real: Any = None, fail: int = 0) -> None:
+        self.real, self.fail, self.calls = real, fail, 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.calls <= self.fail:
+            raise OSError(5, "Input/output error")
+        if self.real is not None:
+            self.real()
+
+
+def test_the_log_is_synced_when_the_oldest_unsynced_commit_is_one_interval_old(
+    tmp_path: Path,
+) -> None:
+    """The writer's looks, on a clock of the test's: nothing unsynced, no sync, and a look
+    within the interval; a commit at t, no sync before t + interval, its sync at or after it,
+    and the writer never waits past the next sync."""
+    w = AuditWriter(cfg(tmp_path, sync_interval_ms=100))
+    syncs = w._sync = _Syncs()
+    assert w._sync_when_due(10.0, 5.0) == 0.1  # nothing unsynced: looks again within 100 ms
+    assert w._sync_when_due(10.0, None) is None  # a batch due now stays due now
+    assert syncs.calls == 0
+    w._commits, w._unsynced_at = 1, 10.0  # a commit at t = 10 s
+    assert w._sync_when_due(10.06, 5.0) == pytest.approx(0.04)
+    assert w._sync_when_due(10.06, 0.01) == 0.01  # a batch comes first
+    assert syncs.calls == 0
+    assert w._sync_when_due(10.1, 5.0) == 0.1
+    assert syncs.calls == 1 and w._unsynced_at is None and w._synced == 1 and w.syncs == 1
+
+
+def test_a_failed_sync_is_counted_and_tried_again_an_interval_later(tmp_path: Path) -> None:
+    w = AuditWriter(cfg(tmp_path, sync_interval_ms=100))
+    syncs = w._sync = _Syncs(fail=1)
+    w._commits, w._unsynced_at = 3, 10.0
+    assert w._sync_when_due(10.2, None) is None
+    assert (syncs.calls, w.sync_errors, w.syncs, w._synced) == (1, 1, 0, 0)
+    assert w._unsynced_at is not None  # still owed
+    w._unsynced_at = 10.2
+    w._sync_when_due(10.25, 5.0)
+    assert syncs.calls == 1  # not before the interval
+    w._sync_when_due(10.3, 5.0)
+    assert (syncs.calls, w.syncs, w._synced, w._unsynced_at) == (2, 1, 3, None)
+
+
+def test_commits_made_during_a_sync_stay_owed(tmp_path: Path) -> None:
+    """Only the commits counted before the fsync began are marked synced."""
+    w = AuditWriter(cfg(tmp_path))
+
+    def sync_while_a_commit_lands() -> None:
+        w._commits += 1  # a caller's thread committed while the fsync ran
+
+    w._sync = sync_while_a_commit_lands
+    w._commits, w._unsynced_at = 1, 1.0
+    assert w._sync_log()
+    assert w._synced == 1 and w._commits == 2 and w._unsynced_at is not None
+
+
+def test_process_crash_commits_are_synced_soon_after_and_at_close(tmp_path: Path) -> None:
+    """On a real ledger: entries committed by the writer thread and on the caller's thread
+    (record_here) are owed a sync until the writer thread makes it, a sync is made for many
+    commits together, and close syncs what is still owed."""
+    w = AuditWriter(cfg(tmp_path, sync_interval_ms=20))
+    w.start()
+    try:
+        syncs = w._sync = _Syncs(real=w._sync)
+        for i in range(20):
+            w.record_durable("llm_request", user_id="u", span_id=f"s{i}").result(10)
+        done: list[int] = []
+        assert w.record_here("llm_request", lambda seq, err: done.append(seq or 0), span_id="h")
+        deadline = time.monotonic() + 10
+        while (w._unsynced_at is not None or not syncs.calls) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert w._unsynced_at is None and w._synced == w._commits and w.sync_errors == 0
+        assert 1 <= syncs.calls <= w._commits
+        w._sync = _Syncs(real=syncs.real)  # a long interval from now: only close syncs
+        w.cfg = w.cfg.model_copy(update={"sync_interval_ms": 60_000})
+        w.record_durable("llm_request", user_id="u", span_id="last").result(10)
+        assert w._unsynced_at is not None
+    finally:
+        w.close()
+    assert w._unsynced_at is None and w._sync.calls == 1  # type: ignore[union-attr]
+    assert len(query_entries(tmp_path / "audit.db", limit=100)) == 22
+
+
+def test_wal_sync_fsyncs_the_log_and_its_folder_once_per_log_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from candela_mitm.audit import sqlite_sink
+
+    w = AuditWriter(cfg(tmp_path))
+    w.start()
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    try:
+        w.record_durable("llm_request", span_id="s").result(10)
+        monkeypatch.setattr(sqlite_sink.os, "fsync", fsync)
+        sync = sqlite_sink.WalSync(tmp_path / "audit.db")
+        sync()
+        sync()
+    finally:
+        monkeypatch.undo()
+        w.close()
+    wal = str(tmp_path / "audit.db-wal")
+    assert synced == [wal, str(tmp_path), wal]
+
+
 class _CountingEvent(threading.Event):
     def __init__(self) -> None:
         super().__init__()
