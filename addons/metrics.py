@@ -40,6 +40,8 @@ class Metrics:
         def refresh() -> None:
             st = rt.audit.stats()
             m.audit_backlog.set(st.backlog)
+            m.audit_sync_errors.set(st.sync_errors)
+            m.audit_unsynced.set(round(st.unsynced_s, 3))
             for name, ms in st.mirrors.items():
                 m.audit_sink_errors.labels(name).set(getattr(ms, "errors", 0))
                 m.audit_mirror_lag.labels(name).set(getattr(ms, "lag", 0))

@@ -175,6 +175,10 @@ class AuditStats:
     healthy: bool  # False while commits fail
     defensive: bool  # SQLite defensive mode is on for the writer connection
     mirrors: dict[str, MirrorStats] = field(default_factory=dict)
+    # durability process_crash: failed fsyncs of the log, and how long the oldest commit not
+    # yet synced has waited (0: every commit is on the disk)
+    sync_errors: int = 0
+    unsynced_s: float = 0.0
 
 
 class AuditWriter:
@@ -453,6 +457,8 @@ class AuditWriter:
             healthy=self.healthy,
             defensive=self.defensive,
             mirrors={f.mirror.name: f.stats() for f in self._feeders},
+            sync_errors=self.sync_errors,
+            unsynced_s=0.0 if (at := self._unsynced_at) is None else time.monotonic() - at,
         )
 
     # -- the writer thread -------------------------------------------------------------------

@@ -174,6 +174,16 @@ class Metrics:
         self.audit_sink_errors = Gauge(
             "candela_audit_sink_errors", "Mirror sink write failures since start", ["sink"], registry=r
         )
+        self.audit_sync_errors = Gauge(
+            "candela_audit_sync_errors",
+            "Failed fsyncs of the audit log since start (audit.durability process_crash)",
+            registry=r,
+        )
+        self.audit_unsynced = Gauge(
+            "candela_audit_unsynced_seconds",
+            "How long the oldest audit commit not yet fsynced has waited (0: all on the disk)",
+            registry=r,
+        )
         self.audit_mirror_lag = Gauge(
             "candela_audit_mirror_lag_entries",
             "Entries committed to SQLite not yet in the mirror",

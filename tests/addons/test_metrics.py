@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import pytest
 from mitmproxy import http
@@ -276,3 +277,31 @@ def test_unauthenticated_refusals_are_counted_on_every_route(tctx, runtime):
     text = scrape(rt, metrics).response.text
     assert sum(sample(text, "candela_unauthenticated_total", route=r) or 0
                for r in ("admin", "proxy", "metrics")) == 3.0
+
+
+def test_the_audit_logs_fsyncs_are_shown_at_each_scrape(tctx, runtime):
+    """audit.durability process_crash: a failed fsync of the log is counted and the age of the
+    oldest commit not yet on the disk shown; once a sync succeeds it is back to 0."""
+    rt = runtime(ADMIN)
+    metrics = Metrics(rt)
+    w = rt.audit
+    calls = []
+
+    def failing_sync() -> None:
+        calls.append(1)
+        raise OSError(5, "Input/output error")
+
+    w._sync = failing_sync
+    w._commits, w._unsynced_at = 1, time.monotonic() - 30  # a commit 30 s ago, never synced
+    w._sync_log()  # (the writer thread may try too: it fails the same way)
+    text = scrape(rt, metrics).response.text
+    errors = re.search(r"^candela_audit_sync_errors (\S+)$", text, re.M)
+    unsynced = re.search(r"^candela_audit_unsynced_seconds (\S+)$", text, re.M)
+    assert calls and errors is not None and float(errors.group(1)) >= 1
+    assert unsynced is not None and float(unsynced.group(1)) > 0
+    w._sync = lambda: None
+    w._sync_log()
+    text = scrape(rt, metrics).response.text
+    assert "candela_audit_unsynced_seconds 0.0" in text
+    after = re.search(r"^candela_audit_sync_errors (\S+)$", text, re.M)
+    assert after is not None and float(after.group(1)) >= float(errors.group(1))
