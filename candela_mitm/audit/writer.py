@@ -480,7 +480,11 @@ class AuditWriter:
                 wait = self._sync_when_due(now, wait)
             if wait is None:
                 if not q:
-                    return None  # stopping, nothing queued
+                    if self._stopping:
+                        return None  # stopping, nothing queued
+                    # what was due was committed on a caller's thread meanwhile (record_here
+                    # drains the queue while the writer looks or syncs): look again, never exit
+                    continue
                 self._turn.acquire()
                 self._urgent_seen = self._urgent  # those counted from now: the next batch
                 if q:

@@ -382,6 +382,42 @@ def test_a_batch_is_due_for_a_waiter_a_whole_batch_or_an_entry_that_waited_its_d
     w.close(timeout=0.1)
 
 
+def test_the_writer_lives_on_when_a_caller_committed_what_was_due_while_it_looked(
+    tmp_path: Path,
+) -> None:
+    """The writer thread found an entry due, and before it took the turn a caller's
+    record_here committed it (the writer was syncing the log, or just slow): it looks again.
+    It used to take the empty queue for "stopping" and end, silently, leaving every later
+    entry of its process uncommitted (seen under load with two workers)."""
+    w = AuditWriter(cfg(tmp_path))
+    looked = threading.Event()
+    raced = threading.Event()
+    real_until_due = w._until_due
+
+    def until_due_then_a_caller_commits(now: float) -> float | None:
+        wait = real_until_due(now)
+        if wait is None and w._queue and not raced.is_set():
+            raced.set()
+            assert w._commit_here()  # as record_here on the event loop would, meanwhile
+        looked.set()
+        return wait
+
+    w._until_due = until_due_then_a_caller_commits  # type: ignore[method-assign]
+    w.start()
+    try:
+        first = w.record_durable("llm_request", span_id="first")
+        assert first.result(10) == 1 and raced.wait(10)
+        time.sleep(0.1)  # the writer's next looks
+        assert w._thread is not None and w._thread.is_alive()
+        assert w.record_durable("llm_request", span_id="second").result(10) == 2
+    finally:
+        w.close()
+    assert [e["fields"]["span_id"] for e in reversed(query_entries(tmp_path / "audit.db"))] == [
+        "first",
+        "second",
+    ]
+
+
 def test_record_here_refused_when_the_queue_is_full(tmp_path: Path) -> None:
     w = AuditWriter(cfg(tmp_path, queue_max_entries=1))  # not started: nothing drains
     assert w.record("fills the queue")
