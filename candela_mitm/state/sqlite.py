@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.state.gate import WriteGate, this_process
@@ -113,6 +113,96 @@ _RESERVATION_AND_DAY = (
     "AND d.day = (CASE r.period WHEN '' THEN r.day ELSE r.period END) "
     "WHERE r.reservation_id = ?"
 )
+
+
+class _Settling(NamedTuple):
+    """A reservation being settled (settle, settle_part): its rows, the holds it still has, and
+    how the cost is drawn. A reclaimed reservation gave its holds back already (`own_daily` and
+    `own` are empty); its spend still counts."""
+
+    user_id: str
+    tenant: str
+    day: str
+    period: str  # the user's budget row
+    tenant_period: str
+    tenant_hold: int
+    key_id: str
+    key_period: str
+    key_hold: int
+    active: bool
+    own_daily: int
+    own: dict[str, int]
+    daily: int  # from the allowance, overdraw included
+    draws: dict[str, int]
+
+
+def _settle_plan(
+    c: sqlite3.Connection, reservation_id: str, cost: int, now_us: int
+) -> _Settling | None:
+    """Read an active (or reclaimed) reservation and plan the draw of `cost` on it: its own holds
+    count as free to it. None: the reservation is unknown, settled or released."""
+    # the reservation and its day's row, in one statement
+    r = c.execute(_RESERVATION_AND_DAY, (reservation_id,)).fetchone()
+    if r is None or r[6] not in ("active", "reclaimed"):
+        return None
+    user_id, budget = r[0], r[3]
+    active = r[6] == "active"
+    own_daily: int = r[4] if active else 0
+    own: dict[str, int] = json.loads(r[5]) if active else {}
+    spent, from_grants, reserved = (r[7], r[8], r[9]) if r[7] is not None else (0, 0, 0)
+    daily_free = budget - (spent - from_grants) - (reserved - own_daily)
+    marks = ",".join("?" * len(own))
+    grants = c.execute(
+        "SELECT grant_id, amount - used - held FROM grants WHERE user_id = ? AND "
+        f"(expires_us > ? OR grant_id IN ({marks})) ORDER BY expires_us, grant_id",
+        (user_id, now_us, *own),
+    ).fetchall()
+    # the reservation's own holds are available to it
+    grants = [(gid, free + own.get(gid, 0)) for gid, free in grants]
+    daily, draws = plan_settle(cost, daily_free, grants)
+    return _Settling(
+        user_id, r[1], r[2], r[10] or r[2], r[11], r[12], r[13], r[14], r[15], active, own_daily,
+        own, daily, draws,
+    )
+
+
+def _book_settle(
+    c: sqlite3.Connection,
+    s: _Settling,
+    cost: int,
+    daily_back: int,
+    grants_back: Mapping[str, int],
+    tenant_back: int,
+    key_back: int,
+) -> None:
+    """Write a planned settle to the budget rows and grants: `cost` spent on each row, its draws
+    used, and the holds given back (`*_back`: what each row's reservation shrinks by)."""
+    c.execute(
+        "INSERT INTO days (user_id, day, spent, from_grants, reserved) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (user_id, day) DO UPDATE SET spent = spent + excluded.spent, "
+        "from_grants = from_grants + excluded.from_grants, "
+        "reserved = reserved + excluded.reserved",
+        (s.user_id, s.period, cost, sum(s.draws.values()), -daily_back),
+    )
+    if s.tenant_period:
+        c.execute(
+            "INSERT INTO tenant_periods (tenant, period, spent, reserved) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (tenant, period) DO UPDATE SET "
+            "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
+            (s.tenant, s.tenant_period, cost, -tenant_back),
+        )
+    if s.key_period:  # the key's row, when a key budget was named
+        c.execute(
+            "INSERT INTO key_periods (key_id, period, spent, reserved) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (key_id, period) DO UPDATE SET "
+            "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
+            (s.key_id, s.key_period, cost, -key_back),
+        )
+    for grant_id in grants_back.keys() | s.draws.keys():
+        c.execute(
+            "UPDATE grants SET used = used + ?, held = held - ? WHERE grant_id = ?",
+            (s.draws.get(grant_id, 0), grants_back.get(grant_id, 0), grant_id),
+        )
 
 
 def _bump_generation(c: sqlite3.Connection) -> None:
@@ -546,54 +636,14 @@ class SqliteStateStore(StateStore):
         now_us: int,
     ) -> SettleResult:
         with self._tx() as c:
-            # the reservation and its day's row, in one statement
-            r = c.execute(_RESERVATION_AND_DAY, (reservation_id,)).fetchone()
-            if r is None or r[6] not in ("active", "reclaimed"):
+            s = _settle_plan(c, reservation_id, cost, now_us)
+            if s is None:
                 return SettleResult(False)
-            user_id, tenant, day, budget = r[0], r[1], r[2], r[3]
-            period, tenant_period = r[10] or day, r[11]
-            # A reclaimed reservation gave its holds back already; its spend still counts.
-            active = r[6] == "active"
-            own_daily: int = r[4] if active else 0
-            own: dict[str, int] = json.loads(r[5]) if active else {}
-            spent, from_grants, reserved = (r[7], r[8], r[9]) if r[7] is not None else (0, 0, 0)
-            daily_free = budget - (spent - from_grants) - (reserved - own_daily)
-            marks = ",".join("?" * len(own))
-            grants = c.execute(
-                "SELECT grant_id, amount - used - held FROM grants WHERE user_id = ? AND "
-                f"(expires_us > ? OR grant_id IN ({marks})) ORDER BY expires_us, grant_id",
-                (user_id, now_us, *own),
-            ).fetchall()
-            # the reservation's own holds are available to it
-            grants = [(gid, free + own.get(gid, 0)) for gid, free in grants]
-            daily, draws = plan_settle(cost, daily_free, grants)
-            drawn = sum(draws.values())
-            c.execute(
-                "INSERT INTO days (user_id, day, spent, from_grants, reserved) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (user_id, day) DO UPDATE SET spent = spent + excluded.spent, "
-                "from_grants = from_grants + excluded.from_grants, "
-                "reserved = reserved + excluded.reserved",
-                (user_id, period, cost, drawn, -own_daily),
+            # every hold it has left goes back
+            _book_settle(
+                c, s, cost, s.own_daily, s.own, s.tenant_hold if s.active else 0,
+                s.key_hold if s.active else 0,
             )
-            if tenant_period:
-                c.execute(
-                    "INSERT INTO tenant_periods (tenant, period, spent, reserved) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT (tenant, period) DO UPDATE SET "
-                    "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
-                    (tenant, tenant_period, cost, -(r[12] if active else 0)),
-                )
-            if r[14]:  # the key's row, when a key budget was named
-                c.execute(
-                    "INSERT INTO key_periods (key_id, period, spent, reserved) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT (key_id, period) DO UPDATE SET "
-                    "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
-                    (r[13], r[14], cost, -(r[15] if active else 0)),
-                )
-            for grant_id in own.keys() | draws.keys():
-                c.execute(
-                    "UPDATE grants SET used = used + ?, held = held - ? WHERE grant_id = ?",
-                    (draws.get(grant_id, 0), own.get(grant_id, 0), grant_id),
-                )
             c.execute(
                 "UPDATE reservations SET status = 'settled', cost = ?, finished_us = ? "
                 "WHERE reservation_id = ?",
@@ -605,63 +655,24 @@ class SqliteStateStore(StateStore):
                 "ON CONFLICT (day, user_id, tenant, model, provider) DO UPDATE SET "
                 "cost = cost + excluded.cost, tokens_in = tokens_in + excluded.tokens_in, "
                 "tokens_out = tokens_out + excluded.tokens_out, requests = requests + 1",
-                (day, user_id, tenant, model, provider, cost, tokens_in, tokens_out),
+                (s.day, s.user_id, s.tenant, model, provider, cost, tokens_in, tokens_out),
             )
-            return SettleResult(True, cost, daily, draws)
+            return SettleResult(True, cost, s.daily, s.draws)
 
     def settle_part(
         self, reservation_id: str, parts: Sequence[SpendPart], now_us: int
     ) -> SettleResult:
+        cost = sum(p.cost for p in parts)
         with self._tx() as c:
-            r = c.execute(_RESERVATION_AND_DAY, (reservation_id,)).fetchone()
-            if r is None or r[6] not in ("active", "reclaimed"):
+            s = _settle_plan(c, reservation_id, cost, now_us)
+            if s is None:
                 return SettleResult(False)
-            user_id, tenant, day, budget = r[0], r[1], r[2], r[3]
-            period, tenant_period = r[10] or day, r[11]
-            cost = sum(p.cost for p in parts)
-            active = r[6] == "active"
-            own_daily: int = r[4] if active else 0
-            own: dict[str, int] = json.loads(r[5]) if active else {}
-            spent, from_grants, reserved = (r[7], r[8], r[9]) if r[7] is not None else (0, 0, 0)
-            daily_free = budget - (spent - from_grants) - (reserved - own_daily)
-            marks = ",".join("?" * len(own))
-            grants = c.execute(
-                "SELECT grant_id, amount - used - held FROM grants WHERE user_id = ? AND "
-                f"(expires_us > ? OR grant_id IN ({marks})) ORDER BY expires_us, grant_id",
-                (user_id, now_us, *own),
-            ).fetchall()
-            grants = [(gid, free + own.get(gid, 0)) for gid, free in grants]
-            daily, draws = plan_settle(cost, daily_free, grants)
-            used_daily, used_grants = shrink_holds(own_daily, own, daily, draws)
-            c.execute(
-                "INSERT INTO days (user_id, day, spent, from_grants, reserved) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (user_id, day) DO UPDATE SET spent = spent + excluded.spent, "
-                "from_grants = from_grants + excluded.from_grants, "
-                "reserved = reserved + excluded.reserved",
-                (user_id, period, cost, sum(draws.values()), -used_daily),
-            )
-            t_used = min(r[12], cost) if active and tenant_period else 0
-            if tenant_period:
-                c.execute(
-                    "INSERT INTO tenant_periods (tenant, period, spent, reserved) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT (tenant, period) DO UPDATE SET "
-                    "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
-                    (tenant, tenant_period, cost, -t_used),
-                )
-            k_used = min(r[15], cost) if active and r[14] else 0
-            if r[14]:
-                c.execute(
-                    "INSERT INTO key_periods (key_id, period, spent, reserved) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT (key_id, period) DO UPDATE SET "
-                    "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
-                    (r[13], r[14], cost, -k_used),
-                )
-            for grant_id in used_grants.keys() | draws.keys():
-                c.execute(
-                    "UPDATE grants SET used = used + ?, held = held - ? WHERE grant_id = ?",
-                    (draws.get(grant_id, 0), used_grants.get(grant_id, 0), grant_id),
-                )
-            left = {g: h - used_grants.get(g, 0) for g, h in own.items()}
+            # the holds shrink by what was drawn from them; the rest stays held
+            used_daily, used_grants = shrink_holds(s.own_daily, s.own, s.daily, s.draws)
+            t_used = min(s.tenant_hold, cost) if s.active and s.tenant_period else 0
+            k_used = min(s.key_hold, cost) if s.active and s.key_period else 0
+            _book_settle(c, s, cost, used_daily, used_grants, t_used, k_used)
+            left = {g: h - used_grants.get(g, 0) for g, h in s.own.items()}
             c.execute(
                 "UPDATE reservations SET daily_hold = daily_hold - ?, tenant_hold = tenant_hold - ?, "
                 "key_hold = key_hold - ?, grant_holds = CASE status WHEN 'active' THEN ? "
@@ -680,12 +691,12 @@ class SqliteStateStore(StateStore):
                 "tokens_out = tokens_out + excluded.tokens_out, "
                 "requests = requests + excluded.requests",
                 [
-                    (day, user_id, tenant, p.model, p.provider, p.cost, p.tokens_in,
+                    (s.day, s.user_id, s.tenant, p.model, p.provider, p.cost, p.tokens_in,
                      p.tokens_out, p.requests)
                     for p in parts
                 ],
             )
-            return SettleResult(True, cost, daily, draws)
+            return SettleResult(True, cost, s.daily, s.draws)
 
     def release(self, reservation_id: str, now_us: int, reclaim: bool = False) -> bool:
         with self._tx() as c:
