@@ -440,6 +440,24 @@ def token_fits_at(
     return None
 
 
+def _split(
+    amount: int, daily_free: int, grants_free: Sequence[tuple[str, int]]
+) -> tuple[int, int, dict[str, int]]:
+    """`amount` over the daily allowance first, then grants in the order given: (from the
+    allowance, what neither covers, {grant id: take})."""
+    daily = min(amount, max(0, daily_free))
+    rest = amount - daily
+    takes: dict[str, int] = {}
+    for grant_id, free in grants_free:
+        if rest <= 0:
+            break
+        take = min(rest, max(0, free))
+        if take:
+            takes[grant_id] = take
+            rest -= take
+    return daily, rest, takes
+
+
 def plan_holds(
     amount: int, daily_free: int, grants_free: Sequence[tuple[str, int]]
 ) -> tuple[int, dict[str, int]] | None:
@@ -451,16 +469,7 @@ def plan_holds(
     total_grants = sum(max(0, free) for _, free in grants_free)
     if amount > 0 and daily_free + total_grants < amount:
         return None
-    daily = min(amount, max(0, daily_free))
-    rest = amount - daily
-    holds: dict[str, int] = {}
-    for grant_id, free in grants_free:
-        if rest <= 0:
-            break
-        take = min(rest, max(0, free))
-        if take:
-            holds[grant_id] = take
-            rest -= take
+    daily, _, holds = _split(amount, daily_free, grants_free)
     return daily, holds
 
 
@@ -491,16 +500,7 @@ def plan_settle(
 ) -> tuple[int, dict[str, int]]:
     """Draw a real cost: daily allowance first, then grants by earliest expiry, the rest overdraws
     the daily allowance (recorded, never dropped)."""
-    daily = min(cost, max(0, daily_free))
-    rest = cost - daily
-    draws: dict[str, int] = {}
-    for grant_id, free in grants_free:
-        if rest <= 0:
-            break
-        take = min(rest, max(0, free))
-        if take:
-            draws[grant_id] = take
-            rest -= take
+    daily, rest, draws = _split(cost, daily_free, grants_free)
     return daily + rest, draws
 
 
