@@ -38,11 +38,9 @@ from candela_mitm.state.ports import (
     UserRecord,
     WouldWait,
     from_us,
-    key_admits,
-    plan_holds,
+    plan_reserve,
     plan_settle,
     shrink_holds,
-    tenant_admits,
     token_fits_at,
 )
 
@@ -164,37 +162,23 @@ class MemoryStateStore(StateStore):
         with self._lock:
             period = new.user_period
             row = self._t.days.get((new.user_id, period), _Row())
-            spent, from_grants, reserved = row.spent, row.from_grants, row.reserved
-            grants = self._grants_free(new.user_id, new.now_us)
-            daily_free = new.budget - (spent - from_grants) - reserved
-            grants_free = sum(max(0, free) for _, free in grants)
-            plan = plan_holds(new.amount, daily_free, grants)
-            if plan is None:
-                return ReserveResult(False, 0, {}, spent, from_grants, reserved, grants_free)
-            t_spent = t_reserved = t_hold = 0
-            tracked = bool(new.tenant and new.tenant_period)
-            if tracked:
-                t_row = self._t.tenant_periods.get((new.tenant, new.tenant_period), _Row())
-                t_spent, t_reserved = t_row.spent, t_row.reserved
-                if not tenant_admits(new.amount, new.tenant_budget, t_spent, t_reserved):
-                    return ReserveResult(
-                        False, 0, {}, spent, from_grants, reserved, grants_free,
-                        scope="tenant", tenant_spent=t_spent, tenant_reserved=t_reserved,
-                    )
-                t_hold = new.amount
-            k_spent = k_reserved = k_hold = 0
-            keyed = bool(new.key_id and new.key_period)
-            if keyed:
-                k_row = self._t.key_periods.get((new.key_id, new.key_period), _Row())
-                k_spent, k_reserved = k_row.spent, k_row.reserved
-                if not key_admits(new.amount, new.key_budget, k_spent, k_reserved):
-                    return ReserveResult(
-                        False, 0, {}, spent, from_grants, reserved, grants_free,
-                        scope="key", tenant_spent=t_spent, tenant_reserved=t_reserved,
-                        key_spent=k_spent, key_reserved=k_reserved,
-                    )
-                k_hold = new.amount
-            daily, holds = plan
+
+            def row_of(table: dict[tuple[str, str], _Row], key: tuple[str, str]) -> tuple[int, int]:
+                r = table.get(key, _Row())
+                return r.spent, r.reserved
+
+            got = plan_reserve(
+                new,
+                (row.spent, row.from_grants, row.reserved),
+                self._grants_free(new.user_id, new.now_us),
+                lambda: row_of(self._t.tenant_periods, (new.tenant, new.tenant_period)),
+                lambda: row_of(self._t.key_periods, (new.key_id, new.key_period)),
+            )
+            if not got.ok:
+                return got
+            daily, holds, t_hold, k_hold = (
+                got.daily_hold, got.grant_holds, got.tenant_hold, got.key_hold
+            )
             if daily:
                 self._t.days.setdefault((new.user_id, period), _Row()).reserved += daily
             if t_hold:
@@ -209,14 +193,10 @@ class MemoryStateStore(StateStore):
                 g = self._t.grants[grant_id]
                 self._t.grants[grant_id] = dataclasses.replace(g, held=g.held + take)
             self._t.reservations[new.reservation_id] = _Reservation(
-                new, daily, dict(holds), new.tenant_period if tracked else "", t_hold,
-                key_period=new.key_period if keyed else "", key_hold=k_hold,
+                new, daily, dict(holds), new.tenant_period if new.on_tenant_row else "", t_hold,
+                key_period=new.key_period if new.on_key_row else "", key_hold=k_hold,
             )
-            return ReserveResult(
-                True, daily, holds, spent, from_grants, reserved, grants_free,
-                tenant_spent=t_spent, tenant_reserved=t_reserved, tenant_hold=t_hold,
-                key_spent=k_spent, key_reserved=k_reserved, key_hold=k_hold,
-            )
+            return got
 
     def settle(
         self,

@@ -172,6 +172,16 @@ class NewReservation:
     def user_period(self) -> str:
         return self.period or self.day
 
+    @property
+    def on_tenant_row(self) -> bool:
+        """Whether it counts on a tenant's period row (a tenant and its period are named)."""
+        return bool(self.tenant and self.tenant_period)
+
+    @property
+    def on_key_row(self) -> bool:
+        """Whether it counts on an API key's row (a key and its period are named)."""
+        return bool(self.key_id and self.key_period)
+
 
 @dataclass(frozen=True)
 class ReserveResult:
@@ -483,6 +493,51 @@ def tenant_admits(amount: int, budget: int | None, spent: int, reserved: int) ->
 
 # An API key's budget row admits by the same rule as a tenant's (the same table tests both).
 key_admits = tenant_admits
+
+
+def plan_reserve(
+    new: NewReservation,
+    day: tuple[int, int, int],
+    grants_free: Sequence[tuple[str, int]],
+    tenant_row: Callable[[], tuple[int, int]],
+    key_row: Callable[[], tuple[int, int]],
+) -> ReserveResult:
+    """Reserve's decision over the rows a store read: the user's row (`day`: spent, from grants,
+    reserved) and its unexpired grants, earliest expiry first (plan_holds); then, when named,
+    the tenant's and the key's rows, each (spent, reserved) read by its callable only once
+    every row before it admitted. A refusal names the scope that refused; an admission carries
+    the holds the store then writes. The Redis reserve script decides the same in Lua."""
+    spent, from_grants, reserved = day
+    daily_free = new.budget - (spent - from_grants) - reserved
+    grants_total = sum(max(0, free) for _, free in grants_free)
+    plan = plan_holds(new.amount, daily_free, grants_free)
+    if plan is None:
+        return ReserveResult(False, 0, {}, spent, from_grants, reserved, grants_total)
+    t_spent = t_reserved = t_hold = 0
+    if new.on_tenant_row:
+        t_spent, t_reserved = tenant_row()
+        if not tenant_admits(new.amount, new.tenant_budget, t_spent, t_reserved):
+            return ReserveResult(
+                False, 0, {}, spent, from_grants, reserved, grants_total,
+                scope="tenant", tenant_spent=t_spent, tenant_reserved=t_reserved,
+            )
+        t_hold = new.amount
+    k_spent = k_reserved = k_hold = 0
+    if new.on_key_row:
+        k_spent, k_reserved = key_row()
+        if not key_admits(new.amount, new.key_budget, k_spent, k_reserved):
+            return ReserveResult(
+                False, 0, {}, spent, from_grants, reserved, grants_total,
+                scope="key", tenant_spent=t_spent, tenant_reserved=t_reserved,
+                key_spent=k_spent, key_reserved=k_reserved,
+            )
+        k_hold = new.amount
+    daily, holds = plan
+    return ReserveResult(
+        True, daily, holds, spent, from_grants, reserved, grants_total,
+        tenant_spent=t_spent, tenant_reserved=t_reserved, tenant_hold=t_hold,
+        key_spent=k_spent, key_reserved=k_reserved, key_hold=k_hold,
+    )
 
 
 def shrink_holds(

@@ -36,11 +36,9 @@ from candela_mitm.state.ports import (
     TokenAdmit,
     UserRecord,
     WouldWait,
-    key_admits,
-    plan_holds,
+    plan_reserve,
     plan_settle,
     shrink_holds,
-    tenant_admits,
     token_fits_at,
 )
 
@@ -543,33 +541,18 @@ class SqliteStateStore(StateStore):
                 "WHERE user_id = ? AND expires_us > ? ORDER BY expires_us, grant_id",
                 (new.user_id, new.now_us),
             ).fetchall()
-            daily_free = new.budget - (spent - from_grants) - reserved
-            grants_free = sum(max(0, free) for _, free in grants)
-            plan = plan_holds(new.amount, daily_free, grants)
-            if plan is None:
-                return ReserveResult(False, 0, {}, spent, from_grants, reserved, grants_free)
-            t_spent = t_reserved = t_hold = 0
-            tracked = bool(new.tenant and new.tenant_period)
-            if tracked:
-                t_spent, t_reserved = self._tenant_row(c, new.tenant, new.tenant_period)
-                if not tenant_admits(new.amount, new.tenant_budget, t_spent, t_reserved):
-                    return ReserveResult(
-                        False, 0, {}, spent, from_grants, reserved, grants_free,
-                        scope="tenant", tenant_spent=t_spent, tenant_reserved=t_reserved,
-                    )
-                t_hold = new.amount
-            k_spent = k_reserved = k_hold = 0
-            keyed = bool(new.key_id and new.key_period)
-            if keyed:
-                k_spent, k_reserved = self._key_row(c, new.key_id, new.key_period)
-                if not key_admits(new.amount, new.key_budget, k_spent, k_reserved):
-                    return ReserveResult(
-                        False, 0, {}, spent, from_grants, reserved, grants_free,
-                        scope="key", tenant_spent=t_spent, tenant_reserved=t_reserved,
-                        key_spent=k_spent, key_reserved=k_reserved,
-                    )
-                k_hold = new.amount
-            daily, holds = plan
+            got = plan_reserve(
+                new,
+                (spent, from_grants, reserved),
+                grants,
+                lambda: self._tenant_row(c, new.tenant, new.tenant_period),
+                lambda: self._key_row(c, new.key_id, new.key_period),
+            )
+            if not got.ok:
+                return got
+            daily, holds, t_hold, k_hold = (
+                got.daily_hold, got.grant_holds, got.tenant_hold, got.key_hold
+            )
             if daily:
                 c.execute(
                     "INSERT INTO days (user_id, day, reserved) VALUES (?, ?, ?) "
@@ -612,18 +595,14 @@ class SqliteStateStore(StateStore):
                     new.model,
                     new.provider,
                     period,
-                    new.tenant_period if tracked else "",
+                    new.tenant_period if new.on_tenant_row else "",
                     t_hold,
-                    new.key_id if keyed else "",
-                    new.key_period if keyed else "",
+                    new.key_id if new.on_key_row else "",
+                    new.key_period if new.on_key_row else "",
                     k_hold,
                 ),
             )
-            return ReserveResult(
-                True, daily, holds, spent, from_grants, reserved, grants_free,
-                tenant_spent=t_spent, tenant_reserved=t_reserved, tenant_hold=t_hold,
-                key_spent=k_spent, key_reserved=k_reserved, key_hold=k_hold,
-            )
+            return got
 
     def settle(
         self,
