@@ -16,7 +16,7 @@ import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from candela_mitm.state.ports import (
     ActiveReservation,
@@ -60,6 +60,18 @@ class _Reservation:
     finished_us: int | None = None
     settled: int = 0  # settle_part: the spend and requests recorded on it while held
     parts: int = 0
+
+
+class _Settling(NamedTuple):
+    """A reservation being settled and how its cost is drawn. A reclaimed reservation gave its
+    holds back already (`own_daily` and `own` are empty); its spend still counts."""
+
+    r: _Reservation
+    active: bool
+    own_daily: int
+    own: dict[str, int]
+    daily: int  # from the allowance, overdraw included
+    draws: dict[str, int]
 
 
 @dataclass
@@ -198,6 +210,55 @@ class MemoryStateStore(StateStore):
             )
             return got
 
+    def _settle_plan(self, reservation_id: str, cost: int, now_us: int) -> _Settling | None:
+        """Plan the draw of `cost` on an active (or reclaimed) reservation (settle,
+        settle_part): its own holds count as free to it. None: the reservation is unknown,
+        settled or released."""
+        r = self._t.reservations.get(reservation_id)
+        if r is None or r.status not in ("active", "reclaimed"):
+            return None
+        new = r.new
+        active = r.status == "active"
+        own_daily = r.daily_hold if active else 0
+        own = r.grant_holds if active else {}
+        row = self._t.days.setdefault((new.user_id, new.user_period), _Row())
+        daily_free = new.budget - (row.spent - row.from_grants) - (row.reserved - own_daily)
+        daily, draws = plan_settle(cost, daily_free, self._grants_free(new.user_id, now_us, own))
+        return _Settling(r, active, own_daily, own, daily, draws)
+
+    def _book_settle(
+        self,
+        r: _Reservation,
+        cost: int,
+        draws: Mapping[str, int],
+        daily_back: int,
+        grants_back: Mapping[str, int],
+        tenant_back: int,
+        key_back: int,
+    ) -> None:
+        """Write a planned settle to the budget rows and grants: `cost` spent on each row, its
+        draws used, and the holds given back (`*_back`: what each row's reservation shrinks by)."""
+        new = r.new
+        row = self._t.days.setdefault((new.user_id, new.user_period), _Row())
+        row.spent += cost
+        row.from_grants += sum(draws.values())
+        row.reserved -= daily_back
+        if r.tenant_period:
+            t_row = self._t.tenant_periods.setdefault((new.tenant, r.tenant_period), _Row())
+            t_row.spent += cost
+            t_row.reserved -= tenant_back
+        if r.key_period:
+            k_row = self._t.key_periods.setdefault((new.key_id, r.key_period), _Row())
+            k_row.spent += cost
+            k_row.reserved -= key_back
+        for grant_id in grants_back.keys() | draws.keys():
+            g = self._t.grants[grant_id]
+            self._t.grants[grant_id] = dataclasses.replace(
+                g,
+                used=g.used + draws.get(grant_id, 0),
+                held=g.held - grants_back.get(grant_id, 0),
+            )
+
     def settle(
         self,
         reservation_id: str,
@@ -209,33 +270,16 @@ class MemoryStateStore(StateStore):
         now_us: int,
     ) -> SettleResult:
         with self._lock:
-            r = self._t.reservations.get(reservation_id)
-            if r is None or r.status not in ("active", "reclaimed"):
+            plan = self._settle_plan(reservation_id, cost, now_us)
+            if plan is None:
                 return SettleResult(False)
+            r, active, own_daily, own, daily, draws = plan
             new = r.new
-            period = new.user_period
-            active = r.status == "active"  # a reclaimed one gave its holds back already
-            own_daily = r.daily_hold if active else 0
-            own = r.grant_holds if active else {}
-            row = self._t.days.setdefault((new.user_id, period), _Row())
-            daily_free = new.budget - (row.spent - row.from_grants) - (row.reserved - own_daily)
-            daily, draws = plan_settle(cost, daily_free, self._grants_free(new.user_id, now_us, own))
-            row.spent += cost
-            row.from_grants += sum(draws.values())
-            row.reserved -= own_daily
-            if r.tenant_period:
-                t_row = self._t.tenant_periods.setdefault((new.tenant, r.tenant_period), _Row())
-                t_row.spent += cost
-                t_row.reserved -= r.tenant_hold if active else 0
-            if r.key_period:
-                k_row = self._t.key_periods.setdefault((new.key_id, r.key_period), _Row())
-                k_row.spent += cost
-                k_row.reserved -= r.key_hold if active else 0
-            for grant_id in own.keys() | draws.keys():
-                g = self._t.grants[grant_id]
-                self._t.grants[grant_id] = dataclasses.replace(
-                    g, used=g.used + draws.get(grant_id, 0), held=g.held - own.get(grant_id, 0)
-                )
+            # every hold it has left goes back
+            self._book_settle(
+                r, cost, draws, own_daily, own, r.tenant_hold if active else 0,
+                r.key_hold if active else 0,
+            )
             r.status, r.finished_us = "settled", now_us
             s = self._t.spend.setdefault((new.day, new.user_id, new.tenant, model, provider), _Spend())
             s.cost += cost
@@ -247,49 +291,27 @@ class MemoryStateStore(StateStore):
     def settle_part(
         self, reservation_id: str, parts: Sequence[SpendPart], now_us: int
     ) -> SettleResult:
+        cost = sum(p.cost for p in parts)
         with self._lock:
-            r = self._t.reservations.get(reservation_id)
-            if r is None or r.status not in ("active", "reclaimed"):
+            plan = self._settle_plan(reservation_id, cost, now_us)
+            if plan is None:
                 return SettleResult(False)
+            r, active, own_daily, own, daily, draws = plan
             new = r.new
-            cost = sum(p.cost for p in parts)
-            active = r.status == "active"
-            own_daily = r.daily_hold if active else 0
-            own = r.grant_holds if active else {}
-            row = self._t.days.setdefault((new.user_id, new.user_period), _Row())
-            daily_free = new.budget - (row.spent - row.from_grants) - (row.reserved - own_daily)
-            daily, draws = plan_settle(cost, daily_free, self._grants_free(new.user_id, now_us, own))
+            # the holds shrink by what was drawn from them; the rest stays held
             used_daily, used_grants = shrink_holds(own_daily, own, daily, draws)
-            row.spent += cost
-            row.from_grants += sum(draws.values())
-            row.reserved -= used_daily
+            t_used = min(r.tenant_hold, cost) if active and r.tenant_period else 0
+            k_used = min(r.key_hold, cost) if active and r.key_period else 0
+            self._book_settle(r, cost, draws, used_daily, used_grants, t_used, k_used)
             if active:
                 r.daily_hold -= used_daily
-            if r.tenant_period:
-                t_row = self._t.tenant_periods.setdefault((new.tenant, r.tenant_period), _Row())
-                t_row.spent += cost
-                t_used = min(r.tenant_hold, cost) if active else 0
-                t_row.reserved -= t_used
-                r.tenant_hold -= t_used
-            if r.key_period:
-                k_row = self._t.key_periods.setdefault((new.key_id, r.key_period), _Row())
-                k_row.spent += cost
-                k_used = min(r.key_hold, cost) if active else 0
-                k_row.reserved -= k_used
-                r.key_hold -= k_used
-            for grant_id in used_grants.keys() | draws.keys():
-                g = self._t.grants[grant_id]
-                self._t.grants[grant_id] = dataclasses.replace(
-                    g,
-                    used=g.used + draws.get(grant_id, 0),
-                    held=g.held - used_grants.get(grant_id, 0),
-                )
-            if active:
                 r.grant_holds = {
                     g: h - used_grants.get(g, 0)
                     for g, h in r.grant_holds.items()
                     if h - used_grants.get(g, 0) > 0
                 }
+            r.tenant_hold -= t_used
+            r.key_hold -= k_used
             r.settled += cost
             for p in parts:
                 s = self._t.spend.setdefault(
