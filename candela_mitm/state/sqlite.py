@@ -915,47 +915,21 @@ class SqliteStateStore(StateStore):
 
     # -- rate windows --------------------------------------------------------------------------
     def rate_hit(self, key: str, limit: int, window_us: int, now_us: int) -> RateHit:
-        # The log's rows of `key` are counted in rate_count, not with count(*): that would read
-        # every request of the window (80 ns each, 160 us at 2,000 in a window) on every check.
         with self._tx() as c:
-            forgotten = c.execute(
-                "DELETE FROM rate_log WHERE key = ? AND ts <= ?", (key, now_us - window_us)
-            ).rowcount
-            # the running count and the first entry of the (key, ts) index, in one statement
-            stored, oldest = c.execute(
-                "SELECT (SELECT n FROM rate_count WHERE key = ?1),"
-                " (SELECT min(ts) FROM rate_log WHERE key = ?1)",
-                (key,),
-            ).fetchone()
-            count = (stored or 0) - forgotten
+            count, stored, oldest = self._rate_window(c, key, window_us, now_us)
             allowed = count < limit
             if allowed:
                 c.execute("INSERT INTO rate_log (key, ts) VALUES (?, ?)", (key, now_us))
                 count += 1
                 oldest = now_us if oldest is None else min(oldest, now_us)
-            if count <= 0:
-                c.execute("DELETE FROM rate_count WHERE key = ?", (key,))
-            elif stored is None or count != stored:
-                c.execute(
-                    "INSERT INTO rate_count (key, n) VALUES (?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET n = excluded.n",
-                    (key, count),
-                )
+            self._set_rate_count(c, key, count, stored)
             return RateHit(allowed, count, oldest)
 
     def rate_take(
         self, key: str, limit: int, n: int, window_us: int, now_us: int, stamp_us: int
     ) -> RateTake:
         with self._tx() as c:
-            forgotten = c.execute(
-                "DELETE FROM rate_log WHERE key = ? AND ts <= ?", (key, now_us - window_us)
-            ).rowcount
-            stored, oldest = c.execute(
-                "SELECT (SELECT n FROM rate_count WHERE key = ?1),"
-                " (SELECT min(ts) FROM rate_log WHERE key = ?1)",
-                (key,),
-            ).fetchone()
-            count = (stored or 0) - forgotten
+            count, stored, oldest = self._rate_window(c, key, window_us, now_us)
             granted = max(0, min(n, limit - count))
             if granted:
                 c.executemany(
@@ -979,6 +953,24 @@ class SqliteStateStore(StateStore):
                 ).fetchone() or (None,)
                 self._set_rate_count(c, key, (stored or 0) - removed, stored)
             return removed
+
+    @staticmethod
+    def _rate_window(
+        c: sqlite3.Connection, key: str, window_us: int, now_us: int
+    ) -> tuple[int, int | None, int | None]:
+        """Forget `key`'s entries that left the window; (entries in it, the stored count, the
+        oldest entry). The rows are counted in rate_count, not with count(*): that would read
+        every request of the window (80 ns each, 160 us at 2,000 in a window) on every check."""
+        forgotten = c.execute(
+            "DELETE FROM rate_log WHERE key = ? AND ts <= ?", (key, now_us - window_us)
+        ).rowcount
+        # the running count and the first entry of the (key, ts) index, in one statement
+        stored, oldest = c.execute(
+            "SELECT (SELECT n FROM rate_count WHERE key = ?1),"
+            " (SELECT min(ts) FROM rate_log WHERE key = ?1)",
+            (key,),
+        ).fetchone()
+        return (stored or 0) - forgotten, stored, oldest
 
     @staticmethod
     def _set_rate_count(c: sqlite3.Connection, key: str, count: int, stored: int | None) -> None:
