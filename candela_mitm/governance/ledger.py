@@ -319,52 +319,35 @@ class Ledger:
                 key_period=period.key(now) if key_budget else "",
             )
         )
-        if not result.ok and result.scope == "key" and key_budget is not None:
-            free = usd_to_nano(key_budget.budget_usd) - result.key_spent - result.key_reserved
-            return BudgetRefusal(
-                user_id=user,
-                budget_usd=key_budget.budget_usd,
-                spent_usd=nano_to_usd(result.key_spent),
-                remaining_usd=nano_to_usd(max(0, free)),
-                estimated_cost_usd=amount_usd,
-                resets_at=rfc3339(period.resets_at(now)),
-                reserved_usd=nano_to_usd(result.key_reserved),
-                scope="key",
-                period=period.kind,
-                tenant=tenant,
-                seen=result,
-                key_id=key_budget.key_id,
-            )
-        if not result.ok and result.scope == "tenant" and tenant_budget_usd is not None:
-            free = usd_to_nano(tenant_budget_usd) - result.tenant_spent - result.tenant_reserved
-            return BudgetRefusal(
-                user_id=user,
-                budget_usd=tenant_budget_usd,
-                spent_usd=nano_to_usd(result.tenant_spent),
-                remaining_usd=nano_to_usd(max(0, free)),
-                estimated_cost_usd=amount_usd,
-                resets_at=rfc3339(tenant_period.resets_at(now)),
-                reserved_usd=nano_to_usd(result.tenant_reserved),
-                scope="tenant",
-                period=tenant_period.kind,
-                tenant=tenant,
-                seen=result,
-            )
         if not result.ok:
-            spendable = (
-                budget - (result.spent - result.from_grants) - result.reserved + result.grants_free
-            )
+            # the scope that refused: its budget and period, what it has spent and holds, and
+            # what it has left (the user's allowance counts its grants too)
+            scope: Literal["user", "tenant", "key"]
+            if result.scope == "key" and key_budget is not None:
+                scope, budget_usd, refused_period = "key", key_budget.budget_usd, period
+                spent, held = result.key_spent, result.key_reserved
+                free = usd_to_nano(budget_usd) - spent - held
+            elif result.scope == "tenant" and tenant_budget_usd is not None:
+                scope, budget_usd, refused_period = "tenant", tenant_budget_usd, tenant_period
+                spent, held = result.tenant_spent, result.tenant_reserved
+                free = usd_to_nano(budget_usd) - spent - held
+            else:
+                scope, budget_usd, refused_period = "user", daily_budget_usd, period
+                spent, held = result.spent, result.reserved
+                free = budget - (spent - result.from_grants) - held + result.grants_free
             return BudgetRefusal(
                 user_id=user,
-                budget_usd=daily_budget_usd,
-                spent_usd=nano_to_usd(result.spent),
-                remaining_usd=nano_to_usd(max(0, spendable)),
+                budget_usd=budget_usd,
+                spent_usd=nano_to_usd(spent),
+                remaining_usd=nano_to_usd(max(0, free)),
                 estimated_cost_usd=amount_usd,
-                resets_at=rfc3339(period.resets_at(now)),
-                reserved_usd=nano_to_usd(result.reserved),
-                period=period.kind,
+                resets_at=rfc3339(refused_period.resets_at(now)),
+                reserved_usd=nano_to_usd(held),
+                scope=scope,
+                period=refused_period.kind,
                 tenant=tenant,
                 seen=result,
+                key_id=key_budget.key_id if scope == "key" and key_budget else None,
             )
         return Reservation(
             id=reservation_id,
