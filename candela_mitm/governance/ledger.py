@@ -22,6 +22,7 @@ from candela_mitm.state.ports import (
     LedgerStore,
     NewReservation,
     ReserveResult,
+    SettleResult,
     SpendPart,
     day_of,
     from_us,
@@ -221,6 +222,19 @@ def _day_bound(value: DayBound) -> str | None:
     return value.isoformat()
 
 
+def _settlement(reservation_id: str, result: SettleResult) -> Settlement:
+    """A store's settle (or settle_part) in dollars."""
+    if not result.applied:
+        return Settlement(reservation_id, False)
+    return Settlement(
+        reservation_id=reservation_id,
+        applied=True,
+        cost_usd=nano_to_usd(result.cost),
+        from_allowance_usd=nano_to_usd(result.from_allowance),
+        from_grants={g: nano_to_usd(v) for g, v in result.from_grants.items()},
+    )
+
+
 def _check_usd(name: str, value: float) -> None:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite amount >= 0, got {value!r}")
@@ -399,15 +413,7 @@ class Ledger:
             provider,
             to_us(now),
         )
-        if not result.applied:
-            return Settlement(reservation.id, False)
-        return Settlement(
-            reservation_id=reservation.id,
-            applied=True,
-            cost_usd=nano_to_usd(result.cost),
-            from_allowance_usd=nano_to_usd(result.from_allowance),
-            from_grants={g: nano_to_usd(v) for g, v in result.from_grants.items()},
-        )
+        return _settlement(reservation.id, result)
 
     def release(self, reservation: Reservation, now: datetime | None = None) -> bool:
         """Give the hold back (the request never cost anything); False if already finished."""
@@ -419,15 +425,7 @@ class Ledger:
         """Record the spend of requests carved from a budget slice on it, the slice staying held
         (governance/slices.py); a slice settled or released already records nothing."""
         result = self.store.settle_part(reservation.id, parts, to_us(now or self.clock()))
-        if not result.applied:
-            return Settlement(reservation.id, False)
-        return Settlement(
-            reservation_id=reservation.id,
-            applied=True,
-            cost_usd=nano_to_usd(result.cost),
-            from_allowance_usd=nano_to_usd(result.from_allowance),
-            from_grants={g: nano_to_usd(v) for g, v in result.from_grants.items()},
-        )
+        return _settlement(reservation.id, result)
 
     # -- asynchronous jobs ---------------------------------------------------------------------
     def record_job(
