@@ -93,25 +93,30 @@ local daily_free = budget - (spent - from_grants) - reserved
 if amount > 0 and daily_free + grants_free < amount then
   return {0, 0, spent, from_grants, reserved, grants_free, 'user', 0, 0, 0, 0, 0, 0}
 end
--- the tenant's row (ARGV[15] its period key, '' when no tenant is named): as tenant_admits
-local t_spent, t_reserved, t_hold = 0, 0, 0
+-- a tenant's or key's row: its spent and reserved, and whether `budget` ('' for none) cannot
+-- hold the amount, as tenant_admits (key_admits is the same rule)
+local function row_refuses(key, budget)
+  local t = redis.call('HMGET', key, 'spent', 'reserved')
+  local row_spent = tonumber(t[1]) or 0
+  local row_reserved = tonumber(t[2]) or 0
+  return row_spent, row_reserved,
+    budget ~= '' and amount > 0 and tonumber(budget) - row_spent - row_reserved < amount
+end
+-- the tenant's row (ARGV[15] its period key, '' when no tenant is named)
+local t_spent, t_reserved, t_hold, refused = 0, 0, 0, false
 if ARGV[15] ~= '' then
-  local t = redis.call('HMGET', KEYS[5], 'spent', 'reserved')
-  t_spent = tonumber(t[1]) or 0
-  t_reserved = tonumber(t[2]) or 0
-  if ARGV[14] ~= '' and amount > 0 and tonumber(ARGV[14]) - t_spent - t_reserved < amount then
+  t_spent, t_reserved, refused = row_refuses(KEYS[5], ARGV[14])
+  if refused then
     return {0, 0, spent, from_grants, reserved, grants_free, 'tenant', t_spent, t_reserved, 0,
       0, 0, 0}
   end
   t_hold = amount
 end
--- the key's row (ARGV[18] its period key, '' when no key budget is named): as key_admits
+-- the key's row (ARGV[18] its period key, '' when no key budget is named)
 local k_spent, k_reserved, k_hold = 0, 0, 0
 if ARGV[18] ~= '' then
-  local k = redis.call('HMGET', KEYS[6], 'spent', 'reserved')
-  k_spent = tonumber(k[1]) or 0
-  k_reserved = tonumber(k[2]) or 0
-  if ARGV[17] ~= '' and amount > 0 and tonumber(ARGV[17]) - k_spent - k_reserved < amount then
+  k_spent, k_reserved, refused = row_refuses(KEYS[6], ARGV[17])
+  if refused then
     return {0, 0, spent, from_grants, reserved, grants_free, 'key', t_spent, t_reserved, 0,
       k_spent, k_reserved, 0}
   end
