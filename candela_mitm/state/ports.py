@@ -513,30 +513,29 @@ def plan_reserve(
     plan = plan_holds(new.amount, daily_free, grants_free)
     if plan is None:
         return ReserveResult(False, 0, {}, spent, from_grants, reserved, grants_total)
-    t_spent = t_reserved = t_hold = 0
+    t_spent = t_reserved = k_spent = k_reserved = 0
+    refused = ""
     if new.on_tenant_row:
         t_spent, t_reserved = tenant_row()
         if not tenant_admits(new.amount, new.tenant_budget, t_spent, t_reserved):
-            return ReserveResult(
-                False, 0, {}, spent, from_grants, reserved, grants_total,
-                scope="tenant", tenant_spent=t_spent, tenant_reserved=t_reserved,
-            )
-        t_hold = new.amount
-    k_spent = k_reserved = k_hold = 0
-    if new.on_key_row:
+            refused = "tenant"
+    if new.on_key_row and not refused:
         k_spent, k_reserved = key_row()
         if not key_admits(new.amount, new.key_budget, k_spent, k_reserved):
-            return ReserveResult(
-                False, 0, {}, spent, from_grants, reserved, grants_total,
-                scope="key", tenant_spent=t_spent, tenant_reserved=t_reserved,
-                key_spent=k_spent, key_reserved=k_reserved,
-            )
-        k_hold = new.amount
+            refused = "key"
+    if refused:
+        return ReserveResult(
+            False, 0, {}, spent, from_grants, reserved, grants_total, scope=refused,
+            tenant_spent=t_spent, tenant_reserved=t_reserved,
+            key_spent=k_spent, key_reserved=k_reserved,
+        )
     daily, holds = plan
     return ReserveResult(
         True, daily, holds, spent, from_grants, reserved, grants_total,
-        tenant_spent=t_spent, tenant_reserved=t_reserved, tenant_hold=t_hold,
-        key_spent=k_spent, key_reserved=k_reserved, key_hold=k_hold,
+        tenant_spent=t_spent, tenant_reserved=t_reserved,
+        tenant_hold=new.amount if new.on_tenant_row else 0,
+        key_spent=k_spent, key_reserved=k_reserved,
+        key_hold=new.amount if new.on_key_row else 0,
     )
 
 
