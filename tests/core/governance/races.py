@@ -32,34 +32,39 @@ def race_threads(attempt: Callable[[], T], threads: int = 20) -> list[T]:
 
 
 def _race_in_process(
-    attempt: Callable[[StateStore, int], int],
+    attempt: Callable[..., int],
     cfg: State,
     prefix: str,
     barrier: Any,
     out: Any,
     threads: int,
+    shared: tuple[Any, ...],
 ) -> None:
     store = open_state_store(cfg, redis_prefix=prefix)
     admitted: list[int] = []
 
     def race(i: int) -> None:
         barrier.wait()
-        admitted.append(attempt(store, i))
+        admitted.append(attempt(store, i, *shared))
 
     workers = [threading.Thread(target=race, args=(i,)) for i in range(threads)]
     for w in workers:
         w.start()
     for w in workers:
-        w.join(30)
+        w.join(60)
     out.put((len(admitted), sum(admitted)))
     store.close()
 
 
 def race_processes(
-    backend: Any, attempt: Callable[[StateStore, int], int], per_process: int = 6
+    backend: Any,
+    attempt: Callable[..., int],
+    per_process: int = 6,
+    shared: tuple[Any, ...] = (),
 ) -> tuple[int, int]:
     """Two spawned processes of `per_process` threads each, all released by one barrier; thread
-    `i` of a process calls `attempt(store, i)` (a module-level function: it is pickled), which
+    `i` of a process calls `attempt(store, i, *shared)` (a module-level function: it is
+    pickled; `shared`: values of the spawn context, such as counters every process sees), which
     answers how many it got admitted. Returns (attempts that answered, admitted) in all."""
     backend.open()  # create the schema before the race
     ctx = multiprocessing.get_context("spawn")
@@ -68,13 +73,13 @@ def race_processes(
     procs = [
         ctx.Process(
             target=_race_in_process,
-            args=(attempt, backend.cfg, backend.prefix, barrier, out, per_process),
+            args=(attempt, backend.cfg, backend.prefix, barrier, out, per_process, shared),
         )
         for _ in range(2)
     ]
     for p in procs:
         p.start()
-    results = [out.get(timeout=60) for _ in procs]
+    results = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(30)
         assert p.exitcode == 0

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from candela_mitm.config import State
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.governance.ratelimit import (
     Admission,
@@ -19,7 +18,7 @@ from candela_mitm.governance.ratelimit import (
     TokenLimits,
     policy_headers,
 )
-from candela_mitm.state import StateStore, open_state_store
+from candela_mitm.state import StateStore
 from candela_mitm.state.ports import to_us
 from candela_mitm.state.sqlite import SqliteStateStore
 from tests.core.governance.races import race_processes, race_threads
@@ -310,61 +309,32 @@ def test_policy_headers_name_a_tenant_concurrency_limit() -> None:
     }
 
 
-def _tenant_lease_race(
-    cfg: State, prefix: str, barrier: Any, inflight: Any, peak: Any, out: Any, threads: int
-) -> None:
-    """Threads of one process acquire the tenant's place, hold it a moment, give it back,
-    again and again; `inflight` counts holders across every process, `peak` its maximum."""
-    store = open_state_store(cfg, redis_prefix=prefix)
+def _hold_a_tenant_place(store: StateStore, i: int, inflight: Any, peak: Any) -> int:
+    """Acquire the tenant's place, hold it a moment, give it back, again and again; `inflight`
+    counts holders across every process, `peak` its maximum. How many times it held one."""
     limiter = RateLimiter(store)
-    taken: list[int] = []
-
-    def race(i: int) -> None:
-        barrier.wait()
-        n = 0
-        for _ in range(15):
-            a = Admission(f"user-{i}")
-            if not limiter.acquire_tenant(a, "t", 3, f"host:{i}").allowed:
-                continue
-            with inflight.get_lock():
-                inflight.value += 1
-                peak.value = max(peak.value, inflight.value)
-            n += 1
-            threading.Event().wait(0.002)
-            with inflight.get_lock():
-                inflight.value -= 1
-            limiter.release(a)
-        taken.append(n)
-
-    workers = [threading.Thread(target=race, args=(i,)) for i in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(60)
-    out.put(sum(taken))
-    store.close()
+    n = 0
+    for _ in range(15):
+        a = Admission(f"user-{i}")
+        if not limiter.acquire_tenant(a, "t", 3, f"host:{i}").allowed:
+            continue
+        with inflight.get_lock():
+            inflight.value += 1
+            peak.value = max(peak.value, inflight.value)
+        n += 1
+        threading.Event().wait(0.002)
+        with inflight.get_lock():
+            inflight.value -= 1
+        limiter.release(a)
+    return n
 
 
 @pytest.mark.processes
 def test_processes_never_exceed_a_tenant_concurrency_limit(backend: Any) -> None:
-    backend.open()
     ctx = multiprocessing.get_context("spawn")
-    per_process = 5
-    barrier = ctx.Barrier(2 * per_process)
     inflight, peak = ctx.Value("i", 0), ctx.Value("i", 0)
-    out = ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=_tenant_lease_race,
-            args=(backend.cfg, backend.prefix, barrier, inflight, peak, out, per_process),
-        )
-        for _ in range(2)
-    ]
-    for p in procs:
-        p.start()
-    admitted = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
-    assert sum(admitted) > 3  # places were taken, given back and taken again
+    _, admitted = race_processes(
+        backend, _hold_a_tenant_place, per_process=5, shared=(inflight, peak)
+    )
+    assert admitted > 3  # places were taken, given back and taken again
     assert 1 <= peak.value <= 3
