@@ -16,7 +16,7 @@ import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 from candela_mitm.state.ports import (
     ActiveReservation,
@@ -29,6 +29,7 @@ from candela_mitm.state.ports import (
     RateHit,
     RateTake,
     ReserveResult,
+    SettlePlan,
     SettleResult,
     SpendPart,
     SpendRow,
@@ -39,7 +40,7 @@ from candela_mitm.state.ports import (
     WouldWait,
     from_us,
     plan_reserve,
-    plan_settle,
+    plan_settle_held,
     shrink_holds,
     token_fits_at,
 )
@@ -60,18 +61,6 @@ class _Reservation:
     finished_us: int | None = None
     settled: int = 0  # settle_part: the spend and requests recorded on it while held
     parts: int = 0
-
-
-class _Settling(NamedTuple):
-    """A reservation being settled and how its cost is drawn. A reclaimed reservation gave its
-    holds back already (`own_daily` and `own` are empty); its spend still counts."""
-
-    r: _Reservation
-    active: bool
-    own_daily: int
-    own: dict[str, int]
-    daily: int  # from the allowance, overdraw included
-    draws: dict[str, int]
 
 
 @dataclass
@@ -161,6 +150,8 @@ class MemoryStateStore(StateStore):
     def _grants_free(
         self, user_id: str, now_us: int, own: Mapping[str, int] | None = None
     ) -> list[tuple[str, int]]:
+        """The user's grants unexpired at `now_us` or held in `own`, earliest expiry first, with
+        what is free of each."""
         own = own or {}
         rows = [
             g
@@ -168,7 +159,7 @@ class MemoryStateStore(StateStore):
             if g.user_id == user_id and (g.expires_us > now_us or g.grant_id in own)
         ]
         rows.sort(key=lambda g: (g.expires_us, g.grant_id))
-        return [(g.grant_id, g.amount - g.used - g.held + own.get(g.grant_id, 0)) for g in rows]
+        return [(g.grant_id, g.amount - g.used - g.held) for g in rows]
 
     def reserve(self, new: NewReservation) -> ReserveResult:
         with self._lock:
@@ -210,21 +201,22 @@ class MemoryStateStore(StateStore):
             )
             return got
 
-    def _settle_plan(self, reservation_id: str, cost: int, now_us: int) -> _Settling | None:
-        """Plan the draw of `cost` on an active (or reclaimed) reservation (settle,
-        settle_part): its own holds count as free to it. None: the reservation is unknown,
-        settled or released."""
+    def _settle_plan(
+        self, reservation_id: str, cost: int, now_us: int
+    ) -> tuple[_Reservation, SettlePlan] | None:
+        """An active (or reclaimed) reservation and the plan of the draw of `cost` on it (settle,
+        settle_part). None: the reservation is unknown, settled or released."""
         r = self._t.reservations.get(reservation_id)
         if r is None or r.status not in ("active", "reclaimed"):
             return None
         new = r.new
-        active = r.status == "active"
-        own_daily = r.daily_hold if active else 0
-        own = r.grant_holds if active else {}
         row = self._t.days.setdefault((new.user_id, new.user_period), _Row())
-        daily_free = new.budget - (row.spent - row.from_grants) - (row.reserved - own_daily)
-        daily, draws = plan_settle(cost, daily_free, self._grants_free(new.user_id, now_us, own))
-        return _Settling(r, active, own_daily, own, daily, draws)
+        plan = plan_settle_held(
+            cost, r.status, r.daily_hold, r.grant_holds, new.budget,
+            (row.spent, row.from_grants, row.reserved),
+            lambda own: self._grants_free(new.user_id, now_us, own),
+        )
+        return r, plan
 
     def _book_settle(
         self,
@@ -270,15 +262,15 @@ class MemoryStateStore(StateStore):
         now_us: int,
     ) -> SettleResult:
         with self._lock:
-            plan = self._settle_plan(reservation_id, cost, now_us)
-            if plan is None:
+            found = self._settle_plan(reservation_id, cost, now_us)
+            if found is None:
                 return SettleResult(False)
-            r, active, own_daily, own, daily, draws = plan
+            r, plan = found
             new = r.new
             # every hold it has left goes back
             self._book_settle(
-                r, cost, draws, own_daily, own, r.tenant_hold if active else 0,
-                r.key_hold if active else 0,
+                r, cost, plan.draws, plan.own_daily, plan.own, r.tenant_hold if plan.active else 0,
+                r.key_hold if plan.active else 0,
             )
             r.status, r.finished_us = "settled", now_us
             s = self._t.spend.setdefault((new.day, new.user_id, new.tenant, model, provider), _Spend())
@@ -286,24 +278,24 @@ class MemoryStateStore(StateStore):
             s.tokens_in += tokens_in
             s.tokens_out += tokens_out
             s.requests += 1
-            return SettleResult(True, cost, daily, draws)
+            return SettleResult(True, cost, plan.daily, plan.draws)
 
     def settle_part(
         self, reservation_id: str, parts: Sequence[SpendPart], now_us: int
     ) -> SettleResult:
         cost = sum(p.cost for p in parts)
         with self._lock:
-            plan = self._settle_plan(reservation_id, cost, now_us)
-            if plan is None:
+            found = self._settle_plan(reservation_id, cost, now_us)
+            if found is None:
                 return SettleResult(False)
-            r, active, own_daily, own, daily, draws = plan
+            r, plan = found
             new = r.new
             # the holds shrink by what was drawn from them; the rest stays held
-            used_daily, used_grants = shrink_holds(own_daily, own, daily, draws)
-            t_used = min(r.tenant_hold, cost) if active and r.tenant_period else 0
-            k_used = min(r.key_hold, cost) if active and r.key_period else 0
-            self._book_settle(r, cost, draws, used_daily, used_grants, t_used, k_used)
-            if active:
+            used_daily, used_grants = shrink_holds(plan.own_daily, plan.own, plan.daily, plan.draws)
+            t_used = min(r.tenant_hold, cost) if plan.active and r.tenant_period else 0
+            k_used = min(r.key_hold, cost) if plan.active and r.key_period else 0
+            self._book_settle(r, cost, plan.draws, used_daily, used_grants, t_used, k_used)
+            if plan.active:
                 r.daily_hold -= used_daily
                 r.grant_holds = {
                     g: h - used_grants.get(g, 0)
@@ -322,7 +314,7 @@ class MemoryStateStore(StateStore):
                 s.tokens_out += p.tokens_out
                 s.requests += p.requests
                 r.parts += p.requests
-            return SettleResult(True, cost, daily, draws)
+            return SettleResult(True, cost, plan.daily, plan.draws)
 
     def release(self, reservation_id: str, now_us: int, reclaim: bool = False) -> bool:
         with self._lock:

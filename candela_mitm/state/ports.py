@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from candela_mitm.errors import StoreUnavailable
 
@@ -556,6 +556,42 @@ def plan_settle(
     the daily allowance (recorded, never dropped)."""
     daily, rest, draws = _split(cost, daily_free, grants_free)
     return daily + rest, draws
+
+
+class SettlePlan(NamedTuple):
+    """How a settle (or settle_part) draws its cost on a reservation: the holds it still has
+    (`own_daily`, `own`), then the draw (plan_settle)."""
+
+    active: bool
+    own_daily: int
+    own: dict[str, int]
+    daily: int  # from the allowance, overdraw included
+    draws: dict[str, int]
+
+
+def plan_settle_held(
+    cost: int,
+    status: str,
+    daily_hold: int,
+    grant_holds: dict[str, int],
+    budget: int,
+    day: tuple[int, int, int],
+    grants_free: Callable[[Mapping[str, int]], Sequence[tuple[str, int]]],
+) -> SettlePlan:
+    """Plan the draw of `cost` on a reservation of `status` "active" or "reclaimed", holding
+    `daily_hold` of its user's allowance and `grant_holds` of grants: what it holds is free to
+    it. A reclaimed one gave its holds back already (it holds nothing); its spend still counts.
+    `day`: the user's row (spent, from grants, reserved); `grants_free(own)`: the user's grants
+    unexpired or held in `own`, earliest expiry first, with what is free of each (the Redis
+    settle scripts plan the same in Lua)."""
+    active = status == "active"
+    own_daily = daily_hold if active else 0
+    own = grant_holds if active else {}
+    spent, from_grants, reserved = day
+    daily_free = budget - (spent - from_grants) - (reserved - own_daily)
+    grants = [(gid, free + own.get(gid, 0)) for gid, free in grants_free(own)]
+    daily, draws = plan_settle(cost, daily_free, grants)
+    return SettlePlan(active, own_daily, own, daily, draws)
 
 
 class StoreUnreachable(StoreUnavailable):

@@ -28,6 +28,7 @@ from candela_mitm.state.ports import (
     RateHit,
     RateTake,
     ReserveResult,
+    SettlePlan,
     SettleResult,
     SpendPart,
     SpendRow,
@@ -37,7 +38,7 @@ from candela_mitm.state.ports import (
     UserRecord,
     WouldWait,
     plan_reserve,
-    plan_settle,
+    plan_settle_held,
     shrink_holds,
     token_fits_at,
 )
@@ -114,9 +115,7 @@ _RESERVATION_AND_DAY = (
 
 
 class _Settling(NamedTuple):
-    """A reservation being settled (settle, settle_part): its rows, the holds it still has, and
-    how the cost is drawn. A reclaimed reservation gave its holds back already (`own_daily` and
-    `own` are empty); its spend still counts."""
+    """A reservation being settled (settle, settle_part): its budget rows, and the plan."""
 
     user_id: str
     tenant: str
@@ -127,40 +126,33 @@ class _Settling(NamedTuple):
     key_id: str
     key_period: str
     key_hold: int
-    active: bool
-    own_daily: int
-    own: dict[str, int]
-    daily: int  # from the allowance, overdraw included
-    draws: dict[str, int]
+    plan: SettlePlan
 
 
 def _settle_plan(
     c: sqlite3.Connection, reservation_id: str, cost: int, now_us: int
 ) -> _Settling | None:
-    """Read an active (or reclaimed) reservation and plan the draw of `cost` on it: its own holds
-    count as free to it. None: the reservation is unknown, settled or released."""
+    """Read an active (or reclaimed) reservation and plan the draw of `cost` on it. None: the
+    reservation is unknown, settled or released."""
     # the reservation and its day's row, in one statement
     r = c.execute(_RESERVATION_AND_DAY, (reservation_id,)).fetchone()
     if r is None or r[6] not in ("active", "reclaimed"):
         return None
-    user_id, budget = r[0], r[3]
-    active = r[6] == "active"
-    own_daily: int = r[4] if active else 0
-    own: dict[str, int] = json.loads(r[5]) if active else {}
-    spent, from_grants, reserved = (r[7], r[8], r[9]) if r[7] is not None else (0, 0, 0)
-    daily_free = budget - (spent - from_grants) - (reserved - own_daily)
-    marks = ",".join("?" * len(own))
-    grants = c.execute(
-        "SELECT grant_id, amount - used - held FROM grants WHERE user_id = ? AND "
-        f"(expires_us > ? OR grant_id IN ({marks})) ORDER BY expires_us, grant_id",
-        (user_id, now_us, *own),
-    ).fetchall()
-    # the reservation's own holds are available to it
-    grants = [(gid, free + own.get(gid, 0)) for gid, free in grants]
-    daily, draws = plan_settle(cost, daily_free, grants)
+    user_id = r[0]
+
+    def grants_free(own: Mapping[str, int]) -> list[tuple[str, int]]:
+        marks = ",".join("?" * len(own))
+        rows: list[tuple[str, int]] = c.execute(
+            "SELECT grant_id, amount - used - held FROM grants WHERE user_id = ? AND "
+            f"(expires_us > ? OR grant_id IN ({marks})) ORDER BY expires_us, grant_id",
+            (user_id, now_us, *own),
+        ).fetchall()
+        return rows
+
+    day = (r[7], r[8], r[9]) if r[7] is not None else (0, 0, 0)
+    plan = plan_settle_held(cost, r[6], r[4], json.loads(r[5]), r[3], day, grants_free)
     return _Settling(
-        user_id, r[1], r[2], r[10] or r[2], r[11], r[12], r[13], r[14], r[15], active, own_daily,
-        own, daily, draws,
+        user_id, r[1], r[2], r[10] or r[2], r[11], r[12], r[13], r[14], r[15], plan
     )
 
 
@@ -180,7 +172,7 @@ def _book_settle(
         "ON CONFLICT (user_id, day) DO UPDATE SET spent = spent + excluded.spent, "
         "from_grants = from_grants + excluded.from_grants, "
         "reserved = reserved + excluded.reserved",
-        (s.user_id, s.period, cost, sum(s.draws.values()), -daily_back),
+        (s.user_id, s.period, cost, sum(s.plan.draws.values()), -daily_back),
     )
     if s.tenant_period:
         c.execute(
@@ -196,10 +188,10 @@ def _book_settle(
             "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
             (s.key_id, s.key_period, cost, -key_back),
         )
-    for grant_id in grants_back.keys() | s.draws.keys():
+    for grant_id in grants_back.keys() | s.plan.draws.keys():
         c.execute(
             "UPDATE grants SET used = used + ?, held = held - ? WHERE grant_id = ?",
-            (s.draws.get(grant_id, 0), grants_back.get(grant_id, 0), grant_id),
+            (s.plan.draws.get(grant_id, 0), grants_back.get(grant_id, 0), grant_id),
         )
 
 
@@ -618,10 +610,11 @@ class SqliteStateStore(StateStore):
             s = _settle_plan(c, reservation_id, cost, now_us)
             if s is None:
                 return SettleResult(False)
+            plan = s.plan
             # every hold it has left goes back
             _book_settle(
-                c, s, cost, s.own_daily, s.own, s.tenant_hold if s.active else 0,
-                s.key_hold if s.active else 0,
+                c, s, cost, plan.own_daily, plan.own, s.tenant_hold if plan.active else 0,
+                s.key_hold if plan.active else 0,
             )
             c.execute(
                 "UPDATE reservations SET status = 'settled', cost = ?, finished_us = ? "
@@ -636,7 +629,7 @@ class SqliteStateStore(StateStore):
                 "tokens_out = tokens_out + excluded.tokens_out, requests = requests + 1",
                 (s.day, s.user_id, s.tenant, model, provider, cost, tokens_in, tokens_out),
             )
-            return SettleResult(True, cost, s.daily, s.draws)
+            return SettleResult(True, cost, plan.daily, plan.draws)
 
     def settle_part(
         self, reservation_id: str, parts: Sequence[SpendPart], now_us: int
@@ -646,12 +639,13 @@ class SqliteStateStore(StateStore):
             s = _settle_plan(c, reservation_id, cost, now_us)
             if s is None:
                 return SettleResult(False)
+            plan = s.plan
             # the holds shrink by what was drawn from them; the rest stays held
-            used_daily, used_grants = shrink_holds(s.own_daily, s.own, s.daily, s.draws)
-            t_used = min(s.tenant_hold, cost) if s.active and s.tenant_period else 0
-            k_used = min(s.key_hold, cost) if s.active and s.key_period else 0
+            used_daily, used_grants = shrink_holds(plan.own_daily, plan.own, plan.daily, plan.draws)
+            t_used = min(s.tenant_hold, cost) if plan.active and s.tenant_period else 0
+            k_used = min(s.key_hold, cost) if plan.active and s.key_period else 0
             _book_settle(c, s, cost, used_daily, used_grants, t_used, k_used)
-            left = {g: h - used_grants.get(g, 0) for g, h in s.own.items()}
+            left = {g: h - used_grants.get(g, 0) for g, h in plan.own.items()}
             c.execute(
                 "UPDATE reservations SET daily_hold = daily_hold - ?, tenant_hold = tenant_hold - ?, "
                 "key_hold = key_hold - ?, grant_holds = CASE status WHEN 'active' THEN ? "
@@ -675,7 +669,7 @@ class SqliteStateStore(StateStore):
                     for p in parts
                 ],
             )
-            return SettleResult(True, cost, s.daily, s.draws)
+            return SettleResult(True, cost, plan.daily, plan.draws)
 
     def release(self, reservation_id: str, now_us: int, reclaim: bool = False) -> bool:
         with self._tx() as c:
