@@ -513,13 +513,14 @@ def plan_reserve(
     plan = plan_holds(new.amount, daily_free, grants_free)
     if plan is None:
         return ReserveResult(False, 0, {}, spent, from_grants, reserved, grants_total)
+    tracked, keyed = new.on_tenant_row, new.on_key_row
     t_spent = t_reserved = k_spent = k_reserved = 0
     refused = ""
-    if new.on_tenant_row:
+    if tracked:
         t_spent, t_reserved = tenant_row()
         if not tenant_admits(new.amount, new.tenant_budget, t_spent, t_reserved):
             refused = "tenant"
-    if new.on_key_row and not refused:
+    if keyed and not refused:
         k_spent, k_reserved = key_row()
         if not key_admits(new.amount, new.key_budget, k_spent, k_reserved):
             refused = "key"
@@ -533,9 +534,9 @@ def plan_reserve(
     return ReserveResult(
         True, daily, holds, spent, from_grants, reserved, grants_total,
         tenant_spent=t_spent, tenant_reserved=t_reserved,
-        tenant_hold=new.amount if new.on_tenant_row else 0,
+        tenant_hold=new.amount if tracked else 0,
         key_spent=k_spent, key_reserved=k_reserved,
-        key_hold=new.amount if new.on_key_row else 0,
+        key_hold=new.amount if keyed else 0,
     )
 
 

@@ -545,6 +545,7 @@ class SqliteStateStore(StateStore):
             daily, holds, t_hold, k_hold = (
                 got.daily_hold, got.grant_holds, got.tenant_hold, got.key_hold
             )
+            keyed = new.on_key_row
             if daily:
                 c.execute(
                     "INSERT INTO days (user_id, day, reserved) VALUES (?, ?, ?) "
@@ -589,8 +590,8 @@ class SqliteStateStore(StateStore):
                     period,
                     new.tenant_period if new.on_tenant_row else "",
                     t_hold,
-                    new.key_id if new.on_key_row else "",
-                    new.key_period if new.on_key_row else "",
+                    new.key_id if keyed else "",
+                    new.key_period if keyed else "",
                     k_hold,
                 ),
             )
