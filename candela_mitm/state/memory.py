@@ -3,7 +3,7 @@
 Policy replay and shadow evaluation (governance/replay.py, governance/shadow.py) run the real
 Ledger and RateLimiter on it, so a candidate policy is judged by the same reserve, settle, rate
 and token rules as live traffic: the holds and draws come from the same pure functions the
-SQLite store uses (`plan_holds`, `plan_settle`, `tenant_admits`, `token_fits_at`). The state
+SQLite store uses (`plan_reserve`, `plan_settle_held`, `shrink_holds`, `token_fits_at`). The state
 contract (tests/core/state/test_contract.py) runs against it beside SQLite and Redis, and
 tests/core/state/test_memory.py runs one scripted history through this store and SQLite and
 compares every answer. Nothing is shared between processes and nothing survives the object.

@@ -205,7 +205,7 @@ end
 """
 
 # Shared by settle and settle_part. settle_draw: read an active (or reclaimed) reservation and
-# draw `cost` on it as plan_settle does: the allowance first (its own hold counts as free to it),
+# draw `cost` on it as plan_settle_held does: the allowance first (its own hold counts as free to it),
 # then grants in grant_order (each with its own hold of it), the rest overdrawn on the allowance;
 # `on_draw(gid, take, hold)`, when given, runs after each grant's draw (hold: the reservation's
 # own of that grant). Returns nil for a reservation unknown, settled or released; else s: r, own
