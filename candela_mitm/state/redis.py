@@ -205,14 +205,14 @@ end
 """
 
 # Shared by settle and settle_part. settle_draw: read an active (or reclaimed) reservation and
-# draw `cost` on it as plan_settle_held does: the allowance first (its own hold counts as free to it),
-# then grants in grant_order (each with its own hold of it), the rest overdrawn on the allowance;
-# `on_draw(gid, take, hold)`, when given, runs after each grant's draw (hold: the reservation's
-# own of that grant). Returns nil for a reservation unknown, settled or released; else s: r, own
-# (grant holds), own_daily, active, daykey, drawn (from grants) and out ({1, from the allowance,
-# grant id, take, ...}: the script's answer). A reclaimed reservation holds nothing any more.
-# book_settle: the spend on the user's, tenant's and key's rows, each row's reservation given
-# back `*_back` of what was held on it.
+# draw `cost` on it as plan_settle_held does: the allowance first (its own hold counts as free
+# to it), then grants in grant_order (each with its own hold of it), the rest overdrawn on the
+# allowance; `on_draw(gid, take, hold)`, when given, runs after each grant's draw (hold: the
+# reservation's own of that grant). Returns nil for a reservation unknown, settled or released;
+# else s: r, own (grant holds), own_daily, active, daykey, drawn (from grants) and out ({1, from
+# the allowance, grant id, take, ...}: the script's answer). A reclaimed reservation holds
+# nothing any more. book_settle: the spend on the user's, tenant's and key's rows, each row's
+# reservation given back `*_back` of what was held on it.
 _SETTLE_DRAW = (
     _READ_RESERVATION
     + _GRANT_ORDER
