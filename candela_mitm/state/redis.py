@@ -242,7 +242,8 @@ local function settle_draw(key, cost, now, after, P, on_draw)
   for _, gid in ipairs(order) do
     if rest <= 0 then break end
     local g = redis.call('HMGET', P .. 'grant:' .. gid, 'amount', 'used', 'held')
-    local f = (tonumber(g[1]) or 0) - (tonumber(g[2]) or 0) - (tonumber(g[3]) or 0) + (own[gid] or 0)
+    local f = (tonumber(g[1]) or 0) - (tonumber(g[2]) or 0) - (tonumber(g[3]) or 0)
+      + (own[gid] or 0)
     local take = math.min(rest, math.max(0, f))
     if take > 0 then
       redis.call('HINCRBY', P .. 'grant:' .. gid, 'used', take)
