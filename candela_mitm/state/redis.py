@@ -259,23 +259,22 @@ local function settle_draw(key, cost, now, after, P, on_draw)
     drawn = drawn, out = out}
 end
 
+-- one budget row: `cost` spent on it, `back` of what the reservation held on it given back
+local function book_row(key, cost, back, ttl)
+  redis.call('HINCRBY', key, 'spent', cost)
+  if back ~= 0 then redis.call('HINCRBY', key, 'reserved', -back) end
+  redis.call('EXPIRE', key, ttl)
+end
+
 local function book_settle(s, P, cost, daily_back, tenant_back, key_back, ttl)
   local r = s.r
-  redis.call('HINCRBY', s.daykey, 'spent', cost)
   if s.drawn ~= 0 then redis.call('HINCRBY', s.daykey, 'from_grants', s.drawn) end
-  if daily_back ~= 0 then redis.call('HINCRBY', s.daykey, 'reserved', -daily_back) end
-  redis.call('EXPIRE', s.daykey, ttl)
+  book_row(s.daykey, cost, daily_back, ttl)
   if r.tenant_period ~= nil and r.tenant_period ~= '' then
-    local tkey = P .. 'tday:' .. r.tenant .. ':' .. r.tenant_period
-    redis.call('HINCRBY', tkey, 'spent', cost)
-    if tenant_back ~= 0 then redis.call('HINCRBY', tkey, 'reserved', -tenant_back) end
-    redis.call('EXPIRE', tkey, ttl)
+    book_row(P .. 'tday:' .. r.tenant .. ':' .. r.tenant_period, cost, tenant_back, ttl)
   end
   if r.key_period ~= nil and r.key_period ~= '' then
-    local kkey = P .. 'kday:' .. r.key_id .. ':' .. r.key_period
-    redis.call('HINCRBY', kkey, 'spent', cost)
-    if key_back ~= 0 then redis.call('HINCRBY', kkey, 'reserved', -key_back) end
-    redis.call('EXPIRE', kkey, ttl)
+    book_row(P .. 'kday:' .. r.key_id .. ':' .. r.key_period, cost, key_back, ttl)
   end
 end
 """
