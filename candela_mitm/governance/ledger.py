@@ -22,6 +22,7 @@ from candela_mitm.state.ports import (
     LedgerStore,
     NewReservation,
     ReserveResult,
+    SettleResult,
     SpendPart,
     day_of,
     from_us,
@@ -221,6 +222,19 @@ def _day_bound(value: DayBound) -> str | None:
     return value.isoformat()
 
 
+def _settlement(reservation_id: str, result: SettleResult) -> Settlement:
+    """A store's settle (or settle_part) in dollars."""
+    if not result.applied:
+        return Settlement(reservation_id, False)
+    return Settlement(
+        reservation_id=reservation_id,
+        applied=True,
+        cost_usd=nano_to_usd(result.cost),
+        from_allowance_usd=nano_to_usd(result.from_allowance),
+        from_grants={g: nano_to_usd(v) for g, v in result.from_grants.items()},
+    )
+
+
 def _check_usd(name: str, value: float) -> None:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite amount >= 0, got {value!r}")
@@ -319,52 +333,35 @@ class Ledger:
                 key_period=period.key(now) if key_budget else "",
             )
         )
-        if not result.ok and result.scope == "key" and key_budget is not None:
-            free = usd_to_nano(key_budget.budget_usd) - result.key_spent - result.key_reserved
-            return BudgetRefusal(
-                user_id=user,
-                budget_usd=key_budget.budget_usd,
-                spent_usd=nano_to_usd(result.key_spent),
-                remaining_usd=nano_to_usd(max(0, free)),
-                estimated_cost_usd=amount_usd,
-                resets_at=rfc3339(period.resets_at(now)),
-                reserved_usd=nano_to_usd(result.key_reserved),
-                scope="key",
-                period=period.kind,
-                tenant=tenant,
-                seen=result,
-                key_id=key_budget.key_id,
-            )
-        if not result.ok and result.scope == "tenant" and tenant_budget_usd is not None:
-            free = usd_to_nano(tenant_budget_usd) - result.tenant_spent - result.tenant_reserved
-            return BudgetRefusal(
-                user_id=user,
-                budget_usd=tenant_budget_usd,
-                spent_usd=nano_to_usd(result.tenant_spent),
-                remaining_usd=nano_to_usd(max(0, free)),
-                estimated_cost_usd=amount_usd,
-                resets_at=rfc3339(tenant_period.resets_at(now)),
-                reserved_usd=nano_to_usd(result.tenant_reserved),
-                scope="tenant",
-                period=tenant_period.kind,
-                tenant=tenant,
-                seen=result,
-            )
         if not result.ok:
-            spendable = (
-                budget - (result.spent - result.from_grants) - result.reserved + result.grants_free
-            )
+            # the scope that refused: its budget and period, what it has spent and holds, and
+            # what it has left (the user's allowance counts its grants too)
+            scope: Literal["user", "tenant", "key"]
+            if result.scope == "key" and key_budget is not None:
+                scope, budget_usd, refused_period = "key", key_budget.budget_usd, period
+                spent, held = result.key_spent, result.key_reserved
+                free = usd_to_nano(budget_usd) - spent - held
+            elif result.scope == "tenant" and tenant_budget_usd is not None:
+                scope, budget_usd, refused_period = "tenant", tenant_budget_usd, tenant_period
+                spent, held = result.tenant_spent, result.tenant_reserved
+                free = usd_to_nano(budget_usd) - spent - held
+            else:
+                scope, budget_usd, refused_period = "user", daily_budget_usd, period
+                spent, held = result.spent, result.reserved
+                free = budget - (spent - result.from_grants) - held + result.grants_free
             return BudgetRefusal(
                 user_id=user,
-                budget_usd=daily_budget_usd,
-                spent_usd=nano_to_usd(result.spent),
-                remaining_usd=nano_to_usd(max(0, spendable)),
+                budget_usd=budget_usd,
+                spent_usd=nano_to_usd(spent),
+                remaining_usd=nano_to_usd(max(0, free)),
                 estimated_cost_usd=amount_usd,
-                resets_at=rfc3339(period.resets_at(now)),
-                reserved_usd=nano_to_usd(result.reserved),
-                period=period.kind,
+                resets_at=rfc3339(refused_period.resets_at(now)),
+                reserved_usd=nano_to_usd(held),
+                scope=scope,
+                period=refused_period.kind,
                 tenant=tenant,
                 seen=result,
+                key_id=key_budget.key_id if scope == "key" and key_budget else None,
             )
         return Reservation(
             id=reservation_id,
@@ -416,15 +413,7 @@ class Ledger:
             provider,
             to_us(now),
         )
-        if not result.applied:
-            return Settlement(reservation.id, False)
-        return Settlement(
-            reservation_id=reservation.id,
-            applied=True,
-            cost_usd=nano_to_usd(result.cost),
-            from_allowance_usd=nano_to_usd(result.from_allowance),
-            from_grants={g: nano_to_usd(v) for g, v in result.from_grants.items()},
-        )
+        return _settlement(reservation.id, result)
 
     def release(self, reservation: Reservation, now: datetime | None = None) -> bool:
         """Give the hold back (the request never cost anything); False if already finished."""
@@ -436,15 +425,7 @@ class Ledger:
         """Record the spend of requests carved from a budget slice on it, the slice staying held
         (governance/slices.py); a slice settled or released already records nothing."""
         result = self.store.settle_part(reservation.id, parts, to_us(now or self.clock()))
-        if not result.applied:
-            return Settlement(reservation.id, False)
-        return Settlement(
-            reservation_id=reservation.id,
-            applied=True,
-            cost_usd=nano_to_usd(result.cost),
-            from_allowance_usd=nano_to_usd(result.from_allowance),
-            from_grants={g: nano_to_usd(v) for g, v in result.from_grants.items()},
-        )
+        return _settlement(reservation.id, result)
 
     # -- asynchronous jobs ---------------------------------------------------------------------
     def record_job(

@@ -3,7 +3,7 @@
 Policy replay and shadow evaluation (governance/replay.py, governance/shadow.py) run the real
 Ledger and RateLimiter on it, so a candidate policy is judged by the same reserve, settle, rate
 and token rules as live traffic: the holds and draws come from the same pure functions the
-SQLite store uses (`plan_holds`, `plan_settle`, `tenant_admits`, `token_fits_at`). The state
+SQLite store uses (`plan_reserve`, `plan_settle_held`, `shrink_holds`, `token_fits_at`). The state
 contract (tests/core/state/test_contract.py) runs against it beside SQLite and Redis, and
 tests/core/state/test_memory.py runs one scripted history through this store and SQLite and
 compares every answer. Nothing is shared between processes and nothing survives the object.
@@ -29,6 +29,7 @@ from candela_mitm.state.ports import (
     RateHit,
     RateTake,
     ReserveResult,
+    SettlePlan,
     SettleResult,
     SpendPart,
     SpendRow,
@@ -38,11 +39,9 @@ from candela_mitm.state.ports import (
     UserRecord,
     WouldWait,
     from_us,
-    key_admits,
-    plan_holds,
-    plan_settle,
+    plan_reserve,
+    plan_settle_held,
     shrink_holds,
-    tenant_admits,
     token_fits_at,
 )
 
@@ -151,6 +150,8 @@ class MemoryStateStore(StateStore):
     def _grants_free(
         self, user_id: str, now_us: int, own: Mapping[str, int] | None = None
     ) -> list[tuple[str, int]]:
+        """The user's grants unexpired at `now_us` or held in `own`, earliest expiry first, with
+        what is free of each."""
         own = own or {}
         rows = [
             g
@@ -158,43 +159,29 @@ class MemoryStateStore(StateStore):
             if g.user_id == user_id and (g.expires_us > now_us or g.grant_id in own)
         ]
         rows.sort(key=lambda g: (g.expires_us, g.grant_id))
-        return [(g.grant_id, g.amount - g.used - g.held + own.get(g.grant_id, 0)) for g in rows]
+        return [(g.grant_id, g.amount - g.used - g.held) for g in rows]
 
     def reserve(self, new: NewReservation) -> ReserveResult:
         with self._lock:
             period = new.user_period
             row = self._t.days.get((new.user_id, period), _Row())
-            spent, from_grants, reserved = row.spent, row.from_grants, row.reserved
-            grants = self._grants_free(new.user_id, new.now_us)
-            daily_free = new.budget - (spent - from_grants) - reserved
-            grants_free = sum(max(0, free) for _, free in grants)
-            plan = plan_holds(new.amount, daily_free, grants)
-            if plan is None:
-                return ReserveResult(False, 0, {}, spent, from_grants, reserved, grants_free)
-            t_spent = t_reserved = t_hold = 0
-            tracked = bool(new.tenant and new.tenant_period)
-            if tracked:
-                t_row = self._t.tenant_periods.get((new.tenant, new.tenant_period), _Row())
-                t_spent, t_reserved = t_row.spent, t_row.reserved
-                if not tenant_admits(new.amount, new.tenant_budget, t_spent, t_reserved):
-                    return ReserveResult(
-                        False, 0, {}, spent, from_grants, reserved, grants_free,
-                        scope="tenant", tenant_spent=t_spent, tenant_reserved=t_reserved,
-                    )
-                t_hold = new.amount
-            k_spent = k_reserved = k_hold = 0
-            keyed = bool(new.key_id and new.key_period)
-            if keyed:
-                k_row = self._t.key_periods.get((new.key_id, new.key_period), _Row())
-                k_spent, k_reserved = k_row.spent, k_row.reserved
-                if not key_admits(new.amount, new.key_budget, k_spent, k_reserved):
-                    return ReserveResult(
-                        False, 0, {}, spent, from_grants, reserved, grants_free,
-                        scope="key", tenant_spent=t_spent, tenant_reserved=t_reserved,
-                        key_spent=k_spent, key_reserved=k_reserved,
-                    )
-                k_hold = new.amount
-            daily, holds = plan
+
+            def row_of(table: dict[tuple[str, str], _Row], key: tuple[str, str]) -> tuple[int, int]:
+                r = table.get(key, _Row())
+                return r.spent, r.reserved
+
+            got = plan_reserve(
+                new,
+                (row.spent, row.from_grants, row.reserved),
+                self._grants_free(new.user_id, new.now_us),
+                lambda: row_of(self._t.tenant_periods, (new.tenant, new.tenant_period)),
+                lambda: row_of(self._t.key_periods, (new.key_id, new.key_period)),
+            )
+            if not got.ok:
+                return got
+            daily, holds, t_hold, k_hold = (
+                got.daily_hold, got.grant_holds, got.tenant_hold, got.key_hold
+            )
             if daily:
                 self._t.days.setdefault((new.user_id, period), _Row()).reserved += daily
             if t_hold:
@@ -209,13 +196,59 @@ class MemoryStateStore(StateStore):
                 g = self._t.grants[grant_id]
                 self._t.grants[grant_id] = dataclasses.replace(g, held=g.held + take)
             self._t.reservations[new.reservation_id] = _Reservation(
-                new, daily, dict(holds), new.tenant_period if tracked else "", t_hold,
-                key_period=new.key_period if keyed else "", key_hold=k_hold,
+                new, daily, dict(holds), new.tenant_period if new.on_tenant_row else "", t_hold,
+                key_period=new.key_period if new.on_key_row else "", key_hold=k_hold,
             )
-            return ReserveResult(
-                True, daily, holds, spent, from_grants, reserved, grants_free,
-                tenant_spent=t_spent, tenant_reserved=t_reserved, tenant_hold=t_hold,
-                key_spent=k_spent, key_reserved=k_reserved, key_hold=k_hold,
+            return got
+
+    def _settle_plan(
+        self, reservation_id: str, cost: int, now_us: int
+    ) -> tuple[_Reservation, SettlePlan] | None:
+        """An active (or reclaimed) reservation and the plan of the draw of `cost` on it (settle,
+        settle_part). None: the reservation is unknown, settled or released."""
+        r = self._t.reservations.get(reservation_id)
+        if r is None or r.status not in ("active", "reclaimed"):
+            return None
+        new = r.new
+        row = self._t.days.setdefault((new.user_id, new.user_period), _Row())
+        plan = plan_settle_held(
+            cost, r.status, r.daily_hold, r.grant_holds, new.budget,
+            (row.spent, row.from_grants, row.reserved),
+            lambda own: self._grants_free(new.user_id, now_us, own),
+        )
+        return r, plan
+
+    def _book_settle(
+        self,
+        r: _Reservation,
+        cost: int,
+        draws: Mapping[str, int],
+        daily_back: int,
+        grants_back: Mapping[str, int],
+        tenant_back: int,
+        key_back: int,
+    ) -> None:
+        """Write a planned settle to the budget rows and grants: `cost` spent on each row, its
+        draws used, and the holds given back (`*_back`: what each row's reservation shrinks by)."""
+        new = r.new
+        row = self._t.days.setdefault((new.user_id, new.user_period), _Row())
+        row.spent += cost
+        row.from_grants += sum(draws.values())
+        row.reserved -= daily_back
+        if r.tenant_period:
+            t_row = self._t.tenant_periods.setdefault((new.tenant, r.tenant_period), _Row())
+            t_row.spent += cost
+            t_row.reserved -= tenant_back
+        if r.key_period:
+            k_row = self._t.key_periods.setdefault((new.key_id, r.key_period), _Row())
+            k_row.spent += cost
+            k_row.reserved -= key_back
+        for grant_id in grants_back.keys() | draws.keys():
+            g = self._t.grants[grant_id]
+            self._t.grants[grant_id] = dataclasses.replace(
+                g,
+                used=g.used + draws.get(grant_id, 0),
+                held=g.held - grants_back.get(grant_id, 0),
             )
 
     def settle(
@@ -229,87 +262,48 @@ class MemoryStateStore(StateStore):
         now_us: int,
     ) -> SettleResult:
         with self._lock:
-            r = self._t.reservations.get(reservation_id)
-            if r is None or r.status not in ("active", "reclaimed"):
+            found = self._settle_plan(reservation_id, cost, now_us)
+            if found is None:
                 return SettleResult(False)
+            r, plan = found
             new = r.new
-            period = new.user_period
-            active = r.status == "active"  # a reclaimed one gave its holds back already
-            own_daily = r.daily_hold if active else 0
-            own = r.grant_holds if active else {}
-            row = self._t.days.setdefault((new.user_id, period), _Row())
-            daily_free = new.budget - (row.spent - row.from_grants) - (row.reserved - own_daily)
-            daily, draws = plan_settle(cost, daily_free, self._grants_free(new.user_id, now_us, own))
-            row.spent += cost
-            row.from_grants += sum(draws.values())
-            row.reserved -= own_daily
-            if r.tenant_period:
-                t_row = self._t.tenant_periods.setdefault((new.tenant, r.tenant_period), _Row())
-                t_row.spent += cost
-                t_row.reserved -= r.tenant_hold if active else 0
-            if r.key_period:
-                k_row = self._t.key_periods.setdefault((new.key_id, r.key_period), _Row())
-                k_row.spent += cost
-                k_row.reserved -= r.key_hold if active else 0
-            for grant_id in own.keys() | draws.keys():
-                g = self._t.grants[grant_id]
-                self._t.grants[grant_id] = dataclasses.replace(
-                    g, used=g.used + draws.get(grant_id, 0), held=g.held - own.get(grant_id, 0)
-                )
+            # every hold it has left goes back
+            self._book_settle(
+                r, cost, plan.draws, plan.own_daily, plan.own, r.tenant_hold if plan.active else 0,
+                r.key_hold if plan.active else 0,
+            )
             r.status, r.finished_us = "settled", now_us
             s = self._t.spend.setdefault((new.day, new.user_id, new.tenant, model, provider), _Spend())
             s.cost += cost
             s.tokens_in += tokens_in
             s.tokens_out += tokens_out
             s.requests += 1
-            return SettleResult(True, cost, daily, draws)
+            return SettleResult(True, cost, plan.daily, plan.draws)
 
     def settle_part(
         self, reservation_id: str, parts: Sequence[SpendPart], now_us: int
     ) -> SettleResult:
+        cost = sum(p.cost for p in parts)
         with self._lock:
-            r = self._t.reservations.get(reservation_id)
-            if r is None or r.status not in ("active", "reclaimed"):
+            found = self._settle_plan(reservation_id, cost, now_us)
+            if found is None:
                 return SettleResult(False)
+            r, plan = found
             new = r.new
-            cost = sum(p.cost for p in parts)
-            active = r.status == "active"
-            own_daily = r.daily_hold if active else 0
-            own = r.grant_holds if active else {}
-            row = self._t.days.setdefault((new.user_id, new.user_period), _Row())
-            daily_free = new.budget - (row.spent - row.from_grants) - (row.reserved - own_daily)
-            daily, draws = plan_settle(cost, daily_free, self._grants_free(new.user_id, now_us, own))
-            used_daily, used_grants = shrink_holds(own_daily, own, daily, draws)
-            row.spent += cost
-            row.from_grants += sum(draws.values())
-            row.reserved -= used_daily
-            if active:
+            # the holds shrink by what was drawn from them; the rest stays held
+            used_daily, used_grants = shrink_holds(plan.own_daily, plan.own, plan.daily, plan.draws)
+            t_used = min(r.tenant_hold, cost) if plan.active and r.tenant_period else 0
+            k_used = min(r.key_hold, cost) if plan.active and r.key_period else 0
+            self._book_settle(r, cost, plan.draws, used_daily, used_grants, t_used, k_used)
+            if plan.active:
                 r.daily_hold -= used_daily
-            if r.tenant_period:
-                t_row = self._t.tenant_periods.setdefault((new.tenant, r.tenant_period), _Row())
-                t_row.spent += cost
-                t_used = min(r.tenant_hold, cost) if active else 0
-                t_row.reserved -= t_used
-                r.tenant_hold -= t_used
-            if r.key_period:
-                k_row = self._t.key_periods.setdefault((new.key_id, r.key_period), _Row())
-                k_row.spent += cost
-                k_used = min(r.key_hold, cost) if active else 0
-                k_row.reserved -= k_used
-                r.key_hold -= k_used
-            for grant_id in used_grants.keys() | draws.keys():
-                g = self._t.grants[grant_id]
-                self._t.grants[grant_id] = dataclasses.replace(
-                    g,
-                    used=g.used + draws.get(grant_id, 0),
-                    held=g.held - used_grants.get(grant_id, 0),
-                )
-            if active:
                 r.grant_holds = {
                     g: h - used_grants.get(g, 0)
                     for g, h in r.grant_holds.items()
                     if h - used_grants.get(g, 0) > 0
                 }
+            r.tenant_hold -= t_used
+            r.key_hold -= k_used
             r.settled += cost
             for p in parts:
                 s = self._t.spend.setdefault(
@@ -320,7 +314,7 @@ class MemoryStateStore(StateStore):
                 s.tokens_out += p.tokens_out
                 s.requests += p.requests
                 r.parts += p.requests
-            return SettleResult(True, cost, daily, draws)
+            return SettleResult(True, cost, plan.daily, plan.draws)
 
     def release(self, reservation_id: str, now_us: int, reclaim: bool = False) -> bool:
         with self._lock:

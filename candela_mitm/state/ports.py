@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from candela_mitm.errors import StoreUnavailable
 
@@ -171,6 +171,16 @@ class NewReservation:
     @property
     def user_period(self) -> str:
         return self.period or self.day
+
+    @property
+    def on_tenant_row(self) -> bool:
+        """Whether it counts on a tenant's period row (a tenant and its period are named)."""
+        return bool(self.tenant and self.tenant_period)
+
+    @property
+    def on_key_row(self) -> bool:
+        """Whether it counts on an API key's row (a key and its period are named)."""
+        return bool(self.key_id and self.key_period)
 
 
 @dataclass(frozen=True)
@@ -440,6 +450,24 @@ def token_fits_at(
     return None
 
 
+def _split(
+    amount: int, daily_free: int, grants_free: Sequence[tuple[str, int]]
+) -> tuple[int, int, dict[str, int]]:
+    """`amount` over the daily allowance first, then grants in the order given: (from the
+    allowance, what neither covers, {grant id: take})."""
+    daily = min(amount, max(0, daily_free))
+    rest = amount - daily
+    takes: dict[str, int] = {}
+    for grant_id, free in grants_free:
+        if rest <= 0:
+            break
+        take = min(rest, max(0, free))
+        if take:
+            takes[grant_id] = take
+            rest -= take
+    return daily, rest, takes
+
+
 def plan_holds(
     amount: int, daily_free: int, grants_free: Sequence[tuple[str, int]]
 ) -> tuple[int, dict[str, int]] | None:
@@ -451,16 +479,7 @@ def plan_holds(
     total_grants = sum(max(0, free) for _, free in grants_free)
     if amount > 0 and daily_free + total_grants < amount:
         return None
-    daily = min(amount, max(0, daily_free))
-    rest = amount - daily
-    holds: dict[str, int] = {}
-    for grant_id, free in grants_free:
-        if rest <= 0:
-            break
-        take = min(rest, max(0, free))
-        if take:
-            holds[grant_id] = take
-            rest -= take
+    daily, _, holds = _split(amount, daily_free, grants_free)
     return daily, holds
 
 
@@ -474,6 +493,51 @@ def tenant_admits(amount: int, budget: int | None, spent: int, reserved: int) ->
 
 # An API key's budget row admits by the same rule as a tenant's (the same table tests both).
 key_admits = tenant_admits
+
+
+def plan_reserve(
+    new: NewReservation,
+    day: tuple[int, int, int],
+    grants_free: Sequence[tuple[str, int]],
+    tenant_row: Callable[[], tuple[int, int]],
+    key_row: Callable[[], tuple[int, int]],
+) -> ReserveResult:
+    """Reserve's decision over the rows a store read: the user's row (`day`: spent, from grants,
+    reserved) and its unexpired grants, earliest expiry first (plan_holds); then, when named,
+    the tenant's and the key's rows, each (spent, reserved) read by its callable only once
+    every row before it admitted. A refusal names the scope that refused; an admission carries
+    the holds the store then writes. The Redis reserve script decides the same in Lua."""
+    spent, from_grants, reserved = day
+    daily_free = new.budget - (spent - from_grants) - reserved
+    grants_total = sum(max(0, free) for _, free in grants_free)
+    plan = plan_holds(new.amount, daily_free, grants_free)
+    if plan is None:
+        return ReserveResult(False, 0, {}, spent, from_grants, reserved, grants_total)
+    tracked, keyed = new.on_tenant_row, new.on_key_row
+    t_spent = t_reserved = k_spent = k_reserved = 0
+    refused = ""
+    if tracked:
+        t_spent, t_reserved = tenant_row()
+        if not tenant_admits(new.amount, new.tenant_budget, t_spent, t_reserved):
+            refused = "tenant"
+    if keyed and not refused:
+        k_spent, k_reserved = key_row()
+        if not key_admits(new.amount, new.key_budget, k_spent, k_reserved):
+            refused = "key"
+    if refused:
+        return ReserveResult(
+            False, 0, {}, spent, from_grants, reserved, grants_total, scope=refused,
+            tenant_spent=t_spent, tenant_reserved=t_reserved,
+            key_spent=k_spent, key_reserved=k_reserved,
+        )
+    daily, holds = plan
+    return ReserveResult(
+        True, daily, holds, spent, from_grants, reserved, grants_total,
+        tenant_spent=t_spent, tenant_reserved=t_reserved,
+        tenant_hold=new.amount if tracked else 0,
+        key_spent=k_spent, key_reserved=k_reserved,
+        key_hold=new.amount if keyed else 0,
+    )
 
 
 def shrink_holds(
@@ -491,17 +555,44 @@ def plan_settle(
 ) -> tuple[int, dict[str, int]]:
     """Draw a real cost: daily allowance first, then grants by earliest expiry, the rest overdraws
     the daily allowance (recorded, never dropped)."""
-    daily = min(cost, max(0, daily_free))
-    rest = cost - daily
-    draws: dict[str, int] = {}
-    for grant_id, free in grants_free:
-        if rest <= 0:
-            break
-        take = min(rest, max(0, free))
-        if take:
-            draws[grant_id] = take
-            rest -= take
+    daily, rest, draws = _split(cost, daily_free, grants_free)
     return daily + rest, draws
+
+
+class SettlePlan(NamedTuple):
+    """How a settle (or settle_part) draws its cost on a reservation: the holds it still has
+    (`own_daily`, `own`), then the draw (plan_settle)."""
+
+    active: bool
+    own_daily: int
+    own: dict[str, int]
+    daily: int  # from the allowance, overdraw included
+    draws: dict[str, int]
+
+
+def plan_settle_held(
+    cost: int,
+    status: str,
+    daily_hold: int,
+    grant_holds: dict[str, int],
+    budget: int,
+    day: tuple[int, int, int],
+    grants_free: Callable[[Mapping[str, int]], Sequence[tuple[str, int]]],
+) -> SettlePlan:
+    """Plan the draw of `cost` on a reservation of `status` "active" or "reclaimed", holding
+    `daily_hold` of its user's allowance and `grant_holds` of grants: what it holds is free to
+    it. A reclaimed one gave its holds back already (it holds nothing); its spend still counts.
+    `day`: the user's row (spent, from grants, reserved); `grants_free(own)`: the user's grants
+    unexpired or held in `own`, earliest expiry first, with what is free of each (the Redis
+    settle scripts plan the same in Lua)."""
+    active = status == "active"
+    own_daily = daily_hold if active else 0
+    own = grant_holds if active else {}
+    spent, from_grants, reserved = day
+    daily_free = budget - (spent - from_grants) - (reserved - own_daily)
+    grants = [(gid, free + own.get(gid, 0)) for gid, free in grants_free(own)]
+    daily, draws = plan_settle(cost, daily_free, grants)
+    return SettlePlan(active, own_daily, own, daily, draws)
 
 
 class StoreUnreachable(StoreUnavailable):

@@ -93,25 +93,30 @@ local daily_free = budget - (spent - from_grants) - reserved
 if amount > 0 and daily_free + grants_free < amount then
   return {0, 0, spent, from_grants, reserved, grants_free, 'user', 0, 0, 0, 0, 0, 0}
 end
--- the tenant's row (ARGV[15] its period key, '' when no tenant is named): as tenant_admits
-local t_spent, t_reserved, t_hold = 0, 0, 0
+-- a tenant's or key's row: its spent and reserved, and whether `budget` ('' for none) cannot
+-- hold the amount, as tenant_admits (key_admits is the same rule)
+local function row_refuses(key, budget)
+  local t = redis.call('HMGET', key, 'spent', 'reserved')
+  local row_spent = tonumber(t[1]) or 0
+  local row_reserved = tonumber(t[2]) or 0
+  return row_spent, row_reserved,
+    budget ~= '' and amount > 0 and tonumber(budget) - row_spent - row_reserved < amount
+end
+-- the tenant's row (ARGV[15] its period key, '' when no tenant is named)
+local t_spent, t_reserved, t_hold, refused = 0, 0, 0, false
 if ARGV[15] ~= '' then
-  local t = redis.call('HMGET', KEYS[5], 'spent', 'reserved')
-  t_spent = tonumber(t[1]) or 0
-  t_reserved = tonumber(t[2]) or 0
-  if ARGV[14] ~= '' and amount > 0 and tonumber(ARGV[14]) - t_spent - t_reserved < amount then
+  t_spent, t_reserved, refused = row_refuses(KEYS[5], ARGV[14])
+  if refused then
     return {0, 0, spent, from_grants, reserved, grants_free, 'tenant', t_spent, t_reserved, 0,
       0, 0, 0}
   end
   t_hold = amount
 end
--- the key's row (ARGV[18] its period key, '' when no key budget is named): as key_admits
+-- the key's row (ARGV[18] its period key, '' when no key budget is named)
 local k_spent, k_reserved, k_hold = 0, 0, 0
 if ARGV[18] ~= '' then
-  local k = redis.call('HMGET', KEYS[6], 'spent', 'reserved')
-  k_spent = tonumber(k[1]) or 0
-  k_reserved = tonumber(k[2]) or 0
-  if ARGV[17] ~= '' and amount > 0 and tonumber(ARGV[17]) - k_spent - k_reserved < amount then
+  k_spent, k_reserved, refused = row_refuses(KEYS[6], ARGV[17])
+  if refused then
     return {0, 0, spent, from_grants, reserved, grants_free, 'key', t_spent, t_reserved, 0,
       k_spent, k_reserved, 0}
   end
@@ -199,70 +204,100 @@ local function grant_order(gkey, own_ids, now, after)
 end
 """
 
-_SETTLE = (
+# Shared by settle and settle_part. settle_draw: read an active (or reclaimed) reservation and
+# draw `cost` on it as plan_settle_held does: the allowance first (its own hold counts as free
+# to it), then grants in grant_order (each with its own hold of it), the rest overdrawn on the
+# allowance; `on_draw(gid, take, hold)`, when given, runs after each grant's draw (hold: the
+# reservation's own of that grant). Returns nil for a reservation unknown, settled or released;
+# else s: r, own (grant holds), own_daily, active, daykey, drawn (from grants) and out ({1, from
+# the allowance, grant id, take, ...}: the script's answer). A reclaimed reservation holds
+# nothing any more. book_settle: the spend on the user's, tenant's and key's rows, each row's
+# reservation given back `*_back` of what was held on it.
+_SETTLE_DRAW = (
     _READ_RESERVATION
     + _GRANT_ORDER
     + """
-local r, own, own_ids = read_reservation(KEYS[1])
-if r.status ~= 'active' and r.status ~= 'reclaimed' then return {0} end
--- a reclaimed reservation gave its holds back already; its spend still counts
-if r.status ~= 'active' then own = {}; own_ids = {} end
-local own_daily = 0
-if r.status == 'active' then own_daily = tonumber(r.daily_hold) end
+local function settle_draw(key, cost, now, after, P, on_draw)
+  local r, own, own_ids = read_reservation(key)
+  if r.status ~= 'active' and r.status ~= 'reclaimed' then return nil end
+  local active = r.status == 'active'
+  -- a reclaimed reservation gave its holds back already; its spend still counts
+  if not active then own = {}; own_ids = {} end
+  local own_daily = 0
+  if active then own_daily = tonumber(r.daily_hold) end
+  local period = r.period
+  if period == nil or period == '' then period = r.day end
+  local daykey = P .. 'day:' .. r.user_id .. ':' .. period
+  local gkey = P .. 'grants:' .. r.user_id
+  local d = redis.call('HMGET', daykey, 'spent', 'from_grants', 'reserved')
+  local spent = tonumber(d[1]) or 0
+  local from_grants = tonumber(d[2]) or 0
+  local reserved = tonumber(d[3]) or 0
+  local daily_free = tonumber(r.budget) - (spent - from_grants) - (reserved - own_daily)
+  local order = grant_order(gkey, own_ids, now, after)
+  local daily = math.min(cost, math.max(0, daily_free))
+  local rest = cost - daily
+  local drawn = 0
+  local out = {1, 0}
+  for _, gid in ipairs(order) do
+    if rest <= 0 then break end
+    local g = redis.call('HMGET', P .. 'grant:' .. gid, 'amount', 'used', 'held')
+    local f = (tonumber(g[1]) or 0) - (tonumber(g[2]) or 0) - (tonumber(g[3]) or 0)
+      + (own[gid] or 0)
+    local take = math.min(rest, math.max(0, f))
+    if take > 0 then
+      redis.call('HINCRBY', P .. 'grant:' .. gid, 'used', take)
+      if on_draw then on_draw(gid, take, own[gid] or 0) end
+      table.insert(out, gid)
+      table.insert(out, take)
+      drawn = drawn + take
+      rest = rest - take
+    end
+  end
+  out[2] = daily + rest
+  return {r = r, own = own, own_daily = own_daily, active = active, daykey = daykey,
+    drawn = drawn, out = out}
+end
+
+-- one budget row: `cost` spent on it, `back` of what the reservation held on it given back
+local function book_row(key, cost, back, ttl)
+  redis.call('HINCRBY', key, 'spent', cost)
+  if back ~= 0 then redis.call('HINCRBY', key, 'reserved', -back) end
+  redis.call('EXPIRE', key, ttl)
+end
+
+local function book_settle(s, P, cost, daily_back, tenant_back, key_back, ttl)
+  local r = s.r
+  if s.drawn ~= 0 then redis.call('HINCRBY', s.daykey, 'from_grants', s.drawn) end
+  book_row(s.daykey, cost, daily_back, ttl)
+  if r.tenant_period ~= nil and r.tenant_period ~= '' then
+    book_row(P .. 'tday:' .. r.tenant .. ':' .. r.tenant_period, cost, tenant_back, ttl)
+  end
+  if r.key_period ~= nil and r.key_period ~= '' then
+    book_row(P .. 'kday:' .. r.key_id .. ':' .. r.key_period, cost, key_back, ttl)
+  end
+end
+"""
+)
+
+_SETTLE = (
+    _SETTLE_DRAW
+    + """
 local P = ARGV[7]
 local cost = tonumber(ARGV[1])
-local now = tonumber(ARGV[6])
-local period = r.period
-if period == nil or period == '' then period = r.day end
-local daykey = P .. 'day:' .. r.user_id .. ':' .. period
-local gkey = P .. 'grants:' .. r.user_id
-local d = redis.call('HMGET', daykey, 'spent', 'from_grants', 'reserved')
-local spent = tonumber(d[1]) or 0
-local from_grants = tonumber(d[2]) or 0
-local reserved = tonumber(d[3]) or 0
-local daily_free = tonumber(r.budget) - (spent - from_grants) - (reserved - own_daily)
-local order = grant_order(gkey, own_ids, now, ARGV[6])
-local daily = math.min(cost, math.max(0, daily_free))
-local rest = cost - daily
-local drawn = 0
-local out = {1, 0}
-for _, gid in ipairs(order) do
-  if rest <= 0 then break end
-  local g = redis.call('HMGET', P .. 'grant:' .. gid, 'amount', 'used', 'held')
-  local f = (tonumber(g[1]) or 0) - (tonumber(g[2]) or 0) - (tonumber(g[3]) or 0) + (own[gid] or 0)
-  local take = math.min(rest, math.max(0, f))
-  if take > 0 then
-    redis.call('HINCRBY', P .. 'grant:' .. gid, 'used', take)
-    table.insert(out, gid)
-    table.insert(out, take)
-    drawn = drawn + take
-    rest = rest - take
-  end
-end
-out[2] = daily + rest
-for gid, hold in pairs(own) do
+local s = settle_draw(KEYS[1], cost, tonumber(ARGV[6]), ARGV[6], P, nil)
+if s == nil then return {0} end
+local r = s.r
+-- every hold it has left goes back
+for gid, hold in pairs(s.own) do
   redis.call('HINCRBY', P .. 'grant:' .. gid, 'held', -hold)
 end
-redis.call('HINCRBY', daykey, 'spent', cost)
-if drawn ~= 0 then redis.call('HINCRBY', daykey, 'from_grants', drawn) end
-if own_daily ~= 0 then redis.call('HINCRBY', daykey, 'reserved', -own_daily) end
-redis.call('EXPIRE', daykey, ARGV[9])
-if r.tenant_period ~= nil and r.tenant_period ~= '' then
-  local tkey = P .. 'tday:' .. r.tenant .. ':' .. r.tenant_period
-  redis.call('HINCRBY', tkey, 'spent', cost)
-  if r.status == 'active' and tonumber(r.tenant_hold or '0') ~= 0 then
-    redis.call('HINCRBY', tkey, 'reserved', -tonumber(r.tenant_hold))
-  end
-  redis.call('EXPIRE', tkey, ARGV[9])
+local t_back, k_back = 0, 0
+if s.active then
+  t_back = tonumber(r.tenant_hold or '0')
+  k_back = tonumber(r.key_hold or '0')
 end
-if r.key_period ~= nil and r.key_period ~= '' then
-  local kkey = P .. 'kday:' .. r.key_id .. ':' .. r.key_period
-  redis.call('HINCRBY', kkey, 'spent', cost)
-  if r.status == 'active' and tonumber(r.key_hold or '0') ~= 0 then
-    redis.call('HINCRBY', kkey, 'reserved', -tonumber(r.key_hold))
-  end
-  redis.call('EXPIRE', kkey, ARGV[9])
-end
+book_settle(s, P, cost, s.own_daily, t_back, k_back, ARGV[9])
 redis.call('HSET', KEYS[1], 'status', 'settled', 'cost', ARGV[1], 'finished_us', ARGV[6])
 redis.call('ZREM', KEYS[2], ARGV[8])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[8])
@@ -273,7 +308,7 @@ redis.call('HINCRBY', skey, 'i\\31' .. row, ARGV[2])
 redis.call('HINCRBY', skey, 'o\\31' .. row, ARGV[3])
 redis.call('HINCRBY', skey, 'n\\31' .. row, 1)
 redis.call('ZADD', P .. 'spenddays', 0, r.day)
-return out
+return s.out
 """
 )
 
@@ -281,91 +316,41 @@ return out
 # holds shrunk by what was drawn from them. ARGV: now, prefix, day TTL, then per part: model,
 # provider, cost, tokens in, tokens out, requests.
 _SETTLE_PART = (
-    _READ_RESERVATION
-    + _GRANT_ORDER
+    _SETTLE_DRAW
     + """
-local r, own, own_ids = read_reservation(KEYS[1])
-if r.status ~= 'active' and r.status ~= 'reclaimed' then return {0} end
-local active = r.status == 'active'
-if not active then own = {}; own_ids = {} end
-local own_daily = 0
-if active then own_daily = tonumber(r.daily_hold) end
-local now = tonumber(ARGV[1])
 local P = ARGV[2]
 local cost, requests = 0, 0
 for i = 4, #ARGV, 6 do
   cost = cost + tonumber(ARGV[i + 2])
   requests = requests + tonumber(ARGV[i + 5])
 end
-local period = r.period
-if period == nil or period == '' then period = r.day end
-local daykey = P .. 'day:' .. r.user_id .. ':' .. period
-local gkey = P .. 'grants:' .. r.user_id
-local d = redis.call('HMGET', daykey, 'spent', 'from_grants', 'reserved')
-local spent = tonumber(d[1]) or 0
-local from_grants = tonumber(d[2]) or 0
-local reserved = tonumber(d[3]) or 0
-local daily_free = tonumber(r.budget) - (spent - from_grants) - (reserved - own_daily)
-local order = grant_order(gkey, own_ids, now, ARGV[1])
-local daily = math.min(cost, math.max(0, daily_free))
-local rest = cost - daily
-local drawn = 0
-local out = {1, 0}
-for _, gid in ipairs(order) do
-  if rest <= 0 then break end
-  local g = redis.call('HMGET', P .. 'grant:' .. gid, 'amount', 'used', 'held')
-  local f = (tonumber(g[1]) or 0) - (tonumber(g[2]) or 0) - (tonumber(g[3]) or 0) + (own[gid] or 0)
-  local take = math.min(rest, math.max(0, f))
-  if take > 0 then
-    redis.call('HINCRBY', P .. 'grant:' .. gid, 'used', take)
-    local used = math.min(own[gid] or 0, take)
-    if used > 0 then
-      redis.call('HINCRBY', P .. 'grant:' .. gid, 'held', -used)
-      if (own[gid] - used) > 0 then
-        redis.call('HSET', KEYS[1], 'gh:' .. gid, own[gid] - used)
-      else
-        redis.call('HDEL', KEYS[1], 'gh:' .. gid)
-      end
-    end
-    table.insert(out, gid)
-    table.insert(out, take)
-    drawn = drawn + take
-    rest = rest - take
-  end
-end
-out[2] = daily + rest
-local used_daily = math.min(own_daily, daily + rest)
-redis.call('HINCRBY', daykey, 'spent', cost)
-if drawn ~= 0 then redis.call('HINCRBY', daykey, 'from_grants', drawn) end
-if used_daily ~= 0 then
-  redis.call('HINCRBY', daykey, 'reserved', -used_daily)
-  redis.call('HINCRBY', KEYS[1], 'daily_hold', -used_daily)
-end
-redis.call('EXPIRE', daykey, ARGV[3])
-if r.tenant_period ~= nil and r.tenant_period ~= '' then
-  local tkey = P .. 'tday:' .. r.tenant .. ':' .. r.tenant_period
-  redis.call('HINCRBY', tkey, 'spent', cost)
-  if active then
-    local t_used = math.min(tonumber(r.tenant_hold or '0'), cost)
-    if t_used ~= 0 then
-      redis.call('HINCRBY', tkey, 'reserved', -t_used)
-      redis.call('HINCRBY', KEYS[1], 'tenant_hold', -t_used)
+-- a grant's draw comes out of the reservation's own hold of it first
+local function shrink_hold(gid, take, hold)
+  local used = math.min(hold, take)
+  if used > 0 then
+    redis.call('HINCRBY', P .. 'grant:' .. gid, 'held', -used)
+    if (hold - used) > 0 then
+      redis.call('HSET', KEYS[1], 'gh:' .. gid, hold - used)
+    else
+      redis.call('HDEL', KEYS[1], 'gh:' .. gid)
     end
   end
-  redis.call('EXPIRE', tkey, ARGV[3])
 end
-if r.key_period ~= nil and r.key_period ~= '' then
-  local kkey = P .. 'kday:' .. r.key_id .. ':' .. r.key_period
-  redis.call('HINCRBY', kkey, 'spent', cost)
-  if active then
-    local k_used = math.min(tonumber(r.key_hold or '0'), cost)
-    if k_used ~= 0 then
-      redis.call('HINCRBY', kkey, 'reserved', -k_used)
-      redis.call('HINCRBY', KEYS[1], 'key_hold', -k_used)
-    end
-  end
-  redis.call('EXPIRE', kkey, ARGV[3])
+local s = settle_draw(KEYS[1], cost, tonumber(ARGV[1]), ARGV[1], P, shrink_hold)
+if s == nil then return {0} end
+local r = s.r
+local used_daily = math.min(s.own_daily, s.out[2])
+local t_used, k_used = 0, 0
+if s.active and r.tenant_period ~= nil and r.tenant_period ~= '' then
+  t_used = math.min(tonumber(r.tenant_hold or '0'), cost)
 end
+if s.active and r.key_period ~= nil and r.key_period ~= '' then
+  k_used = math.min(tonumber(r.key_hold or '0'), cost)
+end
+book_settle(s, P, cost, used_daily, t_used, k_used, ARGV[3])
+if used_daily ~= 0 then redis.call('HINCRBY', KEYS[1], 'daily_hold', -used_daily) end
+if t_used ~= 0 then redis.call('HINCRBY', KEYS[1], 'tenant_hold', -t_used) end
+if k_used ~= 0 then redis.call('HINCRBY', KEYS[1], 'key_hold', -k_used) end
 redis.call('HINCRBY', KEYS[1], 'settled', cost)
 redis.call('HINCRBY', KEYS[1], 'parts', requests)
 local skey = P .. 'spend:' .. r.day
@@ -377,7 +362,7 @@ for i = 4, #ARGV, 6 do
   redis.call('HINCRBY', skey, 'n\\31' .. row, ARGV[i + 5])
 end
 redis.call('ZADD', P .. 'spenddays', 0, r.day)
-return out
+return s.out
 """
 )
 

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.state.gate import WriteGate, this_process
@@ -28,6 +28,7 @@ from candela_mitm.state.ports import (
     RateHit,
     RateTake,
     ReserveResult,
+    SettlePlan,
     SettleResult,
     SpendPart,
     SpendRow,
@@ -36,11 +37,9 @@ from candela_mitm.state.ports import (
     TokenAdmit,
     UserRecord,
     WouldWait,
-    key_admits,
-    plan_holds,
-    plan_settle,
+    plan_reserve,
+    plan_settle_held,
     shrink_holds,
-    tenant_admits,
     token_fits_at,
 )
 
@@ -113,6 +112,87 @@ _RESERVATION_AND_DAY = (
     "AND d.day = (CASE r.period WHEN '' THEN r.day ELSE r.period END) "
     "WHERE r.reservation_id = ?"
 )
+
+
+class _Settling(NamedTuple):
+    """A reservation being settled (settle, settle_part): its budget rows, and the plan."""
+
+    user_id: str
+    tenant: str
+    day: str
+    period: str  # the user's budget row
+    tenant_period: str
+    tenant_hold: int
+    key_id: str
+    key_period: str
+    key_hold: int
+    plan: SettlePlan
+
+
+def _settle_plan(
+    c: sqlite3.Connection, reservation_id: str, cost: int, now_us: int
+) -> _Settling | None:
+    """Read an active (or reclaimed) reservation and plan the draw of `cost` on it. None: the
+    reservation is unknown, settled or released."""
+    # the reservation and its day's row, in one statement
+    r = c.execute(_RESERVATION_AND_DAY, (reservation_id,)).fetchone()
+    if r is None or r[6] not in ("active", "reclaimed"):
+        return None
+    user_id = r[0]
+
+    def grants_free(own: Mapping[str, int]) -> list[tuple[str, int]]:
+        marks = ",".join("?" * len(own))
+        rows: list[tuple[str, int]] = c.execute(
+            "SELECT grant_id, amount - used - held FROM grants WHERE user_id = ? AND "
+            f"(expires_us > ? OR grant_id IN ({marks})) ORDER BY expires_us, grant_id",
+            (user_id, now_us, *own),
+        ).fetchall()
+        return rows
+
+    day = (r[7], r[8], r[9]) if r[7] is not None else (0, 0, 0)
+    plan = plan_settle_held(cost, r[6], r[4], json.loads(r[5]), r[3], day, grants_free)
+    return _Settling(
+        user_id, r[1], r[2], r[10] or r[2], r[11], r[12], r[13], r[14], r[15], plan
+    )
+
+
+def _book_settle(
+    c: sqlite3.Connection,
+    s: _Settling,
+    cost: int,
+    daily_back: int,
+    grants_back: Mapping[str, int],
+    tenant_back: int,
+    key_back: int,
+) -> None:
+    """Write a planned settle to the budget rows and grants: `cost` spent on each row, its draws
+    used, and the holds given back (`*_back`: what each row's reservation shrinks by)."""
+    c.execute(
+        "INSERT INTO days (user_id, day, spent, from_grants, reserved) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (user_id, day) DO UPDATE SET spent = spent + excluded.spent, "
+        "from_grants = from_grants + excluded.from_grants, "
+        "reserved = reserved + excluded.reserved",
+        (s.user_id, s.period, cost, sum(s.plan.draws.values()), -daily_back),
+    )
+    if s.tenant_period:
+        c.execute(
+            "INSERT INTO tenant_periods (tenant, period, spent, reserved) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (tenant, period) DO UPDATE SET "
+            "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
+            (s.tenant, s.tenant_period, cost, -tenant_back),
+        )
+    if s.key_period:  # the key's row, when a key budget was named
+        c.execute(
+            "INSERT INTO key_periods (key_id, period, spent, reserved) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (key_id, period) DO UPDATE SET "
+            "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
+            (s.key_id, s.key_period, cost, -key_back),
+        )
+    for grant_id in grants_back.keys() | s.plan.draws.keys():
+        c.execute(
+            "UPDATE grants SET used = used + ?, held = held - ? WHERE grant_id = ?",
+            (s.plan.draws.get(grant_id, 0), grants_back.get(grant_id, 0), grant_id),
+        )
 
 
 def _bump_generation(c: sqlite3.Connection) -> None:
@@ -453,33 +533,19 @@ class SqliteStateStore(StateStore):
                 "WHERE user_id = ? AND expires_us > ? ORDER BY expires_us, grant_id",
                 (new.user_id, new.now_us),
             ).fetchall()
-            daily_free = new.budget - (spent - from_grants) - reserved
-            grants_free = sum(max(0, free) for _, free in grants)
-            plan = plan_holds(new.amount, daily_free, grants)
-            if plan is None:
-                return ReserveResult(False, 0, {}, spent, from_grants, reserved, grants_free)
-            t_spent = t_reserved = t_hold = 0
-            tracked = bool(new.tenant and new.tenant_period)
-            if tracked:
-                t_spent, t_reserved = self._tenant_row(c, new.tenant, new.tenant_period)
-                if not tenant_admits(new.amount, new.tenant_budget, t_spent, t_reserved):
-                    return ReserveResult(
-                        False, 0, {}, spent, from_grants, reserved, grants_free,
-                        scope="tenant", tenant_spent=t_spent, tenant_reserved=t_reserved,
-                    )
-                t_hold = new.amount
-            k_spent = k_reserved = k_hold = 0
-            keyed = bool(new.key_id and new.key_period)
-            if keyed:
-                k_spent, k_reserved = self._key_row(c, new.key_id, new.key_period)
-                if not key_admits(new.amount, new.key_budget, k_spent, k_reserved):
-                    return ReserveResult(
-                        False, 0, {}, spent, from_grants, reserved, grants_free,
-                        scope="key", tenant_spent=t_spent, tenant_reserved=t_reserved,
-                        key_spent=k_spent, key_reserved=k_reserved,
-                    )
-                k_hold = new.amount
-            daily, holds = plan
+            got = plan_reserve(
+                new,
+                (spent, from_grants, reserved),
+                grants,
+                lambda: self._tenant_row(c, new.tenant, new.tenant_period),
+                lambda: self._key_row(c, new.key_id, new.key_period),
+            )
+            if not got.ok:
+                return got
+            daily, holds, t_hold, k_hold = (
+                got.daily_hold, got.grant_holds, got.tenant_hold, got.key_hold
+            )
+            keyed = new.on_key_row
             if daily:
                 c.execute(
                     "INSERT INTO days (user_id, day, reserved) VALUES (?, ?, ?) "
@@ -522,18 +588,14 @@ class SqliteStateStore(StateStore):
                     new.model,
                     new.provider,
                     period,
-                    new.tenant_period if tracked else "",
+                    new.tenant_period if new.on_tenant_row else "",
                     t_hold,
                     new.key_id if keyed else "",
                     new.key_period if keyed else "",
                     k_hold,
                 ),
             )
-            return ReserveResult(
-                True, daily, holds, spent, from_grants, reserved, grants_free,
-                tenant_spent=t_spent, tenant_reserved=t_reserved, tenant_hold=t_hold,
-                key_spent=k_spent, key_reserved=k_reserved, key_hold=k_hold,
-            )
+            return got
 
     def settle(
         self,
@@ -546,54 +608,15 @@ class SqliteStateStore(StateStore):
         now_us: int,
     ) -> SettleResult:
         with self._tx() as c:
-            # the reservation and its day's row, in one statement
-            r = c.execute(_RESERVATION_AND_DAY, (reservation_id,)).fetchone()
-            if r is None or r[6] not in ("active", "reclaimed"):
+            s = _settle_plan(c, reservation_id, cost, now_us)
+            if s is None:
                 return SettleResult(False)
-            user_id, tenant, day, budget = r[0], r[1], r[2], r[3]
-            period, tenant_period = r[10] or day, r[11]
-            # A reclaimed reservation gave its holds back already; its spend still counts.
-            active = r[6] == "active"
-            own_daily: int = r[4] if active else 0
-            own: dict[str, int] = json.loads(r[5]) if active else {}
-            spent, from_grants, reserved = (r[7], r[8], r[9]) if r[7] is not None else (0, 0, 0)
-            daily_free = budget - (spent - from_grants) - (reserved - own_daily)
-            marks = ",".join("?" * len(own))
-            grants = c.execute(
-                "SELECT grant_id, amount - used - held FROM grants WHERE user_id = ? AND "
-                f"(expires_us > ? OR grant_id IN ({marks})) ORDER BY expires_us, grant_id",
-                (user_id, now_us, *own),
-            ).fetchall()
-            # the reservation's own holds are available to it
-            grants = [(gid, free + own.get(gid, 0)) for gid, free in grants]
-            daily, draws = plan_settle(cost, daily_free, grants)
-            drawn = sum(draws.values())
-            c.execute(
-                "INSERT INTO days (user_id, day, spent, from_grants, reserved) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (user_id, day) DO UPDATE SET spent = spent + excluded.spent, "
-                "from_grants = from_grants + excluded.from_grants, "
-                "reserved = reserved + excluded.reserved",
-                (user_id, period, cost, drawn, -own_daily),
+            plan = s.plan
+            # every hold it has left goes back
+            _book_settle(
+                c, s, cost, plan.own_daily, plan.own, s.tenant_hold if plan.active else 0,
+                s.key_hold if plan.active else 0,
             )
-            if tenant_period:
-                c.execute(
-                    "INSERT INTO tenant_periods (tenant, period, spent, reserved) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT (tenant, period) DO UPDATE SET "
-                    "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
-                    (tenant, tenant_period, cost, -(r[12] if active else 0)),
-                )
-            if r[14]:  # the key's row, when a key budget was named
-                c.execute(
-                    "INSERT INTO key_periods (key_id, period, spent, reserved) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT (key_id, period) DO UPDATE SET "
-                    "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
-                    (r[13], r[14], cost, -(r[15] if active else 0)),
-                )
-            for grant_id in own.keys() | draws.keys():
-                c.execute(
-                    "UPDATE grants SET used = used + ?, held = held - ? WHERE grant_id = ?",
-                    (draws.get(grant_id, 0), own.get(grant_id, 0), grant_id),
-                )
             c.execute(
                 "UPDATE reservations SET status = 'settled', cost = ?, finished_us = ? "
                 "WHERE reservation_id = ?",
@@ -605,63 +628,25 @@ class SqliteStateStore(StateStore):
                 "ON CONFLICT (day, user_id, tenant, model, provider) DO UPDATE SET "
                 "cost = cost + excluded.cost, tokens_in = tokens_in + excluded.tokens_in, "
                 "tokens_out = tokens_out + excluded.tokens_out, requests = requests + 1",
-                (day, user_id, tenant, model, provider, cost, tokens_in, tokens_out),
+                (s.day, s.user_id, s.tenant, model, provider, cost, tokens_in, tokens_out),
             )
-            return SettleResult(True, cost, daily, draws)
+            return SettleResult(True, cost, plan.daily, plan.draws)
 
     def settle_part(
         self, reservation_id: str, parts: Sequence[SpendPart], now_us: int
     ) -> SettleResult:
+        cost = sum(p.cost for p in parts)
         with self._tx() as c:
-            r = c.execute(_RESERVATION_AND_DAY, (reservation_id,)).fetchone()
-            if r is None or r[6] not in ("active", "reclaimed"):
+            s = _settle_plan(c, reservation_id, cost, now_us)
+            if s is None:
                 return SettleResult(False)
-            user_id, tenant, day, budget = r[0], r[1], r[2], r[3]
-            period, tenant_period = r[10] or day, r[11]
-            cost = sum(p.cost for p in parts)
-            active = r[6] == "active"
-            own_daily: int = r[4] if active else 0
-            own: dict[str, int] = json.loads(r[5]) if active else {}
-            spent, from_grants, reserved = (r[7], r[8], r[9]) if r[7] is not None else (0, 0, 0)
-            daily_free = budget - (spent - from_grants) - (reserved - own_daily)
-            marks = ",".join("?" * len(own))
-            grants = c.execute(
-                "SELECT grant_id, amount - used - held FROM grants WHERE user_id = ? AND "
-                f"(expires_us > ? OR grant_id IN ({marks})) ORDER BY expires_us, grant_id",
-                (user_id, now_us, *own),
-            ).fetchall()
-            grants = [(gid, free + own.get(gid, 0)) for gid, free in grants]
-            daily, draws = plan_settle(cost, daily_free, grants)
-            used_daily, used_grants = shrink_holds(own_daily, own, daily, draws)
-            c.execute(
-                "INSERT INTO days (user_id, day, spent, from_grants, reserved) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (user_id, day) DO UPDATE SET spent = spent + excluded.spent, "
-                "from_grants = from_grants + excluded.from_grants, "
-                "reserved = reserved + excluded.reserved",
-                (user_id, period, cost, sum(draws.values()), -used_daily),
-            )
-            t_used = min(r[12], cost) if active and tenant_period else 0
-            if tenant_period:
-                c.execute(
-                    "INSERT INTO tenant_periods (tenant, period, spent, reserved) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT (tenant, period) DO UPDATE SET "
-                    "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
-                    (tenant, tenant_period, cost, -t_used),
-                )
-            k_used = min(r[15], cost) if active and r[14] else 0
-            if r[14]:
-                c.execute(
-                    "INSERT INTO key_periods (key_id, period, spent, reserved) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT (key_id, period) DO UPDATE SET "
-                    "spent = spent + excluded.spent, reserved = reserved + excluded.reserved",
-                    (r[13], r[14], cost, -k_used),
-                )
-            for grant_id in used_grants.keys() | draws.keys():
-                c.execute(
-                    "UPDATE grants SET used = used + ?, held = held - ? WHERE grant_id = ?",
-                    (draws.get(grant_id, 0), used_grants.get(grant_id, 0), grant_id),
-                )
-            left = {g: h - used_grants.get(g, 0) for g, h in own.items()}
+            plan = s.plan
+            # the holds shrink by what was drawn from them; the rest stays held
+            used_daily, used_grants = shrink_holds(plan.own_daily, plan.own, plan.daily, plan.draws)
+            t_used = min(s.tenant_hold, cost) if plan.active and s.tenant_period else 0
+            k_used = min(s.key_hold, cost) if plan.active and s.key_period else 0
+            _book_settle(c, s, cost, used_daily, used_grants, t_used, k_used)
+            left = {g: h - used_grants.get(g, 0) for g, h in plan.own.items()}
             c.execute(
                 "UPDATE reservations SET daily_hold = daily_hold - ?, tenant_hold = tenant_hold - ?, "
                 "key_hold = key_hold - ?, grant_holds = CASE status WHEN 'active' THEN ? "
@@ -680,12 +665,12 @@ class SqliteStateStore(StateStore):
                 "tokens_out = tokens_out + excluded.tokens_out, "
                 "requests = requests + excluded.requests",
                 [
-                    (day, user_id, tenant, p.model, p.provider, p.cost, p.tokens_in,
+                    (s.day, s.user_id, s.tenant, p.model, p.provider, p.cost, p.tokens_in,
                      p.tokens_out, p.requests)
                     for p in parts
                 ],
             )
-            return SettleResult(True, cost, daily, draws)
+            return SettleResult(True, cost, plan.daily, plan.draws)
 
     def release(self, reservation_id: str, now_us: int, reclaim: bool = False) -> bool:
         with self._tx() as c:
@@ -925,47 +910,21 @@ class SqliteStateStore(StateStore):
 
     # -- rate windows --------------------------------------------------------------------------
     def rate_hit(self, key: str, limit: int, window_us: int, now_us: int) -> RateHit:
-        # The log's rows of `key` are counted in rate_count, not with count(*): that would read
-        # every request of the window (80 ns each, 160 us at 2,000 in a window) on every check.
         with self._tx() as c:
-            forgotten = c.execute(
-                "DELETE FROM rate_log WHERE key = ? AND ts <= ?", (key, now_us - window_us)
-            ).rowcount
-            # the running count and the first entry of the (key, ts) index, in one statement
-            stored, oldest = c.execute(
-                "SELECT (SELECT n FROM rate_count WHERE key = ?1),"
-                " (SELECT min(ts) FROM rate_log WHERE key = ?1)",
-                (key,),
-            ).fetchone()
-            count = (stored or 0) - forgotten
+            count, stored, oldest = self._rate_window(c, key, window_us, now_us)
             allowed = count < limit
             if allowed:
                 c.execute("INSERT INTO rate_log (key, ts) VALUES (?, ?)", (key, now_us))
                 count += 1
                 oldest = now_us if oldest is None else min(oldest, now_us)
-            if count <= 0:
-                c.execute("DELETE FROM rate_count WHERE key = ?", (key,))
-            elif stored is None or count != stored:
-                c.execute(
-                    "INSERT INTO rate_count (key, n) VALUES (?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET n = excluded.n",
-                    (key, count),
-                )
+            self._set_rate_count(c, key, count, stored)
             return RateHit(allowed, count, oldest)
 
     def rate_take(
         self, key: str, limit: int, n: int, window_us: int, now_us: int, stamp_us: int
     ) -> RateTake:
         with self._tx() as c:
-            forgotten = c.execute(
-                "DELETE FROM rate_log WHERE key = ? AND ts <= ?", (key, now_us - window_us)
-            ).rowcount
-            stored, oldest = c.execute(
-                "SELECT (SELECT n FROM rate_count WHERE key = ?1),"
-                " (SELECT min(ts) FROM rate_log WHERE key = ?1)",
-                (key,),
-            ).fetchone()
-            count = (stored or 0) - forgotten
+            count, stored, oldest = self._rate_window(c, key, window_us, now_us)
             granted = max(0, min(n, limit - count))
             if granted:
                 c.executemany(
@@ -989,6 +948,24 @@ class SqliteStateStore(StateStore):
                 ).fetchone() or (None,)
                 self._set_rate_count(c, key, (stored or 0) - removed, stored)
             return removed
+
+    @staticmethod
+    def _rate_window(
+        c: sqlite3.Connection, key: str, window_us: int, now_us: int
+    ) -> tuple[int, int | None, int | None]:
+        """Forget `key`'s entries that left the window; (entries in it, the stored count, the
+        oldest entry). The rows are counted in rate_count, not with count(*): that would read
+        every request of the window (80 ns each, 160 us at 2,000 in a window) on every check."""
+        forgotten = c.execute(
+            "DELETE FROM rate_log WHERE key = ? AND ts <= ?", (key, now_us - window_us)
+        ).rowcount
+        # the running count and the first entry of the (key, ts) index, in one statement
+        stored, oldest = c.execute(
+            "SELECT (SELECT n FROM rate_count WHERE key = ?1),"
+            " (SELECT min(ts) FROM rate_log WHERE key = ?1)",
+            (key,),
+        ).fetchone()
+        return (stored or 0) - forgotten, stored, oldest
 
     @staticmethod
     def _set_rate_count(c: sqlite3.Connection, key: str, count: int, stored: int | None) -> None:

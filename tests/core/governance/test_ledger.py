@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import threading
 from datetime import UTC, datetime, timedelta
@@ -10,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from candela_mitm.config import State
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.governance.ledger import (
     BudgetRefusal,
@@ -20,8 +18,9 @@ from candela_mitm.governance.ledger import (
     default_owner,
 )
 from candela_mitm.governance.periods import BudgetPeriod
-from candela_mitm.state import StateStore, UserRecord, open_state_store
+from candela_mitm.state import StateStore, UserRecord
 from candela_mitm.state.sqlite import SqliteStateStore
+from tests.core.governance.races import race_processes, race_threads
 
 T0 = datetime(2026, 5, 17, 12, 0, tzinfo=UTC)
 TOMORROW = "2026-05-18T00:00:00Z"
@@ -394,63 +393,20 @@ def test_threads_never_overbook(backend: Any, budget: float, grant: float) -> No
     ledger = Ledger(store, clock=fixed(T0))
     if grant:
         ledger.add_grant(U, grant, T0 + timedelta(days=1), "bonus", "admin")
-    barrier = threading.Barrier(20)
-    results: list[object] = []
-
-    def race() -> None:
-        barrier.wait()
-        results.append(reserve(ledger, 0.1, budget))
-
-    threads = [threading.Thread(target=race) for _ in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    results = race_threads(lambda: reserve(ledger, 0.1, budget))
     assert len(results) == 20
     assert sum(isinstance(r, Reservation) for r in results) == 7
     assert ledger.status(U, budget).remaining_usd == 0.0
 
 
-def _race_in_process(cfg: State, prefix: str, barrier: Any, out: Any, threads: int) -> None:
-    store = open_state_store(cfg, redis_prefix=prefix)
-    ledger = Ledger(store, clock=fixed(T0))
-    admitted: list[bool] = []
-
-    def race() -> None:
-        barrier.wait()
-        r = ledger.reserve(U, "t", 0.1, 0.7, f"req-{os.getpid()}")
-        admitted.append(isinstance(r, Reservation))
-
-    workers = [threading.Thread(target=race) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(30)
-    out.put((len(admitted), sum(admitted)))
-    store.close()
+def _reserve_on_a_user(store: StateStore, i: int) -> int:
+    r = Ledger(store, clock=fixed(T0)).reserve(U, "t", 0.1, 0.7, f"req-{os.getpid()}")
+    return isinstance(r, Reservation)
 
 
 @pytest.mark.processes
 def test_processes_never_overbook(backend: Any) -> None:
-    backend.open()  # create the schema before the race
-    ctx = multiprocessing.get_context("spawn")
-    per_process = 6
-    barrier = ctx.Barrier(2 * per_process)
-    out = ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=_race_in_process, args=(backend.cfg, backend.prefix, barrier, out, per_process)
-        )
-        for _ in range(2)
-    ]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
-    assert sum(n for n, _ in results) == 2 * per_process
-    assert sum(ok for _, ok in results) == 7
+    assert race_processes(backend, _reserve_on_a_user) == (12, 7)
 
 
 def test_store_failure_propagates(tmp_path: Any) -> None:
@@ -545,52 +501,21 @@ def test_weekly_user_budget_carries_over_days(store: StateStore) -> None:
     assert ledger.spent_today(U, monday) == 6.0
 
 
-def _tenant_race_in_process(cfg: State, prefix: str, barrier: Any, out: Any, threads: int) -> None:
-    store = open_state_store(cfg, redis_prefix=prefix)
-    ledger = Ledger(store, clock=fixed(T0))
-    admitted: list[bool] = []
-
-    def race(i: int) -> None:
-        barrier.wait()
-        # every thread its own user with room to spare: only the tenant's budget binds
-        r = ledger.reserve(
-            f"u{os.getpid()}-{i}", "team", 0.1, 5.0, "req",
-            tenant_budget_usd=0.7, tenant_period=BudgetPeriod("monthly"),
-        )
-        admitted.append(isinstance(r, Reservation))
-
-    workers = [threading.Thread(target=race, args=(i,)) for i in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(30)
-    out.put((len(admitted), sum(admitted)))
-    store.close()
+def _reserve_on_a_tenant(store: StateStore, i: int) -> int:
+    # every thread its own user with room to spare: only the tenant's budget binds
+    r = Ledger(store, clock=fixed(T0)).reserve(
+        f"u{os.getpid()}-{i}", "team", 0.1, 5.0, "req",
+        tenant_budget_usd=0.7, tenant_period=BudgetPeriod("monthly"),
+    )
+    return isinstance(r, Reservation)
 
 
 @pytest.mark.processes
 def test_processes_never_overbook_a_tenant(backend: Any) -> None:
-    store = backend.open()  # create the schema before the race
-    ctx = multiprocessing.get_context("spawn")
-    per_process = 6
-    barrier = ctx.Barrier(2 * per_process)
-    out = ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=_tenant_race_in_process,
-            args=(backend.cfg, backend.prefix, barrier, out, per_process),
-        )
-        for _ in range(2)
-    ]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
-    assert sum(n for n, _ in results) == 2 * per_process
-    assert sum(ok for _, ok in results) == 7
-    status = Ledger(store, clock=fixed(T0)).tenant_status("team", 0.7, BudgetPeriod("monthly"))
+    assert race_processes(backend, _reserve_on_a_tenant) == (12, 7)
+    status = Ledger(backend.open(), clock=fixed(T0)).tenant_status(
+        "team", 0.7, BudgetPeriod("monthly")
+    )
     assert status.reserved_usd == pytest.approx(0.7) and status.remaining_usd == 0.0
 
 
@@ -746,50 +671,18 @@ def test_key_budget_follows_the_users_period(ledger: Ledger) -> None:
     )
 
 
-def _key_race_in_process(cfg: State, prefix: str, barrier: Any, out: Any, threads: int) -> None:
-    store = open_state_store(cfg, redis_prefix=prefix)
-    ledger = Ledger(store, clock=fixed(T0))
-    admitted: list[bool] = []
-
-    def race(i: int) -> None:
-        barrier.wait()
-        # one user with room to spare, every thread its own key of one rotation chain (its own
-        # key id, one budget row): only the key's budget binds
-        key = KeyBudget(f"k_{os.getpid()}_{i}", "k_chain", 0.7)
-        r = ledger.reserve(U, "team", 0.1, 50.0, "req", key_budget=key)
-        admitted.append(isinstance(r, Reservation))
-
-    workers = [threading.Thread(target=race, args=(i,)) for i in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(30)
-    out.put((len(admitted), sum(admitted)))
-    store.close()
+def _reserve_on_a_key(store: StateStore, i: int) -> int:
+    # one user with room to spare, every thread its own key of one rotation chain (its own key
+    # id, one budget row): only the key's budget binds
+    key = KeyBudget(f"k_{os.getpid()}_{i}", "k_chain", 0.7)
+    r = Ledger(store, clock=fixed(T0)).reserve(U, "team", 0.1, 50.0, "req", key_budget=key)
+    return isinstance(r, Reservation)
 
 
 @pytest.mark.processes
 def test_processes_never_overbook_a_key(backend: Any) -> None:
-    store = backend.open()  # create the schema before the race
-    ctx = multiprocessing.get_context("spawn")
-    per_process = 6
-    barrier = ctx.Barrier(2 * per_process)
-    out = ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=_key_race_in_process,
-            args=(backend.cfg, backend.prefix, barrier, out, per_process),
-        )
-        for _ in range(2)
-    ]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
-    assert sum(n for n, _ in results) == 2 * per_process
-    assert sum(ok for _, ok in results) == 7
-    status = Ledger(store, clock=fixed(T0)).key_status(KeyBudget("k", "k_chain", 0.7))
+    assert race_processes(backend, _reserve_on_a_key) == (12, 7)
+    ledger = Ledger(backend.open(), clock=fixed(T0))
+    status = ledger.key_status(KeyBudget("k", "k_chain", 0.7))
     assert status.reserved_usd == pytest.approx(0.7) and status.remaining_usd == 0.0
-    assert Ledger(store, clock=fixed(T0)).status(U, 50.0).reserved_usd == pytest.approx(0.7)
+    assert ledger.status(U, 50.0).reserved_usd == pytest.approx(0.7)

@@ -3,7 +3,6 @@ expiry, the near-limit fallback, and never more than the limit under concurrency
 
 from __future__ import annotations
 
-import multiprocessing
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,6 +13,7 @@ from candela_mitm.governance.rate_leases import LeaseRules, RateLeases, block_si
 from candela_mitm.governance.ratelimit import RateDecision, RateLimiter
 from candela_mitm.state import StateStore
 from candela_mitm.state.ports import US_PER_S, to_us
+from tests.core.governance.races import hammer_processes
 
 T0 = datetime(2026, 5, 17, 12, 0, tzinfo=UTC)
 RULES = LeaseRules(requests=8, headroom=4, lifetime_s=1.0, checks=1)  # a block at once
@@ -166,24 +166,15 @@ def test_threads_never_pass_the_limit_and_the_window_counts_each_request_once(
     assert count(store, "u", to_us(datetime.now(UTC))) == admitted  # unused parts given back
 
 
-def _process(backend: Any, n: int, q: Any) -> None:
+def _hammered(store: StateStore, n: int) -> tuple[int, int]:
     out: list[tuple[int, int]] = []
-    hammer(backend.open(), n, out)
-    q.put(out[0])
+    hammer(store, n, out)
+    return out[0]
 
 
 @pytest.mark.processes
 def test_processes_never_pass_the_limit(backend: Any) -> None:
-    backend.open()  # made (schema, WAL) before the processes open it at once
-    ctx = multiprocessing.get_context("fork")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_process, args=(backend, 80, q)) for _ in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    out = [q.get(timeout=5) for _ in procs]
+    out = hammer_processes(backend, _hammered, 80)
     admitted = sum(a for a, _ in out)
     assert sum(x for _, x in out) > 0
     assert admitted <= LIMIT

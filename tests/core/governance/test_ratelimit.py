@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from candela_mitm.config import State
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.governance.ratelimit import (
     Admission,
@@ -19,9 +18,10 @@ from candela_mitm.governance.ratelimit import (
     TokenLimits,
     policy_headers,
 )
-from candela_mitm.state import StateStore, open_state_store
+from candela_mitm.state import StateStore
 from candela_mitm.state.ports import to_us
 from candela_mitm.state.sqlite import SqliteStateStore
+from tests.core.governance.races import race_processes, race_threads
 
 T0 = datetime(2026, 5, 17, 12, 0, tzinfo=UTC)  # on a minute boundary
 
@@ -134,46 +134,19 @@ def test_sliding_window_is_exact(limiter: RateLimiter, seed: int) -> None:
 
 def test_threads_are_exact(backend: Any) -> None:
     limiter = RateLimiter(backend.open(), clock=lambda: T0)
-    barrier = threading.Barrier(20)
-    results: list[bool] = []
-
-    def race() -> None:
-        barrier.wait()
-        results.append(limiter.check("u", 7).allowed)
-
-    threads = [threading.Thread(target=race) for _ in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    results = race_threads(lambda: limiter.check("u", 7).allowed)
     assert (len(results), sum(results)) == (20, 7)
 
 
-def _hammer(cfg: State, prefix: str, barrier: Any, out: Any, n: int) -> None:
-    store = open_state_store(cfg, redis_prefix=prefix)
+def _ten_checks(store: StateStore, i: int) -> int:
     limiter = RateLimiter(store, clock=lambda: T0)
-    barrier.wait()
-    out.put(sum(limiter.check("u", 7).allowed for _ in range(n)))
-    store.close()
+    return sum(limiter.check("u", 7).allowed for _ in range(10))
 
 
 @pytest.mark.processes
 def test_processes_are_exact(backend: Any) -> None:
-    backend.open()  # create the schema before the race
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(2)
-    out = ctx.Queue()
-    procs = [
-        ctx.Process(target=_hammer, args=(backend.cfg, backend.prefix, barrier, out, 10))
-        for _ in range(2)
-    ]
-    for p in procs:
-        p.start()
-    admitted = [out.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
-    assert sum(admitted) == 7
+    # one thread a process, ten checks each
+    assert race_processes(backend, _ten_checks, per_process=1) == (2, 7)
 
 
 def test_store_failure_propagates(tmp_path: Any) -> None:
@@ -242,44 +215,15 @@ def test_policy_headers() -> None:
     assert policy_headers([], now) == {}
 
 
-def _token_race(cfg: State, prefix: str, barrier: Any, out: Any, threads: int) -> None:
-    store = open_state_store(cfg, redis_prefix=prefix)
+def _admit_tokens(store: StateStore, i: int) -> int:
     limiter = RateLimiter(store, clock=lambda: T0)
-    admitted: list[bool] = []
-
-    def race() -> None:
-        barrier.wait()
-        decisions = limiter.admit_tokens(Admission("u"), TokenLimits(total_tokens=700), 40, 60)
-        admitted.append(all(d.allowed for d in decisions))
-
-    workers = [threading.Thread(target=race) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(30)
-    out.put((len(admitted), sum(admitted)))
-    store.close()
+    decisions = limiter.admit_tokens(Admission("u"), TokenLimits(total_tokens=700), 40, 60)
+    return all(d.allowed for d in decisions)
 
 
 @pytest.mark.processes
 def test_processes_never_exceed_a_token_limit(backend: Any) -> None:
-    backend.open()
-    ctx = multiprocessing.get_context("spawn")
-    per_process = 6
-    barrier = ctx.Barrier(2 * per_process)
-    out = ctx.Queue()
-    procs = [
-        ctx.Process(target=_token_race, args=(backend.cfg, backend.prefix, barrier, out, per_process))
-        for _ in range(2)
-    ]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
-    assert sum(n for n, _ in results) == 12
-    assert sum(ok for _, ok in results) == 7  # 7 x 100 tokens fit in 700
+    assert race_processes(backend, _admit_tokens) == (12, 7)  # 7 x 100 tokens fit in 700
 
 
 def test_a_tenant_token_limit_binds_its_users_together(limiter: RateLimiter) -> None:
@@ -365,61 +309,32 @@ def test_policy_headers_name_a_tenant_concurrency_limit() -> None:
     }
 
 
-def _tenant_lease_race(
-    cfg: State, prefix: str, barrier: Any, inflight: Any, peak: Any, out: Any, threads: int
-) -> None:
-    """Threads of one process acquire the tenant's place, hold it a moment, give it back,
-    again and again; `inflight` counts holders across every process, `peak` its maximum."""
-    store = open_state_store(cfg, redis_prefix=prefix)
+def _hold_a_tenant_place(store: StateStore, i: int, inflight: Any, peak: Any) -> int:
+    """Acquire the tenant's place, hold it a moment, give it back, again and again; `inflight`
+    counts holders across every process, `peak` its maximum. How many times it held one."""
     limiter = RateLimiter(store)
-    taken: list[int] = []
-
-    def race(i: int) -> None:
-        barrier.wait()
-        n = 0
-        for _ in range(15):
-            a = Admission(f"user-{i}")
-            if not limiter.acquire_tenant(a, "t", 3, f"host:{i}").allowed:
-                continue
-            with inflight.get_lock():
-                inflight.value += 1
-                peak.value = max(peak.value, inflight.value)
-            n += 1
-            threading.Event().wait(0.002)
-            with inflight.get_lock():
-                inflight.value -= 1
-            limiter.release(a)
-        taken.append(n)
-
-    workers = [threading.Thread(target=race, args=(i,)) for i in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(60)
-    out.put(sum(taken))
-    store.close()
+    n = 0
+    for _ in range(15):
+        a = Admission(f"user-{i}")
+        if not limiter.acquire_tenant(a, "t", 3, f"host:{i}").allowed:
+            continue
+        with inflight.get_lock():
+            inflight.value += 1
+            peak.value = max(peak.value, inflight.value)
+        n += 1
+        threading.Event().wait(0.002)
+        with inflight.get_lock():
+            inflight.value -= 1
+        limiter.release(a)
+    return n
 
 
 @pytest.mark.processes
 def test_processes_never_exceed_a_tenant_concurrency_limit(backend: Any) -> None:
-    backend.open()
     ctx = multiprocessing.get_context("spawn")
-    per_process = 5
-    barrier = ctx.Barrier(2 * per_process)
     inflight, peak = ctx.Value("i", 0), ctx.Value("i", 0)
-    out = ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=_tenant_lease_race,
-            args=(backend.cfg, backend.prefix, barrier, inflight, peak, out, per_process),
-        )
-        for _ in range(2)
-    ]
-    for p in procs:
-        p.start()
-    admitted = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
-    assert sum(admitted) > 3  # places were taken, given back and taken again
+    _, admitted = race_processes(
+        backend, _hold_a_tenant_place, per_process=5, shared=(inflight, peak)
+    )
+    assert admitted > 3  # places were taken, given back and taken again
     assert 1 <= peak.value <= 3

@@ -4,7 +4,6 @@ test_reconcile.py)."""
 
 from __future__ import annotations
 
-import multiprocessing
 import threading
 from datetime import UTC, datetime
 from typing import Any
@@ -30,6 +29,7 @@ from candela_mitm.state import StateStore
 from candela_mitm.state.ports import (
     ReserveResult,
 )
+from tests.core.governance.races import hammer_processes
 
 T0 = datetime(2026, 5, 17, 12, 0, tzinfo=UTC)
 U = "alice@example.com"
@@ -274,26 +274,16 @@ def test_threads_hammering_one_budget_never_overspend(store: StateStore) -> None
     assert row.requests == admitted
 
 
-def _process(backend: Any, n: int, q: Any) -> None:
-    store = backend.open()
+def _hammered(store: StateStore, n: int) -> tuple[int, int]:
     ledger = Ledger(store, clock=lambda: T0)
     out: list[tuple[int, int]] = []
     hammer(ledger, Slices(ledger, RULES, clock=lambda: T0), n, out)
-    q.put(out[0])
+    return out[0]
 
 
 @pytest.mark.processes
 def test_processes_hammering_one_budget_never_overspend(backend: Any) -> None:
-    backend.open()  # made (schema, WAL) before the processes open it at once
-    ctx = multiprocessing.get_context("fork")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_process, args=(backend, 200, q)) for _ in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    out = [q.get(timeout=5) for _ in procs]
+    out = hammer_processes(backend, _hammered, 200)
     admitted = sum(a for a, _ in out)
     assert sum(c for _, c in out) > admitted // 2
     ledger = Ledger(backend.open(), clock=lambda: T0)
