@@ -123,13 +123,33 @@ def after_answer(record: Callable[[http.HTTPFlow], None], flow: http.HTTPFlow) -
     has it, or while the answer waits for its audit commit; never before. The next event of
     any connection comes after it (the loop's ready queue is first in, first out), so a
     /metrics scrape or a trace read sent after an answer sees that answer counted. Without a
-    running loop (a hook called directly) it runs at once."""
+    running loop (a hook called directly) it runs at once.
+
+    A flow's records of one round (Spans, Metrics, Telemetry) run in one loop callback, in the
+    order they came: one call_soon per answer instead of three."""
+    c = ctx_of(flow)
+    if c is not None and c.records_after_answer is not None:
+        c.records_after_answer.append(record)
+        return
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         record(flow)
         return
-    loop.call_soon(record, flow)
+    if c is None:
+        loop.call_soon(record, flow)
+        return
+    c.records_after_answer = [record]
+    loop.call_soon(_run_after_answer, flow, c)
+
+
+def _run_after_answer(flow: http.HTTPFlow, c: RequestContext) -> None:
+    records, c.records_after_answer = c.records_after_answer or [], None
+    for record in records:
+        try:
+            record(flow)
+        except Exception:  # as the loop would log a callback's: the next record still runs
+            log.exception("recording a finished request failed")
 
 
 def nothing_sent(server_conn: Any) -> bool:

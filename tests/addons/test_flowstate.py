@@ -235,3 +235,39 @@ def test_after_answer_runs_at_once_without_a_loop_and_after_the_hook_round_with_
 
     asyncio.run(main())
     assert done == [f.id, "hook returned", "later"]
+
+
+def test_a_flows_records_of_one_round_run_in_one_callback_in_order_each_apart():
+    # Spans, Metrics and Telemetry record one answer: one loop callback for the three, after
+    # the round; one that fails does not stop the next; a later round gets its own callback
+    from candela_mitm.addons.flowstate import _run_after_answer, after_answer
+
+    f, g = tflow.tflow(), tflow.tflow()
+    with_context(f)
+    with_context(g)
+    done: list[str] = []
+
+    def failing(flow):
+        done.append("failing")
+        raise RuntimeError("observability fails open")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        scheduled: list[object] = []
+        real = loop.call_soon
+        loop.call_soon = lambda cb, *a, **k: scheduled.append(cb) or real(cb, *a, **k)  # type: ignore[method-assign]
+        after_answer(lambda flow: done.append("spans"), f)
+        after_answer(failing, f)
+        after_answer(lambda flow: done.append("metrics " + flow.id[:4]), f)
+        after_answer(lambda flow: done.append("other flow"), g)
+        done.append("hook returned")
+        assert scheduled.count(_run_after_answer) == 2  # one per flow
+        await asyncio.sleep(0)
+        after_answer(lambda flow: done.append("error round"), f)
+        assert scheduled.count(_run_after_answer) == 3
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert done == ["hook returned", "spans", "failing", "metrics " + f.id[:4], "other flow",
+                    "error round"]  # fmt: skip
+    assert f.metadata[KEY].records_after_answer is None
