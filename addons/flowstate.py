@@ -69,6 +69,16 @@ def head_values(headers: http.Headers, names: frozenset[bytes]) -> dict[bytes, s
     return found
 
 
+def has_field(headers: http.Headers, name: str) -> bool:
+    """`name in headers`, in one pass over the fields (through the Mapping ABC it is a
+    __getitem__, a get_all and a KeyError when absent: ~10 µs of a request's CPU at c1)."""
+    low = name.encode("utf-8", "surrogateescape").lower()
+    for k, _ in headers.fields:
+        if k.lower() == low:
+            return True
+    return False
+
+
 _CONTENT_ENCODING = frozenset({b"content-encoding"})
 
 

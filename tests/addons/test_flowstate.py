@@ -271,3 +271,23 @@ def test_a_flows_records_of_one_round_run_in_one_callback_in_order_each_apart():
     assert done == ["hook returned", "spans", "failing", "metrics " + f.id[:4], "other flow",
                     "error round"]  # fmt: skip
     assert f.metadata[KEY].records_after_answer is None
+
+
+@pytest.mark.parametrize(
+    "fields, name",
+    [
+        ([], "RateLimit-Policy"),
+        ([(b"ratelimit-policy", b"x")], "RateLimit-Policy"),
+        ([(b"RATELIMIT-POLICY", b"")], "ratelimit-policy"),
+        ([(b"content-type", b"a"), (b"RateLimit", b"b")], "RateLimit-Policy"),
+        ([(b"x-\xc3\xa9", b"v")], "x-\u00e9"),
+        ([(b"x-\xff", b"v")], "x-\udcff"),  # a raw byte, as mitmproxy decodes it
+    ],
+)
+def test_has_field_is_in_headers(fields, name):
+    from mitmproxy import http
+
+    from candela_mitm.addons.flowstate import has_field
+
+    headers = http.Headers(fields)
+    assert has_field(headers, name) == (name in headers)
