@@ -556,3 +556,34 @@ def test_a_dropped_stream_is_let_go_of_at_the_next_drop_and_freed_without_the_co
         assert list(mitm_patches._consumed(object())) == []
     finally:
         gc.enable()
+
+
+# -- option reads -------------------------------------------------------------------------------
+
+
+def test_option_reads_give_what_mitmproxy_gave_without_copying_plain_values(monkeypatch):
+    from mitmproxy import optmanager
+
+    original = optmanager._Option.current
+    assert "deepcopy" in inspect.getsource(original)  # mitmproxy copies every read
+    opts = options.Options()
+    opts.update(listen_port=8181, ssl_insecure=True, ignore_hosts=["a"])
+    names = ["listen_port", "ssl_insecure", "ignore_hosts", "mode", "listen_host",
+             "upstream_cert", "showhost"]  # fmt: skip
+    assert set(names) <= set(opts._options)
+    before = {n: getattr(opts, n) for n in names}
+    monkeypatch.setattr(optmanager._Option, "current", original)
+    mitm_patches.fast_option_reads()
+    mitm_patches.fast_option_reads()  # idempotent
+    assert optmanager._Option.current is mitm_patches._current
+    for n in names:
+        got = getattr(opts, n)
+        assert got == before[n] and type(got) is type(before[n]), n
+        if type(got) in mitm_patches._ATOMS:
+            assert got is opts._options[n].current()  # no copy made
+    hosts = opts.ignore_hosts
+    hosts.append("b")  # a list is still the reader's own copy
+    assert opts.ignore_hosts == ["a"]
+    mode = opts.mode  # unset: a copy of the default
+    mode.append("x")
+    assert "x" not in opts.mode
