@@ -93,7 +93,9 @@ def redact(value: Any) -> Any:
             elif type(v) in _PLAIN:  # most of an entry's fields: nothing to do
                 continue
             elif type(v) is str:  # the others: what redact(v) does, without a call
-                if "b" in v or "B" in v:
+                # the pattern needs a "b" and a whitespace: a text of letters and digits
+                # alone (ids, hashes: span_id, trace_id, key_id) holds none
+                if ("b" in v or "B" in v) and not v.isalnum():
                     out[k] = _redact_text(v)
             else:
                 out[k] = redact(v)

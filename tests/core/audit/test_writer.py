@@ -748,6 +748,10 @@ _TEXTS = [
     "xbearer tok",  # no word boundary: kept
     "prefix Bearer tok and basic tok2",
     "0123456789abcdef",
+    "Bearer",
+    "bearerTOKENabc123",
+    "b\u00e9arer\u00b2",  # letters and a digit outside ASCII: alphanumeric, no whitespace
+    "bearer\u2003tok",  # an em space is whitespace to the pattern
     "caf\u00e9 B\u00e9arer",
     "",
 ]
