@@ -249,6 +249,31 @@ def _deny_on(flow: http.HTTPFlow, exc: BaseException, hook: str) -> None:
             c.error = f"{hook}: {type(exc).__name__}"
 
 
+def only_when(applies: Callable[[Any, http.HTTPFlow], Any]) -> Callable[[F], F]:
+    """For an async hook with work for few flows (a route, a mode): `applies(self, flow)`
+    decides synchronously, and a flow it does not pick gets no coroutine at all (mitmproxy
+    awaits what a hook returns, and a plain None is nothing to await). A coroutine and its
+    fail_closed wrapper for each of ~10 such hooks per request were 0.16 µs each warm,
+    several times that in a request's cold run. `applies` answers falsy only for a flow the
+    hook would do nothing for (the hook keeps its own checks); if it raises, the flow is
+    denied as fail_closed denies. Put it above @fail_closed."""
+
+    def decorate(hook: F) -> F:
+        @functools.wraps(hook)
+        def gate(self: Any, flow: http.HTTPFlow) -> Any:
+            try:
+                if not applies(self, flow):
+                    return None
+            except Exception as e:
+                _deny_on(flow, e, f"{type(self).__name__}.{hook.__name__}")
+                return None
+            return hook(self, flow)
+
+        return gate  # type: ignore[return-value]
+
+    return decorate
+
+
 def fail_closed(hook: F) -> F:
     """mitmproxy forwards a flow whose hook raised: catch every exception and deny with 503."""
     if inspect.iscoroutinefunction(hook):

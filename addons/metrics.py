@@ -13,7 +13,7 @@ from candela_mitm.governance.accounting import USAGE_SOURCES
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
-from .flowstate import after_answer, answered, ctx_of, deny, fail_closed
+from .flowstate import after_answer, answered, ctx_of, deny, fail_closed, only_when
 
 
 def model_label(rt: Runtime, model: str, provider: str | None) -> str:
@@ -85,6 +85,7 @@ class Metrics:
         # candela_bypass_attempts_total: this proxy's refusals and sandboxes', from the ledger
         m.follow_audit(rt.audit.db_path)
 
+    @only_when(lambda self, flow: getattr(ctx_of(flow), "kind", None) == "metrics")
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         """GET /metrics, for admins (Auth has authenticated the caller: Prometheus sends an

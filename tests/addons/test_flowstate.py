@@ -291,3 +291,36 @@ def test_has_field_is_in_headers(fields, name):
 
     headers = http.Headers(fields)
     assert has_field(headers, name) == (name in headers)
+
+
+def test_only_when_makes_no_coroutine_for_a_flow_it_does_not_pick_and_denies_if_it_raises(tctx):
+    from candela_mitm.addons.flowstate import only_when
+
+    ran: list[str] = []
+
+    class Hooked:
+        def __init__(self, picks):
+            self.picks = picks
+
+        @only_when(lambda self, flow: self.picks(flow))
+        @fail_closed
+        async def request(self, flow):
+            ran.append(flow.request.path)
+
+    skipped = make_flow("/proxy/openai/v1/chat/completions")
+    assert Hooked(lambda f: False).request(skipped) is None  # nothing to await
+    picked = make_flow("/metrics")
+    result = Hooked(lambda f: True).request(picked)
+    assert asyncio.iscoroutine(result) and ran == []
+    asyncio.run(result)
+    assert ran == ["/metrics"]
+
+    def broken(flow):
+        raise KeyError("x")
+
+    failing = make_flow("/proxy/openai/v1/chat/completions")
+    with_context(failing)
+    assert Hooked(broken).request(failing) is None
+    assert failing.response.status_code == 503
+    assert failing.response.json()["error"] == "governance_unavailable"
+    assert ran == ["/metrics"]
