@@ -75,10 +75,14 @@ def main(argv: list[str] | None = None) -> int:
                 cwd = None
                 url = f"http://127.0.0.1:{port}/v1/chat/completions"
             else:
-                extra = {}
+                # The writer thread commits an entry alone once it has waited the batch delay
+                # (50 ms): under callgrind a request takes ~40 ms, so the model policy's entry
+                # would go alone now and then instead of riding with the request's own, as it
+                # always does at full speed. Long enough, it never does.
+                extra: dict[str, object] = {"audit": {"batch_max_delay_ms": 60_000}}
                 if a.target == "redis":
                     url_ = alive.enter_context(b.redis())
-                    extra = {"state": {"backend": "redis", "redis_url": url_}}
+                    extra["state"] = {"backend": "redis", "redis_url": url_}
                 cfg = b.candela_config(up, "instructions", **extra)
                 argv_ = [*grind, python, "-O", str(ROOT / ".venv" / "bin" / "candela-server"),
                          "--config", str(cfg), "--port", str(port), "--log-level", "WARNING",
