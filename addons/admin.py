@@ -9,7 +9,7 @@ from candela_mitm.admin.handlers import AdminApi
 from candela_mitm.admin.routes import AdminRequest
 from candela_mitm.runtime import Runtime
 
-from .flowstate import answer_json, answered, ctx_of, decoded_body, deny, fail_closed
+from .flowstate import answer_json, answered, ctx_of, decoded_body, deny, fail_closed, only_when
 
 
 class Admin:
@@ -18,6 +18,7 @@ class Admin:
         self.api = AdminApi(rt)
         self.limit = rt.config.limits.max_body_bytes
 
+    @only_when(lambda self, flow: getattr(ctx_of(flow), "kind", None) == "admin")
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)

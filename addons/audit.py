@@ -198,7 +198,8 @@ class Audit:
         try:
             fut, committed = self._commit_waits().begin()
             c.audit_commit = fut
-            entry = {**request_entry(c, flow), **fields}
+            entry = request_entry(c, flow)  # a fresh dict: the sample count added in place
+            entry.update(fields)
             if c.shadow is not None:
                 self.rt.metrics.shadow_decisions.labels(c.shadow.decision).inc()
             alone = self.under_way is not None and self.under_way() <= 1

@@ -34,7 +34,7 @@ from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
 from .audit import audit_path
-from .flowstate import answered, ctx_of, decoded_body, deny, fail_closed
+from .flowstate import answered, ctx_of, decoded_body, deny, fail_closed, only_when
 from .modelpolicy import check_model
 
 log = logging.getLogger("candela.jobs")
@@ -77,6 +77,10 @@ def true_up_entry(
         "read_span_id": c.span_id,
         "trace_id": c.trace.trace_id,
     }
+
+
+def _job_operation(c: RequestContext | None) -> bool:
+    return c is not None and c.plan is not None and c.plan.operation.job is not None
 
 
 class Jobs:
@@ -193,6 +197,7 @@ class Jobs:
         assert plan is not None and plan.batch is not None
         self._models_pass(flow, c, other_batch_models(plan.batch, plan.model), plan.upstream.name)
 
+    @only_when(lambda self, flow: _job_operation(ctx_of(flow)))
     async def response(self, flow: http.HTTPFlow) -> None:
         # Before Budget's response hook (it settles the creation's reservation): the job is
         # recorded under that reservation while it is still on the context.

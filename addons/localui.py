@@ -23,7 +23,15 @@ from candela_mitm.providers.encoding import TooLarge
 from candela_mitm.providers.forwarding import plan_local_pull
 from candela_mitm.runtime import Runtime
 
-from .flowstate import answer_json, answered, ctx_of, decode_request_body, deny, fail_closed
+from .flowstate import (
+    answer_json,
+    answered,
+    ctx_of,
+    decode_request_body,
+    deny,
+    fail_closed,
+    only_when,
+)
 from .modelpolicy import check_model
 
 log = logging.getLogger("candela.localui")
@@ -86,6 +94,7 @@ class LocalUi:
         self.rt.local_models = d.models  # assigned on the event loop: the Router never sees half
         return d
 
+    @only_when(lambda self, flow: self.local is not None)  # `candela` (the laptop) only
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         if self.local is None or c is None or answered(flow) or c.kind not in ("models", "chat"):
@@ -96,6 +105,7 @@ class LocalUi:
             except Exception:  # the last list stays: cloud models route without it
                 log.exception("local model discovery failed")
 
+    @only_when(lambda self, flow: self.local is not None)
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)

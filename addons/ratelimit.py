@@ -31,7 +31,7 @@ from candela_mitm.runtime import Runtime
 from candela_mitm.state.ports import to_us
 
 from .accounting import account_flow
-from .flowstate import answered, ctx_of, deny, fail_closed, head_values
+from .flowstate import answered, ctx_of, deny, fail_closed, has_field, head_values
 
 log = logging.getLogger("candela.ratelimit")
 
@@ -313,7 +313,7 @@ class RateLimit:
             headers = flow.response.headers
             # a forwarded answer has them from Upstream's headers hook (with the provider's
             # filtered out); an answer made here (a denial) gets them now
-            if next(iter(c.rate_headers)) not in headers:
+            if not has_field(headers, next(iter(c.rate_headers))):
                 for k, v in c.rate_headers.items():
                     headers.setdefault(k, v)
         await self._finish(flow, c)

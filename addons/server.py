@@ -128,6 +128,8 @@ def freeze_startup_heap() -> None:
 async def serve(rt: Runtime, host: str, port: int, reuse_port: bool = False) -> None:
     mitm_patches.warn_if_unverified()
     install_json_errors()
+    mitm_patches.free_finished_streams()
+    mitm_patches.fast_option_reads()
     limit_request_heads(rt)
     if reuse_port:
         share_listening_port()

@@ -40,7 +40,7 @@ from candela_mitm.runtime import Runtime
 
 from . import mitm_patches
 from .auth import plain_headers
-from .flowstate import KEY, deny, fail_closed
+from .flowstate import KEY, deny, fail_closed, only_when
 from .upstream import replaces_provider_key
 
 log = logging.getLogger("candela.sni")
@@ -245,6 +245,7 @@ class Sni:
 
     # requests ---------------------------------------------------------------------------
 
+    @only_when(lambda self, flow: mitm_patches.is_transparent(flow.client_conn))
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         client = flow.client_conn

@@ -103,10 +103,12 @@ class Telemetry:
             log.debug("span not exported", exc_info=True)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        after_answer(self._export, flow)
+        if self.export is not None:  # off (the default): nothing to schedule
+            after_answer(self._export, flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        after_answer(self._export, flow)
+        if self.export is not None:
+            after_answer(self._export, flow)
 
     def done(self) -> None:
         if self.export is not None:

@@ -46,7 +46,7 @@ from candela_mitm.providers import realtime
 from candela_mitm.runtime import Runtime
 
 from . import mitm_patches
-from .flowstate import answered, ctx_of, deny, fail_closed
+from .flowstate import answered, ctx_of, deny, fail_closed, only_when
 from .modelpolicy import decide_model
 
 log = logging.getLogger("candela.websocket")
@@ -58,6 +58,14 @@ TOO_BIG_CLOSE = 1009
 def _protocol(c: RequestContext) -> str:
     assert c.plan is not None and c.plan.operation.protocol is not None
     return c.plan.operation.protocol
+
+
+def _upgrade(c: RequestContext | None) -> bool:
+    return c is not None and c.plan is not None and bool(c.plan.session)
+
+
+def _leased(c: RequestContext | None) -> bool:
+    return c is not None and c.session_lease is not None  # what _give_back gives back
 
 
 def _user(c: RequestContext) -> str:
@@ -74,6 +82,7 @@ class WebSocket:
 
     # -- the upgrade -------------------------------------------------------------------------
 
+    @only_when(lambda self, flow: _upgrade(ctx_of(flow)))
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         """Before RateLimit and Budget: a user at the session limit (counted across every
@@ -89,12 +98,14 @@ class WebSocket:
             return
         c.session_lease = lease  # the session takes it at its start; else given back below
 
+    @only_when(lambda self, flow: _leased(ctx_of(flow)))
     async def response(self, flow: http.HTTPFlow) -> None:
         """An upgrade answered with anything but 101 (a later gate refused it, or the
         provider did) opens no session: its lease goes back."""
         if flow.response is None or flow.response.status_code != 101:
             await self._give_back(flow)
 
+    @only_when(lambda self, flow: _leased(ctx_of(flow)))
     async def error(self, flow: http.HTTPFlow) -> None:
         await self._give_back(flow)
 

@@ -101,6 +101,9 @@ class RequestContext:
     stream_model: StreamModel | None = None  # the model a stream names, read as it passes (OTLP)
     exported: bool = False  # the span went to the OTLP exporter (response, then error: once)
     audited: bool = False  # the request's audit entry is queued (addons/audit.py), exactly once
+    # what records the answer once the response hooks' round is over (Spans, Metrics,
+    # Telemetry: flowstate.after_answer), run in one loop callback; None when none waits
+    records_after_answer: list[Callable[[Any], None]] | None = None
     # what follows the entry once its commit is known (True: durable), called once by Audit:
     # Budget's settlement, so that no spend is recorded without its entry
     after_entry: Callable[[bool], None] | None = None

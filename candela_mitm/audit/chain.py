@@ -84,12 +84,32 @@ def fields_json_acyclic(fields: dict[str, Any]) -> str:
     return "".join(_ACYCLIC(fields, 0))
 
 
+# _COMPACT's C encoder, made once, for the head of an entry's encoding (five scalars: no
+# cycle to check); _COMPACT.encode made one per call (2.1 -> 1.0 µs a row hash, warm).
+_HEAD = (
+    _C_MAKE_ENCODER(
+        None,
+        _COMPACT.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        _COMPACT.key_separator,
+        _COMPACT.item_separator,
+        False,
+        False,
+        True,
+    )
+    if _C_MAKE_ENCODER is not None
+    else None
+)
+
+
 def _encode(
     seq: int, ts: str, action: str, user_id: str | None, tenant_id: str | None, fields_text: str
 ) -> bytes:
     # A JSON array frames every part unambiguously; fields_text is already canonical, so this is
     # exactly fields_json([seq, ts, action, user_id, tenant_id, fields]) without a second encode.
-    head = _COMPACT.encode([seq, ts, action, user_id, tenant_id])
+    parts = [seq, ts, action, user_id, tenant_id]
+    head = _COMPACT.encode(parts) if _HEAD is None else "".join(_HEAD(parts, 0))
     return (head[:-1] + "," + fields_text + "]").encode("ascii")
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import sqlite3
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -49,10 +50,23 @@ _PROTECTED = {"audit_log", "audit_meta"}
 _SQLITE_DBCONFIG_DEFENSIVE = 1010
 
 
-def now_ts() -> str:
-    """The current UTC time in the ledger's fixed-width format (sorts as text):
-    %Y-%m-%dT%H:%M:%S.%fZ, written by isoformat (strftime took ~5x as long)."""
-    return datetime.now(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+_second: tuple[int, str] = (-1, "")
+
+
+def now_ts(ns: int | None = None) -> str:
+    """The current UTC time (or `ns`, nanoseconds since the epoch) in the ledger's fixed-width
+    format (sorts as text): %Y-%m-%dT%H:%M:%S.%fZ, microseconds truncated as datetime.now's.
+
+    The part up to the second is written by isoformat once a second, the microseconds each
+    call (datetime.now(UTC).isoformat per call took 1.2 µs, warm; this 0.4)."""
+    global _second
+    if ns is None:
+        ns = time.time_ns()
+    sec, us = divmod(ns // 1000, 1_000_000)
+    cached = _second
+    if cached[0] != sec:  # two threads may both write it: the same value
+        cached = _second = (sec, datetime.fromtimestamp(sec, UTC).isoformat()[:19])
+    return f"{cached[1]}.{us:06d}Z"
 
 
 def _authorizer(

@@ -235,3 +235,92 @@ def test_after_answer_runs_at_once_without_a_loop_and_after_the_hook_round_with_
 
     asyncio.run(main())
     assert done == [f.id, "hook returned", "later"]
+
+
+def test_a_flows_records_of_one_round_run_in_one_callback_in_order_each_apart():
+    # Spans, Metrics and Telemetry record one answer: one loop callback for the three, after
+    # the round; one that fails does not stop the next; a later round gets its own callback
+    from candela_mitm.addons.flowstate import _run_after_answer, after_answer
+
+    f, g = tflow.tflow(), tflow.tflow()
+    with_context(f)
+    with_context(g)
+    done: list[str] = []
+
+    def failing(flow):
+        done.append("failing")
+        raise RuntimeError("observability fails open")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        scheduled: list[object] = []
+        real = loop.call_soon
+        loop.call_soon = lambda cb, *a, **k: scheduled.append(cb) or real(cb, *a, **k)  # type: ignore[method-assign]
+        after_answer(lambda flow: done.append("spans"), f)
+        after_answer(failing, f)
+        after_answer(lambda flow: done.append("metrics " + flow.id[:4]), f)
+        after_answer(lambda flow: done.append("other flow"), g)
+        done.append("hook returned")
+        assert scheduled.count(_run_after_answer) == 2  # one per flow
+        await asyncio.sleep(0)
+        after_answer(lambda flow: done.append("error round"), f)
+        assert scheduled.count(_run_after_answer) == 3
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert done == ["hook returned", "spans", "failing", "metrics " + f.id[:4], "other flow",
+                    "error round"]  # fmt: skip
+    assert f.metadata[KEY].records_after_answer is None
+
+
+@pytest.mark.parametrize(
+    "fields, name",
+    [
+        ([], "RateLimit-Policy"),
+        ([(b"ratelimit-policy", b"x")], "RateLimit-Policy"),
+        ([(b"RATELIMIT-POLICY", b"")], "ratelimit-policy"),
+        ([(b"content-type", b"a"), (b"RateLimit", b"b")], "RateLimit-Policy"),
+        ([(b"x-\xc3\xa9", b"v")], "x-\u00e9"),
+        ([(b"x-\xff", b"v")], "x-\udcff"),  # a raw byte, as mitmproxy decodes it
+    ],
+)
+def test_has_field_is_in_headers(fields, name):
+    from mitmproxy import http
+
+    from candela_mitm.addons.flowstate import has_field
+
+    headers = http.Headers(fields)
+    assert has_field(headers, name) == (name in headers)
+
+
+def test_only_when_makes_no_coroutine_for_a_flow_it_does_not_pick_and_denies_if_it_raises(tctx):
+    from candela_mitm.addons.flowstate import only_when
+
+    ran: list[str] = []
+
+    class Hooked:
+        def __init__(self, picks):
+            self.picks = picks
+
+        @only_when(lambda self, flow: self.picks(flow))
+        @fail_closed
+        async def request(self, flow):
+            ran.append(flow.request.path)
+
+    skipped = make_flow("/proxy/openai/v1/chat/completions")
+    assert Hooked(lambda f: False).request(skipped) is None  # nothing to await
+    picked = make_flow("/metrics")
+    result = Hooked(lambda f: True).request(picked)
+    assert asyncio.iscoroutine(result) and ran == []
+    asyncio.run(result)
+    assert ran == ["/metrics"]
+
+    def broken(flow):
+        raise KeyError("x")
+
+    failing = make_flow("/proxy/openai/v1/chat/completions")
+    with_context(failing)
+    assert Hooked(broken).request(failing) is None
+    assert failing.response.status_code == 503
+    assert failing.response.json()["error"] == "governance_unavailable"
+    assert ran == ["/metrics"]

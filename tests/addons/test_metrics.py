@@ -66,7 +66,7 @@ def test_only_the_metrics_route_is_answered(tctx, runtime):
     assert flow.response is None
 
 
-def send(rt, metrics, model, hooks=("response",), headers=ALICE):
+def send(rt, metrics, model, hooks=("response",), headers=ALICE, forwarded=False):
     flow = make_flow("/proxy/openai/v1/chat/completions", {"model": model}, headers=headers)
 
     async def main():
@@ -74,6 +74,7 @@ def send(rt, metrics, model, hooks=("response",), headers=ALICE):
         if flow.response is None:  # forwarded: the provider answers 200
             flow.response = http.Response.make(200, b"{}", {"content-type": "application/json"})
             ctx_of(flow).status_code = 200
+            ctx_of(flow).forwarded = forwarded
         for hook in hooks:
             await run_hooks([metrics], flow, hook)
 
@@ -305,3 +306,39 @@ def test_the_audit_logs_fsyncs_are_shown_at_each_scrape(tctx, runtime):
     assert "candela_audit_unsynced_seconds 0.0" in text
     after = re.search(r"^candela_audit_sync_errors (\S+)$", text, re.M)
     assert after is not None and float(after.group(1)) >= float(errors.group(1))
+
+
+def test_a_requests_labels_are_remembered_until_the_prices_change_and_bounded(
+    tctx, runtime, monkeypatch
+):
+    # Metrics remembers each (provider, model, tenant, status)'s labels and children: a new
+    # price table (a reload) decides again which models are known; past the bound a request's
+    # labels are made for it alone; a shape makes no series before it counts into one
+    import candela_mitm.addons.metrics as addon
+    from candela_mitm.config import parse_config
+    from candela_mitm.providers.pricing import PricingTable
+
+    cfg = {**ADMIN, "governance": {"unknown_model_price": "zero",
+                                   "models": {"allowed": ["my-model", "gpt-4o-mini"]}}}  # fmt: skip
+    rt = runtime(cfg)
+    metrics = Metrics(rt)
+    send(rt, metrics, "my-model")
+    send(rt, metrics, "gpt-4o")  # refused by the policy: counted, never charged
+    rt.pricing = PricingTable.from_config(
+        parse_config({**cfg, "pricing": {"my-model": {"input": 1.0, "output": 2.0,
+                                                      "provider": "openai"}}})  # fmt: skip
+    )
+    send(rt, metrics, "my-model")
+    monkeypatch.setattr(addon, "SHAPES_KEPT", len(metrics._shapes))
+    send(rt, metrics, "gpt-4o-mini", forwarded=True)
+    send(rt, metrics, "gpt-4o-mini", forwarded=True)
+    text = scrape(rt, metrics).response.text
+    one = {"provider": "openai", "tenant": "research-team"}
+    assert sample(text, "candela_requests_total", model="other", status="200", **one) == 1.0
+    assert sample(text, "candela_requests_total", model="my-model", status="200", **one) == 1.0
+    assert sample(text, "candela_requests_total", model="gpt-4o", status="403", **one) == 1.0
+    assert sample(text, "candela_requests_total", model="gpt-4o-mini", **one) == 2.0
+    assert sample(text, "candela_tokens_total", model="gpt-4o-mini", direction="input") == 0.0
+    assert sample(text, "candela_cost_usd_total", model="gpt-4o") is None
+    assert sample(text, "candela_tokens_total", model="gpt-4o") is None
+    assert ("openai", "gpt-4o-mini", "research-team", "200") not in metrics._shapes

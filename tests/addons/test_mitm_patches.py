@@ -503,3 +503,87 @@ def test_close_client_writes_and_closes(monkeypatch):
 def test_assemble_makes_a_whole_response():
     raw = mitm_patches.assemble(http.Response.make(429, b"{}", {"Content-Type": "application/json"}))
     assert raw.startswith(b"HTTP/1.1 429 ") and raw.endswith(b"\r\n\r\n{}")
+
+
+# -- finished HTTP streams ----------------------------------------------------------------------
+
+
+def test_a_dropped_stream_is_let_go_of_at_the_next_drop_and_freed_without_the_collector(
+    monkeypatch,
+):
+    import gc
+    import weakref
+
+    from mitmproxy.proxy.layers.http import HttpStream
+
+    monkeypatch.setattr(layers.HttpLayer, "__init__", layers.HttpLayer.__init__)
+    monkeypatch.setattr(layers.HttpLayer, "_candela_streams", False, raising=False)
+    ctx = transparent_context()
+    plain = layers.HttpLayer(ctx, HTTPMode.regular)
+    assert type(plain.streams) is dict  # mitmproxy's own, before the patch
+    mitm_patches.free_finished_streams()
+    mitm_patches.free_finished_streams()  # idempotent: wrapped once
+    http_layer = layers.HttpLayer(ctx, HTTPMode.regular)
+    assert isinstance(http_layer.streams, mitm_patches._Streams)
+
+    def stream(stream_id: int) -> HttpStream:
+        s = HttpStream(http_layer.context.fork(), stream_id)
+        assert s.context.layers[-1] is s  # a layer appends itself to its (forked) context
+        s.flow = tflow.tflow(resp=True)
+        http_layer.streams[stream_id] = s
+        return s
+
+    kept = weakref.ref(stream(1))
+    first_flow = weakref.ref(kept().flow)  # type: ignore[union-attr]
+    second = weakref.ref(stream(3))
+    upgraded = stream(5)
+    upgraded.child_layer = layer.NextLayer(upgraded.context)
+    gc.collect()  # whatever else made them left no garbage holding them
+    gc.disable()
+    try:
+        # mitmproxy's shape: a stream holds itself (bound states, its context's layers)
+        assert http_layer.streams.pop(1) is not None
+        assert kept() is not None  # dropped, but the last one: not let go of yet
+        assert http_layer.streams.pop(3) is not None  # the first is let go of, and freed
+        assert kept() is None and first_flow() is None
+        s3 = second()
+        assert s3 is not None and s3.client_state.__self__ is s3  # untouched until the next
+        del s3
+        http_layer.streams.pop(5)
+        http_layer.streams.pop(7, None)  # a stream mitmproxy no longer has: nothing popped
+        assert second() is None
+        assert upgraded.client_state.__self__ is upgraded  # an upgraded stream lives on
+        assert list(mitm_patches._consumed(object())) == []
+    finally:
+        gc.enable()
+
+
+# -- option reads -------------------------------------------------------------------------------
+
+
+def test_option_reads_give_what_mitmproxy_gave_without_copying_plain_values(monkeypatch):
+    from mitmproxy import optmanager
+
+    original = optmanager._Option.current
+    assert "deepcopy" in inspect.getsource(original)  # mitmproxy copies every read
+    opts = options.Options()
+    opts.update(listen_port=8181, ssl_insecure=True, ignore_hosts=["a"])
+    names = ["listen_port", "ssl_insecure", "ignore_hosts", "mode", "listen_host",
+             "upstream_cert", "showhost"]  # fmt: skip
+    assert set(names) <= set(opts._options)
+    before = {n: getattr(opts, n) for n in names}
+    monkeypatch.setattr(optmanager._Option, "current", original)
+    mitm_patches.fast_option_reads()
+    mitm_patches.fast_option_reads()  # idempotent
+    assert optmanager._Option.current is mitm_patches._current
+    for n in names:
+        got = getattr(opts, n)
+        assert got == before[n] and type(got) is type(before[n]), n
+        if type(got) in mitm_patches._ATOMS:
+            assert got is opts._options[n].current()  # no copy made
+    hosts = opts.ignore_hosts
+    hosts.append("b")  # a list is still the reader's own copy
+    assert opts.ignore_hosts == ["a"]
+    mode = opts.mode  # unset: a copy of the default
+    mode.append("x")
+    assert "x" not in opts.mode

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from candela_mitm.audit.chain import (
     verify_chain,
     verify_rows,
 )
-from candela_mitm.audit.sqlite_sink import append_batch, connect_writer
+from candela_mitm.audit.sqlite_sink import append_batch, connect_writer, now_ts
 from candela_mitm.cli.audit import audit_main
 
 N = 20
@@ -441,3 +443,41 @@ def test_fields_json_acyclic_refuses_what_fields_json_refuses(fields: dict) -> N
     with pytest.raises(type(plain.value)) as fast:
         fields_json_acyclic(fields)
     assert str(fast.value) == str(plain.value)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        (1, "2026-05-17T00:00:00.000000Z", "llm_request", "alice@example.com", "research-team"),
+        (2**63, "t", "x", None, None),
+        (0, "caf\u00e9 \u2603 \U0001f600", '"q" \\ \n\t\x00', "\u00e9", "\x7f</script>"),
+    ],
+)
+def test_a_rows_hash_covers_its_head_as_json_dumps_writes_it(head: tuple) -> None:
+    # the writer encodes the head with a C encoder made once: the bytes json.dumps would write
+    seq, ts, action, user_id, tenant_id = head
+    text = fields_json({"a": 1})
+    plain = json.dumps([seq, ts, action, user_id, tenant_id], separators=(",", ":"))
+    want = hashlib.sha256(
+        b"candela.audit.entry.v1\x00"
+        + bytes.fromhex(GENESIS_HASH)
+        + (plain[:-1] + "," + text + "]").encode()
+    ).hexdigest()
+    assert row_hash(GENESIS_HASH, seq, ts, action, user_id, tenant_id, text) == want
+
+
+def _iso_of(ns: int) -> str:
+    at = datetime.fromtimestamp(ns // 10**9, UTC).replace(microsecond=ns // 1000 % 10**6)
+    return at.isoformat(timespec="microseconds")[:-6] + "Z"
+
+
+def test_now_ts_is_isoformat_to_the_microsecond_truncated() -> None:
+    # the second's text is kept between calls: each call, and each change of second, checked
+    base = 1_780_000_000 * 10**9
+    for ns in [base, base + 999_999_999, base + 10**9, base + 10**9 + 1_999, base - 1,
+               base + 86_400 * 10**9 + 5_000, 0, base + 10**9 + 7_000]:  # fmt: skip
+        assert now_ts(ns) == _iso_of(ns)
+    before = datetime.now(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+    now = now_ts()
+    after = datetime.now(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+    assert before <= now <= after and len(now) == len("2026-05-17T00:00:00.000000Z")

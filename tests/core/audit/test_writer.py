@@ -906,6 +906,10 @@ _TEXTS = [
     "xbearer tok",  # no word boundary: kept
     "prefix Bearer tok and basic tok2",
     "0123456789abcdef",
+    "Bearer",
+    "bearerTOKENabc123",
+    "b\u00e9arer\u00b2",  # letters and a digit outside ASCII: alphanumeric, no whitespace
+    "bearer\u2003tok",  # an em space is whitespace to the pattern
     "caf\u00e9 B\u00e9arer",
     "",
 ]
@@ -919,3 +923,25 @@ def test_redact_of_a_field_is_redact_of_its_text(text: str) -> None:
     assert redact(text) == expected
     assert redact({"k": text, "n": 1}) == {"k": expected, "n": 1}
     assert redact({"outer": {"k": text}}) == {"outer": {"k": expected}}
+
+
+def test_redact_masks_credential_keys_in_any_case_each_time_and_past_the_key_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a key's verdict is remembered (bounded): the same masking on the first call, the next
+    # ones, and for keys seen after the cache is full; the copy keeps the order and is new
+    import candela_mitm.audit.writer as w
+
+    monkeypatch.setattr(w, "_KEY_IS_CREDENTIAL", {})
+    monkeypatch.setattr(w, "_KEYS_KEPT", 3)
+    entry = {"model": "m", "Authorization": "Bearer abc", "n": 1, "API_KEY": "k", 7: "seven",
+             "nested": {"Password": "p", "ok": [1, {"token": "t"}]}, "note": "bearer xyz"}  # fmt: skip
+    want = {"model": "m", "Authorization": REDACTED, "n": 1, "API_KEY": REDACTED, 7: "seven",
+            "nested": {"Password": REDACTED, "ok": [1, {"token": REDACTED}]},
+            "note": f"bearer {REDACTED}"}  # fmt: skip
+    for _ in range(3):
+        out = redact(entry)
+        assert out == want and list(out) == list(entry)
+        out["model"] = "changed"
+        assert entry["model"] == "m"
+    assert len(w._KEY_IS_CREDENTIAL) == 3  # the bound held; later keys were looked at each time
