@@ -42,22 +42,39 @@ def _address(text: str) -> tuple[Address, int]:
     return ipaddress.ip_address(raw), int(hexport, 16)
 
 
+def _row(line: str) -> TcpSocket | None:
+    """One row of a table's text; None for the heading or a malformed row."""
+    cols = line.split()
+    if len(cols) < 10 or not cols[0].endswith(":"):
+        return None  # the heading, or a truncated row
+    try:
+        local, lport = _address(cols[1])
+        remote, rport = _address(cols[2])
+        return TcpSocket(local, lport, remote, rport, int(cols[3], 16), int(cols[9]), int(cols[7]))
+    except ValueError:
+        return None
+
+
 def parse(text: str) -> list[TcpSocket]:
     """The rows of a /proc/net/tcp or tcp6 text (its heading and malformed rows skipped)."""
-    out = []
-    for line in text.splitlines():
-        cols = line.split()
-        if len(cols) < 10 or not cols[0].endswith(":"):
-            continue  # the heading, or a truncated row
-        try:
-            local, lport = _address(cols[1])
-            remote, rport = _address(cols[2])
-            out.append(
-                TcpSocket(local, lport, remote, rport, int(cols[3], 16), int(cols[9]), int(cols[7]))
-            )
-        except ValueError:
-            continue
-    return out
+    return [s for s in map(_row, text.splitlines()) if s is not None]
+
+
+def rows_with_port(text: str, port: int) -> Iterator[TcpSocket]:
+    """The rows of a table's text with `port` at either end, each parsed once; the others are
+    never split or parsed (the kernel prints a port as `:%04X ` after its address, so a row is
+    found by that text: a load generator's thousands of TIME_WAIT rows cost a search, not a
+    parse each)."""
+    needle = f":{port:04X} "
+    at = text.find(needle)
+    while at >= 0:
+        start = text.rfind("\n", 0, at) + 1
+        end = text.find("\n", at)
+        end = len(text) if end < 0 else end
+        row = _row(text[start:end])
+        if row is not None:
+            yield row
+        at = text.find(needle, end)
 
 
 def listening_ports(text: str) -> set[int]:
@@ -77,17 +94,21 @@ def listening(port: int, tables: Iterable[str] = TABLES) -> bool:
     return any(s.state == LISTEN and s.local_port == port for s in read(tables))
 
 
+def find(text: str, address: str, port: int) -> TcpSocket | None:
+    """The first socket held by a process (inode not 0) bound locally to address:port in a
+    table's text (IPv4-mapped addresses match their IPv4 form)."""
+    want = _plain(ipaddress.ip_address(address))
+    for s in rows_with_port(text, port):
+        if s.local_port == port and s.inode and _plain(s.local) == want:
+            return s
+    return None
+
+
 def socket_inode(text: str, address: str, port: int) -> int | None:
     """The inode of the socket bound locally to address:port in a table's text (IPv4-mapped
     addresses match their IPv4 form); None if no process holds one."""
-    want = ipaddress.ip_address(address)
-    mapped = getattr(want, "ipv4_mapped", None)
-    want = mapped or want
-    for s in parse(text):
-        local = getattr(s.local, "ipv4_mapped", None) or s.local
-        if local == want and s.local_port == port and s.inode:
-            return s.inode
-    return None
+    found = find(text, address, port)
+    return found.inode if found is not None else None
 
 
 def _plain(a: Address) -> Address:
@@ -99,7 +120,7 @@ def peer_uid(text: str, peer: str, peer_port: int, server_port: int) -> int | No
     whose local end is the peer's address and port and whose remote end is our port (the same
     machine holds both ends). None when no such socket is in the table."""
     want = _plain(ipaddress.ip_address(peer))
-    for s in parse(text):
+    for s in rows_with_port(text, peer_port):
         if (
             s.local_port == peer_port
             and s.remote_port == server_port

@@ -195,8 +195,9 @@ class SandboxRegistry:
 def peer_process(record: SandboxRecord, address: str, port: int) -> tuple[int, str] | None:
     """(pid, comm) of the sandboxed process whose TCP socket has this local address and port.
 
-    The processes in the sandbox's network namespace, the socket from their TCP table, then which
-    of them holds it (workload.peer). Slow (a scan of /proc): off the event loop.
+    The processes in the sandbox's network namespace, the socket asked of that namespace's
+    kernel tables, then which of them holds it (workload.peer). A scan of /proc's processes:
+    off the event loop.
     """
     found = peer_workload(record, address, port)
     return (found.pid, found.comm or "") if found is not None else None
@@ -206,7 +207,8 @@ def peer_workload(record: SandboxRecord, address: str, port: int) -> workload.Wo
     """The sandboxed process (pid, executable and its hash, uid, cgroup) of a connection."""
     if record.netns_inode is None:
         return None
-    return workload.peer(address, port, pids_in_netns(record.netns_inode))
+    inode = record.netns_inode
+    return workload.peer(address, port, pids_in_netns(inode), netns_inode=inode)
 
 
 def pids_in_netns(inode: int) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -19,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from candela_mitm.config import WorkloadRule
-from candela_mitm.enforcement import procnet
+from candela_mitm.enforcement import procnet, sockdiag
+
+log = logging.getLogger("candela.workload")
 
 # docker-<id>.scope, /docker/<id>, cri-containerd-<id>.scope, crio-<id>, libpod-<id>: a container
 # runtime names the cgroup after the container's 64-hex id
@@ -113,15 +116,53 @@ def _all_pids() -> list[int]:
     return sorted(int(e.name) for e in os.scandir("/proc") if e.name.isdigit())
 
 
+# Where sockets were last seen held, to look there first. Every answer taken from here is
+# verified against the kernel (the /proc/<pid>/fd/<n> link names the socket) before it is
+# trusted: pids and fd numbers are reused, a socket's inode is not while it lives.
+_seen: dict[int, tuple[int, str]] = {}  # socket inode -> (pid, fd) of a fd table read lately
+_last: dict[int, int] = {}  # socket owner uid -> the pid that held its last looked-up socket
+_SEEN_MAX = 65536
+
+
+def _remember(inode: int, pid: int, fd: str) -> None:
+    if len(_seen) >= _SEEN_MAX:
+        _seen.clear()
+    _seen[inode] = (pid, fd)
+
+
+def _verified(inode: int, allowed: set[int] | None) -> int | None:
+    """The pid a recent fd table read showed holding `inode`, if it still does."""
+    hit = _seen.get(inode)
+    if hit is None or (allowed is not None and hit[0] not in allowed):
+        return None
+    pid, fd = hit
+    try:
+        if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+            return pid
+    except OSError:
+        pass
+    _seen.pop(inode, None)
+    return None
+
+
 def socket_holder(inode: int, pids: Iterable[int]) -> int | None:
-    """The first of `pids` with a file descriptor on socket `inode`."""
+    """The first of `pids` with a file descriptor on socket `inode`; the other sockets read on
+    the way are remembered (`_seen`), so the next connection of a busy client is one readlink."""
     target = f"socket:[{inode}]"
     for pid in pids:
         try:
-            for fd in os.scandir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(fd.path) == target:
+            with os.scandir(f"/proc/{pid}/fd") as fds:
+                for fd in fds:
+                    try:
+                        link = os.readlink(fd.path)
+                    except OSError:
+                        continue
+                    if link == target:
+                        _remember(inode, pid, fd.name)
                         return pid
+                    if link.startswith("socket:["):
+                        with contextlib.suppress(ValueError):
+                            _remember(int(link[8:-1]), pid, fd.name)
         except OSError:
             continue
     return None
@@ -136,37 +177,71 @@ def _tables(pid: int | None) -> str:
     return text
 
 
-def peer(address: str, port: int, netns_pids: list[int] | None = None) -> Workload | None:
+def find_socket(
+    address: str, port: int, pid: int | None = None, netns_inode: int | None = None
+) -> procnet.TcpSocket | None:
+    """The socket a process holds bound locally to address:port, in this process's network
+    namespace or `pid`'s (which must be the one whose inode is `netns_inode`, when given):
+    asked of the kernel for that one socket (sock_diag), else (no netlink, a namespace this
+    process may not enter) found in the namespace's TCP tables."""
+    netns = f"/proc/{pid}/ns/net" if pid is not None else None
+    try:
+        found = sockdiag.sockets(address, port, netns, netns_inode)
+        return found[0] if found else None
+    except sockdiag.NamespaceChanged:
+        return None  # that pid now runs elsewhere: its tables are not the sandbox's either
+    except OSError as e:
+        log.debug("sock_diag unavailable (%s): reading the TCP tables", e)
+    return procnet.find(_tables(pid), address, port)
+
+
+def peer(
+    address: str, port: int, netns_pids: list[int] | None = None, netns_inode: int | None = None
+) -> Workload | None:
     """The process whose TCP socket is bound locally to address:port.
 
     `netns_pids`: the processes of the network namespace the connection came from (a
-    sandbox's); None: this process's own namespace (the host's, under host enforcement or on
-    loopback), whose every process is a candidate.
+    sandbox's, whose inode `netns_inode` is); None: this process's own namespace (the host's,
+    under host enforcement or on loopback), whose every process is a candidate.
     """
     if netns_pids is not None and not netns_pids:
         return None
-    table = _tables(netns_pids[0] if netns_pids else None)  # members share the namespace's table
-    row = _socket(table, address, port)
+    # the namespace's members share its table: ask the first
+    row = find_socket(address, port, netns_pids[0] if netns_pids else None, netns_inode)
     if row is None:
         return None
     if netns_pids is not None:
-        pid = socket_holder(row.inode, netns_pids)
+        members = set(netns_pids)
+        pid = _verified(row.inode, members) or socket_holder(
+            row.inode, _first(netns_pids, _last.get(row.uid))
+        )
     else:
-        # the whole host: the socket's owner uid's processes first (a socket passed to another
-        # user's process is found by the full scan after)
-        owned = _pids_of_uid(row.uid)
-        pid = socket_holder(row.inode, owned)
-        if pid is None:
-            mine = set(owned)
-            pid = socket_holder(row.inode, [p for p in _all_pids() if p not in mine])
-    return describe(pid) if pid is not None else None
-
-
-def _socket(table: str, address: str, port: int) -> procnet.TcpSocket | None:
-    inode = procnet.socket_inode(table, address, port)
-    if inode is None:
+        pid = _verified(row.inode, None) or _host_holder(row)
+    if pid is None:
         return None
-    return next((s for s in procnet.parse(table) if s.inode == inode), None)
+    _last[row.uid] = pid
+    return describe(pid)
+
+
+def _first(pids: list[int], pid: int | None) -> list[int]:
+    """`pids` with `pid` moved to the front (when it is one of them)."""
+    if pid is None or pid not in pids:
+        return pids
+    return [pid, *(p for p in pids if p != pid)]
+
+
+def _host_holder(row: procnet.TcpSocket) -> int | None:
+    """Any process of the machine: the one that held this uid's last socket, then the socket
+    owner uid's processes, then the rest (a socket passed to another user's process)."""
+    last = _last.get(row.uid)
+    if last is not None and (pid := socket_holder(row.inode, [last])) is not None:
+        return pid
+    owned = [p for p in _pids_of_uid(row.uid) if p != last]
+    pid = socket_holder(row.inode, owned)
+    if pid is None:
+        tried = {*owned, last}
+        pid = socket_holder(row.inode, [p for p in _all_pids() if p not in tried])
+    return pid
 
 
 def _pids_of_uid(uid: int) -> list[int]:
