@@ -55,6 +55,16 @@ def _ip(address: str) -> str:
     return str(mapped or ip)
 
 
+def _remote_end(client: connection.Client) -> tuple[str, int] | None:
+    """The client socket's other end: in transparent mode mitmproxy's sockname is the kernel's
+    original destination (SO_ORIGINAL_DST), so the kernel can find the client's socket by its
+    4-tuple (a wrong one would only cost the slower lookup by the local end)."""
+    try:
+        return (_ip(client.sockname[0]), client.sockname[1]) if client.sockname else None
+    except ValueError:
+        return None
+
+
 def _is_local_address(address: str) -> bool:
     """True for an address of this machine: binding to it succeeds only then."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -367,12 +377,12 @@ class Sni:
         found: workload.Workload | None = None
         if client.peername:
             ip, port = _ip(client.peername[0]), client.peername[1]
-            record = self.registry.lookup(ip)
+            record, remote = self.registry.lookup(ip), _remote_end(client)
             try:
                 if record is not None:
-                    found = await self.rt.blocking(peer_workload, record, ip, port)
+                    found = await self.rt.blocking(peer_workload, record, ip, port, remote)
                 else:  # this machine (host enforcement, loopback): this namespace's tables
-                    found = await self.rt.blocking(workload.peer, ip, port)
+                    found = await self.rt.blocking(workload.peer, ip, port, None, None, remote)
             except Exception:  # identity is evidence, not a gate: the decision does not wait on it
                 log.debug("no process found for %s:%d", ip, port, exc_info=True)
         if len(self._workloads) > 65536:

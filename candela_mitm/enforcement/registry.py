@@ -192,23 +192,28 @@ class SandboxRegistry:
         return self._records.get(index)
 
 
-def peer_process(record: SandboxRecord, address: str, port: int) -> tuple[int, str] | None:
+def peer_process(
+    record: SandboxRecord, address: str, port: int, remote: tuple[str, int] | None = None
+) -> tuple[int, str] | None:
     """(pid, comm) of the sandboxed process whose TCP socket has this local address and port.
 
     The processes in the sandbox's network namespace, the socket asked of that namespace's
     kernel tables, then which of them holds it (workload.peer). A scan of /proc's processes:
     off the event loop.
     """
-    found = peer_workload(record, address, port)
+    found = peer_workload(record, address, port, remote)
     return (found.pid, found.comm or "") if found is not None else None
 
 
-def peer_workload(record: SandboxRecord, address: str, port: int) -> workload.Workload | None:
-    """The sandboxed process (pid, executable and its hash, uid, cgroup) of a connection."""
+def peer_workload(
+    record: SandboxRecord, address: str, port: int, remote: tuple[str, int] | None = None
+) -> workload.Workload | None:
+    """The sandboxed process (pid, executable and its hash, uid, cgroup) of a connection
+    (`remote`: its original destination, when known)."""
     if record.netns_inode is None:
         return None
     inode = record.netns_inode
-    return workload.peer(address, port, pids_in_netns(inode), netns_inode=inode)
+    return workload.peer(address, port, pids_in_netns(inode), netns_inode=inode, remote=remote)
 
 
 def pids_in_netns(inode: int) -> list[int]:

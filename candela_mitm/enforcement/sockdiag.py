@@ -1,10 +1,11 @@
-"""One TCP socket asked of the kernel by its local address and port (NETLINK_SOCK_DIAG, inet_diag).
+"""One TCP socket asked of the kernel by its addresses and ports (NETLINK_SOCK_DIAG, inet_diag).
 
-The kernel filters (the port in the request, the address in a one-instruction inet_diag
-bytecode program) and answers with that socket's row only: its uid and inode, whatever the
-number of other sockets (a load generator's thousands of TIME_WAIT rows cost nothing here,
-where /proc/net/tcp prints and procnet.parse reads every one). pyroute2's DiagSocket dumps
-whole tables (no bytecode), so the request is packed here.
+With both ends known the kernel finds the connection by its own hash lookup (~25 us); with only
+the local end it filters a dump (the port in the request, the address in a one-instruction
+inet_diag bytecode program). Either way only that socket's row comes back, with its uid and
+inode: a load generator's thousands of TIME_WAIT rows are never printed nor parsed, as
+/proc/net/tcp and procnet.parse do with every one. pyroute2's DiagSocket only dumps whole
+tables (no exact request, no bytecode), so the requests are packed here.
 
 A netlink socket answers for the network namespace it was created in: `netns` names another
 one (`/proc/<pid>/ns/net`), entered by a short-lived thread that creates the socket there (setns
@@ -14,6 +15,7 @@ changes only the calling thread's namespace, and that thread ends).
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import ipaddress
 import itertools
@@ -24,7 +26,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import cast
 
-from candela_mitm.enforcement.procnet import Address, TcpSocket
+from candela_mitm.enforcement.procnet import LISTEN, Address, TcpSocket
 
 NETLINK_SOCK_DIAG = 4  # include/uapi/linux/netlink.h (Python 3.11's socket module lacks it)
 SOCK_DIAG_BY_FAMILY = 20
@@ -45,8 +47,42 @@ _OWNER = struct.Struct("=II")
 _MSG_SIZE, _OWNER_AT = 72, 64
 
 
-def _request(family: int, address: Address, port: int, seq: int) -> bytes:
-    """A dump of `family`'s TCP sockets whose local end is address:port."""
+def _plain(a: Address) -> Address:
+    return getattr(a, "ipv4_mapped", None) or a
+
+
+def _sockid(family: int, local: Address, port: int, remote: Address | None, rport: int) -> bytes:
+    """struct inet_diag_sockid: ports and addresses in network order, any interface, no cookie."""
+    size = 4 if family == socket.AF_INET else 16
+    src = local.packed.ljust(size, b"\0")
+    dst = (remote.packed if remote is not None else b"").ljust(size, b"\0")
+    return (
+        struct.pack("!HH", port, rport)
+        + src.ljust(16, b"\0")
+        + dst.ljust(16, b"\0")
+        + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)  # INET_DIAG_NOCOOKIE
+    )
+
+
+def _message(family: int, flags: int, seq: int, sockid: bytes, attrs: bytes = b"") -> bytes:
+    # struct inet_diag_req_v2, then its attributes
+    body = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, STATES) + sockid + attrs
+    header = _HEADER.pack(_HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, flags, seq, 0)
+    return header + body
+
+
+def _exact_request(local: Address, port: int, remote: Address, rport: int, seq: int) -> bytes:
+    """The one socket with this 4-tuple, by the kernel's own hash lookup (inet_diag's
+    find_one): a few microseconds whatever the number of sockets. An IPv4 request finds a
+    dual-stack socket's v4-mapped connection too."""
+    family = socket.AF_INET if local.version == 4 else socket.AF_INET6
+    return _message(family, NLM_F_REQUEST, seq, _sockid(family, local, port, remote, rport))
+
+
+def _dump_request(family: int, address: Address, port: int, seq: int) -> bytes:
+    """A dump of `family`'s TCP sockets whose local end is address:port: for when the other
+    end is not known. The kernel walks its whole connection hash table for it (~3 ms a family
+    on the bench machine), so the exact request comes first when it can."""
     raw = address.packed
     cond_family = socket.AF_INET if address.version == 4 else socket.AF_INET6
     # struct inet_diag_hostcond: family, prefix_len, (pad), int port, then the address; the
@@ -56,25 +92,18 @@ def _request(family: int, address: Address, port: int, seq: int) -> bytes:
     # struct inet_diag_bc_op: yes jumps to the end (accept), no jumps past it (reject)
     bytecode = struct.pack("=BBH", INET_DIAG_BC_S_COND, size, size + 4) + cond
     attr = struct.pack("=HH", 4 + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode
-    # struct inet_diag_req_v2, its id's source port set: the kernel skips other ports' sockets
-    # before running the bytecode (inet_diag_dump_icsk)
-    req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, STATES)
-    req += struct.pack("!HH", port, 0) + bytes(32) + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)
-    body = req + attr
-    return (
-        _HEADER.pack(
-            _HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
-        )
-        + body
-    )
+    # the id's source port set too: the kernel skips other ports' sockets before the bytecode
+    sockid = struct.pack("!HH", port, 0) + bytes(32) + struct.pack("=III", 0, *(0xFFFFFFFF,) * 2)
+    return _message(family, NLM_F_REQUEST | NLM_F_DUMP, seq, sockid, attr)
 
 
 def _address(family: int, raw: bytes) -> Address:
     return ipaddress.ip_address(raw[:4] if family == socket.AF_INET else raw)
 
 
-def _rows(sock: socket.socket, seq: int) -> Iterator[TcpSocket]:
-    """The answer's rows, until its NLMSG_DONE; OSError for the kernel's NLMSG_ERROR."""
+def _rows(sock: socket.socket, seq: int, single: bool = False) -> Iterator[TcpSocket]:
+    """The answer's rows, until its NLMSG_DONE (a dump's) or its one message (`single`: an
+    exact request's); OSError for the kernel's NLMSG_ERROR."""
     while True:
         data = sock.recv(65536)
         if not data:
@@ -103,6 +132,8 @@ def _rows(sock: socket.socket, seq: int) -> Iterator[TcpSocket]:
                         inode,
                         uid,
                     )
+                    if single:
+                        return
             off += (length + 3) & ~3
 
 
@@ -159,25 +190,69 @@ def netlink_in(netns: str, inode: int | None = None) -> socket.socket:
 _seq = itertools.count(1)  # next() is atomic under the GIL: threads never share a number
 
 
-def sockets(
-    address: str, port: int, netns: str | None = None, netns_inode: int | None = None
-) -> list[TcpSocket]:
-    """The TCP sockets held by some process (TIME_WAIT and half-open ones left out) whose local
-    end is address:port, IPv4 first then IPv6 (a dual-stack socket's v4-mapped address matches
-    its IPv4 form). In this process's network namespace, or the one `netns` names (and whose
-    inode is `netns_inode`, when given). OSError when the kernel will not answer (no netlink, no
+def _next_seq() -> int:
+    return next(_seq) & 0x7FFFFFFF or 1
+
+
+def _exact(
+    sock: socket.socket, local: Address, port: int, remote: tuple[str, int]
+) -> TcpSocket | None:
+    """The connected socket with this 4-tuple (a listener the kernel falls back to, or any
+    other row, is not it)."""
+    other = _plain(ipaddress.ip_address(remote[0]))
+    if other.version != local.version:
+        return None
+    seq = _next_seq()
+    sock.sendto(_exact_request(local, port, other, remote[1], seq), (0, 0))
+    try:
+        rows = list(_rows(sock, seq, single=True))
+    except OSError as e:
+        if e.errno == errno.ENOENT:  # no such connection
+            return None
+        raise
+    for s in rows:
+        if (
+            s.inode
+            and s.state != LISTEN
+            and (s.local_port, s.remote_port) == (port, remote[1])
+            and (_plain(s.local), _plain(s.remote)) == (local, other)
+        ):
+            return s
+    return None
+
+
+def find(
+    address: str,
+    port: int,
+    remote: tuple[str, int] | None = None,
+    netns: str | None = None,
+    netns_inode: int | None = None,
+) -> TcpSocket | None:
+    """The TCP socket a process holds (TIME_WAIT and half-open ones left out) whose local end is
+    address:port, a dual-stack socket's v4-mapped address matching its IPv4 form.
+
+    `remote`: the other end (address, port) when it is known, as the kernel gave it (a
+    transparent proxy's original destination): the socket of exactly that connection is asked
+    for first. Without it, or when that connection is not there, the first socket bound to
+    address:port, IPv4 table first then IPv6 (as /proc/net/tcp and tcp6 list them).
+
+    In this process's network namespace, or the one `netns` names (and whose inode is
+    `netns_inode`, when given). OSError when the kernel will not answer (no netlink, no
     inet_diag, a namespace not entered), NamespaceChanged (an OSError) when `netns` names
-    another namespace than `netns_inode`'s."""
-    want = ipaddress.ip_address(address)
-    mapped = getattr(want, "ipv4_mapped", None)
-    want = mapped or want
+    another namespace than `netns_inode`'s.
+    """
+    want = _plain(ipaddress.ip_address(address))
     families = (socket.AF_INET, socket.AF_INET6) if want.version == 4 else (socket.AF_INET6,)
     sock = netlink_in(netns, netns_inode) if netns is not None else _netlink()
-    out: list[TcpSocket] = []
     with sock:
         sock.settimeout(5.0)  # the kernel answers at once: this only bounds a broken answer
+        if remote is not None and (found := _exact(sock, want, port, remote)) is not None:
+            return found
         for family in families:
-            seq = next(_seq) & 0x7FFFFFFF or 1
-            sock.sendto(_request(family, want, port, seq), (0, 0))
-            out.extend(s for s in _rows(sock, seq) if s.inode)
-    return out
+            seq = _next_seq()
+            sock.sendto(_dump_request(family, want, port, seq), (0, 0))
+            # read to the end of the answer even once found: the socket is closed after
+            held = [s for s in _rows(sock, seq) if s.inode]
+            if held:
+                return held[0]
+    return None

@@ -178,16 +178,19 @@ def _tables(pid: int | None) -> str:
 
 
 def find_socket(
-    address: str, port: int, pid: int | None = None, netns_inode: int | None = None
+    address: str,
+    port: int,
+    pid: int | None = None,
+    netns_inode: int | None = None,
+    remote: tuple[str, int] | None = None,
 ) -> procnet.TcpSocket | None:
-    """The socket a process holds bound locally to address:port, in this process's network
-    namespace or `pid`'s (which must be the one whose inode is `netns_inode`, when given):
-    asked of the kernel for that one socket (sock_diag), else (no netlink, a namespace this
-    process may not enter) found in the namespace's TCP tables."""
+    """The socket a process holds bound locally to address:port (connected to `remote`, when
+    known), in this process's network namespace or `pid`'s (which must be the one whose inode
+    is `netns_inode`, when given): asked of the kernel for that one socket (sock_diag), else
+    (no netlink, a namespace this process may not enter) found in the namespace's TCP tables."""
     netns = f"/proc/{pid}/ns/net" if pid is not None else None
     try:
-        found = sockdiag.sockets(address, port, netns, netns_inode)
-        return found[0] if found else None
+        return sockdiag.find(address, port, remote, netns, netns_inode)
     except sockdiag.NamespaceChanged:
         return None  # that pid now runs elsewhere: its tables are not the sandbox's either
     except OSError as e:
@@ -196,18 +199,25 @@ def find_socket(
 
 
 def peer(
-    address: str, port: int, netns_pids: list[int] | None = None, netns_inode: int | None = None
+    address: str,
+    port: int,
+    netns_pids: list[int] | None = None,
+    netns_inode: int | None = None,
+    remote: tuple[str, int] | None = None,
 ) -> Workload | None:
     """The process whose TCP socket is bound locally to address:port.
 
     `netns_pids`: the processes of the network namespace the connection came from (a
     sandbox's, whose inode `netns_inode` is); None: this process's own namespace (the host's,
-    under host enforcement or on loopback), whose every process is a candidate.
+    under host enforcement or on loopback), whose every process is a candidate. `remote`: the
+    connection's other end as the kernel gave it (a transparent proxy's original destination),
+    when known: the kernel then finds the socket by its hash lookup.
     """
     if netns_pids is not None and not netns_pids:
         return None
     # the namespace's members share its table: ask the first
-    row = find_socket(address, port, netns_pids[0] if netns_pids else None, netns_inode)
+    pid0 = netns_pids[0] if netns_pids else None
+    row = find_socket(address, port, pid0, netns_inode, remote)
     if row is None:
         return None
     if netns_pids is not None:
