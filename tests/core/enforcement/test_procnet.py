@@ -149,3 +149,46 @@ def test_connection_owner_of_a_real_loopback_connection():
                 host, port = client.getsockname()
                 owner = procnet.connection_owner(host, port, server.getsockname()[1])
                 assert owner == os.geteuid()
+
+
+@pytest.mark.parametrize(
+    "text, port, inodes",
+    [
+        (TCP, 0x20FB, [11, 12]),  # local ends
+        (TCP, 0x9C40, [12]),  # a remote end
+        (TCP, 0x01BB, [0, 14]),  # remote ends, one in TIME_WAIT
+        (TCP, 0x1F90, []),  # only in the other table
+        (TCP6, 0x1F90, [21]),
+        (HEAD, 0x20FB, []),
+        ("", 0x20FB, []),
+        ("   0: 0100007F:20FB garbage\n", 0x20FB, []),  # malformed: skipped
+        ("   0: 0100007F:20FB 0100007F:20FB 01 0 0 0 0 0 7 1", 0x20FB, [7]),  # both ends, once
+    ],
+)
+def test_rows_with_port_are_the_rows_naming_it_at_either_end(text, port, inodes):
+    if socket.htonl(1) == 1:
+        pytest.skip("the tables above are as a little-endian kernel prints them")
+    assert [s.inode for s in procnet.rows_with_port(text, port)] == inodes
+
+
+def test_a_socket_is_found_parsing_only_the_rows_with_its_port(monkeypatch):
+    """Thousands of other rows (a load generator's TIME_WAIT) are searched, never parsed."""
+    others = "".join(
+        f"{i:4d}: 0200C80A:{40000 + i:04X} 0100C80A:0050 06 0 0 0 0 0 0 3\n" for i in range(5000)
+    )
+    parsed: list[str] = []
+    real = procnet._row
+
+    def spy(line: str) -> procnet.TcpSocket | None:
+        parsed.append(line)
+        return real(line)
+
+    monkeypatch.setattr(procnet, "_row", spy)
+    table = HEAD + others + TCP.split("\n", 1)[1]
+    assert procnet.find(table, "10.200.0.2", 40100) is None  # in TIME_WAIT: no inode
+    assert len(parsed) == 1
+    if socket.htonl(1) != 1:
+        # 40002: one of the 5000 in TIME_WAIT, and an established row of TCP's
+        assert procnet.find(table, "10.200.0.2", 40002).inode == 14
+        assert procnet.peer_uid(table, "10.200.0.2", 40002, 443) == 1000
+        assert len(parsed) == 1 + 2 + 2

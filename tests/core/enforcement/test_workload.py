@@ -120,3 +120,180 @@ def test_a_workload_rule_names_its_binary():
         parse_config({"governance": {"workloads": [{"user": "u"}]}})
     with pytest.raises(ConfigError, match=r"governance.workloads.0.sha256"):
         parse_config({"governance": {"workloads": [{"sha256": "nothex"}]}})
+
+
+# -- the lookup's cost: the kernel's one row, the holder's fd table -------------------------------
+
+MANY_SOCKETS = """
+import socket, time
+listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+held = []
+for _ in range(1000):
+    held.append(socket.create_connection(listener.getsockname()))
+    held.append(listener.accept()[0])
+print("ready", flush=True)
+time.sleep(120)  # killed by the test
+"""
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """No socket seen yet, no uid's last holder known."""
+    monkeypatch.setattr(workload, "_seen", {})
+    monkeypatch.setattr(workload, "_last", {})
+
+
+@pytest.fixture
+def counts(monkeypatch) -> dict[str, int]:
+    """What a lookup reads: /proc table rows parsed, rows the kernel answered with, fd links."""
+    from candela_mitm.enforcement import procnet, sockdiag
+
+    seen = {"rows_parsed": 0, "kernel_rows": 0, "readlinks": 0}
+    row, rows, readlink = procnet._row, sockdiag._rows, os.readlink
+
+    def spy_row(line):
+        seen["rows_parsed"] += 1
+        return row(line)
+
+    def spy_rows(*a, **kw):
+        for r in rows(*a, **kw):
+            seen["kernel_rows"] += 1
+            yield r
+
+    def spy_readlink(path, *a, **kw):
+        seen["readlinks"] += 1
+        return readlink(path, *a, **kw)
+
+    monkeypatch.setattr(procnet, "_row", spy_row)
+    monkeypatch.setattr(sockdiag, "_rows", spy_rows)
+    monkeypatch.setattr(os, "readlink", spy_readlink)
+    return seen
+
+
+@pytest.fixture
+def many_sockets():
+    """Another process holding 2,000 loopback sockets (1,000 connections, both ends)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", MANY_SOCKETS], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        assert len(Path("/proc/net/tcp").read_text().splitlines()) > 2000
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _own_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_the_socket_found_is_this_process_connection_by_its_4_tuple(fresh):
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    try:
+        address, port = client.getsockname()
+        row = workload.find_socket(address, port, remote=listener.getsockname())
+        assert row is not None
+        assert (row.inode, row.uid) == (os.fstat(client.fileno()).st_ino, os.geteuid())
+        w = workload.peer(address, port, remote=listener.getsockname())
+        assert w is not None and (w.pid, w.uid) == (os.getpid(), os.geteuid())
+    finally:
+        client.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("remote_known", [True, False])
+def test_a_lookup_reads_the_same_with_2000_other_sockets(fresh, counts, many_sockets, remote_known):
+    """No /proc table row parsed and one kernel row whatever the machine holds; the holder
+    found in the fd table of the process that held this uid's last socket."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    warm = socket.create_connection(listener.getsockname())
+    client = socket.create_connection(listener.getsockname())
+    try:
+        first = workload.peer(*warm.getsockname())  # learns that this uid's sockets are here
+        assert first is not None and first.pid == os.getpid()
+        for k in counts:
+            counts[k] = 0
+        third = socket.create_connection(listener.getsockname())  # opened after: never seen
+        with third:
+            remote = listener.getsockname() if remote_known else None
+            w = workload.peer(*third.getsockname(), remote=remote)
+            assert w is not None and w.pid == os.getpid()
+            assert counts["rows_parsed"] == 0 and counts["kernel_rows"] == 1
+            # this process's fd table, and the exe link describe() reads
+            assert counts["readlinks"] <= _own_fds() + 1
+            # the client seen on the way is then one verified link (and the exe's)
+            for k in counts:
+                counts[k] = 0
+            assert workload.peer(*client.getsockname()).pid == os.getpid()
+            assert counts["readlinks"] == 2 and counts["rows_parsed"] == 0
+    finally:
+        client.close()
+        warm.close()
+        listener.close()
+
+
+def test_without_netlink_the_tables_are_read_but_only_rows_with_the_port_parsed(
+    fresh, counts, many_sockets, monkeypatch
+):
+    from candela_mitm.enforcement import sockdiag
+
+    def unavailable(*a, **kw):
+        raise OSError(93, "Protocol not supported")
+
+    monkeypatch.setattr(sockdiag, "find", unavailable)
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    try:
+        w = workload.peer(*client.getsockname(), remote=listener.getsockname())
+        assert w is not None and w.pid == os.getpid() and w.uid == os.geteuid()
+        # the client's row and the server end's (the port is its remote end); more only if
+        # another namespace-mate happens to use that port number somewhere
+        assert 1 <= counts["rows_parsed"] <= 6
+        assert counts["kernel_rows"] == 0
+    finally:
+        client.close()
+        listener.close()
+
+
+def test_a_remembered_holder_is_trusted_only_once_its_link_is_read_again(fresh):
+    """pids and fd numbers are reused: a remembered (pid, fd) that no longer names the socket,
+    or a uid's last holder that does not hold it, is passed over."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        address, port = client.getsockname()
+        ino = os.fstat(client.fileno()).st_ino
+        workload._seen[ino] = (other.pid, "0")  # its stdin, not this socket
+        workload._last[os.geteuid()] = other.pid
+        w = workload.peer(address, port)
+        assert w is not None and w.pid == os.getpid()
+        assert workload._seen[ino] == (os.getpid(), str(client.fileno()))
+        assert workload._last[os.geteuid()] == os.getpid()
+        # a sandbox's members only: a remembered holder outside them is not asked
+        assert workload.peer(address, port, [other.pid]) is None
+    finally:
+        other.kill()
+        other.wait()
+        client.close()
+        listener.close()
+
+
+def test_a_namespace_whose_pid_moved_on_answers_nothing(fresh, monkeypatch):
+    """The sandbox's namespace named by a pid that now runs elsewhere: no row, and no table of
+    that other namespace read instead."""
+    read: list[int | None] = []
+    monkeypatch.setattr(workload, "_tables", lambda pid: read.append(pid) or "")
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    try:
+        here = os.stat("/proc/self/ns/net").st_ino
+        address, port = client.getsockname()
+        assert workload.peer(address, port, [os.getpid()], netns_inode=here + 1) is None
+        assert read == []
+    finally:
+        client.close()
+        listener.close()
