@@ -1,10 +1,11 @@
 """Workload identity: the process at the other end of an intercepted connection, from the kernel.
 
-Never from anything the process sends: the socket's owner is found in the TCP table of its
-network namespace (procnet), the process holding that socket by its /proc/<pid>/fd links, and
-what it runs from /proc/<pid>/exe (hashed through that link, so a deleted or replaced file, or
-one inside a container's mount namespace, is still the code that runs), /proc/<pid>/status
-and /proc/<pid>/cgroup. A scan of /proc: call it off the event loop, once per connection.
+Never from anything the process sends: the socket is asked of its network namespace's kernel
+(sock_diag: that one socket's uid and inode; the namespace's TCP tables, procnet, where netlink
+cannot answer), the process holding it found by its /proc/<pid>/fd links, and what it runs from
+/proc/<pid>/exe (hashed through that link, so a deleted or replaced file, or one inside a
+container's mount namespace, is still the code that runs), /proc/<pid>/status and
+/proc/<pid>/cgroup. Reads of /proc: call it off the event loop, once per connection.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def _all_pids() -> list[int]:
 # trusted: pids and fd numbers are reused, a socket's inode is not while it lives.
 _seen: dict[int, tuple[int, str]] = {}  # socket inode -> (pid, fd) of a fd table read lately
 _last: dict[int, int] = {}  # socket owner uid -> the pid that held its last looked-up socket
-_SEEN_MAX = 65536
+_SEEN_MAX = 16384
 
 
 def _remember(inode: int, pid: int, fd: str) -> None:
@@ -195,6 +196,12 @@ def find_socket(
         return None  # that pid now runs elsewhere: its tables are not the sandbox's either
     except OSError as e:
         log.debug("sock_diag unavailable (%s): reading the TCP tables", e)
+    if netns_inode is not None and netns is not None:
+        try:
+            if os.stat(netns).st_ino != netns_inode:
+                return None  # as above
+        except OSError:
+            return None  # gone
     return procnet.find(_tables(pid), address, port)
 
 
@@ -242,7 +249,9 @@ def _first(pids: list[int], pid: int | None) -> list[int]:
 
 def _host_holder(row: procnet.TcpSocket) -> int | None:
     """Any process of the machine: the one that held this uid's last socket, then the socket
-    owner uid's processes, then the rest (a socket passed to another user's process)."""
+    owner uid's processes, then the rest (a socket passed to another user's process). A socket
+    several processes share (inherited across fork) is reported as held by the first found, a
+    process that holds it either way: the lowest pid only when no earlier holder was known."""
     last = _last.get(row.uid)
     if last is not None and (pid := socket_holder(row.inode, [last])) is not None:
         return pid
