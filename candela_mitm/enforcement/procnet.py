@@ -94,13 +94,19 @@ def listening(port: int, tables: Iterable[str] = TABLES) -> bool:
     return any(s.state == LISTEN and s.local_port == port for s in read(tables))
 
 
-def find(text: str, address: str, port: int) -> TcpSocket | None:
+def find(
+    text: str, address: str, port: int, remote: tuple[str, int] | None = None
+) -> TcpSocket | None:
     """The first socket held by a process (inode not 0) bound locally to address:port in a
-    table's text (IPv4-mapped addresses match their IPv4 form)."""
+    table's text (IPv4-mapped addresses match their IPv4 form); with `remote`, only one
+    connected to that other end (connect() shares a local port between connections to
+    different destinations)."""
     want = _plain(ipaddress.ip_address(address))
+    other = (_plain(ipaddress.ip_address(remote[0])), remote[1]) if remote is not None else None
     for s in rows_with_port(text, port):
         if s.local_port == port and s.inode and _plain(s.local) == want:
-            return s
+            if other is None or (s.state != LISTEN and (_plain(s.remote), s.remote_port) == other):
+                return s
     return None
 
 

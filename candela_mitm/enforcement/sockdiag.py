@@ -39,6 +39,8 @@ TCP_TIME_WAIT, TCP_NEW_SYN_RECV = 6, 12
 # every state but those of sockets no process holds (inode 0)
 STATES = 0xFFFF & ~(1 << TCP_TIME_WAIT) & ~(1 << TCP_NEW_SYN_RECV)
 
+Remote = tuple[Address, int]  # the other end of a connection, IPv4-mapped addresses as IPv4
+
 _HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
 # struct inet_diag_msg (72 bytes): family, state, (timer, retrans), its id's ports and addresses
 # (then interface and cookie), and at 64 (after expires, rqueue, wqueue) uid and inode
@@ -194,31 +196,29 @@ def _next_seq() -> int:
     return next(_seq) & 0x7FFFFFFF or 1
 
 
-def _exact(
-    sock: socket.socket, local: Address, port: int, remote: tuple[str, int]
-) -> TcpSocket | None:
+def _exact(sock: socket.socket, local: Address, port: int, remote: Remote) -> TcpSocket | None:
     """The connected socket with this 4-tuple (a listener the kernel falls back to, or any
     other row, is not it)."""
-    other = _plain(ipaddress.ip_address(remote[0]))
-    if other.version != local.version:
+    if remote[0].version != local.version:
         return None
     seq = _next_seq()
-    sock.sendto(_exact_request(local, port, other, remote[1], seq), (0, 0))
+    sock.sendto(_exact_request(local, port, remote[0], remote[1], seq), (0, 0))
     try:
         rows = list(_rows(sock, seq, single=True))
     except OSError as e:
         if e.errno == errno.ENOENT:  # no such connection
             return None
         raise
-    for s in rows:
-        if (
-            s.inode
-            and s.state != LISTEN
-            and (s.local_port, s.remote_port) == (port, remote[1])
-            and (_plain(s.local), _plain(s.remote)) == (local, other)
-        ):
-            return s
-    return None
+    return next((s for s in rows if _is_connection(s, local, port, remote)), None)
+
+
+def _is_connection(s: TcpSocket, local: Address, port: int, remote: Remote) -> bool:
+    return (
+        s.inode != 0
+        and s.state != LISTEN
+        and (s.local_port, s.remote_port) == (port, remote[1])
+        and (_plain(s.local), _plain(s.remote)) == (local, remote[0])
+    )
 
 
 def find(
@@ -232,8 +232,10 @@ def find(
     address:port, a dual-stack socket's v4-mapped address matching its IPv4 form.
 
     `remote`: the other end (address, port) when it is known, as the kernel gave it (a
-    transparent proxy's original destination): the socket of exactly that connection is asked
-    for first. Without it, or when that connection is not there, the first socket bound to
+    transparent proxy's original destination): then only the socket of exactly that connection
+    (the kernel's hash lookup, else a dump of the local end's sockets for one with that other
+    end), never another socket that shares the local end (connect() shares an ephemeral port
+    between connections to different destinations). Without it: the first socket bound to
     address:port, IPv4 table first then IPv6 (as /proc/net/tcp and tcp6 list them).
 
     In this process's network namespace, or the one `netns` names (and whose inode is
@@ -242,17 +244,24 @@ def find(
     another namespace than `netns_inode`'s.
     """
     want = _plain(ipaddress.ip_address(address))
+    other: Remote | None = None
+    if remote is not None:
+        other = (_plain(ipaddress.ip_address(remote[0])), remote[1])
     families = (socket.AF_INET, socket.AF_INET6) if want.version == 4 else (socket.AF_INET6,)
     sock = netlink_in(netns, netns_inode) if netns is not None else _netlink()
     with sock:
         sock.settimeout(5.0)  # the kernel answers at once: this only bounds a broken answer
-        if remote is not None and (found := _exact(sock, want, port, remote)) is not None:
+        if other is not None and (found := _exact(sock, want, port, other)) is not None:
             return found
         for family in families:
             seq = _next_seq()
             sock.sendto(_dump_request(family, want, port, seq), (0, 0))
-            # read to the end of the answer even once found: the socket is closed after
-            held = [s for s in _rows(sock, seq) if s.inode]
+            # read to the end of the answer even once found: the socket is asked again after
+            held = [
+                s
+                for s in _rows(sock, seq)
+                if s.inode and (other is None or _is_connection(s, want, port, other))
+            ]
             if held:
                 return held[0]
     return None

@@ -185,8 +185,8 @@ def find_socket(
     netns_inode: int | None = None,
     remote: tuple[str, int] | None = None,
 ) -> procnet.TcpSocket | None:
-    """The socket a process holds bound locally to address:port (connected to `remote`, when
-    known), in this process's network namespace or `pid`'s (which must be the one whose inode
+    """The socket a process holds bound locally to address:port (only the one connected to
+    `remote`, when known), in this process's network namespace or `pid`'s (which must be the one whose inode
     is `netns_inode`, when given): asked of the kernel for that one socket (sock_diag), else
     (no netlink, a namespace this process may not enter) found in the namespace's TCP tables."""
     netns = f"/proc/{pid}/ns/net" if pid is not None else None
@@ -202,7 +202,7 @@ def find_socket(
                 return None  # as above
         except OSError:
             return None  # gone
-    return procnet.find(_tables(pid), address, port)
+    return procnet.find(_tables(pid), address, port, remote)
 
 
 def peer(
@@ -218,7 +218,8 @@ def peer(
     sandbox's, whose inode `netns_inode` is); None: this process's own namespace (the host's,
     under host enforcement or on loopback), whose every process is a candidate. `remote`: the
     connection's other end as the kernel gave it (a transparent proxy's original destination),
-    when known: the kernel then finds the socket by its hash lookup.
+    when known: the kernel then finds the socket by its hash lookup, and no other socket that
+    shares the local end (connect() shares ephemeral ports between destinations) is taken.
     """
     if netns_pids is not None and not netns_pids:
         return None

@@ -192,3 +192,31 @@ def test_a_socket_is_found_parsing_only_the_rows_with_its_port(monkeypatch):
         assert procnet.find(table, "10.200.0.2", 40002).inode == 14
         assert procnet.peer_uid(table, "10.200.0.2", 40002, 443) == 1000
         assert len(parsed) == 1 + 2 + 2
+
+
+# connect() shares an ephemeral port between connections to different destinations: two
+# sockets with the local end 127.0.0.1:40000, to :1234 and to :80 (and a listener on :40000's
+# neighbour, 40001, to show a listener is never a connection)
+SHARED = HEAD + (
+    "   0: 0100007F:9C40 0100007F:0050 01 00000000:00000000 00:00000000 00000000  1001        0 41 1\n"
+    "   1: 0100007F:9C40 0100007F:04D2 01 00000000:00000000 00:00000000 00000000  1000        0 42 1\n"
+    "   2: 0100007F:9C41 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 43 1\n"
+)
+
+
+@pytest.mark.parametrize(
+    "address, port, remote, inode",
+    [
+        ("127.0.0.1", 40000, None, 41),  # by the local end only: the first
+        ("127.0.0.1", 40000, ("127.0.0.1", 1234), 42),  # that connection, not the first
+        ("::ffff:127.0.0.1", 40000, ("::ffff:127.0.0.1", 80), 41),
+        ("127.0.0.1", 40000, ("127.0.0.1", 443), None),  # not there: no other socket instead
+        ("127.0.0.1", 40001, None, 43),
+        ("127.0.0.1", 40001, ("0.0.0.0", 0), None),  # a listener is no connection
+    ],
+)
+def test_find_takes_the_connection_to_its_other_end(address, port, remote, inode):
+    if socket.htonl(1) == 1:
+        pytest.skip("the tables above are as a little-endian kernel prints them")
+    found = procnet.find(SHARED, address, port, remote)
+    assert (found.inode if found else None) == inode

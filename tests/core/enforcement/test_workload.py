@@ -212,22 +212,28 @@ def test_a_lookup_reads_the_same_with_2000_other_sockets(fresh, counts, many_soc
     warm = socket.create_connection(listener.getsockname())
     client = socket.create_connection(listener.getsockname())
     try:
-        first = workload.peer(*warm.getsockname())  # learns that this uid's sockets are here
+        server = listener.getsockname()
+        # learns that this uid's sockets are here
+        first = workload.peer(*warm.getsockname(), remote=server)
         assert first is not None and first.pid == os.getpid()
         for k in counts:
             counts[k] = 0
-        third = socket.create_connection(listener.getsockname())  # opened after: never seen
+        third = socket.create_connection(server)  # opened after: never seen
         with third:
-            remote = listener.getsockname() if remote_known else None
-            w = workload.peer(*third.getsockname(), remote=remote)
-            assert w is not None and w.pid == os.getpid()
-            assert counts["rows_parsed"] == 0 and counts["kernel_rows"] == 1
-            # this process's fd table, and the exe link describe() reads
-            assert counts["readlinks"] <= _own_fds() + 1
+            w = workload.peer(*third.getsockname(), remote=server if remote_known else None)
+            assert w is not None and counts["rows_parsed"] == 0
+            if remote_known:
+                assert w.pid == os.getpid() and counts["kernel_rows"] == 1
+                # this process's fd table, and the exe link describe() reads
+                assert counts["readlinks"] <= _own_fds() + 1
+            else:
+                # by the local end only: connect() may have let a few other sockets share the
+                # port (any of them can be the answer), never the 2,000
+                assert 1 <= counts["kernel_rows"] <= 5
             # the client seen on the way is then one verified link (and the exe's)
             for k in counts:
                 counts[k] = 0
-            assert workload.peer(*client.getsockname()).pid == os.getpid()
+            assert workload.peer(*client.getsockname(), remote=server).pid == os.getpid()
             assert counts["readlinks"] == 2 and counts["rows_parsed"] == 0
     finally:
         client.close()
