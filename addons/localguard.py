@@ -10,7 +10,7 @@ import os
 from mitmproxy import connection, http
 
 from candela_mitm import errors
-from candela_mitm.enforcement import procnet
+from candela_mitm.enforcement import workload
 from candela_mitm.local.guard import (
     LOOPBACK_NAMES,
     TOKEN_HEADER,
@@ -48,7 +48,8 @@ class LocalGuard:
         self.foreign: dict[str, int | None] = {}  # client connection id -> the refused owner
 
     def _owner(self, peer: tuple, sock: tuple) -> tuple[bool, int | None]:
-        """(allowed, uid) of a connection's peer program. Blocking: reads /proc/net/tcp*."""
+        """(allowed, uid) of a connection's peer program: its socket's owner, asked of the
+        kernel by the connection's 4-tuple. Blocking (netlink, or /proc/net/tcp* without it)."""
         try:
             loopback = ipaddress.ip_address(peer[0]).is_loopback
         except ValueError:
@@ -56,7 +57,7 @@ class LocalGuard:
         if not loopback:
             # another machine: it can only connect when the operator listens beyond loopback
             return self.beyond_loopback, None
-        uid = procnet.connection_owner(peer[0], peer[1], sock[1])
+        uid = workload.owner_uid(peer[0], peer[1], (sock[0], sock[1]))
         return uid in self.uids, uid
 
     async def client_connected(self, client: connection.Client) -> None:

@@ -119,29 +119,3 @@ def socket_inode(text: str, address: str, port: int) -> int | None:
 
 def _plain(a: Address) -> Address:
     return getattr(a, "ipv4_mapped", None) or a
-
-
-def peer_uid(text: str, peer: str, peer_port: int, server_port: int) -> int | None:
-    """The uid owning the client end of a loopback connection to our `server_port`: the row
-    whose local end is the peer's address and port and whose remote end is our port (the same
-    machine holds both ends). None when no such socket is in the table."""
-    want = _plain(ipaddress.ip_address(peer))
-    for s in rows_with_port(text, peer_port):
-        if (
-            s.local_port == peer_port
-            and s.remote_port == server_port
-            and _plain(s.local) == want
-            and s.uid >= 0
-        ):
-            return s.uid
-    return None
-
-
-def connection_owner(peer: str, peer_port: int, server_port: int) -> int | None:
-    """peer_uid over this network namespace's tables (blocking: file reads)."""
-    for name in TABLES:
-        with suppress(OSError):
-            uid = peer_uid(Path(name).read_text(), peer, peer_port, server_port)
-            if uid is not None:
-                return uid
-    return None

@@ -205,6 +205,14 @@ def find_socket(
     return procnet.find(_tables(pid), address, port, remote)
 
 
+def owner_uid(address: str, port: int, remote: tuple[str, int]) -> int | None:
+    """The uid owning this namespace's socket of the connection address:port -> remote (the
+    client end of a loopback connection to us: its local end is the peer's address, its other
+    end ours), as the kernel recorded it; None when there is no such connection."""
+    row = find_socket(address, port, remote=remote)
+    return row.uid if row is not None else None
+
+
 def peer(
     address: str,
     port: int,

@@ -129,26 +129,17 @@ LOOPBACK = HEAD + (
         ("127.0.0.2", 40000, 1234, None),
     ],
 )
-def test_peer_uid_is_the_client_ends_owner(peer, peer_port, server_port, uid):
-    assert procnet.peer_uid(LOOPBACK, peer, peer_port, server_port) == uid
+def test_the_client_end_of_a_loopback_connection_is_found_with_its_owner(
+    peer, peer_port, server_port, uid
+):
+    if socket.htonl(1) == 1:
+        pytest.skip("the tables above are as a little-endian kernel prints them")
+    found = procnet.find(LOOPBACK, peer, peer_port, ("127.0.0.1", server_port))
+    assert (found.uid if found else None) == uid
 
 
 def test_parse_reads_the_owner_uid():
     assert [s.uid for s in procnet.parse(TCP)] == [0, 0, 0, 0, 1000]
-
-
-def test_connection_owner_of_a_real_loopback_connection():
-    import os
-
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        with socket.create_connection(server.getsockname()) as client:
-            accepted, _ = server.accept()
-            with accepted:
-                host, port = client.getsockname()
-                owner = procnet.connection_owner(host, port, server.getsockname()[1])
-                assert owner == os.geteuid()
 
 
 @pytest.mark.parametrize(
@@ -190,7 +181,7 @@ def test_a_socket_is_found_parsing_only_the_rows_with_its_port(monkeypatch):
     if socket.htonl(1) != 1:
         # 40002: one of the 5000 in TIME_WAIT, and an established row of TCP's
         assert procnet.find(table, "10.200.0.2", 40002).inode == 14
-        assert procnet.peer_uid(table, "10.200.0.2", 40002, 443) == 1000
+        assert procnet.find(table, "10.200.0.2", 40002, ("10.200.0.1", 443)).uid == 1000
         assert len(parsed) == 1 + 2 + 2
 
 

@@ -303,3 +303,26 @@ def test_a_namespace_whose_pid_moved_on_answers_nothing(fresh, monkeypatch):
     finally:
         client.close()
         listener.close()
+
+
+def test_the_owner_of_a_loopback_connection_is_read_by_its_4_tuple(fresh, monkeypatch):
+    """LocalGuard's question: who owns the client end of a connection to us (the kernel's
+    record, netlink or else the tables); a connection that is not there has no owner."""
+    from candela_mitm.enforcement import sockdiag
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        with socket.create_connection(server.getsockname()) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                host, port = client.getsockname()
+                ours = server.getsockname()
+                assert workload.owner_uid(host, port, ours) == os.geteuid()
+                assert workload.owner_uid(host, port, (ours[0], ours[1] + 1)) is None
+                assert workload.owner_uid(host, 1, ours) is None
+
+                def unavailable(*a, **kw):
+                    raise OSError(93, "Protocol not supported")
+
+                monkeypatch.setattr(sockdiag, "find", unavailable)
+                assert workload.owner_uid(host, port, ours) == os.geteuid()
+                assert workload.owner_uid(host, port, (ours[0], ours[1] + 1)) is None
