@@ -53,15 +53,13 @@ def _plain(a: Address) -> Address:
     return getattr(a, "ipv4_mapped", None) or a
 
 
-def _sockid(family: int, local: Address, port: int, remote: Address | None, rport: int) -> bytes:
-    """struct inet_diag_sockid: ports and addresses in network order, any interface, no cookie."""
-    size = 4 if family == socket.AF_INET else 16
-    src = local.packed.ljust(size, b"\0")
-    dst = (remote.packed if remote is not None else b"").ljust(size, b"\0")
+def _sockid(local: Address, port: int, remote: Address, rport: int) -> bytes:
+    """struct inet_diag_sockid: ports and addresses in network order (an IPv4 address in the
+    first of four words), any interface, no cookie."""
     return (
         struct.pack("!HH", port, rport)
-        + src.ljust(16, b"\0")
-        + dst.ljust(16, b"\0")
+        + local.packed.ljust(16, b"\0")
+        + remote.packed.ljust(16, b"\0")
         + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)  # INET_DIAG_NOCOOKIE
     )
 
@@ -78,7 +76,7 @@ def _exact_request(local: Address, port: int, remote: Address, rport: int, seq: 
     find_one): a few microseconds whatever the number of sockets. An IPv4 request finds a
     dual-stack socket's v4-mapped connection too."""
     family = socket.AF_INET if local.version == 4 else socket.AF_INET6
-    return _message(family, NLM_F_REQUEST, seq, _sockid(family, local, port, remote, rport))
+    return _message(family, NLM_F_REQUEST, seq, _sockid(local, port, remote, rport))
 
 
 def _dump_request(family: int, address: Address, port: int, seq: int) -> bytes:
@@ -256,7 +254,7 @@ def find(
         for family in families:
             seq = _next_seq()
             sock.sendto(_dump_request(family, want, port, seq), (0, 0))
-            # read to the end of the answer even once found: the socket is asked again after
+            # read to the answer's end: the next request's answer follows on this socket
             held = [
                 s
                 for s in _rows(sock, seq)
