@@ -19,6 +19,7 @@ from tests.e2e.conftest import ADMIN_KEY, ALICE_KEY, base_config, candela_env
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.google_oauth import FakeTokenServer
 from tests.fakes.upstream import FakeUpstream
+from tests.wait import WAIT_S, until
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +68,7 @@ def listeners(port: int) -> int:
     )
 
 
-def wait_for_listeners(port: int, n: int, timeout: float = 20.0) -> None:
+def wait_for_listeners(port: int, n: int, timeout: float = WAIT_S) -> None:
     deadline = time.monotonic() + timeout
     while listeners(port) < n:
         assert time.monotonic() < deadline, f"{listeners(port)} of {n} workers listening"
@@ -271,11 +272,16 @@ def test_workers_restart_on_a_port_with_connections_in_time_wait(
         while s.recv(4096):  # the rest of the answer, then the end
             pass
         s.close()
-    time.sleep(0.2)
-    tcp = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    assert any(
-        line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "06" for line in tcp
-    ), "no server-side TIME-WAIT: the test set-up did not make one"
+
+    def time_wait() -> bool:
+        tcp = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        return any(
+            line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "06" for line in tcp
+        )
+
+    # the kernel moves the server's end to TIME-WAIT once it has the client's FIN: waited for
+    # (a fixed 0.2 s before)
+    until(time_wait, what="a server-side TIME-WAIT (the test set-up did not make one)")
     c.stop()
     again = CandelaProcess(tmp_path, base_config(upstream.url, workers=2), port=port)
     try:
