@@ -173,7 +173,7 @@ def test_kill_9_under_load_again_and_again_then_restart(
     port = None
     try:
         for _ in range(ROUNDS):
-            c = CandelaProcess(tmp_path, cfg, env=env, port=port).start(timeout=30)
+            c = CandelaProcess(tmp_path, cfg, env=env, port=port).start()
             port = c.port
             try:
                 with Clients(c.url, CLIENTS) as clients:
@@ -189,7 +189,7 @@ def test_kill_9_under_load_again_and_again_then_restart(
             finally:
                 c.stop()
         # the last start settles what the last kill left; then a clean stop
-        c = CandelaProcess(tmp_path, cfg, env=env, port=port).start(timeout=30)
+        c = CandelaProcess(tmp_path, cfg, env=env, port=port).start()
         c.stop()
     finally:
         upstream.reset()

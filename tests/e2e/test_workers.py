@@ -241,7 +241,7 @@ def test_workers_refuse_a_port_in_use(tmp_path: Path, upstream: FakeUpstream) ->
         port = busy.getsockname()[1]
         c = CandelaProcess(tmp_path, base_config(upstream.url, workers=2), port=port)
         with pytest.raises(RuntimeError, match="cannot listen"):
-            c.start(timeout=10)
+            c.start()  # its early exit: no wait for the default timeout
         c.stop()
 
 
@@ -285,7 +285,7 @@ def test_workers_restart_on_a_port_with_connections_in_time_wait(
     c.stop()
     again = CandelaProcess(tmp_path, base_config(upstream.url, workers=2), port=port)
     try:
-        again.start(timeout=20)  # refused with "address in use" before claim_port's SO_REUSEADDR
+        again.start()  # refused with "address in use" before claim_port's SO_REUSEADDR
         wait_for_listeners(port, 2)
     finally:
         again.stop()
