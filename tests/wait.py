@@ -8,6 +8,7 @@ one fails when they are merely slow. On timeout the assertion says what was last
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -36,3 +37,17 @@ def until(
             raise AssertionError(f"{what or 'condition'} not met within {timeout:g} s; last seen: "
                                  f"{seen!r}"[:4000])
         time.sleep(interval)
+
+
+async def until_async(
+    ok: Callable[[], bool], *, timeout: float = WAIT_S, interval: float = 0.002, what: str = ""
+) -> None:
+    """As `until`, inside an event loop: the loop runs (hooks, callbacks of pool threads) while
+    `ok()` is not yet true; it runs once before the first look, so that what was just scheduled
+    has started."""
+    deadline = time.monotonic() + timeout
+    await asyncio.sleep(interval)
+    while not ok():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what or 'condition'} not met within {timeout:g} s")
+        await asyncio.sleep(interval)
