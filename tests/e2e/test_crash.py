@@ -27,6 +27,7 @@ from candela_mitm.state import open_state_store
 from candela_mitm.state.ports import usd_to_nano
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.upstream import FakeUpstream
+from tests.wait import WAIT_S
 
 from .conftest import ALICE_KEY, base_config, candela_env
 
@@ -55,7 +56,7 @@ def kill_9(c: CandelaProcess) -> None:
         except ProcessLookupError:
             pass
     c.stop()  # reaps the server (the workers are reaped by init once their parent is gone)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT_S
     for pid in pids[1:]:
         while Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid):
             assert time.monotonic() < deadline, f"worker {pid} still running"

@@ -19,6 +19,7 @@ from candela_mitm.providers.pricing import PricingTable
 from candela_mitm.providers.usage import Usage
 from tests.fakes.candela import CandelaProcess, free_port
 from tests.fakes.upstream import FakeUpstream
+from tests.wait import WAIT_S
 
 from .conftest import ALICE_KEY, base_config, candela_env, sdk_json
 
@@ -86,7 +87,7 @@ def chat(c, body, headers=DUMMY, **kw):
 
 
 def span_of(c, span_id: str) -> dict:
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         for s in requests.get(f"{c.url}/_local/api/traces?limit=200", timeout=5).json()["spans"]:
             if s["span_id"] == span_id:
@@ -325,7 +326,7 @@ def test_spend_is_todays_against_the_budget_with_hours(local, upstream):
     cost = (100_000 * 0.15 + 10_000 * 0.60) / 1e6
     # the spend is recorded after the request's entry: with budget slices (on by default) by
     # governance.budgets.slices.record_ms (a slice in use) when its hold was carved
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT_S
     while True:
         after = requests.get(f"{local.url}/_local/api/spend", timeout=5).json()
         if after["spent_usd"] - before["spent_usd"] >= cost * 0.999:
@@ -398,7 +399,7 @@ def test_start_and_stop_the_runtime_backend(tmp_path, upstream, token_server, lm
         pid = started.json()["process"]["pid"]
         actions = [e["action"] for e in query_entries(c.tmp / "audit.db", limit=100)]
         assert {"local_runtime_start", "local_runtime_stop"} <= set(actions)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(0.05)
     assert not pid_alive(pid)
