@@ -40,8 +40,10 @@ BROKE_KEY = "cdl_broke_key"
 LIMITED_KEY = "cdl_limited_key"
 
 
-def transparent_config(upstream_url: str, tmp: Path, listen_port: int) -> dict[str, Any]:
-    """Candela in transparent mode before the fake upstream; users for 402, 403 and 429."""
+def transparent_config(upstream_url: str, tmp: Path, listen_port: int = 0) -> dict[str, Any]:
+    """Candela in transparent mode before the fake upstream; users for 402, 403 and 429.
+    `listen_port` 0: picked by `CandelaProcess(..., pick_listen_port=True)` (again if another
+    process takes it before Candela binds it), read back as its `listen_port`."""
     return {
         "mode": "transparent",
         "providers": providers_config(upstream_url),

@@ -20,7 +20,7 @@ import pytest
 
 from candela_mitm.enforcement.registry import SandboxRegistry
 from tests.e2e.conftest import candela_env
-from tests.fakes.candela import CandelaProcess, free_port
+from tests.fakes.candela import CandelaProcess
 from tests.fakes.google_oauth import FakeTokenServer
 from tests.fakes.upstream import FakeUpstream
 
@@ -64,10 +64,9 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("sandbox")
     with FakeTokenServer() as tokens, FakeUpstream(google_token_valid=tokens.is_valid) as upstream:
-        port = free_port()
-        cfg = transparent_config(upstream.url, tmp, port)
-        with CandelaProcess(tmp, cfg, env=candela_env(tokens, tmp)) as candela:
-            yield Env(candela, upstream, port)
+        cfg = transparent_config(upstream.url, tmp)
+        with CandelaProcess(tmp, cfg, env=candela_env(tokens, tmp), pick_listen_port=True) as candela:
+            yield Env(candela, upstream, candela.listen_port)
 
 
 def _no_sandboxes_left(env: Env) -> None:
