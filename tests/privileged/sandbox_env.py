@@ -118,7 +118,7 @@ def audit_entries(db: Path, action: str) -> list[dict[str, Any]]:
 
 
 def wait_for_audit(
-    db: Path, action: str, predicate: Any = None, timeout: float = 5.0
+    db: Path, action: str, predicate: Any = None, timeout: float = 30.0
 ) -> list[dict[str, Any]]:
     """Entries of `action` (matching predicate), waiting for the writer's batch to commit."""
     deadline = time.monotonic() + timeout

@@ -316,7 +316,7 @@ def test_nothing_went_upstream_but_the_intercepted_requests(bypass: dict[str, An
 # -- cleanup ---------------------------------------------------------------------------------
 
 
-def _wait_for_sandbox(proc: subprocess.Popen[str], timeout: float = 20) -> int:
+def _wait_for_sandbox(proc: subprocess.Popen[str], timeout: float = 30) -> int:
     """The index of the sandbox `candela run` (proc) made, once its command runs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -373,7 +373,7 @@ def test_a_killed_run_is_cleaned_up_by_the_next_one(env: Env) -> None:
         assert p.returncode == 0, p.stderr
         assert not any(leftovers(index).values()), leftovers(index)
         assert SandboxRegistry().get(index) is None
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while Path(f"/proc/{orphan}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not Path(f"/proc/{orphan}").exists()

@@ -110,7 +110,7 @@ def _reset(env: Env) -> None:
 
 def new_entries(env: Env, before: int, n: int) -> list[dict[str, Any]]:
     """The llm_request entries written since `before` of them were, waiting for `n`."""
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while True:
         got = audit_entries(env.audit_db, "llm_request")[before:]
         if len(got) >= n or time.monotonic() > deadline:

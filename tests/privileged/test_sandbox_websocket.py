@@ -78,7 +78,7 @@ def _reset(env: Env) -> None:
 
 
 def wait_entries(env: Env, action: str, before: int, n: int) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while True:
         got = audit_entries(env.audit_db, action)[before:]
         if len(got) >= n or time.monotonic() > deadline:
