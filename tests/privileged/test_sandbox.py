@@ -436,7 +436,7 @@ def test_a_command_is_required(env: Env) -> None:
 PROVIDER_CALL = f"""
 import socket, ssl
 ctx = ssl.create_default_context()
-with socket.create_connection(({PROVIDER_IP!r}, 443), timeout=5) as raw:
+with socket.create_connection(({PROVIDER_IP!r}, 443), timeout=30) as raw:
     with ctx.wrap_socket(raw, server_hostname="api.openai.com") as s:
         s.sendall(b"GET /v1/models HTTP/1.1\\r\\nHost: api.openai.com\\r\\nConnection: close\\r\\n\\r\\n")
         print(s.recv(100).split(b"\\r\\n", 1)[0].decode())
