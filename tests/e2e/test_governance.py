@@ -337,7 +337,7 @@ def test_locked_state_store_fails_closed_503(tmp_path, upstream, token_server):
     cfg = base_config(upstream.url, state={"sqlite_path": str(tmp_path / "state.db"), "busy_timeout_ms": 200})
     with CandelaProcess(tmp_path, cfg, env=candela_env(token_server, tmp_path)) as c:
         assert post(c, CHAT, {"model": "gpt-4o-mini", "messages": []}).status_code == 200
-        con = sqlite3.connect(tmp_path / "state.db", timeout=1)
+        con = sqlite3.connect(tmp_path / "state.db", timeout=30)  # Candela's own writes may hold it
         con.execute("BEGIN EXCLUSIVE")
         try:
             r = post(c, CHAT, {"model": "gpt-4o-mini", "messages": []})
