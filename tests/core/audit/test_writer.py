@@ -25,6 +25,7 @@ from candela_mitm.audit import AuditWriter, query_entries, verify_chain
 from candela_mitm.audit.writer import _BEARER, REDACTED, _Callback, _Item, redact
 from candela_mitm.config import Audit
 from candela_mitm.errors import StoreUnavailable
+from tests.wait import until
 
 
 def cfg(tmp_path: Path, **kw: Any) -> Audit:
@@ -687,7 +688,10 @@ def test_writers_sharing_a_ledger_queue_on_its_gate(tmp_path: Path) -> None:
         fcntl.flock(other, fcntl.LOCK_EX)
         try:
             fut = w.record_durable("llm_request", user_id="u")
-            time.sleep(0.3)  # past the writer's timeout: it failed, counted it, and retries
+            # past the writer's timeout it fails, counts it, and retries: waited for (a fixed
+            # 0.3 s could pass before the writer thread's first try on a loaded machine)
+            until(lambda: (w.sqlite_errors, w.healthy), lambda seen: seen[0] >= 1 and not seen[1],
+                  what="a failed try (errors, healthy)")
             assert not fut.done() and w.head_seq == 0
             assert w.sqlite_errors >= 1 and not w.healthy
         finally:
