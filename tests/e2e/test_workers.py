@@ -215,10 +215,12 @@ def test_an_admin_change_applies_to_requests_served_by_both_workers(
         forwarded = len(upstream7.requests)
         admitted = 0
         pending = set(range(clients))
-        # within a second, as when settings were read again every second: a worker that
-        # missed the change would keep alice's budget for a minute
+        # at the next poll, not when the minute's memory of alice's settings runs out: a worker
+        # that missed the change would keep admitting for up to 60 s. Bounded at 10 s (40 polls,
+        # a sixth of that minute), not 1 s: 16 requests a round on a loaded 2-core machine can
+        # take a second by themselves
         while pending:
-            assert time.monotonic() - changed < 1.0, f"still admitted on {len(pending)} connections"
+            assert time.monotonic() - changed < 10.0, f"still admitted on {len(pending)} connections"
             for i in sorted(pending):
                 status = chat(conns[i])
                 assert status in (200, 402), status
