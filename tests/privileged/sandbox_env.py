@@ -129,6 +129,31 @@ def wait_for_audit(
         time.sleep(0.05)
 
 
+def audit_barrier(proxy_url: str) -> None:
+    """When this returns, every entry the proxy at `proxy_url` queued before the call is
+    committed: a refused proxied request's llm_request entry is committed before its answer
+    ends, and the writer commits in the order entries were queued. For entries the proxy
+    records on its own (a refused TLS handshake, a denied interception), which another
+    process's entries (sandbox_stop, from `candela run`) do not order. Nothing reaches the
+    upstream: the model is not allowed (transparent_config)."""
+    import urllib.error
+    import urllib.request
+
+    from tests.e2e.conftest import ALICE_KEY
+
+    req = urllib.request.Request(
+        proxy_url + "/proxy/openai/v1/chat/completions",
+        data=json.dumps({"model": "gpt-4o", "messages": []}).encode(),
+        headers={"Authorization": f"Bearer {ALICE_KEY}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            raise AssertionError(f"the barrier request was answered {r.status}, not refused")
+    except urllib.error.HTTPError as e:
+        body = json.loads(e.read())
+        assert (e.code, body["error"]) == (403, "model_not_allowed"), (e.code, body)
+
+
 def self_signed(name: str, directory: Path) -> tuple[Path, Path]:
     """A certificate for `name` signed by nobody Candela or the sandbox trusts."""
     key = ec.generate_private_key(ec.SECP256R1())

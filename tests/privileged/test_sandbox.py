@@ -28,6 +28,7 @@ from .conftest import Probe
 from .sandbox_env import (
     CANDELA,
     PROVIDER_IP,
+    audit_barrier,
     audit_entries,
     candela_run,
     leftovers,
@@ -175,8 +176,13 @@ def bypass(env: Env) -> dict[str, Any]:
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
     wait_for_audit(env.audit_db, "sandbox_stop", lambda e: True)
+    upstream = env.upstream.requests[upstream_before:]
+    # the proxy's own entries (no_sni, interception_denied) are queued by its writer thread:
+    # committed once a later one is (sandbox_stop comes from `candela run`, which does not
+    # order them)
+    audit_barrier(env.candela.url)
     audit = {a: audit_entries(env.audit_db, a)[n:] for a, n in before.items()}
-    return {"report": report, "audit": audit, "upstream": env.upstream.requests[upstream_before:]}
+    return {"report": report, "audit": audit, "upstream": upstream}
 
 
 WHO = ("main", "child", "thread")
