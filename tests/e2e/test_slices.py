@@ -189,8 +189,9 @@ def test_two_workers_admit_from_rate_blocks_and_the_limit_stays_exact(
             first = [s for got in pool.map(count_429, [c.port] * 8) for s in got]
         # blocks past their stamp (at most leases' lifetime, 1 s, after their take) and the
         # flush after it (every half lifetime): their unused part given back, when the window
-        # holds one entry per admitted request; waited for, not slept (a fixed 1.5 s, then 3 s,
-        # left no room on a loaded machine); the window is a minute: waiting changes nothing else
+        # holds one entry per admitted request; waited for, not slept (a fixed 1.5 s left no
+        # room on a loaded machine, and 3 s was a guess too); the window is a minute: waiting
+        # changes nothing else
         admitted_first = first.count(200)
         until(lambda: window_entries(state), lambda n: n == admitted_first,
               what=f"the rate blocks' unused part given back ({admitted_first} admitted)")
