@@ -355,7 +355,7 @@ def test_sigterm_reaches_the_command_and_everything_is_removed(env: Env) -> None
     try:
         _wait_for_sandbox(proc)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 128 + signal.SIGTERM
+        assert proc.wait(30) == 128 + signal.SIGTERM
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -372,7 +372,7 @@ def test_a_killed_run_is_cleaned_up_by_the_next_one(env: Env) -> None:
         assert record is not None and record.cgroup
         orphan = int(Path(record.cgroup, "cgroup.procs").read_text().split()[0])
         proc.kill()  # SIGKILL: no chance to clean up
-        proc.wait(10)
+        proc.wait(30)
         assert all(leftovers(index).values())  # namespace, veth, rules, cgroup all still there
         assert Path(f"/proc/{orphan}").exists()  # and the command still runs in them
         p = env.run(["true"])
@@ -414,7 +414,7 @@ def test_a_process_moved_into_the_sandbox_from_another_namespace_is_refused(
             probe("tcp", PROVIDER_IP, 80, cgroup=cgroup),  # the host's namespace
         ]
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 128 + signal.SIGTERM
+        assert proc.wait(30) == 128 + signal.SIGTERM
     finally:
         if proc.poll() is None:
             proc.kill()
