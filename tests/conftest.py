@@ -26,12 +26,22 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A throwaway redis-server: loopback only, no persistence, its files in `workdir`."""
+    """A throwaway redis-server: loopback only, no persistence, its files in `workdir`. Its port
+    is picked free and bound later by redis: if another process took it in between, it starts
+    again on another."""
 
     def __init__(self, binary: str, workdir: Path):
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
         workdir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, 6):
+            self.port = free_port()
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+            if self._start(binary, workdir):
+                return
+            (workdir / "redis.log").replace(workdir / f"redis.port-taken-{attempt}.log")
+        raise RuntimeError(f"redis-server found its port taken 5 times; see {workdir}")
+
+    def _start(self, binary: str, workdir: Path) -> bool:
+        """True once it answers PING; False if its port was taken (RuntimeError otherwise)."""
         self._log = (workdir / "redis.log").open("wb")
         self.proc = subprocess.Popen(
             [
@@ -50,17 +60,20 @@ class RedisServer:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
+                    if s.recv(16).startswith(b"+PONG") and self.proc.poll() is None:
+                        return True
             except OSError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
+                said = (workdir / "redis.log").read_text(errors="replace")
+                if "address already in use" in said.lower():
+                    return False
                 raise RuntimeError(f"redis-server did not start; see {workdir / 'redis.log'}")
             time.sleep(0.02)
 

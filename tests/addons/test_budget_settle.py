@@ -19,6 +19,7 @@ from candela_mitm.addons.router import Router
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.governance.admission import Hold
 from candela_mitm.governance.ledger import Reservation
+from tests.wait import WAIT_S, until_async
 
 from .conftest import ALICE_KEY, BASE, make_flow, run_hooks
 
@@ -95,7 +96,8 @@ def test_the_spend_is_recorded_only_once_its_entry_is_durable(tctx, runtime):
         answer(f)
         await run_hooks(addons, f, "responseheaders")
         task = asyncio.ensure_future(run_hooks(addons, f, "response"))
-        await asyncio.sleep(0.02)
+        await until_async(lambda: bool(writer.callbacks), what="the entry queued")
+        await asyncio.sleep(0.02)  # the other hooks' turn: none may spend before the commit
         # the entry is queued, not committed: nothing is spent, the hold stays
         [(action, fields)] = writer.entries
         assert action == "llm_request" and fields["usage_source"] == "reported"
@@ -103,7 +105,7 @@ def test_the_spend_is_recorded_only_once_its_entry_is_durable(tctx, runtime):
         assert rt.ledger.spent_today(USER) == 0
         assert rt.ledger.status(USER, 1000.0).reserved_usd == pytest.approx(held)
         writer.callbacks[0](1, None)  # the writer thread commits it
-        await asyncio.wait_for(task, 5)
+        await asyncio.wait_for(task, WAIT_S)
         await settles(budget)
         assert f.response.status_code == 200
         return fields
@@ -127,9 +129,9 @@ def test_an_entry_that_cannot_be_made_durable_leaves_the_hold_and_no_spend(tctx,
         answer(f)
         await run_hooks(addons, f, "responseheaders")
         task = asyncio.ensure_future(run_hooks(addons, f, "response"))
-        await asyncio.sleep(0.02)
+        await until_async(lambda: bool(writer.callbacks), what="the entry queued")
         writer.callbacks[0](None, StoreUnavailable("disk full"))
-        await asyncio.wait_for(task, 5)
+        await asyncio.wait_for(task, WAIT_S)
         await settles(addons[4])
 
     asyncio.run(main())
@@ -154,11 +156,12 @@ def test_a_provider_refusal_releases_at_once(tctx, runtime):
         f.response = http.Response.make(429, b'{"error": {}}', {"content-type": "application/json"})
         await run_hooks(addons, f, "responseheaders")
         task = asyncio.ensure_future(run_hooks(addons, f, "response"))
-        await asyncio.sleep(0.02)
+        await until_async(lambda: bool(writer.callbacks), what="the entry queued")
         # nothing charged, nothing to keep consistent with an entry: released before the commit
-        assert rt.ledger.status(USER, 1000.0).reserved_usd == 0
+        await until_async(lambda: rt.ledger.status(USER, 1000.0).reserved_usd == 0,
+                          what="the hold released before the commit")
         writer.callbacks[0](1, None)
-        await asyncio.wait_for(task, 5)
+        await asyncio.wait_for(task, WAIT_S)
 
     asyncio.run(main())
     assert rt.ledger.spent_today(USER) == 0

@@ -13,6 +13,7 @@ from candela_mitm.addons.flowstate import ctx_of
 from candela_mitm.addons.ratelimit import RateLimit
 from candela_mitm.addons.router import Router
 from candela_mitm.governance.ledger import BudgetRefusal, Reservation
+from tests.wait import WAIT_S, until_async
 
 from .conftest import ALICE_KEY, BASE, make_flow, run_hooks
 
@@ -314,7 +315,7 @@ def _counted_runtime(runtime, cfg):
     # read would be a store call the counting tests did not make (on a loaded machine the
     # poller's thread may come late)
     poller = rt.settings_poller
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT_S
     while poller is not None and poller.polls + poller.failures == 0 and time.monotonic() < deadline:
         time.sleep(0.005)
     calls = []
@@ -347,10 +348,10 @@ def test_with_slices_and_leases_a_request_makes_no_store_call_before_it_leaves(t
         for first in (chat(), chat()):  # a budget used twice within idle_s is sliced
             await run_hooks(addons, first, "requestheaders", "request")
             assert first.response is None and not ctx_of(first).reservation.slice
-        for _ in range(20):  # the slice and the block, taken in the background
-            await asyncio.sleep(0.01)
-            if rt.slices.held() and rt.rate_leases.held():
-                break
+        # the slice and the block, taken in the background (a pool thread: waited for, up to
+        # 30 s on a loaded machine, not 0.2 s)
+        await until_async(lambda: bool(rt.slices.held() and rt.rate_leases.held()),
+                          what="a slice and a rate block held")
         assert rt.slices.held() == 1 and rt.rate_leases.held() == 1
         before = len(calls)
         later = [chat() for _ in range(5)]
@@ -434,10 +435,10 @@ def test_the_next_slice_and_block_are_taken_before_these_run_out(tctx, runtime):
             await run_hooks(addons, f, "requestheaders", "request")
             assert f.response is None
             flows.append((f, calls[before:]))
-            for _ in range(50):  # the background asks, when one was made, are store calls
-                await asyncio.sleep(0.002)
-                if not rt.slices._taking and not rt.rate_leases._taking:
-                    break
+            # the background asks, when one was made, are store calls (a pool thread: waited
+            # for, not 0.1 s at most)
+            await until_async(lambda: not rt.slices._taking and not rt.rate_leases._taking,
+                              what="the background asks answered")
         return flows
 
     flows = asyncio.run(go())
@@ -479,10 +480,9 @@ def test_the_tenants_settings_are_read_ahead_so_requests_stay_in_memory(tctx, ru
             before = len(calls)
             await run_hooks(addons, f, "requestheaders", "request")
             flows.append((f, calls[before:]))
-            for _ in range(50):  # the background asks and reads
-                await asyncio.sleep(0.002)
-                if not rt.slices._taking and not rt.rate_leases._taking:
-                    break
+            # the background asks and reads (a pool thread: waited for, not 0.1 s at most)
+            await until_async(lambda: not rt.slices._taking and not rt.rate_leases._taking,
+                              what="the background asks answered")
             now[0] += 0.1  # ten requests a second of the cache's clock
         return flows
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 from mitmproxy import http, websocket
@@ -16,6 +17,7 @@ from candela_mitm.addons.flowstate import ctx_of
 from candela_mitm.addons.router import Router
 from candela_mitm.addons.websocket import WebSocket
 from candela_mitm.governance.ledger import Reservation
+from tests.wait import WAIT_S
 
 from .conftest import ALICE_KEY, BASE, make_flow
 
@@ -192,7 +194,9 @@ def test_a_lost_session_lease_is_taken_again_or_the_session_cut(tctx, runtime, s
         if not place_left:  # and another process gave the place to another session
             other = SessionLeases(rt.store, "elsewhere:1", ttl_s=60)
             assert other.acquire(user, 1) is not None
-        for _ in range(100):
+        # the renewal runs every 10 ms: waited for up to 30 s (a loaded machine), not 1 s
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
             await asyncio.sleep(0.01)
             held = [x for x in rt.store.leases() if x.key == session_lease_key(user)]
             if s.cut or (place_left and any(x.lease_id == s.lease for x in held)):

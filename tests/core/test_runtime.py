@@ -241,7 +241,7 @@ class CountingStore:
         return getattr(self._store, name)
 
 
-def polled(rt, more: int = 2, deadline_s: float = 10.0) -> None:
+def polled(rt, more: int = 2, deadline_s: float = 30.0) -> None:
     """Wait for `more` polls of rt's settings generation to succeed (the last began after now)."""
     target = rt.settings_poller.polls + more
     end = time.monotonic() + deadline_s
@@ -299,7 +299,7 @@ def test_an_admin_change_through_one_process_is_seen_by_another_within_polls(two
     r = call(a, "PUT", f"/admin/v1/users/{q(ALICE)}", {"daily_budget_usd": 7.0})
     assert r.status == 200
     assert a.users.recent(ALICE) is None  # in the process that made it: at once
-    end = time.monotonic() + 10.0
+    end = time.monotonic() + 30.0
     while b.users.recent(ALICE) is not None:  # the other: at its next poll
         assert time.monotonic() < end, "the other process never saw the change"
         time.sleep(0.01)
@@ -371,7 +371,7 @@ def test_a_change_written_to_the_store_directly_is_seen_too(two_processes):
     b.users.tenant_settings_cached("research-team")
     before = b.settings_poller.changes
     a.store.put_tenant(TenantRecord("research-team", budget_usd=3.0))  # e.g. a tool on the store
-    end = time.monotonic() + 10.0
+    end = time.monotonic() + 30.0
     while b.users.recent_tenant("research-team") is not None:
         assert time.monotonic() < end, "the other process never saw the change"
         time.sleep(0.01)
@@ -395,7 +395,7 @@ def test_an_unreachable_store_brings_the_ttl_back_to_a_second(
         assert rt.users.recent(ALICE) is s  # the long TTL while the polls succeed
         failures = rt.settings_poller.failures
         server.stop()
-        end = time.monotonic() + 10.0
+        end = time.monotonic() + 30.0
         while rt.settings_poller.failures == failures:
             assert time.monotonic() < end, "the poll never failed"
             time.sleep(0.01)

@@ -18,6 +18,7 @@ from candela_mitm.providers.pricing import PricingTable
 from candela_mitm.providers.usage import Usage
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.upstream import FakeUpstream
+from tests.wait import WAIT_S
 
 from .conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, base_config, candela_env, sdk_json
 
@@ -59,7 +60,7 @@ def true_ups(*procs: CandelaProcess, job_id: str) -> list[dict[str, Any]]:
 
 
 def wait_true_ups(*procs: CandelaProcess, job_id: str, n: int = 1) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT_S
     while True:
         found = true_ups(*procs, job_id=job_id)
         if len(found) >= n or time.monotonic() > deadline:

@@ -15,6 +15,7 @@ import requests
 from candela_mitm.audit.query import query_entries
 from candela_mitm.providers.usage import Usage
 from tests.fakes.candela import CandelaProcess
+from tests.wait import WAIT_S, until
 
 from .conftest import ADMIN_KEY, ALICE_KEY, base_config, candela_env
 
@@ -42,7 +43,7 @@ def test_kill_9_under_load_keeps_every_completed_request(tmp_path, upstream, tok
         s = requests.Session()
         while not stop.is_set():
             try:
-                r = s.post(c.url + CHAT, json={"model": "gpt-4o-mini", "messages": []}, headers=ALICE, timeout=5)
+                r = s.post(c.url + CHAT, json={"model": "gpt-4o-mini", "messages": []}, headers=ALICE, timeout=30)
                 body = r.json()  # the whole response arrived
                 if r.status_code == 200 and body.get("choices"):
                     with lock:
@@ -52,10 +53,12 @@ def test_kill_9_under_load_keeps_every_completed_request(tmp_path, upstream, tok
 
     ts = [threading.Thread(target=worker) for _ in range(8)]
     [t.start() for t in ts]
-    time.sleep(2.0)
+    # killed once the load got going (waited for: a fixed 2 s could pass before 20 requests
+    # completed on a loaded machine), with 8 requests in flight
+    until(lambda: len(completed), lambda n: n > 20, what="completed requests")
     c.stop(kill=True)
     stop.set()
-    [t.join(10) for t in ts]
+    [t.join(60) for t in ts]  # each request has 30 s; the kill ends them at once
     assert len(completed) > 20, "the load did not get going"
     db = tmp_path / "audit.db"
     logged = {e["fields"].get("span_id") for e in query_entries(db, action="llm_request", limit=10_000)}
@@ -133,7 +136,7 @@ def test_sighup_reloads_the_config_and_audits_it(tmp_path, upstream, token_serve
         written["governance"] = {"models": {"mode": "allowlist", "allowed": ["gpt-4o-mini", "gpt-4o"]}}
         c.config_path.write_text(yaml.safe_dump(written))
         c.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline:
             if requests.post(c.url + CHAT, json=body, headers=ALICE, timeout=10).status_code == 200:
                 break
@@ -145,10 +148,11 @@ def test_sighup_reloads_the_config_and_audits_it(tmp_path, upstream, token_serve
         written["governance"] = {"models": {"mode": "allowlist", "allowed": ["gpt-4o-mini"]}}
         c.config_path.write_text(yaml.safe_dump(written))
         c.proc.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+        # the refusal is audited once the reload was tried (waited for, not a fixed 0.5 s)
+        entries = until(
+            lambda: query_entries(tmp_path / "audit.db", action="config_reload", limit=10),
+            lambda entries: len(entries) >= 2, what="two config_reload entries")
         assert requests.post(c.url + CHAT, json=body, headers=ALICE, timeout=10).status_code == 200
-        time.sleep(0.3)
-        entries = query_entries(tmp_path / "audit.db", action="config_reload", limit=10)
         results = [e["fields"]["result"] for e in reversed(entries)]
         assert results == ["applied", "refused"]
         assert entries[-1]["fields"]["sections"] == ["governance"]

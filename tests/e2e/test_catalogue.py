@@ -13,6 +13,7 @@ import requests
 from candela_mitm.audit.query import query_entries
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.upstream import OPENAI_KEY, FakeUpstream
+from tests.wait import WAIT_S
 
 from .conftest import ADMIN_KEY, ALICE_KEY, base_config, candela_env, providers_config
 
@@ -56,7 +57,7 @@ def raw_request(c: CandelaProcess, method: str, target: str, body=None, headers=
 
 
 def entries(c: CandelaProcess, n_min: int = 1) -> list[dict]:
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + WAIT_S
     while True:
         rows = query_entries(c.tmp / "audit.db", action="llm_request", limit=1000)
         if len(rows) >= n_min or time.monotonic() > deadline:
@@ -65,7 +66,7 @@ def entries(c: CandelaProcess, n_min: int = 1) -> list[dict]:
 
 
 def last_entry_for(c: CandelaProcess, span_id: str) -> dict:
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         for f in entries(c):
             if f.get("span_id") == span_id:

@@ -27,6 +27,7 @@ from candela_mitm.state import open_state_store
 from candela_mitm.state.ports import usd_to_nano
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.upstream import FakeUpstream
+from tests.wait import WAIT_S
 
 from .conftest import ALICE_KEY, base_config, candela_env
 
@@ -55,7 +56,7 @@ def kill_9(c: CandelaProcess) -> None:
         except ProcessLookupError:
             pass
     c.stop()  # reaps the server (the workers are reaped by init once their parent is gone)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT_S
     for pid in pids[1:]:
         while Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid):
             assert time.monotonic() < deadline, f"worker {pid} still running"
@@ -173,7 +174,7 @@ def test_kill_9_under_load_again_and_again_then_restart(
     port = None
     try:
         for _ in range(ROUNDS):
-            c = CandelaProcess(tmp_path, cfg, env=env, port=port).start(timeout=30)
+            c = CandelaProcess(tmp_path, cfg, env=env, port=port).start()
             port = c.port
             try:
                 with Clients(c.url, CLIENTS) as clients:
@@ -189,7 +190,7 @@ def test_kill_9_under_load_again_and_again_then_restart(
             finally:
                 c.stop()
         # the last start settles what the last kill left; then a clean stop
-        c = CandelaProcess(tmp_path, cfg, env=env, port=port).start(timeout=30)
+        c = CandelaProcess(tmp_path, cfg, env=env, port=port).start()
         c.stop()
     finally:
         upstream.reset()

@@ -14,6 +14,7 @@ import requests
 
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.upstream import OPENAI_KEY, FakeUpstream
+from tests.wait import WAIT_S
 
 from .conftest import candela_env, providers_config, sdk_json
 
@@ -42,7 +43,8 @@ def test_first_start_prints_the_one_command_that_mints_an_admin_key(
         os.kill(int(pid), signal.SIGHUP)
 
         auth = {"Authorization": f"Bearer {key}"}
-        for _ in range(100):
+        deadline = time.monotonic() + WAIT_S  # the reload, once the signal is handled
+        while time.monotonic() < deadline:
             me = requests.get(c.url + "/admin/v1/me", headers=auth, timeout=10)
             if me.status_code == 200:
                 break

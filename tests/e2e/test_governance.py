@@ -7,6 +7,7 @@ import multiprocessing
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import requests
@@ -20,6 +21,7 @@ from candela_mitm.providers.usage import Usage
 from candela_mitm.state import open_state_store
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.upstream import FakeUpstream
+from tests.wait import WAIT_S, until
 
 from .conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, base_config, candela_env, sdk_json
 
@@ -37,9 +39,11 @@ def ledger_of(c: CandelaProcess) -> Ledger:
     return Ledger(open_state_store(State(sqlite_path=str(c.tmp / "state.db"))))
 
 
-def audit_rows(c: CandelaProcess, action: str) -> list[dict]:
-    time.sleep(0.2)  # entries are committed by the writer thread right after the response
-    return query_entries(c.tmp / "audit.db", action=action, limit=1000)
+def audit_rows(c: CandelaProcess, action: str, ok: Callable[[list[dict]], bool]) -> list[dict]:
+    """The entries of `action`, once `ok` holds for them: entries are committed by the writer
+    thread after the response (waited for: a fixed 0.2 s was short on a loaded machine)."""
+    return until(lambda: query_entries(c.tmp / "audit.db", action=action, limit=1000), ok,
+                 what=f"{action} entries")
 
 
 @pytest.fixture(autouse=True)
@@ -90,9 +94,14 @@ def test_model_policy_denial_matches_spec_002(gov, upstream):
     # research-team (alice's first tenant) replaces the global list and allows gpt-4o
     assert post(gov, CHAT, {"model": "gpt-4o", "messages": []}).status_code == 200
     assert len(upstream.requests) == 1
-    rows = audit_rows(gov, "model_policy_check")
-    denied = [r["fields"] for r in rows if r["fields"]["result"] == "denied" and r["fields"]["model"] == "gpt-4o"]
-    allowed = [r["fields"] for r in rows if r["fields"]["result"] == "allowed" and r["fields"]["model"] == "gpt-4o"]
+
+    def of(rows: list[dict], result: str) -> list[dict]:
+        return [r["fields"] for r in rows
+                if r["fields"]["result"] == result and r["fields"]["model"] == "gpt-4o"]
+
+    rows = audit_rows(gov, "model_policy_check",
+                      lambda rows: bool(of(rows, "denied") and of(rows, "allowed")))
+    denied, allowed = of(rows, "denied"), of(rows, "allowed")
     assert denied and allowed
     for f in (denied[-1], allowed[-1]):
         assert f["user_id"] == "alice@example.com" and f["policy_mode"] == "allowlist" and f["timestamp"]
@@ -233,7 +242,7 @@ def test_streamed_spend_is_settled_to_real_usage(gov, upstream):
     assert r.status_code == 200
     want = (1000 * 0.15 + 100 * 0.60) / 1e6
     # recorded after its entry, by the next flush if its hold was carved from a slice
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT_S
     while led.spent_today("alice@example.com") - before < want * 0.999:
         assert time.monotonic() < deadline, "the spend was never recorded"
         time.sleep(0.05)
@@ -243,7 +252,7 @@ def test_streamed_spend_is_settled_to_real_usage(gov, upstream):
     # nothing else is held once the request ended: with budget slices (on by default) the
     # process may hold the unused part of a slice of alice's budget (reserved_usd counts it)
     # until it is returned, idle_s (1 s) after its last use
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT_S
     while led.status("alice@example.com", 1000.0).reserved_usd > 0:
         assert time.monotonic() < deadline, "a slice was never returned"
         time.sleep(0.1)
@@ -262,7 +271,7 @@ def test_client_disconnect_releases_the_reservation(gov, upstream):
     led = ledger_of(gov)
     assert led.status("alice@example.com", 1000.0).reserved_usd > 0
     s.close()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline and led.status("alice@example.com", 1000.0).reserved_usd > 0:
         time.sleep(0.1)
     assert led.status("alice@example.com", 1000.0).reserved_usd == 0
@@ -328,7 +337,7 @@ def test_locked_state_store_fails_closed_503(tmp_path, upstream, token_server):
     cfg = base_config(upstream.url, state={"sqlite_path": str(tmp_path / "state.db"), "busy_timeout_ms": 200})
     with CandelaProcess(tmp_path, cfg, env=candela_env(token_server, tmp_path)) as c:
         assert post(c, CHAT, {"model": "gpt-4o-mini", "messages": []}).status_code == 200
-        con = sqlite3.connect(tmp_path / "state.db", timeout=1)
+        con = sqlite3.connect(tmp_path / "state.db", timeout=30)  # Candela's own writes may hold it
         con.execute("BEGIN EXCLUSIVE")
         try:
             r = post(c, CHAT, {"model": "gpt-4o-mini", "messages": []})

@@ -18,6 +18,7 @@ import requests
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.google_oauth import FakeTokenServer
 from tests.fakes.upstream import FakeUpstream
+from tests.wait import WAIT_S
 
 from .conftest import ADMIN_KEY, ALICE_KEY, base_config, candela_env
 
@@ -50,9 +51,9 @@ def hostile(
     with CandelaProcess(tmp, cfg, env=candela_env(token_server, tmp)) as c:
         # the proxy_start entry is committed after the port opens: tests that compare the audit
         # log's size before and after a refusal start once it is there (it raced: 0, then 1)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + WAIT_S
         while not _started(c):
-            assert time.monotonic() < deadline, "no proxy_start entry within 10 s"
+            assert time.monotonic() < deadline, f"no proxy_start entry within {WAIT_S:g} s"
             time.sleep(0.05)
         yield c
 
@@ -204,7 +205,7 @@ def test_connections_past_the_cap_are_429_and_closed(hostile):
     finally:
         for s in held:
             s.close()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + WAIT_S
     while True:  # once they are closed, a new one is served
         try:
             if requests.get(f"{hostile.url}/healthz", timeout=5).status_code == 200:

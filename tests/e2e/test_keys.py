@@ -4,7 +4,6 @@ real openai SDK through another process sharing the store, refused everywhere on
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import requests
@@ -12,6 +11,7 @@ import requests
 from candela_mitm.audit.query import query_entries
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.upstream import FakeUpstream
+from tests.wait import until
 
 from .conftest import ADMIN_KEY, base_config, candela_env, sdk_json
 
@@ -145,8 +145,11 @@ def test_a_key_narrowed_to_models_is_refused_the_others_in_every_process(
                 "key_id": minted["id"],
             }
         assert len(upstream.requests) == 1  # nothing refused went upstream
-        time.sleep(0.3)
-        checks = query_entries(tmp_path / "audit.db", action="model_policy_check", limit=10)
+        # committed by the writer thread after each answer: waited for (a fixed 0.3 s was short
+        # on a loaded machine); a fourth would still show among the last 10
+        checks = until(
+            lambda: query_entries(tmp_path / "audit.db", action="model_policy_check", limit=10),
+            lambda checks: len(checks) >= 3, what="three model_policy_check entries")
         assert [(e["fields"]["model"], e["fields"]["result"], e["fields"]["policy_scope"])
                 for e in reversed(checks)] == [
             ("gpt-4o-mini", "allowed", "global"),

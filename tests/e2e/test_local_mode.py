@@ -19,6 +19,7 @@ from candela_mitm.providers.pricing import PricingTable
 from candela_mitm.providers.usage import Usage
 from tests.fakes.candela import CandelaProcess, free_port
 from tests.fakes.upstream import FakeUpstream
+from tests.wait import WAIT_S, until
 
 from .conftest import ALICE_KEY, base_config, candela_env, sdk_json
 
@@ -86,7 +87,7 @@ def chat(c, body, headers=DUMMY, **kw):
 
 
 def span_of(c, span_id: str) -> dict:
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         for s in requests.get(f"{c.url}/_local/api/traces?limit=200", timeout=5).json()["spans"]:
             if s["span_id"] == span_id:
@@ -253,7 +254,9 @@ def test_pull_streams_ollama_progress_back_as_it_comes(local, ollama):
     assert arrivals[-1][0] - arrivals[0][0] >= 1.0
     pulls = [q for q in ollama.requests if q.route == "ollama.pull"]
     assert len(pulls) == 1 and pulls[0].json == {"model": "phi4:14b", "stream": True}
-    entries = query_entries(local.tmp / "audit.db", action="local_pull", limit=10)
+    # queued by the writer thread when the pull was planned (not durable before the answer)
+    entries = until(lambda: query_entries(local.tmp / "audit.db", action="local_pull", limit=10),
+                    what="the local_pull entry")
     assert entries and entries[0]["fields"]["model"] == "phi4:14b"
 
 
@@ -325,7 +328,7 @@ def test_spend_is_todays_against_the_budget_with_hours(local, upstream):
     cost = (100_000 * 0.15 + 10_000 * 0.60) / 1e6
     # the spend is recorded after the request's entry: with budget slices (on by default) by
     # governance.budgets.slices.record_ms (a slice in use) when its hold was carved
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT_S
     while True:
         after = requests.get(f"{local.url}/_local/api/spend", timeout=5).json()
         if after["spent_usd"] - before["spent_usd"] >= cost * 0.999:
@@ -396,9 +399,12 @@ def test_start_and_stop_the_runtime_backend(tmp_path, upstream, token_server, lm
         # started again, then left running: stopping Candela stops it too
         started = requests.post(f"{c.url}/_local/api/start", headers=ui_headers(c), timeout=30)
         pid = started.json()["process"]["pid"]
-        actions = [e["action"] for e in query_entries(c.tmp / "audit.db", limit=100)]
-        assert {"local_runtime_start", "local_runtime_stop"} <= set(actions)
-    deadline = time.monotonic() + 5
+        # queued just before each answer, committed by the writer thread: waited for
+        actions = until(lambda: {e["action"] for e in query_entries(c.tmp / "audit.db", limit=100)},
+                        lambda got: {"local_runtime_start", "local_runtime_stop"} <= got,
+                        what="local_runtime_start and local_runtime_stop entries")
+        assert {"local_runtime_start", "local_runtime_stop"} <= actions
+    deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(0.05)
     assert not pid_alive(pid)

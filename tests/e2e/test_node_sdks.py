@@ -19,6 +19,7 @@ from tests.fakes.google_oauth import FakeTokenServer
 from tests.fakes.node import node_sdk_missing, run_node
 from tests.fakes.upstream import ANTHROPIC_KEY, OPENAI_KEY, FakeUpstream
 from tests.required import require
+from tests.wait import WAIT_S
 
 from .conftest import ALICE_KEY, base_config, candela_env
 
@@ -107,7 +108,7 @@ def spans(candela: CandelaProcess, n: int) -> list[dict[str, Any]]:
 
 def llm_requests(candela: CandelaProcess, n: int) -> list[dict[str, Any]]:
     """The newest `n` llm_request audit entries, oldest first (the writer thread commits them just after the answer)."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + WAIT_S
     while True:
         rows = query_entries(candela.tmp / "audit.db", action="llm_request", limit=n)
         if len(rows) >= n or time.monotonic() > deadline:

@@ -13,6 +13,7 @@ import requests
 from candela_mitm.providers.usage import Usage
 from tests.fakes.candela import CandelaProcess, free_port
 from tests.fakes.upstream import ANTHROPIC_KEY, OPENAI_KEY, FakeUpstream
+from tests.wait import WAIT_S
 
 from .conftest import ALICE_KEY, base_config, candela_env, sdk_json
 
@@ -316,7 +317,7 @@ def test_unreachable_and_timeout_are_502_and_504_with_error_spans(tmp_path, toke
         assert r.status_code == 504 and r.json()["error"] == "upstream_timeout"
         assert time.monotonic() - t0 < 10
         # the 504 is written by the watchdog; the span follows when mitmproxy ends the flow
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline:
             spans = traces(c, 5)
             if len(spans) >= 2:
@@ -339,7 +340,7 @@ def test_client_disconnect_mid_stream_leaves_the_proxy_healthy(candela, upstream
     got = s.recv(4096)
     assert b"200" in got.split(b"\r\n", 1)[0]
     s.close()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         errs = [x for x in traces(candela, 5) if x["stream"] and x["status"] == "error"]
         if errs:

@@ -24,6 +24,7 @@ from candela_mitm.state import open_state_store
 from candela_mitm.state.ports import nano_to_usd
 from tests.fakes.candela import CandelaProcess, free_port
 from tests.fakes.upstream import FakeUpstream
+from tests.wait import WAIT_S, until
 
 from .conftest import ADMIN_KEY, ALICE_KEY, base_config, candela_env
 
@@ -60,7 +61,7 @@ def ledger_of(c: CandelaProcess) -> Ledger:
     return Ledger(open_state_store(State(**state)))
 
 
-def entry_of(c: CandelaProcess, span_id: str, timeout: float = 10.0) -> dict[str, Any]:
+def entry_of(c: CandelaProcess, span_id: str, timeout: float = WAIT_S) -> dict[str, Any]:
     """The llm_request audit entry of one request (committed right after it ended)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -72,7 +73,7 @@ def entry_of(c: CandelaProcess, span_id: str, timeout: float = 10.0) -> dict[str
         time.sleep(0.05)
 
 
-def settled(led: Ledger, timeout: float = 10.0) -> None:
+def settled(led: Ledger, timeout: float = WAIT_S) -> None:
     """Wait until no reservation of the user is held any more."""
     deadline = time.monotonic() + timeout
     while led.status(USER, 1000.0).reserved_usd > 0:
@@ -264,8 +265,9 @@ def test_unreachable_upstream_is_released(tmp_path, token_server):
         r = requests.post(c.url + CHAT, json={"model": "gpt-4o-mini", "messages": []}, headers=ALICE, timeout=20)
         assert r.status_code == 502  # mitmproxy's own answer: no span header on it
         settled(led)
-        time.sleep(0.2)
-        (entry,) = query_entries(c.tmp / "audit.db", action="llm_request", limit=10)
+        # committed by the writer thread (waited for, not a fixed 0.2 s); a second would show
+        (entry,) = until(lambda: query_entries(c.tmp / "audit.db", action="llm_request", limit=10),
+                         what="the llm_request entry")
         e = entry["fields"]
         assert e["decision"] == "error" and e["model"] == "gpt-4o-mini"
         assert e["usage_source"] is None and e["cost_usd"] == 0
@@ -363,7 +365,7 @@ def test_kill_9_with_requests_carved_from_a_slice_in_flight(
         led = ledger_of(c)
         for i, body in enumerate(bodies):
             if i == 2:  # the slice the second one asked for, taken in the background
-                deadline = time.monotonic() + 10
+                deadline = time.monotonic() + WAIT_S
                 while not [a for a in led.store.active_reservations()
                            if a.request_id.startswith("slice:")]:
                     assert time.monotonic() < deadline, "no slice was taken"

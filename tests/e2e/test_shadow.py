@@ -20,6 +20,7 @@ from candela_mitm.governance.replay import Candidate, replay
 from candela_mitm.providers.usage import Usage
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.upstream import FakeUpstream
+from tests.wait import WAIT_S, until
 
 from .conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, base_config, candela_env, sha
 
@@ -46,9 +47,11 @@ def chat(c: CandelaProcess, key: str, model: str = "gpt-4o-mini", **headers: str
     return r.status_code
 
 
-def shadows(c: CandelaProcess) -> list[tuple[str, str | None, dict[str, Any] | None]]:
-    time.sleep(0.2)  # entries are committed right after each response; wait for the last
-    rows = query_entries(c.tmp / "audit.db", action="llm_request", limit=1000)[::-1]
+def shadows(c: CandelaProcess, n: int) -> list[tuple[str, str | None, dict[str, Any] | None]]:
+    """The llm_request entries, oldest first, once there are at least `n`: entries are committed
+    right after each response (waited for: a fixed 0.2 s was short on a loaded machine)."""
+    rows = until(lambda: query_entries(c.tmp / "audit.db", action="llm_request", limit=1000),
+                 lambda rows: len(rows) >= n, what=f"{n} llm_request entries")[::-1]
     return [(r["user_id"], r["fields"]["model"], r["fields"].get("shadow")) for r in rows]
 
 
@@ -81,7 +84,7 @@ def test_requests_pass_and_their_entries_carry_the_shadow_verdict(
     user = {"decision": "denied", "code": "budget_exceeded", "scope": "user", "period": "daily",
             "judged": ["model_policy", "budget"]}
     allowed = {"decision": "allowed", "code": None, "judged": ["model_policy", "budget"]}
-    assert shadows(shadowed) == [
+    assert shadows(shadowed, 10) == [
         ("alice@example.com", "gpt-4o-mini", allowed),
         ("alice@example.com", "gpt-4o-mini", allowed),
         ("alice@example.com", "gpt-4o-mini", allowed),  # 0.00072 spent + 0.00006 <= 0.001
@@ -140,16 +143,16 @@ def test_the_shadow_is_reloaded_with_the_config(
     (shadowed.tmp / "candidate.yaml").write_text(yaml.safe_dump(looser))
     assert shadowed.proc is not None
     shadowed.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT_S
     while not query_entries(shadowed.tmp / "audit.db", action="config_reload", limit=1):
         assert time.monotonic() < deadline, shadowed.log()
         time.sleep(0.05)
     assert chat(shadowed, BOB_KEY, model="gpt-4o") == 200
-    assert [s[2]["decision"] for s in shadows(shadowed)] == ["denied", "allowed"]  # type: ignore[index]
+    assert [s[2]["decision"] for s in shadows(shadowed, 2)] == ["denied", "allowed"]  # type: ignore[index]
     # a candidate that stops being valid is refused at the reload, the running one stays
     (shadowed.tmp / "candidate.yaml").write_text("users: {alice: {daily_budget_usd: -1}}\n")
     shadowed.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT_S
     while len(query_entries(shadowed.tmp / "audit.db", action="config_reload", limit=5)) < 2:
         assert time.monotonic() < deadline, shadowed.log()
         time.sleep(0.05)
@@ -157,4 +160,4 @@ def test_the_shadow_is_reloaded_with_the_config(
     assert refused["fields"]["result"] == "refused"
     assert "users.alice.daily_budget_usd" in refused["fields"]["reason"]
     assert chat(shadowed, BOB_KEY, model="gpt-4o") == 200
-    assert shadows(shadowed)[-1][2]["decision"] == "allowed"  # type: ignore[index]
+    assert shadows(shadowed, 3)[-1][2]["decision"] == "allowed"  # type: ignore[index]

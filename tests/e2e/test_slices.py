@@ -28,6 +28,7 @@ from tests.e2e.test_workers import (
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.google_oauth import FakeTokenServer
 from tests.fakes.upstream import FakeUpstream
+from tests.wait import until
 
 pytestmark = pytest.mark.e2e
 
@@ -126,6 +127,24 @@ def test_two_workers_carve_from_slices_and_the_budget_stays_exact(
 RPM = 120
 
 
+def window_entries(state: dict[str, Any]) -> int:
+    """The entries in the rate window's log (one user's requests-per-minute): admitted
+    requests, plus the unused part of blocks not yet given back."""
+    if state["backend"] == "sqlite":
+        db = sqlite3.connect(state["sqlite_path"], timeout=30)
+        try:
+            return int(db.execute("SELECT count(*) FROM rate_log").fetchone()[0])
+        finally:
+            db.close()
+    import redis
+
+    r = redis.Redis.from_url(state["redis_url"], decode_responses=True)
+    try:
+        return sum(int(r.zcard(k)) for k in r.keys("*rate*"))
+    finally:
+        r.close()
+
+
 def count_429(port: int) -> list[int]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
     statuses: list[int] = []
@@ -169,9 +188,13 @@ def test_two_workers_admit_from_rate_blocks_and_the_limit_stays_exact(
         with ThreadPoolExecutor(8) as pool:
             first = [s for got in pool.map(count_429, [c.port] * 8) for s in got]
         # blocks past their stamp (at most leases' lifetime, 1 s, after their take) and the
-        # flush after it (every half lifetime): their unused part given back; the window is a
-        # minute, so waiting longer changes nothing else (1.5 s left no room on a loaded machine)
-        time.sleep(3.0)
+        # flush after it (every half lifetime): their unused part given back, when the window
+        # holds one entry per admitted request; waited for, not slept (a fixed 1.5 s left no
+        # room on a loaded machine, and 3 s was a guess too); the window is a minute: waiting
+        # changes nothing else
+        admitted_first = first.count(200)
+        until(lambda: window_entries(state), lambda n: n == admitted_first,
+              what=f"the rate blocks' unused part given back ({admitted_first} admitted)")
         second = count_429(c.port)
         admitted = first.count(200) + second.count(200)
         assert admitted == RPM, (first.count(200), second.count(200))

@@ -13,6 +13,7 @@ from candela_mitm.providers.usage import Usage
 from tests.fakes.candela import CandelaProcess, free_port
 from tests.fakes.otlp import OtlpReceiver
 from tests.fakes.upstream import FakeUpstream
+from tests.wait import WAIT_S
 
 from .conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, base_config, candela_env
 
@@ -190,8 +191,9 @@ def test_a_stopped_collector_does_not_fail_requests(tmp_path, upstream, token_se
             assert r.status_code == 200, r.text
         assert len(upstream.requests) == 20
         metrics = ""
-        for _ in range(100):
-            metrics = requests.get(c.url + "/metrics", headers=ADMIN, timeout=5).text
+        deadline = time.monotonic() + WAIT_S  # the exporter's failures, counted in its thread
+        while time.monotonic() < deadline:
+            metrics = requests.get(c.url + "/metrics", headers=ADMIN, timeout=10).text
             if 'candela_observability_errors_total{component="otlp"}' in metrics:
                 break
             time.sleep(0.1)

@@ -29,6 +29,7 @@ from tests.fakes.google_oauth import FakeTokenServer
 from tests.fakes.realtime import Closed, FakeRealtime, RtUsage, WsClient
 from tests.fakes.upstream import OPENAI_KEY
 from tests.required import require
+from tests.wait import WAIT_S
 
 from .conftest import ALICE_KEY, BOB_KEY, base_config, candela_env
 
@@ -94,7 +95,7 @@ def ledger_of(c: CandelaProcess) -> Ledger:
     return Ledger(open_state_store(State(**state)))
 
 
-def settled(led: Ledger, user: str = USER, timeout: float = 10.0) -> None:
+def settled(led: Ledger, user: str = USER, timeout: float = WAIT_S) -> None:
     deadline = time.monotonic() + timeout
     while led.status(user, 1000.0).reserved_usd > 0:
         if time.monotonic() > deadline:
@@ -102,7 +103,7 @@ def settled(led: Ledger, user: str = USER, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def session_entry(c: CandelaProcess, client: WsClient, timeout: float = 10.0) -> dict[str, Any]:
+def session_entry(c: CandelaProcess, client: WsClient, timeout: float = WAIT_S) -> dict[str, Any]:
     """The llm_session entry of the session `client` opened (its upgrade's span id)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -145,7 +146,7 @@ def test_a_denied_model_in_the_setup_frame_ends_the_session_before_it_is_forward
         client.recv()
     assert closed.value.code == 1008
     s = fake.last()
-    assert s.ended.wait(5)
+    assert s.ended.wait(WAIT_S)
     assert s.frames == [] and s.close_code == 1008  # the setup frame never left Candela
     e = session_entry(proxy, client)
     assert e["ended_by"] == "policy" and e["error"] == "model_not_allowed"
@@ -160,7 +161,7 @@ def test_a_frame_before_the_setup_is_refused(proxy, fake):
     with pytest.raises(Closed):
         client.recv()
     s = fake.last()
-    assert s.ended.wait(5) and s.frames == []
+    assert s.ended.wait(WAIT_S) and s.frames == []
 
 
 def test_a_model_switched_mid_session_is_checked_again(proxy, fake):
@@ -176,7 +177,7 @@ def test_a_model_switched_mid_session_is_checked_again(proxy, fake):
         client.recv()
     assert closed.value.code == 1008
     s = fake.last()
-    assert s.ended.wait(5)
+    assert s.ended.wait(WAIT_S)
     assert [f["type"] for f in s.frames] == ["session.update"]  # the switch never reached it
     assert s.close_code == 1008
 
@@ -193,7 +194,7 @@ def test_responses_websocket_checks_the_model_of_each_response_create(proxy, fak
     with pytest.raises(Closed):
         client.recv()
     s = fake.last()
-    assert s.ended.wait(5)
+    assert s.ended.wait(WAIT_S)
     assert [f["model"] for f in s.frames] == ["gpt-4o-mini"]
 
 
@@ -268,7 +269,7 @@ def test_a_session_is_cut_when_the_budget_runs_out(proxy, fake):
     assert closed.value.code == 1008
     assert error is not None and error["error"]["code"] == "budget_exceeded"
     s = fake.last()
-    assert s.ended.wait(5) and s.close_code == 1008
+    assert s.ended.wait(WAIT_S) and s.close_code == 1008
     # every frame the fake got was answered and paid for: nothing after the cut reached it
     assert len(s.frames) == done
     e = session_entry(proxy, client)
@@ -289,7 +290,7 @@ def test_a_session_dropped_by_the_client_is_charged_its_reservation(proxy, fake)
     # audio sent, no response yet: work the provider may bill, and no usage frame will tell
     client.send({"type": "input_audio_buffer.append", "audio": "AAAA"})
     s = fake.last()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + WAIT_S
     while not s.frames and time.monotonic() < deadline:
         time.sleep(0.02)
     client.drop()
@@ -331,7 +332,7 @@ def test_a_session_held_by_a_proxy_that_died_is_charged_its_slice_at_the_next_st
             client.recv()
             client.send({"type": "input_audio_buffer.append", "audio": "AAAA"})
             s = fake.last()
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + WAIT_S
             while not s.frames and time.monotonic() < deadline:
                 time.sleep(0.02)
             c.stop(kill=True)  # the proxy dies mid-session: no websocket_end, no settle
@@ -387,7 +388,7 @@ def test_sessions_per_user_are_counted_across_proxies_on_one_store(tmp_path, fak
                 assert third.rejection["error"] == "websocket_sessions_exceeded"
             assert len(fake.sessions) == 2  # the refused upgrades never reached the provider
             two.close()  # a session ended on b frees a place a can give
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + WAIT_S
             while True:
                 again = WsClient(a.port, REALTIME, ALICE)
                 if again.status == 101 or time.monotonic() > deadline:
@@ -446,7 +447,7 @@ def test_a_frame_over_the_size_limit_closes_the_session_unforwarded(tight, fake)
     client.send({"type": "input_audio_buffer.append", "audio": "A" * 4096})
     _refused_with(client, "websocket_frame_too_large", close=1009)
     s = fake.last()
-    assert s.ended.wait(5) and s.frames == []
+    assert s.ended.wait(WAIT_S) and s.frames == []
     assert session_entry(tight, client)["ended_by"] == "frame_too_large"
 
 
@@ -461,7 +462,7 @@ def test_too_many_frames_a_second_close_the_session(tight, fake):
     with pytest.raises(Closed):
         client.recv()
     s = fake.last()
-    assert s.ended.wait(5) and len(s.frames) < 12  # the refused frames never left
+    assert s.ended.wait(WAIT_S) and len(s.frames) < 12  # the refused frames never left
     assert session_entry(tight, client)["ended_by"] == "rate_limited"
 
 
@@ -586,7 +587,7 @@ def test_each_request_for_work_counts_against_requests_per_minute(limited, fake,
         client.recv()
     assert closed.value.code == 1008
     s = fake.last()
-    assert s.ended.wait(5) and s.close_code == 1008
+    assert s.ended.wait(WAIT_S) and s.close_code == 1008
     assert len(_requests(s)) == 2  # the refused request never reached the provider
     e = session_entry(limited, client)
     assert e["ended_by"] == "rate_limited" and e["error"] == "rate_limited"
@@ -612,7 +613,7 @@ def test_a_response_the_provider_starts_itself_counts_when_its_usage_arrives(lim
         client.recv()
     assert closed.value.code == 1008
     s = fake.last()
-    assert s.ended.wait(5) and s.close_code == 1008 and len(_requests(s)) == 3
+    assert s.ended.wait(WAIT_S) and s.close_code == 1008 and len(_requests(s)) == 3
 
 
 def test_usage_past_the_token_limit_ends_the_session_after_its_frame(limited, fake):
@@ -629,7 +630,7 @@ def test_usage_past_the_token_limit_ends_the_session_after_its_frame(limited, fa
         client.recv()
     assert closed.value.code == 1008
     s = fake.last()
-    assert s.ended.wait(5) and s.close_code == 1008 and len(s.frames) == 2
+    assert s.ended.wait(WAIT_S) and s.close_code == 1008 and len(s.frames) == 2
     e = session_entry(limited, client)
     assert e["ended_by"] == "rate_limited" and e["output_tokens"] == 60
     # the window is past its limit: the next session's request is refused before it leaves
@@ -659,8 +660,8 @@ def test_the_tenants_token_limit_counts_every_session_of_its_users(limited, fake
     with pytest.raises(Closed) as closed:
         b.recv()
     assert closed.value.code == 1008
-    assert sb.ended.wait(5) and len(_requests(sb)) == 1
-    assert sa.ended.wait(5) and len(_requests(sa)) == 2
+    assert sb.ended.wait(WAIT_S) and len(_requests(sb)) == 1
+    assert sa.ended.wait(WAIT_S) and len(_requests(sa)) == 2
 
 
 def test_a_session_is_cut_when_its_tenants_budget_runs_out_though_its_user_has_budget(
@@ -697,7 +698,7 @@ def test_a_session_is_cut_when_its_tenants_budget_runs_out_though_its_user_has_b
     assert fields["user_id"] == user and fields["budget_usd"] == 0.05
     assert fields["remaining_usd"] < one and fields["resets_at"].endswith("-01T00:00:00Z")
     s = fake.last()
-    assert s.ended.wait(5) and s.close_code == 1008
+    assert s.ended.wait(WAIT_S) and s.close_code == 1008
     # every frame the fake got was answered and paid for: nothing after the cut reached it
     assert len(s.frames) == done and done == 3
     e = session_entry(limited, client)

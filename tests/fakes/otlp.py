@@ -81,7 +81,7 @@ class _Spans:
             self.spans.extend(spans)
             self._cond.notify_all()
 
-    def wait_for(self, predicate: Any, timeout: float = 15.0) -> list[ReceivedSpan]:
+    def wait_for(self, predicate: Any, timeout: float = 30.0) -> list[ReceivedSpan]:
         """The received spans for which predicate is true, once there is at least one."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -186,7 +186,7 @@ class OtlpReceiver:
             self._http.server_close()
             self._http = None
 
-    def wait_for(self, predicate: Any, timeout: float = 15.0) -> list[ReceivedSpan]:
+    def wait_for(self, predicate: Any, timeout: float = 30.0) -> list[ReceivedSpan]:
         return self.received.wait_for(predicate, timeout)
 
     @property

@@ -193,7 +193,7 @@ class FakeRealtime:
         self.usage = RtUsage()
         self.cut_mid_response = False
 
-    def last(self, timeout: float = 5.0) -> Session:
+    def last(self, timeout: float = 30.0) -> Session:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
@@ -280,7 +280,7 @@ class Closed(Exception):
 class WsClient:
     """A blocking WebSocket client over a plain socket (wsproto), for the end-to-end tests."""
 
-    def __init__(self, port: int, path: str, headers: dict[str, str], timeout: float = 10.0):
+    def __init__(self, port: int, path: str, headers: dict[str, str], timeout: float = 30.0):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.status: int | None = None

@@ -66,7 +66,7 @@ class WebhookReceiver:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def wait_for(self, pred: Callable[[list[Post]], bool], timeout: float = 20.0) -> list[Post]:
+    def wait_for(self, pred: Callable[[list[Post]], bool], timeout: float = 30.0) -> list[Post]:
         """The posts once `pred` holds of them; AssertionError after `timeout`."""
         deadline = time.monotonic() + timeout
         with self.lock:

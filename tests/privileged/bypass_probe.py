@@ -63,7 +63,8 @@ def tls_to_provider_ip(ip: str) -> dict[str, object]:
     """The provider's address directly, with the provider's name: Candela answers it."""
     ctx = ssl.create_default_context()  # SSL_CERT_FILE: the bundle with Candela's CA
     try:
-        with socket.create_connection((ip, 443), timeout=3) as raw:
+        # answered by Candela (a certificate made for the name): 30 s for a loaded machine
+        with socket.create_connection((ip, 443), timeout=30) as raw:
             with ctx.wrap_socket(raw, server_hostname="api.openai.com") as s:
                 issuer = dict(x[0] for x in s.getpeercert()["issuer"])
                 s.sendall(

@@ -40,8 +40,10 @@ BROKE_KEY = "cdl_broke_key"
 LIMITED_KEY = "cdl_limited_key"
 
 
-def transparent_config(upstream_url: str, tmp: Path, listen_port: int) -> dict[str, Any]:
-    """Candela in transparent mode before the fake upstream; users for 402, 403 and 429."""
+def transparent_config(upstream_url: str, tmp: Path, listen_port: int = 0) -> dict[str, Any]:
+    """Candela in transparent mode before the fake upstream; users for 402, 403 and 429.
+    `listen_port` 0: picked by `CandelaProcess(..., pick_listen_port=True)` (again if another
+    process takes it before Candela binds it), read back as its `listen_port`."""
     return {
         "mode": "transparent",
         "providers": providers_config(upstream_url),
@@ -116,7 +118,7 @@ def audit_entries(db: Path, action: str) -> list[dict[str, Any]]:
 
 
 def wait_for_audit(
-    db: Path, action: str, predicate: Any = None, timeout: float = 5.0
+    db: Path, action: str, predicate: Any = None, timeout: float = 30.0
 ) -> list[dict[str, Any]]:
     """Entries of `action` (matching predicate), waiting for the writer's batch to commit."""
     deadline = time.monotonic() + timeout
@@ -125,6 +127,31 @@ def wait_for_audit(
         if found or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
+
+
+def audit_barrier(proxy_url: str) -> None:
+    """When this returns, every entry the proxy at `proxy_url` queued before the call is
+    committed: a refused proxied request's llm_request entry is committed before its answer
+    ends, and the writer commits in the order entries were queued. For entries the proxy
+    records on its own (a refused TLS handshake, a denied interception), which another
+    process's entries (sandbox_stop, from `candela run`) do not order. Nothing reaches the
+    upstream: the model is not allowed (transparent_config)."""
+    import urllib.error
+    import urllib.request
+
+    from tests.e2e.conftest import ALICE_KEY
+
+    req = urllib.request.Request(
+        proxy_url + "/proxy/openai/v1/chat/completions",
+        data=json.dumps({"model": "gpt-4o", "messages": []}).encode(),
+        headers={"Authorization": f"Bearer {ALICE_KEY}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            raise AssertionError(f"the barrier request was answered {r.status}, not refused")
+    except urllib.error.HTTPError as e:
+        body = json.loads(e.read())
+        assert (e.code, body["error"]) == (403, "model_not_allowed"), (e.code, body)
 
 
 def self_signed(name: str, directory: Path) -> tuple[Path, Path]:

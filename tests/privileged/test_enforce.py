@@ -329,12 +329,11 @@ def _enforcing(
     namespace), for the upstream names it resolves; `openai_base_url` False: the openai route
     goes to the public hosts (resolved through `hosts`)."""
     from tests.e2e.conftest import base_config
-    from tests.fakes.candela import CandelaProcess, free_port
+    from tests.fakes.candela import CandelaProcess
     from tests.fakes.upstream import OPENAI_KEY, FakeUpstream
 
     if enforce.EnforceState.load() is not None or host.attached():
         require("host enforcement is active on this machine; not touching it")
-    listen_port = free_port()
     upstream = FakeUpstream()
     upstream.__enter__()
     cfg = base_config(upstream.url, mode="transparent")
@@ -345,7 +344,7 @@ def _enforcing(
         {"exe": os.path.realpath(sys.executable), "user": "admin@example.com"}
     ]
     cfg["interception"] = {
-        "listen_port": listen_port,
+        "listen_port": 0,  # picked by CandelaProcess (again if taken before Candela binds it)
         "certs_dir": str(tmp_path / "certs"),
         # an address literal resolves to itself: the test provider needs no hosts file
         "hosts": {PROVIDER_IP: "openai"},
@@ -369,10 +368,11 @@ def _enforcing(
             "sh",
         ]
     provider = _listen(PROVIDER_IP, 443)
-    candela = CandelaProcess(tmp_path, cfg, env={"OPENAI_API_KEY": OPENAI_KEY}, prefix=prefix)
+    candela = CandelaProcess(tmp_path, cfg, env={"OPENAI_API_KEY": OPENAI_KEY}, prefix=prefix,
+                             pick_listen_port=True)
     try:
         candela.start()
-        yield Enforcing(candela, upstream, provider, scope, tmp_path, listen_port)
+        yield Enforcing(candela, upstream, provider, scope, tmp_path, candela.listen_port)
     finally:
         candela.stop()
         upstream.__exit__(None, None, None)

@@ -21,7 +21,7 @@ import pytest
 from candela_mitm.config import PROVIDER_ROUTES
 from candela_mitm.governance.provider_keys import fingerprint
 from tests.e2e.conftest import candela_env
-from tests.fakes.candela import CandelaProcess, free_port
+from tests.fakes.candela import CandelaProcess
 from tests.fakes.google_oauth import FakeTokenServer
 from tests.fakes.sdk import sdk_available, sdk_python
 from tests.fakes.upstream import DEFAULT_REPLY, OPENAI_KEY, FakeUpstream
@@ -89,7 +89,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         RemoteHost(tmp) as remote,
     ):
         assert remote.cert is not None
-        cfg = transparent_config(upstream.url, tmp, free_port())
+        cfg = transparent_config(upstream.url, tmp)
         # the remote host plays a provider's shared front end, with its own certificate
         cfg["interception"]["shared_edges"] = [REMOTE_NAME]
         cfg["interception"]["upstream_ca_file"] = str(remote.cert)
@@ -105,7 +105,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         ]
         try:
             proc_env = {**candela_env(tokens, tmp), "CANDELA_KEY_FINGERPRINT_SECRET": SECRET}
-            with CandelaProcess(tmp, cfg, env=proc_env) as candela:
+            with CandelaProcess(tmp, cfg, env=proc_env, pick_listen_port=True) as candela:
                 yield Env(candela, upstream, remote)
         finally:
             shutil.rmtree(AGENT.parent, ignore_errors=True)

@@ -20,7 +20,7 @@ import pytest
 
 from candela_mitm.enforcement.registry import SandboxRegistry
 from tests.e2e.conftest import candela_env
-from tests.fakes.candela import CandelaProcess, free_port
+from tests.fakes.candela import CandelaProcess
 from tests.fakes.google_oauth import FakeTokenServer
 from tests.fakes.upstream import FakeUpstream
 
@@ -28,6 +28,7 @@ from .conftest import Probe
 from .sandbox_env import (
     CANDELA,
     PROVIDER_IP,
+    audit_barrier,
     audit_entries,
     candela_run,
     leftovers,
@@ -64,10 +65,9 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("sandbox")
     with FakeTokenServer() as tokens, FakeUpstream(google_token_valid=tokens.is_valid) as upstream:
-        port = free_port()
-        cfg = transparent_config(upstream.url, tmp, port)
-        with CandelaProcess(tmp, cfg, env=candela_env(tokens, tmp)) as candela:
-            yield Env(candela, upstream, port)
+        cfg = transparent_config(upstream.url, tmp)
+        with CandelaProcess(tmp, cfg, env=candela_env(tokens, tmp), pick_listen_port=True) as candela:
+            yield Env(candela, upstream, candela.listen_port)
 
 
 def _no_sandboxes_left(env: Env) -> None:
@@ -176,8 +176,13 @@ def bypass(env: Env) -> dict[str, Any]:
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
     wait_for_audit(env.audit_db, "sandbox_stop", lambda e: True)
+    upstream = env.upstream.requests[upstream_before:]
+    # the proxy's own entries (no_sni, interception_denied) are queued by its writer thread:
+    # committed once a later one is (sandbox_stop comes from `candela run`, which does not
+    # order them)
+    audit_barrier(env.candela.url)
     audit = {a: audit_entries(env.audit_db, a)[n:] for a, n in before.items()}
-    return {"report": report, "audit": audit, "upstream": env.upstream.requests[upstream_before:]}
+    return {"report": report, "audit": audit, "upstream": upstream}
 
 
 WHO = ("main", "child", "thread")
@@ -317,7 +322,7 @@ def test_nothing_went_upstream_but_the_intercepted_requests(bypass: dict[str, An
 # -- cleanup ---------------------------------------------------------------------------------
 
 
-def _wait_for_sandbox(proc: subprocess.Popen[str], timeout: float = 20) -> int:
+def _wait_for_sandbox(proc: subprocess.Popen[str], timeout: float = 30) -> int:
     """The index of the sandbox `candela run` (proc) made, once its command runs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -350,7 +355,7 @@ def test_sigterm_reaches_the_command_and_everything_is_removed(env: Env) -> None
     try:
         _wait_for_sandbox(proc)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 128 + signal.SIGTERM
+        assert proc.wait(30) == 128 + signal.SIGTERM
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -367,14 +372,14 @@ def test_a_killed_run_is_cleaned_up_by_the_next_one(env: Env) -> None:
         assert record is not None and record.cgroup
         orphan = int(Path(record.cgroup, "cgroup.procs").read_text().split()[0])
         proc.kill()  # SIGKILL: no chance to clean up
-        proc.wait(10)
+        proc.wait(30)
         assert all(leftovers(index).values())  # namespace, veth, rules, cgroup all still there
         assert Path(f"/proc/{orphan}").exists()  # and the command still runs in them
         p = env.run(["true"])
         assert p.returncode == 0, p.stderr
         assert not any(leftovers(index).values()), leftovers(index)
         assert SandboxRegistry().get(index) is None
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while Path(f"/proc/{orphan}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not Path(f"/proc/{orphan}").exists()
@@ -409,7 +414,7 @@ def test_a_process_moved_into_the_sandbox_from_another_namespace_is_refused(
             probe("tcp", PROVIDER_IP, 80, cgroup=cgroup),  # the host's namespace
         ]
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 128 + signal.SIGTERM
+        assert proc.wait(30) == 128 + signal.SIGTERM
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -437,7 +442,7 @@ def test_a_command_is_required(env: Env) -> None:
 PROVIDER_CALL = f"""
 import socket, ssl
 ctx = ssl.create_default_context()
-with socket.create_connection(({PROVIDER_IP!r}, 443), timeout=5) as raw:
+with socket.create_connection(({PROVIDER_IP!r}, 443), timeout=30) as raw:
     with ctx.wrap_socket(raw, server_hostname="api.openai.com") as s:
         s.sendall(b"GET /v1/models HTTP/1.1\\r\\nHost: api.openai.com\\r\\nConnection: close\\r\\n\\r\\n")
         print(s.recv(100).split(b"\\r\\n", 1)[0].decode())

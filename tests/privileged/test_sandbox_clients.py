@@ -21,7 +21,7 @@ import pytest
 
 from candela_mitm.providers.usage import Usage
 from tests.e2e.conftest import candela_env
-from tests.fakes.candela import CandelaProcess, free_port
+from tests.fakes.candela import CandelaProcess
 from tests.fakes.google_oauth import FakeTokenServer
 from tests.fakes.node import SCRIPTS, node_sdk_dir, node_sdk_missing
 from tests.fakes.sdk import sdk_available, sdk_python
@@ -96,9 +96,9 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("sandbox-clients")
     with FakeTokenServer() as tokens, FakeUpstream(google_token_valid=tokens.is_valid) as upstream:
-        cfg = transparent_config(upstream.url, tmp, free_port())
+        cfg = transparent_config(upstream.url, tmp)
         cfg["governance"]["models"] = {"mode": "blocklist", "blocked": DENIED}
-        with CandelaProcess(tmp, cfg, env=candela_env(tokens, tmp)) as candela:
+        with CandelaProcess(tmp, cfg, env=candela_env(tokens, tmp), pick_listen_port=True) as candela:
             yield Env(candela, upstream, tokens)
 
 
@@ -110,7 +110,7 @@ def _reset(env: Env) -> None:
 
 def new_entries(env: Env, before: int, n: int) -> list[dict[str, Any]]:
     """The llm_request entries written since `before` of them were, waiting for `n`."""
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while True:
         got = audit_entries(env.audit_db, "llm_request")[before:]
         if len(got) >= n or time.monotonic() > deadline:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import candela_env
-from tests.fakes.candela import CandelaProcess, free_port
+from tests.fakes.candela import CandelaProcess
 from tests.fakes.google_oauth import FakeTokenServer
 from tests.fakes.realtime import FakeRealtime, RtUsage
 from tests.fakes.sdk import sdk_available, sdk_python
@@ -65,10 +65,10 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("sandbox-websocket")
     with FakeTokenServer() as tokens, FakeRealtime() as fake:
-        cfg = transparent_config(fake.url, tmp, free_port())
+        cfg = transparent_config(fake.url, tmp)
         cfg["governance"]["models"] = {"mode": "blocklist", "blocked": [DENIED]}
         cfg["governance"]["websocket"] = {"reserve_usd": 0.05}
-        with CandelaProcess(tmp, cfg, env=candela_env(tokens, tmp)) as candela:
+        with CandelaProcess(tmp, cfg, env=candela_env(tokens, tmp), pick_listen_port=True) as candela:
             yield Env(candela, fake)
 
 
@@ -78,7 +78,7 @@ def _reset(env: Env) -> None:
 
 
 def wait_entries(env: Env, action: str, before: int, n: int) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while True:
         got = audit_entries(env.audit_db, action)[before:]
         if len(got) >= n or time.monotonic() > deadline:

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.e2e.conftest import ALICE_KEY, candela_env
-from tests.fakes.candela import CandelaProcess, free_port
+from tests.fakes.candela import CandelaProcess
 from tests.fakes.google_oauth import FakeTokenServer
 from tests.fakes.sdk import sdk_available
 from tests.fakes.upstream import DEFAULT_REPLY, OPENAI_KEY, FakeUpstream
@@ -115,15 +115,14 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     if not sdk_available():
         pytest.fail("the SDK venv is missing: run scripts/sdk-venv.sh (make test does)")
     tmp = tmp_path_factory.mktemp("transparent")
-    port = free_port()
     with (
         FakeTokenServer() as tokens,
         FakeUpstream(google_token_valid=tokens.is_valid) as upstream,
         RemoteHost(tmp) as remote,
     ):
-        cfg = transparent_config(upstream.url, tmp, port)
-        with CandelaProcess(tmp, cfg, env=candela_env(tokens, tmp)) as candela:
-            yield Env(candela, upstream, remote, port)
+        cfg = transparent_config(upstream.url, tmp)
+        with CandelaProcess(tmp, cfg, env=candela_env(tokens, tmp), pick_listen_port=True) as candela:
+            yield Env(candela, upstream, remote, candela.listen_port)
 
 
 def test_the_openai_sdk_reaches_the_provider_only_through_candela(env: Env) -> None:

@@ -32,8 +32,11 @@ CHROMIUM_ARGS = [
 def browser() -> Iterator[Any]:
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"{CHROMIUM} is missing: run scripts/install-system.sh (make test does)")
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    # expect() polls until its condition holds; its 5 s default is short for a page that
+    # fetches from a Candela on a loaded 2-core machine (a met condition returns at once)
+    expect.set_options(timeout=30_000)
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b

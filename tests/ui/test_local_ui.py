@@ -66,7 +66,7 @@ def test_a_request_through_the_proxy_shows_in_the_trace_table(page: Any, local: 
     )
     assert r.status_code == 200
     row = page.wait_for_selector(
-        f"#traces tr[data-span-id='{r.headers['x-candela-span-id']}']", timeout=10_000
+        f"#traces tr[data-span-id='{r.headers['x-candela-span-id']}']", timeout=30_000
     )
     cells = [c.inner_text() for c in row.query_selector_all("td")]
     assert cells[1:4] == ["llama3.2:3b", "ollama", "12 / 7"]

@@ -134,7 +134,7 @@ def write_entries(w: AuditWriter, start: int, n: int) -> None:
     assert w.flush(30)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

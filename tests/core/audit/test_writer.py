@@ -25,6 +25,7 @@ from candela_mitm.audit import AuditWriter, query_entries, verify_chain
 from candela_mitm.audit.writer import _BEARER, REDACTED, _Callback, _Item, redact
 from candela_mitm.config import Audit
 from candela_mitm.errors import StoreUnavailable
+from tests.wait import until
 
 
 def cfg(tmp_path: Path, **kw: Any) -> Audit:
@@ -222,7 +223,7 @@ def test_entries_commit_within_batch_delay_without_flush(tmp_path: Path) -> None
     w = AuditWriter(cfg(tmp_path, batch_max_delay_ms=20))
     w.start()
     w.record("x")
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while w.stats().entries_written == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert w.stats().entries_written == 1
@@ -467,7 +468,7 @@ def test_failing_commits_are_retried_and_counted(tmp_path: Path) -> None:
     blocker = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # holds the write lock: every commit attempt fails
     fut = w.record_durable("x")
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while w.stats().sqlite_errors < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert w.stats().sqlite_errors >= 3
@@ -505,7 +506,7 @@ def test_damaged_head_stops_appending_instead_of_forking_the_chain(tmp_path: Pat
     raw.execute("UPDATE audit_log SET hash = 'not hex' WHERE seq = 1")
     raw.close()
     fut = w.record_durable("y")
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while w.stats().sqlite_errors < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not w.stats().healthy and not fut.done()
@@ -687,7 +688,10 @@ def test_writers_sharing_a_ledger_queue_on_its_gate(tmp_path: Path) -> None:
         fcntl.flock(other, fcntl.LOCK_EX)
         try:
             fut = w.record_durable("llm_request", user_id="u")
-            time.sleep(0.3)  # past the writer's timeout: it failed, counted it, and retries
+            # past the writer's timeout it fails, counts it, and retries: waited for (a fixed
+            # 0.3 s could pass before the writer thread's first try on a loaded machine)
+            until(lambda: (w.sqlite_errors, w.healthy), lambda seen: seen[0] >= 1 and not seen[1],
+                  what="a failed try (errors, healthy)")
             assert not fut.done() and w.head_seq == 0
             assert w.sqlite_errors >= 1 and not w.healthy
         finally:
@@ -812,7 +816,7 @@ def test_process_crash_commits_are_synced_soon_after_and_at_close(tmp_path: Path
             w.record_durable("llm_request", user_id="u", span_id=f"s{i}").result(10)
         done: list[int] = []
         assert w.record_here("llm_request", lambda seq, err: done.append(seq or 0), span_id="h")
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while (w._unsynced_at is not None or not syncs.calls) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert w._unsynced_at is None and w._synced == w._commits and w.sync_errors == 0
@@ -876,7 +880,7 @@ def test_only_a_waited_for_entry_or_a_full_batch_wakes_the_writer(tmp_path: Path
         base = wake.sets
         assert w.record("model_policy_check", result="allowed", model="m")
         assert wake.sets == base
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while w.stats().backlog and time.monotonic() < deadline:  # committed at its next look
             time.sleep(0.005)
         assert w.stats().backlog == 0 and wake.sets == base

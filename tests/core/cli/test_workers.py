@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from candela_mitm.cli.workers import claim_port, run_workers
+from tests.wait import until
 
 
 def test_claim_port_resolves_zero_and_refuses_a_port_in_use() -> None:
@@ -37,12 +38,16 @@ def test_claim_port_accepts_a_port_with_connections_in_time_wait() -> None:
         served.close()  # the server closes first: its end goes to TIME-WAIT once the client acks
         assert client.recv(1) == b""
         client.close()
-    time.sleep(0.1)
-    states = Path("/proc/net/tcp").read_text().splitlines()[1:]
     local_port = f":{port:04X}"
-    assert any(
-        line.split()[1].endswith(local_port) and line.split()[3] == "06" for line in states
-    ), "no TIME-WAIT socket on the port: the test set-up did not make one"
+
+    def time_wait() -> bool:
+        states = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        return any(
+            line.split()[1].endswith(local_port) and line.split()[3] == "06" for line in states
+        )
+
+    # waited for (a fixed 0.1 s before)
+    until(time_wait, what="a TIME-WAIT socket on the port (the test set-up did not make one)")
     with socket.socket() as plain:  # what claim_port did before: refused
         with pytest.raises(OSError):
             plain.bind(("127.0.0.1", port))

@@ -40,7 +40,7 @@ def _event(reason: int, tgid: int) -> object:
     return BypassEvent.from_bytes(raw_event(reason=reason, tgid=tgid, comm=b"cdl-probe"))
 
 
-def _wait(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
+def _wait(cond: Callable[[], bool], timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:

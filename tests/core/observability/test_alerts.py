@@ -26,6 +26,7 @@ from candela_mitm.observability.alerts import AlertNotifier
 from candela_mitm.observability.metrics import Metrics
 from candela_mitm.state.ports import StateStore
 from tests.fakes.webhook import WebhookReceiver
+from tests.wait import until
 
 NOW = datetime.now(UTC)
 SECRET = "hook-secret-4f1c"
@@ -268,11 +269,11 @@ def test_a_full_queue_fails_the_alert_at_once(
         n.settled(spend(store, 6.0))  # 50%: the sender takes it and is stuck posting it
         assert entered.wait(10)
         n.settled(spend(store, 2.5))  # 85%: waits in the queue, now full
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while len(n._deliveries) < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         n.settled(spend(store, 1.0))  # 95%: no room, failed at once
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while not entries(audit, tmp_path) and time.monotonic() < deadline:
             time.sleep(0.01)
         release.set()
@@ -400,17 +401,14 @@ def test_settlements_between_two_looks_coalesce_into_one_look_per_budget(
     n = AlertNotifier(store, audit, Metrics(), lambda: Alerts(), check_interval_s=0.4)
     try:
         n.settled(res)  # looked at by the checker at its next tick
-        deadline = time.monotonic() + 10
-        while not reads and time.monotonic() < deadline:
-            time.sleep(0.005)
-        time.sleep(0.05)
+        # the first look, whole: waited for until the checker is idle again (a fixed 50 ms
+        # after its first read could cut a look short on a loaded machine)
+        until(lambda: bool(reads) and n._busy == 0, interval=0.005, what="the first look")
         per_look = len(reads)
         assert per_look >= 1
         for _ in range(50):  # within the interval: one pending entry for the budget
             n.settled(res)
-        deadline = time.monotonic() + 10
-        while len(reads) < 2 * per_look and time.monotonic() < deadline:
-            time.sleep(0.005)
+        until(lambda: len(reads) >= 2 * per_look, interval=0.005, what="the second look")
         time.sleep(0.6)  # past another interval: nothing else was pending
         assert len(reads) == 2 * per_look
         assert reads[per_look] - reads[0] >= 0.35  # the second look waited for the interval

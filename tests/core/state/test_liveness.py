@@ -47,7 +47,7 @@ class Zombie:
 
     def exit(self) -> None:
         os.close(self._w)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while _state(self.pid) != "Z":
             assert time.monotonic() < deadline, "the child did not exit"
             time.sleep(0.01)

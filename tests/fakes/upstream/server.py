@@ -260,8 +260,9 @@ class FakeUpstream:
         with self._lock:
             self._requests.clear()
 
-    def wait_for(self, n: int, timeout: float = 5.0) -> list[Recorded]:
-        """Block until at least n requests were received; TimeoutError otherwise."""
+    def wait_for(self, n: int, timeout: float = 30.0) -> list[Recorded]:
+        """Block until at least n requests were received (returns as soon as they are: the
+        deadline is for a loaded machine); TimeoutError otherwise."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while len(self._requests) < n:
