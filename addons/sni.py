@@ -15,6 +15,7 @@ connection, read from the kernel (enforcement/workload.py).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
@@ -382,7 +383,9 @@ class Sni:
                 if record is not None:
                     found = await self.rt.blocking(peer_workload, record, ip, port, remote)
                 else:  # this machine (host enforcement, loopback): this namespace's tables
-                    found = await self.rt.blocking(workload.peer, ip, port, None, None, remote)
+                    found = await self.rt.blocking(
+                        functools.partial(workload.peer, ip, port, remote=remote)
+                    )
             except Exception:  # identity is evidence, not a gate: the decision does not wait on it
                 log.debug("no process found for %s:%d", ip, port, exc_info=True)
         if len(self._workloads) > 65536:

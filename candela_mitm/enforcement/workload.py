@@ -245,6 +245,8 @@ def peer(
         pid = _verified(row.inode, None) or _host_holder(row)
     if pid is None:
         return None
+    if len(_last) >= _SEEN_MAX:  # uids of user namespaces: many, bounded all the same
+        _last.clear()
     _last[row.uid] = pid
     return describe(pid)
 
