@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import sqlite3
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,19 +49,6 @@ def until_refused(port: int) -> list[int]:
     return statuses
 
 
-def slices_returned(state: dict[str, Any], timeout: float = 20.0) -> list[Any]:
-    """Wait until the store holds no reservation (every slice returned); what is still held
-    when `timeout` passes."""
-    store = open_state_store(Config.model_validate({"state": state}).state)
-    try:
-        deadline = time.monotonic() + timeout
-        while (held := store.active_reservations()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return held
-    finally:
-        store.close()
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_two_workers_carve_from_slices_and_the_budget_stays_exact(
     tmp_path: Path,
@@ -97,8 +83,11 @@ def test_two_workers_carve_from_slices_and_the_budget_stays_exact(
         # (idle_s, then the next flush; waited for, not slept: a loaded machine can take more
         # than a second); then, near the end, every request reserves on its own: exactly what
         # is left fits
-        held = slices_returned(state)
-        assert held == [], (held, c.log()[-4000:])
+        store = open_state_store(Config.model_validate({"state": state}).state)
+        try:
+            until(store.active_reservations, lambda held: held == [], what="every slice returned")
+        finally:
+            store.close()
         second = until_refused(c.port)
         admitted = first.count(200) + second.count(200)
         assert admitted == FITS, (first.count(200), second.count(200))
