@@ -197,9 +197,9 @@ def peer_process(
 ) -> tuple[int, str] | None:
     """(pid, comm) of the sandboxed process whose TCP socket has this local address and port.
 
-    The processes in the sandbox's network namespace, the socket asked of that namespace's
-    kernel tables, then which of them holds it (workload.peer). A scan of /proc's processes:
-    off the event loop.
+    The socket asked of the sandbox namespace's kernel tables, then which of its processes
+    holds it (workload.peer_in_netns: the processes are listed, a scan of /proc, only when the
+    ones remembered do not answer). Reads of /proc: off the event loop.
     """
     found = peer_workload(record, address, port, remote)
     return (found.pid, found.comm or "") if found is not None else None
@@ -213,7 +213,7 @@ def peer_workload(
     if record.netns_inode is None:
         return None
     inode = record.netns_inode
-    return workload.peer(address, port, pids_in_netns(inode), netns_inode=inode, remote=remote)
+    return workload.peer_in_netns(address, port, inode, remote, lambda: pids_in_netns(inode))
 
 
 def pids_in_netns(inode: int) -> list[int]:

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,7 @@ def _all_pids() -> list[int]:
 # trusted: pids and fd numbers are reused, a socket's inode is not while it lives.
 _seen: dict[int, tuple[int, str]] = {}  # socket inode -> (pid, fd) of a fd table read lately
 _last: dict[int, int] = {}  # socket owner uid -> the pid that held its last looked-up socket
+_member: dict[int, int] = {}  # network namespace inode -> the member that last asked its kernel
 _SEEN_MAX = 16384
 
 
@@ -229,26 +230,87 @@ def peer(
     when known: the kernel then finds the socket by its hash lookup, and no other socket that
     shares the local end (connect() shares ephemeral ports between destinations) is taken.
     """
-    if netns_pids is not None and not netns_pids:
-        return None
-    # the namespace's members share its table: ask the first
-    pid0 = netns_pids[0] if netns_pids else None
-    row = find_socket(address, port, pid0, netns_inode, remote)
+    if netns_pids is not None:
+        listed = netns_pids
+        return _in_namespace(address, port, netns_inode, remote, lambda: listed)
+    row = find_socket(address, port, None, None, remote)
     if row is None:
         return None
-    if netns_pids is not None:
-        members = set(netns_pids)
-        pid = _verified(row.inode, members) or socket_holder(
-            row.inode, _first(netns_pids, _last.get(row.uid))
-        )
-    else:
-        pid = _verified(row.inode, None) or _host_holder(row)
+    pid = _verified(row.inode, None) or _host_holder(row)
+    return _found(row, pid)
+
+
+def peer_in_netns(
+    address: str,
+    port: int,
+    netns_inode: int,
+    remote: tuple[str, int] | None,
+    members: Callable[[], list[int]],
+) -> Workload | None:
+    """`peer` for a connection from the network namespace whose inode is `netns_inode` (a
+    sandbox's). `members` lists the namespace's processes (a scan of every process's
+    /proc/<pid>/ns/net: ~1-2 ms on a busy host), called only when the cheap answers fail: the
+    member that last answered for this namespace asks its kernel, and the socket's holder is
+    the one remembered for it or for its uid, each checked to be in the namespace now."""
+    return _in_namespace(address, port, netns_inode, remote, members)
+
+
+def _in_namespace(
+    address: str,
+    port: int,
+    inode: int | None,
+    remote: tuple[str, int] | None,
+    members: Callable[[], list[int]],
+) -> Workload | None:
+    listed: list[int] | None = None
+    pid0 = _member.get(inode) if inode is not None else None
+    if pid0 is None or not in_netns(pid0, inode):
+        listed = members()
+        if not listed:
+            return None
+        pid0 = listed[0]  # the namespace's members share its tables: ask the first
+        if inode is not None:
+            if len(_member) >= _SEEN_MAX:
+                _member.clear()
+            _member[inode] = pid0
+    row = find_socket(address, port, pid0, inode, remote)
+    if row is None:
+        return None
+    last = _last.get(row.uid)
+    if listed is not None:
+        allowed = set(listed)
+        pid = _verified(row.inode, allowed) or socket_holder(row.inode, _first(listed, last))
+        return _found(row, pid)
+    # a process outside the namespace may hold one of its sockets (passed to it): never taken
+    pid = _verified(row.inode, None)
+    if pid is not None and not in_netns(pid, inode):
+        pid = None
+    if pid is None and last is not None and in_netns(last, inode):
+        pid = socket_holder(row.inode, [last])
+    if pid is None:
+        listed = [p for p in members() if p != last]
+        pid = socket_holder(row.inode, listed)
+    return _found(row, pid)
+
+
+def _found(row: procnet.TcpSocket, pid: int | None) -> Workload | None:
     if pid is None:
         return None
     if len(_last) >= _SEEN_MAX:  # uids of user namespaces: many, bounded all the same
         _last.clear()
     _last[row.uid] = pid
     return describe(pid)
+
+
+def in_netns(pid: int, inode: int | None) -> bool:
+    """Whether `pid` is in the network namespace whose inode is `inode` now (None: the
+    caller's own namespace, which `peer` never narrows)."""
+    if inode is None:
+        return True
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == inode
+    except OSError:
+        return False
 
 
 def _first(pids: list[int], pid: int | None) -> list[int]:

@@ -131,6 +131,7 @@ def fresh(monkeypatch):
     """No socket seen yet, no uid's last holder known."""
     monkeypatch.setattr(workload, "_seen", {})
     monkeypatch.setattr(workload, "_last", {})
+    monkeypatch.setattr(workload, "_member", {})
 
 
 @pytest.fixture
@@ -301,3 +302,62 @@ def test_the_owner_of_a_loopback_connection_is_read_by_its_4_tuple(fresh, monkey
                 monkeypatch.setattr(sockdiag, "find", unavailable)
                 assert workload.owner_uid(host, port, ours) == os.geteuid()
                 assert workload.owner_uid(host, port, (ours[0], ours[1] + 1)) is None
+
+
+def test_a_namespace_s_processes_are_listed_only_when_the_remembered_ones_do_not_answer(fresh):
+    """A sandbox's connections: the first lists the namespace's processes (a scan of /proc);
+    the next ones, from the same process, are asked of the member that answered and found held
+    by the uid's last holder, both checked to be in the namespace: no listing."""
+    here = os.stat("/proc/self/ns/net").st_ino  # this test's namespace plays the sandbox's
+    listed: list[int] = []
+
+    def members() -> list[int]:
+        listed.append(1)
+        return [os.getpid()]
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+    try:
+        for i, client in enumerate(clients):
+            w = workload.peer_in_netns(
+                *client.getsockname(), here, listener.getsockname(), members
+            )
+            assert w is not None and w.pid == os.getpid()
+            assert len(listed) == 1, f"connection {i}: the namespace listed again"
+    finally:
+        for client in clients:
+            client.close()
+        listener.close()
+
+
+def test_a_remembered_process_that_left_the_namespace_is_not_taken(fresh, monkeypatch):
+    """The remembered member and holder are checked against the namespace each time: one that
+    is no longer in it (here: every process but a listed one is said to have left) sends the
+    lookup back to the namespace's processes, and a holder outside them is never named."""
+    here = os.stat("/proc/self/ns/net").st_ino
+    listener = socket.create_server(("127.0.0.1", 0))
+    first = socket.create_connection(listener.getsockname())
+    second = socket.create_connection(listener.getsockname())
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        w = workload.peer_in_netns(
+            *first.getsockname(), here, listener.getsockname(), lambda: [os.getpid()]
+        )
+        assert w is not None and w.pid == os.getpid()
+        # this process "left": the remembered member and the uid's holder are both passed over
+        monkeypatch.setattr(workload, "in_netns", lambda pid, inode: False)
+        listed: list[int] = []
+
+        def members() -> list[int]:
+            listed.append(1)
+            return [other.pid]  # the namespace now holds another process only
+
+        remote = listener.getsockname()
+        assert workload.peer_in_netns(*second.getsockname(), here, remote, members) is None
+        assert listed == [1]
+    finally:
+        other.kill()
+        other.wait()
+        first.close()
+        second.close()
+        listener.close()
