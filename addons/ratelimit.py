@@ -12,21 +12,22 @@ from mitmproxy import http
 
 from candela_mitm.context import RequestContext
 from candela_mitm.governance.admission import (
+    BudgetReserve,
     Checked,
     Hold,
     admit,
     body_scan,
     carve,
     decide_hold,
-    reserve,
+    limits_set,
     rules_for,
     token_estimate,
+    token_limited,
 )
 from candela_mitm.governance.estimate import LARGE_BODY_BYTES
 from candela_mitm.governance.ledger import BudgetRefusal, Reservation
 from candela_mitm.governance.rate_leases import TakeAsk
-from candela_mitm.governance.ratelimit import TokenLimits, policy_headers
-from candela_mitm.governance.users import UserSettings
+from candela_mitm.governance.ratelimit import policy_headers
 from candela_mitm.runtime import Runtime
 from candela_mitm.state.ports import to_us
 
@@ -70,23 +71,20 @@ def admission_call(
     hold = decide_hold(c, rt.pricing, rules, found)
     tokens = token_estimate(c.plan, rt.pricing, rules, c.body, found)
     tenant_settings = rt.users.tenant_settings_cached
-    reserve_hold: Callable[[], Reservation | BudgetRefusal] | None = None
-    key = c.principal.key_scope if c.principal else None
+    key = c.principal.key_scope if c.principal else None  # a minted key's own budget
     carved = carve(
         rt.slices, c.plan, hold, settings, c.tenant, rt.users.recent_tenant, c.span_id, key,
         rt.shadow,
     )
-    if carved is None and isinstance(hold, Hold):
-        h = hold
-
-        def reserve_hold() -> Reservation | BudgetRefusal:
-            # on whichever thread runs the call while the flow's hook awaits it: nothing else
-            # touches the context. Set only here: a rate-limited request audits no estimate.
-            c.estimate_usd = h.estimate_usd
-            key = c.principal.key_scope if c.principal else None  # a minted key's own budget
-            return reserve(
-                rt.ledger, settings, c.tenant, tenant_settings, c.span_id, h, key, rt.shadow, c
-            )
+    # run on whichever thread runs the call while the flow's hook awaits it: nothing else
+    # touches the context
+    reserve_hold = (
+        BudgetReserve(
+            rt.ledger, settings, c.tenant, tenant_settings, c.span_id, hold, key, rt.shadow, c
+        )
+        if carved is None and isinstance(hold, Hold)
+        else None
+    )
 
     def call() -> Checked:
         return admit(
@@ -99,27 +97,10 @@ def admission_call(
             tokens=tokens,
             reserve_hold=reserve_hold,
             undo_on_error=not rt.store.joins_calls,
+            store=rt.store,
         )
 
     return call, carved
-
-
-def _token_limited(s: UserSettings) -> bool:
-    """`bool(s.token_limits.active())`, without building a TokenLimits and its dict per request."""
-    return (
-        s.input_tokens_per_minute is not None
-        or s.output_tokens_per_minute is not None
-        or s.total_tokens_per_minute is not None
-    )
-
-
-def _limits_set(limits: TokenLimits) -> bool:
-    """`bool(limits.active())`, without building its dict."""
-    return (
-        limits.input_tokens is not None
-        or limits.output_tokens is not None
-        or limits.total_tokens is not None
-    )
 
 
 def from_block(rt: Runtime, c: RequestContext, carved: Reservation | None) -> Checked | None:
@@ -132,11 +113,11 @@ def from_block(rt: Runtime, c: RequestContext, carved: Reservation | None) -> Ch
         return None
     if isinstance(c.hold, Hold) and carved is None:
         return None
-    if s.max_concurrent_requests is not None or _token_limited(s):
+    if s.max_concurrent_requests is not None or token_limited(s):
         return None
     if c.tenant is not None:
         t = rt.users.recent_tenant(c.tenant)
-        if t is None or t.max_concurrent_requests is not None or _limits_set(t.token_limits):
+        if t is None or t.max_concurrent_requests is not None or limits_set(t.token_limits):
             return None
     now_us = to_us(rt.limiter.clock())
     decision = leases.use(s.user_id, s.requests_per_minute, now_us)

@@ -840,6 +840,18 @@ class RateStore(Protocol):
         """Every lease held (for reconcile at start: those of dead processes go)."""
 
 
+class AdmissionStore(LedgerStore, RateStore, Protocol):
+    """An idle request's admission in one call: its rate step, then its budget reservation."""
+
+    @abstractmethod
+    def rate_hit_reserve(
+        self, key: str, limit: int, window_us: int, now_us: int, new: NewReservation
+    ) -> tuple[RateHit, ReserveResult | None]:
+        """rate_hit, then, only when it admitted, reserve(new): the answers of the two in turn
+        (None: the rate step refused, nothing was reserved). A budget refusal leaves the rate
+        entry counted, as the two calls in turn do."""
+
+
 class AlertStore(Protocol):
     """Budget alert claims: each sent once across every process."""
 
@@ -865,6 +877,7 @@ class GenerationStore(Protocol):
 
 
 class StateStore(
+    AdmissionStore,
     UserStore,
     TenantStore,
     LedgerStore,
@@ -912,6 +925,15 @@ class StateStore(
         one write transaction (use `batch` to group writes).
         """
         raise WouldWait("this store is always called from a thread that may wait", busy=False)
+
+    def rate_hit_reserve(
+        self, key: str, limit: int, window_us: int, now_us: int, new: NewReservation
+    ) -> tuple[RateHit, ReserveResult | None]:
+        """The two calls in turn: one transaction inside the caller's batch (SQLite's admission
+        call runs in one: state/calls.py), a lock each (memory). Redis overrides it with one
+        script, one round trip."""
+        hit = self.rate_hit(key, limit, window_us, now_us)
+        return hit, self.reserve(new) if hit.allowed else None
 
     # -- lifecycle -----------------------------------------------------------------------------
     @abstractmethod

@@ -373,20 +373,6 @@ def test_with_slices_and_leases_a_request_makes_no_store_call_before_it_leaves(t
 
 
 @pytest.mark.parametrize(
-    "limits",
-    [(None, None, None), (10, None, None), (None, 0, None), (None, None, 5), (1, 2, 3)],
-)
-def test_token_limited_is_token_limits_active(limits) -> None:
-    from candela_mitm.addons.ratelimit import _token_limited
-    from candela_mitm.governance.users import UserSettings
-
-    s = UserSettings("u", "developer", (), 1.0, 60, "store", False, **dict(
-        zip(("input_tokens_per_minute", "output_tokens_per_minute", "total_tokens_per_minute"),
-            limits, strict=True)))
-    assert _token_limited(s) == bool(s.token_limits.active())
-
-
-@pytest.mark.parametrize(
     "fields, large",
     [
         ([], False),
@@ -405,18 +391,6 @@ def test_large_body_reads_the_head(fields, large) -> None:
     f = tflow.tflow()
     f.request.headers.fields = tuple(fields)
     assert large_body(f.request.headers) is large
-
-
-@pytest.mark.parametrize(
-    "limits",
-    [(None, None, None), (10, None, None), (None, 0, None), (None, None, 5), (1, 2, 3)],
-)
-def test_limits_set_is_token_limits_active(limits) -> None:
-    from candela_mitm.addons.ratelimit import _limits_set
-    from candela_mitm.governance.ratelimit import TokenLimits
-
-    t = TokenLimits(*limits)
-    assert _limits_set(t) == bool(t.active())
 
 
 def test_the_next_slice_and_block_are_taken_before_these_run_out(tctx, runtime):

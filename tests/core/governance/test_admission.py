@@ -204,3 +204,29 @@ def test_carve_asks_for_the_key_of_the_budgets_in_force() -> None:
             t.budget_usd if t else None, t.period if t else settings.budget_period, kb, now,
         ), i
     assert len({k.tenant_period for k in s.keys if k.tenant}) == 3  # the test crossed periods
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [(None, None, None), (10, None, None), (None, 0, None), (None, None, 5), (1, 2, 3)],
+)
+def test_token_limited_is_token_limits_active(limits) -> None:
+    from candela_mitm.governance.admission import token_limited
+    from candela_mitm.governance.users import UserSettings
+
+    s = UserSettings("u", "developer", (), 1.0, 60, "store", False, **dict(
+        zip(("input_tokens_per_minute", "output_tokens_per_minute", "total_tokens_per_minute"),
+            limits, strict=True)))
+    assert token_limited(s) == bool(s.token_limits.active())
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [(None, None, None), (10, None, None), (None, 0, None), (None, None, 5), (1, 2, 3)],
+)
+def test_limits_set_is_token_limits_active(limits) -> None:
+    from candela_mitm.governance.admission import limits_set
+    from candela_mitm.governance.ratelimit import TokenLimits
+
+    t = TokenLimits(*limits)
+    assert limits_set(t) == bool(t.active())
