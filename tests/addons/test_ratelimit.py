@@ -465,3 +465,53 @@ def test_the_tenants_settings_are_read_ahead_so_requests_stay_in_memory(tctx, ru
     on_path = [(i, c) for i, (_, got) in enumerate(flows[2:], 2) for c in got if c == "call"]
     assert on_path == []
     assert all(ctx_of(f).reservation.slice for f, _ in flows[2:])
+
+
+def _evalsha_calls(url):
+    import redis
+
+    with redis.Redis.from_url(url) as client:
+        return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_an_idle_users_request_on_redis_is_one_script_call(tctx, runtime, redis_server_factory):
+    """Issue 21: on Redis, the rate step and the reservation of a request that holds no block nor
+    slice are one EVALSHA (they were two round trips); a rate-limited one reserves nothing, a
+    budget-refused one stays counted."""
+    server = redis_server_factory()
+    cfg = config(rpm=2, budget=10.0)
+    cfg["state"] = {"backend": "redis", "redis_url": server.url}
+    cfg["governance"] = {  # no block nor slice: every request asks the store
+        "budgets": {"slices": {"enabled": False}},
+        "rate_limits": {"leases": {"enabled": False}},
+    }
+    rt = runtime(cfg)
+    asyncio.run(send(rt, [chat()]))  # the scripts loaded (a fresh server knows none)
+    before = _evalsha_calls(server.url)
+    [admitted] = asyncio.run(send(rt, [chat()]))
+    assert _evalsha_calls(server.url) - before == 1
+    c = ctx_of(admitted)
+    assert admitted.response is None and isinstance(c.reservation, Reservation)
+    assert c.estimate_usd == pytest.approx(c.reservation.amount_usd) and c.estimate_usd > 0
+    assert c.rate_headers["RateLimit"] == '"requests";r=0;t=60'
+    before = _evalsha_calls(server.url)
+    [limited] = asyncio.run(send(rt, [chat()], with_budget=True))
+    assert _evalsha_calls(server.url) - before == 1
+    assert limited.response.status_code == 429 and limited.response.json()["error"] == "rate_limited"
+    assert ctx_of(limited).reservation is None and ctx_of(limited).estimate_usd == 0.0
+    assert len(rt.store.active_reservations()) == 2  # the first two's, none of the third
+
+
+def test_a_budget_refusal_on_redis_is_402_and_counts_the_request(tctx, runtime, redis_server_factory):
+    server = redis_server_factory()
+    cfg = config(rpm=2, budget=0.0)
+    cfg["state"] = {"backend": "redis", "redis_url": server.url}
+    cfg["governance"] = {
+        "budgets": {"slices": {"enabled": False}},
+        "rate_limits": {"leases": {"enabled": False}},
+    }
+    rt = runtime(cfg)
+    flows = asyncio.run(send(rt, [chat(), chat(), chat()], with_budget=True))
+    assert statuses(flows) == [402, 402, 429]  # each refused by the budget counted on the rate
+    assert flows[0].response.json()["error"] == "budget_exceeded"
+    assert rt.store.active_reservations() == []
