@@ -26,7 +26,7 @@ from candela_mitm.governance.ledger import (
 from candela_mitm.governance.periods import DAILY_UTC
 from candela_mitm.governance.ratelimit import Admission, RateDecision, RateLimiter, TokenLimits
 from candela_mitm.governance.shadow import Shadow, shadow_budget
-from candela_mitm.state.ports import AdmissionStore, ReserveResult, to_us
+from candela_mitm.state.ports import AdmissionStore, RateHit, ReserveResult, to_us
 
 if TYPE_CHECKING:
     from candela_mitm.config import Governance
@@ -357,22 +357,37 @@ class Checked:
 
 def folds(
     s: UserSettings,
-    tenant_settings: Callable[[str], TenantSettings],
-    tenant: str | None,
+    tenant_of: Callable[[], TenantSettings | None],
     rate_decided: bool,
     tokens: tuple[int, int] | None,
 ) -> bool:
     """Whether a request's admission is exactly its rate step then its reservation: its rate
     not decided at the head, a limit above 0 (0 refuses without asking the store), no limit
-    on requests in flight of its user or tenant, no token window of either."""
+    on requests in flight of its user or tenant (`tenant_of()`, read only when it matters), no
+    token window of either."""
     if rate_decided or s.requests_per_minute <= 0:
         return False
     if s.max_concurrent_requests is not None or (tokens is not None and token_limited(s)):
         return False
-    if not tenant:
+    t = tenant_of()
+    if t is None:
         return True
-    t = tenant_settings(tenant)
     return t.max_concurrent_requests is None and (tokens is None or not limits_set(t.token_limits))
+
+
+def _folded(
+    limiter: RateLimiter,
+    s: UserSettings,
+    reserve_hold: BudgetReserve,
+    ask: ReserveAsk,
+    answer: tuple[RateHit, ReserveResult | None],
+    now_us: int,
+) -> Checked:
+    """A folded admission's outcome from the store's answer (rate_hit_reserve's)."""
+    hit, result = answer
+    decision = limiter.decision(hit, s.requests_per_minute, now_us)
+    reserved = None if result is None else reserve_hold.answer(ask, result)
+    return Checked([decision], None, reserved, now_us)
 
 
 def admit(
@@ -397,15 +412,16 @@ def admit(
     s = settings
     now = limiter.clock()
     now_us = to_us(now)
-    if reserve_hold is not None and store is not None and folds(s, tenant_settings, tenant,
-                                                                rate_decided, tokens):
+    if (
+        reserve_hold is not None
+        and store is not None
+        and folds(s, lambda: tenant_settings(tenant) if tenant else None, rate_decided, tokens)
+    ):
         ask = reserve_hold.ask()
-        hit, result = store.rate_hit_reserve(
+        answer = store.rate_hit_reserve(
             s.user_id, s.requests_per_minute, limiter.window_us, now_us, ask.new
         )
-        decision = limiter.decision(hit, s.requests_per_minute, now_us)
-        reserved = None if result is None else reserve_hold.answer(ask, result)
-        return Checked([decision], None, reserved, now_us)
+        return _folded(limiter, s, reserve_hold, ask, answer, now_us)
     if rate_decided:  # admitted already, from the head (RateLimit.requestheaders)
         decision = RateDecision(True, s.requests_per_minute, 0, 0, 0)
     else:
