@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from mitmproxy import http
 
@@ -16,6 +16,7 @@ from candela_mitm.governance.admission import (
     Checked,
     Hold,
     admit,
+    admit_on_loop,
     body_scan,
     carve,
     decide_hold,
@@ -56,13 +57,19 @@ def large_body(headers: http.Headers) -> bool:
         return False  # Router answers 400
 
 
+LoopCall = Callable[[], Awaitable[Checked | None]]
+
+
 def admission_call(
     rt: Runtime, c: RequestContext
-) -> tuple[Callable[[], Checked], Reservation | None]:
+) -> tuple[Callable[[], Checked], Reservation | None, LoopCall | None]:
     """The request's admission as one store call: its rate steps and, when it holds one, its
     budget reservation (the hold is decided once, here, and rides on the context for Budget).
     The hold carved from this process's budget slice instead, when it can be (returned beside
-    the call, which then reserves nothing: the caller gives it back if the call refuses)."""
+    the call, which then reserves nothing: the caller gives it back if the call refuses). Last,
+    the same admission awaited on the event loop, when the store answers there (Redis) and it
+    is the rate step and the reservation alone: None from it, or no such call, and the first
+    goes to the store's thread pool."""
     settings = c.settings
     assert settings is not None
     # the body is scanned once for both estimates (none for a route without a model)
@@ -100,7 +107,25 @@ def admission_call(
             store=rt.store,
         )
 
-    return call, carved
+    loop_store = rt.store.loop_admission()
+    if loop_store is None or reserve_hold is None:
+        return call, carved, None
+    held = reserve_hold
+
+    async def on_loop() -> Checked | None:
+        assert loop_store is not None and settings is not None
+        return await admit_on_loop(
+            rt.limiter,
+            settings,
+            c.tenant,
+            rt.users.recent_tenant,
+            rate_decided=c.rate_decided,
+            tokens=tokens,
+            reserve_hold=held,
+            store=loop_store,
+        )
+
+    return call, carved, on_loop
 
 
 def from_block(rt: Runtime, c: RequestContext, carved: Reservation | None) -> Checked | None:
@@ -157,14 +182,16 @@ class RateLimit:
         # Budget's reservation (if this request needs one) rides the same store call and
         # transaction: each costs about as much CPU as the work done in it.
         # Budget still decides and answers 402 in its own hook, after this one.
-        call, carved = admission_call(self.rt, c)
+        call, carved, on_loop = admission_call(self.rt, c)
         checked = from_block(self.rt, c, carved)  # no store call, when it can be
         if checked is not None:
             self._ask_next_block(c, checked)
             self._refresh_tenant_ahead(c.tenant)
         else:
             try:
-                checked = await self.rt.store_call(call)
+                checked = await on_loop() if on_loop is not None else None
+                if checked is None:
+                    checked = await self.rt.store_call(call)
             except BaseException:
                 if carved is not None:
                     self._give_back(carved)

@@ -26,7 +26,13 @@ from candela_mitm.governance.ledger import (
 from candela_mitm.governance.periods import DAILY_UTC
 from candela_mitm.governance.ratelimit import Admission, RateDecision, RateLimiter, TokenLimits
 from candela_mitm.governance.shadow import Shadow, shadow_budget
-from candela_mitm.state.ports import AdmissionStore, RateHit, ReserveResult, to_us
+from candela_mitm.state.ports import (
+    AdmissionStore,
+    LoopAdmissionStore,
+    RateHit,
+    ReserveResult,
+    to_us,
+)
 
 if TYPE_CHECKING:
     from candela_mitm.config import Governance
@@ -269,8 +275,10 @@ class BudgetReserve:
             self.ctx.estimate_usd = self.hold.estimate_usd
         return self.answer(ask, self.ledger.store.reserve(ask.new))
 
-    def ask(self) -> ReserveAsk:
-        s, t, key = self.settings, self.tenant_settings_of(), self.key
+    def ask(self, tenant: TenantSettings | None = None) -> ReserveAsk:
+        """`tenant`: the tenant's settings when at hand already (else read here)."""
+        s, key = self.settings, self.key
+        t = tenant if tenant is not None else self.tenant_settings_of()
         return self.ledger.ask(
             s.user_id,
             self.tenant,
@@ -472,3 +480,37 @@ def admit(
         or admission.token_entry is not None
     )
     return Checked(decisions, admission if held else None, reserved, now_us)
+
+
+async def admit_on_loop(
+    limiter: RateLimiter,
+    settings: UserSettings,
+    tenant: str | None,
+    recent_tenant: Callable[[str], TenantSettings | None],
+    *,
+    rate_decided: bool,
+    tokens: tuple[int, int] | None,
+    reserve_hold: BudgetReserve | None,
+    store: LoopAdmissionStore,
+) -> Checked | None:
+    """A folded admission (`folds`) awaited on the event loop: one script of the store's asyncio
+    client, no thread hand-off. None: the admission is not a folded one, or its tenant's
+    settings are not at hand without a store read (`recent_tenant`); the caller makes it on the
+    thread pool then (admit). Nothing here blocks: the settings are in memory, the rest is
+    arithmetic."""
+    if reserve_hold is None:
+        return None
+    t = None
+    if tenant:
+        t = recent_tenant(tenant)
+        if t is None:
+            return None
+    if not folds(settings, lambda: t, rate_decided, tokens):
+        return None
+    s = settings
+    now_us = to_us(limiter.clock())
+    ask = reserve_hold.ask(t)
+    answer = await store.rate_hit_reserve_async(
+        s.user_id, s.requests_per_minute, limiter.window_us, now_us, ask.new
+    )
+    return _folded(limiter, s, reserve_hold, ask, answer, now_us)

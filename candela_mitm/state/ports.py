@@ -852,6 +852,18 @@ class AdmissionStore(LedgerStore, RateStore, Protocol):
         entry counted, as the two calls in turn do."""
 
 
+class LoopAdmissionStore(Protocol):
+    """A store that answers rate_hit_reserve on the event loop, awaited (an asyncio client of a
+    remote store: Redis), rather than from a thread of the pool."""
+
+    @abstractmethod
+    async def rate_hit_reserve_async(
+        self, key: str, limit: int, window_us: int, now_us: int, new: NewReservation
+    ) -> tuple[RateHit, ReserveResult | None]:
+        """rate_hit_reserve's answer, awaited; raises as it does (StoreUnreachable when the
+        store is refused or its timeout is spent: the caller denies)."""
+
+
 class AlertStore(Protocol):
     """Budget alert claims: each sent once across every process."""
 
@@ -934,6 +946,11 @@ class StateStore(
         script, one round trip."""
         hit = self.rate_hit(key, limit, window_us, now_us)
         return hit, self.reserve(new) if hit.allowed else None
+
+    def loop_admission(self) -> LoopAdmissionStore | None:
+        """This store's folded admission on the event loop, if it has one (None: the call goes
+        to the thread pool, or runs on the loop through call_without_waiting: SQLite)."""
+        return None
 
     # -- lifecycle -----------------------------------------------------------------------------
     @abstractmethod

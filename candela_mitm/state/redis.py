@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -9,6 +10,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
+import redis.asyncio
+import redis.asyncio.retry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -20,6 +23,7 @@ from candela_mitm.state.ports import (
     JobRecord,
     KeyRecord,
     Lease,
+    LoopAdmissionStore,
     NewReservation,
     RateHit,
     RateTake,
@@ -670,6 +674,10 @@ class RedisStateStore(StateStore):
         # a plain counter: INCR by every change to users, tenants, grants and API keys
         self._generation_key = prefix + "settings_generation"
         self._url_for_errors = url.split("@")[-1]  # never echo a password from the URL
+        self._url = url  # the asyncio client's (never in an error or a log line)
+        self._timeout_s = timeout_ms / 1000
+        # the asyncio client of the event loop that uses it, and its script (_on_loop)
+        self._loop_client: tuple[asyncio.AbstractEventLoop, Any, Any] | None = None
         try:
             # Any: redis-py's return types are unions over decode_responses; ours is True.
             self._r: Any = redis.Redis.from_url(
@@ -721,6 +729,9 @@ class RedisStateStore(StateStore):
             self._r.ping()
 
     def close(self) -> None:
+        # the asyncio client is forgotten, not closed: closing awaits, on its own loop (its
+        # sockets close with the loop's transports, or the process)
+        self._loop_client = None
         with self._guard():
             self._r.close()
 
@@ -1096,6 +1107,47 @@ class RedisStateStore(StateStore):
                 args=[*_rate_args(limit, window_us, now_us), *self._reserve_args(new)],
             )
         return _rate_result(out[0]), _reserve_result(out[1]) if len(out) > 1 else None
+
+    def loop_admission(self) -> LoopAdmissionStore:
+        return self
+
+    async def rate_hit_reserve_async(
+        self, key: str, limit: int, window_us: int, now_us: int, new: NewReservation
+    ) -> tuple[RateHit, ReserveResult | None]:
+        """The same script awaited on the event loop by redis-py's asyncio client: no hand-off
+        to a pool thread and back (a wake-up and a GIL handover or two each way). The store's
+        timeout bounds the connect and the reply; no retry (a reply lost may be a reserve that
+        ran)."""
+        client, script = self._on_loop()
+        try:
+            out = await script(
+                keys=[self._k("rate", key), *self._reserve_keys(new)],
+                args=[*_rate_args(limit, window_us, now_us), *self._reserve_args(new)],
+                client=client,
+            )
+        except (redis.ConnectionError, redis.TimeoutError, OSError, TimeoutError) as e:
+            raise StoreUnreachable(f"Redis state store {self._url_for_errors}: {e}") from e
+        except redis.RedisError as e:
+            raise StoreUnavailable(f"Redis state store {self._url_for_errors}: {e}") from e
+        return _rate_result(out[0]), _reserve_result(out[1]) if len(out) > 1 else None
+
+    def _on_loop(self) -> tuple[Any, Any]:
+        """The asyncio client of the running event loop, and the script registered on it. Its
+        connections belong to the loop that opened them: another loop (after a fork, or a
+        test's next asyncio.run) gets a client of its own."""
+        loop = asyncio.get_running_loop()
+        held = self._loop_client
+        if held is None or held[0] is not loop:
+            client = redis.asyncio.Redis.from_url(
+                self._url,
+                decode_responses=True,
+                socket_timeout=self._timeout_s,
+                socket_connect_timeout=self._timeout_s,
+                retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
+            )
+            held = (loop, client, client.register_script(_RATE_HIT_RESERVE))
+            self._loop_client = held
+        return held[1], held[2]
 
     def rate_take(
         self, key: str, limit: int, n: int, window_us: int, now_us: int, stamp_us: int

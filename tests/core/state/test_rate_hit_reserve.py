@@ -3,6 +3,7 @@ then the reservation), on SQLite, Redis and memory; on Redis one script, one rou
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -12,7 +13,13 @@ import pytest
 import redis
 
 from candela_mitm.state.memory import MemoryStateStore
-from candela_mitm.state.ports import US_PER_S, GrantRow, NewReservation, StateStore
+from candela_mitm.state.ports import (
+    US_PER_S,
+    GrantRow,
+    NewReservation,
+    StateStore,
+    StoreUnreachable,
+)
 from candela_mitm.state.redis import RedisStateStore
 from tests.conftest import RedisServer, StoreBackend
 
@@ -170,3 +177,64 @@ def test_on_redis_it_runs_again_after_a_script_flush(
     assert hit.allowed and hit.count == 2 and result is not None and result.ok
     assert client.hget("c:day:u:" + DAY, "reserved") == "2000"  # held once, not twice
     assert [r.reservation_id for r in store.active_reservations()] == ["r1", "r2"]
+
+
+# -- Redis: the same script awaited on the event loop (redis-py's asyncio client) ---------------
+
+
+def test_on_the_loop_it_answers_as_the_thread_does(redis_url: str) -> None:
+    loop_store = RedisStateStore(redis_url, prefix=f"c-loop-{uuid.uuid4().hex[:8]}:")
+    thread_store = RedisStateStore(redis_url, prefix=f"c-thread-{uuid.uuid4().hex[:8]}:")
+    try:
+        for s in (loop_store, thread_store):
+            grant(s)
+
+        async def steps() -> list[object]:
+            out = []
+            for i, (rid, amount, kw) in enumerate(STEPS):
+                now = T + i * 1_000
+                out.append(await loop_store.rate_hit_reserve_async("u", 5, W, now, ask(rid, amount, now, **kw)))
+            return out
+
+        got = asyncio.run(steps())
+        want = [
+            thread_store.rate_hit_reserve("u", 5, W, T + i * 1_000, ask(rid, amount, T + i * 1_000, **kw))
+            for i, (rid, amount, kw) in enumerate(STEPS)
+        ]
+        assert got == want
+        assert [r[1] is None for r in got] == [False] * 5 + [True] * 2
+        for s in (loop_store, thread_store):
+            assert [r.reservation_id for r in s.active_reservations()] == ["r1", "r5"]
+    finally:
+        loop_store.close()
+        thread_store.close()
+
+
+def test_on_the_loop_it_runs_again_after_a_script_flush(
+    own_redis: tuple[RedisStateStore, redis.Redis],
+) -> None:
+    store, client = own_redis
+
+    async def two() -> None:
+        first = await store.rate_hit_reserve_async("u", 5, W, T, ask("r1", 1_000, T))
+        assert first[1] is not None and first[1].ok
+        client.script_flush()
+        hit, result = await store.rate_hit_reserve_async("u", 5, W, T + 1, ask("r2", 1_000, T + 1))
+        assert hit.count == 2 and result is not None and result.ok
+
+    asyncio.run(two())
+    assert client.hget("c:day:u:" + DAY, "reserved") == "2000"
+    # a loop of its own (a test's next asyncio.run, a forked worker's): a client of its own
+    asyncio.run(store.rate_hit_reserve_async("u", 5, W, T + 2, ask("r3", 1_000, T + 2)))
+    assert client.hget("c:day:u:" + DAY, "reserved") == "3000"
+
+
+def test_on_the_loop_a_refused_connection_is_unreachable(
+    redis_server_factory: Callable[[], RedisServer],
+) -> None:
+    server = redis_server_factory()
+    store = RedisStateStore(server.url, prefix="c:")
+    server.stop()
+    with pytest.raises(StoreUnreachable):
+        asyncio.run(store.rate_hit_reserve_async("u", 5, W, T, ask("r1", 1, T)))
+    store.close()
