@@ -501,7 +501,7 @@ async def admit_on_loop(
     if reserve_hold is None:
         return None
     t = None
-    if tenant:
+    if tenant is not None:  # (as BudgetReserve reads it: never a read on the loop)
         t = recent_tenant(tenant)
         if t is None:
             return None
