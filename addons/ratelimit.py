@@ -83,8 +83,8 @@ def admission_call(
         rt.slices, c.plan, hold, settings, c.tenant, rt.users.recent_tenant, c.span_id, key,
         rt.shadow,
     )
-    # run on whichever thread runs the call while the flow's hook awaits it: nothing else
-    # touches the context
+    # run on the pool thread that runs the call, or on the loop, while the flow's hook awaits
+    # it: nothing else touches the context
     reserve_hold = (
         BudgetReserve(
             rt.ledger, settings, c.tenant, tenant_settings, c.span_id, hold, key, rt.shadow, c
