@@ -6,27 +6,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from mitmproxy import http
 
 from candela_mitm.context import RequestContext
 from candela_mitm.governance.admission import (
+    BudgetReserve,
     Checked,
     Hold,
     admit,
+    admit_on_loop,
     body_scan,
     carve,
     decide_hold,
-    reserve,
+    limits_set,
     rules_for,
     token_estimate,
+    token_limited,
 )
 from candela_mitm.governance.estimate import LARGE_BODY_BYTES
 from candela_mitm.governance.ledger import BudgetRefusal, Reservation
 from candela_mitm.governance.rate_leases import TakeAsk
-from candela_mitm.governance.ratelimit import TokenLimits, policy_headers
-from candela_mitm.governance.users import UserSettings
+from candela_mitm.governance.ratelimit import policy_headers
 from candela_mitm.runtime import Runtime
 from candela_mitm.state.ports import to_us
 
@@ -55,13 +57,19 @@ def large_body(headers: http.Headers) -> bool:
         return False  # Router answers 400
 
 
+LoopCall = Callable[[], Awaitable[Checked | None]]
+
+
 def admission_call(
     rt: Runtime, c: RequestContext
-) -> tuple[Callable[[], Checked], Reservation | None]:
+) -> tuple[Callable[[], Checked], Reservation | None, LoopCall | None]:
     """The request's admission as one store call: its rate steps and, when it holds one, its
     budget reservation (the hold is decided once, here, and rides on the context for Budget).
     The hold carved from this process's budget slice instead, when it can be (returned beside
-    the call, which then reserves nothing: the caller gives it back if the call refuses)."""
+    the call, which then reserves nothing: the caller gives it back if the call refuses). Last,
+    the same admission awaited on the event loop, when the store answers there (Redis) and it
+    is the rate step and the reservation alone: None from it, or no such call, and the first
+    goes to the store's thread pool."""
     settings = c.settings
     assert settings is not None
     # the body is scanned once for both estimates (none for a route without a model)
@@ -70,23 +78,20 @@ def admission_call(
     hold = decide_hold(c, rt.pricing, rules, found)
     tokens = token_estimate(c.plan, rt.pricing, rules, c.body, found)
     tenant_settings = rt.users.tenant_settings_cached
-    reserve_hold: Callable[[], Reservation | BudgetRefusal] | None = None
-    key = c.principal.key_scope if c.principal else None
+    key = c.principal.key_scope if c.principal else None  # a minted key's own budget
     carved = carve(
         rt.slices, c.plan, hold, settings, c.tenant, rt.users.recent_tenant, c.span_id, key,
         rt.shadow,
     )
-    if carved is None and isinstance(hold, Hold):
-        h = hold
-
-        def reserve_hold() -> Reservation | BudgetRefusal:
-            # on whichever thread runs the call while the flow's hook awaits it: nothing else
-            # touches the context. Set only here: a rate-limited request audits no estimate.
-            c.estimate_usd = h.estimate_usd
-            key = c.principal.key_scope if c.principal else None  # a minted key's own budget
-            return reserve(
-                rt.ledger, settings, c.tenant, tenant_settings, c.span_id, h, key, rt.shadow, c
-            )
+    # run on the pool thread that runs the call, or on the loop, while the flow's hook awaits
+    # it: nothing else touches the context
+    reserve_hold = (
+        BudgetReserve(
+            rt.ledger, settings, c.tenant, tenant_settings, c.span_id, hold, key, rt.shadow, c
+        )
+        if carved is None and isinstance(hold, Hold)
+        else None
+    )
 
     def call() -> Checked:
         return admit(
@@ -99,27 +104,28 @@ def admission_call(
             tokens=tokens,
             reserve_hold=reserve_hold,
             undo_on_error=not rt.store.joins_calls,
+            store=rt.store,
         )
 
-    return call, carved
+    loop_store = rt.store.loop_admission()
+    if loop_store is None or reserve_hold is None:
+        return call, carved, None
+    held = reserve_hold
 
+    async def on_loop() -> Checked | None:
+        assert loop_store is not None and settings is not None
+        return await admit_on_loop(
+            rt.limiter,
+            settings,
+            c.tenant,
+            rt.users.recent_tenant,
+            rate_decided=c.rate_decided,
+            tokens=tokens,
+            reserve_hold=held,
+            store=loop_store,
+        )
 
-def _token_limited(s: UserSettings) -> bool:
-    """`bool(s.token_limits.active())`, without building a TokenLimits and its dict per request."""
-    return (
-        s.input_tokens_per_minute is not None
-        or s.output_tokens_per_minute is not None
-        or s.total_tokens_per_minute is not None
-    )
-
-
-def _limits_set(limits: TokenLimits) -> bool:
-    """`bool(limits.active())`, without building its dict."""
-    return (
-        limits.input_tokens is not None
-        or limits.output_tokens is not None
-        or limits.total_tokens is not None
-    )
+    return call, carved, on_loop
 
 
 def from_block(rt: Runtime, c: RequestContext, carved: Reservation | None) -> Checked | None:
@@ -132,11 +138,11 @@ def from_block(rt: Runtime, c: RequestContext, carved: Reservation | None) -> Ch
         return None
     if isinstance(c.hold, Hold) and carved is None:
         return None
-    if s.max_concurrent_requests is not None or _token_limited(s):
+    if s.max_concurrent_requests is not None or token_limited(s):
         return None
     if c.tenant is not None:
         t = rt.users.recent_tenant(c.tenant)
-        if t is None or t.max_concurrent_requests is not None or _limits_set(t.token_limits):
+        if t is None or t.max_concurrent_requests is not None or limits_set(t.token_limits):
             return None
     now_us = to_us(rt.limiter.clock())
     decision = leases.use(s.user_id, s.requests_per_minute, now_us)
@@ -176,14 +182,16 @@ class RateLimit:
         # Budget's reservation (if this request needs one) rides the same store call and
         # transaction: each costs about as much CPU as the work done in it.
         # Budget still decides and answers 402 in its own hook, after this one.
-        call, carved = admission_call(self.rt, c)
+        call, carved, on_loop = admission_call(self.rt, c)
         checked = from_block(self.rt, c, carved)  # no store call, when it can be
         if checked is not None:
             self._ask_next_block(c, checked)
             self._refresh_tenant_ahead(c.tenant)
         else:
             try:
-                checked = await self.rt.store_call(call)
+                checked = await on_loop() if on_loop is not None else None
+                if checked is None:
+                    checked = await self.rt.store_call(call)
             except BaseException:
                 if carved is not None:
                     self._give_back(carved)

@@ -16,11 +16,23 @@ from candela_mitm.governance.estimate import (
     output_tokens_limit,
     scan,
 )
-from candela_mitm.governance.ledger import BudgetRefusal, KeyBudget, Ledger, Reservation
+from candela_mitm.governance.ledger import (
+    BudgetRefusal,
+    KeyBudget,
+    Ledger,
+    Reservation,
+    ReserveAsk,
+)
 from candela_mitm.governance.periods import DAILY_UTC
-from candela_mitm.governance.ratelimit import Admission, RateDecision, RateLimiter
+from candela_mitm.governance.ratelimit import Admission, RateDecision, RateLimiter, TokenLimits
 from candela_mitm.governance.shadow import Shadow, shadow_budget
-from candela_mitm.state.ports import to_us
+from candela_mitm.state.ports import (
+    AdmissionStore,
+    LoopAdmissionStore,
+    RateHit,
+    ReserveResult,
+    to_us,
+)
 
 if TYPE_CHECKING:
     from candela_mitm.config import Governance
@@ -236,6 +248,69 @@ _slice_keys: dict[tuple[Any, ...], tuple[SliceKey, datetime, datetime]] = {}
 _SLICE_KEYS_MAX = 4096
 
 
+@dataclass(frozen=True)
+class BudgetReserve:
+    """A request's budget reservation, in its admission's store call: asked (`ask`), answered
+    by the store (its reserve alone, or after the rate step in the same call: admit), judged
+    (`answer`). The tenant's settings are read in the same call, not in a trip of their own.
+    `shadow` (governance.shadow) is judged on the counters the store's reserve saw and recorded
+    on `ctx`, never enforced; `ctx`, when given, gets the estimate of a request that reserved
+    (a rate-limited one audits none)."""
+
+    ledger: Ledger
+    settings: UserSettings
+    tenant: str | None
+    tenant_settings: Callable[[str], TenantSettings]
+    request_id: str
+    hold: Hold
+    key: KeyScope | None = None
+    shadow: Shadow | None = None
+    ctx: RequestContext | None = None
+
+    def __call__(self) -> Reservation | BudgetRefusal:
+        """Hold `hold` on the user's budget, the tenant's and the API key's own (a store call:
+        blocking)."""
+        ask = self.ask()
+        if self.ctx is not None:  # (before the store call: a reserve that fails audits it too)
+            self.ctx.estimate_usd = self.hold.estimate_usd
+        return self.answer(ask, self.ledger.store.reserve(ask.new))
+
+    def ask(self, tenant: TenantSettings | None = None) -> ReserveAsk:
+        """`tenant`: the tenant's settings when at hand already (else read here)."""
+        s, key = self.settings, self.key
+        t = tenant if tenant is not None else self.tenant_settings_of()
+        return self.ledger.ask(
+            s.user_id,
+            self.tenant,
+            self.hold.estimate_usd,
+            s.daily_budget_usd,
+            self.request_id,
+            model=self.hold.model,
+            provider=self.hold.provider,
+            period=s.budget_period,
+            tenant_budget_usd=t.budget_usd if t else None,
+            tenant_period=t.period if t else s.budget_period,
+            key_budget=(
+                KeyBudget(key.key_id, key.budget_id or key.key_id, key.budget_usd)
+                if key is not None and key.budget_usd is not None
+                else None
+            ),
+        )
+
+    def tenant_settings_of(self) -> TenantSettings | None:
+        return self.tenant_settings(self.tenant) if self.tenant is not None else None
+
+    def answer(self, ask: ReserveAsk, result: ReserveResult) -> Reservation | BudgetRefusal:
+        out = ask.outcome(result)
+        if self.ctx is not None:
+            self.ctx.estimate_usd = self.hold.estimate_usd
+            shadow_budget(
+                self.shadow, self.ctx, self.hold.estimate_usd, out, ask.period,
+                ask.tenant_period if ask.tenant is not None else None,
+            )
+        return out
+
+
 def reserve(
     ledger: Ledger,
     settings: UserSettings,
@@ -248,33 +323,28 @@ def reserve(
     ctx: RequestContext | None = None,
 ) -> Reservation | BudgetRefusal:
     """Hold `hold` on the user's budget, the tenant's and the API key's own (a store call:
-    blocking). The tenant's settings are read here, inside the same store call, not in a trip
-    of their own. `shadow` (governance.shadow) is judged on the counters this reserve saw and
-    recorded on `ctx`, never enforced."""
-    t = tenant_settings(tenant) if tenant is not None else None
-    result = ledger.reserve(
-        settings.user_id,
-        tenant,
-        hold.estimate_usd,
-        settings.daily_budget_usd,
-        request_id,
-        model=hold.model,
-        provider=hold.provider,
-        period=settings.budget_period,
-        tenant_budget_usd=t.budget_usd if t else None,
-        tenant_period=t.period if t else settings.budget_period,
-        key_budget=(
-            KeyBudget(key.key_id, key.budget_id or key.key_id, key.budget_usd)
-            if key is not None and key.budget_usd is not None
-            else None
-        ),
+    blocking): BudgetReserve's, made and run."""
+    return BudgetReserve(
+        ledger, settings, tenant, tenant_settings, request_id, hold, key, shadow, ctx
+    )()
+
+
+def token_limited(s: UserSettings) -> bool:
+    """`bool(s.token_limits.active())`, without building a TokenLimits and its dict per request."""
+    return (
+        s.input_tokens_per_minute is not None
+        or s.output_tokens_per_minute is not None
+        or s.total_tokens_per_minute is not None
     )
-    if ctx is not None:
-        shadow_budget(
-            shadow, ctx, hold.estimate_usd, result, settings.budget_period,
-            t.period if t else None,
-        )
-    return result
+
+
+def limits_set(limits: TokenLimits) -> bool:
+    """`bool(limits.active())`, without building its dict."""
+    return (
+        limits.input_tokens is not None
+        or limits.output_tokens is not None
+        or limits.total_tokens is not None
+    )
 
 
 @dataclass
@@ -293,6 +363,41 @@ class Checked:
         return None if last.allowed else last
 
 
+def folds(
+    s: UserSettings,
+    tenant_of: Callable[[], TenantSettings | None],
+    rate_decided: bool,
+    tokens: tuple[int, int] | None,
+) -> bool:
+    """Whether a request's admission is exactly its rate step then its reservation: its rate
+    not decided at the head, a limit above 0 (0 refuses without asking the store), no limit
+    on requests in flight of its user or tenant (`tenant_of()`, read only when it matters), no
+    token window of either."""
+    if rate_decided or s.requests_per_minute <= 0:
+        return False
+    if s.max_concurrent_requests is not None or (tokens is not None and token_limited(s)):
+        return False
+    t = tenant_of()
+    if t is None:
+        return True
+    return t.max_concurrent_requests is None and (tokens is None or not limits_set(t.token_limits))
+
+
+def _folded(
+    limiter: RateLimiter,
+    s: UserSettings,
+    reserve_hold: BudgetReserve,
+    ask: ReserveAsk,
+    answer: tuple[RateHit, ReserveResult | None],
+    now_us: int,
+) -> Checked:
+    """A folded admission's outcome from the store's answer (rate_hit_reserve's)."""
+    hit, result = answer
+    decision = limiter.decision(hit, s.requests_per_minute, now_us)
+    reserved = None if result is None else reserve_hold.answer(ask, result)
+    return Checked([decision], None, reserved, now_us)
+
+
 def admit(
     limiter: RateLimiter,
     settings: UserSettings,
@@ -302,16 +407,29 @@ def admit(
     rate_decided: bool,
     owner: str,
     tokens: tuple[int, int] | None,
-    reserve_hold: Callable[[], Reservation | BudgetRefusal] | None,
+    reserve_hold: BudgetReserve | None,
     undo_on_error: bool,
+    store: AdmissionStore | None = None,
 ) -> Checked:
     """Every rate step and the budget reservation as one store call (the store makes it one
     transaction where it can). A refused step undoes what the earlier ones hold;
     `undo_on_error`: the store does not roll the call back as a whole (Redis), so a lease
-    taken before an error is given back here."""
+    taken before an error is given back here. When the admission is exactly the rate step and
+    the reservation (`folds`), and `store` is given, the two are one store method
+    (rate_hit_reserve: one round trip on Redis)."""
     s = settings
     now = limiter.clock()
     now_us = to_us(now)
+    if (
+        reserve_hold is not None
+        and store is not None
+        and folds(s, lambda: tenant_settings(tenant) if tenant else None, rate_decided, tokens)
+    ):
+        ask = reserve_hold.ask()
+        answer = store.rate_hit_reserve(
+            s.user_id, s.requests_per_minute, limiter.window_us, now_us, ask.new
+        )
+        return _folded(limiter, s, reserve_hold, ask, answer, now_us)
     if rate_decided:  # admitted already, from the head (RateLimit.requestheaders)
         decision = RateDecision(True, s.requests_per_minute, 0, 0, 0)
     else:
@@ -362,3 +480,37 @@ def admit(
         or admission.token_entry is not None
     )
     return Checked(decisions, admission if held else None, reserved, now_us)
+
+
+async def admit_on_loop(
+    limiter: RateLimiter,
+    settings: UserSettings,
+    tenant: str | None,
+    recent_tenant: Callable[[str], TenantSettings | None],
+    *,
+    rate_decided: bool,
+    tokens: tuple[int, int] | None,
+    reserve_hold: BudgetReserve | None,
+    store: LoopAdmissionStore,
+) -> Checked | None:
+    """A folded admission (`folds`) awaited on the event loop: one script of the store's asyncio
+    client, no thread hand-off. None: the admission is not a folded one, or its tenant's
+    settings are not at hand without a store read (`recent_tenant`); the caller makes it on the
+    thread pool then (admit). Nothing here blocks: the settings are in memory, the rest is
+    arithmetic."""
+    if reserve_hold is None:
+        return None
+    t = None
+    if tenant is not None:  # (as BudgetReserve reads it: never a read on the loop)
+        t = recent_tenant(tenant)
+        if t is None:
+            return None
+    if not folds(settings, lambda: t, rate_decided, tokens):
+        return None
+    s = settings
+    now_us = to_us(limiter.clock())
+    ask = reserve_hold.ask(t)
+    answer = await store.rate_hit_reserve_async(
+        s.user_id, s.requests_per_minute, limiter.window_us, now_us, ask.new
+    )
+    return _folded(limiter, s, reserve_hold, ask, answer, now_us)

@@ -106,6 +106,79 @@ class BudgetRefusal:
 
 
 @dataclass(frozen=True)
+class ReserveAsk:
+    """A reservation asked of the store (`new`) and the budgets its answer is judged on: made by
+    Ledger.ask, answered by the store's reserve (alone, or after the rate step in the same
+    call: rate_hit_reserve), turned by `outcome` into the reservation or the refusal."""
+
+    new: NewReservation
+    user: str
+    tenant: str | None
+    amount_usd: float
+    daily_budget_usd: float
+    now: datetime
+    period: BudgetPeriod = DAILY_UTC
+    tenant_budget_usd: float | None = None
+    tenant_period: BudgetPeriod = DAILY_UTC
+    key_budget: KeyBudget | None = None
+
+    def outcome(self, result: ReserveResult) -> Reservation | BudgetRefusal:
+        """The store's answer as the reservation, or as the refusal naming the scope that
+        refused (its budget and period, what it has spent and holds, what it has left)."""
+        new, key_budget = self.new, self.key_budget
+        if not result.ok:
+            # the user's allowance counts its grants too
+            scope: Literal["user", "tenant", "key"]
+            if result.scope == "key" and key_budget is not None:
+                scope, budget_usd, refused_period = "key", key_budget.budget_usd, self.period
+                spent, held = result.key_spent, result.key_reserved
+                free = usd_to_nano(budget_usd) - spent - held
+            elif result.scope == "tenant" and self.tenant_budget_usd is not None:
+                scope, budget_usd = "tenant", self.tenant_budget_usd
+                refused_period = self.tenant_period
+                spent, held = result.tenant_spent, result.tenant_reserved
+                free = usd_to_nano(budget_usd) - spent - held
+            else:
+                scope, budget_usd, refused_period = "user", self.daily_budget_usd, self.period
+                spent, held = result.spent, result.reserved
+                free = new.budget - (spent - result.from_grants) - held + result.grants_free
+            return BudgetRefusal(
+                user_id=self.user,
+                budget_usd=budget_usd,
+                spent_usd=nano_to_usd(spent),
+                remaining_usd=nano_to_usd(max(0, free)),
+                estimated_cost_usd=self.amount_usd,
+                resets_at=rfc3339(refused_period.resets_at(self.now)),
+                reserved_usd=nano_to_usd(held),
+                scope=scope,
+                period=refused_period.kind,
+                tenant=self.tenant,
+                seen=result,
+                key_id=key_budget.key_id if scope == "key" and key_budget else None,
+            )
+        return Reservation(
+            id=new.reservation_id,
+            user_id=self.user,
+            tenant=self.tenant,
+            amount_usd=self.amount_usd,
+            day=new.day,
+            request_id=new.request_id,
+            owner=new.owner,
+            created_at=from_us(new.now_us),
+            allowance_usd=nano_to_usd(result.daily_hold),
+            grant_holds={g: nano_to_usd(v) for g, v in result.grant_holds.items()},
+            tenant_hold_usd=nano_to_usd(result.tenant_hold),
+            budget_usd=self.daily_budget_usd,
+            period=self.period,
+            tenant_budget_usd=self.tenant_budget_usd if self.tenant else None,
+            tenant_period=self.tenant_period,
+            seen=result,
+            key_budget=key_budget,
+            key_hold_usd=nano_to_usd(result.key_hold),
+        )
+
+
+@dataclass(frozen=True)
 class Settlement:
     """How a settle drew the real cost; applied is False when it was a repeat (a no-op)."""
 
@@ -300,6 +373,32 @@ class Ledger:
         without leaving releases it explicitly. One still held by a dead process is settled at
         its amount, under `model` and `provider` (governance/reconcile.py).
         """
+        ask = self.ask(
+            user, tenant, amount_usd, daily_budget_usd, request_id, now,
+            model=model, provider=provider, period=period, tenant_budget_usd=tenant_budget_usd,
+            tenant_period=tenant_period, key_budget=key_budget,
+        )
+        return ask.outcome(self.store.reserve(ask.new))
+
+    def ask(
+        self,
+        user: str,
+        tenant: str | None,
+        amount_usd: float,
+        daily_budget_usd: float,
+        request_id: str,
+        now: datetime | None = None,
+        *,
+        model: str = "",
+        provider: str = "",
+        period: BudgetPeriod = DAILY_UTC,
+        tenant_budget_usd: float | None = None,
+        tenant_period: BudgetPeriod = DAILY_UTC,
+        key_budget: KeyBudget | None = None,
+    ) -> ReserveAsk:
+        """What `reserve` asks of the store (validated, with its id), before the store is
+        asked: `ask.outcome` judges the store's answer. Apart so the admission's call can ask
+        it in the same store trip as the rate step (governance/admission.py)."""
         _check_usd("amount_usd", amount_usd)
         _check_usd("daily_budget_usd", daily_budget_usd)
         if tenant_budget_usd is not None:
@@ -307,81 +406,28 @@ class Ledger:
         if key_budget is not None:
             _check_usd("key_budget.budget_usd", key_budget.budget_usd)
         now = now or self.clock()
-        now_us = to_us(now)
-        day = day_of(now)
-        budget = usd_to_nano(daily_budget_usd)
-        reservation_id = "r_" + uuid.uuid4().hex
-        owner = self.owner
-        result = self.store.reserve(
-            NewReservation(
-                reservation_id=reservation_id,
-                user_id=user,
-                tenant=tenant or "",
-                day=day,
-                amount=usd_to_nano(amount_usd),
-                budget=budget,
-                request_id=request_id,
-                owner=owner,
-                now_us=now_us,
-                model=model,
-                provider=provider,
-                period=period.key(now),
-                tenant_budget=None if tenant_budget_usd is None else usd_to_nano(tenant_budget_usd),
-                tenant_period=tenant_period.key(now) if tenant else "",
-                key_id=key_budget.budget_id if key_budget else "",
-                key_budget=usd_to_nano(key_budget.budget_usd) if key_budget else None,
-                key_period=period.key(now) if key_budget else "",
-            )
-        )
-        if not result.ok:
-            # the scope that refused: its budget and period, what it has spent and holds, and
-            # what it has left (the user's allowance counts its grants too)
-            scope: Literal["user", "tenant", "key"]
-            if result.scope == "key" and key_budget is not None:
-                scope, budget_usd, refused_period = "key", key_budget.budget_usd, period
-                spent, held = result.key_spent, result.key_reserved
-                free = usd_to_nano(budget_usd) - spent - held
-            elif result.scope == "tenant" and tenant_budget_usd is not None:
-                scope, budget_usd, refused_period = "tenant", tenant_budget_usd, tenant_period
-                spent, held = result.tenant_spent, result.tenant_reserved
-                free = usd_to_nano(budget_usd) - spent - held
-            else:
-                scope, budget_usd, refused_period = "user", daily_budget_usd, period
-                spent, held = result.spent, result.reserved
-                free = budget - (spent - result.from_grants) - held + result.grants_free
-            return BudgetRefusal(
-                user_id=user,
-                budget_usd=budget_usd,
-                spent_usd=nano_to_usd(spent),
-                remaining_usd=nano_to_usd(max(0, free)),
-                estimated_cost_usd=amount_usd,
-                resets_at=rfc3339(refused_period.resets_at(now)),
-                reserved_usd=nano_to_usd(held),
-                scope=scope,
-                period=refused_period.kind,
-                tenant=tenant,
-                seen=result,
-                key_id=key_budget.key_id if scope == "key" and key_budget else None,
-            )
-        return Reservation(
-            id=reservation_id,
+        new = NewReservation(
+            reservation_id="r_" + uuid.uuid4().hex,
             user_id=user,
-            tenant=tenant,
-            amount_usd=amount_usd,
-            day=day,
+            tenant=tenant or "",
+            day=day_of(now),
+            amount=usd_to_nano(amount_usd),
+            budget=usd_to_nano(daily_budget_usd),
             request_id=request_id,
-            owner=owner,
-            created_at=from_us(now_us),
-            allowance_usd=nano_to_usd(result.daily_hold),
-            grant_holds={g: nano_to_usd(v) for g, v in result.grant_holds.items()},
-            tenant_hold_usd=nano_to_usd(result.tenant_hold),
-            budget_usd=daily_budget_usd,
-            period=period,
-            tenant_budget_usd=tenant_budget_usd if tenant else None,
-            tenant_period=tenant_period,
-            seen=result,
-            key_budget=key_budget,
-            key_hold_usd=nano_to_usd(result.key_hold),
+            owner=self.owner,
+            now_us=to_us(now),
+            model=model,
+            provider=provider,
+            period=period.key(now),
+            tenant_budget=None if tenant_budget_usd is None else usd_to_nano(tenant_budget_usd),
+            tenant_period=tenant_period.key(now) if tenant else "",
+            key_id=key_budget.budget_id if key_budget else "",
+            key_budget=usd_to_nano(key_budget.budget_usd) if key_budget else None,
+            key_period=period.key(now) if key_budget else "",
+        )
+        return ReserveAsk(
+            new, user, tenant, amount_usd, daily_budget_usd, now, period, tenant_budget_usd,
+            tenant_period, key_budget,
         )
 
     def settle(

@@ -9,7 +9,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from candela_mitm.errors import Denial, rate_limited
-from candela_mitm.state.ports import US_PER_S, RateStore, from_us, rfc3339, to_us, utc_now
+from candela_mitm.state.ports import (
+    US_PER_S,
+    RateHit,
+    RateStore,
+    from_us,
+    rfc3339,
+    to_us,
+    utc_now,
+)
 
 WINDOW_S = 60
 TOKEN_KINDS = ("input_tokens", "output_tokens", "total_tokens")
@@ -123,6 +131,10 @@ class RateLimiter:
             window_end = now_us + self.window_us
             return RateDecision(False, 0, 0, self.window_us // US_PER_S, window_end)
         hit = self.store.rate_hit(user, limit_per_minute, self.window_us, now_us)
+        return self.decision(hit, limit_per_minute, now_us)
+
+    def decision(self, hit: RateHit, limit_per_minute: int, now_us: int) -> RateDecision:
+        """What the store's rate step answered (rate_hit, or rate_hit_reserve's first part)."""
         frees_at = (hit.oldest_us if hit.oldest_us is not None else now_us) + self.window_us
         if hit.allowed:
             return RateDecision(True, limit_per_minute, limit_per_minute - hit.count, 0, frees_at)

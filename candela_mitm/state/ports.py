@@ -840,6 +840,30 @@ class RateStore(Protocol):
         """Every lease held (for reconcile at start: those of dead processes go)."""
 
 
+class AdmissionStore(LedgerStore, RateStore, Protocol):
+    """An idle request's admission in one call: its rate step, then its budget reservation."""
+
+    @abstractmethod
+    def rate_hit_reserve(
+        self, key: str, limit: int, window_us: int, now_us: int, new: NewReservation
+    ) -> tuple[RateHit, ReserveResult | None]:
+        """rate_hit, then, only when it admitted, reserve(new): the answers of the two in turn
+        (None: the rate step refused, nothing was reserved). A budget refusal leaves the rate
+        entry counted, as the two calls in turn do."""
+
+
+class LoopAdmissionStore(Protocol):
+    """A store that answers rate_hit_reserve on the event loop, awaited (an asyncio client of a
+    remote store: Redis), rather than from a thread of the pool."""
+
+    @abstractmethod
+    async def rate_hit_reserve_async(
+        self, key: str, limit: int, window_us: int, now_us: int, new: NewReservation
+    ) -> tuple[RateHit, ReserveResult | None]:
+        """rate_hit_reserve's answer, awaited; raises as it does (StoreUnreachable when the
+        store is refused or its timeout is spent: the caller denies)."""
+
+
 class AlertStore(Protocol):
     """Budget alert claims: each sent once across every process."""
 
@@ -865,6 +889,7 @@ class GenerationStore(Protocol):
 
 
 class StateStore(
+    AdmissionStore,
     UserStore,
     TenantStore,
     LedgerStore,
@@ -912,6 +937,20 @@ class StateStore(
         one write transaction (use `batch` to group writes).
         """
         raise WouldWait("this store is always called from a thread that may wait", busy=False)
+
+    def rate_hit_reserve(
+        self, key: str, limit: int, window_us: int, now_us: int, new: NewReservation
+    ) -> tuple[RateHit, ReserveResult | None]:
+        """The two calls in turn: one transaction inside the caller's batch (SQLite's admission
+        call runs in one: state/calls.py), a lock each (memory). Redis overrides it with one
+        script, one round trip."""
+        hit = self.rate_hit(key, limit, window_us, now_us)
+        return hit, self.reserve(new) if hit.allowed else None
+
+    def loop_admission(self) -> LoopAdmissionStore | None:
+        """This store's folded admission on the event loop, if it has one (None: the call goes
+        to the thread pool, or runs on the loop through call_without_waiting: SQLite)."""
+        return None
 
     # -- lifecycle -----------------------------------------------------------------------------
     @abstractmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -9,6 +10,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
+import redis.asyncio
+import redis.asyncio.retry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -20,6 +23,7 @@ from candela_mitm.state.ports import (
     JobRecord,
     KeyRecord,
     Lease,
+    LoopAdmissionStore,
     NewReservation,
     RateHit,
     RateTake,
@@ -460,6 +464,26 @@ redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[2]) / 1000) + 1000)
 return {allowed, count, oldest[2] or ''}
 """
 
+
+def _as_function(name: str, script: str) -> str:
+    """A script's text as a Lua function of its own KEYS and ARGV (its `return` answers the
+    function): scripts composed of others run their very text, so they answer alike."""
+    return f"local function {name}(KEYS, ARGV)\n{script}\nend\n"
+
+
+# An idle request's admission in one round trip (issue 21): _RATE_HIT then, only when it
+# admitted, _RESERVE, their own text. KEYS: the rate window's, then _RESERVE's six. ARGV:
+# _RATE_HIT's four, then _RESERVE's. Returns {the rate hit's answer} or {it, the reserve's}.
+_RATE_HIT_RESERVE = (
+    _as_function("rate_hit", _RATE_HIT)
+    + _as_function("reserve", _RESERVE)
+    + """
+local hit = rate_hit({KEYS[1]}, {ARGV[1], ARGV[2], ARGV[3], ARGV[4]})
+if hit[1] == 0 then return {hit} end
+return {hit, reserve({unpack(KEYS, 2)}, {unpack(ARGV, 5)})}
+"""
+)
+
 # A rate lease: ARGV now, window, limit, n, stamp, member prefix. Returns {granted, count, oldest}.
 _RATE_TAKE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
@@ -617,6 +641,31 @@ def _int(value: Any) -> int:
         return int(float(value))
 
 
+def _rate_args(limit: int, window_us: int, now_us: int) -> list[Any]:
+    """_RATE_HIT's ARGV: its member is the time and a random part (requests in the same
+    microsecond stay apart)."""
+    return [now_us, window_us, limit, f"{now_us}:{uuid.uuid4().hex[:12]}"]
+
+
+def _rate_result(out: Sequence[Any]) -> RateHit:
+    allowed, count, oldest = out
+    return RateHit(bool(allowed), _int(count), _int(oldest) if oldest else None)
+
+
+def _reserve_result(out: Sequence[Any]) -> ReserveResult:
+    """_RESERVE's answer: ok, the allowance's hold, the user's row, the scope, the tenant's and
+    the key's rows, then the grant holds (id, amount) pairs."""
+    holds = {out[i]: _int(out[i + 1]) for i in range(13, len(out), 2)}
+    ok, daily, spent, from_grants, reserved, grants_free = (_int(v) for v in out[:6])
+    t_spent, t_reserved, t_hold = (_int(v) for v in out[7:10])
+    k_spent, k_reserved, k_hold = (_int(v) for v in out[10:13])
+    return ReserveResult(
+        bool(ok), daily, holds, spent, from_grants, reserved, grants_free,
+        scope=str(out[6]), tenant_spent=t_spent, tenant_reserved=t_reserved, tenant_hold=t_hold,
+        key_spent=k_spent, key_reserved=k_reserved, key_hold=k_hold,
+    )
+
+
 class RedisStateStore(StateStore):
     """State in one Redis (several hosts share it); every change is one Lua script (EVALSHA)."""
 
@@ -625,6 +674,10 @@ class RedisStateStore(StateStore):
         # a plain counter: INCR by every change to users, tenants, grants and API keys
         self._generation_key = prefix + "settings_generation"
         self._url_for_errors = url.split("@")[-1]  # never echo a password from the URL
+        self._url = url  # the asyncio client's (never in an error or a log line)
+        self._timeout_s = timeout_ms / 1000
+        # the asyncio client of the event loop that uses it (_on_loop)
+        self._loop_client: tuple[asyncio.AbstractEventLoop, Any] | None = None
         try:
             # Any: redis-py's return types are unions over decode_responses; ours is True.
             self._r: Any = redis.Redis.from_url(
@@ -642,6 +695,7 @@ class RedisStateStore(StateStore):
             self._release = self._r.register_script(_RELEASE)
             self._delete_user = self._r.register_script(_DELETE_USER)
             self._rate_hit = self._r.register_script(_RATE_HIT)
+            self._rate_hit_reserve = self._r.register_script(_RATE_HIT_RESERVE)
             self._rate_take = self._r.register_script(_RATE_TAKE)
             self._rate_return = self._r.register_script(_RATE_RETURN)
             self._purge = self._r.register_script(_PURGE)
@@ -675,6 +729,9 @@ class RedisStateStore(StateStore):
             self._r.ping()
 
     def close(self) -> None:
+        # the asyncio client is forgotten, not closed: closing awaits, on its own loop (its
+        # sockets close with the loop's transports, or the process)
+        self._loop_client = None
         with self._guard():
             self._r.close()
 
@@ -728,49 +785,42 @@ class RedisStateStore(StateStore):
 
     # -- ledger --------------------------------------------------------------------------------
     def reserve(self, new: NewReservation) -> ReserveResult:
-        tenant_period = new.tenant_period if new.tenant else ""
-        key_period = new.key_period if new.key_id else ""
         with self._guard():
-            out = self._reserve(
-                keys=[
-                    self._k("day", new.user_id, new.user_period),
-                    self._k("grants", new.user_id),
-                    self._k("res", new.reservation_id),
-                    self._k("active"),
-                    self._k("tday", new.tenant, tenant_period),
-                    self._k("kday", new.key_id, key_period),
-                ],
-                args=[
-                    new.amount,
-                    new.budget,
-                    new.now_us,
-                    self.prefix,
-                    new.reservation_id,
-                    new.user_id,
-                    new.tenant,
-                    new.day,
-                    new.request_id,
-                    new.owner,
-                    DAY_TTL_S,
-                    new.model,
-                    new.provider,
-                    "" if new.tenant_budget is None else new.tenant_budget,
-                    tenant_period,
-                    new.user_period,
-                    "" if new.key_budget is None else new.key_budget,
-                    key_period,
-                    new.key_id,
-                ],
-            )
-        holds = {out[i]: _int(out[i + 1]) for i in range(13, len(out), 2)}
-        ok, daily, spent, from_grants, reserved, grants_free = (_int(v) for v in out[:6])
-        t_spent, t_reserved, t_hold = (_int(v) for v in out[7:10])
-        k_spent, k_reserved, k_hold = (_int(v) for v in out[10:13])
-        return ReserveResult(
-            bool(ok), daily, holds, spent, from_grants, reserved, grants_free,
-            scope=str(out[6]), tenant_spent=t_spent, tenant_reserved=t_reserved, tenant_hold=t_hold,
-            key_spent=k_spent, key_reserved=k_reserved, key_hold=k_hold,
-        )
+            out = self._reserve(keys=self._reserve_keys(new), args=self._reserve_args(new))
+        return _reserve_result(out)
+
+    def _reserve_keys(self, new: NewReservation) -> list[str]:
+        return [
+            self._k("day", new.user_id, new.user_period),
+            self._k("grants", new.user_id),
+            self._k("res", new.reservation_id),
+            self._k("active"),
+            self._k("tday", new.tenant, new.tenant_period if new.tenant else ""),
+            self._k("kday", new.key_id, new.key_period if new.key_id else ""),
+        ]
+
+    def _reserve_args(self, new: NewReservation) -> list[Any]:
+        return [
+            new.amount,
+            new.budget,
+            new.now_us,
+            self.prefix,
+            new.reservation_id,
+            new.user_id,
+            new.tenant,
+            new.day,
+            new.request_id,
+            new.owner,
+            DAY_TTL_S,
+            new.model,
+            new.provider,
+            "" if new.tenant_budget is None else new.tenant_budget,
+            new.tenant_period if new.tenant else "",
+            new.user_period,
+            "" if new.key_budget is None else new.key_budget,
+            new.key_period if new.key_id else "",
+            new.key_id,
+        ]
 
     def settle(
         self,
@@ -1042,12 +1092,67 @@ class RedisStateStore(StateStore):
         return self._job_from({out[i]: out[i + 1] for i in range(0, len(out), 2)})
 
     def rate_hit(self, key: str, limit: int, window_us: int, now_us: int) -> RateHit:
-        member = f"{now_us}:{uuid.uuid4().hex[:12]}"  # requests in the same microsecond stay apart
         with self._guard():
-            allowed, count, oldest = self._rate_hit(
-                keys=[self._k("rate", key)], args=[now_us, window_us, limit, member]
+            out = self._rate_hit(keys=[self._k("rate", key)], args=_rate_args(limit, window_us, now_us))
+        return _rate_result(out)
+
+    def rate_hit_reserve(
+        self, key: str, limit: int, window_us: int, now_us: int, new: NewReservation
+    ) -> tuple[RateHit, ReserveResult | None]:
+        """One script, one round trip (the port's default makes two: ~100 µs of loopback and
+        the pool thread's wake-up each)."""
+        with self._guard():
+            out = self._rate_hit_reserve(
+                keys=[self._k("rate", key), *self._reserve_keys(new)],
+                args=[*_rate_args(limit, window_us, now_us), *self._reserve_args(new)],
             )
-        return RateHit(bool(allowed), _int(count), _int(oldest) if oldest else None)
+        return _rate_result(out[0]), _reserve_result(out[1]) if len(out) > 1 else None
+
+    def loop_admission(self) -> LoopAdmissionStore:
+        return self
+
+    async def rate_hit_reserve_async(
+        self, key: str, limit: int, window_us: int, now_us: int, new: NewReservation
+    ) -> tuple[RateHit, ReserveResult | None]:
+        """The same script awaited on the event loop by redis-py's asyncio client: no hand-off
+        to a pool thread and back (a wake-up and a GIL handover or two each way). The store's
+        timeout bounds the whole call (connect, send, reply), as one timer: the client's own
+        socket timeouts cost a task (wait_for) and a timer each per call, on the loop. No retry
+        (a reply lost may be a reserve that ran); a cancelled call closes its connection.
+        EVALSHA straight, not through redis-py's Script (its checks cost the loop ~10% of the
+        call); NOSCRIPT (a flushed or restarted Redis ran nothing) loads it and sends it again."""
+        client = self._on_loop()
+        keys = [self._k("rate", key), *self._reserve_keys(new)]
+        argv = [*_rate_args(limit, window_us, now_us), *self._reserve_args(new)]
+        sha = self._rate_hit_reserve.sha
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                try:
+                    out = await client.execute_command("EVALSHA", sha, len(keys), *keys, *argv)
+                except redis.exceptions.NoScriptError:
+                    await client.script_load(_RATE_HIT_RESERVE)
+                    out = await client.execute_command("EVALSHA", sha, len(keys), *keys, *argv)
+        except (redis.ConnectionError, redis.TimeoutError, OSError, TimeoutError) as e:
+            raise StoreUnreachable(f"Redis state store {self._url_for_errors}: {e!r}") from e
+        except redis.RedisError as e:
+            raise StoreUnavailable(f"Redis state store {self._url_for_errors}: {e}") from e
+        return _rate_result(out[0]), _reserve_result(out[1]) if len(out) > 1 else None
+
+    def _on_loop(self) -> Any:
+        """The asyncio client of the running event loop. Its connections belong to the loop
+        that opened them: another loop (after a fork, or a test's next asyncio.run) gets a
+        client of its own."""
+        loop = asyncio.get_running_loop()
+        held = self._loop_client
+        if held is None or held[0] is not loop:
+            client = redis.asyncio.Redis.from_url(
+                self._url,
+                decode_responses=True,
+                retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
+            )
+            held = (loop, client)
+            self._loop_client = held
+        return held[1]
 
     def rate_take(
         self, key: str, limit: int, n: int, window_us: int, now_us: int, stamp_us: int

@@ -373,20 +373,6 @@ def test_with_slices_and_leases_a_request_makes_no_store_call_before_it_leaves(t
 
 
 @pytest.mark.parametrize(
-    "limits",
-    [(None, None, None), (10, None, None), (None, 0, None), (None, None, 5), (1, 2, 3)],
-)
-def test_token_limited_is_token_limits_active(limits) -> None:
-    from candela_mitm.addons.ratelimit import _token_limited
-    from candela_mitm.governance.users import UserSettings
-
-    s = UserSettings("u", "developer", (), 1.0, 60, "store", False, **dict(
-        zip(("input_tokens_per_minute", "output_tokens_per_minute", "total_tokens_per_minute"),
-            limits, strict=True)))
-    assert _token_limited(s) == bool(s.token_limits.active())
-
-
-@pytest.mark.parametrize(
     "fields, large",
     [
         ([], False),
@@ -405,18 +391,6 @@ def test_large_body_reads_the_head(fields, large) -> None:
     f = tflow.tflow()
     f.request.headers.fields = tuple(fields)
     assert large_body(f.request.headers) is large
-
-
-@pytest.mark.parametrize(
-    "limits",
-    [(None, None, None), (10, None, None), (None, 0, None), (None, None, 5), (1, 2, 3)],
-)
-def test_limits_set_is_token_limits_active(limits) -> None:
-    from candela_mitm.addons.ratelimit import _limits_set
-    from candela_mitm.governance.ratelimit import TokenLimits
-
-    t = TokenLimits(*limits)
-    assert _limits_set(t) == bool(t.active())
 
 
 def test_the_next_slice_and_block_are_taken_before_these_run_out(tctx, runtime):
@@ -491,3 +465,157 @@ def test_the_tenants_settings_are_read_ahead_so_requests_stay_in_memory(tctx, ru
     on_path = [(i, c) for i, (_, got) in enumerate(flows[2:], 2) for c in got if c == "call"]
     assert on_path == []
     assert all(ctx_of(f).reservation.slice for f, _ in flows[2:])
+
+
+def _evalsha_calls(url):
+    import redis
+
+    with redis.Redis.from_url(url) as client:
+        return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def _redis_runtime(runtime, server, rpm, budget):
+    """A runtime on Redis with no rate block nor budget slice (every request asks the store),
+    and the names of the calls made on the store's thread pool."""
+    cfg = config(rpm=rpm, budget=budget)
+    cfg["state"] = {"backend": "redis", "redis_url": server.url}
+    cfg["governance"] = {
+        "budgets": {"slices": {"enabled": False}},
+        "rate_limits": {"leases": {"enabled": False}},
+    }
+    rt = runtime(cfg)
+    pool = []
+    real = rt.calls.call
+
+    async def counted(fn, *args):
+        pool.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args)
+
+    rt.calls.call = counted
+    return rt, pool
+
+
+def test_an_idle_users_request_on_redis_is_one_script_call(tctx, runtime, redis_server_factory):
+    """Issue 21: on Redis, the rate step and the reservation of a request that holds no block nor
+    slice are one EVALSHA (they were two round trips), awaited on the event loop (no call on the
+    store's thread pool); a rate-limited one reserves nothing."""
+    server = redis_server_factory()
+    rt, pool = _redis_runtime(runtime, server, rpm=2, budget=10.0)
+    asyncio.run(send(rt, [chat()]))  # the scripts loaded (a fresh server knows none)
+    rt.users.tenant_settings_cached("research-team")  # as a running proxy has them at hand
+    before = _evalsha_calls(server.url)
+    pool.clear()
+    [admitted] = asyncio.run(send(rt, [chat()]))
+    assert _evalsha_calls(server.url) - before == 1
+    assert pool == []  # on the loop: not the pool's `call`
+    c = ctx_of(admitted)
+    assert admitted.response is None and isinstance(c.reservation, Reservation)
+    assert c.estimate_usd == pytest.approx(c.reservation.amount_usd) and c.estimate_usd > 0
+    assert c.rate_headers["RateLimit"] == '"requests";r=0;t=60'
+    before = _evalsha_calls(server.url)
+    [limited] = asyncio.run(send(rt, [chat()], with_budget=True))
+    assert _evalsha_calls(server.url) - before == 1
+    assert limited.response.status_code == 429 and limited.response.json()["error"] == "rate_limited"
+    assert ctx_of(limited).reservation is None and ctx_of(limited).estimate_usd == 0.0
+    assert len(rt.store.active_reservations()) == 2  # the first two's, none of the third
+    assert pool == []
+
+
+def test_a_budget_refusal_on_redis_is_402_and_counts_the_request(tctx, runtime, redis_server_factory):
+    server = redis_server_factory()
+    rt, _ = _redis_runtime(runtime, server, rpm=2, budget=0.0)
+    flows = asyncio.run(send(rt, [chat(), chat(), chat()], with_budget=True))
+    assert statuses(flows) == [402, 402, 429]  # each refused by the budget counted on the rate
+    assert flows[0].response.json()["error"] == "budget_exceeded"
+    assert rt.store.active_reservations() == []
+
+
+def test_a_tenant_not_at_hand_is_admitted_on_the_pool(tctx, runtime, redis_server_factory):
+    """The loop never reads the store but for the admission's script: a request whose tenant's
+    settings are not remembered makes its admission on the pool (which reads them)."""
+    server = redis_server_factory()
+    rt, pool = _redis_runtime(runtime, server, rpm=5, budget=10.0)
+    rt.users.cache_ttl_s = 0  # nothing is remembered
+    [f] = asyncio.run(send(rt, [chat()]))
+    assert f.response is None and isinstance(ctx_of(f).reservation, Reservation)
+    assert pool[-1:] == ["call"]  # (after the user's settings read)
+
+
+@pytest.mark.parametrize("how", ["stopped", "stalled"])
+def test_a_dead_or_stalled_redis_is_503_from_the_loop(tctx, runtime, redis_server_factory, how):
+    """Governance fails closed: the admission awaited on the loop answers 503
+    governance_unavailable when Redis refuses the connection or does not answer within the
+    store's timeout; nothing is forwarded, and the loop went on meanwhile."""
+    server = redis_server_factory()
+    rt, pool = _redis_runtime(runtime, server, rpm=5, budget=10.0)
+    # the settings at hand, as in a running proxy (past the watch's first poll, which forgets
+    # what was read before it; stopped, so that no poll forgets them when Redis goes)
+    poller = rt.settings_poller
+    deadline = time.monotonic() + WAIT_S
+    while poller is not None and poller.polls + poller.failures == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if poller is not None:
+        poller.stop()
+    rt.users.tenant_settings_cached("research-team")
+    rt.users.settings_cached(USER)
+    if how == "stopped":
+        server.stop()
+    else:
+        stall = _Stall()
+        rt.store._url = stall.url  # the loop's client (made at its first use) meets a mute peer
+        rt.store._timeout_s = 0.2
+    ticks = []
+
+    async def go():
+        async def ticker():
+            while True:
+                ticks.append(1)
+                await asyncio.sleep(0.005)
+
+        t = asyncio.get_running_loop().create_task(ticker())
+        try:
+            [f] = await send(rt, [chat()], with_budget=True)
+        finally:
+            t.cancel()
+        return f
+
+    f = asyncio.run(go())
+    assert f.response.status_code == 503
+    assert f.response.json()["error"] == "governance_unavailable"
+    assert ctx_of(f).reservation is None
+    assert pool == []  # it was the loop's call that failed, not the pool's
+    if how == "stalled":
+        assert stall.got  # the script was sent, and never answered
+        assert len(ticks) > 1  # the loop ran other work while the call waited
+        stall.close()
+
+
+class _Stall:
+    """A TCP peer that takes a connection and what is sent on it, and never answers."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
+        self.got = b""
+        self.conns = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        try:
+            while True:
+                conn, _ = self.sock.accept()
+                self.conns.append(conn)
+                while data := conn.recv(65536):
+                    self.got += data
+        except OSError:
+            return
+
+    def close(self):
+        for c in self.conns:
+            c.close()
+        self.sock.close()

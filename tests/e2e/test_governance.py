@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import signal
 import sqlite3
 import threading
 import time
@@ -347,6 +349,32 @@ def test_locked_state_store_fails_closed_503(tmp_path, upstream, token_server):
         assert r.status_code == 503 and r.json()["error"] == "governance_unavailable"
         assert len(upstream.requests) == 1
         assert post(c, CHAT, {"model": "gpt-4o-mini", "messages": []}).status_code == 200
+
+
+@pytest.mark.parametrize("how", ["stalled", "stopped"])
+def test_a_stalled_or_dead_redis_fails_closed_503(tmp_path, upstream, token_server, redis_server_factory, how):
+    """Redis state: an idle user's admission (one script, awaited on the event loop) meets a
+    redis-server that no longer answers (SIGSTOP: the connection stays open, the store's timeout
+    runs out) or is gone (the connection refused): 503 governance_unavailable, nothing
+    forwarded; a stalled one that answers again is used again."""
+    server = redis_server_factory()
+    cfg = base_config(upstream.url, state={"backend": "redis", "redis_url": server.url, "busy_timeout_ms": 300})
+    with CandelaProcess(tmp_path, cfg, env=candela_env(token_server, tmp_path)) as c:
+        assert post(c, CHAT, {"model": "gpt-4o-mini", "messages": []}).status_code == 200
+        if how == "stalled":
+            os.kill(server.proc.pid, signal.SIGSTOP)
+        else:
+            server.stop()
+        try:
+            r = post(c, CHAT, {"model": "gpt-4o-mini", "messages": []})
+        finally:
+            if how == "stalled":
+                os.kill(server.proc.pid, signal.SIGCONT)
+        assert r.status_code == 503 and r.json()["error"] == "governance_unavailable"
+        assert len(upstream.requests) == 1
+        if how == "stalled":
+            assert post(c, CHAT, {"model": "gpt-4o-mini", "messages": []}).status_code == 200
+            assert len(upstream.requests) == 2
 
 
 def test_reservations_of_a_killed_process_are_reconciled_at_start(tmp_path, upstream, token_server):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -9,15 +11,23 @@ import pytest
 
 from candela_mitm.config import parse_config
 from candela_mitm.governance.admission import (
+    BudgetReserve,
+    Checked,
     Hold,
     PriceUnknown,
     Rules,
+    admit,
     body_scan,
     budget_hold,
     token_estimate,
 )
 from candela_mitm.governance.estimate import BodyScan, estimate_cost, scan
+from candela_mitm.governance.ledger import BudgetRefusal, Ledger, Reservation
+from candela_mitm.governance.periods import DAILY_UTC
+from candela_mitm.governance.ratelimit import RateLimiter, TokenLimits
+from candela_mitm.governance.users import TenantSettings, UserSettings
 from candela_mitm.providers.pricing import PricingTable
+from candela_mitm.state.memory import MemoryStateStore
 
 TABLE = PricingTable()
 RULES = Rules(default_max_output_tokens=4096, unknown_model_price="deny", session_reserve_usd=0.05)
@@ -204,3 +214,149 @@ def test_carve_asks_for_the_key_of_the_budgets_in_force() -> None:
             t.budget_usd if t else None, t.period if t else settings.budget_period, kb, now,
         ), i
     assert len({k.tenant_period for k in s.keys if k.tenant}) == 3  # the test crossed periods
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [(None, None, None), (10, None, None), (None, 0, None), (None, None, 5), (1, 2, 3)],
+)
+def test_token_limited_is_token_limits_active(limits) -> None:
+    from candela_mitm.governance.admission import token_limited
+    from candela_mitm.governance.users import UserSettings
+
+    s = UserSettings("u", "developer", (), 1.0, 60, "store", False, **dict(
+        zip(("input_tokens_per_minute", "output_tokens_per_minute", "total_tokens_per_minute"),
+            limits, strict=True)))
+    assert token_limited(s) == bool(s.token_limits.active())
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [(None, None, None), (10, None, None), (None, 0, None), (None, None, 5), (1, 2, 3)],
+)
+def test_limits_set_is_token_limits_active(limits) -> None:
+    from candela_mitm.governance.admission import limits_set
+    from candela_mitm.governance.ratelimit import TokenLimits
+
+    t = TokenLimits(*limits)
+    assert limits_set(t) == bool(t.active())
+
+
+# -- the admission's store call: the rate step and the reservation folded in one (issue 21) -----
+
+
+class Spy(MemoryStateStore):
+    """The memory store, naming the calls made of it (a folded call's own two too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __getattribute__(self, name: str) -> Any:
+        got = super().__getattribute__(name)
+        if name in ("rate_hit_reserve", "rate_hit", "reserve", "lease_acquire", "token_admit"):
+            super().__getattribute__("calls").append(name)
+        return got
+
+
+NOW = datetime(2026, 5, 17, 12, tzinfo=UTC)
+HOLD = Hold(0.25, "gpt-4o-mini", "openai")
+
+
+def admit_on(
+    store: Spy,
+    *,
+    rpm: int = 5,
+    budget: float = 10.0,
+    user: dict[str, Any] | None = None,
+    tenant: TenantSettings | None = None,
+    rate_decided: bool = False,
+    tokens: tuple[int, int] | None = (10, 20),
+    hold: bool = True,
+    fold: bool = True,
+) -> Checked:
+    settings = UserSettings("u", "developer", ("t",), budget, rpm, "store", **(user or {}))
+    ledger = Ledger(store, clock=lambda: NOW, owner="host:1")
+    reserve_hold = (
+        BudgetReserve(ledger, settings, "t" if tenant else None, lambda _t: tenant, "span", HOLD)
+        if hold
+        else None
+    )
+    return admit(
+        RateLimiter(store, clock=lambda: NOW),
+        settings,
+        "t" if tenant else None,
+        lambda _t: tenant,  # type: ignore[arg-type, return-value]
+        rate_decided=rate_decided,
+        owner="host:1",
+        tokens=tokens,
+        reserve_hold=reserve_hold,
+        undo_on_error=False,
+        store=store if fold else None,
+    )
+
+
+def plain_tenant(**kw: Any) -> TenantSettings:
+    return TenantSettings("t", kw.pop("budget_usd", None), DAILY_UTC, "store", **kw)
+
+
+# what the admission is -> whether it is folded into one store call
+@pytest.mark.parametrize(
+    "case, folded",
+    [
+        ({}, True),  # the idle user's request: the rate step and the reservation
+        ({"tenant": plain_tenant(budget_usd=5.0)}, True),  # a tenant's budget too
+        ({"user": {"input_tokens_per_minute": 100}, "tokens": None}, True),  # not an inference
+        ({"rate_decided": True}, False),  # its rate was decided at the head (a large body)
+        ({"rpm": 0}, False),  # a limit of 0 refuses without asking the store
+        ({"hold": False}, False),  # nothing to reserve
+        ({"fold": False}, False),  # no store given: the steps one by one
+        ({"user": {"max_concurrent_requests": 2}}, False),
+        ({"tenant": plain_tenant(max_concurrent_requests=2)}, False),
+        ({"user": {"output_tokens_per_minute": 100}}, False),
+        ({"tenant": plain_tenant(token_limits=TokenLimits(total_tokens=1_000))}, False),
+    ],
+)
+def test_the_admission_is_folded_only_when_it_is_the_rate_step_and_the_reservation(
+    case: dict[str, Any], folded: bool
+) -> None:
+    store = Spy()
+    checked = admit_on(store, **case)
+    assert (store.calls[:1] == ["rate_hit_reserve"]) is folded
+    assert ("rate_hit_reserve" in store.calls) is folded
+    if folded:  # the port's default: the two calls in turn, inside it
+        assert store.calls == ["rate_hit_reserve", "rate_hit", "reserve"]
+    # the same outcome as the steps one by one, on a store of its own
+    apart = admit_on(Spy(), **{**case, "fold": False})
+    assert checked.decisions == apart.decisions
+    assert (checked.admission is None) is (apart.admission is None)  # (its ids are random)
+    assert checked.admission is None or not folded  # a folded admission holds no lease
+    assert type(checked.reserved) is type(apart.reserved)
+    if isinstance(checked.reserved, Reservation) and isinstance(apart.reserved, Reservation):
+        assert replace(checked.reserved, id="", seen=None) == replace(apart.reserved, id="")
+
+
+@pytest.mark.parametrize(
+    "rpm, budget, outcome",
+    [
+        (5, 10.0, Reservation),  # admitted, reserved
+        (5, 0.1, BudgetRefusal),  # admitted, the budget refuses: its request stays counted
+        (1, 10.0, None),  # the second request is rate limited: nothing reserved
+    ],
+)
+def test_a_folded_admission_answers_each_outcome(rpm: int, budget: float, outcome: type | None) -> None:
+    store = Spy()
+    first = admit_on(store, rpm=rpm, budget=budget)
+    assert first.refusal is None and first.admission is None
+    second = admit_on(store, rpm=rpm, budget=budget)
+    if outcome is None:
+        assert second.refusal is not None and second.refusal.kind == "requests"
+        assert second.reserved is None
+        assert [r.amount for r in store.active_reservations()] == [250_000_000]  # the first's
+        return
+    assert isinstance(second.reserved, outcome) and isinstance(first.reserved, outcome)
+    assert second.decisions[0].remaining == rpm - 2  # both counted
+    if outcome is BudgetRefusal:
+        assert isinstance(second.reserved, BudgetRefusal)
+        assert second.reserved.scope == "user" and second.reserved.estimated_cost_usd == 0.25
+        assert store.active_reservations() == []
