@@ -11,6 +11,7 @@ from typing import Literal, Protocol
 
 from candela_mitm.errors import Denial, budget_exceeded
 from candela_mitm.governance.periods import DAILY_UTC, BudgetPeriod
+from candela_mitm.state.ids import ordered_id
 
 # who holds a reservation, and whether it still runs (re-exported: the ledger's vocabulary)
 from candela_mitm.state.liveness import default_owner as default_owner
@@ -310,7 +311,7 @@ class Ledger:
         now_us = to_us(now)
         day = day_of(now)
         budget = usd_to_nano(daily_budget_usd)
-        reservation_id = "r_" + uuid.uuid4().hex
+        reservation_id = ordered_id("r_")  # time first: inserted and settled on hot pages
         owner = self.owner
         result = self.store.reserve(
             NewReservation(
