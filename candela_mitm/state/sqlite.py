@@ -115,8 +115,9 @@ _RESERVATION_AND_DAY = (
 
 
 # What a reserve reads before it decides: the user's row for its period, and the tenant's and
-# the API key's rows when named, in one statement (three before: each statement on a cold cache
-# costs ~5-10 us; bench/README.md, eleventh session). A row that does not exist reads as NULLs.
+# the API key's rows when named, in one statement (up to three before: a statement costs 7-20 us
+# in the server between requests; bench/README.md, eleventh session). A row that does not exist
+# reads as NULLs.
 _RESERVE_ROWS = (
     "SELECT d.spent, d.from_grants, d.reserved, t.spent, t.reserved, k.spent, k.reserved "
     "FROM (SELECT 1) "
@@ -297,9 +298,8 @@ class SqliteStateStore(StateStore):
     def _tx(self, write: bool = True) -> AbstractContextManager[sqlite3.Connection]:
         """The transaction a store method runs in. Not a generator itself: inside batch() (every
         hot-path call, state/calls.py) the joined transaction is handed over by nullcontext, and
-        a call without waiting gets its transaction directly, one generator fewer each (a
-        generator context manager per statement group was a tenth of the store's Python on an
-        idle user's admission, on caches gone cold; bench/README.md, eleventh session)."""
+        a call without waiting gets its transaction directly: an idle user's admission went
+        through six generator context managers, now three (bench/README.md, eleventh session)."""
         joined: sqlite3.Connection | None = getattr(self._local, "batch", None)
         if joined is not None:  # inside batch(): one transaction for the whole block
             return nullcontext(joined)
