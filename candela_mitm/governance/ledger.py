@@ -11,6 +11,7 @@ from typing import Literal, Protocol
 
 from candela_mitm.errors import Denial, budget_exceeded
 from candela_mitm.governance.periods import DAILY_UTC, BudgetPeriod
+from candela_mitm.state.ids import ordered_id
 
 # who holds a reservation, and whether it still runs (re-exported: the ledger's vocabulary)
 from candela_mitm.state.liveness import default_owner as default_owner
@@ -407,7 +408,7 @@ class Ledger:
             _check_usd("key_budget.budget_usd", key_budget.budget_usd)
         now = now or self.clock()
         new = NewReservation(
-            reservation_id="r_" + uuid.uuid4().hex,
+            reservation_id=ordered_id("r_"),  # time first: inserted and settled on hot pages
             user_id=user,
             tenant=tenant or "",
             day=day_of(now),

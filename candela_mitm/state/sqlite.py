@@ -9,7 +9,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -111,6 +111,19 @@ _RESERVATION_AND_DAY = (
     "FROM reservations r LEFT JOIN days d ON d.user_id = r.user_id "
     "AND d.day = (CASE r.period WHEN '' THEN r.day ELSE r.period END) "
     "WHERE r.reservation_id = ?"
+)
+
+
+# What a reserve reads before it decides: the user's row for its period, and the tenant's and
+# the API key's rows when named, in one statement (up to three before: a statement costs 7-20 us
+# in the server between requests; bench/README.md, eleventh session). A row that does not exist
+# reads as NULLs.
+_RESERVE_ROWS = (
+    "SELECT d.spent, d.from_grants, d.reserved, t.spent, t.reserved, k.spent, k.reserved "
+    "FROM (SELECT 1) "
+    "LEFT JOIN days d ON d.user_id = ?1 AND d.day = ?2 "
+    "LEFT JOIN tenant_periods t ON t.tenant = ?3 AND t.period = ?4 "
+    "LEFT JOIN key_periods k ON k.key_id = ?5 AND k.period = ?6"
 )
 
 
@@ -282,17 +295,22 @@ class SqliteStateStore(StateStore):
         self._local.nowait_pid = this_process()
         return conn
 
-    @contextmanager
-    def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+    def _tx(self, write: bool = True) -> AbstractContextManager[sqlite3.Connection]:
+        """The transaction a store method runs in. Not a generator itself: inside batch() (every
+        hot-path call, state/calls.py) the joined transaction is handed over by nullcontext, and
+        a call without waiting gets its transaction directly: an idle user's admission went
+        through six generator context managers, now three (bench/README.md, eleventh session)."""
         joined: sqlite3.Connection | None = getattr(self._local, "batch", None)
         if joined is not None:  # inside batch(): one transaction for the whole block
-            yield joined
-            return
+            return nullcontext(joined)
         scope: _NoWaitScope | None = getattr(self._local, "scope", None)
         if scope is not None and not scope.wrote:
-            with self._tx_without_waiting(scope, write) as c:
-                yield c
-            return
+            return self._tx_without_waiting(scope, write)
+        return self._tx_waiting(write)
+
+    @contextmanager
+    def _tx_waiting(self, write: bool) -> Iterator[sqlite3.Connection]:
+        """A transaction that waits for the write lock (up to busy_timeout_ms), then fails closed."""
         conn = self._conn()
         if not write:
             with self._in_tx(conn, "BEGIN"):
@@ -527,7 +545,19 @@ class SqliteStateStore(StateStore):
     def reserve(self, new: NewReservation) -> ReserveResult:
         with self._tx() as c:
             period = new.user_period
-            spent, from_grants, reserved = self._day_row(c, new.user_id, period)
+            # the user's, the tenant's and the key's rows in one statement (the last two only
+            # when named: NULL matches no row); the grants in the next
+            d_spent, d_grants, d_reserved, t_spent, t_reserved, k_spent, k_reserved = c.execute(
+                _RESERVE_ROWS,
+                (
+                    new.user_id,
+                    period,
+                    new.tenant if new.on_tenant_row else None,
+                    new.tenant_period,
+                    new.key_id if new.on_key_row else None,
+                    new.key_period,
+                ),
+            ).fetchone()
             grants = c.execute(
                 "SELECT grant_id, amount - used - held FROM grants "
                 "WHERE user_id = ? AND expires_us > ? ORDER BY expires_us, grant_id",
@@ -535,10 +565,10 @@ class SqliteStateStore(StateStore):
             ).fetchall()
             got = plan_reserve(
                 new,
-                (spent, from_grants, reserved),
+                (d_spent or 0, d_grants or 0, d_reserved or 0),
                 grants,
-                lambda: self._tenant_row(c, new.tenant, new.tenant_period),
-                lambda: self._key_row(c, new.key_id, new.key_period),
+                lambda: (t_spent or 0, t_reserved or 0),
+                lambda: (k_spent or 0, k_reserved or 0),
             )
             if not got.ok:
                 return got
@@ -581,7 +611,7 @@ class SqliteStateStore(StateStore):
                     new.amount,
                     new.budget,
                     daily,
-                    json.dumps(holds),
+                    json.dumps(holds) if holds else "{}",  # most hold no grant
                     new.request_id,
                     new.owner,
                     new.now_us,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import sqlite3
 import threading
@@ -990,6 +991,28 @@ def test_key_rows_are_apart(store: StateStore) -> None:
                          key_budget=1, key_period=KP)
     assert store.reserve(new).ok
     assert store.key_totals("", KP) == DayTotals(0, 0, 0)
+
+
+def test_a_key_row_is_read_without_a_tenant_and_a_tenant_row_without_a_key(
+    store: StateStore,
+) -> None:
+    """Reserve reads the user's, tenant's and key's rows together (SQLite: one statement): a
+    row not named reads as nothing, and the one named is still read and held on."""
+    keyed = NewReservation("a", "u", "", "2026-05-17", 60, 10**13, "req", "host:1", T0_US,
+                           period=KP, key_id="k_a", key_budget=100, key_period=KP)
+    assert store.reserve(keyed).ok
+    again = store.reserve(dataclasses.replace(keyed, reservation_id="b"))
+    assert not again.ok and again.scope == "key" and again.key_reserved == 60
+    assert (again.tenant_spent, again.tenant_reserved) == (0, 0)
+    tenanted = NewReservation("c", "u2", "t", "2026-05-17", 60, 10**13, "req", "host:1", T0_US,
+                              period=KP, tenant_budget=100, tenant_period=KP)
+    assert store.reserve(tenanted).ok
+    refused = store.reserve(dataclasses.replace(tenanted, reservation_id="d"))
+    assert not refused.ok and refused.scope == "tenant" and refused.tenant_reserved == 60
+    assert (refused.key_spent, refused.key_reserved) == (0, 0)
+    assert store.key_totals("k_a", KP) == DayTotals(0, 0, 60)
+    assert store.tenant_totals("t", KP) == DayTotals(0, 0, 60)
+    assert store.tenant_totals("", KP) == DayTotals(0, 0, 0)
 
 
 def test_api_keys_keep_their_budget_and_lineage(store: StateStore) -> None:
