@@ -59,6 +59,13 @@ def large_body(headers: http.Headers) -> bool:
 
 LoopCall = Callable[[], Awaitable[Checked | None]]
 
+# Admissions awaited on the event loop at once (Redis): each is a connection of the loop's client
+# and ~160 µs of the loop's own CPU (redis-py packs and parses in Python), where the pool's
+# threads would take it and join a turn's calls in one job (state/calls.py). A few at a time is
+# what an idle user's time to first token gains from; past that the pool takes them, and the
+# loop's client never holds more connections than this.
+LOOP_ADMISSIONS_MAX = 4
+
 
 def admission_call(
     rt: Runtime, c: RequestContext
@@ -157,6 +164,7 @@ class RateLimit:
         self._tasks: set[asyncio.Task[None]] = set()  # rate blocks being taken
         self._flusher: asyncio.Task[None] | None = None  # gives back the blocks' unused part
         self._refreshing: set[str] = set()  # tenants whose settings are being read ahead
+        self._on_loop = 0  # admissions awaited on the event loop now (LOOP_ADMISSIONS_MAX)
 
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -189,7 +197,13 @@ class RateLimit:
             self._refresh_tenant_ahead(c.tenant)
         else:
             try:
-                checked = await on_loop() if on_loop is not None else None
+                checked = None
+                if on_loop is not None and self._on_loop < LOOP_ADMISSIONS_MAX:
+                    self._on_loop += 1
+                    try:
+                        checked = await on_loop()
+                    finally:
+                        self._on_loop -= 1
                 if checked is None:
                     checked = await self.rt.store_call(call)
             except BaseException:

@@ -631,6 +631,9 @@ return #ids
 """
 
 
+LOOP_CONNECTIONS_MAX = 8  # the event loop's asyncio client (rate_hit_reserve_async)
+
+
 def _int(value: Any) -> int:
     """Redis answers numbers as integers or as strings (scores may read like '1.7e+15')."""
     if isinstance(value, int):
@@ -1149,6 +1152,9 @@ class RedisStateStore(StateStore):
                 self._url,
                 decode_responses=True,
                 retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
+                # bounded: its callers are (addons/ratelimit.py LOOP_ADMISSIONS_MAX); past it
+                # a call fails closed rather than opening connections without end
+                max_connections=LOOP_CONNECTIONS_MAX,
             )
             held = (loop, client)
             self._loop_client = held

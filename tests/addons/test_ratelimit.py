@@ -541,6 +541,43 @@ def test_a_tenant_not_at_hand_is_admitted_on_the_pool(tctx, runtime, redis_serve
     assert pool[-1:] == ["call"]  # (after the user's settings read)
 
 
+def test_past_a_few_admissions_on_the_loop_the_pool_takes_them(tctx, runtime, redis_server_factory):
+    """Bounded: while LOOP_ADMISSIONS_MAX admissions are awaited on the event loop, the next
+    goes to the store's thread pool (its calls joined there), and the loop's client holds no
+    more connections than that. Each is admitted and reserved either way."""
+    from candela_mitm.addons import ratelimit
+
+    server = redis_server_factory()
+    rt, pool = _redis_runtime(runtime, server, rpm=50, budget=10.0)
+    asyncio.run(send(rt, [chat()]))  # the scripts loaded
+    rt.users.tenant_settings_cached("research-team")
+    n = ratelimit.LOOP_ADMISSIONS_MAX
+    real = rt.store.rate_hit_reserve_async
+    held: list[int] = []
+
+    async def go():
+        release = asyncio.Event()
+
+        async def slow(*args):
+            held.append(1)
+            await release.wait()  # the first ones wait here, on the loop
+            return await real(*args)
+
+        rt.store.rate_hit_reserve_async = slow
+        addons = [Router(rt), Auth(rt), RateLimit(rt)]
+        flows = [chat() for _ in range(n + 1)]
+        tasks = [asyncio.ensure_future(run_hooks(addons, f, "requestheaders", "request")) for f in flows]
+        await until_async(lambda: len(held) == n and pool.count("call") == 1)
+        release.set()
+        await asyncio.gather(*tasks)
+        return flows
+
+    pool.clear()
+    flows = asyncio.run(go())
+    assert len(held) == n and pool.count("call") == 1  # the one past the bound: on the pool
+    assert all(f.response is None and isinstance(ctx_of(f).reservation, Reservation) for f in flows)
+
+
 @pytest.mark.parametrize("how", ["stopped", "stalled"])
 def test_a_dead_or_stalled_redis_is_503_from_the_loop(tctx, runtime, redis_server_factory, how):
     """Governance fails closed: the admission awaited on the loop answers 503
