@@ -507,7 +507,9 @@ def test_an_idle_users_request_on_redis_is_one_script_call(tctx, runtime, redis_
     pool.clear()
     [admitted] = asyncio.run(send(rt, [chat()]))
     assert _evalsha_calls(server.url) - before == 1
-    assert pool == []  # on the loop: not the pool's `call`
+    # on the loop: not the pool's `call` (the user's settings may be read there again, when the
+    # settings watch has not polled yet and their 1 s is past: auth's read, not the admission)
+    assert "call" not in pool
     c = ctx_of(admitted)
     assert admitted.response is None and isinstance(c.reservation, Reservation)
     assert c.estimate_usd == pytest.approx(c.reservation.amount_usd) and c.estimate_usd > 0
@@ -518,7 +520,7 @@ def test_an_idle_users_request_on_redis_is_one_script_call(tctx, runtime, redis_
     assert limited.response.status_code == 429 and limited.response.json()["error"] == "rate_limited"
     assert ctx_of(limited).reservation is None and ctx_of(limited).estimate_usd == 0.0
     assert len(rt.store.active_reservations()) == 2  # the first two's, none of the third
-    assert pool == []
+    assert "call" not in pool
 
 
 def test_a_budget_refusal_on_redis_is_402_and_counts_the_request(tctx, runtime, redis_server_factory):
