@@ -388,6 +388,8 @@ class SqliteStateStore(StateStore):
         return result
 
     joins_calls = True
+    # each one read transaction (BEGIN, no write gate): run_calls runs a turn of these alone
+    reads = frozenset({"get_user", "get_tenant", "api_key", "settings_generation"})
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:

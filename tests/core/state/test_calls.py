@@ -236,3 +236,58 @@ def test_a_turn_left_by_a_stopped_loop_does_not_hold_up_the_next(c):
         assert asyncio.run(main()).count == 1  # a new loop starts its own turn
     finally:
         gone.close()
+
+
+def test_reads_alone_are_answered_on_the_loop_while_another_writer_holds_the_store(c, tmp_path):
+    """A turn of reads only (a minted key's lookup, a user's settings) takes no write lock nor
+    write gate: while another store on the same file holds both (its batch open), the reads
+    answer at once on the loop; a write, or a read joined with a write, is refused there and
+    waits on the pool for the writer, as before."""
+    from candela_mitm.state.ports import reads_only
+
+    store = c.store
+    assert reads_only(store, [(store.api_key, ("ab" * 32,)), (store.get_user, ("u",))])
+    assert not reads_only(store, [(store.api_key, ("x",)), (store.rate_hit, ("k", 5, 1, 1))])
+    assert not reads_only(store, [(lambda: store.api_key("x"), ())])  # not the store's own
+    other = open_state_store(State(backend="sqlite", sqlite_path=str(tmp_path / "s.db")))
+    try:
+        writer_in = threading.Event()
+        release = threading.Event()
+
+        def hold():
+            with other.batch():
+                other.rate_hit("w", 5, 60_000_000, 1)
+                writer_in.set()
+                release.wait(30)
+
+        t = threading.Thread(target=hold)
+        t.start()
+        assert writer_in.wait(30)
+        try:
+
+            async def reads():
+                return await asyncio.gather(
+                    c.calls.call(store.api_key, "ab" * 32), c.calls.call(store.get_user, "nobody")
+                )
+
+            assert asyncio.run(reads()) == [None, None]
+            assert c.ran == {"loop": 2}  # answered here, the writer still in its transaction
+
+            async def mixed():
+                return await asyncio.gather(
+                    c.calls.call(store.api_key, "ab" * 32),
+                    c.calls.call(store.rate_hit, "k", 5, 60_000_000, 1),
+                )
+
+            task = threading.Thread(target=lambda: asyncio.run(mixed()))
+            task.start()
+            task.join(0.3)
+            assert task.is_alive()  # the write (and the read joined with it) waits
+        finally:
+            release.set()
+            t.join(30)
+        task.join(30)
+        assert not task.is_alive()
+        assert c.ran["pool"] == 2  # the mixed turn, once the writer let go
+    finally:
+        other.close()

@@ -792,12 +792,19 @@ def test_run_calls_one_call_is_its_own_transaction(tmp_path: Path) -> None:
     assert statements[0].startswith("BEGIN") and statements[-1] == "COMMIT"
     assert not any("SAVEPOINT" in s for s in statements)
     statements.clear()
-    run_calls(store, [(store.get_user, ("nobody",)), (store.get_user, ("nobody",))])
+    run_calls(
+        store, [(store.get_user, ("nobody",)), (store.rate_hit, ("b", 5, 60_000_000, T0_US))]
+    )
     assert sum("SAVEPOINT" in s for s in statements) == 2  # two calls: one savepoint each
+    statements.clear()
+    # reads alone: each its own read transaction, no write lock, no savepoint
+    run_calls(store, [(store.get_user, ("nobody",)), (store.api_key, ("ab" * 32,))])
+    assert statements.count("BEGIN") == 2 and statements.count("COMMIT") == 2
+    assert not any("IMMEDIATE" in s or "SAVEPOINT" in s for s in statements)
     conn.set_trace_callback(None)
     [(ok, err)] = run_calls(store, [(fails, ())])
     assert not ok and isinstance(err, KeyError)
-    assert _counts(store.path) == (1, 0)  # x's rate entry rolled back with the call
+    assert _counts(store.path) == (2, 0)  # a's and b's; x's rolled back with the call
 
     # sqlite errors inside the call come back as StoreUnavailable, as from a savepoint
     def broken() -> None:
@@ -810,7 +817,7 @@ def test_run_calls_one_call_is_its_own_transaction(tmp_path: Path) -> None:
         store.rate_hit("b", 5, 60_000_000, T0_US)
         [(ok, err)] = run_calls(store, [(fails, ())])
         assert not ok
-    assert _counts(store.path) == (2, 0)
+    assert _counts(store.path) == (3, 0)  # b's second hit stays, x's again undone
     store.close()
 
 
