@@ -994,36 +994,28 @@ def run_calls(store: StateStore, calls: Sequence[Call]) -> list[Outcome]:
         # Reads alone (a minted key's lookup, a user's settings): each in its own read
         # transaction, not under the write lock and the write gate batch() takes (SQLite: BEGIN
         # rather than BEGIN IMMEDIATE, no flock): about a third of a lone read's cost.
-        read: list[Outcome] = []
-        for fn, args in calls:
-            try:
-                read.append((True, fn(*args)))
-            except (WouldWait, BatchAborted):
-                raise
-            except Exception as e:
-                read.append((False, e))
-        return read
+        return [_outcome(call) for call in calls]
     if len(calls) == 1 and not store.in_batch():
         # One call: the transaction is its own, no savepoint (two statements fewer). Its failure,
-        # or the transaction's, rolls it back and is its outcome. Half of all turns hold one
-        # call, and at low concurrency all of them.
-        fn, args = calls[0]
-        try:
-            with store.batch():
-                result = fn(*args)
-        except (WouldWait, BatchAborted):
-            raise
-        except Exception as e:  # SQLite errors come out of the batch as StoreUnavailable
-            return [(False, e)]
-        return [(True, result)]
-    outcomes: list[Outcome] = []
+        # or the transaction's, rolls it back and is its outcome (SQLite errors come out of the
+        # batch as StoreUnavailable). Half of all turns hold one call, and at low concurrency
+        # all of them.
+        return [_outcome(calls[0], store.batch)]
     with store.batch():
-        for fn, args in calls:
-            try:
-                with store.savepoint():
-                    outcomes.append((True, fn(*args)))
-            except (WouldWait, BatchAborted):
-                raise
-            except Exception as e:
-                outcomes.append((False, e))
+        outcomes = [_outcome(call, store.savepoint) for call in calls]
     return outcomes
+
+
+def _outcome(
+    call: Call, within: Callable[[], AbstractContextManager[None]] = nullcontext
+) -> Outcome:
+    """One call's outcome inside `within()`: its answer, or the error it raised. A wait or an
+    aborted batch is not an outcome: it ends the whole run (run it again elsewhere, or fail)."""
+    fn, args = call
+    try:
+        with within():
+            return True, fn(*args)
+    except (WouldWait, BatchAborted):
+        raise
+    except Exception as e:
+        return False, e
