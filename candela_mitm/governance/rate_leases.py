@@ -12,24 +12,58 @@ stamped s >= t is represented by an entry counted from the take (before t) until
 than the limit, whatever the processes do together. The unused part is removed
 (`rate_return`) once the stamp has passed; a process that dies holding a block leaves its
 entries to age out (at most `requests` of them, a minute past the stamp: under-admission,
-never over-admission). `lifetime_s` is at most 1 s: the Redis window's key lives a second past
-the window after each plain check.
+never over-admission). `lifetime_s` is at most 1 s (a one-second block); the store keeps an
+entry until its stamp + the window however far ahead it is stamped (the Redis window key's TTL
+is set from its newest entry by every rate script, never cut to the window + 1 s).
 
 A block is taken only while the window has room for `headroom` of them: near the limit every
 request is checked in the store, as before; and only for a user checked in the store twice
 within a block's lifetime (as a slice is taken only for budgets reserved twice within its
-`idle_s`): one request every few seconds is checked in the store, without a block taken and
-given back for each (two store calls more on the event loop).
+`idle_s`), or within an idle block's.
+
+Idle blocks (`idle_lifetime_s`, 30 s by default; 0: none): a user checked in the store twice
+within `idle_lifetime_s` but not within `lifetime_s` (one request every few seconds, the common
+LLM pattern: too slow for a one-second block, which would be taken and given back for each
+request) gets a small block stamped `idle_lifetime_s` ahead, sized to the pace of its last
+checks (up to 8) within that lifetime: nine tenths of what that pace asks over the lifetime,
+at least 2, at most `requests`, never more than the room / `headroom` (`idle_block_size`). Its
+requests are admitted from it until its stamp or until spent; the unused part is given back
+after the stamp (`flush`, as any block's). So from a user's second check on, its requests are
+admitted in memory: the next idle block is asked ahead of the one in use's end, as below.
+
+How they coexist: a user has one block in use and at most one waiting, whatever their kind.
+The next block's kind follows the pace seen on the one in use (`LeaseRules.idle`): an idle
+block while one of at most `requests` covers its lifetime's demand (0.9 x pace x
+idle_lifetime_s <= requests: up to about 1.2 requests a second at the defaults), else a
+one-second block sized as below. It is asked within an eighth of *its own* lifetime (or a gap
+and a half at the pace) of the one in use's end, and waits until that one is spent or past its stamp: a user getting busy spends
+its idle block and goes on with one-second blocks (none wasted: a one-second block is asked
+only within 1/8 s of the idle one's end), and one slowing down on one-second blocks goes on
+with an idle one.
+
+Exactness with idle blocks, and the over-count: a request admitted at t from an idle block
+stamped s counts until s + 60 s, up to `idle_lifetime_s` longer than its own minute: the log
+over-counts, never under-counts, so no 60-second span admits more than the limit across
+processes. The over-count at any moment is at most (a) the unused part of the blocks held
+(one in use, one waiting: each at most min(`requests`, room / `headroom`)) plus (b) the
+requests admitted from idle blocks in the `idle_lifetime_s` before the counted minute (their
+stamps still inside it); idle blocks are taken only while one covers a lifetime's demand, so
+(b) is about `requests` at most too. At the defaults: under 3 x 32 entries, no block ever more
+than a quarter of the room; a user at one request every 5 s over-counts by at most 10 (tests).
+Near the limit (room for fewer than `headroom` blocks of two) no block of either kind: every
+request is checked in the store, exactly.
 
 The next block is asked before the one in use runs out (`ask_next`, after a request admitted
 from it, in the background as any block is taken): when, at the pace seen on it (and on the
-block before it), it will be spent or past its stamp within an eighth of its lifetime (the
-margin for the ask: far more than a store call takes). At most one ask is in flight per user
-and one block waits: it is used once the one in use is spent or past its stamp (no switch
-wastes a block's rest). It is sized for nine tenths of what that pace admits from then until
-its own stamp (spent just before its stamp: a bigger one would leave a rest to give back, a
-store call), at least `requests`, at most `max_requests`, never more than the window's room
-at the last take / headroom; `rate_take` grants only what the window holds below the limit,
+block before it), it will be spent or past its stamp within an eighth of the next one's
+lifetime or a gap and a half between requests at that pace, whichever is longer (the margin
+for the ask: far more than a store call takes; an idle user's next request may come seconds
+after the end). At most one ask is in
+flight per user and one block waits: it is used once the one in use is spent or past its
+stamp (no switch wastes a block's rest). It is sized for nine tenths of what that pace admits
+from then until its own stamp (spent just before its stamp: a bigger one would leave a rest to
+give back, a store call): a one-second block at least `requests`, at most `max_requests`, an
+idle one as above, never more than the window's room at the last take / headroom; `rate_take` grants only what the window holds below the limit,
 as for any block. Two blocks of one user are both in the window from their takes: the log
 over-counts, never under-counts. A block asked before a `retire_all` (a reload) is given
 back unused when it comes.
@@ -206,7 +240,11 @@ class RateLeases:
             lifetime_us = b.stamp_us - b.taken_us
             seen_us = now_us - b.since_us
             left = b.granted - b.used
-            per_s = (b.base + b.used) / (max(seen_us, 1000) / US_PER_S)
+            # requests since since_us: the take's (its asking request, not counted) or the first
+            # of the block before (counted: one gap fewer than requests, which matters at an idle
+            # pace of a few requests a block)
+            seen_n = b.base + b.used - (1 if b.base else 0)
+            per_s = seen_n / (max(seen_us, 1000) / US_PER_S)
             ends_us = b.stamp_us
             if 8 * seen_us >= lifetime_us and per_s > 0:  # a pace to trust: when it runs out
                 ends_us = min(ends_us, now_us + int(left / per_s * US_PER_S))
@@ -216,8 +254,11 @@ class RateLeases:
             # lifetime's demand, else a one-second block
             idle = self.rules.idle(per_s)
             next_us = self._lifetime_us(idle)
-            if 8 * (ends_us - now_us) > next_us:
-                return None  # more than an eighth of the next one's lifetime left
+            # the margin: an eighth of the next one's lifetime, or a gap and a half between
+            # requests at that pace (an idle user's next request may come after the end)
+            margin_us = max(next_us / 8, 1.5 / per_s * US_PER_S if per_s > 0 else 0)
+            if ends_us - now_us > margin_us:
+                return None  # more than the margin left
             # the next is used from then until its stamp, a lifetime from now; nine tenths of
             # that: spent just before its stamp rather than a few left to give back (a return is
             # a store call; a pace that varies would leave some at most blocks' ends)

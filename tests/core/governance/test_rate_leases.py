@@ -267,7 +267,8 @@ def test_an_idle_users_requests_come_from_blocks_after_the_second_check(
     the second takes an idle block (5: nine tenths of the 6 its pace asks in 30 s), and every
     later one is admitted from a block, the next asked when the one in use is spent. The window
     never counts fewer than the requests admitted in the last minute; it over-counts by at most
-    two blocks (one's rest, ahead; the requests of those taken up to 30 s before the minute)."""
+    three blocks (the rest of the one in use, the one waiting; the requests of those taken up
+    to 30 s before the minute)."""
     clock = Clock()
     p = Proc(store, IDLE, clock)
     admitted: list[int] = []
@@ -283,7 +284,7 @@ def test_an_idle_users_requests_come_from_blocks_after_the_second_check(
         clock.now += timedelta(seconds=5)
     assert p.checks == 2 and p.from_block == 58
     assert set(p.lifetimes) == {30 * US_PER_S}  # idle blocks only
-    assert max(over) <= 2 * 5, over
+    assert max(over) <= 3 * 5, over
     assert p.given_back == 0  # each one spent before its stamp
     clock.now += timedelta(seconds=31)
     p.given_back += p.leases.flush()
