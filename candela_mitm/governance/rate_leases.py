@@ -35,8 +35,8 @@ How they coexist: a user has one block in use and at most one waiting, whatever 
 The next block's kind follows the pace seen on the one in use (`LeaseRules.idle`): an idle
 block while one of at most `requests` covers its lifetime's demand (0.9 x pace x
 idle_lifetime_s <= requests: up to about 1.2 requests a second at the defaults), else a
-one-second block sized as below. It is asked within an eighth of *its own* lifetime (or a gap
-and a half at the pace) of the one in use's end, and waits until that one is spent or past its stamp: a user getting busy spends
+one-second block sized as below. It is asked within an eighth of *its own* lifetime (an idle
+one: or a gap and a half at the pace) of the one in use's end, and waits until that one is spent or past its stamp: a user getting busy spends
 its idle block and goes on with one-second blocks (none wasted: a one-second block is asked
 only within 1/8 s of the idle one's end), and one slowing down on one-second blocks goes on
 with an idle one.
@@ -56,9 +56,9 @@ request is checked in the store, exactly.
 The next block is asked before the one in use runs out (`ask_next`, after a request admitted
 from it, in the background as any block is taken): when, at the pace seen on it (and on the
 block before it), it will be spent or past its stamp within an eighth of the next one's
-lifetime or a gap and a half between requests at that pace, whichever is longer (the margin
-for the ask: far more than a store call takes; an idle user's next request may come seconds
-after the end). At most one ask is in
+lifetime (the margin for the ask: far more than a store call takes), or for an idle one
+within a gap and a half between requests at that pace if that is longer (an idle user's next
+request may come seconds after the end). At most one ask is in
 flight per user and one block waits: it is used once the one in use is spent or past its
 stamp (no switch wastes a block's rest). It is sized for nine tenths of what that pace admits
 from then until its own stamp (spent just before its stamp: a bigger one would leave a rest to
@@ -254,9 +254,13 @@ class RateLeases:
             # lifetime's demand, else a one-second block
             idle = self.rules.idle(per_s)
             next_us = self._lifetime_us(idle)
-            # the margin: an eighth of the next one's lifetime, or a gap and a half between
-            # requests at that pace (an idle user's next request may come after the end)
-            margin_us = max(next_us / 8, 1.5 / per_s * US_PER_S if per_s > 0 else 0)
+            # the margin: an eighth of the next one's lifetime; for an idle one, a gap and a
+            # half between requests at that pace if longer (an idle user's next request may
+            # come seconds after the end; a one-second block asked that early would be used
+            # only for the rest of its second: more takes and returns)
+            margin_us = next_us / 8
+            if idle:
+                margin_us = max(margin_us, 1.5 / per_s * US_PER_S)
             if ends_us - now_us > margin_us:
                 return None  # more than the margin left
             # the next is used from then until its stamp, a lifetime from now; nine tenths of
