@@ -232,6 +232,17 @@ class RateLimitLeases(_Model):
     # the next block is taken before the one in use runs out, sized to the demand seen on it
     # over a lifetime: at least `requests`, at most max(requests, max_requests)
     max_requests: int = Field(default=1024, ge=2, le=100_000)
+    # an idle block: for a user checked in the store twice within this (not within
+    # lifetime_ms), a small block stamped this far ahead, sized to the pace seen; 0: none.
+    # Its requests count in the window up to this much longer than a minute: at most the
+    # window (60,000), and at least lifetime_ms
+    idle_lifetime_ms: int = Field(default=30_000, ge=0, le=60_000)
+
+    @model_validator(mode="after")
+    def _idle_outlives_a_block(self) -> RateLimitLeases:
+        if self.idle_lifetime_ms and self.idle_lifetime_ms < self.lifetime_ms:
+            raise ValueError("idle_lifetime_ms is 0 (no idle blocks) or at least lifetime_ms")
+        return self
 
 
 class RateLimits(_Model):

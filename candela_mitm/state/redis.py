@@ -62,7 +62,8 @@ _SEP = "\x1f"  # between the parts of a spend field: user, tenant, model, provid
 #   P active / P finished  zsets of reservation ids by creation / finish time (us)
 #   P spend:<day>          hash: c|i|o|n <SEP> user <SEP> tenant <SEP> model <SEP> provider
 #   P spenddays            zset of days (score 0, read by lex range)
-#   P rate:<key>           zset: one member per counted request, scored by its time (us)
+#   P rate:<key>           zset: one member per counted request, scored by its time (us) or its
+#                          block's stamp; it expires a second past its newest entry + the window
 #   P tok:<key>            zset: token entries scored by time; P tokamt:<key> hash: their amounts
 #   P lease:<key>          zset: leases scored by expiry; P leaseown:<key> hash: their owners;
 #   P leasekeys            set of keys with leases
@@ -450,6 +451,11 @@ redis.call('INCR', KEYS[2])
 return 1
 """
 
+# A plain check: ARGV now, window, limit, member. Returns {allowed, count, oldest}. This and
+# _RATE_TAKE set the window key's TTL from its newest entry (its highest score: a rate block's,
+# stamped ahead, up to an idle block's lifetime; governance/rate_leases.py): the key lives a
+# second past that entry's stamp + the window, never less (a TTL of now + the window would drop
+# entries stamped later while they still count: under-counting, over-admission).
 _RATE_HIT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
 local count = redis.call('ZCARD', KEYS[1])
@@ -460,7 +466,11 @@ if count < tonumber(ARGV[3]) then
   allowed = 1
 end
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[2]) / 1000) + 1000)
+local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if newest[2] then
+  local ttl = math.floor((tonumber(newest[2]) - tonumber(ARGV[1]) + tonumber(ARGV[2])) / 1000)
+  redis.call('PEXPIRE', KEYS[1], ttl + 1000)
+end
 return {allowed, count, oldest[2] or ''}
 """
 
@@ -494,8 +504,11 @@ for i = 1, granted do
 end
 count = count + granted
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-local ttl = math.floor((tonumber(ARGV[5]) - tonumber(ARGV[1]) + tonumber(ARGV[2])) / 1000) + 1000
-redis.call('PEXPIRE', KEYS[1], ttl)
+local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if newest[2] then
+  local ttl = math.floor((tonumber(newest[2]) - tonumber(ARGV[1]) + tonumber(ARGV[2])) / 1000)
+  redis.call('PEXPIRE', KEYS[1], ttl + 1000)
+end
 return {granted, count, oldest[2] or ''}
 """
 

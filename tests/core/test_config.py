@@ -5,6 +5,7 @@ from pydantic import ValidationError
 
 from candela_mitm.config import load_config, parse_config
 from candela_mitm.errors import ConfigError
+from candela_mitm.governance.rate_leases import LeaseRules
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "shared" / "spec" / "config.example.yaml"
 
@@ -76,6 +77,16 @@ def test_empty_file_is_valid(tmp_path):
             "greater than or equal to 2",
         ),
         ("governance: {budgets: {slices: {slice: 3}}}\n", "governance.budgets.slices.slice", "unknown key"),
+        (
+            "governance: {rate_limits: {leases: {idle_lifetime_ms: 60001}}}\n",
+            "governance.rate_limits.leases.idle_lifetime_ms",
+            "less than or equal to 60000",
+        ),
+        (
+            "governance: {rate_limits: {leases: {lifetime_ms: 800, idle_lifetime_ms: 500}}}\n",
+            "governance.rate_limits.leases",
+            "at least lifetime_ms",
+        ),
         ("interception: {replace_provider_keys: [nowhere]}\n", "interception", "nowhere"),
         (
             "interception: {organisation_keys: [sk-raw]}\n",
@@ -113,3 +124,11 @@ def test_config_is_frozen():
     cfg = parse_config({})
     with pytest.raises(ValidationError):
         cfg.mode = "transparent"  # type: ignore[misc]
+
+
+def test_idle_rate_blocks_default_and_can_be_turned_off(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("")
+    assert LeaseRules.of(load_config(p).governance.rate_limits.leases).idle_lifetime_s == 30.0
+    p.write_text("governance: {rate_limits: {leases: {idle_lifetime_ms: 0}}}\n")
+    assert LeaseRules.of(load_config(p).governance.rate_limits.leases).idle_lifetime_s == 0

@@ -342,3 +342,62 @@ def test_a_slice_or_block_asked_before_an_admin_change_is_returned(store: StateS
     assert leases.took(block, block.take())
     assert leases.use(U, 1000, to_us(c.now())) is None
     assert leases.flush() == 8 and leases.held() == 0
+
+
+def test_idle_users_rate_steps_make_no_store_call_after_their_second(store: StateStore) -> None:
+    """Scenario 3's pattern with the default config: 24 users, 5 requests a second together,
+    each user every ~5 s (gaps varying by a fifth, seeded), for 4 minutes; the asks run 8
+    requests later (a background store call), blocks given back every half second. From each
+    user's third request on, no rate step makes a store call before it would be forwarded (idle
+    blocks, then the next asked ahead); the store sees a few calls per user a minute."""
+    c = Clocks()
+    counting = Counting(store)
+    limiter = RateLimiter(counting, clock=c.now)  # type: ignore[arg-type]
+    rules = LeaseRules.of(RateLimitLeases())
+    leases = RateLeases(counting, rules, clock=c.now)  # type: ignore[arg-type]
+    rnd = random.Random(3)
+    users = [f"user-{i}" for i in range(24)]
+    due = sorted((rnd.uniform(0, 5), u) for u in users)
+    seen: Counter[str] = Counter()
+    pending: list[tuple[int, TakeAsk]] = []
+    late_path = requests = 0
+    next_return = 0.5
+    while due[0][0] < 240:
+        t, u = due.pop(0)
+        c.t = t
+        for p in [p for p in pending if p[0] <= requests]:
+            pending.remove(p)
+            take_block(leases, p[1])
+        while c.t >= next_return:
+            leases.flush()
+            next_return += 0.5
+        now_us = to_us(c.now())
+        before = counting.path
+        counting.on_path = True
+        if leases.use(u, 60, now_us) is not None:
+            ask = leases.ask_next(u, 60, now_us)
+        else:
+            d = limiter.check(u, 60)
+            assert d.allowed
+            ask = leases.ask(u, 60, d)
+        counting.on_path = False
+        if ask is not None:
+            pending.append((requests + 8, ask))
+        if seen[u] >= 2:
+            late_path += counting.path - before
+        seen[u] += 1
+        requests += 1
+        due.append((t + 5 * (1 + rnd.uniform(-0.2, 0.2)), u))
+        due.sort()
+    for _, ask in pending:
+        take_block(leases, ask)
+    c.t += 31
+    leases.flush(everything=True)
+    assert requests > 1100 and leases.held() == 0
+    assert late_path == 0
+    # every store call, off the path after the second checks: 2 checks per user, then a take
+    # per idle block of ~4 requests and a return for some (1,152 requests: 48 checks, 271
+    # takes, 101 returns, 0.37 a request; every request was a check on the path before)
+    calls = sum(counting.calls.values())
+    assert counting.calls["rate_hit"] == 2 * len(users)
+    assert calls / requests < 0.5, counting.calls
