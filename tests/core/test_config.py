@@ -76,6 +76,11 @@ def test_empty_file_is_valid(tmp_path):
             "greater than or equal to 2",
         ),
         ("governance: {budgets: {slices: {slice: 3}}}\n", "governance.budgets.slices.slice", "unknown key"),
+        (
+            "governance: {budgets: {slices: {max_held: 0}}}\n",
+            "governance.budgets.slices.max_held",
+            "greater than or equal to 1",
+        ),
         ("interception: {replace_provider_keys: [nowhere]}\n", "interception", "nowhere"),
         (
             "interception: {organisation_keys: [sk-raw]}\n",

@@ -114,6 +114,16 @@ def test_an_idle_users_requests_seconds_apart_are_carved_from_one_slice(
     assert (status.spent_usd, status.reserved_usd) == (3.5, 2.0)  # the two own ones held
 
 
+def test_the_rules_read_idle_s_and_max_held_from_the_config() -> None:
+    from candela_mitm.config import BudgetSlices
+
+    assert SliceRules.of(BudgetSlices()) == SliceRules(flush_s=0.25, record_s=1.0)
+    assert (SliceRules.of(BudgetSlices()).idle_s, SliceRules.of(BudgetSlices()).max_held) == (
+        30.0, 4096)
+    rules = SliceRules.of(BudgetSlices(idle_s=2.5, max_held=7))
+    assert (rules.idle_s, rules.max_held) == (2.5, 7)
+
+
 def ask_id(slices: Slices) -> str:
     """The id of the one slice `slices` holds."""
     ids = list(slices._by_id)
