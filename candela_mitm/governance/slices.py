@@ -35,9 +35,9 @@ and every request there reserves on its own, exactly, with its 402 decided by th
   change that retires the one in use (an admin change, a new budget, idle, shutdown) retires
   the one waiting too.
 - a slice is returned (what is left released) when a request did not fit it, when idle for
-  `idle_s`, when older than MAX_AGE_S, when a refusal recalls it (below), at shutdown, and when an admin change in this process
-  (`retire_all`) or a changed budget seen in a request's settings makes it stale; once its
-  requests in flight have settled. A slice asked before a `retire_all` is returned unused when
+  `idle_s`, when older than MAX_AGE_S, when a refusal recalls it (below), at shutdown, and
+  when an admin change in this process (`retire_all`) or a changed budget seen in a request's
+  settings makes it stale; once its requests in flight have settled. A slice asked before a `retire_all` is returned unused when
   it comes (`_epoch`).
 - idle users: a budget is sliced once it reserved on its own twice within `idle_s` (30 s: a
   user sending a request every few seconds, the common LLM pattern, keeps its slice across
@@ -606,10 +606,11 @@ class Slices:
             return bool(self._by_id)
 
     def flush(self, everything: bool = False) -> list[Reservation]:
-        """Blocking (store calls): record the spend settled since the last flush (one
-        settle_part per slice with spend: a slice in use every `record_s`) and release the slices retired, idle (`idle_s`) or,
-        with `everything` (shutdown), all of them once their requests have settled: at most two
-        transactions (one on Redis per slice). Returns the slices whose spend was recorded
+        """Blocking (store calls): read the recall marks left since the last flush
+        (`_recalls`), record the spend settled since the last flush (one settle_part per slice
+        with spend: a slice in use every `record_s`) and release the slices retired, recalled,
+        idle (`idle_s`) or, with `everything` (shutdown), all of them once their requests have
+        settled: the marks' read and at most two transactions (one on Redis per slice). Returns the slices whose spend was recorded
         (budget alerts look at them). Spend a store call could not record stays queued for the
         next flush, and a slice that could not be returned is tried again."""
         self._recalls()
