@@ -44,6 +44,7 @@ class Budget:
             reserved, c.reserve_result = c.reserve_result, None
             if isinstance(reserved, BudgetRefusal):
                 m.budget_denied.labels(m.tenant_label(c.tenant or ""), "budget_exceeded").inc()
+                self._refused(reserved)
                 deny(flow, reserved.denial())
             else:
                 self._ask_slice(reserved)
@@ -71,6 +72,7 @@ class Budget:
         )
         if isinstance(result, BudgetRefusal):
             m.budget_denied.labels(m.tenant_label(c.tenant or ""), "budget_exceeded").inc()
+            self._refused(result)
             deny(flow, result.denial())
             return
         c.reservation = result
@@ -88,6 +90,28 @@ class Budget:
         if ask is None:
             return
         self._background(self._take(ask))
+
+    def _refused(self, refusal: BudgetRefusal) -> None:
+        """A reservation of this process was refused: its slices of the budget that refused
+        it go back to the store at the next flush, not after `idle_s` (Slices.refused), and a
+        recall mark asks the other processes for theirs (Slices.recall_mark), in the
+        background: the 402 does not wait for it."""
+        slices = self.rt.slices
+        if slices is None:
+            return
+        if slices.refused(refusal):
+            self._flush_soon()
+        mark = slices.recall_mark(refusal)
+        if mark is not None:
+            self._background(self._recall(mark))
+
+    async def _recall(self, mark: tuple[str, str]) -> None:
+        slices = self.rt.slices
+        assert slices is not None
+        try:
+            await self.rt.blocking(slices.recall, mark)
+        except Exception:
+            log.exception("could not leave a slice recall mark")  # they return when idle
 
     async def _take(self, ask: Ask) -> None:
         slices = self.rt.slices

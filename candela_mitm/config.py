@@ -175,7 +175,9 @@ class BudgetSlices(_Model):
     headroom: int = Field(default=8, ge=2, le=1_000)  # never more than what is left / headroom
     # retired slices' spend recorded and the slices returned this often (see record_ms)
     flush_ms: int = Field(default=250, ge=1, le=10_000)
-    idle_s: float = Field(default=1.0, gt=0, le=3600)  # an unused slice is returned after this
+    # an unused slice is returned after this: long enough for a user sending a request every
+    # few seconds (the common LLM pattern) to keep its slice across the gaps
+    idle_s: float = Field(default=30.0, gt=0, le=3600)
     # the next slice is taken before the one in use runs out, sized to cover demand_ms of the
     # demand seen on it: at least `requests` holds, at most max(requests, max_requests)
     max_requests: int = Field(default=1024, ge=2, le=100_000)
@@ -183,6 +185,9 @@ class BudgetSlices(_Model):
     # the spend of a slice in use is recorded this often (a slice retired: at the next flush);
     # the slice holds the money meanwhile: only the spent figure and alerts wait for it
     record_ms: int = Field(default=1000, ge=1, le=60_000)
+    # slices a process holds at once, at most (each a reservation in the store, and work for
+    # every flush): past it no new slice is taken, and requests reserve on their own
+    max_held: int = Field(default=4096, ge=1, le=1_000_000)
 
 
 class Budgets(_Model):

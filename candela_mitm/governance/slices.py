@@ -35,10 +35,21 @@ and every request there reserves on its own, exactly, with its 402 decided by th
   change that retires the one in use (an admin change, a new budget, idle, shutdown) retires
   the one waiting too.
 - a slice is returned (what is left released) when a request did not fit it, when idle for
-  `idle_s`, when older than MAX_AGE_S, at shutdown, and when an admin change in this process
-  (`retire_all`) or a changed budget seen in a request's settings makes it stale; once its
-  requests in flight have settled. A slice asked before a `retire_all` is returned unused when
+  `idle_s`, when older than MAX_AGE_S, when a refusal recalls it (below), at shutdown, and
+  when an admin change in this process (`retire_all`) or a changed budget seen in a request's
+  settings makes it stale; once its requests in flight have settled. A slice asked before a `retire_all` is returned unused when
   it comes (`_epoch`).
+- idle users: a budget is sliced once it reserved on its own twice within `idle_s` (30 s: a
+  user sending a request every few seconds, the common LLM pattern, keeps its slice across
+  its gaps, and its requests are carved from the second on; a one-off request takes none).
+  A process holds at most `max_held` slices (`_full`): past it none is asked, and the other
+  budgets' requests reserve on their own; the flush's work is bounded by it.
+- a refusal: a request's own reservation refused returns this process's slices of the budget
+  that refused it (`refused`: the user's, or every slice of the tenant) at the next flush, and
+  leaves a recall mark in the store (`recall_mark`, `recall`: SliceRecallStore) that every
+  process holding a slice reads at its next flush (`_recalls`), returning its slices of that
+  budget: the cross-process window in which an unused slice elsewhere refuses requests near a
+  budget's end is a flush or two, not `idle_s`.
 - a process that dies holding a slice: the next start settles the spend its requests' audit
   entries name past what the slice recorded, then charges what is left of it (its requests in
   flight at the crash are among it and which ones cannot be known: nothing forwarded is free;
@@ -68,11 +79,13 @@ from candela_mitm.state.ports import (
     Call,
     Outcome,
     ReserveResult,
+    SliceRecall,
     SpendPart,
     StateStore,
     day_of,
     nano_to_usd,
     run_calls,
+    to_us,
     usd_to_nano,
     utc_now,
 )
@@ -84,6 +97,9 @@ log = logging.getLogger("candela.slices")
 
 SLICE_PREFIX = "slice:"  # a slice's request_id in the store: reconcile knows it by this
 MAX_AGE_S = 60.0  # a slice is taken afresh at least this often (far below the stale age limit)
+ASKED_MAX = 10_000  # budgets remembered as reserving on their own (the least recent forgotten)
+RECALL_EVERY_S = 1.0  # a process leaves a recall mark for one budget at most this often
+RECALL_SKEW_US = 1_000_000  # a mark recalls the slices taken up to this long after it (clocks)
 
 
 @dataclass(frozen=True)
@@ -93,17 +109,18 @@ class SliceRules:
     requests: int = 32  # a slice holds this many of the hold that asked for it (the least)
     headroom: int = 8  # never more than what the budget has left / headroom
     flush_s: float = 0.05
-    idle_s: float = 1.0
+    idle_s: float = 30.0  # an idle user's slice lives across its gaps (a request every few s)
     enabled: bool = True  # False: no slice is taken or carved (those held are returned)
     max_requests: int = 1024  # a slice asked ahead covers demand_s of the demand, up to this
     demand_s: float = 1.0
     record_s: float = 0.0  # a slice in use has its spend recorded this often (at least flush_s)
+    max_held: int = 4096  # slices held (or being taken) at once, at most; past it none is taken
 
     @classmethod
     def of(cls, cfg: BudgetSlices) -> SliceRules:
         return cls(
             cfg.requests, cfg.headroom, cfg.flush_ms / 1000, cfg.idle_s, cfg.enabled,
-            cfg.max_requests, cfg.demand_ms / 1000, cfg.record_ms / 1000,
+            cfg.max_requests, cfg.demand_ms / 1000, cfg.record_ms / 1000, cfg.max_held,
         )
 
 
@@ -223,6 +240,13 @@ def carved_from(res: Reservation, **changes: object) -> Reservation:
     return new
 
 
+def recalls(mark: SliceRecall, s: Slice) -> bool:
+    """Whether a recall mark returns slice `s`: one of its budgets (the user's: its user's
+    slices; the tenant's: every slice of that tenant), taken before the mark was made."""
+    mine = s.key.tenant == mark.name if mark.scope == "tenant" else s.key.user_id == mark.name
+    return mine and to_us(s.reservation.created_at) <= mark.at_us + RECALL_SKEW_US
+
+
 class Slices:
     """This process's budget slices (see the module docstring)."""
 
@@ -247,6 +271,10 @@ class Slices:
         # when each budget last reserved on its own: a slice is taken only for one used again
         # within idle_s (a budget used less often would return each slice unused)
         self._asked: dict[SliceKey, float] = {}
+        # recall marks (SliceRecallStore): the newest read, and the budgets this process left a
+        # mark for lately (scope, name) -> when
+        self._recall_seen = 0
+        self._recalled: dict[tuple[str, str], float] = {}
 
     # -- the request path (memory only) --------------------------------------------------------
     @staticmethod
@@ -362,13 +390,15 @@ class Slices:
             return None
         now = self.monotonic()
         with self._lock:
-            last = self._asked.get(key)
-            self._asked[key] = now
-            if len(self._asked) > 10_000:  # many budgets: forget those not seen lately
-                self._asked = {k: t for k, t in self._asked.items() if now - t <= self.rules.idle_s}
+            last = self._asked.pop(key, None)
+            self._asked[key] = now  # last in the dict's order: the least recent come first
+            while len(self._asked) > ASKED_MAX:  # many budgets: forget the least recent
+                del self._asked[next(iter(self._asked))]
             if last is None or now - last > self.rules.idle_s:
                 return None
             if key in self._by_key or key in self._next or key in self._taking:
+                return None
+            if self._full():
                 return None
             self._taking.add(key)
         return self._ask(res, key, size, ahead=False)
@@ -395,11 +425,21 @@ class Slices:
                 self.rules, hold, s.demand / max(now - s.since, 0.001),
                 free_after(seen, s.key, s.size),
             )
-            if not size:
+            if not size or self._full():
                 return None
             self._taking.add(s.key)
             key = s.key
         return self._ask(res, key, size, ahead=True)
+
+    def _full(self) -> bool:
+        """Whether `max_held` slices are held or being taken (the lock held): no other is
+        asked until one is returned. Not the least recently used returned to make room: past
+        the bound that would cost a store call per slice taken and thrash (more budgets in use
+        than slices allowed: every request would reserve on its own, take a slice and return
+        another), where refusing costs nothing: the budgets sliced keep their slices, the rest
+        reserve on their own as they would without slices, and a slice idle for `idle_s` makes
+        room."""
+        return len(self._by_id) + len(self._taking) >= self.rules.max_held
 
     def _ask(self, res: Reservation, key: SliceKey, size: int, ahead: bool) -> Ask:
         """The reservation of a slice of `size` nano-dollars of `res`'s budgets, to be made
@@ -466,6 +506,88 @@ class Slices:
         if nxt is not None:
             self._retire(nxt)
 
+    def refused(self, refusal: BudgetRefusal) -> int:
+        """A request's own reservation was refused: every slice this process holds of the
+        budget that refused it (the user's: its slices; the key's: its user's, a superset, as a
+        key's budget is a part of its user's; the tenant's: every slice of that tenant) is
+        retired now and returned at the next flush, so the money they hold unused is back in
+        the store for the next request instead of after `idle_s`. Returns how many were
+        retired. A scan of the slices held (at most `max_held`), on refusals only."""
+        with self._lock:
+            if refusal.scope == "tenant":
+                mine = [
+                    s for s in [*self._by_key.values(), *self._next.values()]
+                    if s.key.tenant == refusal.tenant
+                ]
+            else:
+                mine = [
+                    s for s in [*self._by_key.values(), *self._next.values()]
+                    if s.key.user_id == refusal.user_id
+                ]
+            for s in mine:
+                self._retire(s)
+            return len(mine)
+
+    def recall_mark(self, refusal: BudgetRefusal) -> tuple[str, str] | None:
+        """The recall mark to leave in the store after `refusal` (`recall`, off the loop), so
+        that the other processes return their slices of the refused budget at their next
+        flush; None: none needed, as nothing else was held on that budget when it refused, or
+        this process left one for it within RECALL_EVERY_S (a user retrying at its budget's
+        end writes a mark a second, not one per request)."""
+        if refusal.reserved_usd <= 0:
+            return None
+        mark = ("tenant", refusal.tenant or "") if refusal.scope == "tenant" else (
+            "user", refusal.user_id)
+        now = self.monotonic()
+        with self._lock:
+            last = self._recalled.pop(mark, None)
+            if last is not None and now - last < RECALL_EVERY_S:
+                self._recalled[mark] = last
+                return None
+            self._recalled[mark] = now
+            while len(self._recalled) > ASKED_MAX:
+                del self._recalled[next(iter(self._recalled))]
+        return mark
+
+    def recall(self, mark: tuple[str, str]) -> None:
+        """Blocking (a store call): leave the mark `recall_mark` made."""
+        if isinstance(self.ledger.store, StateStore):
+            self.ledger.store.recall_slices(mark[0], mark[1], to_us(self.clock()))
+
+    def _recalls(self) -> None:
+        """Blocking (a store read, at each flush while a slice is held, not retiring): the
+        recall marks left since the last read retire this process's slices of their budgets
+        taken before the mark (up to RECALL_SKEW_US after it: another host's clock); they are
+        returned in the same flush. Marks missed (more than the store keeps since the last
+        read) retire every slice. A read that fails is logged: the slices stay until they
+        idle, as without marks."""
+        store = self.ledger.store
+        if not isinstance(store, StateStore):
+            return
+        with self._lock:
+            if not self._by_key and not self._next:
+                return
+            seen = self._recall_seen
+        try:
+            newest, marks = store.slice_recalls(seen)
+        except Exception as e:
+            log.warning("could not read the slice recall marks: %s", e)
+            return
+        with self._lock:
+            self._recall_seen = newest
+            if newest < seen:  # the store was replaced or emptied: nothing to act on
+                return
+            held = [*self._by_key.values(), *self._next.values()]
+            if marks and marks[0].seq > seen + 1 and seen > 0:
+                log.warning("slice recall marks missed: every slice returned")
+                for s in held:
+                    self._retire(s)
+                return
+            for m in marks:
+                for s in held:
+                    if not s.retiring and recalls(m, s):
+                        self._retire(s)
+
     def retire_all(self) -> None:
         """Every slice is returned (once its requests have settled): an admin change."""
         with self._lock:
@@ -484,12 +606,14 @@ class Slices:
             return bool(self._by_id)
 
     def flush(self, everything: bool = False) -> list[Reservation]:
-        """Blocking (store calls): record the spend settled since the last flush (one
-        settle_part per slice with spend: a slice in use every `record_s`) and release the slices retired, idle (`idle_s`) or,
-        with `everything` (shutdown), all of them once their requests have settled: at most two
-        transactions (one on Redis per slice). Returns the slices whose spend was recorded
+        """Blocking (store calls): read the recall marks left since the last flush
+        (`_recalls`), record the spend settled since the last flush (one settle_part per slice
+        with spend: a slice in use every `record_s`) and release the slices retired, recalled,
+        idle (`idle_s`) or, with `everything` (shutdown), all of them once their requests have
+        settled: the marks' read and at most two transactions (one on Redis per slice). Returns the slices whose spend was recorded
         (budget alerts look at them). Spend a store call could not record stays queued for the
         next flush, and a slice that could not be returned is tried again."""
+        self._recalls()
         now = self.monotonic()
         with self._lock:
             if everything:

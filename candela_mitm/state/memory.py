@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from candela_mitm.state.ports import (
+    RECALLS_KEPT,
     ActiveReservation,
     DayTotals,
     GrantRow,
@@ -31,6 +32,7 @@ from candela_mitm.state.ports import (
     ReserveResult,
     SettlePlan,
     SettleResult,
+    SliceRecall,
     SpendPart,
     SpendRow,
     StateStore,
@@ -95,6 +97,8 @@ class _Tables:
     jobs: dict[tuple[str, str], JobRecord] = field(default_factory=dict)  # (provider, job id)
     job_objects: dict[tuple[str, str], str] = field(default_factory=dict)  # JSON, as stored
     generation: int = 0  # changes to users, tenants, grants and keys (settings_generation)
+    recalls: list[SliceRecall] = field(default_factory=list)  # slice recall marks, kept
+    recall_seq: int = 0
 
 
 class MemoryStateStore(StateStore):
@@ -390,6 +394,18 @@ class MemoryStateStore(StateStore):
     # -- settings generation -------------------------------------------------------------------
     def settings_generation(self) -> int:
         return self._t.generation
+
+    # -- slice recalls -------------------------------------------------------------------------
+    def recall_slices(self, scope: str, name: str, now_us: int) -> int:
+        with self._lock:
+            self._t.recall_seq += 1
+            self._t.recalls.append(SliceRecall(self._t.recall_seq, scope, name, now_us))
+            del self._t.recalls[:-RECALLS_KEPT]
+            return self._t.recall_seq
+
+    def slice_recalls(self, after: int) -> tuple[int, list[SliceRecall]]:
+        with self._lock:
+            return self._t.recall_seq, [m for m in self._t.recalls if m.seq > after]
 
     # -- API keys ------------------------------------------------------------------------------
     def put_api_key(self, record: KeyRecord) -> None:

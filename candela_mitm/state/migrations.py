@@ -293,6 +293,19 @@ STEPS: Sequence[tuple[str, Step]] = [
             "INSERT OR IGNORE INTO settings_generation (id, n) VALUES (0, 0)",
         ),
     ),
+    (
+        # marks a refused reservation leaves for the processes holding budget slices of its
+        # budget, read at their flush (SliceRecallStore; governance/slices.py): the newest kept
+        "012_slice_recalls",
+        _sql(
+            """CREATE TABLE IF NOT EXISTS slice_recalls (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                scope TEXT NOT NULL,
+                name TEXT NOT NULL,
+                at_us INTEGER NOT NULL
+            )""",
+        ),
+    ),
 ]
 
 SCHEMA_VERSION = len(STEPS)  # what PRAGMA user_version holds once every step has run

@@ -888,6 +888,35 @@ class GenerationStore(Protocol):
         sees the new count reads the change). Only ever grows; 0 for a store nobody changed."""
 
 
+RECALLS_KEPT = 1024  # slice recall marks a store keeps (the newest; older ones are dropped)
+
+
+@dataclass(frozen=True)
+class SliceRecall:
+    """A mark a refused reservation leaves for the processes holding slices of its budget."""
+
+    seq: int  # its number: 1, 2, ... in the order made
+    scope: str  # "user" or "tenant"
+    name: str  # the user's or the tenant's id
+    at_us: int  # when it was made (the maker's clock)
+
+
+class SliceRecallStore(Protocol):
+    """Marks that ask every process holding a budget slice of a refused budget to return it
+    (governance/slices.py): written by the process whose reservation was refused, read by the
+    holders at their flush."""
+
+    @abstractmethod
+    def recall_slices(self, scope: str, name: str, now_us: int) -> int:
+        """Add a mark, numbered one past the newest, in one atomic step; keep the newest
+        RECALLS_KEPT. Returns its number."""
+
+    @abstractmethod
+    def slice_recalls(self, after: int) -> tuple[int, list[SliceRecall]]:
+        """The newest mark's number (0: none ever made) and the marks kept numbered past
+        `after`, oldest first, in one read."""
+
+
 class StateStore(
     AdmissionStore,
     UserStore,
@@ -898,6 +927,7 @@ class StateStore(
     RateStore,
     AlertStore,
     GenerationStore,
+    SliceRecallStore,
     ABC,
 ):
     """Governance state shared by every worker: every port, each method one atomic step.

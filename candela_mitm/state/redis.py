@@ -17,6 +17,7 @@ from redis.retry import Retry
 
 from candela_mitm.errors import StoreUnavailable
 from candela_mitm.state.ports import (
+    RECALLS_KEPT,
     ActiveReservation,
     DayTotals,
     GrantRow,
@@ -29,6 +30,7 @@ from candela_mitm.state.ports import (
     RateTake,
     ReserveResult,
     SettleResult,
+    SliceRecall,
     SpendPart,
     SpendRow,
     StateStore,
@@ -644,6 +646,27 @@ return #ids
 """
 
 
+# a slice recall mark (SliceRecallStore): numbered by a counter, kept in a list of
+# "seq|at_us|scope|name" (the newest ARGV[4]); read: the counter, and the marks past ARGV[1]
+_RECALL = """
+local n = redis.call('INCR', KEYS[1])
+redis.call('RPUSH', KEYS[2], n .. '|' .. ARGV[3] .. '|' .. ARGV[1] .. '|' .. ARGV[2])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
+return n
+"""
+
+_RECALLS = """
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+local after = tonumber(ARGV[1])
+if n <= after then return {n} end
+local out = {n}
+for _, m in ipairs(redis.call('LRANGE', KEYS[2], -math.min(n - after, tonumber(ARGV[2])), -1)) do
+  out[#out + 1] = m
+end
+return out
+"""
+
+
 LOOP_CONNECTIONS_MAX = 8  # the event loop's asyncio client (rate_hit_reserve_async)
 
 
@@ -715,6 +738,8 @@ class RedisStateStore(StateStore):
             self._rate_take = self._r.register_script(_RATE_TAKE)
             self._rate_return = self._r.register_script(_RATE_RETURN)
             self._purge = self._r.register_script(_PURGE)
+            self._recall = self._r.register_script(_RECALL)
+            self._recalls = self._r.register_script(_RECALLS)
             self._token_admit = self._r.register_script(_TOKEN_ADMIT)
             self._revoke_key = self._r.register_script(_REVOKE_KEY)
             self._expire_key = self._r.register_script(_EXPIRE_KEY)
@@ -1272,6 +1297,23 @@ class RedisStateStore(StateStore):
     def settings_generation(self) -> int:
         with self._guard():
             return _int(self._r.get(self._generation_key) or 0)
+
+    # -- slice recalls -------------------------------------------------------------------------
+    def recall_slices(self, scope: str, name: str, now_us: int) -> int:
+        keys = [self.prefix + "slice_recalls:seq", self.prefix + "slice_recalls"]
+        with self._guard():
+            return _int(self._recall(keys=keys, args=[scope, name, now_us, RECALLS_KEPT]))
+
+    def slice_recalls(self, after: int) -> tuple[int, list[SliceRecall]]:
+        keys = [self.prefix + "slice_recalls:seq", self.prefix + "slice_recalls"]
+        with self._guard():
+            out = self._recalls(keys=keys, args=[after, RECALLS_KEPT])
+        marks = []
+        for m in out[1:]:
+            seq, at_us, scope, name = str(m).split("|", 3)
+            if int(seq) > after:
+                marks.append(SliceRecall(int(seq), scope, name, int(at_us)))
+        return _int(out[0]), marks
 
     # -- API keys ------------------------------------------------------------------------------
     @staticmethod

@@ -17,6 +17,7 @@ from candela_mitm.errors import StoreUnavailable
 from candela_mitm.state.gate import WriteGate, this_process
 from candela_mitm.state.migrations import migrate
 from candela_mitm.state.ports import (
+    RECALLS_KEPT,
     ActiveReservation,
     BatchAborted,
     DayTotals,
@@ -30,6 +31,7 @@ from candela_mitm.state.ports import (
     ReserveResult,
     SettlePlan,
     SettleResult,
+    SliceRecall,
     SpendPart,
     SpendRow,
     StateStore,
@@ -1105,6 +1107,30 @@ class SqliteStateStore(StateStore):
         with self._tx(write=False) as c:
             row = c.execute("SELECT n FROM settings_generation WHERE id = 0").fetchone()
         return 0 if row is None else int(row[0])
+
+    # -- slice recalls -------------------------------------------------------------------------
+    def recall_slices(self, scope: str, name: str, now_us: int) -> int:
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT INTO slice_recalls (scope, name, at_us) VALUES (?, ?, ?)",
+                (scope, name, now_us),
+            )
+            seq = int(cur.lastrowid or 0)
+            c.execute("DELETE FROM slice_recalls WHERE seq <= ?", (seq - RECALLS_KEPT,))
+        return seq
+
+    def slice_recalls(self, after: int) -> tuple[int, list[SliceRecall]]:
+        with self._tx(write=False) as c:
+            # AUTOINCREMENT: sqlite_sequence holds the newest number even once its row is gone
+            row = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'slice_recalls'").fetchone()
+            newest = 0 if row is None else int(row[0])
+            if newest <= after:
+                return newest, []
+            rows = c.execute(
+                "SELECT seq, scope, name, at_us FROM slice_recalls WHERE seq > ? ORDER BY seq",
+                (after,),
+            ).fetchall()
+        return newest, [SliceRecall(int(q), str(sc), str(n), int(t)) for q, sc, n, t in rows]
 
     # -- API keys ------------------------------------------------------------------------------
     def put_api_key(self, record: KeyRecord) -> None:

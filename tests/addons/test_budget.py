@@ -146,3 +146,52 @@ def test_budget_judges_a_hold_by_the_config_in_force_after_a_reload(tctx, runtim
             "audit": {"sqlite_path": rt.config.audit.sqlite_path}}
     assert rt.reload(parse_config({**cfg("zero"), **same})) == ["governance"]
     assert status() is None  # priced at zero now: nothing held, forwarded
+
+
+def test_a_refusal_returns_this_processs_slice_and_leaves_a_recall_mark(tctx, runtime):
+    """A 402 while this process holds a slice of the refused budget: the slice is returned at
+    the next flush, and a recall mark is left in the store for the other processes' slices
+    (governance/slices.py); the answer does not wait for either."""
+    from candela_mitm.addons.auth import Auth
+    from candela_mitm.addons.ratelimit import RateLimit
+    from candela_mitm.addons.router import Router
+    from candela_mitm.governance.ledger import Reservation
+    from tests.wait import until_async
+
+    from .conftest import ALICE_KEY, make_flow
+
+    rt = runtime({**BASE, "users": {USER: {"tenants": ["research-team"], "daily_budget_usd": 1.0,
+                                           "requests_per_minute": 1000}}})
+
+    def big():  # 40 times chat()'s hold: more than a slice of 32 of them
+        body = {"model": "gpt-4o-mini", "max_tokens": 4000,
+                "messages": [{"role": "user", "content": "hi"}]}
+        return make_flow("/proxy/openai/v1/chat/completions", body,
+                         headers={"Authorization": f"Bearer {ALICE_KEY}"})
+
+    async def go():
+        budget = Budget(rt)
+        addons = [Router(rt), Auth(rt), RateLimit(rt), budget]
+        for f in (chat(), chat()):  # reserved on their own twice: a slice is taken
+            await run_hooks(addons, f, "requestheaders", "request")
+            assert f.response is None
+        await until_async(lambda: rt.slices.held() == 1, what="a slice held")
+        # another process holds all but half of the big request's hold
+        left = rt.ledger.status(USER, 1.0).remaining_usd
+        other = rt.ledger.reserve(USER, "research-team", left - 0.0012, 1.0, "span-other")
+        assert isinstance(other, Reservation)
+        assert rt.store.slice_recalls(0) == (0, [])
+        refused = big()
+        await run_hooks(addons, refused, "requestheaders", "request")
+        assert refused.response is not None and refused.response.status_code == 402
+        while budget._settling:  # the mark is left in the background
+            await asyncio.gather(*list(budget._settling))
+        newest, marks = rt.store.slice_recalls(0)
+        assert newest == 1 and [(m.scope, m.name) for m in marks] == [("user", USER)]
+        assert not rt.slices._by_key  # retired: returned at the next flush
+        await until_async(lambda: rt.slices.held() == 0, what="the slice returned")
+        budget._flusher.cancel()
+
+    asyncio.run(go())
+    held = [r.request_id for r in rt.store.active_reservations()]
+    assert len(held) == 3 and not [r for r in held if r.startswith("slice:")]  # own ones left

@@ -87,6 +87,11 @@ def test_empty_file_is_valid(tmp_path):
             "governance.rate_limits.leases",
             "at least lifetime_ms",
         ),
+        (
+            "governance: {budgets: {slices: {max_held: 0}}}\n",
+            "governance.budgets.slices.max_held",
+            "greater than or equal to 1",
+        ),
         ("interception: {replace_provider_keys: [nowhere]}\n", "interception", "nowhere"),
         (
             "interception: {organisation_keys: [sk-raw]}\n",

@@ -66,7 +66,9 @@ def gov(tmp_path_factory, upstream, token_server):
             "bob@example.com": {"tenants": ["contractor-pool"], "requests_per_minute": 3, "daily_budget_usd": 0.01},
         },
         governance={
-            "budgets": {"default_daily_usd": 1000.0, "default_max_output_tokens": 4096},
+            # a slice returned a second after its last use: tests here wait for it
+            "budgets": {"default_daily_usd": 1000.0, "default_max_output_tokens": 4096,
+                        "slices": {"idle_s": 1.0}},
             "tenants": {"frugal-team": {"budget_usd": 0.001, "period": "monthly"}},
             "models": {
                 "mode": "allowlist",
@@ -253,7 +255,7 @@ def test_streamed_spend_is_settled_to_real_usage(gov, upstream):
     assert after - before == pytest.approx(want)
     # nothing else is held once the request ended: with budget slices (on by default) the
     # process may hold the unused part of a slice of alice's budget (reserved_usd counts it)
-    # until it is returned, idle_s (1 s) after its last use
+    # until it is returned, idle_s after its last use (30 s by default: this proxy's is 1 s)
     deadline = time.monotonic() + WAIT_S
     while led.status("alice@example.com", 1000.0).reserved_usd > 0:
         assert time.monotonic() < deadline, "a slice was never returned"

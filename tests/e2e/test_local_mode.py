@@ -321,8 +321,26 @@ def test_gemini_cached_input_is_priced_with_the_configured_multiplier(local, ups
     assert s["cost_usd"] == pytest.approx(expected)
 
 
+def steady_spend(local) -> dict:
+    """/_local/api/spend once no earlier request's spend is still to be recorded: a request
+    carved from a budget slice (an idle user keeps one idle_s, 30 s) has its spend recorded up
+    to record_ms (1 s) and a flush after its answer; read until it stays put that long."""
+    def read() -> dict:
+        return requests.get(f"{local.url}/_local/api/spend", timeout=5).json()
+
+    deadline = time.monotonic() + WAIT_S
+    last = read()
+    while True:
+        time.sleep(1.5)
+        now = read()
+        if now["spent_usd"] == last["spent_usd"]:
+            return now
+        assert time.monotonic() < deadline, "the spend never settled"
+        last = now
+
+
 def test_spend_is_todays_against_the_budget_with_hours(local, upstream):
-    before = requests.get(f"{local.url}/_local/api/spend", timeout=5).json()
+    before = steady_spend(local)
     upstream.configure(usage=Usage(input_tokens=100_000, output_tokens=10_000))
     assert chat(local, {"model": "gpt-4o-mini", "messages": MSGS}).status_code == 200
     cost = (100_000 * 0.15 + 10_000 * 0.60) / 1e6

@@ -127,6 +127,9 @@ def _reset(upstream: FakeUpstream):
 def proxy(tmp_path_factory, upstream, token_server):
     tmp = tmp_path_factory.mktemp("settle")
     cfg = base_config(upstream.url, users=USERS)
+    # these tests wait until nothing of the user is held (`settled`), a budget slice included:
+    # returned a second after its last use here (the default keeps an idle user's slice 30 s)
+    cfg["governance"]["budgets"]["slices"] = {"idle_s": 1.0}
     with CandelaProcess(tmp, cfg, env=candela_env(token_server, tmp)) as c:
         yield c
 

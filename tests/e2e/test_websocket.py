@@ -78,7 +78,9 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, fake: FakeRealtime) -> Itera
                 "bob@example.com": {"daily_budget_usd": 0.05},
             },
             governance={
-                "budgets": {"default_daily_usd": 1000.0},
+                # `settled` waits until nothing of the user is held, a budget slice of its plain
+                # requests included: returned a second after its last use here (default 30 s)
+                "budgets": {"default_daily_usd": 1000.0, "slices": {"idle_s": 1.0}},
                 "websocket": {"reserve_usd": SLICE, "max_sessions_per_user": 3},
                 "models": {
                     "mode": "blocklist",

@@ -5,7 +5,7 @@ test_reconcile.py)."""
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -27,7 +27,9 @@ from candela_mitm.governance.slices import (
 )
 from candela_mitm.state import StateStore
 from candela_mitm.state.ports import (
+    RECALLS_KEPT,
     ReserveResult,
+    to_us,
 )
 from tests.core.governance.races import hammer_processes
 
@@ -71,6 +73,202 @@ def test_a_budget_is_sliced_once_used_again_within_idle_s(store: StateStore) -> 
     mono.t += RULES.idle_s / 2
     ask = slices.ask(res)
     assert ask is not None and slices.took(ask, ask.reserve())
+
+
+def test_an_idle_users_requests_seconds_apart_are_carved_from_one_slice(
+    store: StateStore,
+) -> None:
+    """The default rules: a user sending a request every 5 s (the common LLM pattern) reserves
+    on its own twice, then every request is carved from the slice the second one took, which
+    stays across the gaps (flushes between them) until idle_s after the last one."""
+    ledger = Ledger(store, clock=lambda: T0)
+    mono = Clock()
+    rules = SliceRules(flush_s=0.05)  # the defaults
+    assert rules.idle_s == 30.0 and rules.max_held == 4096
+    slices = Slices(ledger, rules, clock=lambda: T0, monotonic=mono)
+    k = key(slices, budget=1000.0)
+    assert slices.carve(k, 1.0, "span-1") is None
+    assert slices.ask(own(ledger, 1.0, budget=1000.0)) is None  # once: no slice
+    mono.t += 5
+    slices.flush()
+    assert slices.carve(k, 1.0, "span-2") is None
+    ask = slices.ask(own(ledger, 1.0, budget=1000.0))  # again within idle_s: a slice
+    assert ask is not None and slices.took(ask, ask.reserve())
+    for i in range(3, 10):
+        mono.t += 5
+        slices.flush()  # the gap: an idle scan, nothing returned
+        assert slices.held() == 1
+        c = slices.carve(k, 1.0, f"span-{i}")
+        assert c is not None and c.slice == ask_id(slices)
+        slices.settle(c, 0.5, 10, 10, "gpt-4o", "openai")
+    mono.t += rules.record_s + 1
+    slices.flush()  # spend recorded, the slice kept
+    assert slices.held() == 1 and ledger.status(U, 1000.0).spent_usd == 3.5
+    mono.t += rules.idle_s - 2
+    slices.flush()
+    assert slices.held() == 1  # idle, but for less than idle_s
+    mono.t += 2
+    slices.flush()
+    assert slices.held() == 0  # idle_s after its last use: returned
+    status = ledger.status(U, 1000.0)
+    assert (status.spent_usd, status.reserved_usd) == (3.5, 2.0)  # the two own ones held
+
+
+def test_the_rules_read_idle_s_and_max_held_from_the_config() -> None:
+    from candela_mitm.config import BudgetSlices
+
+    assert SliceRules.of(BudgetSlices()) == SliceRules(flush_s=0.25, record_s=1.0)
+    assert (SliceRules.of(BudgetSlices()).idle_s, SliceRules.of(BudgetSlices()).max_held) == (
+        30.0, 4096)
+    rules = SliceRules.of(BudgetSlices(idle_s=2.5, max_held=7))
+    assert (rules.idle_s, rules.max_held) == (2.5, 7)
+
+
+def ask_id(slices: Slices) -> str:
+    """The id of the one slice `slices` holds."""
+    ids = list(slices._by_id)
+    assert len(ids) == 1
+    return ids[0]
+
+
+def test_a_process_holds_at_most_max_held_slices(store: StateStore) -> None:
+    """Past max_held no slice is asked (none returned to make room): the other budgets reserve
+    on their own until a slice held is returned; a slice taken ahead counts too."""
+    ledger = Ledger(store, clock=lambda: T0)
+    mono = Clock()
+    slices = Slices(ledger, SliceRules(requests=10, headroom=4, idle_s=5.0, max_held=2),
+                    clock=lambda: T0, monotonic=mono)
+    users = ["a@x", "b@x", "c@x"]
+
+    def own_of(user: str) -> Reservation:
+        got = ledger.reserve(user, None, 1.0, 100.0, "span-own")
+        assert isinstance(got, Reservation)
+        return got
+
+    def taken(user: str) -> bool:
+        ask = slices.ask(own_of(user)) or slices.ask(own_of(user))
+        return ask is not None and slices.took(ask, ask.reserve())
+
+    assert taken(users[0]) and taken(users[1])
+    assert not taken(users[2]) and slices.held() == 2  # the bound: none asked
+    assert ledger.status(users[2], 100.0).reserved_usd == 2.0  # its own two, no slice
+    daily = BudgetPeriod("daily", "UTC")
+    k0 = slices.key_of(users[0], 100.0, daily, None, None, daily, None, T0)
+    carved = [slices.carve(k0, 1.0, f"s{i}") for i in range(9)]
+    assert all(c is not None for c in carved)
+    assert slices.ask_next(carved[-1]) is None  # its slice nearly spent, but none taken ahead
+    for c in carved:
+        slices.release(c)
+    mono.t += 6  # both idle: returned
+    slices.flush()
+    assert slices.held() == 0
+    assert taken(users[2])  # room again
+    # at the bound a slice being taken counts: the one asked fills it
+    assert taken(users[0])
+    ask = slices.ask(own_of(users[1]))
+    assert ask is None and slices.held() == 2
+
+
+def test_a_refusal_returns_this_processs_slices_of_the_budget_that_refused(
+    store: StateStore,
+) -> None:
+    """A request refused near a budget's end: this process's slices of that budget go back to
+    the store at the next flush, not after idle_s; a user's refusal returns that user's slices
+    only, a tenant's every slice of that tenant."""
+    ledger = Ledger(store, clock=lambda: T0)
+    mono = Clock()
+    slices = Slices(ledger, RULES, clock=lambda: T0, monotonic=mono)
+    tb = {"tenant_budget_usd": 1000.0}
+
+    def own_of(user: str, amount: float = 1.0) -> Reservation | BudgetRefusal:
+        return ledger.reserve(user, "t", amount, 100.0, "span-own", **tb)
+
+    def taken(user: str) -> bool:
+        a, b = own_of(user), own_of(user)
+        assert isinstance(a, Reservation) and isinstance(b, Reservation)
+        ask = slices.ask(a) or slices.ask(b)
+        return ask is not None and slices.took(ask, ask.reserve())
+
+    assert taken(U) and taken("bob@x") and slices.held() == 2
+    assert ledger.status(U, 100.0).reserved_usd == 12.0  # two own, a slice of 10
+    other = ledger.reserve(U, "t", 86.0, 100.0, "span-other", **tb)  # another process
+    assert isinstance(other, Reservation)
+    refused = own_of(U, 3.0)  # 100 - 12 - 86 = 2 left: refused, the slice's 10 unused
+    assert isinstance(refused, BudgetRefusal) and refused.scope == "user"
+    assert slices.refused(refused) == 1  # alice's slice, not bob's
+    daily = BudgetPeriod("daily", "UTC")
+    assert slices.carve(slices.key_of(U, 100.0, daily, "t", 1000.0, daily, None, T0), 1.0,
+                        "s") is None
+    slices.flush()
+    assert slices.held() == 1 and ledger.status(U, 100.0).reserved_usd == 88.0
+    assert isinstance(own_of(U, 3.0), Reservation)  # fits now
+    # the tenant's budget refuses: every slice of the tenant is returned
+    big = ledger.reserve("dave@x", "t", 1000.0, 1e6, "span-big", **tb)
+    assert isinstance(big, BudgetRefusal) and big.scope == "tenant"
+    assert slices.refused(big) == 1  # bob's
+    slices.flush()
+    assert slices.held() == 0
+
+
+def test_a_refusal_in_one_process_recalls_the_slices_another_holds(store: StateStore) -> None:
+    """Process B's reservation refused while process A holds an unused slice of the budget: B
+    leaves a recall mark (one a second per budget), A returns its slice at its next flush, and
+    what it held fits B's next request; a mark recalls only the slices of its budget taken
+    before it, and marks missed return every slice."""
+    wall = [T0]
+    ledger_a = Ledger(store, clock=lambda: wall[0])
+    ledger_b = Ledger(store, clock=lambda: wall[0])
+    mono_a, mono_b = Clock(), Clock()
+    a = Slices(ledger_a, RULES, clock=lambda: wall[0], monotonic=mono_a)
+    b = Slices(ledger_b, RULES, clock=lambda: wall[0], monotonic=mono_b)
+    tb = {"tenant_budget_usd": 1000.0}
+
+    def reserve(ledger: Ledger, user: str, amount: float) -> Reservation | BudgetRefusal:
+        return ledger.reserve(user, "t", amount, 100.0, "span", **tb)
+
+    def taken(slices: Slices, ledger: Ledger, user: str) -> bool:
+        x, y = reserve(ledger, user, 1.0), reserve(ledger, user, 1.0)
+        assert isinstance(x, Reservation) and isinstance(y, Reservation)
+        ask = slices.ask(x) or slices.ask(y)
+        return ask is not None and slices.took(ask, ask.reserve())
+
+    assert taken(a, ledger_a, U) and taken(a, ledger_a, "bob@x")
+    assert isinstance(reserve(ledger_b, U, 86.0), Reservation)
+    refused = reserve(ledger_b, U, 3.0)  # 100 - 12 - 86: A's slice of 10 stands in the way
+    assert isinstance(refused, BudgetRefusal)
+    assert b.refused(refused) == 0  # B holds none
+    mark = b.recall_mark(refused)
+    assert mark == ("user", U)
+    b.recall(mark)
+    assert b.recall_mark(refused) is None  # one a second per budget
+    mono_b.t += 1.5
+    assert b.recall_mark(refused) == mark
+    a.flush()
+    assert a.held() == 1  # alice's returned, bob's (another user) kept
+    assert ledger_a.status(U, 100.0).reserved_usd == 88.0
+    assert isinstance(reserve(ledger_b, U, 3.0), Reservation)  # fits now
+    # a mark made before a slice was taken (past the clocks' skew) does not recall it
+    store.recall_slices("user", "bob@x", to_us(T0))
+    wall[0] = T0 + timedelta(seconds=5)
+    a.flush()  # reads the mark: bob's slice, taken at T0, is returned
+    assert a.held() == 0
+    assert taken(a, ledger_a, "bob@x")
+    store.recall_slices("user", "bob@x", to_us(T0))
+    a.flush()
+    assert a.held() == 1  # taken at T0 + 5 s, after the mark: kept
+    # the tenant's budget: every slice of the tenant
+    b.recall(("tenant", "t"))
+    a.flush()
+    assert a.held() == 0
+    # more marks than the store keeps since A last read: every slice is returned
+    assert taken(a, ledger_a, "bob@x")
+    a.flush()
+    assert a.held() == 1
+    for i in range(RECALLS_KEPT + 2):
+        store.recall_slices("user", f"other{i}", to_us(wall[0]))
+    a.flush()
+    assert a.held() == 0
+    assert ledger_a.status("bob@x", 100.0).reserved_usd == 6.0  # its own ones: no slice held
 
 
 def key(slices: Slices, budget: float = 100.0, tenant: str | None = None,

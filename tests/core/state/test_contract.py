@@ -31,6 +31,7 @@ from candela_mitm.state.ports import (
     LedgerStore,
     NewReservation,
     RateStore,
+    SliceRecallStore,
     StateStore,
     StoreUnreachable,
     TenantRecord,
@@ -450,7 +451,7 @@ def test_redis_down_fails_closed(redis_server_factory: Any) -> None:
 def test_state_store_is_the_narrow_ports_and_each_operation_has_one() -> None:
     ports = [
         UserStore, TenantStore, LedgerStore, KeyStore, JobStore, RateStore, AlertStore,
-        GenerationStore,
+        GenerationStore, SliceRecallStore,
     ]
     assert all(port in StateStore.__mro__ for port in ports)
     owners = {
