@@ -21,7 +21,8 @@ and every request there reserves on its own, exactly, with its 402 decided by th
   in the background as any slice is taken): when less than a quarter of it is free, or it
   nears MAX_AGE_S. At most one ask is in flight per budgets (`_taking`). It is sized by the
   demand seen on the slice in use: what its requests carved per second times `demand_s`, at
-  least `requests` and at most `max_requests` of the asking request's hold, and never more
+  least `paced` (what that demand spends over MAX_AGE_S, between two and `requests` holds)
+  and at most `max_requests` of the asking request's hold, and never more
   than what was left outside the slice in use (as the store counted it when that one was
   taken) divided by `headroom`. The store's reservation refuses a slice the budget cannot
   hold, and one it holds but with less than `headroom` times its size left beside it (the
@@ -42,6 +43,9 @@ and every request there reserves on its own, exactly, with its 402 decided by th
 - idle users: a budget is sliced once it reserved on its own twice within `idle_s` (30 s: a
   user sending a request every few seconds, the common LLM pattern, keeps its slice across
   its gaps, and its requests are carved from the second on; a one-off request takes none).
+  Its slice is sized to the pace of those two reservations (`paced`: what it spends over a
+  slice's life, MAX_AGE_S, at least two holds, at most `requests`): a crash charges an idle
+  user a few holds, not `requests` of them.
   A process holds at most `max_held` slices (`_full`): past it none is asked, and the other
   budgets' requests reserve on their own; the flush's work is bounded by it.
 - a refusal: a request's own reservation refused returns this process's slices of the budget
@@ -213,10 +217,23 @@ def next_size(rules: SliceRules, hold: int, demand_per_s: float, free: int) -> i
     the slice in use) / headroom; 0: take none."""
     if hold <= 0:
         return 0
-    want = min(max(int(demand_per_s * rules.demand_s), rules.requests * hold),
+    want = min(max(int(demand_per_s * rules.demand_s), paced(rules, hold, demand_per_s)),
                max(rules.max_requests, rules.requests) * hold)
     size = min(want, free // rules.headroom) // hold * hold  # whole holds (see slice_size)
     return size if size >= 2 * hold else 0
+
+
+def paced(rules: SliceRules, hold: int, demand_per_s: float) -> int:
+    """The least a slice holds at a demand of `demand_per_s` (nano-dollars a second): what
+    that pace spends over a slice's life (MAX_AGE_S), in whole holds, at least two, at most
+    `requests` of them. A busy budget gets `requests` holds as before; an idle user's (a
+    request every few seconds) no more than its pace uses before the slice is taken afresh
+    anyway: what a crash charges of a slice's unused part (governance/reconcile.py) and what
+    `reserved_usd` shows of it stay near what the user spends, not `requests` holds."""
+    if hold <= 0:
+        return 0
+    holds = int(demand_per_s * MAX_AGE_S / hold) + 1
+    return max(2, min(rules.requests, holds)) * hold
 
 
 def slice_size(rules: SliceRules, hold: int, free: int) -> int:
@@ -401,6 +418,8 @@ class Slices:
             if self._full():
                 return None
             self._taking.add(key)
+        # sized to the pace of the two reservations (an idle user's: a few holds, `paced`)
+        size = min(size, paced(self.rules, hold, hold / max(now - last, 0.001)))
         return self._ask(res, key, size, ahead=False)
 
     def ask_next(self, res: Reservation) -> Ask | None:

@@ -23,6 +23,8 @@ from candela_mitm.governance.slices import (
     SliceRules,
     Slices,
     free_after,
+    next_size,
+    paced,
     slice_size,
 )
 from candela_mitm.state import StateStore
@@ -93,7 +95,8 @@ def test_an_idle_users_requests_seconds_apart_are_carved_from_one_slice(
     slices.flush()
     assert slices.carve(k, 1.0, "span-2") is None
     ask = slices.ask(own(ledger, 1.0, budget=1000.0))  # again within idle_s: a slice
-    assert ask is not None and slices.took(ask, ask.reserve())
+    # sized to its pace (a hold every 5 s over a slice's 60 s life: 13 holds), not 32 holds
+    assert ask is not None and ask.amount_usd == 13.0 and slices.took(ask, ask.reserve())
     for i in range(3, 10):
         mono.t += 5
         slices.flush()  # the gap: an idle scan, nothing returned
@@ -112,6 +115,32 @@ def test_an_idle_users_requests_seconds_apart_are_carved_from_one_slice(
     assert slices.held() == 0  # idle_s after its last use: returned
     status = ledger.status(U, 1000.0)
     assert (status.spent_usd, status.reserved_usd) == (3.5, 2.0)  # the two own ones held
+
+
+def test_a_slice_holds_what_its_pace_spends_over_a_slices_life() -> None:
+    """`paced`: at least two holds, at most `requests`; what the demand spends in MAX_AGE_S
+    between. A first slice and one taken ahead are sized by it at an idle user's pace, and are
+    `requests` holds at a busy one's (as before)."""
+    rules = SliceRules()
+    hold = 1_000
+    assert paced(rules, hold, hold / 5) == 13 * hold  # a request every 5 s
+    assert paced(rules, hold, hold / 45) == 2 * hold  # fewer than two in a slice's life
+    assert paced(rules, hold, hold * 10) == rules.requests * hold  # 10 a second: busy
+    assert paced(rules, 0, 1.0) == 0
+    free = 10**9
+    assert next_size(rules, hold, hold / 5, free) == 13 * hold
+    assert next_size(rules, hold, hold * 10, free) == rules.requests * hold
+    assert next_size(rules, hold, hold * 100, free) == 100 * hold  # demand_s of the demand
+
+
+def test_a_busy_budgets_first_slice_holds_requests_holds(store: StateStore) -> None:
+    ledger = Ledger(store, clock=lambda: T0)
+    mono = Clock()
+    slices = Slices(ledger, SliceRules(), clock=lambda: T0, monotonic=mono)
+    assert slices.ask(own(ledger, 1.0, budget=1000.0)) is None
+    mono.t += 0.1
+    ask = slices.ask(own(ledger, 1.0, budget=1000.0))
+    assert ask is not None and ask.amount_usd == SliceRules().requests * 1.0
 
 
 def test_the_rules_read_idle_s_and_max_held_from_the_config() -> None:
