@@ -103,7 +103,13 @@ SLICE_PREFIX = "slice:"  # a slice's request_id in the store: reconcile knows it
 MAX_AGE_S = 60.0  # a slice is taken afresh at least this often (far below the stale age limit)
 ASKED_MAX = 10_000  # budgets remembered as reserving on their own (the least recent forgotten)
 RECALL_EVERY_S = 1.0  # a process leaves a recall mark for one budget at most this often
-RECALL_SKEW_US = 1_000_000  # a mark recalls the slices taken up to this long after it (clocks)
+# A mark recalls the slices taken before it, no later: a slice taken after a mark is not the
+# one that refused (a skew allowance of 1 s recalled fresh slices on stale marks, read at the
+# first flush after a process took a slice again: its unused part sat retired until the next
+# flush while its requests reserved on their own and were refused, under-admission seen in
+# tests/e2e/test_slices.py). A mark made on a host whose clock runs behind misses slices taken
+# there just before it: those return after `idle_s`, as without marks.
+RECALL_SKEW_US = 0
 
 
 @dataclass(frozen=True)
@@ -576,7 +582,7 @@ class Slices:
     def _recalls(self) -> None:
         """Blocking (a store read, at each flush while a slice is held, not retiring): the
         recall marks left since the last read retire this process's slices of their budgets
-        taken before the mark (up to RECALL_SKEW_US after it: another host's clock); they are
+        taken before the mark (RECALL_SKEW_US: no later, by the wall clocks); they are
         returned in the same flush. Marks missed (more than the store keeps since the last
         read) retire every slice. A read that fails is logged: the slices stay until they
         idle, as without marks."""

@@ -285,6 +285,11 @@ def test_a_refusal_in_one_process_recalls_the_slices_another_holds(store: StateS
     store.recall_slices("user", "bob@x", to_us(T0))
     a.flush()
     assert a.held() == 1  # taken at T0 + 5 s, after the mark: kept
+    # no skew allowed: a mark a microsecond before the slice was taken (a stale one, read at
+    # the first flush after the slice was taken) does not recall it
+    store.recall_slices("user", "bob@x", to_us(wall[0]) - 1)
+    a.flush()
+    assert a.held() == 1
     # the tenant's budget: every slice of the tenant
     b.recall(("tenant", "t"))
     a.flush()
