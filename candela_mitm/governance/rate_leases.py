@@ -94,6 +94,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("candela.rate_leases")
 
 
+CHECKED_MAX = 10_000  # users remembered as checked in the store (the least recent forgotten)
+
+
 @dataclass(frozen=True)
 class LeaseRules:
     """governance.rate_limits.leases, as the manager reads it."""
@@ -294,12 +297,11 @@ class RateLeases:
         lifetime_us = self._lifetime_us(False)
         keep_us = max(idle_us, lifetime_us)
         with self._lock:
-            seen = [t for t in self._checked.get(user, ()) if now_us - t <= keep_us][-7:]
+            seen = [t for t in self._checked.pop(user, ()) if now_us - t <= keep_us][-7:]
             seen.append(now_us)
-            self._checked[user] = seen
-            if len(self._checked) > 10_000:  # many users: forget those not checked lately
-                horizon = now_us - keep_us
-                self._checked = {u: t for u, t in self._checked.items() if t[-1] >= horizon}
+            self._checked[user] = seen  # last in the dict's order: the least recent come first
+            while len(self._checked) > CHECKED_MAX:  # many users: forget the least recent (O(1)
+                del self._checked[next(iter(self._checked))]  # a call, not a scan past it)
             recent = len(seen) > 1 and now_us - seen[-2] <= lifetime_us
             if self.rules.checks > 1 and not recent:
                 if not self.rules.idle_lifetime_s or len(seen) < 2:
