@@ -108,9 +108,12 @@ class Auth:
                 return
             c.principal = result
         users = self.rt.users
-        settings = users.recent(c.principal.user)
-        if settings is None:  # not read in the last second by this process
-            settings = await self.rt.store_call(users.settings_cached, c.principal.user)
+        user = c.principal.user
+        settings = users.recent(user)
+        if settings is None:  # not read within its TTL by this process
+            settings = await self.rt.store_call(users.settings_cached, user)
+        elif (delay := users.ahead(user)) is not None:  # read again before it expires
+            self.rt.read_ahead(("user", user), delay, users.settings_cached, user)
         if settings.deleted:
             deny(flow, errors.unauthenticated("This user has been removed"))
             return

@@ -163,7 +163,6 @@ class RateLimit:
         self.rt = rt
         self._tasks: set[asyncio.Task[None]] = set()  # rate blocks being taken
         self._flusher: asyncio.Task[None] | None = None  # gives back the blocks' unused part
-        self._refreshing: set[str] = set()  # tenants whose settings are being read ahead
         self._on_loop = 0  # admissions awaited on the event loop now (LOOP_ADMISSIONS_MAX)
 
     @fail_closed
@@ -192,9 +191,9 @@ class RateLimit:
         # Budget still decides and answers 402 in its own hook, after this one.
         call, carved, on_loop = admission_call(self.rt, c)
         checked = from_block(self.rt, c, carved)  # no store call, when it can be
+        self._read_tenant_ahead(c.tenant)
         if checked is not None:
             self._ask_next_block(c, checked)
-            self._refresh_tenant_ahead(c.tenant)
         else:
             try:
                 checked = None
@@ -257,28 +256,18 @@ class RateLimit:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _refresh_tenant_ahead(self, tenant: str | None) -> None:
-        """A request admitted in memory: its tenant's settings read again in the background
-        before the remembered ones expire (a request finding none at hand is carved from no
-        slice nor admitted from a block: it reserves and checks in the store, and under load
-        the first request of every user of the tenant would, once per cache_ttl_s)."""
+    def _read_tenant_ahead(self, tenant: str | None) -> None:
+        """Its tenant's remembered settings read again in the background before they expire
+        (UserDirectory.tenant_ahead): a request finding none at hand is carved from no slice
+        nor admitted from a block (it reserves and checks in the store): under load the first
+        request of every user of the tenant would, once per TTL, and an idle user's request
+        after the TTL would break its chain of rate blocks."""
+        if tenant is None:
+            return
         users = self.rt.users
-        if tenant is None or tenant in self._refreshing or users.cache_ttl_s <= 0:
-            return
-        if not users.tenant_expiring(tenant, users.cache_ttl_s / 4):
-            return
-        self._refreshing.add(tenant)
-        task = asyncio.get_running_loop().create_task(self._refresh_tenant(tenant))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _refresh_tenant(self, tenant: str) -> None:
-        try:
-            await self.rt.blocking(self.rt.users.refresh_tenant, tenant)
-        except Exception:
-            log.exception("could not read the settings of tenant %s ahead", tenant)
-        finally:
-            self._refreshing.discard(tenant)
+        delay = users.tenant_ahead(tenant)
+        if delay is not None:
+            self.rt.read_ahead(("tenant", tenant), delay, users.refresh_tenant, tenant)
 
     async def _take(self, ask: TakeAsk) -> None:
         leases = self.rt.rate_leases

@@ -124,6 +124,29 @@ class Runtime:
     # what this process has seen of the store's settings generation (SettingsPoller updates it)
     settings_watch: SettingsWatch | None = None
     settings_poller: SettingsPoller | None = None
+    # settings being read ahead of their expiry (read_ahead): at most one read per key at once
+    _reading_ahead: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
+
+    def read_ahead(
+        self, key: tuple[str, str], delay_s: float, fn: Callable[..., object], *args: Any
+    ) -> None:
+        """fn(*args) on the governance thread pool `delay_s` from now, in the background: a
+        remembered setting read again before it expires (UserDirectory.ahead), at most one
+        read per key at a time. A failure is logged: the request that finds the setting
+        expired reads it on its own path, as without this."""
+        if key in self._reading_ahead:
+            return
+
+        async def read() -> None:
+            try:
+                await asyncio.sleep(delay_s)
+                await self.blocking(fn, *args)
+            except Exception:
+                log.exception("could not read the settings of %s %s ahead of their expiry", *key)
+            finally:
+                self._reading_ahead.pop(key, None)
+
+        self._reading_ahead[key] = asyncio.get_running_loop().create_task(read())
 
     def forget_settings(self) -> None:
         """What a change to the settings does, made through this process (admin/base.py, through

@@ -214,8 +214,8 @@ class RateLeases:
                 b.start_us = now_us
                 if prev is not None:
                     b.since_us, b.base = prev.start_us, prev.used
-                else:
-                    b.since_us = now_us
+                else:  # the pace since its take (the request that asked it, not counted)
+                    b.since_us = b.taken_us
             b.used += 1
             remaining = max(0, limit - b.count + (b.granted - b.used))
             return RateDecision(True, limit, remaining, 0, now_us + self.window_us)
@@ -375,12 +375,15 @@ class RateLeases:
 
     def flush(self, everything: bool = False) -> int:
         """Blocking (store calls): give back the unused part of every block past its stamp (all
-        of them with `everything`, at shutdown). Returns the entries removed. A return that
+        of them with `everything`, at shutdown); a block in use whose next one waits stays
+        until the next is used (`use` hands its pace on: an idle user's next request may come
+        after the stamp) or is past its own stamp. Returns the entries removed. A return that
         fails leaves its entries to age out of the window (never over-admission)."""
         now_us = to_us(self.clock())
         with self._lock:
             for b in list(self._blocks.values()):
-                if everything or now_us > b.stamp_us:
+                nxt = self._next.get(b.user)
+                if everything or now_us > b.stamp_us and (nxt is None or now_us > nxt.stamp_us):
                     self._drop(b)
             for user, b in list(self._next.items()):
                 if everything or now_us > b.stamp_us:

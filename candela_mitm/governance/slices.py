@@ -166,7 +166,8 @@ class Slice:
     pending: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (model, provider)
     retiring: bool = False
     demand: int = 0  # the holds carved from it so far (its demand per second: / since `since`)
-    since: float = 0.0  # when it came into use
+    since: float = 0.0  # when it came into use (or the one before it: `carry`)
+    gap: float = 0.0  # the time between the last two requests carved (from it or the one before)
     recorded_at: float = 0.0  # when its spend was last recorded (or it was taken)
 
     @property
@@ -252,6 +253,27 @@ def slice_size(rules: SliceRules, hold: int, free: int) -> int:
         return 0
     size = min(rules.requests * hold, free // rules.headroom) // hold * hold
     return size if size >= 2 * hold else 0
+
+
+def age_margin(gap_s: float) -> float:
+    """How long before MAX_AGE_S the next slice is asked: a tenth of it, or a gap and a half
+    between the user's requests if longer (at most half of it): an idle user's next request
+    may come seconds after the one in use is too old, and a slice taken ahead waits in
+    `_next` until then (scenario 3: a request every ~17 s found its slices past MAX_AGE_S
+    and reserved on its own every few requests)."""
+    return min(max(MAX_AGE_S * 0.1, 1.5 * gap_s), MAX_AGE_S / 2)
+
+
+def carry(prev: Slice, s: Slice, now: float) -> None:
+    """`s` comes into use after `prev`: the pace seen on `prev` carries over (its demand over
+    at most the last MAX_AGE_S, and the gap between requests), so that the next slice asked
+    right away is sized on what the user spends, not on a single request in no time."""
+    span = now - prev.since
+    if span > MAX_AGE_S:
+        s.demand, s.since = int(prev.demand * MAX_AGE_S / span), now - MAX_AGE_S
+    else:
+        s.demand, s.since = prev.demand, prev.since
+    s.gap, s.used_at = prev.gap, prev.used_at
 
 
 def carved_from(res: Reservation, **changes: object) -> Reservation:
@@ -341,6 +363,7 @@ class Slices:
                 return None
             now = self.monotonic()
             if s.free < amount or now - s.taken_at > MAX_AGE_S:
+                prev = s
                 self._retire(s)
                 s = self._next.pop(key, None)  # the slice taken ahead, if any
                 if s is None:
@@ -348,12 +371,13 @@ class Slices:
                 if s.free < amount or now - s.taken_at > MAX_AGE_S:
                     self._retire(s)
                     return None
-                s.since = now
+                carry(prev, s, now)
                 self._by_key[key] = s
                 self._by_holder[key.holder] = s
             s.carved += amount
             s.demand += amount
             s.inflight += 1
+            s.gap = now - s.used_at  # from the request before (or the take it asked)
             s.used_at = now
             return carved_from(
                 s.reservation,
@@ -441,8 +465,10 @@ class Slices:
                 self._by_key.get(s.key) is not s
             ):
                 return None
-            if 4 * s.free >= s.size and s.free >= 2 * hold and now - s.taken_at < MAX_AGE_S * 0.9:
-                return None  # ample left
+            if 4 * s.free >= s.size and s.free >= 2 * hold and (
+                now - s.taken_at < MAX_AGE_S - age_margin(s.gap)
+            ):
+                return None  # ample left, and time for the next request before MAX_AGE_S
             seen = s.reservation.seen
             if seen is None:
                 return None

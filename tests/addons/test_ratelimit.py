@@ -304,6 +304,16 @@ def test_a_small_body_is_rate_limited_with_its_reservation(tctx, runtime):
     assert not ctx_of(f).rate_decided and ctx_of(f).scan is None
 
 
+def _first_poll(rt):
+    """Wait for the settings watch's first poll, which forgets what was read before it: past
+    it, a settings read would be a store call the counting tests did not make (on a loaded
+    machine the poller's thread may come late)."""
+    poller = rt.settings_poller
+    deadline = time.monotonic() + WAIT_S
+    while poller is not None and poller.polls + poller.failures == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def _counted_runtime(runtime, cfg):
     """A runtime with slices and blocks of 8, and the names of its hot-path store calls."""
     cfg["governance"] = {
@@ -311,13 +321,7 @@ def _counted_runtime(runtime, cfg):
         "rate_limits": {"leases": {"enabled": True, "requests": 8}},
     }
     rt = runtime(cfg)
-    # the settings watch's first poll forgets what was read before it: past it, a settings
-    # read would be a store call the counting tests did not make (on a loaded machine the
-    # poller's thread may come late)
-    poller = rt.settings_poller
-    deadline = time.monotonic() + WAIT_S
-    while poller is not None and poller.polls + poller.failures == 0 and time.monotonic() < deadline:
-        time.sleep(0.005)
+    _first_poll(rt)
     calls = []
     real = rt.calls.call
 
@@ -455,8 +459,11 @@ def test_the_tenants_settings_are_read_ahead_so_requests_stay_in_memory(tctx, ru
             await run_hooks(addons, f, "requestheaders", "request")
             flows.append((f, calls[before:]))
             # the background asks and reads (a pool thread: waited for, not 0.1 s at most)
-            await until_async(lambda: not rt.slices._taking and not rt.rate_leases._taking,
-                              what="the background asks answered")
+            await until_async(
+                lambda: not rt.slices._taking and not rt.rate_leases._taking
+                and not rt._reading_ahead,
+                what="the background asks answered",
+            )
             now[0] += 0.1  # ten requests a second of the cache's clock
         return flows
 
@@ -465,6 +472,54 @@ def test_the_tenants_settings_are_read_ahead_so_requests_stay_in_memory(tctx, ru
     on_path = [(i, c) for i, (_, got) in enumerate(flows[2:], 2) for c in got if c == "call"]
     assert on_path == []
     assert all(ctx_of(f).reservation.slice for f, _ in flows[2:])
+
+
+def test_an_idle_users_settings_are_read_ahead_so_none_is_read_on_its_path(
+    tctx, runtime, monkeypatch
+):
+    """Issue 21 (scenario 3's pattern): a user sending a request every 20 s, with the settings
+    watch current (settings remembered 60 s): after its first request neither its settings nor
+    its tenant's are read before a request leaves; a request past half their TTL reads them
+    again in the background (without that, every request 60 s after the read read both on its
+    path, took the exact admission call and broke the user's chain of rate blocks)."""
+    import candela_mitm.governance.users as users_mod
+    from candela_mitm.governance.settings_watch import SettingsWatch
+
+    monkeypatch.setattr(users_mod, "READ_AHEAD_DELAY_S", 0.01)
+    rt = runtime(config(rpm=100_000, budget=100.0))
+    _first_poll(rt)
+    now = [1000.0]
+    watch = SettingsWatch(poll_s=0.25, long_ttl_s=60.0, clock=lambda: now[0])
+    rt.users.watch, rt.users.clock = watch, lambda: now[0]
+    store = rt.users.store
+    reads: list[tuple[str, int | None]] = []  # (what, the request whose path read it, if any)
+    on_path: list[int | None] = [None]
+    for name in ("get_user", "get_tenant"):
+        real = getattr(store, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            reads.append((_name, on_path[0]))
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(store, name, counted)
+
+    async def go():
+        addons = [Router(rt), Auth(rt), RateLimit(rt), Budget(rt)]
+        for i in range(12):  # 4 minutes of the settings' clock
+            watch.confirm(0, now[0])  # a poll that saw no change
+            f = chat()
+            on_path[0] = i
+            await run_hooks(addons, f, "requestheaders", "request")
+            on_path[0] = None
+            assert f.response is None, i
+            await until_async(lambda: not rt._reading_ahead, what="the reads ahead done")
+            now[0] += 20.0
+
+    asyncio.run(go())
+    assert sorted(r for r in reads if r[1] is not None) == [("get_tenant", 0), ("get_user", 0)]
+    # read again in the background, about every other request (at 40 s of a 60 s TTL)
+    assert 4 <= reads.count(("get_user", None)) <= 6
+    assert 4 <= reads.count(("get_tenant", None)) <= 6
 
 
 def _evalsha_calls(url):

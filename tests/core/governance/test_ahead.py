@@ -73,15 +73,15 @@ def take_slice(slices: Slices, ask: Ask) -> None:
 
 
 def drive(store: StateStore, pace: float, seconds: float, latency: int = 8,
-          jitter: float = 0.0) -> tuple[
+          jitter: float = 0.0, holds: tuple[float, ...] = (0.001,)) -> tuple[
     Counting, list[int], list[int]
 ]:
     """`pace` requests a second for `seconds` of one user, each as RateLimit and Budget make
     it: a rate block's request else a check in the store, a hold carved from a slice else a
     reservation of its own; the asks (and the next ones, ahead) are run `latency` requests
-    later, as a background store call; spend settled at once, flushed every flush_s, blocks
+    later (0: right after the request), as a background store call; spend settled at once, flushed every flush_s, blocks
     given back every lifetime / 2; `jitter`: each gap between requests varies by up to that
-    fraction (seeded: the same every run). Returns the counter, the store calls each request made
+    fraction (seeded: the same every run); `holds`: each request's hold, in turn. Returns the counter, the store calls each request made
     before it would be forwarded, and the store calls made before each request (the last: at
     the end, the slices and blocks returned)."""
     c = Clocks()
@@ -124,9 +124,10 @@ def drive(store: StateStore, pace: float, seconds: float, latency: int = 8,
         if ask is not None:
             pending.append((i + latency, functools.partial(take_block, leases, ask)))
         k = slices.key_of(U, 1e6, DAILY, None, None, DAILY, None, c.now())
-        res = slices.carve(k, 0.001, f"span-{i}")
+        hold = holds[i % len(holds)]
+        res = slices.carve(k, hold, f"span-{i}")
         if res is None:
-            got = ledger.reserve(U, None, 0.001, 1e6, f"span-{i}")
+            got = ledger.reserve(U, None, hold, 1e6, f"span-{i}")
             assert isinstance(got, Reservation)
             res = got
             sask = slices.ask(res)
@@ -136,6 +137,10 @@ def drive(store: StateStore, pace: float, seconds: float, latency: int = 8,
         path.append(counting.path - before)
         if sask is not None:
             pending.append((i + latency, functools.partial(take_slice, slices, sask)))
+        if not latency:  # answered at once (an idle user's next request comes seconds later)
+            for due, run in [p for p in pending if p[0] <= i]:
+                pending.remove((due, run))
+                run()
         if res.slice:
             slices.settle(res, 0.0005, 10, 10, "gpt-4o", "openai")
         else:
@@ -171,6 +176,21 @@ def test_steady_load_makes_no_store_call_on_the_path_after_warm_up(
     assert steady < 0.05, (steady, counting.calls)
     # today's defaults before this change made ~0.29 a request at the bench (bench/README.md)
     assert calls[-1] / n < 0.1, (calls[-1] / n, counting.calls)
+
+
+def test_an_idle_user_with_requests_of_varied_size_is_admitted_in_memory(
+    store: StateStore,
+) -> None:
+    """Scenario 3 as `make bench` runs it: a user's requests come ~17 s apart (± 10%), their
+    max_tokens cycling 16, 128, 512 (holds 1, 8, 32 times the first), asks answered before the
+    next request, flushes between requests. From its third request on, none makes a store
+    call before it would be forwarded: the next rate block and slice are taken ahead, a
+    block's stamp passing between two requests does not lose its pace, and a slice holds the
+    largest request seen lately, not only the one that asked."""
+    counting, path, _ = drive(store, pace=1 / 17, seconds=17 * 30, latency=0, jitter=0.1,
+                       holds=(0.001, 0.008, 0.032))
+    assert len(path) == 30
+    assert path[2:] == [0] * 28, (path, counting.calls)
 
 
 def test_without_asking_ahead_requests_fall_back_to_the_store(store: StateStore) -> None:

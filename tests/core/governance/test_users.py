@@ -186,6 +186,36 @@ def test_a_current_watch_lets_settings_be_used_for_the_long_ttl(tmp_path: Path) 
     assert users.recent("bob") is None and users.recent_tenant("t") is None
 
 
+def test_settings_are_read_ahead_past_half_their_ttl(tmp_path: Path) -> None:
+    """`ahead` / `tenant_ahead`: None until half the TTL in force has passed (the long one while
+    the watch is current, else the short one), then the delay before reading them again: at
+    most READ_AHEAD_DELAY_S and a quarter of what is left."""
+    from candela_mitm.governance.users import READ_AHEAD_DELAY_S
+
+    clock = Clock()
+    users, watch = watched(tmp_path, clock)
+    assert users.ahead("bob") is None and users.tenant_ahead("t") is None  # none remembered
+    watch.confirm(0, clock.t)
+    users.settings_cached("bob")
+    users.tenant_settings_cached("t")
+    clock.t += 29.0
+    watch.confirm(0, clock.t)
+    assert users.ahead("bob") is None and users.tenant_ahead("t") is None
+    clock.t += 2.0  # 31 s of 60
+    watch.confirm(0, clock.t)
+    assert users.ahead("bob") == READ_AHEAD_DELAY_S == users.tenant_ahead("t")
+    clock.t += 28.0  # 1 s left: a quarter of it
+    watch.confirm(0, clock.t)
+    assert users.ahead("bob") == pytest.approx(0.25)
+    users.settings_cached("bob")  # read again: remembered from now
+    assert users.ahead("bob") is None
+    watch.failed()  # the short TTL (1 s): half of it
+    assert users.ahead("bob") is None
+    clock.t += 0.6
+    assert users.ahead("bob") == pytest.approx(0.1)
+    assert users.tenant_ahead("t") == 0.0  # past the short TTL: now
+
+
 @pytest.mark.parametrize(
     ("since_poll", "failed", "long"),
     [(0.25, False, True), (0.5, False, True), (0.51, False, False), (0.1, True, False)],
