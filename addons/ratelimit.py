@@ -274,6 +274,8 @@ class RateLimit:
         assert leases is not None
         got = None
         try:
+            if ask.after_s:  # not beside the request that asked it (governance/ahead.py)
+                await asyncio.sleep(ask.after_s)
             got = await self.rt.store_call(ask.take)
         except Exception:
             log.exception("could not take a rate block")

@@ -85,6 +85,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from candela_mitm.governance.ahead import ask_after
 from candela_mitm.governance.ratelimit import WINDOW_S, RateDecision
 from candela_mitm.state.ports import US_PER_S, RateStore, RateTake, to_us, utc_now
 
@@ -147,6 +148,7 @@ class TakeAsk:
     take: Callable[[], tuple[RateTake, int]]  # the store call: (its answer, the stamp)
     epoch: int = 0  # retire_all's count when asked: a block asked before one is given back
     lifetime_us: int = 0  # its stamp is this far past its take (a one-second or an idle block)
+    after_s: float = 0.0  # the take may wait this long (governance/ahead.py)
 
 
 def block_size(rules: LeaseRules, room: int) -> int:
@@ -278,7 +280,7 @@ class RateLeases:
             if not n:
                 return None
             self._taking.add(user)
-        return self._ask(user, limit, n, next_us)
+        return self._ask(user, limit, n, next_us, ask_after(1 / per_s) if per_s > 0 else 0.0)
 
     def ask(self, user: str, limit: int, decision: RateDecision) -> TakeAsk | None:
         """After a request was checked in the store and admitted: a block to take for the
@@ -316,20 +318,21 @@ class RateLeases:
             if user in self._blocks or user in self._next or user in self._taking:
                 return None
             self._taking.add(user)
-        return self._ask(user, limit, n, lifetime_us)
+        gap_s = (now_us - seen[-2]) / US_PER_S if len(seen) > 1 else 0.0
+        return self._ask(user, limit, n, lifetime_us, ask_after(gap_s))
 
     def _lifetime_us(self, idle: bool) -> int:
         if idle:
             return round(self.rules.idle_lifetime_s * US_PER_S)
         return round(self.rules.lifetime_s * US_PER_S)
 
-    def _ask(self, user: str, limit: int, n: int, lifetime_us: int) -> TakeAsk:
+    def _ask(self, user: str, limit: int, n: int, lifetime_us: int, after_s: float) -> TakeAsk:
         def take() -> tuple[RateTake, int]:
             now_us = to_us(self.clock())
             stamp = now_us + lifetime_us
             return self.store.rate_take(user, limit, n, self.window_us, now_us, stamp), stamp
 
-        return TakeAsk(user, limit, take, self._epoch, lifetime_us)
+        return TakeAsk(user, limit, take, self._epoch, lifetime_us, after_s)
 
     def took(self, ask: TakeAsk, got: tuple[RateTake, int] | None) -> bool:
         """The outcome of a TakeAsk's store call (None: it failed)."""

@@ -18,8 +18,12 @@ and every request there reserves on its own, exactly, with its 402 decided by th
   then: recording spend moves it from held to spent, so the cadence delays only the spent
   figure (status, usage rows, budget alerts), never a budget's decision.
 - the next slice is asked before this one runs out (`ask_next`, after a request carved from it,
-  in the background as any slice is taken): when less than a quarter of it is free, or it
-  nears MAX_AGE_S. At most one ask is in flight per budgets (`_taking`). It is sized by the
+  in the background as any slice is taken, a quarter of the user's gap between requests
+  later, at most half a second: governance/ahead.py): when less than a quarter of it is free,
+  or it is within a tenth of MAX_AGE_S of it, or a gap and a half between the user's requests
+  if longer (`age_margin`: an idle user's next request may come after MAX_AGE_S; the pace
+  seen on a slice carries over to the next one in use, `carry`). At most one ask is in flight
+  per budgets (`_taking`). It is sized by the
   demand seen on the slice in use: what its requests carved per second times `demand_s`, at
   least `paced` (what that demand spends over MAX_AGE_S, between two and `requests` holds)
   and at most `max_requests` of the asking request's hold, and never more
@@ -77,6 +81,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from candela_mitm.governance.ahead import ask_after
 from candela_mitm.governance.ledger import BudgetRefusal, KeyBudget, Ledger, Reservation
 from candela_mitm.governance.periods import BudgetPeriod
 from candela_mitm.state.ports import (
@@ -184,6 +189,7 @@ class Ask:
     reserve: Callable[[], Reservation | BudgetRefusal]  # the slice's reservation (a store call)
     ahead: bool = False  # asked before the slice in use ran out (`ask_next`)
     epoch: int = 0  # retire_all's count when asked: a slice asked before one is returned
+    after_s: float = 0.0  # the take may wait this long (governance/ahead.py)
 
 
 def free_after(seen: ReserveResult, key: SliceKey, amount: int) -> int:
@@ -450,7 +456,7 @@ class Slices:
             self._taking.add(key)
         # sized to the pace of the two reservations (an idle user's: a few holds, `paced`)
         size = min(size, paced(self.rules, hold, hold / max(now - last, 0.001)))
-        return self._ask(res, key, size, ahead=False)
+        return self._ask(res, key, size, ahead=False, after_s=ask_after(now - last))
 
     def ask_next(self, res: Reservation) -> Ask | None:
         """After a request carved from a slice (`res`): the next slice of its budgets to take
@@ -479,8 +485,8 @@ class Slices:
             if not size or self._full():
                 return None
             self._taking.add(s.key)
-            key = s.key
-        return self._ask(res, key, size, ahead=True)
+            key, gap = s.key, s.gap
+        return self._ask(res, key, size, ahead=True, after_s=ask_after(gap))
 
     def _full(self) -> bool:
         """Whether `max_held` slices are held or being taken (the lock held): no other is
@@ -492,7 +498,9 @@ class Slices:
         room."""
         return len(self._by_id) + len(self._taking) >= self.rules.max_held
 
-    def _ask(self, res: Reservation, key: SliceKey, size: int, ahead: bool) -> Ask:
+    def _ask(
+        self, res: Reservation, key: SliceKey, size: int, ahead: bool, after_s: float = 0.0
+    ) -> Ask:
         """The reservation of a slice of `size` nano-dollars of `res`'s budgets, to be made
         where store calls are made."""
         amount = nano_to_usd(size)
@@ -504,7 +512,7 @@ class Slices:
                 tenant_period=res.tenant_period, key_budget=res.key_budget,
             )
 
-        return Ask(key, amount, reserve, ahead=ahead, epoch=self._epoch)
+        return Ask(key, amount, reserve, ahead=ahead, epoch=self._epoch, after_s=after_s)
 
     def took(self, ask: Ask, got: Reservation | BudgetRefusal | None) -> bool:
         """The outcome of an Ask's reservation (None: the store call failed). A slice taken is

@@ -522,6 +522,40 @@ def test_an_idle_users_settings_are_read_ahead_so_none_is_read_on_its_path(
     assert 4 <= reads.count(("get_tenant", None)) <= 6
 
 
+def test_a_take_asked_by_a_request_waits_a_quarter_of_the_users_gap(tctx, runtime):
+    """Issue 21 (governance/ahead.py): the rate block and budget slice a request asks for are
+    taken a quarter of the gap between the user's requests later (at most 0.5 s), not in the
+    event-loop turns that forward the request: with requests 0.4 s apart, no take reaches the
+    store within 0.09 s of the request that asked it."""
+    rt, calls = _counted_runtime(runtime, config(rpm=100_000, budget=100.0))
+    when: list[tuple[str, float]] = []
+    counted = rt.calls.call
+
+    async def timed(fn, *args):
+        when.append((getattr(fn, "__name__", repr(fn)), time.monotonic()))
+        return await counted(fn, *args)
+
+    rt.calls.call = timed
+
+    async def go():
+        addons = [Router(rt), Auth(rt), RateLimit(rt), Budget(rt)]
+        asked = []
+        for _ in range(3):
+            f = chat()
+            await run_hooks(addons, f, "requestheaders", "request")
+            assert f.response is None
+            asked.append(time.monotonic())
+            await asyncio.sleep(0.4)
+        return asked
+
+    asked = asyncio.run(go())
+    takes = [t for name, t in when if name in ("take", "reserve")]
+    assert takes, calls  # the second request (0.4 s after the first) asked for both
+    for t in takes:
+        since = max(a for a in asked if a <= t)
+        assert t - since >= 0.09, (t - since, when)
+
+
 def _evalsha_calls(url):
     import redis
 

@@ -193,6 +193,39 @@ def test_an_idle_user_with_requests_of_varied_size_is_admitted_in_memory(
     assert path[2:] == [0] * 28, (path, counting.calls)
 
 
+def test_a_take_waits_a_quarter_of_the_users_gap_and_a_busy_users_none() -> None:
+    from candela_mitm.governance.ahead import ASK_AFTER_MAX_S, ask_after
+
+    assert ask_after(0.0) == ask_after(0.003) == 0.0  # a busy user's next request is near
+    assert ask_after(0.4) == pytest.approx(0.1)
+    assert ask_after(17.0) == ASK_AFTER_MAX_S == 0.5
+
+
+@pytest.mark.parametrize(("pace", "after"), [(1 / 17, 0.5), (1000.0, 0.0)])
+def test_the_asks_carry_how_long_their_take_may_wait(
+    store: StateStore, pace: float, after: float
+) -> None:
+    """Every block and slice asked for an idle user (a request every 17 s) may wait 0.5 s before
+    it is taken; a busy user's (1,000 a second) none."""
+    seen: list[float] = []
+    real_block, real_slice = take_block, take_slice
+
+    def block(leases: RateLeases, ask: TakeAsk) -> None:
+        seen.append(ask.after_s)
+        real_block(leases, ask)
+
+    def slice_(slices: Slices, ask: Ask) -> None:
+        seen.append(ask.after_s)
+        real_slice(slices, ask)
+
+    globals()["take_block"], globals()["take_slice"] = block, slice_
+    try:
+        drive(store, pace=pace, seconds=30 / pace, latency=0)
+    finally:
+        globals()["take_block"], globals()["take_slice"] = real_block, real_slice
+    assert len(seen) >= 2 and set(seen) == {after}, seen
+
+
 def test_without_asking_ahead_requests_fall_back_to_the_store(store: StateStore) -> None:
     """The same pace with the asks ahead dropped (as before issue 21's follow-up): requests
     reserve and check on their own each time a slice or block runs out."""
