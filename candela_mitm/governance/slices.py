@@ -173,6 +173,7 @@ class Slice:
     demand: int = 0  # the holds carved from it so far (its demand per second: / since `since`)
     since: float = 0.0  # when it came into use (or the one before it: `carry`)
     gap: float = 0.0  # the time between the last two requests carved (from it or the one before)
+    largest: int = 0  # the largest hold carved from it (or the ones before it in use: `carry`)
     recorded_at: float = 0.0  # when its spend was last recorded (or it was taken)
 
     @property
@@ -190,6 +191,7 @@ class Ask:
     ahead: bool = False  # asked before the slice in use ran out (`ask_next`)
     epoch: int = 0  # retire_all's count when asked: a slice asked before one is returned
     after_s: float = 0.0  # the take may wait this long (governance/ahead.py)
+    hold: int = 0  # the hold it is sized in (the largest seen lately): its `largest` to start
 
 
 def free_after(seen: ReserveResult, key: SliceKey, amount: int) -> int:
@@ -280,6 +282,7 @@ def carry(prev: Slice, s: Slice, now: float) -> None:
     else:
         s.demand, s.since = prev.demand, prev.since
     s.gap, s.used_at = prev.gap, prev.used_at
+    s.largest = max(s.largest, prev.largest)
 
 
 def carved_from(res: Reservation, **changes: object) -> Reservation:
@@ -382,6 +385,7 @@ class Slices:
                 self._by_holder[key.holder] = s
             s.carved += amount
             s.demand += amount
+            s.largest = max(s.largest, amount)
             s.inflight += 1
             s.gap = now - s.used_at  # from the request before (or the take it asked)
             s.used_at = now
@@ -456,14 +460,13 @@ class Slices:
             self._taking.add(key)
         # sized to the pace of the two reservations (an idle user's: a few holds, `paced`)
         size = min(size, paced(self.rules, hold, hold / max(now - last, 0.001)))
-        return self._ask(res, key, size, ahead=False, after_s=ask_after(now - last))
+        return self._ask(res, key, size, ahead=False, after_s=ask_after(now - last), hold=hold)
 
     def ask_next(self, res: Reservation) -> Ask | None:
         """After a request carved from a slice (`res`): the next slice of its budgets to take
         now, before this one runs out (see the module docstring), or None."""
         if not res.slice or not self.rules.enabled:
             return None
-        hold = usd_to_nano(res.amount_usd)
         now = self.monotonic()
         with self._lock:
             s = self._by_id.get(res.slice)
@@ -471,6 +474,10 @@ class Slices:
                 self._by_key.get(s.key) is not s
             ):
                 return None
+            # whole holds of the largest request seen lately, not only of this one: a user
+            # whose requests vary (max_tokens 16, 128, 512 in turn) would not fit the next
+            # slice with its largest, and reserve on its own
+            hold = max(usd_to_nano(res.amount_usd), s.largest)
             if 4 * s.free >= s.size and s.free >= 2 * hold and (
                 now - s.taken_at < MAX_AGE_S - age_margin(s.gap)
             ):
@@ -486,7 +493,7 @@ class Slices:
                 return None
             self._taking.add(s.key)
             key, gap = s.key, s.gap
-        return self._ask(res, key, size, ahead=True, after_s=ask_after(gap))
+        return self._ask(res, key, size, ahead=True, after_s=ask_after(gap), hold=hold)
 
     def _full(self) -> bool:
         """Whether `max_held` slices are held or being taken (the lock held): no other is
@@ -499,7 +506,8 @@ class Slices:
         return len(self._by_id) + len(self._taking) >= self.rules.max_held
 
     def _ask(
-        self, res: Reservation, key: SliceKey, size: int, ahead: bool, after_s: float = 0.0
+        self, res: Reservation, key: SliceKey, size: int, ahead: bool, after_s: float = 0.0,
+        hold: int = 0,
     ) -> Ask:
         """The reservation of a slice of `size` nano-dollars of `res`'s budgets, to be made
         where store calls are made."""
@@ -512,7 +520,9 @@ class Slices:
                 tenant_period=res.tenant_period, key_budget=res.key_budget,
             )
 
-        return Ask(key, amount, reserve, ahead=ahead, epoch=self._epoch, after_s=after_s)
+        return Ask(
+            key, amount, reserve, ahead=ahead, epoch=self._epoch, after_s=after_s, hold=hold
+        )
 
     def took(self, ask: Ask, got: Reservation | BudgetRefusal | None) -> bool:
         """The outcome of an Ask's reservation (None: the store call failed). A slice taken is
@@ -525,7 +535,7 @@ class Slices:
                 return False
             now = self.monotonic()
             size = usd_to_nano(got.amount_usd)
-            s = Slice(got, ask.key, size, now, now, since=now, recorded_at=now)
+            s = Slice(got, ask.key, size, now, now, since=now, recorded_at=now, largest=ask.hold)
             self._by_id[got.id] = s
             if ask.epoch != self._epoch:  # an admin change since it was asked
                 s.retiring = True
