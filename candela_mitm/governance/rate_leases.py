@@ -26,7 +26,7 @@ within `idle_lifetime_s` but not within `lifetime_s` (one request every few seco
 LLM pattern: too slow for a one-second block, which would be taken and given back for each
 request) gets a small block stamped `idle_lifetime_s` ahead, sized to the pace of its last
 checks (up to 8) within that lifetime: nine tenths of what that pace asks over the lifetime,
-at least 2, at most `requests`, never more than the room / `headroom` (`idle_block_size`). Its
+at least 1, at most `requests`, never more than the room / `headroom` (`idle_block_size`). Its
 requests are admitted from it until its stamp or until spent; the unused part is given back
 after the stamp (`flush`, as any block's). So from a user's second check on, its requests are
 admitted in memory: the next idle block is asked ahead of the one in use's end, as below.
@@ -159,9 +159,13 @@ def block_size(rules: LeaseRules, room: int) -> int:
 
 def idle_block_size(rules: LeaseRules, want: float, room: int) -> int:
     """An idle block for `want` requests over its lifetime with `room` left in the window: at
-    least 2, at most `requests`, never more than room / headroom; 0: none (near the limit)."""
-    n = min(max(int(want), 2), rules.requests, room // rules.headroom)
-    return n if n >= 2 else 0
+    least 1, at most `requests`, never more than room / headroom; 0: none (near the limit,
+    where room / headroom is under 2, as for any block). A block of one: a user whose next
+    request is all its lifetime holds (one every 17 s, blocks of 30 s) takes one a request, off
+    its path, and gives none back (a block of 2 gave one back each time: a second store write
+    a request)."""
+    cap = min(rules.requests, room // rules.headroom)
+    return min(max(int(want), 1), cap) if cap >= 2 else 0
 
 
 def next_block_size(rules: LeaseRules, per_s: float, room: int) -> int:

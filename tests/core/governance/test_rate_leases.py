@@ -254,8 +254,9 @@ def in_window(times: list[int], now_us: int) -> int:
     return sum(1 for t in times if now_us - W < t <= now_us)
 
 
-@pytest.mark.parametrize(("want", "room", "n"), [(5.4, 100, 5), (0.3, 100, 2), (90, 1000, 32),
-                                                 (5.4, 12, 3), (5.4, 7, 0)])
+@pytest.mark.parametrize(("want", "room", "n"), [(5.4, 100, 5), (0.3, 100, 1), (90, 1000, 32),
+                                                 (5.4, 12, 3), (5.4, 7, 0), (0.9, 8, 1),
+                                                 (0.9, 7, 0)])
 def test_idle_block_size(want: float, room: int, n: int) -> None:
     assert idle_block_size(IDLE, want, room) == n
 
