@@ -3,7 +3,7 @@
 The same loads as scenario 3 (direct, bare mitmproxy, Candela on SQLite, Candela on Redis; 24
 keep-alive connections, 5 streams/s, 16 / 128 / 512 tokens in turn, 1 s warm-up + 3 s each, so
 users 0-19 send one request per load and a user's requests to one Candela come ~17-22 s apart),
-with every public method of the Candela processes' state store noted (`storecalls/`). Prints,
+with every public method of the Candela processes' state store noted (`probes/sitecustomize.py`). Prints,
 per round and length, each target's added TTFT p50 over bare mitmproxy's, then per Candela
 load its TTFT p50 and the store calls made during it by name and thread (`loop`: the event
 loop, where a request's admission is awaited; `thread`: the pool and background threads).
@@ -46,7 +46,7 @@ def main() -> None:
         with b.upstream("--chunk-gap-ms", "2") as up, ExitStack() as alive:
             murl, mp = alive.enter_context(b.mitmdump(up, stream=True))
             os.environ["CANDELA_STORE_CALLS"] = out
-            os.environ["PYTHONPATH"] = os.path.join(os.path.dirname(__file__), "storecalls")
+            os.environ["PYTHONPATH"] = os.path.join(os.path.dirname(__file__), "probes")
             try:
                 curl, cp = alive.enter_context(b.candela(up))
                 redis_url = alive.enter_context(b.redis())
