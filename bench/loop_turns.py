@@ -10,6 +10,7 @@ else is ready (other streams' chunks), so the path's iterations are what concurr
 lengthen (issue 21, scenario 3's 512-token line).
 
 Usage: .venv-bench/bin/python bench/loop_turns.py [max_tokens]
+(CANDELA_LOOP_TURNS_DETAIL=1: also the last request's iterations, callback by callback)
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def main() -> None:
     try:
         with ExitStack() as alive:
             up = alive.enter_context(b.upstream("--chunk-gap-ms", "2"))
-            os.environ["CANDELA_LOOP_TURNS"] = out
+            os.environ["CANDELA_LOOP_TURNS"] = out  # (and _DETAIL, if set, passes on)
             os.environ["PYTHONPATH"] = os.path.join(os.path.dirname(__file__), "probes")
             try:
                 murl, mp = alive.enter_context(b.mitmdump(up, stream=True))
@@ -84,8 +85,15 @@ def main() -> None:
                      for f in glob.glob(out + ".*.json")}
     finally:
         b.close()
+    detail = bool(os.environ.get("CANDELA_LOOP_TURNS_DETAIL"))
     for name, (pid, res) in runs.items():
-        starts = [t0 for t0, _ in turns.get(pid, [])]
+        if detail:  # one request's iterations, callback by callback
+            sent, first = res[-1]
+            print(f"{name}: the last request's iterations")
+            for t0, t1, names in turns.get(pid, []):
+                if sent <= t0 <= first:
+                    print(f"  +{(t0 - sent) * 1000:6.3f} ms {(t1 - t0) * 1000:6.3f} ms", names)
+        starts = [t[0] for t in turns.get(pid, [])]
         counts = [sum(1 for t in starts if sent <= t <= first) for sent, first in res[WARMUP:]]
         ttft = [(first - sent) * 1000 for sent, first in res[WARMUP:]]
         print(f"{name:10s} loop iterations from send to first token: median "

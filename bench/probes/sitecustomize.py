@@ -60,18 +60,48 @@ def _start(out: str) -> None:
     threading.Thread(target=dump, daemon=True, name="store-calls").start()
 
 
+def _callback_name(handle: Any) -> str:
+    cb = handle._callback
+    task = getattr(cb, "__self__", None)
+    coro = getattr(task, "get_coro", None)
+    if coro is not None:  # a task's step: the coroutine it runs, and where it is suspended
+        c = coro()
+        frames = []
+        while c is not None and len(frames) < 12:
+            frame = getattr(c, "cr_frame", None)
+            if frame is None:
+                break
+            frames.append(f"{frame.f_code.co_qualname}")
+            c = getattr(c, "cr_await", None)
+        return "task " + " > ".join(frames)
+    return getattr(cb, "__qualname__", repr(cb))
+
+
 def _turns(out: str) -> None:
     import asyncio.base_events as base
+    import asyncio.events as events
 
-    notes: list[tuple[float, float]] = []
+    notes: list[Any] = []
     run_once = base.BaseEventLoop._run_once  # type: ignore[attr-defined]
+    current: list[Any] = []
 
     def noted(self: base.BaseEventLoop) -> None:
         t0 = time.time()
+        current.clear()
         run_once(self)
-        notes.append((t0, time.time()))
+        notes.append((t0, time.time(), list(current)) if detail else (t0, time.time()))
 
     base.BaseEventLoop._run_once = noted  # type: ignore[attr-defined]
+    # CANDELA_LOOP_TURNS_DETAIL: each iteration's callbacks, by name (slower: a diagnosis)
+    detail = bool(os.environ.get("CANDELA_LOOP_TURNS_DETAIL"))
+    if detail:
+        handle_run = events.Handle._run
+
+        def named(self: events.Handle) -> None:
+            current.append(_callback_name(self))
+            handle_run(self)
+
+        events.Handle._run = named  # type: ignore[method-assign]
 
     def dump() -> None:
         while True:
