@@ -284,8 +284,8 @@ class UserDirectory:
 
     def ahead(self, user: str) -> float | None:
         """When to read `user`'s remembered settings again in the background (the delay, in
-        seconds), or None: none are remembered, or they are not past READ_AHEAD_AT of their
-        TTL."""
+        seconds), or None: none are remembered, they are not past READ_AHEAD_AT of their TTL,
+        or they have expired (the request that finds them so reads them on its path)."""
         return self._ahead(self._cache.get(user))
 
     def tenant_ahead(self, tenant: str) -> float | None:
@@ -297,9 +297,9 @@ class UserDirectory:
             return None
         now = self.clock()
         expiry = self._expiry(hit[0], now)
-        if now - hit[0] < READ_AHEAD_AT * (expiry - hit[0]):
-            return None
-        return max(0.0, min(READ_AHEAD_DELAY_S, (expiry - now) / 4))
+        if now - hit[0] < READ_AHEAD_AT * (expiry - hit[0]) or now >= expiry:
+            return None  # not due yet, or expired: the request reads it on its path
+        return min(READ_AHEAD_DELAY_S, (expiry - now) / 4)
 
     def record_of(self, user: str) -> UserRecord | None:
         return self.store.get_user(user, include_deleted=True)
