@@ -9,8 +9,10 @@ and the time to first token: each iteration is a wake-up in which the loop also 
 else is ready (other streams' chunks), so the path's iterations are what concurrent streams
 lengthen (issue 21, scenario 3's 512-token line).
 
-Usage: .venv-bench/bin/python bench/loop_turns.py [max_tokens]
-(CANDELA_LOOP_TURNS_DETAIL=1: also the last request's iterations, callback by callback)
+Usage: .venv-bench/bin/python bench/loop_turns.py [max_tokens] [background max_tokens]
+(CANDELA_LOOP_TURNS_DETAIL=1: also the last request's iterations, callback by callback; a
+background max_tokens: scenario 3's load beside the probe, 24 users at 5 streams/s of that
+length, so that the loop also relays other streams' chunks)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from urllib.parse import urlparse
@@ -64,6 +67,7 @@ def requests(url: str, key: str | None, tokens: int) -> list[tuple[float, float]
 
 def main() -> None:
     tokens = int(sys.argv[1]) if len(sys.argv) > 1 else 16
+    background = int(sys.argv[2]) if len(sys.argv) > 2 else 0
     out = os.path.join(tempfile.mkdtemp(prefix="candela-loop-turns-"), "turns")
     b = Bench(argparse.Namespace(workdir=None, quick=False, keep=False, no_litellm=True))
     runs = {}
@@ -79,7 +83,16 @@ def main() -> None:
                 del os.environ["CANDELA_LOOP_TURNS"], os.environ["PYTHONPATH"]
             for name, url, p, key in (("mitmproxy", murl, mp, None),
                                       ("candela", curl, cp, key_of(0))):
+                load = None
+                if background:  # scenario 3's load beside the probe's requests
+                    load = threading.Thread(target=b.load, args=(url, "open", 24, 12), kwargs={
+                        "rate": 5, "stream": True, "max_tokens": background,
+                        "keys": key is not None, "proc": p, "warmup": 1.0})
+                    load.start()
+                    time.sleep(1.5)
                 runs[name] = (p.pid, requests(url, key, tokens))
+                if load is not None:
+                    load.join()
             time.sleep(1.5)  # the last notes written
             turns = {int(f.rsplit(".", 2)[-2]): json.load(open(f))
                      for f in glob.glob(out + ".*.json")}
@@ -90,14 +103,18 @@ def main() -> None:
         if detail:  # one request's iterations, callback by callback
             sent, first = res[-1]
             print(f"{name}: the last request's iterations")
-            for t0, t1, names in turns.get(pid, []):
+            for t0, t1, work, names in turns.get(pid, []):
                 if sent <= t0 <= first:
-                    print(f"  +{(t0 - sent) * 1000:6.3f} ms {(t1 - t0) * 1000:6.3f} ms", names)
-        starts = [t[0] for t in turns.get(pid, [])]
-        counts = [sum(1 for t in starts if sent <= t <= first) for sent, first in res[WARMUP:]]
+                    print(f"  +{(t0 - sent) * 1000:6.3f} ms {(t1 - t0) * 1000:6.3f} ms "
+                          f"(work {work * 1000:.3f})", names)
+        its = turns.get(pid, [])
+        inside = [[t for t in its if sent <= t[0] <= first] for sent, first in res[WARMUP:]]
+        counts = [len(x) for x in inside]
+        work = [sum(t[2] for t in x) * 1000 for x in inside]
         ttft = [(first - sent) * 1000 for sent, first in res[WARMUP:]]
         print(f"{name:10s} loop iterations from send to first token: median "
-              f"{statistics.median(counts)} (min {min(counts)}, max {max(counts)}); "
+              f"{statistics.median(counts)} (min {min(counts)}, max {max(counts)}); the loop's "
+              f"work in them p50 {statistics.median(work):.2f} ms; "
               f"TTFT p50 {statistics.median(ttft):.2f} ms")
 
 

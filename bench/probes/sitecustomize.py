@@ -6,8 +6,8 @@ Candela itself.
   note (start time, name, thread, seconds), written to `$CANDELA_STORE_CALLS.<pid>.json` every
   second.
 - CANDELA_LOOP_TURNS: every event-loop iteration (`BaseEventLoop._run_once`: the wait in select
-  and the callbacks it runs) notes (start, end), written to `$CANDELA_LOOP_TURNS.<pid>.json`
-  every second (the newest 200,000)."""
+  and the callbacks it runs) notes (start, end, seconds of work after select returned), written
+  to `$CANDELA_LOOP_TURNS.<pid>.json` every second (the newest 200,000)."""
 
 from __future__ import annotations
 
@@ -85,11 +85,27 @@ def _turns(out: str) -> None:
     run_once = base.BaseEventLoop._run_once  # type: ignore[attr-defined]
     current: list[Any] = []
 
+    selected: list[float] = [0.0]
+
     def noted(self: base.BaseEventLoop) -> None:
+        sel = self._selector  # type: ignore[attr-defined]
+        if not getattr(sel, "_noted", False):  # when select returns: the iteration's work after
+            select = sel.select
+
+            def timed(*a: Any, **kw: Any) -> Any:
+                try:
+                    return select(*a, **kw)
+                finally:
+                    selected[0] = time.time()
+
+            sel.select, sel._noted = timed, True
         t0 = time.time()
+        selected[0] = t0
         current.clear()
         run_once(self)
-        notes.append((t0, time.time(), list(current)) if detail else (t0, time.time()))
+        t1 = time.time()
+        notes.append((t0, t1, t1 - selected[0], list(current)) if detail
+                     else (t0, t1, t1 - selected[0]))
 
     base.BaseEventLoop._run_once = noted  # type: ignore[attr-defined]
     # CANDELA_LOOP_TURNS_DETAIL: each iteration's callbacks, by name (slower: a diagnosis)
