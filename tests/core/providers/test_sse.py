@@ -62,3 +62,44 @@ def test_buffer_is_bounded():
     p = SseParser(max_buffer=100)
     assert p.feed(b"data: " + b"x" * 200) == []
     assert p.flush() == []
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b'data: {"choices":[{"delta":{"content":"tok "}}]}\n\n',
+        b"data:no space\n\n",
+        b"data:  two spaces\n\n",
+        b"data: [DONE]\n\n",
+        b"data:\n\n",
+        b"event: ping\n\n",
+        b"event:\n\n",
+        b": a comment\n\n",
+        b"id: 7\n\n",
+        b"retry\n\n",
+        b"\n\n",
+        "data: caf\u00e9 \u2603\n\n".encode(),
+        b"data: \xff\xfe broken utf-8\n\n",
+        b"data: a: b: c\n\n",
+    ],
+)
+def test_a_chunk_of_one_whole_line_is_the_event_the_general_parser_reads(chunk):
+    """The one-line chunk's fast path gives what the buffer's parse gives: the same chunk fed
+    after a byte already buffered (so the general path parses it) is the same event."""
+    [fast] = SseParser().feed(chunk)
+    general = SseParser()
+    assert general.feed(chunk[:1]) == []
+    [slow] = general.feed(chunk[1:])
+    assert fast == slow
+    assert type(fast.raw) is bytes and fast.raw == chunk
+
+
+def test_one_line_chunks_between_split_events_keep_the_order():
+    """A fast-path chunk is taken only with nothing buffered: after half an event, the next
+    chunk (one whole line) completes that event instead."""
+    p = SseParser()
+    assert p.feed(b"data: first") == []
+    [ev] = p.feed(b" half\n\n")
+    assert ev.data == "first half"
+    [ev] = p.feed(bytearray(b"data: next\n\n"))
+    assert (ev.data, ev.raw) == ("next", b"data: next\n\n")
