@@ -484,6 +484,7 @@ class Bench:
         proc: Proc | None = None,
         sample_rss: bool = False,
         python: Path | None = None,
+        start_at: float = 0.0,
     ) -> dict[str, Any]:
         argv = [
             str(python or BENCH_PY),
@@ -505,6 +506,8 @@ class Bench:
         ]
         if rate:
             argv += ["--rate", str(rate)]
+        if start_at:
+            argv += ["--start-at", repr(start_at)]
         if stream:
             argv.append("--stream")
         if keys:
@@ -542,6 +545,38 @@ class Bench:
             if sample_rss:
                 r["peak_rss_kb"] = peak[0]
         return r
+
+
+    def load_paired(
+        self, targets: list[tuple[str, str, Proc | None, bool | list[str]]], duration: float,
+        *, rate: float, concurrency: int = 1, **kw: Any,
+    ) -> dict[str, dict[str, Any]]:
+        """One open-loop load per target, all at once, each from its own load generator on its
+        own connections at `rate`; their schedules staggered by 1/(rate x targets), so every
+        target's requests meet the same moments of the machine (what a round-by-round
+        comparison cannot: on this shared 2-core VM a target's p50 moves by up to 2x between
+        rounds a minute apart). {name: load result}."""
+        start = time.time() + 1.5  # every load generator up and connected by then
+        out: dict[str, dict[str, Any]] = {}
+        errors: list[BaseException] = []
+
+        def one(j: int, name: str, url: str, p: Proc | None, keys: bool | list[str]) -> None:
+            try:
+                out[name] = self.load(
+                    url, "open", concurrency, duration, rate=rate, keys=keys, proc=p,
+                    start_at=start + j / (rate * len(targets)), **kw,
+                )
+            except BaseException as e:  # raised in the caller's thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=one, args=(j, *t)) for j, t in enumerate(targets)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return out
 
 
 # -- over rounds ------------------------------------------------------------------------------

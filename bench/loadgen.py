@@ -5,7 +5,9 @@ closed: `--concurrency C` connections each send the next request as soon as the 
 open:   requests are due at a fixed rate (`--rate R`, request i at t0 + i/R) whatever the target
         does; C connections take them in turn and a due request waits for a free one. Latency is
         measured from the time the request was *due*, not sent, so a stall is charged to every
-        request it delayed (no coordinated omission).
+        request it delayed (no coordinated omission). `--start-at T` (seconds since the epoch):
+        request 0 is due at T, so that several load generators started together, each on its
+        own target, send on one schedule staggered as the caller chose (paired measurements).
 
 Reported (JSON on stdout): completed, errors by kind, throughput, latency p50/p90/p99/max (ms);
 for streams also time to first body byte (ttft) and the gaps between SSE events as they arrive.
@@ -301,6 +303,8 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
 
         workers = [asyncio.create_task(worker(i)) for i in range(a.concurrency)]
         await asyncio.sleep(0.05)  # connections up before the schedule starts
+        if a.start_at:  # request 0 due at that wall-clock moment (paired with other loads)
+            await asyncio.sleep(max(0.0, a.start_at - time.time()))
         t0 = now()
         n = int(a.rate * (a.warmup + a.duration))
         if total_requests:
@@ -352,6 +356,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--rate", type=float, default=100.0, help="open loop: requests per second")
     p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--start-at", type=float, default=0.0, help="open loop: request 0 due then (epoch s)")
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--requests", type=int, default=0, help="stop after this many (0: no limit)")
     p.add_argument("--timeout", type=float, default=30.0)

@@ -321,6 +321,22 @@ def issue21(res: dict[str, Any], add: Callable[[str, Any, bool | None, str], Non
                 med <= bound,
                 "s1, rounds over targets kept running",
             )
+        paired = s1.get("paired", {})
+        per = ratios(
+            get_in(paired, name, "rounds_added_p50_ms"),
+            get_in(paired, "mitmproxy", "rounds_added_p50_ms"),
+        )
+        if per:
+            med = round(statistics.median(per), 3)
+            add(
+                f"(issue 21) {name}: added p50 at concurrency 1, open 50/s, paired, <= 1.25x bare "
+                "mitmproxy's",
+                f"{med}x, median of rounds {per} (medians: "
+                f"{get_in(paired, name, 'added_p50_ms')} vs "
+                f"{get_in(paired, 'mitmproxy', 'added_p50_ms')} ms)",
+                med <= 1.25,
+                "s1 paired: the targets loaded at once, schedules staggered (Bench.load_paired)",
+            )
     pts = res.get("s2_points", {})
     for name, by_c in pts.items():
         if not isinstance(by_c, dict) or not name.startswith("candela"):
@@ -443,6 +459,20 @@ def markdown(res: dict[str, Any]) -> str:
                     f"{k} {_f(bb[k].get('added_p50_ms'), 3)} ({bb[k].get('target_cpu_us_per_request', '-')} µs CPU/req)"
                     for k in ("mitmproxy", "mitmproxy -O", "candela", "candela redis", "litellm")
                     if k in bb
+                )
+                + ".",
+            ]
+        pa = s1.get("paired")
+        if pa:
+            lines += [
+                "",
+                "The same, paired (the direct path, bare mitmproxy and both Candelas loaded at once, "
+                "each at the rate on its own connection, schedules staggered; medians of "
+                f"{s1.get('rounds', 1)} rounds), added p50 ms: "
+                + ", ".join(
+                    f"{k} {_f(pa[k].get('added_p50_ms'), 3)} (rounds {pa[k].get('rounds_added_p50_ms')})"
+                    for k in ("mitmproxy", "candela", "candela redis")
+                    if k in pa
                 )
                 + ".",
             ]
