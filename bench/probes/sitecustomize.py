@@ -114,8 +114,9 @@ def _turns(out: str) -> None:
         handle_run = events.Handle._run
 
         def named(self: events.Handle) -> None:
-            current.append(_callback_name(self))
+            name, t0 = _callback_name(self), time.thread_time()
             handle_run(self)
+            current.append((name, time.thread_time() - t0))
 
         events.Handle._run = named  # type: ignore[method-assign]
 
@@ -128,7 +129,70 @@ def _turns(out: str) -> None:
     threading.Thread(target=dump, daemon=True, name="loop-turns").start()
 
 
+def _hooks(out: str) -> None:
+    import inspect
+
+    try:
+        from candela_mitm.addons.mitm_patches import HookTable, hook_args
+    except ImportError:
+        return
+    from mitmproxy import exceptions
+
+    notes: list[Any] = []
+
+    async def trigger_event(self: Any, event: Any) -> None:
+        fns = self._hooks_for(event.name)
+        if not fns:
+            return await HookTable.__mro__[1].trigger_event(self, event) if fns is None else None
+        args = hook_args(event)
+        for fn in fns:
+            t0, c0 = time.time(), time.thread_time()
+            try:
+                res = fn(*args)
+                if res is not None and inspect.isawaitable(res):
+                    await res
+            except exceptions.AddonHalt:
+                return None
+            finally:
+                notes.append((t0, event.name, type(getattr(fn, "__self__", fn)).__name__,
+                              time.time() - t0, time.thread_time() - c0))
+        return None
+
+    HookTable.trigger_event = trigger_event  # type: ignore[method-assign]
+
+    import importlib
+
+    for spec in filter(None, os.environ.get("CANDELA_FUNC_TIMES", "").split(",")):
+        module, _, qual = spec.partition(":")
+        owner: Any = importlib.import_module(module)
+        *path, attr = qual.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+
+        def timed(f: Callable[..., Any], name: str) -> Any:
+            def w(*a: Any, **kw: Any) -> Any:
+                t0, c0 = time.time(), time.thread_time()
+                try:
+                    return f(*a, **kw)
+                finally:
+                    notes.append((t0, "call", name, time.time() - t0, time.thread_time() - c0))
+
+            return w
+
+        setattr(owner, attr, timed(getattr(owner, attr), qual))
+
+    def dump() -> None:
+        while True:
+            time.sleep(1)
+            with open(f"{out}.{os.getpid()}.json", "w") as fh:
+                json.dump(notes[-200_000:], fh)
+
+    threading.Thread(target=dump, daemon=True, name="hook-times").start()
+
+
 if os.environ.get("CANDELA_STORE_CALLS"):
     _start(os.environ["CANDELA_STORE_CALLS"])
 if os.environ.get("CANDELA_LOOP_TURNS"):
     _turns(os.environ["CANDELA_LOOP_TURNS"])
+if os.environ.get("CANDELA_HOOK_TIMES"):
+    _hooks(os.environ["CANDELA_HOOK_TIMES"])
