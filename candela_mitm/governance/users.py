@@ -274,14 +274,6 @@ class UserDirectory:
                     self._tenant_cache[tenant] = (now, t)
         return t
 
-    def tenant_expiring(self, tenant: str, within_s: float) -> bool:
-        """Whether `tenant`'s remembered settings expire within `within_s` (False: none are)."""
-        hit = self._tenant_cache.get(tenant)
-        if hit is None:
-            return False
-        now = self.clock()
-        return self._expiry(hit[0], now) - now <= within_s
-
     def ahead(self, user: str) -> float | None:
         """When to read `user`'s remembered settings again in the background (the delay, in
         seconds), or None: none are remembered, they are not past READ_AHEAD_AT of their TTL,

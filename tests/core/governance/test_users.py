@@ -144,14 +144,14 @@ def test_tenant_settings_are_read_ahead_of_their_expiry(tmp_path: Path) -> None:
 
     clock = Clock()
     users = scoped_directory(tmp_path, clock)
-    assert not users.tenant_expiring("t", 0.25)  # none remembered: nothing to read ahead
+    assert users.tenant_ahead("t") is None  # none remembered: nothing to read ahead
     users.tenant_settings_cached("t")
-    assert not users.tenant_expiring("t", 0.25)
+    assert users.tenant_ahead("t") is None  # not half its 1 s yet
     clock.t += 0.8
-    assert users.tenant_expiring("t", 0.25)
+    assert users.tenant_ahead("t") == pytest.approx(0.05)  # a quarter of the 0.2 s left
     users.store.put_tenant(TenantRecord("t", 9.0, None))  # another process's admin change
     assert users.refresh_tenant("t").budget_usd == 9.0  # read afresh, remembered from now
-    assert not users.tenant_expiring("t", 0.25)
+    assert users.tenant_ahead("t") is None
     clock.t += 0.9
     recent = users.recent_tenant("t")  # 1.7 s after the first read: still at hand
     assert recent is not None and recent.budget_usd == 9.0
@@ -180,7 +180,7 @@ def test_a_current_watch_lets_settings_be_used_for_the_long_ttl(tmp_path: Path) 
         assert not watch.changed(0)
         watch.confirm(0, clock.t)
         assert users.recent("bob") is s and users.recent_tenant("t") is t
-    assert not users.tenant_expiring("t", 0.25)
+    assert users.tenant_ahead("t") is None  # 10 s of the long 60: not due
     clock.t += 50.0  # 60 s after the read: read again, however current the watch
     watch.confirm(0, clock.t)
     assert users.recent("bob") is None and users.recent_tenant("t") is None
@@ -235,7 +235,6 @@ def test_a_stale_or_failed_watch_falls_back_to_the_short_ttl(
         watch.failed()
     assert (users.recent("bob") is s) is long
     assert (users.recent_tenant("t") is not None) is long
-    assert users.tenant_expiring("t", 0.25) is not long
     clock.t -= 4.5  # had the read been half a second old, the short TTL would still hold it
     assert users.recent("bob") is s
 
