@@ -62,7 +62,8 @@ def main() -> None:
             r = b.load(url, "open", 1, a.seconds, warmup=0.0, **kw)
             t1 = time.time()
             time.sleep(1.5)  # the probe's last notes written
-            notes = json.load(open(glob.glob(out + ".*.json")[0]))
+            with open(glob.glob(out + ".*.jsonl")[0]) as fh:
+                notes = [json.loads(line) for line in fh]
     finally:
         b.close()
     n = max(r["completed"], 1)

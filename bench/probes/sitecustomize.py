@@ -181,11 +181,13 @@ def _hooks(out: str) -> None:
 
         setattr(owner, attr, timed(getattr(owner, attr), qual))
 
-    def dump() -> None:
+    def dump() -> None:  # the new notes appended, a line each: a short hold of the GIL
+        done = 0
         while True:
-            time.sleep(1)
-            with open(f"{out}.{os.getpid()}.json", "w") as fh:
-                json.dump(notes[-200_000:], fh)
+            time.sleep(0.25)
+            new, done = notes[done:], len(notes)
+            with open(f"{out}.{os.getpid()}.jsonl", "a") as fh:
+                fh.writelines(json.dumps(n) + "\n" for n in new)
 
     threading.Thread(target=dump, daemon=True, name="hook-times").start()
 

@@ -206,12 +206,15 @@ class WalSync:
 
 def connect_appender(db_path: str | Path, durability: str = "power_loss") -> sqlite3.Connection:
     """A second connection to a ledger connect_writer opened, for appends that never wait: a
-    database locked by anyone raises at once (busy timeout 0). Same durability, same guards
-    (authorizer, defensive mode where available); no schema work."""
+    database locked by anyone raises at once (busy timeout 0), and it never checkpoints the log
+    (a checkpoint copies up to a thousand pages and may fsync: the writer thread does it,
+    AuditWriter._checkpoint_due). Same durability, same guards (authorizer, defensive mode
+    where available); no schema work."""
     path = Path(db_path).expanduser()
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=0)
     try:
         conn.execute("PRAGMA busy_timeout=0")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
         sync = "NORMAL" if durability == "process_crash" else "FULL"
         conn.execute(f"PRAGMA synchronous={sync}")
         enable_defensive(conn, str(path))

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # Actions Candela records; callers may add their own (admin actions use "admin.<verb>").
 
 REDACTED = "[redacted]"
+# commits made on a caller's thread (never checkpointing) between two checkpoints of the
+# writer's: at one request at a time a commit writes ~5 pages, so about SQLite's own 1,000
+HERE_CHECKPOINT_EVERY = 200
 # Keys whose values are credentials wherever they appear (headers, nested dicts): never recorded.
 _CREDENTIAL_KEYS = frozenset(
     {
@@ -283,6 +286,11 @@ class AuditWriter:
         self._unsynced_at: float | None = None
         self.syncs = 0
         self.sync_errors = 0
+        # commits made on a caller's thread (record_here), and how many of them the writer's
+        # last WAL checkpoint followed: that connection never checkpoints (see _checkpoint_due)
+        self._here_commits = 0
+        self._checkpointed = 0
+        self.checkpoints = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -441,6 +449,8 @@ class AuditWriter:
                 self._queue.extendleft(reversed(items))
                 return False
             self._committed(items, rows)
+            if rows:
+                self._here_commits += 1
             return True
         finally:
             self._turn.release()
@@ -496,6 +506,7 @@ class AuditWriter:
         q = self._queue
         while True:
             self._wake.clear()
+            self._checkpoint_due()
             now = time.monotonic()
             wait = self._until_due(now)
             if self._sync is not None:
@@ -526,6 +537,27 @@ class AuditWriter:
             return None
         wait = q[0].at + delay - now
         return None if wait <= 0 else wait
+
+    def _checkpoint_due(self) -> None:
+        """Copy the log back into the ledger file (a PASSIVE checkpoint: nobody waits for it)
+        once HERE_CHECKPOINT_EVERY commits were made on a caller's thread since the last one.
+
+        That connection is the event loop's (record_here) and never checkpoints: SQLite runs the
+        checkpoint in the commit that takes the log past 1,000 pages, copying them into the file
+        and, with synchronous NORMAL or FULL, fsyncing it: measured at one connection and 50
+        requests/s, one commit in ~200 took 10-120 ms on the loop, every connection's requests
+        waiting behind it (bench/README.md, issue 21). The writer's own commits checkpoint as
+        SQLite does, on this thread."""
+        here = self._here_commits
+        if here - self._checkpointed < HERE_CHECKPOINT_EVERY or self._conn is None:
+            return
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as e:  # busy or failing: the next look tries again
+            log.debug("audit: WAL checkpoint not done (%s)", e)
+            return
+        self._checkpointed = here
+        self.checkpoints += 1
 
     def _sync_when_due(self, now: float, wait: float | None) -> float | None:
         """Sync the log if its oldest unsynced commit is `sync_interval_ms` old; then how long

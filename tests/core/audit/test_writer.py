@@ -949,3 +949,42 @@ def test_redact_masks_credential_keys_in_any_case_each_time_and_past_the_key_cac
         out["model"] = "changed"
         assert entry["model"] == "m"
     assert len(w._KEY_IS_CREDENTIAL) == 3  # the bound held; later keys were looked at each time
+
+
+def test_commits_on_the_calling_thread_never_checkpoint_the_log(tmp_path: Path) -> None:
+    """record_here's connection (the event loop's) leaves the log to grow past SQLite's 1,000
+    pages without copying it into the ledger file (a checkpoint there held the loop 10-120 ms);
+    nothing is lost: every entry is read back, chained."""
+    # the writer thread never looks (no sync under power_loss, a batch delay of a minute)
+    w = AuditWriter(cfg(tmp_path, batch_max_delay_ms=60_000, durability="power_loss"))
+    w.start()
+    db = tmp_path / "audit.db"
+    before = db.stat().st_size
+    for _ in range(400):  # ~1,200 pages of log
+        assert w.record_here("request", Reports(), user_id="alice@example.com", blob="x" * 12_000)
+    assert w.stats().batches_written == 400 and w.checkpoints == 0
+    assert db.stat().st_size == before  # nothing copied back into the file
+    assert Path(f"{db}-wal").stat().st_size > 1_000 * 4096
+    assert len(stored(tmp_path)) == 400 and verify_chain(db).ok
+    assert w.close()
+
+
+def test_the_writer_thread_checkpoints_after_commits_on_callers_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from candela_mitm.audit import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "HERE_CHECKPOINT_EVERY", 20)
+    w = AuditWriter(cfg(tmp_path, batch_max_delay_ms=10))  # it looks every 10 ms
+    w.start()
+    db = tmp_path / "audit.db"
+    before = db.stat().st_size
+    for _ in range(19):
+        assert w.record_here("request", Reports(), user_id="alice@example.com", blob="x" * 3000)
+    time.sleep(0.1)  # several looks: not due yet
+    assert w.checkpoints == 0 and db.stat().st_size == before
+    assert w.record_here("request", Reports(), user_id="alice@example.com", blob="x" * 3000)
+    until(lambda: w.checkpoints == 1)
+    assert db.stat().st_size > before  # the 20 entries copied into the ledger file
+    assert len(stored(tmp_path)) == 20 and verify_chain(db).ok
+    assert w.close()
