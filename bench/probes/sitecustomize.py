@@ -1,5 +1,5 @@
-"""Loaded by every Python process started with this folder on PYTHONPATH (bench/s3_calls.py and
-bench/loop_turns.py set it for the processes they measure): a measurement aid, never loaded by
+"""Loaded by every Python process started with this folder on PYTHONPATH (bench/s3_calls.py,
+bench/loop_turns.py and bench/hook_times.py set it for the processes they measure): a measurement aid, never loaded by
 Candela itself.
 
 - CANDELA_STORE_CALLS: every public method of the SQLite and Redis state stores is wrapped to
@@ -7,7 +7,15 @@ Candela itself.
   second.
 - CANDELA_LOOP_TURNS: every event-loop iteration (`BaseEventLoop._run_once`: the wait in select
   and the callbacks it runs) notes (start, end, seconds of work after select returned), written
-  to `$CANDELA_LOOP_TURNS.<pid>.json` every second (the newest 200,000)."""
+  to `$CANDELA_LOOP_TURNS.<pid>.json` every second (the newest 200,000); with
+  CANDELA_LOOP_TURNS_DETAIL also each iteration's callbacks (name, thread CPU seconds).
+- CANDELA_HOOK_TIMES: every addon hook the proxy calls (`HookTable.trigger_event`) notes (start,
+  hook, addon, wall seconds, thread CPU seconds until it returned or its awaitable ended),
+  appended to `$CANDELA_HOOK_TIMES.<pid>.jsonl` every quarter second, a line each (rewriting
+  them all every second held the GIL long enough to show in the hooks' wall times).
+- CANDELA_FUNC_TIMES (with CANDELA_HOOK_TIMES: the same notes, hook "call"): comma-separated
+  `module:Name.attr` of plain functions or methods to time the same way, each where it is
+  looked up (a function imported by name into another module: that module's name)."""
 
 from __future__ import annotations
 
