@@ -546,7 +546,6 @@ class Bench:
                 r["peak_rss_kb"] = peak[0]
         return r
 
-
     def load_paired(
         self, targets: list[tuple[str, str, Proc | None, bool | list[str]]], duration: float,
         *, rate: float, concurrency: int = 1, **kw: Any,
