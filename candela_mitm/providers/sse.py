@@ -33,10 +33,11 @@ class SseParser:
             and b"\r" not in chunk
         ):
             # the common chunk, nothing buffered before it: one event of one line, whole
-            # (`data: {...}\n\n`, as providers stream each delta). The same event as below,
-            # without the buffer's copies and the three separators' searches: a 512-token
+            # (`data: {...}\n\n`, as providers stream each delta), parsed as below without
+            # the buffer's copies and the three separators' searches: a 512-token
             # stream is 512 of them (bench/README.md, issue 21)
-            return [_one_line(bytes(chunk))]
+            ev = _parse_block(bytes(chunk))
+            return [ev] if ev is not None else []
         self._buf += chunk
         events: list[SseEvent] = []
         while True:
@@ -73,19 +74,6 @@ class SseParser:
             if i >= 0 and (best < 0 or i < best):
                 best, best_len = i, len(sep)
         return best, best_len
-
-
-def _one_line(raw: bytes) -> SseEvent:
-    """_parse_block of a block of one line ending in its blank line (`raw`, no CR in it)."""
-    line = raw[:-2].decode("utf-8", errors="replace")
-    if not line or line.startswith(":"):
-        return SseEvent("", "", raw)
-    name, _, value = line.partition(":")
-    if value.startswith(" "):
-        value = value[1:]
-    if name == "data":
-        return SseEvent("", value, raw)
-    return SseEvent(value if name == "event" else "", "", raw)
 
 
 def _parse_block(raw: bytes) -> SseEvent | None:
