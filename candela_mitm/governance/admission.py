@@ -191,6 +191,21 @@ def carve(
     without a store read."""
     if slices is None or not slices.rules.enabled or not isinstance(hold, Hold):
         return None  # (off: nothing computed, the request path as it was)
+    k = slice_key(slices, plan, settings, tenant, recent_tenant, key, shadow)
+    return None if k is None else slices.carve(k, hold.estimate_usd, request_id)
+
+
+def slice_key(
+    slices: Slices,
+    plan: ForwardPlan | None,
+    settings: UserSettings,
+    tenant: str | None,
+    recent_tenant: Callable[[str], TenantSettings | None],
+    key: KeyScope | None = None,
+    shadow: Shadow | None = None,
+) -> SliceKey | None:
+    """The budgets a request's hold would be carved on (`carve`), or None: it is carved from
+    no slice."""
     if plan is None or shadow is not None:
         return None
     if plan.session or plan.batch is not None or plan.operation.job is not None:
@@ -221,7 +236,7 @@ def carve(
         now = now.replace(tzinfo=UTC)
     known = _slice_keys.get(budgets)
     if known is not None and known[1] <= now < known[2]:
-        return slices.carve(known[0], hold.estimate_usd, request_id)
+        return known[0]
     key_budget = (
         KeyBudget(key.key_id, key.budget_id or key.key_id, key.budget_usd)
         if keyed and key is not None and key.budget_usd is not None
@@ -237,7 +252,7 @@ def carve(
     if len(_slice_keys) >= _SLICE_KEYS_MAX:
         _slice_keys.clear()
     _slice_keys[budgets] = (k, now, ends)
-    return slices.carve(k, hold.estimate_usd, request_id)
+    return k
 
 
 # A request's SliceKey by the budgets it is judged on (the user's, the tenant's, the key's, each

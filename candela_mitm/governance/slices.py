@@ -52,8 +52,14 @@ and every request there reserves on its own, exactly, with its 402 decided by th
   user a few holds, not `requests` of them.
   A process holds at most `max_held` slices (`_full`): past it none is asked, and the other
   budgets' requests reserve on their own; the flush's work is bounded by it.
-- a refusal: a request's own reservation refused returns this process's slices of the budget
-  that refused it (`refused`: the user's, or every slice of the tenant) at the next flush, and
+- a refusal: a request's own reservation refused while this process holds money of that
+  budget unused in a slice (`holding`: in use, taken ahead, or retired and waiting for the
+  next flush, as a slice asked ahead and returned unused near the budget's end does) is not a
+  402 for it: the request is carved from a slice of its budgets with room (`carve_held`,
+  retired ones too) or, none having room, those slices are returned at once (`return_now`,
+  those with requests in flight at the next flush) and it reserves again (addons/budget.py
+  `_second_look`). A refusal that stands returns this process's slices of the budget
+  that refused it (`refused`: the user's, or every slice of the tenant), and
   leaves a recall mark in the store (`recall_mark`, `recall`: SliceRecallStore) that every
   process holding a slice reads at its next flush (`_recalls`), returning its slices of that
   budget: the cross-process window in which an unused slice elsewhere refuses requests near a
@@ -175,6 +181,7 @@ class Slice:
     gap: float = 0.0  # the time between the last two requests carved (from it or the one before)
     largest: int = 0  # the largest hold carved from it (or the ones before it in use: `carry`)
     recorded_at: float = 0.0  # when its spend was last recorded (or it was taken)
+    returning: bool = False  # a flush is returning it: nothing more is carved from it
 
     @property
     def free(self) -> int:
@@ -597,6 +604,65 @@ class Slices:
                 self._retire(s)
             return len(mine)
 
+    # -- a refusal while this process holds part of the budget (Budget._second_look) ----------
+    @staticmethod
+    def _of(refusal: BudgetRefusal, s: Slice) -> bool:
+        """Whether `s` holds part of the budget that refused (as `refused` reads it)."""
+        if refusal.scope == "tenant":
+            return s.key.tenant == refusal.tenant
+        return s.key.user_id == refusal.user_id
+
+    def holding(self, refusal: BudgetRefusal) -> bool:
+        """Whether this process holds money of the budget that refused a request unused, in a
+        slice still held (in use, taken ahead, or retired and not yet returned: a slice asked
+        ahead near the budget's end is returned unused at the next flush, and requests that
+        come before it reserve on their own beside it). A scan of the slices held (at most
+        `max_held`), on refusals only."""
+        with self._lock:
+            return any(s.free > 0 and self._of(refusal, s) for s in self._by_id.values())
+
+    def carve_held(self, key: SliceKey, amount_usd: float, request_id: str) -> Reservation | None:
+        """After the store refused the request: its hold carved from any slice of its budgets
+        still held with room for it, retired ones too (their money is this process's until a
+        flush returns it), or None. Not one a flush is returning, nor one past MAX_AGE_S."""
+        amount = usd_to_nano(amount_usd)
+        now = self.monotonic()
+        with self._lock:
+            for s in self._by_id.values():
+                if (
+                    s.key == key and s.free >= amount and not s.returning
+                    and now - s.taken_at <= MAX_AGE_S
+                ):
+                    s.carved += amount
+                    s.inflight += 1
+                    s.used_at = now
+                    return carved_from(
+                        s.reservation,
+                        amount_usd=nano_to_usd(amount),
+                        request_id=request_id,
+                        created_at=self.clock(),
+                        seen=None,
+                        slice=s.reservation.id,
+                    )
+        return None
+
+    def return_now(self, refusal: BudgetRefusal) -> tuple[bool, list[Reservation]]:
+        """Blocking (store calls), after a refusal no slice had room for: this process's slices
+        of the budget that refused are retired (`refused`) and those whose requests have all
+        settled returned now (a flush), not at the next one. First: whether one of them holding
+        money unused was returned (by this flush or a flush beside it), and the request can
+        reserve again; then the slices whose spend the flush recorded (as `flush`)."""
+        self.refused(refusal)
+        with self._lock:
+            unused = [
+                rid for rid, s in self._by_id.items() if s.free > 0 and self._of(refusal, s)
+            ]
+        if not unused:
+            return False, []
+        recorded = self.flush()
+        with self._lock:
+            return any(rid not in self._by_id for rid in unused), recorded
+
     def recall_mark(self, refusal: BudgetRefusal) -> tuple[str, str] | None:
         """The recall mark to leave in the store after `refusal` (`recall`, off the loop), so
         that the other processes return their slices of the refused budget at their next
@@ -728,8 +794,11 @@ class Slices:
                 )
         with self._lock:
             returning = [
-                s for s, _ in work if s.retiring and s.inflight == 0 and not s.pending
+                s for s, _ in work
+                if s.retiring and s.inflight == 0 and not s.pending and not s.returning
             ]
+            for s in returning:
+                s.returning = True  # not carved from by carve_held, nor returned by a flush beside
         if returning:
             releases: list[Call] = [(self.ledger.release, (s.reservation,)) for s in returning]
             try:
@@ -741,5 +810,6 @@ class Slices:
                     if ok:
                         self._by_id.pop(s.reservation.id, None)
                     else:
+                        s.returning = False
                         log.error("could not return slice %s (tried again)", s.reservation.id)
         return recorded

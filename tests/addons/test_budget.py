@@ -148,15 +148,12 @@ def test_budget_judges_a_hold_by_the_config_in_force_after_a_reload(tctx, runtim
     assert status() is None  # priced at zero now: nothing held, forwarded
 
 
-def test_a_refusal_returns_this_processs_slice_and_leaves_a_recall_mark(tctx, runtime):
-    """A 402 while this process holds a slice of the refused budget: the slice is returned at
-    the next flush, and a recall mark is left in the store for the other processes' slices
-    (governance/slices.py); the answer does not wait for either."""
+def _sliced(runtime):
+    """A runtime whose user holds a slice of 32 chat() holds (two requests reserved on their
+    own), and a request 40 times chat()'s hold; with the addons that admit it."""
     from candela_mitm.addons.auth import Auth
     from candela_mitm.addons.ratelimit import RateLimit
     from candela_mitm.addons.router import Router
-    from candela_mitm.governance.ledger import Reservation
-    from tests.wait import until_async
 
     from .conftest import ALICE_KEY, make_flow
 
@@ -169,29 +166,112 @@ def test_a_refusal_returns_this_processs_slice_and_leaves_a_recall_mark(tctx, ru
         return make_flow("/proxy/openai/v1/chat/completions", body,
                          headers={"Authorization": f"Bearer {ALICE_KEY}"})
 
+    budget = Budget(rt)
+    return rt, budget, [Router(rt), Auth(rt), RateLimit(rt), budget], big
+
+
+async def _take_a_slice(rt, addons) -> int:
+    """Two chat() requests reserve on their own and a slice is taken: its size (nano-dollars)."""
+    from tests.wait import until_async
+
+    from .test_ratelimit import chat
+
+    for f in (chat(), chat()):
+        await run_hooks(addons, f, "requestheaders", "request")
+        assert f.response is None
+    await until_async(lambda: rt.slices.held() == 1, what="a slice held")
+    (size,) = [r.amount for r in rt.store.active_reservations() if r.request_id.startswith("slice:")]
+    return size
+
+
+def _others_leave(rt, nano: int) -> None:
+    """Another process reserves all of the user's budget but `nano`."""
+    from candela_mitm.governance.ledger import Reservation
+
+    left = rt.ledger.status(USER, 1.0).remaining_usd
+    other = rt.ledger.reserve(USER, "research-team", left - nano / 1e9, 1.0, "span-other")
+    assert isinstance(other, Reservation)
+
+
+def test_a_refusal_returns_this_processs_slice_and_leaves_a_recall_mark(tctx, runtime):
+    """A 402 while this process holds a slice of the refused budget, too little beside it for
+    the request even with the slice back: the slice is returned before the answer (no longer
+    at the next flush), and a recall mark is left in the store for the other processes'
+    slices (governance/slices.py), in the background."""
+    rt, budget, addons, big = _sliced(runtime)
+
     async def go():
-        budget = Budget(rt)
-        addons = [Router(rt), Auth(rt), RateLimit(rt), budget]
-        for f in (chat(), chat()):  # reserved on their own twice: a slice is taken
-            await run_hooks(addons, f, "requestheaders", "request")
-            assert f.response is None
-        await until_async(lambda: rt.slices.held() == 1, what="a slice held")
-        # another process holds all but half of the big request's hold
-        left = rt.ledger.status(USER, 1.0).remaining_usd
-        other = rt.ledger.reserve(USER, "research-team", left - 0.0012, 1.0, "span-other")
-        assert isinstance(other, Reservation)
+        size = await _take_a_slice(rt, addons)
+        _others_leave(rt, size // 10)  # the slice and a tenth: under big()'s hold of 1.25 slices
         assert rt.store.slice_recalls(0) == (0, [])
         refused = big()
         await run_hooks(addons, refused, "requestheaders", "request")
         assert refused.response is not None and refused.response.status_code == 402
+        assert rt.slices.held() == 0  # returned before the 402
         while budget._settling:  # the mark is left in the background
             await asyncio.gather(*list(budget._settling))
         newest, marks = rt.store.slice_recalls(0)
         assert newest == 1 and [(m.scope, m.name) for m in marks] == [("user", USER)]
-        assert not rt.slices._by_key  # retired: returned at the next flush
-        await until_async(lambda: rt.slices.held() == 0, what="the slice returned")
-        budget._flusher.cancel()
+        assert not rt.slices._by_key
+        if budget._flusher is not None:
+            budget._flusher.cancel()
 
     asyncio.run(go())
     held = [r.request_id for r in rt.store.active_reservations()]
     assert len(held) == 3 and not [r for r in held if r.startswith("slice:")]  # own ones left
+
+
+def test_a_request_the_store_refuses_fits_once_this_processs_slice_is_returned(tctx, runtime):
+    """The store refuses a request's reservation while this process holds a slice of that
+    budget unused, too small to carve the request from, and the slice and what is left beside
+    it hold the request: the slice is returned at once and the request reserves again,
+    admitted (Budget._second_look): no 402 for money this process itself held."""
+    rt, budget, addons, big = _sliced(runtime)
+
+    async def go():
+        size = await _take_a_slice(rt, addons)
+        _others_leave(rt, size // 2)  # 1.5 slices with the slice back: big() fits
+        f = big()
+        await run_hooks(addons, f, "requestheaders", "request")
+        assert f.response is None  # admitted
+        c = ctx_of(f)
+        assert c.reservation is not None and not c.reservation.slice
+        assert c.reservation.request_id == c.span_id
+        assert rt.slices.held() == 0 and rt.store.slice_recalls(0) == (0, [])  # no mark left
+        if budget._flusher is not None:
+            budget._flusher.cancel()
+
+    asyncio.run(go())
+
+
+def test_a_request_the_store_refuses_is_carved_from_a_retired_slice_with_room(tctx, runtime):
+    """A slice retired before the next flush returns it (an admin change here; a slice taken
+    ahead near a budget's end is returned unused the same way) still holds this process's
+    money: a request the store refuses meanwhile is carved from it (Slices.carve_held), not
+    refused, and settles into it like any carved request."""
+    from .test_ratelimit import chat
+
+    rt, budget, addons, _ = _sliced(runtime)
+
+    async def go():
+        await _take_a_slice(rt, addons)
+        rt.slices.retire_all()
+        _others_leave(rt, 0)
+        f = chat()
+        await run_hooks(addons, f, "requestheaders", "request")
+        assert f.response is None  # admitted
+        c = ctx_of(f)
+        assert c.reservation is not None and c.reservation.slice
+        assert c.slice_id == c.reservation.slice and rt.slices.held() == 1
+        assert rt.store.slice_recalls(0) == (0, [])
+        rt.slices.release(c.reservation)  # it charged nothing: the slice is returned
+        rt.slices.flush()
+        assert rt.slices.held() == 0
+        _others_leave(rt, 0)  # what the slice held, taken elsewhere
+        refused = chat()  # no slice now, nothing left: the store's refusal stands
+        await run_hooks(addons, refused, "requestheaders", "request")
+        assert refused.response is not None and refused.response.status_code == 402
+        if budget._flusher is not None:
+            budget._flusher.cancel()
+
+    asyncio.run(go())

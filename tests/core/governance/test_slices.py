@@ -239,6 +239,67 @@ def test_a_refusal_returns_this_processs_slices_of_the_budget_that_refused(
     assert slices.held() == 0
 
 
+def test_after_a_refusal_a_retired_slice_with_room_is_carved_from(store: StateStore) -> None:
+    """`carve_held`: a slice retired but not yet returned (an admin change, a slice asked ahead
+    and returned unused) still holds this process's money: a request the store refused is
+    carved from it, of its own budgets only, not from one a flush is returning nor one past
+    MAX_AGE_S; the flush returns it once that request has settled, its spend recorded."""
+    ledger = Ledger(store, clock=lambda: T0)
+    mono = Clock()
+    slices = Slices(ledger, RULES, clock=lambda: T0, monotonic=mono)
+    assert take(slices, own(ledger, 1.0))  # a slice of 10 holds of 1.0
+    slices.retire_all()
+    assert slices.carve(key(slices), 1.0, "s") is None  # retired: the request path skips it
+    refused = ledger.reserve(U, None, 95.0, 100.0, "span-big")
+    assert isinstance(refused, BudgetRefusal) and slices.holding(refused)
+    assert slices.carve_held(key(slices, budget=50.0), 1.0, "s") is None  # other budgets
+    assert slices.carve_held(key(slices), 11.0, "s") is None  # no room for it
+    got = slices.carve_held(key(slices), 4.0, "span-1")
+    assert got is not None and got.slice and got.request_id == "span-1"
+    assert got.amount_usd == 4.0
+    slices.flush()
+    assert slices.held() == 1  # its request in flight: kept
+    slices.settle(got, 3.0, 10, 10, "gpt-4o", "openai")
+    slices.flush()
+    assert slices.held() == 0
+    status = ledger.status(U, 100.0)
+    assert (status.spent_usd, status.reserved_usd) == (3.0, 1.0)  # the own reservation left
+    # one a flush is returning, and one too old, are not carved from
+    assert take(slices, own(ledger, 1.0))
+    (s,) = slices._by_id.values()
+    s.returning = True
+    assert slices.carve_held(key(slices), 1.0, "s") is None
+    s.returning = False
+    mono.t += MAX_AGE_S + 1
+    assert slices.carve_held(key(slices), 1.0, "s") is None
+
+
+def test_return_now_returns_the_refused_budgets_slices_before_the_answer(
+    store: StateStore,
+) -> None:
+    """`return_now`: after a refusal no slice had room for, this process's slices of that
+    budget are returned at once (not at the next flush) unless requests carved from them are
+    in flight; True only when one holding money unused went back."""
+    ledger = Ledger(store, clock=lambda: T0)
+    mono = Clock()
+    slices = Slices(ledger, RULES, clock=lambda: T0, monotonic=mono)
+    assert take(slices, own(ledger, 1.0))
+    carved = slices.carve(key(slices), 1.0, "span-1")
+    assert carved is not None
+    other = ledger.reserve(U, None, 100.0 - 12.0, 100.0, "span-other")  # another process
+    assert isinstance(other, Reservation)
+    refused = ledger.reserve(U, None, 9.5, 100.0, "span-big")  # 9 in the slice, unused
+    assert isinstance(refused, BudgetRefusal)
+    assert slices.return_now(refused) == (False, [])  # its request in flight: kept
+    assert slices.held() == 1
+    slices.settle(carved, 1.0, 1, 1, "gpt-4o", "openai")
+    returned, recorded = slices.return_now(refused)
+    assert returned and [r.id for r in recorded] == [carved.slice] and slices.held() == 0
+    assert isinstance(ledger.reserve(U, None, 9.5, 100.0, "span-big"), Reservation)  # fits now
+    # no slice of that budget held: nothing to return
+    assert slices.return_now(refused) == (False, [])
+
+
 def test_a_refusal_in_one_process_recalls_the_slices_another_holds(store: StateStore) -> None:
     """Process B's reservation refused while process A holds an unused slice of the budget: B
     leaves a recall mark (one a second per budget), A returns its slice at its next flush, and
