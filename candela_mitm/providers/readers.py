@@ -99,7 +99,7 @@ def _error_text(obj: dict[str, object]) -> str | None:
     return None
 
 
-def _live_key(text: str, key: str) -> bool:
+def live_key(text: str, key: str) -> bool:
     """A cheap look at a chunk: does `key` occur with a value other than null?
 
     A false positive only costs a JSON parse; there are no false negatives for JSON a provider
@@ -173,7 +173,7 @@ class _LastWinsReader(Reader):
         self._pending: deque[str] = deque(maxlen=4)  # newest last; older ones cover a bad newest
 
     def _take(self, text: str, event: str = "") -> None:
-        if self.saw_output and not _live_key(text, '"error"'):
+        if self.saw_output and not live_key(text, '"error"'):
             if self._carries(text):
                 self._pending.append(text)
             return
@@ -230,8 +230,8 @@ class _AnthropicReader(Reader):
             if event in _ANTHROPIC_SKIP:
                 return
             if not event and not (
-                _live_key(text, '"usage"')
-                or _live_key(text, '"error"')
+                live_key(text, '"usage"')
+                or live_key(text, '"error"')
                 or "invocationMetrics" in text
             ):
                 return
@@ -265,7 +265,7 @@ def reader_for(wire: str) -> Reader:
     if wire == "openai":
         return _LastWinsReader(
             wire,
-            usage_from_openai, _openai_has_output, lambda t: _live_key(t, '"usage"')
+            usage_from_openai, _openai_has_output, lambda t: live_key(t, '"usage"')
         )
     if wire == "gemini":
         return _LastWinsReader(
@@ -279,7 +279,7 @@ def reader_for(wire: str) -> Reader:
             wire,
             lambda o: usage_from_ollama(o) or usage_from_openai(o),
             _ollama_has_output,
-            lambda t: "eval_count" in t or _live_key(t, '"usage"'),
+            lambda t: "eval_count" in t or live_key(t, '"usage"'),
         )
     if wire in ("anthropic", "bedrock"):
         return _AnthropicReader(wire)

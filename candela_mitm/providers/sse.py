@@ -25,6 +25,11 @@ class SseParser:
         self._buf = bytearray()
         self._max = max_buffer
 
+    @property
+    def buffered(self) -> bool:
+        """Whether part of an event is waiting for the rest."""
+        return bool(self._buf)
+
     def feed(self, chunk: bytes) -> list[SseEvent]:
         if (
             not self._buf
