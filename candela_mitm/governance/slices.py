@@ -654,11 +654,12 @@ class Slices:
         reserve again; then the slices whose spend the flush recorded (as `flush`)."""
         self.refused(refusal)
         with self._lock:
-            unused = [
-                rid for rid, s in self._by_id.items() if s.free > 0 and self._of(refusal, s)
+            unused = [  # those a flush can return now: no request of theirs in flight
+                rid for rid, s in self._by_id.items()
+                if s.free > 0 and s.inflight == 0 and not s.returning and self._of(refusal, s)
             ]
         if not unused:
-            return False, []
+            return False, []  # no flush: a refused client retrying costs no store call here
         recorded = self.flush()
         with self._lock:
             return any(rid not in self._by_id for rid in unused), recorded

@@ -285,13 +285,16 @@ def test_return_now_returns_the_refused_budgets_slices_before_the_answer(
     slices = Slices(ledger, RULES, clock=lambda: T0, monotonic=mono)
     assert take(slices, own(ledger, 1.0))
     carved = slices.carve(key(slices), 1.0, "span-1")
-    assert carved is not None
+    done = slices.carve(key(slices), 1.0, "span-2")
+    assert carved is not None and done is not None
+    slices.settle(done, 0.0, 1, 1, "gpt-4o", "openai")
     other = ledger.reserve(U, None, 100.0 - 12.0, 100.0, "span-other")  # another process
     assert isinstance(other, Reservation)
     refused = ledger.reserve(U, None, 9.5, 100.0, "span-big")  # 9 in the slice, unused
     assert isinstance(refused, BudgetRefusal)
-    assert slices.return_now(refused) == (False, [])  # its request in flight: kept
+    assert slices.return_now(refused) == (False, [])  # a request in flight: kept
     assert slices.held() == 1
+    assert ledger.usage(user=U) == []  # and no flush made for nothing (its spend still queued)
     slices.settle(carved, 1.0, 1, 1, "gpt-4o", "openai")
     returned, recorded = slices.return_now(refused)
     assert returned and [r.id for r in recorded] == [carved.slice] and slices.held() == 0
