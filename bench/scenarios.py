@@ -291,6 +291,18 @@ def s_streaming(b: Bench, res: dict[str, Any]) -> None:
         for k in ("mitmproxy", "candela", "candela redis"):
             row[k]["added_ttft_p50_ms"] = added(runs[n][k], runs[n]["direct"], "ttft_ms", "p50")
             row[k]["added_ttft_p99_ms"] = added(runs[n][k], runs[n]["direct"], "ttft_ms", "p99")
+    # each round's p50 over bare mitmproxy's, per length: the spread the verdict carries (a
+    # round's p50 of 15 streams moves by about a millisecond; bench/README.md, fifteenth session)
+    out["ttft_over_bare_rounds"] = {
+        k: {
+            n: [
+                round(c["ttft_ms"]["p50"] - b["ttft_ms"]["p50"], 3)
+                for c, b in zip(runs[n][k], runs[n]["mitmproxy"], strict=True)
+            ]
+            for n in lengths
+        }
+        for k in ("candela", "candela redis")
+    }
     # flat in length: the growth from the shortest to the longest stream, measured in one round
     first, last = runs[lengths[0]], runs[lengths[-1]]
     out["ttft_growth_ms"] = round(

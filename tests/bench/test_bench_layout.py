@@ -114,7 +114,8 @@ def test_issue_21s_targets_are_judged_for_sqlite_and_redis_beside_bare_mitmproxy
                     "candela": {"added_ttft_p50_ms": 3.4},
                     "candela redis": {"added_ttft_p50_ms": 4.0},
                 }
-            }
+            },
+            "ttft_over_bare_rounds": {"candela": {16: [0.3, 0.5, 0.4]}},
         },
     }
     got = {
@@ -129,3 +130,9 @@ def test_issue_21s_targets_are_judged_for_sqlite_and_redis_beside_bare_mitmproxy
         "(issue 21) candela: added time to first token <= bare mitmproxy's + 0.5 ms": True,
         "(issue 21) candela redis: added time to first token <= bare mitmproxy's + 0.5 ms": False,
     }
+    measured = {v["target"]: v["measured"] for v in bench["report"].verdicts(res)}
+    ttft = "(issue 21) {}: added time to first token <= bare mitmproxy's + 0.5 ms"
+    # each round's difference is shown beside the verdict (the spread it carries)
+    assert measured[ttft.format("candela")].endswith(
+        "; each round's p50 over bare's: {16: [0.3, 0.5, 0.4]} ms")
+    assert "each round" not in measured[ttft.format("candela redis")]
