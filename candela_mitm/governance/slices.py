@@ -390,20 +390,24 @@ class Slices:
                 carry(prev, s, now)
                 self._by_key[key] = s
                 self._by_holder[key.holder] = s
-            s.carved += amount
             s.demand += amount
             s.largest = max(s.largest, amount)
-            s.inflight += 1
             s.gap = now - s.used_at  # from the request before (or the take it asked)
             s.used_at = now
-            return carved_from(
-                s.reservation,
-                amount_usd=nano_to_usd(amount),
-                request_id=request_id,
-                created_at=self.clock(),
-                seen=None,
-                slice=s.reservation.id,
-            )
+            return self._hold_on(s, amount, request_id)
+
+    def _hold_on(self, s: Slice, amount: int, request_id: str) -> Reservation:
+        """A request's hold of `amount` taken from `s` (the lock held)."""
+        s.carved += amount
+        s.inflight += 1
+        return carved_from(
+            s.reservation,
+            amount_usd=nano_to_usd(amount),
+            request_id=request_id,
+            created_at=self.clock(),
+            seen=None,
+            slice=s.reservation.id,
+        )
 
     def retire_stale(self, key: SliceKey) -> None:
         """A request's budgets changed (an admin change, a new period): the slices of the same
@@ -633,17 +637,8 @@ class Slices:
                     s.key == key and s.free >= amount and not s.returning
                     and now - s.taken_at <= MAX_AGE_S
                 ):
-                    s.carved += amount
-                    s.inflight += 1
                     s.used_at = now
-                    return carved_from(
-                        s.reservation,
-                        amount_usd=nano_to_usd(amount),
-                        request_id=request_id,
-                        created_at=self.clock(),
-                        seen=None,
-                        slice=s.reservation.id,
-                    )
+                    return self._hold_on(s, amount, request_id)
         return None
 
     def return_now(self, refusal: BudgetRefusal) -> tuple[bool, list[Reservation]]:
