@@ -14,7 +14,7 @@ _OUTPUT_VALUE = re.compile(
     r'response|input)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"'
 )
 _RESPONSES_EVENT = re.compile(r'"type"\s*:\s*"response\.([\w.]*)"')
-# The same over an ASCII event's bytes (`see_ascii`): no decode, the same spans
+# The same over an ASCII event's bytes (`see_openai_ascii`): no decode, the same spans
 _OUTPUT_VALUE_ASCII = re.compile(_OUTPUT_VALUE.pattern.encode())
 
 
