@@ -117,12 +117,9 @@ class HideOpenAIUsage(ResponseProcessor):
 
     def feed(self, data: bytes) -> bytes:
         if (
-            not self._parser.buffered
+            self._parser.one_line(data)
             and data.startswith(b"data: ")
-            and data.endswith(b"\n\n")
-            and data.find(b"\n") == len(data) - 2
             and b'"response.' not in data
-            and b"\r" not in data
             and data.isascii()
             and (b'"usage"' not in data or not live_key(data.decode("ascii"), '"usage"'))
         ):
