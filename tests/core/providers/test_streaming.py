@@ -7,7 +7,7 @@ from typing import Any
 
 from candela_mitm.providers.meters import meter_for
 from candela_mitm.providers.sse import encode
-from candela_mitm.providers.streaming import HideOpenAIUsage, PassThrough
+from candela_mitm.providers.streaming import HideOpenAIUsage, PassThrough, ResponseProcessor
 from candela_mitm.providers.usage import Usage
 
 
@@ -32,8 +32,7 @@ def test_hidden_usage_chunk_still_reports() -> None:
 class Parsed(HideOpenAIUsage):
     """HideOpenAIUsage without its one-line fast path: every chunk through the parser."""
 
-    def feed(self, data: bytes) -> bytes:
-        return self._filter(self._parser.feed(data))
+    __call__ = ResponseProcessor.__call__
 
 
 def delta(content: str, ascii: bool = False, **more: Any) -> bytes:  # as OpenAI: compact, UTF-8
