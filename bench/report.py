@@ -352,19 +352,26 @@ def issue21(res: dict[str, Any], add: Callable[[str, Any, bool | None, str], Non
             )
     s3 = res.get("s3_streaming", {})
     for name in ("candela", "candela redis"):
-        over = {
-            n: round(row[name]["added_ttft_p50_ms"] - row["mitmproxy"]["added_ttft_p50_ms"], 3)
-            for n, row in (s3.get("ttft") or {}).items()
-            if name in row and row[name].get("added_ttft_p50_ms") is not None
-        }
+        rounds = (s3.get("ttft_over_bare_rounds") or {}).get(name)
+        if rounds:
+            # each round measures bare mitmproxy and Candela seconds apart: the median of the
+            # rounds' differences leaves out what the machine did between rounds
+            over = {n: round(statistics.median(xs), 3) for n, xs in rounds.items() if xs}
+            how = "s3 open loop, 5 streams/s, p50, median of the rounds' differences"
+        else:  # a run from before the rounds were kept: the difference of the medians
+            over = {
+                n: round(row[name]["added_ttft_p50_ms"] - row["mitmproxy"]["added_ttft_p50_ms"], 3)
+                for n, row in (s3.get("ttft") or {}).items()
+                if name in row and row[name].get("added_ttft_p50_ms") is not None
+            }
+            how = "s3 open loop, 5 streams/s, p50, medians of rounds"
         if over:
-            rounds = (s3.get("ttft_over_bare_rounds") or {}).get(name)
             spread = f"; each round's p50 over bare's: {rounds} ms" if rounds else ""
             add(
                 f"(issue 21) {name}: added time to first token <= bare mitmproxy's + 0.5 ms",
                 f"over bare mitmproxy's by length: {over} ms{spread}",
                 max(over.values()) <= 0.5,
-                "s3 open loop, 5 streams/s, p50, medians of rounds",
+                how,
             )
 
 
@@ -492,7 +499,9 @@ def markdown(res: dict[str, Any]) -> str:
     if s3:
         lines += [
             "",
-            f"Streaming: time to first token (p50 / p99 ms, medians of {s3.get('rounds', 1)} rounds; "
+            f"Streaming: time to first token (p50 / p99 ms, medians of {s3.get('rounds', 1)} rounds"
+            + (f", the longest streams {s3['longest_rounds']}" if s3.get("longest_rounds") else "")
+            + "; "
             f"upstream paces chunks {s3['chunk_gap_ms']} ms apart):",
             "",
             "| Tokens | direct | mitmproxy | candela | candela redis | added p50: mitmproxy / candela / candela redis |",

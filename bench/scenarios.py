@@ -37,6 +37,7 @@ from harness import (
 
 S2_ROUNDS = 5  # scenario 2: interleaved rounds; verdicts take the median of per-round ratios
 ROUNDS = 3  # scenarios 1, 3 and 6: rounds over targets kept running; medians of the rounds
+S3_LONGEST_ROUNDS = 9  # scenario 3's longest streams (512 tokens): three times the rounds
 # scenario 1's paired rounds (Harness.load_paired): the direct path, bare mitmproxy and both
 # Candelas at once (mitmproxy -O and LiteLLM are references: LiteLLM at 50/s would take most of
 # a core from the others)
@@ -256,7 +257,13 @@ def s_streaming(b: Bench, res: dict[str, Any]) -> None:
     gap_ms = 2.0
     lengths = (16, 128, 512)
     conc = 24  # 5 streams/s of up to ~1 s each: enough connections that none waits for one
-    out: dict[str, Any] = {"chunk_gap_ms": gap_ms, "rounds": ROUNDS, "ttft": {}, "gaps": {}}
+    out: dict[str, Any] = {
+        "chunk_gap_ms": gap_ms,
+        "rounds": ROUNDS,
+        "longest_rounds": S3_LONGEST_ROUNDS,
+        "ttft": {},
+        "gaps": {},
+    }
     runs: dict[int, dict[str, list[dict[str, Any]]]] = {n: {} for n in lengths}
     with b.upstream("--chunk-gap-ms", str(gap_ms)) as up, ExitStack() as alive:
         murl, mp = alive.enter_context(b.mitmdump(up, stream=True))
@@ -269,9 +276,13 @@ def s_streaming(b: Bench, res: dict[str, Any]) -> None:
             ("candela", curl, cp, True),
             ("candela redis", rurl, rp, True),  # issue 21: Redis state beside SQLite
         )
-        for _round in range(ROUNDS):
-            for n in lengths:
-                for name, url, p, keys in targets:
+        for rnd in range(S3_LONGEST_ROUNDS):
+            # the longest streams' time to first token moves most from round to round (the
+            # queue behind the other streams' chunks): they get rounds of their own after the
+            # others'; the targets' order turns every round, so that none is always measured
+            # right after the same one
+            for n in lengths if rnd < ROUNDS else lengths[-1:]:
+                for name, url, p, keys in targets if rnd % 2 == 0 else targets[::-1]:
                     r = b.load(
                         url,
                         "open",
@@ -291,8 +302,9 @@ def s_streaming(b: Bench, res: dict[str, Any]) -> None:
         for k in ("mitmproxy", "candela", "candela redis"):
             row[k]["added_ttft_p50_ms"] = added(runs[n][k], runs[n]["direct"], "ttft_ms", "p50")
             row[k]["added_ttft_p99_ms"] = added(runs[n][k], runs[n]["direct"], "ttft_ms", "p99")
-    # each round's p50 over bare mitmproxy's, per length: the spread the verdict carries (a
-    # round's p50 of 15 streams moves by about a millisecond; bench/README.md, fifteenth session)
+    # each round's p50 over bare mitmproxy's, per length: what issue 21's verdict takes the
+    # median of (a round measures both within seconds; a round's p50 of 15 streams moves by
+    # about a millisecond, the machine's state between rounds by as much: bench/README.md)
     out["ttft_over_bare_rounds"] = {
         k: {
             n: [
@@ -304,7 +316,9 @@ def s_streaming(b: Bench, res: dict[str, Any]) -> None:
         for k in ("candela", "candela redis")
     }
     # flat in length: the growth from the shortest to the longest stream, measured in one round
-    first, last = runs[lengths[0]], runs[lengths[-1]]
+    # (the rounds that measured every length)
+    first = runs[lengths[0]]
+    last = {k: rs[:ROUNDS] for k, rs in runs[lengths[-1]].items()}
     out["ttft_growth_ms"] = round(
         statistics.median(
             (lc["ttft_ms"]["p50"] - ld["ttft_ms"]["p50"])

@@ -136,3 +136,17 @@ def test_issue_21s_targets_are_judged_for_sqlite_and_redis_beside_bare_mitmproxy
     assert measured[ttft.format("candela")].endswith(
         "; each round's p50 over bare's: {16: [0.3, 0.5, 0.4]} ms")
     assert "each round" not in measured[ttft.format("candela redis")]
+
+
+def test_the_ttft_verdict_takes_the_median_of_the_rounds_differences(bench):
+    """Each round measures bare mitmproxy and Candela seconds apart: issue 21's time-to-first-
+    token line is the median of the rounds' differences, not the difference of two medians."""
+    row = {"mitmproxy": {"added_ttft_p50_ms": 5.0}, "candela": {"added_ttft_p50_ms": 5.2}}
+    res = {"s3_streaming": {"ttft": {512: row},
+                            "ttft_over_bare_rounds": {"candela": {512: [0.9, -0.4, 0.6, 0.7, 0.1]}}}}
+    (v,) = [v for v in bench["report"].verdicts(res) if "candela: added time to first" in v["target"]]
+    assert v["holds"] is False and v["measured"].startswith("over bare mitmproxy's by length: {512: 0.6} ms")
+    assert "median of the rounds' differences" in v["how"]
+    res["s3_streaming"]["ttft_over_bare_rounds"]["candela"][512] = [0.9, -0.4, 0.5, 0.7, 0.1]
+    (v,) = [v for v in bench["report"].verdicts(res) if "candela: added time to first" in v["target"]]
+    assert v["holds"] is True
