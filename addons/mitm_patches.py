@@ -30,6 +30,9 @@ Verified on mitmproxy 11.0.2 (the newest for Python 3.11; pyproject admits >=11.
 | `free_finished_streams`    | `proxy.layers.HttpLayer.__init__` wrapped, `.streams`    | CPU per request     |
 |                            | (popped at DropStream), HttpStream `client_state`,       | (cycle collector)   |
 |                            | `server_state`, `child_layer`, `Context.layers`          |                     |
+| `frame_chunks_once`        | `proxy.layers.http._http1.Http1Server.send` wrapped      | CPU per streamed    |
+|                            | (`ResponseHeaders`/`ResponseData`, `.conn`): the chunked | chunk               |
+|                            | framing read with the head, not at every chunk           |                     |
 | `limit_request_heads`      | `proxy.layers.http._http1.Http1Server.read_headers`      | 431 on head bombs   |
 |                            | wrapped (`.buf`, `.conn`, `.state`, `.done`)             | (its FIXME)         |
 | `close_client`, `assemble` | Proxyserver `.connections`, ConnectionHandler            | 408/429 and close   |
@@ -498,6 +501,45 @@ def free_finished_streams() -> None:
 
     cls.__init__ = __init__  # type: ignore[method-assign]
     cls._candela_streams = True  # type: ignore[attr-defined]
+
+
+# -- a streamed response's chunks (verified 11.0.2) -------------------------------------------
+
+
+def frame_chunks_once() -> None:
+    """Decide how an HTTP/1 response's body is framed to the client once, with its head.
+
+    `Http1Server.send` looks `transfer-encoding` up in the response's headers for every body
+    chunk it sends (a MultiDict walk, each name lower-cased): relaying 512-token streams, a
+    chunk a token, that lookup was ~10% of the event loop's py-spy samples in bare mitmproxy
+    and in Candela alike (bench/README.md, issue 21). The head is on the wire before the first
+    chunk, so the framing it announced cannot change: it is read from the same headers as the
+    head is sent and kept on the layer; each chunk is then framed as mitmproxy frames it.
+    Everything else (the head, the end, errors) is mitmproxy's own. Idempotent."""
+    from mitmproxy.proxy import commands
+    from mitmproxy.proxy.layers.http import ResponseData, ResponseHeaders, _http1
+
+    cls = _http1.Http1Server
+    if getattr(cls.send, "candela_original", None) is not None:
+        return
+    original = cls.send
+
+    def send(self: Any, event: Any) -> layer.CommandGenerator[None]:
+        if type(event) is ResponseData:
+            chunked = self.__dict__.get("candela_chunked")
+            if chunked is not None:
+                data = event.data
+                raw = b"%x\r\n%s\r\n" % (len(data), data) if chunked else data
+                if raw:
+                    yield commands.SendData(self.conn, raw)
+                return
+        elif type(event) is ResponseHeaders:
+            te = event.response.headers.get("transfer-encoding", "")
+            self.candela_chunked = "chunked" in te.lower()
+        yield from original(self, event)
+
+    send.candela_original = original  # type: ignore[attr-defined]
+    cls.send = send  # type: ignore[method-assign]
 
 
 # -- layers (verified 11.0.2) -----------------------------------------------------------------

@@ -587,3 +587,60 @@ def test_option_reads_give_what_mitmproxy_gave_without_copying_plain_values(monk
     mode = opts.mode  # unset: a copy of the default
     mode.append("x")
     assert "x" not in opts.mode
+
+
+# -- a streamed response's chunks ---------------------------------------------------------------
+
+
+def test_the_http1_server_frames_each_chunk_from_the_response_headers():
+    """What frame_chunks_once replaces in `Http1Server.send`: a body chunk is framed from the
+    response's `transfer-encoding`, looked up again at every chunk, into one SendData."""
+    cls = _http1.Http1Server
+    original = getattr(cls.send, "candela_original", cls.send)
+    assert inspect.isgeneratorfunction(original) and params(original) == ["self", "event"]
+    src = inspect.getsource(original)
+    assert "self.response = response = event.response" in src
+    assert 'if "chunked" in self.response.headers.get("transfer-encoding", "").lower():' in src
+    assert 'raw = b"%x\\r\\n%s\\r\\n" % (len(event.data), event.data)' in src
+    assert "yield commands.SendData(self.conn, raw)" in src
+
+
+class CountingHeaders(http.Headers):
+    gets = 0
+
+    def get(self, key, default=None):  # type: ignore[override]
+        CountingHeaders.gets += 1
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize("te", ["chunked", "", "gzip, Chunked"])
+def test_frame_chunks_once_sends_what_mitmproxy_sends_reading_the_framing_once(monkeypatch, te):
+    from mitmproxy.proxy.layers.http import ResponseData, ResponseEndOfMessage, ResponseHeaders
+
+    cls = _http1.Http1Server
+    monkeypatch.setattr(cls, "send", cls.send)  # restored after the test
+    ctx = context.Context(
+        connection.Client(peername=("1.2.3.4", 5), sockname=("0.0.0.0", 8), timestamp_start=0),
+        options.Options(),
+    )
+
+    def relay(chunks: int) -> tuple[list[tuple[str, bytes | None]], int]:
+        resp = tflow.tresp()
+        resp.headers = CountingHeaders([(b"transfer-encoding", te.encode())] if te else [])
+        server_layer = cls(ctx)
+        server_layer.request = tflow.treq()
+        events = [ResponseHeaders(1, resp), *(ResponseData(1, b"x" * k) for k in range(chunks))]
+        CountingHeaders.gets = 0
+        out = [c for e in [*events, ResponseEndOfMessage(1)] for c in server_layer.send(e)]
+        return [(type(c).__name__, getattr(c, "data", None)) for c in out], CountingHeaders.gets
+
+    want, gets_each_chunk = relay(30)
+    mitm_patches.frame_chunks_once()
+    patched = cls.send
+    mitm_patches.frame_chunks_once()  # idempotent: wrapped once
+    assert cls.send is patched and not hasattr(patched.candela_original, "candela_original")
+    got, gets = relay(30)
+    assert got == want
+    framed = b"%x\r\n%s\r\n" % (3, b"xxx") if "chunked" in te.lower() else b"xxx"
+    assert ("SendData", framed) in got
+    assert gets_each_chunk >= 30 and gets == relay(3)[1] <= 3  # with the head and the end only
