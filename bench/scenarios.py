@@ -279,10 +279,11 @@ def s_streaming(b: Bench, res: dict[str, Any]) -> None:
         for rnd in range(S3_LONGEST_ROUNDS):
             # the longest streams' time to first token moves most from round to round (the
             # queue behind the other streams' chunks): they get rounds of their own after the
-            # others'; the targets' order turns every round, so that none is always measured
-            # right after the same one
+            # others'. The targets' order stays: a user's requests to one Candela come ~22 s
+            # apart throughout (an order turned each round made it 5 s, then 38 s: past a rate
+            # block's 30 s hold, every other load was admitted by the exact call; README)
             for n in lengths if rnd < ROUNDS else lengths[-1:]:
-                for name, url, p, keys in targets if rnd % 2 == 0 else targets[::-1]:
+                for name, url, p, keys in targets:
                     r = b.load(
                         url,
                         "open",
@@ -314,6 +315,11 @@ def s_streaming(b: Bench, res: dict[str, Any]) -> None:
             for n in lengths
         }
         for k in ("candela", "candela redis")
+    }
+    # each target's p50 round by round, per length (what the differences above are made of)
+    out["ttft_p50_rounds"] = {
+        name: {n: [r["ttft_ms"]["p50"] for r in runs[n][name]] for n in lengths}
+        for name in runs[lengths[0]]
     }
     # flat in length: the growth from the shortest to the longest stream, measured in one round
     # (the rounds that measured every length)
