@@ -519,6 +519,12 @@ def markdown(res: dict[str, Any]) -> str:
                 for k in ("mitmproxy", "candela", "candela redis")
             )
             lines.append(f"| {n} | {' | '.join(cells)} | {added_} |")
+        if s3.get("ttft_first_loads"):
+            lines += [
+                "",
+                "Each user's first requests (one load a length before the rounds, not in them; a fresh "
+                f"Candela admits them by the exact store call), TTFT p50 ms: {s3['ttft_first_loads']}",
+            ]
         g = s3["gaps"]
         lines += [
             "",
