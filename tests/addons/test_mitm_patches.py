@@ -618,7 +618,8 @@ def test_frame_chunks_once_sends_what_mitmproxy_sends_reading_the_framing_once(m
     from mitmproxy.proxy.layers.http import ResponseData, ResponseEndOfMessage, ResponseHeaders
 
     cls = _http1.Http1Server
-    monkeypatch.setattr(cls, "send", cls.send)  # restored after the test
+    # mitmproxy's own send, whatever ran before in this process; restored after the test
+    monkeypatch.setattr(cls, "send", getattr(cls.send, "candela_original", cls.send))
     ctx = context.Context(
         connection.Client(peername=("1.2.3.4", 5), sockname=("0.0.0.0", 8), timestamp_start=0),
         options.Options(),
