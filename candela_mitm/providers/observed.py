@@ -14,11 +14,8 @@ _OUTPUT_VALUE = re.compile(
     r'response|input)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"'
 )
 _RESPONSES_EVENT = re.compile(r'"type"\s*:\s*"response\.([\w.]*)"')
-# The output strings of an OpenAI chat event given as its ASCII bytes (one character a byte):
-# the same spans as `see` finds in its text, no decode. A caller that knows the event is no
-# Responses event (`"response.` absent) counts it as `see` does: the sum of their lengths,
-# rounded up to whole tokens (HideOpenAIUsage, once a chunk).
-OPENAI_OUTPUT_ASCII = re.compile(_OUTPUT_VALUE.pattern.encode()).findall
+# The same over an ASCII event's bytes (`see_openai_ascii`): no decode, the same spans
+_OUTPUT_VALUES_ASCII = re.compile(_OUTPUT_VALUE.pattern.encode()).findall
 
 
 class OutputCounter:
@@ -50,5 +47,12 @@ class OutputCounter:
         chars = 0
         for m in _OUTPUT_VALUE.finditer(text):
             chars += m.end(1) - m.start(1)
+        if chars:
+            self.tokens += -(-chars // OBSERVED_CHARS_PER_TOKEN)
+
+    def see_openai_ascii(self, raw: bytes) -> None:
+        """`see` of an OpenAI chat event given as its ASCII bytes (one character a byte: the same
+        count), for a caller that knows it is no Responses event (`"response.` absent)."""
+        chars = sum(map(len, _OUTPUT_VALUES_ASCII(raw)))
         if chars:
             self.tokens += -(-chars // OBSERVED_CHARS_PER_TOKEN)

@@ -33,21 +33,16 @@ class SseParser:
 
     @property
     def buffered(self) -> bool:
-        """Whether part of an event is held, waiting for the rest."""
+        """Whether part of an event is waiting for the rest."""
         return bool(self._buf)
 
-    def one_line(self, chunk: bytes) -> bool:
-        """Whether `chunk` is one whole event of one line, nothing buffered before it
-        (`data: {...}\n\n`, as providers stream each delta)."""
-        return (
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        if (
             not self._buf
             and chunk.endswith(b"\n\n")
             and chunk.find(b"\n") == len(chunk) - 2
             and b"\r" not in chunk
-        )
-
-    def feed(self, chunk: bytes) -> list[SseEvent]:
-        if self.one_line(chunk):
+        ):
             # the common chunk, nothing buffered before it: one event of one line, whole
             # (`data: {...}\n\n`, as providers stream each delta), parsed as below without
             # the buffer's copies and the three separators' searches: a 512-token

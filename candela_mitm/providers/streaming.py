@@ -8,11 +8,7 @@ from collections.abc import Mapping
 
 from candela_mitm.providers.forwarding import ForwardPlan
 from candela_mitm.providers.meters import UsageMeter, meter_for
-from candela_mitm.providers.observed import (
-    OBSERVED_CHARS_PER_TOKEN,
-    OPENAI_OUTPUT_ASCII,
-    OutputCounter,
-)
+from candela_mitm.providers.observed import OutputCounter
 from candela_mitm.providers.readers import live_key
 from candela_mitm.providers.sse import SseEvent, SseParser, one_ascii_data_line
 from candela_mitm.providers.translate.responses import (
@@ -127,16 +123,14 @@ class HideOpenAIUsage(ResponseProcessor):
         # bytes (one character a byte: what the parser and _filter count on its text), and
         # nothing else is read. 6.9 -> 3.4 µs warm; in a server relaying 512-token streams
         # the processor was 21 µs a chunk, 13% of the event loop's samples in four frames, 10%
-        # in this one (bench/README.md, issue 21). Anything else goes through the parser.
+        # in two (bench/README.md, issue 21). Anything else goes through the parser.
         if (
             self._whole
             and one_ascii_data_line(data)
             and b'"response.' not in data
             and (b'"usage"' not in data or not live_key(data.decode("ascii"), '"usage"'))
         ):
-            chars = sum(map(len, OPENAI_OUTPUT_ASCII(data)))
-            if chars:
-                self._observed.tokens += -(-chars // OBSERVED_CHARS_PER_TOKEN)
+            self._observed.see_openai_ascii(data)
             return [data]
         return super().__call__(data)
 
