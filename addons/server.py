@@ -131,6 +131,7 @@ async def serve(rt: Runtime, host: str, port: int, reuse_port: bool = False) -> 
     mitm_patches.free_finished_streams()
     mitm_patches.fast_option_reads()
     mitm_patches.frame_chunks_once()
+    mitm_patches.install_spare_connections()
     limit_request_heads(rt)
     if reuse_port:
         share_listening_port()

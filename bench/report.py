@@ -500,7 +500,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [
             "",
             f"Streaming: time to first token (p50 / p99 ms, medians of {s3.get('rounds', 1)} rounds"
-            + (f", the longest streams {s3['longest_rounds']}" if s3.get("longest_rounds") else "")
+            + (f", the longest streams {s3['longest_rounds']}" if s3.get("longest_rounds") else "")  # runs before 2026-12-06
             + "; "
             f"upstream paces chunks {s3['chunk_gap_ms']} ms apart):",
             "",

@@ -36,8 +36,8 @@ from harness import (
 )
 
 S2_ROUNDS = 5  # scenario 2: interleaved rounds; verdicts take the median of per-round ratios
-ROUNDS = 3  # scenarios 1, 3 and 6: rounds over targets kept running; medians of the rounds
-S3_LONGEST_ROUNDS = 9  # scenario 3's longest streams (512 tokens): three times the rounds
+ROUNDS = 3  # scenarios 1 and 6: rounds over targets kept running; medians of the rounds
+S3_ROUNDS = 9  # scenario 3: each length's rounds (a round's p50 of 15 streams moves by ~1 ms)
 # scenario 1's paired rounds (Harness.load_paired): the direct path, bare mitmproxy and both
 # Candelas at once (mitmproxy -O and LiteLLM are references: LiteLLM at 50/s would take most of
 # a core from the others)
@@ -259,8 +259,7 @@ def s_streaming(b: Bench, res: dict[str, Any]) -> None:
     conc = 24  # 5 streams/s of up to ~1 s each: enough connections that none waits for one
     out: dict[str, Any] = {
         "chunk_gap_ms": gap_ms,
-        "rounds": ROUNDS,
-        "longest_rounds": S3_LONGEST_ROUNDS,
+        "rounds": S3_ROUNDS,
         "ttft": {},
         "gaps": {},
     }
@@ -287,13 +286,14 @@ def s_streaming(b: Bench, res: dict[str, Any]) -> None:
                 )
                 first.setdefault(name, {})[n] = r["ttft_ms"]["p50"]
         out["ttft_first_loads"] = first
-        for rnd in range(S3_LONGEST_ROUNDS):
-            # the longest streams' time to first token moves most from round to round (the
-            # queue behind the other streams' chunks): they get rounds of their own after the
-            # others'. The targets' order stays: a user's requests to one Candela come ~22 s
-            # apart throughout (an order turned each round made it 5 s, then 38 s: past a rate
-            # block's 30 s hold, every other load was admitted by the exact call; README)
-            for n in lengths if rnd < ROUNDS else lengths[-1:]:
+        for _rnd in range(S3_ROUNDS):
+            # nine rounds of every length: a round's p50 (15 streams) moves by about a
+            # millisecond, the machine's state between rounds by as much (three rounds of the
+            # shorter lengths left their verdict to chance; bench/README.md). The targets' order
+            # stays: a user's requests to one Candela come ~16 s apart throughout (an order
+            # turned each round made it 5 s, then 38 s: past a rate block's 30 s hold, every
+            # other load was admitted by the exact call; README)
+            for n in lengths:
                 for name, url, p, keys in targets:
                     r = b.load(
                         url,
@@ -333,9 +333,8 @@ def s_streaming(b: Bench, res: dict[str, Any]) -> None:
         for name in runs[lengths[0]]
     }
     # flat in length: the growth from the shortest to the longest stream, measured in one round
-    # (the rounds that measured every length)
     first = runs[lengths[0]]
-    last = {k: rs[:ROUNDS] for k, rs in runs[lengths[-1]].items()}
+    last = runs[lengths[-1]]
     out["ttft_growth_ms"] = round(
         statistics.median(
             (lc["ttft_ms"]["p50"] - ld["ttft_ms"]["p50"])

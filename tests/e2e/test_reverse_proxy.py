@@ -390,3 +390,30 @@ def test_remaining_routes_forward_with_their_credentials(candela, upstream, path
     s = span(candela, r.headers["x-candela-span-id"])
     assert (s["input_tokens"], s["output_tokens"]) == (8, 4)
     assert (s["cost_usd"] == 0.0) == (auth is None)
+
+
+def test_a_request_on_a_new_connection_goes_upstream_on_a_connection_made_before_it(
+    candela, upstream
+):
+    """Issue 21: a new client connection's request is forwarded on a spare upstream connection,
+    connected in the background before the request arrived (mitm_patches.Spares), not on one
+    connected after every gate passed; a refused request leaves the spare unused."""
+    url = f"{candela.url}/proxy/openai/v1/chat/completions"
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    close = {**AUTH, "Connection": "close"}  # each request on a client connection of its own
+    assert requests.post(url, json=body, headers=close, timeout=10).status_code == 200
+    first = upstream.wait_for(1)[0]
+    end = time.monotonic() + WAIT_S
+    while upstream.connections_accepted == first.connection and time.monotonic() < end:
+        time.sleep(0.01)  # its spare connects in the background
+    time.sleep(0.1)  # (and no second one after it)
+    ready = upstream.connections_accepted
+    assert ready == first.connection + 1  # one connection open, nothing sent on it yet
+    refused = requests.post(url, json=body, headers={"Connection": "close"}, timeout=10)
+    assert refused.status_code == 401
+    assert upstream.connections_accepted == ready and len(upstream.requests) == 1
+    assert requests.post(url, json=body, headers=close, timeout=10).status_code == 200
+    second = upstream.wait_for(2)[1]
+    assert second.connection == ready  # the spare, connected before the request was sent
+    assert second.headers["authorization"] == f"Bearer {OPENAI_KEY}"
+    no_candela_credential_upstream(second)

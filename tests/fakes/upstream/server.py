@@ -260,6 +260,13 @@ class FakeUpstream:
         with self._lock:
             self._requests.clear()
 
+    @property
+    def connections_accepted(self) -> int:
+        """TCP connections accepted so far, a request on them or not (`Recorded.connection`
+        numbers them)."""
+        with self._lock:
+            return self._conn_seq
+
     def wait_for(self, n: int, timeout: float = 30.0) -> list[Recorded]:
         """Block until at least n requests were received (returns as soon as they are: the
         deadline is for a loaded machine); TimeoutError otherwise."""
