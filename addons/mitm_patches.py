@@ -582,10 +582,14 @@ class Spares:
         self._pending: dict[Address, asyncio.Future[_Connected]] = {}
         self._used: dict[Address, float] = {}  # when a connection to it was last asked for
         self._timers: dict[Address, asyncio.TimerHandle] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def take(self, address: Address) -> _Connected | None:
         """The ready spare for `address`, if it is fresh and open; a new one is started."""
         loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a proxy served again in this process: a new loop's own
+            self._let_go_of_all()
+            self._loop = loop
         now = loop.time()
         self._used.pop(address, None)
         self._used[address] = now  # (last in the dict: the most recently used)
@@ -649,6 +653,18 @@ class Spares:
     def close(self) -> None:
         for address in list(self._used) + list(self._pending) + list(self._ready):
             self._forget(address)
+
+    def _let_go_of_all(self) -> None:
+        """Everything made on a loop no longer running: closed where it still can be."""
+        for (_, writer), _born in self._ready.values():
+            try:
+                writer.close()
+            except Exception:
+                log.debug("a spare of a loop that stopped could not be closed")
+        self._ready.clear()
+        self._pending.clear()
+        self._used.clear()
+        self._timers.clear()
 
     @property
     def ready(self) -> int:

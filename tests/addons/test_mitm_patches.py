@@ -811,3 +811,23 @@ def test_mitmproxys_server_connections_take_the_spares(monkeypatch):
             spares.close()
 
     asyncio.run(main())
+
+
+def test_spares_made_on_a_loop_that_stopped_are_not_handed_out_on_the_next():
+    spares = mitm_patches.Spares(asyncio.open_connection)
+
+    async def first() -> tuple[str, int]:
+        srv = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        address = srv.sockets[0].getsockname()[:2]
+        spares.take(address)
+        await settle(lambda: spares.ready == 1)
+        return address
+
+    address = asyncio.run(first())  # (its server went with that loop)
+
+    async def second() -> None:
+        assert spares.take(address) is None  # not the first loop's connection
+        assert spares.ready == 0
+        spares.close()
+
+    asyncio.run(second())
