@@ -576,8 +576,11 @@ class Spares:
     that its server closed, is never handed out. An address unused for SPARE_WARM_S keeps no
     spare, so an idle proxy holds no connection open."""
 
-    def __init__(self, connect: Callable[..., Any]) -> None:
+    def __init__(
+        self, connect: Callable[..., Any], wanted: Callable[[Address], bool] = lambda _a: True
+    ) -> None:
         self.connect = connect
+        self.wanted = wanted  # the addresses spares are kept for (Candela's: its providers')
         self._ready: dict[Address, tuple[_Connected, float]] = {}
         self._pending: dict[Address, asyncio.Future[_Connected]] = {}
         self._used: dict[Address, float] = {}  # when a connection to it was last asked for
@@ -685,23 +688,27 @@ def _usable(streams: _Connected, age_s: float) -> bool:
 _spares: Spares | None = None
 
 
-def install_spare_connections() -> Spares:
-    """mitmproxy's server connections take a spare (Spares) when there is one: the one call
-    `ConnectionHandler.open_connection` makes to connect, `asyncio.open_connection(host, port,
-    local_addr=...)`, is given its own module view of asyncio in which that function looks in
-    the spares first (no `local_addr` asked: one is never set by Candela). Everything else in
-    `open_connection` (its hooks, its cap on connections per address, its errors, what it does
-    with the connection) is mitmproxy's own. Idempotent."""
+def install_spare_connections(wanted: Callable[[Address], bool]) -> Spares:
+    """mitmproxy's server connections to the addresses `wanted` names take a spare (Spares)
+    when there is one: the one call `ConnectionHandler.open_connection` makes to connect,
+    `asyncio.open_connection(host, port, local_addr=...)`, is given its own module view of
+    asyncio in which that function looks in the spares first (no `local_addr` asked: one is
+    never set by Candela). Every other connection (a tunnel relayed to a host that is no
+    provider, in transparent mode) connects as mitmproxy connects, with no spare beside it.
+    Everything else in `open_connection` (its hooks, its cap on connections per address, its
+    errors, what it does with the connection) is mitmproxy's own. Idempotent; called again, it
+    keeps the spares and takes the new `wanted`."""
     global _spares
     from mitmproxy.proxy import server
 
     if _spares is not None:
+        _spares.wanted = wanted
         return _spares
     connect = asyncio.open_connection
-    spares = Spares(connect)
+    spares = Spares(connect, wanted)
 
     async def open_connection(host: str, port: int, **kw: Any) -> _Connected:
-        if kw.get("local_addr") is None:
+        if kw.get("local_addr") is None and spares.wanted((host, port)):
             got = spares.take((host, port))
             if got is not None:
                 return got

@@ -101,6 +101,13 @@ def share_listening_port() -> None:
 # --- end workers ---------------------------------------------------------------------------
 
 
+def is_provider_address(rt: Runtime, address: tuple[str, int]) -> bool:
+    """A configured provider's host and port (as the config stands: a reload may change them):
+    where Candela forwards governed requests, and so keeps a spare connection ready."""
+    host, port = address
+    return any(up.host == host and up.port == port for up in rt.upstreams.values())
+
+
 def reload_config(rt: Runtime) -> None:
     """SIGHUP: apply the re-read config whole, or refuse it whole; either way it is audited."""
     try:
@@ -131,7 +138,7 @@ async def serve(rt: Runtime, host: str, port: int, reuse_port: bool = False) -> 
     mitm_patches.free_finished_streams()
     mitm_patches.fast_option_reads()
     mitm_patches.frame_chunks_once()
-    mitm_patches.install_spare_connections()
+    mitm_patches.install_spare_connections(lambda address: is_provider_address(rt, address))
     limit_request_heads(rt)
     if reuse_port:
         share_listening_port()

@@ -789,14 +789,16 @@ def test_spares_are_kept_for_the_most_recently_used_addresses_only(monkeypatch):
 def test_mitmproxys_server_connections_take_the_spares(monkeypatch):
     monkeypatch.setattr(server, "asyncio", server.asyncio)
     monkeypatch.setattr(mitm_patches, "_spares", None)
-    spares = mitm_patches.install_spare_connections()
-    assert mitm_patches.install_spare_connections() is spares  # idempotent
+    spares = mitm_patches.install_spare_connections(lambda a: False)
     assert server.asyncio is not asyncio  # server.py's own view of it
     assert asyncio.open_connection is spares.connect  # everyone else's as it was
     assert server.asyncio.Lock is asyncio.Lock  # the rest of asyncio as it is
 
     async def main() -> None:
-        async with Accepting() as srv:
+        async with Accepting() as srv, Accepting() as other:
+            # called again (a proxy served again): the same spares, for the addresses named now
+            again = mitm_patches.install_spare_connections(lambda a: a == srv.address)
+            assert again is spares
             host, port = srv.address
             r, w = await server.asyncio.open_connection(host, port, local_addr=None)
             await settle(lambda: spares.ready == 1)
@@ -806,7 +808,12 @@ def test_mitmproxys_server_connections_take_the_spares(monkeypatch):
             # a connection from a chosen local address is never a spare
             r3, w3 = await server.asyncio.open_connection(host, port, local_addr=("127.0.0.1", 0))
             await settle(lambda: srv.accepted == 4)
-            for x in (w, w2, w3):
+            # an address no spare is wanted for (a tunnel relayed to a host that is no
+            # provider): connected as mitmproxy connects, nothing beside it
+            r4, w4 = await server.asyncio.open_connection(*other.address, local_addr=None)
+            await asyncio.sleep(0.05)
+            assert other.accepted == 1
+            for x in (w, w2, w3, w4):
                 x.close()
             spares.close()
 
