@@ -396,7 +396,7 @@ def test_a_request_on_a_new_connection_goes_upstream_on_a_connection_made_before
     candela, upstream
 ):
     """Issue 21: a new client connection's request is forwarded on a spare upstream connection,
-    connected in the background before the request arrived (mitm_patches.Spares), not on one
+    connected in the background before the request arrived (providers/spares.py), not on one
     connected after every gate passed; a refused request leaves the spare unused."""
     url = f"{candela.url}/proxy/openai/v1/chat/completions"
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
