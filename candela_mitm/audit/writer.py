@@ -37,6 +37,13 @@ REDACTED = "[redacted]"
 # commits made on a caller's thread (never checkpointing) between two checkpoints of the
 # writer's: at one request at a time a commit writes ~5 pages, so about SQLite's own 1,000
 HERE_CHECKPOINT_EVERY = 200
+# A writer that has seen no entry for PARK_AFTER_S (nothing queued, nothing unsynced) sleeps
+# until an entry or a commit on a caller's thread wakes it, looking again every PARK_MAX_S: it
+# looked every batch_max_delay_ms, 20 wakes a second of an idle proxy (bench/README.md,
+# eighteenth session). While entries come, it looks by the clock as before: an entry nobody
+# waits for never wakes it then (a wake on a request's path costs that request the GIL).
+PARK_AFTER_S = 1.0
+PARK_MAX_S = 5.0
 # Keys whose values are credentials wherever they appear (headers, nested dicts): never recorded.
 _CREDENTIAL_KEYS = frozenset(
     {
@@ -252,6 +259,8 @@ class AuditWriter:
         self._gate = WriteGate(self.db_path)
         self._queue: deque[_Item] = deque()
         self._wake = threading.Event()
+        self._parked = False  # the writer sleeps until woken: whatever needs it sets _wake
+        self._quiet = (0, time.monotonic())  # the writer's look at `accepted`: count, since when
         # whoever holds it takes entries from the queue and commits them: the writer thread,
         # or a caller of record_here while the writer is idle (one chain order, queue order)
         self._turn = threading.Lock()
@@ -379,7 +388,7 @@ class AuditWriter:
             self._urgent += 1
         if (
             wake
-            and (item.waiter is not None or len(q) >= self._wake_at)
+            and (item.waiter is not None or len(q) >= self._wake_at or self._parked)
             and not self._wake.is_set()
         ):
             self._wake.set()
@@ -448,9 +457,9 @@ class AuditWriter:
                 # busy, or failing: the writer thread retries (and counts, and logs)
                 self._queue.extendleft(reversed(items))
                 return False
-            self._committed(items, rows)
             if rows:
-                self._here_commits += 1
+                self._here_commits += 1  # before _committed wakes a parked writer to look at it
+            self._committed(items, rows)
             return True
         finally:
             self._turn.release()
@@ -524,7 +533,32 @@ class AuditWriter:
                     return self._drain(q)
                 self._turn.release()  # committed meanwhile on a caller's thread
                 continue
+            if self._quiet_for(now) >= PARK_AFTER_S and self._idle():
+                # the flag first, then a second look: an entry or commit from now on wakes it
+                self._parked = True
+                if self._idle():
+                    self._wake.wait(PARK_MAX_S)
+                self._parked = False
+                continue
             self._wake.wait(wait)
+
+    def _quiet_for(self, now: float) -> float:
+        """How long the writer has seen no entry accepted."""
+        seen, since = self._quiet
+        if seen != self.accepted:
+            self._quiet = (self.accepted, now)
+            return 0.0
+        return now - since
+
+    def _idle(self) -> bool:
+        """Nothing for the writer to look at until someone wakes it: nothing queued, nothing
+        unsynced, no checkpoint due."""
+        return (
+            not self._queue
+            and self._unsynced_at is None
+            and not self._stopping
+            and self._here_commits - self._checkpointed < HERE_CHECKPOINT_EVERY
+        )
 
     def _until_due(self, now: float) -> float | None:
         """None when a batch is due (or the writer stops), else how long to wait for one."""
@@ -702,6 +736,8 @@ class AuditWriter:
                 self._commits += 1
                 if self._unsynced_at is None:
                     self._unsynced_at = time.monotonic()
+            if self._parked:  # committed on a caller's thread: its sync (or checkpoint) is due
+                self._wake.set()
         seqs = iter(rows)
         for it in items:
             seq = next(seqs)[0] if it.pending is not None else self.head_seq

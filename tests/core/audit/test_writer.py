@@ -868,10 +868,16 @@ class _CountingEvent(threading.Event):
         super().set()
 
 
-def test_only_a_waited_for_entry_or_a_full_batch_wakes_the_writer(tmp_path: Path) -> None:
-    """An entry nobody waits for is committed at the writer's next look (every
-    batch_max_delay_ms while idle) or with the next durable one, without a wake of its own; a
-    durable entry, a flush and a whole batch queued wake it at once."""
+def test_only_a_waited_for_entry_or_a_full_batch_wakes_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While entries come (the writer has seen one within PARK_AFTER_S, an hour here), an entry
+    nobody waits for is committed at the writer's next look (every batch_max_delay_ms) or with
+    the next durable one, without a wake of its own; a durable entry, a flush and a whole batch
+    queued wake it at once."""
+    import candela_mitm.audit.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "PARK_AFTER_S", 3600.0)
     w = AuditWriter(cfg(tmp_path, batch_max_entries=4, batch_max_delay_ms=20))
     wake = w._wake = _CountingEvent()
     w.start()
@@ -987,4 +993,49 @@ def test_the_writer_thread_checkpoints_after_commits_on_callers_threads(
     until(lambda: w.checkpoints == 1)
     assert db.stat().st_size > before  # the 20 entries copied into the ledger file
     assert len(stored(tmp_path)) == 20 and verify_chain(db).ok
+    assert w.close()
+
+
+class CountedEvent(threading.Event):
+    """The writer's wake: how many times the writer thread waited on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits += 1
+        return super().wait(timeout)
+
+
+def test_an_idle_writer_sleeps_until_an_entry_or_a_commit_here_wakes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No entry for PARK_AFTER_S, nothing queued, nothing unsynced: the writer thread waits
+    until woken (it looked every batch_max_delay_ms before, 20 times a second). A queued entry
+    still commits within its delay, and a commit on a caller's thread is still synced within
+    the interval: both wake it (PARK_MAX_S, its look without a wake, is an hour here: only a
+    wake can do either)."""
+    import candela_mitm.audit.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "PARK_MAX_S", 3600.0)
+    monkeypatch.setattr(writer_module, "PARK_AFTER_S", 0.1)
+    w = AuditWriter(cfg(tmp_path, batch_max_delay_ms=10, sync_interval_ms=10))
+    wake = w._wake = CountedEvent()
+    w.start()
+    until(lambda: w._parked, what="the writer asleep")
+    before = wake.waits
+    time.sleep(0.3)  # 30 looks at the old batch delay
+    assert wake.waits == before and w._parked
+
+    assert w.record("policy", user_id="alice@example.com")  # no waiter: woken for it all the same
+    until(lambda: w.stats().entries_written, lambda n: n == 1, what="the entry committed")
+    until(lambda: w.syncs, lambda n: n == 1, what="the writer's commit synced")
+    until(lambda: w._parked, what="the writer asleep again")
+
+    r = Reports()
+    assert w.record_here("request", r, user_id="alice@example.com")
+    assert r.calls == [(2, None)]  # committed on this thread, while the writer slept
+    until(lambda: w.syncs, lambda n: n == 2, what="the commit made here synced")
+    assert verify_chain(tmp_path / "audit.db").ok
     assert w.close()
