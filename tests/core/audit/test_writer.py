@@ -1039,3 +1039,60 @@ def test_an_idle_writer_sleeps_until_an_entry_or_a_commit_here_wakes_it(
     until(lambda: w.syncs, lambda n: n == 2, what="the commit made here synced")
     assert verify_chain(tmp_path / "audit.db").ok
     assert w.close()
+
+
+def test_flat_fields_are_kept_as_recorded_and_prepared_by_whoever_commits_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry nobody waits for whose fields are all flat (a model policy check, recorded
+    before its request is forwarded) is redacted and encoded when it is committed: here by the
+    request's own record_here, after it, on the caller's thread; what is stored is what an
+    eager preparation stores."""
+    w = AuditWriter(cfg(tmp_path, batch_max_delay_ms=60_000))  # the writer thread never looks
+    w.start()
+    prepared: list[tuple[str, str]] = []
+    real = w._prepare
+
+    def spy(action: str, fields: dict[str, Any]) -> Any:
+        prepared.append((action, threading.current_thread().name))
+        return real(action, fields)
+
+    monkeypatch.setattr(w, "_prepare", spy)
+    assert w.record(
+        "model_policy_check", result="allowed", user_id="alice@example.com", api_key="sk-1",
+        note="Authorization: Bearer abc.def", n=3, ok=True, none=None, f=1.5,
+    )
+    assert prepared == []  # nothing redacted or encoded on the request's path
+    r = Reports()
+    assert w.record_here("llm_request", r, user_id="alice@example.com")
+    here = threading.current_thread().name
+    assert prepared == [("llm_request", here), ("model_policy_check", here)]
+    assert r.calls == [(2, None)]
+    first = stored(tmp_path)[0]
+    assert first["action"] == "model_policy_check" and first["user_id"] == "alice@example.com"
+    fields = first["fields"]
+    assert fields["api_key"] == REDACTED and "abc.def" not in fields["note"]
+    assert (fields["n"], fields["ok"], fields["none"], fields["f"]) == (3, True, None, 1.5)
+    assert verify_chain(tmp_path / "audit.db").ok
+    assert w.close()
+
+
+def test_a_flat_entry_that_cannot_be_encoded_is_recorded_as_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = AuditWriter(cfg(tmp_path))
+    w.start()
+    real, calls = w._prepare, []
+
+    def first_fails(action: str, fields: dict[str, Any]) -> Any:
+        calls.append(action)
+        if len(calls) == 1:
+            raise RuntimeError("cannot encode")
+        return real(action, fields)
+
+    monkeypatch.setattr(w, "_prepare", first_fails)
+    assert w.record("model_policy_check", n=3)
+    assert w.flush(10)
+    assert [e["fields"] for e in stored(tmp_path)] == [{"n": "3"}]
+    assert w.stats().entries_written == 1 and w.healthy
+    assert w.close()
