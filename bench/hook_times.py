@@ -62,7 +62,13 @@ def main() -> None:
             r = b.load(url, "open", 1, a.seconds, warmup=0.0, **kw)
             t1 = time.time()
             time.sleep(1.5)  # the probe's last notes written
-            with open(glob.glob(out + ".*.jsonl")[0]) as fh:
+            written = glob.glob(out + ".*.jsonl")
+            if not written:  # the probe failed in the server's start-up (its log says why)
+                raise SystemExit(
+                    "no notes written: a --funcs name that does not import stops the probe "
+                    "(the addons are candela_mitm.addons.<module> once installed)"
+                )
+            with open(written[0]) as fh:
                 notes = [json.loads(line) for line in fh]
     finally:
         b.close()
