@@ -997,15 +997,21 @@ def test_the_writer_thread_checkpoints_after_commits_on_callers_threads(
 
 
 class CountedEvent(threading.Event):
-    """The writer's wake: how many times the writer thread waited on it."""
+    """The writer's wake: how many times the writer thread waited on it, and whether it is
+    waiting now."""
 
     def __init__(self) -> None:
         super().__init__()
         self.waits = 0
+        self.waiting = False
 
     def wait(self, timeout: float | None = None) -> bool:
         self.waits += 1
-        return super().wait(timeout)
+        self.waiting = True
+        try:
+            return super().wait(timeout)
+        finally:
+            self.waiting = False
 
 
 def test_an_idle_writer_sleeps_until_an_entry_or_a_commit_here_wakes_it(
@@ -1023,7 +1029,8 @@ def test_an_idle_writer_sleeps_until_an_entry_or_a_commit_here_wakes_it(
     w = AuditWriter(cfg(tmp_path, batch_max_delay_ms=10, sync_interval_ms=10))
     wake = w._wake = CountedEvent()
     w.start()
-    until(lambda: w._parked, what="the writer asleep")
+    # asleep: parked and inside its wait (not between the flag and the wait)
+    until(lambda: w._parked and wake.waiting, what="the writer asleep")
     before = wake.waits
     time.sleep(0.3)  # 30 looks at the old batch delay
     assert wake.waits == before and w._parked
