@@ -202,8 +202,11 @@ class Audit:
             entry.update(fields)
             if c.shadow is not None:
                 self.rt.metrics.shadow_decisions.labels(c.shadow.decision).inc()
+            # journaled (one append, then the answer goes on: audit/journal.py); without the
+            # journal, a request alone commits its entry here, others wait for a group commit
+            w = self.rt.audit
             alone = self.under_way is not None and self.under_way() <= 1
-            record = self.rt.audit.record_here if alone else self.rt.audit.record_then
+            record = w.record_here if alone or w.journaling else w.record_then
             if not record(LLM_REQUEST, committed, **entry):
                 fut.set_exception(StoreUnavailable("the audit queue is full or closed"))
         except Exception:

@@ -21,7 +21,11 @@ import duckdb
 from candela_mitm.audit.actions import ADMIN_ACTION, LLM_REQUEST
 from candela_mitm.audit.chain import ROW_COLUMNS, ProgressFn, Row, connect_readonly
 from candela_mitm.audit.duckdb_sink import create_audit_table, sql_string
+from candela_mitm.audit.journal import wait_for_journals
 from candela_mitm.audit.sqlite_sink import as_dict
+
+# How long a reader waits for the running proxies' journaled entries to reach the ledger.
+JOURNALS_WAIT_S = 2.0
 
 COLUMNS = ROW_COLUMNS.split(", ")
 _CHUNK = 50_000
@@ -252,13 +256,18 @@ def query_entries(
     tenant: str | None = None,
     before_seq: int | None = None,
     scope: AuditScope | None = None,
+    journals_wait_s: float = JOURNALS_WAIT_S,
 ) -> list[dict[str, Any]]:
     """Entries newest first, for GET /admin/v1/audit; before_seq pages further back.
 
     user matches user_id: the requesting user, or for admin actions the admin who acted.
-    scope, when given, keeps only the entries it allows.
+    scope, when given, keeps only the entries it allows. The entries the running proxies
+    journaled are waited for first (at most `journals_wait_s`: they reach the ledger within
+    `audit.batch_max_delay_ms`, audit/journal.py).
     Blocking file I/O: call it from a thread (asyncio.to_thread) inside the proxy.
     """
+    if journals_wait_s > 0:
+        wait_for_journals(db_path, journals_wait_s)
     where: list[str] = []
     args: list[Any] = []
     if scope is not None:
@@ -409,6 +418,7 @@ def request_entries(
         finally:
             con.close()
         return
+    wait_for_journals(path, JOURNALS_WAIT_S)  # the running proxies' journaled entries
     for chunk in iter_rows(path, None if since is None else parse_time(since)):
         for row in chunk:
             if row[2] == LLM_REQUEST:

@@ -40,6 +40,7 @@ BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: UPDATE is not allowed'); EN
 CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
 BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: DELETE is not allowed'); END;
 CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_journal (journal TEXT PRIMARY KEY, upto INTEGER NOT NULL);
 CREATE TRIGGER IF NOT EXISTS audit_meta_no_update BEFORE UPDATE ON audit_meta
 BEGIN SELECT RAISE(ABORT, 'audit_meta is append-only: UPDATE is not allowed'); END;
 CREATE TRIGGER IF NOT EXISTS audit_meta_no_delete BEFORE DELETE ON audit_meta
@@ -242,20 +243,30 @@ def head(conn: sqlite3.Connection) -> tuple[int, str, str | None]:
 Pending = tuple[str, str | None, str | None, str]
 
 
-def append_batch(conn: sqlite3.Connection, items: Sequence[Pending]) -> list[Row]:
+def append_batch(
+    conn: sqlite3.Connection,
+    items: Sequence[Pending],
+    mark: tuple[str, int] | None = None,
+    times: Sequence[int] | None = None,
+) -> list[Row]:
     """Append items as one transaction, chained after whatever head the file has now.
 
     The head is read inside BEGIN IMMEDIATE, which holds SQLite's write lock, so several processes
     appending to one file still build one chain. Timestamps never go backwards along the chain.
+    `mark` (journal name, line number): the entry journal's lines up to it are in the ledger
+    with this transaction (audit/journal.py). `times`: each item's time (ns since the epoch; 0:
+    now), the moment a journaled entry became durable, never before the entry ahead of it.
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
         seq, prev, last_ts = head(conn)
-        ts = now_ts()
-        if last_ts is not None and ts < last_ts:
-            ts = last_ts
+        now = now_ts()
         rows: list[Row] = []
-        for action, user_id, tenant_id, text in items:
+        for i, (action, user_id, tenant_id, text) in enumerate(items):
+            ts = now_ts(times[i]) if times is not None and times[i] else now
+            if last_ts is not None and ts < last_ts:
+                ts = last_ts
+            last_ts = ts
             seq += 1
             digest = row_hash(prev, seq, ts, action, user_id, tenant_id, text)
             rows.append((seq, ts, action, user_id, tenant_id, text, prev, digest))
@@ -263,12 +274,29 @@ def append_batch(conn: sqlite3.Connection, items: Sequence[Pending]) -> list[Row
         conn.executemany(
             f"INSERT INTO audit_log ({ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows
         )
+        if mark is not None:
+            conn.execute(
+                "INSERT INTO audit_journal (journal, upto) VALUES (?, ?)"
+                " ON CONFLICT (journal) DO UPDATE SET upto = excluded.upto",
+                mark,
+            )
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     return rows
+
+
+def journal_mark(conn: sqlite3.Connection, journal: str) -> int:
+    """The last line of `journal` in the ledger (0: none)."""
+    got = conn.execute("SELECT upto FROM audit_journal WHERE journal = ?", (journal,)).fetchone()
+    return 0 if got is None else int(got[0])
+
+
+def forget_journal(conn: sqlite3.Connection, journal: str) -> None:
+    """A journal removed: its mark goes (outside a transaction: one of its own)."""
+    conn.execute("DELETE FROM audit_journal WHERE journal = ?", (journal,))
 
 
 def read_rows(conn: sqlite3.Connection, after_seq: int, limit: int) -> list[Row]:

@@ -17,6 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from candela_mitm.audit.chain import Row, fields_json, fields_json_acyclic
+from candela_mitm.audit.journal import (
+    TRUNCATE_AT_BYTES,
+    Journal,
+    dead_journals,
+    encode,
+    journal_dir,
+    read_entries,
+)
 from candela_mitm.audit.mirrors import Mirror, MirrorFeeder, MirrorStats, build_mirrors
 from candela_mitm.audit.sqlite_sink import (
     Pending,
@@ -24,6 +32,8 @@ from candela_mitm.audit.sqlite_sink import (
     append_batch,
     connect_appender,
     connect_writer,
+    forget_journal,
+    journal_mark,
 )
 from candela_mitm.config import Audit
 from candela_mitm.errors import StoreUnavailable
@@ -204,12 +214,28 @@ class _Later:
 
 
 class _Item:
-    __slots__ = ("pending", "waiter", "at")
+    __slots__ = ("pending", "waiter", "at", "jn", "t_ns")
 
     def __init__(self, pending: Pending | _Later | None, waiter: _Callback | None) -> None:
         self.pending = pending  # None: a flush marker
         self.waiter = waiter  # a durable waiter: the batch holding it commits at once
         self.at = time.monotonic()  # queued at: due batch_max_delay_ms later
+        self.jn = 0  # its line in the entry journal; 0 none yet, -1 taken for a commit first
+        self.t_ns = 0  # when it was journaled: its time in the ledger (0: its commit's)
+
+
+def _mark(items: list[_Item]) -> int:
+    """The last journal line among drained items (0: none of them journaled)."""
+    mark = 0
+    for it in items:
+        if it.jn > mark:
+            mark = it.jn
+    return mark
+
+
+def _times(items: list[_Item]) -> list[int]:
+    """When each drained entry was journaled (0: not journaled), beside `_pending`'s."""
+    return [it.t_ns for it in items if it.pending is not None]
 
 
 def _pending(items: list[_Item]) -> list[Pending]:
@@ -240,6 +266,67 @@ class AuditStats:
     # yet synced has waited (0: every commit is on the disk)
     sync_errors: int = 0
     unsynced_s: float = 0.0
+
+
+def replay_journals(
+    conn: sqlite3.Connection,
+    db_path: Path,
+    gate: WriteGate,
+    batch_max_entries: int = 512,
+    busy_timeout_ms: int = 5000,
+) -> int:
+    """Append to the ledger the journaled entries of processes that died before their writer
+    did, past each journal's mark, then remove the journal; how many were appended. Holds the
+    ledger's write gate throughout: a worker starting beside this one waits, then finds
+    nothing left (audit/journal.py)."""
+    folder = journal_dir(db_path)
+    if not folder.is_dir():
+        return 0
+    if not gate.acquire(max(busy_timeout_ms / 1000, 60.0)):
+        raise sqlite3.OperationalError(f"database is locked ({gate.path} held)")
+    total = 0
+    try:
+        for name, path in dead_journals(folder, None):
+            upto = journal_mark(conn, name)
+            batch: list[Pending] = []
+            times: list[int] = []
+            replayed = 0
+            for n, entry, t_ns in read_entries(path):
+                if n <= upto:
+                    continue
+                batch.append(entry)
+                times.append(t_ns)
+                if len(batch) >= batch_max_entries:
+                    replayed += len(append_batch(conn, batch, (name, n), times))
+                    batch, times = [], []
+                upto = n
+            if batch:
+                replayed += len(append_batch(conn, batch, (name, upto), times))
+            path.unlink()
+            forget_journal(conn, name)  # after the file: a crash between replays nothing
+            total += replayed
+            if replayed:
+                log.warning(
+                    "audit: %d entries of a process that died appended from its journal %s",
+                    replayed,
+                    name,
+                )
+    finally:
+        gate.release()
+    return total
+
+
+def replay_dead_journals(db_path: str | Path) -> int:
+    """replay_journals for a tool reading the ledger while no proxy may run (`candela audit`):
+    what a killed proxy acknowledged is in the ledger before it is read."""
+    path = Path(db_path).expanduser()
+    if not journal_dir(path).is_dir():
+        return 0
+    conn, _ = connect_writer(path, 5000, "power_loss")
+    try:
+        return replay_journals(conn, path, WriteGate(path))
+    finally:
+        conn.close()
 
 
 class AuditWriter:
@@ -329,6 +416,20 @@ class AuditWriter:
         self._here_commits = 0
         self._checkpointed = 0
         self.checkpoints = 0
+        # the entry journal (process_crash; audit/journal.py): this process's, while it takes
+        # lines (`_journaling`); the queued entries not in it yet, in queue order; the last line
+        # written and the last one the ledger holds. `_jlock` orders a journal write against a
+        # batch being taken: an entry is journaled or committed first, never both unknowingly.
+        self._journal: Journal | None = None
+        self._journaling = False
+        self._journal_pid = -1
+        self._jlock = threading.Lock()
+        self._unjournaled: list[_Item] = []
+        self._jn = 0
+        self._jcommitted = 0
+        self.journaled = 0
+        self.journal_errors = 0
+        self.replayed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -343,6 +444,19 @@ class AuditWriter:
         self._conn, self.defensive = connect_writer(
             self.db_path, self._busy_timeout_ms, self.cfg.durability
         )
+        if self.cfg.durability == "process_crash":
+            try:
+                self._replay_journals(self._conn)
+            except BaseException:
+                self._conn.close()
+                self._conn = None
+                raise
+            try:
+                self._journal = Journal(journal_dir(self.db_path))
+                self._journaling = True
+                self._journal_pid = this_process()
+            except OSError as e:
+                log.warning("audit: no entry journal (%s); entries commit before answers", e)
         self._thread = threading.Thread(target=self._run, name="candela-audit-writer", daemon=True)
         self._thread.start()
         poll, initial, most = self._mirror_opts
@@ -390,6 +504,11 @@ class AuditWriter:
             feeder.stop(deadline)
         return drained and self.abandoned == 0
 
+    def _replay_journals(self, conn: sqlite3.Connection) -> None:
+        self.replayed += replay_journals(
+            conn, self.db_path, self._gate, self.cfg.batch_max_entries, self._busy_timeout_ms
+        )
+
     # -- recording ---------------------------------------------------------------------------
 
     def _prepare(self, action: str, fields: dict[str, Any]) -> Pending:
@@ -410,7 +529,12 @@ class AuditWriter:
             self.rejected += 1
             return False
         q = self._queue
-        q.append(item)
+        if self._journaling:
+            with self._jlock:
+                q.append(item)
+                self._unjournaled.append(item)
+        else:
+            q.append(item)
         self.accepted += 1
         if item.waiter is not None:
             # changed, not counted: two threads adding at once may add one, still a change
@@ -457,21 +581,93 @@ class AuditWriter:
         return self._enqueue(_Item(self._prepare(action, fields), _Callback(committed)))
 
     def record_here(self, action: str, committed: Committed, /, **fields: Any) -> bool:
-        """record_then, committed on the calling thread when the writer thread is idle: the
-        entry and everything queued before it, as one batch, before this returns (``committed``
-        is called on this thread). When the writer is busy, the ledger is failing or another
-        process holds its write gate, the writer thread commits it as record_then would.
+        """record_then, made durable on the calling thread when it can be: with the entry
+        journal, the entry and every one queued before it not yet journaled are written to it
+        in one append and ``committed(None, None)`` is called before this returns (the writer
+        thread chains them into the ledger within ``batch_max_delay_ms``: audit/journal.py).
+        Without it (power_loss, or a journal that failed), committed on this thread when the
+        writer thread is idle: the entry and everything queued before it, as one batch (and
+        ``committed(seq, None)`` called here). When the writer is busy, the ledger is failing
+        or another process holds its write gate, the writer thread commits it as record_then
+        would.
 
         For one request at a time (addons/audit.py): a commit through the writer thread costs
         two thread wakes (to it and back to the event loop), about 110 µs on a 2-core VM, more
         than the commit itself without its fsync (bench/README.md, issue 21). It blocks the
         caller for the commit (its fsync with power_loss): only worth it when nothing else waits.
         """
-        item = _Item(self._prepare(action, fields), _Callback(committed))
-        if not self._enqueue(item, wake=False):
-            return False
+        if self.journaling:
+            item = _Item(self._prepare(action, fields), None)
+            journaled = self._journal_with(item, _Callback(committed))
+            if journaled is None:
+                return False
+            if journaled:
+                committed(None, None)
+                return True
+            # the journal failed: the item waits for a commit (it holds the waiter now)
+        else:
+            item = _Item(self._prepare(action, fields), _Callback(committed))
+            if not self._enqueue(item, wake=False):
+                return False
         if not self._commit_here() or self._queue:
             self._wake.set()  # the writer thread commits it (or what a full batch left)
+        return True
+
+    @property
+    def journaling(self) -> bool:
+        """record_here makes entries durable in the journal (one append, nothing waited for)."""
+        return self._journaling and self._journal_pid == this_process() and self.healthy
+
+    def _journal_with(self, item: _Item, waiter: _Callback) -> bool | None:
+        """Queue `item` and journal it with every queued entry not journaled yet, in one
+        write: True once written, None if the queue refused it, False if the journal failed
+        (then `item` waits for its commit with `waiter`, and the journal takes no more)."""
+        journal = self._journal
+        assert journal is not None
+        with self._jlock:
+            if not self._enqueue_unlocked(item):
+                return None
+            todo, self._unjournaled = self._unjournaled, []
+            lines: list[bytes] = []
+            n = self._jn
+            now = time.time_ns()
+            for it in todo:
+                p = it.pending
+                if p is None:
+                    continue
+                if type(p) is _Later:
+                    p = it.pending = self._prepared(p)
+                n += 1
+                it.jn = n
+                it.t_ns = now
+                lines.append(encode(n, p, now))  # type: ignore[arg-type]
+            self._jn = n
+            try:
+                journal.append(b"".join(lines))
+            except OSError as e:
+                # the lines of it that were written are in the queue: committed, and marked
+                self.journal_errors += 1
+                self._journaling = False
+                self._unjournaled = []
+                log.error("audit: the entry journal failed (%s); entries commit before answers", e)
+                item.waiter = waiter
+                self._urgent += 1
+                return False
+            self.journaled += len(lines)
+            return True
+
+    def _enqueue_unlocked(self, item: _Item) -> bool:
+        """_enqueue's part under `_jlock`, waking the writer only when it sleeps or a whole
+        batch is queued (never for the journaled entry: it commits by its due time)."""
+        q = self._queue
+        if self._closed or len(q) >= self.queue_max:
+            self.rejected += 1
+            return False
+        q.append(item)
+        self._unjournaled.append(item)
+        self.accepted += 1
+        if (len(q) >= self._wake_at or self._parked) and not self._wake.is_set():
+            self._wake.set()
         return True
 
     def _commit_here(self) -> bool:
@@ -492,7 +688,9 @@ class AuditWriter:
             items = self._drain(self._queue)
             pending = _pending(items)
             try:
-                rows = self._append(conn, pending, wait=False) if pending else []
+                mark = _mark(items)
+                times = _times(items) if mark else None
+                rows = self._append(conn, pending, False, mark, times) if pending else []
             except (sqlite3.Error, ValueError, OSError):
                 # busy, or failing: the writer thread retries (and counts, and logs)
                 self._queue.extendleft(reversed(items))
@@ -679,6 +877,20 @@ class AuditWriter:
 
     def _drain(self, q: deque[_Item]) -> list[_Item]:
         """Up to a batch of what is queued, at once."""
+        if not self._journaling:
+            return self._drain_unlocked(q)
+        with self._jlock:
+            items = self._drain_unlocked(q)
+            taken = 0
+            for it in items:
+                if it.jn == 0 and it.pending is not None:
+                    it.jn = -1  # committed before any journal write took it
+                    taken += 1
+            # the queue's unjournaled entries, in order: those taken are its first
+            del self._unjournaled[:taken]
+            return items
+
+    def _drain_unlocked(self, q: deque[_Item]) -> list[_Item]:
         items: list[_Item] = []
         entries = 0
         while q and entries < self.cfg.batch_max_entries:
@@ -723,10 +935,16 @@ class AuditWriter:
                 self._fail_all(rest, self.last_error or "the audit writer stopped")
             if self._unsynced_at is not None:
                 self._sync_log()  # what was committed reaches the disk before the writer ends
+            self._close_journal(conn)
             conn.close()
 
     def _append(
-        self, conn: sqlite3.Connection, pending: list[Pending], wait: bool = True
+        self,
+        conn: sqlite3.Connection,
+        pending: list[Pending],
+        wait: bool = True,
+        mark: int = 0,
+        times: list[int] | None = None,
     ) -> list[Row]:
         """One batch, appended while holding the ledger's write gate: the writers of other
         workers sharing this file queue on it instead of sleeping in SQLite's busy handler
@@ -739,16 +957,23 @@ class AuditWriter:
                 + (f" for over {self._busy_timeout_ms} ms)" if wait else ")")
             )
         try:
-            return append_batch(conn, pending)
+            journal = self._journal
+            if mark <= 0 or journal is None:
+                return append_batch(conn, pending)
+            rows = append_batch(conn, pending, (journal.name, mark), times)
+            self._jcommitted = mark
+            return rows
         finally:
             self._gate.release()
 
     def _commit(self, conn: sqlite3.Connection, items: list[_Item]) -> bool:
         pending = _pending(items)
+        mark = _mark(items)
+        times = _times(items) if mark else None
         attempt = 0
         while True:
             try:
-                rows = self._append(conn, pending) if pending else []
+                rows = self._append(conn, pending, True, mark, times) if pending else []
                 break
             except (sqlite3.Error, ValueError, OSError) as e:
                 # ValueError: the head entry's hash is not hex (a damaged ledger): we cannot
@@ -766,7 +991,54 @@ class AuditWriter:
                 attempt += 1
         self.healthy = True
         self._committed(items, rows)
+        journal = self._journal
+        if journal is not None:
+            if not self._journaling:
+                self._resume_journal(journal)
+            elif mark > 0 and journal.size > TRUNCATE_AT_BYTES:
+                self._empty_journal(journal)
         return True
+
+    def _resume_journal(self, journal: Journal) -> None:
+        """After a journal write failed (disk full), journal again once the ledger holds every
+        line and nothing is queued: emptied first (a failed write may have left half a line)."""
+        if self._queue or self._journal_pid != this_process():
+            return
+        with self._jlock:
+            if self._jcommitted != self._jn or self._queue:
+                return
+            try:
+                journal.empty()
+            except OSError:
+                return  # tried again after the next commit
+            self._unjournaled = []
+            self._journaling = True
+        log.warning("audit: the entry journal is written again")
+
+    def _empty_journal(self, journal: Journal) -> None:
+        """Empty the journal once the ledger holds every line in it (its numbering goes on)."""
+        with self._jlock:
+            if self._jcommitted != self._jn:
+                return  # lines written since the last commit: the next one looks again
+            try:
+                journal.empty()
+            except OSError as e:
+                log.warning("audit: the entry journal could not be emptied (%s)", e)
+
+    def _close_journal(self, conn: sqlite3.Connection) -> None:
+        """At the writer's end: a journal whose every line is in the ledger goes, with its
+        mark; one that still holds entries (the ledger failed) stays for the next start."""
+        journal, self._journal = self._journal, None
+        self._journaling = False
+        if journal is None:
+            return
+        done = not self._queue and self._jcommitted == self._jn
+        journal.close(remove=done)
+        if done:
+            try:
+                forget_journal(conn, journal.name)
+            except sqlite3.Error as e:  # a mark without its journal: harmless
+                log.debug("audit: journal mark kept (%s)", e)
 
     def _committed(self, items: list[_Item], rows: list[Row]) -> None:
         """After a commit, with the turn held (the writer thread's or record_here's)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from candela_mitm.audit.checkpoint import (
     verify_checkpoints,
     verify_with_checkpoints,
 )
-from candela_mitm.audit.query import export, render, run_query
+from candela_mitm.audit.journal import wait_for_journals
+from candela_mitm.audit.query import JOURNALS_WAIT_S, export, render, run_query
+from candela_mitm.audit.writer import replay_dead_journals
 from candela_mitm.cli.progress import Progress
 from candela_mitm.config import load_config
 from candela_mitm.errors import ConfigError
@@ -95,6 +98,28 @@ def _report(result: VerifyResult) -> int:
     return EXIT_FAILED
 
 
+def ledger_caught_up(db: Path, tool: str) -> bool:
+    """Before the ledger is read: the entries of proxies that died, only journaled, appended
+    (as their next start would), and those of running proxies waited for (they reach the
+    ledger within `audit.batch_max_delay_ms`); False (said on stderr) if it cannot be written."""
+    try:
+        replayed = replay_dead_journals(db)
+        behind = wait_for_journals(db, JOURNALS_WAIT_S)
+    except (OSError, sqlite3.Error) as e:
+        print(f"{tool}: the entry journals beside {db} cannot be read: {e}", file=sys.stderr)
+        return False
+    if replayed:
+        print(
+            f"audit: {replayed} entries of a proxy that died appended from its journal",
+            file=sys.stderr,
+        )
+    if behind:
+        print(
+            f"audit: {behind} entries of a running proxy are not in the ledger yet", file=sys.stderr
+        )
+    return True
+
+
 def audit_main(argv: list[str]) -> int:
     """Run `candela audit <argv>`; 0 ok, 1 verification failed or query rejected, 2 cannot run."""
     parser = build_parser()
@@ -107,6 +132,8 @@ def audit_main(argv: list[str]) -> int:
     db = Path(args.db or cfg.audit.sqlite_path).expanduser()
     if not db.exists():
         print(f"no audit log at {db}", file=sys.stderr)
+        return EXIT_USAGE
+    if not ledger_caught_up(db, "candela audit"):
         return EXIT_USAGE
     key_path = Path(args.key or DEFAULT_KEY).expanduser()
     checkpoint_path = Path(args.checkpoint or f"{db}.checkpoints.jsonl").expanduser()

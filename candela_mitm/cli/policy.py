@@ -14,6 +14,7 @@ from typing import Any
 import duckdb
 
 from candela_mitm.audit.query import QueryResult, parse_time, render, request_entries
+from candela_mitm.cli.audit import ledger_caught_up
 from candela_mitm.cli.progress import Progress
 from candela_mitm.config import Config, load_config
 from candela_mitm.errors import ConfigError, StoreUnavailable
@@ -162,6 +163,8 @@ def _replay(args: argparse.Namespace) -> int:
     audit = Path(args.audit or cfg.audit.sqlite_path).expanduser()
     if not audit.exists():
         print(f"candela policy replay: no audit log at {audit}", file=sys.stderr)
+        return EXIT_USAGE
+    if not ledger_caught_up(audit, "candela policy replay"):
         return EXIT_USAGE
     start = candidate.warmup_start(since) if since is not None else None
     try:

@@ -126,6 +126,7 @@ class _Writer:
     """The audit writer's record_then, committing when the test says so."""
 
     healthy = True
+    journaling = False  # (the real writer's with durability power_loss)
 
     def __init__(self):
         self.entries = []
@@ -208,6 +209,32 @@ def test_a_request_alone_commits_its_entry_on_the_event_loop(runtime, tmp_path, 
 
     c, early = asyncio.run(main())
     assert early is here and getattr(writer, "here", False) is here
+    assert len(writer.entries) == 1 and c.audit_commit is None
+    rt.audit = real
+    rt.close()
+
+
+@pytest.mark.parametrize("under_way", [1, 5])
+def test_with_the_entry_journal_every_request_records_its_entry_at_once(runtime, tmp_path, under_way):
+    """With the writer's entry journal, a request under load takes record_here too: its entry
+    is durable once appended, and the answer waits for no group commit."""
+    from candela_mitm.addons.audit import Audit, AuditStart
+
+    rt = _runtime(runtime, tmp_path)
+    writer = _Writer()
+    writer.journaling = True
+    real, rt.audit = rt.audit, writer
+    audit = Audit(rt, under_way=lambda: under_way)
+
+    async def main():
+        f, c = _proxied_flow()
+        AuditStart(audit).response(f)
+        done_at_once = c.audit_commit is not None and c.audit_commit.done()
+        await audit.response(f)
+        return c, done_at_once
+
+    c, at_once = asyncio.run(main())
+    assert at_once and writer.here and writer.callbacks == []
     assert len(writer.entries) == 1 and c.audit_commit is None
     rt.audit = real
     rt.close()

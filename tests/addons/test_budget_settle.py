@@ -31,6 +31,7 @@ class Writer:
     """The audit writer's record_then, committing when the test says so."""
 
     healthy = True
+    journaling = False  # (the real writer's with durability power_loss)
 
     def __init__(self) -> None:
         self.entries: list[tuple[str, dict]] = []

@@ -61,6 +61,10 @@ def test_kill_9_under_load_keeps_every_completed_request(tmp_path, upstream, tok
     [t.join(60) for t in ts]  # each request has 30 s; the kill ends them at once
     assert len(completed) > 20, "the load did not get going"
     db = tmp_path / "audit.db"
+    # entries only journaled when the process died (audit/journal.py) reach the ledger before
+    # anything reads it: `candela audit` appends them first, as the next start would
+    v = audit("verify", db=db)
+    assert v.returncode == 0, v.stdout + v.stderr
     logged = {e["fields"].get("span_id") for e in query_entries(db, action="llm_request", limit=10_000)}
     missing = [s for s in completed if s not in logged]
     assert not missing, f"{len(missing)} of {len(completed)} completed requests have no audit entry"

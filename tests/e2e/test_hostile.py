@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
+from candela_mitm.audit.journal import wait_for_journals
 from tests.fakes.candela import CandelaProcess
 from tests.fakes.google_oauth import FakeTokenServer
 from tests.fakes.upstream import FakeUpstream
@@ -120,6 +121,7 @@ def healthz_ms(c: CandelaProcess) -> float:
 
 
 def audit_rows(c: CandelaProcess) -> int:
+    wait_for_journals(c.tmp / "audit.db", WAIT_S)  # what was answered is in the ledger
     with sqlite3.connect(c.tmp / "audit.db") as db:
         return int(db.execute("SELECT count(*) FROM audit_log").fetchone()[0])
 

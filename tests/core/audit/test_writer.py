@@ -32,6 +32,17 @@ def cfg(tmp_path: Path, **kw: Any) -> Audit:
     return Audit(sqlite_path=str(tmp_path / "audit.db"), **kw)
 
 
+def no_journal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writers started from now on have no entry journal (its folder cannot be written), so
+    record_here commits on the caller's thread as it does with durability power_loss."""
+    import candela_mitm.audit.writer as writer_module
+
+    def unwritable(folder: Path) -> Any:
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(writer_module, "Journal", unwritable)
+
+
 @pytest.fixture
 def writer(tmp_path: Path) -> Iterator[AuditWriter]:
     w = AuditWriter(cfg(tmp_path))
@@ -294,8 +305,9 @@ def test_record_then_commits_at_once_like_a_durable_entry(tmp_path: Path) -> Non
 
 
 def test_record_here_commits_on_the_calling_thread_while_the_writer_is_idle(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    no_journal(monkeypatch)
     w = AuditWriter(cfg(tmp_path, batch_max_delay_ms=60_000))  # the writer thread never looks
     w.start()
     r = Reports()
@@ -312,11 +324,12 @@ def test_record_here_commits_on_the_calling_thread_while_the_writer_is_idle(
 
 @pytest.mark.parametrize("held", ["writer turn", "write gate", "sqlite lock"])
 def test_record_here_leaves_the_entry_to_the_writer_thread_rather_than_wait(
-    tmp_path: Path, held: str
+    tmp_path: Path, held: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The writer thread mid-batch, another worker's write gate or another connection's SQLite
     lock: record_here never waits for them on the caller's thread (the event loop); the entry
     is queued and the writer thread commits it once they are let go. Nothing is lost."""
+    no_journal(monkeypatch)
     from candela_mitm.state.gate import WriteGate
 
     w = AuditWriter(cfg(tmp_path))
@@ -684,14 +697,19 @@ def test_writers_sharing_a_ledger_queue_on_its_gate(tmp_path: Path) -> None:
     w = AuditWriter(cfg(tmp_path), busy_timeout_ms=100)
     w.start()
     try:
-        other = os.open(f"{w.db_path}.lock", os.O_RDWR | os.O_CREAT)  # another worker's writer, committing
+        other = os.open(
+            f"{w.db_path}.lock", os.O_RDWR | os.O_CREAT
+        )  # another worker's writer, committing
         fcntl.flock(other, fcntl.LOCK_EX)
         try:
             fut = w.record_durable("llm_request", user_id="u")
             # past the writer's timeout it fails, counts it, and retries: waited for (a fixed
             # 0.3 s could pass before the writer thread's first try on a loaded machine)
-            until(lambda: (w.sqlite_errors, w.healthy), lambda seen: seen[0] >= 1 and not seen[1],
-                  what="a failed try (errors, healthy)")
+            until(
+                lambda: (w.sqlite_errors, w.healthy),
+                lambda seen: seen[0] >= 1 and not seen[1],
+                what="a failed try (errors, healthy)",
+            )
             assert not fut.done() and w.head_seq == 0
             assert w.sqlite_errors >= 1 and not w.healthy
         finally:
@@ -710,7 +728,9 @@ def test_two_writers_on_one_ledger_build_one_chain(tmp_path: Path) -> None:
     writers = [AuditWriter(cfg(tmp_path)) for _ in range(2)]
     for w in writers:
         w.start()
-    futures = [w.record_durable("llm_request", user_id=f"u{i}") for i in range(200) for w in writers]
+    futures = [
+        w.record_durable("llm_request", user_id=f"u{i}") for i in range(200) for w in writers
+    ]
     seqs = sorted(f.result(timeout=30) for f in futures)
     for w in writers:
         w.close()
@@ -978,6 +998,7 @@ def test_commits_on_the_calling_thread_never_checkpoint_the_log(tmp_path: Path) 
 def test_the_writer_thread_checkpoints_after_commits_on_callers_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    no_journal(monkeypatch)
     from candela_mitm.audit import writer as writer_module
 
     monkeypatch.setattr(writer_module, "HERE_CHECKPOINT_EVERY", 20)
@@ -1022,6 +1043,7 @@ def test_an_idle_writer_sleeps_until_an_entry_or_a_commit_here_wakes_it(
     still commits within its delay, and a commit on a caller's thread is still synced within
     the interval: both wake it (PARK_MAX_S, its look without a wake, is an hour here: only a
     wake can do either)."""
+    no_journal(monkeypatch)
     import candela_mitm.audit.writer as writer_module
 
     monkeypatch.setattr(writer_module, "PARK_MAX_S", 3600.0)
@@ -1055,6 +1077,7 @@ def test_flat_fields_are_kept_as_recorded_and_prepared_by_whoever_commits_them(
     before its request is forwarded) is redacted and encoded when it is committed: here by the
     request's own record_here, after it, on the caller's thread; what is stored is what an
     eager preparation stores."""
+    no_journal(monkeypatch)
     w = AuditWriter(cfg(tmp_path, batch_max_delay_ms=60_000))  # the writer thread never looks
     w.start()
     prepared: list[tuple[str, str]] = []
@@ -1066,8 +1089,15 @@ def test_flat_fields_are_kept_as_recorded_and_prepared_by_whoever_commits_them(
 
     monkeypatch.setattr(w, "_prepare", spy)
     assert w.record(
-        "model_policy_check", result="allowed", user_id="alice@example.com", api_key="sk-1",
-        note="Authorization: Bearer abc.def", n=3, ok=True, none=None, f=1.5,
+        "model_policy_check",
+        result="allowed",
+        user_id="alice@example.com",
+        api_key="sk-1",
+        note="Authorization: Bearer abc.def",
+        n=3,
+        ok=True,
+        none=None,
+        f=1.5,
     )
     assert prepared == []  # nothing redacted or encoded on the request's path
     r = Reports()
