@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -88,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.dir:
         d = Path(a.dir)
         d.mkdir(parents=True, exist_ok=True)
-        for f in d.glob("audit-bench.db*"):
-            f.unlink()
+        for f in d.glob("audit-bench.db*"):  # the ledger, its log, its journals' folder
+            if f.is_dir():
+                shutil.rmtree(f)
+            else:
+                f.unlink()
         out = run(d, a.entries, a.durable_every)
     else:
         with tempfile.TemporaryDirectory() as t:

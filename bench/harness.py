@@ -333,8 +333,11 @@ class Bench:
     def candela_config(self, upstream: str, tag: str, **extra: Any) -> Path:
         d = self.work / tag
         d.mkdir(parents=True, exist_ok=True)
-        for f in d.glob("*.db*"):
-            f.unlink()
+        for f in d.glob("*.db*"):  # the ledger, its log, its entry journals' folder
+            if f.is_dir():
+                shutil.rmtree(f)
+            else:
+                f.unlink()
         users = {
             f"user{i:03d}@bench.example": {
                 "tenants": ["research-team"],
