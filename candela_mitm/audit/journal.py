@@ -189,11 +189,28 @@ def last_line(path: Path) -> int:
     return 0
 
 
+def _alive(path: Path) -> bool:
+    """Whether a journal's process still holds it (a journal nobody holds waits for a start)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    finally:
+        os.close(fd)  # (our shared lock, if taken, goes with it)
+    return False
+
+
 def lines_behind(db_path: str | Path) -> int:
-    """How many journaled entries (of running proxies too) the ledger does not hold yet."""
+    """How many entries running proxies journaled that the ledger does not hold yet."""
     folder = journal_dir(db_path)
     try:
-        names = [n for n in os.listdir(folder) if n.endswith(SUFFIX)]
+        names = [n for n in os.listdir(folder) if n.endswith(SUFFIX) and _alive(folder / n)]
     except FileNotFoundError:
         return 0
     if not names:

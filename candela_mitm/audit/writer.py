@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -417,14 +418,17 @@ class AuditWriter:
         self._checkpointed = 0
         self.checkpoints = 0
         # the entry journal (process_crash; audit/journal.py): this process's, while it takes
-        # lines (`_journaling`); the queued entries not in it yet, in queue order; the last line
-        # written and the last one the ledger holds. `_jlock` orders a journal write against a
-        # batch being taken: an entry is journaled or committed first, never both unknowingly.
+        # lines (`_journaling`); the last line written and the last one the ledger holds. It is
+        # written holding the turn, as a batch is taken and committed: a queued entry is
+        # journaled or taken for a commit first, never both unknowingly, and nothing else (no
+        # lock on `record`) is shared with the writer thread. Items taken from the queue, and
+        # looked at by a journal write (the queue's journaled part is its first ones): counted
+        # under the turn.
         self._journal: Journal | None = None
         self._journaling = False
         self._journal_pid = -1
-        self._jlock = threading.Lock()
-        self._unjournaled: list[_Item] = []
+        self._taken = 0
+        self._passed = 0
         self._jn = 0
         self._jcommitted = 0
         self.journaled = 0
@@ -524,24 +528,20 @@ class AuditWriter:
         user = _principal(clean, "user_id") or _principal(clean, "actor")
         return (str(action), user, _principal(clean, "tenant_id"), text)
 
-    def _enqueue(self, item: _Item, wake: bool = True) -> bool:
+    def _enqueue(self, item: _Item, wake: bool = True, urgent: bool = True) -> bool:
         if self._closed or len(self._queue) >= self.queue_max:
             self.rejected += 1
             return False
         q = self._queue
-        if self._journaling:
-            with self._jlock:
-                q.append(item)
-                self._unjournaled.append(item)
-        else:
-            q.append(item)
+        q.append(item)
         self.accepted += 1
-        if item.waiter is not None:
+        urgent = urgent and item.waiter is not None  # (a journaled one waits for no commit)
+        if urgent:
             # changed, not counted: two threads adding at once may add one, still a change
             self._urgent += 1
         if (
             wake
-            and (item.waiter is not None or len(q) >= self._wake_at or self._parked)
+            and (urgent or len(q) >= self._wake_at or self._parked)
             and not self._wake.is_set()
         ):
             self._wake.set()
@@ -596,19 +596,14 @@ class AuditWriter:
         than the commit itself without its fsync (bench/README.md, issue 21). It blocks the
         caller for the commit (its fsync with power_loss): only worth it when nothing else waits.
         """
-        if self.journaling:
-            item = _Item(self._prepare(action, fields), None)
-            journaled = self._journal_with(item, _Callback(committed))
-            if journaled is None:
-                return False
-            if journaled:
-                committed(None, None)
+        journaling = self.journaling
+        item = _Item(self._prepare(action, fields), _Callback(committed))
+        if not self._enqueue(item, wake=False, urgent=not journaling):
+            return False
+        if journaling:
+            if self._journal_here() and item.jn > 0:
                 return True
-            # the journal failed: the item waits for a commit (it holds the waiter now)
-        else:
-            item = _Item(self._prepare(action, fields), _Callback(committed))
-            if not self._enqueue(item, wake=False):
-                return False
+            self._urgent += 1  # not journaled: its commit is waited for
         if not self._commit_here() or self._queue:
             self._wake.set()  # the writer thread commits it (or what a full batch left)
         return True
@@ -618,22 +613,26 @@ class AuditWriter:
         """record_here makes entries durable in the journal (one append, nothing waited for)."""
         return self._journaling and self._journal_pid == this_process() and self.healthy
 
-    def _journal_with(self, item: _Item, waiter: _Callback) -> bool | None:
-        """Queue `item` and journal it with every queued entry not journaled yet, in one
-        write: True once written, None if the queue refused it, False if the journal failed
-        (then `item` waits for its commit with `waiter`, and the journal takes no more)."""
-        journal = self._journal
-        assert journal is not None
-        with self._jlock:
-            if not self._enqueue_unlocked(item):
-                return None
-            todo, self._unjournaled = self._unjournaled, []
+    def _journal_here(self) -> bool:
+        """Journal every queued entry not journaled yet, in queue order, in one write, while
+        the writer thread is not taking or committing a batch, and report their waiters
+        (``committed(None, None)``, on this thread); False when the writer holds the turn or
+        the journal fails (and then takes no more): their commit is waited for."""
+        if not self._turn.acquire(blocking=False):
+            return False
+        try:
+            q = self._queue
+            ahead = self._passed - self._taken  # the queue's first ones were looked at
+            if ahead < 0:
+                ahead = 0
+            # a snapshot in one C call: other threads may append meanwhile (not to this one)
+            todo = list(itertools.islice(q, ahead, None))
             lines: list[bytes] = []
             n = self._jn
             now = time.time_ns()
             for it in todo:
                 p = it.pending
-                if p is None:
+                if p is None or it.jn:
                     continue
                 if type(p) is _Later:
                     p = it.pending = self._prepared(p)
@@ -641,34 +640,27 @@ class AuditWriter:
                 it.jn = n
                 it.t_ns = now
                 lines.append(encode(n, p, now))  # type: ignore[arg-type]
-            self._jn = n
             try:
-                journal.append(b"".join(lines))
+                if lines:
+                    self._journal.append(b"".join(lines))  # type: ignore[union-attr]
             except OSError as e:
                 # the lines of it that were written are in the queue: committed, and marked
+                self._jn = n
                 self.journal_errors += 1
                 self._journaling = False
-                self._unjournaled = []
                 log.error("audit: the entry journal failed (%s); entries commit before answers", e)
-                item.waiter = waiter
-                self._urgent += 1
                 return False
+            self._jn = n
+            self._passed = self._taken + ahead + len(todo)
             self.journaled += len(lines)
+            for it in todo:
+                w = it.waiter
+                if w is not None and it.jn > 0:
+                    it.waiter = None
+                    w.report(None)
             return True
-
-    def _enqueue_unlocked(self, item: _Item) -> bool:
-        """_enqueue's part under `_jlock`, waking the writer only when it sleeps or a whole
-        batch is queued (never for the journaled entry: it commits by its due time)."""
-        q = self._queue
-        if self._closed or len(q) >= self.queue_max:
-            self.rejected += 1
-            return False
-        q.append(item)
-        self._unjournaled.append(item)
-        self.accepted += 1
-        if (len(q) >= self._wake_at or self._parked) and not self._wake.is_set():
-            self._wake.set()
-        return True
+        finally:
+            self._turn.release()
 
     def _commit_here(self) -> bool:
         if self._conn is None or self._stopping or not self.healthy:
@@ -694,6 +686,7 @@ class AuditWriter:
             except (sqlite3.Error, ValueError, OSError):
                 # busy, or failing: the writer thread retries (and counts, and logs)
                 self._queue.extendleft(reversed(items))
+                self._taken -= len(items)
                 return False
             if rows:
                 self._here_commits += 1  # before _committed wakes a parked writer to look at it
@@ -766,9 +759,16 @@ class AuditWriter:
                     # drains the queue while the writer looks or syncs): look again, never exit
                     continue
                 self._turn.acquire()
-                self._urgent_seen = self._urgent  # those counted from now: the next batch
+                seen = self._urgent
                 if q:
-                    return self._drain(q)
+                    items = self._drain(q)
+                    if not q:
+                        # those counted from now: the next batch. With entries left (a batch
+                        # is at most batch_max_entries), one someone waits for may be among
+                        # them: the next look takes them at once
+                        self._urgent_seen = seen
+                    return items
+                self._urgent_seen = seen
                 self._turn.release()  # committed meanwhile on a caller's thread
                 continue
             if self._quiet_for(now) >= PARK_AFTER_S and self._idle():
@@ -876,29 +876,24 @@ class AuditWriter:
         return True
 
     def _drain(self, q: deque[_Item]) -> list[_Item]:
-        """Up to a batch of what is queued, at once."""
-        if not self._journaling:
-            return self._drain_unlocked(q)
-        with self._jlock:
-            items = self._drain_unlocked(q)
-            taken = 0
-            for it in items:
-                if it.jn == 0 and it.pending is not None:
-                    it.jn = -1  # committed before any journal write took it
-                    taken += 1
-            # the queue's unjournaled entries, in order: those taken are its first
-            del self._unjournaled[:taken]
-            return items
+        """Up to a batch of what is queued, at once, each entry prepared (`_Later`); with the
+        turn held. An entry not journaled by then is committed without it (`jn` -1)."""
+        items = self._take(q)
+        self._taken += len(items)
+        for it in items:
+            if it.jn == 0 and it.pending is not None:
+                it.jn = -1
+            if type(it.pending) is _Later:
+                it.pending = self._prepared(it.pending)
+        return items
 
-    def _drain_unlocked(self, q: deque[_Item]) -> list[_Item]:
+    def _take(self, q: deque[_Item]) -> list[_Item]:
         items: list[_Item] = []
         entries = 0
         while q and entries < self.cfg.batch_max_entries:
             item = q.popleft()
             items.append(item)
             if item.pending is not None:
-                if type(item.pending) is _Later:
-                    item.pending = self._prepared(item.pending)
                 entries += 1
         return items
 
@@ -999,31 +994,28 @@ class AuditWriter:
                 self._empty_journal(journal)
         return True
 
+    def _empty_journal(self, journal: Journal) -> None:
+        """Empty the journal once the ledger holds every line in it (its numbering goes on);
+        with the turn held: no journal write meanwhile."""
+        if self._jcommitted != self._jn:
+            return  # lines written since the last commit: the next one looks again
+        try:
+            journal.empty()
+        except OSError as e:
+            log.warning("audit: the entry journal could not be emptied (%s)", e)
+
     def _resume_journal(self, journal: Journal) -> None:
         """After a journal write failed (disk full), journal again once the ledger holds every
-        line and nothing is queued: emptied first (a failed write may have left half a line)."""
-        if self._queue or self._journal_pid != this_process():
+        line: emptied first (a failed write may have left half a line). With the turn held."""
+        if self._jcommitted != self._jn or self._journal_pid != this_process():
             return
-        with self._jlock:
-            if self._jcommitted != self._jn or self._queue:
-                return
-            try:
-                journal.empty()
-            except OSError:
-                return  # tried again after the next commit
-            self._unjournaled = []
-            self._journaling = True
+        try:
+            journal.empty()
+        except OSError:
+            return  # tried again after the next commit
+        self._passed = self._taken  # what is queued now is looked at by the next write
+        self._journaling = True
         log.warning("audit: the entry journal is written again")
-
-    def _empty_journal(self, journal: Journal) -> None:
-        """Empty the journal once the ledger holds every line in it (its numbering goes on)."""
-        with self._jlock:
-            if self._jcommitted != self._jn:
-                return  # lines written since the last commit: the next one looks again
-            try:
-                journal.empty()
-            except OSError as e:
-                log.warning("audit: the entry journal could not be emptied (%s)", e)
 
     def _close_journal(self, conn: sqlite3.Connection) -> None:
         """At the writer's end: a journal whose every line is in the ledger goes, with its

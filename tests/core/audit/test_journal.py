@@ -27,6 +27,7 @@ from candela_mitm.audit.journal import (
     wait_for_journals,
 )
 from candela_mitm.config import Audit
+from tests.wait import until
 
 
 class Reports:
@@ -105,8 +106,9 @@ def test_an_entry_a_batch_took_first_is_not_journaled(tmp_path: Path) -> None:
     assert w.record("early")
     with w._turn:
         items = w._drain(w._queue)
-        assert [it.jn for it in items] == [-1] and w._unjournaled == []
+        assert [it.jn for it in items] == [-1]
         w._queue.extendleft(reversed(items))  # (committed below, after the journaled one)
+        w._taken -= len(items)
     assert w.record_here("request", Reports())
     (path,) = journals(tmp_path)
     assert [e[0] for _, e, _ in read_entries(path)] == ["request"]
@@ -118,6 +120,7 @@ def test_an_entry_a_batch_took_first_is_not_journaled(tmp_path: Path) -> None:
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys
+    import threading
     from candela_mitm.audit import AuditWriter
     from candela_mitm.config import Audit
 
@@ -128,9 +131,9 @@ KILL_SCRIPT = textwrap.dedent(
         if i == first:
             assert w.flush(10)  # the first ones reach the ledger, the journal's mark with them
         w.record("policy", i=i)
-        done = []
-        assert w.record_here("request", lambda seq, err: done.append(err), i=i)
-        assert done == [None]
+        done, ev = [], threading.Event()
+        assert w.record_here("request", lambda seq, err: (done.append(err), ev.set()), i=i)
+        assert ev.wait(10) and done == [None]  # (committed, when the writer held the turn)
         print(i, flush=True)
     sys.stdin.read()  # killed here
     """
@@ -224,6 +227,7 @@ def test_the_journal_is_emptied_once_the_ledger_holds_it(
     assert path.stat().st_size > 1000
     assert w.flush(10)
     assert path.stat().st_size == 0  # every line in the ledger: emptied
+    until(lambda: not w._turn.locked(), what="the writer done with its batch")
     assert w.record_here("request", Reports(), i=5)
     assert [n for n, _, _ in read_entries(path)] == [6]  # numbering goes on
     assert w.flush(10) and marks(db) == [(path.name, 6)]
@@ -253,6 +257,7 @@ def test_a_failing_journal_falls_back_to_the_commit_before_the_answer(
     w.record("plain")
     assert w.flush(10)  # a commit with the ledger holding every journaled line: journal again
     assert w.journaling
+    until(lambda: not w._turn.locked(), what="the writer done with its batch")
     third = Reports()
     assert w.record_here("request", third, i=3)
     assert third.calls == [(None, None)]

@@ -1133,3 +1133,19 @@ def test_a_flat_entry_that_cannot_be_encoded_is_recorded_as_text(
     assert [e["fields"] for e in stored(tmp_path)] == [{"n": "3"}]
     assert w.stats().entries_written == 1 and w.healthy
     assert w.close()
+
+
+def test_an_entry_waited_for_beyond_a_whole_batch_is_committed_at_once(tmp_path: Path) -> None:
+    """A batch is at most batch_max_entries: an entry someone waits for that did not fit in it
+    is taken by the next look, not left for batch_max_delay_ms (it was, once the wait that
+    made the first batch due had been counted as seen)."""
+    w = AuditWriter(cfg(tmp_path, batch_max_entries=4, batch_max_delay_ms=60_000))
+    w.start()
+    with w._turn:  # the writer busy: everything below is queued before it looks
+        for i in range(6):
+            assert w.record("plain", i=i)
+        r = Reports()
+        assert w.record_then("request", r)
+    assert r.event.wait(10), "the entry waited for was left for the batch delay"
+    assert r.calls == [(7, None)]
+    assert w.close()
