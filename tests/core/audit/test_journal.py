@@ -256,7 +256,7 @@ def test_a_failing_journal_falls_back_to_the_commit_before_the_answer(
     monkeypatch.undo()  # space is back
     w.record("plain")
     assert w.flush(10)  # a commit with the ledger holding every journaled line: journal again
-    assert w.journaling
+    until(lambda: w.journaling, what="the journal written again")  # (after the flush's commit)
     until(lambda: not w._turn.locked(), what="the writer done with its batch")
     third = Reports()
     assert w.record_here("request", third, i=3)
