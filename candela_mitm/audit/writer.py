@@ -21,10 +21,9 @@ from candela_mitm.audit.chain import Row, fields_json, fields_json_acyclic
 from candela_mitm.audit.journal import (
     TRUNCATE_AT_BYTES,
     Journal,
-    dead_journals,
     encode,
     journal_dir,
-    read_entries,
+    replay_journals,
 )
 from candela_mitm.audit.mirrors import Mirror, MirrorFeeder, MirrorStats, build_mirrors
 from candela_mitm.audit.sqlite_sink import (
@@ -34,7 +33,6 @@ from candela_mitm.audit.sqlite_sink import (
     connect_appender,
     connect_writer,
     forget_journal,
-    journal_mark,
 )
 from candela_mitm.config import Audit
 from candela_mitm.errors import StoreUnavailable
@@ -267,67 +265,6 @@ class AuditStats:
     # yet synced has waited (0: every commit is on the disk)
     sync_errors: int = 0
     unsynced_s: float = 0.0
-
-
-def replay_journals(
-    conn: sqlite3.Connection,
-    db_path: Path,
-    gate: WriteGate,
-    batch_max_entries: int = 512,
-    busy_timeout_ms: int = 5000,
-) -> int:
-    """Append to the ledger the journaled entries of processes that died before their writer
-    did, past each journal's mark, then remove the journal; how many were appended. Holds the
-    ledger's write gate throughout: a worker starting beside this one waits, then finds
-    nothing left (audit/journal.py)."""
-    folder = journal_dir(db_path)
-    if not folder.is_dir():
-        return 0
-    if not gate.acquire(max(busy_timeout_ms / 1000, 60.0)):
-        raise sqlite3.OperationalError(f"database is locked ({gate.path} held)")
-    total = 0
-    try:
-        for name, path in dead_journals(folder, None):
-            upto = journal_mark(conn, name)
-            batch: list[Pending] = []
-            times: list[int] = []
-            replayed = 0
-            for n, entry, t_ns in read_entries(path):
-                if n <= upto:
-                    continue
-                batch.append(entry)
-                times.append(t_ns)
-                if len(batch) >= batch_max_entries:
-                    replayed += len(append_batch(conn, batch, (name, n), times))
-                    batch, times = [], []
-                upto = n
-            if batch:
-                replayed += len(append_batch(conn, batch, (name, upto), times))
-            path.unlink()
-            forget_journal(conn, name)  # after the file: a crash between replays nothing
-            total += replayed
-            if replayed:
-                log.warning(
-                    "audit: %d entries of a process that died appended from its journal %s",
-                    replayed,
-                    name,
-                )
-    finally:
-        gate.release()
-    return total
-
-
-def replay_dead_journals(db_path: str | Path) -> int:
-    """replay_journals for a tool reading the ledger while no proxy may run (`candela audit`):
-    what a killed proxy acknowledged is in the ledger before it is read."""
-    path = Path(db_path).expanduser()
-    if not journal_dir(path).is_dir():
-        return 0
-    conn, _ = connect_writer(path, 5000, "power_loss")
-    try:
-        return replay_journals(conn, path, WriteGate(path))
-    finally:
-        conn.close()
 
 
 class AuditWriter:

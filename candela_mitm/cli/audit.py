@@ -19,9 +19,8 @@ from candela_mitm.audit.checkpoint import (
     verify_checkpoints,
     verify_with_checkpoints,
 )
-from candela_mitm.audit.journal import wait_for_journals
+from candela_mitm.audit.journal import replay_dead_journals, wait_for_journals
 from candela_mitm.audit.query import JOURNALS_WAIT_S, export, render, run_query
-from candela_mitm.audit.writer import replay_dead_journals
 from candela_mitm.cli.progress import Progress
 from candela_mitm.config import load_config
 from candela_mitm.errors import ConfigError
