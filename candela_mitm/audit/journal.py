@@ -17,7 +17,9 @@ Each process writing entries has a journal of its own, `<ledger>.journal/<pid>-<
 holding an exclusive flock on it while it lives: a journal whose lock can be taken belongs to
 a process that is gone, and the next `AuditWriter.start` (holding the ledger's write gate, so
 two workers never replay one journal, and a start finds every older journal replayed when it
-returns) appends its lines past the recorded mark, then removes it.
+returns) appends its lines past the recorded mark, then removes it; a writer still running on
+the same ledger does the same every few seconds (SWEEP_EVERY_S in audit/writer.py), so a
+process killed beside it has its entries appended without waiting for a restart.
 
 A line: `<header JSON> TAB <fields JSON> LF`, the header `[n, action, user_id, tenant_id,
 time]` (ns since the epoch: when the line was written, the entry's time in the ledger).
@@ -250,11 +252,12 @@ def replay_journals(
     gate: WriteGate,
     batch_max_entries: int = 512,
     busy_timeout_ms: int = 5000,
+    own: str | None = None,
 ) -> int:
     """Append to the ledger the journaled entries of processes that died before their writer
     did, past each journal's mark, then remove the journal; how many were appended. Holds the
     ledger's write gate throughout: a worker starting beside this one waits, then finds
-    nothing left (audit/journal.py)."""
+    nothing left."""
     folder = journal_dir(db_path)
     if not folder.is_dir():
         return 0
@@ -262,7 +265,7 @@ def replay_journals(
         raise sqlite3.OperationalError(f"database is locked ({gate.path} held)")
     total = 0
     try:
-        for name, path in dead_journals(folder, None):
+        for name, path in dead_journals(folder, own):
             upto = journal_mark(conn, name)
             batch: list[Pending] = []
             times: list[int] = []

@@ -53,6 +53,9 @@ HERE_CHECKPOINT_EVERY = 200
 # waits for never wakes it then (a wake on a request's path costs that request the GIL).
 PARK_AFTER_S = 1.0
 PARK_MAX_S = 5.0
+# How often a running writer looks for the journal of a process that died while it runs (two
+# proxies sharing a ledger, one killed): its entries are appended then, not at the next start.
+SWEEP_EVERY_S = 5.0
 # Keys whose values are credentials wherever they appear (headers, nested dicts): never recorded.
 _CREDENTIAL_KEYS = frozenset(
     {
@@ -371,6 +374,7 @@ class AuditWriter:
         self.journaled = 0
         self.journal_errors = 0
         self.replayed = 0
+        self._sweep_at = time.monotonic() + SWEEP_EVERY_S
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -446,8 +450,9 @@ class AuditWriter:
         return drained and self.abandoned == 0
 
     def _replay_journals(self, conn: sqlite3.Connection) -> None:
+        own = self._journal.name if self._journal is not None else None
         self.replayed += replay_journals(
-            conn, self.db_path, self._gate, self.cfg.batch_max_entries, self._busy_timeout_ms
+            conn, self.db_path, self._gate, self.cfg.batch_max_entries, self._busy_timeout_ms, own
         )
 
     # -- recording ---------------------------------------------------------------------------
@@ -685,6 +690,7 @@ class AuditWriter:
             self._wake.clear()
             self._checkpoint_due()
             now = time.monotonic()
+            self._sweep_due(now)
             wait = self._until_due(now)
             if self._sync is not None:
                 wait = self._sync_when_due(now, wait)
@@ -767,6 +773,17 @@ class AuditWriter:
             return
         self._checkpointed = here
         self.checkpoints += 1
+
+    def _sweep_due(self, now: float) -> None:
+        """Every SWEEP_EVERY_S, append the journals of processes that died since (on this
+        thread, without the turn: the ledger's write gate orders it with every other append)."""
+        if now < self._sweep_at or self._journal is None or self._conn is None:
+            return
+        self._sweep_at = now + SWEEP_EVERY_S
+        try:
+            self._replay_journals(self._conn)
+        except (sqlite3.Error, OSError) as e:  # tried again at the next sweep
+            log.warning("audit: the journals of processes that died not appended yet (%s)", e)
 
     def _sync_when_due(self, now: float, wait: float | None) -> float | None:
         """Sync the log if its oldest unsynced commit is `sync_interval_ms` old; then how long

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from candela_mitm.audit import AuditWriter, query_entries, verify_chain
+from candela_mitm.audit import writer as writer_module
 from candela_mitm.audit.journal import (
     decode,
     encode,
@@ -175,6 +176,40 @@ def test_journaled_entries_of_a_killed_process_are_replayed_at_the_next_start(
     assert not path.exists() and journals(tmp_path) == [] and marks(db) == []
 
 
+def test_a_running_writer_appends_the_journal_of_a_process_killed_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two proxies share a ledger and one is killed: the other appends the dead one's journal
+    within a sweep, without a restart; its own journal is left to it."""
+    monkeypatch.setattr(writer_module, "SWEEP_EVERY_S", 0.05)
+    db = tmp_path / "audit.db"
+    w = AuditWriter(cfg(tmp_path))
+    w.start()
+    assert w.record_durable("proxy_start").result(10) == 1
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(db), "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    acked = [int(proc.stdout.readline()) for _ in range(400)]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert acked == list(range(400))
+    assert w.record_here("request", Reports(), i="mine")  # (only in this writer's journal)
+    until(lambda: w.replayed, lambda n: n > 0, what="the dead journal appended")
+    assert len(journals(tmp_path)) == 1  # this writer's own
+    assert w.close()
+    entries = stored(db)
+    assert len(entries) == 802 and w.replayed <= 800
+    assert sorted(
+        (e["fields"]["i"], e["action"]) for e in entries if e["action"] in ("policy", "request")
+        and e["fields"]["i"] != "mine"
+    ) == sorted((i, a) for i in range(400) for a in ("policy", "request"))
+    assert verify_chain(db).ok and journals(tmp_path) == [] and marks(db) == []
+
+
 def test_a_live_process_journal_is_left_to_it(tmp_path: Path) -> None:
     """A second writer on the same ledger (another worker) starts while the first one's entry
     is only journaled: it replays nothing; the first one chains its own entry."""
@@ -226,7 +261,8 @@ def test_the_journal_is_emptied_once_the_ledger_holds_it(
     (path,) = journals(tmp_path)
     assert path.stat().st_size > 1000
     assert w.flush(10)
-    assert path.stat().st_size == 0  # every line in the ledger: emptied
+    # every line in the ledger: emptied (by the writer thread, after the flush's commit reports)
+    until(lambda: path.stat().st_size, lambda size: size == 0, what="the journal's size")
     until(lambda: not w._turn.locked(), what="the writer done with its batch")
     assert w.record_here("request", Reports(), i=5)
     assert [n for n, _, _ in read_entries(path)] == [6]  # numbering goes on
