@@ -9,7 +9,16 @@ from candela_mitm.admin.handlers import AdminApi
 from candela_mitm.admin.routes import AdminRequest
 from candela_mitm.runtime import Runtime
 
-from .flowstate import answer_json, answered, ctx_of, decoded_body, deny, fail_closed, only_when
+from .flowstate import (
+    answer_json,
+    answered,
+    ctx_of,
+    decoded_body,
+    deny,
+    fail_closed,
+    for_routes,
+    only_when,
+)
 
 
 class Admin:
@@ -18,6 +27,7 @@ class Admin:
         self.api = AdminApi(rt)
         self.limit = rt.config.limits.max_body_bytes
 
+    @for_routes("admin")
     @only_when(lambda self, flow: getattr(ctx_of(flow), "kind", None) == "admin")
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:

@@ -12,7 +12,7 @@ from mitmproxy import http
 
 from candela_mitm import errors
 
-from .flowstate import answered, ctx_of, deny
+from .flowstate import answered, ctx_of, deny, for_routes
 
 ASSETS = {
     "admin.html": "text/html; charset=utf-8",
@@ -52,6 +52,7 @@ class Console:
     def __init__(self) -> None:
         self.assets = load_assets()
 
+    @for_routes("admin")
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         if c is None or c.kind != "admin" or answered(flow):

@@ -10,12 +10,13 @@ from candela_mitm import errors
 from candela_mitm.observability.spans import traces_payload
 from candela_mitm.runtime import Runtime
 
-from .flowstate import answer_json, answered, ctx_of, deny, fail_closed
+from .flowstate import answer_json, answered, ctx_of, deny, fail_closed, for_routes
 
 
 class Health:
     """GET /healthz: answered before authentication, as load balancers expect."""
 
+    @for_routes("health")
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         if c is not None and c.kind == "health" and not answered(flow):
@@ -57,6 +58,7 @@ class LocalApi:
         return {"object": "list", "data": data}
 
     @fail_closed
+    @for_routes(but=("proxy", "chat"))
     def request(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         if c is None or answered(flow):

@@ -41,6 +41,12 @@ class LocalGuard:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.active = rt.command == "local"
+        # candela-server: nothing to guard, and its hooks are not called (mitm_patches.HookTable)
+        self.idle_hooks = (
+            frozenset()
+            if self.active
+            else frozenset({"client_connected", "client_disconnected", "requestheaders"})
+        )
         self.names = allowed_host_names(rt.config.listen.host)
         self.token = ui_token(token_path(rt.config.audit.sqlite_path)) if self.active else ""
         self.uids = frozenset({os.geteuid(), 0, *rt.config.local.allowed_uids})

@@ -30,11 +30,15 @@ from .flowstate import (
     decode_request_body,
     deny,
     fail_closed,
+    for_routes,
     only_when,
 )
 from .modelpolicy import check_model
 
 log = logging.getLogger("candela.localui")
+
+# candela-server has no local UI: these hooks of it do nothing there (LocalUi.idle_hooks)
+IDLE = frozenset({"requestheaders", "request", "response"})
 
 ASSETS = {
     "local.html": "text/html; charset=utf-8",
@@ -79,6 +83,8 @@ class LocalUi:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.local = rt.local  # None in candela-server: nothing here answers there
+        # (mitm_patches.HookTable calls none of them there)
+        self.idle_hooks = IDLE if self.local is None else frozenset()
         self.assets = load_assets() if self.local is not None else {}
         if self.local is not None:  # the page carries the token its script sends with writes
             token = ui_token(token_path(rt.config.audit.sqlite_path))
@@ -94,6 +100,7 @@ class LocalUi:
         self.rt.local_models = d.models  # assigned on the event loop: the Router never sees half
         return d
 
+    @for_routes("models", "chat")
     @only_when(lambda self, flow: self.local is not None)  # `candela` (the laptop) only
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
@@ -140,6 +147,7 @@ class LocalUi:
         name = "set_config" if (path, method) == ("/api/config", "POST") else route[1]
         await getattr(self, name)(flow, c)
 
+    @for_routes("local")
     def response(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         if self.local is not None and c is not None and c.kind == "local" and c.forwarded:

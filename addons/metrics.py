@@ -13,7 +13,15 @@ from candela_mitm.governance.accounting import USAGE_SOURCES
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
-from .flowstate import after_answer, answered, ctx_of, deny, fail_closed, only_when
+from .flowstate import (
+    after_answer,
+    answered,
+    ctx_of,
+    deny,
+    fail_closed,
+    for_routes,
+    only_when,
+)
 
 
 def model_label(rt: Runtime, model: str, provider: str | None) -> str:
@@ -87,6 +95,7 @@ class Metrics:
         # candela_bypass_attempts_total: this proxy's refusals and sandboxes', from the ledger
         m.follow_audit(rt.audit.db_path)
 
+    @for_routes("metrics")
     @only_when(lambda self, flow: getattr(ctx_of(flow), "kind", None) == "metrics")
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:

@@ -70,6 +70,8 @@ from mitmproxy.version import VERSION
 
 from candela_mitm.providers.spares import Address, Connected, Spares
 
+from .flowstate import KEY as CTX_KEY
+
 log = logging.getLogger("candela.mitm_patches")
 
 VERIFIED_VERSIONS = ("11.0.2",)  # every patch below was verified on these
@@ -129,6 +131,11 @@ def hook_args(event: hooks.Hook) -> list[Any]:
     return [getattr(event, name) for name in names]
 
 
+Hook = Callable[..., Any]
+# A hook table's entry: the hook, and the route kinds it does anything for (None: every flow)
+Entry = tuple[Hook, frozenset[str] | None]
+
+
 class HookTable(addonmanager.AddonManager):
     """mitmproxy's AddonManager that offers an event only to the addons that have its hook.
 
@@ -138,18 +145,25 @@ class HookTable(addonmanager.AddonManager):
     once per chain (the list is rebuilt when the chain changes) and calls them in the same
     order, each guarded as mitmproxy guards it: an exception is logged and the next addon runs,
     AddonHalt ends the event, OptionsError propagates. Installed on a master by `use_table`.
+
+    Left out as well (issue 21: each call of a hook that returns at once costs 2-10 µs with the
+    caches cold, a coroutine more for an async one): the hooks an addon names in its
+    `idle_hooks` (those that do nothing in this process, fixed when the addon is made: the
+    local UI's in candela-server), and, for a flow whose context says its route kind, a hook
+    marked for other route kinds only (flowstate.for_routes: the admin API's on a proxied
+    request).
     """
 
-    def _hooks_for(self, name: str) -> list[Callable[..., Any]] | None:
-        """The callables of hook `name`, in chain order; None if mitmproxy's walk must decide."""
+    def _hooks_for(self, name: str) -> list[Entry] | None:
+        """The hooks of `name`, in chain order; None if mitmproxy's walk must decide."""
         d = self.__dict__
         if d.get("_candela_chain") != self.chain:  # identity per addon: add, remove, reassign
             d["_candela_chain"] = list(self.chain)
             d["_candela_hooks"] = {}
-        table: dict[str, list[Callable[..., Any]] | None] = d["_candela_hooks"]
+        table: dict[str, list[Entry] | None] = d["_candela_hooks"]
         if name in table:
             return table[name]
-        fns: list[Callable[..., Any]] | None = []
+        fns: list[Entry] | None = []
         for a in addonmanager.traverse(self.chain):
             fn = getattr(a, name, None)
             if not fn or isinstance(fn, types.ModuleType):  # a module named like a hook: skipped
@@ -157,7 +171,9 @@ class HookTable(addonmanager.AddonManager):
             if not callable(fn):  # mitmproxy raises AddonManagerError: let it
                 fns = None
                 break
-            fns.append(fn)  # type: ignore[union-attr]
+            if name in getattr(a, "idle_hooks", ()):
+                continue
+            fns.append((fn, getattr(fn, "candela_routes", None)))  # type: ignore[union-attr]
         table[name] = fns
         return fns
 
@@ -169,7 +185,12 @@ class HookTable(addonmanager.AddonManager):
         if not fns:
             return
         args = hook_args(event)
-        for fn in fns:
+        meta = getattr(args[0], "metadata", None) if args else None  # a flow's
+        for fn, routes in fns:
+            if routes is not None and type(meta) is dict:
+                c = meta.get(CTX_KEY)
+                if c is None or c.kind not in routes:
+                    continue
             try:
                 res = fn(*args)
                 if res is not None and inspect.isawaitable(res):

@@ -55,6 +55,12 @@ class Telemetry:
         except (ConfigError, ValueError) as e:  # an OTEL_* variable we cannot honour: fail open
             errors.inc()
             log.warning("OpenTelemetry export is off: %s", e)  # an error would stop mitmproxy
+        # export off (the default): its flow hooks do nothing, and are not called
+        self.idle_hooks = (
+            frozenset({"responseheaders", "response", "error"})
+            if self.export is None
+            else frozenset()
+        )
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """A streamed body is gone by the end: read the model it names as it passes."""

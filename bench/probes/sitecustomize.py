@@ -153,7 +153,12 @@ def _hooks(out: str) -> None:
         if not fns:
             return await HookTable.__mro__[1].trigger_event(self, event) if fns is None else None
         args = hook_args(event)
-        for fn in fns:
+        meta = getattr(args[0], "metadata", None) if args else None
+        for fn, routes in fns:
+            if routes is not None and type(meta) is dict:  # as HookTable.trigger_event skips
+                c = meta.get("candela")
+                if c is None or c.kind not in routes:
+                    continue
             t0, c0 = time.time(), time.thread_time()
             try:
                 res = fn(*args)

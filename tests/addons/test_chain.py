@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import pytest
 from mitmproxy import exceptions, hooks, options
@@ -17,6 +18,9 @@ from candela_mitm.addons.chain import (
     hook_args,
     use_hook_table,
 )
+from candela_mitm.addons.flowstate import KEY, ROUTE_KINDS, for_routes
+from candela_mitm.context import RequestContext
+from candela_mitm.observability.spans import TraceContext
 
 
 class Recorder:
@@ -99,7 +103,9 @@ def _events(f: object) -> list[object]:
     ]
 
 
-def _run_through(fast: bool, make: object) -> list[str]:
+def _run_through(
+    fast: bool, make: object, prepare: Callable[[object], None] | None = None
+) -> list[str]:
     """Every event of a request through a master's addon manager; the calls, in order."""
 
     async def go() -> list[str]:
@@ -111,6 +117,8 @@ def _run_through(fast: bool, make: object) -> list[str]:
         if fast:
             use_hook_table(master)
         f = tflow.tflow(resp=True)
+        if prepare is not None:
+            prepare(f)
         try:
             for event in _events(f):
                 await master.addons.handle_lifecycle(event)  # type: ignore[arg-type]
@@ -215,13 +223,18 @@ def test_the_pipeline_joins_mitmproxys_chain_addon_by_addon(runtime, tmp_path) -
         use_hook_table(master)
         try:
             hooks = master.addons._hooks_for("response")  # type: ignore[attr-defined]
-            return [type(fn.__self__).__name__ for fn in hooks]
+            return [type(fn.__self__).__name__ for fn, _ in hooks]
         finally:
             master._legacy_log_events.uninstall()
 
     names = asyncio.run(build())
     assert names[0] == "AuditStart" and names[-1] == "Audit"
-    assert names == [type(m).__name__ for m in pipeline(rt) if callable(getattr(m, "response", None))]
+    assert names == [
+        type(m).__name__
+        for m in pipeline(rt)
+        if callable(getattr(m, "response", None)) and "response" not in getattr(m, "idle_hooks", ())
+    ]
+    assert "LocalUi" not in names and "Telemetry" not in names  # idle in candela-server
     rt.close()
 
 
@@ -236,3 +249,108 @@ def test_hook_args_are_mitmproxys_for_every_hook() -> None:
         event = cls(**values)
         assert hook_args(event) == event.args() == list(values.values()), name
         assert hook_args(event) == event.args(), name  # the second time, from the cache
+
+
+# --- hooks the table leaves out: idle ones, and those for other route kinds --------------------
+class ForAdmin(Recorder):
+    @for_routes("admin")
+    def request(self, flow: object) -> None:
+        self.calls.append(f"{self.name}.request")
+
+    @for_routes(but=("proxy", "chat"))
+    async def response(self, flow: object) -> None:
+        self.calls.append(f"{self.name}.response")
+
+
+class Idle(Everything):
+    idle_hooks = frozenset({"requestheaders", "response"})
+
+
+def _with_kind(kind: str | None) -> Callable[[object], None]:
+    def put(f: object) -> None:
+        if kind is not None:
+            f.metadata[KEY] = RequestContext(  # type: ignore[attr-defined]
+                kind=kind, provider=None, rest="/", trace=TraceContext.from_headers(None)  # type: ignore[arg-type]
+            )
+
+    return put
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("admin", ["r.request", "a.request", "r.request", "a.response"]),
+        ("metrics", ["r.request", "r.request", "a.response"]),
+        ("proxy", ["r.request", "r.request"]),
+        ("chat", ["r.request", "r.request"]),
+        (None, ["r.request", "r.request"]),  # no context: none of the marked hooks has work
+    ],
+)
+def test_hook_table_calls_a_route_kinds_hook_only_for_it(
+    kind: str | None, expected: list[str]
+) -> None:
+    def make(calls: list[str]) -> list[object]:
+        return [Recorder("r", calls), ForAdmin("a", calls), Recorder("r2", calls)]
+
+    calls = _run_through(True, make, _with_kind(kind))
+    assert [c.replace("r2.", "r.") for c in calls] == expected
+    # mitmproxy's own walk calls them all (each keeps its own check, here none)
+    assert _run_through(False, make, _with_kind(kind)) == [
+        "r.request", "a.request", "r2.request", "a.response"
+    ]
+
+
+def test_hook_table_leaves_out_an_addons_idle_hooks() -> None:
+    calls = _run_through(True, lambda calls: [Idle("i", calls), Recorder("r", calls)])
+    assert calls == ["i.update", "i.request", "r.request", "i.update", "i.update"]
+    calls = _run_through(False, lambda calls: [Idle("i", calls), Recorder("r", calls)])
+    assert "i.requestheaders" in calls and "i.response" in calls  # mitmproxy knows no idle_hooks
+
+
+def test_for_routes_names_route_kinds_only() -> None:
+    assert for_routes(but=("proxy",))(lambda f: None).candela_routes == ROUTE_KINDS - {"proxy"}  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="no such route kind"):
+        for_routes("admn")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("command", ["server", "local"])
+def test_every_hook_the_table_leaves_out_does_nothing_there(runtime, tmp_path, command) -> None:  # type: ignore[no-untyped-def]
+    """The pipeline's hooks marked for some route kinds, called for a flow of every other kind
+    (and one without a context), and its idle hooks for every kind: none answers, denies or
+    raises (so leaving them out changes nothing)."""
+    from candela_mitm.addons import pipeline
+
+    rt = runtime(None, command)
+    left_out = 0
+    flow_hooks = ("requestheaders", "request", "responseheaders", "response", "error")
+
+    async def check(addon: object, name: str, kind: str | None) -> None:
+        f = tflow.tflow()
+        _with_kind(kind)(f)
+        res = getattr(addon, name)(f)
+        if res is not None:
+            await res
+        c = f.metadata.get(KEY)
+        assert f.response is None, (type(addon).__name__, name, kind)
+        assert c is None or c.denial_code is None, (type(addon).__name__, name, kind)
+
+    async def go() -> None:
+        nonlocal left_out
+        for addon in pipeline(rt):
+            for name in flow_hooks:
+                fn = getattr(addon, name, None)
+                if fn is None:
+                    continue
+                if name in getattr(addon, "idle_hooks", ()):
+                    kinds: frozenset[str] = ROUTE_KINDS
+                else:
+                    routes = getattr(fn, "candela_routes", None)
+                    if routes is None:
+                        continue
+                    kinds = ROUTE_KINDS - routes
+                for kind in [*sorted(kinds), None]:
+                    await check(addon, name, kind)
+                left_out += 1
+
+    asyncio.run(go())
+    assert left_out >= (6 if command == "local" else 12)
