@@ -141,13 +141,8 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("first", [0, 150])
-def test_journaled_entries_of_a_killed_process_are_replayed_at_the_next_start(
-    tmp_path: Path, first: int
-) -> None:
-    """kill -9 after 400 acknowledged requests, `first` of them already in the ledger: the next
-    start appends the rest from the journal, once each, in order, the chain intact."""
-    db = tmp_path / "audit.db"
+def kill_after_400_answers(db: Path, first: int) -> None:
+    """KILL_SCRIPT in a process of its own, killed (-9) once its 400 requests were answered."""
     proc = subprocess.Popen(
         [sys.executable, "-c", KILL_SCRIPT, str(db), str(first)],
         stdin=subprocess.PIPE,
@@ -159,6 +154,16 @@ def test_journaled_entries_of_a_killed_process_are_replayed_at_the_next_start(
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     assert acked == list(range(400))
+
+
+@pytest.mark.parametrize("first", [0, 150])
+def test_journaled_entries_of_a_killed_process_are_replayed_at_the_next_start(
+    tmp_path: Path, first: int
+) -> None:
+    """kill -9 after 400 acknowledged requests, `first` of them already in the ledger: the next
+    start appends the rest from the journal, once each, in order, the chain intact."""
+    db = tmp_path / "audit.db"
+    kill_after_400_answers(db, first)
     # what the flush committed, and any whole batch the writer thread took meanwhile
     before = len(stored(db))
     assert before >= 2 * first
@@ -186,17 +191,7 @@ def test_a_running_writer_appends_the_journal_of_a_process_killed_beside_it(
     w = AuditWriter(cfg(tmp_path))
     w.start()
     assert w.record_durable("proxy_start").result(10) == 1
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, str(db), "0"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    acked = [int(proc.stdout.readline()) for _ in range(400)]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-    assert acked == list(range(400))
+    kill_after_400_answers(db, 0)
     assert w.record_here("request", Reports(), i="mine")  # (only in this writer's journal)
     until(lambda: w.replayed, lambda n: n > 0, what="the dead journal appended")
     assert len(journals(tmp_path)) == 1  # this writer's own
