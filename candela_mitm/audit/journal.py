@@ -193,8 +193,8 @@ def last_line(path: Path) -> int:
                 if back == size:
                     return 0
                 back = min(size, back * 2)
-    except FileNotFoundError:
-        pass
+    except FileNotFoundError:  # removed while read (replayed, or its process stopped cleanly)
+        return 0
     return 0
 
 
