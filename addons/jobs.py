@@ -83,10 +83,25 @@ def _job_operation(c: RequestContext | None) -> bool:
     return c is not None and c.plan is not None and c.plan.operation.job is not None
 
 
+def _job_check(c: RequestContext | None) -> bool:
+    """Whether Jobs.request checks anything for the flow's plan: a batch's models, a batch's
+    input file uploaded or named, a job's result read by its owner. A chat has none."""
+    if c is None or c.plan is None:
+        return False
+    plan, op = c.plan, c.plan.operation
+    return (
+        plan.batch is not None
+        or op.billing == "batch_input"
+        or op.model == "file"
+        or (op.billing == "job_result" and plan.job_id is not None)
+    )
+
+
 class Jobs:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
+    @only_when(lambda self, flow: _job_check(ctx_of(flow)))
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)

@@ -154,3 +154,47 @@ def test_a_batchs_results_url_is_pointed_back_through_candela(tctx, runtime, res
                               {"content-type": "application/json"})
     point_results_here(flow, c, resp)
     assert resp.json()["results_url"] == expected
+
+
+def _planned(rt, path, key, body=None, method="POST", raw=None, headers=()):
+    flow = make_flow(path, body, method=method, raw=raw,
+                     headers={"Authorization": f"Bearer {key}", "Host": "127.0.0.1:8181",
+                              **dict(headers)})
+    asyncio.run(run_hooks([Router(rt), Auth(rt), ModelPolicy(rt)], flow, "requestheaders",
+                          "request"))
+    assert flow.response is None and ctx_of(flow).plan is not None
+    return flow
+
+
+def test_jobs_request_makes_a_coroutine_only_for_a_plan_it_checks(tctx, runtime):
+    """Jobs.request is gated (only_when): a chat gets no coroutine, and each plan it has a check
+    for (a batch, a batch's input upload, a batch naming its file, a job's result) gets one."""
+    from urllib3 import encode_multipart_formdata
+
+    rt = runtime(CFG)
+    alices_job(rt)
+    upload, ctype = encode_multipart_formdata(
+        {"purpose": "batch", "file": ("batch.jsonl", b'{"custom_id": "a"}')})
+    chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    checked = {
+        "batch": _planned(rt, "/proxy/anthropic-direct/v1/messages/batches", ALICE_KEY,
+                          _batch("claude-sonnet-4-5")),
+        "upload": _planned(rt, "/proxy/openai/v1/files", ALICE_KEY, raw=upload,
+                           headers={"Content-Type": ctype}),
+        "batch file": _planned(rt, "/proxy/openai/v1/batches", ALICE_KEY,
+                               {"input_file_id": "file-x", "endpoint": "/v1/chat/completions",
+                                "completion_window": "24h"}),
+        "result": _planned(rt, "/proxy/openai/v1/responses/resp_1", ALICE_KEY, method="GET"),
+    }
+    jobs = Jobs(rt)
+    assert jobs.request(_planned(rt, "/proxy/openai/v1/chat/completions", ALICE_KEY, chat)) is None
+    for kind, flow in checked.items():
+        work = jobs.request(flow)
+        assert asyncio.iscoroutine(work), kind
+        asyncio.run(work)
+    # and each did its check: the bad upload line and the unknown file are refused, the
+    # batch and its owner's result pass
+    assert checked["upload"].response.status_code == 400
+    assert checked["batch file"].response.json()["error"] == "batch_file_not_governed"
+    assert checked["batch"].response is None and checked["result"].response is None
+    assert ctx_of(checked["result"]).job is not None
