@@ -24,7 +24,7 @@ from pathlib import Path
 from audit_bench import entry  # bench/ is the script's directory, first on sys.path
 
 from candela_mitm.audit.chain import fields_json
-from candela_mitm.audit.writer import redact
+from candela_mitm.audit.redaction import redact
 from candela_mitm.state.sqlite import SqliteStateStore
 
 

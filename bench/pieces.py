@@ -26,7 +26,8 @@ from typing import Any
 from audit_bench import entry  # bench/ is the script's directory, first on sys.path
 
 from candela_mitm.audit.chain import fields_json
-from candela_mitm.audit.writer import AuditWriter, redact
+from candela_mitm.audit.redaction import redact
+from candela_mitm.audit.writer import AuditWriter
 from candela_mitm.config import Audit, State, parse_config
 from candela_mitm.governance.estimate import estimate_cost, scan
 from candela_mitm.governance.ledger import Ledger, Reservation

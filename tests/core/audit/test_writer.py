@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from candela_mitm.audit import AuditWriter, query_entries, verify_chain
-from candela_mitm.audit.writer import _BEARER, REDACTED, _Callback, _Item, redact
+from candela_mitm.audit.redaction import _BEARER, REDACTED, redact
+from candela_mitm.audit.writer import _Callback, _Item
 from candela_mitm.config import Audit
 from candela_mitm.errors import StoreUnavailable
 from tests.wait import until
@@ -960,7 +961,7 @@ def test_redact_masks_credential_keys_in_any_case_each_time_and_past_the_key_cac
 ) -> None:
     # a key's verdict is remembered (bounded): the same masking on the first call, the next
     # ones, and for keys seen after the cache is full; the copy keeps the order and is new
-    import candela_mitm.audit.writer as w
+    import candela_mitm.audit.redaction as w
 
     monkeypatch.setattr(w, "_KEY_IS_CREDENTIAL", {})
     monkeypatch.setattr(w, "_KEYS_KEPT", 3)
