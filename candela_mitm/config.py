@@ -72,6 +72,9 @@ class Audit(_Model):
     bigquery: BigQuery | None = None
     batch_max_entries: int = Field(default=512, ge=1)
     batch_max_delay_ms: int = Field(default=50, ge=1)
+    # an entry already in the entry journal (durable: audit/journal.py) is chained into the
+    # ledger within this (at least batch_max_delay_ms): fewer, larger commits when few come
+    journal_chain_delay_ms: int = Field(default=250, ge=1, le=10_000)
     queue_max_entries: int = Field(default=100_000, ge=1)
     mirror_backlog_max: int = Field(default=1_000_000, ge=1)
     # refusals of callers with no valid credential: at most this many entries a minute per

@@ -237,7 +237,7 @@ def lines_behind(db_path: str | Path) -> int:
 
 def wait_for_journals(db_path: str | Path, timeout_s: float) -> int:
     """Wait until the ledger holds every journaled entry of the running proxies (they chain
-    them within `audit.batch_max_delay_ms`), at most `timeout_s`; how many it still lacks."""
+    them within `audit.journal_chain_delay_ms`), at most `timeout_s`; how many it still lacks."""
     deadline = time.monotonic() + timeout_s
     while True:
         behind = lines_behind(db_path)

@@ -263,7 +263,7 @@ def query_entries(
     user matches user_id: the requesting user, or for admin actions the admin who acted.
     scope, when given, keeps only the entries it allows. The entries the running proxies
     journaled are waited for first (at most `journals_wait_s`: they reach the ledger within
-    `audit.batch_max_delay_ms`, audit/journal.py).
+    `audit.journal_chain_delay_ms`, audit/journal.py).
     Blocking file I/O: call it from a thread (asyncio.to_thread) inside the proxy.
     """
     if journals_wait_s > 0:
@@ -359,10 +359,12 @@ def sliced_entries(
 
 
 def hourly_spend(audit_db: Path, user: str, day: date) -> list[float]:
-    """USD spent by `user` in each UTC hour of `day`, from the audit log's llm_request entries."""
+    """USD spent by `user` in each UTC hour of `day`, from the audit log's llm_request entries
+    (the running proxies' journaled ones waited for first, as query_entries does)."""
     hours = [0.0] * 24
     if not audit_db.exists():
         return hours
+    wait_for_journals(audit_db, JOURNALS_WAIT_S)
     start = f"{day.isoformat()}T00:00:00.000000Z"
     end = f"{(day + timedelta(days=1)).isoformat()}T00:00:00.000000Z"
     conn = connect_readonly(audit_db)

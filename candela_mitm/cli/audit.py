@@ -100,7 +100,7 @@ def _report(result: VerifyResult) -> int:
 def ledger_caught_up(db: Path, tool: str) -> bool:
     """Before the ledger is read: the entries of proxies that died, only journaled, appended
     (as their next start would), and those of running proxies waited for (they reach the
-    ledger within `audit.batch_max_delay_ms`); False (said on stderr) if it cannot be written."""
+    ledger within `audit.journal_chain_delay_ms`); False (said on stderr) if it cannot be written."""
     try:
         replayed = replay_dead_journals(db)
         behind = wait_for_journals(db, JOURNALS_WAIT_S)

@@ -118,6 +118,37 @@ def test_an_entry_a_batch_took_first_is_not_journaled(tmp_path: Path) -> None:
     assert w.close() and verify_chain(db).ok
 
 
+def in_ledger(db: Path) -> list[str]:
+    """The ledger's actions as they are, without waiting for the journals (query_entries does)."""
+    with sqlite3.connect(db) as conn:
+        return [a for (a,) in conn.execute("SELECT action FROM audit_log ORDER BY seq")]
+
+
+def test_journaled_entries_wait_the_chain_delay_one_not_journaled_the_batch_delay(
+    tmp_path: Path,
+) -> None:
+    """A journaled entry is durable already: the writer chains it into the ledger within
+    journal_chain_delay_ms (fewer, larger commits at few requests); an entry queued behind it
+    that is not journaled is due by batch_max_delay_ms, and takes the journaled one along."""
+    db = tmp_path / "audit.db"
+    w = AuditWriter(
+        cfg(tmp_path, batch_max_delay_ms=20, journal_chain_delay_ms=3_000, sync_interval_ms=60_000)
+    )
+    w.start()
+    try:
+        assert w.record_here("request", Reports())
+        time.sleep(0.5)  # 25 batch delays: a batch delay would have chained it long ago
+        assert in_ledger(db) == [] and w.backlog == 1
+        assert w.record("policy")  # not journaled, and no wake: the writer looks by its due time
+        until(lambda: in_ledger(db), lambda a: a == ["request", "policy"], timeout=2.0)
+        # alone, a journaled entry is chained by the chain delay
+        assert w.record_here("request", Reports())
+        until(lambda: in_ledger(db), lambda a: len(a) == 3, timeout=6.0)
+    finally:
+        assert w.close()
+    assert verify_chain(db).ok
+
+
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys
