@@ -94,7 +94,9 @@ def pipeline(rt: Runtime) -> list[Any]:
     ]
     # -- forwarding: the last gate before the network ---------------------------------------
     forwarding = [
-        Upstream(rt),  # provider URL and credentials; denies what nobody planned (503)
+        # provider URL and credentials; denies what nobody planned (503); once a request is
+        # on its way, the audit's work that waits for no answer is done meanwhile
+        Upstream(rt, meanwhile=audit.meanwhile),
     ]
     # -- after the response: what it cost and what happened ---------------------------------
     after = [

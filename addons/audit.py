@@ -170,6 +170,14 @@ class Audit:
         self._waits: CommitWaits | None = None
         self.unknown_callers = Sampler(rt.config.audit.unauthenticated_per_minute)
 
+    def meanwhile(self) -> None:
+        """Run by Upstream once a request is on its way (after its bytes are written): with
+        nothing else under way in this process, the loop is idle until the answer, and the
+        entries queued before it (its model policy check) are prepared then, not in the
+        answer's journal write (bench/README.md, twenty-first session)."""
+        if self.under_way is not None and self.under_way() <= 1:
+            self.rt.audit.prepare_queued()
+
     def _commit_waits(self) -> CommitWaits:
         loop = asyncio.get_running_loop()
         w = self._waits

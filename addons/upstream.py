@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 
 from mitmproxy import http
 
@@ -35,8 +36,10 @@ def replaces_provider_key(setting: bool | list[str], route: str) -> bool:
 
 
 class Upstream:
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, meanwhile: Callable[[], None] | None = None) -> None:
         self.rt = rt
+        # run once a request's bytes are on their way (call_soon: after this step writes them)
+        self.meanwhile = meanwhile
         # lower-case header names as mitmproxy keeps them (bytes)
         # what would make the upstream answer another operation or shape (providers/target.py)
         reshaping = frozenset(n.encode() for n in STRIPPED_HEADERS)
@@ -146,6 +149,8 @@ class Upstream:
         timeout = c.plan.upstream.timeout_s or self.timeout_s
         loop = asyncio.get_running_loop()
         self._timers[flow.id] = loop.call_later(timeout, self._on_timeout, flow, timeout)
+        if self.meanwhile is not None:
+            loop.call_soon(self.meanwhile)
 
     def _cancel(self, flow: http.HTTPFlow) -> None:
         t = self._timers.pop(flow.id, None)

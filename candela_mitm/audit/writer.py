@@ -410,6 +410,28 @@ class AuditWriter:
                 return self._enqueue(_Item(self._prepare(action, fields), None))
         return self._enqueue(_Item(_Later(action, fields), None))
 
+    def prepare_queued(self) -> int:
+        """Prepare (redact, encode) the queued entries recorded flat (`_Later`: a request's
+        model policy check) that no journal write or batch has taken yet; how many. For a
+        request alone in its process, while its upstream works (addons/audit.py): its answer's
+        journal write then encodes only its own entry. Nothing when the writer thread holds the
+        turn (it prepares what it takes)."""
+        if not self._queue or not self._turn.acquire(blocking=False):
+            return 0
+        try:
+            ahead = self._passed - self._taken  # the queue's first ones: journaled already
+            # a snapshot in one C call: other threads may append meanwhile
+            todo = list(itertools.islice(self._queue, ahead if ahead > 0 else 0, None))
+            n = 0
+            for it in todo:
+                p = it.pending
+                if type(p) is _Later:
+                    it.pending = self._prepared(p)
+                    n += 1
+            return n
+        finally:
+            self._turn.release()
+
     def _prepared(self, later: _Later) -> Pending:
         try:
             return self._prepare(later.action, later.fields)

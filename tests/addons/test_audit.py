@@ -378,3 +378,30 @@ def test_nothing_is_forwarded_while_the_ledger_fails(tctx, runtime):
     assert f.response.status_code == 503 and f.response.json()["error"] == "governance_unavailable"
     assert not ctx_of(f).forwarded
     rt.audit.healthy = True
+
+
+@pytest.mark.parametrize(("under_way", "looks"), [(0, 1), (1, 1), (2, 0), (5, 0)])
+def test_meanwhile_prepares_the_queued_entries_of_a_request_alone(
+    runtime, tmp_path, under_way, looks
+):
+    """While a request alone in its process waits for its upstream, the entries queued before
+    its own (its policy check) are prepared then; under load the writer thread keeps that work
+    (the loop has none to spare)."""
+    from candela_mitm.addons.audit import Audit
+
+    rt = _runtime(runtime, tmp_path)
+    audit = Audit(rt, under_way=lambda: under_way)
+    assert rt.audit.record("model_policy_check", user_id="alice@example.com", result="allowed")
+    before = rt.audit.prepare_queued
+
+    def counted() -> int:
+        n = before()
+        calls.append(n)
+        return n
+
+    calls: list[int] = []
+    rt.audit.prepare_queued = counted
+    audit.meanwhile()
+    # (the one it finds, unless the writer thread's batch took it first)
+    assert len(calls) == looks and sum(calls) <= looks
+    rt.close()

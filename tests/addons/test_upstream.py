@@ -177,3 +177,27 @@ def test_headers_that_change_the_operation_or_its_shape_never_go_upstream(tctx, 
     names = {k.lower() for k in f.request.headers}
     assert names.isdisjoint({"x-goog-fieldmask", "x-goog-user-project", "x-http-method-override", "x-http-method", "x-method-override"})
     assert f.request.headers["x-keep-me"] == "1" and f.request.method == "POST"
+
+
+def test_meanwhile_runs_after_the_forwarding_hook_returns_never_for_a_refusal(tctx, runtime):
+    """Upstream runs `meanwhile` (the audit's work that waits for no answer) with call_soon:
+    after the request hook has returned (mitmproxy writes the request in that same step), for
+    a forwarded request only."""
+    rt = runtime()
+    calls: list[str] = []
+    up = Upstream(rt, meanwhile=lambda: calls.append("meanwhile"))
+
+    async def go(flow):
+        await up.request(flow)
+        calls.append("hook returned")
+        await asyncio.sleep(0)
+        up.done()
+
+    f = planned(rt, "/proxy/openai/v1/chat/completions", {"model": "gpt-4o-mini"},
+                {"authorization": "Bearer cdl_alice_example_key"})
+    asyncio.run(go(f))
+    assert ctx_of(f).forwarded and calls == ["hook returned", "meanwhile"]
+    calls.clear()
+    refused = make_flow("/proxy/openai/v1/chat/completions", body={"model": "gpt-4o-mini"})
+    asyncio.run(go(refused))  # nobody planned it: 503, nothing forwarded
+    assert refused.response.status_code == 503 and calls == ["hook returned"]

@@ -407,3 +407,39 @@ def test_candela_audit_appends_a_dead_proxys_journal_before_it_reads(tmp_path: P
     assert q.returncode == 0, q.stderr
     assert q.stdout.split() == ["n", "800"]
     assert journals(tmp_path) == [] and verify_chain(db).ok
+
+
+def test_prepare_queued_prepares_the_flat_entries_no_journal_write_took_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a request alone does while its upstream works (addons/audit.py): the flat entries
+    queued (its policy check) are redacted and encoded then, once; the answer's journal write
+    encodes only its own entry, and what is stored is the same. Nothing while the writer
+    thread holds the turn."""
+    db = tmp_path / "audit.db"
+    w = AuditWriter(cfg(tmp_path, batch_max_delay_ms=60_000))  # the writer thread never looks
+    w.start()
+    prepared: list[str] = []
+    real = w._prepare
+
+    def spy(action: str, fields: dict[str, Any]) -> Any:
+        prepared.append(action)
+        return real(action, fields)
+
+    monkeypatch.setattr(w, "_prepare", spy)
+    assert w.prepare_queued() == 0  # nothing queued
+    assert w.record("policy", user_id="alice@example.com", api_key="sk-1")
+    with w._turn:  # the writer thread takes a batch: left to it
+        assert w.prepare_queued() == 0
+    assert prepared == []
+    assert w.prepare_queued() == 1 and prepared == ["policy"]
+    assert w.prepare_queued() == 0  # prepared once
+    assert w.record_here("request", Reports(), user_id="alice@example.com")
+    assert prepared == ["policy", "request"]
+    assert w.record("later")
+    assert w.prepare_queued() == 1  # past the journaled ones only
+    assert w.flush(10)
+    entries = stored(db)
+    assert [e["action"] for e in entries] == ["policy", "request", "later"]
+    assert entries[0]["fields"]["api_key"] == "[redacted]"
+    assert w.close() and verify_chain(db).ok
