@@ -25,7 +25,7 @@ from candela_mitm.governance.admission import (
     token_estimate,
     token_limited,
 )
-from candela_mitm.governance.estimate import LARGE_BODY_BYTES
+from candela_mitm.governance.estimate import LARGE_BODY_BYTES, BodyScan
 from candela_mitm.governance.ledger import BudgetRefusal, Reservation
 from candela_mitm.governance.rate_leases import TakeAsk
 from candela_mitm.governance.ratelimit import policy_headers
@@ -67,29 +67,37 @@ LoopCall = Callable[[], Awaitable[Checked | None]]
 LOOP_ADMISSIONS_MAX = 4
 
 
-def admission_call(
-    rt: Runtime, c: RequestContext
-) -> tuple[Callable[[], Checked], Reservation | None, LoopCall | None]:
-    """The request's admission as one store call: its rate steps and, when it holds one, its
-    budget reservation (the hold is decided once, here, and rides on the context for Budget).
-    The hold carved from this process's budget slice instead, when it can be (returned beside
-    the call, which then reserves nothing: the caller gives it back if the call refuses). Last,
-    the same admission awaited on the event loop, when the store answers there (Redis) and it
-    is the rate step and the reservation alone: None from it, or no such call, and the first
-    goes to the store's thread pool."""
+def admission_hold(rt: Runtime, c: RequestContext) -> tuple[BodyScan | None, Reservation | None]:
+    """The request's budget hold, decided once, here (it rides on the context for Budget), and
+    carved from this process's budget slice when it can be (the caller gives a carved hold
+    back if the request is refused); with the body's scan, for admission_call."""
     settings = c.settings
     assert settings is not None
     # the body is scanned once for both estimates (none for a route without a model)
     found = body_scan(c.body, c.scan) if c.plan is not None and c.plan.model else c.scan
-    rules = rules_for(rt.config.governance)
-    hold = decide_hold(c, rt.pricing, rules, found)
-    tokens = token_estimate(c.plan, rt.pricing, rules, c.body, found)
-    tenant_settings = rt.users.tenant_settings_cached
+    hold = decide_hold(c, rt.pricing, rules_for(rt.config.governance), found)
     key = c.principal.key_scope if c.principal else None  # a minted key's own budget
     carved = carve(
         rt.slices, c.plan, hold, settings, c.tenant, rt.users.recent_tenant, c.span_id, key,
         rt.shadow,
     )
+    return found, carved
+
+
+def admission_call(
+    rt: Runtime, c: RequestContext, found: BodyScan | None, carved: Reservation | None
+) -> tuple[Callable[[], Checked], LoopCall | None]:
+    """The request's admission as one store call, for a request from_block could not admit in
+    memory: its rate steps and, when it holds one not carved (admission_hold), its budget
+    reservation. Beside it, the same admission awaited on the event loop, when the store
+    answers there (Redis) and it is the rate step and the reservation alone: None from it, or
+    no such call, and the first goes to the store's thread pool."""
+    settings = c.settings
+    assert settings is not None
+    hold = c.hold
+    tokens = token_estimate(c.plan, rt.pricing, rules_for(rt.config.governance), c.body, found)
+    tenant_settings = rt.users.tenant_settings_cached
+    key = c.principal.key_scope if c.principal else None
     # run on the pool thread that runs the call, or on the loop, while the flow's hook awaits
     # it: nothing else touches the context
     reserve_hold = (
@@ -116,7 +124,7 @@ def admission_call(
 
     loop_store = rt.store.loop_admission()
     if loop_store is None or reserve_hold is None:
-        return call, carved, None
+        return call, None
     held = reserve_hold
 
     async def on_loop() -> Checked | None:
@@ -132,7 +140,7 @@ def admission_call(
             store=loop_store,
         )
 
-    return call, carved, on_loop
+    return call, on_loop
 
 
 def from_block(rt: Runtime, c: RequestContext, carved: Reservation | None) -> Checked | None:
@@ -189,14 +197,14 @@ class RateLimit:
         # Budget's reservation (if this request needs one) rides the same store call and
         # transaction: each costs about as much CPU as the work done in it.
         # Budget still decides and answers 402 in its own hook, after this one.
-        call, carved, on_loop = admission_call(self.rt, c)
+        found, carved = admission_hold(self.rt, c)
         checked = from_block(self.rt, c, carved)  # no store call, when it can be
         self._read_tenant_ahead(c.tenant)
         if checked is not None:
             self._ask_next_block(c, checked)
         else:
             try:
-                checked = None
+                call, on_loop = admission_call(self.rt, c, found, carved)
                 if on_loop is not None and self._on_loop < LOOP_ADMISSIONS_MAX:
                     self._on_loop += 1
                     try:
