@@ -1,0 +1,74 @@
+"""Candela variants side by side at concurrency 1, open loop at 50 requests a second: the direct
+path, bare mitmproxy and each variant (a config of its own) loaded in turn, round by round, in
+one run; printed: each target's added p50 (median of the rounds' differences to the direct
+path), its ratio to bare mitmproxy's round by round, and its process CPU a request. For a
+change worth tens of microseconds, which two full `make bench` runs minutes apart do not
+resolve (bench/README.md, twenty-first session).
+
+Usage: .venv-bench/bin/python bench/ab.py [--rounds 6] [--seconds 6] [--paired]
+           --variants '{"before": {"audit": {"journal_chain_delay_ms": 50}}, "after": {}}'
+(a variant's object is extra config for `Bench.candela`; --paired loads every target at once,
+staggered, as scenario 1's paired line does.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Bench  # noqa: E402
+
+RATE = 50.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default='{"candela": {}}')
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--seconds", type=float, default=6.0)
+    p.add_argument("--paired", action="store_true")
+    a = p.parse_args(argv)
+    variants: dict[str, dict[str, Any]] = json.loads(a.variants)
+    b = Bench(argparse.Namespace(workdir=None, quick=False, keep=False, no_litellm=True))
+    runs: dict[str, list[dict[str, Any]]] = {}
+    try:
+        with ExitStack() as alive:
+            up = alive.enter_context(b.upstream())
+            targets: list[tuple[str, str, Any, bool]] = [("direct", up + "/v1/chat/completions", None, False)]
+            url, proc = alive.enter_context(b.mitmdump(up))
+            targets.append(("mitmproxy", url, proc, False))
+            for name, extra in variants.items():
+                url, proc = alive.enter_context(b.candela(up, tag=name, **extra))
+                targets.append((name, url, proc, True))
+            runs = {t[0]: [] for t in targets}
+            for _ in range(a.rounds):
+                if a.paired:
+                    for name, r in b.load_paired(targets, a.seconds, rate=RATE).items():
+                        runs[name].append(r)
+                    continue
+                for name, url, proc, keys in targets:
+                    runs[name].append(b.load(url, "open", 1, a.seconds, rate=RATE, keys=keys, proc=proc))
+    finally:
+        b.close()
+    direct = [r["latency_ms"]["p50"] for r in runs["direct"]]
+    bare = [r["latency_ms"]["p50"] - d for r, d in zip(runs["mitmproxy"], direct, strict=True)]
+    for name, rs in runs.items():
+        if name == "direct":
+            continue
+        added = [r["latency_ms"]["p50"] - d for r, d in zip(rs, direct, strict=True)]
+        ratios = [round(x / y, 3) for x, y in zip(added, bare, strict=True) if y > 0]
+        cpu = statistics.median(r.get("target_cpu_us_per_request", 0) for r in rs)
+        print(f"{name:12s} added p50 {statistics.median(added):.3f} ms, ratio to bare's "
+              f"{statistics.median(ratios):.3f} (rounds {ratios}), CPU {cpu:.0f} µs a request")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
