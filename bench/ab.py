@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Bench  # noqa: E402
+from harness import Bench, added, ratios  # noqa: E402
 
 RATE = 50.0
 
@@ -57,16 +57,18 @@ def main(argv: list[str] | None = None) -> int:
                     runs[name].append(b.load(url, "open", 1, a.seconds, rate=RATE, keys=keys, proc=proc))
     finally:
         b.close()
-    direct = [r["latency_ms"]["p50"] for r in runs["direct"]]
-    bare = [r["latency_ms"]["p50"] - d for r, d in zip(runs["mitmproxy"], direct, strict=True)]
+    def each_added(rs: list[dict[str, Any]]) -> list[float]:  # round by round, over direct
+        return [r["latency_ms"]["p50"] - d["latency_ms"]["p50"] for r, d in zip(rs, runs["direct"], strict=True)]
+
+    bare = each_added(runs["mitmproxy"])
     for name, rs in runs.items():
         if name == "direct":
             continue
-        added = [r["latency_ms"]["p50"] - d for r, d in zip(rs, direct, strict=True)]
-        ratios = [round(x / y, 3) for x, y in zip(added, bare, strict=True) if y > 0]
         cpu = statistics.median(r.get("target_cpu_us_per_request", 0) for r in rs)
-        print(f"{name:12s} added p50 {statistics.median(added):.3f} ms, ratio to bare's "
-              f"{statistics.median(ratios):.3f} (rounds {ratios}), CPU {cpu:.0f} µs a request")
+        rounds = ratios(each_added(rs), bare)
+        print(f"{name:12s} added p50 {added(rs, runs['direct'], 'latency_ms', 'p50'):.3f} ms, "
+              f"ratio to bare's {statistics.median(rounds):.3f} (rounds {rounds}), "
+              f"CPU {cpu:.0f} µs a request")
     return 0
 
 
