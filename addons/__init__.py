@@ -42,6 +42,7 @@ def pipeline(rt: Runtime) -> list[Any]:
 
     conns = ConnLimits(rt)
     audit = Audit(rt, under_way=conns.requests_under_way)
+    accounting = Accounting(rt)
     # -- the edge: what the request is, before anyone knows who sent it ----------------------
     edge = [
         Sni(rt),  # transparent mode: SNI -> provider route, sandbox attribution (421/403)
@@ -95,12 +96,13 @@ def pipeline(rt: Runtime) -> list[Any]:
     # -- forwarding: the last gate before the network ---------------------------------------
     forwarding = [
         # provider URL and credentials; denies what nobody planned (503); once a request is
-        # on its way, the audit's work that waits for no answer is done meanwhile
-        Upstream(rt, meanwhile=audit.meanwhile),
+        # on its way, the work its answer need not wait for is done meanwhile: what the
+        # addons before deferred (flowstate.defer), its answer's processor, its entry's head
+        Upstream(rt, meanwhile=(accounting.meanwhile, audit.meanwhile)),
     ]
     # -- after the response: what it cost and what happened ---------------------------------
     after = [
-        Accounting(rt),  # streams the response through its usage reader; prices the usage
+        accounting,  # streams the response through its usage reader; prices the usage
         Spans(rt),  # one span per proxied request
         Telemetry(rt),  # that span exported over OTLP (GenAI conventions), fail-open
         audit,  # one ledger entry per proxied request, durable before the response ends

@@ -31,6 +31,8 @@ def account_flow(rt: Runtime, flow: http.HTTPFlow, c: RequestContext) -> None:
 
 
 _CONTENT_TYPE = frozenset({b"content-type"})
+_TYPE_KEPT = 200  # longest content type remembered (the upstream's: bounded all the same)
+_TYPES_KEPT = 256  # (upstream, streamed) pairs remembered
 _BEDROCK_COUNTS = frozenset(n.encode() for n in BEDROCK_TOKEN_HEADERS)
 
 
@@ -48,6 +50,21 @@ def metered_headers(headers: http.Headers) -> Mapping[str, str]:
 class Accounting:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        # the content type of the last answer of each upstream, streamed and not (a few keys:
+        # the configured upstreams), to make the next answer's processor ahead of it
+        self._last_type: dict[tuple[str, bool], str] = {}
+
+    def meanwhile(self, flow: http.HTTPFlow) -> None:
+        """Run by Upstream once a request is on its way: the processor its answer will most
+        likely need (the content type its upstream's last answer had, a status below 400 and
+        no Bedrock token headers: all it is chosen by) is made while the upstream works;
+        `responseheaders` takes it only if the answer is that, else makes its own."""
+        c = ctx_of(flow)
+        if c is None or c.plan is None or not c.forwarded:
+            return
+        ctype = self._last_type.get((c.plan.upstream.name, c.plan.stream))
+        if ctype is not None:
+            c.processor_ahead = (ctype, make_processor(c.plan, 200, ctype, {}))
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
@@ -62,7 +79,15 @@ class Accounting:
         resp = flow.response
         c.status_code = resp.status_code
         ctype = head_values(resp.headers, _CONTENT_TYPE).get(b"content-type", "")
-        proc = make_processor(c.plan, resp.status_code, ctype, metered_headers(resp.headers))
+        metered = metered_headers(resp.headers)
+        ahead, c.processor_ahead = c.processor_ahead, None
+        if ahead is not None and ahead[0] == ctype and resp.status_code < 400 and not metered:
+            proc = ahead[1]  # made for this answer while the upstream worked (meanwhile)
+        else:
+            proc = make_processor(c.plan, resp.status_code, ctype, metered)
+            key = (c.plan.upstream.name, c.plan.stream)
+            if len(ctype) <= _TYPE_KEPT and (key in self._last_type or len(self._last_type) < _TYPES_KEPT):
+                self._last_type[key] = ctype
         c.processor = proc
         if c.plan.translate:
             resp.headers.pop("content-encoding", None)

@@ -41,10 +41,10 @@ def audit_path(c: RequestContext, flow: http.HTTPFlow) -> str:
     return data[:MAX_AUDIT_PATH_BYTES].decode("utf-8", "ignore")
 
 
-def request_entry(c: RequestContext, flow: http.HTTPFlow) -> dict[str, Any]:
+def request_head(c: RequestContext, flow: http.HTTPFlow) -> dict[str, Any]:
+    """The fields of a request's entry that are fixed once it is forwarded: who, what, where."""
     plan = c.plan
     p = c.principal
-    decision = "denied" if c.denial_code else ("error" if c.error else "allowed")
     return {
         "user_id": getattr(p, "user", None),
         "tenant_id": c.tenant,
@@ -56,22 +56,11 @@ def request_entry(c: RequestContext, flow: http.HTTPFlow) -> dict[str, Any]:
         "route": c.kind,
         "path": audit_path(c, flow),
         "operation": plan.operation.name if plan else None,
-        "decision": decision,
-        "reason": c.denial_code or c.error,
-        "status": c.status_code,
         "stream": bool(plan and plan.stream),
-        "input_tokens": c.usage.input_tokens,
-        "output_tokens": c.usage.output_tokens,
-        "cached_tokens": c.usage.cached_tokens,
-        "cost_usd": round(c.cost_usd, 10),
-        "usage_source": c.usage_source,  # reported | observed | reserved; None: not charged
-        "estimate_usd": round(c.estimate_usd, 10),
-        "duration_ms": round(c.elapsed_ms(), 3),
         "span_id": c.span_id,
         "trace_id": c.trace.trace_id,
         "client_address": c.client_address,
         **(c.workload or {}),  # intercepted: the process that sent it
-        **({"shadow": c.shadow.to_json()} if c.shadow is not None else {}),  # governance.shadow
         **({"slice_id": c.slice_id} if c.slice_id else {}),  # its hold's budget slice
         **(
             {
@@ -82,6 +71,28 @@ def request_entry(c: RequestContext, flow: http.HTTPFlow) -> dict[str, Any]:
             else {}
         ),
     }
+
+
+def request_entry(c: RequestContext, flow: http.HTTPFlow) -> dict[str, Any]:
+    """A request's entry: its head (made while its upstream worked, when it was forwarded:
+    `Audit.meanwhile`) and what its end decided."""
+    entry, c.entry_head = c.entry_head, None
+    if entry is None:
+        entry = request_head(c, flow)
+    entry["decision"] = "denied" if c.denial_code else ("error" if c.error else "allowed")
+    entry["reason"] = c.denial_code or c.error
+    entry["status"] = c.status_code
+    usage = c.usage
+    entry["input_tokens"] = usage.input_tokens
+    entry["output_tokens"] = usage.output_tokens
+    entry["cached_tokens"] = usage.cached_tokens
+    entry["cost_usd"] = round(c.cost_usd, 10)
+    entry["usage_source"] = c.usage_source  # reported | observed | reserved; None: not charged
+    entry["estimate_usd"] = round(c.estimate_usd, 10)
+    entry["duration_ms"] = round(c.elapsed_ms(), 3)
+    if c.shadow is not None:  # governance.shadow
+        entry["shadow"] = c.shadow.to_json()
+    return entry
 
 
 class CommitWaits:
@@ -170,11 +181,16 @@ class Audit:
         self._waits: CommitWaits | None = None
         self.unknown_callers = Sampler(rt.config.audit.unauthenticated_per_minute)
 
-    def meanwhile(self) -> None:
-        """Run by Upstream once a request is on its way (after its bytes are written): with
-        nothing else under way in this process, the loop is idle until the answer, and the
-        entries queued before it (its model policy check) are prepared then, not in the
-        answer's journal write (bench/README.md, twenty-first session)."""
+    def meanwhile(self, flow: http.HTTPFlow) -> None:
+        """Run by Upstream once a request is on its way (after its bytes are written): the
+        head of its entry is made then (`request_head`: nothing in it changes once forwarded),
+        not on the answer's path; and with nothing else under way in this process, the loop is
+        idle until the answer, and the entries queued before it (its model policy check) are
+        prepared then, not in the answer's journal write (bench/README.md, twenty-first and
+        twenty-second sessions)."""
+        c = ctx_of(flow)
+        if c is not None and c.kind in ("proxy", "chat") and not c.audited:
+            c.entry_head = request_head(c, flow)
         if self.under_way is not None and self.under_way() <= 1:
             self.rt.audit.prepare_queued()
 

@@ -183,6 +183,29 @@ def _run_after_answer(flow: http.HTTPFlow, c: RequestContext) -> None:
             log.exception("recording a finished request failed")
 
 
+def defer(c: RequestContext, work: Callable[[], None]) -> None:
+    """Leave `work` until the request is on its way to the upstream (run_later): pre-forward
+    work that decides nothing for this request should not hold up its bytes. At concurrency 1
+    the event loop is idle while the upstream works, and an idle loop's turn is free."""
+    if c.later is None:
+        c.later = [work]
+    else:
+        c.later.append(work)
+
+
+def run_later(c: RequestContext) -> None:
+    """Run (once, in order) what was deferred for the request: by Upstream once its bytes are
+    written, else by the first response or error hook that needs it done."""
+    later, c.later = c.later, None
+    if later is None:
+        return
+    for work in later:
+        try:
+            work()
+        except Exception:
+            log.exception("deferred work of span %s failed", c.span_id)
+
+
 def nothing_sent(server_conn: Any) -> bool:
     """No byte of the request can have reached the upstream: the connection (or its TLS
     handshake) was never set up. A reused or established connection may have carried it."""

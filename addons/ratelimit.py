@@ -5,6 +5,7 @@ it decided."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -33,7 +34,16 @@ from candela_mitm.runtime import Runtime
 from candela_mitm.state.ports import to_us
 
 from .accounting import account_flow
-from .flowstate import answered, ctx_of, deny, fail_closed, has_field, head_values
+from .flowstate import (
+    answered,
+    ctx_of,
+    defer,
+    deny,
+    fail_closed,
+    has_field,
+    head_values,
+    run_later,
+)
 
 log = logging.getLogger("candela.ratelimit")
 
@@ -199,10 +209,8 @@ class RateLimit:
         # Budget still decides and answers 402 in its own hook, after this one.
         found, carved = admission_hold(self.rt, c)
         checked = from_block(self.rt, c, carved)  # no store call, when it can be
-        self._read_tenant_ahead(c.tenant)
-        if checked is not None:
-            self._ask_next_block(c, checked)
-        else:
+        from_a_block = checked is not None
+        if checked is None:
             try:
                 call, on_loop = admission_call(self.rt, c, found, carved)
                 if on_loop is not None and self._on_loop < LOOP_ADMISSIONS_MAX:
@@ -219,9 +227,13 @@ class RateLimit:
                 raise
             if not c.rate_decided:
                 self._ask_block(c, checked)
-        c.rate_headers = policy_headers(checked.decisions, checked.now_us)
         refusal = checked.refusal
+        # what decides nothing for this request waits until it is on its way (flowstate.defer):
+        # its RateLimit headers (given with the answer), the read-ahead of its tenant's
+        # settings, and for one admitted from a rate block the next block
+        defer(c, functools.partial(self._meanwhile, c, checked, from_a_block))
         if refusal is not None:
+            c.rate_headers = policy_headers(checked.decisions, checked.now_us)
             if carved is not None:
                 self._give_back(carved)
             self.rt.metrics.rate_limited.labels(self.rt.metrics.tenant_label(c.tenant or "")).inc()
@@ -237,6 +249,13 @@ class RateLimit:
             if isinstance(reserved, Reservation):
                 c.reservation = reserved  # held from now on: Budget settles or releases it
             c.reserve_result = reserved  # Budget judges it in its own hook
+
+    def _meanwhile(self, c: RequestContext, checked: Checked, from_a_block: bool) -> None:
+        if not c.rate_headers:
+            c.rate_headers = policy_headers(checked.decisions, checked.now_us)
+        self._read_tenant_ahead(c.tenant)
+        if from_a_block:
+            self._ask_next_block(c, checked)
 
     # -- rate leases (governance/rate_leases.py) -------------------------------------------------
     def _ask_block(self, c: RequestContext, checked: Checked) -> None:
@@ -330,6 +349,7 @@ class RateLimit:
         c = ctx_of(flow)
         if c is None:
             return
+        run_later(c)  # a request never forwarded (refused after this hook): its headers
         if flow.response is not None and not flow.response.stream and c.rate_headers:
             headers = flow.response.headers
             # a forwarded answer has them from Upstream's headers hook (with the provider's
@@ -342,4 +362,5 @@ class RateLimit:
     async def error(self, flow: http.HTTPFlow) -> None:
         c = ctx_of(flow)
         if c is not None:
+            run_later(c)
             await self._finish(flow, c)

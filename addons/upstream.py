@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from mitmproxy import http
 
@@ -17,7 +17,7 @@ from candela_mitm.providers.upstream_auth import CredentialsUnavailable, header_
 from candela_mitm.runtime import Runtime
 
 from . import mitm_patches
-from .flowstate import answered, ctx_of, deny, fail_closed, sliced
+from .flowstate import answered, ctx_of, deny, fail_closed, run_later, sliced
 
 log = logging.getLogger("candela.upstream")
 
@@ -36,10 +36,13 @@ def replaces_provider_key(setting: bool | list[str], route: str) -> bool:
 
 
 class Upstream:
-    def __init__(self, rt: Runtime, meanwhile: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, rt: Runtime, meanwhile: Sequence[Callable[[http.HTTPFlow], None]] = ()
+    ) -> None:
         self.rt = rt
-        # run once a request's bytes are on their way (call_soon: after this step writes them)
-        self.meanwhile = meanwhile
+        # run once a request's bytes are on their way (call_soon: after this step writes them),
+        # after the request's own deferred work (flowstate.run_later)
+        self.meanwhile = tuple(meanwhile)
         # lower-case header names as mitmproxy keeps them (bytes)
         # what would make the upstream answer another operation or shape (providers/target.py)
         reshaping = frozenset(n.encode() for n in STRIPPED_HEADERS)
@@ -149,8 +152,19 @@ class Upstream:
         timeout = c.plan.upstream.timeout_s or self.timeout_s
         loop = asyncio.get_running_loop()
         self._timers[flow.id] = loop.call_later(timeout, self._on_timeout, flow, timeout)
-        if self.meanwhile is not None:
-            loop.call_soon(self.meanwhile)
+        loop.call_soon(self._on_its_way, flow)
+
+    def _on_its_way(self, flow: http.HTTPFlow) -> None:
+        """The request's bytes are written: while the upstream works, the event loop (idle at
+        concurrency 1) does what the answer need not wait for."""
+        c = ctx_of(flow)
+        if c is not None:
+            run_later(c)
+        for work in self.meanwhile:
+            try:
+                work(flow)
+            except Exception:
+                log.exception("work done while the upstream answers failed")
 
     def _cancel(self, flow: http.HTTPFlow) -> None:
         t = self._timers.pop(flow.id, None)
@@ -161,6 +175,7 @@ class Upstream:
         self._cancel(flow)
         c = ctx_of(flow)
         if c is not None and c.forwarded and flow.response is not None:
+            run_later(c)  # done already unless the answer came first (its RateLimit headers)
             # the provider's answer: only the headers a client needs (org ids and org-wide
             # rate-limit state stay here), and Candela's own rate limit headers (a streamed
             # answer's headers leave before any later hook)

@@ -7,7 +7,8 @@ resolve (bench/README.md, twenty-first session).
 
 Usage: .venv-bench/bin/python bench/ab.py [--rounds 6] [--seconds 6] [--paired]
            --variants '{"before": {"audit": {"journal_chain_delay_ms": 50}}, "after": {}}'
-(a variant's object is extra config for `Bench.candela`; --paired loads every target at once,
+(a variant's object is extra config for `Bench.candela`, but for its "env": extra environment
+variables for the process; --paired loads every target at once,
 staggered, as scenario 1's paired line does.)
 """
 

@@ -387,8 +387,15 @@ class Bench:
 
     @contextmanager
     def candela(
-        self, upstream: str, tag: str = "candela", workers: int = 1, **extra: Any
+        self,
+        upstream: str,
+        tag: str = "candela",
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        **extra: Any,
     ) -> Iterator[tuple[str, Proc]]:
+        """A candela-server on the fake upstream, `extra` merged into its config, `env` added
+        to its environment."""
         cfg = self.candela_config(upstream, tag, **extra)
         port = free_port()
         argv = [
@@ -402,7 +409,9 @@ class Bench:
             "--workers",
             str(workers),
         ]
-        p = self.start(f"{tag}-{port}", argv, env={"OPENAI_API_KEY": PROVIDER_KEY}, cwd=cfg.parent)
+        p = self.start(
+            f"{tag}-{port}", argv, env={"OPENAI_API_KEY": PROVIDER_KEY, **(env or {})}, cwd=cfg.parent
+        )
         wait_http(p, f"http://127.0.0.1:{port}/healthz", 60, ok=lambda s: s == 200)
         deadline = time.monotonic() + 30
         while listeners(port) < workers and time.monotonic() < deadline:

@@ -33,9 +33,11 @@ RouteKind = Literal[
 ]
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestContext:
-    """Everything the addons know about one request; no addon keeps per-flow state elsewhere."""
+    """Everything the addons know about one request; no addon keeps per-flow state elsewhere.
+    Slotted: its ~60 fields are set in place at creation, once per request, not grown into a
+    dict."""
 
     kind: RouteKind
     provider: str | None  # route name for /proxy/<provider>/...
@@ -85,6 +87,9 @@ class RequestContext:
     upstream_unreached: bool = False
     first_byte_at: float | None = None
     processor: ResponseProcessor | None = None  # on proxied responses: reads their usage
+    # the processor made while the upstream worked, for the content type it most likely
+    # answers with (Accounting.meanwhile), and that type: taken only for an answer of it
+    processor_ahead: tuple[str, ResponseProcessor] | None = None
     # a whole (unstreamed) body still to run through the processor, run by account()
     feed_pending: Callable[[], None] | None = None
     usage: Usage = field(default_factory=Usage)
@@ -101,9 +106,17 @@ class RequestContext:
     stream_model: StreamModel | None = None  # the model a stream names, read as it passes (OTLP)
     exported: bool = False  # the span went to the OTLP exporter (response, then error: once)
     audited: bool = False  # the request's audit entry is queued (addons/audit.py), exactly once
+    # the fields of that entry fixed once the request is forwarded, made while the upstream
+    # works (Audit.meanwhile); the entry takes them (and clears this)
+    entry_head: dict[str, Any] | None = None
     # what records the answer once the response hooks' round is over (Spans, Metrics,
     # Telemetry: flowstate.after_answer), run in one loop callback; None when none waits
     records_after_answer: list[Callable[[Any], None]] | None = None
+    # work the request's answer does not wait for (RateLimit's next rate block, the read-ahead
+    # of its tenant's settings, its RateLimit headers): run once the request is on its way to
+    # the upstream, while the upstream works (Upstream), or at its end when it never went
+    # (flowstate.run_later); None when nothing waits
+    later: list[Callable[[], None]] | None = None
     # what follows the entry once its commit is known (True: durable), called once by Audit:
     # Budget's settlement, so that no spend is recorded without its entry
     after_entry: Callable[[bool], None] | None = None

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 import threading
 import time
 from collections import deque
@@ -35,12 +35,42 @@ class TraceContext:
         return f"00-{self.trace_id}-{span_id}-{self.flags}"
 
 
+# Trace and span ids come from the OS's CSPRNG, as secrets.token_hex's do, read 4 KiB at a
+# time: every request takes a span id and (sending no traceparent) a trace id, and each
+# secrets.token_hex was a getrandom system call of its own, 5-8 µs on caches gone cold
+# between requests (bench/README.md, twenty-second session).
+_RANDOM_READ = 4096
+_random = b""
+_random_at = 0
+_random_lock = threading.Lock()
+
+
+def _random_hex(n: int) -> str:
+    """`n` bytes from the OS's CSPRNG as hex (secrets.token_hex(n)), each handed out once."""
+    global _random, _random_at
+    with _random_lock:
+        at = _random_at
+        if at + n > len(_random):
+            _random, at = os.urandom(_RANDOM_READ), 0
+        _random_at = at + n
+        return _random[at : at + n].hex()
+
+
+def _forget_random() -> None:
+    """In a forked child: never hand out the bytes the parent will (the same ids twice)."""
+    global _random, _random_at, _random_lock
+    _random, _random_at, _random_lock = b"", 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_random)
+
+
 def new_trace_id() -> str:
-    return secrets.token_hex(16)
+    return _random_hex(16)
 
 
 def new_span_id() -> str:
-    return secrets.token_hex(8)
+    return _random_hex(8)
 
 
 _second: tuple[int, str] = (-1, "")

@@ -9,6 +9,7 @@ import sqlite3
 import pytest
 from mitmproxy.test import taddons, tflow
 
+from candela_mitm.addons.flowstate import ctx_of, run_later
 from candela_mitm.config import parse_config
 from candela_mitm.runtime import build_runtime
 
@@ -87,7 +88,9 @@ def make_runtime(tmp_path, monkeypatch):
     for rt in made:
         rt.close()
 async def run_hooks(addons, flow, *names: str) -> None:
-    """Run hooks as mitmproxy does: one hook name at a time, across the addons in list order."""
+    """Run hooks as mitmproxy does: one hook name at a time, across the addons in list order.
+    A request the request hooks let through then leaves: what the addons deferred until then
+    is run (as Upstream does once its bytes are written: flowstate.run_later)."""
     for name in names:
         for addon in addons:
             fn = getattr(addon, name, None)
@@ -95,6 +98,9 @@ async def run_hooks(addons, flow, *names: str) -> None:
                 result = fn(flow)
                 if inspect.isawaitable(result):
                     await result
+        c = ctx_of(flow)
+        if name == "request" and c is not None and flow.response is None:
+            run_later(c)
 
 
 def audit_entries(rt, action: str) -> list[dict]:

@@ -99,6 +99,55 @@ def test_a_stream_passes_through_its_processor_without_a_length(tctx, runtime):
     assert c.processor.observed_output == 1  # "Hi", counted as it passed
 
 
+@pytest.mark.parametrize(
+    "status, ctype, extra, taken",
+    [
+        (200, "application/json", {}, True),  # the type the last answer had: made ahead
+        (201, "application/json", {}, True),
+        (200, "application/json; charset=utf-8", {}, False),  # another type: made for it
+        (500, "application/json", {}, False),  # an error: chosen by its status too
+        (200, "application/json", {"x-amzn-bedrock-input-token-count": "7"}, False),  # counts
+    ],
+)
+def test_the_answers_processor_is_made_while_the_upstream_works(
+    tctx, runtime, status, ctype, extra, taken
+):
+    """Issue 21: once a request is on its way, Accounting.meanwhile makes the processor of
+    the content type its upstream's last answer had; the answer takes it only when it is
+    that type, below 400 and without Bedrock's token headers, and is metered all the same."""
+    rt = runtime()
+    accounting = Accounting(rt)
+    addons = [Router(rt), Auth(rt), accounting]
+    body = json.dumps({"id": "x", "choices": [], "usage": USAGE}).encode()
+
+    async def one(f, answer, ahead_type) -> None:
+        await run_hooks(addons, f, "requestheaders", "request")
+        ctx_of(f).forwarded = True
+        accounting.meanwhile(f)  # as Upstream runs it, once the request is written
+        ahead = ctx_of(f).processor_ahead
+        assert (ahead and ahead[0]) == ahead_type
+        answer(f)
+        await run_hooks(addons, f, "responseheaders")
+        c = ctx_of(f)
+        assert c.processor_ahead is None
+        if ahead is not None:
+            assert (c.processor is ahead[1]) is taken
+        c.feed_pending()
+        await run_hooks(addons, f, "response")
+
+    def answer(f):
+        answered(f, body, ctype)
+        f.response.status_code = status
+        f.response.headers.update(extra)
+
+    f = chat()
+    asyncio.run(one(chat(), lambda f: answered(f, body, "application/json"), None))  # learned
+    asyncio.run(one(f, answer, "application/json"))
+    c = ctx_of(f)
+    if status < 400:
+        assert (c.usage.input_tokens, c.usage.output_tokens) == (1000, 100) and c.processor.reported
+
+
 def test_what_was_never_forwarded_is_not_processed(tctx, runtime):
     rt = runtime()
     f = chat()

@@ -294,6 +294,30 @@ def test_the_audited_path_is_bounded(tctx, runtime):
     assert len(e["path"].encode()) == 512 and long.startswith(e["path"])
 
 
+def test_the_head_of_a_forwarded_requests_entry_is_made_while_its_upstream_works(
+    tctx, runtime, tmp_path
+):
+    """Audit.meanwhile makes the fields fixed once a request is forwarded; its entry takes
+    them and adds what its end decided: the same entry as one made whole at the end."""
+    from candela_mitm.addons.audit import Audit
+
+    c, f = _planned(runtime, "/proxy/openai/v1/chat/completions?key=secret", {"model": "gpt-4o"})
+    c.forwarded = True
+    Audit(_runtime(runtime, tmp_path), under_way=lambda: 5).meanwhile(f)
+    head = c.entry_head
+    assert head is not None and head["path"] == "/v1/chat/completions" and "status" not in head
+    c.status_code, c.cost_usd, c.usage_source = 200, 0.25, "reported"
+    entry = request_entry(c, f)
+    assert entry is head and c.entry_head is None  # taken once
+    whole = request_entry(c, f)  # made at the end, as for a request never forwarded
+    assert {**entry, "duration_ms": 0} == {**whole, "duration_ms": 0}
+    assert (entry["status"], entry["cost_usd"], entry["usage_source"]) == (200, 0.25, "reported")
+    assert entry["decision"] == "allowed" and entry["operation"] == "chat.completions"
+    c.audited = True  # queued already: nothing is made for it
+    Audit(_runtime(runtime, tmp_path), under_way=lambda: 5).meanwhile(f)
+    assert c.entry_head is None
+
+
 def test_a_refused_requests_entry_names_its_method_and_path(tctx, runtime):
     c, f = _planned(runtime, "/proxy/openai/v1/files?purpose=x", method="GET")
     e = request_entry(c, f)
@@ -389,6 +413,8 @@ def test_meanwhile_prepares_the_queued_entries_of_a_request_alone(
     (the loop has none to spare)."""
     from candela_mitm.addons.audit import Audit
 
+    from .conftest import make_flow
+
     rt = _runtime(runtime, tmp_path)
     audit = Audit(rt, under_way=lambda: under_way)
     assert rt.audit.record("model_policy_check", user_id="alice@example.com", result="allowed")
@@ -401,7 +427,7 @@ def test_meanwhile_prepares_the_queued_entries_of_a_request_alone(
 
     calls: list[int] = []
     rt.audit.prepare_queued = counted
-    audit.meanwhile()
+    audit.meanwhile(make_flow("/proxy/openai/v1/models", method="GET"))  # (no context)
     # (the one it finds, unless the writer thread's batch took it first)
     assert len(calls) == looks and sum(calls) <= looks
     rt.close()

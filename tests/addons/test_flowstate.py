@@ -142,8 +142,11 @@ def test_the_context_is_the_only_per_flow_state(tctx, runtime):
     asyncio.run(main())
     c = ctx_of(flow)
     assert set(flow.metadata) == {KEY}
-    declared = {f.name for f in dataclasses.fields(RequestContext)}
-    assert set(vars(c)) <= declared
+    # slotted: an attribute that is not a declared field cannot be set at all
+    assert not hasattr(c, "__dict__")
+    assert set(RequestContext.__slots__) == {f.name for f in dataclasses.fields(RequestContext)}
+    with pytest.raises(AttributeError):
+        c.undeclared = 1
     # and the fields the addons filled in, end to end
     assert c.forwarded and c.finished and c.counted and c.audited
     assert (c.usage.input_tokens, c.usage.output_tokens) == (7, 3)

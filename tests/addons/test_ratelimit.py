@@ -747,3 +747,37 @@ class _Stall:
         for c in self.conns:
             c.close()
         self.sock.close()
+
+
+def test_what_decides_nothing_waits_until_the_request_leaves(tctx, runtime):
+    """Issue 21: an admitted request's RateLimit headers, the read-ahead of its tenant and the
+    next rate block are deferred (flowstate.defer) until it is on its way; one refused after
+    RateLimit (Budget's 402) never leaves, and its answer carries the headers all the same."""
+    from candela_mitm.addons.flowstate import run_later
+
+    rt = runtime(config(rpm=5, budget=0.0))
+
+    async def hooks(f, addons):
+        for name in ("requestheaders", "request"):
+            for addon in addons:
+                fn = getattr(addon, name, None)
+                if fn is not None and (got := fn(f)) is not None:
+                    await got
+
+    async def go():
+        rl, budget = RateLimit(rt), Budget(rt)
+        admitted = chat()
+        await hooks(admitted, [Router(rt), Auth(rt), rl])
+        c = ctx_of(admitted)
+        assert admitted.response is None and c.later and c.rate_headers == {}
+        run_later(c)  # as Upstream does once the request's bytes are written
+        assert c.later is None
+        assert c.rate_headers["RateLimit-Policy"] == '"requests";q=5;w=60'
+        refused = chat()
+        await hooks(refused, [Router(rt), Auth(rt), rl, budget])  # a budget of 0: 402
+        assert refused.response.status_code == 402 and ctx_of(refused).later
+        await rl.response(refused)
+        assert ctx_of(refused).later is None
+        assert refused.response.headers["RateLimit"] == '"requests";r=3;t=60'
+
+    asyncio.run(go())

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from candela_mitm.addons.flowstate import ctx_of
+from candela_mitm.addons.flowstate import ctx_of, defer
 from candela_mitm.addons.router import Router
 from candela_mitm.addons.upstream import Upstream, replaces_provider_key
 
@@ -185,7 +185,7 @@ def test_meanwhile_runs_after_the_forwarding_hook_returns_never_for_a_refusal(tc
     a forwarded request only."""
     rt = runtime()
     calls: list[str] = []
-    up = Upstream(rt, meanwhile=lambda: calls.append("meanwhile"))
+    up = Upstream(rt, meanwhile=[lambda _flow: calls.append("meanwhile")])
 
     async def go(flow):
         await up.request(flow)
@@ -195,8 +195,10 @@ def test_meanwhile_runs_after_the_forwarding_hook_returns_never_for_a_refusal(tc
 
     f = planned(rt, "/proxy/openai/v1/chat/completions", {"model": "gpt-4o-mini"},
                 {"authorization": "Bearer cdl_alice_example_key"})
+    defer(ctx_of(f), lambda: calls.append("deferred"))  # by an addon before (RateLimit)
     asyncio.run(go(f))
-    assert ctx_of(f).forwarded and calls == ["hook returned", "meanwhile"]
+    assert ctx_of(f).forwarded and calls == ["hook returned", "deferred", "meanwhile"]
+    assert ctx_of(f).later is None
     calls.clear()
     refused = make_flow("/proxy/openai/v1/chat/completions", body={"model": "gpt-4o-mini"})
     asyncio.run(go(refused))  # nobody planned it: 503, nothing forwarded

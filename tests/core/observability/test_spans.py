@@ -34,3 +34,37 @@ def test_recent_spans_of_one_user_are_the_newest_of_theirs():
     assert [s.span_id for s in store.recent(10, "b")] == ["s4", "s2", "s0"]
     assert [s.span_id for s in store.recent(3)] == ["s5", "s4", "s3"]
     assert traces_payload(store, "50", "nobody") == {"spans": [], "count": 0}
+
+
+def test_ids_are_random_hex_each_handed_out_once() -> None:
+    """Trace and span ids come from os.urandom read 4 KiB at a time: each is fresh, across a
+    read's end too."""
+    from candela_mitm.observability.spans import new_span_id, new_trace_id
+
+    spans = [new_span_id() for _ in range(2000)]  # past several 4 KiB reads
+    traces = [new_trace_id() for _ in range(600)]
+    assert all(len(s) == 16 and int(s, 16) >= 0 for s in spans)
+    assert all(len(t) == 32 and int(t, 16) >= 0 for t in traces)
+    assert len(set(spans)) == len(spans) and len(set(traces)) == len(traces)
+
+
+def test_a_forked_child_never_hands_out_its_parents_ids() -> None:
+    """The bytes read ahead are forgotten in a forked child (workers fork): otherwise parent
+    and child would give the next requests the same ids."""
+    import os
+
+    from candela_mitm.observability.spans import new_span_id
+
+    new_span_id()  # bytes read ahead in the parent
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, to the parent
+        try:
+            os.write(w, new_span_id().encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as got:
+        child = got.read()
+    os.waitpid(pid, 0)
+    assert len(child) == 16 and child != new_span_id()
