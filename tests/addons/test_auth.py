@@ -156,3 +156,22 @@ def test_names_tenant_is_exact_where_requested_tenant_finds_one(fields) -> None:
     assert names_tenant(f.request.headers) == any(
         k.lower() in (b"x-candela-tenant-id", b"baggage") for k, _ in fields
     )
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("/proxy/gemini/v1beta/models/m:generateContent?key=cdl_x&alt=sse", {"key": "cdl_x", "alt": "sse"}),
+        ("/proxy/gemini/v1beta/models/m:generateContent?key=a%2Fb", {"key": "a/b"}),
+        ("/proxy/openai/v1/chat/completions", {}),  # no query: none parsed
+        ("/proxy/openai/v1/chat/completions?", {}),
+    ],
+)
+def test_the_query_a_credential_can_be_in(path, expected) -> None:
+    from mitmproxy.test import tflow
+
+    from candela_mitm.addons.auth import query_of
+
+    f = tflow.tflow()
+    f.request.path = path
+    assert dict(query_of(f.request)) == expected
