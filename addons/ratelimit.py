@@ -251,6 +251,7 @@ class RateLimit:
             c.reserve_result = reserved  # Budget judges it in its own hook
 
     def _meanwhile(self, c: RequestContext, checked: Checked, from_a_block: bool) -> None:
+        """What an admission leaves until its request is on its way (flowstate.defer)."""
         if not c.rate_headers:
             c.rate_headers = policy_headers(checked.decisions, checked.now_us)
         self._read_tenant_ahead(c.tenant)

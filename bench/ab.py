@@ -8,8 +8,13 @@ resolve (bench/README.md, twenty-first session).
 Usage: .venv-bench/bin/python bench/ab.py [--rounds 6] [--seconds 6] [--paired]
            --variants '{"before": {"audit": {"journal_chain_delay_ms": 50}}, "after": {}}'
 (a variant's object is extra config for `Bench.candela`, but for its "env": extra environment
-variables for the process; --paired loads every target at once,
-staggered, as scenario 1's paired line does.)
+variables for the process. Two commits side by side: a variant whose PYTHONPATH is a tree
+holding the other commit's `candela_mitm` with `addons/` moved inside it, e.g.
+  git archive REV candela_mitm addons | tar -x -C /tmp/before
+  mv /tmp/before/addons /tmp/before/candela_mitm/addons
+  --variants '{"before": {"env": {"PYTHONPATH": "/tmp/before"}}, "after": {}}'
+The server runs from its work folder, where that tree comes before the editable install.
+--paired loads every target at once, staggered, as scenario 1's paired line does.)
 """
 
 from __future__ import annotations

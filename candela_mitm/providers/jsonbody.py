@@ -103,15 +103,14 @@ def loads_sliced(doc: str | bytes | bytearray) -> Generator[None, None, Any]:
                 value, end, opened = ({} if c == "{" else []), i + 1, True
         else:
             value, end = _scalar(s, i)
-        if bulk:
-            pass
-        elif not stack:
-            root, i = value, end
-        elif isinstance(stack[-1], dict):
-            stack[-1][keys[-1]], i = value, end
-        else:
-            stack[-1].append(value)
-            i = end
+        if not bulk:  # the one value read goes where it belongs (a bulk run is in its list)
+            if not stack:
+                root, i = value, end
+            elif isinstance(stack[-1], dict):
+                stack[-1][keys[-1]], i = value, end
+            else:
+                stack[-1].append(value)
+                i = end
         if opened:
             if len(stack) >= MAX_DEPTH:
                 raise RecursionError("maximum JSON nesting depth exceeded")
