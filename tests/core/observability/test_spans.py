@@ -51,20 +51,9 @@ def test_ids_are_random_hex_each_handed_out_once() -> None:
 def test_a_forked_child_never_hands_out_its_parents_ids() -> None:
     """The bytes read ahead are forgotten in a forked child (workers fork): otherwise parent
     and child would give the next requests the same ids."""
-    import os
-
     from candela_mitm.observability.spans import new_span_id
+    from tests.forking import in_a_fork
 
     new_span_id()  # bytes read ahead in the parent
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: its next id, to the parent
-        try:
-            os.write(w, new_span_id().encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as got:
-        child = got.read()
-    os.waitpid(pid, 0)
+    _, child = in_a_fork(new_span_id)  # the child's next id
     assert len(child) == 16 and child != new_span_id()

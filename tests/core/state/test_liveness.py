@@ -22,6 +22,7 @@ from candela_mitm.state.liveness import (
     process_alive,
     process_start_time,
 )
+from tests.forking import in_a_fork
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -137,16 +138,6 @@ def test_a_forked_child_names_itself_not_its_parent() -> None:
     """The owner name is kept per process, not read per call: a fork's child forgets its
     parent's (a worker's reservations must be its own, or the parent's death would free them)."""
     parent = default_owner()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report its name, leave at once
-        try:
-            os.write(w, default_owner().encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    child = os.read(r, 4096).decode()
-    os.close(r)
-    os.waitpid(pid, 0)
+    pid, child = in_a_fork(default_owner)
     assert child.startswith(f"{host_id()}:{pid}:") and child != parent
     assert default_owner() == parent
