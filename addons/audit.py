@@ -21,7 +21,7 @@ from candela_mitm.errors import StoreUnavailable
 from candela_mitm.runtime import Runtime
 
 from .accounting import account_flow
-from .flowstate import ctx_of, deny
+from .flowstate import ctx_of, deny, run_later
 
 log = logging.getLogger("candela.audit")
 
@@ -241,6 +241,7 @@ class Audit:
         c = ctx_of(flow)
         if c is None:
             return
+        run_later(c)  # the last hook of every flow: deferred work of one that never left
         if c.audit_commit is None:
             # a request the audit log does not record (not a proxied route) has nothing to
             # wait for; one whose entry should have been queued and was not keeps what waits

@@ -195,7 +195,8 @@ def defer(c: RequestContext, work: Callable[[], None]) -> None:
 
 def run_later(c: RequestContext) -> None:
     """Run (once, in order) what was deferred for the request: by Upstream once its bytes are
-    written, else by the first response or error hook that needs it done."""
+    written, else by the first response or error hook that needs it done (RateLimit's, for
+    its headers) and at the latest by Audit's, the last hook of every flow."""
     later, c.later = c.later, None
     if later is None:
         return

@@ -40,7 +40,7 @@ from candela_mitm.observability.spans import TraceContext
 from candela_mitm.runtime import Runtime
 
 from . import mitm_patches
-from .auth import plain_headers
+from .auth import plain_headers, query_of
 from .flowstate import KEY, deny, fail_closed, only_when
 from .upstream import replaces_provider_key
 
@@ -331,7 +331,7 @@ class Sni:
         """Fingerprint the provider key the app sent (audited, never the key); where Candela
         does not replace it, only one of the organisation's may go on (403 otherwise)."""
         req = flow.request
-        key = provider_keys.presented(plain_headers(req.headers), req.query)
+        key = provider_keys.presented(plain_headers(req.headers), query_of(req))
         if key is None or sha256(key.encode()).hexdigest() in self.candela_keys:
             return True  # no key, or Candela's own credential (Auth reads it)
         check = self.rt.provider_keys.check(key)

@@ -431,3 +431,24 @@ def test_meanwhile_prepares_the_queued_entries_of_a_request_alone(
     # (the one it finds, unless the writer thread's batch took it first)
     assert len(calls) == looks and sum(calls) <= looks
     rt.close()
+
+
+def test_deferred_work_of_a_request_that_never_left_is_run_by_the_last_hook(
+    tctx, runtime, tmp_path
+):
+    """Work deferred until a request is on its way (flowstate.defer) runs once even when the
+    request is refused before it leaves: Audit's response hook, the last of every flow."""
+    from candela_mitm.addons.audit import Audit
+    from candela_mitm.addons.flowstate import defer, deny
+    from candela_mitm.errors import bad_request
+
+    rt = _runtime(runtime, tmp_path)
+    c, f = _planned(runtime, "/proxy/openai/v1/chat/completions", {"model": "gpt-4o"})
+    ran: list[str] = []
+    defer(c, lambda: ran.append("deferred"))
+    deny(f, bad_request("refused before it left"))
+    asyncio.run(Audit(rt).response(f))
+    assert ran == ["deferred"] and c.later is None
+    asyncio.run(Audit(rt).response(f))
+    assert ran == ["deferred"]  # once
+    rt.close()
